@@ -1,0 +1,48 @@
+"""mtlgraph: declarative task-graph multi-task learning for PyTorch.
+
+Tasks name their modules; a :class:`MultitaskClassifier` merges modules by name into one shared
+graph; a :class:`Trainer` mixes batches from many datasets; a :class:`Scorer` reports every result
+under ``task/dataset/split/metric``.
+"""
+
+from mtlgraph.balancing import Balancer, register_balancer
+from mtlgraph.data import DictDataLoader, DictDataset
+from mtlgraph.exceptions import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    GraphError,
+    MtlGraphError,
+    TaskDefinitionError,
+)
+from mtlgraph.metrics import Scorer, register_metric
+from mtlgraph.model import MultitaskClassifier
+from mtlgraph.schedulers import BatchScheduler, register_scheduler
+from mtlgraph.task import Input, Operation, Task, detach
+from mtlgraph.trainer import Trainer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Balancer",
+    "BatchScheduler",
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "DictDataLoader",
+    "DictDataset",
+    "GraphError",
+    "Input",
+    "MtlGraphError",
+    "MultitaskClassifier",
+    "Operation",
+    "Scorer",
+    "Task",
+    "TaskDefinitionError",
+    "Trainer",
+    "__version__",
+    "detach",
+    "register_balancer",
+    "register_metric",
+    "register_scheduler",
+]

@@ -1,0 +1,197 @@
+"""Strict validation of plain mappings into typed dataclasses.
+
+Used by ``Trainer(**config)`` and by the YAML loader, so both report errors the same way: every
+problem at once, each naming its dotted key, unknown keys with a did-you-mean, and a hint when
+YAML 1.1 has read a number such as ``1e-3`` as a string.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+from mtlgraph._suggest import did_you_mean
+
+T = TypeVar("T")
+
+_FLOAT_STRING = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$|^[+-]?(inf|nan)$", re.I)
+
+
+def _describe(tp: Any) -> str:
+    origin = get_origin(tp)
+    if tp is Any:
+        return "anything"
+    if tp is type(None):
+        return "null"
+    if tp is bool:
+        return "true or false"
+    if tp is int:
+        return "an integer"
+    if tp is float:
+        return "a number"
+    if tp is str:
+        return "a string"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in get_args(tp))
+    if origin in (list, Sequence, tuple) or tp in (list, tuple):
+        return "a list"
+    if origin in (dict, Mapping) or tp is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    if origin is Callable or tp is Callable:
+        return "a callable"
+    return f"a {getattr(tp, '__name__', str(tp))}"
+
+
+def _got(value: Any) -> str:
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    if value is None:
+        return "null"
+    return f"{type(value).__name__} {value!r}"
+
+
+def convert(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
+    """Check ``value`` against annotation ``tp``; return it (nested dataclasses built).
+
+    Problems are appended as ``"<path>: <sentence>"``.
+    """
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        for arg in args:
+            trial: list[str] = []
+            out = convert(value, arg, path, trial)
+            if not trial:
+                return out
+        # Report the closest branch when only one branch has the right container shape.
+        matching = [a for a in args if _shape_matches(value, a)]
+        if len(matching) == 1:
+            return convert(value, matching[0], path, problems)
+        problems.append(f"{path}: expected {_describe(tp)}, got {_got(value)}{_hint(value, tp)}")
+        return value
+    if origin is Literal:
+        if value not in get_args(tp):
+            choices = [str(a) for a in get_args(tp)]
+            problems.append(
+                f"{path}: expected {_describe(tp)}, got {_got(value)}"
+                f"{did_you_mean(str(value), choices)}"
+            )
+        return value
+    if tp is type(None):
+        if value is not None:
+            problems.append(f"{path}: expected null, got {_got(value)}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            problems.append(f"{path}: expected true or false, got {_got(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{path}: expected an integer, got {_got(value)}{_hint(value, tp)}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{path}: expected a number, got {_got(value)}{_hint(value, tp)}")
+            return value
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            problems.append(f"{path}: expected a string, got {_got(value)}")
+        return value
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if not isinstance(value, Mapping):
+            problems.append(f"{path}: expected a mapping, got {_got(value)}")
+            return value
+        return build(tp, value, path, problems)
+    if origin in (list, Sequence, tuple) or tp in (list, tuple):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            problems.append(f"{path}: expected a list, got {_got(value)}")
+            return value
+        args = get_args(tp)
+        item_tp = args[0] if args else Any
+        return [convert(v, item_tp, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+    if origin in (dict, Mapping) or tp is dict:
+        if not isinstance(value, Mapping):
+            problems.append(f"{path}: expected a mapping, got {_got(value)}")
+            return value
+        args = get_args(tp)
+        key_tp, val_tp = (args[0], args[1]) if args else (Any, Any)
+        out = {}
+        for k, v in value.items():
+            convert(k, key_tp, f"{path} key {k!r}", problems)
+            out[k] = convert(v, val_tp, f"{path}.{k}", problems)
+        return out
+    if origin is Callable or tp is Callable or origin is typing.Callable:
+        if not callable(value):
+            problems.append(f"{path}: expected a callable, got {_got(value)}")
+        return value
+    if isinstance(tp, type):
+        if not isinstance(value, tp):
+            problems.append(f"{path}: expected {_describe(tp)}, got {_got(value)}")
+        return value
+    return value
+
+
+def _shape_matches(value: Any, tp: Any) -> bool:
+    origin = get_origin(tp)
+    if isinstance(value, Mapping):
+        return origin in (dict, Mapping) or tp is dict or dataclasses.is_dataclass(tp)
+    if isinstance(value, (list, tuple)):
+        return origin in (list, Sequence, tuple) or tp in (list, tuple)
+    return False
+
+
+def _hint(value: Any, tp: Any) -> str:
+    if isinstance(value, str) and _FLOAT_STRING.match(value.strip()):
+        return (
+            f" (YAML 1.1 reads {value!r} as a string: write it with a dot and a signed exponent,"
+            " e.g. 1.0e-3, or as a plain decimal such as 0.001)"
+        )
+    return ""
+
+
+def build(cls: type[T], data: Mapping[str, Any], path: str, problems: list[str]) -> T:
+    """Validate ``data`` against dataclass ``cls`` and construct it.
+
+    Unknown keys, type errors and the dataclass's own ``validate()`` sentences are appended to
+    ``problems``; when anything is wrong ``None`` is returned, so callers raise before using
+    the result. ``validate()`` must return sentences that start with the field name.
+    """
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    prefix = f"{path}." if path else ""
+    start = len(problems)
+    values: dict[str, Any] = {}
+    bad: set[str] = set()
+    for key, value in data.items():
+        if key not in fields:
+            problems.append(
+                f"{prefix}{key}: unknown key{did_you_mean(str(key), fields)}; "
+                f"valid keys: {', '.join(sorted(fields))}"
+            )
+            continue
+        before = len(problems)
+        converted = convert(value, hints[key], f"{prefix}{key}", problems)
+        if len(problems) > before:
+            bad.add(key)
+        else:
+            values[key] = converted
+    # Value checks run on the well-typed keys too (wrong ones keep their defaults), so one call
+    # reports every problem.
+    obj = cls(**values)
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        problems.extend(
+            f"{prefix}{p}" for p in validate() if p.split(":")[0].split(".")[0] not in bad
+        )
+    return obj if len(problems) == start else None  # type: ignore[return-value]

@@ -1,0 +1,59 @@
+"""Exception types raised by mtlgraph.
+
+Every error that mtlgraph raises itself derives from :class:`MtlGraphError`. Errors found while
+validating user input gather *all* problems and raise once; the individual problems are kept in
+``problems`` so tools and tests can inspect them.
+
+Exceptions raised inside user code (a module's ``forward``, a loss or metric function) are never
+wrapped in these types: they keep their own type and traceback and gain a note naming the
+operation and task that ran them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class MtlGraphError(Exception):
+    """Base class of every exception mtlgraph raises itself."""
+
+
+class _ProblemsError(MtlGraphError, ValueError):
+    """An error that reports one or more problems at once.
+
+    Args:
+        problems: One human-readable sentence per problem.
+        header: Optional first line naming what was being validated.
+    """
+
+    def __init__(self, problems: Iterable[str], header: str | None = None) -> None:
+        self.problems: list[str] = list(problems)
+        self.header = header
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        if len(self.problems) == 1 and self.header is None:
+            return self.problems[0]
+        lines = [self.header or f"{len(self.problems)} problems:"]
+        lines += [f"  - {p}" for p in self.problems]
+        return "\n".join(lines)
+
+
+class TaskDefinitionError(_ProblemsError):
+    """An :class:`~mtlgraph.Operation` or :class:`~mtlgraph.Task` is malformed."""
+
+
+class GraphError(_ProblemsError):
+    """Tasks cannot be merged into one model (name clashes, unknown tasks, bad labels)."""
+
+
+class DataError(_ProblemsError):
+    """A dataset, batch or data file is malformed."""
+
+
+class ConfigError(_ProblemsError):
+    """A configuration (Trainer keyword arguments or a YAML file) is invalid."""
+
+
+class CheckpointError(MtlGraphError, RuntimeError):
+    """A checkpoint cannot be written, read or applied."""

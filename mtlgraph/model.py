@@ -1,0 +1,595 @@
+"""MultitaskClassifier: tasks merged by module name into one shared graph.
+
+Two tasks that name the same module share its weights; different names mean separate weights.
+Operations are merged too: two operations that run the same module on the same inputs are one
+node of the graph, computed once per batch however many tasks need it. A batch runs only the
+nodes its tasks need, through an execution plan cached per set of tasks, so a step's cost does
+not grow with the number of tasks the model holds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mtlgraph._io import atomic_torch_save, move_to_device
+from mtlgraph._suggest import did_you_mean, quoted
+from mtlgraph.data import DictDataLoader
+from mtlgraph.exceptions import CheckpointError, DataError, GraphError
+from mtlgraph.metrics import make_key
+from mtlgraph.task import INPUT, Task, active_rows
+
+logger = logging.getLogger(__name__)
+
+_INPUT_ID = -1
+_FORMAT = "mtlgraph.model"
+
+# A node's input: (source node id or -1 for X_dict, key or index or None, detach flag).
+_Src = tuple[int, str | int | None, bool]
+
+
+@dataclass
+class _Node:
+    """One merged operation: a module applied to inputs (interned by structure)."""
+
+    id: int
+    module_name: str
+    srcs: tuple[_Src, ...]
+    tasks: set[str]
+
+
+@dataclass(frozen=True)
+class ExecutionPlan:
+    """What one forward pass over a set of tasks runs, precomputed and cached.
+
+    Attributes:
+        task_names: The tasks, in the order they were requested.
+        steps: ``(node_id, module, inputs)`` in topological order, each node once.
+        outputs: Task name -> node id of the task output.
+        named_outputs: ``(key, node_id)`` pairs for :meth:`MultitaskClassifier.forward`.
+        module_names: Modules the plan runs.
+        task_modules: Task name -> the modules its operations use.
+        parameters: Parameters of ``module_names`` (deduplicated, trainable or not).
+    """
+
+    task_names: tuple[str, ...]
+    steps: tuple[tuple[int, nn.Module, tuple[_Src, ...]], ...]
+    outputs: Mapping[str, int]
+    named_outputs: tuple[tuple[str, int], ...]
+    module_names: tuple[str, ...]
+    task_modules: Mapping[str, tuple[str, ...]]
+    parameters: tuple[nn.Parameter, ...]
+
+
+class MultitaskClassifier(nn.Module):
+    """A multi-task model built from :class:`~mtlgraph.Task` objects.
+
+    Args:
+        tasks: The tasks. Modules are merged by name across tasks (same name = shared weights);
+            one name bound to two different module objects is an error.
+        name: A name for logs and checkpoints (default ``"MultitaskClassifier"``).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or a ``torch.device``. The model is moved
+            there and batches are moved to it; no DataParallel is ever applied.
+
+    Raises:
+        GraphError: Duplicate task names or conflicting modules, all reported at once.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from mtlgraph import MultitaskClassifier, Operation, Task
+        >>> trunk = nn.Linear(2, 4)
+        >>> tasks = [
+        ...     Task(f"{t}_task", {"trunk": trunk, f"{t}_head": nn.Linear(4, 2)},
+        ...          [Operation("trunk", [("_input_", "x")]), Operation(f"{t}_head", ["trunk"])])
+        ...     for t in ("a", "b")
+        ... ]
+        >>> model = MultitaskClassifier(tasks)
+        >>> sorted(model.module_pool)
+        ['a_head', 'b_head', 'trunk']
+        >>> out = model.forward({"x": torch.randn(3, 2)}, ["a_task", "b_task"])
+        >>> sorted(out), out["a_head"].shape
+        (['a_head', 'b_head', 'trunk'], torch.Size([3, 2]))
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[Task],
+        name: str | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        super().__init__()
+        self.name: str = name or type(self).__name__
+        self.module_pool: nn.ModuleDict = nn.ModuleDict()
+        self._tasks: dict[str, Task] = {}
+        self._module_users: dict[str, set[str]] = {}
+        self._nodes: dict[int, _Node] = {}
+        self._node_ids: dict[tuple[str, tuple[_Src, ...]], int] = {}
+        self._task_ops: dict[str, dict[str, int]] = {}
+        self._next_id = 0
+        self._plans: dict[tuple[str, ...], ExecutionPlan] = {}
+        self._device = torch.device(device)
+        if isinstance(tasks, Task) or not isinstance(tasks, Sequence):
+            raise GraphError(["tasks must be a list of Task objects"])
+        problems = self._merge_problems(tasks)
+        if problems:
+            raise GraphError(
+                problems, header="cannot build the model:" if len(problems) > 1 else None
+            )
+        for task in tasks:
+            self._add(task)
+        self.to(self._device)
+
+    # ------------------------------------------------------------------ structure
+
+    @property
+    def tasks(self) -> Mapping[str, Task]:
+        """Task name -> :class:`Task` (read-only view)."""
+        return MappingProxyType(self._tasks)
+
+    @property
+    def task_names(self) -> list[str]:
+        """Task names in the order they were added."""
+        return list(self._tasks)
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the model's parameters (where batches are moved)."""
+        param = next(self.parameters(), None)
+        return param.device if param is not None else self._device
+
+    def add_task(self, task: Task) -> None:
+        """Add a task, sharing modules by name with the tasks already in the model.
+
+        Raises:
+            GraphError: The name is taken, or one of its module names is bound to another object.
+        """
+        problems = self._merge_problems([task])
+        if problems:
+            raise GraphError(problems, header=f"cannot add task '{getattr(task, 'name', task)}':")
+        self._add(task)
+        self.module_pool.to(self.device)
+
+    def remove_task(self, task_name: str) -> Task:
+        """Remove a task; modules and operations no remaining task uses are pruned.
+
+        Returns:
+            The removed :class:`Task`.
+        """
+        if task_name not in self._tasks:
+            raise GraphError(
+                [
+                    f"no task '{task_name}' to remove{did_you_mean(task_name, self._tasks)}; "
+                    f"the model has {quoted(self._tasks)}"
+                ]
+            )
+        task = self._tasks.pop(task_name)
+        for node_id in set(self._task_ops.pop(task_name).values()):
+            node = self._nodes[node_id]
+            node.tasks.discard(task_name)
+            if not node.tasks:
+                del self._nodes[node_id]
+                del self._node_ids[(node.module_name, node.srcs)]
+        for module_name in task.module_pool:
+            users = self._module_users.get(module_name)
+            if users is None:
+                continue
+            users.discard(task_name)
+            if not users:
+                del self._module_users[module_name]
+                del self.module_pool[module_name]
+        self._plans.clear()
+        return task
+
+    def _merge_problems(self, tasks: Iterable[Task]) -> list[str]:
+        """Every reason the tasks cannot join this model (checked before anything changes)."""
+        problems: list[str] = []
+        names = set(self._tasks)
+        owners: dict[str, tuple[nn.Module, str]] = {
+            m: (self.module_pool[m], sorted(users)[0]) for m, users in self._module_users.items()
+        }
+        for task in tasks:
+            if not isinstance(task, Task):
+                problems.append(f"{task!r} is a {type(task).__name__}, not a Task")
+                continue
+            if task.name in names:
+                problems.append(f"task name '{task.name}' is used twice; task names must be unique")
+            names.add(task.name)
+            for module_name, module in task.module_pool.items():
+                if module_name not in owners:
+                    owners[module_name] = (module, task.name)
+                elif owners[module_name][0] is not module:
+                    other = owners[module_name][1]
+                    problems.append(
+                        f"module name '{module_name}' is bound to different module objects in "
+                        f"tasks '{other}' and '{task.name}'; pass the same object to share "
+                        "weights, or use different names to keep them separate"
+                    )
+        return problems
+
+    def _add(self, task: Task) -> None:
+        op_ids: dict[str, int] = {}
+        for op in task.op_sequence:
+            srcs = tuple(
+                (_INPUT_ID if i.source == INPUT else op_ids[i.source], i.key, i.detach)
+                for i in op.inputs
+            )
+            key = (op.module_name, srcs)
+            node_id = self._node_ids.get(key)
+            if node_id is None:
+                node_id = self._next_id
+                self._next_id += 1
+                self._node_ids[key] = node_id
+                self._nodes[node_id] = _Node(node_id, op.module_name, srcs, set())
+            self._nodes[node_id].tasks.add(task.name)
+            op_ids[op.name] = node_id
+        for module_name, module in task.module_pool.items():
+            if module_name not in self.module_pool:
+                self.module_pool[module_name] = module
+            self._module_users.setdefault(module_name, set()).add(task.name)
+        self._tasks[task.name] = task
+        self._task_ops[task.name] = op_ids
+        self._plans.clear()
+
+    # ------------------------------------------------------------------ execution
+
+    def plan(self, task_names: Iterable[str]) -> ExecutionPlan:
+        """The cached :class:`ExecutionPlan` for a set of tasks (built on first use)."""
+        key = tuple(task_names)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._build_plan(key)
+            self._plans[key] = plan
+        return plan
+
+    def _build_plan(self, task_names: tuple[str, ...]) -> ExecutionPlan:
+        unknown = [t for t in task_names if t not in self._tasks]
+        if unknown:
+            raise GraphError(
+                [
+                    f"unknown task '{t}'{did_you_mean(t, self._tasks)}; the model has "
+                    f"{quoted(self._tasks)}"
+                    for t in unknown
+                ]
+            )
+        node_ids = sorted({n for t in task_names for n in self._task_ops[t].values()})
+        steps = tuple(
+            (n, self.module_pool[self._nodes[n].module_name], self._nodes[n].srcs) for n in node_ids
+        )
+        outputs = {t: self._task_ops[t][self._tasks[t].output_op] for t in task_names}
+        by_name: dict[str, set[int]] = {}
+        for t in task_names:
+            for op_name, n in self._task_ops[t].items():
+                by_name.setdefault(op_name, set()).add(n)
+        named: list[tuple[str, int]] = []
+        for t in task_names:
+            for op_name, n in self._task_ops[t].items():
+                key = op_name if len(by_name[op_name]) == 1 else f"{t}/{op_name}"
+                if (key, n) not in named:
+                    named.append((key, n))
+        task_modules = {
+            t: tuple(dict.fromkeys(op.module_name for op in self._tasks[t].op_sequence))
+            for t in task_names
+        }
+        module_names = tuple(dict.fromkeys(m for t in task_names for m in task_modules[t]))
+        params: dict[int, nn.Parameter] = {}
+        for m in module_names:
+            for p in self.module_pool[m].parameters():
+                params.setdefault(id(p), p)
+        return ExecutionPlan(
+            task_names=task_names,
+            steps=steps,
+            outputs=MappingProxyType(outputs),
+            named_outputs=tuple(named),
+            module_names=module_names,
+            task_modules=MappingProxyType(task_modules),
+            parameters=tuple(params.values()),
+        )
+
+    def execute(self, plan: ExecutionPlan, X_dict: Mapping[str, Any]) -> dict[int, Any]:
+        """Run a plan on one batch; returns node id -> output.
+
+        An exception raised inside a module keeps its type and traceback; a note names the
+        operation and the tasks that use it.
+        """
+        cache: dict[int, Any] = {}
+        for node_id, module, srcs in plan.steps:
+            args = []
+            value: Any
+            for src, key, det in srcs:
+                value = X_dict if src == _INPUT_ID else cache[src]
+                if key is not None:
+                    try:
+                        value = value[key]
+                    except (KeyError, IndexError, TypeError) as e:
+                        raise self._input_error(node_id, src, key, value) from e
+                if det:
+                    value = _detach(value)
+                args.append(value)
+            try:
+                cache[node_id] = module(*args)
+            except Exception as e:
+                e.add_note(f"mtlgraph: raised by {self._describe(node_id)}")
+                raise
+        return cache
+
+    def _describe(self, node_id: int) -> str:
+        node = self._nodes[node_id]
+        names = sorted(
+            {op for t in node.tasks for op, n in self._task_ops[t].items() if n == node_id}
+        )
+        return (
+            f"operation {quoted(names)} (module '{node.module_name}') of "
+            f"task{'s' if len(node.tasks) > 1 else ''} {quoted(node.tasks)}"
+        )
+
+    def _input_error(self, node_id: int, src: int, key: str | int, value: Any) -> DataError:
+        where = "the batch's X_dict" if src == _INPUT_ID else "the output of an earlier operation"
+        have = f"; it has fields {quoted(map(str, value))}" if isinstance(value, Mapping) else ""
+        hint = did_you_mean(str(key), map(str, value)) if isinstance(value, Mapping) else ""
+        return DataError(
+            [
+                f"{self._describe(node_id)} reads [{key!r}] from {where}, which has no such "
+                f"entry{hint}{have}"
+            ]
+        )
+
+    def forward(self, X_dict: Mapping[str, Any], task_names: Iterable[str]) -> dict[str, Any]:
+        """Run the operations the given tasks need, each once, on one batch.
+
+        Args:
+            X_dict: The batch's input fields (already on the model's device).
+            task_names: Tasks whose operations to run.
+
+        Returns:
+            Operation name -> output for every operation of the requested tasks. When one name
+            denotes different operations in two requested tasks (as ``base_mlp`` reading
+            different fields), both are reported as ``"<task>/<op>"``.
+        """
+        plan = self.plan(task_names)
+        cache = self.execute(plan, X_dict)
+        return {key: cache[n] for key, n in plan.named_outputs}
+
+    def calculate_loss(
+        self, X_dict: Mapping[str, Any], Y_dict: Mapping[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """Per-task losses of one batch, masking labels equal to each task's ignore value.
+
+        Args:
+            X_dict: Input fields (on the model's device).
+            Y_dict: Task name -> labels (on the model's device).
+
+        Returns:
+            ``(loss_dict, count_dict)``: task -> unweighted mean loss over its active rows, and
+            task -> number of active rows. Tasks with no active row in the batch are left out.
+        """
+        active: list[tuple[str, torch.Tensor | None, torch.Tensor]] = []
+        for label, y in Y_dict.items():
+            task = self._tasks.get(label)
+            if task is None:
+                raise self._unknown_label(label)
+            mask = active_rows(y, task.ignore_value)
+            if bool(mask.all()):
+                active.append((label, None, y))
+            elif bool(mask.any()):
+                active.append((label, mask, y))
+        if not active:
+            return {}, {}
+        plan = self.plan(t for t, _, _ in active)
+        cache = self.execute(plan, X_dict)
+        losses: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}
+        for task_name, rows, labels in active:
+            task = self._tasks[task_name]
+            out = cache[plan.outputs[task_name]]
+            if rows is not None:
+                out, labels = _index_rows(out, rows), labels[rows]
+            try:
+                losses[task_name] = task.loss_func(out, labels)
+            except Exception as e:
+                e.add_note(f"mtlgraph: raised by the loss_func of task '{task_name}'")
+                raise
+            counts[task_name] = len(labels)
+        return losses, counts
+
+    def _unknown_label(self, label: str) -> GraphError:
+        return GraphError(
+            [
+                f"label '{label}' names no task of the model{did_you_mean(label, self._tasks)}; "
+                f"the model has {quoted(self._tasks)}. Pass "
+                f"remap_labels={{'{label}': <task or None>}} to score it with another task's "
+                "head or to drop it"
+            ]
+        )
+
+    # ------------------------------------------------------------------ evaluation
+
+    def _label_tasks(
+        self, labels: Iterable[str], remap_labels: Mapping[str, str | None]
+    ) -> list[tuple[str, str]]:
+        pairs: list[tuple[str, str]] = []
+        used: dict[str, str] = {}
+        for label in labels:
+            task_name = remap_labels.get(label, label) if label in remap_labels else label
+            if task_name is None:
+                continue
+            if task_name not in self._tasks:
+                if label in remap_labels:
+                    raise GraphError(
+                        [
+                            f"remap_labels maps '{label}' to unknown task '{task_name}'"
+                            f"{did_you_mean(task_name, self._tasks)}"
+                        ]
+                    )
+                raise self._unknown_label(label)
+            if task_name in used:
+                raise GraphError(
+                    [
+                        f"labels '{used[task_name]}' and '{label}' both map to task '{task_name}'; "
+                        "remap one of them to None"
+                    ]
+                )
+            used[task_name] = label
+            pairs.append((label, task_name))
+        return pairs
+
+    @torch.no_grad()
+    def predict(
+        self,
+        dataloader: DictDataLoader | Iterable[tuple[Mapping[str, Any], Mapping[str, torch.Tensor]]],
+        return_preds: bool = False,
+        remap_labels: Mapping[str, str | None] | None = None,
+    ) -> dict[str, dict[str, np.ndarray]]:
+        """Predict every labelled task of a loader's batches.
+
+        Args:
+            dataloader: Batches ``(X_dict, Y_dict)``; each label selects the task that predicts.
+            return_preds: Also return predictions (argmax / threshold / values).
+            remap_labels: ``{label: task}`` scores a label with another task's head (cross-task
+                evaluation); ``{label: None}`` drops it.
+
+        Returns:
+            ``{"golds": {task: array}, "probs": {task: array}}`` plus ``"preds"`` when asked,
+            keyed by the task that made the predictions; ``golds`` keep ignored labels.
+        """
+        remap = dict(remap_labels or {})
+        device = self.device
+        was_training = self.training
+        self.eval()
+        golds: dict[str, list[torch.Tensor]] = {}
+        probs: dict[str, list[torch.Tensor]] = {}
+        try:
+            for X, Y in dataloader:
+                pairs = self._label_tasks(Y.keys(), remap)
+                if not pairs:
+                    continue
+                plan = self.plan(t for _, t in pairs)
+                cache = self.execute(plan, move_to_device(X, device))
+                for label, task_name in pairs:
+                    task = self._tasks[task_name]
+                    try:
+                        p = task.output_func(cache[plan.outputs[task_name]])
+                    except Exception as e:
+                        e.add_note(f"mtlgraph: raised by the output_func of task '{task_name}'")
+                        raise
+                    probs.setdefault(task_name, []).append(p.detach().float().cpu())
+                    golds.setdefault(task_name, []).append(Y[label].cpu())
+        finally:
+            self.train(was_training)
+        result: dict[str, dict[str, np.ndarray]] = {
+            "golds": {t: torch.cat(v).numpy() for t, v in golds.items()},
+            "probs": {t: torch.cat(v).numpy() for t, v in probs.items()},
+        }
+        if return_preds:
+            result["preds"] = {
+                t: self._tasks[t].predictions(torch.from_numpy(p)).numpy()
+                for t, p in result["probs"].items()
+            }
+        return result
+
+    def score(
+        self,
+        dataloaders: DictDataLoader | Sequence[DictDataLoader],
+        remap_labels: Mapping[str, str | None] | None = None,
+    ) -> dict[str, float]:
+        """Score every task on every loader: ``{"task/dataset/split/metric": float}``.
+
+        Args:
+            dataloaders: One loader or a list; each loader's dataset gives the dataset name and
+                split of its keys.
+            remap_labels: As in :meth:`predict` (cross-task evaluation).
+        """
+        loaders = [dataloaders] if isinstance(dataloaders, DictDataLoader) else list(dataloaders)
+        scores: dict[str, float] = {}
+        for loader in loaders:
+            dataset = loader.dataset
+            result = self.predict(loader, return_preds=True, remap_labels=remap_labels)
+            for task_name, golds in result["golds"].items():
+                task = self._tasks[task_name]
+                metric_values = task.scorer.score(
+                    golds, result["preds"][task_name], result["probs"][task_name], task.ignore_value
+                )
+                for metric, value in metric_values.items():
+                    key = make_key(task_name, dataset.name, dataset.split, metric)
+                    if key in scores:
+                        raise GraphError(
+                            [
+                                f"two loaders produce the key '{key}'; give their datasets "
+                                "different names or splits"
+                            ]
+                        )
+                    scores[key] = value
+        return scores
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Save the weights (atomically) with the task names, loadable with ``weights_only``."""
+        payload = {
+            "format": _FORMAT,
+            "version": 1,
+            "task_names": self.task_names,
+            "state_dict": self.state_dict(),
+        }
+        atomic_torch_save(payload, path)
+
+    def load(self, path: str | os.PathLike[str], strict: bool = True) -> None:
+        """Load weights saved by :meth:`save` (``torch.load(weights_only=True)``).
+
+        Args:
+            path: The file.
+            strict: Require exactly the same parameter names. With ``strict=False`` a model that
+                gained tasks can load an older file; the new modules keep their initial weights.
+
+        Raises:
+            CheckpointError: Not an mtlgraph model file, or names that do not match.
+        """
+        try:
+            payload = torch.load(path, map_location=self.device, weights_only=True)
+        except FileNotFoundError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"cannot read model file {os.fspath(path)!r}: {e}") from e
+        if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
+            raise CheckpointError(
+                f"{os.fspath(path)!r} is not a model saved by MultitaskClassifier.save"
+            )
+        result = self.load_state_dict(payload["state_dict"], strict=False)
+        missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+        if strict and (missing or unexpected):
+            raise CheckpointError(
+                f"{os.fspath(path)!r} was saved from tasks {payload.get('task_names')}, this model "
+                f"has {self.task_names}: missing {missing}, unexpected {unexpected}; "
+                "pass strict=False to load the matching part"
+            )
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, tasks={self.task_names}"
+
+
+def _detach(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_detach(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _detach(v) for k, v in value.items()}
+    return value
+
+
+def _index_rows(out: Any, rows: torch.Tensor) -> Any:
+    if isinstance(out, torch.Tensor):
+        return out[rows]
+    if isinstance(out, (list, tuple)):
+        return type(out)(_index_rows(v, rows) for v in out)
+    if isinstance(out, dict):
+        return {k: _index_rows(v, rows) for k, v in out.items()}
+    return out

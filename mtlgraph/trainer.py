@@ -1,0 +1,515 @@
+"""Trainer: the training loop, readable top to bottom in :meth:`Trainer.fit`.
+
+Each step takes one batch (or, with the ``mixed`` scheduler, one batch per loader) chosen by the
+batch scheduler, computes the losses of the tasks those batches label, lets the balancer turn
+them into gradients, clips, and steps the optimizer on the parameters the step touched. The
+optimizer only visits the touched parameters, so a step's cost depends on the tasks in the batch,
+not on how many tasks the model holds.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from mtlgraph._io import move_to_device
+from mtlgraph._schema import build
+from mtlgraph._suggest import did_you_mean, quoted
+from mtlgraph.balancing import Balancer, StepContext, make_balancer
+from mtlgraph.data import Batch, DictDataLoader
+from mtlgraph.exceptions import ConfigError, DataError
+from mtlgraph.metrics import make_key
+from mtlgraph.model import ExecutionPlan, MultitaskClassifier
+from mtlgraph.schedulers import BatchScheduler, make_scheduler
+
+logger = logging.getLogger(__name__)
+
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "sgd": torch.optim.SGD,
+}
+
+LR_SCHEDULES: dict[str, dict[str, float]] = {
+    # name -> its parameters and their defaults
+    "constant": {},
+    "linear": {"end_factor": 0.0},  # factor falls linearly from 1 to end_factor at the last step
+    "cosine": {"min_factor": 0.0},  # half cosine from 1 to min_factor at the last step
+    "exponential": {"gamma": 0.9},  # factor gamma ** epoch
+    "step": {"step_size": 1, "gamma": 0.1},  # factor gamma ** (epoch // step_size)
+}
+
+
+@dataclass
+class TrainerConfig:
+    """Every setting of the :class:`Trainer`; ``Trainer(**kwargs)`` validates against it."""
+
+    n_epochs: int = 1  # passes over the training loaders
+    lr: float = 0.01  # base learning rate
+    optimizer: str | dict[str, Any] = "adam"  # "adam" | "adamw" | "sgd", or {"name": ..., **kwargs}
+    weight_decay: float = 0.0  # L2 penalty (decoupled for adamw)
+    grad_clip: float | None = None  # max global L2 norm of the step's gradients; None = off
+    lr_scheduler: str | dict[str, Any] = "constant"  # see LR_SCHEDULES, or {"name": ..., **kwargs}
+    warmup_steps: int = 0  # linear warm-up over this many optimizer steps
+    batch_scheduler: str | dict[str, Any] | BatchScheduler = (
+        "shuffled"  # batch order, see schedulers
+    )
+    balancer: str | dict[str, Any] | Balancer = "sum"  # how task losses combine, see balancing
+    seed: int = 0  # seeds torch (inside fit only) and the batch scheduler
+    progress_bar: bool = True  # one tqdm bar per epoch (hidden off a terminal)
+    evaluation_freq: int = 1  # evaluate every N evaluation_units; 0 = only after training
+    evaluation_unit: Literal["epochs", "steps"] = "epochs"  # unit of evaluation_freq
+    train_split: str = "train"  # loaders whose dataset split is this are trained on
+    eval_splits: list[str] = field(default_factory=lambda: ["valid"])  # splits scored at evaluation
+
+    def validate(self) -> list[str]:
+        """Value checks beyond types; one sentence per problem."""
+        problems = []
+        if self.n_epochs < 0:
+            problems.append(f"n_epochs: must be >= 0, got {self.n_epochs}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            problems.append(f"lr: must be a positive number, got {self.lr}")
+        if self.weight_decay < 0:
+            problems.append(f"weight_decay: must be >= 0, got {self.weight_decay}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            problems.append(f"grad_clip: must be > 0 or null, got {self.grad_clip}")
+        if self.warmup_steps < 0:
+            problems.append(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if self.evaluation_freq < 0:
+            problems.append(f"evaluation_freq: must be >= 0, got {self.evaluation_freq}")
+        problems += _check_named(
+            "optimizer", self.optimizer, {n: _init_params(c) for n, c in OPTIMIZERS.items()}
+        )
+        problems += _check_named(
+            "lr_scheduler", self.lr_scheduler, {n: set(p) for n, p in LR_SCHEDULES.items()}
+        )
+        return problems
+
+
+def _init_params(cls: Callable[..., Any]) -> set[str]:
+    return {p for p in inspect.signature(cls).parameters if p not in ("params", "lr")}
+
+
+def _check_named(
+    key: str, spec: str | Mapping[str, Any], known: Mapping[str, set[str]]
+) -> list[str]:
+    """Validate a ``name`` or ``{"name": ..., **kwargs}`` setting against known names/kwargs."""
+    if isinstance(spec, str):
+        name, kwargs = spec, {}
+    else:
+        kwargs = dict(spec)
+        name = kwargs.pop("name", None)
+    if name not in known:
+        return [
+            f"{key}: unknown name {name!r}{did_you_mean(str(name), known)}; known: {quoted(known)}"
+        ]
+    return [
+        f"{key}.{k}: '{name}' takes no argument '{k}'{did_you_mean(k, known[name])}; "
+        f"it takes {quoted(known[name]) or 'none'}"
+        for k in kwargs
+        if k not in known[name]
+    ]
+
+
+def _named(spec: str | Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    if isinstance(spec, str):
+        return spec, {}
+    kwargs = dict(spec)
+    return str(kwargs.pop("name")), kwargs
+
+
+def lr_factor_fn(
+    schedule: str | Mapping[str, Any], warmup_steps: int, total_steps: int, steps_per_epoch: int
+) -> Callable[[int], float] | None:
+    """Return ``step -> lr factor`` for a schedule, or ``None`` when the factor is always 1."""
+    name, kwargs = _named(schedule)
+    params = {**LR_SCHEDULES[name], **kwargs}
+    if name == "constant" and warmup_steps == 0:
+        return None
+    span = max(1, total_steps - warmup_steps)
+    per_epoch = max(1, steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        p = min(1.0, (step - warmup_steps) / span)
+        if name == "linear":
+            return 1.0 - (1.0 - params["end_factor"]) * p
+        if name == "cosine":
+            return params["min_factor"] + (1 - params["min_factor"]) * 0.5 * (
+                1 + math.cos(math.pi * p)
+            )
+        if name == "exponential":
+            return float(params["gamma"] ** (step // per_epoch))
+        if name == "step":
+            return float(params["gamma"] ** ((step // per_epoch) // int(params["step_size"])))
+        return 1.0
+
+    return factor
+
+
+class SubsetStepper:
+    """Steps a torch optimizer on the parameters of one execution plan only.
+
+    The optimizer holds every parameter (its state, hyper-parameters and ``state_dict`` are the
+    usual ones), but for a step its ``param_groups`` are temporarily narrowed to the groups'
+    parameters that the plan touched (plus every non-model group, such as learned balancer
+    weights). Parameters without gradients are skipped by PyTorch's optimizers anyway, so the
+    update is identical to a plain ``optimizer.step()``; only the cost differs: it no longer
+    grows with the number of tasks the model holds.
+
+    Args:
+        optimizer: The optimizer. Groups whose ``"scope"`` entry is ``"model"`` are narrowed.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+        self.full_groups = optimizer.param_groups
+        self.base_lrs = [float(g["lr"]) for g in self.full_groups]
+        self._subsets: dict[tuple[str, ...], list[tuple[dict[str, Any], dict[str, Any]]]] = {}
+
+    def set_lr_factor(self, factor: float) -> None:
+        """Set every group's lr to its base lr times ``factor``."""
+        for group, base in zip(self.full_groups, self.base_lrs, strict=True):
+            group["lr"] = base * factor
+
+    def step(self, plan: ExecutionPlan) -> None:
+        """``optimizer.step()`` restricted to the plan's parameters."""
+        subsets = self._subsets.get(plan.task_names)
+        if subsets is None:
+            subsets = self._subsets[plan.task_names] = self._narrow(plan)
+        for sub, full in subsets:
+            sub["lr"] = full["lr"]
+        self.optimizer.param_groups = [sub for sub, _ in subsets]
+        try:
+            self.optimizer.step()
+        finally:
+            self.optimizer.param_groups = self.full_groups
+
+    def _narrow(self, plan: ExecutionPlan) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        touched = {id(p) for p in plan.parameters}
+        out = []
+        for group in self.full_groups:
+            params = group["params"]
+            if group.get("scope") == "model":
+                params = [p for p in params if id(p) in touched]
+            if params:
+                out.append(({**group, "params": params}, group))
+        return out
+
+
+class Trainer:
+    """Trains a :class:`~mtlgraph.MultitaskClassifier` on many loaders at once.
+
+    Args:
+        **config: Settings of :class:`TrainerConfig` (``n_epochs``, ``lr``, ``optimizer``,
+            ``lr_scheduler``, ``batch_scheduler``, ``balancer``, ``seed``, ...). Unknown keys and
+            wrong types are rejected at construction, all at once, with suggestions.
+
+    Attributes:
+        config: The validated :class:`TrainerConfig`.
+        history: One record per evaluation: ``{"epoch", "step", "model/all/train/loss",
+            "model/all/train/lr", "<task>/<dataset>/train/loss", <validation scores>...}``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from mtlgraph import (DictDataLoader, DictDataset, MultitaskClassifier, Operation,
+        ...                       Task, Trainer)
+        >>> x = torch.randn(64, 2); y = (x[:, 0] > 0).long()
+        >>> task = Task("t", {"m": nn.Linear(2, 2)}, [Operation("m", [("_input_", "x")])])
+        >>> model = MultitaskClassifier([task])
+        >>> loaders = [DictDataLoader(DictDataset("d", s, {"x": x}, {"t": y}), batch_size=16)
+        ...            for s in ("train", "valid")]
+        >>> trainer = Trainer(n_epochs=5, lr=0.1, progress_bar=False)
+        >>> trainer.fit(model, loaders)
+        >>> trainer.history[-1]["t/d/valid/accuracy"] > 0.8
+        True
+    """
+
+    def __init__(self, **config: Any) -> None:
+        problems: list[str] = []
+        cfg = build(TrainerConfig, config, "", problems)
+        if problems:
+            raise ConfigError(problems, header="invalid Trainer config:")
+        self.config: TrainerConfig = cfg
+        self.history: list[dict[str, float]] = []
+        self.global_step = 0
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self, model: MultitaskClassifier, dataloaders: Sequence[DictDataLoader]) -> None:
+        """Train ``model`` on the loaders whose split is ``train_split``.
+
+        Loaders of ``eval_splits`` are scored at each evaluation; others are ignored. Torch's
+        global random state is seeded with ``seed`` inside this call and restored after it.
+        """
+        cfg = self.config
+        loaders = list(dataloaders)
+        train = [dl for dl in loaders if getattr(dl.dataset, "split", None) == cfg.train_split]
+        evals = [dl for dl in loaders if getattr(dl.dataset, "split", None) in cfg.eval_splits]
+        self._check_loaders(model, loaders, train, evals)
+        devices = [model.device.index or 0] if model.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(cfg.seed)
+            self._fit(model, train, evals)
+
+    def _fit(
+        self,
+        model: MultitaskClassifier,
+        train: list[DictDataLoader],
+        evals: list[DictDataLoader],
+    ) -> None:
+        cfg = self.config
+        device = model.device
+        scheduler = make_scheduler(cfg.batch_scheduler, cfg.seed)
+        balancer = make_balancer(cfg.balancer).to(device)
+        stepper = SubsetStepper(self._make_optimizer(model, balancer))
+        batch_counts = [len(dl) for dl in train]
+        steps_per_epoch = len(copy.deepcopy(scheduler).epoch_plan(batch_counts))
+        lr_factor = lr_factor_fn(
+            cfg.lr_scheduler, cfg.warmup_steps, cfg.n_epochs * steps_per_epoch, steps_per_epoch
+        )
+        self._window: list[tuple[str, str, torch.Tensor, int]] = []
+        self.global_step = 0
+        last_logged = -1
+
+        model.train()
+        for epoch in range(cfg.n_epochs):
+            for dl in train:
+                dl.set_epoch(epoch)
+            plan = scheduler.epoch_plan(batch_counts)
+            iterators: list[Iterator[Batch] | None] = [None] * len(train)
+            epoch_losses: list[tuple[str, str, torch.Tensor, int]] = []
+            bar = tqdm(
+                total=len(plan),
+                desc=f"epoch {epoch + 1}/{cfg.n_epochs}",
+                leave=False,
+                disable=None if cfg.progress_bar else True,
+            )
+            for step in plan:
+                batches = [(train[i].dataset.name, _next_batch(train, iterators, i)) for i in step]
+                if lr_factor is not None:
+                    stepper.set_lr_factor(lr_factor(self.global_step))
+                records = self._train_step(model, balancer, stepper, batches, device)
+                epoch_losses += records
+                self._window += records
+                self.global_step += 1
+                bar.update()
+                if cfg.progress_bar and records and self.global_step % 20 == 0:
+                    bar.set_postfix(loss=f"{float(records[0][2]):.4f}", refresh=False)
+                if (
+                    cfg.evaluation_unit == "steps"
+                    and cfg.evaluation_freq
+                    and self.global_step % cfg.evaluation_freq == 0
+                ):
+                    self._log(model, balancer, stepper, evals, epoch + 1)
+                    last_logged = self.global_step
+            bar.close()
+            balancer.on_epoch_end(epoch, _task_means(epoch_losses))
+            if (
+                cfg.evaluation_unit == "epochs"
+                and cfg.evaluation_freq
+                and (epoch + 1) % cfg.evaluation_freq == 0
+            ):
+                self._log(model, balancer, stepper, evals, epoch + 1)
+                last_logged = self.global_step
+        if last_logged != self.global_step and cfg.n_epochs > 0:
+            self._log(model, balancer, stepper, evals, cfg.n_epochs)
+        self.balancer = balancer
+        self.optimizer = stepper.optimizer
+
+    def _train_step(
+        self,
+        model: MultitaskClassifier,
+        balancer: Balancer,
+        stepper: SubsetStepper,
+        batches: list[tuple[str, Batch]],
+        device: torch.device,
+    ) -> list[tuple[str, str, torch.Tensor, int]]:
+        """One optimizer step on one or more batches; returns (task, dataset, loss, n) records."""
+        losses: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}
+        records = []
+        for dataset_name, (X, Y) in batches:
+            batch_losses, batch_counts = model.calculate_loss(
+                move_to_device(X, device), move_to_device(Y, device)
+            )
+            for task_name, loss in batch_losses.items():
+                n = batch_counts[task_name]
+                records.append((task_name, dataset_name, loss.detach(), n))
+                if task_name in losses:  # the same task labelled by two batches of the step
+                    m = counts[task_name]
+                    losses[task_name] = (losses[task_name] * m + loss * n) / (m + n)
+                    counts[task_name] = m + n
+                else:
+                    losses[task_name], counts[task_name] = loss, n
+        if not losses:
+            return records
+        plan = model.plan(losses)
+        ctx = StepContext(
+            tasks=model.tasks,
+            plan=plan,
+            counts=counts,
+            backward=_backward,
+            scale=_identity,
+            step=self.global_step,
+        )
+        balancer.backward(losses, ctx)
+        params = plan.parameters
+        if self.config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in params if p.grad is not None], self.config.grad_clip
+            )
+        stepper.step(plan)
+        for p in params:
+            p.grad = None
+        for p in balancer.parameters():
+            p.grad = None
+        return records
+
+    # ------------------------------------------------------------------ pieces
+
+    def _make_optimizer(
+        self, model: MultitaskClassifier, balancer: Balancer
+    ) -> torch.optim.Optimizer:
+        name, kwargs = _named(self.config.optimizer)
+        groups: list[dict[str, Any]] = [
+            {"params": [p for p in model.parameters() if p.requires_grad], "scope": "model"}
+        ]
+        balancer_params = [p for p in balancer.parameters() if p.requires_grad]
+        if balancer_params:
+            groups.append({"params": balancer_params, "scope": "balancer", "weight_decay": 0.0})
+        return OPTIMIZERS[name](
+            groups, lr=self.config.lr, weight_decay=self.config.weight_decay, **kwargs
+        )
+
+    def _log(
+        self,
+        model: MultitaskClassifier,
+        balancer: Balancer,
+        stepper: SubsetStepper,
+        evals: list[DictDataLoader],
+        epoch: int,
+    ) -> None:
+        record: dict[str, float] = {"epoch": float(epoch), "step": float(self.global_step)}
+        record.update(_train_losses(self._window))
+        self._window = []
+        record["model/all/train/lr"] = float(stepper.full_groups[0]["lr"])
+        for task_name, w in balancer.weights().items():
+            record[f"model/all/train/weight/{task_name}"] = float(w)
+        if evals:
+            scores = model.score(evals)
+            model.train()
+            record.update(scores)
+            balancer.on_evaluation(scores)
+        self.history.append(record)
+        logger.info(
+            "epoch %d step %d: %s",
+            epoch,
+            self.global_step,
+            ", ".join(f"{k}={v:.4g}" for k, v in record.items() if "/" in k),
+        )
+
+    def _check_loaders(
+        self,
+        model: MultitaskClassifier,
+        loaders: list[DictDataLoader],
+        train: list[DictDataLoader],
+        evals: list[DictDataLoader],
+    ) -> None:
+        problems: list[str] = []
+        seen: dict[tuple[str, str], int] = {}
+        for i, dl in enumerate(loaders):
+            ds = getattr(dl, "dataset", None)
+            if not isinstance(dl, DictDataLoader) or ds is None:
+                problems.append(f"dataloaders[{i}] is a {type(dl).__name__}, not a DictDataLoader")
+                continue
+            key = (ds.name, ds.split)
+            if key in seen:
+                problems.append(
+                    f"dataloaders[{seen[key]}] and dataloaders[{i}] are both dataset '{ds.name}' "
+                    f"split '{ds.split}'; their score keys would collide"
+                )
+            seen[key] = i
+        if not problems and not train:
+            splits = sorted({dl.dataset.split for dl in loaders})
+            problems.append(
+                f"no loader has split '{self.config.train_split}' (found {quoted(splits)}); "
+                "set train_split or the datasets' split"
+            )
+        for dl in train + evals if not problems else []:
+            ds = dl.dataset
+            if len(dl) == 0:
+                problems.append(f"dataset '{ds.name}' ({ds.split}) yields no batches")
+            for label in ds.Y_dict:
+                if label not in model.tasks:
+                    problems.append(
+                        f"dataset '{ds.name}' ({ds.split}) labels '{label}', which is no task of "
+                        f"the model{did_you_mean(label, model.tasks)}; the model has "
+                        f"{quoted(model.tasks)}"
+                    )
+        if problems:
+            raise DataError(
+                problems, header="cannot train on these dataloaders:" if len(problems) > 1 else None
+            )
+
+
+def _backward(loss: torch.Tensor) -> None:
+    loss.backward()
+
+
+def _identity(loss: torch.Tensor) -> torch.Tensor:
+    return loss
+
+
+def _next_batch(
+    loaders: list[DictDataLoader], iterators: list[Iterator[Batch] | None], i: int
+) -> Batch:
+    """Next batch of loader ``i``; a loader that runs out starts over (the mixed scheduler)."""
+    it = iterators[i]
+    if it is not None:
+        batch = next(it, None)
+        if batch is not None:
+            return batch
+    it = iterators[i] = loaders[i].iterate()
+    return next(it)
+
+
+def _train_losses(window: list[tuple[str, str, torch.Tensor, int]]) -> dict[str, float]:
+    """Count-weighted mean training loss per (task, dataset) and overall."""
+    if not window:
+        return {}
+    values = torch.stack([r[2].float() for r in window]).tolist()
+    sums: dict[tuple[str, str], list[float]] = {}
+    total = [0.0, 0.0]
+    for (task_name, dataset_name, _, n), v in zip(window, values, strict=True):
+        acc = sums.setdefault((task_name, dataset_name), [0.0, 0.0])
+        acc[0] += v * n
+        acc[1] += n
+        total[0] += v * n
+        total[1] += n
+    out = {make_key(t, d, "train", "loss"): s / c for (t, d), (s, c) in sums.items()}
+    out["model/all/train/loss"] = total[0] / total[1]
+    return out
+
+
+def _task_means(window: list[tuple[str, str, torch.Tensor, int]]) -> dict[str, float]:
+    """Count-weighted mean loss per task over a window of records."""
+    if not window:
+        return {}
+    values = torch.stack([r[2].float() for r in window]).tolist()
+    sums: dict[str, list[float]] = {}
+    for (task_name, _, _, n), v in zip(window, values, strict=True):
+        acc = sums.setdefault(task_name, [0.0, 0.0])
+        acc[0] += v * n
+        acc[1] += n
+    return {t: s / c for t, (s, c) in sums.items()}
