@@ -202,6 +202,7 @@ class MultitaskClassifier(nn.Module):
                 continue
             if task.name in names:
                 problems.append(f"task name '{task.name}' is used twice; task names must be unique")
+                continue  # its modules would only repeat the clash
             names.add(task.name)
             for module_name, module in task.module_pool.items():
                 if module_name not in owners:

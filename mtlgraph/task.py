@@ -334,7 +334,8 @@ class Task:
             problems.append(f"{who}: scorer must be a Scorer, got {type(scorer).__name__}")
 
         pool = self._check_pool(module_pool, who, problems)
-        ops = self._check_ops(op_sequence, pool, who, problems)
+        names = list(module_pool) if isinstance(module_pool, Mapping | nn.ModuleDict) else []
+        ops = self._check_ops(op_sequence, names, who, problems)
         if problems:
             header = f"invalid Task '{name}':" if len(problems) > 1 else None
             raise TaskDefinitionError(problems, header=header)
@@ -380,7 +381,7 @@ class Task:
 
     @staticmethod
     def _check_ops(
-        op_sequence: Sequence[Operation], pool: nn.ModuleDict, who: str, problems: list[str]
+        op_sequence: Sequence[Operation], pool: list[str], who: str, problems: list[str]
     ) -> list[Operation]:
         if isinstance(op_sequence, Operation) or not isinstance(op_sequence, Sequence):
             problems.append(f"{who}: op_sequence must be a list of Operations")
@@ -403,7 +404,7 @@ class Task:
             if op.module_name not in pool:
                 problems.append(
                     f"{who}: unknown module '{op.module_name}' in operation '{op.name}'"
-                    f"{did_you_mean(op.module_name, pool.keys())}; the pool has {quoted(pool)}"
+                    f"{did_you_mean(op.module_name, pool)}; the pool has {quoted(pool)}"
                 )
             for inp in op.inputs:
                 if inp.source == INPUT or inp.source in seen:

@@ -1,0 +1,144 @@
+"""Metrics equal scikit-learn's; the Scorer masks ignored labels; keys split correctly."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats
+from sklearn import metrics as skm
+
+from mtlgraph import ConfigError, Scorer
+from mtlgraph.metrics import get_metric, make_key, metric_names, split_key
+
+rng = np.random.default_rng(0)
+GOLDS = rng.integers(0, 2, 50)
+PROBS1 = rng.random(50)
+PROBS = np.stack([1 - PROBS1, PROBS1], axis=1)
+PREDS = PROBS.argmax(1)
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("accuracy", skm.accuracy_score(GOLDS, PREDS)),
+        ("precision", skm.precision_score(GOLDS, PREDS)),
+        ("recall", skm.recall_score(GOLDS, PREDS)),
+        ("f1", skm.f1_score(GOLDS, PREDS)),
+        ("matthews_corrcoef", skm.matthews_corrcoef(GOLDS, PREDS)),
+        ("roc_auc", skm.roc_auc_score(GOLDS, PROBS1)),
+    ],
+)
+def test_binary_metrics_equal_sklearn(name: str, expected: float) -> None:
+    assert Scorer([name]).score(GOLDS, PREDS, PROBS)[name] == expected
+
+
+def test_multiclass_defaults_to_macro_and_ovr() -> None:
+    golds = rng.integers(0, 3, 60)
+    probs = rng.dirichlet(np.ones(3), 60)
+    preds = probs.argmax(1)
+    got = Scorer(["f1", "precision", "recall", "roc_auc"]).score(golds, preds, probs)
+    assert got["f1"] == skm.f1_score(golds, preds, average="macro")
+    assert got["precision"] == skm.precision_score(golds, preds, average="macro")
+    assert got["recall"] == skm.recall_score(golds, preds, average="macro")
+    assert got["roc_auc"] == skm.roc_auc_score(golds, probs, multi_class="ovr")
+
+
+def test_metric_specs_take_kwargs_and_rename() -> None:
+    s = Scorer([{"name": "fbeta", "beta": 2.0, "key": "f2"}, {"name": "f1", "average": "micro"}])
+    got = s.score(GOLDS, PREDS, PROBS)
+    assert got == {
+        "f2": skm.fbeta_score(GOLDS, PREDS, beta=2.0),
+        "f1": skm.f1_score(GOLDS, PREDS, average="micro"),
+    }
+
+
+def test_regression_metrics_equal_sklearn_and_scipy() -> None:
+    y = rng.normal(size=40)
+    p = y + rng.normal(scale=0.3, size=40)
+    got = Scorer(["mse", "mae", "r2", "pearson", "spearman"]).score(y, p, p, ignore_value=math.nan)
+    assert got["mse"] == skm.mean_squared_error(y, p)
+    assert got["mae"] == skm.mean_absolute_error(y, p)
+    assert got["r2"] == skm.r2_score(y, p)
+    assert got["pearson"] == pytest.approx(stats.pearsonr(y, p)[0], abs=1e-12)
+    assert got["spearman"] == pytest.approx(stats.spearmanr(y, p)[0], abs=1e-12)
+    assert all(type(v) is float for v in got.values())
+
+
+def test_ignored_labels_are_masked_rows_and_elements() -> None:
+    golds = np.array([0, 1, -1, 1])
+    preds = np.array([0, 0, 1, 1])
+    assert Scorer(["accuracy"]).score(golds, preds, np.eye(2)[preds])["accuracy"] == pytest.approx(
+        2 / 3
+    )
+    ml_golds = np.array([[1, -1], [0, 1]])
+    ml_preds = np.array([[1, 0], [1, 1]])
+    assert Scorer(["accuracy"]).score(ml_golds, ml_preds, ml_preds.astype(float))[
+        "accuracy"
+    ] == pytest.approx(2 / 3)
+    nan_golds = np.array([1.0, np.nan, 3.0])
+    got = Scorer(["mae"]).score(
+        nan_golds, np.array([1.0, 100.0, 2.0]), np.zeros(3), ignore_value=math.nan
+    )
+    assert got["mae"] == 0.5
+
+
+def test_all_ignored_gives_nan() -> None:
+    assert math.isnan(
+        Scorer(["accuracy"]).score(np.array([-1, -1]), np.array([0, 1]), np.zeros((2, 2)))[
+            "accuracy"
+        ]
+    )
+
+
+def test_custom_metric_funcs_and_direction() -> None:
+    def error_count(golds: np.ndarray, preds: np.ndarray, probs: np.ndarray) -> float:
+        return float((golds != preds).sum())
+
+    error_count.higher_is_better = False  # type: ignore[attr-defined]
+    s = Scorer(["accuracy"], custom_metric_funcs={"errors": error_count})
+    assert s.score(np.array([0, 1]), np.array([1, 1]), np.zeros((2, 2))) == {
+        "accuracy": 0.5,
+        "errors": 1.0,
+    }
+    assert s.higher_is_better("accuracy") and not s.higher_is_better("errors")
+
+
+def test_scorer_validation_reports_everything() -> None:
+    with pytest.raises(ConfigError) as info:
+        Scorer(["acuracy", "f1", "f1", {"name": "mse", "key": "a/b"}], custom_metric_funcs={"c": 3})  # type: ignore[dict-item]
+    text = str(info.value)
+    assert "unknown metric 'acuracy' (did you mean 'accuracy'?)" in text
+    assert "metric key 'f1' is listed twice" in text
+    assert "metric key 'a/b' must be a non-empty string without '/'" in text
+    assert "custom metric 'c' is not callable" in text
+
+
+def test_registry_directions() -> None:
+    assert {"accuracy", "mse", "spearman"} <= set(metric_names())
+    assert get_metric("accuracy").higher_is_better and not get_metric("mse").higher_is_better
+    with pytest.raises(ConfigError, match="did you mean 'mae'"):
+        get_metric("maee")
+
+
+def test_keys_round_trip() -> None:
+    key = make_key("circle_task", "circleDataset", "valid", "accuracy")
+    assert key == "circle_task/circleDataset/valid/accuracy"
+    assert split_key(key) == ("circle_task", "circleDataset", "valid", "accuracy")
+    assert split_key("model/all/train/weight/a") == ("model", "all", "train", "weight/a")
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(-1, 2), st.integers(0, 2)), min_size=1, max_size=30))
+def test_masked_accuracy_property(pairs: list[tuple[int, int]]) -> None:
+    golds = np.array([g for g, _ in pairs])
+    preds = np.array([p for _, p in pairs])
+    got = Scorer(["accuracy"]).score(golds, preds, np.eye(3)[preds])["accuracy"]
+    keep = golds != -1
+    if keep.any():
+        assert got == skm.accuracy_score(golds[keep], preds[keep])
+    else:
+        assert math.isnan(got)
