@@ -29,6 +29,8 @@ def test_docs_have_runnable_blocks() -> None:
 
 
 @pytest.mark.parametrize(("name", "line", "code"), BLOCKS, ids=[f"{n}:{ln}" for n, ln, _ in BLOCKS])
-def test_block_runs(name: str, line: int, code: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_block_runs(
+    name: str, line: int, code: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     exec(compile(code, f"{name}:{line}", "exec"), {"__name__": "__docs__"})
