@@ -18,6 +18,18 @@ from mtlgraph._suggest import did_you_mean
 
 T = TypeVar("T")
 
+
+class Problems(list[str]):
+    """A problem list that also counts *value* problems (from ``validate()``).
+
+    :func:`build` returns a dataclass whose keys and types are right even when its values are
+    not, so the enclosing dataclass can still run its own cross-checks and every problem is
+    reported at once. Plain lists work too (then any problem discards the object).
+    """
+
+    soft: int = 0
+
+
 _FLOAT_STRING = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$|^[+-]?(inf|nan)$", re.I)
 
 
@@ -163,14 +175,17 @@ def _hint(value: Any, tp: Any) -> str:
 def build(cls: type[T], data: Mapping[str, Any], path: str, problems: list[str]) -> T:
     """Validate ``data`` against dataclass ``cls`` and construct it.
 
-    Unknown keys, type errors and the dataclass's own ``validate()`` sentences are appended to
-    ``problems``; when anything is wrong ``None`` is returned, so callers raise before using
-    the result. ``validate()`` must return sentences that start with the field name.
+    Missing required fields (those without a default), unknown keys, type errors and the
+    dataclass's own ``validate()`` sentences are appended to ``problems``; when anything is wrong
+    ``None`` is returned, so callers raise before using the result. With a :class:`Problems`
+    list, value problems alone still return the object (so enclosing dataclasses cross-check it);
+    callers raise when the list is not empty. ``validate()`` must return
+    sentences that start with the field name.
     """
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
     prefix = f"{path}." if path else ""
-    start = len(problems)
+    start, start_soft = len(problems), getattr(problems, "soft", 0)
     values: dict[str, Any] = {}
     bad: set[str] = set()
     for key, value in data.items():
@@ -180,18 +195,33 @@ def build(cls: type[T], data: Mapping[str, Any], path: str, problems: list[str])
                 f"valid keys: {', '.join(sorted(fields))}"
             )
             continue
-        before = len(problems)
+        before, soft_before = len(problems), getattr(problems, "soft", 0)
         converted = convert(value, hints[key], f"{prefix}{key}", problems)
-        if len(problems) > before:
+        soft_added = getattr(problems, "soft", 0) - soft_before
+        if len(problems) - before > soft_added:
             bad.add(key)
         else:
             values[key] = converted
+    required = [
+        name
+        for name, f in fields.items()
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    for name in required:
+        if name not in data:
+            problems.append(f"{prefix}{name}: missing (required)")
+    if any(name not in values for name in required):
+        return None  # type: ignore[return-value]
     # Value checks run on the well-typed keys too (wrong ones keep their defaults), so one call
     # reports every problem.
     obj = cls(**values)
+    hard = len(problems) - start - (getattr(problems, "soft", 0) - start_soft)
     validate = getattr(obj, "validate", None)
     if validate is not None:
-        problems.extend(
-            f"{prefix}{p}" for p in validate() if p.split(":")[0].split(".")[0] not in bad
-        )
+        found = [f"{prefix}{p}" for p in validate() if p.split(":")[0].split(".")[0] not in bad]
+        problems.extend(found)
+        if isinstance(problems, Problems):
+            problems.soft += len(found)
+    if isinstance(problems, Problems):
+        return obj if hard == 0 else None  # type: ignore[return-value]
     return obj if len(problems) == start else None  # type: ignore[return-value]
