@@ -17,8 +17,9 @@ from mtlgraph.exceptions import (
 )
 from mtlgraph.metrics import Scorer, register_metric
 from mtlgraph.model import MultitaskClassifier
+from mtlgraph.modules import register_module
 from mtlgraph.schedulers import BatchScheduler, register_scheduler
-from mtlgraph.task import Input, Operation, Task, detach
+from mtlgraph.task import Input, Operation, Task, detach, register_loss
 from mtlgraph.trainer import Trainer
 
 __version__ = "0.1.0"
@@ -43,6 +44,8 @@ __all__ = [
     "__version__",
     "detach",
     "register_balancer",
+    "register_loss",
     "register_metric",
+    "register_module",
     "register_scheduler",
 ]

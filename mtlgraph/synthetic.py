@@ -1,16 +1,24 @@
 """Generated datasets for tutorials, tests, benchmarks and configs (nothing is downloaded).
 
-Every generator takes a ``seed`` and uses its own ``numpy.random.Generator``; each returns the
-``(train, valid, test)`` splits as ``(X, Y)`` numpy pairs, split 80/10/10 by default.
+Every generator takes a ``seed`` and uses its own ``numpy.random.Generator``. The tutorial's
+generators return the ``(train, valid, test)`` splits as ``(X, Y)`` numpy pairs, split 80/10/10 by
+default; the story generators return ``{split: {array name: array}}``. :data:`GENERATORS` names
+them all for configs (``generator: circle``), each returning ``{split: {array name: array}}``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
 Split = tuple[np.ndarray, np.ndarray]
+Arr = np.ndarray
+Generator = Callable[..., dict[str, dict[str, np.ndarray]]]
+"""A config generator: keyword arguments -> ``{split: {array name: array}}``."""
+SPLITS = ("train", "valid", "test")
 
 
 def _split(X: np.ndarray, Y: np.ndarray, fractions: Sequence[float]) -> tuple[Split, Split, Split]:
@@ -82,3 +90,196 @@ def make_sin_cos_dataset(
     a = round(fractions[0] * n)
     b = a + round(fractions[1] * n)
     return tuple((x[i:j], s[i:j], c[i:j]) for i, j in ((0, a), (a, b), (b, n)))
+
+
+def _cut(arrays: dict[str, np.ndarray], fractions: Sequence[float]) -> dict[str, dict[str, Arr]]:
+    n = len(next(iter(arrays.values())))
+    a = round(fractions[0] * n)
+    b = a + round(fractions[1] * n)
+    bounds = {"train": (0, a), "valid": (a, b), "test": (b, n)}
+    return {split: {k: v[i:j] for k, v in arrays.items()} for split, (i, j) in bounds.items()}
+
+
+def make_reviews_dataset(
+    n: int,
+    domain: str = "restaurants",
+    vocab_size: int = 200,
+    length: int = 24,
+    noise: float = 0.15,
+    seed: int = 0,
+    fractions: Sequence[float] = (0.8, 0.1, 0.1),
+) -> dict[str, dict[str, Arr]]:
+    """Bag-of-words sentiment reviews of one domain (the GumGum story's Yelp and IMDB).
+
+    Token ids ``1..vocab_size-1`` (0 pads). The first tenth of the vocabulary are positive words
+    shared by all domains, the next tenth negative shared words; each domain also has its own
+    positive and negative words and its own neutral words. A review of label 1 (positive) draws
+    sentiment words of its polarity, with probability ``noise`` of the other one.
+
+    Args:
+        n: Reviews.
+        domain: ``"restaurants"`` or ``"movies"`` (which domain-specific words appear).
+        vocab_size: Vocabulary size including the padding id 0 (at least 50).
+        length: Maximum review length; shorter reviews are padded with 0.
+        noise: Probability that a sentiment word has the opposite polarity.
+        seed: Seed.
+        fractions: Train/valid/test fractions.
+
+    Returns:
+        ``{split: {"tokens": (N, length) int64, "label": (N,) int64}}``.
+
+    Example:
+        >>> from mtlgraph.synthetic import make_reviews_dataset
+        >>> data = make_reviews_dataset(100, "movies")
+        >>> data["train"]["tokens"].shape, sorted(set(data["train"]["label"].tolist()))
+        ((80, 24), [0, 1])
+    """
+    if domain not in ("restaurants", "movies"):
+        raise ValueError(f"domain must be 'restaurants' or 'movies', got {domain!r}")
+    if vocab_size < 50:
+        raise ValueError(f"vocab_size must be at least 50, got {vocab_size}")
+    rng = np.random.default_rng([seed, 5, 0 if domain == "restaurants" else 1])
+    tenth = vocab_size // 10
+    shared_pos = np.arange(1, 1 + tenth)
+    shared_neg = np.arange(1 + tenth, 1 + 2 * tenth)
+    base = 1 + 2 * tenth if domain == "restaurants" else 1 + 4 * tenth
+    own_pos = np.arange(base, base + tenth)
+    own_neg = np.arange(base + tenth, base + 2 * tenth)
+    start = 1 + 6 * tenth + (0 if domain == "restaurants" else (vocab_size - 1 - 6 * tenth) // 2)
+    neutral = np.arange(start, start + (vocab_size - 1 - 6 * tenth) // 2)
+    labels = rng.integers(0, 2, size=n)
+    tokens = np.zeros((n, length), dtype=np.int64)
+    for i in range(n):
+        size = int(rng.integers(length // 2, length + 1))
+        kinds = rng.random(size)
+        polarity = np.where(rng.random(size) < noise, 1 - labels[i], labels[i])
+        shared = rng.random(size) < 0.5
+        for j in range(size):
+            if kinds[j] < 0.3:
+                pool = (
+                    (shared_pos if shared[j] else own_pos)
+                    if polarity[j]
+                    else (shared_neg if shared[j] else own_neg)
+                )
+            else:
+                pool = neutral
+            tokens[i, j] = pool[rng.integers(len(pool))]
+    return _cut({"tokens": tokens, "label": labels.astype(np.int64)}, fractions)
+
+
+def make_products_dataset(
+    n: int,
+    image_size: int = 8,
+    vocab_size: int = 40,
+    length: int = 8,
+    seed: int = 0,
+    fractions: Sequence[float] = (0.8, 0.1, 0.1),
+) -> dict[str, dict[str, Arr]]:
+    """Product images and titles with colour and pattern attributes (the Tonks story).
+
+    Each product has a colour (0 red, 1 green, 2 blue: the bright channel of its image) and a
+    pattern (0 plain, 1 striped: alternating bright rows). Its title holds a colour word with
+    probability 0.6, a pattern word with probability 0.6, and filler words.
+
+    Returns:
+        ``{split: {"image": (N, 3, S, S) float32, "text": (N, length) int64 (0 pads),
+        "color": (N,) int64, "pattern": (N,) int64}}``.
+
+    Example:
+        >>> from mtlgraph.synthetic import make_products_dataset
+        >>> data = make_products_dataset(50)
+        >>> data["train"]["image"].shape, data["train"]["text"].shape
+        ((40, 3, 8, 8), (40, 8))
+    """
+    rng = np.random.default_rng([seed, 6])
+    color = rng.integers(0, 3, size=n)
+    pattern = rng.integers(0, 2, size=n)
+    images = rng.normal(0.0, 0.6, size=(n, 3, image_size, image_size)).astype(np.float32)
+    stripes = (np.arange(image_size) % 2 == 0).astype(np.float32)[:, None]  # (S, 1)
+    for i in range(n):
+        shade = np.where(stripes > 0, 1.0, 0.2) if pattern[i] else np.full((image_size, 1), 0.6)
+        images[i, color[i]] += shade.astype(np.float32)
+    text = np.zeros((n, length), dtype=np.int64)
+    filler = np.arange(6, vocab_size)
+    for i in range(n):
+        words = list(rng.choice(filler, size=length - 2))
+        if rng.random() < 0.6:
+            words.append(1 + color[i])  # ids 1..3: colour words
+        if rng.random() < 0.6:
+            words.append(4 + pattern[i])  # ids 4..5: pattern words
+        rng.shuffle(words)
+        text[i, : min(length, len(words))] = words[:length]
+    return _cut(
+        {
+            "image": images,
+            "text": text,
+            "color": color.astype(np.int64),
+            "pattern": pattern.astype(np.int64),
+        },
+        fractions,
+    )
+
+
+def make_kpi_dataset(
+    n: int,
+    n_features: int = 8,
+    noise: float = 0.1,
+    seed: int = 0,
+    fractions: Sequence[float] = (0.8, 0.1, 0.1),
+) -> dict[str, dict[str, Arr]]:
+    """Two KPIs of one feed item (the Taboola story): a click and a dwell time.
+
+    ``click ~ Bernoulli(sigmoid(w·x))``; ``dwell = 2·sigmoid(w·x) + 0.5·(v·x) + noise``, so the
+    click-probability estimate is a useful feature of the dwell task (and should not receive the
+    dwell task's gradients: a stop-gradient edge).
+
+    Returns:
+        ``{split: {"x": (N, n_features) float32, "click": (N,) int64, "dwell": (N,) float32}}``.
+
+    Example:
+        >>> from mtlgraph.synthetic import make_kpi_dataset
+        >>> data = make_kpi_dataset(100)
+        >>> data["train"]["x"].shape, data["valid"]["dwell"].dtype
+        ((80, 8), dtype('float32'))
+    """
+    rng = np.random.default_rng([seed, 7])
+    w = rng.normal(0.0, 1.0, size=n_features)
+    v = rng.normal(0.0, 1.0, size=n_features)
+    x = rng.normal(0.0, 1.0, size=(n, n_features)).astype(np.float32)
+    p = 1.0 / (1.0 + np.exp(-(x @ w)))
+    click = (rng.random(n) < p).astype(np.int64)
+    dwell = (2 * p + 0.5 * (x @ v) / np.sqrt(n_features) + noise * rng.standard_normal(n)).astype(
+        np.float32
+    )
+    return _cut({"x": x, "click": click, "dwell": dwell}, fractions)
+
+
+def _pairs(make: Callable[..., tuple[Split, Split, Split]]) -> Generator:
+    """``make`` with its ``(X, Y)`` splits renamed to arrays ``x`` and ``y`` (same arguments)."""
+
+    @functools.wraps(make)
+    def generate(*args: Any, **kwargs: Any) -> dict[str, dict[str, Arr]]:
+        splits = make(*args, **kwargs)
+        return {s: {"x": X, "y": Y} for s, (X, Y) in zip(SPLITS, splits, strict=True)}
+
+    return generate
+
+
+@functools.wraps(make_sin_cos_dataset)
+def _sin_cos(*args: Any, **kwargs: Any) -> dict[str, dict[str, Arr]]:
+    splits = make_sin_cos_dataset(*args, **kwargs)
+    return {
+        s: {"x": x, "sin": si, "cos": co} for s, (x, si, co) in zip(SPLITS, splits, strict=True)
+    }
+
+
+GENERATORS: dict[str, Generator] = {
+    "circle": _pairs(make_circle_dataset),  # arrays x (N, 2), y (N,)
+    "square": _pairs(make_square_dataset),  # arrays x (N, 2), y (N,)
+    "inv_circle": _pairs(make_inv_circle_dataset),  # arrays x (N, 2), y (N,)
+    "sin_cos": _sin_cos,  # arrays x (N, 1), sin (N,), cos (N,)
+    "reviews": make_reviews_dataset,  # arrays tokens (N, L), label (N,)
+    "products": make_products_dataset,  # arrays image, text, color, pattern
+    "kpi": make_kpi_dataset,  # arrays x, click, dwell
+}
+"""Generators a config names with ``generator:``; each returns ``{split: {array: ndarray}}``."""

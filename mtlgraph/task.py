@@ -213,6 +213,57 @@ class MaskedRegressionLoss:
         return (((output - t) ** 2) * active).sum() / active.sum().clamp_min(1)
 
 
+def l1_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error; ``(N, 1)`` outputs are matched to ``(N,)`` targets."""
+    return F.l1_loss(_rows_match(output, target), target.to(output.dtype))
+
+
+def smooth_l1_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Huber-like smooth L1 loss (beta 1); ``(N, 1)`` outputs are matched to ``(N,)`` targets."""
+    return F.smooth_l1_loss(_rows_match(output, target), target.to(output.dtype))
+
+
+_LOSSES: dict[str, LossFunc] = {
+    "cross_entropy": multiclass_loss,
+    "binary_cross_entropy": binary_loss,
+    "mse": regression_loss,
+    "l1": l1_loss,
+    "smooth_l1": smooth_l1_loss,
+}
+
+
+def register_loss(name: str, func: LossFunc) -> None:
+    """Register a loss function under ``name`` so configs can select it (``loss: <name>``).
+
+    Args:
+        name: Registry name.
+        func: ``func(output, target) -> scalar tensor``, called on a task's active rows.
+
+    Raises:
+        TaskDefinitionError: The name is taken or ``func`` is not callable.
+
+    Example:
+        >>> import torch.nn.functional as F
+        >>> from mtlgraph import register_loss
+        >>> register_loss("nll_doc", lambda out, y: F.nll_loss(out, y.long()))
+    """
+    if not isinstance(name, str) or not name or not callable(func):
+        raise TaskDefinitionError([f"loss {name!r} needs a non-empty name and a callable"])
+    if name in _LOSSES:
+        raise TaskDefinitionError([f"loss '{name}' is already registered; pick another name"])
+    _LOSSES[name] = func
+
+
+def loss_names() -> list[str]:
+    """Registered loss names, sorted."""
+    return sorted(_LOSSES)
+
+
+def get_loss(name: str) -> LossFunc | None:
+    """The loss registered as ``name``, or ``None``."""
+    return _LOSSES.get(name)
+
+
 def softmax_output(output: torch.Tensor) -> torch.Tensor:
     """Softmax over the class dimension (dim 1)."""
     return F.softmax(output, dim=1)

@@ -1,0 +1,288 @@
+"""Building blocks a config can name, and the module registry.
+
+A YAML config declares modules by registry name and keyword arguments::
+
+    modules:
+      base_mlp: {type: mlp, in_dim: 2, hidden: [8, 4]}
+      circle_head: {type: linear, in_features: 4, out_features: 2}
+
+Built in: ``linear``, ``mlp``, ``embedding_bag`` (token ids -> one vector), ``conv2d_stack``
+(small images -> one vector), ``identity``, ``concat`` and ``sum`` (merge several inputs),
+``dropout`` and ``activation``. Python code adds its own with :func:`register_module`; a config
+reaches such code only through its top-level ``imports:`` list.
+
+Only :mod:`mtlgraph.build` turns registry names into modules; config validation reads the
+registry to check names and arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from mtlgraph._suggest import did_you_mean, quoted
+from mtlgraph.exceptions import ConfigError
+
+ModuleFactory = Callable[..., nn.Module]
+"""A class or function that returns an ``nn.Module`` from keyword arguments."""
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "silu": nn.SiLU,
+    "leaky_relu": nn.LeakyReLU,
+}
+
+
+def _activation(name: str) -> nn.Module:
+    if name not in ACTIVATIONS:
+        raise ConfigError(
+            [
+                f"unknown activation {name!r}{did_you_mean(name, ACTIVATIONS)}; known: "
+                f"{quoted(ACTIVATIONS)}"
+            ]
+        )
+    return ACTIVATIONS[name]()
+
+
+class MLP(nn.Sequential):
+    """Linear layers, each followed by an activation (and dropout); an optional plain output layer.
+
+    Args:
+        in_dim: Input features.
+        hidden: Width of each hidden layer; every one is ``Linear`` + activation (+ dropout).
+        out_dim: When given, a final ``Linear`` to ``out_dim`` without activation.
+        activation: One of :data:`ACTIVATIONS` (``relu``, ``gelu``, ``tanh``, ``sigmoid``...).
+        dropout: Dropout probability after each hidden activation (0 = none).
+
+    Example:
+        >>> import torch
+        >>> from mtlgraph.modules import MLP
+        >>> mlp = MLP(in_dim=2, hidden=[8, 4])  # the Snorkel tutorial's base_mlp
+        >>> [type(m).__name__ for m in mlp]
+        ['Linear', 'ReLU', 'Linear', 'ReLU']
+        >>> mlp(torch.zeros(3, 2)).shape
+        torch.Size([3, 4])
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        hidden: list[int],
+        out_dim: int | None = None,
+        activation: str = "relu",
+        dropout: float = 0.0,
+    ) -> None:
+        layers: list[nn.Module] = []
+        width = in_dim
+        for h in hidden:
+            layers += [nn.Linear(width, h), _activation(activation)]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            width = h
+        if out_dim is not None:
+            layers.append(nn.Linear(width, out_dim))
+        super().__init__(*layers)
+
+
+class EmbeddingBag(nn.Module):
+    """Token ids ``(B, L)`` (padded with ``padding_idx``) -> one vector ``(B, embedding_dim)``.
+
+    Args:
+        num_embeddings: Vocabulary size (ids are ``0..num_embeddings-1``).
+        embedding_dim: Size of the output vector.
+        mode: ``"mean"``, ``"sum"`` or ``"max"`` over the non-padding tokens of a row.
+        padding_idx: Id of the padding token, excluded from the bag (``None``: no padding).
+
+    Example:
+        >>> import torch
+        >>> from mtlgraph.modules import EmbeddingBag
+        >>> bag = EmbeddingBag(num_embeddings=10, embedding_dim=4)
+        >>> bag(torch.tensor([[3, 4, 0], [5, 0, 0]])).shape
+        torch.Size([2, 4])
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        mode: str = "mean",
+        padding_idx: int | None = 0,
+    ) -> None:
+        super().__init__()
+        self.bag = nn.EmbeddingBag(
+            num_embeddings, embedding_dim, mode=mode, padding_idx=padding_idx
+        )
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.bag(tokens.long())
+
+
+class Conv2dStack(nn.Module):
+    """Small images ``(B, C, H, W)`` -> one vector ``(B, channels[-1])``.
+
+    Each layer is a ``kernel_size`` convolution (same padding) + activation + 2x2 max pool;
+    a global average pool ends the stack.
+
+    Args:
+        in_channels: Channels of the input images.
+        channels: Output channels of each convolution layer.
+        kernel_size: Odd convolution kernel size.
+        activation: One of :data:`ACTIVATIONS`.
+
+    Example:
+        >>> import torch
+        >>> from mtlgraph.modules import Conv2dStack
+        >>> Conv2dStack(in_channels=3, channels=[8, 16])(torch.zeros(2, 3, 8, 8)).shape
+        torch.Size([2, 16])
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        channels: list[int],
+        kernel_size: int = 3,
+        activation: str = "relu",
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = in_channels
+        for c in channels:
+            layers += [
+                nn.Conv2d(width, c, kernel_size, padding=kernel_size // 2),
+                _activation(activation),
+                nn.MaxPool2d(2, ceil_mode=True),
+            ]
+            width = c
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.layers(images).mean(dim=(2, 3))
+
+
+class Concat(nn.Module):
+    """Concatenate several inputs along ``dim`` (the feature dimension by default).
+
+    Example:
+        >>> import torch
+        >>> from mtlgraph.modules import Concat
+        >>> Concat()(torch.zeros(2, 3), torch.zeros(2, 1)).shape
+        torch.Size([2, 4])
+    """
+
+    def __init__(self, dim: int = -1) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return torch.cat(inputs, dim=self.dim)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
+
+
+class Sum(nn.Module):
+    """Element-wise sum of several inputs of one shape.
+
+    Example:
+        >>> import torch
+        >>> from mtlgraph.modules import Sum
+        >>> Sum()(torch.ones(2), torch.ones(2)).tolist()
+        [2.0, 2.0]
+    """
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        total = inputs[0]
+        for x in inputs[1:]:
+            total = total + x
+        return total
+
+
+class Activation(nn.Module):
+    """An activation by name (``relu``, ``gelu``, ``tanh``, ``sigmoid``, ``silu``, ``leaky_relu``).
+
+    Example:
+        >>> import torch
+        >>> from mtlgraph.modules import Activation
+        >>> Activation("relu")(torch.tensor([-1.0, 2.0])).tolist()
+        [0.0, 2.0]
+    """
+
+    def __init__(self, name: str = "relu") -> None:
+        super().__init__()
+        self.fn = _activation(name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+def _linear(in_features: int, out_features: int, bias: bool = True) -> nn.Module:
+    return nn.Linear(in_features, out_features, bias=bias)
+
+
+def _dropout(p: float = 0.5) -> nn.Module:
+    return nn.Dropout(p)
+
+
+def _identity() -> nn.Module:
+    return nn.Identity()
+
+
+_REGISTRY: dict[str, ModuleFactory] = {
+    "linear": _linear,
+    "mlp": MLP,
+    "embedding_bag": EmbeddingBag,
+    "conv2d_stack": Conv2dStack,
+    "identity": _identity,
+    "concat": Concat,
+    "sum": Sum,
+    "dropout": _dropout,
+    "activation": Activation,
+}
+
+
+def register_module(name: str, factory: ModuleFactory) -> None:
+    """Register a module class or factory under ``name`` so configs can declare it.
+
+    The factory's keyword arguments become the YAML keys next to ``type:``; their annotations
+    (when present) are checked like every other config value.
+
+    Args:
+        name: Registry name (used as ``type: <name>`` in a config).
+        factory: A class or function returning an ``nn.Module`` from keyword arguments.
+
+    Raises:
+        ConfigError: The name is taken or the factory is not callable.
+
+    Example:
+        >>> from torch import nn
+        >>> from mtlgraph import register_module
+        >>> class Scale(nn.Module):
+        ...     def __init__(self, factor: float = 2.0):
+        ...         super().__init__()
+        ...         self.factor = factor
+        ...     def forward(self, x):
+        ...         return x * self.factor
+        >>> register_module("scale_doc", Scale)
+    """
+    if not isinstance(name, str) or not name:
+        raise ConfigError([f"module type name {name!r} must be a non-empty string"])
+    if not callable(factory):
+        raise ConfigError([f"module type '{name}': factory {factory!r} is not callable"])
+    if name in _REGISTRY:
+        raise ConfigError([f"module type '{name}' is already registered; pick another name"])
+    _REGISTRY[name] = factory
+
+
+def module_types() -> list[str]:
+    """Registered module type names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_module_factory(name: str) -> ModuleFactory | None:
+    """The factory registered as ``name``, or ``None``."""
+    return _REGISTRY.get(name)
