@@ -100,6 +100,13 @@ class SumBalancer(Balancer):
     def weights(self) -> dict[str, float]:
         return dict(self._last)
 
+    def get_extra_state(self) -> dict[str, float]:
+        """The logged weights are state too: a resumed run logs what an uninterrupted one does."""
+        return dict(self._last)
+
+    def set_extra_state(self, state: Any) -> None:
+        self._last = {str(k): float(v) for k, v in dict(state).items()}
+
 
 _REGISTRY: dict[str, type[Balancer]] = {"sum": SumBalancer}
 
