@@ -13,13 +13,16 @@ import copy
 import inspect
 import logging
 import math
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
 
+from mtlgraph import checkpoint as ckpt
 from mtlgraph._io import move_to_device
 from mtlgraph._schema import build
 from mtlgraph._suggest import did_you_mean, quoted
@@ -29,6 +32,7 @@ from mtlgraph.exceptions import ConfigError, DataError
 from mtlgraph.metrics import make_key
 from mtlgraph.model import ExecutionPlan, MultitaskClassifier
 from mtlgraph.schedulers import BatchScheduler, make_scheduler
+from mtlgraph.writers import WRITERS, Writer, WriterContext, flatten, open_writers
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +73,15 @@ class TrainerConfig:
     evaluation_unit: Literal["epochs", "steps"] = "epochs"  # unit of evaluation_freq
     train_split: str = "train"  # loaders whose dataset split is this are trained on
     eval_splits: list[str] = field(default_factory=lambda: ["valid"])  # splits scored at evaluation
+    # --- run directory, logs and checkpoints (docs/checkpoints.md); all off by default
+    run_dir: str | None = None  # directory for metrics.jsonl, TensorBoard events, checkpoints/
+    writers: list[str | Writer] | None = (
+        None  # "jsonl", "tensorboard" or Writer objects; None = both with run_dir
+    )
+    checkpoint_every: int = 0  # checkpoints/last.pt every N checkpoint_units; 0 = only at the end
+    checkpoint_unit: Literal["steps", "epochs"] = "epochs"  # unit of checkpoint_every
+    checkpoint_metric: str | None = None  # flat key that selects checkpoints/best.pt
+    checkpoint_mode: Literal["max", "min"] | None = None  # better direction; None = the metric's
 
     def validate(self) -> list[str]:
         """Value checks beyond types; one sentence per problem."""
@@ -91,6 +104,23 @@ class TrainerConfig:
         problems += _check_named(
             "lr_scheduler", self.lr_scheduler, {n: set(p) for n, p in LR_SCHEDULES.items()}
         )
+        problems += self._check_outputs()
+        return problems
+
+    def _check_outputs(self) -> list[str]:
+        # Files need run_dir; without one (a YAML config checked before the CLI picks its run
+        # directory) fit() warns that nothing is written.
+        problems = []
+        if self.checkpoint_every < 0:
+            problems.append(f"checkpoint_every: must be >= 0, got {self.checkpoint_every}")
+        for i, spec in enumerate(self.writers or []):
+            if isinstance(spec, str) and spec not in WRITERS:
+                problems.append(
+                    f"writers[{i}]: unknown writer {spec!r}{did_you_mean(spec, WRITERS)}; "
+                    f"known: {quoted(WRITERS)}"
+                )
+        if self.checkpoint_mode is not None and self.checkpoint_metric is None:
+            problems.append("checkpoint_mode: set checkpoint_metric too (the key best.pt tracks)")
         return problems
 
 
@@ -181,6 +211,15 @@ class SubsetStepper:
         for group, base in zip(self.full_groups, self.base_lrs, strict=True):
             group["lr"] = base * factor
 
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Load an optimizer ``state_dict`` (saved outside :meth:`step`, with full groups).
+
+        Base learning rates stay those of the config: the saved ``lr`` values are scheduled ones.
+        """
+        self.optimizer.load_state_dict(dict(state))
+        self.full_groups = self.optimizer.param_groups  # load_state_dict builds new group dicts
+        self._subsets.clear()
+
     def step(self, plan: ExecutionPlan) -> None:
         """``optimizer.step()`` restricted to the plan's parameters."""
         subsets = self._subsets.get(plan.task_names)
@@ -243,30 +282,51 @@ class Trainer:
         self.config: TrainerConfig = cfg
         self.history: list[dict[str, float]] = []
         self.global_step = 0
+        # The resolved experiment config (set by mtlgraph.build from YAML); saved in checkpoints
+        # and, flattened, as TensorBoard hparams.
+        self.experiment_config: Mapping[str, Any] | None = None
+        self._writers: list[Writer] = []
+        self._checkpointer: ckpt.Checkpointer | None = None
 
     # ------------------------------------------------------------------ the loop
 
-    def fit(self, model: MultitaskClassifier, dataloaders: Sequence[DictDataLoader]) -> None:
+    def fit(
+        self,
+        model: MultitaskClassifier,
+        dataloaders: Sequence[DictDataLoader],
+        resume_from: str | os.PathLike[str] | None = None,
+    ) -> None:
         """Train ``model`` on the loaders whose split is ``train_split``.
 
         Loaders of ``eval_splits`` are scored at each evaluation; others are ignored. Torch's
         global random state is seeded with ``seed`` inside this call and restored after it.
+
+        Args:
+            model: The model.
+            dataloaders: Loaders of every split.
+            resume_from: A checkpoint file or a run directory (its ``checkpoints/last.pt``):
+                continue that run exactly where it stopped, mid-epoch included. Pass the same
+                model structure, loaders and config as the interrupted run.
         """
         cfg = self.config
         loaders = list(dataloaders)
         train = [dl for dl in loaders if getattr(dl.dataset, "split", None) == cfg.train_split]
         evals = [dl for dl in loaders if getattr(dl.dataset, "split", None) in cfg.eval_splits]
         self._check_loaders(model, loaders, train, evals)
+        state = None
+        if resume_from is not None:
+            state = ckpt.load_checkpoint(resume_from, map_location=model.device)
         devices = [model.device.index or 0] if model.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(cfg.seed)
-            self._fit(model, train, evals)
+            self._fit(model, train, evals, state)
 
     def _fit(
         self,
         model: MultitaskClassifier,
         train: list[DictDataLoader],
         evals: list[DictDataLoader],
+        state: Mapping[str, Any] | None = None,
     ) -> None:
         cfg = self.config
         device = model.device
@@ -280,52 +340,239 @@ class Trainer:
         )
         self._window: list[tuple[str, str, torch.Tensor, int]] = []
         self.global_step = 0
-        last_logged = -1
+        pos = ckpt.Progress()
+        resumed_losses: list[tuple[str, str, torch.Tensor, int]] = []
+        if state is not None:
+            pos, resumed_losses = self._restore(state, model, stepper, balancer, scheduler, train)
+        self._checkpointer = self._open_checkpointer(model, train, evals, state)
+        self._writers = self._open_writers(None if state is None else pos.global_step)
+        self._pos = pos
+        self._train = train
+        self._plan: list[tuple[int, ...]] = []
+        self._scheduler_state: dict[str, Any] = scheduler.state_dict()
+        self._epoch_losses: list[tuple[str, str, torch.Tensor, int]] = []
+        if state is not None:
+            ckpt.set_rng_state(state["rng"])  # last: building the pieces above may draw numbers
 
+        ok = False
+        start_epoch = pos.epoch
         model.train()
-        for epoch in range(cfg.n_epochs):
-            for dl in train:
-                dl.set_epoch(epoch)
-            plan = scheduler.epoch_plan(batch_counts)
-            iterators: list[Iterator[Batch] | None] = [None] * len(train)
-            epoch_losses: list[tuple[str, str, torch.Tensor, int]] = []
-            bar = tqdm(
-                total=len(plan),
-                desc=f"epoch {epoch + 1}/{cfg.n_epochs}",
-                leave=False,
-                disable=None if cfg.progress_bar else True,
-            )
-            for step in plan:
-                batches = [(train[i].dataset.name, _next_batch(train, iterators, i)) for i in step]
-                if lr_factor is not None:
-                    stepper.set_lr_factor(lr_factor(self.global_step))
-                records = self._train_step(model, balancer, stepper, batches, device)
-                epoch_losses += records
-                self._window += records
-                self.global_step += 1
-                bar.update()
-                if cfg.progress_bar and records and self.global_step % 20 == 0:
-                    bar.set_postfix(loss=f"{float(records[0][2]):.4f}", refresh=False)
+        try:
+            for epoch in range(start_epoch, cfg.n_epochs):
+                for dl in train:
+                    dl.set_epoch(epoch)
+                self._scheduler_state = scheduler.state_dict()  # resume recomputes the plan
+                plan = self._plan = scheduler.epoch_plan(batch_counts)
+                iterators: list[Iterator[Batch] | None] = [None] * len(train)
+                self._epoch_losses = epoch_losses = []
+                first = 0
+                if state is not None and epoch == start_epoch:  # the interrupted epoch
+                    first = pos.step_in_epoch
+                    self._epoch_losses = epoch_losses = resumed_losses
+                    iterators = _resume_iterators(train, plan[:first], state)
+                bar = tqdm(
+                    total=len(plan),
+                    initial=first,
+                    desc=f"epoch {epoch + 1}/{cfg.n_epochs}",
+                    leave=False,
+                    disable=None if cfg.progress_bar else True,
+                )
+                for k in range(first, len(plan)):
+                    batches = [
+                        (train[i].dataset.name, _next_batch(train, iterators, i)) for i in plan[k]
+                    ]
+                    if lr_factor is not None:
+                        stepper.set_lr_factor(lr_factor(self.global_step))
+                    records = self._train_step(model, balancer, stepper, batches, device)
+                    epoch_losses += records
+                    self._window += records
+                    self.global_step += 1
+                    bar.update()
+                    if cfg.progress_bar and records and self.global_step % 20 == 0:
+                        bar.set_postfix(
+                            loss=f"{float(records[0][2]):.4f}",
+                            lr=f"{stepper.full_groups[0]['lr']:.3g}",
+                            refresh=False,
+                        )
+                    pos.epoch, pos.step_in_epoch, pos.global_step = epoch, k + 1, self.global_step
+                    if (
+                        cfg.evaluation_unit == "steps"
+                        and cfg.evaluation_freq
+                        and self.global_step % cfg.evaluation_freq == 0
+                    ):
+                        self._evaluate(model, balancer, stepper, evals, epoch + 1)
+                    if self._checkpointer is not None and self._checkpointer.step_due(
+                        self.global_step
+                    ):
+                        self._checkpointer.save_last(self._state(model, stepper, balancer))
+                bar.close()
+                balancer.on_epoch_end(epoch, _task_means(epoch_losses))
+                # The epoch is over: a checkpoint from here on resumes at the next one.
+                pos.epoch, pos.step_in_epoch, pos.global_step = epoch + 1, 0, self.global_step
+                self._scheduler_state = scheduler.state_dict()
+                self._epoch_losses = []
                 if (
-                    cfg.evaluation_unit == "steps"
+                    cfg.evaluation_unit == "epochs"
                     and cfg.evaluation_freq
-                    and self.global_step % cfg.evaluation_freq == 0
+                    and (epoch + 1) % cfg.evaluation_freq == 0
                 ):
-                    self._log(model, balancer, stepper, evals, epoch + 1)
-                    last_logged = self.global_step
-            bar.close()
-            balancer.on_epoch_end(epoch, _task_means(epoch_losses))
-            if (
-                cfg.evaluation_unit == "epochs"
-                and cfg.evaluation_freq
-                and (epoch + 1) % cfg.evaluation_freq == 0
-            ):
-                self._log(model, balancer, stepper, evals, epoch + 1)
-                last_logged = self.global_step
-        if last_logged != self.global_step and cfg.n_epochs > 0:
-            self._log(model, balancer, stepper, evals, cfg.n_epochs)
+                    self._evaluate(model, balancer, stepper, evals, epoch + 1)
+                if self._checkpointer is not None and self._checkpointer.epoch_due(epoch + 1):
+                    self._checkpointer.save_last(self._state(model, stepper, balancer))
+            if pos.last_logged != self.global_step and cfg.n_epochs > 0:
+                self._evaluate(model, balancer, stepper, evals, cfg.n_epochs)
+            if self._checkpointer is not None:
+                self._checkpointer.save_last(self._state(model, stepper, balancer))
+            ok = True
+        finally:
+            final = self.history[-1] if ok and self.history else None
+            for writer in self._writers:
+                writer.close(final)
         self.balancer = balancer
         self.optimizer = stepper.optimizer
+
+    # ------------------------------------------------------------------ run outputs, resume
+
+    def _open_checkpointer(
+        self,
+        model: MultitaskClassifier,
+        train: list[DictDataLoader],
+        evals: list[DictDataLoader],
+        state: Mapping[str, Any] | None,
+    ) -> ckpt.Checkpointer | None:
+        cfg = self.config
+        if cfg.run_dir is None:
+            return None
+        mode = None
+        if cfg.checkpoint_metric is not None:
+            keys = ckpt.metric_keys(model, train, evals)
+            mode = ckpt.metric_mode(cfg.checkpoint_metric, cfg.checkpoint_mode, keys)
+        checkpointer = ckpt.Checkpointer(
+            Path(cfg.run_dir) / ckpt.CHECKPOINT_DIR,
+            cfg.checkpoint_every,
+            cfg.checkpoint_unit,
+            cfg.checkpoint_metric,
+            mode,
+        )
+        if state is not None:
+            checkpointer.load_best_state(state.get("best"))
+        return checkpointer
+
+    def _open_writers(self, resume_step: int | None) -> list[Writer]:
+        cfg = self.config
+        ctx = None
+        files = [w for w in cfg.writers or [] if isinstance(w, str)]
+        if cfg.run_dir is None and (files or cfg.checkpoint_every or cfg.checkpoint_metric):
+            logger.warning(
+                "run_dir is not set: no checkpoints or %s are written",
+                ", ".join(files) or "log files",
+            )
+            specs = [w for w in cfg.writers or [] if not isinstance(w, str)]
+            return open_writers(specs, None)
+        if cfg.run_dir is not None:
+            hparams = flatten(self._plain_config()["experiment"] or self._plain_config()["trainer"])
+            ctx = WriterContext(Path(cfg.run_dir), resume_step, hparams)
+        return open_writers(cfg.writers, ctx)
+
+    def _plain_config(self) -> dict[str, Any]:
+        return {
+            "trainer": ckpt.plain_config(self.config),
+            "experiment": ckpt.plain_config(self.experiment_config),
+        }
+
+    def _state(
+        self, model: MultitaskClassifier, stepper: SubsetStepper, balancer: Balancer
+    ) -> dict[str, Any]:
+        """Everything needed to continue this run exactly (see :mod:`mtlgraph.checkpoint`)."""
+        pos = self._pos
+        train = self._train
+        done = self._plan[: pos.step_in_epoch] if pos.step_in_epoch else []
+        return {
+            "format": ckpt.FORMAT,
+            "version": ckpt.VERSION,
+            "model": model.state_dict(),
+            "task_names": model.task_names,
+            "optimizer": stepper.optimizer.state_dict(),
+            "lr_scheduler": {
+                "spec": ckpt.plain_config(self.config.lr_scheduler),
+                "warmup_steps": self.config.warmup_steps,
+                "base_lrs": [float(lr) for lr in stepper.base_lrs],
+            },
+            "balancer": balancer.state_dict(),
+            "progress": {
+                "epoch": pos.epoch,
+                "step_in_epoch": pos.step_in_epoch,
+                "global_step": self.global_step,
+                "last_logged": pos.last_logged,
+                "batch_counts": [len(dl) for dl in train],
+                "loader_positions": ckpt.loader_positions(done, len(train)),
+            },
+            "scheduler": self._scheduler_state,
+            "rng": ckpt.get_rng_state(),
+            "history": [{k: float(v) for k, v in r.items()} for r in self.history],
+            "window": ckpt.records_state(self._window),
+            "epoch_losses": ckpt.records_state(self._epoch_losses),
+            "config": self._plain_config(),
+        }
+
+    def _restore(
+        self,
+        state: Mapping[str, Any],
+        model: MultitaskClassifier,
+        stepper: SubsetStepper,
+        balancer: Balancer,
+        scheduler: BatchScheduler,
+        train: list[DictDataLoader],
+    ) -> tuple[ckpt.Progress, list[tuple[str, str, torch.Tensor, int]]]:
+        """Load a checkpoint's state into the run's pieces; return its position."""
+        progress = state["progress"]
+        counts = [len(dl) for dl in train]
+        if list(progress["batch_counts"]) != counts:
+            raise ckpt.CheckpointError(
+                f"cannot resume: the checkpoint's training loaders had {progress['batch_counts']} "
+                f"batches, these have {counts}; resume with the data, batch sizes and "
+                "train_split of the interrupted run"
+            )
+        missing, unexpected = model.load_state_dict(state["model"], strict=False)
+        if missing or unexpected:
+            raise ckpt.CheckpointError(
+                f"cannot resume: the checkpoint holds tasks {state.get('task_names')}, the model "
+                f"has {model.task_names} (missing {list(missing)}, unexpected {list(unexpected)})"
+            )
+        stepper.load_state_dict(state["optimizer"])
+        balancer.load_state_dict(state["balancer"])
+        scheduler.load_state_dict(state["scheduler"])
+        self.global_step = int(progress["global_step"])
+        self.history = [dict(r) for r in state["history"]]
+        self._window = ckpt.records_from_state(state["window"])
+        pos = ckpt.Progress(
+            epoch=int(progress["epoch"]),
+            step_in_epoch=int(progress["step_in_epoch"]),
+            global_step=self.global_step,
+            last_logged=int(progress["last_logged"]),
+        )
+        logger.info(
+            "resuming at epoch %d, step %d of the epoch (global step %d)",
+            pos.epoch + 1,
+            pos.step_in_epoch,
+            pos.global_step,
+        )
+        return pos, ckpt.records_from_state(state["epoch_losses"])
+
+    def _evaluate(
+        self,
+        model: MultitaskClassifier,
+        balancer: Balancer,
+        stepper: SubsetStepper,
+        evals: list[DictDataLoader],
+        epoch: int,
+    ) -> None:
+        """Log a record; keep ``best.pt`` when the checkpoint metric improved."""
+        record = self._log(model, balancer, stepper, evals, epoch)
+        self._pos.last_logged = self.global_step
+        checkpointer = self._checkpointer
+        if checkpointer is not None and checkpointer.improved(record):
+            checkpointer.save_best(self._state(model, stepper, balancer))
 
     def _train_step(
         self,
@@ -399,12 +646,12 @@ class Trainer:
         stepper: SubsetStepper,
         evals: list[DictDataLoader],
         epoch: int,
-    ) -> None:
+    ) -> dict[str, float]:
         record: dict[str, float] = {"epoch": float(epoch), "step": float(self.global_step)}
         record.update(_train_losses(self._window))
         self._window = []
         record["model/all/train/lr"] = float(stepper.full_groups[0]["lr"])
-        for task_name, w in balancer.weights().items():
+        for task_name, w in sorted(balancer.weights().items()):
             record[f"model/all/train/weight/{task_name}"] = float(w)
         if evals:
             scores = model.score(evals)
@@ -412,12 +659,15 @@ class Trainer:
             record.update(scores)
             balancer.on_evaluation(scores)
         self.history.append(record)
+        for writer in self._writers:
+            writer.write(record)
         logger.info(
             "epoch %d step %d: %s",
             epoch,
             self.global_step,
             ", ".join(f"{k}={v:.4g}" for k, v in record.items() if "/" in k),
         )
+        return record
 
     def _check_loaders(
         self,
@@ -482,6 +732,32 @@ def _next_batch(
             return batch
     it = iterators[i] = loaders[i].iterate()
     return next(it)
+
+
+def _resume_iterators(
+    loaders: list[DictDataLoader], done: list[tuple[int, ...]], state: Mapping[str, Any]
+) -> list[Iterator[Batch] | None]:
+    """Iterators positioned after the epoch's first steps ``done`` (a resumed epoch).
+
+    They are created without drawing from torch's global generator (the restored state already
+    accounts for the iterators the interrupted run created).
+    """
+    positions = ckpt.loader_positions(done, len(loaders))
+    if positions != list(state["progress"]["loader_positions"]):
+        raise ckpt.CheckpointError(
+            f"cannot resume: the batch scheduler's plan gives loader positions {positions}, the "
+            f"checkpoint recorded {state['progress']['loader_positions']}; resume with the "
+            "batch_scheduler and seed of the interrupted run"
+        )
+    iterators: list[Iterator[Batch] | None] = []
+    for dl, p in zip(loaders, positions, strict=True):
+        start = p % len(dl)  # the mixed scheduler cycles short loaders
+        if start == 0:
+            iterators.append(None)  # not started (or exhausted): _next_batch starts it
+            continue
+        with torch.random.fork_rng(devices=[]):
+            iterators.append(dl.iterate(start=start))
+    return iterators
 
 
 def _train_losses(window: list[tuple[str, str, torch.Tensor, int]]) -> dict[str, float]:

@@ -1,0 +1,432 @@
+"""Checkpoints: atomic, ``weights_only``-loadable snapshots of a training run, and exact resume.
+
+A checkpoint is one dict of tensors and plain values (``str``, ``int``, ``float``, ``bool``,
+``None``, lists, tuples, dicts), written to a temporary file and moved into place with
+``os.replace``: a reader (or a run killed mid-write) sees the old file or the complete new one,
+never a torn one. It is read back only with ``torch.load(weights_only=True)``, so loading a
+checkpoint never runs code; one that holds a pickled object is refused with a
+:class:`~mtlgraph.CheckpointError`.
+
+Contents (``version`` 1; see ``docs/checkpoints.md``)::
+
+    format, version          "mtlgraph.checkpoint", 1
+    model, task_names        model.state_dict(), the model's task names
+    optimizer                the torch optimizer's state_dict (all parameter groups)
+    lr_scheduler             the schedule spec, warm-up and base learning rates (the LR factor
+                             is a pure function of global_step)
+    balancer                 balancer.state_dict()
+    progress                 epoch, step_in_epoch, global_step, last_logged, batch_counts,
+                             loader_positions (batches each training loader gave this epoch)
+    scheduler                the batch scheduler's state at the start of ``epoch``
+    rng                      torch CPU (and CUDA) generator states, python ``random``, numpy's
+                             global generator
+    history, window,         Trainer.history, the training losses since the last evaluation and
+    epoch_losses             those of the current epoch
+    best                     checkpoint_metric, mode, best value and its step
+    config                   {"trainer": the TrainerConfig, "experiment": the resolved YAML config}
+
+Resuming at ``(epoch, step_in_epoch)`` restores everything above, recomputes the epoch's batch
+plan from the scheduler state, starts every loader at its position (``DictDataLoader.iterate
+(start=...)``), and continues: on CPU the result is bit-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import pickle
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mtlgraph._io import atomic_torch_save
+from mtlgraph._suggest import did_you_mean
+from mtlgraph.exceptions import CheckpointError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "mtlgraph.checkpoint"
+VERSION = 1
+CHECKPOINT_DIR = "checkpoints"
+"""Sub-directory of a run directory that holds ``last.pt`` and ``best.pt``."""
+LAST = "last.pt"
+BEST = "best.pt"
+
+_PLAIN = (str, int, float, bool, type(None))
+
+# A window of training-loss records: (task, dataset, loss tensor, number of labels).
+Records = list[tuple[str, str, torch.Tensor, int]]
+
+
+# ---------------------------------------------------------------- files
+
+
+def check_plain(value: Any, path: str = "checkpoint") -> None:
+    """Raise :class:`CheckpointError` naming the first value ``weights_only`` could not load.
+
+    Allowed: tensors, ``torch.Size``, ``str``/``int``/``float``/``bool``/``None`` (exact types:
+    a numpy scalar is a ``float`` subclass but pickles as a numpy object), lists, tuples, dicts.
+    """
+    if type(value) in _PLAIN or isinstance(value, (torch.Tensor, torch.Size)):
+        return
+    if type(value) in (list, tuple):
+        for i, v in enumerate(value):
+            check_plain(v, f"{path}[{i}]")
+        return
+    if isinstance(value, dict):  # dict and OrderedDict (state dicts)
+        for k, v in value.items():
+            if type(k) not in _PLAIN:
+                raise CheckpointError(f"{path} has a key of type {type(k).__name__}: {k!r}")
+            check_plain(v, f"{path}.{k}")
+        return
+    raise CheckpointError(
+        f"{path} is a {type(value).__module__}.{type(value).__qualname__}, which a weights_only "
+        "load refuses; store tensors and plain values (cast numpy scalars with float())"
+    )
+
+
+def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Check that ``state`` holds only tensors and plain values, then write it atomically.
+
+    Raises:
+        CheckpointError: A value a ``weights_only`` load would refuse (named by its path).
+    """
+    check_plain(dict(state))
+    return atomic_torch_save(dict(state), path)
+
+
+def resolve_checkpoint(path: str | os.PathLike[str], name: str = LAST) -> Path:
+    """A checkpoint file from a file path, or from a run directory (``<dir>/checkpoints/<name>``,
+    else ``<dir>/<name>``).
+
+    Raises:
+        CheckpointError: Nothing there.
+    """
+    p = Path(path)
+    if p.is_dir():
+        for candidate in (p / CHECKPOINT_DIR / name, p / name):
+            if candidate.is_file():
+                return candidate
+        raise CheckpointError(
+            f"no checkpoint in directory '{p}': expected {p / CHECKPOINT_DIR / name} (checkpoints "
+            "are written when run_dir is set; see checkpoint_every)"
+        )
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint '{p}' does not exist")
+    return p
+
+
+def _safe_load(file: Path, map_location: str | torch.device) -> Any:
+    try:
+        return torch.load(file, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only" not in str(e):
+            raise CheckpointError(f"cannot read checkpoint '{file}': {e}") from e
+        raise CheckpointError(
+            f"refusing to load checkpoint '{file}': it holds a pickled Python object, and "
+            "mtlgraph loads checkpoints only with torch.load(weights_only=True) (tensors and "
+            "plain values). Re-save it without objects, e.g. with state_dict()s."
+        ) from e
+    except Exception as e:
+        raise CheckpointError(f"cannot read checkpoint '{file}': {type(e).__name__}: {e}") from e
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
+) -> dict[str, Any]:
+    """Load a checkpoint (a file, or a run directory's ``checkpoints/last.pt``) safely.
+
+    Only ``torch.load(..., weights_only=True)`` is used: tensors and plain values load, code
+    does not run.
+
+    Raises:
+        CheckpointError: Missing file, a file holding a pickled object (refused), a torn or
+            foreign file, or a newer format version.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> from mtlgraph.checkpoint import load_checkpoint, save_checkpoint, FORMAT
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "last.pt"
+        >>> _ = save_checkpoint({"format": FORMAT, "version": 1, "progress": {}}, path)
+        >>> load_checkpoint(path)["format"]
+        'mtlgraph.checkpoint'
+    """
+    file = resolve_checkpoint(path)
+    state = _safe_load(file, map_location)
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"'{file}' is not an mtlgraph training checkpoint (format {found!r})")
+    if int(state.get("version", 0)) > VERSION:
+        raise CheckpointError(
+            f"checkpoint '{file}' has format version {state['version']}; this mtlgraph reads "
+            f"up to {VERSION}: upgrade mtlgraph"
+        )
+    return state
+
+
+def load_weights(model: Any, path: str | os.PathLike[str]) -> None:
+    """Load a model's weights from a training checkpoint or a ``MultitaskClassifier.save`` file.
+
+    Raises:
+        CheckpointError: Unreadable or foreign file, or weights of other tasks.
+    """
+    file = resolve_checkpoint(path)
+    state = _safe_load(file, model.device)
+    fmt = state.get("format") if isinstance(state, dict) else None
+    if fmt == "mtlgraph.model":
+        model.load(file)
+        return
+    if fmt != FORMAT:
+        raise CheckpointError(f"'{file}' is neither an mtlgraph checkpoint nor a model file")
+    missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"'{file}' holds the weights of tasks {state.get('task_names')}, the model has "
+            f"{model.task_names} (missing {list(missing)}, unexpected {list(unexpected)})"
+        )
+
+
+def remove_stale_temporaries(directory: Path) -> None:
+    """Delete temporary files a killed writer left behind (``.<name>.*.tmp``)."""
+    for tmp in directory.glob(".*.pt.*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- random states
+
+
+def get_rng_state() -> dict[str, Any]:
+    """Every random state training may use: torch CPU and CUDA, python ``random``, numpy."""
+    np_state = np.random.get_state(legacy=False)
+    assert isinstance(np_state, dict)
+    np_state = dict(np_state)
+    np_state["state"] = {
+        "key": [int(k) for k in np_state["state"]["key"]],
+        "pos": int(np_state["state"]["pos"]),
+    }
+    np_state["has_gauss"] = int(np_state["has_gauss"])
+    np_state["gauss"] = float(np_state["gauss"])
+    cuda = (
+        list(torch.cuda.get_rng_state_all())
+        if torch.cuda.is_available() and torch.cuda.is_initialized()
+        else []
+    )
+    return {
+        "torch": torch.random.get_rng_state(),
+        "cuda": cuda,
+        "python": random.getstate(),
+        "numpy": np_state,
+    }
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore states saved by :func:`get_rng_state` (CUDA ones for the devices present)."""
+    torch.random.set_rng_state(state["torch"].cpu())
+    cuda = list(state.get("cuda", []))
+    if cuda and torch.cuda.is_available():
+        for i, s in enumerate(cuda[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s.cpu(), i)
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_state = dict(state["numpy"])
+    np_state["state"] = {
+        "key": np.asarray(np_state["state"]["key"], dtype=np.uint32),
+        "pos": np_state["state"]["pos"],
+    }
+    np.random.set_state(np_state)
+
+
+# ---------------------------------------------------------------- loss records
+
+
+def records_state(records: Records) -> dict[str, Any]:
+    """Loss records as plain lists and one float tensor (exact values kept)."""
+    return {
+        "task": [r[0] for r in records],
+        "dataset": [r[1] for r in records],
+        "loss": torch.stack([r[2].detach().float().cpu() for r in records])
+        if records
+        else torch.zeros(0),
+        "n": [int(r[3]) for r in records],
+    }
+
+
+def records_from_state(state: Mapping[str, Any]) -> Records:
+    """Inverse of :func:`records_state`."""
+    return [
+        (t, d, loss, n)
+        for t, d, loss, n in zip(
+            state["task"], state["dataset"], state["loss"], state["n"], strict=True
+        )
+    ]
+
+
+# ---------------------------------------------------------------- position in a run
+
+
+def loader_positions(plan: Sequence[Sequence[int]], n_loaders: int) -> list[int]:
+    """Batches each training loader has given after the steps ``plan`` (a prefix of an epoch)."""
+    counts = [0] * n_loaders
+    for step in plan:
+        for i in step:
+            counts[i] += 1
+    return counts
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where a run stands: the next step is ``step_in_epoch`` of epoch ``epoch`` (0-based).
+
+    ``step_in_epoch`` equal to the epoch's length means the steps are done but the epoch's end
+    (balancer hook, evaluation) is not.
+    """
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    last_logged: int = -1
+
+
+# ---------------------------------------------------------------- best-by-metric
+
+
+def metric_keys(model: Any, train: Iterable[Any], evals: Iterable[Any]) -> dict[str, bool]:
+    """Keys a training run logs that can select ``best.pt``, each with ``higher_is_better``."""
+    keys: dict[str, bool] = {"model/all/train/loss": False}
+    for dl in train:
+        for label in dl.dataset.Y_dict:
+            keys[f"{label}/{dl.dataset.name}/train/loss"] = False
+    for dl in evals:
+        ds = dl.dataset
+        for label in ds.Y_dict:
+            task = model.tasks.get(label)
+            if task is None:
+                continue
+            for m in task.scorer.metric_keys:
+                keys[f"{label}/{ds.name}/{ds.split}/{m}"] = task.scorer.higher_is_better(m)
+    return keys
+
+
+def metric_mode(key: str, mode: str | None, keys: Mapping[str, bool]) -> str:
+    """``"max"`` or ``"min"`` for ``checkpoint_metric``: ``mode`` if given, else the metric's
+    direction.
+
+    Raises:
+        ConfigError: The key is not logged by this run (with the closest key and the choices).
+    """
+    if key not in keys:
+        listing = ", ".join(sorted(keys))
+        raise ConfigError(
+            [
+                f"checkpoint_metric: '{key}' is not a key this training logs"
+                f"{did_you_mean(key, keys)}; it logs {listing}"
+            ]
+        )
+    if mode is not None:
+        return mode
+    return "max" if keys[key] else "min"
+
+
+class Checkpointer:
+    """Writes ``last.pt`` every N steps or epochs, and ``best.pt`` when a metric improves.
+
+    Args:
+        directory: Where the files go (``<run_dir>/checkpoints``).
+        every: Save ``last.pt`` every ``every`` units (0: only when asked with ``force``).
+        unit: ``"steps"`` or ``"epochs"``.
+        metric: Flat key selecting ``best.pt``, or ``None``.
+        mode: ``"max"`` or ``"min"`` (required with ``metric``).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> from mtlgraph.checkpoint import Checkpointer
+        >>> ck = Checkpointer(pathlib.Path(tempfile.mkdtemp()), every=2, unit="steps")
+        >>> [ck.step_due(s) for s in (1, 2, 3, 4)]
+        [False, True, False, True]
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        every: int = 0,
+        unit: str = "epochs",
+        metric: str | None = None,
+        mode: str | None = None,
+    ) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.directory)
+        self.every, self.unit, self.metric, self.mode = every, unit, metric, mode
+        self.best_value: float | None = None
+        self.best_step: int | None = None
+
+    def step_due(self, global_step: int) -> bool:
+        """Whether ``last.pt`` is due after optimizer step number ``global_step`` (1-based)."""
+        return self.unit == "steps" and self.every > 0 and global_step % self.every == 0
+
+    def epoch_due(self, epochs_done: int) -> bool:
+        """Whether ``last.pt`` is due after ``epochs_done`` epochs."""
+        return self.unit == "epochs" and self.every > 0 and epochs_done % self.every == 0
+
+    def save_last(self, state: Mapping[str, Any]) -> Path:
+        """Write ``last.pt``."""
+        path = save_checkpoint({**state, "best": self.best_state()}, self.directory / LAST)
+        logger.debug("checkpoint %s (step %s)", path, state["progress"]["global_step"])
+        return path
+
+    def improved(self, record: Mapping[str, float]) -> bool:
+        """Whether ``record`` holds a better value of the metric (then it is remembered)."""
+        if self.metric is None or self.metric not in record:
+            return False
+        value = float(record[self.metric])
+        if math.isnan(value):
+            return False
+        best = self.best_value
+        if best is not None and not (value > best if self.mode == "max" else value < best):
+            return False
+        self.best_value = value
+        self.best_step = int(record.get("step", 0))
+        return True
+
+    def save_best(self, state: Mapping[str, Any]) -> Path:
+        """Write ``best.pt`` (call after :meth:`improved` returned ``True``)."""
+        path = save_checkpoint({**state, "best": self.best_state()}, self.directory / BEST)
+        logger.info("new best %s = %.6g: %s", self.metric, self.best_value, path)
+        return path
+
+    def best_state(self) -> dict[str, Any]:
+        """The best-by-metric bookkeeping as plain values."""
+        return {
+            "metric": self.metric,
+            "mode": self.mode,
+            "value": None if self.best_value is None else float(self.best_value),
+            "step": self.best_step,
+        }
+
+    def load_best_state(self, state: Mapping[str, Any] | None) -> None:
+        """Continue best-tracking from a checkpoint (when it tracked the same metric)."""
+        if state and state.get("metric") == self.metric and state.get("value") is not None:
+            self.best_value = float(state["value"])
+            self.best_step = state.get("step")
+
+
+def plain_config(value: Any) -> Any:
+    """A checkpoint- and YAML-safe copy of a config value: dataclasses and mappings become
+    dicts, tuples lists, and objects (a scheduler instance, a writer) their ``repr``."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain_config(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): plain_config(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_config(v) for v in value]
+    if type(value) in _PLAIN:
+        return value
+    if isinstance(value, (int, float)):  # numpy scalars and other number subclasses
+        return float(value) if isinstance(value, float) else int(value)
+    return repr(value)

@@ -1,0 +1,317 @@
+"""Checkpoints: contents, weights_only safety, atomic writes under SIGKILL, exact resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_loader
+from experiment_helpers import cli_env
+from torch import nn
+
+from mtlgraph import CheckpointError, MultitaskClassifier, Operation, Task, Trainer
+from mtlgraph.checkpoint import (
+    FORMAT,
+    Checkpointer,
+    check_plain,
+    get_rng_state,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+    set_rng_state,
+)
+
+
+class Interrupt(nn.Module):
+    """Identity that raises KeyboardInterrupt on its ``at``-th training call (0 = never)."""
+
+    def __init__(self, at: int = 0) -> None:
+        super().__init__()
+        self.at, self.calls = at, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.calls += 1
+            if self.calls == self.at:
+                raise KeyboardInterrupt("simulated kill")
+        return x
+
+
+def _setup(at: int = 0) -> tuple[MultitaskClassifier, list]:
+    """Two tasks, a dropout trunk, shuffled loaders of 10 and 7 batches."""
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Dropout(0.3))
+    stop = Interrupt(at)
+    tasks = [
+        Task(
+            t,
+            {"trunk": trunk, "stop": stop, f"{t}_head": nn.Linear(8, 2)},
+            [
+                Operation("trunk", [("_input_", "x")]),
+                Operation("stop", ["trunk"]),
+                Operation(f"{t}_head", ["stop"]),
+            ],
+        )
+        for t in ("a", "b")
+    ]
+    g = torch.Generator().manual_seed(1)
+    xa, xb = torch.randn(160, 2, generator=g), torch.randn(112, 2, generator=g)
+    loaders = [
+        make_loader(
+            "da", "train", {"x": xa}, {"a": (xa[:, 0] > 0).long()}, 16, shuffle=True, seed=5
+        ),
+        make_loader(
+            "db", "train", {"x": xb}, {"b": (xb[:, 1] > 0).long()}, 16, shuffle=True, seed=6
+        ),
+        make_loader("da", "valid", {"x": xa[:48]}, {"a": (xa[:48, 0] > 0).long()}, 16),
+    ]
+    return MultitaskClassifier(tasks), loaders
+
+
+CONFIG = {
+    "n_epochs": 3,
+    "lr": 0.02,
+    "progress_bar": False,
+    "batch_scheduler": "shuffled",
+    "lr_scheduler": "cosine",
+    "warmup_steps": 4,
+    "evaluation_unit": "steps",
+    "evaluation_freq": 5,
+    "checkpoint_every": 3,
+    "checkpoint_unit": "steps",
+    "checkpoint_metric": "a/da/valid/accuracy",
+}
+
+
+def _params(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("interrupt_at", [23, 34, 40])  # mid-epoch; in epoch 2 after an epoch end
+def test_resume_mid_epoch_is_bit_identical(tmp_path: Path, interrupt_at: int) -> None:
+    model, loaders = _setup()
+    reference = Trainer(run_dir=str(tmp_path / "ref"), **CONFIG)
+    reference.fit(model, loaders)
+    expected = _params(model)
+
+    model, loaders = _setup(at=interrupt_at)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(run_dir=str(tmp_path / "run"), **CONFIG).fit(model, loaders)
+    state = load_checkpoint(tmp_path / "run")
+    progress = state["progress"]
+    assert progress["global_step"] == 3 * ((interrupt_at - 1) // 3)  # the last multiple of 3
+    assert 0 < progress["step_in_epoch"] < 17  # mid-epoch
+    assert sum(progress["loader_positions"]) == progress["step_in_epoch"]
+
+    model, loaders = _setup()
+    resumed = Trainer(run_dir=str(tmp_path / "run"), **CONFIG)
+    resumed.fit(model, loaders, resume_from=tmp_path / "run")
+    got = _params(model)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert resumed.history == reference.history
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == (
+        tmp_path / "ref" / "metrics.jsonl"
+    ).read_text()
+    ref_opt = reference.optimizer.state_dict()["state"]
+    got_opt = resumed.optimizer.state_dict()["state"]
+    assert all(torch.equal(ref_opt[i]["exp_avg"], got_opt[i]["exp_avg"]) for i in ref_opt)
+    best_ref = torch.load(tmp_path / "ref" / "checkpoints" / "best.pt", weights_only=True)
+    best_got = torch.load(tmp_path / "run" / "checkpoints" / "best.pt", weights_only=True)
+    assert best_ref["best"] == best_got["best"]
+
+
+def test_resume_with_the_mixed_scheduler_cycling_loaders(tmp_path: Path) -> None:
+    cfg = {**CONFIG, "batch_scheduler": "mixed", "checkpoint_every": 4}
+    model, loaders = _setup()
+    Trainer(run_dir=str(tmp_path / "ref"), **cfg).fit(model, loaders)
+    expected = _params(model)
+    model, loaders = _setup(at=2 * 12)  # 2 calls per step: stop in step 12 of 30
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(run_dir=str(tmp_path / "run"), **cfg).fit(model, loaders)
+    assert load_checkpoint(tmp_path / "run")["progress"]["loader_positions"] == [8, 8]
+    model, loaders = _setup()
+    Trainer(run_dir=str(tmp_path / "run"), **cfg).fit(model, loaders, resume_from=tmp_path / "run")
+    assert all(torch.equal(expected[k], v) for k, v in _params(model).items())
+
+
+def test_checkpoint_contents(tmp_path: Path) -> None:
+    model, loaders = _setup()
+    trainer = Trainer(run_dir=str(tmp_path), **{**CONFIG, "n_epochs": 1})
+    trainer.fit(model, loaders)
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert state["format"] == FORMAT and state["version"] == 1
+    assert set(state) >= {
+        "model",
+        "optimizer",
+        "lr_scheduler",
+        "balancer",
+        "progress",
+        "scheduler",
+        "rng",
+        "history",
+        "window",
+        "epoch_losses",
+        "best",
+        "config",
+        "task_names",
+    }
+    assert state["progress"]["global_step"] == 17 and state["progress"]["epoch"] == 1
+    assert set(state["rng"]) == {"torch", "cuda", "python", "numpy"}
+    assert state["scheduler"]["rng"]["bit_generator"] == "PCG64"
+    assert state["best"]["metric"] == "a/da/valid/accuracy" and state["best"]["mode"] == "max"
+    assert isinstance(state["best"]["value"], float)
+    assert state["config"]["trainer"]["lr"] == 0.02
+    assert state["history"] == trainer.history
+
+
+def test_best_mode_comes_from_the_metric(tmp_path: Path) -> None:
+    model, loaders = _setup()
+    trainer = Trainer(
+        run_dir=str(tmp_path),
+        n_epochs=3,
+        progress_bar=False,
+        checkpoint_metric="model/all/train/loss",
+    )
+    trainer.fit(model, loaders)
+    best = load_checkpoint(tmp_path / "checkpoints" / "best.pt")["best"]
+    losses = [r["model/all/train/loss"] for r in trainer.history]
+    assert best["mode"] == "min" and best["value"] == min(losses)
+    assert best["step"] == trainer.history[losses.index(min(losses))]["step"]
+
+
+def test_unknown_checkpoint_metric_is_rejected_before_training(tmp_path: Path) -> None:
+    model, loaders = _setup()
+    trainer = Trainer(
+        run_dir=str(tmp_path), progress_bar=False, checkpoint_metric="a/da/vaild/accuracy"
+    )
+    with pytest.raises(
+        Exception,
+        match=r"'a/da/vaild/accuracy' is not a key this training logs "
+        r"\(did you mean 'a/da/valid/accuracy'\?\)",
+    ):
+        trainer.fit(model, loaders)
+    assert trainer.global_step == 0
+
+
+def test_a_pickled_object_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "evil.pt"
+    torch.save({"format": FORMAT, "version": 1, "payload": Path("not a tensor")}, path)
+    with pytest.raises(
+        CheckpointError,
+        match=r"refusing to load checkpoint .*evil.pt': it holds a "
+        r"pickled Python object.*weights_only=True",
+    ):
+        load_checkpoint(path)
+    model, _ = _setup()
+    with pytest.raises(CheckpointError, match="pickled Python object"):
+        load_weights(model, path)
+    with pytest.raises(CheckpointError, match="pickled Python object"):
+        Trainer(progress_bar=False).fit(model, _setup()[1], resume_from=path)
+
+
+def test_saving_refuses_values_weights_only_cannot_load(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match=r"checkpoint.history\[0\].acc is a numpy.float64"):
+        save_checkpoint({"history": [{"acc": np.float64(0.5)}]}, tmp_path / "x.pt")
+    check_plain({"a": [1, 2.0, "s", None, True, (torch.zeros(2),)], "b": torch.Size([2])})
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_foreign_missing_and_newer_files(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.pt")
+    with pytest.raises(CheckpointError, match="no checkpoint in directory"):
+        load_checkpoint(tmp_path)
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="is not an mtlgraph training checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+    save_checkpoint({"format": FORMAT, "version": 99}, tmp_path / "new.pt")
+    with pytest.raises(CheckpointError, match="has format version 99"):
+        load_checkpoint(tmp_path / "new.pt")
+    (tmp_path / "torn.pt").write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        load_checkpoint(tmp_path / "torn.pt")
+
+
+def test_resume_with_other_data_is_refused(tmp_path: Path) -> None:
+    model, loaders = _setup()
+    Trainer(run_dir=str(tmp_path), **{**CONFIG, "n_epochs": 1}).fit(model, loaders)
+    model, loaders = _setup()
+    loaders[0] = make_loader(
+        "da", "train", {"x": torch.zeros(32, 2)}, {"a": torch.zeros(32).long()}, 16
+    )
+    with pytest.raises(
+        CheckpointError, match=r"training loaders had \[10, 7\] batches, these have \[2, 7\]"
+    ):
+        Trainer(**CONFIG).fit(model, loaders, resume_from=tmp_path)
+
+
+def test_load_weights_from_checkpoint_and_model_file(tmp_path: Path) -> None:
+    model, loaders = _setup()
+    Trainer(run_dir=str(tmp_path), **{**CONFIG, "n_epochs": 1}).fit(model, loaders)
+    fresh, _ = _setup()
+    load_weights(fresh, tmp_path / "checkpoints" / "last.pt")
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters(), strict=True)
+    )
+    model.save(tmp_path / "model.pt")
+    other, _ = _setup()
+    load_weights(other, tmp_path / "model.pt")
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.parameters(), other.parameters(), strict=True)
+    )
+
+
+def test_rng_state_round_trip() -> None:
+    import random
+
+    state = get_rng_state()
+    a = (torch.rand(3), random.random(), np.random.rand())
+    set_rng_state(state)
+    b = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
+
+
+_WRITER = """
+import sys, torch
+from mtlgraph.checkpoint import FORMAT, save_checkpoint
+path = sys.argv[1]
+big = torch.arange(4_000_000, dtype=torch.float32)
+i = 0
+while True:
+    i += 1
+    save_checkpoint({"format": FORMAT, "version": 1, "i": i, "big": big + i}, path)
+    print(i, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_checkpoint_killed_mid_write_never_leaves_a_corrupt_file(tmp_path: Path) -> None:
+    path = tmp_path / "checkpoints" / "last.pt"
+    script = tmp_path / "writer.py"
+    script.write_text(_WRITER)
+    for delay in (0.0, 0.013, 0.031, 0.057):
+        proc = subprocess.Popen(
+            [sys.executable, str(script), str(path)],
+            env=cli_env(),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None
+        first = proc.stdout.readline()  # one complete checkpoint exists
+        assert first.strip().isdigit()
+        time.sleep(delay)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        state = load_checkpoint(path)  # never torn: the old file or the whole new one
+        assert torch.equal(state["big"], torch.arange(4_000_000, dtype=torch.float32) + state["i"])
+    (path.parent / ".last.pt.abc123.tmp").write_bytes(b"half a checkpoint")
+    Checkpointer(path.parent)  # a new run clears the temporaries a killed writer left
+    assert not list(path.parent.glob(".last.pt.*.tmp"))
+    assert load_checkpoint(path)["format"] == FORMAT
