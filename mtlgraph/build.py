@@ -1,0 +1,489 @@
+"""Config objects -> modules, tasks, model, datasets, loaders and trainer.
+
+The only place that reads the registries (modules, losses, metrics, generators) to turn a
+validated :class:`~mtlgraph.config.ExperimentConfig` into objects. Everything here builds the
+same objects the Python API builds by hand: ``Task(...)``, ``MultitaskClassifier(...)``,
+``DictDataset(...)``, ``DictDataLoader(...)`` and ``Trainer(**config)``.
+
+Data problems (a missing file, an absent array or column, a label out of range) are reported all
+at once as a :class:`~mtlgraph.DataError`, each naming the config key, the file and the field.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import math
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mtlgraph._io import move_to_device
+from mtlgraph._suggest import did_you_mean, quoted
+from mtlgraph.checkpoint import metric_keys
+from mtlgraph.config import (
+    DatasetConfig,
+    ExperimentConfig,
+    InputConfig,
+    TaskConfig,
+    config_to_dict,
+)
+from mtlgraph.data import DictDataLoader, DictDataset
+from mtlgraph.exceptions import ConfigError, DataError
+from mtlgraph.metrics import Scorer
+from mtlgraph.model import MultitaskClassifier
+from mtlgraph.modules import get_module_factory
+from mtlgraph.synthetic import GENERATORS
+from mtlgraph.task import Input, InputSpec, Operation, Task, get_loss
+from mtlgraph.trainer import Trainer, TrainerConfig
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_FRACTIONS = {"train": 0.8, "valid": 0.1, "test": 0.1}
+"""How a single file is cut into splits when neither ``fractions`` nor ``split_field`` is set."""
+
+Table = dict[str, np.ndarray]
+
+
+@dataclass
+class Experiment:
+    """Everything a config builds.
+
+    Attributes:
+        config: The validated config.
+        model: The model (modules initialised with ``config.seed``).
+        datasets: One :class:`DictDataset` per dataset and split.
+        loaders: One :class:`DictDataLoader` per dataset.
+        trainer: The :class:`Trainer` (``Trainer(**config.trainer)``).
+
+    Example:
+        >>> from mtlgraph.build import build_experiment
+        >>> from mtlgraph.config import load_config
+        >>> exp = build_experiment(load_config("configs/quickstart.yaml", ["trainer.n_epochs=1"]))
+        >>> exp.trainer.fit(exp.model, exp.loaders)
+        >>> sorted(exp.model.module_pool)
+        ['base_mlp', 'circle_head', 'inv_circle_head', 'square_head']
+    """
+
+    config: ExperimentConfig
+    model: MultitaskClassifier
+    datasets: list[DictDataset]
+    loaders: list[DictDataLoader]
+    trainer: Trainer
+
+
+# ---------------------------------------------------------------- model
+
+
+def build_modules(cfg: ExperimentConfig) -> dict[str, nn.Module]:
+    """Instantiate the ``modules`` section in order, with torch seeded by ``cfg.seed``.
+
+    The global torch random state is restored afterwards.
+    """
+    out: dict[str, nn.Module] = {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        for name, spec in cfg.modules.items():
+            kind = str(spec["type"])
+            factory = get_module_factory(kind)
+            if factory is None:  # validated already; a registry changed since
+                raise ConfigError([f"modules.{name}.type: unknown module type '{kind}'"])
+            kwargs = {k: v for k, v in spec.items() if k != "type"}
+            try:
+                module = factory(**kwargs)
+            except Exception as e:
+                e.add_note(f"mtlgraph: while building modules.{name} (type '{kind}')")
+                raise
+            if not isinstance(module, nn.Module):
+                raise ConfigError(
+                    [
+                        f"modules.{name}: type '{kind}' returned a {type(module).__name__}, not an "
+                        "nn.Module"
+                    ]
+                )
+            out[name] = module
+    return out
+
+
+def _input(spec: str | list[str | int] | InputConfig) -> InputSpec:
+    if isinstance(spec, InputConfig):
+        return Input(spec.source, spec.key, spec.detach)
+    if isinstance(spec, list):
+        return (str(spec[0]), spec[1])
+    return spec
+
+
+def build_task(name: str, tc: TaskConfig, modules: Mapping[str, nn.Module]) -> Task:
+    """One :class:`Task` from its config; modules are shared by name through ``modules``."""
+    pool_names = tc.modules or list(dict.fromkeys(op.module for op in tc.ops))
+    loss = get_loss(tc.loss) if tc.loss is not None else None
+    return Task(
+        name=name,
+        module_pool={m: modules[m] for m in pool_names},
+        op_sequence=[
+            Operation(op.module, [_input(s) for s in op.inputs], name=op.name) for op in tc.ops
+        ],
+        loss_func=loss,
+        scorer=Scorer(metrics=tc.metrics) if tc.metrics is not None else None,
+        task_type=tc.task_type,
+        weight=tc.weight,
+        ignore_value=tc.ignore_value,
+        threshold=tc.threshold,
+    )
+
+
+def build_model(cfg: ExperimentConfig) -> MultitaskClassifier:
+    """The model of a config: its modules, its tasks, merged by name."""
+    modules = build_modules(cfg)
+    tasks = [build_task(name, tc, modules) for name, tc in cfg.tasks.items()]
+    return MultitaskClassifier(tasks, name=cfg.experiment, device=cfg.device)
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class LabelSource:
+    """Where a dataset split's labels of one task came from (for messages)."""
+
+    key: str  # dotted config key, e.g. data.datasets.reviews.labels.yelp_task
+    origin: str  # e.g. "column 'label' of 'data/reviews.csv'"
+
+
+def _read_csv(file: Path) -> Table:
+    with file.open(newline="") as fh:
+        rows = list(csv.reader(fh))
+    if not rows:
+        raise ValueError("the file is empty; the first row must name the columns")
+    header = [h.strip() for h in rows[0]]
+    body = [r for r in rows[1:] if any(cell.strip() for cell in r)]
+    out: Table = {}
+    for j, name in enumerate(header):
+        out[name] = np.asarray([r[j].strip() if j < len(r) else "" for r in body], dtype=str)
+    return out
+
+
+def _read_table(file: Path, fmt: str) -> Table:
+    if fmt == "csv":
+        return _read_csv(file)
+    with np.load(file, allow_pickle=False) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def _describe_source(ds: DatasetConfig, file: Path | None) -> str:
+    return f"'{file}'" if file is not None else f"generator '{ds.generator}'"
+
+
+def _numeric(values: np.ndarray, what: str) -> np.ndarray:
+    """Strings of a csv column as float64 (empty cells are NaN), numbers unchanged."""
+    if values.dtype.kind not in "US":
+        return values
+    out = np.empty(len(values), dtype=np.float64)
+    for i, cell in enumerate(values):
+        try:
+            out[i] = float(cell) if cell != "" else math.nan
+        except ValueError:
+            raise ValueError(
+                f"{what} holds {str(cell)!r} in data row {i + 1}, not a number"
+            ) from None
+    return out
+
+
+def _column(
+    table: Table, names: str | list[str], origin: str, is_csv: bool, matrix: bool
+) -> np.ndarray:
+    """The array(s) or column(s) ``names`` of a table; several are stacked as columns.
+
+    One csv column becomes ``(N, 1)`` when ``matrix`` (an input field), ``(N,)`` otherwise.
+    """
+    kind = "column" if is_csv else "array"
+    listed = [names] if isinstance(names, str) else names
+    for n in listed:
+        if n not in table:
+            raise KeyError(
+                f"{origin} has no {kind} '{n}'{did_you_mean(n, table)}; it has {quoted(table)}"
+            )
+    arrays = [
+        _numeric(table[n], f"{kind} '{n}' of {origin}") if is_csv else table[n] for n in listed
+    ]
+    if isinstance(names, str):
+        return arrays[0][:, None] if is_csv and matrix else arrays[0]
+    return np.stack(arrays, axis=1)
+
+
+def _splits_of(
+    name: str, ds: DatasetConfig, base_dir: Path, problems: list[str]
+) -> dict[str, tuple[Table, str, bool]]:
+    """``{split: (table, origin, is_csv)}`` of one dataset; problems are appended."""
+    key = f"data.datasets.{name}"
+    if ds.generator is not None:
+        data = GENERATORS[ds.generator](**ds.args)
+        return {s: (t, f"generator '{ds.generator}'", False) for s, t in data.items()}
+    assert ds.path is not None
+    files = ds.path if isinstance(ds.path, dict) else {"": ds.path}
+    out: dict[str, tuple[Table, str, bool]] = {}
+    for split, rel in files.items():
+        file = (base_dir / rel) if not Path(rel).is_absolute() else Path(rel)
+        path_key = f"{key}.path" + (f".{split}" if split else "")
+        fmt = ds.format or file.suffix.lstrip(".").lower()
+        if not file.is_file():
+            problems.append(f"{path_key}: file '{rel}' does not exist (looked for {file})")
+            continue
+        try:
+            table = _read_table(file, fmt)
+        except Exception as e:
+            problems.append(f"{path_key}: cannot read '{rel}' as {fmt}: {type(e).__name__}: {e}")
+            continue
+        origin = f"'{rel}'"
+        if split:
+            out[split] = (table, origin, fmt == "csv")
+            continue
+        n = len(next(iter(table.values()))) if table else 0
+        if ds.split_field is not None:
+            if ds.split_field not in table:
+                problems.append(
+                    f"{key}.split_field: {origin} has no column or array '{ds.split_field}'"
+                    f"{did_you_mean(ds.split_field, table)}; it has {quoted(table)}"
+                )
+                continue
+            labels = table[ds.split_field].astype(str)
+            for s in dict.fromkeys(labels.tolist()):
+                rows = labels == s
+                out[s] = ({k: v[rows] for k, v in table.items()}, origin, fmt == "csv")
+            continue
+        start = 0
+        for s, fraction in (ds.fractions or DEFAULT_FRACTIONS).items():
+            stop = min(n, start + round(fraction * n))
+            out[s] = ({k: v[start:stop] for k, v in table.items()}, origin, fmt == "csv")
+            start = stop
+    if ds.splits is not None:
+        for i, s in enumerate(ds.splits):
+            if s not in out and out:
+                problems.append(
+                    f"{key}.splits[{i}]: the data has no split '{s}'{did_you_mean(s, out)}; "
+                    f"it has {quoted(out)}"
+                )
+        out = {s: v for s, v in out.items() if s in ds.splits}
+    return out
+
+
+def _label_array(values: np.ndarray, task: TaskConfig, what: str) -> np.ndarray:
+    if task.task_type == "regression":
+        return values.astype(np.float32)
+    if values.dtype.kind == "f":
+        ignore = task.ignore_value if task.ignore_value != "default" else -1
+        nan = np.isnan(values)
+        if nan.any() and isinstance(ignore, int) and not isinstance(ignore, bool):
+            values = np.where(nan, float(ignore), values)
+        elif nan.any():
+            raise ValueError(f"{what} has missing labels, but the task's ignore_value is {ignore}")
+        bad = values != np.round(values)
+        if bad.any():
+            i = int(np.argmax(bad.reshape(len(values), -1).any(axis=1)))
+            raise ValueError(
+                f"{what} holds {values.reshape(len(values), -1)[i]} in row {i + 1}, not a class id"
+            )
+    return values.astype(np.int64)
+
+
+def load_datasets(
+    cfg: ExperimentConfig,
+) -> tuple[list[DictDataset], dict[tuple[str, str, str], LabelSource]]:
+    """Load every dataset split of the ``data`` section.
+
+    Returns:
+        The datasets (dataset order, then split order) and, per ``(dataset, split, task)``, where
+        the labels came from.
+
+    Raises:
+        DataError: Missing files, absent arrays or columns, non-numeric cells, bad labels: all
+            problems at once, each naming the config key, the file and the field.
+    """
+    problems: list[str] = []
+    datasets: list[DictDataset] = []
+    sources: dict[tuple[str, str, str], LabelSource] = {}
+    base_dir = Path(cfg.base_dir)
+    for name, ds in cfg.data.datasets.items():
+        key = f"data.datasets.{name}"
+        for split, (table, origin, is_csv) in _splits_of(name, ds, base_dir, problems).items():
+            X: dict[str, Any] = {}
+            Y: dict[str, Any] = {}
+            for fld, spec in ds.fields.items():
+                try:
+                    arr = _column(table, spec, origin, is_csv, matrix=True)
+                except (KeyError, ValueError) as e:
+                    problems.append(f"{key}.fields.{fld}: {e.args[0]}")
+                    continue
+                if arr.dtype.kind == "f" and arr.dtype != np.float32:
+                    arr = arr.astype(np.float32)
+                X[fld] = torch.from_numpy(np.ascontiguousarray(arr))
+            for task_name, spec in ds.labels.items():
+                what = f"column '{spec}' of {origin}" if is_csv else f"array '{spec}' of {origin}"
+                try:
+                    arr = _column(table, spec, origin, is_csv, matrix=False)
+                    arr = _label_array(arr, cfg.tasks[task_name], what)
+                except (KeyError, ValueError) as e:
+                    problems.append(f"{key}.labels.{task_name}: {e.args[0]}")
+                    continue
+                Y[task_name] = torch.from_numpy(np.ascontiguousarray(arr))
+                sources[(name, split, task_name)] = LabelSource(f"{key}.labels.{task_name}", what)
+            if len(X) == len(ds.fields) and len(Y) == len(ds.labels):
+                n = len(next(iter(X.values())))
+                if n == 0:
+                    problems.append(f"{key}: split '{split}' of {origin} has no rows")
+                    continue
+                try:
+                    datasets.append(DictDataset(name, split, X, Y))
+                except DataError as e:
+                    problems += [f"{key}: {p}" for p in e.problems]
+    problems = list(dict.fromkeys(problems))  # one file serves several splits: say it once
+    if problems:
+        raise DataError(
+            problems,
+            header=f"cannot load the data ({len(problems)} problem{'s' * (len(problems) > 1)}):",
+        )
+    return datasets, sources
+
+
+def build_loaders(cfg: ExperimentConfig, datasets: Sequence[DictDataset]) -> list[DictDataLoader]:
+    """A loader per dataset split: the dataset's batch size, shuffled if it is a training split
+    and ``shuffle`` is on (seed ``data.seed + crc32(dataset name)``)."""
+    loaders = []
+    for ds in datasets:
+        dcfg = cfg.data.datasets[ds.name]
+        shuffle = dcfg.shuffle if dcfg.shuffle is not None else cfg.data.shuffle
+        loaders.append(
+            DictDataLoader(
+                ds,
+                batch_size=dcfg.batch_size or cfg.data.batch_size,
+                shuffle=shuffle and ds.split == cfg.trainer.train_split,
+                seed=cfg.data.seed + zlib.crc32(ds.name.encode()),
+            )
+        )
+    return loaders
+
+
+def check_labels(
+    model: MultitaskClassifier,
+    datasets: Sequence[DictDataset],
+    sources: Mapping[tuple[str, str, str], LabelSource],
+) -> None:
+    """Check every label against its task: class ids within the head's output, 0/1 for binary
+    and multilabel tasks, numbers for regression.
+
+    The number of classes comes from one forward pass of the task on a dataset's first two rows
+    (evaluation mode, no gradients, torch's random state untouched).
+
+    Raises:
+        DataError: Every out-of-range label, naming the config key, the file and the field.
+    """
+    problems: list[str] = []
+    classes: dict[tuple[str, str], int | None] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        for ds in datasets:
+            for task_name, labels in ds.Y_dict.items():
+                task = model.tasks[task_name]
+                source = sources.get((ds.name, ds.split, task_name))
+                where = (
+                    f"{source.key}: {source.origin}" if source else f"dataset '{ds.name}'"
+                ) + f" ({ds.split} split) for task '{task_name}'"
+                if task.task_type == "regression":
+                    continue
+                ignore = task.ignore_value
+                active = labels[labels != ignore] if ignore is not None else labels.reshape(-1)
+                if active.numel() == 0:
+                    continue
+                if task.task_type in ("binary", "multilabel"):
+                    bad = active[(active != 0) & (active != 1)]
+                    if bad.numel():
+                        problems.append(
+                            f"{where} holds {int(bad[0])}; {task.task_type} labels are 0 or 1 "
+                            f"(or the ignore value {ignore})"
+                        )
+                    continue
+                if (ds.name, task_name) not in classes:
+                    classes[(ds.name, task_name)] = _n_classes(model, ds, task_name)
+                n = classes[(ds.name, task_name)]
+                low, high = int(active.min()), int(active.max())
+                if low < 0 or (n is not None and high >= n):
+                    value = low if low < 0 else high
+                    problems.append(
+                        f"{where} holds {value}, outside 0..{(n or 0) - 1}"
+                        + (f": the head outputs {n} classes" if n is not None else "")
+                        + f" (labels equal to {ignore} are ignored)"
+                    )
+    finally:
+        model.train(was_training)
+    if problems:
+        raise DataError(problems, header=f"labels out of range ({len(problems)}):")
+
+
+@torch.no_grad()
+def _n_classes(model: MultitaskClassifier, ds: DictDataset, task_name: str) -> int | None:
+    X, _ = ds.batch(slice(0, 2))
+    plan = model.plan([task_name])
+    with torch.random.fork_rng(devices=[]):
+        try:
+            out = model.execute(plan, move_to_device(X, model.device))[plan.outputs[task_name]]
+        except Exception as e:
+            e.add_note(
+                f"mtlgraph: while running task '{task_name}' on the first rows of dataset "
+                f"'{ds.name}' ({ds.split}) to check its labels; check the modules' sizes"
+            )
+            raise
+    if isinstance(out, torch.Tensor) and out.ndim == 2:
+        return int(out.shape[1])
+    return None
+
+
+# ---------------------------------------------------------------- trainer and all
+
+
+def build_trainer(cfg: ExperimentConfig, run_dir: str | Path | None = None) -> Trainer:
+    """``Trainer(**cfg.trainer)`` (with ``run_dir`` when given); the resolved config is kept
+    for checkpoints and TensorBoard's hparams."""
+    kwargs = {f.name: getattr(cfg.trainer, f.name) for f in dataclasses.fields(TrainerConfig)}
+    if run_dir is not None:
+        kwargs["run_dir"] = str(run_dir)
+    trainer = Trainer(**kwargs)
+    trainer.experiment_config = config_to_dict(cfg)
+    if run_dir is not None:
+        trainer.experiment_config["trainer"]["run_dir"] = str(run_dir)
+    return trainer
+
+
+def build_experiment(cfg: ExperimentConfig, run_dir: str | Path | None = None) -> Experiment:
+    """Build the model, load and check the data, make the loaders and the trainer.
+
+    Raises:
+        DataError: Data files, fields or labels that do not fit the config.
+        ConfigError: A ``trainer.checkpoint_metric`` this run would never log.
+    """
+    model = build_model(cfg)
+    datasets, sources = load_datasets(cfg)
+    check_labels(model, datasets, sources)
+    loaders = build_loaders(cfg, datasets)
+    trainer = build_trainer(cfg, run_dir)
+    key = cfg.trainer.checkpoint_metric
+    if key is not None:
+        tc = trainer.config
+        train = [dl for dl in loaders if dl.dataset.split == tc.train_split]
+        evals = [dl for dl in loaders if dl.dataset.split in tc.eval_splits]
+        keys = metric_keys(model, train, evals)
+        if key not in keys:
+            raise ConfigError(
+                [
+                    f"trainer.checkpoint_metric: '{key}' is not a key this training logs"
+                    f"{did_you_mean(key, keys)}; it logs {quoted(keys)}"
+                ]
+            )
+    return Experiment(cfg, model, datasets, loaders, trainer)

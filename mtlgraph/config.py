@@ -1,0 +1,716 @@
+"""YAML experiment configs: parsed with ``yaml.safe_load`` rules into validated dataclasses.
+
+A config declares a whole experiment: ``modules`` (by registry name and keyword arguments),
+``tasks`` (module pools, operation sequences, task type, loss, metrics, weight), ``data``
+(generators or ``.npz``/``.csv`` files and how their arrays/columns become input fields and task
+labels), and ``trainer`` (exactly the keyword arguments of :class:`~mtlgraph.Trainer`). Every
+field is documented in ``docs/config.md``.
+
+Validation is strict and reports everything at once, each problem naming the file, the line and
+the dotted key, with a suggestion where one is close::
+
+    invalid config 'configs/quickstart.yaml' (2 problems):
+      - configs/quickstart.yaml:31: trainer.lr: expected a number, got the string '1e-3' (YAML 1.1
+        reads '1e-3' as a string: write it with a dot and a signed exponent, e.g. 1.0e-3, ...)
+      - configs/quickstart.yaml:12: tasks.circle_task.ops[0].module: unknown module 'base_mpl'
+        (did you mean 'base_mlp'?); the config declares 'base_mlp', 'circle_head'
+
+Only :mod:`mtlgraph.build` turns a validated config into objects. A config runs user code in one
+way only: the Python modules in its top-level ``imports:`` list are imported (they may register
+modules, metrics, losses, schedulers or balancers).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+import re
+import sys
+import typing
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from mtlgraph._schema import Problems, build, convert
+from mtlgraph._suggest import did_you_mean, quoted
+from mtlgraph.checkpoint import plain_config
+from mtlgraph.exceptions import ConfigError
+from mtlgraph.metrics import metric_names
+from mtlgraph.modules import get_module_factory, module_types
+from mtlgraph.synthetic import GENERATORS
+from mtlgraph.task import INPUT, TASK_TYPES, loss_names
+from mtlgraph.trainer import TrainerConfig
+
+TaskTypeName = Literal["multiclass", "binary", "multilabel", "regression"]
+FILE_FORMATS = ("npz", "csv")
+
+
+# ---------------------------------------------------------------- the schema
+
+
+@dataclass
+class InputConfig:
+    """An operation input written as a mapping (needed for stop-gradient edges)."""
+
+    source: str  # an earlier operation's name, or "_input_" for the batch's X_dict
+    key: str | int | None = None  # key or index into the source's output; null = all of it
+    detach: bool = False  # stop-gradient edge: no gradient flows back into `source`
+
+
+@dataclass
+class OpConfig:
+    """One operation of a task: run ``module`` on ``inputs``."""
+
+    module: str  # name of a module in the `modules` section (and the task's module pool)
+    inputs: list[str | list[str | int] | InputConfig]  # op name | [source, key] | {source, ...}
+    name: str | None = None  # name of this op's output; null = the module name
+
+    def validate(self) -> list[str]:
+        return [
+            f"inputs[{i}]: write [source, key], a list of two items; got {len(spec)} items"
+            for i, spec in enumerate(self.inputs)
+            if isinstance(spec, list) and len(spec) != 2
+        ]
+
+
+@dataclass
+class TaskConfig:
+    """A task: a path through the declared modules, its type, loss, metrics and weight."""
+
+    ops: list[OpConfig]  # operation sequence; the last op's output is the task output
+    modules: list[str] | None = None  # module pool; null = the modules its ops use
+    task_type: TaskTypeName = "multiclass"  # multiclass | binary | multilabel | regression
+    loss: str | None = None  # registered loss name; null = the task type's default
+    metrics: list[str | dict[str, Any]] | None = (
+        None  # names or {name, key, **kwargs}; null = default
+    )
+    weight: float = 1.0  # static loss weight (>= 0)
+    ignore_value: int | float | Literal["default"] | None = "default"  # masked label value
+    threshold: float = 0.5  # probability threshold of binary/multilabel predictions
+
+    def validate(self) -> list[str]:
+        problems = []
+        if not self.ops:
+            problems.append("ops: empty; a task needs at least one operation")
+        if not (math.isfinite(self.weight) and self.weight >= 0):
+            problems.append(f"weight: must be a finite number >= 0, got {self.weight}")
+        if not 0 < self.threshold < 1:
+            problems.append(f"threshold: must be in (0, 1), got {self.threshold}")
+        return problems
+
+
+@dataclass
+class DatasetConfig:
+    """One dataset: where its rows come from and which arrays/columns are fields and labels."""
+
+    fields: dict[str, str | list[str]]  # X field -> array (npz, generator) or column(s) (csv)
+    labels: dict[str, str | list[str]]  # task name -> array or column(s) holding its labels
+    generator: str | None = None  # built-in generator (mtlgraph.synthetic.GENERATORS)
+    args: dict[str, Any] = field(default_factory=dict)  # generator keyword arguments
+    path: str | dict[str, str] | None = None  # .npz/.csv file, or {split: file}; relative to config
+    format: Literal["npz", "csv"] | None = None  # file format; null = from the file suffix
+    split_field: str | None = None  # array/column naming each row's split (one file)
+    fractions: dict[str, float] | None = None  # {split: fraction} cut in row order (one file)
+    splits: list[str] | None = None  # splits to load; null = all
+    batch_size: int | None = None  # null = data.batch_size
+    shuffle: bool | None = None  # reshuffle its training split each epoch; null = data.shuffle
+
+    def validate(self) -> list[str]:
+        problems = []
+        if (self.generator is None) == (self.path is None):
+            problems.append("generator: give exactly one of 'generator' and 'path'")
+        if self.args and self.generator is None:
+            problems.append("args: generator arguments need a 'generator'")
+        single = isinstance(self.path, str)
+        for key in ("split_field", "fractions"):
+            if getattr(self, key) is not None and not single:
+                problems.append(f"{key}: only for a single file ('path: file.csv')")
+        if self.split_field is not None and self.fractions is not None:
+            problems.append("fractions: give 'split_field' or 'fractions', not both")
+        if self.fractions is not None:
+            bad = [f"{k}={v}" for k, v in self.fractions.items() if not 0 < v <= 1]
+            if bad or not self.fractions:
+                problems.append(f"fractions: each must be in (0, 1], got {', '.join(bad) or '{}'}")
+            elif sum(self.fractions.values()) > 1 + 1e-9:
+                problems.append(f"fractions: sum to {sum(self.fractions.values()):.4g} > 1")
+        if not self.fields:
+            problems.append("fields: empty; map at least one input field to an array or column")
+        if not self.labels:
+            problems.append("labels: empty; map at least one task to its label array or column")
+        if self.batch_size is not None and self.batch_size < 1:
+            problems.append(f"batch_size: must be >= 1, got {self.batch_size}")
+        paths = self.path.values() if isinstance(self.path, dict) else [self.path or ""]
+        for p in paths:
+            suffix = Path(p).suffix.lstrip(".").lower()
+            if p and self.format is None and suffix not in FILE_FORMATS:
+                problems.append(
+                    f"path: cannot tell the format of '{p}' from its suffix; use a .npz or .csv "
+                    "file or set 'format'"
+                )
+        return problems
+
+
+@dataclass
+class DataConfig:
+    """The datasets and loader defaults."""
+
+    datasets: dict[str, DatasetConfig]  # dataset name (the 2nd part of score keys) -> dataset
+    batch_size: int = 32  # examples per batch (a dataset may override)
+    shuffle: bool = False  # reshuffle training loaders every epoch (a dataset may override)
+    seed: int = 0  # shuffling seed; dataset `name` uses seed + crc32(name)
+
+    def validate(self) -> list[str]:
+        problems = []
+        if self.batch_size < 1:
+            problems.append(f"batch_size: must be >= 1, got {self.batch_size}")
+        if not self.datasets:
+            problems.append("datasets: empty; declare at least one dataset")
+        return problems
+
+
+@dataclass
+class ExperimentConfig:
+    """A whole experiment, as declared by a YAML file (see ``docs/config.md``).
+
+    Example:
+        >>> from mtlgraph.config import parse_config
+        >>> cfg = parse_config({
+        ...     "modules": {"head": {"type": "linear", "in_features": 2, "out_features": 2}},
+        ...     "tasks": {"t": {"ops": [{"module": "head", "inputs": [["_input_", "x"]]}]}},
+        ...     "data": {"datasets": {"d": {"generator": "circle", "args": {"n": 100},
+        ...                                 "fields": {"x": "x"}, "labels": {"t": "y"}}}},
+        ...     "trainer": {"n_epochs": 1, "lr": 0.05},
+        ... })
+        >>> cfg.trainer.lr, cfg.tasks["t"].ops[0].module
+        (0.05, 'head')
+    """
+
+    modules: dict[str, dict[str, Any]]  # module name -> {type: <registry name>, **kwargs}
+    tasks: dict[str, TaskConfig]  # task name -> task
+    data: DataConfig  # datasets
+    experiment: str = "experiment"  # run directories go to <runs_root>/<experiment>/<timestamp>
+    runs_root: str = "runs"  # root of run directories (relative to the working directory)
+    seed: int = 0  # seeds module initialisation (the trainer has its own seed)
+    device: str = "cpu"  # "cpu", "cuda", "cuda:1"
+    imports: list[str] = field(default_factory=list)  # Python modules imported first (user code)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)  # Trainer keyword arguments
+    # Directory that relative data paths are read from (the config file's); not a YAML key.
+    base_dir: str = field(default=".", init=False, repr=False, compare=False)
+
+    def validate(self) -> list[str]:
+        problems: list[str] = []
+        if not self.experiment or self.experiment in (".", ".."):
+            problems.append(f"experiment: must be a non-empty name, got {self.experiment!r}")
+        problems += _check_modules(self.modules)
+        problems += _check_tasks(self.tasks, self.modules)
+        problems += _check_data(self.data, self.tasks)
+        return problems
+
+
+# ---------------------------------------------------------------- cross-checks
+
+
+def _hints(factory: Callable[..., Any]) -> dict[str, Any]:
+    target = factory.__init__ if isinstance(factory, type) else factory  # type: ignore[misc]
+    try:
+        return typing.get_type_hints(target)
+    except Exception:  # unresolvable annotations: check names only
+        return {}
+
+
+def check_kwargs(
+    what: str, factory: Callable[..., Any], kwargs: Mapping[str, Any], path: str
+) -> list[str]:
+    """Problems of calling ``factory(**kwargs)``: unknown or missing arguments, wrong types."""
+    problems: list[str] = []
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return problems
+    named = {
+        n: p
+        for n, p in params.items()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n != "self"
+    }
+    open_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    hints = _hints(factory)
+    for key, value in kwargs.items():
+        if key not in named:
+            if not open_kwargs:
+                problems.append(
+                    f"{path}.{key}: {what} takes no argument '{key}'"
+                    f"{did_you_mean(str(key), named)}; it takes {quoted(named) or 'none'}"
+                )
+            continue
+        if key in hints:
+            convert(value, hints[key], f"{path}.{key}", problems)
+    for name, p in named.items():
+        if p.default is p.empty and name not in kwargs:
+            problems.append(f"{path}.{name}: missing (required by {what})")
+    return problems
+
+
+def _check_modules(modules: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    problems = []
+    for name, spec in modules.items():
+        path = f"modules.{name}"
+        if "/" in name or "." in name or not name:
+            problems.append(f"{path}: a module name must be non-empty, without '/' or '.'")
+        kind = spec.get("type")
+        if kind is None:
+            problems.append(
+                f"{path}.type: missing; say which module to build: one of {quoted(module_types())}"
+            )
+            continue
+        factory = get_module_factory(str(kind))
+        if factory is None:
+            problems.append(
+                f"{path}.type: unknown module type {kind!r}"
+                f"{did_you_mean(str(kind), module_types())}; known: {quoted(module_types())} "
+                "(register your own with mtlgraph.register_module in a module under 'imports')"
+            )
+            continue
+        kwargs = {k: v for k, v in spec.items() if k != "type"}
+        problems += check_kwargs(f"module type '{kind}'", factory, kwargs, path)
+    return problems
+
+
+def _check_tasks(
+    tasks: Mapping[str, TaskConfig], modules: Mapping[str, Mapping[str, Any]]
+) -> list[str]:
+    problems = []
+    declared = f"the config declares {quoted(modules) or 'no modules'}"
+    for name, task in tasks.items():
+        path = f"tasks.{name}"
+        if "/" in name or not name:
+            problems.append(f"{path}: a task name must be non-empty, without '/'")
+        for i, m in enumerate(task.modules or []):
+            if m not in modules:
+                problems.append(
+                    f"{path}.modules[{i}]: unknown module '{m}'{did_you_mean(m, modules)}; "
+                    f"{declared}"
+                )
+        seen: list[str] = []
+        for i, op in enumerate(task.ops):
+            op_path = f"{path}.ops[{i}]"
+            if op.module not in modules:
+                problems.append(
+                    f"{op_path}.module: unknown module '{op.module}'"
+                    f"{did_you_mean(op.module, modules)}; {declared}"
+                )
+            elif task.modules is not None and op.module not in task.modules:
+                problems.append(
+                    f"{op_path}.module: '{op.module}' is not in the task's module pool "
+                    f"{quoted(task.modules)}; add it to tasks.{name}.modules"
+                )
+            for j, spec in enumerate(op.inputs):
+                source = _source(spec)
+                if not isinstance(source, str) or source == INPUT or source in seen:
+                    continue
+                problems.append(
+                    f"{op_path}.inputs[{j}]: '{source}' names no earlier operation of the task"
+                    f"{did_you_mean(source, [*seen, INPUT])}; inputs are earlier op names or "
+                    f"'{INPUT}'"
+                )
+            op_name = op.name or op.module
+            if op_name in seen:
+                problems.append(
+                    f"{op_path}: a second operation named '{op_name}'; give one a 'name'"
+                )
+            seen.append(op_name)
+        if task.loss is not None and task.loss not in loss_names():
+            problems.append(
+                f"{path}.loss: unknown loss '{task.loss}'{did_you_mean(task.loss, loss_names())};"
+                f" known: {quoted(loss_names())} (null = the task type's default)"
+            )
+        for i, metric_spec in enumerate(task.metrics or []):
+            metric = metric_spec if isinstance(metric_spec, str) else metric_spec.get("name")
+            if not isinstance(metric, str):
+                problems.append(f"{path}.metrics[{i}]: a metric mapping needs a 'name'")
+            elif metric not in metric_names():
+                problems.append(
+                    f"{path}.metrics[{i}]: unknown metric '{metric}'"
+                    f"{did_you_mean(metric, metric_names())}; known: {quoted(metric_names())}"
+                )
+    return problems
+
+
+def _source(spec: str | list[str | int] | InputConfig) -> object:
+    """The operation or ``_input_`` an input spec reads from."""
+    if isinstance(spec, InputConfig):
+        return spec.source
+    if isinstance(spec, list):
+        return spec[0] if spec else None
+    return spec
+
+
+def _check_data(data: DataConfig, tasks: Mapping[str, TaskConfig]) -> list[str]:
+    problems = []
+    for name, ds in data.datasets.items():
+        path = f"data.datasets.{name}"
+        if "/" in name or not name:
+            problems.append(f"{path}: a dataset name must be non-empty, without '/'")
+        for label in ds.labels:
+            if label not in tasks:
+                problems.append(
+                    f"{path}.labels.{label}: labels name tasks, and there is no task '{label}'"
+                    f"{did_you_mean(label, tasks)}; tasks: {quoted(tasks)}"
+                )
+        if ds.generator is not None:
+            gen = GENERATORS.get(ds.generator)
+            if gen is None:
+                problems.append(
+                    f"{path}.generator: unknown generator '{ds.generator}'"
+                    f"{did_you_mean(ds.generator, GENERATORS)}; known: {quoted(GENERATORS)}"
+                )
+            else:
+                problems += check_kwargs(
+                    f"generator '{ds.generator}'", gen, ds.args, f"{path}.args"
+                )
+    return problems
+
+
+# ---------------------------------------------------------------- YAML with line numbers
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader``: only plain YAML types are constructed, never Python objects."""
+
+
+def _index(
+    node: yaml.Node | None, path: str, lines: dict[str, int], problems: list[tuple[int, str]]
+) -> None:
+    """Record the line of every dotted path; report duplicate keys with both lines."""
+    if isinstance(node, yaml.MappingNode):
+        first: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            if key == "<<":  # YAML merge key: PyYAML merges it
+                _index(value_node, path, lines, problems)
+                continue
+            sub = f"{path}.{key}" if path else key
+            line = key_node.start_mark.line + 1
+            if key in first:
+                problems.append(
+                    (
+                        line,
+                        f"{sub}: duplicate key '{key}' on line {line} (first on line "
+                        f"{first[key]}); YAML would silently keep the last one: remove or rename "
+                        "one",
+                    )
+                )
+            else:
+                first[key] = line
+                lines[sub] = line
+            _index(value_node, sub, lines, problems)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            sub = f"{path}[{i}]"
+            lines[sub] = item.start_mark.line + 1
+            _index(item, sub, lines, problems)
+
+
+def parse_yaml(text: str, source: str = "<string>") -> tuple[Any, dict[str, int], list[str]]:
+    """Parse YAML safely; return ``(data, {dotted path: line}, duplicate-key problems)``.
+
+    The problems are located already (``"<source>:<line>: <key>: ..."``).
+
+    Raises:
+        ConfigError: A YAML syntax error (with its line and column).
+    """
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        lines: dict[str, int] = {}
+        dupes: list[tuple[int, str]] = []
+        _index(node, "", lines, dupes)
+        problems = [f"{source}:{line}: {p}" for line, p in dupes]
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        what = " ".join(str(p) for p in (e.context, e.problem) if p)
+        raise ConfigError([f"{where}: invalid YAML: {what}"]) from e
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{source}: invalid YAML: {e}"]) from e
+    finally:
+        loader.dispose()
+    return data, lines, problems
+
+
+def _line_of(path: str, lines: Mapping[str, int]) -> int | None:
+    """Line of ``path`` or of its closest enclosing key."""
+    while path:
+        if path in lines:
+            return lines[path]
+        cut = max(path.rfind("."), path.rfind("["), path.rfind(" "))
+        path = path[:cut] if cut > 0 else ""
+    return None
+
+
+def _locate(
+    problem: str, source: str, lines: Mapping[str, int], overrides: Mapping[str, str]
+) -> str:
+    """Prefix ``"file:line: "`` (or the override that set the value) to a problem."""
+    path = problem.split(": ", 1)[0]
+    for key, text in overrides.items():
+        if path == key or path.startswith((f"{key}.", f"{key}[", f"{key} ")):
+            return f"{source} (override '{text}'): {problem}"
+    line = _line_of(path, lines)
+    return f"{source}:{line}: {problem}" if line else f"{source}: {problem}"
+
+
+# ---------------------------------------------------------------- overrides
+
+
+_INDEX = re.compile(r"^(.*?)\[(\d+)\]$")
+
+
+def _key_parts(key: str) -> list[str | int]:
+    parts: list[str | int] = []
+    for raw in key.split("."):
+        indices: list[int] = []
+        m = _INDEX.match(raw)
+        while m:
+            raw, idx = m.group(1), int(m.group(2))
+            indices.insert(0, idx)
+            m = _INDEX.match(raw)
+        if raw:
+            parts.append(int(raw) if raw.isdigit() else raw)
+        parts += indices
+    return parts
+
+
+def apply_overrides(
+    data: dict[str, Any], overrides: Sequence[str], problems: list[str]
+) -> dict[str, str]:
+    """Apply ``a.b.c=value`` overrides in place (values parsed as YAML: ``3``, ``0.1``,
+    ``true``, ``null``, ``[8, 4]``, ``{name: adam}``); return ``{dotted path: override}``.
+
+    Missing mappings on the way are created; list items are addressed as ``ops[1]`` or ``ops.1``.
+
+    Example:
+        >>> data = {"trainer": {"lr": 0.1}}
+        >>> apply_overrides(data, ["trainer.lr=0.02", "trainer.optimizer={name: sgd}"], [])
+        {'trainer.lr': 'trainer.lr=0.02', 'trainer.optimizer': 'trainer.optimizer={name: sgd}'}
+        >>> data
+        {'trainer': {'lr': 0.02, 'optimizer': {'name': 'sgd'}}}
+    """
+    applied: dict[str, str] = {}
+    for text in overrides:
+        key, sep, raw = text.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            problems.append(f"override '{text}': expected KEY=VALUE, e.g. trainer.lr=0.01")
+            continue
+        try:
+            value, _, dupes = parse_yaml(raw, f"override '{text}'")
+        except ConfigError as e:
+            problems += e.problems
+            continue
+        problems += [f"override '{text}': {d.split(': ', 1)[1]}" for d in dupes]
+        parts = _key_parts(key)
+        node: Any = data
+        dotted = ""
+        ok = True
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            here = dotted
+            dotted = (
+                f"{dotted}[{part}]"
+                if isinstance(part, int)
+                else (f"{dotted}.{part}" if dotted else part)
+            )
+            if isinstance(node, list):
+                if not isinstance(part, int) or not 0 <= part < len(node):
+                    problems.append(
+                        f"override '{text}': {here or 'the config'} is a list of {len(node)} "
+                        f"items; address one as {here}[0]..{here}[{len(node) - 1}]"
+                    )
+                    ok = False
+                    break
+            elif isinstance(node, dict):
+                part = str(part)
+                if not last and not isinstance(node.get(part), (dict, list)):
+                    if part in node and node[part] is not None:
+                        problems.append(
+                            f"override '{text}': {dotted} is {node[part]!r}, not a mapping"
+                        )
+                        ok = False
+                        break
+                    node[part] = {}
+            else:
+                problems.append(f"override '{text}': {here} is {node!r}, not a mapping")
+                ok = False
+                break
+            if last:
+                node[part] = value
+            else:
+                node = node[part]
+        if ok:
+            applied[dotted] = text
+    return applied
+
+
+# ---------------------------------------------------------------- loading
+
+
+@contextmanager
+def _import_path(directories: Sequence[Path]) -> Iterator[None]:
+    """Make ``directories`` importable for the duration of the imports."""
+    added = [str(d) for d in directories if str(d) not in sys.path]
+    sys.path[:0] = added
+    try:
+        yield
+    finally:
+        for d in added:
+            sys.path.remove(d)
+
+
+def import_user_modules(
+    names: object, problems: list[str], directories: Sequence[Path] = ()
+) -> None:
+    """Import the ``imports:`` list: the one way a config runs user code.
+
+    A module that cannot be found is a config problem; an exception raised *by* the module
+    propagates unchanged (with a note naming the config entry).
+    """
+    if not isinstance(names, list):
+        return  # the schema reports the type
+    with _import_path(directories):
+        for i, name in enumerate(names):
+            if not isinstance(name, str):
+                continue
+            try:
+                importlib.import_module(name)
+            except ModuleNotFoundError as e:
+                if e.name is not None and name.startswith(e.name):
+                    problems.append(
+                        f"imports[{i}]: cannot import '{name}': no module named '{e.name}' "
+                        "(imports are looked up in the working directory, the config file's "
+                        "directory and the installed packages)"
+                    )
+                else:
+                    e.add_note(f"mtlgraph: while importing '{name}' (imports[{i}] of the config)")
+                    raise
+            except Exception as e:
+                e.add_note(f"mtlgraph: while importing '{name}' (imports[{i}] of the config)")
+                raise
+
+
+def parse_config(
+    data: Mapping[str, Any],
+    source: str = "<config>",
+    lines: Mapping[str, int] | None = None,
+    overrides: Sequence[str] = (),
+    base_dir: str | Path = ".",
+    problems: list[str] | None = None,
+) -> ExperimentConfig:
+    """Validate a config mapping (as YAML would give it) into an :class:`ExperimentConfig`.
+
+    Args:
+        data: The mapping.
+        source: Name used in messages (the file name).
+        lines: ``{dotted path: line}`` for messages (from :func:`parse_yaml`).
+        overrides: ``a.b.c=value`` strings applied first.
+        base_dir: Directory relative data paths are read from.
+        problems: Problems found earlier (duplicate keys), already located; reported with these.
+
+    Raises:
+        ConfigError: Every problem, each naming the source, line and dotted key.
+    """
+    early = list(problems or [])
+    problems = Problems()
+    raw = _deep_copy(data)
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            [
+                f"{source}: the top level must be a mapping of sections (modules, tasks, data, "
+                f"trainer), got {type(raw).__name__}"
+            ]
+        )
+    applied = apply_overrides(raw, overrides, problems)
+    import_user_modules(raw.get("imports", []), problems, [Path.cwd(), Path(base_dir)])
+    cfg = build(ExperimentConfig, raw, "", problems)
+    if problems or early:
+        located = early + [_locate(p, source, lines or {}, applied) for p in problems]
+        n = len(located)
+        raise ConfigError(
+            located, header=f"invalid config '{source}' ({n} problem{'s' * (n > 1)}):"
+        )
+    cfg.base_dir = str(base_dir)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Read, override and validate a YAML experiment config.
+
+    Args:
+        path: The YAML file.
+        overrides: ``a.b.c=value`` strings (values parsed as YAML scalars or flow collections).
+
+    Raises:
+        ConfigError: A missing file, invalid YAML, duplicate keys, unknown keys, wrong types or
+            values: everything at once, each naming the file, line and dotted key.
+
+    Example:
+        >>> from pathlib import Path
+        >>> from mtlgraph.config import load_config
+        >>> cfg = load_config(Path("configs/quickstart.yaml"), ["trainer.n_epochs=2"])
+        >>> cfg.trainer.n_epochs, sorted(cfg.tasks)
+        (2, ['circle_task', 'inv_circle_task', 'square_task'])
+    """
+    file = Path(path)
+    source = str(path)
+    if not file.is_file():
+        raise ConfigError([f"{source}: no such config file"])
+    text = file.read_text()
+    data, lines, problems = parse_yaml(text, source)
+    if data is None:
+        raise ConfigError([f"{source}: the file is empty; see docs/config.md for the sections"])
+    return parse_config(data, source, lines, overrides, file.resolve().parent, problems)
+
+
+def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The resolved config (defaults filled in) as plain YAML-ready values.
+
+    ``load`` of its YAML dump validates to an equal config.
+    """
+    out = plain_config(cfg)
+    out.pop("base_dir", None)
+    return dict(out)
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    """The resolved config as YAML text (keys in declaration order)."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value
+
+
+__all__ = [
+    "TASK_TYPES",
+    "DataConfig",
+    "DatasetConfig",
+    "ExperimentConfig",
+    "InputConfig",
+    "OpConfig",
+    "TaskConfig",
+    "apply_overrides",
+    "config_to_dict",
+    "dump_config",
+    "load_config",
+    "parse_config",
+    "parse_yaml",
+]
