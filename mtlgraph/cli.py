@@ -1,0 +1,424 @@
+"""The ``mtlgraph`` command line: ``train``, ``evaluate``, ``check`` (see ``docs/cli.md``).
+
+Exit status: 0 on success, 1 when training or evaluation fails at run time, 2 for a usage or
+configuration error (one clean message on stderr; the traceback only with ``--debug``).
+
+Subcommands live in :data:`COMMANDS`; a new one (``diagnose RUN_DIR``, say) is one
+:func:`command`-decorated function plus the arguments it adds::
+
+    @command("diagnose", "inspect a run directory", arguments=_diagnose_args)
+    def diagnose(args: argparse.Namespace) -> int: ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import random
+import sys
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from mtlgraph.exceptions import MtlGraphError
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+CONFIG_FILE = "config.yaml"
+SCORES_FILE = "scores.json"
+
+
+class UsageError(MtlGraphError):
+    """A command line that cannot run (exit status 2)."""
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: its name, one-line help, how it adds arguments and what it runs."""
+
+    name: str
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: dict[str, Command] = {}
+"""Subcommands by name, in the order ``--help`` lists them."""
+
+
+def command(
+    name: str, help: str, arguments: Callable[[argparse.ArgumentParser], None]
+) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
+    """Register ``run(args) -> exit status`` as subcommand ``name``."""
+
+    def register(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        COMMANDS[name] = Command(name, help, arguments, run)
+        return run
+
+    return register
+
+
+# ---------------------------------------------------------------- train
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="the YAML experiment config")
+    p.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. trainer.lr=0.01"
+    )
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its checkpoints/last.pt (exactly, mid-epoch too)",
+    )
+
+
+def new_run_dir(root: str | Path, experiment: str, now: datetime.datetime | None = None) -> Path:
+    """Create ``<root>/<experiment>/<YYYYmmdd-HHMMSS>`` (``-1``, ``-2``... if taken).
+
+    The experiment name is made file-name safe (``/`` and other separators become ``_``).
+    """
+    from mtlgraph.writers import safe_filename
+
+    stamp = (now or datetime.datetime.now()).strftime("%Y%m%d-%H%M%S")
+    parent = Path(root) / safe_filename(experiment)
+    parent.mkdir(parents=True, exist_ok=True)
+    for i in range(1000):
+        candidate = parent / (stamp if i == 0 else f"{stamp}-{i}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise UsageError(f"cannot create a new run directory under '{parent}'")
+
+
+def _seed_process(seed: int) -> None:
+    """The CLI owns its process: seed python's and numpy's global generators for user code."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def _config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    from mtlgraph.writers import flatten
+
+    a, b = flatten(old), flatten(new)
+    ignored = {"trainer.run_dir", "trainer.progress_bar"}
+    return sorted(k for k in set(a) | set(b) if k not in ignored and a.get(k) != b.get(k))
+
+
+@command("train", "train a config; writes a run directory", _train_args)
+def train(args: argparse.Namespace) -> int:
+    from mtlgraph.build import build_experiment
+    from mtlgraph.checkpoint import load_checkpoint, resolve_checkpoint
+    from mtlgraph.config import config_to_dict, dump_config, load_config
+    from mtlgraph.writers import write_json
+
+    # --- set-up: any problem here is a usage/config error (exit 2)
+    cfg = load_config(args.config, args.overrides)
+    if args.quiet:
+        cfg.trainer.progress_bar = False
+    checkpoint = None
+    if args.resume is not None:
+        run_dir = Path(args.resume)
+        if not run_dir.is_dir():
+            raise UsageError(f"--resume {args.resume}: no such run directory")
+        checkpoint = resolve_checkpoint(run_dir)
+        state = load_checkpoint(checkpoint)
+        saved = (state.get("config") or {}).get("experiment")
+        if saved:
+            changed = _config_differences(saved, config_to_dict(cfg))
+            if changed:
+                logger.warning(
+                    "the config differs from the checkpoint's in %s: the resumed run will not "
+                    "match an uninterrupted one",
+                    ", ".join(changed),
+                )
+    elif cfg.trainer.run_dir is not None:
+        run_dir = Path(cfg.trainer.run_dir)
+    else:
+        run_dir = new_run_dir(cfg.runs_root, cfg.experiment)
+    experiment = build_experiment(cfg, run_dir)
+    if checkpoint is None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / CONFIG_FILE).write_text(dump_config(cfg))
+    logger.info("run directory: %s", run_dir)
+    _seed_process(cfg.seed)
+
+    # --- the run: a failure here is a runtime failure (exit 1)
+    try:
+        experiment.trainer.fit(experiment.model, experiment.loaders, resume_from=checkpoint)
+        scores = experiment.model.score(experiment.loaders)
+    except BaseException as e:
+        e.add_note(f"mtlgraph: the run directory is {run_dir}")
+        raise _RunFailure() from e
+    write_json(run_dir / SCORES_FILE, scores)
+    print(json.dumps(dict(sorted(scores.items())), indent=2))
+    logger.info("scores: %s", run_dir / SCORES_FILE)
+    return EXIT_OK
+
+
+class _RunFailure(Exception):
+    """Marks an exception raised after set-up (exit status 1); ``__cause__`` is the real one."""
+
+
+# ---------------------------------------------------------------- evaluate
+
+
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="the YAML experiment config the checkpoint was trained with")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="PATH",
+        help="a checkpoint (.pt), a model file (model.save), or a run directory (its best.pt, "
+        "else last.pt)",
+    )
+    p.add_argument(
+        "--split", action="append", metavar="SPLIT", help="only these splits (repeatable)"
+    )
+    p.add_argument(
+        "--remap",
+        action="append",
+        default=[],
+        metavar="LABEL=TASK",
+        help="score label LABEL with task TASK's head (cross-task evaluation; TASK=null drops it)",
+    )
+    p.add_argument("--output", metavar="JSON", help="where to write the scores as JSON")
+
+
+def _remaps(items: Sequence[str]) -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for item in items:
+        label, sep, task = item.partition("=")
+        if not sep or not label:
+            raise UsageError(f"--remap {item}: expected LABEL=TASK, e.g. imdb_task=yelp_task")
+        out[label] = None if task in ("", "null", "None") else task
+    return out
+
+
+def _default_output(checkpoint: Path) -> Path:
+    if checkpoint.parent.name == "checkpoints":
+        return checkpoint.parent.parent / f"evaluation-{checkpoint.stem}.json"
+    return checkpoint.with_name(f"{checkpoint.stem}.evaluation.json")
+
+
+def score_table(scores: Mapping[str, float]) -> str:
+    """Scores as a table: a row per task, dataset and metric; a column per split.
+
+    Example:
+        >>> print(score_table({"t/d/valid/accuracy": 0.5, "t/d/test/accuracy": 0.25}))
+        task  dataset  metric    valid   test
+        t     d        accuracy  0.5000  0.2500
+    """
+    from mtlgraph.metrics import split_key
+
+    rows: dict[tuple[str, str, str], dict[str, float]] = {}
+    splits: list[str] = []
+    for key, value in scores.items():
+        task, dataset, split, metric = split_key(key)
+        rows.setdefault((task, dataset, metric), {})[split] = value
+        if split not in splits:
+            splits.append(split)
+    order = {"train": 0, "valid": 1, "test": 2}
+    splits.sort(key=lambda s: order.get(s, 3))
+    header = ["task", "dataset", "metric", *splits]
+    body = [
+        [t, d, m, *(f"{r[s]:.4f}" if s in r else "-" for s in splits)]
+        for (t, d, m), r in sorted(rows.items())
+    ]
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *body]
+    )
+
+
+@command("evaluate", "score a trained checkpoint on the config's data", _evaluate_args)
+def evaluate(args: argparse.Namespace) -> int:
+    from mtlgraph.build import build_experiment
+    from mtlgraph.checkpoint import BEST, LAST, load_weights
+    from mtlgraph.config import load_config
+    from mtlgraph.writers import write_json
+
+    cfg = load_config(args.config, args.overrides)
+    remap = _remaps(args.remap)
+    path = Path(args.checkpoint)
+    if path.is_dir():
+        best = path / "checkpoints" / BEST
+        path = best if best.is_file() else path / "checkpoints" / LAST
+    if not path.is_file():
+        raise UsageError(f"--checkpoint {args.checkpoint}: no such file ({path})")
+    experiment = build_experiment(cfg)
+    load_weights(experiment.model, path)
+    loaders = experiment.loaders
+    if args.split:
+        have = sorted({dl.dataset.split for dl in loaders})
+        unknown = [s for s in args.split if s not in have]
+        if unknown:
+            raise UsageError(f"--split {unknown[0]}: the config has splits {', '.join(have)}")
+        loaders = [dl for dl in loaders if dl.dataset.split in args.split]
+    try:
+        scores = experiment.model.score(loaders, remap_labels=remap)
+    except MtlGraphError as e:  # a bad --remap names an unknown task
+        raise UsageError(str(e)) from e
+    output = Path(args.output) if args.output else _default_output(path)
+    write_json(output, scores)
+    print(score_table(scores))
+    print(f"\nscores written to {output}", file=sys.stderr)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- check
+
+
+def _check_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="the YAML experiment config")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+
+
+def describe(experiment: Any) -> str:
+    """The merged graph of an experiment: modules (and which tasks share them), tasks, data."""
+    cfg, model = experiment.config, experiment.model
+    users: dict[str, list[str]] = {m: [] for m in model.module_pool}
+    for task in model.tasks.values():
+        for m in task.module_pool:
+            users[m].append(task.name)
+    lines = [f"modules ({len(users)}; shared = used by several tasks):"]
+    width = max(map(len, users), default=0)
+    for m, tasks in users.items():
+        kind = cfg.modules.get(m, {}).get("type", "?")
+        n = sum(p.numel() for p in model.module_pool[m].parameters())
+        shared = "shared by" if len(tasks) > 1 else "used by"
+        lines.append(f"  {m.ljust(width)}  {kind:<13} {n:>9,} params  {shared} {', '.join(tasks)}")
+    lines.append(f"tasks ({len(model.tasks)}):")
+    for task in model.tasks.values():
+        metrics = ", ".join(task.scorer.metric_keys)
+        lines.append(f"  {task.name}: {task.task_type}, weight {task.weight:g}, metrics {metrics}")
+        for op in task.op_sequence:
+            ins = ", ".join(
+                (f"detach({i.source}" if i.detach else i.source)
+                + (f"[{i.key!r}]" if i.key is not None else "")
+                + (")" if i.detach else "")
+                for i in op.inputs
+            )
+            lines.append(f"    {op.name} = {op.module_name}({ins})")
+    lines.append(f"datasets ({len(cfg.data.datasets)}):")
+    by_name: dict[str, list[str]] = {}
+    labels: dict[str, list[str]] = {}
+    for ds in experiment.datasets:
+        by_name.setdefault(ds.name, []).append(f"{ds.split} {len(ds)}")
+        labels[ds.name] = list(ds.Y_dict)
+    for name, splits in by_name.items():
+        lines.append(f"  {name}: {', '.join(splits)}; labels {', '.join(labels[name])}")
+    t = cfg.trainer
+    lines.append(
+        f"trainer: {t.n_epochs} epochs, lr {t.lr:g}, optimizer {t.optimizer}, batch_scheduler "
+        f"{t.batch_scheduler}, balancer {t.balancer}"
+    )
+    return "\n".join(lines)
+
+
+@command("check", "validate a config and print its merged graph", _check_args)
+def check(args: argparse.Namespace) -> int:
+    from mtlgraph.build import build_experiment
+    from mtlgraph.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    experiment = build_experiment(cfg)
+    print(f"{args.config}: valid")
+    print(describe(experiment))
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every registered subcommand."""
+    from mtlgraph import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="mtlgraph",
+        description="Declarative multi-task learning: train, evaluate and check YAML experiments.",
+    )
+    parser.add_argument("--version", action="version", version=f"mtlgraph {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--quiet", action="store_true", help="no progress bars or info logs, only results"
+    )
+    common.add_argument("--debug", action="store_true", help="debug logs, and tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for cmd in COMMANDS.values():
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help, parents=[common])
+        cmd.arguments(p)
+        p.set_defaults(run=cmd.run)
+    return parser
+
+
+def _configure_logging(quiet: bool, debug: bool) -> logging.Handler:
+    """Log mtlgraph's messages to stderr for this command (the library never configures logs)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("mtlgraph")
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO)
+    return handler
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status (0 ok, 1 run-time failure, 2 usage)."""
+    parser = build_parser()
+    try:
+        args, extra = parser.parse_known_args(argv)
+        # KEY=VALUE overrides may follow options (train cfg.yaml --quiet trainer.lr=0.1)
+        unknown = [a for a in extra if a.startswith("-") or "=" not in a]
+        if unknown or (extra and not hasattr(args, "overrides")):
+            parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+        if extra:
+            args.overrides = [*args.overrides, *extra]
+    except SystemExit as e:  # --help, --version, usage errors
+        return int(e.code) if isinstance(e.code, int) else EXIT_USAGE
+    handler = _configure_logging(args.quiet, args.debug)
+    try:
+        return int(args.run(args))
+    except _RunFailure as wrapper:
+        error = wrapper.__cause__
+        assert error is not None
+        if isinstance(error, KeyboardInterrupt):
+            _report(error, args.debug, "interrupted")
+            return 130
+        _report(error, args.debug)
+        return EXIT_FAILURE
+    except (MtlGraphError, yaml.YAMLError, FileNotFoundError) as error:
+        _report(error, args.debug)
+        return EXIT_USAGE
+    except KeyboardInterrupt as error:
+        _report(error, args.debug, "interrupted")
+        return 130
+    except Exception as error:
+        _report(error, args.debug)
+        return EXIT_FAILURE
+    finally:
+        logging.getLogger("mtlgraph").removeHandler(handler)
+
+
+def _report(error: BaseException, debug: bool, what: str = "error") -> None:
+    if debug:
+        traceback.print_exception(error, file=sys.stderr)
+        return
+    named = isinstance(error, MtlGraphError)  # mtlgraph's messages stand alone
+    message = str(error) if named else f"{type(error).__name__}: {error}"
+    notes = [n for n in getattr(error, "__notes__", []) if n]
+    text = "\n".join([message, *notes])
+    print(f"mtlgraph: {what}: {text}", file=sys.stderr)
+    print("(run with --debug for the traceback)", file=sys.stderr)
