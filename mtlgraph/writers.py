@@ -97,7 +97,8 @@ class JsonlWriter(Writer):
     """Appends each record as one JSON object per line to ``path`` (flushed every line).
 
     Non-finite values are written as ``null``. With ``resume_step``, lines of steps after it
-    (logged after the checkpoint an interrupted run resumes from) are dropped first.
+    (logged after the checkpoint an interrupted run resumes from) are dropped first; without
+    it, an existing file is replaced (one run per file).
 
     Example:
         >>> import json, tempfile, pathlib
@@ -112,13 +113,16 @@ class JsonlWriter(Writer):
     def __init__(self, path: str | Path, resume_step: int | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept: list[str] = []
         if resume_step is not None and self.path.exists():
             kept = [
                 line
                 for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= resume_step
             ]
-            self.path.write_text("".join(f"{line}\n" for line in kept))
+        elif self.path.exists():
+            logger.warning("%s already exists: a new run replaces it", self.path)
+        self.path.write_text("".join(f"{line}\n" for line in kept))
         self._fh = self.path.open("a")
 
     def write(self, record: Mapping[str, float]) -> None:
@@ -136,7 +140,8 @@ class TensorBoardWriter(Writer):
     At a successful end, ``add_hparams(hparams, {"hparams/<key>": final value}, run_name=".")``
     records the flattened config next to the final scores, in the same run (the ``hparams/``
     prefix keeps those points apart from the per-step curves). With ``resume_step``, events after
-    that step are purged (TensorBoard's ``purge_step``).
+    that step are purged (TensorBoard's ``purge_step``); a new run in a directory that already
+    has events purges all of them.
     """
 
     def __init__(
@@ -148,6 +153,8 @@ class TensorBoardWriter(Writer):
         from torch.utils.tensorboard import SummaryWriter  # imported only when used (slow)
 
         purge = None if resume_step is None else resume_step + 1
+        if resume_step is None and any(Path(log_dir).glob("events.out.tfevents.*")):
+            purge = 0  # a new run in a used directory: hide the old run's points
         self._writer = SummaryWriter(str(log_dir), purge_step=purge)
         self.hparams = dict(hparams or {})
 

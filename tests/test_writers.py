@@ -159,3 +159,20 @@ def test_helpers() -> None:
         "b": "null",
         "c": 0.5,
     }
+
+
+def test_a_new_run_in_a_used_directory_replaces_its_logs(tmp_path: Path) -> None:
+    for value in (1.0, 2.0):
+        w = JsonlWriter(tmp_path / "metrics.jsonl")
+        t = TensorBoardWriter(tmp_path)
+        for step in (1, 2):
+            record = {"step": float(step), "m/all/train/loss": value * step}
+            w.write(record)
+            t.write(record)
+        w.close()
+        t.close()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["m/all/train/loss"] for r in lines] == [2.0, 4.0]
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("m/all/train/loss")] == [(1, 2.0), (2, 4.0)]
