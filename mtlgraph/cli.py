@@ -398,7 +398,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             _report(error, args.debug, "interrupted")
             return 130
         _report(error, args.debug)
-        return EXIT_FAILURE
+        # mtlgraph's own errors (data that does not fit, a checkpoint of another run) are
+        # configuration errors even when found after set-up; anything else is a run-time failure
+        return EXIT_USAGE if isinstance(error, MtlGraphError) else EXIT_FAILURE
     except (MtlGraphError, yaml.YAMLError, FileNotFoundError) as error:
         _report(error, args.debug)
         return EXIT_USAGE

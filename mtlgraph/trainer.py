@@ -661,11 +661,17 @@ class Trainer:
         self.history.append(record)
         for writer in self._writers:
             writer.write(record)
+        # The log line is a summary (training loss, evaluation scores); writers get everything.
+        shown = [
+            k
+            for k in record
+            if k == "model/all/train/loss" or (k.count("/") == 3 and k.split("/")[2] != "train")
+        ]
         logger.info(
             "epoch %d step %d: %s",
             epoch,
             self.global_step,
-            ", ".join(f"{k}={v:.4g}" for k, v in record.items() if "/" in k),
+            ", ".join(f"{k}={record[k]:.4g}" for k in shown),
         )
         return record
 
