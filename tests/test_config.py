@@ -445,3 +445,44 @@ def test_parse_config_from_a_mapping_is_the_same_as_yaml(tmp_path: Path) -> None
 def test_shipped_configs_validate(path: Path) -> None:
     cfg = load_config(path)
     assert cfg.experiment == path.stem
+
+
+def test_every_field_is_documented() -> None:
+    """docs/config.md names every key of every section, every module type and generator."""
+    import dataclasses
+
+    from mtlgraph.config import DataConfig, DatasetConfig, OpConfig, TaskConfig
+    from mtlgraph.modules import module_types
+    from mtlgraph.synthetic import GENERATORS
+
+    doc = (ROOT / "docs" / "config.md").read_text()
+    classes = (
+        ExperimentConfig,
+        TaskConfig,
+        OpConfig,
+        InputConfig,
+        DataConfig,
+        DatasetConfig,
+        TrainerConfig,
+    )
+    missing = [
+        f"{cls.__name__}.{f.name}"
+        for cls in classes
+        for f in dataclasses.fields(cls)
+        if f.init and f"`{f.name}`" not in doc
+    ]
+    builtin = (
+        "linear",
+        "mlp",
+        "embedding_bag",
+        "conv2d_stack",
+        "identity",
+        "concat",
+        "sum",
+        "dropout",
+        "activation",
+    )
+    assert set(builtin) <= set(module_types())
+    missing += [f"module {m}" for m in builtin if f"| `{m}`" not in doc]
+    missing += [f"generator {g}" for g in GENERATORS if f"`{g}`" not in doc]
+    assert not missing, missing
