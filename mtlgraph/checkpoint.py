@@ -38,7 +38,7 @@ import math
 import os
 import pickle
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,9 @@ import torch
 
 from mtlgraph._io import atomic_torch_save
 from mtlgraph._suggest import did_you_mean
+from mtlgraph.data import Batch, DictDataLoader
 from mtlgraph.exceptions import CheckpointError, ConfigError
+from mtlgraph.schedulers import BatchScheduler
 
 logger = logging.getLogger(__name__)
 
@@ -291,6 +293,151 @@ class Progress:
     step_in_epoch: int = 0
     global_step: int = 0
     last_logged: int = -1
+
+
+# ---------------------------------------------------------------- a training run's state
+
+
+def training_state(
+    *,
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    base_lrs: Sequence[float],
+    balancer: torch.nn.Module,
+    progress: Progress,
+    loaders: Sequence[DictDataLoader],
+    done: Sequence[Sequence[int]],
+    scheduler_state: Mapping[str, Any],
+    history: Sequence[Mapping[str, float]],
+    window: Records,
+    epoch_losses: Records,
+    config: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The checkpoint of a run at ``progress`` (the layout in this module's docstring).
+
+    Args:
+        done: The steps of the current epoch already taken (they give the loader positions).
+        scheduler_state: The batch scheduler's state at the start of ``progress.epoch``.
+    """
+    lr_spec = config.get("trainer", {})
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": model.state_dict(),
+        "task_names": list(model.task_names),
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": {
+            "spec": lr_spec.get("lr_scheduler"),
+            "warmup_steps": lr_spec.get("warmup_steps"),
+            "base_lrs": [float(lr) for lr in base_lrs],
+        },
+        "balancer": balancer.state_dict(),
+        "progress": {
+            "epoch": progress.epoch,
+            "step_in_epoch": progress.step_in_epoch,
+            "global_step": progress.global_step,
+            "last_logged": progress.last_logged,
+            "batch_counts": [len(dl) for dl in loaders],
+            "loader_positions": loader_positions(done, len(loaders)),
+        },
+        "scheduler": dict(scheduler_state),
+        "rng": get_rng_state(),
+        "history": [{k: float(v) for k, v in r.items()} for r in history],
+        "window": records_state(window),
+        "epoch_losses": records_state(epoch_losses),
+        "config": dict(config),
+    }
+
+
+@dataclasses.dataclass
+class RestoredRun:
+    """What :func:`restore_training` gives back to the training loop."""
+
+    progress: Progress
+    history: list[dict[str, float]]
+    window: Records
+    epoch_losses: Records
+
+
+def restore_training(
+    state: Mapping[str, Any],
+    model: Any,
+    balancer: torch.nn.Module,
+    scheduler: BatchScheduler,
+    loaders: Sequence[DictDataLoader],
+) -> RestoredRun:
+    """Load a checkpoint's model, balancer and batch-scheduler state; return the run's position,
+    history and loss windows. (The optimizer and the RNG states are the caller's: the RNG states
+    must be set last, after everything that might draw random numbers is built.)
+
+    Raises:
+        CheckpointError: The loaders have other batch counts, or the model other tasks.
+    """
+    progress = state["progress"]
+    counts = [len(dl) for dl in loaders]
+    if list(progress["batch_counts"]) != counts:
+        raise CheckpointError(
+            f"cannot resume: the checkpoint's training loaders had {progress['batch_counts']} "
+            f"batches, these have {counts}; resume with the data, batch sizes and train_split "
+            "of the interrupted run"
+        )
+    missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"cannot resume: the checkpoint holds tasks {state.get('task_names')}, the model has "
+            f"{model.task_names} (missing {list(missing)}, unexpected {list(unexpected)})"
+        )
+    balancer.load_state_dict(state["balancer"])
+    scheduler.load_state_dict(state["scheduler"])
+    run = RestoredRun(
+        progress=Progress(
+            epoch=int(progress["epoch"]),
+            step_in_epoch=int(progress["step_in_epoch"]),
+            global_step=int(progress["global_step"]),
+            last_logged=int(progress["last_logged"]),
+        ),
+        history=[dict(r) for r in state["history"]],
+        window=records_from_state(state["window"]),
+        epoch_losses=records_from_state(state["epoch_losses"]),
+    )
+    logger.info(
+        "resuming at epoch %d, step %d of the epoch (global step %d)",
+        run.progress.epoch + 1,
+        run.progress.step_in_epoch,
+        run.progress.global_step,
+    )
+    return run
+
+
+def resume_iterators(
+    loaders: Sequence[DictDataLoader], done: Sequence[Sequence[int]], state: Mapping[str, Any]
+) -> list[Iterator[Batch] | None]:
+    """Iterators positioned after the interrupted epoch's first steps ``done``.
+
+    They are created without drawing from torch's global generator (the restored state already
+    accounts for the iterators the interrupted run created). ``None`` means "not started": the
+    loop starts it on first use.
+
+    Raises:
+        CheckpointError: The plan puts the loaders elsewhere than the checkpoint recorded (another
+            batch scheduler or seed).
+    """
+    positions = loader_positions(done, len(loaders))
+    if positions != list(state["progress"]["loader_positions"]):
+        raise CheckpointError(
+            f"cannot resume: the batch scheduler's plan gives loader positions {positions}, the "
+            f"checkpoint recorded {state['progress']['loader_positions']}; resume with the "
+            "batch_scheduler and seed of the interrupted run"
+        )
+    iterators: list[Iterator[Batch] | None] = []
+    for dl, p in zip(loaders, positions, strict=True):
+        start = p % len(dl)  # the mixed scheduler cycles short loaders
+        if start == 0:
+            iterators.append(None)  # not started, or exhausted: the loop (re)starts it
+            continue
+        with torch.random.fork_rng(devices=[]):
+            iterators.append(dl.iterate(start=start))
+    return iterators
 
 
 # ---------------------------------------------------------------- best-by-metric

@@ -75,9 +75,7 @@ class TrainerConfig:
     eval_splits: list[str] = field(default_factory=lambda: ["valid"])  # splits scored at evaluation
     # --- run directory, logs and checkpoints (docs/checkpoints.md); all off by default
     run_dir: str | None = None  # directory for metrics.jsonl, TensorBoard events, checkpoints/
-    writers: list[str | Writer] | None = (
-        None  # "jsonl", "tensorboard" or Writer objects; None = both with run_dir
-    )
+    writers: list[str | Writer] | None = None  # "jsonl", "tensorboard", Writers; None = both
     checkpoint_every: int = 0  # checkpoints/last.pt every N checkpoint_units; 0 = only at the end
     checkpoint_unit: Literal["steps", "epochs"] = "epochs"  # unit of checkpoint_every
     checkpoint_metric: str | None = None  # flat key that selects checkpoints/best.pt
@@ -369,7 +367,7 @@ class Trainer:
                 if state is not None and epoch == start_epoch:  # the interrupted epoch
                     first = pos.step_in_epoch
                     self._epoch_losses = epoch_losses = resumed_losses
-                    iterators = _resume_iterators(train, plan[:first], state)
+                    iterators = ckpt.resume_iterators(train, plan[:first], state)
                 bar = tqdm(
                     total=len(plan),
                     initial=first,
@@ -484,36 +482,20 @@ class Trainer:
         self, model: MultitaskClassifier, stepper: SubsetStepper, balancer: Balancer
     ) -> dict[str, Any]:
         """Everything needed to continue this run exactly (see :mod:`mtlgraph.checkpoint`)."""
-        pos = self._pos
-        train = self._train
-        done = self._plan[: pos.step_in_epoch] if pos.step_in_epoch else []
-        return {
-            "format": ckpt.FORMAT,
-            "version": ckpt.VERSION,
-            "model": model.state_dict(),
-            "task_names": model.task_names,
-            "optimizer": stepper.optimizer.state_dict(),
-            "lr_scheduler": {
-                "spec": ckpt.plain_config(self.config.lr_scheduler),
-                "warmup_steps": self.config.warmup_steps,
-                "base_lrs": [float(lr) for lr in stepper.base_lrs],
-            },
-            "balancer": balancer.state_dict(),
-            "progress": {
-                "epoch": pos.epoch,
-                "step_in_epoch": pos.step_in_epoch,
-                "global_step": self.global_step,
-                "last_logged": pos.last_logged,
-                "batch_counts": [len(dl) for dl in train],
-                "loader_positions": ckpt.loader_positions(done, len(train)),
-            },
-            "scheduler": self._scheduler_state,
-            "rng": ckpt.get_rng_state(),
-            "history": [{k: float(v) for k, v in r.items()} for r in self.history],
-            "window": ckpt.records_state(self._window),
-            "epoch_losses": ckpt.records_state(self._epoch_losses),
-            "config": self._plain_config(),
-        }
+        return ckpt.training_state(
+            model=model,
+            optimizer=stepper.optimizer,
+            base_lrs=stepper.base_lrs,
+            balancer=balancer,
+            progress=self._pos,
+            loaders=self._train,
+            done=self._plan[: self._pos.step_in_epoch],
+            scheduler_state=self._scheduler_state,
+            history=self.history,
+            window=self._window,
+            epoch_losses=self._epoch_losses,
+            config=self._plain_config(),
+        )
 
     def _restore(
         self,
@@ -524,40 +506,13 @@ class Trainer:
         scheduler: BatchScheduler,
         train: list[DictDataLoader],
     ) -> tuple[ckpt.Progress, list[tuple[str, str, torch.Tensor, int]]]:
-        """Load a checkpoint's state into the run's pieces; return its position."""
-        progress = state["progress"]
-        counts = [len(dl) for dl in train]
-        if list(progress["batch_counts"]) != counts:
-            raise ckpt.CheckpointError(
-                f"cannot resume: the checkpoint's training loaders had {progress['batch_counts']} "
-                f"batches, these have {counts}; resume with the data, batch sizes and "
-                "train_split of the interrupted run"
-            )
-        missing, unexpected = model.load_state_dict(state["model"], strict=False)
-        if missing or unexpected:
-            raise ckpt.CheckpointError(
-                f"cannot resume: the checkpoint holds tasks {state.get('task_names')}, the model "
-                f"has {model.task_names} (missing {list(missing)}, unexpected {list(unexpected)})"
-            )
+        """Load a checkpoint into the run's pieces; return its position and epoch losses."""
+        run = ckpt.restore_training(state, model, balancer, scheduler, train)
         stepper.load_state_dict(state["optimizer"])
-        balancer.load_state_dict(state["balancer"])
-        scheduler.load_state_dict(state["scheduler"])
-        self.global_step = int(progress["global_step"])
-        self.history = [dict(r) for r in state["history"]]
-        self._window = ckpt.records_from_state(state["window"])
-        pos = ckpt.Progress(
-            epoch=int(progress["epoch"]),
-            step_in_epoch=int(progress["step_in_epoch"]),
-            global_step=self.global_step,
-            last_logged=int(progress["last_logged"]),
-        )
-        logger.info(
-            "resuming at epoch %d, step %d of the epoch (global step %d)",
-            pos.epoch + 1,
-            pos.step_in_epoch,
-            pos.global_step,
-        )
-        return pos, ckpt.records_from_state(state["epoch_losses"])
+        self.global_step = run.progress.global_step
+        self.history = run.history
+        self._window = run.window
+        return run.progress, run.epoch_losses
 
     def _evaluate(
         self,
@@ -738,32 +693,6 @@ def _next_batch(
             return batch
     it = iterators[i] = loaders[i].iterate()
     return next(it)
-
-
-def _resume_iterators(
-    loaders: list[DictDataLoader], done: list[tuple[int, ...]], state: Mapping[str, Any]
-) -> list[Iterator[Batch] | None]:
-    """Iterators positioned after the epoch's first steps ``done`` (a resumed epoch).
-
-    They are created without drawing from torch's global generator (the restored state already
-    accounts for the iterators the interrupted run created).
-    """
-    positions = ckpt.loader_positions(done, len(loaders))
-    if positions != list(state["progress"]["loader_positions"]):
-        raise ckpt.CheckpointError(
-            f"cannot resume: the batch scheduler's plan gives loader positions {positions}, the "
-            f"checkpoint recorded {state['progress']['loader_positions']}; resume with the "
-            "batch_scheduler and seed of the interrupted run"
-        )
-    iterators: list[Iterator[Batch] | None] = []
-    for dl, p in zip(loaders, positions, strict=True):
-        start = p % len(dl)  # the mixed scheduler cycles short loaders
-        if start == 0:
-            iterators.append(None)  # not started (or exhausted): _next_batch starts it
-            continue
-        with torch.random.fork_rng(devices=[]):
-            iterators.append(dl.iterate(start=start))
-    return iterators
 
 
 def _train_losses(window: list[tuple[str, str, torch.Tensor, int]]) -> dict[str, float]:
