@@ -284,6 +284,7 @@ class Trainer:
         # and, flattened, as TensorBoard hparams.
         self.experiment_config: Mapping[str, Any] | None = None
         self._writers: list[Writer] = []
+        self._finished = False
         self._checkpointer: ckpt.Checkpointer | None = None
 
     # ------------------------------------------------------------------ the loop
@@ -315,9 +316,15 @@ class Trainer:
         if resume_from is not None:
             state = ckpt.load_checkpoint(resume_from, map_location=model.device)
         devices = [model.device.index or 0] if model.device.type == "cuda" else []
+        self._writers, self._finished = [], False
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(cfg.seed)
-            self._fit(model, train, evals, state)
+            try:
+                self._fit(model, train, evals, state)
+            finally:  # writers flush even when training fails; hparams only when it succeeded
+                final = self.history[-1] if self._finished and self.history else None
+                for writer in self._writers:
+                    writer.close(final)
 
     def _fit(
         self,
@@ -352,80 +359,70 @@ class Trainer:
         if state is not None:
             ckpt.set_rng_state(state["rng"])  # last: building the pieces above may draw numbers
 
-        ok = False
         start_epoch = pos.epoch
         model.train()
-        try:
-            for epoch in range(start_epoch, cfg.n_epochs):
-                for dl in train:
-                    dl.set_epoch(epoch)
-                self._scheduler_state = scheduler.state_dict()  # resume recomputes the plan
-                plan = self._plan = scheduler.epoch_plan(batch_counts)
-                iterators: list[Iterator[Batch] | None] = [None] * len(train)
-                self._epoch_losses = epoch_losses = []
-                first = 0
-                if state is not None and epoch == start_epoch:  # the interrupted epoch
-                    first = pos.step_in_epoch
-                    self._epoch_losses = epoch_losses = resumed_losses
-                    iterators = ckpt.resume_iterators(train, plan[:first], state)
-                bar = tqdm(
-                    total=len(plan),
-                    initial=first,
-                    desc=f"epoch {epoch + 1}/{cfg.n_epochs}",
-                    leave=False,
-                    disable=None if cfg.progress_bar else True,
-                )
-                for k in range(first, len(plan)):
-                    batches = [
-                        (train[i].dataset.name, _next_batch(train, iterators, i)) for i in plan[k]
-                    ]
-                    if lr_factor is not None:
-                        stepper.set_lr_factor(lr_factor(self.global_step))
-                    records = self._train_step(model, balancer, stepper, batches, device)
-                    epoch_losses += records
-                    self._window += records
-                    self.global_step += 1
-                    bar.update()
-                    if cfg.progress_bar and records and self.global_step % 20 == 0:
-                        bar.set_postfix(
-                            loss=f"{float(records[0][2]):.4f}",
-                            lr=f"{stepper.full_groups[0]['lr']:.3g}",
-                            refresh=False,
-                        )
-                    pos.epoch, pos.step_in_epoch, pos.global_step = epoch, k + 1, self.global_step
-                    if (
-                        cfg.evaluation_unit == "steps"
-                        and cfg.evaluation_freq
-                        and self.global_step % cfg.evaluation_freq == 0
-                    ):
-                        self._evaluate(model, balancer, stepper, evals, epoch + 1)
-                    if self._checkpointer is not None and self._checkpointer.step_due(
-                        self.global_step
-                    ):
-                        self._checkpointer.save_last(self._state(model, stepper, balancer))
-                bar.close()
-                balancer.on_epoch_end(epoch, _task_means(epoch_losses))
-                # The epoch is over: a checkpoint from here on resumes at the next one.
-                pos.epoch, pos.step_in_epoch, pos.global_step = epoch + 1, 0, self.global_step
-                self._scheduler_state = scheduler.state_dict()
-                self._epoch_losses = []
+        for epoch in range(start_epoch, cfg.n_epochs):
+            for dl in train:
+                dl.set_epoch(epoch)
+            self._scheduler_state = scheduler.state_dict()  # resume recomputes the plan
+            plan = self._plan = scheduler.epoch_plan(batch_counts)
+            iterators: list[Iterator[Batch] | None] = [None] * len(train)
+            self._epoch_losses = epoch_losses = []
+            first = 0
+            if state is not None and epoch == start_epoch:  # the interrupted epoch
+                first = pos.step_in_epoch
+                self._epoch_losses = epoch_losses = resumed_losses
+                iterators = ckpt.resume_iterators(train, plan[:first], state)
+            bar = tqdm(
+                total=len(plan),
+                initial=first,
+                desc=f"epoch {epoch + 1}/{cfg.n_epochs}",
+                leave=False,
+                disable=None if cfg.progress_bar else True,
+            )
+            for k, step in enumerate(plan[first:], first):
+                batches = [(train[i].dataset.name, _next_batch(train, iterators, i)) for i in step]
+                if lr_factor is not None:
+                    stepper.set_lr_factor(lr_factor(self.global_step))
+                records = self._train_step(model, balancer, stepper, batches, device)
+                epoch_losses += records
+                self._window += records
+                self.global_step += 1
+                bar.update()
+                if cfg.progress_bar and records and self.global_step % 20 == 0:
+                    bar.set_postfix(
+                        loss=f"{float(records[0][2]):.4f}",
+                        lr=f"{stepper.full_groups[0]['lr']:.3g}",
+                        refresh=False,
+                    )
+                pos.epoch, pos.step_in_epoch, pos.global_step = epoch, k + 1, self.global_step
                 if (
-                    cfg.evaluation_unit == "epochs"
+                    cfg.evaluation_unit == "steps"
                     and cfg.evaluation_freq
-                    and (epoch + 1) % cfg.evaluation_freq == 0
+                    and self.global_step % cfg.evaluation_freq == 0
                 ):
                     self._evaluate(model, balancer, stepper, evals, epoch + 1)
-                if self._checkpointer is not None and self._checkpointer.epoch_due(epoch + 1):
+                if self._checkpointer is not None and self._checkpointer.step_due(self.global_step):
                     self._checkpointer.save_last(self._state(model, stepper, balancer))
-            if pos.last_logged != self.global_step and cfg.n_epochs > 0:
-                self._evaluate(model, balancer, stepper, evals, cfg.n_epochs)
-            if self._checkpointer is not None:
+            bar.close()
+            balancer.on_epoch_end(epoch, _task_means(epoch_losses))
+            # The epoch is over: a checkpoint from here on resumes at the next one.
+            pos.epoch, pos.step_in_epoch, pos.global_step = epoch + 1, 0, self.global_step
+            self._scheduler_state = scheduler.state_dict()
+            self._epoch_losses = []
+            if (
+                cfg.evaluation_unit == "epochs"
+                and cfg.evaluation_freq
+                and (epoch + 1) % cfg.evaluation_freq == 0
+            ):
+                self._evaluate(model, balancer, stepper, evals, epoch + 1)
+            if self._checkpointer is not None and self._checkpointer.epoch_due(epoch + 1):
                 self._checkpointer.save_last(self._state(model, stepper, balancer))
-            ok = True
-        finally:
-            final = self.history[-1] if ok and self.history else None
-            for writer in self._writers:
-                writer.close(final)
+        if pos.last_logged != self.global_step and cfg.n_epochs > 0:
+            self._evaluate(model, balancer, stepper, evals, cfg.n_epochs)
+        if self._checkpointer is not None:
+            self._checkpointer.save_last(self._state(model, stepper, balancer))
+        self._finished = True
         self.balancer = balancer
         self.optimizer = stepper.optimizer
 
