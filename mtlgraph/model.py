@@ -511,23 +511,39 @@ class MultitaskClassifier(nn.Module):
         loaders = [dataloaders] if isinstance(dataloaders, DictDataLoader) else list(dataloaders)
         scores: dict[str, float] = {}
         for loader in loaders:
-            dataset = loader.dataset
             result = self.predict(loader, return_preds=True, remap_labels=remap_labels)
-            for task_name, golds in result["golds"].items():
-                task = self._tasks[task_name]
-                metric_values = task.scorer.score(
-                    golds, result["preds"][task_name], result["probs"][task_name], task.ignore_value
-                )
-                for metric, value in metric_values.items():
-                    key = make_key(task_name, dataset.name, dataset.split, metric)
-                    if key in scores:
-                        raise GraphError(
-                            [
-                                f"two loaders produce the key '{key}'; give their datasets "
-                                "different names or splits"
-                            ]
-                        )
-                    scores[key] = value
+            dataset = loader.dataset
+            self.score_predictions(result, dataset.name, dataset.split, into=scores)
+        return scores
+
+    def score_predictions(
+        self,
+        result: Mapping[str, Mapping[str, np.ndarray]],
+        dataset_name: str,
+        split: str,
+        into: dict[str, float] | None = None,
+    ) -> dict[str, float]:
+        """Score a :meth:`predict` result (with ``preds``) with each task's scorer.
+
+        Returns ``into`` (or a new dict) with the ``task/dataset/split/metric`` keys added; a key
+        that is already present is an error (two loaders with the same dataset and split).
+        """
+        scores = {} if into is None else into
+        for task_name, golds in result["golds"].items():
+            task = self._tasks[task_name]
+            metric_values = task.scorer.score(
+                golds, result["preds"][task_name], result["probs"][task_name], task.ignore_value
+            )
+            for metric, value in metric_values.items():
+                key = make_key(task_name, dataset_name, split, metric)
+                if key in scores:
+                    raise GraphError(
+                        [
+                            f"two loaders produce the key '{key}'; give their datasets "
+                            "different names or splits"
+                        ]
+                    )
+                scores[key] = value
         return scores
 
     # ------------------------------------------------------------------ persistence

@@ -1,0 +1,226 @@
+"""Helpers for training under ``torchrun`` with PyTorch's DistributedDataParallel.
+
+mtlgraph never implements its own parallelism: it detects the ``torchrun`` environment, creates
+the process group (gloo on CPU, nccl on CUDA), wraps the model's loss computation in
+``torch.nn.parallel.DistributedDataParallel``, shards training loaders with
+``torch.utils.data.DistributedSampler``, and gathers evaluation predictions from every rank.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DistributedSampler, Sampler
+
+from mtlgraph.data import DictDataLoader, EpochSampler
+
+logger = logging.getLogger(__name__)
+
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in a distributed job.
+
+    Attributes:
+        rank: Global rank (0 is the main process: it alone logs and writes files).
+        world_size: Number of processes.
+        local_rank: Rank on this machine (selects the GPU).
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """True on rank 0."""
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        """True when more than one process takes part."""
+        return self.world_size > 1
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> DistEnv:
+        """Read ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` as set by ``torchrun``.
+
+        Without them (a plain ``python`` run) this is the single-process environment.
+
+        Example:
+            >>> from mtlgraph.distributed import DistEnv
+            >>> DistEnv.from_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})
+            DistEnv(rank=1, world_size=2, local_rank=1)
+            >>> DistEnv.from_env({}).enabled
+            False
+        """
+        env = os.environ if environ is None else environ
+        if "WORLD_SIZE" not in env or "RANK" not in env:
+            return cls()
+        return cls(
+            rank=int(env["RANK"]),
+            world_size=int(env["WORLD_SIZE"]),
+            local_rank=int(env.get("LOCAL_RANK", env["RANK"])),
+        )
+
+
+def backend_for(device: torch.device) -> str:
+    """``"nccl"`` for CUDA devices, ``"gloo"`` otherwise."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def device_for(env: DistEnv, requested: torch.device) -> torch.device:
+    """The device this rank should use: ``cuda:<local_rank>`` when CUDA is requested."""
+    if requested.type == "cuda":
+        return torch.device("cuda", env.local_rank)
+    return requested
+
+
+@contextmanager
+def process_group(env: DistEnv, device: torch.device, timeout_s: float) -> Iterator[bool]:
+    """Create the process group for ``env`` (if needed) and destroy it on exit or error.
+
+    Yields ``True`` when a group is active. A group that already exists (created by the caller)
+    is used and left alone. ``timeout_s`` bounds every collective, so a rank that dies makes the
+    others fail with an error instead of hanging.
+    """
+    if not env.enabled:
+        yield False
+        return
+    if dist.is_available() and dist.is_initialized():
+        yield True
+        return
+    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    if missing:
+        raise RuntimeError(
+            f"WORLD_SIZE={env.world_size} is set but {', '.join(missing)} is not; launch with "
+            "torchrun (which sets them) or set them yourself"
+        )
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(
+        backend=backend_for(device),
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+    logger.info(
+        "rank %d/%d joined a %s process group", env.rank, env.world_size, backend_for(device)
+    )
+    try:
+        yield True
+    finally:
+        dist.destroy_process_group()
+
+
+def shard_train_loader(loader: DictDataLoader, env: DistEnv) -> DictDataLoader:
+    """A copy of ``loader`` that reads this rank's shard through a ``DistributedSampler``.
+
+    Every rank gets the same number of batches (the sampler pads by repeating examples), so all
+    ranks run the same number of steps. The shuffle order is a function of the loader's seed and
+    the epoch (``set_epoch`` is forwarded), identical on every rank.
+    """
+    sampler = loader.sampler
+    shuffle = bool(getattr(sampler, "shuffle", False))
+    seed = int(getattr(sampler, "seed", 0))
+    dsampler: DistributedSampler[Any] = DistributedSampler(
+        loader.dataset, num_replicas=env.world_size, rank=env.rank, shuffle=shuffle, seed=seed
+    )
+    return DictDataLoader(
+        loader.dataset,
+        batch_size=int(loader.batch_size or 1),
+        drop_last=loader.drop_last,
+        sampler=dsampler,
+        num_workers=loader.num_workers,
+    )
+
+
+class StridedBatchSampler(Sampler[int]):
+    """Rows of batches ``rank, rank + world, ...`` of the sequential order: no padding.
+
+    Each rank sees whole batches exactly as a single process would, so every prediction is
+    computed on the same batch and is bit-identical to a single-process evaluation.
+    """
+
+    def __init__(self, n: int, batch_size: int, rank: int, world_size: int) -> None:
+        starts = range(rank * batch_size, n, world_size * batch_size)
+        self.indices = [i for s in starts for i in range(s, min(s + batch_size, n))]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def shard_eval_loader(loader: DictDataLoader, env: DistEnv) -> DictDataLoader:
+    """A copy of ``loader`` over this rank's batch-strided, unpadded shard of the dataset."""
+    if not isinstance(loader.sampler, EpochSampler) or loader.sampler.shuffle:
+        raise ValueError(
+            f"evaluation loader of dataset '{loader.dataset.name}' must be unshuffled to be sharded"
+        )
+    batch_size = int(loader.batch_size or 1)
+    return DictDataLoader(
+        loader.dataset,
+        batch_size=batch_size,
+        sampler=StridedBatchSampler(len(loader.dataset), batch_size, env.rank, env.world_size),
+        num_workers=loader.num_workers,
+    )
+
+
+def gather_predictions(
+    shard: Mapping[str, Mapping[str, np.ndarray]], indices: list[int], n: int
+) -> dict[str, dict[str, np.ndarray]]:
+    """All-gather every rank's predictions and put rows back in dataset order.
+
+    Args:
+        shard: This rank's ``predict`` result (``{"golds"|"probs"|"preds": {task: array}}``).
+        indices: The dataset rows of this rank's shard, in the order of ``shard``'s rows.
+        n: Dataset length.
+
+    Returns:
+        The result a single process would compute over the whole dataset, on every rank.
+    """
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, ({k: dict(v) for k, v in shard.items()}, indices))
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for kind in shard:
+        tasks = {t for part, _ in parts for t in part.get(kind, {})}
+        for task in tasks:
+            pieces = [(part[kind][task], idx) for part, idx in parts if task in part.get(kind, {})]
+            first = pieces[0][0]
+            full = np.empty((n, *first.shape[1:]), dtype=first.dtype)
+            for arr, idx in pieces:
+                full[np.asarray(idx, dtype=np.int64)] = arr
+            out.setdefault(kind, {})[task] = full
+    return out
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Average a tensor over ranks in place (identity in a single process)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+        tensor.div_(dist.get_world_size())
+    return tensor
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def clean_env_for_children() -> dict[str, str]:
+    """A copy of ``os.environ`` without torchrun's variables (for subprocesses)."""
+    return {k: v for k, v in os.environ.items() if k not in _TORCHRUN_VARS}
