@@ -249,7 +249,10 @@ class Trainer:
     Args:
         **config: Settings of :class:`TrainerConfig` (``n_epochs``, ``lr``, ``optimizer``,
             ``lr_scheduler``, ``batch_scheduler``, ``balancer``, ``seed``, ...). Unknown keys and
-            wrong types are rejected at construction, all at once, with suggestions.
+            wrong types are rejected at construction, all at once, with suggestions. With
+            ``run_dir``, ``fit`` writes ``metrics.jsonl``, TensorBoard events and checkpoints
+            there (``checkpoint_every``, ``checkpoint_metric``; docs/checkpoints.md), and
+            ``fit(..., resume_from=run_dir)`` continues an interrupted run exactly.
 
     Attributes:
         config: The validated :class:`TrainerConfig`.

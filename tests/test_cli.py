@@ -68,6 +68,13 @@ def test_check_prints_the_merged_graph(tmp_path: Path, capsys: pytest.CaptureFix
     assert not (tmp_path / "runs").exists()  # check writes nothing
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_checks(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _run(capsys, "check", str(path), "--quiet")
+    assert code == 0, err
+    assert out.startswith(f"{path}: valid") and "shared by" in out
+
+
 def test_config_error_exits_2_with_one_clean_message(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
