@@ -31,7 +31,7 @@ from mtlgraph.data import Batch, DictDataLoader
 from mtlgraph.exceptions import ConfigError, DataError
 from mtlgraph.metrics import make_key
 from mtlgraph.model import ExecutionPlan, MultitaskClassifier
-from mtlgraph.schedulers import BatchScheduler, make_scheduler
+from mtlgraph.schedulers import BatchScheduler, make_scheduler, scheduler_names
 from mtlgraph.writers import WRITERS, Writer, WriterContext, flatten, open_writers
 
 logger = logging.getLogger(__name__)
@@ -119,6 +119,15 @@ class TrainerConfig:
                 )
         if self.checkpoint_mode is not None and self.checkpoint_metric is None:
             problems.append("checkpoint_mode: set checkpoint_metric too (the key best.pt tracks)")
+        scheduler = self.batch_scheduler
+        if not isinstance(scheduler, BatchScheduler):
+            name = scheduler if isinstance(scheduler, str) else scheduler.get("name")
+            if name not in scheduler_names():
+                problems.append(
+                    f"batch_scheduler: unknown scheduler {name!r}"
+                    f"{did_you_mean(str(name), scheduler_names())}; known: "
+                    f"{quoted(scheduler_names())}"
+                )
         return problems
 
 

@@ -113,14 +113,23 @@ def test_type_errors_name_the_expected_type(tmp_path: Path) -> None:
 
 
 def test_trainer_value_checks(tmp_path: Path) -> None:
-    cfg = tiny_config(lr=-1.0, optimizer={"name": "adamm"}, checkpoint_every=-2, writers=["csv"])
+    cfg = tiny_config(
+        lr=-1.0,
+        optimizer={"name": "adamm"},
+        checkpoint_every=-2,
+        writers=["csv"],
+        batch_scheduler={"name": "shufled"},
+    )
     problems = _errors(write_config(tmp_path / "c.yaml", cfg))
     joined = "\n".join(problems)
     assert "trainer.lr: must be a positive number, got -1.0" in joined
     assert "trainer.optimizer: unknown name 'adamm' (did you mean 'adam'?)" in joined
     assert "trainer.checkpoint_every: must be >= 0, got -2" in joined
     assert "trainer.writers[0]: unknown writer 'csv'" in joined
-    assert len(problems) == 4
+    assert (
+        "trainer.batch_scheduler: unknown scheduler 'shufled' (did you mean 'shuffled'?)" in joined
+    )
+    assert len(problems) == 5
 
 
 def test_duplicate_keys_report_both_lines(tmp_path: Path) -> None:
