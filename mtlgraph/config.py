@@ -43,10 +43,9 @@ from mtlgraph.exceptions import ConfigError
 from mtlgraph.metrics import metric_names
 from mtlgraph.modules import get_module_factory, module_types
 from mtlgraph.synthetic import GENERATORS
-from mtlgraph.task import INPUT, TASK_TYPES, loss_names
+from mtlgraph.task import INPUT, TaskType, loss_names
 from mtlgraph.trainer import TrainerConfig
 
-TaskTypeName = Literal["multiclass", "binary", "multilabel", "regression"]
 FILE_FORMATS = ("npz", "csv")
 
 
@@ -84,7 +83,7 @@ class TaskConfig:
 
     ops: list[OpConfig]  # operation sequence; the last op's output is the task output
     modules: list[str] | None = None  # module pool; null = the modules its ops use
-    task_type: TaskTypeName = "multiclass"  # multiclass | binary | multilabel | regression
+    task_type: TaskType = "multiclass"  # multiclass | binary | multilabel | regression
     loss: str | None = None  # registered loss name; null = the task type's default
     metrics: list[str | dict[str, Any]] | None = (
         None  # names or {name, key, **kwargs}; null = default
@@ -700,7 +699,6 @@ def _deep_copy(value: Any) -> Any:
 
 
 __all__ = [
-    "TASK_TYPES",
     "DataConfig",
     "DatasetConfig",
     "ExperimentConfig",
