@@ -31,14 +31,19 @@ from mtlgraph import DictDataLoader, DictDataset, MultitaskClassifier, Operation
 from mtlgraph.synthetic import make_circle_dataset, make_inv_circle_dataset, make_square_dataset
 
 
-def tutorial_model(seed: int, names: list[str], width: int = 8, in_dim: int = 2) -> MultitaskClassifier:
+def tutorial_model(
+    seed: int, names: list[str], width: int = 8, in_dim: int = 2
+) -> MultitaskClassifier:
     torch.manual_seed(seed)
     trunk = nn.Sequential(nn.Linear(in_dim, width), nn.ReLU(), nn.Linear(width, 4), nn.ReLU())
     tasks = [
         Task(
             f"{n}_task",
             {"base_mlp": trunk, f"{n}_head": nn.Linear(4, 2)},
-            [Operation("base_mlp", [("_input_", f"{n}_data")]), Operation(f"{n}_head", ["base_mlp"])],
+            [
+                Operation("base_mlp", [("_input_", f"{n}_data")]),
+                Operation(f"{n}_head", ["base_mlp"]),
+            ],
         )
         for n in names
     ]
@@ -174,18 +179,24 @@ def main() -> None:
     names = ["circle", "square", "inv_circle"]
 
     raw, mtl, same = compare(names, 1000, 8, 2, 32, epochs, args.repeats)
-    print(f"tutorial fit ({epochs} epochs, batch 32): raw {raw:.3f}s  mtlgraph {mtl:.3f}s  "
-          f"ratio {mtl / raw:.3f} (target <= 1.25)  identical weights: {same}")
+    print(
+        f"tutorial fit ({epochs} epochs, batch 32): raw {raw:.3f}s  mtlgraph {mtl:.3f}s  "
+        f"ratio {mtl / raw:.3f} (target <= 1.25)  identical weights: {same}"
+    )
 
     raw, mtl, same = compare(names[:2], 2048, 1024, 512, 256, 1 if args.quick else 3, args.repeats)
-    print(f"wide MLP fit (batch 256): raw {raw:.3f}s  mtlgraph {mtl:.3f}s  "
-          f"ratio {mtl / raw:.3f} (target <= 1.03)  identical weights: {same}")
+    print(
+        f"wide MLP fit (batch 256): raw {raw:.3f}s  mtlgraph {mtl:.3f}s  "
+        f"ratio {mtl / raw:.3f} (target <= 1.03)  identical weights: {same}"
+    )
 
     steps = 200 if args.quick else 800
     small, _ = scaling(4, steps, args.repeats)
     big, build = scaling(1000, steps, args.repeats)
-    print(f"per-step time, 4-task model {small * 1e6:.0f}us, 1000-task model {big * 1e6:.0f}us: "
-          f"ratio {big / small:.3f} (target <= 1.10)")
+    print(
+        f"per-step time, 4-task model {small * 1e6:.0f}us, 1000-task model {big * 1e6:.0f}us: "
+        f"ratio {big / small:.3f} (target <= 1.10)"
+    )
     print(f"building the 1000-task model: {build:.3f}s (target < 1 s)")
 
 

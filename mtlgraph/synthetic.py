@@ -15,8 +15,8 @@ Split = tuple[np.ndarray, np.ndarray]
 
 def _split(X: np.ndarray, Y: np.ndarray, fractions: Sequence[float]) -> tuple[Split, Split, Split]:
     n = len(X)
-    a = int(round(fractions[0] * n))
-    b = a + int(round(fractions[1] * n))
+    a = round(fractions[0] * n)
+    b = a + round(fractions[1] * n)
     return (X[:a], Y[:a]), (X[a:b], Y[a:b]), (X[b:], Y[b:])
 
 
@@ -79,6 +79,6 @@ def make_sin_cos_dataset(
     x = rng.uniform(low, high, size=(n, 1)).astype(np.float32)
     s = (np.sin(x[:, 0]) + noise * rng.standard_normal(n)).astype(np.float32)
     c = (np.cos(x[:, 0]) + noise * rng.standard_normal(n)).astype(np.float32)
-    a = int(round(fractions[0] * n))
-    b = a + int(round(fractions[1] * n))
+    a = round(fractions[0] * n)
+    b = a + round(fractions[1] * n)
     return tuple((x[i:j], s[i:j], c[i:j]) for i, j in ((0, a), (a, b), (b, n)))
