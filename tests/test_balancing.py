@@ -230,7 +230,7 @@ def test_uncertainty_loss_formula(task_type: str) -> None:
     assert seen[0].item() == pytest.approx(expected, rel=1e-6)
     # d/ds of ½e^{-s}L + ½s is -½e^{-s}L + ½ (regression form)
     seen[0].backward()
-    assert b.log_vars[1].grad.item() == pytest.approx(-0.5 * math.exp(0.7) * lb + 0.5, rel=1e-5)
+    assert b.log_vars.grad[1].item() == pytest.approx(-0.5 * math.exp(0.7) * lb + 0.5, rel=1e-5)
     assert b.weights() == pytest.approx({"a": math.exp(-0.3), "b": math.exp(0.7)})
 
 
