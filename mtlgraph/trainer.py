@@ -4,7 +4,9 @@ Each step takes one batch (or, with the ``mixed`` scheduler, one batch per loade
 batch scheduler, computes the losses of the tasks those batches label, lets the balancer turn
 them into gradients, clips, and steps the optimizer on the parameters the step touched. The
 optimizer only visits the touched parameters, so a step's cost depends on the tasks in the batch,
-not on how many tasks the model holds.
+not on how many tasks the model holds. With ``amp`` or ``grad_accumulation_steps`` a step runs
+through :class:`~mtlgraph.optim.StepControl` (autocast, loss scaling, accumulation); per-module
+hyper-parameters and freezing are resolved by :mod:`mtlgraph.optim`.
 """
 
 from __future__ import annotations
@@ -191,8 +193,10 @@ class Trainer:
 
     Args:
         **config: Settings of :class:`TrainerConfig` (``n_epochs``, ``lr``, ``optimizer``,
-            ``lr_scheduler``, ``batch_scheduler``, ``balancer``, ``seed``, ...). Unknown keys and
-            wrong types are rejected at construction, all at once, with suggestions.
+            ``lr_scheduler``, ``batch_scheduler``, ``balancer``, ``param_groups``, ``freeze``,
+            ``amp``, ``grad_accumulation_steps``, ``grad_clip``, ``seed``, ...). Unknown keys and
+            wrong types are rejected at construction, all at once, with suggestions; settings
+            that name modules are checked against the model when :meth:`fit` starts.
 
     Attributes:
         config: The validated :class:`TrainerConfig`.
