@@ -5,7 +5,7 @@ graph; a :class:`Trainer` mixes batches from many datasets; a :class:`Scorer` re
 under ``task/dataset/split/metric``.
 """
 
-from mtlgraph.balancing import Balancer, register_balancer
+from mtlgraph.balancing import Balancer, GradientBalancer, StepContext, register_balancer
 from mtlgraph.data import DictDataLoader, DictDataset
 from mtlgraph.exceptions import (
     CheckpointError,
@@ -32,12 +32,14 @@ __all__ = [
     "DataError",
     "DictDataLoader",
     "DictDataset",
+    "GradientBalancer",
     "GraphError",
     "Input",
     "MtlGraphError",
     "MultitaskClassifier",
     "Operation",
     "Scorer",
+    "StepContext",
     "Task",
     "TaskDefinitionError",
     "Trainer",

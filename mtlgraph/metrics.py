@@ -47,11 +47,18 @@ class Metric:
     defaults: Mapping[str, Any] = field(default_factory=dict)
 
 
-def _average(probs: np.ndarray, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Default ``average`` for precision/recall/f1: binary for two classes, else macro."""
+def _average(golds: np.ndarray, probs: np.ndarray, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Default ``average`` for precision/recall/f1: binary for two classes, else macro.
+
+    Label matrices ``(N, L)`` (multilabel) default to ``micro``: pooled over elements, which is
+    what the same metric gives when ignored elements have been masked out (flattened).
+    """
     if "average" not in kwargs:
-        binary = probs.ndim == 1 or probs.shape[1] <= 2
-        kwargs = {**kwargs, "average": "binary" if binary else "macro"}
+        if golds.ndim == 2:
+            kwargs = {**kwargs, "average": "micro"}
+        else:
+            binary = probs.ndim == 1 or probs.shape[1] <= 2
+            kwargs = {**kwargs, "average": "binary" if binary else "macro"}
     if kwargs["average"] != "binary":
         kwargs.pop("pos_label", None)
     kwargs.setdefault("zero_division", 0.0)
@@ -59,23 +66,27 @@ def _average(probs: np.ndarray, kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _accuracy(golds: np.ndarray, preds: np.ndarray, probs: np.ndarray, **kw: Any) -> float:
+    """Fraction correct; for label matrices ``(N, L)`` the fraction of correct *elements*
+    (Hamming accuracy), so masking single elements does not change what is measured."""
+    if golds.ndim == 2 and preds.shape == golds.shape:
+        return float(skm.accuracy_score(golds.reshape(-1), preds.reshape(-1), **kw))
     return float(skm.accuracy_score(golds, preds, **kw))
 
 
 def _precision(golds: np.ndarray, preds: np.ndarray, probs: np.ndarray, **kw: Any) -> float:
-    return float(skm.precision_score(golds, preds, **_average(probs, kw)))
+    return float(skm.precision_score(golds, preds, **_average(golds, probs, kw)))
 
 
 def _recall(golds: np.ndarray, preds: np.ndarray, probs: np.ndarray, **kw: Any) -> float:
-    return float(skm.recall_score(golds, preds, **_average(probs, kw)))
+    return float(skm.recall_score(golds, preds, **_average(golds, probs, kw)))
 
 
 def _f1(golds: np.ndarray, preds: np.ndarray, probs: np.ndarray, **kw: Any) -> float:
-    return float(skm.f1_score(golds, preds, **_average(probs, kw)))
+    return float(skm.f1_score(golds, preds, **_average(golds, probs, kw)))
 
 
 def _fbeta(golds: np.ndarray, preds: np.ndarray, probs: np.ndarray, **kw: Any) -> float:
-    return float(skm.fbeta_score(golds, preds, **_average(probs, kw)))
+    return float(skm.fbeta_score(golds, preds, **_average(golds, probs, kw)))
 
 
 def _mcc(golds: np.ndarray, preds: np.ndarray, probs: np.ndarray, **kw: Any) -> float:

@@ -591,6 +591,13 @@ class MultitaskClassifier(nn.Module):
     def extra_repr(self) -> str:
         return f"name={self.name!r}, tasks={self.task_names}"
 
+    def __getstate__(self) -> dict[str, Any]:
+        """State for ``copy.deepcopy`` and pickling, without the execution-plan cache (plans
+        hold read-only mapping views, which cannot be copied; they are rebuilt on first use)."""
+        state = self.__dict__.copy()
+        state["_plans"] = {}
+        return state
+
 
 def _detach(value: Any) -> Any:
     if isinstance(value, torch.Tensor):

@@ -177,7 +177,14 @@ def multiclass_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def binary_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Binary cross-entropy with logits on one logit per row and 0/1 targets."""
-    return F.binary_cross_entropy_with_logits(_rows_match(output, target), target.to(output.dtype))
+    output = _rows_match(output, target)
+    if output.shape != target.shape:
+        raise ValueError(
+            f"a binary task needs one logit per label: output of shape {tuple(output.shape)} "
+            f"for labels of shape {tuple(target.shape)}; give the head one output unit, or use "
+            "task_type='multiclass' for one logit per class"
+        )
+    return F.binary_cross_entropy_with_logits(output, target.to(output.dtype))
 
 
 def regression_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,9 @@ Each step takes one batch (or, with the ``mixed`` scheduler, one batch per loade
 batch scheduler, computes the losses of the tasks those batches label, lets the balancer turn
 them into gradients, clips, and steps the optimizer on the parameters the step touched. The
 optimizer only visits the touched parameters, so a step's cost depends on the tasks in the batch,
-not on how many tasks the model holds.
+not on how many tasks the model holds. With ``amp`` or ``grad_accumulation_steps`` a step runs
+through :class:`~mtlgraph.optim.StepControl` (autocast, loss scaling, accumulation); per-module
+hyper-parameters and freezing are resolved by :mod:`mtlgraph.optim`.
 """
 
 from __future__ import annotations
@@ -30,7 +32,15 @@ from mtlgraph.balancing import Balancer, StepContext, make_balancer
 from mtlgraph.data import Batch, DictDataLoader
 from mtlgraph.exceptions import ConfigError, DataError
 from mtlgraph.metrics import make_key
-from mtlgraph.model import ExecutionPlan, MultitaskClassifier
+from mtlgraph.model import MultitaskClassifier
+from mtlgraph.optim import (
+    StepControl,
+    SubsetStepper,
+    check_param_groups,
+    freeze_modules,
+    model_param_groups,
+    resolve_freeze,
+)
 from mtlgraph.schedulers import BatchScheduler, make_scheduler, scheduler_names
 from mtlgraph.writers import WRITERS, Writer, WriterContext, flatten, open_writers
 
@@ -67,6 +77,12 @@ class TrainerConfig:
         "shuffled"  # batch order, see schedulers
     )
     balancer: str | dict[str, Any] | Balancer = "sum"  # how task losses combine, see balancing
+    param_groups: dict[str, dict[str, Any]] = field(
+        default_factory=dict
+    )  # module-name glob pattern -> optimizer hyper-params (lr, weight_decay, ...)
+    freeze: list[str] = field(default_factory=list)  # module names/patterns not trained
+    amp: Literal["bf16", "fp16"] | None = None  # autocast dtype; fp16 (CUDA only) adds a scaler
+    grad_accumulation_steps: int = 1  # batches (micro-steps) per optimizer step
     seed: int = 0  # seeds torch (inside fit only) and the batch scheduler
     progress_bar: bool = True  # one tqdm bar per epoch (hidden off a terminal)
     evaluation_freq: int = 1  # evaluate every N evaluation_units; 0 = only after training
@@ -96,9 +112,25 @@ class TrainerConfig:
             problems.append(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
         if self.evaluation_freq < 0:
             problems.append(f"evaluation_freq: must be >= 0, got {self.evaluation_freq}")
-        problems += _check_named(
-            "optimizer", self.optimizer, {n: _init_params(c) for n, c in OPTIMIZERS.items()}
-        )
+        if self.grad_accumulation_steps < 1:
+            problems.append(
+                f"grad_accumulation_steps: must be >= 1, got {self.grad_accumulation_steps}"
+            )
+        problems += [
+            f"freeze: entries must be non-empty strings, got {f!r}" for f in self.freeze if not f
+        ]
+        optimizer_params = {n: _init_params(c) for n, c in OPTIMIZERS.items()}
+        problems += _check_named("optimizer", self.optimizer, optimizer_params)
+        opt_name = self.optimizer if isinstance(self.optimizer, str) else self.optimizer.get("name")
+        if opt_name in optimizer_params:
+            problems += check_param_groups(
+                self.param_groups, optimizer_params[str(opt_name)] | {"lr"}
+            )
+        if not isinstance(self.balancer, Balancer):
+            try:
+                make_balancer(self.balancer)
+            except ConfigError as e:
+                problems += [f"balancer: {p}" for p in e.problems]
         problems += _check_named(
             "lr_scheduler", self.lr_scheduler, {n: set(p) for n, p in LR_SCHEDULES.items()}
         )
@@ -193,72 +225,15 @@ def lr_factor_fn(
     return factor
 
 
-class SubsetStepper:
-    """Steps a torch optimizer on the parameters of one execution plan only.
-
-    The optimizer holds every parameter (its state, hyper-parameters and ``state_dict`` are the
-    usual ones), but for a step its ``param_groups`` are temporarily narrowed to the groups'
-    parameters that the plan touched (plus every non-model group, such as learned balancer
-    weights). Parameters without gradients are skipped by PyTorch's optimizers anyway, so the
-    update is identical to a plain ``optimizer.step()``; only the cost differs: it no longer
-    grows with the number of tasks the model holds.
-
-    Args:
-        optimizer: The optimizer. Groups whose ``"scope"`` entry is ``"model"`` are narrowed.
-    """
-
-    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
-        self.optimizer = optimizer
-        self.full_groups = optimizer.param_groups
-        self.base_lrs = [float(g["lr"]) for g in self.full_groups]
-        self._subsets: dict[tuple[str, ...], list[tuple[dict[str, Any], dict[str, Any]]]] = {}
-
-    def set_lr_factor(self, factor: float) -> None:
-        """Set every group's lr to its base lr times ``factor``."""
-        for group, base in zip(self.full_groups, self.base_lrs, strict=True):
-            group["lr"] = base * factor
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Load an optimizer ``state_dict`` (saved outside :meth:`step`, with full groups).
-
-        Base learning rates stay those of the config: the saved ``lr`` values are scheduled ones.
-        """
-        self.optimizer.load_state_dict(dict(state))
-        self.full_groups = self.optimizer.param_groups  # load_state_dict builds new group dicts
-        self._subsets.clear()
-
-    def step(self, plan: ExecutionPlan) -> None:
-        """``optimizer.step()`` restricted to the plan's parameters."""
-        subsets = self._subsets.get(plan.task_names)
-        if subsets is None:
-            subsets = self._subsets[plan.task_names] = self._narrow(plan)
-        for sub, full in subsets:
-            sub["lr"] = full["lr"]
-        self.optimizer.param_groups = [sub for sub, _ in subsets]
-        try:
-            self.optimizer.step()
-        finally:
-            self.optimizer.param_groups = self.full_groups
-
-    def _narrow(self, plan: ExecutionPlan) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-        touched = {id(p) for p in plan.parameters}
-        out = []
-        for group in self.full_groups:
-            params = group["params"]
-            if group.get("scope") == "model":
-                params = [p for p in params if id(p) in touched]
-            if params:
-                out.append(({**group, "params": params}, group))
-        return out
-
-
 class Trainer:
     """Trains a :class:`~mtlgraph.MultitaskClassifier` on many loaders at once.
 
     Args:
         **config: Settings of :class:`TrainerConfig` (``n_epochs``, ``lr``, ``optimizer``,
-            ``lr_scheduler``, ``batch_scheduler``, ``balancer``, ``seed``, ...). Unknown keys and
-            wrong types are rejected at construction, all at once, with suggestions. With
+            ``lr_scheduler``, ``batch_scheduler``, ``balancer``, ``param_groups``, ``freeze``,
+            ``amp``, ``grad_accumulation_steps``, ``grad_clip``, ``seed``, ...). Unknown keys and
+            wrong types are rejected at construction, all at once, with suggestions; settings
+            that name modules are checked against the model when :meth:`fit` starts. With
             ``run_dir``, ``fit`` writes ``metrics.jsonl``, TensorBoard events and checkpoints
             there (``checkpoint_every``, ``checkpoint_metric``; docs/checkpoints.md), and
             ``fit(..., resume_from=run_dir)`` continues an interrupted run exactly.
@@ -348,10 +323,16 @@ class Trainer:
         cfg = self.config
         device = model.device
         scheduler = make_scheduler(cfg.batch_scheduler, cfg.seed)
-        balancer = make_balancer(cfg.balancer).to(device)
-        stepper = SubsetStepper(self._make_optimizer(model, balancer))
+        balancer = make_balancer(cfg.balancer)
+        self._prepare(model, balancer, device)
+        balancer.to(device)
+        stepper = SubsetStepper(self._make_optimizer(model, balancer), balancer.task_parameters)
+        control = None
+        if cfg.amp is not None or cfg.grad_accumulation_steps > 1:
+            control = StepControl(cfg.amp, cfg.grad_accumulation_steps, cfg.grad_clip, device)
         batch_counts = [len(dl) for dl in train]
-        steps_per_epoch = len(copy.deepcopy(scheduler).epoch_plan(batch_counts))
+        micro_steps = len(copy.deepcopy(scheduler).epoch_plan(batch_counts))
+        steps_per_epoch = -(-micro_steps // cfg.grad_accumulation_steps)
         lr_factor = lr_factor_fn(
             cfg.lr_scheduler, cfg.warmup_steps, cfg.n_epochs * steps_per_epoch, steps_per_epoch
         )
@@ -396,11 +377,19 @@ class Trainer:
                 batches = [(train[i].dataset.name, _next_batch(train, iterators, i)) for i in step]
                 if lr_factor is not None:
                     stepper.set_lr_factor(lr_factor(self.global_step))
-                records = self._train_step(model, balancer, stepper, batches, device)
+                if control is None:
+                    records = self._train_step(model, balancer, stepper, batches, device)
+                    stepped = True
+                else:
+                    records, stepped = self._micro_step(
+                        model, balancer, stepper, control, batches, device, k == len(plan) - 1
+                    )
                 epoch_losses += records
                 self._window += records
-                self.global_step += 1
                 bar.update()
+                if not stepped:
+                    continue
+                self.global_step += 1
                 if cfg.progress_bar and records and self.global_step % 20 == 0:
                     bar.set_postfix(
                         loss=f"{float(records[0][2]):.4f}",
@@ -538,15 +527,11 @@ class Trainer:
         if checkpointer is not None and checkpointer.improved(record):
             checkpointer.save_best(self._state(model, stepper, balancer))
 
-    def _train_step(
-        self,
-        model: MultitaskClassifier,
-        balancer: Balancer,
-        stepper: SubsetStepper,
-        batches: list[tuple[str, Batch]],
-        device: torch.device,
-    ) -> list[tuple[str, str, torch.Tensor, int]]:
-        """One optimizer step on one or more batches; returns (task, dataset, loss, n) records."""
+    def _losses(
+        self, model: MultitaskClassifier, batches: list[tuple[str, Batch]], device: torch.device
+    ) -> tuple[dict[str, torch.Tensor], dict[str, int], list[tuple[str, str, torch.Tensor, int]]]:
+        """Per-task losses and label counts of a step's batches, and (task, dataset, loss, n)
+        records for logging."""
         losses: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
         records = []
@@ -563,6 +548,18 @@ class Trainer:
                     counts[task_name] = m + n
                 else:
                     losses[task_name], counts[task_name] = loss, n
+        return losses, counts, records
+
+    def _train_step(
+        self,
+        model: MultitaskClassifier,
+        balancer: Balancer,
+        stepper: SubsetStepper,
+        batches: list[tuple[str, Batch]],
+        device: torch.device,
+    ) -> list[tuple[str, str, torch.Tensor, int]]:
+        """One optimizer step on one or more batches (no amp, no accumulation: the fast path)."""
+        losses, counts, records = self._losses(model, batches, device)
         if not losses:
             return records
         plan = model.plan(losses)
@@ -575,30 +572,89 @@ class Trainer:
             step=self.global_step,
         )
         balancer.backward(losses, ctx)
-        params = plan.parameters
-        if self.config.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(
-                [p for p in params if p.grad is not None], self.config.grad_clip
-            )
-        stepper.step(plan)
-        for p in params:
+        stepper.step(plan, self.config.grad_clip)
+        for p in plan.parameters:
             p.grad = None
-        for p in balancer.parameters():
+        for p in _balancer_params(balancer, plan.task_names):
             p.grad = None
         return records
 
+    def _micro_step(
+        self,
+        model: MultitaskClassifier,
+        balancer: Balancer,
+        stepper: SubsetStepper,
+        control: StepControl,
+        batches: list[tuple[str, Batch]],
+        device: torch.device,
+        end_of_epoch: bool,
+    ) -> tuple[list[tuple[str, str, torch.Tensor, int]], bool]:
+        """Forward (under autocast) and backward of one micro-step; steps the optimizer when
+        ``grad_accumulation_steps`` micro-steps (or the epoch's last ones) have accumulated.
+
+        Returns:
+            The loss records and whether the optimizer stepped.
+        """
+        with control.autocast():
+            losses, counts, records = self._losses(model, batches, device)
+        if losses:
+            plan = model.plan(losses)
+            ctx = StepContext(
+                tasks=model.tasks,
+                plan=plan,
+                counts=counts,
+                backward=control.backward,
+                scale=control.scale,
+                step=self.global_step,
+            )
+            balancer.backward(losses, ctx)
+            control.add(plan)
+        if not control.ready(end_of_epoch):
+            return records, False
+        names = list(dict.fromkeys(t for p in control.pending for t in p.task_names))
+        control.step(stepper, _balancer_params(balancer, names))
+        return records, True
+
     # ------------------------------------------------------------------ pieces
+
+    def _prepare(
+        self, model: MultitaskClassifier, balancer: Balancer, device: torch.device
+    ) -> None:
+        """Check the config against the model (patterns, amp, balancer), all problems at once;
+        then freeze modules and set the balancer up for the model's tasks."""
+        cfg = self.config
+        frozen, problems = resolve_freeze(model, cfg.freeze)
+        problems += model_param_groups(model, cfg.param_groups, frozen)[1]
+        if cfg.amp == "fp16" and device.type != "cuda":
+            problems.append(
+                f"amp: 'fp16' needs a CUDA device (the model is on {device.type}); use "
+                "amp='bf16' on this device, or move the model to CUDA"
+            )
+        try:
+            balancer.setup(model.tasks)
+        except ConfigError as e:
+            problems += e.problems
+        if problems:
+            raise ConfigError(problems, header="cannot train this model with this config:")
+        freeze_modules(model, frozen)
 
     def _make_optimizer(
         self, model: MultitaskClassifier, balancer: Balancer
     ) -> torch.optim.Optimizer:
+        """One optimizer: the model's groups (default first, then ``param_groups`` patterns;
+        frozen parameters left out) and the balancer's learned weights in their own group."""
         name, kwargs = _named(self.config.optimizer)
-        groups: list[dict[str, Any]] = [
-            {"params": [p for p in model.parameters() if p.requires_grad], "scope": "model"}
-        ]
+        groups, _ = model_param_groups(model, self.config.param_groups)
         balancer_params = [p for p in balancer.parameters() if p.requires_grad]
         if balancer_params:
-            groups.append({"params": balancer_params, "scope": "balancer", "weight_decay": 0.0})
+            groups.append(
+                {
+                    "params": balancer_params,
+                    "scope": "balancer",
+                    "weight_decay": 0.0,
+                    **balancer.optimizer_options(),
+                }
+            )
         return OPTIMIZERS[name](
             groups, lr=self.config.lr, weight_decay=self.config.weight_decay, **kwargs
         )
@@ -615,6 +671,9 @@ class Trainer:
         record.update(_train_losses(self._window))
         self._window = []
         record["model/all/train/lr"] = float(stepper.full_groups[0]["lr"])
+        for group in stepper.full_groups[1:]:
+            if "name" in group:  # a param_groups pattern
+                record[f"model/all/train/lr/{group['name']}"] = float(group["lr"])
         for task_name, w in sorted(balancer.weights().items()):
             record[f"model/all/train/weight/{task_name}"] = float(w)
         if evals:
@@ -681,6 +740,12 @@ class Trainer:
             raise DataError(
                 problems, header="cannot train on these dataloaders:" if len(problems) > 1 else None
             )
+
+
+def _balancer_params(balancer: Balancer, task_names: Sequence[str]) -> list[torch.nn.Parameter]:
+    """The balancer parameters a step on ``task_names`` touched."""
+    params = balancer.task_parameters(task_names)
+    return list(balancer.parameters()) if params is None else params
 
 
 def _backward(loss: torch.Tensor) -> None:

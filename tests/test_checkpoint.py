@@ -141,6 +141,36 @@ def test_resume_with_the_mixed_scheduler_cycling_loaders(tmp_path: Path) -> None
     assert all(torch.equal(expected[k], v) for k, v in _params(model).items())
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"balancer": "uncertainty"},
+        {"balancer": "dwa"},
+        {"balancer": {"name": "pcgrad", "seed": 3}},
+        {"balancer": "gradnorm"},
+        {"balancer": "mgda", "grad_accumulation_steps": 2},
+        {"balancer": "inverse_metric", "param_groups": {"*_head": {"lr": 0.05}}},
+    ],
+    ids=["uncertainty", "dwa", "pcgrad", "gradnorm", "mgda+accumulation", "inverse_metric+groups"],
+)
+def test_resume_is_exact_with_balancers_and_controls(tmp_path: Path, extra: dict) -> None:
+    """Learned weights, loss histories, generator states and accumulation survive a resume."""
+    cfg = {**CONFIG, "batch_scheduler": "mixed", "checkpoint_every": 4, **extra}
+    model, loaders = _setup()
+    reference = Trainer(run_dir=str(tmp_path / "ref"), **cfg)
+    reference.fit(model, loaders)
+    expected = _params(model)
+    model, loaders = _setup(at=2 * 22 + 1)  # stop in the second epoch (10 steps an epoch)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(run_dir=str(tmp_path / "run"), **cfg).fit(model, loaders)
+    assert load_checkpoint(tmp_path / "run")["progress"]["global_step"] > 0
+    model, loaders = _setup()
+    resumed = Trainer(run_dir=str(tmp_path / "run"), **cfg)
+    resumed.fit(model, loaders, resume_from=tmp_path / "run")
+    assert all(torch.equal(expected[k], v) for k, v in _params(model).items())
+    assert resumed.history == reference.history
+
+
 def test_checkpoint_contents(tmp_path: Path) -> None:
     model, loaders = _setup()
     trainer = Trainer(run_dir=str(tmp_path), **{**CONFIG, "n_epochs": 1})

@@ -1,0 +1,383 @@
+"""Optimizer set-up and the optimizer step: per-module hyper-parameters, freezing, mixed
+precision, gradient accumulation and clipping.
+
+- ``param_groups``: module-name glob patterns -> optimizer hyper-parameters (``lr``,
+  ``weight_decay``, ...). Parameters of unmatched modules stay in the default group.
+- ``freeze``: module names or patterns whose parameters get ``requires_grad = False`` and are
+  left out of the optimizer.
+- :class:`StepControl`: autocast for ``amp``, loss scaling (``GradScaler`` for fp16, ``1/N`` for
+  ``N`` accumulation steps), and the optimizer step over the union of the accumulated micro-steps'
+  parameters (unscale, clip, step, zero).
+- :class:`SubsetStepper`: ``optimizer.step()`` restricted to the parameters a step touched.
+
+Patterns are checked against the model when ``Trainer.fit`` starts; every problem is reported at
+once in one :class:`~mtlgraph.ConfigError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from mtlgraph._suggest import did_you_mean, quoted
+from mtlgraph.exceptions import ConfigError
+from mtlgraph.model import ExecutionPlan, MultitaskClassifier
+
+AMP_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_param_groups(
+    param_groups: Mapping[str, Mapping[str, Any]], accepted: Iterable[str]
+) -> list[str]:
+    """Construction-time checks of ``param_groups`` (patterns need the model, see below).
+
+    Args:
+        param_groups: Pattern -> hyper-parameters.
+        accepted: Hyper-parameter names the optimizer takes (``lr`` included).
+
+    Returns:
+        One sentence per problem, each starting with ``param_groups``.
+    """
+    accepted = set(accepted)
+    problems = []
+    for pattern, options in param_groups.items():
+        where = f"param_groups.{pattern}"
+        if not pattern:
+            problems.append("param_groups: a pattern must be a non-empty string")
+        for key, value in options.items():
+            if key in ("params", "scope", "name"):
+                problems.append(f"{where}.{key}: is set by the Trainer; remove it")
+            elif key not in accepted:
+                problems.append(
+                    f"{where}.{key}: the optimizer takes no '{key}'{did_you_mean(key, accepted)};"
+                    f" it takes {quoted(accepted)}"
+                )
+            elif key in ("lr", "weight_decay") and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0
+            ):
+                problems.append(f"{where}.{key}: must be a number >= 0, got {value!r}")
+    return problems
+
+
+def _matches(pattern: str, names: Sequence[str]) -> list[str]:
+    return [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+
+
+def _no_match(what: str, pattern: str, names: Sequence[str]) -> str:
+    return (
+        f"{what}: pattern '{pattern}' matches no module of the model"
+        f"{did_you_mean(pattern, names)}; modules: {quoted(names)}"
+    )
+
+
+def resolve_freeze(
+    model: MultitaskClassifier, freeze: Sequence[str]
+) -> tuple[list[str], list[str]]:
+    """Module names that ``freeze`` selects, and one sentence per pattern that matches none."""
+    names = list(model.module_pool)
+    frozen: list[str] = []
+    problems = []
+    for pattern in freeze:
+        found = _matches(pattern, names)
+        if not found:
+            problems.append(_no_match("freeze", pattern, names))
+        frozen += [n for n in found if n not in frozen]
+    return frozen, problems
+
+
+def model_param_groups(
+    model: MultitaskClassifier,
+    param_groups: Mapping[str, Mapping[str, Any]],
+    frozen: Sequence[str] = (),
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The model's optimizer groups: the default group first, then one per pattern.
+
+    Every group carries ``"scope": "model"`` (so :class:`SubsetStepper` narrows it) and patterned
+    groups a ``"name"`` (the pattern). Parameters of ``frozen`` modules and parameters that do not
+    require gradients are left out.
+
+    Returns:
+        ``(groups, problems)``: problems are patterns that match no module and modules matched by
+        two patterns.
+    """
+    names = list(model.module_pool)
+    problems = []
+    owner: dict[str, str] = {}  # module -> pattern
+    for pattern in param_groups:
+        found = _matches(pattern, names)
+        if not found:
+            problems.append(_no_match("param_groups", pattern, names))
+        for module_name in found:
+            if module_name in owner:
+                problems.append(
+                    f"param_groups: module '{module_name}' matches both '{owner[module_name]}' "
+                    f"and '{pattern}'; make the patterns disjoint"
+                )
+            else:
+                owner[module_name] = pattern
+    skip = {id(p) for m in frozen for p in model.module_pool[m].parameters()}
+    grouped: dict[str, list[nn.Parameter]] = {pattern: [] for pattern in param_groups}
+    default: list[nn.Parameter] = []
+    seen: set[int] = set(skip)
+    for module_name, module in model.module_pool.items():
+        target = grouped[owner[module_name]] if module_name in owner else default
+        for p in module.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                target.append(p)
+    groups: list[dict[str, Any]] = [{"params": default, "scope": "model"}]
+    for pattern, params in grouped.items():
+        if params:
+            groups.append(
+                {**param_groups[pattern], "params": params, "scope": "model", "name": pattern}
+            )
+    return groups, problems
+
+
+def freeze_modules(model: MultitaskClassifier, frozen: Sequence[str]) -> None:
+    """Set ``requires_grad = False`` on every parameter of the named modules."""
+    for module_name in frozen:
+        for p in model.module_pool[module_name].parameters():
+            p.requires_grad_(False)
+
+
+class SubsetStepper:
+    """Steps a torch optimizer on the parameters of one execution plan only.
+
+    The optimizer holds every parameter (its state, hyper-parameters and ``state_dict`` are the
+    usual ones), but for a step its ``param_groups`` are temporarily narrowed to the groups'
+    parameters that the plan touched (plus the balancer parameters of the plan's tasks). Parameters
+    without gradients are skipped by PyTorch's optimizers anyway, so the update is identical to a
+    plain ``optimizer.step()``; only the cost differs: it no longer grows with the number of tasks
+    the model holds.
+
+    Args:
+        optimizer: The optimizer. Groups whose ``"scope"`` is ``"model"`` are narrowed to the
+            plan's parameters, groups whose scope is ``"balancer"`` to ``balancer_params(tasks)``
+            (when given and not ``None``); other groups are stepped whole.
+        balancer_params: ``task names -> parameters`` of a learned balancer, or ``None`` for all.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        balancer_params: Callable[[Sequence[str]], Sequence[nn.Parameter] | None] | None = None,
+    ) -> None:
+        self.optimizer = optimizer
+        self.full_groups = optimizer.param_groups
+        self.base_lrs = [float(g["lr"]) for g in self.full_groups]
+        self.balancer_params = balancer_params
+        self._group_of = {
+            id(p): i
+            for i, g in enumerate(self.full_groups)
+            if g.get("scope") in ("model", "balancer")
+            for p in g["params"]
+        }
+        self._subsets: dict[tuple[str, ...], list[tuple[dict[str, Any], dict[str, Any]]]] = {}
+
+    def set_lr_factor(self, factor: float) -> None:
+        """Set every group's lr to its base lr times ``factor``."""
+        for group, base in zip(self.full_groups, self.base_lrs, strict=True):
+            group["lr"] = base * factor
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Load an optimizer ``state_dict`` (saved outside :meth:`step`, with full groups).
+
+        Base learning rates stay those of the config: the saved ``lr`` values are scheduled ones.
+        """
+        self.optimizer.load_state_dict(dict(state))
+        self.full_groups = self.optimizer.param_groups  # load_state_dict builds new group dicts
+        self._subsets.clear()
+
+    def step(
+        self,
+        plan: ExecutionPlan,
+        grad_clip: float | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> None:
+        """``optimizer.step()`` restricted to the plan's parameters (cached per task set).
+
+        With a ``scaler`` the gradients are unscaled first; ``grad_clip`` then clips the global
+        L2 norm of the plan's model gradients.
+        """
+        subsets = self._subsets.get(plan.task_names)
+        if subsets is None:
+            subsets = self._subsets[plan.task_names] = self._narrow(
+                plan.parameters, plan.task_names
+            )
+        self._step(subsets, plan.parameters, grad_clip, scaler)
+
+    def step_union(
+        self,
+        task_names: Sequence[str],
+        params: Sequence[nn.Parameter],
+        grad_clip: float | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> None:
+        """Like :meth:`step` for the union of several plans' parameters (not cached)."""
+        self._step(self._narrow(params, task_names), params, grad_clip, scaler)
+
+    def _step(
+        self,
+        subsets: list[tuple[dict[str, Any], dict[str, Any]]],
+        params: Sequence[nn.Parameter],
+        grad_clip: float | None,
+        scaler: torch.amp.GradScaler | None,
+    ) -> None:
+        for sub, full in subsets:
+            sub["lr"] = full["lr"]
+        self.optimizer.param_groups = [sub for sub, _ in subsets]
+        try:
+            if scaler is not None:
+                scaler.unscale_(self.optimizer)
+            if grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], grad_clip)
+            if scaler is not None:
+                scaler.step(self.optimizer)
+            else:
+                self.optimizer.step()
+        finally:
+            self.optimizer.param_groups = self.full_groups
+
+    def _narrow(
+        self, params: Iterable[nn.Parameter], task_names: Sequence[str]
+    ) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        """Narrowed copies of the groups, in O(touched parameters)."""
+        picked: dict[int, list[nn.Parameter]] = {}
+        for p in params:
+            i = self._group_of.get(id(p))
+            if i is not None and self.full_groups[i].get("scope") == "model":
+                picked.setdefault(i, []).append(p)
+        extra = self.balancer_params(task_names) if self.balancer_params is not None else None
+        if extra is not None:
+            for p in extra:
+                i = self._group_of.get(id(p))
+                if i is not None:
+                    picked.setdefault(i, []).append(p)
+        out = []
+        for i, group in enumerate(self.full_groups):
+            scope = group.get("scope")
+            if scope == "model" or (scope == "balancer" and extra is not None):
+                chosen = picked.get(i, [])
+            else:
+                chosen = group["params"]
+            if chosen:
+                out.append(({**group, "params": chosen}, group))
+        return out
+
+
+class StepControl:
+    """Mixed precision, loss scaling, gradient accumulation and clipping around the optimizer.
+
+    The Trainer runs each micro-step's forward pass under :meth:`autocast`, hands
+    :meth:`backward` and :meth:`scale` to the balancer (through the step context), records the
+    micro-step's plan with :meth:`add`, and calls :meth:`step` when :meth:`ready`.
+
+    Losses are divided by ``accumulation_steps`` (``N``), so ``N`` equal-size micro-batches of the
+    same tasks give exactly the gradient of one batch ``N`` times larger. When an epoch ends after
+    ``r < N`` micro-steps, the gradients are multiplied by ``N/r`` before the step, so that update
+    is the mean over the ``r`` micro-batches. The step visits the union of the micro-steps'
+    parameters: with fp16 it unscales the gradients (``GradScaler``), then clips, steps, updates
+    the scale and zeroes the gradients.
+
+    Args:
+        amp: ``None``, ``"bf16"`` (CPU and CUDA) or ``"fp16"`` (CUDA only, with a grad scaler).
+        accumulation_steps: Micro-steps per optimizer step (``N >= 1``).
+        grad_clip: Max global L2 norm of the step's model gradients, or ``None``.
+        device: The model's device.
+
+    Raises:
+        ConfigError: ``amp="fp16"`` on a device other than CUDA.
+
+    Example:
+        >>> import torch
+        >>> from mtlgraph.optim import StepControl
+        >>> ctl = StepControl(None, 4, None, torch.device("cpu"))
+        >>> float(ctl.scale(torch.tensor(2.0)))  # the loss of one of 4 micro-steps
+        0.5
+    """
+
+    def __init__(
+        self,
+        amp: str | None,
+        accumulation_steps: int,
+        grad_clip: float | None,
+        device: torch.device,
+    ) -> None:
+        if amp == "fp16" and device.type != "cuda":
+            raise ConfigError(
+                [
+                    f"amp: 'fp16' needs a CUDA device (the model is on {device.type}); use "
+                    "amp='bf16' on this device, or move the model to CUDA"
+                ]
+            )
+        self.amp = amp
+        self.device_type = device.type
+        self.n = accumulation_steps
+        self.grad_clip = grad_clip
+        self.scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+        self.pending: list[ExecutionPlan] = []
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """The forward pass's autocast context (a no-op without ``amp``)."""
+        if self.amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=AMP_DTYPES[self.amp])
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss as it is differentiated: times the fp16 loss scale, divided by ``N``."""
+        if self.scaler is not None:
+            loss = self.scaler.scale(loss)
+        return loss / self.n if self.n != 1 else loss
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate the gradients of the scaled loss."""
+        self.scale(loss).backward()
+
+    def add(self, plan: ExecutionPlan) -> None:
+        """Record a micro-step that produced gradients for ``plan``'s parameters."""
+        self.pending.append(plan)
+
+    def ready(self, end_of_epoch: bool) -> bool:
+        """Whether the optimizer steps now (``N`` micro-steps, or the epoch's last ones)."""
+        return len(self.pending) >= self.n or (end_of_epoch and bool(self.pending))
+
+    def step(self, stepper: SubsetStepper, balancer_params: Sequence[nn.Parameter] | None) -> None:
+        """Step the optimizer on the accumulated gradients and zero them.
+
+        Args:
+            stepper: The subset stepper.
+            balancer_params: Learned balancer parameters to zero afterwards (``None``: none).
+        """
+        plans = self.pending
+        self.pending = []
+        first = plans[0]
+        same = all(p.task_names == first.task_names for p in plans)
+        if same:
+            params: Sequence[nn.Parameter] = first.parameters
+        else:
+            params = list({id(p): p for plan in plans for p in plan.parameters}.values())
+        if len(plans) < self.n:
+            factor = self.n / len(plans)
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(factor)
+            for p in balancer_params or ():
+                if p.grad is not None:
+                    p.grad.mul_(factor)
+        if same:
+            stepper.step(first, self.grad_clip, self.scaler)
+        else:
+            names = list(dict.fromkeys(t for plan in plans for t in plan.task_names))
+            stepper.step_union(names, params, self.grad_clip, self.scaler)
+        if self.scaler is not None:
+            self.scaler.update()
+        for p in params:
+            p.grad = None
+        for p in balancer_params or ():
+            p.grad = None
