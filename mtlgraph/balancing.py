@@ -56,6 +56,10 @@ class StepContext:
         scale: Apply the same scaling to a loss without calling backward (for
             ``torch.autograd.grad`` based methods).
         step: Global optimizer step number.
+        reduce: Average a tensor over DDP ranks in place and return it (the identity in a single
+            process). Gradient-based methods call it on the per-task gradients they compute with
+            ``torch.autograd.grad``, which DDP does not reduce, so every rank combines the same,
+            rank-averaged gradients.
     """
 
     tasks: Mapping[str, Task]
@@ -64,6 +68,7 @@ class StepContext:
     backward: Callable[[torch.Tensor], None]
     scale: Callable[[torch.Tensor], torch.Tensor]
     step: int
+    reduce: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda t: t)
 
 
 class Balancer(nn.Module):
@@ -533,11 +538,10 @@ class GradNormBalancer(Balancer):
             grads = torch.autograd.grad(
                 ctx.scale(weighted[task_name]), layer, retain_graph=True, allow_unused=True
             )
-            sq = [g.pow(2).sum() for g in grads if g is not None]
+            sq = [ctx.reduce(g).pow(2).sum() for g in grads if g is not None]
             norms.append(torch.stack(sq).sum().sqrt() if sq else layer[0].new_zeros(()))
-        stats = torch.stack(
-            [torch.stack(norms).float(), torch.stack([weighted[t].detach() for t in names]).float()]
-        ).tolist()
+        task_losses = ctx.reduce(torch.stack([weighted[t].detach() for t in names]).float())
+        stats = torch.stack([torch.stack(norms).float(), task_losses]).tolist()
         for task_name, loss0 in zip(names, stats[1], strict=True):
             if task_name not in self._initial and math.isfinite(loss0):
                 self._initial[task_name] = loss0
@@ -910,7 +914,8 @@ class GradientBalancer(Balancer):
             )
             torch.cat([g.reshape(-1) for g in grads[:n_shared]], out=buffer[i])
             for p, g in zip(own, grads[n_shared:], strict=True):
-                _accumulate(p, g)
+                _accumulate(p, ctx.reduce(g))
+        ctx.reduce(buffer)  # under DDP: every rank combines the same rank-averaged gradients
         gram = (buffer @ buffer.T).double().cpu().numpy()
         if np.isfinite(gram).all():
             beta = np.asarray(self.combine(gram), dtype=np.float64)

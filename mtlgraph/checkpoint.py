@@ -312,12 +312,17 @@ def training_state(
     window: Records,
     epoch_losses: Records,
     config: Mapping[str, Any],
+    world_size: int = 1,
+    rank_records: Sequence[tuple[Records, Records]] | None = None,
 ) -> dict[str, Any]:
     """The checkpoint of a run at ``progress`` (the layout in this module's docstring).
 
     Args:
         done: The steps of the current epoch already taken (they give the loader positions).
         scheduler_state: The batch scheduler's state at the start of ``progress.epoch``.
+        world_size: Number of DDP ranks of the run (a resume needs as many).
+        rank_records: Under DDP, every rank's ``(window, epoch_losses)``: each rank resumes
+            with its own loss records.
     """
     lr_spec = config.get("trainer", {})
     return {
@@ -339,6 +344,7 @@ def training_state(
             "last_logged": progress.last_logged,
             "batch_counts": [len(dl) for dl in loaders],
             "loader_positions": loader_positions(done, len(loaders)),
+            "world_size": int(world_size),
         },
         "scheduler": dict(scheduler_state),
         "rng": get_rng_state(),
@@ -346,6 +352,10 @@ def training_state(
         "window": records_state(window),
         "epoch_losses": records_state(epoch_losses),
         "config": dict(config),
+        "rank_records": [
+            {"window": records_state(w), "epoch_losses": records_state(e)}
+            for w, e in (rank_records or [])
+        ],
     }
 
 
@@ -365,6 +375,8 @@ def restore_training(
     balancer: torch.nn.Module,
     scheduler: BatchScheduler,
     loaders: Sequence[DictDataLoader],
+    world_size: int = 1,
+    rank: int = 0,
 ) -> RestoredRun:
     """Load a checkpoint's model, balancer and batch-scheduler state; return the run's position,
     history and loss windows. (The optimizer and the RNG states are the caller's: the RNG states
@@ -374,6 +386,12 @@ def restore_training(
         CheckpointError: The loaders have other batch counts, or the model other tasks.
     """
     progress = state["progress"]
+    saved_world = int(progress.get("world_size", 1))
+    if saved_world != world_size:
+        raise CheckpointError(
+            f"cannot resume: the checkpoint was written by a run of {saved_world} process(es), "
+            f"this one has {world_size}; resume with the same torchrun --nproc_per_node/--nnodes"
+        )
     counts = [len(dl) for dl in loaders]
     if list(progress["batch_counts"]) != counts:
         raise CheckpointError(
@@ -400,6 +418,10 @@ def restore_training(
         window=records_from_state(state["window"]),
         epoch_losses=records_from_state(state["epoch_losses"]),
     )
+    per_rank = state.get("rank_records") or []
+    if world_size > 1 and len(per_rank) == world_size:
+        run.window = records_from_state(per_rank[rank]["window"])
+        run.epoch_losses = records_from_state(per_rank[rank]["epoch_losses"])
     logger.info(
         "resuming at epoch %d, step %d of the epoch (global step %d)",
         run.progress.epoch + 1,
@@ -489,6 +511,8 @@ class Checkpointer:
         unit: ``"steps"`` or ``"epochs"``.
         metric: Flat key selecting ``best.pt``, or ``None``.
         mode: ``"max"`` or ``"min"`` (required with ``metric``).
+        write: Whether this process writes files. Under DDP only rank 0 does; the others keep
+            the same schedule and best-value bookkeeping without touching the disk.
 
     Example:
         >>> import tempfile, pathlib
@@ -505,10 +529,13 @@ class Checkpointer:
         unit: str = "epochs",
         metric: str | None = None,
         mode: str | None = None,
+        write: bool = True,
     ) -> None:
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(self.directory)
+        self.write = write
+        if write:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.directory)
         self.every, self.unit, self.metric, self.mode = every, unit, metric, mode
         self.best_value: float | None = None
         self.best_step: int | None = None

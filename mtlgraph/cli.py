@@ -22,12 +22,16 @@ import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import yaml
 
 from mtlgraph.exceptions import MtlGraphError
+
+if TYPE_CHECKING:
+    from mtlgraph.config import ExperimentConfig
+    from mtlgraph.distributed import DistEnv
 
 logger = logging.getLogger(__name__)
 
@@ -117,15 +121,30 @@ def _config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[
 
 @command("train", "train a config; writes a run directory", _train_args)
 def train(args: argparse.Namespace) -> int:
-    from mtlgraph.build import build_experiment
-    from mtlgraph.checkpoint import load_checkpoint, resolve_checkpoint
-    from mtlgraph.config import config_to_dict, dump_config, load_config
-    from mtlgraph.writers import write_json
+    import torch
 
-    # --- set-up: any problem here is a usage/config error (exit 2)
+    from mtlgraph.config import load_config
+    from mtlgraph.distributed import DistEnv, device_for, process_group
+
     cfg = load_config(args.config, args.overrides)
     if args.quiet:
         cfg.trainer.progress_bar = False
+    # Under torchrun every rank runs this command; the process group spans the whole command so
+    # that rank 0 can choose the run directory for all ranks.
+    env = DistEnv.from_env() if cfg.trainer.distributed == "auto" else DistEnv()
+    device = device_for(env, torch.device(cfg.device))
+    with process_group(env, device, cfg.trainer.distributed_timeout):
+        return _train(args, cfg, env)
+
+
+def _train(args: argparse.Namespace, cfg: ExperimentConfig, env: DistEnv) -> int:
+    from mtlgraph.build import build_experiment
+    from mtlgraph.checkpoint import load_checkpoint, resolve_checkpoint
+    from mtlgraph.config import config_to_dict, dump_config
+    from mtlgraph.distributed import broadcast_object
+    from mtlgraph.writers import write_json
+
+    # --- set-up: any problem here is a usage/config error (exit 2)
     checkpoint = None
     if args.resume is not None:
         run_dir = Path(args.resume)
@@ -134,7 +153,7 @@ def train(args: argparse.Namespace) -> int:
         checkpoint = resolve_checkpoint(run_dir)
         state = load_checkpoint(checkpoint)
         saved = (state.get("config") or {}).get("experiment")
-        if saved:
+        if saved and env.is_main:
             changed = _config_differences(saved, config_to_dict(cfg))
             if changed:
                 logger.warning(
@@ -145,17 +164,21 @@ def train(args: argparse.Namespace) -> int:
     elif cfg.trainer.run_dir is not None:
         run_dir = Path(cfg.trainer.run_dir)
     else:
-        run_dir = new_run_dir(cfg.runs_root, cfg.experiment)
+        made = new_run_dir(cfg.runs_root, cfg.experiment) if env.is_main else None
+        run_dir = Path(broadcast_object(str(made) if made is not None else None))
     experiment = build_experiment(cfg, run_dir)
-    if checkpoint is None:
+    if checkpoint is None and env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / CONFIG_FILE).write_text(dump_config(cfg))
-    logger.info("run directory: %s", run_dir)
+    if env.is_main:
+        logger.info("run directory: %s", run_dir)
     _seed_process(cfg.seed)
 
     # --- the run: a failure here is a runtime failure (exit 1)
     try:
         experiment.trainer.fit(experiment.model, experiment.loaders, resume_from=checkpoint)
+        if not env.is_main:  # rank 0 alone scores and writes the results
+            return EXIT_OK
         scores = experiment.model.score(experiment.loaders)
     except BaseException as e:
         e.add_note(f"mtlgraph: the run directory is {run_dir}")

@@ -224,3 +224,39 @@ def barrier() -> None:
 def clean_env_for_children() -> dict[str, str]:
     """A copy of ``os.environ`` without torchrun's variables (for subprocesses)."""
     return {k: v for k, v in os.environ.items() if k not in _TORCHRUN_VARS}
+
+
+def gather_sums(sums: Mapping[Any, list[float]]) -> dict[Any, list[float]]:
+    """Add up every rank's ``{key: [sum, count]}`` (a copy of ``sums`` in one process).
+
+    Keys may differ between ranks (a rank whose shard had no label of a task has no entry).
+    """
+    out: dict[Any, list[float]] = {}
+    parts: list[Any] = [sums]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, dict(sums))
+    for part in parts:
+        for key, (s, c) in part.items():
+            acc = out.setdefault(key, [0.0, 0.0])
+            acc[0] += s
+            acc[1] += c
+    return out
+
+
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (``value`` itself in a single process)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
+
+
+def all_gather_objects(value: Any) -> list[Any]:
+    """Every rank's ``value``, in rank order (``[value]`` in a single process)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, value)
+        return parts
+    return [value]

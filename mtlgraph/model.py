@@ -360,17 +360,24 @@ class MultitaskClassifier(nn.Module):
         return {key: cache[n] for key, n in plan.named_outputs}
 
     def calculate_loss(
-        self, X_dict: Mapping[str, Any], Y_dict: Mapping[str, torch.Tensor]
+        self,
+        X_dict: Mapping[str, Any],
+        Y_dict: Mapping[str, torch.Tensor],
+        keep_empty: bool = False,
     ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
         """Per-task losses of one batch, masking labels equal to each task's ignore value.
 
         Args:
             X_dict: Input fields (on the model's device).
             Y_dict: Task name -> labels (on the model's device).
+            keep_empty: Report tasks with no active label too, with a zero loss that is still
+                connected to the task's graph and a count of 0 (under DDP every rank must run
+                the same operations, whatever labels its shard holds).
 
         Returns:
             ``(loss_dict, count_dict)``: task -> unweighted mean loss over its active rows, and
-            task -> number of active rows. Tasks with no active row in the batch are left out.
+            task -> number of active rows. Tasks with no active row in the batch are left out
+            unless ``keep_empty``.
         """
         active: list[tuple[str, torch.Tensor | None, torch.Tensor]] = []
         for label, y in Y_dict.items():
@@ -380,7 +387,7 @@ class MultitaskClassifier(nn.Module):
             mask = active_rows(y, task.ignore_value)
             if bool(mask.all()):
                 active.append((label, None, y))
-            elif bool(mask.any()):
+            elif bool(mask.any()) or keep_empty:
                 active.append((label, mask, y))
         if not active:
             return {}, {}
@@ -391,6 +398,9 @@ class MultitaskClassifier(nn.Module):
         for task_name, rows, labels in active:
             task = self._tasks[task_name]
             out = cache[plan.outputs[task_name]]
+            if rows is not None and not bool(rows.any()):  # keep_empty: a connected zero
+                losses[task_name], counts[task_name] = _zero_like_graph(out), 0
+                continue
             if rows is not None:
                 out, labels = _index_rows(out, rows), labels[rows]
             try:
@@ -607,6 +617,25 @@ def _detach(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _detach(v) for k, v in value.items()}
     return value
+
+
+def _zero_like_graph(out: Any) -> torch.Tensor:
+    """``0 · Σ out``: a zero loss whose backward reaches every parameter ``out`` depends on."""
+    tensors = _tensors(out)
+    total = tensors[0].float().sum() * 0.0
+    for t in tensors[1:]:
+        total = total + t.float().sum() * 0.0
+    return total
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    return []
 
 
 def _index_rows(out: Any, rows: torch.Tensor) -> Any:

@@ -11,6 +11,7 @@ hyper-parameters and freezing are resolved by :mod:`mtlgraph.optim`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import logging
@@ -22,17 +23,31 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from mtlgraph import checkpoint as ckpt
 from mtlgraph._io import move_to_device
 from mtlgraph._schema import build
 from mtlgraph._suggest import did_you_mean, quoted
-from mtlgraph.balancing import Balancer, StepContext, make_balancer
+from mtlgraph.balancing import Balancer, GradientBalancer, StepContext, make_balancer
 from mtlgraph.data import Batch, DictDataLoader
+from mtlgraph.distributed import (
+    DistEnv,
+    all_gather_objects,
+    all_reduce_mean,
+    barrier,
+    device_for,
+    gather_predictions,
+    gather_sums,
+    process_group,
+    shard_eval_loader,
+    shard_train_loader,
+)
 from mtlgraph.exceptions import ConfigError, DataError
 from mtlgraph.metrics import make_key
-from mtlgraph.model import MultitaskClassifier
+from mtlgraph.model import ExecutionPlan, MultitaskClassifier
 from mtlgraph.optim import (
     StepControl,
     SubsetStepper,
@@ -96,6 +111,9 @@ class TrainerConfig:
     checkpoint_unit: Literal["steps", "epochs"] = "epochs"  # unit of checkpoint_every
     checkpoint_metric: str | None = None  # flat key that selects checkpoints/best.pt
     checkpoint_mode: Literal["max", "min"] | None = None  # better direction; None = the metric's
+    # --- distributed training under torchrun (docs/distributed.md)
+    distributed: Literal["auto", "off"] = "auto"  # auto: DDP when torchrun sets WORLD_SIZE > 1
+    distributed_timeout: float = 300.0  # seconds a collective waits for the other ranks, then fails
 
     def validate(self) -> list[str]:
         """Value checks beyond types; one sentence per problem."""
@@ -112,6 +130,11 @@ class TrainerConfig:
             problems.append(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
         if self.evaluation_freq < 0:
             problems.append(f"evaluation_freq: must be >= 0, got {self.evaluation_freq}")
+        if not self.distributed_timeout > 0:
+            problems.append(
+                f"distributed_timeout: must be a positive number of seconds, got "
+                f"{self.distributed_timeout}"
+            )
         if self.grad_accumulation_steps < 1:
             problems.append(
                 f"grad_accumulation_steps: must be >= 1, got {self.grad_accumulation_steps}"
@@ -273,6 +296,10 @@ class Trainer:
         self._writers: list[Writer] = []
         self._finished = False
         self._checkpointer: ckpt.Checkpointer | None = None
+        self._env = DistEnv()
+        self._ddp: DistributedDataParallel | None = None
+        self._manual_sync = False
+        self._eval_shards: dict[int, DictDataLoader] = {}
 
     # ------------------------------------------------------------------ the loop
 
@@ -299,12 +326,21 @@ class Trainer:
         train = [dl for dl in loaders if getattr(dl.dataset, "split", None) == cfg.train_split]
         evals = [dl for dl in loaders if getattr(dl.dataset, "split", None) in cfg.eval_splits]
         self._check_loaders(model, loaders, train, evals)
+        env = DistEnv.from_env() if cfg.distributed == "auto" else DistEnv()
+        device = model.device
+        if env.enabled:  # one process per device: cuda:<local rank>
+            device = device_for(env, device)
+            model.to(device)
+        self._env = env
         state = None
         if resume_from is not None:
-            state = ckpt.load_checkpoint(resume_from, map_location=model.device)
-        devices = [model.device.index or 0] if model.device.type == "cuda" else []
+            state = ckpt.load_checkpoint(resume_from, map_location=device)
+        devices = [device.index or 0] if device.type == "cuda" else []
         self._writers, self._finished = [], False
-        with torch.random.fork_rng(devices=devices):
+        with (
+            process_group(env, device, cfg.distributed_timeout),
+            torch.random.fork_rng(devices=devices),
+        ):
             torch.manual_seed(cfg.seed)
             try:
                 self._fit(model, train, evals, state)
@@ -312,6 +348,7 @@ class Trainer:
                 final = self.history[-1] if self._finished and self.history else None
                 for writer in self._writers:
                     writer.close(final)
+                self._ddp = None
 
     def _fit(
         self,
@@ -326,6 +363,20 @@ class Trainer:
         balancer = make_balancer(cfg.balancer)
         self._prepare(model, balancer, device)
         balancer.to(device)
+        env = self._env
+        self._ddp = None
+        self._eval_shards = {}
+        if env.enabled:  # shard the data; DDP averages the gradients of every backward
+            train = [shard_train_loader(dl, env) for dl in train]
+            self._eval_shards = {id(dl): shard_eval_loader(dl, env) for dl in evals}
+            self._ddp = DistributedDataParallel(
+                StepLosses(model),
+                device_ids=[device] if device.type == "cuda" else None,
+                find_unused_parameters=True,  # a step only touches its tasks' modules
+            )
+        # Gradient methods take per-task gradients with autograd.grad, which DDP does not see:
+        # they run without DDP's reduction and average their gradients through ctx.reduce.
+        self._manual_sync = env.enabled and isinstance(balancer, GradientBalancer)
         stepper = SubsetStepper(self._make_optimizer(model, balancer), balancer.task_parameters)
         control = None
         if cfg.amp is not None or cfg.grad_accumulation_steps > 1:
@@ -343,7 +394,8 @@ class Trainer:
         if state is not None:
             pos, resumed_losses = self._restore(state, model, stepper, balancer, scheduler, train)
         self._checkpointer = self._open_checkpointer(model, train, evals, state)
-        self._writers = self._open_writers(None if state is None else pos.global_step)
+        if env.is_main:  # rank 0 alone writes logs
+            self._writers = self._open_writers(None if state is None else pos.global_step)
         self._pos = pos
         self._train = train
         self._plan: list[tuple[int, ...]] = []
@@ -371,7 +423,7 @@ class Trainer:
                 initial=first,
                 desc=f"epoch {epoch + 1}/{cfg.n_epochs}",
                 leave=False,
-                disable=None if cfg.progress_bar else True,
+                disable=None if cfg.progress_bar and env.is_main else True,
             )
             for k, step in enumerate(plan[first:], first):
                 batches = [(train[i].dataset.name, _next_batch(train, iterators, i)) for i in step]
@@ -404,9 +456,9 @@ class Trainer:
                 ):
                     self._evaluate(model, balancer, stepper, evals, epoch + 1)
                 if self._checkpointer is not None and self._checkpointer.step_due(self.global_step):
-                    self._checkpointer.save_last(self._state(model, stepper, balancer))
+                    self._save("last", model, stepper, balancer)
             bar.close()
-            balancer.on_epoch_end(epoch, _task_means(epoch_losses))
+            balancer.on_epoch_end(epoch, _task_means(gather_sums(_loss_sums(epoch_losses))))
             # The epoch is over: a checkpoint from here on resumes at the next one.
             pos.epoch, pos.step_in_epoch, pos.global_step = epoch + 1, 0, self.global_step
             self._scheduler_state = scheduler.state_dict()
@@ -418,11 +470,11 @@ class Trainer:
             ):
                 self._evaluate(model, balancer, stepper, evals, epoch + 1)
             if self._checkpointer is not None and self._checkpointer.epoch_due(epoch + 1):
-                self._checkpointer.save_last(self._state(model, stepper, balancer))
+                self._save("last", model, stepper, balancer)
         if pos.last_logged != self.global_step and cfg.n_epochs > 0:
             self._evaluate(model, balancer, stepper, evals, cfg.n_epochs)
         if self._checkpointer is not None:
-            self._checkpointer.save_last(self._state(model, stepper, balancer))
+            self._save("last", model, stepper, balancer)
         self._finished = True
         self.balancer = balancer
         self.optimizer = stepper.optimizer
@@ -449,6 +501,7 @@ class Trainer:
             cfg.checkpoint_unit,
             cfg.checkpoint_metric,
             mode,
+            write=self._env.is_main,
         )
         if state is not None:
             checkpointer.load_best_state(state.get("best"))
@@ -477,7 +530,11 @@ class Trainer:
         }
 
     def _state(
-        self, model: MultitaskClassifier, stepper: SubsetStepper, balancer: Balancer
+        self,
+        model: MultitaskClassifier,
+        stepper: SubsetStepper,
+        balancer: Balancer,
+        rank_records: list[Any] | None = None,
     ) -> dict[str, Any]:
         """Everything needed to continue this run exactly (see :mod:`mtlgraph.checkpoint`)."""
         return ckpt.training_state(
@@ -493,6 +550,8 @@ class Trainer:
             window=self._window,
             epoch_losses=self._epoch_losses,
             config=self._plain_config(),
+            world_size=self._env.world_size,
+            rank_records=rank_records,
         )
 
     def _restore(
@@ -505,7 +564,9 @@ class Trainer:
         train: list[DictDataLoader],
     ) -> tuple[ckpt.Progress, list[tuple[str, str, torch.Tensor, int]]]:
         """Load a checkpoint into the run's pieces; return its position and epoch losses."""
-        run = ckpt.restore_training(state, model, balancer, scheduler, train)
+        run = ckpt.restore_training(
+            state, model, balancer, scheduler, train, self._env.world_size, self._env.rank
+        )
         stepper.load_state_dict(state["optimizer"])
         self.global_step = run.progress.global_step
         self.history = run.history
@@ -525,30 +586,60 @@ class Trainer:
         self._pos.last_logged = self.global_step
         checkpointer = self._checkpointer
         if checkpointer is not None and checkpointer.improved(record):
-            checkpointer.save_best(self._state(model, stepper, balancer))
+            self._save("best", model, stepper, balancer)
+
+    def _save(
+        self, which: str, model: MultitaskClassifier, stepper: SubsetStepper, balancer: Balancer
+    ) -> None:
+        """Write ``last.pt`` or ``best.pt`` on rank 0; every rank waits until it is complete."""
+        checkpointer = self._checkpointer
+        assert checkpointer is not None
+        rank_records = None
+        if self._env.enabled:  # each rank resumes with its own loss records
+            rank_records = all_gather_objects((_cpu(self._window), _cpu(self._epoch_losses)))
+        if checkpointer.write:
+            state = self._state(model, stepper, balancer, rank_records)
+            (checkpointer.save_last if which == "last" else checkpointer.save_best)(state)
+        barrier()
 
     def _losses(
         self, model: MultitaskClassifier, batches: list[tuple[str, Batch]], device: torch.device
     ) -> tuple[dict[str, torch.Tensor], dict[str, int], list[tuple[str, str, torch.Tensor, int]]]:
-        """Per-task losses and label counts of a step's batches, and (task, dataset, loss, n)
-        records for logging."""
-        losses: dict[str, torch.Tensor] = {}
-        counts: dict[str, int] = {}
-        records = []
-        for dataset_name, (X, Y) in batches:
-            batch_losses, batch_counts = model.calculate_loss(
-                move_to_device(X, device), move_to_device(Y, device)
-            )
-            for task_name, loss in batch_losses.items():
-                n = batch_counts[task_name]
-                records.append((task_name, dataset_name, loss.detach(), n))
-                if task_name in losses:  # the same task labelled by two batches of the step
-                    m = counts[task_name]
-                    losses[task_name] = (losses[task_name] * m + loss * n) / (m + n)
-                    counts[task_name] = m + n
-                else:
-                    losses[task_name], counts[task_name] = loss, n
-        return losses, counts, records
+        """The step's losses, through DDP's forward when training distributed."""
+        if self._ddp is not None:
+            return self._ddp(batches, device)
+        return step_losses(model, batches, device)
+
+    def _context(
+        self,
+        backward: Callable[[torch.Tensor], None],
+        scale: Callable[[torch.Tensor], torch.Tensor],
+        model: MultitaskClassifier,
+        plan: ExecutionPlan,
+        counts: dict[str, int],
+    ) -> StepContext:
+        return StepContext(
+            tasks=model.tasks,
+            plan=plan,
+            counts=counts,
+            backward=backward,
+            scale=scale,
+            step=self.global_step,
+            reduce=all_reduce_mean if self._env.enabled else _identity,
+        )
+
+    def _no_sync(self) -> contextlib.AbstractContextManager[Any]:
+        """DDP's ``no_sync`` for gradient balancers (they average through ``ctx.reduce``)."""
+        if self._manual_sync and self._ddp is not None:
+            return self._ddp.no_sync()
+        return contextlib.nullcontext()
+
+    def _sync_balancer(self, balancer: Balancer, task_names: Sequence[str]) -> None:
+        """Average learned balancer weights' gradients over ranks (they live outside DDP)."""
+        if self._env.enabled:
+            for p in _balancer_params(balancer, task_names):
+                if p.grad is not None:
+                    all_reduce_mean(p.grad)
 
     def _train_step(
         self,
@@ -559,19 +650,14 @@ class Trainer:
         device: torch.device,
     ) -> list[tuple[str, str, torch.Tensor, int]]:
         """One optimizer step on one or more batches (no amp, no accumulation: the fast path)."""
-        losses, counts, records = self._losses(model, batches, device)
-        if not losses:
-            return records
-        plan = model.plan(losses)
-        ctx = StepContext(
-            tasks=model.tasks,
-            plan=plan,
-            counts=counts,
-            backward=_backward,
-            scale=_identity,
-            step=self.global_step,
-        )
-        balancer.backward(losses, ctx)
+        with self._no_sync():
+            losses, counts, records = self._losses(model, batches, device)
+            if not losses:
+                return records
+            plan = model.plan(losses)
+            ctx = self._context(_backward, _identity, model, plan, counts)
+            balancer.backward(losses, ctx)
+        self._sync_balancer(balancer, plan.task_names)
         stepper.step(plan, self.config.grad_clip)
         for p in plan.parameters:
             p.grad = None
@@ -595,20 +681,16 @@ class Trainer:
         Returns:
             The loss records and whether the optimizer stepped.
         """
-        with control.autocast():
-            losses, counts, records = self._losses(model, batches, device)
+        with self._no_sync():
+            with control.autocast():
+                losses, counts, records = self._losses(model, batches, device)
+            if losses:
+                plan = model.plan(losses)
+                ctx = self._context(control.backward, control.scale, model, plan, counts)
+                balancer.backward(losses, ctx)
+                control.add(plan)
         if losses:
-            plan = model.plan(losses)
-            ctx = StepContext(
-                tasks=model.tasks,
-                plan=plan,
-                counts=counts,
-                backward=control.backward,
-                scale=control.scale,
-                step=self.global_step,
-            )
-            balancer.backward(losses, ctx)
-            control.add(plan)
+            self._sync_balancer(balancer, plan.task_names)
         if not control.ready(end_of_epoch):
             return records, False
         names = list(dict.fromkeys(t for p in control.pending for t in p.task_names))
@@ -668,7 +750,7 @@ class Trainer:
         epoch: int,
     ) -> dict[str, float]:
         record: dict[str, float] = {"epoch": float(epoch), "step": float(self.global_step)}
-        record.update(_train_losses(self._window))
+        record.update(_train_losses(gather_sums(_loss_sums(self._window))))
         self._window = []
         record["model/all/train/lr"] = float(stepper.full_groups[0]["lr"])
         for group in stepper.full_groups[1:]:
@@ -677,8 +759,7 @@ class Trainer:
         for task_name, w in sorted(balancer.weights().items()):
             record[f"model/all/train/weight/{task_name}"] = float(w)
         if evals:
-            scores = model.score(evals)
-            model.train()
+            scores = self._score(model, evals)
             record.update(scores)
             balancer.on_evaluation(scores)
         self.history.append(record)
@@ -690,13 +771,28 @@ class Trainer:
             for k in record
             if k == "model/all/train/loss" or (k.count("/") == 3 and k.split("/")[2] != "train")
         ]
-        logger.info(
+        logger.log(
+            logging.INFO if self._env.is_main else logging.DEBUG,
             "epoch %d step %d: %s",
             epoch,
             self.global_step,
             ", ".join(f"{k}={record[k]:.4g}" for k in shown),
         )
         return record
+
+    def _score(self, model: MultitaskClassifier, evals: list[DictDataLoader]) -> dict[str, float]:
+        """``model.score(evals)``; under DDP each rank predicts its shard of whole batches and
+        the gathered predictions are scored, equal to a single-process evaluation."""
+        if not self._env.enabled:
+            return model.score(evals)
+        scores: dict[str, float] = {}
+        for loader in evals:
+            shard = self._eval_shards[id(loader)]
+            local = model.predict(shard, return_preds=True)
+            indices = shard.sampler.indices  # type: ignore[attr-defined]
+            full = gather_predictions(local, indices, len(loader.dataset))
+            model.score_predictions(full, loader.dataset.name, loader.dataset.split, into=scores)
+        return scores
 
     def _check_loaders(
         self,
@@ -742,6 +838,61 @@ class Trainer:
             )
 
 
+def step_losses(
+    model: MultitaskClassifier,
+    batches: list[tuple[str, Batch]],
+    device: torch.device,
+    keep_empty: bool = False,
+) -> tuple[dict[str, torch.Tensor], dict[str, int], list[tuple[str, str, torch.Tensor, int]]]:
+    """Per-task losses and label counts of a step's batches, and (task, dataset, loss, n)
+    records for logging. A task labelled by two batches of the step gets their count-weighted
+    mean loss."""
+    losses: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    records = []
+    for dataset_name, (X, Y) in batches:
+        batch_losses, batch_counts = model.calculate_loss(
+            move_to_device(X, device), move_to_device(Y, device), keep_empty=keep_empty
+        )
+        for task_name, loss in batch_losses.items():
+            n = batch_counts[task_name]
+            records.append((task_name, dataset_name, loss.detach(), n))
+            if task_name in losses:
+                m = counts[task_name]
+                if m + n:
+                    losses[task_name] = (losses[task_name] * m + loss * n) / (m + n)
+                else:  # both empty (keep_empty): stay a connected zero
+                    losses[task_name] = losses[task_name] + loss
+                counts[task_name] = m + n
+            else:
+                losses[task_name], counts[task_name] = loss, n
+    return losses, counts, records
+
+
+class StepLosses(nn.Module):
+    """The model's loss computation as a module, so DDP can wrap it (its forward is a step's).
+
+    Every rank reports every task its batches label, with a connected zero loss where its shard
+    had no active label, so all ranks run the same operations and reductions.
+    """
+
+    def __init__(self, model: MultitaskClassifier) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, batches: list[tuple[str, Batch]], device: torch.device
+    ) -> tuple[dict[str, torch.Tensor], dict[str, int], list[tuple[str, str, torch.Tensor, int]]]:
+        return step_losses(self.model, batches, device, keep_empty=True)
+
+
+Records = list[tuple[str, str, torch.Tensor, int]]
+
+
+def _cpu(records: Records) -> Records:
+    return [(t, d, loss.detach().float().cpu(), n) for t, d, loss, n in records]
+
+
 def _balancer_params(balancer: Balancer, task_names: Sequence[str]) -> list[torch.nn.Parameter]:
     """The balancer parameters a step on ``task_names`` touched."""
     params = balancer.task_parameters(task_names)
@@ -769,32 +920,33 @@ def _next_batch(
     return next(it)
 
 
-def _train_losses(window: list[tuple[str, str, torch.Tensor, int]]) -> dict[str, float]:
-    """Count-weighted mean training loss per (task, dataset) and overall."""
+def _loss_sums(window: list[tuple[str, str, torch.Tensor, int]]) -> dict[Any, list[float]]:
+    """``{(task, dataset): [Σ loss·n, Σ n]}`` over (task, dataset, loss, n) records."""
     if not window:
         return {}
     values = torch.stack([r[2].float() for r in window]).tolist()
-    sums: dict[tuple[str, str], list[float]] = {}
-    total = [0.0, 0.0]
+    sums: dict[Any, list[float]] = {}
     for (task_name, dataset_name, _, n), v in zip(window, values, strict=True):
         acc = sums.setdefault((task_name, dataset_name), [0.0, 0.0])
         acc[0] += v * n
         acc[1] += n
-        total[0] += v * n
-        total[1] += n
-    out = {make_key(t, d, "train", "loss"): s / c for (t, d), (s, c) in sums.items()}
-    out["model/all/train/loss"] = total[0] / total[1]
+    return sums
+
+
+def _train_losses(sums: Mapping[Any, list[float]]) -> dict[str, float]:
+    """Count-weighted mean training loss per (task, dataset) and overall, from loss sums."""
+    out = {make_key(t, d, "train", "loss"): s / c for (t, d), (s, c) in sums.items() if c}
+    count = sum(c for _, c in sums.values())
+    if count:
+        out["model/all/train/loss"] = sum(s for s, _ in sums.values()) / count
     return out
 
 
-def _task_means(window: list[tuple[str, str, torch.Tensor, int]]) -> dict[str, float]:
-    """Count-weighted mean loss per task over a window of records."""
-    if not window:
-        return {}
-    values = torch.stack([r[2].float() for r in window]).tolist()
-    sums: dict[str, list[float]] = {}
-    for (task_name, _, _, n), v in zip(window, values, strict=True):
-        acc = sums.setdefault(task_name, [0.0, 0.0])
-        acc[0] += v * n
-        acc[1] += n
-    return {t: s / c for t, (s, c) in sums.items()}
+def _task_means(sums: Mapping[Any, list[float]]) -> dict[str, float]:
+    """Count-weighted mean loss per task, from loss sums."""
+    per_task: dict[str, list[float]] = {}
+    for (task_name, _), (s, c) in sums.items():
+        acc = per_task.setdefault(task_name, [0.0, 0.0])
+        acc[0] += s
+        acc[1] += c
+    return {t: s / c for t, (s, c) in per_task.items() if c}

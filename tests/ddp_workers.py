@@ -63,3 +63,178 @@ def sharding_worker(rank: int, world: int, port: int, out: Any) -> None:
         )
     finally:
         dist.destroy_process_group()
+
+
+class Tripwire(nn.Module):
+    """Identity; on its ``at``-th training call raises KeyboardInterrupt, or kills the process
+    when ``hard`` (a rank that dies without a word)."""
+
+    def __init__(self, at: int = 0, hard: bool = False) -> None:
+        super().__init__()
+        self.at, self.hard, self.calls = at, hard, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.calls += 1
+            if self.calls == self.at:
+                if self.hard:
+                    os._exit(3)
+                raise KeyboardInterrupt("simulated interruption")
+        return x
+
+
+def train_setup(init_seed: int, trip: Tripwire | None = None) -> tuple[MultitaskClassifier, list]:
+    """Two tasks on a dropout trunk; datasets of different sizes, one with ignored labels."""
+    torch.manual_seed(init_seed)
+    trunk = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Dropout(0.2))
+    stop = trip or Tripwire()
+    tasks = [
+        Task(
+            t,
+            {"trunk": trunk, "stop": stop, f"{t}_head": nn.Linear(16, 2)},
+            [
+                Operation("trunk", [("_input_", "x")]),
+                Operation("stop", ["trunk"]),
+                Operation(f"{t}_head", ["stop"]),
+            ],
+        )
+        for t in ("a", "b")
+    ]
+    g = torch.Generator().manual_seed(11)
+    xa, xb = torch.randn(150, 2, generator=g), torch.randn(90, 2, generator=g)
+    yb = (xb[:, 1] > 0).long()
+    yb[:40] = -1  # a whole batch of ignored labels on some rank's shard
+    loaders = [
+        DictDataLoader(
+            DictDataset("da", "train", {"x": xa}, {"a": (xa[:, 0] > 0).long()}),
+            batch_size=8,
+            shuffle=True,
+            seed=1,
+        ),
+        DictDataLoader(
+            DictDataset("db", "train", {"x": xb}, {"b": yb}), batch_size=8, shuffle=True, seed=2
+        ),
+        DictDataLoader(
+            DictDataset("da", "valid", {"x": xa[:70]}, {"a": (xa[:70, 0] > 0).long()}),
+            batch_size=16,
+        ),
+        DictDataLoader(
+            DictDataset("db", "valid", {"x": xb[:50]}, {"b": (xb[:50, 1] > 0).long()}),
+            batch_size=16,
+        ),
+    ]
+    return MultitaskClassifier(tasks), loaders
+
+
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "shuffled": {"batch_scheduler": "shuffled"},
+    "mixed": {"batch_scheduler": "mixed"},
+    "pcgrad": {"batch_scheduler": "mixed", "balancer": {"name": "pcgrad", "seed": 4}},
+    "uncertainty+dwa-free": {"batch_scheduler": "mixed", "balancer": "uncertainty"},
+    "gradnorm+accumulation": {
+        "batch_scheduler": "mixed",
+        "balancer": "gradnorm",
+        "grad_accumulation_steps": 2,
+    },
+}
+BASE = {"n_epochs": 2, "lr": 0.02, "progress_bar": False, "distributed_timeout": 30.0}
+
+
+def _state(model: nn.Module) -> dict[str, Any]:
+    """Parameters as numpy arrays (tensors in a queue would outlive their sending process)."""
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def train_worker(rank: int, world: int, port: int, tmp: str, out: Any) -> None:
+    """Every scenario, on every rank; ranks start from different weights (DDP broadcasts)."""
+    from mtlgraph import Trainer
+
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    init(rank, world, port)
+    try:
+        for name, extra in SCENARIOS.items():
+            model, loaders = train_setup(init_seed=100 + rank)
+            run_dir = os.path.join(tmp, name, f"rank{rank}")
+            trainer = Trainer(
+                **BASE,
+                **extra,
+                run_dir=run_dir,
+                checkpoint_every=3,
+                checkpoint_unit="steps",
+                evaluation_unit="steps",
+                evaluation_freq=4,
+            )
+            trainer.fit(model, loaders)
+            out.put((name, rank, _state(model), trainer.history, os.path.exists(run_dir)))
+    finally:
+        dist.destroy_process_group()
+
+
+RESUMED_BALANCERS = ("uncertainty", "dwa")
+
+
+def resume_worker(rank: int, world: int, port: int, tmp: str, phase: str, out: Any) -> None:
+    """phase "ref": uninterrupted; "cut": interrupted at a step; "resume": continue "cut".
+
+    The interruption falls in the second of three epochs, so DWA's weights depend on the loss
+    records of the interrupted epoch, which each rank must get back.
+    """
+    from mtlgraph import Trainer
+
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    init(rank, world, port)  # one group for both runs (fit uses an existing group as is)
+    for balancer in RESUMED_BALANCERS:
+        trip = Tripwire(at=2 * 13 + 1) if phase == "cut" else None  # mixed: 2 calls per step
+        model, loaders = train_setup(init_seed=7, trip=trip)
+        run = os.path.join(tmp, balancer, "ref" if phase == "ref" else "run")
+        cfg = {
+            **BASE,
+            "n_epochs": 3,
+            "batch_scheduler": "mixed",
+            "balancer": balancer,
+            "run_dir": run,
+            "checkpoint_every": 4,
+            "checkpoint_unit": "steps",
+            "evaluation_unit": "steps",
+            "evaluation_freq": 5,
+        }
+        trainer = Trainer(**cfg)
+        try:
+            trainer.fit(model, loaders, resume_from=run if phase == "resume" else None)
+            out.put((phase, balancer, rank, (_state(model), trainer.history)))
+        except KeyboardInterrupt:
+            out.put((phase, balancer, rank, "interrupted"))
+    dist.destroy_process_group()
+
+
+def dying_worker(rank: int, world: int, port: int, out: Any) -> None:
+    """Rank 1 dies abruptly in its 5th training call; rank 0 must fail, not hang."""
+    from mtlgraph import Trainer
+
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    trip = Tripwire(at=5, hard=True) if rank == 1 else None
+    model, loaders = train_setup(init_seed=0, trip=trip)
+    try:
+        Trainer(**{**BASE, "distributed_timeout": 15.0}).fit(model, loaders)
+        out.put((rank, "finished"))
+    except Exception as e:  # reported to the test, then re-raised: the process exits non-zero
+        out.put((rank, f"{type(e).__name__}: {e}"[:300]))
+        raise

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import socket
 
+import numpy as np
 import pytest
 import torch.multiprocessing as mp
-from ddp_workers import sharding_worker, small_data, small_model
+from ddp_workers import (
+    dying_worker,
+    resume_worker,
+    sharding_worker,
+    small_data,
+    small_model,
+    train_worker,
+)
 
 from mtlgraph import DictDataLoader
 from mtlgraph.distributed import DistEnv, backend_for
@@ -53,3 +61,98 @@ def test_sharding_and_gathered_evaluation_equal_single_process() -> None:
         assert n_batches == 3 and n_rows == 12  # ceil(23 / 2) rows each, padded
         assert scores == expected_scores
         assert full["probs"] == expected["probs"]["a"].tolist()
+
+
+def _spawn(fn, *args, nprocs: int = 2):  # type: ignore[no-untyped-def]
+    """Start ``fn(rank, *args)`` in ``nprocs`` spawned processes; return them (not joined)."""
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=fn, args=(rank, *args), daemon=True) for rank in range(nprocs)]
+    for p in procs:
+        p.start()
+    return procs
+
+
+def _collect(queue, n: int, procs, timeout: float = 240.0) -> list:  # type: ignore[no-untyped-def]
+    import queue as queue_mod
+    import time
+
+    items, deadline = [], time.monotonic() + timeout
+    while len(items) < n:
+        try:
+            items.append(queue.get(timeout=1.0))
+        except queue_mod.Empty:
+            if time.monotonic() > deadline or all(not p.is_alive() for p in procs):
+                break
+    for p in procs:
+        p.join(timeout=30)
+    return items
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_two_ranks_train_identically_and_evaluate_exactly(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import torch
+    from ddp_workers import SCENARIOS, train_setup
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = _spawn(train_worker, 2, free_port(), str(tmp_path), queue)
+    items = _collect(queue, 2 * len(SCENARIOS), procs)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert len(items) == 2 * len(SCENARIOS)
+    by = {(name, rank): (state, history, wrote) for name, rank, state, history, wrote in items}
+    for name in SCENARIOS:
+        s0, h0, wrote0 = by[(name, 0)]
+        s1, h1, wrote1 = by[(name, 1)]
+        # bit-identical parameters on both ranks (they started from different weights)
+        assert all(np.array_equal(s0[k], s1[k]) for k in s0), name
+        assert h0 == h1, name  # same gathered scores and rank-averaged losses on every rank
+        # only rank 0 wrote files
+        assert wrote0 and not wrote1, name
+        run0 = tmp_path / name / "rank0"
+        assert (run0 / "metrics.jsonl").is_file() and (run0 / "checkpoints" / "last.pt").is_file()
+        # the distributed evaluation equals a single-process evaluation of the same model
+        model, loaders = train_setup(init_seed=0)
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in s0.items()})
+        single = model.score([dl for dl in loaders if dl.dataset.split == "valid"])
+        assert {k: h0[-1][k] for k in single} == single, name
+        assert 0 < h0[-1]["model/all/train/loss"] < 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_resume_under_ddp_is_exact(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from ddp_workers import RESUMED_BALANCERS
+
+    ctx = mp.get_context("spawn")
+    results = {}
+    for phase in ("ref", "cut", "resume"):
+        queue = ctx.Queue()
+        procs = _spawn(resume_worker, 2, free_port(), str(tmp_path), phase, queue)
+        for _phase, balancer, rank, value in _collect(queue, 2 * len(RESUMED_BALANCERS), procs):
+            results[(phase, balancer, rank)] = value
+        assert [p.exitcode for p in procs] == [0, 0], phase
+    for balancer in RESUMED_BALANCERS:
+        assert results[("cut", balancer, 0)] == results[("cut", balancer, 1)] == "interrupted"
+        for rank in (0, 1):
+            (ref, ref_history), (got, got_history) = (
+                results[("ref", balancer, rank)],
+                results[("resume", balancer, rank)],
+            )
+            assert all(np.array_equal(ref[k], got[k]) for k in ref), (balancer, rank)
+            assert ref_history == got_history, (balancer, rank)
+
+
+@pytest.mark.timeout(200)
+def test_a_dead_rank_ends_the_job_with_an_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import time
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    start = time.monotonic()
+    procs = _spawn(dying_worker, 2, free_port(), queue)
+    items = dict(_collect(queue, 1, procs, timeout=120.0))
+    assert procs[1].exitcode == 3  # died abruptly
+    assert procs[0].exitcode not in (0, None)  # failed, did not hang or finish
+    assert items[0] != "finished"
+    assert time.monotonic() - start < 120
