@@ -183,7 +183,25 @@ def _is_number(value: object) -> bool:
 # ====================================================================== loss-based
 
 
-class SumBalancer(Balancer):
+class _LastWeights(Balancer):
+    """A balancer that logs the weights its last steps used; they are state too, so a resumed
+    run logs what an uninterrupted one does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last: dict[str, float] = {}
+
+    def weights(self) -> dict[str, float]:
+        return dict(self._last)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"last": dict(self._last)}
+
+    def set_extra_state(self, state: Any) -> None:
+        self._last = dict(state["last"])
+
+
+class SumBalancer(_LastWeights):
     """``L = Σ_i w_i · L_i`` with ``w_i = Task.weight`` (1 by default).
 
     Example:
@@ -193,10 +211,6 @@ class SumBalancer(Balancer):
     """
 
     name = "sum"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._last: dict[str, float] = {}
 
     def backward(self, losses: Mapping[str, torch.Tensor], ctx: StepContext) -> None:
         total: torch.Tensor | None = None
@@ -208,16 +222,6 @@ class SumBalancer(Balancer):
             self._last[task_name] = w
         if total is not None:
             ctx.backward(total)
-
-    def weights(self) -> dict[str, float]:
-        return dict(self._last)
-
-    def get_extra_state(self) -> dict[str, Any]:
-        """The logged weights are state too: a resumed run logs what an uninterrupted one does."""
-        return {"last": dict(self._last)}
-
-    def set_extra_state(self, state: Any) -> None:
-        self._last = dict(state["last"])
 
 
 class UncertaintyBalancer(Balancer):
@@ -716,7 +720,7 @@ class InverseMetricBalancer(Balancer):
         self._weights = {t: float(w) for t, w in state["weights"].items()}
 
 
-class RLWBalancer(Balancer):
+class RLWBalancer(_LastWeights):
     """Random loss weighting (Lin et al., 2021): ``w = K·softmax(z)``, ``z ~ N(0, I)`` each step.
 
     A cheap baseline that is surprisingly hard to beat; draws from its own seeded generator.
@@ -738,7 +742,6 @@ class RLWBalancer(Balancer):
             raise ConfigError([f"balancer 'rlw': seed must be an integer, got {seed!r}"])
         self.seed = seed
         self._gen = torch.Generator().manual_seed(seed)
-        self._last: dict[str, float] = {}
 
     def backward(self, losses: Mapping[str, torch.Tensor], ctx: StepContext) -> None:
         k = len(losses)
@@ -748,15 +751,12 @@ class RLWBalancer(Balancer):
         self._last.update(zip(losses, w, strict=True))
         _weighted_backward(losses, dict(zip(losses, w, strict=True)), ctx)
 
-    def weights(self) -> dict[str, float]:
-        return dict(self._last)
-
     def get_extra_state(self) -> dict[str, Any]:
-        return {"generator": self._gen.get_state(), "last": dict(self._last)}
+        return {**super().get_extra_state(), "generator": self._gen.get_state()}
 
     def set_extra_state(self, state: Any) -> None:
+        super().set_extra_state(state)
         self._gen.set_state(state["generator"])
-        self._last = dict(state["last"])
 
 
 # ====================================================================== gradient-based
@@ -814,7 +814,7 @@ def _accumulate(p: nn.Parameter, g: torch.Tensor) -> None:
         p.grad.add_(g)
 
 
-class GradientBalancer(Balancer):
+class GradientBalancer(_LastWeights):
     """Base of methods that combine per-task gradients of the shared parameters.
 
     For the step's tasks ``i = 1..K`` it computes ``g_i = ∇_{θ_s} (w_i L_i)`` on the shared
@@ -831,7 +831,6 @@ class GradientBalancer(Balancer):
         super().__init__()
         # plan id -> (plan, layout): cached per execution plan (so per model and task set)
         self._layouts: dict[int, tuple[ExecutionPlan, _Layout]] = {}
-        self._last: dict[str, float] = {}
 
     def combine(self, gram: np.ndarray) -> np.ndarray:
         """Coefficients ``β`` (shape ``(K,)``, float64) of the update ``d = Σ_i β_i g_i``."""
@@ -929,12 +928,6 @@ class GradientBalancer(Balancer):
     def weights(self) -> dict[str, float]:
         """The last step's coefficients ``β_i`` of each task's shared gradient."""
         return dict(self._last)
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"last": dict(self._last)}
-
-    def set_extra_state(self, state: Any) -> None:
-        self._last = dict(state["last"])
 
 
 class PCGradBalancer(GradientBalancer):

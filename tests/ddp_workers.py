@@ -38,6 +38,17 @@ def small_data(n: int, split: str, seed: int = 0) -> DictDataset:
     return DictDataset("d", split, {"x": x}, {"a": (x[:, 0] > 0).long(), "b": (x[:, 1] > 0).long()})
 
 
+def torchrun_env(rank: int, world: int, port: int) -> None:
+    """The variables torchrun would set for this rank."""
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+
+
 def init(rank: int, world: int, port: int) -> DistEnv:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
@@ -149,13 +160,7 @@ def train_worker(rank: int, world: int, port: int, tmp: str, out: Any) -> None:
     """Every scenario, on every rank; ranks start from different weights (DDP broadcasts)."""
     from mtlgraph import Trainer
 
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
+    torchrun_env(rank, world, port)
     init(rank, world, port)
     try:
         for name, extra in SCENARIOS.items():
@@ -187,13 +192,7 @@ def resume_worker(rank: int, world: int, port: int, tmp: str, phase: str, out: A
     """
     from mtlgraph import Trainer
 
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
+    torchrun_env(rank, world, port)
     init(rank, world, port)  # one group for both runs (fit uses an existing group as is)
     for balancer in RESUMED_BALANCERS:
         trip = Tripwire(at=2 * 13 + 1) if phase == "cut" else None  # mixed: 2 calls per step
@@ -223,13 +222,7 @@ def dying_worker(rank: int, world: int, port: int, out: Any) -> None:
     """Rank 1 dies abruptly in its 5th training call; rank 0 must fail, not hang."""
     from mtlgraph import Trainer
 
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
+    torchrun_env(rank, world, port)
     trip = Tripwire(at=5, hard=True) if rank == 1 else None
     model, loaders = train_setup(init_seed=0, trip=trip)
     try:
