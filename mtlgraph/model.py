@@ -458,20 +458,49 @@ class MultitaskClassifier(nn.Module):
         dataloader: DictDataLoader | Iterable[tuple[Mapping[str, Any], Mapping[str, torch.Tensor]]],
         return_preds: bool = False,
         remap_labels: Mapping[str, str | None] | None = None,
+        task_names: Sequence[str] | None = None,
     ) -> dict[str, dict[str, np.ndarray]]:
-        """Predict every labelled task of a loader's batches.
+        """Predict every labelled task of a loader's batches (or the tasks you name).
 
         Args:
             dataloader: Batches ``(X_dict, Y_dict)``; each label selects the task that predicts.
             return_preds: Also return predictions (argmax / threshold / values).
             remap_labels: ``{label: task}`` scores a label with another task's head (cross-task
                 evaluation); ``{label: None}`` drops it.
+            task_names: Predict these tasks on every batch, labelled or not (serving unlabelled
+                data: the batches' ``Y_dict`` may be empty). Labels of other tasks are ignored;
+                ``golds`` hold only the named tasks that are labelled.
 
         Returns:
             ``{"golds": {task: array}, "probs": {task: array}}`` plus ``"preds"`` when asked,
             keyed by the task that made the predictions; ``golds`` keep ignored labels.
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> from mtlgraph import (DictDataLoader, DictDataset, MultitaskClassifier,
+            ...                       Operation, Task)
+            >>> model = MultitaskClassifier(
+            ...     [Task("t", {"m": nn.Linear(2, 3)}, [Operation("m", [("_input_", "x")])])]
+            ... )
+            >>> new = DictDataset("new", "serve", {"x": torch.randn(5, 2)}, {})
+            >>> unlabelled = DictDataLoader(new)
+            >>> model.predict(unlabelled, task_names=["t"])["probs"]["t"].shape
+            (5, 3)
         """
         remap = dict(remap_labels or {})
+        wanted: list[str] | None = None
+        if task_names is not None:
+            wanted = list(task_names)
+            unknown = [t for t in wanted if t not in self._tasks]
+            if unknown:
+                raise GraphError(
+                    [
+                        f"unknown task '{t}'{did_you_mean(t, self._tasks)}; the model has "
+                        f"{quoted(self._tasks)}"
+                        for t in unknown
+                    ]
+                )
         device = self.device
         was_training = self.training
         self.eval()
@@ -479,7 +508,16 @@ class MultitaskClassifier(nn.Module):
         probs: dict[str, list[torch.Tensor]] = {}
         try:
             for X, Y in dataloader:
-                pairs = self._label_tasks(Y.keys(), remap)
+                if wanted is None:
+                    pairs: list[tuple[str | None, str]] = list(self._label_tasks(Y.keys(), remap))
+                else:
+                    labelled = {
+                        task: label
+                        for label, task in self._label_tasks(
+                            [y for y in Y if remap.get(y, y) in wanted], remap
+                        )
+                    }
+                    pairs = [(labelled.get(t), t) for t in wanted]
                 if not pairs:
                     continue
                 plan = self.plan(t for _, t in pairs)
@@ -492,7 +530,8 @@ class MultitaskClassifier(nn.Module):
                         e.add_note(f"mtlgraph: raised by the output_func of task '{task_name}'")
                         raise
                     probs.setdefault(task_name, []).append(p.detach().float().cpu())
-                    golds.setdefault(task_name, []).append(Y[label].cpu())
+                    if label is not None:
+                        golds.setdefault(task_name, []).append(Y[label].cpu())
         finally:
             self.train(was_training)
         result: dict[str, dict[str, np.ndarray]] = {

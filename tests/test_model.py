@@ -318,3 +318,21 @@ def test_plan_is_cached_and_independent_of_model_size() -> None:
     assert model.plan(["t3"]) is plan
     assert [m for _, m, _ in plan.steps] == [trunk, model.module_pool["t3_head"]]
     assert len(plan.parameters) == 4
+
+
+def test_predict_named_tasks_on_unlabelled_data() -> None:
+    model = _two_task_model()
+    X = torch.randn(7, 2)
+    unlabelled = make_loader("new", "serve", {"x": X}, {}, batch_size=3)
+    res = model.predict(unlabelled, return_preds=True, task_names=["a", "b"])
+    assert res["golds"] == {} and set(res["probs"]) == {"a", "b"}
+    expected = F.softmax(model.forward({"x": X}, ["b"])["b_head"], dim=1)
+    np.testing.assert_allclose(res["probs"]["b"], expected.detach().numpy(), rtol=1e-6)
+    assert res["preds"]["a"].shape == (7,)
+    labelled = make_loader("d", "test", {"x": X}, {"a": torch.zeros(7, dtype=torch.long)})
+    res = model.predict(labelled, task_names=["b"])  # a's labels are ignored
+    assert set(res["probs"]) == {"b"} and res["golds"] == {}
+    res = model.predict(labelled, task_names=["a", "b"])
+    assert set(res["golds"]) == {"a"} and set(res["probs"]) == {"a", "b"}
+    with pytest.raises(GraphError, match="unknown task 'c'"):
+        model.predict(labelled, task_names=["c"])
