@@ -776,15 +776,3 @@ def test_uncertainty_state_rejects_other_tasks() -> None:
     fresh.setup({"b": model.tasks["b"], "a": model.tasks["a"]})
     with pytest.raises(ConfigError, match="holds tasks"):
         fresh.load_state_dict(balancer.state_dict())
-
-
-# ---------------------------------------------------------------------- docstring examples
-
-
-@pytest.mark.parametrize("module", ["mtlgraph.balancing", "mtlgraph.optim"])
-def test_docstring_examples_run(module: str) -> None:
-    import doctest
-    import importlib
-
-    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0
