@@ -30,6 +30,14 @@ from mtlgraph._schema import build
 from mtlgraph._suggest import did_you_mean, quoted
 from mtlgraph.balancing import Balancer, StepContext, make_balancer
 from mtlgraph.data import Batch, DictDataLoader
+from mtlgraph.diagnostics import (
+    DiagnosticsConfig,
+    DiagnosticsReport,
+    InterferenceMonitor,
+    remove_report,
+    write_report,
+)
+from mtlgraph.distributed import DistEnv
 from mtlgraph.exceptions import ConfigError, DataError
 from mtlgraph.metrics import make_key
 from mtlgraph.model import MultitaskClassifier
@@ -96,6 +104,10 @@ class TrainerConfig:
     checkpoint_unit: Literal["steps", "epochs"] = "epochs"  # unit of checkpoint_every
     checkpoint_metric: str | None = None  # flat key that selects checkpoints/best.pt
     checkpoint_mode: Literal["max", "min"] | None = None  # better direction; None = the metric's
+    # --- interference diagnostics (docs/diagnostics.md); off by default
+    diagnostics: DiagnosticsConfig | None = (
+        None  # probes {every, affinity, lr, batch_size}; None=off
+    )
 
     def validate(self) -> list[str]:
         """Value checks beyond types; one sentence per problem."""
@@ -273,6 +285,9 @@ class Trainer:
         self._writers: list[Writer] = []
         self._finished = False
         self._checkpointer: ckpt.Checkpointer | None = None
+        self._monitor: InterferenceMonitor | None = None
+        # The interference report of the last fit (None without ``diagnostics``).
+        self.diagnostics: DiagnosticsReport | None = None
 
     # ------------------------------------------------------------------ the loop
 
@@ -340,6 +355,7 @@ class Trainer:
         self.global_step = 0
         pos = ckpt.Progress()
         resumed_losses: list[tuple[str, str, torch.Tensor, int]] = []
+        monitor = self._monitor = self._open_diagnostics(state)
         if state is not None:
             pos, resumed_losses = self._restore(state, model, stepper, balancer, scheduler, train)
         self._checkpointer = self._open_checkpointer(model, train, evals, state)
@@ -397,6 +413,8 @@ class Trainer:
                         refresh=False,
                     )
                 pos.epoch, pos.step_in_epoch, pos.global_step = epoch, k + 1, self.global_step
+                if monitor is not None and self.global_step % monitor.every == 0:
+                    self._probe(model, monitor, stepper, epoch + 1)
                 if (
                     cfg.evaluation_unit == "steps"
                     and cfg.evaluation_freq
@@ -423,6 +441,8 @@ class Trainer:
             self._evaluate(model, balancer, stepper, evals, cfg.n_epochs)
         if self._checkpointer is not None:
             self._checkpointer.save_last(self._state(model, stepper, balancer))
+        if monitor is not None:
+            self._report_diagnostics(monitor)
         self._finished = True
         self.balancer = balancer
         self.optimizer = stepper.optimizer
@@ -480,7 +500,7 @@ class Trainer:
         self, model: MultitaskClassifier, stepper: SubsetStepper, balancer: Balancer
     ) -> dict[str, Any]:
         """Everything needed to continue this run exactly (see :mod:`mtlgraph.checkpoint`)."""
-        return ckpt.training_state(
+        state = ckpt.training_state(
             model=model,
             optimizer=stepper.optimizer,
             base_lrs=stepper.base_lrs,
@@ -494,6 +514,9 @@ class Trainer:
             epoch_losses=self._epoch_losses,
             config=self._plain_config(),
         )
+        if self._monitor is not None:
+            state["diagnostics"] = self._monitor.state_dict()
+        return state
 
     def _restore(
         self,
@@ -511,6 +534,48 @@ class Trainer:
         self.history = run.history
         self._window = run.window
         return run.progress, run.epoch_losses
+
+    # ------------------------------------------------------------------ diagnostics
+
+    def _open_diagnostics(self, state: Mapping[str, Any] | None) -> InterferenceMonitor | None:
+        """The run's interference monitor (``None`` when off), its sums restored on resume; a
+        fresh run in a used run directory drops the old run's report."""
+        cfg = self.config
+        if state is None and cfg.run_dir is not None and DistEnv.from_env().is_main:
+            remove_report(cfg.run_dir)
+        if cfg.diagnostics is None:
+            return None
+        monitor = InterferenceMonitor(cfg.diagnostics, cfg.seed)
+        if state is not None and state.get("diagnostics") is not None:
+            monitor.load_state_dict(state["diagnostics"])
+        elif state is not None:
+            logger.warning(
+                "the checkpoint holds no diagnostics state: the report counts probes from step %d",
+                state["progress"]["global_step"],
+            )
+        return monitor
+
+    def _probe(
+        self,
+        model: MultitaskClassifier,
+        monitor: InterferenceMonitor,
+        stepper: SubsetStepper,
+        epoch: int,
+    ) -> None:
+        """One interference probe (it leaves training untouched); its values are a history
+        record of their own, sent to the writers."""
+        values = monitor.probe(model, self._train, stepper.full_groups, self.global_step)
+        record = {"epoch": float(epoch), "step": float(self.global_step), **values}
+        self.history.append(record)
+        for writer in self._writers:
+            writer.write(record)
+
+    def _report_diagnostics(self, monitor: InterferenceMonitor) -> None:
+        """``self.diagnostics``, logged, and written to the run directory (rank 0)."""
+        report = self.diagnostics = monitor.report()
+        logger.info("%s", report.to_text())
+        if self.config.run_dir is not None and DistEnv.from_env().is_main:
+            write_report(report, self.config.run_dir)
 
     def _evaluate(
         self,
