@@ -105,9 +105,7 @@ class TrainerConfig:
     checkpoint_metric: str | None = None  # flat key that selects checkpoints/best.pt
     checkpoint_mode: Literal["max", "min"] | None = None  # better direction; None = the metric's
     # --- interference diagnostics (docs/diagnostics.md); off by default
-    diagnostics: DiagnosticsConfig | None = (
-        None  # probes {every, affinity, lr, batch_size}; None=off
-    )
+    diagnostics: DiagnosticsConfig | None = None  # interference probes every N steps; None = off
 
     def validate(self) -> list[str]:
         """Value checks beyond types; one sentence per problem."""
@@ -248,12 +246,18 @@ class Trainer:
             that name modules are checked against the model when :meth:`fit` starts. With
             ``run_dir``, ``fit`` writes ``metrics.jsonl``, TensorBoard events and checkpoints
             there (``checkpoint_every``, ``checkpoint_metric``; docs/checkpoints.md), and
-            ``fit(..., resume_from=run_dir)`` continues an interrupted run exactly.
+            ``fit(..., resume_from=run_dir)`` continues an interrupted run exactly. With
+            ``diagnostics`` (e.g. ``{"every": 50}``) the run measures which tasks help and
+            which hurt each other (docs/diagnostics.md).
 
     Attributes:
         config: The validated :class:`TrainerConfig`.
         history: One record per evaluation: ``{"epoch", "step", "model/all/train/loss",
-            "model/all/train/lr", "<task>/<dataset>/train/loss", <validation scores>...}``.
+            "model/all/train/lr", "<task>/<dataset>/train/loss", <validation scores>...}``;
+            with ``diagnostics``, also one record per probe (``{"epoch", "step",
+            "diagnostics/..."}``).
+        diagnostics: The :class:`~mtlgraph.diagnostics.DiagnosticsReport` of the last ``fit``
+            (``None`` without ``diagnostics``).
 
     Example:
         >>> import torch

@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import make_loader
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_checkpoint import Interrupt
 from torch import nn
 
 import mtlgraph.trainer as trainer_module
@@ -322,26 +323,11 @@ def test_off_costs_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not any(k.startswith("diagnostics/") for r in trainer.history for k in r)
 
 
-class _StopAt(nn.Module):
-    """Identity that raises KeyboardInterrupt on its ``at``-th training call."""
-
-    def __init__(self, at: int) -> None:
-        super().__init__()
-        self.at, self.calls = at, 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            self.calls += 1
-            if self.calls == self.at:
-                raise KeyboardInterrupt("simulated kill")
-        return x
-
-
 def test_a_resumed_run_reports_what_an_uninterrupted_one_does(tmp_path: Path) -> None:
     def setup(at: int = 0) -> tuple[MultitaskClassifier, list[DictDataLoader]]:
         model, loaders = _opposites(seed=3)
         if at:  # the shared trunk's output passes through a module that stops the run
-            model.module_pool["trunk"].append(_StopAt(at))
+            model.module_pool["trunk"].append(Interrupt(at))
         return model, loaders
 
     config = {
