@@ -19,12 +19,13 @@ Every task fuses (concatenates) the features of an image trunk and of a text tru
 own head. Tasks that name the same trunk share it. The steps:
 
 1. ``digit_task`` alone: its single-task baseline.
-2. ``digit_task`` + ``loop_task`` on one image trunk: related tasks, no harm.
+2. ``digit_task`` + ``loop_task`` on one image trunk: related tasks; the digit score stays close.
 3. ``price_task`` joins the shared image trunk: ``digit_task`` falls far below its baseline. The
    interference diagnostics (``Trainer(diagnostics=...)``, docs/diagnostics.md) show why: on the
-   image trunk the price gradients are ~100× larger than the digit gradients and point against
-   them, a lookahead step on the price loss raises the digit loss (negative task affinity), and
-   the suggested grouping puts ``price_task`` in a trunk of its own.
+   image trunk the price gradients are over 100× larger than the digit gradients and, on
+   average, point against them; a lookahead step on the price loss raises the digit loss
+   (negative task affinity); and the suggested grouping puts ``price_task`` in a trunk of its
+   own.
 4. Following the suggestion, ``price_task`` names a second module, ``price_image_trunk``: the
    digit score recovers to its baseline.
 
@@ -185,7 +186,10 @@ def main(
     reports: dict[str, DiagnosticsReport | None] = {}
     for name, (task_names, trunks) in steps.items():
         scores[name], reports[name] = train(loaders, task_names, trunks, n_epochs, every, seed)
-        shown = ", ".join(f"{k.split('/')[0]} {k.split('/')[-1]} {v:.3f}" for k, v in scores[name].items())
+        shown = ", ".join(
+            f"{key.split('/')[0]} {key.split('/')[-1]} {value:.3f}"
+            for key, value in scores[name].items()
+        )
         say(f"step {name}: {shown}")
 
     baseline = scores["1 digit alone"][key]
