@@ -121,6 +121,10 @@ def convert(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
             problems.append(f"{path}: expected a string, got {_got(value)}")
         return value
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if isinstance(value, tp):  # an instance built in Python: only its own value checks
+            validate = getattr(value, "validate", None)
+            problems.extend(f"{path}.{p}" for p in (validate() if validate else []))
+            return value
         if not isinstance(value, Mapping):
             problems.append(f"{path}: expected a mapping, got {_got(value)}")
             return value
@@ -156,6 +160,8 @@ def convert(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
 
 def _shape_matches(value: Any, tp: Any) -> bool:
     origin = get_origin(tp)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return isinstance(tp, type) and isinstance(value, tp)
     if isinstance(value, Mapping):
         return origin in (dict, Mapping) or tp is dict or dataclasses.is_dataclass(tp)
     if isinstance(value, (list, tuple)):

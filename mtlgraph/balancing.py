@@ -511,7 +511,7 @@ class GradNormBalancer(Balancer):
         cached = self._layers.get(id(ctx.plan))
         if cached is not None and cached[0] is ctx.plan:
             return cached[1]
-        params = self._resolve(ctx.tasks) if self.layer else _last_shared_layer(ctx)
+        params = self._resolve(ctx.tasks) if self.layer else _last_shared_layer(ctx.tasks, ctx.plan)
         self._layers[id(ctx.plan)] = (ctx.plan, params)
         return params
 
@@ -763,43 +763,54 @@ class RLWBalancer(_LastWeights):
 
 
 @dataclass
-class _Layout:
-    """Per-plan bookkeeping of a gradient method: which parameters are shared, where they live
-    in the flat gradient buffer, and each task's own parameters."""
+class SharedLayout:
+    """Where the shared parameters of one execution plan live in a flat per-task gradient buffer.
 
+    Attributes:
+        task_names: The plan's tasks: row ``i`` of :attr:`buffer` is task ``i``'s gradient.
+        shared: Trainable parameters of the modules more than one of the tasks uses.
+        slices: ``(offset, numel)`` of each shared parameter in a buffer row.
+        modules: ``(module name, start, stop)``: each shared module's columns of a buffer row.
+        own: Task name -> trainable parameters only that task uses.
+        buffer: ``(K, P)`` preallocated rows, one flattened shared gradient per task.
+        size: ``P``, the number of shared parameter values.
+    """
+
+    task_names: tuple[str, ...]
     shared: list[nn.Parameter]
     slices: list[tuple[int, int]]
+    modules: list[tuple[str, int, int]]
     own: dict[str, list[nn.Parameter]]
-    buffer: torch.Tensor  # (K, P): one flattened shared gradient per task
+    buffer: torch.Tensor
     size: int = field(default=0)
 
 
-def _shared_modules(ctx: StepContext) -> list[str]:
-    """Modules used by more than one of the step's tasks, in execution order."""
+def _shared_modules(plan: ExecutionPlan) -> list[str]:
+    """Modules used by more than one of the plan's tasks, in execution order."""
     users: dict[str, int] = {}
-    for modules in ctx.plan.task_modules.values():
+    for modules in plan.task_modules.values():
         for m in modules:
             users[m] = users.get(m, 0) + 1
-    return [m for m in ctx.plan.module_names if users[m] > 1]
+    return [m for m in plan.module_names if users[m] > 1]
 
 
-def _module(ctx: StepContext, module_name: str) -> nn.Module:
-    for task_name, modules in ctx.plan.task_modules.items():
+def _module(tasks: Mapping[str, Task], plan: ExecutionPlan, module_name: str) -> nn.Module:
+    for task_name, modules in plan.task_modules.items():
         if module_name in modules:
-            return ctx.tasks[task_name].module_pool[module_name]
+            return tasks[task_name].module_pool[module_name]
     raise KeyError(module_name)  # pragma: no cover - callers pass names from the plan
 
 
-def _last_shared_layer(ctx: StepContext) -> list[nn.Parameter]:
+def _last_shared_layer(tasks: Mapping[str, Task], plan: ExecutionPlan) -> list[nn.Parameter]:
     """Trainable parameters of the last parameterised layer of the last shared module."""
-    shared = set(_shared_modules(ctx))
-    first_task = ctx.plan.task_names[0]
-    for module_name in reversed(ctx.plan.task_modules[first_task]):
+    shared = set(_shared_modules(plan))
+    first_task = plan.task_names[0]
+    for module_name in reversed(plan.task_modules[first_task]):
         if module_name not in shared:
             continue
         layers = [
             m
-            for m in _module(ctx, module_name).modules()
+            for m in _module(tasks, plan, module_name).modules()
             if any(p.requires_grad for p in m.parameters(recurse=False))
         ]
         if layers:
@@ -812,6 +823,120 @@ def _accumulate(p: nn.Parameter, g: torch.Tensor) -> None:
         p.grad = g
     else:
         p.grad.add_(g)
+
+
+class SharedGradients:
+    """One gradient per task on the shared parameters of a step, in a preallocated buffer.
+
+    Used by the gradient-based balancers and by :mod:`mtlgraph.diagnostics`. Layouts (which
+    parameters are shared, their place in the buffer) are cached per execution plan, so per
+    model and task set; :meth:`clear` forgets them (after freezing changed what is trainable).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from mtlgraph import MultitaskClassifier, Operation, Task
+        >>> from mtlgraph.balancing import SharedGradients
+        >>> trunk = nn.Linear(2, 1, bias=False)
+        >>> ops = lambda t: [Operation("trunk", [("_input_", "x")]), Operation(t, ["trunk"])]
+        >>> tasks = [Task(t, {"trunk": trunk, t: nn.Linear(1, 2)}, ops(t)) for t in ("a", "b")]
+        >>> model = MultitaskClassifier(tasks)
+        >>> layout = SharedGradients().layout(model.tasks, model.plan(["a", "b"]))
+        >>> layout.modules, layout.size
+        ([('trunk', 0, 2)], 2)
+    """
+
+    def __init__(self) -> None:
+        # plan id -> (plan, layout); the plan is kept so that a recycled id cannot match
+        self._layouts: dict[int, tuple[ExecutionPlan, SharedLayout]] = {}
+
+    def clear(self) -> None:
+        """Forget the cached layouts."""
+        self._layouts = {}
+
+    def layout(self, tasks: Mapping[str, Task], plan: ExecutionPlan) -> SharedLayout:
+        """The (cached) :class:`SharedLayout` of ``plan``."""
+        cached = self._layouts.get(id(plan))
+        if cached is not None and cached[0] is plan:
+            return cached[1]
+        shared_names = _shared_modules(plan)
+        seen: set[int] = set()
+        shared: list[nn.Parameter] = []
+        modules: list[tuple[str, int, int]] = []
+        offset = 0
+        for m in shared_names:
+            start = offset
+            for p in _module(tasks, plan, m).parameters():
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    shared.append(p)
+                    offset += p.numel()
+            if offset > start:
+                modules.append((m, start, offset))
+        own: dict[str, list[nn.Parameter]] = {}
+        for task_name, task_modules in plan.task_modules.items():
+            mine: list[nn.Parameter] = []
+            for m in task_modules:
+                if m in shared_names:
+                    continue
+                for p in _module(tasks, plan, m).parameters():
+                    if p.requires_grad and id(p) not in seen:
+                        seen.add(id(p))
+                        mine.append(p)
+            own[task_name] = mine
+        slices = []
+        offset = 0
+        for p in shared:
+            slices.append((offset, p.numel()))
+            offset += p.numel()
+        dtype = shared[0].dtype if shared else torch.float32
+        device = shared[0].device if shared else torch.device("cpu")
+        buffer = torch.empty(len(plan.task_names), offset, dtype=dtype, device=device)
+        layout = SharedLayout(plan.task_names, shared, slices, modules, own, buffer, offset)
+        self._layouts[id(plan)] = (plan, layout)
+        return layout
+
+    @staticmethod
+    def compute(
+        layout: SharedLayout,
+        losses: Mapping[str, torch.Tensor],
+        scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        accumulate_own: bool = False,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Row ``i`` of the layout's buffer := ``∇_{θ_s} scale(losses[i])`` for the tasks of
+        ``losses`` in order; returns those rows.
+
+        Args:
+            layout: The plan's layout (``losses`` holds some or all of its tasks).
+            losses: Task name -> scalar loss; one backward pass each through its path.
+            scale: Applied to each loss first (loss scaling under mixed precision).
+            accumulate_own: Also add each task's gradient of its task-only parameters to their
+                ``.grad``.
+            reduce: Under DDP, averages a gradient over the ranks in place (``StepContext.reduce``):
+                applied to the task-only gradients and to the returned rows, so every rank
+                combines the same rank-averaged gradients.
+        """
+        names = list(losses)
+        n_shared = len(layout.shared)
+        buffer = layout.buffer
+        for i, task_name in enumerate(names):
+            own = layout.own[task_name] if accumulate_own else []
+            loss = losses[task_name] if scale is None else scale(losses[task_name])
+            grads = torch.autograd.grad(
+                loss,
+                layout.shared + own,
+                retain_graph=i < len(names) - 1,
+                allow_unused=True,
+                materialize_grads=True,
+            )
+            torch.cat([g.reshape(-1) for g in grads[:n_shared]], out=buffer[i])
+            for p, g in zip(own, grads[n_shared:], strict=True):
+                _accumulate(p, g if reduce is None else reduce(g))
+        rows = buffer[: len(names)]
+        if reduce is not None:
+            reduce(rows)
+        return rows
 
 
 class GradientBalancer(_LastWeights):
@@ -829,51 +954,14 @@ class GradientBalancer(_LastWeights):
 
     def __init__(self) -> None:
         super().__init__()
-        # plan id -> (plan, layout): cached per execution plan (so per model and task set)
-        self._layouts: dict[int, tuple[ExecutionPlan, _Layout]] = {}
+        self._grads = SharedGradients()
 
     def combine(self, gram: np.ndarray) -> np.ndarray:
         """Coefficients ``β`` (shape ``(K,)``, float64) of the update ``d = Σ_i β_i g_i``."""
         raise NotImplementedError
 
     def setup(self, tasks: Mapping[str, Task]) -> None:
-        self._layouts = {}  # freezing may have changed which parameters are trainable
-
-    def _layout(self, ctx: StepContext) -> _Layout:
-        cached = self._layouts.get(id(ctx.plan))
-        if cached is not None and cached[0] is ctx.plan:
-            return cached[1]
-        key = ctx.plan.task_names
-        shared_names = _shared_modules(ctx)
-        seen: set[int] = set()
-        shared: list[nn.Parameter] = []
-        for m in shared_names:
-            for p in _module(ctx, m).parameters():
-                if p.requires_grad and id(p) not in seen:
-                    seen.add(id(p))
-                    shared.append(p)
-        own: dict[str, list[nn.Parameter]] = {}
-        for task_name, modules in ctx.plan.task_modules.items():
-            mine: list[nn.Parameter] = []
-            for m in modules:
-                if m in shared_names:
-                    continue
-                for p in _module(ctx, m).parameters():
-                    if p.requires_grad and id(p) not in seen:
-                        seen.add(id(p))
-                        mine.append(p)
-            own[task_name] = mine
-        slices = []
-        offset = 0
-        for p in shared:
-            slices.append((offset, p.numel()))
-            offset += p.numel()
-        dtype = shared[0].dtype if shared else torch.float32
-        device = shared[0].device if shared else torch.device("cpu")
-        buffer = torch.empty(len(key), offset, dtype=dtype, device=device)
-        layout = _Layout(shared, slices, own, buffer, offset)
-        self._layouts[id(ctx.plan)] = (ctx.plan, layout)
-        return layout
+        self._grads.clear()  # freezing may have changed which parameters are trainable
 
     def backward(self, losses: Mapping[str, torch.Tensor], ctx: StepContext) -> None:
         weighted = _static(losses, ctx)
@@ -890,7 +978,7 @@ class GradientBalancer(_LastWeights):
             ctx.backward(weighted[names[0]])
             self._last[names[0]] = 1.0
             return
-        layout = self._layout(ctx)
+        layout = self._grads.layout(ctx.tasks, ctx.plan)
         if layout.size == 0:
             self._say_once(
                 "unshared",
@@ -900,21 +988,9 @@ class GradientBalancer(_LastWeights):
             )
             _weighted_backward(losses, {}, ctx)
             return
-        buffer = layout.buffer
-        n_shared = len(layout.shared)
-        for i, task_name in enumerate(names):
-            own = layout.own[task_name]
-            grads = torch.autograd.grad(
-                ctx.scale(weighted[task_name]),
-                layout.shared + own,
-                retain_graph=i < len(names) - 1,
-                allow_unused=True,
-                materialize_grads=True,
-            )
-            torch.cat([g.reshape(-1) for g in grads[:n_shared]], out=buffer[i])
-            for p, g in zip(own, grads[n_shared:], strict=True):
-                _accumulate(p, ctx.reduce(g))
-        ctx.reduce(buffer)  # under DDP: every rank combines the same rank-averaged gradients
+        buffer = self._grads.compute(
+            layout, weighted, ctx.scale, accumulate_own=True, reduce=ctx.reduce
+        )
         gram = (buffer @ buffer.T).double().cpu().numpy()
         if np.isfinite(gram).all():
             beta = np.asarray(self.combine(gram), dtype=np.float64)

@@ -24,6 +24,7 @@ Contents (``version`` 1; see ``docs/checkpoints.md``)::
     epoch_losses             those of the current epoch
     best                     checkpoint_metric, mode, best value and its step
     config                   {"trainer": the TrainerConfig, "experiment": the resolved YAML config}
+    diagnostics              (with TrainerConfig.diagnostics) the interference monitor's sums
 
 Resuming at ``(epoch, step_in_epoch)`` restores everything above, recomputes the epoch's batch
 plan from the scheduler state, starts every loader at its position (``DictDataLoader.iterate

@@ -1,10 +1,10 @@
-"""The ``mtlgraph`` command line: ``train``, ``evaluate``, ``check`` (see ``docs/cli.md``).
+"""The ``mtlgraph`` command line: ``train``, ``evaluate``, ``check``, ``diagnose`` (docs/cli.md).
 
 Exit status: 0 on success, 1 when training or evaluation fails at run time, 2 for a usage or
 configuration error (one clean message on stderr; the traceback only with ``--debug``).
 
-Subcommands live in :data:`COMMANDS`; a new one (``diagnose RUN_DIR``, say) is one
-:func:`command`-decorated function plus the arguments it adds::
+Subcommands live in :data:`COMMANDS`; a new one is one :func:`command`-decorated function plus
+the arguments it adds::
 
     @command("diagnose", "inspect a run directory", arguments=_diagnose_args)
     def diagnose(args: argparse.Namespace) -> int: ...
@@ -363,6 +363,34 @@ def check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------- diagnose
+
+
+def _diagnose_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory trained with diagnostics")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+@command(
+    "diagnose",
+    "print a run's interference report: conflicting task pairs, task affinity, suggested trunks",
+    _diagnose_args,
+)
+def diagnose(args: argparse.Namespace) -> int:
+    from mtlgraph.diagnostics import load_report
+    from mtlgraph.writers import json_value
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise UsageError(f"{args.run_dir}: no such run directory")
+    report = load_report(run_dir)
+    if args.json:
+        print(json.dumps(json_value(report.to_dict()), indent=2))
+    else:
+        print(report.to_text())
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -372,7 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="mtlgraph",
-        description="Declarative multi-task learning: train, evaluate and check YAML experiments.",
+        description="Declarative multi-task learning: train, evaluate, check and diagnose YAML "
+        "experiments.",
     )
     parser.add_argument("--version", action="version", version=f"mtlgraph {__version__}")
     common = argparse.ArgumentParser(add_help=False)

@@ -220,6 +220,95 @@ def make_products_dataset(
     )
 
 
+DIGIT_WORDS = (
+    "<pad>",
+    *("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"),
+    *("round", "angular"),
+    *("handwritten", "tag", "label", "sticker", "scanned", "small", "white", "paper", "ink"),
+    *("grey", "item", "code", "printed", "new", "sale", "card", "mark", "box", "shelf"),
+)
+"""Vocabulary of :func:`make_digit_products` descriptions: token id ``i`` is ``DIGIT_WORDS[i]``."""
+
+
+def make_digit_products(
+    n: int | None = None,
+    part: int = 0,
+    parts: int = 1,
+    price_mean: float = 30.0,
+    price_scale: float = 10.0,
+    price_noise: float = 0.3,
+    hint: float = 0.3,
+    length: int = 6,
+    seed: int = 0,
+    fractions: Sequence[float] = (0.8, 0.1, 0.1),
+) -> dict[str, dict[str, Arr]]:
+    """Products with a small image and a text description (the Tonks story, interference part).
+
+    Each item is one of scikit-learn's bundled 8×8 handwritten digits (``load_digits``, nothing is
+    downloaded), seen as the photo of a product tag, with a generated description of the same
+    item. Attributes: ``digit`` (the tag's digit), ``loop`` (1 when the digit has a closed loop:
+    0, 6, 8, 9; related to ``digit``) and ``price`` in dollars, ``price_mean + price_scale·z``
+    where ``z`` is a fixed random pattern of the pixels (standardised, plus ``price_noise``
+    noise): readable from the image, unrelated to the digit, and on a scale far from the other
+    losses. A description holds 3–5 filler words, the digit's word with probability ``hint`` and
+    "round"/"angular" (the loop) with probability ``hint``.
+
+    Args:
+        n: Items (``None``: all 1,797 digits) before ``part`` is taken.
+        part: Which of ``parts`` disjoint slices of the shuffled items to return (several
+            task-specific datasets from one pool).
+        parts: Number of slices.
+        price_mean: Mean price in dollars.
+        price_scale: Standard deviation of the price's image-driven part, in dollars.
+        price_noise: Noise of the price, in units of ``price_scale``.
+        hint: Probability that a description names the digit (and, separately, the loop).
+        length: Tokens per description (0 pads).
+        seed: Seed of the shuffle, the noise and the descriptions (the price pattern is fixed).
+        fractions: Train/valid/test fractions of the slice.
+
+    Returns:
+        ``{split: {"image": (N, 64) float32 in [0, 1], "text": (N, length) int64,
+        "digit": (N,) int64, "loop": (N,) int64, "price": (N,) float32}}``.
+
+    Example:
+        >>> from mtlgraph.synthetic import DIGIT_WORDS, make_digit_products
+        >>> data = make_digit_products(part=0, parts=3)
+        >>> data["train"]["image"].shape, data["train"]["text"].shape
+        ((479, 64), (479, 6))
+        >>> all(DIGIT_WORDS[t] for t in data["train"]["text"][0])
+        True
+    """
+    from sklearn.datasets import load_digits
+
+    if not 0 <= part < parts:
+        raise ValueError(f"part must be in [0, parts), got part={part}, parts={parts}")
+    digits = load_digits()
+    images = (digits.images.reshape(len(digits.images), 64) / 16.0).astype(np.float32)
+    pattern = np.random.default_rng([9, 0]).normal(size=64)  # the price rule: fixed
+    z = (images - images.mean(0)) @ pattern
+    z = z / z.std()
+    rng = np.random.default_rng([seed, 9])
+    order = rng.permutation(len(images))[:n]
+    rows = np.array_split(order, parts)[part]
+    image, digit = images[rows], digits.target[rows].astype(np.int64)
+    loop = np.isin(digit, (0, 6, 8, 9)).astype(np.int64)
+    noise = price_noise * rng.standard_normal(len(rows))
+    price = (price_mean + price_scale * (z[rows] + noise)).astype(np.float32)
+    filler = np.arange(13, len(DIGIT_WORDS))
+    text = np.zeros((len(rows), length), dtype=np.int64)
+    for i in range(len(rows)):
+        words = list(rng.choice(filler, size=int(rng.integers(3, 6)), replace=False))
+        if rng.random() < hint:
+            words.append(1 + digit[i])  # ids 1..10: the digit's word
+        if rng.random() < hint:
+            words.append(11 if loop[i] else 12)  # "round" / "angular"
+        rng.shuffle(words)
+        text[i, : min(length, len(words))] = words[:length]
+    return _cut(
+        {"image": image, "text": text, "digit": digit, "loop": loop, "price": price}, fractions
+    )
+
+
 def make_kpi_dataset(
     n: int,
     n_features: int = 8,
@@ -281,5 +370,6 @@ GENERATORS: dict[str, Generator] = {
     "reviews": make_reviews_dataset,  # arrays tokens (N, L), label (N,)
     "products": make_products_dataset,  # arrays image, text, color, pattern
     "kpi": make_kpi_dataset,  # arrays x, click, dwell
+    "digit_products": make_digit_products,  # arrays image, text, digit, loop, price
 }
 """Generators a config names with ``generator:``; each returns ``{split: {array: ndarray}}``."""

@@ -33,6 +33,13 @@ from mtlgraph._schema import build
 from mtlgraph._suggest import did_you_mean, quoted
 from mtlgraph.balancing import Balancer, GradientBalancer, StepContext, make_balancer
 from mtlgraph.data import Batch, DictDataLoader
+from mtlgraph.diagnostics import (
+    DiagnosticsConfig,
+    DiagnosticsReport,
+    InterferenceMonitor,
+    remove_report,
+    write_report,
+)
 from mtlgraph.distributed import (
     DistEnv,
     all_gather_objects,
@@ -114,6 +121,8 @@ class TrainerConfig:
     # --- distributed training under torchrun (docs/distributed.md)
     distributed: Literal["auto", "off"] = "auto"  # auto: DDP when torchrun sets WORLD_SIZE > 1
     distributed_timeout: float = 300.0  # seconds a collective waits for the other ranks, then fails
+    # --- interference diagnostics (docs/diagnostics.md); off by default
+    diagnostics: DiagnosticsConfig | None = None  # interference probes every N steps; None = off
 
     def validate(self) -> list[str]:
         """Value checks beyond types; one sentence per problem."""
@@ -259,12 +268,18 @@ class Trainer:
             that name modules are checked against the model when :meth:`fit` starts. With
             ``run_dir``, ``fit`` writes ``metrics.jsonl``, TensorBoard events and checkpoints
             there (``checkpoint_every``, ``checkpoint_metric``; docs/checkpoints.md), and
-            ``fit(..., resume_from=run_dir)`` continues an interrupted run exactly.
+            ``fit(..., resume_from=run_dir)`` continues an interrupted run exactly. With
+            ``diagnostics`` (e.g. ``{"every": 50}``) the run measures which tasks help and
+            which hurt each other (docs/diagnostics.md).
 
     Attributes:
         config: The validated :class:`TrainerConfig`.
         history: One record per evaluation: ``{"epoch", "step", "model/all/train/loss",
-            "model/all/train/lr", "<task>/<dataset>/train/loss", <validation scores>...}``.
+            "model/all/train/lr", "<task>/<dataset>/train/loss", <validation scores>...}``;
+            with ``diagnostics``, also one record per probe (``{"epoch", "step",
+            "diagnostics/..."}``).
+        diagnostics: The :class:`~mtlgraph.diagnostics.DiagnosticsReport` of the last ``fit``
+            (``None`` without ``diagnostics``).
 
     Example:
         >>> import torch
@@ -300,6 +315,9 @@ class Trainer:
         self._ddp: DistributedDataParallel | None = None
         self._manual_sync = False
         self._eval_shards: dict[int, DictDataLoader] = {}
+        self._monitor: InterferenceMonitor | None = None
+        # The interference report of the last fit (None without ``diagnostics``).
+        self.diagnostics: DiagnosticsReport | None = None
 
     # ------------------------------------------------------------------ the loop
 
@@ -391,6 +409,7 @@ class Trainer:
         self.global_step = 0
         pos = ckpt.Progress()
         resumed_losses: list[tuple[str, str, torch.Tensor, int]] = []
+        monitor = self._monitor = self._open_diagnostics(state)
         if state is not None:
             pos, resumed_losses = self._restore(state, model, stepper, balancer, scheduler, train)
         self._checkpointer = self._open_checkpointer(model, train, evals, state)
@@ -449,6 +468,8 @@ class Trainer:
                         refresh=False,
                     )
                 pos.epoch, pos.step_in_epoch, pos.global_step = epoch, k + 1, self.global_step
+                if monitor is not None and self.global_step % monitor.every == 0:
+                    self._probe(model, monitor, stepper, epoch + 1)
                 if (
                     cfg.evaluation_unit == "steps"
                     and cfg.evaluation_freq
@@ -475,6 +496,8 @@ class Trainer:
             self._evaluate(model, balancer, stepper, evals, cfg.n_epochs)
         if self._checkpointer is not None:
             self._save("last", model, stepper, balancer)
+        if monitor is not None:
+            self._report_diagnostics(monitor)
         self._finished = True
         self.balancer = balancer
         self.optimizer = stepper.optimizer
@@ -537,7 +560,7 @@ class Trainer:
         rank_records: list[Any] | None = None,
     ) -> dict[str, Any]:
         """Everything needed to continue this run exactly (see :mod:`mtlgraph.checkpoint`)."""
-        return ckpt.training_state(
+        state = ckpt.training_state(
             model=model,
             optimizer=stepper.optimizer,
             base_lrs=stepper.base_lrs,
@@ -553,6 +576,9 @@ class Trainer:
             world_size=self._env.world_size,
             rank_records=rank_records,
         )
+        if self._monitor is not None:
+            state["diagnostics"] = self._monitor.state_dict()
+        return state
 
     def _restore(
         self,
@@ -572,6 +598,51 @@ class Trainer:
         self.history = run.history
         self._window = run.window
         return run.progress, run.epoch_losses
+
+    # ------------------------------------------------------------------ diagnostics
+
+    def _open_diagnostics(self, state: Mapping[str, Any] | None) -> InterferenceMonitor | None:
+        """The run's interference monitor (``None`` when off, and on DDP ranks other than 0:
+        probes use no collectives, rank 0 alone probes and reports), its sums restored on
+        resume; a fresh run in a used run directory drops the old run's report."""
+        cfg = self.config
+        if not self._env.is_main:
+            return None
+        if state is None and cfg.run_dir is not None:
+            remove_report(cfg.run_dir)
+        if cfg.diagnostics is None:
+            return None
+        monitor = InterferenceMonitor(cfg.diagnostics, cfg.seed)
+        if state is not None and state.get("diagnostics") is not None:
+            monitor.load_state_dict(state["diagnostics"])
+        elif state is not None:
+            logger.warning(
+                "the checkpoint holds no diagnostics state: the report counts probes from step %d",
+                state["progress"]["global_step"],
+            )
+        return monitor
+
+    def _probe(
+        self,
+        model: MultitaskClassifier,
+        monitor: InterferenceMonitor,
+        stepper: SubsetStepper,
+        epoch: int,
+    ) -> None:
+        """One interference probe (it leaves training untouched); its values are a history
+        record of their own, sent to the writers."""
+        values = monitor.probe(model, self._train, stepper.full_groups, self.global_step)
+        record = {"epoch": float(epoch), "step": float(self.global_step), **values}
+        self.history.append(record)
+        for writer in self._writers:
+            writer.write(record)
+
+    def _report_diagnostics(self, monitor: InterferenceMonitor) -> None:
+        """``self.diagnostics``, logged, and written to the run directory (rank 0)."""
+        report = self.diagnostics = monitor.report()
+        logger.info("%s", report.to_text())
+        if self.config.run_dir is not None:  # only rank 0 has a monitor
+            write_report(report, self.config.run_dir)
 
     def _evaluate(
         self,

@@ -142,6 +142,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "mixed": {"batch_scheduler": "mixed"},
     "pcgrad": {"batch_scheduler": "mixed", "balancer": {"name": "pcgrad", "seed": 4}},
     "uncertainty+dwa-free": {"batch_scheduler": "mixed", "balancer": "uncertainty"},
+    "diagnostics": {"batch_scheduler": "mixed", "diagnostics": {"every": 4}},
     "gradnorm+accumulation": {
         "batch_scheduler": "mixed",
         "balancer": "gradnorm",

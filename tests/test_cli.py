@@ -44,7 +44,7 @@ def test_version_and_usage(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_subcommands_are_a_registry() -> None:
-    assert list(COMMANDS) == ["train", "evaluate", "check"]  # diagnose (issue 5) adds itself here
+    assert list(COMMANDS) == ["train", "evaluate", "check", "diagnose"]
 
 
 def test_python_dash_m_runs_the_cli() -> None:

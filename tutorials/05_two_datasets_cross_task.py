@@ -33,7 +33,15 @@ import torch
 from scipy.stats import spearmanr
 from torch import nn
 
-from mtlgraph import DictDataLoader, DictDataset, MultitaskClassifier, Operation, Scorer, Task, Trainer
+from mtlgraph import (
+    DictDataLoader,
+    DictDataset,
+    MultitaskClassifier,
+    Operation,
+    Scorer,
+    Task,
+    Trainer,
+)
 from mtlgraph.synthetic import make_reviews_dataset
 
 DOMAINS = {"yelp": "restaurants", "imdb": "movies"}
@@ -76,8 +84,12 @@ def main(
         data = make_reviews_dataset(n, domain=domain, vocab_size=vocab_size, seed=seed)
         loaders[name] = [
             DictDataLoader(
-                DictDataset(name, split, {"tokens": torch.from_numpy(arrays["tokens"])},
-                            {f"{name}_task": torch.from_numpy(arrays["label"])}),
+                DictDataset(
+                    name,
+                    split,
+                    {"tokens": torch.from_numpy(arrays["tokens"])},
+                    {f"{name}_task": torch.from_numpy(arrays["label"])},
+                ),
                 batch_size=32,
                 shuffle=split == "train",
                 seed=seed,
@@ -116,8 +128,13 @@ def main(
         for pair in (("yelp", "imdb"), ("yelp", "mtl"), ("imdb", "mtl"))
     }
     top = {name: (np.argsort(-imp[1:])[:5] + 1).tolist() for name, imp in importance.items()}
-    return {"f1": f1, "cross": cross, "agreement": agreement, "top_words": top,
-            "vocab_size": vocab_size}
+    return {
+        "f1": f1,
+        "cross": cross,
+        "agreement": agreement,
+        "top_words": top,
+        "vocab_size": vocab_size,
+    }
 
 
 def word_kind(word: int, vocab_size: int) -> str:
