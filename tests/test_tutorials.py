@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 from types import ModuleType
 
+import pytest
 import torch
 
 TUTORIALS = Path(__file__).resolve().parents[1] / "tutorials"
@@ -62,3 +63,44 @@ def test_02_multi_dataset_ensembles() -> None:
     value, error = report.mutual("digit_task", "price_task")
     assert value + 2 * error < 0
     assert report.grouping == (("digit_task", "loop_task"), ("price_task",))
+
+
+def test_03_sin_cos_regression() -> None:
+    results = load("03_sin_cos_regression").main(n=800, n_epochs=12, seed=0)
+    assert set(results) == {"equal weights", "static weights", "dynamic weights"}
+    for name, r in results.items():
+        assert r["sin_mse"] < 0.02 and r["cos_mse"] < 0.02, name  # targets have variance 0.5
+    assert results["static weights"]["weights"] == {"sin": 1.0, "cos": 0.5}
+    lo, hi = results["dynamic weights"]["cos_weight_range"]
+    assert lo < 1.0 < hi  # inverse_metric moved the weights between evaluations
+    w = results["dynamic weights"]["weights"]
+    assert abs(w["sin"] + w["cos"] - 2.0) < 1e-9  # renormalised: the weights sum to K
+
+
+@pytest.mark.slow
+def test_04_loss_scales_lrs_and_stop_gradient() -> None:
+    result = load("04_loss_scales_lrs_and_stop_gradient").main(n=2000, n_epochs=30, seed=0)
+    one = result["lesson_1"]
+    # a plain sum lets the dwell seconds own the trunk; uncertainty weighting rescues the click
+    assert one["uncertainty"]["click_auc"] > one["sum"]["click_auc"] + 0.15
+    assert one["uncertainty"]["dwell_r2"] > one["sum"]["dwell_r2"] - 0.02
+    assert one["uncertainty"]["dwell_weight"] < 0.05 < one["uncertainty"]["click_weight"]
+    two = result["lesson_2"]
+    assert two["lr_trunk"] == (0.005, 0.01) and two["lr_heads"] == (0.025, 0.05)
+    three = result["lesson_3"]
+    assert three["dwell_loss_reaches_with_stop_gradient"] == ["dwell_head", "trunk"]
+    assert three["dwell_loss_reaches_without"] == ["click_head", "dwell_head", "trunk"]
+    assert three["dwell_r2"] > 0.8 and three["click_accuracy"] > 0.7
+
+
+def test_05_two_datasets_cross_task() -> None:
+    result = load("05_two_datasets_cross_task").main(n=1200, n_epochs=6, seed=0)
+    for name in ("yelp", "imdb"):
+        assert result["f1"][(name, "single")] > 0.85 and result["f1"][(name, "mtl")] > 0.85
+        # each domain's test data through the other domain's head: MTL generalises sentiment
+        assert result["cross"][(name, "mtl")] > result["cross"][(name, "single")] + 0.05
+    agreement = result["agreement"]
+    # the multi-task model's word ranking agrees with each single-task model more than the
+    # single-task models agree with each other (the post's scatter plots)
+    assert agreement[("yelp", "mtl")] > agreement[("yelp", "imdb")]
+    assert agreement[("imdb", "mtl")] > agreement[("yelp", "imdb")]
