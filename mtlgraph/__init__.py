@@ -7,6 +7,7 @@ under ``task/dataset/split/metric``.
 
 from mtlgraph.balancing import Balancer, GradientBalancer, StepContext, register_balancer
 from mtlgraph.data import DictDataLoader, DictDataset
+from mtlgraph.diagnostics import DiagnosticsConfig, DiagnosticsReport
 from mtlgraph.exceptions import (
     CheckpointError,
     ConfigError,
@@ -30,6 +31,8 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "DiagnosticsConfig",
+    "DiagnosticsReport",
     "DictDataLoader",
     "DictDataset",
     "GradientBalancer",

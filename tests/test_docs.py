@@ -34,3 +34,18 @@ def test_block_runs(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     exec(compile(code, f"{name}:{line}", "exec"), {"__name__": "__docs__"})
+
+
+def test_api_reference_names_every_public_name() -> None:
+    import mtlgraph
+
+    text = (ROOT / "docs" / "api.md").read_text()
+    missing = [name for name in mtlgraph.__all__ if f"`{name}" not in text]
+    assert not missing, f"docs/api.md does not mention {missing}"
+
+
+def test_readme_links_every_docs_page() -> None:
+    readme = (ROOT / "README.md").read_text()
+    pages = sorted(p.name for p in (ROOT / "docs").glob("*.md"))
+    missing = [p for p in pages if f"docs/{p}" not in readme]
+    assert not missing, f"README.md does not link {missing}"
