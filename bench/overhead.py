@@ -115,8 +115,8 @@ def timed(fn, *args) -> float:  # type: ignore[no-untyped-def]
 
 def compare(
     names: list[str], n: int, width: int, in_dim: int, batch_size: int, n_epochs: int, repeats: int
-) -> tuple[float, float, bool]:
-    """Median seconds of raw and mtlgraph fits on identical setups; and weight identity."""
+) -> tuple[list[float], list[float], bool]:
+    """Seconds of raw and mtlgraph fits on identical setups, in alternation; weight identity."""
     lr, seed = 0.02, 0
     if in_dim == 2:
         data = tutorial_data(names, n)
@@ -139,11 +139,11 @@ def compare(
             torch.equal(a, b)
             for a, b in zip(raw_model.parameters(), mtl_model.parameters(), strict=True)
         )
-    return statistics.median(raw_t), statistics.median(mtl_t), identical
+    return raw_t, mtl_t, identical
 
 
-def scaling(n_tasks: int, steps: int, repeats: int) -> tuple[float, float]:
-    """Seconds per training step of a model holding n_tasks (4 tasks trained); build seconds."""
+def scaling_model(n_tasks: int) -> tuple[MultitaskClassifier, float]:
+    """A shared trunk and one head per task; returns the model and its build seconds."""
     torch.manual_seed(0)
     t0 = time.perf_counter()
     trunk = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU())
@@ -156,17 +156,33 @@ def scaling(n_tasks: int, steps: int, repeats: int) -> tuple[float, float]:
         for i in range(n_tasks)
     ]
     model = MultitaskClassifier(tasks)
-    build = time.perf_counter() - t0
+    return model, time.perf_counter() - t0
+
+
+def scaling(steps: int, repeats: int) -> tuple[list[float], list[float], float]:
+    """Seconds per step of a 4-task and a 1,000-task model trained on the same 4 tasks' batches
+    (timed in alternation, so machine drift hits both alike), and the 1,000-task build time."""
+    small, _ = scaling_model(4)
+    big, build = scaling_model(1000)
     g = torch.Generator().manual_seed(0)
     loaders = []
     for i in range(4):
         x = torch.randn(32 * steps // 4, 16, generator=g)
         ds = DictDataset(f"d{i}", "train", {"x": x}, {f"task{i}": (x[:, i] > 0).long()})
         loaders.append(DictDataLoader(ds, batch_size=32))
-    times = []
+    small_t, big_t = [], []
     for _ in range(repeats):
-        times.append(timed(mtl_fit, model, loaders, 1, 0.01, 0) / steps)
-    return statistics.median(times), build
+        small_t.append(timed(mtl_fit, small, loaders, 1, 0.01, 0) / steps)
+        big_t.append(timed(mtl_fit, big, loaders, 1, 0.01, 0) / steps)
+    return small_t, big_t, build
+
+
+def ratios(ours: list[float], reference: list[float]) -> str:
+    """The ratio of medians (the contract's measure) and of minima (least disturbed by a noisy
+    machine: other work only ever adds time)."""
+    med = statistics.median(ours) / statistics.median(reference)
+    low = min(ours) / min(reference)
+    return f"ratio {med:.3f} (of minima {low:.3f})"
 
 
 def main() -> None:
@@ -180,22 +196,24 @@ def main() -> None:
 
     raw, mtl, same = compare(names, 1000, 8, 2, 32, epochs, args.repeats)
     print(
-        f"tutorial fit ({epochs} epochs, batch 32): raw {raw:.3f}s  mtlgraph {mtl:.3f}s  "
-        f"ratio {mtl / raw:.3f} (target <= 1.25)  identical weights: {same}"
+        f"tutorial fit ({epochs} epochs, batch 32): raw {statistics.median(raw):.3f}s  "
+        f"mtlgraph {statistics.median(mtl):.3f}s  {ratios(mtl, raw)} (target <= 1.25)  "
+        f"identical weights: {same}"
     )
 
-    raw, mtl, same = compare(names[:2], 2048, 1024, 512, 256, 1 if args.quick else 3, args.repeats)
+    wide_epochs = 1 if args.quick else 3
+    raw, mtl, same = compare(names[:2], 2048, 1024, 512, 256, wide_epochs, args.repeats)
     print(
-        f"wide MLP fit (batch 256): raw {raw:.3f}s  mtlgraph {mtl:.3f}s  "
-        f"ratio {mtl / raw:.3f} (target <= 1.03)  identical weights: {same}"
+        f"wide MLP fit (batch 256): raw {statistics.median(raw):.3f}s  "
+        f"mtlgraph {statistics.median(mtl):.3f}s  {ratios(mtl, raw)} (target <= 1.03)  "
+        f"identical weights: {same}"
     )
 
     steps = 200 if args.quick else 800
-    small, _ = scaling(4, steps, args.repeats)
-    big, build = scaling(1000, steps, args.repeats)
+    small, big, build = scaling(steps, args.repeats)
     print(
-        f"per-step time, 4-task model {small * 1e6:.0f}us, 1000-task model {big * 1e6:.0f}us: "
-        f"ratio {big / small:.3f} (target <= 1.10)"
+        f"per-step time, 4-task model {statistics.median(small) * 1e6:.0f}us, 1000-task model "
+        f"{statistics.median(big) * 1e6:.0f}us: {ratios(big, small)} (target <= 1.10)"
     )
     print(f"building the 1000-task model: {build:.3f}s (target < 1 s)")
 

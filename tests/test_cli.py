@@ -75,6 +75,25 @@ def test_every_shipped_config_checks(path: Path, capsys: pytest.CaptureFixture[s
     assert out.startswith(f"{path}: valid") and "shared by" in out
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_trains(
+    path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each seed story's config runs through the CLI (one epoch) and scores every task."""
+    from mtlgraph.config import load_config
+
+    run = tmp_path / "run"
+    code, out, err = _run(
+        capsys, "train", str(path), "trainer.n_epochs=1", f"trainer.run_dir={run}", "--quiet"
+    )
+    assert code == 0, err
+    scores = json.loads((run / "scores.json").read_text())
+    tasks = set(load_config(path).tasks)
+    assert {key.split("/")[0] for key in scores} == tasks
+    assert json.loads(out) == scores
+
+
 def test_config_error_exits_2_with_one_clean_message(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
