@@ -176,6 +176,13 @@ def _raise(name: str, problems: list[str]) -> None:
         )
 
 
+def _seeded_generator(balancer: str, seed: object) -> torch.Generator:
+    """The balancer's own generator (no global random state), seeded with an integer."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError([f"balancer '{balancer}': seed must be an integer, got {seed!r}"])
+    return torch.Generator().manual_seed(seed)
+
+
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -738,10 +745,8 @@ class RLWBalancer(_LastWeights):
 
     def __init__(self, seed: int = 0) -> None:
         super().__init__()
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ConfigError([f"balancer 'rlw': seed must be an integer, got {seed!r}"])
         self.seed = seed
-        self._gen = torch.Generator().manual_seed(seed)
+        self._gen = _seeded_generator("rlw", seed)
 
     def backward(self, losses: Mapping[str, torch.Tensor], ctx: StepContext) -> None:
         k = len(losses)
@@ -1029,10 +1034,8 @@ class PCGradBalancer(GradientBalancer):
 
     def __init__(self, seed: int = 0) -> None:
         super().__init__()
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ConfigError([f"balancer 'pcgrad': seed must be an integer, got {seed!r}"])
         self.seed = seed
-        self._gen = torch.Generator().manual_seed(seed)
+        self._gen = _seeded_generator("pcgrad", seed)
 
     def combine(self, gram: np.ndarray) -> np.ndarray:
         k = len(gram)
