@@ -38,8 +38,12 @@ import torch
 from torch import nn
 
 from mtlgraph import DictDataLoader, DictDataset, MultitaskClassifier, Operation, Task, Trainer
+from mtlgraph.data.synthetic import (
+    make_circle_dataset,
+    make_inv_circle_dataset,
+    make_square_dataset,
+)
 from mtlgraph.diagnostics import DiagnosticsConfig, InterferenceMonitor
-from mtlgraph.synthetic import make_circle_dataset, make_inv_circle_dataset, make_square_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -28,7 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtlgraph import DictDataLoader, DictDataset, MultitaskClassifier, Operation, Task, Trainer
-from mtlgraph.synthetic import make_circle_dataset, make_inv_circle_dataset, make_square_dataset
+from mtlgraph.data.synthetic import (
+    make_circle_dataset,
+    make_inv_circle_dataset,
+    make_square_dataset,
+)
 
 
 def tutorial_model(

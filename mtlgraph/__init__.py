@@ -7,6 +7,7 @@ under ``task/dataset/split/metric``.
 
 from mtlgraph.balancing import Balancer, GradientBalancer, StepContext, register_balancer
 from mtlgraph.data import DictDataLoader, DictDataset
+from mtlgraph.data.schedulers import BatchScheduler, register_scheduler
 from mtlgraph.diagnostics import DiagnosticsConfig, DiagnosticsReport
 from mtlgraph.exceptions import (
     CheckpointError,
@@ -16,12 +17,11 @@ from mtlgraph.exceptions import (
     MtlGraphError,
     TaskDefinitionError,
 )
+from mtlgraph.graph import MultitaskClassifier
+from mtlgraph.graph.modules import register_module
+from mtlgraph.graph.task import Input, Operation, Task, detach, register_loss
 from mtlgraph.metrics import Scorer, register_metric
-from mtlgraph.model import MultitaskClassifier
-from mtlgraph.modules import register_module
-from mtlgraph.schedulers import BatchScheduler, register_scheduler
-from mtlgraph.task import Input, Operation, Task, detach, register_loss
-from mtlgraph.trainer import Trainer
+from mtlgraph.training.trainer import Trainer
 
 __version__ = "0.1.0"
 

@@ -1,5 +1,5 @@
-"""``python -m mtlgraph``: the command line (see :mod:`mtlgraph.cli`)."""
+"""``python -m mtlgraph``: the command line (see :mod:`mtlgraph.experiment.cli`)."""
 
-from mtlgraph.cli import main
+from mtlgraph.experiment.cli import main
 
 raise SystemExit(main())

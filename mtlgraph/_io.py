@@ -1,26 +1,40 @@
-"""Atomic file writes shared by model saving and checkpointing."""
+"""The one atomic file writer and the one container walker.
+
+Every file mtlgraph writes (model files, checkpoints, vocabularies, reports, scores, configs) goes
+through :func:`atomic_write`: a temporary file in the target's directory, flushed and fsynced,
+then ``os.replace``-d into place. A reader, or a run killed mid-write, sees either the old file or
+the complete new one, never half of one.
+"""
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
-    """Write ``obj`` with ``torch.save`` to a temporary file, then ``os.replace`` it into place.
+def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]) -> Path:
+    """Call ``write(fh)`` on a temporary binary file, fsync it, then move it onto ``path``.
 
-    A reader never sees a half-written file: either the old file or the complete new one.
+    Parent directories are created. On any error the temporary file is removed and the
+    exception propagates unchanged; an existing file at ``path`` is left as it was.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> target = pathlib.Path(tempfile.mkdtemp()) / "out.txt"
+        >>> atomic_write(target, lambda fh: fh.write(b"done")).read_text()
+        'done'
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)
@@ -30,14 +44,58 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
     return target
 
 
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_write`)."""
+    data = text.encode("utf-8")
+    return atomic_write(path, lambda fh: fh.write(data))
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
+    """Write ``obj`` with ``torch.save`` to ``path`` atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda fh: torch.save(obj, fh))
+
+
+def map_structure(fn: Callable[[Any], Any], value: Any) -> Any:
+    """Apply ``fn`` to every leaf inside nested dicts, lists and tuples; containers are rebuilt.
+
+    Named tuples keep their type. This is the one walker over nested containers: moving batches
+    to a device, detaching outputs, selecting rows.
+
+    Example:
+        >>> map_structure(lambda x: x * 2, {"a": [1, (2, 3)]})
+        {'a': [2, (4, 6)]}
+    """
+    if isinstance(value, dict):
+        return {k: map_structure(fn, v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [map_structure(fn, v) for v in value]
+    if isinstance(value, tuple):
+        items = [map_structure(fn, v) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+    return fn(value)
+
+
+def tensor_leaves(value: Any) -> list[torch.Tensor]:
+    """Every tensor inside nested dicts, lists and tuples, in order."""
+    found: list[torch.Tensor] = []
+
+    def visit(leaf: Any) -> Any:
+        if isinstance(leaf, torch.Tensor):
+            found.append(leaf)
+        return leaf
+
+    map_structure(visit, value)
+    return found
+
+
 def move_to_device(value: Any, device: torch.device) -> Any:
     """Move tensors inside dicts, lists and tuples to ``device``; other values are kept."""
-    if isinstance(value, torch.Tensor):
+    if isinstance(value, torch.Tensor):  # the common case first: a batch field
         return value if value.device == device else value.to(device, non_blocking=True)
-    if isinstance(value, dict):
-        return {k: move_to_device(v, device) for k, v in value.items()}
-    if isinstance(value, list):
-        return [move_to_device(v, device) for v in value]
-    if isinstance(value, tuple):
-        return tuple(move_to_device(v, device) for v in value)
-    return value
+
+    def move(leaf: Any) -> Any:
+        if isinstance(leaf, torch.Tensor) and leaf.device != device:
+            return leaf.to(device, non_blocking=True)
+        return leaf
+
+    return map_structure(move, value)

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mtlgraph import DictDataLoader, DictDataset, MultitaskClassifier, Operation, Task
-from mtlgraph.distributed import (
+from mtlgraph.training.distributed import (
     DistEnv,
     gather_predictions,
     shard_eval_loader,

@@ -11,9 +11,9 @@ import torch
 from experiment_helpers import ROOT, tiny_config, write_config
 
 from mtlgraph import ConfigError, DataError, DictDataLoader, MultitaskClassifier, Trainer
-from mtlgraph.build import build_experiment, build_model, load_datasets
-from mtlgraph.config import load_config, parse_config
-from mtlgraph.data import EpochSampler
+from mtlgraph.data.datasets import EpochSampler
+from mtlgraph.experiment.build import build_experiment, build_model, load_datasets
+from mtlgraph.experiment.config import load_config, parse_config
 
 
 def _experiment(tmp_path: Path, cfg: dict, overrides: tuple[str, ...] = ()):  # type: ignore[no-untyped-def]

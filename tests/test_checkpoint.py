@@ -17,7 +17,7 @@ from experiment_helpers import cli_env
 from torch import nn
 
 from mtlgraph import CheckpointError, MultitaskClassifier, Operation, Task, Trainer
-from mtlgraph.checkpoint import (
+from mtlgraph.training.checkpoint import (
     FORMAT,
     Checkpointer,
     check_plain,
@@ -310,7 +310,7 @@ def test_rng_state_round_trip() -> None:
 
 _WRITER = """
 import sys, torch
-from mtlgraph.checkpoint import FORMAT, save_checkpoint
+from mtlgraph.training.checkpoint import FORMAT, save_checkpoint
 path = sys.argv[1]
 big = torch.arange(4_000_000, dtype=torch.float32)
 i = 0

@@ -16,8 +16,8 @@ import yaml
 from experiment_helpers import ROOT, cli_command, cli_env, tiny_config, write_config
 
 from mtlgraph import __version__
-from mtlgraph.cli import COMMANDS, main, new_run_dir, score_table
-from mtlgraph.config import load_config
+from mtlgraph.experiment.cli import COMMANDS, main, new_run_dir, score_table
+from mtlgraph.experiment.config import load_config
 
 
 def _run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -81,7 +81,7 @@ def test_every_shipped_config_trains(
     path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Each seed story's config runs through the CLI (one epoch) and scores every task."""
-    from mtlgraph.config import load_config
+    from mtlgraph.experiment.config import load_config
 
     run = tmp_path / "run"
     code, out, err = _run(

@@ -10,7 +10,7 @@ import yaml
 from experiment_helpers import ROOT, tiny_config, write_config
 
 from mtlgraph import ConfigError
-from mtlgraph.config import (
+from mtlgraph.experiment.config import (
     ExperimentConfig,
     InputConfig,
     apply_overrides,
@@ -19,7 +19,7 @@ from mtlgraph.config import (
     load_config,
     parse_config,
 )
-from mtlgraph.trainer import TrainerConfig
+from mtlgraph.training.trainer import TrainerConfig
 
 
 def _errors(path: Path, overrides: tuple[str, ...] = ()) -> list[str]:
@@ -460,9 +460,9 @@ def test_every_field_is_documented() -> None:
     """docs/config.md names every key of every section, every module type and generator."""
     import dataclasses
 
-    from mtlgraph.config import DataConfig, DatasetConfig, OpConfig, TaskConfig
-    from mtlgraph.modules import module_types
-    from mtlgraph.synthetic import GENERATORS
+    from mtlgraph.data.synthetic import GENERATORS
+    from mtlgraph.experiment.config import DataConfig, DatasetConfig, OpConfig, TaskConfig
+    from mtlgraph.graph.modules import module_types
 
     doc = (ROOT / "docs" / "config.md").read_text()
     classes = (

@@ -17,11 +17,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from test_checkpoint import Interrupt
 from torch import nn
 
-import mtlgraph.trainer as trainer_module
+import mtlgraph.training.trainer as trainer_module
 from mtlgraph import ConfigError, DictDataLoader, MultitaskClassifier, Operation, Task, Trainer
-from mtlgraph.checkpoint import load_checkpoint
-from mtlgraph.cli import main as cli_main
-from mtlgraph.config import parse_config
 from mtlgraph.diagnostics import (
     REPORT_JSON,
     REPORT_TEXT,
@@ -35,6 +32,9 @@ from mtlgraph.diagnostics import (
     pair_statistics,
     suggest_groups,
 )
+from mtlgraph.experiment.cli import main as cli_main
+from mtlgraph.experiment.config import parse_config
+from mtlgraph.training.checkpoint import load_checkpoint
 
 
 @pytest.fixture(autouse=True)

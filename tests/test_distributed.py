@@ -17,7 +17,7 @@ from ddp_workers import (
 )
 
 from mtlgraph import DictDataLoader
-from mtlgraph.distributed import DistEnv, backend_for
+from mtlgraph.training.distributed import DistEnv, backend_for
 
 
 def free_port() -> int:

@@ -19,7 +19,7 @@ from mtlgraph import (
     Trainer,
 )
 from mtlgraph.balancing import StepContext, SumBalancer
-from mtlgraph.schedulers import MixedScheduler
+from mtlgraph.data.schedulers import MixedScheduler
 
 
 class Recorder(SumBalancer):

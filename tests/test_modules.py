@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from mtlgraph import ConfigError, TaskDefinitionError, register_loss, register_module
-from mtlgraph.modules import (
+from mtlgraph.graph.modules import (
     MLP,
     Activation,
     Concat,
@@ -17,7 +17,7 @@ from mtlgraph.modules import (
     get_module_factory,
     module_types,
 )
-from mtlgraph.task import get_loss, loss_names
+from mtlgraph.graph.task import get_loss, loss_names
 
 
 def test_every_issue_module_is_registered() -> None:

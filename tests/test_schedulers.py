@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from mtlgraph import BatchScheduler, ConfigError, register_scheduler
-from mtlgraph.schedulers import (
+from mtlgraph.data.schedulers import (
     MixedScheduler,
     RoundRobinScheduler,
     SequentialScheduler,

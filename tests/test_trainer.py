@@ -13,7 +13,7 @@ from conftest import make_loader, make_task
 from torch import nn
 
 from mtlgraph import ConfigError, DataError, MultitaskClassifier, Trainer
-from mtlgraph.trainer import lr_factor_fn
+from mtlgraph.training.trainer import lr_factor_fn
 
 
 def _problem(n: int = 128, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

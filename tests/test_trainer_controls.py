@@ -18,7 +18,7 @@ from mtlgraph import (
     Task,
     Trainer,
 )
-from mtlgraph.optim import SubsetStepper
+from mtlgraph.training.optim import SubsetStepper
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

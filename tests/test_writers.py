@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 
 from mtlgraph import ConfigError, MultitaskClassifier, Trainer
-from mtlgraph.writers import (
+from mtlgraph.training.writers import (
     JsonlWriter,
     TensorBoardWriter,
     Writer,

@@ -27,7 +27,7 @@ from mtlgraph import (
     Task,
     Trainer,
 )
-from mtlgraph.synthetic import (
+from mtlgraph.data.synthetic import (
     make_circle_dataset,
     make_inv_circle_dataset,
     make_square_dataset,

@@ -45,9 +45,9 @@ import torch
 from torch import nn
 
 from mtlgraph import DictDataLoader, DictDataset, MultitaskClassifier, Operation, Task, Trainer
+from mtlgraph.data.synthetic import DIGIT_WORDS, make_digit_products
 from mtlgraph.diagnostics import DiagnosticsReport
-from mtlgraph.modules import Concat, EmbeddingBag
-from mtlgraph.synthetic import DIGIT_WORDS, make_digit_products
+from mtlgraph.graph.modules import Concat, EmbeddingBag
 
 # task -> (dataset, attribute of the generated products, number of classes; None = regression)
 TASKS: dict[str, tuple[str, str, int | None]] = {

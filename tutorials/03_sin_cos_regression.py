@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from mtlgraph import DictDataLoader, DictDataset, MultitaskClassifier, Operation, Task, Trainer
-from mtlgraph.synthetic import make_sin_cos_dataset
+from mtlgraph.data.synthetic import make_sin_cos_dataset
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "equal weights": {"weights": {"sin": 1.0, "cos": 1.0}, "balancer": "sum"},

@@ -36,8 +36,8 @@ from mtlgraph import (
     Trainer,
     detach,
 )
-from mtlgraph.modules import Concat
-from mtlgraph.synthetic import make_kpi_dataset
+from mtlgraph.data.synthetic import make_kpi_dataset
+from mtlgraph.graph.modules import Concat
 
 
 def kpi_loaders(

@@ -42,7 +42,7 @@ from mtlgraph import (
     Task,
     Trainer,
 )
-from mtlgraph.synthetic import make_reviews_dataset
+from mtlgraph.data.synthetic import make_reviews_dataset
 
 DOMAINS = {"yelp": "restaurants", "imdb": "movies"}
 

@@ -5,8 +5,9 @@ batch scheduler, computes the losses of the tasks those batches label, lets the 
 them into gradients, clips, and steps the optimizer on the parameters the step touched. The
 optimizer only visits the touched parameters, so a step's cost depends on the tasks in the batch,
 not on how many tasks the model holds. With ``amp`` or ``grad_accumulation_steps`` a step runs
-through :class:`~mtlgraph.optim.StepControl` (autocast, loss scaling, accumulation); per-module
-hyper-parameters and freezing are resolved by :mod:`mtlgraph.optim`.
+through :class:`~mtlgraph.training.optim.StepControl` (autocast, loss scaling, accumulation);
+per-module
+hyper-parameters and freezing are resolved by :mod:`mtlgraph.training.optim`.
 """
 
 from __future__ import annotations
@@ -27,12 +28,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from mtlgraph import checkpoint as ckpt
 from mtlgraph._io import move_to_device
 from mtlgraph._schema import build
 from mtlgraph._suggest import did_you_mean, quoted
 from mtlgraph.balancing import Balancer, GradientBalancer, StepContext, make_balancer
-from mtlgraph.data import Batch, DictDataLoader
+from mtlgraph.data.datasets import Batch, DictDataLoader
+from mtlgraph.data.schedulers import BatchScheduler, make_scheduler, scheduler_names
 from mtlgraph.diagnostics import (
     DiagnosticsConfig,
     DiagnosticsReport,
@@ -40,7 +41,11 @@ from mtlgraph.diagnostics import (
     remove_report,
     write_report,
 )
-from mtlgraph.distributed import (
+from mtlgraph.exceptions import ConfigError, DataError
+from mtlgraph.graph.model import ExecutionPlan, MultitaskClassifier
+from mtlgraph.metrics import make_key
+from mtlgraph.training import checkpoint as ckpt
+from mtlgraph.training.distributed import (
     DistEnv,
     all_gather_objects,
     all_reduce_mean,
@@ -52,10 +57,7 @@ from mtlgraph.distributed import (
     shard_eval_loader,
     shard_train_loader,
 )
-from mtlgraph.exceptions import ConfigError, DataError
-from mtlgraph.metrics import make_key
-from mtlgraph.model import ExecutionPlan, MultitaskClassifier
-from mtlgraph.optim import (
+from mtlgraph.training.optim import (
     StepControl,
     SubsetStepper,
     check_param_groups,
@@ -63,8 +65,7 @@ from mtlgraph.optim import (
     model_param_groups,
     resolve_freeze,
 )
-from mtlgraph.schedulers import BatchScheduler, make_scheduler, scheduler_names
-from mtlgraph.writers import WRITERS, Writer, WriterContext, flatten, open_writers
+from mtlgraph.training.writers import WRITERS, Writer, WriterContext, flatten, open_writers
 
 logger = logging.getLogger(__name__)
 
@@ -305,7 +306,8 @@ class Trainer:
         self.config: TrainerConfig = cfg
         self.history: list[dict[str, float]] = []
         self.global_step = 0
-        # The resolved experiment config (set by mtlgraph.build from YAML); saved in checkpoints
+        # The resolved experiment config (set by mtlgraph.experiment.build from YAML); saved in
+        # checkpoints
         # and, flattened, as TensorBoard hparams.
         self.experiment_config: Mapping[str, Any] | None = None
         self._writers: list[Writer] = []
@@ -559,7 +561,7 @@ class Trainer:
         balancer: Balancer,
         rank_records: list[Any] | None = None,
     ) -> dict[str, Any]:
-        """Everything needed to continue this run exactly (see :mod:`mtlgraph.checkpoint`)."""
+        """Everything needed to continue this run exactly (see :mod:`.checkpoint`)."""
         state = ckpt.training_state(
             model=model,
             optimizer=stepper.optimizer,

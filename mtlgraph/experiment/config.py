@@ -15,7 +15,8 @@ the dotted key, with a suggestion where one is close::
       - configs/quickstart.yaml:12: tasks.circle_task.ops[0].module: unknown module 'base_mpl'
         (did you mean 'base_mlp'?); the config declares 'base_mlp', 'circle_head'
 
-Only :mod:`mtlgraph.build` turns a validated config into objects. A config runs user code in one
+Only :mod:`mtlgraph.experiment.build` turns a validated config into objects. A config runs user
+code in one
 way only: the Python modules in its top-level ``imports:`` list are imported (they may register
 modules, metrics, losses, schedulers or balancers).
 """
@@ -38,13 +39,13 @@ import yaml
 
 from mtlgraph._schema import Problems, build, convert
 from mtlgraph._suggest import did_you_mean, quoted
-from mtlgraph.checkpoint import plain_config
+from mtlgraph.data.synthetic import GENERATORS
 from mtlgraph.exceptions import ConfigError
+from mtlgraph.graph.modules import get_module_factory, module_types
+from mtlgraph.graph.task import INPUT, TaskType, loss_names
 from mtlgraph.metrics import metric_names
-from mtlgraph.modules import get_module_factory, module_types
-from mtlgraph.synthetic import GENERATORS
-from mtlgraph.task import INPUT, TaskType, loss_names
-from mtlgraph.trainer import TrainerConfig
+from mtlgraph.training.checkpoint import plain_config
+from mtlgraph.training.trainer import TrainerConfig
 
 FILE_FORMATS = ("npz", "csv")
 
@@ -109,7 +110,7 @@ class DatasetConfig:
 
     fields: dict[str, str | list[str]]  # X field -> array (npz, generator) or column(s) (csv)
     labels: dict[str, str | list[str]]  # task name -> array or column(s) holding its labels
-    generator: str | None = None  # built-in generator (mtlgraph.synthetic.GENERATORS)
+    generator: str | None = None  # built-in generator (mtlgraph.data.synthetic.GENERATORS)
     args: dict[str, Any] = field(default_factory=dict)  # generator keyword arguments
     path: str | dict[str, str] | None = None  # .npz/.csv file, or {split: file}; relative to config
     format: Literal["npz", "csv"] | None = None  # file format; null = from the file suffix
@@ -177,7 +178,7 @@ class ExperimentConfig:
     """A whole experiment, as declared by a YAML file (see ``docs/config.md``).
 
     Example:
-        >>> from mtlgraph.config import parse_config
+        >>> from mtlgraph.experiment.config import parse_config
         >>> cfg = parse_config({
         ...     "modules": {"head": {"type": "linear", "in_features": 2, "out_features": 2}},
         ...     "tasks": {"t": {"ops": [{"module": "head", "inputs": [["_input_", "x"]]}]}},
@@ -659,7 +660,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentCo
 
     Example:
         >>> from pathlib import Path
-        >>> from mtlgraph.config import load_config
+        >>> from mtlgraph.experiment.config import load_config
         >>> cfg = load_config(Path("configs/quickstart.yaml"), ["trainer.n_epochs=2"])
         >>> cfg.trainer.n_epochs, sorted(cfg.tasks)
         (2, ['circle_task', 'inv_circle_task', 'square_task'])

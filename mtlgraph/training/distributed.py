@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler, Sampler
 
-from mtlgraph.data import DictDataLoader, EpochSampler
+from mtlgraph.data.datasets import DictDataLoader, EpochSampler
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class DistEnv:
         Without them (a plain ``python`` run) this is the single-process environment.
 
         Example:
-            >>> from mtlgraph.distributed import DistEnv
+            >>> from mtlgraph.training.distributed import DistEnv
             >>> DistEnv.from_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})
             DistEnv(rank=1, world_size=2, local_rank=1)
             >>> DistEnv.from_env({}).enabled

@@ -26,7 +26,7 @@ from torch import nn
 
 from mtlgraph._suggest import did_you_mean, quoted
 from mtlgraph.exceptions import ConfigError
-from mtlgraph.model import ExecutionPlan, MultitaskClassifier
+from mtlgraph.graph.model import ExecutionPlan, MultitaskClassifier
 
 AMP_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -296,7 +296,7 @@ class StepControl:
 
     Example:
         >>> import torch
-        >>> from mtlgraph.optim import StepControl
+        >>> from mtlgraph.training.optim import StepControl
         >>> ctl = StepControl(None, 4, None, torch.device("cpu"))
         >>> float(ctl.scale(torch.tensor(2.0)))  # the loss of one of 4 micro-steps
         0.5

@@ -37,7 +37,7 @@ def pad_sequences(
 
     Example:
         >>> import torch
-        >>> from mtlgraph.data import pad_sequences
+        >>> from mtlgraph.data.datasets import pad_sequences
         >>> padded, mask = pad_sequences([torch.tensor([1, 2, 3]), torch.tensor([4])])
         >>> padded.tolist(), mask.tolist()
         ([[1, 2, 3], [4, 0, 0]], [[True, True, True], [True, False, False]])

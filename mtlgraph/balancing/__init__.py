@@ -36,9 +36,9 @@ from torch import nn
 
 from mtlgraph._suggest import did_you_mean, quoted
 from mtlgraph.exceptions import ConfigError
+from mtlgraph.graph.model import ExecutionPlan
+from mtlgraph.graph.task import Task
 from mtlgraph.metrics import split_key
-from mtlgraph.model import ExecutionPlan
-from mtlgraph.task import Task
 
 logger = logging.getLogger(__name__)
 

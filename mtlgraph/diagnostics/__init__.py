@@ -46,9 +46,9 @@ from torch import nn
 
 from mtlgraph._io import move_to_device
 from mtlgraph.balancing import SharedGradients, SharedLayout
-from mtlgraph.data import Batch, DictDataLoader, collate_dicts
+from mtlgraph.data.datasets import Batch, DictDataLoader, collate_dicts
 from mtlgraph.exceptions import CheckpointError, ConfigError
-from mtlgraph.model import MultitaskClassifier
+from mtlgraph.graph.model import MultitaskClassifier
 
 logger = logging.getLogger(__name__)
 
@@ -901,7 +901,7 @@ class InterferenceMonitor:
 
 def write_report(report: DiagnosticsReport, run_dir: str | os.PathLike[str]) -> list[Path]:
     """Write ``diagnostics.json`` and ``diagnostics.txt`` into ``run_dir`` (atomically)."""
-    from mtlgraph.writers import write_json
+    from mtlgraph.training.writers import write_json
 
     directory = Path(run_dir)
     json_path = write_json(directory / REPORT_JSON, report.to_dict())
@@ -927,7 +927,7 @@ def load_report(run_dir: str | os.PathLike[str]) -> DiagnosticsReport:
     """
     import json
 
-    from mtlgraph.checkpoint import load_checkpoint
+    from mtlgraph.training.checkpoint import load_checkpoint
 
     directory = Path(run_dir)
     path = directory / REPORT_JSON

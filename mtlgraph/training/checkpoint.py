@@ -48,9 +48,9 @@ import torch
 
 from mtlgraph._io import atomic_torch_save
 from mtlgraph._suggest import did_you_mean
-from mtlgraph.data import Batch, DictDataLoader
+from mtlgraph.data.datasets import Batch, DictDataLoader
+from mtlgraph.data.schedulers import BatchScheduler
 from mtlgraph.exceptions import CheckpointError, ConfigError
-from mtlgraph.schedulers import BatchScheduler
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ def load_checkpoint(
 
     Example:
         >>> import tempfile, pathlib
-        >>> from mtlgraph.checkpoint import load_checkpoint, save_checkpoint, FORMAT
+        >>> from mtlgraph.training.checkpoint import load_checkpoint, save_checkpoint, FORMAT
         >>> path = pathlib.Path(tempfile.mkdtemp()) / "last.pt"
         >>> _ = save_checkpoint({"format": FORMAT, "version": 1, "progress": {}}, path)
         >>> load_checkpoint(path)["format"]
@@ -517,7 +517,7 @@ class Checkpointer:
 
     Example:
         >>> import tempfile, pathlib
-        >>> from mtlgraph.checkpoint import Checkpointer
+        >>> from mtlgraph.training.checkpoint import Checkpointer
         >>> ck = Checkpointer(pathlib.Path(tempfile.mkdtemp()), every=2, unit="steps")
         >>> [ck.step_due(s) for s in (1, 2, 3, 4)]
         [False, True, False, True]

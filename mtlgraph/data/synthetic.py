@@ -39,7 +39,7 @@ def make_circle_dataset(
     """2-D points labelled 1 when inside the circle of radius ``R`` centred on the origin.
 
     Example:
-        >>> from mtlgraph.synthetic import make_circle_dataset
+        >>> from mtlgraph.data.synthetic import make_circle_dataset
         >>> (X, Y), valid, test = make_circle_dataset(1000, 1.0)
         >>> X.shape, sorted(set(Y.tolist()))
         ((800, 2), [0, 1])
@@ -129,7 +129,7 @@ def make_reviews_dataset(
         ``{split: {"tokens": (N, length) int64, "label": (N,) int64}}``.
 
     Example:
-        >>> from mtlgraph.synthetic import make_reviews_dataset
+        >>> from mtlgraph.data.synthetic import make_reviews_dataset
         >>> data = make_reviews_dataset(100, "movies")
         >>> data["train"]["tokens"].shape, sorted(set(data["train"]["label"].tolist()))
         ((80, 24), [0, 1])
@@ -186,7 +186,7 @@ def make_products_dataset(
         "color": (N,) int64, "pattern": (N,) int64}}``.
 
     Example:
-        >>> from mtlgraph.synthetic import make_products_dataset
+        >>> from mtlgraph.data.synthetic import make_products_dataset
         >>> data = make_products_dataset(50)
         >>> data["train"]["image"].shape, data["train"]["text"].shape
         ((40, 3, 8, 8), (40, 8))
@@ -271,7 +271,7 @@ def make_digit_products(
         "digit": (N,) int64, "loop": (N,) int64, "price": (N,) float32}}``.
 
     Example:
-        >>> from mtlgraph.synthetic import DIGIT_WORDS, make_digit_products
+        >>> from mtlgraph.data.synthetic import DIGIT_WORDS, make_digit_products
         >>> data = make_digit_products(part=0, parts=3)
         >>> data["train"]["image"].shape, data["train"]["text"].shape
         ((479, 64), (479, 6))
@@ -326,7 +326,7 @@ def make_kpi_dataset(
         ``{split: {"x": (N, n_features) float32, "click": (N,) int64, "dwell": (N,) float32}}``.
 
     Example:
-        >>> from mtlgraph.synthetic import make_kpi_dataset
+        >>> from mtlgraph.data.synthetic import make_kpi_dataset
         >>> data = make_kpi_dataset(100)
         >>> data["train"]["x"].shape, data["valid"]["dwell"].dtype
         ((80, 8), dtype('float32'))

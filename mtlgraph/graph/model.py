@@ -22,10 +22,10 @@ from torch import nn
 
 from mtlgraph._io import atomic_torch_save, move_to_device
 from mtlgraph._suggest import did_you_mean, quoted
-from mtlgraph.data import DictDataLoader
+from mtlgraph.data.datasets import DictDataLoader
 from mtlgraph.exceptions import CheckpointError, DataError, GraphError
+from mtlgraph.graph.task import INPUT, Task, active_rows
 from mtlgraph.metrics import make_key
-from mtlgraph.task import INPUT, Task, active_rows
 
 logger = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ import yaml
 from mtlgraph.exceptions import MtlGraphError
 
 if TYPE_CHECKING:
-    from mtlgraph.config import ExperimentConfig
-    from mtlgraph.distributed import DistEnv
+    from mtlgraph.experiment.config import ExperimentConfig
+    from mtlgraph.training.distributed import DistEnv
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def new_run_dir(root: str | Path, experiment: str, now: datetime.datetime | None
 
     The experiment name is made file-name safe (``/`` and other separators become ``_``).
     """
-    from mtlgraph.writers import safe_filename
+    from mtlgraph.training.writers import safe_filename
 
     stamp = (now or datetime.datetime.now()).strftime("%Y%m%d-%H%M%S")
     parent = Path(root) / safe_filename(experiment)
@@ -112,7 +112,7 @@ def _seed_process(seed: int) -> None:
 
 
 def _config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    from mtlgraph.writers import flatten
+    from mtlgraph.training.writers import flatten
 
     a, b = flatten(old), flatten(new)
     ignored = {"trainer.run_dir", "trainer.progress_bar"}
@@ -123,8 +123,8 @@ def _config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[
 def train(args: argparse.Namespace) -> int:
     import torch
 
-    from mtlgraph.config import load_config
-    from mtlgraph.distributed import DistEnv, device_for, process_group
+    from mtlgraph.experiment.config import load_config
+    from mtlgraph.training.distributed import DistEnv, device_for, process_group
 
     cfg = load_config(args.config, args.overrides)
     if args.quiet:
@@ -138,11 +138,11 @@ def train(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace, cfg: ExperimentConfig, env: DistEnv) -> int:
-    from mtlgraph.build import build_experiment
-    from mtlgraph.checkpoint import load_checkpoint, resolve_checkpoint
-    from mtlgraph.config import config_to_dict, dump_config
-    from mtlgraph.distributed import broadcast_object
-    from mtlgraph.writers import write_json
+    from mtlgraph.experiment.build import build_experiment
+    from mtlgraph.experiment.config import config_to_dict, dump_config
+    from mtlgraph.training.checkpoint import load_checkpoint, resolve_checkpoint
+    from mtlgraph.training.distributed import broadcast_object
+    from mtlgraph.training.writers import write_json
 
     # --- set-up: any problem here is a usage/config error (exit 2)
     checkpoint = None
@@ -268,10 +268,10 @@ def score_table(scores: Mapping[str, float]) -> str:
 
 @command("evaluate", "score a trained checkpoint on the config's data", _evaluate_args)
 def evaluate(args: argparse.Namespace) -> int:
-    from mtlgraph.build import build_experiment
-    from mtlgraph.checkpoint import BEST, LAST, load_weights
-    from mtlgraph.config import load_config
-    from mtlgraph.writers import write_json
+    from mtlgraph.experiment.build import build_experiment
+    from mtlgraph.experiment.config import load_config
+    from mtlgraph.training.checkpoint import BEST, LAST, load_weights
+    from mtlgraph.training.writers import write_json
 
     cfg = load_config(args.config, args.overrides)
     remap = _remaps(args.remap)
@@ -353,8 +353,8 @@ def describe(experiment: Any) -> str:
 
 @command("check", "validate a config and print its merged graph", _check_args)
 def check(args: argparse.Namespace) -> int:
-    from mtlgraph.build import build_experiment
-    from mtlgraph.config import load_config
+    from mtlgraph.experiment.build import build_experiment
+    from mtlgraph.experiment.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     experiment = build_experiment(cfg)
@@ -378,7 +378,7 @@ def _diagnose_args(p: argparse.ArgumentParser) -> None:
 )
 def diagnose(args: argparse.Namespace) -> int:
     from mtlgraph.diagnostics import load_report
-    from mtlgraph.writers import json_value
+    from mtlgraph.training.writers import json_value
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():

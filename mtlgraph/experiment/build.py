@@ -1,7 +1,8 @@
 """Config objects -> modules, tasks, model, datasets, loaders and trainer.
 
 The only place that reads the registries (modules, losses, metrics, generators) to turn a
-validated :class:`~mtlgraph.config.ExperimentConfig` into objects. Everything here builds the
+validated :class:`~mtlgraph.experiment.config.ExperimentConfig` into objects. Everything here
+builds the
 same objects the Python API builds by hand: ``Task(...)``, ``MultitaskClassifier(...)``,
 ``DictDataset(...)``, ``DictDataLoader(...)`` and ``Trainer(**config)``.
 
@@ -27,22 +28,22 @@ from torch import nn
 
 from mtlgraph._io import move_to_device
 from mtlgraph._suggest import did_you_mean, quoted
-from mtlgraph.checkpoint import metric_keys
-from mtlgraph.config import (
+from mtlgraph.data.datasets import DictDataLoader, DictDataset
+from mtlgraph.data.synthetic import GENERATORS
+from mtlgraph.exceptions import ConfigError, DataError
+from mtlgraph.experiment.config import (
     DatasetConfig,
     ExperimentConfig,
     InputConfig,
     TaskConfig,
     config_to_dict,
 )
-from mtlgraph.data import DictDataLoader, DictDataset
-from mtlgraph.exceptions import ConfigError, DataError
+from mtlgraph.graph.model import MultitaskClassifier
+from mtlgraph.graph.modules import get_module_factory
+from mtlgraph.graph.task import Input, InputSpec, Operation, Task, get_loss
 from mtlgraph.metrics import Scorer
-from mtlgraph.model import MultitaskClassifier
-from mtlgraph.modules import get_module_factory
-from mtlgraph.synthetic import GENERATORS
-from mtlgraph.task import Input, InputSpec, Operation, Task, get_loss
-from mtlgraph.trainer import Trainer, TrainerConfig
+from mtlgraph.training.checkpoint import metric_keys
+from mtlgraph.training.trainer import Trainer, TrainerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +65,8 @@ class Experiment:
         trainer: The :class:`Trainer` (``Trainer(**config.trainer)``).
 
     Example:
-        >>> from mtlgraph.build import build_experiment
-        >>> from mtlgraph.config import load_config
+        >>> from mtlgraph.experiment.build import build_experiment
+        >>> from mtlgraph.experiment.config import load_config
         >>> exp = build_experiment(load_config("configs/quickstart.yaml", ["trainer.n_epochs=1"]))
         >>> exp.trainer.fit(exp.model, exp.loaders)
         >>> sorted(exp.model.module_pool)

@@ -39,7 +39,7 @@ class Writer(ABC):
 
     Example:
         >>> from mtlgraph import Trainer
-        >>> from mtlgraph.writers import Writer
+        >>> from mtlgraph.training.writers import Writer
         >>> class PrintLoss(Writer):
         ...     def write(self, record):
         ...         print(record["step"], round(record["model/all/train/loss"], 1))
@@ -102,7 +102,7 @@ class JsonlWriter(Writer):
 
     Example:
         >>> import json, tempfile, pathlib
-        >>> from mtlgraph.writers import JsonlWriter
+        >>> from mtlgraph.training.writers import JsonlWriter
         >>> path = pathlib.Path(tempfile.mkdtemp()) / "metrics.jsonl"
         >>> w = JsonlWriter(path)
         >>> w.write({"epoch": 1.0, "step": 10.0, "model/all/train/loss": 0.5}); w.close()

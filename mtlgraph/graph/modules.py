@@ -11,7 +11,7 @@ Built in: ``linear``, ``mlp``, ``embedding_bag`` (token ids -> one vector), ``co
 ``dropout`` and ``activation``. Python code adds its own with :func:`register_module`; a config
 reaches such code only through its top-level ``imports:`` list.
 
-Only :mod:`mtlgraph.build` turns registry names into modules; config validation reads the
+Only :mod:`mtlgraph.experiment.build` turns registry names into modules; config validation reads the
 registry to check names and arguments.
 """
 
@@ -61,7 +61,7 @@ class MLP(nn.Sequential):
 
     Example:
         >>> import torch
-        >>> from mtlgraph.modules import MLP
+        >>> from mtlgraph.graph.modules import MLP
         >>> mlp = MLP(in_dim=2, hidden=[8, 4])  # the Snorkel tutorial's base_mlp
         >>> [type(m).__name__ for m in mlp]
         ['Linear', 'ReLU', 'Linear', 'ReLU']
@@ -100,7 +100,7 @@ class EmbeddingBag(nn.Module):
 
     Example:
         >>> import torch
-        >>> from mtlgraph.modules import EmbeddingBag
+        >>> from mtlgraph.graph.modules import EmbeddingBag
         >>> bag = EmbeddingBag(num_embeddings=10, embedding_dim=4)
         >>> bag(torch.tensor([[3, 4, 0], [5, 0, 0]])).shape
         torch.Size([2, 4])
@@ -136,7 +136,7 @@ class Conv2dStack(nn.Module):
 
     Example:
         >>> import torch
-        >>> from mtlgraph.modules import Conv2dStack
+        >>> from mtlgraph.graph.modules import Conv2dStack
         >>> Conv2dStack(in_channels=3, channels=[8, 16])(torch.zeros(2, 3, 8, 8)).shape
         torch.Size([2, 16])
     """
@@ -169,7 +169,7 @@ class Concat(nn.Module):
 
     Example:
         >>> import torch
-        >>> from mtlgraph.modules import Concat
+        >>> from mtlgraph.graph.modules import Concat
         >>> Concat()(torch.zeros(2, 3), torch.zeros(2, 1)).shape
         torch.Size([2, 4])
     """
@@ -190,7 +190,7 @@ class Sum(nn.Module):
 
     Example:
         >>> import torch
-        >>> from mtlgraph.modules import Sum
+        >>> from mtlgraph.graph.modules import Sum
         >>> Sum()(torch.ones(2), torch.ones(2)).tolist()
         [2.0, 2.0]
     """
@@ -207,7 +207,7 @@ class Activation(nn.Module):
 
     Example:
         >>> import torch
-        >>> from mtlgraph.modules import Activation
+        >>> from mtlgraph.graph.modules import Activation
         >>> Activation("relu")(torch.tensor([-1.0, 2.0])).tolist()
         [0.0, 2.0]
     """

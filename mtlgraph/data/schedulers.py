@@ -30,7 +30,7 @@ class BatchScheduler(ABC):
         seed: Seed of the scheduler's own generator (``self.rng``).
 
     Example:
-        >>> from mtlgraph.schedulers import BatchScheduler
+        >>> from mtlgraph.data.schedulers import BatchScheduler
         >>> class LargestFirst(BatchScheduler):
         ...     def schedule(self, batch_counts):
         ...         order = sorted(range(len(batch_counts)), key=lambda i: -batch_counts[i])
@@ -128,7 +128,7 @@ def register_scheduler(name: str, cls: type[BatchScheduler]) -> None:
     """Register a scheduler class under ``name`` (usable in Trainer configs and YAML).
 
     Example:
-        >>> from mtlgraph.schedulers import register_scheduler, SequentialScheduler
+        >>> from mtlgraph.data.schedulers import register_scheduler, SequentialScheduler
         >>> class Reverse(SequentialScheduler):
         ...     def schedule(self, batch_counts):
         ...         return super().schedule(batch_counts)[::-1]

@@ -1,0 +1,3 @@
+"""Declared experiments: the YAML schema and its validation, building objects from a config,
+and the command line. The top layer: nothing else in mtlgraph imports it.
+"""

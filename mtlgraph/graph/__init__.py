@@ -1,0 +1,20 @@
+"""What users declare: operations, tasks, losses, module types and the merged model.
+
+Knows nothing of training: a :class:`MultitaskClassifier` computes outputs, losses, predictions
+and scores; the training layer decides how those losses become updates.
+"""
+
+from mtlgraph.graph.model import ExecutionPlan, MultitaskClassifier
+from mtlgraph.graph.modules import register_module
+from mtlgraph.graph.task import Input, Operation, Task, detach, register_loss
+
+__all__ = [
+    "ExecutionPlan",
+    "Input",
+    "MultitaskClassifier",
+    "Operation",
+    "Task",
+    "detach",
+    "register_loss",
+    "register_module",
+]

@@ -1,0 +1,209 @@
+"""One registry type for every named component.
+
+Module types, losses, metrics, batch schedulers, balancers, optimizers, LR schedules, writers and
+synthetic-data generators are all looked up by name in a :class:`Registry`. Every registry behaves
+the same way:
+
+- ``get`` of an unknown name raises :class:`~mtlgraph.ConfigError` with a did-you-mean;
+- registering the *same* object under a name again is a no-op (a re-run notebook cell is fine);
+  registering *another* object under a taken name needs ``override=True``;
+- ``unregister`` removes a name (tests and doctests leave no registrations behind);
+- ``check_kwargs`` compares keyword arguments with the component's signature, so a misspelled
+  argument is a ``ConfigError`` with a suggestion before any work starts.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Collection, Iterator, Mapping
+from typing import Any, Generic, TypeVar, overload
+
+from mtlgraph._suggest import did_you_mean, quoted
+from mtlgraph.exceptions import ConfigError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """Names mapped to components of one kind.
+
+    Args:
+        kind: What is registered, for messages (``"metric"``, ``"batch scheduler"``).
+        entries: Built-in entries, registered in order.
+        check: Optional ``check(name, obj) -> problems`` run on every registration.
+
+    Example:
+        >>> from mtlgraph.registry import Registry
+        >>> colours = Registry[int]("colour", {"red": 1})
+        >>> colours.register("blue", 2)
+        2
+        >>> colours.register("blue", 2)  # the same object again: a no-op
+        2
+        >>> colours.get("bleu")
+        Traceback (most recent call last):
+        ...
+        mtlgraph.exceptions.ConfigError: unknown colour 'bleu' (did you mean 'blue'?); known: ...
+        >>> colours.unregister("blue")
+        2
+        >>> colours.names()
+        ['red']
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        entries: Mapping[str, T] | None = None,
+        check: Callable[[str, T], list[str]] | None = None,
+    ) -> None:
+        self.kind = kind
+        self._check = check
+        self._entries: dict[str, T] = {}
+        for name, obj in (entries or {}).items():
+            self.register(name, obj)
+
+    @overload
+    def register(self, name: str, obj: T, *, override: bool = False) -> T: ...
+
+    @overload
+    def register(
+        self, name: str, obj: None = None, *, override: bool = False
+    ) -> Callable[[T], T]: ...
+
+    def register(
+        self, name: str, obj: T | None = None, *, override: bool = False
+    ) -> T | Callable[[T], T]:
+        """Register ``obj`` under ``name``; without ``obj``, return a decorator that does.
+
+        Raises:
+            ConfigError: The name is malformed, the object fails the registry's check, or the
+                name holds another object and ``override`` is false.
+        """
+        if obj is None:
+
+            def decorator(target: T) -> T:
+                return self.register(name, target, override=override)
+
+            return decorator
+        problems = _name_problems(self.kind, name)
+        if not problems and self._check is not None:
+            problems = self._check(name, obj)
+        taken = name in self._entries and self._entries[name] is not obj
+        if not problems and taken and not override:
+            problems = [
+                f"{self.kind} '{name}' is already registered (as {self._entries[name]!r}); "
+                "pass override=True to replace it, or pick another name"
+            ]
+        if problems:
+            raise ConfigError(problems)
+        self._entries[name] = obj
+        return obj
+
+    def unregister(self, name: str) -> T:
+        """Remove ``name`` and return what it held; an unknown name raises like :meth:`get`."""
+        obj = self.get(name)
+        del self._entries[name]
+        return obj
+
+    def get(self, name: str) -> T:
+        """The object registered as ``name``; an unknown name raises with a suggestion."""
+        try:
+            return self._entries[name]
+        except (KeyError, TypeError):
+            raise ConfigError([self.unknown(name)]) from None
+
+    def unknown(self, name: object) -> str:
+        """The message for an unknown ``name``: the suggestion and the known names."""
+        hint = did_you_mean(name, self._entries) if isinstance(name, str) else ""
+        return f"unknown {self.kind} {name!r}{hint}; known: {quoted(self._entries)}"
+
+    def names(self) -> list[str]:
+        """Registered names, sorted."""
+        return sorted(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"Registry({self.kind!r}, {self.names()})"
+
+    def check_kwargs(
+        self, name: str, kwargs: Mapping[str, Any], supplied: Collection[str] = ()
+    ) -> list[str]:
+        """Problems with ``kwargs`` for the component ``name``, checked against its signature.
+
+        Args:
+            name: A registered name (an unknown one is itself the problem reported).
+            kwargs: The keyword arguments a user gave.
+            supplied: Parameters mtlgraph passes itself (a scheduler's ``seed``, a metric's
+                ``golds``); the user may not give them and need not.
+
+        Returns:
+            One sentence per unknown, reserved or missing argument; empty when all is well.
+        """
+        if name not in self._entries:
+            return [self.unknown(name)]
+        factory = self._entries[name]
+        if not callable(factory):
+            return []
+        return signature_problems(factory, kwargs, f"{self.kind} '{name}'", supplied=supplied)
+
+
+def signature_problems(
+    factory: Callable[..., Any],
+    kwargs: Mapping[str, Any],
+    what: str,
+    supplied: Collection[str] = (),
+) -> list[str]:
+    """Unknown, reserved or missing keyword arguments of ``factory`` (a class or a function).
+
+    Example:
+        >>> def fbeta(golds, preds, beta=1.0): ...
+        >>> signature_problems(fbeta, {"betta": 2}, "metric 'fbeta'", supplied=("golds", "preds"))
+        ["metric 'fbeta' has no argument 'betta' (did you mean 'beta'?); its arguments: 'beta'"]
+    """
+    params = accepted_parameters(factory)
+    if params is None:  # **kwargs or no inspectable signature: anything goes
+        return []
+    own = {n: p for n, p in params.items() if n not in supplied}
+    problems = []
+    for key in kwargs:
+        if key in supplied:
+            problems.append(f"{what}: '{key}' is set by mtlgraph; remove it")
+        elif key not in own:
+            known = quoted(own) if own else "none"
+            problems.append(
+                f"{what} has no argument '{key}'{did_you_mean(key, own)}; its arguments: {known}"
+            )
+    for n, p in own.items():
+        if p.default is inspect.Parameter.empty and n not in kwargs:
+            problems.append(f"{what} needs the argument '{n}'")
+    return problems
+
+
+def accepted_parameters(factory: Callable[..., Any]) -> dict[str, inspect.Parameter] | None:
+    """Keyword-passable parameters of ``factory``, or ``None`` when it takes ``**kwargs``."""
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return None
+    params: dict[str, inspect.Parameter] = {}
+    for n, p in sig.parameters.items():
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            return None
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
+            params[n] = p
+    return params
+
+
+def _name_problems(kind: str, name: object) -> list[str]:
+    if not isinstance(name, str) or not name:
+        return [f"{kind} name {name!r} must be a non-empty string"]
+    if "/" in name:
+        return [f"{kind} name '{name}' must not contain '/' (it is a score-key separator)"]
+    return []
