@@ -165,7 +165,7 @@ def test_greedy_grouping_beyond_the_exhaustive_limit(monkeypatch: pytest.MonkeyP
         tuple(f"t{i}" for i in range(k) if cluster[i] == c) for c in range(3)
     )
     # on a small case greedy finds the exhaustive answer
-    import mtlgraph.diagnostics as diagnostics
+    import mtlgraph.diagnostics.stats as diagnostics
 
     small = z[:6, :6].tolist()
     exhaustive = suggest_groups(tasks[:6], small)[0]
