@@ -23,6 +23,7 @@ from typing import Generic, TypeVar
 import torch
 from torch import nn
 
+from mtlgraph.exceptions import GraphError
 from mtlgraph.graph.model import ExecutionPlan
 from mtlgraph.graph.task import Task
 
@@ -119,7 +120,7 @@ def plan_module(tasks: Mapping[str, Task], plan: ExecutionPlan, module_name: str
     for task_name, modules in plan.task_modules.items():
         if module_name in modules:
             return tasks[task_name].module_pool[module_name]
-    raise KeyError(module_name)  # pragma: no cover - callers pass names from the plan
+    raise GraphError([f"no task of the plan uses module '{module_name}'"])  # pragma: no cover
 
 
 def last_shared_layer(tasks: Mapping[str, Task], plan: ExecutionPlan) -> list[nn.Parameter]:

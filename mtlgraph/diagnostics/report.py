@@ -383,7 +383,14 @@ def load_report(run_dir: str | os.PathLike[str]) -> DiagnosticsReport:
     directory = Path(run_dir)
     path = directory / REPORT_JSON
     if path.is_file():
-        return DiagnosticsReport.from_dict(json.loads(path.read_text()))
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(
+                f"'{path}' is not valid JSON ({e}); delete it to read the report from the run's "
+                "checkpoint instead"
+            ) from e
+        return DiagnosticsReport.from_dict(data)
     try:
         state = load_checkpoint(directory)
     except CheckpointError as e:
