@@ -348,13 +348,13 @@ def test_gradnorm_uses_the_last_shared_layer() -> None:
     b = GradNormBalancer()
     b.setup(model.tasks)
     run_step(model, b)
-    ((_, layer),) = b._layers.values()
+    ((_, layer),) = b._layers.items()
     last = model.module_pool["trunk"][2]
     assert [id(p) for p in layer] == [id(last.weight), id(last.bias)]
     b2 = GradNormBalancer(layer="trunk.0")
     b2.setup(model.tasks)
     run_step(model, b2)
-    ((_, layer),) = b2._layers.values()
+    ((_, layer),) = b2._layers.items()
     assert [id(p) for p in layer] == [id(p) for p in model.module_pool["trunk"][0].parameters()]
 
 

@@ -18,7 +18,15 @@ from test_checkpoint import Interrupt
 from torch import nn
 
 import mtlgraph.training.trainer as trainer_module
-from mtlgraph import ConfigError, DictDataLoader, MultitaskClassifier, Operation, Task, Trainer
+from mtlgraph import (
+    CheckpointError,
+    ConfigError,
+    DictDataLoader,
+    MultitaskClassifier,
+    Operation,
+    Task,
+    Trainer,
+)
 from mtlgraph.diagnostics import (
     REPORT_JSON,
     REPORT_TEXT,
@@ -30,7 +38,9 @@ from mtlgraph.diagnostics import (
     lookahead_affinity,
     mean_and_error,
     pair_statistics,
+    remove_report,
     suggest_groups,
+    write_report,
 )
 from mtlgraph.experiment.cli import main as cli_main
 from mtlgraph.experiment.config import parse_config
@@ -165,7 +175,7 @@ def test_greedy_grouping_beyond_the_exhaustive_limit(monkeypatch: pytest.MonkeyP
         tuple(f"t{i}" for i in range(k) if cluster[i] == c) for c in range(3)
     )
     # on a small case greedy finds the exhaustive answer
-    import mtlgraph.diagnostics as diagnostics
+    import mtlgraph.diagnostics.stats as diagnostics
 
     small = z[:6, :6].tolist()
     exhaustive = suggest_groups(tasks[:6], small)[0]
@@ -386,3 +396,33 @@ def test_a_new_run_in_a_used_directory_drops_the_old_report(tmp_path: Path) -> N
     assert (tmp_path / REPORT_JSON).exists()
     Trainer(n_epochs=1, progress_bar=False, run_dir=str(tmp_path)).fit(*_opposites())
     assert not (tmp_path / REPORT_JSON).exists() and not (tmp_path / REPORT_TEXT).exists()
+
+
+def test_report_files_are_written_atomically_and_read_back(tmp_path: Path) -> None:
+    state = {
+        "every": 5,
+        "probes": 1,
+        "step": 5,
+        "tasks": ["a", "b"],
+        "pairs": [["trunk", "a", "b", 1, -0.5, 0.25, 1, 0.0, 1]],
+        "affinity": [["a", "b", 1, 0.1, 0.01]],
+    }
+    report = DiagnosticsReport.from_state(state)
+    paths = write_report(report, tmp_path)
+    assert [p.name for p in paths] == [REPORT_JSON, REPORT_TEXT]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [REPORT_JSON, REPORT_TEXT]  # no temp
+    data = json.loads((tmp_path / REPORT_JSON).read_text())
+    assert data["affinity"]["matrix"] == [[None, 0.1], [None, None]]  # NaN -> null
+    assert data["pairs"][0]["cosine_error"] is None  # inf -> null
+    back = load_report(tmp_path)
+    assert back.affinity_of("a", "b") == pytest.approx(0.1) and math.isnan(back.affinity[0][0])
+    assert back.pairs[0].cosine_error == math.inf and back.to_text() == report.to_text()
+    assert (tmp_path / REPORT_TEXT).read_text() == report.to_text() + "\n"
+    remove_report(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_torn_report_file_is_a_checkpoint_error(tmp_path: Path) -> None:
+    (tmp_path / REPORT_JSON).write_text('{"format": "mtlgraph.diagn')
+    with pytest.raises(CheckpointError, match=r"diagnostics.json' is not valid JSON"):
+        load_report(tmp_path)

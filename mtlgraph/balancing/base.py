@@ -1,0 +1,186 @@
+"""The balancer interface: :class:`StepContext`, :class:`Balancer` and helpers every method uses.
+
+A :class:`Balancer` receives a step's per-task losses and puts gradients into ``.grad`` (it calls
+``ctx.backward``, or writes ``.grad`` itself). The :class:`StepContext` is the one seam between a
+balancer and the step that calls it: three callables (``backward``, ``scale``, ``reduce``) let a
+balancer ignore mixed precision, gradient accumulation and DDP.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from mtlgraph.exceptions import ConfigError
+from mtlgraph.graph.model import ExecutionPlan
+from mtlgraph.graph.task import Task
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepContext:
+    """What a balancer knows about the current step.
+
+    Attributes:
+        tasks: Task name -> Task for the model's tasks (``Task.weight`` is the static weight).
+        plan: The execution plan of the step's tasks (modules per task, parameters).
+        counts: Task name -> number of active labels in the step.
+        backward: Call with a scalar loss to accumulate its gradients (handles loss scaling for
+            mixed precision and gradient accumulation).
+        scale: Apply the same scaling to a loss without calling backward (for
+            ``torch.autograd.grad`` based methods).
+        step: Global optimizer step number.
+        reduce: Average a tensor over DDP ranks in place and return it (the identity in a single
+            process). Gradient-based methods call it on the per-task gradients they compute with
+            ``torch.autograd.grad``, which DDP does not reduce, so every rank combines the same,
+            rank-averaged gradients.
+    """
+
+    tasks: Mapping[str, Task]
+    plan: ExecutionPlan
+    counts: Mapping[str, int]
+    backward: Callable[[torch.Tensor], None]
+    scale: Callable[[torch.Tensor], torch.Tensor]
+    step: int
+    reduce: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda t: t)
+
+
+class Balancer(nn.Module):
+    """Base class: implement :meth:`backward`.
+
+    Subclasses set ``name`` (the registry name). Optional hooks: :meth:`setup` (create per-task
+    state), :meth:`on_epoch_end` and :meth:`on_evaluation` (dynamic weighting), :meth:`weights`
+    (for logging), :meth:`task_parameters` and :meth:`optimizer_options` (learned weights).
+
+    Example:
+        >>> import torch
+        >>> from mtlgraph.balancing import Balancer
+        >>> class MaxLoss(Balancer):
+        ...     name = "max_loss_doc"
+        ...     def backward(self, losses, ctx):
+        ...         ctx.backward(torch.stack(list(losses.values())).max())
+        >>> MaxLoss().name
+        'max_loss_doc'
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._said: set[str] = set()  # keys of messages already logged (see _say_once)
+
+    def setup(self, tasks: Mapping[str, Task]) -> None:
+        """Prepare per-task state for the model's tasks (called by the Trainer before it builds
+        the optimizer; may be called again with more tasks, existing state is kept)."""
+
+    def backward(self, losses: Mapping[str, torch.Tensor], ctx: StepContext) -> None:
+        """Put the gradients of this step's combined objective into ``.grad``."""
+        raise NotImplementedError
+
+    def weights(self) -> dict[str, float]:
+        """Current per-task weights, for logging under ``model/all/train/weight/<task>``."""
+        return {}
+
+    def on_epoch_end(self, epoch: int, mean_losses: Mapping[str, float]) -> None:
+        """Called after each epoch with the epoch's mean (unweighted) loss per task."""
+
+    def on_evaluation(self, scores: Mapping[str, float]) -> None:
+        """Called after each evaluation with the flat score dictionary."""
+
+    def task_parameters(self, task_names: Sequence[str]) -> list[nn.Parameter] | None:
+        """The balancer parameters a step on ``task_names`` can change (``None``: all of them).
+
+        The Trainer's optimizer only visits these, so the cost of a step does not grow with the
+        number of tasks the model holds.
+        """
+        return None
+
+    def optimizer_options(self) -> dict[str, Any]:
+        """Hyper-parameters of the balancer's optimizer group (e.g. ``{"lr": 0.1}``)."""
+        return {}
+
+    def _say_once(self, key: str, message: str, *args: object) -> None:
+        """Log a warning once per balancer instance."""
+        if key not in self._said:
+            self._said.add(key)
+            logger.warning(message, *args)
+
+
+def _static(losses: Mapping[str, torch.Tensor], ctx: StepContext) -> dict[str, torch.Tensor]:
+    """Each loss times its task's static ``Task.weight``."""
+    out = {}
+    for task_name, loss in losses.items():
+        w = ctx.tasks[task_name].weight
+        out[task_name] = loss if w == 1.0 else loss * w
+    return out
+
+
+def _weighted_backward(
+    losses: Mapping[str, torch.Tensor], weights: Mapping[str, float], ctx: StepContext
+) -> None:
+    """``ctx.backward(Σ_i weights[i] · Task.weight_i · L_i)`` (missing weights count as 1)."""
+    w = [ctx.tasks[t].weight * weights.get(t, 1.0) for t in losses]
+    values = list(losses.values())
+    if not values:
+        return
+    if all(v == 1.0 for v in w):
+        total = values[0]
+        for loss in values[1:]:
+            total = total + loss
+    elif len(values) > 1 and len({v.dtype for v in values}) == 1:
+        # One stacked product: fewer autograd nodes than K multiplications and K-1 additions.
+        stacked = torch.stack(values)
+        total = torch.dot(stacked, torch.tensor(w, dtype=stacked.dtype, device=stacked.device))
+    else:
+        total = values[0] * w[0]
+        for loss, v in zip(values[1:], w[1:], strict=True):
+            total = total + loss * v
+    ctx.backward(total)
+
+
+def _check(problems: list[str], ok: bool, message: str) -> None:
+    if not ok:
+        problems.append(message)
+
+
+def _raise(name: str, problems: list[str]) -> None:
+    if problems:
+        raise ConfigError(
+            problems, header=f"invalid balancer '{name}':" if len(problems) > 1 else None
+        )
+
+
+def _seeded_generator(balancer: str, seed: object) -> torch.Generator:
+    """The balancer's own generator (no global random state), seeded with an integer."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError([f"balancer '{balancer}': seed must be an integer, got {seed!r}"])
+    return torch.Generator().manual_seed(seed)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class _LastWeights(Balancer):
+    """A balancer that logs the weights its last steps used; they are state too, so a resumed
+    run logs what an uninterrupted one does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last: dict[str, float] = {}
+
+    def weights(self) -> dict[str, float]:
+        return dict(self._last)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"last": dict(self._last)}
+
+    def set_extra_state(self, state: Any) -> None:
+        self._last = dict(state["last"])

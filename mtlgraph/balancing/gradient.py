@@ -1,0 +1,233 @@
+"""Gradient-based balancers: combine per-task gradients of the shared parameters.
+
+:class:`GradientBalancer` computes one gradient per task on the parameters the step's tasks share
+(:class:`~mtlgraph.gradients.SharedGradients`) and asks a subclass for the coefficients of their
+combination, given their Gram matrix: ``pcgrad``, ``mgda``, ``cagrad``. The numeric solvers they
+use are in :mod:`mtlgraph.balancing.solvers`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from mtlgraph.balancing.base import (
+    StepContext,
+    _check,
+    _is_number,
+    _LastWeights,
+    _raise,
+    _seeded_generator,
+    _static,
+    _weighted_backward,
+)
+from mtlgraph.balancing.solvers import cagrad_solve, min_norm, pcgrad_coefficients
+from mtlgraph.gradients import SharedGradients, accumulate_grad
+from mtlgraph.graph.task import Task
+
+
+class GradientBalancer(_LastWeights):
+    """Base of methods that combine per-task gradients of the shared parameters.
+
+    For the step's tasks ``i = 1..K`` it computes ``g_i = ∇_{θ_s} (w_i L_i)`` on the shared
+    parameters ``θ_s`` (those of modules used by more than one task of the step), flattened into
+    one preallocated ``(K, P)`` buffer, and asks :meth:`combine` for coefficients ``β`` given the
+    Gram matrix ``M_ij = g_i·g_j``; the shared parameters get ``d = Σ_i β_i g_i``. Parameters
+    only one task uses get that task's own gradient. A one-task step uses the plain gradient (and
+    says so once in the log). Cost: one backward pass per task through its path.
+
+    Subclasses implement :meth:`combine`.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._grads = SharedGradients()
+
+    def combine(self, gram: np.ndarray) -> np.ndarray:
+        """Coefficients ``β`` (shape ``(K,)``, float64) of the update ``d = Σ_i β_i g_i``."""
+        raise NotImplementedError
+
+    def setup(self, tasks: Mapping[str, Task]) -> None:
+        self._grads.clear()  # freezing may have changed which parameters are trainable
+
+    def backward(self, losses: Mapping[str, torch.Tensor], ctx: StepContext) -> None:
+        weighted = _static(losses, ctx)
+        names = list(weighted)
+        if len(names) == 1:
+            self._say_once(
+                "single",
+                "%s: a step holds only task '%s', so its plain gradient is used (gradient "
+                "methods need several tasks per step: use batch_scheduler='mixed' or datasets "
+                "that label several tasks). Said once.",
+                self.name,
+                names[0],
+            )
+            ctx.backward(weighted[names[0]])
+            self._last[names[0]] = 1.0
+            return
+        layout = self._grads.layout(ctx.tasks, ctx.plan)
+        if layout.size == 0:
+            self._say_once(
+                "unshared",
+                "%s: tasks %s share no trainable parameter; each gets its own gradient",
+                self.name,
+                names,
+            )
+            _weighted_backward(losses, {}, ctx)
+            return
+        buffer = self._grads.compute(
+            layout, weighted, ctx.scale, accumulate_own=True, reduce=ctx.reduce
+        )
+        gram = (buffer @ buffer.T).double().cpu().numpy()
+        if np.isfinite(gram).all():
+            beta = np.asarray(self.combine(gram), dtype=np.float64)
+        else:  # overflow under fp16 loss scaling: the grad scaler will skip this step
+            beta = np.ones(len(names))
+        direction = torch.from_numpy(beta).to(buffer) @ buffer
+        for p, (offset, n) in zip(layout.shared, layout.slices, strict=True):
+            accumulate_grad(p, direction[offset : offset + n].view_as(p))
+        self._last.update(zip(names, beta.tolist(), strict=True))
+
+    def weights(self) -> dict[str, float]:
+        """The last step's coefficients ``β_i`` of each task's shared gradient."""
+        return dict(self._last)
+
+
+class PCGradBalancer(GradientBalancer):
+    """PCGrad, gradient surgery (Yu et al., NeurIPS 2020).
+
+    For each task ``i``: ``g_i' = g_i``; for the other tasks ``j`` in random order, if
+    ``g_i'·g_j < 0`` then ``g_i' ← g_i' − (g_i'·g_j / ‖g_j‖²)·g_j`` (project away the conflicting
+    component). The update is ``d = Σ_i g_i'``. The order is drawn from the balancer's own
+    seeded ``torch.Generator``.
+
+    Args:
+        seed: Seed of the shuffling generator.
+
+    Example:
+        >>> import numpy as np
+        >>> from mtlgraph.balancing import PCGradBalancer
+        >>> g = np.array([[1.0, 0.0], [-1.0, 1.0]])
+        >>> PCGradBalancer().combine(g @ g.T) @ g  # (0.5, 0.5) + (0, 1)
+        array([0.5, 1.5])
+    """
+
+    name = "pcgrad"
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.seed = seed
+        self._gen = _seeded_generator("pcgrad", seed)
+
+    def combine(self, gram: np.ndarray) -> np.ndarray:
+        k = len(gram)
+        orders = (torch.randperm(k, generator=self._gen).tolist() for _ in range(k))
+        return pcgrad_coefficients(gram, orders)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {**super().get_extra_state(), "generator": self._gen.get_state()}
+
+    def set_extra_state(self, state: Any) -> None:
+        super().set_extra_state(state)
+        self._gen.set_state(state["generator"])
+
+
+class MGDABalancer(GradientBalancer):
+    """MGDA, the multiple-gradient descent min-norm solver (Sener & Koltun, NeurIPS 2018).
+
+    ``α = argmin_{α ∈ simplex} ‖Σ_i α_i g_i‖²`` (pairwise Frank–Wolfe; closed form for two
+    tasks) and
+    ``d = K·Σ_i α_i g_i`` (scaled by ``K`` when ``rescale``, so its size compares with a sum of
+    gradients). To first order, a step along ``−d`` lowers every task's loss (``g_i·d ≥ 0``).
+
+    Args:
+        rescale: Multiply the direction by the number of tasks in the step.
+        max_iter: Frank–Wolfe iterations (more than two tasks).
+
+    Example:
+        >>> import numpy as np
+        >>> from mtlgraph.balancing import MGDABalancer
+        >>> g = np.array([[2.0, 0.0], [0.0, 1.0]])
+        >>> MGDABalancer(rescale=False).combine(g @ g.T)  # α_1 = (1 − 0)/(4 + 1)
+        array([0.2, 0.8])
+    """
+
+    name = "mgda"
+
+    def __init__(self, rescale: bool = True, max_iter: int = 250) -> None:
+        super().__init__()
+        problems: list[str] = []
+        _check(problems, isinstance(rescale, bool), f"rescale must be true or false: {rescale!r}")
+        _check(
+            problems,
+            isinstance(max_iter, int) and not isinstance(max_iter, bool) and max_iter > 0,
+            f"max_iter must be a positive integer, got {max_iter!r}",
+        )
+        _raise(self.name, problems)
+        self.rescale = rescale
+        self.max_iter = max_iter
+
+    def combine(self, gram: np.ndarray) -> np.ndarray:
+        alpha = min_norm(gram, self.max_iter)
+        return alpha * len(gram) if self.rescale else alpha
+
+
+class CAGradBalancer(GradientBalancer):
+    """CAGrad, conflict-averse gradient descent (Liu et al., NeurIPS 2021).
+
+    ``g_0 = mean_i g_i``, ``φ = c²‖g_0‖²``; ``w ∈ simplex`` minimises
+    ``g_w·g_0 + √φ·‖g_w‖`` with ``g_w = Σ_i w_i g_i`` (pairwise Frank–Wolfe with exact line
+    search on the Gram matrix); ``d = g_0 + (√φ/‖g_w‖)·g_w``, divided by ``1 + c²`` when
+    ``rescale``. ``c = 0`` is plain averaging; larger ``c`` trades average progress for the
+    worst task's progress.
+
+    Args:
+        c: Conflict-aversion radius, in ``[0, 1)``.
+        rescale: Divide the direction by ``1 + c²``.
+        max_iter: Solver iterations.
+
+    Example:
+        >>> import numpy as np
+        >>> from mtlgraph.balancing import CAGradBalancer
+        >>> g = np.array([[1.0, 0.0], [-0.5, 1.0]])
+        >>> CAGradBalancer(c=0.0).combine(g @ g.T)  # the mean
+        array([0.5, 0.5])
+    """
+
+    name = "cagrad"
+
+    def __init__(self, c: float = 0.4, rescale: bool = True, max_iter: int = 100) -> None:
+        super().__init__()
+        problems: list[str] = []
+        _check(problems, _is_number(c) and 0 <= c < 1, f"c must be in [0, 1), got {c!r}")
+        _check(problems, isinstance(rescale, bool), f"rescale must be true or false: {rescale!r}")
+        _check(
+            problems,
+            isinstance(max_iter, int) and not isinstance(max_iter, bool) and max_iter > 0,
+            f"max_iter must be a positive integer, got {max_iter!r}",
+        )
+        _raise(self.name, problems)
+        self.c = float(c)
+        self.rescale = rescale
+        self.max_iter = max_iter
+
+    def combine(self, gram: np.ndarray) -> np.ndarray:
+        k = len(gram)
+        mean = np.full(k, 1.0 / k)
+        sqrt_phi = self.c * math.sqrt(max(float(mean @ gram @ mean), 0.0))
+        if sqrt_phi == 0.0:
+            return mean
+        w = self.solve(gram, sqrt_phi)
+        gw_norm = math.sqrt(max(float(w @ gram @ w), 0.0))
+        if gw_norm <= 1e-12 * math.sqrt(float(np.max(np.diag(gram)))):
+            return mean  # g_w = 0: the tasks cancel exactly and g_0 is ~0 too
+        beta = mean + (sqrt_phi / gw_norm) * w
+        return beta / (1 + self.c**2) if self.rescale else beta
+
+    def solve(self, gram: np.ndarray, sqrt_phi: float) -> np.ndarray:
+        """``argmin_{w ∈ simplex} w·M·𝟙/K + √φ·√(wᵀMw)`` (see :func:`.solvers.cagrad_solve`)."""
+        return cagrad_solve(gram, sqrt_phi, self.max_iter)

@@ -1,0 +1,150 @@
+"""Balancers by name: the :data:`BALANCERS` registry and :func:`make_balancer`.
+
+``Trainer(balancer=...)`` and the YAML ``trainer.balancer`` key take a registered name, a
+``{"name": ..., **kwargs}`` mapping or a :class:`~mtlgraph.balancing.Balancer` object;
+:func:`make_balancer` turns each into a balancer, checking the keyword arguments against the
+class's signature first. :data:`BALANCERS` is a :class:`~mtlgraph.registry.Registry`:
+registering the same class again is a no-op, another class under a taken name needs
+``override=True``, and :func:`unregister_balancer` removes a name.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+from mtlgraph._suggest import did_you_mean, quoted
+from mtlgraph.balancing.base import Balancer
+from mtlgraph.balancing.gradient import CAGradBalancer, MGDABalancer, PCGradBalancer
+from mtlgraph.balancing.weighting import (
+    DWABalancer,
+    GradNormBalancer,
+    InverseMetricBalancer,
+    RLWBalancer,
+    SumBalancer,
+    UncertaintyBalancer,
+)
+from mtlgraph.exceptions import ConfigError
+from mtlgraph.registry import Registry, accepted_parameters
+
+
+def _is_balancer_class(name: str, obj: object) -> list[str]:
+    if isinstance(obj, type) and issubclass(obj, Balancer):
+        return []
+    return [f"balancer '{name}' must be a Balancer subclass, got {obj!r}"]
+
+
+BALANCERS: Registry[type[Balancer]] = Registry(
+    "balancer",
+    {
+        "sum": SumBalancer,
+        "uncertainty": UncertaintyBalancer,
+        "dwa": DWABalancer,
+        "gradnorm": GradNormBalancer,
+        "inverse_metric": InverseMetricBalancer,
+        "rlw": RLWBalancer,
+        "pcgrad": PCGradBalancer,
+        "cagrad": CAGradBalancer,
+        "mgda": MGDABalancer,
+    },
+    check=_is_balancer_class,
+)
+"""Every balancer class by name (built in: the nine of ``docs/balancing.md``)."""
+
+
+def register_balancer(name: str, cls: type[Balancer], *, override: bool = False) -> None:
+    """Register a balancer class under ``name`` (usable as ``Trainer(balancer=name)``).
+
+    Registering the same class again is a no-op (a re-run notebook cell is fine).
+
+    Args:
+        name: The registry name (no ``/``).
+        cls: A :class:`Balancer` subclass.
+        override: Replace another class already registered under ``name``.
+
+    Raises:
+        ConfigError: ``cls`` is not a Balancer subclass, or ``name`` holds another class and
+            ``override`` is false.
+
+    Example:
+        >>> from mtlgraph.balancing import SumBalancer, make_balancer
+        >>> from mtlgraph.balancing import register_balancer, unregister_balancer
+        >>> class Halved(SumBalancer):
+        ...     def backward(self, losses, ctx):
+        ...         super().backward({t: 0.5 * v for t, v in losses.items()}, ctx)
+        >>> register_balancer("halved_doc", Halved)
+        >>> type(make_balancer("halved_doc")).__name__
+        'Halved'
+        >>> unregister_balancer("halved_doc").__name__
+        'Halved'
+    """
+    BALANCERS.register(name, cls, override=override)
+
+
+def unregister_balancer(name: str) -> type[Balancer]:
+    """Remove ``name`` from the registry and return its class.
+
+    Raises:
+        ConfigError: No balancer is registered as ``name`` (with a suggestion).
+    """
+    return BALANCERS.unregister(name)
+
+
+def balancer_names() -> list[str]:
+    """Registered balancer names, sorted."""
+    return BALANCERS.names()
+
+
+def make_balancer(spec: str | Mapping[str, Any] | Balancer) -> Balancer:
+    """Build a balancer from a name, ``{"name": ..., **kwargs}``, or return an instance.
+
+    Raises:
+        ConfigError: Unknown names (with a suggestion), unknown or missing arguments (naming
+            the ones the balancer takes) or bad values, all reported at once.
+
+    Example:
+        >>> from mtlgraph.balancing import make_balancer
+        >>> make_balancer({"name": "cagrad", "c": 0.25}).c
+        0.25
+        >>> make_balancer({"name": "cagrad", "cc": 0.25})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        mtlgraph.exceptions.ConfigError: balancer 'cagrad' takes no argument 'cc' (did you mean ...
+    """
+    if isinstance(spec, Balancer):
+        return spec
+    if isinstance(spec, str):
+        name, kwargs = spec, {}
+    elif isinstance(spec, Mapping):
+        kwargs = dict(spec)
+        name = kwargs.pop("name", None)
+    else:
+        raise ConfigError(
+            [f"balancer must be a name, a {{'name': ...}} mapping or a Balancer, got {spec!r}"]
+        )
+    cls = BALANCERS.get(name)
+    problems = argument_problems(name, cls, kwargs)
+    if problems:
+        raise ConfigError(problems)
+    return cls(**kwargs)
+
+
+def argument_problems(name: str, cls: type[Balancer], kwargs: Mapping[str, Any]) -> list[str]:
+    """Unknown and missing keyword arguments of balancer ``cls`` (registered as ``name``),
+    checked against its signature (anything goes when it takes ``**kwargs``)."""
+    params = accepted_parameters(cls)
+    if params is None:
+        return []
+    problems = [
+        f"balancer '{name}' takes no argument '{k}'{did_you_mean(k, params)}; "
+        f"it takes {quoted(params) or 'none'}"
+        for k in kwargs
+        if k not in params
+    ]
+    problems += [
+        f"balancer '{name}' needs the argument '{n}'"
+        for n, p in params.items()
+        if p.default is inspect.Parameter.empty and n not in kwargs
+    ]
+    return problems

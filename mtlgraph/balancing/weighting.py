@@ -1,0 +1,587 @@
+"""Loss-weighting balancers: one backward pass of a weighted sum of the step's losses.
+
+``sum`` (static weights), ``uncertainty`` (learned, Kendall et al.), ``dwa`` (epoch loss ratios),
+``gradnorm`` (weights that equalise gradient norms on the last shared layer), ``inverse_metric``
+(validation metrics) and ``rlw`` (random weights). The formulas are in ``docs/balancing.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from mtlgraph._suggest import did_you_mean, quoted
+from mtlgraph.balancing.base import (
+    Balancer,
+    StepContext,
+    _check,
+    _is_number,
+    _LastWeights,
+    _raise,
+    _seeded_generator,
+    _static,
+    _weighted_backward,
+)
+from mtlgraph.exceptions import ConfigError
+from mtlgraph.gradients import PlanCache, last_shared_layer
+from mtlgraph.graph.task import Task
+from mtlgraph.metrics import split_key
+
+
+class SumBalancer(_LastWeights):
+    """``L = Σ_i w_i · L_i`` with ``w_i = Task.weight`` (1 by default).
+
+    Example:
+        >>> from mtlgraph.balancing import make_balancer
+        >>> make_balancer("sum").name
+        'sum'
+    """
+
+    name = "sum"
+
+    def backward(self, losses: Mapping[str, torch.Tensor], ctx: StepContext) -> None:
+        total: torch.Tensor | None = None
+        for task_name, loss in losses.items():
+            w = ctx.tasks[task_name].weight
+            if w != 1.0:
+                loss = loss * w
+            total = loss if total is None else total + loss
+            self._last[task_name] = w
+        if total is not None:
+            ctx.backward(total)
+
+
+class UncertaintyBalancer(Balancer):
+    """Homoscedastic uncertainty weighting (Kendall, Gal & Cipolla, CVPR 2018).
+
+    Learns ``s_i = log σ_i²`` per task (a parameter, trained with the model). Regression tasks
+    use the Gaussian form ``½·exp(−s_i)·L_i + ½·s_i``, the other task types the softmax form
+    ``exp(−s_i)·L_i + ½·s_i``. The logged weight is ``exp(−s_i)``.
+
+    Args:
+        init: Initial ``s_i`` (0 means weight 1).
+        lr: Learning rate of the ``s_i`` (``None``: the Trainer's ``lr``).
+        forms: Optional ``{task: "regression" | "classification"}`` overriding the form chosen
+            from the task type.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from mtlgraph import Operation, Task
+        >>> from mtlgraph.balancing import UncertaintyBalancer
+        >>> task = Task("t", {"m": nn.Linear(2, 1)}, [Operation("m", [("_input_", "x")])],
+        ...             task_type="regression")
+        >>> b = UncertaintyBalancer(init=0.5)
+        >>> b.setup({"t": task})
+        >>> round(b.weights()["t"], 4)  # exp(-0.5)
+        0.6065
+    """
+
+    name = "uncertainty"
+
+    def __init__(
+        self, init: float = 0.0, lr: float | None = None, forms: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__()
+        problems: list[str] = []
+        _check(problems, _is_number(init), f"init must be a finite number, got {init!r}")
+        _check(
+            problems,
+            lr is None or (_is_number(lr) and lr > 0),
+            f"lr must be a positive number or None, got {lr!r}",
+        )
+        for task_name, form in (forms or {}).items():
+            _check(
+                problems,
+                form in ("regression", "classification"),
+                f"forms['{task_name}'] must be 'regression' or 'classification', got {form!r}",
+            )
+        _raise(self.name, problems)
+        self.init = float(init)
+        self.lr = lr
+        self.forms: dict[str, str] = dict(forms or {})
+        # s_i of every task in one vector (one optimizer parameter, however many tasks)
+        self.log_vars = nn.Parameter(torch.zeros(0))
+        self._index: dict[str, int] = {}  # task -> position in log_vars
+        self._half: dict[str, bool] = {}  # task -> uses the regression form (factor ½)
+        self._rows: dict[tuple[str, ...], torch.Tensor | None] = {}  # step tasks -> indices
+        self._factors: dict[tuple[float, ...], torch.Tensor] = {}  # factors -> tensor
+
+    def setup(self, tasks: Mapping[str, Task]) -> None:
+        unknown = [t for t in self.forms if t not in tasks]
+        if unknown:
+            raise ConfigError(
+                [
+                    f"balancer 'uncertainty': forms names unknown task '{t}'"
+                    f"{did_you_mean(t, tasks)}; the model has {quoted(tasks)}"
+                    for t in unknown
+                ]
+            )
+        new = [t for t in tasks if t not in self._index]
+        if new:  # grow the vector, keeping the values learned so far
+            for task_name in new:
+                self._index[task_name] = len(self._index)
+            old = self.log_vars.detach()
+            grown = torch.full((len(self._index),), self.init, dtype=old.dtype, device=old.device)
+            grown[: len(old)] = old
+            self.log_vars = nn.Parameter(grown)
+            self._rows = {}
+        for task_name, task in tasks.items():
+            default = "regression" if task.task_type == "regression" else "classification"
+            self._half[task_name] = self.forms.get(task_name, default) == "regression"
+
+    def _select(self, names: tuple[str, ...]) -> torch.Tensor:
+        """The step's ``s_i`` (the whole vector when the step holds every task in order)."""
+        if names not in self._rows:
+            rows = [self._index[t] for t in names]
+            self._rows[names] = (
+                None
+                if rows == list(range(len(self._index)))
+                else torch.tensor(rows, device=self.log_vars.device)
+            )
+        rows_t = self._rows[names]
+        if rows_t is None:
+            return self.log_vars
+        if rows_t.device != self.log_vars.device:
+            rows_t = self._rows[names] = rows_t.to(self.log_vars.device)
+        return self.log_vars[rows_t]
+
+    def backward(self, losses: Mapping[str, torch.Tensor], ctx: StepContext) -> None:
+        names = tuple(losses)
+        s = self._select(names)
+        # factor_i = Task.weight_i · (½ for the regression form, 1 otherwise)
+        factor = tuple(ctx.tasks[t].weight * (0.5 if self._half[t] else 1.0) for t in names)
+        values = list(losses.values())
+        if len({v.dtype for v in values}) > 1:
+            values = [v.float() for v in values]
+        stacked = torch.stack(values)
+        f = self._factors.get(factor)
+        if f is None or f.dtype != stacked.dtype or f.device != stacked.device:
+            f = self._factors[factor] = torch.tensor(
+                factor, dtype=stacked.dtype, device=stacked.device
+            )
+        total = torch.dot(f * stacked, torch.exp(-s)) + 0.5 * s.sum()
+        ctx.backward(total)
+
+    def weights(self) -> dict[str, float]:
+        values = torch.exp(-self.log_vars.detach()).tolist()
+        return {t: float(values[i]) for t, i in self._index.items()}
+
+    def task_parameters(self, task_names: Sequence[str]) -> list[nn.Parameter]:
+        return [self.log_vars]
+
+    def optimizer_options(self) -> dict[str, Any]:
+        return {} if self.lr is None else {"lr": self.lr}
+
+    def get_extra_state(self) -> dict[str, Any]:
+        order = sorted(self._index, key=self._index.__getitem__)
+        return {"tasks": order, "regression_form": [self._half.get(t, False) for t in order]}
+
+    def set_extra_state(self, state: Any) -> None:
+        order = list(state["tasks"])
+        mine = sorted(self._index, key=self._index.__getitem__)
+        if order != mine:
+            raise ConfigError(
+                [
+                    f"balancer 'uncertainty': the saved state holds tasks {order}, this balancer "
+                    f"was set up for {mine}; call setup(model.tasks) with the same tasks before "
+                    "load_state_dict"
+                ]
+            )
+        self._half = dict(zip(order, state["regression_form"], strict=True))
+
+
+class DWABalancer(Balancer):
+    """Dynamic weight average (Liu, Johns & Davison, CVPR 2019).
+
+    With ``L̄_k(e)`` the mean loss of task ``k`` over epoch ``e``: ``r_k = L̄_k(e−1)/L̄_k(e−2)`` and
+    ``w_k(e) = K·exp(r_k/T) / Σ_j exp(r_j/T)``; ``w_k = 1`` until a task has two epochs of
+    history. Tasks whose loss falls slowly get more weight.
+
+    Args:
+        temperature: ``T``; larger values flatten the weights toward 1.
+
+    Example:
+        >>> from mtlgraph.balancing import DWABalancer
+        >>> b = DWABalancer(temperature=2.0)
+        >>> b.on_epoch_end(0, {"a": 1.0, "b": 1.0})
+        >>> b.on_epoch_end(1, {"a": 0.5, "b": 1.0})
+        >>> {t: round(w, 4) for t, w in b.weights().items()}
+        {'a': 0.8756, 'b': 1.1244}
+    """
+
+    name = "dwa"
+
+    def __init__(self, temperature: float = 2.0) -> None:
+        super().__init__()
+        problems: list[str] = []
+        _check(
+            problems,
+            _is_number(temperature) and temperature > 0,
+            f"temperature must be a positive number, got {temperature!r}",
+        )
+        _raise(self.name, problems)
+        self.temperature = float(temperature)
+        self._history: dict[str, list[float]] = {}  # task -> mean losses of its last two epochs
+        self._weights: dict[str, float] = {}
+
+    def on_epoch_end(self, epoch: int, mean_losses: Mapping[str, float]) -> None:
+        for task_name, value in mean_losses.items():
+            history = self._history.setdefault(task_name, [])
+            history.append(float(value))
+            del history[:-2]
+        ready = {t: h for t, h in self._history.items() if len(h) == 2}
+        if not ready:
+            return
+        ratios = {t: h[1] / max(h[0], 1e-12) for t, h in ready.items()}
+        top = max(ratios.values())
+        exps = {t: math.exp((r - top) / self.temperature) for t, r in ratios.items()}
+        norm = sum(exps.values())
+        self._weights = {t: len(exps) * e / norm for t, e in exps.items()}
+
+    def backward(self, losses: Mapping[str, torch.Tensor], ctx: StepContext) -> None:
+        _weighted_backward(losses, self._weights, ctx)
+
+    def weights(self) -> dict[str, float]:
+        return {t: self._weights.get(t, 1.0) for t in self._history}
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {
+            "history": {t: list(h) for t, h in self._history.items()},
+            "weights": dict(self._weights),
+        }
+
+    def set_extra_state(self, state: Any) -> None:
+        self._history = {t: [float(v) for v in h] for t, h in state["history"].items()}
+        self._weights = {t: float(w) for t, w in state["weights"].items()}
+
+
+class GradNormBalancer(Balancer):
+    """GradNorm (Chen et al., ICML 2018): weights that equalise gradient norms and learning pace.
+
+    Trainable weights ``w_i`` (init 1). On the last shared layer ``W``:
+    ``G_i = ‖∇_W (w_i L_i)‖₂``, ``Ḡ = mean_i G_i``, ``L̃_i = L_i(t)/L_i(0)``,
+    ``r_i = L̃_i / mean_j L̃_j``; ``L_grad = Σ_i |G_i − Ḡ·r_i^α|`` with ``Ḡ·r_i^α`` held
+    constant. The step's parameters get the gradient of ``Σ_i w_i L_i``; then ``w`` takes one
+    Adam step on ``∇_w L_grad`` (its own learning rate ``lr``) and is renormalised so that the
+    step's weights sum to the number of tasks in the step. Needs steps with several tasks.
+
+    Args:
+        alpha: Asymmetry ``α`` (0.5–1.5 typical; larger pulls slow tasks harder).
+        lr: Learning rate of the weights' own Adam update.
+        layer: The shared layer ``W``: a module name (``"trunk"``) or a dotted path inside one
+            (``"trunk.2"``). ``None``: the last parameterised layer of the last module the step's
+            tasks share.
+
+    Example:
+        >>> from mtlgraph.balancing import make_balancer
+        >>> make_balancer({"name": "gradnorm", "alpha": 1.0}).alpha
+        1.0
+    """
+
+    name = "gradnorm"
+
+    _BETAS = (0.9, 0.999)
+    _EPS = 1e-8
+    _MIN_WEIGHT = 1e-3
+
+    def __init__(self, alpha: float = 1.5, lr: float = 0.025, layer: str | None = None) -> None:
+        super().__init__()
+        problems: list[str] = []
+        _check(problems, _is_number(alpha) and alpha >= 0, f"alpha must be >= 0, got {alpha!r}")
+        _check(problems, _is_number(lr) and lr > 0, f"lr must be a positive number, got {lr!r}")
+        _check(
+            problems,
+            layer is None or (isinstance(layer, str) and layer != ""),
+            f"layer must be a module name or None, got {layer!r}",
+        )
+        _raise(self.name, problems)
+        self.alpha = float(alpha)
+        self.lr = float(lr)
+        self.layer = layer
+        self._w: dict[str, float] = {}  # current weights
+        self._initial: dict[str, float] = {}  # L_i(0)
+        self._adam: dict[str, list[float]] = {}  # task -> [m, v, steps]
+        # W per execution plan (so per model and task set; a new plan after add_task or
+        # remove_task never reuses an old plan's entry)
+        self._layers = PlanCache[list[nn.Parameter]]()
+
+    def setup(self, tasks: Mapping[str, Task]) -> None:
+        self._layers.clear()
+        if self.layer is not None:
+            self._resolve(tasks)  # fail now, not at the first step
+
+    def _resolve(self, tasks: Mapping[str, Task]) -> list[nn.Parameter]:
+        assert self.layer is not None
+        head, _, rest = self.layer.partition(".")
+        pools = {m: task.module_pool[m] for task in tasks.values() for m in task.module_pool}
+        if head not in pools:
+            raise ConfigError(
+                [
+                    f"balancer 'gradnorm': layer '{self.layer}' names no module of the model"
+                    f"{did_you_mean(head, pools)}; modules: {quoted(pools)}"
+                ]
+            )
+        try:
+            module = pools[head].get_submodule(rest) if rest else pools[head]
+        except AttributeError as e:
+            raise ConfigError(
+                [f"balancer 'gradnorm': layer '{self.layer}': module '{head}' has no '{rest}'"]
+            ) from e
+        params = [p for p in module.parameters() if p.requires_grad]
+        if not params:
+            raise ConfigError(
+                [f"balancer 'gradnorm': layer '{self.layer}' has no trainable parameters"]
+            )
+        return params
+
+    def _last_shared(self, ctx: StepContext) -> list[nn.Parameter]:
+        tasks = ctx.tasks
+        if self.layer:
+            return self._layers.get(ctx.plan, lambda plan: self._resolve(tasks))
+        return self._layers.get(ctx.plan, lambda plan: last_shared_layer(tasks, plan))
+
+    def backward(self, losses: Mapping[str, torch.Tensor], ctx: StepContext) -> None:
+        weighted = _static(losses, ctx)
+        names = list(weighted)
+        if len(names) == 1:
+            self._say_once(
+                "single",
+                "gradnorm: a step holds only task '%s', so its loss is used as is (GradNorm "
+                "needs several tasks per step: use batch_scheduler='mixed' or datasets that "
+                "label several tasks). Said once.",
+                names[0],
+            )
+            ctx.backward(weighted[names[0]])
+            return
+        layer = self._last_shared(ctx)
+        if not layer:
+            self._say_once(
+                "unshared",
+                "gradnorm: tasks %s share no trainable layer; their losses are summed",
+                list(names),
+            )
+            _weighted_backward(losses, self._w, ctx)
+            return
+        norms = []
+        for task_name in names:
+            grads = torch.autograd.grad(
+                ctx.scale(weighted[task_name]), layer, retain_graph=True, allow_unused=True
+            )
+            sq = [ctx.reduce(g).pow(2).sum() for g in grads if g is not None]
+            norms.append(torch.stack(sq).sum().sqrt() if sq else layer[0].new_zeros(()))
+        task_losses = ctx.reduce(torch.stack([weighted[t].detach() for t in names]).float())
+        stats = torch.stack([torch.stack(norms).float(), task_losses]).tolist()
+        for task_name, loss0 in zip(names, stats[1], strict=True):
+            if task_name not in self._initial and math.isfinite(loss0):
+                self._initial[task_name] = loss0
+        w = [self._w.get(t, 1.0) for t in names]
+        _weighted_backward(losses, dict(zip(names, w, strict=True)), ctx)
+        if all(math.isfinite(v) for v in stats[0] + stats[1]):
+            self._update(names, w, stats[0], stats[1])
+
+    def _update(
+        self, names: list[str], w: list[float], norms: list[float], losses: list[float]
+    ) -> None:
+        """One Adam step of the weights on ∇_w L_grad, then renormalise to Σ w = K."""
+        k = len(names)
+        g = [wi * ni for wi, ni in zip(w, norms, strict=True)]
+        g_mean = sum(g) / k
+        rel = [li / max(self._initial[t], 1e-12) for t, li in zip(names, losses, strict=True)]
+        rel_mean = sum(rel) / k
+        b1, b2 = self._BETAS
+        new = []
+        for t, wi, gi, ni, ri in zip(names, w, g, norms, rel, strict=True):
+            target = g_mean * (ri / max(rel_mean, 1e-12)) ** self.alpha
+            grad = math.copysign(ni, gi - target) if gi != target else 0.0
+            m, v, n = self._adam.get(t, [0.0, 0.0, 0.0])
+            n += 1
+            m = b1 * m + (1 - b1) * grad
+            v = b2 * v + (1 - b2) * grad * grad
+            self._adam[t] = [m, v, n]
+            step = self.lr * (m / (1 - b1**n)) / (math.sqrt(v / (1 - b2**n)) + self._EPS)
+            new.append(max(wi - step, self._MIN_WEIGHT))
+        total = sum(new)
+        for t, wi in zip(names, new, strict=True):
+            self._w[t] = k * wi / total
+
+    def weights(self) -> dict[str, float]:
+        return {t: self._w.get(t, 1.0) for t in self._initial}
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {
+            "weights": dict(self._w),
+            "initial_losses": dict(self._initial),
+            "adam": {t: list(s) for t, s in self._adam.items()},
+        }
+
+    def set_extra_state(self, state: Any) -> None:
+        self._w = {t: float(v) for t, v in state["weights"].items()}
+        self._initial = {t: float(v) for t, v in state["initial_losses"].items()}
+        self._adam = {t: [float(x) for x in s] for t, s in state["adam"].items()}
+
+
+class InverseMetricBalancer(Balancer):
+    """Weights inversely proportional to each task's latest validation metric.
+
+    After each evaluation, ``w_i ∝ 1/m_i`` for a higher-is-better metric ``m_i`` (``∝ m_i`` for a
+    lower-is-better one); ``m_i`` is clipped to at least ``eps`` and the weights are renormalised
+    so that the scored tasks' weights sum to their number. Between evaluations the weights are
+    constant (1 before the first one). Tasks that do well get less weight, so training focuses
+    on the laggards (the sin/cos guide's dynamic weighting).
+
+    Args:
+        metric: The metric key per task: one key for every task, a ``{task: key}`` mapping, or
+            ``None`` for the default: ``r2`` for regression tasks whose scorer has it (it has no
+            unit, so tasks of different scale compare), else the first metric of the task's
+            scorer. The direction comes from the metric's ``higher_is_better``.
+        split: Which split's scores to use (several datasets of the split are averaged).
+        eps: Lower clip of the metric values (keeps ``1/m`` finite and weights away from 0).
+
+    Example:
+        >>> from torch import nn
+        >>> from mtlgraph import Operation, Task
+        >>> from mtlgraph.balancing import InverseMetricBalancer
+        >>> tasks = {t: Task(t, {t: nn.Linear(2, 2)}, [Operation(t, [("_input_", "x")])])
+        ...          for t in ("a", "b")}
+        >>> b = InverseMetricBalancer()  # default metric: each task's first, here accuracy
+        >>> b.setup(tasks)
+        >>> b.on_evaluation({"a/d/valid/accuracy": 0.9, "b/d/valid/accuracy": 0.6})
+        >>> {t: round(w, 3) for t, w in b.weights().items()}  # ∝ 1/0.9 and 1/0.6, sum 2
+        {'a': 0.8, 'b': 1.2}
+    """
+
+    name = "inverse_metric"
+
+    def __init__(
+        self, metric: str | Mapping[str, str] | None = None, split: str = "valid", eps: float = 0.01
+    ) -> None:
+        super().__init__()
+        problems: list[str] = []
+        _check(
+            problems,
+            metric is None or isinstance(metric, (str, Mapping)),
+            f"metric must be a metric key, a {{task: key}} mapping or None, got {metric!r}",
+        )
+        _check(problems, isinstance(split, str) and split != "", f"bad split {split!r}")
+        _check(problems, _is_number(eps) and eps > 0, f"eps must be > 0, got {eps!r}")
+        _raise(self.name, problems)
+        self.metric = metric
+        self.split = split
+        self.eps = float(eps)
+        self._metric: dict[str, str] = {}  # task -> metric key
+        self._higher: dict[str, bool] = {}  # task -> higher_is_better
+        self._weights: dict[str, float] = {}
+
+    def setup(self, tasks: Mapping[str, Task]) -> None:
+        problems = []
+        if isinstance(self.metric, Mapping):
+            problems += [
+                f"balancer 'inverse_metric': metric names unknown task '{t}'"
+                f"{did_you_mean(str(t), tasks)}; the model has {quoted(tasks)}"
+                for t in self.metric
+                if t not in tasks
+            ]
+        for task_name, task in tasks.items():
+            keys = task.scorer.metric_keys
+            if isinstance(self.metric, str):
+                key = self.metric
+            elif isinstance(self.metric, Mapping) and task_name in self.metric:
+                key = self.metric[task_name]
+            elif task.task_type == "regression" and "r2" in keys:
+                key = "r2"
+            elif keys:
+                key = keys[0]
+            else:
+                continue  # a task without metrics keeps weight 1
+            if key not in keys:
+                problems.append(
+                    f"balancer 'inverse_metric': task '{task_name}' has no metric '{key}'"
+                    f"{did_you_mean(key, keys)}; its scorer reports {quoted(keys) or 'nothing'}"
+                )
+                continue
+            self._metric[task_name] = key
+            self._higher[task_name] = task.scorer.higher_is_better(key)
+        if problems:
+            raise ConfigError(problems, header="invalid balancer 'inverse_metric':")
+
+    def on_evaluation(self, scores: Mapping[str, float]) -> None:
+        values: dict[str, list[float]] = {}
+        for key, value in scores.items():
+            try:
+                task_name, _, split, metric = split_key(key)
+            except ValueError:
+                continue
+            if (
+                split == self.split
+                and self._metric.get(task_name) == metric
+                and math.isfinite(value)
+            ):
+                values.setdefault(task_name, []).append(float(value))
+        if not values:
+            self._say_once(
+                "no_scores",
+                "inverse_metric: no finite '%s' scores of the tasks' metrics %s; weights unchanged",
+                self.split,
+                self._metric,
+            )
+            return
+        raw = {}
+        for task_name, vs in values.items():
+            m = max(sum(vs) / len(vs), self.eps)
+            raw[task_name] = 1.0 / m if self._higher[task_name] else m
+        norm = sum(raw.values())
+        self._weights.update({t: len(raw) * r / norm for t, r in raw.items()})
+
+    def backward(self, losses: Mapping[str, torch.Tensor], ctx: StepContext) -> None:
+        _weighted_backward(losses, self._weights, ctx)
+
+    def weights(self) -> dict[str, float]:
+        return {t: self._weights.get(t, 1.0) for t in self._metric}
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"weights": dict(self._weights)}
+
+    def set_extra_state(self, state: Any) -> None:
+        self._weights = {t: float(w) for t, w in state["weights"].items()}
+
+
+class RLWBalancer(_LastWeights):
+    """Random loss weighting (Lin et al., 2021): ``w = K·softmax(z)``, ``z ~ N(0, I)`` each step.
+
+    A cheap baseline that is surprisingly hard to beat; draws from its own seeded generator.
+
+    Args:
+        seed: Seed of the balancer's ``torch.Generator``.
+
+    Example:
+        >>> from mtlgraph.balancing import make_balancer
+        >>> make_balancer({"name": "rlw", "seed": 3}).seed
+        3
+    """
+
+    name = "rlw"
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.seed = seed
+        self._gen = _seeded_generator("rlw", seed)
+
+    def backward(self, losses: Mapping[str, torch.Tensor], ctx: StepContext) -> None:
+        k = len(losses)
+        w = (
+            k * torch.softmax(torch.randn(k, generator=self._gen, dtype=torch.float64), 0)
+        ).tolist()
+        self._last.update(zip(losses, w, strict=True))
+        _weighted_backward(losses, dict(zip(losses, w, strict=True)), ctx)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {**super().get_extra_state(), "generator": self._gen.get_state()}
+
+    def set_extra_state(self, state: Any) -> None:
+        super().set_extra_state(state)
+        self._gen.set_state(state["generator"])
