@@ -55,5 +55,16 @@ class ConfigError(_ProblemsError):
     """A configuration (Trainer keyword arguments or a YAML file) is invalid."""
 
 
+class UnknownNameError(ConfigError, KeyError):
+    """A name (a registry entry, a metric key) that is not known.
+
+    A :class:`ConfigError` that is also a ``KeyError``, so code written for the dictionaries the
+    registries once were (``except KeyError``) keeps working.
+    """
+
+    def __str__(self) -> str:  # KeyError would show the message quoted, as a repr
+        return self._render()
+
+
 class CheckpointError(MtlGraphError, RuntimeError):
     """A checkpoint cannot be written, read or applied."""

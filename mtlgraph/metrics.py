@@ -1,26 +1,34 @@
-"""Metrics, the :class:`Scorer`, and the flat ``task/dataset/split/metric`` keys.
+"""Metrics, the :class:`Scorer`, the ignore mask, and the flat ``task/dataset/split/metric`` keys.
 
 Every built-in metric is a thin wrapper over scikit-learn (or SciPy for the correlations) and
 returns a plain ``float`` equal to what that library computes on the same, masked arrays. Each
 metric carries ``higher_is_better``, which checkpointing (best-by-metric) and the
-``inverse_metric`` balancer read.
+``inverse_metric`` balancer read. scikit-learn and SciPy are imported on a metric's first call,
+not with this module (they would double the cost of ``import mtlgraph``).
+
+Metrics live in the registry :data:`METRICS`: add one with :func:`register_metric`, remove it with
+``METRICS.unregister(name)``. A metric's keyword arguments (``{"name": "fbeta", "beta": 2}``) are
+checked against its function's signature when a :class:`Scorer` is built.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
-from scipy import stats
-from sklearn import metrics as skm
 
-from mtlgraph._suggest import did_you_mean, quoted
-from mtlgraph.exceptions import ConfigError
+from mtlgraph._suggest import did_you_mean
+from mtlgraph.exceptions import ConfigError, UnknownNameError
+from mtlgraph.registry import Registry, signature_problems
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +36,46 @@ MetricFunc = Callable[..., float]
 """``func(golds, preds, probs, **kwargs) -> float`` on masked numpy arrays."""
 
 SEP = "/"
+
+# ---------------------------------------------------------------- the ignore mask
+
+
+@overload
+def active_mask(labels: torch.Tensor, ignore: float | int | None) -> torch.Tensor: ...
+@overload
+def active_mask(labels: np.ndarray, ignore: float | int | None) -> np.ndarray: ...
+def active_mask(labels: Any, ignore: float | int | None) -> Any:
+    """Elementwise mask of the labels that count: those not equal to the ignore value.
+
+    The one ignore mask of mtlgraph, used by losses, models and scorers alike; it works on torch
+    tensors and numpy arrays with the same expression. ``ignore`` is a value (``-1``), ``nan``
+    (NaN labels are ignored; integer labels are never NaN), or ``None`` (nothing is ignored).
+
+    Example:
+        >>> import numpy as np, torch
+        >>> active_mask(torch.tensor([0, -1, 2]), -1).tolist()
+        [True, False, True]
+        >>> active_mask(np.array([1.0, np.nan]), float("nan")).tolist()
+        [True, False]
+    """
+    if ignore is None:
+        return (labels == labels) | (labels != labels)  # all True, whatever the values
+    if isinstance(ignore, float) and math.isnan(ignore):
+        return labels == labels  # NaN is the one value unequal to itself
+    return labels != ignore
+
+
+@overload
+def active_rows(labels: torch.Tensor, ignore: float | int | None) -> torch.Tensor: ...
+@overload
+def active_rows(labels: np.ndarray, ignore: float | int | None) -> np.ndarray: ...
+def active_rows(labels: Any, ignore: float | int | None) -> Any:
+    """Rows with at least one label that is not the ignore value (see :func:`active_mask`)."""
+    active = active_mask(labels, ignore)
+    return active if active.ndim == 1 else active.reshape(len(active), -1).any(1)
+
+
+# ---------------------------------------------------------------- built-in metrics
 
 
 @dataclass(frozen=True)
@@ -47,155 +95,271 @@ class Metric:
     defaults: Mapping[str, Any] = field(default_factory=dict)
 
 
-def _average(golds: np.ndarray, probs: np.ndarray, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Default ``average`` for precision/recall/f1: binary for two classes, else macro.
+def _skm() -> Any:
+    """``sklearn.metrics``, imported on first use (it costs about as much as torch)."""
+    from sklearn import metrics
 
-    Label matrices ``(N, L)`` (multilabel) default to ``micro``: pooled over elements, which is
-    what the same metric gives when ignored elements have been masked out (flattened).
+    return metrics
+
+
+def _averaged(
+    golds: np.ndarray,
+    probs: np.ndarray,
+    average: str | None,
+    pos_label: int | str,
+    labels: Sequence[Any] | None,
+    zero_division: float | str,
+) -> dict[str, Any]:
+    """Keyword arguments for precision/recall/f/fbeta; ``average=None`` picks the default.
+
+    Binary for two classes, else macro; label matrices ``(N, L)`` (multilabel) default to
+    ``micro``: pooled over elements, which is what the same metric gives when ignored elements
+    have been masked out (flattened).
     """
-    if "average" not in kwargs:
+    if average is None:
         if golds.ndim == 2:
-            kwargs = {**kwargs, "average": "micro"}
+            average = "micro"
         else:
-            binary = probs.ndim == 1 or probs.shape[1] <= 2
-            kwargs = {**kwargs, "average": "binary" if binary else "macro"}
-    if kwargs["average"] != "binary":
-        kwargs.pop("pos_label", None)
-    kwargs.setdefault("zero_division", 0.0)
+            average = "binary" if probs.ndim == 1 or probs.shape[1] <= 2 else "macro"
+    kwargs: dict[str, Any] = {"average": average, "labels": labels, "zero_division": zero_division}
+    if average == "binary":
+        kwargs["pos_label"] = pos_label
     return kwargs
 
 
-def _accuracy(golds: np.ndarray, preds: np.ndarray, probs: np.ndarray, **kw: Any) -> float:
+def _accuracy(
+    golds: np.ndarray, preds: np.ndarray, probs: np.ndarray, normalize: bool = True
+) -> float:
     """Fraction correct; for label matrices ``(N, L)`` the fraction of correct *elements*
     (Hamming accuracy), so masking single elements does not change what is measured."""
     if golds.ndim == 2 and preds.shape == golds.shape:
-        return float(skm.accuracy_score(golds.reshape(-1), preds.reshape(-1), **kw))
-    return float(skm.accuracy_score(golds, preds, **kw))
+        golds, preds = golds.reshape(-1), preds.reshape(-1)
+    return float(_skm().accuracy_score(golds, preds, normalize=normalize))
 
 
-def _precision(golds: np.ndarray, preds: np.ndarray, probs: np.ndarray, **kw: Any) -> float:
-    return float(skm.precision_score(golds, preds, **_average(golds, probs, kw)))
+def _precision(
+    golds: np.ndarray,
+    preds: np.ndarray,
+    probs: np.ndarray,
+    average: str | None = None,
+    pos_label: int | str = 1,
+    labels: Sequence[Any] | None = None,
+    zero_division: float | str = 0.0,
+) -> float:
+    kw = _averaged(golds, probs, average, pos_label, labels, zero_division)
+    return float(_skm().precision_score(golds, preds, **kw))
 
 
-def _recall(golds: np.ndarray, preds: np.ndarray, probs: np.ndarray, **kw: Any) -> float:
-    return float(skm.recall_score(golds, preds, **_average(golds, probs, kw)))
+def _recall(
+    golds: np.ndarray,
+    preds: np.ndarray,
+    probs: np.ndarray,
+    average: str | None = None,
+    pos_label: int | str = 1,
+    labels: Sequence[Any] | None = None,
+    zero_division: float | str = 0.0,
+) -> float:
+    kw = _averaged(golds, probs, average, pos_label, labels, zero_division)
+    return float(_skm().recall_score(golds, preds, **kw))
 
 
-def _f1(golds: np.ndarray, preds: np.ndarray, probs: np.ndarray, **kw: Any) -> float:
-    return float(skm.f1_score(golds, preds, **_average(golds, probs, kw)))
+def _f1(
+    golds: np.ndarray,
+    preds: np.ndarray,
+    probs: np.ndarray,
+    average: str | None = None,
+    pos_label: int | str = 1,
+    labels: Sequence[Any] | None = None,
+    zero_division: float | str = 0.0,
+) -> float:
+    kw = _averaged(golds, probs, average, pos_label, labels, zero_division)
+    return float(_skm().f1_score(golds, preds, **kw))
 
 
-def _fbeta(golds: np.ndarray, preds: np.ndarray, probs: np.ndarray, **kw: Any) -> float:
-    return float(skm.fbeta_score(golds, preds, **_average(golds, probs, kw)))
+def _fbeta(
+    golds: np.ndarray,
+    preds: np.ndarray,
+    probs: np.ndarray,
+    beta: float = 1.0,
+    average: str | None = None,
+    pos_label: int | str = 1,
+    labels: Sequence[Any] | None = None,
+    zero_division: float | str = 0.0,
+) -> float:
+    kw = _averaged(golds, probs, average, pos_label, labels, zero_division)
+    return float(_skm().fbeta_score(golds, preds, beta=beta, **kw))
 
 
-def _mcc(golds: np.ndarray, preds: np.ndarray, probs: np.ndarray, **kw: Any) -> float:
-    return float(skm.matthews_corrcoef(golds, preds, **kw))
+def _mcc(golds: np.ndarray, preds: np.ndarray, probs: np.ndarray) -> float:
+    return float(_skm().matthews_corrcoef(golds, preds))
 
 
-def _roc_auc(golds: np.ndarray, preds: np.ndarray, probs: np.ndarray, **kw: Any) -> float:
+def _roc_auc(
+    golds: np.ndarray,
+    preds: np.ndarray,
+    probs: np.ndarray,
+    average: str | None = "macro",
+    multi_class: str = "ovr",
+    max_fpr: float | None = None,
+    labels: Sequence[Any] | None = None,
+) -> float:
     if len(np.unique(golds)) < 2:
         logger.warning("roc_auc is undefined when the golds hold one class only; reporting nan")
         return math.nan
+    kw: dict[str, Any] = {"average": average, "max_fpr": max_fpr, "labels": labels}
     scores = probs
     if probs.ndim == 2 and probs.shape[1] == 2:
         scores = probs[:, 1]
     elif probs.ndim == 2:
-        kw = {"multi_class": "ovr", **kw}
-    return float(skm.roc_auc_score(golds, scores, **kw))
+        kw["multi_class"] = multi_class
+    return float(_skm().roc_auc_score(golds, scores, **kw))
 
 
 def _flat(golds: np.ndarray, preds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return golds.reshape(len(golds), -1).astype(float), preds.reshape(len(preds), -1).astype(float)
 
 
-def _mse(golds: np.ndarray, preds: np.ndarray, probs: np.ndarray, **kw: Any) -> float:
-    return float(skm.mean_squared_error(*_flat(golds, preds), **kw))
+def _mse(
+    golds: np.ndarray, preds: np.ndarray, probs: np.ndarray, multioutput: str = "uniform_average"
+) -> float:
+    return float(_skm().mean_squared_error(*_flat(golds, preds), multioutput=multioutput))
 
 
-def _mae(golds: np.ndarray, preds: np.ndarray, probs: np.ndarray, **kw: Any) -> float:
-    return float(skm.mean_absolute_error(*_flat(golds, preds), **kw))
+def _mae(
+    golds: np.ndarray, preds: np.ndarray, probs: np.ndarray, multioutput: str = "uniform_average"
+) -> float:
+    return float(_skm().mean_absolute_error(*_flat(golds, preds), multioutput=multioutput))
 
 
-def _r2(golds: np.ndarray, preds: np.ndarray, probs: np.ndarray, **kw: Any) -> float:
+def _r2(
+    golds: np.ndarray,
+    preds: np.ndarray,
+    probs: np.ndarray,
+    multioutput: str = "uniform_average",
+    force_finite: bool = True,
+) -> float:
     if len(golds) < 2:
         return math.nan
-    return float(skm.r2_score(*_flat(golds, preds), **kw))
+    g, p = _flat(golds, preds)
+    return float(_skm().r2_score(g, p, multioutput=multioutput, force_finite=force_finite))
 
 
 def _correlation(kind: str) -> MetricFunc:
-    def corr(golds: np.ndarray, preds: np.ndarray, probs: np.ndarray, **kw: Any) -> float:
+    def corr(
+        golds: np.ndarray, preds: np.ndarray, probs: np.ndarray, alternative: str = "two-sided"
+    ) -> float:
+        from scipy import stats  # imported on first use (slow)
+
         g, p = (a.reshape(-1).astype(float) for a in (golds, preds))
         if len(g) < 2 or np.ptp(g) == 0 or np.ptp(p) == 0:
             return math.nan  # undefined for constant input
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", stats.ConstantInputWarning)
             fn = stats.pearsonr if kind == "pearson" else stats.spearmanr
-            return float(fn(g, p, **kw)[0])
+            return float(fn(g, p, alternative=alternative)[0])
 
+    corr.__name__ = corr.__qualname__ = f"_{kind}"
     return corr
 
 
-_REGISTRY: dict[str, Metric] = {}
+# ---------------------------------------------------------------- the registry
 
 
-def register_metric(name: str, func: MetricFunc, higher_is_better: bool, **defaults: Any) -> Metric:
+def _scored(func: Callable[..., Any]) -> tuple[str, ...]:
+    """Names of the first three positional parameters: ``golds``, ``preds``, ``probs``."""
+    try:
+        params = list(inspect.signature(func).parameters.values())
+    except (TypeError, ValueError):
+        return ()
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return tuple(p.name for p in params[:3] if p.kind in positional)
+
+
+def _metric_problems(name: str, metric: Metric) -> list[str]:
+    if not isinstance(metric, Metric):
+        return [f"metric '{name}' must be a Metric, got {type(metric).__name__}"]
+    if not callable(metric.func):
+        return [f"metric '{name}': {metric.func!r} is not callable"]
+    problems = signature_problems(
+        metric.func, metric.defaults, f"metric '{name}'", _scored(metric.func), partial=True
+    )
+    return [f"{p} (in its defaults)" for p in problems]
+
+
+METRICS: Registry[Metric] = Registry("metric", check=_metric_problems)
+"""Metrics by name; :func:`register_metric` adds one, ``METRICS.unregister(name)`` removes it."""
+
+
+def register_metric(
+    name: str,
+    func: MetricFunc,
+    higher_is_better: bool,
+    *,
+    override: bool = False,
+    **defaults: Any,
+) -> Metric:
     """Register a metric under ``name`` so scorers and configs can refer to it.
 
+    Registering the same function with the same direction and defaults again is a no-op (a
+    re-run notebook cell is fine); anything else under a taken name needs ``override=True``.
+
     Args:
-        name: Registry name (no ``/``). Registering an existing name is an error.
-        func: ``func(golds, preds, probs, **kwargs) -> float``.
+        name: Registry name (no ``/``).
+        func: ``func(golds, preds, probs, **kwargs) -> float``. Its keyword parameters are the
+            arguments a metric spec may give (checked when a :class:`Scorer` is built).
         higher_is_better: Direction used by best-checkpoint selection and balancers.
+        override: Replace a different metric registered under ``name``.
         **defaults: Default keyword arguments for ``func``.
 
     Returns:
         The registered :class:`Metric`.
 
+    Raises:
+        ConfigError: A malformed or taken name, or defaults that ``func`` does not accept.
+
     Example:
         >>> import numpy as np
-        >>> from mtlgraph.metrics import register_metric, get_metric
-        >>> m = register_metric("max_error_doc", lambda g, p, pr: float(np.abs(g - p).max()), False)
+        >>> from mtlgraph.metrics import METRICS, get_metric, register_metric
+        >>> def max_error(golds, preds, probs):
+        ...     return float(np.abs(golds - preds).max())
+        >>> m = register_metric("max_error_doc", max_error, higher_is_better=False)
         >>> get_metric("max_error_doc").higher_is_better
         False
+        >>> METRICS.unregister("max_error_doc") is m
+        True
     """
-    if SEP in name or not name:
-        raise ConfigError([f"metric name {name!r} must be non-empty and contain no '/'"])
-    if name in _REGISTRY:
-        raise ConfigError([f"metric '{name}' is already registered; pick another name"])
-    metric = Metric(name, func, higher_is_better, dict(defaults))
-    _REGISTRY[name] = metric
-    return metric
+    metric = Metric(name, func, bool(higher_is_better), dict(defaults))
+    if name in METRICS and METRICS.get(name) == metric:
+        return METRICS.get(name)  # the same metric again: a no-op
+    return METRICS.register(name, metric, override=override)
 
 
 def get_metric(name: str) -> Metric:
     """Return the registered metric ``name``; unknown names raise with a suggestion."""
-    if name not in _REGISTRY:
-        raise ConfigError(
-            [f"unknown metric '{name}'{did_you_mean(name, _REGISTRY)}; known: {quoted(_REGISTRY)}"]
-        )
-    return _REGISTRY[name]
+    return METRICS.get(name)
 
 
 def metric_names() -> list[str]:
     """Names of all registered metrics, sorted."""
-    return sorted(_REGISTRY)
+    return METRICS.names()
 
 
-for _name, _func, _hib, _defaults in [
-    ("accuracy", _accuracy, True, {}),
-    ("precision", _precision, True, {}),
-    ("recall", _recall, True, {}),
-    ("f1", _f1, True, {}),
-    ("fbeta", _fbeta, True, {"beta": 1.0}),
-    ("matthews_corrcoef", _mcc, True, {}),
-    ("roc_auc", _roc_auc, True, {}),
-    ("mse", _mse, False, {}),
-    ("mae", _mae, False, {}),
-    ("r2", _r2, True, {}),
-    ("pearson", _correlation("pearson"), True, {}),
-    ("spearman", _correlation("spearman"), True, {}),
-]:
-    register_metric(_name, _func, _hib, **_defaults)
+_BUILT_IN: list[tuple[str, MetricFunc, bool]] = [
+    ("accuracy", _accuracy, True),
+    ("precision", _precision, True),
+    ("recall", _recall, True),
+    ("f1", _f1, True),
+    ("fbeta", _fbeta, True),
+    ("matthews_corrcoef", _mcc, True),
+    ("roc_auc", _roc_auc, True),
+    ("mse", _mse, False),
+    ("mae", _mae, False),
+    ("r2", _r2, True),
+    ("pearson", _correlation("pearson"), True),
+    ("spearman", _correlation("spearman"), True),
+]
+for _name, _func, _hib in _BUILT_IN:
+    register_metric(_name, _func, _hib)
 
 
 MetricSpec = str | Mapping[str, Any]
@@ -210,9 +374,47 @@ class _Bound:
     higher_is_better: bool
 
 
-def _check_part(value: object, what: str, problems: list[str]) -> None:
+def metric_spec_problems(spec: object) -> list[str]:
+    """Every problem with one metric spec: its name, its key, and its keyword arguments.
+
+    Config validation calls this so that a misspelled argument is reported with the config's
+    other problems, before anything is built.
+
+    Example:
+        >>> metric_spec_problems({"name": "fbeta", "betta": 2})  # doctest: +ELLIPSIS
+        ["metric 'fbeta' takes no argument 'betta' (did you mean 'beta'?); its arguments: ..."]
+    """
+    problems: list[str] = []
+    _bind(spec, problems)
+    return problems
+
+
+def _bind(spec: object, problems: list[str]) -> _Bound | None:
+    """The metric a spec names, with its arguments; problems are appended (``None`` if any)."""
+    if isinstance(spec, str):
+        name, key, kwargs = spec, spec, {}
+    elif isinstance(spec, Mapping) and isinstance(spec.get("name"), str):
+        kwargs = {k: v for k, v in spec.items() if k not in ("name", "key")}
+        name = spec["name"]
+        key = spec.get("key", name)
+    else:
+        problems.append(f"metric spec {spec!r} must be a name or a mapping with 'name'")
+        return None
+    if name not in METRICS:
+        problems.append(METRICS.unknown(name))
+        return None
+    m = METRICS.get(name)
+    kwargs = {**m.defaults, **kwargs}
+    found = signature_problems(m.func, kwargs, f"metric '{name}'", _scored(m.func))
+    found += _part_problems(key, "metric key")
+    problems += found
+    return None if found else _Bound(key, m.func, kwargs, m.higher_is_better)
+
+
+def _part_problems(value: object, what: str) -> list[str]:
     if not isinstance(value, str) or not value or SEP in value:
-        problems.append(f"{what} {value!r} must be a non-empty string without '/'")
+        return [f"{what} {value!r} must be a non-empty string without '/'"]
+    return []
 
 
 class Scorer:
@@ -250,26 +452,11 @@ class Scorer:
         if isinstance(metrics, str):
             metrics = [metrics]
         for spec in metrics:
-            if isinstance(spec, str):
-                name, key, kwargs = spec, spec, {}
-            elif isinstance(spec, Mapping) and isinstance(spec.get("name"), str):
-                kwargs = {k: v for k, v in spec.items() if k not in ("name", "key")}
-                name = spec["name"]
-                key = spec.get("key", name)
-            else:
-                problems.append(f"metric spec {spec!r} must be a name or a mapping with 'name'")
-                continue
-            if name not in _REGISTRY:
-                problems.append(
-                    f"unknown metric '{name}'{did_you_mean(name, _REGISTRY)}; "
-                    f"known: {quoted(_REGISTRY)}"
-                )
-                continue
-            _check_part(key, "metric key", problems)
-            m = _REGISTRY[name]
-            bound.append(_Bound(key, m.func, {**m.defaults, **kwargs}, m.higher_is_better))
+            b = _bind(spec, problems)
+            if b is not None:
+                bound.append(b)
         for key, func in (custom_metric_funcs or {}).items():
-            _check_part(key, "custom metric key", problems)
+            problems += _part_problems(key, "custom metric key")
             if not callable(func):
                 problems.append(f"custom metric '{key}' is not callable")
                 continue
@@ -294,7 +481,9 @@ class Scorer:
         for b in self._bound:
             if b.key == key:
                 return b.higher_is_better
-        raise KeyError(f"scorer has no metric '{key}'{did_you_mean(key, self.metric_keys)}")
+        raise UnknownNameError(
+            [f"scorer has no metric '{key}'{did_you_mean(key, self.metric_keys)}"]
+        )
 
     def score(
         self,
@@ -334,12 +523,7 @@ class Scorer:
 def _mask(
     golds: np.ndarray, preds: np.ndarray, probs: np.ndarray, ignore: float | int | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    if ignore is None:
-        return golds, preds, probs
-    if isinstance(ignore, float) and math.isnan(ignore):
-        active = ~np.isnan(golds.astype(float))
-    else:
-        active = golds != ignore
+    active = np.asarray(active_mask(golds, ignore), dtype=bool)
     if active.all():
         return golds, preds, probs
     if golds.ndim == 1:
@@ -362,5 +546,5 @@ def split_key(key: str) -> tuple[str, str, str, str]:
     """
     parts = key.split(SEP, 3)
     if len(parts) != 4:
-        raise ValueError(f"{key!r} is not a task/dataset/split/metric key")
+        raise ConfigError([f"{key!r} is not a task/dataset/split/metric key"])
     return parts[0], parts[1], parts[2], parts[3]

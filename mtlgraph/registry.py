@@ -4,7 +4,8 @@ Module types, losses, metrics, batch schedulers, balancers, optimizers, LR sched
 synthetic-data generators are all looked up by name in a :class:`Registry`. Every registry behaves
 the same way:
 
-- ``get`` of an unknown name raises :class:`~mtlgraph.ConfigError` with a did-you-mean;
+- ``get`` of an unknown name raises :class:`~mtlgraph.exceptions.UnknownNameError` (a
+  :class:`~mtlgraph.ConfigError` and a ``KeyError``) with a did-you-mean;
 - registering the *same* object under a name again is a no-op (a re-run notebook cell is fine);
   registering *another* object under a taken name needs ``override=True``;
 - ``unregister`` removes a name (tests and doctests leave no registrations behind);
@@ -19,7 +20,7 @@ from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any, Generic, TypeVar, overload
 
 from mtlgraph._suggest import did_you_mean, quoted
-from mtlgraph.exceptions import ConfigError
+from mtlgraph.exceptions import ConfigError, UnknownNameError
 
 T = TypeVar("T")
 
@@ -42,9 +43,20 @@ class Registry(Generic[T]):
         >>> colours.get("bleu")
         Traceback (most recent call last):
         ...
-        mtlgraph.exceptions.ConfigError: unknown colour 'bleu' (did you mean 'blue'?); known: ...
-        >>> colours.unregister("blue")
-        2
+        mtlgraph.exceptions.UnknownNameError: unknown colour 'bleu' (did you mean 'blue'?); ...
+        >>> colours.register("blue", 3)
+        Traceback (most recent call last):
+        ...
+        mtlgraph.exceptions.ConfigError: colour 'blue' is already registered (as 2); pass ...
+        >>> colours.register("blue", 3, override=True)
+        3
+        >>> @colours.register("green")  # the decorator form, for functions and classes
+        ... def green() -> int:
+        ...     return 4
+        >>> colours.names()
+        ['blue', 'green', 'red']
+        >>> colours.unregister("blue"), colours.unregister("green")() # leave none behind
+        (3, 4)
         >>> colours.names()
         ['red']
     """
@@ -108,8 +120,8 @@ class Registry(Generic[T]):
         """The object registered as ``name``; an unknown name raises with a suggestion."""
         try:
             return self._entries[name]
-        except (KeyError, TypeError):
-            raise ConfigError([self.unknown(name)]) from None
+        except (KeyError, TypeError):  # TypeError: an unhashable name
+            raise UnknownNameError([self.unknown(name)]) from None
 
     def unknown(self, name: object) -> str:
         """The message for an unknown ``name``: the suggestion and the known names."""
@@ -159,13 +171,22 @@ def signature_problems(
     kwargs: Mapping[str, Any],
     what: str,
     supplied: Collection[str] = (),
+    partial: bool = False,
 ) -> list[str]:
     """Unknown, reserved or missing keyword arguments of ``factory`` (a class or a function).
+
+    Args:
+        factory: The class or function the arguments are for.
+        kwargs: The keyword arguments a user gave.
+        what: Names the component in messages (``"metric 'fbeta'"``).
+        supplied: Parameters mtlgraph passes itself; giving one is a problem.
+        partial: ``kwargs`` are only some of the arguments (defaults): missing required
+            ones are not reported.
 
     Example:
         >>> def fbeta(golds, preds, beta=1.0): ...
         >>> signature_problems(fbeta, {"betta": 2}, "metric 'fbeta'", supplied=("golds", "preds"))
-        ["metric 'fbeta' has no argument 'betta' (did you mean 'beta'?); its arguments: 'beta'"]
+        ["metric 'fbeta' takes no argument 'betta' (did you mean 'beta'?); its arguments: 'beta'"]
     """
     params = accepted_parameters(factory)
     if params is None:  # **kwargs or no inspectable signature: anything goes
@@ -178,10 +199,10 @@ def signature_problems(
         elif key not in own:
             known = quoted(own) if own else "none"
             problems.append(
-                f"{what} has no argument '{key}'{did_you_mean(key, own)}; its arguments: {known}"
+                f"{what} takes no argument '{key}'{did_you_mean(key, own)}; its arguments: {known}"
             )
     for n, p in own.items():
-        if p.default is inspect.Parameter.empty and n not in kwargs:
+        if not partial and p.default is inspect.Parameter.empty and n not in kwargs:
             problems.append(f"{what} needs the argument '{n}'")
     return problems
 

@@ -6,13 +6,23 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 from sklearn import metrics as skm
 
-from mtlgraph import ConfigError, Scorer
-from mtlgraph.metrics import get_metric, make_key, metric_names, split_key
+from mtlgraph import ConfigError, MtlGraphError, Scorer, register_metric
+from mtlgraph.metrics import (
+    METRICS,
+    active_mask,
+    active_rows,
+    get_metric,
+    make_key,
+    metric_names,
+    metric_spec_problems,
+    split_key,
+)
 
 rng = np.random.default_rng(0)
 GOLDS = rng.integers(0, 2, 50)
@@ -142,3 +152,72 @@ def test_masked_accuracy_property(pairs: list[tuple[int, int]]) -> None:
         assert got == skm.accuracy_score(golds[keep], preds[keep])
     else:
         assert math.isnan(got)
+
+
+def test_metric_kwargs_are_checked_when_the_scorer_is_built() -> None:
+    with pytest.raises(
+        ConfigError, match=r"metric 'fbeta' takes no argument 'betta' \(did you mean 'beta'\?\)"
+    ) as info:
+        Scorer([{"name": "fbeta", "betta": 2}])
+    assert isinstance(info.value, MtlGraphError)
+    with pytest.raises(ConfigError, match=r"metric 'accuracy' takes no argument 'average'"):
+        Scorer([{"name": "accuracy", "average": "macro"}])
+    with pytest.raises(ConfigError, match=r"metric 'f1': 'golds' is set by mtlgraph"):
+        Scorer([{"name": "f1", "golds": [1]}])
+    assert metric_spec_problems({"name": "fbeta", "beta": 2, "key": "f2"}) == []
+    assert metric_spec_problems({"name": "f1", "averag": "micro"}) == [
+        "metric 'f1' takes no argument 'averag' (did you mean 'average'?); its arguments: "
+        "'average', 'labels', 'pos_label', 'zero_division'"
+    ]
+    assert metric_spec_problems("acuracy")[0].startswith(
+        "unknown metric 'acuracy' (did you mean 'accuracy'?)"
+    )
+
+
+def test_custom_metric_arguments_are_checked_against_its_own_signature() -> None:
+    def within(g: np.ndarray, p: np.ndarray, pr: np.ndarray, tol: float) -> float:
+        return float((np.abs(g - p) <= tol).mean())
+
+    register_metric("within_for_test_metrics", within, higher_is_better=True)
+    try:
+        assert register_metric("within_for_test_metrics", within, True).func is within  # no-op
+        with pytest.raises(ConfigError, match="needs the argument 'tol'"):
+            Scorer(["within_for_test_metrics"])
+        with pytest.raises(ConfigError, match=r"takes no argument 'tl' \(did you mean 'tol'\?\)"):
+            Scorer([{"name": "within_for_test_metrics", "tl": 1}])
+        s = Scorer([{"name": "within_for_test_metrics", "tol": 1.0}])
+        assert s.score(np.array([0.0, 5.0]), np.array([0.5, 0.0]), np.zeros(2)) == {
+            "within_for_test_metrics": 0.5
+        }
+        with pytest.raises(ConfigError, match="already registered"):
+            register_metric("within_for_test_metrics", within, higher_is_better=False)
+        register_metric("within_for_test_metrics", within, False, override=True)
+        assert not get_metric("within_for_test_metrics").higher_is_better
+    finally:
+        METRICS.unregister("within_for_test_metrics")
+    assert "within_for_test_metrics" not in metric_names()
+    with pytest.raises(ConfigError, match=r"takes no argument 'tl'.*\(in its defaults\)"):
+        register_metric("within_for_test_metrics", within, True, tl=1)
+    assert "within_for_test_metrics" not in metric_names()
+
+
+def test_one_ignore_mask_for_tensors_and_arrays() -> None:
+    labels = [[1.0, math.nan], [-1.0, 2.0]]
+    for ignore in (-1, math.nan, None):
+        t = active_mask(torch.tensor(labels), ignore)
+        a = active_mask(np.array(labels), ignore)
+        assert t.tolist() == a.tolist()
+        assert active_rows(torch.tensor(labels), ignore).tolist() == (
+            active_rows(np.array(labels), ignore).tolist()
+        )
+    assert active_mask(torch.tensor([1, -1]), math.nan).tolist() == [True, True]  # ints: no NaN
+    assert active_rows(np.array([[-1, -1], [0, -1]]), -1).tolist() == [False, True]
+
+
+def test_lookup_errors_are_mtlgraph_errors() -> None:
+    with pytest.raises(KeyError, match="scorer has no metric 'acc'") as info:
+        Scorer(["accuracy"]).higher_is_better("acc")
+    assert isinstance(info.value, MtlGraphError)
+    with pytest.raises(ValueError, match="is not a task/dataset/split/metric key") as bad:
+        split_key("a/b")
+    assert isinstance(bad.value, MtlGraphError)

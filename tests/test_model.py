@@ -336,3 +336,54 @@ def test_predict_named_tasks_on_unlabelled_data() -> None:
     assert set(res["golds"]) == {"a"} and set(res["probs"]) == {"a", "b"}
     with pytest.raises(GraphError, match="unknown task 'c'"):
         model.predict(labelled, task_names=["c"])
+
+
+class _Pair(nn.Module):
+    """Returns a named tuple holding a tensor and a dict of tensors (a structured output)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        from collections import namedtuple
+
+        Out = namedtuple("Out", ["logits", "extra"])
+        y = self.linear(x)
+        return Out(y, {"scaled": 2 * y})
+
+
+class _LossOnPair(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(2, 2)
+
+    def forward(self, pair: tuple[torch.Tensor, dict[str, torch.Tensor]]) -> torch.Tensor:
+        return self.linear(pair[0] + pair[1]["scaled"])
+
+
+def test_structured_outputs_are_masked_and_detached_with_their_structure() -> None:
+    seen: list[object] = []
+
+    def loss(out: object, y: torch.Tensor) -> torch.Tensor:
+        seen.append(out)
+        assert hasattr(out, "_fields")  # the named tuple survives row selection
+        return F.cross_entropy(out[0], y)  # type: ignore[index]
+
+    pair, head = _Pair(), _LossOnPair()
+    task = Task("t", {"pair": pair}, [Operation("pair", [("_input_", "x")])], loss_func=loss)
+    stop = Task(
+        "s",
+        {"pair": pair, "head": head},
+        [Operation("pair", [("_input_", "x")]), Operation("head", [detach("pair")])],
+    )
+    model = MultitaskClassifier([task, stop])
+    x = torch.randn(4, 2)
+    losses, counts = model.calculate_loss(
+        {"x": x}, {"t": torch.tensor([0, -1, 1, -1]), "s": torch.tensor([0, 1, 0, 1])}
+    )
+    assert counts == {"t": 2, "s": 4}
+    out = seen[0]
+    assert out[0].shape == (2, 2) and out[1]["scaled"].shape == (2, 2)  # type: ignore[index]
+    losses["s"].backward()  # through a detached input only: no gradient reaches the trunk
+    assert pair.linear.weight.grad is None and head.linear.weight.grad is not None

@@ -6,9 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from mtlgraph import ConfigError, TaskDefinitionError, register_loss, register_module
+from mtlgraph import ConfigError, register_loss, register_module
+from mtlgraph.exceptions import UnknownNameError
+from mtlgraph.graph.losses import LOSSES, regression_loss
 from mtlgraph.graph.modules import (
+    ACTIVATIONS,
     MLP,
+    MODULES,
     Activation,
     Concat,
     Conv2dStack,
@@ -62,19 +66,62 @@ def test_conv_stack_concat_sum_shapes() -> None:
     assert Sum()(torch.ones(2, 3), 2 * torch.ones(2, 3)).tolist() == [[3.0] * 3] * 2
 
 
-def test_register_module_rejects_duplicates_and_non_callables() -> None:
+def test_register_module_same_object_is_a_noop_another_needs_override() -> None:
     register_module("identity_for_test_modules", nn.Identity)
-    assert get_module_factory("identity_for_test_modules") is nn.Identity
-    with pytest.raises(ConfigError, match="already registered"):
-        register_module("identity_for_test_modules", nn.Identity)
+    try:
+        assert get_module_factory("identity_for_test_modules") is nn.Identity
+        register_module("identity_for_test_modules", nn.Identity)  # a re-run cell: fine
+        with pytest.raises(ConfigError, match="already registered.*override=True"):
+            register_module("identity_for_test_modules", nn.ReLU)
+        register_module("identity_for_test_modules", nn.ReLU, override=True)
+        assert MODULES.get("identity_for_test_modules") is nn.ReLU
+    finally:
+        MODULES.unregister("identity_for_test_modules")
+    assert "identity_for_test_modules" not in module_types()
+    assert get_module_factory("identity_for_test_modules") is None
     with pytest.raises(ConfigError, match="is not callable"):
         register_module("nothing_for_test_modules", 3)  # type: ignore[arg-type]
+    with pytest.raises(UnknownNameError, match="unknown module type 'mpl' \\(did you mean 'mlp'"):
+        MODULES.get("mpl")
+
+
+def test_activations_are_a_registry() -> None:
+    ACTIVATIONS.register("hardtanh_for_test_modules", nn.Hardtanh)
+    try:
+        assert type(Activation("hardtanh_for_test_modules").fn) is nn.Hardtanh
+        assert [type(m).__name__ for m in MLP(2, [3], activation="hardtanh_for_test_modules")] == [
+            "Linear",
+            "Hardtanh",
+        ]
+    finally:
+        ACTIVATIONS.unregister("hardtanh_for_test_modules")
+    with pytest.raises(ConfigError, match="unknown activation 'hardtanh_for_test_modules'"):
+        Activation("hardtanh_for_test_modules")
 
 
 def test_loss_registry() -> None:
     assert {"cross_entropy", "binary_cross_entropy", "mse", "l1", "smooth_l1"} <= set(loss_names())
-    register_loss("double_mse_for_test_modules", lambda o, t: 2 * torch.mean((o - t) ** 2))
-    loss = get_loss("double_mse_for_test_modules")
-    assert loss is not None and float(loss(torch.ones(2), torch.zeros(2))) == 2.0
-    with pytest.raises(TaskDefinitionError, match="already registered"):
+
+    def double_mse(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return 2 * torch.mean((o - t) ** 2)
+
+    register_loss("double_mse_for_test_modules", double_mse)
+    try:
+        loss = get_loss("double_mse_for_test_modules")
+        assert float(loss(torch.ones(2), torch.zeros(2))) == 2.0
+        assert register_loss("double_mse_for_test_modules", double_mse) is double_mse  # no-op
+    finally:
+        LOSSES.unregister("double_mse_for_test_modules")
+    with pytest.raises(ConfigError, match="loss 'mse' is already registered"):
         register_loss("mse", lambda o, t: o)
+    with pytest.raises(ConfigError, match="unknown loss 'msee' \\(did you mean 'mse'\\?\\)"):
+        get_loss("msee")
+    assert get_loss("mse") is regression_loss
+
+
+def test_loss_names_stay_importable_from_task() -> None:
+    import mtlgraph.graph.losses as losses
+    import mtlgraph.graph.task as task
+
+    for name in ("MaskedMultilabelLoss", "binary_loss", "get_loss", "loss_names", "register_loss"):
+        assert getattr(task, name) is getattr(losses, name)

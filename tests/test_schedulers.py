@@ -6,14 +6,16 @@ from collections import Counter
 
 import pytest
 
-from mtlgraph import BatchScheduler, ConfigError, register_scheduler
+from mtlgraph import BatchScheduler, ConfigError, DataError, MtlGraphError, register_scheduler
 from mtlgraph.data.schedulers import (
+    SCHEDULERS,
     MixedScheduler,
     RoundRobinScheduler,
     SequentialScheduler,
     ShuffledScheduler,
     make_scheduler,
     scheduler_names,
+    scheduler_problems,
 )
 
 
@@ -52,10 +54,15 @@ def test_custom_scheduler_one_method_and_registry() -> None:
             return [i for i in reversed(range(len(batch_counts))) for _ in range(batch_counts[i])]
 
     register_scheduler("reverse_test", Reverse)
-    assert "reverse_test" in scheduler_names()
-    assert make_scheduler("reverse_test", seed=0).epoch_plan([1, 2]) == [(1,), (1,), (0,)]
-    with pytest.raises(ConfigError, match="already registered"):
-        register_scheduler("reverse_test", Reverse)
+    try:
+        assert "reverse_test" in scheduler_names()
+        assert make_scheduler("reverse_test", seed=0).epoch_plan([1, 2]) == [(1,), (1,), (0,)]
+        register_scheduler("reverse_test", Reverse)  # the same class again: a no-op
+        with pytest.raises(ConfigError, match="already registered"):
+            register_scheduler("reverse_test", SequentialScheduler)
+    finally:
+        SCHEDULERS.unregister("reverse_test")
+    assert "reverse_test" not in scheduler_names()
     with pytest.raises(ConfigError, match="must be a BatchScheduler subclass"):
         register_scheduler("x", int)  # type: ignore[arg-type]
 
@@ -66,9 +73,38 @@ def test_make_scheduler_forms_and_errors() -> None:
     assert make_scheduler({"name": "shuffled", "seed": 7}, seed=0).seed == 7
     assert make_scheduler("shuffled", seed=11).seed == 11
     with pytest.raises(
-        ConfigError, match="unknown batch_scheduler 'shufled' \\(did you mean 'shuffled'\\?\\)"
+        ConfigError, match="unknown batch scheduler 'shufled' \\(did you mean 'shuffled'\\?\\)"
     ):
         make_scheduler("shufled", seed=0)
+
+
+def test_scheduler_kwargs_are_checked_before_it_is_built() -> None:
+    class Tempered(BatchScheduler):
+        def __init__(self, temperature: float, seed: int = 0) -> None:
+            super().__init__(seed)
+            self.temperature = temperature
+
+        def schedule(self, batch_counts):  # type: ignore[no-untyped-def]
+            return [0]
+
+    register_scheduler("tempered_test", Tempered)
+    try:
+        with pytest.raises(
+            ConfigError,
+            match="batch scheduler 'tempered_test' takes no argument 'tempreature' "
+            "\\(did you mean 'temperature'\\?\\)",
+        ) as info:
+            make_scheduler({"name": "tempered_test", "tempreature": 2}, seed=0)
+        assert isinstance(info.value, MtlGraphError)
+        assert "needs the argument 'temperature'" in str(info.value)
+        assert make_scheduler({"name": "tempered_test", "temperature": 2}, seed=3).seed == 3
+    finally:
+        SCHEDULERS.unregister("tempered_test")
+    assert scheduler_problems({"name": "mixed", "tempreature": 2}) == [
+        "batch scheduler 'mixed' takes no argument 'tempreature'; its arguments: 'seed'"
+    ]
+    assert scheduler_problems(MixedScheduler()) == []
+    assert scheduler_problems("mixed") == []
 
 
 def test_out_of_range_steps_are_rejected() -> None:
@@ -76,5 +112,5 @@ def test_out_of_range_steps_are_rejected() -> None:
         def schedule(self, batch_counts):  # type: ignore[no-untyped-def]
             return [5]
 
-    with pytest.raises(ValueError, match="loader indices must be in 0..1"):
+    with pytest.raises(DataError, match="loader indices must be in 0..1"):
         Bad().epoch_plan([1, 1])

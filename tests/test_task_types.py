@@ -13,6 +13,7 @@ from sklearn import metrics as skm
 from torch import nn
 
 from mtlgraph import (
+    DataError,
     DictDataLoader,
     DictDataset,
     MultitaskClassifier,
@@ -108,6 +109,7 @@ def test_binary_with_two_logits_is_a_clear_error() -> None:
     ) as info:
         model.calculate_loss({"x": X}, {"t": torch.tensor([0, 1, 1, 0, 1, 0])})
     assert any("task 't'" in note for note in info.value.__notes__)
+    assert isinstance(info.value, DataError)  # an MtlGraphError that is also a ValueError
 
 
 def test_multilabel_loss_masks_single_elements() -> None:

@@ -12,14 +12,18 @@ from conftest import make_loader, make_task
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from mtlgraph import ConfigError, MultitaskClassifier, Trainer
+from mtlgraph import ConfigError, MtlGraphError, MultitaskClassifier, Trainer
 from mtlgraph.training.writers import (
+    WRITERS,
     JsonlWriter,
     TensorBoardWriter,
     Writer,
+    WriterContext,
     flatten,
     hparam_values,
+    open_writers,
     safe_filename,
+    write_json,
 )
 
 
@@ -176,3 +180,49 @@ def test_a_new_run_in_a_used_directory_replaces_its_logs(tmp_path: Path) -> None
     acc = EventAccumulator(str(tmp_path))
     acc.Reload()
     assert [(e.step, e.value) for e in acc.Scalars("m/all/train/loss")] == [(1, 2.0), (2, 4.0)]
+
+
+def test_resume_drops_a_torn_last_line(tmp_path: Path) -> None:
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"step": 1.0}\n{"step": 2.0}\n{"step": 3')  # killed mid-write
+    JsonlWriter(path, resume_step=5).close()
+    assert path.read_text() == '{"step": 1.0}\n{"step": 2.0}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["m.jsonl"]  # no temporary file left
+
+
+def test_write_json_is_atomic_and_replaces(tmp_path: Path) -> None:
+    target = tmp_path / "sub" / "scores.json"
+    write_json(target, {"a": math.nan, "b": [1, 2]})
+    assert json.loads(target.read_text()) == {"a": None, "b": [1, 2]}
+
+    class Boom:
+        pass
+
+    with pytest.raises(TypeError):
+        write_json(target, {"a": Boom()})  # fails while writing: the old file stays whole
+    assert json.loads(target.read_text()) == {"a": None, "b": [1, 2]}
+    assert [p.name for p in target.parent.iterdir()] == ["scores.json"]
+
+
+def test_named_writers_are_a_registry_and_errors_are_mtlgraph_errors(tmp_path: Path) -> None:
+    records: list[Mapping[str, float]] = []
+
+    class Collect(Writer):
+        def write(self, record: Mapping[str, float]) -> None:
+            records.append(record)
+
+    def collect(ctx: WriterContext) -> Writer:
+        return Collect()
+
+    WRITERS.register("collect_for_test_writers", collect)
+    try:
+        (w,) = open_writers(["collect_for_test_writers"], WriterContext(tmp_path))
+        w.write({"step": 1.0})
+        assert records == [{"step": 1.0}]
+    finally:
+        WRITERS.unregister("collect_for_test_writers")
+    with pytest.raises(ConfigError, match="writer 'jsonl' needs a run directory") as info:
+        open_writers(["jsonl"], None)
+    assert isinstance(info.value, MtlGraphError)
+    with pytest.raises(ConfigError, match=r"unknown writer 'jsnl' \(did you mean 'jsonl'\?\)"):
+        open_writers(["jsnl"], WriterContext(tmp_path))

@@ -113,53 +113,8 @@ class DictDataset(Dataset[Batch]):
             if not isinstance(part, str) or not part or "/" in part:
                 problems.append(f"dataset {what} {part!r} must be a non-empty string without '/'")
         who = f"dataset '{name}' ({split})"
-        X: dict[str, Any] = {}
-        Y: dict[str, torch.Tensor] = {}
-        if not isinstance(X_dict, Mapping) or not X_dict:
-            problems.append(f"{who}: X_dict must be a non-empty mapping of field -> data")
-            X_dict = {}
-        if not isinstance(Y_dict, Mapping):
-            problems.append(f"{who}: Y_dict must be a mapping of task name -> labels")
-            Y_dict = {}
-        value: Any
-        for field, value in X_dict.items():
-            if not isinstance(field, str) or not field:
-                problems.append(f"{who}: X_dict key {field!r} must be a non-empty string")
-                continue
-            if isinstance(value, np.ndarray):
-                value = torch.as_tensor(value)
-            if isinstance(value, torch.Tensor):
-                if value.ndim == 0:
-                    problems.append(
-                        f"{who}: X_dict['{field}'] is a scalar; it needs a row per example"
-                    )
-                    continue
-            elif isinstance(value, (list, tuple)):
-                value = list(value)
-                if _is_sequence_list(value) and field + MASK_SUFFIX in X_dict:
-                    problems.append(
-                        f"{who}: field '{field}' is padded with a '{field}{MASK_SUFFIX}' field, "
-                        "which X_dict already holds; rename one"
-                    )
-            else:
-                problems.append(
-                    f"{who}: X_dict['{field}'] is a {type(value).__name__}; use a tensor, "
-                    "numpy array or list"
-                )
-                continue
-            X[field] = value
-        for task, labels in Y_dict.items():
-            if not isinstance(task, str) or not task or "/" in task:
-                problems.append(
-                    f"{who}: label name {task!r} must be a non-empty string without '/'"
-                )
-                continue
-            if isinstance(labels, (np.ndarray, list)):
-                labels = torch.as_tensor(np.asarray(labels))
-            if not isinstance(labels, torch.Tensor) or labels.ndim == 0:
-                problems.append(f"{who}: Y_dict['{task}'] must be a tensor with a row per example")
-                continue
-            Y[task] = labels
+        X = _checked_inputs(X_dict, who, problems)
+        Y = _checked_labels(Y_dict, who, problems)
         lengths = {f"X_dict['{k}']": len(v) for k, v in X.items()}
         lengths.update({f"Y_dict['{k}']": len(v) for k, v in Y.items()})
         if len(set(lengths.values())) > 1:
@@ -220,6 +175,59 @@ class DictDataset(Dataset[Batch]):
             f"DictDataset(name={self.name!r}, split={self.split!r}, n={len(self)}, "
             f"X={list(self.X_dict)}, Y={list(self.Y_dict)})"
         )
+
+
+def _checked_inputs(X_dict: object, who: str, problems: list[str]) -> dict[str, Any]:
+    """The input fields as tensors or lists; a problem per malformed field is appended."""
+    if not isinstance(X_dict, Mapping) or not X_dict:
+        problems.append(f"{who}: X_dict must be a non-empty mapping of field -> data")
+        return {}
+    X: dict[str, Any] = {}
+    value: Any
+    for field, value in X_dict.items():
+        if not isinstance(field, str) or not field:
+            problems.append(f"{who}: X_dict key {field!r} must be a non-empty string")
+            continue
+        if isinstance(value, np.ndarray):
+            value = torch.as_tensor(value)
+        if isinstance(value, torch.Tensor):
+            if value.ndim == 0:
+                problems.append(f"{who}: X_dict['{field}'] is a scalar; it needs a row per example")
+                continue
+        elif isinstance(value, (list, tuple)):
+            value = list(value)
+            if _is_sequence_list(value) and field + MASK_SUFFIX in X_dict:
+                problems.append(
+                    f"{who}: field '{field}' is padded with a '{field}{MASK_SUFFIX}' field, "
+                    "which X_dict already holds; rename one"
+                )
+        else:
+            problems.append(
+                f"{who}: X_dict['{field}'] is a {type(value).__name__}; use a tensor, "
+                "numpy array or list"
+            )
+            continue
+        X[field] = value
+    return X
+
+
+def _checked_labels(Y_dict: object, who: str, problems: list[str]) -> dict[str, torch.Tensor]:
+    """The label tensors by task; a problem per malformed entry is appended."""
+    if not isinstance(Y_dict, Mapping):
+        problems.append(f"{who}: Y_dict must be a mapping of task name -> labels")
+        return {}
+    Y: dict[str, torch.Tensor] = {}
+    for task, labels in Y_dict.items():
+        if not isinstance(task, str) or not task or "/" in task:
+            problems.append(f"{who}: label name {task!r} must be a non-empty string without '/'")
+            continue
+        if isinstance(labels, (np.ndarray, list)):
+            labels = torch.as_tensor(np.asarray(labels))
+        if not isinstance(labels, torch.Tensor) or labels.ndim == 0:
+            problems.append(f"{who}: Y_dict['{task}'] must be a tensor with a row per example")
+            continue
+        Y[task] = labels
+    return Y
 
 
 def _rows(index: slice | torch.Tensor | Sequence[int], n: int) -> list[int]:

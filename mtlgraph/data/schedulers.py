@@ -5,6 +5,10 @@ steps, each a tuple of loader indices whose next batch joins that step. Most sch
 batch in a step; ``mixed`` puts one batch of every loader in each step so gradient-based
 balancers see several tasks at once.
 
+Schedulers live in the registry :data:`SCHEDULERS`: :func:`register_scheduler` adds one,
+``SCHEDULERS.unregister(name)`` removes one. A spec's keyword arguments
+(``{"name": "mixed", ...}``) are checked against the class's ``__init__`` when it is built.
+
 Each scheduler owns a seeded ``numpy.random.Generator``; no global random state is used. Its
 state is part of a checkpoint, so an interrupted epoch resumes with the same order.
 """
@@ -17,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from mtlgraph._suggest import did_you_mean, quoted
-from mtlgraph.exceptions import ConfigError
+from mtlgraph.exceptions import ConfigError, DataError
+from mtlgraph.registry import Registry
 
 Step = tuple[int, ...]
 
@@ -58,9 +62,11 @@ class BatchScheduler(ABC):
         for entry in self.schedule(batch_counts):
             step = (int(entry),) if isinstance(entry, (int, np.integer)) else tuple(map(int, entry))
             if not step or any(i < 0 or i >= n for i in step):
-                raise ValueError(
-                    f"{type(self).__name__}.schedule produced step {entry!r}; loader indices "
-                    f"must be in 0..{n - 1}"
+                raise DataError(
+                    [
+                        f"{type(self).__name__}.schedule produced step {entry!r}; loader "
+                        f"indices must be in 0..{n - 1}"
+                    ]
                 )
             plan.append(step)
         return plan
@@ -116,51 +122,99 @@ class MixedScheduler(BatchScheduler):
         return [every] * max(batch_counts, default=0)
 
 
-_REGISTRY: dict[str, type[BatchScheduler]] = {
-    "sequential": SequentialScheduler,
-    "shuffled": ShuffledScheduler,
-    "round_robin": RoundRobinScheduler,
-    "mixed": MixedScheduler,
-}
+def _scheduler_problems(name: str, cls: type[BatchScheduler]) -> list[str]:
+    if isinstance(cls, type) and issubclass(cls, BatchScheduler):
+        return []
+    return [f"batch scheduler '{name}' must be a BatchScheduler subclass, got {cls!r}"]
 
 
-def register_scheduler(name: str, cls: type[BatchScheduler]) -> None:
+SCHEDULERS: Registry[type[BatchScheduler]] = Registry(
+    "batch scheduler",
+    {
+        "sequential": SequentialScheduler,
+        "shuffled": ShuffledScheduler,
+        "round_robin": RoundRobinScheduler,
+        "mixed": MixedScheduler,
+    },
+    check=_scheduler_problems,
+)
+"""Batch schedulers by name: :func:`register_scheduler` adds one, ``SCHEDULERS.unregister``
+removes one."""
+
+SchedulerSpec = str | Mapping[str, Any] | BatchScheduler
+"""A scheduler name, ``{"name": ..., **kwargs}``, or an instance."""
+
+
+def register_scheduler(
+    name: str, cls: type[BatchScheduler], *, override: bool = False
+) -> type[BatchScheduler]:
     """Register a scheduler class under ``name`` (usable in Trainer configs and YAML).
 
+    Registering the same class again is a no-op; another class under a taken name needs
+    ``override=True``.
+
+    Raises:
+        ConfigError: The name is malformed or taken, or ``cls`` is no ``BatchScheduler``.
+
     Example:
-        >>> from mtlgraph.data.schedulers import register_scheduler, SequentialScheduler
+        >>> from mtlgraph.data.schedulers import (
+        ...     SCHEDULERS, SequentialScheduler, make_scheduler, register_scheduler)
         >>> class Reverse(SequentialScheduler):
         ...     def schedule(self, batch_counts):
         ...         return super().schedule(batch_counts)[::-1]
-        >>> register_scheduler("reverse_doc", Reverse)
+        >>> register_scheduler("reverse_doc", Reverse) is Reverse
+        True
+        >>> make_scheduler("reverse_doc", seed=0).epoch_plan([1, 2])
+        [(1,), (1,), (0,)]
+        >>> SCHEDULERS.unregister("reverse_doc") is Reverse
+        True
     """
-    if not (isinstance(cls, type) and issubclass(cls, BatchScheduler)):
-        raise ConfigError([f"scheduler '{name}' must be a BatchScheduler subclass"])
-    if name in _REGISTRY:
-        raise ConfigError([f"batch scheduler '{name}' is already registered"])
-    _REGISTRY[name] = cls
+    return SCHEDULERS.register(name, cls, override=override)
 
 
 def scheduler_names() -> list[str]:
     """Registered scheduler names."""
-    return sorted(_REGISTRY)
+    return SCHEDULERS.names()
 
 
-def make_scheduler(spec: str | Mapping[str, Any] | BatchScheduler, seed: int) -> BatchScheduler:
-    """Build a scheduler from a name, ``{"name": ..., **kwargs}``, or return an instance as is."""
+def _parse(spec: str | Mapping[str, Any]) -> tuple[object, dict[str, Any]]:
+    if isinstance(spec, str):
+        return spec, {}
+    kwargs = dict(spec)
+    return kwargs.pop("name", None), kwargs
+
+
+def scheduler_problems(spec: object) -> list[str]:
+    """Every problem with a scheduler spec: an unknown name, unknown or missing arguments.
+
+    An instance has none. ``seed`` may be given (it replaces the trainer's seed).
+
+    Example:
+        >>> scheduler_problems({"name": "mixed", "sed": 2})  # doctest: +ELLIPSIS
+        ["batch scheduler 'mixed' takes no argument 'sed' (did you mean 'seed'?); ..."]
+    """
+    if isinstance(spec, BatchScheduler):
+        return []
+    if not isinstance(spec, (str, Mapping)):
+        return [f"a batch scheduler is a name, a mapping with 'name' or an instance, not {spec!r}"]
+    name, kwargs = _parse(spec)
+    if not isinstance(name, str) or name not in SCHEDULERS:
+        return [SCHEDULERS.unknown(name)]
+    return SCHEDULERS.check_kwargs(name, {"seed": 0, **kwargs})
+
+
+def make_scheduler(spec: SchedulerSpec, seed: int) -> BatchScheduler:
+    """Build a scheduler from a name, ``{"name": ..., **kwargs}``, or return an instance as is.
+
+    Raises:
+        ConfigError: An unknown name, or arguments the scheduler does not take (checked
+            before it is built, with a suggestion).
+    """
     if isinstance(spec, BatchScheduler):
         return spec
-    if isinstance(spec, str):
-        name, kwargs = spec, {}
-    else:
-        kwargs = dict(spec)
-        name = kwargs.pop("name", None)
-    if name not in _REGISTRY:
-        raise ConfigError(
-            [
-                f"unknown batch_scheduler {name!r}{did_you_mean(str(name), _REGISTRY)}; "
-                f"known: {quoted(_REGISTRY)}"
-            ]
-        )
+    problems = scheduler_problems(spec)
+    if problems:
+        raise ConfigError(problems)
+    name, kwargs = _parse(spec)
     kwargs.setdefault("seed", seed)
-    return _REGISTRY[name](**kwargs)
+    return SCHEDULERS.get(str(name))(**kwargs)

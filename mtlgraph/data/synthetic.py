@@ -2,8 +2,9 @@
 
 Every generator takes a ``seed`` and uses its own ``numpy.random.Generator``. The tutorial's
 generators return the ``(train, valid, test)`` splits as ``(X, Y)`` numpy pairs, split 80/10/10 by
-default; the story generators return ``{split: {array name: array}}``. :data:`GENERATORS` names
-them all for configs (``generator: circle``), each returning ``{split: {array name: array}}``.
+default; the story generators return ``{split: {array name: array}}``. The registry
+:data:`GENERATORS` names them all for configs (``generator: circle``), each returning
+``{split: {array name: array}}``; ``GENERATORS.register(name, func)`` adds one.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+
+from mtlgraph.exceptions import ConfigError
+from mtlgraph.registry import Registry
 
 Split = tuple[np.ndarray, np.ndarray]
 Arr = np.ndarray
@@ -134,10 +138,13 @@ def make_reviews_dataset(
         >>> data["train"]["tokens"].shape, sorted(set(data["train"]["label"].tolist()))
         ((80, 24), [0, 1])
     """
+    problems = []
     if domain not in ("restaurants", "movies"):
-        raise ValueError(f"domain must be 'restaurants' or 'movies', got {domain!r}")
+        problems.append(f"domain must be 'restaurants' or 'movies', got {domain!r}")
     if vocab_size < 50:
-        raise ValueError(f"vocab_size must be at least 50, got {vocab_size}")
+        problems.append(f"vocab_size must be at least 50, got {vocab_size}")
+    if problems:
+        raise ConfigError(problems, header="make_reviews_dataset:" if len(problems) > 1 else None)
     rng = np.random.default_rng([seed, 5, 0 if domain == "restaurants" else 1])
     tenth = vocab_size // 10
     shared_pos = np.arange(1, 1 + tenth)
@@ -281,7 +288,7 @@ def make_digit_products(
     from sklearn.datasets import load_digits
 
     if not 0 <= part < parts:
-        raise ValueError(f"part must be in [0, parts), got part={part}, parts={parts}")
+        raise ConfigError([f"part must be in [0, parts), got part={part}, parts={parts}"])
     digits = load_digits()
     images = (digits.images.reshape(len(digits.images), 64) / 16.0).astype(np.float32)
     pattern = np.random.default_rng([9, 0]).normal(size=64)  # the price rule: fixed
@@ -362,14 +369,17 @@ def _sin_cos(*args: Any, **kwargs: Any) -> dict[str, dict[str, Arr]]:
     }
 
 
-GENERATORS: dict[str, Generator] = {
-    "circle": _pairs(make_circle_dataset),  # arrays x (N, 2), y (N,)
-    "square": _pairs(make_square_dataset),  # arrays x (N, 2), y (N,)
-    "inv_circle": _pairs(make_inv_circle_dataset),  # arrays x (N, 2), y (N,)
-    "sin_cos": _sin_cos,  # arrays x (N, 1), sin (N,), cos (N,)
-    "reviews": make_reviews_dataset,  # arrays tokens (N, L), label (N,)
-    "products": make_products_dataset,  # arrays image, text, color, pattern
-    "kpi": make_kpi_dataset,  # arrays x, click, dwell
-    "digit_products": make_digit_products,  # arrays image, text, digit, loop, price
-}
+GENERATORS: Registry[Generator] = Registry(
+    "generator",
+    {
+        "circle": _pairs(make_circle_dataset),  # arrays x (N, 2), y (N,)
+        "square": _pairs(make_square_dataset),  # arrays x (N, 2), y (N,)
+        "inv_circle": _pairs(make_inv_circle_dataset),  # arrays x (N, 2), y (N,)
+        "sin_cos": _sin_cos,  # arrays x (N, 1), sin (N,), cos (N,)
+        "reviews": make_reviews_dataset,  # arrays tokens (N, L), label (N,)
+        "products": make_products_dataset,  # arrays image, text, color, pattern
+        "kpi": make_kpi_dataset,  # arrays x, click, dwell
+        "digit_products": make_digit_products,  # arrays image, text, digit, loop, price
+    },
+)
 """Generators a config names with ``generator:``; each returns ``{split: {array: ndarray}}``."""

@@ -225,7 +225,7 @@ def _splits_of(
     """``{split: (table, origin, is_csv)}`` of one dataset; problems are appended."""
     key = f"data.datasets.{name}"
     if ds.generator is not None:
-        data = GENERATORS[ds.generator](**ds.args)
+        data = GENERATORS.get(ds.generator)(**ds.args)
         return {s: (t, f"generator '{ds.generator}'", False) for s, t in data.items()}
     assert ds.path is not None
     files = ds.path if isinstance(ds.path, dict) else {"": ds.path}

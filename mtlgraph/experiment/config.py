@@ -362,13 +362,10 @@ def _check_data(data: DataConfig, tasks: Mapping[str, TaskConfig]) -> list[str]:
                     f"{did_you_mean(label, tasks)}; tasks: {quoted(tasks)}"
                 )
         if ds.generator is not None:
-            gen = GENERATORS.get(ds.generator)
-            if gen is None:
-                problems.append(
-                    f"{path}.generator: unknown generator '{ds.generator}'"
-                    f"{did_you_mean(ds.generator, GENERATORS)}; known: {quoted(GENERATORS)}"
-                )
+            if ds.generator not in GENERATORS:
+                problems.append(f"{path}.generator: {GENERATORS.unknown(ds.generator)}")
             else:
+                gen = GENERATORS.get(ds.generator)
                 problems += check_kwargs(
                     f"generator '{ds.generator}'", gen, ds.args, f"{path}.args"
                 )

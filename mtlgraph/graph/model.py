@@ -20,12 +20,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from mtlgraph._io import atomic_torch_save, move_to_device
+from mtlgraph._io import atomic_torch_save, map_structure, tensor_leaves
 from mtlgraph._suggest import did_you_mean, quoted
 from mtlgraph.data.datasets import DictDataLoader
 from mtlgraph.exceptions import CheckpointError, DataError, GraphError
-from mtlgraph.graph.task import INPUT, Task, active_rows
-from mtlgraph.metrics import make_key
+from mtlgraph.graph import evaluation
+from mtlgraph.graph.evaluation import unknown_label_error, unknown_tasks_error
+from mtlgraph.graph.task import INPUT, Task
+from mtlgraph.metrics import active_rows
 
 logger = logging.getLogger(__name__)
 
@@ -254,13 +256,7 @@ class MultitaskClassifier(nn.Module):
     def _build_plan(self, task_names: tuple[str, ...]) -> ExecutionPlan:
         unknown = [t for t in task_names if t not in self._tasks]
         if unknown:
-            raise GraphError(
-                [
-                    f"unknown task '{t}'{did_you_mean(t, self._tasks)}; the model has "
-                    f"{quoted(self._tasks)}"
-                    for t in unknown
-                ]
-            )
+            raise unknown_tasks_error(unknown, self._tasks)
         node_ids = sorted({n for t in task_names for n in self._task_ops[t].values()})
         steps = tuple(
             (n, self.module_pool[self._nodes[n].module_name], self._nodes[n].srcs) for n in node_ids
@@ -273,6 +269,7 @@ class MultitaskClassifier(nn.Module):
         named: list[tuple[str, int]] = []
         for t in task_names:
             for op_name, n in self._task_ops[t].items():
+                # an output name (see forward), not a score key: score keys use make_key
                 key = op_name if len(by_name[op_name]) == 1 else f"{t}/{op_name}"
                 if (key, n) not in named:
                     named.append((key, n))
@@ -383,7 +380,7 @@ class MultitaskClassifier(nn.Module):
         for label, y in Y_dict.items():
             task = self._tasks.get(label)
             if task is None:
-                raise self._unknown_label(label)
+                raise unknown_label_error(label, self._tasks)
             mask = active_rows(y, task.ignore_value)
             if bool(mask.all()):
                 active.append((label, None, y))
@@ -411,48 +408,8 @@ class MultitaskClassifier(nn.Module):
             counts[task_name] = len(labels)
         return losses, counts
 
-    def _unknown_label(self, label: str) -> GraphError:
-        return GraphError(
-            [
-                f"label '{label}' names no task of the model{did_you_mean(label, self._tasks)}; "
-                f"the model has {quoted(self._tasks)}. Pass "
-                f"remap_labels={{'{label}': <task or None>}} to score it with another task's "
-                "head or to drop it"
-            ]
-        )
-
     # ------------------------------------------------------------------ evaluation
 
-    def _label_tasks(
-        self, labels: Iterable[str], remap_labels: Mapping[str, str | None]
-    ) -> list[tuple[str, str]]:
-        pairs: list[tuple[str, str]] = []
-        used: dict[str, str] = {}
-        for label in labels:
-            task_name = remap_labels.get(label, label) if label in remap_labels else label
-            if task_name is None:
-                continue
-            if task_name not in self._tasks:
-                if label in remap_labels:
-                    raise GraphError(
-                        [
-                            f"remap_labels maps '{label}' to unknown task '{task_name}'"
-                            f"{did_you_mean(task_name, self._tasks)}"
-                        ]
-                    )
-                raise self._unknown_label(label)
-            if task_name in used:
-                raise GraphError(
-                    [
-                        f"labels '{used[task_name]}' and '{label}' both map to task '{task_name}'; "
-                        "remap one of them to None"
-                    ]
-                )
-            used[task_name] = label
-            pairs.append((label, task_name))
-        return pairs
-
-    @torch.no_grad()
     def predict(
         self,
         dataloader: DictDataLoader | Iterable[tuple[Mapping[str, Any], Mapping[str, torch.Tensor]]],
@@ -488,62 +445,7 @@ class MultitaskClassifier(nn.Module):
             >>> model.predict(unlabelled, task_names=["t"])["probs"]["t"].shape
             (5, 3)
         """
-        remap = dict(remap_labels or {})
-        wanted: list[str] | None = None
-        if task_names is not None:
-            wanted = list(task_names)
-            unknown = [t for t in wanted if t not in self._tasks]
-            if unknown:
-                raise GraphError(
-                    [
-                        f"unknown task '{t}'{did_you_mean(t, self._tasks)}; the model has "
-                        f"{quoted(self._tasks)}"
-                        for t in unknown
-                    ]
-                )
-        device = self.device
-        was_training = self.training
-        self.eval()
-        golds: dict[str, list[torch.Tensor]] = {}
-        probs: dict[str, list[torch.Tensor]] = {}
-        try:
-            for X, Y in dataloader:
-                if wanted is None:
-                    pairs: list[tuple[str | None, str]] = list(self._label_tasks(Y.keys(), remap))
-                else:
-                    labelled = {
-                        task: label
-                        for label, task in self._label_tasks(
-                            [y for y in Y if remap.get(y, y) in wanted], remap
-                        )
-                    }
-                    pairs = [(labelled.get(t), t) for t in wanted]
-                if not pairs:
-                    continue
-                plan = self.plan(t for _, t in pairs)
-                cache = self.execute(plan, move_to_device(X, device))
-                for label, task_name in pairs:
-                    task = self._tasks[task_name]
-                    try:
-                        p = task.output_func(cache[plan.outputs[task_name]])
-                    except Exception as e:
-                        e.add_note(f"mtlgraph: raised by the output_func of task '{task_name}'")
-                        raise
-                    probs.setdefault(task_name, []).append(p.detach().float().cpu())
-                    if label is not None:
-                        golds.setdefault(task_name, []).append(Y[label].cpu())
-        finally:
-            self.train(was_training)
-        result: dict[str, dict[str, np.ndarray]] = {
-            "golds": {t: torch.cat(v).numpy() for t, v in golds.items()},
-            "probs": {t: torch.cat(v).numpy() for t, v in probs.items()},
-        }
-        if return_preds:
-            result["preds"] = {
-                t: self._tasks[t].predictions(torch.from_numpy(p)).numpy()
-                for t, p in result["probs"].items()
-            }
-        return result
+        return evaluation.predict(self, dataloader, return_preds, remap_labels, task_names)
 
     def score(
         self,
@@ -557,13 +459,7 @@ class MultitaskClassifier(nn.Module):
                 split of its keys.
             remap_labels: As in :meth:`predict` (cross-task evaluation).
         """
-        loaders = [dataloaders] if isinstance(dataloaders, DictDataLoader) else list(dataloaders)
-        scores: dict[str, float] = {}
-        for loader in loaders:
-            result = self.predict(loader, return_preds=True, remap_labels=remap_labels)
-            dataset = loader.dataset
-            self.score_predictions(result, dataset.name, dataset.split, into=scores)
-        return scores
+        return evaluation.score(self, dataloaders, remap_labels)
 
     def score_predictions(
         self,
@@ -577,23 +473,7 @@ class MultitaskClassifier(nn.Module):
         Returns ``into`` (or a new dict) with the ``task/dataset/split/metric`` keys added; a key
         that is already present is an error (two loaders with the same dataset and split).
         """
-        scores = {} if into is None else into
-        for task_name, golds in result["golds"].items():
-            task = self._tasks[task_name]
-            metric_values = task.scorer.score(
-                golds, result["preds"][task_name], result["probs"][task_name], task.ignore_value
-            )
-            for metric, value in metric_values.items():
-                key = make_key(task_name, dataset_name, split, metric)
-                if key in scores:
-                    raise GraphError(
-                        [
-                            f"two loaders produce the key '{key}'; give their datasets "
-                            "different names or splits"
-                        ]
-                    )
-                scores[key] = value
-        return scores
+        return evaluation.score_predictions(self._tasks, result, dataset_name, split, into)
 
     # ------------------------------------------------------------------ persistence
 
@@ -649,39 +529,19 @@ class MultitaskClassifier(nn.Module):
 
 
 def _detach(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach()
-    if isinstance(value, (list, tuple)):
-        return type(value)(_detach(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _detach(v) for k, v in value.items()}
-    return value
+    """Every tensor inside ``value`` detached (a stop-gradient edge)."""
+    return map_structure(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, value)
 
 
 def _zero_like_graph(out: Any) -> torch.Tensor:
     """``0 · Σ out``: a zero loss whose backward reaches every parameter ``out`` depends on."""
-    tensors = _tensors(out)
+    tensors = tensor_leaves(out)
     total = tensors[0].float().sum() * 0.0
     for t in tensors[1:]:
         total = total + t.float().sum() * 0.0
     return total
 
 
-def _tensors(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _tensors(v)]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors(v)]
-    return []
-
-
 def _index_rows(out: Any, rows: torch.Tensor) -> Any:
-    if isinstance(out, torch.Tensor):
-        return out[rows]
-    if isinstance(out, (list, tuple)):
-        return type(out)(_index_rows(v, rows) for v in out)
-    if isinstance(out, dict):
-        return {k: _index_rows(v, rows) for k, v in out.items()}
-    return out
+    """The ``rows`` of every tensor inside ``out``."""
+    return map_structure(lambda v: v[rows] if isinstance(v, torch.Tensor) else v, out)

@@ -8,8 +8,9 @@ A YAML config declares modules by registry name and keyword arguments::
 
 Built in: ``linear``, ``mlp``, ``embedding_bag`` (token ids -> one vector), ``conv2d_stack``
 (small images -> one vector), ``identity``, ``concat`` and ``sum`` (merge several inputs),
-``dropout`` and ``activation``. Python code adds its own with :func:`register_module`; a config
-reaches such code only through its top-level ``imports:`` list.
+``dropout`` and ``activation``. Python code adds its own with :func:`register_module` (and removes
+it with ``MODULES.unregister(name)``); a config reaches such code only through its top-level
+``imports:`` list. Activations by name are the registry :data:`ACTIVATIONS`.
 
 Only :mod:`mtlgraph.experiment.build` turns registry names into modules; config validation reads the
 registry to check names and arguments.
@@ -22,31 +23,27 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from mtlgraph._suggest import did_you_mean, quoted
-from mtlgraph.exceptions import ConfigError
+from mtlgraph.registry import Registry
 
 ModuleFactory = Callable[..., nn.Module]
 """A class or function that returns an ``nn.Module`` from keyword arguments."""
 
-ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
-    "relu": nn.ReLU,
-    "gelu": nn.GELU,
-    "tanh": nn.Tanh,
-    "sigmoid": nn.Sigmoid,
-    "silu": nn.SiLU,
-    "leaky_relu": nn.LeakyReLU,
-}
+ACTIVATIONS: Registry[Callable[[], nn.Module]] = Registry(
+    "activation",
+    {
+        "relu": nn.ReLU,
+        "gelu": nn.GELU,
+        "tanh": nn.Tanh,
+        "sigmoid": nn.Sigmoid,
+        "silu": nn.SiLU,
+        "leaky_relu": nn.LeakyReLU,
+    },
+)
+"""Activations by name (``activation: gelu``); each entry builds a fresh module."""
 
 
 def _activation(name: str) -> nn.Module:
-    if name not in ACTIVATIONS:
-        raise ConfigError(
-            [
-                f"unknown activation {name!r}{did_you_mean(name, ACTIVATIONS)}; known: "
-                f"{quoted(ACTIVATIONS)}"
-            ]
-        )
-    return ACTIVATIONS[name]()
+    return ACTIVATIONS.get(name)()
 
 
 class MLP(nn.Sequential):
@@ -232,57 +229,75 @@ def _identity() -> nn.Module:
     return nn.Identity()
 
 
-_REGISTRY: dict[str, ModuleFactory] = {
-    "linear": _linear,
-    "mlp": MLP,
-    "embedding_bag": EmbeddingBag,
-    "conv2d_stack": Conv2dStack,
-    "identity": _identity,
-    "concat": Concat,
-    "sum": Sum,
-    "dropout": _dropout,
-    "activation": Activation,
-}
+def _factory_problems(name: str, factory: ModuleFactory) -> list[str]:
+    return [] if callable(factory) else [f"module type '{name}': {factory!r} is not callable"]
 
 
-def register_module(name: str, factory: ModuleFactory) -> None:
+MODULES: Registry[ModuleFactory] = Registry(
+    "module type",
+    {
+        "linear": _linear,
+        "mlp": MLP,
+        "embedding_bag": EmbeddingBag,
+        "conv2d_stack": Conv2dStack,
+        "identity": _identity,
+        "concat": Concat,
+        "sum": Sum,
+        "dropout": _dropout,
+        "activation": Activation,
+    },
+    check=_factory_problems,
+)
+"""Module types by name: :func:`register_module` adds one, ``MODULES.unregister`` removes one."""
+
+
+def register_module(name: str, factory: ModuleFactory, *, override: bool = False) -> ModuleFactory:
     """Register a module class or factory under ``name`` so configs can declare it.
 
     The factory's keyword arguments become the YAML keys next to ``type:``; their annotations
-    (when present) are checked like every other config value.
+    (when present) are checked like every other config value. Registering the same factory
+    again is a no-op; another factory under a taken name needs ``override=True``.
 
     Args:
-        name: Registry name (used as ``type: <name>`` in a config).
+        name: Registry name (used as ``type: <name>`` in a config; no ``/``).
         factory: A class or function returning an ``nn.Module`` from keyword arguments.
+        override: Replace another factory registered under ``name``.
+
+    Returns:
+        ``factory``.
 
     Raises:
-        ConfigError: The name is taken or the factory is not callable.
+        ConfigError: The name is malformed or taken, or the factory is not callable.
 
     Example:
         >>> from torch import nn
         >>> from mtlgraph import register_module
+        >>> from mtlgraph.graph.modules import MODULES
         >>> class Scale(nn.Module):
         ...     def __init__(self, factor: float = 2.0):
         ...         super().__init__()
         ...         self.factor = factor
         ...     def forward(self, x):
         ...         return x * self.factor
-        >>> register_module("scale_doc", Scale)
+        >>> register_module("scale_doc", Scale) is Scale
+        True
+        >>> MODULES.get("scale_doc")(factor=3.0).factor
+        3.0
+        >>> MODULES.unregister("scale_doc") is Scale
+        True
     """
-    if not isinstance(name, str) or not name:
-        raise ConfigError([f"module type name {name!r} must be a non-empty string"])
-    if not callable(factory):
-        raise ConfigError([f"module type '{name}': factory {factory!r} is not callable"])
-    if name in _REGISTRY:
-        raise ConfigError([f"module type '{name}' is already registered; pick another name"])
-    _REGISTRY[name] = factory
+    return MODULES.register(name, factory, override=override)
 
 
 def module_types() -> list[str]:
     """Registered module type names, sorted."""
-    return sorted(_REGISTRY)
+    return MODULES.names()
 
 
 def get_module_factory(name: str) -> ModuleFactory | None:
-    """The factory registered as ``name``, or ``None``."""
-    return _REGISTRY.get(name)
+    """The factory registered as ``name``, or ``None`` for an unknown name.
+
+    Kept for config validation, which gathers unknown names with its other problems;
+    ``MODULES.get(name)`` raises with a suggestion instead.
+    """
+    return MODULES.get(name) if name in MODULES else None

@@ -3,6 +3,9 @@
 A :class:`Task` names a *module pool* (module name -> ``nn.Module``) and an *operation sequence*:
 which module runs on which inputs, in order. The output of the last operation is the task's
 output: it feeds the task's loss during training and its output function at prediction time.
+
+Losses live in :mod:`mtlgraph.graph.losses` (imported here too, where they used to be); the ignore
+mask is :func:`mtlgraph.metrics.active_mask`.
 """
 
 from __future__ import annotations
@@ -18,7 +21,50 @@ from torch import nn
 
 from mtlgraph._suggest import did_you_mean, quoted
 from mtlgraph.exceptions import TaskDefinitionError
-from mtlgraph.metrics import Scorer
+from mtlgraph.graph.losses import (
+    LOSSES,
+    LossFunc,
+    MaskedMultilabelLoss,
+    MaskedRegressionLoss,
+    binary_loss,
+    get_loss,
+    l1_loss,
+    loss_names,
+    multiclass_loss,
+    register_loss,
+    regression_loss,
+    smooth_l1_loss,
+)
+from mtlgraph.metrics import Scorer, active_mask, active_rows
+
+__all__ = [  # the loss names stay importable from here, where they used to live
+    "INPUT",
+    "LOSSES",
+    "TASK_TYPES",
+    "Input",
+    "InputSpec",
+    "LossFunc",
+    "MaskedMultilabelLoss",
+    "MaskedRegressionLoss",
+    "Operation",
+    "OutputFunc",
+    "Task",
+    "TaskType",
+    "active_mask",
+    "active_rows",
+    "binary_loss",
+    "detach",
+    "get_loss",
+    "identity_output",
+    "l1_loss",
+    "loss_names",
+    "multiclass_loss",
+    "register_loss",
+    "regression_loss",
+    "sigmoid_output",
+    "smooth_l1_loss",
+    "softmax_output",
+]
 
 INPUT = "_input_"
 """Name of the whole input dictionary ``X_dict`` in an operation's inputs."""
@@ -26,7 +72,6 @@ INPUT = "_input_"
 TaskType = Literal["multiclass", "binary", "multilabel", "regression"]
 TASK_TYPES: tuple[str, ...] = get_args(TaskType)
 
-LossFunc = Callable[[Any, torch.Tensor], torch.Tensor]
 OutputFunc = Callable[[Any], torch.Tensor]
 
 
@@ -163,114 +208,6 @@ def _input_repr(i: Input) -> str:
 # ---------------------------------------------------------------- defaults per task type
 
 
-def _rows_match(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Reshape ``(N, 1)`` outputs to ``(N,)`` targets (and similar) when element counts agree."""
-    if output.shape != target.shape and output.numel() == target.numel():
-        return output.reshape(target.shape)
-    return output
-
-
-def multiclass_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy on logits ``(N, C)`` and class ids ``(N,)`` (mean over rows)."""
-    return F.cross_entropy(output, target.long())
-
-
-def binary_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy with logits on one logit per row and 0/1 targets."""
-    output = _rows_match(output, target)
-    if output.shape != target.shape:
-        raise ValueError(
-            f"a binary task needs one logit per label: output of shape {tuple(output.shape)} "
-            f"for labels of shape {tuple(target.shape)}; give the head one output unit, or use "
-            "task_type='multiclass' for one logit per class"
-        )
-    return F.binary_cross_entropy_with_logits(output, target.to(output.dtype))
-
-
-def regression_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean squared error; ``(N, 1)`` outputs are matched to ``(N,)`` targets."""
-    return F.mse_loss(_rows_match(output, target), target.to(output.dtype))
-
-
-@dataclass(frozen=True)
-class MaskedMultilabelLoss:
-    """BCE with logits over ``(N, L)`` targets, ignoring elements equal to ``ignore_value``."""
-
-    ignore_value: float | int | None = -1
-
-    def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        active = _active(target, self.ignore_value)
-        t = torch.where(active, target, torch.zeros_like(target)).to(output.dtype)
-        loss = F.binary_cross_entropy_with_logits(output, t, reduction="none")
-        return (loss * active).sum() / active.sum().clamp_min(1)
-
-
-@dataclass(frozen=True)
-class MaskedRegressionLoss:
-    """MSE over multi-output targets ``(N, D)``, ignoring elements equal to ``ignore_value``."""
-
-    ignore_value: float | int | None = math.nan
-
-    def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        output = _rows_match(output, target)
-        active = _active(target, self.ignore_value)
-        if bool(active.all()):
-            return F.mse_loss(output, target.to(output.dtype))
-        t = torch.where(active, target, torch.zeros_like(target)).to(output.dtype)
-        return (((output - t) ** 2) * active).sum() / active.sum().clamp_min(1)
-
-
-def l1_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean absolute error; ``(N, 1)`` outputs are matched to ``(N,)`` targets."""
-    return F.l1_loss(_rows_match(output, target), target.to(output.dtype))
-
-
-def smooth_l1_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Huber-like smooth L1 loss (beta 1); ``(N, 1)`` outputs are matched to ``(N,)`` targets."""
-    return F.smooth_l1_loss(_rows_match(output, target), target.to(output.dtype))
-
-
-_LOSSES: dict[str, LossFunc] = {
-    "cross_entropy": multiclass_loss,
-    "binary_cross_entropy": binary_loss,
-    "mse": regression_loss,
-    "l1": l1_loss,
-    "smooth_l1": smooth_l1_loss,
-}
-
-
-def register_loss(name: str, func: LossFunc) -> None:
-    """Register a loss function under ``name`` so configs can select it (``loss: <name>``).
-
-    Args:
-        name: Registry name.
-        func: ``func(output, target) -> scalar tensor``, called on a task's active rows.
-
-    Raises:
-        TaskDefinitionError: The name is taken or ``func`` is not callable.
-
-    Example:
-        >>> import torch.nn.functional as F
-        >>> from mtlgraph import register_loss
-        >>> register_loss("nll_doc", lambda out, y: F.nll_loss(out, y.long()))
-    """
-    if not isinstance(name, str) or not name or not callable(func):
-        raise TaskDefinitionError([f"loss {name!r} needs a non-empty name and a callable"])
-    if name in _LOSSES:
-        raise TaskDefinitionError([f"loss '{name}' is already registered; pick another name"])
-    _LOSSES[name] = func
-
-
-def loss_names() -> list[str]:
-    """Registered loss names, sorted."""
-    return sorted(_LOSSES)
-
-
-def get_loss(name: str) -> LossFunc | None:
-    """The loss registered as ``name``, or ``None``."""
-    return _LOSSES.get(name)
-
-
 def softmax_output(output: torch.Tensor) -> torch.Tensor:
     """Softmax over the class dimension (dim 1)."""
     return F.softmax(output, dim=1)
@@ -293,25 +230,6 @@ _DEFAULT_METRICS: dict[str, tuple[str, ...]] = {
     "multilabel": ("accuracy",),
     "regression": ("mse", "mae", "r2"),
 }
-
-
-def _active(labels: torch.Tensor, ignore: float | int | None) -> torch.Tensor:
-    """Boolean mask of labels that are not the ignore value (elementwise)."""
-    if ignore is None:
-        return torch.ones_like(labels, dtype=torch.bool)
-    if isinstance(ignore, float) and math.isnan(ignore):
-        return (
-            ~torch.isnan(labels)
-            if labels.is_floating_point()
-            else torch.ones_like(labels, dtype=torch.bool)
-        )
-    return labels != ignore
-
-
-def active_rows(labels: torch.Tensor, ignore: float | int | None) -> torch.Tensor:
-    """Rows with at least one label that is not the ignore value."""
-    active = _active(labels, ignore)
-    return active if active.ndim == 1 else active.reshape(len(active), -1).any(dim=1)
 
 
 class Task:

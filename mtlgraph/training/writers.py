@@ -13,6 +13,10 @@ Built in (``TrainerConfig.writers``, both on by default when ``run_dir`` is set)
 
 On resume both drop what was logged after the checkpoint's step, so the logs of an interrupted and
 resumed run read like those of an uninterrupted one.
+
+Named writers live in the registry :data:`WRITERS` (``WRITERS.register(name, factory)`` adds one,
+``WRITERS.unregister(name)`` removes it); a factory takes a :class:`WriterContext`.
+TensorBoard is imported only when a :class:`TensorBoardWriter` is built.
 """
 
 from __future__ import annotations
@@ -20,13 +24,17 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from mtlgraph._io import atomic_write_text
+from mtlgraph.exceptions import ConfigError
+from mtlgraph.metrics import SEP
+from mtlgraph.registry import Registry
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +106,12 @@ class JsonlWriter(Writer):
 
     Non-finite values are written as ``null``. With ``resume_step``, lines of steps after it
     (logged after the checkpoint an interrupted run resumes from) are dropped first; without
-    it, an existing file is replaced (one run per file).
+    it, an existing file is replaced (one run per file). Both rewrites are atomic.
+
+    The file is a log, so records are *appended*, not written with a temp-file-and-replace
+    (that would rewrite the whole file at every evaluation). Each record is one ``write`` of a
+    complete line followed by a flush, so a reader sees whole lines, and a run killed mid-write
+    leaves at most a torn last line, which a resume drops with the lines after its checkpoint.
 
     Example:
         >>> import json, tempfile, pathlib
@@ -112,21 +125,18 @@ class JsonlWriter(Writer):
 
     def __init__(self, path: str | Path, resume_step: int | None = None) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         kept: list[str] = []
         if resume_step is not None and self.path.exists():
-            kept = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step
-            ]
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+            steps = [(line, _step_of(line)) for line in lines]
+            kept = [line for line, step in steps if step is not None and step <= resume_step]
         elif self.path.exists():
             logger.warning("%s already exists: a new run replaces it", self.path)
-        self.path.write_text("".join(f"{line}\n" for line in kept))
-        self._fh = self.path.open("a")
+        atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
+        self._fh = self.path.open("a", encoding="utf-8")
 
     def write(self, record: Mapping[str, float]) -> None:
-        self._fh.write(json.dumps(json_value(dict(record))) + "\n")
+        self._fh.write(json.dumps(json_value(dict(record))) + "\n")  # one whole line per write
         self._fh.flush()
 
     def close(self, final: Mapping[str, float] | None = None) -> None:
@@ -161,7 +171,7 @@ class TensorBoardWriter(Writer):
     def write(self, record: Mapping[str, float]) -> None:
         step = int(record.get("step", 0))
         for key, value in record.items():
-            if "/" in key:
+            if SEP in key:  # a flat score key, not "epoch" or "step"
                 self._writer.add_scalar(key, value, global_step=step)
 
     def close(self, final: Mapping[str, float] | None = None) -> None:
@@ -169,7 +179,7 @@ class TensorBoardWriter(Writer):
             metrics = {
                 f"hparams/{k}": float(v)
                 for k, v in final.items()
-                if "/" in k and math.isfinite(float(v))
+                if SEP in k and math.isfinite(float(v))
             }
             self._writer.add_hparams(hparam_values(self.hparams), metrics, run_name=".")
         self._writer.close()
@@ -198,11 +208,22 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: value}
 
 
-WRITERS: dict[str, Callable[[WriterContext], Writer]] = {
-    "jsonl": lambda ctx: JsonlWriter(ctx.run_dir / METRICS_FILE, ctx.resume_step),
-    "tensorboard": lambda ctx: TensorBoardWriter(ctx.run_dir, ctx.hparams, ctx.resume_step),
-}
-"""Built-in writers by name (``TrainerConfig.writers``)."""
+WriterFactory = Callable[[WriterContext], Writer]
+"""Builds a named writer from the run's :class:`WriterContext`."""
+
+
+def _jsonl(ctx: WriterContext) -> Writer:
+    return JsonlWriter(ctx.run_dir / METRICS_FILE, ctx.resume_step)
+
+
+def _tensorboard(ctx: WriterContext) -> Writer:
+    return TensorBoardWriter(ctx.run_dir, ctx.hparams, ctx.resume_step)
+
+
+WRITERS: Registry[WriterFactory] = Registry(
+    "writer", {"jsonl": _jsonl, "tensorboard": _tensorboard}
+)
+"""Writers by name (``TrainerConfig.writers``); ``WRITERS.register(name, factory)`` adds one."""
 
 DEFAULT_WRITERS = ("jsonl", "tensorboard")
 """Writers used when ``run_dir`` is set and ``writers`` is left at ``None``."""
@@ -210,7 +231,11 @@ DEFAULT_WRITERS = ("jsonl", "tensorboard")
 
 def open_writers(specs: Sequence[str | Writer] | None, ctx: WriterContext | None) -> list[Writer]:
     """Instantiate the configured writers: names need a context (a run directory), objects are
-    used as given; ``None`` means :data:`DEFAULT_WRITERS` with a run directory, none without."""
+    used as given; ``None`` means :data:`DEFAULT_WRITERS` with a run directory, none without.
+
+    Raises:
+        ConfigError: A named writer without a run directory, or an unknown name.
+    """
     if specs is None:
         specs = list(DEFAULT_WRITERS) if ctx is not None else []
     out: list[Writer] = []
@@ -218,20 +243,24 @@ def open_writers(specs: Sequence[str | Writer] | None, ctx: WriterContext | None
         if isinstance(spec, Writer):
             out.append(spec)
         elif ctx is None:
-            raise ValueError(f"writer '{spec}' needs a run directory (set run_dir)")
+            raise ConfigError([f"writer '{spec}' needs a run directory (set run_dir)"])
         else:
-            out.append(WRITERS[spec](ctx))
+            out.append(WRITERS.get(spec)(ctx))
     return out
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON atomically (temporary file, then ``os.replace``).
+    """Write ``obj`` as indented JSON atomically (see :func:`mtlgraph._io.atomic_write`).
 
     Non-finite floats become ``null``.
     """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps(json_value(obj), indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, target)
-    return target
+    return atomic_write_text(path, json.dumps(json_value(obj), indent=2, sort_keys=True) + "\n")
+
+
+def _step_of(line: str) -> float | None:
+    """The ``step`` of one JSON line; ``None`` for a blank or torn line (a killed run's last)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return float(record.get("step", 0)) if isinstance(record, dict) else None

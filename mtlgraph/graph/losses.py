@@ -1,0 +1,162 @@
+"""Loss functions by task type, and the loss registry.
+
+A loss is ``loss(output, target) -> scalar tensor``, called on a task's active rows (labels equal
+to the task's ignore value are masked out first; the multilabel and multi-output losses mask
+single elements). A config names a loss with ``loss: <name>``; Python code adds its own with
+:func:`register_loss` and removes it with ``LOSSES.unregister(name)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mtlgraph.exceptions import DataError
+from mtlgraph.metrics import active_mask
+from mtlgraph.registry import Registry
+
+LossFunc = Callable[[Any, torch.Tensor], torch.Tensor]
+"""``loss(output, target) -> scalar tensor``."""
+
+
+def _rows_match(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Reshape ``(N, 1)`` outputs to ``(N,)`` targets (and similar) when element counts agree."""
+    if output.shape != target.shape and output.numel() == target.numel():
+        return output.reshape(target.shape)
+    return output
+
+
+def multiclass_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy on logits ``(N, C)`` and class ids ``(N,)`` (mean over rows)."""
+    return F.cross_entropy(output, target.long())
+
+
+def binary_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy with logits on one logit per row and 0/1 targets.
+
+    Raises:
+        DataError: The output does not hold one logit per label.
+    """
+    output = _rows_match(output, target)
+    if output.shape != target.shape:
+        raise DataError(
+            [
+                f"a binary task needs one logit per label: output of shape "
+                f"{tuple(output.shape)} for labels of shape {tuple(target.shape)}; give the head "
+                "one output unit, or use task_type='multiclass' for one logit per class"
+            ]
+        )
+    return F.binary_cross_entropy_with_logits(output, target.to(output.dtype))
+
+
+def regression_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error; ``(N, 1)`` outputs are matched to ``(N,)`` targets."""
+    return F.mse_loss(_rows_match(output, target), target.to(output.dtype))
+
+
+@dataclass(frozen=True)
+class MaskedMultilabelLoss:
+    """BCE with logits over ``(N, L)`` targets, ignoring elements equal to ``ignore_value``."""
+
+    ignore_value: float | int | None = -1
+
+    def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        active = active_mask(target, self.ignore_value)
+        t = torch.where(active, target, torch.zeros_like(target)).to(output.dtype)
+        loss = F.binary_cross_entropy_with_logits(output, t, reduction="none")
+        return (loss * active).sum() / active.sum().clamp_min(1)
+
+
+@dataclass(frozen=True)
+class MaskedRegressionLoss:
+    """MSE over multi-output targets ``(N, D)``, ignoring elements equal to ``ignore_value``."""
+
+    ignore_value: float | int | None = math.nan
+
+    def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        output = _rows_match(output, target)
+        active = active_mask(target, self.ignore_value)
+        if bool(active.all()):
+            return F.mse_loss(output, target.to(output.dtype))
+        t = torch.where(active, target, torch.zeros_like(target)).to(output.dtype)
+        return (((output - t) ** 2) * active).sum() / active.sum().clamp_min(1)
+
+
+def l1_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error; ``(N, 1)`` outputs are matched to ``(N,)`` targets."""
+    return F.l1_loss(_rows_match(output, target), target.to(output.dtype))
+
+
+def smooth_l1_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Huber-like smooth L1 loss (beta 1); ``(N, 1)`` outputs are matched to ``(N,)`` targets."""
+    return F.smooth_l1_loss(_rows_match(output, target), target.to(output.dtype))
+
+
+def _loss_problems(name: str, func: LossFunc) -> list[str]:
+    return [] if callable(func) else [f"loss '{name}': {func!r} is not callable"]
+
+
+LOSSES: Registry[LossFunc] = Registry(
+    "loss",
+    {
+        "cross_entropy": multiclass_loss,
+        "binary_cross_entropy": binary_loss,
+        "mse": regression_loss,
+        "l1": l1_loss,
+        "smooth_l1": smooth_l1_loss,
+    },
+    check=_loss_problems,
+)
+"""Losses by name; :func:`register_loss` adds one, ``LOSSES.unregister(name)`` removes it."""
+
+
+def register_loss(name: str, func: LossFunc, *, override: bool = False) -> LossFunc:
+    """Register a loss function under ``name`` so configs can select it (``loss: <name>``).
+
+    Registering the same function again is a no-op; another function under a taken name needs
+    ``override=True``.
+
+    Args:
+        name: Registry name (no ``/``).
+        func: ``func(output, target) -> scalar tensor``, called on a task's active rows.
+        override: Replace another function registered under ``name``.
+
+    Returns:
+        ``func``, so this works as a decorator's body too.
+
+    Raises:
+        ConfigError: The name is malformed or taken, or ``func`` is not callable.
+
+    Example:
+        >>> import torch.nn.functional as F
+        >>> from mtlgraph import register_loss
+        >>> from mtlgraph.graph.losses import LOSSES
+        >>> def nll(out, y):
+        ...     return F.nll_loss(out, y.long())
+        >>> register_loss("nll_doc", nll) is nll
+        True
+        >>> register_loss("nll_doc", nll) is nll  # again: a no-op
+        True
+        >>> LOSSES.unregister("nll_doc") is nll
+        True
+    """
+    return LOSSES.register(name, func, override=override)
+
+
+def loss_names() -> list[str]:
+    """Registered loss names, sorted."""
+    return LOSSES.names()
+
+
+def get_loss(name: str) -> LossFunc:
+    """The loss registered as ``name``; an unknown name raises with a suggestion.
+
+    Raises:
+        UnknownNameError: No loss has that name (a :class:`~mtlgraph.ConfigError`).
+    """
+    return LOSSES.get(name)
