@@ -246,24 +246,8 @@ def _splits_of(
         if split:
             out[split] = (table, origin, fmt == "csv")
             continue
-        n = len(next(iter(table.values()))) if table else 0
-        if ds.split_field is not None:
-            if ds.split_field not in table:
-                problems.append(
-                    f"{key}.split_field: {origin} has no column or array '{ds.split_field}'"
-                    f"{did_you_mean(ds.split_field, table)}; it has {quoted(table)}"
-                )
-                continue
-            labels = table[ds.split_field].astype(str)
-            for s in dict.fromkeys(labels.tolist()):
-                rows = labels == s
-                out[s] = ({k: v[rows] for k, v in table.items()}, origin, fmt == "csv")
-            continue
-        start = 0
-        for s, fraction in (ds.fractions or DEFAULT_FRACTIONS).items():
-            stop = min(n, start + round(fraction * n))
-            out[s] = ({k: v[start:stop] for k, v in table.items()}, origin, fmt == "csv")
-            start = stop
+        for s, part in _cut(key, ds, table, origin, problems).items():
+            out[s] = (part, origin, fmt == "csv")
     if ds.splits is not None:
         for i, s in enumerate(ds.splits):
             if s not in out and out:
@@ -272,6 +256,31 @@ def _splits_of(
                     f"it has {quoted(out)}"
                 )
         out = {s: v for s, v in out.items() if s in ds.splits}
+    return out
+
+
+def _cut(
+    key: str, ds: DatasetConfig, table: Table, origin: str, problems: list[str]
+) -> dict[str, Table]:
+    """One file's rows cut into splits: by ``split_field``, else by ``fractions`` in row order."""
+    if ds.split_field is not None:
+        if ds.split_field not in table:
+            problems.append(
+                f"{key}.split_field: {origin} has no column or array '{ds.split_field}'"
+                f"{did_you_mean(ds.split_field, table)}; it has {quoted(table)}"
+            )
+            return {}
+        labels = table[ds.split_field].astype(str)
+        return {
+            s: {k: v[labels == s] for k, v in table.items()} for s in dict.fromkeys(labels.tolist())
+        }
+    n = len(next(iter(table.values()))) if table else 0
+    out: dict[str, Table] = {}
+    start = 0
+    for s, fraction in (ds.fractions or DEFAULT_FRACTIONS).items():
+        stop = min(n, start + round(fraction * n))
+        out[s] = {k: v[start:stop] for k, v in table.items()}
+        start = stop
     return out
 
 
