@@ -11,7 +11,6 @@ first use. So ``mtlgraph --version`` answers without importing torch.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports on demand
@@ -101,7 +100,9 @@ def __getattr__(name: str) -> Any:
     module = _WHERE.get(name)
     if module is None:
         raise AttributeError(f"module 'mtlgraph' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    # __import__ rather than importlib.import_module: the same import, but `python -X importtime`
+    # then reports these modules under their own names (bench/startup.py relies on it)
+    value = getattr(__import__(module, fromlist=[name]), name)
     globals()[name] = value  # later look-ups skip __getattr__
     return value
 
