@@ -176,3 +176,15 @@ def _long_modules() -> list[str]:
 def test_no_module_is_longer_than_600_lines() -> None:
     long = _long_modules()
     assert not long, f"modules over {MAX_MODULE_LINES} lines (split them):\n" + "\n".join(long)
+
+
+def test_architecture_page_names_every_layer() -> None:
+    text = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    present = [
+        n
+        for names in LAYERS
+        for n in names
+        if (PACKAGE / n).exists() or (PACKAGE / f"{n}.py").exists()
+    ]
+    missing = [n for n in present if f"`{n}`" not in text and f"`{n}/`" not in text]
+    assert not missing, f"docs/architecture.md does not name the layer(s) {missing}"
