@@ -191,8 +191,10 @@ def _train(args: argparse.Namespace, cfg: ExperimentConfig, env: DistEnv) -> int
     return EXIT_OK
 
 
-class _RunFailure(Exception):
-    """Marks an exception raised after set-up (exit status 1); ``__cause__`` is the real one."""
+class _RunFailure(MtlGraphError):
+    """Marks an exception raised after set-up (exit status 1); ``__cause__`` is the real one.
+
+    Internal: :func:`main` unwraps it and reports the cause."""
 
 
 # ---------------------------------------------------------------- evaluate
