@@ -85,7 +85,7 @@ def main() -> None:
     torch_median = statistics.median(times["import torch"])
     torch_min = min(times["import torch"])
     width = max(map(len, times))
-    header = f"{'case'.ljust(width)}  median    min     {'vs import torch (minima)':<20}  target"
+    header = f"{'case'.ljust(width)}  median     min  {'vs import torch (minima)':<20}  target"
     print(header)
     for name, ts in times.items():
         median = statistics.median(ts)
