@@ -3,27 +3,66 @@
 Tasks name their modules; a :class:`MultitaskClassifier` merges modules by name into one shared
 graph; a :class:`Trainer` mixes batches from many datasets; a :class:`Scorer` reports every result
 under ``task/dataset/split/metric``.
+
+The public names are imported lazily (PEP 562): ``import mtlgraph`` costs almost nothing, and
+``mtlgraph.Trainer`` (or ``from mtlgraph import Trainer``) imports the module that defines it on
+first use. So ``mtlgraph --version`` answers without importing torch.
 """
 
-from mtlgraph.balancing import Balancer, GradientBalancer, StepContext, register_balancer
-from mtlgraph.data import DictDataLoader, DictDataset
-from mtlgraph.data.schedulers import BatchScheduler, register_scheduler
-from mtlgraph.diagnostics import DiagnosticsConfig, DiagnosticsReport
-from mtlgraph.exceptions import (
-    CheckpointError,
-    ConfigError,
-    DataError,
-    GraphError,
-    MtlGraphError,
-    TaskDefinitionError,
-)
-from mtlgraph.graph import MultitaskClassifier
-from mtlgraph.graph.modules import register_module
-from mtlgraph.graph.task import Input, Operation, Task, detach, register_loss
-from mtlgraph.metrics import Scorer, register_metric
-from mtlgraph.training.trainer import Trainer
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports on demand
+    from mtlgraph.balancing import Balancer, GradientBalancer, StepContext, register_balancer
+    from mtlgraph.data.datasets import DictDataLoader, DictDataset
+    from mtlgraph.data.schedulers import BatchScheduler, register_scheduler
+    from mtlgraph.diagnostics import DiagnosticsConfig, DiagnosticsReport
+    from mtlgraph.exceptions import (
+        CheckpointError,
+        ConfigError,
+        DataError,
+        GraphError,
+        MtlGraphError,
+        TaskDefinitionError,
+    )
+    from mtlgraph.graph.model import MultitaskClassifier
+    from mtlgraph.graph.modules import register_module
+    from mtlgraph.graph.task import Input, Operation, Task, detach, register_loss
+    from mtlgraph.metrics import Scorer, register_metric
+    from mtlgraph.training.trainer import Trainer
 
 __version__ = "0.1.0"
+
+# public name -> the module that defines it (imported on first access)
+_WHERE: dict[str, str] = {
+    "Balancer": "mtlgraph.balancing",
+    "BatchScheduler": "mtlgraph.data.schedulers",
+    "CheckpointError": "mtlgraph.exceptions",
+    "ConfigError": "mtlgraph.exceptions",
+    "DataError": "mtlgraph.exceptions",
+    "DiagnosticsConfig": "mtlgraph.diagnostics",
+    "DiagnosticsReport": "mtlgraph.diagnostics",
+    "DictDataLoader": "mtlgraph.data.datasets",
+    "DictDataset": "mtlgraph.data.datasets",
+    "GradientBalancer": "mtlgraph.balancing",
+    "GraphError": "mtlgraph.exceptions",
+    "Input": "mtlgraph.graph.task",
+    "MtlGraphError": "mtlgraph.exceptions",
+    "MultitaskClassifier": "mtlgraph.graph.model",
+    "Operation": "mtlgraph.graph.task",
+    "Scorer": "mtlgraph.metrics",
+    "StepContext": "mtlgraph.balancing",
+    "Task": "mtlgraph.graph.task",
+    "TaskDefinitionError": "mtlgraph.exceptions",
+    "Trainer": "mtlgraph.training.trainer",
+    "detach": "mtlgraph.graph.task",
+    "register_balancer": "mtlgraph.balancing",
+    "register_loss": "mtlgraph.graph.task",
+    "register_metric": "mtlgraph.metrics",
+    "register_module": "mtlgraph.graph.modules",
+    "register_scheduler": "mtlgraph.data.schedulers",
+}
 
 __all__ = [
     "Balancer",
@@ -54,3 +93,19 @@ __all__ = [
     "register_module",
     "register_scheduler",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's module on first access and cache the name here (PEP 562)."""
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mtlgraph' has no attribute {name!r}")
+    # __import__ rather than importlib.import_module: the same import, but `python -X importtime`
+    # then reports these modules under their own names (bench/startup.py relies on it)
+    value = getattr(__import__(module, fromlist=[name]), name)
+    globals()[name] = value  # later look-ups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_WHERE})

@@ -33,29 +33,35 @@ class Problems(list[str]):
 _FLOAT_STRING = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$|^[+-]?(inf|nan)$", re.I)
 
 
+_SIMPLE_NAMES: dict[Any, str] = {
+    Any: "anything",
+    type(None): "null",
+    bool: "true or false",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+}
+
+
+def _is_list_type(tp: Any) -> bool:
+    return get_origin(tp) in (list, Sequence, tuple) or tp in (list, tuple)
+
+
+def _is_mapping_type(tp: Any) -> bool:
+    return get_origin(tp) in (dict, Mapping) or tp is dict
+
+
 def _describe(tp: Any) -> str:
     origin = get_origin(tp)
-    if tp is Any:
-        return "anything"
-    if tp is type(None):
-        return "null"
-    if tp is bool:
-        return "true or false"
-    if tp is int:
-        return "an integer"
-    if tp is float:
-        return "a number"
-    if tp is str:
-        return "a string"
+    if tp in _SIMPLE_NAMES:
+        return _SIMPLE_NAMES[tp]
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in get_args(tp))
     if origin in (Union, types.UnionType):
         return " or ".join(_describe(a) for a in get_args(tp))
-    if origin in (list, Sequence, tuple) or tp in (list, tuple):
+    if _is_list_type(tp):
         return "a list"
-    if origin in (dict, Mapping) or tp is dict:
-        return "a mapping"
-    if dataclasses.is_dataclass(tp):
+    if _is_mapping_type(tp) or dataclasses.is_dataclass(tp):
         return "a mapping"
     if origin is Callable or tp is Callable:
         return "a callable"
@@ -79,18 +85,7 @@ def convert(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
-        args = get_args(tp)
-        for arg in args:
-            trial: list[str] = []
-            out = convert(value, arg, path, trial)
-            if not trial:
-                return out
-        # Report the closest branch when only one branch has the right container shape.
-        matching = [a for a in args if _shape_matches(value, a)]
-        if len(matching) == 1:
-            return convert(value, matching[0], path, problems)
-        problems.append(f"{path}: expected {_describe(tp)}, got {_got(value)}{_hint(value, tp)}")
-        return value
+        return _convert_union(value, tp, path, problems)
     if origin is Literal:
         if value not in get_args(tp):
             choices = [str(a) for a in get_args(tp)]
@@ -99,73 +94,117 @@ def convert(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
                 f"{did_you_mean(str(value), choices)}"
             )
         return value
-    if tp is type(None):
-        if value is not None:
-            problems.append(f"{path}: expected null, got {_got(value)}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            problems.append(f"{path}: expected true or false, got {_got(value)}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            problems.append(f"{path}: expected an integer, got {_got(value)}{_hint(value, tp)}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            problems.append(f"{path}: expected a number, got {_got(value)}{_hint(value, tp)}")
-            return value
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            problems.append(f"{path}: expected a string, got {_got(value)}")
-        return value
+    if tp in _SCALARS:
+        return _convert_scalar(value, tp, path, problems)
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-        if isinstance(value, tp):  # an instance built in Python: only its own value checks
-            validate = getattr(value, "validate", None)
-            problems.extend(f"{path}.{p}" for p in (validate() if validate else []))
-            return value
-        if not isinstance(value, Mapping):
-            problems.append(f"{path}: expected a mapping, got {_got(value)}")
-            return value
-        return build(tp, value, path, problems)
-    if origin in (list, Sequence, tuple) or tp in (list, tuple):
-        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-            problems.append(f"{path}: expected a list, got {_got(value)}")
-            return value
-        args = get_args(tp)
-        item_tp = args[0] if args else Any
-        return [convert(v, item_tp, f"{path}[{i}]", problems) for i, v in enumerate(value)]
-    if origin in (dict, Mapping) or tp is dict:
-        if not isinstance(value, Mapping):
-            problems.append(f"{path}: expected a mapping, got {_got(value)}")
-            return value
-        args = get_args(tp)
-        key_tp, val_tp = (args[0], args[1]) if args else (Any, Any)
-        out = {}
-        for k, v in value.items():
-            convert(k, key_tp, f"{path} key {k!r}", problems)
-            out[k] = convert(v, val_tp, f"{path}.{k}", problems)
-        return out
+        return _convert_dataclass(value, tp, path, problems)
+    if _is_list_type(tp):
+        return _convert_list(value, tp, path, problems)
+    if _is_mapping_type(tp):
+        return _convert_mapping(value, tp, path, problems)
     if origin is Callable or tp is Callable or origin is typing.Callable:
         if not callable(value):
             problems.append(f"{path}: expected a callable, got {_got(value)}")
         return value
-    if isinstance(tp, type):
-        if not isinstance(value, tp):
-            problems.append(f"{path}: expected {_describe(tp)}, got {_got(value)}")
-        return value
+    if isinstance(tp, type) and not isinstance(value, tp):
+        problems.append(f"{path}: expected {_describe(tp)}, got {_got(value)}")
     return value
 
 
+def _convert_union(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
+    args = get_args(tp)
+    for arg in args:
+        trial: list[str] = []
+        out = convert(value, arg, path, trial)
+        if not trial:
+            return out
+    # Report the closest branch when only one branch has the right container shape.
+    matching = [a for a in args if _shape_matches(value, a)]
+    if len(matching) == 1:
+        return convert(value, matching[0], path, problems)
+    problems.append(f"{path}: expected {_describe(tp)}, got {_got(value)}{_hint(value, tp)}")
+    return value
+
+
+def _is_none(value: Any) -> bool:
+    return value is None
+
+
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_str(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+# scalar annotation -> (does a value fit?, may a wrong value get the YAML 1.1 number hint?)
+_SCALARS: dict[Any, tuple[Callable[[Any], bool], bool]] = {
+    type(None): (_is_none, False),
+    bool: (_is_bool, False),
+    int: (_is_int, True),
+    float: (_is_number, True),
+    str: (_is_str, False),
+}
+
+
+def _convert_scalar(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
+    fits, hint = _SCALARS[tp]
+    if not fits(value):
+        extra = _hint(value, tp) if hint else ""
+        problems.append(f"{path}: expected {_describe(tp)}, got {_got(value)}{extra}")
+        return value
+    return float(value) if tp is float else value
+
+
+def _convert_dataclass(value: Any, tp: type[Any], path: str, problems: list[str]) -> Any:
+    if isinstance(value, tp):  # an instance built in Python: only its own value checks
+        validate = getattr(value, "validate", None)
+        problems.extend(f"{path}.{p}" for p in (validate() if validate else []))
+        return value
+    if not isinstance(value, Mapping):
+        problems.append(f"{path}: expected a mapping, got {_got(value)}")
+        return value
+    return build(tp, value, path, problems)
+
+
+def _convert_list(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        problems.append(f"{path}: expected a list, got {_got(value)}")
+        return value
+    args = get_args(tp)
+    item_tp = args[0] if args else Any
+    return [convert(v, item_tp, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+
+
+def _convert_mapping(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
+    if not isinstance(value, Mapping):
+        problems.append(f"{path}: expected a mapping, got {_got(value)}")
+        return value
+    args = get_args(tp)
+    key_tp, val_tp = (args[0], args[1]) if args else (Any, Any)
+    out = {}
+    for k, v in value.items():
+        convert(k, key_tp, f"{path} key {k!r}", problems)
+        out[k] = convert(v, val_tp, f"{path}.{k}", problems)
+    return out
+
+
 def _shape_matches(value: Any, tp: Any) -> bool:
-    origin = get_origin(tp)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return isinstance(tp, type) and isinstance(value, tp)
     if isinstance(value, Mapping):
-        return origin in (dict, Mapping) or tp is dict or dataclasses.is_dataclass(tp)
+        return _is_mapping_type(tp) or dataclasses.is_dataclass(tp)
     if isinstance(value, (list, tuple)):
-        return origin in (list, Sequence, tuple) or tp in (list, tuple)
+        return _is_list_type(tp)
     return False
 
 
@@ -231,3 +270,32 @@ def build(cls: type[T], data: Mapping[str, Any], path: str, problems: list[str])
     if isinstance(problems, Problems):
         return obj if hard == 0 else None  # type: ignore[return-value]
     return obj if len(problems) == start else None  # type: ignore[return-value]
+
+
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def plain_config(value: Any) -> Any:
+    """A checkpoint- and YAML-safe copy of a config value: dataclasses and mappings become
+    dicts, tuples lists, and objects (a scheduler instance, a writer) their ``repr``.
+
+    Example:
+        >>> import dataclasses
+        >>> @dataclasses.dataclass
+        ... class Opt:
+        ...     name: str = "adam"
+        ...     betas: tuple[float, float] = (0.9, 0.999)
+        >>> plain_config({"optimizer": Opt(), "lr": 0.1})
+        {'optimizer': {'name': 'adam', 'betas': [0.9, 0.999]}, 'lr': 0.1}
+    """
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain_config(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): plain_config(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_config(v) for v in value]
+    if type(value) in _PLAIN:
+        return value
+    if isinstance(value, (int, float)):  # numpy scalars and other number subclasses
+        return float(value) if isinstance(value, float) else int(value)
+    return repr(value)

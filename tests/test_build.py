@@ -218,6 +218,29 @@ def test_missing_file_absent_column_and_bad_cell_are_named(tmp_path: Path) -> No
     assert str(info.value).startswith("cannot load the data (")
 
 
+def test_unreadable_files_and_a_missing_split_field_are_named(tmp_path: Path) -> None:
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "pts.csv").write_text("x0,x1,label\n0.1,0.2,1\n")
+    cfg = tiny_config()
+    cfg["data"]["datasets"] = {
+        "empty": {"path": "empty.csv", "fields": {"xy": "x0"}, "labels": {"circle_task": "y"}},
+        "cut": {
+            "path": "pts.csv",
+            "split_field": "splt",
+            "fields": {"xy": ["x0", "x1"]},
+            "labels": {"circle_task": "label"},
+        },
+    }
+    with pytest.raises(DataError) as info:
+        _experiment(tmp_path, cfg)
+    assert info.value.problems == [
+        "data.datasets.empty.path: cannot read 'empty.csv' as csv: the file is empty; the first "
+        "row must name the columns",
+        "data.datasets.cut.split_field: 'pts.csv' has no column or array 'splt'; it has "
+        "'label', 'x0', 'x1'",
+    ]
+
+
 def test_out_of_range_labels_name_file_and_field(tmp_path: Path) -> None:
     _write_npz(tmp_path / "p.npz", y=np.array([0, 1, 2] * 16 + [0, 1]))
     cfg = _file_config("p.npz", {"xy": "x"}, {"circle_task": "y"}, fractions={"train": 1.0})

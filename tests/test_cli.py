@@ -15,8 +15,8 @@ import torch
 import yaml
 from experiment_helpers import ROOT, cli_command, cli_env, tiny_config, write_config
 
-from mtlgraph import __version__
-from mtlgraph.experiment.cli import COMMANDS, main, new_run_dir, score_table
+from mtlgraph import ConfigError, __version__
+from mtlgraph.experiment.cli import COMMANDS, _is_usage_error, main, new_run_dir, score_table
 from mtlgraph.experiment.config import load_config
 
 
@@ -41,6 +41,13 @@ def test_version_and_usage(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 2 and "the following arguments are required: config" in err
     code, _, err = _run(capsys, "check", "x.yaml", "--bogus")
     assert code == 2 and "unrecognized arguments: --bogus" in err
+
+
+def test_usage_errors_are_mtlgraph_yaml_and_missing_file_errors() -> None:
+    assert _is_usage_error(ConfigError(["x: bad"]))
+    assert _is_usage_error(yaml.YAMLError("bad"))
+    assert _is_usage_error(FileNotFoundError("gone"))
+    assert not _is_usage_error(RuntimeError("a module failed"))
 
 
 def test_subcommands_are_a_registry() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import re
 from pathlib import Path
 
@@ -49,3 +50,34 @@ def test_readme_links_every_docs_page() -> None:
     pages = sorted(p.name for p in (ROOT / "docs").glob("*.md"))
     missing = [p for p in pages if f"docs/{p}" not in readme]
     assert not missing, f"README.md does not link {missing}"
+
+
+DOTTED = re.compile(r"(?<![\"'\w/.])mtlgraph(?:\.\w+)+")
+FILE = re.compile(r"(?<![\w/.])mtlgraph/[\w/]+\.py")
+
+
+def _resolves(dotted: str) -> bool:
+    """``mtlgraph.a.b.C.d``: the longest importable module prefix, then attributes."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj: object = importlib.import_module(".".join(parts[:cut]))
+        except ModuleNotFoundError:
+            continue
+        for name in parts[cut:]:
+            if not hasattr(obj, name):
+                return False
+            obj = getattr(obj, name)
+        return True
+    return False
+
+
+def test_module_paths_named_in_docs_exist() -> None:
+    missing = []
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = path.read_text()
+        missing += [f"{path.name}: {d}" for d in set(DOTTED.findall(text)) if not _resolves(d)]
+        missing += [
+            f"{path.name}: {f}" for f in set(FILE.findall(text)) if not (ROOT / f).is_file()
+        ]
+    assert not missing, f"docs name modules or files that do not exist: {sorted(missing)}"

@@ -162,7 +162,7 @@ def _read_csv(file: Path) -> Table:
     with file.open(newline="") as fh:
         rows = list(csv.reader(fh))
     if not rows:
-        raise ValueError("the file is empty; the first row must name the columns")
+        raise DataError(["the file is empty; the first row must name the columns"])
     header = [h.strip() for h in rows[0]]
     body = [r for r in rows[1:] if any(cell.strip() for cell in r)]
     out: Table = {}
@@ -191,8 +191,8 @@ def _numeric(values: np.ndarray, what: str) -> np.ndarray:
         try:
             out[i] = float(cell) if cell != "" else math.nan
         except ValueError:
-            raise ValueError(
-                f"{what} holds {str(cell)!r} in data row {i + 1}, not a number"
+            raise DataError(
+                [f"{what} holds {str(cell)!r} in data row {i + 1}, not a number"]
             ) from None
     return out
 
@@ -208,8 +208,8 @@ def _column(
     listed = [names] if isinstance(names, str) else names
     for n in listed:
         if n not in table:
-            raise KeyError(
-                f"{origin} has no {kind} '{n}'{did_you_mean(n, table)}; it has {quoted(table)}"
+            raise DataError(
+                [f"{origin} has no {kind} '{n}'{did_you_mean(n, table)}; it has {quoted(table)}"]
             )
     arrays = [
         _numeric(table[n], f"{kind} '{n}' of {origin}") if is_csv else table[n] for n in listed
@@ -239,31 +239,16 @@ def _splits_of(
             continue
         try:
             table = _read_table(file, fmt)
-        except Exception as e:
-            problems.append(f"{path_key}: cannot read '{rel}' as {fmt}: {type(e).__name__}: {e}")
+        except Exception as e:  # numpy's or csv's refusal, or ours: a problem of this file
+            detail = str(e) if isinstance(e, DataError) else f"{type(e).__name__}: {e}"
+            problems.append(f"{path_key}: cannot read '{rel}' as {fmt}: {detail}")
             continue
         origin = f"'{rel}'"
         if split:
             out[split] = (table, origin, fmt == "csv")
             continue
-        n = len(next(iter(table.values()))) if table else 0
-        if ds.split_field is not None:
-            if ds.split_field not in table:
-                problems.append(
-                    f"{key}.split_field: {origin} has no column or array '{ds.split_field}'"
-                    f"{did_you_mean(ds.split_field, table)}; it has {quoted(table)}"
-                )
-                continue
-            labels = table[ds.split_field].astype(str)
-            for s in dict.fromkeys(labels.tolist()):
-                rows = labels == s
-                out[s] = ({k: v[rows] for k, v in table.items()}, origin, fmt == "csv")
-            continue
-        start = 0
-        for s, fraction in (ds.fractions or DEFAULT_FRACTIONS).items():
-            stop = min(n, start + round(fraction * n))
-            out[s] = ({k: v[start:stop] for k, v in table.items()}, origin, fmt == "csv")
-            start = stop
+        for s, part in _cut(key, ds, table, origin, problems).items():
+            out[s] = (part, origin, fmt == "csv")
     if ds.splits is not None:
         for i, s in enumerate(ds.splits):
             if s not in out and out:
@@ -272,6 +257,31 @@ def _splits_of(
                     f"it has {quoted(out)}"
                 )
         out = {s: v for s, v in out.items() if s in ds.splits}
+    return out
+
+
+def _cut(
+    key: str, ds: DatasetConfig, table: Table, origin: str, problems: list[str]
+) -> dict[str, Table]:
+    """One file's rows cut into splits: by ``split_field``, else by ``fractions`` in row order."""
+    if ds.split_field is not None:
+        if ds.split_field not in table:
+            problems.append(
+                f"{key}.split_field: {origin} has no column or array '{ds.split_field}'"
+                f"{did_you_mean(ds.split_field, table)}; it has {quoted(table)}"
+            )
+            return {}
+        labels = table[ds.split_field].astype(str)
+        return {
+            s: {k: v[labels == s] for k, v in table.items()} for s in dict.fromkeys(labels.tolist())
+        }
+    n = len(next(iter(table.values()))) if table else 0
+    out: dict[str, Table] = {}
+    start = 0
+    for s, fraction in (ds.fractions or DEFAULT_FRACTIONS).items():
+        stop = min(n, start + round(fraction * n))
+        out[s] = {k: v[start:stop] for k, v in table.items()}
+        start = stop
     return out
 
 
@@ -284,13 +294,12 @@ def _label_array(values: np.ndarray, task: TaskConfig, what: str) -> np.ndarray:
         if nan.any() and isinstance(ignore, int) and not isinstance(ignore, bool):
             values = np.where(nan, float(ignore), values)
         elif nan.any():
-            raise ValueError(f"{what} has missing labels, but the task's ignore_value is {ignore}")
+            raise DataError([f"{what} has missing labels, but the task's ignore_value is {ignore}"])
         bad = values != np.round(values)
         if bad.any():
             i = int(np.argmax(bad.reshape(len(values), -1).any(axis=1)))
-            raise ValueError(
-                f"{what} holds {values.reshape(len(values), -1)[i]} in row {i + 1}, not a class id"
-            )
+            row = values.reshape(len(values), -1)[i]
+            raise DataError([f"{what} holds {row} in row {i + 1}, not a class id"])
     return values.astype(np.int64)
 
 
@@ -319,7 +328,7 @@ def load_datasets(
             for fld, spec in ds.fields.items():
                 try:
                     arr = _column(table, spec, origin, is_csv, matrix=True)
-                except (KeyError, ValueError) as e:
+                except ValueError as e:  # our DataError, or numpy refusing a conversion
                     problems.append(f"{key}.fields.{fld}: {e.args[0]}")
                     continue
                 if arr.dtype.kind == "f" and arr.dtype != np.float32:
@@ -330,7 +339,7 @@ def load_datasets(
                 try:
                     arr = _column(table, spec, origin, is_csv, matrix=False)
                     arr = _label_array(arr, cfg.tasks[task_name], what)
-                except (KeyError, ValueError) as e:
+                except ValueError as e:  # our DataError, or numpy refusing a conversion
                     problems.append(f"{key}.labels.{task_name}: {e.args[0]}")
                     continue
                 Y[task_name] = torch.from_numpy(np.ascontiguousarray(arr))

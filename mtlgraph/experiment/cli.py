@@ -8,6 +8,9 @@ the arguments it adds::
 
     @command("diagnose", "inspect a run directory", arguments=_diagnose_args)
     def diagnose(args: argparse.Namespace) -> int: ...
+
+Start-up is kept light: building the parser imports neither torch, numpy nor yaml (``--help`` and
+``--version`` answer at once); each command imports what it needs when it runs.
 """
 
 from __future__ import annotations
@@ -23,9 +26,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
-import yaml
 
 from mtlgraph.exceptions import MtlGraphError
 
@@ -107,6 +107,8 @@ def new_run_dir(root: str | Path, experiment: str, now: datetime.datetime | None
 
 def _seed_process(seed: int) -> None:
     """The CLI owns its process: seed python's and numpy's global generators for user code."""
+    import numpy as np
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
 
@@ -189,8 +191,10 @@ def _train(args: argparse.Namespace, cfg: ExperimentConfig, env: DistEnv) -> int
     return EXIT_OK
 
 
-class _RunFailure(Exception):
-    """Marks an exception raised after set-up (exit status 1); ``__cause__`` is the real one."""
+class _RunFailure(MtlGraphError):
+    """Marks an exception raised after set-up (exit status 1); ``__cause__`` is the real one.
+
+    Internal: :func:`main` unwraps it and reports the cause."""
 
 
 # ---------------------------------------------------------------- evaluate
@@ -453,17 +457,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         # mtlgraph's own errors (data that does not fit, a checkpoint of another run) are
         # configuration errors even when found after set-up; anything else is a run-time failure
         return EXIT_USAGE if isinstance(error, MtlGraphError) else EXIT_FAILURE
-    except (MtlGraphError, yaml.YAMLError, FileNotFoundError) as error:
-        _report(error, args.debug)
-        return EXIT_USAGE
     except KeyboardInterrupt as error:
         _report(error, args.debug, "interrupted")
         return 130
     except Exception as error:
         _report(error, args.debug)
-        return EXIT_FAILURE
+        return EXIT_USAGE if _is_usage_error(error) else EXIT_FAILURE
     finally:
         logging.getLogger("mtlgraph").removeHandler(handler)
+
+
+def _is_usage_error(error: BaseException) -> bool:
+    """mtlgraph's own errors, YAML errors and missing files are usage errors (exit status 2)."""
+    if isinstance(error, (MtlGraphError, FileNotFoundError)):
+        return True
+    yaml = sys.modules.get("yaml")  # only a command that imported yaml can raise its errors
+    return yaml is not None and isinstance(error, yaml.YAMLError)
 
 
 def _report(error: BaseException, debug: bool, what: str = "error") -> None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
-import re
 import sys
 import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -37,14 +36,15 @@ from typing import Any, Literal
 
 import yaml
 
-from mtlgraph._schema import Problems, build, convert
+from mtlgraph._io import map_structure
+from mtlgraph._schema import Problems, build, convert, plain_config
 from mtlgraph._suggest import did_you_mean, quoted
 from mtlgraph.data.synthetic import GENERATORS
 from mtlgraph.exceptions import ConfigError
+from mtlgraph.experiment.yaml_lines import apply_overrides, locate, parse_yaml
 from mtlgraph.graph.modules import get_module_factory, module_types
 from mtlgraph.graph.task import INPUT, TaskType, loss_names
 from mtlgraph.metrics import metric_names
-from mtlgraph.training.checkpoint import plain_config
 from mtlgraph.training.trainer import TrainerConfig
 
 FILE_FORMATS = ("npz", "csv")
@@ -121,6 +121,17 @@ class DatasetConfig:
     shuffle: bool | None = None  # reshuffle its training split each epoch; null = data.shuffle
 
     def validate(self) -> list[str]:
+        problems = [*self._source_problems(), *self._fraction_problems()]
+        if not self.fields:
+            problems.append("fields: empty; map at least one input field to an array or column")
+        if not self.labels:
+            problems.append("labels: empty; map at least one task to its label array or column")
+        if self.batch_size is not None and self.batch_size < 1:
+            problems.append(f"batch_size: must be >= 1, got {self.batch_size}")
+        return problems
+
+    def _source_problems(self) -> list[str]:
+        """Exactly one of generator and path; file-only keys with one file; known formats."""
         problems = []
         if (self.generator is None) == (self.path is None):
             problems.append("generator: give exactly one of 'generator' and 'path'")
@@ -130,20 +141,6 @@ class DatasetConfig:
         for key in ("split_field", "fractions"):
             if getattr(self, key) is not None and not single:
                 problems.append(f"{key}: only for a single file ('path: file.csv')")
-        if self.split_field is not None and self.fractions is not None:
-            problems.append("fractions: give 'split_field' or 'fractions', not both")
-        if self.fractions is not None:
-            bad = [f"{k}={v}" for k, v in self.fractions.items() if not 0 < v <= 1]
-            if bad or not self.fractions:
-                problems.append(f"fractions: each must be in (0, 1], got {', '.join(bad) or '{}'}")
-            elif sum(self.fractions.values()) > 1 + 1e-9:
-                problems.append(f"fractions: sum to {sum(self.fractions.values()):.4g} > 1")
-        if not self.fields:
-            problems.append("fields: empty; map at least one input field to an array or column")
-        if not self.labels:
-            problems.append("labels: empty; map at least one task to its label array or column")
-        if self.batch_size is not None and self.batch_size < 1:
-            problems.append(f"batch_size: must be >= 1, got {self.batch_size}")
         paths = self.path.values() if isinstance(self.path, dict) else [self.path or ""]
         for p in paths:
             suffix = Path(p).suffix.lstrip(".").lower()
@@ -152,6 +149,19 @@ class DatasetConfig:
                     f"path: cannot tell the format of '{p}' from its suffix; use a .npz or .csv "
                     "file or set 'format'"
                 )
+        return problems
+
+    def _fraction_problems(self) -> list[str]:
+        if self.fractions is None:
+            return []
+        problems = []
+        if self.split_field is not None:
+            problems.append("fractions: give 'split_field' or 'fractions', not both")
+        bad = [f"{k}={v}" for k, v in self.fractions.items() if not 0 < v <= 1]
+        if bad or not self.fractions:
+            problems.append(f"fractions: each must be in (0, 1], got {', '.join(bad) or '{}'}")
+        elif sum(self.fractions.values()) > 1 + 1e-9:
+            problems.append(f"fractions: sum to {sum(self.fractions.values()):.4g} > 1")
         return problems
 
 
@@ -295,48 +305,62 @@ def _check_tasks(
                     f"{path}.modules[{i}]: unknown module '{m}'{did_you_mean(m, modules)}; "
                     f"{declared}"
                 )
-        seen: list[str] = []
-        for i, op in enumerate(task.ops):
-            op_path = f"{path}.ops[{i}]"
-            if op.module not in modules:
-                problems.append(
-                    f"{op_path}.module: unknown module '{op.module}'"
-                    f"{did_you_mean(op.module, modules)}; {declared}"
-                )
-            elif task.modules is not None and op.module not in task.modules:
-                problems.append(
-                    f"{op_path}.module: '{op.module}' is not in the task's module pool "
-                    f"{quoted(task.modules)}; add it to tasks.{name}.modules"
-                )
-            for j, spec in enumerate(op.inputs):
-                source = _source(spec)
-                if not isinstance(source, str) or source == INPUT or source in seen:
-                    continue
-                problems.append(
-                    f"{op_path}.inputs[{j}]: '{source}' names no earlier operation of the task"
-                    f"{did_you_mean(source, [*seen, INPUT])}; inputs are earlier op names or "
-                    f"'{INPUT}'"
-                )
-            op_name = op.name or op.module
-            if op_name in seen:
-                problems.append(
-                    f"{op_path}: a second operation named '{op_name}'; give one a 'name'"
-                )
-            seen.append(op_name)
-        if task.loss is not None and task.loss not in loss_names():
+        problems += _check_ops(name, task, modules, declared)
+        problems += _check_loss_and_metrics(path, task)
+    return problems
+
+
+def _check_ops(
+    name: str, task: TaskConfig, modules: Mapping[str, Mapping[str, Any]], declared: str
+) -> list[str]:
+    """Each op's module is declared and in the pool; inputs name earlier ops; names unique."""
+    problems = []
+    seen: list[str] = []
+    for i, op in enumerate(task.ops):
+        op_path = f"tasks.{name}.ops[{i}]"
+        if op.module not in modules:
             problems.append(
-                f"{path}.loss: unknown loss '{task.loss}'{did_you_mean(task.loss, loss_names())};"
-                f" known: {quoted(loss_names())} (null = the task type's default)"
+                f"{op_path}.module: unknown module '{op.module}'"
+                f"{did_you_mean(op.module, modules)}; {declared}"
             )
-        for i, metric_spec in enumerate(task.metrics or []):
-            metric = metric_spec if isinstance(metric_spec, str) else metric_spec.get("name")
-            if not isinstance(metric, str):
-                problems.append(f"{path}.metrics[{i}]: a metric mapping needs a 'name'")
-            elif metric not in metric_names():
-                problems.append(
-                    f"{path}.metrics[{i}]: unknown metric '{metric}'"
-                    f"{did_you_mean(metric, metric_names())}; known: {quoted(metric_names())}"
-                )
+        elif task.modules is not None and op.module not in task.modules:
+            problems.append(
+                f"{op_path}.module: '{op.module}' is not in the task's module pool "
+                f"{quoted(task.modules)}; add it to tasks.{name}.modules"
+            )
+        for j, spec in enumerate(op.inputs):
+            source = _source(spec)
+            if not isinstance(source, str) or source == INPUT or source in seen:
+                continue
+            problems.append(
+                f"{op_path}.inputs[{j}]: '{source}' names no earlier operation of the task"
+                f"{did_you_mean(source, [*seen, INPUT])}; inputs are earlier op names or "
+                f"'{INPUT}'"
+            )
+        op_name = op.name or op.module
+        if op_name in seen:
+            problems.append(f"{op_path}: a second operation named '{op_name}'; give one a 'name'")
+        seen.append(op_name)
+    return problems
+
+
+def _check_loss_and_metrics(path: str, task: TaskConfig) -> list[str]:
+    """The task's loss and metrics name registered ones."""
+    problems = []
+    if task.loss is not None and task.loss not in loss_names():
+        problems.append(
+            f"{path}.loss: unknown loss '{task.loss}'{did_you_mean(task.loss, loss_names())};"
+            f" known: {quoted(loss_names())} (null = the task type's default)"
+        )
+    for i, metric_spec in enumerate(task.metrics or []):
+        metric = metric_spec if isinstance(metric_spec, str) else metric_spec.get("name")
+        if not isinstance(metric, str):
+            problems.append(f"{path}.metrics[{i}]: a metric mapping needs a 'name'")
+        elif metric not in metric_names():
+            problems.append(
+                f"{path}.metrics[{i}]: unknown metric '{metric}'"
+                f"{did_you_mean(metric, metric_names())}; known: {quoted(metric_names())}"
+            )
     return problems
 
 
@@ -370,188 +394,6 @@ def _check_data(data: DataConfig, tasks: Mapping[str, TaskConfig]) -> list[str]:
                     f"generator '{ds.generator}'", gen, ds.args, f"{path}.args"
                 )
     return problems
-
-
-# ---------------------------------------------------------------- YAML with line numbers
-
-
-class _Loader(yaml.SafeLoader):
-    """``yaml.SafeLoader``: only plain YAML types are constructed, never Python objects."""
-
-
-def _index(
-    node: yaml.Node | None, path: str, lines: dict[str, int], problems: list[tuple[int, str]]
-) -> None:
-    """Record the line of every dotted path; report duplicate keys with both lines."""
-    if isinstance(node, yaml.MappingNode):
-        first: dict[str, int] = {}
-        for key_node, value_node in node.value:
-            key = str(key_node.value)
-            if key == "<<":  # YAML merge key: PyYAML merges it
-                _index(value_node, path, lines, problems)
-                continue
-            sub = f"{path}.{key}" if path else key
-            line = key_node.start_mark.line + 1
-            if key in first:
-                problems.append(
-                    (
-                        line,
-                        f"{sub}: duplicate key '{key}' on line {line} (first on line "
-                        f"{first[key]}); YAML would silently keep the last one: remove or rename "
-                        "one",
-                    )
-                )
-            else:
-                first[key] = line
-                lines[sub] = line
-            _index(value_node, sub, lines, problems)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            sub = f"{path}[{i}]"
-            lines[sub] = item.start_mark.line + 1
-            _index(item, sub, lines, problems)
-
-
-def parse_yaml(text: str, source: str = "<string>") -> tuple[Any, dict[str, int], list[str]]:
-    """Parse YAML safely; return ``(data, {dotted path: line}, duplicate-key problems)``.
-
-    The problems are located already (``"<source>:<line>: <key>: ..."``).
-
-    Raises:
-        ConfigError: A YAML syntax error (with its line and column).
-    """
-    loader = _Loader(text)
-    try:
-        node = loader.get_single_node()
-        lines: dict[str, int] = {}
-        dupes: list[tuple[int, str]] = []
-        _index(node, "", lines, dupes)
-        problems = [f"{source}:{line}: {p}" for line, p in dupes]
-        data = loader.construct_document(node) if node is not None else None
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
-        what = " ".join(str(p) for p in (e.context, e.problem) if p)
-        raise ConfigError([f"{where}: invalid YAML: {what}"]) from e
-    except yaml.YAMLError as e:
-        raise ConfigError([f"{source}: invalid YAML: {e}"]) from e
-    finally:
-        loader.dispose()
-    return data, lines, problems
-
-
-def _line_of(path: str, lines: Mapping[str, int]) -> int | None:
-    """Line of ``path`` or of its closest enclosing key."""
-    while path:
-        if path in lines:
-            return lines[path]
-        cut = max(path.rfind("."), path.rfind("["), path.rfind(" "))
-        path = path[:cut] if cut > 0 else ""
-    return None
-
-
-def _locate(
-    problem: str, source: str, lines: Mapping[str, int], overrides: Mapping[str, str]
-) -> str:
-    """Prefix ``"file:line: "`` (or the override that set the value) to a problem."""
-    path = problem.split(": ", 1)[0]
-    for key, text in overrides.items():
-        if path == key or path.startswith((f"{key}.", f"{key}[", f"{key} ")):
-            return f"{source} (override '{text}'): {problem}"
-    line = _line_of(path, lines)
-    return f"{source}:{line}: {problem}" if line else f"{source}: {problem}"
-
-
-# ---------------------------------------------------------------- overrides
-
-
-_INDEX = re.compile(r"^(.*?)\[(\d+)\]$")
-
-
-def _key_parts(key: str) -> list[str | int]:
-    parts: list[str | int] = []
-    for raw in key.split("."):
-        indices: list[int] = []
-        m = _INDEX.match(raw)
-        while m:
-            raw, idx = m.group(1), int(m.group(2))
-            indices.insert(0, idx)
-            m = _INDEX.match(raw)
-        if raw:
-            parts.append(int(raw) if raw.isdigit() else raw)
-        parts += indices
-    return parts
-
-
-def apply_overrides(
-    data: dict[str, Any], overrides: Sequence[str], problems: list[str]
-) -> dict[str, str]:
-    """Apply ``a.b.c=value`` overrides in place (values parsed as YAML: ``3``, ``0.1``,
-    ``true``, ``null``, ``[8, 4]``, ``{name: adam}``); return ``{dotted path: override}``.
-
-    Missing mappings on the way are created; list items are addressed as ``ops[1]`` or ``ops.1``.
-
-    Example:
-        >>> data = {"trainer": {"lr": 0.1}}
-        >>> apply_overrides(data, ["trainer.lr=0.02", "trainer.optimizer={name: sgd}"], [])
-        {'trainer.lr': 'trainer.lr=0.02', 'trainer.optimizer': 'trainer.optimizer={name: sgd}'}
-        >>> data
-        {'trainer': {'lr': 0.02, 'optimizer': {'name': 'sgd'}}}
-    """
-    applied: dict[str, str] = {}
-    for text in overrides:
-        key, sep, raw = text.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            problems.append(f"override '{text}': expected KEY=VALUE, e.g. trainer.lr=0.01")
-            continue
-        try:
-            value, _, dupes = parse_yaml(raw, f"override '{text}'")
-        except ConfigError as e:
-            problems += e.problems
-            continue
-        problems += [f"override '{text}': {d.split(': ', 1)[1]}" for d in dupes]
-        parts = _key_parts(key)
-        node: Any = data
-        dotted = ""
-        ok = True
-        for i, part in enumerate(parts):
-            last = i == len(parts) - 1
-            here = dotted
-            dotted = (
-                f"{dotted}[{part}]"
-                if isinstance(part, int)
-                else (f"{dotted}.{part}" if dotted else part)
-            )
-            if isinstance(node, list):
-                if not isinstance(part, int) or not 0 <= part < len(node):
-                    problems.append(
-                        f"override '{text}': {here or 'the config'} is a list of {len(node)} "
-                        f"items; address one as {here}[0]..{here}[{len(node) - 1}]"
-                    )
-                    ok = False
-                    break
-            elif isinstance(node, dict):
-                part = str(part)
-                if not last and not isinstance(node.get(part), (dict, list)):
-                    if part in node and node[part] is not None:
-                        problems.append(
-                            f"override '{text}': {dotted} is {node[part]!r}, not a mapping"
-                        )
-                        ok = False
-                        break
-                    node[part] = {}
-            else:
-                problems.append(f"override '{text}': {here} is {node!r}, not a mapping")
-                ok = False
-                break
-            if last:
-                node[part] = value
-            else:
-                node = node[part]
-        if ok:
-            applied[dotted] = text
-    return applied
 
 
 # ---------------------------------------------------------------- loading
@@ -623,7 +465,7 @@ def parse_config(
     """
     early = list(problems or [])
     problems = Problems()
-    raw = _deep_copy(data)
+    raw = map_structure(lambda leaf: leaf, dict(data) if isinstance(data, Mapping) else data)
     if not isinstance(raw, dict):
         raise ConfigError(
             [
@@ -635,7 +477,7 @@ def parse_config(
     import_user_modules(raw.get("imports", []), problems, [Path.cwd(), Path(base_dir)])
     cfg = build(ExperimentConfig, raw, "", problems)
     if problems or early:
-        located = early + [_locate(p, source, lines or {}, applied) for p in problems]
+        located = early + [locate(p, source, lines or {}, applied) for p in problems]
         n = len(located)
         raise ConfigError(
             located, header=f"invalid config '{source}' ({n} problem{'s' * (n > 1)}):"
@@ -686,14 +528,6 @@ def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
 def dump_config(cfg: ExperimentConfig) -> str:
     """The resolved config as YAML text (keys in declaration order)."""
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
-
-
-def _deep_copy(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {k: _deep_copy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_deep_copy(v) for v in value]
-    return value
 
 
 __all__ = [
