@@ -9,12 +9,15 @@ the complete new one, never half of one.
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 import torch
+
+from mtlgraph.exceptions import CheckpointError
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]) -> Path:
@@ -99,3 +102,28 @@ def move_to_device(value: Any, device: torch.device) -> Any:
         return leaf
 
     return map_structure(move, value)
+
+
+def load_weights_only(
+    file: str | os.PathLike[str], map_location: str | torch.device = "cpu"
+) -> Any:
+    """``torch.load(file, weights_only=True)``: tensors and plain values load, code never runs.
+
+    The one safe reader of the files mtlgraph writes with :func:`atomic_torch_save`.
+
+    Raises:
+        CheckpointError: A file holding a pickled Python object (refused), a torn or foreign
+            file; the message names the file.
+    """
+    try:
+        return torch.load(file, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only" not in str(e):
+            raise CheckpointError(f"cannot read checkpoint '{file}': {e}") from e
+        raise CheckpointError(
+            f"refusing to load checkpoint '{file}': it holds a pickled Python object, and "
+            "mtlgraph loads checkpoints only with torch.load(weights_only=True) (tensors and "
+            "plain values). Re-save it without objects, e.g. with state_dict()s."
+        ) from e
+    except Exception as e:
+        raise CheckpointError(f"cannot read checkpoint '{file}': {type(e).__name__}: {e}") from e

@@ -33,15 +33,7 @@ LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
 
 # Known violations, each to be removed by the change named (issue 10); an entry that no longer
 # occurs fails test_known_violations_still_exist, so the list only shrinks.
-KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {
-    ("mtlgraph/diagnostics/__init__.py", "mtlgraph.training.writers"): (
-        "write_report should write through mtlgraph._io (atomic JSON/text), not training.writers"
-    ),
-    ("mtlgraph/diagnostics/__init__.py", "mtlgraph.training.checkpoint"): (
-        "load_report reads a run directory's checkpoint: it belongs above diagnostics "
-        "(training or experiment), or the checkpoint reader below it"
-    ),
-}
+KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {}
 
 MAX_MODULE_LINES = 600
 # module -> why it may be longer (none yet)

@@ -70,11 +70,6 @@ def test_import_mtlgraph_imports_nothing_heavy() -> None:
     assert loaded == []
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="until the 'registry' engineer's lazy metrics/writers land (issue 10): metrics.py "
-    "still imports scipy.stats and scikit-learn eagerly",
-)
 def test_public_names_import_no_optional_heavy_module() -> None:
     code = _IMPORT.format(
         statement="from mtlgraph import *", heavy=("scipy", "sklearn", "tensorboard")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mtlgraph._io import atomic_write_text, map_structure
+from mtlgraph._io import atomic_write_text, load_weights_only, map_structure
 from mtlgraph.diagnostics.stats import SIGNIFICANCE, mean_and_error, mutual_affinity, suggest_groups
 from mtlgraph.exceptions import CheckpointError
 
@@ -378,7 +378,6 @@ def load_report(run_dir: str | os.PathLike[str]) -> DiagnosticsReport:
         CheckpointError: The directory holds neither (the run had no ``diagnostics``).
     """
     # imported here: the training loop imports this package (it runs the monitor)
-    from mtlgraph.training.checkpoint import load_checkpoint
 
     directory = Path(run_dir)
     path = directory / REPORT_JSON
@@ -391,8 +390,14 @@ def load_report(run_dir: str | os.PathLike[str]) -> DiagnosticsReport:
                 "checkpoint instead"
             ) from e
         return DiagnosticsReport.from_dict(data)
+    # where the training loop saves its last state (docs/checkpoints.md)
+    last = directory / "checkpoints" / "last.pt"
     try:
-        state = load_checkpoint(directory)
+        if not last.is_file():
+            raise CheckpointError(f"'{last}' does not exist")
+        state = load_weights_only(last)
+        if not isinstance(state, dict):
+            raise CheckpointError(f"'{last}' is not an mtlgraph training checkpoint")
     except CheckpointError as e:
         raise CheckpointError(
             f"no diagnostics in '{directory}': no {REPORT_JSON} and no readable checkpoint ({e}). "
