@@ -191,7 +191,14 @@ def test_checkpoint_contents(tmp_path: Path) -> None:
         "config",
     }
     run = state["run"]
-    assert set(run) == {"progress", "scheduler", "history", "window", "epoch_losses", "rank_records"}
+    assert set(run) == {
+        "progress",
+        "scheduler",
+        "history",
+        "window",
+        "epoch_losses",
+        "rank_records",
+    }
     assert run["progress"]["global_step"] == 17 and run["progress"]["epoch"] == 1
     assert set(state["rng"]) == {"torch", "cuda", "python", "numpy"}
     assert run["scheduler"]["rng"]["bit_generator"] == "PCG64"

@@ -10,7 +10,7 @@ checked against the component's signature, so a misspelled argument fails before
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -152,7 +152,7 @@ def _check_named(
     key: str,
     spec: str | Mapping[str, Any],
     names: list[str],
-    params_of: Any,
+    params_of: Callable[[str], set[str] | None],
 ) -> list[str]:
     """Validate a ``name`` or ``{"name": ..., **kwargs}`` setting against a registry's names and
     the keyword arguments ``params_of(name)`` accepts (``None``: any)."""

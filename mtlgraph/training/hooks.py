@@ -89,7 +89,9 @@ class ProbeHook(Hook):
         values = self.monitor.probe(
             loop.model, loop.train, loop.stepper.full_groups, state.global_step
         )
-        loop.publish({"epoch": float(state.epoch_number), "step": float(state.global_step), **values})
+        loop.publish(
+            {"epoch": float(state.epoch_number), "step": float(state.global_step), **values}
+        )
 
     def finish(self, loop: FitLoop) -> None:
         """``trainer.diagnostics``, logged, and written to the run directory."""

@@ -445,14 +445,8 @@ class StepControl:
             params: Sequence[nn.Parameter] = first.parameters
         else:
             params = list({id(p): p for plan in plans for p in plan.parameters}.values())
-        if len(plans) < self.n:
-            factor = self.n / len(plans)
-            for p in params:
-                if p.grad is not None:
-                    p.grad.mul_(factor)
-            for p in balancer_params or ():
-                if p.grad is not None:
-                    p.grad.mul_(factor)
+        if len(plans) < self.n:  # the mean over the micro-steps that produced gradients
+            _scale_grads([*params, *(balancer_params or ())], self.n / len(plans))
         if same:
             stepper.step(first, self.grad_clip, self.scaler)
         else:
@@ -464,3 +458,9 @@ class StepControl:
             p.grad = None
         for p in balancer_params or ():
             p.grad = None
+
+
+def _scale_grads(params: Iterable[nn.Parameter], factor: float) -> None:
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(factor)

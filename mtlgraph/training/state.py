@@ -31,7 +31,7 @@ class LossRecord(NamedTuple):
     task: str  # task name
     dataset: str  # dataset name
     loss: torch.Tensor  # the batch's mean loss over its labelled rows (a 0-d tensor)
-    count: int  # labelled rows (or elements) the loss averages over
+    count: int  # type: ignore[assignment]  # labelled rows (or elements) the loss averages over
 
 
 Records = list[LossRecord]
@@ -47,7 +47,8 @@ class RunState:
 
     Example:
         >>> from mtlgraph.training.state import RunState
-        >>> state = RunState(epoch=1, step_in_epoch=3, global_step=13, plan=[(0,), (1,), (0,)])
+        >>> state = RunState(epoch=1, step_in_epoch=3, global_step=13, batch_counts=[2, 1])
+        >>> state.plan = [(0,), (1,), (0,)]
         >>> restored = RunState()
         >>> restored.load_state_dict(state.state_dict())
         >>> (restored.epoch, restored.step_in_epoch, restored.global_step)
