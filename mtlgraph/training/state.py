@@ -53,7 +53,7 @@ class RunState:
         >>> restored.load_state_dict(state.state_dict())
         >>> (restored.epoch, restored.step_in_epoch, restored.global_step)
         (1, 3, 13)
-        >>> restored.state_dict()["progress"]["loader_positions"]
+        >>> state.state_dict()["progress"]["loader_positions"]  # batches each loader gave
         [2, 1]
     """
 
