@@ -386,12 +386,11 @@ def metric_mode(key: str, mode: str | None, keys: Mapping[str, bool]) -> str:
 
 
 class Checkpointer:
-    """Writes ``last.pt`` every N steps or epochs, and ``best.pt`` when a metric improves.
+    """Writes ``last.pt`` and ``best.pt``, and tracks the best value of a metric. When ``last.pt``
+    is due is the save hook's :class:`~mtlgraph.training.hooks.Every`.
 
     Args:
         directory: Where the files go (``<run_dir>/checkpoints``).
-        every: Save ``last.pt`` every ``every`` units (0: only when asked with ``force``).
-        unit: ``"steps"`` or ``"epochs"``.
         metric: Flat key selecting ``best.pt``, or ``None``.
         mode: ``"max"`` or ``"min"`` (required with ``metric``).
         write: Whether this process writes files. Under DDP only rank 0 does; the others keep
@@ -400,16 +399,17 @@ class Checkpointer:
     Example:
         >>> import tempfile, pathlib
         >>> from mtlgraph.training.checkpoint import Checkpointer
-        >>> ck = Checkpointer(pathlib.Path(tempfile.mkdtemp()), every=2, unit="steps")
-        >>> [ck.step_due(s) for s in (1, 2, 3, 4)]
-        [False, True, False, True]
+        >>> ck = Checkpointer(pathlib.Path(tempfile.mkdtemp()), metric="t/d/valid/acc", mode="max")
+        >>> records = [{"t/d/valid/acc": v, "step": s} for s, v in [(1, 0.5), (2, 0.4), (3, 0.7)]]
+        >>> [ck.improved(r) for r in records]
+        [True, False, True]
+        >>> ck.best_state()
+        {'metric': 't/d/valid/acc', 'mode': 'max', 'value': 0.7, 'step': 3}
     """
 
     def __init__(
         self,
         directory: Path,
-        every: int = 0,
-        unit: str = "epochs",
         metric: str | None = None,
         mode: str | None = None,
         write: bool = True,
@@ -419,17 +419,9 @@ class Checkpointer:
         if write:
             self.directory.mkdir(parents=True, exist_ok=True)
             remove_stale_temporaries(self.directory)
-        self.every, self.unit, self.metric, self.mode = every, unit, metric, mode
+        self.metric, self.mode = metric, mode
         self.best_value: float | None = None
         self.best_step: int | None = None
-
-    def step_due(self, global_step: int) -> bool:
-        """Whether ``last.pt`` is due after optimizer step number ``global_step`` (1-based)."""
-        return self.unit == "steps" and self.every > 0 and global_step % self.every == 0
-
-    def epoch_due(self, epochs_done: int) -> bool:
-        """Whether ``last.pt`` is due after ``epochs_done`` epochs."""
-        return self.unit == "epochs" and self.every > 0 and epochs_done % self.every == 0
 
     def save_last(self, state: Mapping[str, Any]) -> Path:
         """Write ``last.pt``."""

@@ -133,7 +133,11 @@ class TrainStep:
                     self.comm.mean_(p.grad)
         if not control.ready(last_of_epoch):
             return records, False
-        names = list(dict.fromkeys(t for p in control.pending for t in p.task_names))
+        pending = control.pending
+        if len(pending) == 1:
+            names: Sequence[str] = pending[0].task_names
+        else:
+            names = list(dict.fromkeys(t for p in pending for t in p.task_names))
         control.step(self.stepper, balancer_params(self.balancer, names))
         return records, True
 

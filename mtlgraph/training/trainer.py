@@ -449,8 +449,6 @@ class FitLoop:
             mode = ckpt.metric_mode(cfg.checkpoint_metric, cfg.checkpoint_mode, keys)
         checkpointer = ckpt.Checkpointer(
             Path(cfg.run_dir) / ckpt.CHECKPOINT_DIR,
-            cfg.checkpoint_every,
-            cfg.checkpoint_unit,
             cfg.checkpoint_metric,
             mode,
             write=self.env.is_main,
