@@ -105,7 +105,7 @@ def test_resume_mid_epoch_is_bit_identical(tmp_path: Path, interrupt_at: int) ->
     with pytest.raises(KeyboardInterrupt):
         Trainer(run_dir=str(tmp_path / "run"), **CONFIG).fit(model, loaders)
     state = load_checkpoint(tmp_path / "run")
-    progress = state["progress"]
+    progress = state["run"]["progress"]
     assert progress["global_step"] == 3 * ((interrupt_at - 1) // 3)  # the last multiple of 3
     assert 0 < progress["step_in_epoch"] < 17  # mid-epoch
     assert sum(progress["loader_positions"]) == progress["step_in_epoch"]
@@ -135,7 +135,7 @@ def test_resume_with_the_mixed_scheduler_cycling_loaders(tmp_path: Path) -> None
     model, loaders = _setup(at=2 * 12)  # 2 calls per step: stop in step 12 of 30
     with pytest.raises(KeyboardInterrupt):
         Trainer(run_dir=str(tmp_path / "run"), **cfg).fit(model, loaders)
-    assert load_checkpoint(tmp_path / "run")["progress"]["loader_positions"] == [8, 8]
+    assert load_checkpoint(tmp_path / "run")["run"]["progress"]["loader_positions"] == [8, 8]
     model, loaders = _setup()
     Trainer(run_dir=str(tmp_path / "run"), **cfg).fit(model, loaders, resume_from=tmp_path / "run")
     assert all(torch.equal(expected[k], v) for k, v in _params(model).items())
@@ -163,7 +163,7 @@ def test_resume_is_exact_with_balancers_and_controls(tmp_path: Path, extra: dict
     model, loaders = _setup(at=2 * 22 + 1)  # stop in the second epoch (10 steps an epoch)
     with pytest.raises(KeyboardInterrupt):
         Trainer(run_dir=str(tmp_path / "run"), **cfg).fit(model, loaders)
-    assert load_checkpoint(tmp_path / "run")["progress"]["global_step"] > 0
+    assert load_checkpoint(tmp_path / "run")["run"]["progress"]["global_step"] > 0
     model, loaders = _setup()
     resumed = Trainer(run_dir=str(tmp_path / "run"), **cfg)
     resumed.fit(model, loaders, resume_from=tmp_path / "run")
@@ -176,29 +176,36 @@ def test_checkpoint_contents(tmp_path: Path) -> None:
     trainer = Trainer(run_dir=str(tmp_path), **{**CONFIG, "n_epochs": 1})
     trainer.fit(model, loaders)
     state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
-    assert state["format"] == FORMAT and state["version"] == 1
-    assert set(state) >= {
+    assert state["format"] == FORMAT and state["version"] == 2
+    assert set(state) == {
+        "format",
+        "version",
         "model",
+        "task_names",
         "optimizer",
         "lr_scheduler",
         "balancer",
+        "run",
+        "rng",
+        "best",
+        "config",
+    }
+    run = state["run"]
+    assert set(run) == {
         "progress",
         "scheduler",
-        "rng",
         "history",
         "window",
         "epoch_losses",
-        "best",
-        "config",
-        "task_names",
+        "rank_records",
     }
-    assert state["progress"]["global_step"] == 17 and state["progress"]["epoch"] == 1
+    assert run["progress"]["global_step"] == 17 and run["progress"]["epoch"] == 1
     assert set(state["rng"]) == {"torch", "cuda", "python", "numpy"}
-    assert state["scheduler"]["rng"]["bit_generator"] == "PCG64"
+    assert run["scheduler"]["rng"]["bit_generator"] == "PCG64"
     assert state["best"]["metric"] == "a/da/valid/accuracy" and state["best"]["mode"] == "max"
     assert isinstance(state["best"]["value"], float)
     assert state["config"]["trainer"]["lr"] == 0.02
-    assert state["history"] == trainer.history
+    assert run["history"] == trainer.history
 
 
 def test_best_mode_comes_from_the_metric(tmp_path: Path) -> None:

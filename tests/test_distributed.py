@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,3 +159,45 @@ def test_a_dead_rank_ends_the_job_with_an_error(tmp_path) -> None:  # type: igno
     assert procs[0].exitcode not in (0, None)  # failed, did not hang or finish
     assert items[0] != "finished"
     assert time.monotonic() - start < 120
+
+
+def test_an_off_trainer_runs_no_collective_inside_a_process_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Collectives follow the Trainer's own environment, not whether a group exists."""
+    import torch
+    import torch.distributed as dist
+
+    from mtlgraph import Trainer
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    calls: list[str] = []
+    try:
+        for name in ("all_reduce", "all_gather_object", "barrier", "broadcast_object_list"):
+            real = getattr(dist, name)
+
+            def record(*args: object, _name: str = name, _real: object = real, **kw: object):  # type: ignore[no-untyped-def]
+                calls.append(_name)
+                return _real(*args, **kw)  # type: ignore[operator]
+
+            monkeypatch.setattr(dist, name, record)
+        torch.manual_seed(0)
+        model = small_model()
+        loaders = [
+            DictDataLoader(small_data(32, "train"), batch_size=8),
+            DictDataLoader(small_data(16, "valid"), batch_size=8),
+        ]
+        trainer = Trainer(
+            n_epochs=2,
+            progress_bar=False,
+            distributed="off",
+            run_dir=str(tmp_path / "run"),
+            checkpoint_every=1,
+            balancer="uncertainty",
+        )
+        trainer.fit(model, loaders)
+        assert trainer.global_step == 8 and len(trainer.history) == 2
+        assert calls == []
+    finally:
+        dist.destroy_process_group()

@@ -177,17 +177,17 @@ def test_grad_clip_bounds_the_update() -> None:
 
 
 def test_lr_schedules() -> None:
-    assert lr_factor_fn("constant", 0, 100, 10) is None
-    warm = lr_factor_fn("constant", 4, 100, 10)
-    assert warm is not None and [warm(s) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
-    lin = lr_factor_fn("linear", 0, 10, 5)
-    assert lin is not None and lin(0) == 1.0 and lin(5) == pytest.approx(0.5)
-    cos = lr_factor_fn({"name": "cosine", "min_factor": 0.1}, 0, 10, 5)
-    assert cos is not None and cos(0) == 1.0 and cos(5) == pytest.approx(0.55)
-    step = lr_factor_fn({"name": "step", "step_size": 2, "gamma": 0.5}, 0, 100, 10)
-    assert step is not None and [step(s) for s in (0, 19, 20, 40)] == [1.0, 1.0, 0.5, 0.25]
-    exp = lr_factor_fn({"name": "exponential", "gamma": 0.5}, 0, 100, 10)
-    assert exp is not None and exp(25) == 0.25
+    assert lr_factor_fn("constant", 0, 100) is None
+    warm = lr_factor_fn("constant", 4, 100)
+    assert warm is not None and [warm(s, 0) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    lin = lr_factor_fn("linear", 0, 10)
+    assert lin is not None and lin(0, 0) == 1.0 and lin(5, 1) == pytest.approx(0.5)
+    cos = lr_factor_fn({"name": "cosine", "min_factor": 0.1}, 0, 10)
+    assert cos is not None and cos(0, 0) == 1.0 and cos(5, 1) == pytest.approx(0.55)
+    step = lr_factor_fn({"name": "step", "step_size": 2, "gamma": 0.5}, 0, 100)
+    assert step is not None and [step(s, s // 10) for s in (0, 19, 20, 40)] == [1.0, 1.0, 0.5, 0.25]
+    exp = lr_factor_fn({"name": "exponential", "gamma": 0.5}, 0, 100)
+    assert exp is not None and exp(25, 2) == 0.25
 
 
 def test_lr_is_recorded_under_a_schedule() -> None:

@@ -15,6 +15,7 @@ state is part of a checkpoint, so an interrupted epoch resumes with the same ord
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -70,6 +71,23 @@ class BatchScheduler(ABC):
                 )
             plan.append(step)
         return plan
+
+    def epoch_lengths(self, batch_counts: Sequence[int], n_epochs: int) -> list[int]:
+        """The number of steps of each of the next ``n_epochs`` epochs, leaving this scheduler
+        as it was.
+
+        The Trainer asks this once per ``fit`` for the LR schedule's horizon, so a scheduler
+        whose epochs differ in length gets the right one. The default plans the epochs on a copy
+        of the scheduler (its generator included); override it when the lengths are known
+        without planning.
+
+        Example:
+            >>> from mtlgraph.data.schedulers import MixedScheduler
+            >>> MixedScheduler().epoch_lengths([3, 5], n_epochs=2)
+            [5, 5]
+        """
+        probe = copy.deepcopy(self)
+        return [len(probe.epoch_plan(batch_counts)) for _ in range(n_epochs)]
 
     def state_dict(self) -> dict[str, Any]:
         """The generator state (plain values, checkpoint-safe)."""

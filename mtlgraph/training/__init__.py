@@ -1,7 +1,19 @@
-"""Training: the loop, its config, LR schedules, the step, optimizer set-up, checkpoints,
-writers and distributed helpers.
+"""Training: the loop, its config, LR schedules, the step, run state and hooks, optimizer set-up,
+checkpoints, writers and distributed helpers.
 """
 
+from mtlgraph.training.lr import LR_SCHEDULES, register_lr_schedule
+from mtlgraph.training.optim import OPTIMIZERS, register_optimizer
+from mtlgraph.training.state import LossRecord, RunState
 from mtlgraph.training.trainer import Trainer, TrainerConfig
 
-__all__ = ["Trainer", "TrainerConfig"]
+__all__ = [
+    "LR_SCHEDULES",
+    "OPTIMIZERS",
+    "LossRecord",
+    "RunState",
+    "Trainer",
+    "TrainerConfig",
+    "register_lr_schedule",
+    "register_optimizer",
+]

@@ -7,24 +7,26 @@ never a torn one. It is read back only with ``torch.load(weights_only=True)``, s
 checkpoint never runs code; one that holds a pickled object is refused with a
 :class:`~mtlgraph.CheckpointError`.
 
-Contents (``version`` 1; see ``docs/checkpoints.md``)::
+Contents (``version`` 2; see ``docs/checkpoints.md``): one state dict per piece of the run, as
+pytorch-ignite's ``Checkpoint`` stores them::
 
-    format, version          "mtlgraph.checkpoint", 1
+    format, version          "mtlgraph.checkpoint", 2
     model, task_names        model.state_dict(), the model's task names
     optimizer                the torch optimizer's state_dict (all parameter groups)
     lr_scheduler             the schedule spec, warm-up and base learning rates (the LR factor
-                             is a pure function of global_step)
+                             is a pure function of the run's step counters)
     balancer                 balancer.state_dict()
-    progress                 epoch, step_in_epoch, global_step, last_logged, batch_counts,
-                             loader_positions (batches each training loader gave this epoch)
-    scheduler                the batch scheduler's state at the start of ``epoch``
+    run                      RunState.state_dict(): progress (epoch, step_in_epoch, global_step,
+                             last_logged, batch_counts, loader_positions, world_size), the batch
+                             scheduler's state at the start of the epoch, history, the loss window
+                             and the epoch's losses
     rng                      torch CPU (and CUDA) generator states, python ``random``, numpy's
                              global generator
-    history, window,         Trainer.history, the training losses since the last evaluation and
-    epoch_losses             those of the current epoch
     best                     checkpoint_metric, mode, best value and its step
     config                   {"trainer": the TrainerConfig, "experiment": the resolved YAML config}
     diagnostics              (with TrainerConfig.diagnostics) the interference monitor's sums
+
+Version 1 files (the run's entries at the top level) are read and converted on load.
 
 Resuming at ``(epoch, step_in_epoch)`` restores everything above, recomputes the epoch's batch
 plan from the scheduler state, starts every loader at its position (``DictDataLoader.iterate
@@ -33,6 +35,7 @@ plan from the scheduler state, starts every loader at its position (``DictDataLo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -49,22 +52,21 @@ import torch
 from mtlgraph._io import atomic_torch_save
 from mtlgraph._suggest import did_you_mean
 from mtlgraph.data.datasets import Batch, DictDataLoader
-from mtlgraph.data.schedulers import BatchScheduler
+from mtlgraph.data.schedulers import Step
 from mtlgraph.exceptions import CheckpointError, ConfigError
+from mtlgraph.metrics import make_key
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "mtlgraph.checkpoint"
-VERSION = 1
+VERSION = 2
 CHECKPOINT_DIR = "checkpoints"
 """Sub-directory of a run directory that holds ``last.pt`` and ``best.pt``."""
 LAST = "last.pt"
 BEST = "best.pt"
 
 _PLAIN = (str, int, float, bool, type(None))
-
-# A window of training-loss records: (task, dataset, loss tensor, number of labels).
-Records = list[tuple[str, str, torch.Tensor, int]]
+_RUN_KEYS = ("progress", "scheduler", "history", "window", "epoch_losses", "rank_records")
 
 
 # ---------------------------------------------------------------- files
@@ -170,7 +172,16 @@ def load_checkpoint(
             f"checkpoint '{file}' has format version {state['version']}; this mtlgraph reads "
             f"up to {VERSION}: upgrade mtlgraph"
         )
-    return state
+    return _upgrade(state)
+
+
+def _upgrade(state: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 checkpoint (run entries at the top level) in the version-2 layout."""
+    if int(state.get("version", 0)) >= 2 or "progress" not in state:
+        return state
+    run = {k: state.pop(k) for k in _RUN_KEYS if k in state}
+    run.setdefault("rank_records", [])
+    return {**state, "version": VERSION, "run": run}
 
 
 def load_weights(model: Any, path: str | os.PathLike[str]) -> None:
@@ -187,12 +198,7 @@ def load_weights(model: Any, path: str | os.PathLike[str]) -> None:
         return
     if fmt != FORMAT:
         raise CheckpointError(f"'{file}' is neither an mtlgraph checkpoint nor a model file")
-    missing, unexpected = model.load_state_dict(state["model"], strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"'{file}' holds the weights of tasks {state.get('task_names')}, the model has "
-            f"{model.task_names} (missing {list(missing)}, unexpected {list(unexpected)})"
-        )
+    load_model_state(model, state, f"'{file}'")
 
 
 def remove_stale_temporaries(directory: Path) -> None:
@@ -245,35 +251,61 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     np.random.set_state(np_state)
 
 
-# ---------------------------------------------------------------- loss records
+@contextlib.contextmanager
+def global_rng_preserved(cuda_devices: Sequence[int] = ()) -> Iterator[None]:
+    """Leave torch's (CPU and the given CUDA devices'), python's and numpy's global random
+    states as they were on entry, whatever the body draws or sets (``fit`` seeds and, on
+    resume, restores them for the run; the caller's states come back afterwards)."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=list(cuda_devices)):
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
 
 
-def records_state(records: Records) -> dict[str, Any]:
-    """Loss records as plain lists and one float tensor (exact values kept)."""
-    return {
-        "task": [r[0] for r in records],
-        "dataset": [r[1] for r in records],
-        "loss": torch.stack([r[2].detach().float().cpu() for r in records])
-        if records
-        else torch.zeros(0),
-        "n": [int(r[3]) for r in records],
-    }
+# ---------------------------------------------------------------- resume
 
 
-def records_from_state(state: Mapping[str, Any]) -> Records:
-    """Inverse of :func:`records_state`."""
-    return [
-        (t, d, loss, n)
-        for t, d, loss, n in zip(
-            state["task"], state["dataset"], state["loss"], state["n"], strict=True
+def check_resume(
+    state: Mapping[str, Any], batch_counts: Sequence[int], world_size: int = 1
+) -> None:
+    """Refuse to resume a checkpoint whose run does not match this one.
+
+    Raises:
+        CheckpointError: Another number of processes, or other batch counts.
+    """
+    progress = state["run"]["progress"]
+    saved_world = int(progress.get("world_size", 1))
+    if saved_world != world_size:
+        raise CheckpointError(
+            f"cannot resume: the checkpoint was written by a run of {saved_world} process(es), "
+            f"this one has {world_size}; resume with the same torchrun --nproc_per_node/--nnodes"
         )
-    ]
+    if list(progress["batch_counts"]) != list(batch_counts):
+        raise CheckpointError(
+            f"cannot resume: the checkpoint's training loaders had {progress['batch_counts']} "
+            f"batches, these have {list(batch_counts)}; resume with the data, batch sizes and "
+            "train_split of the interrupted run"
+        )
 
 
-# ---------------------------------------------------------------- position in a run
+def load_model_state(model: Any, state: Mapping[str, Any], what: str) -> None:
+    """Load ``state["model"]`` into ``model``, or say which tasks the file holds.
+
+    Raises:
+        CheckpointError: The weights are those of other tasks or modules.
+    """
+    missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{what} holds the weights of tasks {state.get('task_names')}, the model has "
+            f"{model.task_names} (missing {list(missing)}, unexpected {list(unexpected)})"
+        )
 
 
-def loader_positions(plan: Sequence[Sequence[int]], n_loaders: int) -> list[int]:
+def loader_positions(plan: Sequence[Step], n_loaders: int) -> list[int]:
     """Batches each training loader has given after the steps ``plan`` (a prefix of an epoch)."""
     counts = [0] * n_loaders
     for step in plan:
@@ -282,158 +314,8 @@ def loader_positions(plan: Sequence[Sequence[int]], n_loaders: int) -> list[int]
     return counts
 
 
-@dataclasses.dataclass
-class Progress:
-    """Where a run stands: the next step is ``step_in_epoch`` of epoch ``epoch`` (0-based).
-
-    ``step_in_epoch`` equal to the epoch's length means the steps are done but the epoch's end
-    (balancer hook, evaluation) is not.
-    """
-
-    epoch: int = 0
-    step_in_epoch: int = 0
-    global_step: int = 0
-    last_logged: int = -1
-
-
-# ---------------------------------------------------------------- a training run's state
-
-
-def training_state(
-    *,
-    model: Any,
-    optimizer: torch.optim.Optimizer,
-    base_lrs: Sequence[float],
-    balancer: torch.nn.Module,
-    progress: Progress,
-    loaders: Sequence[DictDataLoader],
-    done: Sequence[Sequence[int]],
-    scheduler_state: Mapping[str, Any],
-    history: Sequence[Mapping[str, float]],
-    window: Records,
-    epoch_losses: Records,
-    config: Mapping[str, Any],
-    world_size: int = 1,
-    rank_records: Sequence[tuple[Records, Records]] | None = None,
-) -> dict[str, Any]:
-    """The checkpoint of a run at ``progress`` (the layout in this module's docstring).
-
-    Args:
-        done: The steps of the current epoch already taken (they give the loader positions).
-        scheduler_state: The batch scheduler's state at the start of ``progress.epoch``.
-        world_size: Number of DDP ranks of the run (a resume needs as many).
-        rank_records: Under DDP, every rank's ``(window, epoch_losses)``: each rank resumes
-            with its own loss records.
-    """
-    lr_spec = config.get("trainer", {})
-    return {
-        "format": FORMAT,
-        "version": VERSION,
-        "model": model.state_dict(),
-        "task_names": list(model.task_names),
-        "optimizer": optimizer.state_dict(),
-        "lr_scheduler": {
-            "spec": lr_spec.get("lr_scheduler"),
-            "warmup_steps": lr_spec.get("warmup_steps"),
-            "base_lrs": [float(lr) for lr in base_lrs],
-        },
-        "balancer": balancer.state_dict(),
-        "progress": {
-            "epoch": progress.epoch,
-            "step_in_epoch": progress.step_in_epoch,
-            "global_step": progress.global_step,
-            "last_logged": progress.last_logged,
-            "batch_counts": [len(dl) for dl in loaders],
-            "loader_positions": loader_positions(done, len(loaders)),
-            "world_size": int(world_size),
-        },
-        "scheduler": dict(scheduler_state),
-        "rng": get_rng_state(),
-        "history": [{k: float(v) for k, v in r.items()} for r in history],
-        "window": records_state(window),
-        "epoch_losses": records_state(epoch_losses),
-        "config": dict(config),
-        "rank_records": [
-            {"window": records_state(w), "epoch_losses": records_state(e)}
-            for w, e in (rank_records or [])
-        ],
-    }
-
-
-@dataclasses.dataclass
-class RestoredRun:
-    """What :func:`restore_training` gives back to the training loop."""
-
-    progress: Progress
-    history: list[dict[str, float]]
-    window: Records
-    epoch_losses: Records
-
-
-def restore_training(
-    state: Mapping[str, Any],
-    model: Any,
-    balancer: torch.nn.Module,
-    scheduler: BatchScheduler,
-    loaders: Sequence[DictDataLoader],
-    world_size: int = 1,
-    rank: int = 0,
-) -> RestoredRun:
-    """Load a checkpoint's model, balancer and batch-scheduler state; return the run's position,
-    history and loss windows. (The optimizer and the RNG states are the caller's: the RNG states
-    must be set last, after everything that might draw random numbers is built.)
-
-    Raises:
-        CheckpointError: The loaders have other batch counts, or the model other tasks.
-    """
-    progress = state["progress"]
-    saved_world = int(progress.get("world_size", 1))
-    if saved_world != world_size:
-        raise CheckpointError(
-            f"cannot resume: the checkpoint was written by a run of {saved_world} process(es), "
-            f"this one has {world_size}; resume with the same torchrun --nproc_per_node/--nnodes"
-        )
-    counts = [len(dl) for dl in loaders]
-    if list(progress["batch_counts"]) != counts:
-        raise CheckpointError(
-            f"cannot resume: the checkpoint's training loaders had {progress['batch_counts']} "
-            f"batches, these have {counts}; resume with the data, batch sizes and train_split "
-            "of the interrupted run"
-        )
-    missing, unexpected = model.load_state_dict(state["model"], strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"cannot resume: the checkpoint holds tasks {state.get('task_names')}, the model has "
-            f"{model.task_names} (missing {list(missing)}, unexpected {list(unexpected)})"
-        )
-    balancer.load_state_dict(state["balancer"])
-    scheduler.load_state_dict(state["scheduler"])
-    run = RestoredRun(
-        progress=Progress(
-            epoch=int(progress["epoch"]),
-            step_in_epoch=int(progress["step_in_epoch"]),
-            global_step=int(progress["global_step"]),
-            last_logged=int(progress["last_logged"]),
-        ),
-        history=[dict(r) for r in state["history"]],
-        window=records_from_state(state["window"]),
-        epoch_losses=records_from_state(state["epoch_losses"]),
-    )
-    per_rank = state.get("rank_records") or []
-    if world_size > 1 and len(per_rank) == world_size:
-        run.window = records_from_state(per_rank[rank]["window"])
-        run.epoch_losses = records_from_state(per_rank[rank]["epoch_losses"])
-    logger.info(
-        "resuming at epoch %d, step %d of the epoch (global step %d)",
-        run.progress.epoch + 1,
-        run.progress.step_in_epoch,
-        run.progress.global_step,
-    )
-    return run
-
-
 def resume_iterators(
-    loaders: Sequence[DictDataLoader], done: Sequence[Sequence[int]], state: Mapping[str, Any]
+    loaders: Sequence[DictDataLoader], done: Sequence[Step], recorded: Sequence[int]
 ) -> list[Iterator[Batch] | None]:
     """Iterators positioned after the interrupted epoch's first steps ``done``.
 
@@ -446,10 +328,10 @@ def resume_iterators(
             batch scheduler or seed).
     """
     positions = loader_positions(done, len(loaders))
-    if positions != list(state["progress"]["loader_positions"]):
+    if positions != list(recorded):
         raise CheckpointError(
             f"cannot resume: the batch scheduler's plan gives loader positions {positions}, the "
-            f"checkpoint recorded {state['progress']['loader_positions']}; resume with the "
+            f"checkpoint recorded {list(recorded)}; resume with the "
             "batch_scheduler and seed of the interrupted run"
         )
     iterators: list[Iterator[Batch] | None] = []
@@ -468,10 +350,10 @@ def resume_iterators(
 
 def metric_keys(model: Any, train: Iterable[Any], evals: Iterable[Any]) -> dict[str, bool]:
     """Keys a training run logs that can select ``best.pt``, each with ``higher_is_better``."""
-    keys: dict[str, bool] = {"model/all/train/loss": False}
+    keys: dict[str, bool] = {make_key("model", "all", "train", "loss"): False}
     for dl in train:
         for label in dl.dataset.Y_dict:
-            keys[f"{label}/{dl.dataset.name}/train/loss"] = False
+            keys[make_key(label, dl.dataset.name, "train", "loss")] = False
     for dl in evals:
         ds = dl.dataset
         for label in ds.Y_dict:
@@ -479,7 +361,7 @@ def metric_keys(model: Any, train: Iterable[Any], evals: Iterable[Any]) -> dict[
             if task is None:
                 continue
             for m in task.scorer.metric_keys:
-                keys[f"{label}/{ds.name}/{ds.split}/{m}"] = task.scorer.higher_is_better(m)
+                keys[make_key(label, ds.name, ds.split, m)] = task.scorer.higher_is_better(m)
     return keys
 
 
@@ -504,12 +386,11 @@ def metric_mode(key: str, mode: str | None, keys: Mapping[str, bool]) -> str:
 
 
 class Checkpointer:
-    """Writes ``last.pt`` every N steps or epochs, and ``best.pt`` when a metric improves.
+    """Writes ``last.pt`` and ``best.pt``, and tracks the best value of a metric. When ``last.pt``
+    is due is the save hook's :class:`~mtlgraph.training.hooks.Every`.
 
     Args:
         directory: Where the files go (``<run_dir>/checkpoints``).
-        every: Save ``last.pt`` every ``every`` units (0: only when asked with ``force``).
-        unit: ``"steps"`` or ``"epochs"``.
         metric: Flat key selecting ``best.pt``, or ``None``.
         mode: ``"max"`` or ``"min"`` (required with ``metric``).
         write: Whether this process writes files. Under DDP only rank 0 does; the others keep
@@ -518,16 +399,17 @@ class Checkpointer:
     Example:
         >>> import tempfile, pathlib
         >>> from mtlgraph.training.checkpoint import Checkpointer
-        >>> ck = Checkpointer(pathlib.Path(tempfile.mkdtemp()), every=2, unit="steps")
-        >>> [ck.step_due(s) for s in (1, 2, 3, 4)]
-        [False, True, False, True]
+        >>> ck = Checkpointer(pathlib.Path(tempfile.mkdtemp()), metric="t/d/valid/acc", mode="max")
+        >>> records = [{"t/d/valid/acc": v, "step": s} for s, v in [(1, 0.5), (2, 0.4), (3, 0.7)]]
+        >>> [ck.improved(r) for r in records]
+        [True, False, True]
+        >>> ck.best_state()
+        {'metric': 't/d/valid/acc', 'mode': 'max', 'value': 0.7, 'step': 3}
     """
 
     def __init__(
         self,
         directory: Path,
-        every: int = 0,
-        unit: str = "epochs",
         metric: str | None = None,
         mode: str | None = None,
         write: bool = True,
@@ -537,22 +419,14 @@ class Checkpointer:
         if write:
             self.directory.mkdir(parents=True, exist_ok=True)
             remove_stale_temporaries(self.directory)
-        self.every, self.unit, self.metric, self.mode = every, unit, metric, mode
+        self.metric, self.mode = metric, mode
         self.best_value: float | None = None
         self.best_step: int | None = None
-
-    def step_due(self, global_step: int) -> bool:
-        """Whether ``last.pt`` is due after optimizer step number ``global_step`` (1-based)."""
-        return self.unit == "steps" and self.every > 0 and global_step % self.every == 0
-
-    def epoch_due(self, epochs_done: int) -> bool:
-        """Whether ``last.pt`` is due after ``epochs_done`` epochs."""
-        return self.unit == "epochs" and self.every > 0 and epochs_done % self.every == 0
 
     def save_last(self, state: Mapping[str, Any]) -> Path:
         """Write ``last.pt``."""
         path = save_checkpoint({**state, "best": self.best_state()}, self.directory / LAST)
-        logger.debug("checkpoint %s (step %s)", path, state["progress"]["global_step"])
+        logger.debug("checkpoint %s (step %s)", path, state["run"]["progress"]["global_step"])
         return path
 
     def improved(self, record: Mapping[str, float]) -> bool:

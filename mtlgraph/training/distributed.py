@@ -22,10 +22,15 @@ import torch.distributed as dist
 from torch.utils.data import DistributedSampler, Sampler
 
 from mtlgraph.data.datasets import DictDataLoader, EpochSampler
+from mtlgraph.exceptions import DataError, MtlGraphError
 
 logger = logging.getLogger(__name__)
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+class DistributedError(MtlGraphError, RuntimeError):
+    """A distributed run cannot start (torchrun's variables are incomplete)."""
 
 
 @dataclass(frozen=True)
@@ -103,7 +108,7 @@ def process_group(env: DistEnv, device: torch.device, timeout_s: float) -> Itera
         return
     missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
     if missing:
-        raise RuntimeError(
+        raise DistributedError(
             f"WORLD_SIZE={env.world_size} is set but {', '.join(missing)} is not; launch with "
             "torchrun (which sets them) or set them yourself"
         )
@@ -167,8 +172,11 @@ class StridedBatchSampler(Sampler[int]):
 def shard_eval_loader(loader: DictDataLoader, env: DistEnv) -> DictDataLoader:
     """A copy of ``loader`` over this rank's batch-strided, unpadded shard of the dataset."""
     if not isinstance(loader.sampler, EpochSampler) or loader.sampler.shuffle:
-        raise ValueError(
-            f"evaluation loader of dataset '{loader.dataset.name}' must be unshuffled to be sharded"
+        raise DataError(
+            [
+                f"evaluation loader of dataset '{loader.dataset.name}' must be unshuffled to be "
+                "sharded; build it with shuffle=False"
+            ]
         )
     batch_size = int(loader.batch_size or 1)
     return DictDataLoader(
@@ -260,3 +268,42 @@ def all_gather_objects(value: Any) -> list[Any]:
         dist.all_gather_object(parts, value)
         return parts
     return [value]
+
+
+class Collectives:
+    """The collective operations of one training run, following *its* :class:`DistEnv`.
+
+    Whether a run talks to other ranks is the run's decision (``Trainer(distributed=...)`` and
+    torchrun's variables), not whether some process group happens to exist in the process: a
+    ``Trainer(distributed="off")`` inside a process that holds a group runs no collective. When
+    the environment is a single process every method is a local no-op.
+
+    Example:
+        >>> import torch
+        >>> from mtlgraph.training.distributed import Collectives, DistEnv
+        >>> comm = Collectives(DistEnv())
+        >>> comm.gather_objects("x"), comm.gather_sums({"a": [1.0, 2.0]})
+        (['x'], {'a': [1.0, 2.0]})
+    """
+
+    def __init__(self, env: DistEnv) -> None:
+        self.enabled = env.enabled
+
+    def mean_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Average ``tensor`` over ranks in place."""
+        return all_reduce_mean(tensor) if self.enabled else tensor
+
+    def gather_sums(self, sums: Mapping[Any, list[float]]) -> dict[Any, list[float]]:
+        """Add up every rank's ``{key: [sum, count]}``."""
+        if self.enabled:
+            return gather_sums(sums)
+        return {k: list(v) for k, v in sums.items()}
+
+    def gather_objects(self, value: Any) -> list[Any]:
+        """Every rank's ``value``, in rank order."""
+        return all_gather_objects(value) if self.enabled else [value]
+
+    def barrier(self) -> None:
+        """Wait for every rank."""
+        if self.enabled:
+            barrier()

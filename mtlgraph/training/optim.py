@@ -9,6 +9,8 @@ precision, gradient accumulation and clipping.
   ``N`` accumulation steps), and the optimizer step over the union of the accumulated micro-steps'
   parameters (unscale, clip, step, zero).
 - :class:`SubsetStepper`: ``optimizer.step()`` restricted to the parameters a step touched.
+- :data:`OPTIMIZERS`: optimizers by name (``adam``, ``adamw``, ``sgd``; add one with
+  :func:`register_optimizer`) and :func:`make_optimizer`, which builds the run's one optimizer.
 
 Patterns are checked against the model when ``Trainer.fit`` starts; every problem is reported at
 once in one :class:`~mtlgraph.ConfigError`.
@@ -25,10 +27,80 @@ import torch
 from torch import nn
 
 from mtlgraph._suggest import did_you_mean, quoted
+from mtlgraph.balancing import Balancer
 from mtlgraph.exceptions import ConfigError
 from mtlgraph.graph.model import ExecutionPlan, MultitaskClassifier
+from mtlgraph.registry import Registry, accepted_parameters
 
 AMP_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+
+OPTIMIZERS: Registry[OptimizerFactory] = Registry(
+    "optimizer", {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+)
+"""Every optimizer by name: ``factory(param_groups, lr=..., weight_decay=..., **kwargs)``."""
+
+SUPPLIED = ("params", "lr")
+"""Arguments the Trainer passes to every optimizer itself (``weight_decay`` too, when taken)."""
+
+
+def register_optimizer(
+    name: str, factory: OptimizerFactory, *, override: bool = False
+) -> OptimizerFactory:
+    """Register a torch optimizer class (or a function building one) as ``name``.
+
+    It is called as ``factory(param_groups, lr=lr, weight_decay=weight_decay, **kwargs)`` with
+    the ``kwargs`` of ``optimizer: {"name": ..., **kwargs}``; those are checked against its
+    signature when the Trainer is built.
+
+    Example:
+        >>> import torch
+        >>> from mtlgraph.training.optim import OPTIMIZERS, register_optimizer
+        >>> _ = register_optimizer("rmsprop_doc", torch.optim.RMSprop)
+        >>> sorted(optimizer_params("rmsprop_doc"))[:3]
+        ['alpha', 'capturable', 'centered']
+        >>> _ = OPTIMIZERS.unregister("rmsprop_doc")
+    """
+    return OPTIMIZERS.register(name, factory, override=override)
+
+
+def optimizer_params(name: str) -> set[str] | None:
+    """Keyword arguments optimizer ``name`` takes besides the parameters and ``lr`` (``None``:
+    it takes ``**kwargs``)."""
+    params = accepted_parameters(OPTIMIZERS.get(name))
+    return None if params is None else {p for p in params if p not in SUPPLIED}
+
+
+def make_optimizer(
+    spec: str | Mapping[str, Any],
+    model: MultitaskClassifier,
+    balancer: Balancer,
+    *,
+    lr: float,
+    weight_decay: float,
+    param_groups: Mapping[str, Mapping[str, Any]],
+) -> torch.optim.Optimizer:
+    """The run's one optimizer: the model's groups (default first, then ``param_groups``
+    patterns; frozen parameters left out) and the balancer's learned weights in their own group.
+    """
+    if isinstance(spec, str):
+        name, kwargs = spec, {}
+    else:
+        kwargs = dict(spec)
+        name = str(kwargs.pop("name"))
+    groups, _ = model_param_groups(model, param_groups)
+    balancer_params = [p for p in balancer.parameters() if p.requires_grad]
+    if balancer_params:
+        groups.append(
+            {
+                "params": balancer_params,
+                "scope": "balancer",
+                "weight_decay": 0.0,
+                **balancer.optimizer_options(),
+            }
+        )
+    return OPTIMIZERS.get(name)(groups, lr=lr, weight_decay=weight_decay, **kwargs)
 
 
 def check_param_groups(
@@ -274,16 +346,20 @@ class SubsetStepper:
 class StepControl:
     """Mixed precision, loss scaling, gradient accumulation and clipping around the optimizer.
 
-    The Trainer runs each micro-step's forward pass under :meth:`autocast`, hands
+    The training step runs each micro-step's forward pass under :meth:`autocast`, hands
     :meth:`backward` and :meth:`scale` to the balancer (through the step context), records the
-    micro-step's plan with :meth:`add`, and calls :meth:`step` when :meth:`ready`.
+    micro-step with :meth:`add` (its plan, or ``None`` when it had no labelled rows), and calls
+    :meth:`step` when :meth:`ready`. Without ``amp`` and with ``N = 1`` every part is a no-op
+    (``nullcontext``, no scaling) and every micro-step is an optimizer step: one path for all.
 
     Losses are divided by ``accumulation_steps`` (``N``), so ``N`` equal-size micro-batches of the
-    same tasks give exactly the gradient of one batch ``N`` times larger. When an epoch ends after
-    ``r < N`` micro-steps, the gradients are multiplied by ``N/r`` before the step, so that update
-    is the mean over the ``r`` micro-batches. The step visits the union of the micro-steps'
-    parameters: with fp16 it unscales the gradients (``GradScaler``), then clips, steps, updates
-    the scale and zeroes the gradients.
+    same tasks give exactly the gradient of one batch ``N`` times larger. ``N`` counts batches,
+    so an epoch of ``B`` batches has ``ceil(B / N)`` optimizer steps. When only ``r < N`` of the
+    micro-steps produced gradients (the epoch ended early, or some batches had only ignored
+    labels), the gradients are multiplied by ``N/r`` before the step, so the update is the mean
+    over those ``r`` micro-batches. The step visits the union of the micro-steps' parameters: with
+    fp16 it unscales the gradients (``GradScaler``), then clips, steps, updates the scale and
+    zeroes the gradients.
 
     Args:
         amp: ``None``, ``"bf16"`` (CPU and CUDA) or ``"fp16"`` (CUDA only, with a grad scaler).
@@ -322,6 +398,7 @@ class StepControl:
         self.grad_clip = grad_clip
         self.scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
         self.pending: list[ExecutionPlan] = []
+        self.micro_steps = 0  # micro-steps since the last optimizer step, empty ones included
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """The forward pass's autocast context (a no-op without ``amp``)."""
@@ -339,16 +416,19 @@ class StepControl:
         """Accumulate the gradients of the scaled loss."""
         self.scale(loss).backward()
 
-    def add(self, plan: ExecutionPlan) -> None:
-        """Record a micro-step that produced gradients for ``plan``'s parameters."""
-        self.pending.append(plan)
+    def add(self, plan: ExecutionPlan | None) -> None:
+        """Record a micro-step; ``plan`` is what it produced gradients for (``None``: nothing)."""
+        self.micro_steps += 1
+        if plan is not None:
+            self.pending.append(plan)
 
     def ready(self, end_of_epoch: bool) -> bool:
         """Whether the optimizer steps now (``N`` micro-steps, or the epoch's last ones)."""
-        return len(self.pending) >= self.n or (end_of_epoch and bool(self.pending))
+        return self.micro_steps >= self.n or (end_of_epoch and self.micro_steps > 0)
 
     def step(self, stepper: SubsetStepper, balancer_params: Sequence[nn.Parameter] | None) -> None:
-        """Step the optimizer on the accumulated gradients and zero them.
+        """Step the optimizer on the accumulated gradients and zero them (nothing to step when
+        no micro-step produced gradients).
 
         Args:
             stepper: The subset stepper.
@@ -356,20 +436,17 @@ class StepControl:
         """
         plans = self.pending
         self.pending = []
+        self.micro_steps = 0
+        if not plans:
+            return
         first = plans[0]
-        same = all(p.task_names == first.task_names for p in plans)
+        same = len(plans) == 1 or all(p.task_names == first.task_names for p in plans)
         if same:
             params: Sequence[nn.Parameter] = first.parameters
         else:
             params = list({id(p): p for plan in plans for p in plan.parameters}.values())
-        if len(plans) < self.n:
-            factor = self.n / len(plans)
-            for p in params:
-                if p.grad is not None:
-                    p.grad.mul_(factor)
-            for p in balancer_params or ():
-                if p.grad is not None:
-                    p.grad.mul_(factor)
+        if len(plans) < self.n:  # the mean over the micro-steps that produced gradients
+            _scale_grads([*params, *(balancer_params or ())], self.n / len(plans))
         if same:
             stepper.step(first, self.grad_clip, self.scaler)
         else:
@@ -381,3 +458,9 @@ class StepControl:
             p.grad = None
         for p in balancer_params or ():
             p.grad = None
+
+
+def _scale_grads(params: Iterable[nn.Parameter], factor: float) -> None:
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(factor)

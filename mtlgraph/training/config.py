@@ -1,0 +1,176 @@
+"""The Trainer's settings (:class:`TrainerConfig`, one commented field each) and their checks.
+
+``Trainer(**kwargs)`` and the ``trainer:`` section of a YAML config are built against this
+dataclass: unknown keys and wrong types are rejected by the schema, values by
+:meth:`TrainerConfig.validate`, every problem at once. Named components (optimizer, LR schedule,
+batch scheduler, balancer, writers) are looked up in their registries and their keyword arguments
+checked against the component's signature, so a misspelled argument fails before any work starts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from mtlgraph._suggest import did_you_mean, quoted
+from mtlgraph.balancing import Balancer, make_balancer
+from mtlgraph.data.schedulers import BatchScheduler, scheduler_names
+from mtlgraph.diagnostics import DiagnosticsConfig
+from mtlgraph.exceptions import ConfigError
+from mtlgraph.training.lr import LR_SCHEDULES, schedule_params
+from mtlgraph.training.optim import OPTIMIZERS, check_param_groups, optimizer_params
+from mtlgraph.training.writers import WRITERS, Writer
+
+
+@dataclass
+class TrainerConfig:
+    """Every setting of the :class:`~mtlgraph.Trainer`; ``Trainer(**kwargs)`` validates against it.
+
+    Example:
+        >>> from mtlgraph.training.config import TrainerConfig
+        >>> TrainerConfig(lr=-1.0, optimizer={"name": "sgd", "momentun": 0.9}).validate()
+        ... # doctest: +NORMALIZE_WHITESPACE
+        ['lr: must be a positive number, got -1.0',
+         "optimizer.momentun: 'sgd' takes no argument 'momentun' (did you mean 'momentum'?);
+         it takes 'dampening', 'differentiable', 'foreach', 'fused', 'maximize', 'momentum',
+         'nesterov', 'weight_decay'"]
+    """
+
+    n_epochs: int = 1  # passes over the training loaders
+    lr: float = 0.01  # base learning rate
+    optimizer: str | dict[str, Any] = "adam"  # a name in OPTIMIZERS, or {"name": ..., **kwargs}
+    weight_decay: float = 0.0  # L2 penalty (decoupled for adamw)
+    grad_clip: float | None = None  # max global L2 norm of the step's gradients; None = off
+    lr_scheduler: str | dict[str, Any] = "constant"  # a name in LR_SCHEDULES, or {"name": ...}
+    warmup_steps: int = 0  # linear warm-up over this many optimizer steps
+    batch_scheduler: str | dict[str, Any] | BatchScheduler = (
+        "shuffled"  # batch order, see schedulers
+    )
+    balancer: str | dict[str, Any] | Balancer = "sum"  # how task losses combine, see balancing
+    param_groups: dict[str, dict[str, Any]] = field(
+        default_factory=dict
+    )  # module-name glob pattern -> optimizer hyper-params (lr, weight_decay, ...)
+    freeze: list[str] = field(default_factory=list)  # module names/patterns not trained
+    amp: Literal["bf16", "fp16"] | None = None  # autocast dtype; fp16 (CUDA only) adds a scaler
+    grad_accumulation_steps: int = 1  # batches (micro-steps) per optimizer step
+    seed: int = 0  # seeds torch (inside fit only) and the batch scheduler
+    progress_bar: bool = True  # one tqdm bar per epoch (hidden off a terminal)
+    evaluation_freq: int = 1  # evaluate every N evaluation_units; 0 = only after training
+    evaluation_unit: Literal["epochs", "steps"] = "epochs"  # unit of evaluation_freq
+    train_split: str = "train"  # loaders whose dataset split is this are trained on
+    eval_splits: list[str] = field(default_factory=lambda: ["valid"])  # splits scored at evaluation
+    # --- run directory, logs and checkpoints (docs/checkpoints.md); all off by default
+    run_dir: str | None = None  # directory for metrics.jsonl, TensorBoard events, checkpoints/
+    writers: list[str | Writer] | None = None  # "jsonl", "tensorboard", Writers; None = both
+    checkpoint_every: int = 0  # checkpoints/last.pt every N checkpoint_units; 0 = only at the end
+    checkpoint_unit: Literal["steps", "epochs"] = "epochs"  # unit of checkpoint_every
+    checkpoint_metric: str | None = None  # flat key that selects checkpoints/best.pt
+    checkpoint_mode: Literal["max", "min"] | None = None  # better direction; None = the metric's
+    # --- distributed training under torchrun (docs/distributed.md)
+    distributed: Literal["auto", "off"] = "auto"  # auto: DDP when torchrun sets WORLD_SIZE > 1
+    distributed_timeout: float = 300.0  # seconds a collective waits for the other ranks, then fails
+    # --- interference diagnostics (docs/diagnostics.md); off by default
+    diagnostics: DiagnosticsConfig | None = None  # interference probes every N steps; None = off
+
+    def validate(self) -> list[str]:
+        """Value checks beyond types; one sentence per problem."""
+        problems = self._check_numbers()
+        problems += [
+            f"freeze: entries must be non-empty strings, got {f!r}" for f in self.freeze if not f
+        ]
+        problems += _check_named("optimizer", self.optimizer, OPTIMIZERS.names(), optimizer_params)
+        opt_name = self.optimizer if isinstance(self.optimizer, str) else self.optimizer.get("name")
+        if opt_name in OPTIMIZERS:
+            accepted = optimizer_params(str(opt_name))
+            if accepted is not None:
+                problems += check_param_groups(self.param_groups, accepted | {"lr"})
+        if not isinstance(self.balancer, Balancer):
+            try:
+                make_balancer(self.balancer)
+            except ConfigError as e:
+                problems += [f"balancer: {p}" for p in e.problems]
+        problems += _check_named(
+            "lr_scheduler", self.lr_scheduler, LR_SCHEDULES.names(), schedule_params
+        )
+        problems += self._check_outputs()
+        return problems
+
+    def _check_numbers(self) -> list[str]:
+        problems = []
+        if self.n_epochs < 0:
+            problems.append(f"n_epochs: must be >= 0, got {self.n_epochs}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            problems.append(f"lr: must be a positive number, got {self.lr}")
+        if self.weight_decay < 0:
+            problems.append(f"weight_decay: must be >= 0, got {self.weight_decay}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            problems.append(f"grad_clip: must be > 0 or null, got {self.grad_clip}")
+        if self.warmup_steps < 0:
+            problems.append(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if self.evaluation_freq < 0:
+            problems.append(f"evaluation_freq: must be >= 0, got {self.evaluation_freq}")
+        if not self.distributed_timeout > 0:
+            problems.append(
+                f"distributed_timeout: must be a positive number of seconds, got "
+                f"{self.distributed_timeout}"
+            )
+        if self.grad_accumulation_steps < 1:
+            problems.append(
+                f"grad_accumulation_steps: must be >= 1, got {self.grad_accumulation_steps}"
+            )
+        return problems
+
+    def _check_outputs(self) -> list[str]:
+        # Files need run_dir; without one (a YAML config checked before the CLI picks its run
+        # directory) fit() warns that nothing is written.
+        problems = []
+        if self.checkpoint_every < 0:
+            problems.append(f"checkpoint_every: must be >= 0, got {self.checkpoint_every}")
+        for i, spec in enumerate(self.writers or []):
+            if isinstance(spec, str) and spec not in WRITERS:
+                problems.append(
+                    f"writers[{i}]: unknown writer {spec!r}{did_you_mean(spec, list(WRITERS))}; "
+                    f"known: {quoted(list(WRITERS))}"
+                )
+        if self.checkpoint_mode is not None and self.checkpoint_metric is None:
+            problems.append("checkpoint_mode: set checkpoint_metric too (the key best.pt tracks)")
+        scheduler = self.batch_scheduler
+        if not isinstance(scheduler, BatchScheduler):
+            name = scheduler if isinstance(scheduler, str) else scheduler.get("name")
+            if name not in scheduler_names():
+                problems.append(
+                    f"batch_scheduler: unknown scheduler {name!r}"
+                    f"{did_you_mean(str(name), scheduler_names())}; known: "
+                    f"{quoted(scheduler_names())}"
+                )
+        return problems
+
+
+def _check_named(
+    key: str,
+    spec: str | Mapping[str, Any],
+    names: list[str],
+    params_of: Callable[[str], set[str] | None],
+) -> list[str]:
+    """Validate a ``name`` or ``{"name": ..., **kwargs}`` setting against a registry's names and
+    the keyword arguments ``params_of(name)`` accepts (``None``: any)."""
+    if isinstance(spec, str):
+        name, kwargs = spec, {}
+    else:
+        kwargs = dict(spec)
+        name = kwargs.pop("name", None)
+    if name not in names:
+        return [
+            f"{key}: unknown name {name!r}{did_you_mean(str(name), names)}; known: {quoted(names)}"
+        ]
+    known: set[str] | None = params_of(name)
+    if known is None:
+        return []
+    return [
+        f"{key}.{k}: '{name}' takes no argument '{k}'{did_you_mean(k, known)}; "
+        f"it takes {quoted(known) or 'none'}"
+        for k in kwargs
+        if k not in known
+    ]

@@ -1,0 +1,135 @@
+"""Learning-rate schedules: a factor on every parameter group's base learning rate.
+
+A schedule is a function ``(progress, epoch, **params) -> factor``: ``progress`` runs from 0 at
+the first optimizer step after warm-up to 1 at the run's last step, ``epoch`` is the 0-based
+epoch of the step. Schedules are looked up by name in :data:`LR_SCHEDULES` (``lr_scheduler:
+cosine`` or ``{"name": "cosine", "min_factor": 0.1}``); their keyword arguments are checked
+against the function's signature when the Trainer is built. Warm-up (``warmup_steps``) is applied
+in front of every schedule.
+
+The factor is a pure function of ``(global_step, epoch)`` and the run's total number of optimizer
+steps, so a checkpoint's step counters restore it exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+from mtlgraph.registry import Registry, accepted_parameters
+
+
+class LRSchedule(Protocol):
+    """``(progress, epoch, **params) -> factor`` (see the module docstring)."""
+
+    def __call__(self, progress: float, epoch: int, /, **params: Any) -> float: ...
+
+
+def constant(progress: float, epoch: int) -> float:
+    """Always 1."""
+    return 1.0
+
+
+def linear(progress: float, epoch: int, end_factor: float = 0.0) -> float:
+    """Falls linearly from 1 to ``end_factor`` at the last step."""
+    return 1.0 - (1.0 - end_factor) * progress
+
+
+def cosine(progress: float, epoch: int, min_factor: float = 0.0) -> float:
+    """Half a cosine from 1 to ``min_factor`` at the last step."""
+    return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def exponential(progress: float, epoch: int, gamma: float = 0.9) -> float:
+    """``gamma ** epoch``."""
+    return float(gamma**epoch)
+
+
+def step(progress: float, epoch: int, step_size: int = 1, gamma: float = 0.1) -> float:
+    """``gamma ** (epoch // step_size)``."""
+    return float(gamma ** (epoch // int(step_size)))
+
+
+SUPPLIED = ("progress", "epoch")
+"""Arguments the Trainer passes to every schedule itself."""
+
+
+def _check_schedule(name: str, fn: Callable[..., float]) -> list[str]:
+    if not callable(fn):
+        return [f"LR schedule '{name}' must be a function (progress, epoch, **params) -> factor"]
+    return []
+
+
+LR_SCHEDULES: Registry[Callable[..., float]] = Registry(
+    "LR schedule",
+    {
+        "constant": constant,
+        "linear": linear,
+        "cosine": cosine,
+        "exponential": exponential,
+        "step": step,
+    },
+    check=_check_schedule,
+)
+"""Every LR schedule by name; add one with :func:`register_lr_schedule`."""
+
+
+def register_lr_schedule(
+    name: str, fn: Callable[..., float], *, override: bool = False
+) -> Callable[..., float]:
+    """Register ``fn(progress, epoch, **params) -> factor`` as LR schedule ``name``.
+
+    Example:
+        >>> from mtlgraph.training.lr import LR_SCHEDULES, register_lr_schedule
+        >>> def halves(progress, epoch, every=2):
+        ...     return 0.5 ** (epoch // every)
+        >>> _ = register_lr_schedule("halves_doc", halves)
+        >>> lr_factor_fn({"name": "halves_doc", "every": 1}, 0, 10)(3, 2)
+        0.25
+        >>> _ = LR_SCHEDULES.unregister("halves_doc")
+    """
+    return LR_SCHEDULES.register(name, fn, override=override)
+
+
+def named(spec: str | Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """``"name"`` or ``{"name": ..., **kwargs}`` as ``(name, kwargs)``."""
+    if isinstance(spec, str):
+        return spec, {}
+    kwargs = dict(spec)
+    return str(kwargs.pop("name", None)), kwargs
+
+
+def schedule_params(name: str) -> set[str] | None:
+    """The keyword arguments schedule ``name`` takes (``None``: it takes ``**params``)."""
+    params = accepted_parameters(LR_SCHEDULES.get(name))
+    return None if params is None else {p for p in params if p not in SUPPLIED}
+
+
+def lr_factor_fn(
+    schedule: str | Mapping[str, Any], warmup_steps: int, total_steps: int
+) -> Callable[[int, int], float] | None:
+    """Return ``(global_step, epoch) -> lr factor``, or ``None`` when the factor is always 1.
+
+    Args:
+        schedule: A schedule name or ``{"name": ..., **params}``.
+        warmup_steps: The factor rises linearly to 1 over this many optimizer steps first.
+        total_steps: Optimizer steps of the whole run (``progress`` reaches 1 there).
+
+    Example:
+        >>> f = lr_factor_fn("linear", 0, 10)
+        >>> f(0, 0), f(5, 0)
+        (1.0, 0.5)
+    """
+    name, kwargs = named(schedule)
+    fn = LR_SCHEDULES.get(name)
+    if fn is constant and warmup_steps == 0:
+        return None
+    span = max(1, total_steps - warmup_steps)
+
+    def factor(global_step: int, epoch: int) -> float:
+        if global_step < warmup_steps:
+            return (global_step + 1) / warmup_steps
+        return float(fn(min(1.0, (global_step - warmup_steps) / span), epoch, **kwargs))
+
+    return factor

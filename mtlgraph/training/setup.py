@@ -1,0 +1,111 @@
+"""Checks and set-up before a fit's first step: the loaders, the config against the model,
+and the data and model distributed over the ranks."""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from mtlgraph._suggest import did_you_mean, quoted
+from mtlgraph.balancing import Balancer
+from mtlgraph.data.datasets import DictDataLoader
+from mtlgraph.exceptions import ConfigError, DataError
+from mtlgraph.graph.model import MultitaskClassifier
+from mtlgraph.training.config import TrainerConfig
+from mtlgraph.training.distributed import DistEnv, shard_eval_loader, shard_train_loader
+from mtlgraph.training.optim import freeze_modules, model_param_groups, resolve_freeze
+from mtlgraph.training.step import StepLosses
+
+
+def check_loaders(
+    model: MultitaskClassifier,
+    loaders: list[DictDataLoader],
+    train: list[DictDataLoader],
+    evals: list[DictDataLoader],
+    train_split: str,
+) -> None:
+    """Every problem of the loaders at once: wrong types, score-key collisions, no training
+    loader, empty loaders, labels of tasks the model lacks.
+
+    Raises:
+        DataError: The problems.
+    """
+    problems: list[str] = []
+    seen: dict[tuple[str, str], int] = {}
+    for i, dl in enumerate(loaders):
+        ds = getattr(dl, "dataset", None)
+        if not isinstance(dl, DictDataLoader) or ds is None:
+            problems.append(f"dataloaders[{i}] is a {type(dl).__name__}, not a DictDataLoader")
+            continue
+        key = (ds.name, ds.split)
+        if key in seen:
+            problems.append(
+                f"dataloaders[{seen[key]}] and dataloaders[{i}] are both dataset '{ds.name}' "
+                f"split '{ds.split}'; their score keys would collide"
+            )
+        seen[key] = i
+    if not problems and not train:
+        splits = sorted({dl.dataset.split for dl in loaders})
+        problems.append(
+            f"no loader has split '{train_split}' (found {quoted(splits)}); "
+            "set train_split or the datasets' split"
+        )
+    for dl in train + evals if not problems else []:
+        ds = dl.dataset
+        if len(dl) == 0:
+            problems.append(f"dataset '{ds.name}' ({ds.split}) yields no batches")
+        problems += [
+            f"dataset '{ds.name}' ({ds.split}) labels '{label}', which is no task of the model"
+            f"{did_you_mean(label, model.tasks)}; the model has {quoted(model.tasks)}"
+            for label in ds.Y_dict
+            if label not in model.tasks
+        ]
+    if problems:
+        raise DataError(
+            problems, header="cannot train on these dataloaders:" if len(problems) > 1 else None
+        )
+
+
+def prepare(
+    model: MultitaskClassifier, balancer: Balancer, device: torch.device, cfg: TrainerConfig
+) -> None:
+    """Check the config against the model (patterns, amp, balancer), all problems at once;
+    then freeze modules and set the balancer up for the model's tasks.
+
+    Raises:
+        ConfigError: The problems.
+    """
+    frozen, problems = resolve_freeze(model, cfg.freeze)
+    problems += model_param_groups(model, cfg.param_groups, frozen)[1]
+    if cfg.amp == "fp16" and device.type != "cuda":
+        problems.append(
+            f"amp: 'fp16' needs a CUDA device (the model is on {device.type}); use "
+            "amp='bf16' on this device, or move the model to CUDA"
+        )
+    try:
+        balancer.setup(model.tasks)
+    except ConfigError as e:
+        problems += e.problems
+    if problems:
+        raise ConfigError(problems, header="cannot train this model with this config:")
+    freeze_modules(model, frozen)
+
+
+def distribute(
+    model: MultitaskClassifier,
+    train: list[DictDataLoader],
+    evals: list[DictDataLoader],
+    env: DistEnv,
+    device: torch.device,
+) -> tuple[list[DictDataLoader], dict[int, DictDataLoader], DistributedDataParallel | None]:
+    """Under DDP: sharded training loaders, evaluation shards, DDP around the loss computation
+    (it averages the gradients of every backward). Otherwise the loaders as they are."""
+    if not env.enabled:
+        return train, {}, None
+    shards = {id(dl): shard_eval_loader(dl, env) for dl in evals}
+    ddp = DistributedDataParallel(
+        StepLosses(model),
+        device_ids=[device] if device.type == "cuda" else None,
+        find_unused_parameters=True,  # a step only touches its tasks' modules
+    )
+    return [shard_train_loader(dl, env) for dl in train], shards, ddp

@@ -1,0 +1,170 @@
+"""The training step: one batch (or one batch per loader) in, gradients and an optimizer step out.
+
+:class:`TrainStep` is chosen once when ``fit`` starts and is the only step path: mixed precision,
+gradient accumulation and DDP fold into it as no-op contexts when they are off (nanoGPT's way),
+so the plain step and the accumulating/AMP step are the same code. It owns DDP's ``no_sync`` and
+the averaging of learned balancer weights' gradients over ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from mtlgraph._io import move_to_device
+from mtlgraph.balancing import Balancer, GradientBalancer, StepContext
+from mtlgraph.data.datasets import Batch
+from mtlgraph.graph.model import MultitaskClassifier
+from mtlgraph.training.distributed import Collectives
+from mtlgraph.training.optim import StepControl, SubsetStepper
+from mtlgraph.training.state import LossRecord
+
+StepOutput = tuple[dict[str, torch.Tensor], dict[str, int], list[LossRecord]]
+"""Per-task losses, per-task label counts, and the step's loss records."""
+
+
+def step_losses(
+    model: MultitaskClassifier,
+    batches: list[tuple[str, Batch]],
+    device: torch.device,
+    keep_empty: bool = False,
+) -> StepOutput:
+    """Per-task losses and label counts of a step's batches, and a :class:`LossRecord` per
+    (batch, task) for logging. A task labelled by two batches of the step gets their
+    count-weighted mean loss."""
+    losses: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    records = []
+    for dataset_name, (X, Y) in batches:
+        batch_losses, batch_counts = model.calculate_loss(
+            move_to_device(X, device), move_to_device(Y, device), keep_empty=keep_empty
+        )
+        for task_name, loss in batch_losses.items():
+            n = batch_counts[task_name]
+            records.append(LossRecord(task_name, dataset_name, loss.detach(), n))
+            if task_name in losses:
+                m = counts[task_name]
+                if m + n:
+                    losses[task_name] = (losses[task_name] * m + loss * n) / (m + n)
+                else:  # both empty (keep_empty): stay a connected zero
+                    losses[task_name] = losses[task_name] + loss
+                counts[task_name] = m + n
+            else:
+                losses[task_name], counts[task_name] = loss, n
+    return losses, counts, records
+
+
+class StepLosses(nn.Module):
+    """The model's loss computation as a module, so DDP can wrap it (its forward is a step's).
+
+    Every rank reports every task its batches label, with a connected zero loss where its shard
+    had no active label, so all ranks run the same operations and reductions.
+    """
+
+    def __init__(self, model: MultitaskClassifier) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batches: list[tuple[str, Batch]], device: torch.device) -> StepOutput:
+        return step_losses(self.model, batches, device, keep_empty=True)
+
+
+def balancer_params(balancer: Balancer, task_names: Sequence[str]) -> list[nn.Parameter]:
+    """The balancer parameters a step on ``task_names`` touched."""
+    params = balancer.task_parameters(task_names)
+    return list(balancer.parameters()) if params is None else params
+
+
+class TrainStep:
+    """Forward, balancer backward and (every ``grad_accumulation_steps`` micro-steps) the
+    optimizer step; the one step path of a run.
+
+    Args:
+        model: The model.
+        balancer: The run's balancer (set up for the model's tasks).
+        stepper: Steps the optimizer on the parameters a step touched.
+        control: Autocast, loss scaling and accumulation (no-ops when off).
+        device: Where batches go.
+        comm: The run's collectives (averages learned balancer weights' gradients over ranks).
+        ddp: DDP around :class:`StepLosses` under torchrun, else ``None``.
+    """
+
+    def __init__(
+        self,
+        model: MultitaskClassifier,
+        balancer: Balancer,
+        stepper: SubsetStepper,
+        control: StepControl,
+        device: torch.device,
+        comm: Collectives,
+        ddp: DistributedDataParallel | None = None,
+    ) -> None:
+        self.model, self.balancer, self.stepper, self.control = model, balancer, stepper, control
+        self.device, self.comm, self.ddp = device, comm, ddp
+        # Gradient methods take per-task gradients with autograd.grad, which DDP does not see:
+        # they run without DDP's reduction and average their gradients through ctx.reduce.
+        self.manual_sync = ddp is not None and isinstance(balancer, GradientBalancer)
+        self.reduce: Callable[[torch.Tensor], torch.Tensor] = (
+            comm.mean_ if comm.enabled else _identity
+        )
+
+    def __call__(
+        self, batches: list[tuple[str, Batch]], global_step: int, last_of_epoch: bool
+    ) -> tuple[list[LossRecord], bool]:
+        """One micro-step on ``batches``; returns its loss records and whether the optimizer
+        stepped (after ``grad_accumulation_steps`` micro-steps, or the epoch's last one)."""
+        control = self.control
+        plan = None
+        with self._no_sync():
+            with control.autocast():
+                losses, counts, records = self._losses(batches)
+            if losses:
+                plan = self.model.plan(losses)
+                self.balancer.backward(losses, self._context(plan, counts, global_step))
+        control.add(plan)
+        if plan is not None and self.comm.enabled:  # learned weights live outside DDP
+            for p in balancer_params(self.balancer, plan.task_names):
+                if p.grad is not None:
+                    self.comm.mean_(p.grad)
+        if not control.ready(last_of_epoch):
+            return records, False
+        pending = control.pending
+        if len(pending) == 1:
+            names: Sequence[str] = pending[0].task_names
+        else:
+            names = list(dict.fromkeys(t for p in pending for t in p.task_names))
+        control.step(self.stepper, balancer_params(self.balancer, names))
+        return records, True
+
+    def _losses(self, batches: list[tuple[str, Batch]]) -> StepOutput:
+        """The step's losses, through DDP's forward when training distributed."""
+        if self.ddp is not None:
+            out: StepOutput = self.ddp(batches, self.device)
+            return out
+        return step_losses(self.model, batches, self.device)
+
+    def _context(self, plan: Any, counts: dict[str, int], global_step: int) -> StepContext:
+        return StepContext(
+            tasks=self.model.tasks,
+            plan=plan,
+            counts=counts,
+            backward=self.control.backward,
+            scale=self.control.scale,
+            step=global_step,
+            reduce=self.reduce,
+        )
+
+    def _no_sync(self) -> contextlib.AbstractContextManager[Any]:
+        """DDP's ``no_sync`` for gradient balancers (they average through ``ctx.reduce``)."""
+        if self.manual_sync and self.ddp is not None:
+            return self.ddp.no_sync()
+        return contextlib.nullcontext()
+
+
+def _identity(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
