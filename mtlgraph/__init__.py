@@ -30,6 +30,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from mtlgraph.graph.modules import register_module
     from mtlgraph.graph.task import Input, Operation, Task, detach, register_loss
     from mtlgraph.metrics import Scorer, register_metric
+    from mtlgraph.training.lr import register_lr_schedule
+    from mtlgraph.training.optim import register_optimizer
     from mtlgraph.training.trainer import Trainer
 
 __version__ = "0.1.0"
@@ -59,8 +61,10 @@ _WHERE: dict[str, str] = {
     "detach": "mtlgraph.graph.task",
     "register_balancer": "mtlgraph.balancing",
     "register_loss": "mtlgraph.graph.task",
+    "register_lr_schedule": "mtlgraph.training.lr",
     "register_metric": "mtlgraph.metrics",
     "register_module": "mtlgraph.graph.modules",
+    "register_optimizer": "mtlgraph.training.optim",
     "register_scheduler": "mtlgraph.data.schedulers",
 }
 
@@ -89,8 +93,10 @@ __all__ = [
     "detach",
     "register_balancer",
     "register_loss",
+    "register_lr_schedule",
     "register_metric",
     "register_module",
+    "register_optimizer",
     "register_scheduler",
 ]
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 import mtlgraph
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mtlgraph"
@@ -164,10 +162,26 @@ def _long_modules() -> list[str]:
     return out
 
 
-@pytest.mark.xfail(strict=False, reason="until the loop/analysis/registry splits land (issue 10)")
 def test_no_module_is_longer_than_600_lines() -> None:
     long = _long_modules()
     assert not long, f"modules over {MAX_MODULE_LINES} lines (split them):\n" + "\n".join(long)
+
+
+MAX_FUNCTION_LINES = 80
+# "module:function" -> why it may be longer (none yet)
+LONG_FUNCTIONS: dict[str, str] = {}
+
+
+def test_no_function_is_longer_than_80_lines() -> None:
+    long = []
+    for path in _modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = (node.end_lineno or node.lineno) - node.lineno + 1
+                where = f"{_rel(path)}:{node.name}"
+                if n > MAX_FUNCTION_LINES and where not in LONG_FUNCTIONS:
+                    long.append(f"{where}: {n} lines")
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines (split them):\n" + "\n".join(long)
 
 
 def test_architecture_page_names_every_layer() -> None:

@@ -16,7 +16,6 @@ from mtlgraph.balancing import (
     balancer_names,
     make_balancer,
     register_balancer,
-    unregister_balancer,
 )
 from mtlgraph.registry import Registry
 
@@ -53,7 +52,7 @@ def clean() -> Iterator[list[str]]:
     yield names
     for name in names:
         if name in BALANCERS:
-            unregister_balancer(name)
+            BALANCERS.unregister(name)
 
 
 def test_the_registry_is_a_registry_of_the_nine_methods() -> None:
@@ -91,12 +90,12 @@ def test_built_in_names_are_protected_too() -> None:
 
 def test_unregister_removes_and_returns_the_class(clean: list[str]) -> None:
     register_balancer("louder", Louder)
-    assert unregister_balancer("louder") is Louder
+    assert BALANCERS.unregister("louder") is Louder
     assert "louder" not in balancer_names()
     with pytest.raises(ConfigError, match=r"unknown balancer 'louder'"):
         make_balancer("louder")
     with pytest.raises(ConfigError, match=r"unknown balancer 'pcgard' \(did you mean 'pcgrad'\?\)"):
-        unregister_balancer("pcgard")
+        BALANCERS.unregister("pcgard")
 
 
 def test_bad_names_and_non_balancers_are_refused() -> None:

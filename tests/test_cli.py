@@ -356,8 +356,8 @@ def test_sigkilled_training_resumes_bit_identically(tmp_path: Path) -> None:
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     state = torch.load(last, weights_only=True)
-    assert state["progress"]["global_step"] == 3  # killed 2 steps after the first checkpoint
-    assert 0 < state["progress"]["step_in_epoch"] < 20  # mid-epoch
+    assert state["run"]["progress"]["global_step"] == 3  # killed 2 steps after the first checkpoint
+    assert 0 < state["run"]["progress"]["step_in_epoch"] < 20  # mid-epoch
     assert not (run / "scores.json").exists()
 
     resumed = subprocess.run(
@@ -373,7 +373,9 @@ def test_sigkilled_training_resumes_bit_identically(tmp_path: Path) -> None:
     b = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert a["model"].keys() == b["model"].keys()
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert a["history"] == b["history"] and a["progress"] == b["progress"]
+    assert (
+        a["run"]["history"] == b["run"]["history"] and a["run"]["progress"] == b["run"]["progress"]
+    )
     assert (ref / "metrics.jsonl").read_text() == (run / "metrics.jsonl").read_text()
     assert json.loads((ref / "scores.json").read_text()) == json.loads(
         (run / "scores.json").read_text()

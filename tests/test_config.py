@@ -127,7 +127,8 @@ def test_trainer_value_checks(tmp_path: Path) -> None:
     assert "trainer.checkpoint_every: must be >= 0, got -2" in joined
     assert "trainer.writers[0]: unknown writer 'csv'" in joined
     assert (
-        "trainer.batch_scheduler: unknown scheduler 'shufled' (did you mean 'shuffled'?)" in joined
+        "trainer.batch_scheduler: unknown batch scheduler 'shufled' (did you mean 'shuffled'?)"
+        in joined
     )
     assert len(problems) == 5
 
@@ -216,11 +217,26 @@ def test_task_cross_checks(tmp_path: Path) -> None:
         "tasks.square_task.metrics[0]: unknown metric 'acuracy' (did you mean 'accuracy'?)"
         in joined
     )
-    assert "tasks.square_task.metrics[1]: a metric mapping needs a 'name'" in joined
+    assert "tasks.square_task.metrics[1]: metric spec" in joined
     assert (
         "tasks.square_task.ops[1].module: 'square_head' is not in the task's module pool 'trunk'"
     ) in joined
     assert len(problems) == 6
+
+
+def test_component_arguments_are_checked_before_training(tmp_path: Path) -> None:
+    cfg = tiny_config()
+    cfg["tasks"]["square_task"]["metrics"] = ["accuracy", {"name": "fbeta", "betta": 2}]
+    cfg["trainer"]["batch_scheduler"] = {"name": "mixed", "sed": 3}
+    joined = "\n".join(_errors(write_config(tmp_path / "c.yaml", cfg)))
+    assert (
+        "tasks.square_task.metrics[1]: metric 'fbeta' takes no argument 'betta' "
+        "(did you mean 'beta'?)" in joined
+    )
+    assert (
+        "trainer.batch_scheduler: batch scheduler 'mixed' takes no argument 'sed' "
+        "(did you mean 'seed'?)" in joined
+    )
 
 
 def test_data_errors(tmp_path: Path) -> None:

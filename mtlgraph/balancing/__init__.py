@@ -41,7 +41,6 @@ from mtlgraph.balancing.registry import (
     balancer_names,
     make_balancer,
     register_balancer,
-    unregister_balancer,
 )
 from mtlgraph.balancing.weighting import (
     DWABalancer,
@@ -72,5 +71,4 @@ __all__ = [
     "balancer_names",
     "make_balancer",
     "register_balancer",
-    "unregister_balancer",
 ]

@@ -5,7 +5,7 @@
 :func:`make_balancer` turns each into a balancer, checking the keyword arguments against the
 class's signature first. :data:`BALANCERS` is a :class:`~mtlgraph.registry.Registry`:
 registering the same class again is a no-op, another class under a taken name needs
-``override=True``, and :func:`unregister_balancer` removes a name.
+``override=True``, and ``BALANCERS.unregister(name)`` removes a name.
 """
 
 from __future__ import annotations
@@ -69,26 +69,17 @@ def register_balancer(name: str, cls: type[Balancer], *, override: bool = False)
 
     Example:
         >>> from mtlgraph.balancing import SumBalancer, make_balancer
-        >>> from mtlgraph.balancing import register_balancer, unregister_balancer
+        >>> from mtlgraph.balancing import BALANCERS, register_balancer
         >>> class Halved(SumBalancer):
         ...     def backward(self, losses, ctx):
         ...         super().backward({t: 0.5 * v for t, v in losses.items()}, ctx)
         >>> register_balancer("halved_doc", Halved)
         >>> type(make_balancer("halved_doc")).__name__
         'Halved'
-        >>> unregister_balancer("halved_doc").__name__
+        >>> BALANCERS.unregister("halved_doc").__name__
         'Halved'
     """
     BALANCERS.register(name, cls, override=override)
-
-
-def unregister_balancer(name: str) -> type[Balancer]:
-    """Remove ``name`` from the registry and return its class.
-
-    Raises:
-        ConfigError: No balancer is registered as ``name`` (with a suggestion).
-    """
-    return BALANCERS.unregister(name)
 
 
 def balancer_names() -> list[str]:

@@ -44,7 +44,7 @@ from mtlgraph.exceptions import ConfigError
 from mtlgraph.experiment.yaml_lines import apply_overrides, locate, parse_yaml
 from mtlgraph.graph.modules import get_module_factory, module_types
 from mtlgraph.graph.task import INPUT, TaskType, loss_names
-from mtlgraph.metrics import metric_names
+from mtlgraph.metrics import metric_spec_problems
 from mtlgraph.training.trainer import TrainerConfig
 
 FILE_FORMATS = ("npz", "csv")
@@ -353,14 +353,7 @@ def _check_loss_and_metrics(path: str, task: TaskConfig) -> list[str]:
             f" known: {quoted(loss_names())} (null = the task type's default)"
         )
     for i, metric_spec in enumerate(task.metrics or []):
-        metric = metric_spec if isinstance(metric_spec, str) else metric_spec.get("name")
-        if not isinstance(metric, str):
-            problems.append(f"{path}.metrics[{i}]: a metric mapping needs a 'name'")
-        elif metric not in metric_names():
-            problems.append(
-                f"{path}.metrics[{i}]: unknown metric '{metric}'"
-                f"{did_you_mean(metric, metric_names())}; known: {quoted(metric_names())}"
-            )
+        problems += [f"{path}.metrics[{i}]: {p}" for p in metric_spec_problems(metric_spec)]
     return problems
 
 

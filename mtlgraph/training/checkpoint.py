@@ -36,11 +36,9 @@ plan from the scheduler state, starts every loader at its position (``DictDataLo
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import os
-import pickle
 import random
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -49,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mtlgraph._io import atomic_torch_save
+from mtlgraph._io import atomic_torch_save, load_weights_only
 from mtlgraph._suggest import did_you_mean
 from mtlgraph.data.datasets import Batch, DictDataLoader
 from mtlgraph.data.schedulers import Step
@@ -127,21 +125,6 @@ def resolve_checkpoint(path: str | os.PathLike[str], name: str = LAST) -> Path:
     return p
 
 
-def _safe_load(file: Path, map_location: str | torch.device) -> Any:
-    try:
-        return torch.load(file, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Weights only" not in str(e):
-            raise CheckpointError(f"cannot read checkpoint '{file}': {e}") from e
-        raise CheckpointError(
-            f"refusing to load checkpoint '{file}': it holds a pickled Python object, and "
-            "mtlgraph loads checkpoints only with torch.load(weights_only=True) (tensors and "
-            "plain values). Re-save it without objects, e.g. with state_dict()s."
-        ) from e
-    except Exception as e:
-        raise CheckpointError(f"cannot read checkpoint '{file}': {type(e).__name__}: {e}") from e
-
-
 def load_checkpoint(
     path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
 ) -> dict[str, Any]:
@@ -163,7 +146,7 @@ def load_checkpoint(
         'mtlgraph.checkpoint'
     """
     file = resolve_checkpoint(path)
-    state = _safe_load(file, map_location)
+    state = load_weights_only(file, map_location)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"'{file}' is not an mtlgraph training checkpoint (format {found!r})")
@@ -191,7 +174,7 @@ def load_weights(model: Any, path: str | os.PathLike[str]) -> None:
         CheckpointError: Unreadable or foreign file, or weights of other tasks.
     """
     file = resolve_checkpoint(path)
-    state = _safe_load(file, model.device)
+    state = load_weights_only(file, model.device)
     fmt = state.get("format") if isinstance(state, dict) else None
     if fmt == "mtlgraph.model":
         model.load(file)
@@ -463,19 +446,3 @@ class Checkpointer:
         if state and state.get("metric") == self.metric and state.get("value") is not None:
             self.best_value = float(state["value"])
             self.best_step = state.get("step")
-
-
-def plain_config(value: Any) -> Any:
-    """A checkpoint- and YAML-safe copy of a config value: dataclasses and mappings become
-    dicts, tuples lists, and objects (a scheduler instance, a writer) their ``repr``."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: plain_config(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, Mapping):
-        return {str(k): plain_config(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain_config(v) for v in value]
-    if type(value) in _PLAIN:
-        return value
-    if isinstance(value, (int, float)):  # numpy scalars and other number subclasses
-        return float(value) if isinstance(value, float) else int(value)
-    return repr(value)

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from mtlgraph._suggest import did_you_mean, quoted
 from mtlgraph.balancing import Balancer, make_balancer
-from mtlgraph.data.schedulers import BatchScheduler, scheduler_names
+from mtlgraph.data.schedulers import BatchScheduler, scheduler_problems
 from mtlgraph.diagnostics import DiagnosticsConfig
 from mtlgraph.exceptions import ConfigError
 from mtlgraph.training.lr import LR_SCHEDULES, schedule_params
@@ -136,15 +136,7 @@ class TrainerConfig:
                 )
         if self.checkpoint_mode is not None and self.checkpoint_metric is None:
             problems.append("checkpoint_mode: set checkpoint_metric too (the key best.pt tracks)")
-        scheduler = self.batch_scheduler
-        if not isinstance(scheduler, BatchScheduler):
-            name = scheduler if isinstance(scheduler, str) else scheduler.get("name")
-            if name not in scheduler_names():
-                problems.append(
-                    f"batch_scheduler: unknown scheduler {name!r}"
-                    f"{did_you_mean(str(name), scheduler_names())}; known: "
-                    f"{quoted(scheduler_names())}"
-                )
+        problems += [f"batch_scheduler: {p}" for p in scheduler_problems(self.batch_scheduler)]
         return problems
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from mtlgraph._schema import build
+from mtlgraph._schema import build, plain_config
 from mtlgraph.balancing import Balancer, make_balancer
 from mtlgraph.data.datasets import Batch, DictDataLoader
 from mtlgraph.data.schedulers import Step, make_scheduler
@@ -366,7 +366,7 @@ class FitLoop:
             "task_names": list(self.model.task_names),
             "optimizer": self.stepper.optimizer.state_dict(),
             "lr_scheduler": {
-                "spec": ckpt.plain_config(self.cfg.lr_scheduler),
+                "spec": plain_config(self.cfg.lr_scheduler),
                 "warmup_steps": self.cfg.warmup_steps,
                 "base_lrs": [float(lr) for lr in self.stepper.base_lrs],
             },
@@ -479,6 +479,6 @@ class FitLoop:
 
     def _plain_config(self) -> dict[str, Any]:
         return {
-            "trainer": ckpt.plain_config(self.cfg),
-            "experiment": ckpt.plain_config(self.trainer.experiment_config),
+            "trainer": plain_config(self.cfg),
+            "experiment": plain_config(self.trainer.experiment_config),
         }
