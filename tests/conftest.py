@@ -34,6 +34,21 @@ def make_loader(
     return DictDataLoader(DictDataset(name, split, X, Y), batch_size=batch_size, **kwargs)  # type: ignore[arg-type]
 
 
+class Interrupt(nn.Module):
+    """Identity that raises KeyboardInterrupt on its ``at``-th training call (0 = never)."""
+
+    def __init__(self, at: int = 0) -> None:
+        super().__init__()
+        self.at, self.calls = at, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.calls += 1
+            if self.calls == self.at:
+                raise KeyboardInterrupt("simulated kill")
+        return x
+
+
 @pytest.fixture
 def trunk() -> nn.Module:
     torch.manual_seed(0)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_loader
+from conftest import Interrupt, make_loader
 from experiment_helpers import cli_env
 from torch import nn
 
@@ -27,21 +27,6 @@ from mtlgraph.training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-
-
-class Interrupt(nn.Module):
-    """Identity that raises KeyboardInterrupt on its ``at``-th training call (0 = never)."""
-
-    def __init__(self, at: int = 0) -> None:
-        super().__init__()
-        self.at, self.calls = at, 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            self.calls += 1
-            if self.calls == self.at:
-                raise KeyboardInterrupt("simulated kill")
-        return x
 
 
 def _setup(at: int = 0) -> tuple[MultitaskClassifier, list]:

@@ -12,9 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_loader
+from conftest import Interrupt, make_loader
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_checkpoint import Interrupt
 from torch import nn
 
 import mtlgraph.training.trainer as trainer_module

@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_loader, make_task
-from test_checkpoint import Interrupt
+from conftest import Interrupt, make_loader, make_task
 from torch import nn
 
 from mtlgraph import BatchScheduler, ConfigError, MultitaskClassifier, Trainer
