@@ -228,3 +228,33 @@ def _name_problems(kind: str, name: object) -> list[str]:
     if "/" in name:
         return [f"{kind} name '{name}' must not contain '/' (it is a score-key separator)"]
     return []
+
+
+def must_be_callable(kind: str) -> Callable[[str, Any], list[str]]:
+    """A registry ``check``: entries must be callable (a function or a class).
+
+    Example:
+        >>> must_be_callable("loss")("l2", 3)
+        ["loss 'l2': 3 is not callable"]
+    """
+
+    def check(name: str, obj: Any) -> list[str]:
+        return [] if callable(obj) else [f"{kind} '{name}': {obj!r} is not callable"]
+
+    return check
+
+
+def must_subclass(base: type, kind: str) -> Callable[[str, Any], list[str]]:
+    """A registry ``check``: entries must be subclasses of ``base``.
+
+    Example:
+        >>> must_subclass(int, "number type")("text", str)
+        ["number type 'text' must be a int subclass, got <class 'str'>"]
+    """
+
+    def check(name: str, obj: Any) -> list[str]:
+        if isinstance(obj, type) and issubclass(obj, base):
+            return []
+        return [f"{kind} '{name}' must be a {base.__name__} subclass, got {obj!r}"]
+
+    return check

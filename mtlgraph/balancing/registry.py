@@ -26,14 +26,7 @@ from mtlgraph.balancing.weighting import (
     UncertaintyBalancer,
 )
 from mtlgraph.exceptions import ConfigError
-from mtlgraph.registry import Registry, accepted_parameters
-
-
-def _is_balancer_class(name: str, obj: object) -> list[str]:
-    if isinstance(obj, type) and issubclass(obj, Balancer):
-        return []
-    return [f"balancer '{name}' must be a Balancer subclass, got {obj!r}"]
-
+from mtlgraph.registry import Registry, accepted_parameters, must_subclass
 
 BALANCERS: Registry[type[Balancer]] = Registry(
     "balancer",
@@ -48,7 +41,7 @@ BALANCERS: Registry[type[Balancer]] = Registry(
         "cagrad": CAGradBalancer,
         "mgda": MGDABalancer,
     },
-    check=_is_balancer_class,
+    check=must_subclass(Balancer, "balancer"),
 )
 """Every balancer class by name (built in: the nine of ``docs/balancing.md``)."""
 

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from mtlgraph.exceptions import ConfigError, DataError
-from mtlgraph.registry import Registry
+from mtlgraph.registry import Registry, must_subclass
 
 Step = tuple[int, ...]
 
@@ -140,12 +140,6 @@ class MixedScheduler(BatchScheduler):
         return [every] * max(batch_counts, default=0)
 
 
-def _scheduler_problems(name: str, cls: type[BatchScheduler]) -> list[str]:
-    if isinstance(cls, type) and issubclass(cls, BatchScheduler):
-        return []
-    return [f"batch scheduler '{name}' must be a BatchScheduler subclass, got {cls!r}"]
-
-
 SCHEDULERS: Registry[type[BatchScheduler]] = Registry(
     "batch scheduler",
     {
@@ -154,7 +148,7 @@ SCHEDULERS: Registry[type[BatchScheduler]] = Registry(
         "round_robin": RoundRobinScheduler,
         "mixed": MixedScheduler,
     },
-    check=_scheduler_problems,
+    check=must_subclass(BatchScheduler, "batch scheduler"),
 )
 """Batch schedulers by name: :func:`register_scheduler` adds one, ``SCHEDULERS.unregister``
 removes one."""

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from mtlgraph.exceptions import DataError
 from mtlgraph.metrics import active_mask
-from mtlgraph.registry import Registry
+from mtlgraph.registry import Registry, must_be_callable
 
 LossFunc = Callable[[Any, torch.Tensor], torch.Tensor]
 """``loss(output, target) -> scalar tensor``."""
@@ -97,10 +97,6 @@ def smooth_l1_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.smooth_l1_loss(_rows_match(output, target), target.to(output.dtype))
 
 
-def _loss_problems(name: str, func: LossFunc) -> list[str]:
-    return [] if callable(func) else [f"loss '{name}': {func!r} is not callable"]
-
-
 LOSSES: Registry[LossFunc] = Registry(
     "loss",
     {
@@ -110,7 +106,7 @@ LOSSES: Registry[LossFunc] = Registry(
         "l1": l1_loss,
         "smooth_l1": smooth_l1_loss,
     },
-    check=_loss_problems,
+    check=must_be_callable("loss"),
 )
 """Losses by name; :func:`register_loss` adds one, ``LOSSES.unregister(name)`` removes it."""
 

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from mtlgraph.registry import Registry
+from mtlgraph.registry import Registry, must_be_callable
 
 ModuleFactory = Callable[..., nn.Module]
 """A class or function that returns an ``nn.Module`` from keyword arguments."""
@@ -229,10 +229,6 @@ def _identity() -> nn.Module:
     return nn.Identity()
 
 
-def _factory_problems(name: str, factory: ModuleFactory) -> list[str]:
-    return [] if callable(factory) else [f"module type '{name}': {factory!r} is not callable"]
-
-
 MODULES: Registry[ModuleFactory] = Registry(
     "module type",
     {
@@ -246,7 +242,7 @@ MODULES: Registry[ModuleFactory] = Registry(
         "dropout": _dropout,
         "activation": Activation,
     },
-    check=_factory_problems,
+    check=must_be_callable("module type"),
 )
 """Module types by name: :func:`register_module` adds one, ``MODULES.unregister`` removes one."""
 
