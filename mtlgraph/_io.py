@@ -93,8 +93,12 @@ def tensor_leaves(value: Any) -> list[torch.Tensor]:
 
 def move_to_device(value: Any, device: torch.device) -> Any:
     """Move tensors inside dicts, lists and tuples to ``device``; other values are kept."""
-    if isinstance(value, torch.Tensor):  # the common case first: a batch field
+    if isinstance(value, torch.Tensor):  # the common cases first: a batch field, a batch dict
         return value if value.device == device else value.to(device, non_blocking=True)
+    if type(value) is dict and all(
+        isinstance(v, torch.Tensor) and v.device == device for v in value.values()
+    ):
+        return dict(value)  # nothing to move (the step's hot path on one device)
 
     def move(leaf: Any) -> Any:
         if isinstance(leaf, torch.Tensor) and leaf.device != device:
