@@ -10,7 +10,7 @@ checked against the component's signature, so a misspelled argument fails before
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -19,8 +19,11 @@ from mtlgraph.balancing import Balancer, make_balancer
 from mtlgraph.data.schedulers import BatchScheduler, scheduler_problems
 from mtlgraph.diagnostics import DiagnosticsConfig
 from mtlgraph.exceptions import ConfigError
-from mtlgraph.training.lr import LR_SCHEDULES, schedule_params
+from mtlgraph.registry import Registry
+from mtlgraph.training.lr import LR_SCHEDULES
+from mtlgraph.training.lr import SUPPLIED as SCHEDULE_SUPPLIED
 from mtlgraph.training.optim import OPTIMIZERS, check_param_groups, optimizer_params
+from mtlgraph.training.optim import SUPPLIED as OPTIMIZER_SUPPLIED
 from mtlgraph.training.writers import WRITERS, Writer
 
 
@@ -33,9 +36,9 @@ class TrainerConfig:
         >>> TrainerConfig(lr=-1.0, optimizer={"name": "sgd", "momentun": 0.9}).validate()
         ... # doctest: +NORMALIZE_WHITESPACE
         ['lr: must be a positive number, got -1.0',
-         "optimizer.momentun: 'sgd' takes no argument 'momentun' (did you mean 'momentum'?);
-         it takes 'dampening', 'differentiable', 'foreach', 'fused', 'maximize', 'momentum',
-         'nesterov', 'weight_decay'"]
+     "optimizer: optimizer 'sgd' takes no argument 'momentun' (did you mean 'momentum'?);
+     its arguments: 'dampening', 'differentiable', 'foreach', 'fused', 'maximize', 'momentum',
+     'nesterov', 'weight_decay'"]
     """
 
     n_epochs: int = 1  # passes over the training loaders
@@ -80,7 +83,7 @@ class TrainerConfig:
         problems += [
             f"freeze: entries must be non-empty strings, got {f!r}" for f in self.freeze if not f
         ]
-        problems += _check_named("optimizer", self.optimizer, OPTIMIZERS.names(), optimizer_params)
+        problems += _check_named("optimizer", self.optimizer, OPTIMIZERS, OPTIMIZER_SUPPLIED)
         opt_name = self.optimizer if isinstance(self.optimizer, str) else self.optimizer.get("name")
         if opt_name in OPTIMIZERS:
             accepted = optimizer_params(str(opt_name))
@@ -91,9 +94,7 @@ class TrainerConfig:
                 make_balancer(self.balancer)
             except ConfigError as e:
                 problems += [f"balancer: {p}" for p in e.problems]
-        problems += _check_named(
-            "lr_scheduler", self.lr_scheduler, LR_SCHEDULES.names(), schedule_params
-        )
+        problems += _check_named("lr_scheduler", self.lr_scheduler, LR_SCHEDULES, SCHEDULE_SUPPLIED)
         problems += self._check_outputs()
         return problems
 
@@ -141,28 +142,14 @@ class TrainerConfig:
 
 
 def _check_named(
-    key: str,
-    spec: str | Mapping[str, Any],
-    names: list[str],
-    params_of: Callable[[str], set[str] | None],
+    key: str, spec: str | Mapping[str, Any], registry: Registry[Any], supplied: Sequence[str]
 ) -> list[str]:
-    """Validate a ``name`` or ``{"name": ..., **kwargs}`` setting against a registry's names and
-    the keyword arguments ``params_of(name)`` accepts (``None``: any)."""
+    """Problems with a ``name`` or ``{"name": ..., **kwargs}`` setting: an unknown name (with a
+    suggestion), or arguments the component's signature does not take; ``supplied`` are the
+    arguments the Trainer passes itself."""
     if isinstance(spec, str):
         name, kwargs = spec, {}
     else:
         kwargs = dict(spec)
         name = kwargs.pop("name", None)
-    if name not in names:
-        return [
-            f"{key}: unknown name {name!r}{did_you_mean(str(name), names)}; known: {quoted(names)}"
-        ]
-    known: set[str] | None = params_of(name)
-    if known is None:
-        return []
-    return [
-        f"{key}.{k}: '{name}' takes no argument '{k}'{did_you_mean(k, known)}; "
-        f"it takes {quoted(known) or 'none'}"
-        for k in kwargs
-        if k not in known
-    ]
+    return [f"{key}: {p}" for p in registry.check_kwargs(name, kwargs, supplied=supplied)]

@@ -123,7 +123,7 @@ def test_trainer_value_checks(tmp_path: Path) -> None:
     problems = _errors(write_config(tmp_path / "c.yaml", cfg))
     joined = "\n".join(problems)
     assert "trainer.lr: must be a positive number, got -1.0" in joined
-    assert "trainer.optimizer: unknown name 'adamm' (did you mean 'adam'?)" in joined
+    assert "trainer.optimizer: unknown optimizer 'adamm' (did you mean 'adam'?)" in joined
     assert "trainer.checkpoint_every: must be >= 0, got -2" in joined
     assert "trainer.writers[0]: unknown writer 'csv'" in joined
     assert (

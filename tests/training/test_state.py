@@ -175,8 +175,8 @@ def test_optimizers_and_lr_schedules_are_registries_with_checked_kwargs() -> Non
                 lr_scheduler={"name": "halves_test", "evry": 2},
             )
         text = str(info.value)
-        assert "optimizer.alpah: 'rmsprop_test' takes no argument 'alpah' (did you mean" in text
-        assert "lr_scheduler.evry: 'halves_test' takes no argument 'evry' (did you mean" in text
+        assert "optimizer: optimizer 'rmsprop_test' takes no argument 'alpah' (did you mean" in text
+        assert "lr_scheduler: LR schedule 'halves_test' takes no argument 'evry' (did you mean" in text
         model, loaders = _setup()
         trainer = Trainer(
             n_epochs=2,

@@ -49,9 +49,9 @@ def test_config_errors_are_reported_together() -> None:
     assert text.startswith("invalid Trainer config:")
     assert "n_epoch: unknown key (did you mean 'n_epochs'?)" in text
     assert "lr: must be a positive number, got -1.0" in text
-    assert "optimizer: unknown name 'adan' (did you mean 'adam'?)" in text
+    assert "optimizer: unknown optimizer 'adan' (did you mean 'adam'?)" in text
     assert "progress_bar: expected true or false, got the string 'yes'" in text
-    assert "lr_scheduler.gama: 'step' takes no argument 'gama' (did you mean 'gamma'?)" in text
+    assert "lr_scheduler: LR schedule 'step' takes no argument 'gama' (did you mean 'gamma'?)" in text
     assert len(info.value.problems) == 5
 
 
