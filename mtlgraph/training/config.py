@@ -36,9 +36,9 @@ class TrainerConfig:
         >>> TrainerConfig(lr=-1.0, optimizer={"name": "sgd", "momentun": 0.9}).validate()
         ... # doctest: +NORMALIZE_WHITESPACE
         ['lr: must be a positive number, got -1.0',
-     "optimizer: optimizer 'sgd' takes no argument 'momentun' (did you mean 'momentum'?);
-     its arguments: 'dampening', 'differentiable', 'foreach', 'fused', 'maximize', 'momentum',
-     'nesterov', 'weight_decay'"]
+         "optimizer: optimizer 'sgd' takes no argument 'momentun' (did you mean 'momentum'?);
+         its arguments: 'dampening', 'differentiable', 'foreach', 'fused', 'maximize',
+         'momentum', 'nesterov', 'weight_decay'"]
     """
 
     n_epochs: int = 1  # passes over the training loaders
