@@ -176,7 +176,9 @@ def test_optimizers_and_lr_schedules_are_registries_with_checked_kwargs() -> Non
             )
         text = str(info.value)
         assert "optimizer: optimizer 'rmsprop_test' takes no argument 'alpah' (did you mean" in text
-        assert "lr_scheduler: LR schedule 'halves_test' takes no argument 'evry' (did you mean" in text
+        assert (
+            "lr_scheduler: LR schedule 'halves_test' takes no argument 'evry' (did you mean" in text
+        )
         model, loaders = _setup()
         trainer = Trainer(
             n_epochs=2,

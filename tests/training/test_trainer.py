@@ -51,7 +51,9 @@ def test_config_errors_are_reported_together() -> None:
     assert "lr: must be a positive number, got -1.0" in text
     assert "optimizer: unknown optimizer 'adan' (did you mean 'adam'?)" in text
     assert "progress_bar: expected true or false, got the string 'yes'" in text
-    assert "lr_scheduler: LR schedule 'step' takes no argument 'gama' (did you mean 'gamma'?)" in text
+    assert (
+        "lr_scheduler: LR schedule 'step' takes no argument 'gama' (did you mean 'gamma'?)" in text
+    )
     assert len(info.value.problems) == 5
 
 
