@@ -53,6 +53,7 @@ from mtlgraph.data.datasets import Batch, DictDataLoader
 from mtlgraph.data.schedulers import Step
 from mtlgraph.exceptions import CheckpointError, ConfigError
 from mtlgraph.metrics import make_key
+from mtlgraph.training.state import loader_positions
 
 logger = logging.getLogger(__name__)
 
@@ -286,15 +287,6 @@ def load_model_state(model: Any, state: Mapping[str, Any], what: str) -> None:
             f"{what} holds the weights of tasks {state.get('task_names')}, the model has "
             f"{model.task_names} (missing {list(missing)}, unexpected {list(unexpected)})"
         )
-
-
-def loader_positions(plan: Sequence[Step], n_loaders: int) -> list[int]:
-    """Batches each training loader has given after the steps ``plan`` (a prefix of an epoch)."""
-    counts = [0] * n_loaders
-    for step in plan:
-        for i in step:
-            counts[i] += 1
-    return counts
 
 
 def resume_iterators(

@@ -101,11 +101,7 @@ class RunState:
 
     def loader_positions(self) -> list[int]:
         """Batches each training loader has given this epoch."""
-        counts = [0] * len(self.batch_counts)
-        for step in self.plan[: self.step_in_epoch]:
-            for i in step:
-                counts[i] += 1
-        return counts
+        return loader_positions(self.plan[: self.step_in_epoch], len(self.batch_counts))
 
     def state_dict(self, rank_records: Sequence[tuple[Records, Records]] = ()) -> dict[str, Any]:
         """Plain values and tensors (checkpoint-safe).
@@ -152,6 +148,15 @@ class RunState:
         if self.world_size > 1 and len(per_rank) == self.world_size:
             self.window = records_from_state(per_rank[rank]["window"])
             self.epoch_losses = records_from_state(per_rank[rank]["epoch_losses"])
+
+
+def loader_positions(plan: Sequence[Step], n_loaders: int) -> list[int]:
+    """Batches each training loader has given after the steps ``plan`` (a prefix of an epoch)."""
+    counts = [0] * n_loaders
+    for step in plan:
+        for i in step:
+            counts[i] += 1
+    return counts
 
 
 # ---------------------------------------------------------------- loss records

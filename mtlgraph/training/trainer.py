@@ -41,7 +41,15 @@ from mtlgraph.training.distributed import (
     gather_predictions,
     process_group,
 )
-from mtlgraph.training.hooks import EvaluateHook, Every, Hook, ProbeHook, ProgressBar, SaveHook
+from mtlgraph.training.hooks import (
+    EvaluateHook,
+    Every,
+    Hook,
+    ProbeHook,
+    ProgressBar,
+    SaveHook,
+    Unit,
+)
 from mtlgraph.training.lr import LR_SCHEDULES, lr_factor_fn
 from mtlgraph.training.optim import OPTIMIZERS, StepControl, SubsetStepper, make_optimizer
 from mtlgraph.training.setup import check_loaders, distribute, prepare
@@ -250,8 +258,6 @@ class FitLoop:
     def run(self) -> None:
         """Every epoch's steps, hooks after each optimizer step and epoch, then the finish."""
         cfg, state, model = self.cfg, self.state, self.model
-        on_step = [h for h in self.hooks if h.every.unit == "step" and h.every.n > 0]
-        on_epoch = [h for h in self.hooks if h.every.unit == "epoch" and h.every.n > 0]
         model.train()
         for epoch in range(state.epoch, cfg.n_epochs):
             for dl in self.train:
@@ -269,18 +275,20 @@ class FitLoop:
                 self.bar.advance(records)
                 if stepped:
                     state.global_step += 1
-                    for hook in on_step:
-                        if state.global_step % hook.every.n == 0:
-                            hook.fire(self)
+                    self._fire_due("step", state.global_step)
             self.bar.close()
             sums = self.comm.gather_sums(loss_sums(state.epoch_losses))
             self.balancer.on_epoch_end(epoch, task_means(sums))
             state.end_epoch(self.scheduler.state_dict())
-            for hook in on_epoch:
-                if state.epoch % hook.every.n == 0:
-                    hook.fire(self)
+            self._fire_due("epoch", state.epoch)
         for hook in self.hooks:
             hook.finish(self)
+
+    def _fire_due(self, unit: Unit, count: int) -> None:
+        """Fire, in their fixed order, the hooks whose trigger is due after ``count`` units."""
+        for hook in self.hooks:
+            if hook.every.due(unit, count):
+                hook.fire(self)
 
     def _start_epoch(
         self, epoch: int, plan: list[Step], scheduler_state: dict[str, Any]
