@@ -166,6 +166,23 @@ class Registry(Generic[T]):
         return signature_problems(factory, kwargs, f"{self.kind} '{name}'", supplied=supplied)
 
 
+def split_spec(spec: str | Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """A component spec, ``"name"`` or ``{"name": ..., **kwargs}``, as ``(name, kwargs)``.
+
+    The name is ``None`` when a mapping has none (lookup then reports it as unknown).
+
+    Example:
+        >>> split_spec({"name": "cosine", "min_factor": 0.1})
+        ('cosine', {'min_factor': 0.1})
+        >>> split_spec("adam")
+        ('adam', {})
+    """
+    if isinstance(spec, str):
+        return spec, {}
+    kwargs = dict(spec)
+    return kwargs.pop("name", None), kwargs
+
+
 def signature_problems(
     factory: Callable[..., Any],
     kwargs: Mapping[str, Any],

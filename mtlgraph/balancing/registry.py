@@ -10,11 +10,9 @@ registering the same class again is a no-op, another class under a taken name ne
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from typing import Any
 
-from mtlgraph._suggest import did_you_mean, quoted
 from mtlgraph.balancing.base import Balancer
 from mtlgraph.balancing.gradient import CAGradBalancer, MGDABalancer, PCGradBalancer
 from mtlgraph.balancing.weighting import (
@@ -26,7 +24,7 @@ from mtlgraph.balancing.weighting import (
     UncertaintyBalancer,
 )
 from mtlgraph.exceptions import ConfigError
-from mtlgraph.registry import Registry, accepted_parameters, must_subclass
+from mtlgraph.registry import Registry, must_subclass, split_spec
 
 BALANCERS: Registry[type[Balancer]] = Registry(
     "balancer",
@@ -98,37 +96,13 @@ def make_balancer(spec: str | Mapping[str, Any] | Balancer) -> Balancer:
     """
     if isinstance(spec, Balancer):
         return spec
-    if isinstance(spec, str):
-        name, kwargs = spec, {}
-    elif isinstance(spec, Mapping):
-        kwargs = dict(spec)
-        name = kwargs.pop("name", None)
-    else:
+    if not isinstance(spec, (str, Mapping)):
         raise ConfigError(
             [f"balancer must be a name, a {{'name': ...}} mapping or a Balancer, got {spec!r}"]
         )
+    name, kwargs = split_spec(spec)
     cls = BALANCERS.get(name)
-    problems = argument_problems(name, cls, kwargs)
+    problems = BALANCERS.check_kwargs(name, kwargs)
     if problems:
         raise ConfigError(problems)
     return cls(**kwargs)
-
-
-def argument_problems(name: str, cls: type[Balancer], kwargs: Mapping[str, Any]) -> list[str]:
-    """Unknown and missing keyword arguments of balancer ``cls`` (registered as ``name``),
-    checked against its signature (anything goes when it takes ``**kwargs``)."""
-    params = accepted_parameters(cls)
-    if params is None:
-        return []
-    problems = [
-        f"balancer '{name}' takes no argument '{k}'{did_you_mean(k, params)}; "
-        f"it takes {quoted(params) or 'none'}"
-        for k in kwargs
-        if k not in params
-    ]
-    problems += [
-        f"balancer '{name}' needs the argument '{n}'"
-        for n, p in params.items()
-        if p.default is inspect.Parameter.empty and n not in kwargs
-    ]
-    return problems

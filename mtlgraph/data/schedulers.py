@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from mtlgraph.exceptions import ConfigError, DataError
-from mtlgraph.registry import Registry, must_subclass
+from mtlgraph.registry import Registry, must_subclass, split_spec
 
 Step = tuple[int, ...]
 
@@ -189,13 +189,6 @@ def scheduler_names() -> list[str]:
     return SCHEDULERS.names()
 
 
-def _parse(spec: str | Mapping[str, Any]) -> tuple[object, dict[str, Any]]:
-    if isinstance(spec, str):
-        return spec, {}
-    kwargs = dict(spec)
-    return kwargs.pop("name", None), kwargs
-
-
 def scheduler_problems(spec: object) -> list[str]:
     """Every problem with a scheduler spec: an unknown name, unknown or missing arguments.
 
@@ -209,7 +202,7 @@ def scheduler_problems(spec: object) -> list[str]:
         return []
     if not isinstance(spec, (str, Mapping)):
         return [f"a batch scheduler is a name, a mapping with 'name' or an instance, not {spec!r}"]
-    name, kwargs = _parse(spec)
+    name, kwargs = split_spec(spec)
     if not isinstance(name, str) or name not in SCHEDULERS:
         return [SCHEDULERS.unknown(name)]
     return SCHEDULERS.check_kwargs(name, {"seed": 0, **kwargs})
@@ -227,6 +220,6 @@ def make_scheduler(spec: SchedulerSpec, seed: int) -> BatchScheduler:
     problems = scheduler_problems(spec)
     if problems:
         raise ConfigError(problems)
-    name, kwargs = _parse(spec)
+    name, kwargs = split_spec(spec)
     kwargs.setdefault("seed", seed)
     return SCHEDULERS.get(str(name))(**kwargs)

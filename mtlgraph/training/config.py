@@ -19,7 +19,7 @@ from mtlgraph.balancing import Balancer, make_balancer
 from mtlgraph.data.schedulers import BatchScheduler, scheduler_problems
 from mtlgraph.diagnostics import DiagnosticsConfig
 from mtlgraph.exceptions import ConfigError
-from mtlgraph.registry import Registry
+from mtlgraph.registry import Registry, split_spec
 from mtlgraph.training.lr import LR_SCHEDULES
 from mtlgraph.training.lr import SUPPLIED as SCHEDULE_SUPPLIED
 from mtlgraph.training.optim import OPTIMIZERS, check_param_groups, optimizer_params
@@ -84,7 +84,7 @@ class TrainerConfig:
             f"freeze: entries must be non-empty strings, got {f!r}" for f in self.freeze if not f
         ]
         problems += _check_named("optimizer", self.optimizer, OPTIMIZERS, OPTIMIZER_SUPPLIED)
-        opt_name = self.optimizer if isinstance(self.optimizer, str) else self.optimizer.get("name")
+        opt_name, _ = split_spec(self.optimizer)
         if opt_name in OPTIMIZERS:
             accepted = optimizer_params(str(opt_name))
             if accepted is not None:
@@ -147,9 +147,5 @@ def _check_named(
     """Problems with a ``name`` or ``{"name": ..., **kwargs}`` setting: an unknown name (with a
     suggestion), or arguments the component's signature does not take; ``supplied`` are the
     arguments the Trainer passes itself."""
-    if isinstance(spec, str):
-        name, kwargs = spec, {}
-    else:
-        kwargs = dict(spec)
-        name = kwargs.pop("name", None)
+    name, kwargs = split_spec(spec)
     return [f"{key}: {p}" for p in registry.check_kwargs(name, kwargs, supplied=supplied)]

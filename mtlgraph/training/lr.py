@@ -17,7 +17,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from mtlgraph.registry import Registry, accepted_parameters
+from mtlgraph.registry import Registry, split_spec
 
 
 class LRSchedule(Protocol):
@@ -92,20 +92,6 @@ def register_lr_schedule(
     return LR_SCHEDULES.register(name, fn, override=override)
 
 
-def named(spec: str | Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
-    """``"name"`` or ``{"name": ..., **kwargs}`` as ``(name, kwargs)``."""
-    if isinstance(spec, str):
-        return spec, {}
-    kwargs = dict(spec)
-    return str(kwargs.pop("name", None)), kwargs
-
-
-def schedule_params(name: str) -> set[str] | None:
-    """The keyword arguments schedule ``name`` takes (``None``: it takes ``**params``)."""
-    params = accepted_parameters(LR_SCHEDULES.get(name))
-    return None if params is None else {p for p in params if p not in SUPPLIED}
-
-
 def lr_factor_fn(
     schedule: str | Mapping[str, Any], warmup_steps: int, total_steps: int
 ) -> Callable[[int, int], float] | None:
@@ -121,7 +107,7 @@ def lr_factor_fn(
         >>> f(0, 0), f(5, 0)
         (1.0, 0.5)
     """
-    name, kwargs = named(schedule)
+    name, kwargs = split_spec(schedule)
     fn = LR_SCHEDULES.get(name)
     if fn is constant and warmup_steps == 0:
         return None

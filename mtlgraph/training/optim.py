@@ -30,7 +30,7 @@ from mtlgraph._suggest import did_you_mean, quoted
 from mtlgraph.balancing import Balancer
 from mtlgraph.exceptions import ConfigError
 from mtlgraph.graph.model import ExecutionPlan, MultitaskClassifier
-from mtlgraph.registry import Registry, accepted_parameters
+from mtlgraph.registry import Registry, accepted_parameters, split_spec
 
 AMP_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -84,11 +84,7 @@ def make_optimizer(
     """The run's one optimizer: the model's groups (default first, then ``param_groups``
     patterns; frozen parameters left out) and the balancer's learned weights in their own group.
     """
-    if isinstance(spec, str):
-        name, kwargs = spec, {}
-    else:
-        kwargs = dict(spec)
-        name = str(kwargs.pop("name"))
+    name, kwargs = split_spec(spec)
     groups, _ = model_param_groups(model, param_groups)
     balancer_params = [p for p in balancer.parameters() if p.requires_grad]
     if balancer_params:

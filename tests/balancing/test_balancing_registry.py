@@ -114,10 +114,12 @@ def test_make_balancer_checks_arguments_against_the_signature(clean: list[str]) 
         make_balancer({"name": "needs_scale", "scael": 3.0})
     assert info.value.problems == [
         "balancer 'needs_scale' takes no argument 'scael' (did you mean 'scale'?); "
-        "it takes 'scale'",
+        "its arguments: 'scale'",
         "balancer 'needs_scale' needs the argument 'scale'",
     ]
-    with pytest.raises(ConfigError, match=r"balancer 'sum' takes no argument 'x'; it takes none"):
+    with pytest.raises(
+        ConfigError, match=r"balancer 'sum' takes no argument 'x'; its arguments: none"
+    ):
         make_balancer({"name": "sum", "x": 1})
 
 
