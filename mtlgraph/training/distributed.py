@@ -215,41 +215,9 @@ def gather_predictions(
     return out
 
 
-def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """Average a tensor over ranks in place (identity in a single process)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor)
-        tensor.div_(dist.get_world_size())
-    return tensor
-
-
-def barrier() -> None:
-    """Wait for every rank (no-op in a single process)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def clean_env_for_children() -> dict[str, str]:
     """A copy of ``os.environ`` without torchrun's variables (for subprocesses)."""
     return {k: v for k, v in os.environ.items() if k not in _TORCHRUN_VARS}
-
-
-def gather_sums(sums: Mapping[Any, list[float]]) -> dict[Any, list[float]]:
-    """Add up every rank's ``{key: [sum, count]}`` (a copy of ``sums`` in one process).
-
-    Keys may differ between ranks (a rank whose shard had no label of a task has no entry).
-    """
-    out: dict[Any, list[float]] = {}
-    parts: list[Any] = [sums]
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        parts = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, dict(sums))
-    for part in parts:
-        for key, (s, c) in part.items():
-            acc = out.setdefault(key, [0.0, 0.0])
-            acc[0] += s
-            acc[1] += c
-    return out
 
 
 def broadcast_object(value: Any) -> Any:
@@ -259,15 +227,6 @@ def broadcast_object(value: Any) -> Any:
         dist.broadcast_object_list(box, src=0)
         return box[0]
     return value
-
-
-def all_gather_objects(value: Any) -> list[Any]:
-    """Every rank's ``value``, in rank order (``[value]`` in a single process)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        parts: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, value)
-        return parts
-    return [value]
 
 
 class Collectives:
@@ -288,22 +247,37 @@ class Collectives:
 
     def __init__(self, env: DistEnv) -> None:
         self.enabled = env.enabled
+        self.world_size = env.world_size
 
     def mean_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Average ``tensor`` over ranks in place."""
-        return all_reduce_mean(tensor) if self.enabled else tensor
+        if self.enabled:
+            dist.all_reduce(tensor)
+            tensor.div_(self.world_size)
+        return tensor
 
     def gather_sums(self, sums: Mapping[Any, list[float]]) -> dict[Any, list[float]]:
-        """Add up every rank's ``{key: [sum, count]}``."""
-        if self.enabled:
-            return gather_sums(sums)
-        return {k: list(v) for k, v in sums.items()}
+        """Add up every rank's ``{key: [sum, count]}`` (a copy of ``sums`` in one process).
+
+        Keys may differ between ranks (a rank whose shard had no label of a task has no entry).
+        """
+        out: dict[Any, list[float]] = {}
+        for part in self.gather_objects(dict(sums)):
+            for key, (s, c) in part.items():
+                acc = out.setdefault(key, [0.0, 0.0])
+                acc[0] += s
+                acc[1] += c
+        return out
 
     def gather_objects(self, value: Any) -> list[Any]:
         """Every rank's ``value``, in rank order."""
-        return all_gather_objects(value) if self.enabled else [value]
+        if not self.enabled:
+            return [value]
+        parts: list[Any] = [None] * self.world_size
+        dist.all_gather_object(parts, value)
+        return parts
 
     def barrier(self) -> None:
         """Wait for every rank."""
         if self.enabled:
-            barrier()
+            dist.barrier()
