@@ -329,8 +329,6 @@ def register_metric(
         True
     """
     metric = Metric(name, func, bool(higher_is_better), dict(defaults))
-    if name in METRICS and METRICS.get(name) == metric:
-        return METRICS.get(name)  # the same metric again: a no-op
     return METRICS.register(name, metric, override=override)
 
 

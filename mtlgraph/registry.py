@@ -6,8 +6,9 @@ the same way:
 
 - ``get`` of an unknown name raises :class:`~mtlgraph.exceptions.UnknownNameError` (a
   :class:`~mtlgraph.ConfigError` and a ``KeyError``) with a did-you-mean;
-- registering the *same* object under a name again is a no-op (a re-run notebook cell is fine);
-  registering *another* object under a taken name needs ``override=True``;
+- registering the *same* object (or an equal value) under a name again is a no-op and returns
+  the registered one (a re-run notebook cell is fine); registering *another* object under a
+  taken name needs ``override=True``;
 - ``unregister`` removes a name (tests and doctests leave no registrations behind);
 - ``check_kwargs`` compares keyword arguments with the component's signature, so a misspelled
   argument is a ``ConfigError`` with a suggestion before any work starts.
@@ -99,8 +100,10 @@ class Registry(Generic[T]):
         problems = _name_problems(self.kind, name)
         if not problems and self._check is not None:
             problems = self._check(name, obj)
-        taken = name in self._entries and self._entries[name] is not obj
-        if not problems and taken and not override:
+        held = self._entries.get(name) if not problems else None
+        if held is not None and _same(held, obj):
+            return held  # the same component again (a re-run cell): a no-op
+        if not problems and held is not None and not override:
             problems = [
                 f"{self.kind} '{name}' is already registered (as {self._entries[name]!r}); "
                 "pass override=True to replace it, or pick another name"
@@ -237,6 +240,17 @@ def accepted_parameters(factory: Callable[..., Any]) -> dict[str, inspect.Parame
         if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
             params[n] = p
     return params
+
+
+def _same(held: object, obj: object) -> bool:
+    """Whether ``obj`` is the component ``held``: the same object, or an equal value (a
+    :class:`~mtlgraph.metrics.Metric` rebuilt from the same function and defaults)."""
+    if held is obj:
+        return True
+    try:
+        return bool(held == obj)
+    except (ValueError, TypeError, RuntimeError):  # an __eq__ that cannot answer (arrays)
+        return False
 
 
 def _name_problems(kind: str, name: object) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -39,6 +40,18 @@ def test_reregistering_the_same_object_is_a_noop() -> None:
     reg = make()
     assert reg.register("red", 1) == 1
     assert reg.names() == ["blue", "red"]
+
+
+def test_an_equal_value_again_is_a_noop_that_returns_the_registered_one() -> None:
+    @dataclasses.dataclass
+    class Spec:
+        size: int
+
+    reg = Registry[Spec]("spec", {"small": Spec(1)})
+    held = reg.get("small")
+    assert reg.register("small", Spec(1)) is held  # a rebuilt equal value: nothing changes
+    with pytest.raises(ConfigError, match="spec 'small' is already registered"):
+        reg.register("small", Spec(2))
 
 
 def test_another_object_needs_override() -> None:
