@@ -6,11 +6,10 @@ and the interference probes (:mod:`mtlgraph.diagnostics`) use: which modules of 
 where their parameters sit in one flat preallocated buffer (:class:`SharedLayout`), and one
 gradient per task written into that buffer (:class:`SharedGradients`).
 
-Everything computed from a plan is cached per plan in a :class:`PlanCache`. A cache entry holds
-only a *weak* reference to its plan and is used only for that very plan object: after
-``model.add_task`` / ``remove_task`` the model builds new plans, the old ones are freed, their
-entries are dropped, and a new plan whose ``id`` happens to equal a freed one's never picks up
-the old layout.
+Everything computed from a plan is cached per plan in a :class:`PlanCache`, keyed weakly by the
+plan object itself: after ``model.add_task`` / ``remove_task`` the model builds new plans, the
+old ones are freed and their entries vanish with them, so a new plan never picks up an old
+layout.
 """
 
 from __future__ import annotations
@@ -33,10 +32,9 @@ V = TypeVar("V")
 class PlanCache(Generic[V]):
     """Values computed from an execution plan, valid for that plan object only.
 
-    Plans are not hashable (they hold mappings), so entries are keyed by ``id(plan)`` and each
-    keeps a weak reference that must still point at the very plan asked about: a freed plan's
-    entry never answers for a new plan with a recycled ``id``, and the cache keeps no plan (nor
-    the modules of a removed task) alive. Dead entries are dropped whenever a value is built.
+    A ``weakref.WeakKeyDictionary`` keyed by the plan (plans hash by identity): an entry lives
+    as long as its plan, so the cache keeps no plan (nor the modules of a removed task) alive,
+    and a freed plan's entry can never answer for a new plan.
 
     Example:
         >>> from torch import nn
@@ -52,35 +50,30 @@ class PlanCache(Generic[V]):
     """
 
     def __init__(self) -> None:
-        self._entries: dict[int, tuple[weakref.ref[ExecutionPlan], V]] = {}
+        self._entries: weakref.WeakKeyDictionary[ExecutionPlan, V] = weakref.WeakKeyDictionary()
 
     def get(self, plan: ExecutionPlan, build: Callable[[ExecutionPlan], V]) -> V:
         """The cached value of ``plan``, built by ``build(plan)`` on first use."""
-        entry = self._entries.get(id(plan))
-        if entry is not None and entry[0]() is plan:
-            return entry[1]
-        value = build(plan)
-        self._entries = {k: e for k, e in self._entries.items() if e[0]() is not None}
-        self._entries[id(plan)] = (weakref.ref(plan), value)
-        return value
+        if plan not in self._entries:
+            self._entries[plan] = build(plan)
+        return self._entries[plan]
 
     def clear(self) -> None:
         """Forget every entry."""
-        self._entries = {}
+        self._entries.clear()
 
     def items(self) -> list[tuple[ExecutionPlan, V]]:
-        """``(plan, value)`` of every entry whose plan is alive."""
-        live = [(ref(), value) for ref, value in self._entries.values()]
-        return [(plan, value) for plan, value in live if plan is not None]
+        """``(plan, value)`` of every entry (their plans are alive)."""
+        return list(self._entries.items())
 
     def __len__(self) -> int:
-        return sum(1 for ref, _ in self._entries.values() if ref() is not None)
+        return len(self._entries)
 
     def __getstate__(self) -> dict[str, object]:
         return {}  # a copy or a pickle starts empty (weak references do not travel)
 
     def __setstate__(self, state: dict[str, object]) -> None:
-        self._entries = {}
+        self._entries = weakref.WeakKeyDictionary()
 
 
 @dataclass

@@ -48,7 +48,7 @@ class _Node:
     tasks: set[str]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity: a plan is hashable, so caches key on the plan
 class ExecutionPlan:
     """What one forward pass over a set of tasks runs, precomputed and cached.
 
