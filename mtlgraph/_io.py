@@ -3,15 +3,18 @@
 Every file mtlgraph writes (model files, checkpoints, vocabularies, reports, scores, configs) goes
 through :func:`atomic_write`: a temporary file in the target's directory, flushed and fsynced,
 then ``os.replace``-d into place. A reader, or a run killed mid-write, sees either the old file or
-the complete new one, never half of one.
+the complete new one, never half of one. JSON files (scores, reports) go through
+:func:`write_json`, which also turns non-finite floats into ``null``.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import pickle
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -51,6 +54,25 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_write`)."""
     data = text.encode("utf-8")
     return atomic_write(path, lambda fh: fh.write(data))
+
+
+def json_value(value: Any) -> Any:
+    """A JSON-safe copy: non-finite floats become ``null`` (standard JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_value(v) for v in value]
+    return value
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
+    """Write ``obj`` as indented JSON atomically (see :func:`atomic_write`).
+
+    Non-finite floats become ``null``.
+    """
+    return atomic_write_text(path, json.dumps(json_value(obj), indent=2, sort_keys=True) + "\n")
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:

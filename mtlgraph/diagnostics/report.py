@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mtlgraph._io import atomic_write_text, load_weights_only, map_structure
+from mtlgraph._io import atomic_write_text, load_weights_only, write_json
 from mtlgraph.diagnostics.stats import SIGNIFICANCE, mean_and_error, mutual_affinity, suggest_groups
 from mtlgraph.exceptions import CheckpointError
 
@@ -338,11 +338,6 @@ def _table(rows: list[list[str]], right: set[int]) -> list[str]:
     ]
 
 
-def _json_safe(value: Any) -> Any:
-    """Non-finite floats become ``None`` (standard JSON has no NaN or infinity)."""
-    return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
 def write_report(report: DiagnosticsReport, run_dir: str | os.PathLike[str]) -> list[Path]:
     """Write ``diagnostics.json`` and ``diagnostics.txt`` into ``run_dir`` (each atomically).
 
@@ -356,10 +351,7 @@ def write_report(report: DiagnosticsReport, run_dir: str | os.PathLike[str]) -> 
         0
     """
     directory = Path(run_dir)
-    data = map_structure(_json_safe, report.to_dict())
-    json_path = atomic_write_text(
-        directory / REPORT_JSON, json.dumps(data, indent=2, sort_keys=True) + "\n"
-    )
+    json_path = write_json(directory / REPORT_JSON, report.to_dict())
     text_path = atomic_write_text(directory / REPORT_TEXT, report.to_text() + "\n")
     return [json_path, text_path]
 

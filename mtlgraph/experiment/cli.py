@@ -140,11 +140,11 @@ def train(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace, cfg: ExperimentConfig, env: DistEnv) -> int:
+    from mtlgraph._io import write_json
     from mtlgraph.experiment.build import build_experiment
     from mtlgraph.experiment.config import config_to_dict, dump_config
     from mtlgraph.training.checkpoint import load_checkpoint, resolve_checkpoint
     from mtlgraph.training.distributed import broadcast_object
-    from mtlgraph.training.writers import write_json
 
     # --- set-up: any problem here is a usage/config error (exit 2)
     checkpoint = None
@@ -272,10 +272,10 @@ def score_table(scores: Mapping[str, float]) -> str:
 
 @command("evaluate", "score a trained checkpoint on the config's data", _evaluate_args)
 def evaluate(args: argparse.Namespace) -> int:
+    from mtlgraph._io import write_json
     from mtlgraph.experiment.build import build_experiment
     from mtlgraph.experiment.config import load_config
     from mtlgraph.training.checkpoint import BEST, LAST, load_weights
-    from mtlgraph.training.writers import write_json
 
     cfg = load_config(args.config, args.overrides)
     remap = _remaps(args.remap)
@@ -381,8 +381,8 @@ def _diagnose_args(p: argparse.ArgumentParser) -> None:
     _diagnose_args,
 )
 def diagnose(args: argparse.Namespace) -> int:
+    from mtlgraph._io import json_value
     from mtlgraph.diagnostics import load_report
-    from mtlgraph.training.writers import json_value
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():

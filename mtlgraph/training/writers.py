@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mtlgraph._io import atomic_write_text
+from mtlgraph._io import atomic_write_text, json_value
 from mtlgraph.exceptions import ConfigError
 from mtlgraph.metrics import SEP
 from mtlgraph.registry import Registry
@@ -88,17 +88,6 @@ def safe_filename(name: str) -> str:
     """
     out = re.sub(r"[^A-Za-z0-9._=+-]", "_", name).strip(".")
     return out or "_"
-
-
-def json_value(value: Any) -> Any:
-    """A JSON-safe copy: non-finite floats become ``null`` (standard JSON has no NaN)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {str(k): json_value(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_value(v) for v in value]
-    return value
 
 
 class JsonlWriter(Writer):
@@ -247,14 +236,6 @@ def open_writers(specs: Sequence[str | Writer] | None, ctx: WriterContext | None
         else:
             out.append(WRITERS.get(spec)(ctx))
     return out
-
-
-def write_json(path: str | Path, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON atomically (see :func:`mtlgraph._io.atomic_write`).
-
-    Non-finite floats become ``null``.
-    """
-    return atomic_write_text(path, json.dumps(json_value(obj), indent=2, sort_keys=True) + "\n")
 
 
 def _step_of(line: str) -> float | None:

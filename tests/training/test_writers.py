@@ -13,6 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 
 from mtlgraph import ConfigError, MtlGraphError, MultitaskClassifier, Trainer
+from mtlgraph._io import write_json
 from mtlgraph.training.writers import (
     WRITERS,
     JsonlWriter,
@@ -23,7 +24,6 @@ from mtlgraph.training.writers import (
     hparam_values,
     open_writers,
     safe_filename,
-    write_json,
 )
 
 
