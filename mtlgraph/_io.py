@@ -144,8 +144,11 @@ def load_weights_only(
     try:
         return torch.load(file, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Weights only" not in str(e):
-            raise CheckpointError(f"cannot read checkpoint '{file}': {e}") from e
+        if "Unsupported global" not in str(e):  # not a pickle at all: text, another format
+            raise CheckpointError(
+                f"cannot read checkpoint '{file}': it is not a file torch.save wrote (torn, "
+                "truncated or of another format)"
+            ) from e
         raise CheckpointError(
             f"refusing to load checkpoint '{file}': it holds a pickled Python object, and "
             "mtlgraph loads checkpoints only with torch.load(weights_only=True) (tensors and "

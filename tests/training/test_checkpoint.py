@@ -259,6 +259,9 @@ def test_foreign_missing_and_newer_files(tmp_path: Path) -> None:
     (tmp_path / "torn.pt").write_bytes(b"PK\x03\x04 not a zip")
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
         load_checkpoint(tmp_path / "torn.pt")
+    (tmp_path / "text.pt").write_text("garbage")  # not a pickled object: not "refused"
+    with pytest.raises(CheckpointError, match="cannot read checkpoint .*not a file torch.save"):
+        load_checkpoint(tmp_path / "text.pt")
 
 
 def test_resume_with_other_data_is_refused(tmp_path: Path) -> None:
