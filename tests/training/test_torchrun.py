@@ -67,7 +67,7 @@ def test_torchrun_cli_train(tmp_path: Path) -> None:
 
 
 SCRIPT = """
-    import json, os, torch
+    import json, os, sys, torch
     from torch import nn
     from mtlgraph import DictDataLoader, DictDataset, MultitaskClassifier, Operation, Task, Trainer
 
@@ -84,8 +84,11 @@ SCRIPT = """
     trainer = Trainer(n_epochs=3, lr=0.05, progress_bar=False, batch_scheduler="mixed")
     trainer.fit(model, loaders)
     total = sum(float(p.double().sum()) for p in model.parameters())
-    print(json.dumps({"rank": int(os.environ["RANK"]), "checksum": total,
-                      "steps": trainer.global_step}))
+    row = {"rank": int(os.environ["RANK"]), "checksum": total, "steps": trainer.global_step}
+    # one write per line: both ranks share torchrun's stdout, and print() writes the text and
+    # its newline separately, so two ranks' lines could interleave
+    sys.stdout.write(json.dumps(row) + "\\n")
+    sys.stdout.flush()
 """
 
 
