@@ -92,6 +92,13 @@ def register_lr_schedule(
     return LR_SCHEDULES.register(name, fn, override=override)
 
 
+def is_constant(schedule: str | Mapping[str, Any], warmup_steps: int) -> bool:
+    """Whether the LR factor is always 1 (the ``constant`` schedule without warm-up): then no
+    factor is applied and the run's horizon is not needed."""
+    name, _ = split_spec(schedule)
+    return LR_SCHEDULES.get(name) is constant and warmup_steps == 0
+
+
 def lr_factor_fn(
     schedule: str | Mapping[str, Any], warmup_steps: int, total_steps: int
 ) -> Callable[[int, int], float] | None:
@@ -107,10 +114,10 @@ def lr_factor_fn(
         >>> f(0, 0), f(5, 0)
         (1.0, 0.5)
     """
+    if is_constant(schedule, warmup_steps):
+        return None
     name, kwargs = split_spec(schedule)
     fn = LR_SCHEDULES.get(name)
-    if fn is constant and warmup_steps == 0:
-        return None
     span = max(1, total_steps - warmup_steps)
 
     def factor(global_step: int, epoch: int) -> float:

@@ -33,6 +33,7 @@ from mtlgraph.graph.model import ExecutionPlan, MultitaskClassifier
 from mtlgraph.registry import Registry, accepted_parameters, split_spec
 
 AMP_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
+NO_CONTEXT = contextlib.nullcontext()  # reusable: entering it does nothing (no per-step object)
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
@@ -399,7 +400,7 @@ class StepControl:
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """The forward pass's autocast context (a no-op without ``amp``)."""
         if self.amp is None:
-            return contextlib.nullcontext()
+            return NO_CONTEXT
         return torch.autocast(self.device_type, dtype=AMP_DTYPES[self.amp])
 
     def scale(self, loss: torch.Tensor) -> torch.Tensor:

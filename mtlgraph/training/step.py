@@ -21,7 +21,7 @@ from mtlgraph.balancing import Balancer, GradientBalancer, StepContext
 from mtlgraph.data.datasets import Batch
 from mtlgraph.graph.model import MultitaskClassifier
 from mtlgraph.training.distributed import Collectives
-from mtlgraph.training.optim import StepControl, SubsetStepper
+from mtlgraph.training.optim import NO_CONTEXT, StepControl, SubsetStepper
 from mtlgraph.training.state import LossRecord
 
 StepOutput = tuple[dict[str, torch.Tensor], dict[str, int], list[LossRecord]]
@@ -163,7 +163,7 @@ class TrainStep:
         """DDP's ``no_sync`` for gradient balancers (they average through ``ctx.reduce``)."""
         if self.manual_sync and self.ddp is not None:
             return self.ddp.no_sync()
-        return contextlib.nullcontext()
+        return NO_CONTEXT
 
 
 def _identity(tensor: torch.Tensor) -> torch.Tensor:

@@ -50,7 +50,7 @@ from mtlgraph.training.hooks import (
     SaveHook,
     Unit,
 )
-from mtlgraph.training.lr import LR_SCHEDULES, lr_factor_fn
+from mtlgraph.training.lr import LR_SCHEDULES, is_constant, lr_factor_fn
 from mtlgraph.training.optim import OPTIMIZERS, StepControl, SubsetStepper, make_optimizer
 from mtlgraph.training.setup import check_loaders, distribute, prepare
 from mtlgraph.training.state import (
@@ -391,6 +391,8 @@ class FitLoop:
 
     def _lr_schedule(self) -> Callable[[int, int], float] | None:
         """The LR factor over the run's horizon: the scheduler tells each epoch's length."""
+        if is_constant(self.cfg.lr_scheduler, self.cfg.warmup_steps):
+            return None  # no factor: no need to plan every epoch for the horizon
         lengths = self.scheduler.epoch_lengths(self.state.batch_counts, self.cfg.n_epochs)
         n = self.cfg.grad_accumulation_steps
         total = sum(-(-m // n) for m in lengths)  # optimizer steps: N batches each
