@@ -195,6 +195,9 @@ class Gate(nn.Module):
         True
     """
 
+    bits: torch.Tensor  # DSelect-k buffers: (2^m, m) binary codes; (2^m, n_experts) code -> expert
+    owner: torch.Tensor
+
     def __init__(
         self,
         in_dim: int,
