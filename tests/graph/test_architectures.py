@@ -385,3 +385,20 @@ def test_shipped_configs_show_each_tasks_path(
     assert main(["check", str(ROOT / "configs" / config), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert all(line in out for line in lines), out
+
+
+def test_ple_from_yaml_routes_gradients_as_the_paper_says() -> None:
+    """configs/ple.yaml: y0's loss trains the shared experts and y0's own experts of both layers,
+    and y1's layer-1 experts through the shared gate, but never y1's gates or layer-2 experts."""
+    from mtlgraph.experiment.build import build_experiment
+    from mtlgraph.experiment.config import load_config
+
+    model = build_experiment(load_config(ROOT / "configs" / "ple.yaml")).model
+    x = torch.randn(16, 8)
+    out = model({"x": x}, ["y0"])["y0_head"]
+    nn.functional.cross_entropy(out, (x[:, 0] > 0).long()).backward()
+    reached = {n.split(".")[0] for n, p in model.module_pool.named_parameters() if _reached(p.grad)}
+    assert reached == {
+        "shared_experts_1", "y0_experts_1", "y1_experts_1", "y0_gate_1", "shared_gate_1",
+        "shared_experts_2", "y0_experts_2", "y0_gate_2", "y0_head",
+    }  # fmt: skip
