@@ -253,6 +253,11 @@ class Gate(nn.Module):
         return torch.einsum("bk,bkc,ce->be", alpha, r, self.owner)
 
     def forward(self, x: torch.Tensor, *experts: torch.Tensor) -> torch.Tensor:
+        if not experts:
+            raise ValueError(
+                "gate got only its selector input; pass the expert stacks after it "
+                "(inputs: [selector, experts, ...])"
+            )
         stacked = experts[0] if len(experts) == 1 else torch.cat(experts, dim=1)
         if stacked.ndim != 3 or stacked.shape[1] != self.n_experts:
             got = [tuple(e.shape) for e in experts]
@@ -263,7 +268,8 @@ class Gate(nn.Module):
         if self.kind == "softmax":
             return torch.einsum("be,bed->bd", self.weights(x), stacked)
         r, alpha = self._selections(x)
-        out = torch.einsum("bk,bkc,ce,bed->bd", alpha, r, self.owner, stacked)
+        w = torch.einsum("bk,bkc,ce->be", alpha, r, self.owner)
+        out = torch.einsum("be,bed->bd", w, stacked)
         if self.entropy > 0 and self.training and torch.is_grad_enabled():
             h = -(r * torch.log(r.clamp_min(1e-12))).sum(dim=-1)  # (B, k) entropy per selector
             out = _AddRegularizerGradient.apply(out, self.entropy * h.sum(dim=1).mean())

@@ -213,6 +213,10 @@ def test_bad_arguments_are_all_reported() -> None:
         Experts(4, 2, hidden=[])
     with pytest.raises(ConfigError, match="n_columns must be an integer >= 2, got 1"):
         CrossStitch(n_columns=1)
+    with pytest.raises(ValueError, match="pass the expert stacks after it"):
+        Gate(4, 2)(torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="n_columns=2 but got 3 inputs"):
+        CrossStitch(2)(*[torch.zeros(1, 3)] * 3)
 
 
 def test_a_gate_given_the_wrong_experts_names_its_operation() -> None:
