@@ -350,6 +350,40 @@ def make_kpi_dataset(
     return _cut({"x": x, "click": click, "dwell": dwell}, fractions)
 
 
+def make_feature_subsets(
+    n: int,
+    n_tasks: int = 2,
+    n_features: int = 8,
+    seed: int = 0,
+    fractions: Sequence[float] = (0.8, 0.1, 0.1),
+) -> dict[str, dict[str, Arr]]:
+    """Tasks whose labels depend on different feature subsets: ``y_t = [x_{2t} · x_{2t+1} > 0]``.
+
+    Every task is an XOR of two signs on its own pair of features (the other features are noise
+    to it). A trunk of 4 ReLU units can learn one such task but not two at once, while per-task
+    paths (MMoE / CGC gates, cross-stitch columns) of that size can: a case built to need an
+    architecture beyond one shared trunk (``tests/graph/test_architectures.py``).
+
+    Returns:
+        ``{split: {"x": (N, n_features) float32, "y0": (N,) int64, "y1": ..., }}``, one label
+        array per task.
+
+    Example:
+        >>> from mtlgraph.data.synthetic import make_feature_subsets
+        >>> data = make_feature_subsets(100, n_tasks=3)
+        >>> sorted(data["train"]), data["train"]["x"].shape
+        (['x', 'y0', 'y1', 'y2'], (80, 8))
+    """
+    if n_features < 2 * n_tasks:
+        raise ConfigError(
+            [f"feature_subsets: n_features={n_features} < 2 * n_tasks; raise n_features"]
+        )
+    rng = np.random.default_rng([seed, 14])
+    x = rng.normal(0.0, 1.0, size=(n, n_features)).astype(np.float32)
+    labels = {f"y{t}": (x[:, 2 * t] * x[:, 2 * t + 1] > 0).astype(np.int64) for t in range(n_tasks)}
+    return _cut({"x": x, **labels}, fractions)
+
+
 def _pairs(make: Callable[..., tuple[Split, Split, Split]]) -> Generator:
     """``make`` with its ``(X, Y)`` splits renamed to arrays ``x`` and ``y`` (same arguments)."""
 
@@ -380,6 +414,7 @@ GENERATORS: Registry[Generator] = Registry(
         "products": make_products_dataset,  # arrays image, text, color, pattern
         "kpi": make_kpi_dataset,  # arrays x, click, dwell
         "digit_products": make_digit_products,  # arrays image, text, digit, loop, price
+        "feature_subsets": make_feature_subsets,  # arrays x, y0, y1, ...
     },
 )
 """Generators a config names with ``generator:``; each returns ``{split: {array: ndarray}}``."""

@@ -12,6 +12,9 @@ Built in: ``linear``, ``mlp``, ``embedding_bag`` (token ids -> one vector), ``co
 it with ``MODULES.unregister(name)``); a config reaches such code only through its top-level
 ``imports:`` list. Activations by name are the registry :data:`ACTIVATIONS`.
 
+Multi-task architectures (:mod:`mtlgraph.graph.experts`): ``mmoe_experts``, ``mmoe_gate``,
+``cgc_experts``, ``cgc_gate``, ``cross_stitch``.
+
 Only :mod:`mtlgraph.experiment.build` turns registry names into modules; config validation reads the
 registry to check names and arguments.
 """
@@ -23,6 +26,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from mtlgraph.graph.experts import CrossStitch, Experts, Gate
 from mtlgraph.registry import Registry, must_be_callable
 
 ModuleFactory = Callable[..., nn.Module]
@@ -241,6 +245,11 @@ MODULES: Registry[ModuleFactory] = Registry(
         "sum": Sum,
         "dropout": _dropout,
         "activation": Activation,
+        "mmoe_experts": Experts,  # MMoE, CGC / PLE, DSelect-k: docs/architectures.md
+        "mmoe_gate": Gate,
+        "cgc_experts": Experts,
+        "cgc_gate": Gate,
+        "cross_stitch": CrossStitch,
     },
     check=must_be_callable("module type"),
 )

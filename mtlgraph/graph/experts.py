@@ -1,0 +1,340 @@
+"""Standard multi-task architectures as graph blocks: MMoE, DSelect-k, CGC / PLE, cross-stitch.
+
+Each architecture is a few module types that a task's operations wire together explicitly, so
+``mtlgraph check`` shows every task's own path (its gate, its experts, its column):
+
+- :class:`Experts` (``mmoe_experts``, ``cgc_experts``): ``n_experts`` MLPs on one input, all
+  outputs stacked as ``(B, n_experts, d)``.
+- :class:`Gate` (``mmoe_gate``, ``cgc_gate``): ``gate(selector_input, *expert_stacks)`` mixes the
+  experts of every stack given (concatenated along the expert dimension) with per-example weights
+  that sum to 1: a softmax (MMoE, Ma et al., KDD 2018) or DSelect-k (Hazimeh et al., NeurIPS 2021:
+  ``kind="dselect_k"``).
+- CGC / PLE (Tang et al., RecSys 2020) use the same two types: a task's gate reads the shared
+  experts and its own; stacking layers (each layer's gate outputs feed the next layer's experts,
+  with one more gate over all experts for the next shared group) is PLE.
+- :class:`CrossStitch` (``cross_stitch``, Misra et al., CVPR 2016): ``K`` columns in, ``K`` linear
+  mixes out (a tuple; a task reads its column with an ``(op_name, index)`` input).
+
+The formulas and YAML are in ``docs/architectures.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from mtlgraph.exceptions import ConfigError
+
+__all__ = ["CrossStitch", "Experts", "Gate", "GateKind", "smooth_step"]
+
+GateKind = Literal["softmax", "dselect_k"]
+GATE_KINDS: tuple[str, ...] = ("softmax", "dselect_k")
+
+
+def _positive_int(problems: list[str], who: str, name: str, value: object, least: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        problems.append(f"{who}: {name} must be an integer >= {least}, got {value!r}")
+
+
+def _raise(problems: list[str], who: str) -> None:
+    if problems:
+        raise ConfigError(problems, header=f"invalid {who}:" if len(problems) > 1 else None)
+
+
+def _activation(name: str) -> nn.Module:
+    from mtlgraph.graph.modules import ACTIVATIONS  # same layer; modules.py registers this file
+
+    return ACTIVATIONS.get(name)()
+
+
+class Experts(nn.Module):
+    """``n_experts`` independent MLPs on one input, outputs stacked: ``(B, n_experts, hidden[-1])``.
+
+    Every expert is ``Linear`` + activation (+ dropout) per entry of ``hidden``, like
+    :class:`~mtlgraph.graph.modules.MLP`; the experts run as one batched matrix product per layer.
+    Expert ``e``'s weights of layer ``l`` are ``weights[l][e]`` (``(in, out)``), so per-expert
+    gradients can be read off directly.
+
+    Args:
+        in_dim: Input features (the input is ``(B, in_dim)``).
+        n_experts: Number of experts (>= 1).
+        hidden: Width of each layer of every expert; the last is the expert output size ``d``.
+        activation: One of :data:`~mtlgraph.graph.modules.ACTIVATIONS`.
+        dropout: Dropout probability after each activation (0 = none).
+
+    Raises:
+        ConfigError: Every malformed argument at once.
+
+    Example:
+        >>> import torch
+        >>> from mtlgraph.graph.experts import Experts
+        >>> Experts(in_dim=4, n_experts=3, hidden=[8, 6])(torch.zeros(2, 4)).shape
+        torch.Size([2, 3, 6])
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        n_experts: int,
+        hidden: list[int],
+        activation: str = "relu",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        problems: list[str] = []
+        who = "experts"
+        _positive_int(problems, who, "in_dim", in_dim)
+        _positive_int(problems, who, "n_experts", n_experts)
+        if not isinstance(hidden, (list, tuple)) or not hidden:
+            problems.append(f"{who}: hidden must be a non-empty list of widths, got {hidden!r}")
+            hidden = []
+        for i, h in enumerate(hidden):
+            _positive_int(problems, who, f"hidden[{i}]", h)
+        if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            problems.append(f"{who}: dropout must be in [0, 1), got {dropout!r}")
+        _raise(problems, who)
+        self.n_experts = n_experts
+        self.out_dim = hidden[-1]
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        width = in_dim
+        for h in hidden:
+            bound = 1.0 / math.sqrt(width)  # nn.Linear's default initialisation, per expert
+            w = torch.empty(n_experts, width, h).uniform_(-bound, bound)
+            self.weights.append(nn.Parameter(w))
+            self.biases.append(nn.Parameter(torch.empty(n_experts, h).uniform_(-bound, bound)))
+            width = h
+        self.act = _activation(activation)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.einsum("bi,eio->beo", x, self.weights[0]) + self.biases[0]
+        h = self.dropout(self.act(h))
+        for w, b in zip(list(self.weights)[1:], list(self.biases)[1:], strict=True):
+            h = self.dropout(self.act(torch.einsum("bei,eio->beo", h, w) + b))
+        return h
+
+    def extra_repr(self) -> str:
+        widths = [int(w.shape[2]) for w in self.weights]
+        return f"n_experts={self.n_experts}, in_dim={self.weights[0].shape[1]}, hidden={widths}"
+
+
+def smooth_step(t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """DSelect-k's smooth step: 0 below ``-gamma/2``, 1 above ``gamma/2``, a cubic in between.
+
+    ``S(t) = -2 t^3 / gamma^3 + 3 t / (2 gamma) + 1/2`` on ``[-gamma/2, gamma/2]``; it is
+    continuously differentiable and reaches exact 0 and 1, so a trained gate can select exactly.
+
+    Example:
+        >>> import torch
+        >>> from mtlgraph.graph.experts import smooth_step
+        >>> smooth_step(torch.tensor([-1.0, 0.0, 0.25, 1.0]), gamma=1.0).tolist()
+        [0.0, 0.5, 0.84375, 1.0]
+    """
+    cubic = -2.0 / gamma**3 * t**3 + 1.5 / gamma * t + 0.5
+    return torch.where(t <= -gamma / 2, 0.0, torch.where(t >= gamma / 2, 1.0, cubic))
+
+
+class _AddRegularizerGradient(torch.autograd.Function):
+    """Identity on ``out``; backward also sends gradient 1 into the scalar ``penalty``.
+
+    A penalty on a module's own parameters (DSelect-k's entropy) thereby joins every backward
+    pass that goes through the module's output, without a second loss term in the task's graph.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, out: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return grad, torch.ones((), dtype=grad.dtype, device=grad.device)
+
+
+class Gate(nn.Module):
+    """One task's gate: mixes stacked experts with per-example weights that sum to 1.
+
+    ``gate(x, E_1, ..., E_m)``: ``x`` is the selector input ``(B, in_dim)``; each ``E_j`` is an
+    :class:`Experts` output ``(B, n_j, d)``; the stacks are concatenated along the expert
+    dimension (``n_experts = sum n_j``, in the order given) and the result is
+    ``sum_e w_e(x) E[:, e]``, ``(B, d)``.
+
+    - ``kind="softmax"`` (MMoE): ``w(x) = softmax(W x + b)``.
+    - ``kind="dselect_k"`` (DSelect-k): ``k`` selectors, each ``z_i(x) in R^m`` with
+      ``m = ceil(log2 n_experts)``; expert ``e`` with binary code ``c(e)`` gets
+      ``r_i(x)_e = prod_l S(z_il) if c_l(e) = 1 else 1 - S(z_il)`` (``S`` =
+      :func:`smooth_step`), and ``w(x) = sum_i softmax(alpha(x))_i r_i(x)``. When ``n_experts`` is
+      not a power of 2 the ``2^m - n_experts`` spare codes point to experts ``0, 1, ...`` again,
+      so ``w`` still sums to 1.
+      ``entropy > 0`` adds ``entropy * sum_i mean_batch H(r_i(x))`` to the training loss (through
+      the backward pass), which pushes each selector to one expert sooner.
+
+    Args:
+        in_dim: Features of the selector input ``x``.
+        n_experts: Total number of experts over all stacks passed to ``forward``.
+        kind: ``"softmax"`` or ``"dselect_k"``.
+        k: DSelect-k: number of selectors (at most ``k`` experts are used per example).
+        gamma: DSelect-k: width of the smooth step's cubic part (> 0).
+        entropy: DSelect-k: weight of the entropy regulariser (>= 0; 0 = off).
+
+    Raises:
+        ConfigError: Every malformed argument at once.
+
+    Example:
+        >>> import torch
+        >>> from mtlgraph.graph.experts import Experts, Gate
+        >>> x = torch.randn(5, 4)
+        >>> shared, own = Experts(4, 3, [8])(x), Experts(4, 1, [8])(x)
+        >>> gate = Gate(in_dim=4, n_experts=4, kind="dselect_k", k=2)
+        >>> gate(x, shared, own).shape
+        torch.Size([5, 8])
+        >>> torch.allclose(gate.weights(x).sum(dim=1), torch.ones(5))
+        True
+    """
+
+    bits: torch.Tensor  # DSelect-k buffers: (2^m, m) binary codes; (2^m, n_experts) code -> expert
+    owner: torch.Tensor
+
+    def __init__(
+        self,
+        in_dim: int,
+        n_experts: int,
+        kind: GateKind = "softmax",
+        k: int = 2,
+        gamma: float = 1.0,
+        entropy: float = 0.0,
+    ) -> None:
+        super().__init__()
+        problems: list[str] = []
+        who = "gate"
+        _positive_int(problems, who, "in_dim", in_dim)
+        _positive_int(problems, who, "n_experts", n_experts)
+        if kind not in GATE_KINDS:
+            problems.append(f"{who}: kind must be 'softmax' or 'dselect_k', got {kind!r}")
+        _positive_int(problems, who, "k", k)
+        for name, value, low in (("gamma", gamma, "> 0"), ("entropy", entropy, ">= 0")):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not ok or not math.isfinite(value) or (value <= 0 if low == "> 0" else value < 0):
+                problems.append(f"{who}: {name} must be a finite number {low}, got {value!r}")
+        if kind == "softmax" and entropy:
+            problems.append(f"{who}: entropy regularises DSelect-k selectors; set kind: dselect_k")
+        _raise(problems, who)
+        self.n_experts, self.kind = n_experts, kind
+        self.k, self.gamma, self.entropy = k, float(gamma), float(entropy)
+        if kind == "softmax":
+            self.logits = nn.Linear(in_dim, n_experts)
+            return
+        m = max(1, math.ceil(math.log2(n_experts)))
+        self.selectors = nn.Linear(in_dim, k * m)  # z_i(x), i = 1..k, each in R^m
+        bound = self.gamma / 100  # the paper's start: every S(z) near 1/2, in the cubic part
+        nn.init.uniform_(self.selectors.weight, -bound, bound)
+        nn.init.uniform_(self.selectors.bias, -bound, bound)
+        self.mix = nn.Linear(in_dim, k)  # alpha(x): how the k selectors are combined
+        codes = torch.arange(2**m)
+        bits = (codes[:, None] >> torch.arange(m - 1, -1, -1)) & 1  # (2^m, m), high bit first
+        owner = nn.functional.one_hot(codes % n_experts, n_experts).float()  # spare codes wrap
+        self.register_buffer("bits", bits.float(), persistent=False)
+        self.register_buffer("owner", owner, persistent=False)
+
+    def _selections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """DSelect-k: each selector's distribution over codes ``(B, k, 2^m)``; softmax(alpha)."""
+        s = smooth_step(self.selectors(x).view(len(x), self.k, 1, -1), self.gamma)  # (B, k, 1, m)
+        r = torch.where(self.bits > 0, s, 1.0 - s).prod(dim=-1)  # (B, k, 2^m)
+        return r, torch.softmax(self.mix(x), dim=-1)
+
+    def weights(self, x: torch.Tensor) -> torch.Tensor:
+        """The mixture weights ``(B, n_experts)`` for selector input ``x``; each row sums to 1."""
+        if self.kind == "softmax":
+            return torch.softmax(self.logits(x), dim=-1)
+        r, alpha = self._selections(x)
+        return torch.einsum("bk,bkc,ce->be", alpha, r, self.owner)
+
+    def forward(self, x: torch.Tensor, *experts: torch.Tensor) -> torch.Tensor:
+        if not experts:
+            raise ValueError(
+                "gate got only its selector input; pass the expert stacks after it "
+                "(inputs: [selector, experts, ...])"
+            )
+        stacked = experts[0] if len(experts) == 1 else torch.cat(experts, dim=1)
+        if stacked.ndim != 3 or stacked.shape[1] != self.n_experts:
+            got = [tuple(e.shape) for e in experts]
+            raise ValueError(
+                f"gate expects expert stacks (B, n, d) with {self.n_experts} experts in all, got "
+                f"shapes {got}; set n_experts to the sum of the stacks' expert counts"
+            )
+        if self.kind == "softmax":
+            return torch.einsum("be,bed->bd", self.weights(x), stacked)
+        r, alpha = self._selections(x)
+        w = torch.einsum("bk,bkc,ce->be", alpha, r, self.owner)
+        out = torch.einsum("be,bed->bd", w, stacked)
+        if self.entropy > 0 and self.training and torch.is_grad_enabled():
+            h = -(r * torch.log(r.clamp_min(1e-12))).sum(dim=-1)  # (B, k) entropy per selector
+            out = _AddRegularizerGradient.apply(out, self.entropy * h.sum(dim=1).mean())
+        return out
+
+    def extra_repr(self) -> str:
+        if self.kind == "softmax":
+            return f"n_experts={self.n_experts}, kind=softmax"
+        return (
+            f"n_experts={self.n_experts}, kind=dselect_k, k={self.k}, gamma={self.gamma}, "
+            f"entropy={self.entropy}"
+        )
+
+
+class CrossStitch(nn.Module):
+    """A cross-stitch unit: ``K`` task columns in, ``K`` learned linear mixes of them out.
+
+    ``out_i = sum_j alpha_ij in_j`` with ``alpha`` a learned ``(K, K)`` matrix, or one per feature
+    (``(dim, K, K)``) when ``dim`` is given. It starts at ``alpha_ii = self_weight`` and
+    ``alpha_ij = (1 - self_weight) / (K - 1)`` (Misra et al. use 0.9 / 0.1). The output is a
+    tuple; task ``i`` reads its column as ``(op_name, i)``.
+
+    Args:
+        n_columns: Number of task columns ``K`` (>= 2).
+        dim: When given, the features of each column, and every feature gets its own ``alpha``.
+        self_weight: Initial weight of a column on itself, in ``[0, 1]``.
+
+    Raises:
+        ConfigError: Every malformed argument at once.
+
+    Example:
+        >>> import torch
+        >>> from mtlgraph.graph.experts import CrossStitch
+        >>> a, b = CrossStitch(n_columns=2)(torch.ones(1, 3), torch.zeros(1, 3))
+        >>> [round(v, 2) for v in a[0].tolist()], [round(v, 2) for v in b[0].tolist()]
+        ([0.9, 0.9, 0.9], [0.1, 0.1, 0.1])
+    """
+
+    def __init__(self, n_columns: int, dim: int | None = None, self_weight: float = 0.9) -> None:
+        super().__init__()
+        problems: list[str] = []
+        who = "cross_stitch"
+        _positive_int(problems, who, "n_columns", n_columns, least=2)
+        if dim is not None:
+            _positive_int(problems, who, "dim", dim)
+        if not isinstance(self_weight, (int, float)) or not 0 <= self_weight <= 1:
+            problems.append(f"{who}: self_weight must be in [0, 1], got {self_weight!r}")
+        _raise(problems, who)
+        self.n_columns, self.dim = n_columns, dim
+        eye = torch.eye(n_columns)
+        alpha = self_weight * eye + (1 - self_weight) / (n_columns - 1) * (1 - eye)
+        self.alpha = nn.Parameter(alpha if dim is None else alpha.repeat(dim, 1, 1))
+
+    def forward(self, *columns: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if len(columns) != self.n_columns:
+            raise ValueError(
+                f"cross_stitch has n_columns={self.n_columns} but got {len(columns)} inputs; "
+                "pass one input per task column"
+            )
+        stacked = torch.stack(columns, dim=-1)  # (..., d, K)
+        if self.dim is None:
+            mixed = stacked @ self.alpha.T  # out_i = sum_j alpha_ij in_j
+        else:
+            mixed = torch.einsum("...dj,dij->...di", stacked, self.alpha)
+        return tuple(mixed.unbind(dim=-1))
+
+    def extra_repr(self) -> str:
+        return f"n_columns={self.n_columns}, dim={self.dim}"
