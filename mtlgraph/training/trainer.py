@@ -50,7 +50,7 @@ from mtlgraph.training.hooks import (
     SaveHook,
     Unit,
 )
-from mtlgraph.training.lr import LR_SCHEDULES, is_constant, lr_factor_fn
+from mtlgraph.training.lr import LR_SCHEDULES, is_constant, lr_factor_fn, resolve_warmup
 from mtlgraph.training.optim import OPTIMIZERS, StepControl, SubsetStepper, make_optimizer
 from mtlgraph.training.setup import check_loaders, distribute, prepare
 from mtlgraph.training.state import (
@@ -391,12 +391,17 @@ class FitLoop:
 
     def _lr_schedule(self) -> Callable[[int, int], float] | None:
         """The LR factor over the run's horizon: the scheduler tells each epoch's length."""
-        if is_constant(self.cfg.lr_scheduler, self.cfg.warmup_steps):
+        cfg = self.cfg
+        warmup = cfg.warmup_steps or cfg.warmup_epochs or cfg.warmup_fraction
+        if is_constant(cfg.lr_scheduler, warmup):
             return None  # no factor: no need to plan every epoch for the horizon
-        lengths = self.scheduler.epoch_lengths(self.state.batch_counts, self.cfg.n_epochs)
-        n = self.cfg.grad_accumulation_steps
-        total = sum(-(-m // n) for m in lengths)  # optimizer steps: N batches each
-        return lr_factor_fn(self.cfg.lr_scheduler, self.cfg.warmup_steps, total)
+        lengths = self.scheduler.epoch_lengths(self.state.batch_counts, cfg.n_epochs)
+        n = cfg.grad_accumulation_steps
+        steps = [-(-m // n) for m in lengths]  # optimizer steps: N batches each
+        warmup_steps = resolve_warmup(
+            cfg.warmup_steps, cfg.warmup_epochs, cfg.warmup_fraction, steps
+        )  # issue 15: warm-up in epochs or as a fraction
+        return lr_factor_fn(cfg.lr_scheduler, warmup_steps, sum(steps))
 
     def _restore(self, saved: Mapping[str, Any]) -> None:
         """Load a checkpoint into the run's pieces (the global random states come last)."""
