@@ -10,6 +10,7 @@ from mtlgraph._suggest import did_you_mean, quoted
 from mtlgraph.balancing import Balancer
 from mtlgraph.data.datasets import DictDataLoader
 from mtlgraph.exceptions import ConfigError, DataError
+from mtlgraph.graph.evaluation import check_soft_labels
 from mtlgraph.graph.model import MultitaskClassifier
 from mtlgraph.training.config import TrainerConfig
 from mtlgraph.training.distributed import DistEnv, shard_eval_loader, shard_train_loader
@@ -66,6 +67,7 @@ def check_loaders(
         raise DataError(
             problems, header="cannot train on these dataloaders:" if len(problems) > 1 else None
         )
+    check_soft_labels(model.tasks, train + evals)  # issue 15: before any training step
 
 
 def prepare(

@@ -339,12 +339,13 @@ class FitLoop:
     def score(self) -> dict[str, float]:
         """``model.score(evals)``; under DDP each rank predicts its shard of whole batches and
         the gathered predictions are scored, equal to a single-process evaluation."""
+        slices = self.cfg.slices  # issue 15: registered slice functions, scored at evaluation
         if not self.env.enabled:
-            return self.model.score(self.evals)
+            return self.model.score(self.evals, slices=slices)
         scores: dict[str, float] = {}
         for loader in self.evals:
             shard = self.eval_shards[id(loader)]
-            local = self.model.predict(shard, return_preds=True)
+            local = self.model.predict(shard, return_preds=True, slices=slices)
             indices = shard.sampler.indices  # type: ignore[attr-defined]
             full = gather_predictions(local, indices, len(loader.dataset))
             ds = loader.dataset
