@@ -89,6 +89,21 @@ def test_trainer_logs_registered_slices_at_evaluation() -> None:
     assert "t/pts/valid/accuracy" in trainer.history[-1]
 
 
+def test_a_bad_registered_slice_fails_before_any_training_step() -> None:
+    model, loader, x, y = _model_and_loader()
+    train = make_loader("pts", "train", {"x": x}, {"t": y}, 16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    register_slice("scores_test", lambda X: X["x"][:, 1])  # floats, not booleans
+    try:
+        with pytest.raises(DataError, match="slice function 'scores_test' on dataset 'pts'"):
+            Trainer(n_epochs=1, slices=["scores_test"], progress_bar=False).fit(
+                model, [train, loader]
+            )
+    finally:
+        SLICES.unregister("scores_test")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_two_loaders_with_one_name_and_split_for_different_tasks_train() -> None:
     torch.manual_seed(0)
     trunk = nn.Sequential(nn.Linear(2, 4), nn.ReLU())

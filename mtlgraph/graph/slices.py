@@ -126,3 +126,22 @@ def slice_mask(name: str, func: SliceFunc, X: Mapping[str, Any], n_rows: int, wh
     if problem is not None:
         raise DataError([f"slice function '{name}' on {where} {problem}"])
     return mask
+
+
+def check_slices(slices: Mapping[str, SliceFunc] | Sequence[str], loaders: Sequence[Any]) -> None:
+    """Run every slice function on the first rows of every loader's dataset, so that a slice
+    function returning the wrong thing fails before training, not at the first evaluation.
+
+    Raises:
+        ConfigError: Unknown or malformed slice names.
+        DataError: A slice function that does not return one boolean per row.
+    """
+    funcs = resolve_slices(slices)
+    for loader in loaders if funcs else []:
+        ds = getattr(loader, "dataset", None)
+        if ds is None or not hasattr(ds, "batch") or len(ds) == 0:
+            continue
+        n = min(len(ds), 4)
+        X, _ = ds.batch(slice(0, n))
+        for name, fn in funcs.items():
+            slice_mask(name, fn, X, n, f"dataset '{ds.name}' ({ds.split})")

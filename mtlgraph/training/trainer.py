@@ -31,6 +31,7 @@ from mtlgraph.data.schedulers import Step, make_scheduler
 from mtlgraph.diagnostics import DiagnosticsReport, InterferenceMonitor, remove_report
 from mtlgraph.exceptions import ConfigError
 from mtlgraph.graph.model import MultitaskClassifier
+from mtlgraph.graph.slices import check_slices
 from mtlgraph.metrics import make_key
 from mtlgraph.training import checkpoint as ckpt
 from mtlgraph.training.config import TrainerConfig
@@ -179,6 +180,7 @@ class Trainer:
         train = [dl for dl in loaders if getattr(dl.dataset, "split", None) == cfg.train_split]
         evals = [dl for dl in loaders if getattr(dl.dataset, "split", None) in cfg.eval_splits]
         check_loaders(model, loaders, train, evals, cfg.train_split)
+        check_slices(cfg.slices, evals)  # issue 15: bad slice functions fail before training
         env = DistEnv.from_env() if cfg.distributed == "auto" else DistEnv()
         device = model.device
         if env.enabled:  # one process per device: cuda:<local rank>
