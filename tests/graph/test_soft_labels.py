@@ -246,3 +246,31 @@ def test_yaml_float_label_matrix_is_soft(tmp_path: Path) -> None:
     bad[4] = [0.9, 0.9]
     with pytest.raises(DataError, match=r"task 'circle_task': soft label row 4 sums to 1.8"):
         build_experiment(load_config(_soft_yaml(tmp_path, bad)))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_soft_labels_and_slices_under_ddp() -> None:
+    """Two gloo ranks train on soft labels with a gradient balancer; the gathered evaluation
+    (slices included) equals a single-process score of the same weights, on both ranks."""
+    import multiprocessing as mp
+    import socket
+
+    from soft_ddp_workers import soft_ddp_worker
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=soft_ddp_worker, args=(r, 2, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted(queue.get(timeout=240) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+    (_, history0, local0), (_, history1, _) = results
+    assert history0 == history1
+    for key in ("t/d/valid/accuracy", "t/d:right_ddp/valid/accuracy"):
+        assert history0[key] == pytest.approx(local0[key]), key
+    assert history0["t/d/valid/accuracy"] > 0.8
