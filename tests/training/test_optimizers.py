@@ -57,7 +57,9 @@ def test_optimizer_kwargs_are_checked_against_the_torch_signature() -> None:
 
 
 def test_unknown_and_unsupported_optimizers_are_clear_errors() -> None:
-    with pytest.raises(ConfigError, match=r"unknown optimizer 'adamxa' \(did you mean 'adamax'\?\)"):
+    with pytest.raises(
+        ConfigError, match=r"unknown optimizer 'adamxa' \(did you mean 'adamax'\?\)"
+    ):
         Trainer(optimizer="adamxa")
     with pytest.raises(ConfigError, match=r"optimizer 'LBFGS' cannot be used: it needs a closure"):
         Trainer(optimizer="LBFGS")
@@ -105,3 +107,19 @@ def test_two_warmup_keys_are_an_error() -> None:
         Trainer(warmup_steps=3, warmup_epochs=1.0)
     with pytest.raises(ConfigError, match=r"warmup_fraction: must be in \[0, 1\], got 2.0"):
         Trainer(warmup_fraction=2.0)
+
+
+def test_yaml_names_any_torch_optimizer_and_a_warmup_fraction(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from experiment_helpers import tiny_config, write_config
+
+    from mtlgraph.experiment.build import build_experiment
+    from mtlgraph.experiment.config import load_config
+
+    cfg = tiny_config(optimizer={"name": "Adamax", "betas": [0.8, 0.99]}, warmup_fraction=0.5)
+    exp = build_experiment(load_config(write_config(tmp_path / "c.yaml", cfg)))
+    exp.trainer.fit(exp.model, exp.loaders)
+    assert type(exp.trainer.optimizer) is torch.optim.Adamax
+    assert exp.trainer.optimizer.param_groups[0]["betas"] == [0.8, 0.99]
+    cfg = tiny_config(optimizer="adamx")
+    with pytest.raises(ConfigError, match=r"unknown optimizer 'adamx' \(did you mean 'adam"):
+        load_config(write_config(tmp_path / "c.yaml", cfg))
