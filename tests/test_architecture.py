@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("diagnostics",),  # 6: interference statistics, report, monitor
     ("training",),  # 7: the loop, its config, step, checkpoints, writers, distributed
     ("experiment",),  # 8: YAML schema, build, CLI
+    ("compat",),  # 9: other libraries' APIs on top of mtlgraph (Snorkel)
 ]
 FACADES = {"mtlgraph/__init__.py", "mtlgraph/__main__.py"}  # re-export or run the layers above
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}

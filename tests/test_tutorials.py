@@ -104,3 +104,18 @@ def test_05_two_datasets_cross_task() -> None:
     # single-task models agree with each other (the post's scatter plots)
     assert agreement[("yelp", "mtl")] > agreement[("yelp", "imdb")]
     assert agreement[("imdb", "mtl")] > agreement[("yelp", "imdb")]
+
+
+def test_07_weak_supervision() -> None:
+    """Soft labels from weighted LF votes train an end model at least as accurate as hard
+    majority votes do (measured at the defaults: 0.971 vs 0.865; true labels 0.969)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = load("07_weak_supervision").main(n=2000, n_epochs=15, seed=0, verbose=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert result["soft"] >= result["hard_majority"]
+    assert result["soft"] >= 0.93
+    assert result["true_labels"] >= 0.95
+    assert result["soft"] >= result["true_labels"] - 0.05

@@ -112,6 +112,11 @@ class DictDataset(Dataset[Batch]):
         for what, part in (("name", name), ("split", split)):
             if not isinstance(part, str) or not part or "/" in part:
                 problems.append(f"dataset {what} {part!r} must be a non-empty string without '/'")
+        if isinstance(name, str) and ":" in name:  # ':' marks a slice in score keys (issue 15)
+            problems.append(
+                f"dataset name {name!r} must not contain ':' (score keys write a slice of a "
+                "dataset as '<dataset>:<slice>'); rename the dataset"
+            )
         who = f"dataset '{name}' ({split})"
         X = _checked_inputs(X_dict, who, problems)
         Y = _checked_labels(Y_dict, who, problems)
@@ -135,6 +140,40 @@ class DictDataset(Dataset[Batch]):
             else ("seq" if _is_sequence_list(v) else "list")
             for k, v in X.items()
         }
+
+    @classmethod
+    def from_tensors(
+        cls,
+        X: Any,
+        Y: Any,
+        name: str,
+        split: str = "train",
+        input_field: str = "data",
+        task_name: str = "task",
+    ) -> DictDataset:
+        """One input field and one task's labels: ``DictDataset(name, split, {input_field: X},
+        {task_name: Y})``, the common single-task case (Snorkel's ``from_tensors`` shape).
+
+        Args:
+            X: Inputs ``(N, ...)``: a tensor, numpy array or list (as an ``X_dict`` value).
+            Y: Labels ``(N,)`` or ``(N, C)`` (soft labels): a tensor or numpy array.
+            name: Dataset name (no ``/`` or ``:``).
+            split: Split name (default ``"train"``).
+            input_field: The one ``X_dict`` field (default ``"data"``).
+            task_name: The one task the labels belong to (default ``"task"``).
+
+        Raises:
+            DataError: As the constructor (lengths that differ, bad names).
+
+        Example:
+            >>> import torch
+            >>> from mtlgraph import DictDataset
+            >>> ds = DictDataset.from_tensors(torch.zeros(3, 2), torch.tensor([0, 1, 0]),
+            ...                               name="toy", split="valid", task_name="t")
+            >>> ds.split, list(ds.X_dict), list(ds.Y_dict), len(ds)
+            ('valid', ['data'], ['t'], 3)
+        """
+        return cls(name, split, {input_field: X}, {task_name: Y})
 
     def __len__(self) -> int:
         return self._length

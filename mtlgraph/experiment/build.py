@@ -40,6 +40,7 @@ from mtlgraph.experiment.config import (
 )
 from mtlgraph.graph.model import MultitaskClassifier
 from mtlgraph.graph.modules import get_module_factory
+from mtlgraph.graph.soft_labels import is_soft_label, soft_label_problems
 from mtlgraph.graph.task import Input, InputSpec, Operation, Task, get_loss
 from mtlgraph.metrics import Scorer
 from mtlgraph.training.checkpoint import metric_keys
@@ -288,6 +289,11 @@ def _cut(
 def _label_array(values: np.ndarray, task: TaskConfig, what: str) -> np.ndarray:
     if task.task_type == "regression":
         return values.astype(np.float32)
+    if _soft_yaml_labels(values, task):  # issue 15: float (N, C) labels are soft labels
+        ignore = task.ignore_value if task.ignore_value != "default" else -1
+        if isinstance(ignore, (int, float)) and not isinstance(ignore, bool):
+            values = np.where(np.isnan(values), float(ignore), values)  # NaN: a missing label
+        return values.astype(np.float32)
     if values.dtype.kind == "f":
         ignore = task.ignore_value if task.ignore_value != "default" else -1
         nan = np.isnan(values)
@@ -301,6 +307,19 @@ def _label_array(values: np.ndarray, task: TaskConfig, what: str) -> np.ndarray:
             row = values.reshape(len(values), -1)[i]
             raise DataError([f"{what} holds {row} in row {i + 1}, not a class id"])
     return values.astype(np.int64)
+
+
+def _soft_yaml_labels(values: np.ndarray, task: TaskConfig) -> bool:
+    """Soft labels in a data file: floats ``(N, C)`` for a multiclass task, floats ``(N,)`` that
+    are not all class ids for a binary task (probabilities of the positive class)."""
+    if values.dtype.kind != "f":
+        return False
+    if task.task_type == "multiclass":
+        return values.ndim == 2
+    if task.task_type != "binary" or values.ndim != 1:
+        return False
+    finite = values[~np.isnan(values)]
+    return bool((finite != finite.round()).any())
 
 
 def load_datasets(
@@ -407,6 +426,12 @@ def check_labels(
                     f"{source.key}: {source.origin}" if source else f"dataset '{ds.name}'"
                 ) + f" ({ds.split} split) for task '{task_name}'"
                 if task.task_type == "regression":
+                    continue
+                if is_soft_label(labels, task):  # issue 15: distributions, not class ids
+                    key = (ds.name, task_name)
+                    if key not in classes and task.task_type == "multiclass":
+                        classes[key] = _n_classes(model, ds, task_name)
+                    problems += soft_label_problems(labels, task, where, classes.get(key))
                     continue
                 ignore = task.ignore_value
                 active = labels[labels != ignore] if ignore is not None else labels.reshape(-1)

@@ -16,8 +16,13 @@ import torch
 from mtlgraph._io import move_to_device
 from mtlgraph._suggest import did_you_mean, quoted
 from mtlgraph.data.datasets import DictDataLoader
-from mtlgraph.exceptions import GraphError
+from mtlgraph.exceptions import DataError, GraphError
+from mtlgraph.graph.slices import SLICE_SEP, SliceFunc, resolve_slices, slice_mask
+from mtlgraph.graph.soft_labels import hard_targets, is_soft_label, soft_label_problems
 from mtlgraph.metrics import make_key
+
+SLICE_KIND = "slice:"
+"""Prefix of a :func:`predict` result's slice masks: ``result["slice:<name>"][task]``."""
 
 if TYPE_CHECKING:
     from mtlgraph.graph.model import MultitaskClassifier
@@ -96,6 +101,32 @@ def _batch_pairs(
     return [(labelled.get(t), t) for t in wanted]
 
 
+def _where(dataloader: object) -> str:
+    """``dataset 'name' (split)`` of a loader, for messages."""
+    ds = getattr(dataloader, "dataset", None)
+    name, split = getattr(ds, "name", None), getattr(ds, "split", None)
+    return f"dataset '{name}' ({split})" if name is not None else "a batch"
+
+
+def _add_slices(
+    into: dict[str, dict[str, list[np.ndarray]]],
+    slices: Mapping[str, SliceFunc],
+    X: Mapping[str, Any],
+    Y: Mapping[str, torch.Tensor],
+    pairs: Sequence[tuple[str | None, str]],
+    where: str,
+) -> None:
+    """Append each slice's mask of one batch under every labelled task of the batch."""
+    labelled = [(label, t) for label, t in pairs if label is not None]
+    if not labelled:
+        return
+    n_rows = len(Y[labelled[0][0]])
+    for name, fn in slices.items():
+        mask = slice_mask(name, fn, X, n_rows, where)
+        for _, task_name in labelled:
+            into.setdefault(SLICE_KIND + name, {}).setdefault(task_name, []).append(mask)
+
+
 @torch.no_grad()
 def predict(
     model: MultitaskClassifier,
@@ -103,8 +134,12 @@ def predict(
     return_preds: bool = False,
     remap_labels: Mapping[str, str | None] | None = None,
     task_names: Sequence[str] | None = None,
+    slices: Mapping[str, SliceFunc] | Sequence[str] | None = None,
 ) -> dict[str, dict[str, np.ndarray]]:
     """See :meth:`MultitaskClassifier.predict`."""
+    slice_funcs = resolve_slices(slices)  # issue 15: slice masks beside the golds
+    masks: dict[str, dict[str, list[np.ndarray]]] = {}
+    where = _where(dataloader)
     tasks = model.tasks
     remap = dict(remap_labels or {})
     wanted = None if task_names is None else list(task_names)
@@ -121,6 +156,8 @@ def predict(
             pairs = _batch_pairs(tasks, Y, remap, wanted)
             if not pairs:
                 continue
+            if slice_funcs:
+                _add_slices(masks, slice_funcs, X, Y, pairs, where)
             plan = model.plan(t for _, t in pairs)
             cache = model.execute(plan, move_to_device(X, device))
             for label, task_name in pairs:
@@ -138,6 +175,8 @@ def predict(
         "golds": {t: torch.cat(v).numpy() for t, v in golds.items()},
         "probs": {t: torch.cat(v).numpy() for t, v in probs.items()},
     }
+    for kind, by_task in masks.items():  # "slice:<name>" -> task -> mask over golds' rows
+        result[kind] = {t: np.concatenate(v) for t, v in by_task.items()}
     if return_preds:
         result["preds"] = {
             t: tasks[t].predictions(torch.from_numpy(p)).numpy() for t, p in result["probs"].items()
@@ -145,16 +184,39 @@ def predict(
     return result
 
 
+def check_soft_labels(tasks: Mapping[str, Task], loaders: Sequence[DictDataLoader]) -> None:
+    """Every problem of the loaders' soft labels at once (issue 15).
+
+    Raises:
+        DataError: Rows that are no distribution, NaN, a width that does not match the head.
+    """
+    problems: list[str] = []
+    for loader in loaders:
+        ds = loader.dataset
+        for label, labels in getattr(ds, "Y_dict", {}).items():
+            task = tasks.get(label)
+            if task is not None and is_soft_label(labels, task):
+                where = f"dataset '{ds.name}' ({ds.split})"
+                problems += soft_label_problems(labels, task, where)
+    if problems:
+        raise DataError(problems, header="invalid soft labels:" if len(problems) > 1 else None)
+
+
 def score(
     model: MultitaskClassifier,
     dataloaders: DictDataLoader | Sequence[DictDataLoader],
     remap_labels: Mapping[str, str | None] | None = None,
+    slices: Mapping[str, SliceFunc] | Sequence[str] | None = None,
 ) -> dict[str, float]:
     """See :meth:`MultitaskClassifier.score`."""
     loaders = [dataloaders] if isinstance(dataloaders, DictDataLoader) else list(dataloaders)
+    check_soft_labels(model.tasks, loaders)
+    slice_funcs = resolve_slices(slices)
     scores: dict[str, float] = {}
     for loader in loaders:
-        result = predict(model, loader, return_preds=True, remap_labels=remap_labels)
+        result = predict(
+            model, loader, return_preds=True, remap_labels=remap_labels, slices=slice_funcs
+        )
         dataset = loader.dataset
         score_predictions(model.tasks, result, dataset.name, dataset.split, into=scores)
     return scores
@@ -171,17 +233,24 @@ def score_predictions(
     scores = {} if into is None else into
     for task_name, golds in result["golds"].items():
         task = tasks[task_name]
-        metric_values = task.scorer.score(
-            golds, result["preds"][task_name], result["probs"][task_name], task.ignore_value
-        )
-        for metric, value in metric_values.items():
-            key = make_key(task_name, dataset_name, split, metric)
-            if key in scores:
-                raise GraphError(
-                    [
-                        f"two loaders produce the key '{key}'; give their datasets "
-                        "different names or splits"
-                    ]
-                )
-            scores[key] = value
+        if is_soft_label(golds, task):  # metrics score against the argmax of soft labels
+            golds = hard_targets(golds, task)
+        preds, probs = result["preds"][task_name], result["probs"][task_name]
+        parts = [(dataset_name, golds, preds, probs)]
+        for kind in sorted(k for k in result if k.startswith(SLICE_KIND)):
+            mask = result[kind].get(task_name)
+            if mask is not None:  # "<dataset>:<slice>"; an empty slice scores NaN
+                name = f"{dataset_name}{SLICE_SEP}{kind[len(SLICE_KIND) :]}"
+                parts.append((name, golds[mask], preds[mask], probs[mask]))
+        for part_name, g, p, pr in parts:
+            for metric, value in task.scorer.score(g, p, pr, task.ignore_value).items():
+                key = make_key(task_name, part_name, split, metric)
+                if key in scores:
+                    raise GraphError(
+                        [
+                            f"two loaders produce the key '{key}'; give their datasets "
+                            "different names or splits"
+                        ]
+                    )
+                scores[key] = value
     return scores

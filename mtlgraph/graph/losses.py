@@ -32,12 +32,71 @@ def _rows_match(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def multiclass_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy on logits ``(N, C)`` and class ids ``(N,)`` (mean over rows)."""
+    """Cross-entropy on logits ``(N, C)`` and class ids ``(N,)`` (mean over rows); float
+    targets ``(N, C)`` are soft labels: :func:`cross_entropy_with_probs`."""
+    if target.ndim == 2 and target.is_floating_point():
+        return cross_entropy_with_probs(output, target)
     return F.cross_entropy(output, target.long())
 
 
+def cross_entropy_with_probs(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Cross-entropy between logits ``(N, C)`` and target distributions ``(N, C)`` (soft labels).
+
+    Row ``i`` costs ``-sum_c target[i, c] * weight[c] * log_softmax(input)[i, c]``: with one-hot
+    targets (and no weight) it equals :func:`torch.nn.functional.cross_entropy` on the class
+    ids; with class weights, each class's term is weighted (Snorkel's definition, which does not
+    renormalise the mean by the weights as torch's hard-label cross-entropy does).
+
+    Args:
+        input: Logits ``(N, C)``.
+        target: Probabilities ``(N, C)``, each row summing to 1 (checked before training, see
+            :mod:`mtlgraph.graph.soft_labels`).
+        weight: Optional per-class weights ``(C,)``.
+        reduction: ``"mean"`` (over rows), ``"sum"`` or ``"none"`` (one value per row).
+
+    Raises:
+        DataError: ``target`` does not have the shape of ``input``.
+        ValueError: An unknown ``reduction``.
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> from mtlgraph.graph.losses import cross_entropy_with_probs
+        >>> logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+        >>> hard = cross_entropy_with_probs(logits, torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+        >>> torch.allclose(hard, F.cross_entropy(logits, torch.tensor([0, 1])))
+        True
+        >>> round(cross_entropy_with_probs(logits, torch.tensor([[0.5, 0.5]] * 2)).item(), 4)
+        0.9701
+    """
+    if input.shape != target.shape:
+        raise DataError(
+            [
+                f"soft labels of shape {tuple(target.shape)} for outputs of shape "
+                f"{tuple(input.shape)}; give one probability per class of the head"
+            ]
+        )
+    logp = F.log_softmax(input, dim=1)
+    terms = target.to(logp.dtype) * logp
+    if weight is not None:
+        terms = terms * weight.to(logp.dtype)
+    per_row = -terms.sum(dim=1)
+    if reduction == "none":
+        return per_row
+    if reduction == "sum":
+        return per_row.sum()
+    if reduction == "mean":
+        return per_row.mean()
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
 def binary_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy with logits on one logit per row and 0/1 targets.
+    """Binary cross-entropy with logits on one logit per row and 0/1 targets (or soft labels:
+    probabilities of the positive class).
 
     Raises:
         DataError: The output does not hold one logit per label.
@@ -101,6 +160,7 @@ LOSSES: Registry[LossFunc] = Registry(
     "loss",
     {
         "cross_entropy": multiclass_loss,
+        "cross_entropy_with_probs": cross_entropy_with_probs,
         "binary_cross_entropy": binary_loss,
         "mse": regression_loss,
         "l1": l1_loss,

@@ -26,6 +26,7 @@ from mtlgraph.data.datasets import DictDataLoader
 from mtlgraph.exceptions import CheckpointError, DataError, GraphError
 from mtlgraph.graph import evaluation
 from mtlgraph.graph.evaluation import unknown_label_error, unknown_tasks_error
+from mtlgraph.graph.slices import SliceFunc
 from mtlgraph.graph.task import INPUT, Task
 from mtlgraph.metrics import active_rows
 
@@ -416,6 +417,7 @@ class MultitaskClassifier(nn.Module):
         return_preds: bool = False,
         remap_labels: Mapping[str, str | None] | None = None,
         task_names: Sequence[str] | None = None,
+        slices: Mapping[str, SliceFunc] | Sequence[str] | None = None,
     ) -> dict[str, dict[str, np.ndarray]]:
         """Predict every labelled task of a loader's batches (or the tasks you name).
 
@@ -427,6 +429,8 @@ class MultitaskClassifier(nn.Module):
             task_names: Predict these tasks on every batch, labelled or not (serving unlabelled
                 data: the batches' ``Y_dict`` may be empty). Labels of other tasks are ignored;
                 ``golds`` hold only the named tasks that are labelled.
+            slices: ``{name: fn(X_dict) -> bool per row}`` or registered slice names: the
+                result holds ``"slice:<name>": {task: mask over the golds' rows}`` too.
 
         Returns:
             ``{"golds": {task: array}, "probs": {task: array}}`` plus ``"preds"`` when asked,
@@ -445,12 +449,13 @@ class MultitaskClassifier(nn.Module):
             >>> model.predict(unlabelled, task_names=["t"])["probs"]["t"].shape
             (5, 3)
         """
-        return evaluation.predict(self, dataloader, return_preds, remap_labels, task_names)
+        return evaluation.predict(self, dataloader, return_preds, remap_labels, task_names, slices)
 
     def score(
         self,
         dataloaders: DictDataLoader | Sequence[DictDataLoader],
         remap_labels: Mapping[str, str | None] | None = None,
+        slices: Mapping[str, SliceFunc] | Sequence[str] | None = None,
     ) -> dict[str, float]:
         """Score every task on every loader: ``{"task/dataset/split/metric": float}``.
 
@@ -458,8 +463,15 @@ class MultitaskClassifier(nn.Module):
             dataloaders: One loader or a list; each loader's dataset gives the dataset name and
                 split of its keys.
             remap_labels: As in :meth:`predict` (cross-task evaluation).
+            slices: ``{name: fn(X_dict) -> bool per row}`` (or registered slice names): every
+                metric on each slice too, as ``task/<dataset>:<slice>/split/metric`` (NaN for
+                an empty slice). See :mod:`mtlgraph.graph.slices`.
+
+        Raises:
+            DataError: Soft labels that are no distributions; a slice function that does not
+                return one boolean per row.
         """
-        return evaluation.score(self, dataloaders, remap_labels)
+        return evaluation.score(self, dataloaders, remap_labels, slices)
 
     def score_predictions(
         self,

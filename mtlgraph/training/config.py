@@ -19,11 +19,16 @@ from mtlgraph.balancing import Balancer, make_balancer
 from mtlgraph.data.schedulers import BatchScheduler, scheduler_problems
 from mtlgraph.diagnostics import DiagnosticsConfig
 from mtlgraph.exceptions import ConfigError
+from mtlgraph.graph.slices import SLICES
 from mtlgraph.registry import Registry, split_spec
 from mtlgraph.training.lr import LR_SCHEDULES
 from mtlgraph.training.lr import SUPPLIED as SCHEDULE_SUPPLIED
-from mtlgraph.training.optim import OPTIMIZERS, check_param_groups, optimizer_params
-from mtlgraph.training.optim import SUPPLIED as OPTIMIZER_SUPPLIED
+from mtlgraph.training.optim import (
+    check_param_groups,
+    optimizer_params,
+    optimizer_spec_problems,
+    resolve_optimizer,
+)
 from mtlgraph.training.writers import WRITERS, Writer
 
 
@@ -43,7 +48,7 @@ class TrainerConfig:
 
     n_epochs: int = 1  # passes over the training loaders
     lr: float = 0.01  # base learning rate
-    optimizer: str | dict[str, Any] = "adam"  # a name in OPTIMIZERS, or {"name": ..., **kwargs}
+    optimizer: str | dict[str, Any] = "adam"  # any torch.optim name / dotted path, or {"name": ...}
     weight_decay: float = 0.0  # L2 penalty (decoupled for adamw)
     grad_clip: float | None = None  # max global L2 norm of the step's gradients; None = off
     lr_scheduler: str | dict[str, Any] = "constant"  # a name in LR_SCHEDULES, or {"name": ...}
@@ -76,6 +81,10 @@ class TrainerConfig:
     distributed_timeout: float = 300.0  # seconds a collective waits for the other ranks, then fails
     # --- interference diagnostics (docs/diagnostics.md); off by default
     diagnostics: DiagnosticsConfig | None = None  # interference probes every N steps; None = off
+    # --- Snorkel users (issue 15): warm-up in other units, slice scores at evaluation
+    warmup_epochs: float = 0.0  # linear warm-up over the optimizer steps of this many epochs
+    warmup_fraction: float = 0.0  # linear warm-up over this fraction (0-1) of all optimizer steps
+    slices: list[str] = field(default_factory=list)  # registered slice functions scored at eval
 
     def validate(self) -> list[str]:
         """Value checks beyond types; one sentence per problem."""
@@ -83,12 +92,14 @@ class TrainerConfig:
         problems += [
             f"freeze: entries must be non-empty strings, got {f!r}" for f in self.freeze if not f
         ]
-        problems += _check_named("optimizer", self.optimizer, OPTIMIZERS, OPTIMIZER_SUPPLIED)
+        found = optimizer_spec_problems(self.optimizer, self.weight_decay)  # issue 15
+        problems += [f"optimizer: {p}" for p in found]
         opt_name, _ = split_spec(self.optimizer)
-        if opt_name in OPTIMIZERS:
+        if not isinstance(resolve_optimizer(opt_name), str):
             accepted = optimizer_params(str(opt_name))
             if accepted is not None:
                 problems += check_param_groups(self.param_groups, accepted | {"lr"})
+        problems += self._check_snorkel_users()
         if not isinstance(self.balancer, Balancer):
             try:
                 make_balancer(self.balancer)
@@ -96,6 +107,30 @@ class TrainerConfig:
                 problems += [f"balancer: {p}" for p in e.problems]
         problems += _check_named("lr_scheduler", self.lr_scheduler, LR_SCHEDULES, SCHEDULE_SUPPLIED)
         problems += self._check_outputs()
+        return problems
+
+    def _check_snorkel_users(self) -> list[str]:
+        """Warm-up given in one unit at most, and slices that are registered (issue 15)."""
+        problems = []
+        given = [
+            f"{k}={v}"
+            for k, v in (
+                ("warmup_steps", self.warmup_steps),
+                ("warmup_epochs", self.warmup_epochs),
+                ("warmup_fraction", self.warmup_fraction),
+            )
+            if v
+        ]
+        if len(given) > 1:
+            problems.append(
+                f"warm-up is set twice ({', '.join(given)}); set exactly one of warmup_steps, "
+                "warmup_epochs or warmup_fraction"
+            )
+        if self.warmup_epochs < 0:
+            problems.append(f"warmup_epochs: must be >= 0, got {self.warmup_epochs}")
+        if not 0 <= self.warmup_fraction <= 1:
+            problems.append(f"warmup_fraction: must be in [0, 1], got {self.warmup_fraction}")
+        problems += [f"slices: {SLICES.unknown(n)}" for n in self.slices if n not in SLICES]
         return problems
 
     def _check_numbers(self) -> list[str]:

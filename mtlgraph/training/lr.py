@@ -4,8 +4,9 @@ A schedule is a function ``(progress, epoch, **params) -> factor``: ``progress``
 the first optimizer step after warm-up to 1 at the run's last step, ``epoch`` is the 0-based
 epoch of the step. Schedules are looked up by name in :data:`LR_SCHEDULES` (``lr_scheduler:
 cosine`` or ``{"name": "cosine", "min_factor": 0.1}``); their keyword arguments are checked
-against the function's signature when the Trainer is built. Warm-up (``warmup_steps``) is applied
-in front of every schedule.
+against the function's signature when the Trainer is built. Warm-up (``warmup_steps``, or
+``warmup_epochs`` / ``warmup_fraction`` turned into steps by :func:`resolve_warmup`) is applied in
+front of every schedule.
 
 The factor is a pure function of ``(global_step, epoch)`` and the run's total number of optimizer
 steps, so a checkpoint's step counters restore it exactly.
@@ -14,7 +15,7 @@ steps, so a checkpoint's step counters restore it exactly.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from mtlgraph.registry import Registry, split_spec
@@ -92,7 +93,34 @@ def register_lr_schedule(
     return LR_SCHEDULES.register(name, fn, override=override)
 
 
-def is_constant(schedule: str | Mapping[str, Any], warmup_steps: int) -> bool:
+def resolve_warmup(
+    warmup_steps: int, warmup_epochs: float, warmup_fraction: float, epoch_steps: Sequence[int]
+) -> int:
+    """Warm-up in optimizer steps, from whichever of the three settings is given (issue 15).
+
+    Args:
+        warmup_steps: Optimizer steps.
+        warmup_epochs: Epochs: the optimizer steps of the first ``int(warmup_epochs)`` epochs
+            plus the fraction's share of the next one's, rounded.
+        warmup_fraction: Fraction of all optimizer steps, rounded.
+        epoch_steps: Optimizer steps of each epoch of the run.
+
+    Example:
+        >>> resolve_warmup(0, 1.5, 0.0, [10, 10, 10]), resolve_warmup(0, 0.0, 0.1, [10, 10, 10])
+        (15, 3)
+    """
+    if warmup_epochs:
+        whole = int(warmup_epochs)
+        steps = sum(epoch_steps[:whole])
+        if whole < len(epoch_steps):
+            steps += round((warmup_epochs - whole) * epoch_steps[whole])
+        return int(steps)
+    if warmup_fraction:
+        return round(warmup_fraction * sum(epoch_steps))
+    return warmup_steps
+
+
+def is_constant(schedule: str | Mapping[str, Any], warmup_steps: float) -> bool:
     """Whether the LR factor is always 1 (the ``constant`` schedule without warm-up): then no
     factor is applied and the run's horizon is not needed."""
     name, _ = split_spec(schedule)

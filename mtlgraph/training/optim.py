@@ -10,7 +10,9 @@ precision, gradient accumulation and clipping.
   parameters (unscale, clip, step, zero).
 - :class:`SubsetStepper`: ``optimizer.step()`` restricted to the parameters a step touched.
 - :data:`OPTIMIZERS`: optimizers by name (``adam``, ``adamw``, ``sgd``; add one with
-  :func:`register_optimizer`) and :func:`make_optimizer`, which builds the run's one optimizer.
+  :func:`register_optimizer`); besides them any ``torch.optim`` class by case-insensitive name or
+  a dotted path (:func:`resolve_optimizer`); :func:`make_optimizer` builds the run's one
+  optimizer.
 
 Patterns are checked against the model when ``Trainer.fit`` starts; every problem is reported at
 once in one :class:`~mtlgraph.ConfigError`.
@@ -30,7 +32,7 @@ from mtlgraph._suggest import did_you_mean, quoted
 from mtlgraph.balancing import Balancer
 from mtlgraph.exceptions import ConfigError
 from mtlgraph.graph.model import ExecutionPlan, MultitaskClassifier
-from mtlgraph.registry import Registry, accepted_parameters, split_spec
+from mtlgraph.registry import Registry, accepted_parameters, signature_problems, split_spec
 
 AMP_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
 NO_CONTEXT = contextlib.nullcontext()  # reusable: entering it does nothing (no per-step object)
@@ -44,6 +46,101 @@ OPTIMIZERS: Registry[OptimizerFactory] = Registry(
 
 SUPPLIED = ("params", "lr")
 """Arguments the Trainer passes to every optimizer itself (``weight_decay`` too, when taken)."""
+
+# --- any torch optimizer by name or dotted path (issue 15)
+UNSUPPORTED_TORCH: dict[str, str] = {
+    "lbfgs": "it needs a closure that re-evaluates the loss at every step, which the "
+    "Trainer's one-backward step does not provide",
+    "sparseadam": "it only takes sparse gradients, which mtlgraph's modules do not produce",
+    "muon": "it only takes 2-D weight matrices; a model's biases and norms make it fail",
+}
+"""``torch.optim`` classes the Trainer's step cannot drive, with the reason."""
+
+
+def torch_optimizers() -> dict[str, type[torch.optim.Optimizer]]:
+    """Every ``torch.optim`` optimizer class the Trainer can drive, by lower-case name."""
+    found: dict[str, type[torch.optim.Optimizer]] = {}
+    for attr in dir(torch.optim):
+        obj = getattr(torch.optim, attr)
+        if (
+            isinstance(obj, type)
+            and issubclass(obj, torch.optim.Optimizer)
+            and obj is not torch.optim.Optimizer
+            and attr.lower() not in UNSUPPORTED_TORCH
+        ):
+            found[attr.lower()] = obj
+    return found
+
+
+def resolve_optimizer(name: object) -> OptimizerFactory | str:
+    """The optimizer factory ``name`` selects, or one sentence saying why there is none.
+
+    Looked up in this order: a name registered in :data:`OPTIMIZERS`; any ``torch.optim``
+    class by name, case-insensitive (``"adamax"``, ``"RMSprop"``); a dotted import path to a
+    ``torch.optim.Optimizer`` subclass (``"torch.optim.NAdam"``, ``"my_pkg.opt.Lion"``).
+
+    Example:
+        >>> from mtlgraph.training.optim import resolve_optimizer
+        >>> resolve_optimizer("adamax").__name__, resolve_optimizer("RMSprop").__name__
+        ('Adamax', 'RMSprop')
+        >>> resolve_optimizer("adamxa")  # doctest: +ELLIPSIS
+        "unknown optimizer 'adamxa' (did you mean 'adamax'?); ..."
+    """
+    if not isinstance(name, str) or not name:
+        return f"optimizer name must be a non-empty string, got {name!r}"
+    if name in OPTIMIZERS:
+        return OPTIMIZERS.get(name)
+    lower = name.lower()
+    for registered in OPTIMIZERS.names():
+        if registered.lower() == lower:
+            return OPTIMIZERS.get(registered)
+    if lower in UNSUPPORTED_TORCH:
+        return f"optimizer '{name}' cannot be used: {UNSUPPORTED_TORCH[lower]}"
+    available = torch_optimizers()
+    if lower in available:
+        return available[lower]
+    if "." in name:
+        return _import_optimizer(name)
+    known = sorted(set(OPTIMIZERS.names()) | set(available))
+    return (
+        f"unknown optimizer {name!r}{did_you_mean(lower, known)}; known: {quoted(known)}, or "
+        "a dotted import path to a torch.optim.Optimizer subclass"
+    )
+
+
+def _import_optimizer(path: str) -> OptimizerFactory | str:
+    """The ``torch.optim.Optimizer`` subclass at dotted ``path``, or why there is none."""
+    import importlib
+
+    module_name, _, attr = path.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        return f"optimizer '{path}': cannot import module '{module_name}' ({e})"
+    obj = getattr(module, attr, None)
+    if obj is None:
+        return f"optimizer '{path}': module '{module_name}' has no '{attr}'"
+    if not (isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer)):
+        return f"optimizer '{path}' is a {type(obj).__name__}, not a torch.optim.Optimizer subclass"
+    return obj
+
+
+def optimizer_spec_problems(spec: str | Mapping[str, Any], weight_decay: float = 0.0) -> list[str]:
+    """Every problem with ``optimizer: <name>`` or ``{"name": ..., **kwargs}``: an unknown name
+    (did-you-mean over the registry and ``torch.optim``), arguments its signature does not take,
+    or a ``weight_decay`` it cannot apply."""
+    name, kwargs = split_spec(spec)
+    factory = resolve_optimizer(name)
+    if isinstance(factory, str):
+        return [factory]
+    problems = signature_problems(factory, kwargs, f"optimizer '{name}'", supplied=SUPPLIED)
+    params = accepted_parameters(factory)
+    if weight_decay and params is not None and "weight_decay" not in params:
+        problems.append(
+            f"weight_decay: optimizer '{name}' takes no weight_decay; set weight_decay=0 or "
+            "pick another optimizer"
+        )
+    return problems
 
 
 def register_optimizer(
@@ -69,7 +166,10 @@ def register_optimizer(
 def optimizer_params(name: str) -> set[str] | None:
     """Keyword arguments optimizer ``name`` takes besides the parameters and ``lr`` (``None``:
     it takes ``**kwargs``)."""
-    params = accepted_parameters(OPTIMIZERS.get(name))
+    factory = resolve_optimizer(name)
+    if isinstance(factory, str):
+        raise ConfigError([factory])
+    params = accepted_parameters(factory)
     return None if params is None else {p for p in params if p not in SUPPLIED}
 
 
@@ -97,7 +197,13 @@ def make_optimizer(
                 **balancer.optimizer_options(),
             }
         )
-    return OPTIMIZERS.get(name)(groups, lr=lr, weight_decay=weight_decay, **kwargs)
+    factory = resolve_optimizer(name)
+    if isinstance(factory, str):
+        raise ConfigError([factory])
+    params = accepted_parameters(factory)
+    if params is None or "weight_decay" in params:
+        kwargs["weight_decay"] = weight_decay
+    return factory(groups, lr=lr, **kwargs)
 
 
 def check_param_groups(

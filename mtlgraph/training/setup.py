@@ -10,6 +10,7 @@ from mtlgraph._suggest import did_you_mean, quoted
 from mtlgraph.balancing import Balancer
 from mtlgraph.data.datasets import DictDataLoader
 from mtlgraph.exceptions import ConfigError, DataError
+from mtlgraph.graph.evaluation import check_soft_labels
 from mtlgraph.graph.model import MultitaskClassifier
 from mtlgraph.training.config import TrainerConfig
 from mtlgraph.training.distributed import DistEnv, shard_eval_loader, shard_train_loader
@@ -31,19 +32,21 @@ def check_loaders(
         DataError: The problems.
     """
     problems: list[str] = []
-    seen: dict[tuple[str, str], int] = {}
+    seen: dict[tuple[str, str, str], int] = {}  # (dataset, split, task) -> loader index
     for i, dl in enumerate(loaders):
         ds = getattr(dl, "dataset", None)
         if not isinstance(dl, DictDataLoader) or ds is None:
             problems.append(f"dataloaders[{i}] is a {type(dl).__name__}, not a DictDataLoader")
             continue
-        key = (ds.name, ds.split)
-        if key in seen:
-            problems.append(
-                f"dataloaders[{seen[key]}] and dataloaders[{i}] are both dataset '{ds.name}' "
-                f"split '{ds.split}'; their score keys would collide"
-            )
-        seen[key] = i
+        for task in getattr(ds, "Y_dict", {}):  # keys collide only for the same task
+            key = (ds.name, ds.split, task)
+            if key in seen:
+                problems.append(
+                    f"dataloaders[{seen[key]}] and dataloaders[{i}] are both dataset "
+                    f"'{ds.name}' split '{ds.split}' and both label task '{task}'; their score "
+                    f"keys '{task}/{ds.name}/{ds.split}/...' would collide: rename one dataset"
+                )
+            seen[key] = i
     if not problems and not train:
         splits = sorted({dl.dataset.split for dl in loaders})
         problems.append(
@@ -64,6 +67,7 @@ def check_loaders(
         raise DataError(
             problems, header="cannot train on these dataloaders:" if len(problems) > 1 else None
         )
+    check_soft_labels(model.tasks, train + evals)  # issue 15: before any training step
 
 
 def prepare(

@@ -31,6 +31,7 @@ from mtlgraph.data.schedulers import Step, make_scheduler
 from mtlgraph.diagnostics import DiagnosticsReport, InterferenceMonitor, remove_report
 from mtlgraph.exceptions import ConfigError
 from mtlgraph.graph.model import MultitaskClassifier
+from mtlgraph.graph.slices import check_slices
 from mtlgraph.metrics import make_key
 from mtlgraph.training import checkpoint as ckpt
 from mtlgraph.training.config import TrainerConfig
@@ -50,7 +51,7 @@ from mtlgraph.training.hooks import (
     SaveHook,
     Unit,
 )
-from mtlgraph.training.lr import LR_SCHEDULES, is_constant, lr_factor_fn
+from mtlgraph.training.lr import LR_SCHEDULES, is_constant, lr_factor_fn, resolve_warmup
 from mtlgraph.training.optim import OPTIMIZERS, StepControl, SubsetStepper, make_optimizer
 from mtlgraph.training.setup import check_loaders, distribute, prepare
 from mtlgraph.training.state import (
@@ -179,6 +180,7 @@ class Trainer:
         train = [dl for dl in loaders if getattr(dl.dataset, "split", None) == cfg.train_split]
         evals = [dl for dl in loaders if getattr(dl.dataset, "split", None) in cfg.eval_splits]
         check_loaders(model, loaders, train, evals, cfg.train_split)
+        check_slices(cfg.slices, evals)  # issue 15: bad slice functions fail before training
         env = DistEnv.from_env() if cfg.distributed == "auto" else DistEnv()
         device = model.device
         if env.enabled:  # one process per device: cuda:<local rank>
@@ -339,12 +341,13 @@ class FitLoop:
     def score(self) -> dict[str, float]:
         """``model.score(evals)``; under DDP each rank predicts its shard of whole batches and
         the gathered predictions are scored, equal to a single-process evaluation."""
+        slices = self.cfg.slices  # issue 15: registered slice functions, scored at evaluation
         if not self.env.enabled:
-            return self.model.score(self.evals)
+            return self.model.score(self.evals, slices=slices)
         scores: dict[str, float] = {}
         for loader in self.evals:
             shard = self.eval_shards[id(loader)]
-            local = self.model.predict(shard, return_preds=True)
+            local = self.model.predict(shard, return_preds=True, slices=slices)
             indices = shard.sampler.indices  # type: ignore[attr-defined]
             full = gather_predictions(local, indices, len(loader.dataset))
             ds = loader.dataset
@@ -391,12 +394,17 @@ class FitLoop:
 
     def _lr_schedule(self) -> Callable[[int, int], float] | None:
         """The LR factor over the run's horizon: the scheduler tells each epoch's length."""
-        if is_constant(self.cfg.lr_scheduler, self.cfg.warmup_steps):
+        cfg = self.cfg
+        warmup = cfg.warmup_steps or cfg.warmup_epochs or cfg.warmup_fraction
+        if is_constant(cfg.lr_scheduler, warmup):
             return None  # no factor: no need to plan every epoch for the horizon
-        lengths = self.scheduler.epoch_lengths(self.state.batch_counts, self.cfg.n_epochs)
-        n = self.cfg.grad_accumulation_steps
-        total = sum(-(-m // n) for m in lengths)  # optimizer steps: N batches each
-        return lr_factor_fn(self.cfg.lr_scheduler, self.cfg.warmup_steps, total)
+        lengths = self.scheduler.epoch_lengths(self.state.batch_counts, cfg.n_epochs)
+        n = cfg.grad_accumulation_steps
+        steps = [-(-m // n) for m in lengths]  # optimizer steps: N batches each
+        warmup_steps = resolve_warmup(
+            cfg.warmup_steps, cfg.warmup_epochs, cfg.warmup_fraction, steps
+        )  # issue 15: warm-up in epochs or as a fraction
+        return lr_factor_fn(cfg.lr_scheduler, warmup_steps, sum(steps))
 
     def _restore(self, saved: Mapping[str, Any]) -> None:
         """Load a checkpoint into the run's pieces (the global random states come last)."""

@@ -1,0 +1,147 @@
+"""Slice functions: named subsets of a dataset's rows, scored on their own (issue 15).
+
+A slice function takes a batch's ``X_dict`` and returns one boolean per row (a tensor, numpy
+array or list). ``model.score(loaders, slices={"short": fn})`` reports every metric on every
+slice too, under keys whose dataset part is ``<dataset>:<slice>``
+(``circle_task/circleDataset:far/valid/accuracy``), so keys keep their four ``/``-separated parts;
+that is why ``:`` is not allowed in dataset or slice names. A slice with no row reports NaN.
+
+The Trainer scores the slices named in ``TrainerConfig.slices`` at every evaluation; they are
+looked up in :data:`SLICES` (register yours with :func:`register_slice`; a YAML config registers
+them in a module it lists under ``imports:``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from mtlgraph.exceptions import ConfigError, DataError
+from mtlgraph.registry import Registry
+
+SliceFunc = Callable[[Mapping[str, Any]], Any]
+"""``fn(X_dict) -> one boolean per row``."""
+
+SLICE_SEP = ":"
+"""Separates a dataset and a slice in the dataset part of a score key."""
+
+
+def _check_slice(name: str, func: Any) -> list[str]:
+    problems = []
+    if SLICE_SEP in name:
+        problems.append(f"slice name '{name}' must not contain '{SLICE_SEP}'")
+    if not callable(func):
+        problems.append(f"slice '{name}': {func!r} is not callable")
+    return problems
+
+
+SLICES: Registry[SliceFunc] = Registry("slice function", check=_check_slice)
+"""Slice functions by name; :func:`register_slice` adds one, ``SLICES.unregister`` removes it."""
+
+
+def register_slice(name: str, func: SliceFunc, *, override: bool = False) -> SliceFunc:
+    """Register ``func(X_dict) -> bool per row`` as slice ``name`` (``TrainerConfig.slices``).
+
+    Example:
+        >>> from mtlgraph.graph.slices import SLICES, register_slice
+        >>> def far(X):
+        ...     return X["circle_data"].norm(dim=1) > 1
+        >>> register_slice("far_doc", far) is far
+        True
+        >>> SLICES.unregister("far_doc") is far
+        True
+    """
+    return SLICES.register(name, func, override=override)
+
+
+def resolve_slices(
+    slices: Mapping[str, SliceFunc] | Sequence[str] | None,
+) -> dict[str, SliceFunc]:
+    """``{name: fn}`` from a mapping of functions or a list of registered names.
+
+    Raises:
+        ConfigError: Unknown names (with a suggestion), names with ``/`` or ``:``, values that
+            are not callable; all at once.
+    """
+    if not slices:
+        return {}
+    problems: list[str] = []
+    found: dict[str, SliceFunc] = {}
+    items = (
+        slices.items()
+        if isinstance(slices, Mapping)
+        else [(n, SLICES.get(n) if n in SLICES else None) for n in slices]
+    )
+    for name, func in items:
+        if not isinstance(name, str) or not name or "/" in name:
+            problems.append(f"slice name {name!r} must be a non-empty string without '/'")
+            continue
+        if func is None:
+            problems.append(SLICES.unknown(name))
+            continue
+        bad = _check_slice(name, func)
+        problems += bad
+        if not bad:
+            found[name] = func
+    if problems:
+        raise ConfigError(problems, header="invalid slices:" if len(problems) > 1 else None)
+    return found
+
+
+def slice_mask(name: str, func: SliceFunc, X: Mapping[str, Any], n_rows: int, where: str) -> Any:
+    """Call slice ``name`` on one batch and check its answer: one boolean per row.
+
+    Args:
+        name: The slice's name (for messages).
+        func: The slice function.
+        X: The batch's ``X_dict``.
+        n_rows: Rows in the batch.
+        where: Names the dataset and split (for messages).
+
+    Returns:
+        A boolean numpy array of length ``n_rows``.
+
+    Raises:
+        DataError: The answer is not booleans (say, 0/1 integers or scores), or not one per row.
+    """
+    try:
+        out = func(X)
+    except Exception as e:
+        e.add_note(f"mtlgraph: raised by slice function '{name}' on {where}")
+        raise
+    if isinstance(out, torch.Tensor):
+        out = out.detach().cpu().numpy()
+    mask = np.asarray(out)
+    problem = None
+    if mask.dtype != np.bool_:
+        problem = (
+            f"returned {mask.dtype} values; it must return booleans (write e.g. "
+            "`(X['f'] > 0)`, or `.bool()` a 0/1 tensor)"
+        )
+    elif mask.shape != (n_rows,):
+        problem = f"returned shape {mask.shape} for a batch of {n_rows} rows; it needs ({n_rows},)"
+    if problem is not None:
+        raise DataError([f"slice function '{name}' on {where} {problem}"])
+    return mask
+
+
+def check_slices(slices: Mapping[str, SliceFunc] | Sequence[str], loaders: Sequence[Any]) -> None:
+    """Run every slice function on the first rows of every loader's dataset, so that a slice
+    function returning the wrong thing fails before training, not at the first evaluation.
+
+    Raises:
+        ConfigError: Unknown or malformed slice names.
+        DataError: A slice function that does not return one boolean per row.
+    """
+    funcs = resolve_slices(slices)
+    for loader in loaders if funcs else []:
+        ds = getattr(loader, "dataset", None)
+        if ds is None or not hasattr(ds, "batch") or len(ds) == 0:
+            continue
+        n = min(len(ds), 4)
+        X, _ = ds.batch(slice(0, n))
+        for name, fn in funcs.items():
+            slice_mask(name, fn, X, n, f"dataset '{ds.name}' ({ds.split})")
