@@ -259,7 +259,7 @@ class GradVacBalancer(_Named):
     def direction(
         self, rows: torch.Tensor, layout: SharedLayout
     ) -> tuple[torch.Tensor, np.ndarray]:
-        if self.group == "model" or len(layout.modules) <= 1:
+        if self.group == "model":
             return super().direction(rows, layout)
         out = torch.empty_like(rows[0])
         total = np.zeros(len(rows))

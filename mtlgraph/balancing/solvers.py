@@ -175,8 +175,8 @@ def aligned_mtl(gram: np.ndarray, weights: np.ndarray, scale_mode: str = "min") 
     With ``M = V Λ Vᵀ`` (the ``r`` eigenvalues above ``λ_max·K·ε`` kept), the gradient matrix
     ``G = U Σ Vᵀ`` is replaced by ``G̃ = √λ_s · U Vᵀ`` whose singular values are all equal (its
     condition number is 1); ``G̃ᵀw = Gᵀ B w`` with ``B = √λ_s · V Λ^{-1/2} Vᵀ``. ``λ_s`` is the
-    smallest kept eigenvalue (``"min"``, the paper), the median (``"median"``) or the mean
-    (``"rmse"``). Returns ``B·w``; ``w`` itself when every gradient is zero.
+    smallest kept eigenvalue (``"min"``, the paper), the median (``"median"``, the lower one of
+    an even count, as TorchJD) or the mean (``"rmse"``). Returns ``B·w``; ``w`` itself when every gradient is zero.
 
     Example:
         >>> import numpy as np
@@ -190,7 +190,10 @@ def aligned_mtl(gram: np.ndarray, weights: np.ndarray, scale_mode: str = "min") 
     if not keep.any():
         return np.asarray(weights, dtype=np.float64)
     lam, vecs = lam[keep], vecs[:, keep]
-    scale = {"min": lam.min(), "median": np.median(lam), "rmse": lam.mean()}[scale_mode]
+    ordered = np.sort(lam)
+    scale = {"min": ordered[0], "median": ordered[(len(lam) - 1) // 2], "rmse": lam.mean()}[
+        scale_mode
+    ]
     b = math.sqrt(float(scale)) * (vecs / np.sqrt(lam)) @ vecs.T
     return b @ weights
 
@@ -286,9 +289,15 @@ def _nash_newton(m: np.ndarray, x: np.ndarray, max_iter: int, tol: float) -> np.
         grad = mb - 1.0 / beta
         step = np.linalg.solve(m + np.diag(1.0 / beta**2), -grad)
         t, f0, slope = 1.0, f(beta), float(grad @ step)
+        size = float(np.linalg.norm(grad))
         while t > 1e-12:
             trial = beta + t * step
-            if (trial > 0).all() and f(trial) <= f0 + 1e-4 * t * slope:
+            # Armijo on f, or (near the solution, where f's rounding hides its decrease) a
+            # smaller gradient
+            if (trial > 0).all() and (
+                f(trial) <= f0 + 1e-4 * t * slope
+                or float(np.linalg.norm(m @ trial - 1.0 / trial)) < 0.5 * size
+            ):
                 break
             t *= 0.5
         else:
