@@ -176,7 +176,8 @@ def aligned_mtl(gram: np.ndarray, weights: np.ndarray, scale_mode: str = "min") 
     ``G = U Σ Vᵀ`` is replaced by ``G̃ = √λ_s · U Vᵀ`` whose singular values are all equal (its
     condition number is 1); ``G̃ᵀw = Gᵀ B w`` with ``B = √λ_s · V Λ^{-1/2} Vᵀ``. ``λ_s`` is the
     smallest kept eigenvalue (``"min"``, the paper), the median (``"median"``, the lower one of
-    an even count, as TorchJD) or the mean (``"rmse"``). Returns ``B·w``; ``w`` itself when every gradient is zero.
+    an even count, as TorchJD) or the mean (``"rmse"``). Returns ``B·w``; ``w`` itself when
+    every gradient is zero.
 
     Example:
         >>> import numpy as np
