@@ -612,30 +612,6 @@ def test_new_methods_train_the_conflict_case() -> None:
 # ---------------------------------------------------------------------- DDP
 
 
-# The stateful ones and those that reduce loss values (famo, db_mtl); the others share the
-# gradient rows' path (ctx.reduce on the (K, P) rows, tested above) with nash_mtl and gradvac.
-DDP_METHODS = ("famo", "nash_mtl", "gradvac", "db_mtl")
-
-
-def ddp_worker(rank: int, world: int, port: int, out: Any) -> None:
-    """New balancers on two ranks that start from different weights (DDP broadcasts)."""
-    import torch.distributed as dist
-    from ddp_workers import BASE, _state, init, torchrun_env, train_setup
-
-    from mtlgraph import Trainer
-
-    torchrun_env(rank, world, port)
-    init(rank, world, port)
-    try:
-        for name in DDP_METHODS:
-            model, loaders = train_setup(init_seed=100 + rank)
-            trainer = Trainer(**{**BASE, "n_epochs": 1}, batch_scheduler="mixed", balancer=name)
-            trainer.fit(model, loaders)
-            out.put((name, rank, _state(model), trainer.balancer.weights()))
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_two_ranks_train_identically_with_the_new_balancers() -> None:
@@ -643,6 +619,7 @@ def test_two_ranks_train_identically_with_the_new_balancers() -> None:
     import socket
 
     import torch.multiprocessing as mp
+    from ddp_new_balancers import DDP_METHODS, ddp_worker
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
