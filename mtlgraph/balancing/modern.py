@@ -172,6 +172,17 @@ class NashMTLBalancer(_Named):
         self.max_iter = max_iter
         self._steps = 0  # solves and reuses so far
         self._alpha: dict[str, float] = {}  # the last solution, per task
+        self._unit = 1.0  # ctx.scale of a unit loss during a step
+
+    def backward(self, losses: Mapping[str, torch.Tensor], ctx: StepContext) -> None:
+        # d does not grow with the gradients (‖d‖² = K): give it the step's loss scale (fp16)
+        # and 1/N (accumulation) that the gradient methods' homogeneous directions carry
+        one = next(iter(losses.values())).detach().new_ones(())
+        self._unit = float(ctx.scale(one))
+        try:
+            super().backward(losses, ctx)
+        finally:
+            self._unit = 1.0
 
     def combine(self, gram: np.ndarray) -> np.ndarray:
         names = self._names if len(self._names) == len(gram) else [str(i) for i in range(len(gram))]
@@ -184,9 +195,9 @@ class NashMTLBalancer(_Named):
             self._alpha.update(zip(names, alpha.tolist(), strict=True))
         self._steps += 1
         norm = math.sqrt(max(float(alpha @ gram @ alpha), 0.0))
-        if self.max_norm > 0 and norm > self.max_norm:
+        if self.max_norm > 0 and norm > self.max_norm:  # ‖d‖ does not depend on the scale
             alpha = alpha * (self.max_norm / norm)
-        return alpha
+        return alpha * self._unit
 
     def get_extra_state(self) -> dict[str, Any]:
         return {**super().get_extra_state(), "steps": self._steps, "alpha": dict(self._alpha)}

@@ -644,3 +644,25 @@ def test_two_ranks_train_identically_with_the_new_balancers() -> None:
         assert all(np.array_equal(s0[k], s1[k]) for k in s0), name  # bit-identical
         assert all(np.isfinite(v).all() for v in s0.values()), name
         assert w0 == w1, name  # the same weights on both ranks
+
+
+def test_nash_mtl_carries_the_loss_scale_like_the_other_methods() -> None:
+    """ctx.scale multiplies the losses (fp16 loss scale, 1/N of accumulation) and the grad scaler
+    divides .grad by it: Nash-MTL's direction, which does not grow with the gradients, must be
+    multiplied by it, as every homogeneous method's is."""
+    grads = []
+    model = two_task_model()
+    X, Y = batch()
+    for factor in (1.0, 8.0):
+        for name in ("nash_mtl", "imtl"):
+            model.zero_grad(set_to_none=True)
+            losses, _ = model.calculate_loss(X, Y)
+            ctx = context(model, losses)
+            ctx.scale = lambda loss, factor=factor: loss * factor
+            b = make_balancer(name)
+            b.setup(model.tasks)
+            b.backward(losses, ctx)
+            grads.append(model.module_pool["trunk"][0].weight.grad.clone())
+    nash1, imtl1, nash8, imtl8 = grads
+    assert torch.allclose(imtl8, 8 * imtl1, rtol=1e-5)
+    assert torch.allclose(nash8, 8 * nash1, rtol=1e-5)
