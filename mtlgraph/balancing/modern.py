@@ -7,11 +7,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from mtlgraph.balancing.base import (
     StepContext,
@@ -27,6 +28,7 @@ from mtlgraph.balancing.gradient import GradientBalancer
 from mtlgraph.balancing.solvers import aligned_mtl, gradvac_coefficients, imtl_g, nash_mtl, upgrad
 from mtlgraph.exceptions import ConfigError
 from mtlgraph.gradients import SharedLayout
+from mtlgraph.graph.task import Task
 
 
 def _positive_int(problems: list[str], value: object, name: str) -> None:
@@ -38,11 +40,18 @@ def _positive_int(problems: list[str], value: object, name: str) -> None:
 
 
 class IMTLBalancer(GradientBalancer):
-    """IMTL-G, impartial multi-task learning's gradient balancing (Liu et al., ICLR 2021).
+    """IMTL, impartial multi-task learning (Liu et al., ICLR 2021): IMTL-G, optionally IMTL-L.
 
-    ``α`` with ``Σ_i α_i = 1`` such that ``d = Σ_i α_i g_i`` has the same projection on every
-    unit gradient ``u_i = g_i/‖g_i‖``: ``α ∝ M⁺·(‖g_1‖, …, ‖g_K‖)`` (closed form, see
+    IMTL-G: ``α`` with ``Σ_i α_i = 1`` such that ``d = Σ_i α_i g_i`` has the same projection on
+    every unit gradient ``u_i = g_i/‖g_i‖``: ``α ∝ M⁺·(‖g_1‖, …, ‖g_K‖)`` (closed form, see
     :func:`.solvers.imtl_g`). No task dominates the update, whatever its gradient's size.
+    With ``loss_scaling`` (IMTL-L, the paper's hybrid "IMTL"), each task's loss is first scaled
+    to ``e^{s_i}·L_i − s_i`` with a learned ``s_i`` (init 0, a parameter trained by the Trainer,
+    its gradient ``e^{s_i}·L_i − 1``), which drives the scaled losses toward 1.
+
+    Args:
+        loss_scaling: Learn the IMTL-L scales ``s_i`` too.
+        lr: Learning rate of the ``s_i`` (``None``: the Trainer's ``lr``).
 
     Example:
         >>> import numpy as np
@@ -54,8 +63,75 @@ class IMTLBalancer(GradientBalancer):
 
     name = "imtl"
 
+    def __init__(self, loss_scaling: bool = False, lr: float | None = None) -> None:
+        super().__init__()
+        problems: list[str] = []
+        _check(
+            problems,
+            isinstance(loss_scaling, bool),
+            f"loss_scaling must be true or false: {loss_scaling!r}",
+        )
+        _check(
+            problems,
+            lr is None or (_is_number(lr) and lr > 0),
+            f"lr must be a positive number or None, got {lr!r}",
+        )
+        _raise(self.name, problems)
+        self.loss_scaling = loss_scaling
+        self.lr = lr
+        self.log_scales = nn.Parameter(torch.zeros(0), requires_grad=loss_scaling)
+        self._index: dict[str, int] = {}  # task -> position in log_scales
+
+    def setup(self, tasks: Mapping[str, Task]) -> None:
+        super().setup(tasks)
+        if not self.loss_scaling:
+            return
+        new = [t for t in tasks if t not in self._index]
+        for task_name in new:
+            self._index[task_name] = len(self._index)
+        if new:  # grow the vector, keeping the values learned so far
+            old = self.log_scales.detach()
+            grown = old.new_zeros(len(self._index))
+            grown[: len(old)] = old
+            self.log_scales = nn.Parameter(grown)
+
+    def backward(self, losses: Mapping[str, torch.Tensor], ctx: StepContext) -> None:
+        if not self.loss_scaling:
+            super().backward(losses, ctx)
+            return
+        names = list(losses)
+        rows = torch.tensor([self._index[t] for t in names], device=self.log_scales.device)
+        s = self.log_scales[rows]
+        scale = s.detach().exp().tolist()
+        super().backward({t: losses[t] * f for t, f in zip(names, scale, strict=True)}, ctx)
+        # the s_i's own gradient, e^{s_i}·w_i·L_i − 1 (the model's came from the scaled losses)
+        weighted = torch.stack([w.detach().float() for w in _static(losses, ctx).values()])
+        ctx.backward((s.exp() * weighted.to(s)).sum() - s.sum())
+
     def combine(self, gram: np.ndarray) -> np.ndarray:
         return imtl_g(gram)
+
+    def task_parameters(self, task_names: Sequence[str]) -> list[nn.Parameter]:
+        return [self.log_scales] if self.loss_scaling else []
+
+    def optimizer_options(self) -> dict[str, Any]:
+        return {} if self.lr is None else {"lr": self.lr}
+
+    def get_extra_state(self) -> dict[str, Any]:
+        order = sorted(self._index, key=self._index.__getitem__)
+        return {**super().get_extra_state(), "tasks": order}
+
+    def set_extra_state(self, state: Any) -> None:
+        super().set_extra_state(state)
+        mine = sorted(self._index, key=self._index.__getitem__)
+        if list(state["tasks"]) != mine:
+            raise ConfigError(
+                [
+                    f"balancer 'imtl': the saved state holds tasks {list(state['tasks'])}, this "
+                    f"balancer was set up for {mine}; call setup(model.tasks) with the same "
+                    "tasks before load_state_dict"
+                ]
+            )
 
 
 class AlignedMTLBalancer(GradientBalancer):
@@ -396,7 +472,8 @@ class FAMOBalancer(_LastWeights):
     across the update: ``δ_i = log(L_i^{before} + ε) − log(L_i^{after} + ε)``,
     ``∇_ξ = J_softmax(ξ)ᵀ δ`` (i.e. ``z ⊙ (δ − z·δ)``), one Adam step with learning rate ``lr``
     and L2 decay ``gamma`` on ``ξ``. Tasks whose loss fell least gain weight. O(1) extra cost: the
-    "after" losses are the next step's (the paper re-evaluates the same batch).
+    "after" losses are those of the next step holding the task (the paper re-evaluates the same
+    batch); a step updates the logits of its tasks that have such a previous loss.
 
     Args:
         lr: Learning rate of the logits' own Adam.
@@ -426,7 +503,7 @@ class FAMOBalancer(_LastWeights):
         self.lr, self.gamma, self.eps = float(lr), float(gamma), float(eps)
         self._logits: dict[str, float] = {}
         self._adam: dict[str, list[float]] = {}  # task -> [m, v, steps]
-        self._prev: dict[str, float] = {}  # the last step's losses
+        self._prev: dict[str, float] = {}  # each task's loss at the last step that held it
 
     def backward(self, losses: Mapping[str, torch.Tensor], ctx: StepContext) -> None:
         weighted = _static(losses, ctx)
@@ -436,9 +513,11 @@ class FAMOBalancer(_LastWeights):
         if not all(math.isfinite(v) and v >= 0 for v in values):
             _weighted_backward(losses, {t: self._last.get(t, 1.0) for t in names}, ctx)
             return
-        if self._prev and all(t in self._prev for t in names):
-            self._update(names, [self._prev[t] for t in names], values)
-        self._prev = dict(zip(names, values, strict=True))
+        seen = [i for i, t in enumerate(names) if t in self._prev]
+        if len(seen) > 1:  # the logits of tasks with a previous loss (all, with mixed steps)
+            known = [names[i] for i in seen]
+            self._update(known, [self._prev[t] for t in known], [values[i] for i in seen])
+        self._prev.update(zip(names, values, strict=True))
         logits = [self._logits.get(t, 0.0) for t in names]
         top = max(logits)
         z = [math.exp(x - top) for x in logits]

@@ -497,7 +497,7 @@ def test_gradient_methods_average_their_rows_over_ranks(name: str) -> None:
 # ---------------------------------------------------------------------- state round trip
 
 
-@pytest.mark.parametrize("name", NEW)
+@pytest.mark.parametrize("name", [*NEW, {"name": "imtl", "loss_scaling": True}], ids=str)
 def test_state_round_trips_and_resume_is_bit_exact(name: str) -> None:
     model, balancer = trained_balancer(name)
     fresh = reload(name, balancer, model)
@@ -666,3 +666,63 @@ def test_nash_mtl_carries_the_loss_scale_like_the_other_methods() -> None:
     nash1, imtl1, nash8, imtl8 = grads
     assert torch.allclose(imtl8, 8 * imtl1, rtol=1e-5)
     assert torch.allclose(nash8, 8 * nash1, rtol=1e-5)
+
+
+def test_imtl_l_scales_the_losses_and_learns_the_scales() -> None:
+    model = two_task_model(weights=(2.0, 1.0))
+    reference = copy.deepcopy(model)
+    b = IMTLBalancer(loss_scaling=True, lr=0.1)
+    b.setup(model.tasks)
+    with torch.no_grad():
+        b.log_scales.copy_(torch.tensor([0.3, -0.2]))
+    X, Y = batch()
+    losses, _ = model.calculate_loss(X, Y)
+    b.backward(losses, context(model, losses))
+    ref_losses, _ = reference.calculate_loss(X, Y)
+    la, lb = 2.0 * ref_losses["a"], ref_losses["b"]
+    # d/ds of e^s·L − s
+    expected = [math.exp(0.3) * la.item() - 1, math.exp(-0.2) * lb.item() - 1]
+    assert b.log_scales.grad.tolist() == pytest.approx(expected, rel=1e-5)
+    # the trunk gets IMTL-G of the scaled losses' gradients
+    trunk = list(reference.module_pool["trunk"].parameters())
+    g = torch.stack(
+        [
+            torch.cat([x.reshape(-1) for x in torch.autograd.grad(loss, trunk, retain_graph=True)])
+            for loss in (math.exp(0.3) * la, math.exp(-0.2) * lb)
+        ]
+    ).double()
+    d = torch.from_numpy(imtl_g((g @ g.T).numpy())) @ g
+    got = torch.cat([p.grad.reshape(-1) for p in model.module_pool["trunk"].parameters()])
+    assert torch.allclose(got.double(), d, rtol=1e-4, atol=1e-7)
+    assert b.task_parameters(["a", "b"]) == [b.log_scales]
+    assert b.optimizer_options() == {"lr": 0.1}
+    assert IMTLBalancer().task_parameters(["a"]) == [] and not list(
+        p for p in IMTLBalancer().parameters() if p.requires_grad
+    )
+
+
+def test_imtl_l_resume_is_bit_exact_and_checks_the_tasks() -> None:
+    spec = {"name": "imtl", "loss_scaling": True}
+    model, balancer = trained_balancer(spec)  # type: ignore[arg-type]
+    assert isinstance(balancer, IMTLBalancer) and balancer.log_scales.abs().sum() > 0  # learned
+    fresh = reload(spec, balancer, model)  # type: ignore[arg-type]
+    assert same_state(balancer.state_dict(), fresh.state_dict())
+    other = IMTLBalancer(loss_scaling=True)
+    other.setup({"b": model.tasks["b"], "a": model.tasks["a"]})
+    with pytest.raises(ConfigError, match="holds tasks"):
+        other.load_state_dict(balancer.state_dict())
+
+
+def test_famo_remembers_each_tasks_last_loss_across_steps_of_other_tasks() -> None:
+    b = FAMOBalancer(lr=0.1, gamma=0.0)
+    model = two_task_model()
+    X, Y = batch()
+    for tasks in (["a"], ["b"], ["a", "b"]):
+        losses, _ = model.calculate_loss(X, {t: Y[t] for t in tasks})
+        losses = {t: v.detach().requires_grad_() for t, v in losses.items()}
+        b.backward(losses, context(model, losses, lambda loss: None))
+    # the third step compared both tasks with their earlier steps: same losses, δ = 0
+    assert b._logits == {"a": 0.0, "b": 0.0} and b._adam["a"][2] == 1
+    halved = {"a": losses["a"] / 2, "b": losses["b"]}
+    b.backward(halved, context(model, halved, lambda loss: None))
+    assert b._logits["a"] < 0 < b._logits["b"] and b._adam["a"][2] == 2
