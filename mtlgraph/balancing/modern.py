@@ -438,13 +438,16 @@ class DBMTLBalancer(_Named):
     ) -> tuple[torch.Tensor, np.ndarray]:
         if self._ema is None or self._ema_tasks != self._names or self._ema.shape != rows.shape:
             self._ema, self._ema_tasks, self._t = torch.zeros_like(rows), list(self._names), 0
+        norms = rows.norm(dim=1).double().cpu().numpy()
+        if not np.isfinite(norms).all():  # fp16 overflow: the grad scaler skips this step, and
+            return rows.sum(dim=0), np.ones(len(rows))  # the average keeps its finite values
         ema = self._ema.to(rows)
         self._t += 1
         beta_t = self.beta / self._t**self.beta_sigma
         ema = rows + beta_t * (ema - rows)
         self._ema = ema
         norms = ema.norm(dim=1).double().cpu().numpy()
-        alpha = norms.max() / (norms + self.eps) if np.isfinite(norms).all() else np.ones(len(rows))
+        alpha = norms.max() / (norms + self.eps)
         return torch.from_numpy(alpha).to(rows) @ ema, alpha
 
     def get_extra_state(self) -> dict[str, Any]:

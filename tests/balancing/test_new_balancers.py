@@ -307,6 +307,13 @@ def test_nash_mtl_degenerate_gram_falls_back_safely() -> None:
     alpha = nash_mtl(g @ g.T)
     assert np.isfinite(alpha).all() and (alpha > 0).all()
     assert (nash_mtl(np.zeros((2, 2))) == 0).all()
+    g = np.array([[1.0, 0.0], [0.0, 0.0], [0.0, 2.0]])  # a task with a zero gradient
+    alpha = nash_mtl(g @ g.T)
+    assert np.isfinite(alpha).all() and alpha[[0, 2]] == pytest.approx([1.0, 0.5], rel=1e-6)
+    for name in NEW_GRADIENT:  # and every method gives a finite direction
+        combine = make_balancer(name).combine  # type: ignore[attr-defined]
+        if name != "db_mtl":
+            assert np.isfinite(combine(g @ g.T)).all(), name
 
 
 def test_nash_mtl_against_torchjd_where_its_solver_is_installed() -> None:
@@ -726,3 +733,13 @@ def test_famo_remembers_each_tasks_last_loss_across_steps_of_other_tasks() -> No
     halved = {"a": losses["a"] / 2, "b": losses["b"]}
     b.backward(halved, context(model, halved, lambda loss: None))
     assert b._logits["a"] < 0 < b._logits["b"] and b._adam["a"][2] == 2
+
+
+def test_db_mtl_average_survives_an_fp16_overflow_step() -> None:
+    b = DBMTLBalancer()
+    b._names = ["a", "b"]
+    b.direction(torch.tensor([[1.0, 0.0], [0.0, 2.0]]), None)  # type: ignore[arg-type]
+    before = b._ema.clone()  # type: ignore[union-attr]
+    d, _ = b.direction(torch.tensor([[math.inf, 0.0], [0.0, 2.0]]), None)  # type: ignore[arg-type]
+    assert not torch.isfinite(d).all()  # the grad scaler will skip the step
+    assert torch.equal(b._ema, before) and b._t == 1  # type: ignore[arg-type]
