@@ -247,7 +247,7 @@ class NashMTLBalancer(_Named):
         self.max_norm = float(max_norm)
         self.max_iter = max_iter
         self._steps = 0  # solves and reuses so far
-        self._alpha: dict[str, float] = {}  # the last solution, per task
+        self._alpha: dict[str, float] = {}  # the last solution, per task (unscaled)
         self._unit = 1.0  # ctx.scale of a unit loss during a step
 
     def backward(self, losses: Mapping[str, torch.Tensor], ctx: StepContext) -> None:
@@ -264,11 +264,12 @@ class NashMTLBalancer(_Named):
         names = self._names if len(self._names) == len(gram) else [str(i) for i in range(len(gram))]
         known = all(t in self._alpha for t in names)
         start = np.array([self._alpha[t] for t in names]) if known else None
+        # the rows carry ctx.scale (unit), so α here is α_true/unit: α_true is what is kept
         if start is not None and self._steps % self.update_weights_every != 0:
-            alpha = start
+            alpha = start / self._unit
         else:
             alpha = nash_mtl(gram, start, self.max_iter)
-            self._alpha.update(zip(names, alpha.tolist(), strict=True))
+            self._alpha.update(zip(names, (alpha * self._unit).tolist(), strict=True))
         self._steps += 1
         norm = math.sqrt(max(float(alpha @ gram @ alpha), 0.0))
         if self.max_norm > 0 and norm > self.max_norm:  # ‖d‖ does not depend on the scale

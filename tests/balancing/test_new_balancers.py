@@ -743,3 +743,19 @@ def test_db_mtl_average_survives_an_fp16_overflow_step() -> None:
     d, _ = b.direction(torch.tensor([[math.inf, 0.0], [0.0, 2.0]]), None)  # type: ignore[arg-type]
     assert not torch.isfinite(d).all()  # the grad scaler will skip the step
     assert torch.equal(b._ema, before) and b._t == 1  # type: ignore[arg-type]
+
+
+def test_nash_mtl_reused_weights_follow_a_changed_loss_scale() -> None:
+    model = two_task_model()
+    X, Y = batch()
+    b = NashMTLBalancer(update_weights_every=2)
+    b.setup(model.tasks)
+    grads = []
+    for factor in (1.0, 8.0):  # the second step reuses the first one's α
+        model.zero_grad(set_to_none=True)
+        losses, _ = model.calculate_loss(X, Y)
+        ctx = context(model, losses)
+        ctx.scale = lambda loss, factor=factor: loss * factor
+        b.backward(losses, ctx)
+        grads.append(model.module_pool["trunk"][0].weight.grad.clone())
+    assert torch.allclose(grads[1], 8 * grads[0], rtol=1e-5)
