@@ -7,7 +7,7 @@ another task's head (cross-task evaluation) or drops it (``None``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -185,3 +185,48 @@ def score_predictions(
                 )
             scores[key] = value
     return scores
+
+
+@torch.no_grad()
+def iter_predictions(
+    model: MultitaskClassifier, batches: Batches, task_names: Sequence[str]
+) -> Iterator[tuple[Mapping[str, Any], dict[str, torch.Tensor]]]:
+    """Stream predictions batch by batch: ``(X_dict, {task: output_func values})``.
+
+    Labels are not needed (each batch's ``Y_dict`` is ignored); only the operations the tasks
+    need run, each once per batch. Memory stays bounded by one batch: nothing is accumulated.
+    The model is in evaluation mode while the iterator runs.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from mtlgraph import MultitaskClassifier, Operation, Task
+        >>> model = MultitaskClassifier(
+        ...     [Task("t", {"m": nn.Linear(2, 3)}, [Operation("m", [("_input_", "x")])])]
+        ... )
+        >>> batches = [({"x": torch.randn(4, 2)}, {}), ({"x": torch.randn(1, 2)}, {})]
+        >>> [p["t"].shape[0] for _, p in iter_predictions(model, batches, ["t"])]
+        [4, 1]
+    """
+    unknown = [t for t in task_names if t not in model.tasks]
+    if unknown:
+        raise unknown_tasks_error(unknown, model.tasks)
+    tasks = model.tasks
+    plan = model.plan(task_names)
+    device = model.device
+    was_training = model.training
+    model.eval()
+    try:
+        for X, _ in batches:
+            cache = model.execute(plan, move_to_device(X, device))
+            out: dict[str, torch.Tensor] = {}
+            for task_name in plan.task_names:
+                try:
+                    p = tasks[task_name].output_func(cache[plan.outputs[task_name]])
+                except Exception as e:
+                    e.add_note(f"mtlgraph: raised by the output_func of task '{task_name}'")
+                    raise
+                out[task_name] = p.detach().float().cpu()
+            yield X, out
+    finally:
+        model.train(was_training)
