@@ -21,6 +21,7 @@ exporter's own reason; the exporter's exception is kept as ``__cause__``.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -100,6 +101,8 @@ class TaskGraph(nn.Module):
         >>> [p.shape for p in graph(torch.randn(5, 2))]
         [torch.Size([5, 3])]
     """
+
+    _model: MultitaskClassifier
 
     def __init__(
         self,
@@ -182,9 +185,7 @@ def _culprit(graph: TaskGraph, args: tuple[torch.Tensor, ...], error: Exception)
     """Find the module the exporter refused: export each module alone on its recorded inputs."""
     calls: list[tuple[str, nn.Module, tuple[Any, ...]]] = []
     handles = [
-        module.register_forward_pre_hook(
-            lambda m, a, name=name: calls.append((name, m, a))  # type: ignore[misc]
-        )
+        module.register_forward_pre_hook(lambda m, a, name=name: calls.append((name, m, a)))
         for name, module in graph.modules_by_name.items()
     ]
     try:
@@ -225,7 +226,7 @@ def export_program(graph: TaskGraph, args: tuple[torch.Tensor, ...]) -> Any:
     """
     batch = torch.export.Dim(BATCH)
     shapes = tuple({0: batch} for _ in args)
-    model: nn.Module = graph._model  # type: ignore[assignment]
+    model = graph._model
     was_training = model.training
     model.eval()
     try:
@@ -264,7 +265,7 @@ def sidecar(
         spec["vocabulary"] = (vocabularies or {}).get(f)
         inputs.append(spec)
     tasks = []
-    model: MultitaskClassifier = graph._model  # type: ignore[assignment]
+    model = graph._model
     for t, out in zip(graph.task_names, outs, strict=True):
         task = model.tasks[t]
         width = int(out.shape[1]) if out.ndim > 1 else 1
@@ -427,7 +428,7 @@ def run_exported(
     tasks = [o["name"] for o in meta["outputs"]]
     if meta["exporter"] == "onnx":
         try:
-            import onnxruntime
+            onnxruntime = importlib.import_module("onnxruntime")
         except ImportError as e:
             raise onnx_extra_error("running an ONNX file") from e
         session = onnxruntime.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])

@@ -23,13 +23,14 @@ batches (a file name, a declared id column) or else the row number, from 0.
 from __future__ import annotations
 
 import csv
+import importlib
 import io
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -223,14 +224,22 @@ class _Parquet:
 def import_pyarrow(what: str) -> tuple[Any, Any]:
     """``(pyarrow, pyarrow.parquet)``, or an ImportError naming the ``tables`` extra."""
     try:
-        import pyarrow
-        import pyarrow.parquet
+        return importlib.import_module("pyarrow"), importlib.import_module("pyarrow.parquet")
     except ImportError as e:
         raise ImportError(f"{what} needs pyarrow: pip install 'mtlgraph[tables]'") from e
-    return pyarrow, pyarrow.parquet
 
 
-_WRITERS = {"jsonl": _JsonLines, "csv": _Csv, "parquet": _Parquet}
+class _Writer(Protocol):
+    def write(self, ids: list[Any], columns: Columns) -> None: ...
+
+    def close(self) -> None: ...
+
+
+_WRITERS: dict[str, Callable[[IO[bytes]], _Writer]] = {
+    "jsonl": _JsonLines,
+    "csv": _Csv,
+    "parquet": _Parquet,
+}
 
 
 def check_output_path(path: str | os.PathLike[str]) -> Path:

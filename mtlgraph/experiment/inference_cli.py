@@ -1,0 +1,153 @@
+"""``mtlgraph predict`` and ``mtlgraph export`` (docs/inference.md, docs/cli.md).
+
+Registered in :mod:`mtlgraph.experiment.cli`. Light at import, like the rest of the command
+line: torch, numpy and the readers are imported when a command runs.
+
+Exit status as for ``evaluate``: 2 for a usage or configuration error (an unknown task, a
+missing field or column, a checkpoint of another model, an output path that cannot be
+written), 1 when the model fails at run time. No partial output file is ever left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="the YAML experiment config the checkpoint was trained with")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="RUN_DIR_OR_FILE",
+        help="a run directory (its best.pt, else last.pt), a checkpoint or a model file",
+    )
+    p.add_argument(
+        "--tasks", metavar="A,B", help="comma-separated tasks (default: every task of the model)"
+    )
+
+
+def predict_args(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``mtlgraph predict``."""
+    _common(p)
+    p.add_argument(
+        "--data",
+        required=True,
+        metavar="PATH",
+        help="new data: a .csv, .jsonl, .parquet, .npz or .npy file, a directory of "
+        "<field>.npy files, or NAME[:SPLIT], a dataset of the config",
+    )
+    p.add_argument(
+        "--out",
+        default="predictions.jsonl",
+        metavar="FILE",
+        help="where to write one row per example: .jsonl (default predictions.jsonl), .csv or "
+        ".parquet",
+    )
+    p.add_argument("--batch-size", type=int, default=256, metavar="N", help="rows per batch")
+    p.add_argument(
+        "--num-workers", type=int, default=0, metavar="N", help="reader processes (0 = inline)"
+    )
+    p.add_argument(
+        "--id-column", metavar="NAME", help="column holding each row's id (default: row number)"
+    )
+    p.add_argument("--format", metavar="FORMAT", help="the data's format (default: from PATH)")
+
+
+def predict(args: argparse.Namespace) -> int:
+    """Run ``mtlgraph predict``; returns the exit status."""
+    from mtlgraph.exceptions import ConfigError
+    from mtlgraph.experiment.config import load_config
+    from mtlgraph.experiment.predict import (
+        ID_FIELD,
+        config_fields,
+        load_model,
+        parse_tasks,
+        read_prediction_data,
+    )
+    from mtlgraph.graph.export import input_fields
+    from mtlgraph.graph.predictions import (
+        check_output_path,
+        import_pyarrow,
+        prediction_format,
+        write_predictions,
+    )
+
+    if args.batch_size < 1 or args.num_workers < 0:
+        raise ConfigError(["--batch-size must be >= 1 and --num-workers >= 0"])
+    out_format = prediction_format(args.out)  # usage errors first, before any work
+    if out_format == "parquet":
+        _extra(import_pyarrow, "writing Parquet")
+    check_output_path(args.out)
+    cfg = load_config(args.config, args.overrides)
+    model = load_model(cfg, args.checkpoint)
+    tasks = parse_tasks(model, args.tasks)
+    fields = input_fields(model, tasks, config_fields(cfg))
+    data = read_prediction_data(cfg, args.data, fields, args.id_column, args.format)
+    rows = write_predictions(
+        model,
+        data.batches(args.batch_size, args.num_workers),
+        args.out,
+        tasks,
+        id_field=ID_FIELD,
+        file_format=out_format,
+        progress=not args.quiet,
+        total=data.rows,
+    )
+    print(f"{rows} rows of {', '.join(tasks)} written to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _extra(importer: object, what: str) -> None:
+    """An absent optional extra is a usage error (exit 2), with the install line."""
+    from mtlgraph.exceptions import ConfigError
+
+    try:
+        importer(what)  # type: ignore[operator]
+    except ImportError as e:
+        raise ConfigError([str(e)]) from e
+
+
+def export_args(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``mtlgraph export``."""
+    _common(p)
+    p.add_argument(
+        "--out", required=True, metavar="FILE", help="the program: model.pt2 or model.onnx"
+    )
+    p.add_argument(
+        "--format",
+        choices=["torch_export", "onnx"],
+        help="default: onnx for a .onnx file, else torch_export",
+    )
+    p.add_argument(
+        "--no-check",
+        action="store_true",
+        help="skip running the exported file against the eager model on example rows",
+    )
+
+
+def export(args: argparse.Namespace) -> int:
+    """Run ``mtlgraph export``; returns the exit status."""
+    from mtlgraph.experiment.config import load_config
+    from mtlgraph.experiment.predict import config_fields, example_batch, load_model, parse_tasks
+    from mtlgraph.graph.export import input_fields, max_export_error, require_onnx, sidecar_path
+    from mtlgraph.graph.predictions import check_output_path
+
+    fmt = args.format or ("onnx" if Path(args.out).suffix.lower() == ".onnx" else "torch_export")
+    if fmt == "onnx":
+        _extra(lambda _: require_onnx(), "exporting to ONNX")
+    check_output_path(args.out)
+    cfg = load_config(args.config, args.overrides)
+    model = load_model(cfg, args.checkpoint)
+    tasks = parse_tasks(model, args.tasks)
+    example = example_batch(cfg, input_fields(model, tasks, config_fields(cfg)))
+    path = model.export(args.out, tasks, fmt, example)
+    summary = {"program": str(path), "sidecar": str(sidecar_path(path)), "format": fmt}
+    summary["tasks"] = tasks
+    if not args.no_check:
+        summary["max_abs_error"] = max_export_error(model, path, example)
+    print(json.dumps(summary, indent=2))
+    return 0
