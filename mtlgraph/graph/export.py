@@ -35,6 +35,7 @@ from mtlgraph._io import atomic_write, write_json
 from mtlgraph._suggest import quoted
 from mtlgraph.exceptions import GraphError
 from mtlgraph.graph.evaluation import unknown_tasks_error
+from mtlgraph.graph.task import INPUT
 
 if TYPE_CHECKING:
     from mtlgraph.graph.model import ExecutionPlan, MultitaskClassifier
@@ -56,21 +57,24 @@ def onnx_extra_error(what: str) -> ImportError:
 def input_fields(
     model: MultitaskClassifier, task_names: Sequence[str], available: Sequence[str] = ()
 ) -> list[str]:
-    """The input fields the tasks' operations read, in the order they are first read.
+    """The input fields the tasks' operations read, in task order, then operation order.
 
     An operation that reads the whole input dictionary (``"_input_"`` without a key) reads every
     field, so then every ``available`` field is returned.
     """
-    plan = model.plan(task_names)
+    unknown = [t for t in task_names if t not in model.tasks]
+    if unknown:
+        raise unknown_tasks_error(unknown, model.tasks)
     fields: list[str] = []
-    for _, _, srcs in plan.steps:
-        for src, key, _ in srcs:
-            if src != -1:
-                continue
-            if key is None:
-                return list(available)
-            if str(key) not in fields:
-                fields.append(str(key))
+    for t in task_names:
+        for op in model.tasks[t].op_sequence:
+            for inp in op.inputs:
+                if inp.source != INPUT:
+                    continue
+                if inp.key is None:
+                    return list(available)
+                if str(inp.key) not in fields:
+                    fields.append(str(inp.key))
     return fields
 
 
