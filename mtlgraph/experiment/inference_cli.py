@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -78,15 +80,17 @@ def predict(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1 or args.num_workers < 0:
         raise ConfigError(["--batch-size must be >= 1 and --num-workers >= 0"])
-    out_format = prediction_format(args.out)  # usage errors first, before any work
+    check_output_path(args.out)  # usage errors first, before any work
+    out_format = prediction_format(args.out)
     if out_format == "parquet":
-        _extra(import_pyarrow, "writing Parquet")
-    check_output_path(args.out)
+        with _extras_are_usage():
+            import_pyarrow("writing Parquet")
     cfg = load_config(args.config, args.overrides)
     model = load_model(cfg, args.checkpoint)
     tasks = parse_tasks(model, args.tasks)
     fields = input_fields(model, tasks, config_fields(cfg))
-    data = read_prediction_data(cfg, args.data, fields, args.id_column, args.format)
+    with _extras_are_usage():
+        data = read_prediction_data(cfg, args.data, fields, args.id_column, args.format)
     rows = write_predictions(
         model,
         data.batches(args.batch_size, args.num_workers),
@@ -101,13 +105,17 @@ def predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _extra(importer: object, what: str) -> None:
-    """An absent optional extra is a usage error (exit 2), with the install line."""
+@contextmanager
+def _extras_are_usage() -> Iterator[None]:
+    """An absent optional extra (pyarrow, onnx) is a usage error (exit 2): its message says
+    what to install."""
     from mtlgraph.exceptions import ConfigError
 
     try:
-        importer(what)  # type: ignore[operator]
+        yield
     except ImportError as e:
+        if "pip install 'mtlgraph[" not in str(e):
+            raise
         raise ConfigError([str(e)]) from e
 
 
@@ -138,7 +146,8 @@ def export(args: argparse.Namespace) -> int:
 
     fmt = args.format or ("onnx" if Path(args.out).suffix.lower() == ".onnx" else "torch_export")
     if fmt == "onnx":
-        _extra(lambda _: require_onnx(), "exporting to ONNX")
+        with _extras_are_usage():
+            require_onnx()
     check_output_path(args.out)
     cfg = load_config(args.config, args.overrides)
     model = load_model(cfg, args.checkpoint)

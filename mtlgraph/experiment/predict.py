@@ -161,21 +161,36 @@ def _check_id(id_column: str | None, available: Sequence[str], source: str, kind
         )
 
 
-def _as_field(values: Sequence[Any] | np.ndarray) -> np.ndarray:
+def _as_field(values: Sequence[Any] | np.ndarray, what: str, start: int) -> np.ndarray:
     """A column's cells as a field array: numbers become ``(N, 1)``, lists ``(N, L...)``;
-    floating point and table numbers as float32 (as training from a table reads them)."""
-    array = np.asarray(values)
-    if array.dtype == object:
-        array = np.stack([np.asarray(v) for v in values])
-    if array.ndim == 1:
-        array = array[:, None]
-    return array.astype(np.float32)
+    numbers as float32 (as training from a table reads them)."""
+    try:
+        array = np.asarray(values, dtype=np.float32)
+    except (ValueError, TypeError):
+        try:
+            array = np.stack([np.asarray(v, dtype=np.float32) for v in values])
+        except (ValueError, TypeError):
+            shapes = [np.shape(v) for v in values]
+            i = next(i for i, s in enumerate(shapes) if s != shapes[0])
+            raise DataError(
+                [
+                    f"{what} holds values of different shapes: {shapes[0]} in row {start} but "
+                    f"{shapes[i]} in row {start + i} (rows count from 0); every row of a field "
+                    "needs the same shape"
+                ]
+            ) from None
+    return array[:, None] if array.ndim == 1 else array
 
 
-def _stack(columns: Mapping[str, Sequence[Any] | np.ndarray], spec: str | list[str]) -> np.ndarray:
-    if isinstance(spec, str):
-        return _as_field(columns[spec])
-    return np.concatenate([_as_field(columns[n]) for n in spec], axis=1)
+def _stack(
+    columns: Mapping[str, Sequence[Any] | np.ndarray],
+    spec: str | list[str],
+    source: str,
+    start: int,
+) -> np.ndarray:
+    return np.concatenate(
+        [_as_field(columns[n], f"column '{n}' of {source}", start) for n in _names(spec)], axis=1
+    )
 
 
 # ---------------------------------------------------------------- readers
@@ -315,7 +330,7 @@ def _csv_chunk(
         if id_column is not None
         else list(range(start, start + len(rows)))
     )
-    return ids, {f: _stack(columns, spec) for f, spec in chosen.items()}
+    return ids, {f: _stack(columns, spec, source, start) for f, spec in chosen.items()}
 
 
 def _read_jsonl(path: Path, specs: Specs, id_column: str | None) -> PredictionData:
@@ -345,10 +360,10 @@ def _read_jsonl(path: Path, specs: Specs, id_column: str | None) -> PredictionDa
                     raise DataError([f"line {line_no} of {source} has no key {quoted(missing)}"])
                 rows.append(row)
                 if len(rows) == size:
-                    yield _json_chunk(rows, start, chosen, used, id_column)
+                    yield _json_chunk(rows, start, chosen, used, id_column, source)
                     start, rows = start + len(rows), []
         if rows:
-            yield _json_chunk(rows, start, chosen, used, id_column)
+            yield _json_chunk(rows, start, chosen, used, id_column, source)
 
     return PredictionData(source, None, chunks)
 
@@ -369,6 +384,7 @@ def _json_chunk(
     chosen: Mapping[str, str | list[str]],
     used: Sequence[str],
     id_column: str | None,
+    source: str,
 ) -> Chunk:
     columns = {n: [r[n] for r in rows] for n in used}
     ids = (
@@ -376,7 +392,7 @@ def _json_chunk(
         if id_column is not None
         else list(range(start, start + len(rows)))
     )
-    return ids, {f: _stack(columns, spec) for f, spec in chosen.items()}
+    return ids, {f: _stack(columns, spec, source, start) for f, spec in chosen.items()}
 
 
 def _read_parquet(path: Path, specs: Specs, id_column: str | None) -> PredictionData:
@@ -402,7 +418,7 @@ def _read_parquet(path: Path, specs: Specs, id_column: str | None) -> Prediction
                 else list(range(start, start + n))
             )
             start += n
-            yield ids, {f: _stack(columns, spec) for f, spec in chosen.items()}
+            yield ids, {f: _stack(columns, spec, source, start - n) for f, spec in chosen.items()}
 
     return PredictionData(source, parquet.metadata.num_rows, chunks)
 
@@ -543,11 +559,22 @@ def checkpoint_file(path: str | Path) -> Path:
 def load_model(cfg: ExperimentConfig, checkpoint: str | Path) -> MultitaskClassifier:
     """The config's model with the checkpoint's weights (a checkpoint of another model is a
     :class:`~mtlgraph.CheckpointError` naming the tasks and parameters that differ)."""
+    from mtlgraph.exceptions import CheckpointError
     from mtlgraph.experiment.build import build_model
     from mtlgraph.training.checkpoint import load_weights
 
     model = build_model(cfg)
-    load_weights(model, checkpoint_file(checkpoint))
+    file = checkpoint_file(checkpoint)
+    try:
+        load_weights(model, file)
+    except RuntimeError as e:  # torch's size mismatch: the same names, other shapes
+        if "Error(s) in loading state_dict" not in str(e):
+            raise
+        detail = " ".join(ln.strip() for ln in str(e).splitlines()[1:4])
+        raise CheckpointError(
+            f"'{file}' holds weights of another model than the config's: {detail}; pass the "
+            "config the checkpoint was trained with"
+        ) from e
     model.eval()
     return model
 

@@ -306,10 +306,10 @@ def write_predictions(
         >>> list(row), len(row["t/probs"])
         (['id', 't/pred', 't/probs'], 3)
     """
+    target = check_output_path(path)
     fmt = prediction_format(path, file_format)
     if fmt == "parquet":
         import_pyarrow("writing Parquet")
-    target = check_output_path(path)
     names = list(task_names) if task_names is not None else model.task_names
     rows = iter_prediction_rows(model, batches, names, id_field)
     return _write(target, fmt, rows, progress, total)

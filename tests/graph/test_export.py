@@ -171,7 +171,9 @@ def test_onnx_without_the_extra_names_it(monkeypatch: pytest.MonkeyPatch, tmp_pa
         _model().export(tmp_path / "a.onnx", ["a"], "onnx", example={"x": torch.randn(2, 2)})
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(ImportError, match=r"running an ONNX file needs .*mtlgraph\[onnx\]"):
-        (tmp_path / "a.onnx.json").write_text(json.dumps({"exporter": "onnx", "inputs": [], "outputs": []}))
+        (tmp_path / "a.onnx.json").write_text(
+            json.dumps({"exporter": "onnx", "inputs": [], "outputs": []})
+        )
         run_exported(tmp_path / "a.onnx", {})
 
 
