@@ -13,9 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mtlgraph.experiment.config import ExperimentConfig
+    from mtlgraph.graph.model import MultitaskClassifier
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -63,13 +68,7 @@ def predict(args: argparse.Namespace) -> int:
     """Run ``mtlgraph predict``; returns the exit status."""
     from mtlgraph.exceptions import ConfigError
     from mtlgraph.experiment.config import load_config
-    from mtlgraph.experiment.predict import (
-        ID_FIELD,
-        config_fields,
-        load_model,
-        parse_tasks,
-        read_prediction_data,
-    )
+    from mtlgraph.experiment.predict import ID_FIELD, read_prediction_data
     from mtlgraph.graph.export import input_fields
     from mtlgraph.graph.predictions import (
         check_output_path,
@@ -140,7 +139,6 @@ def export_args(p: argparse.ArgumentParser) -> None:
 def export(args: argparse.Namespace) -> int:
     """Run ``mtlgraph export``; returns the exit status."""
     from mtlgraph.experiment.config import load_config
-    from mtlgraph.experiment.predict import config_fields, example_batch, load_model, parse_tasks
     from mtlgraph.graph.export import input_fields, max_export_error, require_onnx, sidecar_path
     from mtlgraph.graph.predictions import check_output_path
 
@@ -160,3 +158,84 @@ def export(args: argparse.Namespace) -> int:
         summary["max_abs_error"] = max_export_error(model, path, example)
     print(json.dumps(summary, indent=2))
     return 0
+
+
+# ---------------------------------------------------------------- models
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    """A run directory's ``best.pt`` (else ``last.pt``), or the file itself.
+
+    Raises:
+        CheckpointError: Nothing there.
+    """
+    from mtlgraph.exceptions import CheckpointError
+    from mtlgraph.training.checkpoint import BEST, LAST
+
+    p = Path(path)
+    if p.is_dir():
+        for name in (BEST, LAST):
+            for candidate in (p / "checkpoints" / name, p / name):
+                if candidate.is_file():
+                    return candidate
+        raise CheckpointError(f"--checkpoint {path}: no checkpoints/best.pt or last.pt in it")
+    if not p.is_file():
+        raise CheckpointError(f"--checkpoint {path}: no such file or run directory")
+    return p
+
+
+def load_model(cfg: ExperimentConfig, checkpoint: str | Path) -> MultitaskClassifier:
+    """The config's model with the checkpoint's weights (a checkpoint of another model is a
+    :class:`~mtlgraph.CheckpointError` naming the tasks and parameters that differ)."""
+    from mtlgraph.exceptions import CheckpointError
+    from mtlgraph.experiment.build import build_model
+    from mtlgraph.training.checkpoint import load_weights
+
+    model = build_model(cfg)
+    file = checkpoint_file(checkpoint)
+    try:
+        load_weights(model, file)
+    except RuntimeError as e:  # torch's size mismatch: the same names, other shapes
+        if "Error(s) in loading state_dict" not in str(e):
+            raise
+        detail = " ".join(ln.strip() for ln in str(e).splitlines()[1:4])
+        raise CheckpointError(
+            f"'{file}' holds weights of another model than the config's: {detail}; pass the "
+            "config the checkpoint was trained with"
+        ) from e
+    model.eval()
+    return model
+
+
+def parse_tasks(model: MultitaskClassifier, text: str | None) -> list[str]:
+    """``a,b`` -> task names (default: every task); unknown names get a did-you-mean."""
+    from mtlgraph.graph.evaluation import unknown_tasks_error
+
+    if not text:
+        return model.task_names
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in names if t not in model.tasks]
+    if unknown:
+        raise unknown_tasks_error(unknown, model.tasks)
+    return list(dict.fromkeys(names))
+
+
+def config_fields(cfg: ExperimentConfig) -> list[str]:
+    """Every input field the config's datasets declare."""
+    return list(dict.fromkeys(f for ds in cfg.data.datasets.values() for f in ds.fields))
+
+
+def example_batch(cfg: ExperimentConfig, fields: Sequence[str], rows: int = 8) -> dict[str, Any]:
+    """The first ``rows`` rows of each field, from the config's datasets (to trace an export)."""
+    from mtlgraph.experiment.build import load_datasets
+
+    datasets, _ = load_datasets(cfg)
+    example: dict[str, Any] = {}
+    for f in fields:
+        for ds in datasets:
+            if f in ds.X_dict:
+                X, _ = ds.batch(slice(0, rows))
+                example[f] = X[f]
+                break
+    n = min((len(v) for v in example.values()), default=0)
+    return {f: v[:n] for f, v in example.items()}

@@ -1,7 +1,6 @@
-"""New data for a trained model: read prediction data, load weights, predict, export.
+"""Prediction data: new rows for a trained model, read through one dispatch point.
 
-The bodies of ``mtlgraph predict`` and ``mtlgraph export`` (docs/inference.md); the command
-line itself is :mod:`mtlgraph.experiment.inference_cli`.
+Used by ``mtlgraph predict`` (:mod:`mtlgraph.experiment.inference_cli`, docs/inference.md).
 
 Every kind of prediction data goes through ONE dispatch point, :func:`read_prediction_data`:
 it picks a reader from :data:`READERS` by format (``--format``, else the file's suffix, else
@@ -39,7 +38,6 @@ from mtlgraph._suggest import did_you_mean, quoted
 from mtlgraph.data.datasets import Batch
 from mtlgraph.exceptions import ConfigError, DataError
 from mtlgraph.experiment.config import ExperimentConfig
-from mtlgraph.graph.model import MultitaskClassifier
 
 ID_FIELD = "__id__"
 """The batch field that carries each row's id to the prediction writer."""
@@ -530,84 +528,3 @@ def read_prediction_data(
             ]
         )
     return READERS[data_format(Path(path), file_format)](Path(path), specs, id_column)
-
-
-# ---------------------------------------------------------------- models
-
-
-def checkpoint_file(path: str | Path) -> Path:
-    """A run directory's ``best.pt`` (else ``last.pt``), or the file itself.
-
-    Raises:
-        CheckpointError: Nothing there.
-    """
-    from mtlgraph.exceptions import CheckpointError
-    from mtlgraph.training.checkpoint import BEST, LAST
-
-    p = Path(path)
-    if p.is_dir():
-        for name in (BEST, LAST):
-            for candidate in (p / "checkpoints" / name, p / name):
-                if candidate.is_file():
-                    return candidate
-        raise CheckpointError(f"--checkpoint {path}: no checkpoints/best.pt or last.pt in it")
-    if not p.is_file():
-        raise CheckpointError(f"--checkpoint {path}: no such file or run directory")
-    return p
-
-
-def load_model(cfg: ExperimentConfig, checkpoint: str | Path) -> MultitaskClassifier:
-    """The config's model with the checkpoint's weights (a checkpoint of another model is a
-    :class:`~mtlgraph.CheckpointError` naming the tasks and parameters that differ)."""
-    from mtlgraph.exceptions import CheckpointError
-    from mtlgraph.experiment.build import build_model
-    from mtlgraph.training.checkpoint import load_weights
-
-    model = build_model(cfg)
-    file = checkpoint_file(checkpoint)
-    try:
-        load_weights(model, file)
-    except RuntimeError as e:  # torch's size mismatch: the same names, other shapes
-        if "Error(s) in loading state_dict" not in str(e):
-            raise
-        detail = " ".join(ln.strip() for ln in str(e).splitlines()[1:4])
-        raise CheckpointError(
-            f"'{file}' holds weights of another model than the config's: {detail}; pass the "
-            "config the checkpoint was trained with"
-        ) from e
-    model.eval()
-    return model
-
-
-def parse_tasks(model: MultitaskClassifier, text: str | None) -> list[str]:
-    """``a,b`` -> task names (default: every task); unknown names get a did-you-mean."""
-    from mtlgraph.graph.evaluation import unknown_tasks_error
-
-    if not text:
-        return model.task_names
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    unknown = [t for t in names if t not in model.tasks]
-    if unknown:
-        raise unknown_tasks_error(unknown, model.tasks)
-    return list(dict.fromkeys(names))
-
-
-def config_fields(cfg: ExperimentConfig) -> list[str]:
-    """Every input field the config's datasets declare."""
-    return list(dict.fromkeys(f for ds in cfg.data.datasets.values() for f in ds.fields))
-
-
-def example_batch(cfg: ExperimentConfig, fields: Sequence[str], rows: int = 8) -> dict[str, Any]:
-    """The first ``rows`` rows of each field, from the config's datasets (to trace an export)."""
-    from mtlgraph.experiment.build import load_datasets
-
-    datasets, _ = load_datasets(cfg)
-    example: dict[str, Any] = {}
-    for f in fields:
-        for ds in datasets:
-            if f in ds.X_dict:
-                X, _ = ds.batch(slice(0, rows))
-                example[f] = X[f]
-                break
-    n = min((len(v) for v in example.values()), default=0)
-    return {f: v[:n] for f, v in example.items()}

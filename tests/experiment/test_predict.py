@@ -16,7 +16,8 @@ from experiment_helpers import ROOT, tiny_config, write_config
 from mtlgraph import DataError, DictDataLoader, DictDataset
 from mtlgraph.experiment.cli import COMMANDS, main
 from mtlgraph.experiment.config import load_config
-from mtlgraph.experiment.predict import ID_FIELD, load_model, read_prediction_data
+from mtlgraph.experiment.inference_cli import load_model
+from mtlgraph.experiment.predict import ID_FIELD, read_prediction_data
 from mtlgraph.graph.predictions import read_predictions, write_predictions
 
 TOL = 1e-6

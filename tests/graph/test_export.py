@@ -17,7 +17,7 @@ from torch import nn
 from mtlgraph import GraphError, MultitaskClassifier, Operation, Task
 from mtlgraph.experiment.build import build_model
 from mtlgraph.experiment.config import load_config
-from mtlgraph.experiment.predict import config_fields, example_batch
+from mtlgraph.experiment.inference_cli import config_fields, example_batch
 from mtlgraph.graph.export import (
     TaskGraph,
     example_inputs,
