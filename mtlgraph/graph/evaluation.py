@@ -20,7 +20,7 @@ from mtlgraph.exceptions import GraphError
 from mtlgraph.metrics import make_key
 
 if TYPE_CHECKING:
-    from mtlgraph.graph.model import MultitaskClassifier
+    from mtlgraph.graph.model import ExecutionPlan, MultitaskClassifier
     from mtlgraph.graph.task import Task
 
 Batches = Iterable[tuple[Mapping[str, Any], Mapping[str, torch.Tensor]]]
@@ -111,6 +111,8 @@ def predict(
     unknown = [t for t in wanted or [] if t not in tasks]
     if unknown:
         raise unknown_tasks_error(unknown, tasks)
+    if wanted is not None and not remap:  # serving: one plan for every batch
+        return _predict_named(model, dataloader, wanted, return_preds)
     device = model.device
     was_training = model.training
     model.eval()
@@ -211,22 +213,73 @@ def iter_predictions(
     unknown = [t for t in task_names if t not in model.tasks]
     if unknown:
         raise unknown_tasks_error(unknown, model.tasks)
-    tasks = model.tasks
     plan = model.plan(task_names)
+    outputs = _output_funcs(model, plan)
     device = model.device
     was_training = model.training
     model.eval()
     try:
         for X, _ in batches:
-            cache = model.execute(plan, move_to_device(X, device))
-            out: dict[str, torch.Tensor] = {}
-            for task_name in plan.task_names:
-                try:
-                    p = tasks[task_name].output_func(cache[plan.outputs[task_name]])
-                except Exception as e:
-                    e.add_note(f"mtlgraph: raised by the output_func of task '{task_name}'")
-                    raise
-                out[task_name] = p.detach().float().cpu()
-            yield X, out
+            yield X, _outputs(model, plan, outputs, move_to_device(X, device))
     finally:
         model.train(was_training)
+
+
+def _output_funcs(model: MultitaskClassifier, plan: ExecutionPlan) -> list[tuple[str, int, Any]]:
+    """``(task, output node, output_func)`` for each task of a plan."""
+    return [(t, plan.outputs[t], model.tasks[t].output_func) for t in plan.task_names]
+
+
+def _outputs(
+    model: MultitaskClassifier,
+    plan: ExecutionPlan,
+    outputs: Sequence[tuple[str, int, Any]],
+    X: Mapping[str, Any],
+) -> dict[str, torch.Tensor]:
+    """Run a plan on one batch (already on the device); task -> float32 CPU output values."""
+    cache = model.execute(plan, X)
+    out: dict[str, torch.Tensor] = {}
+    for task_name, node, output_func in outputs:
+        try:
+            p = output_func(cache[node])
+        except Exception as e:
+            e.add_note(f"mtlgraph: raised by the output_func of task '{task_name}'")
+            raise
+        # under no_grad nothing needs detaching; convert only what is not float32 on the CPU
+        out[task_name] = (
+            p if p.dtype == torch.float32 and p.device.type == "cpu" else p.float().cpu()
+        )
+    return out
+
+
+@torch.no_grad()
+def _predict_named(
+    model: MultitaskClassifier, dataloader: Batches, task_names: Sequence[str], return_preds: bool
+) -> dict[str, dict[str, np.ndarray]]:
+    """:func:`predict` of named tasks without remapping: one plan for every batch, labelled
+    or not (the serving path, kept as lean as a hand-written loop)."""
+    plan = model.plan(task_names)
+    outputs = _output_funcs(model, plan)
+    device = model.device
+    probs: dict[str, list[torch.Tensor]] = {t: [] for t in plan.task_names}
+    golds: dict[str, list[torch.Tensor]] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        for X, Y in dataloader:
+            for t, p in _outputs(model, plan, outputs, move_to_device(X, device)).items():
+                probs[t].append(p)
+                if t in Y:
+                    golds.setdefault(t, []).append(Y[t].cpu())
+    finally:
+        model.train(was_training)
+    tasks = model.tasks
+    result: dict[str, dict[str, np.ndarray]] = {
+        "golds": {t: torch.cat(v).numpy() for t, v in golds.items()},
+        "probs": {t: torch.cat(v).numpy() for t, v in probs.items() if v},
+    }
+    if return_preds:
+        result["preds"] = {
+            t: tasks[t].predictions(torch.from_numpy(p)).numpy() for t, p in result["probs"].items()
+        }
+    return result
