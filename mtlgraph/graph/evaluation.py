@@ -220,7 +220,7 @@ def iter_predictions(
     model.eval()
     try:
         for X, _ in batches:
-            yield X, _outputs(model, plan, outputs, move_to_device(X, device))
+            yield X, _outputs(model, plan, outputs, _on(X, device))
     finally:
         model.train(was_training)
 
@@ -246,10 +246,16 @@ def _outputs(
             e.add_note(f"mtlgraph: raised by the output_func of task '{task_name}'")
             raise
         # under no_grad nothing needs detaching; convert only what is not float32 on the CPU
-        out[task_name] = (
-            p if p.dtype == torch.float32 and p.device.type == "cpu" else p.float().cpu()
-        )
+        out[task_name] = p if p.is_cpu and p.dtype is torch.float32 else p.float().cpu()
     return out
+
+
+def _on(X: Mapping[str, Any], device: torch.device) -> Mapping[str, Any]:
+    """The batch on the device: as it is when the device is the CPU and every field is a CPU
+    tensor (the serving loop's common case, checked without building device objects)."""
+    if device.type == "cpu" and all(isinstance(v, torch.Tensor) and v.is_cpu for v in X.values()):
+        return X
+    return move_to_device(X, device)
 
 
 @torch.no_grad()
@@ -267,7 +273,7 @@ def _predict_named(
     model.eval()
     try:
         for X, Y in dataloader:
-            for t, p in _outputs(model, plan, outputs, move_to_device(X, device)).items():
+            for t, p in _outputs(model, plan, outputs, _on(X, device)).items():
                 probs[t].append(p)
                 if t in Y:
                     golds.setdefault(t, []).append(Y[t].cpu())
