@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mtlgraph.exceptions import MtlGraphError
+from mtlgraph.experiment import inference_cli
 
 if TYPE_CHECKING:
     from mtlgraph.experiment.config import ExperimentConfig
@@ -393,6 +394,20 @@ def diagnose(args: argparse.Namespace) -> int:
     else:
         print(report.to_text())
     return EXIT_OK
+
+
+# ---------------------------------------------------------------- predict, export
+
+command(
+    "predict",
+    "predict new data with a trained checkpoint: one row per example (docs/inference.md)",
+    inference_cli.predict_args,
+)(inference_cli.predict)
+command(
+    "export",
+    "export tasks of a trained checkpoint to torch.export (.pt2) or ONNX, with a sidecar JSON",
+    inference_cli.export_args,
+)(inference_cli.export)
 
 
 # ---------------------------------------------------------------- main

@@ -7,7 +7,7 @@ another task's head (cross-task evaluation) or drops it (``None``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,7 +25,7 @@ SLICE_KIND = "slice:"
 """Prefix of a :func:`predict` result's slice masks: ``result["slice:<name>"][task]``."""
 
 if TYPE_CHECKING:
-    from mtlgraph.graph.model import MultitaskClassifier
+    from mtlgraph.graph.model import ExecutionPlan, MultitaskClassifier
     from mtlgraph.graph.task import Task
 
 Batches = Iterable[tuple[Mapping[str, Any], Mapping[str, torch.Tensor]]]
@@ -146,6 +146,8 @@ def predict(
     unknown = [t for t in wanted or [] if t not in tasks]
     if unknown:
         raise unknown_tasks_error(unknown, tasks)
+    if wanted is not None and not remap:  # serving: one plan for every batch
+        return _predict_named(model, dataloader, wanted, return_preds)
     device = model.device
     was_training = model.training
     model.eval()
@@ -254,3 +256,105 @@ def score_predictions(
                     )
                 scores[key] = value
     return scores
+
+
+@torch.no_grad()
+def iter_predictions(
+    model: MultitaskClassifier, batches: Batches, task_names: Sequence[str]
+) -> Iterator[tuple[Mapping[str, Any], dict[str, torch.Tensor]]]:
+    """Stream predictions batch by batch: ``(X_dict, {task: output_func values})``.
+
+    Labels are not needed (each batch's ``Y_dict`` is ignored); only the operations the tasks
+    need run, each once per batch. Memory stays bounded by one batch: nothing is accumulated.
+    The model is in evaluation mode while the iterator runs.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from mtlgraph import MultitaskClassifier, Operation, Task
+        >>> model = MultitaskClassifier(
+        ...     [Task("t", {"m": nn.Linear(2, 3)}, [Operation("m", [("_input_", "x")])])]
+        ... )
+        >>> batches = [({"x": torch.randn(4, 2)}, {}), ({"x": torch.randn(1, 2)}, {})]
+        >>> [p["t"].shape[0] for _, p in iter_predictions(model, batches, ["t"])]
+        [4, 1]
+    """
+    unknown = [t for t in task_names if t not in model.tasks]
+    if unknown:
+        raise unknown_tasks_error(unknown, model.tasks)
+    plan = model.plan(task_names)
+    outputs = _output_funcs(model, plan)
+    device = model.device
+    was_training = model.training
+    model.eval()
+    try:
+        for X, _ in batches:
+            yield X, _outputs(model, plan, outputs, _on(X, device))
+    finally:
+        model.train(was_training)
+
+
+def _output_funcs(model: MultitaskClassifier, plan: ExecutionPlan) -> list[tuple[str, int, Any]]:
+    """``(task, output node, output_func)`` for each task of a plan."""
+    return [(t, plan.outputs[t], model.tasks[t].output_func) for t in plan.task_names]
+
+
+def _outputs(
+    model: MultitaskClassifier,
+    plan: ExecutionPlan,
+    outputs: Sequence[tuple[str, int, Any]],
+    X: Mapping[str, Any],
+) -> dict[str, torch.Tensor]:
+    """Run a plan on one batch (already on the device); task -> float32 CPU output values."""
+    cache = model.execute(plan, X)
+    out: dict[str, torch.Tensor] = {}
+    for task_name, node, output_func in outputs:
+        try:
+            p = output_func(cache[node])
+        except Exception as e:
+            e.add_note(f"mtlgraph: raised by the output_func of task '{task_name}'")
+            raise
+        # under no_grad nothing needs detaching; convert only what is not float32 on the CPU
+        out[task_name] = p if p.is_cpu and p.dtype is torch.float32 else p.float().cpu()
+    return out
+
+
+def _on(X: Mapping[str, Any], device: torch.device) -> Mapping[str, Any]:
+    """The batch on the device: as it is when the device is the CPU and every field is a CPU
+    tensor (the serving loop's common case, checked without building device objects)."""
+    if device.type == "cpu" and all(isinstance(v, torch.Tensor) and v.is_cpu for v in X.values()):
+        return X
+    return move_to_device(X, device)
+
+
+@torch.no_grad()
+def _predict_named(
+    model: MultitaskClassifier, dataloader: Batches, task_names: Sequence[str], return_preds: bool
+) -> dict[str, dict[str, np.ndarray]]:
+    """:func:`predict` of named tasks without remapping: one plan for every batch, labelled
+    or not (the serving path, kept as lean as a hand-written loop)."""
+    plan = model.plan(task_names)
+    outputs = _output_funcs(model, plan)
+    device = model.device
+    probs: dict[str, list[torch.Tensor]] = {t: [] for t in plan.task_names}
+    golds: dict[str, list[torch.Tensor]] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        for X, Y in dataloader:
+            for t, p in _outputs(model, plan, outputs, _on(X, device)).items():
+                probs[t].append(p)
+                if t in Y:
+                    golds.setdefault(t, []).append(Y[t].cpu())
+    finally:
+        model.train(was_training)
+    tasks = model.tasks
+    result: dict[str, dict[str, np.ndarray]] = {
+        "golds": {t: torch.cat(v).numpy() for t, v in golds.items()},
+        "probs": {t: torch.cat(v).numpy() for t, v in probs.items() if v},
+    }
+    if return_preds:
+        result["preds"] = {
+            t: tasks[t].predictions(torch.from_numpy(p)).numpy() for t, p in result["probs"].items()
+        }
+    return result

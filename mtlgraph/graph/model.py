@@ -487,6 +487,36 @@ class MultitaskClassifier(nn.Module):
         """
         return evaluation.score_predictions(self._tasks, result, dataset_name, split, into)
 
+    def export(
+        self,
+        path: str | os.PathLike[str],
+        tasks: Sequence[str] | None = None,
+        format: str = "torch_export",
+        example: Mapping[str, Any] | None = None,
+        **sidecar: Any,
+    ) -> Any:
+        """Export the tasks (default: all) to ``torch.export`` (``.pt2``) or ONNX, with a
+        sidecar JSON (``<path>.json``); only the modules those tasks use are in the file.
+
+        Args:
+            path: The file to write (atomically; its directory must exist).
+            tasks: The tasks whose outputs (after ``output_func``) the program returns.
+            format: ``"torch_export"`` or ``"onnx"`` (needs ``mtlgraph[onnx]``).
+            example: One batch's ``X_dict`` to trace (its fields' dtypes and trailing shapes
+                are fixed, the batch dimension stays dynamic).
+            **sidecar: ``class_labels={task: [...]}``, ``vocabularies={field: file}``.
+
+        Returns:
+            The written path. See :mod:`mtlgraph.graph.export` and ``docs/inference.md``.
+
+        Raises:
+            GraphError: Unknown tasks, a missing example field, or a module the exporter
+                refuses (named, with the exporter's reason).
+        """
+        from mtlgraph.graph.export import export
+
+        return export(self, path, tasks, format, example, **sidecar)  # type: ignore[arg-type]
+
     # ------------------------------------------------------------------ persistence
 
     def save(self, path: str | os.PathLike[str]) -> None:

@@ -1,0 +1,241 @@
+"""``mtlgraph predict`` and ``mtlgraph export`` (docs/inference.md, docs/cli.md).
+
+Registered in :mod:`mtlgraph.experiment.cli`. Light at import, like the rest of the command
+line: torch, numpy and the readers are imported when a command runs.
+
+Exit status as for ``evaluate``: 2 for a usage or configuration error (an unknown task, a
+missing field or column, a checkpoint of another model, an output path that cannot be
+written), 1 when the model fails at run time. No partial output file is ever left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mtlgraph.experiment.config import ExperimentConfig
+    from mtlgraph.graph.model import MultitaskClassifier
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="the YAML experiment config the checkpoint was trained with")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="RUN_DIR_OR_FILE",
+        help="a run directory (its best.pt, else last.pt), a checkpoint or a model file",
+    )
+    p.add_argument(
+        "--tasks", metavar="A,B", help="comma-separated tasks (default: every task of the model)"
+    )
+
+
+def predict_args(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``mtlgraph predict``."""
+    _common(p)
+    p.add_argument(
+        "--data",
+        required=True,
+        metavar="PATH",
+        help="new data: a .csv, .jsonl, .parquet, .npz or .npy file, a directory of "
+        "<field>.npy files, or NAME[:SPLIT], a dataset of the config",
+    )
+    p.add_argument(
+        "--out",
+        default="predictions.jsonl",
+        metavar="FILE",
+        help="where to write one row per example: .jsonl (default predictions.jsonl), .csv or "
+        ".parquet",
+    )
+    p.add_argument("--batch-size", type=int, default=256, metavar="N", help="rows per batch")
+    p.add_argument(
+        "--num-workers", type=int, default=0, metavar="N", help="reader processes (0 = inline)"
+    )
+    p.add_argument(
+        "--id-column", metavar="NAME", help="column holding each row's id (default: row number)"
+    )
+    p.add_argument("--format", metavar="FORMAT", help="the data's format (default: from PATH)")
+
+
+def predict(args: argparse.Namespace) -> int:
+    """Run ``mtlgraph predict``; returns the exit status."""
+    from mtlgraph.exceptions import ConfigError
+    from mtlgraph.experiment.config import load_config
+    from mtlgraph.experiment.predict import ID_FIELD, read_prediction_data
+    from mtlgraph.graph.export import input_fields
+    from mtlgraph.graph.predictions import (
+        check_output_path,
+        import_pyarrow,
+        prediction_format,
+        write_predictions,
+    )
+
+    if args.batch_size < 1 or args.num_workers < 0:
+        raise ConfigError(["--batch-size must be >= 1 and --num-workers >= 0"])
+    check_output_path(args.out)  # usage errors first, before any work
+    out_format = prediction_format(args.out)
+    if out_format == "parquet":
+        with _extras_are_usage():
+            import_pyarrow("writing Parquet")
+    cfg = load_config(args.config, args.overrides)
+    model = load_model(cfg, args.checkpoint)
+    tasks = parse_tasks(model, args.tasks)
+    fields = input_fields(model, tasks, config_fields(cfg))
+    with _extras_are_usage():
+        data = read_prediction_data(cfg, args.data, fields, args.id_column, args.format)
+    rows = write_predictions(
+        model,
+        data.batches(args.batch_size, args.num_workers),
+        args.out,
+        tasks,
+        id_field=ID_FIELD,
+        file_format=out_format,
+        progress=not args.quiet,
+        total=data.rows,
+    )
+    print(f"{rows} rows of {', '.join(tasks)} written to {args.out}", file=sys.stderr)
+    return 0
+
+
+@contextmanager
+def _extras_are_usage() -> Iterator[None]:
+    """An absent optional extra (pyarrow, onnx) is a usage error (exit 2): its message says
+    what to install."""
+    from mtlgraph.exceptions import ConfigError
+
+    try:
+        yield
+    except ImportError as e:
+        if "pip install 'mtlgraph[" not in str(e):
+            raise
+        raise ConfigError([str(e)]) from e
+
+
+def export_args(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``mtlgraph export``."""
+    _common(p)
+    p.add_argument(
+        "--out", required=True, metavar="FILE", help="the program: model.pt2 or model.onnx"
+    )
+    p.add_argument(
+        "--format",
+        choices=["torch_export", "onnx"],
+        help="default: onnx for a .onnx file, else torch_export",
+    )
+    p.add_argument(
+        "--no-check",
+        action="store_true",
+        help="skip running the exported file against the eager model on example rows",
+    )
+
+
+def export(args: argparse.Namespace) -> int:
+    """Run ``mtlgraph export``; returns the exit status."""
+    from mtlgraph.experiment.config import load_config
+    from mtlgraph.graph.export import input_fields, max_export_error, require_onnx, sidecar_path
+    from mtlgraph.graph.predictions import check_output_path
+
+    fmt = args.format or ("onnx" if Path(args.out).suffix.lower() == ".onnx" else "torch_export")
+    if fmt == "onnx":
+        with _extras_are_usage():
+            require_onnx()
+    check_output_path(args.out)
+    cfg = load_config(args.config, args.overrides)
+    model = load_model(cfg, args.checkpoint)
+    tasks = parse_tasks(model, args.tasks)
+    example = example_batch(cfg, input_fields(model, tasks, config_fields(cfg)))
+    path = model.export(args.out, tasks, fmt, example)
+    summary = {"program": str(path), "sidecar": str(sidecar_path(path)), "format": fmt}
+    summary["tasks"] = tasks
+    if not args.no_check:
+        summary["max_abs_error"] = max_export_error(model, path, example)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+# ---------------------------------------------------------------- models
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    """A run directory's ``best.pt`` (else ``last.pt``), or the file itself.
+
+    Raises:
+        CheckpointError: Nothing there.
+    """
+    from mtlgraph.exceptions import CheckpointError
+    from mtlgraph.training.checkpoint import BEST, LAST
+
+    p = Path(path)
+    if p.is_dir():
+        for name in (BEST, LAST):
+            for candidate in (p / "checkpoints" / name, p / name):
+                if candidate.is_file():
+                    return candidate
+        raise CheckpointError(f"--checkpoint {path}: no checkpoints/best.pt or last.pt in it")
+    if not p.is_file():
+        raise CheckpointError(f"--checkpoint {path}: no such file or run directory")
+    return p
+
+
+def load_model(cfg: ExperimentConfig, checkpoint: str | Path) -> MultitaskClassifier:
+    """The config's model with the checkpoint's weights (a checkpoint of another model is a
+    :class:`~mtlgraph.CheckpointError` naming the tasks and parameters that differ)."""
+    from mtlgraph.exceptions import CheckpointError
+    from mtlgraph.experiment.build import build_model
+    from mtlgraph.training.checkpoint import load_weights
+
+    model = build_model(cfg)
+    file = checkpoint_file(checkpoint)
+    try:
+        load_weights(model, file)
+    except RuntimeError as e:  # torch's size mismatch: the same names, other shapes
+        if "Error(s) in loading state_dict" not in str(e):
+            raise
+        detail = " ".join(ln.strip() for ln in str(e).splitlines()[1:4])
+        raise CheckpointError(
+            f"'{file}' holds weights of another model than the config's: {detail}; pass the "
+            "config the checkpoint was trained with"
+        ) from e
+    model.eval()
+    return model
+
+
+def parse_tasks(model: MultitaskClassifier, text: str | None) -> list[str]:
+    """``a,b`` -> task names (default: every task); unknown names get a did-you-mean."""
+    from mtlgraph.graph.evaluation import unknown_tasks_error
+
+    if not text:
+        return model.task_names
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in names if t not in model.tasks]
+    if unknown:
+        raise unknown_tasks_error(unknown, model.tasks)
+    return list(dict.fromkeys(names))
+
+
+def config_fields(cfg: ExperimentConfig) -> list[str]:
+    """Every input field the config's datasets declare."""
+    return list(dict.fromkeys(f for ds in cfg.data.datasets.values() for f in ds.fields))
+
+
+def example_batch(cfg: ExperimentConfig, fields: Sequence[str], rows: int = 8) -> dict[str, Any]:
+    """The first ``rows`` rows of each field, from the config's datasets (to trace an export)."""
+    from mtlgraph.experiment.build import load_datasets
+
+    datasets, _ = load_datasets(cfg)
+    example: dict[str, Any] = {}
+    for f in fields:
+        for ds in datasets:
+            if f in ds.X_dict:
+                X, _ = ds.batch(slice(0, rows))
+                example[f] = X[f]
+                break
+    n = min((len(v) for v in example.values()), default=0)
+    return {f: v[:n] for f, v in example.items()}
