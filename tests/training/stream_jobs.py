@@ -130,3 +130,39 @@ def main(run_dir: str, workers: int) -> None:
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]))
     os._exit(0)
+
+
+def ddp_worker(rank: int, world: int, port: int, tmp: str, out: Any) -> None:
+    """Under DDP with 2 DataLoader workers per rank: one pass's example ids through this rank's
+    shard of the stream, then an uninterrupted run, an interrupted one and its resume."""
+    import torch.distributed as dist
+
+    from mtlgraph import Trainer
+    from mtlgraph.training.distributed import DistEnv, shard_train_loader
+
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        _, loaders = setup(2)
+        shard = shard_train_loader(loaders[0], DistEnv(rank, world, rank))
+        ids = [int(i) for x, _ in shard for i in x["id"].tolist()]
+        results: dict[str, Any] = {"ids": ids}
+        for phase in ("ref", "cut", "resume"):
+            model, loaders = setup(2, Gate(trip=2 * 7 + 1) if phase == "cut" else None)
+            run_dir = os.path.join(tmp, "ref" if phase == "ref" else "run")
+            trainer = Trainer(run_dir=run_dir, **CONFIG)
+            try:
+                trainer.fit(model, loaders, resume_from=run_dir if phase == "resume" else None)
+            except KeyboardInterrupt:
+                results[phase] = "interrupted"
+                continue
+            results[phase] = (params(model), trainer.history)
+        out.put((rank, results))
+    finally:
+        dist.destroy_process_group()

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from queue import Empty
+from typing import Any
 
 import numpy as np
 import pytest
@@ -81,3 +83,51 @@ def test_a_stream_needs_a_sampling_scheduler_and_steps_per_epoch() -> None:
         )
     with pytest.raises(ConfigError, match="steps_per_epoch is set but batch_scheduler"):
         Trainer(**{**config, "batch_scheduler": "mixed"}).fit(model, loaders[1:])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_ddp_two_ranks_by_two_workers_split_a_stream_and_resume_exactly(tmp_path: Path) -> None:
+    import multiprocessing as mp
+    import socket
+
+    from stream_jobs import ddp_worker
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [  # not daemons: a rank starts DataLoader worker processes
+        ctx.Process(target=ddp_worker, args=(rank, 2, port, str(tmp_path), queue))
+        for rank in range(2)
+    ]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    deadline = time.monotonic() + 300
+    try:
+        while len(results) < 2 and time.monotonic() < deadline:
+            try:
+                rank, value = queue.get(timeout=1.0)
+                results[rank] = value
+            except Empty:
+                if all(not p.is_alive() for p in procs):
+                    break
+        for p in procs:
+            p.join(timeout=60)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+    assert [p.exitcode for p in procs] == [0, 0]
+    ids0, ids1 = results[0]["ids"], results[1]["ids"]
+    # 6 units over 2 ranks x 2 workers: every example once, no rank or worker overlapping
+    assert sorted(ids0 + ids1) == sorted(100 * u + r for u in range(6) for r in range(10))
+    for rank in (0, 1):
+        assert results[rank]["cut"] == "interrupted"
+        (ref, ref_history), (got, got_history) = results[rank]["ref"], results[rank]["resume"]
+        assert all(np.array_equal(ref[k], got[k]) for k in ref)
+        assert ref_history == got_history
+    ref0, ref1 = results[0]["ref"][0], results[1]["ref"][0]
+    assert all(np.array_equal(ref0[k], ref1[k]) for k in ref0)  # DDP kept the ranks in step
