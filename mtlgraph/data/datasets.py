@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from mtlgraph.data.memmap import PageBudget, gather, is_memmap
+from mtlgraph.data.memmap import MappedFile, PageBudget, gather, is_memmap, reference
 from mtlgraph.exceptions import DataError
 
 Batch = tuple[dict[str, Any], dict[str, torch.Tensor]]
@@ -177,6 +177,19 @@ class DictDataset(Dataset[Batch]):
             for task, labels in self.Y_dict.items()
         }
         return x, y
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)  # memory maps travel as file references, not data
+        for part in ("X_dict", "Y_dict"):
+            state[part] = {k: reference(v) if is_memmap(v) else v for k, v in state[part].items()}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for part in ("X_dict", "Y_dict"):
+            state[part] = {
+                k: v.open() if isinstance(v, MappedFile) else v for k, v in state[part].items()
+            }
+        self.__dict__.update(state)
 
     def _gather(self, array: np.ndarray, index: slice | torch.Tensor | Sequence[int]) -> Any:
         rows = gather(array, index)

@@ -6,14 +6,15 @@ rows are read in sorted order (sequential disk access) and put back in the batch
 only the batch becomes a tensor. The pages a read brings in count towards the process's resident
 memory until the kernel drops them; :class:`PageBudget` tells the kernel to drop them (they stay
 in the page cache) after every ``budget`` bytes read, so resident memory stays bounded however
-large the file.
+large the file. A dataset sent to another process (DataLoader workers started with ``spawn``)
+carries a :class:`MappedFile` reference per map, reopened there, never the data.
 """
 
 from __future__ import annotations
 
 import mmap
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -74,3 +75,36 @@ def release(handle: Any) -> None:
     advice = getattr(mmap, "MADV_DONTNEED", None)
     if advice is not None and hasattr(handle, "madvise"):
         handle.madvise(advice)
+
+
+class MappedFile(NamedTuple):
+    """A picklable reference to a C-contiguous memory-mapped array: reopened, not copied, in the
+    process that unpickles it (DataLoader workers started with ``spawn``)."""
+
+    filename: str
+    offset: int
+    dtype: str
+    shape: tuple[int, ...]
+
+    def open(self) -> np.memmap:
+        """The array, mapped read-only."""
+        return np.memmap(
+            self.filename,
+            dtype=np.dtype(self.dtype),
+            mode="r",
+            offset=self.offset,
+            shape=self.shape,
+        )
+
+
+def reference(array: np.memmap) -> MappedFile | np.memmap:
+    """A :class:`MappedFile` for ``array`` (or ``array`` itself when it cannot be reopened:
+    not C-contiguous, or no file name)."""
+    root: Any = array
+    while isinstance(root.base, np.memmap):
+        root = root.base
+    filename = getattr(root, "filename", None)
+    if filename is None or not array.flags.c_contiguous:
+        return array
+    offset = int(root.offset) + (array.ctypes.data - root.ctypes.data)
+    return MappedFile(str(filename), offset, array.dtype.str, tuple(array.shape))

@@ -98,3 +98,17 @@ def test_yaml_npy_directory_is_memory_mapped_with_per_dataset_loading(tmp_path: 
     np.save(tmp_path / "circles_npy" / "train" / "features.npy", np.zeros((120, 2)))
     with pytest.raises(DataError, match="memory-mapped array is float64; .* save it as float32"):
         build_experiment(load_config(tmp_path / "c.yaml"))
+
+
+def test_a_pickled_dataset_reopens_its_maps_instead_of_copying(tmp_path: Path) -> None:
+    import pickle
+
+    x, y, xm, ym = _maps(tmp_path)
+    ds = DictDataset("d", "train", {"x": xm[10:30]}, {"t": ym[10:30]})
+    blob = pickle.dumps(ds)
+    assert len(blob) < 2000  # references, not 50 x 3 floats + labels
+    again = pickle.loads(blob)
+    assert isinstance(again.X_dict["x"], np.memmap)
+    assert np.array_equal(again.X_dict["x"], x[10:30]) and np.array_equal(
+        again.Y_dict["t"], y[10:30]
+    )
