@@ -14,9 +14,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from stream_jobs import CONFIG, params, setup
+from torch.utils.data import IterableDataset
 
-from mtlgraph import ConfigError, Trainer
+from mtlgraph import ConfigError, DictDataLoader, NamedDataset, Trainer
 from mtlgraph.training.checkpoint import load_checkpoint
 
 HERE = Path(__file__).resolve().parent
@@ -131,3 +133,27 @@ def test_ddp_two_ranks_by_two_workers_split_a_stream_and_resume_exactly(tmp_path
         assert ref_history == got_history
     ref0, ref1 = results[0]["ref"][0], results[1]["ref"][0]
     assert all(np.array_equal(ref0[k], ref1[k]) for k in ref0)  # DDP kept the ranks in step
+
+
+class _Plain(IterableDataset):  # a stream of unknown length
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        g = torch.Generator().manual_seed(0)
+        for _ in range(30):
+            x = torch.randn(2, generator=g)
+            yield {"x": x}, {"a": int(x[0] > 0)}
+
+
+def test_a_plain_iterable_dataset_trains_and_evaluates_with_uniform_sampling() -> None:
+    model, loaders = setup(0)
+    plain = [
+        DictDataLoader(NamedDataset("p", "train", _Plain()), batch_size=4),
+        DictDataLoader(NamedDataset("p", "valid", _Plain()), batch_size=8),
+    ]
+    config = {**CONFIG, "batch_scheduler": "uniform", "steps_per_epoch": 20}
+    config = {k: v for k, v in config.items() if not k.startswith("checkpoint")}
+    trainer = Trainer(**config)
+    trainer.fit(model, [*plain, loaders[1]])
+    assert trainer.global_step == 40  # the 7.5-batch stream restarted its passes
+    assert "a/p/valid/accuracy" in trainer.history[-1]
+    with pytest.raises(ConfigError, match="size of stream 'p' is unknown"):
+        Trainer(**{**config, "batch_scheduler": "proportional"}).fit(model, [*plain, loaders[1]])
