@@ -1,4 +1,5 @@
-"""Data: datasets, loaders, collation and padding, batch schedulers, synthetic data.
+"""Data: datasets (in memory, memory-mapped, any torch dataset, streams), loaders, collation and
+padding, batch schedulers (including sampling), synthetic data.
 
 Knows nothing of models or training: a batch is an ``(X_dict, Y_dict)`` pair.
 """

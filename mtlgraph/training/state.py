@@ -3,8 +3,9 @@
 :class:`RunState` holds the progress counters (``epoch``, ``step_in_epoch``, ``global_step``: in
 one place), the history of logged records, the training-loss records since the last evaluation
 (``window``) and in the current epoch (``epoch_losses``), the epoch's batch plan and the batch
-scheduler's state at the epoch's start. ``state_dict()`` / ``load_state_dict()`` are its part of a
-checkpoint (``checkpoint["run"]``); with them a resumed run continues bit-identically.
+scheduler's state at the epoch's start, and (in a run that trains on streams) every rank's stream
+cursors (``streams``). ``state_dict()`` / ``load_state_dict()`` are its part of a checkpoint
+(``checkpoint["run"]``); with them a resumed run continues bit-identically.
 
 A training loss is logged as a :class:`LossRecord` ``(task, dataset, loss, count)``; the helpers
 below turn a list of them into count-weighted means.
