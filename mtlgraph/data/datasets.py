@@ -17,7 +17,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from mtlgraph.data.memmap import MappedFile, PageBudget, gather, is_memmap, reference
+from mtlgraph.data.memmap import (
+    MappedFile,
+    PageBudget,
+    gather,
+    is_memmap,
+    mapped_bytes,
+    reference,
+)
 from mtlgraph.exceptions import DataError
 
 Batch = tuple[dict[str, Any], dict[str, torch.Tensor]]
@@ -193,7 +200,7 @@ class DictDataset(Dataset[Batch]):
 
     def _gather(self, array: np.ndarray, index: slice | torch.Tensor | Sequence[int]) -> Any:
         rows = gather(array, index)
-        self._pages.account(array, rows.numel() * rows.element_size())
+        self._pages.account(array, mapped_bytes(rows, index))
         return rows
 
     def __repr__(self) -> str:

@@ -5,7 +5,7 @@ batch reads only its rows (:func:`gather`): a slice is one contiguous read, a sh
 rows are read in sorted order (sequential disk access) and put back in the batch's order, and
 only the batch becomes a tensor. The pages a read brings in count towards the process's resident
 memory until the kernel drops them; :class:`PageBudget` tells the kernel to drop them (they stay
-in the page cache) after every ``budget`` bytes read, so resident memory stays bounded however
+in the page cache) after every ``budget`` bytes mapped, so resident memory stays bounded however
 large the file. A dataset sent to another process (DataLoader workers started with ``spawn``)
 carries a :class:`MappedFile` reference per map, reopened there, never the data.
 """
@@ -47,8 +47,23 @@ def gather(array: np.ndarray, index: slice | torch.Tensor | Sequence[int]) -> to
     return torch.from_numpy(rows)
 
 
+FAULT_AROUND = 64 * 2**10
+"""Bytes a page fault may map around the faulting address (Linux's default fault-around)."""
+
+
+def mapped_bytes(rows: torch.Tensor, index: slice | torch.Tensor | Sequence[int]) -> int:
+    """An upper bound of the bytes a gather of ``rows`` at ``index`` mapped into the process: its
+    bytes for a slice, a fault-around window per row otherwise."""
+    nbytes = rows.numel() * rows.element_size()
+    if isinstance(index, slice):
+        return nbytes + FAULT_AROUND
+    row = nbytes // max(len(rows), 1)
+    return len(rows) * max(row, FAULT_AROUND)
+
+
 class PageBudget:
-    """Drops a memory map's resident pages after every ``budget`` bytes read from it."""
+    """Drops a memory map's resident pages after every ``budget`` bytes mapped from it (as
+    :func:`mapped_bytes` estimates)."""
 
     def __init__(self, budget: int = DEFAULT_BUDGET) -> None:
         self.budget = budget
@@ -57,8 +72,8 @@ class PageBudget:
     def account(self, array: Any, nbytes: int) -> None:
         """``nbytes`` were read from ``array``; release its pages when over budget."""
         handle = getattr(array, "_mmap", None)
-        if handle is None:
-            return
+        if handle is None or len(handle) <= self.budget:
+            return  # a map no larger than the budget may stay resident
         key = id(handle)
         self.read[key] = self.read.get(key, 0) + nbytes
         if self.read[key] >= self.budget:

@@ -47,7 +47,7 @@ def test_gather_reads_sorted_and_restores_the_batch_order() -> None:
 
 def test_page_budget_releases_after_the_budget(tmp_path: Path) -> None:
     _, _, xm, _ = _maps(tmp_path)
-    budget = PageBudget(budget=100)
+    budget = PageBudget(budget=100)  # the map is larger: it is released when over budget
     budget.account(xm, 60)
     assert budget.read[id(xm._mmap)] == 60
     budget.account(xm, 60)  # over budget: released (madvise), counter reset
