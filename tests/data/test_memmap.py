@@ -45,13 +45,24 @@ def test_gather_reads_sorted_and_restores_the_batch_order() -> None:
     assert gather(arr, slice(2, 4)).tolist() == [[4, 5], [6, 7]]
 
 
-def test_page_budget_releases_after_the_budget(tmp_path: Path) -> None:
+def test_page_budget_releases_after_the_budget(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import mtlgraph.data.memmap as mm
+
     _, _, xm, _ = _maps(tmp_path)
-    budget = PageBudget(budget=100)  # the map is larger: it is released when over budget
+    released = []
+    monkeypatch.setattr(mm, "release", lambda handle: released.append(handle))
+    resident = iter([1000, 1050, 1100, 900])
+    monkeypatch.setattr(mm, "resident_bytes", lambda: next(resident))
+    budget = PageBudget(budget=100)  # the map is larger than this
+    budget.account(xm, 60)  # base 1000
+    budget.account(xm, 60)  # +50: kept
+    assert not released
+    budget.account(xm, 60)  # +100: released, new base 900
+    assert released == [xm._mmap] and budget.base == 900
+    monkeypatch.setattr(mm, "resident_bytes", lambda: None)  # no /proc: estimate
     budget.account(xm, 60)
-    assert budget.read[id(xm._mmap)] == 60
-    budget.account(xm, 60)  # over budget: released (madvise), counter reset
-    assert budget.read[id(xm._mmap)] == 0
+    budget.account(xm, 60)
+    assert len(released) == 2
 
 
 def test_a_scalar_memmap_is_refused(tmp_path: Path) -> None:
