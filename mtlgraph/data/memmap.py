@@ -3,22 +3,26 @@
 ``DictDataset`` keeps a ``numpy.memmap`` field (``np.load(path, mmap_mode="r")``) as it is; a
 batch reads only its rows (:func:`gather`): a slice is one contiguous read, a shuffled batch's
 rows are read in sorted order (sequential disk access) and put back in the batch's order, and
-only the batch becomes a tensor. The pages a read brings in count towards the process's resident
-memory until the kernel drops them; :class:`PageBudget` tells the kernel to drop them (they stay
-in the page cache) whenever resident memory has grown by ``budget`` bytes (read from
-``/proc/self/statm``), so resident memory stays bounded however large the file. A dataset sent
-to another process (DataLoader workers started with ``spawn``) carries a :class:`MappedFile`
-reference per map, reopened there, never the data.
+only the batch becomes a tensor. Scattered rows of a map larger than 256 MiB are read with
+``os.preadv`` from the file the map names (no page faults, nothing left resident). The pages a
+mapped read brings in count towards the process's resident memory until the kernel drops them;
+:class:`PageBudget` tells the kernel to drop them (they stay in the page cache) whenever resident
+memory has grown by ``budget`` bytes (read from ``/proc/self/statm``), so resident memory stays
+bounded however large the file. A dataset sent to another process (DataLoader workers started
+with ``spawn``) carries a :class:`MappedFile` reference per map, reopened there, never the data.
 """
 
 from __future__ import annotations
 
 import mmap
+import os
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+
+from mtlgraph.exceptions import DataError
 
 DEFAULT_BUDGET = 256 * 2**20
 """Bytes read from a map between two releases of its pages (256 MiB)."""
@@ -39,13 +43,42 @@ def gather(array: np.ndarray, index: slice | torch.Tensor | Sequence[int]) -> to
         [7.0, 2.0, 5.0]
     """
     if isinstance(index, slice):
-        rows = np.array(array[index])
+        return torch.from_numpy(np.array(array[index]))
+    idx = index.numpy() if isinstance(index, torch.Tensor) else np.asarray(index)
+    order = np.argsort(idx, kind="stable")
+    rows = np.empty((len(idx), *array.shape[1:]), dtype=array.dtype)
+    large = is_memmap(array) and array.nbytes > DEFAULT_BUDGET and hasattr(os, "preadv")
+    ref = reference(array) if large else None
+    if isinstance(ref, MappedFile):  # scattered rows of a large map: file reads, no page faults
+        wanted = idx[order]
+        wanted = np.where(wanted < 0, wanted + len(array), wanted)
+        if len(wanted) and (wanted[0] < 0 or wanted[-1] >= len(array)):
+            raise IndexError(f"row index out of range for {len(array)} rows")
+        rows[order] = _read_rows(ref, wanted, rows.dtype)
     else:
-        idx = index.numpy() if isinstance(index, torch.Tensor) else np.asarray(index)
-        order = np.argsort(idx, kind="stable")
-        rows = np.empty((len(idx), *array.shape[1:]), dtype=array.dtype)
         rows[order] = array[idx[order]]
     return torch.from_numpy(rows)
+
+
+_FILES: dict[tuple[int, str], int] = {}  # (process id, file name) -> descriptor
+
+
+def _read_rows(ref: MappedFile, rows: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
+    """Rows ``rows`` (sorted) of the C-contiguous array ``ref`` names, read with ``preadv``."""
+    key = (os.getpid(), ref.filename)
+    fd = _FILES.get(key)
+    if fd is None:
+        fd = _FILES[key] = os.open(ref.filename, os.O_RDONLY)
+    width = int(np.prod(ref.shape[1:], dtype=np.int64)) * dtype.itemsize
+    out = np.empty((len(rows), *ref.shape[1:]), dtype=dtype)
+    view = out.reshape(-1).view(np.uint8).data
+    for j, row in enumerate(rows.tolist()):
+        got = os.preadv(fd, [view[j * width : (j + 1) * width]], ref.offset + row * width)
+        if got != width:
+            raise DataError(
+                [f"'{ref.filename}' ended before row {row}: the file was truncated or replaced"]
+            )
+    return out
 
 
 FAULT_AROUND = 64 * 2**10
@@ -134,7 +167,7 @@ class MappedFile(NamedTuple):
         )
 
 
-def reference(array: np.memmap) -> MappedFile | np.memmap:
+def reference(array: np.ndarray) -> MappedFile | np.ndarray:
     """A :class:`MappedFile` for ``array`` (or ``array`` itself when it cannot be reopened:
     not C-contiguous, or no file name)."""
     root: Any = array

@@ -123,3 +123,14 @@ def test_a_pickled_dataset_reopens_its_maps_instead_of_copying(tmp_path: Path) -
     assert np.array_equal(again.X_dict["x"], x[10:30]) and np.array_equal(
         again.Y_dict["t"], y[10:30]
     )
+
+
+def test_rows_of_a_large_map_are_read_from_its_file(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import mtlgraph.data.memmap as mm
+
+    x, _, xm, _ = _maps(tmp_path)
+    monkeypatch.setattr(mm, "DEFAULT_BUDGET", 16)  # every map is "large"
+    idx = torch.tensor([40, 3, 3, -1, 17])
+    assert torch.equal(gather(xm[2:], idx), torch.from_numpy(x[2:][idx.numpy()]))
+    with pytest.raises(IndexError):
+        gather(xm, torch.tensor([50]))
