@@ -85,6 +85,9 @@ class TrainerConfig:
     warmup_epochs: float = 0.0  # linear warm-up over the optimizer steps of this many epochs
     warmup_fraction: float = 0.0  # linear warm-up over this fraction (0-1) of all optimizer steps
     slices: list[str] = field(default_factory=list)  # registered slice functions scored at eval
+    # --- data loading and sampling (issue 12; docs/data.md)
+    steps_per_epoch: int | None = None  # steps of an epoch under a sampling batch_scheduler;
+    # None = the training loaders' batches summed (required with a stream of unknown length)
 
     def validate(self) -> list[str]:
         """Value checks beyond types; one sentence per problem."""
@@ -152,6 +155,8 @@ class TrainerConfig:
                 f"distributed_timeout: must be a positive number of seconds, got "
                 f"{self.distributed_timeout}"
             )
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            problems.append(f"steps_per_epoch: must be >= 1 or null, got {self.steps_per_epoch}")
         if self.grad_accumulation_steps < 1:
             problems.append(
                 f"grad_accumulation_steps: must be >= 1, got {self.grad_accumulation_steps}"
