@@ -165,7 +165,7 @@ def _array(values: list[Any]) -> np.ndarray:
 
 def _read_parquet(file: Path, columns: Sequence[str] | None) -> Table:
     try:
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # type: ignore[import-untyped]
     except ImportError:
         raise DataError(
             [f"reading Parquet ('{file}') needs pyarrow: pip install 'mtlgraph[tables]'"]
