@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports on demand
     from mtlgraph.balancing import Balancer, GradientBalancer, StepContext, register_balancer
     from mtlgraph.data.datasets import DictDataLoader, DictDataset
+    from mtlgraph.data.named import NamedDataset
     from mtlgraph.data.schedulers import BatchScheduler, register_scheduler
     from mtlgraph.diagnostics import DiagnosticsConfig, DiagnosticsReport
     from mtlgraph.exceptions import (
@@ -52,6 +53,7 @@ _WHERE: dict[str, str] = {
     "Input": "mtlgraph.graph.task",
     "MtlGraphError": "mtlgraph.exceptions",
     "MultitaskClassifier": "mtlgraph.graph.model",
+    "NamedDataset": "mtlgraph.data.named",
     "Operation": "mtlgraph.graph.task",
     "Scorer": "mtlgraph.metrics",
     "StepContext": "mtlgraph.balancing",
@@ -83,6 +85,7 @@ __all__ = [
     "Input",
     "MtlGraphError",
     "MultitaskClassifier",
+    "NamedDataset",
     "Operation",
     "Scorer",
     "StepContext",

@@ -239,40 +239,57 @@ def _rows(index: slice | torch.Tensor | Sequence[int], n: int) -> list[int]:
 
 
 class EpochSampler(Sampler[int]):
-    """Sequential or shuffled order, reproducible from ``(seed, epoch)`` alone.
+    """Sequential or shuffled order, reproducible from ``(seed, epoch, pass)`` alone.
 
     The permutation of epoch ``e`` is drawn from a generator seeded with ``seed + e``, so an
-    order can be recomputed on resume and on every DDP rank without global random state.
+    order can be recomputed on resume and on every DDP rank without global random state. A
+    loader that a sampling batch scheduler restarts within an epoch reads pass ``p > 0`` of that
+    epoch (:meth:`set_pass`), a fresh shuffle seeded from ``(seed, epoch, p)``. ``skip`` drops the
+    first rows of the order in the next iteration (a resumed epoch).
     """
 
     def __init__(self, n: int, shuffle: bool, seed: int = 0) -> None:
         self.n, self.shuffle, self.seed, self.epoch = n, shuffle, seed, 0
+        self.pass_, self.skip = 0, 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order :meth:`__iter__` yields."""
-        self.epoch = epoch
+        """Select the epoch whose order :meth:`__iter__` yields (its pass 0)."""
+        self.epoch, self.pass_ = epoch, 0
+
+    def set_pass(self, pass_: int) -> None:
+        """Select pass ``pass_`` of the current epoch (a restart with a fresh shuffle)."""
+        self.pass_ = pass_
 
     def order(self) -> torch.Tensor | None:
-        """This epoch's permutation, or ``None`` for sequential order."""
+        """This epoch's (and pass's) permutation, or ``None`` for sequential order."""
         if not self.shuffle:
             return None
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        return torch.randperm(self.n, generator=g)
+        seed = self.seed + self.epoch
+        if self.pass_:
+            seed = int(
+                np.random.SeedSequence([self.seed, self.epoch, self.pass_]).generate_state(1)[0]
+            )
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(seed))
 
     def __iter__(self) -> Iterator[int]:
         perm = self.order()
-        return iter(range(self.n)) if perm is None else iter(perm.tolist())
+        rows = range(self.n) if perm is None else perm.tolist()
+        skip, self.skip = self.skip, 0  # a skip applies to the next iteration only
+        return iter(rows[skip:])
 
     def __len__(self) -> int:
         return self.n
 
 
 class DictDataLoader(DataLoader[Batch]):
-    """A ``torch.utils.data.DataLoader`` over a :class:`DictDataset` yielding ``(X_dict, Y_dict)``.
+    """A ``torch.utils.data.DataLoader`` yielding ``(X_dict, Y_dict)`` batches.
 
-    With ``num_workers=0`` and the default collate function, batches are cut from the
-    in-memory tensors directly (slices for unshuffled loaders), which keeps small-model training
-    fast; other settings use PyTorch's own loading machinery with :func:`collate_dicts`.
+    It loads a :class:`DictDataset` or a :class:`~mtlgraph.NamedDataset` (any map-style torch
+    dataset, or a stream). With ``num_workers=0`` and the default collate function, batches of a
+    ``DictDataset`` are cut from its tensors directly (slices for unshuffled loaders), which keeps
+    small-model training fast; other settings use PyTorch's own loading machinery with
+    :func:`collate_dicts`. A stream is batched by each worker from its own share of the stream
+    (:mod:`mtlgraph.data.streams`); ``shuffle`` then shuffles the order of its units per pass.
 
     Args:
         dataset: The dataset to load.
@@ -280,8 +297,8 @@ class DictDataLoader(DataLoader[Batch]):
         shuffle: Reshuffle each epoch (call :meth:`set_epoch`; the Trainer does).
         seed: Seed of the shuffling order (order of epoch ``e`` uses ``seed + e``).
         drop_last: Drop the last incomplete batch.
-        **kwargs: Any other ``DataLoader`` argument (``num_workers``, ``sampler``, ``pin_memory``,
-            ``collate_fn``...).
+        **kwargs: Any other ``DataLoader`` argument (``num_workers``, ``persistent_workers``,
+            ``pin_memory``, ``prefetch_factor``, ``sampler``, ``collate_fn``...).
 
     Example:
         >>> import torch
@@ -292,26 +309,92 @@ class DictDataLoader(DataLoader[Batch]):
         [[0, 1], [0, 1], [0]]
     """
 
-    dataset: DictDataset
+    dataset: Any
 
     def __init__(
         self,
-        dataset: DictDataset,
+        dataset: Any,
         batch_size: int = 1,
         shuffle: bool = False,
         seed: int = 0,
         drop_last: bool = False,
         **kwargs: Any,
     ) -> None:
-        if not isinstance(dataset, DictDataset):
-            raise DataError([f"DictDataLoader needs a DictDataset, got {type(dataset).__name__}"])
+        from mtlgraph.data.named import NamedDataset, NamedStream
+
+        if not isinstance(dataset, (DictDataset, NamedDataset)):
+            raise DataError(
+                [
+                    f"DictDataLoader needs a DictDataset or a NamedDataset, got "
+                    f"{type(dataset).__name__}; wrap a torch dataset as "
+                    "NamedDataset(name, split, dataset)"
+                ]
+            )
+        self.options: dict[str, Any] = {
+            "batch_size": batch_size,
+            "shuffle": shuffle,
+            "seed": seed,
+            "drop_last": drop_last,
+            **{k: v for k, v in kwargs.items() if k not in ("sampler", "batch_sampler")},
+        }
+        """The constructor's arguments (a sharded copy for DDP is built with them)."""
+        self.cursor: Any = None  # a stream's StreamCursor
+        if isinstance(dataset, NamedStream):
+            self._init_stream(dataset, batch_size, shuffle, seed, drop_last, kwargs)
+            return
         if "sampler" not in kwargs and "batch_sampler" not in kwargs:
             kwargs["sampler"] = EpochSampler(len(dataset), shuffle, seed)
         elif shuffle:
             raise DataError(["shuffle=True cannot be combined with a custom sampler"])
-        self._default_collate = "collate_fn" not in kwargs
+        self._default_collate = "collate_fn" not in kwargs and isinstance(dataset, DictDataset)
         kwargs.setdefault("collate_fn", collate_dicts)
         super().__init__(dataset, batch_size=batch_size, drop_last=drop_last, **kwargs)
+
+    def _init_stream(
+        self,
+        dataset: Any,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        drop_last: bool,
+        kwargs: dict[str, Any],
+    ) -> None:
+        import copy
+
+        from mtlgraph.data.named import StreamFeed
+        from mtlgraph.data.streams import StreamCursor
+
+        bad = [k for k in ("sampler", "batch_sampler", "collate_fn") if k in kwargs]
+        if bad:
+            raise DataError(
+                [
+                    f"stream '{dataset.name}' ({dataset.split}) is batched by its workers; "
+                    f"DictDataLoader takes no {', '.join(bad)} for it"
+                ]
+            )
+        workers = max(int(kwargs.get("num_workers", 0)), 1)
+        dataset = copy.copy(dataset)
+        dataset.feed = StreamFeed(batch_size, seed, shuffle, drop_last, workers=workers)
+        self.cursor = StreamCursor(workers)
+        self._default_collate = False
+        self._fed: tuple[Any, ...] | None = None
+        super().__init__(dataset, batch_size=None, collate_fn=_identity, **kwargs)
+
+    @property
+    def is_stream(self) -> bool:
+        """True for a loader over a stream (an ``IterableDataset``)."""
+        return self.cursor is not None
+
+    def __len__(self) -> int:
+        if not self.is_stream:
+            return super().__len__()
+        feed = self.dataset.feed
+        n = self.dataset.num_examples()
+        if n is None:
+            raise TypeError(f"stream '{self.dataset.name}' does not know its length")
+        per = -(-n // (feed.world_size * feed.workers))
+        batches = per // feed.batch_size if feed.drop_last else -(-per // feed.batch_size)
+        return batches * feed.workers
 
     def set_epoch(self, epoch: int) -> None:
         """Set the epoch of the sampler (shuffling order; ``DistributedSampler`` too)."""
@@ -319,20 +402,52 @@ class DictDataLoader(DataLoader[Batch]):
         if set_epoch is not None:
             set_epoch(epoch)
 
+    def set_pass(self, pass_: int) -> None:
+        """Select pass ``pass_`` of the epoch: the order after ``pass_`` restarts (sampling
+        batch schedulers restart a loader that runs out with a fresh shuffle)."""
+        set_pass = getattr(self.sampler, "set_pass", None)
+        if set_pass is not None:
+            set_pass(pass_)
+
     def __iter__(self) -> Iterator[Batch]:  # type: ignore[override]
         return self.iterate()
 
-    def iterate(self, start: int = 0) -> Iterator[Batch]:
+    def iterate(self, start: int = 0, repeat: bool = False) -> Iterator[Batch]:
         """Iterate over this epoch's batches, beginning at batch number ``start``.
 
-        Skipping is free on the in-memory path (the batch order is known in advance).
+        Skipping is free on the in-memory path (the batch order is known in advance) and with
+        the default sampler (skipped rows are not loaded). A stream ignores ``start``: with
+        ``repeat`` (training) it continues from its :attr:`cursor`, endlessly; without, it
+        yields one whole pass.
         """
+        if self.is_stream:
+            return self._stream_iter(repeat)
         if self.num_workers > 0 or not self._default_collate or self.batch_size is None:
+            sampler = self.sampler
+            if isinstance(sampler, EpochSampler) and self.batch_size is not None:
+                sampler.skip = start * int(self.batch_size)
+                return super().__iter__()
             it = super().__iter__()
             for _ in range(start):
                 next(it)
             return it
         return self._slice_iter(start)
+
+    def _stream_iter(self, repeat: bool) -> Iterator[Batch]:
+        feed, cursor = self.dataset.feed, self.cursor
+        feed.repeat = repeat
+        feed.rotation = cursor.next_worker if repeat else 0
+        feed.positions = list(cursor.positions) if repeat else []
+        fed = (repeat, feed.rotation, tuple(feed.positions), feed.rank, feed.world_size)
+        if self._fed is not None and fed != self._fed and self._iterator is not None:
+            self._iterator._shutdown_workers()  # type: ignore[attr-defined]
+            self._iterator = None  # persistent workers hold the old feed: start new ones
+        self._fed = fed
+        it = super().__iter__()
+        for batch, worker, pos in it:
+            if repeat:
+                cursor.advance(worker, pos)
+            yield batch
 
     def _slice_iter(self, start: int) -> Iterator[Batch]:
         bs = int(self.batch_size or 1)
@@ -348,3 +463,8 @@ class DictDataLoader(DataLoader[Batch]):
         for begin in range(start * bs, stop, bs):
             end = min(begin + bs, n)
             yield self.dataset.batch(slice(begin, end) if perm is None else perm[begin:end])
+
+
+def _identity(batch: Any) -> Any:
+    """The collate function of a stream loader: its workers yield whole batches."""
+    return batch
