@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import glob
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 import torch
 
 from mtlgraph._suggest import quoted
@@ -317,9 +318,7 @@ def _load_one(
 ) -> tuple[list[Any], dict[str, Tokenizer]]:
     base = Path(cfg.base_dir)
     if src.type == "shards":
-        from mtlgraph.experiment.shard_sources import load_shards
-
-        return load_shards(cfg, name, ds, src, run, saved)
+        return _shards(cfg, name, ds, src, run, saved)
     tables = _split_tables(name, src, base, ds.splits)
     train = tables.get(cfg.trainer.train_split, (None, ""))[0]
     toks = tokenizers(name, src, train, run, saved)
@@ -391,15 +390,71 @@ def _images(
     images = ImageFolder(
         folder, table, image_fields[0], ic.column, others, labels, decoder, toks, origin
     )
-    return named_dataset(name, split, images), images.Y
+    return named_dataset(name, split, images, list(labels)), images.Y
 
 
-def named_dataset(name: str, split: str, dataset: Any) -> Any:
+def _shards(
+    cfg: ExperimentConfig,
+    name: str,
+    ds: DatasetConfig,
+    src: SourceConfig,
+    run: Path | None,
+    saved: Mapping[str, str],
+) -> tuple[list[Any], dict[str, Tokenizer]]:
+    """One :class:`ShardStream` per split; a vocabulary reads the training shards once first."""
+    from mtlgraph.data.sources.shards import ShardStream, shard_files
+
+    train_split = cfg.trainer.train_split
+    specs = src.path if isinstance(src.path, dict) else {train_split: src.path}
+    if ds.splits is not None:
+        specs = {s: v for s, v in specs.items() if s in ds.splits}
+    problems: list[str] = []
+    files: dict[str, list[Path]] = {}
+    for split, spec in specs.items():
+        try:
+            files[split] = shard_files(spec, cfg.base_dir)
+        except DataError as e:
+            problems += [
+                f"source.path{'.' + split if isinstance(src.path, dict) else ''}: {p}"
+                for p in e.problems
+            ]
+    if problems:
+        raise DataError(problems)
+    built = [c for c, tc in src.text.items() if tc.tokenizer is None]
+    train: Table | None = None
+    if built and train_split in files:
+        parts = [read_table(f, src.format, built) for f in files[train_split]]
+        train = {c: np.concatenate([p[c] for p in parts]) for c in built}
+    toks = tokenizers(name, src, train, run, saved)
+    labels = {task: _single(spec, f"labels.{task}") for task, spec in ds.labels.items()}
+    dtypes, ignore = {}, {}
+    for task in labels:
+        tc = cfg.tasks[task]
+        dtypes[task] = torch.float32 if tc.task_type == "regression" else torch.int64
+        value = -1 if tc.ignore_value == "default" else tc.ignore_value
+        if isinstance(value, int) and not isinstance(value, bool):
+            ignore[task] = value
+    out = []
+    for split, found in files.items():
+        stream = ShardStream(
+            found,
+            ds.fields,
+            labels,
+            toks,
+            src.format,
+            shuffle=split == train_split,
+            label_dtypes=dtypes,
+            ignore_value=ignore,
+        )
+        out.append(named_dataset(name, split, stream, list(labels)))
+    return out, toks
+
+
+def named_dataset(name: str, split: str, dataset: Any, labels: list[str]) -> Any:
     """``NamedDataset(name, split, dataset)`` (the data layer's wrapper of any torch dataset)."""
-    import mtlgraph.data as data
+    from mtlgraph.data.named import NamedDataset
 
-    wrapper: Callable[..., Any] = getattr(data, "NamedDataset")  # noqa: B009
-    return wrapper(name, split, dataset)
+    return NamedDataset(name, split, dataset, labels=labels)
 
 
 __all__ = [
