@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from mtlgraph import DictDataLoader, NamedDataset
 from mtlgraph.data.datasets import collate_dicts
 from mtlgraph.data.sources import ImageDecoder, ImageFolder, read_table
 from mtlgraph.exceptions import DataError
@@ -64,6 +65,10 @@ def test_missing_and_corrupt_images_are_named(tmp_path: Path) -> None:
     assert int(ds[1][1]["t"]) == 1
     with pytest.raises(DataError, match=r"row 1: cannot decode image '.*6\.png'.*remove its row"):
         ds[0]
+    loader = DictDataLoader(NamedDataset("d", "train", ds, labels=["t"]), num_workers=1)
+    with pytest.raises(DataError) as info:  # re-raised from the worker: still one readable problem
+        list(loader)
+    assert len(info.value.problems) == 1 and "row 1: cannot decode image" in str(info.value)
 
 
 def test_bad_columns_and_transforms(tmp_path: Path) -> None:
