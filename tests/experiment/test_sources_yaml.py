@@ -274,3 +274,110 @@ def test_init_from_loads_weights(tmp_path: Path) -> None:
     cfg["modules"]["head"]["init_from"] = 3
     with pytest.raises(ConfigError, match="init_from: expected a file path"):
         parse_config(cfg, base_dir=tmp_path)
+
+
+# ---------------------------------------------------------------- images and shards
+
+
+def image_config(tmp: Path) -> dict[str, Any]:
+    from PIL import Image
+
+    (tmp / "img").mkdir()
+    lines = ["file,digit,desc,price"]
+    for i in range(10):
+        Image.fromarray(np.full((8, 8), 25 * i, dtype=np.uint8)).save(tmp / "img" / f"{i}.png")
+        lines.append(f"{i}.png,{i % 2},{'red' if i % 2 else 'blue'} tag,{i / 10}")
+    (tmp / "products.csv").write_text("\n".join(lines) + "\n")
+    return {
+        "modules": {
+            "cnn": {"type": "conv2d_stack", "in_channels": 1, "channels": [4]},
+            "head": {"type": "linear", "in_features": 4, "out_features": 2},
+        },
+        "tasks": {
+            "digit_task": {
+                "ops": [
+                    {"module": "cnn", "inputs": [["_input_", "image"]]},
+                    {"module": "head", "inputs": ["cnn"]},
+                ]
+            }
+        },
+        "data": {
+            "batch_size": 4,
+            "datasets": {
+                "products": {
+                    "source": {
+                        "type": "images",
+                        "path": "products.csv",
+                        "fractions": {"train": 0.6, "test": 0.4},
+                        "images": {
+                            "folder": "img",
+                            "mode": "L",
+                            "resize": [4, 4],
+                            "normalize": {"mean": [0.5], "std": [0.5]},
+                        },
+                        "text": {"desc": {}},
+                    },
+                    "fields": {"image": "file", "desc": "desc", "price": "price"},
+                    "labels": {"digit_task": "digit"},
+                }
+            },
+        },
+        "trainer": {"n_epochs": 1, "progress_bar": False},
+    }
+
+
+def test_images_source_builds_named_datasets(tmp_path: Path) -> None:
+    from mtlgraph import NamedDataset
+
+    exp = build_experiment(parse_config(image_config(tmp_path), base_dir=tmp_path), tmp_path / "r")
+    assert [(type(d), d.split, len(d)) for d in exp.datasets] == [
+        (NamedDataset, "train", 6),
+        (NamedDataset, "test", 4),
+    ]
+    x, y = next(iter(exp.loaders[0]))
+    assert x["image"].shape == (4, 1, 4, 4) and float(x["image"][0].min()) == -1.0
+    assert x["desc"].shape == (4, 2) and x["price"].shape == (4, 1)
+    assert y["digit_task"].tolist() == [0, 1, 0, 1]
+    assert (tmp_path / "r" / VOCAB_DIR / "products.desc.json").is_file()
+    (tmp_path / "img" / "3.png").unlink()
+    with pytest.raises(DataError, match=r"1 image file\(s\) missing from .*'3.png' \(row 4\)"):
+        build_experiment(exp.config)
+
+
+def test_shards_source_streams_each_split(tmp_path: Path) -> None:
+    from mtlgraph import NamedDataset
+
+    (tmp_path / "logs").mkdir()
+    for part in range(3):
+        rows = [json.dumps({"f0": r / 4, "f1": part, "clicked": (r + part) % 2}) for r in range(4)]
+        (tmp_path / "logs" / f"part-{part}.jsonl").write_text("\n".join(rows) + "\n")
+    cfg = {
+        "modules": {"head": {"type": "linear", "in_features": 2, "out_features": 2}},
+        "tasks": {"click_task": {"ops": [{"module": "head", "inputs": [["_input_", "x"]]}]}},
+        "data": {
+            "batch_size": 5,
+            "datasets": {
+                "clicks": {
+                    "source": {
+                        "type": "shards",
+                        "path": {"train": "logs/part-[01].jsonl", "valid": ["logs/part-2.jsonl"]},
+                    },
+                    "fields": {"x": ["f0", "f1"]},
+                    "labels": {"click_task": "clicked"},
+                }
+            },
+        },
+        "trainer": {"n_epochs": 1, "progress_bar": False},
+    }
+    exp = build_experiment(parse_config(cfg, base_dir=tmp_path))
+    assert [(type(d).__name__, d.split, d.dataset.num_units()) for d in exp.datasets] == [
+        ("NamedStream", "train", 2),
+        ("NamedStream", "valid", 1),
+    ]
+    assert isinstance(exp.datasets[0], NamedDataset)
+    batches = list(exp.loaders[1])
+    assert [len(y["click_task"]) for _, y in batches] == [4]
+    assert batches[0][0]["x"][:, 1].tolist() == [2.0] * 4
+    cfg["data"]["datasets"]["clicks"]["source"]["path"] = "logs/nothing-*.jsonl"
+    with pytest.raises(DataError, match=r"source.path: no file matches 'logs/nothing-\*.jsonl'"):
+        build_experiment(parse_config(cfg, base_dir=tmp_path))
