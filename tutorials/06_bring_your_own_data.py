@@ -72,18 +72,20 @@ def write_files(root: Path, n_products: int, n_clicks: int, seed: int = 0) -> st
     (root / "products.csv").write_text("\n".join(rows) + "\n")
     shown = rng.integers(len(files), size=n_clicks)
     price = rng.uniform(1.0, 5.0, size=n_clicks).round(2)
-    clicked = [int(categories[j] in LOOPED and p < 3.0) for j, p in zip(shown, price)]
+    clicked = [int(categories[j] in LOOPED and p < 3.0) for j, p in zip(shown, price, strict=True)]
     flip = rng.random(n_clicks) < 0.03  # a few clicks against the rule: noise
     log = {
         "file": [files[j] for j in shown],
         "price": price.tolist(),
-        "clicked": [c ^ int(f) for c, f in zip(clicked, flip)],
+        "clicked": [c ^ int(f) for c, f in zip(clicked, flip, strict=True)],
     }
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:  # the tables extra is optional: JSON Lines need nothing
-        lines = (json.dumps(dict(zip(log, row))) for row in zip(*log.values()))
+        lines = (
+            json.dumps(dict(zip(log, row, strict=True))) for row in zip(*log.values(), strict=True)
+        )
         (root / "clicks.jsonl").write_text("\n".join(lines) + "\n")
         return "clicks.jsonl"
     pq.write_table(pa.table(log), root / "clicks.parquet")
