@@ -130,7 +130,7 @@ data:
       source:
         type: images
         path: products.csv
-        images: {{folder: images, column: file, mode: L, resize: [16, 16],
+        images: {{folder: images, column: file, mode: L, resize: [8, 8],
                  normalize: {{mean: [0.5], std: [0.5]}}}}
         text: {{description: {{vocab_size: 64, max_length: 16}}}}
         fractions: {{train: 0.8, test: 0.2}}
@@ -140,7 +140,7 @@ data:
       source:
         type: images
         path: {clicks}
-        images: {{folder: images, column: file, mode: L, resize: [16, 16],
+        images: {{folder: images, column: file, mode: L, resize: [8, 8],
                  normalize: {{mean: [0.5], std: [0.5]}}}}
         fractions: {{train: 0.8, test: 0.2}}
       fields: {{image: file, price: price}}

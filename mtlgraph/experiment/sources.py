@@ -206,34 +206,46 @@ def tokenizers(
         where = f"data.datasets.{name}.source.text.{column}"
         if tc.tokenizer is not None:
             out[column] = _user_tokenizer(tc.tokenizer, where)
-            continue
-        if train is None or column not in train:
-            missing = "no training split" if train is None else f"no column '{column}'"
-            raise DataError(
-                [f"{where}: the vocabulary is built from the training split: {missing}"]
-            )
-        texts = ["" if v is None else str(v) for v in train[column]]
-        tok = WordTokenizer.fit(texts, tc.vocab_size, tc.min_count, tc.lowercase, tc.max_length)
-        key = f"{name}.{column}"
-        file = _vocab_file(run_dir, name, column) if run_dir is not None else None
-        if file is not None and file.is_file() and WordTokenizer.load(file) != tok:
-            raise DataError(
-                [
-                    f"{where}: the vocabulary built from this config's training split differs "
-                    f"from the run's '{file}': the data or the tokenizer settings changed since "
-                    "the run started; resume with them unchanged, or start a new run directory"
-                ]
-            )
-        if key in saved and saved[key] != tok.fingerprint:
-            raise CheckpointError(
-                f"{where}: the checkpoint was trained with vocabulary {saved[key]}, this config "
-                f"builds {tok.fingerprint}: the data or the tokenizer settings changed; resume "
-                "with them unchanged, or start a new run directory"
-            )
-        if file is not None and not file.is_file():
-            tok.save(file)
-        out[column] = tok
+        else:
+            out[column] = _vocabulary(name, column, tc, train, run_dir, saved)
     return out
+
+
+def _vocabulary(
+    name: str,
+    column: str,
+    tc: TextConfig,
+    train: Table | None,
+    run_dir: Path | None,
+    saved: Mapping[str, str],
+) -> WordTokenizer:
+    where = f"data.datasets.{name}.source.text.{column}"
+    key = f"{name}.{column}"
+    file = _vocab_file(run_dir, name, column) if run_dir is not None else None
+    if train is None and file is not None and file.is_file():
+        return WordTokenizer.load(file)  # no training split loaded (evaluation): the run's own
+    if train is None or column not in train:
+        missing = "no training split" if train is None else f"no column '{column}'"
+        raise DataError([f"{where}: the vocabulary is built from the training split: {missing}"])
+    texts = ["" if v is None else str(v) for v in train[column]]
+    tok = WordTokenizer.fit(texts, tc.vocab_size, tc.min_count, tc.lowercase, tc.max_length)
+    if file is not None and file.is_file() and WordTokenizer.load(file) != tok:
+        raise DataError(
+            [
+                f"{where}: the vocabulary built from this config's training split differs "
+                f"from the run's '{file}': the data or the tokenizer settings changed since "
+                "the run started; resume with them unchanged, or start a new run directory"
+            ]
+        )
+    if key in saved and saved[key] != tok.fingerprint:
+        raise CheckpointError(
+            f"{where}: the checkpoint was trained with vocabulary {saved[key]}, this config "
+            f"builds {tok.fingerprint}: the data or the tokenizer settings changed; resume "
+            "with them unchanged, or start a new run directory"
+        )
+    if file is not None and not file.is_file():
+        tok.save(file)
+    return tok
 
 
 def _as_labels(labels: torch.Tensor, task: TaskConfig, what: str) -> torch.Tensor:

@@ -381,3 +381,16 @@ def test_shards_source_streams_each_split(tmp_path: Path) -> None:
     cfg["data"]["datasets"]["clicks"]["source"]["path"] = "logs/nothing-*.jsonl"
     with pytest.raises(DataError, match=r"source.path: no file matches 'logs/nothing-\*.jsonl'"):
         build_experiment(parse_config(cfg, base_dir=tmp_path))
+
+
+def test_evaluation_without_a_training_split_uses_the_runs_vocabulary(tmp_path: Path) -> None:
+    write_reviews(tmp_path)
+    run = tmp_path / "run"
+    trained = build_experiment(parse_config(config(), base_dir=tmp_path), run)
+    cfg = config()
+    cfg["data"]["datasets"]["reviews"]["splits"] = ["valid"]
+    valid = build_experiment(parse_config(cfg, base_dir=tmp_path), run)
+    ids = valid.datasets[0].batch(slice(0, 40))[0]["text"]
+    assert torch.equal(ids, trained.datasets[1].batch(slice(0, 40))[0]["text"])
+    with pytest.raises(DataError, match="the vocabulary is built from the training split: no "):
+        build_experiment(parse_config(cfg, base_dir=tmp_path))  # no run directory to read
