@@ -330,6 +330,7 @@ class DictDataLoader(DataLoader[Batch]):
                     "NamedDataset(name, split, dataset)"
                 ]
             )
+        kwargs.setdefault("generator", torch.Generator().manual_seed(seed))  # worker seeds
         self.options: dict[str, Any] = {
             "batch_size": batch_size,
             "shuffle": shuffle,
@@ -424,7 +425,7 @@ class DictDataLoader(DataLoader[Batch]):
             return self._stream_iter(repeat)
         if self.num_workers > 0 or not self._default_collate or self.batch_size is None:
             sampler = self.sampler
-            if isinstance(sampler, EpochSampler) and self.batch_size is not None:
+            if hasattr(sampler, "skip") and self.batch_size is not None:
                 sampler.skip = start * int(self.batch_size)
                 return super().__iter__()
             it = super().__iter__()
@@ -443,11 +444,7 @@ class DictDataLoader(DataLoader[Batch]):
             self._iterator._shutdown_workers()  # type: ignore[attr-defined]
             self._iterator = None  # persistent workers hold the old feed: start new ones
         self._fed = fed
-        it = super().__iter__()
-        for batch, worker, pos in it:
-            if repeat:
-                cursor.advance(worker, pos)
-            yield batch
+        return _advancing(super().__iter__(), cursor if repeat else None)
 
     def _slice_iter(self, start: int) -> Iterator[Batch]:
         bs = int(self.batch_size or 1)
@@ -463,6 +460,15 @@ class DictDataLoader(DataLoader[Batch]):
         for begin in range(start * bs, stop, bs):
             end = min(begin + bs, n)
             yield self.dataset.batch(slice(begin, end) if perm is None else perm[begin:end])
+
+
+def _advancing(it: Iterator[Any], cursor: Any) -> Iterator[Batch]:
+    """The batches of a stream loader's ``(batch, worker, position)`` items; the cursor (when
+    given) records each position as its batch is handed out."""
+    for batch, worker, pos in it:
+        if cursor is not None:
+            cursor.advance(worker, pos)
+        yield batch
 
 
 def _identity(batch: Any) -> Any:

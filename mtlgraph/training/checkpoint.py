@@ -50,6 +50,7 @@ import torch
 from mtlgraph._io import atomic_torch_save, load_weights_only
 from mtlgraph._suggest import did_you_mean
 from mtlgraph.data.datasets import Batch, DictDataLoader
+from mtlgraph.data.named import dataset_labels
 from mtlgraph.data.schedulers import Step
 from mtlgraph.exceptions import CheckpointError, ConfigError
 from mtlgraph.metrics import make_key
@@ -327,11 +328,11 @@ def metric_keys(model: Any, train: Iterable[Any], evals: Iterable[Any]) -> dict[
     """Keys a training run logs that can select ``best.pt``, each with ``higher_is_better``."""
     keys: dict[str, bool] = {make_key("model", "all", "train", "loss"): False}
     for dl in train:
-        for label in dl.dataset.Y_dict:
+        for label in dataset_labels(dl.dataset) or ():
             keys[make_key(label, dl.dataset.name, "train", "loss")] = False
     for dl in evals:
         ds = dl.dataset
-        for label in ds.Y_dict:
+        for label in dataset_labels(ds) or ():
             task = model.tasks.get(label)
             if task is None:
                 continue

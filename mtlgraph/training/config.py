@@ -76,6 +76,9 @@ class TrainerConfig:
     distributed_timeout: float = 300.0  # seconds a collective waits for the other ranks, then fails
     # --- interference diagnostics (docs/diagnostics.md); off by default
     diagnostics: DiagnosticsConfig | None = None  # interference probes every N steps; None = off
+    # --- data loading and sampling (issue 12; docs/data.md)
+    steps_per_epoch: int | None = None  # steps of an epoch under a sampling batch_scheduler;
+    # None = the training loaders' batches summed (required with a stream of unknown length)
 
     def validate(self) -> list[str]:
         """Value checks beyond types; one sentence per problem."""
@@ -117,6 +120,8 @@ class TrainerConfig:
                 f"distributed_timeout: must be a positive number of seconds, got "
                 f"{self.distributed_timeout}"
             )
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            problems.append(f"steps_per_epoch: must be >= 1 or null, got {self.steps_per_epoch}")
         if self.grad_accumulation_steps < 1:
             problems.append(
                 f"grad_accumulation_steps: must be >= 1, got {self.grad_accumulation_steps}"

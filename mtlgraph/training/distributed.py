@@ -2,8 +2,9 @@
 
 mtlgraph never implements its own parallelism: it detects the ``torchrun`` environment, creates
 the process group (gloo on CPU, nccl on CUDA), wraps the model's loss computation in
-``torch.nn.parallel.DistributedDataParallel``, shards training loaders with
-``torch.utils.data.DistributedSampler``, and gathers evaluation predictions from every rank.
+``torch.nn.parallel.DistributedDataParallel``, shards training loaders (a
+``DistributedSampler``-like :class:`RankSampler`; streams over ranks x workers), and gathers
+evaluation predictions from every rank.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DistributedSampler, Sampler
+from torch.utils.data import Sampler
 
 from mtlgraph.data.datasets import DictDataLoader, EpochSampler
 from mtlgraph.exceptions import DataError, MtlGraphError
@@ -130,25 +131,62 @@ def process_group(env: DistEnv, device: torch.device, timeout_s: float) -> Itera
 
 
 def shard_train_loader(loader: DictDataLoader, env: DistEnv) -> DictDataLoader:
-    """A copy of ``loader`` that reads this rank's shard through a ``DistributedSampler``.
+    """A copy of ``loader`` (same options: workers, pinning, prefetching) that reads this rank's
+    shard.
 
-    Every rank gets the same number of batches (the sampler pads by repeating examples), so all
-    ranks run the same number of steps. The shuffle order is a function of the loader's seed and
-    the epoch (``set_epoch`` is forwarded), identical on every rank.
+    An indexed dataset is read through a :class:`RankSampler`: every rank gets the same number
+    of batches (padding by repeating examples, as ``DistributedSampler`` does), so all ranks run
+    the same number of steps; the shuffle order is a function of the loader's seed, the epoch and
+    the pass, identical on every rank. A stream is split over ``world_size x workers`` consumers
+    (:mod:`mtlgraph.data.streams`).
     """
+    options = dict(loader.options)
+    if loader.is_stream:
+        copy = DictDataLoader(loader.dataset, **options)
+        copy.dataset.feed.rank, copy.dataset.feed.world_size = env.rank, env.world_size
+        return copy
     sampler = loader.sampler
     shuffle = bool(getattr(sampler, "shuffle", False))
     seed = int(getattr(sampler, "seed", 0))
-    dsampler: DistributedSampler[Any] = DistributedSampler(
-        loader.dataset, num_replicas=env.world_size, rank=env.rank, shuffle=shuffle, seed=seed
-    )
+    options["shuffle"] = False
     return DictDataLoader(
         loader.dataset,
-        batch_size=int(loader.batch_size or 1),
-        drop_last=loader.drop_last,
-        sampler=dsampler,
-        num_workers=loader.num_workers,
+        sampler=RankSampler(len(loader.dataset), shuffle, seed, env.rank, env.world_size),
+        **options,
     )
+
+
+class RankSampler(Sampler[int]):
+    """Rank ``rank``'s rows of an :class:`~mtlgraph.data.datasets.EpochSampler` order, padded to
+    a multiple of ``world_size`` by repeating the first rows (``DistributedSampler``'s rows for
+    pass 0); ``set_pass`` selects a restart's fresh shuffle, ``skip`` drops the next iteration's
+    first rows.
+    """
+
+    def __init__(self, n: int, shuffle: bool, seed: int, rank: int, world_size: int) -> None:
+        self.order_of = EpochSampler(n, shuffle, seed)
+        self.shuffle, self.seed, self.rank, self.world_size = shuffle, seed, rank, world_size
+        self.n, self.skip = -(-n // world_size), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch (its pass 0)."""
+        self.order_of.set_epoch(epoch)
+
+    def set_pass(self, pass_: int) -> None:
+        """Select pass ``pass_`` of the epoch."""
+        self.order_of.set_pass(pass_)
+
+    def __iter__(self) -> Iterator[int]:
+        perm = self.order_of.order()
+        rows = list(range(self.order_of.n)) if perm is None else perm.tolist()
+        total = self.n * self.world_size
+        while len(rows) < total:
+            rows += rows[: total - len(rows)]
+        skip, self.skip = self.skip, 0
+        return iter(rows[self.rank : total : self.world_size][skip:])
+
+    def __len__(self) -> int:
+        return self.n
 
 
 class StridedBatchSampler(Sampler[int]):
@@ -179,11 +217,12 @@ def shard_eval_loader(loader: DictDataLoader, env: DistEnv) -> DictDataLoader:
             ]
         )
     batch_size = int(loader.batch_size or 1)
+    options = {k: v for k, v in loader.options.items() if k not in ("shuffle", "batch_size")}
     return DictDataLoader(
         loader.dataset,
         batch_size=batch_size,
         sampler=StridedBatchSampler(len(loader.dataset), batch_size, env.rank, env.world_size),
-        num_workers=loader.num_workers,
+        **options,
     )
 
 

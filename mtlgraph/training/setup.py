@@ -9,6 +9,7 @@ from torch.nn.parallel import DistributedDataParallel
 from mtlgraph._suggest import did_you_mean, quoted
 from mtlgraph.balancing import Balancer
 from mtlgraph.data.datasets import DictDataLoader
+from mtlgraph.data.named import dataset_labels
 from mtlgraph.exceptions import ConfigError, DataError
 from mtlgraph.graph.model import MultitaskClassifier
 from mtlgraph.training.config import TrainerConfig
@@ -52,12 +53,12 @@ def check_loaders(
         )
     for dl in train + evals if not problems else []:
         ds = dl.dataset
-        if len(dl) == 0:
+        if not dl.is_stream and len(dl) == 0:
             problems.append(f"dataset '{ds.name}' ({ds.split}) yields no batches")
         problems += [
             f"dataset '{ds.name}' ({ds.split}) labels '{label}', which is no task of the model"
             f"{did_you_mean(label, model.tasks)}; the model has {quoted(model.tasks)}"
-            for label in ds.Y_dict
+            for label in dataset_labels(ds) or ()
             if label not in model.tasks
         ]
     if problems:
@@ -102,7 +103,7 @@ def distribute(
     (it averages the gradients of every backward). Otherwise the loaders as they are."""
     if not env.enabled:
         return train, {}, None
-    shards = {id(dl): shard_eval_loader(dl, env) for dl in evals}
+    shards = {id(dl): shard_eval_loader(dl, env) for dl in evals if not dl.is_stream}
     ddp = DistributedDataParallel(
         StepLosses(model),
         device_ids=[device] if device.type == "cuda" else None,

@@ -68,6 +68,8 @@ class RunState:
     scheduler_state: dict[str, Any] = field(default_factory=dict)  # at the start of `epoch`
     batch_counts: list[int] = field(default_factory=list)  # batches of each training loader
     world_size: int = 1  # processes of the run (a resume needs as many)
+    streams: list[Any] = field(default_factory=list)  # per rank: each training loader's
+    # stream cursor state (None: not a stream), set before a checkpoint is written
 
     @property
     def epoch_number(self) -> int:
@@ -110,7 +112,7 @@ class RunState:
             rank_records: Under DDP, every rank's ``(window, epoch_losses)``: each rank resumes
                 with its own loss records.
         """
-        return {
+        state: dict[str, Any] = {
             "progress": {
                 "epoch": self.epoch,
                 "step_in_epoch": self.step_in_epoch,
@@ -129,6 +131,9 @@ class RunState:
                 for w, e in rank_records
             ],
         }
+        if any(s is not None for rank in self.streams for s in rank):  # a run with streams
+            state["streams"] = [list(s) for s in self.streams]
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any], rank: int = 0) -> None:
         """Restore :meth:`state_dict`'s values; ``rank`` picks this rank's loss records. The
@@ -144,6 +149,7 @@ class RunState:
         self.history = [dict(r) for r in state["history"]]
         self.window = records_from_state(state["window"])
         self.epoch_losses = records_from_state(state["epoch_losses"])
+        self.streams = [list(s) for s in state.get("streams") or []]
         per_rank = state.get("rank_records") or []
         if self.world_size > 1 and len(per_rank) == self.world_size:
             self.window = records_from_state(per_rank[rank]["window"])

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +26,8 @@ import torch
 
 from mtlgraph._schema import build, plain_config
 from mtlgraph.balancing import Balancer, make_balancer
-from mtlgraph.data.datasets import Batch, DictDataLoader
-from mtlgraph.data.schedulers import Step, make_scheduler
+from mtlgraph.data.datasets import DictDataLoader
+from mtlgraph.data.schedulers import SamplingScheduler, Step, make_scheduler
 from mtlgraph.diagnostics import DiagnosticsReport, InterferenceMonitor, remove_report
 from mtlgraph.exceptions import ConfigError
 from mtlgraph.graph.model import MultitaskClassifier
@@ -50,6 +50,7 @@ from mtlgraph.training.hooks import (
     SaveHook,
     Unit,
 )
+from mtlgraph.training.loading import TrainLoaders, batch_count, configure_sampling
 from mtlgraph.training.lr import LR_SCHEDULES, is_constant, lr_factor_fn
 from mtlgraph.training.optim import OPTIMIZERS, StepControl, SubsetStepper, make_optimizer
 from mtlgraph.training.setup import check_loaders, distribute, prepare
@@ -238,8 +239,11 @@ class FitLoop:
         self.stepper = SubsetStepper(optimizer, self.balancer.task_parameters)
         control = StepControl(cfg.amp, cfg.grad_accumulation_steps, cfg.grad_clip, device)
         self.step = TrainStep(model, self.balancer, self.stepper, control, device, self.comm, ddp)
-        self.state.batch_counts = [len(dl) for dl in self.train]
+        self.state.batch_counts = [batch_count(dl) for dl in self.train]
         self.state.world_size = env.world_size
+        configure_sampling(self.scheduler, self.train, cfg.steps_per_epoch, cfg.n_epochs)
+        fresh = isinstance(self.scheduler, SamplingScheduler)
+        self.loaders = TrainLoaders(self.train, fresh_passes=fresh)
         self.lr_factor = self._lr_schedule()  # before a resume loads the scheduler's state
         self.monitor = self._open_diagnostics(saved)
         self.resuming = saved is not None
@@ -260,14 +264,12 @@ class FitLoop:
         cfg, state, model = self.cfg, self.state, self.model
         model.train()
         for epoch in range(state.epoch, cfg.n_epochs):
-            for dl in self.train:
-                dl.set_epoch(epoch)
             scheduler_state = self.scheduler.state_dict()  # resume recomputes the plan from it
             plan = self.scheduler.epoch_plan(state.batch_counts)
-            iterators = self._start_epoch(epoch, plan, scheduler_state)
+            self._start_epoch(epoch, plan, scheduler_state)
             self.bar.open(epoch, cfg.n_epochs, len(plan), state.step_in_epoch)
             for k in range(state.step_in_epoch, len(plan)):
-                batches = [(self.train[i].dataset.name, self._next(iterators, i)) for i in plan[k]]
+                batches = [(self.train[i].dataset.name, self.loaders.next(i)) for i in plan[k]]
                 if self.lr_factor is not None:
                     self.stepper.set_lr_factor(self.lr_factor(state.global_step, epoch))
                 records, stepped = self.step(batches, state.global_step, k == len(plan) - 1)
@@ -290,28 +292,17 @@ class FitLoop:
             if hook.every.due(unit, count):
                 hook.fire(self)
 
-    def _start_epoch(
-        self, epoch: int, plan: list[Step], scheduler_state: dict[str, Any]
-    ) -> list[Iterator[Batch] | None]:
-        """Enter ``epoch``; the iterators of the training loaders (``None``: not started)."""
+    def _start_epoch(self, epoch: int, plan: list[Step], scheduler_state: dict[str, Any]) -> None:
+        """Enter ``epoch``: the training loaders start over (streams continue), or, for the
+        interrupted epoch of a resumed run, continue where the checkpoint left them."""
         state = self.state
+        self.loaders.start_epoch(epoch)
         if self.resuming and epoch == state.epoch:  # the interrupted epoch: continue it
             self.resuming = False
             state.plan, state.scheduler_state = plan, scheduler_state
-            done = plan[: state.step_in_epoch]
-            return ckpt.resume_iterators(self.train, done, self._recorded_positions)
+            self.loaders.resume(state.loader_positions(), self._recorded_positions)
+            return
         state.start_epoch(epoch, plan, scheduler_state)
-        return [None] * len(self.train)
-
-    def _next(self, iterators: list[Iterator[Batch] | None], i: int) -> Batch:
-        """Next batch of loader ``i``; a loader that runs out starts over (the mixed scheduler)."""
-        it = iterators[i]
-        if it is not None:
-            batch = next(it, None)
-            if batch is not None:
-                return batch
-        it = iterators[i] = self.train[i].iterate()
-        return next(it)
 
     # ------------------------------------------------------------------ what hooks call
 
@@ -343,7 +334,13 @@ class FitLoop:
             return self.model.score(self.evals)
         scores: dict[str, float] = {}
         for loader in self.evals:
-            shard = self.eval_shards[id(loader)]
+            shard = self.eval_shards.get(id(loader))
+            if shard is None:  # a stream: every rank reads all of it, as one process would
+                local = self.model.predict(loader, return_preds=True)
+                self.model.score_predictions(
+                    local, loader.dataset.name, loader.dataset.split, into=scores
+                )
+                continue
             local = self.model.predict(shard, return_preds=True)
             indices = shard.sampler.indices  # type: ignore[attr-defined]
             full = gather_predictions(local, indices, len(loader.dataset))
@@ -360,6 +357,7 @@ class FitLoop:
         if self.comm.enabled:  # each rank resumes with its own loss records
             mine = (cpu_records(self.state.window), cpu_records(self.state.epoch_losses))
             rank_records = self.comm.gather_objects(mine)
+        self.state.streams = self.comm.gather_objects(self.loaders.cursor_states())
         if checkpointer.write:
             state = self.checkpoint(rank_records)
             (checkpointer.save_last if which == "last" else checkpointer.save_best)(state)
@@ -407,6 +405,10 @@ class FitLoop:
         self.stepper.load_state_dict(saved["optimizer"])
         self.state.load_state_dict(saved["run"], self.env.rank)
         self._recorded_positions = list(saved["run"]["progress"]["loader_positions"])
+        streams = self.state.streams
+        self.loaders.load_cursor_states(
+            streams[self.env.rank] if streams else [None] * len(self.train)
+        )
         logger.info(
             "resuming at epoch %d, step %d of the epoch (global step %d)",
             self.state.epoch + 1,
