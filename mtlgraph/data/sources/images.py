@@ -82,6 +82,11 @@ class ImageDecoder:
             problems.append(f"normalize.std: must be > 0, got {list(self.std)}")
         if problems:
             raise DataError(problems, header="invalid image transforms:")
+        # steps 3 and 4 as one multiply-add per pixel: x * scale - offset
+        mean = np.asarray(self.mean if self.mean is not None else [0.0] * channels, np.float32)
+        std = np.asarray(self.std if self.std is not None else [1.0] * channels, np.float32)
+        object.__setattr__(self, "_scale", 1 / (255 * std))
+        object.__setattr__(self, "_offset", mean / std)
 
     @property
     def channels(self) -> int:
@@ -104,14 +109,10 @@ class ImageDecoder:
                     "or remove its row from the table"
                 ]
             ) from None
-        x = torch.from_numpy(pixels)
-        x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)
-        x = x.mul_(1 / 255)
-        if self.mean is not None and self.std is not None:
-            mean = torch.tensor(self.mean, dtype=torch.float32)[:, None, None]
-            std = torch.tensor(self.std, dtype=torch.float32)[:, None, None]
-            x = x.sub_(mean).div_(std)
-        return x.contiguous()
+        pixels = pixels.reshape(pixels.shape[0], pixels.shape[1], -1)  # (H, W, C)
+        pixels *= self._scale  # type: ignore[attr-defined]
+        pixels -= self._offset  # type: ignore[attr-defined]
+        return torch.from_numpy(pixels.transpose(2, 0, 1).copy())
 
 
 class ImageFolder(Dataset[Batch]):
