@@ -10,8 +10,8 @@ config, without any loader code:
 - ``products.csv``: one row per photo: ``file``, a ``description`` ("premium tag with a red
   label"), a ``price`` (tens of dollars) and the ``category`` (the digit on the tag);
 - ``clicks.parquet`` (``clicks.jsonl`` without pyarrow): the shop's log: which product
-  ``file`` was shown at which ``price``, and whether it was ``clicked``. Shoppers click looped
-  tags (0, 6, 8, 9) when they are cheap.
+  ``file`` was shown at which ``price``, and whether it was ``clicked``. Shoppers click cheap products
+  (under 25 dollars), and looped tags (0, 6, 8, 9) up to 40 dollars.
 
 The config declares two datasets from these files (``source: {type: images, ...}``: the images
 are decoded with Pillow, resized and normalised as declared, the description is tokenised with a
@@ -72,7 +72,10 @@ def write_files(root: Path, n_products: int, n_clicks: int, seed: int = 0) -> st
     (root / "products.csv").write_text("\n".join(rows) + "\n")
     shown = rng.integers(len(files), size=n_clicks)
     price = rng.uniform(1.0, 5.0, size=n_clicks).round(2)
-    clicked = [int(categories[j] in LOOPED and p < 3.0) for j, p in zip(shown, price, strict=True)]
+    clicked = [  # cheap products, and looped tags up to 40 dollars: about half the rows
+        int(p < 2.5 or (categories[j] in LOOPED and p < 4.0))
+        for j, p in zip(shown, price, strict=True)
+    ]
     flip = rng.random(n_clicks) < 0.03  # a few clicks against the rule: noise
     log = {
         "file": [files[j] for j in shown],
@@ -98,7 +101,7 @@ seed: 0
 
 modules:
   image_trunk: {{type: conv2d_stack, in_channels: 1, channels: [16, 32]}}   # photo -> 32 features
-  text_trunk: {{type: embedding_bag, num_embeddings: 64, embedding_dim: 16}}  # words -> 16
+  text_trunk: {{type: embedding_bag, num_embeddings: 64, embedding_dim: 16, mode: sum}}
   with_price: {{type: concat}}                                  # [image features, price]
   category_head: {{type: linear, in_features: 32, out_features: 10}}
   price_head: {{type: linear, in_features: 16, out_features: 1}}
@@ -150,7 +153,7 @@ trainer:
   n_epochs: {n_epochs}
   steps_per_epoch: {steps_per_epoch}   # an epoch is this many sampled batches
   batch_scheduler: {{name: temperature, temperature: 2.0}}
-  lr: 0.01
+  lr: 0.02
   seed: 0
   progress_bar: false
 """
