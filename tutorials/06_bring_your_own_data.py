@@ -10,8 +10,8 @@ config, without any loader code:
 - ``products.csv``: one row per photo: ``file``, a ``description`` ("premium tag with a red
   label"), a ``price`` (tens of dollars) and the ``category`` (the digit on the tag);
 - ``clicks.parquet`` (``clicks.jsonl`` without pyarrow): the shop's log: which product
-  ``file`` was shown at which ``price``, and whether it was ``clicked``. Shoppers click cheap products
-  (under 25 dollars), and looped tags (0, 6, 8, 9) up to 40 dollars.
+  ``file`` was shown at which ``price``, and whether it was ``clicked``. Shoppers click cheap
+  products (under 25 dollars), and looped tags (0, 6, 8, 9) up to 40 dollars.
 
 The config declares two datasets from these files (``source: {type: images, ...}``: the images
 are decoded with Pillow, resized and normalised as declared, the description is tokenised with a
