@@ -378,6 +378,10 @@ def test_shards_source_streams_each_split(tmp_path: Path) -> None:
     batches = list(exp.loaders[1])
     assert [len(y["click_task"]) for _, y in batches] == [4]
     assert batches[0][0]["x"][:, 1].tolist() == [2.0] * 4
+    cfg["trainer"].update(steps_per_epoch=6, n_epochs=2, batch_scheduler="uniform", lr=0.1)
+    exp = build_experiment(parse_config(cfg, base_dir=tmp_path))
+    exp.trainer.fit(exp.model, exp.loaders)  # a stream trains for steps_per_epoch steps
+    assert exp.trainer.global_step == 12
     cfg["data"]["datasets"]["clicks"]["source"]["path"] = "logs/nothing-*.jsonl"
     with pytest.raises(DataError, match=r"source.path: no file matches 'logs/nothing-\*.jsonl'"):
         build_experiment(parse_config(cfg, base_dir=tmp_path))
