@@ -121,15 +121,6 @@ class SourceConfig:
 # ---------------------------------------------------------------- loading
 
 
-def _files(base: Path, spec: str | list[str]) -> list[Path]:
-    """A file, a glob or a list of them, relative to ``base``, in sorted order per pattern."""
-    out: list[Path] = []
-    for item in [spec] if isinstance(spec, str) else spec:
-        p = Path(item) if Path(item).is_absolute() else base / item
-        out += sorted(Path(f) for f in glob.glob(str(p))) if glob.has_magic(item) else [p]
-    return out
-
-
 def _user_tokenizer(path: str, where: str) -> Tokenizer:
     module, _, attr = path.rpartition(".")
     try:
@@ -150,7 +141,7 @@ def _split_tables(
     name: str, src: SourceConfig, base: Path, splits: list[str] | None
 ) -> dict[str, tuple[Table, str]]:
     """``{split: (table, origin)}`` of a table or image source."""
-    where = f"data.datasets.{name}.source"
+    where = "source"  # messages are prefixed with the dataset's key
     files = src.path if isinstance(src.path, dict) else {"": src.path}
     out: dict[str, tuple[Table, str]] = {}
     problems: list[str] = []
@@ -158,7 +149,7 @@ def _split_tables(
         if not isinstance(rel, str):
             problems.append(f"{where}.path.{split}: one file per split for type '{src.type}'")
             continue
-        file = _files(base, rel)[0]
+        file = Path(rel) if Path(rel).is_absolute() else base / rel
         try:
             table = read_table(file, src.format)
         except DataError as e:
@@ -178,12 +169,7 @@ def _split_tables(
     if splits is not None:
         unknown = [s for s in splits if s not in out]
         if unknown:
-            raise DataError(
-                [
-                    f"data.datasets.{name}.splits: no split '{s}'; it has {quoted(out)}"
-                    for s in unknown
-                ]
-            )
+            raise DataError([f"splits: no split '{s}'; it has {quoted(out)}" for s in unknown])
         out = {s: v for s, v in out.items() if s in splits}
     return out
 
@@ -203,7 +189,7 @@ def tokenizers(
     training split (kept in ``run_dir``; one already there must equal the rebuilt one)."""
     out: dict[str, Tokenizer] = {}
     for column, tc in src.text.items():
-        where = f"data.datasets.{name}.source.text.{column}"
+        where = f"source.text.{column}"
         if tc.tokenizer is not None:
             out[column] = _user_tokenizer(tc.tokenizer, where)
         else:
@@ -219,7 +205,7 @@ def _vocabulary(
     run_dir: Path | None,
     saved: Mapping[str, str],
 ) -> WordTokenizer:
-    where = f"data.datasets.{name}.source.text.{column}"
+    where = f"source.text.{column}"
     key = f"{name}.{column}"
     file = _vocab_file(run_dir, name, column) if run_dir is not None else None
     if train is None and file is not None and file.is_file():
@@ -239,9 +225,9 @@ def _vocabulary(
         )
     if key in saved and saved[key] != tok.fingerprint:
         raise CheckpointError(
-            f"{where}: the checkpoint was trained with vocabulary {saved[key]}, this config "
-            f"builds {tok.fingerprint}: the data or the tokenizer settings changed; resume "
-            "with them unchanged, or start a new run directory"
+            f"data.datasets.{name}.{where}: the checkpoint was trained with vocabulary "
+            f"{saved[key]}, this config builds {tok.fingerprint}: the data or the tokenizer "
+            "settings changed; resume with them unchanged, or start a new run directory"
         )
     if file is not None and not file.is_file():
         tok.save(file)
