@@ -137,7 +137,7 @@ class DatasetConfig:
         """Exactly one of generator and path; file-only keys with one file; known formats."""
         problems = []
         if (self.generator is None) + (self.path is None) + (self.source is None) != 2:
-            problems.append("generator: give exactly one of 'generator', 'path' and 'source'")
+            problems.append("generator: give exactly one of 'generator' and 'path' (or a 'source')")
         if self.args and self.generator is None:
             problems.append("args: generator arguments need a 'generator'")
         single = isinstance(self.path, str)
