@@ -39,7 +39,7 @@ from mtlgraph.experiment.config import (
     config_to_dict,
 )
 from mtlgraph.experiment.module_types import build_module
-from mtlgraph.experiment.sources import load_sources
+from mtlgraph.experiment.sources import label_views, load_sources
 from mtlgraph.graph.model import MultitaskClassifier
 from mtlgraph.graph.task import Input, InputSpec, Operation, Task, get_loss
 from mtlgraph.metrics import Scorer
@@ -467,7 +467,8 @@ def build_experiment(cfg: ExperimentConfig, run_dir: str | Path | None = None) -
     datasets, sources = load_datasets(cfg)
     from_files, vocabularies = load_sources(cfg, run_dir)
     datasets += from_files
-    check_labels(model, [d for d in datasets if isinstance(d, DictDataset)], sources)
+    in_memory = [d for d in datasets if isinstance(d, DictDataset)] + label_views(from_files)
+    check_labels(model, in_memory, sources)
     loaders = build_loaders(cfg, datasets)
     trainer = build_trainer(cfg, run_dir)
     if vocabularies:  # kept in checkpoints: a resumed run must tokenise the same way

@@ -455,11 +455,34 @@ def named_dataset(name: str, split: str, dataset: Any, labels: list[str]) -> Any
     return NamedDataset(name, split, dataset, labels=labels)
 
 
+class _LabelView:
+    """An image dataset's in-memory labels, seen as check_labels sees a DictDataset."""
+
+    def __init__(self, named: Any) -> None:
+        self.name, self.split, self.named = named.name, named.split, named
+        self.Y_dict: dict[str, torch.Tensor] = named.dataset.Y
+
+    def batch(self, index: slice) -> Any:
+        from mtlgraph.data.datasets import collate_dicts
+
+        rows = range(len(self.named))[index]
+        return collate_dicts([self.named[i] for i in rows])
+
+
+def label_views(datasets: list[Any]) -> list[Any]:
+    """Views of the image datasets among ``datasets`` whose labels can be checked before
+    training (their labels are in memory; a stream's are not)."""
+    from mtlgraph.data.sources.images import ImageFolder
+
+    return [_LabelView(d) for d in datasets if isinstance(getattr(d, "dataset", None), ImageFolder)]
+
+
 __all__ = [
     "ImagesConfig",
     "NormalizeConfig",
     "SourceConfig",
     "TextConfig",
+    "label_views",
     "load_sources",
     "named_dataset",
     "tokenizers",

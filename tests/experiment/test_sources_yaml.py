@@ -339,9 +339,30 @@ def test_images_source_builds_named_datasets(tmp_path: Path) -> None:
     assert x["desc"].shape == (4, 2) and x["price"].shape == (4, 1)
     assert y["digit_task"].tolist() == [0, 1, 0, 1]
     assert (tmp_path / "r" / VOCAB_DIR / "products.desc.json").is_file()
+    cfg = image_config_labels(exp.config)
+    with pytest.raises(
+        DataError,
+        match=r"dataset 'products' \(train split\) for task 'digit_task' "
+        r"holds 2, outside 0..1: the head outputs 2 classes",
+    ):
+        build_experiment(cfg)
     (tmp_path / "img" / "3.png").unlink()
     with pytest.raises(DataError, match=r"1 image file\(s\) missing from .*'3.png' \(row 4\)"):
         build_experiment(exp.config)
+
+
+def image_config_labels(cfg: Any) -> Any:
+    """The same config, labels read from a column with class 2 (the head has 2 classes)."""
+    import copy
+
+    cfg = copy.deepcopy(cfg)
+    cfg.data.datasets["products"].labels = {"digit_task": "label3"}
+    csv = Path(cfg.base_dir) / "products.csv"
+    lines = csv.read_text().splitlines()
+    csv.write_text(
+        "\n".join([lines[0] + ",label3"] + [f"{r},{i % 3}" for i, r in enumerate(lines[1:])]) + "\n"
+    )
+    return cfg
 
 
 def test_shards_source_streams_each_split(tmp_path: Path) -> None:
