@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
+from mtlgraph.data.memmap import PageBudget, gather, is_memmap
 from mtlgraph.exceptions import DataError
 
 Batch = tuple[dict[str, Any], dict[str, torch.Tensor]]
@@ -85,9 +86,11 @@ class DictDataset(Dataset[Batch]):
         name: Dataset name, the second part of score keys (no ``/``).
         split: Split name such as ``"train"``, ``"valid"``, ``"test"`` (no ``/``).
         X_dict: Field name -> tensor ``(N, ...)``, numpy array (converted with
-            ``torch.as_tensor``, dtype kept), list of 1-D tensors (variable-length sequences,
-            padded per batch with a ``<field>_mask``), or list of arbitrary objects.
-        Y_dict: Task name -> label tensor ``(N,)`` or ``(N, L)`` (or numpy array).
+            ``torch.as_tensor``, dtype kept), ``numpy.memmap`` (kept memory-mapped: a batch
+            reads only its rows, see :mod:`mtlgraph.data.memmap`), list of 1-D tensors
+            (variable-length sequences, padded per batch with a ``<field>_mask``), or list of
+            arbitrary objects.
+        Y_dict: Task name -> label tensor ``(N,)`` or ``(N, L)`` (or numpy array or memmap).
 
     Raises:
         DataError: Lengths that differ, bad names, mask-field collisions (all at once).
@@ -113,8 +116,11 @@ class DictDataset(Dataset[Batch]):
             if not isinstance(part, str) or not part or "/" in part:
                 problems.append(f"dataset {what} {part!r} must be a non-empty string without '/'")
         who = f"dataset '{name}' ({split})"
-        X = _checked_inputs(X_dict, who, problems)
-        Y = _checked_labels(Y_dict, who, problems)
+        X_maps, X_dict = _split_memmaps(X_dict, who, "X_dict", problems)
+        Y_maps, Y_dict = _split_memmaps(Y_dict, who, "Y_dict", problems)
+        X = _checked_inputs(X_dict, who, problems) if X_dict or not X_maps else {}
+        X = {**X, **X_maps}
+        Y: dict[str, Any] = {**_checked_labels(Y_dict, who, problems), **Y_maps}
         lengths = {f"X_dict['{k}']": len(v) for k, v in X.items()}
         lengths.update({f"Y_dict['{k}']": len(v) for k, v in Y.items()})
         if len(set(lengths.values())) > 1:
@@ -127,21 +133,17 @@ class DictDataset(Dataset[Batch]):
         self.name: str = name
         self.split: str = split
         self.X_dict: dict[str, Any] = X
-        self.Y_dict: dict[str, torch.Tensor] = Y
+        self.Y_dict: dict[str, Any] = Y  # tensors, or memmaps
         self._length = next(iter(lengths.values())) if lengths else 0
-        self._kinds = {
-            k: "tensor"
-            if isinstance(v, torch.Tensor)
-            else ("seq" if _is_sequence_list(v) else "list")
-            for k, v in X.items()
-        }
+        self._kinds = {k: _kind(v) for k, v in X.items()}
+        self._pages = PageBudget()
 
     def __len__(self) -> int:
         return self._length
 
     def __getitem__(self, index: int) -> Batch:
-        x = {k: v[index] for k, v in self.X_dict.items()}
-        y = {k: v[index] for k, v in self.Y_dict.items()}
+        x = {k: _row(v, index) for k, v in self.X_dict.items()}
+        y = {k: _row(v, index) for k, v in self.Y_dict.items()}
         return x, y
 
     def batch(
@@ -159,6 +161,9 @@ class DictDataset(Dataset[Batch]):
             if kind == "tensor":
                 x[field] = value[index]
                 continue
+            if kind == "memmap":
+                x[field] = self._gather(value, index)
+                continue
             if rows is None:
                 rows = _rows(index, self._length)
             items = [value[i] for i in rows]
@@ -167,14 +172,50 @@ class DictDataset(Dataset[Batch]):
                 x[field], x[field + MASK_SUFFIX] = padded, mask
             else:
                 x[field] = items
-        y = {task: labels[index] for task, labels in self.Y_dict.items()}
+        y = {
+            task: self._gather(labels, index) if is_memmap(labels) else labels[index]
+            for task, labels in self.Y_dict.items()
+        }
         return x, y
+
+    def _gather(self, array: np.ndarray, index: slice | torch.Tensor | Sequence[int]) -> Any:
+        rows = gather(array, index)
+        self._pages.account(array, rows.numel() * rows.element_size())
+        return rows
 
     def __repr__(self) -> str:
         return (
             f"DictDataset(name={self.name!r}, split={self.split!r}, n={len(self)}, "
             f"X={list(self.X_dict)}, Y={list(self.Y_dict)})"
         )
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return "tensor"
+    if is_memmap(value):
+        return "memmap"
+    return "seq" if _is_sequence_list(value) else "list"
+
+
+def _row(value: Any, index: int) -> Any:
+    if is_memmap(value):
+        return torch.from_numpy(np.array(value[index]))
+    return value[index]
+
+
+def _split_memmaps(
+    part: object, who: str, what: str, problems: list[str]
+) -> tuple[dict[str, Any], Any]:
+    """The memory-mapped entries of ``part`` (checked: a row per example), and the rest."""
+    if not isinstance(part, Mapping):
+        return {}, part
+    maps = {k: v for k, v in part.items() if is_memmap(v)}
+    for key, value in maps.items():
+        if value.ndim == 0:
+            problems.append(f"{who}: {what}['{key}'] is a scalar; it needs a row per example")
+    rest = {k: v for k, v in part.items() if k not in maps}
+    return {k: v for k, v in maps.items() if v.ndim > 0}, rest
 
 
 def _checked_inputs(X_dict: object, who: str, problems: list[str]) -> dict[str, Any]:
