@@ -29,9 +29,11 @@ from torch import nn
 from mtlgraph._io import move_to_device
 from mtlgraph._suggest import did_you_mean, quoted
 from mtlgraph.data.datasets import DictDataLoader, DictDataset
+from mtlgraph.data.memmap import is_memmap
 from mtlgraph.data.synthetic import GENERATORS
 from mtlgraph.exceptions import ConfigError, DataError
 from mtlgraph.experiment.config import (
+    DataConfig,
     DatasetConfig,
     ExperimentConfig,
     InputConfig,
@@ -156,6 +158,8 @@ def _read_csv(file: Path) -> Table:
 
 
 def _read_table(file: Path, fmt: str) -> Table:
+    if fmt == "npy":
+        return read_npy_dir(file)
     if fmt == "csv":
         return _read_csv(file)
     with np.load(file, allow_pickle=False) as npz:
@@ -218,8 +222,9 @@ def _splits_of(
         file = (base_dir / rel) if not Path(rel).is_absolute() else Path(rel)
         path_key = f"{key}.path" + (f".{split}" if split else "")
         fmt = ds.format or file.suffix.lstrip(".").lower()
-        if not file.is_file():
-            problems.append(f"{path_key}: file '{rel}' does not exist (looked for {file})")
+        if not (file.is_dir() if fmt == "npy" else file.is_file()):
+            what = "directory" if fmt == "npy" else "file"
+            problems.append(f"{path_key}: {what} '{rel}' does not exist (looked for {file})")
             continue
         try:
             table = _read_table(file, fmt)
@@ -287,6 +292,48 @@ def _label_array(values: np.ndarray, task: TaskConfig, what: str) -> np.ndarray:
     return values.astype(np.int64)
 
 
+# ---------------------------------------------------------------- memory-mapped .npy, loading
+
+
+def read_npy_dir(directory: Path) -> Table:
+    """Every ``.npy`` file of ``directory``, memory-mapped, by file stem.
+
+    Raises:
+        DataError: The directory holds no ``.npy`` file.
+    """
+    files = sorted(directory.glob("*.npy"))
+    if not files:
+        raise DataError([f"'{directory}' holds no .npy file; save one array per field/label"])
+    return {f.stem: np.load(f, mmap_mode="r", allow_pickle=False) for f in files}
+
+
+def field_data(arr: np.ndarray, key: str, problems: list[str]) -> Any:
+    """An input field: floats as float32 tensors; a memory-mapped array kept mapped (a batch
+    reads only its rows; float fields must then be stored as float32)."""
+    if is_memmap(arr):
+        if arr.dtype.kind == "f" and arr.dtype != np.float32:
+            problems.append(
+                f"{key}: the memory-mapped array is {arr.dtype}; mapped fields are read as "
+                "stored, so save it as float32: np.save(path, array.astype(np.float32))"
+            )
+        return arr
+    if arr.dtype.kind == "f" and arr.dtype != np.float32:
+        arr = arr.astype(np.float32)
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def loader_options(data: DataConfig, dataset: DatasetConfig) -> dict[str, Any]:
+    """The DataLoader options of a dataset: workers (the dataset's ``num_workers`` or
+    ``data.num_workers``), persistent workers, pinned memory, prefetching."""
+    workers = dataset.num_workers if dataset.num_workers is not None else data.num_workers
+    options: dict[str, Any] = {"num_workers": workers, "pin_memory": data.pin_memory}
+    if workers > 0:
+        options["persistent_workers"] = data.persistent_workers
+        if data.prefetch_factor is not None:
+            options["prefetch_factor"] = data.prefetch_factor
+    return options
+
+
 def load_datasets(
     cfg: ExperimentConfig,
 ) -> tuple[list[DictDataset], dict[tuple[str, str, str], LabelSource]]:
@@ -316,9 +363,7 @@ def load_datasets(
                 except ValueError as e:  # our DataError, or numpy refusing a conversion
                     problems.append(f"{key}.fields.{fld}: {e.args[0]}")
                     continue
-                if arr.dtype.kind == "f" and arr.dtype != np.float32:
-                    arr = arr.astype(np.float32)
-                X[fld] = torch.from_numpy(np.ascontiguousarray(arr))
+                X[fld] = field_data(arr, f"{key}.fields.{fld}", problems)
             for task_name, spec in ds.labels.items():
                 what = f"column '{spec}' of {origin}" if is_csv else f"array '{spec}' of {origin}"
                 try:
@@ -360,6 +405,7 @@ def build_loaders(cfg: ExperimentConfig, datasets: Sequence[DictDataset]) -> lis
                 batch_size=dcfg.batch_size or cfg.data.batch_size,
                 shuffle=shuffle and ds.split == cfg.trainer.train_split,
                 seed=cfg.data.seed + zlib.crc32(ds.name.encode()),
+                **loader_options(cfg.data, dcfg),
             )
         )
     return loaders

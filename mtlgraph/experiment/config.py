@@ -49,7 +49,7 @@ from mtlgraph.graph.task import INPUT, TaskType, loss_names
 from mtlgraph.metrics import metric_spec_problems
 from mtlgraph.training.trainer import TrainerConfig
 
-FILE_FORMATS = ("npz", "csv")
+FILE_FORMATS = ("npz", "csv", "npy")
 
 
 # ---------------------------------------------------------------- the schema
@@ -115,12 +115,15 @@ class DatasetConfig:
     generator: str | None = None  # built-in generator (mtlgraph.data.synthetic.GENERATORS)
     args: dict[str, Any] = field(default_factory=dict)  # generator keyword arguments
     path: str | dict[str, str] | None = None  # .npz/.csv file, or {split: file}; relative to config
-    format: Literal["npz", "csv"] | None = None  # file format; null = from the file suffix
+    format: Literal["npz", "csv", "npy"] | None = None  # file format; null = from the suffix
+    # npy: path is a directory of .npy files (arrays named by file stem), memory-mapped
     split_field: str | None = None  # array/column naming each row's split (one file)
     fractions: dict[str, float] | None = None  # {split: fraction} cut in row order (one file)
     splits: list[str] | None = None  # splits to load; null = all
     batch_size: int | None = None  # null = data.batch_size
     shuffle: bool | None = None  # reshuffle its training split each epoch; null = data.shuffle
+    # --- data loading (issue 12)
+    num_workers: int | None = None  # DataLoader worker processes; null = data.num_workers
     source: SourceConfig | None = None  # images, table or shards files (docs/data-sources.md)
 
     def validate(self) -> list[str]:
@@ -131,6 +134,8 @@ class DatasetConfig:
             problems.append("labels: empty; map at least one task to its label array or column")
         if self.batch_size is not None and self.batch_size < 1:
             problems.append(f"batch_size: must be >= 1, got {self.batch_size}")
+        if self.num_workers is not None and self.num_workers < 0:
+            problems.append(f"num_workers: must be >= 0, got {self.num_workers}")
         return problems
 
     def _source_problems(self) -> list[str]:
@@ -176,6 +181,11 @@ class DataConfig:
     batch_size: int = 32  # examples per batch (a dataset may override)
     shuffle: bool = False  # reshuffle training loaders every epoch (a dataset may override)
     seed: int = 0  # shuffling seed; dataset `name` uses seed + crc32(name)
+    # --- data loading (issue 12; docs/data.md)
+    num_workers: int = 0  # DataLoader worker processes per loader (a dataset may override)
+    persistent_workers: bool = False  # keep workers alive between passes (num_workers > 0)
+    pin_memory: bool = False  # page-locked batches for faster copies to CUDA
+    prefetch_factor: int | None = None  # batches each worker loads ahead; null = torch's 2
 
     def validate(self) -> list[str]:
         problems = []
@@ -183,6 +193,19 @@ class DataConfig:
             problems.append(f"batch_size: must be >= 1, got {self.batch_size}")
         if not self.datasets:
             problems.append("datasets: empty; declare at least one dataset")
+        return problems + self._loading_problems()
+
+    def _loading_problems(self) -> list[str]:
+        problems = []
+        if self.num_workers < 0:
+            problems.append(f"num_workers: must be >= 0, got {self.num_workers}")
+        if self.prefetch_factor is not None and self.prefetch_factor < 1:
+            problems.append(f"prefetch_factor: must be >= 1 or null, got {self.prefetch_factor}")
+        workers = [self.num_workers] + [d.num_workers or 0 for d in self.datasets.values()]
+        if (self.prefetch_factor is not None or self.persistent_workers) and not any(workers):
+            problems.append(
+                "prefetch_factor and persistent_workers need worker processes; set num_workers"
+            )
         return problems
 
 

@@ -59,3 +59,42 @@ def test_a_scalar_memmap_is_refused(tmp_path: Path) -> None:
     scalar = np.load(tmp_path / "s.npy", mmap_mode="r")
     with pytest.raises(DataError, match=r"X_dict\['s'\] is a scalar"):
         DictDataset("d", "train", {"s": scalar, "x": np.zeros((2, 1))}, {})
+
+
+def test_yaml_npy_directory_is_memory_mapped_with_per_dataset_loading(tmp_path: Path) -> None:
+    from experiment_helpers import tiny_config, write_config
+
+    from mtlgraph.experiment.build import build_experiment
+    from mtlgraph.experiment.config import load_config
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 120), ("valid", 40)):
+        d = tmp_path / "circles_npy" / split
+        d.mkdir(parents=True)
+        x = rng.normal(size=(n, 2)).astype(np.float32)
+        np.save(d / "features.npy", x)
+        np.save(d / "label.npy", (x[:, 0] ** 2 + x[:, 1] ** 2 < 1).astype(np.int64))
+    cfg = tiny_config(batch_scheduler={"name": "temperature", "temperature": 2.0})
+    cfg["trainer"]["steps_per_epoch"] = 9
+    cfg["data"]["num_workers"] = 0
+    cfg["data"]["datasets"]["circles"] = {
+        "path": {"train": "circles_npy/train", "valid": "circles_npy/valid"},
+        "format": "npy",
+        "fields": {"xy": "features"},
+        "labels": {"circle_task": "label"},
+        "batch_size": 8,
+        "num_workers": 2,
+    }
+    exp = build_experiment(load_config(write_config(tmp_path / "c.yaml", cfg)))
+    loaders = {(dl.dataset.name, dl.dataset.split): dl for dl in exp.loaders}
+    circles = loaders[("circles", "train")]
+    assert isinstance(circles.dataset.X_dict["xy"], np.memmap)
+    assert (circles.batch_size, circles.num_workers) == (8, 2)
+    assert loaders[("squares", "train")].num_workers == 0
+    exp.trainer.fit(exp.model, exp.loaders)
+    assert exp.trainer.global_step == 2 * 9
+    assert "circle_task/circles/valid/accuracy" in exp.trainer.history[-1]
+
+    np.save(tmp_path / "circles_npy" / "train" / "features.npy", np.zeros((120, 2)))
+    with pytest.raises(DataError, match="memory-mapped array is float64; .* save it as float32"):
+        build_experiment(load_config(tmp_path / "c.yaml"))
