@@ -106,6 +106,7 @@ def test_05_two_datasets_cross_task() -> None:
     assert agreement[("imdb", "mtl")] > agreement[("yelp", "imdb")]
 
 
+@pytest.mark.slow
 def test_06_bring_your_own_data() -> None:
     """Files on disk (PNG photos, a CSV, a Parquet click log) -> a YAML config -> a trained
     three-task model, with temperature sampling and two loader workers."""

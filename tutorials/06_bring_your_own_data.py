@@ -128,6 +128,7 @@ data:
   batch_size: 32
   shuffle: true
   num_workers: {num_workers}        # image decoding in worker processes
+  persistent_workers: true          # ... kept alive from one pass to the next
   datasets:
     catalog:                        # the photos and products.csv
       source:
