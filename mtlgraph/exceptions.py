@@ -27,7 +27,8 @@ class _ProblemsError(MtlGraphError, ValueError):
     """
 
     def __init__(self, problems: Iterable[str], header: str | None = None) -> None:
-        self.problems: list[str] = list(problems)
+        # one string is one problem (a DataLoader worker re-raises an error from its message)
+        self.problems: list[str] = [problems] if isinstance(problems, str) else list(problems)
         self.header = header
         super().__init__(self._render())
 

@@ -106,6 +106,36 @@ def test_05_two_datasets_cross_task() -> None:
     assert agreement[("imdb", "mtl")] > agreement[("yelp", "imdb")]
 
 
+@pytest.mark.slow
+def test_06_bring_your_own_data() -> None:
+    """Files on disk (PNG photos, a CSV, a Parquet click log) -> a YAML config -> a trained
+    three-task model, with temperature sampling and two loader workers."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small models: faster and steadier on one thread
+    try:
+        result = load("06_bring_your_own_data").main(
+            n_products=500, n_clicks=1000, n_epochs=5, steps_per_epoch=40, verbose=False
+        )
+    finally:
+        torch.set_num_threads(threads)
+    scores = result["scores"]
+    assert set(scores) == {
+        "category_task/catalog/test/accuracy",
+        "price_task/catalog/test/mse",
+        "price_task/catalog/test/mae",
+        "price_task/catalog/test/r2",
+        "click_task/clicks/test/accuracy",
+    }
+    assert scores["category_task/catalog/test/accuracy"] >= 0.75  # 10 digits from the photos
+    assert scores["price_task/catalog/test/r2"] >= 0.8  # the price from the description's words
+    assert scores["click_task/clicks/test/accuracy"] >= 0.75  # photo + price; half the rows click
+    assert result["clicks_file"] == "clicks.parquet"  # the tables extra is installed
+    vocabulary = result["vocabulary"]
+    assert vocabulary[:2] == ["<pad>", "<unk>"] and {"basic", "classic", "premium"} <= set(
+        vocabulary
+    )
+
+
 def test_07_weak_supervision() -> None:
     """Soft labels from weighted LF votes train an end model at least as accurate as hard
     majority votes do (measured at the defaults: 0.971 vs 0.865; true labels 0.969)."""

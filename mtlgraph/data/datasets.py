@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from mtlgraph.data.memmap import (
     MappedFile,
@@ -71,7 +71,7 @@ def collate_dicts(samples: Sequence[Batch], pad_value: int | float = 0) -> Batch
         values = [s[0][field] for s in samples]
         x_out.update(_collate_field(field, values, pad_value))
     for task in samples[0][1]:
-        y_out[task] = torch.stack([torch.as_tensor(s[1][task]) for s in samples])
+        y_out[task] = default_collate([torch.as_tensor(s[1][task]) for s in samples])
     return x_out, y_out
 
 
@@ -79,7 +79,7 @@ def _collate_field(field: str, values: list[Any], pad_value: int | float) -> dic
     if all(isinstance(v, torch.Tensor) for v in values):
         shapes = {tuple(v.shape) for v in values}
         if len(shapes) == 1:
-            return {field: torch.stack(values)}
+            return {field: default_collate(values)}  # in a worker: stacked in shared memory
         if all(v.ndim == 1 for v in values):
             padded, mask = pad_sequences(values, pad_value)
             return {field: padded, field + MASK_SUFFIX: mask}

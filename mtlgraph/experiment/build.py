@@ -40,8 +40,9 @@ from mtlgraph.experiment.config import (
     TaskConfig,
     config_to_dict,
 )
+from mtlgraph.experiment.module_types import build_module
+from mtlgraph.experiment.sources import label_views, load_sources
 from mtlgraph.graph.model import MultitaskClassifier
-from mtlgraph.graph.modules import get_module_factory
 from mtlgraph.graph.soft_labels import is_soft_label, soft_label_problems
 from mtlgraph.graph.task import Input, InputSpec, Operation, Task, get_loss
 from mtlgraph.metrics import Scorer
@@ -95,24 +96,7 @@ def build_modules(cfg: ExperimentConfig) -> dict[str, nn.Module]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         for name, spec in cfg.modules.items():
-            kind = str(spec["type"])
-            factory = get_module_factory(kind)
-            if factory is None:  # validated already; a registry changed since
-                raise ConfigError([f"modules.{name}.type: unknown module type '{kind}'"])
-            kwargs = {k: v for k, v in spec.items() if k != "type"}
-            try:
-                module = factory(**kwargs)
-            except Exception as e:
-                e.add_note(f"mtlgraph: while building modules.{name} (type '{kind}')")
-                raise
-            if not isinstance(module, nn.Module):
-                raise ConfigError(
-                    [
-                        f"modules.{name}: type '{kind}' returned a {type(module).__name__}, not an "
-                        "nn.Module"
-                    ]
-                )
-            out[name] = module
+            out[name] = build_module(spec, f"modules.{name}", cfg.base_dir)
     return out
 
 
@@ -386,7 +370,8 @@ def load_datasets(
     datasets: list[DictDataset] = []
     sources: dict[tuple[str, str, str], LabelSource] = {}
     base_dir = Path(cfg.base_dir)
-    for name, ds in cfg.data.datasets.items():
+    plain = {n: d for n, d in cfg.data.datasets.items() if d.source is None}  # sources: below
+    for name, ds in plain.items():
         key = f"data.datasets.{name}"
         for split, (table, origin, is_csv) in _splits_of(name, ds, base_dir, problems).items():
             X: dict[str, Any] = {}
@@ -551,9 +536,15 @@ def build_experiment(cfg: ExperimentConfig, run_dir: str | Path | None = None) -
     """
     model = build_model(cfg)
     datasets, sources = load_datasets(cfg)
-    check_labels(model, datasets, sources)
+    from_files, vocabularies = load_sources(cfg, run_dir)
+    datasets += from_files
+    in_memory = [d for d in datasets if isinstance(d, DictDataset)] + label_views(from_files)
+    check_labels(model, in_memory, sources)
     loaders = build_loaders(cfg, datasets)
     trainer = build_trainer(cfg, run_dir)
+    if vocabularies:  # kept in checkpoints: a resumed run must tokenise the same way
+        kept = trainer.experiment_config or {}
+        trainer.experiment_config = {**kept, "vocabularies": vocabularies}
     key = cfg.trainer.checkpoint_metric
     if key is not None:
         tc = trainer.config

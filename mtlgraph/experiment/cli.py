@@ -119,6 +119,7 @@ def _config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[
 
     a, b = flatten(old), flatten(new)
     ignored = {"trainer.run_dir", "trainer.progress_bar"}
+    ignored |= {k for k in a if k.startswith("vocabularies.")}  # checked by experiment.sources
     return sorted(k for k in set(a) | set(b) if k not in ignored and a.get(k) != b.get(k))
 
 

@@ -41,6 +41,8 @@ from mtlgraph._schema import Problems, build, convert, plain_config
 from mtlgraph._suggest import did_you_mean, quoted
 from mtlgraph.data.synthetic import GENERATORS
 from mtlgraph.exceptions import ConfigError
+from mtlgraph.experiment.module_types import check_module_spec, is_dotted
+from mtlgraph.experiment.sources import SourceConfig
 from mtlgraph.experiment.yaml_lines import apply_overrides, locate, parse_yaml
 from mtlgraph.graph.modules import get_module_factory, module_types
 from mtlgraph.graph.task import INPUT, TaskType, loss_names
@@ -122,6 +124,7 @@ class DatasetConfig:
     shuffle: bool | None = None  # reshuffle its training split each epoch; null = data.shuffle
     # --- data loading (issue 12)
     num_workers: int | None = None  # DataLoader worker processes; null = data.num_workers
+    source: SourceConfig | None = None  # images, table or shards files (docs/data-sources.md)
 
     def validate(self) -> list[str]:
         problems = [*self._source_problems(), *self._fraction_problems()]
@@ -138,8 +141,8 @@ class DatasetConfig:
     def _source_problems(self) -> list[str]:
         """Exactly one of generator and path; file-only keys with one file; known formats."""
         problems = []
-        if (self.generator is None) == (self.path is None):
-            problems.append("generator: give exactly one of 'generator' and 'path'")
+        if (self.generator is None) + (self.path is None) + (self.source is None) != 2:
+            problems.append("generator: give exactly one of 'generator' and 'path' (or a 'source')")
         if self.args and self.generator is None:
             problems.append("args: generator arguments need a 'generator'")
         single = isinstance(self.path, str)
@@ -301,15 +304,15 @@ def _check_modules(modules: Mapping[str, Mapping[str, Any]]) -> list[str]:
             )
             continue
         factory = get_module_factory(str(kind))
-        if factory is None:
+        if factory is None and not is_dotted(kind):
             problems.append(
                 f"{path}.type: unknown module type {kind!r}"
                 f"{did_you_mean(str(kind), module_types())}; known: {quoted(module_types())} "
-                "(register your own with mtlgraph.register_module in a module under 'imports')"
+                "(register your own with mtlgraph.register_module in a module under 'imports', "
+                "or write the dotted import path of an nn.Module class, e.g. torch.nn.LSTM)"
             )
             continue
-        kwargs = {k: v for k, v in spec.items() if k != "type"}
-        problems += check_kwargs(f"module type '{kind}'", factory, kwargs, path)
+        problems += check_module_spec(spec, path)  # dotted types, nested specs, init_from
     return problems
 
 

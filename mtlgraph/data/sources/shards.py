@@ -1,0 +1,184 @@
+"""Table shards streamed one file at a time: data that does not fit in memory.
+
+A :class:`ShardStream` is a list of table files (CSV, JSON Lines, Parquet) read as an
+:class:`~mtlgraph.data.streams.ExampleStream` whose units are the files: only the file being
+read is in memory, each file is read once per pass, and mtlgraph's loaders split the files over
+DDP ranks and DataLoader workers and resume at the next unseen row (see
+``mtlgraph.data.streams``).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mtlgraph.data.sources.table import (
+    Table,
+    Tokenizer,
+    field_values,
+    label_values,
+    read_table,
+    table_format,
+)
+from mtlgraph.data.streams import Example, ExampleStream
+from mtlgraph.exceptions import DataError
+
+
+def shard_files(
+    spec: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    base: str | os.PathLike[str] = ".",
+) -> list[Path]:
+    """The files of a glob, a file or a list of them (relative to ``base``), each glob sorted.
+
+    Raises:
+        DataError: A glob that matches nothing or a listed file that does not exist.
+    """
+    items = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+    out: list[Path] = []
+    problems = []
+    for item in items:
+        p = Path(item) if Path(item).is_absolute() else Path(base) / item
+        if glob.has_magic(str(item)):
+            found = sorted(Path(f) for f in glob.glob(str(p)))
+            if not found:
+                problems.append(f"no file matches '{item}' (looked in '{Path(base)}')")
+            out += found
+        elif not p.is_file():
+            problems.append(f"shard '{item}' does not exist (looked for {p})")
+        else:
+            out.append(p)
+    if problems:
+        raise DataError(problems)
+    if not out:
+        raise DataError(["no shards: give a glob, a file or a list of files"])
+    return out
+
+
+class ShardStream(ExampleStream):
+    """Rows of table files, streamed one file (a unit) at a time.
+
+    Args:
+        files: The shard files (see :func:`shard_files` for globs).
+        fields: Input field -> column (or list of numeric columns), as for
+            :func:`~mtlgraph.data.sources.table_dataset`.
+        labels: Task name -> label column.
+        text: Column -> tokenizer (``str -> ids``) for text fields.
+        fmt: ``"csv"``, ``"jsonl"`` or ``"parquet"``; ``None`` = from each file's suffix.
+        shuffle: Shuffle the rows within a file, in an order fixed by the stream's seed (the
+            loader's seed, the pass and the file).
+        label_dtypes: Task -> ``torch.float32`` or ``torch.int64`` (default: ``int64`` for whole
+            numbers, else ``float32``, per file).
+        ignore_value: Task -> the value missing labels (empty cells, ``null``) become in an
+            ``int64`` label.
+
+    Raises:
+        DataError: While reading: a shard that disappeared or cannot be read, an absent column,
+            a cell that is not a number (each naming the file, the column and the row).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> from mtlgraph.data.sources import ShardStream, shard_files
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> for i in range(2):
+        ...     _ = (d / f"part-{i}.csv").write_text(f"x,y\\n{i}.5,{i}\\n{i}.25,{i}\\n")
+        >>> stream = ShardStream(shard_files("part-*.csv", d), {"x": "x"}, {"t": "y"})
+        >>> stream.num_units(), [(float(x["x"]), int(y["t"])) for x, y in stream]
+        (2, [(0.5, 0), (0.25, 0), (1.5, 1), (1.25, 1)])
+    """
+
+    def __init__(
+        self,
+        files: Sequence[str | os.PathLike[str]],
+        fields: Mapping[str, str | Sequence[str]],
+        labels: Mapping[str, str],
+        text: Mapping[str, Tokenizer] | None = None,
+        fmt: str | None = None,
+        shuffle: bool = False,
+        label_dtypes: Mapping[str, torch.dtype] | None = None,
+        ignore_value: Mapping[str, int] | None = None,
+    ) -> None:
+        self.files = [Path(f) for f in files]
+        for f in self.files:
+            table_format(f, fmt)  # an unknown suffix is an error now, not mid-run
+        self.fields = dict(fields)
+        self.labels = tuple(labels)
+        self._label_columns = dict(labels)
+        self.text = dict(text or {})
+        self.fmt = fmt
+        self.shuffle = shuffle
+        self.label_dtypes = dict(label_dtypes or {})
+        self.ignore_value = dict(ignore_value or {})
+
+    def num_units(self) -> int:
+        return len(self.files)
+
+    def num_examples(self) -> int | None:
+        """Rows in one pass, when every shard is Parquet (from the file metadata); else ``None``
+        (counting CSV or JSON Lines rows would read every file an extra time)."""
+        if not all(table_format(f, self.fmt) == "parquet" for f in self.files):
+            return None
+        import pyarrow.parquet as pq  # type: ignore[import-untyped]
+
+        return sum(int(pq.read_metadata(f).num_rows) for f in self.files)
+
+    def read_unit(self, unit: int) -> tuple[dict[str, Any], dict[str, torch.Tensor], int]:
+        """A whole shard as columns: ``(X, Y, rows)``."""
+        file = self.files[unit]
+        if not file.is_file():
+            raise DataError(
+                [
+                    f"shard '{file}' (unit {unit} of {len(self.files)}) disappeared since the "
+                    "stream was opened; restore it (a resumed run reads from its checkpoint) or "
+                    "start a new run without it"
+                ]
+            )
+        table: Table = read_table(file, self.fmt)
+        origin = f"shard '{file}'"
+        problems: list[str] = []
+        X: dict[str, Any] = {}
+        Y: dict[str, torch.Tensor] = {}
+        for fld, columns in self.fields.items():
+            try:
+                X[fld] = field_values(table, columns, origin, self.text)
+            except DataError as e:
+                problems += [f"field '{fld}': {p}" for p in e.problems]
+        for task, column in self._label_columns.items():
+            try:
+                Y[task] = self._labels(task, label_values(table, column, origin), origin)
+            except DataError as e:
+                problems += [f"label '{task}': {p}" for p in e.problems]
+        if problems:
+            raise DataError(problems, header=f"cannot read {origin}:")
+        rows = len(next(iter(table.values()))) if table else 0
+        return X, Y, rows
+
+    def _labels(self, task: str, values: torch.Tensor, origin: str) -> torch.Tensor:
+        dtype = self.label_dtypes.get(task)
+        if dtype is None or dtype.is_floating_point:
+            return values if dtype is None else values.to(dtype)
+        if values.is_floating_point():
+            nan = torch.isnan(values)
+            if nan.any():
+                if task not in self.ignore_value:
+                    raise DataError([f"{origin}: task '{task}' has missing labels"])
+                values = torch.where(nan, float(self.ignore_value[task]), values)
+            if bool((values != torch.round(values)).any()):
+                raise DataError([f"{origin}: task '{task}' has labels that are not class ids"])
+        return values.to(dtype)
+
+    def iter_unit(self, unit: int, start: int, seed: int) -> Iterator[Example]:
+        X, Y, rows = self.read_unit(unit)
+        order: Sequence[int] = range(rows)
+        if self.shuffle:
+            order = np.random.default_rng(seed).permutation(rows).tolist()
+        for i in order[start:]:
+            yield {k: v[i] for k, v in X.items()}, {k: v[i] for k, v in Y.items()}
+
+    def __repr__(self) -> str:
+        return f"ShardStream(files={len(self.files)}, X={list(self.fields)}, Y={list(self.labels)})"

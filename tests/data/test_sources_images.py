@@ -1,0 +1,92 @@
+"""Image folders: decoding, declared transforms, bad files and the missing-Pillow error."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mtlgraph import DictDataLoader, NamedDataset
+from mtlgraph.data.datasets import collate_dicts
+from mtlgraph.data.sources import ImageDecoder, ImageFolder, read_table
+from mtlgraph.exceptions import DataError
+
+
+def make_folder(tmp: Path, n: int = 4) -> Path:
+    (tmp / "img").mkdir()
+    lines = ["file,digit,price"]
+    for i in range(n):
+        pixels = np.full((6, 8, 3), 30 * i, dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp / "img" / f"{i}.png")
+        lines.append(f"{i}.png,{i % 3},{i + 0.5}")
+    (tmp / "labels.csv").write_text("\n".join(lines) + "\n")
+    return tmp / "labels.csv"
+
+
+def test_items_decoded_resized_normalised(tmp_path: Path) -> None:
+    table = read_table(make_folder(tmp_path))
+    decoder = ImageDecoder(mode="RGB", size=(3, 4), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    ds = ImageFolder(
+        tmp_path / "img",
+        table,
+        fields={"price": "price"},
+        labels={"digit_task": "digit"},
+        decoder=decoder,
+    )
+    assert len(ds) == 4
+    x, y = ds[2]
+    assert x["image"].shape == (3, 3, 4) and x["image"].dtype == torch.float32
+    expected = (60 / 255 - 0.5) / 0.25
+    assert torch.allclose(x["image"], torch.full((3, 3, 4), expected))
+    assert x["price"].tolist() == [2.5] and int(y["digit_task"]) == 2
+    batch_x, batch_y = collate_dicts([ds[i] for i in range(4)])
+    assert batch_x["image"].shape == (4, 3, 3, 4) and batch_y["digit_task"].tolist() == [0, 1, 2, 0]
+    grey = ImageFolder(tmp_path / "img", table, image_field="pic", decoder=ImageDecoder(mode="L"))[
+        0
+    ][0]["pic"]
+    assert grey.shape == (1, 6, 8)  # the file's own size without resize
+
+
+def test_missing_and_corrupt_images_are_named(tmp_path: Path) -> None:
+    table = read_table(make_folder(tmp_path, n=8))
+    for i in range(6):
+        (tmp_path / "img" / f"{i}.png").unlink()
+    with pytest.raises(DataError) as info:
+        ImageFolder(tmp_path / "img", table, labels={"t": "digit"})
+    message = str(info.value)
+    assert "6 image file(s) missing" in message and "'0.png' (row 1)" in message
+    assert "and 1 more" in message and "add the files or remove their rows" in message
+    (tmp_path / "img" / "6.png").write_bytes(b"not a png")
+    ds = ImageFolder(tmp_path / "img", {k: v[6:] for k, v in table.items()}, labels={"t": "digit"})
+    assert int(ds[1][1]["t"]) == 1
+    with pytest.raises(DataError, match=r"row 1: cannot decode image '.*6\.png'.*remove its row"):
+        ds[0]
+    loader = DictDataLoader(NamedDataset("d", "train", ds, labels=["t"]), num_workers=1)
+    with pytest.raises(DataError) as info:  # re-raised from the worker: still one readable problem
+        list(loader)
+    assert len(info.value.problems) == 1 and "row 1: cannot decode image" in str(info.value)
+
+
+def test_bad_columns_and_transforms(tmp_path: Path) -> None:
+    table = read_table(make_folder(tmp_path))
+    with pytest.raises(DataError) as info:
+        ImageFolder(tmp_path / "img", table, image_column="path", labels={"t": "digits"})
+    assert "no image column 'path'" in str(info.value)
+    assert "has no column 'digits' (did you mean 'digit'?)" in str(info.value)
+    with pytest.raises(DataError) as info:
+        ImageDecoder(mode="L", size=(0, 4), mean=(0.5, 0.5), std=(0.0, 1.0))
+    message = str(info.value)
+    assert "size: [height, width] of positive integers" in message
+    assert "normalize.mean: 2 values, but mode 'L' has 1 channel(s)" in message
+    assert "normalize.std: must be > 0" in message
+
+
+def test_missing_pillow_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    table = read_table(make_folder(tmp_path))
+    monkeypatch.setitem(sys.modules, "PIL", None)
+    with pytest.raises(DataError, match=r"needs Pillow: pip install 'mtlgraph\[images\]'"):
+        ImageFolder(tmp_path / "img", table)
