@@ -4,10 +4,11 @@ A :class:`Balancer` receives the step's per-task losses and is responsible for p
 into ``.grad`` (it calls ``ctx.backward``, or writes ``.grad`` itself). Two families:
 
 - **Loss-based** (one backward pass): ``sum``, ``uncertainty``, ``dwa``, ``gradnorm``,
-  ``inverse_metric``, ``rlw`` combine the losses into one weighted scalar.
+  ``inverse_metric``, ``rlw``, ``famo`` combine the losses into one weighted scalar.
 - **Gradient-based** (one gradient per task on the shared parameters): ``pcgrad``, ``cagrad``,
-  ``mgda`` combine per-task gradients of the shared parameters into one direction; parameters that
-  only one task of the step uses get that task's own gradient.
+  ``mgda``, ``imtl``, ``aligned_mtl``, ``upgrad``, ``nash_mtl``, ``gradvac``, ``db_mtl`` combine
+  per-task gradients of the shared parameters into one direction; parameters that only one task
+  of the step uses get that task's own gradient.
 
 Every balancer applies the static ``Task.weight`` first (it multiplies the task's loss). Balancers
 are ``nn.Module`` objects: learned weights are parameters (optimised by the Trainer, in their own
@@ -22,6 +23,7 @@ is built; call it before ``load_state_dict`` too), then per step ``backward(loss
 
 Where the code lives: :mod:`.base` (``Balancer``, ``StepContext``, shared helpers),
 :mod:`.weighting` (loss-weighting methods), :mod:`.gradient` (gradient methods),
+:mod:`.modern` (FAMO, IMTL-G, Aligned-MTL, UPGrad, Nash-MTL, GradVac, DB-MTL),
 :mod:`.solvers` (their numeric solvers on the Gram matrix), :mod:`.registry` (names,
 ``make_balancer``); the per-task shared-parameter gradients are :mod:`mtlgraph.gradients`.
 Every name below is importable from ``mtlgraph.balancing``.
@@ -35,6 +37,15 @@ from mtlgraph.balancing.gradient import (
     GradientBalancer,
     MGDABalancer,
     PCGradBalancer,
+)
+from mtlgraph.balancing.modern import (
+    AlignedMTLBalancer,
+    DBMTLBalancer,
+    FAMOBalancer,
+    GradVacBalancer,
+    IMTLBalancer,
+    NashMTLBalancer,
+    UPGradBalancer,
 )
 from mtlgraph.balancing.registry import (
     BALANCERS,
@@ -54,19 +65,26 @@ from mtlgraph.gradients import SharedGradients, SharedLayout
 
 __all__ = [
     "BALANCERS",
+    "AlignedMTLBalancer",
     "Balancer",
     "CAGradBalancer",
+    "DBMTLBalancer",
     "DWABalancer",
+    "FAMOBalancer",
     "GradNormBalancer",
+    "GradVacBalancer",
     "GradientBalancer",
+    "IMTLBalancer",
     "InverseMetricBalancer",
     "MGDABalancer",
+    "NashMTLBalancer",
     "PCGradBalancer",
     "RLWBalancer",
     "SharedGradients",
     "SharedLayout",
     "StepContext",
     "SumBalancer",
+    "UPGradBalancer",
     "UncertaintyBalancer",
     "balancer_names",
     "make_balancer",

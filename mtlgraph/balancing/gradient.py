@@ -26,7 +26,7 @@ from mtlgraph.balancing.base import (
     _weighted_backward,
 )
 from mtlgraph.balancing.solvers import cagrad_solve, min_norm, pcgrad_coefficients
-from mtlgraph.gradients import SharedGradients, accumulate_grad
+from mtlgraph.gradients import SharedGradients, SharedLayout, accumulate_grad
 from mtlgraph.graph.task import Task
 
 
@@ -82,15 +82,24 @@ class GradientBalancer(_LastWeights):
         buffer = self._grads.compute(
             layout, weighted, ctx.scale, accumulate_own=True, reduce=ctx.reduce
         )
-        gram = (buffer @ buffer.T).double().cpu().numpy()
-        if np.isfinite(gram).all():
-            beta = np.asarray(self.combine(gram), dtype=np.float64)
-        else:  # overflow under fp16 loss scaling: the grad scaler will skip this step
-            beta = np.ones(len(names))
-        direction = torch.from_numpy(beta).to(buffer) @ buffer
+        direction, beta = self.direction(buffer, layout)
         for p, (offset, n) in zip(layout.shared, layout.slices, strict=True):
             accumulate_grad(p, direction[offset : offset + n].view_as(p))
         self._last.update(zip(names, beta.tolist(), strict=True))
+
+    def direction(
+        self, rows: torch.Tensor, layout: SharedLayout
+    ) -> tuple[torch.Tensor, np.ndarray]:
+        """The shared parameters' update from the per-task gradient rows ``(K, P)``, and the
+        coefficients to log; by default ``d = Σ_i β_i g_i`` with ``β = combine(Gram)``.
+        Subclasses that need more than the Gram matrix (per-module groups, gradient averages)
+        override this."""
+        gram = (rows @ rows.T).double().cpu().numpy()
+        if np.isfinite(gram).all():
+            beta = np.asarray(self.combine(gram), dtype=np.float64)
+        else:  # overflow under fp16 loss scaling: the grad scaler will skip this step
+            beta = np.ones(len(rows))
+        return torch.from_numpy(beta).to(rows) @ rows, beta
 
     def weights(self) -> dict[str, float]:
         """The last step's coefficients ``β_i`` of each task's shared gradient."""

@@ -15,6 +15,15 @@ from typing import Any
 
 from mtlgraph.balancing.base import Balancer
 from mtlgraph.balancing.gradient import CAGradBalancer, MGDABalancer, PCGradBalancer
+from mtlgraph.balancing.modern import (
+    AlignedMTLBalancer,
+    DBMTLBalancer,
+    FAMOBalancer,
+    GradVacBalancer,
+    IMTLBalancer,
+    NashMTLBalancer,
+    UPGradBalancer,
+)
 from mtlgraph.balancing.weighting import (
     DWABalancer,
     GradNormBalancer,
@@ -38,10 +47,17 @@ BALANCERS: Registry[type[Balancer]] = Registry(
         "pcgrad": PCGradBalancer,
         "cagrad": CAGradBalancer,
         "mgda": MGDABalancer,
+        "famo": FAMOBalancer,
+        "nash_mtl": NashMTLBalancer,
+        "imtl": IMTLBalancer,
+        "aligned_mtl": AlignedMTLBalancer,
+        "upgrad": UPGradBalancer,
+        "db_mtl": DBMTLBalancer,
+        "gradvac": GradVacBalancer,
     },
     check=must_subclass(Balancer, "balancer"),
 )
-"""Every balancer class by name (built in: the nine of ``docs/balancing.md``)."""
+"""Every balancer class by name (built in: the sixteen of ``docs/balancing.md``)."""
 
 
 def register_balancer(name: str, cls: type[Balancer], *, override: bool = False) -> None:

@@ -6,7 +6,11 @@ themselves, so their cost does not depend on the model's size:
 - :func:`pcgrad_coefficients`: PCGrad's projections, as coefficients of the ``g_i``;
 - :func:`min_norm`: the min-norm point of the convex hull (MGDA), closed form for two tasks,
   pairwise Frank–Wolfe beyond;
-- :func:`cagrad_solve` with its exact line search :func:`line_min`: CAGrad's inner problem.
+- :func:`cagrad_solve` with its exact line search :func:`line_min`: CAGrad's inner problem;
+- :func:`imtl_g` (IMTL-G's closed form), :func:`aligned_mtl` (Aligned-MTL's eigen-alignment),
+  :func:`upgrad` with :func:`dual_cone_weights` (UPGrad's projections, an exact NNLS),
+  :func:`nash_mtl` (the Nash bargaining solution, by Newton's method) and
+  :func:`gradvac_coefficients` (GradVac's adaptive targets).
 """
 
 from __future__ import annotations
@@ -143,3 +147,207 @@ def cagrad_solve(gram: np.ndarray, sqrt_phi: float, max_iter: int = 100) -> np.n
         if w[s] < 1e-15:
             w[s] = 0.0
     return w
+
+
+def imtl_g(gram: np.ndarray) -> np.ndarray:
+    """IMTL-G (Liu et al., ICLR 2021): ``α`` with ``Σ_i α_i = 1`` such that ``d = Σ_i α_i g_i``
+    has the same projection on every unit gradient ``u_i = g_i/‖g_i‖``.
+
+    ``d·u_i = (Mα)_i/‖g_i‖`` equal for all ``i`` gives ``Mα ∝ (‖g_1‖, …, ‖g_K‖)``, so
+    ``α = v/Σ_j v_j`` with ``v = M⁺·‖g‖`` (the pseudo-inverse also covers linearly dependent
+    gradients); all zeros when ``Σ_j v_j`` vanishes.
+
+    Example:
+        >>> import numpy as np
+        >>> g = np.array([[2.0, 0.0], [0.0, 1.0]])
+        >>> imtl_g(g @ g.T)  # d = (2/3, 2/3): equal projections 2/3 on both unit vectors
+        array([0.33333333, 0.66666667])
+    """
+    norms = np.sqrt(np.maximum(np.diag(gram), 0.0))
+    v = np.linalg.pinv(gram, hermitian=True) @ norms
+    total = float(v.sum())
+    return np.zeros(len(gram)) if abs(total) < 1e-12 else v / total
+
+
+def aligned_mtl(gram: np.ndarray, weights: np.ndarray, scale_mode: str = "min") -> np.ndarray:
+    """Aligned-MTL (Senushkin et al., CVPR 2023): coefficients of the aligned gradients.
+
+    With ``M = V Λ Vᵀ`` (the ``r`` eigenvalues above ``λ_max·K·ε`` kept), the gradient matrix
+    ``G = U Σ Vᵀ`` is replaced by ``G̃ = √λ_s · U Vᵀ`` whose singular values are all equal (its
+    condition number is 1); ``G̃ᵀw = Gᵀ B w`` with ``B = √λ_s · V Λ^{-1/2} Vᵀ``. ``λ_s`` is the
+    smallest kept eigenvalue (``"min"``, the paper), the median (``"median"``, the lower one of
+    an even count, as TorchJD) or the mean (``"rmse"``). Returns ``B·w``; ``w`` itself when
+    every gradient is zero.
+
+    Example:
+        >>> import numpy as np
+        >>> g = np.array([[4.0, 0.0], [0.0, 1.0]])
+        >>> aligned_mtl(g @ g.T, np.array([0.5, 0.5]))  # both rescaled to norm 1
+        array([0.125, 0.5  ])
+    """
+    lam, vecs = np.linalg.eigh(gram)
+    tol = float(lam.max(initial=0.0)) * len(gram) * np.finfo(np.float64).eps
+    keep = lam > tol
+    if not keep.any():
+        return np.asarray(weights, dtype=np.float64)
+    lam, vecs = lam[keep], vecs[:, keep]
+    ordered = np.sort(lam)
+    scale = {"min": ordered[0], "median": ordered[(len(lam) - 1) // 2], "rmse": lam.mean()}[
+        scale_mode
+    ]
+    b = math.sqrt(float(scale)) * (vecs / np.sqrt(lam)) @ vecs.T
+    return b @ weights
+
+
+def dual_cone_weights(gram: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """``v = argmin_{v ≥ u} vᵀMv``: the projection of ``Σ_i u_i g_i`` onto the dual cone of the
+    gradients ``{x : g_i·x ≥ 0 ∀i}`` is ``Σ_i v_i g_i`` (Quinton & Rey 2024, Proposition 1).
+
+    Solved exactly as non-negative least squares in ``s = v − u ≥ 0`` (Lawson–Hanson active
+    set, ``scipy.optimize.nnls``): ``vᵀMv = ‖A(u + s)‖²`` with ``A = Λ^{1/2}Vᵀ`` from
+    ``M = VΛVᵀ``. ``M`` is scaled by its trace first (the solution does not depend on it).
+
+    Example:
+        >>> import numpy as np
+        >>> g = np.array([[1.0, 0.0], [-1.0, 1.0]])
+        >>> dual_cone_weights(g @ g.T, np.array([1.0, 0.0]))  # g_1 + ½g_2 = (½, ½): g_2·x = 0
+        array([1. , 0.5])
+    """
+    from scipy.optimize import nnls  # lazy: scipy is slow to import
+
+    k = len(gram)
+    trace = float(np.trace(gram))
+    if not trace > 0:
+        return np.asarray(u, dtype=np.float64).copy()
+    lam, vecs = np.linalg.eigh(gram / trace)
+    a = np.sqrt(np.maximum(lam, 0.0))[:, None] * vecs.T
+    s, _ = nnls(a, -(a @ u), maxiter=50 * k)
+    return u + s
+
+
+def upgrad(gram: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """UPGrad (Quinton & Rey, 2024): ``Σ_i`` of the dual-cone projections of ``w_i·g_i``.
+
+    Each ``w_i g_i`` is projected onto the dual cone of all the gradients
+    (:func:`dual_cone_weights`); the coefficients of the projections are summed. When no two
+    gradients conflict (``M_ij ≥ 0``) every projection is the vector itself: ``w`` is returned.
+
+    Example:
+        >>> import numpy as np
+        >>> g = np.array([[1.0, 0.0], [0.0, 1.0]])
+        >>> upgrad(g @ g.T, np.array([0.5, 0.5]))  # no conflict: the mean
+        array([0.5, 0.5])
+    """
+    k = len(gram)
+    return sum((dual_cone_weights(gram, np.eye(k)[i] * weights[i]) for i in range(k)), np.zeros(k))
+
+
+def nash_mtl(
+    gram: np.ndarray, start: np.ndarray | None = None, max_iter: int = 100, tol: float = 1e-10
+) -> np.ndarray:
+    """Nash-MTL (Navon et al., ICML 2022): the ``α > 0`` with ``Mα = 1/α`` (element-wise).
+
+    ``α`` is the minimiser of the strictly convex ``f(α) = ½αᵀMα − Σ_i log α_i`` (its gradient
+    is ``Mα − 1/α``), found by damped Newton steps (Hessian ``M + diag(1/α²)``, backtracking
+    that keeps ``α > 0``) on ``M/‖M‖_F``, from ``start`` (or 𝟙) scaled to the best multiple.
+    Stops when ``max_i |α_i(Mα)_i − 1| ≤ tol``. If ``M`` is singular ``f`` may be unbounded
+    below: then (or on no convergence) ``M`` is regularised by ``10⁻⁸·I`` relative to its norm
+    and solved again. Returns zeros when ``M = 0``.
+
+    Example:
+        >>> import numpy as np
+        >>> g = np.array([[2.0, 0.0], [0.0, 0.5]])
+        >>> nash_mtl(g @ g.T)  # orthogonal gradients: α_i = 1/‖g_i‖
+        array([0.5, 2. ])
+    """
+    k = len(gram)
+    norm = float(np.linalg.norm(gram))
+    if not norm > 0:
+        return np.zeros(k)
+    m = gram / norm
+    x = np.ones(k) if start is None or not (np.asarray(start) > 0).all() else np.asarray(start)
+    for reg in (0.0, 1e-8):
+        beta = _nash_newton(m + reg * np.eye(k), x * math.sqrt(norm), max_iter, tol)
+        if beta is not None:
+            return beta / math.sqrt(norm)
+    return np.full(k, math.sqrt(k / max(float(np.ones(k) @ gram @ np.ones(k)), 1e-300)))
+
+
+def _nash_newton(m: np.ndarray, x: np.ndarray, max_iter: int, tol: float) -> np.ndarray | None:
+    """Newton's method on ``f(β) = ½βᵀmβ − Σ log β``; ``None`` when it does not converge."""
+
+    def f(b: np.ndarray) -> float:
+        return 0.5 * float(b @ m @ b) - float(np.log(b).sum())
+
+    quad = float(x @ m @ x)
+    if not quad > 0:
+        return None
+    beta = x * math.sqrt(len(x) / quad)  # the best multiple of x
+    for _ in range(max_iter):
+        mb = m @ beta
+        if float(np.max(np.abs(beta * mb - 1.0))) <= tol:
+            return beta
+        grad = mb - 1.0 / beta
+        step = np.linalg.solve(m + np.diag(1.0 / beta**2), -grad)
+        t, f0, slope = 1.0, f(beta), float(grad @ step)
+        size = float(np.linalg.norm(grad))
+        while t > 1e-12:
+            trial = beta + t * step
+            # Armijo on f, or (near the solution, where f's rounding hides its decrease) a
+            # smaller gradient
+            if (trial > 0).all() and (
+                f(trial) <= f0 + 1e-4 * t * slope
+                or float(np.linalg.norm(m @ trial - 1.0 / trial)) < 0.5 * size
+            ):
+                break
+            t *= 0.5
+        else:
+            return None
+        beta = trial
+    return None
+
+
+def gradvac_coefficients(
+    gram: np.ndarray, targets: np.ndarray, orders: Iterable[list[int]], beta: float
+) -> np.ndarray:
+    """GradVac (Wang et al., ICLR 2021) as coefficients ``c`` of ``d = Σ_k c_k g_k``; updates
+    the targets ``φ̂`` (a ``(K, K)`` array) in place.
+
+    For each task ``i`` (with the next order of ``orders``): ``g_i' = g_i``; for each other
+    ``j`` in that order, ``φ_ij = cos(g_i', g_j)``; if ``φ_ij < φ̂_ij``, ``g_i' += w·g_j`` with
+    ``w = ‖g_i'‖(φ̂_ij√(1−φ_ij²) − φ_ij√(1−φ̂_ij²)) / (‖g_j‖√(1−φ̂_ij²))`` (which makes
+    ``cos(g_i', g_j) = φ̂_ij``); then ``φ̂_ij ← (1−β)φ̂_ij + β·φ_ij``. Returns the coefficients of
+    ``Σ_i g_i'``, all computed from the Gram matrix.
+
+    Example:
+        >>> import numpy as np
+        >>> g = np.array([[1.0, 0.0], [-1.0, 1.0]])
+        >>> phi = np.zeros((2, 2))  # target 0: like PCGrad, conflicts are projected away
+        >>> gradvac_coefficients(g @ g.T, phi, [[1], [0]], 0.5) @ g
+        array([0.5, 1.5])
+        >>> phi.round(4)  # half-way to cos(g_1, g_2) = -0.7071
+        array([[ 0.    , -0.3536],
+               [-0.3536,  0.    ]])
+    """
+    k = len(gram)
+    norms = np.sqrt(np.maximum(np.diag(gram), 0.0))
+    total = np.zeros(k)
+    for i, order in zip(range(k), orders, strict=False):
+        c = np.zeros(k)  # g_i' = Σ_k c_k g_k
+        c[i] = 1.0
+        for j in order:
+            if j == i:
+                continue
+            cg = c @ gram
+            norm_i = math.sqrt(max(float(cg @ c), 0.0))
+            if norm_i == 0.0 or norms[j] == 0.0:
+                continue
+            phi = float(cg[j]) / (norm_i * norms[j])
+            target = float(targets[i, j])
+            if phi < target:
+                root_t = math.sqrt(max(1.0 - target * target, 0.0))
+                root_p = math.sqrt(max(1.0 - phi * phi, 0.0))
+                c[j] += norm_i * (target * root_p - phi * root_t) / (norms[j] * root_t + 1e-300)
+            targets[i, j] = (1.0 - beta) * target + beta * phi
+        total += c
+    return total

@@ -1,0 +1,568 @@
+"""Recent balancers: ``imtl``, ``aligned_mtl``, ``upgrad``, ``nash_mtl``, ``gradvac``,
+``db_mtl`` (gradient-based, on :class:`~mtlgraph.balancing.gradient.GradientBalancer`) and
+``famo`` (loss-based, one backward pass). Their solvers on the Gram matrix are in
+:mod:`mtlgraph.balancing.solvers`; the formulas, with the papers, in ``docs/balancing.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mtlgraph.balancing.base import (
+    StepContext,
+    _check,
+    _is_number,
+    _LastWeights,
+    _raise,
+    _seeded_generator,
+    _static,
+    _weighted_backward,
+)
+from mtlgraph.balancing.gradient import GradientBalancer
+from mtlgraph.balancing.solvers import aligned_mtl, gradvac_coefficients, imtl_g, nash_mtl, upgrad
+from mtlgraph.exceptions import ConfigError
+from mtlgraph.gradients import SharedLayout
+from mtlgraph.graph.task import Task
+
+
+def _positive_int(problems: list[str], value: object, name: str) -> None:
+    _check(
+        problems,
+        isinstance(value, int) and not isinstance(value, bool) and value > 0,
+        f"{name} must be a positive integer, got {value!r}",
+    )
+
+
+class IMTLBalancer(GradientBalancer):
+    """IMTL, impartial multi-task learning (Liu et al., ICLR 2021): IMTL-G, optionally IMTL-L.
+
+    IMTL-G: ``α`` with ``Σ_i α_i = 1`` such that ``d = Σ_i α_i g_i`` has the same projection on
+    every unit gradient ``u_i = g_i/‖g_i‖``: ``α ∝ M⁺·(‖g_1‖, …, ‖g_K‖)`` (closed form, see
+    :func:`.solvers.imtl_g`). No task dominates the update, whatever its gradient's size.
+    With ``loss_scaling`` (IMTL-L, the paper's hybrid "IMTL"), each task's loss is first scaled
+    to ``e^{s_i}·L_i − s_i`` with a learned ``s_i`` (init 0, a parameter trained by the Trainer,
+    its gradient ``e^{s_i}·L_i − 1``), which drives the scaled losses toward 1.
+
+    Args:
+        loss_scaling: Learn the IMTL-L scales ``s_i`` too.
+        lr: Learning rate of the ``s_i`` (``None``: the Trainer's ``lr``).
+
+    Example:
+        >>> import numpy as np
+        >>> from mtlgraph.balancing import IMTLBalancer
+        >>> g = np.array([[2.0, 0.0], [0.0, 1.0]])
+        >>> IMTLBalancer().combine(g @ g.T) @ g  # projection 2/3 on both unit gradients
+        array([0.66666667, 0.66666667])
+    """
+
+    name = "imtl"
+
+    def __init__(self, loss_scaling: bool = False, lr: float | None = None) -> None:
+        super().__init__()
+        problems: list[str] = []
+        _check(
+            problems,
+            isinstance(loss_scaling, bool),
+            f"loss_scaling must be true or false: {loss_scaling!r}",
+        )
+        _check(
+            problems,
+            lr is None or (_is_number(lr) and lr > 0),
+            f"lr must be a positive number or None, got {lr!r}",
+        )
+        _raise(self.name, problems)
+        self.loss_scaling = loss_scaling
+        self.lr = lr
+        self.log_scales = nn.Parameter(torch.zeros(0), requires_grad=loss_scaling)
+        self._index: dict[str, int] = {}  # task -> position in log_scales
+
+    def setup(self, tasks: Mapping[str, Task]) -> None:
+        super().setup(tasks)
+        if not self.loss_scaling:
+            return
+        new = [t for t in tasks if t not in self._index]
+        for task_name in new:
+            self._index[task_name] = len(self._index)
+        if new:  # grow the vector, keeping the values learned so far
+            old = self.log_scales.detach()
+            grown = old.new_zeros(len(self._index))
+            grown[: len(old)] = old
+            self.log_scales = nn.Parameter(grown)
+
+    def backward(self, losses: Mapping[str, torch.Tensor], ctx: StepContext) -> None:
+        if not self.loss_scaling:
+            super().backward(losses, ctx)
+            return
+        names = list(losses)
+        rows = torch.tensor([self._index[t] for t in names], device=self.log_scales.device)
+        s = self.log_scales[rows]
+        scale = s.detach().exp().tolist()
+        super().backward({t: losses[t] * f for t, f in zip(names, scale, strict=True)}, ctx)
+        # the s_i's own gradient, e^{s_i}·w_i·L_i − 1 (the model's came from the scaled losses)
+        weighted = torch.stack([w.detach().float() for w in _static(losses, ctx).values()])
+        ctx.backward((s.exp() * weighted.to(s)).sum() - s.sum())
+
+    def combine(self, gram: np.ndarray) -> np.ndarray:
+        return imtl_g(gram)
+
+    def task_parameters(self, task_names: Sequence[str]) -> list[nn.Parameter]:
+        return [self.log_scales] if self.loss_scaling else []
+
+    def optimizer_options(self) -> dict[str, Any]:
+        return {} if self.lr is None else {"lr": self.lr}
+
+    def get_extra_state(self) -> dict[str, Any]:
+        order = sorted(self._index, key=self._index.__getitem__)
+        return {**super().get_extra_state(), "tasks": order}
+
+    def set_extra_state(self, state: Any) -> None:
+        super().set_extra_state(state)
+        mine = sorted(self._index, key=self._index.__getitem__)
+        if list(state["tasks"]) != mine:
+            raise ConfigError(
+                [
+                    f"balancer 'imtl': the saved state holds tasks {list(state['tasks'])}, this "
+                    f"balancer was set up for {mine}; call setup(model.tasks) with the same "
+                    "tasks before load_state_dict"
+                ]
+            )
+
+
+class AlignedMTLBalancer(GradientBalancer):
+    """Aligned-MTL, independent component alignment (Senushkin et al., CVPR 2023).
+
+    The gradient matrix ``G = UΣVᵀ`` is replaced by ``G̃ = σ·UVᵀ`` (all singular values equal
+    ``σ``, condition number 1, so the tasks' components are aligned and none dominates), from
+    the eigen-decomposition of the Gram matrix; ``d = G̃ᵀw`` with ``w = 𝟙/K``.
+
+    Args:
+        scale_mode: ``σ²``: the smallest non-zero eigenvalue of ``M`` (``"min"``, the paper),
+            the median (``"median"``) or the mean (``"rmse"``).
+
+    Example:
+        >>> import numpy as np
+        >>> from mtlgraph.balancing import AlignedMTLBalancer
+        >>> g = np.array([[4.0, 0.0], [0.0, 1.0]])
+        >>> AlignedMTLBalancer().combine(g @ g.T) @ g  # both aligned to norm σ = 1, halved
+        array([0.5, 0.5])
+    """
+
+    name = "aligned_mtl"
+
+    def __init__(self, scale_mode: str = "min") -> None:
+        super().__init__()
+        problems: list[str] = []
+        _check(
+            problems,
+            scale_mode in ("min", "median", "rmse"),
+            f"scale_mode must be 'min', 'median' or 'rmse', got {scale_mode!r}",
+        )
+        _raise(self.name, problems)
+        self.scale_mode = scale_mode
+
+    def combine(self, gram: np.ndarray) -> np.ndarray:
+        k = len(gram)
+        return aligned_mtl(gram, np.full(k, 1.0 / k), self.scale_mode)
+
+
+class UPGradBalancer(GradientBalancer):
+    """UPGrad, unconflicting projection of gradients (Quinton & Rey, 2024, TorchJD).
+
+    Each ``g_i/K`` is projected onto the dual cone of all the gradients
+    ``{x : g_j·x ≥ 0 ∀j}`` (a quadratic program over ``K`` variables on the Gram matrix,
+    solved exactly as non-negative least squares) and the projections are summed. ``d`` lowers
+    no task's loss to first order (``g_j·d ≥ 0``), and when no two gradients conflict it is the
+    mean gradient.
+
+    Example:
+        >>> import numpy as np
+        >>> from mtlgraph.balancing import UPGradBalancer
+        >>> g = np.array([[1.0, 0.0], [-1.0, 1.0]])
+        >>> UPGradBalancer().combine(g @ g.T) @ g  # (¼, ¼) + (0, ½)
+        array([0.25, 0.75])
+    """
+
+    name = "upgrad"
+
+    def combine(self, gram: np.ndarray) -> np.ndarray:
+        k = len(gram)
+        return upgrad(gram, np.full(k, 1.0 / k))
+
+
+class _Named(GradientBalancer):
+    """A gradient balancer whose ``combine`` needs the step's task names (``self._names``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._names: list[str] = []
+
+    def backward(self, losses: Mapping[str, torch.Tensor], ctx: StepContext) -> None:
+        self._names = list(losses)
+        super().backward(losses, ctx)
+
+
+class NashMTLBalancer(_Named):
+    """Nash-MTL, multi-task learning as a bargaining game (Navon et al., ICML 2022).
+
+    ``d = Σ_i α_i g_i`` with ``α > 0`` the solution of ``Mα = 1/α``: the Nash bargaining
+    solution, in which each task's first-order progress ``g_i·d = 1/α_i`` is inversely
+    proportional to its weight. Solved by Newton's method on ``½αᵀMα − Σ log α_i`` (see
+    :func:`.solvers.nash_mtl`), warm-started from the last ``α``; recomputed every
+    ``update_weights_every`` steps (the last ``α`` is reused in between, as in the paper).
+    ``‖d‖² = K`` before the clipping to ``max_norm``.
+
+    Args:
+        update_weights_every: Solve every this many steps.
+        max_norm: Scale ``α`` so that ``‖d‖ ≤ max_norm`` (0: no clipping; the paper's 1.0).
+        max_iter: Newton iterations.
+
+    Example:
+        >>> import numpy as np
+        >>> from mtlgraph.balancing import NashMTLBalancer
+        >>> g = np.array([[2.0, 0.0], [0.0, 0.5]])
+        >>> NashMTLBalancer(max_norm=0.0).combine(g @ g.T)  # orthogonal: α_i = 1/‖g_i‖
+        array([0.5, 2. ])
+    """
+
+    name = "nash_mtl"
+
+    def __init__(
+        self, update_weights_every: int = 1, max_norm: float = 1.0, max_iter: int = 100
+    ) -> None:
+        super().__init__()
+        problems: list[str] = []
+        _positive_int(problems, update_weights_every, "update_weights_every")
+        _check(
+            problems, _is_number(max_norm) and max_norm >= 0, f"max_norm must be >= 0: {max_norm!r}"
+        )
+        _positive_int(problems, max_iter, "max_iter")
+        _raise(self.name, problems)
+        self.update_weights_every = update_weights_every
+        self.max_norm = float(max_norm)
+        self.max_iter = max_iter
+        self._steps = 0  # solves and reuses so far
+        self._alpha: dict[str, float] = {}  # the last solution, per task (unscaled)
+        self._unit = 1.0  # ctx.scale of a unit loss during a step
+
+    def backward(self, losses: Mapping[str, torch.Tensor], ctx: StepContext) -> None:
+        # d does not grow with the gradients (‖d‖² = K): give it the step's loss scale (fp16)
+        # and 1/N (accumulation) that the gradient methods' homogeneous directions carry
+        one = next(iter(losses.values())).detach().new_ones(())
+        self._unit = float(ctx.scale(one))
+        try:
+            super().backward(losses, ctx)
+        finally:
+            self._unit = 1.0
+
+    def combine(self, gram: np.ndarray) -> np.ndarray:
+        names = self._names if len(self._names) == len(gram) else [str(i) for i in range(len(gram))]
+        known = all(t in self._alpha for t in names)
+        start = np.array([self._alpha[t] for t in names]) if known else None
+        # the rows carry ctx.scale (unit), so α here is α_true/unit: α_true is what is kept
+        if start is not None and self._steps % self.update_weights_every != 0:
+            alpha = start / self._unit
+        else:
+            alpha = nash_mtl(gram, start, self.max_iter)
+            self._alpha.update(zip(names, (alpha * self._unit).tolist(), strict=True))
+        self._steps += 1
+        norm = math.sqrt(max(float(alpha @ gram @ alpha), 0.0))
+        if self.max_norm > 0 and norm > self.max_norm:  # ‖d‖ does not depend on the scale
+            alpha = alpha * (self.max_norm / norm)
+        return alpha * self._unit
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {**super().get_extra_state(), "steps": self._steps, "alpha": dict(self._alpha)}
+
+    def set_extra_state(self, state: Any) -> None:
+        super().set_extra_state(state)
+        self._steps = int(state["steps"])
+        self._alpha = {t: float(a) for t, a in state["alpha"].items()}
+
+
+class GradVacBalancer(_Named):
+    """GradVac, gradient vaccine (Wang et al., ICLR 2021).
+
+    Keeps for each ordered pair of tasks ``(i, j)`` an EMA target ``φ̂_ij`` of their gradient
+    cosine (initially 0). For each task ``i``: ``g_i' = g_i``; for the other tasks ``j`` in
+    random order, if ``φ_ij = cos(g_i', g_j) < φ̂_ij``, ``g_i'`` gets the multiple of ``g_j``
+    that brings the cosine up to ``φ̂_ij``; ``φ̂_ij ← (1−β)φ̂_ij + β·φ_ij``. ``d = Σ_i g_i'``.
+    With targets 0 it is PCGrad; positive targets also pull agreeing tasks closer.
+
+    Args:
+        beta: EMA rate of the targets (the paper's ``β = 0.01``).
+        group: ``"model"``: one target per pair on the whole shared vector; ``"module"``: one
+            per pair and shared module (the paper's per-layer variant at module granularity).
+        seed: Seed of the order generator.
+
+    Example:
+        >>> import numpy as np
+        >>> from mtlgraph.balancing import GradVacBalancer
+        >>> g = np.array([[1.0, 0.0], [-1.0, 1.0]])
+        >>> GradVacBalancer().combine(g @ g.T) @ g  # first step, targets 0: like PCGrad
+        array([0.5, 1.5])
+    """
+
+    name = "gradvac"
+
+    def __init__(self, beta: float = 0.01, group: str = "model", seed: int = 0) -> None:
+        super().__init__()
+        problems: list[str] = []
+        _check(
+            problems, _is_number(beta) and 0 < beta <= 1, f"beta must be in (0, 1], got {beta!r}"
+        )
+        _check(
+            problems,
+            group in ("model", "module"),
+            f"group must be 'model' or 'module', got {group!r}",
+        )
+        _raise(self.name, problems)
+        self.beta = float(beta)
+        self.group = group
+        self.seed = seed
+        self._gen = _seeded_generator("gradvac", seed)
+        self._targets: dict[str, float] = {}  # "group|i|j" -> φ̂_ij
+
+    def _coefficients(self, gram: np.ndarray, group: str) -> np.ndarray:
+        k = len(gram)
+        names = self._names if len(self._names) == k else [str(i) for i in range(k)]
+        keys = [[f"{group}|{a}|{b}" for b in names] for a in names]
+        targets = np.array([[self._targets.get(key, 0.0) for key in row] for row in keys])
+        orders = (torch.randperm(k, generator=self._gen).tolist() for _ in range(k))
+        beta = gradvac_coefficients(gram, targets, orders, self.beta)
+        for i, row in enumerate(keys):
+            for j, key in enumerate(row):
+                if i != j:
+                    self._targets[key] = float(targets[i, j])
+        return beta
+
+    def combine(self, gram: np.ndarray) -> np.ndarray:
+        return self._coefficients(gram, "")
+
+    def direction(
+        self, rows: torch.Tensor, layout: SharedLayout
+    ) -> tuple[torch.Tensor, np.ndarray]:
+        if self.group == "model":
+            return super().direction(rows, layout)
+        out = torch.empty_like(rows[0])
+        total = np.zeros(len(rows))
+        for module, start, stop in layout.modules:
+            part = rows[:, start:stop]
+            gram = (part @ part.T).double().cpu().numpy()
+            beta = (
+                self._coefficients(gram, module) if np.isfinite(gram).all() else np.ones(len(rows))
+            )
+            out[start:stop] = torch.from_numpy(beta).to(rows) @ part
+            total += beta * (stop - start) / layout.size
+        return out, total  # logged: the size-weighted mean of the modules' coefficients
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {
+            **super().get_extra_state(),
+            "targets": dict(self._targets),
+            "generator": self._gen.get_state(),
+        }
+
+    def set_extra_state(self, state: Any) -> None:
+        super().set_extra_state(state)
+        self._targets = {k: float(v) for k, v in state["targets"].items()}
+        self._gen.set_state(state["generator"])
+
+
+class DBMTLBalancer(_Named):
+    """DB-MTL, dual-balancing multi-task learning (Lin et al., 2023).
+
+    Loss-scale balancing: every task trains on ``log L_i`` (its gradient ``∇L_i / L_i``; the
+    task-only parameters get it too). Gradient-magnitude balancing: an EMA of each task's
+    shared gradient ``ĝ_i ← β_t·ĝ_i + (1−β_t)·∇log L_i`` with ``β_t = β/t^{β_σ}`` (``ĝ = 0`` at
+    first), then ``d = Σ_i (max_j ‖ĝ_j‖ / ‖ĝ_i‖)·ĝ_i``: every task's averaged gradient is scaled
+    to the largest norm.
+
+    Args:
+        beta: ``β``, the EMA weight of the past.
+        beta_sigma: ``β_σ``, the decay of ``β_t`` with the step ``t``.
+        eps: Added to the losses in the log (and to the norms).
+
+    Example:
+        >>> from mtlgraph.balancing import make_balancer
+        >>> make_balancer("db_mtl").beta
+        0.9
+    """
+
+    name = "db_mtl"
+
+    def __init__(self, beta: float = 0.9, beta_sigma: float = 0.5, eps: float = 1e-8) -> None:
+        super().__init__()
+        problems: list[str] = []
+        _check(
+            problems, _is_number(beta) and 0 <= beta < 1, f"beta must be in [0, 1), got {beta!r}"
+        )
+        _check(
+            problems,
+            _is_number(beta_sigma) and beta_sigma >= 0,
+            f"beta_sigma must be >= 0, got {beta_sigma!r}",
+        )
+        _check(problems, _is_number(eps) and eps > 0, f"eps must be > 0, got {eps!r}")
+        _raise(self.name, problems)
+        self.beta = float(beta)
+        self.beta_sigma = float(beta_sigma)
+        self.eps = float(eps)
+        self._ema: torch.Tensor | None = None  # (K, P) averaged ∇log L_i
+        self._ema_tasks: list[str] = []
+        self._t = 0
+
+    def backward(self, losses: Mapping[str, torch.Tensor], ctx: StepContext) -> None:
+        names = list(losses)
+        values = ctx.reduce(torch.stack([losses[t].detach() for t in names]).double())
+        bad = [t for t, v in zip(names, values.tolist(), strict=True) if not v >= 0]
+        if bad and all(math.isfinite(v) for v in values.tolist()):
+            raise ConfigError(
+                [
+                    f"balancer 'db_mtl' takes the log of the losses: task(s) {bad} have a negative "
+                    "loss; use a non-negative loss or another balancer"
+                ]
+            )
+        # L_i / (L̄_i + ε) has the gradient of log(L̄_i + ε) once DDP averages it over ranks
+        logs = {
+            t: losses[t] / (v + self.eps).to(losses[t].dtype)
+            for t, v in zip(names, values, strict=True)
+        }
+        super().backward(logs, ctx)
+
+    def direction(
+        self, rows: torch.Tensor, layout: SharedLayout
+    ) -> tuple[torch.Tensor, np.ndarray]:
+        if self._ema is None or self._ema_tasks != self._names or self._ema.shape != rows.shape:
+            self._ema, self._ema_tasks, self._t = torch.zeros_like(rows), list(self._names), 0
+        norms = rows.norm(dim=1).double().cpu().numpy()
+        if not np.isfinite(norms).all():  # fp16 overflow: the grad scaler skips this step, and
+            return rows.sum(dim=0), np.ones(len(rows))  # the average keeps its finite values
+        ema = self._ema.to(rows)
+        self._t += 1
+        beta_t = self.beta / self._t**self.beta_sigma
+        ema = rows + beta_t * (ema - rows)
+        self._ema = ema
+        norms = ema.norm(dim=1).double().cpu().numpy()
+        alpha = norms.max() / (norms + self.eps)
+        return torch.from_numpy(alpha).to(rows) @ ema, alpha
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {
+            **super().get_extra_state(),
+            "ema": None if self._ema is None else self._ema.detach().cpu().clone(),
+            "ema_tasks": list(self._ema_tasks),
+            "t": self._t,
+        }
+
+    def set_extra_state(self, state: Any) -> None:
+        super().set_extra_state(state)
+        self._ema = None if state["ema"] is None else state["ema"].clone()
+        self._ema_tasks = list(state["ema_tasks"])
+        self._t = int(state["t"])
+
+
+class FAMOBalancer(_LastWeights):
+    """FAMO, fast adaptive multitask optimization (Liu et al., NeurIPS 2023); one backward pass.
+
+    Task logits ``ξ`` (init 0), ``z = softmax(ξ)``. The model trains on
+    ``Σ_i c·z_i·log(L_i + ε)`` with ``c = 1/Σ_j z_j/(L_j + ε)`` held constant: task ``i``'s loss
+    gets the weight ``w_i = c·z_i/(L_i + ε)`` (``Σ_i w_i·L_i`` in one backward pass; the weights
+    sum to 1 when the losses are equal). Then the logits learn from the change of the log-losses
+    across the update: ``δ_i = log(L_i^{before} + ε) − log(L_i^{after} + ε)``,
+    ``∇_ξ = J_softmax(ξ)ᵀ δ`` (i.e. ``z ⊙ (δ − z·δ)``), one Adam step with learning rate ``lr``
+    and L2 decay ``gamma`` on ``ξ``. Tasks whose loss fell least gain weight. O(1) extra cost: the
+    "after" losses are those of the next step holding the task (the paper re-evaluates the same
+    batch); a step updates the logits of its tasks that have such a previous loss.
+
+    Args:
+        lr: Learning rate of the logits' own Adam.
+        gamma: Weight decay of the logits (their pull back to equal weights).
+        eps: Added to the losses before the log.
+
+    Example:
+        >>> from mtlgraph.balancing import FAMOBalancer
+        >>> b = FAMOBalancer()
+        >>> b._update(["a", "b"], [2.0, 1.0], [1.0, 1.0])  # a's loss halved, b's unchanged
+        >>> {t: round(x, 4) for t, x in b._logits.items()}  # Adam's first step: ∓lr
+        {'a': -0.025, 'b': 0.025}
+    """
+
+    name = "famo"
+
+    _BETAS = (0.9, 0.999)
+    _ADAM_EPS = 1e-8
+
+    def __init__(self, lr: float = 0.025, gamma: float = 0.01, eps: float = 1e-8) -> None:
+        super().__init__()
+        problems: list[str] = []
+        _check(problems, _is_number(lr) and lr > 0, f"lr must be a positive number, got {lr!r}")
+        _check(problems, _is_number(gamma) and gamma >= 0, f"gamma must be >= 0, got {gamma!r}")
+        _check(problems, _is_number(eps) and eps > 0, f"eps must be > 0, got {eps!r}")
+        _raise(self.name, problems)
+        self.lr, self.gamma, self.eps = float(lr), float(gamma), float(eps)
+        self._logits: dict[str, float] = {}
+        self._adam: dict[str, list[float]] = {}  # task -> [m, v, steps]
+        self._prev: dict[str, float] = {}  # each task's loss at the last step that held it
+
+    def backward(self, losses: Mapping[str, torch.Tensor], ctx: StepContext) -> None:
+        weighted = _static(losses, ctx)
+        names = list(weighted)
+        stacked = torch.stack([weighted[t].detach().double() for t in names])
+        values = ctx.reduce(stacked).tolist()  # every rank weighs with the same numbers
+        if not all(math.isfinite(v) and v >= 0 for v in values):
+            _weighted_backward(losses, {t: self._last.get(t, 1.0) for t in names}, ctx)
+            return
+        seen = [i for i, t in enumerate(names) if t in self._prev]
+        if len(seen) > 1:  # the logits of tasks with a previous loss (all, with mixed steps)
+            known = [names[i] for i in seen]
+            self._update(known, [self._prev[t] for t in known], [values[i] for i in seen])
+        self._prev.update(zip(names, values, strict=True))
+        logits = [self._logits.get(t, 0.0) for t in names]
+        top = max(logits)
+        z = [math.exp(x - top) for x in logits]
+        inv = [zi / (v + self.eps) for zi, v in zip(z, values, strict=True)]
+        c = 1.0 / sum(inv)
+        w = {t: c * x for t, x in zip(names, inv, strict=True)}
+        self._last.update(w)
+        _weighted_backward(losses, w, ctx)
+
+    def _update(self, names: list[str], before: list[float], after: list[float]) -> None:
+        """One Adam step of the logits on ``J_softmax(ξ)ᵀ δ`` (plus the decay ``gamma·ξ``)."""
+        logits = [self._logits.get(t, 0.0) for t in names]
+        top = max(logits)
+        e = [math.exp(x - top) for x in logits]
+        z = [x / sum(e) for x in e]
+        delta = [
+            math.log(b + self.eps) - math.log(a + self.eps)
+            for b, a in zip(before, after, strict=True)
+        ]
+        mean = sum(zi * di for zi, di in zip(z, delta, strict=True))
+        b1, b2 = self._BETAS
+        for t, x, zi, di in zip(names, logits, z, delta, strict=True):
+            grad = zi * (di - mean) + self.gamma * x
+            m, v, n = self._adam.get(t, [0.0, 0.0, 0.0])
+            n += 1
+            m = b1 * m + (1 - b1) * grad
+            v = b2 * v + (1 - b2) * grad * grad
+            self._adam[t] = [m, v, n]
+            denom = math.sqrt(v) / math.sqrt(1 - b2**n) + self._ADAM_EPS
+            self._logits[t] = x - (self.lr / (1 - b1**n)) * m / denom
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {
+            **super().get_extra_state(),
+            "logits": dict(self._logits),
+            "adam": {t: list(s) for t, s in self._adam.items()},
+            "previous_losses": dict(self._prev),
+        }
+
+    def set_extra_state(self, state: Any) -> None:
+        super().set_extra_state(state)
+        self._logits = {t: float(v) for t, v in state["logits"].items()}
+        self._adam = {t: [float(x) for x in s] for t, s in state["adam"].items()}
+        self._prev = {t: float(v) for t, v in state["previous_losses"].items()}
