@@ -500,10 +500,13 @@ class Scorer:
                 masks nothing.
 
         Returns:
-            ``{metric_key: float}``; every metric is ``nan`` when no label is active.
+            ``{metric_key: float}``; every metric is ``nan`` when no label is active or an
+            active row's output (``probs``) is NaN or infinite.
         """
         golds, preds, probs = np.asarray(golds), np.asarray(preds), np.asarray(probs)
         golds, preds, probs = _mask(golds, preds, probs, ignore_value)
+        if _nonfinite(probs):  # scores of NaN/inf outputs are NaN, never ordinary numbers
+            return {b.key: math.nan for b in self._bound}
         out: dict[str, float] = {}
         for b in self._bound:
             if len(golds) == 0:
@@ -516,6 +519,11 @@ class Scorer:
                 raise
             out[b.key] = float(value)
         return out
+
+
+def _nonfinite(probs: np.ndarray) -> bool:
+    """Whether floating outputs hold a NaN or an infinity."""
+    return probs.dtype.kind in "fc" and not bool(np.isfinite(probs).all())
 
 
 def _mask(

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mtlgraph.exceptions import MtlGraphError
+from mtlgraph.exceptions import MtlGraphError, TrainingError
 
 if TYPE_CHECKING:
     from mtlgraph.experiment.config import ExperimentConfig
@@ -456,7 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _report(error, args.debug)
         # mtlgraph's own errors (data that does not fit, a checkpoint of another run) are
         # configuration errors even when found after set-up; anything else is a run-time failure
-        return EXIT_USAGE if isinstance(error, MtlGraphError) else EXIT_FAILURE
+        return EXIT_USAGE if _is_usage_error(error) else EXIT_FAILURE
     except KeyboardInterrupt as error:
         _report(error, args.debug, "interrupted")
         return 130
@@ -469,6 +469,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _is_usage_error(error: BaseException) -> bool:
     """mtlgraph's own errors, YAML errors and missing files are usage errors (exit status 2)."""
+    if isinstance(error, TrainingError):  # a NaN guard: a run-time failure (exit status 1)
+        return False
     if isinstance(error, (MtlGraphError, FileNotFoundError)):
         return True
     yaml = sys.modules.get("yaml")  # only a command that imported yaml can raise its errors

@@ -76,6 +76,10 @@ class TrainerConfig:
     distributed_timeout: float = 300.0  # seconds a collective waits for the other ranks, then fails
     # --- interference diagnostics (docs/diagnostics.md); off by default
     diagnostics: DiagnosticsConfig | None = None  # interference probes every N steps; None = off
+    # --- bad input (issue 11)
+    nonfinite: Literal["raise", "skip_batch", "warn"] = (
+        "raise"  # a non-finite loss or clipped gradient norm: raise TrainingError, drop the step, warn
+    )
 
     def validate(self) -> list[str]:
         """Value checks beyond types; one sentence per problem."""

@@ -237,7 +237,9 @@ class FitLoop:
         )
         self.stepper = SubsetStepper(optimizer, self.balancer.task_parameters)
         control = StepControl(cfg.amp, cfg.grad_accumulation_steps, cfg.grad_clip, device)
-        self.step = TrainStep(model, self.balancer, self.stepper, control, device, self.comm, ddp)
+        self.step = TrainStep(
+            model, self.balancer, self.stepper, control, device, self.comm, ddp, cfg.nonfinite
+        )
         self.state.batch_counts = [len(dl) for dl in self.train]
         self.state.world_size = env.world_size
         self.lr_factor = self._lr_schedule()  # before a resume loads the scheduler's state
@@ -262,6 +264,7 @@ class FitLoop:
         for epoch in range(state.epoch, cfg.n_epochs):
             for dl in self.train:
                 dl.set_epoch(epoch)
+            self.step.guard.epoch = epoch
             scheduler_state = self.scheduler.state_dict()  # resume recomputes the plan from it
             plan = self.scheduler.epoch_plan(state.batch_counts)
             iterators = self._start_epoch(epoch, plan, scheduler_state)
@@ -326,6 +329,8 @@ class FitLoop:
                 record[make_key("model", "all", "train", f"lr/{group['name']}")] = float(
                     group["lr"]
                 )
+        if self.cfg.nonfinite == "skip_batch":  # micro-steps dropped by the non-finite guard
+            record[make_key("model", "all", "train", "skipped_batches")] = self.step.guard.skipped
         for task_name, w in sorted(self.balancer.weights().items()):
             record[make_key("model", "all", "train", f"weight/{task_name}")] = float(w)
         return record
@@ -385,6 +390,7 @@ class FitLoop:
         }
         if self.monitor is not None:
             state["diagnostics"] = self.monitor.state_dict()
+        state["nonfinite_skipped"] = self.step.guard.skipped
         return state
 
     # ------------------------------------------------------------------ set-up
@@ -407,6 +413,7 @@ class FitLoop:
         self.stepper.load_state_dict(saved["optimizer"])
         self.state.load_state_dict(saved["run"], self.env.rank)
         self._recorded_positions = list(saved["run"]["progress"]["loader_positions"])
+        self.step.guard.skipped = int(saved.get("nonfinite_skipped", 0))
         logger.info(
             "resuming at epoch %d, step %d of the epoch (global step %d)",
             self.state.epoch + 1,
