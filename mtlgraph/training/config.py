@@ -77,9 +77,8 @@ class TrainerConfig:
     # --- interference diagnostics (docs/diagnostics.md); off by default
     diagnostics: DiagnosticsConfig | None = None  # interference probes every N steps; None = off
     # --- bad input (issue 11)
-    nonfinite: Literal["raise", "skip_batch", "warn"] = (
-        "raise"  # a non-finite loss or clipped gradient norm: raise TrainingError, drop the step, warn
-    )
+    # a non-finite step loss or clipped gradient norm: raise TrainingError, drop the update, warn
+    nonfinite: Literal["raise", "skip_batch", "warn"] = "raise"
 
     def validate(self) -> list[str]:
         """Value checks beyond types; one sentence per problem."""
