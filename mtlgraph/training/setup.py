@@ -13,6 +13,7 @@ from mtlgraph.exceptions import ConfigError, DataError
 from mtlgraph.graph.model import MultitaskClassifier
 from mtlgraph.training.config import TrainerConfig
 from mtlgraph.training.distributed import DistEnv, shard_eval_loader, shard_train_loader
+from mtlgraph.training.labels import check_fit_labels
 from mtlgraph.training.optim import freeze_modules, model_param_groups, resolve_freeze
 from mtlgraph.training.step import StepLosses
 
@@ -25,7 +26,8 @@ def check_loaders(
     train_split: str,
 ) -> None:
     """Every problem of the loaders at once: wrong types, score-key collisions, no training
-    loader, empty loaders, labels of tasks the model lacks.
+    loader, empty loaders, labels of tasks the model lacks; then the labels themselves
+    (:func:`~mtlgraph.training.labels.check_fit_labels`).
 
     Raises:
         DataError: The problems.
@@ -64,6 +66,7 @@ def check_loaders(
         raise DataError(
             problems, header="cannot train on these dataloaders:" if len(problems) > 1 else None
         )
+    check_fit_labels(model, train, evals)  # in-memory datasets, once (issue 11)
 
 
 def prepare(
