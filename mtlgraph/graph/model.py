@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mtlgraph._io import atomic_torch_save, map_structure, tensor_leaves
+from mtlgraph._io import atomic_torch_save, load_weights_only, map_structure, tensor_leaves
 from mtlgraph._suggest import did_you_mean, quoted
 from mtlgraph.data.datasets import DictDataLoader
 from mtlgraph.exceptions import CheckpointError, DataError, GraphError
@@ -488,34 +488,35 @@ class MultitaskClassifier(nn.Module):
         atomic_torch_save(payload, path)
 
     def load(self, path: str | os.PathLike[str], strict: bool = True) -> None:
-        """Load weights saved by :meth:`save` (``torch.load(weights_only=True)``).
+        """Load weights saved by :meth:`save` (``torch.load(weights_only=True)``), all or
+        nothing: task names, parameter names, shapes and dtypes are checked first, and a refused
+        load leaves every parameter unchanged.
 
         Args:
             path: The file.
-            strict: Require exactly the same parameter names. With ``strict=False`` a model that
-                gained tasks can load an older file; the new modules keep their initial weights.
+            strict: Require exactly the same tasks and parameter names. With ``strict=False`` a
+                model that gained tasks can load an older file; the new modules keep their
+                initial weights.
 
         Raises:
-            CheckpointError: Not an mtlgraph model file, or names that do not match.
+            FileNotFoundError: No such file.
+            CheckpointError: Not an mtlgraph model file (or a truncated or corrupt one, or one
+                holding a pickled object), or weights of other tasks, names or shapes.
         """
-        try:
-            payload = torch.load(path, map_location=self.device, weights_only=True)
-        except FileNotFoundError:
-            raise
-        except Exception as e:
-            raise CheckpointError(f"cannot read model file {os.fspath(path)!r}: {e}") from e
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"model file {os.fspath(path)!r} does not exist")
+        payload = load_weights_only(path, self.device)
         if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
             raise CheckpointError(
                 f"{os.fspath(path)!r} is not a model saved by MultitaskClassifier.save"
             )
-        result = self.load_state_dict(payload["state_dict"], strict=False)
-        missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
-        if strict and (missing or unexpected):
-            raise CheckpointError(
-                f"{os.fspath(path)!r} was saved from tasks {payload.get('task_names')}, this model "
-                f"has {self.task_names}: missing {missing}, unexpected {unexpected}; "
-                "pass strict=False to load the matching part"
-            )
+        load_state_checked(
+            self,
+            payload.get("state_dict"),
+            payload.get("task_names"),
+            strict,
+            f"{os.fspath(path)!r}",
+        )
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, tasks={self.task_names}"
@@ -545,3 +546,71 @@ def _zero_like_graph(out: Any) -> torch.Tensor:
 def _index_rows(out: Any, rows: torch.Tensor) -> Any:
     """The ``rows`` of every tensor inside ``out``."""
     return map_structure(lambda v: v[rows] if isinstance(v, torch.Tensor) else v, out)
+
+
+# ---------------------------------------------------------------- all-or-nothing loads
+
+
+def _names(names: Sequence[str], limit: int = 4) -> str:
+    shown = ", ".join(f"'{n}'" for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def state_problems(
+    model: MultitaskClassifier, state: object, task_names: object, strict: bool = True
+) -> list[str]:
+    """Why ``state`` (a state dict saved with ``task_names``) cannot be loaded into ``model``:
+    other tasks (renamed ones included), missing or unexpected parameters (with ``strict``),
+    other shapes or kinds of dtype. Empty when it loads."""
+    if not isinstance(state, Mapping):
+        return [f"it holds no state dict (found {type(state).__name__})"]
+    problems: list[str] = []
+    if isinstance(task_names, (list, tuple)):
+        theirs, ours = [str(t) for t in task_names], model.task_names
+        foreign = [t for t in theirs if t not in ours]
+        absent = [t for t in ours if t not in theirs]
+        if foreign or (strict and absent):
+            problems.append(
+                f"it holds the weights of tasks {theirs}, the model has {ours}"
+                + (f" (not in the model: {_names(foreign)})" if foreign else "")
+            )
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if strict and missing:
+        problems.append(f"missing {_names(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {_names([str(k) for k in unexpected])}")
+    for key, mine in own.items():
+        theirs_value = state.get(key)
+        if theirs_value is None:
+            continue
+        if not isinstance(theirs_value, torch.Tensor):
+            problems.append(f"'{key}' is a {type(theirs_value).__name__}, not a tensor")
+        elif theirs_value.shape != mine.shape:
+            problems.append(
+                f"'{key}' has shape {tuple(theirs_value.shape)} in the file, "
+                f"{tuple(mine.shape)} in the model"
+            )
+        elif theirs_value.dtype.is_floating_point != mine.dtype.is_floating_point:
+            problems.append(
+                f"'{key}' is {theirs_value.dtype} in the file, {mine.dtype} in the model"
+            )
+    return problems
+
+
+def load_state_checked(
+    model: MultitaskClassifier, state: object, task_names: object, strict: bool, what: str
+) -> None:
+    """Load ``state`` into ``model`` only when :func:`state_problems` finds nothing: a refused
+    load leaves every parameter unchanged.
+
+    Raises:
+        CheckpointError: ``"cannot load <what> into this model: <problems>"``.
+    """
+    problems = state_problems(model, state, task_names, strict)
+    if problems:
+        hint = "; pass strict=False to load the matching part" if strict else ""
+        raise CheckpointError(f"cannot load {what} into this model: {'; '.join(problems)}{hint}")
+    assert isinstance(state, Mapping)
+    model.load_state_dict(state, strict=False)

@@ -251,7 +251,7 @@ class FitLoop:
         self.checkpointer = self._open_checkpointer(saved)
         self.bar = ProgressBar(cfg.progress_bar and env.is_main)
         self.hooks = self._hooks()
-        self.writers = self._open_writers(self.state.global_step if saved else None)
+        self.writers = self._open_writers(self._logged_step() if saved else None)
         if saved is not None:
             ckpt.set_rng_state(saved["rng"])  # last: building the pieces above may draw numbers
 
@@ -390,7 +390,8 @@ class FitLoop:
         }
         if self.monitor is not None:
             state["diagnostics"] = self.monitor.state_dict()
-        state["nonfinite_skipped"] = self.step.guard.skipped
+        if self.cfg.nonfinite == "skip_batch":
+            state["nonfinite_skipped"] = self.step.guard.skipped
         return state
 
     # ------------------------------------------------------------------ set-up
@@ -407,19 +408,35 @@ class FitLoop:
     def _restore(self, saved: Mapping[str, Any]) -> None:
         """Load a checkpoint into the run's pieces (the global random states come last)."""
         ckpt.check_resume(saved, self.state.batch_counts, self.env.world_size)
-        ckpt.load_model_state(self.model, saved, "cannot resume: the checkpoint")
-        self.balancer.load_state_dict(saved["balancer"])
-        self.scheduler.load_state_dict(saved["run"]["scheduler"])
-        self.stepper.load_state_dict(saved["optimizer"])
+        with ckpt.all_or_nothing(self.model, "cannot resume: the checkpoint"):
+            ckpt.load_model_state(self.model, saved, "cannot resume: the checkpoint")
+            self.balancer.load_state_dict(saved["balancer"])
+            self.scheduler.load_state_dict(saved["run"]["scheduler"])
+            self.stepper.load_state_dict(saved["optimizer"])
         self.state.load_state_dict(saved["run"], self.env.rank)
         self._recorded_positions = list(saved["run"]["progress"]["loader_positions"])
         self.step.guard.skipped = int(saved.get("nonfinite_skipped", 0))
+        if self.state.epoch >= self.cfg.n_epochs:
+            logger.warning(
+                "the checkpoint's run is finished (%d of %d epochs): nothing to train; raise "
+                "n_epochs to train longer",
+                self.state.epoch,
+                self.cfg.n_epochs,
+            )
+            return
         logger.info(
             "resuming at epoch %d, step %d of the epoch (global step %d)",
             self.state.epoch + 1,
             self.state.step_in_epoch,
             self.state.global_step,
         )
+
+    def _logged_step(self) -> int:
+        """The step of the checkpoint's last history record: the writers drop what was logged
+        after it (an evaluation that ended an epoch right after a step-wise checkpoint is not in
+        the checkpoint, and the resumed run logs it again)."""
+        history = self.state.history
+        return int(history[-1]["step"]) if history else -1
 
     def _hooks(self) -> list[Hook]:
         """The internal hooks in their fixed order: probe, evaluate, save, progress bar."""
