@@ -49,6 +49,18 @@ def unknown_label_error(label: str, tasks: Mapping[str, Task]) -> GraphError:
     )
 
 
+def unlabelled_error(dataloader: object, tasks: Mapping[str, Task]) -> GraphError:
+    """The error for predicting (or scoring) a loader whose batches carry no labels."""
+    ds = getattr(dataloader, "dataset", None)
+    name = f"dataset '{ds.name}' ({ds.split})" if hasattr(ds, "split") else "the loader"
+    return GraphError(
+        [
+            f"{name} has no labels, so there is nothing to score and no task to predict; pass "
+            f"task_names=[...] to predict (the model has {quoted(tasks)})"
+        ]
+    )
+
+
 def label_tasks(
     tasks: Mapping[str, Task], labels: Iterable[str], remap: Mapping[str, str | None]
 ) -> list[tuple[str, str]]:
@@ -116,8 +128,12 @@ def predict(
     model.eval()
     golds: dict[str, list[torch.Tensor]] = {}
     probs: dict[str, list[torch.Tensor]] = {}
+    unlabelled = 0  # batches without any label (nothing to predict unless task_names says)
     try:
         for X, Y in dataloader:
+            if wanted is None and not Y:
+                unlabelled += 1
+                continue
             pairs = _batch_pairs(tasks, Y, remap, wanted)
             if not pairs:
                 continue
@@ -134,6 +150,8 @@ def predict(
                     golds.setdefault(task_name, []).append(Y[label].cpu())
     finally:
         model.train(was_training)
+    if unlabelled and not probs:
+        raise unlabelled_error(dataloader, tasks)
     result: dict[str, dict[str, np.ndarray]] = {
         "golds": {t: torch.cat(v).numpy() for t, v in golds.items()},
         "probs": {t: torch.cat(v).numpy() for t, v in probs.items()},

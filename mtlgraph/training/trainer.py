@@ -178,7 +178,7 @@ class Trainer:
         loaders = list(dataloaders)
         train = [dl for dl in loaders if getattr(dl.dataset, "split", None) == cfg.train_split]
         evals = [dl for dl in loaders if getattr(dl.dataset, "split", None) in cfg.eval_splits]
-        check_loaders(model, loaders, train, evals, cfg.train_split)
+        check_loaders(model, loaders, train, evals, cfg.train_split, cfg.eval_splits)
         env = DistEnv.from_env() if cfg.distributed == "auto" else DistEnv()
         device = model.device
         if env.enabled:  # one process per device: cuda:<local rank>
