@@ -458,6 +458,9 @@ class Scorer:
             if not callable(func):
                 problems.append(f"custom metric '{key}' is not callable")
                 continue
+            if not _takes_three(func):  # a TypeError at the first evaluation otherwise
+                problems.append(f"custom metric '{key}' must take (golds, preds, probs)")
+                continue
             hib = bool(getattr(func, "higher_is_better", True))
             bound.append(_Bound(key, func, {}, hib))
         seen: set[str] = set()
@@ -519,6 +522,17 @@ class Scorer:
                 raise
             out[b.key] = float(value)
         return out
+
+
+def _takes_three(func: Callable[..., Any]) -> bool:
+    """Whether ``func(golds, preds, probs)`` binds (builtins without a signature pass)."""
+    try:
+        inspect.signature(func).bind(None, None, None)
+    except TypeError:
+        return False
+    except ValueError:  # no signature to inspect
+        return True
+    return True
 
 
 def _nonfinite(probs: np.ndarray) -> bool:
