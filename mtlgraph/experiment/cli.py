@@ -535,7 +535,7 @@ def _quiet_broken_pipe() -> int:
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError):  # no real file descriptor (a test's captured stdout)
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (a test's captured stdout)
         pass
     return EXIT_OK
 
