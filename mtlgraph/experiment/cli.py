@@ -163,17 +163,9 @@ def _train(args: argparse.Namespace, cfg: ExperimentConfig, env: DistEnv) -> int
         made = new_run_dir(cfg.runs_root, cfg.experiment) if env.is_main else None
         run_dir = Path(broadcast_object(str(made) if made is not None else None))
     experiment = build_experiment(cfg, run_dir)
-    if checkpoint is not None:  # refused or finished: the run directory is left as it is
-        if not _resumable(experiment.model, state, checkpoint, changed, cfg.trainer.n_epochs):
-            if env.is_main and (run_dir / SCORES_FILE).is_file():  # the finished run's scores
-                print((run_dir / SCORES_FILE).read_text().strip())
-            return EXIT_OK
-        if changed and env.is_main:
-            logger.warning(
-                "the config differs from the checkpoint's in %s: the resumed run will not "
-                "match an uninterrupted one",
-                _few(changed),
-            )
+    # refused or finished: the run directory is left as it is
+    if checkpoint is not None and not _resumable(experiment, state, checkpoint, changed, env):
+        return EXIT_OK
     if checkpoint is None and env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / CONFIG_FILE).write_text(dump_run_config(cfg))
@@ -215,9 +207,14 @@ def _few(keys: Sequence[str], limit: int = 5) -> str:
 
 
 def _resumable(
-    model: Any, state: Mapping[str, Any], checkpoint: Path, changed: Sequence[str], n_epochs: int
+    experiment: Any,
+    state: Mapping[str, Any],
+    checkpoint: Path,
+    changed: Sequence[str],
+    env: DistEnv,
 ) -> bool:
-    """Whether to resume: ``False`` for a finished run (said on stderr).
+    """Whether to resume: ``False`` for a finished run (said on stderr, its scores printed);
+    warns about (a few of) the config keys that differ from the checkpoint's.
 
     Raises:
         CheckpointError: The checkpoint holds another model's weights (with a few of the config
@@ -226,7 +223,7 @@ def _resumable(
     from mtlgraph.exceptions import CheckpointError
     from mtlgraph.graph.model import state_problems
 
-    problems = state_problems(model, state.get("model"), state.get("task_names"))
+    problems = state_problems(experiment.model, state.get("model"), state.get("task_names"))
     if problems:
         error = CheckpointError(
             f"cannot resume from {checkpoint}: it is from another model: {'; '.join(problems)}"
@@ -234,15 +231,24 @@ def _resumable(
         if changed:
             error.add_note(f"the config differs from the checkpoint's in {_few(changed)}")
         raise error
-    progress = state["run"]["progress"]
+    progress, n_epochs = state["run"]["progress"], experiment.config.trainer.n_epochs
+    run_dir = checkpoint.parent.parent
     if int(progress["epoch"]) >= n_epochs:
         print(
-            f"mtlgraph: {checkpoint.parent.parent} is a finished run ({progress['epoch']} of "
-            f"{n_epochs} epochs): nothing to resume; raise trainer.n_epochs (e.g. "
-            f"trainer.n_epochs={n_epochs * 2}) to train longer",
+            f"mtlgraph: {run_dir} is a finished run ({progress['epoch']} of {n_epochs} epochs): "
+            f"nothing to resume; raise trainer.n_epochs (e.g. trainer.n_epochs={n_epochs * 2}) "
+            "to train longer",
             file=sys.stderr,
         )
+        if env.is_main and (run_dir / SCORES_FILE).is_file():  # the finished run's scores
+            print((run_dir / SCORES_FILE).read_text().strip())
         return False
+    if changed and env.is_main:
+        logger.warning(
+            "the config differs from the checkpoint's in %s: the resumed run will not match an "
+            "uninterrupted one",
+            _few(changed),
+        )
     return True
 
 
@@ -535,7 +541,7 @@ def _quiet_broken_pipe() -> int:
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError, AttributeError):  # no real file descriptor (a test's captured stdout)
+    except (OSError, ValueError, AttributeError):  # no file descriptor (a captured stdout)
         pass
     return EXIT_OK
 

@@ -331,7 +331,7 @@ def test_nonfinite_skip_batch_from_yaml(tmp_path: Path, capsys: pytest.CaptureFi
     cfg = _file_config(tmp_path, n_epochs=1, nonfinite="skip_batch")
     cfg["data"]["datasets"]["points"]["fractions"] = {"train": 1.0}
     cfg["trainer"]["eval_splits"] = []
-    code, out, err = _run(capsys, "train", _config(tmp_path, cfg), "--quiet")
+    code, _, err = _run(capsys, "train", _config(tmp_path, cfg), "--quiet")
     assert code == 0, err
     run = next((tmp_path / "runs" / "tiny").iterdir())
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
