@@ -51,7 +51,7 @@ def unknown_label_error(label: str, tasks: Mapping[str, Task]) -> GraphError:
 
 def unlabelled_error(dataloader: object, tasks: Mapping[str, Task]) -> GraphError:
     """The error for predicting (or scoring) a loader whose batches carry no labels."""
-    ds = getattr(dataloader, "dataset", None)
+    ds: Any = getattr(dataloader, "dataset", None)
     name = f"dataset '{ds.name}' ({ds.split})" if hasattr(ds, "split") else "the loader"
     return GraphError(
         [
