@@ -415,3 +415,38 @@ def test_missing_input_field_names_it() -> None:
     dls = [DictDataLoader(DictDataset("d", "train", {"xx": torch.randn(N, 2)}, {"t": class_labels()}))]  # fmt: skip
     with pytest.raises(Exception, match=r"'x'"):
         _fit(tiny_model(), dls)
+
+
+# ---------------------------------------------------------------- loss scales (part 9)
+
+
+def _scaled_tasks() -> tuple[MultitaskClassifier, list[DictDataLoader]]:
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(2, 8), nn.ReLU())
+    head = nn.Linear(8, 1)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    pool = {"trunk": trunk}
+    cls = Task("cls", {**pool, "c": nn.Linear(8, 10)}, [Operation("trunk", [("_input_", "x")]), Operation("c", ["trunk"])])  # fmt: skip
+    reg = Task("reg", {**pool, "r": head}, [Operation("trunk", [("_input_", "x")]), Operation("r", ["trunk"])], task_type="regression")  # fmt: skip
+    x = torch.randn(N, 2)
+    ds = DictDataset("d", "train", {"x": x}, {"cls": torch.randint(0, 10, (N,)), "reg": 1e-3 * x[:, 0]})  # fmt: skip
+    return MultitaskClassifier([cls, reg]), [DictDataLoader(ds, batch_size=8)]
+
+
+def test_task_losses_100x_apart_warn_once(caplog: pytest.LogCaptureFixture) -> None:
+    model, dls = _scaled_tasks()
+    with caplog.at_level(logging.WARNING, logger="mtlgraph"):
+        _fit(model, dls, n_epochs=2)
+    warnings = [r for r in caplog.records if "the task losses differ by" in r.getMessage()]
+    assert len(warnings) == 1
+    text = warnings[0].getMessage()
+    assert "task 'cls'" in text and "task 'reg'" in text and "'reg' barely trains" in text
+    assert "weight" in text and "'uncertainty', 'lr': 0.1" in text
+
+
+def test_no_loss_scale_warning_with_a_learned_balancer(caplog: pytest.LogCaptureFixture) -> None:
+    model, dls = _scaled_tasks()
+    with caplog.at_level(logging.WARNING, logger="mtlgraph"):
+        _fit(model, dls, balancer="uncertainty")
+    assert "the task losses differ by" not in caplog.text
