@@ -47,3 +47,8 @@ def loaders(
 
 def class_labels(n: int = N, classes: int = 3) -> torch.Tensor:
     return torch.arange(n) % classes
+
+
+def params_of(module: nn.Module) -> list[torch.Tensor]:
+    """Copies of a module's parameters (to assert a refused operation changed nothing)."""
+    return [p.detach().clone() for p in module.parameters()]

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from corpus_helpers import N, class_labels, loaders, tiny_model, tiny_task
+from corpus_helpers import N, class_labels, loaders, params_of, tiny_model, tiny_task
 from torch import nn
 
 from mtlgraph import (
@@ -71,7 +71,6 @@ def test_bad_labels_are_refused_before_training(
     model_kwargs: dict[str, Any],
     y: torch.Tensor,
     message: str,
-    params_of: Callable[[nn.Module], list[torch.Tensor]],
 ) -> None:
     model = tiny_model(**model_kwargs)
     before = params_of(model)
@@ -137,9 +136,7 @@ def _nan_features() -> torch.Tensor:
     return x
 
 
-def test_nan_feature_stops_training_naming_task_dataset_epoch_and_step(
-    params_of: Callable[[nn.Module], list[torch.Tensor]],
-) -> None:
+def test_nan_feature_stops_training_naming_task_dataset_epoch_and_step() -> None:
     model = tiny_model()
     before = params_of(model)
     dls = loaders(class_labels(), x=_nan_features(), splits=("train",))

@@ -10,13 +10,11 @@ from typing import Any
 
 import pytest
 import torch
-from corpus_helpers import class_labels, loaders, tiny_model
+from corpus_helpers import class_labels, loaders, params_of, tiny_model
 from torch import nn
 
 from mtlgraph import CheckpointError, MultitaskClassifier, Operation, Task, Trainer
 from mtlgraph.training.checkpoint import load_checkpoint, load_weights
-
-Params = Callable[[nn.Module], list[torch.Tensor]]
 
 
 def _unchanged(model: nn.Module, before: list[torch.Tensor]) -> bool:
@@ -58,7 +56,7 @@ LOAD_CASES: list[tuple[str, Callable[[], MultitaskClassifier], str]] = [
 
 @pytest.mark.parametrize(("build", "message"), [c[1:] for c in LOAD_CASES], ids=[c[0] for c in LOAD_CASES])  # fmt: skip
 def test_model_load_of_another_model_changes_nothing(
-    saved: Path, build: Callable[[], MultitaskClassifier], message: str, params_of: Params
+    saved: Path, build: Callable[[], MultitaskClassifier], message: str
 ) -> None:
     model = build()
     before = params_of(model)
@@ -97,7 +95,7 @@ CORRUPT: list[tuple[str, Callable[[Path, Path], None]]] = [
 @pytest.mark.parametrize("corrupt", [c[1] for c in CORRUPT], ids=[c[0] for c in CORRUPT])
 @pytest.mark.parametrize("reader", ["model.load", "load_checkpoint", "load_weights"])
 def test_corrupt_files_say_so(
-    saved: Path, tmp_path: Path, corrupt: Callable[[Path, Path], None], reader: str, params_of: Params
+    saved: Path, tmp_path: Path, corrupt: Callable[[Path, Path], None], reader: str
 ) -> None:  # fmt: skip
     bad = tmp_path / "bad.pt"
     corrupt(saved, bad)
@@ -143,7 +141,7 @@ def _run(tmp_path: Path, model: MultitaskClassifier, **cfg: Any) -> Trainer:
     ids=["other shapes", "renamed task"],
 )
 def test_resume_of_another_model_changes_nothing(
-    tmp_path: Path, other: Callable[[], MultitaskClassifier], message: str, params_of: Params
+    tmp_path: Path, other: Callable[[], MultitaskClassifier], message: str
 ) -> None:
     _run(tmp_path, _two_head_model())
     files = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
