@@ -85,34 +85,39 @@ def check_splits(
     train_split: str,
     eval_splits: Sequence[str],
 ) -> None:
-    """Warn about each loader that neither trains nor is scored (its split matches neither
-    ``train_split`` nor ``eval_splits``: ``validation`` vs ``valid``).
+    """Name each loader that neither trains nor is scored (its split matches neither
+    ``train_split`` nor ``eval_splits``): a warning when its split looks like a misspelling of
+    one of them (``validation`` vs ``valid``) or nothing is scored at all, else an info line (a
+    ``test`` split kept for the end).
 
     Raises:
         ConfigError: An entry of ``eval_splits`` that matches no loader, when it was set (not
-            the default ``["valid"]``) or some loader goes unused (a typo on either side).
+            the default ``["valid"]``) or an unused loader's split looks like it.
     """
     used = {id(dl) for dl in [*train, *evals]}
     unused = [dl for dl in loaders if id(dl) not in used]
     known = sorted({dl.dataset.split for dl in loaders})
     for dl in unused:
         ds = dl.dataset
-        logger.warning(
+        hint = did_you_mean(ds.split, [train_split, *eval_splits])
+        logger.log(
+            logging.WARNING if hint or not evals else logging.INFO,
             "dataset '%s' split '%s' is neither train_split '%s' nor in eval_splits %s: it is "
-            "not used%s",
+            "not used during training%s",
             ds.name,
             ds.split,
             train_split,
             list(eval_splits),
-            did_you_mean(ds.split, [train_split, *eval_splits]),
+            hint,
         )
     have = {dl.dataset.split for dl in loaders}
     explicit = list(eval_splits) != ["valid"]
+    unused_splits = [dl.dataset.split for dl in unused]
     problems = [
         f"eval_splits: no loader has split '{split}'{did_you_mean(split, known)}; the loaders "
         f"have {quoted(known)}: set eval_splits to the splits to score (or [] for none)"
         for split in eval_splits
-        if split not in have and (explicit or unused)
+        if split not in have and (explicit or did_you_mean(split, unused_splits))
     ]
     if problems:
         raise ConfigError(problems)

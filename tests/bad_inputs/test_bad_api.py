@@ -236,7 +236,7 @@ def test_loader_of_an_unused_split_is_named(caplog: pytest.LogCaptureFixture) ->
     assert "split 'validation'" not in caplog.text
     with caplog.at_level(logging.WARNING, logger="mtlgraph"), pytest.raises(ConfigError):
         _fit(tiny_model(), loaders(class_labels(), splits=("train", "validation")))
-    assert "dataset 'd' split 'validation' is neither train_split 'train' nor in eval_splits ['valid']: it is not used (did you mean 'valid'?)" in caplog.text  # fmt: skip
+    assert "dataset 'd' split 'validation' is neither train_split 'train' nor in eval_splits ['valid']: it is not used during training (did you mean 'valid'?)" in caplog.text  # fmt: skip
 
 
 def test_eval_splits_matching_no_loader() -> None:
