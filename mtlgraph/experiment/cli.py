@@ -221,7 +221,7 @@ def _resumable(
             keys that differ); nothing in the run directory is touched.
     """
     from mtlgraph.exceptions import CheckpointError
-    from mtlgraph.graph.model import state_problems
+    from mtlgraph.graph.loads import state_problems
 
     problems = state_problems(experiment.model, state.get("model"), state.get("task_names"))
     if problems:

@@ -52,7 +52,7 @@ from mtlgraph._suggest import did_you_mean
 from mtlgraph.data.datasets import Batch, DictDataLoader
 from mtlgraph.data.schedulers import Step
 from mtlgraph.exceptions import CheckpointError, ConfigError
-from mtlgraph.graph.model import state_problems
+from mtlgraph.graph.loads import state_problems
 from mtlgraph.metrics import make_key
 from mtlgraph.training.state import loader_positions
 

@@ -76,7 +76,9 @@ def head_widths(
 def label_problems(
     task: Task, labels: torch.Tensor, width: int | None, where: str, train: bool = False
 ) -> list[str]:
-    """Every problem of ``labels`` for ``task`` whose head outputs ``width`` values.
+    """The problem of ``labels`` for ``task`` whose head outputs ``width`` values (the first
+    kind found: shape, non-finite, negative, fractional, out of range), with its first bad value
+    and row and how many more there are.
 
     Args:
         task: The task.
@@ -90,11 +92,13 @@ def label_problems(
         >>> from torch import nn
         >>> from mtlgraph import Operation, Task
         >>> task = Task("t", {"m": nn.Linear(2, 3)}, [Operation("m", [("_input_", "x")])])
-        >>> label_problems(task, torch.tensor([0, 2, 3, -100]), 3, "dataset 'd' (train)")
+        >>> label_problems(task, torch.tensor([0, 2, 3, 1]), 3, "dataset 'd' (train)")
         ... # doctest: +NORMALIZE_WHITESPACE
         ["dataset 'd' (train): label 3 (row 2) is outside 0..2: the head outputs 3 classes;
-          fix the label or the head's output size",
-         "dataset 'd' (train): label -100 (row 3) is negative and not the task's ignore value
+          fix the label or the head's output size"]
+        >>> label_problems(task, torch.tensor([0, -100]), 3, "dataset 'd' (train)")
+        ... # doctest: +NORMALIZE_WHITESPACE
+        ["dataset 'd' (train): label -100 (row 1) is negative and not the task's ignore value
           (-1); set Task(ignore_value=-100) to ignore such rows, or fix the label"]
     """
     if labels.is_complex():
