@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -216,14 +217,17 @@ class NonfiniteGuard:
         self, losses: dict[str, torch.Tensor], records: Sequence[LossRecord], global_step: int
     ) -> bool:
         """Whether this micro-step's update is dropped (``skip_batch``); raises in ``raise``."""
-        total = sum(loss.detach().float() for loss in losses.values())
-        assert isinstance(total, torch.Tensor)
-        bad = ~torch.isfinite(total)
+        values = iter(losses.values())
+        total = next(values).detach()
+        for loss in values:  # a plain sum of detached scalars: the cheapest fused check
+            total = total + loss.detach()
         if self.comm.enabled:  # every rank takes the same branch
-            flag = bad.float().reshape(1)
+            flag = (~torch.isfinite(total)).float().reshape(1)
             self.comm.mean_(flag)
-            bad = flag > 0
-        if not bool(bad):
+            bad = bool(flag > 0)
+        else:
+            bad = not math.isfinite(total.item())
+        if not bad:
             return False
         culprits = [
             f"task '{r.task}' on dataset '{r.dataset}' has loss {float(r.loss):g}"
