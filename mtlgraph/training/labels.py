@@ -109,8 +109,8 @@ def label_problems(
         problems = _regression_problems(task, labels, width, where)
     elif kind == "multilabel":
         problems = _multilabel_problems(task, labels, width, where)
-    elif is_soft_label(labels, task):  # distributions over classes (issue 15)
-        return soft_label_problems(labels, task, where, width)
+    elif _is_soft(task, labels):  # distributions over classes (issue 15)
+        return soft_label_problems(labels, task, where.removesuffix(f", task '{task.name}'"), width)
     elif kind == "binary":
         problems = _binary_problems(task, labels, width, where)
     else:
@@ -185,6 +185,18 @@ def check_fit_labels(
 
 
 # ---------------------------------------------------------------- per task type
+
+
+def _is_soft(task: Task, labels: torch.Tensor) -> bool:
+    """Soft labels (:func:`~mtlgraph.graph.soft_labels.is_soft_label`), except floating ``(N,)``
+    binary labels that are all whole numbers: those are class ids (``0.``/``1.``), checked as
+    such (a ``2.`` is "not 0 or 1", not "a probability above 1")."""
+    if not is_soft_label(labels, task):
+        return False
+    if task.task_type != "binary" or labels.ndim != 1:
+        return True
+    finite = labels[torch.isfinite(labels)]
+    return bool((finite != finite.round()).any())
 
 
 def _active(task: Task, labels: torch.Tensor) -> torch.Tensor:
