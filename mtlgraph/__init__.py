@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
         GraphError,
         MtlGraphError,
         TaskDefinitionError,
+        TrainingError,
     )
     from mtlgraph.graph.model import MultitaskClassifier
     from mtlgraph.graph.modules import register_module
@@ -60,6 +61,7 @@ _WHERE: dict[str, str] = {
     "Task": "mtlgraph.graph.task",
     "TaskDefinitionError": "mtlgraph.exceptions",
     "Trainer": "mtlgraph.training.trainer",
+    "TrainingError": "mtlgraph.exceptions",
     "detach": "mtlgraph.graph.task",
     "register_balancer": "mtlgraph.balancing",
     "register_loss": "mtlgraph.graph.task",
@@ -92,6 +94,7 @@ __all__ = [
     "Task",
     "TaskDefinitionError",
     "Trainer",
+    "TrainingError",
     "__version__",
     "detach",
     "register_balancer",

@@ -145,14 +145,22 @@ def load_weights_only(
         return torch.load(file, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         if "Unsupported global" not in str(e):  # not a pickle at all: text, another format
-            raise CheckpointError(
-                f"cannot read checkpoint '{file}': it is not a file torch.save wrote (torn, "
-                "truncated or of another format)"
-            ) from e
+            raise CheckpointError(_unreadable(file)) from e
         raise CheckpointError(
             f"refusing to load checkpoint '{file}': it holds a pickled Python object, and "
             "mtlgraph loads checkpoints only with torch.load(weights_only=True) (tensors and "
             "plain values). Re-save it without objects, e.g. with state_dict()s."
         ) from e
-    except Exception as e:
-        raise CheckpointError(f"cannot read checkpoint '{file}': {type(e).__name__}: {e}") from e
+    except Exception as e:  # torch's reasons ("pop from empty list", "[Errno 22]") say nothing
+        raise CheckpointError(_unreadable(file)) from e
+
+
+def _unreadable(file: str | os.PathLike[str]) -> str:
+    try:
+        size = f"{os.path.getsize(file)} bytes"
+    except OSError:
+        size = "size unknown"
+    return (
+        f"cannot read checkpoint '{file}': not an mtlgraph checkpoint, or a truncated or corrupt "
+        f"file ({size}); it is not a file torch.save wrote"
+    )

@@ -69,3 +69,11 @@ class UnknownNameError(ConfigError, KeyError):
 
 class CheckpointError(MtlGraphError, RuntimeError):
     """A checkpoint cannot be written, read or applied."""
+
+
+class TrainingError(MtlGraphError, RuntimeError):
+    """Training cannot go on: a non-finite loss or gradient norm (``TrainerConfig.nonfinite``).
+
+    A run-time failure (exit status 1 in the command line), not a configuration error; the
+    message names the task, dataset, epoch and step.
+    """

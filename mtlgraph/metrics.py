@@ -458,6 +458,9 @@ class Scorer:
             if not callable(func):
                 problems.append(f"custom metric '{key}' is not callable")
                 continue
+            if not _takes_three(func):  # a TypeError at the first evaluation otherwise
+                problems.append(f"custom metric '{key}' must take (golds, preds, probs)")
+                continue
             hib = bool(getattr(func, "higher_is_better", True))
             bound.append(_Bound(key, func, {}, hib))
         seen: set[str] = set()
@@ -500,10 +503,13 @@ class Scorer:
                 masks nothing.
 
         Returns:
-            ``{metric_key: float}``; every metric is ``nan`` when no label is active.
+            ``{metric_key: float}``; every metric is ``nan`` when no label is active or an
+            active row's output (``probs``) is NaN or infinite.
         """
         golds, preds, probs = np.asarray(golds), np.asarray(preds), np.asarray(probs)
         golds, preds, probs = _mask(golds, preds, probs, ignore_value)
+        if _nonfinite(probs):  # scores of NaN/inf outputs are NaN, never ordinary numbers
+            return {b.key: math.nan for b in self._bound}
         out: dict[str, float] = {}
         for b in self._bound:
             if len(golds) == 0:
@@ -516,6 +522,22 @@ class Scorer:
                 raise
             out[b.key] = float(value)
         return out
+
+
+def _takes_three(func: Callable[..., Any]) -> bool:
+    """Whether ``func(golds, preds, probs)`` binds (builtins without a signature pass)."""
+    try:
+        inspect.signature(func).bind(None, None, None)
+    except TypeError:
+        return False
+    except ValueError:  # no signature to inspect
+        return True
+    return True
+
+
+def _nonfinite(probs: np.ndarray) -> bool:
+    """Whether floating outputs hold a NaN or an infinity."""
+    return probs.dtype.kind in "fc" and not bool(np.isfinite(probs).all())
 
 
 def _mask(

@@ -92,9 +92,10 @@ class DictDataset(Dataset[Batch]):
     Args:
         name: Dataset name, the second part of score keys (no ``/``).
         split: Split name such as ``"train"``, ``"valid"``, ``"test"`` (no ``/``).
-        X_dict: Field name -> tensor ``(N, ...)``, numpy array (converted with
-            ``torch.as_tensor``, dtype kept), ``numpy.memmap`` (kept memory-mapped: a batch
-            reads only its rows, see :mod:`mtlgraph.data.memmap`), list of 1-D tensors
+        X_dict: Field name -> tensor ``(N, ...)`` (dtype kept), numpy array (converted with
+            ``torch.as_tensor``; floating arrays to torch's default dtype, float32, as the YAML
+            path does), ``numpy.memmap`` (kept memory-mapped and read as stored: a batch reads
+            only its rows, see :mod:`mtlgraph.data.memmap`), list of 1-D tensors
             (variable-length sequences, padded per batch with a ``<field>_mask``), or list of
             arbitrary objects.
         Y_dict: Task name -> label tensor ``(N,)`` or ``(N, L)`` (or numpy array or memmap).
@@ -290,6 +291,8 @@ def _checked_inputs(X_dict: object, who: str, problems: list[str]) -> dict[str, 
             continue
         if isinstance(value, np.ndarray):
             value = torch.as_tensor(value)
+            if value.is_floating_point():  # float64 numpy data -> torch's default (float32)
+                value = value.to(torch.get_default_dtype())
         if isinstance(value, torch.Tensor):
             if value.ndim == 0:
                 problems.append(f"{who}: X_dict['{field}'] is a scalar; it needs a row per example")

@@ -26,7 +26,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from mtlgraph._io import move_to_device
 from mtlgraph._suggest import did_you_mean, quoted
 from mtlgraph.data.datasets import DictDataLoader, DictDataset
 from mtlgraph.data.memmap import is_memmap
@@ -43,10 +42,10 @@ from mtlgraph.experiment.config import (
 from mtlgraph.experiment.module_types import build_module
 from mtlgraph.experiment.sources import label_views, load_sources
 from mtlgraph.graph.model import MultitaskClassifier
-from mtlgraph.graph.soft_labels import is_soft_label, soft_label_problems
 from mtlgraph.graph.task import Input, InputSpec, Operation, Task, get_loss
 from mtlgraph.metrics import Scorer
 from mtlgraph.training.checkpoint import metric_keys
+from mtlgraph.training.labels import dataset_label_problems
 from mtlgraph.training.trainer import Trainer, TrainerConfig
 
 logger = logging.getLogger(__name__)
@@ -435,80 +434,27 @@ def check_labels(
     datasets: Sequence[DictDataset],
     sources: Mapping[tuple[str, str, str], LabelSource],
 ) -> None:
-    """Check every label against its task: class ids within the head's output, 0/1 for binary
-    and multilabel tasks, numbers for regression.
+    """Check every label against its task (:mod:`mtlgraph.training.labels`): class ids within
+    the head's output, 0 or 1 for binary and multilabel tasks, no negative label other than the
+    ignore value, finite numbers for regression.
 
     The number of classes comes from one forward pass of the task on a dataset's first two rows
     (evaluation mode, no gradients, torch's random state untouched).
 
     Raises:
-        DataError: Every out-of-range label, naming the config key, the file and the field.
+        DataError: Every bad label, naming the config key, the file and the field.
     """
+
+    def where(ds: DictDataset, task_name: str) -> str:
+        source = sources.get((ds.name, ds.split, task_name))
+        place = f"{source.key}: {source.origin}" if source else f"dataset '{ds.name}'"
+        return f"{place} ({ds.split} split) for task '{task_name}'"
+
     problems: list[str] = []
-    classes: dict[tuple[str, str], int | None] = {}
-    was_training = model.training
-    model.eval()
-    try:
-        for ds in datasets:
-            for task_name, labels in ds.Y_dict.items():
-                task = model.tasks[task_name]
-                source = sources.get((ds.name, ds.split, task_name))
-                where = (
-                    f"{source.key}: {source.origin}" if source else f"dataset '{ds.name}'"
-                ) + f" ({ds.split} split) for task '{task_name}'"
-                if task.task_type == "regression":
-                    continue
-                if is_soft_label(labels, task):  # issue 15: distributions, not class ids
-                    key = (ds.name, task_name)
-                    if key not in classes and task.task_type == "multiclass":
-                        classes[key] = _n_classes(model, ds, task_name)
-                    problems += soft_label_problems(labels, task, where, classes.get(key))
-                    continue
-                ignore = task.ignore_value
-                active = labels[labels != ignore] if ignore is not None else labels.reshape(-1)
-                if active.numel() == 0:
-                    continue
-                if task.task_type in ("binary", "multilabel"):
-                    bad = active[(active != 0) & (active != 1)]
-                    if bad.numel():
-                        problems.append(
-                            f"{where} holds {int(bad[0])}; {task.task_type} labels are 0 or 1 "
-                            f"(or the ignore value {ignore})"
-                        )
-                    continue
-                if (ds.name, task_name) not in classes:
-                    classes[(ds.name, task_name)] = _n_classes(model, ds, task_name)
-                n = classes[(ds.name, task_name)]
-                low, high = int(active.min()), int(active.max())
-                if low < 0 or (n is not None and high >= n):
-                    value = low if low < 0 else high
-                    problems.append(
-                        f"{where} holds {value}, outside 0..{(n or 0) - 1}"
-                        + (f": the head outputs {n} classes" if n is not None else "")
-                        + f" (labels equal to {ignore} are ignored)"
-                    )
-    finally:
-        model.train(was_training)
+    for ds in datasets:
+        problems += dataset_label_problems(model, ds, where)
     if problems:
         raise DataError(problems, header=f"labels out of range ({len(problems)}):")
-
-
-@torch.no_grad()
-def _n_classes(model: MultitaskClassifier, ds: DictDataset, task_name: str) -> int | None:
-    X, _ = ds.batch(slice(0, 2))
-    plan = model.plan([task_name])
-    with torch.random.fork_rng(devices=[]):
-        try:
-            out = model.execute(plan, move_to_device(X, model.device))[plan.outputs[task_name]]
-        except Exception as e:
-            e.add_note(
-                f"mtlgraph: while running task '{task_name}' on the first rows of dataset "
-                f"'{ds.name}' ({ds.split}) to check its labels; check the modules' sizes"
-            )
-            raise
-    if isinstance(out, torch.Tensor) and out.ndim == 2:
-        return int(out.shape[1])
-    return None
 
 
 # ---------------------------------------------------------------- trainer and all

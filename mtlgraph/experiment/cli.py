@@ -20,6 +20,7 @@ import datetime
 import json
 import logging
 import random
+import shlex
 import sys
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mtlgraph.exceptions import MtlGraphError
+from mtlgraph.exceptions import MtlGraphError, TrainingError
 from mtlgraph.experiment import inference_cli
 
 if TYPE_CHECKING:
@@ -144,7 +145,7 @@ def train(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace, cfg: ExperimentConfig, env: DistEnv) -> int:
     from mtlgraph._io import write_json
     from mtlgraph.experiment.build import build_experiment
-    from mtlgraph.experiment.config import config_to_dict, dump_config
+    from mtlgraph.experiment.config import config_to_dict, dump_run_config
     from mtlgraph.training.checkpoint import load_checkpoint, resolve_checkpoint
     from mtlgraph.training.distributed import broadcast_object
 
@@ -157,23 +158,19 @@ def _train(args: argparse.Namespace, cfg: ExperimentConfig, env: DistEnv) -> int
         checkpoint = resolve_checkpoint(run_dir)
         state = load_checkpoint(checkpoint)
         saved = (state.get("config") or {}).get("experiment")
-        if saved and env.is_main:
-            changed = _config_differences(saved, config_to_dict(cfg))
-            if changed:
-                logger.warning(
-                    "the config differs from the checkpoint's in %s: the resumed run will not "
-                    "match an uninterrupted one",
-                    ", ".join(changed),
-                )
+        changed = _config_differences(saved, config_to_dict(cfg)) if saved else []
     elif cfg.trainer.run_dir is not None:
         run_dir = Path(cfg.trainer.run_dir)
     else:
         made = new_run_dir(cfg.runs_root, cfg.experiment) if env.is_main else None
         run_dir = Path(broadcast_object(str(made) if made is not None else None))
     experiment = build_experiment(cfg, run_dir)
+    # refused or finished: the run directory is left as it is
+    if checkpoint is not None and not _resumable(experiment, state, checkpoint, changed, env):
+        return EXIT_OK
     if checkpoint is None and env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / CONFIG_FILE).write_text(dump_config(cfg))
+        (run_dir / CONFIG_FILE).write_text(dump_run_config(cfg))
     if env.is_main:
         logger.info("run directory: %s", run_dir)
     _seed_process(cfg.seed)
@@ -186,7 +183,11 @@ def _train(args: argparse.Namespace, cfg: ExperimentConfig, env: DistEnv) -> int
         scores = experiment.model.score(experiment.loaders)
     except BaseException as e:
         e.add_note(f"mtlgraph: the run directory is {run_dir}")
-        raise _RunFailure() from e
+        failure = _RunFailure()
+        if isinstance(e, KeyboardInterrupt) and args.resume is None:
+            command = ["mtlgraph", "train", args.config, *args.overrides, "--resume", str(run_dir)]
+            failure.resume_hint = shlex.join(command)
+        raise failure from e
     write_json(run_dir / SCORES_FILE, scores)
     print(json.dumps(dict(sorted(scores.items())), indent=2))
     logger.info("scores: %s", run_dir / SCORES_FILE)
@@ -197,6 +198,60 @@ class _RunFailure(MtlGraphError):
     """Marks an exception raised after set-up (exit status 1); ``__cause__`` is the real one.
 
     Internal: :func:`main` unwraps it and reports the cause."""
+
+    resume_hint: str | None = None  # the command that resumes an interrupted run
+
+
+def _few(keys: Sequence[str], limit: int = 5) -> str:
+    """At most ``limit`` keys, then how many more."""
+    shown = ", ".join(keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def _resumable(
+    experiment: Any,
+    state: Mapping[str, Any],
+    checkpoint: Path,
+    changed: Sequence[str],
+    env: DistEnv,
+) -> bool:
+    """Whether to resume: ``False`` for a finished run (said on stderr, its scores printed);
+    warns about (a few of) the config keys that differ from the checkpoint's.
+
+    Raises:
+        CheckpointError: The checkpoint holds another model's weights (with a few of the config
+            keys that differ); nothing in the run directory is touched.
+    """
+    from mtlgraph.exceptions import CheckpointError
+    from mtlgraph.graph.loads import state_problems
+
+    problems = state_problems(experiment.model, state.get("model"), state.get("task_names"))
+    if problems:
+        error = CheckpointError(
+            f"cannot resume from {checkpoint}: it is from another model: {'; '.join(problems)}"
+        )
+        if changed:
+            error.add_note(f"the config differs from the checkpoint's in {_few(changed)}")
+        raise error
+    progress, n_epochs = state["run"]["progress"], experiment.config.trainer.n_epochs
+    run_dir = checkpoint.parent.parent
+    if int(progress["epoch"]) >= n_epochs:
+        print(
+            f"mtlgraph: {run_dir} is a finished run ({progress['epoch']} of {n_epochs} epochs): "
+            f"nothing to resume; raise trainer.n_epochs (e.g. trainer.n_epochs={n_epochs * 2}) "
+            "to train longer",
+            file=sys.stderr,
+        )
+        if env.is_main and (run_dir / SCORES_FILE).is_file():  # the finished run's scores
+            print((run_dir / SCORES_FILE).read_text().strip())
+        return False
+    if changed and env.is_main:
+        logger.warning(
+            "the config differs from the checkpoint's in %s: the resumed run will not match an "
+            "uninterrupted one",
+            _few(changed),
+        )
+    return True
 
 
 # ---------------------------------------------------------------- evaluate
@@ -245,9 +300,10 @@ def score_table(scores: Mapping[str, float]) -> str:
     """Scores as a table: a row per task, dataset and metric; a column per split.
 
     Example:
-        >>> print(score_table({"t/d/valid/accuracy": 0.5, "t/d/test/accuracy": 0.25}))
-        task  dataset  metric    valid   test
-        t     d        accuracy  0.5000  0.2500
+        >>> print(score_table({"t/d/valid/accuracy": 0.5, "t/d/test/mse": 4.7e-05}))
+        task  dataset  metric    valid  test
+        t     d        accuracy  0.5    -
+        t     d        mse       -      4.7e-05
     """
     from mtlgraph.metrics import split_key
 
@@ -262,7 +318,7 @@ def score_table(scores: Mapping[str, float]) -> str:
     splits.sort(key=lambda s: order.get(s, 3))
     header = ["task", "dataset", "metric", *splits]
     body = [
-        [t, d, m, *(f"{r[s]:.4f}" if s in r else "-" for s in splits)]
+        [t, d, m, *(f"{r[s]:.4g}" if s in r else "-" for s in splits)]
         for (t, d, m), r in sorted(rows.items())
     ]
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
@@ -467,15 +523,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         error = wrapper.__cause__
         assert error is not None
         if isinstance(error, KeyboardInterrupt):
-            _report(error, args.debug, "interrupted")
+            _interrupted(error, args.debug, wrapper.resume_hint)
             return 130
+        if isinstance(error, BrokenPipeError):
+            return _quiet_broken_pipe()
         _report(error, args.debug)
         # mtlgraph's own errors (data that does not fit, a checkpoint of another run) are
         # configuration errors even when found after set-up; anything else is a run-time failure
-        return EXIT_USAGE if isinstance(error, MtlGraphError) else EXIT_FAILURE
+        return EXIT_USAGE if _is_usage_error(error) else EXIT_FAILURE
     except KeyboardInterrupt as error:
-        _report(error, args.debug, "interrupted")
+        _interrupted(error, args.debug, None)
         return 130
+    except BrokenPipeError:  # mtlgraph ... | head: the reader left; end quietly
+        return _quiet_broken_pipe()
     except Exception as error:
         _report(error, args.debug)
         return EXIT_USAGE if _is_usage_error(error) else EXIT_FAILURE
@@ -483,8 +543,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("mtlgraph").removeHandler(handler)
 
 
+def _interrupted(error: BaseException, debug: bool, resume_hint: str | None) -> None:
+    if debug:
+        traceback.print_exception(error, file=sys.stderr)
+    hint = f"; resume with: {resume_hint}" if resume_hint else ""
+    print(f"mtlgraph: interrupted (Ctrl-C){hint}", file=sys.stderr)
+
+
+def _quiet_broken_pipe() -> int:
+    """Point stdout at /dev/null so the interpreter's final flush cannot complain either."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no file descriptor (a captured stdout)
+        pass
+    return EXIT_OK
+
+
 def _is_usage_error(error: BaseException) -> bool:
     """mtlgraph's own errors, YAML errors and missing files are usage errors (exit status 2)."""
+    if isinstance(error, TrainingError):  # a NaN guard: a run-time failure (exit status 1)
+        return False
     if isinstance(error, (MtlGraphError, FileNotFoundError)):
         return True
     yaml = sys.modules.get("yaml")  # only a command that imported yaml can raise its errors

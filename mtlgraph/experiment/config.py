@@ -549,6 +549,35 @@ def dump_config(cfg: ExperimentConfig) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
 
 
+def dump_run_config(cfg: ExperimentConfig) -> str:
+    """The resolved config as the YAML a run directory keeps (``config.yaml``): like
+    :func:`dump_config`, with every relative data path made absolute (resolved against the
+    original config's directory), so the copy re-runs from any working directory.
+
+    Example:
+        >>> from mtlgraph.experiment.config import load_config
+        >>> cfg = load_config("configs/quickstart.yaml")
+        >>> ds = cfg.data.datasets["circleDataset"]
+        >>> ds.generator, ds.path = None, "c.npz"
+        >>> cfg.base_dir = "/data/exp"
+        >>> "path: /data/exp/c.npz" in dump_run_config(cfg)
+        True
+    """
+    out = config_to_dict(cfg)
+    base = Path(cfg.base_dir)
+    for ds in (out.get("data") or {}).get("datasets", {}).values():
+        path = ds.get("path")
+        if isinstance(path, str):
+            ds["path"] = _absolute(base, path)
+        elif isinstance(path, dict):
+            ds["path"] = {split: _absolute(base, p) for split, p in path.items()}
+    return yaml.safe_dump(out, sort_keys=False, default_flow_style=None)
+
+
+def _absolute(base: Path, path: str) -> str:
+    return path if Path(path).is_absolute() else str((base / path).resolve())
+
+
 __all__ = [
     "DataConfig",
     "DatasetConfig",
@@ -559,6 +588,7 @@ __all__ = [
     "apply_overrides",
     "config_to_dict",
     "dump_config",
+    "dump_run_config",
     "load_config",
     "parse_config",
     "parse_yaml",

@@ -462,6 +462,9 @@ class _LabelView:
         self.name, self.split, self.named = named.name, named.split, named
         self.Y_dict: dict[str, torch.Tensor] = named.dataset.Y
 
+    def __len__(self) -> int:
+        return len(self.named)
+
     def batch(self, index: slice) -> Any:
         from mtlgraph.data.datasets import collate_dicts
 

@@ -54,6 +54,18 @@ def unknown_label_error(label: str, tasks: Mapping[str, Task]) -> GraphError:
     )
 
 
+def unlabelled_error(dataloader: object, tasks: Mapping[str, Task]) -> GraphError:
+    """The error for predicting (or scoring) a loader whose batches carry no labels."""
+    ds: Any = getattr(dataloader, "dataset", None)
+    name = f"dataset '{ds.name}' ({ds.split})" if hasattr(ds, "split") else "the loader"
+    return GraphError(
+        [
+            f"{name} has no labels, so there is nothing to score and no task to predict; pass "
+            f"task_names=[...] to predict (the model has {quoted(tasks)})"
+        ]
+    )
+
+
 def label_tasks(
     tasks: Mapping[str, Task], labels: Iterable[str], remap: Mapping[str, str | None]
 ) -> list[tuple[str, str]]:
@@ -153,8 +165,12 @@ def predict(
     model.eval()
     golds: dict[str, list[torch.Tensor]] = {}
     probs: dict[str, list[torch.Tensor]] = {}
+    unlabelled = 0  # batches without any label (nothing to predict unless task_names says)
     try:
         for X, Y in dataloader:
+            if wanted is None and not Y:
+                unlabelled += 1
+                continue
             pairs = _batch_pairs(tasks, Y, remap, wanted)
             if not pairs:
                 continue
@@ -163,16 +179,14 @@ def predict(
             plan = model.plan(t for _, t in pairs)
             cache = model.execute(plan, move_to_device(X, device))
             for label, task_name in pairs:
-                try:
-                    p = tasks[task_name].output_func(cache[plan.outputs[task_name]])
-                except Exception as e:
-                    e.add_note(f"mtlgraph: raised by the output_func of task '{task_name}'")
-                    raise
+                p = _task_output(tasks[task_name], cache[plan.outputs[task_name]])
                 probs.setdefault(task_name, []).append(p.detach().float().cpu())
                 if label is not None:
                     golds.setdefault(task_name, []).append(Y[label].cpu())
     finally:
         model.train(was_training)
+    if unlabelled and not probs:
+        raise unlabelled_error(dataloader, tasks)
     result: dict[str, dict[str, np.ndarray]] = {
         "golds": {t: torch.cat(v).numpy() for t, v in golds.items()},
         "probs": {t: torch.cat(v).numpy() for t, v in probs.items()},
@@ -184,6 +198,15 @@ def predict(
             t: tasks[t].predictions(torch.from_numpy(p)).numpy() for t, p in result["probs"].items()
         }
     return result
+
+
+def _task_output(task: Task, value: Any) -> torch.Tensor:
+    """``task.output_func(value)``; an error from it gets a note naming the task."""
+    try:
+        return task.output_func(value)
+    except Exception as e:
+        e.add_note(f"mtlgraph: raised by the output_func of task '{task.name}'")
+        raise
 
 
 def check_soft_labels(tasks: Mapping[str, Task], loaders: Sequence[DictDataLoader]) -> None:

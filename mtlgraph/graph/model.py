@@ -20,12 +20,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from mtlgraph._io import atomic_torch_save, map_structure, tensor_leaves
+from mtlgraph._io import atomic_torch_save, load_weights_only, map_structure, tensor_leaves
 from mtlgraph._suggest import did_you_mean, quoted
 from mtlgraph.data.datasets import DictDataLoader
 from mtlgraph.exceptions import CheckpointError, DataError, GraphError
 from mtlgraph.graph import evaluation
 from mtlgraph.graph.evaluation import unknown_label_error, unknown_tasks_error
+from mtlgraph.graph.loads import load_state_checked
 from mtlgraph.graph.slices import SliceFunc
 from mtlgraph.graph.task import INPUT, Task
 from mtlgraph.metrics import active_rows
@@ -530,34 +531,35 @@ class MultitaskClassifier(nn.Module):
         atomic_torch_save(payload, path)
 
     def load(self, path: str | os.PathLike[str], strict: bool = True) -> None:
-        """Load weights saved by :meth:`save` (``torch.load(weights_only=True)``).
+        """Load weights saved by :meth:`save` (``torch.load(weights_only=True)``), all or
+        nothing: task names, parameter names, shapes and dtypes are checked first, and a refused
+        load leaves every parameter unchanged.
 
         Args:
             path: The file.
-            strict: Require exactly the same parameter names. With ``strict=False`` a model that
-                gained tasks can load an older file; the new modules keep their initial weights.
+            strict: Require exactly the same tasks and parameter names. With ``strict=False`` a
+                model that gained tasks can load an older file; the new modules keep their
+                initial weights.
 
         Raises:
-            CheckpointError: Not an mtlgraph model file, or names that do not match.
+            FileNotFoundError: No such file.
+            CheckpointError: Not an mtlgraph model file (or a truncated or corrupt one, or one
+                holding a pickled object), or weights of other tasks, names or shapes.
         """
-        try:
-            payload = torch.load(path, map_location=self.device, weights_only=True)
-        except FileNotFoundError:
-            raise
-        except Exception as e:
-            raise CheckpointError(f"cannot read model file {os.fspath(path)!r}: {e}") from e
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"model file {os.fspath(path)!r} does not exist")
+        payload = load_weights_only(path, self.device)
         if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
             raise CheckpointError(
                 f"{os.fspath(path)!r} is not a model saved by MultitaskClassifier.save"
             )
-        result = self.load_state_dict(payload["state_dict"], strict=False)
-        missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
-        if strict and (missing or unexpected):
-            raise CheckpointError(
-                f"{os.fspath(path)!r} was saved from tasks {payload.get('task_names')}, this model "
-                f"has {self.task_names}: missing {missing}, unexpected {unexpected}; "
-                "pass strict=False to load the matching part"
-            )
+        load_state_checked(
+            self,
+            payload.get("state_dict"),
+            payload.get("task_names"),
+            strict,
+            f"{os.fspath(path)!r}",
+        )
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, tasks={self.task_names}"

@@ -53,6 +53,7 @@ from mtlgraph.data.datasets import Batch, DictDataLoader
 from mtlgraph.data.named import dataset_labels
 from mtlgraph.data.schedulers import Step
 from mtlgraph.exceptions import CheckpointError, ConfigError
+from mtlgraph.graph.loads import state_problems
 from mtlgraph.metrics import make_key
 from mtlgraph.training.state import loader_positions
 
@@ -277,17 +278,34 @@ def check_resume(
 
 
 def load_model_state(model: Any, state: Mapping[str, Any], what: str) -> None:
-    """Load ``state["model"]`` into ``model``, or say which tasks the file holds.
+    """Load ``state["model"]`` into ``model``, all or nothing: task names, parameter names,
+    shapes and dtypes are checked before any parameter changes.
 
     Raises:
-        CheckpointError: The weights are those of other tasks or modules.
+        CheckpointError: The weights are those of other tasks, modules or shapes.
     """
-    missing, unexpected = model.load_state_dict(state["model"], strict=False)
-    if missing or unexpected:
+    problems = state_problems(model, state.get("model"), state.get("task_names"), strict=True)
+    if problems:
         raise CheckpointError(
-            f"{what} holds the weights of tasks {state.get('task_names')}, the model has "
-            f"{model.task_names} (missing {list(missing)}, unexpected {list(unexpected)})"
+            f"{what} is from another model: {'; '.join(problems)}; use a checkpoint of this "
+            "config's model"
         )
+    model.load_state_dict(state["model"], strict=False)
+
+
+@contextlib.contextmanager
+def all_or_nothing(model: Any, what: str) -> Iterator[None]:
+    """Restore ``model``'s parameters and buffers when the body fails (a resume that loads the
+    model, then finds the optimizer or balancer state of another run, changes nothing); a
+    failure that is not a :class:`CheckpointError` becomes one, naming ``what``."""
+    backup = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    try:
+        yield
+    except Exception as e:
+        model.load_state_dict(backup)
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{what} does not fit this run: {type(e).__name__}: {e}") from e
 
 
 def resume_iterators(

@@ -88,6 +88,9 @@ class TrainerConfig:
     # --- data loading and sampling (issue 12; docs/data.md)
     steps_per_epoch: int | None = None  # steps of an epoch under a sampling batch_scheduler;
     # None = the training loaders' batches summed (required with a stream of unknown length)
+    # --- bad input (issue 11)
+    # a non-finite step loss or clipped gradient norm: raise TrainingError, drop the update, warn
+    nonfinite: Literal["raise", "skip_batch", "warn"] = "raise"
 
     def validate(self) -> list[str]:
         """Value checks beyond types; one sentence per problem."""

@@ -18,12 +18,15 @@ diagnostics report, a final evaluation (unless the last step was just evaluated)
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import torch
 from tqdm.auto import tqdm
 
+from mtlgraph.balancing.weighting import SumBalancer
 from mtlgraph.diagnostics import InterferenceMonitor, write_report
 from mtlgraph.metrics import split_key
 from mtlgraph.training.checkpoint import Checkpointer
@@ -107,12 +110,15 @@ class EvaluateHook(Hook):
 
     def __init__(self, every: Every, checkpointer: Checkpointer | None) -> None:
         self.every, self.checkpointer = every, checkpointer
+        self.warned_scales = False  # the one-time loss-scale warning
 
     def fire(self, loop: FitLoop) -> None:
         """Build and publish the record."""
         state = loop.state
         record = {"epoch": float(state.epoch_number), "step": float(state.global_step)}
         record.update(loop.train_record(state.take_window()))
+        if not self.warned_scales and loop.env.is_main and type(loop.balancer) is SumBalancer:
+            self.warned_scales = warn_loss_scales(record) is not None
         if loop.evals:
             scores = loop.score()
             record.update(scores)
@@ -189,6 +195,45 @@ class ProgressBar(Hook):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+LOSS_RATIO = 100.0
+"""Task training losses further apart than this at the first evaluation get a warning."""
+
+
+def warn_loss_scales(record: Mapping[str, float]) -> str | None:
+    """Warn (and return the message) when the tasks' training losses in ``record`` differ by
+    more than :data:`LOSS_RATIO`: with a plain sum, the small task barely trains.
+
+    Example:
+        >>> print(warn_loss_scales({"cls/d/train/loss": 0.7, "reg/d/train/loss": 0.001}))
+        ... # doctest: +ELLIPSIS
+        the task losses differ by 700x (task 'cls': 0.7, task 'reg': 0.001): ...
+    """
+    per_task: dict[str, list[float]] = {}
+    for key, value in record.items():
+        try:
+            task, _, split, metric = split_key(key)
+        except ValueError:
+            continue
+        if split == "train" and metric == "loss" and task != "model" and math.isfinite(value):
+            per_task.setdefault(task, []).append(float(value))
+    means = {t: sum(v) / len(v) for t, v in per_task.items()}
+    if len(means) < 2:
+        return None
+    big, small = max(means, key=means.__getitem__), min(means, key=means.__getitem__)
+    if means[small] <= 0 or means[big] / means[small] <= LOSS_RATIO:
+        return None
+    message = (
+        f"the task losses differ by {means[big] / means[small]:.0f}x (task '{big}': "
+        f"{means[big]:.4g}, task '{small}': {means[small]:.4g}): with the 'sum' balancer "
+        f"'{small}' barely trains. Give it a larger weight (Task(weight=...), tasks.{small}."
+        "weight), standardise its regression targets, or use a balancer that learns the scales "
+        "(balancer={'name': 'uncertainty', 'lr': 0.1}: its log-variances must travel "
+        "|log(loss)|, which the Trainer's lr is often too small for)"
+    )
+    logger.warning("%s", message)
+    return message
 
 
 def _summary_key(key: str) -> bool:

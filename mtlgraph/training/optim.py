@@ -354,6 +354,9 @@ class SubsetStepper:
             for p in g["params"]
         }
         self._subsets: dict[tuple[str, ...], list[tuple[dict[str, Any], dict[str, Any]]]] = {}
+        # the non-finite guard (issue 11): with it, a non-finite clipped norm drops the step
+        self.guard_norm = False
+        self.nonfinite_norm: float | None = None  # the last dropped step's norm, for the guard
 
     def set_lr_factor(self, factor: float) -> None:
         """Set every group's lr to its base lr times ``factor``."""
@@ -411,7 +414,12 @@ class SubsetStepper:
             if scaler is not None:
                 scaler.unscale_(self.optimizer)
             if grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], grad_clip)
+                norm = torch.nn.utils.clip_grad_norm_(
+                    [p for p in params if p.grad is not None], grad_clip
+                )
+                if self.guard_norm and scaler is None and not bool(torch.isfinite(norm)):
+                    self.nonfinite_norm = float(norm)  # TrainStep reports it; no update
+                    return
             if scaler is not None:
                 scaler.step(self.optimizer)
             else:

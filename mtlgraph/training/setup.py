@@ -3,6 +3,9 @@ and the data and model distributed over the ranks."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
+
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
@@ -11,12 +14,14 @@ from mtlgraph.balancing import Balancer
 from mtlgraph.data.datasets import DictDataLoader
 from mtlgraph.data.named import dataset_labels
 from mtlgraph.exceptions import ConfigError, DataError
-from mtlgraph.graph.evaluation import check_soft_labels
 from mtlgraph.graph.model import MultitaskClassifier
 from mtlgraph.training.config import TrainerConfig
 from mtlgraph.training.distributed import DistEnv, shard_eval_loader, shard_train_loader
+from mtlgraph.training.labels import check_fit_labels
 from mtlgraph.training.optim import freeze_modules, model_param_groups, resolve_freeze
 from mtlgraph.training.step import StepLosses
+
+logger = logging.getLogger(__name__)
 
 
 def check_loaders(
@@ -25,9 +30,11 @@ def check_loaders(
     train: list[DictDataLoader],
     evals: list[DictDataLoader],
     train_split: str,
+    eval_splits: Sequence[str] | None = None,
 ) -> None:
     """Every problem of the loaders at once: wrong types, score-key collisions, no training
-    loader, empty loaders, labels of tasks the model lacks.
+    loader, empty loaders, labels of tasks the model lacks; then the labels themselves
+    (:func:`~mtlgraph.training.labels.check_fit_labels`).
 
     Raises:
         DataError: The problems.
@@ -68,7 +75,84 @@ def check_loaders(
         raise DataError(
             problems, header="cannot train on these dataloaders:" if len(problems) > 1 else None
         )
-    check_soft_labels(model.tasks, train + evals)  # issue 15: before any training step
+    if eval_splits is not None:
+        check_splits(loaders, train, evals, train_split, eval_splits)
+    check_inputs(model, train + evals)
+    check_fit_labels(model, train, evals)  # in-memory datasets, once (issue 11)
+
+
+def check_splits(
+    loaders: Sequence[DictDataLoader],
+    train: Sequence[DictDataLoader],
+    evals: Sequence[DictDataLoader],
+    train_split: str,
+    eval_splits: Sequence[str],
+) -> None:
+    """Name each loader that neither trains nor is scored (its split matches neither
+    ``train_split`` nor ``eval_splits``): a warning when its split looks like a misspelling of
+    one of them (``validation`` vs ``valid``) or nothing is scored at all, else an info line (a
+    ``test`` split kept for the end).
+
+    Raises:
+        ConfigError: An entry of ``eval_splits`` that matches no loader, when it was set (not
+            the default ``["valid"]``) or an unused loader's split looks like it.
+    """
+    used = {id(dl) for dl in [*train, *evals]}
+    unused = [dl for dl in loaders if id(dl) not in used]
+    known = sorted({dl.dataset.split for dl in loaders})
+    for dl in unused:
+        ds = dl.dataset
+        hint = did_you_mean(ds.split, [train_split, *eval_splits])
+        logger.log(
+            logging.WARNING if hint or not evals else logging.INFO,
+            "dataset '%s' split '%s' is neither train_split '%s' nor in eval_splits %s: it is "
+            "not used during training%s",
+            ds.name,
+            ds.split,
+            train_split,
+            list(eval_splits),
+            hint,
+        )
+    have = {dl.dataset.split for dl in loaders}
+    explicit = list(eval_splits) != ["valid"]
+    unused_splits = [dl.dataset.split for dl in unused]
+    problems = [
+        f"eval_splits: no loader has split '{split}'{did_you_mean(split, known)}; the loaders "
+        f"have {quoted(known)}: set eval_splits to the splits to score (or [] for none)"
+        for split in eval_splits
+        if split not in have and (explicit or did_you_mean(split, unused_splits))
+    ]
+    if problems:
+        raise ConfigError(problems)
+
+
+def check_inputs(model: MultitaskClassifier, loaders: Sequence[DictDataLoader]) -> None:
+    """Floating input tensors of in-memory datasets must have the dtype of the model's floating
+    parameters (numpy arrays are converted when the dataset is built; a tensor's dtype is the
+    caller's choice, so a mismatch is an error, not a silent cast).
+
+    Raises:
+        DataError: Each field of another floating dtype, with the conversion to use.
+    """
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    if dtype is None:
+        return
+    problems = []
+    for dl in loaders:
+        ds = dl.dataset
+        for field, value in getattr(ds, "X_dict", {}).items():
+            if (
+                isinstance(value, torch.Tensor)
+                and value.is_floating_point()
+                and value.dtype != dtype
+            ):
+                problems.append(
+                    f"dataset '{ds.name}' ({ds.split}): input field '{field}' is {value.dtype}, "
+                    f"the model's parameters are {dtype}; convert it (x.to({dtype})) or the "
+                    f"model (model.to({value.dtype}))"
+                )
+    if problems:
+        raise DataError(problems)
 
 
 def prepare(

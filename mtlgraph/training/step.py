@@ -9,6 +9,8 @@ the averaging of learned balancer weights' gradients over ranks.
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,10 +21,13 @@ from torch.nn.parallel import DistributedDataParallel
 from mtlgraph._io import move_to_device
 from mtlgraph.balancing import Balancer, GradientBalancer, StepContext
 from mtlgraph.data.datasets import Batch
+from mtlgraph.exceptions import TrainingError
 from mtlgraph.graph.model import MultitaskClassifier
 from mtlgraph.training.distributed import Collectives
 from mtlgraph.training.optim import NO_CONTEXT, StepControl, SubsetStepper
 from mtlgraph.training.state import LossRecord
+
+logger = logging.getLogger(__name__)
 
 StepOutput = tuple[dict[str, torch.Tensor], dict[str, int], list[LossRecord]]
 """Per-task losses, per-task label counts, and the step's loss records."""
@@ -92,6 +97,8 @@ class TrainStep:
         device: Where batches go.
         comm: The run's collectives (averages learned balancer weights' gradients over ranks).
         ddp: DDP around :class:`StepLosses` under torchrun, else ``None``.
+        nonfinite: What a non-finite loss or clipped gradient norm does (see
+            :class:`NonfiniteGuard`).
     """
 
     def __init__(
@@ -103,9 +110,12 @@ class TrainStep:
         device: torch.device,
         comm: Collectives,
         ddp: DistributedDataParallel | None = None,
+        nonfinite: str = "raise",
     ) -> None:
         self.model, self.balancer, self.stepper, self.control = model, balancer, stepper, control
         self.device, self.comm, self.ddp = device, comm, ddp
+        self.guard = NonfiniteGuard(nonfinite, comm)
+        stepper.guard_norm = nonfinite != "warn"
         # Gradient methods take per-task gradients with autograd.grad, which DDP does not see:
         # they run without DDP's reduction and average their gradients through ctx.reduce.
         self.manual_sync = ddp is not None and isinstance(balancer, GradientBalancer)
@@ -123,6 +133,8 @@ class TrainStep:
         with self._no_sync():
             with control.autocast():
                 losses, counts, records = self._losses(batches)
+            if losses and self.guard.drops(losses, records, global_step):
+                losses, records = {}, []  # skip_batch: no gradients, no logged loss
             if losses:
                 plan = self.model.plan(losses)
                 self.balancer.backward(losses, self._context(plan, counts, global_step))
@@ -139,6 +151,9 @@ class TrainStep:
         else:
             names = list(dict.fromkeys(t for p in pending for t in p.task_names))
         control.step(self.stepper, balancer_params(self.balancer, names))
+        if self.stepper.nonfinite_norm is not None:  # the update was dropped
+            norm, self.stepper.nonfinite_norm = self.stepper.nonfinite_norm, None
+            self.guard.bad_norm(norm, names, global_step)
         return records, True
 
     def _losses(self, batches: list[tuple[str, Batch]]) -> StepOutput:
@@ -164,6 +179,88 @@ class TrainStep:
         if self.manual_sync and self.ddp is not None:
             return self.ddp.no_sync()
         return NO_CONTEXT
+
+
+class NonfiniteGuard:
+    """The per-step check for non-finite losses (``TrainerConfig.nonfinite``).
+
+    One fused check per step: ``isfinite`` of the sum of the step's task losses (one device
+    sync); the culprit is looked for only when it fails. Modes: ``"raise"`` stops training with a
+    :class:`~mtlgraph.TrainingError` before the update (weights and checkpoints stay as they
+    were); ``"skip_batch"`` drops the micro-step's update and counts it in :attr:`skipped`;
+    ``"warn"`` logs and lets the update through.
+
+    Args:
+        mode: ``"raise"``, ``"skip_batch"`` or ``"warn"``.
+        comm: The run's collectives (under DDP the ranks agree on the verdict).
+
+    Example:
+        >>> import torch
+        >>> from mtlgraph.training.distributed import Collectives, DistEnv
+        >>> from mtlgraph.training.step import NonfiniteGuard
+        >>> from mtlgraph.training.state import LossRecord
+        >>> guard = NonfiniteGuard("raise", Collectives(DistEnv()))
+        >>> loss = torch.tensor(float("nan"))
+        >>> guard.drops({"t": loss}, [LossRecord("t", "d", loss, 4)], 6)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        mtlgraph.exceptions.TrainingError: non-finite loss at epoch 1, step 7: task 't' on ...
+    """
+
+    def __init__(self, mode: str, comm: Collectives) -> None:
+        self.mode, self.comm = mode, comm
+        self.epoch = 0  # set by the loop at each epoch's start
+        self.skipped = 0  # micro-steps dropped by skip_batch
+        self._warned = 0
+
+    def drops(
+        self, losses: dict[str, torch.Tensor], records: Sequence[LossRecord], global_step: int
+    ) -> bool:
+        """Whether this micro-step's update is dropped (``skip_batch``); raises in ``raise``."""
+        values = iter(losses.values())
+        total = next(values).detach()
+        for loss in values:  # a plain sum of detached scalars: the cheapest fused check
+            total = total + loss.detach()
+        if self.comm.enabled:  # every rank takes the same branch
+            flag = (~torch.isfinite(total)).float().reshape(1)
+            self.comm.mean_(flag)
+            bad = bool(flag > 0)
+        else:
+            bad = not math.isfinite(total.item())
+        if not bad:
+            return False
+        culprits = [
+            f"task '{r.task}' on dataset '{r.dataset}' has loss {float(r.loss):g}"
+            for r in records
+            if not bool(torch.isfinite(r.loss))
+        ] or ["the sum of the task losses overflows"]
+        return self._handle(f"non-finite loss at {self._where(global_step)}: {'; '.join(culprits)}")
+
+    def bad_norm(self, norm: float, task_names: Sequence[str], global_step: int) -> None:
+        """A clipped gradient norm was non-finite (the optimizer step was dropped)."""
+        tasks = ", ".join(f"'{t}'" for t in task_names)
+        self._handle(
+            f"non-finite gradient norm ({norm:g}) at {self._where(global_step)}, tasks {tasks}"
+        )
+
+    def _where(self, global_step: int) -> str:
+        return f"epoch {self.epoch + 1}, step {global_step + 1}"
+
+    def _handle(self, message: str) -> bool:
+        if self.mode == "raise":
+            raise TrainingError(
+                f"{message}. Look for NaN/inf in that dataset's inputs and labels, lower lr "
+                "or set grad_clip; or set the trainer's nonfinite='skip_batch' to drop such steps"
+            )
+        self._warned += 1
+        if self._warned <= 5:
+            action = "update dropped" if self.mode == "skip_batch" else "update applied"
+            more = " (further ones are not logged)" if self._warned == 5 else ""
+            logger.warning("%s; %s%s", message, action, more)
+        if self.mode == "skip_batch":
+            self.skipped += 1
+            return True
+        return False
 
 
 def _identity(tensor: torch.Tensor) -> torch.Tensor:

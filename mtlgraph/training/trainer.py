@@ -180,7 +180,7 @@ class Trainer:
         loaders = list(dataloaders)
         train = [dl for dl in loaders if getattr(dl.dataset, "split", None) == cfg.train_split]
         evals = [dl for dl in loaders if getattr(dl.dataset, "split", None) in cfg.eval_splits]
-        check_loaders(model, loaders, train, evals, cfg.train_split)
+        check_loaders(model, loaders, train, evals, cfg.train_split, cfg.eval_splits)
         check_slices(cfg.slices, evals)  # issue 15: bad slice functions fail before training
         env = DistEnv.from_env() if cfg.distributed == "auto" else DistEnv()
         device = model.device
@@ -240,7 +240,9 @@ class FitLoop:
         )
         self.stepper = SubsetStepper(optimizer, self.balancer.task_parameters)
         control = StepControl(cfg.amp, cfg.grad_accumulation_steps, cfg.grad_clip, device)
-        self.step = TrainStep(model, self.balancer, self.stepper, control, device, self.comm, ddp)
+        self.step = TrainStep(
+            model, self.balancer, self.stepper, control, device, self.comm, ddp, cfg.nonfinite
+        )
         self.state.batch_counts = [batch_count(dl) for dl in self.train]
         self.state.world_size = env.world_size
         configure_sampling(self.scheduler, self.train, cfg.steps_per_epoch, cfg.n_epochs)
@@ -255,7 +257,7 @@ class FitLoop:
         self.checkpointer = self._open_checkpointer(saved)
         self.bar = ProgressBar(cfg.progress_bar and env.is_main)
         self.hooks = self._hooks()
-        self.writers = self._open_writers(self.state.global_step if saved else None)
+        self.writers = self._open_writers(self._logged_step() if saved else None)
         if saved is not None:
             ckpt.set_rng_state(saved["rng"])  # last: building the pieces above may draw numbers
 
@@ -266,6 +268,7 @@ class FitLoop:
         cfg, state, model = self.cfg, self.state, self.model
         model.train()
         for epoch in range(state.epoch, cfg.n_epochs):
+            self.step.guard.epoch = epoch
             scheduler_state = self.scheduler.state_dict()  # resume recomputes the plan from it
             plan = self.scheduler.epoch_plan(state.batch_counts)
             self._start_epoch(epoch, plan, scheduler_state)
@@ -319,6 +322,8 @@ class FitLoop:
                 record[make_key("model", "all", "train", f"lr/{group['name']}")] = float(
                     group["lr"]
                 )
+        if self.cfg.nonfinite == "skip_batch":  # micro-steps dropped by the non-finite guard
+            record[make_key("model", "all", "train", "skipped_batches")] = self.step.guard.skipped
         for task_name, w in sorted(self.balancer.weights().items()):
             record[make_key("model", "all", "train", f"weight/{task_name}")] = float(w)
         return record
@@ -386,6 +391,8 @@ class FitLoop:
         }
         if self.monitor is not None:
             state["diagnostics"] = self.monitor.state_dict()
+        if self.cfg.nonfinite == "skip_batch":
+            state["nonfinite_skipped"] = self.step.guard.skipped
         return state
 
     # ------------------------------------------------------------------ set-up
@@ -407,22 +414,39 @@ class FitLoop:
     def _restore(self, saved: Mapping[str, Any]) -> None:
         """Load a checkpoint into the run's pieces (the global random states come last)."""
         ckpt.check_resume(saved, self.state.batch_counts, self.env.world_size)
-        ckpt.load_model_state(self.model, saved, "cannot resume: the checkpoint")
-        self.balancer.load_state_dict(saved["balancer"])
-        self.scheduler.load_state_dict(saved["run"]["scheduler"])
-        self.stepper.load_state_dict(saved["optimizer"])
+        with ckpt.all_or_nothing(self.model, "cannot resume: the checkpoint"):
+            ckpt.load_model_state(self.model, saved, "cannot resume: the checkpoint")
+            self.balancer.load_state_dict(saved["balancer"])
+            self.scheduler.load_state_dict(saved["run"]["scheduler"])
+            self.stepper.load_state_dict(saved["optimizer"])
         self.state.load_state_dict(saved["run"], self.env.rank)
         self._recorded_positions = list(saved["run"]["progress"]["loader_positions"])
         streams = self.state.streams
         self.loaders.load_cursor_states(
             streams[self.env.rank] if streams else [None] * len(self.train)
         )
+        self.step.guard.skipped = int(saved.get("nonfinite_skipped", 0))
+        if self.state.epoch >= self.cfg.n_epochs:
+            logger.warning(
+                "the checkpoint's run is finished (%d of %d epochs): nothing to train; raise "
+                "n_epochs to train longer",
+                self.state.epoch,
+                self.cfg.n_epochs,
+            )
+            return
         logger.info(
             "resuming at epoch %d, step %d of the epoch (global step %d)",
             self.state.epoch + 1,
             self.state.step_in_epoch,
             self.state.global_step,
         )
+
+    def _logged_step(self) -> int:
+        """The step of the checkpoint's last history record: the writers drop what was logged
+        after it (an evaluation that ended an epoch right after a step-wise checkpoint is not in
+        the checkpoint, and the resumed run logs it again)."""
+        history = self.state.history
+        return int(history[-1]["step"]) if history else -1
 
     def _hooks(self) -> list[Hook]:
         """The internal hooks in their fixed order: probe, evaluate, save, progress bar."""

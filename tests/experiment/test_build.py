@@ -248,8 +248,8 @@ def test_out_of_range_labels_name_file_and_field(tmp_path: Path) -> None:
         _experiment(tmp_path, cfg)
     assert info.value.problems == [
         "data.datasets.points.labels.circle_task: array 'y' of 'p.npz' (train split) for task "
-        "'circle_task' holds 2, outside 0..1: the head outputs 2 classes (labels equal to -1 are "
-        "ignored)"
+        "'circle_task': label 2 (row 2; 15 more) is outside 0..1: the head outputs 2 classes; "
+        "fix the label or the head's output size"
     ]
 
 
@@ -259,7 +259,7 @@ def test_binary_labels_must_be_zero_or_one(tmp_path: Path) -> None:
     cfg["tasks"]["circle_task"]["task_type"] = "binary"
     cfg["modules"]["circle_head"]["out_features"] = 1
     with pytest.raises(
-        DataError, match=r"array 'y' of 'p.npz' .* holds 3; binary labels are 0 or 1"
+        DataError, match=r"array 'y' of 'p.npz' .*: label 3 \(row 2; 9 more\) is not 0 or 1"
     ):
         _experiment(tmp_path, cfg)
 
