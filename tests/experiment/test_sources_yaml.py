@@ -342,8 +342,8 @@ def test_images_source_builds_named_datasets(tmp_path: Path) -> None:
     cfg = image_config_labels(exp.config)
     with pytest.raises(
         DataError,
-        match=r"dataset 'products' \(train split\) for task 'digit_task' "
-        r"holds 2, outside 0..1: the head outputs 2 classes",
+        match=r"dataset 'products' \(train split\) for task 'digit_task': "
+        r"label 2 \(row 2; 1 more\) is outside 0..1: the head outputs 2 classes",
     ):
         build_experiment(cfg)
     (tmp_path / "img" / "3.png").unlink()
