@@ -23,6 +23,7 @@ from mtlgraph.data.memmap import (
     gather,
     is_memmap,
     mapped_bytes,
+    read_ahead,
     reference,
 )
 from mtlgraph.exceptions import DataError
@@ -237,6 +238,11 @@ class DictDataset(Dataset[Batch]):
                 k: v.open() if isinstance(v, MappedFile) else v for k, v in state[part].items()
             }
         self.__dict__.update(state)
+
+    @property
+    def mapped(self) -> bool:
+        """Whether a field or label is a memory map (its batches are read from a file)."""
+        return any(is_memmap(v) for part in (self.X_dict, self.Y_dict) for v in part.values())
 
     def _gather(self, array: np.ndarray, index: slice | torch.Tensor | Sequence[int]) -> Any:
         rows = gather(array, index)
@@ -535,6 +541,8 @@ class DictDataLoader(DataLoader[Batch]):
             for _ in range(start):
                 next(it)
             return it
+        if getattr(self.dataset, "mapped", False):  # memory maps: read the next batch ahead
+            return read_ahead(self._slice_iter(start))
         return self._slice_iter(start)
 
     def _stream_iter(self, repeat: bool) -> Iterator[Batch]:

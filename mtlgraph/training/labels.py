@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from mtlgraph._io import move_to_device
@@ -160,10 +161,25 @@ def dataset_label_problems(
     widths = head_widths(model, ds.batch(slice(0, 2))[0], names)
     problems: list[str] = []
     for name in names:
-        problems += label_problems(
-            model.tasks[name], ds.Y_dict[name], widths[name], where(ds, name), train
-        )
+        labels = ds.Y_dict[name]
+        if isinstance(labels, torch.Tensor):
+            problems += label_problems(
+                model.tasks[name], labels, widths[name], where(ds, name), train
+            )
+            continue
+        for start in range(0, len(labels), MAPPED_CHUNK):  # a memory map: chunk by chunk
+            chunk = torch.from_numpy(np.array(labels[start : start + MAPPED_CHUNK]))
+            place = f"{where(ds, name)}, rows {start}..{start + len(chunk) - 1}"
+            found = label_problems(model.tasks[name], chunk, widths[name], place, False)
+            if found:
+                problems += found
+                break  # the first bad chunk names the first bad value
     return problems
+
+
+MAPPED_CHUNK = 1 << 20
+"""Rows of a memory-mapped label array checked at a time (only the chunk is read into memory;
+row numbers in messages count from the chunk's first row, which the message names)."""
 
 
 def check_fit_labels(

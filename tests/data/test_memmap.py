@@ -134,3 +134,58 @@ def test_rows_of_a_large_map_are_read_from_its_file(tmp_path: Path, monkeypatch)
     assert torch.equal(gather(xm[2:], idx), torch.from_numpy(x[2:][idx.numpy()]))
     with pytest.raises(IndexError):
         gather(xm, torch.tensor([50]))
+
+
+def test_read_ahead_keeps_order_and_raises_the_readers_own_error_at_its_item() -> None:
+    from mtlgraph.data.memmap import read_ahead
+
+    class Broken(Exception):
+        pass
+
+    def items():  # type: ignore[no-untyped-def]
+        yield from range(3)
+        raise Broken("row 3 is unreadable")
+
+    got = []
+    with pytest.raises(Broken, match="row 3 is unreadable"):
+        for item in read_ahead(items()):
+            got.append(item)
+    assert got == [0, 1, 2]
+
+
+def test_a_mapped_dataset_reads_ahead_and_trains_like_the_in_memory_one(tmp_path: Path) -> None:
+    """Memory-mapped fields and labels (labels checked chunk by chunk before training) give
+    the same weights as the same arrays in memory."""
+    from mtlgraph import MultitaskClassifier, Operation, Task, Trainer
+
+    x, y, xm, ym = _maps(tmp_path)
+
+    def fit(X, Y):  # type: ignore[no-untyped-def]
+        torch.manual_seed(0)
+        task = Task(
+            "t", {"m": torch.nn.Linear(x.shape[1], 3)}, [Operation("m", [("_input_", "x")])]
+        )
+        model = MultitaskClassifier([task])
+        ds = DictDataset("d", "train", {"x": X}, {"t": Y})
+        assert ds.mapped == isinstance(X, np.memmap)
+        Trainer(n_epochs=2, lr=0.1, progress_bar=False).fit(
+            model, [DictDataLoader(ds, batch_size=7, shuffle=True)]
+        )
+        return [p.detach().clone() for p in model.parameters()]
+
+    mapped, memory = fit(xm, ym), fit(torch.from_numpy(x), torch.from_numpy(y))
+    assert all(torch.equal(a, b) for a, b in zip(mapped, memory, strict=True))
+
+
+def test_a_bad_label_in_a_mapped_label_file_is_named_before_training(tmp_path: Path) -> None:
+    from mtlgraph import MultitaskClassifier, Operation, Task, Trainer
+
+    x, y, xm, _ = _maps(tmp_path)
+    bad = y.copy()
+    bad[5] = 7
+    np.save(tmp_path / "bad.npy", bad)
+    ym = np.load(tmp_path / "bad.npy", mmap_mode="r")
+    task = Task("t", {"m": torch.nn.Linear(x.shape[1], 3)}, [Operation("m", [("_input_", "x")])])
+    loader = DictDataLoader(DictDataset("d", "train", {"x": xm}, {"t": ym}), batch_size=8)
+    with pytest.raises(DataError, match=r"dataset 'd' \(train\), task 't', rows 0\.\..*label 7"):
+        Trainer(n_epochs=1, progress_bar=False).fit(MultitaskClassifier([task]), [loader])
