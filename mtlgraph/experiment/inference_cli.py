@@ -45,7 +45,8 @@ def predict_args(p: argparse.ArgumentParser) -> None:
         required=True,
         metavar="PATH",
         help="new data: a .csv, .jsonl, .parquet, .npz or .npy file, a directory of "
-        "<field>.npy files, or NAME[:SPLIT], a dataset of the config",
+        "<field>.npy files, or NAME[:SPLIT], a dataset of the config; with a declared source, "
+        "also a folder of images or a glob of shards",
     )
     p.add_argument(
         "--out",

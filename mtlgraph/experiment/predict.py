@@ -14,10 +14,13 @@ memory-mapped), ``csv``, ``jsonl`` (numbers, or lists of numbers per cell), ``pa
 the ``tables`` extra) and ``dataset`` (``--data NAME[:SPLIT]``: a dataset of the config itself,
 through :func:`~mtlgraph.experiment.build.load_datasets`, whatever its source).
 
-**Where new sources plug in** (images, shards, the table sources of the data issue): add a
-reader ``read(path, fields, id_column) -> PredictionData`` to :data:`READERS` under its format
-name, and teach :func:`data_format` to recognise its files or directories. A reader that has
-per-example file names uses them as ids.
+A config dataset declared with a file ``source`` (table text, images, shards) is read through
+that declaration by :mod:`mtlgraph.experiment.predict_sources` (the run's vocabulary, the
+declared image transforms, file names as ids), chosen here too.
+
+**Where new formats plug in**: add a reader ``read(path, fields, id_column) -> PredictionData``
+to :data:`READERS` under its format name, and teach :func:`data_format` to recognise its files
+or directories. A reader that has per-example file names uses them as ids.
 """
 
 from __future__ import annotations
