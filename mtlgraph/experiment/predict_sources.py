@@ -157,6 +157,13 @@ def read_source_data(
     return _read_tables(name, ds, path, fields, id_column, run_dir)
 
 
+def _format(file: Path, declared: str | None) -> str | None:
+    """The declared format, unless the new file's suffix names one (it may differ)."""
+    from mtlgraph.data.sources.table import _SUFFIXES
+
+    return None if file.suffix.lstrip(".").lower() in _SUFFIXES else declared
+
+
 def _table_files(path: str | Path) -> list[Path]:
     from mtlgraph.data.sources.shards import shard_files
 
@@ -179,17 +186,17 @@ def _read_tables(
     from mtlgraph.experiment.predict import PredictionData
 
     assert ds.source is not None
-    fmt = ds.source.format
+    declared = ds.source.format
     files = _table_files(path)
     mapping = {f: ds.fields[f] for f in fields}
     toks = run_tokenizers(name, ds, _columns(ds, fields), run_dir)
     # the first file is checked now: a missing column is named before anything is written
-    _read_fields(read_table(files[0], fmt), mapping, f"'{files[0]}'", toks)
+    _read_fields(read_table(files[0], _format(files[0], declared)), mapping, f"'{files[0]}'", toks)
 
     def chunks(size: int) -> Iterator[Any]:
         start = 0
         for file in files:
-            table = read_table(file, fmt)
+            table = read_table(file, _format(file, declared))
             n = len(next(iter(table.values()))) if table else 0
             X = _read_fields(table, mapping, f"'{file}'", toks)
             ids = _ids(table, id_column, start, n, f"'{file}'")
@@ -223,7 +230,7 @@ def _read_images(
         table: Table = {ic.column: np.asarray(files, dtype=object)}
         folder = path
     else:
-        table, folder = read_table(path, ds.source.format), path.parent
+        table, folder = read_table(path, _format(path, ds.source.format)), path.parent
     origin = f"'{path}'"
     image_fields = [f for f in fields if ds.fields[f] == ic.column]
     others = {f: ds.fields[f] for f in fields if f not in image_fields}
@@ -280,8 +287,7 @@ def read_source_dataset(
 ) -> PredictionData:
     """``--data NAME[:SPLIT]`` for a dataset declared with a ``source``, built for the run
     directory (its saved vocabulary), labels ignored."""
-    from mtlgraph.data.datasets import DictDataset, collate_dicts
-    from mtlgraph.data.sources.images import ImageFolder
+    from mtlgraph.data.datasets import collate_dicts
     from mtlgraph.experiment.predict import PredictionData
     from mtlgraph.experiment.sources import load_sources
 
@@ -301,19 +307,10 @@ def read_source_dataset(
     if unknown:
         raise DataError([f"dataset '{ref}' of the config has no input field {quoted(unknown)}"])
 
-    def items(d: Any) -> Iterator[tuple[Any, Any]]:
-        inner = getattr(d, "dataset", None)
-        if isinstance(inner, ImageFolder):
-            yield from zip(inner.files, (inner[i] for i in range(len(inner))), strict=True)
-        elif isinstance(d, DictDataset):
-            yield from ((i, d[i]) for i in range(len(d)))
-        else:
-            yield from enumerate(iter(inner if inner is not None else d))
-
     def chunks(size: int) -> Iterator[Any]:
         for d in chosen:
             buf: list[tuple[Any, Any]] = []
-            for item in items(d):
+            for item in _items(d):
                 buf.append(item)
                 if len(buf) == size:
                     yield _collated(buf, d.split, split, fields, collate_dicts)
@@ -322,6 +319,25 @@ def read_source_dataset(
                 yield _collated(buf, d.split, split, fields, collate_dicts)
 
     return PredictionData(f"dataset '{ref}' of the config", None, chunks)
+
+
+def _items(d: Any) -> Iterator[tuple[Any, Any]]:
+    """``(id, (x, y))`` of a built dataset, in order: image file names, else row numbers."""
+    from mtlgraph.data.datasets import DictDataset
+    from mtlgraph.data.sources.images import ImageFolder
+
+    inner = getattr(d, "dataset", None)
+    if isinstance(inner, ImageFolder):
+        yield from zip(inner.files, (inner[i] for i in range(len(inner))), strict=True)
+    elif isinstance(d, DictDataset):
+        yield from ((i, d[i]) for i in range(len(d)))
+    elif inner is not None:  # a stream: in file order (training shuffles its split)
+        stream = copy.copy(inner)
+        if hasattr(stream, "shuffle"):
+            stream.shuffle = False
+        yield from enumerate(iter(stream))
+    else:
+        yield from enumerate(iter(d))
 
 
 def _collated(

@@ -129,6 +129,19 @@ def test_config_dataset_with_a_source_by_name(
     assert code == 0, err
     rows = read_predictions(out)
     assert [r["id"] for r in rows] == list(range(12))
+    valid = tmp_path / "valid.jsonl"  # the same rows as a new file: the same predictions
+    lines = (config.parent / "reviews.jsonl").read_text().splitlines()[48:]
+    valid.write_text("\n".join(lines) + "\n")
+    again = tmp_path / "again.jsonl"
+    code, err = _predict(
+        capsys, str(config), "--checkpoint", str(run), "--data", str(valid), "--out", str(again)
+    )
+    assert code == 0, err
+    np.testing.assert_allclose(
+        [r["sentiment/probs"] for r in read_predictions(again)],
+        [r["sentiment/probs"] for r in rows],
+        atol=TOL,
+    )
 
 
 def test_missing_column_and_missing_vocabulary_exit_2(
@@ -248,6 +261,19 @@ def test_image_folder_ids_are_file_names(
     images = torch.stack([decode(tmp_path / "new" / n) for n in sorted(names)])
     eager = _eager(config, run, "digit_task", {"image": images})
     np.testing.assert_allclose([r["digit_task/probs"] for r in rows], eager, atol=TOL)
+    workers = tmp_path / "w.jsonl"  # decoded in 2 worker processes: the same rows, in order
+    code, err = _predict(
+        capsys, str(config), "--checkpoint", str(run), "--data", str(tmp_path / "new"),
+        "--out", str(workers), "--batch-size", "1", "--num-workers", "2",
+    )  # fmt: skip
+    assert code == 0, err
+    assert read_predictions(workers) == rows
+    code, err = _predict(
+        capsys, str(config), "--checkpoint", str(run), "--data", "products:test",
+        "--out", str(workers),
+    )  # fmt: skip
+    assert code == 0, err
+    assert [r["id"] for r in read_predictions(workers)] == [f"{i}.png" for i in range(6, 10)]
 
 
 def test_shards_glob_is_streamed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -293,3 +319,14 @@ def test_shards_glob_is_streamed(tmp_path: Path, capsys: pytest.CaptureFixture[s
     x = torch.tensor([[r / 4, part] for part in range(3) for r in range(4)], dtype=torch.float32)
     eager = _eager(config, run, "click_task", {"x": x})
     np.testing.assert_allclose([r["click_task/probs"] for r in rows], eager, atol=TOL)
+    code, err = _predict(
+        capsys, str(config), "--checkpoint", str(run), "--data", "clicks", "--out", str(out)
+    )  # the config's (shuffled for training) stream, predicted in file order
+    assert code == 0, err
+    by_name = read_predictions(out)
+    assert [r["id"] for r in by_name] == [f"train/{i}" for i in range(8)]
+    np.testing.assert_allclose(
+        [r["click_task/probs"] for r in by_name],
+        [r["click_task/probs"] for r in rows[:8]],
+        atol=TOL,
+    )  # logs/part-0,1 hold the same rows as new/part-0,1
