@@ -45,7 +45,8 @@ def predict_args(p: argparse.ArgumentParser) -> None:
         required=True,
         metavar="PATH",
         help="new data: a .csv, .jsonl, .parquet, .npz or .npy file, a directory of "
-        "<field>.npy files, or NAME[:SPLIT], a dataset of the config",
+        "<field>.npy files, or NAME[:SPLIT], a dataset of the config; with a declared source, "
+        "also a folder of images or a glob of shards",
     )
     p.add_argument(
         "--out",
@@ -69,6 +70,7 @@ def predict(args: argparse.Namespace) -> int:
     from mtlgraph.exceptions import ConfigError
     from mtlgraph.experiment.config import load_config
     from mtlgraph.experiment.predict import ID_FIELD, read_prediction_data
+    from mtlgraph.experiment.predict_sources import run_directory
     from mtlgraph.graph.export import input_fields
     from mtlgraph.graph.predictions import (
         check_output_path,
@@ -89,7 +91,9 @@ def predict(args: argparse.Namespace) -> int:
     tasks = parse_tasks(model, args.tasks)
     fields = input_fields(model, tasks, config_fields(cfg))
     with _extras_are_usage():
-        data = read_prediction_data(cfg, args.data, fields, args.id_column, args.format)
+        data = read_prediction_data(
+            cfg, args.data, fields, args.id_column, args.format, run_directory(args.checkpoint)
+        )
     rows = write_predictions(
         model,
         data.batches(args.batch_size, args.num_workers),
@@ -139,6 +143,7 @@ def export_args(p: argparse.ArgumentParser) -> None:
 def export(args: argparse.Namespace) -> int:
     """Run ``mtlgraph export``; returns the exit status."""
     from mtlgraph.experiment.config import load_config
+    from mtlgraph.experiment.predict_sources import run_directory, vocabulary_files
     from mtlgraph.graph.export import input_fields, max_export_error, require_onnx, sidecar_path
     from mtlgraph.graph.predictions import check_output_path
 
@@ -150,8 +155,11 @@ def export(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     model = load_model(cfg, args.checkpoint)
     tasks = parse_tasks(model, args.tasks)
-    example = example_batch(cfg, input_fields(model, tasks, config_fields(cfg)))
-    path = model.export(args.out, tasks, fmt, example)
+    fields = input_fields(model, tasks, config_fields(cfg))
+    run_dir = run_directory(args.checkpoint)
+    example = example_batch(cfg, fields, run_dir=run_dir)
+    vocabularies = vocabulary_files(cfg, run_dir, fields)
+    path = model.export(args.out, tasks, fmt, example, vocabularies=vocabularies)
     summary = {"program": str(path), "sidecar": str(sidecar_path(path)), "format": fmt}
     summary["tasks"] = tasks
     if not args.no_check:
@@ -225,10 +233,20 @@ def config_fields(cfg: ExperimentConfig) -> list[str]:
     return list(dict.fromkeys(f for ds in cfg.data.datasets.values() for f in ds.fields))
 
 
-def example_batch(cfg: ExperimentConfig, fields: Sequence[str], rows: int = 8) -> dict[str, Any]:
-    """The first ``rows`` rows of each field, from the config's datasets (to trace an export)."""
+def example_batch(
+    cfg: ExperimentConfig, fields: Sequence[str], rows: int = 8, run_dir: Path | None = None
+) -> dict[str, Any]:
+    """The first ``rows`` rows of each field, from the config's datasets (to trace an export);
+    a dataset declared with a file ``source`` is read with the run's vocabulary."""
     from mtlgraph.experiment.build import load_datasets
+    from mtlgraph.experiment.predict import chunk_batch
+    from mtlgraph.experiment.predict_sources import read_source_dataset, source_dataset
 
+    name = source_dataset(cfg, fields)
+    if name is not None:
+        data = read_source_dataset(cfg, name, fields, run_dir)
+        X, _ = chunk_batch(next(iter(data.chunks(rows))))
+        return {f: v for f, v in X.items() if f in fields}
     datasets, _ = load_datasets(cfg)
     example: dict[str, Any] = {}
     for f in fields:

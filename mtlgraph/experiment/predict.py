@@ -14,16 +14,20 @@ memory-mapped), ``csv``, ``jsonl`` (numbers, or lists of numbers per cell), ``pa
 the ``tables`` extra) and ``dataset`` (``--data NAME[:SPLIT]``: a dataset of the config itself,
 through :func:`~mtlgraph.experiment.build.load_datasets`, whatever its source).
 
-**Where new sources plug in** (images, shards, the table sources of the data issue): add a
-reader ``read(path, fields, id_column) -> PredictionData`` to :data:`READERS` under its format
-name, and teach :func:`data_format` to recognise its files or directories. A reader that has
-per-example file names uses them as ids.
+A config dataset declared with a file ``source`` (table text, images, shards) is read through
+that declaration by :mod:`mtlgraph.experiment.predict_sources` (the run's vocabulary, the
+declared image transforms, file names as ids), chosen here too.
+
+**Where new formats plug in**: add a reader ``read(path, fields, id_column) -> PredictionData``
+to :data:`READERS` under its format name, and teach :func:`data_format` to recognise its files
+or directories. A reader that has per-example file names uses them as ids.
 """
 
 from __future__ import annotations
 
 import copy
 import csv
+import glob
 import json
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -42,8 +46,9 @@ from mtlgraph.experiment.config import ExperimentConfig
 ID_FIELD = "__id__"
 """The batch field that carries each row's id to the prediction writer."""
 
-Chunk = tuple[list[Any], dict[str, np.ndarray]]
-"""A chunk of rows: their ids and ``field -> array`` (a row per id)."""
+Chunk = tuple[list[Any], dict[str, Any]]
+"""A chunk of rows: their ids and ``field -> array`` (a row per id; also a tensor, or a list of
+1-D id tensors for a text field)."""
 
 Specs = dict[str, list[str | list[str]]]
 """Field -> where it may be found: its own name, then the config's columns/arrays for it."""
@@ -61,7 +66,7 @@ class PredictionData:
 
     source: str
     rows: int | None
-    chunks: Callable[[int], Iterator[Chunk]]
+    chunks: Callable[[int], Iterator[Chunk | Callable[[], Chunk]]]
 
     def batches(self, batch_size: int, num_workers: int = 0) -> Iterable[Batch]:
         """``(X_dict, {})`` batches of tensors; ``X_dict[ID_FIELD]`` holds the ids.
@@ -70,7 +75,7 @@ class PredictionData:
         ``num_workers``-th chunk), still in order.
         """
         if num_workers <= 0:
-            return (_batch(c) for c in self.chunks(batch_size))
+            return (chunk_batch(c) for c in self.chunks(batch_size))
         dataset = _ChunkDataset(self.chunks, batch_size, num_workers)
         return torch.utils.data.DataLoader(
             dataset, batch_size=None, num_workers=num_workers, collate_fn=_identity
@@ -81,15 +86,31 @@ def _identity(batch: Any) -> Any:
     return batch
 
 
-def _batch(chunk: Chunk) -> Batch:
-    ids, arrays = chunk
-    X: dict[str, Any] = {f: torch.from_numpy(np.array(a)) for f, a in arrays.items()}
+def chunk_batch(chunk: Chunk | Callable[[], Chunk]) -> Batch:
+    """A chunk as a batch: arrays become tensors, lists of 1-D id tensors (tokenised text) are
+    padded with a ``<field>_mask``; a callable chunk (decoded images) is read first."""
+    from mtlgraph.data.datasets import MASK_SUFFIX, pad_sequences
+
+    ids, arrays = chunk() if callable(chunk) else chunk
+    X: dict[str, Any] = {}
+    for f, a in arrays.items():
+        if isinstance(a, torch.Tensor):
+            X[f] = a
+        elif isinstance(a, list) and a and isinstance(a[0], torch.Tensor):
+            X[f], X[f + MASK_SUFFIX] = pad_sequences(a)
+        else:
+            X[f] = torch.from_numpy(np.array(a))
     X[ID_FIELD] = ids
     return X, {}
 
 
 class _ChunkDataset(torch.utils.data.IterableDataset[Batch]):
-    def __init__(self, chunks: Callable[[int], Iterator[Chunk]], size: int, workers: int) -> None:
+    def __init__(
+        self,
+        chunks: Callable[[int], Iterator[Chunk | Callable[[], Chunk]]],
+        size: int,
+        workers: int,
+    ) -> None:
         self.chunks, self.size, self.workers = chunks, size, workers
 
     def __iter__(self) -> Iterator[Batch]:
@@ -97,7 +118,7 @@ class _ChunkDataset(torch.utils.data.IterableDataset[Batch]):
         worker = info.id if info is not None else 0
         for i, chunk in enumerate(self.chunks(self.size)):
             if i % self.workers == worker:
-                yield _batch(chunk)
+                yield chunk_batch(chunk)
 
 
 # ---------------------------------------------------------------- field lookup
@@ -500,26 +521,42 @@ def read_prediction_data(
     fields: Sequence[str],
     id_column: str | None = None,
     file_format: str | None = None,
+    run_dir: str | Path | None = None,
 ) -> PredictionData:
     """THE dispatch point for prediction data: a file, a directory or a config dataset.
 
+    When the config dataset declaring ``fields`` has a file ``source`` (table, images, shards),
+    a table file, image folder or glob is read through that declaration
+    (:mod:`mtlgraph.experiment.predict_sources`): text with the run's saved vocabulary, images
+    decoded as declared.
+
     Args:
         cfg: The experiment config (its datasets say which columns hold which field).
-        path: A data file or directory, or ``NAME[:SPLIT]`` naming a dataset of the config.
+        path: A data file, directory or glob, or ``NAME[:SPLIT]`` naming a dataset of the config.
         fields: The input fields to read (those the chosen tasks read).
         id_column: A column/array/key holding each row's id (default: the row number).
         file_format: A key of :data:`READERS` (default: from the path).
+        run_dir: The run directory (its ``vocab/`` holds the vocabularies of text fields).
 
     Raises:
-        DataError: A missing file, field or id column (named, with what the data has).
+        DataError: A missing file, field, id column or vocabulary (named, with what the data
+            has).
         ConfigError: An unknown format.
     """
+    from mtlgraph.experiment import predict_sources as ps
+
     specs = field_specs(cfg, fields)
+    run = Path(run_dir) if run_dir is not None else None
+    source = ps.source_dataset(cfg, fields) if file_format is None else None
     p = Path(path) if Path(path).is_absolute() else Path.cwd() / path
     if not p.exists():
         name = str(path).partition(":")[0]
         if name in cfg.data.datasets and file_format in (None, "dataset"):
+            if cfg.data.datasets[name].source is not None:
+                return ps.read_source_dataset(cfg, str(path), fields, run)
             return _read_dataset(cfg, str(path), specs)
+        if source is not None and glob.has_magic(str(path)):
+            return ps.read_source_data(cfg, source, path, fields, id_column, run)
         hint = did_you_mean(name, cfg.data.datasets)
         raise DataError(
             [
@@ -527,4 +564,21 @@ def read_prediction_data(
                 f"(it has {quoted(cfg.data.datasets)}; write NAME or NAME:SPLIT)"
             ]
         )
+    if source is not None and _source_reads(cfg, source, Path(path)):
+        return ps.read_source_data(cfg, source, path, fields, id_column, run)
     return READERS[data_format(Path(path), file_format)](Path(path), specs, id_column)
+
+
+def _source_reads(cfg: ExperimentConfig, name: str, path: Path) -> bool:
+    """Whether dataset ``name``'s source reads ``path``: a table file, or an image folder."""
+    src = cfg.data.datasets[name].source
+    assert src is not None
+    if path.is_dir():
+        return src.type == "images"
+    return src.format is not None or path.suffix.lower() in (
+        ".csv",
+        ".jsonl",
+        ".ndjson",
+        ".parquet",
+        ".pq",
+    )
