@@ -33,7 +33,10 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="a run directory (its best.pt, else last.pt), a checkpoint or a model file",
     )
     p.add_argument(
-        "--tasks", metavar="A,B", help="comma-separated tasks (default: every task of the model)"
+        "--tasks",
+        metavar="A,B",
+        help="comma-separated tasks (default: every task of the model; for --data NAME[:SPLIT], "
+        "every task whose input fields that dataset has)",
     )
 
 
@@ -88,7 +91,7 @@ def predict(args: argparse.Namespace) -> int:
             import_pyarrow("writing Parquet")
     cfg = load_config(args.config, args.overrides)
     model = load_model(cfg, args.checkpoint)
-    tasks = parse_tasks(model, args.tasks)
+    tasks = parse_tasks(model, args.tasks) if args.tasks else labelled_tasks(cfg, model, args.data)
     fields = input_fields(model, tasks, config_fields(cfg))
     with _extras_are_usage():
         data = read_prediction_data(
@@ -213,6 +216,20 @@ def load_model(cfg: ExperimentConfig, checkpoint: str | Path) -> MultitaskClassi
         ) from e
     model.eval()
     return model
+
+
+def labelled_tasks(cfg: ExperimentConfig, model: MultitaskClassifier, data: str) -> list[str]:
+    """The default tasks of ``predict``: for ``--data NAME[:SPLIT]`` (a config dataset, not an
+    existing path) the tasks whose every input field that dataset declares; else every task."""
+    name = str(data).split(":", 1)[0]
+    dataset = cfg.data.datasets.get(name)
+    if dataset is None or Path(data).exists():
+        return model.task_names
+    from mtlgraph.graph.export import input_fields
+
+    have = set(dataset.fields)
+    fits = [t for t in model.task_names if set(input_fields(model, [t], sorted(have))) <= have]
+    return fits or model.task_names
 
 
 def parse_tasks(model: MultitaskClassifier, text: str | None) -> list[str]:

@@ -353,9 +353,18 @@ def test_predict_on_every_shipped_config_from_a_fresh_run_directory(
         tasks = list(test.Y_dict)
         out = tmp_path / f"{config.stem}.jsonl"
         code = main(
-            ["predict", str(config), "--checkpoint", str(run_dir), "--quiet", "--tasks",
-             ",".join(tasks), "--data", f"{test.name}:test", "--out", str(out)]
-        )  # fmt: skip
+            [
+                "predict",
+                str(config),
+                "--checkpoint",
+                str(run_dir),
+                "--quiet",
+                "--data",
+                f"{test.name}:test",
+                "--out",
+                str(out),
+            ]
+        )  # fmt: skip  (no --tasks: the tasks whose fields it has)
         assert code == 0, (config, capsys.readouterr().err)
         rows = read_predictions(out)
         assert len(rows) == len(test)
