@@ -17,8 +17,8 @@ from __future__ import annotations
 import mmap
 import os
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, NamedTuple, TypeVar
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, NamedTuple, TypeVar, cast
 
 import numpy as np
 import torch
@@ -48,13 +48,13 @@ def read_ahead(items: Iterator[T]) -> Iterator[T]:
         [0, 1, 2, 3]
     """
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtlgraph-read-ahead") as pool:
-        pending = pool.submit(next, items, _END)
+        pending: Future[Any] = pool.submit(next, items, _END)
         while True:
             item = pending.result()
             if item is _END:
                 return
             pending = pool.submit(next, items, _END)
-            yield item
+            yield cast(T, item)
 
 
 def is_memmap(value: object) -> bool:
