@@ -491,7 +491,7 @@ class FitLoop:
             return None
         mode = None
         if cfg.checkpoint_metric is not None:
-            keys = ckpt.metric_keys(self.model, self.train, self.evals)
+            keys = ckpt.metric_keys(self.model, self.train, self.evals, cfg.slices)
             mode = ckpt.metric_mode(cfg.checkpoint_metric, cfg.checkpoint_mode, keys)
         checkpointer = ckpt.Checkpointer(
             Path(cfg.run_dir) / ckpt.CHECKPOINT_DIR,
