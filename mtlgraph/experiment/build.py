@@ -496,7 +496,7 @@ def build_experiment(cfg: ExperimentConfig, run_dir: str | Path | None = None) -
         tc = trainer.config
         train = [dl for dl in loaders if dl.dataset.split == tc.train_split]
         evals = [dl for dl in loaders if dl.dataset.split in tc.eval_splits]
-        keys = metric_keys(model, train, evals)
+        keys = metric_keys(model, train, evals, tc.slices)
         if key not in keys:
             raise ConfigError(
                 [

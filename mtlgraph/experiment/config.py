@@ -23,13 +23,10 @@ modules, metrics, losses, schedulers or balancers).
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
-import sys
 import typing
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -41,6 +38,7 @@ from mtlgraph._schema import Problems, build, convert, plain_config
 from mtlgraph._suggest import did_you_mean, quoted
 from mtlgraph.data.synthetic import GENERATORS
 from mtlgraph.exceptions import ConfigError
+from mtlgraph.experiment.imports import absolute, import_dirs, import_user_modules, run_import_paths
 from mtlgraph.experiment.module_types import check_module_spec, is_dotted
 from mtlgraph.experiment.sources import SourceConfig
 from mtlgraph.experiment.yaml_lines import apply_overrides, locate, parse_yaml
@@ -234,6 +232,8 @@ class ExperimentConfig:
     seed: int = 0  # seeds module initialisation (the trainer has its own seed)
     device: str = "cpu"  # "cpu", "cuda", "cuda:1"
     imports: list[str] = field(default_factory=list)  # Python modules imported first (user code)
+    # More directories searched for imports (relative to the config file's directory)
+    import_paths: list[str] = field(default_factory=list)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)  # Trainer keyword arguments
     # Directory that relative data paths are read from (the config file's); not a YAML key.
     base_dir: str = field(default=".", init=False, repr=False, compare=False)
@@ -418,49 +418,6 @@ def _check_data(data: DataConfig, tasks: Mapping[str, TaskConfig]) -> list[str]:
 # ---------------------------------------------------------------- loading
 
 
-@contextmanager
-def _import_path(directories: Sequence[Path]) -> Iterator[None]:
-    """Make ``directories`` importable for the duration of the imports."""
-    added = [str(d) for d in directories if str(d) not in sys.path]
-    sys.path[:0] = added
-    try:
-        yield
-    finally:
-        for d in added:
-            sys.path.remove(d)
-
-
-def import_user_modules(
-    names: object, problems: list[str], directories: Sequence[Path] = ()
-) -> None:
-    """Import the ``imports:`` list: the one way a config runs user code.
-
-    A module that cannot be found is a config problem; an exception raised *by* the module
-    propagates unchanged (with a note naming the config entry).
-    """
-    if not isinstance(names, list):
-        return  # the schema reports the type
-    with _import_path(directories):
-        for i, name in enumerate(names):
-            if not isinstance(name, str):
-                continue
-            try:
-                importlib.import_module(name)
-            except ModuleNotFoundError as e:
-                if e.name is not None and name.startswith(e.name):
-                    problems.append(
-                        f"imports[{i}]: cannot import '{name}': no module named '{e.name}' "
-                        "(imports are looked up in the working directory, the config file's "
-                        "directory and the installed packages)"
-                    )
-                else:
-                    e.add_note(f"mtlgraph: while importing '{name}' (imports[{i}] of the config)")
-                    raise
-            except Exception as e:
-                e.add_note(f"mtlgraph: while importing '{name}' (imports[{i}] of the config)")
-                raise
-
-
 def parse_config(
     data: Mapping[str, Any],
     source: str = "<config>",
@@ -493,7 +450,7 @@ def parse_config(
             ]
         )
     applied = apply_overrides(raw, overrides, problems)
-    import_user_modules(raw.get("imports", []), problems, [Path.cwd(), Path(base_dir)])
+    import_user_modules(raw.get("imports", []), problems, import_dirs(raw, base_dir))
     cfg = build(ExperimentConfig, raw, "", problems)
     if problems or early:
         located = early + [locate(p, source, lines or {}, applied) for p in problems]
@@ -552,7 +509,9 @@ def dump_config(cfg: ExperimentConfig) -> str:
 def dump_run_config(cfg: ExperimentConfig) -> str:
     """The resolved config as the YAML a run directory keeps (``config.yaml``): like
     :func:`dump_config`, with every relative data path made absolute (resolved against the
-    original config's directory), so the copy re-runs from any working directory.
+    original config's directory), and the directories the ``imports:`` were found in (the
+    working directory or the config's, not the installed packages) added to ``import_paths:``
+    as absolute paths, so the copy re-runs from any working directory.
 
     Example:
         >>> from mtlgraph.experiment.config import load_config
@@ -571,11 +530,12 @@ def dump_run_config(cfg: ExperimentConfig) -> str:
             ds["path"] = _absolute(base, path)
         elif isinstance(path, dict):
             ds["path"] = {split: _absolute(base, p) for split, p in path.items()}
+    out["import_paths"] = run_import_paths(cfg.imports, cfg.import_paths, base)
     return yaml.safe_dump(out, sort_keys=False, default_flow_style=None)
 
 
 def _absolute(base: Path, path: str) -> str:
-    return path if Path(path).is_absolute() else str((base / path).resolve())
+    return absolute(base, path)
 
 
 __all__ = [

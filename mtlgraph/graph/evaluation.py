@@ -15,8 +15,9 @@ import torch
 
 from mtlgraph._io import move_to_device
 from mtlgraph._suggest import did_you_mean, quoted
-from mtlgraph.data.datasets import DictDataLoader
+from mtlgraph.data.datasets import DictDataLoader, DictDataset
 from mtlgraph.exceptions import DataError, GraphError
+from mtlgraph.graph.labels import label_problems
 from mtlgraph.graph.slices import SLICE_SEP, SliceFunc, resolve_slices, slice_mask
 from mtlgraph.graph.soft_labels import hard_targets, is_soft_label, soft_label_problems
 from mtlgraph.metrics import make_key
@@ -139,6 +140,40 @@ def _add_slices(
             into.setdefault(SLICE_KIND + name, {}).setdefault(task_name, []).append(mask)
 
 
+class _BatchLabels:
+    """The per-batch label check of ``predict`` on a loader over a stream or another map-style
+    dataset (issue 11); a loader over a ``DictDataset`` or a bare iterable is not checked here.
+    The heads' widths come from the batch's own outputs, so it costs no forward pass."""
+
+    def __init__(self, dataloader: object, where: str) -> None:
+        ds = getattr(dataloader, "dataset", None)
+        self.on = ds is not None and not isinstance(ds, DictDataset)
+        self.where, self.batch, self.start = where, 0, 0
+
+    def __call__(
+        self,
+        tasks: Mapping[str, Task],
+        Y: Mapping[str, torch.Tensor],
+        pairs: Sequence[tuple[str | None, str]],
+        outputs: Mapping[str, Any],
+    ) -> None:
+        """Raise a ``DataError`` naming dataset, split, task, batch, value and row."""
+        labelled = [(label, t) for label, t in pairs if label is not None]
+        if not self.on or not labelled:
+            return
+        where = f"{self.where}, batch {self.batch} (from example {self.start})"
+        self.batch += 1
+        self.start += len(Y[labelled[0][0]])
+        problems: list[str] = []
+        for label, t in labelled:
+            out = outputs[t]
+            width = int(out.shape[1]) if isinstance(out, torch.Tensor) and out.ndim == 2 else None
+            problems += label_problems(tasks[t], Y[label], width, f"{where}, task '{t}'")
+        if problems:
+            n = len(problems)
+            raise DataError(problems, header=f"labels that do not fit their tasks ({n}):")
+
+
 @torch.no_grad()
 def predict(
     model: MultitaskClassifier,
@@ -166,6 +201,7 @@ def predict(
     golds: dict[str, list[torch.Tensor]] = {}
     probs: dict[str, list[torch.Tensor]] = {}
     unlabelled = 0  # batches without any label (nothing to predict unless task_names says)
+    check = _BatchLabels(dataloader, where)
     try:
         for X, Y in dataloader:
             if wanted is None and not Y:
@@ -178,6 +214,7 @@ def predict(
                 _add_slices(masks, slice_funcs, X, Y, pairs, where)
             plan = model.plan(t for _, t in pairs)
             cache = model.execute(plan, move_to_device(X, device))
+            check(tasks, Y, pairs, {t: cache[plan.outputs[t]] for _, t in pairs})
             for label, task_name in pairs:
                 p = _task_output(tasks[task_name], cache[plan.outputs[task_name]])
                 probs.setdefault(task_name, []).append(p.detach().float().cpu())

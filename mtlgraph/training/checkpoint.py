@@ -54,6 +54,7 @@ from mtlgraph.data.named import dataset_labels
 from mtlgraph.data.schedulers import Step
 from mtlgraph.exceptions import CheckpointError, ConfigError
 from mtlgraph.graph.loads import state_problems
+from mtlgraph.graph.slices import SLICE_SEP
 from mtlgraph.metrics import make_key
 from mtlgraph.training.state import loader_positions
 
@@ -342,12 +343,17 @@ def resume_iterators(
 # ---------------------------------------------------------------- best-by-metric
 
 
-def metric_keys(model: Any, train: Iterable[Any], evals: Iterable[Any]) -> dict[str, bool]:
-    """Keys a training run logs that can select ``best.pt``, each with ``higher_is_better``."""
+def metric_keys(
+    model: Any, train: Iterable[Any], evals: Iterable[Any], slices: Iterable[str] = ()
+) -> dict[str, bool]:
+    """Keys a training run logs that can select ``best.pt``, each with ``higher_is_better``;
+    with ``slices`` (``TrainerConfig.slices``) the slice keys ``task/<dataset>:<slice>/split/m``
+    of every evaluated task too."""
     keys: dict[str, bool] = {make_key("model", "all", "train", "loss"): False}
     for dl in train:
         for label in dataset_labels(dl.dataset) or ():
             keys[make_key(label, dl.dataset.name, "train", "loss")] = False
+    parts = ["", *(f"{SLICE_SEP}{name}" for name in slices)]
     for dl in evals:
         ds = dl.dataset
         for label in dataset_labels(ds) or ():
@@ -355,7 +361,9 @@ def metric_keys(model: Any, train: Iterable[Any], evals: Iterable[Any]) -> dict[
             if task is None:
                 continue
             for m in task.scorer.metric_keys:
-                keys[make_key(label, ds.name, ds.split, m)] = task.scorer.higher_is_better(m)
+                for part in parts:
+                    key = make_key(label, f"{ds.name}{part}", ds.split, m)
+                    keys[key] = task.scorer.higher_is_better(m)
     return keys
 
 

@@ -11,7 +11,7 @@ the cursor for streams.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -84,10 +84,19 @@ class TrainLoaders:
         loaders: The training loaders (this rank's shards under DDP).
         fresh_passes: Restart a loader that runs out with a fresh shuffle (sampling schedulers);
             otherwise in the epoch's order (the ``mixed`` scheduler).
+        check: Called with ``(i, batch)`` on every batch :meth:`next` hands out, before the
+            loop uses it (the per-batch label check of streams,
+            :class:`~mtlgraph.training.labels.BatchLabelCheck`).
     """
 
-    def __init__(self, loaders: Sequence[DictDataLoader], fresh_passes: bool) -> None:
+    def __init__(
+        self,
+        loaders: Sequence[DictDataLoader],
+        fresh_passes: bool,
+        check: Callable[[int, Batch], None] | None = None,
+    ) -> None:
         self.loaders = list(loaders)
+        self.check = check
         self.fresh_passes = fresh_passes
         self.iterators: list[Iterator[Batch] | None] = [None] * len(self.loaders)
         self.passes = [0] * len(self.loaders)  # restarts of each loader in this epoch
@@ -100,7 +109,14 @@ class TrainLoaders:
                 self.iterators[i], self.passes[i] = None, 0
 
     def next(self, i: int) -> Batch:
-        """The next batch of loader ``i``; a loader that runs out starts over."""
+        """The next batch of loader ``i`` (checked, when a ``check`` is given); a loader that
+        runs out starts over."""
+        batch = self._next(i)
+        if self.check is not None:
+            self.check(i, batch)
+        return batch
+
+    def _next(self, i: int) -> Batch:
         it = self.iterators[i]
         if it is not None:
             batch = next(it, None)

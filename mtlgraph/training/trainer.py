@@ -51,6 +51,7 @@ from mtlgraph.training.hooks import (
     SaveHook,
     Unit,
 )
+from mtlgraph.training.labels import BatchLabelCheck
 from mtlgraph.training.loading import TrainLoaders, batch_count, configure_sampling
 from mtlgraph.training.lr import LR_SCHEDULES, is_constant, lr_factor_fn, resolve_warmup
 from mtlgraph.training.optim import OPTIMIZERS, StepControl, SubsetStepper, make_optimizer
@@ -247,7 +248,8 @@ class FitLoop:
         self.state.world_size = env.world_size
         configure_sampling(self.scheduler, self.train, cfg.steps_per_epoch, cfg.n_epochs)
         fresh = isinstance(self.scheduler, SamplingScheduler)
-        self.loaders = TrainLoaders(self.train, fresh_passes=fresh)
+        check = BatchLabelCheck(model, self.train)  # streams' labels, per batch (issue 11)
+        self.loaders = TrainLoaders(self.train, fresh_passes=fresh, check=check)
         self.lr_factor = self._lr_schedule()  # before a resume loads the scheduler's state
         self.monitor = self._open_diagnostics(saved)
         self.resuming = saved is not None
@@ -489,7 +491,7 @@ class FitLoop:
             return None
         mode = None
         if cfg.checkpoint_metric is not None:
-            keys = ckpt.metric_keys(self.model, self.train, self.evals)
+            keys = ckpt.metric_keys(self.model, self.train, self.evals, cfg.slices)
             mode = ckpt.metric_mode(cfg.checkpoint_metric, cfg.checkpoint_mode, keys)
         checkpointer = ckpt.Checkpointer(
             Path(cfg.run_dir) / ckpt.CHECKPOINT_DIR,

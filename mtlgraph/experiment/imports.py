@@ -1,0 +1,102 @@
+"""The ``imports:`` of a config: where user modules are looked up, how they are imported, and
+the ``import_paths:`` a run directory's copy of the config keeps so it finds them again.
+
+Example:
+    >>> from pathlib import Path
+    >>> from mtlgraph.experiment.imports import absolute
+    >>> absolute(Path("/data/exp"), "blocks")
+    '/data/exp/blocks'
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+def absolute(base: Path, path: str) -> str:
+    """``path`` resolved against ``base`` unless it is absolute already."""
+    return path if Path(path).is_absolute() else str((base / path).resolve())
+
+
+@contextmanager
+def _import_path(directories: Sequence[Path]) -> Iterator[None]:
+    """Make ``directories`` importable for the duration of the imports."""
+    added = [str(d) for d in directories if str(d) not in sys.path]
+    sys.path[:0] = added
+    try:
+        yield
+    finally:
+        for d in added:
+            sys.path.remove(d)
+
+
+def import_user_modules(
+    names: object, problems: list[str], directories: Sequence[Path] = ()
+) -> None:
+    """Import the ``imports:`` list: the one way a config runs user code.
+
+    A module that cannot be found is a config problem; an exception raised *by* the module
+    propagates unchanged (with a note naming the config entry).
+    """
+    if not isinstance(names, list):
+        return  # the schema reports the type
+    with _import_path(directories):
+        for i, name in enumerate(names):
+            if not isinstance(name, str):
+                continue
+            try:
+                importlib.import_module(name)
+            except ModuleNotFoundError as e:
+                if e.name is not None and name.startswith(e.name):
+                    problems.append(
+                        f"imports[{i}]: cannot import '{name}': no module named '{e.name}' "
+                        "(imports are looked up in the working directory, the config file's "
+                        "directory and the installed packages)"
+                    )
+                else:
+                    e.add_note(f"mtlgraph: while importing '{name}' (imports[{i}] of the config)")
+                    raise
+            except Exception as e:
+                e.add_note(f"mtlgraph: while importing '{name}' (imports[{i}] of the config)")
+                raise
+
+
+def import_dirs(raw: Mapping[str, Any], base_dir: str | Path) -> list[Path]:
+    """Where ``imports:`` are looked up: the working directory, the config file's directory and
+    the ``import_paths:`` (relative to the config file's directory)."""
+    extra = raw.get("import_paths", [])
+    extra = [p for p in extra if isinstance(p, str)] if isinstance(extra, list) else []
+    return [Path.cwd(), Path(base_dir), *(Path(base_dir) / p for p in extra)]
+
+
+def run_import_paths(imports: Sequence[str], import_paths: Sequence[str], base: Path) -> list[str]:
+    """``import_paths`` made absolute (against the config file's directory ``base``), plus the
+    directory each of ``imports`` was found in when that is the working directory or ``base``
+    (a local module, not an installed one): what a run directory's copy of the config needs to
+    find them from any working directory."""
+    paths = [absolute(base, p) for p in import_paths]
+    local = {Path.cwd().resolve(), base.resolve()}
+    for name in imports:
+        root = _module_root(name)
+        if root is not None and root in local and str(root) not in paths:
+            paths.append(str(root))
+    return paths
+
+
+def _module_root(name: str) -> Path | None:
+    """The ``sys.path`` directory an imported module ``a.b.c`` was found under."""
+    module = sys.modules.get(name)
+    file = getattr(module, "__file__", None)
+    if file is None:
+        return None
+    path = Path(file).resolve().parent
+    if Path(file).name == "__init__.py":
+        path = path.parent
+    for _ in range(name.count(".")):
+        path = path.parent
+    return path

@@ -1,0 +1,275 @@
+"""Label checks of one tensor of labels, or one batch's (graph layer, so that ``predict`` and
+``score`` can check the batches of streams and map-style datasets too).
+
+A multiclass task takes class ids ``0..C-1`` of shape ``(N,)`` (``C``: the head's outputs), a
+binary task ``0``/``1`` of shape ``(N,)`` or ``(N, 1)`` for a head with one logit, a multilabel
+task ``0``/``1`` of shape ``(N, L)`` for a head with ``L`` logits, a regression task finite
+numbers; see :mod:`mtlgraph.training.labels` for when each dataset is checked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from mtlgraph._io import move_to_device
+from mtlgraph.graph.soft_labels import is_soft_label, soft_label_problems
+from mtlgraph.metrics import active_mask
+
+if TYPE_CHECKING:
+    from mtlgraph.graph.model import MultitaskClassifier
+    from mtlgraph.graph.task import Task
+
+
+@torch.no_grad()
+def head_widths(
+    model: MultitaskClassifier, X_dict: Mapping[str, Any], task_names: Iterable[str]
+) -> dict[str, int | None]:
+    """The last dimension of each task's output on ``X_dict`` (``None``: not a 2-D tensor).
+
+    Runs in evaluation mode without gradients and leaves torch's random state as it was.
+    """
+    names = list(task_names)
+    plan = model.plan(names)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            cache = model.execute(plan, move_to_device(X_dict, model.device))
+    except Exception as e:
+        e.add_note(
+            f"mtlgraph: while running tasks {names} on a dataset's first rows to check their "
+            "labels; check the modules' sizes"
+        )
+        raise
+    finally:
+        model.train(was_training)
+    widths: dict[str, int | None] = {}
+    for name in names:
+        out = cache[plan.outputs[name]]
+        widths[name] = (
+            int(out.shape[1]) if isinstance(out, torch.Tensor) and out.ndim == 2 else None
+        )
+    return widths
+
+
+def label_problems(
+    task: Task, labels: torch.Tensor, width: int | None, where: str, train: bool = False
+) -> list[str]:
+    """The problem of ``labels`` for ``task`` whose head outputs ``width`` values (the first
+    kind found: shape, non-finite, negative, fractional, out of range), with its first bad value
+    and row and how many more there are.
+
+    Args:
+        task: The task.
+        labels: Its labels (``(N,)`` or ``(N, L)``).
+        width: The head's output size (``None``: unknown, the range checks that need it skip).
+        where: The culprit's name for messages (dataset, split, task).
+        train: Training labels: all of them equal to the ignore value is a problem too.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from mtlgraph import Operation, Task
+        >>> task = Task("t", {"m": nn.Linear(2, 3)}, [Operation("m", [("_input_", "x")])])
+        >>> label_problems(task, torch.tensor([0, 2, 3, 1]), 3, "dataset 'd' (train)")
+        ... # doctest: +NORMALIZE_WHITESPACE
+        ["dataset 'd' (train): label 3 (row 2) is outside 0..2: the head outputs 3 classes;
+          fix the label or the head's output size"]
+        >>> label_problems(task, torch.tensor([0, -100]), 3, "dataset 'd' (train)")
+        ... # doctest: +NORMALIZE_WHITESPACE
+        ["dataset 'd' (train): label -100 (row 1) is negative and not the task's ignore value
+          (-1); set Task(ignore_value=-100) to ignore such rows, or fix the label"]
+    """
+    if labels.is_complex():
+        return [f"{where}: labels of dtype {labels.dtype} are not numbers a loss can use"]
+    kind = task.task_type
+    if kind == "regression":
+        problems = _regression_problems(task, labels, width, where)
+    elif kind == "multilabel":
+        problems = _multilabel_problems(task, labels, width, where)
+    elif _is_soft(task, labels):  # distributions over classes (issue 15)
+        return soft_label_problems(labels, task, where.removesuffix(f", task '{task.name}'"), width)
+    elif kind == "binary":
+        problems = _binary_problems(task, labels, width, where)
+    else:
+        problems = _multiclass_problems(task, labels, width, where)
+    if train and not problems and labels.numel() and not bool(_active(task, labels).any()):
+        problems.append(
+            f"{where}: every training label equals the ignore value ({task.ignore_value}), so "
+            "the task would never train; fix the labels or leave the task out of this dataset"
+        )
+    return problems
+
+
+def batch_label_problems(
+    model: MultitaskClassifier,
+    Y_dict: Mapping[str, torch.Tensor],
+    where: str,
+    widths: Mapping[str, int | None] | None = None,
+) -> list[str]:
+    """The problems of one batch's labels (for streaming datasets, checked per batch).
+
+    Args:
+        model: The model (labels of tasks it lacks are left to the loader checks).
+        Y_dict: Task name -> the batch's labels.
+        where: Names the batch in messages, e.g. ``"dataset 'd' (train), batch 17"``.
+        widths: The heads' output sizes from :func:`head_widths` (computed once per dataset);
+            ``None`` skips the checks that need them.
+    """
+    problems: list[str] = []
+    for name, labels in Y_dict.items():
+        task = model.tasks.get(name)
+        if task is not None:
+            width = None if widths is None else widths.get(name)
+            problems += label_problems(task, labels, width, f"{where}, task '{name}'")
+    return problems
+
+
+# ---------------------------------------------------------------- per task type
+
+
+def _is_soft(task: Task, labels: torch.Tensor) -> bool:
+    """Soft labels (:func:`~mtlgraph.graph.soft_labels.is_soft_label`), except floating ``(N,)``
+    binary labels that are all whole numbers: those are class ids (``0.``/``1.``), checked as
+    such (a ``2.`` is "not 0 or 1", not "a probability above 1")."""
+    if not is_soft_label(labels, task):
+        return False
+    if task.task_type != "binary" or labels.ndim != 1:
+        return True
+    finite = labels[torch.isfinite(labels)]
+    return bool((finite != finite.round()).any())
+
+
+def _active(task: Task, labels: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(active_mask(labels, task.ignore_value), dtype=torch.bool)
+
+
+def _first(labels: torch.Tensor, bad: torch.Tensor) -> str:
+    """``value (row i)`` of the first element flagged by ``bad``."""
+    index = tuple(int(i) for i in torch.nonzero(bad)[0])
+    value = labels[index].item()
+    value = int(value) if float(value).is_integer() else value
+    where = f"row {index[0]}" + (f", column {index[1]}" if len(index) > 1 else "")
+    more = int(bad.sum()) - 1
+    return f"{value} ({where}{f'; {more} more' if more else ''})"
+
+
+def _common_problems(task: Task, labels: torch.Tensor, active: torch.Tensor, where: str) -> list:
+    """Non-finite labels, and negative ones that are not the ignore value."""
+    if labels.is_floating_point():
+        bad = active & ~torch.isfinite(labels)
+        if bool(bad.any()):
+            return [
+                f"{where}: label {_first(labels, bad)} is not a finite number; mark missing "
+                f"labels with the task's ignore value ({task.ignore_value})"
+            ]
+    bad = active & (labels < 0)
+    if bool(bad.any()):
+        value = labels[bad][0].item()
+        shown = int(value) if float(value).is_integer() else value
+        return [
+            f"{where}: label {_first(labels, bad)} is negative and not the task's ignore value "
+            f"({task.ignore_value}); set Task(ignore_value={shown}) to ignore such rows, or fix "
+            "the label"
+        ]
+    return []
+
+
+def _multiclass_problems(
+    task: Task, labels: torch.Tensor, width: int | None, where: str
+) -> list[str]:
+    if labels.ndim != 1:
+        soft = f" or soft labels of shape (N, {width})" if width is not None else ""
+        return [
+            f"{where}: labels of shape {tuple(labels.shape)}; a multiclass task takes class ids "
+            f"of shape (N,){soft}"
+        ]
+    active = _active(task, labels)
+    problems = _common_problems(task, labels, active, where)
+    if problems:
+        return problems
+    if labels.is_floating_point():
+        bad = active & (labels != labels.round())
+        if bool(bad.any()):
+            return [
+                f"{where}: label {_first(labels, bad)} is fractional; a multiclass task takes "
+                f"class ids 0..{'C-1' if width is None else width - 1} (soft labels are (N, C))"
+            ]
+    if width is not None:
+        bad = active & (labels >= width)
+        if bool(bad.any()):
+            return [
+                f"{where}: label {_first(labels, bad)} is outside 0..{width - 1}: the head "
+                f"outputs {width} classes; fix the label or the head's output size"
+            ]
+    return []
+
+
+def _binary_problems(task: Task, labels: torch.Tensor, width: int | None, where: str) -> list[str]:
+    if width is not None and width != 1:
+        return [
+            f"{where}: the head of binary task '{task.name}' outputs {width} values; a binary "
+            "task needs one logit: give the head 1 output (e.g. nn.Linear(h, 1)), or use "
+            "task_type='multiclass'"
+        ]
+    if not (labels.ndim == 1 or (labels.ndim == 2 and labels.shape[1] == 1)):
+        return [
+            f"{where}: labels of shape {tuple(labels.shape)}; a binary task takes 0/1 labels of "
+            "shape (N,) or (N, 1) (use task_type='multilabel' for (N, L))"
+        ]
+    return _zero_one_problems(task, labels, where)
+
+
+def _multilabel_problems(
+    task: Task, labels: torch.Tensor, width: int | None, where: str
+) -> list[str]:
+    if labels.ndim != 2:
+        return [
+            f"{where}: labels of shape {tuple(labels.shape)}; a multilabel task takes 0/1 labels "
+            "of shape (N, L), one column per logit"
+        ]
+    if width is not None and labels.shape[1] != width:
+        return [
+            f"{where}: labels have {labels.shape[1]} columns, the head outputs {width} logits; "
+            "they must match"
+        ]
+    return _zero_one_problems(task, labels, where)
+
+
+def _zero_one_problems(task: Task, labels: torch.Tensor, where: str) -> list[str]:
+    """0/1 labels (or, multilabel, probabilities in [0, 1]) apart from the ignore value."""
+    active = _active(task, labels)
+    problems = _common_problems(task, labels, active, where)
+    if problems:
+        return problems
+    bad = active & (labels > 1)
+    if task.task_type == "binary" and labels.is_floating_point():
+        bad = bad | (active & (labels != labels.round()))
+    if bool(bad.any()):
+        return [
+            f"{where}: label {_first(labels, bad)} is not 0 or 1; {task.task_type} labels are 0 "
+            f"or 1 (or the ignore value {task.ignore_value})"
+        ]
+    return []
+
+
+def _regression_problems(
+    task: Task, labels: torch.Tensor, width: int | None, where: str
+) -> list[str]:
+    if labels.ndim == 2 and width is not None and labels.shape[1] != width:
+        return [
+            f"{where}: labels have {labels.shape[1]} columns, the head outputs {width} values; "
+            "they must match"
+        ]
+    if labels.is_floating_point():
+        active = _active(task, labels)
+        bad = active & torch.isinf(labels)
+        if bool(bad.any()):
+            return [
+                f"{where}: label {_first(labels, bad)} is infinite; mark missing labels with the "
+                f"task's ignore value ({task.ignore_value})"
+            ]
+    return []
