@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from mtlgraph.data.memmap import (
     MappedFile,
     PageBudget,
+    ParallelReads,
     gather,
     is_memmap,
     mapped_bytes,
@@ -151,6 +152,7 @@ class DictDataset(Dataset[Batch]):
         self._length = next(iter(lengths.values())) if lengths else 0
         self._kinds = {k: _kind(v) for k, v in X.items()}
         self._pages = PageBudget()
+        self._reads = ParallelReads()  # a large map's scattered rows, read concurrently
 
     @classmethod
     def from_tensors(
@@ -245,7 +247,7 @@ class DictDataset(Dataset[Batch]):
         return any(is_memmap(v) for part in (self.X_dict, self.Y_dict) for v in part.values())
 
     def _gather(self, array: np.ndarray, index: slice | torch.Tensor | Sequence[int]) -> Any:
-        rows = gather(array, index)
+        rows = gather(array, index, self._reads)
         self._pages.account(array, mapped_bytes(rows, index))
         return rows
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +135,16 @@ def test_rows_of_a_large_map_are_read_from_its_file(tmp_path: Path, monkeypatch)
     assert torch.equal(gather(xm[2:], idx), torch.from_numpy(x[2:][idx.numpy()]))
     with pytest.raises(IndexError):
         gather(xm, torch.tensor([50]))
+    reads = mm.ParallelReads(threads=3)  # rows split over threads: the same batch
+    many = torch.randint(-50, 50, (40,), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(gather(xm, many, reads), torch.from_numpy(x[many.numpy()]))
+    assert reads._pool is not None  # the threads did the reading
+    truncated = tmp_path / "cut.npy"
+    truncated.write_bytes((tmp_path / "x.npy").read_bytes())
+    cut = np.load(truncated, mmap_mode="r")
+    os.truncate(truncated, truncated.stat().st_size - 100)  # replaced under the map
+    with pytest.raises(DataError, match="ended before row 4[0-9]"):
+        gather(cut, torch.arange(50), reads)
 
 
 def test_read_ahead_keeps_order_and_raises_the_readers_own_error_at_its_item() -> None:
