@@ -341,6 +341,12 @@ class Task:
             if not isinstance(key, str) or not key or "/" in key or "." in key:
                 problems.append(f"{who}: module name {key!r} must be non-empty, without '/' or '.'")
                 bad = True
+            elif hasattr(nn.ModuleDict, key):  # torch would refuse it with a bare KeyError
+                problems.append(
+                    f"{who}: module name '{key}' is an attribute of torch.nn.Module; rename the "
+                    f"module (e.g. '{key}_module')"
+                )
+                bad = True
             elif not isinstance(module, nn.Module):
                 problems.append(
                     f"{who}: module '{key}' is a {type(module).__name__}, not an nn.Module"

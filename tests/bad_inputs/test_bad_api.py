@@ -447,3 +447,15 @@ def test_no_loss_scale_warning_with_a_learned_balancer(caplog: pytest.LogCapture
     with caplog.at_level(logging.WARNING, logger="mtlgraph"):
         _fit(model, dls, balancer="uncertainty")
     assert "the task losses differ by" not in caplog.text
+
+
+def test_a_module_named_like_an_nn_module_attribute_is_named_with_the_fix() -> None:
+    """'double' (or 'train', 'eval', ...) would reach torch's bare KeyError from add_module."""
+    from torch import nn
+
+    from mtlgraph import Operation, Task, TaskDefinitionError
+
+    with pytest.raises(
+        TaskDefinitionError, match=r"module name 'double' is an attribute of .*'double_module'"
+    ):
+        Task("t", {"double": nn.Linear(2, 2)}, [Operation("double", [("_input_", "x")])])
