@@ -166,10 +166,6 @@ def _read_table(file: Path, fmt: str) -> Table:
         return {k: npz[k] for k in npz.files}
 
 
-def _describe_source(ds: DatasetConfig, file: Path | None) -> str:
-    return f"'{file}'" if file is not None else f"generator '{ds.generator}'"
-
-
 def _numeric(values: np.ndarray, what: str) -> np.ndarray:
     """Strings of a csv column as float64 (empty cells are NaN), numbers unchanged."""
     if values.dtype.kind not in "US":

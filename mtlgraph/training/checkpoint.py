@@ -49,14 +49,11 @@ import torch
 
 from mtlgraph._io import atomic_torch_save, load_weights_only
 from mtlgraph._suggest import did_you_mean
-from mtlgraph.data.datasets import Batch, DictDataLoader
 from mtlgraph.data.named import dataset_labels
-from mtlgraph.data.schedulers import Step
 from mtlgraph.exceptions import CheckpointError, ConfigError
 from mtlgraph.graph.loads import state_problems
 from mtlgraph.graph.slices import SLICE_SEP
 from mtlgraph.metrics import make_key
-from mtlgraph.training.state import loader_positions
 
 logger = logging.getLogger(__name__)
 
@@ -307,37 +304,6 @@ def all_or_nothing(model: Any, what: str) -> Iterator[None]:
         if isinstance(e, CheckpointError):
             raise
         raise CheckpointError(f"{what} does not fit this run: {type(e).__name__}: {e}") from e
-
-
-def resume_iterators(
-    loaders: Sequence[DictDataLoader], done: Sequence[Step], recorded: Sequence[int]
-) -> list[Iterator[Batch] | None]:
-    """Iterators positioned after the interrupted epoch's first steps ``done``.
-
-    They are created without drawing from torch's global generator (the restored state already
-    accounts for the iterators the interrupted run created). ``None`` means "not started": the
-    loop starts it on first use.
-
-    Raises:
-        CheckpointError: The plan puts the loaders elsewhere than the checkpoint recorded (another
-            batch scheduler or seed).
-    """
-    positions = loader_positions(done, len(loaders))
-    if positions != list(recorded):
-        raise CheckpointError(
-            f"cannot resume: the batch scheduler's plan gives loader positions {positions}, the "
-            f"checkpoint recorded {list(recorded)}; resume with the "
-            "batch_scheduler and seed of the interrupted run"
-        )
-    iterators: list[Iterator[Batch] | None] = []
-    for dl, p in zip(loaders, positions, strict=True):
-        start = p % len(dl)  # the mixed scheduler cycles short loaders
-        if start == 0:
-            iterators.append(None)  # not started, or exhausted: the loop (re)starts it
-            continue
-        with torch.random.fork_rng(devices=[]):
-            iterators.append(dl.iterate(start=start))
-    return iterators
 
 
 # ---------------------------------------------------------------- best-by-metric

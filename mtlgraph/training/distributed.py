@@ -27,8 +27,6 @@ from mtlgraph.exceptions import DataError, MtlGraphError
 
 logger = logging.getLogger(__name__)
 
-_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
 
 class DistributedError(MtlGraphError, RuntimeError):
     """A distributed run cannot start (torchrun's variables are incomplete)."""
@@ -252,11 +250,6 @@ def gather_predictions(
                 full[np.asarray(idx, dtype=np.int64)] = arr
             out.setdefault(kind, {})[task] = full
     return out
-
-
-def clean_env_for_children() -> dict[str, str]:
-    """A copy of ``os.environ`` without torchrun's variables (for subprocesses)."""
-    return {k: v for k, v in os.environ.items() if k not in _TORCHRUN_VARS}
 
 
 def broadcast_object(value: Any) -> Any:

@@ -212,11 +212,6 @@ class ImageFolder(Dataset[Batch]):
         y = {k: v[index] for k, v in self.Y.items()}
         return x, y
 
-    @property
-    def label_tensors(self) -> dict[str, torch.Tensor]:
-        """Every row's labels by task (in memory; used to check labels before training)."""
-        return dict(self.Y)
-
     def __repr__(self) -> str:
         return (
             f"ImageFolder(folder='{self.folder}', n={len(self)}, "
