@@ -216,8 +216,9 @@ def _read_images(
     id_column: str | None,
     run_dir: Path | None,
 ) -> PredictionData:
-    from mtlgraph.data.sources.images import ImageDecoder, require_pillow
+    from mtlgraph.data.sources.images import require_pillow
     from mtlgraph.experiment.predict import PredictionData
+    from mtlgraph.experiment.sources import image_decoder
 
     ds = cfg.data.datasets[name]
     assert ds.source is not None and ds.source.images is not None
@@ -243,13 +244,7 @@ def _read_images(
     if missing:
         raise DataError([f"{len(missing)} image file(s) missing from '{folder}': {missing[:5]}"])
     ids = files if id_column is None else _ids(table, id_column, 0, len(files), origin)
-    norm = ic.normalize
-    decoder = ImageDecoder(
-        mode=ic.mode,
-        size=(ic.resize[0], ic.resize[1]) if ic.resize else None,
-        mean=tuple(norm.mean) if norm else None,
-        std=tuple(norm.std) if norm else None,
-    )
+    decoder = image_decoder(ic)
 
     def chunks(size: int) -> Iterator[Any]:
         for i in range(0, len(files), size):

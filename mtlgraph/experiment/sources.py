@@ -364,7 +364,7 @@ def _images(
     toks: Mapping[str, Tokenizer],
     labels: Mapping[str, str],
 ) -> tuple[Any, dict[str, torch.Tensor]]:
-    from mtlgraph.data.sources.images import ImageDecoder, ImageFolder
+    from mtlgraph.data.sources.images import ImageFolder
 
     assert src.images is not None
     ic = src.images
@@ -376,13 +376,7 @@ def _images(
                 f"(e.g. 'image: {ic.column}'), got {quoted(image_fields) or 'none'}"
             ]
         )
-    norm = ic.normalize
-    decoder = ImageDecoder(
-        mode=ic.mode,
-        size=(ic.resize[0], ic.resize[1]) if ic.resize else None,
-        mean=tuple(norm.mean) if norm else None,
-        std=tuple(norm.std) if norm else None,
-    )
+    decoder = image_decoder(ic)
     folder = Path(ic.folder) if Path(ic.folder).is_absolute() else Path(cfg.base_dir) / ic.folder
     others = {f: c for f, c in ds.fields.items() if f != image_fields[0]}
     images = ImageFolder(
@@ -472,6 +466,20 @@ class _LabelView:
         return collate_dicts([self.named[i] for i in rows])
 
 
+def image_decoder(ic: ImagesConfig) -> Any:
+    """The :class:`~mtlgraph.data.sources.ImageDecoder` an ``images:`` declaration describes
+    (mode, resize, normalise): training and ``predict`` decode alike."""
+    from mtlgraph.data.sources.images import ImageDecoder
+
+    norm = ic.normalize
+    return ImageDecoder(
+        mode=ic.mode,
+        size=(ic.resize[0], ic.resize[1]) if ic.resize else None,
+        mean=tuple(norm.mean) if norm else None,
+        std=tuple(norm.std) if norm else None,
+    )
+
+
 def label_views(datasets: list[Any]) -> list[Any]:
     """Views of the image datasets among ``datasets`` whose labels can be checked before
     training (their labels are in memory; a stream's are not)."""
@@ -485,6 +493,7 @@ __all__ = [
     "NormalizeConfig",
     "SourceConfig",
     "TextConfig",
+    "image_decoder",
     "label_views",
     "load_sources",
     "named_dataset",
