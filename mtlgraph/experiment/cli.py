@@ -333,11 +333,10 @@ def evaluate(args: argparse.Namespace) -> int:
     from mtlgraph._io import write_json
     from mtlgraph.experiment.build import build_experiment
     from mtlgraph.experiment.config import load_config
-    from mtlgraph.training.checkpoint import BEST, LAST, resolve_checkpoint
 
     cfg = load_config(args.config, args.overrides)
     remap = _remaps(args.remap)
-    path = resolve_checkpoint(args.checkpoint, (BEST, LAST))
+    path = inference_cli.checkpoint_file(args.checkpoint)
     experiment = build_experiment(cfg)
     experiment.model.load(path)
     loaders = experiment.loaders

@@ -175,14 +175,30 @@ def export(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- models
 
 
+def checkpoint_file(path: str | Path) -> Path:
+    """The file ``--checkpoint`` names: a run directory's ``best.pt``, else ``last.pt``, or the
+    file itself (:func:`~mtlgraph.training.checkpoint.resolve_checkpoint`).
+
+    Raises:
+        CheckpointError: Nothing there (naming what was looked for, and ``--checkpoint``).
+    """
+    from mtlgraph.exceptions import CheckpointError
+    from mtlgraph.training.checkpoint import BEST, LAST, resolve_checkpoint
+
+    try:
+        return resolve_checkpoint(path, (BEST, LAST))
+    except CheckpointError as e:
+        e.add_note(f"given as --checkpoint {path}")
+        raise
+
+
 def load_model(cfg: ExperimentConfig, checkpoint: str | Path) -> MultitaskClassifier:
     """The config's model with the checkpoint's weights (a checkpoint of another model is a
     :class:`~mtlgraph.CheckpointError` naming the tasks and parameters that differ)."""
     from mtlgraph.experiment.build import build_model
-    from mtlgraph.training.checkpoint import BEST, LAST, resolve_checkpoint
 
     model = build_model(cfg)
-    model.load(resolve_checkpoint(checkpoint, (BEST, LAST)))  # another model's: CheckpointError
+    model.load(checkpoint_file(checkpoint))  # another model's: CheckpointError
     model.eval()
     return model
 

@@ -301,7 +301,7 @@ def iter_predictions(
     Example:
         >>> import torch
         >>> from torch import nn
-        >>> from mtlgraph import InferenceModel, Operation, Task
+        >>> from mtlgraph import MultitaskClassifier, Operation, Task
         >>> model = MultitaskClassifier(
         ...     [Task("t", {"m": nn.Linear(2, 3)}, [Operation("m", [("_input_", "x")])])]
         ... )

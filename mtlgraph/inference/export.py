@@ -260,7 +260,7 @@ def sidecar(
     vocabularies: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The sidecar JSON's content: inputs, outputs, tasks, class labels, vocabularies."""
-    with torch.no_grad():
+    with eval_mode(graph.model), torch.no_grad():  # shapes only: no batch-norm statistics move
         outs = graph(*args)
     inputs = []
     for f, a in zip(graph.fields, args, strict=True):
