@@ -521,7 +521,11 @@ class MultitaskClassifier(nn.Module):
         """
         if not os.path.isfile(path):
             raise FileNotFoundError(f"model file {os.fspath(path)!r} does not exist")
-        hint = "pass strict=False to load the part that matches" if strict else "use another"
+        hint = (
+            "pass strict=False to load the part that matches"
+            if strict
+            else "load a file of this model"
+        )
         checkpoint = read_checkpoint(path, self.device)
         load_model_state(self, checkpoint, f"{os.fspath(path)!r}", strict, hint)
 
