@@ -35,8 +35,8 @@ import torch
 from torch import nn
 
 from mtlgraph import DictDataLoader, DictDataset, MultitaskClassifier, Operation, Task
-from mtlgraph.graph.export import TaskGraph
-from mtlgraph.graph.predictions import write_predictions
+from mtlgraph.inference.export import TaskGraph
+from mtlgraph.inference.predictions import write_predictions
 
 
 def make_model(names: list[str], in_dim: int, width: list[int]) -> MultitaskClassifier:

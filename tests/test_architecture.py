@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("_suggest", "_io", "_schema", "exceptions", "registry"),  # 0: shared foundations
     ("metrics",),  # 1: metric registry, Scorer, score keys
     ("data",),  # 2: datasets, loaders, batch schedulers, synthetic data
-    ("graph",),  # 3: tasks, losses, module types, the merged model
+    ("graph", "inference"),  # 3: tasks, losses, module types, the model; predict, score, export
     ("gradients",),  # 4: per-task shared-module gradients
     ("balancing",),  # 5: how per-task losses become one update
     ("diagnostics",),  # 6: interference statistics, report, monitor

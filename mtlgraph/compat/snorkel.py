@@ -34,7 +34,7 @@ from mtlgraph.graph.model import MultitaskClassifier as _MultitaskClassifier
 from mtlgraph.graph.task import Operation, Task
 from mtlgraph.metrics import MetricFunc, MetricSpec
 from mtlgraph.metrics import Scorer as _Scorer
-from mtlgraph.training.checkpoint import load_weights
+from mtlgraph.training.checkpoint import BEST, CHECKPOINT_DIR
 from mtlgraph.training.trainer import Trainer as _Trainer
 
 __all__ = [
@@ -419,6 +419,6 @@ class Trainer(_Trainer):
     ) -> None:
         super().fit(model, dataloaders)
         if self.snorkel_config.get("checkpointing") and self.config.run_dir is not None:
-            best = Path(self.config.run_dir) / "checkpoints" / "best.pt"
+            best = Path(self.config.run_dir) / CHECKPOINT_DIR / BEST
             if best.exists():
-                load_weights(model, best)
+                model.load(best)

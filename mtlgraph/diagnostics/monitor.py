@@ -21,6 +21,7 @@ from mtlgraph.diagnostics.stats import lookahead_affinity, pair_statistics
 from mtlgraph.exceptions import ConfigError
 from mtlgraph.gradients import PlanCache, SharedGradients, SharedLayout
 from mtlgraph.graph.model import MultitaskClassifier
+from mtlgraph.inference import eval_mode
 from mtlgraph.metrics import SEP, make_key
 
 logger = logging.getLogger(__name__)
@@ -198,13 +199,8 @@ class InterferenceMonitor:
             for _, b in self.probe_batches(loaders, step // self.config.every)
         ]
         devices = [model.device.index or 0] if model.device.type == "cuda" else []
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.random.fork_rng(devices=devices), torch.enable_grad():
-                values = self._measure(model, batches, lr)
-        finally:
-            model.train(was_training)
+        with eval_mode(model), torch.random.fork_rng(devices=devices), torch.enable_grad():
+            values = self._measure(model, batches, lr)
         self._probes += 1
         self._step = step
         return values

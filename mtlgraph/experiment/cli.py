@@ -223,7 +223,7 @@ def _resumable(
             keys that differ); nothing in the run directory is touched.
     """
     from mtlgraph.exceptions import CheckpointError
-    from mtlgraph.graph.loads import state_problems
+    from mtlgraph.graph.model_file import state_problems
 
     problems = state_problems(experiment.model, state.get("model"), state.get("task_names"))
     if problems:
@@ -333,18 +333,12 @@ def evaluate(args: argparse.Namespace) -> int:
     from mtlgraph._io import write_json
     from mtlgraph.experiment.build import build_experiment
     from mtlgraph.experiment.config import load_config
-    from mtlgraph.training.checkpoint import BEST, LAST, load_weights
 
     cfg = load_config(args.config, args.overrides)
     remap = _remaps(args.remap)
-    path = Path(args.checkpoint)
-    if path.is_dir():
-        best = path / "checkpoints" / BEST
-        path = best if best.is_file() else path / "checkpoints" / LAST
-    if not path.is_file():
-        raise UsageError(f"--checkpoint {args.checkpoint}: no such file ({path})")
+    path = inference_cli.checkpoint_file(args.checkpoint)
     experiment = build_experiment(cfg)
-    load_weights(experiment.model, path)
+    experiment.model.load(path)
     loaders = experiment.loaders
     if args.split:
         have = sorted({dl.dataset.split for dl in loaders})

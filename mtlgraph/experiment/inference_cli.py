@@ -73,14 +73,14 @@ def predict(args: argparse.Namespace) -> int:
     from mtlgraph.exceptions import ConfigError
     from mtlgraph.experiment.config import load_config
     from mtlgraph.experiment.predict import ID_FIELD, read_prediction_data
-    from mtlgraph.experiment.predict_sources import run_directory
-    from mtlgraph.graph.export import input_fields
-    from mtlgraph.graph.predictions import (
+    from mtlgraph.inference.export import input_fields
+    from mtlgraph.inference.predictions import (
         check_output_path,
         import_pyarrow,
         prediction_format,
         write_predictions,
     )
+    from mtlgraph.training.checkpoint import run_directory
 
     if args.batch_size < 1 or args.num_workers < 0:
         raise ConfigError(["--batch-size must be >= 1 and --num-workers >= 0"])
@@ -146,9 +146,10 @@ def export_args(p: argparse.ArgumentParser) -> None:
 def export(args: argparse.Namespace) -> int:
     """Run ``mtlgraph export``; returns the exit status."""
     from mtlgraph.experiment.config import load_config
-    from mtlgraph.experiment.predict_sources import run_directory, vocabulary_files
-    from mtlgraph.graph.export import input_fields, max_export_error, require_onnx, sidecar_path
-    from mtlgraph.graph.predictions import check_output_path
+    from mtlgraph.experiment.predict_sources import vocabulary_files
+    from mtlgraph.inference.export import input_fields, max_export_error, require_onnx, sidecar_path
+    from mtlgraph.inference.predictions import check_output_path
+    from mtlgraph.training.checkpoint import run_directory
 
     fmt = args.format or ("onnx" if Path(args.out).suffix.lower() == ".onnx" else "torch_export")
     if fmt == "onnx":
@@ -175,34 +176,29 @@ def export(args: argparse.Namespace) -> int:
 
 
 def checkpoint_file(path: str | Path) -> Path:
-    """A run directory's ``best.pt`` (else ``last.pt``), or the file itself.
+    """The file ``--checkpoint`` names: a run directory's ``best.pt``, else ``last.pt``, or the
+    file itself (:func:`~mtlgraph.training.checkpoint.resolve_checkpoint`).
 
     Raises:
-        CheckpointError: Nothing there.
+        CheckpointError: Nothing there (naming what was looked for, and ``--checkpoint``).
     """
     from mtlgraph.exceptions import CheckpointError
-    from mtlgraph.training.checkpoint import BEST, LAST
+    from mtlgraph.training.checkpoint import BEST, LAST, resolve_checkpoint
 
-    p = Path(path)
-    if p.is_dir():
-        for name in (BEST, LAST):
-            for candidate in (p / "checkpoints" / name, p / name):
-                if candidate.is_file():
-                    return candidate
-        raise CheckpointError(f"--checkpoint {path}: no checkpoints/best.pt or last.pt in it")
-    if not p.is_file():
-        raise CheckpointError(f"--checkpoint {path}: no such file or run directory")
-    return p
+    try:
+        return resolve_checkpoint(path, (BEST, LAST))
+    except CheckpointError as e:
+        e.add_note(f"given as --checkpoint {path}")
+        raise
 
 
 def load_model(cfg: ExperimentConfig, checkpoint: str | Path) -> MultitaskClassifier:
     """The config's model with the checkpoint's weights (a checkpoint of another model is a
     :class:`~mtlgraph.CheckpointError` naming the tasks and parameters that differ)."""
     from mtlgraph.experiment.build import build_model
-    from mtlgraph.training.checkpoint import load_weights
 
     model = build_model(cfg)
-    load_weights(model, checkpoint_file(checkpoint))  # another model's: CheckpointError
+    model.load(checkpoint_file(checkpoint))  # another model's: CheckpointError
     model.eval()
     return model
 
@@ -214,7 +210,7 @@ def labelled_tasks(cfg: ExperimentConfig, model: MultitaskClassifier, data: str)
     dataset = cfg.data.datasets.get(name)
     if dataset is None or Path(data).exists():
         return model.task_names
-    from mtlgraph.graph.export import input_fields
+    from mtlgraph.inference.export import input_fields
 
     have = set(dataset.fields)
     fits = [t for t in model.task_names if set(input_fields(model, [t], sorted(have))) <= have]
@@ -223,7 +219,7 @@ def labelled_tasks(cfg: ExperimentConfig, model: MultitaskClassifier, data: str)
 
 def parse_tasks(model: MultitaskClassifier, text: str | None) -> list[str]:
     """``a,b`` -> task names (default: every task); unknown names get a did-you-mean."""
-    from mtlgraph.graph.evaluation import unknown_tasks_error
+    from mtlgraph.graph.task import unknown_tasks_error
 
     if not text:
         return model.task_names

@@ -415,7 +415,7 @@ def _json_chunk(
 
 
 def _read_parquet(path: Path, specs: Specs, id_column: str | None) -> PredictionData:
-    from mtlgraph.graph.predictions import import_pyarrow
+    from mtlgraph.inference.predictions import import_pyarrow
 
     _, pq = import_pyarrow("reading Parquet")
     source = f"'{path}'"

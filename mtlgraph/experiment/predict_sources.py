@@ -46,16 +46,6 @@ def source_dataset(cfg: ExperimentConfig, fields: Sequence[str]) -> str | None:
     return None
 
 
-def run_directory(checkpoint: str | Path | None) -> Path | None:
-    """The run directory of ``--checkpoint``: itself, or the folder of its checkpoint file."""
-    if checkpoint is None:
-        return None
-    p = Path(checkpoint)
-    if p.is_dir():
-        return p
-    return p.parent.parent if p.parent.name == "checkpoints" else p.parent
-
-
 def vocabulary_files(
     cfg: ExperimentConfig, run_dir: Path | None, fields: Sequence[str]
 ) -> dict[str, str]:

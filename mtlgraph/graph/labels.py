@@ -9,50 +9,17 @@ numbers; see :mod:`mtlgraph.training.labels` for when each dataset is checked.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 
-from mtlgraph._io import move_to_device
 from mtlgraph.graph.soft_labels import is_soft_label, soft_label_problems
 from mtlgraph.metrics import active_mask
 
 if TYPE_CHECKING:
-    from mtlgraph.graph.model import MultitaskClassifier
     from mtlgraph.graph.task import Task
-
-
-@torch.no_grad()
-def head_widths(
-    model: MultitaskClassifier, X_dict: Mapping[str, Any], task_names: Iterable[str]
-) -> dict[str, int | None]:
-    """The last dimension of each task's output on ``X_dict`` (``None``: not a 2-D tensor).
-
-    Runs in evaluation mode without gradients and leaves torch's random state as it was.
-    """
-    names = list(task_names)
-    plan = model.plan(names)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            cache = model.execute(plan, move_to_device(X_dict, model.device))
-    except Exception as e:
-        e.add_note(
-            f"mtlgraph: while running tasks {names} on a dataset's first rows to check their "
-            "labels; check the modules' sizes"
-        )
-        raise
-    finally:
-        model.train(was_training)
-    widths: dict[str, int | None] = {}
-    for name in names:
-        out = cache[plan.outputs[name]]
-        widths[name] = (
-            int(out.shape[1]) if isinstance(out, torch.Tensor) and out.ndim == 2 else None
-        )
-    return widths
+    from mtlgraph.inference.protocol import InferenceModel
 
 
 def label_problems(
@@ -90,7 +57,7 @@ def label_problems(
         problems = _regression_problems(task, labels, width, where)
     elif kind == "multilabel":
         problems = _multilabel_problems(task, labels, width, where)
-    elif _is_soft(task, labels):  # distributions over classes (issue 15)
+    elif _is_soft(task, labels):  # distributions over classes
         return soft_label_problems(labels, task, where.removesuffix(f", task '{task.name}'"), width)
     elif kind == "binary":
         problems = _binary_problems(task, labels, width, where)
@@ -105,7 +72,7 @@ def label_problems(
 
 
 def batch_label_problems(
-    model: MultitaskClassifier,
+    model: InferenceModel,
     Y_dict: Mapping[str, torch.Tensor],
     where: str,
     widths: Mapping[str, int | None] | None = None,
@@ -116,7 +83,8 @@ def batch_label_problems(
         model: The model (labels of tasks it lacks are left to the loader checks).
         Y_dict: Task name -> the batch's labels.
         where: Names the batch in messages, e.g. ``"dataset 'd' (train), batch 17"``.
-        widths: The heads' output sizes from :func:`head_widths` (computed once per dataset);
+        widths: The heads' output sizes from :func:`~mtlgraph.inference.evaluation.head_widths`
+            (computed once per dataset);
             ``None`` skips the checks that need them.
     """
     problems: list[str] = []

@@ -20,24 +20,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from mtlgraph._io import atomic_torch_save, load_weights_only, map_structure, tensor_leaves
+from mtlgraph._io import atomic_torch_save, map_structure, tensor_leaves
 from mtlgraph._suggest import did_you_mean, quoted
 from mtlgraph.data.datasets import DictDataLoader
-from mtlgraph.exceptions import CheckpointError, DataError, GraphError
-from mtlgraph.graph import evaluation
-from mtlgraph.graph.evaluation import unknown_label_error, unknown_tasks_error
-from mtlgraph.graph.loads import load_state_checked
+from mtlgraph.exceptions import DataError, GraphError
+from mtlgraph.graph.model_file import load_model_state, model_entries, read_checkpoint
+from mtlgraph.graph.plan import INPUT_ID, ExecutionPlan, Source
 from mtlgraph.graph.slices import SliceFunc
-from mtlgraph.graph.task import INPUT, Task
+from mtlgraph.graph.task import INPUT, Task, unknown_label_error, unknown_tasks_error
 from mtlgraph.metrics import active_rows
 
 logger = logging.getLogger(__name__)
-
-_INPUT_ID = -1
-_FORMAT = "mtlgraph.model"
-
-# A node's input: (source node id or -1 for X_dict, key or index or None, detach flag).
-_Src = tuple[int, str | int | None, bool]
 
 
 @dataclass
@@ -46,31 +39,8 @@ class _Node:
 
     id: int
     module_name: str
-    srcs: tuple[_Src, ...]
+    srcs: tuple[Source, ...]
     tasks: set[str]
-
-
-@dataclass(frozen=True, eq=False)  # identity: a plan is hashable, so caches key on the plan
-class ExecutionPlan:
-    """What one forward pass over a set of tasks runs, precomputed and cached.
-
-    Attributes:
-        task_names: The tasks, in the order they were requested.
-        steps: ``(node_id, module, inputs)`` in topological order, each node once.
-        outputs: Task name -> node id of the task output.
-        named_outputs: ``(key, node_id)`` pairs for :meth:`MultitaskClassifier.forward`.
-        module_names: Modules the plan runs.
-        task_modules: Task name -> the modules its operations use.
-        parameters: Parameters of ``module_names`` (deduplicated, trainable or not).
-    """
-
-    task_names: tuple[str, ...]
-    steps: tuple[tuple[int, nn.Module, tuple[_Src, ...]], ...]
-    outputs: Mapping[str, int]
-    named_outputs: tuple[tuple[str, int], ...]
-    module_names: tuple[str, ...]
-    task_modules: Mapping[str, tuple[str, ...]]
-    parameters: tuple[nn.Parameter, ...]
 
 
 class MultitaskClassifier(nn.Module):
@@ -116,7 +86,7 @@ class MultitaskClassifier(nn.Module):
         self._tasks: dict[str, Task] = {}
         self._module_users: dict[str, set[str]] = {}
         self._nodes: dict[int, _Node] = {}
-        self._node_ids: dict[tuple[str, tuple[_Src, ...]], int] = {}
+        self._node_ids: dict[tuple[str, tuple[Source, ...]], int] = {}
         self._task_ops: dict[str, dict[str, int]] = {}
         self._next_id = 0
         self._plans: dict[tuple[str, ...], ExecutionPlan] = {}
@@ -224,7 +194,7 @@ class MultitaskClassifier(nn.Module):
         op_ids: dict[str, int] = {}
         for op in task.op_sequence:
             srcs = tuple(
-                (_INPUT_ID if i.source == INPUT else op_ids[i.source], i.key, i.detach)
+                (INPUT_ID if i.source == INPUT else op_ids[i.source], i.key, i.detach)
                 for i in op.inputs
             )
             key = (op.module_name, srcs)
@@ -305,7 +275,7 @@ class MultitaskClassifier(nn.Module):
             args = []
             value: Any
             for src, key, det in srcs:
-                value = X_dict if src == _INPUT_ID else cache[src]
+                value = X_dict if src == INPUT_ID else cache[src]
                 if key is not None:
                     try:
                         value = value[key]
@@ -332,7 +302,7 @@ class MultitaskClassifier(nn.Module):
         )
 
     def _input_error(self, node_id: int, src: int, key: str | int, value: Any) -> DataError:
-        where = "the batch's X_dict" if src == _INPUT_ID else "the output of an earlier operation"
+        where = "the batch's X_dict" if src == INPUT_ID else "the output of an earlier operation"
         have = f"; it has fields {quoted(map(str, value))}" if isinstance(value, Mapping) else ""
         hint = did_you_mean(str(key), map(str, value)) if isinstance(value, Mapping) else ""
         return DataError(
@@ -450,7 +420,9 @@ class MultitaskClassifier(nn.Module):
             >>> model.predict(unlabelled, task_names=["t"])["probs"]["t"].shape
             (5, 3)
         """
-        return evaluation.predict(self, dataloader, return_preds, remap_labels, task_names, slices)
+        from mtlgraph.inference.evaluation import predict
+
+        return predict(self, dataloader, return_preds, remap_labels, task_names, slices)
 
     def score(
         self,
@@ -472,7 +444,9 @@ class MultitaskClassifier(nn.Module):
             DataError: Soft labels that are no distributions; a slice function that does not
                 return one boolean per row.
         """
-        return evaluation.score(self, dataloaders, remap_labels, slices)
+        from mtlgraph.inference.evaluation import score
+
+        return score(self, dataloaders, remap_labels, slices)
 
     def score_predictions(
         self,
@@ -486,7 +460,9 @@ class MultitaskClassifier(nn.Module):
         Returns ``into`` (or a new dict) with the ``task/dataset/split/metric`` keys added; a key
         that is already present is an error (two loaders with the same dataset and split).
         """
-        return evaluation.score_predictions(self._tasks, result, dataset_name, split, into)
+        from mtlgraph.inference.evaluation import score_predictions
+
+        return score_predictions(self.tasks, result, dataset_name, split, into)
 
     def export(
         self,
@@ -508,32 +484,28 @@ class MultitaskClassifier(nn.Module):
             **sidecar: ``class_labels={task: [...]}``, ``vocabularies={field: file}``.
 
         Returns:
-            The written path. See :mod:`mtlgraph.graph.export` and ``docs/inference.md``.
+            The written path. See :mod:`mtlgraph.inference.export` and ``docs/inference.md``.
 
         Raises:
             GraphError: Unknown tasks, a missing example field, or a module the exporter
                 refuses (named, with the exporter's reason).
         """
-        from mtlgraph.graph.export import export
+        from mtlgraph.inference.export import export
 
-        return export(self, path, tasks, format, example, **sidecar)  # type: ignore[arg-type]
+        return export(self, path, tasks, format, example, **sidecar)
 
     # ------------------------------------------------------------------ persistence
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Save the weights (atomically) with the task names, loadable with ``weights_only``."""
-        payload = {
-            "format": _FORMAT,
-            "version": 1,
-            "task_names": self.task_names,
-            "state_dict": self.state_dict(),
-        }
-        atomic_torch_save(payload, path)
+        """Save the model as a checkpoint holding only the model (atomically): format, version,
+        task names and the state dict, as in a training checkpoint (see
+        :mod:`mtlgraph.graph.model_file`); ``torch.load(weights_only=True)`` reads it."""
+        atomic_torch_save(model_entries(self), path)
 
     def load(self, path: str | os.PathLike[str], strict: bool = True) -> None:
-        """Load weights saved by :meth:`save` (``torch.load(weights_only=True)``), all or
-        nothing: task names, parameter names, shapes and dtypes are checked first, and a refused
-        load leaves every parameter unchanged.
+        """Load the weights of a model file (:meth:`save`) or of a training checkpoint
+        (``torch.load(weights_only=True)``), all or nothing: task names, parameter names, shapes
+        and dtypes are checked first, and a refused load leaves every parameter unchanged.
 
         Args:
             path: The file.
@@ -543,23 +515,19 @@ class MultitaskClassifier(nn.Module):
 
         Raises:
             FileNotFoundError: No such file.
-            CheckpointError: Not an mtlgraph model file (or a truncated or corrupt one, or one
-                holding a pickled object), or weights of other tasks, names or shapes.
+            CheckpointError: Not an mtlgraph model file or checkpoint (or a truncated or
+                corrupt one, or one holding a pickled object), or weights of other tasks, names
+                or shapes.
         """
         if not os.path.isfile(path):
             raise FileNotFoundError(f"model file {os.fspath(path)!r} does not exist")
-        payload = load_weights_only(path, self.device)
-        if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
-            raise CheckpointError(
-                f"{os.fspath(path)!r} is not a model saved by MultitaskClassifier.save"
-            )
-        load_state_checked(
-            self,
-            payload.get("state_dict"),
-            payload.get("task_names"),
-            strict,
-            f"{os.fspath(path)!r}",
+        hint = (
+            "pass strict=False to load the part that matches"
+            if strict
+            else "load a file of this model"
         )
+        checkpoint = read_checkpoint(path, self.device)
+        load_model_state(self, checkpoint, f"{os.fspath(path)!r}", strict, hint)
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, tasks={self.task_names}"

@@ -11,7 +11,7 @@ mask is :func:`mtlgraph.metrics.active_mask`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtlgraph._suggest import did_you_mean, quoted
-from mtlgraph.exceptions import TaskDefinitionError
+from mtlgraph.exceptions import GraphError, TaskDefinitionError
 from mtlgraph.graph.losses import (
     LOSSES,
     LossFunc,
@@ -64,6 +64,8 @@ __all__ = [  # the loss names stay importable from here, where they used to live
     "sigmoid_output",
     "smooth_l1_loss",
     "softmax_output",
+    "unknown_label_error",
+    "unknown_tasks_error",
 ]
 
 INPUT = "_input_"
@@ -449,3 +451,25 @@ class Task:
             f"Task(name={self.name!r}, task_type={self.task_type!r}, "
             f"modules={list(self.module_pool)}, ops={[op.name for op in self.op_sequence]})"
         )
+
+
+def unknown_tasks_error(unknown: Iterable[str], tasks: Mapping[str, Task]) -> GraphError:
+    """The error for task names a model does not hold, each with a suggestion."""
+    return GraphError(
+        [
+            f"unknown task '{t}'{did_you_mean(t, tasks)}; the model has {quoted(tasks)}"
+            for t in unknown
+        ]
+    )
+
+
+def unknown_label_error(label: str, tasks: Mapping[str, Task]) -> GraphError:
+    """The error for a batch label that names no task of the model."""
+    return GraphError(
+        [
+            f"label '{label}' names no task of the model{did_you_mean(label, tasks)}; "
+            f"the model has {quoted(tasks)}. Pass "
+            f"remap_labels={{'{label}': <task or None>}} to score it with another task's "
+            "head or to drop it"
+        ]
+    )

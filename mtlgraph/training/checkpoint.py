@@ -8,7 +8,8 @@ checkpoint never runs code; one that holds a pickled object is refused with a
 :class:`~mtlgraph.CheckpointError`.
 
 Contents (``version`` 2; see ``docs/checkpoints.md``): one state dict per piece of the run, as
-pytorch-ignite's ``Checkpoint`` stores them::
+pytorch-ignite's ``Checkpoint`` stores them; the first two lines are a model file
+(:mod:`mtlgraph.graph.model_file`)::
 
     format, version          "mtlgraph.checkpoint", 2
     model, task_names        model.state_dict(), the model's task names
@@ -47,18 +48,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from mtlgraph._io import atomic_torch_save, load_weights_only
+from mtlgraph._io import atomic_torch_save
 from mtlgraph._suggest import did_you_mean
 from mtlgraph.data.named import dataset_labels
 from mtlgraph.exceptions import CheckpointError, ConfigError
-from mtlgraph.graph.loads import state_problems
+from mtlgraph.graph.model_file import VERSION, read_checkpoint
 from mtlgraph.graph.slices import SLICE_SEP
 from mtlgraph.metrics import make_key
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "mtlgraph.checkpoint"
-VERSION = 2
 CHECKPOINT_DIR = "checkpoints"
 """Sub-directory of a run directory that holds ``last.pt`` and ``best.pt``."""
 LAST = "last.pt"
@@ -105,25 +104,49 @@ def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike[str]) -> P
     return atomic_torch_save(dict(state), path)
 
 
-def resolve_checkpoint(path: str | os.PathLike[str], name: str = LAST) -> Path:
-    """A checkpoint file from a file path, or from a run directory (``<dir>/checkpoints/<name>``,
-    else ``<dir>/<name>``).
+def resolve_checkpoint(path: str | os.PathLike[str], names: Sequence[str] = (LAST,)) -> Path:
+    """The one resolver of a run directory or file to a checkpoint file: the file itself, or in
+    a run directory the first of ``<dir>/checkpoints/<name>``, ``<dir>/<name>`` for each of
+    ``names`` in turn (resuming takes ``last.pt``; predicting and evaluating ``best.pt``, else
+    ``last.pt``).
 
     Raises:
-        CheckpointError: Nothing there.
+        CheckpointError: Nothing there, naming the path and every file looked for.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> run = pathlib.Path(tempfile.mkdtemp())
+        >>> (run / "checkpoints").mkdir()
+        >>> _ = (run / "checkpoints" / "last.pt").write_bytes(b"")
+        >>> resolve_checkpoint(run, (BEST, LAST)).relative_to(run).as_posix()
+        'checkpoints/last.pt'
     """
     p = Path(path)
     if p.is_dir():
-        for candidate in (p / CHECKPOINT_DIR / name, p / name):
+        candidates = [c for name in names for c in (p / CHECKPOINT_DIR / name, p / name)]
+        for candidate in candidates:
             if candidate.is_file():
                 return candidate
+        looked = ", ".join(str(c) for c in candidates)
         raise CheckpointError(
-            f"no checkpoint in directory '{p}': expected {p / CHECKPOINT_DIR / name} (checkpoints "
-            "are written when run_dir is set; see checkpoint_every)"
+            f"no checkpoint in directory '{p}': looked for {looked} (checkpoints are written "
+            "when run_dir is set; see checkpoint_every)"
         )
     if not p.is_file():
-        raise CheckpointError(f"checkpoint '{p}' does not exist")
+        raise CheckpointError(
+            f"checkpoint '{p}' does not exist: it is neither a checkpoint or model file nor a "
+            "run directory"
+        )
     return p
+
+
+def run_directory(path: str | os.PathLike[str]) -> Path:
+    """The run directory of a checkpoint: the path itself when it is a directory, else the
+    directory above ``checkpoints/`` (or the file's own directory)."""
+    p = Path(path)
+    if p.is_dir():
+        return p
+    return p.parent.parent if p.parent.name == CHECKPOINT_DIR else p.parent
 
 
 def load_checkpoint(
@@ -134,29 +157,23 @@ def load_checkpoint(
     Only ``torch.load(..., weights_only=True)`` is used: tensors and plain values load, code
     does not run.
 
+    A model file (``MultitaskClassifier.save``) reads as a checkpoint with only the model's
+    entries (format, version, task names, model).
+
     Raises:
         CheckpointError: Missing file, a file holding a pickled object (refused), a torn or
             foreign file, or a newer format version.
 
     Example:
         >>> import tempfile, pathlib
-        >>> from mtlgraph.training.checkpoint import load_checkpoint, save_checkpoint, FORMAT
+        >>> from mtlgraph.graph.model_file import FORMAT
+        >>> from mtlgraph.training.checkpoint import load_checkpoint, save_checkpoint
         >>> path = pathlib.Path(tempfile.mkdtemp()) / "last.pt"
         >>> _ = save_checkpoint({"format": FORMAT, "version": 1, "progress": {}}, path)
         >>> load_checkpoint(path)["format"]
         'mtlgraph.checkpoint'
     """
-    file = resolve_checkpoint(path)
-    state = load_weights_only(file, map_location)
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise CheckpointError(f"'{file}' is not an mtlgraph training checkpoint (format {found!r})")
-    if int(state.get("version", 0)) > VERSION:
-        raise CheckpointError(
-            f"checkpoint '{file}' has format version {state['version']}; this mtlgraph reads "
-            f"up to {VERSION}: upgrade mtlgraph"
-        )
-    return _upgrade(state)
+    return _upgrade(read_checkpoint(resolve_checkpoint(path), map_location))
 
 
 def _upgrade(state: dict[str, Any]) -> dict[str, Any]:
@@ -166,23 +183,6 @@ def _upgrade(state: dict[str, Any]) -> dict[str, Any]:
     run = {k: state.pop(k) for k in _RUN_KEYS if k in state}
     run.setdefault("rank_records", [])
     return {**state, "version": VERSION, "run": run}
-
-
-def load_weights(model: Any, path: str | os.PathLike[str]) -> None:
-    """Load a model's weights from a training checkpoint or a ``MultitaskClassifier.save`` file.
-
-    Raises:
-        CheckpointError: Unreadable or foreign file, or weights of other tasks.
-    """
-    file = resolve_checkpoint(path)
-    state = load_weights_only(file, model.device)
-    fmt = state.get("format") if isinstance(state, dict) else None
-    if fmt == "mtlgraph.model":
-        model.load(file)
-        return
-    if fmt != FORMAT:
-        raise CheckpointError(f"'{file}' is neither an mtlgraph checkpoint nor a model file")
-    load_model_state(model, state, f"'{file}'")
 
 
 def remove_stale_temporaries(directory: Path) -> None:
@@ -273,22 +273,6 @@ def check_resume(
             f"batches, these have {list(batch_counts)}; resume with the data, batch sizes and "
             "train_split of the interrupted run"
         )
-
-
-def load_model_state(model: Any, state: Mapping[str, Any], what: str) -> None:
-    """Load ``state["model"]`` into ``model``, all or nothing: task names, parameter names,
-    shapes and dtypes are checked before any parameter changes.
-
-    Raises:
-        CheckpointError: The weights are those of other tasks, modules or shapes.
-    """
-    problems = state_problems(model, state.get("model"), state.get("task_names"), strict=True)
-    if problems:
-        raise CheckpointError(
-            f"{what} is from another model: {'; '.join(problems)}; use a checkpoint of this "
-            "config's model"
-        )
-    model.load_state_dict(state["model"], strict=False)
 
 
 @contextlib.contextmanager

@@ -31,8 +31,9 @@ import torch
 
 from mtlgraph.data.datasets import DictDataLoader, DictDataset
 from mtlgraph.exceptions import DataError
-from mtlgraph.graph.labels import batch_label_problems, head_widths, label_problems
+from mtlgraph.graph.labels import batch_label_problems, label_problems
 from mtlgraph.graph.model import MultitaskClassifier
+from mtlgraph.inference.evaluation import head_widths
 
 __all__ = [
     "BatchLabelCheck",

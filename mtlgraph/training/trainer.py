@@ -31,6 +31,7 @@ from mtlgraph.data.schedulers import SamplingScheduler, Step, make_scheduler
 from mtlgraph.diagnostics import DiagnosticsReport, InterferenceMonitor, remove_report
 from mtlgraph.exceptions import ConfigError
 from mtlgraph.graph.model import MultitaskClassifier
+from mtlgraph.graph.model_file import load_model_state, model_entries
 from mtlgraph.graph.slices import check_slices
 from mtlgraph.metrics import make_key
 from mtlgraph.training import checkpoint as ckpt
@@ -376,10 +377,7 @@ class FitLoop:
     def checkpoint(self, rank_records: Sequence[tuple[Records, Records]] = ()) -> dict[str, Any]:
         """The run as one dict of its pieces' state dicts (see :mod:`.checkpoint`)."""
         state = {
-            "format": ckpt.FORMAT,
-            "version": ckpt.VERSION,
-            "model": self.model.state_dict(),
-            "task_names": list(self.model.task_names),
+            **model_entries(self.model),  # format, version, task_names, model
             "optimizer": self.stepper.optimizer.state_dict(),
             "lr_scheduler": {
                 "spec": plain_config(self.cfg.lr_scheduler),
@@ -417,7 +415,8 @@ class FitLoop:
         """Load a checkpoint into the run's pieces (the global random states come last)."""
         ckpt.check_resume(saved, self.state.batch_counts, self.env.world_size)
         with ckpt.all_or_nothing(self.model, "cannot resume: the checkpoint"):
-            ckpt.load_model_state(self.model, saved, "cannot resume: the checkpoint")
+            hint = "use a checkpoint of this config's model"
+            load_model_state(self.model, saved, "cannot resume: the checkpoint", hint=hint)
             self.balancer.load_state_dict(saved["balancer"])
             self.scheduler.load_state_dict(saved["run"]["scheduler"])
             self.stepper.load_state_dict(saved["optimizer"])

@@ -18,7 +18,7 @@ from mtlgraph.experiment.cli import COMMANDS, main
 from mtlgraph.experiment.config import load_config
 from mtlgraph.experiment.inference_cli import load_model
 from mtlgraph.experiment.predict import ID_FIELD, read_prediction_data
-from mtlgraph.graph.predictions import read_predictions, write_predictions
+from mtlgraph.inference.predictions import read_predictions, write_predictions
 
 TOL = 1e-6
 

@@ -21,7 +21,7 @@ from mtlgraph.experiment.config import load_config
 from mtlgraph.experiment.inference_cli import load_model
 from mtlgraph.experiment.predict import read_prediction_data
 from mtlgraph.experiment.sources import VOCAB_DIR
-from mtlgraph.graph.predictions import read_predictions
+from mtlgraph.inference.predictions import read_predictions
 
 WORDS = ["good", "great", "fine", "bad", "awful", "poor"]
 TOL = 1e-5

@@ -287,7 +287,9 @@ def test_load_into_a_grown_model_needs_strict_false(tmp_path) -> None:  # type: 
 
 def test_load_refuses_foreign_files(tmp_path) -> None:  # type: ignore[no-untyped-def]
     torch.save({"x": 1}, tmp_path / "f.pt")
-    with pytest.raises(CheckpointError, match="is not a model saved by MultitaskClassifier.save"):
+    with pytest.raises(
+        CheckpointError, match="is not an mtlgraph training checkpoint or model file"
+    ):
         _two_task_model().load(tmp_path / "f.pt")
 
 

@@ -17,13 +17,12 @@ from experiment_helpers import cli_env
 from torch import nn
 
 from mtlgraph import CheckpointError, MultitaskClassifier, Operation, Task, Trainer
+from mtlgraph.graph.model_file import FORMAT
 from mtlgraph.training.checkpoint import (
-    FORMAT,
     Checkpointer,
     check_plain,
     get_rng_state,
     load_checkpoint,
-    load_weights,
     save_checkpoint,
     set_rng_state,
 )
@@ -233,7 +232,7 @@ def test_a_pickled_object_is_refused(tmp_path: Path) -> None:
         load_checkpoint(path)
     model, _ = _setup()
     with pytest.raises(CheckpointError, match="pickled Python object"):
-        load_weights(model, path)
+        model.load(path)
     with pytest.raises(CheckpointError, match="pickled Python object"):
         Trainer(progress_bar=False).fit(model, _setup()[1], resume_from=path)
 
@@ -277,22 +276,6 @@ def test_resume_with_other_data_is_refused(tmp_path: Path) -> None:
         Trainer(**CONFIG).fit(model, loaders, resume_from=tmp_path)
 
 
-def test_load_weights_from_checkpoint_and_model_file(tmp_path: Path) -> None:
-    model, loaders = _setup()
-    Trainer(run_dir=str(tmp_path), **{**CONFIG, "n_epochs": 1}).fit(model, loaders)
-    fresh, _ = _setup()
-    load_weights(fresh, tmp_path / "checkpoints" / "last.pt")
-    assert all(
-        torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters(), strict=True)
-    )
-    model.save(tmp_path / "model.pt")
-    other, _ = _setup()
-    load_weights(other, tmp_path / "model.pt")
-    assert all(
-        torch.equal(a, b) for a, b in zip(model.parameters(), other.parameters(), strict=True)
-    )
-
-
 def test_rng_state_round_trip() -> None:
     import random
 
@@ -305,7 +288,8 @@ def test_rng_state_round_trip() -> None:
 
 _WRITER = """
 import sys, torch
-from mtlgraph.training.checkpoint import FORMAT, save_checkpoint
+from mtlgraph.graph.model_file import FORMAT
+from mtlgraph.training.checkpoint import save_checkpoint
 path = sys.argv[1]
 big = torch.arange(4_000_000, dtype=torch.float32)
 i = 0

@@ -26,7 +26,7 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
@@ -34,11 +34,9 @@ from torch import nn
 from mtlgraph._io import atomic_write, write_json
 from mtlgraph._suggest import quoted
 from mtlgraph.exceptions import GraphError
-from mtlgraph.graph.evaluation import unknown_tasks_error
-from mtlgraph.graph.task import INPUT
-
-if TYPE_CHECKING:
-    from mtlgraph.graph.model import ExecutionPlan, MultitaskClassifier
+from mtlgraph.graph.plan import ExecutionPlan
+from mtlgraph.graph.task import INPUT, unknown_tasks_error
+from mtlgraph.inference.protocol import InferenceModel, eval_mode
 
 ExportFormat = Literal["torch_export", "onnx"]
 FORMATS: tuple[str, ...] = ("torch_export", "onnx")
@@ -55,7 +53,7 @@ def onnx_extra_error(what: str) -> ImportError:
 
 
 def input_fields(
-    model: MultitaskClassifier, task_names: Sequence[str], available: Sequence[str] = ()
+    model: InferenceModel, task_names: Sequence[str], available: Sequence[str] = ()
 ) -> list[str]:
     """The input fields the tasks' operations read, in task order, then operation order.
 
@@ -106,11 +104,11 @@ class TaskGraph(nn.Module):
         [torch.Size([5, 3])]
     """
 
-    _model: MultitaskClassifier
+    _model: InferenceModel
 
     def __init__(
         self,
-        model: MultitaskClassifier,
+        model: InferenceModel,
         task_names: Sequence[str],
         fields: Sequence[str] | None = None,
     ) -> None:
@@ -132,9 +130,14 @@ class TaskGraph(nn.Module):
         self._output_funcs = [model.tasks[t].output_func for t in self.task_names]
         object.__setattr__(self, "_model", model)  # not a submodule: its other tasks stay out
 
+    @property
+    def model(self) -> InferenceModel:
+        """The model whose tasks this graph runs (held, not registered as a submodule)."""
+        return self._model
+
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         X = dict(zip(self.fields, inputs, strict=True))
-        cache = self._model.execute(self.plan, X)
+        cache = self.model.execute(self.plan, X)
         outputs = []
         for task_name, output_func in zip(self.task_names, self._output_funcs, strict=True):
             out = output_func(cache[self.plan.outputs[task_name]])
@@ -230,18 +233,14 @@ def export_program(graph: TaskGraph, args: tuple[torch.Tensor, ...]) -> Any:
     """
     batch = torch.export.Dim(BATCH)
     shapes = tuple({0: batch} for _ in args)
-    model = graph._model
-    was_training = model.training
-    model.eval()
-    try:
-        # forward(*inputs): the varargs are one tuple in the dynamic_shapes structure
-        return torch.export.export(graph, args, dynamic_shapes=(shapes,))
-    except GraphError:
-        raise
-    except Exception as e:
-        raise _culprit(graph, args, e) from e
-    finally:
-        model.train(was_training)
+    with eval_mode(graph.model):
+        try:
+            # forward(*inputs): the varargs are one tuple in the dynamic_shapes structure
+            return torch.export.export(graph, args, dynamic_shapes=(shapes,))
+        except GraphError:
+            raise
+        except Exception as e:
+            raise _culprit(graph, args, e) from e
 
 
 def _tensor_spec(name: str, t: torch.Tensor) -> dict[str, Any]:
@@ -261,7 +260,7 @@ def sidecar(
     vocabularies: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The sidecar JSON's content: inputs, outputs, tasks, class labels, vocabularies."""
-    with torch.no_grad():
+    with eval_mode(graph.model), torch.no_grad():  # shapes only: no batch-norm statistics move
         outs = graph(*args)
     inputs = []
     for f, a in zip(graph.fields, args, strict=True):
@@ -269,7 +268,7 @@ def sidecar(
         spec["vocabulary"] = (vocabularies or {}).get(f)
         inputs.append(spec)
     tasks = []
-    model = graph._model
+    model = graph.model
     for t, out in zip(graph.task_names, outs, strict=True):
         task = model.tasks[t]
         width = int(out.shape[1]) if out.ndim > 1 else 1
@@ -354,10 +353,10 @@ def _name_batch_dims(proto: Any) -> None:
 
 
 def export(
-    model: MultitaskClassifier,
+    model: InferenceModel,
     path: str | os.PathLike[str],
     tasks: Sequence[str] | None = None,
-    format: ExportFormat = "torch_export",
+    format: str = "torch_export",
     example: Mapping[str, Any] | None = None,
     class_labels: Mapping[str, Sequence[str]] | None = None,
     vocabularies: Mapping[str, str] | None = None,
@@ -374,7 +373,8 @@ def export(
     graph = TaskGraph(model, task_names, _fields(model, task_names, example))
     args = example_inputs(graph, example)
     program = export_program(graph, args)
-    save_program(program, graph, args, target, format, class_labels, vocabularies)
+    fmt = cast(ExportFormat, format)  # checked above
+    save_program(program, graph, args, target, fmt, class_labels, vocabularies)
     return target
 
 
@@ -400,7 +400,7 @@ def save_program(
 
 
 def _fields(
-    model: MultitaskClassifier, task_names: Sequence[str], example: Mapping[str, Any] | None
+    model: InferenceModel, task_names: Sequence[str], example: Mapping[str, Any] | None
 ) -> list[str]:
     unknown = [t for t in task_names if t not in model.tasks]
     if unknown:
@@ -445,20 +445,15 @@ def run_exported(
 
 
 def max_export_error(
-    model: MultitaskClassifier,
+    model: InferenceModel,
     path: str | os.PathLike[str],
     inputs: Mapping[str, torch.Tensor],
 ) -> dict[str, float]:
     """Max absolute difference between the exported file's outputs and eager ones, per task."""
     exported = run_exported(path, inputs)
     graph = TaskGraph(model, list(exported), [i["name"] for i in load_sidecar(path)["inputs"]])
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            eager = graph(*(inputs[f] for f in graph.fields))
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        eager = graph(*(inputs[f] for f in graph.fields))
     return {
         t: float((exported[t].float() - e.float()).abs().max()) if e.numel() else 0.0
         for t, e in zip(graph.task_names, eager, strict=True)

@@ -1,5 +1,5 @@
-"""Prediction and scoring of a :class:`~mtlgraph.MultitaskClassifier` (the bodies of its
-``predict``, ``score`` and ``score_predictions`` methods).
+"""Prediction and scoring of a model (the bodies of :class:`~mtlgraph.MultitaskClassifier`'s
+``predict``, ``score`` and ``score_predictions`` methods), and the heads' output widths.
 
 Which task predicts a batch's label is the label's own task, unless ``remap_labels`` sends it to
 another task's head (cross-task evaluation) or drops it (``None``).
@@ -8,7 +8,7 @@ another task's head (cross-task evaluation) or drops it (``None``).
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,41 +18,15 @@ from mtlgraph._suggest import did_you_mean, quoted
 from mtlgraph.data.datasets import DictDataLoader, DictDataset
 from mtlgraph.exceptions import DataError, GraphError
 from mtlgraph.graph.labels import label_problems
+from mtlgraph.graph.plan import ExecutionPlan
 from mtlgraph.graph.slices import SLICE_SEP, SliceFunc, resolve_slices, slice_mask
 from mtlgraph.graph.soft_labels import hard_targets, is_soft_label, soft_label_problems
+from mtlgraph.graph.task import Task, unknown_label_error, unknown_tasks_error
+from mtlgraph.inference.protocol import Batches, InferenceModel, eval_mode
 from mtlgraph.metrics import make_key
 
 SLICE_KIND = "slice:"
 """Prefix of a :func:`predict` result's slice masks: ``result["slice:<name>"][task]``."""
-
-if TYPE_CHECKING:
-    from mtlgraph.graph.model import ExecutionPlan, MultitaskClassifier
-    from mtlgraph.graph.task import Task
-
-Batches = Iterable[tuple[Mapping[str, Any], Mapping[str, torch.Tensor]]]
-"""Batches ``(X_dict, Y_dict)``: a loader or any iterable of them."""
-
-
-def unknown_tasks_error(unknown: Iterable[str], tasks: Mapping[str, Task]) -> GraphError:
-    """The error for task names a model does not hold, each with a suggestion."""
-    return GraphError(
-        [
-            f"unknown task '{t}'{did_you_mean(t, tasks)}; the model has {quoted(tasks)}"
-            for t in unknown
-        ]
-    )
-
-
-def unknown_label_error(label: str, tasks: Mapping[str, Task]) -> GraphError:
-    """The error for a batch label that names no task of the model."""
-    return GraphError(
-        [
-            f"label '{label}' names no task of the model{did_you_mean(label, tasks)}; "
-            f"the model has {quoted(tasks)}. Pass "
-            f"remap_labels={{'{label}': <task or None>}} to score it with another task's "
-            "head or to drop it"
-        ]
-    )
 
 
 def unlabelled_error(dataloader: object, tasks: Mapping[str, Task]) -> GraphError:
@@ -142,7 +116,7 @@ def _add_slices(
 
 class _BatchLabels:
     """The per-batch label check of ``predict`` on a loader over a stream or another map-style
-    dataset (issue 11); a loader over a ``DictDataset`` or a bare iterable is not checked here.
+    dataset; a loader over a ``DictDataset`` or a bare iterable is not checked here.
     The heads' widths come from the batch's own outputs, so it costs no forward pass."""
 
     def __init__(self, dataloader: object, where: str) -> None:
@@ -176,7 +150,7 @@ class _BatchLabels:
 
 @torch.no_grad()
 def predict(
-    model: MultitaskClassifier,
+    model: InferenceModel,
     dataloader: Batches,
     return_preds: bool = False,
     remap_labels: Mapping[str, str | None] | None = None,
@@ -184,7 +158,7 @@ def predict(
     slices: Mapping[str, SliceFunc] | Sequence[str] | None = None,
 ) -> dict[str, dict[str, np.ndarray]]:
     """See :meth:`MultitaskClassifier.predict`."""
-    slice_funcs = resolve_slices(slices)  # issue 15: slice masks beside the golds
+    slice_funcs = resolve_slices(slices)  # slice masks beside the golds
     masks: dict[str, dict[str, list[np.ndarray]]] = {}
     where = _where(dataloader)
     tasks = model.tasks
@@ -196,13 +170,11 @@ def predict(
     if wanted is not None and not remap:  # serving: one plan for every batch
         return _predict_named(model, dataloader, wanted, return_preds)
     device = model.device
-    was_training = model.training
-    model.eval()
     golds: dict[str, list[torch.Tensor]] = {}
     probs: dict[str, list[torch.Tensor]] = {}
     unlabelled = 0  # batches without any label (nothing to predict unless task_names says)
     check = _BatchLabels(dataloader, where)
-    try:
+    with eval_mode(model):
         for X, Y in dataloader:
             if wanted is None and not Y:
                 unlabelled += 1
@@ -220,8 +192,6 @@ def predict(
                 probs.setdefault(task_name, []).append(p.detach().float().cpu())
                 if label is not None:
                     golds.setdefault(task_name, []).append(Y[label].cpu())
-    finally:
-        model.train(was_training)
     if unlabelled and not probs:
         raise unlabelled_error(dataloader, tasks)
     result: dict[str, dict[str, np.ndarray]] = {
@@ -247,7 +217,7 @@ def _task_output(task: Task, value: Any) -> torch.Tensor:
 
 
 def check_soft_labels(tasks: Mapping[str, Task], loaders: Sequence[DictDataLoader]) -> None:
-    """Every problem of the loaders' soft labels at once (issue 15).
+    """Every problem of the loaders' soft labels at once.
 
     Raises:
         DataError: Rows that are no distribution, NaN, a width that does not match the head.
@@ -265,7 +235,7 @@ def check_soft_labels(tasks: Mapping[str, Task], loaders: Sequence[DictDataLoade
 
 
 def score(
-    model: MultitaskClassifier,
+    model: InferenceModel,
     dataloaders: DictDataLoader | Sequence[DictDataLoader],
     remap_labels: Mapping[str, str | None] | None = None,
     slices: Mapping[str, SliceFunc] | Sequence[str] | None = None,
@@ -320,7 +290,7 @@ def score_predictions(
 
 @torch.no_grad()
 def iter_predictions(
-    model: MultitaskClassifier, batches: Batches, task_names: Sequence[str]
+    model: InferenceModel, batches: Batches, task_names: Sequence[str]
 ) -> Iterator[tuple[Mapping[str, Any], dict[str, torch.Tensor]]]:
     """Stream predictions batch by batch: ``(X_dict, {task: output_func values})``.
 
@@ -345,22 +315,18 @@ def iter_predictions(
     plan = model.plan(task_names)
     outputs = _output_funcs(model, plan)
     device = model.device
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for X, _ in batches:
             yield X, _outputs(model, plan, outputs, _on(X, device))
-    finally:
-        model.train(was_training)
 
 
-def _output_funcs(model: MultitaskClassifier, plan: ExecutionPlan) -> list[tuple[str, int, Any]]:
+def _output_funcs(model: InferenceModel, plan: ExecutionPlan) -> list[tuple[str, int, Any]]:
     """``(task, output node, output_func)`` for each task of a plan."""
     return [(t, plan.outputs[t], model.tasks[t].output_func) for t in plan.task_names]
 
 
 def _outputs(
-    model: MultitaskClassifier,
+    model: InferenceModel,
     plan: ExecutionPlan,
     outputs: Sequence[tuple[str, int, Any]],
     X: Mapping[str, Any],
@@ -389,7 +355,7 @@ def _on(X: Mapping[str, Any], device: torch.device) -> Mapping[str, Any]:
 
 @torch.no_grad()
 def _predict_named(
-    model: MultitaskClassifier, dataloader: Batches, task_names: Sequence[str], return_preds: bool
+    model: InferenceModel, dataloader: Batches, task_names: Sequence[str], return_preds: bool
 ) -> dict[str, dict[str, np.ndarray]]:
     """:func:`predict` of named tasks without remapping: one plan for every batch, labelled
     or not (the serving path, kept as lean as a hand-written loop)."""
@@ -398,16 +364,12 @@ def _predict_named(
     device = model.device
     probs: dict[str, list[torch.Tensor]] = {t: [] for t in plan.task_names}
     golds: dict[str, list[torch.Tensor]] = {}
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for X, Y in dataloader:
             for t, p in _outputs(model, plan, outputs, _on(X, device)).items():
                 probs[t].append(p)
                 if t in Y:
                     golds.setdefault(t, []).append(Y[t].cpu())
-    finally:
-        model.train(was_training)
     tasks = model.tasks
     result: dict[str, dict[str, np.ndarray]] = {
         "golds": {t: torch.cat(v).numpy() for t, v in golds.items()},
@@ -418,3 +380,31 @@ def _predict_named(
             t: tasks[t].predictions(torch.from_numpy(p)).numpy() for t, p in result["probs"].items()
         }
     return result
+
+
+@torch.no_grad()
+def head_widths(
+    model: InferenceModel, X_dict: Mapping[str, Any], task_names: Iterable[str]
+) -> dict[str, int | None]:
+    """The last dimension of each task's output on ``X_dict`` (``None``: not a 2-D tensor).
+
+    Runs in evaluation mode without gradients and leaves torch's random state as it was.
+    """
+    names = list(task_names)
+    plan = model.plan(names)
+    try:
+        with eval_mode(model), torch.random.fork_rng(devices=[]):
+            cache = model.execute(plan, move_to_device(X_dict, model.device))
+    except Exception as e:
+        e.add_note(
+            f"mtlgraph: while running tasks {names} on a dataset's first rows to check their "
+            "labels; check the modules' sizes"
+        )
+        raise
+    widths: dict[str, int | None] = {}
+    for name in names:
+        out = cache[plan.outputs[name]]
+        widths[name] = (
+            int(out.shape[1]) if isinstance(out, torch.Tensor) and out.ndim == 2 else None
+        )
+    return widths

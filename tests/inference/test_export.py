@@ -18,7 +18,7 @@ from mtlgraph import GraphError, MultitaskClassifier, Operation, Task
 from mtlgraph.experiment.build import build_model
 from mtlgraph.experiment.config import load_config
 from mtlgraph.experiment.inference_cli import config_fields, example_batch
-from mtlgraph.graph.export import (
+from mtlgraph.inference.export import (
     TaskGraph,
     example_inputs,
     export_program,

@@ -30,7 +30,7 @@ import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Protocol
+from typing import IO, Any, Protocol
 
 import numpy as np
 import torch
@@ -38,11 +38,9 @@ import torch
 from mtlgraph._io import atomic_write
 from mtlgraph._suggest import quoted
 from mtlgraph.exceptions import ConfigError, DataError
-from mtlgraph.graph.evaluation import Batches, iter_predictions
-
-if TYPE_CHECKING:
-    from mtlgraph.graph.model import MultitaskClassifier
-    from mtlgraph.graph.task import Task
+from mtlgraph.graph.task import Task
+from mtlgraph.inference.evaluation import iter_predictions
+from mtlgraph.inference.protocol import Batches, InferenceModel
 
 PREDICTION_FORMATS: dict[str, str] = {
     ".jsonl": "jsonl",
@@ -100,7 +98,7 @@ def task_columns(task: Task, probs: torch.Tensor) -> Columns:
 
 
 def iter_prediction_rows(
-    model: MultitaskClassifier,
+    model: InferenceModel,
     batches: Batches,
     task_names: Sequence[str],
     id_field: str | None = None,
@@ -263,7 +261,7 @@ def check_output_path(path: str | os.PathLike[str]) -> Path:
 
 
 def write_predictions(
-    model: MultitaskClassifier,
+    model: InferenceModel,
     batches: Batches,
     path: str | os.PathLike[str],
     task_names: Sequence[str] | None = None,

@@ -1,0 +1,179 @@
+"""The model file: a checkpoint that holds a model, read and loaded all or nothing.
+
+A model file is the model's part of a training checkpoint and nothing else::
+
+    format, version     "mtlgraph.checkpoint", 2
+    task_names          the model's task names
+    model               model.state_dict()
+
+so one reader takes both kinds of file: :meth:`~mtlgraph.MultitaskClassifier.load` reads a model
+file or a training checkpoint, and ``load_checkpoint`` reads a model file as it reads a training
+checkpoint (with the model's entries only). Files are read with ``torch.load(weights_only=True)``
+only, so loading one never runs code.
+
+Loads are all or nothing: other task names (renamed tasks whose modules kept their names
+included), missing or unexpected parameters, other shapes and other kinds of dtype are reported
+together, and a refused load leaves every parameter as it was.
+
+A model file written by an older mtlgraph (``format: "mtlgraph.model"``, the weights under
+``state_dict``) is read too, converted on load; ``model.save`` writes the format above.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import torch
+
+from mtlgraph._io import load_weights_only
+from mtlgraph.exceptions import CheckpointError
+
+FORMAT = "mtlgraph.checkpoint"
+"""The format marker of checkpoints and model files."""
+VERSION = 2
+"""The newest checkpoint version this mtlgraph writes and reads."""
+_OLD_MODEL_FORMAT = "mtlgraph.model"  # model files of older releases: converted on read
+
+
+class _Model(Protocol):
+    """What a load needs of a model (a :class:`~mtlgraph.MultitaskClassifier`)."""
+
+    @property
+    def task_names(self) -> list[str]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = ..., assign: bool = ...
+    ) -> Any: ...
+
+
+def model_entries(model: _Model) -> dict[str, Any]:
+    """The model's entries of a checkpoint: the whole content of a model file.
+
+    Example:
+        >>> from torch import nn
+        >>> from mtlgraph import MultitaskClassifier, Operation, Task
+        >>> model = MultitaskClassifier(
+        ...     [Task("t", {"m": nn.Linear(2, 3)}, [Operation("m", [("_input_", "x")])])]
+        ... )
+        >>> entries = model_entries(model)
+        >>> entries["format"], entries["task_names"], sorted(entries["model"])
+        ('mtlgraph.checkpoint', ['t'], ['module_pool.m.bias', 'module_pool.m.weight'])
+    """
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "task_names": list(model.task_names),
+        "model": model.state_dict(),
+    }
+
+
+def read_checkpoint(
+    file: str | os.PathLike[str], map_location: str | torch.device = "cpu"
+) -> dict[str, Any]:
+    """A checkpoint or model file's content (``weights_only``), its format and version checked.
+
+    Raises:
+        CheckpointError: Unreadable, truncated or foreign file, a pickled object in it, or a
+            newer format version.
+    """
+    state = load_weights_only(file, map_location)
+    found = state.get("format") if isinstance(state, dict) else type(state).__name__
+    if isinstance(state, dict) and found == _OLD_MODEL_FORMAT:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "task_names": state.get("task_names"),
+            "model": state.get("state_dict"),
+        }
+    if not isinstance(state, dict) or found != FORMAT:
+        raise CheckpointError(
+            f"'{os.fspath(file)}' is not an mtlgraph training checkpoint or model file "
+            f"(format {found!r})"
+        )
+    if int(state.get("version", 0)) > VERSION:
+        raise CheckpointError(
+            f"checkpoint '{os.fspath(file)}' has format version {state['version']}; this "
+            f"mtlgraph reads up to {VERSION}: upgrade mtlgraph"
+        )
+    return state
+
+
+def _names(names: Sequence[str], limit: int = 4) -> str:
+    shown = ", ".join(f"'{n}'" for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def state_problems(
+    model: _Model, state: object, task_names: object, strict: bool = True
+) -> list[str]:
+    """Why ``state`` (a state dict saved with ``task_names``) cannot be loaded into ``model``:
+    other tasks (renamed ones included), missing or unexpected parameters (with ``strict``),
+    other shapes or kinds of dtype. Empty when it loads."""
+    if not isinstance(state, Mapping):
+        return [f"it holds no state dict (found {type(state).__name__})"]
+    problems: list[str] = []
+    if isinstance(task_names, (list, tuple)):
+        theirs, ours = [str(t) for t in task_names], model.task_names
+        foreign = [t for t in theirs if t not in ours]
+        absent = [t for t in ours if t not in theirs]
+        if foreign or (strict and absent):
+            problems.append(
+                f"it holds the weights of tasks {theirs}, the model has {ours}"
+                + (f" (not in the model: {_names(foreign)})" if foreign else "")
+            )
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if strict and missing:
+        problems.append(f"missing {_names(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {_names([str(k) for k in unexpected])}")
+    for key, mine in own.items():
+        theirs_value = state.get(key)
+        if theirs_value is None:
+            continue
+        if not isinstance(theirs_value, torch.Tensor):
+            problems.append(f"'{key}' is a {type(theirs_value).__name__}, not a tensor")
+        elif theirs_value.shape != mine.shape:
+            problems.append(
+                f"'{key}' has shape {tuple(theirs_value.shape)} in the file, "
+                f"{tuple(mine.shape)} in the model"
+            )
+        elif theirs_value.dtype.is_floating_point != mine.dtype.is_floating_point:
+            problems.append(
+                f"'{key}' is {theirs_value.dtype} in the file, {mine.dtype} in the model"
+            )
+    return problems
+
+
+def load_model_state(
+    model: _Model,
+    checkpoint: Mapping[str, Any],
+    what: str,
+    strict: bool = True,
+    hint: str = "load a checkpoint of this model",
+) -> None:
+    """Load a checkpoint's ``model`` entry into ``model`` only when :func:`state_problems` finds
+    nothing: a refused load leaves every parameter unchanged.
+
+    Args:
+        model: The model.
+        checkpoint: What :func:`read_checkpoint` returned.
+        what: The file, for the message (``"'run/checkpoints/last.pt'"``).
+        strict: Require exactly the model's tasks and parameters (else: no foreign task and no
+            unexpected parameter; the model's other parameters keep their values).
+        hint: The fix the message suggests.
+
+    Raises:
+        CheckpointError: ``"<what> is from another model: <problems>; <hint>"``.
+    """
+    state, names = checkpoint.get("model"), checkpoint.get("task_names")
+    problems = state_problems(model, state, names, strict)
+    if problems:
+        raise CheckpointError(f"{what} is from another model: {'; '.join(problems)}; {hint}")
+    assert isinstance(state, Mapping)
+    model.load_state_dict(state, strict=False)

@@ -1,0 +1,76 @@
+"""What inference needs of a model, and the one way to run a model in evaluation mode.
+
+:class:`InferenceModel` is the part of :class:`~mtlgraph.MultitaskClassifier`'s public API that
+prediction, scoring and export use: its tasks, device and modules, and ``plan`` / ``execute``
+(which operations a set of tasks runs, and running them on a batch). Nothing here reaches into
+the model's internals, so any object with these members can be predicted, scored or exported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from mtlgraph.graph.plan import ExecutionPlan
+from mtlgraph.graph.task import Task
+
+Batches = Iterable[tuple[Mapping[str, Any], Mapping[str, torch.Tensor]]]
+"""Batches ``(X_dict, Y_dict)``: a loader or any iterable of them."""
+
+
+class HasModules(Protocol):
+    """Anything with submodules and a training mode (an ``nn.Module``)."""
+
+    def modules(self) -> Iterator[nn.Module]: ...
+
+    def train(self, mode: bool = ...) -> Any: ...
+
+
+class InferenceModel(HasModules, Protocol):
+    """The members of a model that predict, score and export use."""
+
+    @property
+    def tasks(self) -> Mapping[str, Task]: ...
+
+    @property
+    def task_names(self) -> list[str]: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def module_pool(self) -> nn.ModuleDict: ...
+
+    def plan(self, task_names: Iterable[str]) -> ExecutionPlan: ...
+
+    def execute(self, plan: ExecutionPlan, X_dict: Mapping[str, Any]) -> dict[int, Any]: ...
+
+
+@contextlib.contextmanager
+def eval_mode(model: HasModules) -> Iterator[None]:
+    """Run the body with every submodule of ``model`` in evaluation mode, then give each its own
+    training flag back (a module the user froze in ``eval()`` stays so), also when the body
+    raises.
+
+    Example:
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(2, 2), nn.Dropout())
+        >>> _ = model[1].eval()
+        >>> with eval_mode(model):
+        ...     [m.training for m in model.modules()]
+        [False, False, False]
+        >>> [m.training for m in model.modules()]
+        [True, True, False]
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    model.train(False)  # through train(): a module that overrides it is told
+    try:
+        yield
+    finally:
+        for m, training in modes:  # parents first: a parent's train() also sets its children
+            if m.training != training:
+                m.train(training)
