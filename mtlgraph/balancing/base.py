@@ -9,7 +9,6 @@ balancer ignore mixed precision, gradient accumulation and DDP.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -50,6 +49,50 @@ class StepContext:
     scale: Callable[[torch.Tensor], torch.Tensor]
     step: int
     reduce: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda t: t)
+
+    def weighted(self, losses: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each loss times its task's static ``Task.weight``."""
+        out = {}
+        for task_name, loss in losses.items():
+            w = self.tasks[task_name].weight
+            out[task_name] = loss if w == 1.0 else loss * w
+        return out
+
+    def weighted_backward(
+        self, losses: Mapping[str, torch.Tensor], weights: Mapping[str, float]
+    ) -> None:
+        """``backward(Σ_i weights[i] · Task.weight_i · L_i)`` (a missing weight counts as 1).
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> from mtlgraph import Operation, Task
+            >>> from mtlgraph.balancing import StepContext
+            >>> task = Task("t", {"m": nn.Linear(1, 1)}, [Operation("m", [("_input_", "x")])],
+            ...             weight=2.0)
+            >>> seen = []
+            >>> ctx = StepContext({"t": task}, None, {}, seen.append, lambda t: t, step=0)
+            >>> ctx.weighted_backward({"t": torch.tensor(3.0)}, {"t": 2.0})
+            >>> seen
+            [tensor(12.)]
+        """
+        w = [self.tasks[t].weight * weights.get(t, 1.0) for t in losses]
+        values = list(losses.values())
+        if not values:
+            return
+        if all(v == 1.0 for v in w):
+            total = values[0]
+            for loss in values[1:]:
+                total = total + loss
+        elif len(values) > 1 and len({v.dtype for v in values}) == 1:
+            # One stacked product: fewer autograd nodes than K multiplications and K-1 additions.
+            stacked = torch.stack(values)
+            total = torch.dot(stacked, torch.tensor(w, dtype=stacked.dtype, device=stacked.device))
+        else:
+            total = values[0] * w[0]
+            for loss, v in zip(values[1:], w[1:], strict=True):
+                total = total + loss * v
+        self.backward(total)
 
 
 class Balancer(nn.Module):
@@ -113,64 +156,24 @@ class Balancer(nn.Module):
             logger.warning(message, *args)
 
 
-def _static(losses: Mapping[str, torch.Tensor], ctx: StepContext) -> dict[str, torch.Tensor]:
-    """Each loss times its task's static ``Task.weight``."""
-    out = {}
-    for task_name, loss in losses.items():
-        w = ctx.tasks[task_name].weight
-        out[task_name] = loss if w == 1.0 else loss * w
-    return out
+def seeded_generator(balancer: str, seed: object) -> torch.Generator:
+    """The balancer's own generator (no global random state), seeded with an integer.
 
-
-def _weighted_backward(
-    losses: Mapping[str, torch.Tensor], weights: Mapping[str, float], ctx: StepContext
-) -> None:
-    """``ctx.backward(Σ_i weights[i] · Task.weight_i · L_i)`` (missing weights count as 1)."""
-    w = [ctx.tasks[t].weight * weights.get(t, 1.0) for t in losses]
-    values = list(losses.values())
-    if not values:
-        return
-    if all(v == 1.0 for v in w):
-        total = values[0]
-        for loss in values[1:]:
-            total = total + loss
-    elif len(values) > 1 and len({v.dtype for v in values}) == 1:
-        # One stacked product: fewer autograd nodes than K multiplications and K-1 additions.
-        stacked = torch.stack(values)
-        total = torch.dot(stacked, torch.tensor(w, dtype=stacked.dtype, device=stacked.device))
-    else:
-        total = values[0] * w[0]
-        for loss, v in zip(values[1:], w[1:], strict=True):
-            total = total + loss * v
-    ctx.backward(total)
-
-
-def _check(problems: list[str], ok: bool, message: str) -> None:
-    if not ok:
-        problems.append(message)
-
-
-def _raise(name: str, problems: list[str]) -> None:
-    if problems:
-        raise ConfigError(
-            problems, header=f"invalid balancer '{name}':" if len(problems) > 1 else None
-        )
-
-
-def _seeded_generator(balancer: str, seed: object) -> torch.Generator:
-    """The balancer's own generator (no global random state), seeded with an integer."""
+    Raises:
+        ConfigError: ``seed`` is not an integer (the message names ``balancer``).
+    """
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError([f"balancer '{balancer}': seed must be an integer, got {seed!r}"])
     return torch.Generator().manual_seed(seed)
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+class LastWeights(Balancer):
+    """A balancer that logs the weights its last steps used (``self._last``, task -> weight).
 
-
-class _LastWeights(Balancer):
-    """A balancer that logs the weights its last steps used; they are state too, so a resumed
-    run logs what an uninterrupted one does."""
+    They are state too (``get_extra_state``), so a resumed run logs what an uninterrupted one
+    does. Subclasses that add state extend ``get_extra_state``/``set_extra_state`` with
+    ``super()``.
+    """
 
     def __init__(self) -> None:
         super().__init__()
