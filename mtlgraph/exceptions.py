@@ -14,6 +14,18 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 
+__all__ = [
+    "ArgumentCheck",
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "GraphError",
+    "MtlGraphError",
+    "TaskDefinitionError",
+    "TrainingError",
+    "UnknownNameError",
+]
+
 
 class MtlGraphError(Exception):
     """Base class of every exception mtlgraph raises itself."""

@@ -27,6 +27,21 @@ from mtlgraph._suggest import did_you_mean
 from mtlgraph.exceptions import ConfigError, UnknownNameError
 from mtlgraph.registry import Registry, signature_problems
 
+__all__ = [
+    "METRICS",
+    "SEP",
+    "Metric",
+    "Scorer",
+    "active_mask",
+    "active_rows",
+    "get_metric",
+    "make_key",
+    "metric_names",
+    "metric_spec_problems",
+    "register_metric",
+    "split_key",
+]
+
 if TYPE_CHECKING:
     import torch
 

@@ -4,11 +4,16 @@ Knows nothing of training: a :class:`MultitaskClassifier` computes outputs, loss
 and scores; the training layer decides how those losses become updates.
 """
 
+from mtlgraph.graph.activations import ACTIVATIONS
+from mtlgraph.graph.losses import LOSSES
 from mtlgraph.graph.model import ExecutionPlan, MultitaskClassifier
-from mtlgraph.graph.modules import register_module
+from mtlgraph.graph.modules import MODULES, register_module
 from mtlgraph.graph.task import Input, Operation, Task, detach, register_loss
 
 __all__ = [
+    "ACTIVATIONS",
+    "LOSSES",
+    "MODULES",
     "ExecutionPlan",
     "Input",
     "MultitaskClassifier",
