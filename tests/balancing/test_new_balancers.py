@@ -1,4 +1,4 @@
-"""The balancers of issue 14: famo, nash_mtl, imtl, aligned_mtl, upgrad, db_mtl, gradvac.
+"""The recent balancers: famo, nash_mtl, imtl, aligned_mtl, upgrad, db_mtl, gradvac.
 
 Each method's math against hand-computed cases from its paper's formula, properties that define
 it on random gradients, the reference implementations where they run here (TorchJD's
