@@ -12,7 +12,7 @@ operation and task that ran them.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 __all__ = [
     "ArgumentCheck",
@@ -94,13 +94,15 @@ class ArgumentCheck:
         >>> check = ArgumentCheck("gate")
         >>> check.integer("k", 0)
         >>> check.number("gamma", float("nan"), "> 0", lambda v: v > 0)
+        >>> check.choice("kind", "soft", ("softmax", "dselect_k"))
         >>> check.require(True, "never reported")
         >>> check.done()
         Traceback (most recent call last):
         ...
-        mtlgraph.exceptions.ConfigError: 2 problems:
+        mtlgraph.exceptions.ConfigError: 3 problems:
           - gate: k must be an integer >= 1, got 0
           - gate: gamma must be a finite number > 0, got nan
+          - gate: kind must be 'softmax' or 'dselect_k', got 'soft'
     """
 
     def __init__(self, subject: str) -> None:
@@ -111,6 +113,14 @@ class ArgumentCheck:
         """Record ``message`` (``"<name> must be ..., got ..."``) unless ``ok``."""
         if not ok:
             self.problems.append(f"{self.subject}: {message}")
+
+    def choice(self, name: str, value: object, choices: Sequence[str]) -> None:
+        """``value`` must be one of ``choices``."""
+        options = [repr(c) for c in choices]
+        expected = " or ".join(
+            [", ".join(options[:-1]), options[-1]] if len(options) > 1 else options
+        )
+        self.require(value in choices, f"{name} must be {expected}, got {value!r}")
 
     def integer(self, name: str, value: object, least: int = 1) -> None:
         """``value`` must be an integer (not a bool) of at least ``least``."""

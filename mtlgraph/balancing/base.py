@@ -65,13 +65,11 @@ class StepContext:
 
         Example:
             >>> import torch
-            >>> from torch import nn
-            >>> from mtlgraph import Operation, Task
+            >>> from types import SimpleNamespace
             >>> from mtlgraph.balancing import StepContext
-            >>> task = Task("t", {"m": nn.Linear(1, 1)}, [Operation("m", [("_input_", "x")])],
-            ...             weight=2.0)
+            >>> tasks = {"t": SimpleNamespace(weight=2.0)}  # a Task: only its weight is read
             >>> seen = []
-            >>> ctx = StepContext({"t": task}, None, {}, seen.append, lambda t: t, step=0)
+            >>> ctx = StepContext(tasks, None, {}, seen.append, lambda t: t, step=0)
             >>> ctx.weighted_backward({"t": torch.tensor(3.0)}, {"t": 2.0})
             >>> seen
             [tensor(12.)]
@@ -148,6 +146,23 @@ class Balancer(nn.Module):
     def optimizer_options(self) -> dict[str, Any]:
         """Hyper-parameters of the balancer's optimizer group (e.g. ``{"lr": 0.1}``)."""
         return {}
+
+    def _backward_single_task(self, weighted: Mapping[str, torch.Tensor], ctx: StepContext) -> bool:
+        """Back-propagate a step that holds one task as it is (said once in the log), for
+        methods that compare tasks; ``False`` (nothing done) when the step holds several."""
+        if len(weighted) != 1:
+            return False
+        ((task_name, loss),) = weighted.items()
+        self._say_once(
+            "single",
+            "%s: a step holds only task '%s', so its plain gradient is used (the method needs "
+            "several tasks per step: use batch_scheduler='mixed' or datasets that label several "
+            "tasks). Said once.",
+            self.name,
+            task_name,
+        )
+        ctx.backward(loss)
+        return True
 
     def _say_once(self, key: str, message: str, *args: object) -> None:
         """Log a warning once per balancer instance."""

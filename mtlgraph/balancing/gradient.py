@@ -49,16 +49,7 @@ class GradientBalancer(LastWeights):
     def backward(self, losses: Mapping[str, torch.Tensor], ctx: StepContext) -> None:
         weighted = ctx.weighted(losses)
         names = list(weighted)
-        if len(names) == 1:
-            self._say_once(
-                "single",
-                "%s: a step holds only task '%s', so its plain gradient is used (gradient "
-                "methods need several tasks per step: use batch_scheduler='mixed' or datasets "
-                "that label several tasks). Said once.",
-                self.name,
-                names[0],
-            )
-            ctx.backward(weighted[names[0]])
+        if self._backward_single_task(weighted, ctx):
             self._last[names[0]] = 1.0
             return
         layout = self._grads.layout(ctx.tasks, ctx.plan)

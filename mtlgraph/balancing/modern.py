@@ -136,10 +136,7 @@ class AlignedMTLBalancer(GradientBalancer):
     def __init__(self, scale_mode: str = "min") -> None:
         super().__init__()
         check = ArgumentCheck(f"balancer '{self.name}'")
-        check.require(
-            scale_mode in ("min", "median", "rmse"),
-            f"scale_mode must be 'min', 'median' or 'rmse', got {scale_mode!r}",
-        )
+        check.choice("scale_mode", scale_mode, ("min", "median", "rmse"))
         check.done()
         self.scale_mode = scale_mode
 
@@ -289,10 +286,7 @@ class GradVacBalancer(_Named):
         super().__init__()
         check = ArgumentCheck(f"balancer '{self.name}'")
         check.number("beta", beta, "in (0, 1]", lambda v: 0 < v <= 1)
-        check.require(
-            group in ("model", "module"),
-            f"group must be 'model' or 'module', got {group!r}",
-        )
+        check.choice("group", group, ("model", "module"))
         check.done()
         self.beta = float(beta)
         self.group = group

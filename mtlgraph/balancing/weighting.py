@@ -19,7 +19,7 @@ from mtlgraph.balancing.base import Balancer, LastWeights, StepContext, seeded_g
 from mtlgraph.exceptions import ArgumentCheck, ConfigError
 from mtlgraph.gradients import PlanCache, last_shared_layer
 from mtlgraph.graph.task import Task
-from mtlgraph.metrics import split_key
+from mtlgraph.metrics import split_scores
 
 
 class SumBalancer(LastWeights):
@@ -81,10 +81,7 @@ class UncertaintyBalancer(Balancer):
         check.number("init", init)
         check.number("lr", lr, "> 0", lambda v: v > 0, optional=True)
         for task_name, form in (forms or {}).items():
-            check.require(
-                form in ("regression", "classification"),
-                f"forms['{task_name}'] must be 'regression' or 'classification', got {form!r}",
-            )
+            check.choice(f"forms['{task_name}']", form, ("regression", "classification"))
         check.done()
         self.init = float(init)
         self.lr = lr
@@ -328,15 +325,7 @@ class GradNormBalancer(Balancer):
     def backward(self, losses: Mapping[str, torch.Tensor], ctx: StepContext) -> None:
         weighted = ctx.weighted(losses)
         names = list(weighted)
-        if len(names) == 1:
-            self._say_once(
-                "single",
-                "gradnorm: a step holds only task '%s', so its loss is used as is (GradNorm "
-                "needs several tasks per step: use batch_scheduler='mixed' or datasets that "
-                "label several tasks). Said once.",
-                names[0],
-            )
-            ctx.backward(weighted[names[0]])
+        if self._backward_single_task(weighted, ctx):
             return
         layer = self._last_shared(ctx)
         if not layer:
@@ -490,11 +479,7 @@ class InverseMetricBalancer(Balancer):
 
     def on_evaluation(self, scores: Mapping[str, float]) -> None:
         values: dict[str, list[float]] = {}
-        for key, value in scores.items():
-            try:
-                task_name, _, split, metric = split_key(key)
-            except ValueError:
-                continue
+        for task_name, _, split, metric, value in split_scores(scores):
             if (
                 split == self.split
                 and self._metric.get(task_name) == metric

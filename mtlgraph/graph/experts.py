@@ -35,6 +35,14 @@ GateKind = Literal["softmax", "dselect_k"]
 GATE_KINDS: tuple[str, ...] = ("softmax", "dselect_k")
 
 
+def _sized_check(who: str, in_dim: object, n_experts: object) -> ArgumentCheck:
+    """The argument check of a block on ``(B, in_dim)`` inputs over ``n_experts`` experts."""
+    check = ArgumentCheck(who)
+    check.integer("in_dim", in_dim)
+    check.integer("n_experts", n_experts)
+    return check
+
+
 class Experts(nn.Module):
     """``n_experts`` independent MLPs on one input, outputs stacked: ``(B, n_experts, hidden[-1])``.
 
@@ -69,9 +77,7 @@ class Experts(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        check = ArgumentCheck("experts")
-        check.integer("in_dim", in_dim)
-        check.integer("n_experts", n_experts)
+        check = _sized_check("experts", in_dim, n_experts)
         listed = isinstance(hidden, (list, tuple)) and bool(hidden)
         check.require(listed, f"hidden must be a non-empty list of widths, got {hidden!r}")
         for i, h in enumerate(hidden if listed else []):
@@ -190,10 +196,8 @@ class Gate(nn.Module):
         entropy: float = 0.0,
     ) -> None:
         super().__init__()
-        check = ArgumentCheck("gate")
-        check.integer("in_dim", in_dim)
-        check.integer("n_experts", n_experts)
-        check.require(kind in GATE_KINDS, f"kind must be 'softmax' or 'dselect_k', got {kind!r}")
+        check = _sized_check("gate", in_dim, n_experts)
+        check.choice("kind", kind, GATE_KINDS)
         check.integer("k", k)
         check.number("gamma", gamma, "> 0", lambda v: v > 0)
         check.number("entropy", entropy, ">= 0", lambda v: v >= 0)
