@@ -9,7 +9,7 @@ balancer ignore mixed precision, gradient accumulation and DDP.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -180,6 +180,36 @@ def seeded_generator(balancer: str, seed: object) -> torch.Generator:
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError([f"balancer '{balancer}': seed must be an integer, got {seed!r}"])
     return torch.Generator().manual_seed(seed)
+
+
+def grown(
+    vector: nn.Parameter, index: dict[str, int], tasks: Iterable[str], fill: float
+) -> nn.Parameter:
+    """The per-task ``vector`` (entry ``index[t]`` for task ``t``) with ``fill`` for each new task
+    of ``tasks`` (added to ``index``) and the learned values kept; ``vector`` if none is new."""
+    new = [t for t in tasks if t not in index]
+    if not new:
+        return vector
+    for task_name in new:
+        index[task_name] = len(index)
+    old = vector.detach()
+    out = torch.full((len(index),), fill, dtype=old.dtype, device=old.device)
+    out[: len(old)] = old
+    return nn.Parameter(out)
+
+
+def saved_task_order(balancer: str, index: Mapping[str, int], saved: Sequence[str]) -> list[str]:
+    """The tasks of ``index`` in position order; a ``ConfigError`` unless they are ``saved``'s."""
+    mine = sorted(index, key=index.__getitem__)
+    if list(saved) != mine:
+        raise ConfigError(
+            [
+                f"balancer '{balancer}': the saved state holds tasks {list(saved)}, this balancer "
+                f"was set up for {mine}; call setup(model.tasks) with the same tasks before "
+                "load_state_dict"
+            ]
+        )
+    return mine
 
 
 class LastWeights(Balancer):

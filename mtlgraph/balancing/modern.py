@@ -14,7 +14,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from mtlgraph.balancing.base import LastWeights, StepContext, seeded_generator
+from mtlgraph.balancing.base import (
+    LastWeights,
+    StepContext,
+    grown,
+    saved_task_order,
+    seeded_generator,
+)
 from mtlgraph.balancing.gradient import GradientBalancer
 from mtlgraph.balancing.solvers import aligned_mtl, gradvac_coefficients, imtl_g, nash_mtl, upgrad
 from mtlgraph.exceptions import ArgumentCheck, ConfigError
@@ -64,14 +70,7 @@ class IMTLBalancer(GradientBalancer):
         super().setup(tasks)
         if not self.loss_scaling:
             return
-        new = [t for t in tasks if t not in self._index]
-        for task_name in new:
-            self._index[task_name] = len(self._index)
-        if new:  # grow the vector, keeping the values learned so far
-            old = self.log_scales.detach()
-            grown = old.new_zeros(len(self._index))
-            grown[: len(old)] = old
-            self.log_scales = nn.Parameter(grown)
+        self.log_scales = grown(self.log_scales, self._index, tasks, 0.0)
 
     def backward(self, losses: Mapping[str, torch.Tensor], ctx: StepContext) -> None:
         if not self.loss_scaling:
@@ -101,15 +100,7 @@ class IMTLBalancer(GradientBalancer):
 
     def set_extra_state(self, state: Any) -> None:
         super().set_extra_state(state)
-        mine = sorted(self._index, key=self._index.__getitem__)
-        if list(state["tasks"]) != mine:
-            raise ConfigError(
-                [
-                    f"balancer 'imtl': the saved state holds tasks {list(state['tasks'])}, this "
-                    f"balancer was set up for {mine}; call setup(model.tasks) with the same "
-                    "tasks before load_state_dict"
-                ]
-            )
+        saved_task_order(self.name, self._index, state["tasks"])
 
 
 class AlignedMTLBalancer(GradientBalancer):

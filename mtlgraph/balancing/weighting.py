@@ -15,7 +15,14 @@ import torch
 from torch import nn
 
 from mtlgraph._suggest import did_you_mean, quoted
-from mtlgraph.balancing.base import Balancer, LastWeights, StepContext, seeded_generator
+from mtlgraph.balancing.base import (
+    Balancer,
+    LastWeights,
+    StepContext,
+    grown,
+    saved_task_order,
+    seeded_generator,
+)
 from mtlgraph.exceptions import ArgumentCheck, ConfigError
 from mtlgraph.gradients import PlanCache, last_shared_layer
 from mtlgraph.graph.task import Task
@@ -103,15 +110,9 @@ class UncertaintyBalancer(Balancer):
                     for t in unknown
                 ]
             )
-        new = [t for t in tasks if t not in self._index]
-        if new:  # grow the vector, keeping the values learned so far
-            for task_name in new:
-                self._index[task_name] = len(self._index)
-            old = self.log_vars.detach()
-            grown = torch.full((len(self._index),), self.init, dtype=old.dtype, device=old.device)
-            grown[: len(old)] = old
-            self.log_vars = nn.Parameter(grown)
-            self._rows = {}
+        vector = grown(self.log_vars, self._index, tasks, self.init)
+        if vector is not self.log_vars:
+            self.log_vars, self._rows = vector, {}
         for task_name, task in tasks.items():
             default = "regression" if task.task_type == "regression" else "classification"
             self._half[task_name] = self.forms.get(task_name, default) == "regression"
@@ -164,16 +165,7 @@ class UncertaintyBalancer(Balancer):
         return {"tasks": order, "regression_form": [self._half.get(t, False) for t in order]}
 
     def set_extra_state(self, state: Any) -> None:
-        order = list(state["tasks"])
-        mine = sorted(self._index, key=self._index.__getitem__)
-        if order != mine:
-            raise ConfigError(
-                [
-                    f"balancer 'uncertainty': the saved state holds tasks {order}, this balancer "
-                    f"was set up for {mine}; call setup(model.tasks) with the same tasks before "
-                    "load_state_dict"
-                ]
-            )
+        order = saved_task_order(self.name, self._index, state["tasks"])
         self._half = dict(zip(order, state["regression_form"], strict=True))
 
 
