@@ -18,7 +18,7 @@ prints the ratio of the medians, the ratio of the fastest fits, and the ratio im
 probes timed on their own (median of 100), ``1 + probe / (K x plain step)``; the last is the
 steadiest and sets the verdict.
 
-Target (issue 5): <= 1.2 x a plain fit at K = 50. One torch thread.
+Target: <= 1.2 x a plain fit at K = 50. One torch thread.
 
 Run: ``python bench/diagnostics.py [--repeats 7] [--every 50]`` (about a minute).
 """

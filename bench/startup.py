@@ -9,7 +9,7 @@ alternation (machine drift hits every case alike); medians are compared with ``i
 - ``python -m mtlgraph --help`` and ``--version``; and the ``mtlgraph`` console script when it is
   installed next to this Python.
 
-Run: ``python bench/startup.py [--repeats 7]``. Prints a table and ratios; targets from issue 10:
+Run: ``python bench/startup.py [--repeats 7]``. Prints a table and ratios; the targets:
 ``--help``/``--version`` < 0.5 s, ``from mtlgraph import *`` <= 1.2x ``import torch``. The exit
 status is 0 whatever the numbers (a busy machine is slow); read the table. Find what is slow with
 ``python -X importtime -c "from mtlgraph import *" 2>&1 | sort -t'|' -k2 -n | tail``.

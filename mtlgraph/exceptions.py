@@ -11,7 +11,20 @@ operation and task that ran them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Callable, Iterable, Sequence
+
+__all__ = [
+    "ArgumentCheck",
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "GraphError",
+    "MtlGraphError",
+    "TaskDefinitionError",
+    "TrainingError",
+    "UnknownNameError",
+]
 
 
 class MtlGraphError(Exception):
@@ -65,6 +78,81 @@ class UnknownNameError(ConfigError, KeyError):
 
     def __str__(self) -> str:  # KeyError would show the message quoted, as a repr
         return self._render()
+
+
+class ArgumentCheck:
+    """Gathers every problem with a component's constructor arguments, then raises them at once.
+
+    Each problem names the component (``subject``) and the argument; :meth:`done` raises a
+    :class:`ConfigError` holding them all, or returns when there are none.
+
+    Args:
+        subject: The component, as the messages name it (``"balancer 'cagrad'"``, ``"gate"``).
+
+    Example:
+        >>> from mtlgraph.exceptions import ArgumentCheck
+        >>> check = ArgumentCheck("gate")
+        >>> check.integer("k", 0)
+        >>> check.number("gamma", float("nan"), "> 0", lambda v: v > 0)
+        >>> check.choice("kind", "soft", ("softmax", "dselect_k"))
+        >>> check.require(True, "never reported")
+        >>> check.done()
+        Traceback (most recent call last):
+        ...
+        mtlgraph.exceptions.ConfigError: 3 problems:
+          - gate: k must be an integer >= 1, got 0
+          - gate: gamma must be a finite number > 0, got nan
+          - gate: kind must be 'softmax' or 'dselect_k', got 'soft'
+    """
+
+    def __init__(self, subject: str) -> None:
+        self.subject = subject
+        self.problems: list[str] = []
+
+    def require(self, ok: bool, message: str) -> None:
+        """Record ``message`` (``"<name> must be ..., got ..."``) unless ``ok``."""
+        if not ok:
+            self.problems.append(f"{self.subject}: {message}")
+
+    def choice(self, name: str, value: object, choices: Sequence[str]) -> None:
+        """``value`` must be one of ``choices``."""
+        options = [repr(c) for c in choices]
+        expected = " or ".join(
+            [", ".join(options[:-1]), options[-1]] if len(options) > 1 else options
+        )
+        self.require(value in choices, f"{name} must be {expected}, got {value!r}")
+
+    def integer(self, name: str, value: object, least: int = 1) -> None:
+        """``value`` must be an integer (not a bool) of at least ``least``."""
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= least
+        self.require(ok, f"{name} must be an integer >= {least}, got {value!r}")
+
+    def number(
+        self,
+        name: str,
+        value: object,
+        rule: str = "",
+        ok: Callable[[float], bool] = lambda v: True,
+        *,
+        optional: bool = False,
+    ) -> None:
+        """``value`` must be a finite int or float (not a bool) for which ``ok`` holds (``rule``
+        says what that means: ``"> 0"``, ``"in [0, 1)"``); ``None`` too when ``optional``."""
+        if optional and value is None:
+            return
+        fits = (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and ok(float(value))
+        )
+        rule = f"{' ' if rule else ''}{rule}{' or None' if optional else ''}"
+        self.require(fits, f"{name} must be a finite number{rule}, got {value!r}")
+
+    def done(self) -> None:
+        """Raise every recorded problem at once as a :class:`ConfigError`."""
+        if self.problems:
+            raise ConfigError(self.problems)
 
 
 class CheckpointError(MtlGraphError, RuntimeError):

@@ -26,6 +26,17 @@ from mtlgraph.exceptions import GraphError
 from mtlgraph.graph.model import ExecutionPlan
 from mtlgraph.graph.task import Task
 
+__all__ = [
+    "PlanCache",
+    "SharedGradients",
+    "SharedLayout",
+    "accumulate_grad",
+    "build_layout",
+    "last_shared_layer",
+    "plan_module",
+    "shared_modules",
+]
+
 V = TypeVar("V")
 
 

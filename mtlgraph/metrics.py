@@ -17,7 +17,7 @@ import inspect
 import logging
 import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, overload
 
@@ -26,6 +26,22 @@ import numpy as np
 from mtlgraph._suggest import did_you_mean
 from mtlgraph.exceptions import ConfigError, UnknownNameError
 from mtlgraph.registry import Registry, signature_problems
+
+__all__ = [
+    "METRICS",
+    "SEP",
+    "Metric",
+    "Scorer",
+    "active_mask",
+    "active_rows",
+    "get_metric",
+    "make_key",
+    "metric_names",
+    "metric_spec_problems",
+    "register_metric",
+    "split_key",
+    "split_scores",
+]
 
 if TYPE_CHECKING:
     import torch
@@ -137,43 +153,23 @@ def _accuracy(
     return float(_skm().accuracy_score(golds, preds, normalize=normalize))
 
 
-def _precision(
-    golds: np.ndarray,
-    preds: np.ndarray,
-    probs: np.ndarray,
-    average: str | None = None,
-    pos_label: int | str = 1,
-    labels: Sequence[Any] | None = None,
-    zero_division: float | str = 0.0,
-) -> float:
-    kw = _averaged(golds, probs, average, pos_label, labels, zero_division)
-    return float(_skm().precision_score(golds, preds, **kw))
+def _averaged_score(sklearn_name: str) -> MetricFunc:
+    """Precision, recall or F1: ``sklearn.metrics.<sklearn_name>`` with :func:`_averaged`."""
 
+    def score(
+        golds: np.ndarray,
+        preds: np.ndarray,
+        probs: np.ndarray,
+        average: str | None = None,
+        pos_label: int | str = 1,
+        labels: Sequence[Any] | None = None,
+        zero_division: float | str = 0.0,
+    ) -> float:
+        kw = _averaged(golds, probs, average, pos_label, labels, zero_division)
+        return float(getattr(_skm(), sklearn_name)(golds, preds, **kw))
 
-def _recall(
-    golds: np.ndarray,
-    preds: np.ndarray,
-    probs: np.ndarray,
-    average: str | None = None,
-    pos_label: int | str = 1,
-    labels: Sequence[Any] | None = None,
-    zero_division: float | str = 0.0,
-) -> float:
-    kw = _averaged(golds, probs, average, pos_label, labels, zero_division)
-    return float(_skm().recall_score(golds, preds, **kw))
-
-
-def _f1(
-    golds: np.ndarray,
-    preds: np.ndarray,
-    probs: np.ndarray,
-    average: str | None = None,
-    pos_label: int | str = 1,
-    labels: Sequence[Any] | None = None,
-    zero_division: float | str = 0.0,
-) -> float:
-    kw = _averaged(golds, probs, average, pos_label, labels, zero_division)
-    return float(_skm().f1_score(golds, preds, **kw))
+    score.__name__ = score.__qualname__ = f"_{sklearn_name}"
+    return score
 
 
 def _fbeta(
@@ -344,9 +340,9 @@ def metric_names() -> list[str]:
 
 _BUILT_IN: list[tuple[str, MetricFunc, bool]] = [
     ("accuracy", _accuracy, True),
-    ("precision", _precision, True),
-    ("recall", _recall, True),
-    ("f1", _f1, True),
+    ("precision", _averaged_score("precision_score"), True),
+    ("recall", _averaged_score("recall_score"), True),
+    ("f1", _averaged_score("f1_score"), True),
     ("fbeta", _fbeta, True),
     ("matthews_corrcoef", _mcc, True),
     ("roc_auc", _roc_auc, True),
@@ -556,6 +552,21 @@ def _mask(
 def make_key(task: str, dataset: str, split: str, metric: str) -> str:
     """Join the four parts of a score key: ``task/dataset/split/metric``."""
     return SEP.join((task, dataset, split, metric))
+
+
+def split_scores(record: Mapping[str, float]) -> Iterator[tuple[str, str, str, str, float]]:
+    """``(task, dataset, split, metric, value)`` of each score key of ``record``, in order; other
+    keys (``epoch``, ``step``) are passed over.
+
+    Example:
+        >>> from mtlgraph.metrics import split_scores
+        >>> list(split_scores({"step": 3, "a/d/valid/accuracy": 0.5}))
+        [('a', 'd', 'valid', 'accuracy', 0.5)]
+    """
+    for key, value in record.items():
+        parts = key.split(SEP, 3)
+        if len(parts) == 4:
+            yield parts[0], parts[1], parts[2], parts[3], value
 
 
 def split_key(key: str) -> tuple[str, str, str, str]:

@@ -23,6 +23,15 @@ from typing import Any, Generic, TypeVar, overload
 from mtlgraph._suggest import did_you_mean, quoted
 from mtlgraph.exceptions import ConfigError, UnknownNameError
 
+__all__ = [
+    "Registry",
+    "accepted_parameters",
+    "must_be_callable",
+    "must_subclass",
+    "signature_problems",
+    "split_spec",
+]
+
 T = TypeVar("T")
 
 

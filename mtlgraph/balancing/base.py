@@ -9,8 +9,7 @@ balancer ignore mixed precision, gradient accumulation and DDP.
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -50,6 +49,48 @@ class StepContext:
     scale: Callable[[torch.Tensor], torch.Tensor]
     step: int
     reduce: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda t: t)
+
+    def weighted(self, losses: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each loss times its task's static ``Task.weight``."""
+        out = {}
+        for task_name, loss in losses.items():
+            w = self.tasks[task_name].weight
+            out[task_name] = loss if w == 1.0 else loss * w
+        return out
+
+    def weighted_backward(
+        self, losses: Mapping[str, torch.Tensor], weights: Mapping[str, float]
+    ) -> None:
+        """``backward(Σ_i weights[i] · Task.weight_i · L_i)`` (a missing weight counts as 1).
+
+        Example:
+            >>> import torch
+            >>> from types import SimpleNamespace
+            >>> from mtlgraph.balancing import StepContext
+            >>> tasks = {"t": SimpleNamespace(weight=2.0)}  # a Task: only its weight is read
+            >>> seen = []
+            >>> ctx = StepContext(tasks, None, {}, seen.append, lambda t: t, step=0)
+            >>> ctx.weighted_backward({"t": torch.tensor(3.0)}, {"t": 2.0})
+            >>> seen
+            [tensor(12.)]
+        """
+        w = [self.tasks[t].weight * weights.get(t, 1.0) for t in losses]
+        values = list(losses.values())
+        if not values:
+            return
+        if all(v == 1.0 for v in w):
+            total = values[0]
+            for loss in values[1:]:
+                total = total + loss
+        elif len(values) > 1 and len({v.dtype for v in values}) == 1:
+            # One stacked product: fewer autograd nodes than K multiplications and K-1 additions.
+            stacked = torch.stack(values)
+            total = torch.dot(stacked, torch.tensor(w, dtype=stacked.dtype, device=stacked.device))
+        else:
+            total = values[0] * w[0]
+            for loss, v in zip(values[1:], w[1:], strict=True):
+                total = total + loss * v
+        self.backward(total)
 
 
 class Balancer(nn.Module):
@@ -106,6 +147,23 @@ class Balancer(nn.Module):
         """Hyper-parameters of the balancer's optimizer group (e.g. ``{"lr": 0.1}``)."""
         return {}
 
+    def _backward_single_task(self, weighted: Mapping[str, torch.Tensor], ctx: StepContext) -> bool:
+        """Back-propagate a step that holds one task as it is (said once in the log), for
+        methods that compare tasks; ``False`` (nothing done) when the step holds several."""
+        if len(weighted) != 1:
+            return False
+        ((task_name, loss),) = weighted.items()
+        self._say_once(
+            "single",
+            "%s: a step holds only task '%s', so its plain gradient is used (the method needs "
+            "several tasks per step: use batch_scheduler='mixed' or datasets that label several "
+            "tasks). Said once.",
+            self.name,
+            task_name,
+        )
+        ctx.backward(loss)
+        return True
+
     def _say_once(self, key: str, message: str, *args: object) -> None:
         """Log a warning once per balancer instance."""
         if key not in self._said:
@@ -113,64 +171,54 @@ class Balancer(nn.Module):
             logger.warning(message, *args)
 
 
-def _static(losses: Mapping[str, torch.Tensor], ctx: StepContext) -> dict[str, torch.Tensor]:
-    """Each loss times its task's static ``Task.weight``."""
-    out = {}
-    for task_name, loss in losses.items():
-        w = ctx.tasks[task_name].weight
-        out[task_name] = loss if w == 1.0 else loss * w
-    return out
+def seeded_generator(balancer: str, seed: object) -> torch.Generator:
+    """The balancer's own generator (no global random state), seeded with an integer.
 
-
-def _weighted_backward(
-    losses: Mapping[str, torch.Tensor], weights: Mapping[str, float], ctx: StepContext
-) -> None:
-    """``ctx.backward(Σ_i weights[i] · Task.weight_i · L_i)`` (missing weights count as 1)."""
-    w = [ctx.tasks[t].weight * weights.get(t, 1.0) for t in losses]
-    values = list(losses.values())
-    if not values:
-        return
-    if all(v == 1.0 for v in w):
-        total = values[0]
-        for loss in values[1:]:
-            total = total + loss
-    elif len(values) > 1 and len({v.dtype for v in values}) == 1:
-        # One stacked product: fewer autograd nodes than K multiplications and K-1 additions.
-        stacked = torch.stack(values)
-        total = torch.dot(stacked, torch.tensor(w, dtype=stacked.dtype, device=stacked.device))
-    else:
-        total = values[0] * w[0]
-        for loss, v in zip(values[1:], w[1:], strict=True):
-            total = total + loss * v
-    ctx.backward(total)
-
-
-def _check(problems: list[str], ok: bool, message: str) -> None:
-    if not ok:
-        problems.append(message)
-
-
-def _raise(name: str, problems: list[str]) -> None:
-    if problems:
-        raise ConfigError(
-            problems, header=f"invalid balancer '{name}':" if len(problems) > 1 else None
-        )
-
-
-def _seeded_generator(balancer: str, seed: object) -> torch.Generator:
-    """The balancer's own generator (no global random state), seeded with an integer."""
+    Raises:
+        ConfigError: ``seed`` is not an integer (the message names ``balancer``).
+    """
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError([f"balancer '{balancer}': seed must be an integer, got {seed!r}"])
     return torch.Generator().manual_seed(seed)
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def grown(
+    vector: nn.Parameter, index: dict[str, int], tasks: Iterable[str], fill: float
+) -> nn.Parameter:
+    """The per-task ``vector`` (entry ``index[t]`` for task ``t``) with ``fill`` for each new task
+    of ``tasks`` (added to ``index``) and the learned values kept; ``vector`` if none is new."""
+    new = [t for t in tasks if t not in index]
+    if not new:
+        return vector
+    for task_name in new:
+        index[task_name] = len(index)
+    old = vector.detach()
+    out = torch.full((len(index),), fill, dtype=old.dtype, device=old.device)
+    out[: len(old)] = old
+    return nn.Parameter(out)
 
 
-class _LastWeights(Balancer):
-    """A balancer that logs the weights its last steps used; they are state too, so a resumed
-    run logs what an uninterrupted one does."""
+def saved_task_order(balancer: str, index: Mapping[str, int], saved: Sequence[str]) -> list[str]:
+    """The tasks of ``index`` in position order; a ``ConfigError`` unless they are ``saved``'s."""
+    mine = sorted(index, key=index.__getitem__)
+    if list(saved) != mine:
+        raise ConfigError(
+            [
+                f"balancer '{balancer}': the saved state holds tasks {list(saved)}, this balancer "
+                f"was set up for {mine}; call setup(model.tasks) with the same tasks before "
+                "load_state_dict"
+            ]
+        )
+    return mine
+
+
+class LastWeights(Balancer):
+    """A balancer that logs the weights its last steps used (``self._last``, task -> weight).
+
+    They are state too (``get_extra_state``), so a resumed run logs what an uninterrupted one
+    does. Subclasses that add state extend ``get_extra_state``/``set_extra_state`` with
+    ``super()``.
+    """
 
     def __init__(self) -> None:
         super().__init__()

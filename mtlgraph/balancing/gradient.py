@@ -15,22 +15,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from mtlgraph.balancing.base import (
-    StepContext,
-    _check,
-    _is_number,
-    _LastWeights,
-    _raise,
-    _seeded_generator,
-    _static,
-    _weighted_backward,
-)
+from mtlgraph.balancing.base import LastWeights, StepContext, seeded_generator
 from mtlgraph.balancing.solvers import cagrad_solve, min_norm, pcgrad_coefficients
+from mtlgraph.exceptions import ArgumentCheck
 from mtlgraph.gradients import SharedGradients, SharedLayout, accumulate_grad
 from mtlgraph.graph.task import Task
 
 
-class GradientBalancer(_LastWeights):
+class GradientBalancer(LastWeights):
     """Base of methods that combine per-task gradients of the shared parameters.
 
     For the step's tasks ``i = 1..K`` it computes ``g_i = ∇_{θ_s} (w_i L_i)`` on the shared
@@ -55,18 +47,9 @@ class GradientBalancer(_LastWeights):
         self._grads.clear()  # freezing may have changed which parameters are trainable
 
     def backward(self, losses: Mapping[str, torch.Tensor], ctx: StepContext) -> None:
-        weighted = _static(losses, ctx)
+        weighted = ctx.weighted(losses)
         names = list(weighted)
-        if len(names) == 1:
-            self._say_once(
-                "single",
-                "%s: a step holds only task '%s', so its plain gradient is used (gradient "
-                "methods need several tasks per step: use batch_scheduler='mixed' or datasets "
-                "that label several tasks). Said once.",
-                self.name,
-                names[0],
-            )
-            ctx.backward(weighted[names[0]])
+        if self._backward_single_task(weighted, ctx):
             self._last[names[0]] = 1.0
             return
         layout = self._grads.layout(ctx.tasks, ctx.plan)
@@ -77,7 +60,7 @@ class GradientBalancer(_LastWeights):
                 self.name,
                 names,
             )
-            _weighted_backward(losses, {}, ctx)
+            ctx.weighted_backward(losses, {})
             return
         buffer = self._grads.compute(
             layout, weighted, ctx.scale, accumulate_own=True, reduce=ctx.reduce
@@ -130,7 +113,7 @@ class PCGradBalancer(GradientBalancer):
     def __init__(self, seed: int = 0) -> None:
         super().__init__()
         self.seed = seed
-        self._gen = _seeded_generator("pcgrad", seed)
+        self._gen = seeded_generator("pcgrad", seed)
 
     def combine(self, gram: np.ndarray) -> np.ndarray:
         k = len(gram)
@@ -169,14 +152,10 @@ class MGDABalancer(GradientBalancer):
 
     def __init__(self, rescale: bool = True, max_iter: int = 250) -> None:
         super().__init__()
-        problems: list[str] = []
-        _check(problems, isinstance(rescale, bool), f"rescale must be true or false: {rescale!r}")
-        _check(
-            problems,
-            isinstance(max_iter, int) and not isinstance(max_iter, bool) and max_iter > 0,
-            f"max_iter must be a positive integer, got {max_iter!r}",
-        )
-        _raise(self.name, problems)
+        check = ArgumentCheck(f"balancer '{self.name}'")
+        check.require(isinstance(rescale, bool), f"rescale must be true or false: {rescale!r}")
+        check.integer("max_iter", max_iter)
+        check.done()
         self.rescale = rescale
         self.max_iter = max_iter
 
@@ -211,15 +190,11 @@ class CAGradBalancer(GradientBalancer):
 
     def __init__(self, c: float = 0.4, rescale: bool = True, max_iter: int = 100) -> None:
         super().__init__()
-        problems: list[str] = []
-        _check(problems, _is_number(c) and 0 <= c < 1, f"c must be in [0, 1), got {c!r}")
-        _check(problems, isinstance(rescale, bool), f"rescale must be true or false: {rescale!r}")
-        _check(
-            problems,
-            isinstance(max_iter, int) and not isinstance(max_iter, bool) and max_iter > 0,
-            f"max_iter must be a positive integer, got {max_iter!r}",
-        )
-        _raise(self.name, problems)
+        check = ArgumentCheck(f"balancer '{self.name}'")
+        check.number("c", c, "in [0, 1)", lambda v: 0 <= v < 1)
+        check.require(isinstance(rescale, bool), f"rescale must be true or false: {rescale!r}")
+        check.integer("max_iter", max_iter)
+        check.done()
         self.c = float(c)
         self.rescale = rescale
         self.max_iter = max_iter

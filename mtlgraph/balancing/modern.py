@@ -15,28 +15,17 @@ import torch
 from torch import nn
 
 from mtlgraph.balancing.base import (
+    LastWeights,
     StepContext,
-    _check,
-    _is_number,
-    _LastWeights,
-    _raise,
-    _seeded_generator,
-    _static,
-    _weighted_backward,
+    grown,
+    saved_task_order,
+    seeded_generator,
 )
 from mtlgraph.balancing.gradient import GradientBalancer
 from mtlgraph.balancing.solvers import aligned_mtl, gradvac_coefficients, imtl_g, nash_mtl, upgrad
-from mtlgraph.exceptions import ConfigError
+from mtlgraph.exceptions import ArgumentCheck, ConfigError
 from mtlgraph.gradients import SharedLayout
 from mtlgraph.graph.task import Task
-
-
-def _positive_int(problems: list[str], value: object, name: str) -> None:
-    _check(
-        problems,
-        isinstance(value, int) and not isinstance(value, bool) and value > 0,
-        f"{name} must be a positive integer, got {value!r}",
-    )
 
 
 class IMTLBalancer(GradientBalancer):
@@ -65,18 +54,13 @@ class IMTLBalancer(GradientBalancer):
 
     def __init__(self, loss_scaling: bool = False, lr: float | None = None) -> None:
         super().__init__()
-        problems: list[str] = []
-        _check(
-            problems,
+        check = ArgumentCheck(f"balancer '{self.name}'")
+        check.require(
             isinstance(loss_scaling, bool),
             f"loss_scaling must be true or false: {loss_scaling!r}",
         )
-        _check(
-            problems,
-            lr is None or (_is_number(lr) and lr > 0),
-            f"lr must be a positive number or None, got {lr!r}",
-        )
-        _raise(self.name, problems)
+        check.number("lr", lr, "> 0", lambda v: v > 0, optional=True)
+        check.done()
         self.loss_scaling = loss_scaling
         self.lr = lr
         self.log_scales = nn.Parameter(torch.zeros(0), requires_grad=loss_scaling)
@@ -86,14 +70,7 @@ class IMTLBalancer(GradientBalancer):
         super().setup(tasks)
         if not self.loss_scaling:
             return
-        new = [t for t in tasks if t not in self._index]
-        for task_name in new:
-            self._index[task_name] = len(self._index)
-        if new:  # grow the vector, keeping the values learned so far
-            old = self.log_scales.detach()
-            grown = old.new_zeros(len(self._index))
-            grown[: len(old)] = old
-            self.log_scales = nn.Parameter(grown)
+        self.log_scales = grown(self.log_scales, self._index, tasks, 0.0)
 
     def backward(self, losses: Mapping[str, torch.Tensor], ctx: StepContext) -> None:
         if not self.loss_scaling:
@@ -105,7 +82,7 @@ class IMTLBalancer(GradientBalancer):
         scale = s.detach().exp().tolist()
         super().backward({t: losses[t] * f for t, f in zip(names, scale, strict=True)}, ctx)
         # the s_i's own gradient, e^{s_i}·w_i·L_i − 1 (the model's came from the scaled losses)
-        weighted = torch.stack([w.detach().float() for w in _static(losses, ctx).values()])
+        weighted = torch.stack([w.detach().float() for w in ctx.weighted(losses).values()])
         ctx.backward((s.exp() * weighted.to(s)).sum() - s.sum())
 
     def combine(self, gram: np.ndarray) -> np.ndarray:
@@ -123,15 +100,7 @@ class IMTLBalancer(GradientBalancer):
 
     def set_extra_state(self, state: Any) -> None:
         super().set_extra_state(state)
-        mine = sorted(self._index, key=self._index.__getitem__)
-        if list(state["tasks"]) != mine:
-            raise ConfigError(
-                [
-                    f"balancer 'imtl': the saved state holds tasks {list(state['tasks'])}, this "
-                    f"balancer was set up for {mine}; call setup(model.tasks) with the same "
-                    "tasks before load_state_dict"
-                ]
-            )
+        saved_task_order(self.name, self._index, state["tasks"])
 
 
 class AlignedMTLBalancer(GradientBalancer):
@@ -157,13 +126,9 @@ class AlignedMTLBalancer(GradientBalancer):
 
     def __init__(self, scale_mode: str = "min") -> None:
         super().__init__()
-        problems: list[str] = []
-        _check(
-            problems,
-            scale_mode in ("min", "median", "rmse"),
-            f"scale_mode must be 'min', 'median' or 'rmse', got {scale_mode!r}",
-        )
-        _raise(self.name, problems)
+        check = ArgumentCheck(f"balancer '{self.name}'")
+        check.choice("scale_mode", scale_mode, ("min", "median", "rmse"))
+        check.done()
         self.scale_mode = scale_mode
 
     def combine(self, gram: np.ndarray) -> np.ndarray:
@@ -236,13 +201,11 @@ class NashMTLBalancer(_Named):
         self, update_weights_every: int = 1, max_norm: float = 1.0, max_iter: int = 100
     ) -> None:
         super().__init__()
-        problems: list[str] = []
-        _positive_int(problems, update_weights_every, "update_weights_every")
-        _check(
-            problems, _is_number(max_norm) and max_norm >= 0, f"max_norm must be >= 0: {max_norm!r}"
-        )
-        _positive_int(problems, max_iter, "max_iter")
-        _raise(self.name, problems)
+        check = ArgumentCheck(f"balancer '{self.name}'")
+        check.integer("update_weights_every", update_weights_every)
+        check.number("max_norm", max_norm, ">= 0", lambda v: v >= 0)
+        check.integer("max_iter", max_iter)
+        check.done()
         self.update_weights_every = update_weights_every
         self.max_norm = float(max_norm)
         self.max_iter = max_iter
@@ -312,20 +275,14 @@ class GradVacBalancer(_Named):
 
     def __init__(self, beta: float = 0.01, group: str = "model", seed: int = 0) -> None:
         super().__init__()
-        problems: list[str] = []
-        _check(
-            problems, _is_number(beta) and 0 < beta <= 1, f"beta must be in (0, 1], got {beta!r}"
-        )
-        _check(
-            problems,
-            group in ("model", "module"),
-            f"group must be 'model' or 'module', got {group!r}",
-        )
-        _raise(self.name, problems)
+        check = ArgumentCheck(f"balancer '{self.name}'")
+        check.number("beta", beta, "in (0, 1]", lambda v: 0 < v <= 1)
+        check.choice("group", group, ("model", "module"))
+        check.done()
         self.beta = float(beta)
         self.group = group
         self.seed = seed
-        self._gen = _seeded_generator("gradvac", seed)
+        self._gen = seeded_generator("gradvac", seed)
         self._targets: dict[str, float] = {}  # "group|i|j" -> φ̂_ij
 
     def _coefficients(self, gram: np.ndarray, group: str) -> np.ndarray:
@@ -398,17 +355,11 @@ class DBMTLBalancer(_Named):
 
     def __init__(self, beta: float = 0.9, beta_sigma: float = 0.5, eps: float = 1e-8) -> None:
         super().__init__()
-        problems: list[str] = []
-        _check(
-            problems, _is_number(beta) and 0 <= beta < 1, f"beta must be in [0, 1), got {beta!r}"
-        )
-        _check(
-            problems,
-            _is_number(beta_sigma) and beta_sigma >= 0,
-            f"beta_sigma must be >= 0, got {beta_sigma!r}",
-        )
-        _check(problems, _is_number(eps) and eps > 0, f"eps must be > 0, got {eps!r}")
-        _raise(self.name, problems)
+        check = ArgumentCheck(f"balancer '{self.name}'")
+        check.number("beta", beta, "in [0, 1)", lambda v: 0 <= v < 1)
+        check.number("beta_sigma", beta_sigma, ">= 0", lambda v: v >= 0)
+        check.number("eps", eps, "> 0", lambda v: v > 0)
+        check.done()
         self.beta = float(beta)
         self.beta_sigma = float(beta_sigma)
         self.eps = float(eps)
@@ -466,7 +417,7 @@ class DBMTLBalancer(_Named):
         self._t = int(state["t"])
 
 
-class FAMOBalancer(_LastWeights):
+class FAMOBalancer(LastWeights):
     """FAMO, fast adaptive multitask optimization (Liu et al., NeurIPS 2023); one backward pass.
 
     Task logits ``ξ`` (init 0), ``z = softmax(ξ)``. The model trains on
@@ -499,23 +450,23 @@ class FAMOBalancer(_LastWeights):
 
     def __init__(self, lr: float = 0.025, gamma: float = 0.01, eps: float = 1e-8) -> None:
         super().__init__()
-        problems: list[str] = []
-        _check(problems, _is_number(lr) and lr > 0, f"lr must be a positive number, got {lr!r}")
-        _check(problems, _is_number(gamma) and gamma >= 0, f"gamma must be >= 0, got {gamma!r}")
-        _check(problems, _is_number(eps) and eps > 0, f"eps must be > 0, got {eps!r}")
-        _raise(self.name, problems)
+        check = ArgumentCheck(f"balancer '{self.name}'")
+        check.number("lr", lr, "> 0", lambda v: v > 0)
+        check.number("gamma", gamma, ">= 0", lambda v: v >= 0)
+        check.number("eps", eps, "> 0", lambda v: v > 0)
+        check.done()
         self.lr, self.gamma, self.eps = float(lr), float(gamma), float(eps)
         self._logits: dict[str, float] = {}
         self._adam: dict[str, list[float]] = {}  # task -> [m, v, steps]
         self._prev: dict[str, float] = {}  # each task's loss at the last step that held it
 
     def backward(self, losses: Mapping[str, torch.Tensor], ctx: StepContext) -> None:
-        weighted = _static(losses, ctx)
+        weighted = ctx.weighted(losses)
         names = list(weighted)
         stacked = torch.stack([weighted[t].detach().double() for t in names])
         values = ctx.reduce(stacked).tolist()  # every rank weighs with the same numbers
         if not all(math.isfinite(v) and v >= 0 for v in values):
-            _weighted_backward(losses, {t: self._last.get(t, 1.0) for t in names}, ctx)
+            ctx.weighted_backward(losses, {t: self._last.get(t, 1.0) for t in names})
             return
         seen = [i for i, t in enumerate(names) if t in self._prev]
         if len(seen) > 1:  # the logits of tasks with a previous loss (all, with mixed steps)
@@ -529,7 +480,7 @@ class FAMOBalancer(_LastWeights):
         c = 1.0 / sum(inv)
         w = {t: c * x for t, x in zip(names, inv, strict=True)}
         self._last.update(w)
-        _weighted_backward(losses, w, ctx)
+        ctx.weighted_backward(losses, w)
 
     def _update(self, names: list[str], before: list[float], after: list[float]) -> None:
         """One Adam step of the logits on ``J_softmax(ξ)ᵀ δ`` (plus the decay ``gamma·ξ``)."""

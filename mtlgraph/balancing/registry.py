@@ -13,47 +13,33 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from mtlgraph.balancing import gradient, modern, weighting
 from mtlgraph.balancing.base import Balancer
-from mtlgraph.balancing.gradient import CAGradBalancer, MGDABalancer, PCGradBalancer
-from mtlgraph.balancing.modern import (
-    AlignedMTLBalancer,
-    DBMTLBalancer,
-    FAMOBalancer,
-    GradVacBalancer,
-    IMTLBalancer,
-    NashMTLBalancer,
-    UPGradBalancer,
-)
-from mtlgraph.balancing.weighting import (
-    DWABalancer,
-    GradNormBalancer,
-    InverseMetricBalancer,
-    RLWBalancer,
-    SumBalancer,
-    UncertaintyBalancer,
-)
 from mtlgraph.exceptions import ConfigError
 from mtlgraph.registry import Registry, must_subclass, split_spec
 
 BALANCERS: Registry[type[Balancer]] = Registry(
     "balancer",
     {
-        "sum": SumBalancer,
-        "uncertainty": UncertaintyBalancer,
-        "dwa": DWABalancer,
-        "gradnorm": GradNormBalancer,
-        "inverse_metric": InverseMetricBalancer,
-        "rlw": RLWBalancer,
-        "pcgrad": PCGradBalancer,
-        "cagrad": CAGradBalancer,
-        "mgda": MGDABalancer,
-        "famo": FAMOBalancer,
-        "nash_mtl": NashMTLBalancer,
-        "imtl": IMTLBalancer,
-        "aligned_mtl": AlignedMTLBalancer,
-        "upgrad": UPGradBalancer,
-        "db_mtl": DBMTLBalancer,
-        "gradvac": GradVacBalancer,
+        cls.name: cls  # each class names itself (its ``name``)
+        for cls in (
+            weighting.SumBalancer,
+            weighting.UncertaintyBalancer,
+            weighting.DWABalancer,
+            weighting.GradNormBalancer,
+            weighting.InverseMetricBalancer,
+            weighting.RLWBalancer,
+            gradient.PCGradBalancer,
+            gradient.CAGradBalancer,
+            gradient.MGDABalancer,
+            modern.FAMOBalancer,
+            modern.NashMTLBalancer,
+            modern.IMTLBalancer,
+            modern.AlignedMTLBalancer,
+            modern.UPGradBalancer,
+            modern.DBMTLBalancer,
+            modern.GradVacBalancer,
+        )
     },
     check=must_subclass(Balancer, "balancer"),
 )

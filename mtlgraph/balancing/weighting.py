@@ -17,22 +17,19 @@ from torch import nn
 from mtlgraph._suggest import did_you_mean, quoted
 from mtlgraph.balancing.base import (
     Balancer,
+    LastWeights,
     StepContext,
-    _check,
-    _is_number,
-    _LastWeights,
-    _raise,
-    _seeded_generator,
-    _static,
-    _weighted_backward,
+    grown,
+    saved_task_order,
+    seeded_generator,
 )
-from mtlgraph.exceptions import ConfigError
+from mtlgraph.exceptions import ArgumentCheck, ConfigError
 from mtlgraph.gradients import PlanCache, last_shared_layer
 from mtlgraph.graph.task import Task
-from mtlgraph.metrics import split_key
+from mtlgraph.metrics import split_scores
 
 
-class SumBalancer(_LastWeights):
+class SumBalancer(LastWeights):
     """``L = Σ_i w_i · L_i`` with ``w_i = Task.weight`` (1 by default).
 
     Example:
@@ -87,20 +84,12 @@ class UncertaintyBalancer(Balancer):
         self, init: float = 0.0, lr: float | None = None, forms: Mapping[str, str] | None = None
     ) -> None:
         super().__init__()
-        problems: list[str] = []
-        _check(problems, _is_number(init), f"init must be a finite number, got {init!r}")
-        _check(
-            problems,
-            lr is None or (_is_number(lr) and lr > 0),
-            f"lr must be a positive number or None, got {lr!r}",
-        )
+        check = ArgumentCheck(f"balancer '{self.name}'")
+        check.number("init", init)
+        check.number("lr", lr, "> 0", lambda v: v > 0, optional=True)
         for task_name, form in (forms or {}).items():
-            _check(
-                problems,
-                form in ("regression", "classification"),
-                f"forms['{task_name}'] must be 'regression' or 'classification', got {form!r}",
-            )
-        _raise(self.name, problems)
+            check.choice(f"forms['{task_name}']", form, ("regression", "classification"))
+        check.done()
         self.init = float(init)
         self.lr = lr
         self.forms: dict[str, str] = dict(forms or {})
@@ -121,15 +110,9 @@ class UncertaintyBalancer(Balancer):
                     for t in unknown
                 ]
             )
-        new = [t for t in tasks if t not in self._index]
-        if new:  # grow the vector, keeping the values learned so far
-            for task_name in new:
-                self._index[task_name] = len(self._index)
-            old = self.log_vars.detach()
-            grown = torch.full((len(self._index),), self.init, dtype=old.dtype, device=old.device)
-            grown[: len(old)] = old
-            self.log_vars = nn.Parameter(grown)
-            self._rows = {}
+        vector = grown(self.log_vars, self._index, tasks, self.init)
+        if vector is not self.log_vars:
+            self.log_vars, self._rows = vector, {}
         for task_name, task in tasks.items():
             default = "regression" if task.task_type == "regression" else "classification"
             self._half[task_name] = self.forms.get(task_name, default) == "regression"
@@ -182,16 +165,7 @@ class UncertaintyBalancer(Balancer):
         return {"tasks": order, "regression_form": [self._half.get(t, False) for t in order]}
 
     def set_extra_state(self, state: Any) -> None:
-        order = list(state["tasks"])
-        mine = sorted(self._index, key=self._index.__getitem__)
-        if order != mine:
-            raise ConfigError(
-                [
-                    f"balancer 'uncertainty': the saved state holds tasks {order}, this balancer "
-                    f"was set up for {mine}; call setup(model.tasks) with the same tasks before "
-                    "load_state_dict"
-                ]
-            )
+        order = saved_task_order(self.name, self._index, state["tasks"])
         self._half = dict(zip(order, state["regression_form"], strict=True))
 
 
@@ -218,13 +192,9 @@ class DWABalancer(Balancer):
 
     def __init__(self, temperature: float = 2.0) -> None:
         super().__init__()
-        problems: list[str] = []
-        _check(
-            problems,
-            _is_number(temperature) and temperature > 0,
-            f"temperature must be a positive number, got {temperature!r}",
-        )
-        _raise(self.name, problems)
+        check = ArgumentCheck(f"balancer '{self.name}'")
+        check.number("temperature", temperature, "> 0", lambda v: v > 0)
+        check.done()
         self.temperature = float(temperature)
         self._history: dict[str, list[float]] = {}  # task -> mean losses of its last two epochs
         self._weights: dict[str, float] = {}
@@ -244,7 +214,7 @@ class DWABalancer(Balancer):
         self._weights = {t: len(exps) * e / norm for t, e in exps.items()}
 
     def backward(self, losses: Mapping[str, torch.Tensor], ctx: StepContext) -> None:
-        _weighted_backward(losses, self._weights, ctx)
+        ctx.weighted_backward(losses, self._weights)
 
     def weights(self) -> dict[str, float]:
         return {t: self._weights.get(t, 1.0) for t in self._history}
@@ -291,15 +261,14 @@ class GradNormBalancer(Balancer):
 
     def __init__(self, alpha: float = 1.5, lr: float = 0.025, layer: str | None = None) -> None:
         super().__init__()
-        problems: list[str] = []
-        _check(problems, _is_number(alpha) and alpha >= 0, f"alpha must be >= 0, got {alpha!r}")
-        _check(problems, _is_number(lr) and lr > 0, f"lr must be a positive number, got {lr!r}")
-        _check(
-            problems,
+        check = ArgumentCheck(f"balancer '{self.name}'")
+        check.number("alpha", alpha, ">= 0", lambda v: v >= 0)
+        check.number("lr", lr, "> 0", lambda v: v > 0)
+        check.require(
             layer is None or (isinstance(layer, str) and layer != ""),
             f"layer must be a module name or None, got {layer!r}",
         )
-        _raise(self.name, problems)
+        check.done()
         self.alpha = float(alpha)
         self.lr = float(lr)
         self.layer = layer
@@ -346,17 +315,9 @@ class GradNormBalancer(Balancer):
         return self._layers.get(ctx.plan, lambda plan: last_shared_layer(tasks, plan))
 
     def backward(self, losses: Mapping[str, torch.Tensor], ctx: StepContext) -> None:
-        weighted = _static(losses, ctx)
+        weighted = ctx.weighted(losses)
         names = list(weighted)
-        if len(names) == 1:
-            self._say_once(
-                "single",
-                "gradnorm: a step holds only task '%s', so its loss is used as is (GradNorm "
-                "needs several tasks per step: use batch_scheduler='mixed' or datasets that "
-                "label several tasks). Said once.",
-                names[0],
-            )
-            ctx.backward(weighted[names[0]])
+        if self._backward_single_task(weighted, ctx):
             return
         layer = self._last_shared(ctx)
         if not layer:
@@ -365,7 +326,7 @@ class GradNormBalancer(Balancer):
                 "gradnorm: tasks %s share no trainable layer; their losses are summed",
                 list(names),
             )
-            _weighted_backward(losses, self._w, ctx)
+            ctx.weighted_backward(losses, self._w)
             return
         norms = []
         for task_name in names:
@@ -380,7 +341,7 @@ class GradNormBalancer(Balancer):
             if task_name not in self._initial and math.isfinite(loss0):
                 self._initial[task_name] = loss0
         w = [self._w.get(t, 1.0) for t in names]
-        _weighted_backward(losses, dict(zip(names, w, strict=True)), ctx)
+        ctx.weighted_backward(losses, dict(zip(names, w, strict=True)))
         if all(math.isfinite(v) for v in stats[0] + stats[1]):
             self._update(names, w, stats[0], stats[1])
 
@@ -461,15 +422,14 @@ class InverseMetricBalancer(Balancer):
         self, metric: str | Mapping[str, str] | None = None, split: str = "valid", eps: float = 0.01
     ) -> None:
         super().__init__()
-        problems: list[str] = []
-        _check(
-            problems,
+        check = ArgumentCheck(f"balancer '{self.name}'")
+        check.require(
             metric is None or isinstance(metric, (str, Mapping)),
             f"metric must be a metric key, a {{task: key}} mapping or None, got {metric!r}",
         )
-        _check(problems, isinstance(split, str) and split != "", f"bad split {split!r}")
-        _check(problems, _is_number(eps) and eps > 0, f"eps must be > 0, got {eps!r}")
-        _raise(self.name, problems)
+        check.require(isinstance(split, str) and split != "", f"bad split {split!r}")
+        check.number("eps", eps, "> 0", lambda v: v > 0)
+        check.done()
         self.metric = metric
         self.split = split
         self.eps = float(eps)
@@ -511,11 +471,7 @@ class InverseMetricBalancer(Balancer):
 
     def on_evaluation(self, scores: Mapping[str, float]) -> None:
         values: dict[str, list[float]] = {}
-        for key, value in scores.items():
-            try:
-                task_name, _, split, metric = split_key(key)
-            except ValueError:
-                continue
+        for task_name, _, split, metric, value in split_scores(scores):
             if (
                 split == self.split
                 and self._metric.get(task_name) == metric
@@ -538,7 +494,7 @@ class InverseMetricBalancer(Balancer):
         self._weights.update({t: len(raw) * r / norm for t, r in raw.items()})
 
     def backward(self, losses: Mapping[str, torch.Tensor], ctx: StepContext) -> None:
-        _weighted_backward(losses, self._weights, ctx)
+        ctx.weighted_backward(losses, self._weights)
 
     def weights(self) -> dict[str, float]:
         return {t: self._weights.get(t, 1.0) for t in self._metric}
@@ -550,7 +506,7 @@ class InverseMetricBalancer(Balancer):
         self._weights = {t: float(w) for t, w in state["weights"].items()}
 
 
-class RLWBalancer(_LastWeights):
+class RLWBalancer(LastWeights):
     """Random loss weighting (Lin et al., 2021): ``w = K·softmax(z)``, ``z ~ N(0, I)`` each step.
 
     A cheap baseline that is surprisingly hard to beat; draws from its own seeded generator.
@@ -569,7 +525,7 @@ class RLWBalancer(_LastWeights):
     def __init__(self, seed: int = 0) -> None:
         super().__init__()
         self.seed = seed
-        self._gen = _seeded_generator("rlw", seed)
+        self._gen = seeded_generator("rlw", seed)
 
     def backward(self, losses: Mapping[str, torch.Tensor], ctx: StepContext) -> None:
         k = len(losses)
@@ -577,7 +533,7 @@ class RLWBalancer(_LastWeights):
             k * torch.softmax(torch.randn(k, generator=self._gen, dtype=torch.float64), 0)
         ).tolist()
         self._last.update(zip(losses, w, strict=True))
-        _weighted_backward(losses, dict(zip(losses, w, strict=True)), ctx)
+        ctx.weighted_backward(losses, dict(zip(losses, w, strict=True)))
 
     def get_extra_state(self) -> dict[str, Any]:
         return {**super().get_extra_state(), "generator": self._gen.get_state()}

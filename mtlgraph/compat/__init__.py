@@ -7,3 +7,5 @@
 This layer sits above ``experiment``: it may use every part of mtlgraph, and nothing in mtlgraph
 uses it.
 """
+
+__all__ = ["snorkel"]  # the module (imported on use)

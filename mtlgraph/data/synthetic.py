@@ -25,16 +25,26 @@ Generator = Callable[..., dict[str, dict[str, np.ndarray]]]
 SPLITS = ("train", "valid", "test")
 
 
-def _split(X: np.ndarray, Y: np.ndarray, fractions: Sequence[float]) -> tuple[Split, Split, Split]:
-    n = len(X)
+def _bounds(n: int, fractions: Sequence[float]) -> list[tuple[int, int]]:
+    """Row ranges of the train, valid and test splits of ``n`` rows."""
     a = round(fractions[0] * n)
     b = a + round(fractions[1] * n)
-    return (X[:a], Y[:a]), (X[a:b], Y[a:b]), (X[b:], Y[b:])
+    return [(0, a), (a, b), (b, n)]
 
 
-def _points(n: int, R: float, rng: np.random.Generator) -> np.ndarray:
-    """``n`` points uniform in the square of half-width ``1.5 * R`` centred on the origin."""
-    return rng.uniform(-1.5 * R, 1.5 * R, size=(n, 2)).astype(np.float32)
+def _labelled_points(
+    n: int,
+    R: float,
+    rng: np.random.Generator,
+    label: Callable[[np.ndarray], np.ndarray],
+    fractions: Sequence[float],
+) -> tuple[Split, Split, Split]:
+    """``n`` points uniform in the square of half-width ``1.5 * R`` centred on the origin, their
+    0/1 ``label(X)``, split by ``fractions``."""
+    X = rng.uniform(-1.5 * R, 1.5 * R, size=(n, 2)).astype(np.float32)
+    Y = label(X).astype(np.int64)
+    (i, a), (_, b), _ = _bounds(n, fractions)
+    return (X[i:a], Y[i:a]), (X[a:b], Y[a:b]), (X[b:], Y[b:])
 
 
 def make_circle_dataset(
@@ -49,9 +59,7 @@ def make_circle_dataset(
         ((800, 2), [0, 1])
     """
     rng = np.random.default_rng([seed, 1])
-    X = _points(n, R, rng)
-    Y = (np.linalg.norm(X, axis=1) < R).astype(np.int64)
-    return _split(X, Y, fractions)
+    return _labelled_points(n, R, rng, lambda X: np.linalg.norm(X, axis=1) < R, fractions)
 
 
 def make_inv_circle_dataset(
@@ -59,9 +67,7 @@ def make_inv_circle_dataset(
 ) -> tuple[Split, Split, Split]:
     """Like :func:`make_circle_dataset` (other points) with flipped labels: 1 means outside."""
     rng = np.random.default_rng([seed, 2])
-    X = _points(n, R, rng)
-    Y = (np.linalg.norm(X, axis=1) >= R).astype(np.int64)
-    return _split(X, Y, fractions)
+    return _labelled_points(n, R, rng, lambda X: np.linalg.norm(X, axis=1) >= R, fractions)
 
 
 def make_square_dataset(
@@ -69,9 +75,7 @@ def make_square_dataset(
 ) -> tuple[Split, Split, Split]:
     """2-D points labelled 1 when inside the axis-aligned square of half-width ``R``."""
     rng = np.random.default_rng([seed, 3])
-    X = _points(n, R, rng)
-    Y = (np.abs(X).max(axis=1) < R).astype(np.int64)
-    return _split(X, Y, fractions)
+    return _labelled_points(n, R, rng, lambda X: np.abs(X).max(axis=1) < R, fractions)
 
 
 def make_sin_cos_dataset(
@@ -91,17 +95,15 @@ def make_sin_cos_dataset(
     x = rng.uniform(low, high, size=(n, 1)).astype(np.float32)
     s = (np.sin(x[:, 0]) + noise * rng.standard_normal(n)).astype(np.float32)
     c = (np.cos(x[:, 0]) + noise * rng.standard_normal(n)).astype(np.float32)
-    a = round(fractions[0] * n)
-    b = a + round(fractions[1] * n)
-    return tuple((x[i:j], s[i:j], c[i:j]) for i, j in ((0, a), (a, b), (b, n)))
+    return tuple((x[i:j], s[i:j], c[i:j]) for i, j in _bounds(n, fractions))
 
 
 def _cut(arrays: dict[str, np.ndarray], fractions: Sequence[float]) -> dict[str, dict[str, Arr]]:
-    n = len(next(iter(arrays.values())))
-    a = round(fractions[0] * n)
-    b = a + round(fractions[1] * n)
-    bounds = {"train": (0, a), "valid": (a, b), "test": (b, n)}
-    return {split: {k: v[i:j] for k, v in arrays.items()} for split, (i, j) in bounds.items()}
+    bounds = _bounds(len(next(iter(arrays.values()))), fractions)
+    return {
+        split: {k: v[i:j] for k, v in arrays.items()}
+        for split, (i, j) in zip(SPLITS, bounds, strict=True)
+    }
 
 
 def make_reviews_dataset(

@@ -62,9 +62,6 @@ from mtlgraph.diagnostics.stats import (
     pair_statistics,
     suggest_groups,
 )
-from mtlgraph.diagnostics.stats import (
-    _partitions as _partitions,  # imported by tests
-)
 
 __all__ = [
     "EXHAUSTIVE_MAX_TASKS",

@@ -8,7 +8,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import torch
@@ -29,6 +29,10 @@ logger = logging.getLogger(__name__)
 PREFIX = "diagnostics"
 """First part of every key the monitor logs."""
 _STREAM = 8  # keeps the probe generator's seeds apart from other users of the trainer seed
+
+StepSizes: TypeAlias = float | Sequence[Mapping[str, Any]]
+"""A lookahead step size: one number, or an optimizer's ``param_groups`` (each shared parameter
+takes its group's ``lr``)."""
 
 
 def conflict_key(module: str, task_a: str, task_b: str, statistic: str) -> str:
@@ -179,7 +183,7 @@ class InterferenceMonitor:
         self,
         model: MultitaskClassifier,
         loaders: Sequence[DictDataLoader],
-        lr: float | Sequence[Mapping[str, Any]],
+        lr: StepSizes,
         step: int,
     ) -> dict[str, float]:
         """Measure one probe and add it to the run's sums.
@@ -209,7 +213,7 @@ class InterferenceMonitor:
         self,
         model: MultitaskClassifier,
         batches: list[Batch],
-        lr: float | Sequence[Mapping[str, Any]],
+        lr: StepSizes,
     ) -> dict[str, float]:
         loss_of = _LossOf(model)
         losses = loss_of(batches)
@@ -279,7 +283,7 @@ class InterferenceMonitor:
         partners: Mapping[str, list[str]],
         grads: torch.Tensor,
         losses: Mapping[str, torch.Tensor],
-        lr: float | Sequence[Mapping[str, Any]],
+        lr: StepSizes,
     ) -> dict[str, float]:
         """``Z_{i→j}`` for every task ``i`` and each task ``j`` it shares a module with (row ``i``
         of ``grads`` is task ``i`` of ``partners``' order; ``keys`` name the shared parameters
@@ -311,9 +315,7 @@ class InterferenceMonitor:
                     acc[2] += z * z
         return values
 
-    def _step_sizes(
-        self, layout: SharedLayout, lr: float | Sequence[Mapping[str, Any]]
-    ) -> list[float]:
+    def _step_sizes(self, layout: SharedLayout, lr: StepSizes) -> list[float]:
         if self.config.lr is not None:
             return [self.config.lr] * len(layout.shared)
         if isinstance(lr, (int, float)):

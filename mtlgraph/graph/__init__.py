@@ -5,12 +5,17 @@ and loads its weights; its ``predict``, ``score`` and ``export`` call :mod:`mtlg
 The training layer decides how losses become updates.
 """
 
+from mtlgraph.graph.activations import ACTIVATIONS
+from mtlgraph.graph.losses import LOSSES
 from mtlgraph.graph.model import MultitaskClassifier
-from mtlgraph.graph.modules import register_module
+from mtlgraph.graph.modules import MODULES, register_module
 from mtlgraph.graph.plan import ExecutionPlan
 from mtlgraph.graph.task import Input, Operation, Task, detach, register_loss
 
 __all__ = [
+    "ACTIVATIONS",
+    "LOSSES",
+    "MODULES",
     "ExecutionPlan",
     "Input",
     "MultitaskClassifier",

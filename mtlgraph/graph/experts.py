@@ -26,7 +26,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from mtlgraph.exceptions import ConfigError
+from mtlgraph.exceptions import ArgumentCheck
+from mtlgraph.graph.activations import activation_module
 
 __all__ = ["CrossStitch", "Experts", "Gate", "GateKind", "smooth_step"]
 
@@ -34,20 +35,12 @@ GateKind = Literal["softmax", "dselect_k"]
 GATE_KINDS: tuple[str, ...] = ("softmax", "dselect_k")
 
 
-def _positive_int(problems: list[str], who: str, name: str, value: object, least: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        problems.append(f"{who}: {name} must be an integer >= {least}, got {value!r}")
-
-
-def _raise(problems: list[str], who: str) -> None:
-    if problems:
-        raise ConfigError(problems, header=f"invalid {who}:" if len(problems) > 1 else None)
-
-
-def _activation(name: str) -> nn.Module:
-    from mtlgraph.graph.modules import ACTIVATIONS  # same layer; modules.py registers this file
-
-    return ACTIVATIONS.get(name)()
+def _sized_check(who: str, in_dim: object, n_experts: object) -> ArgumentCheck:
+    """The argument check of a block on ``(B, in_dim)`` inputs over ``n_experts`` experts."""
+    check = ArgumentCheck(who)
+    check.integer("in_dim", in_dim)
+    check.integer("n_experts", n_experts)
+    return check
 
 
 class Experts(nn.Module):
@@ -62,7 +55,7 @@ class Experts(nn.Module):
         in_dim: Input features (the input is ``(B, in_dim)``).
         n_experts: Number of experts (>= 1).
         hidden: Width of each layer of every expert; the last is the expert output size ``d``.
-        activation: One of :data:`~mtlgraph.graph.modules.ACTIVATIONS`.
+        activation: One of :data:`~mtlgraph.graph.activations.ACTIVATIONS`.
         dropout: Dropout probability after each activation (0 = none).
 
     Raises:
@@ -84,18 +77,13 @@ class Experts(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        problems: list[str] = []
-        who = "experts"
-        _positive_int(problems, who, "in_dim", in_dim)
-        _positive_int(problems, who, "n_experts", n_experts)
-        if not isinstance(hidden, (list, tuple)) or not hidden:
-            problems.append(f"{who}: hidden must be a non-empty list of widths, got {hidden!r}")
-            hidden = []
-        for i, h in enumerate(hidden):
-            _positive_int(problems, who, f"hidden[{i}]", h)
-        if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-            problems.append(f"{who}: dropout must be in [0, 1), got {dropout!r}")
-        _raise(problems, who)
+        check = _sized_check("experts", in_dim, n_experts)
+        listed = isinstance(hidden, (list, tuple)) and bool(hidden)
+        check.require(listed, f"hidden must be a non-empty list of widths, got {hidden!r}")
+        for i, h in enumerate(hidden if listed else []):
+            check.integer(f"hidden[{i}]", h)
+        check.number("dropout", dropout, "in [0, 1)", lambda v: 0 <= v < 1)
+        check.done()
         self.n_experts = n_experts
         self.out_dim = hidden[-1]
         self.weights = nn.ParameterList()
@@ -107,7 +95,7 @@ class Experts(nn.Module):
             self.weights.append(nn.Parameter(w))
             self.biases.append(nn.Parameter(torch.empty(n_experts, h).uniform_(-bound, bound)))
             width = h
-        self.act = _activation(activation)
+        self.act = activation_module(activation)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -208,20 +196,16 @@ class Gate(nn.Module):
         entropy: float = 0.0,
     ) -> None:
         super().__init__()
-        problems: list[str] = []
-        who = "gate"
-        _positive_int(problems, who, "in_dim", in_dim)
-        _positive_int(problems, who, "n_experts", n_experts)
-        if kind not in GATE_KINDS:
-            problems.append(f"{who}: kind must be 'softmax' or 'dselect_k', got {kind!r}")
-        _positive_int(problems, who, "k", k)
-        for name, value, low in (("gamma", gamma, "> 0"), ("entropy", entropy, ">= 0")):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if not ok or not math.isfinite(value) or (value <= 0 if low == "> 0" else value < 0):
-                problems.append(f"{who}: {name} must be a finite number {low}, got {value!r}")
-        if kind == "softmax" and entropy:
-            problems.append(f"{who}: entropy regularises DSelect-k selectors; set kind: dselect_k")
-        _raise(problems, who)
+        check = _sized_check("gate", in_dim, n_experts)
+        check.choice("kind", kind, GATE_KINDS)
+        check.integer("k", k)
+        check.number("gamma", gamma, "> 0", lambda v: v > 0)
+        check.number("entropy", entropy, ">= 0", lambda v: v >= 0)
+        check.require(
+            kind != "softmax" or not entropy,
+            "entropy regularises DSelect-k selectors; set kind: dselect_k",
+        )
+        check.done()
         self.n_experts, self.kind = n_experts, kind
         self.k, self.gamma, self.entropy = k, float(gamma), float(entropy)
         if kind == "softmax":
@@ -310,14 +294,12 @@ class CrossStitch(nn.Module):
 
     def __init__(self, n_columns: int, dim: int | None = None, self_weight: float = 0.9) -> None:
         super().__init__()
-        problems: list[str] = []
-        who = "cross_stitch"
-        _positive_int(problems, who, "n_columns", n_columns, least=2)
+        check = ArgumentCheck("cross_stitch")
+        check.integer("n_columns", n_columns, least=2)
         if dim is not None:
-            _positive_int(problems, who, "dim", dim)
-        if not isinstance(self_weight, (int, float)) or not 0 <= self_weight <= 1:
-            problems.append(f"{who}: self_weight must be in [0, 1], got {self_weight!r}")
-        _raise(problems, who)
+            check.integer("dim", dim)
+        check.number("self_weight", self_weight, "in [0, 1]", lambda v: 0 <= v <= 1)
+        check.done()
         self.n_columns, self.dim = n_columns, dim
         eye = torch.eye(n_columns)
         alpha = self_weight * eye + (1 - self_weight) / (n_columns - 1) * (1 - eye)

@@ -10,7 +10,8 @@ Built in: ``linear``, ``mlp``, ``embedding_bag`` (token ids -> one vector), ``co
 (small images -> one vector), ``identity``, ``concat`` and ``sum`` (merge several inputs),
 ``dropout`` and ``activation``. Python code adds its own with :func:`register_module` (and removes
 it with ``MODULES.unregister(name)``); a config reaches such code only through its top-level
-``imports:`` list. Activations by name are the registry :data:`ACTIVATIONS`.
+``imports:`` list. Activations by name are the registry :data:`ACTIVATIONS`
+(:mod:`mtlgraph.graph.activations`, also importable from here).
 
 Multi-task architectures (:mod:`mtlgraph.graph.experts`): ``mmoe_experts``, ``mmoe_gate``,
 ``cgc_experts``, ``cgc_gate``, ``cross_stitch``.
@@ -26,28 +27,13 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from mtlgraph.graph.activations import ACTIVATIONS as ACTIVATIONS  # its documented path too
+from mtlgraph.graph.activations import activation_module
 from mtlgraph.graph.experts import CrossStitch, Experts, Gate
 from mtlgraph.registry import Registry, must_be_callable
 
 ModuleFactory = Callable[..., nn.Module]
 """A class or function that returns an ``nn.Module`` from keyword arguments."""
-
-ACTIVATIONS: Registry[Callable[[], nn.Module]] = Registry(
-    "activation",
-    {
-        "relu": nn.ReLU,
-        "gelu": nn.GELU,
-        "tanh": nn.Tanh,
-        "sigmoid": nn.Sigmoid,
-        "silu": nn.SiLU,
-        "leaky_relu": nn.LeakyReLU,
-    },
-)
-"""Activations by name (``activation: gelu``); each entry builds a fresh module."""
-
-
-def _activation(name: str) -> nn.Module:
-    return ACTIVATIONS.get(name)()
 
 
 class MLP(nn.Sequential):
@@ -81,7 +67,7 @@ class MLP(nn.Sequential):
         layers: list[nn.Module] = []
         width = in_dim
         for h in hidden:
-            layers += [nn.Linear(width, h), _activation(activation)]
+            layers += [nn.Linear(width, h), activation_module(activation)]
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
             width = h
@@ -155,7 +141,7 @@ class Conv2dStack(nn.Module):
         for c in channels:
             layers += [
                 nn.Conv2d(width, c, kernel_size, padding=kernel_size // 2),
-                _activation(activation),
+                activation_module(activation),
                 nn.MaxPool2d(2, ceil_mode=True),
             ]
             width = c
@@ -215,7 +201,7 @@ class Activation(nn.Module):
 
     def __init__(self, name: str = "relu") -> None:
         super().__init__()
-        self.fn = _activation(name)
+        self.fn = activation_module(name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn(x)

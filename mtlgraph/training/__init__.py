@@ -2,18 +2,27 @@
 checkpoints, writers and distributed helpers.
 """
 
+from mtlgraph.training.checkpoint import load_checkpoint, resolve_checkpoint, run_directory
+from mtlgraph.training.distributed import DistEnv
 from mtlgraph.training.lr import LR_SCHEDULES, register_lr_schedule
 from mtlgraph.training.optim import OPTIMIZERS, register_optimizer
 from mtlgraph.training.state import LossRecord, RunState
 from mtlgraph.training.trainer import Trainer, TrainerConfig
+from mtlgraph.training.writers import WRITERS, Writer
 
 __all__ = [
     "LR_SCHEDULES",
     "OPTIMIZERS",
+    "WRITERS",
+    "DistEnv",
     "LossRecord",
     "RunState",
     "Trainer",
     "TrainerConfig",
+    "Writer",
+    "load_checkpoint",
     "register_lr_schedule",
     "register_optimizer",
+    "resolve_checkpoint",
+    "run_directory",
 ]

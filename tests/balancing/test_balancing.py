@@ -153,13 +153,13 @@ def test_unknown_argument_names_the_accepted_ones() -> None:
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ({"name": "dwa", "temperature": 0}, "temperature must be a positive number"),
-        ({"name": "cagrad", "c": 1.0}, r"c must be in \[0, 1\)"),
-        ({"name": "gradnorm", "alpha": -1}, "alpha must be >= 0"),
-        ({"name": "gradnorm", "lr": 0}, "lr must be a positive number"),
+        ({"name": "dwa", "temperature": 0}, "temperature must be a finite number > 0"),
+        ({"name": "cagrad", "c": 1.0}, r"c must be a finite number in \[0, 1\)"),
+        ({"name": "gradnorm", "alpha": -1}, "alpha must be a finite number >= 0"),
+        ({"name": "gradnorm", "lr": 0}, "lr must be a finite number > 0"),
         ({"name": "uncertainty", "forms": {"a": "gaussian"}}, "must be 'regression' or"),
-        ({"name": "mgda", "max_iter": 0}, "max_iter must be a positive integer"),
-        ({"name": "inverse_metric", "eps": 0}, "eps must be > 0"),
+        ({"name": "mgda", "max_iter": 0}, "max_iter must be an integer >= 1"),
+        ({"name": "inverse_metric", "eps": 0}, "eps must be a finite number > 0"),
     ],
 )
 def test_bad_values_are_rejected(spec: dict, message: str) -> None:
@@ -171,7 +171,7 @@ def test_trainer_validates_the_balancer_at_construction() -> None:
     with pytest.raises(ConfigError) as info:
         Trainer(balancer={"name": "dwa", "temperature": -1.0}, lr=-1.0)
     text = str(info.value)
-    assert "balancer: " in text and "temperature must be a positive number" in text
+    assert "balancer: " in text and "temperature must be a finite number > 0" in text
     assert "lr: must be a positive number" in text  # every problem at once
 
 

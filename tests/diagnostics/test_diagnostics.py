@@ -32,7 +32,6 @@ from mtlgraph.diagnostics import (
     DiagnosticsConfig,
     DiagnosticsReport,
     InterferenceMonitor,
-    _partitions,
     load_report,
     lookahead_affinity,
     mean_and_error,
@@ -41,6 +40,7 @@ from mtlgraph.diagnostics import (
     suggest_groups,
     write_report,
 )
+from mtlgraph.diagnostics.stats import _partitions
 from mtlgraph.experiment.cli import main as cli_main
 from mtlgraph.experiment.config import parse_config
 from mtlgraph.training.checkpoint import load_checkpoint
