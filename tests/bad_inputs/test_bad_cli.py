@@ -39,10 +39,9 @@ def _file_config(tmp_path: Path, npz: str = "p.npz", **trainer: Any) -> dict[str
     cfg["runs_root"] = str(tmp_path / "runs")
     cfg["data"]["datasets"] = {
         "points": {
-            "path": npz,
+            "source": {"type": "table", "path": npz, "fractions": {"train": 0.8, "valid": 0.2}},
             "fields": {"xy": "x"},
             "labels": {"circle_task": "y"},
-            "fractions": {"train": 0.8, "valid": 0.2},
         }
     }
     return cfg

@@ -76,7 +76,8 @@ def test_bad_shards_are_named(tmp_path: Path) -> None:
     with pytest.raises(DataError) as info:
         list(bad)
     message = str(info.value)
-    assert "label column 'y' of shard '" in message and "holds 'yes' in data row 1" in message
+    assert "cannot read shard '" in message
+    assert "bad.jsonl' line 1, column 'y': 'yes' is not a number" in message
     assert "has no column 'zz'" in message
 
 

@@ -19,12 +19,11 @@ import numpy as np
 import torch
 
 from mtlgraph.data.sources.table import (
-    Table,
     Tokenizer,
-    field_values,
-    label_values,
     read_table,
+    table_columns,
     table_format,
+    table_length,
 )
 from mtlgraph.data.streams import Example, ExampleStream
 from mtlgraph.exceptions import DataError
@@ -79,7 +78,7 @@ class ShardStream(ExampleStream):
 
     Raises:
         DataError: While reading: a shard that disappeared or cannot be read, an absent column,
-            a cell that is not a number (each naming the file, the column and the row).
+            a bad row or cell (each naming the file, the line and the column).
 
     Example:
         >>> import tempfile, pathlib
@@ -138,24 +137,13 @@ class ShardStream(ExampleStream):
                     "start a new run without it"
                 ]
             )
-        table: Table = read_table(file, self.fmt)
-        origin = f"shard '{file}'"
-        problems: list[str] = []
-        X: dict[str, Any] = {}
-        Y: dict[str, torch.Tensor] = {}
-        for fld, columns in self.fields.items():
-            try:
-                X[fld] = field_values(table, columns, origin, self.text)
-            except DataError as e:
-                problems += [f"field '{fld}': {p}" for p in e.problems]
-        for task, column in self._label_columns.items():
-            try:
-                Y[task] = self._labels(task, label_values(table, column, origin), origin)
-            except DataError as e:
-                problems += [f"label '{task}': {p}" for p in e.problems]
-        if problems:
-            raise DataError(problems, header=f"cannot read {origin}:")
-        rows = len(next(iter(table.values()))) if table else 0
+        table = read_table(file, self.fmt)
+        try:
+            X, Y = table_columns(table, self.fields, self._label_columns, self.text)
+        except DataError as e:
+            raise DataError(e.problems, header=f"cannot read shard '{file}':") from e
+        Y = {task: self._labels(task, values, table.origin) for task, values in Y.items()}
+        rows = table_length(table)
         return X, Y, rows
 
     def _labels(self, task: str, values: torch.Tensor, origin: str) -> torch.Tensor:

@@ -1,13 +1,20 @@
-"""Tables on disk (CSV, JSON Lines, Parquet) -> in-memory :class:`~mtlgraph.DictDataset` splits.
+"""Data files -> columns: THE reader of every file format mtlgraph reads.
 
-A table is read once into columns (``{column: numpy array}``); numeric columns become input
-fields (``float32``, ``(N, 1)`` for one column, ``(N, k)`` for a list of ``k``) or labels
-(``int64`` when every value is a whole number, else ``float32``); ``text`` columns become
-variable-length id sequences through a tokenizer (padded per batch, with a ``<field>_mask``).
-The result is a plain :class:`~mtlgraph.DictDataset`, batched by slicing: the fast path.
+One parser per format, each reading a whole file or a file in chunks of rows from the same code
+(:func:`read_table` is :func:`iter_table` in one chunk): CSV and JSON Lines (standard library),
+Parquet (pyarrow, ``pip install 'mtlgraph[tables]'``), ``.npz`` archives and directories of
+``.npy`` files (memory-mapped). Training, evaluation, prediction and shards all read through it,
+so a file means the same rows everywhere. The rules (``docs/data-sources.md``):
 
-CSV and JSON Lines need nothing beyond the standard library; Parquet needs pyarrow
-(``pip install 'mtlgraph[tables]'``).
+- text is UTF-8 (a byte-order mark is dropped), lines end in LF or CRLF, quoted CSV cells may
+  hold newlines and up to :data:`CELL_LIMIT` bytes;
+- a row with too few or too many cells, a duplicated or empty column name, a row whose cells are
+  all empty: a :class:`~mtlgraph.DataError` naming the file, the line of the file and the column;
+- an empty, NaN or infinite cell in a numeric input field: the same (:func:`field_values`); an
+  empty label cell is "unlabelled" (NaN; :func:`label_values`);
+- rows are never dropped or reordered.
+
+A :class:`Table` is ``{column: numpy array}`` that also knows where each row is in its file.
 """
 
 from __future__ import annotations
@@ -16,69 +23,145 @@ import csv
 import json
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+import zipfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import torch
 
 from mtlgraph._suggest import did_you_mean, quoted
 from mtlgraph.data.datasets import DictDataset
+from mtlgraph.data.memmap import is_memmap
 from mtlgraph.exceptions import DataError
-
-Table = dict[str, np.ndarray]
-"""Columns of equal length by name."""
 
 Tokenizer = Callable[[str], Any]
 """Text -> a sequence of ids (a 1-D tensor or a list of ints)."""
 
-TABLE_FORMATS = ("csv", "jsonl", "parquet")
-"""File formats :func:`read_table` reads."""
+TABLE_FORMATS = ("csv", "jsonl", "parquet", "npz", "npy")
+"""File formats :func:`read_table` reads (``npy``: one ``.npy`` file, or a directory of
+``<column>.npy`` files)."""
 
-_SUFFIXES = {
+SUFFIXES = {
     "csv": "csv",
     "jsonl": "jsonl",
     "ndjson": "jsonl",
     "parquet": "parquet",
     "pq": "parquet",
+    "npz": "npz",
+    "npy": "npy",
 }
+"""File suffix -> format."""
+
+CELL_LIMIT = 64 * 2**20
+"""The largest CSV cell read, in characters (64 MiB)."""
 
 DEFAULT_FRACTIONS = {"train": 0.8, "valid": 0.1, "test": 0.1}
 """How :func:`split_table` cuts a table without a split column or fractions."""
 
+_BLOCK = 1 << 20  # rows checked at a time in a memory-mapped array
+
+
+class Table(dict[str, np.ndarray]):
+    """Columns of equal length by name, and where each row is in its file.
+
+    Args:
+        columns: ``{column: array}``.
+        origin: How messages name the file (``"'data.csv'"``).
+        lines: The 1-based line (CSV, JSON Lines) or row (other formats) of each row in the file;
+            ``None`` = rows ``1..N``.
+        unit: ``"line"`` or ``"row"``: what ``lines`` counts.
+        typed: Arrays keep their dtype and shape (``.npz``, ``.npy``, generators); else numbers
+            are read as ``float32`` (CSV, JSON Lines, Parquet).
+
+    Example:
+        >>> import numpy as np
+        >>> t = Table({"x": np.array([1.0, 2.0])}, "'t.csv'", np.array([2, 4]), "line")
+        >>> t.place(1), table_length(t)
+        ("'t.csv' line 4", 2)
+    """
+
+    def __init__(
+        self,
+        columns: Mapping[str, np.ndarray] | None = None,
+        origin: str = "the table",
+        lines: np.ndarray | None = None,
+        unit: str = "row",
+        typed: bool = False,
+    ) -> None:
+        super().__init__(columns or {})
+        self.origin, self.lines, self.unit, self.typed = origin, lines, unit, typed
+
+    def place(self, i: int) -> str:
+        """Where row ``i`` (0-based) is: ``"'data.csv' line 7"``."""
+        n = int(self.lines[i]) if self.lines is not None else i + 1
+        return f"{self.origin} {self.unit} {n}"
+
+    def take(self, index: slice | np.ndarray) -> Table:
+        """The rows ``index`` (a slice or a boolean mask), still knowing their lines."""
+        lines = self.lines if self.lines is not None else np.arange(1, table_length(self) + 1)
+        return Table(
+            {k: v[index] for k, v in self.items()}, self.origin, lines[index], self.unit, self.typed
+        )
+
+
+def as_table(table: Mapping[str, np.ndarray], origin: str = "the table") -> Table:
+    """``table`` as a :class:`Table` (a plain mapping's rows are numbered ``1..N``)."""
+    return table if isinstance(table, Table) else Table(table, origin)
+
+
+def table_length(table: Mapping[str, Any]) -> int:
+    """Rows of a table (0 for no columns)."""
+    return len(next(iter(table.values()))) if table else 0
+
 
 def table_format(path: str | os.PathLike[str], fmt: str | None = None) -> str:
-    """The format of ``path``: ``fmt`` when given, else from its suffix."""
+    """The format of ``path``: ``fmt`` when given, else from its suffix (a directory: ``npy``).
+
+    Raises:
+        DataError: An unknown format, or a suffix that names none.
+    """
     if fmt is not None:
+        if fmt not in TABLE_FORMATS:
+            raise DataError(
+                [
+                    f"unknown file format '{fmt}'{did_you_mean(fmt, TABLE_FORMATS)}; "
+                    f"use one of {quoted(TABLE_FORMATS)}"
+                ]
+            )
         return fmt
+    if Path(path).is_dir():
+        return "npy"
     suffix = Path(path).suffix.lstrip(".").lower()
-    if suffix not in _SUFFIXES:
+    if suffix not in SUFFIXES:
         raise DataError(
             [
-                f"cannot tell the format of '{path}' from its suffix; use .csv, .jsonl or "
-                ".parquet, or give the format (one of 'csv', 'jsonl', 'parquet')"
+                f"cannot tell the format of '{path}' from its suffix; use one of "
+                f"{quoted('.' + s for s in SUFFIXES)}, or give the format "
+                f"(one of {quoted(TABLE_FORMATS)})"
             ]
         )
-    return _SUFFIXES[suffix]
+    return SUFFIXES[suffix]
 
 
 def read_table(
     path: str | os.PathLike[str], fmt: str | None = None, columns: Sequence[str] | None = None
 ) -> Table:
-    """Read a CSV, JSON Lines or Parquet file into columns.
+    """A whole data file as columns (:func:`iter_table` in one chunk).
 
-    CSV cells stay strings (converted where a numeric column is asked for, with the row named on
-    failure); JSON Lines and Parquet keep their numbers.
+    CSV cells stay strings (converted where a numeric field or label is asked for, naming the
+    line on failure); JSON Lines and Parquet keep their numbers; ``.npy`` files stay mapped.
 
     Args:
-        path: The file.
-        fmt: ``"csv"``, ``"jsonl"`` or ``"parquet"``; ``None`` = from the suffix.
+        path: The file (a directory of ``.npy`` files for ``npy``).
+        fmt: One of :data:`TABLE_FORMATS`; ``None`` = from the suffix.
         columns: Only these columns (all of them when ``None``); a missing one is an error.
 
     Raises:
-        DataError: A missing or unreadable file, a malformed row, an absent column (named, with
-            the columns the file has); Parquet without pyarrow names the extra to install.
+        DataError: A missing or unreadable file, a malformed row or header, an absent column
+            (named, with the columns the file has); Parquet without pyarrow names the extra.
 
     Example:
         >>> import tempfile, pathlib
@@ -88,230 +171,582 @@ def read_table(
         >>> read_table(f)["x"].tolist()
         [1.5, 2.0]
     """
+    return next(iter_table(path, fmt, columns, None))
+
+
+def iter_table(
+    path: str | os.PathLike[str],
+    fmt: str | None = None,
+    columns: Sequence[str] | None = None,
+    rows: int | None = 65536,
+) -> Iterator[Table]:
+    """A data file as chunks of at most ``rows`` rows, in file order (one chunk when ``None``);
+    only a chunk is in memory at a time. The header and every row are checked as they are read.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> f = pathlib.Path(tempfile.mkdtemp()) / "t.csv"
+        >>> _ = f.write_text('x,note\\n1,"two\\nlines"\\n2,b\\n3,c\\n')
+        >>> [(c["x"].tolist(), c.place(0)) for c in iter_table(f, rows=2)]
+        [(['1', '2'], "'...t.csv' line 2"), (['3'], "'...t.csv' line 5")]
+    """
     file = Path(path)
     fmt = table_format(file, fmt)
-    if not file.is_file():
+    if not (file.exists() if fmt == "npy" else file.is_file()):
         raise DataError([f"file '{file}' does not exist"])
-    if fmt == "parquet":
-        table = _read_parquet(file, columns)
-    elif fmt == "jsonl":
-        table = _read_jsonl(file)
-    elif fmt == "csv":
-        table = _read_csv(file)
-    else:
-        raise DataError([f"unknown table format {fmt!r}; use one of {quoted(TABLE_FORMATS)}"])
-    if columns is not None:
-        missing = [c for c in columns if c not in table]
-        if missing:
-            raise DataError(
-                [
-                    f"'{file}' has no column '{c}'{did_you_mean(c, table)}; it has {quoted(table)}"
-                    for c in missing
-                ]
+    if rows is not None and rows < 1:
+        raise ValueError(f"rows must be >= 1, got {rows}")
+    return _READERS[fmt](file, columns, rows)
+
+
+def _select(names: Sequence[str], columns: Sequence[str] | None, origin: str) -> list[str]:
+    if columns is None:
+        return list(names)
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise DataError(
+            [
+                f"{origin} has no column '{c}'{did_you_mean(c, names)}; it has {quoted(names)}"
+                for c in missing
+            ]
+        )
+    return list(dict.fromkeys(columns))
+
+
+def _check_names(names: Sequence[str], origin: str, where: str) -> None:
+    problems = []
+    seen: dict[str, int] = {}
+    for j, name in enumerate(names):
+        if not name:
+            problems.append(f"{origin} {where}, column {j + 1}: an empty column name; name it")
+        elif name in seen:
+            problems.append(
+                f"{origin} {where}, column {j + 1}: column name '{name}' again (also column "
+                f"{seen[name] + 1}); give every column its own name"
             )
-        table = {c: table[c] for c in columns}
-    return table
+        seen.setdefault(name, j)
+    if problems:
+        raise DataError(problems)
 
 
-def _read_csv(file: Path) -> Table:
-    with file.open(newline="", encoding="utf-8") as fh:
-        rows = list(csv.reader(fh))
-    if not rows:
-        raise DataError([f"'{file}' is empty; its first row must name the columns"])
-    header = [h.strip() for h in rows[0]]
-    body = [r for r in rows[1:] if any(cell.strip() for cell in r)]
-    for i, r in enumerate(body):
-        if len(r) > len(header):
-            raise DataError(
-                [f"'{file}' row {i + 1}: {len(r)} cells, but the header names {len(header)}"]
-            )
-    return {
-        name: np.asarray([r[j] if j < len(r) else "" for r in body], dtype=object)
-        for j, name in enumerate(header)
-    }
+def _all_empty(origin: str, unit: str, line: int) -> DataError:
+    return DataError(
+        [
+            f"{origin} {unit} {line}: every cell of the row is empty; rows are never skipped, "
+            "so remove it or fill it"
+        ]
+    )
 
 
-def _read_jsonl(file: Path) -> Table:
-    rows: list[dict[str, Any]] = []
-    with file.open(encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise DataError(
-                    [f"'{file}' line {line_no} is not valid JSON ({e}); one object per line"]
-                ) from None
-            if not isinstance(row, dict):
-                raise DataError([f"'{file}' line {line_no} is not a JSON object"])
-            rows.append(row)
-    names = list(dict.fromkeys(k for r in rows for k in r))
-    table: Table = {}
-    for name in names:
-        values = [r.get(name) for r in rows]
-        table[name] = _array(values)
-    return table
+# ---------------------------------------------------------------- CSV
 
 
-def _array(values: list[Any]) -> np.ndarray:
-    """Numbers as a float64/int64 array (``None`` -> NaN); anything else as objects."""
-    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-        return np.asarray(values)
-    if all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in values):
+@contextmanager
+def _cell_limit() -> Iterator[None]:
+    """CSV cells up to :data:`CELL_LIMIT` while a chunk is read; the csv module's (process-wide)
+    limit is restored before control leaves the reader."""
+    old = csv.field_size_limit(CELL_LIMIT)
+    try:
+        yield
+    finally:
+        csv.field_size_limit(old)
+
+
+def _open_text(file: Path) -> TextIO:
+    return file.open(encoding="utf-8-sig", newline="")
+
+
+def _csv_row(reader: Any, origin: str) -> list[str] | None:
+    try:
+        return next(reader)
+    except StopIteration:
+        return None
+    except csv.Error as e:
+        hint = f" (cells hold at most {CELL_LIMIT // 2**20} MiB)" if "field limit" in str(e) else ""
+        raise DataError([f"{origin} line {reader.line_num}: {e}{hint}"]) from e
+    except UnicodeDecodeError as e:
+        raise DataError(
+            [f"{origin} line {reader.line_num + 1}: not UTF-8 text ({e.reason}); save it as UTF-8"]
+        ) from e
+
+
+def _check_row(row: list[str], names: list[str], origin: str, line: int) -> None:
+    if len(row) != len(names):
+        if len(row) < len(names):
+            where = f"column '{names[len(row)]}'" if row else f"column '{names[0]}'"
+        else:
+            where = f"column {len(names) + 1} (past the last, '{names[-1]}')"
+        if not any(c.strip() for c in row):
+            raise _all_empty(origin, "line", line)
+        raise DataError(
+            [
+                f"{origin} line {line}, {where}: {len(row)} cells, but the header names "
+                f"{len(names)} columns; every row needs one cell per column"
+            ]
+        )
+    if not any(c.strip() for c in row):
+        raise _all_empty(origin, "line", line)
+
+
+def _csv_chunks(file: Path, columns: Sequence[str] | None, rows: int | None) -> Iterator[Table]:
+    origin = f"'{file}'"
+    with _open_text(file) as fh:
+        reader = csv.reader(fh)
+        with _cell_limit():
+            header = _csv_row(reader, origin)
+        if header is None:
+            raise DataError([f"{origin} is empty; its first line must name the columns"])
+        names = [h.strip() for h in header]
+        _check_names(names, origin, "line 1")
+        keep = [(c, names.index(c)) for c in _select(names, columns, origin)]
+        while True:
+            lines: list[int] = []
+            cells: list[list[str]] = [[] for _ in keep]
+            with _cell_limit():
+                while rows is None or len(lines) < rows:
+                    line = reader.line_num + 1
+                    row = _csv_row(reader, origin)
+                    if row is None:
+                        break
+                    _check_row(row, names, origin, line)
+                    lines.append(line)
+                    for out, (_, j) in zip(cells, keep, strict=True):
+                        out.append(row[j])
+            full = rows is not None and len(lines) == rows
+            if lines or not full:
+                arrays = {
+                    c: np.asarray(v, dtype=object) for (c, _), v in zip(keep, cells, strict=True)
+                }
+                yield Table(arrays, origin, np.asarray(lines, dtype=np.int64), "line")
+            if not full:
+                return
+
+
+# ---------------------------------------------------------------- JSON Lines
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
+def _json_object(text: str, origin: str, line: int) -> dict[str, Any]:
+    where = f"{origin} line {line}"
+    if not text.strip():
+        raise _all_empty(origin, "line", line)
+    try:
+        row = json.loads(text, object_pairs_hook=_unique_pairs)
+    except _DuplicateKey as e:
+        raise DataError([f"{where}, column '{e.args[0]}': the key appears twice"]) from e
+    except ValueError as e:
+        raise DataError([f"{where}: not valid JSON ({e}); write one object per line"]) from e
+    if not isinstance(row, dict):
+        raise DataError([f"{where}: not a JSON object; write one object per line"])
+    return row
+
+
+def _check_keys(row: Mapping[str, Any], names: list[str], origin: str, line: int) -> None:
+    missing = [n for n in names if n not in row]
+    extra = [k for k in row if k not in names]
+    if missing or extra:
+        column, what = (missing[0], "missing") if missing else (extra[0], "not in the first line")
+        raise DataError(
+            [
+                f"{origin} line {line}, column '{column}': {what}; every line needs the keys of "
+                f"the first ({quoted(names)})"
+            ]
+        )
+    if all(v is None or (isinstance(v, str) and not v.strip()) for v in row.values()):
+        raise _all_empty(origin, "line", line)
+
+
+def _json_column(values: list[Any]) -> np.ndarray:
+    """Numbers as a float64/int64 array (``null`` -> NaN); anything else as objects."""
+    numbers = [v for v in values if v is not None]
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
+        if len(numbers) == len(values):
+            return np.asarray(values)
         return np.asarray([math.nan if v is None else v for v in values], dtype=np.float64)
-    return np.asarray(values, dtype=object)
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
 
 
-def _read_parquet(file: Path, columns: Sequence[str] | None) -> Table:
+def _jsonl_chunks(file: Path, columns: Sequence[str] | None, rows: int | None) -> Iterator[Table]:
+    origin = f"'{file}'"
+    names: list[str] | None = None
+    keep: list[str] = []
+    lines: list[int] = []
+    objects: list[dict[str, Any]] = []
+
+    def chunk() -> Table:
+        arrays = {c: _json_column([o[c] for o in objects]) for c in keep}
+        return Table(arrays, origin, np.asarray(lines, dtype=np.int64), "line")
+
+    line = 0
+    with _open_text(file) as fh:
+        try:
+            for line, text in enumerate(fh, 1):
+                row = _json_object(text, origin, line)
+                if names is None:
+                    names = list(row)
+                    _check_names(names, origin, "line 1")
+                    keep = _select(names, columns, origin)
+                _check_keys(row, names, origin, line)
+                lines.append(line)
+                objects.append(row)
+                if rows is not None and len(lines) == rows:
+                    yield chunk()
+                    lines, objects = [], []
+        except UnicodeDecodeError as e:
+            raise DataError(
+                [f"{origin} line {line + 1}: not UTF-8 text ({e.reason}); save it as UTF-8"]
+            ) from e
+    if names is None:
+        raise DataError([f"{origin} is empty; write one JSON object per line"])
+    if lines or rows is None:
+        yield chunk()
+
+
+# ---------------------------------------------------------------- Parquet
+
+
+def _empty_cells(values: np.ndarray) -> np.ndarray:
+    """Which cells are empty: null, NaN or blank text."""
+    if values.dtype.kind == "f" and values.ndim == 1:
+        return np.isnan(values)
+    if values.dtype.kind != "O":
+        return np.zeros(len(values), dtype=bool)
+    return np.fromiter(
+        (
+            v is None
+            or (isinstance(v, str) and not v.strip())
+            or (isinstance(v, float) and math.isnan(v))
+            for v in values
+        ),
+        dtype=bool,
+        count=len(values),
+    )
+
+
+def _parquet_column(col: Any) -> np.ndarray:
+    values = col.to_numpy(zero_copy_only=False)
+    if values.dtype.kind in "biuf":
+        return values
+    return _json_column(col.to_pylist())
+
+
+def _parquet_chunks(file: Path, columns: Sequence[str] | None, rows: int | None) -> Iterator[Table]:
     try:
         import pyarrow.parquet as pq  # type: ignore[import-untyped]
     except ImportError:
         raise DataError(
             [f"reading Parquet ('{file}') needs pyarrow: pip install 'mtlgraph[tables]'"]
         ) from None
+    origin = f"'{file}'"
     try:
-        schema_names = pq.read_schema(file).names
-        wanted = [c for c in columns if c in schema_names] if columns is not None else None
-        arrow = pq.read_table(file, columns=wanted)
+        parquet = pq.ParquetFile(file)
     except Exception as e:  # pyarrow's refusal of a broken file: a problem of this file
-        raise DataError([f"cannot read '{file}' as Parquet: {type(e).__name__}: {e}"]) from None
-    table: Table = {}
-    for name in arrow.column_names:
-        col = arrow.column(name)
+        raise DataError([f"cannot read {origin} as Parquet: {type(e).__name__}: {e}"]) from e
+    names = list(parquet.schema_arrow.names)
+    _check_names(names, origin, "schema")
+    keep = _select(names, columns, origin)
+    start = 0
+    total = parquet.metadata.num_rows
+    for record in parquet.iter_batches(batch_size=rows or max(total, 1)):
+        arrays = {c: _parquet_column(record.column(c)) for c in names}
+        n = record.num_rows
+        empty = np.ones(n, dtype=bool)
+        for values in arrays.values():
+            empty &= _empty_cells(values)
+        if empty.any():
+            raise _all_empty(origin, "row", start + int(np.argmax(empty)) + 1)
+        yield Table({c: arrays[c] for c in keep}, origin, np.arange(start + 1, start + n + 1))
+        start += n
+    if total == 0:
+        yield Table({c: np.zeros(0) for c in keep}, origin)
+
+
+# ---------------------------------------------------------------- .npz and .npy
+
+
+def _array_chunks(
+    arrays: Mapping[str, np.ndarray], origin: str, rows: int | None
+) -> Iterator[Table]:
+    lengths = {c: len(a) for c, a in arrays.items()}
+    if len(set(lengths.values())) > 1:
+        listing = ", ".join(f"'{c}': {n}" for c, n in lengths.items())
+        raise DataError([f"{origin}: the arrays have different lengths ({listing})"])
+    n = next(iter(lengths.values()), 0)
+    step = rows or max(n, 1)
+    for start in range(0, max(n, 1), step):
+        chunk = {c: a[start : start + step] for c, a in arrays.items()}
+        yield Table(
+            chunk,
+            origin,
+            None if start == 0 else np.arange(start + 1, start + step + 1)[: table_length(chunk)],
+            typed=True,
+        )
+
+
+def _npz_chunks(file: Path, columns: Sequence[str] | None, rows: int | None) -> Iterator[Table]:
+    origin = f"'{file}'"
+    try:
+        with np.load(file, allow_pickle=False) as npz:
+            keep = _select(list(npz.files), columns, origin)
+            arrays = {c: npz[c] for c in keep}
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise DataError([f"cannot read {origin} as .npz: {type(e).__name__}: {e}"]) from e
+    yield from _array_chunks(arrays, origin, rows)
+
+
+def _npy_chunks(folder: Path, columns: Sequence[str] | None, rows: int | None) -> Iterator[Table]:
+    """A directory of ``<column>.npy`` files, or one ``.npy`` file (one column, its stem)."""
+    if folder.is_file():
+        folder, names = folder.parent, [folder.stem]
+        origin = f"'{folder / names[0]}.npy'"
+    else:
+        origin = f"directory '{folder}'"
+        names = sorted(p.stem for p in folder.glob("*.npy"))
+    if not names:
+        raise DataError([f"{origin} holds no .npy file; save one array per field or label"])
+    arrays = {}
+    for c in _select(names, columns, origin):
         try:
-            table[name] = col.to_numpy()
-        except Exception:  # nested or mixed types: plain Python objects
-            table[name] = np.asarray(col.to_pylist(), dtype=object)
-        if table[name].dtype.kind not in "biuf":
-            table[name] = _array(col.to_pylist())
-    return table
+            arrays[c] = np.load(folder / f"{c}.npy", mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise DataError([f"cannot read '{folder / c}.npy': {type(e).__name__}: {e}"]) from e
+    yield from _array_chunks(arrays, origin, rows)
 
 
-def table_length(table: Mapping[str, np.ndarray]) -> int:
-    """Rows of a table (0 for no columns)."""
-    return len(next(iter(table.values()))) if table else 0
+_READERS: dict[str, Callable[[Path, Sequence[str] | None, int | None], Iterator[Table]]] = {
+    "csv": _csv_chunks,
+    "jsonl": _jsonl_chunks,
+    "parquet": _parquet_chunks,
+    "npz": _npz_chunks,
+    "npy": _npy_chunks,
+}
 
 
-def numeric_column(values: np.ndarray, what: str) -> np.ndarray:
-    """A column as numbers: strings are parsed (empty cells are NaN), numbers kept.
+# ---------------------------------------------------------------- cells -> numbers
+
+
+def _number(cell: Any) -> float | np.ndarray:
+    """One cell as a number (``nan`` when empty) or, for a list, an array of numbers."""
+    if cell is None:
+        return math.nan
+    if isinstance(cell, bool):
+        raise ValueError
+    if isinstance(cell, (int, float, np.number)):
+        return float(cell)
+    if isinstance(cell, str):
+        text = cell.strip()
+        if text.startswith("["):
+            return np.asarray(json.loads(text), dtype=np.float64)
+        return float(text) if text else math.nan
+    return np.asarray(cell, dtype=np.float64)
+
+
+def numbers(table: Table, column: str, what: str) -> np.ndarray:
+    """A column as numbers: text is parsed (empty cells are NaN), list cells become rows of an
+    ``(N, k)`` array, numbers are kept.
 
     Raises:
-        DataError: A cell that is not a number, naming ``what`` and the data row (1-based).
+        DataError: A cell that is not a number (or list cells of different lengths), naming the
+            file, the line and the column.
     """
+    values = table[column]
     if values.dtype.kind in "biuf":
         return values
-    out = np.empty(len(values), dtype=np.float64)
+    try:
+        return values.astype(np.float64)
+    except (TypeError, ValueError):
+        pass
+    cells: list[float | np.ndarray] = []
     for i, cell in enumerate(values):
-        if cell is None or (isinstance(cell, str) and not cell.strip()):
-            out[i] = math.nan
-            continue
         try:
-            if isinstance(cell, bool):
-                raise ValueError
-            out[i] = float(cell)
+            cells.append(_number(cell))
         except (TypeError, ValueError):
             raise DataError(
                 [
-                    f"{what} holds {cell!r} in data row {i + 1}, not a number; numeric fields "
-                    "and labels need numbers (declare the column under 'text' to tokenise it)"
+                    f"{table.place(i)}, column '{column}': {cell!r} is not a number; {what} "
+                    "needs numbers (declare the column under 'text' to tokenise it)"
                 ]
             ) from None
-    return out
+    shapes = [np.shape(c) for c in cells]
+    if any(s != shapes[0] for s in shapes):
+        i = next(i for i, s in enumerate(shapes) if s != shapes[0])
+        raise DataError(
+            [
+                f"{table.place(i)}, column '{column}': {np.size(cells[i])} "
+                f"value(s), but {table.place(0)} has {np.size(cells[0])}; every "
+                "row of a column needs the same number of values"
+            ]
+        )
+    return np.asarray(cells, dtype=np.float64)
 
 
-def split_table(
-    table: Table,
-    split_column: str | None = None,
-    fractions: Mapping[str, float] | None = None,
-    origin: str = "the table",
-) -> dict[str, Table]:
-    """Cut a table into splits: by the values of ``split_column``, else by ``fractions`` in row
-    order (default 80/10/10 % train/valid/test)."""
-    if split_column is not None:
-        if split_column not in table:
-            raise DataError(
-                [
-                    f"{origin} has no split column '{split_column}'"
-                    f"{did_you_mean(split_column, table)}; it has {quoted(table)}"
-                ]
-            )
-        labels = np.asarray([str(v) for v in table[split_column]])
-        return {
-            s: {k: v[labels == s] for k, v in table.items()} for s in dict.fromkeys(labels.tolist())
-        }
-    n = table_length(table)
-    out: dict[str, Table] = {}
-    start = 0
-    for s, fraction in (fractions or DEFAULT_FRACTIONS).items():
-        stop = min(n, start + round(fraction * n))
-        out[s] = {k: v[start:stop] for k, v in table.items()}
-        start = stop
-    return out
+def _first_not_finite(values: np.ndarray) -> int | None:
+    if values.dtype.kind != "f":
+        return None
+    for start in range(0, len(values), _BLOCK):
+        block = np.asarray(values[start : start + _BLOCK])
+        bad = ~np.isfinite(block.reshape(len(block), -1)).all(axis=1)
+        if bad.any():
+            return start + int(np.argmax(bad))
+    return None
 
 
-def encode_texts(values: np.ndarray, tokenizer: Tokenizer, what: str) -> list[torch.Tensor]:
+def input_numbers(table: Table, column: str) -> np.ndarray:
+    """A numeric input column: every cell a finite number.
+
+    Raises:
+        DataError: A cell that is empty, NaN, infinite or not a number, naming the file, the
+            line and the column.
+    """
+    values = numbers(table, column, "an input field")
+    i = _first_not_finite(values)
+    if i is not None:
+        cell = table[column][i]
+        shown = repr(cell) if not isinstance(cell, np.ndarray) else str(cell.tolist())
+        raise DataError(
+            [
+                f"{table.place(i)}, column '{column}': {shown} is not a finite number; every "
+                "row of a numeric input field needs one (fill the cell or remove the row; only "
+                "labels may be empty)"
+            ]
+        )
+    return values
+
+
+def encode_texts(table: Table, column: str, tokenizer: Tokenizer) -> list[torch.Tensor]:
     """Each cell's ids as a 1-D ``int64`` tensor (missing cells are empty texts)."""
     out = []
-    for i, cell in enumerate(values):
+    for i, cell in enumerate(table[column]):
         text = "" if cell is None or (isinstance(cell, float) and math.isnan(cell)) else str(cell)
         try:
             ids = tokenizer(text)
         except Exception as e:
-            e.add_note(f"mtlgraph: while tokenising {what}, data row {i + 1}")
+            e.add_note(f"mtlgraph: while tokenising {table.place(i)}, column '{column}'")
             raise
         out.append(torch.as_tensor(ids, dtype=torch.long).reshape(-1))
     return out
 
 
 def field_values(
-    table: Table,
+    table: Mapping[str, np.ndarray],
     columns: str | Sequence[str],
-    origin: str,
+    origin: str = "the table",
     text: Mapping[str, Tokenizer] | None = None,
-) -> torch.Tensor | list[torch.Tensor]:
-    """One input field from its column(s): a tokenised text column gives a list of id tensors,
-    numeric columns a ``float32`` tensor (``(N, 1)`` for one column, ``(N, k)`` for ``k``)."""
+) -> Any:
+    """One input field from its column(s).
+
+    A tokenised text column gives a list of 1-D id tensors. Numbers give a tensor: ``float32``
+    ``(N, 1)`` for one column (``(N, k)`` for list cells or ``k`` columns); the arrays of an
+    ``.npz`` file, a ``.npy`` directory or a generator keep their shape and integer dtype, and a
+    memory-mapped ``float32`` array stays mapped (a batch reads only its rows).
+
+    Raises:
+        DataError: An absent column, a cell that is not a finite number (file, line, column).
+    """
+    t = as_table(table, origin)
     listed = [columns] if isinstance(columns, str) else list(columns)
-    _require(table, listed, origin)
+    _require(t, listed)
     text = text or {}
     if isinstance(columns, str) and columns in text:
-        return encode_texts(table[columns], text[columns], f"column '{columns}' of {origin}")
+        return encode_texts(t, columns, text[columns])
     tokenised = [c for c in listed if c in text]
     if tokenised:
         raise DataError([f"text column '{tokenised[0]}' must be a field of its own"])
-    arrays = [numeric_column(table[c], f"column '{c}' of {origin}") for c in listed]
-    stacked = np.stack(arrays, axis=1) if arrays else np.zeros((0, 0))
-    if stacked.dtype.kind == "f" or len(listed) > 1 or stacked.dtype.kind in "biu":
-        stacked = stacked.astype(np.float32)
-    return torch.from_numpy(np.ascontiguousarray(stacked))
+    arrays = [input_numbers(t, c) for c in listed]
+    if t.typed and isinstance(columns, str):
+        array = arrays[0]
+        if is_memmap(array):
+            if array.dtype.kind == "f" and array.dtype != np.float32:
+                raise DataError(
+                    [
+                        f"{t.origin}, column '{columns}': the memory-mapped array is "
+                        f"{array.dtype}; mapped arrays are read as stored, so save it as "
+                        "float32: np.save(path, array.astype(np.float32))"
+                    ]
+                )
+            return array
+        if array.dtype.kind == "f":
+            array = array.astype(np.float32)
+        return torch.from_numpy(np.ascontiguousarray(array))
+    matrix = np.concatenate([a.reshape(len(a), -1) for a in arrays], axis=1) if arrays else None
+    if matrix is None:
+        return torch.zeros((table_length(t), 0))
+    return torch.from_numpy(np.ascontiguousarray(matrix, dtype=np.float32))
 
 
-def label_values(table: Table, column: str, origin: str) -> torch.Tensor:
-    """A label column: ``int64`` when every value is a whole number, else ``float32``."""
-    _require(table, [column], origin)
-    values = numeric_column(table[column], f"label column '{column}' of {origin}")
+def label_values(table: Mapping[str, np.ndarray], column: str, origin: str = "the table") -> Any:
+    """A label column: ``int64`` when every value is a whole number, else ``float32`` (an empty
+    cell is NaN: unlabelled)."""
+    t = as_table(table, origin)
+    _require(t, [column])
+    values = numbers(t, column, "a label")
+    if t.typed:  # arrays keep their dtype (float (N, C) soft labels stay floats)
+        return torch.from_numpy(np.ascontiguousarray(values))
     whole = values.dtype.kind in "biu" or bool(
         np.all(np.isfinite(values)) and np.all(values == np.round(values))
     )
     return torch.from_numpy(np.ascontiguousarray(values.astype(np.int64 if whole else np.float32)))
 
 
-def _require(table: Table, columns: Sequence[str], origin: str) -> None:
+def _require(table: Table, columns: Sequence[str]) -> None:
     missing = [c for c in columns if c not in table]
     if missing:
         raise DataError(
             [
-                f"{origin} has no column '{c}'{did_you_mean(c, table)}; it has {quoted(table)}"
+                f"{table.origin} has no column '{c}'{did_you_mean(c, table)}; it has "
+                f"{quoted(table)}"
                 for c in missing
             ]
         )
 
 
+def split_table(
+    table: Mapping[str, np.ndarray],
+    split_column: str | None = None,
+    fractions: Mapping[str, float] | None = None,
+    origin: str = "the table",
+) -> dict[str, Table]:
+    """Cut a table into splits: by the values of ``split_column``, else by ``fractions`` in row
+    order (default 80/10/10 % train/valid/test). Each part keeps its rows' lines."""
+    t = as_table(table, origin)
+    if split_column is not None:
+        if split_column not in t:
+            raise DataError(
+                [
+                    f"{t.origin} has no split column '{split_column}'"
+                    f"{did_you_mean(split_column, t)}; it has {quoted(t)}"
+                ]
+            )
+        labels = np.asarray([str(v).strip() for v in t[split_column]])
+        return {s: t.take(labels == s) for s in dict.fromkeys(labels.tolist())}
+    n = table_length(t)
+    out: dict[str, Table] = {}
+    start = 0
+    for s, fraction in (fractions or DEFAULT_FRACTIONS).items():
+        stop = min(n, start + round(fraction * n))
+        out[s] = t.take(slice(start, stop))
+        start = stop
+    return out
+
+
 def table_dataset(
     name: str,
     split: str,
-    table: Table,
+    table: Mapping[str, np.ndarray],
     fields: Mapping[str, str | Sequence[str]],
     labels: Mapping[str, str],
     text: Mapping[str, Tokenizer] | None = None,
@@ -327,7 +762,7 @@ def table_dataset(
         labels: Task name -> label column.
         text: Column -> tokenizer (a :class:`WordTokenizer` or any ``str -> ids`` callable);
             these columns are tokenised instead of read as numbers.
-        origin: How messages name the table (e.g. its file).
+        origin: How messages name a plain mapping (a :class:`Table` names its file).
 
     Raises:
         DataError: Absent columns, cells that are not numbers: every problem at once.
@@ -344,19 +779,43 @@ def table_dataset(
         >>> x["desc"].tolist(), x["price"].tolist(), y["click_task"].tolist()
         ([[4, 5], [2, 3]], [[9.5], [20.0]], [1, 0])
     """
+    t = as_table(table, origin)
+    try:
+        X, Y = table_columns(t, fields, labels, text)
+    except DataError as e:
+        header = f"cannot read dataset '{name}' ({split}) from {t.origin}:"
+        raise DataError(e.problems, header=header) from e
+    return DictDataset(name, split, X, Y)
+
+
+def table_columns(
+    table: Table,
+    fields: Mapping[str, str | Sequence[str]],
+    labels: Mapping[str, str],
+    text: Mapping[str, Tokenizer] | None = None,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(X, Y)``: every input field and label of a table.
+
+    Raises:
+        DataError: Every absent column and bad cell at once.
+    """
     problems: list[str] = []
     X: dict[str, Any] = {}
     Y: dict[str, torch.Tensor] = {}
     for fld, columns in fields.items():
         try:
-            X[fld] = field_values(table, columns, origin, text)
+            X[fld] = field_values(table, columns, table.origin, text)
         except DataError as e:
-            problems += [f"field '{fld}': {p}" for p in e.problems]
+            problems += [f"fields.{fld}: {p}" for p in e.problems]
     for task, column in labels.items():
         try:
-            Y[task] = label_values(table, column, origin)
+            Y[task] = label_values(table, column, table.origin)
         except DataError as e:
-            problems += [f"label '{task}': {p}" for p in e.problems]
+            problems += [f"labels.{task}: {p}" for p in e.problems]
     if problems:
-        raise DataError(problems, header=f"cannot read dataset '{name}' ({split}) from {origin}:")
-    return DictDataset(name, split, X, Y)
+        n = len(problems)
+        raise DataError(
+            problems,
+            header=f"cannot read {table.origin} ({n} problem{'s' * (n > 1)}):" if n > 1 else None,
+        )
+    return X, Y
