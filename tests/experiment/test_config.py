@@ -41,7 +41,7 @@ def test_tiny_config_loads_with_defaults_filled(tmp_path: Path) -> None:
     assert (cfg.trainer.n_epochs, cfg.trainer.lr, cfg.trainer.optimizer) == (2, 0.05, "adam")
     assert cfg.tasks["circle_task"].task_type == "multiclass"
     assert cfg.tasks["circle_task"].ops[0].inputs == [["_input_", "xy"]]
-    assert cfg.data.datasets["circles"].args == {"n": 200, "seed": 0}
+    assert cfg.data.datasets["circles"].source.args == {"n": 200, "seed": 0}
     assert cfg.base_dir == str(tmp_path.resolve())
 
 
@@ -355,7 +355,7 @@ def test_overrides_set_create_and_index(tmp_path: Path) -> None:
             "trainer.optimizer={name: sgd, momentum: 0.5}",
             "tasks.circle_task.weight=2",
             "tasks.circle_task.ops[1].name=head_out",
-            "data.datasets.circles.args.n=100",
+            "data.datasets.circles.source.args.n=100",
             "modules.trunk.hidden=[16, 8]",
             "trainer.checkpoint_metric=null",
         ],
@@ -364,7 +364,7 @@ def test_overrides_set_create_and_index(tmp_path: Path) -> None:
     assert cfg.trainer.optimizer == {"name": "sgd", "momentum": 0.5}
     assert cfg.tasks["circle_task"].weight == 2.0
     assert cfg.tasks["circle_task"].ops[1].name == "head_out"
-    assert cfg.data.datasets["circles"].args["n"] == 100
+    assert cfg.data.datasets["circles"].source.args["n"] == 100
     assert cfg.modules["trunk"]["hidden"] == [16, 8]
 
 
