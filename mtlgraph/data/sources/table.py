@@ -616,12 +616,18 @@ def input_numbers(table: Table, column: str) -> np.ndarray:
     i = _first_not_finite(values)
     if i is not None:
         cell = table[column][i]
-        shown = repr(cell) if not isinstance(cell, np.ndarray) else str(cell.tolist())
+        cell = cell.item() if isinstance(cell, np.generic) else cell
+        if isinstance(cell, np.ndarray):
+            shown = f"{cell.tolist()} is not a finite number"
+        elif isinstance(cell, float) and math.isnan(cell):
+            shown = "empty or NaN"
+        else:
+            shown = f"{cell!r} is not a finite number"
         raise DataError(
             [
-                f"{table.place(i)}, column '{column}': {shown} is not a finite number; every "
-                "row of a numeric input field needs one (fill the cell or remove the row; only "
-                "labels may be empty)"
+                f"{table.place(i)}, column '{column}': {shown}; every row of a numeric input "
+                "field needs a finite number (fill the cell or remove the row; only labels may "
+                "be empty)"
             ]
         )
     return values
@@ -681,7 +687,7 @@ def field_values(
             return array
         if array.dtype.kind == "f":
             array = array.astype(np.float32)
-        return torch.from_numpy(np.ascontiguousarray(array))
+        return torch.from_numpy(np.require(array, requirements=["C", "W"]))
     matrix = np.concatenate([a.reshape(len(a), -1) for a in arrays], axis=1) if arrays else None
     if matrix is None:
         return torch.zeros((table_length(t), 0))
@@ -695,7 +701,7 @@ def label_values(table: Mapping[str, np.ndarray], column: str, origin: str = "th
     _require(t, [column])
     values = numbers(t, column, "a label")
     if t.typed:  # arrays keep their dtype (float (N, C) soft labels stay floats)
-        return torch.from_numpy(np.ascontiguousarray(values))
+        return torch.from_numpy(np.require(values, requirements=["C", "W"]))
     whole = values.dtype.kind in "biu" or bool(
         np.all(np.isfinite(values)) and np.all(values == np.round(values))
     )
