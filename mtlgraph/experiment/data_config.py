@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from mtlgraph.data.sources.table import SUFFIXES
+from mtlgraph.data.sources.files import SUFFIXES
 
 SOURCE_TYPES = ("table", "npy", "images", "shards", "generator")
 """The kinds of ``source:``."""

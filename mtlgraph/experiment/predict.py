@@ -31,18 +31,17 @@ import torch
 
 from mtlgraph._suggest import did_you_mean, quoted
 from mtlgraph.data.datasets import MASK_SUFFIX, Batch, DictDataset, collate_dicts, pad_sequences
-from mtlgraph.data.sources.shards import shard_files
-from mtlgraph.data.sources.table import (
+from mtlgraph.data.sources.files import (
     SUFFIXES,
     TABLE_FORMATS,
     Table,
-    Tokenizer,
-    field_values,
     iter_table,
     read_table,
     table_format,
     table_length,
 )
+from mtlgraph.data.sources.shards import shard_files
+from mtlgraph.data.sources.table import Tokenizer, field_values
 from mtlgraph.data.sources.tokenizer import WordTokenizer
 from mtlgraph.exceptions import ConfigError, DataError
 from mtlgraph.experiment.config import ExperimentConfig

@@ -22,13 +22,8 @@ import torch
 
 from mtlgraph._suggest import did_you_mean, quoted
 from mtlgraph.data.datasets import DictDataset
-from mtlgraph.data.sources.table import (
-    Table,
-    Tokenizer,
-    read_table,
-    split_table,
-    table_columns,
-)
+from mtlgraph.data.sources.files import Table, read_table
+from mtlgraph.data.sources.table import Tokenizer, split_table, table_columns
 from mtlgraph.data.sources.tokenizer import WordTokenizer
 from mtlgraph.data.synthetic import GENERATORS
 from mtlgraph.exceptions import CheckpointError, DataError

@@ -210,12 +210,12 @@ def test_missing_file_absent_column_and_bad_cell_are_named(tmp_path: Path) -> No
     problems = info.value.problems
     base = tmp_path.resolve()
     assert problems == [
-        f"data.datasets.gone: source.path: file '{base / 'missing.npz'}' does not exist",
-        f"data.datasets.csv: field 'xy': '{base / 'pts.csv'}' line 3, column 'x0': 'abc' is not "
+        f"data.datasets.gone.source.path: file '{base / 'missing.npz'}' does not exist",
+        f"data.datasets.csv.fields.xy: '{base / 'pts.csv'}' line 3, column 'x0': 'abc' is not "
         "a number; an input field needs numbers (declare the column under 'text' to tokenise it)",
-        f"data.datasets.csv: label 'circle_task': '{base / 'pts.csv'}' has no column 'lable' "
+        f"data.datasets.csv.labels.circle_task: '{base / 'pts.csv'}' has no column 'lable' "
         "(did you mean 'label'?); it has 'label', 'x0', 'x1'",
-        f"data.datasets.npz: field 'xy': '{base / 'p.npz'}' has no column 'xs' (did you mean "
+        f"data.datasets.npz.fields.xy: '{base / 'p.npz'}' has no column 'xs' (did you mean "
         "'x'?); it has 'x', 'y'",
     ]
     assert str(info.value).startswith("cannot load the data (4 problems)")
@@ -241,9 +241,9 @@ def test_unreadable_files_and_a_missing_split_column_are_named(tmp_path: Path) -
         _experiment(tmp_path, cfg)
     base = tmp_path.resolve()
     assert info.value.problems == [
-        f"data.datasets.empty: source.path: '{base / 'empty.csv'}' is empty; its first line must "
+        f"data.datasets.empty.source.path: '{base / 'empty.csv'}' is empty; its first line must "
         "name the columns",
-        f"data.datasets.cut: source.split_column: '{base / 'pts.csv'}' has no split column "
+        f"data.datasets.cut.source.split_column: '{base / 'pts.csv'}' has no split column "
         "'splt'; it has 'label', 'x0', 'x1'",
     ]
 

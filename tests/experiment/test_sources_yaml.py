@@ -147,7 +147,7 @@ def test_data_problems_name_the_column_and_row(tmp_path: Path) -> None:
         build_experiment(parse_config(cfg, base_dir=tmp_path))
     message = str(info.value)
     assert (
-        "data.datasets.reviews: field 'stars': '" in message
+        "data.datasets.reviews.fields.stars: '" in message
         and "reviews.jsonl' line 201, column 'stars': 'many' is not a number" in message
     )
     assert "has no column 'labl' (did you mean 'label'?)" in message

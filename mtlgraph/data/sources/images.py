@@ -20,7 +20,8 @@ import torch
 from torch.utils.data import Dataset
 
 from mtlgraph.data.datasets import Batch
-from mtlgraph.data.sources.table import Table, Tokenizer, as_table, table_columns, table_length
+from mtlgraph.data.sources.files import Table, as_table, table_length
+from mtlgraph.data.sources.table import Tokenizer, table_columns
 from mtlgraph.exceptions import DataError
 
 IMAGE_MODES = ("L", "RGB", "RGBA")

@@ -18,13 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from mtlgraph.data.sources.table import (
-    Tokenizer,
-    read_table,
-    table_columns,
-    table_format,
-    table_length,
-)
+from mtlgraph.data.sources.files import read_table, table_format, table_length
+from mtlgraph.data.sources.table import Tokenizer, table_columns
 from mtlgraph.data.streams import Example, ExampleStream
 from mtlgraph.exceptions import DataError
 
