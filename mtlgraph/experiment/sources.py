@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -345,6 +346,17 @@ def _dataset(
     return dataset if dataset is not None else DictDataset(name, split, X, Y)
 
 
+def _table_labels(
+    tasks: Mapping[str, TaskConfig],
+    columns: Mapping[str, str],
+    task: str,
+    labels: torch.Tensor,
+    table: Table,
+) -> torch.Tensor:
+    """:func:`task_labels` of a table's labels (a shard's, in a loader's worker)."""
+    return task_labels(labels, tasks[task], columns[task], table.place)
+
+
 def _single(spec: str | list[str], key: str) -> str:
     if not isinstance(spec, str):
         raise DataError([f"{key}: name one label column, got {spec}"])
@@ -412,13 +424,7 @@ def _shards(
         train = Table({c: np.concatenate([p[c] for p in parts]) for c in built})
     toks = tokenizers(name, src, train, run, saved)
     labels = {task: _single(spec, f"labels.{task}") for task, spec in ds.labels.items()}
-    dtypes, ignore = {}, {}
-    for task in labels:
-        tc = cfg.tasks[task]
-        dtypes[task] = torch.float32 if tc.task_type == "regression" else torch.int64
-        value = -1 if tc.ignore_value == "default" else tc.ignore_value
-        if isinstance(value, int) and not isinstance(value, bool):
-            ignore[task] = value
+    labels_as = partial(_table_labels, {t: cfg.tasks[t] for t in labels}, labels)
     out = []
     for split, found in files.items():
         stream = ShardStream(
@@ -428,8 +434,7 @@ def _shards(
             toks,
             src.format,
             shuffle=split == train_split,
-            label_dtypes=dtypes,
-            ignore_value=ignore,
+            labels_as=labels_as,
         )
         out.append(named_dataset(name, split, stream, list(labels)))
     return out, toks

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from mtlgraph.data.sources.files import read_table, table_format, table_length
+from mtlgraph.data.sources.files import Table, read_table, table_format, table_length
 from mtlgraph.data.sources.table import Tokenizer, table_columns
 from mtlgraph.data.streams import Example, ExampleStream
 from mtlgraph.exceptions import DataError
@@ -66,10 +66,9 @@ class ShardStream(ExampleStream):
         fmt: ``"csv"``, ``"jsonl"`` or ``"parquet"``; ``None`` = from each file's suffix.
         shuffle: Shuffle the rows within a file, in an order fixed by the stream's seed (the
             loader's seed, the pass and the file).
-        label_dtypes: Task -> ``torch.float32`` or ``torch.int64`` (default: ``int64`` for whole
-            numbers, else ``float32``, per file).
-        ignore_value: Task -> the value missing labels (empty cells, ``null``) become in an
-            ``int64`` label.
+        labels_as: ``(task, labels, table) -> labels`` as the task needs them (the YAML passes
+            its tasks' rule: class ids, missing labels as the ignore value); ``None`` = as read
+            (``int64`` for whole numbers, else ``float32`` with NaN for a missing label).
 
     Raises:
         DataError: While reading: a shard that disappeared or cannot be read, an absent column,
@@ -94,8 +93,7 @@ class ShardStream(ExampleStream):
         text: Mapping[str, Tokenizer] | None = None,
         fmt: str | None = None,
         shuffle: bool = False,
-        label_dtypes: Mapping[str, torch.dtype] | None = None,
-        ignore_value: Mapping[str, int] | None = None,
+        labels_as: Callable[[str, torch.Tensor, Table], torch.Tensor] | None = None,
     ) -> None:
         self.files = [Path(f) for f in files]
         for f in self.files:
@@ -106,8 +104,7 @@ class ShardStream(ExampleStream):
         self.text = dict(text or {})
         self.fmt = fmt
         self.shuffle = shuffle
-        self.label_dtypes = dict(label_dtypes or {})
-        self.ignore_value = dict(ignore_value or {})
+        self.labels_as = labels_as
 
     def num_units(self) -> int:
         return len(self.files)
@@ -137,23 +134,9 @@ class ShardStream(ExampleStream):
             X, Y = table_columns(table, self.fields, self._label_columns, self.text)
         except DataError as e:
             raise DataError(e.problems, header=f"cannot read shard '{file}':") from e
-        Y = {task: self._labels(task, values, table.origin) for task, values in Y.items()}
-        rows = table_length(table)
-        return X, Y, rows
-
-    def _labels(self, task: str, values: torch.Tensor, origin: str) -> torch.Tensor:
-        dtype = self.label_dtypes.get(task)
-        if dtype is None or dtype.is_floating_point:
-            return values if dtype is None else values.to(dtype)
-        if values.is_floating_point():
-            nan = torch.isnan(values)
-            if nan.any():
-                if task not in self.ignore_value:
-                    raise DataError([f"{origin}: task '{task}' has missing labels"])
-                values = torch.where(nan, float(self.ignore_value[task]), values)
-            if bool((values != torch.round(values)).any()):
-                raise DataError([f"{origin}: task '{task}' has labels that are not class ids"])
-        return values.to(dtype)
+        if self.labels_as is not None:
+            Y = {task: self.labels_as(task, values, table) for task, values in Y.items()}
+        return X, Y, table_length(table)
 
     def iter_unit(self, unit: int, start: int, seed: int) -> Iterator[Example]:
         X, Y, rows = self.read_unit(unit)
