@@ -145,7 +145,7 @@ def field_specs(cfg: ExperimentConfig, fields: Sequence[str]) -> Specs:
 
 
 def resolve_columns(
-    specs: Specs, available: Sequence[str], source: str, kind: str = "column"
+    specs: Specs, available: Sequence[str], source: str
 ) -> dict[str, str | list[str]]:
     """The column (or columns) each field is read from.
 
@@ -164,7 +164,7 @@ def resolve_columns(
         else:
             looked = quoted(dict.fromkeys(n for s in options for n in _names(s)))
             problems.append(
-                f"{source} has no {kind} for input field '{f}' (looked for {looked})"
+                f"{source} has no column for input field '{f}' (looked for {looked})"
                 f"{did_you_mean(f, available)}; it has {quoted(available) or 'nothing'}"
             )
     if problems:
