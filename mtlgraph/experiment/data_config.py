@@ -19,9 +19,6 @@ import yaml
 
 from mtlgraph.data.sources.files import SUFFIXES
 
-SOURCE_TYPES = ("table", "npy", "images", "shards", "generator")
-"""The kinds of ``source:``."""
-
 
 @dataclass
 class TextConfig:
@@ -190,6 +187,7 @@ class DataConfig:
 
 
 _OLD_KEYS = ("generator", "args", "path", "format", "split_field", "fractions")
+_OLD_ONLY = ("generator", "path", "format", "split_field")  # 'args' or 'fractions' alone: unknown
 
 
 def old_spelling_problems(data: Any) -> list[str]:
@@ -203,7 +201,7 @@ def old_spelling_problems(data: Any) -> list[str]:
         return []
     problems = []
     for name, ds in datasets.items():
-        if not isinstance(ds, dict) or not any(k in ds for k in _OLD_KEYS[:1] + _OLD_KEYS[2:5]):
+        if not isinstance(ds, dict) or not any(k in ds for k in _OLD_ONLY):
             continue
         old = {k: ds.pop(k) for k in _OLD_KEYS if k in ds}
         source: dict[str, Any] = {}
@@ -231,7 +229,6 @@ def old_spelling_problems(data: Any) -> list[str]:
 
 
 __all__ = [
-    "SOURCE_TYPES",
     "DataConfig",
     "DatasetConfig",
     "ImagesConfig",
