@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from mtlgraph import DictDataLoader, DictDataset
-from mtlgraph.data.sources import WordTokenizer, read_table, split_table, table_dataset
+from mtlgraph.data.sources import (
+    WordTokenizer,
+    iter_table,
+    read_table,
+    split_table,
+    table_dataset,
+)
 from mtlgraph.exceptions import DataError
 
 ROWS = [
@@ -136,3 +142,17 @@ def test_floats_and_missing_labels_stay_float(tmp_path: Path) -> None:
     ds = table_dataset("d", "train", read_table(f), {"x": "x"}, {"t": "y"})
     y = ds.Y_dict["t"]
     assert y.dtype == torch.float32 and y[0] == 0.5 and torch.isnan(y[1])
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
+@pytest.mark.parametrize("rows", [1, 2, 4, 5])
+def test_chunks_are_the_whole_file_cut_in_order(tmp_path: Path, fmt: str, rows: int) -> None:
+    f = write(tmp_path, fmt)
+    whole = read_table(f)
+    chunks = list(iter_table(f, rows=rows))
+    assert [len(c["price"]) for c in chunks] == [min(rows, 4 - i) for i in range(0, 4, rows)]
+    for column in whole:
+        assert np.concatenate([c[column] for c in chunks]).tolist() == whole[column].tolist()
+    first = 2 if fmt == "csv" else 1  # a CSV's first line is its header
+    unit = "row" if fmt == "parquet" else "line"
+    assert [c.place(0) for c in chunks] == [f"'{f}' {unit} {first + i}" for i in range(0, 4, rows)]

@@ -299,7 +299,7 @@ def _csv_chunks(file: Path, columns: Sequence[str] | None, rows: int | None) -> 
                     for out, (_, j) in zip(cells, keep, strict=True):
                         out.append(row[j])
             full = rows is not None and len(lines) == rows
-            if lines or not full:
+            if lines or rows is None:
                 arrays = {
                     c: np.asarray(v, dtype=object) for (c, _), v in zip(keep, cells, strict=True)
                 }
