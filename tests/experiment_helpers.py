@@ -38,14 +38,12 @@ TINY: dict[str, Any] = {
         "batch_size": 16,
         "datasets": {
             "circles": {
-                "generator": "circle",
-                "args": {"n": 200, "seed": 0},
+                "source": {"type": "generator", "name": "circle", "args": {"n": 200, "seed": 0}},
                 "fields": {"xy": "x"},
                 "labels": {"circle_task": "y"},
             },
             "squares": {
-                "generator": "square",
-                "args": {"n": 200, "seed": 0},
+                "source": {"type": "generator", "name": "square", "args": {"n": 200, "seed": 0}},
                 "fields": {"xy": "x"},
                 "labels": {"square_task": "y"},
             },

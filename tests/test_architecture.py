@@ -252,13 +252,8 @@ KNOWN_CYCLES: list[frozenset[str]] = [
             "mtlgraph.experiment.sources",
         }
     ),
-    frozenset({"mtlgraph.experiment.predict", "mtlgraph.experiment.predict_sources"}),
 ]
-KNOWN_PRIVATE_IMPORTS: set[tuple[str, str, str]] = {
-    ("mtlgraph/experiment/predict_sources.py", "_vocab_file", "mtlgraph.experiment.sources"),
-    ("mtlgraph/experiment/predict_sources.py", "_user_tokenizer", "mtlgraph.experiment.sources"),
-    ("mtlgraph/experiment/predict_sources.py", "_SUFFIXES", "mtlgraph.data.sources.table"),
-}
+KNOWN_PRIVATE_IMPORTS: set[tuple[str, str, str]] = set()
 
 
 def test_no_import_cycles() -> None:

@@ -2,9 +2,9 @@
 
 A config declares a whole experiment: ``modules`` (by registry name and keyword arguments),
 ``tasks`` (module pools, operation sequences, task type, loss, metrics, weight), ``data``
-(generators or ``.npz``/``.csv`` files and how their arrays/columns become input fields and task
-labels), and ``trainer`` (exactly the keyword arguments of :class:`~mtlgraph.Trainer`). Every
-field is documented in ``docs/config.md``.
+(each dataset's ``source:`` and which of its columns or arrays are input fields and task labels),
+and ``trainer`` (exactly the keyword arguments of :class:`~mtlgraph.Trainer`). Every field is
+documented in ``docs/config.md``.
 
 Validation is strict and reports everything at once, each problem naming the file, the line and
 the dotted key, with a suggestion where one is close::
@@ -38,17 +38,14 @@ from mtlgraph._schema import Problems, build, convert, plain_config
 from mtlgraph._suggest import did_you_mean, quoted
 from mtlgraph.data.synthetic import GENERATORS
 from mtlgraph.exceptions import ConfigError
+from mtlgraph.experiment.data_config import DataConfig, DatasetConfig, old_spelling_problems
 from mtlgraph.experiment.imports import absolute, import_dirs, import_user_modules, run_import_paths
 from mtlgraph.experiment.module_types import check_module_spec, is_dotted
-from mtlgraph.experiment.sources import SourceConfig
 from mtlgraph.experiment.yaml_lines import apply_overrides, locate, parse_yaml
 from mtlgraph.graph.modules import get_module_factory, module_types
 from mtlgraph.graph.task import INPUT, TaskType, loss_names
 from mtlgraph.metrics import metric_spec_problems
 from mtlgraph.training.trainer import TrainerConfig
-
-FILE_FORMATS = ("npz", "csv", "npy")
-
 
 # ---------------------------------------------------------------- the schema
 
@@ -105,109 +102,6 @@ class TaskConfig:
 
 
 @dataclass
-class DatasetConfig:
-    """One dataset: where its rows come from and which arrays/columns are fields and labels."""
-
-    fields: dict[str, str | list[str]]  # X field -> array (npz, generator) or column(s) (csv)
-    labels: dict[str, str | list[str]]  # task name -> array or column(s) holding its labels
-    generator: str | None = None  # built-in generator (mtlgraph.data.synthetic.GENERATORS)
-    args: dict[str, Any] = field(default_factory=dict)  # generator keyword arguments
-    path: str | dict[str, str] | None = None  # .npz/.csv file, or {split: file}; relative to config
-    format: Literal["npz", "csv", "npy"] | None = None  # file format; null = from the suffix
-    # npy: path is a directory of .npy files (arrays named by file stem), memory-mapped
-    split_field: str | None = None  # array/column naming each row's split (one file)
-    fractions: dict[str, float] | None = None  # {split: fraction} cut in row order (one file)
-    splits: list[str] | None = None  # splits to load; null = all
-    batch_size: int | None = None  # null = data.batch_size
-    shuffle: bool | None = None  # reshuffle its training split each epoch; null = data.shuffle
-    # --- data loading (issue 12)
-    num_workers: int | None = None  # DataLoader worker processes; null = data.num_workers
-    source: SourceConfig | None = None  # images, table or shards files (docs/data-sources.md)
-
-    def validate(self) -> list[str]:
-        problems = [*self._source_problems(), *self._fraction_problems()]
-        if not self.fields:
-            problems.append("fields: empty; map at least one input field to an array or column")
-        if not self.labels:
-            problems.append("labels: empty; map at least one task to its label array or column")
-        if self.batch_size is not None and self.batch_size < 1:
-            problems.append(f"batch_size: must be >= 1, got {self.batch_size}")
-        if self.num_workers is not None and self.num_workers < 0:
-            problems.append(f"num_workers: must be >= 0, got {self.num_workers}")
-        return problems
-
-    def _source_problems(self) -> list[str]:
-        """Exactly one of generator and path; file-only keys with one file; known formats."""
-        problems = []
-        if (self.generator is None) + (self.path is None) + (self.source is None) != 2:
-            problems.append("generator: give exactly one of 'generator' and 'path' (or a 'source')")
-        if self.args and self.generator is None:
-            problems.append("args: generator arguments need a 'generator'")
-        single = isinstance(self.path, str)
-        for key in ("split_field", "fractions"):
-            if getattr(self, key) is not None and not single:
-                problems.append(f"{key}: only for a single file ('path: file.csv')")
-        paths = self.path.values() if isinstance(self.path, dict) else [self.path or ""]
-        for p in paths:
-            suffix = Path(p).suffix.lstrip(".").lower()
-            if p and self.format is None and suffix not in FILE_FORMATS:
-                problems.append(
-                    f"path: cannot tell the format of '{p}' from its suffix; use a .npz or .csv "
-                    "file or set 'format'"
-                )
-        return problems
-
-    def _fraction_problems(self) -> list[str]:
-        if self.fractions is None:
-            return []
-        problems = []
-        if self.split_field is not None:
-            problems.append("fractions: give 'split_field' or 'fractions', not both")
-        bad = [f"{k}={v}" for k, v in self.fractions.items() if not 0 < v <= 1]
-        if bad or not self.fractions:
-            problems.append(f"fractions: each must be in (0, 1], got {', '.join(bad) or '{}'}")
-        elif sum(self.fractions.values()) > 1 + 1e-9:
-            problems.append(f"fractions: sum to {sum(self.fractions.values()):.4g} > 1")
-        return problems
-
-
-@dataclass
-class DataConfig:
-    """The datasets and loader defaults."""
-
-    datasets: dict[str, DatasetConfig]  # dataset name (the 2nd part of score keys) -> dataset
-    batch_size: int = 32  # examples per batch (a dataset may override)
-    shuffle: bool = False  # reshuffle training loaders every epoch (a dataset may override)
-    seed: int = 0  # shuffling seed; dataset `name` uses seed + crc32(name)
-    # --- data loading (issue 12; docs/data.md)
-    num_workers: int = 0  # DataLoader worker processes per loader (a dataset may override)
-    persistent_workers: bool = False  # keep workers alive between passes (num_workers > 0)
-    pin_memory: bool = False  # page-locked batches for faster copies to CUDA
-    prefetch_factor: int | None = None  # batches each worker loads ahead; null = torch's 2
-
-    def validate(self) -> list[str]:
-        problems = []
-        if self.batch_size < 1:
-            problems.append(f"batch_size: must be >= 1, got {self.batch_size}")
-        if not self.datasets:
-            problems.append("datasets: empty; declare at least one dataset")
-        return problems + self._loading_problems()
-
-    def _loading_problems(self) -> list[str]:
-        problems = []
-        if self.num_workers < 0:
-            problems.append(f"num_workers: must be >= 0, got {self.num_workers}")
-        if self.prefetch_factor is not None and self.prefetch_factor < 1:
-            problems.append(f"prefetch_factor: must be >= 1 or null, got {self.prefetch_factor}")
-        workers = [self.num_workers] + [d.num_workers or 0 for d in self.datasets.values()]
-        if (self.prefetch_factor is not None or self.persistent_workers) and not any(workers):
-            problems.append(
-                "prefetch_factor and persistent_workers need worker processes; set num_workers"
-            )
-        return problems
-
-
-@dataclass
 class ExperimentConfig:
     """A whole experiment, as declared by a YAML file (see ``docs/config.md``).
 
@@ -216,8 +110,9 @@ class ExperimentConfig:
         >>> cfg = parse_config({
         ...     "modules": {"head": {"type": "linear", "in_features": 2, "out_features": 2}},
         ...     "tasks": {"t": {"ops": [{"module": "head", "inputs": [["_input_", "x"]]}]}},
-        ...     "data": {"datasets": {"d": {"generator": "circle", "args": {"n": 100},
-        ...                                 "fields": {"x": "x"}, "labels": {"t": "y"}}}},
+        ...     "data": {"datasets": {"d": {
+        ...         "source": {"type": "generator", "name": "circle", "args": {"n": 100}},
+        ...         "fields": {"x": "x"}, "labels": {"t": "y"}}}},
         ...     "trainer": {"n_epochs": 1, "lr": 0.05},
         ... })
         >>> cfg.trainer.lr, cfg.tasks["t"].ops[0].module
@@ -404,13 +299,14 @@ def _check_data(data: DataConfig, tasks: Mapping[str, TaskConfig]) -> list[str]:
                     f"{path}.labels.{label}: labels name tasks, and there is no task '{label}'"
                     f"{did_you_mean(label, tasks)}; tasks: {quoted(tasks)}"
                 )
-        if ds.generator is not None:
-            if ds.generator not in GENERATORS:
-                problems.append(f"{path}.generator: {GENERATORS.unknown(ds.generator)}")
+        src = ds.source
+        if src.type == "generator" and src.name is not None:
+            if src.name not in GENERATORS:
+                problems.append(f"{path}.source.name: {GENERATORS.unknown(src.name)}")
             else:
-                gen = GENERATORS.get(ds.generator)
+                gen = GENERATORS.get(src.name)
                 problems += check_kwargs(
-                    f"generator '{ds.generator}'", gen, ds.args, f"{path}.args"
+                    f"generator '{src.name}'", gen, src.args, f"{path}.source.args"
                 )
     return problems
 
@@ -450,6 +346,7 @@ def parse_config(
             ]
         )
     applied = apply_overrides(raw, overrides, problems)
+    problems += old_spelling_problems(raw.get("data"))
     import_user_modules(raw.get("imports", []), problems, import_dirs(raw, base_dir))
     cfg = build(ExperimentConfig, raw, "", problems)
     if problems or early:
@@ -515,9 +412,9 @@ def dump_run_config(cfg: ExperimentConfig) -> str:
 
     Example:
         >>> from mtlgraph.experiment.config import load_config
+        >>> from mtlgraph.experiment.data_config import SourceConfig
         >>> cfg = load_config("configs/quickstart.yaml")
-        >>> ds = cfg.data.datasets["circleDataset"]
-        >>> ds.generator, ds.path = None, "c.npz"
+        >>> cfg.data.datasets["circleDataset"].source = SourceConfig("table", "c.npz")
         >>> cfg.base_dir = "/data/exp"
         >>> "path: /data/exp/c.npz" in dump_run_config(cfg)
         True
@@ -525,11 +422,19 @@ def dump_run_config(cfg: ExperimentConfig) -> str:
     out = config_to_dict(cfg)
     base = Path(cfg.base_dir)
     for ds in (out.get("data") or {}).get("datasets", {}).values():
-        path = ds.get("path")
+        src = ds.get("source") or {}
+        path = src.get("path")
         if isinstance(path, str):
-            ds["path"] = _absolute(base, path)
+            src["path"] = _absolute(base, path)
+        elif isinstance(path, list):
+            src["path"] = [_absolute(base, p) for p in path]
         elif isinstance(path, dict):
-            ds["path"] = {split: _absolute(base, p) for split, p in path.items()}
+            src["path"] = {
+                s: [_absolute(base, p) for p in v] if isinstance(v, list) else _absolute(base, v)
+                for s, v in path.items()
+            }
+        if src.get("images"):
+            src["images"]["folder"] = _absolute(base, src["images"]["folder"])
     out["import_paths"] = run_import_paths(cfg.imports, cfg.import_paths, base)
     return yaml.safe_dump(out, sort_keys=False, default_flow_style=None)
 

@@ -146,7 +146,7 @@ def export_args(p: argparse.ArgumentParser) -> None:
 def export(args: argparse.Namespace) -> int:
     """Run ``mtlgraph export``; returns the exit status."""
     from mtlgraph.experiment.config import load_config
-    from mtlgraph.experiment.predict_sources import vocabulary_files
+    from mtlgraph.experiment.predict import vocabulary_files
     from mtlgraph.inference.export import input_fields, max_export_error, require_onnx, sidecar_path
     from mtlgraph.inference.predictions import check_output_path
     from mtlgraph.training.checkpoint import run_directory
@@ -240,22 +240,14 @@ def example_batch(
 ) -> dict[str, Any]:
     """The first ``rows`` rows of each field, from the config's datasets (to trace an export);
     a dataset declared with a file ``source`` is read with the run's vocabulary."""
-    from mtlgraph.experiment.build import load_datasets
-    from mtlgraph.experiment.predict import chunk_batch
-    from mtlgraph.experiment.predict_sources import read_source_dataset, source_dataset
+    from mtlgraph.experiment.predict import chunk_batch, read_config_dataset
 
-    name = source_dataset(cfg, fields)
-    if name is not None:
-        data = read_source_dataset(cfg, name, fields, run_dir)
-        X, _ = chunk_batch(next(iter(data.chunks(rows))))
-        return {f: v for f, v in X.items() if f in fields}
-    datasets, _ = load_datasets(cfg)
     example: dict[str, Any] = {}
-    for f in fields:
-        for ds in datasets:
-            if f in ds.X_dict:
-                X, _ = ds.batch(slice(0, rows))
-                example[f] = X[f]
-                break
+    for name, ds in cfg.data.datasets.items():
+        wanted = [f for f in fields if f in ds.fields and f not in example]
+        if wanted:
+            data = read_config_dataset(cfg, name, wanted, run_dir)
+            X, _ = chunk_batch(next(iter(data.chunks(rows))))
+            example.update({k: v for k, v in X.items() if k in wanted})
     n = min((len(v) for v in example.values()), default=0)
     return {f: v[:n] for f, v in example.items()}

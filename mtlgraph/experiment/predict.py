@@ -1,35 +1,26 @@
-"""Prediction data: new rows for a trained model, read through one dispatch point.
+"""Prediction data: new rows for a trained model, read as training reads them, labels dropped.
 
 Used by ``mtlgraph predict`` (:mod:`mtlgraph.experiment.inference_cli`, docs/inference.md).
+Every kind of prediction data goes through ONE dispatch point, :func:`read_prediction_data`,
+which returns a :class:`PredictionData`, a source of ``(ids, {field: array})`` chunks:
 
-Every kind of prediction data goes through ONE dispatch point, :func:`read_prediction_data`:
-it picks a reader from :data:`READERS` by format (``--format``, else the file's suffix, else
-what a directory holds) and the reader returns a :class:`PredictionData`, a source of
-``(ids, {field: array})`` chunks. Labels are never read. A field is looked up in the data under
-its own name first, then under each column or array a dataset of the config maps to it
-(``data.datasets.<name>.fields``), so the training config's column names work unchanged.
-
-Readers today: ``npz``, ``npy`` (one array, or a directory of ``<field>.npy`` files,
-memory-mapped), ``csv``, ``jsonl`` (numbers, or lists of numbers per cell), ``parquet`` (needs
-the ``tables`` extra) and ``dataset`` (``--data NAME[:SPLIT]``: a dataset of the config itself,
-through :func:`~mtlgraph.experiment.build.load_datasets`, whatever its source).
-
-A config dataset declared with a file ``source`` (table text, images, shards) is read through
-that declaration by :mod:`mtlgraph.experiment.predict_sources` (the run's vocabulary, the
-declared image transforms, file names as ids), chosen here too.
-
-**Where new formats plug in**: add a reader ``read(path, fields, id_column) -> PredictionData``
-to :data:`READERS` under its format name, and teach :func:`data_format` to recognise its files
-or directories. A reader that has per-example file names uses them as ids.
+- a file (CSV, JSON Lines, Parquet, ``.npz``, a ``.npy`` file or a directory of them) or a
+  glob of files is read in chunks by :mod:`mtlgraph.data.sources`, the reader training uses,
+  with the same rules (a bad row is an error naming the file, line and column; no row is
+  dropped): one prediction per row, in order. A field is looked up under its own name first,
+  then under the column(s) a config dataset reads it from, so the training config's column
+  names work unchanged; text columns are tokenised with the run's saved vocabulary
+  (``<run_dir>/vocab/<dataset>.<column>.json``) or the declared user tokenizer;
+- for a dataset declared with ``images``: a folder of images (ids are the file names) or a
+  table naming the files, decoded, resized and normalised as declared, batch by batch;
+- ``NAME[:SPLIT]``: a dataset of the config, built by
+  :func:`~mtlgraph.experiment.sources.load_datasets` for the run directory.
 """
 
 from __future__ import annotations
 
 import copy
-import csv
 import glob
-import json
-import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,9 +30,26 @@ import numpy as np
 import torch
 
 from mtlgraph._suggest import did_you_mean, quoted
-from mtlgraph.data.datasets import Batch
+from mtlgraph.data.datasets import MASK_SUFFIX, Batch, DictDataset, collate_dicts, pad_sequences
+from mtlgraph.data.sources.files import (
+    SUFFIXES,
+    TABLE_FORMATS,
+    Table,
+    iter_table,
+    read_table,
+    table_format,
+    table_length,
+)
+from mtlgraph.data.sources.shards import shard_files
+from mtlgraph.data.sources.table import Tokenizer, field_values
+from mtlgraph.data.sources.tokenizer import WordTokenizer
 from mtlgraph.exceptions import ConfigError, DataError
 from mtlgraph.experiment.config import ExperimentConfig
+from mtlgraph.experiment.data_config import DatasetConfig
+from mtlgraph.experiment.sources import image_decoder, user_tokenizer, vocab_file
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+"""Files of a folder read as images by ``--data FOLDER``."""
 
 ID_FIELD = "__id__"
 """The batch field that carries each row's id to the prediction writer."""
@@ -89,8 +97,6 @@ def _identity(batch: Any) -> Any:
 def chunk_batch(chunk: Chunk | Callable[[], Chunk]) -> Batch:
     """A chunk as a batch: arrays become tensors, lists of 1-D id tensors (tokenised text) are
     padded with a ``<field>_mask``; a callable chunk (decoded images) is read first."""
-    from mtlgraph.data.datasets import MASK_SUFFIX, pad_sequences
-
     ids, arrays = chunk() if callable(chunk) else chunk
     X: dict[str, Any] = {}
     for f, a in arrays.items():
@@ -139,7 +145,7 @@ def field_specs(cfg: ExperimentConfig, fields: Sequence[str]) -> Specs:
 
 
 def resolve_columns(
-    specs: Specs, available: Sequence[str], source: str, kind: str = "column"
+    specs: Specs, available: Sequence[str], source: str
 ) -> dict[str, str | list[str]]:
     """The column (or columns) each field is read from.
 
@@ -158,7 +164,7 @@ def resolve_columns(
         else:
             looked = quoted(dict.fromkeys(n for s in options for n in _names(s)))
             problems.append(
-                f"{source} has no {kind} for input field '{f}' (looked for {looked})"
+                f"{source} has no column for input field '{f}' (looked for {looked})"
                 f"{did_you_mean(f, available)}; it has {quoted(available) or 'nothing'}"
             )
     if problems:
@@ -170,349 +176,305 @@ def _names(spec: str | list[str]) -> list[str]:
     return [spec] if isinstance(spec, str) else list(spec)
 
 
-def _check_id(id_column: str | None, available: Sequence[str], source: str, kind: str) -> None:
+def _check_id(id_column: str | None, available: Sequence[str], source: str) -> None:
     if id_column is not None and id_column not in available:
         raise DataError(
             [
-                f"{source} has no id {kind} '{id_column}'{did_you_mean(id_column, available)}; "
+                f"{source} has no id column '{id_column}'{did_you_mean(id_column, available)}; "
                 f"it has {quoted(available)}"
             ]
         )
 
 
-def _as_field(values: Sequence[Any] | np.ndarray, what: str, start: int) -> np.ndarray:
-    """A column's cells as a field array: numbers become ``(N, 1)``, lists ``(N, L...)``;
-    numbers as float32 (as training from a table reads them)."""
-    try:
-        array = np.asarray(values, dtype=np.float32)
-    except (ValueError, TypeError):
-        try:
-            array = np.stack([np.asarray(v, dtype=np.float32) for v in values])
-        except (ValueError, TypeError):
-            shapes = [np.shape(v) for v in values]
-            i = next(i for i, s in enumerate(shapes) if s != shapes[0])
-            raise DataError(
-                [
-                    f"{what} holds values of different shapes: {shapes[0]} in row {start} but "
-                    f"{shapes[i]} in row {start + i} (rows count from 0); every row of a field "
-                    "needs the same shape"
-                ]
-            ) from None
-    return array[:, None] if array.ndim == 1 else array
+def _id_values(table: Table, id_column: str | None, start: int) -> list[Any]:
+    if id_column is None:
+        return list(range(start, start + table_length(table)))
+    return [
+        v.item() if isinstance(v, np.generic) else v.strip() if isinstance(v, str) else v
+        for v in table[id_column]
+    ]
 
 
-def _stack(
-    columns: Mapping[str, Sequence[Any] | np.ndarray],
-    spec: str | list[str],
-    source: str,
-    start: int,
-) -> np.ndarray:
-    return np.concatenate(
-        [_as_field(columns[n], f"column '{n}' of {source}", start) for n in _names(spec)], axis=1
-    )
+# ---------------------------------------------------------------- the run's text and images
 
 
-# ---------------------------------------------------------------- readers
+def declaring_dataset(cfg: ExperimentConfig, fields: Sequence[str]) -> str | None:
+    """The first config dataset whose ``fields`` hold every field (its source says how new
+    files are read: text columns, images)."""
+    for name, ds in cfg.data.datasets.items():
+        if fields and all(f in ds.fields for f in fields):
+            return name
+    return None
 
 
-def _read_npz(path: Path, specs: Specs, id_column: str | None) -> PredictionData:
-    source = f"'{path}'"
-    with np.load(path, allow_pickle=False) as npz:
-        arrays = {k: npz[k] for k in npz.files}
-    return _from_arrays(arrays, specs, id_column, source, "array")
+def vocabulary_files(
+    cfg: ExperimentConfig, run_dir: Path | None, fields: Sequence[str]
+) -> dict[str, str]:
+    """``{field: vocabulary file}`` of the text fields among ``fields`` whose vocabulary the
+    run saved (the export sidecar names them)."""
+    out: dict[str, str] = {}
+    if run_dir is None:
+        return out
+    for name, ds in cfg.data.datasets.items():
+        text = ds.source.text
+        for f in fields:
+            column = ds.fields.get(f)
+            if f in out or not isinstance(column, str) or column not in text:
+                continue
+            file = vocab_file(run_dir, name, column)
+            if text[column].tokenizer is None and file.is_file():
+                out[f] = str(file)
+    return out
 
 
-def _from_arrays(
-    arrays: Mapping[str, np.ndarray],
-    specs: Specs,
-    id_column: str | None,
-    source: str,
-    kind: str,
-) -> PredictionData:
-    chosen = resolve_columns(specs, list(arrays), source, kind)
-    _check_id(id_column, list(arrays), source, kind)
-    fields = {f: _array_field(arrays, spec) for f, spec in chosen.items()}
-    lengths = {f: len(a) for f, a in fields.items()}
-    if len(set(lengths.values())) > 1:
-        listing = ", ".join(f"{f}: {n}" for f, n in lengths.items())
-        raise DataError([f"{source}: the input fields have different lengths ({listing})"])
-    n = next(iter(lengths.values()), 0)
-    ids = arrays[id_column] if id_column is not None else None
-
-    def chunks(size: int) -> Iterator[Chunk]:
-        for start in range(0, n, size):
-            stop = min(n, start + size)
-            row_ids = ids[start:stop].tolist() if ids is not None else list(range(start, stop))
-            yield row_ids, {f: _float32(a[start:stop]) for f, a in fields.items()}
-
-    return PredictionData(source, n, chunks)
-
-
-def _array_field(arrays: Mapping[str, np.ndarray], spec: str | list[str]) -> np.ndarray:
-    if isinstance(spec, str):
-        return arrays[spec]
-    return np.stack([arrays[n] for n in spec], axis=1)
-
-
-def _float32(a: np.ndarray) -> np.ndarray:
-    return a.astype(np.float32) if a.dtype.kind == "f" and a.dtype != np.float32 else a
-
-
-def _read_npy(path: Path, specs: Specs, id_column: str | None) -> PredictionData:
-    """One ``.npy`` array (one field), or a directory of ``<name>.npy`` arrays, memory-mapped:
-    a chunk reads only its rows."""
-    if path.is_dir():
-        source = f"directory '{path}'"
-        names = sorted(p.stem for p in path.glob("*.npy"))
-        chosen = resolve_columns(specs, names, source, "array file (<name>.npy)")
-        _check_id(id_column, names, source, "array file (<name>.npy)")
-        needed = {n for spec in chosen.values() for n in _names(spec)} | {id_column} - {None}
-        arrays = {
-            str(n): np.load(path / f"{n}.npy", mmap_mode="r", allow_pickle=False) for n in needed
-        }
-        return _from_arrays(
-            arrays, {f: [spec] for f, spec in chosen.items()}, id_column, source, "array file"
-        )
-    if len(specs) != 1:
-        raise DataError(
-            [
-                f"'{path}' holds one array, but the tasks read the fields {quoted(specs)}: give a "
-                "directory of <field>.npy files, or a .npz file"
-            ]
-        )
-    if id_column is not None:
-        raise DataError([f"'{path}' holds one array and no id column '{id_column}'"])
-    array = np.load(path, mmap_mode="r", allow_pickle=False)
-    return _from_arrays({next(iter(specs)): array}, specs, None, f"'{path}'", "array")
-
-
-def _csv_cell(cell: str, column: str, row: int, source: str) -> Any:
-    text = cell.strip()
-    try:
-        if text.startswith("["):
-            return json.loads(text)
-        return float(text) if text else math.nan
-    except ValueError:
-        raise DataError(
-            [f"column '{column}' of {source} holds {cell!r} in data row {row + 1}, not a number"]
-        ) from None
-
-
-def _read_csv(path: Path, specs: Specs, id_column: str | None) -> PredictionData:
-    source = f"'{path}'"
-    with path.open(newline="") as fh:
-        header = [h.strip() for h in next(csv.reader(fh), [])]
-    if not header:
-        raise DataError([f"{source} is empty; the first row must name the columns"])
-    chosen = resolve_columns(specs, header, source)
-    _check_id(id_column, header, source, "column")
-    used = list(dict.fromkeys(n for spec in chosen.values() for n in _names(spec)))
-    index = {n: header.index(n) for n in [*used, *([id_column] if id_column else [])]}
-
-    def chunks(size: int) -> Iterator[Chunk]:
-        with path.open(newline="") as fh:
-            reader = csv.reader(fh)
-            next(reader)
-            rows: list[list[str]] = []
-            start = 0
-            for row in reader:
-                if not any(c.strip() for c in row):
-                    continue
-                rows.append(row)
-                if len(rows) == size:
-                    yield _csv_chunk(rows, start, chosen, index, id_column, source)
-                    start, rows = start + len(rows), []
-            if rows:
-                yield _csv_chunk(rows, start, chosen, index, id_column, source)
-
-    return PredictionData(source, None, chunks)
-
-
-def _csv_chunk(
-    rows: list[list[str]],
-    start: int,
-    chosen: Mapping[str, str | list[str]],
-    index: Mapping[str, int],
-    id_column: str | None,
-    source: str,
-) -> Chunk:
-    columns = {}
-    for name, j in index.items():
-        if name == id_column:
-            continue
-        columns[name] = [
-            _csv_cell(r[j] if j < len(r) else "", name, start + i, source)
-            for i, r in enumerate(rows)
-        ]
-    ids: list[Any] = (
-        [r[index[id_column]].strip() for r in rows]
-        if id_column is not None
-        else list(range(start, start + len(rows)))
-    )
-    return ids, {f: _stack(columns, spec, source, start) for f, spec in chosen.items()}
-
-
-def _read_jsonl(path: Path, specs: Specs, id_column: str | None) -> PredictionData:
-    source = f"'{path}'"
-    first: dict[str, Any] | None = None
-    with path.open(encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                first = _json_row(line, 1, source)
-                break
-    if first is None:
-        raise DataError([f"{source} holds no rows"])
-    chosen = resolve_columns(specs, list(first), source, "key")
-    _check_id(id_column, list(first), source, "key")
-    used = list(dict.fromkeys(n for spec in chosen.values() for n in _names(spec)))
-
-    def chunks(size: int) -> Iterator[Chunk]:
-        rows: list[dict[str, Any]] = []
-        start = 0
-        with path.open(encoding="utf-8") as fh:
-            for line_no, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                row = _json_row(line, line_no, source)
-                missing = [n for n in [*used, *([id_column] if id_column else [])] if n not in row]
-                if missing:
-                    raise DataError([f"line {line_no} of {source} has no key {quoted(missing)}"])
-                rows.append(row)
-                if len(rows) == size:
-                    yield _json_chunk(rows, start, chosen, used, id_column, source)
-                    start, rows = start + len(rows), []
-        if rows:
-            yield _json_chunk(rows, start, chosen, used, id_column, source)
-
-    return PredictionData(source, None, chunks)
-
-
-def _json_row(line: str, line_no: int, source: str) -> dict[str, Any]:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError([f"line {line_no} of {source} is not JSON: {e}"]) from None
-    if not isinstance(row, dict):
-        raise DataError([f"line {line_no} of {source} is not a JSON object"])
-    return row
-
-
-def _json_chunk(
-    rows: list[dict[str, Any]],
-    start: int,
-    chosen: Mapping[str, str | list[str]],
-    used: Sequence[str],
-    id_column: str | None,
-    source: str,
-) -> Chunk:
-    columns = {n: [r[n] for r in rows] for n in used}
-    ids = (
-        [r[id_column] for r in rows]
-        if id_column is not None
-        else list(range(start, start + len(rows)))
-    )
-    return ids, {f: _stack(columns, spec, source, start) for f, spec in chosen.items()}
-
-
-def _read_parquet(path: Path, specs: Specs, id_column: str | None) -> PredictionData:
-    from mtlgraph.inference.predictions import import_pyarrow
-
-    _, pq = import_pyarrow("reading Parquet")
-    source = f"'{path}'"
-    parquet = pq.ParquetFile(path)
-    names = list(parquet.schema_arrow.names)
-    chosen = resolve_columns(specs, names, source)
-    _check_id(id_column, names, source, "column")
-    used = list(dict.fromkeys(n for spec in chosen.values() for n in _names(spec)))
-    read = [*used, *([id_column] if id_column and id_column not in used else [])]
-
-    def chunks(size: int) -> Iterator[Chunk]:
-        start = 0
-        for record in pq.ParquetFile(path).iter_batches(batch_size=size, columns=read):
-            n = record.num_rows
-            columns = {c: record.column(c).to_numpy(zero_copy_only=False) for c in used}
-            ids = (
-                record.column(id_column).to_pylist()
-                if id_column is not None
-                else list(range(start, start + n))
-            )
-            start += n
-            yield ids, {f: _stack(columns, spec, source, start - n) for f, spec in chosen.items()}
-
-    return PredictionData(source, parquet.metadata.num_rows, chunks)
-
-
-def _read_dataset(cfg: ExperimentConfig, ref: str, specs: Specs) -> PredictionData:
-    """``NAME`` (every split) or ``NAME:SPLIT``: a dataset of the config, labels ignored."""
-    from mtlgraph.experiment.build import load_datasets
-
-    name, _, split = ref.partition(":")
-    one = copy.copy(cfg)
-    one.data = copy.copy(cfg.data)
-    one.data.datasets = {name: cfg.data.datasets[name]}
-    datasets = [d for d in load_datasets(one)[0] if not split or d.split == split]
-    if not datasets:
-        have = quoted(d.split for d in load_datasets(one)[0])
-        raise DataError([f"dataset '{name}' has no split '{split}'; it has {have}"])
-    source = f"dataset '{ref}' of the config"
-    resolve_columns({f: [f] for f in specs}, list(datasets[0].X_dict), source, "field")
-
-    def chunks(size: int) -> Iterator[Chunk]:
-        for ds in datasets:
-            for start in range(0, len(ds), size):
-                X, _ = ds.batch(slice(start, start + size))
-                n = len(next(iter(X.values())))
-                rows = range(start, start + n)
-                ids = list(rows) if split else [f"{ds.split}/{i}" for i in rows]
-                yield ids, {f: np.asarray(X[f]) for f in specs}
-
-    return PredictionData(source, sum(len(d) for d in datasets), chunks)
-
-
-Reader = Callable[[Path, Specs, "str | None"], PredictionData]
-
-READERS: dict[str, Reader] = {
-    "npz": _read_npz,
-    "npy": _read_npy,
-    "csv": _read_csv,
-    "jsonl": _read_jsonl,
-    "parquet": _read_parquet,
-}
-"""Prediction data readers by format name: where new sources (images, shards) plug in."""
-
-_SUFFIXES = {".ndjson": "jsonl", ".pq": "parquet"}
-
-
-def data_format(path: Path, file_format: str | None = None) -> str:
-    """The reader for ``path``: ``file_format``, else the suffix, else a directory's ``.npy``
-    files.
+def run_tokenizers(
+    name: str, ds: DatasetConfig, columns: Sequence[str], run_dir: Path | None
+) -> dict[str, Tokenizer]:
+    """The tokenizer of each text column among ``columns``: the declared user callable, or the
+    run's saved vocabulary (never rebuilt: predictions use the training ids).
 
     Raises:
-        ConfigError: An unknown format, or files whose format cannot be told.
+        DataError: A vocabulary file the run directory lacks, naming the file.
     """
-    if file_format is not None:
-        if file_format not in READERS:
-            raise ConfigError(
+    out: dict[str, Tokenizer] = {}
+    problems = []
+    for column, tc in ds.source.text.items():
+        if column not in columns:
+            continue
+        where = f"data.datasets.{name}.source.text.{column}"
+        if tc.tokenizer is not None:
+            out[column] = user_tokenizer(tc.tokenizer, where)
+            continue
+        file = vocab_file(run_dir or Path("<run_dir>"), name, column)
+        if run_dir is None or not file.is_file():
+            problems.append(
+                f"{where}: text column '{column}' needs the run's vocabulary '{file}', which "
+                "does not exist; pass the run directory the model was trained in as --checkpoint"
+            )
+            continue
+        out[column] = WordTokenizer.load(file)
+    if problems:
+        raise DataError(problems)
+    return out
+
+
+def _columns(ds: DatasetConfig, fields: Sequence[str]) -> list[str]:
+    return list(dict.fromkeys(c for f in fields for c in _names(ds.fields[f])))
+
+
+# ---------------------------------------------------------------- files
+
+
+def _files(path: str | Path) -> list[Path]:
+    if glob.has_magic(str(path)):
+        return shard_files(str(path), Path.cwd())
+    return [Path(path)]
+
+
+def _file_format(file: Path, given: str | None, declared: str | None) -> str:
+    """``--format``, else the suffix, else the declaring dataset's format."""
+    if given is None and file.suffix.lstrip(".").lower() not in SUFFIXES and not file.is_dir():
+        given = declared
+    return table_format(file, given)
+
+
+def _read_files(
+    cfg: ExperimentConfig,
+    path: str | Path,
+    fields: Sequence[str],
+    id_column: str | None,
+    file_format: str | None,
+    run_dir: Path | None,
+) -> PredictionData:
+    """Table files (one, or a glob), read in chunks through :mod:`mtlgraph.data.sources`."""
+    files = _files(path)
+    name = declaring_dataset(cfg, fields)
+    ds = cfg.data.datasets[name] if name is not None else None
+    declared = ds.source.file_format() if ds is not None else None
+    formats = [_file_format(f, file_format, declared) for f in files]
+    source = f"'{path}'" if len(files) == 1 else f"{len(files)} files matching '{path}'"
+    first = next(iter_table(files[0], formats[0], rows=1), Table())
+    available = list(first)
+    specs = field_specs(cfg, fields)
+    if formats[0] == "npy" and files[0].is_file():  # one array: the one field
+        if len(fields) != 1 or id_column is not None:
+            raise DataError(
                 [
-                    f"unknown data format '{file_format}'{did_you_mean(file_format, READERS)}; "
-                    f"choose one of {quoted(READERS)}"
+                    f"{source} holds one array, but the tasks read the fields {quoted(fields)}"
+                    f"{' and an id column' if id_column else ''}: give a directory of "
+                    "<field>.npy files, or a .npz file"
                 ]
             )
-        return file_format
-    if path.is_dir():
-        if any(path.glob("*.npy")):
-            return "npy"
-        raise ConfigError([f"cannot tell the format of directory '{path}': it has no .npy files"])
-    suffix = path.suffix.lower()
-    fmt = _SUFFIXES.get(suffix, suffix.lstrip("."))
-    if fmt not in READERS:
-        raise ConfigError(
-            [
-                f"cannot tell the format of '{path}' from its suffix; use one of "
-                f"{quoted('.' + f for f in READERS)} or pass --format"
-            ]
+        specs = {fields[0]: [available[0]]}
+    chosen = resolve_columns(specs, available, f"'{files[0]}'")
+    _check_id(id_column, available, f"'{files[0]}'")
+    text_columns = [s for s in chosen.values() if isinstance(s, str)]
+    toks = run_tokenizers(name, ds, text_columns, run_dir) if name and ds else {}
+    needed = list(
+        dict.fromkeys(
+            [*(n for s in chosen.values() for n in _names(s)), *([id_column] if id_column else [])]
         )
-    return fmt
+    )
+
+    def chunks(size: int) -> Iterator[Chunk]:
+        start = 0
+        for file, fmt in zip(files, formats, strict=True):
+            for table in iter_table(file, fmt, needed, size):
+                n = table_length(table)
+                if n == 0:
+                    continue
+                X = {f: field_values(table, spec, text=toks) for f, spec in chosen.items()}
+                yield _id_values(table, id_column, start), X
+                start += n
+
+    return PredictionData(source, None, chunks)
+
+
+def _read_images(
+    cfg: ExperimentConfig,
+    name: str,
+    path: Path,
+    fields: Sequence[str],
+    id_column: str | None,
+    run_dir: Path | None,
+) -> PredictionData:
+    """A folder of images (every image in it, sorted; ids are the file names) or a table
+    naming the files (relative to its folder), decoded as the dataset declares."""
+    from mtlgraph.data.sources.images import require_pillow
+
+    ds = cfg.data.datasets[name]
+    ic = ds.source.images
+    assert ic is not None
+    require_pillow("predicting on images")
+    if path.is_dir():
+        files = sorted(p.name for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DataError([f"--data {path}: no image files ({', '.join(IMAGE_SUFFIXES)})"])
+        table = Table({ic.column: np.asarray(files, dtype=object)}, f"'{path}'")
+        folder = path
+    else:
+        fmt = _file_format(path, None, ds.source.format)
+        table, folder = read_table(path, fmt), path.parent
+    image_fields = [f for f in fields if ds.fields[f] == ic.column]
+    others = {f: ds.fields[f] for f in fields if f not in image_fields}
+    toks = run_tokenizers(name, ds, _columns(ds, list(others)), run_dir)
+    X = {f: field_values(table, spec, text=toks) for f, spec in others.items()}
+    if ic.column not in table:
+        raise DataError(
+            [f"{table.origin} has no image column '{ic.column}'; it has {quoted(table)}"]
+        )
+    files = [str(f) for f in table[ic.column]]
+    missing = [f for f in files if not (folder / f).is_file()]
+    if missing:
+        raise DataError([f"{len(missing)} image file(s) missing from '{folder}': {missing[:5]}"])
+    _check_id(id_column, list(table), table.origin)
+    ids = files if id_column is None else _id_values(table, id_column, 0)
+    decoder = image_decoder(ic)
+
+    def chunks(size: int) -> Iterator[Callable[[], Chunk]]:
+        for i in range(0, len(files), size):
+            yield _image_chunk(decoder, folder, files[i : i + size], image_fields, X, ids, i)
+
+    return PredictionData(table.origin, len(files), chunks)
+
+
+def _image_chunk(
+    decoder: Callable[[Path], Any],
+    folder: Path,
+    files: list[str],
+    image_fields: list[str],
+    X: Mapping[str, Any],
+    ids: list[Any],
+    start: int,
+) -> Callable[[], Chunk]:
+    """A chunk decoded when called (so that a worker decodes only its own chunks)."""
+
+    def load() -> Chunk:
+        stop = start + len(files)
+        out: dict[str, Any] = {f: v[start:stop] for f, v in X.items()}
+        if image_fields:
+            images = torch.stack([decoder(folder / f) for f in files])
+            out.update({f: images for f in image_fields})
+        return ids[start:stop], out
+
+    return load
+
+
+# ---------------------------------------------------------------- datasets of the config
+
+
+def read_config_dataset(
+    cfg: ExperimentConfig, ref: str, fields: Sequence[str], run_dir: Path | None
+) -> PredictionData:
+    """``--data NAME[:SPLIT]``: a dataset of the config (every split, or one), built for the
+    run directory (its saved vocabulary), labels ignored. Ids are row numbers (``split/row``
+    for every split) or, for images, file names."""
+    from mtlgraph.experiment.sources import load_datasets
+
+    name, _, split = ref.partition(":")
+    ds = cfg.data.datasets[name]
+    unknown = [f for f in fields if f not in ds.fields]
+    if unknown:
+        raise DataError([f"dataset '{ref}' of the config has no input field {quoted(unknown)}"])
+    run_tokenizers(name, ds, _columns(ds, fields), run_dir)
+    one = copy.copy(cfg)
+    one.data = copy.copy(cfg.data)
+    one.data.datasets = {name: ds}
+    found = load_datasets(one, run_dir).datasets
+    chosen = [d for d in found if not split or d.split == split]
+    if not chosen:
+        raise DataError(
+            [f"dataset '{name}' has no split '{split}'; it has {quoted(d.split for d in found)}"]
+        )
+
+    def chunks(size: int) -> Iterator[Chunk]:
+        for d in chosen:
+            for ids, X in _dataset_chunks(d, size):
+                keep = {
+                    f: v for f, v in X.items() if f in fields or f[: -len(MASK_SUFFIX)] in fields
+                }
+                yield [i if split else f"{d.split}/{i}" for i in ids], keep
+
+    rows = sum(len(d) for d in chosen) if all(isinstance(d, DictDataset) for d in chosen) else None
+    return PredictionData(f"dataset '{ref}' of the config", rows, chunks)
+
+
+def _dataset_chunks(d: Any, size: int) -> Iterator[Chunk]:
+    """``(ids, X)`` chunks of a built dataset, in order: row numbers (image file names)."""
+    from mtlgraph.data.sources.images import ImageFolder
+
+    if isinstance(d, DictDataset):
+        for start in range(0, len(d), size):
+            X, _ = d.batch(slice(start, start + size))
+            n = len(next(iter(X.values())))
+            yield list(range(start, start + n)), dict(X)
+        return
+    inner = getattr(d, "dataset", d)
+    if isinstance(inner, ImageFolder):
+        items: Iterator[tuple[Any, Any]] = zip(
+            inner.files, (inner[i] for i in range(len(inner))), strict=True
+        )
+    else:  # a stream: in file order (training shuffles its split)
+        stream = copy.copy(inner)
+        if hasattr(stream, "shuffle"):
+            stream.shuffle = False
+        items = enumerate(iter(stream))
+    buf: list[tuple[Any, Any]] = []
+    for item in items:
+        buf.append(item)
+        if len(buf) == size:
+            yield _collated(buf)
+            buf = []
+    if buf:
+        yield _collated(buf)
+
+
+def _collated(buf: list[tuple[Any, Any]]) -> Chunk:
+    X, _ = collate_dicts([(x, {}) for _, (x, _y) in buf])
+    return [i for i, _ in buf], dict(X)
+
+
+# ---------------------------------------------------------------- the dispatch point
 
 
 def read_prediction_data(
@@ -523,40 +485,40 @@ def read_prediction_data(
     file_format: str | None = None,
     run_dir: str | Path | None = None,
 ) -> PredictionData:
-    """THE dispatch point for prediction data: a file, a directory or a config dataset.
+    """THE dispatch point for prediction data: a file, a glob, a directory or a config dataset.
 
-    When the config dataset declaring ``fields`` has a file ``source`` (table, images, shards),
-    a table file, image folder or glob is read through that declaration
-    (:mod:`mtlgraph.experiment.predict_sources`): text with the run's saved vocabulary, images
-    decoded as declared.
+    A file is read as training reads it (:mod:`mtlgraph.data.sources`, the same rules), with
+    the declaration of the config dataset whose fields it provides (its text vocabulary from
+    the run directory, its image decoding), labels dropped: one prediction per row, in order.
 
     Args:
         cfg: The experiment config (its datasets say which columns hold which field).
-        path: A data file, directory or glob, or ``NAME[:SPLIT]`` naming a dataset of the config.
+        path: A data file, directory of ``.npy`` files or images, glob, or ``NAME[:SPLIT]``
+            naming a dataset of the config.
         fields: The input fields to read (those the chosen tasks read).
-        id_column: A column/array/key holding each row's id (default: the row number).
-        file_format: A key of :data:`READERS` (default: from the path).
+        id_column: A column holding each row's id (default: the row number, from 0).
+        file_format: One of :data:`~mtlgraph.data.sources.TABLE_FORMATS` (default: from the
+            path).
         run_dir: The run directory (its ``vocab/`` holds the vocabularies of text fields).
 
     Raises:
         DataError: A missing file, field, id column or vocabulary (named, with what the data
-            has).
+            has), or a bad row (file, line, column).
         ConfigError: An unknown format.
     """
-    from mtlgraph.experiment import predict_sources as ps
-
-    specs = field_specs(cfg, fields)
     run = Path(run_dir) if run_dir is not None else None
-    source = ps.source_dataset(cfg, fields) if file_format is None else None
-    p = Path(path) if Path(path).is_absolute() else Path.cwd() / path
-    if not p.exists():
+    if file_format is not None and file_format not in TABLE_FORMATS:
+        raise ConfigError(
+            [
+                f"unknown data format '{file_format}'{did_you_mean(file_format, TABLE_FORMATS)}; "
+                f"choose one of {quoted(TABLE_FORMATS)}"
+            ]
+        )
+    p = Path(path)
+    if not p.exists() and not glob.has_magic(str(path)):
         name = str(path).partition(":")[0]
-        if name in cfg.data.datasets and file_format in (None, "dataset"):
-            if cfg.data.datasets[name].source is not None:
-                return ps.read_source_dataset(cfg, str(path), fields, run)
-            return _read_dataset(cfg, str(path), specs)
-        if source is not None and glob.has_magic(str(path)):
-            return ps.read_source_data(cfg, source, path, fields, id_column, run)
+        if name in cfg.data.datasets:
+            return read_config_dataset(cfg, str(path), fields, run)
         hint = did_you_mean(name, cfg.data.datasets)
         raise DataError(
             [
@@ -564,21 +526,10 @@ def read_prediction_data(
                 f"(it has {quoted(cfg.data.datasets)}; write NAME or NAME:SPLIT)"
             ]
         )
-    if source is not None and _source_reads(cfg, source, Path(path)):
-        return ps.read_source_data(cfg, source, path, fields, id_column, run)
-    return READERS[data_format(Path(path), file_format)](Path(path), specs, id_column)
-
-
-def _source_reads(cfg: ExperimentConfig, name: str, path: Path) -> bool:
-    """Whether dataset ``name``'s source reads ``path``: a table file, or an image folder."""
-    src = cfg.data.datasets[name].source
-    assert src is not None
-    if path.is_dir():
-        return src.type == "images"
-    return src.format is not None or path.suffix.lower() in (
-        ".csv",
-        ".jsonl",
-        ".ndjson",
-        ".parquet",
-        ".pq",
-    )
+    declaring = declaring_dataset(cfg, fields)
+    images = declaring is not None and cfg.data.datasets[declaring].source.type == "images"
+    if declaring is not None and images and p.suffix.lower() not in IMAGE_SUFFIXES:
+        return _read_images(cfg, declaring, p, fields, id_column, run)
+    if p.is_dir() and not any(p.glob("*.npy")):
+        raise ConfigError([f"cannot tell the format of directory '{p}': it has no .npy files"])
+    return _read_files(cfg, path, fields, id_column, file_format, run)

@@ -1,127 +1,72 @@
-"""File sources declared in YAML: ``data.datasets.<name>.source`` (images, table, shards).
+"""Datasets declared in YAML -> datasets: every ``data.datasets.<name>.source``.
 
-The schema (:class:`SourceConfig`) is validated with the rest of the config; :func:`load_sources`
-turns each declared source into datasets, one per split, the same objects the Python API builds
-(``mtlgraph.data.sources``). Text columns are tokenised with a vocabulary built from the
-training split; it is written to ``<run_dir>/vocab/<dataset>.<column>.json`` and its fingerprint
-to the checkpoints (the experiment config's ``vocabularies``), so evaluation and a resumed run use
-the same ids. See ``docs/data-sources.md``.
+:func:`load_datasets` turns each declared source (``table``, ``npy``, ``images``, ``shards``,
+``generator``; :mod:`mtlgraph.experiment.data_config`) into datasets, one per split, reading
+files through :mod:`mtlgraph.data.sources` (the reader ``mtlgraph predict`` uses too), the same
+objects the Python API builds. Text columns are tokenised with a vocabulary built from the
+training split; it is written to ``<run_dir>/vocab/<dataset>.<column>.json`` and its
+fingerprint to the checkpoints (the experiment config's ``vocabularies``), so evaluation,
+prediction and a resumed run use the same ids. See ``docs/data-sources.md``.
 """
 
 from __future__ import annotations
 
-import glob
 import importlib
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
 
-from mtlgraph._suggest import quoted
-from mtlgraph.data.sources.table import (
-    Table,
-    Tokenizer,
-    read_table,
-    split_table,
-    table_dataset,
-)
+from mtlgraph._suggest import did_you_mean, quoted
+from mtlgraph.data.datasets import DictDataset
+from mtlgraph.data.sources.files import Table, read_table
+from mtlgraph.data.sources.table import Tokenizer, split_table, table_columns
 from mtlgraph.data.sources.tokenizer import WordTokenizer
+from mtlgraph.data.synthetic import GENERATORS
 from mtlgraph.exceptions import CheckpointError, DataError
+from mtlgraph.experiment.data_config import DatasetConfig, ImagesConfig, SourceConfig, TextConfig
 
 if TYPE_CHECKING:
-    from mtlgraph.experiment.config import DatasetConfig, ExperimentConfig, TaskConfig
+    from mtlgraph.experiment.config import ExperimentConfig, TaskConfig
 
 VOCAB_DIR = "vocab"
 """Run-directory folder holding the vocabularies (``<dataset>.<column>.json``)."""
 
 
-@dataclass
-class TextConfig:
-    """How a text column becomes token ids."""
+@dataclass(frozen=True)
+class LabelSource:
+    """Where a dataset split's labels of one task came from (for messages)."""
 
-    vocab_size: int = 10000  # most ids, <pad> (0) and <unk> (1) included
-    min_count: int = 1  # words seen fewer times in the training split are <unk>
-    lowercase: bool = True  # lowercase texts before counting and encoding
-    max_length: int = 128  # most ids per text; longer texts are cut
-    tokenizer: str | None = None  # dotted path of a `str -> ids` callable; null = built-in
-
-    def validate(self) -> list[str]:
-        problems = []
-        if self.vocab_size < 3:
-            problems.append(f"vocab_size: must be >= 3 (2 special tokens), got {self.vocab_size}")
-        if self.min_count < 1:
-            problems.append(f"min_count: must be >= 1, got {self.min_count}")
-        if self.max_length < 1:
-            problems.append(f"max_length: must be >= 1, got {self.max_length}")
-        if self.tokenizer is not None and "." not in self.tokenizer:
-            problems.append(f"tokenizer: write a dotted path 'module.name', got {self.tokenizer!r}")
-        return problems
+    key: str  # dotted config key, e.g. data.datasets.reviews.labels.yelp_task
+    origin: str  # e.g. "column 'label' of 'data/reviews.csv'"
 
 
-@dataclass
-class NormalizeConfig:
-    """Per-channel normalisation of pixels scaled to [0, 1]: (x - mean) / std."""
+class Loaded(NamedTuple):
+    """What :func:`load_datasets` returns."""
 
-    mean: list[float]  # one value per channel
-    std: list[float]  # one value per channel, > 0
-
-
-@dataclass
-class ImagesConfig:
-    """Where the image files are and how they are decoded."""
-
-    folder: str  # directory of the image files (relative to the config file)
-    column: str = "file"  # table column naming each row's file (relative to `folder`)
-    mode: Literal["L", "RGB", "RGBA"] = "RGB"  # Pillow mode: 1, 3 or 4 channels
-    resize: list[int] | None = None  # [height, width] in pixels; null = keep the file's size
-    normalize: NormalizeConfig | None = None  # per-channel mean/std; null = pixels in [0, 1]
-
-    def validate(self) -> list[str]:
-        if self.resize is not None and (len(self.resize) != 2 or min(self.resize) < 1):
-            return [f"resize: [height, width] of positive integers, got {self.resize}"]
-        return []
+    datasets: list[Any]  # one per dataset and split (DictDataset, or NamedDataset of files)
+    label_sources: dict[tuple[str, str, str], LabelSource]  # (dataset, split, task) -> origin
+    vocabularies: dict[str, str]  # {dataset.column: fingerprint} of the vocabularies built
 
 
-@dataclass
-class SourceConfig:
-    """A file source: a table, an image folder with its table, or streamed shards."""
-
-    type: Literal["images", "table", "shards"]  # what the files are
-    path: str | list[str] | dict[str, str | list[str]]  # file | glob | list | {split: ...}
-    format: Literal["csv", "jsonl", "parquet"] | None = None  # null = from the file suffix
-    images: ImagesConfig | None = None  # type images: the folder and the decoding
-    text: dict[str, TextConfig] = field(default_factory=dict)  # text column -> tokenizer
-    split_column: str | None = None  # column naming each row's split (a single file)
-    fractions: dict[str, float] | None = None  # {split: fraction} cut in row order (one file)
-
-    def validate(self) -> list[str]:
-        problems = []
-        if (self.type == "images") != (self.images is not None):
-            problems.append("images: needed by type 'images' (and only by it)")
-        single = isinstance(self.path, str) and not glob.has_magic(self.path)
-        if self.type != "shards" and not single and not isinstance(self.path, dict):
-            problems.append(
-                "path: a table or image source reads one file, or {split: file}; "
-                "use type 'shards' for lists and globs"
-            )
-        for key in ("split_column", "fractions"):
-            if getattr(self, key) is not None and (self.type == "shards" or not single):
-                problems.append(f"{key}: only for a single table file ('path: file.csv')")
-        if self.split_column is not None and self.fractions is not None:
-            problems.append("fractions: give 'split_column' or 'fractions', not both")
-        bad = [f"{k}={v}" for k, v in (self.fractions or {}).items() if not 0 < v <= 1]
-        if bad or sum((self.fractions or {}).values()) > 1 + 1e-9:
-            problems.append("fractions: each in (0, 1], summing to at most 1")
-        return problems
+# ---------------------------------------------------------------- tokenizers
 
 
-# ---------------------------------------------------------------- loading
+def vocab_file(run_dir: Path, dataset: str, column: str) -> Path:
+    """Where a run keeps the vocabulary of a dataset's text column."""
+    return run_dir / VOCAB_DIR / f"{dataset}.{column}.json"
 
 
-def _user_tokenizer(path: str, where: str) -> Tokenizer:
+def user_tokenizer(path: str, where: str) -> Tokenizer:
+    """The ``str -> ids`` callable at dotted ``path`` (a ``text.<column>.tokenizer``).
+
+    Raises:
+        DataError: It cannot be imported or is not callable, naming ``where``.
+    """
     module, _, attr = path.rpartition(".")
     try:
         obj = getattr(importlib.import_module(module), attr)
@@ -137,47 +82,6 @@ def _user_tokenizer(path: str, where: str) -> Tokenizer:
     return obj
 
 
-def _split_tables(
-    name: str, src: SourceConfig, base: Path, splits: list[str] | None
-) -> dict[str, tuple[Table, str]]:
-    """``{split: (table, origin)}`` of a table or image source."""
-    where = "source"  # messages are prefixed with the dataset's key
-    files = src.path if isinstance(src.path, dict) else {"": src.path}
-    out: dict[str, tuple[Table, str]] = {}
-    problems: list[str] = []
-    for split, rel in files.items():
-        if not isinstance(rel, str):
-            problems.append(f"{where}.path.{split}: one file per split for type '{src.type}'")
-            continue
-        file = Path(rel) if Path(rel).is_absolute() else base / rel
-        try:
-            table = read_table(file, src.format)
-        except DataError as e:
-            problems += [f"{where}.path: {p}" for p in e.problems]
-            continue
-        if split:
-            out[split] = (table, f"'{rel}'")
-            continue
-        try:
-            parts = split_table(table, src.split_column, src.fractions, f"'{rel}'")
-        except DataError as e:
-            problems += [f"{where}.split_column: {p}" for p in e.problems]
-            continue
-        out.update({s: (t, f"'{rel}'") for s, t in parts.items()})
-    if problems:
-        raise DataError(problems)
-    if splits is not None:
-        unknown = [s for s in splits if s not in out]
-        if unknown:
-            raise DataError([f"splits: no split '{s}'; it has {quoted(out)}" for s in unknown])
-        out = {s: v for s, v in out.items() if s in splits}
-    return out
-
-
-def _vocab_file(run_dir: Path, dataset: str, column: str) -> Path:
-    return run_dir / VOCAB_DIR / f"{dataset}.{column}.json"
-
-
 def tokenizers(
     name: str,
     src: SourceConfig,
@@ -191,7 +95,7 @@ def tokenizers(
     for column, tc in src.text.items():
         where = f"source.text.{column}"
         if tc.tokenizer is not None:
-            out[column] = _user_tokenizer(tc.tokenizer, where)
+            out[column] = user_tokenizer(tc.tokenizer, where)
         else:
             out[column] = _vocabulary(name, column, tc, train, run_dir, saved)
     return out
@@ -207,7 +111,7 @@ def _vocabulary(
 ) -> WordTokenizer:
     where = f"source.text.{column}"
     key = f"{name}.{column}"
-    file = _vocab_file(run_dir, name, column) if run_dir is not None else None
+    file = vocab_file(run_dir, name, column) if run_dir is not None else None
     if train is None and file is not None and file.is_file():
         return WordTokenizer.load(file)  # no training split loaded (evaluation): the run's own
     if train is None or column not in train:
@@ -234,27 +138,6 @@ def _vocabulary(
     return tok
 
 
-def _as_labels(labels: torch.Tensor, task: TaskConfig, what: str) -> torch.Tensor:
-    """Labels as the task type needs them: floats for regression, class ids otherwise (missing
-    labels become the ignore value)."""
-    if task.task_type == "regression":
-        return labels.float()
-    if labels.is_floating_point():
-        ignore = task.ignore_value if task.ignore_value != "default" else -1
-        nan = torch.isnan(labels)
-        if nan.any() and isinstance(ignore, int) and not isinstance(ignore, bool):
-            labels = torch.where(nan, torch.tensor(float(ignore)), labels)
-        elif nan.any():
-            raise DataError([f"{what} has missing labels, but the task's ignore_value is {ignore}"])
-        frac = labels != torch.round(labels)
-        if frac.any():
-            row = int(frac.reshape(len(labels), -1).any(dim=1).nonzero()[0])
-            raise DataError(
-                [f"{what} holds {labels[row].tolist()} in data row {row + 1}, not a class id"]
-            )
-    return labels.long()
-
-
 def saved_vocabularies(run_dir: Path | None) -> dict[str, str]:
     """The vocabulary fingerprints of the last checkpoint in ``run_dir`` (none: empty)."""
     if run_dir is None or not run_dir.is_dir():
@@ -269,82 +152,209 @@ def saved_vocabularies(run_dir: Path | None) -> dict[str, str]:
     return dict(experiment.get("vocabularies") or {})
 
 
-def load_sources(
-    cfg: ExperimentConfig, run_dir: str | Path | None = None
-) -> tuple[list[Any], dict[str, str]]:
-    """Datasets (one per split) of every dataset declared with a ``source``.
+# ---------------------------------------------------------------- labels
 
-    Returns:
-        The datasets and the fingerprints of the vocabularies built (``{dataset.column: hash}``).
+
+def _soft_labels(labels: torch.Tensor, task: TaskConfig) -> bool:
+    """Soft labels: floats ``(N, C)`` for a multiclass task, floats ``(N,)`` that are not all
+    class ids for a binary task (probabilities of the positive class)."""
+    if task.task_type == "multiclass":
+        return labels.ndim == 2
+    if task.task_type != "binary" or labels.ndim != 1:
+        return False
+    finite = labels[~torch.isnan(labels)]
+    return bool((finite != torch.round(finite)).any())
+
+
+def task_labels(
+    labels: torch.Tensor, task: TaskConfig, column: str, place: Callable[[int], str]
+) -> torch.Tensor:
+    """Labels as the task type needs them: floats for regression and soft labels, class ids
+    otherwise; a missing label (NaN: an empty cell) becomes the task's ignore value.
 
     Raises:
-        DataError: Missing files or columns, bad cells, a vocabulary that does not match the run
-            directory's: every dataset's problems at once.
+        DataError: Missing labels without an integer ignore value, or a class id that is not
+            a whole number, naming the row (``place(i)``).
+    """
+    if task.task_type == "regression":
+        return labels.float()
+    if not labels.is_floating_point():
+        return labels.long()
+    ignore = task.ignore_value if task.ignore_value != "default" else -1
+    nan = torch.isnan(labels)
+    numeric = isinstance(ignore, (int, float)) and not isinstance(ignore, bool)
+    if _soft_labels(labels, task):
+        return (torch.where(nan, float(ignore), labels) if numeric else labels).float()  # type: ignore[arg-type]
+    if nan.any():
+        if not (isinstance(ignore, int) and not isinstance(ignore, bool)):
+            raise DataError(
+                [
+                    f"{place(int(nan.nonzero()[0][0]))}, column '{column}': a missing label, but "
+                    f"the task's ignore_value is {ignore}"
+                ]
+            )
+        labels = torch.where(nan, float(ignore), labels)
+    frac = (labels != torch.round(labels)).reshape(len(labels), -1).any(dim=1)
+    if frac.any():
+        i = int(frac.nonzero()[0])
+        raise DataError([f"{place(i)}, column '{column}': {labels[i].tolist()} is not a class id"])
+    return labels.long()
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_datasets(cfg: ExperimentConfig, run_dir: str | Path | None = None) -> Loaded:
+    """Datasets (one per split) of every dataset of the config.
+
+    Raises:
+        DataError: Missing files or columns, bad cells or labels, a vocabulary that does not
+            match the run directory's: every dataset's problems at once.
         CheckpointError: A vocabulary that does not match the run directory's checkpoint.
     """
     run = Path(run_dir) if run_dir is not None else None
     saved = saved_vocabularies(run)
     problems: list[str] = []
-    datasets: list[Any] = []
-    fingerprints: dict[str, str] = {}
+    out = Loaded([], {}, {})
     for name, ds in cfg.data.datasets.items():
-        src = ds.source
-        if src is None:
-            continue
         try:
-            found, toks = _load_one(cfg, name, ds, src, run, saved)
+            found, toks = _load_one(cfg, name, ds, run, saved, out.label_sources)
         except DataError as e:
-            problems += [f"data.datasets.{name}: {p}" for p in e.problems]
+            problems += [_at(f"data.datasets.{name}", p) for p in e.problems]
             continue
-        datasets += found
-        fingerprints.update(
+        out.datasets.extend(found)
+        out.vocabularies.update(
             {f"{name}.{c}": t.fingerprint for c, t in toks.items() if isinstance(t, WordTokenizer)}
         )
+    problems = list(dict.fromkeys(problems))  # one file serves several splits: say it once
     if problems:
         n = len(problems)
         raise DataError(problems, header=f"cannot load the data ({n} problem{'s' * (n > 1)}):")
-    return datasets, fingerprints
+    return out
+
+
+def _at(key: str, problem: str) -> str:
+    """``key.sub: ...`` for a problem that starts with a key below ``key``, else ``key: ...``."""
+    head = problem.split(":", 1)[0]
+    nested = head.split(".", 1)[0] in ("source", "fields", "labels", "splits") and " " not in head
+    return f"{key}.{problem}" if nested else f"{key}: {problem}"
 
 
 def _load_one(
     cfg: ExperimentConfig,
     name: str,
     ds: DatasetConfig,
-    src: SourceConfig,
     run: Path | None,
     saved: Mapping[str, str],
+    label_sources: dict[tuple[str, str, str], LabelSource],
 ) -> tuple[list[Any], dict[str, Tokenizer]]:
-    base = Path(cfg.base_dir)
+    src = ds.source
     if src.type == "shards":
-        return _shards(cfg, name, ds, src, run, saved)
-    tables = _split_tables(name, src, base, ds.splits)
-    train = tables.get(cfg.trainer.train_split, (None, ""))[0]
+        return _shards(cfg, name, ds, run, saved)
+    tables = split_tables(src, Path(cfg.base_dir), ds.splits)
+    train = tables.get(cfg.trainer.train_split)
     toks = tokenizers(name, src, train, run, saved)
-    out = []
-    for split, (table, origin) in tables.items():
-        out.append(_dataset(cfg, name, ds, src, split, table, origin, toks))
+    out, problems = [], []
+    for split, table in tables.items():
+        if len(next(iter(table.values()), ())) == 0:
+            problems.append(f"split '{split}' of {table.origin} has no rows")
+            continue
+        try:
+            out.append(_dataset(cfg, name, ds, split, table, toks))
+        except DataError as e:
+            problems += e.problems
+            continue
+        for task, spec in ds.labels.items():
+            what = f"column '{spec}' of {table.origin}"
+            label_sources[(name, split, task)] = LabelSource(
+                f"data.datasets.{name}.labels.{task}", what
+            )
+    if problems:
+        raise DataError(problems)
     return out, toks
+
+
+def split_tables(src: SourceConfig, base: Path, splits: list[str] | None) -> dict[str, Table]:
+    """``{split: table}`` of a generator, table, npy or image source."""
+    if src.type == "generator":
+        assert src.name is not None
+        data = GENERATORS.get(src.name)(**src.args)
+        out = {s: Table(t, f"generator '{src.name}'", typed=True) for s, t in data.items()}
+    else:
+        out = _file_tables(src, base)
+    if splits is not None:
+        unknown = [s for s in splits if s not in out]
+        if unknown:
+            raise DataError(
+                [
+                    f"splits: no split '{s}'{did_you_mean(s, out)}; it has {quoted(out)}"
+                    for s in unknown
+                ]
+            )
+        out = {s: out[s] for s in splits}
+    return out
+
+
+def _file_tables(src: SourceConfig, base: Path) -> dict[str, Table]:
+    files = src.path if isinstance(src.path, dict) else {"": src.path}
+    out: dict[str, Table] = {}
+    problems: list[str] = []
+    for split, rel in files.items():
+        if not isinstance(rel, str):
+            problems.append(f"source.path.{split}: one file per split for type '{src.type}'")
+            continue
+        file = Path(rel) if Path(rel).is_absolute() else base / rel
+        try:
+            table = read_table(file, src.file_format())
+        except DataError as e:
+            problems += [f"source.path: {p}" for p in e.problems]
+            continue
+        if split:
+            out[split] = table
+            continue
+        try:
+            out.update(split_table(table, src.split_column, src.fractions))
+        except DataError as e:
+            problems += [f"source.split_column: {p}" for p in e.problems]
+    if problems:
+        raise DataError(problems)
+    return out
 
 
 def _dataset(
     cfg: ExperimentConfig,
     name: str,
     ds: DatasetConfig,
-    src: SourceConfig,
     split: str,
     table: Table,
-    origin: str,
     toks: Mapping[str, Tokenizer],
 ) -> Any:
     labels = {task: _single(spec, f"labels.{task}") for task, spec in ds.labels.items()}
-    if src.type == "table":
-        dataset = table_dataset(name, split, table, ds.fields, labels, toks, origin)
-        Y = dataset.Y_dict
+    if ds.source.type == "images":
+        dataset, Y = _images(cfg, name, ds, split, table, toks, labels)
     else:
-        dataset, Y = _images(cfg, name, ds, src, split, table, origin, toks, labels)
-    for task, spec in labels.items():
-        Y[task] = _as_labels(Y[task], cfg.tasks[task], f"column '{spec}' of {origin}")
-    return dataset
+        X, Y = table_columns(table, ds.fields, labels, toks)
+        dataset = None
+    problems = []
+    for task, column in labels.items():
+        try:
+            Y[task] = task_labels(Y[task], cfg.tasks[task], column, table.place)
+        except DataError as e:
+            problems += [f"labels.{task}: {p}" for p in e.problems]
+    if problems:
+        raise DataError(problems)
+    return dataset if dataset is not None else DictDataset(name, split, X, Y)
+
+
+def _table_labels(
+    tasks: Mapping[str, TaskConfig],
+    columns: Mapping[str, str],
+    task: str,
+    labels: torch.Tensor,
+    table: Table,
+) -> torch.Tensor:
+    """:func:`task_labels` of a table's labels (a shard's, in a loader's worker)."""
+    return task_labels(labels, tasks[task], columns[task], table.place)
 
 
 def _single(spec: str | list[str], key: str) -> str:
@@ -357,17 +367,15 @@ def _images(
     cfg: ExperimentConfig,
     name: str,
     ds: DatasetConfig,
-    src: SourceConfig,
     split: str,
     table: Table,
-    origin: str,
     toks: Mapping[str, Tokenizer],
     labels: Mapping[str, str],
 ) -> tuple[Any, dict[str, torch.Tensor]]:
     from mtlgraph.data.sources.images import ImageFolder
 
-    assert src.images is not None
-    ic = src.images
+    ic = ds.source.images
+    assert ic is not None
     image_fields = [f for f, c in ds.fields.items() if c == ic.column]
     if len(image_fields) != 1:
         raise DataError(
@@ -376,11 +384,10 @@ def _images(
                 f"(e.g. 'image: {ic.column}'), got {quoted(image_fields) or 'none'}"
             ]
         )
-    decoder = image_decoder(ic)
     folder = Path(ic.folder) if Path(ic.folder).is_absolute() else Path(cfg.base_dir) / ic.folder
     others = {f: c for f, c in ds.fields.items() if f != image_fields[0]}
     images = ImageFolder(
-        folder, table, image_fields[0], ic.column, others, labels, decoder, toks, origin
+        folder, table, image_fields[0], ic.column, others, labels, image_decoder(ic), toks
     )
     return named_dataset(name, split, images, list(labels)), images.Y
 
@@ -389,13 +396,13 @@ def _shards(
     cfg: ExperimentConfig,
     name: str,
     ds: DatasetConfig,
-    src: SourceConfig,
     run: Path | None,
     saved: Mapping[str, str],
 ) -> tuple[list[Any], dict[str, Tokenizer]]:
     """One :class:`ShardStream` per split; a vocabulary reads the training shards once first."""
     from mtlgraph.data.sources.shards import ShardStream, shard_files
 
+    src = ds.source
     train_split = cfg.trainer.train_split
     specs = src.path if isinstance(src.path, dict) else {train_split: src.path}
     if ds.splits is not None:
@@ -404,28 +411,20 @@ def _shards(
     files: dict[str, list[Path]] = {}
     for split, spec in specs.items():
         try:
-            files[split] = shard_files(spec, cfg.base_dir)
+            files[split] = shard_files(spec or [], cfg.base_dir)
         except DataError as e:
-            problems += [
-                f"source.path{'.' + split if isinstance(src.path, dict) else ''}: {p}"
-                for p in e.problems
-            ]
+            key = f"source.path{'.' + split if isinstance(src.path, dict) else ''}"
+            problems += [f"{key}: {p}" for p in e.problems]
     if problems:
         raise DataError(problems)
     built = [c for c, tc in src.text.items() if tc.tokenizer is None]
     train: Table | None = None
     if built and train_split in files:
         parts = [read_table(f, src.format, built) for f in files[train_split]]
-        train = {c: np.concatenate([p[c] for p in parts]) for c in built}
+        train = Table({c: np.concatenate([p[c] for p in parts]) for c in built})
     toks = tokenizers(name, src, train, run, saved)
     labels = {task: _single(spec, f"labels.{task}") for task, spec in ds.labels.items()}
-    dtypes, ignore = {}, {}
-    for task in labels:
-        tc = cfg.tasks[task]
-        dtypes[task] = torch.float32 if tc.task_type == "regression" else torch.int64
-        value = -1 if tc.ignore_value == "default" else tc.ignore_value
-        if isinstance(value, int) and not isinstance(value, bool):
-            ignore[task] = value
+    labels_as = partial(_table_labels, {t: cfg.tasks[t] for t in labels}, labels)
     out = []
     for split, found in files.items():
         stream = ShardStream(
@@ -435,8 +434,7 @@ def _shards(
             toks,
             src.format,
             shuffle=split == train_split,
-            label_dtypes=dtypes,
-            ignore_value=ignore,
+            labels_as=labels_as,
         )
         out.append(named_dataset(name, split, stream, list(labels)))
     return out, toks
@@ -481,21 +479,26 @@ def image_decoder(ic: ImagesConfig) -> Any:
 
 
 def label_views(datasets: list[Any]) -> list[Any]:
-    """Views of the image datasets among ``datasets`` whose labels can be checked before
-    training (their labels are in memory; a stream's are not)."""
+    """The datasets whose labels can be checked before training: the in-memory ones, and
+    views of the image datasets (their labels are in memory; a stream's are not)."""
     from mtlgraph.data.sources.images import ImageFolder
 
-    return [_LabelView(d) for d in datasets if isinstance(getattr(d, "dataset", None), ImageFolder)]
+    views: list[Any] = [d for d in datasets if isinstance(d, DictDataset)]
+    return views + [
+        _LabelView(d) for d in datasets if isinstance(getattr(d, "dataset", None), ImageFolder)
+    ]
 
 
 __all__ = [
-    "ImagesConfig",
-    "NormalizeConfig",
-    "SourceConfig",
-    "TextConfig",
+    "LabelSource",
+    "Loaded",
     "image_decoder",
     "label_views",
-    "load_sources",
+    "load_datasets",
     "named_dataset",
+    "split_tables",
+    "task_labels",
     "tokenizers",
+    "user_tokenizer",
+    "vocab_file",
 ]

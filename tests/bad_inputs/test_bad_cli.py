@@ -39,12 +39,36 @@ def _file_config(tmp_path: Path, npz: str = "p.npz", **trainer: Any) -> dict[str
     cfg["runs_root"] = str(tmp_path / "runs")
     cfg["data"]["datasets"] = {
         "points": {
-            "path": npz,
+            "source": {"type": "table", "path": npz, "fractions": {"train": 0.8, "valid": 0.2}},
             "fields": {"xy": "x"},
             "labels": {"circle_task": "y"},
-            "fractions": {"train": 0.8, "valid": 0.2},
         }
     }
+    return cfg
+
+
+SICK_TRUNK = """
+import torch
+
+
+class SickTrunk(torch.nn.Module):
+    \"\"\"The tiny trunk, but NaN for a row whose first feature is 99 (a sick example).\"\"\"
+
+    def __init__(self, in_dim, hidden):
+        super().__init__()
+        self.linear = torch.nn.Linear(in_dim, hidden[0])
+
+    def forward(self, x):
+        return torch.where(x[:, :1] == 99.0, torch.nan, torch.relu(self.linear(x)))
+"""
+
+
+def _sick_trunk(tmp_path: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` whose trunk gives NaN on rows whose first feature is 99 (data files refuse NaN
+    cells, so a non-finite loss comes from the model)."""
+    (tmp_path / "sick_trunk.py").write_text(SICK_TRUNK)
+    cfg["imports"] = ["sick_trunk"]
+    cfg["modules"]["trunk"]["type"] = "sick_trunk.SickTrunk"
     return cfg
 
 
@@ -87,7 +111,7 @@ CONFIG_CASES: list[tuple[str, Any, str]] = [
     ("lr schedule kwarg", _with("trainer.lr_scheduler", {"name": "cosine", "min_factr": 0.1}), r"LR schedule 'cosine' takes no argument 'min_factr'"),
     ("balancer kwarg", _with("trainer.balancer", {"name": "uncertainty", "lrr": 1}), r"balancer 'uncertainty' takes no argument 'lrr'"),
     ("writer name", _with("trainer.writers", ["jsnl"]), r"unknown writer 'jsnl' \(did you mean 'jsonl'\?\)"),
-    ("generator arg", _with("data.datasets.circles.args", {"n": 100, "sed": 0}), r"data.datasets.circles.args.sed"),
+    ("generator arg", _with("data.datasets.circles.source.args", {"n": 100, "sed": 0}), r"data.datasets.circles.source.args.sed"),
     ("label of no task", _with("data.datasets.circles.labels", {"circle_tsk": "y"}), r"data.datasets.circles.labels.circle_tsk: labels name tasks, and there is no task 'circle_tsk'"),
     ("empty file", "", r"the file is empty"),
     ("yaml syntax", "trainer: [1, 2\n", r"c.yaml"),
@@ -116,12 +140,13 @@ def test_bad_override(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Non
 
 
 DATA_CASES: list[tuple[str, dict[str, np.ndarray], dict[str, Any], str]] = [
-    ("class id out of range", {"y": np.arange(60) % 3}, {}, r"data.datasets.points.labels.circle_task: array 'y' of 'p.npz' \(train split\) for task 'circle_task': label 2 \(row 2; \d+ more\) is outside 0..1: the head outputs 2 classes"),
+    ("class id out of range", {"y": np.arange(60) % 3}, {}, r"data.datasets.points.labels.circle_task: column 'y' of '.*p.npz' \(train split\) for task 'circle_task': label 2 \(row 2; \d+ more\) is outside 0..1: the head outputs 2 classes"),
     ("-100 labels", {"y": np.where(np.arange(60) % 5 == 0, -100, 1)}, {}, r"label -100 .* not the task's ignore value \(-1\); set Task\(ignore_value=-100\)"),
     ("binary head with 2 outputs", {}, {"tasks.circle_task.task_type": "binary"}, r"for task 'circle_task': the head of binary task 'circle_task' outputs 2 values; a binary task needs one logit"),
-    ("fractional labels", {"y": np.tile([0.0, 0.5], 30)}, {}, r"data.datasets.points.labels.circle_task: array 'y' of 'p.npz' holds \[0.5\] in row 2, not a class id"),
+    ("fractional labels", {"y": np.tile([0.0, 0.5], 30)}, {}, r"data.datasets.points.labels.circle_task: '.*p.npz' row 2, column 'y': 0.5 is not a class id"),
+    ("nan feature", {"x": np.where(np.arange(120).reshape(60, 2) == 41, np.nan, 0.5)}, {}, r"data.datasets.points.fields.xy: '.*p.npz' row 21, column 'x': \[0.5, nan\] is not a finite number"),
     ("absent array", {}, {"data.datasets.points.labels": {"circle_task": "yy"}}, r"data.datasets.points.labels.circle_task: .*'yy'"),
-    ("missing file", {}, {"data.datasets.points.path": "nope.npz"}, r"data.datasets.points.path: file 'nope.npz' does not exist"),
+    ("missing file", {}, {"data.datasets.points.source.path": "nope.npz"}, r"data.datasets.points.source.path: file '.*nope.npz' does not exist"),
 ]  # fmt: skip
 
 
@@ -156,9 +181,10 @@ def test_nan_feature_exits_1_naming_task_dataset_epoch_step(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     x = np.random.default_rng(0).uniform(-1.5, 1.5, size=(60, 2))
-    x[20, 1] = np.nan
+    x[20, 0] = 99.0
     _npz(tmp_path / "p.npz", x=x)
-    code, out, err = _run(capsys, "train", _config(tmp_path, _file_config(tmp_path)), "--quiet")
+    cfg = _sick_trunk(tmp_path, _file_config(tmp_path))
+    code, out, err = _run(capsys, "train", _config(tmp_path, cfg), "--quiet")
     assert code == 1
     assert "mtlgraph: error: non-finite loss at epoch 1, step 2: task 'circle_task' on dataset 'points' has loss nan" in err  # fmt: skip
     assert "the run directory is" in err and out == ""
@@ -326,10 +352,10 @@ def test_closed_stdout_pipe_ends_quietly(
 
 def test_nonfinite_skip_batch_from_yaml(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     x = np.random.default_rng(0).uniform(-1.5, 1.5, size=(60, 2))
-    x[20, 1] = np.nan
+    x[20, 0] = 99.0
     _npz(tmp_path / "p.npz", x=x[:, :])
-    cfg = _file_config(tmp_path, n_epochs=1, nonfinite="skip_batch")
-    cfg["data"]["datasets"]["points"]["fractions"] = {"train": 1.0}
+    cfg = _sick_trunk(tmp_path, _file_config(tmp_path, n_epochs=1, nonfinite="skip_batch"))
+    cfg["data"]["datasets"]["points"]["source"]["fractions"] = {"train": 1.0}
     cfg["trainer"]["eval_splits"] = []
     code, _, err = _run(capsys, "train", _config(tmp_path, cfg), "--quiet")
     assert code == 0, err

@@ -90,8 +90,10 @@ def test_yaml_npy_directory_is_memory_mapped_with_per_dataset_loading(tmp_path: 
     cfg["trainer"]["steps_per_epoch"] = 9
     cfg["data"]["num_workers"] = 0
     cfg["data"]["datasets"]["circles"] = {
-        "path": {"train": "circles_npy/train", "valid": "circles_npy/valid"},
-        "format": "npy",
+        "source": {
+            "type": "npy",
+            "path": {"train": "circles_npy/train", "valid": "circles_npy/valid"},
+        },
         "fields": {"xy": "features"},
         "labels": {"circle_task": "label"},
         "batch_size": 8,

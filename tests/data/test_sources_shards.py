@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
 from mtlgraph import DictDataLoader, NamedDataset
-from mtlgraph.data.sources import ShardStream, WordTokenizer, shard_files
+from mtlgraph.data.sources import ShardStream, Table, WordTokenizer, shard_files
 from mtlgraph.exceptions import DataError
 
 
@@ -76,22 +77,20 @@ def test_bad_shards_are_named(tmp_path: Path) -> None:
     with pytest.raises(DataError) as info:
         list(bad)
     message = str(info.value)
-    assert "label column 'y' of shard '" in message and "holds 'yes' in data row 1" in message
+    assert "cannot read shard '" in message
+    assert "bad.jsonl' line 1, column 'y': 'yes' is not a number" in message
     assert "has no column 'zz'" in message
 
 
 def test_missing_labels_become_the_ignore_value(tmp_path: Path) -> None:
     (tmp_path / "a.jsonl").write_text('{"x": 1, "y": 1}\n{"x": 2, "y": null}\n')
-    stream = ShardStream(
-        [tmp_path / "a.jsonl"],
-        {"x": "x"},
-        {"t": "y"},
-        label_dtypes={"t": torch.int64},
-        ignore_value={"t": -1},
-    )
+
+    def as_class_ids(task: str, labels: torch.Tensor, table: Table) -> torch.Tensor:
+        assert table.place(1).endswith("a.jsonl' line 2")  # the rows know their lines
+        return torch.nan_to_num(labels, nan=-1.0).long()
+
+    stream = ShardStream([tmp_path / "a.jsonl"], {"x": "x"}, {"t": "y"}, labels_as=as_class_ids)
     assert [int(y["t"]) for _, y in stream] == [1, -1]
-    strict = ShardStream(
-        [tmp_path / "a.jsonl"], {"x": "x"}, {"t": "y"}, label_dtypes={"t": torch.int64}
-    )
-    with pytest.raises(DataError, match="task 't' has missing labels"):
-        list(strict)
+    as_read = ShardStream([tmp_path / "a.jsonl"], {"x": "x"}, {"t": "y"})
+    first, second = (float(y["t"]) for _, y in as_read)
+    assert first == 1.0 and math.isnan(second)

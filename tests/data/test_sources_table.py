@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from mtlgraph import DictDataLoader, DictDataset
-from mtlgraph.data.sources import WordTokenizer, read_table, split_table, table_dataset
+from mtlgraph.data.sources import (
+    WordTokenizer,
+    iter_table,
+    read_table,
+    split_table,
+    table_dataset,
+)
 from mtlgraph.exceptions import DataError
 
 ROWS = [
@@ -105,16 +111,16 @@ def test_bad_tables_name_file_row_and_column(tmp_path: Path) -> None:
             origin="'t.csv'",
         )
     message = str(info.value)
-    assert "cannot read dataset 'p' (train) from 't.csv'" in message
-    assert "column 'price' of 't.csv' holds 'cheap' in data row 2, not a number" in message
-    assert "'t.csv' has no column 'sizee'" in message
-    assert "holds 'yes' in data row 2" in message  # every problem at once
+    assert f"cannot read dataset 'p' (train) from '{f}'" in message
+    assert f"'{f}' line 3, column 'price': 'cheap' is not a number" in message
+    assert f"'{f}' has no column 'sizee'" in message
+    assert "line 3, column 'clicked': 'yes' is not a number" in message  # every problem at once
     with pytest.raises(DataError, match="does not exist"):
         read_table(tmp_path / "missing.csv")
     with pytest.raises(DataError, match=r"cannot tell the format of .*x\.txt"):
         read_table(tmp_path / "x.txt")
     (tmp_path / "b.jsonl").write_text('{"a": 1}\n{"a": \n')
-    with pytest.raises(DataError, match=r"b\.jsonl' line 2 is not valid JSON"):
+    with pytest.raises(DataError, match=r"b\.jsonl' line 2: not valid JSON"):
         read_table(tmp_path / "b.jsonl")
     with pytest.raises(DataError, match="has no column 'nope'"):
         read_table(f, columns=["nope"])
@@ -136,3 +142,17 @@ def test_floats_and_missing_labels_stay_float(tmp_path: Path) -> None:
     ds = table_dataset("d", "train", read_table(f), {"x": "x"}, {"t": "y"})
     y = ds.Y_dict["t"]
     assert y.dtype == torch.float32 and y[0] == 0.5 and torch.isnan(y[1])
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
+@pytest.mark.parametrize("rows", [1, 2, 4, 5])
+def test_chunks_are_the_whole_file_cut_in_order(tmp_path: Path, fmt: str, rows: int) -> None:
+    f = write(tmp_path, fmt)
+    whole = read_table(f)
+    chunks = list(iter_table(f, rows=rows))
+    assert [len(c["price"]) for c in chunks] == [min(rows, 4 - i) for i in range(0, 4, rows)]
+    for column in whole:
+        assert np.concatenate([c[column] for c in chunks]).tolist() == whole[column].tolist()
+    first = 2 if fmt == "csv" else 1  # a CSV's first line is its header
+    unit = "row" if fmt == "parquet" else "line"
+    assert [c.place(0) for c in chunks] == [f"'{f}' {unit} {first + i}" for i in range(0, 4, rows)]

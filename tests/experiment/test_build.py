@@ -12,8 +12,9 @@ from experiment_helpers import ROOT, tiny_config, write_config
 
 from mtlgraph import ConfigError, DataError, DictDataLoader, MultitaskClassifier, Trainer
 from mtlgraph.data.datasets import EpochSampler
-from mtlgraph.experiment.build import build_experiment, build_model, load_datasets
+from mtlgraph.experiment.build import build_experiment, build_model
 from mtlgraph.experiment.config import load_config, parse_config
+from mtlgraph.experiment.sources import load_datasets
 
 
 def _experiment(tmp_path: Path, cfg: dict, overrides: tuple[str, ...] = ()):  # type: ignore[no-untyped-def]
@@ -125,9 +126,8 @@ def test_loaders_batch_size_and_shuffle_only_train(tmp_path: Path) -> None:
 
 def _file_config(path: str, fields: dict, labels: dict, **extra: object) -> dict:
     cfg = tiny_config()
-    cfg["data"]["datasets"] = {
-        "points": {"path": path, "fields": fields, "labels": labels, **extra}
-    }
+    source = {"type": "table", "path": path, **extra}
+    cfg["data"]["datasets"] = {"points": {"source": source, "fields": fields, "labels": labels}}
     return cfg
 
 
@@ -161,7 +161,7 @@ def test_csv_file_with_split_column_and_missing_labels(tmp_path: Path) -> None:
         "pts.csv",
         {"xy": ["x0", "x1"], "x0_only": "x0"},
         {"circle_task": "circle", "square_task": "square"},
-        split_field="split",
+        split_column="split",
     )
     exp = _experiment(tmp_path, cfg)
     train, valid = exp.datasets
@@ -189,55 +189,87 @@ def test_missing_file_absent_column_and_bad_cell_are_named(tmp_path: Path) -> No
     _write_npz(tmp_path / "p.npz")
     cfg = tiny_config()
     cfg["data"]["datasets"] = {
-        "gone": {"path": "missing.npz", "fields": {"xy": "x"}, "labels": {"circle_task": "y"}},
+        "gone": {
+            "source": {"type": "table", "path": "missing.npz"},
+            "fields": {"xy": "x"},
+            "labels": {"circle_task": "y"},
+        },
         "csv": {
-            "path": "pts.csv",
+            "source": {"type": "table", "path": "pts.csv", "fractions": {"train": 1.0}},
             "fields": {"xy": ["x0", "x1"]},
             "labels": {"circle_task": "lable"},
-            "fractions": {"train": 1.0},
         },
-        "npz": {"path": "p.npz", "fields": {"xy": "xs"}, "labels": {"circle_task": "y"}},
+        "npz": {
+            "source": {"type": "table", "path": "p.npz"},
+            "fields": {"xy": "xs"},
+            "labels": {"circle_task": "y"},
+        },
     }
     with pytest.raises(DataError) as info:
         _experiment(tmp_path, cfg)
     problems = info.value.problems
-    joined = "\n".join(problems)
-    assert (
-        f"data.datasets.gone.path: file 'missing.npz' does not exist (looked for "
-        f"{tmp_path.resolve() / 'missing.npz'})"
-    ) in joined
-    assert (
-        "data.datasets.csv.fields.xy: column 'x0' of 'pts.csv' holds 'abc' in data row 2" in joined
-    )
-    assert (
-        "data.datasets.csv.labels.circle_task: 'pts.csv' has no column 'lable' (did you mean "
-        "'label'?)"
-    ) in joined
-    assert "data.datasets.npz.fields.xy: 'p.npz' has no array 'xs' (did you mean 'x'?)" in joined
-    assert len(problems) == 4  # each once, not once per split
-    assert str(info.value).startswith("cannot load the data (")
+    base = tmp_path.resolve()
+    assert problems == [
+        f"data.datasets.gone.source.path: file '{base / 'missing.npz'}' does not exist",
+        f"data.datasets.csv.fields.xy: '{base / 'pts.csv'}' line 3, column 'x0': 'abc' is not "
+        "a number; an input field needs numbers (declare the column under 'text' to tokenise it)",
+        f"data.datasets.csv.labels.circle_task: '{base / 'pts.csv'}' has no column 'lable' "
+        "(did you mean 'label'?); it has 'label', 'x0', 'x1'",
+        f"data.datasets.npz.fields.xy: '{base / 'p.npz'}' has no column 'xs' (did you mean "
+        "'x'?); it has 'x', 'y'",
+    ]
+    assert str(info.value).startswith("cannot load the data (4 problems)")
 
 
-def test_unreadable_files_and_a_missing_split_field_are_named(tmp_path: Path) -> None:
+def test_unreadable_files_and_a_missing_split_column_are_named(tmp_path: Path) -> None:
     (tmp_path / "empty.csv").write_text("")
     (tmp_path / "pts.csv").write_text("x0,x1,label\n0.1,0.2,1\n")
     cfg = tiny_config()
     cfg["data"]["datasets"] = {
-        "empty": {"path": "empty.csv", "fields": {"xy": "x0"}, "labels": {"circle_task": "y"}},
+        "empty": {
+            "source": {"type": "table", "path": "empty.csv"},
+            "fields": {"xy": "x0"},
+            "labels": {"circle_task": "y"},
+        },
         "cut": {
-            "path": "pts.csv",
-            "split_field": "splt",
+            "source": {"type": "table", "path": "pts.csv", "split_column": "splt"},
             "fields": {"xy": ["x0", "x1"]},
             "labels": {"circle_task": "label"},
         },
     }
     with pytest.raises(DataError) as info:
         _experiment(tmp_path, cfg)
+    base = tmp_path.resolve()
     assert info.value.problems == [
-        "data.datasets.empty.path: cannot read 'empty.csv' as csv: the file is empty; the first "
-        "row must name the columns",
-        "data.datasets.cut.split_field: 'pts.csv' has no column or array 'splt'; it has "
-        "'label', 'x0', 'x1'",
+        f"data.datasets.empty.source.path: '{base / 'empty.csv'}' is empty; its first line must "
+        "name the columns",
+        f"data.datasets.cut.source.split_column: '{base / 'pts.csv'}' has no split column "
+        "'splt'; it has 'label', 'x0', 'x1'",
+    ]
+
+
+def test_the_old_dataset_spelling_shows_the_source_to_write(tmp_path: Path) -> None:
+    cfg = tiny_config()
+    cfg["data"]["datasets"]["circles"] = {
+        "path": "pts.csv",
+        "format": "csv",
+        "split_field": "split",
+        "fields": {"xy": ["x0", "x1"]},
+        "labels": {"circle_task": "label"},
+    }
+    cfg["data"]["datasets"]["squares"] = {
+        "generator": "square",
+        "args": {"n": 20},
+        "fields": {"xy": "x"},
+        "labels": {"square_task": "y"},
+    }
+    with pytest.raises(ConfigError) as info:
+        parse_config(cfg)
+    assert info.value.problems == [
+        "<config>: data.datasets.circles: 'path', 'format', 'split_field': a dataset is declared by one "
+        "'source:'; write source: {type: table, path: pts.csv, format: csv, split_column: split}",
+        "<config>: data.datasets.squares: 'generator', 'args': a dataset is declared by one 'source:'; "
+        "write source: {type: generator, name: square, args: {n: 20}}",
     ]
 
 
@@ -247,7 +279,8 @@ def test_out_of_range_labels_name_file_and_field(tmp_path: Path) -> None:
     with pytest.raises(DataError) as info:
         _experiment(tmp_path, cfg)
     assert info.value.problems == [
-        "data.datasets.points.labels.circle_task: array 'y' of 'p.npz' (train split) for task "
+        "data.datasets.points.labels.circle_task: column 'y' of "
+        f"'{tmp_path.resolve() / 'p.npz'}' (train split) for task "
         "'circle_task': label 2 (row 2; 15 more) is outside 0..1: the head outputs 2 classes; "
         "fix the label or the head's output size"
     ]
@@ -259,7 +292,7 @@ def test_binary_labels_must_be_zero_or_one(tmp_path: Path) -> None:
     cfg["tasks"]["circle_task"]["task_type"] = "binary"
     cfg["modules"]["circle_head"]["out_features"] = 1
     with pytest.raises(
-        DataError, match=r"array 'y' of 'p.npz' .*: label 3 \(row 2; 9 more\) is not 0 or 1"
+        DataError, match=r"column 'y' of '.*p.npz' .*: label 3 \(row 2; 9 more\) is not 0 or 1"
     ):
         _experiment(tmp_path, cfg)
 
@@ -279,7 +312,7 @@ def test_python_api_builds_the_same_objects(tmp_path: Path) -> None:
     """Everything the YAML says, Python says: a mapping builds the same experiment."""
     cfg = parse_config(tiny_config())
     model = build_model(cfg)
-    datasets, _ = load_datasets(cfg)
+    datasets = load_datasets(cfg).datasets
     loaders = [DictDataLoader(ds, batch_size=16) for ds in datasets]
     trainer = Trainer(n_epochs=2, lr=0.05, progress_bar=False)
     trainer.fit(model, loaders)

@@ -41,7 +41,7 @@ def test_tiny_config_loads_with_defaults_filled(tmp_path: Path) -> None:
     assert (cfg.trainer.n_epochs, cfg.trainer.lr, cfg.trainer.optimizer) == (2, 0.05, "adam")
     assert cfg.tasks["circle_task"].task_type == "multiclass"
     assert cfg.tasks["circle_task"].ops[0].inputs == [["_input_", "xy"]]
-    assert cfg.data.datasets["circles"].args == {"n": 200, "seed": 0}
+    assert cfg.data.datasets["circles"].source.args == {"n": 200, "seed": 0}
     assert cfg.base_dir == str(tmp_path.resolve())
 
 
@@ -243,40 +243,45 @@ def test_data_errors(tmp_path: Path) -> None:
     cfg = tiny_config()
     circles = cfg["data"]["datasets"]["circles"]
     circles["labels"] = {"circle_tsk": "y"}
-    circles["args"]["radius"] = 2
+    circles["source"]["args"]["radius"] = 2
     squares = cfg["data"]["datasets"]["squares"]
-    squares["generator"] = "sqaure"
+    squares["source"]["name"] = "sqaure"
     cfg["data"]["datasets"]["files"] = {
-        "path": {"train": "a.csv"},
-        "generator": "circle",
-        "split_field": "split",
-        "fractions": {"train": 1.5},
+        "source": {
+            "type": "table",
+            "path": {"train": "a.csv"},
+            "name": "circle",
+            "split_column": "split",
+            "fractions": {"train": 1.5},
+        },
         "fields": {},
         "labels": {"circle_task": "y"},
     }
     problems = _errors(write_config(tmp_path / "c.yaml", cfg))
     joined = "\n".join(problems)
-    assert "data.datasets.files.generator: give exactly one of 'generator' and 'path'" in joined
-    assert "data.datasets.files.split_field: only for a single file" in joined
-    assert "data.datasets.files.fractions: only for a single file" in joined
+    assert "data.datasets.files.source.name: 'name' and 'args' are for type 'generator'" in joined
+    assert "data.datasets.files.source.split_column: only for a single file" in joined
+    assert "data.datasets.files.source.fractions: only for a single file" in joined
     assert "data.datasets.files.fields: empty" in joined
-    assert "give 'split_field' or 'fractions', not both" in joined
-    assert "data.datasets.files.fractions: each must be in (0, 1], got train=1.5" in joined
+    assert "give 'split_column' or 'fractions', not both" in joined
+    assert "data.datasets.files.source.fractions: each in (0, 1], summing to at most 1" in joined
     # value problems do not hide the cross-checks: everything at once
     assert "data.datasets.circles.labels.circle_tsk: labels name tasks" in joined
-    assert "data.datasets.circles.args.radius: generator 'circle' takes no argument" in joined
-    assert "data.datasets.squares.generator: unknown generator 'sqaure'" in joined
-    assert len(problems) == 10
+    assert (
+        "data.datasets.circles.source.args.radius: generator 'circle' takes no argument" in joined
+    )
+    assert "data.datasets.squares.source.name: unknown generator 'sqaure'" in joined
+    assert len(problems) == 9
 
 
 def test_data_cross_checks(tmp_path: Path) -> None:
     cfg = tiny_config()
     circles = cfg["data"]["datasets"]["circles"]
     circles["labels"] = {"circle_tsk": "y"}
-    circles["args"]["radius"] = 2
-    cfg["data"]["datasets"]["squares"]["generator"] = "sqaure"
+    circles["source"]["args"]["radius"] = 2
+    cfg["data"]["datasets"]["squares"]["source"]["name"] = "sqaure"
     cfg["data"]["datasets"]["csv"] = {
-        "path": "x.txt",
+        "source": {"type": "table", "path": "x.txt"},
         "fields": {"a": "a"},
         "labels": {"square_task": "b"},
     }
@@ -287,10 +292,11 @@ def test_data_cross_checks(tmp_path: Path) -> None:
         "'circle_tsk' (did you mean 'circle_task'?)"
     ) in joined
     assert (
-        "data.datasets.circles.args.radius: generator 'circle' takes no argument 'radius'" in joined
+        "data.datasets.circles.source.args.radius: generator 'circle' takes no argument 'radius'"
+        in joined
     )
     assert (
-        "data.datasets.squares.generator: unknown generator 'sqaure' (did you mean 'square'?)"
+        "data.datasets.squares.source.name: unknown generator 'sqaure' (did you mean 'square'?)"
         in joined
     )
     assert "cannot tell the format of 'x.txt'" in joined
@@ -349,7 +355,7 @@ def test_overrides_set_create_and_index(tmp_path: Path) -> None:
             "trainer.optimizer={name: sgd, momentum: 0.5}",
             "tasks.circle_task.weight=2",
             "tasks.circle_task.ops[1].name=head_out",
-            "data.datasets.circles.args.n=100",
+            "data.datasets.circles.source.args.n=100",
             "modules.trunk.hidden=[16, 8]",
             "trainer.checkpoint_metric=null",
         ],
@@ -358,7 +364,7 @@ def test_overrides_set_create_and_index(tmp_path: Path) -> None:
     assert cfg.trainer.optimizer == {"name": "sgd", "momentum": 0.5}
     assert cfg.tasks["circle_task"].weight == 2.0
     assert cfg.tasks["circle_task"].ops[1].name == "head_out"
-    assert cfg.data.datasets["circles"].args["n"] == 100
+    assert cfg.data.datasets["circles"].source.args["n"] == 100
     assert cfg.modules["trunk"]["hidden"] == [16, 8]
 
 

@@ -155,7 +155,10 @@ def test_missing_column_and_missing_vocabulary_exit_2(
         capsys, str(config), "--checkpoint", str(run), "--data", str(bad), "--out", str(out)
     )
     assert code == 2
-    assert f"input field 'stars': '{bad}' has no column 'stars' (did you mean 'star'?)" in err
+    assert (
+        f"'{bad}' has no column for input field 'stars' (looked for 'stars') (did you mean 'star'?)"
+        in err
+    )
     assert not out.exists()
     lost = tmp_path / "run"
     shutil.copytree(run, lost)
@@ -173,7 +176,7 @@ def test_missing_column_and_missing_vocabulary_exit_2(
 def test_export_sidecar_names_the_vocabulary(
     reviews: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from mtlgraph.experiment.predict_sources import vocabulary_files
+    from mtlgraph.experiment.predict import vocabulary_files
 
     config, run = reviews
     files = vocabulary_files(load_config(config), run, ["text", "stars"])

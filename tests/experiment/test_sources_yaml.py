@@ -147,9 +147,8 @@ def test_data_problems_name_the_column_and_row(tmp_path: Path) -> None:
         build_experiment(parse_config(cfg, base_dir=tmp_path))
     message = str(info.value)
     assert (
-        "data.datasets.reviews: field 'stars': column 'stars' of 'reviews.jsonl' holds 'many'"
-        in message
-        and "data row 161" in message
+        "data.datasets.reviews.fields.stars: '" in message
+        and "reviews.jsonl' line 201, column 'stars': 'many' is not a number" in message
     )
     assert "has no column 'labl' (did you mean 'label'?)" in message
     cfg = config(path="nothing.csv")
@@ -342,7 +341,7 @@ def test_images_source_builds_named_datasets(tmp_path: Path) -> None:
     cfg = image_config_labels(exp.config)
     with pytest.raises(
         DataError,
-        match=r"dataset 'products' \(train split\) for task 'digit_task': "
+        match=r"column 'label3' of '.*products.csv' \(train split\) for task 'digit_task': "
         r"label 2 \(row 2; 1 more\) is outside 0..1: the head outputs 2 classes",
     ):
         build_experiment(cfg)

@@ -225,10 +225,13 @@ def _soft_yaml(tmp_path: Path, soft: np.ndarray) -> Path:
     cfg = tiny_config(n_epochs=1)
     cfg["data"]["datasets"] = {
         "weak": {
-            "path": "weak.npz",
+            "source": {
+                "type": "table",
+                "path": "weak.npz",
+                "fractions": {"train": 0.8, "valid": 0.2},
+            },
             "fields": {"xy": "x"},
             "labels": {"circle_task": "probs"},
-            "fractions": {"train": 0.8, "valid": 0.2},
         }
     }
     return write_config(tmp_path / "c.yaml", cfg)

@@ -20,7 +20,8 @@ import torch
 from torch.utils.data import Dataset
 
 from mtlgraph.data.datasets import Batch
-from mtlgraph.data.sources.table import Table, Tokenizer, field_values, label_values, table_length
+from mtlgraph.data.sources.files import Table, as_table, table_length
+from mtlgraph.data.sources.table import Tokenizer, table_columns
 from mtlgraph.exceptions import DataError
 
 IMAGE_MODES = ("L", "RGB", "RGBA")
@@ -165,27 +166,20 @@ class ImageFolder(Dataset[Batch]):
         self.folder = Path(folder)
         self.image_field = image_field
         self.decoder = decoder or ImageDecoder()
+        t = as_table(table, origin)
         problems: list[str] = []
-        if image_column not in table:
-            problems.append(f"{origin} has no image column '{image_column}'")
-        self.X: dict[str, Any] = {}
-        self.Y: dict[str, torch.Tensor] = {}
-        for fld, columns in (fields or {}).items():
-            try:
-                self.X[fld] = field_values(table, columns, origin, text)
-            except DataError as e:
-                problems += [f"field '{fld}': {p}" for p in e.problems]
-        for task, column in (labels or {}).items():
-            try:
-                self.Y[task] = label_values(table, column, origin)
-            except DataError as e:
-                problems += [f"label '{task}': {p}" for p in e.problems]
-        files = [str(f) for f in table.get(image_column, [])]
+        if image_column not in t:
+            problems.append(f"{t.origin} has no image column '{image_column}'")
+        try:
+            self.X, self.Y = table_columns(t, fields or {}, labels or {}, text)
+        except DataError as e:
+            problems += e.problems
+        files = [str(f) for f in t.get(image_column, [])]
         problems += self._missing_files(files)
         if problems:
-            raise DataError(problems, header=f"cannot read the images of {origin}:")
+            raise DataError(problems, header=f"cannot read the images of {t.origin}:")
         self.files = files
-        self._length = table_length(table)
+        self._length = table_length(t)
 
     def _missing_files(self, files: Sequence[str]) -> list[str]:
         missing = [(i, f) for i, f in enumerate(files) if not (self.folder / f).is_file()]

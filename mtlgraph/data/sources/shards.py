@@ -11,21 +11,15 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from mtlgraph.data.sources.table import (
-    Table,
-    Tokenizer,
-    field_values,
-    label_values,
-    read_table,
-    table_format,
-)
+from mtlgraph.data.sources.files import Table, read_table, table_format, table_length
+from mtlgraph.data.sources.table import Tokenizer, table_columns
 from mtlgraph.data.streams import Example, ExampleStream
 from mtlgraph.exceptions import DataError
 
@@ -72,14 +66,13 @@ class ShardStream(ExampleStream):
         fmt: ``"csv"``, ``"jsonl"`` or ``"parquet"``; ``None`` = from each file's suffix.
         shuffle: Shuffle the rows within a file, in an order fixed by the stream's seed (the
             loader's seed, the pass and the file).
-        label_dtypes: Task -> ``torch.float32`` or ``torch.int64`` (default: ``int64`` for whole
-            numbers, else ``float32``, per file).
-        ignore_value: Task -> the value missing labels (empty cells, ``null``) become in an
-            ``int64`` label.
+        labels_as: ``(task, labels, table) -> labels`` as the task needs them (the YAML passes
+            its tasks' rule: class ids, missing labels as the ignore value); ``None`` = as read
+            (``int64`` for whole numbers, else ``float32`` with NaN for a missing label).
 
     Raises:
         DataError: While reading: a shard that disappeared or cannot be read, an absent column,
-            a cell that is not a number (each naming the file, the column and the row).
+            a bad row or cell (each naming the file, the line and the column).
 
     Example:
         >>> import tempfile, pathlib
@@ -100,8 +93,7 @@ class ShardStream(ExampleStream):
         text: Mapping[str, Tokenizer] | None = None,
         fmt: str | None = None,
         shuffle: bool = False,
-        label_dtypes: Mapping[str, torch.dtype] | None = None,
-        ignore_value: Mapping[str, int] | None = None,
+        labels_as: Callable[[str, torch.Tensor, Table], torch.Tensor] | None = None,
     ) -> None:
         self.files = [Path(f) for f in files]
         for f in self.files:
@@ -112,8 +104,7 @@ class ShardStream(ExampleStream):
         self.text = dict(text or {})
         self.fmt = fmt
         self.shuffle = shuffle
-        self.label_dtypes = dict(label_dtypes or {})
-        self.ignore_value = dict(ignore_value or {})
+        self.labels_as = labels_as
 
     def num_units(self) -> int:
         return len(self.files)
@@ -138,39 +129,14 @@ class ShardStream(ExampleStream):
                     "start a new run without it"
                 ]
             )
-        table: Table = read_table(file, self.fmt)
-        origin = f"shard '{file}'"
-        problems: list[str] = []
-        X: dict[str, Any] = {}
-        Y: dict[str, torch.Tensor] = {}
-        for fld, columns in self.fields.items():
-            try:
-                X[fld] = field_values(table, columns, origin, self.text)
-            except DataError as e:
-                problems += [f"field '{fld}': {p}" for p in e.problems]
-        for task, column in self._label_columns.items():
-            try:
-                Y[task] = self._labels(task, label_values(table, column, origin), origin)
-            except DataError as e:
-                problems += [f"label '{task}': {p}" for p in e.problems]
-        if problems:
-            raise DataError(problems, header=f"cannot read {origin}:")
-        rows = len(next(iter(table.values()))) if table else 0
-        return X, Y, rows
-
-    def _labels(self, task: str, values: torch.Tensor, origin: str) -> torch.Tensor:
-        dtype = self.label_dtypes.get(task)
-        if dtype is None or dtype.is_floating_point:
-            return values if dtype is None else values.to(dtype)
-        if values.is_floating_point():
-            nan = torch.isnan(values)
-            if nan.any():
-                if task not in self.ignore_value:
-                    raise DataError([f"{origin}: task '{task}' has missing labels"])
-                values = torch.where(nan, float(self.ignore_value[task]), values)
-            if bool((values != torch.round(values)).any()):
-                raise DataError([f"{origin}: task '{task}' has labels that are not class ids"])
-        return values.to(dtype)
+        table = read_table(file, self.fmt)
+        try:
+            X, Y = table_columns(table, self.fields, self._label_columns, self.text)
+        except DataError as e:
+            raise DataError(e.problems, header=f"cannot read shard '{file}':") from e
+        if self.labels_as is not None:
+            Y = {task: self.labels_as(task, values, table) for task, values in Y.items()}
+        return X, Y, table_length(table)
 
     def iter_unit(self, unit: int, start: int, seed: int) -> Iterator[Example]:
         X, Y, rows = self.read_unit(unit)
