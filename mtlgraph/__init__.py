@@ -32,6 +32,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from mtlgraph.graph.modules import register_module
     from mtlgraph.graph.task import Input, Operation, Task, detach, register_loss
     from mtlgraph.metrics import Scorer, register_metric
+    from mtlgraph.training.early_stopping import EarlyStopping
+    from mtlgraph.training.hooks import Hook
     from mtlgraph.training.lr import register_lr_schedule
     from mtlgraph.training.optim import register_optimizer
     from mtlgraph.training.trainer import Trainer
@@ -49,8 +51,10 @@ _WHERE: dict[str, str] = {
     "DiagnosticsReport": "mtlgraph.diagnostics",
     "DictDataLoader": "mtlgraph.data.datasets",
     "DictDataset": "mtlgraph.data.datasets",
+    "EarlyStopping": "mtlgraph.training.early_stopping",
     "GradientBalancer": "mtlgraph.balancing",
     "GraphError": "mtlgraph.exceptions",
+    "Hook": "mtlgraph.training.hooks",
     "Input": "mtlgraph.graph.task",
     "MtlGraphError": "mtlgraph.exceptions",
     "MultitaskClassifier": "mtlgraph.graph.model",
@@ -82,8 +86,10 @@ __all__ = [
     "DiagnosticsReport",
     "DictDataLoader",
     "DictDataset",
+    "EarlyStopping",
     "GradientBalancer",
     "GraphError",
+    "Hook",
     "Input",
     "MtlGraphError",
     "MultitaskClassifier",

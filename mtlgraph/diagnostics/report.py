@@ -395,7 +395,7 @@ def load_report(run_dir: str | os.PathLike[str]) -> DiagnosticsReport:
             f"no diagnostics in '{directory}': no {REPORT_JSON} and no readable checkpoint ({e}). "
             "Train with trainer.diagnostics set, e.g. trainer.diagnostics={every: 50}"
         ) from e
-    saved = state.get("diagnostics")
+    saved = (state.get("hooks") or {}).get("diagnostics")  # the probe hook's state
     if saved is None:
         raise CheckpointError(
             f"no diagnostics in '{directory}': the run was trained without trainer.diagnostics; "

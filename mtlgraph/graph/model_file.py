@@ -32,7 +32,7 @@ from mtlgraph.exceptions import CheckpointError
 
 FORMAT = "mtlgraph.checkpoint"
 """The format marker of checkpoints and model files."""
-VERSION = 2
+VERSION = 3
 """The newest checkpoint version this mtlgraph writes and reads."""
 _OLD_MODEL_FORMAT = "mtlgraph.model"  # model files of older releases: converted on read
 

@@ -4,6 +4,8 @@ checkpoints, writers and distributed helpers.
 
 from mtlgraph.training.checkpoint import load_checkpoint, resolve_checkpoint, run_directory
 from mtlgraph.training.distributed import DistEnv
+from mtlgraph.training.early_stopping import EarlyStopping
+from mtlgraph.training.hooks import HOOKS, Every, Hook, Run
 from mtlgraph.training.lr import LR_SCHEDULES, register_lr_schedule
 from mtlgraph.training.optim import OPTIMIZERS, register_optimizer
 from mtlgraph.training.state import LossRecord, RunState
@@ -11,11 +13,16 @@ from mtlgraph.training.trainer import Trainer, TrainerConfig
 from mtlgraph.training.writers import WRITERS, Writer
 
 __all__ = [
+    "HOOKS",
     "LR_SCHEDULES",
     "OPTIMIZERS",
     "WRITERS",
     "DistEnv",
+    "EarlyStopping",
+    "Every",
+    "Hook",
     "LossRecord",
+    "Run",
     "RunState",
     "Trainer",
     "TrainerConfig",

@@ -7,11 +7,11 @@ never a torn one. It is read back only with ``torch.load(weights_only=True)``, s
 checkpoint never runs code; one that holds a pickled object is refused with a
 :class:`~mtlgraph.CheckpointError`.
 
-Contents (``version`` 2; see ``docs/checkpoints.md``): one state dict per piece of the run, as
-pytorch-ignite's ``Checkpoint`` stores them; the first two lines are a model file
+Contents (``version`` 3; see ``docs/checkpoints.md``): one state dict per stateful piece of the
+run, as pytorch-ignite's ``Checkpoint`` stores them; the first two lines are a model file
 (:mod:`mtlgraph.graph.model_file`)::
 
-    format, version          "mtlgraph.checkpoint", 2
+    format, version          "mtlgraph.checkpoint", 3
     model, task_names        model.state_dict(), the model's task names
     optimizer                the torch optimizer's state_dict (all parameter groups)
     lr_scheduler             the schedule spec, warm-up and base learning rates (the LR factor
@@ -20,14 +20,18 @@ pytorch-ignite's ``Checkpoint`` stores them; the first two lines are a model fil
     run                      RunState.state_dict(): progress (epoch, step_in_epoch, global_step,
                              last_logged, batch_counts, loader_positions, world_size), the batch
                              scheduler's state at the start of the epoch, history, the loss window
-                             and the epoch's losses
+                             and the epoch's losses, why a hook stopped the run
+    hooks                    {hook name: hook.state_dict()} for every hook of the run, built-in
+                             (``checkpoint``: checkpoint_metric, mode, best value and its step;
+                             ``diagnostics``: the interference monitor's sums; ``nonfinite``: the
+                             skipped batches) and the user's (``early_stopping``, ...)
     rng                      torch CPU (and CUDA) generator states, python ``random``, numpy's
                              global generator
-    best                     checkpoint_metric, mode, best value and its step
     config                   {"trainer": the TrainerConfig, "experiment": the resolved YAML config}
-    diagnostics              (with TrainerConfig.diagnostics) the interference monitor's sums
 
-Version 1 files (the run's entries at the top level) are read and converted on load.
+A new feature that keeps state is a hook: its state comes and goes with the others, without
+changes here. Older versions load for their weights and config (``model.load``,
+``mtlgraph predict``); resuming one is refused with a :class:`~mtlgraph.CheckpointError`.
 
 Resuming at ``(epoch, step_in_epoch)`` restores everything above, recomputes the epoch's batch
 plan from the scheduler state, starts every loader at its position (``DictDataLoader.iterate
@@ -64,7 +68,6 @@ LAST = "last.pt"
 BEST = "best.pt"
 
 _PLAIN = (str, int, float, bool, type(None))
-_RUN_KEYS = ("progress", "scheduler", "history", "window", "epoch_losses", "rank_records")
 
 
 # ---------------------------------------------------------------- files
@@ -173,16 +176,7 @@ def load_checkpoint(
         >>> load_checkpoint(path)["format"]
         'mtlgraph.checkpoint'
     """
-    return _upgrade(read_checkpoint(resolve_checkpoint(path), map_location))
-
-
-def _upgrade(state: dict[str, Any]) -> dict[str, Any]:
-    """A version-1 checkpoint (run entries at the top level) in the version-2 layout."""
-    if int(state.get("version", 0)) >= 2 or "progress" not in state:
-        return state
-    run = {k: state.pop(k) for k in _RUN_KEYS if k in state}
-    run.setdefault("rank_records", [])
-    return {**state, "version": VERSION, "run": run}
+    return read_checkpoint(resolve_checkpoint(path), map_location)
 
 
 def remove_stale_temporaries(directory: Path) -> None:
@@ -258,8 +252,17 @@ def check_resume(
     """Refuse to resume a checkpoint whose run does not match this one.
 
     Raises:
-        CheckpointError: Another number of processes, or other batch counts.
+        CheckpointError: A checkpoint of an older format, another number of processes, or
+            other batch counts.
     """
+    version = int(state.get("version", 0))
+    if version != VERSION:
+        raise CheckpointError(
+            f"cannot resume: the checkpoint has format version {version}, written by an older "
+            f"mtlgraph; this one resumes version {VERSION} (each hook's state saved on its own). "
+            "Finish that run with the mtlgraph that wrote it, or start afresh (its weights still "
+            "load with model.load and mtlgraph predict)"
+        )
     progress = state["run"]["progress"]
     saved_world = int(progress.get("world_size", 1))
     if saved_world != world_size:
@@ -317,9 +320,11 @@ def metric_keys(
     return keys
 
 
-def metric_mode(key: str, mode: str | None, keys: Mapping[str, bool]) -> str:
-    """``"max"`` or ``"min"`` for ``checkpoint_metric``: ``mode`` if given, else the metric's
-    direction.
+def metric_mode(
+    key: str, mode: str | None, keys: Mapping[str, bool], setting: str = "checkpoint_metric"
+) -> str:
+    """``"max"`` or ``"min"`` for the metric ``key`` of ``setting``: ``mode`` if given, else
+    the metric's direction.
 
     Raises:
         ConfigError: The key is not logged by this run (with the closest key and the choices).
@@ -328,7 +333,7 @@ def metric_mode(key: str, mode: str | None, keys: Mapping[str, bool]) -> str:
         listing = ", ".join(sorted(keys))
         raise ConfigError(
             [
-                f"checkpoint_metric: '{key}' is not a key this training logs"
+                f"{setting}: '{key}' is not a key this training logs"
                 f"{did_you_mean(key, keys)}; it logs {listing}"
             ]
         )
@@ -339,7 +344,7 @@ def metric_mode(key: str, mode: str | None, keys: Mapping[str, bool]) -> str:
 
 class Checkpointer:
     """Writes ``last.pt`` and ``best.pt``, and tracks the best value of a metric. When ``last.pt``
-    is due is the save hook's :class:`~mtlgraph.training.hooks.Every`.
+    is due is the checkpoint hook's :class:`~mtlgraph.training.hooks.Every`.
 
     Args:
         directory: Where the files go (``<run_dir>/checkpoints``).
@@ -377,7 +382,7 @@ class Checkpointer:
 
     def save_last(self, state: Mapping[str, Any]) -> Path:
         """Write ``last.pt``."""
-        path = save_checkpoint({**state, "best": self.best_state()}, self.directory / LAST)
+        path = save_checkpoint(state, self.directory / LAST)
         logger.debug("checkpoint %s (step %s)", path, state["run"]["progress"]["global_step"])
         return path
 
@@ -397,7 +402,7 @@ class Checkpointer:
 
     def save_best(self, state: Mapping[str, Any]) -> Path:
         """Write ``best.pt`` (call after :meth:`improved` returned ``True``)."""
-        path = save_checkpoint({**state, "best": self.best_state()}, self.directory / BEST)
+        path = save_checkpoint(state, self.directory / BEST)
         logger.info("new best %s = %.6g: %s", self.metric, self.best_value, path)
         return path
 

@@ -21,6 +21,7 @@ from mtlgraph.diagnostics import DiagnosticsConfig
 from mtlgraph.exceptions import ConfigError
 from mtlgraph.graph.slices import SLICES
 from mtlgraph.registry import Registry, split_spec
+from mtlgraph.training.hooks import Hook, build_hook
 from mtlgraph.training.lr import LR_SCHEDULES
 from mtlgraph.training.lr import SUPPLIED as SCHEDULE_SUPPLIED
 from mtlgraph.training.optim import (
@@ -81,16 +82,19 @@ class TrainerConfig:
     distributed_timeout: float = 300.0  # seconds a collective waits for the other ranks, then fails
     # --- interference diagnostics (docs/diagnostics.md); off by default
     diagnostics: DiagnosticsConfig | None = None  # interference probes every N steps; None = off
-    # --- Snorkel users (issue 15): warm-up in other units, slice scores at evaluation
+    # --- Snorkel users: warm-up in other units, slice scores at evaluation
     warmup_epochs: float = 0.0  # linear warm-up over the optimizer steps of this many epochs
     warmup_fraction: float = 0.0  # linear warm-up over this fraction (0-1) of all optimizer steps
     slices: list[str] = field(default_factory=list)  # registered slice functions scored at eval
-    # --- data loading and sampling (issue 12; docs/data.md)
+    # --- data loading and sampling (docs/data.md)
     steps_per_epoch: int | None = None  # steps of an epoch under a sampling batch_scheduler;
     # None = the training loaders' batches summed (required with a stream of unknown length)
-    # --- bad input (issue 11)
+    # --- bad input (docs/training.md § Bad input)
     # a non-finite step loss or clipped gradient norm: raise TrainingError, drop the update, warn
     nonfinite: Literal["raise", "skip_batch", "warn"] = "raise"
+    # --- the user's hooks (docs/training.md): Hooks, registered names ("early_stopping"),
+    # {name: ..., **kwargs} or dotted import paths; they fire after evaluation, before checkpoints
+    hooks: list[str | dict[str, Any] | Hook] = field(default_factory=list)
 
     def validate(self) -> list[str]:
         """Value checks beyond types; one sentence per problem."""
@@ -98,7 +102,7 @@ class TrainerConfig:
         problems += [
             f"freeze: entries must be non-empty strings, got {f!r}" for f in self.freeze if not f
         ]
-        found = optimizer_spec_problems(self.optimizer, self.weight_decay)  # issue 15
+        found = optimizer_spec_problems(self.optimizer, self.weight_decay)
         problems += [f"optimizer: {p}" for p in found]
         opt_name, _ = split_spec(self.optimizer)
         if not isinstance(resolve_optimizer(opt_name), str):
@@ -113,10 +117,16 @@ class TrainerConfig:
                 problems += [f"balancer: {p}" for p in e.problems]
         problems += _check_named("lr_scheduler", self.lr_scheduler, LR_SCHEDULES, SCHEDULE_SUPPLIED)
         problems += self._check_outputs()
+        for i, spec in enumerate(self.hooks):
+            if not isinstance(spec, Hook):
+                try:
+                    build_hook(spec, f"hooks[{i}]")
+                except ConfigError as e:
+                    problems += e.problems
         return problems
 
     def _check_snorkel_users(self) -> list[str]:
-        """Warm-up given in one unit at most, and slices that are registered (issue 15)."""
+        """Warm-up given in one unit at most, and slices that are registered."""
         problems = []
         given = [
             f"{k}={v}"

@@ -1,54 +1,73 @@
-"""The training loop's side concerns as hooks, fired in a fixed order by one trigger type.
+"""The training loop's one extension point, :class:`Hook`, the :class:`Run` hooks see, and the
+built-in hooks.
 
-After every optimizer step and after every epoch, the loop fires the hooks that are due, always
-in this order:
+The loop fires five events; a hook overrides the ones it needs (the others cost nothing: the
+run keeps, per event, the list of hooks that override it):
 
-1. :class:`ProbeHook` -- an interference probe (``diagnostics.every`` steps);
-2. :class:`EvaluateHook` -- a history record: training losses, learning rates, balancer
-   weights, evaluation scores; ``best.pt`` when ``checkpoint_metric`` improved
-   (``evaluation_freq`` steps or epochs);
-3. :class:`SaveHook` -- ``last.pt`` (``checkpoint_every`` steps or epochs);
-4. :class:`ProgressBar` -- the bar's loss/lr postfix (every 20 steps).
+- ``on_fit_start(run)`` once, after the pieces are built (and a resume restored them);
+- ``on_step_end(run)`` after every optimizer step;
+- ``on_evaluate_end(run, scores)`` after every evaluation, with the evaluation's record
+  (training losses since the last one, learning rates, balancer weights, evaluation scores);
+- ``on_epoch_end(run)`` after every epoch;
+- ``on_fit_end(run)`` once, when training is over (finished, or stopped by ``run.stop``).
 
-When the last epoch is over, each hook's :meth:`Hook.finish` runs in the same order: the
-diagnostics report, a final evaluation (unless the last step was just evaluated), the final
-``last.pt``. When a hook is due is one :class:`Every` each: an integer comparison per step.
+A hook with an :attr:`Hook.every` gets ``on_step_end`` (``Every(n, "step")``) or
+``on_epoch_end`` (``Every(n, "epoch")``) only every ``n`` of them, and not the other one.
+
+The hooks of a run fire in this order, for every event:
+
+1. ``nonfinite``: the non-finite guard (:class:`~mtlgraph.training.step.NonfiniteGuard`; it
+   checks each step's loss inside the step, and logs ``skipped_batches`` at evaluations);
+2. ``diagnostics``: interference probes, the report at the end (:class:`ProbeHook`);
+3. ``evaluation``: an evaluation record, which fires every hook's ``on_evaluate_end``
+   (:class:`EvaluationHook`);
+4. the user's hooks (``Trainer(hooks=[...])``, ``trainer.hooks`` in YAML), in their order;
+5. ``checkpoint``: ``best.pt`` when ``checkpoint_metric`` improved, ``last.pt`` when due and at
+   the end (:class:`CheckpointHook`; last, so a checkpoint holds every hook's state after the
+   step);
+6. ``progress``: the progress bar (:class:`ProgressBar`).
+
+A checkpoint holds each hook's :meth:`Hook.state_dict` under its :attr:`Hook.name`; a resumed
+run gives it back through :meth:`Hook.load_state_dict` before ``on_fit_start``.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
+from mtlgraph._suggest import did_you_mean, quoted
+from mtlgraph.balancing import Balancer
 from mtlgraph.balancing.weighting import SumBalancer
-from mtlgraph.diagnostics import InterferenceMonitor, write_report
+from mtlgraph.diagnostics import DiagnosticsReport, InterferenceMonitor, write_report
+from mtlgraph.exceptions import ConfigError
 from mtlgraph.metrics import split_key
+from mtlgraph.registry import Registry, signature_problems, split_spec
 from mtlgraph.training.checkpoint import Checkpointer
-from mtlgraph.training.state import TRAIN_LOSS, LossRecord
-
-if TYPE_CHECKING:
-    from mtlgraph.training.trainer import FitLoop
+from mtlgraph.training.state import TRAIN_LOSS, Records, RunState
+from mtlgraph.training.writers import Writer
 
 logger = logging.getLogger(__name__)
 
 Unit = Literal["step", "epoch"]
+EVENTS = ("on_fit_start", "on_step_end", "on_evaluate_end", "on_epoch_end", "on_fit_end")
 
 
 @dataclass(frozen=True)
 class Every:
-    """Fire every ``n`` optimizer steps or epochs (``n = 0``: never during the run).
+    """A hook's :attr:`Hook.every`: ``on_step_end`` (``unit="step"``) or ``on_epoch_end``
+    (``unit="epoch"``) every ``n`` of them, and not the other event (``n = 0``: neither).
 
     Example:
         >>> from mtlgraph.training.hooks import Every
-        >>> every = Every(3, "step")
-        >>> [s for s in range(1, 10) if every.due("step", s)]
-        [3, 6, 9]
         >>> Every.of(2, "epochs")
         Every(n=2, unit='epoch')
     """
@@ -61,137 +80,460 @@ class Every:
         """From a config's ``(every, "steps" | "epochs")`` pair."""
         return cls(n, "epoch" if config_unit in ("epoch", "epochs") else "step")
 
-    def due(self, unit: Unit, count: int) -> bool:
-        """Whether the hook fires when ``count`` units of kind ``unit`` are done (1-based)."""
-        return self.n > 0 and unit == self.unit and count % self.n == 0
-
 
 class Hook:
-    """A side concern of the loop: :meth:`fire` when :attr:`every` is due, :meth:`finish` once
-    after the last epoch."""
+    """A side concern of the training loop: override the events you need (all are no-ops).
 
-    every: Every = Every(0, "step")
+    Attributes:
+        name: The hook's key in checkpoints (``""``: its class name; a second hook of the same
+            name gets ``_2``, ...).
+        every: ``None``: ``on_step_end`` after every step and ``on_epoch_end`` after every
+            epoch; an :class:`Every`: only that event, every ``n``.
 
-    def fire(self, loop: FitLoop) -> None:
-        """Run at a step or epoch end where :attr:`every` is due."""
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from mtlgraph import (DictDataLoader, DictDataset, Hook, MultitaskClassifier,
+        ...                       Operation, Task, Trainer)
+        >>> class CountSteps(Hook):
+        ...     def __init__(self):
+        ...         self.steps = 0
+        ...     def on_step_end(self, run):
+        ...         self.steps += 1
+        ...         if run.global_step == 6:
+        ...             run.stop("six steps are enough")
+        ...     def state_dict(self):
+        ...         return {"steps": self.steps}
+        ...     def load_state_dict(self, state):
+        ...         self.steps = state["steps"]
+        >>> x = torch.randn(64, 2); y = (x[:, 0] > 0).long()
+        >>> task = Task("t", {"m": nn.Linear(2, 2)}, [Operation("m", [("_input_", "x")])])
+        >>> loader = DictDataLoader(DictDataset("d", "train", {"x": x}, {"t": y}), batch_size=16)
+        >>> counter = CountSteps()
+        >>> trainer = Trainer(n_epochs=5, progress_bar=False, hooks=[counter])
+        >>> trainer.fit(MultitaskClassifier([task]), [loader])
+        >>> counter.steps, trainer.global_step
+        (6, 6)
+    """
 
-    def finish(self, loop: FitLoop) -> None:
-        """Run once when the last epoch is over."""
+    name: str = ""
+    every: Every | None = None
+
+    def on_fit_start(self, run: Run) -> None:
+        """Once, when the run's pieces are built (after a resume restored them)."""
+
+    def on_step_end(self, run: Run) -> None:
+        """After an optimizer step (``run.global_step`` counts it)."""
+
+    def on_evaluate_end(self, run: Run, scores: Mapping[str, float]) -> None:
+        """After an evaluation; ``scores`` is its record (``run.history[-1]``)."""
+
+    def on_epoch_end(self, run: Run) -> None:
+        """After an epoch (``run.epoch`` is the epoch just finished, 1-based)."""
+
+    def on_fit_end(self, run: Run) -> None:
+        """Once, when training is over (finished or stopped)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The hook's state, saved in checkpoints (tensors and plain values)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s values on resume."""
+
+
+def overrides(hook: Hook, event: str) -> bool:
+    """Whether ``hook`` does something on ``event`` (its class overrides the method)."""
+    return getattr(type(hook), event) is not getattr(Hook, event)
+
+
+def hook_names(hooks: Sequence[Hook]) -> list[str]:
+    """Each hook's checkpoint key: its :attr:`Hook.name` or class name, made unique."""
+    names: list[str] = []
+    for hook in hooks:
+        base = hook.name or type(hook).__name__
+        name, k = base, 1
+        while name in names:
+            k += 1
+            name = f"{base}_{k}"
+        names.append(name)
+    return names
+
+
+class Run:
+    """What hooks see of a training run, and the dispatch of their events.
+
+    Args:
+        state: The :class:`~mtlgraph.training.state.RunState`.
+        model: The model being trained.
+        optimizer: The torch optimizer.
+        balancer: The balancer.
+        hooks: Every hook of the run, built-in and user, in firing order.
+        writers: Where records go besides :attr:`history`.
+        metric_keys: The keys an evaluation record holds that can be followed (training losses
+            and evaluation scores), each with ``higher_is_better``.
+
+    Attributes:
+        model, optimizer, balancer, hooks, metric_keys: As given.
+    """
+
+    def __init__(
+        self,
+        state: RunState,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        balancer: Balancer,
+        hooks: Sequence[Hook],
+        writers: Sequence[Writer] = (),
+        metric_keys: Mapping[str, bool] | None = None,
+    ) -> None:
+        self.state, self.model, self.optimizer, self.balancer = state, model, optimizer, balancer
+        self.hooks, self.names = list(hooks), hook_names(hooks)
+        self.writers = list(writers)
+        self.metric_keys: Mapping[str, bool] = metric_keys or {}
+        self._record: dict[str, float] | None = None  # the evaluation record being built
+        self._by_event = {e: [h for h in self.hooks if overrides(h, e)] for e in EVENTS}
+        self._steps = self._gated("on_step_end", "step")
+        self._epochs = self._gated("on_epoch_end", "epoch")
+        self.has_step_hooks = bool(self._steps)  # the loop skips step_end without any
+
+    def _gated(self, event: str, unit: Unit) -> list[tuple[Hook, int]]:
+        """``(hook, n)``: the hooks with ``event``, each fired every ``n`` units."""
+        out = []
+        for hook in self._by_event[event]:
+            every = hook.every
+            if every is None:
+                out.append((hook, 1))
+            elif every.unit == unit and every.n > 0:
+                out.append((hook, every.n))
+        return out
+
+    # ------------------------------------------------------------ what hooks read and call
+
+    @property
+    def global_step(self) -> int:
+        """Optimizer steps taken."""
+        return self.state.global_step
+
+    @property
+    def epoch(self) -> int:
+        """The 1-based epoch in progress, or just finished (as in history records)."""
+        return self.state.epoch_number
+
+    @property
+    def history(self) -> list[dict[str, float]]:
+        """The records logged so far (``Trainer.history``)."""
+        return self.state.history
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why :meth:`stop` was called (``None``: it was not)."""
+        return self.state.stop_reason
+
+    def log(self, values: Mapping[str, float]) -> None:
+        """Log ``values`` like built-in scalars: into the history and to the writers
+        (``metrics.jsonl``, TensorBoard). During an evaluation they join its record; otherwise
+        they are a record of their own, with ``epoch`` and ``step``."""
+        floats = {k: float(v) for k, v in values.items()}
+        if self._record is not None:
+            self._record.update(floats)
+            return
+        self.publish({"epoch": float(self.epoch), "step": float(self.global_step), **floats})
+
+    def stop(self, reason: str) -> None:
+        """End the run cleanly after the current step or evaluation: the remaining hooks of
+        the event fire, then ``on_fit_end`` (final evaluation, ``last.pt``); ``fit`` returns
+        normally. The first reason given is kept, logged and saved in checkpoints."""
+        if self.state.stop_reason is None:
+            self.state.stop_reason = str(reason)
+            logger.info("stopping at step %d: %s", self.global_step, reason)
+
+    # ------------------------------------------------------------ what the loop calls
+
+    def publish(self, record: dict[str, float]) -> None:
+        """Append ``record`` to the history and send it to the writers."""
+        self.state.history.append(record)
+        for writer in self.writers:
+            writer.write(record)
+
+    def evaluated(self, record: dict[str, float]) -> None:
+        """An evaluation's record: into the history, through every hook's
+        ``on_evaluate_end`` (their :meth:`log` values join it), then to the writers."""
+        self.state.history.append(record)
+        self._record = record
+        try:
+            for hook in self._by_event["on_evaluate_end"]:
+                hook.on_evaluate_end(self, record)
+        finally:
+            self._record = None
+        for writer in self.writers:
+            writer.write(record)
+
+    def fit_start(self) -> None:
+        for hook in self._by_event["on_fit_start"]:
+            hook.on_fit_start(self)
+
+    def step_end(self) -> None:
+        step = self.state.global_step
+        for hook, n in self._steps:
+            if step % n == 0:
+                hook.on_step_end(self)
+
+    def epoch_end(self) -> None:
+        done = self.state.epoch
+        for hook, n in self._epochs:
+            if done % n == 0:
+                hook.on_epoch_end(self)
+
+    def fit_end(self) -> None:
+        for hook in self._by_event["on_fit_end"]:
+            hook.on_fit_end(self)
+
+    def hook_states(self) -> dict[str, dict[str, Any]]:
+        """``{name: hook.state_dict()}`` of every hook (a checkpoint's ``hooks`` entry)."""
+        return {name: hook.state_dict() for name, hook in zip(self.names, self.hooks, strict=True)}
+
+    def load_hook_states(self, states: Mapping[str, Mapping[str, Any]]) -> None:
+        """Give each hook its saved state; a hook the saved run did not have starts afresh."""
+        for name, hook in zip(self.names, self.hooks, strict=True):
+            if name in states:
+                hook.load_state_dict(states[name])
+            else:
+                logger.warning(
+                    "the checkpoint holds no state of hook '%s' (the saved run had hooks %s): "
+                    "it starts afresh",
+                    name,
+                    quoted(states),
+                )
+
+
+# ---------------------------------------------------------------- user hooks from specs
+
+
+HOOKS: Registry[Callable[..., Hook]] = Registry("hook")
+"""Hooks by name, for ``Trainer(hooks=[...])`` and ``trainer.hooks`` in YAML (``early_stopping``
+registers itself in :mod:`.early_stopping`, imported with the package)."""
+
+
+def build_hook(spec: Any, path: str) -> Hook:
+    """The hook a spec describes: a :class:`Hook` (as is), a registered name,
+    ``{name: ..., **kwargs}``, or a dotted import path (as the name, too) to a hook class or
+    factory. The one place hook specs become hooks.
+
+    Raises:
+        ConfigError: An unknown name (with a suggestion), arguments the hook does not take or
+            refuses, a failing import, or something that is not a hook; naming ``path``.
+    """
+    if isinstance(spec, Hook):
+        return spec
+    if not isinstance(spec, (str, Mapping)):
+        raise ConfigError(
+            [
+                f"{path}: a hook is a mtlgraph.Hook, a registered name ({quoted(HOOKS)}), "
+                f"{{name: ..., **kwargs}} or a dotted import path; got {spec!r}"
+            ]
+        )
+    name, kwargs = split_spec(spec)
+    if isinstance(name, str) and name not in HOOKS and "." in name:
+        factory: Any = _import(name, path)
+        problems = signature_problems(factory, kwargs, f"hook '{name}'")
+    else:
+        problems = HOOKS.check_kwargs(name, kwargs)
+        factory = None if problems else HOOKS.get(name)
+    if problems:
+        raise ConfigError([f"{path}: {p}" for p in problems])
+    try:
+        hook = factory(**kwargs)
+    except ConfigError as e:
+        raise ConfigError([f"{path}: {p}" for p in e.problems]) from e
+    if not isinstance(hook, Hook):
+        raise ConfigError([f"{path}: '{name}' made a {type(hook).__name__}, not a mtlgraph.Hook"])
+    return hook
+
+
+def _import(dotted: str, path: str) -> Any:
+    """The object at a dotted import path."""
+    module_name, _, attr = dotted.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError([f"{path}: cannot import module '{module_name}' ({e})"]) from e
+    if not hasattr(module, attr):
+        names = [n for n in dir(module) if not n.startswith("_")]
+        raise ConfigError(
+            [f"{path}: module '{module_name}' has no '{attr}'{did_you_mean(attr, names)}"]
+        )
+    return getattr(module, attr)
+
+
+# ---------------------------------------------------------------- built-in hooks
 
 
 class ProbeHook(Hook):
-    """Interference probes (rank 0 only; they leave training untouched) and the final report."""
+    """Interference probes (rank 0 only; they leave training untouched), each logged as a
+    record of its own, and the report at the end (:attr:`report`)."""
 
-    def __init__(self, monitor: InterferenceMonitor, run_dir: str | None) -> None:
-        self.monitor, self.run_dir = monitor, run_dir
+    name = "diagnostics"
+
+    def __init__(
+        self,
+        monitor: InterferenceMonitor,
+        run_dir: str | None,
+        train: Sequence[Any],
+        groups: Sequence[Mapping[str, Any]],
+    ) -> None:
+        self.monitor, self.run_dir, self.train, self.groups = monitor, run_dir, train, groups
         self.every = Every(monitor.every, "step")
+        self.report: DiagnosticsReport | None = None
 
-    def fire(self, loop: FitLoop) -> None:
-        """One probe; its values are a history record of their own, sent to the writers."""
-        state = loop.state
-        values = self.monitor.probe(
-            loop.model, loop.train, loop.stepper.full_groups, state.global_step
-        )
-        loop.publish(
-            {"epoch": float(state.epoch_number), "step": float(state.global_step), **values}
-        )
+    def on_step_end(self, run: Run) -> None:
+        run.log(self.monitor.probe(run.model, self.train, self.groups, run.global_step))  # type: ignore[arg-type]
 
-    def finish(self, loop: FitLoop) -> None:
-        """``trainer.diagnostics``, logged, and written to the run directory."""
-        report = loop.trainer.diagnostics = self.monitor.report()
+    def on_fit_end(self, run: Run) -> None:
+        """The report: kept, logged, and written to the run directory."""
+        report = self.report = self.monitor.report()
         logger.info("%s", report.to_text())
         if self.run_dir is not None:
             write_report(report, self.run_dir)
 
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.monitor.state_dict())
 
-class EvaluateHook(Hook):
-    """A history record: training losses since the last one, learning rates, balancer weights
-    and evaluation scores; the balancer sees the scores, ``best.pt`` follows the metric."""
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.monitor.load_state_dict(state)
 
-    def __init__(self, every: Every, checkpointer: Checkpointer | None) -> None:
-        self.every, self.checkpointer = every, checkpointer
+
+class EvaluationHook(Hook):
+    """An evaluation record when due and, unless the last step was just evaluated, at the end:
+    training losses since the last one, learning rates, balancer weights and evaluation scores;
+    the balancer sees the scores, then every hook's ``on_evaluate_end``.
+
+    Args:
+        every: When to evaluate.
+        train_record: The training part of a record, from the loss window.
+        score: The evaluation scores (``None``: no evaluation loaders).
+        is_main: Whether this process logs at INFO level (rank 0).
+        n_epochs: The run's epochs (none: no evaluation at the end).
+    """
+
+    name = "evaluation"
+
+    def __init__(
+        self,
+        every: Every,
+        train_record: Callable[[Records], dict[str, float]],
+        score: Callable[[], dict[str, float]] | None,
+        is_main: bool,
+        n_epochs: int,
+    ) -> None:
+        self.every, self.train_record, self.score = every, train_record, score
+        self.is_main, self.n_epochs = is_main, n_epochs
         self.warned_scales = False  # the one-time loss-scale warning
 
-    def fire(self, loop: FitLoop) -> None:
-        """Build and publish the record."""
-        state = loop.state
+    def on_step_end(self, run: Run) -> None:
+        self.evaluate(run)
+
+    def on_epoch_end(self, run: Run) -> None:
+        self.evaluate(run)
+
+    def on_fit_end(self, run: Run) -> None:
+        """Evaluate the final model unless its last step was just evaluated."""
+        if run.state.last_logged != run.global_step and self.n_epochs > 0:
+            self.evaluate(run)
+
+    def evaluate(self, run: Run) -> None:
+        """Build the record and hand it to the run."""
+        state = run.state
         record = {"epoch": float(state.epoch_number), "step": float(state.global_step)}
-        record.update(loop.train_record(state.take_window()))
-        if not self.warned_scales and loop.env.is_main and type(loop.balancer) is SumBalancer:
+        record.update(self.train_record(state.take_window()))
+        if not self.warned_scales and self.is_main and type(run.balancer) is SumBalancer:
             self.warned_scales = warn_loss_scales(record) is not None
-        if loop.evals:
-            scores = loop.score()
+        if self.score is not None:
+            scores = self.score()
             record.update(scores)
-            loop.balancer.on_evaluation(scores)
-        loop.publish(record)
+            run.balancer.on_evaluation(scores)
+        state.last_logged = state.global_step
         logger.log(
-            logging.INFO if loop.env.is_main else logging.DEBUG,
+            logging.INFO if self.is_main else logging.DEBUG,
             "epoch %d step %d: %s",
             state.epoch_number,
             state.global_step,
             ", ".join(f"{k}={v:.4g}" for k, v in record.items() if _summary_key(k)),
         )
-        state.last_logged = state.global_step
-        if self.checkpointer is not None and self.checkpointer.improved(record):
-            loop.save("best")
-
-    def finish(self, loop: FitLoop) -> None:
-        """Evaluate the final model unless its last step was just evaluated."""
-        if loop.state.last_logged != loop.state.global_step and loop.cfg.n_epochs > 0:
-            self.fire(loop)
+        run.evaluated(record)
 
 
-class SaveHook(Hook):
-    """``last.pt`` every N steps or epochs, and once more at the end."""
+class CheckpointHook(Hook):
+    """``best.pt`` when an evaluation improved ``checkpoint_metric``; ``last.pt`` when
+    :attr:`every` is due and at the end. Its state is the best-by-metric bookkeeping.
 
-    def __init__(self, every: Every) -> None:
-        self.every = every
+    Args:
+        every: When ``last.pt`` is written.
+        checkpointer: Tracks the best value.
+        save: Writes ``"last"`` or ``"best"`` (the whole run's checkpoint).
+    """
 
-    def fire(self, loop: FitLoop) -> None:
-        loop.save("last")
+    name = "checkpoint"
 
-    def finish(self, loop: FitLoop) -> None:
-        loop.save("last")
+    def __init__(self, every: Every, checkpointer: Checkpointer, save: Callable[[str], None]):
+        self.every, self.checkpointer, self.save = every, checkpointer, save
+
+    def on_evaluate_end(self, run: Run, scores: Mapping[str, float]) -> None:
+        if self.checkpointer.improved(scores):
+            self.save("best")
+
+    def on_step_end(self, run: Run) -> None:
+        self.save("last")
+
+    def on_epoch_end(self, run: Run) -> None:
+        self.save("last")
+
+    def on_fit_end(self, run: Run) -> None:
+        self.save("last")
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.checkpointer.best_state()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.checkpointer.load_best_state(state)
 
 
 class ProgressBar(Hook):
-    """One tqdm bar per epoch on rank 0 (hidden off a terminal); it counts batches, and every
-    20 optimizer steps shows the latest loss and learning rate."""
+    """One tqdm bar per epoch (hidden off a terminal); it counts the epoch's batches, and every
+    20 optimizer steps shows the latest loss and learning rate.
 
-    every = Every(20, "step")
+    Args:
+        groups: The optimizer's parameter groups (the first one's ``lr`` is shown).
+        n_epochs: The run's epochs.
+    """
 
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
+    name = "progress"
+
+    def __init__(self, groups: Sequence[Mapping[str, Any]], n_epochs: int) -> None:
+        self.groups, self.n_epochs = groups, n_epochs
         self.bar: tqdm[None] | None = None
-        self.loss: torch.Tensor | None = None
 
-    def open(self, epoch: int, n_epochs: int, total: int, initial: int) -> None:
-        """Start the bar of ``epoch`` (0-based) at batch ``initial`` of ``total``."""
-        self.bar = tqdm(
-            total=total,
-            initial=initial,
-            desc=f"epoch {epoch + 1}/{n_epochs}",
-            leave=False,
-            disable=None if self.enabled else True,
-        )
-
-    def advance(self, records: list[LossRecord]) -> None:
-        """One batch done."""
-        if self.bar is not None:
-            self.bar.update()
-        if records:
-            self.loss = records[0].loss
-
-    def fire(self, loop: FitLoop) -> None:
-        if self.enabled and self.bar is not None and self.loss is not None:
+    def on_step_end(self, run: Run) -> None:
+        state = run.state
+        if self.bar is None:
+            self.bar = tqdm(
+                total=len(state.plan),
+                desc=f"epoch {state.epoch + 1}/{self.n_epochs}",
+                leave=False,
+                disable=None,
+            )
+        self.bar.update(state.step_in_epoch - self.bar.n)
+        if state.global_step % 20 == 0 and state.window:
             self.bar.set_postfix(
-                loss=f"{float(self.loss):.4f}",
-                lr=f"{loop.stepper.full_groups[0]['lr']:.3g}",
+                loss=f"{float(state.window[-1].loss):.4f}",
+                lr=f"{self.groups[0]['lr']:.3g}",
                 refresh=False,
             )
 
-    def close(self) -> None:
-        """End the epoch's bar."""
+    def on_epoch_end(self, run: Run) -> None:
+        self.on_fit_end(run)
+
+    def on_fit_end(self, run: Run) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None

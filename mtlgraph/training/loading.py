@@ -111,20 +111,15 @@ class TrainLoaders:
     def next(self, i: int) -> Batch:
         """The next batch of loader ``i`` (checked, when a ``check`` is given); a loader that
         runs out starts over."""
-        batch = self._next(i)
+        it = self.iterators[i]
+        batch = None if it is None else next(it, None)
+        if batch is None:
+            if it is not None and self.fresh_passes:
+                self.passes[i] += 1
+            batch = next(self._open(i))
         if self.check is not None:
             self.check(i, batch)
         return batch
-
-    def _next(self, i: int) -> Batch:
-        it = self.iterators[i]
-        if it is not None:
-            batch = next(it, None)
-            if batch is not None:
-                return batch
-            if self.fresh_passes:
-                self.passes[i] += 1
-        return next(self._open(i))
 
     def _open(self, i: int) -> Iterator[Batch]:
         dl = self.loaders[i]

@@ -78,7 +78,7 @@ def check_loaders(
     if eval_splits is not None:
         check_splits(loaders, train, evals, train_split, eval_splits)
     check_inputs(model, train + evals)
-    check_fit_labels(model, train, evals)  # in-memory datasets, once (issue 11)
+    check_fit_labels(model, train, evals)  # in-memory datasets, once
 
 
 def check_splits(

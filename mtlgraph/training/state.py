@@ -71,6 +71,7 @@ class RunState:
     world_size: int = 1  # processes of the run (a resume needs as many)
     streams: list[Any] = field(default_factory=list)  # per rank: each training loader's
     # stream cursor state (None: not a stream), set before a checkpoint is written
+    stop_reason: str | None = None  # why a hook stopped the run (Run.stop); None: it was not
 
     @property
     def epoch_number(self) -> int:
@@ -122,6 +123,7 @@ class RunState:
                 "batch_counts": list(self.batch_counts),
                 "loader_positions": self.loader_positions(),
                 "world_size": int(self.world_size),
+                "stop_reason": self.stop_reason,
             },
             "scheduler": dict(self.scheduler_state),
             "history": [{k: float(v) for k, v in r.items()} for r in self.history],
@@ -146,6 +148,7 @@ class RunState:
         self.last_logged = int(progress["last_logged"])
         self.batch_counts = [int(c) for c in progress["batch_counts"]]
         self.world_size = int(progress.get("world_size", 1))
+        self.stop_reason = progress.get("stop_reason")
         self.scheduler_state = dict(state["scheduler"])
         self.history = [dict(r) for r in state["history"]]
         self.window = records_from_state(state["window"])

@@ -8,10 +8,9 @@ the averaging of learned balancer weights' gradients over ranks.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -23,7 +22,9 @@ from mtlgraph.balancing import Balancer, GradientBalancer, StepContext
 from mtlgraph.data.datasets import Batch
 from mtlgraph.exceptions import TrainingError
 from mtlgraph.graph.model import MultitaskClassifier
+from mtlgraph.metrics import make_key
 from mtlgraph.training.distributed import Collectives
+from mtlgraph.training.hooks import Hook, Run
 from mtlgraph.training.optim import NO_CONTEXT, StepControl, SubsetStepper
 from mtlgraph.training.state import LossRecord
 
@@ -79,12 +80,6 @@ class StepLosses(nn.Module):
         return step_losses(self.model, batches, device, keep_empty=True)
 
 
-def balancer_params(balancer: Balancer, task_names: Sequence[str]) -> list[nn.Parameter]:
-    """The balancer parameters a step on ``task_names`` touched."""
-    params = balancer.task_parameters(task_names)
-    return list(balancer.parameters()) if params is None else params
-
-
 class TrainStep:
     """Forward, balancer backward and (every ``grad_accumulation_steps`` micro-steps) the
     optimizer step; the one step path of a run.
@@ -97,8 +92,7 @@ class TrainStep:
         device: Where batches go.
         comm: The run's collectives (averages learned balancer weights' gradients over ranks).
         ddp: DDP around :class:`StepLosses` under torchrun, else ``None``.
-        nonfinite: What a non-finite loss or clipped gradient norm does (see
-            :class:`NonfiniteGuard`).
+        guard: The run's non-finite guard (see :class:`NonfiniteGuard`).
     """
 
     def __init__(
@@ -109,19 +103,23 @@ class TrainStep:
         control: StepControl,
         device: torch.device,
         comm: Collectives,
+        guard: NonfiniteGuard,
         ddp: DistributedDataParallel | None = None,
-        nonfinite: str = "raise",
     ) -> None:
         self.model, self.balancer, self.stepper, self.control = model, balancer, stepper, control
-        self.device, self.comm, self.ddp = device, comm, ddp
-        self.guard = NonfiniteGuard(nonfinite, comm)
-        stepper.guard_norm = nonfinite != "warn"
+        self.device, self.comm, self.ddp, self.guard = device, comm, ddp, guard
+        stepper.guard_norm = guard.mode != "warn"
         # Gradient methods take per-task gradients with autograd.grad, which DDP does not see:
         # they run without DDP's reduction and average their gradients through ctx.reduce.
         self.manual_sync = ddp is not None and isinstance(balancer, GradientBalancer)
         self.reduce: Callable[[torch.Tensor], torch.Tensor] = (
             comm.mean_ if comm.enabled else _identity
         )
+        self.learned = list(balancer.parameters())  # learned balancer weights (often none)
+        self.tasks = model.tasks  # the tasks are fixed during a fit
+        # the contexts of the forward pass, fixed when they are no-ops (the common case)
+        self.no_sync = self.manual_sync and ddp is not None
+        self.autocast = control.amp is not None
 
     def __call__(
         self, batches: list[tuple[str, Batch]], global_step: int, last_of_epoch: bool
@@ -130,17 +128,29 @@ class TrainStep:
         stepped (after ``grad_accumulation_steps`` micro-steps, or the epoch's last one)."""
         control = self.control
         plan = None
-        with self._no_sync():
-            with control.autocast():
-                losses, counts, records = self._losses(batches)
+        with self.ddp.no_sync() if self.no_sync else NO_CONTEXT:  # type: ignore[union-attr]
+            with control.autocast() if self.autocast else NO_CONTEXT:
+                if self.ddp is not None:
+                    losses, counts, records = self.ddp(batches, self.device)
+                else:
+                    losses, counts, records = step_losses(self.model, batches, self.device)
             if losses and self.guard.drops(losses, records, global_step):
                 losses, records = {}, []  # skip_batch: no gradients, no logged loss
             if losses:
                 plan = self.model.plan(losses)
-                self.balancer.backward(losses, self._context(plan, counts, global_step))
+                ctx = StepContext(
+                    self.tasks,
+                    plan,
+                    counts,
+                    control.backward,
+                    control.scale,
+                    global_step,
+                    self.reduce,
+                )
+                self.balancer.backward(losses, ctx)
         control.add(plan)
         if plan is not None and self.comm.enabled:  # learned weights live outside DDP
-            for p in balancer_params(self.balancer, plan.task_names):
+            for p in self._balancer_params(plan.task_names):
                 if p.grad is not None:
                     self.comm.mean_(p.grad)
         if not control.ready(last_of_epoch):
@@ -150,44 +160,28 @@ class TrainStep:
             names: Sequence[str] = pending[0].task_names
         else:
             names = list(dict.fromkeys(t for p in pending for t in p.task_names))
-        control.step(self.stepper, balancer_params(self.balancer, names))
+        control.step(self.stepper, self._balancer_params(names) if self.learned else None)
         if self.stepper.nonfinite_norm is not None:  # the update was dropped
             norm, self.stepper.nonfinite_norm = self.stepper.nonfinite_norm, None
             self.guard.bad_norm(norm, names, global_step)
         return records, True
 
-    def _losses(self, batches: list[tuple[str, Batch]]) -> StepOutput:
-        """The step's losses, through DDP's forward when training distributed."""
-        if self.ddp is not None:
-            out: StepOutput = self.ddp(batches, self.device)
-            return out
-        return step_losses(self.model, batches, self.device)
-
-    def _context(self, plan: Any, counts: dict[str, int], global_step: int) -> StepContext:
-        return StepContext(
-            tasks=self.model.tasks,
-            plan=plan,
-            counts=counts,
-            backward=self.control.backward,
-            scale=self.control.scale,
-            step=global_step,
-            reduce=self.reduce,
-        )
-
-    def _no_sync(self) -> contextlib.AbstractContextManager[Any]:
-        """DDP's ``no_sync`` for gradient balancers (they average through ``ctx.reduce``)."""
-        if self.manual_sync and self.ddp is not None:
-            return self.ddp.no_sync()
-        return NO_CONTEXT
+    def _balancer_params(self, task_names: Sequence[str]) -> list[nn.Parameter]:
+        """The learned balancer parameters a step on ``task_names`` touched."""
+        params = self.balancer.task_parameters(task_names)
+        return self.learned if params is None else params
 
 
-class NonfiniteGuard:
-    """The per-step check for non-finite losses (``TrainerConfig.nonfinite``).
+class NonfiniteGuard(Hook):
+    """The per-step check for non-finite losses (``TrainerConfig.nonfinite``), the run's
+    ``nonfinite`` hook.
 
-    One fused check per step: ``isfinite`` of the sum of the step's task losses (one device
-    sync); the culprit is looked for only when it fails. Modes: ``"raise"`` stops training with a
+    One fused check per step, called by the :class:`TrainStep` before the backward pass:
+    ``isfinite`` of the sum of the step's task losses (one device sync); the culprit is looked
+    for only when it fails. Modes: ``"raise"`` stops training with a
     :class:`~mtlgraph.TrainingError` before the update (weights and checkpoints stay as they
-    were); ``"skip_batch"`` drops the micro-step's update and counts it in :attr:`skipped`;
+    were); ``"skip_batch"`` drops the micro-step's update and counts it in :attr:`skipped`
+    (logged as ``model/all/train/skipped_batches`` at every evaluation, and checkpointed);
     ``"warn"`` logs and lets the update through.
 
     Args:
@@ -207,22 +201,39 @@ class NonfiniteGuard:
         mtlgraph.exceptions.TrainingError: non-finite loss at epoch 1, step 7: task 't' on ...
     """
 
+    name = "nonfinite"
+
     def __init__(self, mode: str, comm: Collectives) -> None:
         self.mode, self.comm = mode, comm
-        self.epoch = 0  # set by the loop at each epoch's start
+        self.run: Run | None = None  # where messages read the epoch
         self.skipped = 0  # micro-steps dropped by skip_batch
-        self._warned = 0
+        self.warned = 0
+
+    def on_fit_start(self, run: Run) -> None:
+        self.run = run
+
+    def on_evaluate_end(self, run: Run, scores: Mapping[str, float]) -> None:
+        if self.mode == "skip_batch":
+            run.log({make_key("model", "all", "train", "skipped_batches"): self.skipped})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.skipped = int(state["skipped"])
 
     def drops(
         self, losses: dict[str, torch.Tensor], records: Sequence[LossRecord], global_step: int
     ) -> bool:
         """Whether this micro-step's update is dropped (``skip_batch``); raises in ``raise``."""
         values = iter(losses.values())
-        total = next(values).detach()
-        for loss in values:  # a plain sum of detached scalars: the cheapest fused check
-            total = total + loss.detach()
+        total = next(values)
+        if len(losses) > 1:  # a plain sum of detached scalars: the cheapest fused check
+            total = total.detach()
+            for loss in values:
+                total = total + loss.detach()
         if self.comm.enabled:  # every rank takes the same branch
-            flag = (~torch.isfinite(total)).float().reshape(1)
+            flag = (~torch.isfinite(total.detach())).float().reshape(1)
             self.comm.mean_(flag)
             bad = bool(flag > 0)
         else:
@@ -244,7 +255,8 @@ class NonfiniteGuard:
         )
 
     def _where(self, global_step: int) -> str:
-        return f"epoch {self.epoch + 1}, step {global_step + 1}"
+        epoch = 0 if self.run is None else self.run.state.epoch
+        return f"epoch {epoch + 1}, step {global_step + 1}"
 
     def _handle(self, message: str) -> bool:
         if self.mode == "raise":
@@ -252,10 +264,10 @@ class NonfiniteGuard:
                 f"{message}. Look for NaN/inf in that dataset's inputs and labels, lower lr "
                 "or set grad_clip; or set the trainer's nonfinite='skip_batch' to drop such steps"
             )
-        self._warned += 1
-        if self._warned <= 5:
+        self.warned += 1
+        if self.warned <= 5:
             action = "update dropped" if self.mode == "skip_batch" else "update applied"
-            more = " (further ones are not logged)" if self._warned == 5 else ""
+            more = " (further ones are not logged)" if self.warned == 5 else ""
             logger.warning("%s; %s%s", message, action, more)
         if self.mode == "skip_batch":
             self.skipped += 1

@@ -44,13 +44,14 @@ from mtlgraph.training.distributed import (
     process_group,
 )
 from mtlgraph.training.hooks import (
-    EvaluateHook,
+    CheckpointHook,
+    EvaluationHook,
     Every,
     Hook,
     ProbeHook,
     ProgressBar,
-    SaveHook,
-    Unit,
+    Run,
+    build_hook,
 )
 from mtlgraph.training.labels import BatchLabelCheck
 from mtlgraph.training.loading import TrainLoaders, batch_count, configure_sampling
@@ -66,7 +67,7 @@ from mtlgraph.training.state import (
     task_means,
     train_losses,
 )
-from mtlgraph.training.step import StepLosses, TrainStep, step_losses
+from mtlgraph.training.step import NonfiniteGuard, StepLosses, TrainStep, step_losses
 from mtlgraph.training.writers import Writer, WriterContext, flatten, open_writers
 
 __all__ = [
@@ -183,7 +184,7 @@ class Trainer:
         train = [dl for dl in loaders if getattr(dl.dataset, "split", None) == cfg.train_split]
         evals = [dl for dl in loaders if getattr(dl.dataset, "split", None) in cfg.eval_splits]
         check_loaders(model, loaders, train, evals, cfg.train_split, cfg.eval_splits)
-        check_slices(cfg.slices, evals)  # issue 15: bad slice functions fail before training
+        check_slices(cfg.slices, evals)  # bad slice functions fail before training
         env = DistEnv.from_env() if cfg.distributed == "auto" else DistEnv()
         device = model.device
         if env.enabled:  # one process per device: cuda:<local rank>
@@ -202,8 +203,10 @@ class Trainer:
                 finished = True
             finally:  # writers flush even when training fails; hparams only when it succeeded
                 final = self.history[-1] if finished and self.history else None
-                for writer in loop.writers:
+                for writer in loop.run_view.writers:
                     writer.close(final)
+                if loop.probes is not None:
+                    self.diagnostics = loop.probes.report
 
 
 class FitLoop:
@@ -211,8 +214,8 @@ class FitLoop:
 
     Everything is built before the first step, so nothing appears mid-run: the balancer, the
     optimizer and its :class:`SubsetStepper`, the :class:`TrainStep`, the LR factor, the
-    checkpointer, the writers, the diagnostics monitor and the hooks. A resumed run loads every
-    piece's state from the checkpoint, the global random states last.
+    writers and the hooks, built-in and user (:mod:`.hooks`), with the :class:`Run` they see.
+    A resumed run loads every piece's state from the checkpoint, the global random states last.
     """
 
     def __init__(
@@ -242,63 +245,66 @@ class FitLoop:
         )
         self.stepper = SubsetStepper(optimizer, self.balancer.task_parameters)
         control = StepControl(cfg.amp, cfg.grad_accumulation_steps, cfg.grad_clip, device)
+        guard = NonfiniteGuard(cfg.nonfinite, self.comm)
         self.step = TrainStep(
-            model, self.balancer, self.stepper, control, device, self.comm, ddp, cfg.nonfinite
+            model, self.balancer, self.stepper, control, device, self.comm, guard, ddp
         )
         self.state.batch_counts = [batch_count(dl) for dl in self.train]
         self.state.world_size = env.world_size
         configure_sampling(self.scheduler, self.train, cfg.steps_per_epoch, cfg.n_epochs)
         fresh = isinstance(self.scheduler, SamplingScheduler)
-        check = BatchLabelCheck(model, self.train)  # streams' labels, per batch (issue 11)
-        self.loaders = TrainLoaders(self.train, fresh_passes=fresh, check=check)
+        check = BatchLabelCheck(model, self.train)  # streams' labels, per batch
+        self.loaders = TrainLoaders(
+            self.train, fresh_passes=fresh, check=check if any(check.checked) else None
+        )
         self.lr_factor = self._lr_schedule()  # before a resume loads the scheduler's state
-        self.monitor = self._open_diagnostics(saved)
         self.resuming = saved is not None
         self._recorded_positions: list[int] = []  # the checkpoint's loader positions
+        keys = ckpt.metric_keys(model, self.train, evals, cfg.slices)
+        self.probes = self._probes(saved)
+        hooks = self._hooks(guard, keys)
+        self.run_view = Run(self.state, model, optimizer, self.balancer, hooks, (), keys)
         if saved is not None:
             self._restore(saved)
-        self.checkpointer = self._open_checkpointer(saved)
-        self.bar = ProgressBar(cfg.progress_bar and env.is_main)
-        self.hooks = self._hooks()
-        self.writers = self._open_writers(self._logged_step() if saved else None)
+        self.run_view.writers = self._open_writers(self._saved_step(saved))
         if saved is not None:
             ckpt.set_rng_state(saved["rng"])  # last: building the pieces above may draw numbers
 
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> None:
-        """Every epoch's steps, hooks after each optimizer step and epoch, then the finish."""
-        cfg, state, model = self.cfg, self.state, self.model
-        model.train()
+        """Every epoch's steps, the hooks' events after each optimizer step and epoch, then
+        the end (:mod:`.hooks` lists the events and the hooks' order)."""
+        cfg, state, run = self.cfg, self.state, self.run_view
+        self.model.train()
+        run.fit_start()
         for epoch in range(state.epoch, cfg.n_epochs):
-            self.step.guard.epoch = epoch
+            if state.stop_reason is not None:
+                break
             scheduler_state = self.scheduler.state_dict()  # resume recomputes the plan from it
             plan = self.scheduler.epoch_plan(state.batch_counts)
             self._start_epoch(epoch, plan, scheduler_state)
-            self.bar.open(epoch, cfg.n_epochs, len(plan), state.step_in_epoch)
+            names = [dl.dataset.name for dl in self.train]
+            next_batch, lr_factor, step = self.loaders.next, self.lr_factor, self.step
+            step_hooks, last = run.has_step_hooks, len(plan) - 1
             for k in range(state.step_in_epoch, len(plan)):
-                batches = [(self.train[i].dataset.name, self.loaders.next(i)) for i in plan[k]]
-                if self.lr_factor is not None:
-                    self.stepper.set_lr_factor(self.lr_factor(state.global_step, epoch))
-                records, stepped = self.step(batches, state.global_step, k == len(plan) - 1)
+                batches = [(names[i], next_batch(i)) for i in plan[k]]
+                if lr_factor is not None:
+                    self.stepper.set_lr_factor(lr_factor(state.global_step, epoch))
+                records, stepped = step(batches, state.global_step, k == last)
                 state.add_losses(records)
-                self.bar.advance(records)
                 if stepped:
                     state.global_step += 1
-                    self._fire_due("step", state.global_step)
-            self.bar.close()
-            sums = self.comm.gather_sums(loss_sums(state.epoch_losses))
-            self.balancer.on_epoch_end(epoch, task_means(sums))
-            state.end_epoch(self.scheduler.state_dict())
-            self._fire_due("epoch", state.epoch)
-        for hook in self.hooks:
-            hook.finish(self)
-
-    def _fire_due(self, unit: Unit, count: int) -> None:
-        """Fire, in their fixed order, the hooks whose trigger is due after ``count`` units."""
-        for hook in self.hooks:
-            if hook.every.due(unit, count):
-                hook.fire(self)
+                    if step_hooks:
+                        run.step_end()
+                    if state.stop_reason is not None:
+                        break
+            else:
+                sums = self.comm.gather_sums(loss_sums(state.epoch_losses))
+                self.balancer.on_epoch_end(epoch, task_means(sums))
+                state.end_epoch(self.scheduler.state_dict())
+                run.epoch_end()
+        run.fit_end()
 
     def _start_epoch(self, epoch: int, plan: list[Step], scheduler_state: dict[str, Any]) -> None:
         """Enter ``epoch``: the training loaders start over (streams continue), or, for the
@@ -325,22 +331,14 @@ class FitLoop:
                 record[make_key("model", "all", "train", f"lr/{group['name']}")] = float(
                     group["lr"]
                 )
-        if self.cfg.nonfinite == "skip_batch":  # micro-steps dropped by the non-finite guard
-            record[make_key("model", "all", "train", "skipped_batches")] = self.step.guard.skipped
         for task_name, w in sorted(self.balancer.weights().items()):
             record[make_key("model", "all", "train", f"weight/{task_name}")] = float(w)
         return record
 
-    def publish(self, record: dict[str, float]) -> None:
-        """Append ``record`` to the history and send it to the writers."""
-        self.state.history.append(record)
-        for writer in self.writers:
-            writer.write(record)
-
     def score(self) -> dict[str, float]:
         """``model.score(evals)``; under DDP each rank predicts its shard of whole batches and
         the gathered predictions are scored, equal to a single-process evaluation."""
-        slices = self.cfg.slices  # issue 15: registered slice functions, scored at evaluation
+        slices = self.cfg.slices  # registered slice functions, scored at evaluation
         if not self.env.enabled:
             return self.model.score(self.evals, slices=slices)
         scores: dict[str, float] = {}
@@ -362,8 +360,7 @@ class FitLoop:
     def save(self, which: str) -> None:
         """Write ``last.pt`` or ``best.pt`` on rank 0; every rank waits until it is complete."""
         checkpointer = self.checkpointer
-        if checkpointer is None:
-            return
+        assert checkpointer is not None  # the checkpoint hook exists only with one
         rank_records: list[Any] = []
         if self.comm.enabled:  # each rank resumes with its own loss records
             mine = (cpu_records(self.state.window), cpu_records(self.state.epoch_losses))
@@ -375,7 +372,8 @@ class FitLoop:
         self.comm.barrier()
 
     def checkpoint(self, rank_records: Sequence[tuple[Records, Records]] = ()) -> dict[str, Any]:
-        """The run as one dict of its pieces' state dicts (see :mod:`.checkpoint`)."""
+        """The run as one mapping of every stateful piece to its state dict (see
+        :mod:`.checkpoint`): the model, the optimizer, the run state, the balancer, each hook."""
         state = {
             **model_entries(self.model),  # format, version, task_names, model
             "optimizer": self.stepper.optimizer.state_dict(),
@@ -386,13 +384,10 @@ class FitLoop:
             },
             "balancer": self.balancer.state_dict(),
             "run": self.state.state_dict(rank_records),
+            "hooks": self.run_view.hook_states(),
             "rng": ckpt.get_rng_state(),
             "config": self._plain_config(),
         }
-        if self.monitor is not None:
-            state["diagnostics"] = self.monitor.state_dict()
-        if self.cfg.nonfinite == "skip_batch":
-            state["nonfinite_skipped"] = self.step.guard.skipped
         return state
 
     # ------------------------------------------------------------------ set-up
@@ -408,7 +403,7 @@ class FitLoop:
         steps = [-(-m // n) for m in lengths]  # optimizer steps: N batches each
         warmup_steps = resolve_warmup(
             cfg.warmup_steps, cfg.warmup_epochs, cfg.warmup_fraction, steps
-        )  # issue 15: warm-up in epochs or as a fraction
+        )  # warm-up in steps, in epochs or as a fraction
         return lr_factor_fn(cfg.lr_scheduler, warmup_steps, sum(steps))
 
     def _restore(self, saved: Mapping[str, Any]) -> None:
@@ -426,7 +421,12 @@ class FitLoop:
         self.loaders.load_cursor_states(
             streams[self.env.rank] if streams else [None] * len(self.train)
         )
-        self.step.guard.skipped = int(saved.get("nonfinite_skipped", 0))
+        self.run_view.load_hook_states(saved["hooks"])
+        if self.state.stop_reason is not None:
+            logger.warning(
+                "the checkpoint's run was stopped (%s): nothing to train", self.state.stop_reason
+            )
+            return
         if self.state.epoch >= self.cfg.n_epochs:
             logger.warning(
                 "the checkpoint's run is finished (%d of %d epochs): nothing to train; raise "
@@ -442,31 +442,50 @@ class FitLoop:
             self.state.global_step,
         )
 
-    def _logged_step(self) -> int:
-        """The step of the checkpoint's last history record: the writers drop what was logged
-        after it (an evaluation that ended an epoch right after a step-wise checkpoint is not in
-        the checkpoint, and the resumed run logs it again)."""
-        history = self.state.history
+    @staticmethod
+    def _saved_step(saved: Mapping[str, Any] | None) -> int | None:
+        """The step of the checkpoint's last history record (``None``: a fresh run): the
+        writers drop what was logged after it (an evaluation that ended an epoch right after a
+        step-wise checkpoint is not in the checkpoint, and the resumed run logs it again)."""
+        if saved is None:
+            return None
+        history = saved["run"]["history"]
         return int(history[-1]["step"]) if history else -1
 
-    def _hooks(self) -> list[Hook]:
-        """The internal hooks in their fixed order: probe, evaluate, save, progress bar."""
+    def _hooks(self, guard: NonfiniteGuard, keys: Mapping[str, bool]) -> list[Hook]:
+        """The run's hooks in their fixed order (:mod:`.hooks`): the non-finite guard, probes,
+        evaluation, the user's hooks, checkpoints, the progress bar."""
         cfg = self.cfg
-        hooks: list[Hook] = []
-        if self.monitor is not None:
-            hooks.append(ProbeHook(self.monitor, cfg.run_dir))
+        hooks: list[Hook] = [guard]
+        if self.probes is not None:
+            hooks.append(self.probes)
+        evaluate_every = Every.of(cfg.evaluation_freq, cfg.evaluation_unit)
+        score = self.score if self.evals else None
         hooks.append(
-            EvaluateHook(Every.of(cfg.evaluation_freq, cfg.evaluation_unit), self.checkpointer)
+            EvaluationHook(evaluate_every, self.train_record, score, self.env.is_main, cfg.n_epochs)
         )
-        if self.checkpointer is not None:
-            hooks.append(SaveHook(Every.of(cfg.checkpoint_every, cfg.checkpoint_unit)))
-        hooks.append(self.bar)
+        hooks += [build_hook(spec, f"hooks[{i}]") for i, spec in enumerate(cfg.hooks)]
+        self.checkpointer = None
+        if cfg.run_dir is not None:
+            mode = None
+            if cfg.checkpoint_metric is not None:
+                mode = ckpt.metric_mode(cfg.checkpoint_metric, cfg.checkpoint_mode, keys)
+            self.checkpointer = ckpt.Checkpointer(
+                Path(cfg.run_dir) / ckpt.CHECKPOINT_DIR,
+                cfg.checkpoint_metric,
+                mode,
+                write=self.env.is_main,
+            )
+            every = Every.of(cfg.checkpoint_every, cfg.checkpoint_unit)
+            hooks.append(CheckpointHook(every, self.checkpointer, self.save))
+        if cfg.progress_bar and self.env.is_main:
+            hooks.append(ProgressBar(self.stepper.full_groups, cfg.n_epochs))
         return hooks
 
-    def _open_diagnostics(self, saved: Mapping[str, Any] | None) -> InterferenceMonitor | None:
-        """The run's interference monitor (``None`` when off, and on DDP ranks other than 0:
-        probes use no collectives, rank 0 alone probes and reports), its sums restored on
-        resume; a fresh run in a used run directory drops the old run's report."""
+    def _probes(self, saved: Mapping[str, Any] | None) -> ProbeHook | None:
+        """The interference probes (``None`` when off, and on DDP ranks other than 0: probes
+        use no collectives, rank 0 alone probes and reports); a fresh run in a used run
+        directory drops the old run's report."""
         cfg = self.cfg
         if not self.env.is_main:
             return None
@@ -475,32 +494,7 @@ class FitLoop:
         if cfg.diagnostics is None:
             return None
         monitor = InterferenceMonitor(cfg.diagnostics, cfg.seed)
-        if saved is not None and saved.get("diagnostics") is not None:
-            monitor.load_state_dict(saved["diagnostics"])
-        elif saved is not None:
-            logger.warning(
-                "the checkpoint holds no diagnostics state: the report counts probes from step %d",
-                saved["run"]["progress"]["global_step"],
-            )
-        return monitor
-
-    def _open_checkpointer(self, saved: Mapping[str, Any] | None) -> ckpt.Checkpointer | None:
-        cfg = self.cfg
-        if cfg.run_dir is None:
-            return None
-        mode = None
-        if cfg.checkpoint_metric is not None:
-            keys = ckpt.metric_keys(self.model, self.train, self.evals, cfg.slices)
-            mode = ckpt.metric_mode(cfg.checkpoint_metric, cfg.checkpoint_mode, keys)
-        checkpointer = ckpt.Checkpointer(
-            Path(cfg.run_dir) / ckpt.CHECKPOINT_DIR,
-            cfg.checkpoint_metric,
-            mode,
-            write=self.env.is_main,
-        )
-        if saved is not None:
-            checkpointer.load_best_state(saved.get("best"))
-        return checkpointer
+        return ProbeHook(monitor, cfg.run_dir, self.train, self.stepper.full_groups)
 
     def _open_writers(self, resume_step: int | None) -> list[Writer]:
         """The writers (rank 0 alone writes logs)."""

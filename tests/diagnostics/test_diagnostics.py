@@ -352,7 +352,10 @@ def test_a_resumed_run_reports_what_an_uninterrupted_one_does(tmp_path: Path) ->
     with pytest.raises(KeyboardInterrupt):
         Trainer(run_dir=str(tmp_path / "run"), **config).fit(*setup(at=31))
     state = load_checkpoint(tmp_path / "run")  # weights_only
-    assert state["run"]["progress"]["global_step"] == 28 and state["diagnostics"]["probes"] == 9
+    assert (
+        state["run"]["progress"]["global_step"] == 28
+        and state["hooks"]["diagnostics"]["probes"] == 9
+    )
     partial = load_report(tmp_path / "run")  # no diagnostics.json yet: from the checkpoint
     assert partial.probes == 9 and partial.step == 27
     resumed = Trainer(run_dir=str(tmp_path / "run"), **config)

@@ -108,7 +108,7 @@ def test_resume_mid_epoch_is_bit_identical(tmp_path: Path, interrupt_at: int) ->
     assert all(torch.equal(ref_opt[i]["exp_avg"], got_opt[i]["exp_avg"]) for i in ref_opt)
     best_ref = torch.load(tmp_path / "ref" / "checkpoints" / "best.pt", weights_only=True)
     best_got = torch.load(tmp_path / "run" / "checkpoints" / "best.pt", weights_only=True)
-    assert best_ref["best"] == best_got["best"]
+    assert best_ref["hooks"] == best_got["hooks"]
 
 
 def test_resume_with_the_mixed_scheduler_cycling_loaders(tmp_path: Path) -> None:
@@ -160,7 +160,7 @@ def test_checkpoint_contents(tmp_path: Path) -> None:
     trainer = Trainer(run_dir=str(tmp_path), **{**CONFIG, "n_epochs": 1})
     trainer.fit(model, loaders)
     state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
-    assert state["format"] == FORMAT and state["version"] == 2
+    assert state["format"] == FORMAT and state["version"] == 3
     assert set(state) == {
         "format",
         "version",
@@ -171,7 +171,7 @@ def test_checkpoint_contents(tmp_path: Path) -> None:
         "balancer",
         "run",
         "rng",
-        "best",
+        "hooks",
         "config",
     }
     run = state["run"]
@@ -186,8 +186,11 @@ def test_checkpoint_contents(tmp_path: Path) -> None:
     assert run["progress"]["global_step"] == 17 and run["progress"]["epoch"] == 1
     assert set(state["rng"]) == {"torch", "cuda", "python", "numpy"}
     assert run["scheduler"]["rng"]["bit_generator"] == "PCG64"
-    assert state["best"]["metric"] == "a/da/valid/accuracy" and state["best"]["mode"] == "max"
-    assert isinstance(state["best"]["value"], float)
+    # every hook's state under its name, in firing order
+    assert list(state["hooks"]) == ["nonfinite", "evaluation", "checkpoint"]
+    best = state["hooks"]["checkpoint"]
+    assert best["metric"] == "a/da/valid/accuracy" and best["mode"] == "max"
+    assert isinstance(best["value"], float)
     assert state["config"]["trainer"]["lr"] == 0.02
     assert run["history"] == trainer.history
 
@@ -201,7 +204,7 @@ def test_best_mode_comes_from_the_metric(tmp_path: Path) -> None:
         checkpoint_metric="model/all/train/loss",
     )
     trainer.fit(model, loaders)
-    best = load_checkpoint(tmp_path / "checkpoints" / "best.pt")["best"]
+    best = load_checkpoint(tmp_path / "checkpoints" / "best.pt")["hooks"]["checkpoint"]
     losses = [r["model/all/train/loss"] for r in trainer.history]
     assert best["mode"] == "min" and best["value"] == min(losses)
     assert best["step"] == trainer.history[losses.index(min(losses))]["step"]

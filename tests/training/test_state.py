@@ -14,7 +14,7 @@ import torch
 from conftest import Interrupt, make_loader, make_task
 from torch import nn
 
-from mtlgraph import BatchScheduler, ConfigError, MultitaskClassifier, Trainer
+from mtlgraph import BatchScheduler, CheckpointError, ConfigError, MultitaskClassifier, Trainer
 from mtlgraph.registry import Registry
 from mtlgraph.training.checkpoint import VERSION, load_checkpoint, save_checkpoint
 from mtlgraph.training.lr import LR_SCHEDULES, register_lr_schedule
@@ -136,25 +136,19 @@ def test_run_state_round_trip_keeps_this_ranks_records() -> None:
     assert restored.epoch_losses[0].count == 4
 
 
-def test_a_version_1_checkpoint_resumes(tmp_path: Path) -> None:
-    config = {"n_epochs": 2, "progress_bar": False, "checkpoint_every": 3}
-    config |= {"checkpoint_unit": "steps", "run_dir": str(tmp_path / "run")}
+def test_an_older_checkpoint_version_is_refused_at_resume(tmp_path: Path) -> None:
+    config = {"n_epochs": 1, "progress_bar": False, "run_dir": str(tmp_path / "run")}
     model, loaders = _setup()
-    reference = Trainer(**config)
-    reference.fit(model, loaders)
-    model, loaders = _setup(at=5)
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(**config).fit(model, loaders)
+    Trainer(**config).fit(model, loaders)
     state = load_checkpoint(tmp_path / "run")
-    assert VERSION == 2 and state["version"] == 2
-    old = {k: v for k, v in state.items() if k != "run"} | {"version": 1}
-    old |= {k: v for k, v in state["run"].items() if k != "rank_records"}
-    save_checkpoint(old, tmp_path / "v1.pt")
-    assert load_checkpoint(tmp_path / "v1.pt")["run"]["progress"] == state["run"]["progress"]
+    assert VERSION == 3 and state["version"] == 3
+    save_checkpoint({**state, "version": 2}, tmp_path / "v2.pt")
+    assert load_checkpoint(tmp_path / "v2.pt")["model"].keys() == state["model"].keys()  # readable
     model, loaders = _setup()
-    resumed = Trainer(**config)
-    resumed.fit(model, loaders, resume_from=tmp_path / "v1.pt")
-    assert resumed.history == reference.history
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match="format version 2, written by an older mtlgraph"):
+        Trainer(**config).fit(model, loaders, resume_from=tmp_path / "v2.pt")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_optimizers_and_lr_schedules_are_registries_with_checked_kwargs() -> None:
