@@ -11,7 +11,6 @@ prediction and a resumed run use the same ids. See ``docs/data-sources.md``.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -27,8 +26,9 @@ from mtlgraph.data.sources.files import Table, read_table
 from mtlgraph.data.sources.table import Tokenizer, split_table, table_columns
 from mtlgraph.data.sources.tokenizer import WordTokenizer
 from mtlgraph.data.synthetic import GENERATORS
-from mtlgraph.exceptions import CheckpointError, DataError
+from mtlgraph.exceptions import CheckpointError, ConfigError, DataError
 from mtlgraph.experiment.data_config import DatasetConfig, ImagesConfig, SourceConfig, TextConfig
+from mtlgraph.registry import import_object
 
 if TYPE_CHECKING:
     from mtlgraph.experiment.config import ExperimentConfig, TaskConfig
@@ -65,21 +65,12 @@ def user_tokenizer(path: str, where: str) -> Tokenizer:
     """The ``str -> ids`` callable at dotted ``path`` (a ``text.<column>.tokenizer``).
 
     Raises:
-        DataError: It cannot be imported or is not callable, naming ``where``.
+        ConfigError: It cannot be imported or is not callable, naming ``where``.
     """
-    module, _, attr = path.rpartition(".")
-    try:
-        obj = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise DataError(
-            [
-                f"{where}.tokenizer: cannot import '{path}' ({e}); list its module under "
-                "'imports:' or fix the path"
-            ]
-        ) from None
+    obj = import_object(path, f"{where}.tokenizer")
     if not callable(obj):
-        raise DataError([f"{where}.tokenizer: '{path}' is not callable (text -> ids)"])
-    return obj
+        raise ConfigError([f"{where}.tokenizer: '{path}' is not callable (text -> ids)"])
+    return obj  # type: ignore[no-any-return]
 
 
 def tokenizers(
