@@ -44,8 +44,8 @@ class Registry(Generic[T]):
     Args:
         kind: What is registered, for messages (``"metric"``, ``"batch scheduler"``).
         entries: Built-in entries, registered in order.
-        check: ``check(name, obj) -> problems`` run on every registration (default: the object
-            must be callable).
+        check: ``check(name, obj) -> problems`` run on every registration (default, with
+            ``base`` or ``bind``: the object must be callable).
         base: The class every built object must be an instance of (an instance given as the
             spec is returned as it is); ``None``: not checked.
         supplied: Arguments mtlgraph passes itself, mapped to what to do instead of giving
@@ -59,7 +59,7 @@ class Registry(Generic[T]):
 
     Example:
         >>> from mtlgraph.registry import Registry
-        >>> colours = Registry[int]("colour", {"red": 1}, check=lambda name, obj: [])
+        >>> colours = Registry[int]("colour", {"red": 1})
         >>> colours.register("blue", 2)
         2
         >>> colours.register("blue", 2)  # the same object again: a no-op
@@ -112,7 +112,7 @@ class Registry(Generic[T]):
         self.bind = bind
         self._find = find
         self.keys = keys
-        self._check = check if check is not None else self._callable
+        self._check = check or (self._callable if base is not None or bind else _no_problems)
         self._entries: dict[str, T] = {}
         for name, obj in (entries or {}).items():
             self.register(name, obj)
@@ -137,7 +137,7 @@ class Registry(Generic[T]):
                 name holds another object and ``override`` is false.
         """
         if obj is None:
-            return functools.partial(self.register, name, override=override)  # type: ignore[return-value]
+            return functools.partial(self.register, name, override=override)
         problems = _name_problems(self.kind, name) or self._check(name, obj)
         held = self._entries.get(name) if not problems else None
         if held is not None and _same(held, obj):
@@ -288,6 +288,10 @@ class Registry(Generic[T]):
                 ]
             )
         return obj
+
+
+def _no_problems(name: str, obj: Any) -> list[str]:
+    return []
 
 
 def _at(path: str) -> str:

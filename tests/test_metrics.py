@@ -17,9 +17,7 @@ from mtlgraph.metrics import (
     METRICS,
     active_mask,
     active_rows,
-    get_metric,
     make_key,
-    metric_names,
     metric_spec_problems,
     split_key,
 )
@@ -128,10 +126,10 @@ def test_scorer_validation_reports_everything() -> None:
 
 
 def test_registry_directions() -> None:
-    assert {"accuracy", "mse", "spearman"} <= set(metric_names())
-    assert get_metric("accuracy").higher_is_better and not get_metric("mse").higher_is_better
+    assert {"accuracy", "mse", "spearman"} <= set(METRICS.names())
+    assert METRICS.get("accuracy").higher_is_better and not METRICS.get("mse").higher_is_better
     with pytest.raises(ConfigError, match="did you mean 'mae'"):
-        get_metric("maee")
+        METRICS.get("maee")
 
 
 def test_keys_round_trip() -> None:
@@ -192,13 +190,13 @@ def test_custom_metric_arguments_are_checked_against_its_own_signature() -> None
         with pytest.raises(ConfigError, match="already registered"):
             register_metric("within_for_test_metrics", within, higher_is_better=False)
         register_metric("within_for_test_metrics", within, False, override=True)
-        assert not get_metric("within_for_test_metrics").higher_is_better
+        assert not METRICS.get("within_for_test_metrics").higher_is_better
     finally:
         METRICS.unregister("within_for_test_metrics")
-    assert "within_for_test_metrics" not in metric_names()
+    assert "within_for_test_metrics" not in METRICS.names()
     with pytest.raises(ConfigError, match=r"takes no argument 'tl'.*\(in its defaults\)"):
         register_metric("within_for_test_metrics", within, True, tl=1)
-    assert "within_for_test_metrics" not in metric_names()
+    assert "within_for_test_metrics" not in METRICS.names()
 
 
 def test_one_ignore_mask_for_tensors_and_arrays() -> None:

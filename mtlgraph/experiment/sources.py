@@ -70,7 +70,7 @@ def user_tokenizer(path: str, where: str) -> Tokenizer:
     obj = import_object(path, f"{where}.tokenizer")
     if not callable(obj):
         raise ConfigError([f"{where}.tokenizer: '{path}' is not callable (text -> ids)"])
-    return obj  # type: ignore[no-any-return]
+    return obj
 
 
 def tokenizers(

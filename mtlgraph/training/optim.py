@@ -149,7 +149,7 @@ def make_optimizer(
         )
     params = accepted_parameters(OPTIMIZERS.resolve(spec, "optimizer")[0])
     decay = {"weight_decay": weight_decay} if params is None or "weight_decay" in params else {}
-    return OPTIMIZERS.build(spec, "optimizer", params=groups, lr=lr, **decay)  # type: ignore[no-any-return]
+    return OPTIMIZERS.build(spec, "optimizer", params=groups, lr=lr, **decay)
 
 
 def check_param_groups(

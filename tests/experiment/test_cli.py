@@ -136,7 +136,7 @@ def test_bad_override_and_missing_files_exit_2(
 _FAILING = """
 import torch
 from torch import nn
-from mtlgraph import register_module
+from mtlgraph.graph import MODULES
 
 class FailsInTraining(nn.Module):
     def forward(self, x):
@@ -144,7 +144,7 @@ class FailsInTraining(nn.Module):
             raise RuntimeError("the user module failed")
         return x
 
-register_module("fails_in_training_clitest", FailsInTraining)
+MODULES.register("fails_in_training_clitest", FailsInTraining)
 """
 
 
@@ -277,7 +277,7 @@ def test_new_run_dir_never_reuses_a_directory(tmp_path: Path) -> None:
 _BLOCKER = """
 import os, pathlib, time
 from torch import nn
-from mtlgraph import register_module
+from mtlgraph.graph import MODULES
 
 class BlockAfterCheckpoint(nn.Module):
     '''Identity. With $BLOCK_AFTER set: once that file exists, N training calls later, hang.'''
@@ -295,7 +295,7 @@ class BlockAfterCheckpoint(nn.Module):
                 time.sleep(600)
         return x
 
-register_module("block_after_checkpoint", BlockAfterCheckpoint)
+MODULES.register("block_after_checkpoint", BlockAfterCheckpoint)
 """
 
 

@@ -399,13 +399,13 @@ def test_apply_overrides_parses_yaml_scalars() -> None:
 def test_imports_register_user_modules(tmp_path: Path) -> None:
     (tmp_path / "my_blocks_cfgtest.py").write_text(
         "from torch import nn\n"
-        "from mtlgraph import register_module\n"
+        "from mtlgraph.graph import MODULES\n"
         "class Twice(nn.Module):\n"
         "    def __init__(self, scale: float = 2.0):\n"
         "        super().__init__(); self.scale = scale\n"
         "    def forward(self, x):\n"
         "        return x * self.scale\n"
-        "register_module('twice_cfgtest', Twice)\n"
+        "MODULES.register('twice_cfgtest', Twice)\n"
     )
     cfg = tiny_config()
     cfg["imports"] = ["my_blocks_cfgtest"]
@@ -484,7 +484,7 @@ def test_every_field_is_documented() -> None:
 
     from mtlgraph.data.synthetic import GENERATORS
     from mtlgraph.experiment.config import DataConfig, DatasetConfig, OpConfig, TaskConfig
-    from mtlgraph.graph.modules import module_types
+    from mtlgraph.graph.modules import MODULES
 
     doc = (ROOT / "docs" / "config.md").read_text()
     classes = (
@@ -513,7 +513,7 @@ def test_every_field_is_documented() -> None:
         "dropout",
         "activation",
     )
-    assert set(builtin) <= set(module_types())
+    assert set(builtin) <= set(MODULES.names())
     missing += [f"module {m}" for m in builtin if f"| `{m}`" not in doc]
     missing += [f"generator {g}" for g in GENERATORS if f"`{g}`" not in doc]
     assert not missing, missing

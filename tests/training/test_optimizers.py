@@ -9,7 +9,7 @@ from torch import nn
 
 from mtlgraph import ConfigError, MultitaskClassifier, Trainer
 from mtlgraph.training.lr import resolve_warmup
-from mtlgraph.training.optim import resolve_optimizer, torch_optimizers
+from mtlgraph.training.optim import OPTIMIZERS, torch_optimizers
 
 
 def _setup() -> tuple[MultitaskClassifier, list]:
@@ -70,7 +70,7 @@ def test_unknown_and_unsupported_optimizers_are_clear_errors() -> None:
     with pytest.raises(ConfigError, match=r"optimizer 'rprop' takes no weight_decay"):
         Trainer(optimizer="rprop", weight_decay=0.1)
     assert "lbfgs" not in torch_optimizers() and "adamax" in torch_optimizers()
-    assert resolve_optimizer("sgd") is torch.optim.SGD
+    assert OPTIMIZERS.resolve("sgd")[0] is torch.optim.SGD
 
 
 def test_rprop_without_weight_decay_trains() -> None:

@@ -17,8 +17,8 @@ from torch import nn
 from mtlgraph import BatchScheduler, CheckpointError, ConfigError, MultitaskClassifier, Trainer
 from mtlgraph.registry import Registry
 from mtlgraph.training.checkpoint import VERSION, load_checkpoint, save_checkpoint
-from mtlgraph.training.lr import LR_SCHEDULES, register_lr_schedule
-from mtlgraph.training.optim import OPTIMIZERS, register_optimizer
+from mtlgraph.training.lr import LR_SCHEDULES
+from mtlgraph.training.optim import OPTIMIZERS
 from mtlgraph.training.state import LossRecord, RunState, loss_sums, train_losses
 from mtlgraph.training.trainer import FitLoop
 
@@ -157,12 +157,12 @@ def test_optimizers_and_lr_schedules_are_registries_with_checked_kwargs() -> Non
     def halves(progress: float, epoch: int, every: int = 1) -> float:
         return 0.5 ** (epoch // every)
 
-    register_optimizer("rmsprop_test", torch.optim.RMSprop)
-    register_lr_schedule("halves_test", halves)
+    OPTIMIZERS.register("rmsprop_test", torch.optim.RMSprop)
+    LR_SCHEDULES.register("halves_test", halves)
     try:
-        register_lr_schedule("halves_test", halves)  # the same object again: a no-op
+        LR_SCHEDULES.register("halves_test", halves)  # the same object again: a no-op
         with pytest.raises(ConfigError, match="already registered"):
-            register_lr_schedule("halves_test", lambda p, e: 1.0)
+            LR_SCHEDULES.register("halves_test", lambda p, e: 1.0)
         with pytest.raises(ConfigError) as info:
             Trainer(
                 optimizer={"name": "rmsprop_test", "alpah": 0.9},
