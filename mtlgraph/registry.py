@@ -187,7 +187,12 @@ class Registry(Generic[T]):
         return f"Registry({self.kind!r}, {self.names()})"
 
     def _callable(self, name: str, obj: Any) -> list[str]:
-        return [] if callable(obj) else [f"{self.kind} '{name}': {obj!r} is not callable"]
+        base = self.base
+        if base is not None and isinstance(obj, type) and not issubclass(obj, base):
+            return [f"{self.kind} '{name}' must be a {base.__name__} subclass, got {obj!r}"]
+        if callable(obj) and not (base is not None and isinstance(obj, base)):
+            return []
+        return [f"{self.kind} '{name}': {obj!r} is not callable (a class or factory)"]
 
     # ------------------------------------------------------------ specs -> objects
 
@@ -214,7 +219,16 @@ class Registry(Generic[T]):
                 raise ConfigError([f"{_at(path)}give one of {quoted(keys)}, not both"])
             spec = kwargs.pop(keys[0])
         if isinstance(spec, str):
-            return self._named(spec, path), kwargs, spec
+            factory = self._named(spec, path)
+            base = self.base
+            if base is not None and isinstance(factory, type) and not issubclass(factory, base):
+                raise ConfigError(
+                    [
+                        f"{_at(path)}'{spec}' is the class {factory.__name__}, not a "
+                        f"{base.__name__} subclass (or a function returning one)"
+                    ]
+                )
+            return factory, kwargs, spec
         if self.base is not None and isinstance(spec, self.base) and not isinstance(spec, type):
             if kwargs:
                 raise ConfigError([f"{_at(path)}a built {self.kind} takes no arguments"])
@@ -242,18 +256,28 @@ class Registry(Generic[T]):
             return import_object(name, path)
         raise UnknownNameError([f"{_at(path)}{self.unknown(name)}"])
 
-    def problems(self, spec: Any, path: str = "", given: Collection[str] = ()) -> list[str]:
-        """Every problem of ``spec`` (its name and each argument's name and type), without
-        building it; ``given`` are arguments the caller passes besides the spec's."""
+    def problems(
+        self, spec: Any, path: str = "", given: Collection[str] = (), build: bool = False
+    ) -> list[str]:
+        """Every problem of ``spec`` (its name and each argument's name and type);
+        ``given`` are arguments the caller passes besides the spec's. With ``build``, a spec
+        without such problems is built too (and thrown away), so that the value rules of its
+        constructor are reported with the rest."""
         try:
             factory, kwargs, name = self.resolve(spec, path)
         except ConfigError as e:
             return list(e.problems)
         if self.base is not None and isinstance(factory, self.base):
             return []
-        return argument_problems(
+        problems = argument_problems(
             factory, kwargs, f"{self.kind} '{name}'", path, self.supplied, given, self.bind
         )
+        if build and not problems:
+            try:
+                self.build(spec, path)
+            except ConfigError as e:
+                problems = list(e.problems)
+        return problems
 
     def build(self, spec: Any, path: str = "", **given: Any) -> Any:
         """The object ``spec`` describes: ``factory(**given, **kwargs)`` after every argument
@@ -381,7 +405,7 @@ def argument_problems(
         >>> argument_problems(fbeta, {"betta": 2, "preds": 1}, "metric 'fbeta'", "m",
         ...                   supplied=("golds", "preds"))  # doctest: +NORMALIZE_WHITESPACE
         ["m.betta: metric 'fbeta' takes no argument 'betta' (did you mean 'beta'?); it takes
-          'beta'", "m.preds: mtlgraph passes 'preds' itself; remove it"]
+          'beta'", "m.preds: metric 'fbeta' gets 'preds' from mtlgraph; remove it"]
         >>> argument_problems(fbeta, {"beta": "two"}, "metric 'fbeta'", "m", ("golds", "preds"))
         ["m.beta: expected a number, got the string 'two'"]
     """
@@ -397,7 +421,7 @@ def argument_problems(
     for key, value in kwargs.items():
         if key in supplied:
             fix = fixes.get(key) or "remove it"
-            problems.append(f"{prefix}{key}: mtlgraph passes '{key}' itself; {fix}")
+            problems.append(f"{prefix}{key}: {what} gets '{key}' from mtlgraph; {fix}")
         elif key in named:
             if key in hints:
                 convert(value, hints[key], f"{prefix}{key}", problems)

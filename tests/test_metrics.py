@@ -160,12 +160,17 @@ def test_metric_kwargs_are_checked_when_the_scorer_is_built() -> None:
     assert isinstance(info.value, MtlGraphError)
     with pytest.raises(ConfigError, match=r"metric 'accuracy' takes no argument 'average'"):
         Scorer([{"name": "accuracy", "average": "macro"}])
-    with pytest.raises(ConfigError, match=r"metric 'f1': 'golds' is set by mtlgraph"):
+    with pytest.raises(
+        ConfigError, match=r"golds: metric 'f1' gets 'golds' from mtlgraph; remove it"
+    ):
         Scorer([{"name": "f1", "golds": [1]}])
     assert metric_spec_problems({"name": "fbeta", "beta": 2, "key": "f2"}) == []
-    assert metric_spec_problems({"name": "f1", "averag": "micro"}) == [
-        "metric 'f1' takes no argument 'averag' (did you mean 'average'?); its arguments: "
-        "'average', 'labels', 'pos_label', 'zero_division'"
+    assert metric_spec_problems({"name": "f1", "averag": "micro"}, "tasks.t.metrics[0]") == [
+        "tasks.t.metrics[0].averag: metric 'f1' takes no argument 'averag' (did you mean "
+        "'average'?); it takes 'average', 'labels', 'pos_label', 'zero_division'"
+    ]
+    assert metric_spec_problems({"name": "fbeta", "beta": "two"}, "m") == [
+        "m.beta: expected a number, got the string 'two'"
     ]
     assert metric_spec_problems("acuracy")[0].startswith(
         "unknown metric 'acuracy' (did you mean 'accuracy'?)"
@@ -179,7 +184,9 @@ def test_custom_metric_arguments_are_checked_against_its_own_signature() -> None
     register_metric("within_for_test_metrics", within, higher_is_better=True)
     try:
         assert register_metric("within_for_test_metrics", within, True).func is within  # no-op
-        with pytest.raises(ConfigError, match="needs the argument 'tol'"):
+        with pytest.raises(
+            ConfigError, match=r"tol: missing \(required by metric 'within_for_test_metrics'\)"
+        ):
             Scorer(["within_for_test_metrics"])
         with pytest.raises(ConfigError, match=r"takes no argument 'tl' \(did you mean 'tol'\?\)"):
             Scorer([{"name": "within_for_test_metrics", "tl": 1}])

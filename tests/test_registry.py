@@ -136,7 +136,7 @@ def test_problems_unknown_misspelled_missing_reserved_and_mistyped() -> None:
         "m.zzz: thing 'fbeta' takes no argument 'zzz'; it takes 'average', 'beta'",
     ]
     assert reg.problems({"name": "fbeta", "golds": 1}, "m") == [
-        "m.golds: mtlgraph passes 'golds' itself; remove it"
+        "m.golds: thing 'fbeta' gets 'golds' from mtlgraph; remove it"
     ]
     assert reg.problems({"type": "tempered"}, "t") == [
         "t.temperature: missing (required by thing 'tempered')"

@@ -99,11 +99,11 @@ class TrainerConfig:
         problems += weight_decay_problems(self.optimizer, self.weight_decay)
         problems += self._check_param_groups()
         problems += self._check_snorkel_users()
-        problems += BALANCERS.problems(self.balancer, "balancer")
+        problems += BALANCERS.problems(self.balancer, "balancer", build=True)
         problems += LR_SCHEDULES.problems(self.lr_scheduler, "lr_scheduler")
         problems += self._check_outputs()
         for i, spec in enumerate(self.hooks):
-            problems += HOOKS.problems(spec, f"hooks[{i}]")
+            problems += HOOKS.problems(spec, f"hooks[{i}]", build=True)
         return problems
 
     def _check_param_groups(self) -> list[str]:
@@ -175,5 +175,5 @@ class TrainerConfig:
             problems += WRITERS.problems(spec, f"writers[{i}]", given=("ctx",))
         if self.checkpoint_mode is not None and self.checkpoint_metric is None:
             problems.append("checkpoint_mode: set checkpoint_metric too (the key best.pt tracks)")
-        problems += SCHEDULERS.problems(self.batch_scheduler, "batch_scheduler")
+        problems += SCHEDULERS.problems(self.batch_scheduler, "batch_scheduler", build=True)
         return problems

@@ -93,12 +93,16 @@ def test_scheduler_kwargs_are_checked_before_it_is_built() -> None:
         ) as info:
             SCHEDULERS.build({"name": "tempered_test", "tempreature": 2}, seed=0)
         assert isinstance(info.value, MtlGraphError)
-        assert "needs the argument 'temperature'" in str(info.value)
+        assert "temperature: missing (required by batch scheduler" in str(info.value)
         assert SCHEDULERS.build({"name": "tempered_test", "temperature": 2}, seed=3).seed == 3
     finally:
         SCHEDULERS.unregister("tempered_test")
-    assert SCHEDULERS.problems({"name": "mixed", "tempreature": 2}) == [
-        "batch scheduler 'mixed' takes no argument 'tempreature'; its arguments: 'seed'"
+    assert SCHEDULERS.problems({"name": "mixed", "tempreature": 2}, "batch_scheduler") == [
+        "batch_scheduler.tempreature: batch scheduler 'mixed' takes no argument 'tempreature'; "
+        "it takes 'seed'"
+    ]
+    assert SCHEDULERS.problems({"name": "weighted", "weights": [1, 2]}, "batch_scheduler") == [
+        "batch_scheduler.weights: expected a mapping, got list [1, 2]"
     ]
     assert SCHEDULERS.problems(MixedScheduler()) == []
     assert SCHEDULERS.problems("mixed") == []

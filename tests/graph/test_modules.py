@@ -18,7 +18,6 @@ from mtlgraph.graph.modules import (
     Conv2dStack,
     EmbeddingBag,
     Sum,
-    get_module_factory,
 )
 
 
@@ -34,9 +33,7 @@ def test_every_issue_module_is_registered() -> None:
         "dropout",
     ):
         assert name in MODULES.names()
-        assert isinstance(get_module_factory(name), type(get_module_factory("mlp"))) or callable(
-            get_module_factory(name)
-        )
+        assert callable(MODULES.get(name))
 
 
 def test_mlp_layers_and_output() -> None:
@@ -67,7 +64,7 @@ def test_conv_stack_concat_sum_shapes() -> None:
 def test_register_module_same_object_is_a_noop_another_needs_override() -> None:
     MODULES.register("identity_for_test_modules", nn.Identity)
     try:
-        assert get_module_factory("identity_for_test_modules") is nn.Identity
+        assert MODULES.get("identity_for_test_modules") is nn.Identity
         MODULES.register("identity_for_test_modules", nn.Identity)  # a re-run cell: fine
         with pytest.raises(ConfigError, match="already registered.*override=True"):
             MODULES.register("identity_for_test_modules", nn.ReLU)
@@ -76,7 +73,6 @@ def test_register_module_same_object_is_a_noop_another_needs_override() -> None:
     finally:
         MODULES.unregister("identity_for_test_modules")
     assert "identity_for_test_modules" not in MODULES.names()
-    assert get_module_factory("identity_for_test_modules") is None
     with pytest.raises(ConfigError, match="is not callable"):
         MODULES.register("nothing_for_test_modules", 3)  # type: ignore[arg-type]
     with pytest.raises(UnknownNameError, match="unknown module type 'mpl' \\(did you mean 'mlp'"):
@@ -123,5 +119,5 @@ def test_loss_names_stay_importable_from_task() -> None:
     import mtlgraph.graph.losses as losses
     import mtlgraph.graph.task as task
 
-    for name in ("MaskedMultilabelLoss", "binary_loss", "get_loss", "loss_names", "register_loss"):
+    for name in ("LOSSES", "MaskedMultilabelLoss", "binary_loss"):
         assert getattr(task, name) is getattr(losses, name)

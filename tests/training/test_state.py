@@ -169,10 +169,8 @@ def test_optimizers_and_lr_schedules_are_registries_with_checked_kwargs() -> Non
                 lr_scheduler={"name": "halves_test", "evry": 2},
             )
         text = str(info.value)
-        assert "optimizer: optimizer 'rmsprop_test' takes no argument 'alpah' (did you mean" in text
-        assert (
-            "lr_scheduler: LR schedule 'halves_test' takes no argument 'evry' (did you mean" in text
-        )
+        assert "optimizer.alpah: optimizer 'rmsprop_test' takes no argument 'alpah' (did" in text
+        assert "lr_scheduler.evry: LR schedule 'halves_test' takes no argument 'evry' (did" in text
         model, loaders = _setup()
         trainer = Trainer(
             n_epochs=2,
