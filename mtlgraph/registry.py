@@ -218,15 +218,16 @@ class Registry(Generic[T]):
             if len(keys) > 1:
                 raise ConfigError([f"{_at(path)}give one of {quoted(keys)}, not both"])
             spec = kwargs.pop(keys[0])
+            path = f"{path}.{keys[0]}" if path else ""
         if isinstance(spec, str):
             factory = self._named(spec, path)
             base = self.base
-            if base is not None and isinstance(factory, type) and not issubclass(factory, base):
+            wrong = isinstance(factory, type) and base is not None and not issubclass(factory, base)
+            if wrong or not (callable(factory) or (base is not None and isinstance(factory, base))):
+                kind = f"the class {factory.__name__}" if wrong else f"a {type(factory).__name__}"
+                want = f"a {base.__name__} subclass" if base is not None else "a class"
                 raise ConfigError(
-                    [
-                        f"{_at(path)}'{spec}' is the class {factory.__name__}, not a "
-                        f"{base.__name__} subclass (or a function returning one)"
-                    ]
+                    [f"{_at(path)}'{spec}' is {kind}, not {want} or a function returning one"]
                 )
             return factory, kwargs, spec
         if self.base is not None and isinstance(spec, self.base) and not isinstance(spec, type):
@@ -254,7 +255,12 @@ class Registry(Generic[T]):
             return found
         if "." in name:
             return import_object(name, path)
-        raise UnknownNameError([f"{_at(path)}{self.unknown(name)}"])
+        raise UnknownNameError(
+            [
+                f"{_at(path)}{self.unknown(name)}, or a dotted import path (register more in a "
+                "module listed under 'imports:')"
+            ]
+        )
 
     def problems(
         self, spec: Any, path: str = "", given: Collection[str] = (), build: bool = False

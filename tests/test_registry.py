@@ -146,7 +146,8 @@ def test_problems_unknown_misspelled_missing_reserved_and_mistyped() -> None:
         "t.seed: expected an integer, got float 2.5",
     ]
     assert reg.problems("tempred", "t") == [
-        "t: unknown thing 'tempred' (did you mean 'tempered'?); known: 'fbeta', 'tempered'"
+        "t: unknown thing 'tempred' (did you mean 'tempered'?); known: 'fbeta', 'tempered', "
+        "or a dotted import path (register more in a module listed under 'imports:')"
     ]
     assert reg.problems({"name": "fbeta", "type": "fbeta"}, "m") == [
         "m: give one of 'name', 'type', not both"

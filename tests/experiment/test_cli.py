@@ -114,6 +114,40 @@ def test_config_error_exits_2_with_one_clean_message(
     assert code == 2 and "Traceback (most recent call last)" in err and "ConfigError" in err
 
 
+@pytest.mark.parametrize(
+    ("trainer", "message"),
+    [
+        (
+            {"optimizer": {"name": "adamw", "amsgrad": "maybe"}},
+            "trainer.optimizer.amsgrad: expected true or false, got the string 'maybe'",
+        ),
+        (
+            {"optimizer": {"name": "adamw", "betas": 0.9}},
+            "trainer.optimizer.betas: expected a list of 2, got float 0.9",
+        ),
+        (
+            {"batch_scheduler": {"name": "weighted", "weights": [1, 2]}},
+            "trainer.batch_scheduler.weights: expected a mapping, got list [1, 2]",
+        ),
+        (
+            {"batch_scheduler": {"name": "weighted", "weights": {"circles": 1}}},
+            "batch_scheduler: weights has no entry for dataset 'squares'",
+        ),
+        (
+            {"optimizer": {"name": "sgd", "weight_decay": 5.0}},
+            "trainer.optimizer.weight_decay: optimizer 'sgd' gets 'weight_decay' from mtlgraph; "
+            "set it once, as trainer.weight_decay",
+        ),
+    ],
+)
+def test_component_arguments_of_the_wrong_type_exit_2_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], trainer: dict[str, object], message: str
+) -> None:
+    code, _, err = _run(capsys, "train", str(_tiny(tmp_path, **trainer)))
+    assert code == 2 and message in err, err
+    assert "Traceback" not in err and not list((tmp_path / "runs").rglob("*.pt"))
+
+
 def test_bad_override_and_missing_files_exit_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -174,7 +174,7 @@ def test_user_tokenizer_from_imports(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert x["text"].shape == (1, 10) and not (tmp_path / "run" / VOCAB_DIR).exists()
     assert "vocabularies" not in exp.trainer.experiment_config
     cfg["data"]["datasets"]["reviews"]["source"]["text"]["text"]["tokenizer"] = "my_tokens.nope"
-    with pytest.raises(DataError, match=r"tokenizer: cannot import 'my_tokens.nope'"):
+    with pytest.raises(ConfigError, match=r"tokenizer: cannot import 'my_tokens.nope'"):
         build_experiment(parse_config(cfg, base_dir=tmp_path))
 
 
@@ -247,7 +247,7 @@ def test_dotted_module_type_problems() -> None:
         "modules.head.type: cannot import 'nowhere_pkg.Head': no module named "
         "'nowhere_pkg'" in message
     )
-    assert "modules.num.type: 'math.pi' is a float, not an nn.Module class" in message
+    assert "modules.num.type: 'math.pi' is a float, not a Module subclass or a function" in message
     assert (
         "modules.fn.input: missing (required by module type 'torch.nn.functional.relu')" in message
     )  # a function is a factory too: its signature is checked

@@ -66,7 +66,8 @@ def test_unknown_and_unsupported_optimizers_are_clear_errors() -> None:
     with pytest.raises(ConfigError, match=r"cannot import 'no_such_pkg.Opt': no module named"):
         Trainer(optimizer="no_such_pkg.Opt")
     with pytest.raises(
-        ConfigError, match=r"'torch.nn.Linear' is the class Linear, not a Optimizer subclass"
+        ConfigError,
+        match=r"'torch.nn.Linear' is the class Linear, not a Optimizer subclass or a function",
     ):
         Trainer(optimizer="torch.nn.Linear")
     with pytest.raises(ConfigError, match=r"optimizer 'rprop' takes no weight_decay"):
