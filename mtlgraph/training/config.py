@@ -11,6 +11,7 @@ mistyped argument fails before any work starts.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -42,15 +43,16 @@ class TrainerConfig:
 
     n_epochs: int = 1  # passes over the training loaders
     lr: float = 0.01  # base learning rate
-    optimizer: str | dict[str, Any] = "adam"  # any torch.optim name / dotted path, or {"name": ...}
+    # a name (any torch.optim one), {"name": ..., **kwargs}, a dotted path, a class; see OPTIMIZERS
+    optimizer: str | dict[str, Any] | Callable[..., Any] = "adam"
     weight_decay: float = 0.0  # L2 penalty (decoupled for adamw)
     grad_clip: float | None = None  # max global L2 norm of the step's gradients; None = off
-    lr_scheduler: str | dict[str, Any] = "constant"  # a name in LR_SCHEDULES, or {"name": ...}
+    lr_scheduler: str | dict[str, Any] | Callable[..., Any] = "constant"  # see LR_SCHEDULES
     warmup_steps: int = 0  # linear warm-up over this many optimizer steps
-    batch_scheduler: str | dict[str, Any] | BatchScheduler = (
+    batch_scheduler: str | dict[str, Any] | BatchScheduler | Callable[..., Any] = (
         "shuffled"  # batch order, see schedulers
     )
-    balancer: str | dict[str, Any] | Balancer = "sum"  # how task losses combine, see balancing
+    balancer: str | dict[str, Any] | Balancer | Callable[..., Any] = "sum"  # see BALANCERS
     param_groups: dict[str, dict[str, Any]] = field(
         default_factory=dict
     )  # module-name glob pattern -> optimizer hyper-params (lr, weight_decay, ...)
@@ -87,7 +89,7 @@ class TrainerConfig:
     nonfinite: Literal["raise", "skip_batch", "warn"] = "raise"
     # --- the user's hooks (docs/training.md): Hooks, registered names ("early_stopping"),
     # {name: ..., **kwargs} or dotted import paths; they fire after evaluation, before checkpoints
-    hooks: list[str | dict[str, Any] | Hook] = field(default_factory=list)
+    hooks: list[str | dict[str, Any] | Hook | Callable[..., Any]] = field(default_factory=list)
 
     def validate(self) -> list[str]:
         """Value checks beyond types; one sentence per problem."""

@@ -15,7 +15,7 @@ steps, so a checkpoint's step counters restore it exactly.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from mtlgraph.registry import Registry
@@ -106,14 +106,14 @@ def resolve_warmup(
     return warmup_steps
 
 
-def is_constant(schedule: str | Mapping[str, Any], warmup_steps: float) -> bool:
+def is_constant(schedule: Any, warmup_steps: float) -> bool:
     """Whether the LR factor is always 1 (the ``constant`` schedule without warm-up): then no
     factor is applied and the run's horizon is not needed."""
     return LR_SCHEDULES.build(schedule, "lr_scheduler") is constant and warmup_steps == 0
 
 
 def lr_factor_fn(
-    schedule: str | Mapping[str, Any], warmup_steps: int, total_steps: int
+    schedule: Any, warmup_steps: int, total_steps: int
 ) -> Callable[[int, int], float] | None:
     """Return ``(global_step, epoch) -> lr factor``, or ``None`` when the factor is always 1.
 

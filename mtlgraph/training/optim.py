@@ -109,7 +109,7 @@ Example:
 """
 
 
-def weight_decay_problems(spec: str | Mapping[str, Any], weight_decay: float) -> list[str]:
+def weight_decay_problems(spec: Any, weight_decay: float) -> list[str]:
     """A ``weight_decay`` the optimizer of ``spec`` cannot apply (it takes none)."""
     try:
         factory, _, name = OPTIMIZERS.resolve(spec, "optimizer")
@@ -125,7 +125,7 @@ def weight_decay_problems(spec: str | Mapping[str, Any], weight_decay: float) ->
 
 
 def make_optimizer(
-    spec: str | Mapping[str, Any],
+    spec: Any,
     model: MultitaskClassifier,
     balancer: Balancer,
     *,

@@ -126,3 +126,20 @@ def test_yaml_names_any_torch_optimizer_and_a_warmup_fraction(tmp_path) -> None:
     cfg = tiny_config(optimizer="adamx")
     with pytest.raises(ConfigError, match=r"unknown optimizer 'adamx' \(did you mean 'adam"):
         load_config(write_config(tmp_path / "c.yaml", cfg))
+
+
+def test_classes_and_instances_are_specs_too() -> None:
+    from mtlgraph.balancing import SumBalancer
+
+    model, loaders = _setup()
+    trainer = Trainer(
+        optimizer={"name": torch.optim.NAdam, "momentum_decay": 0.01},
+        balancer=SumBalancer,
+        progress_bar=False,
+    )
+    trainer.fit(model, loaders)
+    assert type(trainer.optimizer) is torch.optim.NAdam
+    assert trainer.optimizer.param_groups[0]["momentum_decay"] == 0.01
+    assert type(trainer.balancer) is SumBalancer
+    with pytest.raises(ConfigError, match=r"optimizer.momentum_decay: expected a number"):
+        Trainer(optimizer={"name": torch.optim.NAdam, "momentum_decay": "fast"})
