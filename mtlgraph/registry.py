@@ -245,6 +245,17 @@ class Registry(Generic[T]):
             ]
         )
 
+    def _checked(
+        self, spec: Any, path: str, given: Collection[str]
+    ) -> tuple[Any, dict[str, Any], str, list[str]]:
+        """:meth:`resolve`'s factory (or instance), arguments and name, and their problems."""
+        factory, kwargs, name = self.resolve(spec, path)
+        if self.base is not None and isinstance(factory, self.base):
+            return factory, kwargs, name, []
+        what = f"{self.kind} '{name}'"
+        problems = argument_problems(factory, kwargs, what, path, self.supplied, given, self.bind)
+        return factory, kwargs, name, problems
+
     def _named(self, name: str, path: str) -> Any:
         if name in self._entries:
             return self._entries[name]
@@ -270,19 +281,11 @@ class Registry(Generic[T]):
         without such problems is built too (and thrown away), so that the value rules of its
         constructor are reported with the rest."""
         try:
-            factory, kwargs, name = self.resolve(spec, path)
+            problems = self._checked(spec, path, given)[3]
+            if build and not problems:
+                self.build(spec, path)
         except ConfigError as e:
             return list(e.problems)
-        if self.base is not None and isinstance(factory, self.base):
-            return []
-        problems = argument_problems(
-            factory, kwargs, f"{self.kind} '{name}'", path, self.supplied, given, self.bind
-        )
-        if build and not problems:
-            try:
-                self.build(spec, path)
-            except ConfigError as e:
-                problems = list(e.problems)
         return problems
 
     def build(self, spec: Any, path: str = "", **given: Any) -> Any:
@@ -295,14 +298,11 @@ class Registry(Generic[T]):
                 other than ``base`` (or refused its arguments with a ``ConfigError``), naming
                 ``path``.
         """
-        factory, kwargs, name = self.resolve(spec, path)
-        if self.base is not None and isinstance(factory, self.base):
-            return factory
-        problems = argument_problems(
-            factory, kwargs, f"{self.kind} '{name}'", path, self.supplied, given, self.bind
-        )
+        factory, kwargs, name, problems = self._checked(spec, path, given)
         if problems:
             raise ConfigError(problems)
+        if self.base is not None and isinstance(factory, self.base):
+            return factory
         kwargs = {**given, **_converted(factory, kwargs)}
         if self.bind:
             return functools.partial(factory, **kwargs) if kwargs else factory
