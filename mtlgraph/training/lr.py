@@ -16,15 +16,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 from mtlgraph.registry import Registry
-
-
-class LRSchedule(Protocol):
-    """``(progress, epoch, **params) -> factor`` (see the module docstring)."""
-
-    def __call__(self, progress: float, epoch: int, /, **params: Any) -> float: ...
 
 
 def constant(progress: float, epoch: int) -> float:
