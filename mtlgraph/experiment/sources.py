@@ -24,11 +24,10 @@ from mtlgraph._suggest import did_you_mean, quoted
 from mtlgraph.data.datasets import DictDataset
 from mtlgraph.data.sources.files import Table, read_table
 from mtlgraph.data.sources.table import Tokenizer, split_table, table_columns
-from mtlgraph.data.sources.tokenizer import WordTokenizer
+from mtlgraph.data.sources.tokenizer import TOKENIZERS, WordTokenizer
 from mtlgraph.data.synthetic import GENERATORS
-from mtlgraph.exceptions import CheckpointError, ConfigError, DataError
+from mtlgraph.exceptions import CheckpointError, DataError
 from mtlgraph.experiment.data_config import DatasetConfig, ImagesConfig, SourceConfig, TextConfig
-from mtlgraph.registry import import_object
 
 if TYPE_CHECKING:
     from mtlgraph.experiment.config import ExperimentConfig, TaskConfig
@@ -61,16 +60,15 @@ def vocab_file(run_dir: Path, dataset: str, column: str) -> Path:
     return run_dir / VOCAB_DIR / f"{dataset}.{column}.json"
 
 
-def user_tokenizer(path: str, where: str) -> Tokenizer:
-    """The ``str -> ids`` callable at dotted ``path`` (a ``text.<column>.tokenizer``).
+def user_tokenizer(spec: Any, where: str) -> Tokenizer:
+    """The ``str -> ids`` callable a ``text.<column>.tokenizer`` spec names (see
+    :data:`~mtlgraph.data.sources.tokenizer.TOKENIZERS`).
 
     Raises:
-        ConfigError: It cannot be imported or is not callable, naming ``where``.
+        ConfigError: An unknown name, a path that does not import, arguments the function does
+            not take; naming ``where``.
     """
-    obj = import_object(path, f"{where}.tokenizer")
-    if not callable(obj):
-        raise ConfigError([f"{where}.tokenizer: '{path}' is not callable (text -> ids)"])
-    return obj
+    return TOKENIZERS.build(spec, f"{where}.tokenizer")
 
 
 def tokenizers(
