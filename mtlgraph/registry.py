@@ -1,8 +1,8 @@
 """One registry type, and one way from a spec to an object, for every component kind.
 
 Modules, activations, losses, metrics, batch schedulers, balancers, optimizers, LR schedules,
-writers, slices, hooks and synthetic-data generators each live in a :class:`Registry`, and every
-one of them turns a *spec* into an object the same way, with :meth:`Registry.build`:
+writers, slices, hooks, tokenizers and synthetic-data generators each live in a :class:`Registry`,
+and every one of them turns a *spec* into an object the same way, with :meth:`Registry.build`:
 
 - a registered name (``"adamw"``), or a dotted import path (``"torch.optim.NAdam"``,
   ``"my_pkg.blocks.Gate"``; :func:`import_object`);
