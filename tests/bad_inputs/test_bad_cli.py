@@ -103,7 +103,11 @@ def _with(path: str, value: Any) -> dict[str, Any]:
 CONFIG_CASES: list[tuple[str, Any, str]] = [
     ("unknown trainer key", _with("trainer.n_epoch", 3), r"trainer.n_epoch: unknown key \(did you mean 'n_epochs'\?\)"),
     ("nonfinite value", _with("trainer.nonfinite", "ignore"), r"trainer.nonfinite"),
-    ("metric kwarg", _with("tasks.circle_task.metrics", [{"name": "fbeta", "betta": 2}]), r"tasks.circle_task.metrics\[0\]: metric 'fbeta' takes no argument 'betta' \(did you mean 'beta'\?\)"),
+    ("metric kwarg", _with("tasks.circle_task.metrics", [{"name": "fbeta", "betta": 2}]), r"tasks.circle_task.metrics\[0\].betta: metric 'fbeta' takes no argument 'betta' \(did you mean 'beta'\?\)"),
+    ("optimizer bool", _with("trainer.optimizer", {"name": "adamw", "amsgrad": "maybe"}), r"trainer.optimizer.amsgrad: expected true or false, got the string 'maybe'"),
+    ("optimizer pair", _with("trainer.optimizer", {"name": "adamw", "betas": 0.9}), r"trainer.optimizer.betas: expected a list of 2, got float 0\.9"),
+    ("optimizer weight_decay", _with("trainer.optimizer", {"name": "sgd", "weight_decay": 5.0}), r"trainer.optimizer.weight_decay: optimizer 'sgd' gets 'weight_decay' from mtlgraph; set it once, as trainer.weight_decay"),
+    ("scheduler weights", _with("trainer.batch_scheduler", {"name": "weighted", "weights": [1, 2]}), r"trainer.batch_scheduler.weights: expected a mapping, got list \[1, 2\]"),
     ("module kwarg", _with("modules.trunk.hiden", [8]), r"modules.trunk.hiden: module type 'mlp' takes no argument 'hiden'"),
     ("unknown module type", _with("modules.trunk.type", "mpl"), r"modules.trunk.type: unknown module type 'mpl' \(did you mean 'mlp'\?\)"),
     ("unknown loss", _with("tasks.circle_task.loss", "cross_entropi"), r"tasks.circle_task.loss: unknown loss 'cross_entropi'"),
