@@ -14,10 +14,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports on demand
-    from mtlgraph.balancing import Balancer, GradientBalancer, StepContext, register_balancer
+    from mtlgraph.balancing import Balancer, GradientBalancer, StepContext
     from mtlgraph.data.datasets import DictDataLoader, DictDataset
     from mtlgraph.data.named import NamedDataset
-    from mtlgraph.data.schedulers import BatchScheduler, register_scheduler
+    from mtlgraph.data.schedulers import BatchScheduler
     from mtlgraph.diagnostics import DiagnosticsConfig, DiagnosticsReport
     from mtlgraph.exceptions import (
         CheckpointError,
@@ -29,13 +29,10 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
         TrainingError,
     )
     from mtlgraph.graph.model import MultitaskClassifier
-    from mtlgraph.graph.modules import register_module
-    from mtlgraph.graph.task import Input, Operation, Task, detach, register_loss
+    from mtlgraph.graph.task import Input, Operation, Task, detach
     from mtlgraph.metrics import Scorer, register_metric
     from mtlgraph.training.early_stopping import EarlyStopping
     from mtlgraph.training.hooks import Hook
-    from mtlgraph.training.lr import register_lr_schedule
-    from mtlgraph.training.optim import register_optimizer
     from mtlgraph.training.trainer import Trainer
 
 __version__ = "0.1.0"
@@ -67,13 +64,7 @@ _WHERE: dict[str, str] = {
     "Trainer": "mtlgraph.training.trainer",
     "TrainingError": "mtlgraph.exceptions",
     "detach": "mtlgraph.graph.task",
-    "register_balancer": "mtlgraph.balancing",
-    "register_loss": "mtlgraph.graph.task",
-    "register_lr_schedule": "mtlgraph.training.lr",
     "register_metric": "mtlgraph.metrics",
-    "register_module": "mtlgraph.graph.modules",
-    "register_optimizer": "mtlgraph.training.optim",
-    "register_scheduler": "mtlgraph.data.schedulers",
 }
 
 __all__ = [
@@ -103,13 +94,7 @@ __all__ = [
     "TrainingError",
     "__version__",
     "detach",
-    "register_balancer",
-    "register_loss",
-    "register_lr_schedule",
     "register_metric",
-    "register_module",
-    "register_optimizer",
-    "register_scheduler",
 ]
 
 

@@ -106,9 +106,16 @@ def convert(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
         if not callable(value):
             problems.append(f"{path}: expected a callable, got {_got(value)}")
         return value
-    if isinstance(tp, type) and not isinstance(value, tp):
+    if isinstance(tp, type) and not _instance(value, tp):
         problems.append(f"{path}: expected {_describe(tp)}, got {_got(value)}")
     return value
+
+
+def _instance(value: Any, tp: type) -> bool:
+    try:
+        return isinstance(value, tp)
+    except TypeError:  # a Protocol that is not runtime-checkable: not checked
+        return True
 
 
 def _convert_union(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
@@ -177,10 +184,16 @@ def _convert_dataclass(value: Any, tp: type[Any], path: str, problems: list[str]
 
 
 def _convert_list(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
-    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-        problems.append(f"{path}: expected a list, got {_got(value)}")
-        return value
     args = get_args(tp)
+    fixed = get_origin(tp) is tuple and args and args[-1] is not Ellipsis  # tuple[float, float]
+    wrong = isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple))
+    if wrong or (fixed and len(value) != len(args)):
+        size = f" of {len(args)}" if fixed else ""
+        problems.append(f"{path}: expected a list{size}, got {_got(value)}")
+        return value
+    if fixed:
+        pairs = enumerate(zip(value, args, strict=True))
+        return tuple(convert(v, a, f"{path}[{i}]", problems) for i, (v, a) in pairs)
     item_tp = args[0] if args else Any
     return [convert(v, item_tp, f"{path}[{i}]", problems) for i, v in enumerate(value)]
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from mtlgraph._suggest import did_you_mean
 from mtlgraph.exceptions import ConfigError, UnknownNameError
-from mtlgraph.registry import Registry, signature_problems
+from mtlgraph.registry import Registry, argument_problems
 
 __all__ = [
     "METRICS",
@@ -34,9 +34,7 @@ __all__ = [
     "Scorer",
     "active_mask",
     "active_rows",
-    "get_metric",
     "make_key",
-    "metric_names",
     "metric_spec_problems",
     "register_metric",
     "split_key",
@@ -276,8 +274,8 @@ def _metric_problems(name: str, metric: Metric) -> list[str]:
         return [f"metric '{name}' must be a Metric, got {type(metric).__name__}"]
     if not callable(metric.func):
         return [f"metric '{name}': {metric.func!r} is not callable"]
-    problems = signature_problems(
-        metric.func, metric.defaults, f"metric '{name}'", _scored(metric.func), partial=True
+    problems = argument_problems(
+        metric.func, metric.defaults, f"metric '{name}'", "", _scored(metric.func), partial=True
     )
     return [f"{p} (in its defaults)" for p in problems]
 
@@ -315,27 +313,17 @@ def register_metric(
 
     Example:
         >>> import numpy as np
-        >>> from mtlgraph.metrics import METRICS, get_metric, register_metric
+        >>> from mtlgraph.metrics import METRICS, register_metric
         >>> def max_error(golds, preds, probs):
         ...     return float(np.abs(golds - preds).max())
         >>> m = register_metric("max_error_doc", max_error, higher_is_better=False)
-        >>> get_metric("max_error_doc").higher_is_better
+        >>> METRICS.get("max_error_doc").higher_is_better
         False
         >>> METRICS.unregister("max_error_doc") is m
         True
     """
     metric = Metric(name, func, bool(higher_is_better), dict(defaults))
     return METRICS.register(name, metric, override=override)
-
-
-def get_metric(name: str) -> Metric:
-    """Return the registered metric ``name``; unknown names raise with a suggestion."""
-    return METRICS.get(name)
-
-
-def metric_names() -> list[str]:
-    """Names of all registered metrics, sorted."""
-    return METRICS.names()
 
 
 _BUILT_IN: list[tuple[str, MetricFunc, bool]] = [
@@ -368,23 +356,24 @@ class _Bound:
     higher_is_better: bool
 
 
-def metric_spec_problems(spec: object) -> list[str]:
+def metric_spec_problems(spec: object, path: str = "") -> list[str]:
     """Every problem with one metric spec: its name, its key, and its keyword arguments.
 
     Config validation calls this so that a misspelled argument is reported with the config's
-    other problems, before anything is built.
+    other problems, before anything is built; each problem starts with ``path``.
 
     Example:
-        >>> metric_spec_problems({"name": "fbeta", "betta": 2})  # doctest: +ELLIPSIS
-        ["metric 'fbeta' takes no argument 'betta' (did you mean 'beta'?); its arguments: ..."]
+        >>> metric_spec_problems({"name": "fbeta", "betta": 2}, "m")  # doctest: +ELLIPSIS
+        ["m.betta: metric 'fbeta' takes no argument 'betta' (did you mean 'beta'?); it takes ..."]
     """
     problems: list[str] = []
-    _bind(spec, problems)
+    _bind(spec, problems, path)
     return problems
 
 
-def _bind(spec: object, problems: list[str]) -> _Bound | None:
+def _bind(spec: object, problems: list[str], path: str = "") -> _Bound | None:
     """The metric a spec names, with its arguments; problems are appended (``None`` if any)."""
+    at = f"{path}: " if path else ""
     if isinstance(spec, str):
         name, key, kwargs = spec, spec, {}
     elif isinstance(spec, Mapping) and isinstance(spec.get("name"), str):
@@ -392,15 +381,15 @@ def _bind(spec: object, problems: list[str]) -> _Bound | None:
         name = spec["name"]
         key = spec.get("key", name)
     else:
-        problems.append(f"metric spec {spec!r} must be a name or a mapping with 'name'")
+        problems.append(f"{at}metric spec {spec!r} must be a name or a mapping with 'name'")
         return None
     if name not in METRICS:
-        problems.append(METRICS.unknown(name))
+        problems.append(f"{at}{METRICS.unknown(name)}")
         return None
     m = METRICS.get(name)
     kwargs = {**m.defaults, **kwargs}
-    found = signature_problems(m.func, kwargs, f"metric '{name}'", _scored(m.func))
-    found += _part_problems(key, "metric key")
+    found = argument_problems(m.func, kwargs, f"metric '{name}'", path, _scored(m.func))
+    found += [f"{at}{p}" for p in _part_problems(key, "metric key")]
     problems += found
     return None if found else _Bound(key, m.func, kwargs, m.higher_is_better)
 

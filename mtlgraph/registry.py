@@ -1,47 +1,61 @@
-"""One registry type for every named component.
+"""One registry type, and one way from a spec to an object, for every component kind.
 
-Module types, losses, metrics, batch schedulers, balancers, optimizers, LR schedules, writers and
-synthetic-data generators are all looked up by name in a :class:`Registry`. Every registry behaves
-the same way:
+Modules, activations, losses, metrics, batch schedulers, balancers, optimizers, LR schedules,
+writers, slices, hooks, tokenizers and synthetic-data generators each live in a :class:`Registry`,
+and every one of them turns a *spec* into an object the same way, with :meth:`Registry.build`:
 
-- ``get`` of an unknown name raises :class:`~mtlgraph.exceptions.UnknownNameError` (a
-  :class:`~mtlgraph.ConfigError` and a ``KeyError``) with a did-you-mean;
-- registering the *same* object (or an equal value) under a name again is a no-op and returns
-  the registered one (a re-run notebook cell is fine); registering *another* object under a
-  taken name needs ``override=True``;
-- ``unregister`` removes a name (tests and doctests leave no registrations behind);
-- ``check_kwargs`` compares keyword arguments with the component's signature, so a misspelled
-  argument is a ``ConfigError`` with a suggestion before any work starts.
+- a registered name (``"adamw"``), or a dotted import path (``"torch.optim.NAdam"``,
+  ``"my_pkg.blocks.Gate"``; :func:`import_object`);
+- a mapping ``{name: ..., **kwargs}`` (or ``{type: ..., **kwargs}``);
+- a class or factory function; or an instance of the kind (returned as it is).
+
+Keyword arguments are checked once, before anything is built, against the factory's signature
+*and* its type annotations (through the same converter that checks ``Trainer(**config)``), so
+``{name: adamw, amsgrad: maybe}`` is a :class:`~mtlgraph.ConfigError` naming the key path, not a
+crash mid-run. :meth:`Registry.problems` returns every problem of a spec at once without building.
+
+Every registry also behaves the same way as a name table: ``get`` of an unknown name raises
+:class:`~mtlgraph.exceptions.UnknownNameError` with a did-you-mean; registering the *same* object
+under a name again is a no-op (a re-run notebook cell is fine); another object under a taken name
+needs ``override=True``; ``unregister`` removes a name.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import inspect
+import typing
 from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any, Generic, TypeVar, overload
 
+from mtlgraph._schema import convert
 from mtlgraph._suggest import did_you_mean, quoted
 from mtlgraph.exceptions import ConfigError, UnknownNameError
 
-__all__ = [
-    "Registry",
-    "accepted_parameters",
-    "must_be_callable",
-    "must_subclass",
-    "signature_problems",
-    "split_spec",
-]
+__all__ = ["Registry", "accepted_parameters", "argument_problems", "import_object"]
 
 T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    """Names mapped to components of one kind.
+    """Names mapped to components of one kind, and specs built into objects.
 
     Args:
         kind: What is registered, for messages (``"metric"``, ``"batch scheduler"``).
         entries: Built-in entries, registered in order.
-        check: Optional ``check(name, obj) -> problems`` run on every registration.
+        check: ``check(name, obj) -> problems`` run on every registration (default, with
+            ``base`` or ``bind``: the object must be callable).
+        base: The class every built object must be an instance of (an instance given as the
+            spec is returned as it is); ``None``: not checked.
+        supplied: Arguments mtlgraph passes itself, mapped to what to do instead of giving
+            them (a spec that gives one is refused with that sentence).
+        bind: Entries are functions mtlgraph calls later with the ``supplied`` arguments
+            (losses, LR schedules): :meth:`build` returns the function with the spec's
+            arguments bound instead of calling it.
+        find: Looks up a name that is not registered, before dotted paths: the object,
+            ``None`` (not found), or the sentence saying why there is none.
+        keys: The keys of a spec mapping that name the component (one of them is given).
 
     Example:
         >>> from mtlgraph.registry import Registry
@@ -58,17 +72,26 @@ class Registry(Generic[T]):
         Traceback (most recent call last):
         ...
         mtlgraph.exceptions.ConfigError: colour 'blue' is already registered (as 2); pass ...
-        >>> colours.register("blue", 3, override=True)
-        3
-        >>> @colours.register("green")  # the decorator form, for functions and classes
-        ... def green() -> int:
-        ...     return 4
-        >>> colours.names()
-        ['blue', 'green', 'red']
-        >>> colours.unregister("blue"), colours.unregister("green")() # leave none behind
-        (3, 4)
-        >>> colours.names()
-        ['red']
+        >>> colours.unregister("blue"), colours.names()
+        (2, ['red'])
+
+        Building from specs, with arguments checked against the signature and its types:
+
+        >>> class Gate:
+        ...     def __init__(self, k: int, soft: bool = True) -> None:
+        ...         self.k, self.soft = k, soft
+        >>> gates = Registry("gate", base=Gate)
+        >>> @gates.register("topk")
+        ... class TopK(Gate): ...
+        >>> gates.build({"name": "topk", "k": 2}).k
+        2
+        >>> gates.build({"name": "topk", "k": 2, "soft": "maybe"}, "model.gate")
+        Traceback (most recent call last):
+        ...
+        mtlgraph.exceptions.ConfigError: model.gate.soft: expected true or false, got the string ...
+        >>> gates.problems({"name": "topk", "kk": 2}, "gate")  # doctest: +NORMALIZE_WHITESPACE
+        ["gate.kk: gate 'topk' takes no argument 'kk' (did you mean 'k'?); it takes 'k', 'soft'",
+         "gate.k: missing (required by gate 'topk')"]
     """
 
     def __init__(
@@ -76,12 +99,25 @@ class Registry(Generic[T]):
         kind: str,
         entries: Mapping[str, T] | None = None,
         check: Callable[[str, T], list[str]] | None = None,
+        *,
+        base: type | None = None,
+        supplied: Mapping[str, str] | None = None,
+        bind: bool = False,
+        find: Callable[[str], T | str | None] | None = None,
+        keys: tuple[str, ...] = ("name", "type"),
     ) -> None:
         self.kind = kind
-        self._check = check
+        self.base = base
+        self.supplied = dict(supplied or {})
+        self.bind = bind
+        self._find = find
+        self.keys = keys
+        self._check = check or (self._callable if base is not None or bind else _no_problems)
         self._entries: dict[str, T] = {}
         for name, obj in (entries or {}).items():
             self.register(name, obj)
+
+    # ------------------------------------------------------------ the name table
 
     @overload
     def register(self, name: str, obj: T, *, override: bool = False) -> T: ...
@@ -101,20 +137,14 @@ class Registry(Generic[T]):
                 name holds another object and ``override`` is false.
         """
         if obj is None:
-
-            def decorator(target: T) -> T:
-                return self.register(name, target, override=override)
-
-            return decorator
-        problems = _name_problems(self.kind, name)
-        if not problems and self._check is not None:
-            problems = self._check(name, obj)
+            return functools.partial(self.register, name, override=override)
+        problems = _name_problems(self.kind, name) or self._check(name, obj)
         held = self._entries.get(name) if not problems else None
         if held is not None and _same(held, obj):
             return held  # the same component again (a re-run cell): a no-op
         if not problems and held is not None and not override:
             problems = [
-                f"{self.kind} '{name}' is already registered (as {self._entries[name]!r}); "
+                f"{self.kind} '{name}' is already registered (as {held!r}); "
                 "pass override=True to replace it, or pick another name"
             ]
         if problems:
@@ -156,99 +186,312 @@ class Registry(Generic[T]):
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}, {self.names()})"
 
-    def check_kwargs(
-        self, name: str, kwargs: Mapping[str, Any], supplied: Collection[str] = ()
-    ) -> list[str]:
-        """Problems with ``kwargs`` for the component ``name``, checked against its signature.
-
-        Args:
-            name: A registered name (an unknown one is itself the problem reported).
-            kwargs: The keyword arguments a user gave.
-            supplied: Parameters mtlgraph passes itself (a scheduler's ``seed``, a metric's
-                ``golds``); the user may not give them and need not.
-
-        Returns:
-            One sentence per unknown, reserved or missing argument; empty when all is well.
-        """
-        if name not in self._entries:
-            return [self.unknown(name)]
-        factory = self._entries[name]
-        if not callable(factory):
+    def _callable(self, name: str, obj: Any) -> list[str]:
+        base = self.base
+        if base is not None and isinstance(obj, type) and not issubclass(obj, base):
+            return [f"{self.kind} '{name}' must be a {base.__name__} subclass, got {obj!r}"]
+        if callable(obj) and not (base is not None and isinstance(obj, base)):
             return []
-        return signature_problems(factory, kwargs, f"{self.kind} '{name}'", supplied=supplied)
+        return [f"{self.kind} '{name}': {obj!r} is not callable (a class or factory)"]
+
+    # ------------------------------------------------------------ specs -> objects
+
+    def resolve(self, spec: Any, path: str = "") -> tuple[Any, dict[str, Any], str]:
+        """A spec as ``(factory or instance, keyword arguments, name for messages)``.
+
+        Raises:
+            ConfigError: An unknown name (with a suggestion), a dotted path that does not
+                import, or something that is no spec; naming ``path``.
+        """
+        kwargs: dict[str, Any] = {}
+        if isinstance(spec, Mapping):
+            kwargs = dict(spec)
+            keys = [k for k in self.keys if k in kwargs]
+            if not keys:
+                where = f"{path}." if path else ""
+                raise ConfigError(
+                    [
+                        f"{where}{self.keys[0]}: missing; say which {self.kind} to build: one of "
+                        f"{quoted(self._entries)} or a dotted import path"
+                    ]
+                )
+            if len(keys) > 1:
+                raise ConfigError([f"{_at(path)}give one of {quoted(keys)}, not both"])
+            spec = kwargs.pop(keys[0])
+            path = f"{path}.{keys[0]}" if path else ""
+        if isinstance(spec, str):
+            factory = self._named(spec, path)
+            base = self.base
+            wrong = isinstance(factory, type) and base is not None and not issubclass(factory, base)
+            if wrong or not (callable(factory) or (base is not None and isinstance(factory, base))):
+                kind = f"the class {factory.__name__}" if wrong else f"a {type(factory).__name__}"
+                want = f"a {base.__name__} subclass" if base is not None else "a class"
+                raise ConfigError(
+                    [f"{_at(path)}'{spec}' is {kind}, not {want} or a function returning one"]
+                )
+            return factory, kwargs, spec
+        if self.base is not None and isinstance(spec, self.base) and not isinstance(spec, type):
+            if kwargs:
+                raise ConfigError([f"{_at(path)}a built {self.kind} takes no arguments"])
+            return spec, kwargs, type(spec).__name__
+        if callable(spec):
+            return spec, kwargs, getattr(spec, "__name__", repr(spec))
+        kinds = f"a {self.base.__name__}, " if self.base is not None else ""
+        raise ConfigError(
+            [
+                f"{_at(path)}a {self.kind} is {kinds}a registered name ({quoted(self._entries)}),"
+                f" {{name: ..., **kwargs}}, a dotted import path, or a class or factory; got "
+                f"{spec!r}"
+            ]
+        )
+
+    def _checked(
+        self, spec: Any, path: str, given: Collection[str]
+    ) -> tuple[Any, dict[str, Any], str, list[str]]:
+        """:meth:`resolve`'s factory (or instance), arguments and name, and their problems."""
+        factory, kwargs, name = self.resolve(spec, path)
+        if self.base is not None and isinstance(factory, self.base):
+            return factory, kwargs, name, []
+        what = f"{self.kind} '{name}'"
+        problems = argument_problems(factory, kwargs, what, path, self.supplied, given, self.bind)
+        return factory, kwargs, name, problems
+
+    def _named(self, name: str, path: str) -> Any:
+        if name in self._entries:
+            return self._entries[name]
+        found = self._find(name) if self._find is not None else None
+        if isinstance(found, str):  # the reason there is none
+            raise UnknownNameError([f"{_at(path)}{found}"])
+        if found is not None:
+            return found
+        if "." in name:
+            return import_object(name, path)
+        raise UnknownNameError(
+            [
+                f"{_at(path)}{self.unknown(name)}, or a dotted import path (register more in a "
+                "module listed under 'imports:')"
+            ]
+        )
+
+    def problems(
+        self, spec: Any, path: str = "", given: Collection[str] = (), build: bool = False
+    ) -> list[str]:
+        """Every problem of ``spec`` (its name and each argument's name and type);
+        ``given`` are arguments the caller passes besides the spec's. With ``build``, a spec
+        without such problems is built too (and thrown away), so that the value rules of its
+        constructor are reported with the rest."""
+        try:
+            problems = self._checked(spec, path, given)[3]
+            if build and not problems:
+                self.build(spec, path)
+        except ConfigError as e:
+            return list(e.problems)
+        return problems
+
+    def build(self, spec: Any, path: str = "", **given: Any) -> Any:
+        """The object ``spec`` describes: ``factory(**given, **kwargs)`` after every argument
+        is checked (a spec may override a ``given`` default, never a ``supplied`` argument);
+        with ``bind``, the function with the spec's arguments bound.
+
+        Raises:
+            ConfigError: Every problem :meth:`problems` finds, or a factory that made something
+                other than ``base`` (or refused its arguments with a ``ConfigError``), naming
+                ``path``.
+        """
+        factory, kwargs, name, problems = self._checked(spec, path, given)
+        if problems:
+            raise ConfigError(problems)
+        if self.base is not None and isinstance(factory, self.base):
+            return factory
+        kwargs = {**given, **_converted(factory, kwargs)}
+        if self.bind:
+            return functools.partial(factory, **kwargs) if kwargs else factory
+        try:
+            obj = factory(**kwargs)
+        except ConfigError as e:  # a value rule in the constructor: name the key path
+            raise ConfigError([f"{_at(path)}{p}" for p in e.problems]) from e
+        if self.base is not None and not isinstance(obj, self.base):
+            raise ConfigError(
+                [
+                    f"{_at(path)}{self.kind} '{name}' made a {type(obj).__name__}, "
+                    f"not a {self.base.__name__}"
+                ]
+            )
+        return obj
 
 
-def split_spec(spec: str | Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
-    """A component spec, ``"name"`` or ``{"name": ..., **kwargs}``, as ``(name, kwargs)``.
+def _no_problems(name: str, obj: Any) -> list[str]:
+    return []
 
-    The name is ``None`` when a mapping has none (lookup then reports it as unknown).
+
+def _at(path: str) -> str:
+    return f"{path}: " if path else ""
+
+
+def import_object(path: str, where: str = "") -> Any:
+    """The object a dotted import path names (``"torch.optim.NAdam"``, ``"pkg.mod.Class.attr"``).
+
+    The one importer of user code by path: module types, optimizers, hooks, tokenizers and every
+    other spec given as a dotted path come through here.
+
+    Raises:
+        ConfigError: No module of the path imports (is it installed, or listed under
+            ``imports:``?), or it has no such attribute (with a suggestion); naming ``where``.
+            An exception raised *by* the imported module propagates unchanged.
 
     Example:
-        >>> split_spec({"name": "cosine", "min_factor": 0.1})
-        ('cosine', {'min_factor': 0.1})
-        >>> split_spec("adam")
-        ('adam', {})
+        >>> from mtlgraph.registry import import_object
+        >>> import_object("torch.optim.NAdam").__name__
+        'NAdam'
+        >>> import_object("torch.optim.Nadam", "trainer.optimizer")
+        Traceback (most recent call last):
+        ...
+        mtlgraph.exceptions.ConfigError: trainer.optimizer: cannot import 'torch.optim.Nadam': ...
     """
-    if isinstance(spec, str):
-        return spec, {}
-    kwargs = dict(spec)
-    return kwargs.pop("name", None), kwargs
+    parts = path.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        module_name = ".".join(parts[:cut])
+        try:
+            obj: Any = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name is None or not module_name.startswith(e.name):
+                raise  # a module the imported one needs: the user's problem, unchanged
+            if cut > 1:
+                continue
+            raise ConfigError(
+                [
+                    f"{_at(where)}cannot import '{path}': no module named '{e.name}' (is it "
+                    "installed, or its module listed under 'imports:'?)"
+                ]
+            ) from None
+        for i, attr in enumerate(parts[cut:], cut):
+            if not hasattr(obj, attr):
+                names = [n for n in dir(obj) if not n.startswith("_")]
+                raise ConfigError(
+                    [
+                        f"{_at(where)}cannot import '{path}': '{'.'.join(parts[:i])}' has no "
+                        f"'{attr}'{did_you_mean(attr, names)}"
+                    ]
+                )
+            obj = getattr(obj, attr)
+        return obj
+    raise ConfigError([f"{_at(where)}'{path}' is no dotted import path (module.name)"])
 
 
-def signature_problems(
+# ---------------------------------------------------------------- the one argument checker
+
+
+def argument_problems(
     factory: Callable[..., Any],
     kwargs: Mapping[str, Any],
     what: str,
-    supplied: Collection[str] = (),
+    path: str = "",
+    supplied: Mapping[str, str] | Collection[str] = (),
+    given: Collection[str] = (),
     partial: bool = False,
 ) -> list[str]:
-    """Unknown, reserved or missing keyword arguments of ``factory`` (a class or a function).
+    """Problems of calling ``factory(**kwargs)``: arguments it does not take, that mtlgraph
+    supplies itself, that are missing, or whose value does not fit the annotation.
 
     Args:
-        factory: The class or function the arguments are for.
+        factory: A class or function. A class whose ``__init__`` takes only ``*args,
+            **kwargs`` (``torch.nn.LSTM``) is checked against the first base class naming its
+            arguments, without reporting that base's required ones.
         kwargs: The keyword arguments a user gave.
         what: Names the component in messages (``"metric 'fbeta'"``).
-        supplied: Parameters mtlgraph passes itself; giving one is a problem.
-        partial: ``kwargs`` are only some of the arguments (defaults): missing required
-            ones are not reported.
+        path: The spec's key path; each problem starts with ``<path>.<argument>``.
+        supplied: Arguments mtlgraph passes itself (giving one is a problem), each optionally
+            mapped to the sentence saying where to set it instead.
+        given: Arguments the caller passes besides ``kwargs`` (not missing; may be overridden).
+        partial: Arguments missing from ``kwargs`` are not reported (defaults; a bound function
+            called later).
 
     Example:
-        >>> def fbeta(golds, preds, beta=1.0): ...
-        >>> signature_problems(fbeta, {"betta": 2}, "metric 'fbeta'", supplied=("golds", "preds"))
-        ["metric 'fbeta' takes no argument 'betta' (did you mean 'beta'?); its arguments: 'beta'"]
+        >>> def fbeta(golds, preds, beta: float = 1.0): ...
+        >>> argument_problems(fbeta, {"betta": 2, "preds": 1}, "metric 'fbeta'", "m",
+        ...                   supplied=("golds", "preds"))  # doctest: +NORMALIZE_WHITESPACE
+        ["m.betta: metric 'fbeta' takes no argument 'betta' (did you mean 'beta'?); it takes
+          'beta'", "m.preds: metric 'fbeta' gets 'preds' from mtlgraph; remove it"]
+        >>> argument_problems(fbeta, {"beta": "two"}, "metric 'fbeta'", "m", ("golds", "preds"))
+        ["m.beta: expected a number, got the string 'two'"]
     """
-    params = accepted_parameters(factory)
-    if params is None:  # **kwargs or no inspectable signature: anything goes
+    prefix = f"{path}." if path else ""
+    source = _signature_source(factory)
+    params = _parameters(source)
+    if params is None:  # no inspectable signature
         return []
-    own = {n: p for n, p in params.items() if n not in supplied}
-    problems = []
-    for key in kwargs:
+    named, open_kwargs = params
+    fixes = supplied if isinstance(supplied, Mapping) else {}
+    hints = _hints(source)
+    problems: list[str] = []
+    for key, value in kwargs.items():
         if key in supplied:
-            problems.append(f"{what}: '{key}' is set by mtlgraph; remove it")
-        elif key not in own:
-            known = quoted(own) if own else "none"
+            fix = fixes.get(key) or "remove it"
+            problems.append(f"{prefix}{key}: {what} gets '{key}' from mtlgraph; {fix}")
+        elif key in named:
+            if key in hints:
+                convert(value, hints[key], f"{prefix}{key}", problems)
+        elif not open_kwargs:
+            own = [n for n in named if n not in supplied and n not in given]
             problems.append(
-                f"{what} takes no argument '{key}'{did_you_mean(key, own)}; its arguments: {known}"
+                f"{prefix}{key}: {what} takes no argument '{key}'{did_you_mean(str(key), own)};"
+                f" it takes {quoted(own) or 'none'}"
             )
-    for n, p in own.items():
-        if not partial and p.default is inspect.Parameter.empty and n not in kwargs:
-            problems.append(f"{what} needs the argument '{n}'")
+    if not partial and source is factory:
+        for name, p in named.items():
+            if p.default is p.empty and name not in {*kwargs, *supplied, *given}:
+                problems.append(f"{prefix}{name}: missing (required by {what})")
     return problems
 
 
-def accepted_parameters(factory: Callable[..., Any]) -> dict[str, inspect.Parameter] | None:
-    """Keyword-passable parameters of ``factory``, or ``None`` when it takes ``**kwargs``."""
+def accepted_parameters(factory: Callable[..., Any]) -> set[str] | None:
+    """The keyword arguments ``factory`` takes; ``None`` when it takes ``**kwargs`` (or has no
+    inspectable signature)."""
+    params = _parameters(_signature_source(factory))
+    return None if params is None or params[1] else set(params[0])
+
+
+def _converted(factory: Callable[..., Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """``kwargs`` converted to their annotations (``1`` to ``1.0``, lists to tuples)."""
+    hints = _hints(_signature_source(factory))
+    return {k: convert(v, hints[k], k, []) if k in hints else v for k, v in kwargs.items()}
+
+
+def _signature_source(factory: Callable[..., Any]) -> Callable[..., Any]:
+    """``factory``, or for a class whose ``__init__`` names no argument (only ``*args,
+    **kwargs``) the first base class that names them."""
+    own = _parameters(factory)
+    if not isinstance(factory, type) or own is None or own[0] or not own[1]:
+        return factory
+    for cls in factory.__mro__[1:]:
+        params = _parameters(cls)
+        if cls is object or params is None or params[0]:
+            return factory if cls is object or params is None else cls
+    return factory
+
+
+def _parameters(
+    factory: Callable[..., Any],
+) -> tuple[dict[str, inspect.Parameter], bool] | None:
+    """Keyword-passable parameters, and whether ``**kwargs`` is taken; ``None``: unknown."""
     try:
         sig = inspect.signature(factory)
     except (TypeError, ValueError):
         return None
-    params: dict[str, inspect.Parameter] = {}
-    for n, p in sig.parameters.items():
-        if p.kind is inspect.Parameter.VAR_KEYWORD:
-            return None
-        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
-            params[n] = p
-    return params
+    named = {
+        n: p
+        for n, p in sig.parameters.items()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n != "self"
+    }
+    return named, any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+
+
+def _hints(factory: Callable[..., Any]) -> dict[str, Any]:
+    target = factory.__init__ if isinstance(factory, type) else factory  # type: ignore[misc]
+    try:
+        return typing.get_type_hints(target)
+    except Exception:  # annotations that do not resolve: names are checked, types are not
+        return {}
 
 
 def _same(held: object, obj: object) -> bool:
@@ -268,33 +511,3 @@ def _name_problems(kind: str, name: object) -> list[str]:
     if "/" in name:
         return [f"{kind} name '{name}' must not contain '/' (it is a score-key separator)"]
     return []
-
-
-def must_be_callable(kind: str) -> Callable[[str, Any], list[str]]:
-    """A registry ``check``: entries must be callable (a function or a class).
-
-    Example:
-        >>> must_be_callable("loss")("l2", 3)
-        ["loss 'l2': 3 is not callable"]
-    """
-
-    def check(name: str, obj: Any) -> list[str]:
-        return [] if callable(obj) else [f"{kind} '{name}': {obj!r} is not callable"]
-
-    return check
-
-
-def must_subclass(base: type, kind: str) -> Callable[[str, Any], list[str]]:
-    """A registry ``check``: entries must be subclasses of ``base``.
-
-    Example:
-        >>> must_subclass(int, "number type")("text", str)
-        ["number type 'text' must be a int subclass, got <class 'str'>"]
-    """
-
-    def check(name: str, obj: Any) -> list[str]:
-        if isinstance(obj, type) and issubclass(obj, base):
-            return []
-        return [f"{kind} '{name}' must be a {base.__name__} subclass, got {obj!r}"]
-
-    return check

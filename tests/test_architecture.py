@@ -244,13 +244,6 @@ def _private_imports() -> set[tuple[str, str, str]]:
 # cycle), so the lists only shrink, to empty.
 KNOWN_CYCLES: list[frozenset[str]] = [
     frozenset({"mtlgraph.data.datasets", "mtlgraph.data.named"}),
-    frozenset(
-        {
-            "mtlgraph.experiment.config",
-            "mtlgraph.experiment.module_types",
-            "mtlgraph.experiment.sources",
-        }
-    ),
 ]
 KNOWN_PRIVATE_IMPORTS: set[tuple[str, str, str]] = set()
 

@@ -17,9 +17,7 @@ from mtlgraph.metrics import (
     METRICS,
     active_mask,
     active_rows,
-    get_metric,
     make_key,
-    metric_names,
     metric_spec_problems,
     split_key,
 )
@@ -128,10 +126,10 @@ def test_scorer_validation_reports_everything() -> None:
 
 
 def test_registry_directions() -> None:
-    assert {"accuracy", "mse", "spearman"} <= set(metric_names())
-    assert get_metric("accuracy").higher_is_better and not get_metric("mse").higher_is_better
+    assert {"accuracy", "mse", "spearman"} <= set(METRICS.names())
+    assert METRICS.get("accuracy").higher_is_better and not METRICS.get("mse").higher_is_better
     with pytest.raises(ConfigError, match="did you mean 'mae'"):
-        get_metric("maee")
+        METRICS.get("maee")
 
 
 def test_keys_round_trip() -> None:
@@ -162,12 +160,17 @@ def test_metric_kwargs_are_checked_when_the_scorer_is_built() -> None:
     assert isinstance(info.value, MtlGraphError)
     with pytest.raises(ConfigError, match=r"metric 'accuracy' takes no argument 'average'"):
         Scorer([{"name": "accuracy", "average": "macro"}])
-    with pytest.raises(ConfigError, match=r"metric 'f1': 'golds' is set by mtlgraph"):
+    with pytest.raises(
+        ConfigError, match=r"golds: metric 'f1' gets 'golds' from mtlgraph; remove it"
+    ):
         Scorer([{"name": "f1", "golds": [1]}])
     assert metric_spec_problems({"name": "fbeta", "beta": 2, "key": "f2"}) == []
-    assert metric_spec_problems({"name": "f1", "averag": "micro"}) == [
-        "metric 'f1' takes no argument 'averag' (did you mean 'average'?); its arguments: "
-        "'average', 'labels', 'pos_label', 'zero_division'"
+    assert metric_spec_problems({"name": "f1", "averag": "micro"}, "tasks.t.metrics[0]") == [
+        "tasks.t.metrics[0].averag: metric 'f1' takes no argument 'averag' (did you mean "
+        "'average'?); it takes 'average', 'labels', 'pos_label', 'zero_division'"
+    ]
+    assert metric_spec_problems({"name": "fbeta", "beta": "two"}, "m") == [
+        "m.beta: expected a number, got the string 'two'"
     ]
     assert metric_spec_problems("acuracy")[0].startswith(
         "unknown metric 'acuracy' (did you mean 'accuracy'?)"
@@ -181,7 +184,9 @@ def test_custom_metric_arguments_are_checked_against_its_own_signature() -> None
     register_metric("within_for_test_metrics", within, higher_is_better=True)
     try:
         assert register_metric("within_for_test_metrics", within, True).func is within  # no-op
-        with pytest.raises(ConfigError, match="needs the argument 'tol'"):
+        with pytest.raises(
+            ConfigError, match=r"tol: missing \(required by metric 'within_for_test_metrics'\)"
+        ):
             Scorer(["within_for_test_metrics"])
         with pytest.raises(ConfigError, match=r"takes no argument 'tl' \(did you mean 'tol'\?\)"):
             Scorer([{"name": "within_for_test_metrics", "tl": 1}])
@@ -192,13 +197,13 @@ def test_custom_metric_arguments_are_checked_against_its_own_signature() -> None
         with pytest.raises(ConfigError, match="already registered"):
             register_metric("within_for_test_metrics", within, higher_is_better=False)
         register_metric("within_for_test_metrics", within, False, override=True)
-        assert not get_metric("within_for_test_metrics").higher_is_better
+        assert not METRICS.get("within_for_test_metrics").higher_is_better
     finally:
         METRICS.unregister("within_for_test_metrics")
-    assert "within_for_test_metrics" not in metric_names()
+    assert "within_for_test_metrics" not in METRICS.names()
     with pytest.raises(ConfigError, match=r"takes no argument 'tl'.*\(in its defaults\)"):
         register_metric("within_for_test_metrics", within, True, tl=1)
-    assert "within_for_test_metrics" not in metric_names()
+    assert "within_for_test_metrics" not in METRICS.names()
 
 
 def test_one_ignore_mask_for_tensors_and_arrays() -> None:

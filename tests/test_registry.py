@@ -14,7 +14,7 @@ from mtlgraph.exceptions import UnknownNameError
 from mtlgraph.graph.losses import LOSSES
 from mtlgraph.graph.modules import ACTIVATIONS, MODULES
 from mtlgraph.metrics import METRICS
-from mtlgraph.registry import Registry, accepted_parameters, signature_problems
+from mtlgraph.registry import Registry, accepted_parameters, argument_problems, import_object
 from mtlgraph.training.writers import WRITERS
 
 
@@ -125,38 +125,88 @@ class Tempered:
         self.temperature, self.seed = temperature, seed
 
 
-def test_check_kwargs_unknown_misspelled_missing_and_reserved() -> None:
-    reg: Registry[Any] = Registry("thing", {"fbeta": fbeta, "tempered": Tempered})
-    assert reg.check_kwargs("fbeta", {"beta": 2}, supplied=("golds", "preds")) == []
-    assert reg.check_kwargs("fbeta", {"betta": 2, "zzz": 1}, supplied=("golds", "preds")) == [
-        "thing 'fbeta' takes no argument 'betta' (did you mean 'beta'?); its arguments: "
+def test_problems_unknown_misspelled_missing_reserved_and_mistyped() -> None:
+    reg: Registry[Any] = Registry(
+        "thing", {"fbeta": fbeta, "tempered": Tempered}, supplied={"golds": "", "preds": ""}
+    )
+    assert reg.problems({"name": "fbeta", "beta": 2}) == []
+    assert reg.problems({"name": "fbeta", "betta": 2, "zzz": 1}, "m") == [
+        "m.betta: thing 'fbeta' takes no argument 'betta' (did you mean 'beta'?); it takes "
         "'average', 'beta'",
-        "thing 'fbeta' takes no argument 'zzz'; its arguments: 'average', 'beta'",
+        "m.zzz: thing 'fbeta' takes no argument 'zzz'; it takes 'average', 'beta'",
     ]
-    assert reg.check_kwargs("fbeta", {"golds": 1}, supplied=("golds", "preds")) == [
-        "thing 'fbeta': 'golds' is set by mtlgraph; remove it"
+    assert reg.problems({"name": "fbeta", "golds": 1}, "m") == [
+        "m.golds: thing 'fbeta' gets 'golds' from mtlgraph; remove it"
     ]
-    assert reg.check_kwargs("tempered", {}) == ["thing 'tempered' needs the argument 'temperature'"]
-    assert reg.check_kwargs("tempered", {"temperature": 1.0, "seed": 2}) == []
-    assert reg.check_kwargs("tempred", {}) == [
-        "unknown thing 'tempred' (did you mean 'tempered'?); known: 'fbeta', 'tempered'"
+    assert reg.problems({"type": "tempered"}, "t") == [
+        "t.temperature: missing (required by thing 'tempered')"
     ]
+    assert reg.problems({"name": "tempered", "temperature": "hot", "seed": 2.5}, "t") == [
+        "t.temperature: expected a number, got the string 'hot'",
+        "t.seed: expected an integer, got float 2.5",
+    ]
+    assert reg.problems("tempred", "t") == [
+        "t: unknown thing 'tempred' (did you mean 'tempered'?); known: 'fbeta', 'tempered', "
+        "or a dotted import path (register more in a module listed under 'imports:')"
+    ]
+    assert reg.problems({"name": "fbeta", "type": "fbeta"}, "m") == [
+        "m: give one of 'name', 'type', not both"
+    ]
+    assert reg.problems({"beta": 1}, "m") == [
+        "m.name: missing; say which thing to build: one of 'fbeta', 'tempered' or a dotted "
+        "import path"
+    ]
+
+
+def test_build_takes_names_mappings_paths_classes_and_instances() -> None:
+    reg: Registry[Any] = Registry("thing", {"tempered": Tempered}, base=Tempered)
+    built = reg.build({"name": "tempered", "temperature": 2}, "t", seed=5)
+    assert (built.temperature, built.seed) == (2.0, 5)  # converted to the annotation: a float
+    assert isinstance(built.temperature, float)
+    assert reg.build({"name": "tempered", "temperature": 1.0, "seed": 7}, seed=5).seed == 7
+    assert type(reg.build({"name": Tempered, "temperature": 1.0})) is Tempered  # a class
+    assert reg.build(built) is built  # an instance, as it is
+    mixed = SCHEDULERS.build("mtlgraph.data.schedulers.MixedScheduler", "s", seed=1)
+    assert type(mixed).__name__ == "MixedScheduler" and mixed.seed == 1
+    with pytest.raises(ConfigError, match=r"^t: cannot import 'tests.test_registry.Tempred': "):
+        reg.build("tests.test_registry.Tempred", "t")
+    with pytest.raises(ConfigError, match=r"t: thing 'fbeta' made a float, not a Tempered"):
+        reg.build({"name": fbeta, "golds": 0, "preds": 0}, "t")
+    with pytest.raises(ConfigError, match=r"t: a thing is a Tempered, a registered name"):
+        reg.build(3, "t")
+
+
+def test_bound_functions_get_their_arguments_bound_not_called() -> None:
+    reg: Registry[Any] = Registry(
+        "loss", {"fbeta": fbeta}, supplied={"golds": "", "preds": ""}, bind=True
+    )
+    assert reg.build("fbeta") is fbeta
+    bound = reg.build({"name": "fbeta", "beta": 2})
+    assert bound.func is fbeta and bound.keywords == {"beta": 2.0}
+    with pytest.raises(ConfigError, match="takes no argument 'gamma'"):
+        reg.build({"name": "fbeta", "gamma": 2})
 
 
 def test_kwargs_factories_and_uninspectable_ones_accept_anything() -> None:
     def anything(**kwargs: Any) -> None: ...
 
     assert accepted_parameters(anything) is None
-    assert signature_problems(anything, {"whatever": 1}, "f") == []
-    assert signature_problems(print, {"sep": ""}, "print") == []  # a builtin with a signature
-    assert accepted_parameters(len) == {}
-    reg: Registry[Any] = Registry("value", {"three": 3})
-    assert reg.check_kwargs("three", {"x": 1}) == []  # not callable: nothing to check
+    assert argument_problems(anything, {"whatever": 1}, "f") == []
+    assert argument_problems(print, {"sep": ""}, "print") == []  # a builtin with a signature
+    assert accepted_parameters(len) == set()
 
 
 def test_partial_kwargs_do_not_report_missing_arguments() -> None:
-    assert signature_problems(Tempered, {"seed": 1}, "t", partial=True) == []
-    assert signature_problems(Tempered, {"seed": 1}, "t") == ["t needs the argument 'temperature'"]
+    assert argument_problems(Tempered, {"seed": 1}, "t", partial=True) == []
+    assert argument_problems(Tempered, {"seed": 1}, "t") == ["temperature: missing (required by t)"]
+
+
+def test_import_object_names_the_missing_module_or_attribute() -> None:
+    assert import_object("torch.optim.SGD").__name__ == "SGD"
+    with pytest.raises(ConfigError, match=r"^k: cannot import 'no_such_pkg.x': no module named"):
+        import_object("no_such_pkg.x", "k")
+    with pytest.raises(ConfigError, match=r"'torch.optim' has no 'SDG' \(did you mean 'SGD'\?\)"):
+        import_object("torch.optim.SDG")
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from torch import nn
 from mtlgraph import ConfigError, DataError, DictDataset, MultitaskClassifier, Trainer
 from mtlgraph.experiment.build import build_experiment
 from mtlgraph.experiment.config import load_config
-from mtlgraph.graph.slices import SLICES, register_slice
+from mtlgraph.graph.slices import SLICES
 
 
 def _model_and_loader() -> tuple[MultitaskClassifier, object, torch.Tensor, torch.Tensor]:
@@ -77,7 +77,7 @@ def test_trainer_logs_registered_slices_at_evaluation() -> None:
     def upper(X: dict) -> torch.Tensor:
         return X["x"][:, 1] > 0
 
-    register_slice("upper_test", upper)
+    SLICES.register("upper_test", upper)
     try:
         with pytest.raises(ConfigError, match=r"slices: unknown slice function 'uper_test' \(did"):
             Trainer(slices=["uper_test"])
@@ -93,7 +93,7 @@ def test_a_bad_registered_slice_fails_before_any_training_step() -> None:
     model, loader, x, y = _model_and_loader()
     train = make_loader("pts", "train", {"x": x}, {"t": y}, 16)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    register_slice("scores_test", lambda X: X["x"][:, 1])  # floats, not booleans
+    SLICES.register("scores_test", lambda X: X["x"][:, 1])  # floats, not booleans
     try:
         with pytest.raises(DataError, match="slice function 'scores_test' on dataset 'pts'"):
             Trainer(n_epochs=1, slices=["scores_test"], progress_bar=False).fit(
@@ -125,8 +125,8 @@ def test_two_loaders_with_one_name_and_split_for_different_tasks_train() -> None
 
 def test_yaml_slices_through_imports(tmp_path: Path) -> None:
     (tmp_path / "my_slices_i15.py").write_text(
-        "from mtlgraph.graph.slices import register_slice\n"
-        "register_slice('near_origin', lambda X: X['xy'].norm(dim=1) < 0.5)\n"
+        "from mtlgraph.graph.slices import SLICES\n"
+        "SLICES.register('near_origin', lambda X: X['xy'].norm(dim=1) < 0.5)\n"
     )
     cfg = tiny_config(n_epochs=1, slices=["near_origin"])
     cfg["imports"] = ["my_slices_i15"]

@@ -24,8 +24,8 @@ is built; call it before ``load_state_dict`` too), then per step ``backward(loss
 Where the code lives: :mod:`.base` (``Balancer``, ``StepContext``, shared helpers),
 :mod:`.weighting` (loss-weighting methods), :mod:`.gradient` (gradient methods),
 :mod:`.modern` (FAMO, IMTL-G, Aligned-MTL, UPGrad, Nash-MTL, GradVac, DB-MTL),
-:mod:`.solvers` (their numeric solvers on the Gram matrix), :mod:`.registry` (names,
-``make_balancer``); the per-task shared-parameter gradients are :mod:`mtlgraph.gradients`.
+:mod:`.solvers` (their numeric solvers on the Gram matrix), :mod:`.registry` (``BALANCERS``);
+the per-task shared-parameter gradients are :mod:`mtlgraph.gradients`.
 Every name below is importable from ``mtlgraph.balancing``.
 """
 
@@ -47,12 +47,7 @@ from mtlgraph.balancing.modern import (
     NashMTLBalancer,
     UPGradBalancer,
 )
-from mtlgraph.balancing.registry import (
-    BALANCERS,
-    balancer_names,
-    make_balancer,
-    register_balancer,
-)
+from mtlgraph.balancing.registry import BALANCERS
 from mtlgraph.balancing.weighting import (
     DWABalancer,
     GradNormBalancer,
@@ -86,7 +81,4 @@ __all__ = [
     "SumBalancer",
     "UPGradBalancer",
     "UncertaintyBalancer",
-    "balancer_names",
-    "make_balancer",
-    "register_balancer",
 ]

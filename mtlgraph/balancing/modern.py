@@ -346,8 +346,8 @@ class DBMTLBalancer(_Named):
         eps: Added to the losses in the log (and to the norms).
 
     Example:
-        >>> from mtlgraph.balancing import make_balancer
-        >>> make_balancer("db_mtl").beta
+        >>> from mtlgraph.balancing import BALANCERS
+        >>> BALANCERS.build("db_mtl").beta
         0.9
     """
 

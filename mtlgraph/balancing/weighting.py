@@ -33,8 +33,8 @@ class SumBalancer(LastWeights):
     """``L = Σ_i w_i · L_i`` with ``w_i = Task.weight`` (1 by default).
 
     Example:
-        >>> from mtlgraph.balancing import make_balancer
-        >>> make_balancer("sum").name
+        >>> from mtlgraph.balancing import BALANCERS
+        >>> BALANCERS.build("sum").name
         'sum'
     """
 
@@ -248,8 +248,8 @@ class GradNormBalancer(Balancer):
             tasks share.
 
     Example:
-        >>> from mtlgraph.balancing import make_balancer
-        >>> make_balancer({"name": "gradnorm", "alpha": 1.0}).alpha
+        >>> from mtlgraph.balancing import BALANCERS
+        >>> BALANCERS.build({"name": "gradnorm", "alpha": 1.0}).alpha
         1.0
     """
 
@@ -515,8 +515,8 @@ class RLWBalancer(LastWeights):
         seed: Seed of the balancer's ``torch.Generator``.
 
     Example:
-        >>> from mtlgraph.balancing import make_balancer
-        >>> make_balancer({"name": "rlw", "seed": 3}).seed
+        >>> from mtlgraph.balancing import BALANCERS
+        >>> BALANCERS.build({"name": "rlw", "seed": 3}).seed
         3
     """
 

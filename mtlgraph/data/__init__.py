@@ -6,14 +6,7 @@ Knows nothing of models or training: a batch is an ``(X_dict, Y_dict)`` pair.
 
 from mtlgraph.data.datasets import Batch, DictDataLoader, DictDataset, collate_dicts, pad_sequences
 from mtlgraph.data.named import NamedDataset, NamedStream
-from mtlgraph.data.schedulers import (
-    SCHEDULERS,
-    BatchScheduler,
-    make_scheduler,
-    register_scheduler,
-    scheduler_names,
-    scheduler_problems,
-)
+from mtlgraph.data.schedulers import SCHEDULERS, BatchScheduler
 from mtlgraph.data.streams import ExampleStream
 
 __all__ = [
@@ -26,10 +19,6 @@ __all__ = [
     "NamedDataset",
     "NamedStream",
     "collate_dicts",
-    "make_scheduler",
     "pad_sequences",
-    "register_scheduler",
-    "scheduler_names",
-    "scheduler_problems",
     "synthetic",
 ]

@@ -8,9 +8,9 @@ balancers see several tasks at once. The sampling schedulers (``uniform``, ``pro
 random with a probability per dataset, for ``TrainerConfig.steps_per_epoch`` steps per epoch
 (docs/data.md gives the formulas and when to use which).
 
-Schedulers live in the registry :data:`SCHEDULERS`: :func:`register_scheduler` adds one,
-``SCHEDULERS.unregister(name)`` removes one. A spec's keyword arguments
-(``{"name": "mixed", ...}``) are checked against the class's ``__init__`` when it is built.
+Schedulers live in the registry :data:`SCHEDULERS` (``SCHEDULERS.register(name, cls)`` adds
+one). A spec's keyword arguments (``{"name": "mixed", ...}``) are checked against the class's
+``__init__`` and its annotations when the Trainer is built.
 
 Each scheduler owns a seeded ``numpy.random.Generator``; no global random state is used. Its
 state is part of a checkpoint, so an interrupted epoch resumes with the same order.
@@ -27,7 +27,7 @@ import numpy as np
 
 from mtlgraph._suggest import did_you_mean, quoted
 from mtlgraph.exceptions import ConfigError, DataError
-from mtlgraph.registry import Registry, must_subclass, split_spec
+from mtlgraph.registry import Registry
 
 Step = tuple[int, ...]
 
@@ -366,78 +366,21 @@ SCHEDULERS: Registry[type[BatchScheduler]] = Registry(
         "annealed": AnnealedScheduler,
         "weighted": WeightedScheduler,
     },
-    check=must_subclass(BatchScheduler, "batch scheduler"),
+    base=BatchScheduler,
 )
-"""Batch schedulers by name: :func:`register_scheduler` adds one, ``SCHEDULERS.unregister``
-removes one."""
+"""Batch schedulers by name; ``SCHEDULERS.build(spec, path, seed=...)`` makes one (a spec's
+``seed`` replaces the trainer's), ``SCHEDULERS.register`` adds one.
 
-SchedulerSpec = str | Mapping[str, Any] | BatchScheduler
-"""A scheduler name, ``{"name": ..., **kwargs}``, or an instance."""
-
-
-def register_scheduler(
-    name: str, cls: type[BatchScheduler], *, override: bool = False
-) -> type[BatchScheduler]:
-    """Register a scheduler class under ``name`` (usable in Trainer configs and YAML).
-
-    Registering the same class again is a no-op; another class under a taken name needs
-    ``override=True``.
-
-    Raises:
-        ConfigError: The name is malformed or taken, or ``cls`` is no ``BatchScheduler``.
-
-    Example:
-        >>> from mtlgraph.data.schedulers import (
-        ...     SCHEDULERS, SequentialScheduler, make_scheduler, register_scheduler)
-        >>> class Reverse(SequentialScheduler):
-        ...     def schedule(self, batch_counts):
-        ...         return super().schedule(batch_counts)[::-1]
-        >>> register_scheduler("reverse_doc", Reverse) is Reverse
-        True
-        >>> make_scheduler("reverse_doc", seed=0).epoch_plan([1, 2])
-        [(1,), (1,), (0,)]
-        >>> SCHEDULERS.unregister("reverse_doc") is Reverse
-        True
-    """
-    return SCHEDULERS.register(name, cls, override=override)
-
-
-def scheduler_names() -> list[str]:
-    """Registered scheduler names."""
-    return SCHEDULERS.names()
-
-
-def scheduler_problems(spec: object) -> list[str]:
-    """Every problem with a scheduler spec: an unknown name, unknown or missing arguments.
-
-    An instance has none. ``seed`` may be given (it replaces the trainer's seed).
-
-    Example:
-        >>> scheduler_problems({"name": "mixed", "sed": 2})  # doctest: +ELLIPSIS
-        ["batch scheduler 'mixed' takes no argument 'sed' (did you mean 'seed'?); ..."]
-    """
-    if isinstance(spec, BatchScheduler):
-        return []
-    if not isinstance(spec, (str, Mapping)):
-        return [f"a batch scheduler is a name, a mapping with 'name' or an instance, not {spec!r}"]
-    name, kwargs = split_spec(spec)
-    if not isinstance(name, str) or name not in SCHEDULERS:
-        return [SCHEDULERS.unknown(name)]
-    return SCHEDULERS.check_kwargs(name, {"seed": 0, **kwargs})
-
-
-def make_scheduler(spec: SchedulerSpec, seed: int) -> BatchScheduler:
-    """Build a scheduler from a name, ``{"name": ..., **kwargs}``, or return an instance as is.
-
-    Raises:
-        ConfigError: An unknown name, or arguments the scheduler does not take (checked
-            before it is built, with a suggestion).
-    """
-    if isinstance(spec, BatchScheduler):
-        return spec
-    problems = scheduler_problems(spec)
-    if problems:
-        raise ConfigError(problems)
-    name, kwargs = split_spec(spec)
-    kwargs.setdefault("seed", seed)
-    return SCHEDULERS.get(str(name))(**kwargs)
+Example:
+    >>> from mtlgraph.data.schedulers import SCHEDULERS, SequentialScheduler
+    >>> @SCHEDULERS.register("reverse_doc")
+    ... class Reverse(SequentialScheduler):
+    ...     def schedule(self, batch_counts):
+    ...         return super().schedule(batch_counts)[::-1]
+    >>> SCHEDULERS.build("reverse_doc", seed=0).epoch_plan([1, 2])
+    [(1,), (1,), (0,)]
+    >>> SCHEDULERS.problems({"name": "mixed", "sed": 2}, "batch_scheduler")  # doctest: +ELLIPSIS
+    ["batch_scheduler.sed: batch scheduler 'mixed' takes no argument 'sed' (did you mean ..."]
+    >>> SCHEDULERS.unregister("reverse_doc") is Reverse
+    True
+"""

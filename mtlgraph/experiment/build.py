@@ -36,8 +36,9 @@ from mtlgraph.experiment.config import (
 )
 from mtlgraph.experiment.module_types import build_module
 from mtlgraph.experiment.sources import LabelSource, label_views, load_datasets
+from mtlgraph.graph.losses import LOSSES
 from mtlgraph.graph.model import MultitaskClassifier
-from mtlgraph.graph.task import Input, InputSpec, Operation, Task, get_loss
+from mtlgraph.graph.task import Input, InputSpec, Operation, Task
 from mtlgraph.metrics import Scorer
 from mtlgraph.training.checkpoint import metric_keys
 from mtlgraph.training.labels import dataset_label_problems
@@ -100,7 +101,7 @@ def _input(spec: str | list[str | int] | InputConfig) -> InputSpec:
 def build_task(name: str, tc: TaskConfig, modules: Mapping[str, nn.Module]) -> Task:
     """One :class:`Task` from its config; modules are shared by name through ``modules``."""
     pool_names = tc.modules or list(dict.fromkeys(op.module for op in tc.ops))
-    loss = get_loss(tc.loss) if tc.loss is not None else None
+    loss = LOSSES.build(tc.loss, f"tasks.{name}.loss") if tc.loss is not None else None
     return Task(
         name=name,
         module_pool={m: modules[m] for m in pool_names},

@@ -23,10 +23,8 @@ modules, metrics, losses, schedulers or balancers).
 
 from __future__ import annotations
 
-import inspect
 import math
-import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -34,17 +32,18 @@ from typing import Any, Literal
 import yaml
 
 from mtlgraph._io import map_structure
-from mtlgraph._schema import Problems, build, convert, plain_config
+from mtlgraph._schema import Problems, build, plain_config
 from mtlgraph._suggest import did_you_mean, quoted
 from mtlgraph.data.synthetic import GENERATORS
 from mtlgraph.exceptions import ConfigError
 from mtlgraph.experiment.data_config import DataConfig, DatasetConfig, old_spelling_problems
 from mtlgraph.experiment.imports import absolute, import_dirs, import_user_modules, run_import_paths
-from mtlgraph.experiment.module_types import check_module_spec, is_dotted
+from mtlgraph.experiment.module_types import check_module_spec
 from mtlgraph.experiment.yaml_lines import apply_overrides, locate, parse_yaml
-from mtlgraph.graph.modules import get_module_factory, module_types
-from mtlgraph.graph.task import INPUT, TaskType, loss_names
+from mtlgraph.graph.losses import LOSSES
+from mtlgraph.graph.task import INPUT, TaskType
 from mtlgraph.metrics import metric_spec_problems
+from mtlgraph.registry import argument_problems
 from mtlgraph.training.trainer import TrainerConfig
 
 # ---------------------------------------------------------------- the schema
@@ -82,7 +81,7 @@ class TaskConfig:
     ops: list[OpConfig]  # operation sequence; the last op's output is the task output
     modules: list[str] | None = None  # module pool; null = the modules its ops use
     task_type: TaskType = "multiclass"  # multiclass | binary | multilabel | regression
-    loss: str | None = None  # registered loss name; null = the task type's default
+    loss: str | dict[str, Any] | None = None  # loss name or {name, **kwargs}; null = by task type
     metrics: list[str | dict[str, Any]] | None = (
         None  # names or {name, key, **kwargs}; null = default
     )
@@ -146,68 +145,13 @@ class ExperimentConfig:
 # ---------------------------------------------------------------- cross-checks
 
 
-def _hints(factory: Callable[..., Any]) -> dict[str, Any]:
-    target = factory.__init__ if isinstance(factory, type) else factory  # type: ignore[misc]
-    try:
-        return typing.get_type_hints(target)
-    except Exception:  # unresolvable annotations: check names only
-        return {}
-
-
-def check_kwargs(
-    what: str, factory: Callable[..., Any], kwargs: Mapping[str, Any], path: str
-) -> list[str]:
-    """Problems of calling ``factory(**kwargs)``: unknown or missing arguments, wrong types."""
-    problems: list[str] = []
-    try:
-        params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        return problems
-    named = {
-        n: p
-        for n, p in params.items()
-        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n != "self"
-    }
-    open_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    hints = _hints(factory)
-    for key, value in kwargs.items():
-        if key not in named:
-            if not open_kwargs:
-                problems.append(
-                    f"{path}.{key}: {what} takes no argument '{key}'"
-                    f"{did_you_mean(str(key), named)}; it takes {quoted(named) or 'none'}"
-                )
-            continue
-        if key in hints:
-            convert(value, hints[key], f"{path}.{key}", problems)
-    for name, p in named.items():
-        if p.default is p.empty and name not in kwargs:
-            problems.append(f"{path}.{name}: missing (required by {what})")
-    return problems
-
-
 def _check_modules(modules: Mapping[str, Mapping[str, Any]]) -> list[str]:
     problems = []
     for name, spec in modules.items():
         path = f"modules.{name}"
         if "/" in name or "." in name or not name:
             problems.append(f"{path}: a module name must be non-empty, without '/' or '.'")
-        kind = spec.get("type")
-        if kind is None:
-            problems.append(
-                f"{path}.type: missing; say which module to build: one of {quoted(module_types())}"
-            )
-            continue
-        factory = get_module_factory(str(kind))
-        if factory is None and not is_dotted(kind):
-            problems.append(
-                f"{path}.type: unknown module type {kind!r}"
-                f"{did_you_mean(str(kind), module_types())}; known: {quoted(module_types())} "
-                "(register your own with mtlgraph.register_module in a module under 'imports', "
-                "or write the dotted import path of an nn.Module class, e.g. torch.nn.LSTM)"
-            )
-            continue
-        problems += check_module_spec(spec, path)  # dotted types, nested specs, init_from
+        problems += check_module_spec(spec, path)  # type, arguments, nested specs, init_from
     return problems
 
 
@@ -268,13 +212,10 @@ def _check_ops(
 def _check_loss_and_metrics(path: str, task: TaskConfig) -> list[str]:
     """The task's loss and metrics name registered ones."""
     problems = []
-    if task.loss is not None and task.loss not in loss_names():
-        problems.append(
-            f"{path}.loss: unknown loss '{task.loss}'{did_you_mean(task.loss, loss_names())};"
-            f" known: {quoted(loss_names())} (null = the task type's default)"
-        )
+    if task.loss is not None:
+        problems += LOSSES.problems(task.loss, f"{path}.loss")
     for i, metric_spec in enumerate(task.metrics or []):
-        problems += [f"{path}.metrics[{i}]: {p}" for p in metric_spec_problems(metric_spec)]
+        problems += metric_spec_problems(metric_spec, f"{path}.metrics[{i}]")
     return problems
 
 
@@ -305,9 +246,8 @@ def _check_data(data: DataConfig, tasks: Mapping[str, TaskConfig]) -> list[str]:
                 problems.append(f"{path}.source.name: {GENERATORS.unknown(src.name)}")
             else:
                 gen = GENERATORS.get(src.name)
-                problems += check_kwargs(
-                    f"generator '{src.name}'", gen, src.args, f"{path}.source.args"
-                )
+                what = f"generator '{src.name}'"
+                problems += argument_problems(gen, src.args, what, f"{path}.source.args")
     return problems
 
 

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from mtlgraph.data.sources.files import SUFFIXES
+from mtlgraph.data.sources.tokenizer import TOKENIZERS
 
 
 @dataclass
@@ -28,7 +29,9 @@ class TextConfig:
     min_count: int = 1  # words seen fewer times in the training split are <unk>
     lowercase: bool = True  # lowercase texts before counting and encoding
     max_length: int = 128  # most ids per text; longer texts are cut
-    tokenizer: str | None = None  # dotted path of a `str -> ids` callable; null = built-in
+    # a `str -> ids` callable: a name in TOKENIZERS, {name: ..., **kwargs} or a dotted import path;
+    # null = a word vocabulary built from the training split
+    tokenizer: str | dict[str, Any] | None = None
 
     def validate(self) -> list[str]:
         problems = []
@@ -38,8 +41,8 @@ class TextConfig:
             problems.append(f"min_count: must be >= 1, got {self.min_count}")
         if self.max_length < 1:
             problems.append(f"max_length: must be >= 1, got {self.max_length}")
-        if self.tokenizer is not None and "." not in self.tokenizer:
-            problems.append(f"tokenizer: write a dotted path 'module.name', got {self.tokenizer!r}")
+        if self.tokenizer is not None:
+            problems += TOKENIZERS.problems(self.tokenizer, "tokenizer")
         return problems
 
 

@@ -11,7 +11,6 @@ prediction and a resumed run use the same ids. See ``docs/data-sources.md``.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -25,7 +24,7 @@ from mtlgraph._suggest import did_you_mean, quoted
 from mtlgraph.data.datasets import DictDataset
 from mtlgraph.data.sources.files import Table, read_table
 from mtlgraph.data.sources.table import Tokenizer, split_table, table_columns
-from mtlgraph.data.sources.tokenizer import WordTokenizer
+from mtlgraph.data.sources.tokenizer import TOKENIZERS, WordTokenizer
 from mtlgraph.data.synthetic import GENERATORS
 from mtlgraph.exceptions import CheckpointError, DataError
 from mtlgraph.experiment.data_config import DatasetConfig, ImagesConfig, SourceConfig, TextConfig
@@ -61,25 +60,15 @@ def vocab_file(run_dir: Path, dataset: str, column: str) -> Path:
     return run_dir / VOCAB_DIR / f"{dataset}.{column}.json"
 
 
-def user_tokenizer(path: str, where: str) -> Tokenizer:
-    """The ``str -> ids`` callable at dotted ``path`` (a ``text.<column>.tokenizer``).
+def user_tokenizer(spec: Any, where: str) -> Tokenizer:
+    """The ``str -> ids`` callable a ``text.<column>.tokenizer`` spec names (see
+    :data:`~mtlgraph.data.sources.tokenizer.TOKENIZERS`).
 
     Raises:
-        DataError: It cannot be imported or is not callable, naming ``where``.
+        ConfigError: An unknown name, a path that does not import, arguments the function does
+            not take; naming ``where``.
     """
-    module, _, attr = path.rpartition(".")
-    try:
-        obj = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise DataError(
-            [
-                f"{where}.tokenizer: cannot import '{path}' ({e}); list its module under "
-                "'imports:' or fix the path"
-            ]
-        ) from None
-    if not callable(obj):
-        raise DataError([f"{where}.tokenizer: '{path}' is not callable (text -> ids)"])
-    return obj
+    return TOKENIZERS.build(spec, f"{where}.tokenizer")
 
 
 def tokenizers(

@@ -8,9 +8,9 @@ The training layer decides how losses become updates.
 from mtlgraph.graph.activations import ACTIVATIONS
 from mtlgraph.graph.losses import LOSSES
 from mtlgraph.graph.model import MultitaskClassifier
-from mtlgraph.graph.modules import MODULES, register_module
+from mtlgraph.graph.modules import MODULES
 from mtlgraph.graph.plan import ExecutionPlan
-from mtlgraph.graph.task import Input, Operation, Task, detach, register_loss
+from mtlgraph.graph.task import Input, Operation, Task, detach
 
 __all__ = [
     "ACTIVATIONS",
@@ -22,6 +22,4 @@ __all__ = [
     "Operation",
     "Task",
     "detach",
-    "register_loss",
-    "register_module",
 ]

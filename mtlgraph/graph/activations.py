@@ -22,19 +22,12 @@ ACTIVATIONS: Registry[Callable[[], nn.Module]] = Registry(
         "silu": nn.SiLU,
         "leaky_relu": nn.LeakyReLU,
     },
+    base=nn.Module,
 )
-"""Activations by name; each entry builds a fresh module."""
+"""Activations by name; ``ACTIVATIONS.build(spec)`` makes a fresh module.
 
-
-def activation_module(name: str) -> nn.Module:
-    """A fresh activation module of the registered ``name``.
-
-    Raises:
-        UnknownNameError: ``name`` is not registered (with a suggestion).
-
-    Example:
-        >>> from mtlgraph.graph.activations import activation_module
-        >>> activation_module("gelu")
-        GELU(approximate='none')
-    """
-    return ACTIVATIONS.get(name)()
+Example:
+    >>> from mtlgraph.graph.activations import ACTIVATIONS
+    >>> ACTIVATIONS.build("gelu"), ACTIVATIONS.build({"name": "leaky_relu", "negative_slope": 0.2})
+    (GELU(approximate='none'), LeakyReLU(negative_slope=0.2))
+"""

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from mtlgraph.exceptions import ArgumentCheck
-from mtlgraph.graph.activations import activation_module
+from mtlgraph.graph.activations import ACTIVATIONS
 
 __all__ = ["CrossStitch", "Experts", "Gate", "GateKind", "smooth_step"]
 
@@ -95,7 +95,7 @@ class Experts(nn.Module):
             self.weights.append(nn.Parameter(w))
             self.biases.append(nn.Parameter(torch.empty(n_experts, h).uniform_(-bound, bound)))
             width = h
-        self.act = activation_module(activation)
+        self.act = ACTIVATIONS.build(activation, "activation")
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from mtlgraph.exceptions import DataError
 from mtlgraph.metrics import active_mask
-from mtlgraph.registry import Registry, must_be_callable
+from mtlgraph.registry import Registry
 
 LossFunc = Callable[[Any, torch.Tensor], torch.Tensor]
 """``loss(output, target) -> scalar tensor``."""
@@ -166,53 +166,20 @@ LOSSES: Registry[LossFunc] = Registry(
         "l1": l1_loss,
         "smooth_l1": smooth_l1_loss,
     },
-    check=must_be_callable("loss"),
+    supplied={"output": "remove it", "target": "remove it"},
+    bind=True,
 )
-"""Losses by name; :func:`register_loss` adds one, ``LOSSES.unregister(name)`` removes it."""
+"""Losses by name; ``LOSSES.register(name, func)`` adds ``func(output, target) -> scalar tensor``
+(called on a task's active rows), ``LOSSES.build(spec)`` returns it (a spec's arguments bound).
 
-
-def register_loss(name: str, func: LossFunc, *, override: bool = False) -> LossFunc:
-    """Register a loss function under ``name`` so configs can select it (``loss: <name>``).
-
-    Registering the same function again is a no-op; another function under a taken name needs
-    ``override=True``.
-
-    Args:
-        name: Registry name (no ``/``).
-        func: ``func(output, target) -> scalar tensor``, called on a task's active rows.
-        override: Replace another function registered under ``name``.
-
-    Returns:
-        ``func``, so this works as a decorator's body too.
-
-    Raises:
-        ConfigError: The name is malformed or taken, or ``func`` is not callable.
-
-    Example:
-        >>> import torch.nn.functional as F
-        >>> from mtlgraph import register_loss
-        >>> from mtlgraph.graph.losses import LOSSES
-        >>> def nll(out, y):
-        ...     return F.nll_loss(out, y.long())
-        >>> register_loss("nll_doc", nll) is nll
-        True
-        >>> register_loss("nll_doc", nll) is nll  # again: a no-op
-        True
-        >>> LOSSES.unregister("nll_doc") is nll
-        True
-    """
-    return LOSSES.register(name, func, override=override)
-
-
-def loss_names() -> list[str]:
-    """Registered loss names, sorted."""
-    return LOSSES.names()
-
-
-def get_loss(name: str) -> LossFunc:
-    """The loss registered as ``name``; an unknown name raises with a suggestion.
-
-    Raises:
-        UnknownNameError: No loss has that name (a :class:`~mtlgraph.ConfigError`).
-    """
-    return LOSSES.get(name)
+Example:
+    >>> import torch.nn.functional as F
+    >>> from mtlgraph.graph.losses import LOSSES
+    >>> @LOSSES.register("nll_doc")
+    ... def nll(out, y, reduction: str = "mean"):
+    ...     return F.nll_loss(out, y.long(), reduction=reduction)
+    >>> LOSSES.build({"name": "nll_doc", "reduction": "sum"}).keywords
+    {'reduction': 'sum'}
+    >>> LOSSES.unregister("nll_doc") is nll
+    True
+"""

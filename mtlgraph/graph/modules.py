@@ -8,16 +8,15 @@ A YAML config declares modules by registry name and keyword arguments::
 
 Built in: ``linear``, ``mlp``, ``embedding_bag`` (token ids -> one vector), ``conv2d_stack``
 (small images -> one vector), ``identity``, ``concat`` and ``sum`` (merge several inputs),
-``dropout`` and ``activation``. Python code adds its own with :func:`register_module` (and removes
-it with ``MODULES.unregister(name)``); a config reaches such code only through its top-level
-``imports:`` list. Activations by name are the registry :data:`ACTIVATIONS`
-(:mod:`mtlgraph.graph.activations`, also importable from here).
+``dropout`` and ``activation``. Python code adds its own with ``MODULES.register(name, factory)``
+(and removes it with ``MODULES.unregister(name)``); a config reaches such code only through its
+top-level ``imports:`` list, or a dotted import path as the ``type:``. Activations by name are the
+registry :data:`ACTIVATIONS` (:mod:`mtlgraph.graph.activations`, also importable from here).
 
 Multi-task architectures (:mod:`mtlgraph.graph.experts`): ``mmoe_experts``, ``mmoe_gate``,
 ``cgc_experts``, ``cgc_gate``, ``cross_stitch``.
 
-Only :mod:`mtlgraph.experiment.build` turns registry names into modules; config validation reads the
-registry to check names and arguments.
+``MODULES.build(spec)`` turns a spec into a module; ``MODULES.problems(spec, path)`` checks it.
 """
 
 from __future__ import annotations
@@ -28,9 +27,8 @@ import torch
 from torch import nn
 
 from mtlgraph.graph.activations import ACTIVATIONS as ACTIVATIONS  # its documented path too
-from mtlgraph.graph.activations import activation_module
 from mtlgraph.graph.experts import CrossStitch, Experts, Gate
-from mtlgraph.registry import Registry, must_be_callable
+from mtlgraph.registry import Registry
 
 ModuleFactory = Callable[..., nn.Module]
 """A class or function that returns an ``nn.Module`` from keyword arguments."""
@@ -67,7 +65,7 @@ class MLP(nn.Sequential):
         layers: list[nn.Module] = []
         width = in_dim
         for h in hidden:
-            layers += [nn.Linear(width, h), activation_module(activation)]
+            layers += [nn.Linear(width, h), ACTIVATIONS.build(activation, "activation")]
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
             width = h
@@ -141,7 +139,7 @@ class Conv2dStack(nn.Module):
         for c in channels:
             layers += [
                 nn.Conv2d(width, c, kernel_size, padding=kernel_size // 2),
-                activation_module(activation),
+                ACTIVATIONS.build(activation, "activation"),
                 nn.MaxPool2d(2, ceil_mode=True),
             ]
             width = c
@@ -201,7 +199,7 @@ class Activation(nn.Module):
 
     def __init__(self, name: str = "relu") -> None:
         super().__init__()
-        self.fn = activation_module(name)
+        self.fn = ACTIVATIONS.build(name, "activation")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn(x)
@@ -237,58 +235,25 @@ MODULES: Registry[ModuleFactory] = Registry(
         "cgc_gate": Gate,
         "cross_stitch": CrossStitch,
     },
-    check=must_be_callable("module type"),
+    base=nn.Module,
+    keys=("type",),
 )
-"""Module types by name: :func:`register_module` adds one, ``MODULES.unregister`` removes one."""
+"""Module types by name: a class or a function returning an ``nn.Module`` from keyword
+arguments (the YAML keys next to ``type:``, checked against its signature and annotations).
+``MODULES.register(name, factory)`` adds one, ``MODULES.unregister`` removes one.
 
-
-def register_module(name: str, factory: ModuleFactory, *, override: bool = False) -> ModuleFactory:
-    """Register a module class or factory under ``name`` so configs can declare it.
-
-    The factory's keyword arguments become the YAML keys next to ``type:``; their annotations
-    (when present) are checked like every other config value. Registering the same factory
-    again is a no-op; another factory under a taken name needs ``override=True``.
-
-    Args:
-        name: Registry name (used as ``type: <name>`` in a config; no ``/``).
-        factory: A class or function returning an ``nn.Module`` from keyword arguments.
-        override: Replace another factory registered under ``name``.
-
-    Returns:
-        ``factory``.
-
-    Raises:
-        ConfigError: The name is malformed or taken, or the factory is not callable.
-
-    Example:
-        >>> from torch import nn
-        >>> from mtlgraph import register_module
-        >>> from mtlgraph.graph.modules import MODULES
-        >>> class Scale(nn.Module):
-        ...     def __init__(self, factor: float = 2.0):
-        ...         super().__init__()
-        ...         self.factor = factor
-        ...     def forward(self, x):
-        ...         return x * self.factor
-        >>> register_module("scale_doc", Scale) is Scale
-        True
-        >>> MODULES.get("scale_doc")(factor=3.0).factor
-        3.0
-        >>> MODULES.unregister("scale_doc") is Scale
-        True
-    """
-    return MODULES.register(name, factory, override=override)
-
-
-def module_types() -> list[str]:
-    """Registered module type names, sorted."""
-    return MODULES.names()
-
-
-def get_module_factory(name: str) -> ModuleFactory | None:
-    """The factory registered as ``name``, or ``None`` for an unknown name.
-
-    Kept for config validation, which gathers unknown names with its other problems;
-    ``MODULES.get(name)`` raises with a suggestion instead.
-    """
-    return MODULES.get(name) if name in MODULES else None
+Example:
+    >>> from torch import nn
+    >>> from mtlgraph.graph.modules import MODULES
+    >>> @MODULES.register("scale_doc")
+    ... class Scale(nn.Module):
+    ...     def __init__(self, factor: float = 2.0):
+    ...         super().__init__()
+    ...         self.factor = factor
+    >>> MODULES.build({"type": "scale_doc", "factor": 3}).factor
+    3.0
+    >>> MODULES.problems({"type": "scale_doc", "factor": "x"}, "modules.s")
+    ["modules.s.factor: expected a number, got the string 'x'"]
+    >>> MODULES.unregister("scale_doc") is Scale
+    True
+"""

@@ -7,7 +7,7 @@ slice too, under keys whose dataset part is ``<dataset>:<slice>``
 that is why ``:`` is not allowed in dataset or slice names. A slice with no row reports NaN.
 
 The Trainer scores the slices named in ``TrainerConfig.slices`` at every evaluation; they are
-looked up in :data:`SLICES` (register yours with :func:`register_slice`; a YAML config registers
+looked up in :data:`SLICES` (register yours with ``SLICES.register``; a YAML config registers
 them in a module it lists under ``imports:``).
 """
 
@@ -39,22 +39,18 @@ def _check_slice(name: str, func: Any) -> list[str]:
 
 
 SLICES: Registry[SliceFunc] = Registry("slice function", check=_check_slice)
-"""Slice functions by name; :func:`register_slice` adds one, ``SLICES.unregister`` removes it."""
+"""Slice functions by name; ``SLICES.register(name, func)`` adds one, ``SLICES.unregister``
+removes it.
 
-
-def register_slice(name: str, func: SliceFunc, *, override: bool = False) -> SliceFunc:
-    """Register ``func(X_dict) -> bool per row`` as slice ``name`` (``TrainerConfig.slices``).
-
-    Example:
-        >>> from mtlgraph.graph.slices import SLICES, register_slice
-        >>> def far(X):
-        ...     return X["circle_data"].norm(dim=1) > 1
-        >>> register_slice("far_doc", far) is far
-        True
-        >>> SLICES.unregister("far_doc") is far
-        True
-    """
-    return SLICES.register(name, func, override=override)
+Example:
+    >>> from mtlgraph.graph.slices import SLICES
+    >>> def far(X):
+    ...     return X["circle_data"].norm(dim=1) > 1
+    >>> SLICES.register("far_doc", far) is far
+    True
+    >>> SLICES.unregister("far_doc") is far
+    True
+"""
 
 
 def resolve_slices(

@@ -6,8 +6,8 @@ from mtlgraph.training.checkpoint import load_checkpoint, resolve_checkpoint, ru
 from mtlgraph.training.distributed import DistEnv
 from mtlgraph.training.early_stopping import EarlyStopping
 from mtlgraph.training.hooks import HOOKS, Every, Hook, Run
-from mtlgraph.training.lr import LR_SCHEDULES, register_lr_schedule
-from mtlgraph.training.optim import OPTIMIZERS, register_optimizer
+from mtlgraph.training.lr import LR_SCHEDULES
+from mtlgraph.training.optim import OPTIMIZERS
 from mtlgraph.training.state import LossRecord, RunState
 from mtlgraph.training.trainer import Trainer, TrainerConfig
 from mtlgraph.training.writers import WRITERS, Writer
@@ -28,8 +28,6 @@ __all__ = [
     "TrainerConfig",
     "Writer",
     "load_checkpoint",
-    "register_lr_schedule",
-    "register_optimizer",
     "resolve_checkpoint",
     "run_directory",
 ]

@@ -3,33 +3,27 @@
 ``Trainer(**kwargs)`` and the ``trainer:`` section of a YAML config are built against this
 dataclass: unknown keys and wrong types are rejected by the schema, values by
 :meth:`TrainerConfig.validate`, every problem at once. Named components (optimizer, LR schedule,
-batch scheduler, balancer, writers) are looked up in their registries and their keyword arguments
-checked against the component's signature, so a misspelled argument fails before any work starts.
+batch scheduler, balancer, writers, hooks) are checked by their registries' ``problems``: names,
+and keyword arguments against the component's signature and annotations, so a misspelled or
+mistyped argument fails before any work starts.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from mtlgraph._suggest import did_you_mean, quoted
-from mtlgraph.balancing import Balancer, make_balancer
-from mtlgraph.data.schedulers import BatchScheduler, scheduler_problems
+from mtlgraph.balancing import BALANCERS, Balancer
+from mtlgraph.data.schedulers import SCHEDULERS, BatchScheduler
 from mtlgraph.diagnostics import DiagnosticsConfig
 from mtlgraph.exceptions import ConfigError
 from mtlgraph.graph.slices import SLICES
-from mtlgraph.registry import Registry, split_spec
-from mtlgraph.training.hooks import Hook, build_hook
+from mtlgraph.registry import accepted_parameters
+from mtlgraph.training.hooks import HOOKS, Hook
 from mtlgraph.training.lr import LR_SCHEDULES
-from mtlgraph.training.lr import SUPPLIED as SCHEDULE_SUPPLIED
-from mtlgraph.training.optim import (
-    check_param_groups,
-    optimizer_params,
-    optimizer_spec_problems,
-    resolve_optimizer,
-)
+from mtlgraph.training.optim import OPTIMIZERS, check_param_groups, weight_decay_problems
 from mtlgraph.training.writers import WRITERS, Writer
 
 
@@ -42,22 +36,23 @@ class TrainerConfig:
         >>> TrainerConfig(lr=-1.0, optimizer={"name": "sgd", "momentun": 0.9}).validate()
         ... # doctest: +NORMALIZE_WHITESPACE
         ['lr: must be a positive number, got -1.0',
-         "optimizer: optimizer 'sgd' takes no argument 'momentun' (did you mean 'momentum'?);
-         its arguments: 'dampening', 'differentiable', 'foreach', 'fused', 'maximize',
-         'momentum', 'nesterov', 'weight_decay'"]
+         "optimizer.momentun: optimizer 'sgd' takes no argument 'momentun' (did you mean
+         'momentum'?); it takes 'dampening', 'differentiable', 'foreach', 'fused', 'maximize',
+         'momentum', 'nesterov'"]
     """
 
     n_epochs: int = 1  # passes over the training loaders
     lr: float = 0.01  # base learning rate
-    optimizer: str | dict[str, Any] = "adam"  # any torch.optim name / dotted path, or {"name": ...}
+    # a name (any torch.optim one), {"name": ..., **kwargs}, a dotted path, a class; see OPTIMIZERS
+    optimizer: str | dict[str, Any] | Callable[..., Any] = "adam"
     weight_decay: float = 0.0  # L2 penalty (decoupled for adamw)
     grad_clip: float | None = None  # max global L2 norm of the step's gradients; None = off
-    lr_scheduler: str | dict[str, Any] = "constant"  # a name in LR_SCHEDULES, or {"name": ...}
+    lr_scheduler: str | dict[str, Any] | Callable[..., Any] = "constant"  # see LR_SCHEDULES
     warmup_steps: int = 0  # linear warm-up over this many optimizer steps
-    batch_scheduler: str | dict[str, Any] | BatchScheduler = (
+    batch_scheduler: str | dict[str, Any] | BatchScheduler | Callable[..., Any] = (
         "shuffled"  # batch order, see schedulers
     )
-    balancer: str | dict[str, Any] | Balancer = "sum"  # how task losses combine, see balancing
+    balancer: str | dict[str, Any] | Balancer | Callable[..., Any] = "sum"  # see BALANCERS
     param_groups: dict[str, dict[str, Any]] = field(
         default_factory=dict
     )  # module-name glob pattern -> optimizer hyper-params (lr, weight_decay, ...)
@@ -94,7 +89,7 @@ class TrainerConfig:
     nonfinite: Literal["raise", "skip_batch", "warn"] = "raise"
     # --- the user's hooks (docs/training.md): Hooks, registered names ("early_stopping"),
     # {name: ..., **kwargs} or dotted import paths; they fire after evaluation, before checkpoints
-    hooks: list[str | dict[str, Any] | Hook] = field(default_factory=list)
+    hooks: list[str | dict[str, Any] | Hook | Callable[..., Any]] = field(default_factory=list)
 
     def validate(self) -> list[str]:
         """Value checks beyond types; one sentence per problem."""
@@ -102,28 +97,24 @@ class TrainerConfig:
         problems += [
             f"freeze: entries must be non-empty strings, got {f!r}" for f in self.freeze if not f
         ]
-        found = optimizer_spec_problems(self.optimizer, self.weight_decay)
-        problems += [f"optimizer: {p}" for p in found]
-        opt_name, _ = split_spec(self.optimizer)
-        if not isinstance(resolve_optimizer(opt_name), str):
-            accepted = optimizer_params(str(opt_name))
-            if accepted is not None:
-                problems += check_param_groups(self.param_groups, accepted | {"lr"})
+        problems += OPTIMIZERS.problems(self.optimizer, "optimizer")
+        problems += weight_decay_problems(self.optimizer, self.weight_decay)
+        problems += self._check_param_groups()
         problems += self._check_snorkel_users()
-        if not isinstance(self.balancer, Balancer):
-            try:
-                make_balancer(self.balancer)
-            except ConfigError as e:
-                problems += [f"balancer: {p}" for p in e.problems]
-        problems += _check_named("lr_scheduler", self.lr_scheduler, LR_SCHEDULES, SCHEDULE_SUPPLIED)
+        problems += BALANCERS.problems(self.balancer, "balancer", build=True)
+        problems += LR_SCHEDULES.problems(self.lr_scheduler, "lr_scheduler")
         problems += self._check_outputs()
         for i, spec in enumerate(self.hooks):
-            if not isinstance(spec, Hook):
-                try:
-                    build_hook(spec, f"hooks[{i}]")
-                except ConfigError as e:
-                    problems += e.problems
+            problems += HOOKS.problems(spec, f"hooks[{i}]", build=True)
         return problems
+
+    def _check_param_groups(self) -> list[str]:
+        try:
+            factory = OPTIMIZERS.resolve(self.optimizer, "optimizer")[0]
+        except ConfigError:
+            return []  # reported with the optimizer's problems
+        accepted = accepted_parameters(factory)
+        return [] if accepted is None else check_param_groups(self.param_groups, accepted)
 
     def _check_snorkel_users(self) -> list[str]:
         """Warm-up given in one unit at most, and slices that are registered."""
@@ -183,22 +174,8 @@ class TrainerConfig:
         if self.checkpoint_every < 0:
             problems.append(f"checkpoint_every: must be >= 0, got {self.checkpoint_every}")
         for i, spec in enumerate(self.writers or []):
-            if isinstance(spec, str) and spec not in WRITERS:
-                problems.append(
-                    f"writers[{i}]: unknown writer {spec!r}{did_you_mean(spec, list(WRITERS))}; "
-                    f"known: {quoted(list(WRITERS))}"
-                )
+            problems += WRITERS.problems(spec, f"writers[{i}]", given=("ctx",))
         if self.checkpoint_mode is not None and self.checkpoint_metric is None:
             problems.append("checkpoint_mode: set checkpoint_metric too (the key best.pt tracks)")
-        problems += [f"batch_scheduler: {p}" for p in scheduler_problems(self.batch_scheduler)]
+        problems += SCHEDULERS.problems(self.batch_scheduler, "batch_scheduler", build=True)
         return problems
-
-
-def _check_named(
-    key: str, spec: str | Mapping[str, Any], registry: Registry[Any], supplied: Sequence[str]
-) -> list[str]:
-    """Problems with a ``name`` or ``{"name": ..., **kwargs}`` setting: an unknown name (with a
-    suggestion), or arguments the component's signature does not take; ``supplied`` are the
-    arguments the Trainer passes itself."""
-    name, kwargs = split_spec(spec)
-    return [f"{key}: {p}" for p in registry.check_kwargs(name, kwargs, supplied=supplied)]

@@ -33,7 +33,6 @@ run gives it back through :meth:`Hook.load_state_dict` before ``on_fit_start``.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -44,13 +43,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mtlgraph._suggest import did_you_mean, quoted
+from mtlgraph._suggest import quoted
 from mtlgraph.balancing import Balancer
 from mtlgraph.balancing.weighting import SumBalancer
 from mtlgraph.diagnostics import DiagnosticsReport, InterferenceMonitor, write_report
-from mtlgraph.exceptions import ConfigError
 from mtlgraph.metrics import split_key
-from mtlgraph.registry import Registry, signature_problems, split_spec
+from mtlgraph.registry import Registry
 from mtlgraph.training.checkpoint import Checkpointer
 from mtlgraph.training.state import TRAIN_LOSS, Records, RunState
 from mtlgraph.training.writers import Writer
@@ -310,60 +308,10 @@ class Run:
 # ---------------------------------------------------------------- user hooks from specs
 
 
-HOOKS: Registry[Callable[..., Hook]] = Registry("hook")
+HOOKS: Registry[Callable[..., Hook]] = Registry("hook", base=Hook)
 """Hooks by name, for ``Trainer(hooks=[...])`` and ``trainer.hooks`` in YAML (``early_stopping``
-registers itself in :mod:`.early_stopping`, imported with the package)."""
-
-
-def build_hook(spec: Any, path: str) -> Hook:
-    """The hook a spec describes: a :class:`Hook` (as is), a registered name,
-    ``{name: ..., **kwargs}``, or a dotted import path (as the name, too) to a hook class or
-    factory. The one place hook specs become hooks.
-
-    Raises:
-        ConfigError: An unknown name (with a suggestion), arguments the hook does not take or
-            refuses, a failing import, or something that is not a hook; naming ``path``.
-    """
-    if isinstance(spec, Hook):
-        return spec
-    if not isinstance(spec, (str, Mapping)):
-        raise ConfigError(
-            [
-                f"{path}: a hook is a mtlgraph.Hook, a registered name ({quoted(HOOKS)}), "
-                f"{{name: ..., **kwargs}} or a dotted import path; got {spec!r}"
-            ]
-        )
-    name, kwargs = split_spec(spec)
-    if isinstance(name, str) and name not in HOOKS and "." in name:
-        factory: Any = _import(name, path)
-        problems = signature_problems(factory, kwargs, f"hook '{name}'")
-    else:
-        problems = HOOKS.check_kwargs(name, kwargs)
-        factory = None if problems else HOOKS.get(name)
-    if problems:
-        raise ConfigError([f"{path}: {p}" for p in problems])
-    try:
-        hook = factory(**kwargs)
-    except ConfigError as e:
-        raise ConfigError([f"{path}: {p}" for p in e.problems]) from e
-    if not isinstance(hook, Hook):
-        raise ConfigError([f"{path}: '{name}' made a {type(hook).__name__}, not a mtlgraph.Hook"])
-    return hook
-
-
-def _import(dotted: str, path: str) -> Any:
-    """The object at a dotted import path."""
-    module_name, _, attr = dotted.rpartition(".")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ConfigError([f"{path}: cannot import module '{module_name}' ({e})"]) from e
-    if not hasattr(module, attr):
-        names = [n for n in dir(module) if not n.startswith("_")]
-        raise ConfigError(
-            [f"{path}: module '{module_name}' has no '{attr}'{did_you_mean(attr, names)}"]
-        )
-    return getattr(module, attr)
+registers itself in :mod:`.early_stopping`, imported with the package); ``HOOKS.build(spec,
+path)`` takes a :class:`Hook`, a name, ``{name: ..., **kwargs}`` or a dotted import path."""
 
 
 # ---------------------------------------------------------------- built-in hooks

@@ -15,16 +15,10 @@ steps, so a checkpoint's step counters restore it exactly.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from mtlgraph.registry import Registry, split_spec
-
-
-class LRSchedule(Protocol):
-    """``(progress, epoch, **params) -> factor`` (see the module docstring)."""
-
-    def __call__(self, progress: float, epoch: int, /, **params: Any) -> float: ...
+from mtlgraph.registry import Registry
 
 
 def constant(progress: float, epoch: int) -> float:
@@ -52,16 +46,6 @@ def step(progress: float, epoch: int, step_size: int = 1, gamma: float = 0.1) ->
     return float(gamma ** (epoch // int(step_size)))
 
 
-SUPPLIED = ("progress", "epoch")
-"""Arguments the Trainer passes to every schedule itself."""
-
-
-def _check_schedule(name: str, fn: Callable[..., float]) -> list[str]:
-    if not callable(fn):
-        return [f"LR schedule '{name}' must be a function (progress, epoch, **params) -> factor"]
-    return []
-
-
 LR_SCHEDULES: Registry[Callable[..., float]] = Registry(
     "LR schedule",
     {
@@ -71,26 +55,22 @@ LR_SCHEDULES: Registry[Callable[..., float]] = Registry(
         "exponential": exponential,
         "step": step,
     },
-    check=_check_schedule,
+    supplied={"progress": "remove it", "epoch": "remove it"},
+    bind=True,
 )
-"""Every LR schedule by name; add one with :func:`register_lr_schedule`."""
+"""Every LR schedule by name; ``LR_SCHEDULES.register(name, fn)`` adds one.
 
-
-def register_lr_schedule(
-    name: str, fn: Callable[..., float], *, override: bool = False
-) -> Callable[..., float]:
-    """Register ``fn(progress, epoch, **params) -> factor`` as LR schedule ``name``.
-
-    Example:
-        >>> from mtlgraph.training.lr import LR_SCHEDULES, register_lr_schedule
-        >>> def halves(progress, epoch, every=2):
-        ...     return 0.5 ** (epoch // every)
-        >>> _ = register_lr_schedule("halves_doc", halves)
-        >>> lr_factor_fn({"name": "halves_doc", "every": 1}, 0, 10)(3, 2)
-        0.25
-        >>> _ = LR_SCHEDULES.unregister("halves_doc")
-    """
-    return LR_SCHEDULES.register(name, fn, override=override)
+Example:
+    >>> from mtlgraph.training.lr import LR_SCHEDULES
+    >>> @LR_SCHEDULES.register("halves_doc")
+    ... def halves(progress: float, epoch: int, every: int = 2) -> float:
+    ...     return 0.5 ** (epoch // every)
+    >>> lr_factor_fn({"name": "halves_doc", "every": 1}, 0, 10)(3, 2)
+    0.25
+    >>> LR_SCHEDULES.problems({"name": "halves_doc", "every": "2"}, "lr_scheduler")
+    ["lr_scheduler.every: expected an integer, got the string '2'"]
+    >>> _ = LR_SCHEDULES.unregister("halves_doc")
+"""
 
 
 def resolve_warmup(
@@ -120,15 +100,14 @@ def resolve_warmup(
     return warmup_steps
 
 
-def is_constant(schedule: str | Mapping[str, Any], warmup_steps: float) -> bool:
+def is_constant(schedule: Any, warmup_steps: float) -> bool:
     """Whether the LR factor is always 1 (the ``constant`` schedule without warm-up): then no
     factor is applied and the run's horizon is not needed."""
-    name, _ = split_spec(schedule)
-    return LR_SCHEDULES.get(name) is constant and warmup_steps == 0
+    return LR_SCHEDULES.build(schedule, "lr_scheduler") is constant and warmup_steps == 0
 
 
 def lr_factor_fn(
-    schedule: str | Mapping[str, Any], warmup_steps: int, total_steps: int
+    schedule: Any, warmup_steps: int, total_steps: int
 ) -> Callable[[int, int], float] | None:
     """Return ``(global_step, epoch) -> lr factor``, or ``None`` when the factor is always 1.
 
@@ -144,13 +123,12 @@ def lr_factor_fn(
     """
     if is_constant(schedule, warmup_steps):
         return None
-    name, kwargs = split_spec(schedule)
-    fn = LR_SCHEDULES.get(name)
+    fn = LR_SCHEDULES.build(schedule, "lr_scheduler")
     span = max(1, total_steps - warmup_steps)
 
     def factor(global_step: int, epoch: int) -> float:
         if global_step < warmup_steps:
             return (global_step + 1) / warmup_steps
-        return float(fn(min(1.0, (global_step - warmup_steps) / span), epoch, **kwargs))
+        return float(fn(min(1.0, (global_step - warmup_steps) / span), epoch))
 
     return factor

@@ -10,9 +10,8 @@ precision, gradient accumulation and clipping.
   parameters (unscale, clip, step, zero).
 - :class:`SubsetStepper`: ``optimizer.step()`` restricted to the parameters a step touched.
 - :data:`OPTIMIZERS`: optimizers by name (``adam``, ``adamw``, ``sgd``; add one with
-  :func:`register_optimizer`); besides them any ``torch.optim`` class by case-insensitive name or
-  a dotted path (:func:`resolve_optimizer`); :func:`make_optimizer` builds the run's one
-  optimizer.
+  ``OPTIMIZERS.register``); besides them any ``torch.optim`` class by case-insensitive name or
+  a dotted path; :func:`make_optimizer` builds the run's one optimizer from them.
 
 Patterns are checked against the model when ``Trainer.fit`` starts; every problem is reported at
 once in one :class:`~mtlgraph.ConfigError`.
@@ -32,22 +31,13 @@ from mtlgraph._suggest import did_you_mean, quoted
 from mtlgraph.balancing import Balancer
 from mtlgraph.exceptions import ConfigError
 from mtlgraph.graph.model import ExecutionPlan, MultitaskClassifier
-from mtlgraph.registry import Registry, accepted_parameters, signature_problems, split_spec
+from mtlgraph.registry import Registry, accepted_parameters
 
 AMP_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
 NO_CONTEXT = contextlib.nullcontext()  # reusable: entering it does nothing (no per-step object)
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
-OPTIMIZERS: Registry[OptimizerFactory] = Registry(
-    "optimizer", {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
-)
-"""Every optimizer by name: ``factory(param_groups, lr=..., weight_decay=..., **kwargs)``."""
-
-SUPPLIED = ("params", "lr")
-"""Arguments the Trainer passes to every optimizer itself (``weight_decay`` too, when taken)."""
-
-# --- any torch optimizer by name or dotted path (issue 15)
 UNSUPPORTED_TORCH: dict[str, str] = {
     "lbfgs": "it needs a closure that re-evaluates the loss at every step, which the "
     "Trainer's one-backward step does not provide",
@@ -72,109 +62,70 @@ def torch_optimizers() -> dict[str, type[torch.optim.Optimizer]]:
     return found
 
 
-def resolve_optimizer(name: object) -> OptimizerFactory | str:
-    """The optimizer factory ``name`` selects, or one sentence saying why there is none.
-
-    Looked up in this order: a name registered in :data:`OPTIMIZERS`; any ``torch.optim``
-    class by name, case-insensitive (``"adamax"``, ``"RMSprop"``); a dotted import path to a
-    ``torch.optim.Optimizer`` subclass (``"torch.optim.NAdam"``, ``"my_pkg.opt.Lion"``).
-
-    Example:
-        >>> from mtlgraph.training.optim import resolve_optimizer
-        >>> resolve_optimizer("adamax").__name__, resolve_optimizer("RMSprop").__name__
-        ('Adamax', 'RMSprop')
-        >>> resolve_optimizer("adamxa")  # doctest: +ELLIPSIS
-        "unknown optimizer 'adamxa' (did you mean 'adamax'?); ..."
-    """
-    if not isinstance(name, str) or not name:
-        return f"optimizer name must be a non-empty string, got {name!r}"
-    if name in OPTIMIZERS:
-        return OPTIMIZERS.get(name)
+def _find_optimizer(name: str) -> OptimizerFactory | str | None:
+    """An optimizer :data:`OPTIMIZERS` does not hold by ``name``: a registered name or a
+    ``torch.optim`` class, case-insensitive; ``None`` for a dotted path; else why not."""
     lower = name.lower()
-    for registered in OPTIMIZERS.names():
-        if registered.lower() == lower:
-            return OPTIMIZERS.get(registered)
+    registered = {n.lower(): n for n in OPTIMIZERS.names()}
+    if lower in registered:
+        return OPTIMIZERS.get(registered[lower])
     if lower in UNSUPPORTED_TORCH:
         return f"optimizer '{name}' cannot be used: {UNSUPPORTED_TORCH[lower]}"
     available = torch_optimizers()
     if lower in available:
         return available[lower]
     if "." in name:
-        return _import_optimizer(name)
-    known = sorted(set(OPTIMIZERS.names()) | set(available))
+        return None
+    known = sorted(set(registered) | set(available))
     return (
         f"unknown optimizer {name!r}{did_you_mean(lower, known)}; known: {quoted(known)}, or "
         "a dotted import path to a torch.optim.Optimizer subclass"
     )
 
 
-def _import_optimizer(path: str) -> OptimizerFactory | str:
-    """The ``torch.optim.Optimizer`` subclass at dotted ``path``, or why there is none."""
-    import importlib
+OPTIMIZERS: Registry[OptimizerFactory] = Registry(
+    "optimizer",
+    {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD},
+    base=torch.optim.Optimizer,
+    supplied={
+        "params": "remove it (the Trainer passes the model's parameter groups)",
+        "lr": "set it once, as trainer.lr (per module: trainer.param_groups), and remove it here",
+        "weight_decay": "set it once, as trainer.weight_decay (per module: "
+        "trainer.param_groups), and remove it here",
+    },
+    find=_find_optimizer,
+)
+"""Optimizers by name; besides these, any ``torch.optim`` class by case-insensitive name
+(``"adamax"``, ``"RMSprop"``) or a dotted import path. Built as ``factory(param_groups, lr=...,
+weight_decay=..., **kwargs)``: ``lr`` and ``weight_decay`` are the Trainer's settings only.
 
-    module_name, _, attr = path.rpartition(".")
+Example:
+    >>> import torch
+    >>> from mtlgraph.training.optim import OPTIMIZERS
+    >>> OPTIMIZERS.resolve("RMSprop")[0] is torch.optim.RMSprop
+    True
+    >>> OPTIMIZERS.problems({"name": "adamw", "amsgrad": "maybe"}, "optimizer")
+    ["optimizer.amsgrad: expected true or false, got the string 'maybe'"]
+"""
+
+
+def weight_decay_problems(spec: Any, weight_decay: float) -> list[str]:
+    """A ``weight_decay`` the optimizer of ``spec`` cannot apply (it takes none)."""
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        return f"optimizer '{path}': cannot import module '{module_name}' ({e})"
-    obj = getattr(module, attr, None)
-    if obj is None:
-        return f"optimizer '{path}': module '{module_name}' has no '{attr}'"
-    if not (isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer)):
-        return f"optimizer '{path}' is a {type(obj).__name__}, not a torch.optim.Optimizer subclass"
-    return obj
-
-
-def optimizer_spec_problems(spec: str | Mapping[str, Any], weight_decay: float = 0.0) -> list[str]:
-    """Every problem with ``optimizer: <name>`` or ``{"name": ..., **kwargs}``: an unknown name
-    (did-you-mean over the registry and ``torch.optim``), arguments its signature does not take,
-    or a ``weight_decay`` it cannot apply."""
-    name, kwargs = split_spec(spec)
-    factory = resolve_optimizer(name)
-    if isinstance(factory, str):
-        return [factory]
-    problems = signature_problems(factory, kwargs, f"optimizer '{name}'", supplied=SUPPLIED)
+        factory, _, name = OPTIMIZERS.resolve(spec, "optimizer")
+    except ConfigError:
+        return []  # reported by OPTIMIZERS.problems
     params = accepted_parameters(factory)
     if weight_decay and params is not None and "weight_decay" not in params:
-        problems.append(
+        return [
             f"weight_decay: optimizer '{name}' takes no weight_decay; set weight_decay=0 or "
             "pick another optimizer"
-        )
-    return problems
-
-
-def register_optimizer(
-    name: str, factory: OptimizerFactory, *, override: bool = False
-) -> OptimizerFactory:
-    """Register a torch optimizer class (or a function building one) as ``name``.
-
-    It is called as ``factory(param_groups, lr=lr, weight_decay=weight_decay, **kwargs)`` with
-    the ``kwargs`` of ``optimizer: {"name": ..., **kwargs}``; those are checked against its
-    signature when the Trainer is built.
-
-    Example:
-        >>> import torch
-        >>> from mtlgraph.training.optim import OPTIMIZERS, register_optimizer
-        >>> _ = register_optimizer("rmsprop_doc", torch.optim.RMSprop)
-        >>> sorted(optimizer_params("rmsprop_doc"))[:3]
-        ['alpha', 'capturable', 'centered']
-        >>> _ = OPTIMIZERS.unregister("rmsprop_doc")
-    """
-    return OPTIMIZERS.register(name, factory, override=override)
-
-
-def optimizer_params(name: str) -> set[str] | None:
-    """Keyword arguments optimizer ``name`` takes besides the parameters and ``lr`` (``None``:
-    it takes ``**kwargs``)."""
-    factory = resolve_optimizer(name)
-    if isinstance(factory, str):
-        raise ConfigError([factory])
-    params = accepted_parameters(factory)
-    return None if params is None else {p for p in params if p not in SUPPLIED}
+        ]
+    return []
 
 
 def make_optimizer(
-    spec: str | Mapping[str, Any],
+    spec: Any,
     model: MultitaskClassifier,
     balancer: Balancer,
     *,
@@ -185,7 +136,6 @@ def make_optimizer(
     """The run's one optimizer: the model's groups (default first, then ``param_groups``
     patterns; frozen parameters left out) and the balancer's learned weights in their own group.
     """
-    name, kwargs = split_spec(spec)
     groups, _ = model_param_groups(model, param_groups)
     balancer_params = [p for p in balancer.parameters() if p.requires_grad]
     if balancer_params:
@@ -197,13 +147,9 @@ def make_optimizer(
                 **balancer.optimizer_options(),
             }
         )
-    factory = resolve_optimizer(name)
-    if isinstance(factory, str):
-        raise ConfigError([factory])
-    params = accepted_parameters(factory)
-    if params is None or "weight_decay" in params:
-        kwargs["weight_decay"] = weight_decay
-    return factory(groups, lr=lr, **kwargs)
+    params = accepted_parameters(OPTIMIZERS.resolve(spec, "optimizer")[0])
+    decay = {"weight_decay": weight_decay} if params is None or "weight_decay" in params else {}
+    return OPTIMIZERS.build(spec, "optimizer", params=groups, lr=lr, **decay)
 
 
 def check_param_groups(

@@ -25,9 +25,9 @@ from typing import Any
 import torch
 
 from mtlgraph._schema import build, plain_config
-from mtlgraph.balancing import Balancer, make_balancer
+from mtlgraph.balancing import BALANCERS, Balancer
 from mtlgraph.data.datasets import DictDataLoader
-from mtlgraph.data.schedulers import SamplingScheduler, Step, make_scheduler
+from mtlgraph.data.schedulers import SCHEDULERS, SamplingScheduler, Step
 from mtlgraph.diagnostics import DiagnosticsReport, InterferenceMonitor, remove_report
 from mtlgraph.exceptions import ConfigError
 from mtlgraph.graph.model import MultitaskClassifier
@@ -44,6 +44,7 @@ from mtlgraph.training.distributed import (
     process_group,
 )
 from mtlgraph.training.hooks import (
+    HOOKS,
     CheckpointHook,
     EvaluationHook,
     Every,
@@ -51,7 +52,6 @@ from mtlgraph.training.hooks import (
     ProbeHook,
     ProgressBar,
     Run,
-    build_hook,
 )
 from mtlgraph.training.labels import BatchLabelCheck
 from mtlgraph.training.loading import TrainLoaders, batch_count, configure_sampling
@@ -230,8 +230,8 @@ class FitLoop:
         cfg = self.cfg = trainer.config
         self.trainer, self.model, self.evals, self.env = trainer, model, evals, env
         self.state, self.comm, device = trainer.state, Collectives(env), model.device
-        self.scheduler = make_scheduler(cfg.batch_scheduler, cfg.seed)
-        self.balancer = make_balancer(cfg.balancer)
+        self.scheduler = SCHEDULERS.build(cfg.batch_scheduler, "batch_scheduler", seed=cfg.seed)
+        self.balancer = BALANCERS.build(cfg.balancer, "balancer")
         prepare(model, self.balancer, device, cfg)
         self.balancer.to(device)
         self.train, self.eval_shards, ddp = distribute(model, train, evals, env, device)
@@ -464,7 +464,7 @@ class FitLoop:
         hooks.append(
             EvaluationHook(evaluate_every, self.train_record, score, self.env.is_main, cfg.n_epochs)
         )
-        hooks += [build_hook(spec, f"hooks[{i}]") for i, spec in enumerate(cfg.hooks)]
+        hooks += [HOOKS.build(spec, f"hooks[{i}]") for i, spec in enumerate(cfg.hooks)]
         self.checkpointer = None
         if cfg.run_dir is not None:
             mode = None

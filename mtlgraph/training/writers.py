@@ -210,7 +210,7 @@ def _tensorboard(ctx: WriterContext) -> Writer:
 
 
 WRITERS: Registry[WriterFactory] = Registry(
-    "writer", {"jsonl": _jsonl, "tensorboard": _tensorboard}
+    "writer", {"jsonl": _jsonl, "tensorboard": _tensorboard}, base=Writer
 )
 """Writers by name (``TrainerConfig.writers``); ``WRITERS.register(name, factory)`` adds one."""
 
@@ -234,7 +234,7 @@ def open_writers(specs: Sequence[str | Writer] | None, ctx: WriterContext | None
         elif ctx is None:
             raise ConfigError([f"writer '{spec}' needs a run directory (set run_dir)"])
         else:
-            out.append(WRITERS.get(spec)(ctx))
+            out.append(WRITERS.build(spec, "writers", ctx=ctx))
     return out
 
 

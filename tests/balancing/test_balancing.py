@@ -29,6 +29,7 @@ from mtlgraph import (
     Trainer,
 )
 from mtlgraph.balancing import (
+    BALANCERS,
     Balancer,
     CAGradBalancer,
     DWABalancer,
@@ -38,9 +39,6 @@ from mtlgraph.balancing import (
     PCGradBalancer,
     StepContext,
     UncertaintyBalancer,
-    balancer_names,
-    make_balancer,
-    register_balancer,
 )
 
 ALL = [
@@ -129,25 +127,25 @@ def per_task_grads(
 
 
 def test_registry_holds_every_method() -> None:
-    assert set(ALL) <= set(balancer_names())
+    assert set(ALL) <= set(BALANCERS.names())
     for name in ALL:
-        assert make_balancer(name).name == name
+        assert BALANCERS.build(name).name == name
 
 
 def test_make_balancer_from_mapping_and_instance() -> None:
-    b = make_balancer({"name": "cagrad", "c": 0.25})
+    b = BALANCERS.build({"name": "cagrad", "c": 0.25})
     assert isinstance(b, CAGradBalancer) and b.c == 0.25
-    assert make_balancer(b) is b
+    assert BALANCERS.build(b) is b
 
 
 def test_unknown_balancer_suggests_the_near_miss() -> None:
     with pytest.raises(ConfigError, match=r"unknown balancer 'pcgard' \(did you mean 'pcgrad'\?\)"):
-        make_balancer("pcgard")
+        BALANCERS.build("pcgard")
 
 
 def test_unknown_argument_names_the_accepted_ones() -> None:
     with pytest.raises(ConfigError, match=r"takes no argument 'cc' \(did you mean 'c'\?\)"):
-        make_balancer({"name": "cagrad", "cc": 0.5})
+        BALANCERS.build({"name": "cagrad", "cc": 0.5})
 
 
 @pytest.mark.parametrize(
@@ -164,7 +162,7 @@ def test_unknown_argument_names_the_accepted_ones() -> None:
 )
 def test_bad_values_are_rejected(spec: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        make_balancer(spec)
+        BALANCERS.build(spec)
 
 
 def test_trainer_validates_the_balancer_at_construction() -> None:
@@ -177,9 +175,9 @@ def test_trainer_validates_the_balancer_at_construction() -> None:
 
 def test_register_balancer_rejects_duplicates_and_non_balancers() -> None:
     with pytest.raises(ConfigError, match="already registered"):
-        register_balancer("sum", PCGradBalancer)
+        BALANCERS.register("sum", PCGradBalancer)
     with pytest.raises(ConfigError, match="must be a Balancer subclass"):
-        register_balancer("not_a_balancer", dict)  # type: ignore[arg-type]
+        BALANCERS.register("not_a_balancer", dict)  # type: ignore[arg-type]
 
 
 def test_setup_errors_name_the_culprit() -> None:
@@ -202,7 +200,7 @@ def test_sum_respects_task_weights() -> None:
     X, Y = batch()
     seen: list[torch.Tensor] = []
     losses, _ = model.calculate_loss(X, Y)
-    make_balancer("sum").backward(losses, context(model, losses, seen.append))
+    BALANCERS.build("sum").backward(losses, context(model, losses, seen.append))
     expected = 3.0 * losses["a"] + 0.5 * losses["b"]
     assert torch.allclose(seen[0], expected)
 
@@ -606,7 +604,7 @@ def test_gradient_methods_split_shared_and_task_only_parameters(name: str) -> No
     per_task = per_task_grads(model, {"a": trunk, "b": trunk})
     heads = {t: list(model.module_pool[f"{t}_head"].parameters()) for t in ("a", "b")}
     own = per_task_grads(model, heads)
-    b = make_balancer({"name": name, "c": 0.0} if name == "cagrad" else name)
+    b = BALANCERS.build({"name": name, "c": 0.0} if name == "cagrad" else name)
     b.setup(model.tasks)
     run_step(model, b)
     g = torch.stack([per_task["a"], per_task["b"]]).double().numpy()
@@ -630,7 +628,7 @@ def test_gradient_methods_equal_sum_without_conflict(name: str) -> None:
     losses, _ = reference.calculate_loss(X, Y)
     (losses["a"] + losses["b"]).backward()
     losses, _ = model.calculate_loss(X, Y)
-    b = make_balancer(name)
+    b = BALANCERS.build(name)
     b.setup(model.tasks)
     b.backward(losses, context(model, losses))
     # CAGrad: g_0 = g_w = g, so d = (g + c·g)/(1 + c²) with the default c = 0.4
@@ -649,7 +647,7 @@ def test_one_task_step_uses_the_plain_gradient_and_says_so_once(
     X, Y = batch()
     losses, _ = reference.calculate_loss(X, {"a": Y["a"]})
     (3.0 * losses["a"]).backward()
-    b = make_balancer(name)
+    b = BALANCERS.build(name)
     b.setup(model.tasks)
     with caplog.at_level(logging.WARNING, logger="mtlgraph.balancing"):
         for _ in range(2):
@@ -662,7 +660,7 @@ def test_one_task_step_uses_the_plain_gradient_and_says_so_once(
             assert torch.equal(p.grad, q.grad)
     said = [r for r in caplog.records if "holds only task 'a'" in r.getMessage()]
     assert len(said) == 1 and name in said[0].getMessage()
-    other = make_balancer(name)  # once per balancer instance
+    other = BALANCERS.build(name)  # once per balancer instance
     other.setup(model.tasks)
     with caplog.at_level(logging.WARNING, logger="mtlgraph.balancing"):
         losses, _ = model.calculate_loss(X, {"a": Y["a"]})
@@ -675,7 +673,7 @@ def test_gradient_methods_skip_frozen_parameters() -> None:
     first = model.module_pool["trunk"][0]
     for p in first.parameters():
         p.requires_grad_(False)
-    b = make_balancer("pcgrad")
+    b = BALANCERS.build("pcgrad")
     b.setup(model.tasks)
     run_step(model, b)
     assert all(p.grad is None for p in first.parameters())
@@ -684,7 +682,7 @@ def test_gradient_methods_skip_frozen_parameters() -> None:
 
 def test_gradient_methods_accumulate_into_existing_gradients() -> None:
     model = two_task_model()
-    b = make_balancer("mgda")
+    b = BALANCERS.build("mgda")
     b.setup(model.tasks)
     run_step(model, b)
     once = [p.grad.clone() for p in model.parameters()]
@@ -711,7 +709,7 @@ def reload(name: str, balancer: Balancer, model: MultitaskClassifier) -> Balance
     torch.save(balancer.state_dict(), buffer)
     buffer.seek(0)
     state = torch.load(buffer, weights_only=True)
-    fresh = make_balancer(name)
+    fresh = BALANCERS.build(name)
     fresh.setup(model.tasks)
     fresh.load_state_dict(state)
     return fresh

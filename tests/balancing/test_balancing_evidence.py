@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from mtlgraph import DictDataLoader, DictDataset, MultitaskClassifier, Operation, Task, Trainer
-from mtlgraph.balancing import Balancer, GradientBalancer, make_balancer
+from mtlgraph.balancing import BALANCERS, Balancer, GradientBalancer
 
 pytestmark = pytest.mark.slow
 
@@ -183,7 +183,7 @@ def test_gradient_methods_reduce_conflict_and_help_the_worse_task(seed: int) -> 
     # worst cosine averages +0.15 on sum's conflicting steps. Trained with each method, task b
     # ends at: pcgrad 0.98 / 1.55, mgda 0.16 / 0.39, cagrad (c = 0.9) 2.13 / 2.24.
     for method in CONFLICT_METHODS:
-        combine = make_balancer(method).combine  # type: ignore[attr-defined]
+        combine = BALANCERS.build(method).combine  # type: ignore[attr-defined]
         cos = np.array([worst_cosine(m, combine(m)) for m in recorder.grams])
         assert (cos < 0).mean() < 0.05, method
         assert cos[conflicting].mean() > 0.1, method

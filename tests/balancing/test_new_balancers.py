@@ -37,6 +37,7 @@ from test_balancing_evidence import (
 
 from mtlgraph import ConfigError
 from mtlgraph.balancing import (
+    BALANCERS,
     AlignedMTLBalancer,
     DBMTLBalancer,
     FAMOBalancer,
@@ -45,8 +46,6 @@ from mtlgraph.balancing import (
     IMTLBalancer,
     NashMTLBalancer,
     UPGradBalancer,
-    balancer_names,
-    make_balancer,
 )
 from mtlgraph.balancing.solvers import (
     aligned_mtl,
@@ -77,9 +76,9 @@ def torchjd_weights(aggregator: Any, g: np.ndarray) -> np.ndarray:
 
 
 def test_registry_holds_the_new_methods_with_working_defaults() -> None:
-    assert set(NEW) <= set(balancer_names())
+    assert set(NEW) <= set(BALANCERS.names())
     for name in NEW:
-        b = make_balancer({"name": name})
+        b = BALANCERS.build({"name": name})
         assert b.name == name
         assert isinstance(b, GradientBalancer) == (name in NEW_GRADIENT)
 
@@ -103,15 +102,15 @@ def test_registry_holds_the_new_methods_with_working_defaults() -> None:
 )
 def test_bad_values_are_rejected(spec: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        make_balancer(spec)
+        BALANCERS.build(spec)
 
 
 def test_every_problem_is_reported_at_once_with_near_misses() -> None:
     with pytest.raises(ConfigError) as info:
-        make_balancer({"name": "nash_mtl", "update_weights_every": 0, "max_norm": -1})
+        BALANCERS.build({"name": "nash_mtl", "update_weights_every": 0, "max_norm": -1})
     assert len(info.value.problems) == 2
     with pytest.raises(ConfigError, match=r"takes no argument 'bta' \(did you mean 'beta'\?\)"):
-        make_balancer({"name": "gradvac", "bta": 0.1})
+        BALANCERS.build({"name": "gradvac", "bta": 0.1})
 
 
 # ---------------------------------------------------------------------- IMTL-G
@@ -314,7 +313,7 @@ def test_nash_mtl_degenerate_gram_falls_back_safely() -> None:
     alpha = nash_mtl(g @ g.T)
     assert np.isfinite(alpha).all() and alpha[[0, 2]] == pytest.approx([1.0, 0.5], rel=1e-6)
     for name in NEW_GRADIENT:  # and every method gives a finite direction
-        combine = make_balancer(name).combine  # type: ignore[attr-defined]
+        combine = BALANCERS.build(name).combine  # type: ignore[attr-defined]
         if name != "db_mtl":
             assert np.isfinite(combine(g @ g.T)).all(), name
 
@@ -428,7 +427,7 @@ def test_db_mtl_refuses_negative_losses() -> None:
     losses, _ = model.calculate_loss(X, Y)
     losses = {"a": -losses["a"], "b": losses["b"]}
     with pytest.raises(ConfigError, match=r"task\(s\) \['a'\] have a negative loss"):
-        make_balancer("db_mtl").backward(losses, context(model, losses))
+        BALANCERS.build("db_mtl").backward(losses, context(model, losses))
 
 
 # ---------------------------------------------------------------------- FAMO
@@ -496,7 +495,7 @@ def test_gradient_methods_average_their_rows_over_ranks(name: str) -> None:
     ctx = context(model, losses)
     seen: list[tuple[int, ...]] = []
     ctx.reduce = lambda t: (seen.append(tuple(t.shape)), t)[1]
-    b = make_balancer(name)
+    b = BALANCERS.build(name)
     b.setup(model.tasks)
     b.backward(losses, ctx)
     size = sum(p.numel() for p in model.module_pool["trunk"].parameters())
@@ -613,7 +612,7 @@ def test_new_methods_train_the_conflict_case() -> None:
         if name in BALANCED_CONFLICT:
             assert max(balanced.values()) < worst_sum - 1.0, (name, balanced)
     for name in ("upgrad", "nash_mtl"):  # on sum's gradients, no task is pushed uphill
-        combine = make_balancer({"name": name, "max_norm": 0.0} if name == "nash_mtl" else name)
+        combine = BALANCERS.build({"name": name, "max_norm": 0.0} if name == "nash_mtl" else name)
         for m in recorder.grams:
             d = combine.combine(m)  # type: ignore[attr-defined]
             assert (m @ d >= -1e-9 * np.abs(m).max()).all(), name
@@ -669,7 +668,7 @@ def test_nash_mtl_carries_the_loss_scale_like_the_other_methods() -> None:
             losses, _ = model.calculate_loss(X, Y)
             ctx = context(model, losses)
             ctx.scale = lambda loss, factor=factor: loss * factor
-            b = make_balancer(name)
+            b = BALANCERS.build(name)
             b.setup(model.tasks)
             b.backward(losses, ctx)
             grads.append(model.module_pool["trunk"][0].weight.grad.clone())

@@ -18,11 +18,11 @@ from mtlgraph import (
     Task,
     Trainer,
 )
-from mtlgraph.data.schedulers import make_scheduler
+from mtlgraph.data.schedulers import SCHEDULERS
 
 
 def _configured(spec, sizes, steps=10_000, n_epochs=1, names=None):  # type: ignore[no-untyped-def]
-    s = make_scheduler(spec, seed=0)
+    s = SCHEDULERS.build(spec, seed=0)
     s.configure(names or [f"d{i}" for i in range(len(sizes))], sizes, steps, n_epochs)
     return s
 

@@ -6,16 +6,13 @@ from collections import Counter
 
 import pytest
 
-from mtlgraph import BatchScheduler, ConfigError, DataError, MtlGraphError, register_scheduler
+from mtlgraph import BatchScheduler, ConfigError, DataError, MtlGraphError
 from mtlgraph.data.schedulers import (
     SCHEDULERS,
     MixedScheduler,
     RoundRobinScheduler,
     SequentialScheduler,
     ShuffledScheduler,
-    make_scheduler,
-    scheduler_names,
-    scheduler_problems,
 )
 
 
@@ -53,29 +50,29 @@ def test_custom_scheduler_one_method_and_registry() -> None:
         def schedule(self, batch_counts):  # type: ignore[no-untyped-def]
             return [i for i in reversed(range(len(batch_counts))) for _ in range(batch_counts[i])]
 
-    register_scheduler("reverse_test", Reverse)
+    SCHEDULERS.register("reverse_test", Reverse)
     try:
-        assert "reverse_test" in scheduler_names()
-        assert make_scheduler("reverse_test", seed=0).epoch_plan([1, 2]) == [(1,), (1,), (0,)]
-        register_scheduler("reverse_test", Reverse)  # the same class again: a no-op
+        assert "reverse_test" in SCHEDULERS.names()
+        assert SCHEDULERS.build("reverse_test", seed=0).epoch_plan([1, 2]) == [(1,), (1,), (0,)]
+        SCHEDULERS.register("reverse_test", Reverse)  # the same class again: a no-op
         with pytest.raises(ConfigError, match="already registered"):
-            register_scheduler("reverse_test", SequentialScheduler)
+            SCHEDULERS.register("reverse_test", SequentialScheduler)
     finally:
         SCHEDULERS.unregister("reverse_test")
-    assert "reverse_test" not in scheduler_names()
+    assert "reverse_test" not in SCHEDULERS.names()
     with pytest.raises(ConfigError, match="must be a BatchScheduler subclass"):
-        register_scheduler("x", int)  # type: ignore[arg-type]
+        SCHEDULERS.register("x", int)  # type: ignore[arg-type]
 
 
 def test_make_scheduler_forms_and_errors() -> None:
     inst = ShuffledScheduler(seed=5)
-    assert make_scheduler(inst, seed=0) is inst
-    assert make_scheduler({"name": "shuffled", "seed": 7}, seed=0).seed == 7
-    assert make_scheduler("shuffled", seed=11).seed == 11
+    assert SCHEDULERS.build(inst, seed=0) is inst
+    assert SCHEDULERS.build({"name": "shuffled", "seed": 7}, seed=0).seed == 7
+    assert SCHEDULERS.build("shuffled", seed=11).seed == 11
     with pytest.raises(
         ConfigError, match="unknown batch scheduler 'shufled' \\(did you mean 'shuffled'\\?\\)"
     ):
-        make_scheduler("shufled", seed=0)
+        SCHEDULERS.build("shufled", seed=0)
 
 
 def test_scheduler_kwargs_are_checked_before_it_is_built() -> None:
@@ -87,24 +84,28 @@ def test_scheduler_kwargs_are_checked_before_it_is_built() -> None:
         def schedule(self, batch_counts):  # type: ignore[no-untyped-def]
             return [0]
 
-    register_scheduler("tempered_test", Tempered)
+    SCHEDULERS.register("tempered_test", Tempered)
     try:
         with pytest.raises(
             ConfigError,
             match="batch scheduler 'tempered_test' takes no argument 'tempreature' "
             "\\(did you mean 'temperature'\\?\\)",
         ) as info:
-            make_scheduler({"name": "tempered_test", "tempreature": 2}, seed=0)
+            SCHEDULERS.build({"name": "tempered_test", "tempreature": 2}, seed=0)
         assert isinstance(info.value, MtlGraphError)
-        assert "needs the argument 'temperature'" in str(info.value)
-        assert make_scheduler({"name": "tempered_test", "temperature": 2}, seed=3).seed == 3
+        assert "temperature: missing (required by batch scheduler" in str(info.value)
+        assert SCHEDULERS.build({"name": "tempered_test", "temperature": 2}, seed=3).seed == 3
     finally:
         SCHEDULERS.unregister("tempered_test")
-    assert scheduler_problems({"name": "mixed", "tempreature": 2}) == [
-        "batch scheduler 'mixed' takes no argument 'tempreature'; its arguments: 'seed'"
+    assert SCHEDULERS.problems({"name": "mixed", "tempreature": 2}, "batch_scheduler") == [
+        "batch_scheduler.tempreature: batch scheduler 'mixed' takes no argument 'tempreature'; "
+        "it takes 'seed'"
     ]
-    assert scheduler_problems(MixedScheduler()) == []
-    assert scheduler_problems("mixed") == []
+    assert SCHEDULERS.problems({"name": "weighted", "weights": [1, 2]}, "batch_scheduler") == [
+        "batch_scheduler.weights: expected a mapping, got list [1, 2]"
+    ]
+    assert SCHEDULERS.problems(MixedScheduler()) == []
+    assert SCHEDULERS.problems("mixed") == []
 
 
 def test_out_of_range_steps_are_rejected() -> None:

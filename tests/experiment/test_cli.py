@@ -114,6 +114,40 @@ def test_config_error_exits_2_with_one_clean_message(
     assert code == 2 and "Traceback (most recent call last)" in err and "ConfigError" in err
 
 
+@pytest.mark.parametrize(
+    ("trainer", "message"),
+    [
+        (
+            {"optimizer": {"name": "adamw", "amsgrad": "maybe"}},
+            "trainer.optimizer.amsgrad: expected true or false, got the string 'maybe'",
+        ),
+        (
+            {"optimizer": {"name": "adamw", "betas": 0.9}},
+            "trainer.optimizer.betas: expected a list of 2, got float 0.9",
+        ),
+        (
+            {"batch_scheduler": {"name": "weighted", "weights": [1, 2]}},
+            "trainer.batch_scheduler.weights: expected a mapping, got list [1, 2]",
+        ),
+        (
+            {"batch_scheduler": {"name": "weighted", "weights": {"circles": 1}}},
+            "batch_scheduler: weights has no entry for dataset 'squares'",
+        ),
+        (
+            {"optimizer": {"name": "sgd", "weight_decay": 5.0}},
+            "trainer.optimizer.weight_decay: optimizer 'sgd' gets 'weight_decay' from mtlgraph; "
+            "set it once, as trainer.weight_decay",
+        ),
+    ],
+)
+def test_component_arguments_of_the_wrong_type_exit_2_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], trainer: dict[str, object], message: str
+) -> None:
+    code, _, err = _run(capsys, "train", str(_tiny(tmp_path, **trainer)))
+    assert code == 2 and message in err, err
+    assert "Traceback" not in err and not list((tmp_path / "runs").rglob("*.pt"))
+
+
 def test_bad_override_and_missing_files_exit_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -136,7 +170,7 @@ def test_bad_override_and_missing_files_exit_2(
 _FAILING = """
 import torch
 from torch import nn
-from mtlgraph import register_module
+from mtlgraph.graph import MODULES
 
 class FailsInTraining(nn.Module):
     def forward(self, x):
@@ -144,7 +178,7 @@ class FailsInTraining(nn.Module):
             raise RuntimeError("the user module failed")
         return x
 
-register_module("fails_in_training_clitest", FailsInTraining)
+MODULES.register("fails_in_training_clitest", FailsInTraining)
 """
 
 
@@ -277,7 +311,7 @@ def test_new_run_dir_never_reuses_a_directory(tmp_path: Path) -> None:
 _BLOCKER = """
 import os, pathlib, time
 from torch import nn
-from mtlgraph import register_module
+from mtlgraph.graph import MODULES
 
 class BlockAfterCheckpoint(nn.Module):
     '''Identity. With $BLOCK_AFTER set: once that file exists, N training calls later, hang.'''
@@ -295,7 +329,7 @@ class BlockAfterCheckpoint(nn.Module):
                 time.sleep(600)
         return x
 
-register_module("block_after_checkpoint", BlockAfterCheckpoint)
+MODULES.register("block_after_checkpoint", BlockAfterCheckpoint)
 """
 
 

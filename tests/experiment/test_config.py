@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -123,11 +124,11 @@ def test_trainer_value_checks(tmp_path: Path) -> None:
     problems = _errors(write_config(tmp_path / "c.yaml", cfg))
     joined = "\n".join(problems)
     assert "trainer.lr: must be a positive number, got -1.0" in joined
-    assert "trainer.optimizer: unknown optimizer 'adamm' (did you mean 'adam'?)" in joined
+    assert "trainer.optimizer.name: unknown optimizer 'adamm' (did you mean 'adam'?)" in joined
     assert "trainer.checkpoint_every: must be >= 0, got -2" in joined
     assert "trainer.writers[0]: unknown writer 'csv'" in joined
     assert (
-        "trainer.batch_scheduler: unknown batch scheduler 'shufled' (did you mean 'shuffled'?)"
+        "trainer.batch_scheduler.name: unknown batch scheduler 'shufled' (did you mean 'shuffled'?)"
         in joined
     )
     assert len(problems) == 5
@@ -168,7 +169,7 @@ def test_module_errors(tmp_path: Path) -> None:
     problems = _errors(write_config(tmp_path / "c.yaml", cfg))
     joined = "\n".join(problems)
     assert "modules.trunk.type: unknown module type 'mpl' (did you mean 'mlp'?)" in joined
-    assert "register_module" in joined  # says how to add one
+    assert "or a dotted import path (register more in a module listed under" in joined
     assert (
         "modules.circle_head.in_feature: module type 'linear' takes no argument 'in_feature' "
         "(did you mean 'in_features'?)"
@@ -230,13 +231,59 @@ def test_component_arguments_are_checked_before_training(tmp_path: Path) -> None
     cfg["trainer"]["batch_scheduler"] = {"name": "mixed", "sed": 3}
     joined = "\n".join(_errors(write_config(tmp_path / "c.yaml", cfg)))
     assert (
-        "tasks.square_task.metrics[1]: metric 'fbeta' takes no argument 'betta' "
+        "tasks.square_task.metrics[1].betta: metric 'fbeta' takes no argument 'betta' "
         "(did you mean 'beta'?)" in joined
     )
     assert (
-        "trainer.batch_scheduler: batch scheduler 'mixed' takes no argument 'sed' "
+        "trainer.batch_scheduler.sed: batch scheduler 'mixed' takes no argument 'sed' "
         "(did you mean 'seed'?)" in joined
     )
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        (
+            "optimizer",
+            {"name": "adamw", "amsgrad": "maybe"},
+            "trainer.optimizer.amsgrad: expected true or false, got the string 'maybe'",
+        ),
+        (
+            "optimizer",
+            {"name": "adamw", "betas": 0.9},
+            "trainer.optimizer.betas: expected a list of 2, got float 0.9",
+        ),
+        (
+            "batch_scheduler",
+            {"name": "weighted", "weights": [1, 2]},
+            "trainer.batch_scheduler.weights: expected a mapping, got list [1, 2]",
+        ),
+        (
+            "optimizer",
+            {"name": "sgd", "weight_decay": 5.0},
+            "trainer.optimizer.weight_decay: optimizer 'sgd' gets 'weight_decay' from mtlgraph; "
+            "set it once, as trainer.weight_decay",
+        ),
+        (
+            "optimizer",
+            {"name": "adamw", "lr": 0.1},
+            "trainer.optimizer.lr: optimizer 'adamw' gets 'lr' from mtlgraph; set it once, as "
+            "trainer.lr",
+        ),
+        (
+            "lr_scheduler",
+            {"name": "cosine", "min_factor": "low"},
+            "trainer.lr_scheduler.min_factor: expected a number, got the string 'low'",
+        ),
+    ],
+)
+def test_component_argument_types_are_checked_before_training(
+    tmp_path: Path, key: str, value: Any, message: str
+) -> None:
+    cfg = tiny_config()
+    cfg["trainer"][key] = value
+    problems = _errors(write_config(tmp_path / "c.yaml", cfg))
+    assert len(problems) == 1 and message in problems[0], problems
 
 
 def test_data_errors(tmp_path: Path) -> None:
@@ -399,13 +446,13 @@ def test_apply_overrides_parses_yaml_scalars() -> None:
 def test_imports_register_user_modules(tmp_path: Path) -> None:
     (tmp_path / "my_blocks_cfgtest.py").write_text(
         "from torch import nn\n"
-        "from mtlgraph import register_module\n"
+        "from mtlgraph.graph import MODULES\n"
         "class Twice(nn.Module):\n"
         "    def __init__(self, scale: float = 2.0):\n"
         "        super().__init__(); self.scale = scale\n"
         "    def forward(self, x):\n"
         "        return x * self.scale\n"
-        "register_module('twice_cfgtest', Twice)\n"
+        "MODULES.register('twice_cfgtest', Twice)\n"
     )
     cfg = tiny_config()
     cfg["imports"] = ["my_blocks_cfgtest"]
@@ -484,7 +531,7 @@ def test_every_field_is_documented() -> None:
 
     from mtlgraph.data.synthetic import GENERATORS
     from mtlgraph.experiment.config import DataConfig, DatasetConfig, OpConfig, TaskConfig
-    from mtlgraph.graph.modules import module_types
+    from mtlgraph.graph.modules import MODULES
 
     doc = (ROOT / "docs" / "config.md").read_text()
     classes = (
@@ -513,7 +560,7 @@ def test_every_field_is_documented() -> None:
         "dropout",
         "activation",
     )
-    assert set(builtin) <= set(module_types())
+    assert set(builtin) <= set(MODULES.names())
     missing += [f"module {m}" for m in builtin if f"| `{m}`" not in doc]
     missing += [f"generator {g}" for g in GENERATORS if f"`{g}`" not in doc]
     assert not missing, missing

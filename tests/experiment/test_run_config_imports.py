@@ -15,13 +15,13 @@ from mtlgraph.graph.modules import MODULES
 
 BLOCKS = """
 from torch import nn
-from mtlgraph import register_module
+from mtlgraph.graph import MODULES
 
 class Doubler(nn.Module):
     def forward(self, x):
         return 2 * x
 
-register_module("doubler_{tag}", Doubler)
+MODULES.register("doubler_{tag}", Doubler)
 """
 
 

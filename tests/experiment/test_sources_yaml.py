@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from mtlgraph.data.sources.tokenizer import TOKENIZERS
 from mtlgraph.exceptions import CheckpointError, ConfigError, DataError
 from mtlgraph.experiment.build import build_experiment, build_model
 from mtlgraph.experiment.config import parse_config
@@ -173,9 +175,20 @@ def test_user_tokenizer_from_imports(tmp_path: Path, monkeypatch: pytest.MonkeyP
     x, _ = exp.datasets[0].batch(slice(0, 1))
     assert x["text"].shape == (1, 10) and not (tmp_path / "run" / VOCAB_DIR).exists()
     assert "vocabularies" not in exp.trainer.experiment_config
-    cfg["data"]["datasets"]["reviews"]["source"]["text"]["text"]["tokenizer"] = "my_tokens.nope"
-    with pytest.raises(DataError, match=r"tokenizer: cannot import 'my_tokens.nope'"):
-        build_experiment(parse_config(cfg, base_dir=tmp_path))
+    text = cfg["data"]["datasets"]["reviews"]["source"]["text"]["text"]
+    text["tokenizer"] = "my_tokens.nope"
+    with pytest.raises(ConfigError, match=r"tokenizer: cannot import 'my_tokens.nope'"):
+        parse_config(cfg, base_dir=tmp_path)  # at validation, before any data is read
+    TOKENIZERS.register("chars_test", sys.modules["my_tokens"].char_ids)
+    try:
+        text["tokenizer"] = {"name": "chars_test", "lenght": 3}
+        with pytest.raises(ConfigError, match=r"tokenizer.lenght: tokenizer 'chars_test' takes no"):
+            parse_config(cfg, base_dir=tmp_path)
+        text["tokenizer"] = "chars_test"
+        exp = build_experiment(parse_config(cfg, base_dir=tmp_path), tmp_path / "run2")
+        assert exp.datasets[0].batch(slice(0, 1))[0]["text"].shape == (1, 10)
+    finally:
+        TOKENIZERS.unregister("chars_test")
 
 
 # ---------------------------------------------------------------- modules
@@ -247,7 +260,7 @@ def test_dotted_module_type_problems() -> None:
         "modules.head.type: cannot import 'nowhere_pkg.Head': no module named "
         "'nowhere_pkg'" in message
     )
-    assert "modules.num.type: 'math.pi' is a float, not an nn.Module class" in message
+    assert "modules.num.type: 'math.pi' is a float, not a Module subclass or a function" in message
     assert (
         "modules.fn.input: missing (required by module type 'torch.nn.functional.relu')" in message
     )  # a function is a factory too: its signature is checked

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from mtlgraph import DictDataLoader, DictDataset, MultitaskClassifier, Operation, Task, Trainer
-from mtlgraph.graph.slices import register_slice
+from mtlgraph.graph.slices import SLICES
 
 
 def _right(X: dict) -> torch.Tensor:
@@ -42,7 +42,7 @@ def soft_ddp_worker(rank: int, world: int, port: int, out: Any) -> None:
         MASTER_PORT=str(port),
     )
     torch.set_num_threads(1)
-    register_slice("right_ddp", _right)
+    SLICES.register("right_ddp", _right)
     model, loaders = soft_setup()
     trainer = Trainer(n_epochs=3, lr=0.05, balancer="pcgrad", slices=["right_ddp"])
     trainer.config.progress_bar = False

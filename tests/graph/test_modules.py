@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from mtlgraph import ConfigError, register_loss, register_module
+from mtlgraph import ConfigError
 from mtlgraph.exceptions import UnknownNameError
 from mtlgraph.graph.losses import LOSSES, regression_loss
 from mtlgraph.graph.modules import (
@@ -18,10 +18,7 @@ from mtlgraph.graph.modules import (
     Conv2dStack,
     EmbeddingBag,
     Sum,
-    get_module_factory,
-    module_types,
 )
-from mtlgraph.graph.task import get_loss, loss_names
 
 
 def test_every_issue_module_is_registered() -> None:
@@ -35,10 +32,8 @@ def test_every_issue_module_is_registered() -> None:
         "sum",
         "dropout",
     ):
-        assert name in module_types()
-        assert isinstance(get_module_factory(name), type(get_module_factory("mlp"))) or callable(
-            get_module_factory(name)
-        )
+        assert name in MODULES.names()
+        assert callable(MODULES.get(name))
 
 
 def test_mlp_layers_and_output() -> None:
@@ -67,20 +62,19 @@ def test_conv_stack_concat_sum_shapes() -> None:
 
 
 def test_register_module_same_object_is_a_noop_another_needs_override() -> None:
-    register_module("identity_for_test_modules", nn.Identity)
+    MODULES.register("identity_for_test_modules", nn.Identity)
     try:
-        assert get_module_factory("identity_for_test_modules") is nn.Identity
-        register_module("identity_for_test_modules", nn.Identity)  # a re-run cell: fine
+        assert MODULES.get("identity_for_test_modules") is nn.Identity
+        MODULES.register("identity_for_test_modules", nn.Identity)  # a re-run cell: fine
         with pytest.raises(ConfigError, match="already registered.*override=True"):
-            register_module("identity_for_test_modules", nn.ReLU)
-        register_module("identity_for_test_modules", nn.ReLU, override=True)
+            MODULES.register("identity_for_test_modules", nn.ReLU)
+        MODULES.register("identity_for_test_modules", nn.ReLU, override=True)
         assert MODULES.get("identity_for_test_modules") is nn.ReLU
     finally:
         MODULES.unregister("identity_for_test_modules")
-    assert "identity_for_test_modules" not in module_types()
-    assert get_module_factory("identity_for_test_modules") is None
+    assert "identity_for_test_modules" not in MODULES.names()
     with pytest.raises(ConfigError, match="is not callable"):
-        register_module("nothing_for_test_modules", 3)  # type: ignore[arg-type]
+        MODULES.register("nothing_for_test_modules", 3)  # type: ignore[arg-type]
     with pytest.raises(UnknownNameError, match="unknown module type 'mpl' \\(did you mean 'mlp'"):
         MODULES.get("mpl")
 
@@ -100,28 +94,30 @@ def test_activations_are_a_registry() -> None:
 
 
 def test_loss_registry() -> None:
-    assert {"cross_entropy", "binary_cross_entropy", "mse", "l1", "smooth_l1"} <= set(loss_names())
+    assert {"cross_entropy", "binary_cross_entropy", "mse", "l1", "smooth_l1"} <= set(
+        LOSSES.names()
+    )
 
     def double_mse(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return 2 * torch.mean((o - t) ** 2)
 
-    register_loss("double_mse_for_test_modules", double_mse)
+    LOSSES.register("double_mse_for_test_modules", double_mse)
     try:
-        loss = get_loss("double_mse_for_test_modules")
+        loss = LOSSES.get("double_mse_for_test_modules")
         assert float(loss(torch.ones(2), torch.zeros(2))) == 2.0
-        assert register_loss("double_mse_for_test_modules", double_mse) is double_mse  # no-op
+        assert LOSSES.register("double_mse_for_test_modules", double_mse) is double_mse  # no-op
     finally:
         LOSSES.unregister("double_mse_for_test_modules")
     with pytest.raises(ConfigError, match="loss 'mse' is already registered"):
-        register_loss("mse", lambda o, t: o)
+        LOSSES.register("mse", lambda o, t: o)
     with pytest.raises(ConfigError, match="unknown loss 'msee' \\(did you mean 'mse'\\?\\)"):
-        get_loss("msee")
-    assert get_loss("mse") is regression_loss
+        LOSSES.get("msee")
+    assert LOSSES.get("mse") is regression_loss
 
 
 def test_loss_names_stay_importable_from_task() -> None:
     import mtlgraph.graph.losses as losses
     import mtlgraph.graph.task as task
 
-    for name in ("MaskedMultilabelLoss", "binary_loss", "get_loss", "loss_names", "register_loss"):
+    for name in ("LOSSES", "MaskedMultilabelLoss", "binary_loss"):
         assert getattr(task, name) is getattr(losses, name)

@@ -11,7 +11,7 @@ from conftest import make_loader, make_task
 from torch import nn
 
 from mtlgraph import ConfigError, MultitaskClassifier, Trainer
-from mtlgraph.graph.slices import SLICES, register_slice
+from mtlgraph.graph.slices import SLICES
 from mtlgraph.training.checkpoint import load_checkpoint
 
 
@@ -28,7 +28,7 @@ def _setup() -> tuple[MultitaskClassifier, list[object]]:
 
 def test_a_slice_key_selects_the_best_checkpoint(tmp_path: Path) -> None:
     key = "t/pts:right_ck/valid/accuracy"
-    register_slice("right_ck", lambda X: X["x"][:, 1] > 0)
+    SLICES.register("right_ck", lambda X: X["x"][:, 1] > 0)
     try:
         model, loaders = _setup()
         trainer = Trainer(

@@ -9,7 +9,7 @@ from torch import nn
 
 from mtlgraph import ConfigError, MultitaskClassifier, Trainer
 from mtlgraph.training.lr import resolve_warmup
-from mtlgraph.training.optim import resolve_optimizer, torch_optimizers
+from mtlgraph.training.optim import OPTIMIZERS, torch_optimizers
 
 
 def _setup() -> tuple[MultitaskClassifier, list]:
@@ -63,14 +63,17 @@ def test_unknown_and_unsupported_optimizers_are_clear_errors() -> None:
         Trainer(optimizer="adamxa")
     with pytest.raises(ConfigError, match=r"optimizer 'LBFGS' cannot be used: it needs a closure"):
         Trainer(optimizer="LBFGS")
-    with pytest.raises(ConfigError, match=r"cannot import module 'no_such_pkg'"):
+    with pytest.raises(ConfigError, match=r"cannot import 'no_such_pkg.Opt': no module named"):
         Trainer(optimizer="no_such_pkg.Opt")
-    with pytest.raises(ConfigError, match=r"'torch.nn.Linear' is a type, not a torch.optim"):
+    with pytest.raises(
+        ConfigError,
+        match=r"'torch.nn.Linear' is the class Linear, not a Optimizer subclass or a function",
+    ):
         Trainer(optimizer="torch.nn.Linear")
     with pytest.raises(ConfigError, match=r"optimizer 'rprop' takes no weight_decay"):
         Trainer(optimizer="rprop", weight_decay=0.1)
     assert "lbfgs" not in torch_optimizers() and "adamax" in torch_optimizers()
-    assert resolve_optimizer("sgd") is torch.optim.SGD
+    assert OPTIMIZERS.resolve("sgd")[0] is torch.optim.SGD
 
 
 def test_rprop_without_weight_decay_trains() -> None:
@@ -119,7 +122,24 @@ def test_yaml_names_any_torch_optimizer_and_a_warmup_fraction(tmp_path) -> None:
     exp = build_experiment(load_config(write_config(tmp_path / "c.yaml", cfg)))
     exp.trainer.fit(exp.model, exp.loaders)
     assert type(exp.trainer.optimizer) is torch.optim.Adamax
-    assert exp.trainer.optimizer.param_groups[0]["betas"] == [0.8, 0.99]
+    assert exp.trainer.optimizer.param_groups[0]["betas"] == (0.8, 0.99)
     cfg = tiny_config(optimizer="adamx")
     with pytest.raises(ConfigError, match=r"unknown optimizer 'adamx' \(did you mean 'adam"):
         load_config(write_config(tmp_path / "c.yaml", cfg))
+
+
+def test_classes_and_instances_are_specs_too() -> None:
+    from mtlgraph.balancing import SumBalancer
+
+    model, loaders = _setup()
+    trainer = Trainer(
+        optimizer={"name": torch.optim.NAdam, "momentum_decay": 0.01},
+        balancer=SumBalancer,
+        progress_bar=False,
+    )
+    trainer.fit(model, loaders)
+    assert type(trainer.optimizer) is torch.optim.NAdam
+    assert trainer.optimizer.param_groups[0]["momentum_decay"] == 0.01
+    assert type(trainer.balancer) is SumBalancer
+    with pytest.raises(ConfigError, match=r"optimizer.momentum_decay: expected a number"):
+        Trainer(optimizer={"name": torch.optim.NAdam, "momentum_decay": "fast"})

@@ -17,8 +17,8 @@ from torch import nn
 from mtlgraph import BatchScheduler, CheckpointError, ConfigError, MultitaskClassifier, Trainer
 from mtlgraph.registry import Registry
 from mtlgraph.training.checkpoint import VERSION, load_checkpoint, save_checkpoint
-from mtlgraph.training.lr import LR_SCHEDULES, register_lr_schedule
-from mtlgraph.training.optim import OPTIMIZERS, register_optimizer
+from mtlgraph.training.lr import LR_SCHEDULES
+from mtlgraph.training.optim import OPTIMIZERS
 from mtlgraph.training.state import LossRecord, RunState, loss_sums, train_losses
 from mtlgraph.training.trainer import FitLoop
 
@@ -157,22 +157,20 @@ def test_optimizers_and_lr_schedules_are_registries_with_checked_kwargs() -> Non
     def halves(progress: float, epoch: int, every: int = 1) -> float:
         return 0.5 ** (epoch // every)
 
-    register_optimizer("rmsprop_test", torch.optim.RMSprop)
-    register_lr_schedule("halves_test", halves)
+    OPTIMIZERS.register("rmsprop_test", torch.optim.RMSprop)
+    LR_SCHEDULES.register("halves_test", halves)
     try:
-        register_lr_schedule("halves_test", halves)  # the same object again: a no-op
+        LR_SCHEDULES.register("halves_test", halves)  # the same object again: a no-op
         with pytest.raises(ConfigError, match="already registered"):
-            register_lr_schedule("halves_test", lambda p, e: 1.0)
+            LR_SCHEDULES.register("halves_test", lambda p, e: 1.0)
         with pytest.raises(ConfigError) as info:
             Trainer(
                 optimizer={"name": "rmsprop_test", "alpah": 0.9},
                 lr_scheduler={"name": "halves_test", "evry": 2},
             )
         text = str(info.value)
-        assert "optimizer: optimizer 'rmsprop_test' takes no argument 'alpah' (did you mean" in text
-        assert (
-            "lr_scheduler: LR schedule 'halves_test' takes no argument 'evry' (did you mean" in text
-        )
+        assert "optimizer.alpah: optimizer 'rmsprop_test' takes no argument 'alpah' (did" in text
+        assert "lr_scheduler.evry: LR schedule 'halves_test' takes no argument 'evry' (did" in text
         model, loaders = _setup()
         trainer = Trainer(
             n_epochs=2,

@@ -52,7 +52,8 @@ def test_config_errors_are_reported_together() -> None:
     assert "optimizer: unknown optimizer 'adan' (did you mean 'adam'?)" in text
     assert "progress_bar: expected true or false, got the string 'yes'" in text
     assert (
-        "lr_scheduler: LR schedule 'step' takes no argument 'gama' (did you mean 'gamma'?)" in text
+        "lr_scheduler.gama: LR schedule 'step' takes no argument 'gama' (did you mean 'gamma'?)"
+        in text
     )
     assert len(info.value.problems) == 5
 

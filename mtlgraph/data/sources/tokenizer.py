@@ -17,13 +17,14 @@ import json
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mtlgraph.exceptions import DataError
+from mtlgraph.registry import Registry
 
 PAD, UNK = "<pad>", "<unk>"
 """The two special tokens, ids 0 and 1."""
@@ -171,3 +172,10 @@ class WordTokenizer:
 
 def _words(text: str, lowercase: bool) -> list[str]:
     return _WORD.findall(text.lower() if lowercase else text)
+
+
+TOKENIZERS: Registry[Callable[..., Any]] = Registry("tokenizer", bind=True)
+"""Your own ``str -> ids`` tokenizers by name (``TOKENIZERS.register(name, fn)``); a text column's
+``tokenizer:`` takes a registered name, ``{name: ..., **kwargs}`` (bound to the function) or a
+dotted import path. Without one, a column gets a :class:`WordTokenizer` built from the training
+split."""
