@@ -570,9 +570,38 @@ class DictDataLoader(DataLoader[Batch]):
             perm = torch.tensor(list(iter(sampler)), dtype=torch.long)
             n = len(perm)
         stop = n - n % bs if self.drop_last else n
+        dataset = self.dataset
+        rows = _chunk_rows(dataset, bs)
+        if rows > bs:  # gather many batches' rows at once, then cut the batches as views
+            for first in range(start * bs, stop, rows):
+                last = min(first + rows, stop)
+                X, Y = dataset.batch(slice(first, last) if perm is None else perm[first:last])
+                for b in range(0, last - first, bs):
+                    yield (
+                        {k: v[b : b + bs] for k, v in X.items()},
+                        {k: v[b : b + bs] for k, v in Y.items()},
+                    )
+            return
         for begin in range(start * bs, stop, bs):
             end = min(begin + bs, n)
-            yield self.dataset.batch(slice(begin, end) if perm is None else perm[begin:end])
+            yield dataset.batch(slice(begin, end) if perm is None else perm[begin:end])
+
+
+CHUNK_BYTES = 1 << 20
+"""Bytes of rows an in-memory loader gathers at once (then cuts into batches)."""
+
+
+def _chunk_rows(dataset: Any, batch_size: int) -> int:
+    """Rows (whole batches) a loader gathers at once: several batches when every field
+    and label of ``dataset`` is an in-memory tensor, else one batch (0). A batch cut
+    from a gathered chunk equals the batch gathered alone, value for value."""
+    if not isinstance(dataset, DictDataset):
+        return 0
+    fields = [*dataset.X_dict.values(), *dataset.Y_dict.values()]
+    if not fields or not all(isinstance(v, torch.Tensor) for v in fields):
+        return 0
+    row_bytes = sum(v[:1].nbytes for v in fields) or 1
+    return max(1, CHUNK_BYTES // row_bytes // batch_size) * batch_size
 
 
 def _advancing(it: Iterator[Any], cursor: Any) -> Iterator[Batch]:

@@ -57,7 +57,13 @@ from mtlgraph.training.labels import BatchLabelCheck
 from mtlgraph.training.loading import TrainLoaders, batch_count, configure_sampling
 from mtlgraph.training.lr import LR_SCHEDULES, is_constant, lr_factor_fn, resolve_warmup
 from mtlgraph.training.optim import OPTIMIZERS, StepControl, SubsetStepper, make_optimizer
-from mtlgraph.training.setup import check_loaders, distribute, prepare
+from mtlgraph.training.setup import (
+    batch_sources,
+    check_loaders,
+    distribute,
+    prefer_foreach,
+    prepare,
+)
 from mtlgraph.training.state import (
     LossRecord,
     Records,
@@ -67,7 +73,12 @@ from mtlgraph.training.state import (
     task_means,
     train_losses,
 )
-from mtlgraph.training.step import NonfiniteGuard, StepLosses, TrainStep, step_losses
+from mtlgraph.training.step import (
+    NonfiniteGuard,
+    StepLosses,
+    TrainStep,
+    step_losses,
+)
 from mtlgraph.training.writers import Writer, WriterContext, flatten, open_writers
 
 __all__ = [
@@ -243,12 +254,14 @@ class FitLoop:
             weight_decay=cfg.weight_decay,
             param_groups=cfg.param_groups,
         )
+        prefer_foreach(optimizer)
         self.stepper = SubsetStepper(optimizer, self.balancer.task_parameters)
         control = StepControl(cfg.amp, cfg.grad_accumulation_steps, cfg.grad_clip, device)
         guard = NonfiniteGuard(cfg.nonfinite, self.comm)
         self.step = TrainStep(
             model, self.balancer, self.stepper, control, device, self.comm, guard, ddp
         )
+        self.sources = batch_sources(model, self.train, device)
         self.state.batch_counts = [batch_count(dl) for dl in self.train]
         self.state.world_size = env.world_size
         configure_sampling(self.scheduler, self.train, cfg.steps_per_epoch, cfg.n_epochs)
@@ -284,11 +297,11 @@ class FitLoop:
             scheduler_state = self.scheduler.state_dict()  # resume recomputes the plan from it
             plan = self.scheduler.epoch_plan(state.batch_counts)
             self._start_epoch(epoch, plan, scheduler_state)
-            names = [dl.dataset.name for dl in self.train]
-            next_batch, lr_factor, step = self.loaders.next, self.lr_factor, self.step
+            sources, next_batch = self.sources, self.loaders.next
+            lr_factor, step = self.lr_factor, self.step
             step_hooks, last = run.has_step_hooks, len(plan) - 1
             for k in range(state.step_in_epoch, len(plan)):
-                batches = [(names[i], next_batch(i)) for i in plan[k]]
+                batches = [(sources[i], next_batch(i)) for i in plan[k]]
                 if lr_factor is not None:
                     self.stepper.set_lr_factor(lr_factor(state.global_step, epoch))
                 records, stepped = step(batches, state.global_step, k == last)
