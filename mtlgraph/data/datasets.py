@@ -576,15 +576,19 @@ class DictDataLoader(DataLoader[Batch]):
             for first in range(start * bs, stop, rows):
                 last = min(first + rows, stop)
                 X, Y = dataset.batch(slice(first, last) if perm is None else perm[first:last])
-                for b in range(0, last - first, bs):
-                    yield (
-                        {k: v[b : b + bs] for k, v in X.items()},
-                        {k: v[b : b + bs] for k, v in Y.items()},
-                    )
+                count = -(-(last - first) // bs)
+                yield from zip(_cut(X, bs, count), _cut(Y, bs, count))
             return
         for begin in range(start * bs, stop, bs):
             end = min(begin + bs, n)
             yield dataset.batch(slice(begin, end) if perm is None else perm[begin:end])
+
+
+def _cut(part: Mapping[str, torch.Tensor], size: int, count: int) -> list[dict[str, Any]]:
+    """``count`` dicts of consecutive ``size``-row views of every tensor of ``part``."""
+    if not part:
+        return [{} for _ in range(count)]
+    return [dict(zip(part, views)) for views in zip(*(v.split(size) for v in part.values()))]
 
 
 CHUNK_BYTES = 1 << 20

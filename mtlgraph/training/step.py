@@ -26,7 +26,7 @@ from mtlgraph.graph.plan import ExecutionPlan
 from mtlgraph.metrics import make_key
 from mtlgraph.training.distributed import Collectives
 from mtlgraph.training.hooks import Hook, Run
-from mtlgraph.training.optim import StepControl, SubsetStepper
+from mtlgraph.training.optim import NO_CONTEXT, StepControl, SubsetStepper
 from mtlgraph.training.state import LossRecord
 
 logger = logging.getLogger(__name__)
@@ -170,11 +170,14 @@ class TrainStep:
     ) -> tuple[ExecutionPlan | None, list[LossRecord]]:
         """The losses (under autocast with ``amp``), the non-finite check and the balancer's
         backward; the plan that got gradients (``None``: none) and the loss records."""
-        if self.autocast:
-            with self.control.autocast():
-                losses, counts, records = self._losses(batches)
+        if self.ddp is not None or self.autocast:
+            with self.control.autocast() if self.autocast else NO_CONTEXT:
+                if self.ddp is not None:
+                    losses, counts, records = self.ddp(batches, self.device)
+                else:
+                    losses, counts, records = step_losses(self.model, batches, self.device)
         else:
-            losses, counts, records = self._losses(batches)
+            losses, counts, records = step_losses(self.model, batches, self.device)
         if not losses:
             return None, records
         if self.guard.drops(losses, records, global_step):
@@ -186,11 +189,6 @@ class TrainStep:
         )
         self.balancer.backward(losses, ctx)
         return plan, records
-
-    def _losses(self, batches: Sequence[tuple[BatchSource, Batch]]) -> StepOutput:
-        if self.ddp is not None:
-            return self.ddp(batches, self.device)  # type: ignore[no-any-return]
-        return step_losses(self.model, batches, self.device)
 
     def _balancer_params(self, task_names: Sequence[str]) -> list[nn.Parameter]:
         """The learned balancer parameters a step on ``task_names`` touched."""

@@ -62,3 +62,10 @@ def test_list_fields_are_not_chunked() -> None:
     assert datasets._chunk_rows(ds, 2) == 0
     batches = list(DictDataLoader(ds, batch_size=4))
     assert [x["s"].shape for x, _ in batches] == [(4, 4), (2, 6)]  # padded per batch
+
+
+def test_a_dataset_without_labels_is_cut_into_input_batches() -> None:
+    ds = DictDataset("d", "serve", {"x": torch.arange(7)}, {})
+    batches = list(DictDataLoader(ds, batch_size=3, shuffle=True))
+    assert [y for _, y in batches] == [{}, {}, {}]
+    assert sorted(torch.cat([x["x"] for x, _ in batches]).tolist()) == list(range(7))
