@@ -577,7 +577,7 @@ class DictDataLoader(DataLoader[Batch]):
                 last = min(first + rows, stop)
                 X, Y = dataset.batch(slice(first, last) if perm is None else perm[first:last])
                 count = -(-(last - first) // bs)
-                yield from zip(_cut(X, bs, count), _cut(Y, bs, count))
+                yield from zip(_cut(X, bs, count), _cut(Y, bs, count), strict=True)
             return
         for begin in range(start * bs, stop, bs):
             end = min(begin + bs, n)
@@ -588,7 +588,8 @@ def _cut(part: Mapping[str, torch.Tensor], size: int, count: int) -> list[dict[s
     """``count`` dicts of consecutive ``size``-row views of every tensor of ``part``."""
     if not part:
         return [{} for _ in range(count)]
-    return [dict(zip(part, views)) for views in zip(*(v.split(size) for v in part.values()))]
+    splits = [v.split(size) for v in part.values()]
+    return [dict(zip(part, views, strict=True)) for views in zip(*splits, strict=True)]
 
 
 CHUNK_BYTES = 1 << 20
