@@ -48,10 +48,12 @@ from mtlgraph.training.hooks import (
     EvaluationHook,
     Every,
     Hook,
+    LogWriters,
     ProbeHook,
     ProgressBar,
     Run,
     build_hook,
+    overrides,
 )
 from mtlgraph.training.labels import BatchLabelCheck
 from mtlgraph.training.loading import TrainLoaders, batch_count, configure_sampling
@@ -214,8 +216,8 @@ class Trainer:
                 finished = True
             finally:  # writers flush even when training fails; hparams only when it succeeded
                 final = self.history[-1] if finished and self.history else None
-                for writer in loop.run_view.writers:
-                    writer.close(final)
+                if loop.writers is not None:
+                    loop.writers.close(self.history, final)
                 if loop.probes is not None:
                     self.diagnostics = loop.probes.report
 
@@ -276,10 +278,11 @@ class FitLoop:
         keys = ckpt.metric_keys(model, self.train, evals, cfg.slices)
         self.probes = self._probes(saved)
         hooks = self._hooks(guard, keys)
-        self.run_view = Run(self.state, model, optimizer, self.balancer, hooks, (), keys)
+        self.run_view = Run(self.state, model, optimizer, self.balancer, hooks, keys)
         if saved is not None:
             self._restore(saved)
-        self.run_view.writers = self._open_writers(self._saved_step(saved))
+        if self.writers is not None:  # after the restore: they drop what followed the checkpoint
+            self.writers.writers = self._open_writers(self._saved_step(saved))
         if saved is not None:
             ckpt.set_rng_state(saved["rng"])  # last: building the pieces above may draw numbers
 
@@ -467,7 +470,7 @@ class FitLoop:
 
     def _hooks(self, guard: NonfiniteGuard, keys: Mapping[str, bool]) -> list[Hook]:
         """The run's hooks in their fixed order (:mod:`.hooks`): the non-finite guard, probes,
-        evaluation, the user's hooks, checkpoints, the progress bar."""
+        evaluation, the user's hooks, writers, checkpoints, the progress bar."""
         cfg = self.cfg
         hooks: list[Hook] = [guard]
         if self.probes is not None:
@@ -478,6 +481,20 @@ class FitLoop:
             EvaluationHook(evaluate_every, self.train_record, score, self.env.is_main, cfg.n_epochs)
         )
         hooks += [build_hook(spec, f"hooks[{i}]") for i, spec in enumerate(cfg.hooks)]
+        self.writers = None  # rank 0 alone writes logs
+        files = [w for w in cfg.writers or [] if isinstance(w, str)]
+        needs_dir = files or cfg.checkpoint_every or cfg.checkpoint_metric
+        if self.env.is_main and cfg.run_dir is None and needs_dir:
+            logger.warning(
+                "run_dir is not set: no checkpoints or %s are written",
+                ", ".join(files) or "log files",
+            )
+        if self.env.is_main and (cfg.writers or (cfg.writers is None and cfg.run_dir)):
+            at_steps = any(
+                overrides(h, "on_step_end") for h in hooks if not isinstance(h, EvaluationHook)
+            )
+            self.writers = LogWriters(at_steps)
+            hooks.append(self.writers)
         self.checkpointer = None
         if cfg.run_dir is not None:
             mode = None
@@ -510,23 +527,14 @@ class FitLoop:
         return ProbeHook(monitor, cfg.run_dir, self.train, self.stepper.full_groups)
 
     def _open_writers(self, resume_step: int | None) -> list[Writer]:
-        """The writers (rank 0 alone writes logs)."""
+        """The writers of the ``writers`` hook."""
         cfg = self.cfg
-        if not self.env.is_main:
-            return []
-        files = [w for w in cfg.writers or [] if isinstance(w, str)]
-        if cfg.run_dir is None and (files or cfg.checkpoint_every or cfg.checkpoint_metric):
-            logger.warning(
-                "run_dir is not set: no checkpoints or %s are written",
-                ", ".join(files) or "log files",
-            )
+        if cfg.run_dir is None:  # files need a run directory (a warning said so)
             return open_writers([w for w in cfg.writers or [] if not isinstance(w, str)], None)
-        ctx = None
-        if cfg.run_dir is not None:
-            plain = self._plain_config()
-            ctx = WriterContext(
-                Path(cfg.run_dir), resume_step, flatten(plain["experiment"] or plain["trainer"])
-            )
+        plain = self._plain_config()
+        ctx = WriterContext(
+            Path(cfg.run_dir), resume_step, flatten(plain["experiment"] or plain["trainer"])
+        )
         return open_writers(cfg.writers, ctx)
 
     def _plain_config(self) -> dict[str, Any]:
