@@ -10,6 +10,7 @@ a training step's time goes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -451,6 +452,7 @@ class DictDataLoader(DataLoader[Batch]):
         }
         """The constructor's arguments (a sharded copy for DDP is built with them)."""
         self.cursor: Any = None  # a stream's StreamCursor
+        self._batches: tuple[tuple[int, ...], list[Batch]] | None = None  # see _in_order
         if isinstance(dataset, NamedStream):
             self._init_stream(dataset, batch_size, shuffle, seed, drop_last, kwargs)
             return
@@ -572,6 +574,10 @@ class DictDataLoader(DataLoader[Batch]):
         stop = n - n % bs if self.drop_last else n
         dataset = self.dataset
         rows = _chunk_rows(dataset, bs)
+        if rows and perm is None:  # in order: the same views every epoch, cut once
+            for x, y in self._in_order(bs, stop)[start:]:
+                yield dict(x), dict(y)
+            return
         if rows > bs:  # gather many batches' rows at once, then cut the batches as views
             for first in range(start * bs, stop, rows):
                 last = min(first + rows, stop)
@@ -582,6 +588,20 @@ class DictDataLoader(DataLoader[Batch]):
         for begin in range(start * bs, stop, bs):
             end = min(begin + bs, n)
             yield dataset.batch(slice(begin, end) if perm is None else perm[begin:end])
+
+    def _in_order(self, size: int, stop: int) -> list[Batch]:
+        """The batches of rows ``0..stop`` in order, as views: cut once and kept while the
+        dataset holds the same tensors (a view keeps its tensor alive, so ids stay unique)."""
+        ds = self.dataset
+        key = (size, stop, *map(id, ds.X_dict.values()), *map(id, ds.Y_dict.values()))
+        if self._batches is None or self._batches[0] != key:
+            X, Y = ds.batch(slice(0, stop))
+            count = -(-stop // size)
+            self._batches = (
+                key,
+                list(zip(_cut(X, size, count), _cut(Y, size, count), strict=True)),
+            )
+        return self._batches[1]
 
 
 def _cut(part: Mapping[str, torch.Tensor], size: int, count: int) -> list[dict[str, Any]]:
@@ -605,7 +625,7 @@ def _chunk_rows(dataset: Any, batch_size: int) -> int:
     fields = [*dataset.X_dict.values(), *dataset.Y_dict.values()]
     if not fields or not all(isinstance(v, torch.Tensor) for v in fields):
         return 0
-    row_bytes = sum(v[:1].nbytes for v in fields) or 1
+    row_bytes = sum(v.element_size() * math.prod(v.shape[1:]) for v in fields) or 1
     return max(1, CHUNK_BYTES // row_bytes // batch_size) * batch_size
 
 

@@ -446,13 +446,15 @@ class EvaluationHook(Hook):
             record.update(scores)
             run.balancer.on_evaluation(scores)
         state.last_logged = state.global_step
-        logger.log(
-            logging.INFO if self.is_main else logging.DEBUG,
-            "epoch %d step %d: %s",
-            state.epoch_number,
-            state.global_step,
-            ", ".join(f"{k}={v:.4g}" for k, v in record.items() if _summary_key(k)),
-        )
+        level = logging.INFO if self.is_main else logging.DEBUG
+        if logger.isEnabledFor(level):  # the summary is built only when it is shown
+            logger.log(
+                level,
+                "epoch %d step %d: %s",
+                state.epoch_number,
+                state.global_step,
+                ", ".join(f"{k}={v:.4g}" for k, v in record.items() if _summary_key(k)),
+            )
         run.evaluated(record)
 
 

@@ -69,3 +69,21 @@ def test_a_dataset_without_labels_is_cut_into_input_batches() -> None:
     batches = list(DictDataLoader(ds, batch_size=3, shuffle=True))
     assert [y for _, y in batches] == [{}, {}, {}]
     assert sorted(torch.cat([x["x"] for x, _ in batches]).tolist()) == list(range(7))
+
+
+def test_in_order_batches_are_cut_once_and_follow_the_dataset() -> None:
+    ds = _dataset(10)
+    loader = DictDataLoader(ds, batch_size=4)
+    first = list(loader)
+    first[0][0]["extra"] = torch.zeros(1)  # a consumer's change to a batch dict stays its own
+    again = list(loader)
+    assert "extra" not in again[0][0]
+    assert all(
+        a[0]["x"].data_ptr() == b[0]["x"].data_ptr() for a, b in zip(first, again, strict=True)
+    )
+    ds.X_dict["x"] = ds.X_dict["x"] * 2  # a new tensor: the batches are cut anew
+    doubled = list(loader)
+    assert torch.equal(doubled[1][0]["x"], ds.X_dict["x"][4:8])
+    ds.X_dict["x"].mul_(0)  # in place: the views see it, as slices of the dataset always did
+    assert not list(loader)[2][0]["x"].any()
+    assert [len(y["t"]) for _, y in loader.iterate(start=1)] == [4, 2]
