@@ -135,6 +135,7 @@ class TrainStep:
         # the contexts of the forward pass, fixed when they are no-ops (the common case)
         self.no_sync = self.manual_sync and ddp is not None
         self.autocast = control.amp is not None
+        self.contexts: dict[ExecutionPlan, StepContext] = {}  # the balancer's, per plan
 
     def __call__(
         self, batches: Sequence[tuple[BatchSource, Batch]], global_step: int, last_of_epoch: bool
@@ -183,10 +184,15 @@ class TrainStep:
         if self.guard.drops(losses, records, global_step):
             return None, []  # skip_batch: no gradients, no logged loss
         plan = self.model.plan(tuple(losses))
-        control = self.control
-        ctx = StepContext(
-            self.tasks, plan, counts, control.backward, control.scale, global_step, self.reduce
-        )
+        ctx = self.contexts.get(plan)
+        if ctx is None:  # one context per plan, its counts and step set for each step
+            control = self.control
+            ctx = StepContext(
+                self.tasks, plan, counts, control.backward, control.scale, global_step, self.reduce
+            )
+            self.contexts[plan] = ctx
+        else:
+            ctx.counts, ctx.step = counts, global_step
         self.balancer.backward(losses, ctx)
         return plan, records
 
@@ -229,6 +235,7 @@ class NonfiniteGuard(Hook):
 
     def __init__(self, mode: str, comm: Collectives) -> None:
         self.mode, self.comm = mode, comm
+        self.distributed = comm.enabled
         self.run: Run | None = None  # where messages read the epoch
         self.skipped = 0  # micro-steps dropped by skip_batch
         self.warned = 0
@@ -256,14 +263,14 @@ class NonfiniteGuard(Hook):
             total = total.detach()
             for loss in values:
                 total = total + loss.detach()
-        if self.comm.enabled:  # every rank takes the same branch
+        if not self.distributed:
+            if math.isfinite(total.item()):  # one host sync (free on the CPU)
+                return False
+        else:  # every rank takes the same branch
             flag = (~torch.isfinite(total.detach())).float().reshape(1)
             self.comm.mean_(flag)
-            bad = bool(flag > 0)
-        else:
-            bad = not math.isfinite(total.item())
-        if not bad:
-            return False
+            if not bool(flag > 0):
+                return False
         culprits = [
             f"task '{r.task}' on dataset '{r.dataset}' has loss {float(r.loss):g}"
             for r in records
