@@ -402,8 +402,9 @@ class DictDataLoader(DataLoader[Batch]):
     an unshuffled loader of tensors cuts its batches (views) once and hands out the same views
     every epoch; a shuffled one gathers the rows of many batches at once (about
     :data:`CHUNK_BYTES`) and cuts them into batches. Other settings use PyTorch's own loading
-    machinery with :func:`collate_dicts`. A stream is batched by each worker from its own share of the stream
-    (:mod:`mtlgraph.data.streams`); ``shuffle`` then shuffles the order of its units per pass.
+    machinery with :func:`collate_dicts`. A stream is batched by each worker from its own share
+    of the stream (:mod:`mtlgraph.data.streams`); ``shuffle`` then shuffles the order of its
+    units per pass.
 
     Args:
         dataset: The dataset to load.
