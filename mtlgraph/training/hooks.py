@@ -473,6 +473,22 @@ class LogWriters(Hook):
     Attributes:
         writers: The writers (opened once a resumed run is restored, so they can drop what was
             logged after the checkpoint).
+
+    Example:
+        >>> from mtlgraph.training.hooks import LogWriters
+        >>> from mtlgraph.training.writers import Writer
+        >>> class Show(Writer):
+        ...     def write(self, record):
+        ...         print(record)
+        >>> hook = LogWriters(at_steps=False)
+        >>> hook.writers = [Show()]
+        >>> history = [{"step": 1.0}, {"step": 2.0}]
+        >>> hook.write(history)
+        {'step': 1.0}
+        {'step': 2.0}
+        >>> history.append({"step": 3.0})
+        >>> hook.write(history)  # only what was added since
+        {'step': 3.0}
     """
 
     name = "writers"
