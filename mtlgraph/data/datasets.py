@@ -10,6 +10,7 @@ a training step's time goes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -397,10 +398,13 @@ class DictDataLoader(DataLoader[Batch]):
 
     It loads a :class:`DictDataset` or a :class:`~mtlgraph.NamedDataset` (any map-style torch
     dataset, or a stream). With ``num_workers=0`` and the default collate function, batches of a
-    ``DictDataset`` are cut from its tensors directly (slices for unshuffled loaders), which keeps
-    small-model training fast; other settings use PyTorch's own loading machinery with
-    :func:`collate_dicts`. A stream is batched by each worker from its own share of the stream
-    (:mod:`mtlgraph.data.streams`); ``shuffle`` then shuffles the order of its units per pass.
+    ``DictDataset`` are cut from its tensors directly, which keeps small-model training fast:
+    an unshuffled loader of tensors cuts its batches (views) once and hands out the same views
+    every epoch; a shuffled one gathers the rows of many batches at once (about
+    :data:`CHUNK_BYTES`) and cuts them into batches. Other settings use PyTorch's own loading
+    machinery with :func:`collate_dicts`. A stream is batched by each worker from its own share
+    of the stream (:mod:`mtlgraph.data.streams`); ``shuffle`` then shuffles the order of its
+    units per pass.
 
     Args:
         dataset: The dataset to load.
@@ -451,6 +455,7 @@ class DictDataLoader(DataLoader[Batch]):
         }
         """The constructor's arguments (a sharded copy for DDP is built with them)."""
         self.cursor: Any = None  # a stream's StreamCursor
+        self._batches: tuple[tuple[int, ...], list[Batch]] | None = None  # see _in_order
         if isinstance(dataset, NamedStream):
             self._init_stream(dataset, batch_size, shuffle, seed, drop_last, kwargs)
             return
@@ -570,9 +575,61 @@ class DictDataLoader(DataLoader[Batch]):
             perm = torch.tensor(list(iter(sampler)), dtype=torch.long)
             n = len(perm)
         stop = n - n % bs if self.drop_last else n
+        dataset = self.dataset
+        rows = _chunk_rows(dataset, bs)
+        if rows and perm is None:  # in order: the same views every epoch, cut once
+            for x, y in self._in_order(bs, stop)[start:]:
+                yield dict(x), dict(y)
+            return
+        if rows > bs:  # gather many batches' rows at once, then cut the batches as views
+            for first in range(start * bs, stop, rows):
+                last = min(first + rows, stop)
+                X, Y = dataset.batch(slice(first, last) if perm is None else perm[first:last])
+                count = -(-(last - first) // bs)
+                yield from zip(_cut(X, bs, count), _cut(Y, bs, count), strict=True)
+            return
         for begin in range(start * bs, stop, bs):
             end = min(begin + bs, n)
-            yield self.dataset.batch(slice(begin, end) if perm is None else perm[begin:end])
+            yield dataset.batch(slice(begin, end) if perm is None else perm[begin:end])
+
+    def _in_order(self, size: int, stop: int) -> list[Batch]:
+        """The batches of rows ``0..stop`` in order, as views: cut once and kept while the
+        dataset holds the same tensors (a view keeps its tensor alive, so ids stay unique)."""
+        ds = self.dataset
+        key = (size, stop, *map(id, ds.X_dict.values()), *map(id, ds.Y_dict.values()))
+        if self._batches is None or self._batches[0] != key:
+            X, Y = ds.batch(slice(0, stop))
+            count = -(-stop // size)
+            self._batches = (
+                key,
+                list(zip(_cut(X, size, count), _cut(Y, size, count), strict=True)),
+            )
+        return self._batches[1]
+
+
+def _cut(part: Mapping[str, torch.Tensor], size: int, count: int) -> list[dict[str, Any]]:
+    """``count`` dicts of consecutive ``size``-row views of every tensor of ``part``."""
+    if not part:
+        return [{} for _ in range(count)]
+    splits = [v.split(size) for v in part.values()]
+    return [dict(zip(part, views, strict=True)) for views in zip(*splits, strict=True)]
+
+
+CHUNK_BYTES = 1 << 20
+"""Bytes of rows an in-memory loader gathers at once (then cuts into batches)."""
+
+
+def _chunk_rows(dataset: Any, batch_size: int) -> int:
+    """Rows (whole batches) a loader gathers at once: several batches when every field
+    and label of ``dataset`` is an in-memory tensor, else one batch (0). A batch cut
+    from a gathered chunk equals the batch gathered alone, value for value."""
+    if not isinstance(dataset, DictDataset):
+        return 0
+    fields = [*dataset.X_dict.values(), *dataset.Y_dict.values()]
+    if not fields or not all(isinstance(v, torch.Tensor) for v in fields):
+        return 0
+    row_bytes = sum(v.element_size() * math.prod(v.shape[1:]) for v in fields) or 1
+    return max(1, CHUNK_BYTES // row_bytes // batch_size) * batch_size
 
 
 def _advancing(it: Iterator[Any], cursor: Any) -> Iterator[Batch]:

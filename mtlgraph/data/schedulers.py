@@ -66,7 +66,7 @@ class BatchScheduler(ABC):
         plan: list[Step] = []
         for entry in self.schedule(batch_counts):
             step = (int(entry),) if isinstance(entry, (int, np.integer)) else tuple(map(int, entry))
-            if not step or any(i < 0 or i >= n for i in step):
+            if not step or min(step) < 0 or max(step) >= n:
                 raise DataError(
                     [
                         f"{type(self).__name__}.schedule produced step {entry!r}; loader "

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -333,6 +333,7 @@ class MultitaskClassifier(nn.Module):
         X_dict: Mapping[str, Any],
         Y_dict: Mapping[str, torch.Tensor],
         keep_empty: bool = False,
+        all_active: Container[str] = (),
     ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
         """Per-task losses of one batch, masking labels equal to each task's ignore value.
 
@@ -342,25 +343,18 @@ class MultitaskClassifier(nn.Module):
             keep_empty: Report tasks with no active label too, with a zero loss that is still
                 connected to the task's graph and a count of 0 (under DDP every rank must run
                 the same operations, whatever labels its shard holds).
+            all_active: Tasks whose labels are known to hold no ignore value (the trainer checks
+                each in-memory training dataset once): their masks are not computed.
 
         Returns:
             ``(loss_dict, count_dict)``: task -> unweighted mean loss over its active rows, and
             task -> number of active rows. Tasks with no active row in the batch are left out
             unless ``keep_empty``.
         """
-        active: list[tuple[str, torch.Tensor | None, torch.Tensor]] = []
-        for label, y in Y_dict.items():
-            task = self._tasks.get(label)
-            if task is None:
-                raise unknown_label_error(label, self._tasks)
-            mask = active_rows(y, task.ignore_value)
-            if bool(mask.all()):
-                active.append((label, None, y))
-            elif bool(mask.any()) or keep_empty:
-                active.append((label, mask, y))
+        active = self._active_labels(Y_dict, keep_empty, all_active)
         if not active:
             return {}, {}
-        plan = self.plan(t for t, _, _ in active)
+        plan = self.plan(tuple([t for t, _, _ in active]))
         cache = self.execute(plan, X_dict)
         losses: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
@@ -379,6 +373,26 @@ class MultitaskClassifier(nn.Module):
                 raise
             counts[task_name] = len(labels)
         return losses, counts
+
+    def _active_labels(
+        self, Y_dict: Mapping[str, torch.Tensor], keep_empty: bool, all_active: Container[str]
+    ) -> list[tuple[str, torch.Tensor | None, torch.Tensor]]:
+        """``(task, rows to keep or None for all, labels)`` of the tasks a batch trains."""
+        active: list[tuple[str, torch.Tensor | None, torch.Tensor]] = []
+        tasks = self._tasks
+        for label, y in Y_dict.items():
+            task = tasks.get(label)
+            if task is None:
+                raise unknown_label_error(label, tasks)
+            if label in all_active:
+                active.append((label, None, y))
+                continue
+            mask = active_rows(y, task.ignore_value)
+            if bool(mask.all()):
+                active.append((label, None, y))
+            elif bool(mask.any()) or keep_empty:
+                active.append((label, mask, y))
+        return active
 
     # ------------------------------------------------------------------ evaluation
 

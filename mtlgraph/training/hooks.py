@@ -22,10 +22,12 @@ The hooks of a run fire in this order, for every event:
 3. ``evaluation``: an evaluation record, which fires every hook's ``on_evaluate_end``
    (:class:`EvaluationHook`);
 4. the user's hooks (``Trainer(hooks=[...])``, ``trainer.hooks`` in YAML), in their order;
-5. ``checkpoint``: ``best.pt`` when ``checkpoint_metric`` improved, ``last.pt`` when due and at
+5. ``writers``: the log writers write every record added to the history since they last wrote
+   (:class:`LogWriters`);
+6. ``checkpoint``: ``best.pt`` when ``checkpoint_metric`` improved, ``last.pt`` when due and at
    the end (:class:`CheckpointHook`; last, so a checkpoint holds every hook's state after the
    step);
-6. ``progress``: the progress bar (:class:`ProgressBar`).
+7. ``progress``: the progress bar (:class:`ProgressBar`).
 
 A checkpoint holds each hook's :meth:`Hook.state_dict` under its :attr:`Hook.name`; a resumed
 run gives it back through :meth:`Hook.load_state_dict` before ``on_fit_start``.
@@ -167,7 +169,6 @@ class Run:
         optimizer: The torch optimizer.
         balancer: The balancer.
         hooks: Every hook of the run, built-in and user, in firing order.
-        writers: Where records go besides :attr:`history`.
         metric_keys: The keys an evaluation record holds that can be followed (training losses
             and evaluation scores), each with ``higher_is_better``.
 
@@ -182,12 +183,10 @@ class Run:
         optimizer: torch.optim.Optimizer,
         balancer: Balancer,
         hooks: Sequence[Hook],
-        writers: Sequence[Writer] = (),
         metric_keys: Mapping[str, bool] | None = None,
     ) -> None:
         self.state, self.model, self.optimizer, self.balancer = state, model, optimizer, balancer
         self.hooks, self.names = list(hooks), hook_names(hooks)
-        self.writers = list(writers)
         self.metric_keys: Mapping[str, bool] = metric_keys or {}
         self._record: dict[str, float] | None = None  # the evaluation record being built
         self._by_event = {e: [h for h in self.hooks if overrides(h, e)] for e in EVENTS}
@@ -229,14 +228,15 @@ class Run:
         return self.state.stop_reason
 
     def log(self, values: Mapping[str, float]) -> None:
-        """Log ``values`` like built-in scalars: into the history and to the writers
-        (``metrics.jsonl``, TensorBoard). During an evaluation they join its record; otherwise
-        they are a record of their own, with ``epoch`` and ``step``."""
+        """Log ``values`` like built-in scalars: into the history, and so to the writers
+        (``metrics.jsonl``, TensorBoard; the ``writers`` hook). During an evaluation they join
+        its record; otherwise they are a record of their own, with ``epoch`` and ``step``."""
         floats = {k: float(v) for k, v in values.items()}
         if self._record is not None:
             self._record.update(floats)
             return
-        self.publish({"epoch": float(self.epoch), "step": float(self.global_step), **floats})
+        record = {"epoch": float(self.epoch), "step": float(self.global_step), **floats}
+        self.state.history.append(record)
 
     def stop(self, reason: str) -> None:
         """End the run cleanly after the current step or evaluation: the remaining hooks of
@@ -248,15 +248,10 @@ class Run:
 
     # ------------------------------------------------------------ what the loop calls
 
-    def publish(self, record: dict[str, float]) -> None:
-        """Append ``record`` to the history and send it to the writers."""
-        self.state.history.append(record)
-        for writer in self.writers:
-            writer.write(record)
-
     def evaluated(self, record: dict[str, float]) -> None:
-        """An evaluation's record: into the history, through every hook's
-        ``on_evaluate_end`` (their :meth:`log` values join it), then to the writers."""
+        """An evaluation's record: into the history, then through every hook's
+        ``on_evaluate_end`` (their :meth:`log` values join it; the ``writers`` hook, after the
+        user's hooks, writes it)."""
         self.state.history.append(record)
         self._record = record
         try:
@@ -264,8 +259,6 @@ class Run:
                 hook.on_evaluate_end(self, record)
         finally:
             self._record = None
-        for writer in self.writers:
-            writer.write(record)
 
     def fit_start(self) -> None:
         for hook in self._by_event["on_fit_start"]:
@@ -296,7 +289,7 @@ class Run:
         for name, hook in zip(self.names, self.hooks, strict=True):
             if name in states:
                 hook.load_state_dict(states[name])
-            else:
+            elif hook.state_dict():  # a hook without state loses nothing
                 logger.warning(
                     "the checkpoint holds no state of hook '%s' (the saved run had hooks %s): "
                     "it starts afresh",
@@ -401,14 +394,91 @@ class EvaluationHook(Hook):
             record.update(scores)
             run.balancer.on_evaluation(scores)
         state.last_logged = state.global_step
-        logger.log(
-            logging.INFO if self.is_main else logging.DEBUG,
-            "epoch %d step %d: %s",
-            state.epoch_number,
-            state.global_step,
-            ", ".join(f"{k}={v:.4g}" for k, v in record.items() if _summary_key(k)),
-        )
+        level = logging.INFO if self.is_main else logging.DEBUG
+        if logger.isEnabledFor(level):  # the summary is built only when it is shown
+            logger.log(
+                level,
+                "epoch %d step %d: %s",
+                state.epoch_number,
+                state.global_step,
+                ", ".join(f"{k}={v:.4g}" for k, v in record.items() if _summary_key(k)),
+            )
         run.evaluated(record)
+
+
+class LogWriters(Hook):
+    """The run's log writers (``TrainerConfig.writers``: ``metrics.jsonl``, TensorBoard, your
+    :class:`~mtlgraph.training.writers.Writer` objects) as the ``writers`` hook: every record
+    the run adds to its history (evaluations, :meth:`Run.log`) goes to each writer, in order,
+    at the first event after it. It follows the user's hooks, so an evaluation record is
+    written with every value they log into it.
+
+    Args:
+        at_steps: Write after every step too: a hook before this one acts at steps and may log
+            (probes, the user's hooks). Otherwise records only appear at evaluations, at epoch
+            ends and at the end, and a step pays nothing for the writers.
+
+    Attributes:
+        writers: The writers (opened once a resumed run is restored, so they can drop what was
+            logged after the checkpoint).
+
+    Example:
+        >>> from mtlgraph.training.hooks import LogWriters
+        >>> from mtlgraph.training.writers import Writer
+        >>> class Show(Writer):
+        ...     def write(self, record):
+        ...         print(record)
+        >>> hook = LogWriters(at_steps=False)
+        >>> hook.writers = [Show()]
+        >>> history = [{"step": 1.0}, {"step": 2.0}]
+        >>> hook.write(history)
+        {'step': 1.0}
+        {'step': 2.0}
+        >>> history.append({"step": 3.0})
+        >>> hook.write(history)  # only what was added since
+        {'step': 3.0}
+    """
+
+    name = "writers"
+
+    def __init__(self, at_steps: bool) -> None:
+        self.writers: list[Writer] = []
+        self.written = 0  # history records already written
+        if not at_steps:
+            self.every = Every(1, "epoch")
+
+    def on_fit_start(self, run: Run) -> None:
+        self.written = len(run.history)  # a resumed run's records were written before
+
+    def on_step_end(self, run: Run) -> None:
+        self.write(run.history)
+
+    def on_evaluate_end(self, run: Run, scores: Mapping[str, float]) -> None:
+        self.write(run.history)
+
+    def on_epoch_end(self, run: Run) -> None:
+        self.write(run.history)
+
+    def on_fit_end(self, run: Run) -> None:
+        self.write(run.history)
+
+    def write(self, history: Sequence[Mapping[str, float]]) -> None:
+        """Write the records added to ``history`` since the last call."""
+        for record in history[self.written :]:
+            for writer in self.writers:
+                writer.write(record)
+        self.written = len(history)
+
+    def close(
+        self, history: Sequence[Mapping[str, float]], final: Mapping[str, float] | None
+    ) -> None:
+        """Write what is left, then close every writer (``final``: the last record when the run
+        succeeded); also when training failed."""
+        try:
+            self.write(history)
+        finally:
+            for writer in self.writers:
+                writer.close(final)
 
 
 class CheckpointHook(Hook):

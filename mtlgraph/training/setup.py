@@ -11,15 +11,16 @@ from torch.nn.parallel import DistributedDataParallel
 
 from mtlgraph._suggest import did_you_mean, quoted
 from mtlgraph.balancing import Balancer
-from mtlgraph.data.datasets import DictDataLoader
+from mtlgraph.data.datasets import DictDataLoader, DictDataset
 from mtlgraph.data.named import dataset_labels
 from mtlgraph.exceptions import ConfigError, DataError
 from mtlgraph.graph.model import MultitaskClassifier
+from mtlgraph.metrics import active_rows
 from mtlgraph.training.config import TrainerConfig
 from mtlgraph.training.distributed import DistEnv, shard_eval_loader, shard_train_loader
 from mtlgraph.training.labels import check_fit_labels
 from mtlgraph.training.optim import freeze_modules, model_param_groups, resolve_freeze
-from mtlgraph.training.step import StepLosses
+from mtlgraph.training.step import BatchSource, StepLosses
 
 logger = logging.getLogger(__name__)
 
@@ -198,3 +199,51 @@ def distribute(
         find_unused_parameters=True,  # a step only touches its tasks' modules
     )
     return [shard_train_loader(dl, env) for dl in train], shards, ddp
+
+
+def batch_sources(
+    model: MultitaskClassifier, train: Sequence[DictDataLoader], device: torch.device
+) -> list[BatchSource]:
+    """What each training loader's batches are, found out once: an in-memory ``DictDataset``
+    whose tensors all live on ``device`` needs no move, and a task none of whose labels in it is
+    the ignore value needs no mask (the labels are checked before training, so this holds for
+    the whole fit). Other loaders get neither shortcut."""
+    sources = []
+    for dl in train:
+        ds = dl.dataset
+        parts = [*getattr(ds, "X_dict", {}).values(), *getattr(ds, "Y_dict", {}).values()]
+        if not isinstance(ds, DictDataset) or not all(isinstance(v, torch.Tensor) for v in parts):
+            sources.append(BatchSource(ds.name))
+            continue
+        all_active = frozenset(
+            task_name
+            for task_name, labels in ds.Y_dict.items()
+            if task_name in model.tasks
+            and bool(active_rows(labels, model.tasks[task_name].ignore_value).all())
+        )
+        on_device = all(v.device == device for v in parts)
+        sources.append(BatchSource(ds.name, all_active, on_device))
+    return sources
+
+
+FOREACH_SAME = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
+"""Optimizers whose ``foreach`` (multi-tensor) update is bit-identical to the per-parameter
+loop on the CPU (``tests/training/test_fast_path.py`` checks it)."""
+
+
+def prefer_foreach(optimizer: torch.optim.Optimizer) -> None:
+    """Use the multi-tensor (``foreach``) update for groups that left ``foreach`` unset and live
+    on the CPU, where PyTorch would pick the per-parameter Python loop: the same values, in
+    one call per operation instead of one per parameter (PyTorch already picks ``foreach`` on
+    CUDA). Optimizers not in :data:`FOREACH_SAME`, and groups that set ``foreach``, ``fused``
+    or ``differentiable``, are left as they are."""
+    if type(optimizer) not in FOREACH_SAME:
+        return
+    for group in optimizer.param_groups:
+        if (
+            group.get("foreach") is None
+            and not group.get("fused")
+            and not group.get("differentiable")
+            and all(p.device.type == "cpu" for p in group["params"])
+        ):
+            group["foreach"] = True

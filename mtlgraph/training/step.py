@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -22,6 +22,7 @@ from mtlgraph.balancing import Balancer, GradientBalancer, StepContext
 from mtlgraph.data.datasets import Batch
 from mtlgraph.exceptions import TrainingError
 from mtlgraph.graph.model import MultitaskClassifier
+from mtlgraph.graph.plan import ExecutionPlan
 from mtlgraph.metrics import make_key
 from mtlgraph.training.distributed import Collectives
 from mtlgraph.training.hooks import Hook, Run
@@ -34,9 +35,19 @@ StepOutput = tuple[dict[str, torch.Tensor], dict[str, int], list[LossRecord]]
 """Per-task losses, per-task label counts, and the step's loss records."""
 
 
+class BatchSource(NamedTuple):
+    """A training loader as the step sees it: its dataset's name, and what ``fit`` found out
+    about its data once, at the start (:func:`~mtlgraph.training.setup.batch_sources`), so a
+    step does not find it out again for every batch."""
+
+    dataset: str  # the dataset's name (loss records and logs)
+    all_active: frozenset[str] = frozenset()  # tasks none of whose labels is the ignore value
+    on_device: bool = False  # every field and label is a tensor on the model's device
+
+
 def step_losses(
     model: MultitaskClassifier,
-    batches: list[tuple[str, Batch]],
+    batches: Sequence[tuple[BatchSource, Batch]],
     device: torch.device,
     keep_empty: bool = False,
 ) -> StepOutput:
@@ -46,13 +57,15 @@ def step_losses(
     losses: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     records = []
-    for dataset_name, (X, Y) in batches:
+    for source, (X, Y) in batches:
+        if not source.on_device:
+            X, Y = move_to_device(X, device), move_to_device(Y, device)
         batch_losses, batch_counts = model.calculate_loss(
-            move_to_device(X, device), move_to_device(Y, device), keep_empty=keep_empty
+            X, Y, keep_empty=keep_empty, all_active=source.all_active
         )
         for task_name, loss in batch_losses.items():
             n = batch_counts[task_name]
-            records.append(LossRecord(task_name, dataset_name, loss.detach(), n))
+            records.append(LossRecord(task_name, source.dataset, loss.detach(), n))
             if task_name in losses:
                 m = counts[task_name]
                 if m + n:
@@ -76,7 +89,9 @@ class StepLosses(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batches: list[tuple[str, Batch]], device: torch.device) -> StepOutput:
+    def forward(
+        self, batches: Sequence[tuple[BatchSource, Batch]], device: torch.device
+    ) -> StepOutput:
         return step_losses(self.model, batches, device, keep_empty=True)
 
 
@@ -120,34 +135,19 @@ class TrainStep:
         # the contexts of the forward pass, fixed when they are no-ops (the common case)
         self.no_sync = self.manual_sync and ddp is not None
         self.autocast = control.amp is not None
+        self.contexts: dict[ExecutionPlan, StepContext] = {}  # the balancer's, per plan
 
     def __call__(
-        self, batches: list[tuple[str, Batch]], global_step: int, last_of_epoch: bool
+        self, batches: Sequence[tuple[BatchSource, Batch]], global_step: int, last_of_epoch: bool
     ) -> tuple[list[LossRecord], bool]:
         """One micro-step on ``batches``; returns its loss records and whether the optimizer
         stepped (after ``grad_accumulation_steps`` micro-steps, or the epoch's last one)."""
         control = self.control
-        plan = None
-        with self.ddp.no_sync() if self.no_sync else NO_CONTEXT:  # type: ignore[union-attr]
-            with control.autocast() if self.autocast else NO_CONTEXT:
-                if self.ddp is not None:
-                    losses, counts, records = self.ddp(batches, self.device)
-                else:
-                    losses, counts, records = step_losses(self.model, batches, self.device)
-            if losses and self.guard.drops(losses, records, global_step):
-                losses, records = {}, []  # skip_batch: no gradients, no logged loss
-            if losses:
-                plan = self.model.plan(losses)
-                ctx = StepContext(
-                    self.tasks,
-                    plan,
-                    counts,
-                    control.backward,
-                    control.scale,
-                    global_step,
-                    self.reduce,
-                )
-                self.balancer.backward(losses, ctx)
+        if self.no_sync:
+            with self.ddp.no_sync():  # type: ignore[union-attr]
+                plan, records = self._forward_backward(batches, global_step)
+        else:
+            plan, records = self._forward_backward(batches, global_step)
         control.add(plan)
         if plan is not None and self.comm.enabled:  # learned weights live outside DDP
             for p in self._balancer_params(plan.task_names):
@@ -165,6 +165,36 @@ class TrainStep:
             norm, self.stepper.nonfinite_norm = self.stepper.nonfinite_norm, None
             self.guard.bad_norm(norm, names, global_step)
         return records, True
+
+    def _forward_backward(
+        self, batches: Sequence[tuple[BatchSource, Batch]], global_step: int
+    ) -> tuple[ExecutionPlan | None, list[LossRecord]]:
+        """The losses (under autocast with ``amp``), the non-finite check and the balancer's
+        backward; the plan that got gradients (``None``: none) and the loss records."""
+        if self.ddp is not None or self.autocast:
+            with self.control.autocast() if self.autocast else NO_CONTEXT:
+                if self.ddp is not None:
+                    losses, counts, records = self.ddp(batches, self.device)
+                else:
+                    losses, counts, records = step_losses(self.model, batches, self.device)
+        else:
+            losses, counts, records = step_losses(self.model, batches, self.device)
+        if not losses:
+            return None, records
+        if self.guard.drops(losses, records, global_step):
+            return None, []  # skip_batch: no gradients, no logged loss
+        plan = self.model.plan(tuple(losses))
+        ctx = self.contexts.get(plan)
+        if ctx is None:  # one context per plan, its counts and step set for each step
+            control = self.control
+            ctx = StepContext(
+                self.tasks, plan, counts, control.backward, control.scale, global_step, self.reduce
+            )
+            self.contexts[plan] = ctx
+        else:
+            ctx.counts, ctx.step = counts, global_step
+        self.balancer.backward(losses, ctx)
+        return plan, records
 
     def _balancer_params(self, task_names: Sequence[str]) -> list[nn.Parameter]:
         """The learned balancer parameters a step on ``task_names`` touched."""
@@ -205,6 +235,7 @@ class NonfiniteGuard(Hook):
 
     def __init__(self, mode: str, comm: Collectives) -> None:
         self.mode, self.comm = mode, comm
+        self.distributed = comm.enabled
         self.run: Run | None = None  # where messages read the epoch
         self.skipped = 0  # micro-steps dropped by skip_batch
         self.warned = 0
@@ -232,14 +263,14 @@ class NonfiniteGuard(Hook):
             total = total.detach()
             for loss in values:
                 total = total + loss.detach()
-        if self.comm.enabled:  # every rank takes the same branch
+        if not self.distributed:
+            if math.isfinite(total.item()):  # one host sync (free on the CPU)
+                return False
+        else:  # every rank takes the same branch
             flag = (~torch.isfinite(total.detach())).float().reshape(1)
             self.comm.mean_(flag)
-            bad = bool(flag > 0)
-        else:
-            bad = not math.isfinite(total.item())
-        if not bad:
-            return False
+            if not bool(flag > 0):
+                return False
         culprits = [
             f"task '{r.task}' on dataset '{r.dataset}' has loss {float(r.loss):g}"
             for r in records

@@ -49,15 +49,23 @@ from mtlgraph.training.hooks import (
     EvaluationHook,
     Every,
     Hook,
+    LogWriters,
     ProbeHook,
     ProgressBar,
     Run,
+    overrides,
 )
 from mtlgraph.training.labels import BatchLabelCheck
 from mtlgraph.training.loading import TrainLoaders, batch_count, configure_sampling
 from mtlgraph.training.lr import LR_SCHEDULES, is_constant, lr_factor_fn, resolve_warmup
 from mtlgraph.training.optim import OPTIMIZERS, StepControl, SubsetStepper, make_optimizer
-from mtlgraph.training.setup import check_loaders, distribute, prepare
+from mtlgraph.training.setup import (
+    batch_sources,
+    check_loaders,
+    distribute,
+    prefer_foreach,
+    prepare,
+)
 from mtlgraph.training.state import (
     LossRecord,
     Records,
@@ -67,7 +75,12 @@ from mtlgraph.training.state import (
     task_means,
     train_losses,
 )
-from mtlgraph.training.step import NonfiniteGuard, StepLosses, TrainStep, step_losses
+from mtlgraph.training.step import (
+    NonfiniteGuard,
+    StepLosses,
+    TrainStep,
+    step_losses,
+)
 from mtlgraph.training.writers import Writer, WriterContext, flatten, open_writers
 
 __all__ = [
@@ -203,8 +216,8 @@ class Trainer:
                 finished = True
             finally:  # writers flush even when training fails; hparams only when it succeeded
                 final = self.history[-1] if finished and self.history else None
-                for writer in loop.run_view.writers:
-                    writer.close(final)
+                if loop.writers is not None:
+                    loop.writers.close(self.history, final)
                 if loop.probes is not None:
                     self.diagnostics = loop.probes.report
 
@@ -243,12 +256,14 @@ class FitLoop:
             weight_decay=cfg.weight_decay,
             param_groups=cfg.param_groups,
         )
+        prefer_foreach(optimizer)
         self.stepper = SubsetStepper(optimizer, self.balancer.task_parameters)
         control = StepControl(cfg.amp, cfg.grad_accumulation_steps, cfg.grad_clip, device)
         guard = NonfiniteGuard(cfg.nonfinite, self.comm)
         self.step = TrainStep(
             model, self.balancer, self.stepper, control, device, self.comm, guard, ddp
         )
+        self.sources = batch_sources(model, self.train, device)
         self.state.batch_counts = [batch_count(dl) for dl in self.train]
         self.state.world_size = env.world_size
         configure_sampling(self.scheduler, self.train, cfg.steps_per_epoch, cfg.n_epochs)
@@ -263,10 +278,11 @@ class FitLoop:
         keys = ckpt.metric_keys(model, self.train, evals, cfg.slices)
         self.probes = self._probes(saved)
         hooks = self._hooks(guard, keys)
-        self.run_view = Run(self.state, model, optimizer, self.balancer, hooks, (), keys)
+        self.run_view = Run(self.state, model, optimizer, self.balancer, hooks, keys)
         if saved is not None:
             self._restore(saved)
-        self.run_view.writers = self._open_writers(self._saved_step(saved))
+        if self.writers is not None:  # after the restore: they drop what followed the checkpoint
+            self.writers.writers = self._open_writers(self._saved_step(saved))
         if saved is not None:
             ckpt.set_rng_state(saved["rng"])  # last: building the pieces above may draw numbers
 
@@ -284,11 +300,11 @@ class FitLoop:
             scheduler_state = self.scheduler.state_dict()  # resume recomputes the plan from it
             plan = self.scheduler.epoch_plan(state.batch_counts)
             self._start_epoch(epoch, plan, scheduler_state)
-            names = [dl.dataset.name for dl in self.train]
-            next_batch, lr_factor, step = self.loaders.next, self.lr_factor, self.step
+            sources, next_batch = self.sources, self.loaders.next
+            lr_factor, step = self.lr_factor, self.step
             step_hooks, last = run.has_step_hooks, len(plan) - 1
             for k in range(state.step_in_epoch, len(plan)):
-                batches = [(names[i], next_batch(i)) for i in plan[k]]
+                batches = [(sources[i], next_batch(i)) for i in plan[k]]
                 if lr_factor is not None:
                     self.stepper.set_lr_factor(lr_factor(state.global_step, epoch))
                 records, stepped = step(batches, state.global_step, k == last)
@@ -454,7 +470,7 @@ class FitLoop:
 
     def _hooks(self, guard: NonfiniteGuard, keys: Mapping[str, bool]) -> list[Hook]:
         """The run's hooks in their fixed order (:mod:`.hooks`): the non-finite guard, probes,
-        evaluation, the user's hooks, checkpoints, the progress bar."""
+        evaluation, the user's hooks, writers, checkpoints, the progress bar."""
         cfg = self.cfg
         hooks: list[Hook] = [guard]
         if self.probes is not None:
@@ -465,6 +481,20 @@ class FitLoop:
             EvaluationHook(evaluate_every, self.train_record, score, self.env.is_main, cfg.n_epochs)
         )
         hooks += [HOOKS.build(spec, f"hooks[{i}]") for i, spec in enumerate(cfg.hooks)]
+        self.writers = None  # rank 0 alone writes logs
+        files = [w for w in cfg.writers or [] if isinstance(w, str)]
+        needs_dir = files or cfg.checkpoint_every or cfg.checkpoint_metric
+        if self.env.is_main and cfg.run_dir is None and needs_dir:
+            logger.warning(
+                "run_dir is not set: no checkpoints or %s are written",
+                ", ".join(files) or "log files",
+            )
+        if self.env.is_main and (cfg.writers or (cfg.writers is None and cfg.run_dir)):
+            at_steps = any(
+                overrides(h, "on_step_end") for h in hooks if not isinstance(h, EvaluationHook)
+            )
+            self.writers = LogWriters(at_steps)
+            hooks.append(self.writers)
         self.checkpointer = None
         if cfg.run_dir is not None:
             mode = None
@@ -497,23 +527,14 @@ class FitLoop:
         return ProbeHook(monitor, cfg.run_dir, self.train, self.stepper.full_groups)
 
     def _open_writers(self, resume_step: int | None) -> list[Writer]:
-        """The writers (rank 0 alone writes logs)."""
+        """The writers of the ``writers`` hook."""
         cfg = self.cfg
-        if not self.env.is_main:
-            return []
-        files = [w for w in cfg.writers or [] if isinstance(w, str)]
-        if cfg.run_dir is None and (files or cfg.checkpoint_every or cfg.checkpoint_metric):
-            logger.warning(
-                "run_dir is not set: no checkpoints or %s are written",
-                ", ".join(files) or "log files",
-            )
+        if cfg.run_dir is None:  # files need a run directory (a warning said so)
             return open_writers([w for w in cfg.writers or [] if not isinstance(w, str)], None)
-        ctx = None
-        if cfg.run_dir is not None:
-            plain = self._plain_config()
-            ctx = WriterContext(
-                Path(cfg.run_dir), resume_step, flatten(plain["experiment"] or plain["trainer"])
-            )
+        plain = self._plain_config()
+        ctx = WriterContext(
+            Path(cfg.run_dir), resume_step, flatten(plain["experiment"] or plain["trainer"])
+        )
         return open_writers(cfg.writers, ctx)
 
     def _plain_config(self) -> dict[str, Any]:

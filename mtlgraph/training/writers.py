@@ -1,8 +1,9 @@
 """Log writers: where the Trainer's evaluation records go besides ``Trainer.history``.
 
-The Trainer calls :meth:`Writer.write` with every history record (``{"epoch", "step",
+The run's ``writers`` hook (:class:`~mtlgraph.training.hooks.LogWriters`, after the user's hooks)
+calls :meth:`Writer.write` with every history record (``{"epoch", "step",
 "task/dataset/split/metric": value, ...}``) and :meth:`Writer.close` once at the end of ``fit``.
-With no writer configured nothing is called, so the default loop pays nothing.
+With no writer configured there is no such hook, so the default loop pays nothing.
 
 Built in (``TrainerConfig.writers``, both on by default when ``run_dir`` is set):
 

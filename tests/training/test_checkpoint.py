@@ -187,7 +187,7 @@ def test_checkpoint_contents(tmp_path: Path) -> None:
     assert set(state["rng"]) == {"torch", "cuda", "python", "numpy"}
     assert run["scheduler"]["rng"]["bit_generator"] == "PCG64"
     # every hook's state under its name, in firing order
-    assert list(state["hooks"]) == ["nonfinite", "evaluation", "checkpoint"]
+    assert list(state["hooks"]) == ["nonfinite", "evaluation", "writers", "checkpoint"]
     best = state["hooks"]["checkpoint"]
     assert best["metric"] == "a/da/valid/accuracy" and best["mode"] == "max"
     assert isinstance(best["value"], float)

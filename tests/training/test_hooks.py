@@ -189,6 +189,7 @@ def test_hooks_fire_in_the_documented_order(tmp_path: Path) -> None:
         "evaluation",
         "first",
         "second",
+        "writers",
         "checkpoint",
         "progress",
     ]

@@ -12,8 +12,11 @@ from conftest import make_loader, make_task
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from mtlgraph import ConfigError, MtlGraphError, MultitaskClassifier, Trainer
+from mtlgraph import ConfigError, Hook, MtlGraphError, MultitaskClassifier, Trainer
 from mtlgraph._io import write_json
+from mtlgraph.training.distributed import DistEnv
+from mtlgraph.training.hooks import Run
+from mtlgraph.training.trainer import FitLoop
 from mtlgraph.training.writers import (
     WRITERS,
     JsonlWriter,
@@ -226,3 +229,49 @@ def test_named_writers_are_a_registry_and_errors_are_mtlgraph_errors(tmp_path: P
     assert isinstance(info.value, MtlGraphError)
     with pytest.raises(ConfigError, match=r"unknown writer 'jsnl' \(did you mean 'jsonl'\?\)"):
         open_writers(["jsnl"], WriterContext(tmp_path))
+
+
+class LogsEveryThirdStep(Hook):
+    def on_step_end(self, run: Run) -> None:
+        if run.global_step % 3 == 0:
+            run.log({"custom/step": run.global_step})
+
+
+class WhenWritten(Collect):
+    """Notes the trainer's step at each write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trainer: Trainer | None = None
+        self.at: list[int] = []
+
+    def write(self, record: Mapping[str, float]) -> None:
+        super().write(record)
+        assert self.trainer is not None
+        self.at.append(self.trainer.global_step)
+
+
+def test_the_writers_hook_writes_step_records_at_their_step_in_history_order() -> None:
+    model, loaders = _setup()
+    w = WhenWritten()
+    trainer = Trainer(n_epochs=2, writers=[w], hooks=[LogsEveryThirdStep()], progress_bar=False)
+    w.trainer = trainer
+    trainer.fit(model, loaders)
+    assert w.records == trainer.history and w.closed == 1
+    steps = [r["step"] for r in w.records if "custom/step" in r]
+    assert steps == [3.0, 6.0, 9.0, 12.0, 15.0] and len(w.records) == 7  # and 2 evaluations
+    assert w.at == [int(r["step"]) for r in w.records]  # written at the step that logged it
+
+
+def test_writers_cost_a_step_nothing_without_hooks_that_act_at_steps() -> None:
+    model, loaders = _setup()
+    w = Collect()
+    trainer = Trainer(n_epochs=1, writers=[w], progress_bar=False)
+    loop = FitLoop(trainer, model, [loaders[0], loaders[2]], [loaders[1]], DistEnv(), None)
+    assert [type(h).__name__ for h in loop.run_view.hooks] == [
+        "NonfiniteGuard",
+        "EvaluationHook",
+        "LogWriters",
+    ]
+    assert not loop.run_view.has_step_hooks  # the loop skips step_end
+    assert loop.writers is not None and loop.writers.writers == [w]
