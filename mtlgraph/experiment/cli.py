@@ -258,15 +258,7 @@ def _resumable(
 
 
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="the YAML experiment config the checkpoint was trained with")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-    p.add_argument(
-        "--checkpoint",
-        required=True,
-        metavar="PATH",
-        help="a checkpoint (.pt), a model file (model.save), or a run directory (its best.pt, "
-        "else last.pt)",
-    )
+    inference_cli.checkpoint_args(p)
     p.add_argument(
         "--split", action="append", metavar="SPLIT", help="only these splits (repeatable)"
     )
