@@ -1,23 +1,8 @@
-"""Prediction files: one row per example, an id column and each task's predictions.
+"""Prediction files: one row per example, an ``id`` column and each task's predictions.
 
-:func:`write_predictions` streams a model's predictions on unlabelled batches into a JSON Lines,
-CSV or Parquet file, batch by batch (memory bounded by one batch), written atomically: a
-temporary file in the target directory, renamed into place when complete, removed on any error.
-
-The columns, per task (``t``):
-
-============  ==========================================================================
-task type     columns
-============  ==========================================================================
-multiclass    ``t/pred`` (class id), ``t/probs`` (one probability per class)
-binary        ``t/pred`` (0 or 1), ``t/prob`` (probability of 1)
-multilabel    ``t/preds`` (0 or 1 per label), ``t/probs`` (probability per label)
-regression    ``t/value`` (one number, or one per output)
-============  ==========================================================================
-
-JSON Lines keeps a list as a JSON array; CSV and Parquet spread it over ``t/probs/0``,
-``t/probs/1``, ... columns. The first column is ``id``: the values of an id field of the
-batches (a file name, a declared id column) or else the row number, from 0.
+:func:`write_predictions` streams predictions batch by batch into a JSON Lines, CSV or Parquet
+file, written atomically. The columns per task type are in ``docs/inference.md``
+(:func:`task_columns`); CSV and Parquet spread a list over ``t/probs/0``, ``t/probs/1``, ...
 """
 
 from __future__ import annotations
@@ -205,11 +190,8 @@ class _Parquet:
 
     def write(self, ids: list[Any], columns: Columns) -> None:
         pa = self.pa
-        arrays = {ID: pa.array(ids)}
-        for name, a in columns.items():
-            for key, col in _flat(name, a):
-                arrays[key] = pa.array(col)
-        table = pa.table(arrays)
+        flat = [pair for name, a in columns.items() for pair in _flat(name, a)]
+        table = pa.table({ID: pa.array(ids), **{key: pa.array(col) for key, col in flat}})
         if self.writer is None:
             self.writer = self.pq.ParquetWriter(self.fh, table.schema)
         self.writer.write_table(table)
