@@ -1,16 +1,6 @@
-"""Numeric solvers of the gradient-based balancers, on the Gram matrix of per-task gradients.
-
-All of them work on ``M_ij = g_i·g_j`` (a ``(K, K)`` float64 array), never on the gradients
-themselves, so their cost does not depend on the model's size:
-
-- :func:`pcgrad_coefficients`: PCGrad's projections, as coefficients of the ``g_i``;
-- :func:`min_norm`: the min-norm point of the convex hull (MGDA), closed form for two tasks,
-  pairwise Frank–Wolfe beyond;
-- :func:`cagrad_solve` with its exact line search :func:`line_min`: CAGrad's inner problem;
-- :func:`imtl_g` (IMTL-G's closed form), :func:`aligned_mtl` (Aligned-MTL's eigen-alignment),
-  :func:`upgrad` with :func:`dual_cone_weights` (UPGrad's projections, an exact NNLS),
-  :func:`nash_mtl` (the Nash bargaining solution, by Newton's method) and
-  :func:`gradvac_coefficients` (GradVac's adaptive targets).
+"""Numeric solvers of the gradient-based balancers, on the Gram matrix ``M_ij = g_i·g_j`` of
+per-task gradients (a ``(K, K)`` float64 array), so their cost does not depend on the model's
+size. Formulas and papers: ``docs/balancing.md``.
 """
 
 from __future__ import annotations

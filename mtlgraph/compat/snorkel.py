@@ -1,15 +1,8 @@
 """Snorkel 0.10's ``snorkel.classification`` API on top of mtlgraph: change one import line.
 
-``from mtlgraph.compat.snorkel import DictDataset, DictDataLoader, Operation, Task,
-MultitaskClassifier, Trainer, Scorer, cross_entropy_with_probs`` gives Snorkel's names with
-Snorkel's argument names and defaults (``device=0``, ``l2=``, ``valid_split=``, ``grad_clip=1.0``,
-``optimizer_config``/``lr_scheduler_config`` dictionaries, ``checkpointing``/``logging`` flags),
-translated to mtlgraph's. The objects are mtlgraph objects (subclasses), so everything else of
-mtlgraph works on them.
-
-Nothing here brings back Snorkel's silent behaviour: a module name bound to two modules still
-raises (Snorkel kept the first), a setting mtlgraph cannot honour raises and says how Snorkel
-differed. ``docs/migrating-from-snorkel.md`` lists every difference side by side.
+The names are mtlgraph objects (subclasses) taking Snorkel's argument names and defaults,
+translated to mtlgraph's. Snorkel's silent behaviour does not come back: a setting mtlgraph
+cannot honour raises and says how Snorkel differed (``docs/migrating-from-snorkel.md``).
 """
 
 from __future__ import annotations

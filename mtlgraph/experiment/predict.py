@@ -1,20 +1,9 @@
 """Prediction data: new rows for a trained model, read as training reads them, labels dropped.
 
-Used by ``mtlgraph predict`` (:mod:`mtlgraph.experiment.inference_cli`, docs/inference.md).
-Every kind of prediction data goes through ONE dispatch point, :func:`read_prediction_data`,
-which returns a :class:`PredictionData`, a source of ``(ids, {field: array})`` chunks:
-
-- a file (CSV, JSON Lines, Parquet, ``.npz``, a ``.npy`` file or a directory of them) or a
-  glob of files is read in chunks by :mod:`mtlgraph.data.sources`, the reader training uses,
-  with the same rules (a bad row is an error naming the file, line and column; no row is
-  dropped): one prediction per row, in order. A field is looked up under its own name first,
-  then under the column(s) a config dataset reads it from, so the training config's column
-  names work unchanged; text columns are tokenised with the run's saved vocabulary
-  (``<run_dir>/vocab/<dataset>.<column>.json``) or the declared user tokenizer;
-- for a dataset declared with ``images``: a folder of images (ids are the file names) or a
-  table naming the files, decoded, resized and normalised as declared, batch by batch;
-- ``NAME[:SPLIT]``: a dataset of the config, built by
-  :func:`~mtlgraph.experiment.sources.load_datasets` for the run directory.
+One dispatch point, :func:`read_prediction_data`, for ``mtlgraph predict`` (docs/inference.md):
+files and globs go through :mod:`mtlgraph.data.sources` with the training rules and the run's
+vocabulary; a folder of images or a table of image files is decoded as the config declares;
+``NAME[:SPLIT]`` builds a dataset of the config. One prediction per row, in order.
 """
 
 from __future__ import annotations
@@ -157,8 +146,7 @@ def resolve_columns(
     problems = []
     for f, options in specs.items():
         for spec in options:
-            names = [spec] if isinstance(spec, str) else spec
-            if all(n in have for n in names):
+            if all(n in have for n in _names(spec)):
                 chosen[f] = spec
                 break
         else:
@@ -310,11 +298,8 @@ def _read_files(
     _check_id(id_column, available, f"'{files[0]}'")
     text_columns = [s for s in chosen.values() if isinstance(s, str)]
     toks = run_tokenizers(name, ds, text_columns, run_dir) if name and ds else {}
-    needed = list(
-        dict.fromkeys(
-            [*(n for s in chosen.values() for n in _names(s)), *([id_column] if id_column else [])]
-        )
-    )
+    needed = [*dict.fromkeys(n for s in chosen.values() for n in _names(s))]
+    needed += [id_column] if id_column and id_column not in needed else []
 
     def chunks(size: int) -> Iterator[Chunk]:
         start = 0

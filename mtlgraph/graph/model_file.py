@@ -1,22 +1,10 @@
-"""The model file: a checkpoint that holds a model, read and loaded all or nothing.
+"""The model file: a checkpoint that holds a model (``format``, ``version``, ``task_names``,
+``model``), read with ``torch.load(weights_only=True)`` and loaded all or nothing.
 
-A model file is the model's part of a training checkpoint and nothing else::
-
-    format, version     "mtlgraph.checkpoint", 2
-    task_names          the model's task names
-    model               model.state_dict()
-
-so one reader takes both kinds of file: :meth:`~mtlgraph.MultitaskClassifier.load` reads a model
-file or a training checkpoint, and ``load_checkpoint`` reads a model file as it reads a training
-checkpoint (with the model's entries only). Files are read with ``torch.load(weights_only=True)``
-only, so loading one never runs code.
-
-Loads are all or nothing: other task names (renamed tasks whose modules kept their names
-included), missing or unexpected parameters, other shapes and other kinds of dtype are reported
-together, and a refused load leaves every parameter as it was.
-
-A model file written by an older mtlgraph (``format: "mtlgraph.model"``, the weights under
-``state_dict``) is read too, converted on load; ``model.save`` writes the format above.
+:meth:`~mtlgraph.MultitaskClassifier.load` reads a model file or a training checkpoint; a load
+that does not fit (other tasks, missing or unexpected parameters, shapes, dtypes) reports every
+difference and leaves the parameters as they were. Files of the older ``"mtlgraph.model"``
+format are converted on load (``docs/checkpoints.md``).
 """
 
 from __future__ import annotations
