@@ -294,14 +294,9 @@ def _lr_schedule(
     return out
 
 
-_CHECKPOINTER_KEYS = (
-    "checkpoint_dir",
-    "checkpoint_factor",
-    "checkpoint_metric",
-    "checkpoint_task_metrics",
-    "checkpoint_runway",
-    "checkpoint_clear",
-)
+_CHECKPOINTER_KEYS = [
+    f"checkpoint_{k}" for k in ("dir", "factor", "metric", "task_metrics", "runway", "clear")
+]
 
 
 def _run_dir(cfg: Mapping[str, Any], problems: list[str]) -> dict[str, Any]:
@@ -312,11 +307,7 @@ def _run_dir(cfg: Mapping[str, Any], problems: list[str]) -> dict[str, Any]:
     manager = dict(cfg["log_manager_config"])
     problems += _unknown("log_writer_config", list(log_cfg), ["log_dir", "run_name"])
     problems += _unknown("log_manager_config", list(manager), ["counter_unit", "evaluation_freq"])
-    problems += _unknown(
-        "checkpointer_config",
-        list(ckpt_cfg),
-        _CHECKPOINTER_KEYS,
-    )
+    problems += _unknown("checkpointer_config", list(ckpt_cfg), _CHECKPOINTER_KEYS)
     unit = manager.get("counter_unit", "epochs")
     freq = manager.get("evaluation_freq", 1.0)
     if unit not in ("epochs", "batches"):
