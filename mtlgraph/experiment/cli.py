@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mtlgraph._suggest import first_few
 from mtlgraph.exceptions import MtlGraphError, TrainingError
 from mtlgraph.experiment import inference_cli
 
@@ -202,12 +203,6 @@ class _RunFailure(MtlGraphError):
     resume_hint: str | None = None  # the command that resumes an interrupted run
 
 
-def _few(keys: Sequence[str], limit: int = 5) -> str:
-    """At most ``limit`` keys, then how many more."""
-    shown = ", ".join(keys[:limit])
-    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
-
-
 def _resumable(
     experiment: Any,
     state: Mapping[str, Any],
@@ -231,7 +226,7 @@ def _resumable(
             f"cannot resume from {checkpoint}: it is from another model: {'; '.join(problems)}"
         )
         if changed:
-            error.add_note(f"the config differs from the checkpoint's in {_few(changed)}")
+            error.add_note(f"the config differs from the checkpoint's in {first_few(changed)}")
         raise error
     progress, n_epochs = state["run"]["progress"], experiment.config.trainer.n_epochs
     run_dir = checkpoint.parent.parent
@@ -249,7 +244,7 @@ def _resumable(
         logger.warning(
             "the config differs from the checkpoint's in %s: the resumed run will not match an "
             "uninterrupted one",
-            _few(changed),
+            first_few(changed),
         )
     return True
 

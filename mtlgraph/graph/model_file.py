@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import torch
 
 from mtlgraph._io import load_weights_only
+from mtlgraph._suggest import first_few
 from mtlgraph.exceptions import CheckpointError
 
 FORMAT = "mtlgraph.checkpoint"
@@ -90,9 +91,8 @@ def read_checkpoint(
     return state
 
 
-def _names(names: Sequence[str], limit: int = 4) -> str:
-    shown = ", ".join(f"'{n}'" for n in names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+def _names(names: Sequence[object]) -> str:
+    return first_few([f"'{n}'" for n in names], 4)
 
 
 def state_problems(
@@ -119,7 +119,7 @@ def state_problems(
     if strict and missing:
         problems.append(f"missing {_names(missing)}")
     if unexpected:
-        problems.append(f"unexpected {_names([str(k) for k in unexpected])}")
+        problems.append(f"unexpected {_names(unexpected)}")
     for key, mine in own.items():
         theirs_value = state.get(key)
         if theirs_value is None:
