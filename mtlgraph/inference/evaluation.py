@@ -325,10 +325,7 @@ def iter_predictions(
         >>> [p["t"].shape[0] for _, p in iter_predictions(model, batches, ["t"])]
         [4, 1]
     """
-    unknown = [t for t in task_names if t not in model.tasks]
-    if unknown:
-        raise unknown_tasks_error(unknown, model.tasks)
-    plan = model.plan(task_names)
+    plan = model.plan(task_names)  # unknown tasks: a GraphError, before the first batch
     outputs = _output_funcs(model, plan)
     device = model.device
     with eval_mode(model):
