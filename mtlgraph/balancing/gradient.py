@@ -27,7 +27,8 @@ class GradientBalancer(LastWeights):
 
     :meth:`combine` (the one method subclasses implement) maps the Gram matrix ``M_ij = g_i·g_j``
     to coefficients ``β``; the shared parameters get ``d = Σ_i β_i g_i``, the others their one
-    task's gradient. A one-task step uses the plain gradient. One backward pass per task.
+    task's gradient; the logged weights are the last step's ``β_i``. A one-task step uses the
+    plain gradient. One backward pass per task.
     """
 
     def __init__(self) -> None:
@@ -78,10 +79,6 @@ class GradientBalancer(LastWeights):
         else:  # overflow under fp16 loss scaling: the grad scaler will skip this step
             beta = np.ones(len(rows))
         return torch.from_numpy(beta).to(rows) @ rows, beta
-
-    def weights(self) -> dict[str, float]:
-        """The last step's coefficients ``β_i`` of each task's shared gradient."""
-        return dict(self._last)
 
 
 class PCGradBalancer(GradientBalancer):
