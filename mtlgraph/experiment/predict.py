@@ -9,8 +9,9 @@ vocabulary; a folder of images or a table of image files is decoded as the confi
 from __future__ import annotations
 
 import copy
+import functools
 import glob
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -324,8 +325,8 @@ def _read_images(
     run_dir: Path | None,
 ) -> PredictionData:
     """A folder of images (every image in it, sorted; ids are the file names) or a table
-    naming the files (relative to its folder), decoded as the dataset declares."""
-    from mtlgraph.data.sources.images import require_pillow
+    naming the files (relative to its folder), read by training's :class:`ImageFolder`."""
+    from mtlgraph.data.sources.images import ImageFolder, require_pillow
 
     ds = cfg.data.datasets[name]
     ic = ds.source.images
@@ -343,46 +344,25 @@ def _read_images(
     image_fields = [f for f in fields if ds.fields[f] == ic.column]
     others = {f: ds.fields[f] for f in fields if f not in image_fields}
     toks = run_tokenizers(name, ds, _columns(ds, list(others)), run_dir)
-    X = {f: field_values(table, spec, text=toks) for f, spec in others.items()}
-    if ic.column not in table:
-        raise DataError(
-            [f"{table.origin} has no image column '{ic.column}'; it has {quoted(table)}"]
-        )
-    files = [str(f) for f in table[ic.column]]
-    missing = [f for f in files if not (folder / f).is_file()]
-    if missing:
-        raise DataError([f"{len(missing)} image file(s) missing from '{folder}': {missing[:5]}"])
+    images = ImageFolder(
+        folder, table, ID_FIELD, ic.column, others, {}, image_decoder(ic), toks, table.origin
+    )
     _check_id(id_column, list(table), table.origin)
-    ids = files if id_column is None else _id_values(table, id_column, 0)
-    decoder = image_decoder(ic)
+    ids = images.files if id_column is None else _id_values(table, id_column, 0)
 
     def chunks(size: int) -> Iterator[Callable[[], Chunk]]:
-        for i in range(0, len(files), size):
-            yield _image_chunk(decoder, folder, files[i : i + size], image_fields, X, ids, i)
+        for start in range(0, len(images), size):
+            rows = range(start, min(start + size, len(images)))
+            yield functools.partial(_image_chunk, images, rows, ids, image_fields)
 
-    return PredictionData(table.origin, len(files), chunks)
+    return PredictionData(table.origin, len(images), chunks)
 
 
-def _image_chunk(
-    decoder: Callable[[Path], Any],
-    folder: Path,
-    files: list[str],
-    image_fields: list[str],
-    X: Mapping[str, Any],
-    ids: list[Any],
-    start: int,
-) -> Callable[[], Chunk]:
-    """A chunk decoded when called (so that a worker decodes only its own chunks)."""
-
-    def load() -> Chunk:
-        stop = start + len(files)
-        out: dict[str, Any] = {f: v[start:stop] for f, v in X.items()}
-        if image_fields:
-            images = torch.stack([decoder(folder / f) for f in files])
-            out.update({f: images for f in image_fields})
-        return ids[start:stop], out
-
-    return load
+def _image_chunk(images: Any, rows: range, ids: Sequence[Any], image_fields: list[str]) -> Chunk:
+    """Rows of an image folder, decoded (called in the worker that reads the chunk)."""
+    X, _ = collate_dicts([images[i] for i in rows])
+    decoded = X.pop(ID_FIELD)  # the folder's image field, given to each field that reads it
+    return [ids[i] for i in rows], {**X, **dict.fromkeys(image_fields, decoded)}
 
 
 # ---------------------------------------------------------------- datasets of the config

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mtlgraph._suggest import first_few
+from mtlgraph._suggest import first_few, quoted
 from mtlgraph.data.datasets import Batch
 from mtlgraph.data.sources.files import Table, as_table, table_length
 from mtlgraph.data.sources.table import Tokenizer, table_columns
@@ -170,7 +170,7 @@ class ImageFolder(Dataset[Batch]):
         t = as_table(table, origin)
         problems: list[str] = []
         if image_column not in t:
-            problems.append(f"{t.origin} has no image column '{image_column}'")
+            problems.append(f"{t.origin} has no image column '{image_column}'; it has {quoted(t)}")
         try:
             self.X, self.Y = table_columns(t, fields or {}, labels or {}, text)
         except DataError as e:
