@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import glob
+import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -351,8 +352,7 @@ def _read_images(
     ids = images.files if id_column is None else _id_values(table, id_column, 0)
 
     def chunks(size: int) -> Iterator[Callable[[], Chunk]]:
-        for start in range(0, len(images), size):
-            rows = range(start, min(start + size, len(images)))
+        for rows in _row_ranges(len(images), size):
             yield functools.partial(_image_chunk, images, rows, ids, image_fields)
 
     return PredictionData(table.origin, len(images), chunks)
@@ -361,7 +361,7 @@ def _read_images(
 def _image_chunk(images: Any, rows: range, ids: Sequence[Any], image_fields: list[str]) -> Chunk:
     """Rows of an image folder, decoded (called in the worker that reads the chunk)."""
     X, _ = collate_dicts([images[i] for i in rows])
-    decoded = X.pop(ID_FIELD)  # the folder's image field, given to each field that reads it
+    decoded = X.pop(images.image_field)  # given to each field that reads the image column
     return [ids[i] for i in rows], {**X, **dict.fromkeys(image_fields, decoded)}
 
 
@@ -408,35 +408,28 @@ def _dataset_chunks(d: Any, size: int) -> Iterator[Chunk]:
     """``(ids, X)`` chunks of a built dataset, in order: row numbers (image file names)."""
     from mtlgraph.data.sources.images import ImageFolder
 
-    if isinstance(d, DictDataset):
-        for start in range(0, len(d), size):
-            X, _ = d.batch(slice(start, start + size))
-            n = len(next(iter(X.values())))
-            yield list(range(start, start + n)), dict(X)
-        return
     inner = getattr(d, "dataset", d)
-    if isinstance(inner, ImageFolder):
-        items: Iterator[tuple[Any, Any]] = zip(
-            inner.files, (inner[i] for i in range(len(inner))), strict=True
-        )
+    if isinstance(d, DictDataset):
+        for rows in _row_ranges(len(d), size):
+            yield list(rows), dict(d.batch(slice(rows.start, rows.stop))[0])
+    elif isinstance(inner, ImageFolder):
+        for rows in _row_ranges(len(inner), size):
+            yield _image_chunk(inner, rows, inner.files, [inner.image_field])
     else:  # a stream: in file order (training shuffles its split)
         stream = copy.copy(inner)
         if hasattr(stream, "shuffle"):
             stream.shuffle = False
-        items = enumerate(iter(stream))
-    buf: list[tuple[Any, Any]] = []
-    for item in items:
-        buf.append(item)
-        if len(buf) == size:
-            yield _collated(buf)
-            buf = []
-    if buf:
-        yield _collated(buf)
+        rows_of = iter(stream)
+        start = 0
+        while examples := list(itertools.islice(rows_of, size)):
+            X, _ = collate_dicts([(x, {}) for x, _y in examples])
+            yield list(range(start, start + len(examples))), dict(X)
+            start += len(examples)
 
 
-def _collated(buf: list[tuple[Any, Any]]) -> Chunk:
-    X, _ = collate_dicts([(x, {}) for _, (x, _y) in buf])
-    return [i for i, _ in buf], dict(X)
+def _row_ranges(n: int, size: int) -> Iterator[range]:
+    """``range`` s of at most ``size`` rows covering ``0..n-1``, in order."""
+    return (range(start, min(start + size, n)) for start in range(0, n, size))
 
 
 # ---------------------------------------------------------------- the dispatch point
