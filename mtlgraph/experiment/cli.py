@@ -144,7 +144,7 @@ def train(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace, cfg: ExperimentConfig, env: DistEnv) -> int:
-    from mtlgraph._io import write_json
+    from mtlgraph._io import atomic_write_text, write_json
     from mtlgraph.experiment.build import build_experiment
     from mtlgraph.experiment.config import config_to_dict, dump_run_config
     from mtlgraph.training.checkpoint import load_checkpoint, resolve_checkpoint
@@ -170,8 +170,7 @@ def _train(args: argparse.Namespace, cfg: ExperimentConfig, env: DistEnv) -> int
     if checkpoint is not None and not _resumable(experiment, state, checkpoint, changed, env):
         return EXIT_OK
     if checkpoint is None and env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / CONFIG_FILE).write_text(dump_run_config(cfg))
+        atomic_write_text(run_dir / CONFIG_FILE, dump_run_config(cfg))
     if env.is_main:
         logger.info("run directory: %s", run_dir)
     _seed_process(cfg.seed)
