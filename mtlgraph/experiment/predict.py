@@ -24,7 +24,6 @@ from mtlgraph._suggest import did_you_mean, quoted
 from mtlgraph.data.datasets import MASK_SUFFIX, Batch, DictDataset, collate_dicts, pad_sequences
 from mtlgraph.data.sources.files import (
     SUFFIXES,
-    TABLE_FORMATS,
     Table,
     iter_table,
     read_table,
@@ -443,35 +442,19 @@ def read_prediction_data(
     file_format: str | None = None,
     run_dir: str | Path | None = None,
 ) -> PredictionData:
-    """THE dispatch point for prediction data: a file, a glob, a directory or a config dataset.
-
-    A file is read as training reads it (:mod:`mtlgraph.data.sources`, the same rules), with
-    the declaration of the config dataset whose fields it provides (its text vocabulary from
-    the run directory, its image decoding), labels dropped: one prediction per row, in order.
-
-    Args:
-        cfg: The experiment config (its datasets say which columns hold which field).
-        path: A data file, directory of ``.npy`` files or images, glob, or ``NAME[:SPLIT]``
-            naming a dataset of the config.
-        fields: The input fields to read (those the chosen tasks read).
-        id_column: A column holding each row's id (default: the row number, from 0).
-        file_format: One of :data:`~mtlgraph.data.sources.TABLE_FORMATS` (default: from the
-            path).
-        run_dir: The run directory (its ``vocab/`` holds the vocabularies of text fields).
+    """THE dispatch point for prediction data: ``path`` is a data file, a directory of ``.npy``
+    files or images, a glob, or ``NAME[:SPLIT]`` naming a dataset of the config. A file is read
+    as training reads it, with the declaration of the config dataset whose ``fields`` it
+    provides (its vocabulary from ``run_dir``, its image decoding), labels dropped: one
+    prediction per row, in order; ``id_column`` (default: the row number) names each row.
 
     Raises:
         DataError: A missing file, field, id column or vocabulary (named, with what the data
-            has), or a bad row (file, line, column).
-        ConfigError: An unknown format.
+            has), a bad row (file, line, column), an unknown ``file_format``.
     """
     run = Path(run_dir) if run_dir is not None else None
-    if file_format is not None and file_format not in TABLE_FORMATS:
-        raise ConfigError(
-            [
-                f"unknown data format '{file_format}'{did_you_mean(file_format, TABLE_FORMATS)}; "
-                f"choose one of {quoted(TABLE_FORMATS)}"
-            ]
-        )
+    if file_format is not None:
+        table_format(path, file_format)  # an unknown format: the reader's own DataError
     p = Path(path)
     if not p.exists() and not glob.has_magic(str(path)):
         name = str(path).partition(":")[0]
