@@ -22,19 +22,14 @@ import torch
 
 from mtlgraph._io import atomic_write
 from mtlgraph._suggest import quoted
+from mtlgraph.data.sources.files import SUFFIXES
 from mtlgraph.exceptions import ConfigError, DataError
 from mtlgraph.graph.task import Task
 from mtlgraph.inference.evaluation import iter_predictions
 from mtlgraph.inference.protocol import Batches, InferenceModel
 
-PREDICTION_FORMATS: dict[str, str] = {
-    ".jsonl": "jsonl",
-    ".ndjson": "jsonl",
-    ".csv": "csv",
-    ".parquet": "parquet",
-    ".pq": "parquet",
-}
-"""Output file suffix -> format."""
+WRITE_FORMATS = ("jsonl", "csv", "parquet")
+"""The formats :func:`write_predictions` writes (a file's suffix tells it as for the readers)."""
 
 ID = "id"
 """Name of the id column."""
@@ -46,24 +41,17 @@ def prediction_format(path: str | os.PathLike[str], file_format: str | None = No
     """The output format: ``file_format`` if given, else from the file's suffix.
 
     Raises:
-        ConfigError: An unknown format or suffix.
+        ConfigError: An unknown format, or a suffix of none of :data:`WRITE_FORMATS`.
     """
-    formats = sorted(set(PREDICTION_FORMATS.values()))
+    fmt = file_format or SUFFIXES.get(Path(path).suffix.lstrip(".").lower())
+    if fmt in WRITE_FORMATS:
+        return fmt
     if file_format is not None:
-        if file_format not in formats:
-            raise ConfigError(
-                [f"unknown prediction file format {file_format!r}; choose {quoted(formats)}"]
-            )
-        return file_format
-    suffix = Path(path).suffix.lower()
-    if suffix not in PREDICTION_FORMATS:
-        raise ConfigError(
-            [
-                f"cannot tell the format of '{path}' from its suffix; name it .jsonl, .csv or "
-                ".parquet"
-            ]
-        )
-    return PREDICTION_FORMATS[suffix]
+        choose = quoted(WRITE_FORMATS)
+        raise ConfigError([f"unknown prediction file format {file_format!r}; choose {choose}"])
+    raise ConfigError(
+        [f"cannot tell the format of '{path}' from its suffix; name it .jsonl, .csv or .parquet"]
+    )
 
 
 def task_columns(task: Task, probs: torch.Tensor) -> Columns:
