@@ -17,6 +17,7 @@ from torch import nn
 from mtlgraph.balancing.base import (
     LastWeights,
     StepContext,
+    adam_step,
     grown,
     saved_task_order,
     seeded_generator,
@@ -408,9 +409,6 @@ class FAMOBalancer(LastWeights):
 
     name = "famo"
 
-    _BETAS = (0.9, 0.999)
-    _ADAM_EPS = 1e-8
-
     def __init__(self, lr: float = 0.025, gamma: float = 0.01, eps: float = 1e-8) -> None:
         super().__init__()
         check = ArgumentCheck(f"balancer '{self.name}'")
@@ -456,16 +454,9 @@ class FAMOBalancer(LastWeights):
             for b, a in zip(before, after, strict=True)
         ]
         mean = sum(zi * di for zi, di in zip(z, delta, strict=True))
-        b1, b2 = self._BETAS
         for t, x, zi, di in zip(names, logits, z, delta, strict=True):
             grad = zi * (di - mean) + self.gamma * x
-            m, v, n = self._adam.get(t, [0.0, 0.0, 0.0])
-            n += 1
-            m = b1 * m + (1 - b1) * grad
-            v = b2 * v + (1 - b2) * grad * grad
-            self._adam[t] = [m, v, n]
-            denom = math.sqrt(v) / math.sqrt(1 - b2**n) + self._ADAM_EPS
-            self._logits[t] = x - (self.lr / (1 - b1**n)) * m / denom
+            self._logits[t] = x - adam_step(self._adam, t, grad, self.lr)
 
     def get_extra_state(self) -> dict[str, Any]:
         return {

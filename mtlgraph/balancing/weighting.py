@@ -19,6 +19,7 @@ from mtlgraph.balancing.base import (
     Balancer,
     LastWeights,
     StepContext,
+    adam_step,
     grown,
     saved_task_order,
     seeded_generator,
@@ -245,8 +246,6 @@ class GradNormBalancer(Balancer):
 
     name = "gradnorm"
 
-    _BETAS = (0.9, 0.999)
-    _EPS = 1e-8
     _MIN_WEIGHT = 1e-3
 
     def __init__(self, alpha: float = 1.5, lr: float = 0.025, layer: str | None = None) -> None:
@@ -344,18 +343,11 @@ class GradNormBalancer(Balancer):
         g_mean = sum(g) / k
         rel = [li / max(self._initial[t], 1e-12) for t, li in zip(names, losses, strict=True)]
         rel_mean = sum(rel) / k
-        b1, b2 = self._BETAS
         new = []
         for t, wi, gi, ni, ri in zip(names, w, g, norms, rel, strict=True):
             target = g_mean * (ri / max(rel_mean, 1e-12)) ** self.alpha
             grad = math.copysign(ni, gi - target) if gi != target else 0.0
-            m, v, n = self._adam.get(t, [0.0, 0.0, 0.0])
-            n += 1
-            m = b1 * m + (1 - b1) * grad
-            v = b2 * v + (1 - b2) * grad * grad
-            self._adam[t] = [m, v, n]
-            step = self.lr * (m / (1 - b1**n)) / (math.sqrt(v / (1 - b2**n)) + self._EPS)
-            new.append(max(wi - step, self._MIN_WEIGHT))
+            new.append(max(wi - adam_step(self._adam, t, grad, self.lr), self._MIN_WEIGHT))
         total = sum(new)
         for t, wi in zip(names, new, strict=True):
             self._w[t] = k * wi / total
