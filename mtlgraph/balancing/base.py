@@ -9,7 +9,6 @@ balancer ignore mixed precision, gradient accumulation and DDP.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -181,24 +180,6 @@ def seeded_generator(balancer: str, seed: object) -> torch.Generator:
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError([f"balancer '{balancer}': seed must be an integer, got {seed!r}"])
     return torch.Generator().manual_seed(seed)
-
-
-def adam_step(state: dict[str, list[float]], key: str, grad: float, lr: float) -> float:
-    """One Adam step (betas 0.9, 0.999; eps 1e-8) on a scalar: the amount to subtract from it.
-    ``state[key]`` holds its ``[m, v, steps]`` and is updated (the learned balancer weights).
-
-    Example:
-        >>> state = {}
-        >>> round(adam_step(state, "a", 2.0, lr=0.1), 6), state["a"][2]  # the first step: ±lr
-        (0.1, 1.0)
-    """
-    b1, b2 = 0.9, 0.999
-    m, v, n = state.get(key, [0.0, 0.0, 0.0])
-    n += 1
-    m = b1 * m + (1 - b1) * grad
-    v = b2 * v + (1 - b2) * grad * grad
-    state[key] = [m, v, n]
-    return lr * (m / (1 - b1**n)) / (math.sqrt(v / (1 - b2**n)) + 1e-8)
 
 
 def grown(

@@ -17,13 +17,19 @@ from torch import nn
 from mtlgraph.balancing.base import (
     LastWeights,
     StepContext,
-    adam_step,
     grown,
     saved_task_order,
     seeded_generator,
 )
 from mtlgraph.balancing.gradient import GradientBalancer
-from mtlgraph.balancing.solvers import aligned_mtl, gradvac_coefficients, imtl_g, nash_mtl, upgrad
+from mtlgraph.balancing.solvers import (
+    adam_step,
+    aligned_mtl,
+    gradvac_coefficients,
+    imtl_g,
+    nash_mtl,
+    upgrad,
+)
 from mtlgraph.exceptions import ArgumentCheck, ConfigError
 from mtlgraph.gradients import SharedLayout
 from mtlgraph.graph.task import Task

@@ -1,6 +1,7 @@
 """Numeric solvers of the gradient-based balancers, on the Gram matrix ``M_ij = g_i·g_j`` of
 per-task gradients (a ``(K, K)`` float64 array), so their cost does not depend on the model's
-size. Formulas and papers: ``docs/balancing.md``.
+size; and :func:`adam_step`, the scalar Adam of learned balancer weights. Formulas and papers:
+``docs/balancing.md``.
 """
 
 from __future__ import annotations
@@ -326,3 +327,21 @@ def gradvac_coefficients(
             targets[i, j] = (1.0 - beta) * target + beta * phi
         total += c
     return total
+
+
+def adam_step(state: dict[str, list[float]], key: str, grad: float, lr: float) -> float:
+    """One Adam step (betas 0.9, 0.999; eps 1e-8) on a scalar: the amount to subtract from it.
+    ``state[key]`` holds its ``[m, v, steps]`` and is updated (the learned balancer weights).
+
+    Example:
+        >>> state = {}
+        >>> round(adam_step(state, "a", 2.0, lr=0.1), 6), state["a"][2]  # the first step: ±lr
+        (0.1, 1.0)
+    """
+    b1, b2 = 0.9, 0.999
+    m, v, n = state.get(key, [0.0, 0.0, 0.0])
+    n += 1
+    m = b1 * m + (1 - b1) * grad
+    v = b2 * v + (1 - b2) * grad * grad
+    state[key] = [m, v, n]
+    return lr * (m / (1 - b1**n)) / (math.sqrt(v / (1 - b2**n)) + 1e-8)

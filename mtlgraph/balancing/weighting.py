@@ -19,11 +19,11 @@ from mtlgraph.balancing.base import (
     Balancer,
     LastWeights,
     StepContext,
-    adam_step,
     grown,
     saved_task_order,
     seeded_generator,
 )
+from mtlgraph.balancing.solvers import adam_step
 from mtlgraph.exceptions import ArgumentCheck, ConfigError
 from mtlgraph.gradients import PlanCache, last_shared_layer
 from mtlgraph.graph.task import Task
