@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 
 def did_you_mean(word: str, candidates: Iterable[str]) -> str:
@@ -22,3 +22,14 @@ def did_you_mean(word: str, candidates: Iterable[str]) -> str:
 def quoted(names: Iterable[str]) -> str:
     """Return names as a sorted, quoted, comma-separated list for messages."""
     return ", ".join(f"'{n}'" for n in sorted(names))
+
+
+def first_few(items: Sequence[str], limit: int = 5) -> str:
+    """The first ``limit`` items, comma-separated, then how many more there are.
+
+    Example:
+        >>> first_few(["'a'", "'b'", "'c'"], 2)
+        "'a', 'b' and 1 more"
+    """
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")

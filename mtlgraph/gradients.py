@@ -1,15 +1,9 @@
-"""Per-task gradients on the parameters a step's tasks share.
+"""Per-task gradients on the parameters a step's tasks share: the one home of what the
+gradient-based balancers and the interference probes both use.
 
-One home for the machinery that both the gradient-based balancers (:mod:`mtlgraph.balancing`)
-and the interference probes (:mod:`mtlgraph.diagnostics`) use: which modules of an
-:class:`~mtlgraph.graph.model.ExecutionPlan` are shared (used by two or more of its tasks),
-where their parameters sit in one flat preallocated buffer (:class:`SharedLayout`), and one
-gradient per task written into that buffer (:class:`SharedGradients`).
-
-Everything computed from a plan is cached per plan in a :class:`PlanCache`, keyed weakly by the
-plan object itself: after ``model.add_task`` / ``remove_task`` the model builds new plans, the
-old ones are freed and their entries vanish with them, so a new plan never picks up an old
-layout.
+:class:`SharedLayout` places the shared modules' parameters in one flat buffer,
+:class:`SharedGradients` writes one gradient per task into it, and :class:`PlanCache` keeps
+both per plan, keyed weakly by the plan (a new plan never picks up an old layout).
 """
 
 from __future__ import annotations

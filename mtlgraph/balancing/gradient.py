@@ -23,16 +23,12 @@ from mtlgraph.graph.task import Task
 
 
 class GradientBalancer(LastWeights):
-    """Base of methods that combine per-task gradients of the shared parameters.
+    """Base of methods that combine per-task gradients ``g_i`` of the shared parameters.
 
-    For the step's tasks ``i = 1..K`` it computes ``g_i = ∇_{θ_s} (w_i L_i)`` on the shared
-    parameters ``θ_s`` (those of modules used by more than one task of the step), flattened into
-    one preallocated ``(K, P)`` buffer, and asks :meth:`combine` for coefficients ``β`` given the
-    Gram matrix ``M_ij = g_i·g_j``; the shared parameters get ``d = Σ_i β_i g_i``. Parameters
-    only one task uses get that task's own gradient. A one-task step uses the plain gradient (and
-    says so once in the log). Cost: one backward pass per task through its path.
-
-    Subclasses implement :meth:`combine`.
+    :meth:`combine` (the one method subclasses implement) maps the Gram matrix ``M_ij = g_i·g_j``
+    to coefficients ``β``; the shared parameters get ``d = Σ_i β_i g_i``, the others their one
+    task's gradient; the logged weights are the last step's ``β_i``. A one-task step uses the
+    plain gradient. One backward pass per task.
     """
 
     def __init__(self) -> None:
@@ -84,18 +80,10 @@ class GradientBalancer(LastWeights):
             beta = np.ones(len(rows))
         return torch.from_numpy(beta).to(rows) @ rows, beta
 
-    def weights(self) -> dict[str, float]:
-        """The last step's coefficients ``β_i`` of each task's shared gradient."""
-        return dict(self._last)
-
 
 class PCGradBalancer(GradientBalancer):
-    """PCGrad, gradient surgery (Yu et al., NeurIPS 2020).
-
-    For each task ``i``: ``g_i' = g_i``; for the other tasks ``j`` in random order, if
-    ``g_i'·g_j < 0`` then ``g_i' ← g_i' − (g_i'·g_j / ‖g_j‖²)·g_j`` (project away the conflicting
-    component). The update is ``d = Σ_i g_i'``. The order is drawn from the balancer's own
-    seeded ``torch.Generator``.
+    """PCGrad, gradient surgery (Yu et al., NeurIPS 2020): each task's gradient loses its
+    components that conflict with the others' (in an order from its own seeded generator); summed.
 
     Args:
         seed: Seed of the shuffling generator.
@@ -129,12 +117,8 @@ class PCGradBalancer(GradientBalancer):
 
 
 class MGDABalancer(GradientBalancer):
-    """MGDA, the multiple-gradient descent min-norm solver (Sener & Koltun, NeurIPS 2018).
-
-    ``α = argmin_{α ∈ simplex} ‖Σ_i α_i g_i‖²`` (pairwise Frank–Wolfe; closed form for two
-    tasks) and
-    ``d = K·Σ_i α_i g_i`` (scaled by ``K`` when ``rescale``, so its size compares with a sum of
-    gradients). To first order, a step along ``−d`` lowers every task's loss (``g_i·d ≥ 0``).
+    """MGDA, the min-norm point of the gradients' convex hull (Sener & Koltun, NeurIPS 2018),
+    by pairwise Frank–Wolfe; to first order a step lowers every task's loss.
 
     Args:
         rescale: Multiply the direction by the number of tasks in the step.
@@ -165,13 +149,8 @@ class MGDABalancer(GradientBalancer):
 
 
 class CAGradBalancer(GradientBalancer):
-    """CAGrad, conflict-averse gradient descent (Liu et al., NeurIPS 2021).
-
-    ``g_0 = mean_i g_i``, ``φ = c²‖g_0‖²``; ``w ∈ simplex`` minimises
-    ``g_w·g_0 + √φ·‖g_w‖`` with ``g_w = Σ_i w_i g_i`` (pairwise Frank–Wolfe with exact line
-    search on the Gram matrix); ``d = g_0 + (√φ/‖g_w‖)·g_w``, divided by ``1 + c²`` when
-    ``rescale``. ``c = 0`` is plain averaging; larger ``c`` trades average progress for the
-    worst task's progress.
+    """CAGrad, conflict-averse gradient descent (Liu et al., NeurIPS 2021): the mean gradient
+    plus the direction that most helps the worst task within radius ``c``; ``c = 0`` is the mean.
 
     Args:
         c: Conflict-aversion radius, in ``[0, 1)``.

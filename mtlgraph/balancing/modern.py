@@ -22,21 +22,23 @@ from mtlgraph.balancing.base import (
     seeded_generator,
 )
 from mtlgraph.balancing.gradient import GradientBalancer
-from mtlgraph.balancing.solvers import aligned_mtl, gradvac_coefficients, imtl_g, nash_mtl, upgrad
+from mtlgraph.balancing.solvers import (
+    adam_step,
+    aligned_mtl,
+    gradvac_coefficients,
+    imtl_g,
+    nash_mtl,
+    upgrad,
+)
 from mtlgraph.exceptions import ArgumentCheck, ConfigError
 from mtlgraph.gradients import SharedLayout
 from mtlgraph.graph.task import Task
 
 
 class IMTLBalancer(GradientBalancer):
-    """IMTL, impartial multi-task learning (Liu et al., ICLR 2021): IMTL-G, optionally IMTL-L.
-
-    IMTL-G: ``α`` with ``Σ_i α_i = 1`` such that ``d = Σ_i α_i g_i`` has the same projection on
-    every unit gradient ``u_i = g_i/‖g_i‖``: ``α ∝ M⁺·(‖g_1‖, …, ‖g_K‖)`` (closed form, see
-    :func:`.solvers.imtl_g`). No task dominates the update, whatever its gradient's size.
-    With ``loss_scaling`` (IMTL-L, the paper's hybrid "IMTL"), each task's loss is first scaled
-    to ``e^{s_i}·L_i − s_i`` with a learned ``s_i`` (init 0, a parameter trained by the Trainer,
-    its gradient ``e^{s_i}·L_i − 1``), which drives the scaled losses toward 1.
+    """IMTL, impartial multi-task learning (Liu et al., ICLR 2021): an update with the same
+    projection on every task's unit gradient (IMTL-G); with ``loss_scaling``, learned loss scales
+    ``e^{s_i}·L_i − s_i`` too (IMTL-L). Formulas: ``docs/balancing.md``.
 
     Args:
         loss_scaling: Learn the IMTL-L scales ``s_i`` too.
@@ -104,11 +106,8 @@ class IMTLBalancer(GradientBalancer):
 
 
 class AlignedMTLBalancer(GradientBalancer):
-    """Aligned-MTL, independent component alignment (Senushkin et al., CVPR 2023).
-
-    The gradient matrix ``G = UΣVᵀ`` is replaced by ``G̃ = σ·UVᵀ`` (all singular values equal
-    ``σ``, condition number 1, so the tasks' components are aligned and none dominates), from
-    the eigen-decomposition of the Gram matrix; ``d = G̃ᵀw`` with ``w = 𝟙/K``.
+    """Aligned-MTL (Senushkin et al., CVPR 2023): the gradient matrix with all singular values
+    made equal (condition number 1), so no task's component dominates.
 
     Args:
         scale_mode: ``σ²``: the smallest non-zero eigenvalue of ``M`` (``"min"``, the paper),
@@ -137,13 +136,8 @@ class AlignedMTLBalancer(GradientBalancer):
 
 
 class UPGradBalancer(GradientBalancer):
-    """UPGrad, unconflicting projection of gradients (Quinton & Rey, 2024, TorchJD).
-
-    Each ``g_i/K`` is projected onto the dual cone of all the gradients
-    ``{x : g_j·x ≥ 0 ∀j}`` (a quadratic program over ``K`` variables on the Gram matrix,
-    solved exactly as non-negative least squares) and the projections are summed. ``d`` lowers
-    no task's loss to first order (``g_j·d ≥ 0``), and when no two gradients conflict it is the
-    mean gradient.
+    """UPGrad (Quinton & Rey, 2024, TorchJD): each ``g_i/K`` projected onto the dual cone of all
+    the gradients, summed; lowers no task's loss to first order.
 
     Example:
         >>> import numpy as np
@@ -173,14 +167,8 @@ class _Named(GradientBalancer):
 
 
 class NashMTLBalancer(_Named):
-    """Nash-MTL, multi-task learning as a bargaining game (Navon et al., ICML 2022).
-
-    ``d = Σ_i α_i g_i`` with ``α > 0`` the solution of ``Mα = 1/α``: the Nash bargaining
-    solution, in which each task's first-order progress ``g_i·d = 1/α_i`` is inversely
-    proportional to its weight. Solved by Newton's method on ``½αᵀMα − Σ log α_i`` (see
-    :func:`.solvers.nash_mtl`), warm-started from the last ``α``; recomputed every
-    ``update_weights_every`` steps (the last ``α`` is reused in between, as in the paper).
-    ``‖d‖² = K`` before the clipping to ``max_norm``.
+    """Nash-MTL (Navon et al., ICML 2022): ``α > 0`` with ``Mα = 1/α``, the Nash bargaining
+    solution, by Newton's method warm-started from the last ``α`` (reused between solves).
 
     Args:
         update_weights_every: Solve every this many steps.
@@ -249,13 +237,8 @@ class NashMTLBalancer(_Named):
 
 
 class GradVacBalancer(_Named):
-    """GradVac, gradient vaccine (Wang et al., ICLR 2021).
-
-    Keeps for each ordered pair of tasks ``(i, j)`` an EMA target ``φ̂_ij`` of their gradient
-    cosine (initially 0). For each task ``i``: ``g_i' = g_i``; for the other tasks ``j`` in
-    random order, if ``φ_ij = cos(g_i', g_j) < φ̂_ij``, ``g_i'`` gets the multiple of ``g_j``
-    that brings the cosine up to ``φ̂_ij``; ``φ̂_ij ← (1−β)φ̂_ij + β·φ_ij``. ``d = Σ_i g_i'``.
-    With targets 0 it is PCGrad; positive targets also pull agreeing tasks closer.
+    """GradVac, gradient vaccine (Wang et al., ICLR 2021): lifts each pair's gradient cosine to an
+    EMA target (initially 0, i.e. PCGrad), so agreeing tasks are pulled closer too.
 
     Args:
         beta: EMA rate of the targets (the paper's ``β = 0.01``).
@@ -332,13 +315,8 @@ class GradVacBalancer(_Named):
 
 
 class DBMTLBalancer(_Named):
-    """DB-MTL, dual-balancing multi-task learning (Lin et al., 2023).
-
-    Loss-scale balancing: every task trains on ``log L_i`` (its gradient ``∇L_i / L_i``; the
-    task-only parameters get it too). Gradient-magnitude balancing: an EMA of each task's
-    shared gradient ``ĝ_i ← β_t·ĝ_i + (1−β_t)·∇log L_i`` with ``β_t = β/t^{β_σ}`` (``ĝ = 0`` at
-    first), then ``d = Σ_i (max_j ‖ĝ_j‖ / ‖ĝ_i‖)·ĝ_i``: every task's averaged gradient is scaled
-    to the largest norm.
+    """DB-MTL, dual-balancing (Lin et al., 2023): every task trains on ``log L_i``, and an EMA of
+    each task's shared gradient is scaled to the largest norm.
 
     Args:
         beta: ``β``, the EMA weight of the past.
@@ -418,17 +396,9 @@ class DBMTLBalancer(_Named):
 
 
 class FAMOBalancer(LastWeights):
-    """FAMO, fast adaptive multitask optimization (Liu et al., NeurIPS 2023); one backward pass.
-
-    Task logits ``ξ`` (init 0), ``z = softmax(ξ)``. The model trains on
-    ``Σ_i c·z_i·log(L_i + ε)`` with ``c = 1/Σ_j z_j/(L_j + ε)`` held constant: task ``i``'s loss
-    gets the weight ``w_i = c·z_i/(L_i + ε)`` (``Σ_i w_i·L_i`` in one backward pass; the weights
-    sum to 1 when the losses are equal). Then the logits learn from the change of the log-losses
-    across the update: ``δ_i = log(L_i^{before} + ε) − log(L_i^{after} + ε)``,
-    ``∇_ξ = J_softmax(ξ)ᵀ δ`` (i.e. ``z ⊙ (δ − z·δ)``), one Adam step with learning rate ``lr``
-    and L2 decay ``gamma`` on ``ξ``. Tasks whose loss fell least gain weight. O(1) extra cost: the
-    "after" losses are those of the next step holding the task (the paper re-evaluates the same
-    batch); a step updates the logits of its tasks that have such a previous loss.
+    """FAMO, fast adaptive multitask optimization (Liu et al., NeurIPS 2023), one backward pass:
+    softmax task logits learned (by their own Adam) from the change of the log-losses; tasks whose
+    loss fell least gain weight. The "after" losses are those of the next step holding the task.
 
     Args:
         lr: Learning rate of the logits' own Adam.
@@ -444,9 +414,6 @@ class FAMOBalancer(LastWeights):
     """
 
     name = "famo"
-
-    _BETAS = (0.9, 0.999)
-    _ADAM_EPS = 1e-8
 
     def __init__(self, lr: float = 0.025, gamma: float = 0.01, eps: float = 1e-8) -> None:
         super().__init__()
@@ -493,16 +460,9 @@ class FAMOBalancer(LastWeights):
             for b, a in zip(before, after, strict=True)
         ]
         mean = sum(zi * di for zi, di in zip(z, delta, strict=True))
-        b1, b2 = self._BETAS
         for t, x, zi, di in zip(names, logits, z, delta, strict=True):
             grad = zi * (di - mean) + self.gamma * x
-            m, v, n = self._adam.get(t, [0.0, 0.0, 0.0])
-            n += 1
-            m = b1 * m + (1 - b1) * grad
-            v = b2 * v + (1 - b2) * grad * grad
-            self._adam[t] = [m, v, n]
-            denom = math.sqrt(v) / math.sqrt(1 - b2**n) + self._ADAM_EPS
-            self._logits[t] = x - (self.lr / (1 - b1**n)) * m / denom
+            self._logits[t] = x - adam_step(self._adam, t, grad, self.lr)
 
     def get_extra_state(self) -> dict[str, Any]:
         return {

@@ -1,16 +1,7 @@
-"""Numeric solvers of the gradient-based balancers, on the Gram matrix of per-task gradients.
-
-All of them work on ``M_ij = g_i·g_j`` (a ``(K, K)`` float64 array), never on the gradients
-themselves, so their cost does not depend on the model's size:
-
-- :func:`pcgrad_coefficients`: PCGrad's projections, as coefficients of the ``g_i``;
-- :func:`min_norm`: the min-norm point of the convex hull (MGDA), closed form for two tasks,
-  pairwise Frank–Wolfe beyond;
-- :func:`cagrad_solve` with its exact line search :func:`line_min`: CAGrad's inner problem;
-- :func:`imtl_g` (IMTL-G's closed form), :func:`aligned_mtl` (Aligned-MTL's eigen-alignment),
-  :func:`upgrad` with :func:`dual_cone_weights` (UPGrad's projections, an exact NNLS),
-  :func:`nash_mtl` (the Nash bargaining solution, by Newton's method) and
-  :func:`gradvac_coefficients` (GradVac's adaptive targets).
+"""Numeric solvers of the gradient-based balancers, on the Gram matrix ``M_ij = g_i·g_j`` of
+per-task gradients (a ``(K, K)`` float64 array), so their cost does not depend on the model's
+size; and :func:`adam_step`, the scalar Adam of learned balancer weights. Formulas and papers:
+``docs/balancing.md``.
 """
 
 from __future__ import annotations
@@ -170,14 +161,9 @@ def imtl_g(gram: np.ndarray) -> np.ndarray:
 
 
 def aligned_mtl(gram: np.ndarray, weights: np.ndarray, scale_mode: str = "min") -> np.ndarray:
-    """Aligned-MTL (Senushkin et al., CVPR 2023): coefficients of the aligned gradients.
-
-    With ``M = V Λ Vᵀ`` (the ``r`` eigenvalues above ``λ_max·K·ε`` kept), the gradient matrix
-    ``G = U Σ Vᵀ`` is replaced by ``G̃ = √λ_s · U Vᵀ`` whose singular values are all equal (its
-    condition number is 1); ``G̃ᵀw = Gᵀ B w`` with ``B = √λ_s · V Λ^{-1/2} Vᵀ``. ``λ_s`` is the
-    smallest kept eigenvalue (``"min"``, the paper), the median (``"median"``, the lower one of
-    an even count, as TorchJD) or the mean (``"rmse"``). Returns ``B·w``; ``w`` itself when
-    every gradient is zero.
+    """Aligned-MTL (Senushkin et al., CVPR 2023): ``B·w`` with ``G̃ᵀw = Gᵀ B w``, ``G̃`` the
+    gradient matrix with every kept singular value set to ``√λ_s`` (``scale_mode``: the smallest
+    kept eigenvalue of ``M``, the median or the mean); ``w`` when every gradient is zero.
 
     Example:
         >>> import numpy as np
@@ -226,11 +212,8 @@ def dual_cone_weights(gram: np.ndarray, u: np.ndarray) -> np.ndarray:
 
 
 def upgrad(gram: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """UPGrad (Quinton & Rey, 2024): ``Σ_i`` of the dual-cone projections of ``w_i·g_i``.
-
-    Each ``w_i g_i`` is projected onto the dual cone of all the gradients
-    (:func:`dual_cone_weights`); the coefficients of the projections are summed. When no two
-    gradients conflict (``M_ij ≥ 0``) every projection is the vector itself: ``w`` is returned.
+    """UPGrad (Quinton & Rey, 2024): the summed coefficients of the dual-cone projections
+    (:func:`dual_cone_weights`) of each ``w_i·g_i``; ``w`` itself when no two gradients conflict.
 
     Example:
         >>> import numpy as np
@@ -247,12 +230,9 @@ def nash_mtl(
 ) -> np.ndarray:
     """Nash-MTL (Navon et al., ICML 2022): the ``α > 0`` with ``Mα = 1/α`` (element-wise).
 
-    ``α`` is the minimiser of the strictly convex ``f(α) = ½αᵀMα − Σ_i log α_i`` (its gradient
-    is ``Mα − 1/α``), found by damped Newton steps (Hessian ``M + diag(1/α²)``, backtracking
-    that keeps ``α > 0``) on ``M/‖M‖_F``, from ``start`` (or 𝟙) scaled to the best multiple.
-    Stops when ``max_i |α_i(Mα)_i − 1| ≤ tol``. If ``M`` is singular ``f`` may be unbounded
-    below: then (or on no convergence) ``M`` is regularised by ``10⁻⁸·I`` relative to its norm
-    and solved again. Returns zeros when ``M = 0``.
+    Damped Newton steps on ``½αᵀMα − Σ_i log α_i`` (on ``M/‖M‖_F``, from ``start`` or 𝟙), until
+    ``max_i |α_i(Mα)_i − 1| ≤ tol``; a singular ``M`` (or no convergence) is regularised by
+    ``10⁻⁸·I`` and solved again. Zeros when ``M = 0``.
 
     Example:
         >>> import numpy as np
@@ -310,14 +290,10 @@ def _nash_newton(m: np.ndarray, x: np.ndarray, max_iter: int, tol: float) -> np.
 def gradvac_coefficients(
     gram: np.ndarray, targets: np.ndarray, orders: Iterable[list[int]], beta: float
 ) -> np.ndarray:
-    """GradVac (Wang et al., ICLR 2021) as coefficients ``c`` of ``d = Σ_k c_k g_k``; updates
-    the targets ``φ̂`` (a ``(K, K)`` array) in place.
-
-    For each task ``i`` (with the next order of ``orders``): ``g_i' = g_i``; for each other
-    ``j`` in that order, ``φ_ij = cos(g_i', g_j)``; if ``φ_ij < φ̂_ij``, ``g_i' += w·g_j`` with
-    ``w = ‖g_i'‖(φ̂_ij√(1−φ_ij²) − φ_ij√(1−φ̂_ij²)) / (‖g_j‖√(1−φ̂_ij²))`` (which makes
-    ``cos(g_i', g_j) = φ̂_ij``); then ``φ̂_ij ← (1−β)φ̂_ij + β·φ_ij``. Returns the coefficients of
-    ``Σ_i g_i'``, all computed from the Gram matrix.
+    """GradVac (Wang et al., ICLR 2021) as coefficients ``c`` of ``d = Σ_k c_k g_k``, from the
+    Gram matrix; updates the EMA targets ``φ̂`` (a ``(K, K)`` array) in place. Each ``g_i'`` gets
+    the multiple of ``g_j`` (in the order of ``orders``) that lifts ``cos(g_i', g_j)`` to ``φ̂_ij``
+    where it is below; formula in ``docs/balancing.md``.
 
     Example:
         >>> import numpy as np
@@ -351,3 +327,21 @@ def gradvac_coefficients(
             targets[i, j] = (1.0 - beta) * target + beta * phi
         total += c
     return total
+
+
+def adam_step(state: dict[str, list[float]], key: str, grad: float, lr: float) -> float:
+    """One Adam step (betas 0.9, 0.999; eps 1e-8) on a scalar: the amount to subtract from it.
+    ``state[key]`` holds its ``[m, v, steps]`` and is updated (the learned balancer weights).
+
+    Example:
+        >>> state = {}
+        >>> round(adam_step(state, "a", 2.0, lr=0.1), 6), state["a"][2]  # the first step: ±lr
+        (0.1, 1.0)
+    """
+    b1, b2 = 0.9, 0.999
+    m, v, n = state.get(key, [0.0, 0.0, 0.0])
+    n += 1
+    m = b1 * m + (1 - b1) * grad
+    v = b2 * v + (1 - b2) * grad * grad
+    state[key] = [m, v, n]
+    return lr * (m / (1 - b1**n)) / (math.sqrt(v / (1 - b2**n)) + 1e-8)

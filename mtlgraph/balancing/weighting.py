@@ -23,6 +23,7 @@ from mtlgraph.balancing.base import (
     saved_task_order,
     seeded_generator,
 )
+from mtlgraph.balancing.solvers import adam_step
 from mtlgraph.exceptions import ArgumentCheck, ConfigError
 from mtlgraph.gradients import PlanCache, last_shared_layer
 from mtlgraph.graph.task import Task
@@ -53,11 +54,9 @@ class SumBalancer(LastWeights):
 
 
 class UncertaintyBalancer(Balancer):
-    """Homoscedastic uncertainty weighting (Kendall, Gal & Cipolla, CVPR 2018).
-
-    Learns ``s_i = log σ_i²`` per task (a parameter, trained with the model). Regression tasks
-    use the Gaussian form ``½·exp(−s_i)·L_i + ½·s_i``, the other task types the softmax form
-    ``exp(−s_i)·L_i + ½·s_i``. The logged weight is ``exp(−s_i)``.
+    """Homoscedastic uncertainty weighting (Kendall, Gal & Cipolla, CVPR 2018): a learned
+    ``s_i = log σ_i²`` per task, Gaussian form for regression tasks, softmax form for the others;
+    the logged weight is ``exp(−s_i)``. Formulas: ``docs/balancing.md``.
 
     Args:
         init: Initial ``s_i`` (0 means weight 1).
@@ -170,11 +169,8 @@ class UncertaintyBalancer(Balancer):
 
 
 class DWABalancer(Balancer):
-    """Dynamic weight average (Liu, Johns & Davison, CVPR 2019).
-
-    With ``L̄_k(e)`` the mean loss of task ``k`` over epoch ``e``: ``r_k = L̄_k(e−1)/L̄_k(e−2)`` and
-    ``w_k(e) = K·exp(r_k/T) / Σ_j exp(r_j/T)``; ``w_k = 1`` until a task has two epochs of
-    history. Tasks whose loss falls slowly get more weight.
+    """Dynamic weight average (Liu, Johns & Davison, CVPR 2019): ``K·softmax(r/T)`` of each task's
+    last two epoch-mean loss ratios ``r_k``; 1 until a task has two epochs of history.
 
     Args:
         temperature: ``T``; larger values flatten the weights toward 1.
@@ -231,14 +227,9 @@ class DWABalancer(Balancer):
 
 
 class GradNormBalancer(Balancer):
-    """GradNorm (Chen et al., ICML 2018): weights that equalise gradient norms and learning pace.
-
-    Trainable weights ``w_i`` (init 1). On the last shared layer ``W``:
-    ``G_i = ‖∇_W (w_i L_i)‖₂``, ``Ḡ = mean_i G_i``, ``L̃_i = L_i(t)/L_i(0)``,
-    ``r_i = L̃_i / mean_j L̃_j``; ``L_grad = Σ_i |G_i − Ḡ·r_i^α|`` with ``Ḡ·r_i^α`` held
-    constant. The step's parameters get the gradient of ``Σ_i w_i L_i``; then ``w`` takes one
-    Adam step on ``∇_w L_grad`` (its own learning rate ``lr``) and is renormalised so that the
-    step's weights sum to the number of tasks in the step. Needs steps with several tasks.
+    """GradNorm (Chen et al., ICML 2018): trainable weights (own Adam step) that equalise the
+    tasks' gradient norms on the last shared layer and their learning pace; needs steps with
+    several tasks. Formulas: ``docs/balancing.md``.
 
     Args:
         alpha: Asymmetry ``α`` (0.5–1.5 typical; larger pulls slow tasks harder).
@@ -255,8 +246,6 @@ class GradNormBalancer(Balancer):
 
     name = "gradnorm"
 
-    _BETAS = (0.9, 0.999)
-    _EPS = 1e-8
     _MIN_WEIGHT = 1e-3
 
     def __init__(self, alpha: float = 1.5, lr: float = 0.025, layer: str | None = None) -> None:
@@ -354,18 +343,11 @@ class GradNormBalancer(Balancer):
         g_mean = sum(g) / k
         rel = [li / max(self._initial[t], 1e-12) for t, li in zip(names, losses, strict=True)]
         rel_mean = sum(rel) / k
-        b1, b2 = self._BETAS
         new = []
         for t, wi, gi, ni, ri in zip(names, w, g, norms, rel, strict=True):
             target = g_mean * (ri / max(rel_mean, 1e-12)) ** self.alpha
             grad = math.copysign(ni, gi - target) if gi != target else 0.0
-            m, v, n = self._adam.get(t, [0.0, 0.0, 0.0])
-            n += 1
-            m = b1 * m + (1 - b1) * grad
-            v = b2 * v + (1 - b2) * grad * grad
-            self._adam[t] = [m, v, n]
-            step = self.lr * (m / (1 - b1**n)) / (math.sqrt(v / (1 - b2**n)) + self._EPS)
-            new.append(max(wi - step, self._MIN_WEIGHT))
+            new.append(max(wi - adam_step(self._adam, t, grad, self.lr), self._MIN_WEIGHT))
         total = sum(new)
         for t, wi in zip(names, new, strict=True):
             self._w[t] = k * wi / total
@@ -387,13 +369,8 @@ class GradNormBalancer(Balancer):
 
 
 class InverseMetricBalancer(Balancer):
-    """Weights inversely proportional to each task's latest validation metric.
-
-    After each evaluation, ``w_i ∝ 1/m_i`` for a higher-is-better metric ``m_i`` (``∝ m_i`` for a
-    lower-is-better one); ``m_i`` is clipped to at least ``eps`` and the weights are renormalised
-    so that the scored tasks' weights sum to their number. Between evaluations the weights are
-    constant (1 before the first one). Tasks that do well get less weight, so training focuses
-    on the laggards (the sin/cos guide's dynamic weighting).
+    """Weights ``∝ 1/m_i`` (``∝ m_i`` if lower is better) of each task's latest validation
+    metric, renormalised to sum to the scored tasks' number; 1 before the first evaluation.
 
     Args:
         metric: The metric key per task: one key for every task, a ``{task: key}`` mapping, or
@@ -507,9 +484,8 @@ class InverseMetricBalancer(Balancer):
 
 
 class RLWBalancer(LastWeights):
-    """Random loss weighting (Lin et al., 2021): ``w = K·softmax(z)``, ``z ~ N(0, I)`` each step.
-
-    A cheap baseline that is surprisingly hard to beat; draws from its own seeded generator.
+    """Random loss weighting (Lin et al., 2021): ``w = K·softmax(z)``, ``z ~ N(0, I)`` each step,
+    drawn from its own seeded generator.
 
     Args:
         seed: Seed of the balancer's ``torch.Generator``.

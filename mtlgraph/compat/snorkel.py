@@ -1,15 +1,8 @@
 """Snorkel 0.10's ``snorkel.classification`` API on top of mtlgraph: change one import line.
 
-``from mtlgraph.compat.snorkel import DictDataset, DictDataLoader, Operation, Task,
-MultitaskClassifier, Trainer, Scorer, cross_entropy_with_probs`` gives Snorkel's names with
-Snorkel's argument names and defaults (``device=0``, ``l2=``, ``valid_split=``, ``grad_clip=1.0``,
-``optimizer_config``/``lr_scheduler_config`` dictionaries, ``checkpointing``/``logging`` flags),
-translated to mtlgraph's. The objects are mtlgraph objects (subclasses), so everything else of
-mtlgraph works on them.
-
-Nothing here brings back Snorkel's silent behaviour: a module name bound to two modules still
-raises (Snorkel kept the first), a setting mtlgraph cannot honour raises and says how Snorkel
-differed. ``docs/migrating-from-snorkel.md`` lists every difference side by side.
+The names are mtlgraph objects (subclasses) taking Snorkel's argument names and defaults,
+translated to mtlgraph's. Snorkel's silent behaviour does not come back: a setting mtlgraph
+cannot honour raises and says how Snorkel differed (``docs/migrating-from-snorkel.md``).
 """
 
 from __future__ import annotations
@@ -301,14 +294,9 @@ def _lr_schedule(
     return out
 
 
-_CHECKPOINTER_KEYS = (
-    "checkpoint_dir",
-    "checkpoint_factor",
-    "checkpoint_metric",
-    "checkpoint_task_metrics",
-    "checkpoint_runway",
-    "checkpoint_clear",
-)
+_CHECKPOINTER_KEYS = [
+    f"checkpoint_{k}" for k in ("dir", "factor", "metric", "task_metrics", "runway", "clear")
+]
 
 
 def _run_dir(cfg: Mapping[str, Any], problems: list[str]) -> dict[str, Any]:
@@ -319,11 +307,7 @@ def _run_dir(cfg: Mapping[str, Any], problems: list[str]) -> dict[str, Any]:
     manager = dict(cfg["log_manager_config"])
     problems += _unknown("log_writer_config", list(log_cfg), ["log_dir", "run_name"])
     problems += _unknown("log_manager_config", list(manager), ["counter_unit", "evaluation_freq"])
-    problems += _unknown(
-        "checkpointer_config",
-        list(ckpt_cfg),
-        _CHECKPOINTER_KEYS,
-    )
+    problems += _unknown("checkpointer_config", list(ckpt_cfg), _CHECKPOINTER_KEYS)
     unit = manager.get("counter_unit", "epochs")
     freq = manager.get("evaluation_freq", 1.0)
     if unit not in ("epochs", "batches"):

@@ -86,12 +86,9 @@ class _LossOf(nn.Module):
         counts: dict[str, int] = {}
         for X, Y in batches:
             losses, n = self.model.calculate_loss(X, Y)
-            for task_name, loss in losses.items():
-                if task_name in sums:
-                    sums[task_name] = sums[task_name] + loss * n[task_name]
-                    counts[task_name] += n[task_name]
-                else:
-                    sums[task_name], counts[task_name] = loss * n[task_name], n[task_name]
+            for t, loss in losses.items():
+                sums[t] = sums[t] + loss * n[t] if t in sums else loss * n[t]
+                counts[t] = counts.get(t, 0) + n[t]
         return {t: total / counts[t] for t, total in sums.items()}
 
 
@@ -264,14 +261,10 @@ class InterferenceMonitor:
                     continue
                 values[conflict_key(module, a, b, "cosine")] = c
                 values[conflict_key(module, a, b, "norm_ratio")] = r
+                logged = r > 0 and math.isfinite(r)
                 acc = self._pairs.setdefault((module, a, b), [0, 0.0, 0.0, 0, 0.0, 0])
-                acc[0] += 1
-                acc[1] += c
-                acc[2] += c * c
-                acc[3] += int(c < 0)
-                if r > 0 and math.isfinite(r):
-                    acc[4] += math.log(r)
-                    acc[5] += 1
+                add = (1, c, c * c, int(c < 0), math.log(r) if logged else 0.0, int(logged))
+                acc[:] = [x + y for x, y in zip(acc, add, strict=True)]
         return values
 
     def _lookahead(
@@ -310,9 +303,7 @@ class InterferenceMonitor:
                         continue
                     values[affinity_key(source, target)] = z
                     acc = self._affinity.setdefault((source, target), [0, 0.0, 0.0])
-                    acc[0] += 1
-                    acc[1] += z
-                    acc[2] += z * z
+                    acc[:] = [acc[0] + 1, acc[1] + z, acc[2] + z * z]
         return values
 
     def _step_sizes(self, layout: SharedLayout, lr: StepSizes) -> list[float]:

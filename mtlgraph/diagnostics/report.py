@@ -4,6 +4,7 @@ report files of a run directory (:func:`write_report`, :func:`load_report`,
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -105,18 +106,9 @@ class DiagnosticsReport:
             if n == 0:
                 continue
             mean, error = mean_and_error(int(n), float(sum_cos), float(squares))
-            pairs.append(
-                PairStats(
-                    module=str(module),
-                    task_a=str(a),
-                    task_b=str(b),
-                    probes=int(n),
-                    mean_cosine=mean,
-                    cosine_error=error,
-                    negative_fraction=float(n_neg) / n,
-                    norm_ratio=math.exp(float(sum_log) / n_ratio) if n_ratio else math.nan,
-                )
-            )
+            ratio = math.exp(float(sum_log) / n_ratio) if n_ratio else math.nan
+            names = str(module), str(a), str(b)
+            pairs.append(PairStats(*names, int(n), mean, error, float(n_neg) / n, ratio))
         pairs.sort(key=lambda p: (p.mean_cosine, p.module, p.task_a, p.task_b))
         index = {t: i for i, t in enumerate(tasks)}
         matrix = [[math.nan] * len(tasks) for _ in tasks]
@@ -151,19 +143,7 @@ class DiagnosticsReport:
             "probes": self.probes,
             "every": self.every,
             "step": self.step,
-            "pairs": [
-                {
-                    "module": p.module,
-                    "task_a": p.task_a,
-                    "task_b": p.task_b,
-                    "probes": p.probes,
-                    "mean_cosine": p.mean_cosine,
-                    "cosine_error": p.cosine_error,
-                    "negative_fraction": p.negative_fraction,
-                    "norm_ratio": p.norm_ratio,
-                }
-                for p in self.pairs
-            ],
+            "pairs": [dataclasses.asdict(p) for p in self.pairs],
             "affinity": {
                 "rows": "task stepped on (i)",
                 "columns": "task whose loss changes (j)",
@@ -193,14 +173,14 @@ class DiagnosticsReport:
             step=int(data["step"]),
             pairs=tuple(
                 PairStats(
-                    module=p["module"],
-                    task_a=p["task_a"],
-                    task_b=p["task_b"],
-                    probes=int(p["probes"]),
-                    mean_cosine=num(p["mean_cosine"]),
-                    cosine_error=num(p["cosine_error"], math.inf),
-                    negative_fraction=num(p["negative_fraction"]),
-                    norm_ratio=num(p["norm_ratio"]),
+                    p["module"],
+                    p["task_a"],
+                    p["task_b"],
+                    int(p["probes"]),
+                    num(p["mean_cosine"]),
+                    num(p["cosine_error"], math.inf),
+                    num(p["negative_fraction"]),
+                    num(p["norm_ratio"]),
                 )
                 for p in data["pairs"]
             ),
@@ -369,8 +349,6 @@ def load_report(run_dir: str | os.PathLike[str]) -> DiagnosticsReport:
     Raises:
         CheckpointError: The directory holds neither (the run had no ``diagnostics``).
     """
-    # imported here: the training loop imports this package (it runs the monitor)
-
     directory = Path(run_dir)
     path = directory / REPORT_JSON
     if path.is_file():

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mtlgraph._suggest import first_few
 from mtlgraph.exceptions import MtlGraphError, TrainingError
 from mtlgraph.experiment import inference_cli
 
@@ -143,7 +144,7 @@ def train(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace, cfg: ExperimentConfig, env: DistEnv) -> int:
-    from mtlgraph._io import write_json
+    from mtlgraph._io import atomic_write_text, write_json
     from mtlgraph.experiment.build import build_experiment
     from mtlgraph.experiment.config import config_to_dict, dump_run_config
     from mtlgraph.training.checkpoint import load_checkpoint, resolve_checkpoint
@@ -169,8 +170,7 @@ def _train(args: argparse.Namespace, cfg: ExperimentConfig, env: DistEnv) -> int
     if checkpoint is not None and not _resumable(experiment, state, checkpoint, changed, env):
         return EXIT_OK
     if checkpoint is None and env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / CONFIG_FILE).write_text(dump_run_config(cfg))
+        atomic_write_text(run_dir / CONFIG_FILE, dump_run_config(cfg))
     if env.is_main:
         logger.info("run directory: %s", run_dir)
     _seed_process(cfg.seed)
@@ -202,12 +202,6 @@ class _RunFailure(MtlGraphError):
     resume_hint: str | None = None  # the command that resumes an interrupted run
 
 
-def _few(keys: Sequence[str], limit: int = 5) -> str:
-    """At most ``limit`` keys, then how many more."""
-    shown = ", ".join(keys[:limit])
-    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
-
-
 def _resumable(
     experiment: Any,
     state: Mapping[str, Any],
@@ -231,7 +225,7 @@ def _resumable(
             f"cannot resume from {checkpoint}: it is from another model: {'; '.join(problems)}"
         )
         if changed:
-            error.add_note(f"the config differs from the checkpoint's in {_few(changed)}")
+            error.add_note(f"the config differs from the checkpoint's in {first_few(changed)}")
         raise error
     progress, n_epochs = state["run"]["progress"], experiment.config.trainer.n_epochs
     run_dir = checkpoint.parent.parent
@@ -249,7 +243,7 @@ def _resumable(
         logger.warning(
             "the config differs from the checkpoint's in %s: the resumed run will not match an "
             "uninterrupted one",
-            _few(changed),
+            first_few(changed),
         )
     return True
 
@@ -258,15 +252,7 @@ def _resumable(
 
 
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="the YAML experiment config the checkpoint was trained with")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-    p.add_argument(
-        "--checkpoint",
-        required=True,
-        metavar="PATH",
-        help="a checkpoint (.pt), a model file (model.save), or a run directory (its best.pt, "
-        "else last.pt)",
-    )
+    inference_cli.checkpoint_args(p)
     p.add_argument(
         "--split", action="append", metavar="SPLIT", help="only these splits (repeatable)"
     )

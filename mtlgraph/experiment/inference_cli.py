@@ -23,7 +23,9 @@ if TYPE_CHECKING:
     from mtlgraph.graph.model import MultitaskClassifier
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def checkpoint_args(p: argparse.ArgumentParser) -> None:
+    """The arguments ``evaluate``, ``predict`` and ``export`` share: config, overrides and
+    ``--checkpoint``."""
     p.add_argument("config", help="the YAML experiment config the checkpoint was trained with")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     p.add_argument(
@@ -32,6 +34,10 @@ def _common(p: argparse.ArgumentParser) -> None:
         metavar="RUN_DIR_OR_FILE",
         help="a run directory (its best.pt, else last.pt), a checkpoint or a model file",
     )
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    checkpoint_args(p)
     p.add_argument(
         "--tasks",
         metavar="A,B",

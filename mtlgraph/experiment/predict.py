@@ -1,27 +1,18 @@
 """Prediction data: new rows for a trained model, read as training reads them, labels dropped.
 
-Used by ``mtlgraph predict`` (:mod:`mtlgraph.experiment.inference_cli`, docs/inference.md).
-Every kind of prediction data goes through ONE dispatch point, :func:`read_prediction_data`,
-which returns a :class:`PredictionData`, a source of ``(ids, {field: array})`` chunks:
-
-- a file (CSV, JSON Lines, Parquet, ``.npz``, a ``.npy`` file or a directory of them) or a
-  glob of files is read in chunks by :mod:`mtlgraph.data.sources`, the reader training uses,
-  with the same rules (a bad row is an error naming the file, line and column; no row is
-  dropped): one prediction per row, in order. A field is looked up under its own name first,
-  then under the column(s) a config dataset reads it from, so the training config's column
-  names work unchanged; text columns are tokenised with the run's saved vocabulary
-  (``<run_dir>/vocab/<dataset>.<column>.json``) or the declared user tokenizer;
-- for a dataset declared with ``images``: a folder of images (ids are the file names) or a
-  table naming the files, decoded, resized and normalised as declared, batch by batch;
-- ``NAME[:SPLIT]``: a dataset of the config, built by
-  :func:`~mtlgraph.experiment.sources.load_datasets` for the run directory.
+One dispatch point, :func:`read_prediction_data`, for ``mtlgraph predict`` (docs/inference.md):
+files and globs go through :mod:`mtlgraph.data.sources` with the training rules and the run's
+vocabulary; a folder of images or a table of image files is decoded as the config declares;
+``NAME[:SPLIT]`` builds a dataset of the config. One prediction per row, in order.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import glob
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +24,6 @@ from mtlgraph._suggest import did_you_mean, quoted
 from mtlgraph.data.datasets import MASK_SUFFIX, Batch, DictDataset, collate_dicts, pad_sequences
 from mtlgraph.data.sources.files import (
     SUFFIXES,
-    TABLE_FORMATS,
     Table,
     iter_table,
     read_table,
@@ -157,8 +147,7 @@ def resolve_columns(
     problems = []
     for f, options in specs.items():
         for spec in options:
-            names = [spec] if isinstance(spec, str) else spec
-            if all(n in have for n in names):
+            if all(n in have for n in _names(spec)):
                 chosen[f] = spec
                 break
         else:
@@ -310,11 +299,8 @@ def _read_files(
     _check_id(id_column, available, f"'{files[0]}'")
     text_columns = [s for s in chosen.values() if isinstance(s, str)]
     toks = run_tokenizers(name, ds, text_columns, run_dir) if name and ds else {}
-    needed = list(
-        dict.fromkeys(
-            [*(n for s in chosen.values() for n in _names(s)), *([id_column] if id_column else [])]
-        )
-    )
+    needed = [*dict.fromkeys(n for s in chosen.values() for n in _names(s))]
+    needed += [id_column] if id_column and id_column not in needed else []
 
     def chunks(size: int) -> Iterator[Chunk]:
         start = 0
@@ -339,8 +325,8 @@ def _read_images(
     run_dir: Path | None,
 ) -> PredictionData:
     """A folder of images (every image in it, sorted; ids are the file names) or a table
-    naming the files (relative to its folder), decoded as the dataset declares."""
-    from mtlgraph.data.sources.images import require_pillow
+    naming the files (relative to its folder), read by training's :class:`ImageFolder`."""
+    from mtlgraph.data.sources.images import ImageFolder, require_pillow
 
     ds = cfg.data.datasets[name]
     ic = ds.source.images
@@ -358,46 +344,24 @@ def _read_images(
     image_fields = [f for f in fields if ds.fields[f] == ic.column]
     others = {f: ds.fields[f] for f in fields if f not in image_fields}
     toks = run_tokenizers(name, ds, _columns(ds, list(others)), run_dir)
-    X = {f: field_values(table, spec, text=toks) for f, spec in others.items()}
-    if ic.column not in table:
-        raise DataError(
-            [f"{table.origin} has no image column '{ic.column}'; it has {quoted(table)}"]
-        )
-    files = [str(f) for f in table[ic.column]]
-    missing = [f for f in files if not (folder / f).is_file()]
-    if missing:
-        raise DataError([f"{len(missing)} image file(s) missing from '{folder}': {missing[:5]}"])
+    images = ImageFolder(
+        folder, table, ID_FIELD, ic.column, others, {}, image_decoder(ic), toks, table.origin
+    )
     _check_id(id_column, list(table), table.origin)
-    ids = files if id_column is None else _id_values(table, id_column, 0)
-    decoder = image_decoder(ic)
+    ids = images.files if id_column is None else _id_values(table, id_column, 0)
 
     def chunks(size: int) -> Iterator[Callable[[], Chunk]]:
-        for i in range(0, len(files), size):
-            yield _image_chunk(decoder, folder, files[i : i + size], image_fields, X, ids, i)
+        for rows in _row_ranges(len(images), size):
+            yield functools.partial(_image_chunk, images, rows, ids, image_fields)
 
-    return PredictionData(table.origin, len(files), chunks)
+    return PredictionData(table.origin, len(images), chunks)
 
 
-def _image_chunk(
-    decoder: Callable[[Path], Any],
-    folder: Path,
-    files: list[str],
-    image_fields: list[str],
-    X: Mapping[str, Any],
-    ids: list[Any],
-    start: int,
-) -> Callable[[], Chunk]:
-    """A chunk decoded when called (so that a worker decodes only its own chunks)."""
-
-    def load() -> Chunk:
-        stop = start + len(files)
-        out: dict[str, Any] = {f: v[start:stop] for f, v in X.items()}
-        if image_fields:
-            images = torch.stack([decoder(folder / f) for f in files])
-            out.update({f: images for f in image_fields})
-        return ids[start:stop], out
-
-    return load
+def _image_chunk(images: Any, rows: range, ids: Sequence[Any], image_fields: list[str]) -> Chunk:
+    """Rows of an image folder, decoded (called in the worker that reads the chunk)."""
+    X, _ = collate_dicts([images[i] for i in rows])
+    decoded = X.pop(images.image_field)  # given to each field that reads the image column
+    return [ids[i] for i in rows], {**X, **dict.fromkeys(image_fields, decoded)}
 
 
 # ---------------------------------------------------------------- datasets of the config
@@ -443,35 +407,28 @@ def _dataset_chunks(d: Any, size: int) -> Iterator[Chunk]:
     """``(ids, X)`` chunks of a built dataset, in order: row numbers (image file names)."""
     from mtlgraph.data.sources.images import ImageFolder
 
-    if isinstance(d, DictDataset):
-        for start in range(0, len(d), size):
-            X, _ = d.batch(slice(start, start + size))
-            n = len(next(iter(X.values())))
-            yield list(range(start, start + n)), dict(X)
-        return
     inner = getattr(d, "dataset", d)
-    if isinstance(inner, ImageFolder):
-        items: Iterator[tuple[Any, Any]] = zip(
-            inner.files, (inner[i] for i in range(len(inner))), strict=True
-        )
+    if isinstance(d, DictDataset):
+        for rows in _row_ranges(len(d), size):
+            yield list(rows), dict(d.batch(slice(rows.start, rows.stop))[0])
+    elif isinstance(inner, ImageFolder):
+        for rows in _row_ranges(len(inner), size):
+            yield _image_chunk(inner, rows, inner.files, [inner.image_field])
     else:  # a stream: in file order (training shuffles its split)
         stream = copy.copy(inner)
         if hasattr(stream, "shuffle"):
             stream.shuffle = False
-        items = enumerate(iter(stream))
-    buf: list[tuple[Any, Any]] = []
-    for item in items:
-        buf.append(item)
-        if len(buf) == size:
-            yield _collated(buf)
-            buf = []
-    if buf:
-        yield _collated(buf)
+        rows_of = iter(stream)
+        start = 0
+        while examples := list(itertools.islice(rows_of, size)):
+            X, _ = collate_dicts([(x, {}) for x, _y in examples])
+            yield list(range(start, start + len(examples))), dict(X)
+            start += len(examples)
 
 
-def _collated(buf: list[tuple[Any, Any]]) -> Chunk:
-    X, _ = collate_dicts([(x, {}) for _, (x, _y) in buf])
-    return [i for i, _ in buf], dict(X)
+def _row_ranges(n: int, size: int) -> Iterator[range]:
+    """``range`` s of at most ``size`` rows covering ``0..n-1``, in order."""
+    return (range(start, min(start + size, n)) for start in range(0, n, size))
 
 
 # ---------------------------------------------------------------- the dispatch point
@@ -485,35 +442,19 @@ def read_prediction_data(
     file_format: str | None = None,
     run_dir: str | Path | None = None,
 ) -> PredictionData:
-    """THE dispatch point for prediction data: a file, a glob, a directory or a config dataset.
-
-    A file is read as training reads it (:mod:`mtlgraph.data.sources`, the same rules), with
-    the declaration of the config dataset whose fields it provides (its text vocabulary from
-    the run directory, its image decoding), labels dropped: one prediction per row, in order.
-
-    Args:
-        cfg: The experiment config (its datasets say which columns hold which field).
-        path: A data file, directory of ``.npy`` files or images, glob, or ``NAME[:SPLIT]``
-            naming a dataset of the config.
-        fields: The input fields to read (those the chosen tasks read).
-        id_column: A column holding each row's id (default: the row number, from 0).
-        file_format: One of :data:`~mtlgraph.data.sources.TABLE_FORMATS` (default: from the
-            path).
-        run_dir: The run directory (its ``vocab/`` holds the vocabularies of text fields).
+    """THE dispatch point for prediction data: ``path`` is a data file, a directory of ``.npy``
+    files or images, a glob, or ``NAME[:SPLIT]`` naming a dataset of the config. A file is read
+    as training reads it, with the declaration of the config dataset whose ``fields`` it
+    provides (its vocabulary from ``run_dir``, its image decoding), labels dropped: one
+    prediction per row, in order; ``id_column`` (default: the row number) names each row.
 
     Raises:
         DataError: A missing file, field, id column or vocabulary (named, with what the data
-            has), or a bad row (file, line, column).
-        ConfigError: An unknown format.
+            has), a bad row (file, line, column), an unknown ``file_format``.
     """
     run = Path(run_dir) if run_dir is not None else None
-    if file_format is not None and file_format not in TABLE_FORMATS:
-        raise ConfigError(
-            [
-                f"unknown data format '{file_format}'{did_you_mean(file_format, TABLE_FORMATS)}; "
-                f"choose one of {quoted(TABLE_FORMATS)}"
-            ]
-        )
+    if file_format is not None:
+        table_format(path, file_format)  # an unknown format: the reader's own DataError
     p = Path(path)
     if not p.exists() and not glob.has_magic(str(path)):
         name = str(path).partition(":")[0]

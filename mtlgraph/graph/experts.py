@@ -1,21 +1,8 @@
-"""Standard multi-task architectures as graph blocks: MMoE, DSelect-k, CGC / PLE, cross-stitch.
+"""Standard multi-task architectures as graph blocks: MMoE and DSelect-k gates
+(:class:`Gate`), CGC / PLE (experts and gates stacked), cross-stitch (:class:`CrossStitch`).
 
 Each architecture is a few module types that a task's operations wire together explicitly, so
-``mtlgraph check`` shows every task's own path (its gate, its experts, its column):
-
-- :class:`Experts` (``mmoe_experts``, ``cgc_experts``): ``n_experts`` MLPs on one input, all
-  outputs stacked as ``(B, n_experts, d)``.
-- :class:`Gate` (``mmoe_gate``, ``cgc_gate``): ``gate(selector_input, *expert_stacks)`` mixes the
-  experts of every stack given (concatenated along the expert dimension) with per-example weights
-  that sum to 1: a softmax (MMoE, Ma et al., KDD 2018) or DSelect-k (Hazimeh et al., NeurIPS 2021:
-  ``kind="dselect_k"``).
-- CGC / PLE (Tang et al., RecSys 2020) use the same two types: a task's gate reads the shared
-  experts and its own; stacking layers (each layer's gate outputs feed the next layer's experts,
-  with one more gate over all experts for the next shared group) is PLE.
-- :class:`CrossStitch` (``cross_stitch``, Misra et al., CVPR 2016): ``K`` columns in, ``K`` linear
-  mixes out (a tuple; a task reads its column with an ``(op_name, index)`` input).
-
-The formulas and YAML are in ``docs/architectures.md``.
+``mtlgraph check`` shows every task's own path. Formulas and YAML: ``docs/architectures.md``.
 """
 
 from __future__ import annotations
@@ -46,10 +33,7 @@ def _sized_check(who: str, in_dim: object, n_experts: object) -> ArgumentCheck:
 class Experts(nn.Module):
     """``n_experts`` independent MLPs on one input, outputs stacked: ``(B, n_experts, hidden[-1])``.
 
-    Every expert is ``Linear`` + activation (+ dropout) per entry of ``hidden``, like
-    :class:`~mtlgraph.graph.modules.MLP`; the experts run as one batched matrix product per layer.
-    Expert ``e``'s weights of layer ``l`` are ``weights[l][e]`` (``(in, out)``), so per-expert
-    gradients can be read off directly.
+    Run as one batched matrix product per layer; expert ``e``'s layer ``l`` is ``weights[l][e]``.
 
     Args:
         in_dim: Input features (the input is ``(B, in_dim)``).
@@ -145,20 +129,10 @@ class _AddRegularizerGradient(torch.autograd.Function):
 class Gate(nn.Module):
     """One task's gate: mixes stacked experts with per-example weights that sum to 1.
 
-    ``gate(x, E_1, ..., E_m)``: ``x`` is the selector input ``(B, in_dim)``; each ``E_j`` is an
-    :class:`Experts` output ``(B, n_j, d)``; the stacks are concatenated along the expert
-    dimension (``n_experts = sum n_j``, in the order given) and the result is
-    ``sum_e w_e(x) E[:, e]``, ``(B, d)``.
-
-    - ``kind="softmax"`` (MMoE): ``w(x) = softmax(W x + b)``.
-    - ``kind="dselect_k"`` (DSelect-k): ``k`` selectors, each ``z_i(x) in R^m`` with
-      ``m = ceil(log2 n_experts)``; expert ``e`` with binary code ``c(e)`` gets
-      ``r_i(x)_e = prod_l S(z_il) if c_l(e) = 1 else 1 - S(z_il)`` (``S`` =
-      :func:`smooth_step`), and ``w(x) = sum_i softmax(alpha(x))_i r_i(x)``. When ``n_experts`` is
-      not a power of 2 the ``2^m - n_experts`` spare codes point to experts ``0, 1, ...`` again,
-      so ``w`` still sums to 1.
-      ``entropy > 0`` adds ``entropy * sum_i mean_batch H(r_i(x))`` to the training loss (through
-      the backward pass), which pushes each selector to one expert sooner.
+    ``gate(x, E_1, ..., E_m)``: selector input ``x`` ``(B, in_dim)`` and :class:`Experts` outputs
+    ``(B, n_j, d)``, concatenated along the expert axis, mixed into ``(B, d)``. ``kind="softmax"``
+    is MMoE's gate; ``kind="dselect_k"`` DSelect-k's ``k`` smooth binary selectors (spare codes
+    wrap around; ``entropy > 0`` adds its regulariser through the backward pass).
 
     Args:
         in_dim: Features of the selector input ``x``.
@@ -223,18 +197,18 @@ class Gate(nn.Module):
         self.register_buffer("bits", bits.float(), persistent=False)
         self.register_buffer("owner", owner, persistent=False)
 
-    def _selections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """DSelect-k: each selector's distribution over codes ``(B, k, 2^m)``; softmax(alpha)."""
+    def _mix(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The mixture weights ``(B, n_experts)`` and DSelect-k's selections ``(B, k, 2^m)``."""
+        if self.kind == "softmax":
+            return torch.softmax(self.logits(x), dim=-1), None
         s = smooth_step(self.selectors(x).view(len(x), self.k, 1, -1), self.gamma)  # (B, k, 1, m)
         r = torch.where(self.bits > 0, s, 1.0 - s).prod(dim=-1)  # (B, k, 2^m)
-        return r, torch.softmax(self.mix(x), dim=-1)
+        alpha = torch.softmax(self.mix(x), dim=-1)
+        return torch.einsum("bk,bkc,ce->be", alpha, r, self.owner), r
 
     def weights(self, x: torch.Tensor) -> torch.Tensor:
         """The mixture weights ``(B, n_experts)`` for selector input ``x``; each row sums to 1."""
-        if self.kind == "softmax":
-            return torch.softmax(self.logits(x), dim=-1)
-        r, alpha = self._selections(x)
-        return torch.einsum("bk,bkc,ce->be", alpha, r, self.owner)
+        return self._mix(x)[0]
 
     def forward(self, x: torch.Tensor, *experts: torch.Tensor) -> torch.Tensor:
         if not experts:
@@ -249,12 +223,9 @@ class Gate(nn.Module):
                 f"gate expects expert stacks (B, n, d) with {self.n_experts} experts in all, got "
                 f"shapes {got}; set n_experts to the sum of the stacks' expert counts"
             )
-        if self.kind == "softmax":
-            return torch.einsum("be,bed->bd", self.weights(x), stacked)
-        r, alpha = self._selections(x)
-        w = torch.einsum("bk,bkc,ce->be", alpha, r, self.owner)
+        w, r = self._mix(x)
         out = torch.einsum("be,bed->bd", w, stacked)
-        if self.entropy > 0 and self.training and torch.is_grad_enabled():
+        if r is not None and self.entropy > 0 and self.training and torch.is_grad_enabled():
             h = -(r * torch.log(r.clamp_min(1e-12))).sum(dim=-1)  # (B, k) entropy per selector
             out = _AddRegularizerGradient.apply(out, self.entropy * h.sum(dim=1).mean())
         return out
@@ -271,10 +242,8 @@ class Gate(nn.Module):
 class CrossStitch(nn.Module):
     """A cross-stitch unit: ``K`` task columns in, ``K`` learned linear mixes of them out.
 
-    ``out_i = sum_j alpha_ij in_j`` with ``alpha`` a learned ``(K, K)`` matrix, or one per feature
-    (``(dim, K, K)``) when ``dim`` is given. It starts at ``alpha_ii = self_weight`` and
-    ``alpha_ij = (1 - self_weight) / (K - 1)`` (Misra et al. use 0.9 / 0.1). The output is a
-    tuple; task ``i`` reads its column as ``(op_name, i)``.
+    ``out_i = sum_j alpha_ij in_j``, ``alpha`` ``(K, K)`` (or ``(dim, K, K)``) starting at
+    ``self_weight`` on the diagonal; task ``i`` reads its column as ``(op_name, i)``.
 
     Args:
         n_columns: Number of task columns ``K`` (>= 2).

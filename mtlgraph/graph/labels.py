@@ -125,25 +125,29 @@ def _first(labels: torch.Tensor, bad: torch.Tensor) -> str:
     return f"{value} ({where}{f'; {more} more' if more else ''})"
 
 
+def _flagged(labels: torch.Tensor, bad: torch.Tensor, where: str, says: str) -> list[str]:
+    """``["<where>: label <the first flagged> <says>"]``, or ``[]`` when ``bad`` flags none."""
+    return [f"{where}: label {_first(labels, bad)} {says}"] if bool(bad.any()) else []
+
+
 def _common_problems(task: Task, labels: torch.Tensor, active: torch.Tensor, where: str) -> list:
     """Non-finite labels, and negative ones that are not the ignore value."""
     if labels.is_floating_point():
-        bad = active & ~torch.isfinite(labels)
-        if bool(bad.any()):
-            return [
-                f"{where}: label {_first(labels, bad)} is not a finite number; mark missing "
-                f"labels with the task's ignore value ({task.ignore_value})"
-            ]
+        says = "is not a finite number; mark missing labels with the task's ignore value "
+        says += f"({task.ignore_value})"
+        problems = _flagged(labels, active & ~torch.isfinite(labels), where, says)
+        if problems:
+            return problems
     bad = active & (labels < 0)
-    if bool(bad.any()):
-        value = labels[bad][0].item()
-        shown = int(value) if float(value).is_integer() else value
-        return [
-            f"{where}: label {_first(labels, bad)} is negative and not the task's ignore value "
-            f"({task.ignore_value}); set Task(ignore_value={shown}) to ignore such rows, or fix "
-            "the label"
-        ]
-    return []
+    value = labels[bad][0].item() if bool(bad.any()) else 0
+    shown = int(value) if float(value).is_integer() else value
+    return _flagged(
+        labels,
+        bad,
+        where,
+        f"is negative and not the task's ignore value ({task.ignore_value}); set "
+        f"Task(ignore_value={shown}) to ignore such rows, or fix the label",
+    )
 
 
 def _multiclass_problems(
@@ -160,20 +164,15 @@ def _multiclass_problems(
     if problems:
         return problems
     if labels.is_floating_point():
-        bad = active & (labels != labels.round())
-        if bool(bad.any()):
-            return [
-                f"{where}: label {_first(labels, bad)} is fractional; a multiclass task takes "
-                f"class ids 0..{'C-1' if width is None else width - 1} (soft labels are (N, C))"
-            ]
-    if width is not None:
-        bad = active & (labels >= width)
-        if bool(bad.any()):
-            return [
-                f"{where}: label {_first(labels, bad)} is outside 0..{width - 1}: the head "
-                f"outputs {width} classes; fix the label or the head's output size"
-            ]
-    return []
+        classes = "C-1" if width is None else width - 1
+        says = f"is fractional; a multiclass task takes class ids 0..{classes} (soft labels are "
+        problems = _flagged(labels, active & (labels != labels.round()), where, says + "(N, C))")
+        if problems:
+            return problems
+    if width is None:
+        return []
+    says = f"is outside 0..{width - 1}: the head outputs {width} classes; fix the label or the "
+    return _flagged(labels, active & (labels >= width), where, says + "head's output size")
 
 
 def _binary_problems(task: Task, labels: torch.Tensor, width: int | None, where: str) -> list[str]:
@@ -216,12 +215,8 @@ def _zero_one_problems(task: Task, labels: torch.Tensor, where: str) -> list[str
     bad = active & (labels > 1)
     if task.task_type == "binary" and labels.is_floating_point():
         bad = bad | (active & (labels != labels.round()))
-    if bool(bad.any()):
-        return [
-            f"{where}: label {_first(labels, bad)} is not 0 or 1; {task.task_type} labels are 0 "
-            f"or 1 (or the ignore value {task.ignore_value})"
-        ]
-    return []
+    says = f"is not 0 or 1; {task.task_type} labels are 0 or 1 (or the ignore value "
+    return _flagged(labels, bad, where, f"{says}{task.ignore_value})")
 
 
 def _regression_problems(
@@ -232,12 +227,8 @@ def _regression_problems(
             f"{where}: labels have {labels.shape[1]} columns, the head outputs {width} values; "
             "they must match"
         ]
-    if labels.is_floating_point():
-        active = _active(task, labels)
-        bad = active & torch.isinf(labels)
-        if bool(bad.any()):
-            return [
-                f"{where}: label {_first(labels, bad)} is infinite; mark missing labels with the "
-                f"task's ignore value ({task.ignore_value})"
-            ]
-    return []
+    if not labels.is_floating_point():
+        return []
+    bad = _active(task, labels) & torch.isinf(labels)
+    says = f"is infinite; mark missing labels with the task's ignore value ({task.ignore_value})"
+    return _flagged(labels, bad, where, says)

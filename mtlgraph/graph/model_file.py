@@ -1,22 +1,10 @@
-"""The model file: a checkpoint that holds a model, read and loaded all or nothing.
+"""The model file: a checkpoint that holds a model (``format``, ``version``, ``task_names``,
+``model``), read with ``torch.load(weights_only=True)`` and loaded all or nothing.
 
-A model file is the model's part of a training checkpoint and nothing else::
-
-    format, version     "mtlgraph.checkpoint", 2
-    task_names          the model's task names
-    model               model.state_dict()
-
-so one reader takes both kinds of file: :meth:`~mtlgraph.MultitaskClassifier.load` reads a model
-file or a training checkpoint, and ``load_checkpoint`` reads a model file as it reads a training
-checkpoint (with the model's entries only). Files are read with ``torch.load(weights_only=True)``
-only, so loading one never runs code.
-
-Loads are all or nothing: other task names (renamed tasks whose modules kept their names
-included), missing or unexpected parameters, other shapes and other kinds of dtype are reported
-together, and a refused load leaves every parameter as it was.
-
-A model file written by an older mtlgraph (``format: "mtlgraph.model"``, the weights under
-``state_dict``) is read too, converted on load; ``model.save`` writes the format above.
+:meth:`~mtlgraph.MultitaskClassifier.load` reads a model file or a training checkpoint; a load
+that does not fit (other tasks, missing or unexpected parameters, shapes, dtypes) reports every
+difference and leaves the parameters as they were. Files of the older ``"mtlgraph.model"``
+format are converted on load (``docs/checkpoints.md``).
 """
 
 from __future__ import annotations
@@ -28,6 +16,7 @@ from typing import Any, Protocol
 import torch
 
 from mtlgraph._io import load_weights_only
+from mtlgraph._suggest import first_few
 from mtlgraph.exceptions import CheckpointError
 
 FORMAT = "mtlgraph.checkpoint"
@@ -102,9 +91,8 @@ def read_checkpoint(
     return state
 
 
-def _names(names: Sequence[str], limit: int = 4) -> str:
-    shown = ", ".join(f"'{n}'" for n in names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+def _names(names: Sequence[object]) -> str:
+    return first_few([f"'{n}'" for n in names], 4)
 
 
 def state_problems(
@@ -131,7 +119,7 @@ def state_problems(
     if strict and missing:
         problems.append(f"missing {_names(missing)}")
     if unexpected:
-        problems.append(f"unexpected {_names([str(k) for k in unexpected])}")
+        problems.append(f"unexpected {_names(unexpected)}")
     for key, mine in own.items():
         theirs_value = state.get(key)
         if theirs_value is None:

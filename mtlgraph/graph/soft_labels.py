@@ -1,17 +1,9 @@
-"""Soft (probabilistic) labels of classification tasks: recognition, checks, hardening (issue 15).
+"""Soft (probabilistic) labels of classification tasks: recognition, checks, hardening.
 
-A multiclass task accepts a float tensor ``(N, C)`` whose rows are probability distributions over
-its ``C`` classes (a label model's output, as in weak supervision); a binary task whose head has
-one logit accepts a float tensor ``(N,)`` of probabilities of the positive class. The loss is the
-cross-entropy against the distribution (:func:`mtlgraph.graph.losses.cross_entropy_with_probs`,
-binary cross-entropy with probability targets for binary tasks). Metrics score the predictions
-against the *argmax* of each soft row (:func:`hard_targets`); a tie goes to the lowest class index
-(``[0.5, 0.5]`` is class 0, a binary ``0.5`` is 0), deterministically, where Snorkel broke ties at
-random. Rows whose every entry is the task's ignore value are masked out of loss and metrics, as
-hard labels equal to the ignore value are.
-
-These functions are the one place soft labels are checked; the label checks run at fit start
-(and by ``model.score``) call :func:`soft_label_problems` for every soft label tensor.
+A multiclass task accepts float rows ``(N, C)`` that are distributions over its classes; a binary
+task with one logit accepts probabilities ``(N,)``. The loss is the cross-entropy against the
+distribution; metrics score against the argmax (:func:`hard_targets`, ties to the lowest class).
+:func:`soft_label_problems` is the one place soft labels are checked.
 """
 
 from __future__ import annotations

@@ -1,11 +1,8 @@
 """Operations and Tasks: the declarative pieces of a multi-task graph.
 
 A :class:`Task` names a *module pool* (module name -> ``nn.Module``) and an *operation sequence*:
-which module runs on which inputs, in order. The output of the last operation is the task's
-output: it feeds the task's loss during training and its output function at prediction time.
-
-Losses live in :mod:`mtlgraph.graph.losses` (imported here too, where they used to be); the ignore
-mask is :func:`mtlgraph.metrics.active_mask`.
+which module runs on which inputs, in order; the last operation's output is the task's output.
+Losses live in :mod:`mtlgraph.graph.losses`, the ignore mask in :mod:`mtlgraph.metrics`.
 """
 
 from __future__ import annotations
@@ -22,41 +19,26 @@ from torch import nn
 from mtlgraph._suggest import did_you_mean, quoted
 from mtlgraph.exceptions import GraphError, TaskDefinitionError
 from mtlgraph.graph.losses import (
-    LOSSES,
     LossFunc,
     MaskedMultilabelLoss,
     MaskedRegressionLoss,
     binary_loss,
-    l1_loss,
     multiclass_loss,
-    regression_loss,
-    smooth_l1_loss,
 )
-from mtlgraph.metrics import Scorer, active_mask, active_rows
+from mtlgraph.metrics import Scorer
 
-__all__ = [  # the loss names stay importable from here, where they used to live
+__all__ = [
     "INPUT",
-    "LOSSES",
     "TASK_TYPES",
     "Input",
     "InputSpec",
-    "LossFunc",
-    "MaskedMultilabelLoss",
-    "MaskedRegressionLoss",
     "Operation",
     "OutputFunc",
     "Task",
     "TaskType",
-    "active_mask",
-    "active_rows",
-    "binary_loss",
     "detach",
     "identity_output",
-    "l1_loss",
-    "multiclass_loss",
-    "regression_loss",
     "sigmoid_output",
-    "smooth_l1_loss",
     "softmax_output",
     "unknown_label_error",
     "unknown_tasks_error",
@@ -178,17 +160,14 @@ class Operation:
         self.name: str = op_name
         self.inputs: tuple[Input, ...] = tuple(parsed)
 
+    def _key(self) -> tuple[str, str, tuple[Input, ...]]:
+        return self.module_name, self.name, self.inputs
+
     def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Operation):
-            return NotImplemented
-        return (self.module_name, self.name, self.inputs) == (
-            other.module_name,
-            other.name,
-            other.inputs,
-        )
+        return self._key() == other._key() if isinstance(other, Operation) else NotImplemented
 
     def __hash__(self) -> int:
-        return hash((self.module_name, self.name, self.inputs))
+        return hash(self._key())
 
     def __repr__(self) -> str:
         ins = ", ".join(_input_repr(i) for i in self.inputs)
@@ -406,20 +385,16 @@ class Task:
         return list(op_sequence)
 
     def _default_loss(self) -> LossFunc:
-        if self.task_type == "binary":
-            return binary_loss
         if self.task_type == "multilabel":
             return MaskedMultilabelLoss(self.ignore_value)
         if self.task_type == "regression":
             return MaskedRegressionLoss(self.ignore_value)
-        return multiclass_loss
+        return binary_loss if self.task_type == "binary" else multiclass_loss
 
     def _default_output(self) -> OutputFunc:
-        if self.task_type in ("binary", "multilabel"):
-            return sigmoid_output
         if self.task_type == "regression":
             return identity_output
-        return softmax_output
+        return softmax_output if self.task_type == "multiclass" else sigmoid_output
 
     @property
     def output_op(self) -> str:

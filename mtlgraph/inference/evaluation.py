@@ -31,11 +31,10 @@ SLICE_KIND = "slice:"
 
 def unlabelled_error(dataloader: object, tasks: Mapping[str, Task]) -> GraphError:
     """The error for predicting (or scoring) a loader whose batches carry no labels."""
-    ds: Any = getattr(dataloader, "dataset", None)
-    name = f"dataset '{ds.name}' ({ds.split})" if hasattr(ds, "split") else "the loader"
     return GraphError(
         [
-            f"{name} has no labels, so there is nothing to score and no task to predict; pass "
+            f"{_where(dataloader, 'the loader')} has no labels, so there is nothing to score "
+            "and no task to predict; pass "
             f"task_names=[...] to predict (the model has {quoted(tasks)})"
         ]
     )
@@ -88,11 +87,16 @@ def _batch_pairs(
     return [(labelled.get(t), t) for t in wanted]
 
 
-def _where(dataloader: object) -> str:
+def _where(dataloader: object, unnamed: str = "a batch") -> str:
     """``dataset 'name' (split)`` of a loader, for messages."""
     ds = getattr(dataloader, "dataset", None)
     name, split = getattr(ds, "name", None), getattr(ds, "split", None)
-    return f"dataset '{name}' ({split})" if name is not None else "a batch"
+    return f"dataset '{name}' ({split})" if name is not None else unnamed
+
+
+def _width(out: object) -> int | None:
+    """A head's output width: the last dimension of a 2-D tensor, else ``None``."""
+    return int(out.shape[1]) if isinstance(out, torch.Tensor) and out.ndim == 2 else None
 
 
 def _add_slices(
@@ -140,9 +144,9 @@ class _BatchLabels:
         self.start += len(Y[labelled[0][0]])
         problems: list[str] = []
         for label, t in labelled:
-            out = outputs[t]
-            width = int(out.shape[1]) if isinstance(out, torch.Tensor) and out.ndim == 2 else None
-            problems += label_problems(tasks[t], Y[label], width, f"{where}, task '{t}'")
+            problems += label_problems(
+                tasks[t], Y[label], _width(outputs[t]), f"{where}, task '{t}'"
+            )
         if problems:
             n = len(problems)
             raise DataError(problems, header=f"labels that do not fit their tasks ({n}):")
@@ -188,18 +192,30 @@ def predict(
             cache = model.execute(plan, move_to_device(X, device))
             check(tasks, Y, pairs, {t: cache[plan.outputs[t]] for _, t in pairs})
             for label, task_name in pairs:
-                p = _task_output(tasks[task_name], cache[plan.outputs[task_name]])
+                task = tasks[task_name]
+                p = _task_output(task_name, task.output_func, cache[plan.outputs[task_name]])
                 probs.setdefault(task_name, []).append(p.detach().float().cpu())
                 if label is not None:
                     golds.setdefault(task_name, []).append(Y[label].cpu())
     if unlabelled and not probs:
         raise unlabelled_error(dataloader, tasks)
-    result: dict[str, dict[str, np.ndarray]] = {
-        "golds": {t: torch.cat(v).numpy() for t, v in golds.items()},
-        "probs": {t: torch.cat(v).numpy() for t, v in probs.items()},
-    }
+    result = _result(tasks, golds, probs, return_preds)
     for kind, by_task in masks.items():  # "slice:<name>" -> task -> mask over golds' rows
         result[kind] = {t: np.concatenate(v) for t, v in by_task.items()}
+    return result
+
+
+def _result(
+    tasks: Mapping[str, Task],
+    golds: Mapping[str, list[torch.Tensor]],
+    probs: Mapping[str, list[torch.Tensor]],
+    return_preds: bool,
+) -> dict[str, dict[str, np.ndarray]]:
+    """:func:`predict`'s result from the batches' golds and output values."""
+    result = {
+        "golds": {t: torch.cat(v).numpy() for t, v in golds.items()},
+        "probs": {t: torch.cat(v).numpy() for t, v in probs.items() if v},
+    }
     if return_preds:
         result["preds"] = {
             t: tasks[t].predictions(torch.from_numpy(p)).numpy() for t, p in result["probs"].items()
@@ -207,12 +223,12 @@ def predict(
     return result
 
 
-def _task_output(task: Task, value: Any) -> torch.Tensor:
-    """``task.output_func(value)``; an error from it gets a note naming the task."""
+def _task_output(task_name: str, output_func: Any, value: Any) -> torch.Tensor:
+    """``output_func(value)``; an error from it gets a note naming the task."""
     try:
-        return task.output_func(value)
+        return output_func(value)
     except Exception as e:
-        e.add_note(f"mtlgraph: raised by the output_func of task '{task.name}'")
+        e.add_note(f"mtlgraph: raised by the output_func of task '{task_name}'")
         raise
 
 
@@ -309,10 +325,7 @@ def iter_predictions(
         >>> [p["t"].shape[0] for _, p in iter_predictions(model, batches, ["t"])]
         [4, 1]
     """
-    unknown = [t for t in task_names if t not in model.tasks]
-    if unknown:
-        raise unknown_tasks_error(unknown, model.tasks)
-    plan = model.plan(task_names)
+    plan = model.plan(task_names)  # unknown tasks: a GraphError, before the first batch
     outputs = _output_funcs(model, plan)
     device = model.device
     with eval_mode(model):
@@ -335,11 +348,7 @@ def _outputs(
     cache = model.execute(plan, X)
     out: dict[str, torch.Tensor] = {}
     for task_name, node, output_func in outputs:
-        try:
-            p = output_func(cache[node])
-        except Exception as e:
-            e.add_note(f"mtlgraph: raised by the output_func of task '{task_name}'")
-            raise
+        p = _task_output(task_name, output_func, cache[node])
         # under no_grad nothing needs detaching; convert only what is not float32 on the CPU
         out[task_name] = p if p.is_cpu and p.dtype is torch.float32 else p.float().cpu()
     return out
@@ -370,16 +379,7 @@ def _predict_named(
                 probs[t].append(p)
                 if t in Y:
                     golds.setdefault(t, []).append(Y[t].cpu())
-    tasks = model.tasks
-    result: dict[str, dict[str, np.ndarray]] = {
-        "golds": {t: torch.cat(v).numpy() for t, v in golds.items()},
-        "probs": {t: torch.cat(v).numpy() for t, v in probs.items() if v},
-    }
-    if return_preds:
-        result["preds"] = {
-            t: tasks[t].predictions(torch.from_numpy(p)).numpy() for t, p in result["probs"].items()
-        }
-    return result
+    return _result(model.tasks, golds, probs, return_preds)
 
 
 @torch.no_grad()
@@ -401,10 +401,4 @@ def head_widths(
             "labels; check the modules' sizes"
         )
         raise
-    widths: dict[str, int | None] = {}
-    for name in names:
-        out = cache[plan.outputs[name]]
-        widths[name] = (
-            int(out.shape[1]) if isinstance(out, torch.Tensor) and out.ndim == 2 else None
-        )
-    return widths
+    return {name: _width(cache[plan.outputs[name]]) for name in names}

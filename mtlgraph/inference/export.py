@@ -1,22 +1,10 @@
 """Export a subset of a model's tasks to a ``torch.export`` program (``.pt2``) or to ONNX.
 
-The exported program is the part of the merged graph the chosen tasks need, and nothing else:
-:class:`TaskGraph` registers only the modules of the tasks' :class:`ExecutionPlan` (so no other
-task's weights are in the file), takes exactly the input fields those operations read, as
-positional tensors in the order the sidecar lists them, and returns one tensor per task *after*
-its ``output_func`` (probabilities or values). Dimension 0 of every input is the batch
-dimension, exported dynamic.
-
-Next to the program a sidecar JSON (``<file>.json``) names the inputs (field, dtype, shape),
-the outputs, the tasks (type, classes, threshold), class labels and the vocabulary file of a
-text field when one was given; a server needs nothing else from mtlgraph.
-
-``torch.export`` is part of torch; ONNX goes through ``torch.onnx.export(..., dynamo=True)``
-and needs the ``onnx`` extra (onnx, onnxscript, onnxruntime), imported only here, only then.
-
-A module that cannot be exported (data-dependent control flow, an unsupported operator) fails
-with a :class:`~mtlgraph.GraphError` naming the module, the tasks that use it and the
-exporter's own reason; the exporter's exception is kept as ``__cause__``.
+The program holds only the modules of the chosen tasks' plan, takes their input fields as
+positional tensors (dimension 0 dynamic) and returns each task's output after its
+``output_func``; a sidecar JSON (``<file>.json``) describes inputs, outputs, tasks, classes and
+vocabularies. ONNX needs the ``onnx`` extra, imported only then. A module the exporter refuses
+is a :class:`~mtlgraph.GraphError` naming it and its tasks (``docs/inference.md``).
 """
 
 from __future__ import annotations
@@ -113,13 +101,10 @@ class TaskGraph(nn.Module):
         fields: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
-        unknown = [t for t in task_names if t not in model.tasks]
-        if unknown:
-            raise unknown_tasks_error(unknown, model.tasks)
         if not task_names:
             raise GraphError(["export needs at least one task"])
         self.task_names: list[str] = list(task_names)
-        self.plan: ExecutionPlan = model.plan(self.task_names)
+        self.plan: ExecutionPlan = model.plan(self.task_names)  # unknown tasks: a GraphError
         self.fields: list[str] = (
             list(fields) if fields is not None else input_fields(model, self.task_names)
         )
@@ -262,11 +247,10 @@ def sidecar(
     """The sidecar JSON's content: inputs, outputs, tasks, class labels, vocabularies."""
     with eval_mode(graph.model), torch.no_grad():  # shapes only: no batch-norm statistics move
         outs = graph(*args)
-    inputs = []
-    for f, a in zip(graph.fields, args, strict=True):
-        spec = _tensor_spec(f, a)
-        spec["vocabulary"] = (vocabularies or {}).get(f)
-        inputs.append(spec)
+    inputs = [
+        {**_tensor_spec(f, a), "vocabulary": (vocabularies or {}).get(f)}
+        for f, a in zip(graph.fields, args, strict=True)
+    ]
     tasks = []
     model = graph.model
     for t, out in zip(graph.task_names, outs, strict=True):
@@ -370,7 +354,8 @@ def export(
     if not target.parent.is_dir():
         raise GraphError([f"cannot write '{target}': directory '{target.parent}' does not exist"])
     task_names = list(tasks) if tasks is not None else model.task_names
-    graph = TaskGraph(model, task_names, _fields(model, task_names, example))
+    available = [k for k, v in (example or {}).items() if isinstance(v, torch.Tensor)]
+    graph = TaskGraph(model, task_names, input_fields(model, task_names, available))
     args = example_inputs(graph, example)
     program = export_program(graph, args)
     fmt = cast(ExportFormat, format)  # checked above
@@ -397,16 +382,6 @@ def save_program(
     meta = sidecar(graph, args, target.name, format, class_labels, vocabularies)
     write_json(sidecar_path(target), meta)
     return target
-
-
-def _fields(
-    model: InferenceModel, task_names: Sequence[str], example: Mapping[str, Any] | None
-) -> list[str]:
-    unknown = [t for t in task_names if t not in model.tasks]
-    if unknown:
-        raise unknown_tasks_error(unknown, model.tasks)
-    available = [k for k, v in (example or {}).items() if isinstance(v, torch.Tensor)]
-    return input_fields(model, task_names, available)
 
 
 # ---------------------------------------------------------------- loading and checking

@@ -1,23 +1,8 @@
-"""Prediction files: one row per example, an id column and each task's predictions.
+"""Prediction files: one row per example, an ``id`` column and each task's predictions.
 
-:func:`write_predictions` streams a model's predictions on unlabelled batches into a JSON Lines,
-CSV or Parquet file, batch by batch (memory bounded by one batch), written atomically: a
-temporary file in the target directory, renamed into place when complete, removed on any error.
-
-The columns, per task (``t``):
-
-============  ==========================================================================
-task type     columns
-============  ==========================================================================
-multiclass    ``t/pred`` (class id), ``t/probs`` (one probability per class)
-binary        ``t/pred`` (0 or 1), ``t/prob`` (probability of 1)
-multilabel    ``t/preds`` (0 or 1 per label), ``t/probs`` (probability per label)
-regression    ``t/value`` (one number, or one per output)
-============  ==========================================================================
-
-JSON Lines keeps a list as a JSON array; CSV and Parquet spread it over ``t/probs/0``,
-``t/probs/1``, ... columns. The first column is ``id``: the values of an id field of the
-batches (a file name, a declared id column) or else the row number, from 0.
+:func:`write_predictions` streams predictions batch by batch into a JSON Lines, CSV or Parquet
+file, written atomically. The columns per task type are in ``docs/inference.md``
+(:func:`task_columns`); CSV and Parquet spread a list over ``t/probs/0``, ``t/probs/1``, ...
 """
 
 from __future__ import annotations
@@ -37,19 +22,14 @@ import torch
 
 from mtlgraph._io import atomic_write
 from mtlgraph._suggest import quoted
+from mtlgraph.data.sources.files import SUFFIXES
 from mtlgraph.exceptions import ConfigError, DataError
 from mtlgraph.graph.task import Task
 from mtlgraph.inference.evaluation import iter_predictions
 from mtlgraph.inference.protocol import Batches, InferenceModel
 
-PREDICTION_FORMATS: dict[str, str] = {
-    ".jsonl": "jsonl",
-    ".ndjson": "jsonl",
-    ".csv": "csv",
-    ".parquet": "parquet",
-    ".pq": "parquet",
-}
-"""Output file suffix -> format."""
+WRITE_FORMATS = ("jsonl", "csv", "parquet")
+"""The formats :func:`write_predictions` writes (a file's suffix tells it as for the readers)."""
 
 ID = "id"
 """Name of the id column."""
@@ -61,24 +41,17 @@ def prediction_format(path: str | os.PathLike[str], file_format: str | None = No
     """The output format: ``file_format`` if given, else from the file's suffix.
 
     Raises:
-        ConfigError: An unknown format or suffix.
+        ConfigError: An unknown format, or a suffix of none of :data:`WRITE_FORMATS`.
     """
-    formats = sorted(set(PREDICTION_FORMATS.values()))
+    fmt = file_format or SUFFIXES.get(Path(path).suffix.lstrip(".").lower())
+    if fmt in WRITE_FORMATS:
+        return fmt
     if file_format is not None:
-        if file_format not in formats:
-            raise ConfigError(
-                [f"unknown prediction file format {file_format!r}; choose {quoted(formats)}"]
-            )
-        return file_format
-    suffix = Path(path).suffix.lower()
-    if suffix not in PREDICTION_FORMATS:
-        raise ConfigError(
-            [
-                f"cannot tell the format of '{path}' from its suffix; name it .jsonl, .csv or "
-                ".parquet"
-            ]
-        )
-    return PREDICTION_FORMATS[suffix]
+        choose = quoted(WRITE_FORMATS)
+        raise ConfigError([f"unknown prediction file format {file_format!r}; choose {choose}"])
+    raise ConfigError(
+        [f"cannot tell the format of '{path}' from its suffix; name it .jsonl, .csv or .parquet"]
+    )
 
 
 def task_columns(task: Task, probs: torch.Tensor) -> Columns:
@@ -205,11 +178,8 @@ class _Parquet:
 
     def write(self, ids: list[Any], columns: Columns) -> None:
         pa = self.pa
-        arrays = {ID: pa.array(ids)}
-        for name, a in columns.items():
-            for key, col in _flat(name, a):
-                arrays[key] = pa.array(col)
-        table = pa.table(arrays)
+        flat = [pair for name, a in columns.items() for pair in _flat(name, a)]
+        table = pa.table({ID: pa.array(ids), **{key: pa.array(col) for key, col in flat}})
         if self.writer is None:
             self.writer = self.pq.ParquetWriter(self.fh, table.schema)
         self.writer.write_table(table)

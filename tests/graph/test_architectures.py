@@ -181,7 +181,8 @@ def test_dselect_k_entropy_adds_its_gradient_in_the_backward_pass() -> None:
     got = gate.selectors.weight.grad.clone()  # type: ignore[union-attr]
 
     gate.zero_grad()
-    r, _ = gate._selections(x)
+    _, r = gate._mix(x)
+    assert r is not None
     entropy = -(r * torch.log(r.clamp_min(1e-12))).sum(dim=-1).sum(dim=1).mean()
     gate.eval()  # no regulariser in eval mode: the plain output
     (gate(x, stacked).sum() + 0.3 * entropy).backward()

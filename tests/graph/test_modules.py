@@ -113,11 +113,3 @@ def test_loss_registry() -> None:
     with pytest.raises(ConfigError, match="unknown loss 'msee' \\(did you mean 'mse'\\?\\)"):
         LOSSES.get("msee")
     assert LOSSES.get("mse") is regression_loss
-
-
-def test_loss_names_stay_importable_from_task() -> None:
-    import mtlgraph.graph.losses as losses
-    import mtlgraph.graph.task as task
-
-    for name in ("LOSSES", "MaskedMultilabelLoss", "binary_loss"):
-        assert getattr(task, name) is getattr(losses, name)

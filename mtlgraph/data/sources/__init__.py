@@ -1,20 +1,10 @@
-"""File sources: image folders, tables (CSV, JSON Lines, Parquet) and streamed shards.
+"""File sources: THE readers of tables (CSV, JSON Lines, Parquet, ``.npz``, ``.npy``), image
+folders and streamed shards, for training and prediction alike (``docs/data-sources.md``).
 
-Each source is usable from Python without a config (see ``docs/data-sources.md``):
-
-- :func:`read_table` (whole) or :func:`iter_table` (chunks of rows): THE reader of CSV, JSON
-  Lines, Parquet, ``.npz`` and ``.npy`` files, one parser each, the same rules for training and
-  prediction (a bad row names the file, the line and the column);
-- :func:`read_table` + :func:`split_table` + :func:`table_dataset`: a table's columns as an
-  in-memory :class:`~mtlgraph.DictDataset` (numeric columns as fields or labels, ``text``
-  columns tokenised by a :class:`WordTokenizer` or any ``str -> ids`` callable);
-- :class:`ImageFolder` with an :class:`ImageDecoder`: image files named by a table column,
-  decoded lazily with Pillow;
-- :class:`ShardStream` with :func:`shard_files`: table files streamed one at a time (an
-  :class:`~mtlgraph.data.streams.ExampleStream`, one unit per file).
-
-Optional extras are imported only when used: Pillow (``mtlgraph[images]``) and pyarrow
-(``mtlgraph[tables]``).
+:func:`read_table` / :func:`iter_table` read a file whole or in chunks; :func:`split_table` and
+:func:`table_dataset` make a :class:`~mtlgraph.DictDataset` of it; :class:`ImageFolder` decodes
+images lazily; :class:`ShardStream` streams files one at a time. Pillow (``mtlgraph[images]``)
+and pyarrow (``mtlgraph[tables]``) are imported only when used.
 """
 
 from mtlgraph.data.sources.files import TABLE_FORMATS, Table, iter_table, read_table, table_format

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from mtlgraph._suggest import first_few, quoted
 from mtlgraph.data.datasets import Batch
 from mtlgraph.data.sources.files import Table, as_table, table_length
 from mtlgraph.data.sources.table import Tokenizer, table_columns
@@ -169,7 +170,7 @@ class ImageFolder(Dataset[Batch]):
         t = as_table(table, origin)
         problems: list[str] = []
         if image_column not in t:
-            problems.append(f"{t.origin} has no image column '{image_column}'")
+            problems.append(f"{t.origin} has no image column '{image_column}'; it has {quoted(t)}")
         try:
             self.X, self.Y = table_columns(t, fields or {}, labels or {}, text)
         except DataError as e:
@@ -185,10 +186,9 @@ class ImageFolder(Dataset[Batch]):
         missing = [(i, f) for i, f in enumerate(files) if not (self.folder / f).is_file()]
         if not missing:
             return []
-        listed = ", ".join(f"'{f}' (row {i + 1})" for i, f in missing[:_SHOWN])
-        more = f" and {len(missing) - _SHOWN} more" if len(missing) > _SHOWN else ""
+        listed = first_few([f"'{f}' (row {i + 1})" for i, f in missing], _SHOWN)
         return [
-            f"{len(missing)} image file(s) missing from '{self.folder}': {listed}{more}; add the "
+            f"{len(missing)} image file(s) missing from '{self.folder}': {listed}; add the "
             "files or remove their rows"
         ]
 

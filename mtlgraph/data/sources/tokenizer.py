@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from mtlgraph._io import atomic_write_text
 from mtlgraph.exceptions import DataError
 from mtlgraph.registry import Registry
 
@@ -141,13 +142,8 @@ class WordTokenizer:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the vocabulary as JSON (to a temporary file, then renamed into place)."""
-        file = Path(path)
-        file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_name(file.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=0))
-        os.replace(tmp, file)
-        return file
+        """Write the vocabulary as JSON, atomically."""
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=0))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> WordTokenizer:
