@@ -243,7 +243,6 @@ def _private_imports() -> set[tuple[str, str, str]]:
 # entry is tolerated only while it still occurs (a cycle: while one of its parts is still a
 # cycle), so the lists only shrink, to empty.
 KNOWN_CYCLES: list[frozenset[str]] = [
-    frozenset({"mtlgraph.data.datasets", "mtlgraph.data.named"}),
     frozenset(
         {
             "mtlgraph.experiment.config",

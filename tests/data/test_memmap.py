@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mtlgraph import DataError, DictDataLoader, DictDataset
-from mtlgraph.data.memmap import PageBudget, gather
+from mtlgraph.data.memmap import MapReader, PageBudget
 
 
 def _maps(tmp_path: Path) -> tuple[np.ndarray, np.ndarray, np.memmap, np.memmap]:
@@ -42,8 +42,14 @@ def test_memmapped_batches_equal_in_memory_batches(tmp_path: Path, workers: int)
 
 def test_gather_reads_sorted_and_restores_the_batch_order() -> None:
     arr = np.arange(20).reshape(10, 2)
-    assert gather(arr, torch.tensor([9, 0, 4])).tolist() == [[18, 19], [0, 1], [8, 9]]
-    assert gather(arr, slice(2, 4)).tolist() == [[4, 5], [6, 7]]
+    read = MapReader().gather
+    assert read(arr, torch.tensor([9, 0, 4])).tolist() == [[18, 19], [0, 1], [8, 9]]
+    assert read(arr, torch.tensor([3, 3, -1, 3])).tolist() == [[6, 7], [6, 7], [18, 19], [6, 7]]
+    assert read(arr, slice(2, 4)).tolist() == [[4, 5], [6, 7]]
+    assert read(arr, slice(8, 2, -3)).tolist() == [[16, 17], [10, 11]]
+    assert read(arr, []).shape == (0, 2)
+    with pytest.raises(IndexError, match="out of range for 10 rows"):
+        read(arr, [10])
 
 
 def test_page_budget_releases_after_the_budget(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -129,24 +135,38 @@ def test_a_pickled_dataset_reopens_its_maps_instead_of_copying(tmp_path: Path) -
 
 
 def test_rows_of_a_large_map_are_read_from_its_file(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    import mtlgraph.data.memmap as mm
-
+    """A map larger than the budget: one ``preadv`` per run of neighbouring rows, a readahead
+    hint per run first, the batch's own order (duplicates, negative rows) restored."""
     x, _, xm, _ = _maps(tmp_path)
-    monkeypatch.setattr(mm, "DEFAULT_BUDGET", 16)  # every map is "large"
-    idx = torch.tensor([40, 3, 3, -1, 17])
-    assert torch.equal(gather(xm[2:], idx), torch.from_numpy(x[2:][idx.numpy()]))
+    reads: list[tuple[int, int]] = []  # (offset, bytes)
+    hints: list[tuple[int, int]] = []
+    preadv = os.preadv
+
+    def counted_preadv(fd, buffers, offset):  # type: ignore[no-untyped-def]
+        reads.append((offset, sum(len(b) for b in buffers)))
+        return preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", counted_preadv)
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: hints.append((off, n)))
+    reader = MapReader(budget=16)  # every map is "large"
+    idx = torch.tensor([40, 3, 4, 3, -1, 17, 5])  # rows 3..5 are neighbours
+    assert torch.equal(reader.gather(xm[2:], idx), torch.from_numpy(x[2:][idx.numpy()]))
+    width = 3 * 4
+    base = xm.offset + 2 * width
+    runs = [(base + 3 * width, 3 * width), (base + 17 * width, width), (base + 40 * width, width)]
+    runs.append((base + 47 * width, width))  # -1 of 48 rows
+    assert reads == runs and hints == runs
+    reads.clear()
+    assert torch.equal(reader.gather(xm, slice(5, 9)), torch.from_numpy(x[5:9]))
+    assert reads == [(xm.offset + 5 * width, 4 * width)]  # a slice: one read, no hint
     with pytest.raises(IndexError):
-        gather(xm, torch.tensor([50]))
-    reads = mm.ParallelReads(threads=3)  # rows split over threads: the same batch
-    many = torch.randint(-50, 50, (40,), generator=torch.Generator().manual_seed(0))
-    assert torch.equal(gather(xm, many, reads), torch.from_numpy(x[many.numpy()]))
-    assert reads._pool is not None  # the threads did the reading
+        reader.gather(xm, torch.tensor([50]))
     truncated = tmp_path / "cut.npy"
     truncated.write_bytes((tmp_path / "x.npy").read_bytes())
     cut = np.load(truncated, mmap_mode="r")
     os.truncate(truncated, truncated.stat().st_size - 100)  # replaced under the map
     with pytest.raises(DataError, match="ended before row 4[0-9]"):
-        gather(cut, torch.arange(50), reads)
+        reader.gather(cut, torch.arange(0, 50, 2))
 
 
 def test_read_ahead_keeps_order_and_raises_the_readers_own_error_at_its_item() -> None:
