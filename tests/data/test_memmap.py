@@ -222,3 +222,41 @@ def test_a_bad_label_in_a_mapped_label_file_is_named_before_training(tmp_path: P
     loader = DictDataLoader(DictDataset("d", "train", {"x": xm}, {"t": ym}), batch_size=8)
     with pytest.raises(DataError, match=r"dataset 'd' \(train\), task 't', rows 0\.\..*label 7"):
         Trainer(n_epochs=1, progress_bar=False).fit(MultitaskClassifier([task]), [loader])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("from_file", [False, True])
+def test_a_batch_holds_the_samplers_rows_in_the_samplers_order(
+    tmp_path: Path, workers: int, from_file: bool
+) -> None:
+    """Workers read a whole batch in one call (``__getitems__``); rows are read in file order
+    but every batch holds exactly the sampler's rows, in its order, none dropped, and a loader
+    started at batch ``k`` (a resumed epoch) yields the uninterrupted epoch's batches from k."""
+    x, y, xm, ym = _maps(tmp_path)
+    ds = DictDataset("d", "train", {"x": xm}, {"t": ym})
+    if from_file:
+        ds._reader = MapReader(budget=16)  # every map is read with preadv
+    loader = DictDataLoader(ds, batch_size=8, shuffle=True, seed=3, num_workers=workers)
+    loader.set_epoch(2)
+    order = loader.sampler.order()
+    assert order is not None
+    batches = list(loader)
+    assert [len(b[1]["t"]) for b in batches] == [8] * 6 + [2]
+    assert torch.equal(torch.cat([b[0]["x"] for b in batches]), torch.from_numpy(x[order]))
+    assert torch.equal(torch.cat([b[1]["t"] for b in batches]), torch.from_numpy(y[order]))
+    resumed = list(loader.iterate(start=3))
+    assert len(resumed) == 4
+    for (xa, ya), (xb, yb) in zip(resumed, batches[3:], strict=True):
+        assert torch.equal(xa["x"], xb["x"]) and torch.equal(ya["t"], yb["t"])
+
+
+def test_getitems_gives_a_custom_collate_function_the_rows_one_by_one(tmp_path: Path) -> None:
+    x, y, xm, ym = _maps(tmp_path)
+    ds = DictDataset("d", "train", {"x": xm}, {"t": ym})
+    rows = ds.__getitems__([5, 0, 5])
+    assert len(rows) == 3 and [int(r[1]["t"]) for r in rows] == [y[5], y[0], y[5]]
+    assert torch.equal(rows[1][0]["x"], torch.from_numpy(x[0]))
+    loader = DictDataLoader(
+        ds, batch_size=4, collate_fn=lambda rows: [int(r[1]["t"]) for r in rows]
+    )
+    assert [t for batch in loader for t in batch] == y.tolist()
