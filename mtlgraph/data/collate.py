@@ -10,7 +10,7 @@ shape are stacked, 1-D tensors of different lengths are right-padded and get a `
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol, overload
+from typing import Any, NamedTuple, Protocol, overload
 
 import torch
 from torch.utils.data import default_collate
@@ -81,11 +81,14 @@ class RowBatch(Sequence[Any]):
         self.indices = [int(i) for i in indices]
 
     def read(self, pad_value: int | float = 0) -> Batch:
-        """The whole batch, rows in the order of :attr:`indices`."""
+        """The whole batch, rows in the order of :attr:`indices` (a small one pickled by value,
+        see :class:`SmallBatch`)."""
         idx = self.indices
         if idx and idx[0] >= 0 and idx == list(range(idx[0], idx[0] + len(idx))):
-            return self.dataset.batch(slice(idx[0], idx[0] + len(idx)), pad_value)
-        return self.dataset.batch(torch.tensor(idx, dtype=torch.long), pad_value)
+            batch = self.dataset.batch(slice(idx[0], idx[0] + len(idx)), pad_value)
+        else:
+            batch = self.dataset.batch(torch.tensor(idx, dtype=torch.long), pad_value)
+        return SmallBatch.of(batch)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -100,6 +103,69 @@ class RowBatch(Sequence[Any]):
         if isinstance(i, slice):
             return [self.dataset[j] for j in self.indices[i]]
         return self.dataset[self.indices[i]]
+
+
+BY_VALUE_BYTES = 512 * 2**10
+"""Tensor bytes up to which a worker's batch travels to the loader pickled by value (512 KiB)."""
+
+
+class SmallBatch(tuple[dict[str, Any], dict[str, Any]]):
+    """A batch whose tensors travel by value when pickled (to the loader's process).
+
+    A ``DataLoader`` worker sends tensors through shared memory, which costs the receiving
+    process a socket connection and a mapping per tensor (about 0.5 ms here, whatever the
+    size); a small batch's bytes cost less through the pipe (measured: a 64 KiB batch, 0.1 ms
+    of the loader's time by value, 0.5 ms by shared memory; by value loses from about 1 MiB).
+    It unpickles as a plain ``(X_dict, Y_dict)`` of tensors, equal to the one sent.
+
+    Example:
+        >>> import pickle, torch
+        >>> from mtlgraph.data.collate import SmallBatch
+        >>> batch = SmallBatch.of(({"x": torch.ones(2, 3)}, {"t": torch.tensor([0, 1])}))
+        >>> x, y = pickle.loads(pickle.dumps(batch))
+        >>> type(x["x"]).__name__, y["t"].tolist()
+        ('Tensor', [0, 1])
+    """
+
+    @classmethod
+    def of(cls, batch: Batch) -> Batch:
+        """``batch`` as a :class:`SmallBatch` when its tensors (CPU, numpy dtypes) total at most
+        :data:`BY_VALUE_BYTES`; otherwise ``batch`` itself."""
+        tensors = [v for part in batch for v in part.values() if isinstance(v, torch.Tensor)]
+        size = sum(t.numel() * t.element_size() for t in tensors)
+        if size > BY_VALUE_BYTES or not all(_numpy_ready(t) for t in tensors):
+            return batch
+        return cls(batch)
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        x, y = self
+        return _from_arrays, (_to_arrays(x), _to_arrays(y))
+
+
+def _numpy_ready(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and not t.requires_grad and t.dtype not in _NO_NUMPY
+
+
+_NO_NUMPY = {torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2}
+
+
+class _Array(NamedTuple):
+    """A tensor's data in a pickled :class:`SmallBatch` (a list field stays a list)."""
+
+    array: Any  # numpy.ndarray
+
+
+def _to_arrays(part: dict[str, Any]) -> dict[str, Any]:
+    return {k: _Array(v.numpy()) if isinstance(v, torch.Tensor) else v for k, v in part.items()}
+
+
+def _from_arrays(x: dict[str, Any], y: dict[str, Any]) -> Batch:
+    def back(part: dict[str, Any]) -> dict[str, Any]:
+        return {
+            k: torch.from_numpy(v.array) if isinstance(v, _Array) else v for k, v in part.items()
+        }
+
+    return back(x), back(y)
 
 
 def collate_dicts(samples: Sequence[Any], pad_value: int | float = 0) -> Batch:

@@ -16,9 +16,9 @@ the data.
 
 from __future__ import annotations
 
-import itertools
 import mmap
 import os
+import weakref
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NamedTuple, TypeVar, cast
@@ -147,25 +147,17 @@ class MapReader:
         out = np.empty((len(rows), *ref.shape[1:]), dtype=dtype)
         view = out.reshape(-1).view(np.uint8).data
         cuts = np.flatnonzero(np.diff(rows) != 1) + 1
-        bounds = np.concatenate(([0], cuts, [len(rows)])).tolist()
-        runs = [(int(rows[a]), a, b) for a, b in itertools.pairwise(bounds)]
-        if len(runs) > 1 and hasattr(os, "posix_fadvise"):  # readahead hints, all runs first
-            for row, a, b in runs:
-                os.posix_fadvise(fd, ref.offset + row * width, (b - a) * width, WILLNEED)
-        for row, a, b in runs:
-            done, size = 0, (b - a) * width
-            while done < size:  # a read may stop short of the run (large runs); go on
-                got = os.preadv(
-                    fd, [view[a * width + done : b * width]], ref.offset + row * width + done
-                )
-                if got <= 0:
-                    raise DataError(
-                        [
-                            f"'{ref.filename}' ended before row {row + done // width}: the file "
-                            "was truncated or replaced"
-                        ]
-                    )
-                done += got
+        firsts = np.concatenate(([0], cuts)).astype(np.int64)  # each run's first batch row
+        sizes = ((np.concatenate((cuts, [len(rows)])) - firsts) * width).tolist()
+        offsets = (ref.offset + rows[firsts] * width).tolist()
+        starts = (firsts * width).tolist()
+        if len(offsets) > 1 and hasattr(os, "posix_fadvise"):  # readahead hints, all runs first
+            for offset, size in zip(offsets, sizes, strict=True):
+                os.posix_fadvise(fd, offset, size, WILLNEED)
+        preadv = os.preadv  # the loop below is the per-row cost of a shuffled batch: keep it lean
+        for offset, start, size in zip(offsets, starts, sizes, strict=True):
+            if preadv(fd, [view[start : start + size]], offset) != size:
+                _read_on(fd, view[start : start + size], offset, ref, width)
         return out
 
     def _descriptor(self, filename: str) -> int:
@@ -173,15 +165,25 @@ class MapReader:
         fd = self._files.get(key)
         if fd is None:
             fd = self._files[key] = os.open(filename, os.O_RDONLY)
+            weakref.finalize(self, os.close, fd)
         return fd
 
     def __getstate__(self) -> dict[str, Any]:
         return {"budget": self.budget, "pages": PageBudget(self.budget), "_files": {}}
 
-    def __del__(self) -> None:
-        for (pid, _), fd in self._files.items():
-            if pid == os.getpid():
-                os.close(fd)
+
+def _read_on(fd: int, buffer: memoryview, offset: int, ref: MappedFile, width: int) -> None:
+    """Read ``buffer`` whole from ``offset`` after a short read (a large run read in parts);
+    a file that ends first was truncated or replaced under the map."""
+    done = 0
+    while done < len(buffer):
+        got = os.preadv(fd, [buffer[done:]], offset + done)
+        if got <= 0:
+            row = (offset + done - ref.offset) // width
+            raise DataError(
+                [f"'{ref.filename}' ended before row {row}: the file was truncated or replaced"]
+            )
+        done += got
 
 
 WILLNEED = getattr(os, "POSIX_FADV_WILLNEED", 3)
