@@ -353,8 +353,10 @@ class DictDataLoader(DataLoader[Batch]):
     dataset, or a stream). With ``num_workers=0`` and the default collate function, batches of a
     ``DictDataset`` are cut from its tensors directly (slices for unshuffled loaders), which keeps
     small-model training fast; other settings use PyTorch's own loading machinery with
-    :func:`collate_dicts`. A stream is batched by each worker from its own share of the stream
-    (:mod:`mtlgraph.data.streams`); ``shuffle`` then shuffles the order of its units per pass.
+    :func:`~mtlgraph.data.collate_dicts`, and a worker reads a ``DictDataset``'s whole batch in
+    one call (:meth:`DictDataset.__getitems__`; memory-mapped rows in blocks). A stream is
+    batched by each worker from its own share of the stream (:mod:`mtlgraph.data.streams`);
+    ``shuffle`` then shuffles the order of its units per pass.
 
     Args:
         dataset: The dataset to load.

@@ -16,6 +16,7 @@ the data.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import weakref
@@ -94,6 +95,7 @@ class MapReader:
         self.budget = budget
         self.pages = PageBudget(budget)
         self._files: dict[tuple[int, str], int] = {}  # (process id, file name) -> descriptor
+        self.nowait = NOWAIT is not None  # try the page cache first (RWF_NOWAIT reads)
 
     def gather(
         self, array: np.ndarray, index: slice | torch.Tensor | Sequence[int]
@@ -151,14 +153,39 @@ class MapReader:
         sizes = ((np.concatenate((cuts, [len(rows)])) - firsts) * width).tolist()
         offsets = (ref.offset + rows[firsts] * width).tolist()
         starts = (firsts * width).tolist()
-        if len(offsets) > 1 and hasattr(os, "posix_fadvise"):  # readahead hints, all runs first
-            for offset, size in zip(offsets, sizes, strict=True):
+        runs = list(zip(offsets, starts, sizes, strict=True))
+        if len(runs) > 1 and self.nowait:  # what the page cache holds first, without waiting
+            runs = self._cached(fd, view, runs)
+        if len(runs) > 1 and hasattr(os, "posix_fadvise"):  # readahead hints, all runs first
+            for offset, _, size in runs:
                 os.posix_fadvise(fd, offset, size, WILLNEED)
         preadv = os.preadv  # the loop below is the per-row cost of a shuffled batch: keep it lean
-        for offset, start, size in zip(offsets, starts, sizes, strict=True):
+        for offset, start, size in runs:
             if preadv(fd, [view[start : start + size]], offset) != size:
                 _read_on(fd, view[start : start + size], offset, ref, width)
         return out
+
+    def _cached(
+        self, fd: int, view: memoryview, runs: list[tuple[int, int, int]]
+    ) -> list[tuple[int, int, int]]:
+        """Read the runs (file offset, buffer offset, bytes) the page cache holds, with
+        ``RWF_NOWAIT`` (it fails instead of waiting for the disk); return the rest, to be hinted
+        and read. A file system without ``RWF_NOWAIT`` turns this step off for the reader."""
+        preadv, flags = os.preadv, int(NOWAIT or 0)
+        missing: list[tuple[int, int, int]] = []
+        for i, (offset, start, size) in enumerate(runs):
+            try:
+                got = preadv(fd, [view[start : start + size]], offset, flags)
+            except BlockingIOError:  # not in the page cache
+                got = 0
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                self.nowait = False
+                return [*missing, *runs[i:]]
+            if got != size:
+                missing.append((offset + got, start + got, size - got))
+        return missing
 
     def _descriptor(self, filename: str) -> int:
         key = (os.getpid(), filename)  # a forked worker opens its own
@@ -169,7 +196,9 @@ class MapReader:
         return fd
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"budget": self.budget, "pages": PageBudget(self.budget), "_files": {}}
+        state = dict(self.__dict__)
+        state.update(pages=PageBudget(self.budget), _files={})  # a new process opens its own
+        return state
 
 
 def _read_on(fd: int, buffer: memoryview, offset: int, ref: MappedFile, width: int) -> None:
@@ -185,6 +214,9 @@ def _read_on(fd: int, buffer: memoryview, offset: int, ref: MappedFile, width: i
             )
         done += got
 
+
+NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
+"""``preadv`` flag (Linux): read only what the page cache holds, fail rather than wait."""
 
 WILLNEED = getattr(os, "POSIX_FADV_WILLNEED", 3)
 """``posix_fadvise`` advice: read these bytes into the page cache now, asynchronously."""

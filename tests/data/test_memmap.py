@@ -134,19 +134,33 @@ def test_a_pickled_dataset_reopens_its_maps_instead_of_copying(tmp_path: Path) -
     )
 
 
-def test_rows_of_a_large_map_are_read_from_its_file(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """A map larger than the budget: one ``preadv`` per run of neighbouring rows, a readahead
-    hint per run first, the batch's own order (duplicates, negative rows) restored."""
+@pytest.mark.parametrize("cached", [True, False])
+def test_rows_of_a_large_map_are_read_from_its_file(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    cached: bool,
+) -> None:
+    """A map larger than the budget: one ``preadv`` per run of neighbouring rows, the batch's
+    own order (duplicates, negative rows) restored. Runs the page cache holds are read at once
+    (``RWF_NOWAIT``); the others get a readahead hint each, then a read."""
+    import mtlgraph.data.memmap as mm
+
     x, _, xm, _ = _maps(tmp_path)
-    reads: list[tuple[int, int]] = []  # (offset, bytes)
+    reads: list[tuple[int, int]] = []  # blocking reads: (offset, bytes)
     hints: list[tuple[int, int]] = []
     preadv = os.preadv
+    nowait = 8
 
-    def counted_preadv(fd, buffers, offset):  # type: ignore[no-untyped-def]
+    def counted_preadv(fd, buffers, offset, flags=0):  # type: ignore[no-untyped-def]
+        if flags == nowait:
+            if not cached:
+                raise BlockingIOError("not in the page cache")
+            return preadv(fd, buffers, offset)
         reads.append((offset, sum(len(b) for b in buffers)))
         return preadv(fd, buffers, offset)
 
     monkeypatch.setattr(os, "preadv", counted_preadv)
+    monkeypatch.setattr(mm, "NOWAIT", nowait)
     monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: hints.append((off, n)))
     reader = MapReader(budget=16)  # every map is "large"
     idx = torch.tensor([40, 3, 4, 3, -1, 17, 5])  # rows 3..5 are neighbours
@@ -155,7 +169,7 @@ def test_rows_of_a_large_map_are_read_from_its_file(tmp_path: Path, monkeypatch)
     base = xm.offset + 2 * width
     runs = [(base + 3 * width, 3 * width), (base + 17 * width, width), (base + 40 * width, width)]
     runs.append((base + 47 * width, width))  # -1 of 48 rows
-    assert reads == runs and hints == runs
+    assert (reads, hints) == (([], []) if cached else (runs, runs))
     reads.clear()
     assert torch.equal(reader.gather(xm, slice(5, 9)), torch.from_numpy(x[5:9]))
     assert reads == [(xm.offset + 5 * width, 4 * width)]  # a slice: one read, no hint
@@ -167,6 +181,29 @@ def test_rows_of_a_large_map_are_read_from_its_file(tmp_path: Path, monkeypatch)
     os.truncate(truncated, truncated.stat().st_size - 100)  # replaced under the map
     with pytest.raises(DataError, match="ended before row 4[0-9]"):
         reader.gather(cut, torch.arange(0, 50, 2))
+
+
+def test_a_file_system_without_nowait_reads_turns_them_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import mtlgraph.data.memmap as mm
+
+    x, _, xm, _ = _maps(tmp_path)
+    preadv = os.preadv
+
+    def no_nowait(fd, buffers, offset, flags=0):  # type: ignore[no-untyped-def]
+        if flags:
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+        return preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", no_nowait)
+    monkeypatch.setattr(mm, "NOWAIT", 8)
+    reader = MapReader(budget=16)
+    idx = torch.tensor([9, 1, 30])
+    assert torch.equal(reader.gather(xm, idx), torch.from_numpy(x[idx.numpy()]))
+    assert reader.nowait is False
 
 
 def test_read_ahead_keeps_order_and_raises_the_readers_own_error_at_its_item() -> None:
