@@ -16,77 +16,20 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from mtlgraph.data.memmap import (
-    MappedFile,
-    PageBudget,
-    ParallelReads,
-    gather,
-    is_memmap,
-    mapped_bytes,
-    read_ahead,
-    reference,
+from mtlgraph.data.collate import (
+    MASK_SUFFIX,
+    Batch,
+    RowBatch,
+    collate_dicts,
+    is_sequence_list,
+    pad_sequences,
 )
+from mtlgraph.data.memmap import MappedFile, MapReader, is_memmap, read_ahead, reference
+from mtlgraph.data.named import NamedDataset, NamedStream, StreamFeed
+from mtlgraph.data.streams import StreamCursor
 from mtlgraph.exceptions import DataError
-
-Batch = tuple[dict[str, Any], dict[str, torch.Tensor]]
-"""A batch: ``(X_dict, Y_dict)``."""
-
-MASK_SUFFIX = "_mask"
-"""Suffix of the mask field added for every padded variable-length sequence field."""
-
-
-def _is_sequence_list(value: list[Any]) -> bool:
-    return len(value) > 0 and all(isinstance(v, torch.Tensor) and v.ndim == 1 for v in value)
-
-
-def pad_sequences(
-    seqs: Sequence[torch.Tensor], pad_value: int | float = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad 1-D tensors to a ``(B, max_len)`` tensor and a boolean mask (True = real).
-
-    Example:
-        >>> import torch
-        >>> from mtlgraph.data.datasets import pad_sequences
-        >>> padded, mask = pad_sequences([torch.tensor([1, 2, 3]), torch.tensor([4])])
-        >>> padded.tolist(), mask.tolist()
-        ([[1, 2, 3], [4, 0, 0]], [[True, True, True], [True, False, False]])
-    """
-    lengths = torch.tensor([len(s) for s in seqs])
-    width = int(lengths.max()) if len(seqs) else 0
-    padded = torch.nn.utils.rnn.pad_sequence(list(seqs), batch_first=True, padding_value=pad_value)
-    if padded.shape[1] < width:  # pragma: no cover - pad_sequence always reaches max length
-        padded = torch.nn.functional.pad(padded, (0, width - padded.shape[1]), value=pad_value)
-    mask = torch.arange(width)[None, :] < lengths[:, None]
-    return padded, mask
-
-
-def collate_dicts(samples: Sequence[Batch], pad_value: int | float = 0) -> Batch:
-    """Collate per-sample ``(x_dict, y_dict)`` pairs into one batch.
-
-    Tensors of equal shape are stacked; 1-D tensors of different lengths are padded and get a
-    ``<field>_mask`` field; anything else is kept as a list.
-    """
-    x_out: dict[str, Any] = {}
-    y_out: dict[str, torch.Tensor] = {}
-    for field in samples[0][0]:
-        values = [s[0][field] for s in samples]
-        x_out.update(_collate_field(field, values, pad_value))
-    for task in samples[0][1]:
-        y_out[task] = default_collate([torch.as_tensor(s[1][task]) for s in samples])
-    return x_out, y_out
-
-
-def _collate_field(field: str, values: list[Any], pad_value: int | float) -> dict[str, Any]:
-    if all(isinstance(v, torch.Tensor) for v in values):
-        shapes = {tuple(v.shape) for v in values}
-        if len(shapes) == 1:
-            return {field: default_collate(values)}  # in a worker: stacked in shared memory
-        if all(v.ndim == 1 for v in values):
-            padded, mask = pad_sequences(values, pad_value)
-            return {field: padded, field + MASK_SUFFIX: mask}
-    return {field: list(values)}
 
 
 class DictDataset(Dataset[Batch]):
@@ -152,8 +95,7 @@ class DictDataset(Dataset[Batch]):
         self.Y_dict: dict[str, Any] = Y  # tensors, or memmaps
         self._length = next(iter(lengths.values())) if lengths else 0
         self._kinds = {k: _kind(v) for k, v in X.items()}
-        self._pages = PageBudget()
-        self._reads = ParallelReads()  # a large map's scattered rows, read concurrently
+        self._reader = MapReader()  # the mapped fields' and labels' rows
 
     @classmethod
     def from_tensors(
@@ -196,6 +138,12 @@ class DictDataset(Dataset[Batch]):
         x = {k: _row(v, index) for k, v in self.X_dict.items()}
         y = {k: _row(v, index) for k, v in self.Y_dict.items()}
         return x, y
+
+    def __getitems__(self, indices: Sequence[int]) -> RowBatch:
+        """Rows ``indices`` in that order, for a ``DataLoader`` worker: its default collate
+        function (:func:`~mtlgraph.data.collate_dicts`) reads them with :meth:`batch` in one call
+        (memory-mapped rows as blocks); any other collate function gets the rows one by one."""
+        return RowBatch(self, indices)
 
     def batch(
         self, index: slice | torch.Tensor | Sequence[int], pad_value: int | float = 0
@@ -248,9 +196,7 @@ class DictDataset(Dataset[Batch]):
         return any(is_memmap(v) for part in (self.X_dict, self.Y_dict) for v in part.values())
 
     def _gather(self, array: np.ndarray, index: slice | torch.Tensor | Sequence[int]) -> Any:
-        rows = gather(array, index, self._reads)
-        self._pages.account(array, mapped_bytes(rows, index))
-        return rows
+        return self._reader.gather(array, index)
 
     def __repr__(self) -> str:
         return (
@@ -264,7 +210,7 @@ def _kind(value: Any) -> str:
         return "tensor"
     if is_memmap(value):
         return "memmap"
-    return "seq" if _is_sequence_list(value) else "list"
+    return "seq" if is_sequence_list(value) else "list"
 
 
 def _row(value: Any, index: int) -> Any:
@@ -308,7 +254,7 @@ def _checked_inputs(X_dict: object, who: str, problems: list[str]) -> dict[str, 
                 continue
         elif isinstance(value, (list, tuple)):
             value = list(value)
-            if _is_sequence_list(value) and field + MASK_SUFFIX in X_dict:
+            if is_sequence_list(value) and field + MASK_SUFFIX in X_dict:
                 problems.append(
                     f"{who}: field '{field}' is padded with a '{field}{MASK_SUFFIX}' field, "
                     "which X_dict already holds; rename one"
@@ -385,12 +331,20 @@ class EpochSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         perm = self.order()
-        rows = range(self.n) if perm is None else perm.tolist()
         skip, self.skip = self.skip, 0  # a skip applies to the next iteration only
-        return iter(rows[skip:])
+        if perm is None:
+            return iter(range(skip, self.n))
+        return _rows_of(perm[skip:])
 
     def __len__(self) -> int:
         return self.n
+
+
+def _rows_of(perm: torch.Tensor, block: int = 1 << 16) -> Iterator[int]:
+    """The rows of ``perm`` as ints, converted a block at a time: a 16M-row order as one
+    Python list would take 0.6 GB and a second to build at every epoch start."""
+    for part in perm.split(block):
+        yield from part.tolist()
 
 
 class DictDataLoader(DataLoader[Batch]):
@@ -402,9 +356,10 @@ class DictDataLoader(DataLoader[Batch]):
     an unshuffled loader of tensors cuts its batches (views) once and hands out the same views
     every epoch; a shuffled one gathers the rows of many batches at once (about
     :data:`CHUNK_BYTES`) and cuts them into batches. Other settings use PyTorch's own loading
-    machinery with :func:`collate_dicts`. A stream is batched by each worker from its own share
-    of the stream (:mod:`mtlgraph.data.streams`); ``shuffle`` then shuffles the order of its
-    units per pass.
+    machinery with :func:`~mtlgraph.data.collate_dicts`, and a worker reads a ``DictDataset``'s
+    whole batch in one call (:meth:`DictDataset.__getitems__`; memory-mapped rows in blocks). A
+    stream is batched by each worker from its own share of the stream
+    (:mod:`mtlgraph.data.streams`); ``shuffle`` then shuffles the order of its units per pass.
 
     Args:
         dataset: The dataset to load.
@@ -435,8 +390,6 @@ class DictDataLoader(DataLoader[Batch]):
         drop_last: bool = False,
         **kwargs: Any,
     ) -> None:
-        from mtlgraph.data.named import NamedDataset, NamedStream
-
         if not isinstance(dataset, (DictDataset, NamedDataset)):
             raise DataError(
                 [
@@ -477,9 +430,6 @@ class DictDataLoader(DataLoader[Batch]):
         kwargs: dict[str, Any],
     ) -> None:
         import copy
-
-        from mtlgraph.data.named import StreamFeed
-        from mtlgraph.data.streams import StreamCursor
 
         bad = [k for k in ("sampler", "batch_sampler", "collate_fn") if k in kwargs]
         if bad:

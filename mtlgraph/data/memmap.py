@@ -1,25 +1,28 @@
 """Memory-mapped numpy arrays as dataset fields: read a batch's rows, never the whole array.
 
 ``DictDataset`` keeps a ``numpy.memmap`` field (``np.load(path, mmap_mode="r")``) as it is; a
-batch reads only its rows (:func:`gather`): a slice is one contiguous read, a shuffled batch's
-rows are read in sorted order (sequential disk access) and put back in the batch's order, and
-only the batch becomes a tensor. Scattered rows of a map larger than 256 MiB are read with
-``os.preadv`` from the file the map names (no page faults, nothing left resident). The pages a
-mapped read brings in count towards the process's resident memory until the kernel drops them;
-:class:`PageBudget` tells the kernel to drop them (they stay in the page cache) whenever resident
-memory has grown by ``budget`` bytes (read from ``/proc/self/statm``), so resident memory stays
-bounded however large the file. A dataset sent to another process (DataLoader workers started
-with ``spawn``) carries a :class:`MappedFile` reference per map, reopened there, never the data.
+batch reads only its rows, through the dataset's :class:`MapReader`: the batch's rows in file
+order, neighbouring rows as one block, the batch's order restored, and only the batch becomes a
+tensor. A map larger than 256 MiB is read with ``os.preadv`` from the file it names, after a
+readahead hint per block (no page faults, nothing left resident). Smaller maps are indexed; the
+pages such a read brings in count towards the process's resident memory until the kernel drops
+them, and :class:`PageBudget` tells the kernel to drop them (they stay in the page cache)
+whenever resident memory has grown by ``budget`` bytes (read from ``/proc/self/statm``), so
+resident memory stays bounded however large the file. A ``DataLoader`` worker reads a whole
+batch in one call (``DictDataset.__getitems__``). A dataset sent to another process (workers
+started with ``spawn``) carries a :class:`MappedFile` reference per map, reopened there, never
+the data.
 """
 
 from __future__ import annotations
 
+import errno
 import itertools
 import mmap
 import os
+import weakref
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from functools import partial
 from typing import Any, NamedTuple, TypeVar, cast
 
 import numpy as np
@@ -64,105 +67,199 @@ def is_memmap(value: object) -> bool:
     return isinstance(value, np.memmap)
 
 
-class ParallelReads:
-    """A few threads that read a large map's scattered rows concurrently: with several reads in
-    flight the disk (or the page cache) serves a batch several times faster than one row at a
-    time (measured here: 256 random rows of a 4 GB file, 5.3 ms with one thread, 0.9 ms with
-    four). The threads start on first use; a pickled copy (a DataLoader worker) starts its own.
-    """
+class MapReader:
+    """Reads a batch's rows from memory-mapped arrays: the one way a mapped field or label of a
+    :class:`~mtlgraph.DictDataset` becomes a batch tensor (one reader per dataset).
 
-    def __init__(self, threads: int = 4) -> None:
-        self.threads = threads
-        self._pool: ThreadPoolExecutor | None = None
+    The batch's distinct rows are read in ascending file order, neighbouring rows coalesced into
+    runs (one read per run), and returned in the batch's own order, duplicates included: rows
+    are never reordered or dropped. A C-contiguous map larger than ``budget`` is read with
+    ``os.preadv`` from the file it names (no page faults, nothing left resident): the runs the
+    page cache holds first (``RWF_NOWAIT``), then a ``posix_fadvise(WILLNEED)`` hint for every
+    other run and their reads, so that the disk serves a batch's scattered runs concurrently
+    instead of one at a time (measured here on a 4 GB file out of the page cache: 256 random
+    rows in 2.7 ms with the hints, 14 ms without). A batch of at least ``32 x threads`` rows is
+    cut into ``threads`` consecutive parts read at once (a read releases the GIL; two threads
+    read a warm 256-row batch about 25% faster here while a training step runs). Any other map
+    is indexed with numpy, and its pages are released by a :class:`PageBudget`. A pickled copy
+    (a ``spawn`` DataLoader worker) or a forked one opens its own files and threads.
 
-    def run(self, tasks: list[Any]) -> None:
-        """Call every zero-argument callable of ``tasks``; their first error propagates."""
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="mtlgraph-rows")
-        for future in [self._pool.submit(task) for task in tasks]:
-            future.result()
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"threads": self.threads, "_pool": None}
-
-
-def gather(
-    array: np.ndarray,
-    index: slice | torch.Tensor | Sequence[int],
-    reads: ParallelReads | None = None,
-) -> torch.Tensor:
-    """Rows ``index`` of ``array`` as a new tensor (a shuffled index is read in sorted order;
-    with ``reads``, a large map's rows are read by its threads).
+    Args:
+        budget: Bytes; larger maps are read from their file, and numpy-indexed maps release their
+            pages whenever resident memory has grown by this much (default 256 MiB).
+        threads: Threads reading one large batch (default 2; 1 reads in the caller's thread).
 
     Example:
         >>> import numpy as np, torch
-        >>> from mtlgraph.data.memmap import gather
-        >>> gather(np.arange(10.0), torch.tensor([7, 2, 5])).tolist()
-        [7.0, 2.0, 5.0]
+        >>> from mtlgraph.data.memmap import MapReader
+        >>> MapReader().gather(np.arange(10.0), torch.tensor([7, 2, 7, 5])).tolist()
+        [7.0, 2.0, 7.0, 5.0]
     """
-    if isinstance(index, slice):
-        return torch.from_numpy(np.array(array[index]))
-    idx = index.numpy() if isinstance(index, torch.Tensor) else np.asarray(index)
-    order = np.argsort(idx, kind="stable")
-    rows = np.empty((len(idx), *array.shape[1:]), dtype=array.dtype)
-    large = is_memmap(array) and array.nbytes > DEFAULT_BUDGET and hasattr(os, "preadv")
-    ref = reference(array) if large else None
-    if isinstance(ref, MappedFile):  # scattered rows of a large map: file reads, no page faults
-        wanted = idx[order]
-        wanted = np.where(wanted < 0, wanted + len(array), wanted)
-        if len(wanted) and (wanted[0] < 0 or wanted[-1] >= len(array)):
-            raise IndexError(f"row index out of range for {len(array)} rows")
-        rows[order] = _read_rows(ref, wanted, rows.dtype, reads)
-    else:
-        rows[order] = array[idx[order]]
-    return torch.from_numpy(rows)
 
+    def __init__(self, budget: int = DEFAULT_BUDGET, threads: int = 2) -> None:
+        self.budget = budget
+        self.pages = PageBudget(budget)
+        self._files: dict[tuple[int, str], int] = {}  # (process id, file name) -> descriptor
+        self.nowait = NOWAIT is not None  # try the page cache first (RWF_NOWAIT reads)
+        self.threads = threads
+        self._threads: tuple[int, ThreadPoolExecutor] | None = None  # (process id, pool)
 
-_FILES: dict[tuple[int, str], int] = {}  # (process id, file name) -> descriptor
+    def gather(
+        self, array: np.ndarray, index: slice | torch.Tensor | Sequence[int]
+    ) -> torch.Tensor:
+        """Rows ``index`` of ``array`` (a slice, or row numbers in any order, negative ones
+        counting from the end) as a new tensor, in the order of ``index``.
 
+        Raises:
+            IndexError: A row number outside the array.
+            DataError: The file ended before a row (truncated or replaced under the map).
+        """
+        n = len(array)
+        if isinstance(index, slice):
+            start, stop, step = index.indices(n)
+            if step != 1:
+                return self.gather(array, range(start, stop, step))
+            return torch.from_numpy(self._read(array, np.arange(start, max(start, stop))))
+        idx = np.asarray(index.numpy() if isinstance(index, torch.Tensor) else index, np.int64)
+        idx = np.where(idx < 0, idx + n, idx)
+        if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= n):
+            raise IndexError(f"row index out of range for {n} rows")
+        rows, where = np.unique(idx, return_inverse=True)  # ascending, each row once
+        block = self._read(array, rows)
+        if len(rows) == len(idx) and bool((rows == idx).all()):
+            return torch.from_numpy(block)
+        return torch.from_numpy(block[where])  # the batch's order, duplicates restored
 
-def _read_rows(
-    ref: MappedFile, rows: np.ndarray, dtype: np.dtype[Any], reads: ParallelReads | None = None
-) -> np.ndarray:
-    """Rows ``rows`` (sorted) of the C-contiguous array ``ref`` names, read with ``preadv``
-    (split over ``reads``' threads when given and the batch is large enough to gain)."""
-    key = (os.getpid(), ref.filename)
-    fd = _FILES.get(key)
-    if fd is None:
-        fd = _FILES[key] = os.open(ref.filename, os.O_RDONLY)
-    width = int(np.prod(ref.shape[1:], dtype=np.int64)) * dtype.itemsize
-    out = np.empty((len(rows), *ref.shape[1:]), dtype=dtype)
-    view = out.reshape(-1).view(np.uint8).data
-    listed = rows.tolist()
+    def _read(self, array: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Rows ``rows`` (ascending, distinct) of ``array``."""
+        ref = reference(array) if self._direct(array) else None
+        if isinstance(ref, MappedFile):
+            return self._pread(ref, rows)
+        if len(rows) and int(rows[-1]) - int(rows[0]) + 1 == len(rows):
+            out = np.array(array[int(rows[0]) : int(rows[-1]) + 1])  # one run: a slice
+            scattered = False
+        else:
+            out, scattered = array[rows], True
+        if is_memmap(array):
+            self.pages.account(array, mapped_bytes(out, scattered))
+        return np.asarray(out)
 
-    def read(begin: int, end: int) -> None:
-        for j in range(begin, end):
-            row = listed[j]
-            got = os.preadv(fd, [view[j * width : (j + 1) * width]], ref.offset + row * width)
-            if got != width:
-                raise DataError(
-                    [f"'{ref.filename}' ended before row {row}: the file was truncated or replaced"]
-                )
+    def _direct(self, array: np.ndarray) -> bool:
+        return is_memmap(array) and array.nbytes > self.budget and hasattr(os, "preadv")
 
-    if reads is None or len(listed) < 8 * reads.threads:
-        read(0, len(listed))
+    def _pread(self, ref: MappedFile, rows: np.ndarray) -> np.ndarray:
+        """Rows ``rows`` (ascending, distinct) of the C-contiguous array ``ref`` names; a large
+        batch is cut into ``threads`` consecutive parts read concurrently."""
+        fd = self._descriptor(ref.filename)
+        dtype = np.dtype(ref.dtype)
+        width = int(np.prod(ref.shape[1:], dtype=np.int64)) * dtype.itemsize
+        out = np.empty((len(rows), *ref.shape[1:]), dtype=dtype)
+        if self.threads < 2 or len(rows) < 32 * self.threads:
+            self._fill(fd, ref, width, rows, out)
+            return out
+        cuts = np.linspace(0, len(rows), self.threads + 1).astype(int).tolist()
+        parts = [(rows[a:b], out[a:b]) for a, b in itertools.pairwise(cuts)]
+        for done in [self._pool().submit(self._fill, fd, ref, width, *part) for part in parts]:
+            done.result()  # a reader's error reaches the caller unchanged
         return out
-    cuts = np.linspace(0, len(listed), reads.threads + 1).astype(int).tolist()
-    reads.run([partial(read, a, b) for a, b in itertools.pairwise(cuts)])
-    return out
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._threads is None or self._threads[0] != os.getpid():  # a forked worker: its own
+            pool = ThreadPoolExecutor(self.threads, thread_name_prefix="mtlgraph-rows")
+            self._threads = (os.getpid(), pool)
+        return self._threads[1]
+
+    def _fill(
+        self, fd: int, ref: MappedFile, width: int, rows: np.ndarray, out: np.ndarray
+    ) -> None:
+        """Read rows ``rows`` (ascending, distinct) into ``out``: one ``preadv`` per run of
+        neighbouring rows; runs not in the page cache are hinted to the kernel first, all of
+        them, then read."""
+        view = out.reshape(-1).view(np.uint8).data
+        cuts = np.flatnonzero(np.diff(rows) != 1) + 1
+        firsts = np.concatenate(([0], cuts)).astype(np.int64)  # each run's first batch row
+        sizes = ((np.concatenate((cuts, [len(rows)])) - firsts) * width).tolist()
+        offsets = (ref.offset + rows[firsts] * width).tolist()
+        starts = (firsts * width).tolist()
+        runs = list(zip(offsets, starts, sizes, strict=True))
+        if len(runs) > 1 and self.nowait:  # what the page cache holds first, without waiting
+            runs = self._cached(fd, view, runs)
+        if len(runs) > 1 and hasattr(os, "posix_fadvise"):  # readahead hints, all runs first
+            for offset, _, size in runs:
+                os.posix_fadvise(fd, offset, size, WILLNEED)
+        preadv = os.preadv  # the loop below is the per-row cost of a shuffled batch: keep it lean
+        for offset, start, size in runs:
+            if preadv(fd, [view[start : start + size]], offset) != size:
+                _read_on(fd, view[start : start + size], offset, ref, width)
+
+    def _cached(
+        self, fd: int, view: memoryview, runs: list[tuple[int, int, int]]
+    ) -> list[tuple[int, int, int]]:
+        """Read the runs (file offset, buffer offset, bytes) the page cache holds, with
+        ``RWF_NOWAIT`` (it fails instead of waiting for the disk); return the rest, to be hinted
+        and read. A file system without ``RWF_NOWAIT`` turns this step off for the reader."""
+        preadv, flags = os.preadv, int(NOWAIT or 0)
+        missing: list[tuple[int, int, int]] = []
+        for i, (offset, start, size) in enumerate(runs):
+            try:
+                got = preadv(fd, [view[start : start + size]], offset, flags)
+            except BlockingIOError:  # not in the page cache
+                got = 0
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                self.nowait = False
+                return [*missing, *runs[i:]]
+            if got != size:
+                missing.append((offset + got, start + got, size - got))
+        return missing
+
+    def _descriptor(self, filename: str) -> int:
+        key = (os.getpid(), filename)  # a forked worker opens its own
+        fd = self._files.get(key)
+        if fd is None:
+            fd = self._files[key] = os.open(filename, os.O_RDONLY)
+            weakref.finalize(self, os.close, fd)
+        return fd
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        # a new process opens its own files and starts its own threads
+        state.update(pages=PageBudget(self.budget), _files={}, _threads=None)
+        return state
+
+
+def _read_on(fd: int, buffer: memoryview, offset: int, ref: MappedFile, width: int) -> None:
+    """Read ``buffer`` whole from ``offset`` after a short read (a large run read in parts);
+    a file that ends first was truncated or replaced under the map."""
+    done = 0
+    while done < len(buffer):
+        got = os.preadv(fd, [buffer[done:]], offset + done)
+        if got <= 0:
+            row = (offset + done - ref.offset) // width
+            raise DataError(
+                [f"'{ref.filename}' ended before row {row}: the file was truncated or replaced"]
+            )
+        done += got
+
+
+NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
+"""``preadv`` flag (Linux): read only what the page cache holds, fail rather than wait."""
+
+WILLNEED = getattr(os, "POSIX_FADV_WILLNEED", 3)
+"""``posix_fadvise`` advice: read these bytes into the page cache now, asynchronously."""
 
 
 FAULT_AROUND = 64 * 2**10
 """Bytes a page fault may map around the faulting address (Linux's default fault-around)."""
 
 
-def mapped_bytes(rows: torch.Tensor, index: slice | torch.Tensor | Sequence[int]) -> int:
-    """An upper bound of the bytes a gather of ``rows`` at ``index`` mapped into the process: its
-    bytes for a slice, a fault-around window per row otherwise."""
-    nbytes = rows.numel() * rows.element_size()
-    if isinstance(index, slice):
-        return nbytes + FAULT_AROUND
-    row = nbytes // max(len(rows), 1)
+def mapped_bytes(rows: np.ndarray, scattered: bool) -> int:
+    """An upper bound of the bytes reading ``rows`` from a map brought into the process: their
+    bytes for one contiguous run, a fault-around window per row for scattered rows."""
+    if not scattered:
+        return int(rows.nbytes) + FAULT_AROUND
+    row = int(rows.nbytes) // max(len(rows), 1)
     return len(rows) * max(row, FAULT_AROUND)
 
 
@@ -172,7 +269,7 @@ class PageBudget:
     is absent, after every ``budget`` bytes :func:`mapped_bytes` estimates). Measuring beats
     estimating: a page fault may map a whole large folio of the page cache, not one page."""
 
-    def __init__(self, budget: int = DEFAULT_BUDGET) -> None:
+    def __init__(self, budget: int = DEFAULT_BUDGET, threads: int = 2) -> None:
         self.budget = budget
         self.read: dict[int, int] = {}
         self.base: int | None = None  # resident bytes after the last release

@@ -3,8 +3,9 @@
 A map-style ``torch.utils.data.Dataset`` whose items are ``(x_dict, y_dict)`` pairs, or an
 ``IterableDataset`` that yields them (including an :class:`~mtlgraph.data.streams.ExampleStream`),
 becomes a dataset the :class:`~mtlgraph.DictDataLoader` and the Trainer accept. Items are
-collated like :class:`~mtlgraph.DictDataset` rows (``collate_dicts``: stacked, variable-length
-1-D fields padded with a ``<field>_mask``). A ``DictDataset`` keeps its faster slicing path.
+collated like :class:`~mtlgraph.DictDataset` rows (:func:`~mtlgraph.data.collate_dicts`:
+stacked, variable-length 1-D fields padded with a ``<field>_mask``). A ``DictDataset`` keeps
+its faster slicing path.
 
 ``NamedDataset(name, split, iterable)`` returns a :class:`NamedStream` (a ``NamedDataset`` that
 is also an ``IterableDataset``); streams are split over ranks and workers and resumed exactly as
@@ -19,7 +20,7 @@ from typing import Any
 
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from mtlgraph.data.datasets import Batch, collate_dicts
+from mtlgraph.data.collate import Batch, collate_dicts
 from mtlgraph.data.streams import (
     Consumer,
     Example,

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from mtlgraph._io import move_to_device
-from mtlgraph.data.datasets import Batch, DictDataLoader, collate_dicts
+from mtlgraph.data.collate import Batch, collate_dicts
+from mtlgraph.data.datasets import DictDataLoader
 from mtlgraph.diagnostics.report import DiagnosticsReport
 from mtlgraph.diagnostics.stats import lookahead_affinity, pair_statistics
 from mtlgraph.exceptions import ConfigError

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from mtlgraph.data.datasets import Batch, DictDataLoader
+from mtlgraph.data.collate import Batch
+from mtlgraph.data.datasets import DictDataLoader
 from mtlgraph.data.named import dataset_size
 from mtlgraph.data.schedulers import BatchScheduler, SamplingScheduler
 from mtlgraph.data.streams import StreamCursor

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mtlgraph import DataError, DictDataLoader, DictDataset
-from mtlgraph.data.datasets import collate_dicts, pad_sequences
+from mtlgraph.data.collate import collate_dicts, pad_sequences
 
 
 def _ds(n: int = 10, split: str = "train") -> DictDataset:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from mtlgraph import DataError, DictDataLoader, DictDataset
-from mtlgraph.data.memmap import PageBudget, gather
+from mtlgraph.data.memmap import MapReader, PageBudget
 
 
 def _maps(tmp_path: Path) -> tuple[np.ndarray, np.ndarray, np.memmap, np.memmap]:
@@ -42,8 +43,14 @@ def test_memmapped_batches_equal_in_memory_batches(tmp_path: Path, workers: int)
 
 def test_gather_reads_sorted_and_restores_the_batch_order() -> None:
     arr = np.arange(20).reshape(10, 2)
-    assert gather(arr, torch.tensor([9, 0, 4])).tolist() == [[18, 19], [0, 1], [8, 9]]
-    assert gather(arr, slice(2, 4)).tolist() == [[4, 5], [6, 7]]
+    read = MapReader().gather
+    assert read(arr, torch.tensor([9, 0, 4])).tolist() == [[18, 19], [0, 1], [8, 9]]
+    assert read(arr, torch.tensor([3, 3, -1, 3])).tolist() == [[6, 7], [6, 7], [18, 19], [6, 7]]
+    assert read(arr, slice(2, 4)).tolist() == [[4, 5], [6, 7]]
+    assert read(arr, slice(8, 2, -3)).tolist() == [[16, 17], [10, 11]]
+    assert read(arr, []).shape == (0, 2)
+    with pytest.raises(IndexError, match="out of range for 10 rows"):
+        read(arr, [10])
 
 
 def test_page_budget_releases_after_the_budget(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -128,25 +135,76 @@ def test_a_pickled_dataset_reopens_its_maps_instead_of_copying(tmp_path: Path) -
     )
 
 
-def test_rows_of_a_large_map_are_read_from_its_file(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("cached", [True, False])
+def test_rows_of_a_large_map_are_read_from_its_file(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    cached: bool,
+) -> None:
+    """A map larger than the budget: one ``preadv`` per run of neighbouring rows, the batch's
+    own order (duplicates, negative rows) restored. Runs the page cache holds are read at once
+    (``RWF_NOWAIT``); the others get a readahead hint each, then a read."""
     import mtlgraph.data.memmap as mm
 
     x, _, xm, _ = _maps(tmp_path)
-    monkeypatch.setattr(mm, "DEFAULT_BUDGET", 16)  # every map is "large"
-    idx = torch.tensor([40, 3, 3, -1, 17])
-    assert torch.equal(gather(xm[2:], idx), torch.from_numpy(x[2:][idx.numpy()]))
+    reads: list[tuple[int, int]] = []  # blocking reads: (offset, bytes)
+    hints: list[tuple[int, int]] = []
+    preadv = os.preadv
+    nowait = 8
+
+    def counted_preadv(fd, buffers, offset, flags=0):  # type: ignore[no-untyped-def]
+        if flags == nowait:
+            if not cached:
+                raise BlockingIOError("not in the page cache")
+            return preadv(fd, buffers, offset)
+        reads.append((offset, sum(len(b) for b in buffers)))
+        return preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", counted_preadv)
+    monkeypatch.setattr(mm, "NOWAIT", nowait)
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: hints.append((off, n)))
+    reader = MapReader(budget=16)  # every map is "large"
+    idx = torch.tensor([40, 3, 4, 3, -1, 17, 5])  # rows 3..5 are neighbours
+    assert torch.equal(reader.gather(xm[2:], idx), torch.from_numpy(x[2:][idx.numpy()]))
+    width = 3 * 4
+    base = xm.offset + 2 * width
+    runs = [(base + 3 * width, 3 * width), (base + 17 * width, width), (base + 40 * width, width)]
+    runs.append((base + 47 * width, width))  # -1 of 48 rows
+    assert (reads, hints) == (([], []) if cached else (runs, runs))
+    reads.clear()
+    assert torch.equal(reader.gather(xm, slice(5, 9)), torch.from_numpy(x[5:9]))
+    assert reads == [(xm.offset + 5 * width, 4 * width)]  # a slice: one read, no hint
     with pytest.raises(IndexError):
-        gather(xm, torch.tensor([50]))
-    reads = mm.ParallelReads(threads=3)  # rows split over threads: the same batch
-    many = torch.randint(-50, 50, (40,), generator=torch.Generator().manual_seed(0))
-    assert torch.equal(gather(xm, many, reads), torch.from_numpy(x[many.numpy()]))
-    assert reads._pool is not None  # the threads did the reading
+        reader.gather(xm, torch.tensor([50]))
     truncated = tmp_path / "cut.npy"
     truncated.write_bytes((tmp_path / "x.npy").read_bytes())
     cut = np.load(truncated, mmap_mode="r")
     os.truncate(truncated, truncated.stat().st_size - 100)  # replaced under the map
     with pytest.raises(DataError, match="ended before row 4[0-9]"):
-        gather(cut, torch.arange(50), reads)
+        reader.gather(cut, torch.arange(0, 50, 2))
+
+
+def test_a_file_system_without_nowait_reads_turns_them_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import mtlgraph.data.memmap as mm
+
+    x, _, xm, _ = _maps(tmp_path)
+    preadv = os.preadv
+
+    def no_nowait(fd, buffers, offset, flags=0):  # type: ignore[no-untyped-def]
+        if flags:
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+        return preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", no_nowait)
+    monkeypatch.setattr(mm, "NOWAIT", 8)
+    reader = MapReader(budget=16)
+    idx = torch.tensor([9, 1, 30])
+    assert torch.equal(reader.gather(xm, idx), torch.from_numpy(x[idx.numpy()]))
+    assert reader.nowait is False
 
 
 def test_read_ahead_keeps_order_and_raises_the_readers_own_error_at_its_item() -> None:
@@ -202,3 +260,54 @@ def test_a_bad_label_in_a_mapped_label_file_is_named_before_training(tmp_path: P
     loader = DictDataLoader(DictDataset("d", "train", {"x": xm}, {"t": ym}), batch_size=8)
     with pytest.raises(DataError, match=r"dataset 'd' \(train\), task 't', rows 0\.\..*label 7"):
         Trainer(n_epochs=1, progress_bar=False).fit(MultitaskClassifier([task]), [loader])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("from_file", [False, True])
+def test_a_batch_holds_the_samplers_rows_in_the_samplers_order(
+    tmp_path: Path, workers: int, from_file: bool
+) -> None:
+    """Workers read a whole batch in one call (``__getitems__``); rows are read in file order
+    but every batch holds exactly the sampler's rows, in its order, none dropped, and a loader
+    started at batch ``k`` (a resumed epoch) yields the uninterrupted epoch's batches from k."""
+    x, y, xm, ym = _maps(tmp_path)
+    ds = DictDataset("d", "train", {"x": xm}, {"t": ym})
+    if from_file:
+        ds._reader = MapReader(budget=16)  # every map is read with preadv
+    loader = DictDataLoader(ds, batch_size=8, shuffle=True, seed=3, num_workers=workers)
+    loader.set_epoch(2)
+    order = loader.sampler.order()
+    assert order is not None
+    batches = list(loader)
+    assert [len(b[1]["t"]) for b in batches] == [8] * 6 + [2]
+    assert torch.equal(torch.cat([b[0]["x"] for b in batches]), torch.from_numpy(x[order]))
+    assert torch.equal(torch.cat([b[1]["t"] for b in batches]), torch.from_numpy(y[order]))
+    resumed = list(loader.iterate(start=3))
+    assert len(resumed) == 4
+    for (xa, ya), (xb, yb) in zip(resumed, batches[3:], strict=True):
+        assert torch.equal(xa["x"], xb["x"]) and torch.equal(ya["t"], yb["t"])
+
+
+def test_getitems_gives_a_custom_collate_function_the_rows_one_by_one(tmp_path: Path) -> None:
+    x, y, xm, ym = _maps(tmp_path)
+    ds = DictDataset("d", "train", {"x": xm}, {"t": ym})
+    rows = ds.__getitems__([5, 0, 5])
+    assert len(rows) == 3 and [int(r[1]["t"]) for r in rows] == [y[5], y[0], y[5]]
+    assert torch.equal(rows[1][0]["x"], torch.from_numpy(x[0]))
+    loader = DictDataLoader(
+        ds, batch_size=4, collate_fn=lambda rows: [int(r[1]["t"]) for r in rows]
+    )
+    assert [t for batch in loader for t in batch] == y.tolist()
+
+
+def test_a_large_batch_is_read_by_threads_in_consecutive_parts(tmp_path: Path) -> None:
+    x = np.random.default_rng(1).normal(size=(300, 5)).astype(np.float32)
+    np.save(tmp_path / "big.npy", x)
+    xm = np.load(tmp_path / "big.npy", mmap_mode="r")
+    reader = MapReader(budget=16, threads=3)
+    idx = torch.randperm(300, generator=torch.Generator().manual_seed(0))[:200]
+    assert torch.equal(reader.gather(xm, idx), torch.from_numpy(x[idx.numpy()]))
+    assert reader._threads is not None  # the parts were read by its threads
+    again = pickle.loads(pickle.dumps(reader))  # a worker's copy starts its own threads
+    assert again._threads is None and again.threads == 3
+    assert torch.equal(again.gather(xm, idx), torch.from_numpy(x[idx.numpy()]))

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from mtlgraph import DictDataLoader, NamedDataset
-from mtlgraph.data.datasets import collate_dicts
+from mtlgraph.data.collate import collate_dicts
 from mtlgraph.data.sources import ImageDecoder, ImageFolder, read_table
 from mtlgraph.exceptions import DataError
 
