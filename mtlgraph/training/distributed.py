@@ -124,6 +124,9 @@ def process_group(env: DistEnv, device: torch.device, timeout_s: float) -> Itera
     )
     try:
         yield True
+        # every rank leaves the group together: a rank that destroys its group while another
+        # still runs a collective or tears down gloo's threads makes that rank abort at exit
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
