@@ -44,12 +44,15 @@ def test_seed_tutorial_runs_with_only_its_imports_changed(
     assert all(ln.startswith("from mtlgraph.compat.snorkel import ") for ln in imports)
     monkeypatch.syspath_prepend(str(HERE))
     monkeypatch.delitem(sys.modules, "utils", raising=False)
+    threads, rng = torch.get_num_threads(), torch.get_rng_state()
     torch.set_num_threads(1)
+    torch.manual_seed(0)  # the tutorial draws from the global generator: whatever ran before
     try:
         ns = runpy.run_path(str(SEED), run_name="seed_tutorial")
     finally:
         sys.modules.pop("utils", None)
-        torch.set_num_threads(2)
+        torch.set_num_threads(threads)
+        torch.set_rng_state(rng)
     scores, all_scores = ns["scores"], ns["all_scores"]
     assert sorted(scores) == sorted(
         f"{t}_task/{t}Dataset/{s}/accuracy"
