@@ -1,4 +1,4 @@
-"""Slice functions: named subsets of a dataset's rows, scored on their own (issue 15).
+"""Slice functions: named subsets of a dataset's rows, scored on their own.
 
 A slice function takes a batch's ``X_dict`` and returns one boolean per row (a tensor, numpy
 array or list). ``model.score(loaders, slices={"short": fn})`` reports every metric on every

@@ -76,7 +76,7 @@ Example:
 def resolve_warmup(
     warmup_steps: int, warmup_epochs: float, warmup_fraction: float, epoch_steps: Sequence[int]
 ) -> int:
-    """Warm-up in optimizer steps, from whichever of the three settings is given (issue 15).
+    """Warm-up in optimizer steps, from whichever of the three settings is given.
 
     Args:
         warmup_steps: Optimizer steps.

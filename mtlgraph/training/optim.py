@@ -300,7 +300,7 @@ class SubsetStepper:
             for p in g["params"]
         }
         self._subsets: dict[tuple[str, ...], list[tuple[dict[str, Any], dict[str, Any]]]] = {}
-        # the non-finite guard (issue 11): with it, a non-finite clipped norm drops the step
+        # the non-finite guard: with it, a non-finite clipped norm drops the step
         self.guard_norm = False
         self.nonfinite_norm: float | None = None  # the last dropped step's norm, for the guard
 
