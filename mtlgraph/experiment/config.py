@@ -23,25 +23,25 @@ modules, metrics, losses, schedulers or balancers).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from torch import nn
 
 from mtlgraph._io import map_structure
 from mtlgraph._schema import Problems, build, plain_config
 from mtlgraph._suggest import did_you_mean, quoted
 from mtlgraph.data.synthetic import GENERATORS
-from mtlgraph.exceptions import ConfigError
+from mtlgraph.exceptions import ConfigError, TaskDefinitionError
 from mtlgraph.experiment.data_config import DataConfig, DatasetConfig, old_spelling_problems
 from mtlgraph.experiment.imports import absolute, import_dirs, import_user_modules, run_import_paths
 from mtlgraph.experiment.module_types import check_module_spec
 from mtlgraph.experiment.yaml_lines import apply_overrides, locate, parse_yaml
 from mtlgraph.graph.losses import LOSSES
-from mtlgraph.graph.task import INPUT, TaskType
+from mtlgraph.graph.task import INPUT, Operation, Task, TaskType
 from mtlgraph.metrics import metric_spec_problems
 from mtlgraph.registry import argument_problems
 from mtlgraph.training.trainer import TrainerConfig
@@ -90,13 +90,14 @@ class TaskConfig:
     threshold: float = 0.5  # probability threshold of binary/multilabel predictions
 
     def validate(self) -> list[str]:
-        problems = []
-        if not self.ops:
-            problems.append("ops: empty; a task needs at least one operation")
-        if not (math.isfinite(self.weight) and self.weight >= 0):
-            problems.append(f"weight: must be a finite number >= 0, got {self.weight}")
-        if not 0 < self.threshold < 1:
-            problems.append(f"threshold: must be in (0, 1), got {self.threshold}")
+        """``Task``'s own value rules (``weight``, ``threshold``), asked of its constructor
+        with a one-operation stand-in graph, so that they live in one place."""
+        problems = ["ops: empty; a task needs at least one operation"] if not self.ops else []
+        kwargs = {k: getattr(self, k) for k in ("task_type", "weight", "ignore_value", "threshold")}
+        try:
+            Task("t", {"m": nn.Identity()}, [Operation("m", [INPUT])], **kwargs)
+        except TaskDefinitionError as e:  # "task 't': weight must be ..." -> "weight: must be ..."
+            problems += [p.removeprefix("task 't': ").replace(" ", ": ", 1) for p in e.problems]
         return problems
 
 

@@ -60,17 +60,6 @@ def vocab_file(run_dir: Path, dataset: str, column: str) -> Path:
     return run_dir / VOCAB_DIR / f"{dataset}.{column}.json"
 
 
-def user_tokenizer(spec: Any, where: str) -> Tokenizer:
-    """The ``str -> ids`` callable a ``text.<column>.tokenizer`` spec names (see
-    :data:`~mtlgraph.data.sources.tokenizer.TOKENIZERS`).
-
-    Raises:
-        ConfigError: An unknown name, a path that does not import, arguments the function does
-            not take; naming ``where``.
-    """
-    return TOKENIZERS.build(spec, f"{where}.tokenizer")
-
-
 def tokenizers(
     name: str,
     src: SourceConfig,
@@ -84,7 +73,7 @@ def tokenizers(
     for column, tc in src.text.items():
         where = f"source.text.{column}"
         if tc.tokenizer is not None:
-            out[column] = user_tokenizer(tc.tokenizer, where)
+            out[column] = TOKENIZERS.build(tc.tokenizer, f"{where}.tokenizer")
         else:
             out[column] = _vocabulary(name, column, tc, train, run_dir, saved)
     return out
@@ -488,6 +477,5 @@ __all__ = [
     "split_tables",
     "task_labels",
     "tokenizers",
-    "user_tokenizer",
     "vocab_file",
 ]
