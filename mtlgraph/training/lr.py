@@ -48,13 +48,7 @@ def step(progress: float, epoch: int, step_size: int = 1, gamma: float = 0.1) ->
 
 LR_SCHEDULES: Registry[Callable[..., float]] = Registry(
     "LR schedule",
-    {
-        "constant": constant,
-        "linear": linear,
-        "cosine": cosine,
-        "exponential": exponential,
-        "step": step,
-    },
+    {fn.__name__: fn for fn in (constant, linear, cosine, exponential, step)},
     supplied={"progress": "remove it", "epoch": "remove it"},
     bind=True,
 )
