@@ -366,22 +366,18 @@ def dump_run_config(cfg: ExperimentConfig) -> str:
         src = ds.get("source") or {}
         path = src.get("path")
         if isinstance(path, str):
-            src["path"] = _absolute(base, path)
+            src["path"] = absolute(base, path)
         elif isinstance(path, list):
-            src["path"] = [_absolute(base, p) for p in path]
+            src["path"] = [absolute(base, p) for p in path]
         elif isinstance(path, dict):
             src["path"] = {
-                s: [_absolute(base, p) for p in v] if isinstance(v, list) else _absolute(base, v)
+                s: [absolute(base, p) for p in v] if isinstance(v, list) else absolute(base, v)
                 for s, v in path.items()
             }
         if src.get("images"):
-            src["images"]["folder"] = _absolute(base, src["images"]["folder"])
+            src["images"]["folder"] = absolute(base, src["images"]["folder"])
     out["import_paths"] = run_import_paths(cfg.imports, cfg.import_paths, base)
     return yaml.safe_dump(out, sort_keys=False, default_flow_style=None)
-
-
-def _absolute(base: Path, path: str) -> str:
-    return absolute(base, path)
 
 
 __all__ = [
