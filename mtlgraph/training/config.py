@@ -18,12 +18,10 @@ from typing import Any, Literal
 from mtlgraph.balancing import BALANCERS, Balancer
 from mtlgraph.data.schedulers import SCHEDULERS, BatchScheduler
 from mtlgraph.diagnostics import DiagnosticsConfig
-from mtlgraph.exceptions import ConfigError
 from mtlgraph.graph.slices import SLICES
-from mtlgraph.registry import accepted_parameters
 from mtlgraph.training.hooks import HOOKS, Hook
 from mtlgraph.training.lr import LR_SCHEDULES
-from mtlgraph.training.optim import OPTIMIZERS, check_param_groups, weight_decay_problems
+from mtlgraph.training.optim import optimizer_problems
 from mtlgraph.training.writers import WRITERS, Writer
 
 
@@ -97,9 +95,7 @@ class TrainerConfig:
         problems += [
             f"freeze: entries must be non-empty strings, got {f!r}" for f in self.freeze if not f
         ]
-        problems += OPTIMIZERS.problems(self.optimizer, "optimizer")
-        problems += weight_decay_problems(self.optimizer, self.weight_decay)
-        problems += self._check_param_groups()
+        problems += optimizer_problems(self.optimizer, self.weight_decay, self.param_groups)
         problems += self._check_snorkel_users()
         problems += BALANCERS.problems(self.balancer, "balancer", build=True)
         problems += LR_SCHEDULES.problems(self.lr_scheduler, "lr_scheduler")
@@ -107,14 +103,6 @@ class TrainerConfig:
         for i, spec in enumerate(self.hooks):
             problems += HOOKS.problems(spec, f"hooks[{i}]", build=True)
         return problems
-
-    def _check_param_groups(self) -> list[str]:
-        try:
-            factory = OPTIMIZERS.resolve(self.optimizer, "optimizer")[0]
-        except ConfigError:
-            return []  # reported with the optimizer's problems
-        accepted = accepted_parameters(factory)
-        return [] if accepted is None else check_param_groups(self.param_groups, accepted)
 
     def _check_snorkel_users(self) -> list[str]:
         """Warm-up given in one unit at most, and slices that are registered."""

@@ -109,21 +109,6 @@ Example:
 """
 
 
-def weight_decay_problems(spec: Any, weight_decay: float) -> list[str]:
-    """A ``weight_decay`` the optimizer of ``spec`` cannot apply (it takes none)."""
-    try:
-        factory, _, name = OPTIMIZERS.resolve(spec, "optimizer")
-    except ConfigError:
-        return []  # reported by OPTIMIZERS.problems
-    params = accepted_parameters(factory)
-    if weight_decay and params is not None and "weight_decay" not in params:
-        return [
-            f"weight_decay: optimizer '{name}' takes no weight_decay; set weight_decay=0 or "
-            "pick another optimizer"
-        ]
-    return []
-
-
 def make_optimizer(
     spec: Any,
     model: MultitaskClassifier,
@@ -152,20 +137,32 @@ def make_optimizer(
     return OPTIMIZERS.build(spec, "optimizer", params=groups, lr=lr, **decay)
 
 
-def check_param_groups(
-    param_groups: Mapping[str, Mapping[str, Any]], accepted: Iterable[str]
+def optimizer_problems(
+    spec: Any, weight_decay: float, param_groups: Mapping[str, Mapping[str, Any]]
 ) -> list[str]:
-    """Construction-time checks of ``param_groups`` (patterns need the model, see below).
+    """Every problem of the optimizer ``spec`` (its name and arguments), of a ``weight_decay``
+    it cannot apply (it takes none), and of ``param_groups`` hyper-parameters it does not take,
+    or with a negative ``lr`` or ``weight_decay``; each naming its key.
 
-    Args:
-        param_groups: Pattern -> hyper-parameters.
-        accepted: Hyper-parameter names the optimizer takes (``lr`` included).
-
-    Returns:
-        One sentence per problem, each starting with ``param_groups``.
+    Example:
+        >>> optimizer_problems("sgd", 0.0, {"head*": {"lr": -1, "betas": [0.9, 0.99]}})
+        ... # doctest: +ELLIPSIS
+        ['param_groups.head*.lr: must be a number >= 0, got -1', "param_groups.head*.betas: ...
     """
-    accepted = set(accepted)
-    problems = []
+    problems = OPTIMIZERS.problems(spec, "optimizer")
+    try:
+        factory, _, name = OPTIMIZERS.resolve(spec, "optimizer")
+    except ConfigError:
+        return problems  # the name's problem, reported above
+    accepted = accepted_parameters(factory)
+    if accepted is None:
+        return problems
+    accepted.discard("params")  # the Trainer's
+    if weight_decay and "weight_decay" not in accepted:
+        problems.append(
+            f"weight_decay: optimizer '{name}' takes no weight_decay; set weight_decay=0 or "
+            "pick another optimizer"
+        )
     for pattern, options in param_groups.items():
         where = f"param_groups.{pattern}"
         if not pattern:
