@@ -30,7 +30,8 @@ class Problems(list[str]):
     soft: int = 0
 
 
-_FLOAT_STRING = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$|^[+-]?(inf|nan)$", re.I)
+# what YAML 1.1 reads as a string but a reader means as a number: an exponent, inf, nan
+_FLOAT_STRING = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$|^[+-]?(inf|nan)$", re.I)
 
 
 _SIMPLE_NAMES: dict[Any, str] = {
