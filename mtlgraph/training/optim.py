@@ -182,15 +182,15 @@ def optimizer_problems(
     return problems
 
 
-def _matches(pattern: str, names: Sequence[str]) -> list[str]:
-    return [n for n in names if fnmatch.fnmatchcase(n, pattern)]
-
-
-def _no_match(what: str, pattern: str, names: Sequence[str]) -> str:
-    return (
-        f"{what}: pattern '{pattern}' matches no module of the model"
-        f"{did_you_mean(pattern, names)}; modules: {quoted(names)}"
-    )
+def _matching(what: str, pattern: str, names: Sequence[str], problems: list[str]) -> list[str]:
+    """The module ``names`` that ``pattern`` matches; matching none is a problem of ``what``."""
+    found = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+    if not found:
+        problems.append(
+            f"{what}: pattern '{pattern}' matches no module of the model"
+            f"{did_you_mean(pattern, names)}; modules: {quoted(names)}"
+        )
+    return found
 
 
 def resolve_freeze(
@@ -199,12 +199,9 @@ def resolve_freeze(
     """Module names that ``freeze`` selects, and one sentence per pattern that matches none."""
     names = list(model.module_pool)
     frozen: list[str] = []
-    problems = []
+    problems: list[str] = []
     for pattern in freeze:
-        found = _matches(pattern, names)
-        if not found:
-            problems.append(_no_match("freeze", pattern, names))
-        frozen += [n for n in found if n not in frozen]
+        frozen += [n for n in _matching("freeze", pattern, names, problems) if n not in frozen]
     return frozen, problems
 
 
@@ -224,13 +221,10 @@ def model_param_groups(
         two patterns.
     """
     names = list(model.module_pool)
-    problems = []
+    problems: list[str] = []
     owner: dict[str, str] = {}  # module -> pattern
     for pattern in param_groups:
-        found = _matches(pattern, names)
-        if not found:
-            problems.append(_no_match("param_groups", pattern, names))
-        for module_name in found:
+        for module_name in _matching("param_groups", pattern, names, problems):
             if module_name in owner:
                 problems.append(
                     f"param_groups: module '{module_name}' matches both '{owner[module_name]}' "
