@@ -2,8 +2,7 @@
 
 The only place that reads the registries (modules, losses, metrics, generators) to turn a
 validated :class:`~mtlgraph.experiment.config.ExperimentConfig` into objects. Everything here
-builds the
-same objects the Python API builds by hand: ``Task(...)``, ``MultitaskClassifier(...)``,
+builds the same objects the Python API builds by hand: ``Task(...)``, ``MultitaskClassifier(...)``,
 ``DictDataset(...)``, ``DictDataLoader(...)`` and ``Trainer(**config)``.
 
 Data problems (a missing file, an absent array or column, a label out of range) are reported all
