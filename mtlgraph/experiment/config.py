@@ -18,7 +18,7 @@ the dotted key, with a suggestion where one is close::
 Only :mod:`mtlgraph.experiment.build` turns a validated config into objects. A config runs user
 code in one way only: the Python modules in its top-level ``imports:`` list are imported (they may
 register modules, metrics, losses, schedulers or balancers). Value rules that belong to an object
-(a task's ``weight`` and ``threshold``, an optimizer's arguments) are its constructor's, asked
+(a task's ``weight`` and ``threshold``, a balancer's arguments) are its constructor's, asked
 here without building the real thing.
 """
 
