@@ -19,7 +19,7 @@ Only :mod:`mtlgraph.experiment.build` turns a validated config into objects. A c
 code in one way only: the Python modules in its top-level ``imports:`` list are imported (they may
 register modules, metrics, losses, schedulers or balancers). Value rules that belong to an object
 (a task's ``weight`` and ``threshold``, a balancer's arguments) are its constructor's, asked
-here without building the real thing.
+here, before anything is built for real.
 """
 
 from __future__ import annotations
