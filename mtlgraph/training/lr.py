@@ -115,9 +115,9 @@ def lr_factor_fn(
         >>> f(0, 0), f(5, 0)
         (1.0, 0.5)
     """
-    if is_constant(schedule, warmup_steps):
-        return None
     fn = LR_SCHEDULES.build(schedule, "lr_scheduler")
+    if fn is constant and warmup_steps == 0:
+        return None
     span = max(1, total_steps - warmup_steps)
 
     def factor(global_step: int, epoch: int) -> float:
