@@ -30,7 +30,8 @@ class Problems(list[str]):
     soft: int = 0
 
 
-_FLOAT_STRING = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$|^[+-]?(inf|nan)$", re.I)
+# what YAML 1.1 reads as a string but a reader means as a number: an exponent, inf, nan
+_FLOAT_STRING = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$|^[+-]?(inf|nan)$", re.I)
 
 
 _SIMPLE_NAMES: dict[Any, str] = {
@@ -133,33 +134,17 @@ def _convert_union(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
     return value
 
 
-def _is_none(value: Any) -> bool:
-    return value is None
-
-
-def _is_bool(value: Any) -> bool:
-    return isinstance(value, bool)
-
-
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_str(value: Any) -> bool:
-    return isinstance(value, str)
-
-
 # scalar annotation -> (does a value fit?, may a wrong value get the YAML 1.1 number hint?)
 _SCALARS: dict[Any, tuple[Callable[[Any], bool], bool]] = {
-    type(None): (_is_none, False),
-    bool: (_is_bool, False),
+    type(None): (lambda v: v is None, False),
+    bool: (lambda v: isinstance(v, bool), False),
     int: (_is_int, True),
-    float: (_is_number, True),
-    str: (_is_str, False),
+    float: (lambda v: _is_int(v) or isinstance(v, float), True),
+    str: (lambda v: isinstance(v, str), False),
 }
 
 

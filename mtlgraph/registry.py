@@ -310,6 +310,9 @@ class Registry(Generic[T]):
             obj = factory(**kwargs)
         except ConfigError as e:  # a value rule in the constructor: name the key path
             raise ConfigError([f"{_at(path)}{p}" for p in e.problems]) from e
+        except Exception as e:  # the user's own error: its type kept, with context
+            e.add_note(f"mtlgraph: while building {path or 'a'} ({self.kind} '{name}')")
+            raise
         if self.base is not None and not isinstance(obj, self.base):
             raise ConfigError(
                 [

@@ -266,16 +266,13 @@ class TemperatureScheduler(SamplingScheduler):
     """
 
     def __init__(self, temperature: float = 2.0, cap: int | None = None, seed: int = 0) -> None:
+        problems = [] if temperature > 0 else [f"temperature must be > 0, got {temperature}"]
+        if cap is not None and not cap > 0:
+            problems.append(f"cap must be a positive number of examples, got {cap}")
+        if problems:  # at construction: Trainer(...) and 'mtlgraph check' report them
+            raise ConfigError(problems)
         super().__init__(seed)
         self.temperature, self.cap = float(temperature), cap
-
-    def check(self) -> list[str]:
-        problems = super().check()
-        if not self.temperature > 0:
-            problems.append(f"temperature must be > 0, got {self.temperature}")
-        if self.cap is not None and not self.cap > 0:
-            problems.append(f"cap must be a positive number of examples, got {self.cap}")
-        return problems
 
     def probabilities(self, epoch: int) -> np.ndarray:
         n = self._known_sizes()

@@ -2,8 +2,7 @@
 
 The only place that reads the registries (modules, losses, metrics, generators) to turn a
 validated :class:`~mtlgraph.experiment.config.ExperimentConfig` into objects. Everything here
-builds the
-same objects the Python API builds by hand: ``Task(...)``, ``MultitaskClassifier(...)``,
+builds the same objects the Python API builds by hand: ``Task(...)``, ``MultitaskClassifier(...)``,
 ``DictDataset(...)``, ``DictDataLoader(...)`` and ``Trainer(**config)``.
 
 Data problems (a missing file, an absent array or column, a label out of range) are reported all
@@ -23,9 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mtlgraph._suggest import did_you_mean, quoted
 from mtlgraph.data.datasets import DictDataLoader, DictDataset
-from mtlgraph.exceptions import ConfigError, DataError
+from mtlgraph.exceptions import DataError
 from mtlgraph.experiment.config import (
     DataConfig,
     DatasetConfig,
@@ -40,7 +38,7 @@ from mtlgraph.graph.losses import LOSSES
 from mtlgraph.graph.model import MultitaskClassifier
 from mtlgraph.graph.task import Input, InputSpec, Operation, Task
 from mtlgraph.metrics import Scorer
-from mtlgraph.training.checkpoint import metric_keys
+from mtlgraph.training.checkpoint import metric_keys, metric_mode
 from mtlgraph.training.labels import dataset_label_problems
 from mtlgraph.training.trainer import Trainer, TrainerConfig
 
@@ -223,11 +221,5 @@ def build_experiment(cfg: ExperimentConfig, run_dir: str | Path | None = None) -
         train = [dl for dl in loaders if dl.dataset.split == tc.train_split]
         evals = [dl for dl in loaders if dl.dataset.split in tc.eval_splits]
         keys = metric_keys(model, train, evals, tc.slices)
-        if key not in keys:
-            raise ConfigError(
-                [
-                    f"trainer.checkpoint_metric: '{key}' is not a key this training logs"
-                    f"{did_you_mean(key, keys)}; it logs {quoted(keys)}"
-                ]
-            )
+        metric_mode(key, None, keys, "trainer.checkpoint_metric")  # raises for a key not logged
     return Experiment(cfg, model, datasets, loaders, trainer)

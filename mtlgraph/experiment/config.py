@@ -16,32 +16,33 @@ the dotted key, with a suggestion where one is close::
         (did you mean 'base_mlp'?); the config declares 'base_mlp', 'circle_head'
 
 Only :mod:`mtlgraph.experiment.build` turns a validated config into objects. A config runs user
-code in one
-way only: the Python modules in its top-level ``imports:`` list are imported (they may register
-modules, metrics, losses, schedulers or balancers).
+code in one way only: the Python modules in its top-level ``imports:`` list are imported (they may
+register modules, metrics, losses, schedulers or balancers). Value rules that belong to an object
+(a task's ``weight`` and ``threshold``, a balancer's arguments) are its constructor's, asked
+here, before anything is built for real.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from torch import nn
 
 from mtlgraph._io import map_structure
 from mtlgraph._schema import Problems, build, plain_config
 from mtlgraph._suggest import did_you_mean, quoted
 from mtlgraph.data.synthetic import GENERATORS
-from mtlgraph.exceptions import ConfigError
+from mtlgraph.exceptions import ConfigError, TaskDefinitionError
 from mtlgraph.experiment.data_config import DataConfig, DatasetConfig, old_spelling_problems
 from mtlgraph.experiment.imports import absolute, import_dirs, import_user_modules, run_import_paths
 from mtlgraph.experiment.module_types import check_module_spec
 from mtlgraph.experiment.yaml_lines import apply_overrides, locate, parse_yaml
 from mtlgraph.graph.losses import LOSSES
-from mtlgraph.graph.task import INPUT, TaskType
+from mtlgraph.graph.task import INPUT, Operation, Task, TaskType
 from mtlgraph.metrics import metric_spec_problems
 from mtlgraph.registry import argument_problems
 from mtlgraph.training.trainer import TrainerConfig
@@ -90,13 +91,14 @@ class TaskConfig:
     threshold: float = 0.5  # probability threshold of binary/multilabel predictions
 
     def validate(self) -> list[str]:
-        problems = []
-        if not self.ops:
-            problems.append("ops: empty; a task needs at least one operation")
-        if not (math.isfinite(self.weight) and self.weight >= 0):
-            problems.append(f"weight: must be a finite number >= 0, got {self.weight}")
-        if not 0 < self.threshold < 1:
-            problems.append(f"threshold: must be in (0, 1), got {self.threshold}")
+        """``Task``'s own value rules (``weight``, ``threshold``), asked of its constructor
+        with a one-operation stand-in graph, so that they live in one place."""
+        problems = ["ops: empty; a task needs at least one operation"] if not self.ops else []
+        kwargs = {k: getattr(self, k) for k in ("task_type", "weight", "ignore_value", "threshold")}
+        try:
+            Task("t", {"m": nn.Identity()}, [Operation("m", [INPUT])], **kwargs)
+        except TaskDefinitionError as e:  # "task 't': weight must be ..." -> "weight: must be ..."
+            problems += [p.removeprefix("task 't': ").replace(" ", ": ", 1) for p in e.problems]
         return problems
 
 
@@ -365,22 +367,18 @@ def dump_run_config(cfg: ExperimentConfig) -> str:
         src = ds.get("source") or {}
         path = src.get("path")
         if isinstance(path, str):
-            src["path"] = _absolute(base, path)
+            src["path"] = absolute(base, path)
         elif isinstance(path, list):
-            src["path"] = [_absolute(base, p) for p in path]
+            src["path"] = [absolute(base, p) for p in path]
         elif isinstance(path, dict):
             src["path"] = {
-                s: [_absolute(base, p) for p in v] if isinstance(v, list) else _absolute(base, v)
+                s: [absolute(base, p) for p in v] if isinstance(v, list) else absolute(base, v)
                 for s, v in path.items()
             }
         if src.get("images"):
-            src["images"]["folder"] = _absolute(base, src["images"]["folder"])
+            src["images"]["folder"] = absolute(base, src["images"]["folder"])
     out["import_paths"] = run_import_paths(cfg.imports, cfg.import_paths, base)
     return yaml.safe_dump(out, sort_keys=False, default_flow_style=None)
-
-
-def _absolute(base: Path, path: str) -> str:
-    return absolute(base, path)
 
 
 __all__ = [

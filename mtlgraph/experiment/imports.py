@@ -51,19 +51,16 @@ def import_user_modules(
                 continue
             try:
                 importlib.import_module(name)
-            except ModuleNotFoundError as e:
-                if e.name is not None and name.startswith(e.name):
-                    problems.append(
-                        f"imports[{i}]: cannot import '{name}': no module named '{e.name}' "
-                        "(imports are looked up in the working directory, the config file's "
-                        "directory and the installed packages)"
-                    )
-                else:
+            except Exception as e:
+                missing = getattr(e, "name", None) if isinstance(e, ModuleNotFoundError) else None
+                if missing is None or not name.startswith(missing):  # raised by the module itself
                     e.add_note(f"mtlgraph: while importing '{name}' (imports[{i}] of the config)")
                     raise
-            except Exception as e:
-                e.add_note(f"mtlgraph: while importing '{name}' (imports[{i}] of the config)")
-                raise
+                problems.append(
+                    f"imports[{i}]: cannot import '{name}': no module named '{missing}' "
+                    "(imports are looked up in the working directory, the config file's "
+                    "directory and the installed packages)"
+                )
 
 
 def import_dirs(raw: Mapping[str, Any], base_dir: str | Path) -> list[Path]:

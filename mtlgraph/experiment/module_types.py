@@ -56,12 +56,7 @@ def build_module(spec: Mapping[str, Any], path: str, base_dir: str | Path = ".")
     """
     own, nested = _parts(spec)
     built = {k: build_module(v, f"{path}.{k}", base_dir) for k, v in nested.items()}
-    try:
-        module: nn.Module = MODULES.build(own, path, **built)
-    except Exception as e:
-        if not isinstance(e, ConfigError):  # the user's own error: its type kept, with context
-            e.add_note(f"mtlgraph: while building {path} (type '{spec.get('type')}')")
-        raise
+    module: nn.Module = MODULES.build(own, path, **built)
     init = spec.get("init_from")
     if init is not None:
         load_init(module, Path(base_dir) / str(init), f"{path}.init_from")

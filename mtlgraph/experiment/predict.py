@@ -32,11 +32,11 @@ from mtlgraph.data.sources.files import (
 )
 from mtlgraph.data.sources.shards import shard_files
 from mtlgraph.data.sources.table import Tokenizer, field_values
-from mtlgraph.data.sources.tokenizer import WordTokenizer
+from mtlgraph.data.sources.tokenizer import TOKENIZERS, WordTokenizer
 from mtlgraph.exceptions import ConfigError, DataError
 from mtlgraph.experiment.config import ExperimentConfig
 from mtlgraph.experiment.data_config import DatasetConfig
-from mtlgraph.experiment.sources import image_decoder, user_tokenizer, vocab_file
+from mtlgraph.experiment.sources import image_decoder, vocab_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 """Files of a folder read as images by ``--data FOLDER``."""
@@ -232,7 +232,7 @@ def run_tokenizers(
             continue
         where = f"data.datasets.{name}.source.text.{column}"
         if tc.tokenizer is not None:
-            out[column] = user_tokenizer(tc.tokenizer, where)
+            out[column] = TOKENIZERS.build(tc.tokenizer, f"{where}.tokenizer")
             continue
         file = vocab_file(run_dir or Path("<run_dir>"), name, column)
         if run_dir is None or not file.is_file():

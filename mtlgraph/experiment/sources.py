@@ -60,17 +60,6 @@ def vocab_file(run_dir: Path, dataset: str, column: str) -> Path:
     return run_dir / VOCAB_DIR / f"{dataset}.{column}.json"
 
 
-def user_tokenizer(spec: Any, where: str) -> Tokenizer:
-    """The ``str -> ids`` callable a ``text.<column>.tokenizer`` spec names (see
-    :data:`~mtlgraph.data.sources.tokenizer.TOKENIZERS`).
-
-    Raises:
-        ConfigError: An unknown name, a path that does not import, arguments the function does
-            not take; naming ``where``.
-    """
-    return TOKENIZERS.build(spec, f"{where}.tokenizer")
-
-
 def tokenizers(
     name: str,
     src: SourceConfig,
@@ -84,7 +73,7 @@ def tokenizers(
     for column, tc in src.text.items():
         where = f"source.text.{column}"
         if tc.tokenizer is not None:
-            out[column] = user_tokenizer(tc.tokenizer, where)
+            out[column] = TOKENIZERS.build(tc.tokenizer, f"{where}.tokenizer")
         else:
             out[column] = _vocabulary(name, column, tc, train, run_dir, saved)
     return out
@@ -292,7 +281,7 @@ def _file_tables(src: SourceConfig, base: Path) -> dict[str, Table]:
         if not isinstance(rel, str):
             problems.append(f"source.path.{split}: one file per split for type '{src.type}'")
             continue
-        file = Path(rel) if Path(rel).is_absolute() else base / rel
+        file = base / rel  # an absolute path stays itself
         try:
             table = read_table(file, src.file_format())
         except DataError as e:
@@ -319,8 +308,24 @@ def _dataset(
     toks: Mapping[str, Tokenizer],
 ) -> Any:
     labels = {task: _single(spec, f"labels.{task}") for task, spec in ds.labels.items()}
-    if ds.source.type == "images":
-        dataset, Y = _images(cfg, name, ds, split, table, toks, labels)
+    ic = ds.source.images
+    if ic is not None:
+        from mtlgraph.data.sources.images import ImageFolder
+
+        image_fields = [f for f, c in ds.fields.items() if c == ic.column]
+        if len(image_fields) != 1:
+            raise DataError(
+                [
+                    f"fields: exactly one field must read the image column '{ic.column}' "
+                    f"(e.g. 'image: {ic.column}'), got {quoted(image_fields) or 'none'}"
+                ]
+            )
+        folder = Path(cfg.base_dir) / ic.folder  # an absolute folder stays itself
+        others = {f: c for f, c in ds.fields.items() if f != image_fields[0]}
+        images = ImageFolder(
+            folder, table, image_fields[0], ic.column, others, labels, image_decoder(ic), toks
+        )
+        dataset, Y = named_dataset(name, split, images, list(labels)), images.Y
     else:
         X, Y = table_columns(table, ds.fields, labels, toks)
         dataset = None
@@ -350,35 +355,6 @@ def _single(spec: str | list[str], key: str) -> str:
     if not isinstance(spec, str):
         raise DataError([f"{key}: name one label column, got {spec}"])
     return spec
-
-
-def _images(
-    cfg: ExperimentConfig,
-    name: str,
-    ds: DatasetConfig,
-    split: str,
-    table: Table,
-    toks: Mapping[str, Tokenizer],
-    labels: Mapping[str, str],
-) -> tuple[Any, dict[str, torch.Tensor]]:
-    from mtlgraph.data.sources.images import ImageFolder
-
-    ic = ds.source.images
-    assert ic is not None
-    image_fields = [f for f, c in ds.fields.items() if c == ic.column]
-    if len(image_fields) != 1:
-        raise DataError(
-            [
-                f"fields: exactly one field must read the image column '{ic.column}' "
-                f"(e.g. 'image: {ic.column}'), got {quoted(image_fields) or 'none'}"
-            ]
-        )
-    folder = Path(ic.folder) if Path(ic.folder).is_absolute() else Path(cfg.base_dir) / ic.folder
-    others = {f: c for f, c in ds.fields.items() if f != image_fields[0]}
-    images = ImageFolder(
-        folder, table, image_fields[0], ic.column, others, labels, image_decoder(ic), toks
-    )
-    return named_dataset(name, split, images, list(labels)), images.Y
 
 
 def _shards(
@@ -488,6 +464,5 @@ __all__ = [
     "split_tables",
     "task_labels",
     "tokenizers",
-    "user_tokenizer",
     "vocab_file",
 ]

@@ -3,7 +3,7 @@
 A loss is ``loss(output, target) -> scalar tensor``, called on a task's active rows (labels equal
 to the task's ignore value are masked out first; the multilabel and multi-output losses mask
 single elements). A config names a loss with ``loss: <name>``; Python code adds its own with
-:func:`register_loss` and removes it with ``LOSSES.unregister(name)``.
+``LOSSES.register(name, func)`` and removes it with ``LOSSES.unregister(name)``.
 """
 
 from __future__ import annotations

@@ -206,11 +206,7 @@ class Activation(nn.Module):
 
 
 def _linear(in_features: int, out_features: int, bias: bool = True) -> nn.Module:
-    return nn.Linear(in_features, out_features, bias=bias)
-
-
-def _dropout(p: float = 0.5) -> nn.Module:
-    return nn.Dropout(p)
+    return nn.Linear(in_features, out_features, bias=bias)  # no device/dtype: the model's
 
 
 def _identity() -> nn.Module:
@@ -227,7 +223,7 @@ MODULES: Registry[ModuleFactory] = Registry(
         "identity": _identity,
         "concat": Concat,
         "sum": Sum,
-        "dropout": _dropout,
+        "dropout": nn.Dropout,
         "activation": Activation,
         "mmoe_experts": Experts,  # MMoE, CGC / PLE, DSelect-k: docs/architectures.md
         "mmoe_gate": Gate,

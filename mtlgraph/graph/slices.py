@@ -1,4 +1,4 @@
-"""Slice functions: named subsets of a dataset's rows, scored on their own (issue 15).
+"""Slice functions: named subsets of a dataset's rows, scored on their own.
 
 A slice function takes a batch's ``X_dict`` and returns one boolean per row (a tensor, numpy
 array or list). ``model.score(loaders, slices={"short": fn})`` reports every metric on every
@@ -64,27 +64,17 @@ def resolve_slices(
     """
     if not slices:
         return {}
+    names = list(slices)
+    found: Registry[SliceFunc] = Registry("slice function", check=_check_slice)
     problems: list[str] = []
-    found: dict[str, SliceFunc] = {}
-    items = (
-        slices.items()
-        if isinstance(slices, Mapping)
-        else [(n, SLICES.get(n) if n in SLICES else None) for n in slices]
-    )
-    for name, func in items:
-        if not isinstance(name, str) or not name or "/" in name:
-            problems.append(f"slice name {name!r} must be a non-empty string without '/'")
-            continue
-        if func is None:
-            problems.append(SLICES.unknown(name))
-            continue
-        bad = _check_slice(name, func)
-        problems += bad
-        if not bad:
-            found[name] = func
+    for name in names:
+        try:  # the registry's name rules, _check_slice's, and SLICES' unknown names
+            found.register(name, slices[name] if isinstance(slices, Mapping) else SLICES.get(name))
+        except ConfigError as e:
+            problems += e.problems
     if problems:
         raise ConfigError(problems, header="invalid slices:" if len(problems) > 1 else None)
-    return found
+    return {name: found.get(name) for name in names}
 
 
 def slice_mask(name: str, func: SliceFunc, X: Mapping[str, Any], n_rows: int, where: str) -> Any:

@@ -18,13 +18,22 @@ from typing import Any, Literal
 from mtlgraph.balancing import BALANCERS, Balancer
 from mtlgraph.data.schedulers import SCHEDULERS, BatchScheduler
 from mtlgraph.diagnostics import DiagnosticsConfig
-from mtlgraph.exceptions import ConfigError
 from mtlgraph.graph.slices import SLICES
-from mtlgraph.registry import accepted_parameters
 from mtlgraph.training.hooks import HOOKS, Hook
 from mtlgraph.training.lr import LR_SCHEDULES
-from mtlgraph.training.optim import OPTIMIZERS, check_param_groups, weight_decay_problems
+from mtlgraph.training.optim import optimizer_problems
 from mtlgraph.training.writers import WRITERS, Writer
+
+_AT_LEAST = {
+    "n_epochs": 0,
+    "weight_decay": 0,
+    "warmup_steps": 0,
+    "warmup_epochs": 0,
+    "evaluation_freq": 0,
+    "checkpoint_every": 0,
+    "grad_accumulation_steps": 1,
+}
+"""Numeric settings and their least value."""
 
 
 @dataclass
@@ -97,9 +106,7 @@ class TrainerConfig:
         problems += [
             f"freeze: entries must be non-empty strings, got {f!r}" for f in self.freeze if not f
         ]
-        problems += OPTIMIZERS.problems(self.optimizer, "optimizer")
-        problems += weight_decay_problems(self.optimizer, self.weight_decay)
-        problems += self._check_param_groups()
+        problems += optimizer_problems(self.optimizer, self.weight_decay, self.param_groups)
         problems += self._check_snorkel_users()
         problems += BALANCERS.problems(self.balancer, "balancer", build=True)
         problems += LR_SCHEDULES.problems(self.lr_scheduler, "lr_scheduler")
@@ -107,14 +114,6 @@ class TrainerConfig:
         for i, spec in enumerate(self.hooks):
             problems += HOOKS.problems(spec, f"hooks[{i}]", build=True)
         return problems
-
-    def _check_param_groups(self) -> list[str]:
-        try:
-            factory = OPTIMIZERS.resolve(self.optimizer, "optimizer")[0]
-        except ConfigError:
-            return []  # reported with the optimizer's problems
-        accepted = accepted_parameters(factory)
-        return [] if accepted is None else check_param_groups(self.param_groups, accepted)
 
     def _check_snorkel_users(self) -> list[str]:
         """Warm-up given in one unit at most, and slices that are registered."""
@@ -133,27 +132,21 @@ class TrainerConfig:
                 f"warm-up is set twice ({', '.join(given)}); set exactly one of warmup_steps, "
                 "warmup_epochs or warmup_fraction"
             )
-        if self.warmup_epochs < 0:
-            problems.append(f"warmup_epochs: must be >= 0, got {self.warmup_epochs}")
         if not 0 <= self.warmup_fraction <= 1:
             problems.append(f"warmup_fraction: must be in [0, 1], got {self.warmup_fraction}")
         problems += [f"slices: {SLICES.unknown(n)}" for n in self.slices if n not in SLICES]
         return problems
 
     def _check_numbers(self) -> list[str]:
-        problems = []
-        if self.n_epochs < 0:
-            problems.append(f"n_epochs: must be >= 0, got {self.n_epochs}")
+        problems = [
+            f"{key}: must be >= {least}, got {getattr(self, key)}"
+            for key, least in _AT_LEAST.items()
+            if getattr(self, key) < least
+        ]
         if not (self.lr > 0 and math.isfinite(self.lr)):
             problems.append(f"lr: must be a positive number, got {self.lr}")
-        if self.weight_decay < 0:
-            problems.append(f"weight_decay: must be >= 0, got {self.weight_decay}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             problems.append(f"grad_clip: must be > 0 or null, got {self.grad_clip}")
-        if self.warmup_steps < 0:
-            problems.append(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
-        if self.evaluation_freq < 0:
-            problems.append(f"evaluation_freq: must be >= 0, got {self.evaluation_freq}")
         if not self.distributed_timeout > 0:
             problems.append(
                 f"distributed_timeout: must be a positive number of seconds, got "
@@ -161,18 +154,12 @@ class TrainerConfig:
             )
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             problems.append(f"steps_per_epoch: must be >= 1 or null, got {self.steps_per_epoch}")
-        if self.grad_accumulation_steps < 1:
-            problems.append(
-                f"grad_accumulation_steps: must be >= 1, got {self.grad_accumulation_steps}"
-            )
         return problems
 
     def _check_outputs(self) -> list[str]:
         # Files need run_dir; without one (a YAML config checked before the CLI picks its run
         # directory) fit() warns that nothing is written.
         problems = []
-        if self.checkpoint_every < 0:
-            problems.append(f"checkpoint_every: must be >= 0, got {self.checkpoint_every}")
         for i, spec in enumerate(self.writers or []):
             problems += WRITERS.problems(spec, f"writers[{i}]", given=("ctx",))
         if self.checkpoint_mode is not None and self.checkpoint_metric is None:

@@ -48,13 +48,7 @@ def step(progress: float, epoch: int, step_size: int = 1, gamma: float = 0.1) ->
 
 LR_SCHEDULES: Registry[Callable[..., float]] = Registry(
     "LR schedule",
-    {
-        "constant": constant,
-        "linear": linear,
-        "cosine": cosine,
-        "exponential": exponential,
-        "step": step,
-    },
+    {fn.__name__: fn for fn in (constant, linear, cosine, exponential, step)},
     supplied={"progress": "remove it", "epoch": "remove it"},
     bind=True,
 )
@@ -76,7 +70,7 @@ Example:
 def resolve_warmup(
     warmup_steps: int, warmup_epochs: float, warmup_fraction: float, epoch_steps: Sequence[int]
 ) -> int:
-    """Warm-up in optimizer steps, from whichever of the three settings is given (issue 15).
+    """Warm-up in optimizer steps, from whichever of the three settings is given.
 
     Args:
         warmup_steps: Optimizer steps.
@@ -121,9 +115,9 @@ def lr_factor_fn(
         >>> f(0, 0), f(5, 0)
         (1.0, 0.5)
     """
-    if is_constant(schedule, warmup_steps):
-        return None
     fn = LR_SCHEDULES.build(schedule, "lr_scheduler")
+    if fn is constant and warmup_steps == 0:
+        return None
     span = max(1, total_steps - warmup_steps)
 
     def factor(global_step: int, epoch: int) -> float:

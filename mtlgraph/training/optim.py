@@ -109,21 +109,6 @@ Example:
 """
 
 
-def weight_decay_problems(spec: Any, weight_decay: float) -> list[str]:
-    """A ``weight_decay`` the optimizer of ``spec`` cannot apply (it takes none)."""
-    try:
-        factory, _, name = OPTIMIZERS.resolve(spec, "optimizer")
-    except ConfigError:
-        return []  # reported by OPTIMIZERS.problems
-    params = accepted_parameters(factory)
-    if weight_decay and params is not None and "weight_decay" not in params:
-        return [
-            f"weight_decay: optimizer '{name}' takes no weight_decay; set weight_decay=0 or "
-            "pick another optimizer"
-        ]
-    return []
-
-
 def make_optimizer(
     spec: Any,
     model: MultitaskClassifier,
@@ -152,20 +137,32 @@ def make_optimizer(
     return OPTIMIZERS.build(spec, "optimizer", params=groups, lr=lr, **decay)
 
 
-def check_param_groups(
-    param_groups: Mapping[str, Mapping[str, Any]], accepted: Iterable[str]
+def optimizer_problems(
+    spec: Any, weight_decay: float, param_groups: Mapping[str, Mapping[str, Any]]
 ) -> list[str]:
-    """Construction-time checks of ``param_groups`` (patterns need the model, see below).
+    """Every problem of the optimizer ``spec`` (its name and arguments), of a ``weight_decay``
+    it cannot apply (it takes none), and of ``param_groups`` hyper-parameters it does not take,
+    or with a negative ``lr`` or ``weight_decay``; each naming its key.
 
-    Args:
-        param_groups: Pattern -> hyper-parameters.
-        accepted: Hyper-parameter names the optimizer takes (``lr`` included).
-
-    Returns:
-        One sentence per problem, each starting with ``param_groups``.
+    Example:
+        >>> optimizer_problems("sgd", 0.0, {"head*": {"lr": -1, "betas": [0.9, 0.99]}})
+        ... # doctest: +ELLIPSIS
+        ['param_groups.head*.lr: must be a number >= 0, got -1', "param_groups.head*.betas: ...
     """
-    accepted = set(accepted)
-    problems = []
+    problems = OPTIMIZERS.problems(spec, "optimizer")
+    try:
+        factory, _, name = OPTIMIZERS.resolve(spec, "optimizer")
+    except ConfigError:
+        return problems  # the name's problem, reported above
+    accepted = accepted_parameters(factory)
+    if accepted is None:
+        return problems
+    accepted.discard("params")  # the Trainer's
+    if weight_decay and "weight_decay" not in accepted:
+        problems.append(
+            f"weight_decay: optimizer '{name}' takes no weight_decay; set weight_decay=0 or "
+            "pick another optimizer"
+        )
     for pattern, options in param_groups.items():
         where = f"param_groups.{pattern}"
         if not pattern:
@@ -185,15 +182,15 @@ def check_param_groups(
     return problems
 
 
-def _matches(pattern: str, names: Sequence[str]) -> list[str]:
-    return [n for n in names if fnmatch.fnmatchcase(n, pattern)]
-
-
-def _no_match(what: str, pattern: str, names: Sequence[str]) -> str:
-    return (
-        f"{what}: pattern '{pattern}' matches no module of the model"
-        f"{did_you_mean(pattern, names)}; modules: {quoted(names)}"
-    )
+def _matching(what: str, pattern: str, names: Sequence[str], problems: list[str]) -> list[str]:
+    """The module ``names`` that ``pattern`` matches; matching none is a problem of ``what``."""
+    found = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+    if not found:
+        problems.append(
+            f"{what}: pattern '{pattern}' matches no module of the model"
+            f"{did_you_mean(pattern, names)}; modules: {quoted(names)}"
+        )
+    return found
 
 
 def resolve_freeze(
@@ -202,12 +199,9 @@ def resolve_freeze(
     """Module names that ``freeze`` selects, and one sentence per pattern that matches none."""
     names = list(model.module_pool)
     frozen: list[str] = []
-    problems = []
+    problems: list[str] = []
     for pattern in freeze:
-        found = _matches(pattern, names)
-        if not found:
-            problems.append(_no_match("freeze", pattern, names))
-        frozen += [n for n in found if n not in frozen]
+        frozen += [n for n in _matching("freeze", pattern, names, problems) if n not in frozen]
     return frozen, problems
 
 
@@ -227,13 +221,10 @@ def model_param_groups(
         two patterns.
     """
     names = list(model.module_pool)
-    problems = []
+    problems: list[str] = []
     owner: dict[str, str] = {}  # module -> pattern
     for pattern in param_groups:
-        found = _matches(pattern, names)
-        if not found:
-            problems.append(_no_match("param_groups", pattern, names))
-        for module_name in found:
+        for module_name in _matching("param_groups", pattern, names, problems):
             if module_name in owner:
                 problems.append(
                     f"param_groups: module '{module_name}' matches both '{owner[module_name]}' "
@@ -300,7 +291,7 @@ class SubsetStepper:
             for p in g["params"]
         }
         self._subsets: dict[tuple[str, ...], list[tuple[dict[str, Any], dict[str, Any]]]] = {}
-        # the non-finite guard (issue 11): with it, a non-finite clipped norm drops the step
+        # the non-finite guard: with it, a non-finite clipped norm drops the step
         self.guard_norm = False
         self.nonfinite_norm: float | None = None  # the last dropped step's norm, for the guard
 

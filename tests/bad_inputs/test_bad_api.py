@@ -38,7 +38,7 @@ def _fit(model: MultitaskClassifier, dls: list[DictDataLoader], **cfg: Any) -> T
     return trainer
 
 
-# ---------------------------------------------------------------- labels (issue 11, part 2)
+# ---------------------------------------------------------------- labels
 
 _nan = float("nan")
 LABEL_CASES: list[tuple[str, dict[str, Any], Any, str]] = [

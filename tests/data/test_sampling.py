@@ -19,6 +19,7 @@ from mtlgraph import (
     Trainer,
 )
 from mtlgraph.data.schedulers import SCHEDULERS
+from mtlgraph.training.config import TrainerConfig
 
 
 def _configured(spec, sizes, steps=10_000, n_epochs=1, names=None):  # type: ignore[no-untyped-def]
@@ -153,3 +154,11 @@ def test_resume_under_a_sampling_scheduler_is_bit_identical(tmp_path: Path) -> N
         model, loaders, resume_from=tmp_path / "run"
     )
     assert all(torch.equal(expected[k], v) for k, v in model.state_dict().items())
+
+
+def test_temperature_rules_are_checked_when_the_trainer_is_built() -> None:
+    spec = {"name": "temperature", "temperature": 0, "cap": -1}
+    assert TrainerConfig(batch_scheduler=spec).validate() == [
+        "batch_scheduler: temperature must be > 0, got 0.0",
+        "batch_scheduler: cap must be a positive number of examples, got -1",
+    ]

@@ -195,6 +195,18 @@ def test_task_errors(tmp_path: Path) -> None:
     assert "(did you mean 'multiclass'?)" in joined
 
 
+def test_task_value_rules_are_the_constructors(tmp_path: Path) -> None:
+    cfg = tiny_config()
+    cfg["tasks"]["circle_task"].update(weight=-1.0, threshold=1.5)
+    cfg["tasks"]["square_task"]["weight"] = float("nan")
+    problems = _errors(write_config(tmp_path / "c.yaml", cfg))
+    assert [p.split(": ", 1)[1] for p in problems] == [
+        "tasks.circle_task.weight: must be a finite number >= 0, got -1.0",
+        "tasks.circle_task.threshold: must be in (0, 1), got 1.5",
+        "tasks.square_task.weight: must be a finite number >= 0, got nan",
+    ]
+
+
 def test_task_cross_checks(tmp_path: Path) -> None:
     cfg = tiny_config()
     ops = cfg["tasks"]["circle_task"]["ops"]

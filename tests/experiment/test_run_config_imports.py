@@ -1,5 +1,5 @@
 """A run directory's config.yaml finds the `imports:` modules that sat beside the original config
-when it is re-run from another working directory (issue 11, run directories)."""
+when it is re-run from another working directory."""
 
 from __future__ import annotations
 
