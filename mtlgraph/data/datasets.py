@@ -69,7 +69,7 @@ class DictDataset(Dataset[Batch]):
         for what, part in (("name", name), ("split", split)):
             if not isinstance(part, str) or not part or "/" in part:
                 problems.append(f"dataset {what} {part!r} must be a non-empty string without '/'")
-        if isinstance(name, str) and ":" in name:  # ':' marks a slice in score keys (issue 15)
+        if isinstance(name, str) and ":" in name:  # ':' marks a slice in score keys
             problems.append(
                 f"dataset name {name!r} must not contain ':' (score keys write a slice of a "
                 "dataset as '<dataset>:<slice>'); rename the dataset"
