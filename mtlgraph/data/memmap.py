@@ -1,17 +1,8 @@
 """Memory-mapped numpy arrays as dataset fields: read a batch's rows, never the whole array.
 
-``DictDataset`` keeps a ``numpy.memmap`` field (``np.load(path, mmap_mode="r")``) as it is; a
-batch reads only its rows, through the dataset's :class:`MapReader`: the batch's rows in file
-order, neighbouring rows as one block, the batch's order restored, and only the batch becomes a
-tensor. A map larger than 256 MiB is read with ``os.preadv`` from the file it names, after a
-readahead hint per block (no page faults, nothing left resident). Smaller maps are indexed; the
-pages such a read brings in count towards the process's resident memory until the kernel drops
-them, and :class:`PageBudget` tells the kernel to drop them (they stay in the page cache)
-whenever resident memory has grown by ``budget`` bytes (read from ``/proc/self/statm``), so
-resident memory stays bounded however large the file. A ``DataLoader`` worker reads a whole
-batch in one call (``DictDataset.__getitems__``). A dataset sent to another process (workers
-started with ``spawn``) carries a :class:`MappedFile` reference per map, reopened there, never
-the data.
+A ``DictDataset`` keeps a ``numpy.memmap`` field as it is and reads a batch's rows through its
+:class:`MapReader`; a copy sent to another process carries a :class:`MappedFile` reference per
+map, never the data. docs/data.md ("Memory behaviour") describes the reads and the memory bound.
 """
 
 from __future__ import annotations
@@ -71,15 +62,12 @@ class MapReader:
     :class:`~mtlgraph.DictDataset` becomes a batch tensor (one reader per dataset).
 
     The batch's distinct rows are read in ascending file order, neighbouring rows coalesced into
-    runs (one read per run), and returned in the batch's own order, duplicates included: rows
-    are never reordered or dropped. A C-contiguous map larger than ``budget`` is read with
-    ``os.preadv`` from the file it names (no page faults, nothing left resident): the runs the
-    page cache holds first (``RWF_NOWAIT``), then a ``posix_fadvise(WILLNEED)`` hint for every
-    other run and their reads, so that the disk serves a batch's scattered runs concurrently
-    instead of one at a time (measured here on a 4 GB file out of the page cache: 256 random
-    rows in 2.7 ms with the hints, 14 ms without). Any other map is indexed with numpy, and its
-    pages are released by a :class:`PageBudget`. A pickled copy (a ``spawn`` DataLoader worker)
-    or a forked one opens its own files.
+    runs (one read per run), and returned in the batch's own order, duplicates included. A
+    C-contiguous map larger than ``budget`` is read with ``os.preadv`` from the file it names:
+    the runs the page cache holds first (``RWF_NOWAIT``), then a ``posix_fadvise(WILLNEED)``
+    hint for every other run, then their reads (docs/data.md has the numbers). Any other map is
+    indexed with numpy, its pages released by a :class:`PageBudget`. A pickled or forked copy
+    opens its own files.
 
     Args:
         budget: Bytes; larger maps are read from their file, and numpy-indexed maps release their
