@@ -35,15 +35,9 @@ TABLE_FORMATS = ("csv", "jsonl", "parquet", "npz", "npy")
 """File formats :func:`read_table` reads (``npy``: one ``.npy`` file, or a directory of
 ``<column>.npy`` files)."""
 
-SUFFIXES = {
-    "csv": "csv",
-    "jsonl": "jsonl",
-    "ndjson": "jsonl",
-    "parquet": "parquet",
-    "pq": "parquet",
-    "npz": "npz",
-    "npy": "npy",
-}
+SUFFIXES = dict(
+    csv="csv", jsonl="jsonl", ndjson="jsonl", parquet="parquet", pq="parquet", npz="npz", npy="npy"
+)
 """File suffix -> format."""
 
 CELL_LIMIT = 64 * 2**20
@@ -185,7 +179,12 @@ def iter_table(
     return _READERS[fmt](file, columns, rows)
 
 
-def _select(names: Sequence[str], columns: Sequence[str] | None, origin: str) -> list[str]:
+def select_columns(names: Sequence[str], columns: Sequence[str] | None, origin: str) -> list[str]:
+    """``columns`` (all ``names`` when ``None``), each once.
+
+    Raises:
+        DataError: Every column of ``columns`` not in ``names``, with a suggestion.
+    """
     if columns is None:
         return list(names)
     missing = [c for c in columns if c not in names]
@@ -257,21 +256,19 @@ def _csv_row(reader: Any, origin: str) -> list[str] | None:
 
 
 def _check_row(row: list[str], names: list[str], origin: str, line: int) -> None:
+    if not any(c.strip() for c in row):
+        raise _all_empty(origin, "line", line)
     if len(row) != len(names):
         if len(row) < len(names):
-            where = f"column '{names[len(row)]}'" if row else f"column '{names[0]}'"
+            where = f"column '{names[len(row)]}'"
         else:
             where = f"column {len(names) + 1} (past the last, '{names[-1]}')"
-        if not any(c.strip() for c in row):
-            raise _all_empty(origin, "line", line)
         raise DataError(
             [
                 f"{origin} line {line}, {where}: {len(row)} cells, but the header names "
                 f"{len(names)} columns; every row needs one cell per column"
             ]
         )
-    if not any(c.strip() for c in row):
-        raise _all_empty(origin, "line", line)
 
 
 def _csv_chunks(file: Path, columns: Sequence[str] | None, rows: int | None) -> Iterator[Table]:
@@ -284,7 +281,7 @@ def _csv_chunks(file: Path, columns: Sequence[str] | None, rows: int | None) -> 
             raise DataError([f"{origin} is empty; its first line must name the columns"])
         names = [h.strip() for h in header]
         _check_names(names, origin, "line 1")
-        keep = [(c, names.index(c)) for c in _select(names, columns, origin)]
+        keep = [(c, names.index(c)) for c in select_columns(names, columns, origin)]
         while True:
             lines: list[int] = []
             cells: list[list[str]] = [[] for _ in keep]
@@ -385,7 +382,7 @@ def _jsonl_chunks(file: Path, columns: Sequence[str] | None, rows: int | None) -
                 if names is None:
                     names = list(row)
                     _check_names(names, origin, "line 1")
-                    keep = _select(names, columns, origin)
+                    keep = select_columns(names, columns, origin)
                 _check_keys(row, names, origin, line)
                 lines.append(line)
                 objects.append(row)
@@ -444,7 +441,7 @@ def _parquet_chunks(file: Path, columns: Sequence[str] | None, rows: int | None)
         raise DataError([f"cannot read {origin} as Parquet: {type(e).__name__}: {e}"]) from e
     names = list(parquet.schema_arrow.names)
     _check_names(names, origin, "schema")
-    keep = _select(names, columns, origin)
+    keep = select_columns(names, columns, origin)
     start = 0
     total = parquet.metadata.num_rows
     for record in parquet.iter_batches(batch_size=rows or max(total, 1)):
@@ -487,7 +484,7 @@ def _npz_chunks(file: Path, columns: Sequence[str] | None, rows: int | None) -> 
     origin = f"'{file}'"
     try:
         with np.load(file, allow_pickle=False) as npz:
-            keep = _select(list(npz.files), columns, origin)
+            keep = select_columns(list(npz.files), columns, origin)
             arrays = {c: npz[c] for c in keep}
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         raise DataError([f"cannot read {origin} as .npz: {type(e).__name__}: {e}"]) from e
@@ -505,7 +502,7 @@ def _npy_chunks(folder: Path, columns: Sequence[str] | None, rows: int | None) -
     if not names:
         raise DataError([f"{origin} holds no .npy file; save one array per field or label"])
     arrays = {}
-    for c in _select(names, columns, origin):
+    for c in select_columns(names, columns, origin):
         try:
             arrays[c] = np.load(folder / f"{c}.npy", mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as e:
