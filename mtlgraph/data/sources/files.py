@@ -1,17 +1,10 @@
 """Data files -> columns: THE reader of every file format mtlgraph reads.
 
-One parser per format, each reading a whole file or a file in chunks of rows from the same code
-(:func:`read_table` is :func:`iter_table` in one chunk): CSV and JSON Lines (standard library),
-Parquet (pyarrow, ``pip install 'mtlgraph[tables]'``), ``.npz`` archives and ``.npy`` files or
-directories of them (memory-mapped). Training, evaluation, prediction and shards all read
-through it, so a file means the same rows everywhere. The rules (``docs/data-sources.md``):
-text is UTF-8 (a byte-order mark is dropped), lines end in LF or CRLF, quoted CSV cells may hold
-newlines and up to :data:`CELL_LIMIT` characters; a row with too few or too many cells, a
-duplicated or empty column name, a row whose cells are all empty is a
-:class:`~mtlgraph.DataError` naming the file, the line of the file and the column; rows are
-never dropped or reordered. :mod:`mtlgraph.data.sources.table` turns the columns into tensors.
-
-A :class:`Table` is ``{column: numpy array}`` that also knows where each row is in its file.
+One parser per format (CSV, JSON Lines, Parquet, ``.npz``, ``.npy`` files or directories), each
+reading a whole file or chunks of rows from the same code, so a file means the same rows
+everywhere; the rules (encoding, line ends, cell limits, what is an error) are in
+docs/data-sources.md. A :class:`Table` is ``{column: numpy array}`` that also knows where each
+row is in its file; :mod:`mtlgraph.data.sources.table` turns the columns into tensors.
 """
 
 from __future__ import annotations
