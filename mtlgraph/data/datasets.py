@@ -59,11 +59,7 @@ class DictDataset(Dataset[Batch]):
     """
 
     def __init__(
-        self,
-        name: str,
-        split: str,
-        X_dict: Mapping[str, Any],
-        Y_dict: Mapping[str, Any],
+        self, name: str, split: str, X_dict: Mapping[str, Any], Y_dict: Mapping[str, Any]
     ) -> None:
         problems: list[str] = []
         for what, part in (("name", name), ("split", split)):
