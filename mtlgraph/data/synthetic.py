@@ -388,32 +388,27 @@ def make_feature_subsets(
     return _cut({"x": x, **labels}, fractions)
 
 
-def _pairs(make: Callable[..., tuple[Split, Split, Split]]) -> Generator:
-    """``make`` with its ``(X, Y)`` splits renamed to arrays ``x`` and ``y`` (same arguments)."""
+def _named(make: Callable[..., Sequence[tuple[Arr, ...]]], *names: str) -> Generator:
+    """``make`` (same arguments) with the arrays of each of its splits named ``names``."""
 
     @functools.wraps(make)
     def generate(*args: Any, **kwargs: Any) -> dict[str, dict[str, Arr]]:
         splits = make(*args, **kwargs)
-        return {s: {"x": X, "y": Y} for s, (X, Y) in zip(SPLITS, splits, strict=True)}
+        return {
+            s: dict(zip(names, arrays, strict=True))
+            for s, arrays in zip(SPLITS, splits, strict=True)
+        }
 
     return generate
-
-
-@functools.wraps(make_sin_cos_dataset)
-def _sin_cos(*args: Any, **kwargs: Any) -> dict[str, dict[str, Arr]]:
-    splits = make_sin_cos_dataset(*args, **kwargs)
-    return {
-        s: {"x": x, "sin": si, "cos": co} for s, (x, si, co) in zip(SPLITS, splits, strict=True)
-    }
 
 
 GENERATORS: Registry[Generator] = Registry(
     "generator",
     {
-        "circle": _pairs(make_circle_dataset),  # arrays x (N, 2), y (N,)
-        "square": _pairs(make_square_dataset),  # arrays x (N, 2), y (N,)
-        "inv_circle": _pairs(make_inv_circle_dataset),  # arrays x (N, 2), y (N,)
-        "sin_cos": _sin_cos,  # arrays x (N, 1), sin (N,), cos (N,)
+        "circle": _named(make_circle_dataset, "x", "y"),  # x (N, 2), y (N,)
+        "square": _named(make_square_dataset, "x", "y"),  # x (N, 2), y (N,)
+        "inv_circle": _named(make_inv_circle_dataset, "x", "y"),  # x (N, 2), y (N,)
+        "sin_cos": _named(make_sin_cos_dataset, "x", "sin", "cos"),  # x (N, 1), sin, cos (N,)
         "reviews": make_reviews_dataset,  # arrays tokens (N, L), label (N,)
         "products": make_products_dataset,  # arrays image, text, color, pattern
         "kpi": make_kpi_dataset,  # arrays x, click, dwell
