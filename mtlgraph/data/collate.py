@@ -42,8 +42,6 @@ def pad_sequences(
     lengths = torch.tensor([len(s) for s in seqs])
     width = int(lengths.max()) if len(seqs) else 0
     padded = torch.nn.utils.rnn.pad_sequence(list(seqs), batch_first=True, padding_value=pad_value)
-    if padded.shape[1] < width:  # pragma: no cover - pad_sequence always reaches max length
-        padded = torch.nn.functional.pad(padded, (0, width - padded.shape[1]), value=pad_value)
     mask = torch.arange(width)[None, :] < lengths[:, None]
     return padded, mask
 

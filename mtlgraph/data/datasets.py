@@ -59,17 +59,13 @@ class DictDataset(Dataset[Batch]):
     """
 
     def __init__(
-        self,
-        name: str,
-        split: str,
-        X_dict: Mapping[str, Any],
-        Y_dict: Mapping[str, Any],
+        self, name: str, split: str, X_dict: Mapping[str, Any], Y_dict: Mapping[str, Any]
     ) -> None:
         problems: list[str] = []
         for what, part in (("name", name), ("split", split)):
             if not isinstance(part, str) or not part or "/" in part:
                 problems.append(f"dataset {what} {part!r} must be a non-empty string without '/'")
-        if isinstance(name, str) and ":" in name:  # ':' marks a slice in score keys (issue 15)
+        if isinstance(name, str) and ":" in name:  # ':' marks a slice in score keys
             problems.append(
                 f"dataset name {name!r} must not contain ':' (score keys write a slice of a "
                 "dataset as '<dataset>:<slice>'); rename the dataset"
@@ -135,9 +131,7 @@ class DictDataset(Dataset[Batch]):
         return self._length
 
     def __getitem__(self, index: int) -> Batch:
-        x = {k: _row(v, index) for k, v in self.X_dict.items()}
-        y = {k: _row(v, index) for k, v in self.Y_dict.items()}
-        return x, y
+        return _rows_at(self.X_dict, index), _rows_at(self.Y_dict, index)
 
     def __getitems__(self, indices: Sequence[int]) -> RowBatch:
         """Rows ``indices`` in that order, for a ``DataLoader`` worker: its default collate
@@ -161,7 +155,7 @@ class DictDataset(Dataset[Batch]):
                 x[field] = value[index]
                 continue
             if kind == "memmap":
-                x[field] = self._gather(value, index)
+                x[field] = self._reader.gather(value, index)
                 continue
             if rows is None:
                 rows = _rows(index, self._length)
@@ -172,7 +166,7 @@ class DictDataset(Dataset[Batch]):
             else:
                 x[field] = items
         y = {
-            task: self._gather(labels, index) if is_memmap(labels) else labels[index]
+            task: self._reader.gather(labels, index) if is_memmap(labels) else labels[index]
             for task, labels in self.Y_dict.items()
         }
         return x, y
@@ -195,9 +189,6 @@ class DictDataset(Dataset[Batch]):
         """Whether a field or label is a memory map (its batches are read from a file)."""
         return any(is_memmap(v) for part in (self.X_dict, self.Y_dict) for v in part.values())
 
-    def _gather(self, array: np.ndarray, index: slice | torch.Tensor | Sequence[int]) -> Any:
-        return self._reader.gather(array, index)
-
     def __repr__(self) -> str:
         return (
             f"DictDataset(name={self.name!r}, split={self.split!r}, n={len(self)}, "
@@ -213,10 +204,12 @@ def _kind(value: Any) -> str:
     return "seq" if is_sequence_list(value) else "list"
 
 
-def _row(value: Any, index: int) -> Any:
-    if is_memmap(value):
-        return torch.from_numpy(np.array(value[index]))
-    return value[index]
+def _rows_at(part: Mapping[str, Any], index: int) -> dict[str, Any]:
+    """Row ``index`` of every field of ``part`` (a memory-mapped row copied into a tensor)."""
+    return {
+        k: torch.from_numpy(np.array(v[index])) if is_memmap(v) else v[index]
+        for k, v in part.items()
+    }
 
 
 def _split_memmaps(
@@ -351,15 +344,11 @@ class DictDataLoader(DataLoader[Batch]):
     """A ``torch.utils.data.DataLoader`` yielding ``(X_dict, Y_dict)`` batches.
 
     It loads a :class:`DictDataset` or a :class:`~mtlgraph.NamedDataset` (any map-style torch
-    dataset, or a stream). With ``num_workers=0`` and the default collate function, batches of a
-    ``DictDataset`` are cut from its tensors directly, which keeps small-model training fast:
-    an unshuffled loader of tensors cuts its batches (views) once and hands out the same views
-    every epoch; a shuffled one gathers the rows of many batches at once (about
-    :data:`CHUNK_BYTES`) and cuts them into batches. Other settings use PyTorch's own loading
-    machinery with :func:`~mtlgraph.data.collate_dicts`, and a worker reads a ``DictDataset``'s
-    whole batch in one call (:meth:`DictDataset.__getitems__`; memory-mapped rows in blocks). A
-    stream is batched by each worker from its own share of the stream
-    (:mod:`mtlgraph.data.streams`); ``shuffle`` then shuffles the order of its units per pass.
+    dataset, or a stream). With ``num_workers=0`` and the default collate function, a
+    ``DictDataset``'s batches are cut from its tensors directly (unshuffled: the same views every
+    epoch; shuffled: about :data:`CHUNK_BYTES` of rows gathered at once, then cut); otherwise
+    PyTorch's loading machinery runs with :func:`~mtlgraph.data.collate_dicts`. A stream is
+    batched by each worker from its own share (docs/data.md).
 
     Args:
         dataset: The dataset to load.

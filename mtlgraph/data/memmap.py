@@ -1,23 +1,13 @@
 """Memory-mapped numpy arrays as dataset fields: read a batch's rows, never the whole array.
 
-``DictDataset`` keeps a ``numpy.memmap`` field (``np.load(path, mmap_mode="r")``) as it is; a
-batch reads only its rows, through the dataset's :class:`MapReader`: the batch's rows in file
-order, neighbouring rows as one block, the batch's order restored, and only the batch becomes a
-tensor. A map larger than 256 MiB is read with ``os.preadv`` from the file it names, after a
-readahead hint per block (no page faults, nothing left resident). Smaller maps are indexed; the
-pages such a read brings in count towards the process's resident memory until the kernel drops
-them, and :class:`PageBudget` tells the kernel to drop them (they stay in the page cache)
-whenever resident memory has grown by ``budget`` bytes (read from ``/proc/self/statm``), so
-resident memory stays bounded however large the file. A ``DataLoader`` worker reads a whole
-batch in one call (``DictDataset.__getitems__``). A dataset sent to another process (workers
-started with ``spawn``) carries a :class:`MappedFile` reference per map, reopened there, never
-the data.
+A ``DictDataset`` keeps a ``numpy.memmap`` field as it is and reads a batch's rows through its
+:class:`MapReader`; a copy sent to another process carries a :class:`MappedFile` reference per
+map, never the data. docs/data.md ("Memory behaviour") describes the reads and the memory bound.
 """
 
 from __future__ import annotations
 
 import errno
-import itertools
 import mmap
 import os
 import weakref
@@ -72,22 +62,16 @@ class MapReader:
     :class:`~mtlgraph.DictDataset` becomes a batch tensor (one reader per dataset).
 
     The batch's distinct rows are read in ascending file order, neighbouring rows coalesced into
-    runs (one read per run), and returned in the batch's own order, duplicates included: rows
-    are never reordered or dropped. A C-contiguous map larger than ``budget`` is read with
-    ``os.preadv`` from the file it names (no page faults, nothing left resident): the runs the
-    page cache holds first (``RWF_NOWAIT``), then a ``posix_fadvise(WILLNEED)`` hint for every
-    other run and their reads, so that the disk serves a batch's scattered runs concurrently
-    instead of one at a time (measured here on a 4 GB file out of the page cache: 256 random
-    rows in 2.7 ms with the hints, 14 ms without). A batch of at least ``32 x threads`` rows is
-    cut into ``threads`` consecutive parts read at once (a read releases the GIL; two threads
-    read a warm 256-row batch about 25% faster here while a training step runs). Any other map
-    is indexed with numpy, and its pages are released by a :class:`PageBudget`. A pickled copy
-    (a ``spawn`` DataLoader worker) or a forked one opens its own files and threads.
+    runs (one read per run), and returned in the batch's own order, duplicates included. A
+    C-contiguous map larger than ``budget`` is read with ``os.preadv`` from the file it names:
+    the runs the page cache holds first (``RWF_NOWAIT``), then a ``posix_fadvise(WILLNEED)``
+    hint for every other run, then their reads (docs/data.md has the numbers). Any other map is
+    indexed with numpy, its pages released by a :class:`PageBudget`. A pickled or forked copy
+    opens its own files.
 
     Args:
         budget: Bytes; larger maps are read from their file, and numpy-indexed maps release their
             pages whenever resident memory has grown by this much (default 256 MiB).
-        threads: Threads reading one large batch (default 2; 1 reads in the caller's thread).
 
     Example:
         >>> import numpy as np, torch
@@ -96,13 +80,11 @@ class MapReader:
         [7.0, 2.0, 7.0, 5.0]
     """
 
-    def __init__(self, budget: int = DEFAULT_BUDGET, threads: int = 2) -> None:
+    def __init__(self, budget: int = DEFAULT_BUDGET) -> None:
         self.budget = budget
         self.pages = PageBudget(budget)
         self._files: dict[tuple[int, str], int] = {}  # (process id, file name) -> descriptor
         self.nowait = NOWAIT is not None  # try the page cache first (RWF_NOWAIT reads)
-        self.threads = threads
-        self._threads: tuple[int, ThreadPoolExecutor] | None = None  # (process id, pool)
 
     def gather(
         self, array: np.ndarray, index: slice | torch.Tensor | Sequence[int]
@@ -148,33 +130,13 @@ class MapReader:
         return is_memmap(array) and array.nbytes > self.budget and hasattr(os, "preadv")
 
     def _pread(self, ref: MappedFile, rows: np.ndarray) -> np.ndarray:
-        """Rows ``rows`` (ascending, distinct) of the C-contiguous array ``ref`` names; a large
-        batch is cut into ``threads`` consecutive parts read concurrently."""
+        """Rows ``rows`` (ascending, distinct) of the C-contiguous array ``ref`` names: one
+        ``preadv`` per run of neighbouring rows; runs not in the page cache are hinted to the
+        kernel first, all of them, then read."""
         fd = self._descriptor(ref.filename)
         dtype = np.dtype(ref.dtype)
         width = int(np.prod(ref.shape[1:], dtype=np.int64)) * dtype.itemsize
         out = np.empty((len(rows), *ref.shape[1:]), dtype=dtype)
-        if self.threads < 2 or len(rows) < 32 * self.threads:
-            self._fill(fd, ref, width, rows, out)
-            return out
-        cuts = np.linspace(0, len(rows), self.threads + 1).astype(int).tolist()
-        parts = [(rows[a:b], out[a:b]) for a, b in itertools.pairwise(cuts)]
-        for done in [self._pool().submit(self._fill, fd, ref, width, *part) for part in parts]:
-            done.result()  # a reader's error reaches the caller unchanged
-        return out
-
-    def _pool(self) -> ThreadPoolExecutor:
-        if self._threads is None or self._threads[0] != os.getpid():  # a forked worker: its own
-            pool = ThreadPoolExecutor(self.threads, thread_name_prefix="mtlgraph-rows")
-            self._threads = (os.getpid(), pool)
-        return self._threads[1]
-
-    def _fill(
-        self, fd: int, ref: MappedFile, width: int, rows: np.ndarray, out: np.ndarray
-    ) -> None:
-        """Read rows ``rows`` (ascending, distinct) into ``out``: one ``preadv`` per run of
-        neighbouring rows; runs not in the page cache are hinted to the kernel first, all of
-        them, then read."""
         view = out.reshape(-1).view(np.uint8).data
         cuts = np.flatnonzero(np.diff(rows) != 1) + 1
         firsts = np.concatenate(([0], cuts)).astype(np.int64)  # each run's first batch row
@@ -191,6 +153,7 @@ class MapReader:
         for offset, start, size in runs:
             if preadv(fd, [view[start : start + size]], offset) != size:
                 _read_on(fd, view[start : start + size], offset, ref, width)
+        return out
 
     def _cached(
         self, fd: int, view: memoryview, runs: list[tuple[int, int, int]]
@@ -223,9 +186,8 @@ class MapReader:
         return fd
 
     def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        # a new process opens its own files and starts its own threads
-        state.update(pages=PageBudget(self.budget), _files={}, _threads=None)
+        state = dict(self.__dict__)  # a new process opens its own files
+        state.update(pages=PageBudget(self.budget), _files={})
         return state
 
 
@@ -269,7 +231,7 @@ class PageBudget:
     is absent, after every ``budget`` bytes :func:`mapped_bytes` estimates). Measuring beats
     estimating: a page fault may map a whole large folio of the page cache, not one page."""
 
-    def __init__(self, budget: int = DEFAULT_BUDGET, threads: int = 2) -> None:
+    def __init__(self, budget: int = DEFAULT_BUDGET) -> None:
         self.budget = budget
         self.read: dict[int, int] = {}
         self.base: int | None = None  # resident bytes after the last release

@@ -149,9 +149,8 @@ class NamedStream(NamedDataset, IterableDataset[Example]):
 
     Example:
         >>> import torch
-        >>> from torch.utils.data import IterableDataset
         >>> from mtlgraph import DictDataLoader, NamedDataset
-        >>> class Counter(IterableDataset):
+        >>> class Counter(torch.utils.data.IterableDataset):
         ...     def __iter__(self):
         ...         for i in range(5):
         ...             yield {"x": torch.tensor([float(i)])}, {"t": torch.tensor(i % 2)}
@@ -162,17 +161,11 @@ class NamedStream(NamedDataset, IterableDataset[Example]):
         [[0, 1], [0, 1], [0]]
     """
 
-    def __init__(
-        self,
-        name: str,
-        split: str,
-        dataset: Any,
-        labels: Sequence[str] | None = None,
-        size: int | None = None,
-    ) -> None:
-        super().__init__(name, split, dataset, labels, size)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # NamedDataset's arguments
+        super().__init__(*args, **kwargs)
+        source, size = self.dataset, self.size
         self.stream: ExampleStream = (
-            dataset if isinstance(dataset, ExampleStream) else IterableStream(dataset, size)
+            source if isinstance(source, ExampleStream) else IterableStream(source, size)
         )
         self.feed: StreamFeed | None = None
 

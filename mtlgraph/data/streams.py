@@ -1,48 +1,12 @@
 """Streamed examples: the protocol a streaming source implements, and how streams are read.
 
 A stream is data read front to back (files too large for memory, shards, generators) rather
-than indexed. To be split over DDP ranks and DataLoader workers without overlap or loss, and to
-resume at the exact next unseen example after a checkpoint, a streaming source implements
-:class:`ExampleStream`:
-
-``num_units() -> int``
-    How many independently readable *units* the stream has (a unit is typically one file or
-    shard). Must be the same in every process.
-``iter_unit(unit, start, seed) -> Iterator[(x_dict, y_dict)]``
-    The examples of unit ``unit`` (``0 <= unit < num_units()``) from example number ``start`` of
-    that unit on, in an order that depends only on ``(unit, seed)``: asked again with the same
-    arguments it yields the same examples. ``seed`` is derived from the loader's seed, the pass
-    and the unit; a source may use it to shuffle rows within a unit, or ignore it. ``start``
-    lets a resumed run skip what it has seen; a source that cannot seek may read and drop.
-``num_examples() -> int | None`` (optional)
-    The number of examples in one pass, if known (the ``proportional``, ``temperature`` and
-    ``annealed`` batch schedulers need it; ``None`` by default).
-``labels`` (optional attribute)
-    The task names the examples label, if known (checked against the model's tasks).
-
-Items are ``(x_dict, y_dict)`` pairs of tensors (numpy arrays and numbers are converted), as for
-:class:`~mtlgraph.DictDataset`; they are collated like ``DictDataset`` rows (variable-length
-1-D fields padded, with a ``<field>_mask``).
-
-How a stream is read (the loader does this; a source does not): a stream's readers are the
-``world_size x max(num_workers, 1)`` *consumers* (one per DataLoader worker per rank). Each
-*pass* orders the units (shuffled per pass from the loader's seed when ``shuffle=True``).
-When there are at least as many units as consumers, consumer ``c`` reads units ``c, c + C, ...``
-of that order, so every unit is read once per pass; otherwise every consumer reads every unit
-and keeps examples ``c, c + C, ...`` of the pass. A consumer batches its own examples. A
-training stream repeats (each consumer starts its next pass when it has read its share); an
-evaluation stream is one pass.
-
-A consumer's position is a :class:`Position` ``(pass_, unit, offset, seen)``. A source keeps
-no position itself (it holds no state_dict): the loader records every consumer's position after
-each batch it hands out in its :class:`StreamCursor` (``DictDataLoader.cursor``;
-``cursor.state_dict()`` / ``StreamCursor.from_state(state, workers)``), the Trainer stores the
-cursors of its training streams in checkpoints, and a resumed run calls ``iter_unit(unit,
-start=offset, ...)`` to continue with the next unseen example.
-
-Any other ``torch.utils.data.IterableDataset`` is wrapped as a one-unit stream
-(:class:`IterableStream`): it is split by example index, and resuming reads and drops the seen
-examples.
+than indexed. A source implements :class:`ExampleStream` (``num_units()``, ``iter_unit(unit,
+start, seed)``, optional ``num_examples()`` and ``labels``) and yields ``(x_dict, y_dict)``
+pairs; a :class:`Consumer` per rank x worker reads its share of each pass, and a
+:class:`StreamCursor` records every consumer's :class:`Position` for an exact resume. Any other
+``IterableDataset`` is a one-unit :class:`IterableStream`. The rules (the split over consumers,
+passes, repeats, checkpoints) are in docs/data.md, "Streams: splitting and exact resume".
 
 Example:
     >>> import torch
@@ -90,7 +54,7 @@ class ExampleStream(IterableDataset[Example]):
     @abstractmethod
     def iter_unit(self, unit: int, start: int, seed: int) -> Iterator[Example]:
         """Examples of ``unit`` from its example number ``start`` on, in an order fixed by
-        ``(unit, seed)``."""
+        ``(unit, seed)`` (a source that cannot seek may read and drop)."""
 
     def num_examples(self) -> int | None:
         """Examples in one pass, if known."""

@@ -23,6 +23,9 @@ Arr = np.ndarray
 Generator = Callable[..., dict[str, dict[str, np.ndarray]]]
 """A config generator: keyword arguments -> ``{split: {array name: array}}``."""
 SPLITS = ("train", "valid", "test")
+Fractions = Sequence[float]
+FRACTIONS = (0.8, 0.1, 0.1)
+"""The default train/valid/test fractions of every generator."""
 
 
 def _bounds(n: int, fractions: Sequence[float]) -> list[tuple[int, int]]:
@@ -48,7 +51,7 @@ def _labelled_points(
 
 
 def make_circle_dataset(
-    n: int, R: float = 1.0, seed: int = 0, fractions: Sequence[float] = (0.8, 0.1, 0.1)
+    n: int, R: float = 1.0, seed: int = 0, fractions: Fractions = FRACTIONS
 ) -> tuple[Split, Split, Split]:
     """2-D points labelled 1 when inside the circle of radius ``R`` centred on the origin.
 
@@ -63,7 +66,7 @@ def make_circle_dataset(
 
 
 def make_inv_circle_dataset(
-    n: int, R: float = 1.0, seed: int = 0, fractions: Sequence[float] = (0.8, 0.1, 0.1)
+    n: int, R: float = 1.0, seed: int = 0, fractions: Fractions = FRACTIONS
 ) -> tuple[Split, Split, Split]:
     """Like :func:`make_circle_dataset` (other points) with flipped labels: 1 means outside."""
     rng = np.random.default_rng([seed, 2])
@@ -71,7 +74,7 @@ def make_inv_circle_dataset(
 
 
 def make_square_dataset(
-    n: int, R: float = 1.0, seed: int = 0, fractions: Sequence[float] = (0.8, 0.1, 0.1)
+    n: int, R: float = 1.0, seed: int = 0, fractions: Fractions = FRACTIONS
 ) -> tuple[Split, Split, Split]:
     """2-D points labelled 1 when inside the axis-aligned square of half-width ``R``."""
     rng = np.random.default_rng([seed, 3])
@@ -84,7 +87,7 @@ def make_sin_cos_dataset(
     high: float = np.pi,
     noise: float = 0.0,
     seed: int = 0,
-    fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    fractions: Fractions = FRACTIONS,
 ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], ...]:
     """Inputs ``x`` uniform in ``[low, high]`` with targets ``sin(x)`` and ``cos(x)``.
 
@@ -96,6 +99,25 @@ def make_sin_cos_dataset(
     s = (np.sin(x[:, 0]) + noise * rng.standard_normal(n)).astype(np.float32)
     c = (np.cos(x[:, 0]) + noise * rng.standard_normal(n)).astype(np.float32)
     return tuple((x[i:j], s[i:j], c[i:j]) for i, j in _bounds(n, fractions))
+
+
+def _texts(
+    rng: np.random.Generator,
+    fillers: Callable[[], list[Any]],
+    hints: Sequence[tuple[float, np.ndarray]],
+    length: int,
+) -> np.ndarray:
+    """Token rows: ``fillers()`` words, plus each hint's word with its probability, shuffled,
+    cut or 0-padded to ``length``."""
+    text = np.zeros((len(hints[0][1]), length), dtype=np.int64)
+    for i in range(len(text)):
+        words = fillers()
+        for p, ids in hints:
+            if rng.random() < p:
+                words.append(ids[i])
+        rng.shuffle(words)
+        text[i, : min(length, len(words))] = words[:length]
+    return text
 
 
 def _cut(arrays: dict[str, np.ndarray], fractions: Sequence[float]) -> dict[str, dict[str, Arr]]:
@@ -113,7 +135,7 @@ def make_reviews_dataset(
     length: int = 24,
     noise: float = 0.15,
     seed: int = 0,
-    fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    fractions: Fractions = FRACTIONS,
 ) -> dict[str, dict[str, Arr]]:
     """Bag-of-words sentiment reviews of one domain (the GumGum story's Yelp and IMDB).
 
@@ -182,7 +204,7 @@ def make_products_dataset(
     vocab_size: int = 40,
     length: int = 8,
     seed: int = 0,
-    fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    fractions: Fractions = FRACTIONS,
 ) -> dict[str, dict[str, Arr]]:
     """Product images and titles with colour and pattern attributes (the Tonks story).
 
@@ -208,16 +230,9 @@ def make_products_dataset(
     for i in range(n):
         shade = np.where(stripes > 0, 1.0, 0.2) if pattern[i] else np.full((image_size, 1), 0.6)
         images[i, color[i]] += shade.astype(np.float32)
-    text = np.zeros((n, length), dtype=np.int64)
     filler = np.arange(6, vocab_size)
-    for i in range(n):
-        words = list(rng.choice(filler, size=length - 2))
-        if rng.random() < 0.6:
-            words.append(1 + color[i])  # ids 1..3: colour words
-        if rng.random() < 0.6:
-            words.append(4 + pattern[i])  # ids 4..5: pattern words
-        rng.shuffle(words)
-        text[i, : min(length, len(words))] = words[:length]
+    hints = [(0.6, 1 + color), (0.6, 4 + pattern)]  # ids 1..3: colour words, 4..5: pattern words
+    text = _texts(rng, lambda: list(rng.choice(filler, size=length - 2)), hints, length)
     return _cut(
         {
             "image": images,
@@ -249,7 +264,7 @@ def make_digit_products(
     hint: float = 0.3,
     length: int = 6,
     seed: int = 0,
-    fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    fractions: Fractions = FRACTIONS,
 ) -> dict[str, dict[str, Arr]]:
     """Products with a small image and a text description (the Tonks story, interference part).
 
@@ -304,26 +319,17 @@ def make_digit_products(
     noise = price_noise * rng.standard_normal(len(rows))
     price = (price_mean + price_scale * (z[rows] + noise)).astype(np.float32)
     filler = np.arange(13, len(DIGIT_WORDS))
-    text = np.zeros((len(rows), length), dtype=np.int64)
-    for i in range(len(rows)):
-        words = list(rng.choice(filler, size=int(rng.integers(3, 6)), replace=False))
-        if rng.random() < hint:
-            words.append(1 + digit[i])  # ids 1..10: the digit's word
-        if rng.random() < hint:
-            words.append(11 if loop[i] else 12)  # "round" / "angular"
-        rng.shuffle(words)
-        text[i, : min(length, len(words))] = words[:length]
+    hints = [(hint, 1 + digit), (hint, np.where(loop == 1, 11, 12))]  # ids 1..10; round/angular
+    text = _texts(
+        rng, lambda: list(rng.choice(filler, int(rng.integers(3, 6)), replace=False)), hints, length
+    )
     return _cut(
         {"image": image, "text": text, "digit": digit, "loop": loop, "price": price}, fractions
     )
 
 
 def make_kpi_dataset(
-    n: int,
-    n_features: int = 8,
-    noise: float = 0.1,
-    seed: int = 0,
-    fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    n: int, n_features: int = 8, noise: float = 0.1, seed: int = 0, fractions: Fractions = FRACTIONS
 ) -> dict[str, dict[str, Arr]]:
     """Two KPIs of one feed item (the Taboola story): a click and a dwell time.
 
@@ -353,11 +359,7 @@ def make_kpi_dataset(
 
 
 def make_feature_subsets(
-    n: int,
-    n_tasks: int = 2,
-    n_features: int = 8,
-    seed: int = 0,
-    fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    n: int, n_tasks: int = 2, n_features: int = 8, seed: int = 0, fractions: Fractions = FRACTIONS
 ) -> dict[str, dict[str, Arr]]:
     """Tasks whose labels depend on different feature subsets: ``y_t = [x_{2t} · x_{2t+1} > 0]``.
 
@@ -386,32 +388,27 @@ def make_feature_subsets(
     return _cut({"x": x, **labels}, fractions)
 
 
-def _pairs(make: Callable[..., tuple[Split, Split, Split]]) -> Generator:
-    """``make`` with its ``(X, Y)`` splits renamed to arrays ``x`` and ``y`` (same arguments)."""
+def _named(make: Callable[..., Sequence[tuple[Arr, ...]]], *names: str) -> Generator:
+    """``make`` (same arguments) with the arrays of each of its splits named ``names``."""
 
     @functools.wraps(make)
     def generate(*args: Any, **kwargs: Any) -> dict[str, dict[str, Arr]]:
         splits = make(*args, **kwargs)
-        return {s: {"x": X, "y": Y} for s, (X, Y) in zip(SPLITS, splits, strict=True)}
+        return {
+            s: dict(zip(names, arrays, strict=True))
+            for s, arrays in zip(SPLITS, splits, strict=True)
+        }
 
     return generate
-
-
-@functools.wraps(make_sin_cos_dataset)
-def _sin_cos(*args: Any, **kwargs: Any) -> dict[str, dict[str, Arr]]:
-    splits = make_sin_cos_dataset(*args, **kwargs)
-    return {
-        s: {"x": x, "sin": si, "cos": co} for s, (x, si, co) in zip(SPLITS, splits, strict=True)
-    }
 
 
 GENERATORS: Registry[Generator] = Registry(
     "generator",
     {
-        "circle": _pairs(make_circle_dataset),  # arrays x (N, 2), y (N,)
-        "square": _pairs(make_square_dataset),  # arrays x (N, 2), y (N,)
-        "inv_circle": _pairs(make_inv_circle_dataset),  # arrays x (N, 2), y (N,)
-        "sin_cos": _sin_cos,  # arrays x (N, 1), sin (N,), cos (N,)
+        "circle": _named(make_circle_dataset, "x", "y"),  # x (N, 2), y (N,)
+        "square": _named(make_square_dataset, "x", "y"),  # x (N, 2), y (N,)
+        "inv_circle": _named(make_inv_circle_dataset, "x", "y"),  # x (N, 2), y (N,)
+        "sin_cos": _named(make_sin_cos_dataset, "x", "sin", "cos"),  # x (N, 1), sin, cos (N,)
         "reviews": make_reviews_dataset,  # arrays tokens (N, L), label (N,)
         "products": make_products_dataset,  # arrays image, text, color, pattern
         "kpi": make_kpi_dataset,  # arrays x, click, dwell

@@ -300,14 +300,15 @@ def test_getitems_gives_a_custom_collate_function_the_rows_one_by_one(tmp_path: 
     assert [t for batch in loader for t in batch] == y.tolist()
 
 
-def test_a_large_batch_is_read_by_threads_in_consecutive_parts(tmp_path: Path) -> None:
+def test_a_large_batch_is_read_whole_and_a_pickled_reader_opens_its_own_files(
+    tmp_path: Path,
+) -> None:
     x = np.random.default_rng(1).normal(size=(300, 5)).astype(np.float32)
     np.save(tmp_path / "big.npy", x)
     xm = np.load(tmp_path / "big.npy", mmap_mode="r")
-    reader = MapReader(budget=16, threads=3)
+    reader = MapReader(budget=16)
     idx = torch.randperm(300, generator=torch.Generator().manual_seed(0))[:200]
     assert torch.equal(reader.gather(xm, idx), torch.from_numpy(x[idx.numpy()]))
-    assert reader._threads is not None  # the parts were read by its threads
-    again = pickle.loads(pickle.dumps(reader))  # a worker's copy starts its own threads
-    assert again._threads is None and again.threads == 3
+    again = pickle.loads(pickle.dumps(reader))  # a worker's copy opens its own files
+    assert again._files == {} and again.budget == 16
     assert torch.equal(again.gather(xm, idx), torch.from_numpy(x[idx.numpy()]))

@@ -1,17 +1,10 @@
 """Data files -> columns: THE reader of every file format mtlgraph reads.
 
-One parser per format, each reading a whole file or a file in chunks of rows from the same code
-(:func:`read_table` is :func:`iter_table` in one chunk): CSV and JSON Lines (standard library),
-Parquet (pyarrow, ``pip install 'mtlgraph[tables]'``), ``.npz`` archives and ``.npy`` files or
-directories of them (memory-mapped). Training, evaluation, prediction and shards all read
-through it, so a file means the same rows everywhere. The rules (``docs/data-sources.md``):
-text is UTF-8 (a byte-order mark is dropped), lines end in LF or CRLF, quoted CSV cells may hold
-newlines and up to :data:`CELL_LIMIT` characters; a row with too few or too many cells, a
-duplicated or empty column name, a row whose cells are all empty is a
-:class:`~mtlgraph.DataError` naming the file, the line of the file and the column; rows are
-never dropped or reordered. :mod:`mtlgraph.data.sources.table` turns the columns into tensors.
-
-A :class:`Table` is ``{column: numpy array}`` that also knows where each row is in its file.
+One parser per format (CSV, JSON Lines, Parquet, ``.npz``, ``.npy`` files or directories), each
+reading a whole file or chunks of rows from the same code, so a file means the same rows
+everywhere; the rules (encoding, line ends, cell limits, what is an error) are in
+docs/data-sources.md. A :class:`Table` is ``{column: numpy array}`` that also knows where each
+row is in its file; :mod:`mtlgraph.data.sources.table` turns the columns into tensors.
 """
 
 from __future__ import annotations
@@ -35,15 +28,9 @@ TABLE_FORMATS = ("csv", "jsonl", "parquet", "npz", "npy")
 """File formats :func:`read_table` reads (``npy``: one ``.npy`` file, or a directory of
 ``<column>.npy`` files)."""
 
-SUFFIXES = {
-    "csv": "csv",
-    "jsonl": "jsonl",
-    "ndjson": "jsonl",
-    "parquet": "parquet",
-    "pq": "parquet",
-    "npz": "npz",
-    "npy": "npy",
-}
+SUFFIXES = dict(
+    csv="csv", jsonl="jsonl", ndjson="jsonl", parquet="parquet", pq="parquet", npz="npz", npy="npy"
+)
 """File suffix -> format."""
 
 CELL_LIMIT = 64 * 2**20
@@ -185,7 +172,12 @@ def iter_table(
     return _READERS[fmt](file, columns, rows)
 
 
-def _select(names: Sequence[str], columns: Sequence[str] | None, origin: str) -> list[str]:
+def select_columns(names: Sequence[str], columns: Sequence[str] | None, origin: str) -> list[str]:
+    """``columns`` (all ``names`` when ``None``), each once.
+
+    Raises:
+        DataError: Every column of ``columns`` not in ``names``, with a suggestion.
+    """
     if columns is None:
         return list(names)
     missing = [c for c in columns if c not in names]
@@ -257,21 +249,19 @@ def _csv_row(reader: Any, origin: str) -> list[str] | None:
 
 
 def _check_row(row: list[str], names: list[str], origin: str, line: int) -> None:
+    if not any(c.strip() for c in row):
+        raise _all_empty(origin, "line", line)
     if len(row) != len(names):
         if len(row) < len(names):
-            where = f"column '{names[len(row)]}'" if row else f"column '{names[0]}'"
+            where = f"column '{names[len(row)]}'"
         else:
             where = f"column {len(names) + 1} (past the last, '{names[-1]}')"
-        if not any(c.strip() for c in row):
-            raise _all_empty(origin, "line", line)
         raise DataError(
             [
                 f"{origin} line {line}, {where}: {len(row)} cells, but the header names "
                 f"{len(names)} columns; every row needs one cell per column"
             ]
         )
-    if not any(c.strip() for c in row):
-        raise _all_empty(origin, "line", line)
 
 
 def _csv_chunks(file: Path, columns: Sequence[str] | None, rows: int | None) -> Iterator[Table]:
@@ -284,7 +274,7 @@ def _csv_chunks(file: Path, columns: Sequence[str] | None, rows: int | None) -> 
             raise DataError([f"{origin} is empty; its first line must name the columns"])
         names = [h.strip() for h in header]
         _check_names(names, origin, "line 1")
-        keep = [(c, names.index(c)) for c in _select(names, columns, origin)]
+        keep = [(c, names.index(c)) for c in select_columns(names, columns, origin)]
         while True:
             lines: list[int] = []
             cells: list[list[str]] = [[] for _ in keep]
@@ -385,7 +375,7 @@ def _jsonl_chunks(file: Path, columns: Sequence[str] | None, rows: int | None) -
                 if names is None:
                     names = list(row)
                     _check_names(names, origin, "line 1")
-                    keep = _select(names, columns, origin)
+                    keep = select_columns(names, columns, origin)
                 _check_keys(row, names, origin, line)
                 lines.append(line)
                 objects.append(row)
@@ -444,7 +434,7 @@ def _parquet_chunks(file: Path, columns: Sequence[str] | None, rows: int | None)
         raise DataError([f"cannot read {origin} as Parquet: {type(e).__name__}: {e}"]) from e
     names = list(parquet.schema_arrow.names)
     _check_names(names, origin, "schema")
-    keep = _select(names, columns, origin)
+    keep = select_columns(names, columns, origin)
     start = 0
     total = parquet.metadata.num_rows
     for record in parquet.iter_batches(batch_size=rows or max(total, 1)):
@@ -487,7 +477,7 @@ def _npz_chunks(file: Path, columns: Sequence[str] | None, rows: int | None) -> 
     origin = f"'{file}'"
     try:
         with np.load(file, allow_pickle=False) as npz:
-            keep = _select(list(npz.files), columns, origin)
+            keep = select_columns(list(npz.files), columns, origin)
             arrays = {c: npz[c] for c in keep}
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         raise DataError([f"cannot read {origin} as .npz: {type(e).__name__}: {e}"]) from e
@@ -505,7 +495,7 @@ def _npy_chunks(folder: Path, columns: Sequence[str] | None, rows: int | None) -
     if not names:
         raise DataError([f"{origin} holds no .npy file; save one array per field or label"])
     arrays = {}
-    for c in _select(names, columns, origin):
+    for c in select_columns(names, columns, origin):
         try:
             arrays[c] = np.load(folder / f"{c}.npy", mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as e:

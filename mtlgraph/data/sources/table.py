@@ -24,7 +24,7 @@ import torch
 from mtlgraph._suggest import did_you_mean, quoted
 from mtlgraph.data.datasets import DictDataset
 from mtlgraph.data.memmap import is_memmap
-from mtlgraph.data.sources.files import Table, as_table, table_length
+from mtlgraph.data.sources.files import Table, as_table, select_columns, table_length
 from mtlgraph.exceptions import DataError
 
 Tokenizer = Callable[[str], Any]
@@ -162,7 +162,7 @@ def field_values(
     """
     t = as_table(table, origin)
     listed = [columns] if isinstance(columns, str) else list(columns)
-    _require(t, listed)
+    select_columns(list(t), listed, t.origin)
     text = text or {}
     if isinstance(columns, str) and columns in text:
         return encode_texts(t, columns, text[columns])
@@ -195,7 +195,7 @@ def label_values(table: Mapping[str, np.ndarray], column: str, origin: str = "th
     """A label column: ``int64`` when every value is a whole number, else ``float32`` (an empty
     cell is NaN: unlabelled)."""
     t = as_table(table, origin)
-    _require(t, [column])
+    select_columns(list(t), [column], t.origin)
     values = numbers(t, column, "a label")
     if t.typed:  # arrays keep their dtype (float (N, C) soft labels stay floats)
         return torch.from_numpy(np.require(values, requirements=["C", "W"]))
@@ -203,18 +203,6 @@ def label_values(table: Mapping[str, np.ndarray], column: str, origin: str = "th
         np.all(np.isfinite(values)) and np.all(values == np.round(values))
     )
     return torch.from_numpy(np.ascontiguousarray(values.astype(np.int64 if whole else np.float32)))
-
-
-def _require(table: Table, columns: Sequence[str]) -> None:
-    missing = [c for c in columns if c not in table]
-    if missing:
-        raise DataError(
-            [
-                f"{table.origin} has no column '{c}'{did_you_mean(c, table)}; it has "
-                f"{quoted(table)}"
-                for c in missing
-            ]
-        )
 
 
 def split_table(
