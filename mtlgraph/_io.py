@@ -1,4 +1,4 @@
-"""The one atomic file writer and the one container walker.
+"""The one atomic file writer, the one container walker and the one importer of optional extras.
 
 Every file mtlgraph writes (model files, checkpoints, vocabularies, reports, scores, configs) goes
 through :func:`atomic_write`: a temporary file in the target's directory, flushed and fsynced,
@@ -9,6 +9,7 @@ the complete new one, never half of one. JSON files (scores, reports) go through
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -21,6 +22,20 @@ from typing import IO, Any
 import torch
 
 from mtlgraph.exceptions import CheckpointError
+
+
+def import_extra(what: str, extra: str, *modules: str, needs: str = "") -> list[Any]:
+    """The ``modules``, imported, or an ImportError naming the extra that provides them.
+
+    The message reads ``"<what> needs <needs>: pip install 'mtlgraph[<extra>]'"``; ``needs``
+    defaults to the first module's name.
+    """
+    try:
+        return [importlib.import_module(m) for m in modules]
+    except ImportError as e:
+        raise ImportError(
+            f"{what} needs {needs or modules[0]}: pip install 'mtlgraph[{extra}]'"
+        ) from e
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]) -> Path:

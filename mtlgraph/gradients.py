@@ -162,14 +162,17 @@ def build_layout(tasks: Mapping[str, Task], plan: ExecutionPlan) -> SharedLayout
     seen: set[int] = set()
     shared: list[nn.Parameter] = []
     modules: list[tuple[str, int, int]] = []
+    slices: list[tuple[int, int]] = []
     offset = 0
     for m in shared_names:
         params = _trainable(plan_module(tasks, plan, m), seen)
-        size = sum(p.numel() for p in params)
-        if size:
-            modules.append((m, offset, offset + size))
+        start = offset
+        for p in params:
+            slices.append((offset, p.numel()))
+            offset += p.numel()
+        if offset > start:
+            modules.append((m, start, offset))
         shared += params
-        offset += size
     own = {
         task_name: [
             p
@@ -179,11 +182,6 @@ def build_layout(tasks: Mapping[str, Task], plan: ExecutionPlan) -> SharedLayout
         ]
         for task_name, task_modules in plan.task_modules.items()
     }
-    slices = []
-    offset = 0
-    for p in shared:
-        slices.append((offset, p.numel()))
-        offset += p.numel()
     dtype = shared[0].dtype if shared else torch.float32
     device = shared[0].device if shared else torch.device("cpu")
     buffer = torch.empty(len(plan.task_names), offset, dtype=dtype, device=device)

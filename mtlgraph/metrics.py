@@ -151,8 +151,12 @@ def _accuracy(
     return float(_skm().accuracy_score(golds, preds, normalize=normalize))
 
 
-def _averaged_score(sklearn_name: str) -> MetricFunc:
-    """Precision, recall or F1: ``sklearn.metrics.<sklearn_name>`` with :func:`_averaged`."""
+def _averaged_score(sklearn_name: str, **extra: float) -> MetricFunc:
+    """Precision, recall, F1 or F-beta: ``sklearn.metrics.<sklearn_name>`` with :func:`_averaged`.
+
+    ``extra`` are further keyword parameters with their defaults (``beta=1.0``); they join the
+    signature that specs are checked against, before ``average``.
+    """
 
     def score(
         golds: np.ndarray,
@@ -162,26 +166,19 @@ def _averaged_score(sklearn_name: str) -> MetricFunc:
         pos_label: int | str = 1,
         labels: Sequence[Any] | None = None,
         zero_division: float | str = 0.0,
+        **kwargs: Any,
     ) -> float:
         kw = _averaged(golds, probs, average, pos_label, labels, zero_division)
-        return float(getattr(_skm(), sklearn_name)(golds, preds, **kw))
+        return float(getattr(_skm(), sklearn_name)(golds, preds, **{**extra, **kwargs}, **kw))
 
+    params = list(inspect.signature(score).parameters.values())[:-1]  # without **kwargs
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    added = [inspect.Parameter(k, kind, default=v, annotation=float) for k, v in extra.items()]
+    sig = inspect.Signature(params[:3] + added + params[3:], return_annotation=float)
+    score.__signature__ = sig  # type: ignore[attr-defined]
+    score.__annotations__.update(dict.fromkeys(extra, "float"))  # for the type check of specs
     score.__name__ = score.__qualname__ = f"_{sklearn_name}"
     return score
-
-
-def _fbeta(
-    golds: np.ndarray,
-    preds: np.ndarray,
-    probs: np.ndarray,
-    beta: float = 1.0,
-    average: str | None = None,
-    pos_label: int | str = 1,
-    labels: Sequence[Any] | None = None,
-    zero_division: float | str = 0.0,
-) -> float:
-    kw = _averaged(golds, probs, average, pos_label, labels, zero_division)
-    return float(_skm().fbeta_score(golds, preds, beta=beta, **kw))
 
 
 def _mcc(golds: np.ndarray, preds: np.ndarray, probs: np.ndarray) -> float:
@@ -331,7 +328,7 @@ _BUILT_IN: list[tuple[str, MetricFunc, bool]] = [
     ("precision", _averaged_score("precision_score"), True),
     ("recall", _averaged_score("recall_score"), True),
     ("f1", _averaged_score("f1_score"), True),
-    ("fbeta", _fbeta, True),
+    ("fbeta", _averaged_score("fbeta_score", beta=1.0), True),
     ("matthews_corrcoef", _mcc, True),
     ("roc_auc", _roc_auc, True),
     ("mse", _mse, False),

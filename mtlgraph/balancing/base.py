@@ -171,17 +171,6 @@ class Balancer(nn.Module):
             logger.warning(message, *args)
 
 
-def seeded_generator(balancer: str, seed: object) -> torch.Generator:
-    """The balancer's own generator (no global random state), seeded with an integer.
-
-    Raises:
-        ConfigError: ``seed`` is not an integer (the message names ``balancer``).
-    """
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ConfigError([f"balancer '{balancer}': seed must be an integer, got {seed!r}"])
-    return torch.Generator().manual_seed(seed)
-
-
 def grown(
     vector: nn.Parameter, index: dict[str, int], tasks: Iterable[str], fill: float
 ) -> nn.Parameter:
@@ -232,3 +221,26 @@ class LastWeights(Balancer):
 
     def set_extra_state(self, state: Any) -> None:
         self._last = dict(state["last"])
+
+
+class Seeded(LastWeights):
+    """A :class:`LastWeights` balancer with its own ``torch.Generator`` (no global random
+    state), seeded with the integer ``seed`` and saved with the balancer's state.
+
+    Raises:
+        ConfigError: ``seed`` is not an integer (the message names the balancer).
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ConfigError([f"balancer '{self.name}': seed must be an integer, got {seed!r}"])
+        super().__init__()
+        self.seed = seed
+        self._gen = torch.Generator().manual_seed(seed)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {**super().get_extra_state(), "generator": self._gen.get_state()}
+
+    def set_extra_state(self, state: Any) -> None:
+        super().set_extra_state(state)
+        self._gen.set_state(state["generator"])

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 import torch
 
-from mtlgraph.balancing.base import LastWeights, StepContext, seeded_generator
+from mtlgraph.balancing.base import LastWeights, Seeded, StepContext
 from mtlgraph.balancing.solvers import cagrad_solve, min_norm, pcgrad_coefficients
 from mtlgraph.exceptions import ArgumentCheck
 from mtlgraph.gradients import SharedGradients, SharedLayout, accumulate_grad
@@ -81,7 +80,7 @@ class GradientBalancer(LastWeights):
         return torch.from_numpy(beta).to(rows) @ rows, beta
 
 
-class PCGradBalancer(GradientBalancer):
+class PCGradBalancer(Seeded, GradientBalancer):
     """PCGrad, gradient surgery (Yu et al., NeurIPS 2020): each task's gradient loses its
     components that conflict with the others' (in an order from its own seeded generator); summed.
 
@@ -98,22 +97,10 @@ class PCGradBalancer(GradientBalancer):
 
     name = "pcgrad"
 
-    def __init__(self, seed: int = 0) -> None:
-        super().__init__()
-        self.seed = seed
-        self._gen = seeded_generator("pcgrad", seed)
-
     def combine(self, gram: np.ndarray) -> np.ndarray:
         k = len(gram)
         orders = (torch.randperm(k, generator=self._gen).tolist() for _ in range(k))
         return pcgrad_coefficients(gram, orders)
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {**super().get_extra_state(), "generator": self._gen.get_state()}
-
-    def set_extra_state(self, state: Any) -> None:
-        super().set_extra_state(state)
-        self._gen.set_state(state["generator"])
 
 
 class MGDABalancer(GradientBalancer):

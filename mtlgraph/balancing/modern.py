@@ -16,10 +16,10 @@ from torch import nn
 
 from mtlgraph.balancing.base import (
     LastWeights,
+    Seeded,
     StepContext,
     grown,
     saved_task_order,
-    seeded_generator,
 )
 from mtlgraph.balancing.gradient import GradientBalancer
 from mtlgraph.balancing.solvers import (
@@ -236,7 +236,7 @@ class NashMTLBalancer(_Named):
         self._alpha = {t: float(a) for t, a in state["alpha"].items()}
 
 
-class GradVacBalancer(_Named):
+class GradVacBalancer(Seeded, _Named):
     """GradVac, gradient vaccine (Wang et al., ICLR 2021): lifts each pair's gradient cosine to an
     EMA target (initially 0, i.e. PCGrad), so agreeing tasks are pulled closer too.
 
@@ -257,15 +257,13 @@ class GradVacBalancer(_Named):
     name = "gradvac"
 
     def __init__(self, beta: float = 0.01, group: str = "model", seed: int = 0) -> None:
-        super().__init__()
         check = ArgumentCheck(f"balancer '{self.name}'")
         check.number("beta", beta, "in (0, 1]", lambda v: 0 < v <= 1)
         check.choice("group", group, ("model", "module"))
         check.done()
+        super().__init__(seed)
         self.beta = float(beta)
         self.group = group
-        self.seed = seed
-        self._gen = seeded_generator("gradvac", seed)
         self._targets: dict[str, float] = {}  # "group|i|j" -> φ̂_ij
 
     def _coefficients(self, gram: np.ndarray, group: str) -> np.ndarray:
@@ -302,16 +300,11 @@ class GradVacBalancer(_Named):
         return out, total  # logged: the size-weighted mean of the modules' coefficients
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {
-            **super().get_extra_state(),
-            "targets": dict(self._targets),
-            "generator": self._gen.get_state(),
-        }
+        return {**super().get_extra_state(), "targets": dict(self._targets)}
 
     def set_extra_state(self, state: Any) -> None:
         super().set_extra_state(state)
         self._targets = {k: float(v) for k, v in state["targets"].items()}
-        self._gen.set_state(state["generator"])
 
 
 class DBMTLBalancer(_Named):

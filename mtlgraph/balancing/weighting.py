@@ -18,10 +18,10 @@ from mtlgraph._suggest import did_you_mean, quoted
 from mtlgraph.balancing.base import (
     Balancer,
     LastWeights,
+    Seeded,
     StepContext,
     grown,
     saved_task_order,
-    seeded_generator,
 )
 from mtlgraph.balancing.solvers import adam_step
 from mtlgraph.exceptions import ArgumentCheck, ConfigError
@@ -483,7 +483,7 @@ class InverseMetricBalancer(Balancer):
         self._weights = {t: float(w) for t, w in state["weights"].items()}
 
 
-class RLWBalancer(LastWeights):
+class RLWBalancer(Seeded):
     """Random loss weighting (Lin et al., 2021): ``w = K·softmax(z)``, ``z ~ N(0, I)`` each step,
     drawn from its own seeded generator.
 
@@ -498,11 +498,6 @@ class RLWBalancer(LastWeights):
 
     name = "rlw"
 
-    def __init__(self, seed: int = 0) -> None:
-        super().__init__()
-        self.seed = seed
-        self._gen = seeded_generator("rlw", seed)
-
     def backward(self, losses: Mapping[str, torch.Tensor], ctx: StepContext) -> None:
         k = len(losses)
         w = (
@@ -510,10 +505,3 @@ class RLWBalancer(LastWeights):
         ).tolist()
         self._last.update(zip(losses, w, strict=True))
         ctx.weighted_backward(losses, dict(zip(losses, w, strict=True)))
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {**super().get_extra_state(), "generator": self._gen.get_state()}
-
-    def set_extra_state(self, state: Any) -> None:
-        super().set_extra_state(state)
-        self._gen.set_state(state["generator"])

@@ -499,35 +499,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = _configure_logging(args.quiet, args.debug)
     try:
         return int(args.run(args))
-    except _RunFailure as wrapper:
-        error = wrapper.__cause__
-        assert error is not None
+    except (KeyboardInterrupt, Exception) as caught:
+        error: BaseException = caught
+        hint = None
+        if isinstance(caught, _RunFailure):  # raised after set-up: report the real error
+            assert caught.__cause__ is not None
+            error, hint = caught.__cause__, caught.resume_hint
         if isinstance(error, KeyboardInterrupt):
-            _interrupted(error, args.debug, wrapper.resume_hint)
+            if args.debug:
+                traceback.print_exception(error, file=sys.stderr)
+            print(
+                f"mtlgraph: interrupted (Ctrl-C){f'; resume with: {hint}' if hint else ''}",
+                file=sys.stderr,
+            )
             return 130
-        if isinstance(error, BrokenPipeError):
+        if isinstance(error, BrokenPipeError):  # mtlgraph ... | head: the reader left; end quietly
             return _quiet_broken_pipe()
         _report(error, args.debug)
         # mtlgraph's own errors (data that does not fit, a checkpoint of another run) are
         # configuration errors even when found after set-up; anything else is a run-time failure
         return EXIT_USAGE if _is_usage_error(error) else EXIT_FAILURE
-    except KeyboardInterrupt as error:
-        _interrupted(error, args.debug, None)
-        return 130
-    except BrokenPipeError:  # mtlgraph ... | head: the reader left; end quietly
-        return _quiet_broken_pipe()
-    except Exception as error:
-        _report(error, args.debug)
-        return EXIT_USAGE if _is_usage_error(error) else EXIT_FAILURE
     finally:
         logging.getLogger("mtlgraph").removeHandler(handler)
-
-
-def _interrupted(error: BaseException, debug: bool, resume_hint: str | None) -> None:
-    if debug:
-        traceback.print_exception(error, file=sys.stderr)
-    hint = f"; resume with: {resume_hint}" if resume_hint else ""
-    print(f"mtlgraph: interrupted (Ctrl-C){hint}", file=sys.stderr)
 
 
 def _quiet_broken_pipe() -> int:
@@ -552,7 +545,7 @@ def _is_usage_error(error: BaseException) -> bool:
     return yaml is not None and isinstance(error, yaml.YAMLError)
 
 
-def _report(error: BaseException, debug: bool, what: str = "error") -> None:
+def _report(error: BaseException, debug: bool) -> None:
     if debug:
         traceback.print_exception(error, file=sys.stderr)
         return
@@ -560,5 +553,5 @@ def _report(error: BaseException, debug: bool, what: str = "error") -> None:
     message = str(error) if named else f"{type(error).__name__}: {error}"
     notes = [n for n in getattr(error, "__notes__", []) if n]
     text = "\n".join([message, *notes])
-    print(f"mtlgraph: {what}: {text}", file=sys.stderr)
+    print(f"mtlgraph: error: {text}", file=sys.stderr)
     print("(run with --debug for the traceback)", file=sys.stderr)

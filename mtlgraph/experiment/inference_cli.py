@@ -94,7 +94,7 @@ def predict(args: argparse.Namespace) -> int:
     out_format = prediction_format(args.out)
     if out_format == "parquet":
         with _extras_are_usage():
-            import_pyarrow("writing Parquet")
+            import_pyarrow()
     cfg = load_config(args.config, args.overrides)
     model = load_model(cfg, args.checkpoint)
     tasks = parse_tasks(model, args.tasks) if args.tasks else labelled_tasks(cfg, model, args.data)

@@ -9,7 +9,6 @@ is a :class:`~mtlgraph.GraphError` naming it and its tasks (``docs/inference.md`
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -19,7 +18,7 @@ from typing import Any, Literal, cast
 import torch
 from torch import nn
 
-from mtlgraph._io import atomic_write, write_json
+from mtlgraph._io import atomic_write, import_extra, write_json
 from mtlgraph._suggest import quoted
 from mtlgraph.exceptions import GraphError
 from mtlgraph.graph.plan import ExecutionPlan
@@ -33,11 +32,7 @@ BATCH = "batch"
 """Name of the dynamic batch dimension (dimension 0 of every input and output)."""
 
 
-def onnx_extra_error(what: str) -> ImportError:
-    """The error for a missing ``onnx`` extra."""
-    return ImportError(
-        f"{what} needs onnx, onnxscript and onnxruntime: pip install 'mtlgraph[onnx]'"
-    )
+_ONNX_NEEDS = "onnx, onnxscript and onnxruntime"
 
 
 def input_fields(
@@ -289,12 +284,8 @@ def sidecar_path(path: str | os.PathLike[str]) -> Path:
 
 
 def require_onnx() -> None:
-    """Raise the ``onnx`` extra's error unless onnx and onnxscript import."""
-    try:
-        import onnx  # noqa: F401  (the extra's pieces, checked together)
-        import onnxscript  # noqa: F401
-    except ImportError as e:
-        raise onnx_extra_error("exporting to ONNX") from e
+    """Raise the ``onnx`` extra's ImportError unless onnx and onnxscript import."""
+    import_extra("exporting to ONNX", "onnx", "onnx", "onnxscript", needs=_ONNX_NEEDS)
 
 
 def _save_onnx(program: Any, graph: TaskGraph, target: Path) -> None:
@@ -406,10 +397,9 @@ def run_exported(
     names = [i["name"] for i in meta["inputs"]]
     tasks = [o["name"] for o in meta["outputs"]]
     if meta["exporter"] == "onnx":
-        try:
-            onnxruntime = importlib.import_module("onnxruntime")
-        except ImportError as e:
-            raise onnx_extra_error("running an ONNX file") from e
+        (onnxruntime,) = import_extra(
+            "running an ONNX file", "onnx", "onnxruntime", needs=_ONNX_NEEDS
+        )
         session = onnxruntime.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
         outs = session.run(tasks, {n: inputs[n].detach().cpu().numpy() for n in names})
         return {t: torch.from_numpy(o) for t, o in zip(tasks, outs, strict=True)}

@@ -8,7 +8,6 @@ file, written atomically. The columns per task type are in ``docs/inference.md``
 from __future__ import annotations
 
 import csv
-import importlib
 import io
 import json
 import math
@@ -20,7 +19,7 @@ from typing import IO, Any, Protocol
 import numpy as np
 import torch
 
-from mtlgraph._io import atomic_write
+from mtlgraph._io import atomic_write, import_extra
 from mtlgraph._suggest import quoted
 from mtlgraph.data.sources.files import SUFFIXES
 from mtlgraph.exceptions import ConfigError, DataError
@@ -171,7 +170,7 @@ class _Csv:
 
 class _Parquet:
     def __init__(self, fh: IO[bytes]) -> None:
-        self.pa, pq = import_pyarrow("writing Parquet")
+        self.pa, pq = import_pyarrow()
         self.fh = fh
         self.pq = pq
         self.writer: Any = None
@@ -189,12 +188,9 @@ class _Parquet:
             self.writer.close()
 
 
-def import_pyarrow(what: str) -> tuple[Any, Any]:
-    """``(pyarrow, pyarrow.parquet)``, or an ImportError naming the ``tables`` extra."""
-    try:
-        return importlib.import_module("pyarrow"), importlib.import_module("pyarrow.parquet")
-    except ImportError as e:
-        raise ImportError(f"{what} needs pyarrow: pip install 'mtlgraph[tables]'") from e
+def import_pyarrow() -> list[Any]:
+    """``[pyarrow, pyarrow.parquet]``, or an ImportError naming the ``tables`` extra."""
+    return import_extra("writing Parquet", "tables", "pyarrow", "pyarrow.parquet")
 
 
 class _Writer(Protocol):
@@ -277,7 +273,7 @@ def write_predictions(
     target = check_output_path(path)
     fmt = prediction_format(path, file_format)
     if fmt == "parquet":
-        import_pyarrow("writing Parquet")
+        import_pyarrow()
     names = list(task_names) if task_names is not None else model.task_names
     rows = iter_prediction_rows(model, batches, names, id_field)
     return _write(target, fmt, rows, progress, total)
