@@ -1,41 +1,10 @@
 """Checkpoints: atomic, ``weights_only``-loadable snapshots of a training run, and exact resume.
 
-A checkpoint is one dict of tensors and plain values (``str``, ``int``, ``float``, ``bool``,
-``None``, lists, tuples, dicts), written to a temporary file and moved into place with
-``os.replace``: a reader (or a run killed mid-write) sees the old file or the complete new one,
-never a torn one. It is read back only with ``torch.load(weights_only=True)``, so loading a
-checkpoint never runs code; one that holds a pickled object is refused with a
-:class:`~mtlgraph.CheckpointError`.
-
-Contents (``version`` 3; see ``docs/checkpoints.md``): one state dict per stateful piece of the
-run, as pytorch-ignite's ``Checkpoint`` stores them; the first two lines are a model file
-(:mod:`mtlgraph.graph.model_file`)::
-
-    format, version          "mtlgraph.checkpoint", 3
-    model, task_names        model.state_dict(), the model's task names
-    optimizer                the torch optimizer's state_dict (all parameter groups)
-    lr_scheduler             the schedule spec, warm-up and base learning rates (the LR factor
-                             is a pure function of the run's step counters)
-    balancer                 balancer.state_dict()
-    run                      RunState.state_dict(): progress (epoch, step_in_epoch, global_step,
-                             last_logged, batch_counts, loader_positions, world_size), the batch
-                             scheduler's state at the start of the epoch, history, the loss window
-                             and the epoch's losses, why a hook stopped the run
-    hooks                    {hook name: hook.state_dict()} for every hook of the run, built-in
-                             (``checkpoint``: checkpoint_metric, mode, best value and its step;
-                             ``diagnostics``: the interference monitor's sums; ``nonfinite``: the
-                             skipped batches) and the user's (``early_stopping``, ...)
-    rng                      torch CPU (and CUDA) generator states, python ``random``, numpy's
-                             global generator
-    config                   {"trainer": the TrainerConfig, "experiment": the resolved YAML config}
-
-A new feature that keeps state is a hook: its state comes and goes with the others, without
-changes here. Older versions load for their weights and config (``model.load``,
-``mtlgraph predict``); resuming one is refused with a :class:`~mtlgraph.CheckpointError`.
-
-Resuming at ``(epoch, step_in_epoch)`` restores everything above, recomputes the epoch's batch
-plan from the scheduler state, starts every loader at its position (``DictDataLoader.iterate
-(start=...)``), and continues: on CPU the result is bit-identical to an uninterrupted run.
+Written atomically (temporary file, ``os.replace``), read only with
+``torch.load(weights_only=True)`` (a pickled object is refused with a
+:class:`~mtlgraph.CheckpointError`). Contents (``version`` 3: one state dict per stateful piece
+of the run, hook states under their names), older versions and exact resume:
+``docs/checkpoints.md``.
 """
 
 from __future__ import annotations

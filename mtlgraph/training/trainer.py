@@ -1,17 +1,8 @@
 """Trainer: the training loop, readable top to bottom in :meth:`FitLoop.run`.
 
-Each step takes one batch (or, with the ``mixed`` scheduler, one batch per loader) chosen by the
-batch scheduler; the run's one :class:`~mtlgraph.training.step.TrainStep` computes the losses of
-the tasks those batches label, lets the balancer turn them into gradients and steps the optimizer
-on the parameters the step touched (after ``grad_accumulation_steps`` batches; under autocast
-with ``amp``). The optimizer only visits the touched parameters, so a step's cost depends on the
-tasks in the batch, not on how many tasks the model holds. Side concerns (probes, evaluation,
-checkpoints, the progress bar) are hooks fired in a fixed order (:mod:`.hooks`); everything the
-run knows about itself is one :class:`~mtlgraph.training.state.RunState`.
-
-The pieces live in their own modules: :mod:`.config` (``TrainerConfig``), :mod:`.lr` (LR
-schedules), :mod:`.optim` (optimizers, parameter groups, freezing, accumulation), :mod:`.step`,
-:mod:`.state`, :mod:`.hooks`, :mod:`.checkpoint`, :mod:`.writers`, :mod:`.distributed`.
+Each step trains the batches the batch scheduler picks through the run's one
+:class:`~mtlgraph.training.step.TrainStep`; side concerns are hooks (:mod:`.hooks`) and the
+run's state is one :class:`~mtlgraph.training.state.RunState`. See ``docs/training.md``.
 """
 
 from __future__ import annotations

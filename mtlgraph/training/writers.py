@@ -1,23 +1,9 @@
 """Log writers: where the Trainer's evaluation records go besides ``Trainer.history``.
 
-The run's ``writers`` hook (:class:`~mtlgraph.training.hooks.LogWriters`, after the user's hooks)
-calls :meth:`Writer.write` with every history record (``{"epoch", "step",
-"task/dataset/split/metric": value, ...}``) and :meth:`Writer.close` once at the end of ``fit``.
-With no writer configured there is no such hook, so the default loop pays nothing.
-
-Built in (``TrainerConfig.writers``, both on by default when ``run_dir`` is set):
-
-- ``jsonl``: ``<run_dir>/metrics.jsonl``, one JSON object per evaluation;
-- ``tensorboard``: TensorBoard event files in ``<run_dir>``: one ``add_scalar`` per flat key at the
-  record's step, and at the end ``add_hparams(..., run_name=".")`` with the flattened config in the
-  same run.
-
-On resume both drop what was logged after the checkpoint's step, so the logs of an interrupted and
-resumed run read like those of an uninterrupted one.
-
-Named writers live in the registry :data:`WRITERS` (``WRITERS.register(name, factory)`` adds one,
-``WRITERS.unregister(name)`` removes it); a factory takes a :class:`WriterContext`.
-TensorBoard is imported only when a :class:`TensorBoardWriter` is built.
+The run's ``writers`` hook (:class:`~mtlgraph.training.hooks.LogWriters`) calls
+:meth:`Writer.write` with every history record and :meth:`Writer.close` once at the end of
+``fit``. Built in: ``jsonl`` (``metrics.jsonl``) and ``tensorboard``; named writers live in
+:data:`WRITERS`, and a factory takes a :class:`WriterContext`. See ``docs/training.md``.
 """
 
 from __future__ import annotations
