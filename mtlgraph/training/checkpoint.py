@@ -159,23 +159,14 @@ def remove_stale_temporaries(directory: Path) -> None:
 
 def get_rng_state() -> dict[str, Any]:
     """Every random state training may use: torch CPU and CUDA, python ``random``, numpy."""
-    np_state = np.random.get_state(legacy=False)
-    assert isinstance(np_state, dict)
-    np_state = dict(np_state)
-    np_state["state"] = {
-        "key": [int(k) for k in np_state["state"]["key"]],
-        "pos": int(np_state["state"]["pos"]),
-    }
-    np_state["has_gauss"] = int(np_state["has_gauss"])
-    np_state["gauss"] = float(np_state["gauss"])
-    cuda = (
-        list(torch.cuda.get_rng_state_all())
-        if torch.cuda.is_available() and torch.cuda.is_initialized()
-        else []
-    )
+    np_state = dict(np.random.get_state(legacy=False))
+    key, pos = np_state["state"]["key"], np_state["state"]["pos"]
+    np_state["state"] = {"key": [int(k) for k in key], "pos": int(pos)}
+    np_state["has_gauss"], np_state["gauss"] = int(np_state["has_gauss"]), float(np_state["gauss"])
+    cuda_on = torch.cuda.is_available() and torch.cuda.is_initialized()
     return {
         "torch": torch.random.get_rng_state(),
-        "cuda": cuda,
+        "cuda": list(torch.cuda.get_rng_state_all()) if cuda_on else [],
         "python": random.getstate(),
         "numpy": np_state,
     }
@@ -299,16 +290,9 @@ def metric_mode(
         ConfigError: The key is not logged by this run (with the closest key and the choices).
     """
     if key not in keys:
-        listing = ", ".join(sorted(keys))
-        raise ConfigError(
-            [
-                f"{setting}: '{key}' is not a key this training logs"
-                f"{did_you_mean(key, keys)}; it logs {listing}"
-            ]
-        )
-    if mode is not None:
-        return mode
-    return "max" if keys[key] else "min"
+        hint = f"{did_you_mean(key, keys)}; it logs {', '.join(sorted(keys))}"
+        raise ConfigError([f"{setting}: '{key}' is not a key this training logs{hint}"])
+    return mode if mode is not None else ("max" if keys[key] else "min")
 
 
 class Checkpointer:

@@ -350,18 +350,14 @@ class FitLoop:
             return self.model.score(self.evals, slices=slices)
         scores: dict[str, float] = {}
         for loader in self.evals:
-            shard = self.eval_shards.get(id(loader))
+            ds, shard = loader.dataset, self.eval_shards.get(id(loader))
             if shard is None:  # a stream: every rank reads all of it, as one process would
-                local = self.model.predict(loader, return_preds=True, slices=slices)
-                self.model.score_predictions(
-                    local, loader.dataset.name, loader.dataset.split, into=scores
-                )
-                continue
-            local = self.model.predict(shard, return_preds=True, slices=slices)
-            indices = shard.sampler.indices  # type: ignore[attr-defined]
-            full = gather_predictions(local, indices, len(loader.dataset))
-            ds = loader.dataset
-            self.model.score_predictions(full, ds.name, ds.split, into=scores)
+                preds = self.model.predict(loader, return_preds=True, slices=slices)
+            else:
+                local = self.model.predict(shard, return_preds=True, slices=slices)
+                indices = shard.sampler.indices  # type: ignore[attr-defined]
+                preds = gather_predictions(local, indices, len(ds))
+            self.model.score_predictions(preds, ds.name, ds.split, into=scores)
         return scores
 
     def save(self, which: str) -> None:
@@ -381,7 +377,7 @@ class FitLoop:
     def checkpoint(self, rank_records: Sequence[tuple[Records, Records]] = ()) -> dict[str, Any]:
         """The run as one mapping of every stateful piece to its state dict (see
         :mod:`.checkpoint`): the model, the optimizer, the run state, the balancer, each hook."""
-        state = {
+        return {
             **model_entries(self.model),  # format, version, task_names, model
             "optimizer": self.stepper.optimizer.state_dict(),
             "lr_scheduler": {
@@ -395,7 +391,6 @@ class FitLoop:
             "rng": ckpt.get_rng_state(),
             "config": self._plain_config(),
         }
-        return state
 
     # ------------------------------------------------------------------ set-up
 
@@ -429,25 +424,21 @@ class FitLoop:
             streams[self.env.rank] if streams else [None] * len(self.train)
         )
         self.run_view.load_hook_states(saved["hooks"])
-        if self.state.stop_reason is not None:
+        state = self.state
+        if state.stop_reason is not None:
             logger.warning(
-                "the checkpoint's run was stopped (%s): nothing to train", self.state.stop_reason
+                "the checkpoint's run was stopped (%s): nothing to train", state.stop_reason
             )
-            return
-        if self.state.epoch >= self.cfg.n_epochs:
+        elif state.epoch >= self.cfg.n_epochs:
             logger.warning(
                 "the checkpoint's run is finished (%d of %d epochs): nothing to train; raise "
                 "n_epochs to train longer",
-                self.state.epoch,
+                state.epoch,
                 self.cfg.n_epochs,
             )
-            return
-        logger.info(
-            "resuming at epoch %d, step %d of the epoch (global step %d)",
-            self.state.epoch + 1,
-            self.state.step_in_epoch,
-            self.state.global_step,
-        )
+        else:
+            at = (state.epoch + 1, state.step_in_epoch, state.global_step)
+            logger.info("resuming at epoch %d, step %d of the epoch (global step %d)", *at)
 
     @staticmethod
     def _saved_step(saved: Mapping[str, Any] | None) -> int | None:
