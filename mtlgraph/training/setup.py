@@ -114,14 +114,13 @@ def check_splits(
             list(eval_splits),
             hint,
         )
-    have = {dl.dataset.split for dl in loaders}
     explicit = list(eval_splits) != ["valid"]
     unused_splits = [dl.dataset.split for dl in unused]
     problems = [
         f"eval_splits: no loader has split '{split}'{did_you_mean(split, known)}; the loaders "
         f"have {quoted(known)}: set eval_splits to the splits to score (or [] for none)"
         for split in eval_splits
-        if split not in have and (explicit or did_you_mean(split, unused_splits))
+        if split not in known and (explicit or did_you_mean(split, unused_splits))
     ]
     if problems:
         raise ConfigError(problems)
