@@ -73,8 +73,7 @@ def safe_filename(name: str) -> str:
         >>> safe_filename("circle_task/circleDataset/valid/accuracy")
         'circle_task_circleDataset_valid_accuracy'
     """
-    out = re.sub(r"[^A-Za-z0-9._=+-]", "_", name).strip(".")
-    return out or "_"
+    return re.sub(r"[^A-Za-z0-9._=+-]", "_", name).strip(".") or "_"
 
 
 class JsonlWriter(Writer):
@@ -82,12 +81,8 @@ class JsonlWriter(Writer):
 
     Non-finite values are written as ``null``. With ``resume_step``, lines of steps after it
     (logged after the checkpoint an interrupted run resumes from) are dropped first; without
-    it, an existing file is replaced (one run per file). Both rewrites are atomic.
-
-    The file is a log, so records are *appended*, not written with a temp-file-and-replace
-    (that would rewrite the whole file at every evaluation). Each record is one ``write`` of a
-    complete line followed by a flush, so a reader sees whole lines, and a run killed mid-write
-    leaves at most a torn last line, which a resume drops with the lines after its checkpoint.
+    it, an existing file is replaced (one run per file). Both rewrites are atomic; records are
+    appended one whole line per ``write`` and flushed (a torn last line is dropped on resume).
 
     Example:
         >>> import json, tempfile, pathlib
@@ -163,10 +158,8 @@ class TensorBoardWriter(Writer):
 
 def hparam_values(flat: Mapping[str, Any]) -> dict[str, bool | int | float | str]:
     """TensorBoard-acceptable hparams: numbers, strings and booleans kept, the rest as text."""
-    out: dict[str, bool | int | float | str] = {}
-    for k, v in flat.items():
-        out[k] = v if isinstance(v, (bool, int, float, str)) else json.dumps(json_value(v))
-    return out
+    keep = (bool, int, float, str)
+    return {k: v if isinstance(v, keep) else json.dumps(json_value(v)) for k, v in flat.items()}
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
