@@ -317,9 +317,8 @@ class ProbeHook(Hook):
 
 
 class EvaluationHook(Hook):
-    """An evaluation record when due and, unless the last step was just evaluated, at the end:
-    training losses since the last one, learning rates, balancer weights and evaluation scores;
-    the balancer sees the scores, then every hook's ``on_evaluate_end``.
+    """An evaluation record (training losses, learning rates, balancer weights, scores) when due
+    and at the end; the balancer sees the scores, then every hook's ``on_evaluate_end``.
 
     Args:
         every: When to evaluate.
@@ -379,11 +378,9 @@ class EvaluationHook(Hook):
 
 
 class LogWriters(Hook):
-    """The run's log writers (``TrainerConfig.writers``: ``metrics.jsonl``, TensorBoard, your
-    :class:`~mtlgraph.training.writers.Writer` objects) as the ``writers`` hook: every record
-    the run adds to its history (evaluations, :meth:`Run.log`) goes to each writer, in order,
-    at the first event after it. It follows the user's hooks, so an evaluation record is
-    written with every value they log into it.
+    """The run's log writers (``TrainerConfig.writers``) as the ``writers`` hook: every record
+    added to the history goes to each writer at the first event after it (after the user's hooks,
+    so an evaluation record holds every value they log into it).
 
     Args:
         at_steps: Write after every step too: a hook before this one acts at steps and may log

@@ -95,11 +95,8 @@ def check_fit_labels(
 
 class BatchLabelCheck:
     """Checks each training batch of the loaders :func:`check_fit_labels` leaves out (streams
-    and map-style :class:`~mtlgraph.NamedDataset` loaders), before the batch's step.
-
-    The heads' output widths are computed once per loader (one forward pass on its first batch,
-    again only for a task first seen later); each batch then costs a few vectorised comparisons
-    per task. In-memory (``DictDataset``) loaders are skipped: checked once at fit start.
+    and map-style :class:`~mtlgraph.NamedDataset` loaders), before the batch's step; the heads'
+    widths are computed once per loader and task.
 
     Args:
         model: The model.

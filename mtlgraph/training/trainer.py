@@ -214,13 +214,8 @@ class Trainer:
 
 
 class FitLoop:
-    """One ``fit``: the pieces it builds (in ``__init__``) and the loop (:meth:`run`).
-
-    Everything is built before the first step, so nothing appears mid-run: the balancer, the
-    optimizer and its :class:`SubsetStepper`, the :class:`TrainStep`, the LR factor, the
-    writers and the hooks, built-in and user (:mod:`.hooks`), with the :class:`Run` they see.
-    A resumed run loads every piece's state from the checkpoint, the global random states last.
-    """
+    """One ``fit``: every piece built before the first step (in ``__init__``; a resume loads
+    their states, the global random states last) and the loop (:meth:`run`)."""
 
     def __init__(
         self,
