@@ -148,12 +148,6 @@ def load_checkpoint(
     return read_checkpoint(resolve_checkpoint(path), map_location)
 
 
-def remove_stale_temporaries(directory: Path) -> None:
-    """Delete temporary files a killed writer left behind (``.<name>.*.tmp``)."""
-    for tmp in directory.glob(".*.pt.*.tmp"):
-        tmp.unlink(missing_ok=True)
-
-
 # ---------------------------------------------------------------- random states
 
 
@@ -328,15 +322,20 @@ class Checkpointer:
         self.write = write
         if write:
             self.directory.mkdir(parents=True, exist_ok=True)
-            remove_stale_temporaries(self.directory)
+            for tmp in self.directory.glob(".*.pt.*.tmp"):  # left behind by a killed writer
+                tmp.unlink(missing_ok=True)
         self.metric, self.mode = metric, mode
         self.best_value: float | None = None
         self.best_step: int | None = None
 
-    def save_last(self, state: Mapping[str, Any]) -> Path:
-        """Write ``last.pt``."""
-        path = save_checkpoint(state, self.directory / LAST)
-        logger.debug("checkpoint %s (step %s)", path, state["run"]["progress"]["global_step"])
+    def save(self, which: str, state: Mapping[str, Any]) -> Path:
+        """Write ``last.pt`` (``which="last"``) or ``best.pt`` (``"best"``, after
+        :meth:`improved` returned ``True``)."""
+        path = save_checkpoint(state, self.directory / (BEST if which == "best" else LAST))
+        if which == "best":
+            logger.info("new best %s = %.6g: %s", self.metric, self.best_value, path)
+        else:
+            logger.debug("checkpoint %s (step %s)", path, state["run"]["progress"]["global_step"])
         return path
 
     def improved(self, record: Mapping[str, float]) -> bool:
@@ -352,12 +351,6 @@ class Checkpointer:
         self.best_value = value
         self.best_step = int(record.get("step", 0))
         return True
-
-    def save_best(self, state: Mapping[str, Any]) -> Path:
-        """Write ``best.pt`` (call after :meth:`improved` returned ``True``)."""
-        path = save_checkpoint(state, self.directory / BEST)
-        logger.info("new best %s = %.6g: %s", self.metric, self.best_value, path)
-        return path
 
     def best_state(self) -> dict[str, Any]:
         """The best-by-metric bookkeeping as plain values."""

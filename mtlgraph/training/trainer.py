@@ -365,8 +365,7 @@ class FitLoop:
             rank_records = self.comm.gather_objects(mine)
         self.state.streams = self.comm.gather_objects(self.loaders.cursor_states())
         if checkpointer.write:
-            state = self.checkpoint(rank_records)
-            (checkpointer.save_last if which == "last" else checkpointer.save_best)(state)
+            checkpointer.save(which, self.checkpoint(rank_records))
         self.comm.barrier()
 
     def checkpoint(self, rank_records: Sequence[tuple[Records, Records]] = ()) -> dict[str, Any]:
@@ -474,15 +473,10 @@ class FitLoop:
             hooks.append(self.writers)
         self.checkpointer = None
         if cfg.run_dir is not None:
-            mode = None
-            if cfg.checkpoint_metric is not None:
-                mode = ckpt.metric_mode(cfg.checkpoint_metric, cfg.checkpoint_mode, keys)
-            self.checkpointer = ckpt.Checkpointer(
-                Path(cfg.run_dir) / ckpt.CHECKPOINT_DIR,
-                cfg.checkpoint_metric,
-                mode,
-                write=self.env.is_main,
-            )
+            metric = cfg.checkpoint_metric
+            mode = None if metric is None else ckpt.metric_mode(metric, cfg.checkpoint_mode, keys)
+            directory = Path(cfg.run_dir) / ckpt.CHECKPOINT_DIR
+            self.checkpointer = ckpt.Checkpointer(directory, metric, mode, write=self.env.is_main)
             every = Every.of(cfg.checkpoint_every, cfg.checkpoint_unit)
             hooks.append(CheckpointHook(every, self.checkpointer, self.save))
         if cfg.progress_bar and self.env.is_main:
