@@ -124,13 +124,8 @@ def run_directory(path: str | os.PathLike[str]) -> Path:
 def load_checkpoint(
     path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
 ) -> dict[str, Any]:
-    """Load a checkpoint (a file, or a run directory's ``checkpoints/last.pt``) safely.
-
-    Only ``torch.load(..., weights_only=True)`` is used: tensors and plain values load, code
-    does not run.
-
-    A model file (``MultitaskClassifier.save``) reads as a checkpoint with only the model's
-    entries (format, version, task names, model).
+    """Load a checkpoint (a file, or a run directory's ``checkpoints/last.pt``) with
+    ``torch.load(weights_only=True)``; a model file reads as one with only the model's entries.
 
     Raises:
         CheckpointError: Missing file, a file holding a pickled object (refused), a torn or
