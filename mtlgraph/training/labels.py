@@ -147,9 +147,8 @@ class BatchLabelCheck:
         self.batches[i] = b + 1
         rows = next(iter(Y.values())).shape[0] if Y else 0
         self.examples[i] = start + int(rows)
-        problems = batch_label_problems(
-            self.model, Y, f"{name}, batch {b} (from example {start})", widths
-        )
+        where = f"{name}, batch {b} (from example {start})"
+        problems = batch_label_problems(self.model, Y, where, widths)
         if problems:
             n = len(problems)
             raise DataError(problems, header=f"labels that do not fit their tasks ({n}):")

@@ -118,11 +118,9 @@ class JsonlWriter(Writer):
 class TensorBoardWriter(Writer):
     """TensorBoard event files in ``log_dir``: every flat key as a scalar at the record's step.
 
-    At a successful end, ``add_hparams(hparams, {"hparams/<key>": final value}, run_name=".")``
-    records the flattened config next to the final scores, in the same run (the ``hparams/``
-    prefix keeps those points apart from the per-step curves). With ``resume_step``, events after
-    that step are purged (TensorBoard's ``purge_step``); a new run in a directory that already
-    has events purges all of them.
+    At a successful end, ``add_hparams`` records the flattened config next to the final scores
+    (as ``hparams/<key>``) in the same run. With ``resume_step``, later events are purged; a new
+    run in a directory with events purges all of them.
     """
 
     def __init__(
