@@ -139,12 +139,8 @@ class MultitaskClassifier(nn.Module):
             The removed :class:`Task`.
         """
         if task_name not in self._tasks:
-            raise GraphError(
-                [
-                    f"no task '{task_name}' to remove{did_you_mean(task_name, self._tasks)}; "
-                    f"the model has {quoted(self._tasks)}"
-                ]
-            )
+            hint = f"{did_you_mean(task_name, self._tasks)}; the model has {quoted(self._tasks)}"
+            raise GraphError([f"no task '{task_name}' to remove{hint}"])
         task = self._tasks.pop(task_name)
         for node_id in set(self._task_ops.pop(task_name).values()):
             node = self._nodes[node_id]
@@ -305,12 +301,8 @@ class MultitaskClassifier(nn.Module):
         where = "the batch's X_dict" if src == INPUT_ID else "the output of an earlier operation"
         have = f"; it has fields {quoted(map(str, value))}" if isinstance(value, Mapping) else ""
         hint = did_you_mean(str(key), map(str, value)) if isinstance(value, Mapping) else ""
-        return DataError(
-            [
-                f"{self._describe(node_id)} reads [{key!r}] from {where}, which has no such "
-                f"entry{hint}{have}"
-            ]
-        )
+        what = f"reads [{key!r}] from {where}, which has no such entry{hint}{have}"
+        return DataError([f"{self._describe(node_id)} {what}"])
 
     def forward(self, X_dict: Mapping[str, Any], task_names: Iterable[str]) -> dict[str, Any]:
         """Run the operations the given tasks need, each once, on one batch.
@@ -535,13 +527,13 @@ class MultitaskClassifier(nn.Module):
         """
         if not os.path.isfile(path):
             raise FileNotFoundError(f"model file {os.fspath(path)!r} does not exist")
+        checkpoint, name = read_checkpoint(path, self.device), f"{os.fspath(path)!r}"
         hint = (
             "pass strict=False to load the part that matches"
             if strict
             else "load a file of this model"
         )
-        checkpoint = read_checkpoint(path, self.device)
-        load_model_state(self, checkpoint, f"{os.fspath(path)!r}", strict, hint)
+        load_model_state(self, checkpoint, name, strict, hint)
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, tasks={self.task_names}"
@@ -561,11 +553,8 @@ def _detach(value: Any) -> Any:
 
 def _zero_like_graph(out: Any) -> torch.Tensor:
     """``0 · Σ out``: a zero loss whose backward reaches every parameter ``out`` depends on."""
-    tensors = tensor_leaves(out)
-    total = tensors[0].float().sum() * 0.0
-    for t in tensors[1:]:
-        total = total + t.float().sum() * 0.0
-    return total
+    first, *rest = tensor_leaves(out)
+    return sum((t.float().sum() * 0.0 for t in rest), first.float().sum() * 0.0)
 
 
 def _index_rows(out: Any, rows: torch.Tensor) -> Any:

@@ -72,12 +72,8 @@ def read_checkpoint(
     state = load_weights_only(file, map_location)
     found = state.get("format") if isinstance(state, dict) else type(state).__name__
     if isinstance(state, dict) and found == _OLD_MODEL_FORMAT:
-        return {
-            "format": FORMAT,
-            "version": VERSION,
-            "task_names": state.get("task_names"),
-            "model": state.get("state_dict"),
-        }
+        names, model = state.get("task_names"), state.get("state_dict")
+        return {"format": FORMAT, "version": VERSION, "task_names": names, "model": model}
     if not isinstance(state, dict) or found != FORMAT:
         raise CheckpointError(
             f"'{os.fspath(file)}' is not an mtlgraph training checkpoint or model file "
@@ -121,20 +117,16 @@ def state_problems(
     if unexpected:
         problems.append(f"unexpected {_names(unexpected)}")
     for key, mine in own.items():
-        theirs_value = state.get(key)
-        if theirs_value is None:
+        saved = state.get(key)
+        if saved is None:
             continue
-        if not isinstance(theirs_value, torch.Tensor):
-            problems.append(f"'{key}' is a {type(theirs_value).__name__}, not a tensor")
-        elif theirs_value.shape != mine.shape:
-            problems.append(
-                f"'{key}' has shape {tuple(theirs_value.shape)} in the file, "
-                f"{tuple(mine.shape)} in the model"
-            )
-        elif theirs_value.dtype.is_floating_point != mine.dtype.is_floating_point:
-            problems.append(
-                f"'{key}' is {theirs_value.dtype} in the file, {mine.dtype} in the model"
-            )
+        if not isinstance(saved, torch.Tensor):
+            problems.append(f"'{key}' is a {type(saved).__name__}, not a tensor")
+        elif saved.shape != mine.shape:
+            shapes = f"{tuple(saved.shape)} in the file, {tuple(mine.shape)} in the model"
+            problems.append(f"'{key}' has shape {shapes}")
+        elif saved.dtype.is_floating_point != mine.dtype.is_floating_point:
+            problems.append(f"'{key}' is {saved.dtype} in the file, {mine.dtype} in the model")
     return problems
 
 

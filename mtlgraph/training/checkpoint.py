@@ -1,41 +1,10 @@
 """Checkpoints: atomic, ``weights_only``-loadable snapshots of a training run, and exact resume.
 
-A checkpoint is one dict of tensors and plain values (``str``, ``int``, ``float``, ``bool``,
-``None``, lists, tuples, dicts), written to a temporary file and moved into place with
-``os.replace``: a reader (or a run killed mid-write) sees the old file or the complete new one,
-never a torn one. It is read back only with ``torch.load(weights_only=True)``, so loading a
-checkpoint never runs code; one that holds a pickled object is refused with a
-:class:`~mtlgraph.CheckpointError`.
-
-Contents (``version`` 3; see ``docs/checkpoints.md``): one state dict per stateful piece of the
-run, as pytorch-ignite's ``Checkpoint`` stores them; the first two lines are a model file
-(:mod:`mtlgraph.graph.model_file`)::
-
-    format, version          "mtlgraph.checkpoint", 3
-    model, task_names        model.state_dict(), the model's task names
-    optimizer                the torch optimizer's state_dict (all parameter groups)
-    lr_scheduler             the schedule spec, warm-up and base learning rates (the LR factor
-                             is a pure function of the run's step counters)
-    balancer                 balancer.state_dict()
-    run                      RunState.state_dict(): progress (epoch, step_in_epoch, global_step,
-                             last_logged, batch_counts, loader_positions, world_size), the batch
-                             scheduler's state at the start of the epoch, history, the loss window
-                             and the epoch's losses, why a hook stopped the run
-    hooks                    {hook name: hook.state_dict()} for every hook of the run, built-in
-                             (``checkpoint``: checkpoint_metric, mode, best value and its step;
-                             ``diagnostics``: the interference monitor's sums; ``nonfinite``: the
-                             skipped batches) and the user's (``early_stopping``, ...)
-    rng                      torch CPU (and CUDA) generator states, python ``random``, numpy's
-                             global generator
-    config                   {"trainer": the TrainerConfig, "experiment": the resolved YAML config}
-
-A new feature that keeps state is a hook: its state comes and goes with the others, without
-changes here. Older versions load for their weights and config (``model.load``,
-``mtlgraph predict``); resuming one is refused with a :class:`~mtlgraph.CheckpointError`.
-
-Resuming at ``(epoch, step_in_epoch)`` restores everything above, recomputes the epoch's batch
-plan from the scheduler state, starts every loader at its position (``DictDataLoader.iterate
-(start=...)``), and continues: on CPU the result is bit-identical to an uninterrupted run.
+Written atomically (temporary file, ``os.replace``), read only with
+``torch.load(weights_only=True)`` (a pickled object is refused with a
+:class:`~mtlgraph.CheckpointError`). Contents (``version`` 3: one state dict per stateful piece
+of the run, hook states under their names), older versions and exact resume:
+``docs/checkpoints.md``.
 """
 
 from __future__ import annotations
@@ -155,13 +124,8 @@ def run_directory(path: str | os.PathLike[str]) -> Path:
 def load_checkpoint(
     path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
 ) -> dict[str, Any]:
-    """Load a checkpoint (a file, or a run directory's ``checkpoints/last.pt``) safely.
-
-    Only ``torch.load(..., weights_only=True)`` is used: tensors and plain values load, code
-    does not run.
-
-    A model file (``MultitaskClassifier.save``) reads as a checkpoint with only the model's
-    entries (format, version, task names, model).
+    """Load a checkpoint (a file, or a run directory's ``checkpoints/last.pt``) with
+    ``torch.load(weights_only=True)``; a model file reads as one with only the model's entries.
 
     Raises:
         CheckpointError: Missing file, a file holding a pickled object (refused), a torn or
@@ -179,34 +143,19 @@ def load_checkpoint(
     return read_checkpoint(resolve_checkpoint(path), map_location)
 
 
-def remove_stale_temporaries(directory: Path) -> None:
-    """Delete temporary files a killed writer left behind (``.<name>.*.tmp``)."""
-    for tmp in directory.glob(".*.pt.*.tmp"):
-        tmp.unlink(missing_ok=True)
-
-
 # ---------------------------------------------------------------- random states
 
 
 def get_rng_state() -> dict[str, Any]:
     """Every random state training may use: torch CPU and CUDA, python ``random``, numpy."""
-    np_state = np.random.get_state(legacy=False)
-    assert isinstance(np_state, dict)
-    np_state = dict(np_state)
-    np_state["state"] = {
-        "key": [int(k) for k in np_state["state"]["key"]],
-        "pos": int(np_state["state"]["pos"]),
-    }
-    np_state["has_gauss"] = int(np_state["has_gauss"])
-    np_state["gauss"] = float(np_state["gauss"])
-    cuda = (
-        list(torch.cuda.get_rng_state_all())
-        if torch.cuda.is_available() and torch.cuda.is_initialized()
-        else []
-    )
+    np_state = dict(np.random.get_state(legacy=False))
+    key, pos = np_state["state"]["key"], np_state["state"]["pos"]
+    np_state["state"] = {"key": [int(k) for k in key], "pos": int(pos)}
+    np_state["has_gauss"], np_state["gauss"] = int(np_state["has_gauss"]), float(np_state["gauss"])
+    cuda_on = torch.cuda.is_available() and torch.cuda.is_initialized()
     return {
         "torch": torch.random.get_rng_state(),
-        "cuda": cuda,
+        "cuda": list(torch.cuda.get_rng_state_all()) if cuda_on else [],
         "python": random.getstate(),
         "numpy": np_state,
     }
@@ -330,16 +279,9 @@ def metric_mode(
         ConfigError: The key is not logged by this run (with the closest key and the choices).
     """
     if key not in keys:
-        listing = ", ".join(sorted(keys))
-        raise ConfigError(
-            [
-                f"{setting}: '{key}' is not a key this training logs"
-                f"{did_you_mean(key, keys)}; it logs {listing}"
-            ]
-        )
-    if mode is not None:
-        return mode
-    return "max" if keys[key] else "min"
+        hint = f"{did_you_mean(key, keys)}; it logs {', '.join(sorted(keys))}"
+        raise ConfigError([f"{setting}: '{key}' is not a key this training logs{hint}"])
+    return mode if mode is not None else ("max" if keys[key] else "min")
 
 
 class Checkpointer:
@@ -375,15 +317,20 @@ class Checkpointer:
         self.write = write
         if write:
             self.directory.mkdir(parents=True, exist_ok=True)
-            remove_stale_temporaries(self.directory)
+            for tmp in self.directory.glob(".*.pt.*.tmp"):  # left behind by a killed writer
+                tmp.unlink(missing_ok=True)
         self.metric, self.mode = metric, mode
         self.best_value: float | None = None
         self.best_step: int | None = None
 
-    def save_last(self, state: Mapping[str, Any]) -> Path:
-        """Write ``last.pt``."""
-        path = save_checkpoint(state, self.directory / LAST)
-        logger.debug("checkpoint %s (step %s)", path, state["run"]["progress"]["global_step"])
+    def save(self, which: str, state: Mapping[str, Any]) -> Path:
+        """Write ``last.pt`` (``which="last"``) or ``best.pt`` (``"best"``, after
+        :meth:`improved` returned ``True``)."""
+        path = save_checkpoint(state, self.directory / (BEST if which == "best" else LAST))
+        if which == "best":
+            logger.info("new best %s = %.6g: %s", self.metric, self.best_value, path)
+        else:
+            logger.debug("checkpoint %s (step %s)", path, state["run"]["progress"]["global_step"])
         return path
 
     def improved(self, record: Mapping[str, float]) -> bool:
@@ -399,12 +346,6 @@ class Checkpointer:
         self.best_value = value
         self.best_step = int(record.get("step", 0))
         return True
-
-    def save_best(self, state: Mapping[str, Any]) -> Path:
-        """Write ``best.pt`` (call after :meth:`improved` returned ``True``)."""
-        path = save_checkpoint(state, self.directory / BEST)
-        logger.info("new best %s = %.6g: %s", self.metric, self.best_value, path)
-        return path
 
     def best_state(self) -> dict[str, Any]:
         """The best-by-metric bookkeeping as plain values."""

@@ -1,10 +1,6 @@
-"""Helpers for training under ``torchrun`` with PyTorch's DistributedDataParallel.
-
-mtlgraph never implements its own parallelism: it detects the ``torchrun`` environment, creates
-the process group (gloo on CPU, nccl on CUDA), wraps the model's loss computation in
-``torch.nn.parallel.DistributedDataParallel``, shards training loaders (a
-``DistributedSampler``-like :class:`RankSampler`; streams over ranks x workers), and gathers
-evaluation predictions from every rank.
+"""Training under ``torchrun`` with PyTorch's DistributedDataParallel: the environment, the
+process group, sharded loaders, gathered predictions and the run's collectives
+(``docs/distributed.md``).
 """
 
 from __future__ import annotations
@@ -132,29 +128,19 @@ def process_group(env: DistEnv, device: torch.device, timeout_s: float) -> Itera
 
 
 def shard_train_loader(loader: DictDataLoader, env: DistEnv) -> DictDataLoader:
-    """A copy of ``loader`` (same options: workers, pinning, prefetching) that reads this rank's
-    shard.
-
-    An indexed dataset is read through a :class:`RankSampler`: every rank gets the same number
-    of batches (padding by repeating examples, as ``DistributedSampler`` does), so all ranks run
-    the same number of steps; the shuffle order is a function of the loader's seed, the epoch and
-    the pass, identical on every rank. A stream is split over ``world_size x workers`` consumers
-    (:mod:`mtlgraph.data.streams`).
-    """
+    """A copy of ``loader`` (same options) that reads this rank's shard: a :class:`RankSampler`
+    (the same number of batches on every rank) or, for a stream, its share of
+    ``world_size x workers`` consumers (:mod:`mtlgraph.data.streams`)."""
     options = dict(loader.options)
     if loader.is_stream:
         copy = DictDataLoader(loader.dataset, **options)
         copy.dataset.feed.rank, copy.dataset.feed.world_size = env.rank, env.world_size
         return copy
-    sampler = loader.sampler
-    shuffle = bool(getattr(sampler, "shuffle", False))
-    seed = int(getattr(sampler, "seed", 0))
+    shuffle = bool(getattr(loader.sampler, "shuffle", False))
+    seed = int(getattr(loader.sampler, "seed", 0))
     options["shuffle"] = False
-    return DictDataLoader(
-        loader.dataset,
-        sampler=RankSampler(len(loader.dataset), shuffle, seed, env.rank, env.world_size),
-        **options,
-    )
+    sampler = RankSampler(len(loader.dataset), shuffle, seed, env.rank, env.world_size)
+    return DictDataLoader(loader.dataset, sampler=sampler, **options)
 
 
 class RankSampler(Sampler[int]):
@@ -211,20 +197,13 @@ class StridedBatchSampler(Sampler[int]):
 def shard_eval_loader(loader: DictDataLoader, env: DistEnv) -> DictDataLoader:
     """A copy of ``loader`` over this rank's batch-strided, unpadded shard of the dataset."""
     if not isinstance(loader.sampler, EpochSampler) or loader.sampler.shuffle:
-        raise DataError(
-            [
-                f"evaluation loader of dataset '{loader.dataset.name}' must be unshuffled to be "
-                "sharded; build it with shuffle=False"
-            ]
-        )
+        name = loader.dataset.name
+        message = f"evaluation loader of dataset '{name}' must be unshuffled to be sharded"
+        raise DataError([f"{message}; build it with shuffle=False"])
     batch_size = int(loader.batch_size or 1)
     options = {k: v for k, v in loader.options.items() if k not in ("shuffle", "batch_size")}
-    return DictDataLoader(
-        loader.dataset,
-        batch_size=batch_size,
-        sampler=StridedBatchSampler(len(loader.dataset), batch_size, env.rank, env.world_size),
-        **options,
-    )
+    sampler = StridedBatchSampler(len(loader.dataset), batch_size, env.rank, env.world_size)
+    return DictDataLoader(loader.dataset, batch_size=batch_size, sampler=sampler, **options)
 
 
 def gather_predictions(
@@ -267,10 +246,8 @@ def broadcast_object(value: Any) -> Any:
 class Collectives:
     """The collective operations of one training run, following *its* :class:`DistEnv`.
 
-    Whether a run talks to other ranks is the run's decision (``Trainer(distributed=...)`` and
-    torchrun's variables), not whether some process group happens to exist in the process: a
-    ``Trainer(distributed="off")`` inside a process that holds a group runs no collective. When
-    the environment is a single process every method is a local no-op.
+    A ``Trainer(distributed="off")`` in a process that holds a group runs no collective; in a
+    single process every method is a local no-op.
 
     Example:
         >>> import torch

@@ -70,28 +70,17 @@ class EarlyStopping(Hook):
 
     def on_fit_start(self, run: Run) -> None:
         """Check the metric against the run's record keys; settle the mode."""
-        try:
-            self.mode = metric_mode(self.metric, self.mode, run.metric_keys)  # type: ignore[assignment]
-        except ConfigError as e:
-            raise ConfigError(
-                [p.replace("checkpoint_metric", "EarlyStopping metric", 1) for p in e.problems]
-            ) from None
+        mode = metric_mode(self.metric, self.mode, run.metric_keys, "EarlyStopping metric")
+        self.mode = mode  # type: ignore[assignment]
 
     def on_evaluate_end(self, run: Run, scores: Mapping[str, float]) -> None:
         value = scores.get(self.metric)
         if value is None:
             return
-        value = float(value)
-        best = self.best
-        better = not math.isnan(value) and (
-            best is None
-            or (
-                value > best + self.min_delta
-                if self.mode == "max"
-                else value < best - self.min_delta
-            )
-        )
-        if better:
+        value, best, delta = float(value), self.best, self.min_delta
+        if not math.isnan(value) and (
+            best is None or (value > best + delta if self.mode == "max" else value < best - delta)
+        ):
             self.best, self.best_step, self.bad = value, run.global_step, 0
             return
         self.bad += 1
@@ -111,14 +100,10 @@ class EarlyStopping(Hook):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("metric") != self.metric:
-            raise ConfigError(
-                [
-                    f"EarlyStopping: the checkpoint followed '{state.get('metric')}', this run "
-                    f"'{self.metric}'; resume with the same metric"
-                ]
-            )
-        best = state.get("best")
-        self.best = None if best is None else float(best)
+            saved = state.get("metric")
+            message = f"the checkpoint followed '{saved}', this run '{self.metric}'"
+            raise ConfigError([f"EarlyStopping: {message}; resume with the same metric"])
+        self.best = None if state.get("best") is None else float(state["best"])
         self.best_step = state.get("best_step")
         self.bad = int(state.get("bad", 0))
 

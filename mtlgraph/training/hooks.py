@@ -1,36 +1,8 @@
 """The training loop's one extension point, :class:`Hook`, the :class:`Run` hooks see, and the
 built-in hooks.
 
-The loop fires five events; a hook overrides the ones it needs (the others cost nothing: the
-run keeps, per event, the list of hooks that override it):
-
-- ``on_fit_start(run)`` once, after the pieces are built (and a resume restored them);
-- ``on_step_end(run)`` after every optimizer step;
-- ``on_evaluate_end(run, scores)`` after every evaluation, with the evaluation's record
-  (training losses since the last one, learning rates, balancer weights, evaluation scores);
-- ``on_epoch_end(run)`` after every epoch;
-- ``on_fit_end(run)`` once, when training is over (finished, or stopped by ``run.stop``).
-
-A hook with an :attr:`Hook.every` gets ``on_step_end`` (``Every(n, "step")``) or
-``on_epoch_end`` (``Every(n, "epoch")``) only every ``n`` of them, and not the other one.
-
-The hooks of a run fire in this order, for every event:
-
-1. ``nonfinite``: the non-finite guard (:class:`~mtlgraph.training.step.NonfiniteGuard`; it
-   checks each step's loss inside the step, and logs ``skipped_batches`` at evaluations);
-2. ``diagnostics``: interference probes, the report at the end (:class:`ProbeHook`);
-3. ``evaluation``: an evaluation record, which fires every hook's ``on_evaluate_end``
-   (:class:`EvaluationHook`);
-4. the user's hooks (``Trainer(hooks=[...])``, ``trainer.hooks`` in YAML), in their order;
-5. ``writers``: the log writers write every record added to the history since they last wrote
-   (:class:`LogWriters`);
-6. ``checkpoint``: ``best.pt`` when ``checkpoint_metric`` improved, ``last.pt`` when due and at
-   the end (:class:`CheckpointHook`; last, so a checkpoint holds every hook's state after the
-   step);
-7. ``progress``: the progress bar (:class:`ProgressBar`).
-
-A checkpoint holds each hook's :meth:`Hook.state_dict` under its :attr:`Hook.name`; a resumed
-run gives it back through :meth:`Hook.load_state_dict` before ``on_fit_start``.
+Events, their firing order (``nonfinite``, ``diagnostics``, ``evaluation``, the user's hooks,
+``writers``, ``checkpoint``, ``progress``) and hook state in checkpoints: ``docs/training.md``.
 """
 
 from __future__ import annotations
@@ -345,9 +317,8 @@ class ProbeHook(Hook):
 
 
 class EvaluationHook(Hook):
-    """An evaluation record when due and, unless the last step was just evaluated, at the end:
-    training losses since the last one, learning rates, balancer weights and evaluation scores;
-    the balancer sees the scores, then every hook's ``on_evaluate_end``.
+    """An evaluation record (training losses, learning rates, balancer weights, scores) when due
+    and at the end; the balancer sees the scores, then every hook's ``on_evaluate_end``.
 
     Args:
         every: When to evaluate.
@@ -407,11 +378,9 @@ class EvaluationHook(Hook):
 
 
 class LogWriters(Hook):
-    """The run's log writers (``TrainerConfig.writers``: ``metrics.jsonl``, TensorBoard, your
-    :class:`~mtlgraph.training.writers.Writer` objects) as the ``writers`` hook: every record
-    the run adds to its history (evaluations, :meth:`Run.log`) goes to each writer, in order,
-    at the first event after it. It follows the user's hooks, so an evaluation record is
-    written with every value they log into it.
+    """The run's log writers (``TrainerConfig.writers``) as the ``writers`` hook: every record
+    added to the history goes to each writer at the first event after it (after the user's hooks,
+    so an evaluation record holds every value they log into it).
 
     Args:
         at_steps: Write after every step too: a hook before this one acts at steps and may log

@@ -1,24 +1,11 @@
 """Label checks: every label fits its task before training, in the Python API and the YAML path.
 
-A multiclass task takes class ids ``0..C-1`` of shape ``(N,)`` (``C``: the head's outputs), a
-binary task ``0``/``1`` of shape ``(N,)`` or ``(N, 1)`` for a head with one logit, a multilabel
-task ``0``/``1`` of shape ``(N, L)`` for a head with ``L`` logits, a regression task finite
-numbers. Labels equal to the task's ``ignore_value`` are skipped everywhere: the loss, the
-metrics and these checks. A negative label that is not the ignore value (PyTorch's ``-100``
-with mtlgraph's default ``-1``) is an error, so the loss and the metrics can never disagree on
-which rows count.
-
-The head's output width comes from one forward pass on a dataset's first two rows (evaluation
-mode, no gradients, torch's random state untouched). In-memory datasets are checked once when
-``fit`` starts (:func:`check_fit_labels`, vectorised); the batches of streams and of map-style
-:class:`~mtlgraph.NamedDataset` loaders are checked one by one before their training step
-(:class:`BatchLabelCheck`, head widths computed once per loader) and in ``predict`` / ``score``
-(:func:`mtlgraph.graph.labels.batch_label_problems`, widths from the batch's own outputs). The
-checks of one tensor of labels live in :mod:`mtlgraph.graph.labels`.
-
-Floating labels of shape ``(N, C)`` for a multiclass task, or floating ``(N,)`` labels for a
-binary task, are soft (probabilistic) labels (:func:`mtlgraph.graph.soft_labels.is_soft_label`):
-they are checked by :func:`mtlgraph.graph.soft_labels.soft_label_problems` instead.
+In-memory datasets are checked once when ``fit`` starts (:func:`check_fit_labels`, vectorised);
+batches of streams and map-style :class:`~mtlgraph.NamedDataset` loaders one by one before their
+step (:class:`BatchLabelCheck`). Head widths come from one forward pass on a dataset's first two
+rows (eval mode, no gradients, random state untouched); the checks of one tensor of labels live in
+:mod:`mtlgraph.graph.labels`. Rules (label shapes, ``ignore_value``, soft labels):
+``docs/training.md``.
 """
 
 from __future__ import annotations
@@ -108,11 +95,8 @@ def check_fit_labels(
 
 class BatchLabelCheck:
     """Checks each training batch of the loaders :func:`check_fit_labels` leaves out (streams
-    and map-style :class:`~mtlgraph.NamedDataset` loaders), before the batch's step.
-
-    The heads' output widths are computed once per loader (one forward pass on its first batch,
-    again only for a task first seen later); each batch then costs a few vectorised comparisons
-    per task. In-memory (``DictDataset``) loaders are skipped: checked once at fit start.
+    and map-style :class:`~mtlgraph.NamedDataset` loaders), before the batch's step; the heads'
+    widths are computed once per loader and task.
 
     Args:
         model: The model.
@@ -163,9 +147,8 @@ class BatchLabelCheck:
         self.batches[i] = b + 1
         rows = next(iter(Y.values())).shape[0] if Y else 0
         self.examples[i] = start + int(rows)
-        problems = batch_label_problems(
-            self.model, Y, f"{name}, batch {b} (from example {start})", widths
-        )
+        where = f"{name}, batch {b} (from example {start})"
+        problems = batch_label_problems(self.model, Y, where, widths)
         if problems:
             n = len(problems)
             raise DataError(problems, header=f"labels that do not fit their tasks ({n}):")

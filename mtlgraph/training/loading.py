@@ -1,12 +1,8 @@
 """The training loaders over a run: their iterators, restarts, streams and exact resume.
 
-:class:`TrainLoaders` hands the loop the next batch of loader ``i``. An in-memory or map-style
-loader starts over at every epoch; one that runs out inside an epoch starts again, with a fresh
-shuffle (pass ``p`` of the epoch) under a sampling batch scheduler, in the epoch's order under the
-``mixed`` scheduler. A stream is read endlessly across epochs; its loader's cursor (the position
-after the last batch handed out) goes into checkpoints. A resumed run puts every loader back where
-the interrupted run's plan left it: the batch position within the epoch for in-memory loaders,
-the cursor for streams.
+:class:`TrainLoaders` hands the loop the next batch of loader ``i``: in-memory loaders start over
+each epoch (and when they run out), streams are read endlessly with their cursors checkpointed,
+and a resumed run puts every loader back where the interrupted run left it.
 """
 
 from __future__ import annotations

@@ -89,10 +89,8 @@ def check_splits(
     train_split: str,
     eval_splits: Sequence[str],
 ) -> None:
-    """Name each loader that neither trains nor is scored (its split matches neither
-    ``train_split`` nor ``eval_splits``): a warning when its split looks like a misspelling of
-    one of them (``validation`` vs ``valid``) or nothing is scored at all, else an info line (a
-    ``test`` split kept for the end).
+    """Name each loader that neither trains nor is scored: a warning when its split looks like a
+    misspelling (``validation`` vs ``valid``) or nothing is scored, else an info line.
 
     Raises:
         ConfigError: An entry of ``eval_splits`` that matches no loader, when it was set (not
@@ -114,14 +112,13 @@ def check_splits(
             list(eval_splits),
             hint,
         )
-    have = {dl.dataset.split for dl in loaders}
     explicit = list(eval_splits) != ["valid"]
     unused_splits = [dl.dataset.split for dl in unused]
     problems = [
         f"eval_splits: no loader has split '{split}'{did_you_mean(split, known)}; the loaders "
         f"have {quoted(known)}: set eval_splits to the splits to score (or [] for none)"
         for split in eval_splits
-        if split not in have and (explicit or did_you_mean(split, unused_splits))
+        if split not in known and (explicit or did_you_mean(split, unused_splits))
     ]
     if problems:
         raise ConfigError(problems)
@@ -232,11 +229,9 @@ loop on the CPU (``tests/training/test_fast_path.py`` checks it)."""
 
 
 def prefer_foreach(optimizer: torch.optim.Optimizer) -> None:
-    """Use the multi-tensor (``foreach``) update for groups that left ``foreach`` unset and live
-    on the CPU, where PyTorch would pick the per-parameter Python loop: the same values, in
-    one call per operation instead of one per parameter (PyTorch already picks ``foreach`` on
-    CUDA). Optimizers not in :data:`FOREACH_SAME`, and groups that set ``foreach``, ``fused``
-    or ``differentiable``, are left as they are."""
+    """Use the multi-tensor (``foreach``) update, same values, for CPU groups of a
+    :data:`FOREACH_SAME` optimizer that left ``foreach``, ``fused`` and ``differentiable`` unset
+    (where PyTorch would pick the per-parameter Python loop)."""
     if type(optimizer) not in FOREACH_SAME:
         return
     for group in optimizer.param_groups:

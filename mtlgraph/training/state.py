@@ -1,14 +1,7 @@
-"""The run state: everything a training run knows about itself, in one object.
-
-:class:`RunState` holds the progress counters (``epoch``, ``step_in_epoch``, ``global_step``: in
-one place), the history of logged records, the training-loss records since the last evaluation
-(``window``) and in the current epoch (``epoch_losses``), the epoch's batch plan and the batch
-scheduler's state at the epoch's start, and (in a run that trains on streams) every rank's stream
-cursors (``streams``). ``state_dict()`` / ``load_state_dict()`` are its part of a checkpoint
-(``checkpoint["run"]``); with them a resumed run continues bit-identically.
-
-A training loss is logged as a :class:`LossRecord` ``(task, dataset, loss, count)``; the helpers
-below turn a list of them into count-weighted means.
+"""The run state: everything a training run knows about itself, in one :class:`RunState`
+(progress counters, history, loss windows, the epoch's plan, stream cursors); its
+``state_dict()`` is a checkpoint's ``run`` entry. Training losses are :class:`LossRecord` lists,
+turned into count-weighted means by the helpers below.
 """
 
 from __future__ import annotations

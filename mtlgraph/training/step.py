@@ -125,15 +125,13 @@ class TrainStep:
         self.device, self.comm, self.ddp, self.guard = device, comm, ddp, guard
         stepper.guard_norm = guard.mode != "warn"
         # Gradient methods take per-task gradients with autograd.grad, which DDP does not see:
-        # they run without DDP's reduction and average their gradients through ctx.reduce.
-        self.manual_sync = ddp is not None and isinstance(balancer, GradientBalancer)
+        # they run without DDP's reduction (no_sync) and average their gradients through ctx.reduce.
+        self.no_sync = ddp is not None and isinstance(balancer, GradientBalancer)
         self.reduce: Callable[[torch.Tensor], torch.Tensor] = (
             comm.mean_ if comm.enabled else _identity
         )
         self.learned = list(balancer.parameters())  # learned balancer weights (often none)
         self.tasks = model.tasks  # the tasks are fixed during a fit
-        # the contexts of the forward pass, fixed when they are no-ops (the common case)
-        self.no_sync = self.manual_sync and ddp is not None
         self.autocast = control.amp is not None
         self.contexts: dict[ExecutionPlan, StepContext] = {}  # the balancer's, per plan
 
@@ -206,13 +204,8 @@ class NonfiniteGuard(Hook):
     """The per-step check for non-finite losses (``TrainerConfig.nonfinite``), the run's
     ``nonfinite`` hook.
 
-    One fused check per step, called by the :class:`TrainStep` before the backward pass:
-    ``isfinite`` of the sum of the step's task losses (one device sync); the culprit is looked
-    for only when it fails. Modes: ``"raise"`` stops training with a
-    :class:`~mtlgraph.TrainingError` before the update (weights and checkpoints stay as they
-    were); ``"skip_batch"`` drops the micro-step's update and counts it in :attr:`skipped`
-    (logged as ``model/all/train/skipped_batches`` at every evaluation, and checkpointed);
-    ``"warn"`` logs and lets the update through.
+    One fused ``isfinite`` of the sum of the step's task losses before the backward pass; the
+    culprit is looked for only when it fails. The modes: ``docs/training.md``.
 
     Args:
         mode: ``"raise"``, ``"skip_batch"`` or ``"warn"``.

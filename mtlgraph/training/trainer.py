@@ -1,17 +1,8 @@
 """Trainer: the training loop, readable top to bottom in :meth:`FitLoop.run`.
 
-Each step takes one batch (or, with the ``mixed`` scheduler, one batch per loader) chosen by the
-batch scheduler; the run's one :class:`~mtlgraph.training.step.TrainStep` computes the losses of
-the tasks those batches label, lets the balancer turn them into gradients and steps the optimizer
-on the parameters the step touched (after ``grad_accumulation_steps`` batches; under autocast
-with ``amp``). The optimizer only visits the touched parameters, so a step's cost depends on the
-tasks in the batch, not on how many tasks the model holds. Side concerns (probes, evaluation,
-checkpoints, the progress bar) are hooks fired in a fixed order (:mod:`.hooks`); everything the
-run knows about itself is one :class:`~mtlgraph.training.state.RunState`.
-
-The pieces live in their own modules: :mod:`.config` (``TrainerConfig``), :mod:`.lr` (LR
-schedules), :mod:`.optim` (optimizers, parameter groups, freezing, accumulation), :mod:`.step`,
-:mod:`.state`, :mod:`.hooks`, :mod:`.checkpoint`, :mod:`.writers`, :mod:`.distributed`.
+Each step trains the batches the batch scheduler picks through the run's one
+:class:`~mtlgraph.training.step.TrainStep`; side concerns are hooks (:mod:`.hooks`) and the
+run's state is one :class:`~mtlgraph.training.state.RunState`. See ``docs/training.md``.
 """
 
 from __future__ import annotations
@@ -223,13 +214,8 @@ class Trainer:
 
 
 class FitLoop:
-    """One ``fit``: the pieces it builds (in ``__init__``) and the loop (:meth:`run`).
-
-    Everything is built before the first step, so nothing appears mid-run: the balancer, the
-    optimizer and its :class:`SubsetStepper`, the :class:`TrainStep`, the LR factor, the
-    writers and the hooks, built-in and user (:mod:`.hooks`), with the :class:`Run` they see.
-    A resumed run loads every piece's state from the checkpoint, the global random states last.
-    """
+    """One ``fit``: every piece built before the first step (in ``__init__``; a resume loads
+    their states, the global random states last) and the loop (:meth:`run`)."""
 
     def __init__(
         self,
@@ -359,18 +345,14 @@ class FitLoop:
             return self.model.score(self.evals, slices=slices)
         scores: dict[str, float] = {}
         for loader in self.evals:
-            shard = self.eval_shards.get(id(loader))
+            ds, shard = loader.dataset, self.eval_shards.get(id(loader))
             if shard is None:  # a stream: every rank reads all of it, as one process would
-                local = self.model.predict(loader, return_preds=True, slices=slices)
-                self.model.score_predictions(
-                    local, loader.dataset.name, loader.dataset.split, into=scores
-                )
-                continue
-            local = self.model.predict(shard, return_preds=True, slices=slices)
-            indices = shard.sampler.indices  # type: ignore[attr-defined]
-            full = gather_predictions(local, indices, len(loader.dataset))
-            ds = loader.dataset
-            self.model.score_predictions(full, ds.name, ds.split, into=scores)
+                preds = self.model.predict(loader, return_preds=True, slices=slices)
+            else:
+                local = self.model.predict(shard, return_preds=True, slices=slices)
+                indices = shard.sampler.indices  # type: ignore[attr-defined]
+                preds = gather_predictions(local, indices, len(ds))
+            self.model.score_predictions(preds, ds.name, ds.split, into=scores)
         return scores
 
     def save(self, which: str) -> None:
@@ -383,14 +365,13 @@ class FitLoop:
             rank_records = self.comm.gather_objects(mine)
         self.state.streams = self.comm.gather_objects(self.loaders.cursor_states())
         if checkpointer.write:
-            state = self.checkpoint(rank_records)
-            (checkpointer.save_last if which == "last" else checkpointer.save_best)(state)
+            checkpointer.save(which, self.checkpoint(rank_records))
         self.comm.barrier()
 
     def checkpoint(self, rank_records: Sequence[tuple[Records, Records]] = ()) -> dict[str, Any]:
         """The run as one mapping of every stateful piece to its state dict (see
         :mod:`.checkpoint`): the model, the optimizer, the run state, the balancer, each hook."""
-        state = {
+        return {
             **model_entries(self.model),  # format, version, task_names, model
             "optimizer": self.stepper.optimizer.state_dict(),
             "lr_scheduler": {
@@ -404,7 +385,6 @@ class FitLoop:
             "rng": ckpt.get_rng_state(),
             "config": self._plain_config(),
         }
-        return state
 
     # ------------------------------------------------------------------ set-up
 
@@ -438,25 +418,21 @@ class FitLoop:
             streams[self.env.rank] if streams else [None] * len(self.train)
         )
         self.run_view.load_hook_states(saved["hooks"])
-        if self.state.stop_reason is not None:
+        state = self.state
+        if state.stop_reason is not None:
             logger.warning(
-                "the checkpoint's run was stopped (%s): nothing to train", self.state.stop_reason
+                "the checkpoint's run was stopped (%s): nothing to train", state.stop_reason
             )
-            return
-        if self.state.epoch >= self.cfg.n_epochs:
+        elif state.epoch >= self.cfg.n_epochs:
             logger.warning(
                 "the checkpoint's run is finished (%d of %d epochs): nothing to train; raise "
                 "n_epochs to train longer",
-                self.state.epoch,
+                state.epoch,
                 self.cfg.n_epochs,
             )
-            return
-        logger.info(
-            "resuming at epoch %d, step %d of the epoch (global step %d)",
-            self.state.epoch + 1,
-            self.state.step_in_epoch,
-            self.state.global_step,
-        )
+        else:
+            at = (state.epoch + 1, state.step_in_epoch, state.global_step)
+            logger.info("resuming at epoch %d, step %d of the epoch (global step %d)", *at)
 
     @staticmethod
     def _saved_step(saved: Mapping[str, Any] | None) -> int | None:
@@ -497,15 +473,10 @@ class FitLoop:
             hooks.append(self.writers)
         self.checkpointer = None
         if cfg.run_dir is not None:
-            mode = None
-            if cfg.checkpoint_metric is not None:
-                mode = ckpt.metric_mode(cfg.checkpoint_metric, cfg.checkpoint_mode, keys)
-            self.checkpointer = ckpt.Checkpointer(
-                Path(cfg.run_dir) / ckpt.CHECKPOINT_DIR,
-                cfg.checkpoint_metric,
-                mode,
-                write=self.env.is_main,
-            )
+            metric = cfg.checkpoint_metric
+            mode = None if metric is None else ckpt.metric_mode(metric, cfg.checkpoint_mode, keys)
+            directory = Path(cfg.run_dir) / ckpt.CHECKPOINT_DIR
+            self.checkpointer = ckpt.Checkpointer(directory, metric, mode, write=self.env.is_main)
             every = Every.of(cfg.checkpoint_every, cfg.checkpoint_unit)
             hooks.append(CheckpointHook(every, self.checkpointer, self.save))
         if cfg.progress_bar and self.env.is_main:

@@ -1,23 +1,9 @@
 """Log writers: where the Trainer's evaluation records go besides ``Trainer.history``.
 
-The run's ``writers`` hook (:class:`~mtlgraph.training.hooks.LogWriters`, after the user's hooks)
-calls :meth:`Writer.write` with every history record (``{"epoch", "step",
-"task/dataset/split/metric": value, ...}``) and :meth:`Writer.close` once at the end of ``fit``.
-With no writer configured there is no such hook, so the default loop pays nothing.
-
-Built in (``TrainerConfig.writers``, both on by default when ``run_dir`` is set):
-
-- ``jsonl``: ``<run_dir>/metrics.jsonl``, one JSON object per evaluation;
-- ``tensorboard``: TensorBoard event files in ``<run_dir>``: one ``add_scalar`` per flat key at the
-  record's step, and at the end ``add_hparams(..., run_name=".")`` with the flattened config in the
-  same run.
-
-On resume both drop what was logged after the checkpoint's step, so the logs of an interrupted and
-resumed run read like those of an uninterrupted one.
-
-Named writers live in the registry :data:`WRITERS` (``WRITERS.register(name, factory)`` adds one,
-``WRITERS.unregister(name)`` removes it); a factory takes a :class:`WriterContext`.
-TensorBoard is imported only when a :class:`TensorBoardWriter` is built.
+The run's ``writers`` hook (:class:`~mtlgraph.training.hooks.LogWriters`) calls
+:meth:`Writer.write` with every history record and :meth:`Writer.close` once at the end of
+``fit``. Built in: ``jsonl`` (``metrics.jsonl``) and ``tensorboard``; named writers live in
+:data:`WRITERS`, and a factory takes a :class:`WriterContext`. See ``docs/training.md``.
 """
 
 from __future__ import annotations
@@ -87,8 +73,7 @@ def safe_filename(name: str) -> str:
         >>> safe_filename("circle_task/circleDataset/valid/accuracy")
         'circle_task_circleDataset_valid_accuracy'
     """
-    out = re.sub(r"[^A-Za-z0-9._=+-]", "_", name).strip(".")
-    return out or "_"
+    return re.sub(r"[^A-Za-z0-9._=+-]", "_", name).strip(".") or "_"
 
 
 class JsonlWriter(Writer):
@@ -96,12 +81,8 @@ class JsonlWriter(Writer):
 
     Non-finite values are written as ``null``. With ``resume_step``, lines of steps after it
     (logged after the checkpoint an interrupted run resumes from) are dropped first; without
-    it, an existing file is replaced (one run per file). Both rewrites are atomic.
-
-    The file is a log, so records are *appended*, not written with a temp-file-and-replace
-    (that would rewrite the whole file at every evaluation). Each record is one ``write`` of a
-    complete line followed by a flush, so a reader sees whole lines, and a run killed mid-write
-    leaves at most a torn last line, which a resume drops with the lines after its checkpoint.
+    it, an existing file is replaced (one run per file). Both rewrites are atomic; records are
+    appended one whole line per ``write`` and flushed (a torn last line is dropped on resume).
 
     Example:
         >>> import json, tempfile, pathlib
@@ -137,11 +118,9 @@ class JsonlWriter(Writer):
 class TensorBoardWriter(Writer):
     """TensorBoard event files in ``log_dir``: every flat key as a scalar at the record's step.
 
-    At a successful end, ``add_hparams(hparams, {"hparams/<key>": final value}, run_name=".")``
-    records the flattened config next to the final scores, in the same run (the ``hparams/``
-    prefix keeps those points apart from the per-step curves). With ``resume_step``, events after
-    that step are purged (TensorBoard's ``purge_step``); a new run in a directory that already
-    has events purges all of them.
+    At a successful end, ``add_hparams`` records the flattened config next to the final scores
+    (as ``hparams/<key>``) in the same run. With ``resume_step``, later events are purged; a new
+    run in a directory with events purges all of them.
     """
 
     def __init__(
@@ -177,10 +156,8 @@ class TensorBoardWriter(Writer):
 
 def hparam_values(flat: Mapping[str, Any]) -> dict[str, bool | int | float | str]:
     """TensorBoard-acceptable hparams: numbers, strings and booleans kept, the rest as text."""
-    out: dict[str, bool | int | float | str] = {}
-    for k, v in flat.items():
-        out[k] = v if isinstance(v, (bool, int, float, str)) else json.dumps(json_value(v))
-    return out
+    keep = (bool, int, float, str)
+    return {k: v if isinstance(v, keep) else json.dumps(json_value(v)) for k, v in flat.items()}
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
