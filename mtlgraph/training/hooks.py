@@ -21,6 +21,7 @@ from mtlgraph._suggest import quoted
 from mtlgraph.balancing import Balancer
 from mtlgraph.balancing.weighting import SumBalancer
 from mtlgraph.diagnostics import DiagnosticsReport, InterferenceMonitor, write_report
+from mtlgraph.exceptions import ConfigError
 from mtlgraph.metrics import split_key
 from mtlgraph.registry import Registry
 from mtlgraph.training.checkpoint import Checkpointer
@@ -46,6 +47,12 @@ class Every:
 
     n: int
     unit: Unit
+
+    def __post_init__(self) -> None:
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 0:
+            raise ConfigError(f"Every: n must be an integer >= 0, got {self.n!r}")
+        if self.unit not in ("step", "epoch"):
+            raise ConfigError(f"Every: unit must be 'step' or 'epoch', got {self.unit!r}")
 
     @classmethod
     def of(cls, n: int, config_unit: str) -> Every:
@@ -162,6 +169,15 @@ class Run:
         self.metric_keys: Mapping[str, bool] = metric_keys or {}
         self._record: dict[str, float] | None = None  # the evaluation record being built
         self._by_event = {e: [h for h in self.hooks if overrides(h, e)] for e in EVENTS}
+        wrong = [
+            f"hook '{name}': every is {hook.every!r}, but it is the hook's trigger: None (every "
+            "step and epoch) or mtlgraph.training.Every(n, 'step' | 'epoch'); give your own "
+            "attribute another name"
+            for name, hook in zip(self.names, self.hooks, strict=True)
+            if hook.every is not None and not isinstance(hook.every, Every)
+        ]
+        if wrong:
+            raise ConfigError("; ".join(wrong))
         self._steps = self._gated("on_step_end", "step")
         self._epochs = self._gated("on_epoch_end", "epoch")
         self.has_step_hooks = bool(self._steps)  # the loop skips step_end without any

@@ -336,3 +336,19 @@ def test_hook_specs_in_yaml_name_the_key(tmp_path: Path) -> None:
     path = write_config(tmp_path / "c.yaml", tiny_config(hooks=["early_stoping"]))
     with pytest.raises(ConfigError, match=r"hooks\[0\]: unknown hook 'early_stoping'"):
         load_config(path)
+
+
+def test_a_hook_attribute_named_every_that_is_no_trigger_is_refused() -> None:
+    class Counter(Hook):
+        def __init__(self) -> None:
+            self.every = 2  # the user's own setting, colliding with Hook.every
+
+        def on_step_end(self, run: Any) -> None:
+            pass
+
+    with pytest.raises(ConfigError, match=r"hook 'Counter': every is 2, but it is the hook's"):
+        Trainer(n_epochs=1, progress_bar=False, hooks=[Counter()]).fit(*_setup())
+    with pytest.raises(ConfigError, match="unit must be 'step' or 'epoch', got 'steps'"):
+        Every(2, "steps")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="n must be an integer >= 0, got -1"):
+        Every(-1, "step")
