@@ -1,12 +1,7 @@
-"""Exception types raised by mtlgraph.
+"""Exception types raised by mtlgraph, all derived from :class:`MtlGraphError`.
 
-Every error that mtlgraph raises itself derives from :class:`MtlGraphError`. Errors found while
-validating user input gather *all* problems and raise once; the individual problems are kept in
-``problems`` so tools and tests can inspect them.
-
-Exceptions raised inside user code (a module's ``forward``, a loss or metric function) are never
-wrapped in these types: they keep their own type and traceback and gain a note naming the
-operation and task that ran them.
+Validation errors gather *all* problems (kept in ``problems``) and raise once. Exceptions raised
+inside user code are never wrapped: they keep their type and gain a note.
 """
 
 from __future__ import annotations

@@ -1,23 +1,8 @@
 """One registry type, and one way from a spec to an object, for every component kind.
 
-Modules, activations, losses, metrics, batch schedulers, balancers, optimizers, LR schedules,
-writers, slices, hooks, tokenizers and synthetic-data generators each live in a :class:`Registry`,
-and every one of them turns a *spec* into an object the same way, with :meth:`Registry.build`:
-
-- a registered name (``"adamw"``), or a dotted import path (``"torch.optim.NAdam"``,
-  ``"my_pkg.blocks.Gate"``; :func:`import_object`);
-- a mapping ``{name: ..., **kwargs}`` (or ``{type: ..., **kwargs}``);
-- a class or factory function; or an instance of the kind (returned as it is).
-
-Keyword arguments are checked once, before anything is built, against the factory's signature
-*and* its type annotations (through the same converter that checks ``Trainer(**config)``), so
-``{name: adamw, amsgrad: maybe}`` is a :class:`~mtlgraph.ConfigError` naming the key path, not a
-crash mid-run. :meth:`Registry.problems` returns every problem of a spec at once without building.
-
-Every registry also behaves the same way as a name table: ``get`` of an unknown name raises
-:class:`~mtlgraph.exceptions.UnknownNameError` with a did-you-mean; registering the *same* object
-under a name again is a no-op (a re-run notebook cell is fine); another object under a taken name
-needs ``override=True``; ``unregister`` removes a name.
+A spec is a registered name, a dotted import path, ``{name: ..., **kwargs}``, a class or factory,
+or a built instance; its arguments are checked against the factory's signature and annotations
+before anything is built (see docs/concepts.md, "Registries").
 """
 
 from __future__ import annotations

@@ -1,12 +1,8 @@
 """Config objects -> modules, tasks, model, datasets, loaders and trainer.
 
-The only place that reads the registries (modules, losses, metrics, generators) to turn a
-validated :class:`~mtlgraph.experiment.config.ExperimentConfig` into objects. Everything here
-builds the same objects the Python API builds by hand: ``Task(...)``, ``MultitaskClassifier(...)``,
-``DictDataset(...)``, ``DictDataLoader(...)`` and ``Trainer(**config)``.
-
-Data problems (a missing file, an absent array or column, a label out of range) are reported all
-at once as a :class:`~mtlgraph.DataError`, each naming the config key, the file and the field.
+The only place that turns a validated :class:`~mtlgraph.experiment.config.ExperimentConfig` into
+the objects the Python API builds by hand; data problems are reported at once as a
+:class:`~mtlgraph.DataError`.
 """
 
 from __future__ import annotations

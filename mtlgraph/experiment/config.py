@@ -1,25 +1,8 @@
 """YAML experiment configs: parsed with ``yaml.safe_load`` rules into validated dataclasses.
 
-A config declares a whole experiment: ``modules`` (by registry name and keyword arguments),
-``tasks`` (module pools, operation sequences, task type, loss, metrics, weight), ``data``
-(each dataset's ``source:`` and which of its columns or arrays are input fields and task labels),
-and ``trainer`` (exactly the keyword arguments of :class:`~mtlgraph.Trainer`). Every field is
-documented in ``docs/config.md``.
-
-Validation is strict and reports everything at once, each problem naming the file, the line and
-the dotted key, with a suggestion where one is close::
-
-    invalid config 'configs/quickstart.yaml' (2 problems):
-      - configs/quickstart.yaml:31: trainer.lr: expected a number, got the string '1e-3' (YAML 1.1
-        reads '1e-3' as a string: write it with a dot and a signed exponent, e.g. 1.0e-3, ...)
-      - configs/quickstart.yaml:12: tasks.circle_task.ops[0].module: unknown module 'base_mpl'
-        (did you mean 'base_mlp'?); the config declares 'base_mlp', 'circle_head'
-
-Only :mod:`mtlgraph.experiment.build` turns a validated config into objects. A config runs user
-code in one way only: the Python modules in its top-level ``imports:`` list are imported (they may
-register modules, metrics, losses, schedulers or balancers). Value rules that belong to an object
-(a task's ``weight`` and ``threshold``, a balancer's arguments) are its constructor's, asked
-here, before anything is built for real.
+Every field is documented in ``docs/config.md``. Validation reports every problem at once, each
+naming the file, line and dotted key. Only :mod:`mtlgraph.experiment.build` turns a validated
+config into objects; value rules that belong to an object are its constructor's, asked here.
 """
 
 from __future__ import annotations

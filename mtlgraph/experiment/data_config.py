@@ -1,10 +1,5 @@
-"""The ``data`` section of an experiment config: datasets, each declared by one ``source:``.
-
-A dataset's rows come from its ``source`` (``docs/data-sources.md``): ``table`` (a CSV, JSON
-Lines, Parquet or ``.npz`` file, or ``{split: file}``), ``npy`` (a directory of ``.npy`` files,
-memory-mapped), ``images`` (an image folder and the table naming its files), ``shards`` (table
-files streamed one at a time) or ``generator`` (a synthetic data set of
-``mtlgraph.data.synthetic.GENERATORS``). :mod:`mtlgraph.experiment.sources` loads them.
+"""The ``data`` section of an experiment config: datasets, each declared by one ``source:``
+(``docs/data-sources.md``); :mod:`mtlgraph.experiment.sources` loads them.
 """
 
 from __future__ import annotations

@@ -1,13 +1,5 @@
-"""Modules from their specs: nested module arguments and ``init_from``.
-
-A module's ``type:`` is what :data:`~mtlgraph.graph.MODULES` builds: a registered name or the
-dotted path of an ``nn.Module`` class or of a function returning one (``torch.nn.LSTM``, a class in
-a module listed under ``imports:``); its arguments are checked against the signature and its
-annotations. An argument written as a mapping with a ``type:`` key is itself a module, built first
-(``encoder_layer: {type: torch.nn.TransformerEncoderLayer, d_model: 32, nhead: 4}``).
-
-``init_from: path.pt`` (any module) loads a state dict saved with
-``torch.save(module.state_dict(), path)``, with ``weights_only=True``, after the module is built.
+"""Modules from their specs: nested module arguments (a mapping with a ``type:`` key) and
+``init_from`` (a state dict loaded with ``weights_only=True``); see ``docs/config.md``.
 """
 
 from __future__ import annotations

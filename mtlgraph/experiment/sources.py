@@ -1,12 +1,8 @@
 """Datasets declared in YAML -> datasets: every ``data.datasets.<name>.source``.
 
-:func:`load_datasets` turns each declared source (``table``, ``npy``, ``images``, ``shards``,
-``generator``; :mod:`mtlgraph.experiment.data_config`) into datasets, one per split, reading
-files through :mod:`mtlgraph.data.sources` (the reader ``mtlgraph predict`` uses too), the same
-objects the Python API builds. Text columns are tokenised with a vocabulary built from the
-training split; it is written to ``<run_dir>/vocab/<dataset>.<column>.json`` and its
-fingerprint to the checkpoints (the experiment config's ``vocabularies``), so evaluation,
-prediction and a resumed run use the same ids. See ``docs/data-sources.md``.
+Files are read through :mod:`mtlgraph.data.sources`; text columns get a vocabulary built from the
+training split, written to ``<run_dir>/vocab/`` and fingerprinted in checkpoints. See
+``docs/data-sources.md``.
 """
 
 from __future__ import annotations

@@ -1,13 +1,5 @@
-"""YAML text with the line of every key, ``KEY=VALUE`` overrides, and where a problem came from.
-
-The schema (:mod:`mtlgraph.experiment.config`) reports problems by dotted key
-(``trainer.lr: expected a number``); this module knows which line of which file, or which
-command-line override, set that key, so every message can point at it::
-
-    configs/quickstart.yaml:31: trainer.lr: expected a number, ...
-    configs/quickstart.yaml (override 'trainer.lr=1e-3'): trainer.lr: expected a number, ...
-
-Only plain YAML types are ever constructed (``yaml.SafeLoader``), never Python objects.
+"""YAML text with the line of every key, ``KEY=VALUE`` overrides, and where a problem came from
+(``configs/quickstart.yaml:31: trainer.lr: ...``). Only plain YAML types are constructed.
 """
 
 from __future__ import annotations

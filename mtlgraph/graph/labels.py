@@ -1,10 +1,6 @@
 """Label checks of one tensor of labels, or one batch's (graph layer, so that ``predict`` and
-``score`` can check the batches of streams and map-style datasets too).
-
-A multiclass task takes class ids ``0..C-1`` of shape ``(N,)`` (``C``: the head's outputs), a
-binary task ``0``/``1`` of shape ``(N,)`` or ``(N, 1)`` for a head with one logit, a multilabel
-task ``0``/``1`` of shape ``(N, L)`` for a head with ``L`` logits, a regression task finite
-numbers; see :mod:`mtlgraph.training.labels` for when each dataset is checked.
+``score`` can check streamed batches too); :mod:`mtlgraph.training.labels` says when each dataset
+is checked.
 """
 
 from __future__ import annotations

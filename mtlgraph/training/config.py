@@ -1,11 +1,6 @@
-"""The Trainer's settings (:class:`TrainerConfig`, one commented field each) and their checks.
-
-``Trainer(**kwargs)`` and the ``trainer:`` section of a YAML config are built against this
-dataclass: unknown keys and wrong types are rejected by the schema, values by
-:meth:`TrainerConfig.validate`, every problem at once. Named components (optimizer, LR schedule,
-batch scheduler, balancer, writers, hooks) are checked by their registries' ``problems``: names,
-and keyword arguments against the component's signature and annotations, so a misspelled or
-mistyped argument fails before any work starts.
+"""The Trainer's settings (:class:`TrainerConfig`, one commented field each) and their checks:
+types by the schema, values by :meth:`TrainerConfig.validate`, named components by their
+registries' ``problems``; every problem at once.
 """
 
 from __future__ import annotations
