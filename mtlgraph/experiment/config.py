@@ -66,9 +66,7 @@ class TaskConfig:
     modules: list[str] | None = None  # module pool; null = the modules its ops use
     task_type: TaskType = "multiclass"  # multiclass | binary | multilabel | regression
     loss: str | dict[str, Any] | None = None  # loss name or {name, **kwargs}; null = by task type
-    metrics: list[str | dict[str, Any]] | None = (
-        None  # names or {name, key, **kwargs}; null = default
-    )
+    metrics: list[str | dict[str, Any]] | None = None  # names or {name, **kwargs}
     weight: float = 1.0  # static loss weight (>= 0)
     ignore_value: int | float | Literal["default"] | None = "default"  # masked label value
     threshold: float = 0.5  # probability threshold of binary/multilabel predictions
@@ -306,18 +304,14 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentCo
     source = str(path)
     if not file.is_file():
         raise ConfigError([f"{source}: no such config file"])
-    text = file.read_text()
-    data, lines, problems = parse_yaml(text, source)
+    data, lines, problems = parse_yaml(file.read_text(), source)
     if data is None:
         raise ConfigError([f"{source}: the file is empty; see docs/config.md for the sections"])
     return parse_config(data, source, lines, overrides, file.resolve().parent, problems)
 
 
 def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
-    """The resolved config (defaults filled in) as plain YAML-ready values.
-
-    ``load`` of its YAML dump validates to an equal config.
-    """
+    """The resolved config (defaults filled in) as plain YAML-ready values."""
     out = plain_config(cfg)
     out.pop("base_dir", None)
     return dict(out)
@@ -329,11 +323,8 @@ def dump_config(cfg: ExperimentConfig) -> str:
 
 
 def dump_run_config(cfg: ExperimentConfig) -> str:
-    """The resolved config as the YAML a run directory keeps (``config.yaml``): like
-    :func:`dump_config`, with every relative data path made absolute (resolved against the
-    original config's directory), and the directories the ``imports:`` were found in (the
-    working directory or the config's, not the installed packages) added to ``import_paths:``
-    as absolute paths, so the copy re-runs from any working directory.
+    """The resolved config as a run directory keeps it (``config.yaml``): relative data paths
+    and the directories of ``imports:`` made absolute, so it re-runs from any directory.
 
     Example:
         >>> from mtlgraph.experiment.config import load_config
