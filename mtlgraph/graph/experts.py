@@ -111,11 +111,8 @@ def smooth_step(t: torch.Tensor, gamma: float) -> torch.Tensor:
 
 
 class _AddRegularizerGradient(torch.autograd.Function):
-    """Identity on ``out``; backward also sends gradient 1 into the scalar ``penalty``.
-
-    A penalty on a module's own parameters (DSelect-k's entropy) thereby joins every backward
-    pass that goes through the module's output, without a second loss term in the task's graph.
-    """
+    """Identity on ``out``; backward also sends gradient 1 into the scalar ``penalty`` (so
+    DSelect-k's entropy joins every backward pass through the gate, without a loss term)."""
 
     @staticmethod
     def forward(ctx: Any, out: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
@@ -231,12 +228,8 @@ class Gate(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        if self.kind == "softmax":
-            return f"n_experts={self.n_experts}, kind=softmax"
-        return (
-            f"n_experts={self.n_experts}, kind=dselect_k, k={self.k}, gamma={self.gamma}, "
-            f"entropy={self.entropy}"
-        )
+        dselect = f", k={self.k}, gamma={self.gamma}, entropy={self.entropy}"
+        return f"n_experts={self.n_experts}, kind={self.kind}" + dselect * (self.kind != "softmax")
 
 
 class CrossStitch(nn.Module):

@@ -1,9 +1,5 @@
-"""Loss functions by task type, and the loss registry.
-
-A loss is ``loss(output, target) -> scalar tensor``, called on a task's active rows (labels equal
-to the task's ignore value are masked out first; the multilabel and multi-output losses mask
-single elements). A config names a loss with ``loss: <name>``; Python code adds its own with
-``LOSSES.register(name, func)`` and removes it with ``LOSSES.unregister(name)``.
+"""Loss functions by task type, and the loss registry :data:`LOSSES`: a loss is
+``loss(output, target) -> scalar tensor``, called on a task's active rows.
 """
 
 from __future__ import annotations
@@ -85,12 +81,8 @@ def cross_entropy_with_probs(
     if weight is not None:
         terms = terms * weight.to(logp.dtype)
     per_row = -terms.sum(dim=1)
-    if reduction == "none":
-        return per_row
-    if reduction == "sum":
-        return per_row.sum()
-    if reduction == "mean":
-        return per_row.mean()
+    if reduction in ("none", "sum", "mean"):
+        return per_row if reduction == "none" else getattr(per_row, reduction)()
     raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
