@@ -89,19 +89,14 @@ class SourceConfig:
         if (self.type == "images") != (self.images is not None):
             problems.append("images: needed by type 'images' (and only by it)")
         single = isinstance(self.path, str) and not glob.has_magic(self.path)
-        if (
-            self.type not in ("shards", "generator")
-            and not single
-            and not isinstance(self.path, dict)
-        ):
+        files_type = self.type not in ("shards", "generator")
+        if files_type and not single and not isinstance(self.path, dict):
             problems.append(
                 "path: a table, npy or image source reads one file, or {split: file}; "
                 "use type 'shards' for lists and globs"
             )
         for key in ("split_column", "fractions"):
-            if getattr(self, key) is not None and (
-                self.type in ("shards", "generator") or not single
-            ):
+            if getattr(self, key) is not None and not (files_type and single):
                 problems.append(f"{key}: only for a single file ('path: file.csv')")
         files = self.path.values() if isinstance(self.path, dict) else [self.path]
         listed = [p for f in files for p in ([f] if isinstance(f, str) else f or [])]
@@ -189,11 +184,9 @@ _OLD_ONLY = ("generator", "path", "format", "split_field")  # 'args' or 'fractio
 
 
 def old_spelling_problems(data: Any) -> list[str]:
-    """Problems for datasets written in the old spelling (``generator:``/``args:`` or
-    ``path:``/``format:``/``split_field:``/``fractions:`` beside ``fields``), each showing the
-    ``source:`` to write instead, built from the user's own values. The old keys are removed
-    from ``data`` (the ``data`` section as parsed) so that they are reported once.
-    """
+    """Problems for datasets written in the old spelling (``generator:``, ``path:``, ...
+    beside ``fields``), each showing the ``source:`` to write instead; the old keys are removed
+    from ``data`` (the parsed ``data`` section) so that they are reported once."""
     datasets = data.get("datasets") if isinstance(data, Mapping) else None
     if not isinstance(datasets, Mapping):
         return []

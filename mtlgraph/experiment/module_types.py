@@ -56,8 +56,7 @@ def build_module(spec: Mapping[str, Any], path: str, base_dir: str | Path = ".")
 
 
 def load_init(module: nn.Module, file: Path, where: str) -> None:
-    """Load a state dict (``torch.save(module.state_dict(), file)``) into ``module``, reading
-    it with ``weights_only=True``.
+    """Load a state dict (``torch.save(module.state_dict(), file)``) into ``module``.
 
     Raises:
         ConfigError: A missing or unreadable file, or one whose keys or shapes do not fit.
@@ -70,9 +69,10 @@ def load_init(module: nn.Module, file: Path, where: str) -> None:
         raise ConfigError(
             [f"{where}: cannot read '{file}' with weights_only=True ({type(e).__name__}: {e})"]
         ) from None
-    if not isinstance(state, Mapping) or not all(
+    tensors = isinstance(state, Mapping) and all(
         isinstance(v, torch.Tensor) for v in state.values()
-    ):
+    )
+    if not tensors:
         raise ConfigError(
             [f"{where}: '{file}' holds no state dict; save one with torch.save(m.state_dict(), f)"]
         )

@@ -33,14 +33,11 @@ def _index(
             sub = f"{path}.{key}" if path else key
             line = key_node.start_mark.line + 1
             if key in first:
-                problems.append(
-                    (
-                        line,
-                        f"{sub}: duplicate key '{key}' on line {line} (first on line "
-                        f"{first[key]}); YAML would silently keep the last one: remove or rename "
-                        "one",
-                    )
+                problem = (
+                    f"{sub}: duplicate key '{key}' on line {line} (first on line {first[key]}); "
+                    "YAML would silently keep the last one: remove or rename one"
                 )
+                problems.append((line, problem))
             else:
                 first[key] = line
                 lines[sub] = line
@@ -53,9 +50,8 @@ def _index(
 
 
 def parse_yaml(text: str, source: str = "<string>") -> tuple[Any, dict[str, int], list[str]]:
-    """Parse YAML safely; return ``(data, {dotted path: line}, duplicate-key problems)``.
-
-    The problems are located already (``"<source>:<line>: <key>: ..."``).
+    """Parse YAML safely; return ``(data, {dotted path: line}, duplicate-key problems)`` (the
+    problems located already: ``"<source>:<line>: <key>: ..."``).
 
     Raises:
         ConfigError: A YAML syntax error (with its line and column).
@@ -180,11 +176,7 @@ def _set_path(
     dotted = ""
     for i, part in enumerate(parts):
         here = dotted
-        dotted = (
-            f"{dotted}[{part}]"
-            if isinstance(part, int)
-            else (f"{dotted}.{part}" if dotted else part)
-        )
+        dotted = f"{dotted}[{part}]" if isinstance(part, int) else f"{dotted}.{part}".lstrip(".")
         last = i == len(parts) - 1
         if isinstance(node, list):
             if not isinstance(part, int) or not 0 <= part < len(node):
