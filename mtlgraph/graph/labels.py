@@ -80,8 +80,7 @@ def batch_label_problems(
         Y_dict: Task name -> the batch's labels.
         where: Names the batch in messages, e.g. ``"dataset 'd' (train), batch 17"``.
         widths: The heads' output sizes from :func:`~mtlgraph.inference.evaluation.head_widths`
-            (computed once per dataset);
-            ``None`` skips the checks that need them.
+            (computed once per dataset); ``None`` skips the checks that need them.
     """
     problems: list[str] = []
     for name, labels in Y_dict.items():
@@ -137,13 +136,9 @@ def _common_problems(task: Task, labels: torch.Tensor, active: torch.Tensor, whe
     bad = active & (labels < 0)
     value = labels[bad][0].item() if bool(bad.any()) else 0
     shown = int(value) if float(value).is_integer() else value
-    return _flagged(
-        labels,
-        bad,
-        where,
-        f"is negative and not the task's ignore value ({task.ignore_value}); set "
-        f"Task(ignore_value={shown}) to ignore such rows, or fix the label",
-    )
+    says = f"is negative and not the task's ignore value ({task.ignore_value}); set "
+    says += f"Task(ignore_value={shown}) to ignore such rows, or fix the label"
+    return _flagged(labels, bad, where, says)
 
 
 def _multiclass_problems(
