@@ -97,7 +97,7 @@ class Registry(Generic[T]):
         self.bind = bind
         self._find = find
         self.keys = keys
-        self._check = check or (self._callable if base is not None or bind else _no_problems)
+        self._check = check or (self._callable if base is not None or bind else lambda n, o: [])
         self._entries: dict[str, T] = {}
         for name, obj in (entries or {}).items():
             self.register(name, obj)
@@ -193,13 +193,9 @@ class Registry(Generic[T]):
             kwargs = dict(spec)
             keys = [k for k in self.keys if k in kwargs]
             if not keys:
-                where = f"{path}." if path else ""
-                raise ConfigError(
-                    [
-                        f"{where}{self.keys[0]}: missing; say which {self.kind} to build: one of "
-                        f"{quoted(self._entries)} or a dotted import path"
-                    ]
-                )
+                key = f"{path}.{self.keys[0]}" if path else self.keys[0]
+                hint = f"one of {quoted(self._entries)} or a dotted import path"
+                raise ConfigError([f"{key}: missing; say which {self.kind} to build: {hint}"])
             if len(keys) > 1:
                 raise ConfigError([f"{_at(path)}give one of {quoted(keys)}, not both"])
             spec = kwargs.pop(keys[0])
@@ -211,9 +207,8 @@ class Registry(Generic[T]):
             if wrong or not (callable(factory) or (base is not None and isinstance(factory, base))):
                 kind = f"the class {factory.__name__}" if wrong else f"a {type(factory).__name__}"
                 want = f"a {base.__name__} subclass" if base is not None else "a class"
-                raise ConfigError(
-                    [f"{_at(path)}'{spec}' is {kind}, not {want} or a function returning one"]
-                )
+                problem = f"'{spec}' is {kind}, not {want} or a function returning one"
+                raise ConfigError([_at(path) + problem])
             return factory, kwargs, spec
         if self.base is not None and isinstance(spec, self.base) and not isinstance(spec, type):
             if kwargs:
@@ -222,13 +217,9 @@ class Registry(Generic[T]):
         if callable(spec):
             return spec, kwargs, getattr(spec, "__name__", repr(spec))
         kinds = f"a {self.base.__name__}, " if self.base is not None else ""
-        raise ConfigError(
-            [
-                f"{_at(path)}a {self.kind} is {kinds}a registered name ({quoted(self._entries)}),"
-                f" {{name: ..., **kwargs}}, a dotted import path, or a class or factory; got "
-                f"{spec!r}"
-            ]
-        )
+        problem = f"a {self.kind} is {kinds}a registered name ({quoted(self._entries)}), {{name: "
+        problem += f"..., **kwargs}}, a dotted import path, or a class or factory; got {spec!r}"
+        raise ConfigError([_at(path) + problem])
 
     def _checked(
         self, spec: Any, path: str, given: Collection[str]
@@ -251,12 +242,8 @@ class Registry(Generic[T]):
             return found
         if "." in name:
             return import_object(name, path)
-        raise UnknownNameError(
-            [
-                f"{_at(path)}{self.unknown(name)}, or a dotted import path (register more in a "
-                "module listed under 'imports:')"
-            ]
-        )
+        more = "or a dotted import path (register more in a module listed under 'imports:')"
+        raise UnknownNameError([f"{_at(path)}{self.unknown(name)}, {more}"])
 
     def problems(
         self, spec: Any, path: str = "", given: Collection[str] = (), build: bool = False
@@ -288,7 +275,9 @@ class Registry(Generic[T]):
             raise ConfigError(problems)
         if self.base is not None and isinstance(factory, self.base):
             return factory
-        kwargs = {**given, **_converted(factory, kwargs)}
+        hints = _hints(_signature_source(factory))  # 1 -> 1.0, lists -> tuples
+        kwargs = {k: convert(v, hints[k], k, []) if k in hints else v for k, v in kwargs.items()}
+        kwargs = {**given, **kwargs}
         if self.bind:
             return functools.partial(factory, **kwargs) if kwargs else factory
         try:
@@ -299,17 +288,9 @@ class Registry(Generic[T]):
             e.add_note(f"mtlgraph: while building {path or 'a'} ({self.kind} '{name}')")
             raise
         if self.base is not None and not isinstance(obj, self.base):
-            raise ConfigError(
-                [
-                    f"{_at(path)}{self.kind} '{name}' made a {type(obj).__name__}, "
-                    f"not a {self.base.__name__}"
-                ]
-            )
+            made = f"{self.kind} '{name}' made a {type(obj).__name__}, not a {self.base.__name__}"
+            raise ConfigError([_at(path) + made])
         return obj
-
-
-def _no_problems(name: str, obj: Any) -> list[str]:
-    return []
 
 
 def _at(path: str) -> str:
@@ -346,21 +327,14 @@ def import_object(path: str, where: str = "") -> Any:
                 raise  # a module the imported one needs: the user's problem, unchanged
             if cut > 1:
                 continue
-            raise ConfigError(
-                [
-                    f"{_at(where)}cannot import '{path}': no module named '{e.name}' (is it "
-                    "installed, or its module listed under 'imports:'?)"
-                ]
-            ) from None
+            why = f"no module named '{e.name}' (is it installed, or its module listed under "
+            why += "'imports:'?)"
+            raise ConfigError([f"{_at(where)}cannot import '{path}': {why}"]) from None
         for i, attr in enumerate(parts[cut:], cut):
             if not hasattr(obj, attr):
                 names = [n for n in dir(obj) if not n.startswith("_")]
-                raise ConfigError(
-                    [
-                        f"{_at(where)}cannot import '{path}': '{'.'.join(parts[:i])}' has no "
-                        f"'{attr}'{did_you_mean(attr, names)}"
-                    ]
-                )
+                why = f"'{'.'.join(parts[:i])}' has no '{attr}'{did_you_mean(attr, names)}"
+                raise ConfigError([f"{_at(where)}cannot import '{path}': {why}"])
             obj = getattr(obj, attr)
         return obj
     raise ConfigError([f"{_at(where)}'{path}' is no dotted import path (module.name)"])
@@ -437,12 +411,6 @@ def accepted_parameters(factory: Callable[..., Any]) -> set[str] | None:
     inspectable signature)."""
     params = _parameters(_signature_source(factory))
     return None if params is None or params[1] else set(params[0])
-
-
-def _converted(factory: Callable[..., Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """``kwargs`` converted to their annotations (``1`` to ``1.0``, lists to tuples)."""
-    hints = _hints(_signature_source(factory))
-    return {k: convert(v, hints[k], k, []) if k in hints else v for k, v in kwargs.items()}
 
 
 def _signature_source(factory: Callable[..., Any]) -> Callable[..., Any]:
