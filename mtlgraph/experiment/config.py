@@ -263,10 +263,8 @@ def parse_config(
     raw = map_structure(lambda leaf: leaf, dict(data) if isinstance(data, Mapping) else data)
     if not isinstance(raw, dict):
         raise ConfigError(
-            [
-                f"{source}: the top level must be a mapping of sections (modules, tasks, data, "
-                f"trainer), got {type(raw).__name__}"
-            ]
+            f"{source}: the top level must be a mapping of sections (modules, tasks, data, "
+            f"trainer), got {type(raw).__name__}"
         )
     applied = apply_overrides(raw, overrides, problems)
     problems += old_spelling_problems(raw.get("data"))

@@ -95,11 +95,9 @@ def _vocabulary(
     tok = WordTokenizer.fit(texts, tc.vocab_size, tc.min_count, tc.lowercase, tc.max_length)
     if file is not None and file.is_file() and WordTokenizer.load(file) != tok:
         raise DataError(
-            [
-                f"{where}: the vocabulary built from this config's training split differs "
-                f"from the run's '{file}': the data or the tokenizer settings changed since "
-                "the run started; resume with them unchanged, or start a new run directory"
-            ]
+            f"{where}: the vocabulary built from this config's training split differs "
+            f"from the run's '{file}': the data or the tokenizer settings changed since "
+            "the run started; resume with them unchanged, or start a new run directory"
         )
     if key in saved and saved[key] != tok.fingerprint:
         raise CheckpointError(
@@ -162,10 +160,8 @@ def task_labels(
     if nan.any():
         if not (isinstance(ignore, int) and not isinstance(ignore, bool)):
             raise DataError(
-                [
-                    f"{place(int(nan.nonzero()[0][0]))}, column '{column}': a missing label, but "
-                    f"the task's ignore_value is {ignore}"
-                ]
+                f"{place(int(nan.nonzero()[0][0]))}, column '{column}': a missing label, but "
+                f"the task's ignore_value is {ignore}"
             )
         labels = torch.where(nan, float(ignore), labels)
     frac = (labels != torch.round(labels)).reshape(len(labels), -1).any(dim=1)
@@ -311,10 +307,8 @@ def _dataset(
         image_fields = [f for f, c in ds.fields.items() if c == ic.column]
         if len(image_fields) != 1:
             raise DataError(
-                [
-                    f"fields: exactly one field must read the image column '{ic.column}' "
-                    f"(e.g. 'image: {ic.column}'), got {quoted(image_fields) or 'none'}"
-                ]
+                f"fields: exactly one field must read the image column '{ic.column}' "
+                f"(e.g. 'image: {ic.column}'), got {quoted(image_fields) or 'none'}"
             )
         folder = Path(cfg.base_dir) / ic.folder  # an absolute folder stays itself
         others = {f: c for f, c in ds.fields.items() if f != image_fields[0]}

@@ -71,10 +71,8 @@ def cross_entropy_with_probs(
     """
     if input.shape != target.shape:
         raise DataError(
-            [
-                f"soft labels of shape {tuple(target.shape)} for outputs of shape "
-                f"{tuple(input.shape)}; give one probability per class of the head"
-            ]
+            f"soft labels of shape {tuple(target.shape)} for outputs of shape "
+            f"{tuple(input.shape)}; give one probability per class of the head"
         )
     logp = F.log_softmax(input, dim=1)
     terms = target.to(logp.dtype) * logp
@@ -96,11 +94,9 @@ def binary_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     output = _rows_match(output, target)
     if output.shape != target.shape:
         raise DataError(
-            [
-                f"a binary task needs one logit per label: output of shape "
-                f"{tuple(output.shape)} for labels of shape {tuple(target.shape)}; give the head "
-                "one output unit, or use task_type='multiclass' for one logit per class"
-            ]
+            f"a binary task needs one logit per label: output of shape "
+            f"{tuple(output.shape)} for labels of shape {tuple(target.shape)}; give the head "
+            "one output unit, or use task_type='multiclass' for one logit per class"
         )
     return F.binary_cross_entropy_with_logits(output, target.to(output.dtype))
 

@@ -428,10 +428,8 @@ def unknown_tasks_error(unknown: Iterable[str], tasks: Mapping[str, Task]) -> Gr
 def unknown_label_error(label: str, tasks: Mapping[str, Task]) -> GraphError:
     """The error for a batch label that names no task of the model."""
     return GraphError(
-        [
-            f"label '{label}' names no task of the model{did_you_mean(label, tasks)}; "
-            f"the model has {quoted(tasks)}. Pass "
-            f"remap_labels={{'{label}': <task or None>}} to score it with another task's "
-            "head or to drop it"
-        ]
+        f"label '{label}' names no task of the model{did_you_mean(label, tasks)}; "
+        f"the model has {quoted(tasks)}. Pass "
+        f"remap_labels={{'{label}': <task or None>}} to score it with another task's "
+        "head or to drop it"
     )
