@@ -426,9 +426,7 @@ def _signature_source(factory: Callable[..., Any]) -> Callable[..., Any]:
     return factory
 
 
-def _parameters(
-    factory: Callable[..., Any],
-) -> tuple[dict[str, inspect.Parameter], bool] | None:
+def _parameters(factory: Callable[..., Any]) -> tuple[dict[str, inspect.Parameter], bool] | None:
     """Keyword-passable parameters, and whether ``**kwargs`` is taken; ``None``: unknown."""
     try:
         sig = inspect.signature(factory)

@@ -348,11 +348,7 @@ def _single(spec: str | list[str], key: str) -> str:
 
 
 def _shards(
-    cfg: ExperimentConfig,
-    name: str,
-    ds: DatasetConfig,
-    run: Path | None,
-    saved: Mapping[str, str],
+    cfg: ExperimentConfig, name: str, ds: DatasetConfig, run: Path | None, saved: Mapping[str, str]
 ) -> tuple[list[Any], dict[str, Tokenizer]]:
     """One :class:`ShardStream` per split; a vocabulary reads the training shards once first."""
     from mtlgraph.data.sources.shards import ShardStream, shard_files

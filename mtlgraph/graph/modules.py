@@ -113,11 +113,7 @@ class Conv2dStack(nn.Module):
     """
 
     def __init__(
-        self,
-        in_channels: int,
-        channels: list[int],
-        kernel_size: int = 3,
-        activation: str = "relu",
+        self, in_channels: int, channels: list[int], kernel_size: int = 3, activation: str = "relu"
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = []

@@ -45,9 +45,7 @@ Example:
 """
 
 
-def resolve_slices(
-    slices: Mapping[str, SliceFunc] | Sequence[str] | None,
-) -> dict[str, SliceFunc]:
+def resolve_slices(slices: Mapping[str, SliceFunc] | Sequence[str] | None) -> dict[str, SliceFunc]:
     """``{name: fn}`` from a mapping of functions or a list of registered names.
 
     Raises:

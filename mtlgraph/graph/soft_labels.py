@@ -145,10 +145,4 @@ def hard_targets(golds: np.ndarray, task: Task) -> np.ndarray:
     return out
 
 
-__all__ = [
-    "TOLERANCE",
-    "hard_targets",
-    "head_width",
-    "is_soft_label",
-    "soft_label_problems",
-]
+__all__ = ["TOLERANCE", "hard_targets", "head_width", "is_soft_label", "soft_label_problems"]
