@@ -67,9 +67,8 @@ def tokenizers(
     training split (kept in ``run_dir``; one already there must equal the rebuilt one)."""
     out: dict[str, Tokenizer] = {}
     for column, tc in src.text.items():
-        where = f"source.text.{column}"
         if tc.tokenizer is not None:
-            out[column] = TOKENIZERS.build(tc.tokenizer, f"{where}.tokenizer")
+            out[column] = TOKENIZERS.build(tc.tokenizer, f"source.text.{column}.tokenizer")
         else:
             out[column] = _vocabulary(name, column, tc, train, run_dir, saved)
     return out
@@ -378,14 +377,9 @@ def _shards(
     labels_as = partial(_table_labels, {t: cfg.tasks[t] for t in labels}, labels)
     out = []
     for split, found in files.items():
+        shuffle = split == train_split
         stream = ShardStream(
-            found,
-            ds.fields,
-            labels,
-            toks,
-            src.format,
-            shuffle=split == train_split,
-            labels_as=labels_as,
+            found, ds.fields, labels, toks, src.format, shuffle=shuffle, labels_as=labels_as
         )
         out.append(named_dataset(name, split, stream, list(labels)))
     return out, toks
