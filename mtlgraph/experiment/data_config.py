@@ -163,10 +163,6 @@ class DataConfig:
             problems.append(f"batch_size: must be >= 1, got {self.batch_size}")
         if not self.datasets:
             problems.append("datasets: empty; declare at least one dataset")
-        return problems + self._loading_problems()
-
-    def _loading_problems(self) -> list[str]:
-        problems = []
         if self.num_workers < 0:
             problems.append(f"num_workers: must be >= 0, got {self.num_workers}")
         if self.prefetch_factor is not None and self.prefetch_factor < 1:

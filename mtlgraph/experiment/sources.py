@@ -18,6 +18,7 @@ import torch
 
 from mtlgraph._suggest import did_you_mean, quoted
 from mtlgraph.data.datasets import DictDataset
+from mtlgraph.data.named import NamedDataset
 from mtlgraph.data.sources.files import Table, read_table
 from mtlgraph.data.sources.table import Tokenizer, split_table, table_columns
 from mtlgraph.data.sources.tokenizer import TOKENIZERS, WordTokenizer
@@ -314,7 +315,7 @@ def _dataset(
         images = ImageFolder(
             folder, table, image_fields[0], ic.column, others, labels, image_decoder(ic), toks
         )
-        dataset, Y = named_dataset(name, split, images, list(labels)), images.Y
+        dataset, Y = NamedDataset(name, split, images, labels=list(labels)), images.Y
     else:
         X, Y = table_columns(table, ds.fields, labels, toks)
         dataset = None
@@ -381,15 +382,8 @@ def _shards(
         stream = ShardStream(
             found, ds.fields, labels, toks, src.format, shuffle=shuffle, labels_as=labels_as
         )
-        out.append(named_dataset(name, split, stream, list(labels)))
+        out.append(NamedDataset(name, split, stream, labels=list(labels)))
     return out, toks
-
-
-def named_dataset(name: str, split: str, dataset: Any, labels: list[str]) -> Any:
-    """``NamedDataset(name, split, dataset)`` (the data layer's wrapper of any torch dataset)."""
-    from mtlgraph.data.named import NamedDataset
-
-    return NamedDataset(name, split, dataset, labels=labels)
 
 
 class _LabelView:
@@ -440,7 +434,6 @@ __all__ = [
     "image_decoder",
     "label_views",
     "load_datasets",
-    "named_dataset",
     "split_tables",
     "task_labels",
     "tokenizers",
