@@ -248,10 +248,8 @@ class Registry(Generic[T]):
     def problems(
         self, spec: Any, path: str = "", given: Collection[str] = (), build: bool = False
     ) -> list[str]:
-        """Every problem of ``spec`` (its name and each argument's name and type);
-        ``given`` are arguments the caller passes besides the spec's. With ``build``, a spec
-        without such problems is built too (and thrown away), so that the value rules of its
-        constructor are reported with the rest."""
+        """Every problem of ``spec`` (``given``: arguments the caller adds); with ``build``, a
+        spec without such problems is built too, so its constructor's value rules report too."""
         try:
             problems = self._checked(spec, path, given)[3]
             if build and not problems:
@@ -299,9 +297,6 @@ def _at(path: str) -> str:
 
 def import_object(path: str, where: str = "") -> Any:
     """The object a dotted import path names (``"torch.optim.NAdam"``, ``"pkg.mod.Class.attr"``).
-
-    The one importer of user code by path: module types, optimizers, hooks, tokenizers and every
-    other spec given as a dotted path come through here.
 
     Raises:
         ConfigError: No module of the path imports (is it installed, or listed under
@@ -356,9 +351,8 @@ def argument_problems(
     supplies itself, that are missing, or whose value does not fit the annotation.
 
     Args:
-        factory: A class or function. A class whose ``__init__`` takes only ``*args,
-            **kwargs`` (``torch.nn.LSTM``) is checked against the first base class naming its
-            arguments, without reporting that base's required ones.
+        factory: A class or function (a class whose ``__init__`` takes only ``*args,
+            **kwargs``, like ``torch.nn.LSTM``, is checked against its first base naming them).
         kwargs: The keyword arguments a user gave.
         what: Names the component in messages (``"metric 'fbeta'"``).
         path: The spec's key path; each problem starts with ``<path>.<argument>``.
