@@ -33,8 +33,6 @@ def _sized_check(who: str, in_dim: object, n_experts: object) -> ArgumentCheck:
 class Experts(nn.Module):
     """``n_experts`` independent MLPs on one input, outputs stacked: ``(B, n_experts, hidden[-1])``.
 
-    Run as one batched matrix product per layer; expert ``e``'s layer ``l`` is ``weights[l][e]``.
-
     Args:
         in_dim: Input features (the input is ``(B, in_dim)``).
         n_experts: Number of experts (>= 1).
@@ -127,9 +125,8 @@ class Gate(nn.Module):
     """One task's gate: mixes stacked experts with per-example weights that sum to 1.
 
     ``gate(x, E_1, ..., E_m)``: selector input ``x`` ``(B, in_dim)`` and :class:`Experts` outputs
-    ``(B, n_j, d)``, concatenated along the expert axis, mixed into ``(B, d)``. ``kind="softmax"``
-    is MMoE's gate; ``kind="dselect_k"`` DSelect-k's ``k`` smooth binary selectors (spare codes
-    wrap around; ``entropy > 0`` adds its regulariser through the backward pass).
+    ``(B, n_j, d)`` mixed into ``(B, d)``; MMoE's softmax gate or DSelect-k's ``k`` smooth binary
+    selectors (``docs/architectures.md``).
 
     Args:
         in_dim: Features of the selector input ``x``.

@@ -21,9 +21,8 @@ if TYPE_CHECKING:
 def label_problems(
     task: Task, labels: torch.Tensor, width: int | None, where: str, train: bool = False
 ) -> list[str]:
-    """The problem of ``labels`` for ``task`` whose head outputs ``width`` values (the first
-    kind found: shape, non-finite, negative, fractional, out of range), with its first bad value
-    and row and how many more there are.
+    """The first kind of problem of ``labels`` for ``task`` (shape, non-finite, negative,
+    fractional, out of range), with its first bad value and row and how many more there are.
 
     Args:
         task: The task.

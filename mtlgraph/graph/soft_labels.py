@@ -26,8 +26,7 @@ def _is_float(labels: Any) -> bool:
 
 def is_soft_label(labels: torch.Tensor | np.ndarray, task: Task) -> bool:
     """Whether ``labels`` are soft labels of ``task``: floats ``(N, C)`` for a multiclass task,
-    floats ``(N,)`` (or ``(N, 1)``, ``(N, 2)``) for a binary task. Hard class ids are integers
-    (``(N,)`` floats are hard for a multiclass task).
+    floats ``(N,)`` (or ``(N, 1)``, ``(N, 2)``) for a binary task.
 
     Example:
         >>> import torch
