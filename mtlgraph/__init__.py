@@ -1,12 +1,7 @@
 """mtlgraph: declarative task-graph multi-task learning for PyTorch.
 
-Tasks name their modules; a :class:`MultitaskClassifier` merges modules by name into one shared
-graph; a :class:`Trainer` mixes batches from many datasets; a :class:`Scorer` reports every result
-under ``task/dataset/split/metric``.
-
-The public names are imported lazily (PEP 562): ``import mtlgraph`` costs almost nothing, and
-``mtlgraph.Trainer`` (or ``from mtlgraph import Trainer``) imports the module that defines it on
-first use. So ``mtlgraph --version`` answers without importing torch.
+The public names are imported lazily (PEP 562), so ``mtlgraph --version`` answers without
+importing torch.
 """
 
 from __future__ import annotations

@@ -20,12 +20,9 @@ T = TypeVar("T")
 
 
 class Problems(list[str]):
-    """A problem list that also counts *value* problems (from ``validate()``).
-
-    :func:`build` returns a dataclass whose keys and types are right even when its values are
-    not, so the enclosing dataclass can still run its own cross-checks and every problem is
-    reported at once. Plain lists work too (then any problem discards the object).
-    """
+    """A problem list that also counts *value* problems (from ``validate()``): with it,
+    :func:`build` still returns a well-typed dataclass whose values are wrong, so the enclosing
+    dataclass runs its cross-checks too (with a plain list any problem discards the object)."""
 
     soft: int = 0
 
@@ -79,9 +76,7 @@ def _got(value: Any) -> str:
 
 def convert(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
     """Check ``value`` against annotation ``tp``; return it (nested dataclasses built).
-
-    Problems are appended as ``"<path>: <sentence>"``.
-    """
+    Problems are appended as ``"<path>: <sentence>"``."""
     origin = get_origin(tp)
     if tp is Any:
         return value
@@ -216,15 +211,9 @@ def _hint(value: Any, tp: Any) -> str:
 
 
 def build(cls: type[T], data: Mapping[str, Any], path: str, problems: list[str]) -> T:
-    """Validate ``data`` against dataclass ``cls`` and construct it.
-
-    Missing required fields (those without a default), unknown keys, type errors and the
-    dataclass's own ``validate()`` sentences are appended to ``problems``; when anything is wrong
-    ``None`` is returned, so callers raise before using the result. With a :class:`Problems`
-    list, value problems alone still return the object (so enclosing dataclasses cross-check it);
-    callers raise when the list is not empty. ``validate()`` must return
-    sentences that start with the field name.
-    """
+    """Validate ``data`` against dataclass ``cls`` and construct it; ``None`` when anything is
+    wrong (see :class:`Problems`). Missing and unknown keys, type errors and the dataclass's own
+    ``validate()`` sentences (each starting with the field name) are appended to ``problems``."""
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
     prefix = f"{path}." if path else ""
@@ -255,8 +244,7 @@ def build(cls: type[T], data: Mapping[str, Any], path: str, problems: list[str])
             problems.append(f"{prefix}{name}: missing (required)")
     if any(name not in values for name in required):
         return None  # type: ignore[return-value]
-    # Value checks run on the well-typed keys too (wrong ones keep their defaults), so one call
-    # reports every problem.
+    # value checks run on the well-typed keys too (wrong ones keep their defaults)
     obj = cls(**values)
     hard = len(problems) - start - (getattr(problems, "soft", 0) - start_soft)
     validate = getattr(obj, "validate", None)

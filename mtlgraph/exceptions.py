@@ -1,12 +1,7 @@
-"""Exception types raised by mtlgraph.
+"""Exception types raised by mtlgraph, all derived from :class:`MtlGraphError`.
 
-Every error that mtlgraph raises itself derives from :class:`MtlGraphError`. Errors found while
-validating user input gather *all* problems and raise once; the individual problems are kept in
-``problems`` so tools and tests can inspect them.
-
-Exceptions raised inside user code (a module's ``forward``, a loss or metric function) are never
-wrapped in these types: they keep their own type and traceback and gain a note naming the
-operation and task that ran them.
+Validation errors gather *all* problems (kept in ``problems``) and raise once. Exceptions raised
+inside user code are never wrapped: they keep their type and gain a note.
 """
 
 from __future__ import annotations
@@ -70,21 +65,16 @@ class ConfigError(_ProblemsError):
 
 
 class UnknownNameError(ConfigError, KeyError):
-    """A name (a registry entry, a metric key) that is not known.
-
-    A :class:`ConfigError` that is also a ``KeyError``, so code written for the dictionaries the
-    registries once were (``except KeyError``) keeps working.
-    """
+    """A name (a registry entry, a metric key) that is not known; also a ``KeyError``, so
+    ``except KeyError`` (written for the dictionaries the registries once were) keeps working."""
 
     def __str__(self) -> str:  # KeyError would show the message quoted, as a repr
         return self._render()
 
 
 class ArgumentCheck:
-    """Gathers every problem with a component's constructor arguments, then raises them at once.
-
-    Each problem names the component (``subject``) and the argument; :meth:`done` raises a
-    :class:`ConfigError` holding them all, or returns when there are none.
+    """Gathers every problem with a component's constructor arguments; :meth:`done` raises them
+    at once as a :class:`ConfigError`.
 
     Args:
         subject: The component, as the messages name it (``"balancer 'cagrad'"``, ``"gate"``).
@@ -116,10 +106,8 @@ class ArgumentCheck:
 
     def choice(self, name: str, value: object, choices: Sequence[str]) -> None:
         """``value`` must be one of ``choices``."""
-        options = [repr(c) for c in choices]
-        expected = " or ".join(
-            [", ".join(options[:-1]), options[-1]] if len(options) > 1 else options
-        )
+        *head, last = [repr(c) for c in choices]
+        expected = f"{', '.join(head)} or {last}" if head else last
         self.require(value in choices, f"{name} must be {expected}, got {value!r}")
 
     def integer(self, name: str, value: object, least: int = 1) -> None:
@@ -160,8 +148,5 @@ class CheckpointError(MtlGraphError, RuntimeError):
 
 
 class TrainingError(MtlGraphError, RuntimeError):
-    """Training cannot go on: a non-finite loss or gradient norm (``TrainerConfig.nonfinite``).
-
-    A run-time failure (exit status 1 in the command line), not a configuration error; the
-    message names the task, dataset, epoch and step.
-    """
+    """Training cannot go on: a non-finite loss or gradient norm (``TrainerConfig.nonfinite``);
+    the message names the task, dataset, epoch and step."""

@@ -1,23 +1,8 @@
 """One registry type, and one way from a spec to an object, for every component kind.
 
-Modules, activations, losses, metrics, batch schedulers, balancers, optimizers, LR schedules,
-writers, slices, hooks, tokenizers and synthetic-data generators each live in a :class:`Registry`,
-and every one of them turns a *spec* into an object the same way, with :meth:`Registry.build`:
-
-- a registered name (``"adamw"``), or a dotted import path (``"torch.optim.NAdam"``,
-  ``"my_pkg.blocks.Gate"``; :func:`import_object`);
-- a mapping ``{name: ..., **kwargs}`` (or ``{type: ..., **kwargs}``);
-- a class or factory function; or an instance of the kind (returned as it is).
-
-Keyword arguments are checked once, before anything is built, against the factory's signature
-*and* its type annotations (through the same converter that checks ``Trainer(**config)``), so
-``{name: adamw, amsgrad: maybe}`` is a :class:`~mtlgraph.ConfigError` naming the key path, not a
-crash mid-run. :meth:`Registry.problems` returns every problem of a spec at once without building.
-
-Every registry also behaves the same way as a name table: ``get`` of an unknown name raises
-:class:`~mtlgraph.exceptions.UnknownNameError` with a did-you-mean; registering the *same* object
-under a name again is a no-op (a re-run notebook cell is fine); another object under a taken name
-needs ``override=True``; ``unregister`` removes a name.
+A spec is a registered name, a dotted import path, ``{name: ..., **kwargs}``, a class or factory,
+or a built instance; its arguments are checked against the factory's signature and annotations
+before anything is built (see docs/concepts.md, "Registries").
 """
 
 from __future__ import annotations
@@ -112,7 +97,7 @@ class Registry(Generic[T]):
         self.bind = bind
         self._find = find
         self.keys = keys
-        self._check = check or (self._callable if base is not None or bind else _no_problems)
+        self._check = check or (self._callable if base is not None or bind else lambda n, o: [])
         self._entries: dict[str, T] = {}
         for name, obj in (entries or {}).items():
             self.register(name, obj)
@@ -208,13 +193,9 @@ class Registry(Generic[T]):
             kwargs = dict(spec)
             keys = [k for k in self.keys if k in kwargs]
             if not keys:
-                where = f"{path}." if path else ""
-                raise ConfigError(
-                    [
-                        f"{where}{self.keys[0]}: missing; say which {self.kind} to build: one of "
-                        f"{quoted(self._entries)} or a dotted import path"
-                    ]
-                )
+                key = f"{path}.{self.keys[0]}" if path else self.keys[0]
+                hint = f"one of {quoted(self._entries)} or a dotted import path"
+                raise ConfigError([f"{key}: missing; say which {self.kind} to build: {hint}"])
             if len(keys) > 1:
                 raise ConfigError([f"{_at(path)}give one of {quoted(keys)}, not both"])
             spec = kwargs.pop(keys[0])
@@ -226,9 +207,8 @@ class Registry(Generic[T]):
             if wrong or not (callable(factory) or (base is not None and isinstance(factory, base))):
                 kind = f"the class {factory.__name__}" if wrong else f"a {type(factory).__name__}"
                 want = f"a {base.__name__} subclass" if base is not None else "a class"
-                raise ConfigError(
-                    [f"{_at(path)}'{spec}' is {kind}, not {want} or a function returning one"]
-                )
+                problem = f"'{spec}' is {kind}, not {want} or a function returning one"
+                raise ConfigError([_at(path) + problem])
             return factory, kwargs, spec
         if self.base is not None and isinstance(spec, self.base) and not isinstance(spec, type):
             if kwargs:
@@ -237,13 +217,9 @@ class Registry(Generic[T]):
         if callable(spec):
             return spec, kwargs, getattr(spec, "__name__", repr(spec))
         kinds = f"a {self.base.__name__}, " if self.base is not None else ""
-        raise ConfigError(
-            [
-                f"{_at(path)}a {self.kind} is {kinds}a registered name ({quoted(self._entries)}),"
-                f" {{name: ..., **kwargs}}, a dotted import path, or a class or factory; got "
-                f"{spec!r}"
-            ]
-        )
+        problem = f"a {self.kind} is {kinds}a registered name ({quoted(self._entries)}), {{name: "
+        problem += f"..., **kwargs}}, a dotted import path, or a class or factory; got {spec!r}"
+        raise ConfigError([_at(path) + problem])
 
     def _checked(
         self, spec: Any, path: str, given: Collection[str]
@@ -266,20 +242,14 @@ class Registry(Generic[T]):
             return found
         if "." in name:
             return import_object(name, path)
-        raise UnknownNameError(
-            [
-                f"{_at(path)}{self.unknown(name)}, or a dotted import path (register more in a "
-                "module listed under 'imports:')"
-            ]
-        )
+        more = "or a dotted import path (register more in a module listed under 'imports:')"
+        raise UnknownNameError([f"{_at(path)}{self.unknown(name)}, {more}"])
 
     def problems(
         self, spec: Any, path: str = "", given: Collection[str] = (), build: bool = False
     ) -> list[str]:
-        """Every problem of ``spec`` (its name and each argument's name and type);
-        ``given`` are arguments the caller passes besides the spec's. With ``build``, a spec
-        without such problems is built too (and thrown away), so that the value rules of its
-        constructor are reported with the rest."""
+        """Every problem of ``spec`` (``given``: arguments the caller adds); with ``build``, a
+        spec without such problems is built too, so its constructor's value rules report too."""
         try:
             problems = self._checked(spec, path, given)[3]
             if build and not problems:
@@ -303,7 +273,9 @@ class Registry(Generic[T]):
             raise ConfigError(problems)
         if self.base is not None and isinstance(factory, self.base):
             return factory
-        kwargs = {**given, **_converted(factory, kwargs)}
+        hints = _hints(_signature_source(factory))  # 1 -> 1.0, lists -> tuples
+        kwargs = {k: convert(v, hints[k], k, []) if k in hints else v for k, v in kwargs.items()}
+        kwargs = {**given, **kwargs}
         if self.bind:
             return functools.partial(factory, **kwargs) if kwargs else factory
         try:
@@ -314,17 +286,9 @@ class Registry(Generic[T]):
             e.add_note(f"mtlgraph: while building {path or 'a'} ({self.kind} '{name}')")
             raise
         if self.base is not None and not isinstance(obj, self.base):
-            raise ConfigError(
-                [
-                    f"{_at(path)}{self.kind} '{name}' made a {type(obj).__name__}, "
-                    f"not a {self.base.__name__}"
-                ]
-            )
+            made = f"{self.kind} '{name}' made a {type(obj).__name__}, not a {self.base.__name__}"
+            raise ConfigError([_at(path) + made])
         return obj
-
-
-def _no_problems(name: str, obj: Any) -> list[str]:
-    return []
 
 
 def _at(path: str) -> str:
@@ -333,9 +297,6 @@ def _at(path: str) -> str:
 
 def import_object(path: str, where: str = "") -> Any:
     """The object a dotted import path names (``"torch.optim.NAdam"``, ``"pkg.mod.Class.attr"``).
-
-    The one importer of user code by path: module types, optimizers, hooks, tokenizers and every
-    other spec given as a dotted path come through here.
 
     Raises:
         ConfigError: No module of the path imports (is it installed, or listed under
@@ -361,21 +322,14 @@ def import_object(path: str, where: str = "") -> Any:
                 raise  # a module the imported one needs: the user's problem, unchanged
             if cut > 1:
                 continue
-            raise ConfigError(
-                [
-                    f"{_at(where)}cannot import '{path}': no module named '{e.name}' (is it "
-                    "installed, or its module listed under 'imports:'?)"
-                ]
-            ) from None
+            why = f"no module named '{e.name}' (is it installed, or its module listed under "
+            why += "'imports:'?)"
+            raise ConfigError([f"{_at(where)}cannot import '{path}': {why}"]) from None
         for i, attr in enumerate(parts[cut:], cut):
             if not hasattr(obj, attr):
                 names = [n for n in dir(obj) if not n.startswith("_")]
-                raise ConfigError(
-                    [
-                        f"{_at(where)}cannot import '{path}': '{'.'.join(parts[:i])}' has no "
-                        f"'{attr}'{did_you_mean(attr, names)}"
-                    ]
-                )
+                why = f"'{'.'.join(parts[:i])}' has no '{attr}'{did_you_mean(attr, names)}"
+                raise ConfigError([f"{_at(where)}cannot import '{path}': {why}"])
             obj = getattr(obj, attr)
         return obj
     raise ConfigError([f"{_at(where)}'{path}' is no dotted import path (module.name)"])
@@ -397,9 +351,8 @@ def argument_problems(
     supplies itself, that are missing, or whose value does not fit the annotation.
 
     Args:
-        factory: A class or function. A class whose ``__init__`` takes only ``*args,
-            **kwargs`` (``torch.nn.LSTM``) is checked against the first base class naming its
-            arguments, without reporting that base's required ones.
+        factory: A class or function (a class whose ``__init__`` takes only ``*args,
+            **kwargs``, like ``torch.nn.LSTM``, is checked against its first base naming them).
         kwargs: The keyword arguments a user gave.
         what: Names the component in messages (``"metric 'fbeta'"``).
         path: The spec's key path; each problem starts with ``<path>.<argument>``.
@@ -454,12 +407,6 @@ def accepted_parameters(factory: Callable[..., Any]) -> set[str] | None:
     return None if params is None or params[1] else set(params[0])
 
 
-def _converted(factory: Callable[..., Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """``kwargs`` converted to their annotations (``1`` to ``1.0``, lists to tuples)."""
-    hints = _hints(_signature_source(factory))
-    return {k: convert(v, hints[k], k, []) if k in hints else v for k, v in kwargs.items()}
-
-
 def _signature_source(factory: Callable[..., Any]) -> Callable[..., Any]:
     """``factory``, or for a class whose ``__init__`` names no argument (only ``*args,
     **kwargs``) the first base class that names them."""
@@ -473,9 +420,7 @@ def _signature_source(factory: Callable[..., Any]) -> Callable[..., Any]:
     return factory
 
 
-def _parameters(
-    factory: Callable[..., Any],
-) -> tuple[dict[str, inspect.Parameter], bool] | None:
+def _parameters(factory: Callable[..., Any]) -> tuple[dict[str, inspect.Parameter], bool] | None:
     """Keyword-passable parameters, and whether ``**kwargs`` is taken; ``None``: unknown."""
     try:
         sig = inspect.signature(factory)

@@ -1,18 +1,13 @@
 """Config objects -> modules, tasks, model, datasets, loaders and trainer.
 
-The only place that reads the registries (modules, losses, metrics, generators) to turn a
-validated :class:`~mtlgraph.experiment.config.ExperimentConfig` into objects. Everything here
-builds the same objects the Python API builds by hand: ``Task(...)``, ``MultitaskClassifier(...)``,
-``DictDataset(...)``, ``DictDataLoader(...)`` and ``Trainer(**config)``.
-
-Data problems (a missing file, an absent array or column, a label out of range) are reported all
-at once as a :class:`~mtlgraph.DataError`, each naming the config key, the file and the field.
+The only place that turns a validated :class:`~mtlgraph.experiment.config.ExperimentConfig` into
+the objects the Python API builds by hand; data problems are reported at once as a
+:class:`~mtlgraph.DataError`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -41,8 +36,6 @@ from mtlgraph.metrics import Scorer
 from mtlgraph.training.checkpoint import metric_keys, metric_mode
 from mtlgraph.training.labels import dataset_label_problems
 from mtlgraph.training.trainer import Trainer, TrainerConfig
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -76,10 +69,8 @@ class Experiment:
 
 
 def build_modules(cfg: ExperimentConfig) -> dict[str, nn.Module]:
-    """Instantiate the ``modules`` section in order, with torch seeded by ``cfg.seed``.
-
-    The global torch random state is restored afterwards.
-    """
+    """The ``modules`` section, built in order with torch seeded by ``cfg.seed`` (the global
+    random state is restored afterwards)."""
     out: dict[str, nn.Module] = {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
@@ -161,12 +152,7 @@ def check_labels(
     datasets: Sequence[DictDataset],
     sources: Mapping[tuple[str, str, str], LabelSource],
 ) -> None:
-    """Check every label against its task (:mod:`mtlgraph.training.labels`): class ids within
-    the head's output, 0 or 1 for binary and multilabel tasks, no negative label other than the
-    ignore value, finite numbers for regression.
-
-    The number of classes comes from one forward pass of the task on a dataset's first two rows
-    (evaluation mode, no gradients, torch's random state untouched).
+    """Check every label against its task (:mod:`mtlgraph.training.labels` says how).
 
     Raises:
         DataError: Every bad label, naming the config key, the file and the field.

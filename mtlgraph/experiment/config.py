@@ -1,25 +1,8 @@
 """YAML experiment configs: parsed with ``yaml.safe_load`` rules into validated dataclasses.
 
-A config declares a whole experiment: ``modules`` (by registry name and keyword arguments),
-``tasks`` (module pools, operation sequences, task type, loss, metrics, weight), ``data``
-(each dataset's ``source:`` and which of its columns or arrays are input fields and task labels),
-and ``trainer`` (exactly the keyword arguments of :class:`~mtlgraph.Trainer`). Every field is
-documented in ``docs/config.md``.
-
-Validation is strict and reports everything at once, each problem naming the file, the line and
-the dotted key, with a suggestion where one is close::
-
-    invalid config 'configs/quickstart.yaml' (2 problems):
-      - configs/quickstart.yaml:31: trainer.lr: expected a number, got the string '1e-3' (YAML 1.1
-        reads '1e-3' as a string: write it with a dot and a signed exponent, e.g. 1.0e-3, ...)
-      - configs/quickstart.yaml:12: tasks.circle_task.ops[0].module: unknown module 'base_mpl'
-        (did you mean 'base_mlp'?); the config declares 'base_mlp', 'circle_head'
-
-Only :mod:`mtlgraph.experiment.build` turns a validated config into objects. A config runs user
-code in one way only: the Python modules in its top-level ``imports:`` list are imported (they may
-register modules, metrics, losses, schedulers or balancers). Value rules that belong to an object
-(a task's ``weight`` and ``threshold``, a balancer's arguments) are its constructor's, asked
-here, before anything is built for real.
+Every field is documented in ``docs/config.md``. Validation reports every problem at once, each
+naming the file, line and dotted key. Only :mod:`mtlgraph.experiment.build` turns a validated
+config into objects; value rules that belong to an object are its constructor's, asked here.
 """
 
 from __future__ import annotations
@@ -83,9 +66,7 @@ class TaskConfig:
     modules: list[str] | None = None  # module pool; null = the modules its ops use
     task_type: TaskType = "multiclass"  # multiclass | binary | multilabel | regression
     loss: str | dict[str, Any] | None = None  # loss name or {name, **kwargs}; null = by task type
-    metrics: list[str | dict[str, Any]] | None = (
-        None  # names or {name, key, **kwargs}; null = default
-    )
+    metrics: list[str | dict[str, Any]] | None = None  # names or {name, **kwargs}
     weight: float = 1.0  # static loss weight (>= 0)
     ignore_value: int | float | Literal["default"] | None = "default"  # masked label value
     threshold: float = 0.5  # probability threshold of binary/multilabel predictions
@@ -282,10 +263,8 @@ def parse_config(
     raw = map_structure(lambda leaf: leaf, dict(data) if isinstance(data, Mapping) else data)
     if not isinstance(raw, dict):
         raise ConfigError(
-            [
-                f"{source}: the top level must be a mapping of sections (modules, tasks, data, "
-                f"trainer), got {type(raw).__name__}"
-            ]
+            f"{source}: the top level must be a mapping of sections (modules, tasks, data, "
+            f"trainer), got {type(raw).__name__}"
         )
     applied = apply_overrides(raw, overrides, problems)
     problems += old_spelling_problems(raw.get("data"))
@@ -323,18 +302,14 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentCo
     source = str(path)
     if not file.is_file():
         raise ConfigError([f"{source}: no such config file"])
-    text = file.read_text()
-    data, lines, problems = parse_yaml(text, source)
+    data, lines, problems = parse_yaml(file.read_text(), source)
     if data is None:
         raise ConfigError([f"{source}: the file is empty; see docs/config.md for the sections"])
     return parse_config(data, source, lines, overrides, file.resolve().parent, problems)
 
 
 def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
-    """The resolved config (defaults filled in) as plain YAML-ready values.
-
-    ``load`` of its YAML dump validates to an equal config.
-    """
+    """The resolved config (defaults filled in) as plain YAML-ready values."""
     out = plain_config(cfg)
     out.pop("base_dir", None)
     return dict(out)
@@ -346,11 +321,8 @@ def dump_config(cfg: ExperimentConfig) -> str:
 
 
 def dump_run_config(cfg: ExperimentConfig) -> str:
-    """The resolved config as the YAML a run directory keeps (``config.yaml``): like
-    :func:`dump_config`, with every relative data path made absolute (resolved against the
-    original config's directory), and the directories the ``imports:`` were found in (the
-    working directory or the config's, not the installed packages) added to ``import_paths:``
-    as absolute paths, so the copy re-runs from any working directory.
+    """The resolved config as a run directory keeps it (``config.yaml``): relative data paths
+    and the directories of ``imports:`` made absolute, so it re-runs from any directory.
 
     Example:
         >>> from mtlgraph.experiment.config import load_config

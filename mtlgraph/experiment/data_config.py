@@ -1,10 +1,5 @@
-"""The ``data`` section of an experiment config: datasets, each declared by one ``source:``.
-
-A dataset's rows come from its ``source`` (``docs/data-sources.md``): ``table`` (a CSV, JSON
-Lines, Parquet or ``.npz`` file, or ``{split: file}``), ``npy`` (a directory of ``.npy`` files,
-memory-mapped), ``images`` (an image folder and the table naming its files), ``shards`` (table
-files streamed one at a time) or ``generator`` (a synthetic data set of
-``mtlgraph.data.synthetic.GENERATORS``). :mod:`mtlgraph.experiment.sources` loads them.
+"""The ``data`` section of an experiment config: datasets, each declared by one ``source:``
+(``docs/data-sources.md``); :mod:`mtlgraph.experiment.sources` loads them.
 """
 
 from __future__ import annotations
@@ -94,19 +89,14 @@ class SourceConfig:
         if (self.type == "images") != (self.images is not None):
             problems.append("images: needed by type 'images' (and only by it)")
         single = isinstance(self.path, str) and not glob.has_magic(self.path)
-        if (
-            self.type not in ("shards", "generator")
-            and not single
-            and not isinstance(self.path, dict)
-        ):
+        files_type = self.type not in ("shards", "generator")
+        if files_type and not single and not isinstance(self.path, dict):
             problems.append(
                 "path: a table, npy or image source reads one file, or {split: file}; "
                 "use type 'shards' for lists and globs"
             )
         for key in ("split_column", "fractions"):
-            if getattr(self, key) is not None and (
-                self.type in ("shards", "generator") or not single
-            ):
+            if getattr(self, key) is not None and not (files_type and single):
                 problems.append(f"{key}: only for a single file ('path: file.csv')")
         files = self.path.values() if isinstance(self.path, dict) else [self.path]
         listed = [p for f in files for p in ([f] if isinstance(f, str) else f or [])]
@@ -173,10 +163,6 @@ class DataConfig:
             problems.append(f"batch_size: must be >= 1, got {self.batch_size}")
         if not self.datasets:
             problems.append("datasets: empty; declare at least one dataset")
-        return problems + self._loading_problems()
-
-    def _loading_problems(self) -> list[str]:
-        problems = []
         if self.num_workers < 0:
             problems.append(f"num_workers: must be >= 0, got {self.num_workers}")
         if self.prefetch_factor is not None and self.prefetch_factor < 1:
@@ -194,11 +180,9 @@ _OLD_ONLY = ("generator", "path", "format", "split_field")  # 'args' or 'fractio
 
 
 def old_spelling_problems(data: Any) -> list[str]:
-    """Problems for datasets written in the old spelling (``generator:``/``args:`` or
-    ``path:``/``format:``/``split_field:``/``fractions:`` beside ``fields``), each showing the
-    ``source:`` to write instead, built from the user's own values. The old keys are removed
-    from ``data`` (the ``data`` section as parsed) so that they are reported once.
-    """
+    """Problems for datasets written in the old spelling (``generator:``, ``path:``, ...
+    beside ``fields``), each showing the ``source:`` to write instead; the old keys are removed
+    from ``data`` (the parsed ``data`` section) so that they are reported once."""
     datasets = data.get("datasets") if isinstance(data, Mapping) else None
     if not isinstance(datasets, Mapping):
         return []

@@ -72,10 +72,8 @@ def import_dirs(raw: Mapping[str, Any], base_dir: str | Path) -> list[Path]:
 
 
 def run_import_paths(imports: Sequence[str], import_paths: Sequence[str], base: Path) -> list[str]:
-    """``import_paths`` made absolute (against the config file's directory ``base``), plus the
-    directory each of ``imports`` was found in when that is the working directory or ``base``
-    (a local module, not an installed one): what a run directory's copy of the config needs to
-    find them from any working directory."""
+    """``import_paths`` made absolute (against ``base``), plus the directory each local module
+    of ``imports`` (one found in the working directory or ``base``) was found in."""
     paths = [absolute(base, p) for p in import_paths]
     local = {Path.cwd().resolve(), base.resolve()}
     for name in imports:

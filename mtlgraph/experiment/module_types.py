@@ -1,13 +1,5 @@
-"""Modules from their specs: nested module arguments and ``init_from``.
-
-A module's ``type:`` is what :data:`~mtlgraph.graph.MODULES` builds: a registered name or the
-dotted path of an ``nn.Module`` class or of a function returning one (``torch.nn.LSTM``, a class in
-a module listed under ``imports:``); its arguments are checked against the signature and its
-annotations. An argument written as a mapping with a ``type:`` key is itself a module, built first
-(``encoder_layer: {type: torch.nn.TransformerEncoderLayer, d_model: 32, nhead: 4}``).
-
-``init_from: path.pt`` (any module) loads a state dict saved with
-``torch.save(module.state_dict(), path)``, with ``weights_only=True``, after the module is built.
+"""Modules from their specs: nested module arguments (a mapping with a ``type:`` key) and
+``init_from`` (a state dict loaded with ``weights_only=True``); see ``docs/config.md``.
 """
 
 from __future__ import annotations
@@ -64,8 +56,7 @@ def build_module(spec: Mapping[str, Any], path: str, base_dir: str | Path = ".")
 
 
 def load_init(module: nn.Module, file: Path, where: str) -> None:
-    """Load a state dict (``torch.save(module.state_dict(), file)``) into ``module``, reading
-    it with ``weights_only=True``.
+    """Load a state dict (``torch.save(module.state_dict(), file)``) into ``module``.
 
     Raises:
         ConfigError: A missing or unreadable file, or one whose keys or shapes do not fit.
@@ -78,9 +69,10 @@ def load_init(module: nn.Module, file: Path, where: str) -> None:
         raise ConfigError(
             [f"{where}: cannot read '{file}' with weights_only=True ({type(e).__name__}: {e})"]
         ) from None
-    if not isinstance(state, Mapping) or not all(
+    tensors = isinstance(state, Mapping) and all(
         isinstance(v, torch.Tensor) for v in state.values()
-    ):
+    )
+    if not tensors:
         raise ConfigError(
             [f"{where}: '{file}' holds no state dict; save one with torch.save(m.state_dict(), f)"]
         )

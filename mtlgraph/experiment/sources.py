@@ -1,12 +1,8 @@
 """Datasets declared in YAML -> datasets: every ``data.datasets.<name>.source``.
 
-:func:`load_datasets` turns each declared source (``table``, ``npy``, ``images``, ``shards``,
-``generator``; :mod:`mtlgraph.experiment.data_config`) into datasets, one per split, reading
-files through :mod:`mtlgraph.data.sources` (the reader ``mtlgraph predict`` uses too), the same
-objects the Python API builds. Text columns are tokenised with a vocabulary built from the
-training split; it is written to ``<run_dir>/vocab/<dataset>.<column>.json`` and its
-fingerprint to the checkpoints (the experiment config's ``vocabularies``), so evaluation,
-prediction and a resumed run use the same ids. See ``docs/data-sources.md``.
+Files are read through :mod:`mtlgraph.data.sources`; text columns get a vocabulary built from the
+training split, written to ``<run_dir>/vocab/`` and fingerprinted in checkpoints. See
+``docs/data-sources.md``.
 """
 
 from __future__ import annotations
@@ -22,6 +18,7 @@ import torch
 
 from mtlgraph._suggest import did_you_mean, quoted
 from mtlgraph.data.datasets import DictDataset
+from mtlgraph.data.named import NamedDataset
 from mtlgraph.data.sources.files import Table, read_table
 from mtlgraph.data.sources.table import Tokenizer, split_table, table_columns
 from mtlgraph.data.sources.tokenizer import TOKENIZERS, WordTokenizer
@@ -71,9 +68,8 @@ def tokenizers(
     training split (kept in ``run_dir``; one already there must equal the rebuilt one)."""
     out: dict[str, Tokenizer] = {}
     for column, tc in src.text.items():
-        where = f"source.text.{column}"
         if tc.tokenizer is not None:
-            out[column] = TOKENIZERS.build(tc.tokenizer, f"{where}.tokenizer")
+            out[column] = TOKENIZERS.build(tc.tokenizer, f"source.text.{column}.tokenizer")
         else:
             out[column] = _vocabulary(name, column, tc, train, run_dir, saved)
     return out
@@ -99,11 +95,9 @@ def _vocabulary(
     tok = WordTokenizer.fit(texts, tc.vocab_size, tc.min_count, tc.lowercase, tc.max_length)
     if file is not None and file.is_file() and WordTokenizer.load(file) != tok:
         raise DataError(
-            [
-                f"{where}: the vocabulary built from this config's training split differs "
-                f"from the run's '{file}': the data or the tokenizer settings changed since "
-                "the run started; resume with them unchanged, or start a new run directory"
-            ]
+            f"{where}: the vocabulary built from this config's training split differs "
+            f"from the run's '{file}': the data or the tokenizer settings changed since "
+            "the run started; resume with them unchanged, or start a new run directory"
         )
     if key in saved and saved[key] != tok.fingerprint:
         raise CheckpointError(
@@ -166,10 +160,8 @@ def task_labels(
     if nan.any():
         if not (isinstance(ignore, int) and not isinstance(ignore, bool)):
             raise DataError(
-                [
-                    f"{place(int(nan.nonzero()[0][0]))}, column '{column}': a missing label, but "
-                    f"the task's ignore_value is {ignore}"
-                ]
+                f"{place(int(nan.nonzero()[0][0]))}, column '{column}': a missing label, but "
+                f"the task's ignore_value is {ignore}"
             )
         labels = torch.where(nan, float(ignore), labels)
     frac = (labels != torch.round(labels)).reshape(len(labels), -1).any(dim=1)
@@ -315,17 +307,15 @@ def _dataset(
         image_fields = [f for f, c in ds.fields.items() if c == ic.column]
         if len(image_fields) != 1:
             raise DataError(
-                [
-                    f"fields: exactly one field must read the image column '{ic.column}' "
-                    f"(e.g. 'image: {ic.column}'), got {quoted(image_fields) or 'none'}"
-                ]
+                f"fields: exactly one field must read the image column '{ic.column}' "
+                f"(e.g. 'image: {ic.column}'), got {quoted(image_fields) or 'none'}"
             )
         folder = Path(cfg.base_dir) / ic.folder  # an absolute folder stays itself
         others = {f: c for f, c in ds.fields.items() if f != image_fields[0]}
         images = ImageFolder(
             folder, table, image_fields[0], ic.column, others, labels, image_decoder(ic), toks
         )
-        dataset, Y = named_dataset(name, split, images, list(labels)), images.Y
+        dataset, Y = NamedDataset(name, split, images, labels=list(labels)), images.Y
     else:
         X, Y = table_columns(table, ds.fields, labels, toks)
         dataset = None
@@ -358,11 +348,7 @@ def _single(spec: str | list[str], key: str) -> str:
 
 
 def _shards(
-    cfg: ExperimentConfig,
-    name: str,
-    ds: DatasetConfig,
-    run: Path | None,
-    saved: Mapping[str, str],
+    cfg: ExperimentConfig, name: str, ds: DatasetConfig, run: Path | None, saved: Mapping[str, str]
 ) -> tuple[list[Any], dict[str, Tokenizer]]:
     """One :class:`ShardStream` per split; a vocabulary reads the training shards once first."""
     from mtlgraph.data.sources.shards import ShardStream, shard_files
@@ -392,24 +378,12 @@ def _shards(
     labels_as = partial(_table_labels, {t: cfg.tasks[t] for t in labels}, labels)
     out = []
     for split, found in files.items():
+        shuffle = split == train_split
         stream = ShardStream(
-            found,
-            ds.fields,
-            labels,
-            toks,
-            src.format,
-            shuffle=split == train_split,
-            labels_as=labels_as,
+            found, ds.fields, labels, toks, src.format, shuffle=shuffle, labels_as=labels_as
         )
-        out.append(named_dataset(name, split, stream, list(labels)))
+        out.append(NamedDataset(name, split, stream, labels=list(labels)))
     return out, toks
-
-
-def named_dataset(name: str, split: str, dataset: Any, labels: list[str]) -> Any:
-    """``NamedDataset(name, split, dataset)`` (the data layer's wrapper of any torch dataset)."""
-    from mtlgraph.data.named import NamedDataset
-
-    return NamedDataset(name, split, dataset, labels=labels)
 
 
 class _LabelView:
@@ -460,7 +434,6 @@ __all__ = [
     "image_decoder",
     "label_views",
     "load_datasets",
-    "named_dataset",
     "split_tables",
     "task_labels",
     "tokenizers",

@@ -1,13 +1,5 @@
-"""YAML text with the line of every key, ``KEY=VALUE`` overrides, and where a problem came from.
-
-The schema (:mod:`mtlgraph.experiment.config`) reports problems by dotted key
-(``trainer.lr: expected a number``); this module knows which line of which file, or which
-command-line override, set that key, so every message can point at it::
-
-    configs/quickstart.yaml:31: trainer.lr: expected a number, ...
-    configs/quickstart.yaml (override 'trainer.lr=1e-3'): trainer.lr: expected a number, ...
-
-Only plain YAML types are ever constructed (``yaml.SafeLoader``), never Python objects.
+"""YAML text with the line of every key, ``KEY=VALUE`` overrides, and where a problem came from
+(``configs/quickstart.yaml:31: trainer.lr: ...``). Only plain YAML types are constructed.
 """
 
 from __future__ import annotations
@@ -41,14 +33,11 @@ def _index(
             sub = f"{path}.{key}" if path else key
             line = key_node.start_mark.line + 1
             if key in first:
-                problems.append(
-                    (
-                        line,
-                        f"{sub}: duplicate key '{key}' on line {line} (first on line "
-                        f"{first[key]}); YAML would silently keep the last one: remove or rename "
-                        "one",
-                    )
+                problem = (
+                    f"{sub}: duplicate key '{key}' on line {line} (first on line {first[key]}); "
+                    "YAML would silently keep the last one: remove or rename one"
                 )
+                problems.append((line, problem))
             else:
                 first[key] = line
                 lines[sub] = line
@@ -61,9 +50,8 @@ def _index(
 
 
 def parse_yaml(text: str, source: str = "<string>") -> tuple[Any, dict[str, int], list[str]]:
-    """Parse YAML safely; return ``(data, {dotted path: line}, duplicate-key problems)``.
-
-    The problems are located already (``"<source>:<line>: <key>: ..."``).
+    """Parse YAML safely; return ``(data, {dotted path: line}, duplicate-key problems)`` (the
+    problems located already: ``"<source>:<line>: <key>: ..."``).
 
     Raises:
         ConfigError: A YAML syntax error (with its line and column).
@@ -188,11 +176,7 @@ def _set_path(
     dotted = ""
     for i, part in enumerate(parts):
         here = dotted
-        dotted = (
-            f"{dotted}[{part}]"
-            if isinstance(part, int)
-            else (f"{dotted}.{part}" if dotted else part)
-        )
+        dotted = f"{dotted}[{part}]" if isinstance(part, int) else f"{dotted}.{part}".lstrip(".")
         last = i == len(parts) - 1
         if isinstance(node, list):
             if not isinstance(part, int) or not 0 <= part < len(node):

@@ -33,8 +33,6 @@ def _sized_check(who: str, in_dim: object, n_experts: object) -> ArgumentCheck:
 class Experts(nn.Module):
     """``n_experts`` independent MLPs on one input, outputs stacked: ``(B, n_experts, hidden[-1])``.
 
-    Run as one batched matrix product per layer; expert ``e``'s layer ``l`` is ``weights[l][e]``.
-
     Args:
         in_dim: Input features (the input is ``(B, in_dim)``).
         n_experts: Number of experts (>= 1).
@@ -111,11 +109,8 @@ def smooth_step(t: torch.Tensor, gamma: float) -> torch.Tensor:
 
 
 class _AddRegularizerGradient(torch.autograd.Function):
-    """Identity on ``out``; backward also sends gradient 1 into the scalar ``penalty``.
-
-    A penalty on a module's own parameters (DSelect-k's entropy) thereby joins every backward
-    pass that goes through the module's output, without a second loss term in the task's graph.
-    """
+    """Identity on ``out``; backward also sends gradient 1 into the scalar ``penalty`` (so
+    DSelect-k's entropy joins every backward pass through the gate, without a loss term)."""
 
     @staticmethod
     def forward(ctx: Any, out: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
@@ -130,9 +125,8 @@ class Gate(nn.Module):
     """One task's gate: mixes stacked experts with per-example weights that sum to 1.
 
     ``gate(x, E_1, ..., E_m)``: selector input ``x`` ``(B, in_dim)`` and :class:`Experts` outputs
-    ``(B, n_j, d)``, concatenated along the expert axis, mixed into ``(B, d)``. ``kind="softmax"``
-    is MMoE's gate; ``kind="dselect_k"`` DSelect-k's ``k`` smooth binary selectors (spare codes
-    wrap around; ``entropy > 0`` adds its regulariser through the backward pass).
+    ``(B, n_j, d)`` mixed into ``(B, d)``; MMoE's softmax gate or DSelect-k's ``k`` smooth binary
+    selectors (``docs/architectures.md``).
 
     Args:
         in_dim: Features of the selector input ``x``.
@@ -231,12 +225,8 @@ class Gate(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        if self.kind == "softmax":
-            return f"n_experts={self.n_experts}, kind=softmax"
-        return (
-            f"n_experts={self.n_experts}, kind=dselect_k, k={self.k}, gamma={self.gamma}, "
-            f"entropy={self.entropy}"
-        )
+        dselect = f", k={self.k}, gamma={self.gamma}, entropy={self.entropy}"
+        return f"n_experts={self.n_experts}, kind={self.kind}" + dselect * (self.kind != "softmax")
 
 
 class CrossStitch(nn.Module):

@@ -1,10 +1,6 @@
 """Label checks of one tensor of labels, or one batch's (graph layer, so that ``predict`` and
-``score`` can check the batches of streams and map-style datasets too).
-
-A multiclass task takes class ids ``0..C-1`` of shape ``(N,)`` (``C``: the head's outputs), a
-binary task ``0``/``1`` of shape ``(N,)`` or ``(N, 1)`` for a head with one logit, a multilabel
-task ``0``/``1`` of shape ``(N, L)`` for a head with ``L`` logits, a regression task finite
-numbers; see :mod:`mtlgraph.training.labels` for when each dataset is checked.
+``score`` can check streamed batches too); :mod:`mtlgraph.training.labels` says when each dataset
+is checked.
 """
 
 from __future__ import annotations
@@ -25,9 +21,8 @@ if TYPE_CHECKING:
 def label_problems(
     task: Task, labels: torch.Tensor, width: int | None, where: str, train: bool = False
 ) -> list[str]:
-    """The problem of ``labels`` for ``task`` whose head outputs ``width`` values (the first
-    kind found: shape, non-finite, negative, fractional, out of range), with its first bad value
-    and row and how many more there are.
+    """The first kind of problem of ``labels`` for ``task`` (shape, non-finite, negative,
+    fractional, out of range), with its first bad value and row and how many more there are.
 
     Args:
         task: The task.
@@ -84,8 +79,7 @@ def batch_label_problems(
         Y_dict: Task name -> the batch's labels.
         where: Names the batch in messages, e.g. ``"dataset 'd' (train), batch 17"``.
         widths: The heads' output sizes from :func:`~mtlgraph.inference.evaluation.head_widths`
-            (computed once per dataset);
-            ``None`` skips the checks that need them.
+            (computed once per dataset); ``None`` skips the checks that need them.
     """
     problems: list[str] = []
     for name, labels in Y_dict.items():
@@ -141,13 +135,9 @@ def _common_problems(task: Task, labels: torch.Tensor, active: torch.Tensor, whe
     bad = active & (labels < 0)
     value = labels[bad][0].item() if bool(bad.any()) else 0
     shown = int(value) if float(value).is_integer() else value
-    return _flagged(
-        labels,
-        bad,
-        where,
-        f"is negative and not the task's ignore value ({task.ignore_value}); set "
-        f"Task(ignore_value={shown}) to ignore such rows, or fix the label",
-    )
+    says = f"is negative and not the task's ignore value ({task.ignore_value}); set "
+    says += f"Task(ignore_value={shown}) to ignore such rows, or fix the label"
+    return _flagged(labels, bad, where, says)
 
 
 def _multiclass_problems(

@@ -1,9 +1,5 @@
-"""Loss functions by task type, and the loss registry.
-
-A loss is ``loss(output, target) -> scalar tensor``, called on a task's active rows (labels equal
-to the task's ignore value are masked out first; the multilabel and multi-output losses mask
-single elements). A config names a loss with ``loss: <name>``; Python code adds its own with
-``LOSSES.register(name, func)`` and removes it with ``LOSSES.unregister(name)``.
+"""Loss functions by task type, and the loss registry :data:`LOSSES`: a loss is
+``loss(output, target) -> scalar tensor``, called on a task's active rows.
 """
 
 from __future__ import annotations
@@ -75,22 +71,16 @@ def cross_entropy_with_probs(
     """
     if input.shape != target.shape:
         raise DataError(
-            [
-                f"soft labels of shape {tuple(target.shape)} for outputs of shape "
-                f"{tuple(input.shape)}; give one probability per class of the head"
-            ]
+            f"soft labels of shape {tuple(target.shape)} for outputs of shape "
+            f"{tuple(input.shape)}; give one probability per class of the head"
         )
     logp = F.log_softmax(input, dim=1)
     terms = target.to(logp.dtype) * logp
     if weight is not None:
         terms = terms * weight.to(logp.dtype)
     per_row = -terms.sum(dim=1)
-    if reduction == "none":
-        return per_row
-    if reduction == "sum":
-        return per_row.sum()
-    if reduction == "mean":
-        return per_row.mean()
+    if reduction in ("none", "sum", "mean"):
+        return per_row if reduction == "none" else getattr(per_row, reduction)()
     raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
@@ -104,11 +94,9 @@ def binary_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     output = _rows_match(output, target)
     if output.shape != target.shape:
         raise DataError(
-            [
-                f"a binary task needs one logit per label: output of shape "
-                f"{tuple(output.shape)} for labels of shape {tuple(target.shape)}; give the head "
-                "one output unit, or use task_type='multiclass' for one logit per class"
-            ]
+            f"a binary task needs one logit per label: output of shape "
+            f"{tuple(output.shape)} for labels of shape {tuple(target.shape)}; give the head "
+            "one output unit, or use task_type='multiclass' for one logit per class"
         )
     return F.binary_cross_entropy_with_logits(output, target.to(output.dtype))
 

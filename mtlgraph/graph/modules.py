@@ -1,22 +1,8 @@
-"""Building blocks a config can name, and the module registry.
+"""Building blocks a config can name, and the module registry :data:`MODULES`.
 
-A YAML config declares modules by registry name and keyword arguments::
-
-    modules:
-      base_mlp: {type: mlp, in_dim: 2, hidden: [8, 4]}
-      circle_head: {type: linear, in_features: 4, out_features: 2}
-
-Built in: ``linear``, ``mlp``, ``embedding_bag`` (token ids -> one vector), ``conv2d_stack``
-(small images -> one vector), ``identity``, ``concat`` and ``sum`` (merge several inputs),
-``dropout`` and ``activation``. Python code adds its own with ``MODULES.register(name, factory)``
-(and removes it with ``MODULES.unregister(name)``); a config reaches such code only through its
-top-level ``imports:`` list, or a dotted import path as the ``type:``. Activations by name are the
-registry :data:`ACTIVATIONS` (:mod:`mtlgraph.graph.activations`, also importable from here).
-
-Multi-task architectures (:mod:`mtlgraph.graph.experts`): ``mmoe_experts``, ``mmoe_gate``,
-``cgc_experts``, ``cgc_gate``, ``cross_stitch``.
-
-``MODULES.build(spec)`` turns a spec into a module; ``MODULES.problems(spec, path)`` checks it.
+Built in: ``linear``, ``mlp``, ``embedding_bag``, ``conv2d_stack``, ``identity``, ``concat``,
+``sum``, ``dropout``, ``activation`` and the architectures of :mod:`mtlgraph.graph.experts`; see
+``docs/architectures.md`` and ``docs/concepts.md``.
 """
 
 from __future__ import annotations
@@ -127,11 +113,7 @@ class Conv2dStack(nn.Module):
     """
 
     def __init__(
-        self,
-        in_channels: int,
-        channels: list[int],
-        kernel_size: int = 3,
-        activation: str = "relu",
+        self, in_channels: int, channels: list[int], kernel_size: int = 3, activation: str = "relu"
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = []

@@ -1,14 +1,6 @@
-"""Slice functions: named subsets of a dataset's rows, scored on their own.
-
-A slice function takes a batch's ``X_dict`` and returns one boolean per row (a tensor, numpy
-array or list). ``model.score(loaders, slices={"short": fn})`` reports every metric on every
-slice too, under keys whose dataset part is ``<dataset>:<slice>``
-(``circle_task/circleDataset:far/valid/accuracy``), so keys keep their four ``/``-separated parts;
-that is why ``:`` is not allowed in dataset or slice names. A slice with no row reports NaN.
-
-The Trainer scores the slices named in ``TrainerConfig.slices`` at every evaluation; they are
-looked up in :data:`SLICES` (register yours with ``SLICES.register``; a YAML config registers
-them in a module it lists under ``imports:``).
+"""Slice functions: named subsets of a dataset's rows, scored on their own under keys whose
+dataset part is ``<dataset>:<slice>`` (so ``:`` is not allowed in dataset or slice names); a slice
+with no row reports NaN. See ``docs/training.md``.
 """
 
 from __future__ import annotations
@@ -53,9 +45,7 @@ Example:
 """
 
 
-def resolve_slices(
-    slices: Mapping[str, SliceFunc] | Sequence[str] | None,
-) -> dict[str, SliceFunc]:
+def resolve_slices(slices: Mapping[str, SliceFunc] | Sequence[str] | None) -> dict[str, SliceFunc]:
     """``{name: fn}`` from a mapping of functions or a list of registered names.
 
     Raises:

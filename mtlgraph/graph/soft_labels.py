@@ -1,9 +1,5 @@
-"""Soft (probabilistic) labels of classification tasks: recognition, checks, hardening.
-
-A multiclass task accepts float rows ``(N, C)`` that are distributions over its classes; a binary
-task with one logit accepts probabilities ``(N,)``. The loss is the cross-entropy against the
-distribution; metrics score against the argmax (:func:`hard_targets`, ties to the lowest class).
-:func:`soft_label_problems` is the one place soft labels are checked.
+"""Soft (probabilistic) labels of classification tasks: recognition, checks (only here), and
+the hard targets metrics score against; see ``docs/training.md``.
 """
 
 from __future__ import annotations
@@ -30,8 +26,7 @@ def _is_float(labels: Any) -> bool:
 
 def is_soft_label(labels: torch.Tensor | np.ndarray, task: Task) -> bool:
     """Whether ``labels`` are soft labels of ``task``: floats ``(N, C)`` for a multiclass task,
-    floats ``(N,)`` (or ``(N, 1)``, ``(N, 2)``) for a binary task. Hard class ids are integers
-    (``(N,)`` floats are hard for a multiclass task).
+    floats ``(N,)`` (or ``(N, 1)``, ``(N, 2)``) for a binary task.
 
     Example:
         >>> import torch
@@ -64,12 +59,9 @@ def head_width(task: Task) -> int | None:
 def soft_label_problems(
     labels: torch.Tensor | np.ndarray, task: Task, where: str, n_outputs: int | None = None
 ) -> list[str]:
-    """Every problem of one soft label tensor, each naming ``where`` (dataset and split), the
-    task and the first bad row (0-based).
-
-    Checked: NaN probabilities, negative ones (and above 1), rows that do not sum to 1 (within
-    :data:`TOLERANCE`; multiclass), a width that does not match the head (``n_outputs``, or the
-    head's ``out_features`` when ``None``). Rows whose every entry is the ignore value are skipped.
+    """Every problem of one soft label tensor (NaN, negative or above 1, a multiclass row not
+    summing to 1, a width unlike the head's), each naming ``where``, the task and the first bad
+    row; rows whose every entry is the ignore value are skipped.
 
     Args:
         labels: Soft labels (see :func:`is_soft_label`).
@@ -139,10 +131,8 @@ def hard_targets(golds: np.ndarray, task: Task) -> np.ndarray:
     g = np.asarray(golds)
     rows = g.reshape(len(g), -1)
     keep = np.asarray(active_rows(rows, task.ignore_value), dtype=bool)
-    if task.task_type == "binary":
-        hard = (rows[:, -1] > 0.5).astype(np.int64)
-    else:
-        hard = rows.argmax(axis=1).astype(np.int64)
+    binary = task.task_type == "binary"
+    hard = (rows[:, -1] > 0.5 if binary else rows.argmax(axis=1)).astype(np.int64)
     ignore = task.ignore_value
     if keep.all() or ignore is None:
         return hard
@@ -154,10 +144,4 @@ def hard_targets(golds: np.ndarray, task: Task) -> np.ndarray:
     return out
 
 
-__all__ = [
-    "TOLERANCE",
-    "hard_targets",
-    "head_width",
-    "is_soft_label",
-    "soft_label_problems",
-]
+__all__ = ["TOLERANCE", "hard_targets", "head_width", "is_soft_label", "soft_label_problems"]

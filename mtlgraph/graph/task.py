@@ -311,30 +311,23 @@ class Task:
         if not isinstance(module_pool, Mapping | nn.ModuleDict):
             problems.append(f"{who}: module_pool must be an nn.ModuleDict or a mapping")
             return nn.ModuleDict()
-        bad = False
+        before = len(problems)
         for key, module in module_pool.items():
             if not isinstance(key, str) or not key or "/" in key or "." in key:
                 problems.append(f"{who}: module name {key!r} must be non-empty, without '/' or '.'")
-                bad = True
             elif hasattr(nn.ModuleDict, key):  # torch would refuse it with a bare KeyError
                 problems.append(
                     f"{who}: module name '{key}' is an attribute of torch.nn.Module; rename the "
                     f"module (e.g. '{key}_module')"
                 )
-                bad = True
             elif not isinstance(module, nn.Module):
                 problems.append(
                     f"{who}: module '{key}' is a {type(module).__name__}, not an nn.Module"
                     " (wrap functions in an nn.Module)"
                 )
-                bad = True
-        if bad:
+        if len(problems) > before:
             return nn.ModuleDict()
-        return (
-            module_pool
-            if isinstance(module_pool, nn.ModuleDict)
-            else nn.ModuleDict(dict(module_pool))
-        )
+        return module_pool if isinstance(module_pool, nn.ModuleDict) else nn.ModuleDict(module_pool)
 
     @staticmethod
     def _check_ops(
@@ -435,10 +428,8 @@ def unknown_tasks_error(unknown: Iterable[str], tasks: Mapping[str, Task]) -> Gr
 def unknown_label_error(label: str, tasks: Mapping[str, Task]) -> GraphError:
     """The error for a batch label that names no task of the model."""
     return GraphError(
-        [
-            f"label '{label}' names no task of the model{did_you_mean(label, tasks)}; "
-            f"the model has {quoted(tasks)}. Pass "
-            f"remap_labels={{'{label}': <task or None>}} to score it with another task's "
-            "head or to drop it"
-        ]
+        f"label '{label}' names no task of the model{did_you_mean(label, tasks)}; "
+        f"the model has {quoted(tasks)}. Pass "
+        f"remap_labels={{'{label}': <task or None>}} to score it with another task's "
+        "head or to drop it"
     )

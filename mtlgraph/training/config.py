@@ -1,11 +1,6 @@
-"""The Trainer's settings (:class:`TrainerConfig`, one commented field each) and their checks.
-
-``Trainer(**kwargs)`` and the ``trainer:`` section of a YAML config are built against this
-dataclass: unknown keys and wrong types are rejected by the schema, values by
-:meth:`TrainerConfig.validate`, every problem at once. Named components (optimizer, LR schedule,
-batch scheduler, balancer, writers, hooks) are checked by their registries' ``problems``: names,
-and keyword arguments against the component's signature and annotations, so a misspelled or
-mistyped argument fails before any work starts.
+"""The Trainer's settings (:class:`TrainerConfig`, one commented field each) and their checks:
+types by the schema, values by :meth:`TrainerConfig.validate`, named components by their
+registries' ``problems``; every problem at once.
 """
 
 from __future__ import annotations
@@ -58,13 +53,11 @@ class TrainerConfig:
     grad_clip: float | None = None  # max global L2 norm of the step's gradients; None = off
     lr_scheduler: str | dict[str, Any] | Callable[..., Any] = "constant"  # see LR_SCHEDULES
     warmup_steps: int = 0  # linear warm-up over this many optimizer steps
-    batch_scheduler: str | dict[str, Any] | BatchScheduler | Callable[..., Any] = (
-        "shuffled"  # batch order, see schedulers
-    )
+    # batch order; see SCHEDULERS
+    batch_scheduler: str | dict[str, Any] | BatchScheduler | Callable[..., Any] = "shuffled"
     balancer: str | dict[str, Any] | Balancer | Callable[..., Any] = "sum"  # see BALANCERS
-    param_groups: dict[str, dict[str, Any]] = field(
-        default_factory=dict
-    )  # module-name glob pattern -> optimizer hyper-params (lr, weight_decay, ...)
+    # module-name glob pattern -> optimizer hyper-params (lr, weight_decay, ...)
+    param_groups: dict[str, dict[str, Any]] = field(default_factory=dict)
     freeze: list[str] = field(default_factory=list)  # module names/patterns not trained
     amp: Literal["bf16", "fp16"] | None = None  # autocast dtype; fp16 (CUDA only) adds a scaler
     grad_accumulation_steps: int = 1  # batches (micro-steps) per optimizer step
@@ -118,15 +111,8 @@ class TrainerConfig:
     def _check_snorkel_users(self) -> list[str]:
         """Warm-up given in one unit at most, and slices that are registered."""
         problems = []
-        given = [
-            f"{k}={v}"
-            for k, v in (
-                ("warmup_steps", self.warmup_steps),
-                ("warmup_epochs", self.warmup_epochs),
-                ("warmup_fraction", self.warmup_fraction),
-            )
-            if v
-        ]
+        units = ("warmup_steps", "warmup_epochs", "warmup_fraction")
+        given = [f"{k}={getattr(self, k)}" for k in units if getattr(self, k)]
         if len(given) > 1:
             problems.append(
                 f"warm-up is set twice ({', '.join(given)}); set exactly one of warmup_steps, "
@@ -157,8 +143,6 @@ class TrainerConfig:
         return problems
 
     def _check_outputs(self) -> list[str]:
-        # Files need run_dir; without one (a YAML config checked before the CLI picks its run
-        # directory) fit() warns that nothing is written.
         problems = []
         for i, spec in enumerate(self.writers or []):
             problems += WRITERS.problems(spec, f"writers[{i}]", given=("ctx",))

@@ -1,15 +1,8 @@
 """Learning-rate schedules: a factor on every parameter group's base learning rate.
 
-A schedule is a function ``(progress, epoch, **params) -> factor``: ``progress`` runs from 0 at
-the first optimizer step after warm-up to 1 at the run's last step, ``epoch`` is the 0-based
-epoch of the step. Schedules are looked up by name in :data:`LR_SCHEDULES` (``lr_scheduler:
-cosine`` or ``{"name": "cosine", "min_factor": 0.1}``); their keyword arguments are checked
-against the function's signature when the Trainer is built. Warm-up (``warmup_steps``, or
-``warmup_epochs`` / ``warmup_fraction`` turned into steps by :func:`resolve_warmup`) is applied in
-front of every schedule.
-
-The factor is a pure function of ``(global_step, epoch)`` and the run's total number of optimizer
-steps, so a checkpoint's step counters restore it exactly.
+A schedule is ``(progress, epoch, **params) -> factor`` looked up in :data:`LR_SCHEDULES`, with
+warm-up applied in front; the factor is a pure function of the step counters, so a checkpoint
+restores it exactly (see ``docs/training.md``).
 """
 
 from __future__ import annotations
