@@ -506,7 +506,7 @@ class StepControl:
         self.pending = []
         if len(plans) == 1:  # the common step: one plan, its narrowed groups cached
             plan = plans[0]
-            params = plan.parameters
+            params: Sequence[nn.Parameter] = plan.parameters
             if self.n != 1:  # the mean over the one micro-step that produced gradients
                 _scale_grads([*params, *(balancer_params or ())], float(self.n))
             stepper.step(plan, self.grad_clip, self.scaler)
