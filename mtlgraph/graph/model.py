@@ -346,7 +346,10 @@ class MultitaskClassifier(nn.Module):
         active = self._active_labels(Y_dict, keep_empty, all_active)
         if not active:
             return {}, {}
-        plan = self.plan(tuple([t for t, _, _ in active]))
+        key = tuple([t for t, _, _ in active])
+        plan = self._plans.get(key)  # the cached plan, without a call to plan()
+        if plan is None:
+            plan = self.plan(key)
         cache = self.execute(plan, X_dict)
         losses: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}

@@ -37,6 +37,8 @@ AMP_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.floa
 NO_CONTEXT = contextlib.nullcontext()  # reusable: entering it does nothing (no per-step object)
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
+Narrowed = tuple[list[dict[str, Any]], list[tuple[dict[str, Any], dict[str, Any]]]]
+"""Narrowed copies of optimizer groups, and each copy with the full group it narrows."""
 
 UNSUPPORTED_TORCH: dict[str, str] = {
     "lbfgs": "it needs a closure that re-evaluates the loss at every step, which the "
@@ -290,7 +292,7 @@ class SubsetStepper:
             if g.get("scope") in ("model", "balancer")
             for p in g["params"]
         }
-        self._subsets: dict[tuple[str, ...], list[tuple[dict[str, Any], dict[str, Any]]]] = {}
+        self._subsets: dict[tuple[str, ...], Narrowed] = {}
         # the non-finite guard: with it, a non-finite clipped norm drops the step
         self.guard_norm = False
         self.nonfinite_norm: float | None = None  # the last dropped step's norm, for the guard
@@ -320,12 +322,23 @@ class SubsetStepper:
         With a ``scaler`` the gradients are unscaled first; ``grad_clip`` then clips the global
         L2 norm of the plan's model gradients.
         """
-        subsets = self._subsets.get(plan.task_names)
-        if subsets is None:
-            subsets = self._subsets[plan.task_names] = self._narrow(
+        narrowed = self._subsets.get(plan.task_names)
+        if narrowed is None:
+            narrowed = self._subsets[plan.task_names] = self._narrow(
                 plan.parameters, plan.task_names
             )
-        self._step(subsets, plan.parameters, grad_clip, scaler)
+        if grad_clip is None and scaler is None:  # the common step: no unscale, no clip
+            groups, pairs = narrowed
+            for sub, full in pairs:
+                sub["lr"] = full["lr"]
+            optimizer = self.optimizer
+            optimizer.param_groups = groups
+            try:
+                optimizer.step()
+            finally:
+                optimizer.param_groups = self.full_groups
+        else:
+            self._step(narrowed, plan.parameters, grad_clip, scaler)
 
     def step_union(
         self,
@@ -339,14 +352,15 @@ class SubsetStepper:
 
     def _step(
         self,
-        subsets: list[tuple[dict[str, Any], dict[str, Any]]],
+        narrowed: Narrowed,
         params: Sequence[nn.Parameter],
         grad_clip: float | None,
         scaler: torch.amp.GradScaler | None,
     ) -> None:
-        for sub, full in subsets:
+        groups, pairs = narrowed
+        for sub, full in pairs:
             sub["lr"] = full["lr"]
-        self.optimizer.param_groups = [sub for sub, _ in subsets]
+        self.optimizer.param_groups = groups
         try:
             if scaler is not None:
                 scaler.unscale_(self.optimizer)
@@ -364,10 +378,9 @@ class SubsetStepper:
         finally:
             self.optimizer.param_groups = self.full_groups
 
-    def _narrow(
-        self, params: Iterable[nn.Parameter], task_names: Sequence[str]
-    ) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-        """Narrowed copies of the groups, in O(touched parameters)."""
+    def _narrow(self, params: Iterable[nn.Parameter], task_names: Sequence[str]) -> Narrowed:
+        """Narrowed copies of the groups and ``(copy, full group)`` pairs, in O(touched
+        parameters)."""
         picked: dict[int, list[nn.Parameter]] = {}
         for p in params:
             i = self._group_of.get(id(p))
@@ -388,7 +401,7 @@ class SubsetStepper:
                 chosen = group["params"]
             if chosen:
                 out.append(({**group, "params": chosen}, group))
-        return out
+        return [sub for sub, _ in out], out
 
 
 class StepControl:
@@ -445,6 +458,7 @@ class StepControl:
         self.n = accumulation_steps
         self.grad_clip = grad_clip
         self.scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+        self.plain = self.scaler is None and accumulation_steps == 1  # loss differentiated as is
         self.pending: list[ExecutionPlan] = []
         self.micro_steps = 0  # micro-steps since the last optimizer step, empty ones included
 
@@ -462,7 +476,10 @@ class StepControl:
 
     def backward(self, loss: torch.Tensor) -> None:
         """Accumulate the gradients of the scaled loss."""
-        self.scale(loss).backward()
+        if self.plain:
+            loss.backward()
+        else:
+            self.scale(loss).backward()
 
     def add(self, plan: ExecutionPlan | None) -> None:
         """Record a micro-step; ``plan`` is what it produced gradients for (``None``: nothing)."""
@@ -483,29 +500,46 @@ class StepControl:
             balancer_params: Learned balancer parameters to zero afterwards (``None``: none).
         """
         plans = self.pending
-        self.pending = []
         self.micro_steps = 0
         if not plans:
             return
+        self.pending = []
+        if len(plans) == 1:  # the common step: one plan, its narrowed groups cached
+            plan = plans[0]
+            params: Sequence[nn.Parameter] = plan.parameters
+            if self.n != 1:  # the mean over the one micro-step that produced gradients
+                _scale_grads([*params, *(balancer_params or ())], float(self.n))
+            stepper.step(plan, self.grad_clip, self.scaler)
+        else:
+            params = self._step_plans(plans, stepper, balancer_params)
+        if self.scaler is not None:
+            self.scaler.update()
+        for p in params:
+            p.grad = None
+        if balancer_params:
+            for p in balancer_params:
+                p.grad = None
+
+    def _step_plans(
+        self,
+        plans: Sequence[ExecutionPlan],
+        stepper: SubsetStepper,
+        balancer_params: Sequence[nn.Parameter] | None,
+    ) -> Sequence[nn.Parameter]:
+        """Step several micro-steps' plans; the parameters stepped."""
         first = plans[0]
-        same = len(plans) == 1 or all(p.task_names == first.task_names for p in plans)
-        if same:
+        if all(p.task_names == first.task_names for p in plans):
             params: Sequence[nn.Parameter] = first.parameters
         else:
             params = list({id(p): p for plan in plans for p in plan.parameters}.values())
         if len(plans) < self.n:  # the mean over the micro-steps that produced gradients
             _scale_grads([*params, *(balancer_params or ())], self.n / len(plans))
-        if same:
+        if params is first.parameters:
             stepper.step(first, self.grad_clip, self.scaler)
         else:
             names = list(dict.fromkeys(t for plan in plans for t in plan.task_names))
             stepper.step_union(names, params, self.grad_clip, self.scaler)
-        if self.scaler is not None:
-            self.scaler.update()
-        for p in params:
-            p.grad = None
-        for p in balancer_params or ():
-            p.grad = None
+        return params
 
 
 def _scale_grads(params: Iterable[nn.Parameter], factor: float) -> None:
