@@ -34,12 +34,9 @@ class DictDataset(Dataset[Batch]):
     Args:
         name: Dataset name, the second part of score keys (no ``/``).
         split: Split name such as ``"train"``, ``"valid"``, ``"test"`` (no ``/``).
-        X_dict: Field name -> tensor ``(N, ...)`` (dtype kept), numpy array (converted with
-            ``torch.as_tensor``; floating arrays to torch's default dtype, float32, as the YAML
-            path does), ``numpy.memmap`` (kept memory-mapped and read as stored: a batch reads
-            only its rows, see :mod:`mtlgraph.data.memmap`), list of 1-D tensors
-            (variable-length sequences, padded per batch with a ``<field>_mask``), or list of
-            arbitrary objects.
+        X_dict: Field name -> tensor ``(N, ...)``, numpy array (floats: the default dtype),
+            ``numpy.memmap`` (kept mapped, see :mod:`mtlgraph.data.memmap`), list of 1-D tensors
+            (padded per batch with a ``<field>_mask``), or list of arbitrary objects.
         Y_dict: Task name -> label tensor ``(N,)`` or ``(N, L)`` (or numpy array or memmap).
 
     Raises:
