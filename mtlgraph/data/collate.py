@@ -1,10 +1,6 @@
 """What a batch is and how examples become one: :data:`Batch`, :func:`collate_dicts`,
 :func:`pad_sequences`, and :class:`RowBatch` (a batch a dataset reads in one call).
-
-Every dataset kind shares these rules (an in-memory :class:`~mtlgraph.DictDataset`, any torch
-dataset under a :class:`~mtlgraph.NamedDataset`, a stream's workers, prediction): tensors of one
-shape are stacked, 1-D tensors of different lengths are right-padded and get a ``<field>_mask``
-(True = real), anything else is kept as a list.
+Every dataset kind (in-memory, named, streamed, prediction) shares these rules.
 """
 
 from __future__ import annotations
@@ -58,10 +54,8 @@ class RowBatch(Sequence[Any]):
     """Rows ``indices`` of ``dataset``, in that order: what ``DictDataset.__getitems__`` returns
     to a ``DataLoader`` worker.
 
-    :func:`collate_dicts` reads it whole with ``dataset.batch(indices)``: one call per batch, in
-    which a memory-mapped field reads neighbouring rows as blocks. Any other collate function
-    sees what PyTorch promises, a sequence of per-row examples (each read when indexed). An
-    ascending run of indices is read as a slice (one contiguous read).
+    :func:`collate_dicts` reads it whole with ``dataset.batch(indices)`` (a run of indices as a
+    slice); any other collate function sees a sequence of per-row examples.
 
     Example:
         >>> import torch
@@ -110,11 +104,8 @@ BY_VALUE_BYTES = 512 * 2**10
 class SmallBatch(tuple[dict[str, Any], dict[str, Any]]):
     """A batch whose tensors travel by value when pickled (to the loader's process).
 
-    A ``DataLoader`` worker sends tensors through shared memory, which costs the receiving
-    process a socket connection and a mapping per tensor (about 0.5 ms here, whatever the
-    size); a small batch's bytes cost less through the pipe (measured: a 64 KiB batch, 0.1 ms
-    of the loader's time by value, 0.5 ms by shared memory; by value loses from about 1 MiB).
-    It unpickles as a plain ``(X_dict, Y_dict)`` of tensors, equal to the one sent.
+    Shared memory costs a connection and a mapping per tensor; a small batch is cheaper through
+    the pipe. It unpickles as a plain ``(X_dict, Y_dict)`` of tensors, equal to the one sent.
 
     Example:
         >>> import pickle, torch
@@ -168,10 +159,8 @@ def _from_arrays(x: dict[str, Any], y: dict[str, Any]) -> Batch:
 
 def collate_dicts(samples: Sequence[Any], pad_value: int | float = 0) -> Batch:
     """Collate per-sample ``(x_dict, y_dict)`` pairs into one batch (a :class:`RowBatch` is read
-    whole instead).
-
-    Tensors of equal shape are stacked; 1-D tensors of different lengths are padded and get a
-    ``<field>_mask`` field; anything else is kept as a list.
+    whole): equal shapes stacked, 1-D tensors of different lengths padded with a
+    ``<field>_mask`` (True = real), anything else kept as a list.
 
     Example:
         >>> import torch

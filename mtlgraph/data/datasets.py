@@ -1,11 +1,7 @@
 """Datasets and loaders whose batches are ``(X_dict, Y_dict)`` pairs.
 
 ``X_dict`` maps field names to inputs; ``Y_dict`` maps *task names* to label tensors. Which tasks
-a batch trains is decided by the keys of its ``Y_dict``.
-
-In-memory datasets are batched by slicing every field with an index batch (a view for unshuffled
-batches), not by collating per-sample dictionaries: on small models that per-sample work is where
-a training step's time goes.
+a batch trains is decided by the keys of its ``Y_dict`` (docs/data.md).
 """
 
 from __future__ import annotations
@@ -38,12 +34,9 @@ class DictDataset(Dataset[Batch]):
     Args:
         name: Dataset name, the second part of score keys (no ``/``).
         split: Split name such as ``"train"``, ``"valid"``, ``"test"`` (no ``/``).
-        X_dict: Field name -> tensor ``(N, ...)`` (dtype kept), numpy array (converted with
-            ``torch.as_tensor``; floating arrays to torch's default dtype, float32, as the YAML
-            path does), ``numpy.memmap`` (kept memory-mapped and read as stored: a batch reads
-            only its rows, see :mod:`mtlgraph.data.memmap`), list of 1-D tensors
-            (variable-length sequences, padded per batch with a ``<field>_mask``), or list of
-            arbitrary objects.
+        X_dict: Field name -> tensor ``(N, ...)``, numpy array (floats: the default dtype),
+            ``numpy.memmap`` (kept mapped, see :mod:`mtlgraph.data.memmap`), list of 1-D tensors
+            (padded per batch with a ``<field>_mask``), or list of arbitrary objects.
         Y_dict: Task name -> label tensor ``(N,)`` or ``(N, L)`` (or numpy array or memmap).
 
     Raises:
@@ -103,8 +96,7 @@ class DictDataset(Dataset[Batch]):
         input_field: str = "data",
         task_name: str = "task",
     ) -> DictDataset:
-        """One input field and one task's labels: ``DictDataset(name, split, {input_field: X},
-        {task_name: Y})``, the common single-task case (Snorkel's ``from_tensors`` shape).
+        """``DictDataset(name, split, {input_field: X}, {task_name: Y})``: one field, one task.
 
         Args:
             X: Inputs ``(N, ...)``: a tensor, numpy array or list (as an ``X_dict`` value).
@@ -134,19 +126,13 @@ class DictDataset(Dataset[Batch]):
         return _rows_at(self.X_dict, index), _rows_at(self.Y_dict, index)
 
     def __getitems__(self, indices: Sequence[int]) -> RowBatch:
-        """Rows ``indices`` in that order, for a ``DataLoader`` worker: its default collate
-        function (:func:`~mtlgraph.data.collate_dicts`) reads them with :meth:`batch` in one call
-        (memory-mapped rows as blocks); any other collate function gets the rows one by one."""
+        """Rows ``indices`` in order, read by :func:`~mtlgraph.data.collate_dicts` in one call."""
         return RowBatch(self, indices)
 
     def batch(
         self, index: slice | torch.Tensor | Sequence[int], pad_value: int | float = 0
     ) -> Batch:
-        """Return the batch at ``index`` (a slice, or a tensor/list of row indices).
-
-        Tensor fields are sliced (a view for a slice), sequence fields padded with a mask, list
-        fields gathered.
-        """
+        """The batch at ``index`` (a slice, or row indices); sequence fields padded with a mask."""
         rows: list[int] | None = None
         x: dict[str, Any] = {}
         for field, value in self.X_dict.items():
@@ -290,14 +276,8 @@ def _rows(index: slice | torch.Tensor | Sequence[int], n: int) -> list[int]:
 
 
 class EpochSampler(Sampler[int]):
-    """Sequential or shuffled order, reproducible from ``(seed, epoch, pass)`` alone.
-
-    The permutation of epoch ``e`` is drawn from a generator seeded with ``seed + e``, so an
-    order can be recomputed on resume and on every DDP rank without global random state. A
-    loader that a sampling batch scheduler restarts within an epoch reads pass ``p > 0`` of that
-    epoch (:meth:`set_pass`), a fresh shuffle seeded from ``(seed, epoch, p)``. ``skip`` drops the
-    first rows of the order in the next iteration (a resumed epoch).
-    """
+    """Sequential or shuffled order, reproducible from ``(seed, epoch, pass)`` alone (epoch
+    ``e`` pass 0 is seeded ``seed + e``); ``skip`` drops the next iteration's first rows."""
 
     def __init__(self, n: int, shuffle: bool, seed: int = 0) -> None:
         self.n, self.shuffle, self.seed, self.epoch = n, shuffle, seed, 0
@@ -334,8 +314,7 @@ class EpochSampler(Sampler[int]):
 
 
 def _rows_of(perm: torch.Tensor, block: int = 1 << 16) -> Iterator[int]:
-    """The rows of ``perm`` as ints, converted a block at a time: a 16M-row order as one
-    Python list would take 0.6 GB and a second to build at every epoch start."""
+    """The rows of ``perm`` as ints, converted a block at a time (not one huge list)."""
     for part in perm.split(block):
         yield from part.tolist()
 
@@ -343,12 +322,8 @@ def _rows_of(perm: torch.Tensor, block: int = 1 << 16) -> Iterator[int]:
 class DictDataLoader(DataLoader[Batch]):
     """A ``torch.utils.data.DataLoader`` yielding ``(X_dict, Y_dict)`` batches.
 
-    It loads a :class:`DictDataset` or a :class:`~mtlgraph.NamedDataset` (any map-style torch
-    dataset, or a stream). With ``num_workers=0`` and the default collate function, a
-    ``DictDataset``'s batches are cut from its tensors directly (unshuffled: the same views every
-    epoch; shuffled: about :data:`CHUNK_BYTES` of rows gathered at once, then cut); otherwise
-    PyTorch's loading machinery runs with :func:`~mtlgraph.data.collate_dicts`. A stream is
-    batched by each worker from its own share (docs/data.md).
+    It loads a :class:`DictDataset` or a :class:`~mtlgraph.NamedDataset` (map-style or stream);
+    see docs/data.md for how batches are cut and streams shared among workers.
 
     Args:
         dataset: The dataset to load.
@@ -459,8 +434,7 @@ class DictDataLoader(DataLoader[Batch]):
             set_epoch(epoch)
 
     def set_pass(self, pass_: int) -> None:
-        """Select pass ``pass_`` of the epoch: the order after ``pass_`` restarts (sampling
-        batch schedulers restart a loader that runs out with a fresh shuffle)."""
+        """Select pass ``pass_`` of the epoch (a restart with a fresh shuffle)."""
         set_pass = getattr(self.sampler, "set_pass", None)
         if set_pass is not None:
             set_pass(pass_)
@@ -469,13 +443,8 @@ class DictDataLoader(DataLoader[Batch]):
         return self.iterate()
 
     def iterate(self, start: int = 0, repeat: bool = False) -> Iterator[Batch]:
-        """Iterate over this epoch's batches, beginning at batch number ``start``.
-
-        Skipping is free on the in-memory path (the batch order is known in advance) and with
-        the default sampler (skipped rows are not loaded). A stream ignores ``start``: with
-        ``repeat`` (training) it continues from its :attr:`cursor`, endlessly; without, it
-        yields one whole pass.
-        """
+        """This epoch's batches from batch ``start``; a stream ignores ``start`` and, with
+        ``repeat``, continues endlessly from its :attr:`cursor` (else yields one pass)."""
         if self.is_stream:
             return self._stream_iter(repeat)
         if self.num_workers > 0 or not self._default_collate or self.batch_size is None:
@@ -532,8 +501,7 @@ class DictDataLoader(DataLoader[Batch]):
             yield dataset.batch(slice(begin, end) if perm is None else perm[begin:end])
 
     def _in_order(self, size: int, stop: int) -> list[Batch]:
-        """The batches of rows ``0..stop`` in order, as views: cut once and kept while the
-        dataset holds the same tensors (a view keeps its tensor alive, so ids stay unique)."""
+        """The batches of rows ``0..stop`` as views, cut once while the tensors stay the same."""
         ds = self.dataset
         key = (size, stop, *map(id, ds.X_dict.values()), *map(id, ds.Y_dict.values()))
         if self._batches is None or self._batches[0] != key:
@@ -559,9 +527,7 @@ CHUNK_BYTES = 1 << 20
 
 
 def _chunk_rows(dataset: Any, batch_size: int) -> int:
-    """Rows (whole batches) a loader gathers at once: several batches when every field
-    and label of ``dataset`` is an in-memory tensor, else one batch (0). A batch cut
-    from a gathered chunk equals the batch gathered alone, value for value."""
+    """Rows (whole batches) gathered at once when every field is an in-memory tensor, else 0."""
     if not isinstance(dataset, DictDataset):
         return 0
     fields = [*dataset.X_dict.values(), *dataset.Y_dict.values()]
@@ -572,8 +538,7 @@ def _chunk_rows(dataset: Any, batch_size: int) -> int:
 
 
 def _advancing(it: Iterator[Any], cursor: Any) -> Iterator[Batch]:
-    """The batches of a stream loader's ``(batch, worker, position)`` items; the cursor (when
-    given) records each position as its batch is handed out."""
+    """The batches of ``(batch, worker, position)`` items, recording positions in ``cursor``."""
     for batch, worker, pos in it:
         if cursor is not None:
             cursor.advance(worker, pos)

@@ -30,12 +30,7 @@ _END = object()
 
 def read_ahead(items: Iterator[T]) -> Iterator[T]:
     """The items of ``items`` in order, each next one computed in a background thread while the
-    caller works on the current one (one item ahead).
-
-    A memory-mapped batch's reads (``os.preadv``, numpy copies) release the GIL, so they overlap
-    the training step instead of adding to it. An exception raised while reading reaches the
-    caller unchanged, at the item it belongs to. Closing the iterator early waits for the one
-    read in flight.
+    caller works on the current one; an exception reaches the caller at its item, unchanged.
 
     Example:
         >>> from mtlgraph.data.memmap import read_ahead
@@ -61,13 +56,9 @@ class MapReader:
     """Reads a batch's rows from memory-mapped arrays: the one way a mapped field or label of a
     :class:`~mtlgraph.DictDataset` becomes a batch tensor (one reader per dataset).
 
-    The batch's distinct rows are read in ascending file order, neighbouring rows coalesced into
-    runs (one read per run), and returned in the batch's own order, duplicates included. A
-    C-contiguous map larger than ``budget`` is read with ``os.preadv`` from the file it names:
-    the runs the page cache holds first (``RWF_NOWAIT``), then a ``posix_fadvise(WILLNEED)``
-    hint for every other run, then their reads (docs/data.md has the numbers). Any other map is
-    indexed with numpy, its pages released by a :class:`PageBudget`. A pickled or forked copy
-    opens its own files.
+    Distinct rows are read in file order, coalesced into runs, and returned in the batch's
+    order; a C-contiguous map larger than ``budget`` is read with ``os.preadv``, any other is
+    indexed with numpy under a :class:`PageBudget` (docs/data.md, "Memory behaviour").
 
     Args:
         budget: Bytes; larger maps are read from their file, and numpy-indexed maps release their

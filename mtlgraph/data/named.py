@@ -1,15 +1,9 @@
 """Any PyTorch dataset under a name and split: :class:`NamedDataset`.
 
-A map-style ``torch.utils.data.Dataset`` whose items are ``(x_dict, y_dict)`` pairs, or an
-``IterableDataset`` that yields them (including an :class:`~mtlgraph.data.streams.ExampleStream`),
-becomes a dataset the :class:`~mtlgraph.DictDataLoader` and the Trainer accept. Items are
-collated like :class:`~mtlgraph.DictDataset` rows (:func:`~mtlgraph.data.collate_dicts`:
-stacked, variable-length 1-D fields padded with a ``<field>_mask``). A ``DictDataset`` keeps
-its faster slicing path.
-
-``NamedDataset(name, split, iterable)`` returns a :class:`NamedStream` (a ``NamedDataset`` that
-is also an ``IterableDataset``); streams are split over ranks and workers and resumed exactly as
-:mod:`mtlgraph.data.streams` describes.
+A map-style or iterable torch dataset of ``(x_dict, y_dict)`` items becomes one the
+:class:`~mtlgraph.DictDataLoader` and the Trainer accept, collated like
+:class:`~mtlgraph.DictDataset` rows; ``NamedDataset(name, split, iterable)`` returns a
+:class:`NamedStream` (see :mod:`mtlgraph.data.streams`).
 """
 
 from __future__ import annotations
@@ -123,11 +117,7 @@ class NamedDataset(Dataset[Example]):
 
 @dataclass
 class StreamFeed:
-    """How a loader reads a :class:`NamedStream`: batching, the consumer split, the start.
-
-    Set by :class:`~mtlgraph.DictDataLoader` on its own copy of the stream; it travels to the
-    workers with the dataset.
-    """
+    """How a loader reads its copy of a :class:`NamedStream`: batching, consumer split, start."""
 
     batch_size: int = 1
     seed: int = 0

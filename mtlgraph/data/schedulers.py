@@ -1,19 +1,8 @@
 """Batch schedulers: which loader's batch (or batches) each training step uses.
 
 A scheduler turns the number of batches of each training loader into an epoch's plan: a list of
-steps, each a tuple of loader indices whose next batch joins that step. Most schedulers put one
-batch in a step; ``mixed`` puts one batch of every loader in each step so gradient-based
-balancers see several tasks at once. The sampling schedulers (``uniform``, ``proportional``,
-``temperature``, ``annealed``, ``weighted``; :class:`SamplingScheduler`) draw each step's loader at
-random with a probability per dataset, for ``TrainerConfig.steps_per_epoch`` steps per epoch
-(docs/data.md gives the formulas and when to use which).
-
-Schedulers live in the registry :data:`SCHEDULERS` (``SCHEDULERS.register(name, cls)`` adds
-one). A spec's keyword arguments (``{"name": "mixed", ...}``) are checked against the class's
-``__init__`` and its annotations when the Trainer is built.
-
-Each scheduler owns a seeded ``numpy.random.Generator``; no global random state is used. Its
-state is part of a checkpoint, so an interrupted epoch resumes with the same order.
+steps, each a tuple of loader indices whose next batch joins that step (docs/data.md). Schedulers
+live in the registry :data:`SCHEDULERS`; each owns a seeded generator saved in checkpoints.
 """
 
 from __future__ import annotations
@@ -77,13 +66,7 @@ class BatchScheduler(ABC):
         return plan
 
     def epoch_lengths(self, batch_counts: Sequence[int], n_epochs: int) -> list[int]:
-        """The number of steps of each of the next ``n_epochs`` epochs, leaving this scheduler
-        as it was.
-
-        The Trainer asks this once per ``fit`` for the LR schedule's horizon, so a scheduler
-        whose epochs differ in length gets the right one. The default plans the epochs on a copy
-        of the scheduler (its generator included); override it when the lengths are known
-        without planning.
+        """The steps of each of the next ``n_epochs`` epochs (planned on a copy of ``self``).
 
         Example:
             >>> from mtlgraph.data.schedulers import MixedScheduler
@@ -133,11 +116,7 @@ class RoundRobinScheduler(BatchScheduler):
 
 
 class MixedScheduler(BatchScheduler):
-    """One batch of *every* loader per step, until the longest loader is exhausted.
-
-    Shorter loaders start over (cycle) within the epoch. Each step therefore holds all tasks,
-    which gradient-based balancers (PCGrad, CAGrad, MGDA) and diagnostics need.
-    """
+    """One batch of *every* loader per step (shorter loaders cycle) until the longest ends."""
 
     def schedule(self, batch_counts: Sequence[int]) -> list[Step]:
         every = tuple(i for i, c in enumerate(batch_counts) if c > 0)
@@ -145,13 +124,8 @@ class MixedScheduler(BatchScheduler):
 
 
 class SamplingScheduler(BatchScheduler):
-    """Base of the sampling schedulers: each step draws one loader with probability ``p_i``.
-
-    An epoch is ``steps_per_epoch`` independent draws from the scheduler's seeded generator; a
-    loader drawn more often than it has batches restarts with a fresh shuffle. The Trainer calls
-    :meth:`configure` with the training datasets' names and sizes (examples per pass) before the
-    first epoch. Subclasses implement :meth:`probabilities`.
-    """
+    """Base of the sampling schedulers: each of ``steps_per_epoch`` steps draws one loader with
+    probability ``p_i`` (:meth:`probabilities`); the Trainer calls :meth:`configure` first."""
 
     needs_sizes = True  # the probabilities use the dataset sizes
 

@@ -1,12 +1,8 @@
 """Streamed examples: the protocol a streaming source implements, and how streams are read.
 
-A stream is data read front to back (files too large for memory, shards, generators) rather
-than indexed. A source implements :class:`ExampleStream` (``num_units()``, ``iter_unit(unit,
-start, seed)``, optional ``num_examples()`` and ``labels``) and yields ``(x_dict, y_dict)``
-pairs; a :class:`Consumer` per rank x worker reads its share of each pass, and a
-:class:`StreamCursor` records every consumer's :class:`Position` for an exact resume. Any other
-``IterableDataset`` is a one-unit :class:`IterableStream`. The rules (the split over consumers,
-passes, repeats, checkpoints) are in docs/data.md, "Streams: splitting and exact resume".
+A source implements :class:`ExampleStream`; a :class:`Consumer` per rank x worker reads its share
+of each pass and a :class:`StreamCursor` records each :class:`Position` for an exact resume (the
+rules: docs/data.md, "Streams: splitting and exact resume").
 
 Example:
     >>> import torch
@@ -186,9 +182,7 @@ def _tensor(value: Any) -> Any:
 class StreamCursor:
     """The positions of a loader's consumers after the batches it has handed out.
 
-    ``positions[c]`` is where logical worker ``c`` (of ``workers``) continues; ``next_worker`` is
-    the worker whose batch comes next (workers take turns). A resumed loader rotates its
-    workers so that worker ``next_worker`` delivers first, as the uninterrupted run would.
+    ``positions[c]`` is where logical worker ``c`` continues; ``next_worker`` delivers next.
 
     Example:
         >>> from mtlgraph.data.streams import Position, StreamCursor

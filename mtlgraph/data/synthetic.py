@@ -1,10 +1,7 @@
 """Generated datasets for tutorials, tests, benchmarks and configs (nothing is downloaded).
 
-Every generator takes a ``seed`` and uses its own ``numpy.random.Generator``. The tutorial's
-generators return the ``(train, valid, test)`` splits as ``(X, Y)`` numpy pairs, split 80/10/10 by
-default; the story generators return ``{split: {array name: array}}``. The registry
-:data:`GENERATORS` names them all for configs (``source: {type: generator, name: circle}``),
-each returning ``{split: {array name: array}}``; ``GENERATORS.register(name, func)`` adds one.
+Every generator takes a ``seed`` and uses its own ``numpy.random.Generator``; the registry
+:data:`GENERATORS` names them for configs (``source: {type: generator, name: circle}``).
 """
 
 from __future__ import annotations

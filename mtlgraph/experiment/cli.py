@@ -3,14 +3,8 @@
 Exit status: 0 on success, 1 when training or evaluation fails at run time, 2 for a usage or
 configuration error (one clean message on stderr; the traceback only with ``--debug``).
 
-Subcommands live in :data:`COMMANDS`; a new one is one :func:`command`-decorated function plus
-the arguments it adds::
-
-    @command("diagnose", "inspect a run directory", arguments=_diagnose_args)
-    def diagnose(args: argparse.Namespace) -> int: ...
-
-Start-up is kept light: building the parser imports neither torch, numpy nor yaml (``--help`` and
-``--version`` answer at once); each command imports what it needs when it runs.
+Subcommands live in :data:`COMMANDS` (added with :func:`command`). Building the parser imports
+neither torch, numpy nor yaml; each command imports what it needs when it runs.
 """
 
 from __future__ import annotations
@@ -73,9 +67,6 @@ def command(
     return register
 
 
-# ---------------------------------------------------------------- train
-
-
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="the YAML experiment config")
     p.add_argument(
@@ -89,10 +80,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 
 def new_run_dir(root: str | Path, experiment: str, now: datetime.datetime | None = None) -> Path:
-    """Create ``<root>/<experiment>/<YYYYmmdd-HHMMSS>`` (``-1``, ``-2``... if taken).
-
-    The experiment name is made file-name safe (``/`` and other separators become ``_``).
-    """
+    """Create ``<root>/<experiment>/<YYYYmmdd-HHMMSS>`` (``-1``, ``-2``... if taken; the
+    experiment name made file-name safe)."""
     from mtlgraph.training.writers import safe_filename
 
     stamp = (now or datetime.datetime.now()).strftime("%Y%m%d-%H%M%S")
@@ -135,8 +124,7 @@ def train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.quiet:
         cfg.trainer.progress_bar = False
-    # Under torchrun every rank runs this command; the process group spans the whole command so
-    # that rank 0 can choose the run directory for all ranks.
+    # under torchrun the process group spans the command: rank 0 picks the run directory
     env = DistEnv.from_env() if cfg.trainer.distributed == "auto" else DistEnv()
     device = device_for(env, torch.device(cfg.device))
     with process_group(env, device, cfg.trainer.distributed_timeout):
@@ -195,9 +183,7 @@ def _train(args: argparse.Namespace, cfg: ExperimentConfig, env: DistEnv) -> int
 
 
 class _RunFailure(MtlGraphError):
-    """Marks an exception raised after set-up (exit status 1); ``__cause__`` is the real one.
-
-    Internal: :func:`main` unwraps it and reports the cause."""
+    """Marks an exception raised after set-up (exit status 1); ``__cause__`` is the real one."""
 
     resume_hint: str | None = None  # the command that resumes an interrupted run
 
@@ -209,12 +195,11 @@ def _resumable(
     changed: Sequence[str],
     env: DistEnv,
 ) -> bool:
-    """Whether to resume: ``False`` for a finished run (said on stderr, its scores printed);
-    warns about (a few of) the config keys that differ from the checkpoint's.
+    """Whether to resume: ``False`` for a finished run (its scores printed); warns about
+    config keys that differ from the checkpoint's.
 
     Raises:
-        CheckpointError: The checkpoint holds another model's weights (with a few of the config
-            keys that differ); nothing in the run directory is touched.
+        CheckpointError: The checkpoint holds another model's weights.
     """
     from mtlgraph.exceptions import CheckpointError
     from mtlgraph.graph.model_file import state_problems
@@ -246,9 +231,6 @@ def _resumable(
             first_few(changed),
         )
     return True
-
-
-# ---------------------------------------------------------------- evaluate
 
 
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
@@ -343,9 +325,6 @@ def evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# ---------------------------------------------------------------- check
-
-
 def _check_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="the YAML experiment config")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
@@ -405,9 +384,6 @@ def check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# ---------------------------------------------------------------- diagnose
-
-
 def _diagnose_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory trained with diagnostics")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -433,8 +409,6 @@ def diagnose(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# ---------------------------------------------------------------- predict, export
-
 command(
     "predict",
     "predict new data with a trained checkpoint: one row per example (docs/inference.md)",
@@ -445,9 +419,6 @@ command(
     "export tasks of a trained checkpoint to torch.export (.pt2) or ONNX, with a sidecar JSON",
     inference_cli.export_args,
 )(inference_cli.export)
-
-
-# ---------------------------------------------------------------- main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -516,8 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(error, BrokenPipeError):  # mtlgraph ... | head: the reader left; end quietly
             return _quiet_broken_pipe()
         _report(error, args.debug)
-        # mtlgraph's own errors (data that does not fit, a checkpoint of another run) are
-        # configuration errors even when found after set-up; anything else is a run-time failure
+        # mtlgraph's own errors are usage errors even after set-up; anything else is exit 1
         return EXIT_USAGE if _is_usage_error(error) else EXIT_FAILURE
     finally:
         logging.getLogger("mtlgraph").removeHandler(handler)

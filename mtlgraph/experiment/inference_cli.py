@@ -1,11 +1,7 @@
 """``mtlgraph predict`` and ``mtlgraph export`` (docs/inference.md, docs/cli.md).
 
-Registered in :mod:`mtlgraph.experiment.cli`. Light at import, like the rest of the command
-line: torch, numpy and the readers are imported when a command runs.
-
-Exit status as for ``evaluate``: 2 for a usage or configuration error (an unknown task, a
-missing field or column, a checkpoint of another model, an output path that cannot be
-written), 1 when the model fails at run time. No partial output file is ever left behind.
+Registered in :mod:`mtlgraph.experiment.cli`; exit status as for ``evaluate``. Torch, numpy and
+the readers are imported when a command runs.
 """
 
 from __future__ import annotations
@@ -24,8 +20,7 @@ if TYPE_CHECKING:
 
 
 def checkpoint_args(p: argparse.ArgumentParser) -> None:
-    """The arguments ``evaluate``, ``predict`` and ``export`` share: config, overrides and
-    ``--checkpoint``."""
+    """Config, overrides and ``--checkpoint`` (shared by evaluate, predict and export)."""
     p.add_argument("config", help="the YAML experiment config the checkpoint was trained with")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     p.add_argument(
@@ -119,8 +114,7 @@ def predict(args: argparse.Namespace) -> int:
 
 @contextmanager
 def _extras_are_usage() -> Iterator[None]:
-    """An absent optional extra (pyarrow, onnx) is a usage error (exit 2): its message says
-    what to install."""
+    """An absent optional extra (pyarrow, onnx) is a usage error (exit 2)."""
     from mtlgraph.exceptions import ConfigError
 
     try:
@@ -178,15 +172,12 @@ def export(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------- models
-
-
 def checkpoint_file(path: str | Path) -> Path:
     """The file ``--checkpoint`` names: a run directory's ``best.pt``, else ``last.pt``, or the
-    file itself (:func:`~mtlgraph.training.checkpoint.resolve_checkpoint`).
+    file itself.
 
     Raises:
-        CheckpointError: Nothing there (naming what was looked for, and ``--checkpoint``).
+        CheckpointError: Nothing there.
     """
     from mtlgraph.exceptions import CheckpointError
     from mtlgraph.training.checkpoint import BEST, LAST, resolve_checkpoint
@@ -199,19 +190,18 @@ def checkpoint_file(path: str | Path) -> Path:
 
 
 def load_model(cfg: ExperimentConfig, checkpoint: str | Path) -> MultitaskClassifier:
-    """The config's model with the checkpoint's weights (a checkpoint of another model is a
-    :class:`~mtlgraph.CheckpointError` naming the tasks and parameters that differ)."""
+    """The config's model with the checkpoint's weights (another model's: ``CheckpointError``)."""
     from mtlgraph.experiment.build import build_model
 
     model = build_model(cfg)
-    model.load(checkpoint_file(checkpoint))  # another model's: CheckpointError
+    model.load(checkpoint_file(checkpoint))
     model.eval()
     return model
 
 
 def labelled_tasks(cfg: ExperimentConfig, model: MultitaskClassifier, data: str) -> list[str]:
-    """The default tasks of ``predict``: for ``--data NAME[:SPLIT]`` (a config dataset, not an
-    existing path) the tasks whose every input field that dataset declares; else every task."""
+    """``predict``'s default tasks: for ``--data NAME[:SPLIT]`` those whose input fields that
+    dataset declares; else every task."""
     name = str(data).split(":", 1)[0]
     dataset = cfg.data.datasets.get(name)
     if dataset is None or Path(data).exists():
@@ -244,8 +234,7 @@ def config_fields(cfg: ExperimentConfig) -> list[str]:
 def example_batch(
     cfg: ExperimentConfig, fields: Sequence[str], rows: int = 8, run_dir: Path | None = None
 ) -> dict[str, Any]:
-    """The first ``rows`` rows of each field, from the config's datasets (to trace an export);
-    a dataset declared with a file ``source`` is read with the run's vocabulary."""
+    """The first ``rows`` rows of each field, from the config's datasets (to trace an export)."""
     from mtlgraph.experiment.predict import chunk_batch, read_config_dataset
 
     example: dict[str, Any] = {}

@@ -1,9 +1,6 @@
 """Prediction data: new rows for a trained model, read as training reads them, labels dropped.
 
-One dispatch point, :func:`read_prediction_data`, for ``mtlgraph predict`` (docs/inference.md):
-files and globs go through :mod:`mtlgraph.data.sources` with the training rules and the run's
-vocabulary; a folder of images or a table of image files is decoded as the config declares;
-``NAME[:SPLIT]`` builds a dataset of the config. One prediction per row, in order.
+One dispatch point, :func:`read_prediction_data`, for ``mtlgraph predict`` (docs/inference.md).
 """
 
 from __future__ import annotations
@@ -67,11 +64,8 @@ class PredictionData:
     chunks: Callable[[int], Iterator[Chunk | Callable[[], Chunk]]]
 
     def batches(self, batch_size: int, num_workers: int = 0) -> Iterable[Batch]:
-        """``(X_dict, {})`` batches of tensors; ``X_dict[ID_FIELD]`` holds the ids.
-
-        With ``num_workers > 0`` the chunks are read in worker processes (each reads every
-        ``num_workers``-th chunk), still in order.
-        """
+        """``(X_dict, {})`` batches in order (``X_dict[ID_FIELD]``: the ids); with
+        ``num_workers > 0`` worker processes read every ``num_workers``-th chunk."""
         if num_workers <= 0:
             return (chunk_batch(c) for c in self.chunks(batch_size))
         dataset = _ChunkDataset(self.chunks, batch_size, num_workers)
@@ -115,9 +109,6 @@ class _ChunkDataset(torch.utils.data.IterableDataset[Batch]):
         for i, chunk in enumerate(self.chunks(self.size)):
             if i % self.workers == worker:
                 yield chunk_batch(chunk)
-
-
-# ---------------------------------------------------------------- field lookup
 
 
 def field_specs(cfg: ExperimentConfig, fields: Sequence[str]) -> Specs:
@@ -184,9 +175,6 @@ def _id_values(table: Table, id_column: str | None, start: int) -> list[Any]:
     ]
 
 
-# ---------------------------------------------------------------- the run's text and images
-
-
 def declaring_dataset(cfg: ExperimentConfig, fields: Sequence[str]) -> str | None:
     """The first config dataset whose ``fields`` hold every field (its source says how new
     files are read: text columns, images)."""
@@ -219,8 +207,8 @@ def vocabulary_files(
 def run_tokenizers(
     name: str, ds: DatasetConfig, columns: Sequence[str], run_dir: Path | None
 ) -> dict[str, Tokenizer]:
-    """The tokenizer of each text column among ``columns``: the declared user callable, or the
-    run's saved vocabulary (never rebuilt: predictions use the training ids).
+    """The tokenizer of each text column among ``columns``: the declared one, or the run's
+    saved vocabulary (never rebuilt).
 
     Raises:
         DataError: A vocabulary file the run directory lacks, naming the file.
@@ -249,9 +237,6 @@ def run_tokenizers(
 
 def _columns(ds: DatasetConfig, fields: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(c for f in fields for c in _names(ds.fields[f])))
-
-
-# ---------------------------------------------------------------- files
 
 
 def _files(path: str | Path) -> list[Path]:
@@ -364,15 +349,11 @@ def _image_chunk(images: Any, rows: range, ids: Sequence[Any], image_fields: lis
     return [ids[i] for i in rows], {**X, **dict.fromkeys(image_fields, decoded)}
 
 
-# ---------------------------------------------------------------- datasets of the config
-
-
 def read_config_dataset(
     cfg: ExperimentConfig, ref: str, fields: Sequence[str], run_dir: Path | None
 ) -> PredictionData:
-    """``--data NAME[:SPLIT]``: a dataset of the config (every split, or one), built for the
-    run directory (its saved vocabulary), labels ignored. Ids are row numbers (``split/row``
-    for every split) or, for images, file names."""
+    """``--data NAME[:SPLIT]``: a dataset of the config, labels ignored; ids are row numbers
+    (``split/row`` for every split) or, for images, file names."""
     from mtlgraph.experiment.sources import load_datasets
 
     name, _, split = ref.partition(":")
@@ -431,9 +412,6 @@ def _row_ranges(n: int, size: int) -> Iterator[range]:
     return (range(start, min(start + size, n)) for start in range(0, n, size))
 
 
-# ---------------------------------------------------------------- the dispatch point
-
-
 def read_prediction_data(
     cfg: ExperimentConfig,
     path: str | Path,
@@ -443,10 +421,8 @@ def read_prediction_data(
     run_dir: str | Path | None = None,
 ) -> PredictionData:
     """THE dispatch point for prediction data: ``path`` is a data file, a directory of ``.npy``
-    files or images, a glob, or ``NAME[:SPLIT]`` naming a dataset of the config. A file is read
-    as training reads it, with the declaration of the config dataset whose ``fields`` it
-    provides (its vocabulary from ``run_dir``, its image decoding), labels dropped: one
-    prediction per row, in order; ``id_column`` (default: the row number) names each row.
+    files or images, a glob, or ``NAME[:SPLIT]`` naming a dataset of the config, read as
+    training reads it (labels dropped); ``id_column`` (default: the row number) names each row.
 
     Raises:
         DataError: A missing file, field, id column or vocabulary (named, with what the data

@@ -216,9 +216,6 @@ def _all_empty(origin: str, unit: str, line: int) -> DataError:
     )
 
 
-# ---------------------------------------------------------------- CSV
-
-
 @contextmanager
 def _cell_limit() -> Iterator[None]:
     """CSV cells up to :data:`CELL_LIMIT` while a chunk is read; the csv module's (process-wide)
@@ -296,9 +293,6 @@ def _csv_chunks(file: Path, columns: Sequence[str] | None, rows: int | None) -> 
                 yield Table(arrays, origin, np.asarray(lines, dtype=np.int64), "line")
             if not full:
                 return
-
-
-# ---------------------------------------------------------------- JSON Lines
 
 
 class _DuplicateKey(ValueError):
@@ -392,9 +386,6 @@ def _jsonl_chunks(file: Path, columns: Sequence[str] | None, rows: int | None) -
         yield chunk()
 
 
-# ---------------------------------------------------------------- Parquet
-
-
 def _empty_cells(values: np.ndarray) -> np.ndarray:
     """Which cells are empty: null, NaN or blank text."""
     if values.dtype.kind == "f" and values.ndim == 1:
@@ -449,9 +440,6 @@ def _parquet_chunks(file: Path, columns: Sequence[str] | None, rows: int | None)
         start += n
     if total == 0:
         yield Table({c: np.zeros(0) for c in keep}, origin)
-
-
-# ---------------------------------------------------------------- .npz and .npy
 
 
 def _array_chunks(

@@ -1,10 +1,7 @@
 """A folder of image files plus a table that maps file names to labels and extra fields.
 
-Images are decoded lazily, one per item, with Pillow (``pip install 'mtlgraph[images]'``) and the
-declared transforms (:class:`ImageDecoder`: convert to a mode, resize, scale to ``[0, 1]``,
-normalise); the table's other columns are read once into memory. The dataset is map-style: items
-are ``(x_dict, y_dict)``, so any loader (``num_workers`` included) batches it with the library's
-collation. Wrap it in ``NamedDataset(name, split, dataset)`` to give it a name and a split.
+Images are decoded lazily, one per item, with Pillow (``pip install 'mtlgraph[images]'``) and
+the declared :class:`ImageDecoder`; the table's other columns are read once into memory.
 """
 
 from __future__ import annotations

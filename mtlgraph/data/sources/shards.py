@@ -1,10 +1,7 @@
 """Table shards streamed one file at a time: data that does not fit in memory.
 
-A :class:`ShardStream` is a list of table files (CSV, JSON Lines, Parquet) read as an
-:class:`~mtlgraph.data.streams.ExampleStream` whose units are the files: only the file being
-read is in memory, each file is read once per pass, and mtlgraph's loaders split the files over
-DDP ranks and DataLoader workers and resume at the next unseen row (see
-``mtlgraph.data.streams``).
+A :class:`ShardStream` is an :class:`~mtlgraph.data.streams.ExampleStream` whose units are
+table files (CSV, JSON Lines, Parquet); only the file being read is in memory.
 """
 
 from __future__ import annotations

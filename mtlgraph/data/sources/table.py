@@ -2,12 +2,7 @@
 
 A :class:`~mtlgraph.data.sources.files.Table` (read by :mod:`mtlgraph.data.sources.files`)
 becomes input fields and labels here, with the same rules for training and prediction
-(``docs/data-sources.md``): numeric input fields need a finite number in every row (an empty,
-NaN or infinite cell is a :class:`~mtlgraph.DataError` naming the file, the line and the
-column); an empty label is "unlabelled" (NaN); ``text`` columns become id sequences through a
-tokenizer. Numbers become ``float32`` fields (``(N, 1)`` for one column, ``(N, k)`` for ``k``
-columns or list cells; arrays keep their shape and integer dtype) and labels (``int64`` when
-every value is a whole number, else ``float32``). :func:`table_dataset` gives the fast, sliced
+(``docs/data-sources.md`` gives the rules); :func:`table_dataset` gives a
 :class:`~mtlgraph.DictDataset`.
 """
 

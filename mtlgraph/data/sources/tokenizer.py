@@ -5,9 +5,7 @@ characters), optionally lowercased, and mapped to ids: ``0`` is padding, ``1`` a
 then the vocabulary's words from the most frequent down (ties in alphabetical order, so the same
 texts always give the same ids). A row longer than ``max_length`` words is cut.
 
-The vocabulary is part of a trained model: evaluation and a resumed run must use the ids training
-used. :meth:`WordTokenizer.save` writes it as JSON (the experiment layer keeps it in the run
-directory) and :attr:`WordTokenizer.fingerprint` identifies it in checkpoints.
+The vocabulary is part of a trained model (:meth:`WordTokenizer.save`, docs/data-sources.md).
 """
 
 from __future__ import annotations
