@@ -1,9 +1,5 @@
-"""Per-task gradients on the parameters a step's tasks share: the one home of what the
-gradient-based balancers and the interference probes both use.
-
-:class:`SharedLayout` places the shared modules' parameters in one flat buffer,
-:class:`SharedGradients` writes one gradient per task into it, and :class:`PlanCache` keeps
-both per plan, keyed weakly by the plan (a new plan never picks up an old layout).
+"""Per-task gradients on the parameters a step's tasks share (used by the gradient-based
+balancers and the interference probes).
 """
 
 from __future__ import annotations

@@ -1,14 +1,7 @@
 """Metrics, the :class:`Scorer`, the ignore mask, and the flat ``task/dataset/split/metric`` keys.
 
-Every built-in metric is a thin wrapper over scikit-learn (or SciPy for the correlations) and
-returns a plain ``float`` equal to what that library computes on the same, masked arrays. Each
-metric carries ``higher_is_better``, which checkpointing (best-by-metric) and the
-``inverse_metric`` balancer read. scikit-learn and SciPy are imported on a metric's first call,
-not with this module (they would double the cost of ``import mtlgraph``).
-
-Metrics live in the registry :data:`METRICS`: add one with :func:`register_metric`, remove it with
-``METRICS.unregister(name)``. A metric's keyword arguments (``{"name": "fbeta", "beta": 2}``) are
-checked against its function's signature when a :class:`Scorer` is built.
+Built-in metrics wrap scikit-learn / SciPy (imported on first call) and live in :data:`METRICS`;
+add one with :func:`register_metric` (``docs/concepts.md``).
 """
 
 from __future__ import annotations

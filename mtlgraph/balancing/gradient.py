@@ -1,9 +1,5 @@
-"""Gradient-based balancers: combine per-task gradients of the shared parameters.
-
-:class:`GradientBalancer` computes one gradient per task on the parameters the step's tasks share
-(:class:`~mtlgraph.gradients.SharedGradients`) and asks a subclass for the coefficients of their
-combination, given their Gram matrix: ``pcgrad``, ``mgda``, ``cagrad``. The numeric solvers they
-use are in :mod:`mtlgraph.balancing.solvers`.
+"""Gradient-based balancers (``pcgrad``, ``mgda``, ``cagrad``): combine per-task gradients of the
+shared parameters, with coefficients from their Gram matrix.
 """
 
 from __future__ import annotations

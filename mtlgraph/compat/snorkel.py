@@ -1,8 +1,7 @@
 """Snorkel 0.10's ``snorkel.classification`` API on top of mtlgraph: change one import line.
 
-The names are mtlgraph objects (subclasses) taking Snorkel's argument names and defaults,
-translated to mtlgraph's. Snorkel's silent behaviour does not come back: a setting mtlgraph
-cannot honour raises and says how Snorkel differed (``docs/migrating-from-snorkel.md``).
+A setting mtlgraph cannot honour raises and says how Snorkel differed
+(``docs/migrating-from-snorkel.md``).
 """
 
 from __future__ import annotations

@@ -1,9 +1,5 @@
 """The statistics of the interference probes: pair statistics, task affinity, task grouping.
-
-Pure functions on numbers (no model, no state): cosines and norm ratios from a Gram matrix
-(:func:`pair_statistics`), lookahead affinity (:func:`lookahead_affinity`), means with standard
-errors from running sums (:func:`mean_and_error`), and the grouping of tasks into trunks
-(:func:`suggest_groups`). The formulas are in ``docs/diagnostics.md``.
+Pure functions on numbers; formulas in ``docs/diagnostics.md``.
 """
 
 from __future__ import annotations

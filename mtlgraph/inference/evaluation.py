@@ -1,8 +1,5 @@
-"""Prediction and scoring of a model (the bodies of :class:`~mtlgraph.MultitaskClassifier`'s
-``predict``, ``score`` and ``score_predictions`` methods), and the heads' output widths.
-
-Which task predicts a batch's label is the label's own task, unless ``remap_labels`` sends it to
-another task's head (cross-task evaluation) or drops it (``None``).
+"""Prediction and scoring of a model (``MultitaskClassifier.predict``, ``score`` and
+``score_predictions``); ``remap_labels`` sends a label to another task's head or drops it.
 """
 
 from __future__ import annotations
