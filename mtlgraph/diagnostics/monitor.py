@@ -96,9 +96,7 @@ class _LossOf(nn.Module):
 class InterferenceMonitor:
     """Probes a model for gradient conflict and task affinity; accumulates over a run.
 
-    The :class:`~mtlgraph.Trainer` creates one when ``diagnostics`` is set and calls
-    :meth:`probe` every ``every`` optimizer steps; it can also be used by hand on any model and
-    training loaders.
+    The :class:`~mtlgraph.Trainer` calls :meth:`probe` every ``every`` steps; usable by hand too.
 
     Args:
         config: The probe settings (default :class:`DiagnosticsConfig`).

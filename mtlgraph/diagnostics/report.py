@@ -60,9 +60,7 @@ class PairStats:
 class DiagnosticsReport:
     """What the probes of a run found: conflicting pairs, task affinity, suggested trunks.
 
-    Built from an :class:`InterferenceMonitor`'s state (:meth:`from_state`), from a run
-    directory's ``diagnostics.json`` (:meth:`from_dict`, :func:`load_report`), or read as
-    ``Trainer.diagnostics`` after a run with ``diagnostics`` set.
+    Built by :meth:`from_state`, :func:`load_report` or read as ``Trainer.diagnostics``.
 
     Attributes:
         tasks: Task names in model order (the affinity matrix's rows and columns).

@@ -57,9 +57,7 @@ def input_fields(
 class TaskGraph(nn.Module):
     """The chosen tasks of a model as one module: ``forward(*fields) -> tuple of task outputs``.
 
-    It holds only the modules the tasks use (shared with the model, not copied) and runs them
-    through the model's own execution plan, so exported and eager outputs are the same
-    computation.
+    It shares (not copies) the tasks' modules and runs the model's own execution plan.
 
     Args:
         model: The model.
