@@ -307,9 +307,7 @@ def iter_predictions(
 ) -> Iterator[tuple[Mapping[str, Any], dict[str, torch.Tensor]]]:
     """Stream predictions batch by batch: ``(X_dict, {task: output_func values})``.
 
-    Labels are not needed (each batch's ``Y_dict`` is ignored); only the operations the tasks
-    need run, each once per batch. Memory stays bounded by one batch: nothing is accumulated.
-    The model is in evaluation mode while the iterator runs.
+    ``Y_dict`` is ignored; only the tasks' operations run, in evaluation mode, one batch at a time.
 
     Example:
         >>> import torch

@@ -48,9 +48,7 @@ class InferenceModel(HasModules, Protocol):
 
 @contextlib.contextmanager
 def eval_mode(model: HasModules) -> Iterator[None]:
-    """Run the body with every submodule of ``model`` in evaluation mode, then give each its own
-    training flag back (a module the user froze in ``eval()`` stays so), also when the body
-    raises.
+    """Run the body with every submodule in evaluation mode, then restore each one's own flag.
 
     Example:
         >>> from torch import nn
