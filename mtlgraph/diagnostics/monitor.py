@@ -32,8 +32,7 @@ PREFIX = "diagnostics"
 _STREAM = 8  # keeps the probe generator's seeds apart from other users of the trainer seed
 
 StepSizes: TypeAlias = float | Sequence[Mapping[str, Any]]
-"""A lookahead step size: one number, or an optimizer's ``param_groups`` (each shared parameter
-takes its group's ``lr``)."""
+"""A lookahead step size: one number, or an optimizer's ``param_groups`` (their ``lr``)."""
 
 
 def conflict_key(module: str, task_a: str, task_b: str, statistic: str) -> str:
@@ -74,9 +73,7 @@ class DiagnosticsConfig:
 
 
 class _LossOf(nn.Module):
-    """Per-task losses of several batches as a module's forward (count-weighted means over the
-    batches that label a task), so :func:`torch.func.functional_call` can run it with some
-    parameters replaced."""
+    """Per-task count-weighted mean losses of several batches, for ``functional_call``."""
 
     def __init__(self, model: MultitaskClassifier) -> None:
         super().__init__()

@@ -51,8 +51,7 @@ class PairStats:
 
     @property
     def conflicting(self) -> bool:
-        """True when the mean cosine is negative by more than :data:`SIGNIFICANCE` standard
-        errors."""
+        """The mean cosine is :data:`SIGNIFICANCE` standard errors below 0."""
         return self.mean_cosine + SIGNIFICANCE * self.cosine_error < 0
 
 
