@@ -340,8 +340,7 @@ class _Bound:
 def metric_spec_problems(spec: object, path: str = "") -> list[str]:
     """Every problem with one metric spec: its name, its key, and its keyword arguments.
 
-    Config validation calls this so that a misspelled argument is reported with the config's
-    other problems, before anything is built; each problem starts with ``path``.
+    Config validation calls this before anything is built; each problem starts with ``path``.
 
     Example:
         >>> metric_spec_problems({"name": "fbeta", "betta": 2}, "m")  # doctest: +ELLIPSIS
@@ -520,8 +519,7 @@ def make_key(task: str, dataset: str, split: str, metric: str) -> str:
 
 
 def split_scores(record: Mapping[str, float]) -> Iterator[tuple[str, str, str, str, float]]:
-    """``(task, dataset, split, metric, value)`` of each score key of ``record``, in order; other
-    keys (``epoch``, ``step``) are passed over.
+    """``(task, dataset, split, metric, value)`` of each score key of ``record``, in order.
 
     Example:
         >>> from mtlgraph.metrics import split_scores
@@ -535,11 +533,8 @@ def split_scores(record: Mapping[str, float]) -> Iterator[tuple[str, str, str, s
 
 
 def split_key(key: str) -> tuple[str, str, str, str]:
-    """Split a ``task/dataset/split/metric`` key into its parts.
-
-    The metric part may itself hold ``/`` (as in ``model/all/train/weight/circle_task``), so only
-    the first three separators split.
-    """
+    """Split a ``task/dataset/split/metric`` key at its first three ``/`` (the metric may hold
+    more)."""
     parts = key.split(SEP, 3)
     if len(parts) != 4:
         raise ConfigError([f"{key!r} is not a task/dataset/split/metric key"])
