@@ -1,9 +1,5 @@
-"""Per-task gradients on the parameters a step's tasks share: the one home of what the
-gradient-based balancers and the interference probes both use.
-
-:class:`SharedLayout` places the shared modules' parameters in one flat buffer,
-:class:`SharedGradients` writes one gradient per task into it, and :class:`PlanCache` keeps
-both per plan, keyed weakly by the plan (a new plan never picks up an old layout).
+"""Per-task gradients on the parameters a step's tasks share (used by the gradient-based
+balancers and the interference probes).
 """
 
 from __future__ import annotations
@@ -37,9 +33,8 @@ V = TypeVar("V")
 class PlanCache(Generic[V]):
     """Values computed from an execution plan, valid for that plan object only.
 
-    A ``weakref.WeakKeyDictionary`` keyed by the plan (plans hash by identity): an entry lives
-    as long as its plan, so the cache keeps no plan (nor the modules of a removed task) alive,
-    and a freed plan's entry can never answer for a new plan.
+    Keyed weakly by the plan (by identity): it keeps no plan alive, and a new plan never gets
+    an old plan's entry.
 
     Example:
         >>> from torch import nn
@@ -191,10 +186,7 @@ def build_layout(tasks: Mapping[str, Task], plan: ExecutionPlan) -> SharedLayout
 class SharedGradients:
     """One gradient per task on the shared parameters of a step, in a preallocated buffer.
 
-    Used by the gradient-based balancers and by :mod:`mtlgraph.diagnostics`. Layouts (which
-    parameters are shared, their place in the buffer) are cached per execution plan (a
-    :class:`PlanCache`), so per model and task set; :meth:`clear` forgets them (after freezing
-    changed what is trainable).
+    Layouts are cached per execution plan; :meth:`clear` forgets them (after freezing).
 
     Example:
         >>> import torch

@@ -1,14 +1,7 @@
 """Metrics, the :class:`Scorer`, the ignore mask, and the flat ``task/dataset/split/metric`` keys.
 
-Every built-in metric is a thin wrapper over scikit-learn (or SciPy for the correlations) and
-returns a plain ``float`` equal to what that library computes on the same, masked arrays. Each
-metric carries ``higher_is_better``, which checkpointing (best-by-metric) and the
-``inverse_metric`` balancer read. scikit-learn and SciPy are imported on a metric's first call,
-not with this module (they would double the cost of ``import mtlgraph``).
-
-Metrics live in the registry :data:`METRICS`: add one with :func:`register_metric`, remove it with
-``METRICS.unregister(name)``. A metric's keyword arguments (``{"name": "fbeta", "beta": 2}``) are
-checked against its function's signature when a :class:`Scorer` is built.
+Built-in metrics wrap scikit-learn / SciPy (imported on first call) and live in :data:`METRICS`;
+add one with :func:`register_metric` (``docs/concepts.md``).
 """
 
 from __future__ import annotations
@@ -61,9 +54,7 @@ def active_mask(labels: np.ndarray, ignore: float | int | None) -> np.ndarray: .
 def active_mask(labels: Any, ignore: float | int | None) -> Any:
     """Elementwise mask of the labels that count: those not equal to the ignore value.
 
-    The one ignore mask of mtlgraph, used by losses, models and scorers alike; it works on torch
-    tensors and numpy arrays with the same expression. ``ignore`` is a value (``-1``), ``nan``
-    (NaN labels are ignored; integer labels are never NaN), or ``None`` (nothing is ignored).
+    Works on tensors and arrays; ``ignore`` is a value (``-1``), ``nan``, or ``None`` (nothing).
 
     Example:
         >>> import numpy as np, torch
@@ -124,12 +115,8 @@ def _averaged(
     labels: Sequence[Any] | None,
     zero_division: float | str,
 ) -> dict[str, Any]:
-    """Keyword arguments for precision/recall/f/fbeta; ``average=None`` picks the default.
-
-    Binary for two classes, else macro; label matrices ``(N, L)`` (multilabel) default to
-    ``micro``: pooled over elements, which is what the same metric gives when ignored elements
-    have been masked out (flattened).
-    """
+    """Keyword arguments for precision/recall/f/fbeta; ``average=None``: binary for two
+    classes, else macro; ``micro`` (pooled over elements) for label matrices ``(N, L)``."""
     if average is None:
         if golds.ndim == 2:
             average = "micro"
@@ -152,11 +139,8 @@ def _accuracy(
 
 
 def _averaged_score(sklearn_name: str, **extra: float) -> MetricFunc:
-    """Precision, recall, F1 or F-beta: ``sklearn.metrics.<sklearn_name>`` with :func:`_averaged`.
-
-    ``extra`` are further keyword parameters with their defaults (``beta=1.0``); they join the
-    signature that specs are checked against, before ``average``.
-    """
+    """``sklearn.metrics.<sklearn_name>`` with :func:`_averaged`; ``extra`` (``beta=1.0``) joins
+    the signature that specs are checked against."""
 
     def score(
         golds: np.ndarray,
@@ -356,8 +340,7 @@ class _Bound:
 def metric_spec_problems(spec: object, path: str = "") -> list[str]:
     """Every problem with one metric spec: its name, its key, and its keyword arguments.
 
-    Config validation calls this so that a misspelled argument is reported with the config's
-    other problems, before anything is built; each problem starts with ``path``.
+    Config validation calls this before anything is built; each problem starts with ``path``.
 
     Example:
         >>> metric_spec_problems({"name": "fbeta", "betta": 2}, "m")  # doctest: +ELLIPSIS
@@ -400,8 +383,7 @@ def _part_problems(value: object, what: str) -> list[str]:
 class Scorer:
     """Computes a task's metrics on gold labels, predictions and probabilities.
 
-    Labels equal to the ignore value are masked out first: whole rows for 1-D labels, single
-    elements for 2-D labels (multilabel and multi-output regression).
+    Ignored labels are masked out first (rows for 1-D labels, elements for 2-D labels).
 
     Args:
         metrics: Registered metric names, or specs ``{"name": "fbeta", "beta": 2, "key": "f2"}``
@@ -490,19 +472,15 @@ class Scorer:
         """
         golds, preds, probs = np.asarray(golds), np.asarray(preds), np.asarray(probs)
         golds, preds, probs = _mask(golds, preds, probs, ignore_value)
-        if _nonfinite(probs):  # scores of NaN/inf outputs are NaN, never ordinary numbers
+        if len(golds) == 0 or _nonfinite(probs):  # NaN/inf outputs score NaN, never a number
             return {b.key: math.nan for b in self._bound}
         out: dict[str, float] = {}
         for b in self._bound:
-            if len(golds) == 0:
-                out[b.key] = math.nan
-                continue
             try:
-                value = b.func(golds, preds, probs, **b.kwargs)
+                out[b.key] = float(b.func(golds, preds, probs, **b.kwargs))
             except Exception as e:
                 e.add_note(f"while computing metric '{b.key}'")
                 raise
-            out[b.key] = float(value)
         return out
 
 
@@ -541,8 +519,7 @@ def make_key(task: str, dataset: str, split: str, metric: str) -> str:
 
 
 def split_scores(record: Mapping[str, float]) -> Iterator[tuple[str, str, str, str, float]]:
-    """``(task, dataset, split, metric, value)`` of each score key of ``record``, in order; other
-    keys (``epoch``, ``step``) are passed over.
+    """``(task, dataset, split, metric, value)`` of each score key of ``record``, in order.
 
     Example:
         >>> from mtlgraph.metrics import split_scores
@@ -556,11 +533,8 @@ def split_scores(record: Mapping[str, float]) -> Iterator[tuple[str, str, str, s
 
 
 def split_key(key: str) -> tuple[str, str, str, str]:
-    """Split a ``task/dataset/split/metric`` key into its parts.
-
-    The metric part may itself hold ``/`` (as in ``model/all/train/weight/circle_task``), so only
-    the first three separators split.
-    """
+    """Split a ``task/dataset/split/metric`` key at its first three ``/`` (the metric may hold
+    more)."""
     parts = key.split(SEP, 3)
     if len(parts) != 4:
         raise ConfigError([f"{key!r} is not a task/dataset/split/metric key"])

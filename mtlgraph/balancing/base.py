@@ -1,10 +1,4 @@
-"""The balancer interface: :class:`StepContext`, :class:`Balancer` and helpers every method uses.
-
-A :class:`Balancer` receives a step's per-task losses and puts gradients into ``.grad`` (it calls
-``ctx.backward``, or writes ``.grad`` itself). The :class:`StepContext` is the one seam between a
-balancer and the step that calls it: three callables (``backward``, ``scale``, ``reduce``) let a
-balancer ignore mixed precision, gradient accumulation and DDP.
-"""
+"""The balancer interface: :class:`StepContext`, :class:`Balancer` and helpers every method uses."""
 
 from __future__ import annotations
 

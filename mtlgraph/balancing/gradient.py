@@ -1,9 +1,5 @@
-"""Gradient-based balancers: combine per-task gradients of the shared parameters.
-
-:class:`GradientBalancer` computes one gradient per task on the parameters the step's tasks share
-(:class:`~mtlgraph.gradients.SharedGradients`) and asks a subclass for the coefficients of their
-combination, given their Gram matrix: ``pcgrad``, ``mgda``, ``cagrad``. The numeric solvers they
-use are in :mod:`mtlgraph.balancing.solvers`.
+"""Gradient-based balancers (``pcgrad``, ``mgda``, ``cagrad``): combine per-task gradients of the
+shared parameters, with coefficients from their Gram matrix.
 """
 
 from __future__ import annotations
@@ -24,10 +20,8 @@ from mtlgraph.graph.task import Task
 class GradientBalancer(LastWeights):
     """Base of methods that combine per-task gradients ``g_i`` of the shared parameters.
 
-    :meth:`combine` (the one method subclasses implement) maps the Gram matrix ``M_ij = g_i·g_j``
-    to coefficients ``β``; the shared parameters get ``d = Σ_i β_i g_i``, the others their one
-    task's gradient; the logged weights are the last step's ``β_i``. A one-task step uses the
-    plain gradient. One backward pass per task.
+    Subclasses implement :meth:`combine` (Gram matrix ``M_ij = g_i·g_j`` -> ``β``); the shared
+    parameters get ``d = Σ_i β_i g_i``, the others their one task's gradient.
     """
 
     def __init__(self) -> None:
@@ -68,10 +62,8 @@ class GradientBalancer(LastWeights):
     def direction(
         self, rows: torch.Tensor, layout: SharedLayout
     ) -> tuple[torch.Tensor, np.ndarray]:
-        """The shared parameters' update from the per-task gradient rows ``(K, P)``, and the
-        coefficients to log; by default ``d = Σ_i β_i g_i`` with ``β = combine(Gram)``.
-        Subclasses that need more than the Gram matrix (per-module groups, gradient averages)
-        override this."""
+        """The shared update from the gradient rows ``(K, P)`` and the coefficients to log
+        (default: ``d = Σ_i β_i g_i``, ``β = combine(Gram)``)."""
         gram = (rows @ rows.T).double().cpu().numpy()
         if np.isfinite(gram).all():
             beta = np.asarray(self.combine(gram), dtype=np.float64)

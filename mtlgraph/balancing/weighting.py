@@ -1,8 +1,5 @@
-"""Loss-weighting balancers: one backward pass of a weighted sum of the step's losses.
-
-``sum`` (static weights), ``uncertainty`` (learned, Kendall et al.), ``dwa`` (epoch loss ratios),
-``gradnorm`` (weights that equalise gradient norms on the last shared layer), ``inverse_metric``
-(validation metrics) and ``rlw`` (random weights). The formulas are in ``docs/balancing.md``.
+"""Loss-weighting balancers: one backward pass of a weighted sum of the step's losses. Formulas:
+``docs/balancing.md``.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """Snorkel 0.10's ``snorkel.classification`` API on top of mtlgraph: change one import line.
 
-The names are mtlgraph objects (subclasses) taking Snorkel's argument names and defaults,
-translated to mtlgraph's. Snorkel's silent behaviour does not come back: a setting mtlgraph
-cannot honour raises and says how Snorkel differed (``docs/migrating-from-snorkel.md``).
+A setting mtlgraph cannot honour raises and says how Snorkel differed
+(``docs/migrating-from-snorkel.md``).
 """
 
 from __future__ import annotations
@@ -78,8 +77,7 @@ class DictDataset(_DictDataset):
 class DictDataLoader(_DictDataLoader):
     """Snorkel's ``DictDataLoader(dataset, collate_fn=collate_dicts, **kwargs)``.
 
-    mtlgraph's loader batches an in-memory dataset by slicing; Snorkel's default ``collate_fn``
-    is therefore not needed and a custom one is refused (say what it should do as a field).
+    mtlgraph slices in-memory tensors, so a custom ``collate_fn`` is refused.
     """
 
     def __init__(self, dataset: _DictDataset, collate_fn: Any = None, **kwargs: Any) -> None:
@@ -110,9 +108,8 @@ def _device(device: int | str | torch.device) -> torch.device:
 class MultitaskClassifier(_MultitaskClassifier):
     """Snorkel's ``MultitaskClassifier(tasks, name=None, device=0, dataparallel=True)``.
 
-    ``device`` is a number as in Snorkel (``-1``: CPU); ``dataparallel`` is ignored with a note
-    (mtlgraph runs data-parallel under ``torchrun``: docs/distributed.md). A module name bound
-    to two different modules raises, where Snorkel silently kept the first.
+    ``device`` is a number (``-1``: CPU); ``dataparallel`` is ignored with a note; a module name
+    bound to two different modules raises (Snorkel kept the first).
     """
 
     def __init__(
@@ -173,9 +170,8 @@ class MultitaskClassifier(_MultitaskClassifier):
 class Scorer(_Scorer):
     """Snorkel's ``Scorer(metrics=None, custom_metric_funcs=None, abstain_label=-1)``.
 
-    Golds equal to ``abstain_label`` are left out of every metric (mtlgraph's ignore value).
-    ``score(golds, preds=None, probs=None)`` derives predictions from probabilities (argmax,
-    ties to the lowest class) when they are not given.
+    Golds equal to ``abstain_label`` are ignored; ``score`` derives missing ``preds`` from
+    ``probs`` (argmax, ties to the lowest class).
 
     Example:
         >>> import numpy as np
@@ -388,9 +384,8 @@ def snorkel_to_mtlgraph(config: Mapping[str, Any]) -> dict[str, Any]:
 class Trainer(_Trainer):
     """Snorkel's ``Trainer(name=None, **config)`` with Snorkel 0.10's settings.
 
-    The settings are translated by :func:`snorkel_to_mtlgraph` and validated as mtlgraph's.
-    With ``checkpointing=True`` the model holds the best checkpoint's weights after ``fit``, as
-    in Snorkel.
+    Settings go through :func:`snorkel_to_mtlgraph`; with ``checkpointing=True`` the model holds
+    the best checkpoint's weights after ``fit``, as in Snorkel.
     """
 
     def __init__(self, name: str | None = None, **kwargs: Any) -> None:

@@ -1,12 +1,7 @@
 """Interference diagnostics: which tasks help each other, and which pull a shared module apart.
 
-Every ``every`` steps an :class:`InterferenceMonitor` probes the model on one batch of every
-training loader and measures, per shared module and pair of tasks, the gradients' cosine and
-norm ratio, and the lookahead task affinity ``Z_{i→j}`` (Fifty et al., NeurIPS 2021). Running
-sums are its checkpointed state; :class:`DiagnosticsReport` turns them into conflicting pairs,
-an affinity matrix and a suggested grouping of tasks (:func:`suggest_groups`). A probe never
-changes training: eval mode, a forked RNG, :func:`torch.autograd.grad`, no collectives.
-Formulas, logged keys and the files of a run: ``docs/diagnostics.md``.
+An :class:`InterferenceMonitor` probes gradient conflict and lookahead affinity; a
+:class:`DiagnosticsReport` summarises them. Formulas and logged keys: ``docs/diagnostics.md``.
 """
 
 from __future__ import annotations

@@ -32,8 +32,7 @@ PREFIX = "diagnostics"
 _STREAM = 8  # keeps the probe generator's seeds apart from other users of the trainer seed
 
 StepSizes: TypeAlias = float | Sequence[Mapping[str, Any]]
-"""A lookahead step size: one number, or an optimizer's ``param_groups`` (each shared parameter
-takes its group's ``lr``)."""
+"""A lookahead step size: one number, or an optimizer's ``param_groups`` (their ``lr``)."""
 
 
 def conflict_key(module: str, task_a: str, task_b: str, statistic: str) -> str:
@@ -74,9 +73,7 @@ class DiagnosticsConfig:
 
 
 class _LossOf(nn.Module):
-    """Per-task losses of several batches as a module's forward (count-weighted means over the
-    batches that label a task), so :func:`torch.func.functional_call` can run it with some
-    parameters replaced."""
+    """Per-task count-weighted mean losses of several batches, for ``functional_call``."""
 
     def __init__(self, model: MultitaskClassifier) -> None:
         super().__init__()
@@ -96,9 +93,7 @@ class _LossOf(nn.Module):
 class InterferenceMonitor:
     """Probes a model for gradient conflict and task affinity; accumulates over a run.
 
-    The :class:`~mtlgraph.Trainer` creates one when ``diagnostics`` is set and calls
-    :meth:`probe` every ``every`` optimizer steps; it can also be used by hand on any model and
-    training loaders.
+    The :class:`~mtlgraph.Trainer` calls :meth:`probe` every ``every`` steps; usable by hand too.
 
     Args:
         config: The probe settings (default :class:`DiagnosticsConfig`).

@@ -51,8 +51,7 @@ class PairStats:
 
     @property
     def conflicting(self) -> bool:
-        """True when the mean cosine is negative by more than :data:`SIGNIFICANCE` standard
-        errors."""
+        """The mean cosine is :data:`SIGNIFICANCE` standard errors below 0."""
         return self.mean_cosine + SIGNIFICANCE * self.cosine_error < 0
 
 
@@ -60,9 +59,7 @@ class PairStats:
 class DiagnosticsReport:
     """What the probes of a run found: conflicting pairs, task affinity, suggested trunks.
 
-    Built from an :class:`InterferenceMonitor`'s state (:meth:`from_state`), from a run
-    directory's ``diagnostics.json`` (:meth:`from_dict`, :func:`load_report`), or read as
-    ``Trainer.diagnostics`` after a run with ``diagnostics`` set.
+    Built by :meth:`from_state`, :func:`load_report` or read as ``Trainer.diagnostics``.
 
     Attributes:
         tasks: Task names in model order (the affinity matrix's rows and columns).

@@ -1,9 +1,5 @@
 """The statistics of the interference probes: pair statistics, task affinity, task grouping.
-
-Pure functions on numbers (no model, no state): cosines and norm ratios from a Gram matrix
-(:func:`pair_statistics`), lookahead affinity (:func:`lookahead_affinity`), means with standard
-errors from running sums (:func:`mean_and_error`), and the grouping of tasks into trunks
-(:func:`suggest_groups`). The formulas are in ``docs/diagnostics.md``.
+Pure functions on numbers; formulas in ``docs/diagnostics.md``.
 """
 
 from __future__ import annotations
@@ -120,12 +116,8 @@ def suggest_groups(
 ) -> tuple[list[list[str]], str]:
     """Group tasks into trunks from their affinity matrix.
 
-    Maximises the total within-group mutual affinity ``Σ_{groups} Σ_{i<j} (Z_{i→j} + Z_{j→i})``
-    subject to no two tasks with negative mutual affinity sharing a group; ties go to fewer
-    groups, then to the larger total of all measured mutual affinities. A mutual affinity within
-    :data:`SIGNIFICANCE` standard errors of 0 (when ``errors`` are given), or never measured,
-    counts as 0: noise neither joins nor splits tasks. Up to :data:`EXHAUSTIVE_MAX_TASKS` tasks
-    every partition is tried; beyond, groups are merged greedily (the largest gain first).
+    Maximises the within-group mutual affinity, never grouping negatively related tasks
+    (objective and ties: ``docs/diagnostics.md``); exhaustive up to :data:`EXHAUSTIVE_MAX_TASKS`.
 
     Args:
         tasks: Task names, in the matrix's order.

@@ -1,8 +1,5 @@
-"""Prediction, scoring and export over a model: the bodies of ``MultitaskClassifier``'s
-``predict``, ``score`` and ``export``, prediction files, and :func:`eval_mode`.
-
-Typed against :class:`InferenceModel` (the model's public ``tasks``, ``device``, ``plan`` and
-``execute``), never the model's class: the model's methods call in here, nothing here calls back.
+"""Prediction, scoring and export over a model, typed against :class:`InferenceModel` (never the
+model's class): the model calls in here, nothing here calls back.
 """
 
 from mtlgraph.inference.evaluation import (

@@ -1,8 +1,5 @@
-"""Prediction and scoring of a model (the bodies of :class:`~mtlgraph.MultitaskClassifier`'s
-``predict``, ``score`` and ``score_predictions`` methods), and the heads' output widths.
-
-Which task predicts a batch's label is the label's own task, unless ``remap_labels`` sends it to
-another task's head (cross-task evaluation) or drops it (``None``).
+"""Prediction and scoring of a model (``MultitaskClassifier.predict``, ``score`` and
+``score_predictions``); ``remap_labels`` sends a label to another task's head or drops it.
 """
 
 from __future__ import annotations
@@ -310,9 +307,7 @@ def iter_predictions(
 ) -> Iterator[tuple[Mapping[str, Any], dict[str, torch.Tensor]]]:
     """Stream predictions batch by batch: ``(X_dict, {task: output_func values})``.
 
-    Labels are not needed (each batch's ``Y_dict`` is ignored); only the operations the tasks
-    need run, each once per batch. Memory stays bounded by one batch: nothing is accumulated.
-    The model is in evaluation mode while the iterator runs.
+    ``Y_dict`` is ignored; only the tasks' operations run, in evaluation mode, one batch at a time.
 
     Example:
         >>> import torch

@@ -1,10 +1,5 @@
-"""Export a subset of a model's tasks to a ``torch.export`` program (``.pt2``) or to ONNX.
-
-The program holds only the modules of the chosen tasks' plan, takes their input fields as
-positional tensors (dimension 0 dynamic) and returns each task's output after its
-``output_func``; a sidecar JSON (``<file>.json``) describes inputs, outputs, tasks, classes and
-vocabularies. ONNX needs the ``onnx`` extra, imported only then. A module the exporter refuses
-is a :class:`~mtlgraph.GraphError` naming it and its tasks (``docs/inference.md``).
+"""Export a subset of a model's tasks to ``torch.export`` (``.pt2``) or ONNX, with a sidecar
+JSON describing inputs, outputs, tasks and classes (``docs/inference.md``).
 """
 
 from __future__ import annotations
@@ -62,9 +57,7 @@ def input_fields(
 class TaskGraph(nn.Module):
     """The chosen tasks of a model as one module: ``forward(*fields) -> tuple of task outputs``.
 
-    It holds only the modules the tasks use (shared with the model, not copied) and runs them
-    through the model's own execution plan, so exported and eager outputs are the same
-    computation.
+    It shares (not copies) the tasks' modules and runs the model's own execution plan.
 
     Args:
         model: The model.

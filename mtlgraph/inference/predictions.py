@@ -1,8 +1,5 @@
-"""Prediction files: one row per example, an ``id`` column and each task's predictions.
-
-:func:`write_predictions` streams predictions batch by batch into a JSON Lines, CSV or Parquet
-file, written atomically. The columns per task type are in ``docs/inference.md``
-(:func:`task_columns`); CSV and Parquet spread a list over ``t/probs/0``, ``t/probs/1``, ...
+"""Prediction files: one row per example, an ``id`` column and each task's predictions, streamed
+into JSON Lines, CSV or Parquet (columns: ``docs/inference.md``).
 """
 
 from __future__ import annotations

@@ -1,9 +1,5 @@
-"""What inference needs of a model, and the one way to run a model in evaluation mode.
-
-:class:`InferenceModel` is the part of :class:`~mtlgraph.MultitaskClassifier`'s public API that
-prediction, scoring and export use: its tasks, device and modules, and ``plan`` / ``execute``
-(which operations a set of tasks runs, and running them on a batch). Nothing here reaches into
-the model's internals, so any object with these members can be predicted, scored or exported.
+"""What inference needs of a model (:class:`InferenceModel`: the public ``tasks``, ``device``,
+``plan`` and ``execute``), and the one way to run a model in evaluation mode.
 """
 
 from __future__ import annotations
@@ -52,9 +48,7 @@ class InferenceModel(HasModules, Protocol):
 
 @contextlib.contextmanager
 def eval_mode(model: HasModules) -> Iterator[None]:
-    """Run the body with every submodule of ``model`` in evaluation mode, then give each its own
-    training flag back (a module the user froze in ``eval()`` stays so), also when the body
-    raises.
+    """Run the body with every submodule in evaluation mode, then restore each one's own flag.
 
     Example:
         >>> from torch import nn
