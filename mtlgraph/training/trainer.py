@@ -94,34 +94,18 @@ class Trainer:
     """Trains a :class:`~mtlgraph.MultitaskClassifier` on many loaders at once.
 
     Args:
-        **config: Settings of :class:`TrainerConfig` (``n_epochs``, ``lr``, ``optimizer``,
-            ``lr_scheduler``, ``batch_scheduler``, ``balancer``, ``param_groups``, ``freeze``,
-            ``amp``, ``grad_accumulation_steps``, ``grad_clip``, ``seed``, ...). Unknown keys,
-            wrong types and keyword arguments a named component does not take are rejected at
-            construction, all at once, with suggestions; settings that name modules are checked
-            against the model when :meth:`fit` starts. With ``run_dir``, ``fit`` writes
-            ``metrics.jsonl``, TensorBoard events and checkpoints there (``checkpoint_every``,
-            ``checkpoint_metric``; docs/checkpoints.md), and ``fit(..., resume_from=run_dir)``
-            continues an interrupted run exactly. With ``diagnostics`` (e.g. ``{"every": 50}``)
-            the run measures which tasks help and which hurt each other (docs/diagnostics.md).
+        **config: Settings of :class:`TrainerConfig`; unknown keys and wrong types are rejected
+            at construction, all at once (docs/training.md, docs/checkpoints.md).
 
     Attributes:
         config: The validated :class:`TrainerConfig`.
-        state: The :class:`~mtlgraph.training.state.RunState` of the current or last ``fit``:
-            progress counters, history, loss windows.
-        history: ``state.history``: one record per evaluation: ``{"epoch", "step",
-            "model/all/train/loss", "model/all/train/lr", "<task>/<dataset>/train/loss",
-            <validation scores>...}``; with ``diagnostics``, also one record per probe
-            (``{"epoch", "step", "diagnostics/..."}``).
-        global_step: ``state.global_step``: optimizer steps taken by the current or last fit.
-        balancer: The :class:`~mtlgraph.Balancer` the current or last ``fit`` built from the
-            ``balancer`` setting (its learned weights and ``weights()``); ``None`` before.
-        optimizer: The torch optimizer of the current or last ``fit`` (the model's parameter
-            groups, then the balancer's); ``None`` before.
-        diagnostics: The :class:`~mtlgraph.diagnostics.DiagnosticsReport` of the last ``fit``
-            (``None`` without ``diagnostics``).
-        experiment_config: The resolved YAML config (set by ``mtlgraph.experiment``); saved in
-            checkpoints and, flattened, as TensorBoard hparams.
+        state: The :class:`~mtlgraph.training.state.RunState` of the current or last ``fit``.
+        history: ``state.history``: one record per evaluation (and per diagnostics probe).
+        global_step: ``state.global_step``: optimizer steps of the current or last fit.
+        balancer: The :class:`~mtlgraph.Balancer` of the current or last ``fit``; ``None`` before.
+        optimizer: The torch optimizer of the current or last ``fit``; ``None`` before.
+        diagnostics: The :class:`~mtlgraph.diagnostics.DiagnosticsReport` of the last ``fit``.
+        experiment_config: The resolved YAML config (set by ``mtlgraph.experiment``).
 
     Example:
         >>> import torch
@@ -169,19 +153,13 @@ class Trainer:
     ) -> None:
         """Train ``model`` on the loaders whose split is ``train_split``.
 
-        Loaders of ``eval_splits`` are scored at each evaluation; others are ignored. Each call
-        starts a fresh run: a new :attr:`state` (history, counters) and no diagnostics report,
-        unless ``resume_from`` continues a saved one. Torch's global random state is seeded with
-        ``seed`` inside this call; torch's, python's and numpy's global random states are as the
-        caller left them when it returns. The loop itself is :meth:`FitLoop.run` in
-        ``mtlgraph/training/trainer.py``; its hooks are in ``mtlgraph/training/hooks.py``.
+        Loaders of ``eval_splits`` are scored at each evaluation. Each call starts a fresh run
+        unless ``resume_from`` continues a saved one; global random states are restored on return.
 
         Args:
             model: The model.
             dataloaders: Loaders of every split.
-            resume_from: A checkpoint file or a run directory (its ``checkpoints/last.pt``):
-                continue that run exactly where it stopped, mid-epoch included. Pass the same
-                model structure, loaders and config as the interrupted run.
+            resume_from: A checkpoint file or a run directory (its ``checkpoints/last.pt``).
         """
         cfg = self.config
         loaders = list(dataloaders)
