@@ -77,10 +77,8 @@ def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike[str]) -> P
 
 
 def resolve_checkpoint(path: str | os.PathLike[str], names: Sequence[str] = (LAST,)) -> Path:
-    """The one resolver of a run directory or file to a checkpoint file: the file itself, or in
-    a run directory the first of ``<dir>/checkpoints/<name>``, ``<dir>/<name>`` for each of
-    ``names`` in turn (resuming takes ``last.pt``; predicting and evaluating ``best.pt``, else
-    ``last.pt``).
+    """A file itself, or in a run directory the first of ``checkpoints/<name>``, ``<name>`` per
+    ``names``.
 
     Raises:
         CheckpointError: Nothing there, naming the path and every file looked for.
@@ -113,8 +111,7 @@ def resolve_checkpoint(path: str | os.PathLike[str], names: Sequence[str] = (LAS
 
 
 def run_directory(path: str | os.PathLike[str]) -> Path:
-    """The run directory of a checkpoint: the path itself when it is a directory, else the
-    directory above ``checkpoints/`` (or the file's own directory)."""
+    """The run directory of a checkpoint file (or the directory itself)."""
     p = Path(path)
     if p.is_dir():
         return p
@@ -124,12 +121,10 @@ def run_directory(path: str | os.PathLike[str]) -> Path:
 def load_checkpoint(
     path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
 ) -> dict[str, Any]:
-    """Load a checkpoint (a file, or a run directory's ``checkpoints/last.pt``) with
-    ``torch.load(weights_only=True)``; a model file reads as one with only the model's entries.
+    """Load a checkpoint (a file, or a run directory's ``checkpoints/last.pt``), weights only.
 
     Raises:
-        CheckpointError: Missing file, a file holding a pickled object (refused), a torn or
-            foreign file, or a newer format version.
+        CheckpointError: Missing, pickled, torn or foreign file, or a newer format version.
 
     Example:
         >>> import tempfile, pathlib
@@ -292,8 +287,7 @@ class Checkpointer:
         directory: Where the files go (``<run_dir>/checkpoints``).
         metric: Flat key selecting ``best.pt``, or ``None``.
         mode: ``"max"`` or ``"min"`` (required with ``metric``).
-        write: Whether this process writes files. Under DDP only rank 0 does; the others keep
-            the same schedule and best-value bookkeeping without touching the disk.
+        write: Whether this process writes files (under DDP only rank 0 does).
 
     Example:
         >>> import tempfile, pathlib

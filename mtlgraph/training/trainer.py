@@ -155,6 +155,7 @@ class Trainer:
 
         Loaders of ``eval_splits`` are scored at each evaluation. Each call starts a fresh run
         unless ``resume_from`` continues a saved one; global random states are restored on return.
+        The loop is :meth:`FitLoop.run`; its hooks are in ``mtlgraph/training/hooks.py``.
 
         Args:
             model: The model.
