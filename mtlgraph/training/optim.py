@@ -142,9 +142,7 @@ def make_optimizer(
 def optimizer_problems(
     spec: Any, weight_decay: float, param_groups: Mapping[str, Mapping[str, Any]]
 ) -> list[str]:
-    """Every problem of the optimizer ``spec`` (its name and arguments), of a ``weight_decay``
-    it cannot apply (it takes none), and of ``param_groups`` hyper-parameters it does not take,
-    or with a negative ``lr`` or ``weight_decay``; each naming its key.
+    """Every problem of the optimizer ``spec``, ``weight_decay`` and ``param_groups``, by key.
 
     Example:
         >>> optimizer_problems("sgd", 0.0, {"head*": {"lr": -1, "betas": [0.9, 0.99]}})
@@ -214,13 +212,10 @@ def model_param_groups(
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """The model's optimizer groups: the default group first, then one per pattern.
 
-    Every group carries ``"scope": "model"`` (so :class:`SubsetStepper` narrows it) and patterned
-    groups a ``"name"`` (the pattern). Parameters of ``frozen`` modules and parameters that do not
-    require gradients are left out.
+    Groups carry ``"scope": "model"`` (and ``"name"``: the pattern); frozen parameters are left out.
 
     Returns:
-        ``(groups, problems)``: problems are patterns that match no module and modules matched by
-        two patterns.
+        ``(groups, problems)``: patterns matching no module, modules matched by two patterns.
     """
     names = list(model.module_pool)
     problems: list[str] = []
