@@ -331,16 +331,13 @@ class MultitaskClassifier(nn.Module):
         Args:
             X_dict: Input fields (on the model's device).
             Y_dict: Task name -> labels (on the model's device).
-            keep_empty: Report tasks with no active label too, with a zero loss that is still
-                connected to the task's graph and a count of 0 (under DDP every rank must run
-                the same operations, whatever labels its shard holds).
-            all_active: Tasks whose labels are known to hold no ignore value (the trainer checks
-                each in-memory training dataset once): their masks are not computed.
+            keep_empty: Report tasks with no active label too, with a graph-connected zero loss
+                and a count of 0 (under DDP every rank must run the same operations).
+            all_active: Tasks whose labels are known to hold no ignore value (no mask computed).
 
         Returns:
-            ``(loss_dict, count_dict)``: task -> unweighted mean loss over its active rows, and
-            task -> number of active rows. Tasks with no active row in the batch are left out
-            unless ``keep_empty``.
+            ``(loss_dict, count_dict)``: task -> mean loss over its active rows, task -> their
+            number; tasks with no active row are left out unless ``keep_empty``.
         """
         active = self._active_labels(Y_dict, keep_empty, all_active)
         if not active:
