@@ -33,9 +33,7 @@ def check_loaders(
     train_split: str,
     eval_splits: Sequence[str] | None = None,
 ) -> None:
-    """Every problem of the loaders at once: wrong types, score-key collisions, no training
-    loader, empty loaders, labels of tasks the model lacks; then the labels themselves
-    (:func:`~mtlgraph.training.labels.check_fit_labels`).
+    """Every problem of the loaders (and then of their labels) at once.
 
     Raises:
         DataError: The problems.
@@ -93,8 +91,7 @@ def check_splits(
     misspelling (``validation`` vs ``valid``) or nothing is scored, else an info line.
 
     Raises:
-        ConfigError: An entry of ``eval_splits`` that matches no loader, when it was set (not
-            the default ``["valid"]``) or an unused loader's split looks like it.
+        ConfigError: An explicit (or misspelt) ``eval_splits`` entry that matches no loader.
     """
     used = {id(dl) for dl in [*train, *evals]}
     unused = [dl for dl in loaders if id(dl) not in used]
