@@ -302,8 +302,7 @@ class FitLoop:
     # ------------------------------------------------------------------ what hooks call
 
     def train_record(self, window: Records) -> dict[str, float]:
-        """Training losses of ``window`` (averaged over ranks), learning rates, balancer
-        weights."""
+        """Training losses of ``window`` (averaged over ranks), learning rates, balancer weights."""
         record = train_losses(self.comm.gather_sums(loss_sums(window)))
         groups = self.stepper.full_groups
         record[make_key("model", "all", "train", "lr")] = float(groups[0]["lr"])
@@ -348,8 +347,7 @@ class FitLoop:
         self.comm.barrier()
 
     def checkpoint(self, rank_records: Sequence[tuple[Records, Records]] = ()) -> dict[str, Any]:
-        """The run as one mapping of every stateful piece to its state dict (see
-        :mod:`.checkpoint`): the model, the optimizer, the run state, the balancer, each hook."""
+        """The run's checkpoint: every stateful piece's state dict (see :mod:`.checkpoint`)."""
         return {
             **model_entries(self.model),  # format, version, task_names, model
             "optimizer": self.stepper.optimizer.state_dict(),
@@ -415,9 +413,8 @@ class FitLoop:
 
     @staticmethod
     def _saved_step(saved: Mapping[str, Any] | None) -> int | None:
-        """The step of the checkpoint's last history record (``None``: a fresh run): the
-        writers drop what was logged after it (an evaluation that ended an epoch right after a
-        step-wise checkpoint is not in the checkpoint, and the resumed run logs it again)."""
+        """The step of the checkpoint's last history record (``None``: a fresh run); the
+        writers drop what was logged after it."""
         if saved is None:
             return None
         history = saved["run"]["history"]
@@ -463,9 +460,7 @@ class FitLoop:
         return hooks
 
     def _probes(self, saved: Mapping[str, Any] | None) -> ProbeHook | None:
-        """The interference probes (``None`` when off, and on DDP ranks other than 0: probes
-        use no collectives, rank 0 alone probes and reports); a fresh run in a used run
-        directory drops the old run's report."""
+        """The interference probes (``None`` when off, and on DDP ranks other than 0)."""
         cfg = self.cfg
         if not self.env.is_main:
             return None
