@@ -176,8 +176,7 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 @contextlib.contextmanager
 def global_rng_preserved(cuda_devices: Sequence[int] = ()) -> Iterator[None]:
     """Leave torch's (CPU and the given CUDA devices'), python's and numpy's global random
-    states as they were on entry, whatever the body draws or sets (``fit`` seeds and, on
-    resume, restores them for the run; the caller's states come back afterwards)."""
+    states as they were on entry, whatever the body draws or sets."""
     py_state, np_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=list(cuda_devices)):
         try:
@@ -224,9 +223,8 @@ def check_resume(
 
 @contextlib.contextmanager
 def all_or_nothing(model: Any, what: str) -> Iterator[None]:
-    """Restore ``model``'s parameters and buffers when the body fails (a resume that loads the
-    model, then finds the optimizer or balancer state of another run, changes nothing); a
-    failure that is not a :class:`CheckpointError` becomes one, naming ``what``."""
+    """Restore ``model``'s parameters and buffers when the body fails; a failure that is not a
+    :class:`CheckpointError` becomes one, naming ``what``."""
     backup = {k: v.detach().clone() for k, v in model.state_dict().items()}
     try:
         yield
@@ -243,9 +241,8 @@ def all_or_nothing(model: Any, what: str) -> Iterator[None]:
 def metric_keys(
     model: Any, train: Iterable[Any], evals: Iterable[Any], slices: Iterable[str] = ()
 ) -> dict[str, bool]:
-    """Keys a training run logs that can select ``best.pt``, each with ``higher_is_better``;
-    with ``slices`` (``TrainerConfig.slices``) the slice keys ``task/<dataset>:<slice>/split/m``
-    of every evaluated task too."""
+    """Keys a training run logs that can select ``best.pt`` (slice keys too), each with
+    ``higher_is_better``."""
     keys: dict[str, bool] = {make_key("model", "all", "train", "loss"): False}
     for dl in train:
         for label in dataset_labels(dl.dataset) or ():
@@ -280,8 +277,7 @@ def metric_mode(
 
 
 class Checkpointer:
-    """Writes ``last.pt`` and ``best.pt``, and tracks the best value of a metric. When ``last.pt``
-    is due is the checkpoint hook's :class:`~mtlgraph.training.hooks.Every`.
+    """Writes ``last.pt`` and ``best.pt``, and tracks the best value of a metric.
 
     Args:
         directory: Where the files go (``<run_dir>/checkpoints``).
@@ -318,8 +314,7 @@ class Checkpointer:
         self.best_step: int | None = None
 
     def save(self, which: str, state: Mapping[str, Any]) -> Path:
-        """Write ``last.pt`` (``which="last"``) or ``best.pt`` (``"best"``, after
-        :meth:`improved` returned ``True``)."""
+        """Write ``last.pt`` (``which="last"``) or ``best.pt`` (``"best"``)."""
         path = save_checkpoint(state, self.directory / (BEST if which == "best" else LAST))
         if which == "best":
             logger.info("new best %s = %.6g: %s", self.metric, self.best_value, path)
