@@ -50,8 +50,7 @@ class MultitaskClassifier(nn.Module):
         tasks: The tasks. Modules are merged by name across tasks (same name = shared weights);
             one name bound to two different module objects is an error.
         name: A name for logs and checkpoints (default ``"MultitaskClassifier"``).
-        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or a ``torch.device``. The model is moved
-            there and batches are moved to it; no DataParallel is ever applied.
+        device: ``"cpu"``, ``"cuda:1"``, ... or a ``torch.device``; batches are moved there too.
 
     Raises:
         GraphError: Duplicate task names or conflicting modules, all reported at once.
@@ -332,16 +331,13 @@ class MultitaskClassifier(nn.Module):
         Args:
             X_dict: Input fields (on the model's device).
             Y_dict: Task name -> labels (on the model's device).
-            keep_empty: Report tasks with no active label too, with a zero loss that is still
-                connected to the task's graph and a count of 0 (under DDP every rank must run
-                the same operations, whatever labels its shard holds).
-            all_active: Tasks whose labels are known to hold no ignore value (the trainer checks
-                each in-memory training dataset once): their masks are not computed.
+            keep_empty: Report tasks with no active label too, with a graph-connected zero loss
+                and a count of 0 (under DDP every rank must run the same operations).
+            all_active: Tasks whose labels are known to hold no ignore value (no mask computed).
 
         Returns:
-            ``(loss_dict, count_dict)``: task -> unweighted mean loss over its active rows, and
-            task -> number of active rows. Tasks with no active row in the batch are left out
-            unless ``keep_empty``.
+            ``(loss_dict, count_dict)``: task -> mean loss over its active rows, task -> their
+            number; tasks with no active row are left out unless ``keep_empty``.
         """
         active = self._active_labels(Y_dict, keep_empty, all_active)
         if not active:
@@ -404,13 +400,10 @@ class MultitaskClassifier(nn.Module):
         Args:
             dataloader: Batches ``(X_dict, Y_dict)``; each label selects the task that predicts.
             return_preds: Also return predictions (argmax / threshold / values).
-            remap_labels: ``{label: task}`` scores a label with another task's head (cross-task
-                evaluation); ``{label: None}`` drops it.
-            task_names: Predict these tasks on every batch, labelled or not (serving unlabelled
-                data: the batches' ``Y_dict`` may be empty). Labels of other tasks are ignored;
-                ``golds`` hold only the named tasks that are labelled.
-            slices: ``{name: fn(X_dict) -> bool per row}`` or registered slice names: the
-                result holds ``"slice:<name>": {task: mask over the golds' rows}`` too.
+            remap_labels: ``{label: task}`` scores a label with another task's head;
+                ``{label: None}`` drops it.
+            task_names: Predict these tasks on every batch, labelled or not (docs/inference.md).
+            slices: Slice functions or registered names: adds ``"slice:<name>"`` masks.
 
         Returns:
             ``{"golds": {task: array}, "probs": {task: array}}`` plus ``"preds"`` when asked,
@@ -442,16 +435,12 @@ class MultitaskClassifier(nn.Module):
         """Score every task on every loader: ``{"task/dataset/split/metric": float}``.
 
         Args:
-            dataloaders: One loader or a list; each loader's dataset gives the dataset name and
-                split of its keys.
-            remap_labels: As in :meth:`predict` (cross-task evaluation).
-            slices: ``{name: fn(X_dict) -> bool per row}`` (or registered slice names): every
-                metric on each slice too, as ``task/<dataset>:<slice>/split/metric`` (NaN for
-                an empty slice). See :mod:`mtlgraph.graph.slices`.
+            dataloaders: One loader or a list.
+            remap_labels: As in :meth:`predict`.
+            slices: Also score each slice, as ``task/<dataset>:<slice>/split/metric``.
 
         Raises:
-            DataError: Soft labels that are no distributions; a slice function that does not
-                return one boolean per row.
+            DataError: Soft labels that are no distributions; a bad slice mask.
         """
         from mtlgraph.inference.evaluation import score
 
@@ -488,16 +477,14 @@ class MultitaskClassifier(nn.Module):
             path: The file to write (atomically; its directory must exist).
             tasks: The tasks whose outputs (after ``output_func``) the program returns.
             format: ``"torch_export"`` or ``"onnx"`` (needs ``mtlgraph[onnx]``).
-            example: One batch's ``X_dict`` to trace (its fields' dtypes and trailing shapes
-                are fixed, the batch dimension stays dynamic).
+            example: One batch's ``X_dict`` to trace (the batch dimension stays dynamic).
             **sidecar: ``class_labels={task: [...]}``, ``vocabularies={field: file}``.
 
         Returns:
-            The written path. See :mod:`mtlgraph.inference.export` and ``docs/inference.md``.
+            The written path (docs/inference.md).
 
         Raises:
-            GraphError: Unknown tasks, a missing example field, or a module the exporter
-                refuses (named, with the exporter's reason).
+            GraphError: Unknown tasks, a missing example field, or a module the exporter refuses.
         """
         from mtlgraph.inference.export import export
 
@@ -506,27 +493,19 @@ class MultitaskClassifier(nn.Module):
     # ------------------------------------------------------------------ persistence
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Save the model as a checkpoint holding only the model (atomically): format, version,
-        task names and the state dict, as in a training checkpoint (see
-        :mod:`mtlgraph.graph.model_file`); ``torch.load(weights_only=True)`` reads it."""
+        """Save the model as a checkpoint holding only the model (atomically)."""
         atomic_torch_save(model_entries(self), path)
 
     def load(self, path: str | os.PathLike[str], strict: bool = True) -> None:
-        """Load the weights of a model file (:meth:`save`) or of a training checkpoint
-        (``torch.load(weights_only=True)``), all or nothing: task names, parameter names, shapes
-        and dtypes are checked first, and a refused load leaves every parameter unchanged.
+        """Load the weights of a model file or training checkpoint, all or nothing.
 
         Args:
             path: The file.
-            strict: Require exactly the same tasks and parameter names. With ``strict=False`` a
-                model that gained tasks can load an older file; the new modules keep their
-                initial weights.
+            strict: Require exactly the same tasks and parameter names.
 
         Raises:
             FileNotFoundError: No such file.
-            CheckpointError: Not an mtlgraph model file or checkpoint (or a truncated or
-                corrupt one, or one holding a pickled object), or weights of other tasks, names
-                or shapes.
+            CheckpointError: Not a (valid) mtlgraph model file, or weights that do not match.
         """
         if not os.path.isfile(path):
             raise FileNotFoundError(f"model file {os.fspath(path)!r} does not exist")

@@ -66,8 +66,7 @@ def read_checkpoint(
     """A checkpoint or model file's content (``weights_only``), its format and version checked.
 
     Raises:
-        CheckpointError: Unreadable, truncated or foreign file, a pickled object in it, or a
-            newer format version.
+        CheckpointError: Unreadable, truncated, pickled or foreign file, or a newer version.
     """
     state = load_weights_only(file, map_location)
     found = state.get("format") if isinstance(state, dict) else type(state).__name__
@@ -94,9 +93,7 @@ def _names(names: Sequence[object]) -> str:
 def state_problems(
     model: _Model, state: object, task_names: object, strict: bool = True
 ) -> list[str]:
-    """Why ``state`` (a state dict saved with ``task_names``) cannot be loaded into ``model``:
-    other tasks (renamed ones included), missing or unexpected parameters (with ``strict``),
-    other shapes or kinds of dtype. Empty when it loads."""
+    """Why ``state`` (saved with ``task_names``) cannot be loaded into ``model`` (empty: it can)."""
     if not isinstance(state, Mapping):
         return [f"it holds no state dict (found {type(state).__name__})"]
     problems: list[str] = []
@@ -137,15 +134,13 @@ def load_model_state(
     strict: bool = True,
     hint: str = "load a checkpoint of this model",
 ) -> None:
-    """Load a checkpoint's ``model`` entry into ``model`` only when :func:`state_problems` finds
-    nothing: a refused load leaves every parameter unchanged.
+    """Load a checkpoint's ``model`` entry into ``model``, all or nothing.
 
     Args:
         model: The model.
         checkpoint: What :func:`read_checkpoint` returned.
         what: The file, for the message (``"'run/checkpoints/last.pt'"``).
-        strict: Require exactly the model's tasks and parameters (else: no foreign task and no
-            unexpected parameter; the model's other parameters keep their values).
+        strict: Require exactly the model's tasks and parameters.
         hint: The fix the message suggests.
 
     Raises:

@@ -77,10 +77,8 @@ def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike[str]) -> P
 
 
 def resolve_checkpoint(path: str | os.PathLike[str], names: Sequence[str] = (LAST,)) -> Path:
-    """The one resolver of a run directory or file to a checkpoint file: the file itself, or in
-    a run directory the first of ``<dir>/checkpoints/<name>``, ``<dir>/<name>`` for each of
-    ``names`` in turn (resuming takes ``last.pt``; predicting and evaluating ``best.pt``, else
-    ``last.pt``).
+    """A file itself, or in a run directory the first of ``checkpoints/<name>``, ``<name>`` per
+    ``names``.
 
     Raises:
         CheckpointError: Nothing there, naming the path and every file looked for.
@@ -113,8 +111,7 @@ def resolve_checkpoint(path: str | os.PathLike[str], names: Sequence[str] = (LAS
 
 
 def run_directory(path: str | os.PathLike[str]) -> Path:
-    """The run directory of a checkpoint: the path itself when it is a directory, else the
-    directory above ``checkpoints/`` (or the file's own directory)."""
+    """The run directory of a checkpoint file (or the directory itself)."""
     p = Path(path)
     if p.is_dir():
         return p
@@ -124,12 +121,10 @@ def run_directory(path: str | os.PathLike[str]) -> Path:
 def load_checkpoint(
     path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
 ) -> dict[str, Any]:
-    """Load a checkpoint (a file, or a run directory's ``checkpoints/last.pt``) with
-    ``torch.load(weights_only=True)``; a model file reads as one with only the model's entries.
+    """Load a checkpoint (a file, or a run directory's ``checkpoints/last.pt``), weights only.
 
     Raises:
-        CheckpointError: Missing file, a file holding a pickled object (refused), a torn or
-            foreign file, or a newer format version.
+        CheckpointError: Missing, pickled, torn or foreign file, or a newer format version.
 
     Example:
         >>> import tempfile, pathlib
@@ -181,8 +176,7 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 @contextlib.contextmanager
 def global_rng_preserved(cuda_devices: Sequence[int] = ()) -> Iterator[None]:
     """Leave torch's (CPU and the given CUDA devices'), python's and numpy's global random
-    states as they were on entry, whatever the body draws or sets (``fit`` seeds and, on
-    resume, restores them for the run; the caller's states come back afterwards)."""
+    states as they were on entry, whatever the body draws or sets."""
     py_state, np_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=list(cuda_devices)):
         try:
@@ -229,9 +223,8 @@ def check_resume(
 
 @contextlib.contextmanager
 def all_or_nothing(model: Any, what: str) -> Iterator[None]:
-    """Restore ``model``'s parameters and buffers when the body fails (a resume that loads the
-    model, then finds the optimizer or balancer state of another run, changes nothing); a
-    failure that is not a :class:`CheckpointError` becomes one, naming ``what``."""
+    """Restore ``model``'s parameters and buffers when the body fails; a failure that is not a
+    :class:`CheckpointError` becomes one, naming ``what``."""
     backup = {k: v.detach().clone() for k, v in model.state_dict().items()}
     try:
         yield
@@ -248,9 +241,8 @@ def all_or_nothing(model: Any, what: str) -> Iterator[None]:
 def metric_keys(
     model: Any, train: Iterable[Any], evals: Iterable[Any], slices: Iterable[str] = ()
 ) -> dict[str, bool]:
-    """Keys a training run logs that can select ``best.pt``, each with ``higher_is_better``;
-    with ``slices`` (``TrainerConfig.slices``) the slice keys ``task/<dataset>:<slice>/split/m``
-    of every evaluated task too."""
+    """Keys a training run logs that can select ``best.pt`` (slice keys too), each with
+    ``higher_is_better``."""
     keys: dict[str, bool] = {make_key("model", "all", "train", "loss"): False}
     for dl in train:
         for label in dataset_labels(dl.dataset) or ():
@@ -285,15 +277,13 @@ def metric_mode(
 
 
 class Checkpointer:
-    """Writes ``last.pt`` and ``best.pt``, and tracks the best value of a metric. When ``last.pt``
-    is due is the checkpoint hook's :class:`~mtlgraph.training.hooks.Every`.
+    """Writes ``last.pt`` and ``best.pt``, and tracks the best value of a metric.
 
     Args:
         directory: Where the files go (``<run_dir>/checkpoints``).
         metric: Flat key selecting ``best.pt``, or ``None``.
         mode: ``"max"`` or ``"min"`` (required with ``metric``).
-        write: Whether this process writes files. Under DDP only rank 0 does; the others keep
-            the same schedule and best-value bookkeeping without touching the disk.
+        write: Whether this process writes files (under DDP only rank 0 does).
 
     Example:
         >>> import tempfile, pathlib
@@ -324,8 +314,7 @@ class Checkpointer:
         self.best_step: int | None = None
 
     def save(self, which: str, state: Mapping[str, Any]) -> Path:
-        """Write ``last.pt`` (``which="last"``) or ``best.pt`` (``"best"``, after
-        :meth:`improved` returned ``True``)."""
+        """Write ``last.pt`` (``which="last"``) or ``best.pt`` (``"best"``)."""
         path = save_checkpoint(state, self.directory / (BEST if which == "best" else LAST))
         if which == "best":
             logger.info("new best %s = %.6g: %s", self.metric, self.best_value, path)

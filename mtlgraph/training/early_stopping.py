@@ -18,15 +18,11 @@ class EarlyStopping(Hook):
     """Stop the run when ``metric`` has not improved for ``patience`` evaluations.
 
     Args:
-        metric: A key of the evaluation records, e.g. ``"task/dataset/valid/accuracy"`` or
-            ``"model/all/train/loss"``; checked when ``fit`` starts against the keys this run's
-            evaluations produce (with the closest one suggested).
+        metric: A key of the evaluation records, e.g. ``"task/dataset/valid/accuracy"``
+            (checked when ``fit`` starts).
         patience: Evaluations without improvement before the run stops (>= 1).
         mode: ``"max"`` or ``"min"``; ``None``: the metric's direction (``higher_is_better``).
         min_delta: An improvement is a change by more than this (>= 0).
-
-    Its count and best value are saved in checkpoints, so a resumed run stops where the
-    uninterrupted one would have.
 
     Example:
         >>> from mtlgraph import EarlyStopping

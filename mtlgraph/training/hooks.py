@@ -36,8 +36,7 @@ EVENTS = ("on_fit_start", "on_step_end", "on_evaluate_end", "on_epoch_end", "on_
 
 @dataclass(frozen=True)
 class Every:
-    """A hook's :attr:`Hook.every`: ``on_step_end`` (``unit="step"``) or ``on_epoch_end``
-    (``unit="epoch"``) every ``n`` of them, and not the other event (``n = 0``: neither).
+    """A hook's :attr:`Hook.every`: its ``on_<unit>_end`` every ``n`` units, not the other event.
 
     Example:
         >>> from mtlgraph.training.hooks import Every
@@ -64,10 +63,8 @@ class Hook:
     """A side concern of the training loop: override the events you need (all are no-ops).
 
     Attributes:
-        name: The hook's key in checkpoints (``""``: its class name; a second hook of the same
-            name gets ``_2``, ...).
-        every: ``None``: ``on_step_end`` after every step and ``on_epoch_end`` after every
-            epoch; an :class:`Every`: only that event, every ``n``.
+        name: The hook's key in checkpoints (``""``: its class name, made unique).
+        every: ``None`` (every step and epoch) or an :class:`Every`.
 
     Example:
         >>> import torch
@@ -148,8 +145,7 @@ class Run:
         optimizer: The torch optimizer.
         balancer: The balancer.
         hooks: Every hook of the run, built-in and user, in firing order.
-        metric_keys: The keys an evaluation record holds that can be followed (training losses
-            and evaluation scores), each with ``higher_is_better``.
+        metric_keys: Followable record keys, each with ``higher_is_better``.
 
     Attributes:
         model, optimizer, balancer, hooks, metric_keys: As given.
@@ -216,9 +212,8 @@ class Run:
         return self.state.stop_reason
 
     def log(self, values: Mapping[str, float]) -> None:
-        """Log ``values`` like built-in scalars: into the history, and so to the writers
-        (``metrics.jsonl``, TensorBoard; the ``writers`` hook). During an evaluation they join
-        its record; otherwise they are a record of their own, with ``epoch`` and ``step``."""
+        """Log ``values`` into the history (and so the writers): into the evaluation record
+        being built, or as a record of their own with ``epoch`` and ``step``."""
         floats = {k: float(v) for k, v in values.items()}
         if self._record is not None:
             self._record.update(floats)
@@ -227,9 +222,7 @@ class Run:
         self.state.history.append(record)
 
     def stop(self, reason: str) -> None:
-        """End the run cleanly after the current step or evaluation: the remaining hooks of
-        the event fire, then ``on_fit_end`` (final evaluation, ``last.pt``); ``fit`` returns
-        normally. The first reason given is kept, logged and saved in checkpoints."""
+        """End the run cleanly after the current event; the first reason given is kept."""
         if self.state.stop_reason is None:
             self.state.stop_reason = str(reason)
             logger.info("stopping at step %d: %s", self.global_step, reason)
@@ -237,9 +230,7 @@ class Run:
     # ------------------------------------------------------------ what the loop calls
 
     def evaluated(self, record: dict[str, float]) -> None:
-        """An evaluation's record: into the history, then through every hook's
-        ``on_evaluate_end`` (their :meth:`log` values join it; the ``writers`` hook, after the
-        user's hooks, writes it)."""
+        """An evaluation's record: into the history, then through every ``on_evaluate_end``."""
         self.state.history.append(record)
         self._record = record
         try:
@@ -290,9 +281,7 @@ class Run:
 
 
 HOOKS: Registry[Callable[..., Hook]] = Registry("hook", base=Hook)
-"""Hooks by name, for ``Trainer(hooks=[...])`` and ``trainer.hooks`` in YAML (``early_stopping``
-registers itself in :mod:`.early_stopping`, imported with the package); ``HOOKS.build(spec,
-path)`` takes a :class:`Hook`, a name, ``{name: ..., **kwargs}`` or a dotted import path."""
+"""Hooks by name, for ``Trainer(hooks=[...])`` and ``trainer.hooks`` in YAML."""
 
 
 # ---------------------------------------------------------------- built-in hooks
@@ -394,18 +383,13 @@ class EvaluationHook(Hook):
 
 
 class LogWriters(Hook):
-    """The run's log writers (``TrainerConfig.writers``) as the ``writers`` hook: every record
-    added to the history goes to each writer at the first event after it (after the user's hooks,
-    so an evaluation record holds every value they log into it).
+    """The ``writers`` hook: each new history record goes to every writer at the next event.
 
     Args:
-        at_steps: Write after every step too: a hook before this one acts at steps and may log
-            (probes, the user's hooks). Otherwise records only appear at evaluations, at epoch
-            ends and at the end, and a step pays nothing for the writers.
+        at_steps: Write after every step too (otherwise only at evaluations and epoch ends).
 
     Attributes:
-        writers: The writers (opened once a resumed run is restored, so they can drop what was
-            logged after the checkpoint).
+        writers: The writers (opened once a resumed run is restored).
 
     Example:
         >>> from mtlgraph.training.hooks import LogWriters
@@ -457,8 +441,7 @@ class LogWriters(Hook):
     def close(
         self, history: Sequence[Mapping[str, float]], final: Mapping[str, float] | None
     ) -> None:
-        """Write what is left, then close every writer (``final``: the last record when the run
-        succeeded); also when training failed."""
+        """Write what is left, then close every writer (``final``: the last record, on success)."""
         try:
             self.write(history)
         finally:
@@ -502,8 +485,7 @@ class CheckpointHook(Hook):
 
 
 class ProgressBar(Hook):
-    """One tqdm bar per epoch (hidden off a terminal); it counts the epoch's batches, and every
-    20 optimizer steps shows the latest loss and learning rate.
+    """One tqdm bar per epoch; every 20 steps it shows the latest loss and learning rate.
 
     Args:
         groups: The optimizer's parameter groups (the first one's ``lr`` is shown).
@@ -582,8 +564,7 @@ def warn_loss_scales(record: Mapping[str, float]) -> str | None:
 
 
 def _summary_key(key: str) -> bool:
-    """Whether the log line shows ``key``: the training loss and evaluation scores (the writers
-    get every key)."""
+    """Whether the log line shows ``key``: the training loss and evaluation scores."""
     if key == TRAIN_LOSS:
         return True
     try:

@@ -95,8 +95,7 @@ def check_fit_labels(
 
 class BatchLabelCheck:
     """Checks each training batch of the loaders :func:`check_fit_labels` leaves out (streams
-    and map-style :class:`~mtlgraph.NamedDataset` loaders), before the batch's step; the heads'
-    widths are computed once per loader and task.
+    and map-style :class:`~mtlgraph.NamedDataset` loaders), before the batch's step.
 
     Args:
         model: The model.
@@ -133,9 +132,7 @@ class BatchLabelCheck:
         """Check one batch of loader ``i`` named ``name`` in messages.
 
         Raises:
-            DataError: Every problem of the batch's labels, naming the dataset, split, task, the
-                batch and its first example's position in this run's reading of the loader,
-                the bad value and its row in the batch.
+            DataError: Every problem of the batch's labels, naming the culprit.
         """
         X, Y = batch
         names = [t for t in Y if t in self.model.tasks]

@@ -79,11 +79,8 @@ class TrainLoaders:
 
     Args:
         loaders: The training loaders (this rank's shards under DDP).
-        fresh_passes: Restart a loader that runs out with a fresh shuffle (sampling schedulers);
-            otherwise in the epoch's order (the ``mixed`` scheduler).
-        check: Called with ``(i, batch)`` on every batch :meth:`next` hands out, before the
-            loop uses it (the per-batch label check of streams,
-            :class:`~mtlgraph.training.labels.BatchLabelCheck`).
+        fresh_passes: Restart a loader that runs out with a fresh shuffle (else epoch order).
+        check: Called with ``(i, batch)`` on every batch :meth:`next` hands out.
     """
 
     def __init__(
@@ -129,8 +126,7 @@ class TrainLoaders:
         """Put the in-memory loaders after the interrupted epoch's first ``positions`` batches.
 
         Raises:
-            CheckpointError: The plan puts the loaders elsewhere than the checkpoint recorded
-                (another batch scheduler or seed).
+            CheckpointError: The plan's positions differ from the checkpoint's.
         """
         if list(positions) != list(recorded):
             raise CheckpointError(

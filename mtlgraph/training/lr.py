@@ -67,8 +67,7 @@ def resolve_warmup(
 
     Args:
         warmup_steps: Optimizer steps.
-        warmup_epochs: Epochs: the optimizer steps of the first ``int(warmup_epochs)`` epochs
-            plus the fraction's share of the next one's, rounded.
+        warmup_epochs: Epochs (a fraction takes its share of the next epoch's steps).
         warmup_fraction: Fraction of all optimizer steps, rounded.
         epoch_steps: Optimizer steps of each epoch of the run.
 
@@ -88,8 +87,7 @@ def resolve_warmup(
 
 
 def is_constant(schedule: Any, warmup_steps: float) -> bool:
-    """Whether the LR factor is always 1 (the ``constant`` schedule without warm-up): then no
-    factor is applied and the run's horizon is not needed."""
+    """Whether the LR factor is always 1 (the ``constant`` schedule without warm-up)."""
     return LR_SCHEDULES.build(schedule, "lr_scheduler") is constant and warmup_steps == 0
 
 

@@ -142,9 +142,7 @@ def make_optimizer(
 def optimizer_problems(
     spec: Any, weight_decay: float, param_groups: Mapping[str, Mapping[str, Any]]
 ) -> list[str]:
-    """Every problem of the optimizer ``spec`` (its name and arguments), of a ``weight_decay``
-    it cannot apply (it takes none), and of ``param_groups`` hyper-parameters it does not take,
-    or with a negative ``lr`` or ``weight_decay``; each naming its key.
+    """Every problem of the optimizer ``spec``, ``weight_decay`` and ``param_groups``, by key.
 
     Example:
         >>> optimizer_problems("sgd", 0.0, {"head*": {"lr": -1, "betas": [0.9, 0.99]}})
@@ -214,13 +212,10 @@ def model_param_groups(
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """The model's optimizer groups: the default group first, then one per pattern.
 
-    Every group carries ``"scope": "model"`` (so :class:`SubsetStepper` narrows it) and patterned
-    groups a ``"name"`` (the pattern). Parameters of ``frozen`` modules and parameters that do not
-    require gradients are left out.
+    Groups carry ``"scope": "model"`` (and ``"name"``: the pattern); frozen parameters are left out.
 
     Returns:
-        ``(groups, problems)``: problems are patterns that match no module and modules matched by
-        two patterns.
+        ``(groups, problems)``: patterns matching no module, modules matched by two patterns.
     """
     names = list(model.module_pool)
     problems: list[str] = []
@@ -263,12 +258,8 @@ def freeze_modules(model: MultitaskClassifier, frozen: Sequence[str]) -> None:
 class SubsetStepper:
     """Steps a torch optimizer on the parameters of one execution plan only.
 
-    The optimizer holds every parameter (its state, hyper-parameters and ``state_dict`` are the
-    usual ones), but for a step its ``param_groups`` are temporarily narrowed to the groups'
-    parameters that the plan touched (plus the balancer parameters of the plan's tasks). Parameters
-    without gradients are skipped by PyTorch's optimizers anyway, so the update is identical to a
-    plain ``optimizer.step()``; only the cost differs: it no longer grows with the number of tasks
-    the model holds.
+    For a step the optimizer's ``param_groups`` are narrowed to the parameters the plan touched;
+    the update is identical to ``optimizer.step()``, its cost no longer grows with the task count.
 
     Args:
         optimizer: The optimizer. Groups whose ``"scope"`` is ``"model"`` are narrowed to the
@@ -407,20 +398,9 @@ class SubsetStepper:
 class StepControl:
     """Mixed precision, loss scaling, gradient accumulation and clipping around the optimizer.
 
-    The training step runs each micro-step's forward pass under :meth:`autocast`, hands
-    :meth:`backward` and :meth:`scale` to the balancer (through the step context), records the
-    micro-step with :meth:`add` (its plan, or ``None`` when it had no labelled rows), and calls
-    :meth:`step` when :meth:`ready`. Without ``amp`` and with ``N = 1`` every part is a no-op
-    (``nullcontext``, no scaling) and every micro-step is an optimizer step: one path for all.
-
-    Losses are divided by ``accumulation_steps`` (``N``), so ``N`` equal-size micro-batches of the
-    same tasks give exactly the gradient of one batch ``N`` times larger. ``N`` counts batches,
-    so an epoch of ``B`` batches has ``ceil(B / N)`` optimizer steps. When only ``r < N`` of the
-    micro-steps produced gradients (the epoch ended early, or some batches had only ignored
-    labels), the gradients are multiplied by ``N/r`` before the step, so the update is the mean
-    over those ``r`` micro-batches. The step visits the union of the micro-steps' parameters: with
-    fp16 it unscales the gradients (``GradScaler``), then clips, steps, updates the scale and
-    zeroes the gradients.
+    Without ``amp`` and with ``N = 1`` every part is a no-op: one path for all. Losses are
+    divided by ``accumulation_steps`` (``N``); when only ``r < N`` micro-steps produced gradients,
+    they are multiplied by ``N/r`` before the step (docs/training.md).
 
     Args:
         amp: ``None``, ``"bf16"`` (CPU and CUDA) or ``"fp16"`` (CUDA only, with a grad scaler).

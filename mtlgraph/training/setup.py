@@ -33,9 +33,7 @@ def check_loaders(
     train_split: str,
     eval_splits: Sequence[str] | None = None,
 ) -> None:
-    """Every problem of the loaders at once: wrong types, score-key collisions, no training
-    loader, empty loaders, labels of tasks the model lacks; then the labels themselves
-    (:func:`~mtlgraph.training.labels.check_fit_labels`).
+    """Every problem of the loaders (and then of their labels) at once.
 
     Raises:
         DataError: The problems.
@@ -93,8 +91,7 @@ def check_splits(
     misspelling (``validation`` vs ``valid``) or nothing is scored, else an info line.
 
     Raises:
-        ConfigError: An entry of ``eval_splits`` that matches no loader, when it was set (not
-            the default ``["valid"]``) or an unused loader's split looks like it.
+        ConfigError: An explicit (or misspelt) ``eval_splits`` entry that matches no loader.
     """
     used = {id(dl) for dl in [*train, *evals]}
     unused = [dl for dl in loaders if id(dl) not in used]
@@ -125,9 +122,7 @@ def check_splits(
 
 
 def check_inputs(model: MultitaskClassifier, loaders: Sequence[DictDataLoader]) -> None:
-    """Floating input tensors of in-memory datasets must have the dtype of the model's floating
-    parameters (numpy arrays are converted when the dataset is built; a tensor's dtype is the
-    caller's choice, so a mismatch is an error, not a silent cast).
+    """Floating input tensors of in-memory datasets must have the model's floating dtype.
 
     Raises:
         DataError: Each field of another floating dtype, with the conversion to use.
@@ -201,10 +196,8 @@ def distribute(
 def batch_sources(
     model: MultitaskClassifier, train: Sequence[DictDataLoader], device: torch.device
 ) -> list[BatchSource]:
-    """What each training loader's batches are, found out once: an in-memory ``DictDataset``
-    whose tensors all live on ``device`` needs no move, and a task none of whose labels in it is
-    the ignore value needs no mask (the labels are checked before training, so this holds for
-    the whole fit). Other loaders get neither shortcut."""
+    """Per training loader, found once: whether its batches need no move to ``device``, and
+    which tasks' labels hold no ignore value (no mask needed)."""
     sources = []
     for dl in train:
         ds = dl.dataset
@@ -229,9 +222,8 @@ loop on the CPU (``tests/training/test_fast_path.py`` checks it)."""
 
 
 def prefer_foreach(optimizer: torch.optim.Optimizer) -> None:
-    """Use the multi-tensor (``foreach``) update, same values, for CPU groups of a
-    :data:`FOREACH_SAME` optimizer that left ``foreach``, ``fused`` and ``differentiable`` unset
-    (where PyTorch would pick the per-parameter Python loop)."""
+    """Use the (same-valued) ``foreach`` update for CPU groups of a :data:`FOREACH_SAME`
+    optimizer that left ``foreach``, ``fused`` and ``differentiable`` unset."""
     if type(optimizer) not in FOREACH_SAME:
         return
     for group in optimizer.param_groups:

@@ -201,11 +201,8 @@ class TrainStep:
 
 
 class NonfiniteGuard(Hook):
-    """The per-step check for non-finite losses (``TrainerConfig.nonfinite``), the run's
-    ``nonfinite`` hook.
-
-    One fused ``isfinite`` of the sum of the step's task losses before the backward pass; the
-    culprit is looked for only when it fails. The modes: ``docs/training.md``.
+    """The ``nonfinite`` hook: one fused ``isfinite`` check of the step's losses before the
+    backward pass (``TrainerConfig.nonfinite``; the modes: ``docs/training.md``).
 
     Args:
         mode: ``"raise"``, ``"skip_batch"`` or ``"warn"``.

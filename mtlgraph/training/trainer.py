@@ -94,34 +94,18 @@ class Trainer:
     """Trains a :class:`~mtlgraph.MultitaskClassifier` on many loaders at once.
 
     Args:
-        **config: Settings of :class:`TrainerConfig` (``n_epochs``, ``lr``, ``optimizer``,
-            ``lr_scheduler``, ``batch_scheduler``, ``balancer``, ``param_groups``, ``freeze``,
-            ``amp``, ``grad_accumulation_steps``, ``grad_clip``, ``seed``, ...). Unknown keys,
-            wrong types and keyword arguments a named component does not take are rejected at
-            construction, all at once, with suggestions; settings that name modules are checked
-            against the model when :meth:`fit` starts. With ``run_dir``, ``fit`` writes
-            ``metrics.jsonl``, TensorBoard events and checkpoints there (``checkpoint_every``,
-            ``checkpoint_metric``; docs/checkpoints.md), and ``fit(..., resume_from=run_dir)``
-            continues an interrupted run exactly. With ``diagnostics`` (e.g. ``{"every": 50}``)
-            the run measures which tasks help and which hurt each other (docs/diagnostics.md).
+        **config: Settings of :class:`TrainerConfig`; unknown keys and wrong types are rejected
+            at construction, all at once (docs/training.md, docs/checkpoints.md).
 
     Attributes:
         config: The validated :class:`TrainerConfig`.
-        state: The :class:`~mtlgraph.training.state.RunState` of the current or last ``fit``:
-            progress counters, history, loss windows.
-        history: ``state.history``: one record per evaluation: ``{"epoch", "step",
-            "model/all/train/loss", "model/all/train/lr", "<task>/<dataset>/train/loss",
-            <validation scores>...}``; with ``diagnostics``, also one record per probe
-            (``{"epoch", "step", "diagnostics/..."}``).
-        global_step: ``state.global_step``: optimizer steps taken by the current or last fit.
-        balancer: The :class:`~mtlgraph.Balancer` the current or last ``fit`` built from the
-            ``balancer`` setting (its learned weights and ``weights()``); ``None`` before.
-        optimizer: The torch optimizer of the current or last ``fit`` (the model's parameter
-            groups, then the balancer's); ``None`` before.
-        diagnostics: The :class:`~mtlgraph.diagnostics.DiagnosticsReport` of the last ``fit``
-            (``None`` without ``diagnostics``).
-        experiment_config: The resolved YAML config (set by ``mtlgraph.experiment``); saved in
-            checkpoints and, flattened, as TensorBoard hparams.
+        state: The :class:`~mtlgraph.training.state.RunState` of the current or last ``fit``.
+        history: ``state.history``: one record per evaluation (and per diagnostics probe).
+        global_step: ``state.global_step``: optimizer steps of the current or last fit.
+        balancer: The :class:`~mtlgraph.Balancer` of the current or last ``fit``; ``None`` before.
+        optimizer: The torch optimizer of the current or last ``fit``; ``None`` before.
+        diagnostics: The :class:`~mtlgraph.diagnostics.DiagnosticsReport` of the last ``fit``.
+        experiment_config: The resolved YAML config (set by ``mtlgraph.experiment``).
 
     Example:
         >>> import torch
@@ -169,19 +153,14 @@ class Trainer:
     ) -> None:
         """Train ``model`` on the loaders whose split is ``train_split``.
 
-        Loaders of ``eval_splits`` are scored at each evaluation; others are ignored. Each call
-        starts a fresh run: a new :attr:`state` (history, counters) and no diagnostics report,
-        unless ``resume_from`` continues a saved one. Torch's global random state is seeded with
-        ``seed`` inside this call; torch's, python's and numpy's global random states are as the
-        caller left them when it returns. The loop itself is :meth:`FitLoop.run` in
-        ``mtlgraph/training/trainer.py``; its hooks are in ``mtlgraph/training/hooks.py``.
+        Loaders of ``eval_splits`` are scored at each evaluation. Each call starts a fresh run
+        unless ``resume_from`` continues a saved one; global random states are restored on return.
+        The loop is :meth:`FitLoop.run`; its hooks are in ``mtlgraph/training/hooks.py``.
 
         Args:
             model: The model.
             dataloaders: Loaders of every split.
-            resume_from: A checkpoint file or a run directory (its ``checkpoints/last.pt``):
-                continue that run exactly where it stopped, mid-epoch included. Pass the same
-                model structure, loaders and config as the interrupted run.
+            resume_from: A checkpoint file or a run directory (its ``checkpoints/last.pt``).
         """
         cfg = self.config
         loaders = list(dataloaders)
@@ -323,8 +302,7 @@ class FitLoop:
     # ------------------------------------------------------------------ what hooks call
 
     def train_record(self, window: Records) -> dict[str, float]:
-        """Training losses of ``window`` (averaged over ranks), learning rates, balancer
-        weights."""
+        """Training losses of ``window`` (averaged over ranks), learning rates, balancer weights."""
         record = train_losses(self.comm.gather_sums(loss_sums(window)))
         groups = self.stepper.full_groups
         record[make_key("model", "all", "train", "lr")] = float(groups[0]["lr"])
@@ -369,8 +347,7 @@ class FitLoop:
         self.comm.barrier()
 
     def checkpoint(self, rank_records: Sequence[tuple[Records, Records]] = ()) -> dict[str, Any]:
-        """The run as one mapping of every stateful piece to its state dict (see
-        :mod:`.checkpoint`): the model, the optimizer, the run state, the balancer, each hook."""
+        """The run's checkpoint: every stateful piece's state dict (see :mod:`.checkpoint`)."""
         return {
             **model_entries(self.model),  # format, version, task_names, model
             "optimizer": self.stepper.optimizer.state_dict(),
@@ -436,9 +413,8 @@ class FitLoop:
 
     @staticmethod
     def _saved_step(saved: Mapping[str, Any] | None) -> int | None:
-        """The step of the checkpoint's last history record (``None``: a fresh run): the
-        writers drop what was logged after it (an evaluation that ended an epoch right after a
-        step-wise checkpoint is not in the checkpoint, and the resumed run logs it again)."""
+        """The step of the checkpoint's last history record (``None``: a fresh run); the
+        writers drop what was logged after it."""
         if saved is None:
             return None
         history = saved["run"]["history"]
@@ -484,9 +460,7 @@ class FitLoop:
         return hooks
 
     def _probes(self, saved: Mapping[str, Any] | None) -> ProbeHook | None:
-        """The interference probes (``None`` when off, and on DDP ranks other than 0: probes
-        use no collectives, rank 0 alone probes and reports); a fresh run in a used run
-        directory drops the old run's report."""
+        """The interference probes (``None`` when off, and on DDP ranks other than 0)."""
         cfg = self.cfg
         if not self.env.is_main:
             return None

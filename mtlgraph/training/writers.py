@@ -43,8 +43,7 @@ class Writer(ABC):
 
     @abstractmethod
     def write(self, record: Mapping[str, float]) -> None:
-        """Handle one record: ``"epoch"``, ``"step"`` and flat ``task/dataset/split/metric``
-        keys."""
+        """Handle one record: ``"epoch"``, ``"step"`` and ``task/dataset/split/metric`` keys."""
 
     def close(self, final: Mapping[str, float] | None = None) -> None:  # noqa: B027
         """Flush and release resources. ``final`` is the last record when training succeeded."""
@@ -66,8 +65,7 @@ class WriterContext:
 
 
 def safe_filename(name: str) -> str:
-    """Turn a key or experiment name into one file-name component (``/`` and unsafe characters
-    become ``_``).
+    """A key or experiment name as one file-name component (unsafe characters become ``_``).
 
     Example:
         >>> safe_filename("circle_task/circleDataset/valid/accuracy")
@@ -79,10 +77,8 @@ def safe_filename(name: str) -> str:
 class JsonlWriter(Writer):
     """Appends each record as one JSON object per line to ``path`` (flushed every line).
 
-    Non-finite values are written as ``null``. With ``resume_step``, lines of steps after it
-    (logged after the checkpoint an interrupted run resumes from) are dropped first; without
-    it, an existing file is replaced (one run per file). Both rewrites are atomic; records are
-    appended one whole line per ``write`` and flushed (a torn last line is dropped on resume).
+    Non-finite values are written as ``null``. With ``resume_step``, lines of later steps are
+    dropped first; without it, an existing file is replaced (both atomically).
 
     Example:
         >>> import json, tempfile, pathlib
