@@ -1,11 +1,7 @@
-"""Label checks: every label fits its task before training, in the Python API and the YAML path.
-
-In-memory datasets are checked once when ``fit`` starts (:func:`check_fit_labels`, vectorised);
-batches of streams and map-style :class:`~mtlgraph.NamedDataset` loaders one by one before their
-step (:class:`BatchLabelCheck`). Head widths come from one forward pass on a dataset's first two
-rows (eval mode, no gradients, random state untouched); the checks of one tensor of labels live in
-:mod:`mtlgraph.graph.labels`. Rules (label shapes, ``ignore_value``, soft labels):
-``docs/training.md``.
+"""Label checks before training: in-memory datasets once when ``fit`` starts
+(:func:`check_fit_labels`), streamed and map-style batches before their step
+(:class:`BatchLabelCheck`); one tensor's checks live in :mod:`mtlgraph.graph.labels`. Rules:
+docs/training.md.
 """
 
 from __future__ import annotations

@@ -1,20 +1,7 @@
-"""Optimizer set-up and the optimizer step: per-module hyper-parameters, freezing, mixed
-precision, gradient accumulation and clipping.
-
-- ``param_groups``: module-name glob patterns -> optimizer hyper-parameters (``lr``,
-  ``weight_decay``, ...). Parameters of unmatched modules stay in the default group.
-- ``freeze``: module names or patterns whose parameters get ``requires_grad = False`` and are
-  left out of the optimizer.
-- :class:`StepControl`: autocast for ``amp``, loss scaling (``GradScaler`` for fp16, ``1/N`` for
-  ``N`` accumulation steps), and the optimizer step over the union of the accumulated micro-steps'
-  parameters (unscale, clip, step, zero).
-- :class:`SubsetStepper`: ``optimizer.step()`` restricted to the parameters a step touched.
-- :data:`OPTIMIZERS`: optimizers by name (``adam``, ``adamw``, ``sgd``; add one with
-  ``OPTIMIZERS.register``); besides them any ``torch.optim`` class by case-insensitive name or
-  a dotted path; :func:`make_optimizer` builds the run's one optimizer from them.
-
-Patterns are checked against the model when ``Trainer.fit`` starts; every problem is reported at
-once in one :class:`~mtlgraph.ConfigError`.
+"""Optimizer set-up and the optimizer step: :data:`OPTIMIZERS` and :func:`make_optimizer`,
+``param_groups`` and ``freeze`` (checked against the model when ``fit`` starts), and
+:class:`StepControl` / :class:`SubsetStepper` (amp, accumulation, clipping, the step over the
+parameters a step touched). Rules: docs/training.md.
 """
 
 from __future__ import annotations

@@ -1,11 +1,5 @@
-"""A word-level tokenizer whose vocabulary is built from a training split.
-
-Text is split into words and punctuation marks (``\\w+`` runs and single other non-space
-characters), optionally lowercased, and mapped to ids: ``0`` is padding, ``1`` an unknown word,
-then the vocabulary's words from the most frequent down (ties in alphabetical order, so the same
-texts always give the same ids). A row longer than ``max_length`` words is cut.
-
-The vocabulary is part of a trained model (:meth:`WordTokenizer.save`, docs/data-sources.md).
+"""A word-level tokenizer whose vocabulary is built from a training split, saved with the
+trained model (ids, ties and truncation: docs/data-sources.md).
 """
 
 from __future__ import annotations
