@@ -4,8 +4,9 @@ balancers and the interference probes).
 
 from __future__ import annotations
 
+import logging
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -17,15 +18,23 @@ from mtlgraph.graph.model import ExecutionPlan
 from mtlgraph.graph.task import Task
 
 __all__ = [
+    "VMAP_REFUSALS",
     "PlanCache",
     "SharedGradients",
     "SharedLayout",
     "accumulate_grad",
     "build_layout",
+    "gram_chunks",
+    "gramian",
     "last_shared_layer",
+    "own_gradients",
     "plan_module",
     "shared_modules",
+    "task_rows",
+    "vmap_refused",
 ]
+
+logger = logging.getLogger(__name__)
 
 V = TypeVar("V")
 
@@ -86,8 +95,9 @@ class SharedLayout:
         slices: ``(offset, numel)`` of each shared parameter in a buffer row.
         modules: ``(module name, start, stop)``: each shared module's columns of a buffer row.
         own: Task name -> trainable parameters only that task uses.
-        buffer: ``(K, P)`` preallocated rows, one flattened shared gradient per task.
         size: ``P``, the number of shared parameter values.
+        batched: Whether one vmapped backward pass gives all the tasks' gradients (see
+            :func:`task_rows`): ``None`` until the plan's first multi-task step tries it.
     """
 
     task_names: tuple[str, ...]
@@ -95,8 +105,18 @@ class SharedLayout:
     slices: list[tuple[int, int]]
     modules: list[tuple[str, int, int]]
     own: dict[str, list[nn.Parameter]]
-    buffer: torch.Tensor
     size: int = field(default=0)
+    batched: bool | None = None
+    _buffer: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def buffer(self) -> torch.Tensor:
+        """``(K, P)`` rows, one flattened shared gradient per task; allocated on first use, so
+        the Gram path (:func:`gramian`), which never asks for it, holds no ``K × P`` buffer."""
+        if self._buffer is None:
+            like = self.shared[0] if self.shared else torch.empty(0)
+            self._buffer = like.new_empty(len(self.task_names), self.size)
+        return self._buffer
 
 
 def shared_modules(plan: ExecutionPlan) -> list[str]:
@@ -177,10 +197,7 @@ def build_layout(tasks: Mapping[str, Task], plan: ExecutionPlan) -> SharedLayout
         ]
         for task_name, task_modules in plan.task_modules.items()
     }
-    dtype = shared[0].dtype if shared else torch.float32
-    device = shared[0].device if shared else torch.device("cpu")
-    buffer = torch.empty(len(plan.task_names), offset, dtype=dtype, device=device)
-    return SharedLayout(plan.task_names, shared, slices, modules, own, buffer, offset)
+    return SharedLayout(plan.task_names, shared, slices, modules, own, offset)
 
 
 class SharedGradients:
@@ -226,7 +243,8 @@ class SharedGradients:
 
         Args:
             layout: The plan's layout (``losses`` holds some or all of its tasks).
-            losses: Task name -> scalar loss; one backward pass each through its path.
+            losses: Task name -> scalar loss; their gradients come from one vmapped backward
+                pass, or one pass each where that is refused (see :func:`task_rows`).
             scale: Applied to each loss first (loss scaling under mixed precision).
             accumulate_own: Also add each task's gradient of its task-only parameters to their
                 ``.grad``.
@@ -235,22 +253,182 @@ class SharedGradients:
                 combines the same rank-averaged gradients.
         """
         names = list(losses)
-        n_shared = len(layout.shared)
-        buffer = layout.buffer
-        for i, task_name in enumerate(names):
-            own = layout.own[task_name] if accumulate_own else []
-            loss = losses[task_name] if scale is None else scale(losses[task_name])
-            grads = torch.autograd.grad(
-                loss,
-                layout.shared + own,
-                retain_graph=i < len(names) - 1,
-                allow_unused=True,
-                materialize_grads=True,
-            )
-            torch.cat([g.reshape(-1) for g in grads[:n_shared]], out=buffer[i])
-            for p, g in zip(own, grads[n_shared:], strict=True):
-                accumulate_grad(p, g if reduce is None else reduce(g))
-        rows = buffer[: len(names)]
+        scaled = [losses[t] if scale is None else scale(losses[t]) for t in names]
+        if accumulate_own:
+            own_gradients(layout, names, scaled, reduce)
+        rows = layout.buffer[: len(names)]
+        task_rows(layout, layout.shared, scaled, rows, retain_graph=False)
         if reduce is not None:
             reduce(rows)
         return rows
+
+
+VMAP_REFUSALS = ("Batching rule not implemented", "vmap", "functorch")
+"""Phrases of the errors with which PyTorch refuses to batch a backward pass over the tasks (an
+operation without a batching rule that has no fallback, ``.item()`` or an in-place write into an
+unbatched tensor inside a backward, an ``autograd.Function`` that cannot be vmapped): such a
+``RuntimeError`` makes :func:`task_rows` fall back to one pass per task."""
+
+
+def vmap_refused(error: BaseException) -> bool:
+    """Whether ``error`` is PyTorch refusing to vmap a backward pass (:data:`VMAP_REFUSALS`).
+
+    Example:
+        >>> vmap_refused(RuntimeError("Batching rule not implemented for aten::item."))
+        True
+        >>> vmap_refused(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+        False
+    """
+    return isinstance(error, RuntimeError) and any(p in str(error) for p in VMAP_REFUSALS)
+
+
+def own_gradients(
+    layout: SharedLayout,
+    names: Sequence[str],
+    losses: Sequence[torch.Tensor],
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> None:
+    """Add each task's gradient of its task-only parameters to their ``.grad``, in one backward
+    pass of ``Σ losses`` (a task-only parameter reaches one loss only, so that sum's gradient is
+    its task's); the graph is kept for the shared gradients that follow."""
+    own = [p for t in names for p in layout.own[t]]
+    if not own:
+        return
+    total = losses[0] if len(losses) == 1 else torch.stack(list(losses)).sum()
+    grads = torch.autograd.grad(
+        total, own, retain_graph=True, allow_unused=True, materialize_grads=True
+    )
+    for p, g in zip(own, grads, strict=True):
+        accumulate_grad(p, g if reduce is None else reduce(g))
+
+
+def task_rows(
+    layout: SharedLayout,
+    params: Sequence[nn.Parameter],
+    losses: Sequence[torch.Tensor],
+    out: torch.Tensor,
+    retain_graph: bool,
+) -> None:
+    """``out[i] := ∇_params losses[i]`` flattened (``out``: ``(len(losses), Σ numel)``).
+
+    All rows come from one ``torch.autograd.grad(..., is_grads_batched=True)`` call (a vmap over
+    the one-hot gradients of the stacked losses) when the losses share a dtype and there are
+    several. The plan's first such call keeps the graph and is the trial: a ``RuntimeError`` of
+    :data:`VMAP_REFUSALS` sets ``layout.batched = False`` (logged once), and that plan takes one
+    backward pass per task from then on; any other error propagates. Both give the same rows (to
+    float rounding).
+    """
+    batchable = len(losses) > 1 and len({loss.dtype for loss in losses}) == 1
+    if batchable and layout.batched is not False:
+        trial = layout.batched is None
+        try:
+            _batched_rows(params, losses, out, retain_graph or trial)
+            layout.batched = True
+            return
+        except RuntimeError as e:
+            if not (trial and vmap_refused(e)):
+                raise
+            layout.batched = False
+            logger.info(
+                "tasks %s: PyTorch cannot batch their backward pass (%s); their gradients take "
+                "one backward pass each",
+                list(layout.task_names),
+                str(e).splitlines()[0],
+            )
+    for i, loss in enumerate(losses):
+        last = i == len(losses) - 1
+        grads = torch.autograd.grad(
+            loss,
+            list(params),
+            retain_graph=retain_graph or not last,
+            allow_unused=True,
+            materialize_grads=True,
+        )
+        torch.cat([g.reshape(-1) for g in grads], out=out[i])
+
+
+def _batched_rows(
+    params: Sequence[nn.Parameter],
+    losses: Sequence[torch.Tensor],
+    out: torch.Tensor,
+    retain_graph: bool,
+) -> None:
+    """:func:`task_rows` in one vmapped backward pass (unused parameters get zero rows)."""
+    stacked = torch.stack(list(losses))
+    eye = torch.eye(len(losses), dtype=stacked.dtype, device=stacked.device)
+    grads = torch.autograd.grad(
+        stacked,
+        list(params),
+        grad_outputs=eye,
+        retain_graph=retain_graph,
+        allow_unused=True,
+        is_grads_batched=True,
+    )
+    start = 0
+    for p, g in zip(params, grads, strict=True):
+        stop = start + p.numel()
+        if g is None:
+            out[:, start:stop] = 0
+        else:
+            out[:, start:stop] = g.reshape(len(losses), -1)
+        start = stop
+
+
+def gram_chunks(params: Sequence[nn.Parameter], rows: int, max_values: int) -> list[slice]:
+    """``params`` cut, in order, into runs whose Jacobian (``rows × Σ numel``) holds at most
+    ``max_values`` values, or one parameter where a single one holds more."""
+    chunks: list[slice] = []
+    start, values = 0, 0
+    for i, p in enumerate(params):
+        if i > start and values + rows * p.numel() > max_values:
+            chunks.append(slice(start, i))
+            start, values = i, 0
+        values += rows * p.numel()
+    if params:
+        chunks.append(slice(start, len(params)))
+    return chunks
+
+
+def gramian(
+    layout: SharedLayout,
+    losses: Sequence[torch.Tensor],
+    max_values: int = 1 << 24,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The Gram matrix ``M_ij = g_i·g_j`` (``(K, K)``, float64) of the losses' gradients on the
+    shared parameters, without their ``K × P`` rows: the Jacobian is computed a chunk of
+    parameters at a time (:func:`task_rows`, graph kept) and ``M += J_c J_cᵀ``; a chunk holds at
+    most ``max_values`` values (or one parameter). ``reduce`` (DDP) averages each chunk over the
+    ranks first, which makes ``M`` the Gram matrix of the rank-averaged gradients, exactly as
+    the rows path computes it.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from mtlgraph import MultitaskClassifier, Operation, Task
+        >>> from mtlgraph.gradients import SharedGradients, gramian
+        >>> trunk = nn.Linear(2, 1, bias=False)
+        >>> ops = lambda t: [Operation("trunk", [("_input_", "x")]), Operation(t, ["trunk"])]
+        >>> tasks = [Task(t, {"trunk": trunk, t: nn.Linear(1, 2)}, ops(t)) for t in "ab"]
+        >>> model = MultitaskClassifier(tasks)
+        >>> layout = SharedGradients().layout(model.tasks, model.plan(["a", "b"]))
+        >>> x = {"x": torch.randn(4, 2)}
+        >>> losses, _ = model.calculate_loss(x, {t: torch.tensor([0, 1, 1, 0]) for t in "ab"})
+        >>> rows = SharedGradients.compute(layout, losses).clone()
+        >>> losses, _ = model.calculate_loss(x, {t: torch.tensor([0, 1, 1, 0]) for t in "ab"})
+        >>> m = gramian(layout, list(losses.values()))
+        >>> torch.allclose(m, (rows @ rows.T).double())
+        True
+    """
+    k = len(losses)
+    like = layout.shared[0]
+    total = torch.zeros(k, k, dtype=torch.float64, device=like.device)
+    for chunk in gram_chunks(layout.shared, k, max_values):
+        params = layout.shared[chunk]
+        jacobian = like.new_empty(k, sum(p.numel() for p in params))
+        task_rows(layout, params, losses, jacobian, retain_graph=True)
+        if reduce is not None:
+            reduce(jacobian)
+        total += (jacobian @ jacobian.T).double()
+        del jacobian  # one chunk's Jacobian at a time
+    return total

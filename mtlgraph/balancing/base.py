@@ -225,10 +225,10 @@ class Seeded(LastWeights):
         ConfigError: ``seed`` is not an integer (the message names the balancer).
     """
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, **kwargs: Any) -> None:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ConfigError([f"balancer '{self.name}': seed must be an integer, got {seed!r}"])
-        super().__init__()
+        super().__init__(**kwargs)  # the other bases' arguments (``gradients``)
         self.seed = seed
         self._gen = torch.Generator().manual_seed(seed)
 

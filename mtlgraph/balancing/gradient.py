@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -13,20 +14,57 @@ import torch
 from mtlgraph.balancing.base import LastWeights, Seeded, StepContext
 from mtlgraph.balancing.solvers import cagrad_solve, min_norm, pcgrad_coefficients
 from mtlgraph.exceptions import ArgumentCheck
-from mtlgraph.gradients import SharedGradients, SharedLayout, accumulate_grad
+from mtlgraph.gradients import (
+    SharedGradients,
+    SharedLayout,
+    accumulate_grad,
+    own_gradients,
+    gramian,
+)
 from mtlgraph.graph.task import Task
+
+GRADIENT_MODES = ("parameters", "gram")
+"""How a gradient balancer takes the task gradients (``docs/balancing.md``): ``"parameters"``,
+the ``K × P`` rows on the shared parameters; ``"gram"``, only their ``K × K`` Gram matrix, then
+one backward pass of ``Σ_i β_i L_i``."""
 
 
 class GradientBalancer(LastWeights):
     """Base of methods that combine per-task gradients ``g_i`` of the shared parameters.
 
     Subclasses implement :meth:`combine` (Gram matrix ``M_ij = g_i·g_j`` -> ``β``); the shared
-    parameters get ``d = Σ_i β_i g_i``, the others their one task's gradient.
+    parameters get ``d = Σ_i β_i g_i``, the others their one task's gradient. A subclass that
+    overrides :meth:`direction` (it needs the rows themselves) cannot run with
+    ``gradients="gram"`` unless its :meth:`gram_capable` says so.
+
+    Args:
+        gradients: ``"parameters"``: the rows ``g_i`` (``K × P`` values); ``"gram"``: only the
+            Gram matrix, computed a chunk of parameters at a time, then ``d`` from one backward
+            pass of ``Σ_i β_i L_i`` (memory ``P + K²`` plus one chunk's Jacobian, at most
+            :attr:`gram_values` values).
     """
 
-    def __init__(self) -> None:
+    gram_values: ClassVar[int] = 1 << 24  # most values of one Jacobian chunk in "gram" mode
+
+    def __init__(self, gradients: str = "parameters") -> None:
         super().__init__()
+        check = ArgumentCheck(f"balancer '{self.name}'")
+        check.choice("gradients", gradients, GRADIENT_MODES)
+        if gradients == "gram":
+            check.require(
+                self.gram_capable(),
+                f"gradients 'gram' needs an update Σ β_i g_i with β from the Gram matrix alone; "
+                f"this method ({type(self).__name__}) uses the gradients themselves: use "
+                "gradients 'parameters'",
+            )
+        check.done()
+        self.gradients = gradients
         self._grads = SharedGradients()
+
+    def gram_capable(self) -> bool:
+        """Whether the update is ``Σ_i β_i g_i`` with ``β = combine(Gram)`` (the default
+        :meth:`direction`), so ``gradients="gram"`` gives the same update."""
+        return type(self).direction is GradientBalancer.direction
 
     def combine(self, gram: np.ndarray) -> np.ndarray:
         """Coefficients ``β`` (shape ``(K,)``, float64) of the update ``d = Σ_i β_i g_i``."""
@@ -51,24 +89,50 @@ class GradientBalancer(LastWeights):
             )
             ctx.weighted_backward(losses, {})
             return
-        buffer = self._grads.compute(
-            layout, weighted, ctx.scale, accumulate_own=True, reduce=ctx.reduce
-        )
-        direction, beta = self.direction(buffer, layout)
-        for p, (offset, n) in zip(layout.shared, layout.slices, strict=True):
-            accumulate_grad(p, direction[offset : offset + n].view_as(p))
+        if self.gradients == "gram":
+            beta = self._gram_backward(layout, weighted, ctx)
+        else:
+            buffer = self._grads.compute(
+                layout, weighted, ctx.scale, accumulate_own=True, reduce=ctx.reduce
+            )
+            direction, beta = self.direction(buffer, layout)
+            for p, (offset, n) in zip(layout.shared, layout.slices, strict=True):
+                accumulate_grad(p, direction[offset : offset + n].view_as(p))
         self._last.update(zip(names, beta.tolist(), strict=True))
+
+    def _gram_backward(
+        self, layout: SharedLayout, weighted: Mapping[str, torch.Tensor], ctx: StepContext
+    ) -> np.ndarray:
+        """``gradients="gram"``: task-only gradients, the Gram matrix (rank-averaged chunks under
+        DDP), ``β``, then ``d = ∇_{θ_s} Σ_i β_i L_i`` in one pass (averaged: ``Σ_i β_i ḡ_i``)."""
+        names = list(weighted)
+        scaled = [ctx.scale(weighted[t]) for t in names]
+        own_gradients(layout, names, scaled, ctx.reduce)
+        gram = gramian(layout, scaled, self.gram_values, ctx.reduce)
+        beta = self.coefficients(gram.cpu().numpy())
+        total = scaled[0] * float(beta[0])
+        for b, loss in zip(beta[1:].tolist(), scaled[1:], strict=True):
+            total = total + loss * b
+        grads = torch.autograd.grad(
+            total, layout.shared, allow_unused=True, materialize_grads=True
+        )
+        for p, g in zip(layout.shared, grads, strict=True):
+            accumulate_grad(p, ctx.reduce(g))
+        return beta
+
+    def coefficients(self, gram: np.ndarray) -> np.ndarray:
+        """``β = combine(gram)`` as float64; all ones when ``gram`` is not finite (fp16 loss
+        scaling overflowed: the grad scaler will skip this step)."""
+        if np.isfinite(gram).all():
+            return np.asarray(self.combine(gram), dtype=np.float64)
+        return np.ones(len(gram))
 
     def direction(
         self, rows: torch.Tensor, layout: SharedLayout
     ) -> tuple[torch.Tensor, np.ndarray]:
         """The shared update from the gradient rows ``(K, P)`` and the coefficients to log
         (default: ``d = Σ_i β_i g_i``, ``β = combine(Gram)``)."""
-        gram = (rows @ rows.T).double().cpu().numpy()
-        if np.isfinite(gram).all():
-            beta = np.asarray(self.combine(gram), dtype=np.float64)
-        else:  # overflow under fp16 loss scaling: the grad scaler will skip this step
-            beta = np.ones(len(rows))
+        beta = self.coefficients((rows @ rows.T).double().cpu().numpy())
         return torch.from_numpy(beta).to(rows) @ rows, beta
 
 
@@ -88,6 +152,9 @@ class PCGradBalancer(Seeded, GradientBalancer):
     """
 
     name = "pcgrad"
+
+    def __init__(self, seed: int = 0, gradients: str = "parameters") -> None:
+        super().__init__(seed, gradients=gradients)
 
     def combine(self, gram: np.ndarray) -> np.ndarray:
         k = len(gram)
@@ -113,8 +180,10 @@ class MGDABalancer(GradientBalancer):
 
     name = "mgda"
 
-    def __init__(self, rescale: bool = True, max_iter: int = 250) -> None:
-        super().__init__()
+    def __init__(
+        self, rescale: bool = True, max_iter: int = 250, gradients: str = "parameters"
+    ) -> None:
+        super().__init__(gradients)
         check = ArgumentCheck(f"balancer '{self.name}'")
         check.require(isinstance(rescale, bool), f"rescale must be true or false: {rescale!r}")
         check.integer("max_iter", max_iter)
@@ -146,8 +215,14 @@ class CAGradBalancer(GradientBalancer):
 
     name = "cagrad"
 
-    def __init__(self, c: float = 0.4, rescale: bool = True, max_iter: int = 100) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        c: float = 0.4,
+        rescale: bool = True,
+        max_iter: int = 100,
+        gradients: str = "parameters",
+    ) -> None:
+        super().__init__(gradients)
         check = ArgumentCheck(f"balancer '{self.name}'")
         check.number("c", c, "in [0, 1)", lambda v: 0 <= v < 1)
         check.require(isinstance(rescale, bool), f"rescale must be true or false: {rescale!r}")

@@ -54,8 +54,13 @@ class IMTLBalancer(GradientBalancer):
 
     name = "imtl"
 
-    def __init__(self, loss_scaling: bool = False, lr: float | None = None) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        loss_scaling: bool = False,
+        lr: float | None = None,
+        gradients: str = "parameters",
+    ) -> None:
+        super().__init__(gradients)
         check = ArgumentCheck(f"balancer '{self.name}'")
         check.require(
             isinstance(loss_scaling, bool),
@@ -123,8 +128,8 @@ class AlignedMTLBalancer(GradientBalancer):
 
     name = "aligned_mtl"
 
-    def __init__(self, scale_mode: str = "min") -> None:
-        super().__init__()
+    def __init__(self, scale_mode: str = "min", gradients: str = "parameters") -> None:
+        super().__init__(gradients)
         check = ArgumentCheck(f"balancer '{self.name}'")
         check.choice("scale_mode", scale_mode, ("min", "median", "rmse"))
         check.done()
@@ -157,8 +162,8 @@ class UPGradBalancer(GradientBalancer):
 class _Named(GradientBalancer):
     """A gradient balancer whose ``combine`` needs the step's task names (``self._names``)."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, gradients: str = "parameters") -> None:
+        super().__init__(gradients)
         self._names: list[str] = []
 
     def backward(self, losses: Mapping[str, torch.Tensor], ctx: StepContext) -> None:
@@ -186,9 +191,13 @@ class NashMTLBalancer(_Named):
     name = "nash_mtl"
 
     def __init__(
-        self, update_weights_every: int = 1, max_norm: float = 1.0, max_iter: int = 100
+        self,
+        update_weights_every: int = 1,
+        max_norm: float = 1.0,
+        max_iter: int = 100,
+        gradients: str = "parameters",
     ) -> None:
-        super().__init__()
+        super().__init__(gradients)
         check = ArgumentCheck(f"balancer '{self.name}'")
         check.integer("update_weights_every", update_weights_every)
         check.number("max_norm", max_norm, ">= 0", lambda v: v >= 0)
@@ -256,12 +265,23 @@ class GradVacBalancer(Seeded, _Named):
 
     name = "gradvac"
 
-    def __init__(self, beta: float = 0.01, group: str = "model", seed: int = 0) -> None:
+    def __init__(
+        self,
+        beta: float = 0.01,
+        group: str = "model",
+        seed: int = 0,
+        gradients: str = "parameters",
+    ) -> None:
         check = ArgumentCheck(f"balancer '{self.name}'")
         check.number("beta", beta, "in (0, 1]", lambda v: 0 < v <= 1)
         check.choice("group", group, ("model", "module"))
+        check.require(
+            group == "model" or gradients != "gram",
+            "group 'module' combines each module's gradients with its own coefficients, which "
+            "one backward pass cannot give: use gradients 'parameters' or group 'model'",
+        )
         check.done()
-        super().__init__(seed)
+        super().__init__(seed, gradients=gradients)
         self.beta = float(beta)
         self.group = group
         self._targets: dict[str, float] = {}  # "group|i|j" -> φ̂_ij
@@ -281,6 +301,9 @@ class GradVacBalancer(Seeded, _Named):
 
     def combine(self, gram: np.ndarray) -> np.ndarray:
         return self._coefficients(gram, "")
+
+    def gram_capable(self) -> bool:
+        return getattr(self, "group", "model") == "model"  # "module": per-module coefficients
 
     def direction(
         self, rows: torch.Tensor, layout: SharedLayout
@@ -324,8 +347,14 @@ class DBMTLBalancer(_Named):
 
     name = "db_mtl"
 
-    def __init__(self, beta: float = 0.9, beta_sigma: float = 0.5, eps: float = 1e-8) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        beta: float = 0.9,
+        beta_sigma: float = 0.5,
+        eps: float = 1e-8,
+        gradients: str = "parameters",
+    ) -> None:
+        super().__init__(gradients)
         check = ArgumentCheck(f"balancer '{self.name}'")
         check.number("beta", beta, "in [0, 1)", lambda v: 0 <= v < 1)
         check.number("beta_sigma", beta_sigma, ">= 0", lambda v: v >= 0)
