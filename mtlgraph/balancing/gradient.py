@@ -18,8 +18,8 @@ from mtlgraph.gradients import (
     SharedGradients,
     SharedLayout,
     accumulate_grad,
-    own_gradients,
     gramian,
+    own_gradients,
 )
 from mtlgraph.graph.task import Task
 
@@ -113,9 +113,7 @@ class GradientBalancer(LastWeights):
         total = scaled[0] * float(beta[0])
         for b, loss in zip(beta[1:].tolist(), scaled[1:], strict=True):
             total = total + loss * b
-        grads = torch.autograd.grad(
-            total, layout.shared, allow_unused=True, materialize_grads=True
-        )
+        grads = torch.autograd.grad(total, layout.shared, allow_unused=True, materialize_grads=True)
         for p, g in zip(layout.shared, grads, strict=True):
             accumulate_grad(p, ctx.reduce(g))
         return beta
