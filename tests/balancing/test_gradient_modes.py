@@ -373,3 +373,43 @@ def test_gram_mode_resume_is_bit_exact(spec: dict) -> None:
     assert all(torch.equal(x, y) for x, y in zip(g1, g2, strict=True))
     assert w1 == w2 and same_state(s1, s2)
     assert all(math.isfinite(v) for v in w1.values())
+
+
+@pytest.mark.timeout(200)
+def test_two_ranks_in_gram_mode_equal_one_process_on_the_whole_batch() -> None:
+    """Each rank averages every Jacobian chunk before its Gram product, so its Gram matrix is
+    that of the whole batch's rows: two ranks on halves give one process's update (the mean
+    loss of equal halves is the whole batch's). Averaging each rank's Gram matrix instead would
+    not: it holds the cross-rank terms ``g_i^r·g_j^s`` for ``r = s`` only."""
+    import queue as queue_mod
+    import socket
+
+    import numpy as np
+    import torch.multiprocessing as mp
+    from ddp_gradient_modes import SPECS, ddp_worker, gradients
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    spawn = mp.get_context("spawn")
+    queue = spawn.Queue()
+    procs = [
+        spawn.Process(target=ddp_worker, args=(r, 2, port, queue), daemon=True) for r in (0, 1)
+    ]
+    for p in procs:
+        p.start()
+    items = []
+    while len(items) < 2 * len(SPECS):
+        try:
+            items.append(queue.get(timeout=120))
+        except queue_mod.Empty:
+            break
+    for p in procs:
+        p.join(timeout=30)
+    assert [p.exitcode for p in procs] == [0, 0]
+    by = {(i, rank): grads for i, rank, grads in items}
+    for i, spec in enumerate(SPECS):
+        one = gradients(spec, slice(0, 16), lambda t: t)
+        for rank in (0, 1):
+            worst = max(float(np.abs(a - b).max()) for a, b in zip(by[(i, rank)], one, strict=True))
+            assert worst <= 1e-6, (spec, rank, worst)
