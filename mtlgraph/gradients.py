@@ -205,6 +205,10 @@ class SharedGradients:
 
     Layouts are cached per execution plan; :meth:`clear` forgets them (after freezing).
 
+    Args:
+        batched: Try one vmapped backward pass for all the tasks (:func:`task_rows`); ``False``:
+            one pass per task always (to compare the two).
+
     Example:
         >>> import torch
         >>> from torch import nn
@@ -219,8 +223,9 @@ class SharedGradients:
         ([('trunk', 0, 2)], 2)
     """
 
-    def __init__(self) -> None:
+    def __init__(self, batched: bool = True) -> None:
         self._layouts = PlanCache[SharedLayout]()
+        self.batched = batched
 
     def clear(self) -> None:
         """Forget the cached layouts."""
@@ -228,7 +233,10 @@ class SharedGradients:
 
     def layout(self, tasks: Mapping[str, Task], plan: ExecutionPlan) -> SharedLayout:
         """The (cached) :class:`SharedLayout` of ``plan``."""
-        return self._layouts.get(plan, lambda p: build_layout(tasks, p))
+        layout = self._layouts.get(plan, lambda p: build_layout(tasks, p))
+        if not self.batched:
+            layout.batched = False
+        return layout
 
     @staticmethod
     def compute(

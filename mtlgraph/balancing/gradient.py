@@ -140,6 +140,7 @@ class PCGradBalancer(Seeded, GradientBalancer):
 
     Args:
         seed: Seed of the shuffling generator.
+        gradients: ``"parameters"`` or ``"gram"`` (see :class:`GradientBalancer`).
 
     Example:
         >>> import numpy as np
@@ -167,6 +168,7 @@ class MGDABalancer(GradientBalancer):
     Args:
         rescale: Multiply the direction by the number of tasks in the step.
         max_iter: Frank–Wolfe iterations (more than two tasks).
+        gradients: ``"parameters"`` or ``"gram"`` (see :class:`GradientBalancer`).
 
     Example:
         >>> import numpy as np
@@ -202,6 +204,7 @@ class CAGradBalancer(GradientBalancer):
         c: Conflict-aversion radius, in ``[0, 1)``.
         rescale: Divide the direction by ``1 + c²``.
         max_iter: Solver iterations.
+        gradients: ``"parameters"`` or ``"gram"`` (see :class:`GradientBalancer`).
 
     Example:
         >>> import numpy as np

@@ -43,6 +43,7 @@ class IMTLBalancer(GradientBalancer):
     Args:
         loss_scaling: Learn the IMTL-L scales ``s_i`` too.
         lr: Learning rate of the ``s_i`` (``None``: the Trainer's ``lr``).
+        gradients: ``"parameters"`` or ``"gram"`` (see :class:`GradientBalancer`).
 
     Example:
         >>> import numpy as np
@@ -117,6 +118,7 @@ class AlignedMTLBalancer(GradientBalancer):
     Args:
         scale_mode: ``σ²``: the smallest non-zero eigenvalue of ``M`` (``"min"``, the paper),
             the median (``"median"``) or the mean (``"rmse"``).
+        gradients: ``"parameters"`` or ``"gram"`` (see :class:`GradientBalancer`).
 
     Example:
         >>> import numpy as np
@@ -143,6 +145,9 @@ class AlignedMTLBalancer(GradientBalancer):
 class UPGradBalancer(GradientBalancer):
     """UPGrad (Quinton & Rey, 2024, TorchJD): each ``g_i/K`` projected onto the dual cone of all
     the gradients, summed; lowers no task's loss to first order.
+
+    Args:
+        gradients: ``"parameters"`` or ``"gram"`` (see :class:`GradientBalancer`).
 
     Example:
         >>> import numpy as np
@@ -179,6 +184,7 @@ class NashMTLBalancer(_Named):
         update_weights_every: Solve every this many steps.
         max_norm: Scale ``α`` so that ``‖d‖ ≤ max_norm`` (0: no clipping; the paper's 1.0).
         max_iter: Newton iterations.
+        gradients: ``"parameters"`` or ``"gram"`` (see :class:`GradientBalancer`).
 
     Example:
         >>> import numpy as np
@@ -254,6 +260,7 @@ class GradVacBalancer(Seeded, _Named):
         group: ``"model"``: one target per pair on the whole shared vector; ``"module"``: one
             per pair and shared module (the paper's per-layer variant at module granularity).
         seed: Seed of the order generator.
+        gradients: ``"parameters"`` or ``"gram"`` (see :class:`GradientBalancer`).
 
     Example:
         >>> import numpy as np
@@ -338,6 +345,7 @@ class DBMTLBalancer(_Named):
         beta: ``β``, the EMA weight of the past.
         beta_sigma: ``β_σ``, the decay of ``β_t`` with the step ``t``.
         eps: Added to the losses in the log (and to the norms).
+        gradients: ``"parameters"`` or ``"gram"`` (see :class:`GradientBalancer`).
 
     Example:
         >>> from mtlgraph.balancing import BALANCERS
