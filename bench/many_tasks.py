@@ -17,7 +17,7 @@ side by side, and the ``representation`` mode.
 
 Run (from the repository root):
 ``python -m bench.many_tasks [--tasks 2 10 40] [--methods mgda upgrad] [--steps 5]
-[--batch 64] [--threads 1] [--json bench/results/many_tasks.json]``.
+[--batch 64] [--threads 1] [--tasks-per-pass 8] [--json bench/results/many_tasks.json]``.
 """
 
 from __future__ import annotations
@@ -81,20 +81,21 @@ def build(n_tasks: int, batch: int, seed: int = 0) -> tuple[MultitaskClassifier,
     return MultitaskClassifier(tasks), {"image": x}, {f"t{i}": y[:, i] for i in range(n_tasks)}
 
 
-def balancer_for(method: str, mode: str) -> Any:
+def balancer_for(method: str, mode: str, tasks_per_pass: int = 0) -> Any:
     if method == "sum":
         return BALANCERS.build("sum")
     b = BALANCERS.build({"name": method, "gradients": "gram" if mode == "gram" else "parameters"})
     assert isinstance(b, GradientBalancer)
-    if mode == "per_task":
-        b._grads.batched = False  # bench-only switch: one backward pass per task
+    b.tasks_per_pass = 1 if mode == "per_task" else tasks_per_pass  # 1: one pass per task
     return b
 
 
-def run_one(method: str, mode: str, n_tasks: int, batch: int, steps: int) -> dict[str, float]:
+def run_one(
+    method: str, mode: str, n_tasks: int, batch: int, steps: int, tasks_per_pass: int = 0
+) -> dict[str, float]:
     """Median seconds per step and the steps' peak memory above the warm-up (MiB)."""
     model, X, Y = build(n_tasks, batch)
-    balancer = balancer_for(method, mode)
+    balancer = balancer_for(method, mode, tasks_per_pass)
     balancer.setup(model.tasks)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
 
@@ -123,6 +124,7 @@ def in_fresh_process(
 ) -> dict[str, float]:
     cmd = [sys.executable, "-m", "bench.many_tasks", "--one", method, mode, str(n_tasks)]
     cmd += ["--batch", str(args.batch), "--steps", str(args.steps)]
+    cmd += ["--tasks-per-pass", str(args.tasks_per_pass)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     root = Path(__file__).resolve().parents[1]
@@ -138,6 +140,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N)")
+    parser.add_argument(
+        "--tasks-per-pass", type=int, default=0, help="batched, gram: tasks a pass (0: all)"
+    )
     parser.add_argument("--json", default=None, help="write the rows here (JSON)")
     parser.add_argument("--one", nargs=3, metavar=("METHOD", "MODE", "T"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -145,7 +150,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         torch.set_num_threads(args.threads)
     if args.one:
         method, mode, n = args.one
-        print(json.dumps(run_one(method, mode, int(n), args.batch, args.steps)))
+        one = run_one(method, mode, int(n), args.batch, args.steps, args.tasks_per_pass)
+        print(json.dumps(one))
         return []
     rows = []
     print(f"{'T':>3} {'method':<12} {'mode':<9} {'s/step':>8} {'x sum':>6} {'peak MiB':>9}")

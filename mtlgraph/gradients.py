@@ -96,8 +96,10 @@ class SharedLayout:
         modules: ``(module name, start, stop)``: each shared module's columns of a buffer row.
         own: Task name -> trainable parameters only that task uses.
         size: ``P``, the number of shared parameter values.
-        batched: Whether one vmapped backward pass gives all the tasks' gradients (see
+        batched: Whether a vmapped backward pass gives several tasks' gradients at once (see
             :func:`task_rows`): ``None`` until the plan's first multi-task step tries it.
+        tasks_per_pass: Most tasks one vmapped pass takes (``0``: all; ``1``: one pass per
+            task). Its transient memory is that many times each activation's gradient.
     """
 
     task_names: tuple[str, ...]
@@ -107,6 +109,7 @@ class SharedLayout:
     own: dict[str, list[nn.Parameter]]
     size: int = field(default=0)
     batched: bool | None = None
+    tasks_per_pass: int = 0
     _buffer: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -206,8 +209,8 @@ class SharedGradients:
     Layouts are cached per execution plan; :meth:`clear` forgets them (after freezing).
 
     Args:
-        batched: Try one vmapped backward pass for all the tasks (:func:`task_rows`); ``False``:
-            one pass per task always (to compare the two).
+        tasks_per_pass: Most tasks one vmapped backward pass takes (:func:`task_rows`; ``0``:
+            all the step's tasks, ``1``: one pass per task); set on each layout it returns.
 
     Example:
         >>> import torch
@@ -223,9 +226,9 @@ class SharedGradients:
         ([('trunk', 0, 2)], 2)
     """
 
-    def __init__(self, batched: bool = True) -> None:
+    def __init__(self, tasks_per_pass: int = 0) -> None:
         self._layouts = PlanCache[SharedLayout]()
-        self.batched = batched
+        self.tasks_per_pass = tasks_per_pass
 
     def clear(self) -> None:
         """Forget the cached layouts."""
@@ -234,8 +237,7 @@ class SharedGradients:
     def layout(self, tasks: Mapping[str, Task], plan: ExecutionPlan) -> SharedLayout:
         """The (cached) :class:`SharedLayout` of ``plan``."""
         layout = self._layouts.get(plan, lambda p: build_layout(tasks, p))
-        if not self.batched:
-            layout.batched = False
+        layout.tasks_per_pass = self.tasks_per_pass
         return layout
 
     @staticmethod
@@ -319,18 +321,23 @@ def task_rows(
 ) -> None:
     """``out[i] := ∇_params losses[i]`` flattened (``out``: ``(len(losses), Σ numel)``).
 
-    All rows come from one ``torch.autograd.grad(..., is_grads_batched=True)`` call (a vmap over
-    the one-hot gradients of the stacked losses) when the losses share a dtype and there are
-    several. The plan's first such call keeps the graph and is the trial: a ``RuntimeError`` of
-    :data:`VMAP_REFUSALS` sets ``layout.batched = False`` (logged once), and that plan takes one
-    backward pass per task from then on; any other error propagates. Both give the same rows (to
-    float rounding).
+    The rows come from ``torch.autograd.grad(..., is_grads_batched=True)`` calls (a vmap over
+    one-hot gradients of the stacked losses), ``layout.tasks_per_pass`` tasks a call (``0``: all
+    in one), when the losses share a dtype and there are several. The plan's first such call
+    keeps the graph and is the trial: a ``RuntimeError`` of :data:`VMAP_REFUSALS` sets
+    ``layout.batched = False`` (logged once), and that plan takes one backward pass per task
+    from then on; any other error propagates. Both give the same rows (to float rounding).
     """
-    batchable = len(losses) > 1 and len({loss.dtype for loss in losses}) == 1
+    k = len(losses)
+    width = layout.tasks_per_pass or k
+    batchable = k > 1 and width > 1 and len({loss.dtype for loss in losses}) == 1
     if batchable and layout.batched is not False:
         trial = layout.batched is None
         try:
-            _batched_rows(params, losses, out, retain_graph or trial)
+            for start in range(0, k, width):
+                stop = min(start + width, k)
+                keep = retain_graph or trial or stop < k
+                _batched_rows(params, losses, range(start, stop), out[start:stop], keep)
             layout.batched = True
             return
         except RuntimeError as e:
@@ -358,16 +365,18 @@ def task_rows(
 def _batched_rows(
     params: Sequence[nn.Parameter],
     losses: Sequence[torch.Tensor],
+    tasks: range,
     out: torch.Tensor,
     retain_graph: bool,
 ) -> None:
-    """:func:`task_rows` in one vmapped backward pass (unused parameters get zero rows)."""
+    """``out[j] := ∇_params losses[tasks[j]]`` in one vmapped backward pass (unused parameters
+    get zero rows)."""
     stacked = torch.stack(list(losses))
     eye = torch.eye(len(losses), dtype=stacked.dtype, device=stacked.device)
     grads = torch.autograd.grad(
         stacked,
         list(params),
-        grad_outputs=eye,
+        grad_outputs=eye[tasks.start : tasks.stop],
         retain_graph=retain_graph,
         allow_unused=True,
         is_grads_batched=True,
@@ -378,7 +387,7 @@ def _batched_rows(
         if g is None:
             out[:, start:stop] = 0
         else:
-            out[:, start:stop] = g.reshape(len(losses), -1)
+            out[:, start:stop] = g.reshape(len(tasks), -1)
         start = stop
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import ClassVar
 
 import numpy as np
 import torch
@@ -42,9 +41,16 @@ class GradientBalancer(LastWeights):
             Gram matrix, computed a chunk of parameters at a time, then ``d`` from one backward
             pass of ``Σ_i β_i L_i`` (memory ``P + K²`` plus one chunk's Jacobian, at most
             :attr:`gram_values` values).
+
+    Attributes:
+        gram_values: Most values of one Jacobian chunk with ``gradients="gram"``.
+        tasks_per_pass: Most tasks one vmapped backward pass takes (``0``: all the step's tasks;
+            ``1``: one pass per task): the transient memory of the pass is that many times
+            each activation's gradient.
     """
 
-    gram_values: ClassVar[int] = 1 << 24  # most values of one Jacobian chunk in "gram" mode
+    gram_values: int = 1 << 24  # most values of one Jacobian chunk in "gram" mode
+    tasks_per_pass: int = 0  # most tasks one vmapped backward pass takes (0: all, 1: one each)
 
     def __init__(self, gradients: str = "parameters") -> None:
         super().__init__()
@@ -80,6 +86,7 @@ class GradientBalancer(LastWeights):
             self._last[names[0]] = 1.0
             return
         layout = self._grads.layout(ctx.tasks, ctx.plan)
+        layout.tasks_per_pass = self.tasks_per_pass
         if layout.size == 0:
             self._say_once(
                 "unshared",

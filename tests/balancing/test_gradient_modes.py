@@ -120,13 +120,13 @@ MODELS: dict[str, Callable[[], MultitaskClassifier]] = {
 
 
 def rows_and_own(
-    model: MultitaskClassifier, batched: bool | None
+    model: MultitaskClassifier, batched: bool | None, tasks_per_pass: int = 0
 ) -> tuple[torch.Tensor, SharedLayout, list[torch.Tensor]]:
     """The shared rows (``batched``: the layout's verdict before the step) and task-only grads."""
     model.zero_grad(set_to_none=True)
     X, Y = labels(model)
     losses, _ = model.calculate_loss(X, Y)
-    layout = SharedGradients().layout(model.tasks, model.plan(losses))
+    layout = SharedGradients(tasks_per_pass).layout(model.tasks, model.plan(losses))
     layout.batched = batched
     rows = SharedGradients.compute(layout, losses, accumulate_own=True).clone()
     own = [p.grad.clone() for t in losses for p in layout.own[t]]
@@ -148,6 +148,15 @@ def test_batched_rows_equal_one_pass_per_task(name: str) -> None:
     assert all(torch.allclose(a, b, atol=1e-6, rtol=0) for a, b in zip(own, own_ref, strict=True))
     again, _, _ = rows_and_own(model, batched=True)  # the remembered verdict: no retained trial
     assert torch.equal(again, rows)
+
+
+def test_batched_passes_of_fewer_tasks_give_the_same_rows() -> None:
+    model = conv_model()  # three tasks: passes of two tasks, then one
+    per_task, _, _ = rows_and_own(model, batched=False)
+    for width in (1, 2, 3):
+        rows, layout, _ = rows_and_own(model, batched=None, tasks_per_pass=width)
+        assert layout.batched is (None if width == 1 else True)  # 1: never tried
+        assert (rows - per_task).abs().max().item() <= 1e-6
 
 
 def test_rows_of_tasks_that_skip_shared_parameters_are_zero_there() -> None:
