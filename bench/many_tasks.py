@@ -1,7 +1,8 @@
 """Many tasks: time and peak memory per step of the gradient methods as the task count grows.
 
 A CelebA-like problem: ``T`` binary heads on a small conv trunk over generated 32x32 RGB images
-(random pixels, labels from fixed random projections of the pixels; nothing is downloaded).
+(random pixels, labels from fixed random projections of the pixels; nothing is downloaded);
+``--trunk wide`` swaps in a 4.3M-parameter MLP trunk, where the ``K × P`` rows dominate memory.
 For ``T`` in ``--tasks`` and every gradient method in ``--methods``, each way of taking the task
 gradients (``docs/balancing.md``, "How task gradients are computed"): ``per_task`` (one backward
 pass per task), ``batched`` (one vmapped pass; the default of ``gradients: parameters``) and
@@ -62,10 +63,29 @@ def trunk() -> nn.Module:
     )
 
 
-def build(n_tasks: int, batch: int, seed: int = 0) -> tuple[MultitaskClassifier, dict, dict]:
+def wide_trunk() -> nn.Module:
+    """A wide MLP trunk on the flattened image: ~4.3M parameters, small activations (the case
+    where the ``K × P`` rows dominate memory)."""
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(3 * 32 * 32, 1024),
+        nn.ReLU(),
+        nn.Linear(1024, 1024),
+        nn.ReLU(),
+        nn.Linear(1024, 64),
+        nn.ReLU(),
+    )
+
+
+TRUNKS = {"conv": trunk, "wide": wide_trunk}
+
+
+def build(
+    n_tasks: int, batch: int, seed: int = 0, kind: str = "conv"
+) -> tuple[MultitaskClassifier, dict, dict]:
     """The model (a 2-class head per task) and one batch of images with every task's labels."""
     torch.manual_seed(seed)
-    shared = trunk()
+    shared = TRUNKS[kind]()
     tasks = [
         Task(
             f"t{i}",
@@ -91,10 +111,14 @@ def balancer_for(method: str, mode: str, tasks_per_pass: int = 0) -> Any:
 
 
 def run_one(
-    method: str, mode: str, n_tasks: int, batch: int, steps: int, tasks_per_pass: int = 0
+    method: str,
+    mode: str,
+    n_tasks: int,
+    args: argparse.Namespace,
 ) -> dict[str, float]:
     """Median seconds per step and the steps' peak memory above the warm-up (MiB)."""
-    model, X, Y = build(n_tasks, batch)
+    model, X, Y = build(n_tasks, args.batch, kind=args.trunk)
+    tasks_per_pass, steps = args.tasks_per_pass, args.steps
     balancer = balancer_for(method, mode, tasks_per_pass)
     balancer.setup(model.tasks)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -124,7 +148,7 @@ def in_fresh_process(
 ) -> dict[str, float]:
     cmd = [sys.executable, "-m", "bench.many_tasks", "--one", method, mode, str(n_tasks)]
     cmd += ["--batch", str(args.batch), "--steps", str(args.steps)]
-    cmd += ["--tasks-per-pass", str(args.tasks_per_pass)]
+    cmd += ["--tasks-per-pass", str(args.tasks_per_pass), "--trunk", args.trunk]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     root = Path(__file__).resolve().parents[1]
@@ -143,6 +167,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument(
         "--tasks-per-pass", type=int, default=0, help="batched, gram: tasks a pass (0: all)"
     )
+    parser.add_argument("--trunk", default="conv", choices=sorted(TRUNKS))
     parser.add_argument("--json", default=None, help="write the rows here (JSON)")
     parser.add_argument("--one", nargs=3, metavar=("METHOD", "MODE", "T"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -150,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         torch.set_num_threads(args.threads)
     if args.one:
         method, mode, n = args.one
-        one = run_one(method, mode, int(n), args.batch, args.steps, args.tasks_per_pass)
+        one = run_one(method, mode, int(n), args)
         print(json.dumps(one))
         return []
     rows = []

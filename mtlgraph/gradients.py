@@ -23,6 +23,7 @@ __all__ = [
     "SharedGradients",
     "SharedLayout",
     "accumulate_grad",
+    "batched_blocks",
     "build_layout",
     "gram_chunks",
     "gramian",
@@ -328,28 +329,86 @@ def task_rows(
     ``layout.batched = False`` (logged once), and that plan takes one backward pass per task
     from then on; any other error propagates. Both give the same rows (to float rounding).
     """
+    blocks = batched_blocks(layout, params, losses, retain_graph)
+    if blocks is None:
+        _per_task_rows(params, losses, out, retain_graph)
+    else:
+        torch.cat(blocks, dim=1, out=out)
+
+
+def batched_blocks(
+    layout: SharedLayout,
+    params: Sequence[nn.Parameter],
+    losses: Sequence[torch.Tensor],
+    retain_graph: bool,
+) -> list[torch.Tensor] | None:
+    """The Jacobian of ``losses`` on ``params`` as one ``(K, numel)`` block per parameter, from
+    vmapped passes (:func:`task_rows` says when); ``None`` where one pass per task is due."""
     k = len(losses)
     width = layout.tasks_per_pass or k
     batchable = k > 1 and width > 1 and len({loss.dtype for loss in losses}) == 1
-    if batchable and layout.batched is not False:
-        trial = layout.batched is None
-        try:
-            for start in range(0, k, width):
-                stop = min(start + width, k)
-                keep = retain_graph or trial or stop < k
-                _batched_rows(params, losses, range(start, stop), out[start:stop], keep)
-            layout.batched = True
-            return
-        except RuntimeError as e:
-            if not (trial and vmap_refused(e)):
-                raise
-            layout.batched = False
-            logger.info(
-                "tasks %s: PyTorch cannot batch their backward pass (%s); their gradients take "
-                "one backward pass each",
-                list(layout.task_names),
-                str(e).splitlines()[0],
+    if not batchable or layout.batched is False:
+        return None
+    trial = layout.batched is None
+    try:
+        blocks = _batched_blocks(params, losses, width, retain_graph or trial)
+    except RuntimeError as e:
+        if not (trial and vmap_refused(e)):
+            raise
+        layout.batched = False
+        logger.info(
+            "tasks %s: PyTorch cannot batch their backward pass (%s); their gradients take "
+            "one backward pass each",
+            list(layout.task_names),
+            str(e).splitlines()[0],
+        )
+        return None
+    layout.batched = True
+    return blocks
+
+
+def _batched_blocks(
+    params: Sequence[nn.Parameter],
+    losses: Sequence[torch.Tensor],
+    width: int,
+    retain_graph: bool,
+) -> list[torch.Tensor]:
+    """:func:`batched_blocks` in passes of ``width`` tasks (unused parameters: zero blocks)."""
+    k = len(losses)
+    stacked = torch.stack(list(losses))
+    eye = torch.eye(k, dtype=stacked.dtype, device=stacked.device)
+    blocks: list[torch.Tensor] = []
+    for start in range(0, k, width):
+        stop = min(start + width, k)
+        grads = torch.autograd.grad(
+            stacked,
+            list(params),
+            grad_outputs=eye[start:stop],
+            retain_graph=retain_graph or stop < k,
+            allow_unused=True,
+            is_grads_batched=True,
+        )
+        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+            rows = (
+                p.new_zeros(stop - start, p.numel()) if g is None else g.reshape(stop - start, -1)
             )
+            if start == 0 and stop == k:
+                blocks.append(rows)  # one pass: autograd's own tensors, no copy
+            elif start == 0:
+                blocks.append(p.new_empty(k, p.numel()))
+                blocks[i][:stop] = rows
+            else:
+                blocks[i][start:stop] = rows
+    return blocks
+
+
+def _per_task_rows(
+    params: Sequence[nn.Parameter],
+    losses: Sequence[torch.Tensor],
+    out: torch.Tensor,
+    retain_graph: bool,
+) -> None:
+    """:func:`task_rows` with one backward pass per task."""
     for i, loss in enumerate(losses):
         last = i == len(losses) - 1
         grads = torch.autograd.grad(
@@ -360,35 +419,6 @@ def task_rows(
             materialize_grads=True,
         )
         torch.cat([g.reshape(-1) for g in grads], out=out[i])
-
-
-def _batched_rows(
-    params: Sequence[nn.Parameter],
-    losses: Sequence[torch.Tensor],
-    tasks: range,
-    out: torch.Tensor,
-    retain_graph: bool,
-) -> None:
-    """``out[j] := ∇_params losses[tasks[j]]`` in one vmapped backward pass (unused parameters
-    get zero rows)."""
-    stacked = torch.stack(list(losses))
-    eye = torch.eye(len(losses), dtype=stacked.dtype, device=stacked.device)
-    grads = torch.autograd.grad(
-        stacked,
-        list(params),
-        grad_outputs=eye[tasks.start : tasks.stop],
-        retain_graph=retain_graph,
-        allow_unused=True,
-        is_grads_batched=True,
-    )
-    start = 0
-    for p, g in zip(params, grads, strict=True):
-        stop = start + p.numel()
-        if g is None:
-            out[:, start:stop] = 0
-        else:
-            out[:, start:stop] = g.reshape(len(tasks), -1)
-        start = stop
 
 
 def gram_chunks(params: Sequence[nn.Parameter], rows: int, max_values: int) -> list[slice]:
@@ -442,10 +472,13 @@ def gramian(
     total = torch.zeros(k, k, dtype=torch.float64, device=like.device)
     for chunk in gram_chunks(layout.shared, k, max_values):
         params = layout.shared[chunk]
-        jacobian = like.new_empty(k, sum(p.numel() for p in params))
-        task_rows(layout, params, losses, jacobian, retain_graph=True)
-        if reduce is not None:
-            reduce(jacobian)
-        total += (jacobian @ jacobian.T).double()
-        del jacobian  # one chunk's Jacobian at a time
+        blocks = batched_blocks(layout, params, losses, retain_graph=True)
+        if blocks is None:
+            blocks = [like.new_empty(k, sum(p.numel() for p in params))]
+            _per_task_rows(params, losses, blocks[0], retain_graph=True)
+        for block in blocks:
+            if reduce is not None:
+                reduce(block)
+            total += (block @ block.T).double()
+        del blocks  # one chunk's Jacobian at a time
     return total
