@@ -13,8 +13,9 @@ median seconds per step, and the peak resident memory of the steps above what th
 before them (``ru_maxrss``; model, data and one no-grad forward are in the baseline).
 CPU only. The machine may be shared: compare ratios within one run.
 
-Not here yet: the peers (LibMTL through ``bench/_libmtl_shim.py``, TorchJD's autogram engine)
-side by side, and the ``representation`` mode.
+``torchjd``: TorchJD's autogram engine on the trunk (Gramian without the Jacobian, then
+``losses.backward(weights)``) for ``mgda`` and ``cagrad``. Not here
+yet: LibMTL (through ``bench/_libmtl_shim.py``) and the ``representation`` mode.
 
 Run (from the repository root):
 ``python -m bench.many_tasks [--tasks 2 10 40] [--methods mgda upgrad] [--steps 5]
@@ -43,7 +44,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` and the worktree 
 from mtlgraph import MultitaskClassifier, Operation, Task
 from mtlgraph.balancing import BALANCERS, GradientBalancer, StepContext
 
-MODES = ("per_task", "batched", "gram")
+MODES = ("per_task", "batched", "gram", "torchjd")
 METHODS = ("mgda", "upgrad", "cagrad", "nash_mtl", "pcgrad", "imtl", "aligned_mtl")
 
 
@@ -110,6 +111,24 @@ def balancer_for(method: str, mode: str, tasks_per_pass: int = 0) -> Any:
     return b
 
 
+TORCHJD = {"mgda": "MGDAWeighting", "cagrad": "CAGradWeighting"}  # (UPGrad needs quadprog)
+
+
+def torchjd_backward(model: MultitaskClassifier, method: str) -> Any:
+    """TorchJD's autogram engine on the shared trunk: the Gramian of the task losses, the
+    method's weights from it, then ``losses.backward(weights)`` (its heads get ``w_i ∇L_i``)."""
+    from torchjd import aggregation, autogram
+
+    engine = autogram.Engine(model.module_pool["trunk"], batch_dim=None)
+    weighting = getattr(aggregation, TORCHJD[method])()
+
+    def backward(losses: dict[str, torch.Tensor]) -> None:
+        stacked = torch.stack(list(losses.values()))
+        stacked.backward(weighting(engine.compute_gramian(stacked)))
+
+    return backward
+
+
 def run_one(
     method: str,
     mode: str,
@@ -119,7 +138,8 @@ def run_one(
     """Median seconds per step and the steps' peak memory above the warm-up (MiB)."""
     model, X, Y = build(n_tasks, args.batch, kind=args.trunk)
     tasks_per_pass, steps = args.tasks_per_pass, args.steps
-    balancer = balancer_for(method, mode, tasks_per_pass)
+    peer = torchjd_backward(model, method) if mode == "torchjd" else None
+    balancer = balancer_for(method, "gram" if peer else mode, tasks_per_pass)
     balancer.setup(model.tasks)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
 
@@ -127,10 +147,13 @@ def run_one(
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         losses, counts = model.calculate_loss(X, Y)
-        ctx = StepContext(
-            model.tasks, model.plan(losses), counts, lambda loss: loss.backward(), lambda v: v, 0
-        )
-        balancer.backward(losses, ctx)
+        if peer is not None:
+            peer(losses)
+        else:
+            ctx = StepContext(
+                model.tasks, model.plan(losses), counts, lambda v: v.backward(), lambda v: v, 0
+            )
+            balancer.backward(losses, ctx)
         opt.step()
         return time.perf_counter() - start
 
@@ -189,6 +212,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         )
         for method in args.methods:
             for mode in args.modes:
+                if mode == "torchjd" and method not in TORCHJD:
+                    continue
                 r = in_fresh_process(method, mode, n_tasks, args)
                 ratio = r["seconds"] / base["seconds"]
                 rows.append({"tasks": n_tasks, "method": method, "mode": mode, **r})
