@@ -353,7 +353,14 @@ def batched_blocks(
     try:
         blocks = _batched_blocks(params, losses, width, retain_graph or trial)
     except RuntimeError as e:
-        if not (trial and vmap_refused(e)):
+        if not vmap_refused(e):
+            raise
+        if not trial:  # batched before on this plan: a data-dependent refusal
+            e.add_note(
+                f"mtlgraph: in the batched backward pass of tasks {list(layout.task_names)}, "
+                "which worked on this plan's first step; GradientBalancer.tasks_per_pass = 1 "
+                "takes one pass per task"
+            )
             raise
         layout.batched = False
         logger.info(

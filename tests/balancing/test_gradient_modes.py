@@ -52,8 +52,10 @@ def mlp_model() -> MultitaskClassifier:
 
 
 class Unflatten(nn.Module):
+    """16 features -> a 3×4×4 image (the same plane three times)."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.view(-1, 1, 4, 4)[:, :, :, :].expand(-1, 3, 4, 4)[:, :, :4, :4].contiguous()
+        return x.view(-1, 1, 4, 4).expand(-1, 3, 4, 4).contiguous()
 
 
 def conv_model() -> MultitaskClassifier:
@@ -212,6 +214,42 @@ def test_a_backward_vmap_refuses_falls_back_to_one_pass_per_task(
     assert torch.equal(rows, per_task)
     assert all(torch.equal(a, b) for a, b in zip(own, own_ref, strict=True))
     assert "cannot batch their backward pass (Batching rule not implemented" in caplog.text
+
+
+class SometimesItem(torch.autograd.Function):
+    """Identity whose backward reads ``.item()`` only once ``refuse`` is set."""
+
+    refuse = False
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        if SometimesItem.refuse:
+            grad.sum().item()
+        return grad
+
+
+def test_a_refusal_after_a_batched_first_step_propagates_with_the_way_out() -> None:
+    model = refusing_model(SometimesItem)
+    X, Y = labels(model)
+    grads = SharedGradients()
+    losses, _ = model.calculate_loss(X, Y)
+    layout = grads.layout(model.tasks, model.plan(losses))
+    SharedGradients.compute(layout, losses)
+    assert layout.batched is True
+    SometimesItem.refuse = True
+    try:
+        losses, _ = model.calculate_loss(X, Y)
+        with pytest.raises(RuntimeError, match="Batching rule not implemented") as info:
+            SharedGradients.compute(layout, losses)
+    finally:
+        SometimesItem.refuse = False
+    assert "which worked on this plan's first step" in "".join(info.value.__notes__)
+    assert "tasks_per_pass = 1" in "".join(info.value.__notes__)
+    assert layout.batched is True  # not silently switched
 
 
 class Broken(torch.autograd.Function):
