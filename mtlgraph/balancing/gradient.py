@@ -55,6 +55,14 @@ class GradientBalancer(LastWeights):
     def __init__(self, gradients: str = "parameters") -> None:
         super().__init__()
         check = ArgumentCheck(f"balancer '{self.name}'")
+        self.check_gradients(check, gradients)
+        check.done()
+        self.gradients = gradients
+        self._grads = SharedGradients()
+
+    def check_gradients(self, check: ArgumentCheck, gradients: object) -> None:
+        """Record what is wrong with ``gradients`` in ``check`` (a subclass calls it with its
+        own check before ``super().__init__``, so every bad argument is reported at once)."""
         check.choice("gradients", gradients, GRADIENT_MODES)
         if gradients == "gram":
             check.require(
@@ -63,9 +71,6 @@ class GradientBalancer(LastWeights):
                 f"this method ({type(self).__name__}) uses the gradients themselves: use "
                 "gradients 'parameters'",
             )
-        check.done()
-        self.gradients = gradients
-        self._grads = SharedGradients()
 
     def gram_capable(self) -> bool:
         """Whether the update is ``Σ_i β_i g_i`` with ``β = combine(Gram)`` (the default
@@ -190,11 +195,12 @@ class MGDABalancer(GradientBalancer):
     def __init__(
         self, rescale: bool = True, max_iter: int = 250, gradients: str = "parameters"
     ) -> None:
-        super().__init__(gradients)
         check = ArgumentCheck(f"balancer '{self.name}'")
         check.require(isinstance(rescale, bool), f"rescale must be true or false: {rescale!r}")
         check.integer("max_iter", max_iter)
+        self.check_gradients(check, gradients)
         check.done()
+        super().__init__(gradients)
         self.rescale = rescale
         self.max_iter = max_iter
 
@@ -230,12 +236,13 @@ class CAGradBalancer(GradientBalancer):
         max_iter: int = 100,
         gradients: str = "parameters",
     ) -> None:
-        super().__init__(gradients)
         check = ArgumentCheck(f"balancer '{self.name}'")
         check.number("c", c, "in [0, 1)", lambda v: 0 <= v < 1)
         check.require(isinstance(rescale, bool), f"rescale must be true or false: {rescale!r}")
         check.integer("max_iter", max_iter)
+        self.check_gradients(check, gradients)
         check.done()
+        super().__init__(gradients)
         self.c = float(c)
         self.rescale = rescale
         self.max_iter = max_iter

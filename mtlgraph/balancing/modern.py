@@ -61,14 +61,15 @@ class IMTLBalancer(GradientBalancer):
         lr: float | None = None,
         gradients: str = "parameters",
     ) -> None:
-        super().__init__(gradients)
         check = ArgumentCheck(f"balancer '{self.name}'")
         check.require(
             isinstance(loss_scaling, bool),
             f"loss_scaling must be true or false: {loss_scaling!r}",
         )
         check.number("lr", lr, "> 0", lambda v: v > 0, optional=True)
+        self.check_gradients(check, gradients)
         check.done()
+        super().__init__(gradients)
         self.loss_scaling = loss_scaling
         self.lr = lr
         self.log_scales = nn.Parameter(torch.zeros(0), requires_grad=loss_scaling)
@@ -131,10 +132,11 @@ class AlignedMTLBalancer(GradientBalancer):
     name = "aligned_mtl"
 
     def __init__(self, scale_mode: str = "min", gradients: str = "parameters") -> None:
-        super().__init__(gradients)
         check = ArgumentCheck(f"balancer '{self.name}'")
         check.choice("scale_mode", scale_mode, ("min", "median", "rmse"))
+        self.check_gradients(check, gradients)
         check.done()
+        super().__init__(gradients)
         self.scale_mode = scale_mode
 
     def combine(self, gram: np.ndarray) -> np.ndarray:
@@ -203,12 +205,13 @@ class NashMTLBalancer(_Named):
         max_iter: int = 100,
         gradients: str = "parameters",
     ) -> None:
-        super().__init__(gradients)
         check = ArgumentCheck(f"balancer '{self.name}'")
         check.integer("update_weights_every", update_weights_every)
         check.number("max_norm", max_norm, ">= 0", lambda v: v >= 0)
         check.integer("max_iter", max_iter)
+        self.check_gradients(check, gradients)
         check.done()
+        super().__init__(gradients)
         self.update_weights_every = update_weights_every
         self.max_norm = float(max_norm)
         self.max_iter = max_iter
@@ -287,6 +290,7 @@ class GradVacBalancer(Seeded, _Named):
             "group 'module' combines each module's gradients with its own coefficients, which "
             "one backward pass cannot give: use gradients 'parameters' or group 'model'",
         )
+        self.check_gradients(check, gradients)
         check.done()
         super().__init__(seed, gradients=gradients)
         self.beta = float(beta)
@@ -362,12 +366,13 @@ class DBMTLBalancer(_Named):
         eps: float = 1e-8,
         gradients: str = "parameters",
     ) -> None:
-        super().__init__(gradients)
         check = ArgumentCheck(f"balancer '{self.name}'")
         check.number("beta", beta, "in [0, 1)", lambda v: 0 <= v < 1)
         check.number("beta_sigma", beta_sigma, ">= 0", lambda v: v >= 0)
         check.number("eps", eps, "> 0", lambda v: v > 0)
+        self.check_gradients(check, gradients)
         check.done()
+        super().__init__(gradients)
         self.beta = float(beta)
         self.beta_sigma = float(beta_sigma)
         self.eps = float(eps)

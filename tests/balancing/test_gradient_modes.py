@@ -390,6 +390,14 @@ def test_bad_gradients_argument_is_refused_with_the_fix(spec: dict, message: str
         BALANCERS.build(spec)
 
 
+def test_a_bad_gradients_argument_is_reported_with_the_others() -> None:
+    with pytest.raises(ConfigError) as info:
+        BALANCERS.build({"name": "nash_mtl", "gradients": "grams", "max_norm": -1})
+    problems = "\n".join(info.value.problems)
+    assert "gradients must be 'parameters' or 'gram', got 'grams'" in problems
+    assert "max_norm" in problems
+
+
 @pytest.mark.parametrize(
     "spec",
     [
