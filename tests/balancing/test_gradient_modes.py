@@ -277,9 +277,10 @@ def test_gramian_in_chunks_equals_the_rows_gram_and_allocates_no_rows() -> None:
     rows, _, _ = rows_and_own(model, batched=False)
     expected = (rows @ rows.T).double()
     X, Y = labels(model)
-    for max_values in (1, 100, 1 << 24):  # one parameter a chunk, a few, all at once
+    for max_values, width in ((1, 0), (100, 2), (1 << 24, 0), (1 << 24, 1)):
+        # one parameter a chunk, a few (passes of two tasks), all at once (one pass per task)
         losses, _ = model.calculate_loss(X, Y)
-        layout = SharedGradients().layout(model.tasks, model.plan(losses))
+        layout = SharedGradients(width).layout(model.tasks, model.plan(losses))
         m = gramian(layout, list(losses.values()), max_values)
         assert torch.allclose(m, expected, rtol=1e-6, atol=1e-7)
         assert layout._buffer is None  # no K × P rows were allocated
