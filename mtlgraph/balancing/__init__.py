@@ -3,12 +3,14 @@
 A :class:`Balancer` turns the step's per-task losses into ``.grad``: loss-based balancers
 (``sum``, ``uncertainty``, ``dwa``, ``gradnorm``, ``inverse_metric``, ``rlw``, ``famo``) weight
 the losses; gradient-based ones (``pcgrad``, ``cagrad``, ``mgda``, ``imtl``, ``aligned_mtl``,
-``upgrad``, ``nash_mtl``, ``gradvac``, ``db_mtl``) combine per-task gradients of the shared
-parameters. Life cycle, state and formulas: ``docs/balancing.md``.
+``upgrad``, ``nash_mtl``, ``gradvac``, ``db_mtl``, and TorchJD's aggregators through
+``AggregatorBalancer``) combine per-task gradients of the shared parameters. Life cycle, state
+and formulas: ``docs/balancing.md``.
 """
 
 from __future__ import annotations
 
+from mtlgraph.balancing.aggregators import AggregatorBalancer
 from mtlgraph.balancing.base import Balancer, StepContext
 from mtlgraph.balancing.gradient import (
     CAGradBalancer,
@@ -38,6 +40,7 @@ from mtlgraph.gradients import SharedGradients, SharedLayout
 
 __all__ = [
     "BALANCERS",
+    "AggregatorBalancer",
     "AlignedMTLBalancer",
     "Balancer",
     "CAGradBalancer",
