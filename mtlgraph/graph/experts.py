@@ -196,7 +196,9 @@ class Gate(nn.Module):
         """The mixture weights ``(B, n_experts)`` and DSelect-k's selections ``(B, k, 2^m)``."""
         if self.kind == "softmax":
             return torch.softmax(self.logits(x), dim=-1), None
-        s = smooth_step(self.selectors(x).view(len(x), self.k, 1, -1), self.gamma)  # (B, k, 1, m)
+        s = smooth_step(
+            self.selectors(x).unflatten(-1, (self.k, 1, -1)), self.gamma
+        )  # (B, k, 1, m)
         r = torch.where(self.bits > 0, s, 1.0 - s).prod(dim=-1)  # (B, k, 2^m)
         alpha = torch.softmax(self.mix(x), dim=-1)
         return torch.einsum("bk,bkc,ce->be", alpha, r, self.owner), r

@@ -19,7 +19,7 @@ from mtlgraph import GraphError, MultitaskClassifier, Operation, Task
 from mtlgraph.experiment.build import build_model
 from mtlgraph.experiment.config import load_config
 from mtlgraph.experiment.inference_cli import config_fields, example_batch
-from mtlgraph.graph.experts import MTANAttention
+from mtlgraph.graph.experts import Experts, Gate, MTANAttention
 from mtlgraph.inference.export import (
     TaskGraph,
     example_inputs,
@@ -223,6 +223,27 @@ def test_mtan_exports_to_both_formats_and_matches_eager(tmp_path: Path) -> None:
     dense({"x": torch.randn(64, 5)}, ["a", "b"])  # batch norm running statistics off their start
     path = dense.export(tmp_path / "dense.pt2", ["a", "b"], example={"x": torch.randn(4, 5)})
     errors = max_export_error(dense, path, {"x": torch.randn(9, 5)})
+    assert set(errors) == {"a", "b"} and max(errors.values()) <= TOL
+
+
+def test_a_dselect_k_gate_exports_with_a_dynamic_batch(tmp_path: Path) -> None:
+    """The shipped MMoE config has softmax gates; DSelect-k's selectors reshape by batch size."""
+    torch.manual_seed(0)
+    experts = Experts(8, 4, [4])
+    tasks = [
+        Task(
+            t,
+            {"experts": experts, f"{t}_gate": Gate(8, 4, kind="dselect_k", k=2),
+             f"{t}_head": nn.Linear(4, 2)},
+            [Operation("experts", [("_input_", "x")]),
+             Operation(f"{t}_gate", [("_input_", "x"), "experts"]),
+             Operation(f"{t}_head", [f"{t}_gate"])],
+        )
+        for t in ("a", "b")
+    ]  # fmt: skip
+    model = MultitaskClassifier(tasks)
+    path = model.export(tmp_path / "gate.pt2", ["a", "b"], example={"x": torch.randn(4, 8)})
+    errors = max_export_error(model, path, {"x": torch.randn(9, 8)})
     assert set(errors) == {"a", "b"} and max(errors.values()) <= TOL
 
 
