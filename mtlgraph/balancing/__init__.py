@@ -3,8 +3,8 @@
 A :class:`Balancer` turns the step's per-task losses into ``.grad``: loss-based balancers
 (``sum``, ``uncertainty``, ``dwa``, ``gradnorm``, ``inverse_metric``, ``rlw``, ``famo``) weight
 the losses; gradient-based ones (``pcgrad``, ``cagrad``, ``mgda``, ``imtl``, ``aligned_mtl``,
-``upgrad``, ``nash_mtl``, ``gradvac``, ``db_mtl``) combine per-task gradients of the shared
-parameters. Life cycle, state and formulas: ``docs/balancing.md``.
+``upgrad``, ``nash_mtl``, ``gradvac``, ``db_mtl``, ``fairgrad``) combine per-task gradients of
+the shared parameters. Life cycle, state and formulas: ``docs/balancing.md``.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from mtlgraph.balancing.gradient import (
 from mtlgraph.balancing.modern import (
     AlignedMTLBalancer,
     DBMTLBalancer,
+    FairGradBalancer,
     FAMOBalancer,
     GradVacBalancer,
     IMTLBalancer,
@@ -44,6 +45,7 @@ __all__ = [
     "DBMTLBalancer",
     "DWABalancer",
     "FAMOBalancer",
+    "FairGradBalancer",
     "GradNormBalancer",
     "GradVacBalancer",
     "GradientBalancer",

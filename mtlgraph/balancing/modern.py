@@ -1,6 +1,7 @@
-"""Recent balancers: ``imtl``, ``aligned_mtl``, ``upgrad``, ``nash_mtl``, ``gradvac``,
-``db_mtl`` (gradient-based, on :class:`~mtlgraph.balancing.gradient.GradientBalancer`) and
-``famo`` (loss-based, one backward pass). Their solvers on the Gram matrix are in
+"""Recent balancers: ``imtl``, ``aligned_mtl``, ``upgrad``, ``nash_mtl``, ``fairgrad``,
+``gradvac``, ``db_mtl`` (gradient-based, on
+:class:`~mtlgraph.balancing.gradient.GradientBalancer`) and ``famo`` (loss-based, one backward
+pass). Their solvers on the Gram matrix are in
 :mod:`mtlgraph.balancing.solvers`; the formulas, with the papers, in ``docs/balancing.md``.
 """
 
@@ -25,6 +26,7 @@ from mtlgraph.balancing.gradient import GradientBalancer
 from mtlgraph.balancing.solvers import (
     adam_step,
     aligned_mtl,
+    fairgrad,
     gradvac_coefficients,
     imtl_g,
     nash_mtl,
@@ -166,7 +168,25 @@ class _Named(GradientBalancer):
         super().backward(losses, ctx)
 
 
-class NashMTLBalancer(_Named):
+class _LossScaled(GradientBalancer):
+    """A gradient balancer whose direction does not grow linearly with the gradients: during a
+    step ``self._unit`` holds ``ctx.scale`` of a unit loss (the fp16 loss scale and the ``1/N``
+    of accumulation), which the rows carry and the direction must carry too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._unit = 1.0  # ctx.scale of a unit loss during a step
+
+    def backward(self, losses: Mapping[str, torch.Tensor], ctx: StepContext) -> None:
+        one = next(iter(losses.values())).detach().new_ones(())
+        self._unit = float(ctx.scale(one))
+        try:
+            super().backward(losses, ctx)
+        finally:
+            self._unit = 1.0
+
+
+class NashMTLBalancer(_LossScaled, _Named):
     """Nash-MTL (Navon et al., ICML 2022): ``α > 0`` with ``Mα = 1/α``, the Nash bargaining
     solution, by Newton's method warm-started from the last ``α`` (reused between solves).
 
@@ -199,17 +219,6 @@ class NashMTLBalancer(_Named):
         self.max_iter = max_iter
         self._steps = 0  # solves and reuses so far
         self._alpha: dict[str, float] = {}  # the last solution, per task (unscaled)
-        self._unit = 1.0  # ctx.scale of a unit loss during a step
-
-    def backward(self, losses: Mapping[str, torch.Tensor], ctx: StepContext) -> None:
-        # d does not grow with the gradients (‖d‖² = K): give it the step's loss scale (fp16)
-        # and 1/N (accumulation) that the gradient methods' homogeneous directions carry
-        one = next(iter(losses.values())).detach().new_ones(())
-        self._unit = float(ctx.scale(one))
-        try:
-            super().backward(losses, ctx)
-        finally:
-            self._unit = 1.0
 
     def combine(self, gram: np.ndarray) -> np.ndarray:
         names = self._names if len(self._names) == len(gram) else [str(i) for i in range(len(gram))]
@@ -234,6 +243,39 @@ class NashMTLBalancer(_Named):
         super().set_extra_state(state)
         self._steps = int(state["steps"])
         self._alpha = {t: float(a) for t, a in state["alpha"].items()}
+
+
+class FairGradBalancer(_LossScaled):
+    """FairGrad (Ban & Ji, ICML 2024): the update that allocates first-order progress to the
+    tasks by ``alpha``-fair utility, ``w > 0`` with ``Mw = w^{−1/alpha}`` (``alpha = 1`` is
+    Nash-MTL's equation; larger ``alpha`` favours the task that progresses least).
+
+    Args:
+        alpha: ``α > 0``, the fairness (1: proportional fairness; → ∞: max-min fairness).
+        max_iter: Newton iterations.
+
+    Example:
+        >>> import numpy as np
+        >>> from mtlgraph.balancing import FairGradBalancer
+        >>> g = np.array([[2.0, 0.0], [0.0, 0.5]])
+        >>> FairGradBalancer(alpha=1.0).combine(g @ g.T)  # orthogonal: w_i = 1/‖g_i‖
+        array([0.5, 2. ])
+    """
+
+    name = "fairgrad"
+
+    def __init__(self, alpha: float = 1.0, max_iter: int = 100) -> None:
+        super().__init__()
+        check = ArgumentCheck(f"balancer '{self.name}'")
+        check.number("alpha", alpha, "> 0 (1 is Nash-MTL's equation)", lambda v: v > 0)
+        check.integer("max_iter", max_iter)
+        check.done()
+        self.alpha = float(alpha)
+        self.max_iter = max_iter
+
+    def combine(self, gram: np.ndarray) -> np.ndarray:
+        # the rows carry ctx.scale (unit): solve on the true Gram matrix, whose w the rows take
+        return fairgrad(gram / self._unit**2, self.alpha, None, self.max_iter)
 
 
 class GradVacBalancer(Seeded, _Named):

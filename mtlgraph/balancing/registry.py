@@ -27,11 +27,12 @@ BALANCERS: Registry[type[Balancer]] = Registry(
             modern.UPGradBalancer,
             modern.DBMTLBalancer,
             modern.GradVacBalancer,
+            modern.FairGradBalancer,
         )
     },
     base=Balancer,
 )
-"""Every balancer class by name (built in: the sixteen of ``docs/balancing.md``).
+"""Every balancer class by name (built in: the seventeen of ``docs/balancing.md``).
 
 ``Trainer(balancer=...)`` and ``trainer.balancer`` in YAML take what ``BALANCERS.build`` takes:
 a name, ``{"name": ..., **kwargs}``, a class or dotted path, or a :class:`Balancer`.

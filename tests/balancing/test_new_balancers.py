@@ -1,4 +1,5 @@
-"""The recent balancers: famo, nash_mtl, imtl, aligned_mtl, upgrad, db_mtl, gradvac.
+"""The recent balancers: famo, nash_mtl, imtl, aligned_mtl, upgrad, db_mtl, gradvac; and the
+2023–2024 ones (RECENT): fairgrad.
 
 Each method's math against hand-computed cases from its paper's formula, properties that define
 it on random gradients, the reference implementations where they run here (TorchJD's
@@ -40,6 +41,7 @@ from mtlgraph.balancing import (
     BALANCERS,
     AlignedMTLBalancer,
     DBMTLBalancer,
+    FairGradBalancer,
     FAMOBalancer,
     GradientBalancer,
     GradVacBalancer,
@@ -50,6 +52,7 @@ from mtlgraph.balancing import (
 from mtlgraph.balancing.solvers import (
     aligned_mtl,
     dual_cone_weights,
+    fairgrad,
     gradvac_coefficients,
     imtl_g,
     nash_mtl,
@@ -58,6 +61,8 @@ from mtlgraph.balancing.solvers import (
 
 NEW = ["famo", "nash_mtl", "imtl", "aligned_mtl", "upgrad", "db_mtl", "gradvac"]
 NEW_GRADIENT = ["nash_mtl", "imtl", "aligned_mtl", "upgrad", "db_mtl", "gradvac"]
+RECENT = ["fairgrad"]  # ICLR'23–NeurIPS'24: their own tests below, and the resume test
+RECENT_GRADIENT = ["fairgrad"]
 
 
 def random_gradients(seed: int, k: int, p: int) -> np.ndarray:
@@ -76,11 +81,11 @@ def torchjd_weights(aggregator: Any, g: np.ndarray) -> np.ndarray:
 
 
 def test_registry_holds_the_new_methods_with_working_defaults() -> None:
-    assert set(NEW) <= set(BALANCERS.names())
-    for name in NEW:
+    assert set(NEW + RECENT) <= set(BALANCERS.names())
+    for name in NEW + RECENT:
         b = BALANCERS.build({"name": name})
         assert b.name == name
-        assert isinstance(b, GradientBalancer) == (name in NEW_GRADIENT)
+        assert isinstance(b, GradientBalancer) == (name in NEW_GRADIENT + RECENT_GRADIENT)
 
 
 @pytest.mark.parametrize(
@@ -98,6 +103,8 @@ def test_registry_holds_the_new_methods_with_working_defaults() -> None:
         ({"name": "db_mtl", "beta_sigma": -0.5}, "beta_sigma must be a finite number >= 0"),
         ({"name": "gradvac", "beta": 0}, r"beta must be a finite number in \(0, 1\]"),
         ({"name": "gradvac", "group": "layer"}, "group must be 'model' or 'module'"),
+        ({"name": "fairgrad", "alpha": 0}, r"alpha must be a finite number > 0 \(1 is Nash"),
+        ({"name": "fairgrad", "max_iter": 0}, "max_iter must be an integer >= 1, got 0"),
     ],
 )
 def test_bad_values_are_rejected(spec: dict, message: str) -> None:
@@ -506,7 +513,7 @@ def test_gradient_methods_average_their_rows_over_ranks(name: str) -> None:
 # ---------------------------------------------------------------------- state round trip
 
 
-@pytest.mark.parametrize("name", [*NEW, {"name": "imtl", "loss_scaling": True}], ids=str)
+@pytest.mark.parametrize("name", [*NEW, *RECENT, {"name": "imtl", "loss_scaling": True}], ids=str)
 def test_state_round_trips_and_resume_is_bit_exact(name: str) -> None:
     model, balancer = trained_balancer(name)
     fresh = reload(name, balancer, model)
@@ -761,3 +768,73 @@ def test_nash_mtl_reused_weights_follow_a_changed_loss_scale() -> None:
         b.backward(losses, ctx)
         grads.append(model.module_pool["trunk"][0].weight.grad.clone())
     assert torch.allclose(grads[1], 8 * grads[0], rtol=1e-5)
+
+
+# ---------------------------------------------------------------------- FairGrad
+
+
+@pytest.mark.parametrize(
+    ("cross", "alpha", "w"),
+    [
+        (0.5, 1.0, math.sqrt(2 / 3)),  # 1.5·w = 1/w
+        (0.5, 2.0, (2 / 3) ** (2 / 3)),  # 1.5·w = w^{-1/2}
+        (-0.5, 1.0, math.sqrt(2)),  # conflict: 0.5·w = 1/w
+        (-0.5, 2.0, 2 ** (2 / 3)),  # 0.5·w = w^{-1/2}
+    ],
+)
+def test_fairgrad_symmetric_tasks_by_hand(cross: float, alpha: float, w: float) -> None:
+    gram = np.array([[1.0, cross], [cross, 1.0]])  # by symmetry w_1 = w_2 = w
+    assert FairGradBalancer(alpha=alpha).combine(gram) == pytest.approx([w, w], rel=1e-12)
+
+
+def test_fairgrad_orthogonal_gradients_by_hand() -> None:
+    g = np.array([[2.0, 0.0], [0.0, 0.5]])
+    # ‖g_i‖²·w_i = w_i^{-1/α}: w_i = ‖g_i‖^{-2α/(1+α)}
+    for alpha in (0.5, 1.0, 3.0):
+        expected = np.array([2.0, 0.5]) ** (-2 * alpha / (1 + alpha))
+        assert fairgrad(g @ g.T, alpha) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fairgrad_solves_its_equation_and_is_nash_at_alpha_one(seed: int) -> None:
+    g = random_gradients(seed, 2 + seed % 4, 7)
+    gram = g @ g.T
+    for alpha in (0.5, 2.0, 5.0):
+        w = fairgrad(gram, alpha)
+        assert (w > 0).all()
+        assert w ** (1 / alpha) * (gram @ w) == pytest.approx(np.ones(len(g)), abs=1e-9)
+    assert fairgrad(gram, 1.0) == pytest.approx(nash_mtl(gram), rel=1e-12)
+
+
+def test_fairgrad_matches_torchjd() -> None:
+    """TorchJD's FairGrad solves the same equation with scipy's least_squares from the uniform
+    point (as the paper's code and LibMTL do)."""
+    aggregation = pytest.importorskip("torchjd.aggregation")
+    worst = 0.0
+    for alpha in (0.5, 1.0, 2.0, 5.0):
+        for seed in range(10):
+            g = random_gradients(seed, 2 + seed % 4, 8)
+            ours = FairGradBalancer(alpha=alpha).combine(g @ g.T)
+            theirs = torchjd_weights(aggregation.FairGrad(alpha=alpha), g)
+            worst = max(worst, float(np.abs(ours - theirs).max() / np.abs(ours).max()))
+    assert worst < 1e-6, worst  # measured: 4e-9 (relative; least_squares' own tolerance)
+
+
+def test_fairgrad_carries_the_loss_scale() -> None:
+    """For α ≠ 1 the solution is not homogeneous in the gradients: w comes from the unscaled
+    Gram matrix, and the rows keep ctx.scale (the grad scaler divides it out)."""
+    model = two_task_model()
+    X, Y = batch()
+    grads = []
+    for factor in (1.0, 8.0):
+        model.zero_grad(set_to_none=True)
+        losses, _ = model.calculate_loss(X, Y)
+        ctx = context(model, losses)
+        ctx.scale = lambda loss, factor=factor: loss * factor
+        b = FairGradBalancer(alpha=2.0)
+        b.setup(model.tasks)
+        b.backward(losses, ctx)
+        grads.append((model.module_pool["trunk"][0].weight.grad.clone(), b.weights()))
+    (g1, w1), (g8, w8) = grads
+    assert torch.allclose(g8, 8 * g1, rtol=1e-5)
+    assert w8 == pytest.approx(w1, rel=1e-6)
