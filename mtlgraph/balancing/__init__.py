@@ -1,10 +1,11 @@
 """How a step's per-task losses become one update of the parameters.
 
 A :class:`Balancer` turns the step's per-task losses into ``.grad``: loss-based balancers
-(``sum``, ``uncertainty``, ``dwa``, ``gradnorm``, ``inverse_metric``, ``rlw``, ``famo``) weight
-the losses; gradient-based ones (``pcgrad``, ``cagrad``, ``mgda``, ``imtl``, ``aligned_mtl``,
-``upgrad``, ``nash_mtl``, ``gradvac``, ``db_mtl``, ``fairgrad``) combine per-task gradients of
-the shared parameters. Life cycle, state and formulas: ``docs/balancing.md``.
+(``sum``, ``uncertainty``, ``dwa``, ``gradnorm``, ``inverse_metric``, ``rlw``, ``famo``,
+``stch``) weight the losses; gradient-based ones (``pcgrad``, ``cagrad``, ``mgda``, ``imtl``,
+``aligned_mtl``, ``upgrad``, ``nash_mtl``, ``gradvac``, ``db_mtl``, ``fairgrad``) combine
+per-task gradients of the shared parameters. Life cycle, state and formulas:
+``docs/balancing.md``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from mtlgraph.balancing.weighting import (
     GradNormBalancer,
     InverseMetricBalancer,
     RLWBalancer,
+    STCHBalancer,
     SumBalancer,
     UncertaintyBalancer,
 )
@@ -55,6 +57,7 @@ __all__ = [
     "NashMTLBalancer",
     "PCGradBalancer",
     "RLWBalancer",
+    "STCHBalancer",
     "SharedGradients",
     "SharedLayout",
     "StepContext",

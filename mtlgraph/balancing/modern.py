@@ -20,6 +20,7 @@ from mtlgraph.balancing.base import (
     Seeded,
     StepContext,
     grown,
+    require_non_negative,
     saved_task_order,
 )
 from mtlgraph.balancing.gradient import GradientBalancer
@@ -32,7 +33,7 @@ from mtlgraph.balancing.solvers import (
     nash_mtl,
     upgrad,
 )
-from mtlgraph.exceptions import ArgumentCheck, ConfigError
+from mtlgraph.exceptions import ArgumentCheck
 from mtlgraph.gradients import SharedLayout
 from mtlgraph.graph.task import Task
 
@@ -383,14 +384,7 @@ class DBMTLBalancer(_Named):
     def backward(self, losses: Mapping[str, torch.Tensor], ctx: StepContext) -> None:
         names = list(losses)
         values = ctx.reduce(torch.stack([losses[t].detach() for t in names]).double())
-        bad = [t for t, v in zip(names, values.tolist(), strict=True) if not v >= 0]
-        if bad and all(math.isfinite(v) for v in values.tolist()):
-            raise ConfigError(
-                [
-                    f"balancer 'db_mtl' takes the log of the losses: task(s) {bad} have a negative "
-                    "loss; use a non-negative loss or another balancer"
-                ]
-            )
+        require_non_negative(self.name, names, values.tolist())
         # L_i / (L̄_i + ε) has the gradient of log(L̄_i + ε) once DDP averages it over ranks
         logs = {
             t: losses[t] / (v + self.eps).to(losses[t].dtype)

@@ -17,6 +17,7 @@ BALANCERS: Registry[type[Balancer]] = Registry(
             weighting.GradNormBalancer,
             weighting.InverseMetricBalancer,
             weighting.RLWBalancer,
+            weighting.STCHBalancer,
             gradient.PCGradBalancer,
             gradient.CAGradBalancer,
             gradient.MGDABalancer,
@@ -32,7 +33,7 @@ BALANCERS: Registry[type[Balancer]] = Registry(
     },
     base=Balancer,
 )
-"""Every balancer class by name (built in: the seventeen of ``docs/balancing.md``).
+"""Every balancer class by name (built in: the eighteen of ``docs/balancing.md``).
 
 ``Trainer(balancer=...)`` and ``trainer.balancer`` in YAML take what ``BALANCERS.build`` takes:
 a name, ``{"name": ..., **kwargs}``, a class or dotted path, or a :class:`Balancer`.

@@ -1,4 +1,5 @@
-"""Loss-weighting balancers: one backward pass of a weighted sum of the step's losses. Formulas:
+"""Loss-weighting balancers (``sum``, ``uncertainty``, ``dwa``, ``gradnorm``, ``inverse_metric``,
+``rlw``, ``stch``): one backward pass of a weighted sum of the step's losses. Formulas:
 ``docs/balancing.md``.
 """
 
@@ -18,6 +19,7 @@ from mtlgraph.balancing.base import (
     Seeded,
     StepContext,
     grown,
+    require_non_negative,
     saved_task_order,
 )
 from mtlgraph.balancing.solvers import adam_step
@@ -502,3 +504,103 @@ class RLWBalancer(Seeded):
         ).tolist()
         self._last.update(zip(losses, w, strict=True))
         ctx.weighted_backward(losses, dict(zip(losses, w, strict=True)))
+
+
+class STCHBalancer(LastWeights):
+    """Smooth Tchebycheff scalarisation (Lin et al., ICML 2024): after ``warmup_epochs`` of
+    training on ``Σ_i log L_i``, the objective ``K·μ·log Σ_i exp(λ_i·log(L_i/n_i)/μ)``, a smooth
+    maximum of the log-losses normalised by their nadir ``n_i`` (the mean loss of the last
+    warm-up epoch); ``λ_i`` is ``Task.weight``. One backward pass of ``Σ_i w_i·L_i``.
+
+    Args:
+        mu: ``μ``, the smoothing (→ 0: the worst task only; large: the sum of the log-losses).
+        warmup_epochs: Epochs of plain log-loss training whose last one gives the nadir (LibMTL's
+            ``STCH_warmup_epoch = 4`` counts from 0: five epochs).
+        eps: Added to the losses before the log.
+
+    Example:
+        >>> from mtlgraph.balancing import STCHBalancer
+        >>> b = STCHBalancer(mu=1.0)
+        >>> b._nadir = {"a": 1.0, "b": 1.0}
+        >>> w = b._stch_weights(["a", "b"], [2.0, 0.5], [1.0, 1.0])  # 2·softmax(log L)_i/L_i
+        >>> [round(x, 6) for x in w]  # p = (2, 0.5)/2.5: w = 2·(0.8/2, 0.2/0.5)
+        [0.8, 0.8]
+    """
+
+    name = "stch"
+
+    def __init__(self, mu: float = 1.0, warmup_epochs: int = 5, eps: float = 1e-8) -> None:
+        super().__init__()
+        check = ArgumentCheck(f"balancer '{self.name}'")
+        check.number("mu", mu, "> 0", lambda v: v > 0)
+        check.integer("warmup_epochs", warmup_epochs, least=0)
+        check.number("eps", eps, "> 0", lambda v: v > 0)
+        check.done()
+        self.mu, self.warmup_epochs, self.eps = float(mu), warmup_epochs, float(eps)
+        self._epochs = 0  # epochs finished
+        self._sums: dict[str, list[float]] = {}  # this warm-up epoch: task -> [Σ L, steps]
+        self._nadir: dict[str, float] = {}
+
+    def backward(self, losses: Mapping[str, torch.Tensor], ctx: StepContext) -> None:
+        names = list(losses)
+        stacked = torch.stack([losses[t].detach().double() for t in names])
+        values = ctx.reduce(stacked).tolist()  # every rank weighs with the same numbers
+        require_non_negative(self.name, names, values)
+        if not all(math.isfinite(v) for v in values):  # fp16 overflow: the step is skipped
+            ctx.weighted_backward(losses, {t: self._last.get(t, 1.0) for t in names})
+            return
+        if self._epochs < self.warmup_epochs:  # the gradient of Σ_i λ_i·log(L_i + ε)
+            for t, v in zip(names, values, strict=True):
+                total = self._sums.setdefault(t, [0.0, 0.0])
+                total[0] += v
+                total[1] += 1
+            w = [1.0 / (v + self.eps) for v in values]
+        else:
+            lam = [ctx.tasks[t].weight for t in names]
+            w = self._stch_weights(names, values, lam)
+        self._last.update(zip(names, w, strict=True))
+        ctx.weighted_backward(losses, dict(zip(names, w, strict=True)))
+
+    def _stch_weights(self, names: list[str], values: list[float], lam: list[float]) -> list[float]:
+        """``w_i = K·p_i/(L_i + ε)`` with ``p = softmax(λ_i·log((L_i + ε)/(n_i + ε))/μ)``: the
+        gradient of the smooth maximum with respect to ``λ_i·L_i`` (``weighted_backward``
+        applies ``λ_i``)."""
+        for t, v in zip(names, values, strict=True):
+            if t not in self._nadir:
+                if self.warmup_epochs > 0:
+                    self._say_once(
+                        f"nadir|{t}",
+                        "stch: task '%s' had no loss in the warm-up epochs; its nadir is its "
+                        "first loss after them, %g",
+                        t,
+                        v,
+                    )
+                self._nadir[t] = v
+        s = [
+            li * math.log((v + self.eps) / (self._nadir[t] + self.eps)) / self.mu
+            for t, v, li in zip(names, values, lam, strict=True)
+        ]
+        top = max(s)
+        e = [math.exp(x - top) for x in s]
+        k, norm = len(names), sum(e)
+        return [k * ei / norm / (v + self.eps) for ei, v in zip(e, values, strict=True)]
+
+    def on_epoch_end(self, epoch: int, mean_losses: Mapping[str, float]) -> None:
+        self._epochs += 1
+        # each task's nadir: its mean loss over the last warm-up epoch that held it
+        self._nadir.update({t: total / n for t, (total, n) in self._sums.items()})
+        self._sums = {}
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {
+            **super().get_extra_state(),
+            "epochs": self._epochs,
+            "sums": {t: list(v) for t, v in self._sums.items()},
+            "nadir": dict(self._nadir),
+        }
+
+    def set_extra_state(self, state: Any) -> None:
+        super().set_extra_state(state)
+        self._epochs = int(state["epochs"])
+        self._sums = {t: [float(x) for x in v] for t, v in state["sums"].items()}
+        self._nadir = {t: float(v) for t, v in state["nadir"].items()}

@@ -1,5 +1,5 @@
 """The recent balancers: famo, nash_mtl, imtl, aligned_mtl, upgrad, db_mtl, gradvac; and the
-2023–2024 ones (RECENT): fairgrad.
+2023–2024 ones (RECENT): fairgrad, stch.
 
 Each method's math against hand-computed cases from its paper's formula, properties that define
 it on random gradients, the reference implementations where they run here (TorchJD's
@@ -47,6 +47,7 @@ from mtlgraph.balancing import (
     GradVacBalancer,
     IMTLBalancer,
     NashMTLBalancer,
+    STCHBalancer,
     UPGradBalancer,
 )
 from mtlgraph.balancing.solvers import (
@@ -61,7 +62,7 @@ from mtlgraph.balancing.solvers import (
 
 NEW = ["famo", "nash_mtl", "imtl", "aligned_mtl", "upgrad", "db_mtl", "gradvac"]
 NEW_GRADIENT = ["nash_mtl", "imtl", "aligned_mtl", "upgrad", "db_mtl", "gradvac"]
-RECENT = ["fairgrad"]  # ICLR'23–NeurIPS'24: their own tests below, and the resume test
+RECENT = ["fairgrad", "stch"]  # ICLR'23–NeurIPS'24: their own tests below, and the resume test
 RECENT_GRADIENT = ["fairgrad"]
 
 
@@ -105,6 +106,8 @@ def test_registry_holds_the_new_methods_with_working_defaults() -> None:
         ({"name": "gradvac", "group": "layer"}, "group must be 'model' or 'module'"),
         ({"name": "fairgrad", "alpha": 0}, r"alpha must be a finite number > 0 \(1 is Nash"),
         ({"name": "fairgrad", "max_iter": 0}, "max_iter must be an integer >= 1, got 0"),
+        ({"name": "stch", "mu": 0.0}, "mu must be a finite number > 0, got 0.0"),
+        ({"name": "stch", "warmup_epochs": -1}, "warmup_epochs must be an integer >= 0, got -1"),
     ],
 )
 def test_bad_values_are_rejected(spec: dict, message: str) -> None:
@@ -513,7 +516,16 @@ def test_gradient_methods_average_their_rows_over_ranks(name: str) -> None:
 # ---------------------------------------------------------------------- state round trip
 
 
-@pytest.mark.parametrize("name", [*NEW, *RECENT, {"name": "imtl", "loss_scaling": True}], ids=str)
+@pytest.mark.parametrize(
+    "name",
+    [
+        *NEW,
+        *RECENT,
+        {"name": "imtl", "loss_scaling": True},
+        {"name": "stch", "warmup_epochs": 1},  # past its warm-up (3 epochs in trained_balancer)
+    ],
+    ids=str,
+)
 def test_state_round_trips_and_resume_is_bit_exact(name: str) -> None:
     model, balancer = trained_balancer(name)
     fresh = reload(name, balancer, model)
@@ -838,3 +850,68 @@ def test_fairgrad_carries_the_loss_scale() -> None:
     (g1, w1), (g8, w8) = grads
     assert torch.allclose(g8, 8 * g1, rtol=1e-5)
     assert w8 == pytest.approx(w1, rel=1e-6)
+
+
+# ---------------------------------------------------------------------- STCH
+
+
+def stch_step(
+    b: STCHBalancer, values: dict[str, float], weights: tuple[float, ...] = (1, 1)
+) -> Any:
+    """One step on leaf "losses" with these values; returns their gradient (the weights)."""
+    model = two_task_model(weights=weights)
+    losses = {
+        t: torch.tensor(v, dtype=torch.float64, requires_grad=True) for t, v in values.items()
+    }
+    b.backward(losses, context(model, losses))
+    return {t: float(v.grad) for t, v in losses.items()}  # type: ignore[arg-type]
+
+
+def test_stch_warms_up_on_log_losses_then_takes_the_nadir_by_hand() -> None:
+    b = STCHBalancer(mu=1.0, warmup_epochs=2, eps=1e-12)
+    assert stch_step(b, {"a": 4.0, "b": 0.5}) == pytest.approx({"a": 0.25, "b": 2.0})  # 1/L
+    b.on_epoch_end(0, {})
+    stch_step(b, {"a": 3.0, "b": 1.0})
+    stch_step(b, {"a": 1.0, "b": 0.5})
+    b.on_epoch_end(1, {})
+    assert b._nadir == pytest.approx({"a": 2.0, "b": 0.75})  # means of the last warm-up epoch
+    # μ = 1: p_i ∝ L_i/n_i, w_i = K·p_i/L_i = K/(n_i·Σ_j L_j/n_j); L/n = (1, 2), Σ = 3
+    assert stch_step(b, {"a": 2.0, "b": 1.5}) == pytest.approx({"a": 1 / 3, "b": 8 / 9})
+
+
+def test_stch_mu_and_task_weights_by_hand() -> None:
+    b = STCHBalancer(mu=0.5, warmup_epochs=0, eps=1e-12)
+    b._nadir = {"a": 1.0, "b": 2.0}
+    # λ = (2, 1): s = λ·log(L/n)/μ = (4·log 2, 2·log 2) -> p ∝ (16, 4) = (0.8, 0.2)
+    got = stch_step(b, {"a": 2.0, "b": 4.0}, weights=(2.0, 1.0))
+    assert got == pytest.approx({"a": 2 * 2 * 0.8 / 2.0, "b": 2 * 0.2 / 4.0})  # λ_i·K·p_i/L_i
+    # a task without a nadir (none in the warm-up) takes its first loss: L/n = 1
+    c = STCHBalancer(mu=1.0, warmup_epochs=0, eps=1e-12)
+    assert stch_step(c, {"a": 3.0, "b": 1.0}) == pytest.approx({"a": 1 / 3, "b": 1.0})
+    assert c._nadir == {"a": 3.0, "b": 1.0}
+
+
+@pytest.mark.parametrize("mu", [0.1, 1.0, 3.0])
+def test_stch_matches_libmtls_objective(mu: float) -> None:
+    """LibMTL's STCH after its warm-up: K·μ·log Σ exp((log(L/n + 1e-20) − max)/μ), written out
+    here (the pip LibMTL 1.1.5 has no STCH); its gradient with respect to the losses."""
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    for _ in range(10):
+        k = int(rng.integers(2, 6))
+        values, nadir = rng.uniform(0.1, 3.0, k), rng.uniform(0.1, 3.0, k)
+        losses = torch.tensor(values, requires_grad=True)
+        scaled = torch.log(losses / torch.tensor(nadir) + 1e-20)
+        reg = scaled - scaled.detach().max()
+        (mu * torch.log(torch.exp(reg / mu).sum()) * k).backward()
+        b = STCHBalancer(mu=mu, warmup_epochs=0, eps=1e-20)
+        names = [f"t{i}" for i in range(k)]
+        b._nadir = dict(zip(names, nadir.tolist(), strict=True))
+        ours = b._stch_weights(names, values.tolist(), [1.0] * k)
+        worst = max(worst, float(np.abs(np.array(ours) - losses.grad.numpy()).max()))
+    assert worst < 1e-12, worst
+
+
+def test_stch_refuses_negative_losses() -> None:
+    with pytest.raises(ConfigError, match=r"balancer 'stch' takes the log of the losses: task"):
+        stch_step(STCHBalancer(), {"a": -1.0, "b": 1.0})
