@@ -3,7 +3,7 @@
 A :class:`Balancer` turns the step's per-task losses into ``.grad``: loss-based balancers
 (``sum``, ``uncertainty``, ``dwa``, ``gradnorm``, ``inverse_metric``, ``rlw``, ``famo``,
 ``stch``) weight the losses; gradient-based ones (``pcgrad``, ``cagrad``, ``mgda``, ``imtl``,
-``aligned_mtl``, ``upgrad``, ``nash_mtl``, ``gradvac``, ``db_mtl``, ``fairgrad``) combine
+``aligned_mtl``, ``upgrad``, ``nash_mtl``, ``gradvac``, ``db_mtl``, ``fairgrad``, ``moco``) combine
 per-task gradients of the shared parameters. Life cycle, state and formulas:
 ``docs/balancing.md``.
 """
@@ -24,6 +24,7 @@ from mtlgraph.balancing.modern import (
     FAMOBalancer,
     GradVacBalancer,
     IMTLBalancer,
+    MoCoBalancer,
     NashMTLBalancer,
     UPGradBalancer,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "IMTLBalancer",
     "InverseMetricBalancer",
     "MGDABalancer",
+    "MoCoBalancer",
     "NashMTLBalancer",
     "PCGradBalancer",
     "RLWBalancer",

@@ -1,5 +1,5 @@
 """Recent balancers: ``imtl``, ``aligned_mtl``, ``upgrad``, ``nash_mtl``, ``fairgrad``,
-``gradvac``, ``db_mtl`` (gradient-based, on
+``gradvac``, ``db_mtl``, ``moco`` (gradient-based, on
 :class:`~mtlgraph.balancing.gradient.GradientBalancer`) and ``famo`` (loss-based, one backward
 pass). Their solvers on the Gram matrix are in
 :mod:`mtlgraph.balancing.solvers`; the formulas, with the papers, in ``docs/balancing.md``.
@@ -31,6 +31,7 @@ from mtlgraph.balancing.solvers import (
     gradvac_coefficients,
     imtl_g,
     nash_mtl,
+    project_simplex,
     upgrad,
 )
 from mtlgraph.exceptions import ArgumentCheck
@@ -421,6 +422,112 @@ class DBMTLBalancer(_Named):
         super().set_extra_state(state)
         self._ema = None if state["ema"] is None else state["ema"].clone()
         self._ema_tasks = list(state["ema_tasks"])
+        self._t = int(state["t"])
+
+
+class MoCoBalancer(_LossScaled, _Named):
+    """MoCo (Fernando et al., ICLR 2023): each task's gradient is tracked by a running average
+    ``y_i`` (which corrects the bias of stochastic MGDA), and the weights ``λ`` take one projected
+    gradient step per update on ``½λᵀ(YYᵀ + ρI)λ``; ``d = Σ_i λ_i y_i``.
+
+    Args:
+        beta: ``β``, the step of the tracking average (``β_t = β/t^{beta_sigma}``).
+        beta_sigma: Decay exponent of ``β_t``.
+        gamma: ``γ``, the step of the weights (``γ_t = γ/t^{gamma_sigma}``).
+        gamma_sigma: Decay exponent of ``γ_t``.
+        rho: ``ρ ≥ 0``, the L2 regularisation of the weights' update.
+        projection: ``"softmax"`` (the authors' code and LibMTL: ``λ ← softmax(λ − γ_t·…)``) or
+            ``"simplex"`` (the paper: the Euclidean projection onto the simplex).
+        normalize: Track ``L_i·g_i/‖g_i‖`` instead of ``g_i`` (the authors' code and LibMTL).
+
+    Example:
+        >>> from mtlgraph.balancing import BALANCERS
+        >>> BALANCERS.build({"name": "moco", "projection": "simplex"}).gamma
+        0.1
+    """
+
+    name = "moco"
+
+    def __init__(
+        self,
+        beta: float = 0.5,
+        beta_sigma: float = 0.5,
+        gamma: float = 0.1,
+        gamma_sigma: float = 0.5,
+        rho: float = 0.0,
+        projection: str = "softmax",
+        normalize: bool = True,
+    ) -> None:
+        super().__init__()
+        check = ArgumentCheck(f"balancer '{self.name}'")
+        check.number("beta", beta, "in (0, 1]", lambda v: 0 < v <= 1)
+        check.number("beta_sigma", beta_sigma, ">= 0", lambda v: v >= 0)
+        check.number("gamma", gamma, "> 0", lambda v: v > 0)
+        check.number("gamma_sigma", gamma_sigma, ">= 0", lambda v: v >= 0)
+        check.number("rho", rho, ">= 0", lambda v: v >= 0)
+        check.choice("projection", projection, ("softmax", "simplex"))
+        check.require(
+            isinstance(normalize, bool), f"normalize must be true or false: {normalize!r}"
+        )
+        check.done()
+        self.beta, self.beta_sigma = float(beta), float(beta_sigma)
+        self.gamma, self.gamma_sigma, self.rho = float(gamma), float(gamma_sigma), float(rho)
+        self.projection, self.normalize = projection, normalize
+        self._y: torch.Tensor | None = None  # (K, P) tracked gradients, without ctx.scale
+        self._lambda: list[float] = []
+        self._y_tasks: list[str] = []
+        self._t = 0
+        self._values: list[float] = []  # the step's (rank-averaged) loss values
+
+    def backward(self, losses: Mapping[str, torch.Tensor], ctx: StepContext) -> None:
+        stacked = torch.stack([v.detach().double() for v in ctx.weighted(losses).values()])
+        self._values = ctx.reduce(stacked).tolist()
+        super().backward(losses, ctx)
+
+    def direction(
+        self, rows: torch.Tensor, layout: SharedLayout
+    ) -> tuple[torch.Tensor, np.ndarray]:
+        k = len(rows)
+        if self._y is None or self._y_tasks != self._names or self._y.shape != rows.shape:
+            self._y, self._y_tasks, self._t = torch.zeros_like(rows), list(self._names), 0
+            self._lambda = [1.0 / k] * k
+        if not torch.isfinite(rows).all():  # fp16 overflow: the grad scaler skips this step
+            return rows.sum(dim=0), np.ones(k)
+        if self.normalize:  # L_i·g_i/(‖g_i‖ + 10⁻⁸), the rows' ctx.scale cancels
+            norms = rows.norm(dim=1, keepdim=True) + 1e-8 * self._unit
+            values = torch.tensor(self._values, dtype=rows.dtype, device=rows.device)
+            h = rows / norms * values[:, None]
+        else:
+            h = rows / self._unit
+        self._t += 1
+        y = self._y.to(rows)
+        y = y - self.beta / self._t**self.beta_sigma * (y - h)
+        self._y = y
+        gram = (y @ y.T).double().cpu().numpy() + self.rho * np.eye(k)
+        lam = np.array(self._lambda)
+        lam = lam - self.gamma / self._t**self.gamma_sigma * (gram @ lam)
+        if self.projection == "softmax":
+            lam = np.exp(lam - lam.max())
+            lam = lam / lam.sum()
+        else:
+            lam = project_simplex(lam)
+        self._lambda = lam.tolist()
+        return self._unit * (torch.from_numpy(lam).to(rows) @ y), lam
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {
+            **super().get_extra_state(),
+            "y": None if self._y is None else self._y.detach().cpu().clone(),
+            "lambda": list(self._lambda),
+            "y_tasks": list(self._y_tasks),
+            "t": self._t,
+        }
+
+    def set_extra_state(self, state: Any) -> None:
+        super().set_extra_state(state)
+        self._y = None if state["y"] is None else state["y"].clone()
+        self._lambda = [float(v) for v in state["lambda"]]
+        self._y_tasks = list(state["y_tasks"])
         self._t = int(state["t"])
 
 

@@ -380,3 +380,19 @@ def adam_step(state: dict[str, list[float]], key: str, grad: float, lr: float) -
     v = b2 * v + (1 - b2) * grad * grad
     state[key] = [m, v, n]
     return lr * (m / (1 - b1**n)) / (math.sqrt(v / (1 - b2**n)) + 1e-8)
+
+
+def project_simplex(v: np.ndarray) -> np.ndarray:
+    """The Euclidean projection of ``v`` onto the probability simplex
+    ``{x : x ≥ 0, Σ_i x_i = 1}``: ``max(v − θ, 0)`` with the ``θ`` that makes it sum to 1
+    (found by sorting, Held, Wolfe & Crowder 1974).
+
+    Example:
+        >>> import numpy as np
+        >>> project_simplex(np.array([0.5, 1.0, -1.0]))  # θ = 0.25
+        array([0.25, 0.75, 0.  ])
+    """
+    u = np.sort(v)[::-1]
+    cssv = np.cumsum(u) - 1.0
+    rho = int(np.nonzero(u * np.arange(1, len(v) + 1) > cssv)[0][-1])
+    return np.maximum(v - cssv[rho] / (rho + 1), 0.0)

@@ -1,5 +1,5 @@
 """The recent balancers: famo, nash_mtl, imtl, aligned_mtl, upgrad, db_mtl, gradvac; and the
-2023–2024 ones (RECENT): fairgrad, stch.
+2023–2024 ones (RECENT): fairgrad, stch, moco.
 
 Each method's math against hand-computed cases from its paper's formula, properties that define
 it on random gradients, the reference implementations where they run here (TorchJD's
@@ -46,6 +46,7 @@ from mtlgraph.balancing import (
     GradientBalancer,
     GradVacBalancer,
     IMTLBalancer,
+    MoCoBalancer,
     NashMTLBalancer,
     STCHBalancer,
     UPGradBalancer,
@@ -62,8 +63,12 @@ from mtlgraph.balancing.solvers import (
 
 NEW = ["famo", "nash_mtl", "imtl", "aligned_mtl", "upgrad", "db_mtl", "gradvac"]
 NEW_GRADIENT = ["nash_mtl", "imtl", "aligned_mtl", "upgrad", "db_mtl", "gradvac"]
-RECENT = ["fairgrad", "stch"]  # ICLR'23–NeurIPS'24: their own tests below, and the resume test
-RECENT_GRADIENT = ["fairgrad"]
+RECENT = [
+    "fairgrad",
+    "stch",
+    "moco",
+]  # ICLR'23–NeurIPS'24: their own tests below, and the resume test
+RECENT_GRADIENT = ["fairgrad", "moco"]
 
 
 def random_gradients(seed: int, k: int, p: int) -> np.ndarray:
@@ -108,6 +113,9 @@ def test_registry_holds_the_new_methods_with_working_defaults() -> None:
         ({"name": "fairgrad", "max_iter": 0}, "max_iter must be an integer >= 1, got 0"),
         ({"name": "stch", "mu": 0.0}, "mu must be a finite number > 0, got 0.0"),
         ({"name": "stch", "warmup_epochs": -1}, "warmup_epochs must be an integer >= 0, got -1"),
+        ({"name": "moco", "beta": 0}, r"beta must be a finite number in \(0, 1\], got 0"),
+        ({"name": "moco", "rho": -1}, "rho must be a finite number >= 0, got -1"),
+        ({"name": "moco", "projection": "l2"}, "projection must be 'softmax' or 'simplex'"),
     ],
 )
 def test_bad_values_are_rejected(spec: dict, message: str) -> None:
@@ -497,7 +505,7 @@ def test_famo_weighs_with_rank_averaged_losses() -> None:
 # ---------------------------------------------------------------------- gradient plumbing
 
 
-@pytest.mark.parametrize("name", NEW_GRADIENT)
+@pytest.mark.parametrize("name", NEW_GRADIENT + RECENT_GRADIENT)
 def test_gradient_methods_average_their_rows_over_ranks(name: str) -> None:
     model = two_task_model()
     X, Y = batch()
@@ -915,3 +923,67 @@ def test_stch_matches_libmtls_objective(mu: float) -> None:
 def test_stch_refuses_negative_losses() -> None:
     with pytest.raises(ConfigError, match=r"balancer 'stch' takes the log of the losses: task"):
         stch_step(STCHBalancer(), {"a": -1.0, "b": 1.0})
+
+
+# ---------------------------------------------------------------------- MoCo
+
+
+def moco_direction(b: MoCoBalancer, rows: torch.Tensor, values: list[float]) -> torch.Tensor:
+    b._names, b._values = ["a", "b", "c"][: len(rows)], values
+    d, _ = b.direction(rows, None)  # type: ignore[arg-type]
+    return d
+
+
+def test_moco_first_step_by_hand() -> None:
+    b = MoCoBalancer(projection="simplex")
+    g = torch.tensor([[3.0, 4.0], [0.0, 1.0]], dtype=torch.float64)
+    d = moco_direction(b, g, [1.0, 2.0])
+    # h = L·g/‖g‖ = ((0.6, 0.8), (0, 2)); y = 0.5·h; YYᵀ = ((0.25, 0.4), (0.4, 1))
+    # λ − 0.1·YYᵀλ = (0.4675, 0.43), projected onto the simplex: +0.05125 each
+    # (to 1e-8: the normalisation divides by ‖g‖ + 1e-8)
+    assert b._lambda == pytest.approx([0.51875, 0.48125], abs=1e-8)
+    assert d.tolist() == pytest.approx([0.51875 * 0.3, 0.51875 * 0.4 + 0.48125], abs=1e-8)
+    soft = MoCoBalancer()
+    moco_direction(soft, g, [1.0, 2.0])
+    assert soft._lambda[0] == pytest.approx(1 / (1 + math.exp(0.43 - 0.4675)), abs=1e-8)
+
+
+def test_moco_matches_libmtls_update_over_several_steps() -> None:
+    """LibMTL's MoCo.backward (the authors' code), written out here (the pip LibMTL 1.1.5 has no
+    MoCo): y ← y − β_t(y − L·g/(‖g‖ + 1e-8)); λ ← softmax(λ − γ_t(yyᵀ + ρI)λ); d = yᵀλ."""
+    gen = torch.Generator().manual_seed(0)
+    b = MoCoBalancer(beta=0.5, beta_sigma=0.5, gamma=0.1, gamma_sigma=0.5, rho=0.1)
+    y, lam = torch.zeros(3, 6, dtype=torch.float64), torch.full((3,), 1 / 3, dtype=torch.float64)
+    worst = 0.0
+    for step in range(1, 9):
+        g = torch.randn(3, 6, generator=gen, dtype=torch.float64) * 3
+        losses = torch.rand(3, generator=gen, dtype=torch.float64) + 0.1
+        h = g / (g.norm(dim=1, keepdim=True) + 1e-8) * losses[:, None]
+        y = y - (0.5 / step**0.5) * (y - h)
+        lam = torch.softmax(lam - (0.1 / step**0.5) * (y @ y.T + 0.1 * torch.eye(3)) @ lam, -1)
+        ours = moco_direction(b, g, losses.tolist())
+        worst = max(worst, float((ours - y.T @ lam).abs().max()))
+        assert b._lambda == pytest.approx(lam.tolist(), abs=1e-12)
+    assert worst < 1e-12, worst
+
+
+def test_moco_tracks_unscaled_gradients_and_carries_the_loss_scale() -> None:
+    model = two_task_model()
+    X, Y = batch()
+    runs = []
+    for factor in (1.0, 8.0):
+        b = MoCoBalancer(normalize=False)
+        b.setup(model.tasks)
+        grads = []
+        for _ in range(2):
+            model.zero_grad(set_to_none=True)
+            losses, _ = model.calculate_loss(X, Y)
+            ctx = context(model, losses)
+            ctx.scale = lambda loss, factor=factor: loss * factor
+            b.backward(losses, ctx)
+            grads.append(model.module_pool["trunk"][0].weight.grad.clone())
+        runs.append((grads, b.weights(), b._y))
+    (g1, w1, y1), (g8, w8, y8) = runs
+    assert all(torch.allclose(b8, 8 * b1, rtol=1e-5) for b1, b8 in zip(g1, g8, strict=True))
+    assert w8 == pytest.approx(w1, rel=1e-6)
+    assert torch.allclose(y8, y1, rtol=1e-5)  # the average holds the unscaled gradients
