@@ -1,11 +1,10 @@
 """How a step's per-task losses become one update of the parameters.
 
-A :class:`Balancer` turns the step's per-task losses into ``.grad``: loss-based balancers
-(``sum``, ``uncertainty``, ``dwa``, ``gradnorm``, ``inverse_metric``, ``rlw``, ``famo``,
-``stch``) weight the losses; gradient-based ones (``pcgrad``, ``cagrad``, ``mgda``, ``imtl``,
-``aligned_mtl``, ``upgrad``, ``nash_mtl``, ``gradvac``, ``db_mtl``, ``fairgrad``, ``moco``) combine
-per-task gradients of the shared parameters. Life cycle, state and formulas:
-``docs/balancing.md``.
+A :class:`Balancer` turns the step's per-task losses into ``.grad``: loss-based balancers (``sum``,
+``uncertainty``, ``dwa``, ``gradnorm``, ``inverse_metric``, ``rlw``, ``famo``, ``stch``) weight the
+losses; gradient-based ones (``pcgrad``, ``cagrad``, ``mgda``, ``imtl``, ``aligned_mtl``,
+``upgrad``, ``nash_mtl``, ``gradvac``, ``db_mtl``, ``fairgrad``, ``moco``, ``sdmgrad``) combine
+per-task gradients of the shared parameters. Life cycle, state and formulas: ``docs/balancing.md``.
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ from mtlgraph.balancing.modern import (
     IMTLBalancer,
     MoCoBalancer,
     NashMTLBalancer,
+    SDMGradBalancer,
     UPGradBalancer,
 )
 from mtlgraph.balancing.registry import BALANCERS
@@ -59,6 +59,7 @@ __all__ = [
     "NashMTLBalancer",
     "PCGradBalancer",
     "RLWBalancer",
+    "SDMGradBalancer",
     "STCHBalancer",
     "SharedGradients",
     "SharedLayout",

@@ -1,5 +1,5 @@
 """Recent balancers: ``imtl``, ``aligned_mtl``, ``upgrad``, ``nash_mtl``, ``fairgrad``,
-``gradvac``, ``db_mtl``, ``moco`` (gradient-based, on
+``gradvac``, ``db_mtl``, ``moco``, ``sdmgrad`` (gradient-based, on
 :class:`~mtlgraph.balancing.gradient.GradientBalancer`) and ``famo`` (loss-based, one backward
 pass). Their solvers on the Gram matrix are in
 :mod:`mtlgraph.balancing.solvers`; the formulas, with the papers, in ``docs/balancing.md``.
@@ -32,6 +32,7 @@ from mtlgraph.balancing.solvers import (
     imtl_g,
     nash_mtl,
     project_simplex,
+    sdmgrad_weights,
     upgrad,
 )
 from mtlgraph.exceptions import ArgumentCheck
@@ -423,6 +424,60 @@ class DBMTLBalancer(_Named):
         self._ema = None if state["ema"] is None else state["ema"].clone()
         self._ema_tasks = list(state["ema_tasks"])
         self._t = int(state["t"])
+
+
+class SDMGradBalancer(_Named):
+    """SDMGrad, stochastic direction-oriented multi-objective gradient descent (Xiao et al.,
+    NeurIPS 2023): MGDA's min-norm problem regularised toward the mean gradient,
+    ``min_{w ∈ simplex} ½‖G_w + λ·g_0‖²``, solved by a few warm-started projected SGD steps;
+    ``d = (G_w + λ·g_0)/(1 + λ)``.
+
+    Args:
+        lam: ``λ ≥ 0``, the pull toward the mean gradient ``g_0`` (0: MGDA; large: the mean).
+        lr: Learning rate of the inner SGD on ``w``.
+        momentum: Momentum of the inner SGD, in ``[0, 1)``.
+        n_iter: Inner SGD steps per update.
+
+    Example:
+        >>> import numpy as np
+        >>> from mtlgraph.balancing import SDMGradBalancer
+        >>> g = np.array([[1.0, 0.0], [0.0, 1.0]])
+        >>> SDMGradBalancer().combine(g @ g.T)  # symmetric tasks: the mean
+        array([0.5, 0.5])
+    """
+
+    name = "sdmgrad"
+
+    def __init__(
+        self, lam: float = 0.3, lr: float = 5.0, momentum: float = 0.5, n_iter: int = 20
+    ) -> None:
+        super().__init__()
+        check = ArgumentCheck(f"balancer '{self.name}'")
+        check.number("lam", lam, ">= 0", lambda v: v >= 0)
+        check.number("lr", lr, "> 0", lambda v: v > 0)
+        check.number("momentum", momentum, "in [0, 1)", lambda v: 0 <= v < 1)
+        check.integer("n_iter", n_iter)
+        check.done()
+        self.lam, self.lr, self.momentum = float(lam), float(lr), float(momentum)
+        self.n_iter = n_iter
+        self._w: list[float] = []  # the inner solution, warm start of the next update
+        self._w_tasks: list[str] = []
+
+    def combine(self, gram: np.ndarray) -> np.ndarray:
+        k = len(gram)
+        names = self._names if len(self._names) == k else [str(i) for i in range(k)]
+        start = np.array(self._w) if self._w_tasks == names else np.full(k, 1.0 / k)
+        w = sdmgrad_weights(gram, start, self.lam, self.lr, self.momentum, self.n_iter)
+        self._w, self._w_tasks = w.tolist(), list(names)
+        return (w + self.lam / k) / (1 + self.lam)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {**super().get_extra_state(), "w": list(self._w), "w_tasks": list(self._w_tasks)}
+
+    def set_extra_state(self, state: Any) -> None:
+        super().set_extra_state(state)
+        self._w = [float(v) for v in state["w"]]
+        self._w_tasks = list(state["w_tasks"])
 
 
 class MoCoBalancer(_LossScaled, _Named):

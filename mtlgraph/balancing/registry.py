@@ -30,11 +30,12 @@ BALANCERS: Registry[type[Balancer]] = Registry(
             modern.GradVacBalancer,
             modern.FairGradBalancer,
             modern.MoCoBalancer,
+            modern.SDMGradBalancer,
         )
     },
     base=Balancer,
 )
-"""Every balancer class by name (built in: the nineteen of ``docs/balancing.md``).
+"""Every balancer class by name (built in: the twenty of ``docs/balancing.md``).
 
 ``Trainer(balancer=...)`` and ``trainer.balancer`` in YAML take what ``BALANCERS.build`` takes:
 a name, ``{"name": ..., **kwargs}``, a class or dotted path, or a :class:`Balancer`.

@@ -1,5 +1,5 @@
 """The recent balancers: famo, nash_mtl, imtl, aligned_mtl, upgrad, db_mtl, gradvac; and the
-2023–2024 ones (RECENT): fairgrad, stch, moco.
+2023–2024 ones (RECENT): fairgrad, stch, moco, sdmgrad.
 
 Each method's math against hand-computed cases from its paper's formula, properties that define
 it on random gradients, the reference implementations where they run here (TorchJD's
@@ -48,6 +48,7 @@ from mtlgraph.balancing import (
     IMTLBalancer,
     MoCoBalancer,
     NashMTLBalancer,
+    SDMGradBalancer,
     STCHBalancer,
     UPGradBalancer,
 )
@@ -63,12 +64,9 @@ from mtlgraph.balancing.solvers import (
 
 NEW = ["famo", "nash_mtl", "imtl", "aligned_mtl", "upgrad", "db_mtl", "gradvac"]
 NEW_GRADIENT = ["nash_mtl", "imtl", "aligned_mtl", "upgrad", "db_mtl", "gradvac"]
-RECENT = [
-    "fairgrad",
-    "stch",
-    "moco",
-]  # ICLR'23–NeurIPS'24: their own tests below, and the resume test
-RECENT_GRADIENT = ["fairgrad", "moco"]
+# ICLR'23–NeurIPS'24: their own tests below, and the resume test
+RECENT = ["fairgrad", "stch", "moco", "sdmgrad"]
+RECENT_GRADIENT = ["fairgrad", "moco", "sdmgrad"]
 
 
 def random_gradients(seed: int, k: int, p: int) -> np.ndarray:
@@ -116,6 +114,9 @@ def test_registry_holds_the_new_methods_with_working_defaults() -> None:
         ({"name": "moco", "beta": 0}, r"beta must be a finite number in \(0, 1\], got 0"),
         ({"name": "moco", "rho": -1}, "rho must be a finite number >= 0, got -1"),
         ({"name": "moco", "projection": "l2"}, "projection must be 'softmax' or 'simplex'"),
+        ({"name": "sdmgrad", "lam": -0.1}, "lam must be a finite number >= 0, got -0.1"),
+        ({"name": "sdmgrad", "momentum": 1.0}, r"momentum must be a finite number in \[0, 1\)"),
+        ({"name": "sdmgrad", "n_iter": 0}, "n_iter must be an integer >= 1, got 0"),
     ],
 )
 def test_bad_values_are_rejected(spec: dict, message: str) -> None:
@@ -987,3 +988,37 @@ def test_moco_tracks_unscaled_gradients_and_carries_the_loss_scale() -> None:
     assert all(torch.allclose(b8, 8 * b1, rtol=1e-5) for b1, b8 in zip(g1, g8, strict=True))
     assert w8 == pytest.approx(w1, rel=1e-6)
     assert torch.allclose(y8, y1, rtol=1e-5)  # the average holds the unscaled gradients
+
+
+# ---------------------------------------------------------------------- SDMGrad
+
+
+def test_sdmgrad_inner_step_by_hand_and_warm_start() -> None:
+    gram = np.diag([4.0, 1.0])  # mean norm 1.5: A = diag(4, 1)/2.25
+    b = SDMGradBalancer(lam=0.0, lr=1.0, n_iter=1)
+    b._names = ["a", "b"]
+    # w − A·w = (½ − 8/9, ½ − 2/9) = (−7/18, 5/18); onto the simplex: +5/9 each
+    assert b.combine(gram) == pytest.approx([1 / 6, 5 / 6], abs=1e-8)
+    # the next update starts there: w − A·w = (1/6 − 8/27, 5/6 − 10/27), shifted to sum 1
+    step = np.array([1 / 6 - 8 / 27, 5 / 6 - 10 / 27])
+    assert b.combine(gram) == pytest.approx(step - (step.sum() - 1) / 2, abs=1e-8)
+    # λ pulls toward the mean: d = (w + λ/K)/(1 + λ)
+    c = SDMGradBalancer(lam=1.0, lr=1.0, n_iter=1)
+    # w − A(w + ½) = (½ − 16/9, ½ − 4/9) = (−23/18, 1/18): w = (0, 1), d = (½, 3/2)/2
+    assert c.combine(gram) == pytest.approx([0.25, 0.75], abs=1e-8)
+
+
+def test_sdmgrad_matches_torchjd_over_several_steps() -> None:
+    """TorchJD's SDMGradWeighting is given the Gram matrix (its A = J₁J₂ᵀ with one batch) and
+    LibMTL's inner learning rate 5 (its default is 10); both keep w between calls."""
+    aggregation = pytest.importorskip("torchjd.aggregation")
+    theirs = aggregation.SDMGradWeighting(lr=5.0, momentum=0.5, n_iter=20, lambda_=0.3)
+    ours = SDMGradBalancer()
+    ours._names = ["a", "b", "c"]
+    rng = np.random.default_rng(3)
+    worst = 0.0
+    for _ in range(8):
+        g = rng.standard_normal((3, 6)) * np.array([[1.0], [2.0], [0.5]])
+        mine = ours.combine(g @ g.T)
+        worst = max(worst, float(np.abs(mine - theirs(torch.from_numpy(g @ g.T)).numpy()).max()))
+    assert worst < 1e-9, worst  # measured: ~1e-16
