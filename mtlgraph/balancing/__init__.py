@@ -3,8 +3,9 @@
 A :class:`Balancer` turns the step's per-task losses into ``.grad``: loss-based balancers (``sum``,
 ``uncertainty``, ``dwa``, ``gradnorm``, ``inverse_metric``, ``rlw``, ``famo``, ``stch``) weight the
 losses; gradient-based ones (``pcgrad``, ``cagrad``, ``mgda``, ``imtl``, ``aligned_mtl``,
-``upgrad``, ``nash_mtl``, ``gradvac``, ``db_mtl``, ``fairgrad``, ``moco``, ``sdmgrad``) combine
-per-task gradients of the shared parameters. Life cycle, state and formulas: ``docs/balancing.md``.
+``upgrad``, ``nash_mtl``, ``gradvac``, ``db_mtl``, ``fairgrad``, ``moco``, ``sdmgrad``,
+``excess_mtl``) combine per-task gradients of the shared parameters. Life cycle, state and formulas:
+``docs/balancing.md``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from mtlgraph.balancing.gradient import (
 from mtlgraph.balancing.modern import (
     AlignedMTLBalancer,
     DBMTLBalancer,
+    ExcessMTLBalancer,
     FairGradBalancer,
     FAMOBalancer,
     GradVacBalancer,
@@ -47,6 +49,7 @@ __all__ = [
     "CAGradBalancer",
     "DBMTLBalancer",
     "DWABalancer",
+    "ExcessMTLBalancer",
     "FAMOBalancer",
     "FairGradBalancer",
     "GradNormBalancer",

@@ -1,5 +1,5 @@
 """Recent balancers: ``imtl``, ``aligned_mtl``, ``upgrad``, ``nash_mtl``, ``fairgrad``,
-``gradvac``, ``db_mtl``, ``moco``, ``sdmgrad`` (gradient-based, on
+``gradvac``, ``db_mtl``, ``moco``, ``sdmgrad``, ``excess_mtl`` (gradient-based, on
 :class:`~mtlgraph.balancing.gradient.GradientBalancer`) and ``famo`` (loss-based, one backward
 pass). Their solvers on the Gram matrix are in
 :mod:`mtlgraph.balancing.solvers`; the formulas, with the papers, in ``docs/balancing.md``.
@@ -584,6 +584,73 @@ class MoCoBalancer(_LossScaled, _Named):
         self._lambda = [float(v) for v in state["lambda"]]
         self._y_tasks = list(state["y_tasks"])
         self._t = int(state["t"])
+
+
+class ExcessMTLBalancer(_LossScaled, _Named):
+    """ExcessMTL (He et al., ICML 2024): loss weights that grow with each task's estimated excess
+    risk ``g_iᵀH_i⁻¹g_i`` (``H_i`` the AdaGrad diagonal ``√(Σ_t g_i² + 10⁻⁷)``) relative to its
+    first value, by an exponentiated-gradient step; ``d = Σ_i w_i g_i`` with ``Σ_i w_i = K``.
+
+    Args:
+        robust_step_size: ``η > 0``, the step of the exponentiated update (LibMTL's 0.01).
+
+    Example:
+        >>> from mtlgraph.balancing import BALANCERS
+        >>> BALANCERS.build({"name": "excess_mtl", "robust_step_size": 0.1}).robust_step_size
+        0.1
+    """
+
+    name = "excess_mtl"
+
+    def __init__(self, robust_step_size: float = 0.01) -> None:
+        super().__init__()
+        check = ArgumentCheck(f"balancer '{self.name}'")
+        check.number("robust_step_size", robust_step_size, "> 0", lambda v: v > 0)
+        check.done()
+        self.robust_step_size = float(robust_step_size)
+        self._sq: torch.Tensor | None = None  # (K, P) Σ_t g_i² of the unscaled gradients
+        self._sq_tasks: list[str] = []
+        self._baseline: list[float] = []  # each task's first positive excess risk (0: none yet)
+        self._logits: list[float] = []  # log-weights: w = K·softmax(logits)
+
+    def direction(
+        self, rows: torch.Tensor, layout: SharedLayout
+    ) -> tuple[torch.Tensor, np.ndarray]:
+        k = len(rows)
+        if self._sq is None or self._sq_tasks != self._names or self._sq.shape != rows.shape:
+            self._sq, self._sq_tasks = torch.zeros_like(rows), list(self._names)
+            self._baseline, self._logits = [0.0] * k, [0.0] * k
+        if not torch.isfinite(rows).all():  # fp16 overflow: the grad scaler skips this step
+            return rows.sum(dim=0), np.ones(k)
+        g2 = (rows / self._unit) ** 2
+        self._sq = self._sq.to(rows) + g2
+        excess = (g2 / torch.sqrt(self._sq + 1e-7)).sum(dim=1).double().cpu().tolist()
+        for i, e in enumerate(excess):
+            if self._baseline[i] > 0:
+                self._logits[i] += self.robust_step_size * e / self._baseline[i]
+            elif e > 0:
+                self._baseline[i] = e  # the first excess risk is the task's scale
+        logits = np.array(self._logits)
+        w = np.exp(logits - logits.max())
+        w = k * w / w.sum()
+        return torch.from_numpy(w).to(rows) @ rows, w
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {
+            **super().get_extra_state(),
+            "squared_gradients": None if self._sq is None else self._sq.detach().cpu().clone(),
+            "squared_tasks": list(self._sq_tasks),
+            "baseline": list(self._baseline),
+            "logits": list(self._logits),
+        }
+
+    def set_extra_state(self, state: Any) -> None:
+        super().set_extra_state(state)
+        sq = state["squared_gradients"]
+        self._sq = None if sq is None else sq.clone()
+        self._sq_tasks = list(state["squared_tasks"])
+        self._baseline = [float(v) for v in state["baseline"]]
+        self._logits = [float(v) for v in state["logits"]]
 
 
 class FAMOBalancer(LastWeights):

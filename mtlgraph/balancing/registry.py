@@ -31,11 +31,12 @@ BALANCERS: Registry[type[Balancer]] = Registry(
             modern.FairGradBalancer,
             modern.MoCoBalancer,
             modern.SDMGradBalancer,
+            modern.ExcessMTLBalancer,
         )
     },
     base=Balancer,
 )
-"""Every balancer class by name (built in: the twenty of ``docs/balancing.md``).
+"""Every balancer class by name (built in: the twenty-one of ``docs/balancing.md``).
 
 ``Trainer(balancer=...)`` and ``trainer.balancer`` in YAML take what ``BALANCERS.build`` takes:
 a name, ``{"name": ..., **kwargs}``, a class or dotted path, or a :class:`Balancer`.

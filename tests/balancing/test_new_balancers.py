@@ -1,5 +1,5 @@
 """The recent balancers: famo, nash_mtl, imtl, aligned_mtl, upgrad, db_mtl, gradvac; and the
-2023–2024 ones (RECENT): fairgrad, stch, moco, sdmgrad.
+2023–2024 ones (RECENT): fairgrad, stch, moco, sdmgrad, excess_mtl.
 
 Each method's math against hand-computed cases from its paper's formula, properties that define
 it on random gradients, the reference implementations where they run here (TorchJD's
@@ -41,6 +41,7 @@ from mtlgraph.balancing import (
     BALANCERS,
     AlignedMTLBalancer,
     DBMTLBalancer,
+    ExcessMTLBalancer,
     FairGradBalancer,
     FAMOBalancer,
     GradientBalancer,
@@ -65,8 +66,8 @@ from mtlgraph.balancing.solvers import (
 NEW = ["famo", "nash_mtl", "imtl", "aligned_mtl", "upgrad", "db_mtl", "gradvac"]
 NEW_GRADIENT = ["nash_mtl", "imtl", "aligned_mtl", "upgrad", "db_mtl", "gradvac"]
 # ICLR'23–NeurIPS'24: their own tests below, and the resume test
-RECENT = ["fairgrad", "stch", "moco", "sdmgrad"]
-RECENT_GRADIENT = ["fairgrad", "moco", "sdmgrad"]
+RECENT = ["fairgrad", "stch", "moco", "sdmgrad", "excess_mtl"]
+RECENT_GRADIENT = ["fairgrad", "moco", "sdmgrad", "excess_mtl"]
 
 
 def random_gradients(seed: int, k: int, p: int) -> np.ndarray:
@@ -117,6 +118,10 @@ def test_registry_holds_the_new_methods_with_working_defaults() -> None:
         ({"name": "sdmgrad", "lam": -0.1}, "lam must be a finite number >= 0, got -0.1"),
         ({"name": "sdmgrad", "momentum": 1.0}, r"momentum must be a finite number in \[0, 1\)"),
         ({"name": "sdmgrad", "n_iter": 0}, "n_iter must be an integer >= 1, got 0"),
+        (
+            {"name": "excess_mtl", "robust_step_size": 0},
+            "robust_step_size must be a finite number > 0, got 0",
+        ),
     ],
 )
 def test_bad_values_are_rejected(spec: dict, message: str) -> None:
@@ -1022,3 +1027,78 @@ def test_sdmgrad_matches_torchjd_over_several_steps() -> None:
         mine = ours.combine(g @ g.T)
         worst = max(worst, float(np.abs(mine - theirs(torch.from_numpy(g @ g.T)).numpy()).max()))
     assert worst < 1e-9, worst  # measured: ~1e-16
+
+
+# ---------------------------------------------------------------------- ExcessMTL
+
+
+def excess_direction(b: ExcessMTLBalancer, rows: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    b._names = ["a", "b", "c"][: len(rows)]
+    return b.direction(rows, None)  # type: ignore[arg-type]
+
+
+def test_excess_mtl_by_hand() -> None:
+    b = ExcessMTLBalancer(robust_step_size=1.0)
+    # step 1: Σg² = (9, 16), excess g²/√(Σg²) = (3, 4): the baselines; weights stay 1
+    d, w = excess_direction(b, torch.tensor([[3.0], [4.0]], dtype=torch.float64))
+    assert w.tolist() == [1.0, 1.0] and d.item() == 7.0
+    assert b._baseline == pytest.approx([3.0, 4.0], rel=1e-7)
+    # step 2: g = (0, 3): Σg² = (9, 25), excess (0, 9/5), relative (0, 0.45): w ∝ (1, e^0.45)
+    d, w = excess_direction(b, torch.tensor([[0.0], [3.0]], dtype=torch.float64))
+    expected = 2 * np.array([1.0, math.exp(0.45)]) / (1 + math.exp(0.45))
+    assert w == pytest.approx(expected, rel=1e-7)
+    assert d.item() == pytest.approx(3 * expected[1], rel=1e-7)
+
+
+def test_excess_mtl_matches_libmtl_and_torchjd_over_several_steps() -> None:
+    """LibMTL's ExcessMTL.backward written out (the pip LibMTL 1.1.5 has none): weights start at
+    1 and sum to K. TorchJD's ExcessMTLWeighting sums them to 1, divides by its baseline + 1e-7
+    and, unlike LibMTL, also updates at the first step with the raw excess risk: its log-weights
+    are ours plus η times the baselines."""
+    gen = torch.Generator().manual_seed(2)
+    ours = ExcessMTLBalancer(robust_step_size=0.5)
+    aggregation = pytest.importorskip("torchjd.aggregation")
+    jd = aggregation.ExcessMTLWeighting(robust_step_size=0.5)
+    k, weight, grad_sum, initial = 3, torch.ones(3, dtype=torch.float64), None, None
+    worst_libmtl = worst_torchjd = 0.0
+    for _ in range(8):
+        g = torch.randn(k, 5, generator=gen, dtype=torch.float64) * torch.tensor(
+            [[1.0], [3.0], [0.2]]
+        )
+        grad_sum = g**2 if grad_sum is None else grad_sum + g**2
+        w = torch.stack([(g[i] / torch.sqrt(grad_sum[i] + 1e-7)) @ g[i] for i in range(k)])
+        if initial is None:
+            initial = w
+        else:
+            weight = weight * torch.exp(0.5 * w / initial)
+            weight = weight / weight.sum() * k
+        d, mine = excess_direction(ours, g)
+        worst_libmtl = max(worst_libmtl, float(np.abs(mine - weight.numpy()).max()))
+        assert torch.allclose(d, weight @ g, rtol=1e-12)
+        shifted = np.array(ours._logits) + 0.5 * np.array(ours._baseline)
+        jd_expected = np.exp(shifted - shifted.max()) / np.exp(shifted - shifted.max()).sum()
+        worst_torchjd = max(worst_torchjd, float(np.abs(jd_expected - jd(g).numpy()).max()))
+    assert worst_libmtl < 1e-12, worst_libmtl
+    assert worst_torchjd < 1e-6, worst_torchjd  # measured: 1e-9 (its baseline + 1e-7)
+
+
+def test_excess_mtl_accumulates_unscaled_gradients() -> None:
+    model = two_task_model()
+    X, Y = batch()
+    runs = []
+    for factor in (1.0, 8.0):
+        b = ExcessMTLBalancer(robust_step_size=1.0)
+        b.setup(model.tasks)
+        grads = []
+        for _ in range(3):
+            model.zero_grad(set_to_none=True)
+            losses, _ = model.calculate_loss(X, Y)
+            ctx = context(model, losses)
+            ctx.scale = lambda loss, factor=factor: loss * factor
+            b.backward(losses, ctx)
+            grads.append(model.module_pool["trunk"][0].weight.grad.clone())
+        runs.append((grads, b.weights(), b._sq))
+    (g1, w1, s1), (g8, w8, s8) = runs
+    assert all(torch.allclose(b8, 8 * b1, rtol=1e-5) for b1, b8 in zip(g1, g8, strict=True))
+    assert w8 == pytest.approx(w1, rel=1e-5) and w1 != {"a": 1.0, "b": 1.0}
+    assert torch.allclose(s8, s1, rtol=1e-5)
