@@ -1,11 +1,11 @@
 """How a step's per-task losses become one update of the parameters.
 
 A :class:`Balancer` turns the step's per-task losses into ``.grad``: loss-based balancers (``sum``,
-``uncertainty``, ``dwa``, ``gradnorm``, ``inverse_metric``, ``rlw``, ``famo``, ``stch``) weight the
-losses; gradient-based ones (``pcgrad``, ``cagrad``, ``mgda``, ``imtl``, ``aligned_mtl``,
-``upgrad``, ``nash_mtl``, ``gradvac``, ``db_mtl``, ``fairgrad``, ``moco``, ``sdmgrad``,
-``excess_mtl``) combine per-task gradients of the shared parameters. Life cycle, state and formulas:
-``docs/balancing.md``.
+``uncertainty``, ``dwa``, ``gradnorm``, ``inverse_metric``, ``rlw``, ``famo``, ``stch``,
+``go4align``) weight the losses; gradient-based ones (``pcgrad``, ``cagrad``, ``mgda``, ``imtl``,
+``aligned_mtl``, ``upgrad``, ``nash_mtl``, ``gradvac``, ``db_mtl``, ``fairgrad``, ``moco``,
+``sdmgrad``, ``excess_mtl``) combine per-task gradients of the shared parameters. Life cycle, state
+and formulas: ``docs/balancing.md``.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from mtlgraph.balancing.modern import (
 from mtlgraph.balancing.registry import BALANCERS
 from mtlgraph.balancing.weighting import (
     DWABalancer,
+    GO4AlignBalancer,
     GradNormBalancer,
     InverseMetricBalancer,
     RLWBalancer,
@@ -52,6 +53,7 @@ __all__ = [
     "ExcessMTLBalancer",
     "FAMOBalancer",
     "FairGradBalancer",
+    "GO4AlignBalancer",
     "GradNormBalancer",
     "GradVacBalancer",
     "GradientBalancer",

@@ -182,15 +182,18 @@ def grown(
     return nn.Parameter(out)
 
 
-def require_non_negative(balancer: str, names: Sequence[str], values: Sequence[float]) -> None:
+def require_non_negative(
+    balancer: str, names: Sequence[str], values: Sequence[float], use: str = "takes the log of"
+) -> None:
     """A ``ConfigError`` naming the tasks whose loss value is negative, for methods that take the
-    log of the losses (a non-finite value passes: under fp16 the grad scaler skips that step)."""
+    log of the losses or divide by them (``use``); a non-finite value passes (under fp16 the grad
+    scaler skips that step)."""
     bad = [t for t, v in zip(names, values, strict=True) if not v >= 0]
     if bad and all(math.isfinite(v) for v in values):
         raise ConfigError(
             [
-                f"balancer '{balancer}' takes the log of the losses: task(s) {bad} have a "
-                "negative loss; use a non-negative loss or another balancer"
+                f"balancer '{balancer}' {use} the losses: task(s) {bad} have a negative loss; "
+                "use a non-negative loss or another balancer"
             ]
         )
 

@@ -18,6 +18,7 @@ BALANCERS: Registry[type[Balancer]] = Registry(
             weighting.InverseMetricBalancer,
             weighting.RLWBalancer,
             weighting.STCHBalancer,
+            weighting.GO4AlignBalancer,
             gradient.PCGradBalancer,
             gradient.CAGradBalancer,
             gradient.MGDABalancer,
@@ -36,7 +37,7 @@ BALANCERS: Registry[type[Balancer]] = Registry(
     },
     base=Balancer,
 )
-"""Every balancer class by name (built in: the twenty-one of ``docs/balancing.md``).
+"""Every balancer class by name (built in: the twenty-two of ``docs/balancing.md``).
 
 ``Trainer(balancer=...)`` and ``trainer.balancer`` in YAML take what ``BALANCERS.build`` takes:
 a name, ``{"name": ..., **kwargs}``, a class or dotted path, or a :class:`Balancer`.

@@ -1,6 +1,6 @@
 """Loss-weighting balancers (``sum``, ``uncertainty``, ``dwa``, ``gradnorm``, ``inverse_metric``,
-``rlw``, ``stch``): one backward pass of a weighted sum of the step's losses. Formulas:
-``docs/balancing.md``.
+``rlw``, ``stch``, ``go4align``): one backward pass of a weighted sum of the step's losses.
+Formulas: ``docs/balancing.md``.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -22,7 +23,7 @@ from mtlgraph.balancing.base import (
     require_non_negative,
     saved_task_order,
 )
-from mtlgraph.balancing.solvers import adam_step
+from mtlgraph.balancing.solvers import adam_step, kmeans_1d
 from mtlgraph.exceptions import ArgumentCheck, ConfigError
 from mtlgraph.gradients import PlanCache, last_shared_layer
 from mtlgraph.graph.task import Task
@@ -604,3 +605,67 @@ class STCHBalancer(LastWeights):
         self._epochs = int(state["epochs"])
         self._sums = {t: [float(x) for x in v] for t, v in state["sums"].items()}
         self._nadir = {t: float(v) for t, v in state["nadir"].items()}
+
+
+class GO4AlignBalancer(LastWeights):
+    """GO4Align, group optimisation for multi-task alignment (Shen et al., NeurIPS 2024): each
+    task's risk-guided indicator ``(Σ_j L_j/L_i)·p_i`` (``p`` an exponentiated-gradient average
+    of the risks) is replaced by the mean over its group, the tasks grouped by k-means on the
+    indicators; one backward pass of ``Σ_i w_i·L_i``.
+
+    Args:
+        num_groups: The number of groups (at most the number of tasks in a step; 1: every task
+            gets the mean indicator).
+        robust_step_size: ``η ≥ 0``, the step of ``p_i ∝ p_i·exp(−η·L_i)``.
+        eps: Added to the losses in ``Σ_j L_j/L_i``.
+
+    Example:
+        >>> from mtlgraph.balancing import GO4AlignBalancer
+        >>> b = GO4AlignBalancer(num_groups=2, robust_step_size=0.0)
+        >>> w = b._group_weights(["a", "b", "c"], [1.0, 2.0, 4.0])  # indicators 7/3, 7/6, 7/12
+        >>> [round(x, 4) for x in w]  # groups {a} and {b, c}: (7/6 + 7/12)/2 = 7/8
+        [2.3333, 0.875, 0.875]
+    """
+
+    name = "go4align"
+
+    def __init__(
+        self, num_groups: int = 2, robust_step_size: float = 1e-4, eps: float = 1e-8
+    ) -> None:
+        super().__init__()
+        check = ArgumentCheck(f"balancer '{self.name}'")
+        check.integer("num_groups", num_groups)
+        check.number("robust_step_size", robust_step_size, ">= 0", lambda v: v >= 0)
+        check.number("eps", eps, "> 0", lambda v: v > 0)
+        check.done()
+        self.num_groups, self.robust_step_size, self.eps = num_groups, float(robust_step_size), eps
+        self._logits: dict[str, float] = {}  # log p_i, up to a constant: −η·Σ_t L_i(t)
+
+    def backward(self, losses: Mapping[str, torch.Tensor], ctx: StepContext) -> None:
+        names = list(losses)
+        stacked = torch.stack([losses[t].detach().double() for t in names])
+        values = ctx.reduce(stacked).tolist()  # every rank weighs with the same numbers
+        require_non_negative(self.name, names, values, "divides by")
+        if all(math.isfinite(v) for v in values):  # else fp16 overflow: the step is skipped
+            self._last.update(zip(names, self._group_weights(names, values), strict=True))
+        ctx.weighted_backward(losses, {t: self._last.get(t, 1.0) for t in names})
+
+    def _group_weights(self, names: list[str], values: list[float]) -> list[float]:
+        """Update the ``p`` of the step's tasks; their indicators averaged over the groups."""
+        for t, v in zip(names, values, strict=True):
+            self._logits[t] = self._logits.get(t, 0.0) - self.robust_step_size * v
+        logits = np.array([self._logits[t] for t in names])
+        p = np.exp(logits - logits.max())
+        p /= p.sum()
+        total = sum(values)
+        indicator = np.array([total / (v + self.eps) for v in values]) * p
+        labels = kmeans_1d(indicator, self.num_groups)
+        means = {k: float(indicator[labels == k].mean()) for k in set(labels.tolist())}
+        return [means[k] for k in labels.tolist()]
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {**super().get_extra_state(), "logits": dict(self._logits)}
+
+    def set_extra_state(self, state: Any) -> None:
+        super().set_extra_state(state)
+        self._logits = {t: float(v) for t, v in state["logits"].items()}

@@ -1,5 +1,5 @@
 """The recent balancers: famo, nash_mtl, imtl, aligned_mtl, upgrad, db_mtl, gradvac; and the
-2023–2024 ones (RECENT): fairgrad, stch, moco, sdmgrad, excess_mtl.
+2023–2024 ones (RECENT): fairgrad, stch, moco, sdmgrad, excess_mtl, go4align.
 
 Each method's math against hand-computed cases from its paper's formula, properties that define
 it on random gradients, the reference implementations where they run here (TorchJD's
@@ -40,10 +40,12 @@ from mtlgraph import ConfigError
 from mtlgraph.balancing import (
     BALANCERS,
     AlignedMTLBalancer,
+    Balancer,
     DBMTLBalancer,
     ExcessMTLBalancer,
     FairGradBalancer,
     FAMOBalancer,
+    GO4AlignBalancer,
     GradientBalancer,
     GradVacBalancer,
     IMTLBalancer,
@@ -59,6 +61,7 @@ from mtlgraph.balancing.solvers import (
     fairgrad,
     gradvac_coefficients,
     imtl_g,
+    kmeans_1d,
     nash_mtl,
     upgrad,
 )
@@ -66,7 +69,7 @@ from mtlgraph.balancing.solvers import (
 NEW = ["famo", "nash_mtl", "imtl", "aligned_mtl", "upgrad", "db_mtl", "gradvac"]
 NEW_GRADIENT = ["nash_mtl", "imtl", "aligned_mtl", "upgrad", "db_mtl", "gradvac"]
 # ICLR'23–NeurIPS'24: their own tests below, and the resume test
-RECENT = ["fairgrad", "stch", "moco", "sdmgrad", "excess_mtl"]
+RECENT = ["fairgrad", "stch", "moco", "sdmgrad", "excess_mtl", "go4align"]
 RECENT_GRADIENT = ["fairgrad", "moco", "sdmgrad", "excess_mtl"]
 
 
@@ -121,6 +124,11 @@ def test_registry_holds_the_new_methods_with_working_defaults() -> None:
         (
             {"name": "excess_mtl", "robust_step_size": 0},
             "robust_step_size must be a finite number > 0, got 0",
+        ),
+        ({"name": "go4align", "num_groups": 0}, "num_groups must be an integer >= 1, got 0"),
+        (
+            {"name": "go4align", "robust_step_size": -1.0},
+            "robust_step_size must be a finite number >= 0, got -1.0",
         ),
     ],
 )
@@ -869,9 +877,7 @@ def test_fairgrad_carries_the_loss_scale() -> None:
 # ---------------------------------------------------------------------- STCH
 
 
-def stch_step(
-    b: STCHBalancer, values: dict[str, float], weights: tuple[float, ...] = (1, 1)
-) -> Any:
+def leaf_step(b: Balancer, values: dict[str, float], weights: tuple[float, ...] = (1, 1)) -> Any:
     """One step on leaf "losses" with these values; returns their gradient (the weights)."""
     model = two_task_model(weights=weights)
     losses = {
@@ -883,25 +889,25 @@ def stch_step(
 
 def test_stch_warms_up_on_log_losses_then_takes_the_nadir_by_hand() -> None:
     b = STCHBalancer(mu=1.0, warmup_epochs=2, eps=1e-12)
-    assert stch_step(b, {"a": 4.0, "b": 0.5}) == pytest.approx({"a": 0.25, "b": 2.0})  # 1/L
+    assert leaf_step(b, {"a": 4.0, "b": 0.5}) == pytest.approx({"a": 0.25, "b": 2.0})  # 1/L
     b.on_epoch_end(0, {})
-    stch_step(b, {"a": 3.0, "b": 1.0})
-    stch_step(b, {"a": 1.0, "b": 0.5})
+    leaf_step(b, {"a": 3.0, "b": 1.0})
+    leaf_step(b, {"a": 1.0, "b": 0.5})
     b.on_epoch_end(1, {})
     assert b._nadir == pytest.approx({"a": 2.0, "b": 0.75})  # means of the last warm-up epoch
     # μ = 1: p_i ∝ L_i/n_i, w_i = K·p_i/L_i = K/(n_i·Σ_j L_j/n_j); L/n = (1, 2), Σ = 3
-    assert stch_step(b, {"a": 2.0, "b": 1.5}) == pytest.approx({"a": 1 / 3, "b": 8 / 9})
+    assert leaf_step(b, {"a": 2.0, "b": 1.5}) == pytest.approx({"a": 1 / 3, "b": 8 / 9})
 
 
 def test_stch_mu_and_task_weights_by_hand() -> None:
     b = STCHBalancer(mu=0.5, warmup_epochs=0, eps=1e-12)
     b._nadir = {"a": 1.0, "b": 2.0}
     # λ = (2, 1): s = λ·log(L/n)/μ = (4·log 2, 2·log 2) -> p ∝ (16, 4) = (0.8, 0.2)
-    got = stch_step(b, {"a": 2.0, "b": 4.0}, weights=(2.0, 1.0))
+    got = leaf_step(b, {"a": 2.0, "b": 4.0}, weights=(2.0, 1.0))
     assert got == pytest.approx({"a": 2 * 2 * 0.8 / 2.0, "b": 2 * 0.2 / 4.0})  # λ_i·K·p_i/L_i
     # a task without a nadir (none in the warm-up) takes its first loss: L/n = 1
     c = STCHBalancer(mu=1.0, warmup_epochs=0, eps=1e-12)
-    assert stch_step(c, {"a": 3.0, "b": 1.0}) == pytest.approx({"a": 1 / 3, "b": 1.0})
+    assert leaf_step(c, {"a": 3.0, "b": 1.0}) == pytest.approx({"a": 1 / 3, "b": 1.0})
     assert c._nadir == {"a": 3.0, "b": 1.0}
 
 
@@ -928,7 +934,7 @@ def test_stch_matches_libmtls_objective(mu: float) -> None:
 
 def test_stch_refuses_negative_losses() -> None:
     with pytest.raises(ConfigError, match=r"balancer 'stch' takes the log of the losses: task"):
-        stch_step(STCHBalancer(), {"a": -1.0, "b": 1.0})
+        leaf_step(STCHBalancer(), {"a": -1.0, "b": 1.0})
 
 
 # ---------------------------------------------------------------------- MoCo
@@ -1102,3 +1108,75 @@ def test_excess_mtl_accumulates_unscaled_gradients() -> None:
     assert all(torch.allclose(b8, 8 * b1, rtol=1e-5) for b1, b8 in zip(g1, g8, strict=True))
     assert w8 == pytest.approx(w1, rel=1e-5) and w1 != {"a": 1.0, "b": 1.0}
     assert torch.allclose(s8, s1, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------- GO4Align
+
+
+def test_go4align_groups_the_indicators_by_hand() -> None:
+    b = GO4AlignBalancer(num_groups=2, robust_step_size=0.0, eps=1e-12)
+    # indicators (Σ L/L_i)·p_i with p = ⅓: (7/3, 7/6, 7/12); groups {a} and {b, c}
+    got = b._group_weights(["a", "b", "c"], [1.0, 2.0, 4.0])
+    assert got == pytest.approx([7 / 3, 7 / 8, 7 / 8])
+    one = GO4AlignBalancer(num_groups=1, robust_step_size=0.0, eps=1e-12)
+    assert one._group_weights(["a", "b", "c"], [1.0, 2.0, 4.0]) == pytest.approx([49 / 36] * 3)
+    # η: p ∝ exp(−η·Σ_t L_t); two steps of (1, 3) with η = 0.5: p ∝ (e^{-1}, e^{-3})
+    c = GO4AlignBalancer(num_groups=2, robust_step_size=0.5, eps=1e-12)
+    c._group_weights(["a", "b"], [1.0, 3.0])
+    p = np.exp([-1.0, -3.0]) / np.exp([-1.0, -3.0]).sum()
+    assert c._group_weights(["a", "b"], [1.0, 3.0]) == pytest.approx([4 * p[0], 4 / 3 * p[1]])
+
+
+def test_go4align_applies_its_weights_and_the_task_weights() -> None:
+    b = GO4AlignBalancer(num_groups=2, robust_step_size=0.0, eps=1e-12)
+    got = leaf_step(b, {"a": 1.0, "b": 3.0}, weights=(2.0, 1.0))
+    assert got == pytest.approx({"a": 2 * 4 * 0.5, "b": 4 / 3 * 0.5})  # Task.weight × w_i
+    assert b.weights() == pytest.approx({"a": 2.0, "b": 2 / 3})
+    with pytest.raises(ConfigError, match=r"balancer 'go4align' divides by the losses"):
+        leaf_step(b, {"a": -1.0, "b": 1.0})
+
+
+def test_go4align_matches_the_authors_update_with_sklearn_kmeans() -> None:
+    """The authors' GO4ALIGN.get_weighted_loss written out (p ← p·exp(−η·L), normalised;
+    indicator (Σ L)/L·p; each task gets its k-means cluster's centre), with scikit-learn's
+    KMeans for their randomly initialised kmeans_pytorch: the same optimum on these cases."""
+    cluster = pytest.importorskip("sklearn.cluster")
+    rng = np.random.default_rng(5)
+    worst = 0.0
+    for groups in (2, 3):
+        k = 6
+        names = [f"t{i}" for i in range(k)]
+        ours = GO4AlignBalancer(num_groups=groups, robust_step_size=0.3, eps=1e-20)
+        probs = np.full(k, 1 / k)
+        for _ in range(5):
+            losses = rng.uniform(0.2, 3.0, k)
+            probs = probs * np.exp(-0.3 * losses)
+            probs = probs / probs.sum()
+            weight = losses.sum() / losses * probs
+            fit = cluster.KMeans(groups, n_init=20, random_state=0).fit(weight[:, None])
+            theirs = fit.cluster_centers_[fit.labels_, 0]
+            mine = np.array(ours._group_weights(names, losses.tolist()))
+            worst = max(worst, float(np.abs(mine - theirs).max()))
+    assert worst < 1e-12, worst
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_kmeans_1d_is_optimal(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    x = rng.exponential(1.0, 7)
+
+    def sse(labels: np.ndarray) -> float:
+        return sum(
+            float(((x[labels == g] - x[labels == g].mean()) ** 2).sum()) for g in set(labels)
+        )
+
+    for groups in (1, 2, 3):
+        labels = kmeans_1d(x, groups)
+        assert len(set(labels.tolist())) == groups
+        brute = min(
+            sse(np.array(assign))
+            for assign in np.ndindex(*([groups] * len(x)))
+            if len(set(assign)) == groups
+        )
+        assert sse(labels) == pytest.approx(brute, abs=1e-12)
+    assert kmeans_1d(np.array([3.0, 1.0]), 5).tolist() == [1, 0]  # no more groups than values
