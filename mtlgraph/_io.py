@@ -23,6 +23,16 @@ import torch
 
 from mtlgraph.exceptions import CheckpointError
 
+EXTRAS = {
+    "PIL": "images",
+    "pyarrow": "tables",
+    "onnx": "onnx",
+    "onnxscript": "onnx",
+    "onnxruntime": "onnx",
+    "torchjd": "torchjd",
+}
+"""Top-level modules of optional dependencies -> the mtlgraph extra that installs them."""
+
 
 def import_extra(what: str, extra: str, *modules: str, needs: str = "") -> list[Any]:
     """The ``modules``, imported, or an ImportError naming the extra that provides them.

@@ -14,6 +14,7 @@ import typing
 from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any, Generic, TypeVar, overload
 
+from mtlgraph._io import EXTRAS
 from mtlgraph._schema import convert
 from mtlgraph._suggest import did_you_mean, quoted
 from mtlgraph.exceptions import ConfigError, UnknownNameError
@@ -41,6 +42,9 @@ class Registry(Generic[T]):
         find: Looks up a name that is not registered, before dotted paths: the object,
             ``None`` (not found), or the sentence saying why there is none.
         keys: The keys of a spec mapping that name the component (one of them is given).
+        adapt: Turns what a spec names (imported, or given as an object) into a component of
+            this kind where it comes from another library (a TorchJD aggregator into a
+            balancer); anything else it returns unchanged.
 
     Example:
         >>> from mtlgraph.registry import Registry
@@ -90,8 +94,10 @@ class Registry(Generic[T]):
         bind: bool = False,
         find: Callable[[str], T | str | None] | None = None,
         keys: tuple[str, ...] = ("name", "type"),
+        adapt: Callable[[Any], Any] | None = None,
     ) -> None:
         self.kind = kind
+        self.adapt = adapt
         self.base = base
         self.supplied = dict(supplied or {})
         self.bind = bind
@@ -200,8 +206,11 @@ class Registry(Generic[T]):
                 raise ConfigError([f"{_at(path)}give one of {quoted(keys)}, not both"])
             spec = kwargs.pop(keys[0])
             path = f"{path}.{keys[0]}" if path else ""
+        if self.adapt is not None and not isinstance(spec, str):
+            spec = self.adapt(spec)
         if isinstance(spec, str):
             factory = self._named(spec, path)
+            factory = self.adapt(factory) if self.adapt is not None else factory
             base = self.base
             wrong = isinstance(factory, type) and base is not None and not issubclass(factory, base)
             if wrong or not (callable(factory) or (base is not None and isinstance(factory, base))):
@@ -322,8 +331,11 @@ def import_object(path: str, where: str = "") -> Any:
                 raise  # a module the imported one needs: the user's problem, unchanged
             if cut > 1:
                 continue
-            why = f"no module named '{e.name}' (is it installed, or its module listed under "
-            why += "'imports:'?)"
+            if e.name in EXTRAS:
+                why = f"no module named '{e.name}': pip install 'mtlgraph[{EXTRAS[e.name]}]'"
+            else:
+                why = f"no module named '{e.name}' (is it installed, or its module listed under "
+                why += "'imports:'?)"
             raise ConfigError([f"{_at(where)}cannot import '{path}': {why}"]) from None
         for i, attr in enumerate(parts[cut:], cut):
             if not hasattr(obj, attr):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -179,6 +180,22 @@ def grown(
     out = torch.full((len(index),), fill, dtype=old.dtype, device=old.device)
     out[: len(old)] = old
     return nn.Parameter(out)
+
+
+def require_non_negative(
+    balancer: str, names: Sequence[str], values: Sequence[float], use: str = "takes the log of"
+) -> None:
+    """A ``ConfigError`` naming the tasks whose loss value is negative, for methods that take the
+    log of the losses or divide by them (``use``); a non-finite value passes (under fp16 the grad
+    scaler skips that step)."""
+    bad = [t for t, v in zip(names, values, strict=True) if not v >= 0]
+    if bad and all(math.isfinite(v) for v in values):
+        raise ConfigError(
+            [
+                f"balancer '{balancer}' {use} the losses: task(s) {bad} have a negative loss; "
+                "use a non-negative loss or another balancer"
+            ]
+        )
 
 
 def saved_task_order(balancer: str, index: Mapping[str, int], saved: Sequence[str]) -> list[str]:

@@ -1,6 +1,7 @@
-"""Recent balancers: ``imtl``, ``aligned_mtl``, ``upgrad``, ``nash_mtl``, ``gradvac``,
-``db_mtl`` (gradient-based, on :class:`~mtlgraph.balancing.gradient.GradientBalancer`) and
-``famo`` (loss-based, one backward pass). Their solvers on the Gram matrix are in
+"""Recent balancers: ``imtl``, ``aligned_mtl``, ``upgrad``, ``nash_mtl``, ``fairgrad``,
+``gradvac``, ``db_mtl``, ``moco``, ``sdmgrad``, ``excess_mtl`` (gradient-based, on
+:class:`~mtlgraph.balancing.gradient.GradientBalancer`) and ``famo`` (loss-based, one backward
+pass). Their solvers on the Gram matrix are in
 :mod:`mtlgraph.balancing.solvers`; the formulas, with the papers, in ``docs/balancing.md``.
 """
 
@@ -19,18 +20,22 @@ from mtlgraph.balancing.base import (
     Seeded,
     StepContext,
     grown,
+    require_non_negative,
     saved_task_order,
 )
 from mtlgraph.balancing.gradient import GradientBalancer
 from mtlgraph.balancing.solvers import (
     adam_step,
     aligned_mtl,
+    fairgrad,
     gradvac_coefficients,
     imtl_g,
     nash_mtl,
+    project_simplex,
+    sdmgrad_weights,
     upgrad,
 )
-from mtlgraph.exceptions import ArgumentCheck, ConfigError
+from mtlgraph.exceptions import ArgumentCheck
 from mtlgraph.gradients import SharedLayout
 from mtlgraph.graph.task import Task
 
@@ -178,7 +183,25 @@ class _Named(GradientBalancer):
         super().backward(losses, ctx)
 
 
-class NashMTLBalancer(_Named):
+class _LossScaled(GradientBalancer):
+    """A gradient balancer whose direction does not grow linearly with the gradients: during a
+    step ``self._unit`` holds ``ctx.scale`` of a unit loss (the fp16 loss scale and the ``1/N``
+    of accumulation), which the rows carry and the direction must carry too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._unit = 1.0  # ctx.scale of a unit loss during a step
+
+    def backward(self, losses: Mapping[str, torch.Tensor], ctx: StepContext) -> None:
+        one = next(iter(losses.values())).detach().new_ones(())
+        self._unit = float(ctx.scale(one))
+        try:
+            super().backward(losses, ctx)
+        finally:
+            self._unit = 1.0
+
+
+class NashMTLBalancer(_LossScaled, _Named):
     """Nash-MTL (Navon et al., ICML 2022): ``α > 0`` with ``Mα = 1/α``, the Nash bargaining
     solution, by Newton's method warm-started from the last ``α`` (reused between solves).
 
@@ -217,17 +240,6 @@ class NashMTLBalancer(_Named):
         self.max_iter = max_iter
         self._steps = 0  # solves and reuses so far
         self._alpha: dict[str, float] = {}  # the last solution, per task (unscaled)
-        self._unit = 1.0  # ctx.scale of a unit loss during a step
-
-    def backward(self, losses: Mapping[str, torch.Tensor], ctx: StepContext) -> None:
-        # d does not grow with the gradients (‖d‖² = K): give it the step's loss scale (fp16)
-        # and 1/N (accumulation) that the gradient methods' homogeneous directions carry
-        one = next(iter(losses.values())).detach().new_ones(())
-        self._unit = float(ctx.scale(one))
-        try:
-            super().backward(losses, ctx)
-        finally:
-            self._unit = 1.0
 
     def combine(self, gram: np.ndarray) -> np.ndarray:
         names = self._names if len(self._names) == len(gram) else [str(i) for i in range(len(gram))]
@@ -252,6 +264,39 @@ class NashMTLBalancer(_Named):
         super().set_extra_state(state)
         self._steps = int(state["steps"])
         self._alpha = {t: float(a) for t, a in state["alpha"].items()}
+
+
+class FairGradBalancer(_LossScaled):
+    """FairGrad (Ban & Ji, ICML 2024): the update that allocates first-order progress to the
+    tasks by ``alpha``-fair utility, ``w > 0`` with ``Mw = w^{−1/alpha}`` (``alpha = 1`` is
+    Nash-MTL's equation; larger ``alpha`` favours the task that progresses least).
+
+    Args:
+        alpha: ``α > 0``, the fairness (1: proportional fairness; → ∞: max-min fairness).
+        max_iter: Newton iterations.
+
+    Example:
+        >>> import numpy as np
+        >>> from mtlgraph.balancing import FairGradBalancer
+        >>> g = np.array([[2.0, 0.0], [0.0, 0.5]])
+        >>> FairGradBalancer(alpha=1.0).combine(g @ g.T)  # orthogonal: w_i = 1/‖g_i‖
+        array([0.5, 2. ])
+    """
+
+    name = "fairgrad"
+
+    def __init__(self, alpha: float = 1.0, max_iter: int = 100) -> None:
+        super().__init__()
+        check = ArgumentCheck(f"balancer '{self.name}'")
+        check.number("alpha", alpha, "> 0 (1 is Nash-MTL's equation)", lambda v: v > 0)
+        check.integer("max_iter", max_iter)
+        check.done()
+        self.alpha = float(alpha)
+        self.max_iter = max_iter
+
+    def combine(self, gram: np.ndarray) -> np.ndarray:
+        # the rows carry ctx.scale (unit): solve on the true Gram matrix, whose w the rows take
+        return fairgrad(gram / self._unit**2, self.alpha, None, self.max_iter)
 
 
 class GradVacBalancer(Seeded, _Named):
@@ -383,14 +428,7 @@ class DBMTLBalancer(_Named):
     def backward(self, losses: Mapping[str, torch.Tensor], ctx: StepContext) -> None:
         names = list(losses)
         values = ctx.reduce(torch.stack([losses[t].detach() for t in names]).double())
-        bad = [t for t, v in zip(names, values.tolist(), strict=True) if not v >= 0]
-        if bad and all(math.isfinite(v) for v in values.tolist()):
-            raise ConfigError(
-                [
-                    f"balancer 'db_mtl' takes the log of the losses: task(s) {bad} have a negative "
-                    "loss; use a non-negative loss or another balancer"
-                ]
-            )
+        require_non_negative(self.name, names, values.tolist())
         # L_i / (L̄_i + ε) has the gradient of log(L̄_i + ε) once DDP averages it over ranks
         logs = {
             t: losses[t] / (v + self.eps).to(losses[t].dtype)
@@ -428,6 +466,233 @@ class DBMTLBalancer(_Named):
         self._ema = None if state["ema"] is None else state["ema"].clone()
         self._ema_tasks = list(state["ema_tasks"])
         self._t = int(state["t"])
+
+
+class SDMGradBalancer(_Named):
+    """SDMGrad, stochastic direction-oriented multi-objective gradient descent (Xiao et al.,
+    NeurIPS 2023): MGDA's min-norm problem regularised toward the mean gradient,
+    ``min_{w ∈ simplex} ½‖G_w + λ·g_0‖²``, solved by a few warm-started projected SGD steps;
+    ``d = (G_w + λ·g_0)/(1 + λ)``.
+
+    Args:
+        lam: ``λ ≥ 0``, the pull toward the mean gradient ``g_0`` (0: MGDA; large: the mean).
+        lr: Learning rate of the inner SGD on ``w``.
+        momentum: Momentum of the inner SGD, in ``[0, 1)``.
+        n_iter: Inner SGD steps per update.
+
+    Example:
+        >>> import numpy as np
+        >>> from mtlgraph.balancing import SDMGradBalancer
+        >>> g = np.array([[1.0, 0.0], [0.0, 1.0]])
+        >>> SDMGradBalancer().combine(g @ g.T)  # symmetric tasks: the mean
+        array([0.5, 0.5])
+    """
+
+    name = "sdmgrad"
+
+    def __init__(
+        self, lam: float = 0.3, lr: float = 5.0, momentum: float = 0.5, n_iter: int = 20
+    ) -> None:
+        super().__init__()
+        check = ArgumentCheck(f"balancer '{self.name}'")
+        check.number("lam", lam, ">= 0", lambda v: v >= 0)
+        check.number("lr", lr, "> 0", lambda v: v > 0)
+        check.number("momentum", momentum, "in [0, 1)", lambda v: 0 <= v < 1)
+        check.integer("n_iter", n_iter)
+        check.done()
+        self.lam, self.lr, self.momentum = float(lam), float(lr), float(momentum)
+        self.n_iter = n_iter
+        self._w: list[float] = []  # the inner solution, warm start of the next update
+        self._w_tasks: list[str] = []
+
+    def combine(self, gram: np.ndarray) -> np.ndarray:
+        k = len(gram)
+        names = self._names if len(self._names) == k else [str(i) for i in range(k)]
+        start = np.array(self._w) if self._w_tasks == names else np.full(k, 1.0 / k)
+        w = sdmgrad_weights(gram, start, self.lam, self.lr, self.momentum, self.n_iter)
+        self._w, self._w_tasks = w.tolist(), list(names)
+        return (w + self.lam / k) / (1 + self.lam)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {**super().get_extra_state(), "w": list(self._w), "w_tasks": list(self._w_tasks)}
+
+    def set_extra_state(self, state: Any) -> None:
+        super().set_extra_state(state)
+        self._w = [float(v) for v in state["w"]]
+        self._w_tasks = list(state["w_tasks"])
+
+
+class MoCoBalancer(_LossScaled, _Named):
+    """MoCo (Fernando et al., ICLR 2023): each task's gradient is tracked by a running average
+    ``y_i`` (which corrects the bias of stochastic MGDA), and the weights ``λ`` take one projected
+    gradient step per update on ``½λᵀ(YYᵀ + ρI)λ``; ``d = Σ_i λ_i y_i``.
+
+    Args:
+        beta: ``β``, the step of the tracking average (``β_t = β/t^{beta_sigma}``).
+        beta_sigma: Decay exponent of ``β_t``.
+        gamma: ``γ``, the step of the weights (``γ_t = γ/t^{gamma_sigma}``).
+        gamma_sigma: Decay exponent of ``γ_t``.
+        rho: ``ρ ≥ 0``, the L2 regularisation of the weights' update.
+        projection: ``"softmax"`` (the authors' code and LibMTL: ``λ ← softmax(λ − γ_t·…)``) or
+            ``"simplex"`` (the paper: the Euclidean projection onto the simplex).
+        normalize: Track ``L_i·g_i/‖g_i‖`` instead of ``g_i`` (the authors' code and LibMTL).
+
+    Example:
+        >>> from mtlgraph.balancing import BALANCERS
+        >>> BALANCERS.build({"name": "moco", "projection": "simplex"}).gamma
+        0.1
+    """
+
+    name = "moco"
+
+    def __init__(
+        self,
+        beta: float = 0.5,
+        beta_sigma: float = 0.5,
+        gamma: float = 0.1,
+        gamma_sigma: float = 0.5,
+        rho: float = 0.0,
+        projection: str = "softmax",
+        normalize: bool = True,
+    ) -> None:
+        super().__init__()
+        check = ArgumentCheck(f"balancer '{self.name}'")
+        check.number("beta", beta, "in (0, 1]", lambda v: 0 < v <= 1)
+        check.number("beta_sigma", beta_sigma, ">= 0", lambda v: v >= 0)
+        check.number("gamma", gamma, "> 0", lambda v: v > 0)
+        check.number("gamma_sigma", gamma_sigma, ">= 0", lambda v: v >= 0)
+        check.number("rho", rho, ">= 0", lambda v: v >= 0)
+        check.choice("projection", projection, ("softmax", "simplex"))
+        check.require(
+            isinstance(normalize, bool), f"normalize must be true or false: {normalize!r}"
+        )
+        check.done()
+        self.beta, self.beta_sigma = float(beta), float(beta_sigma)
+        self.gamma, self.gamma_sigma, self.rho = float(gamma), float(gamma_sigma), float(rho)
+        self.projection, self.normalize = projection, normalize
+        self._y: torch.Tensor | None = None  # (K, P) tracked gradients, without ctx.scale
+        self._lambda: list[float] = []
+        self._y_tasks: list[str] = []
+        self._t = 0
+        self._values: list[float] = []  # the step's (rank-averaged) loss values
+
+    def backward(self, losses: Mapping[str, torch.Tensor], ctx: StepContext) -> None:
+        stacked = torch.stack([v.detach().double() for v in ctx.weighted(losses).values()])
+        self._values = ctx.reduce(stacked).tolist()
+        super().backward(losses, ctx)
+
+    def direction(
+        self, rows: torch.Tensor, layout: SharedLayout
+    ) -> tuple[torch.Tensor, np.ndarray]:
+        k = len(rows)
+        if self._y is None or self._y_tasks != self._names or self._y.shape != rows.shape:
+            self._y, self._y_tasks, self._t = torch.zeros_like(rows), list(self._names), 0
+            self._lambda = [1.0 / k] * k
+        if not torch.isfinite(rows).all():  # fp16 overflow: the grad scaler skips this step
+            return rows.sum(dim=0), np.ones(k)
+        if self.normalize:  # L_i·g_i/(‖g_i‖ + 10⁻⁸), the rows' ctx.scale cancels
+            norms = rows.norm(dim=1, keepdim=True) + 1e-8 * self._unit
+            values = torch.tensor(self._values, dtype=rows.dtype, device=rows.device)
+            h = rows / norms * values[:, None]
+        else:
+            h = rows / self._unit
+        self._t += 1
+        y = self._y.to(rows)
+        y = y - self.beta / self._t**self.beta_sigma * (y - h)
+        self._y = y
+        gram = (y @ y.T).double().cpu().numpy() + self.rho * np.eye(k)
+        lam = np.array(self._lambda)
+        lam = lam - self.gamma / self._t**self.gamma_sigma * (gram @ lam)
+        if self.projection == "softmax":
+            lam = np.exp(lam - lam.max())
+            lam = lam / lam.sum()
+        else:
+            lam = project_simplex(lam)
+        self._lambda = lam.tolist()
+        return self._unit * (torch.from_numpy(lam).to(rows) @ y), lam
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {
+            **super().get_extra_state(),
+            "y": None if self._y is None else self._y.detach().cpu().clone(),
+            "lambda": list(self._lambda),
+            "y_tasks": list(self._y_tasks),
+            "t": self._t,
+        }
+
+    def set_extra_state(self, state: Any) -> None:
+        super().set_extra_state(state)
+        self._y = None if state["y"] is None else state["y"].clone()
+        self._lambda = [float(v) for v in state["lambda"]]
+        self._y_tasks = list(state["y_tasks"])
+        self._t = int(state["t"])
+
+
+class ExcessMTLBalancer(_LossScaled, _Named):
+    """ExcessMTL (He et al., ICML 2024): loss weights that grow with each task's estimated excess
+    risk ``g_iᵀH_i⁻¹g_i`` (``H_i`` the AdaGrad diagonal ``√(Σ_t g_i² + 10⁻⁷)``) relative to its
+    first value, by an exponentiated-gradient step; ``d = Σ_i w_i g_i`` with ``Σ_i w_i = K``.
+
+    Args:
+        robust_step_size: ``η > 0``, the step of the exponentiated update (LibMTL's 0.01).
+
+    Example:
+        >>> from mtlgraph.balancing import BALANCERS
+        >>> BALANCERS.build({"name": "excess_mtl", "robust_step_size": 0.1}).robust_step_size
+        0.1
+    """
+
+    name = "excess_mtl"
+
+    def __init__(self, robust_step_size: float = 0.01) -> None:
+        super().__init__()
+        check = ArgumentCheck(f"balancer '{self.name}'")
+        check.number("robust_step_size", robust_step_size, "> 0", lambda v: v > 0)
+        check.done()
+        self.robust_step_size = float(robust_step_size)
+        self._sq: torch.Tensor | None = None  # (K, P) Σ_t g_i² of the unscaled gradients
+        self._sq_tasks: list[str] = []
+        self._baseline: list[float] = []  # each task's first positive excess risk (0: none yet)
+        self._logits: list[float] = []  # log-weights: w = K·softmax(logits)
+
+    def direction(
+        self, rows: torch.Tensor, layout: SharedLayout
+    ) -> tuple[torch.Tensor, np.ndarray]:
+        k = len(rows)
+        if self._sq is None or self._sq_tasks != self._names or self._sq.shape != rows.shape:
+            self._sq, self._sq_tasks = torch.zeros_like(rows), list(self._names)
+            self._baseline, self._logits = [0.0] * k, [0.0] * k
+        if not torch.isfinite(rows).all():  # fp16 overflow: the grad scaler skips this step
+            return rows.sum(dim=0), np.ones(k)
+        g2 = (rows / self._unit) ** 2
+        self._sq = self._sq.to(rows) + g2
+        excess = (g2 / torch.sqrt(self._sq + 1e-7)).sum(dim=1).double().cpu().tolist()
+        for i, e in enumerate(excess):
+            if self._baseline[i] > 0:
+                self._logits[i] += self.robust_step_size * e / self._baseline[i]
+            elif e > 0:
+                self._baseline[i] = e  # the first excess risk is the task's scale
+        logits = np.array(self._logits)
+        w = np.exp(logits - logits.max())
+        w = k * w / w.sum()
+        return torch.from_numpy(w).to(rows) @ rows, w
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {
+            **super().get_extra_state(),
+            "squared_gradients": None if self._sq is None else self._sq.detach().cpu().clone(),
+            "squared_tasks": list(self._sq_tasks),
+            "baseline": list(self._baseline),
+            "logits": list(self._logits),
+        }
+
+    def set_extra_state(self, state: Any) -> None:
+        super().set_extra_state(state)
+        sq = state["squared_gradients"]
+        self._sq = None if sq is None else sq.clone()
+        self._sq_tasks = list(state["squared_tasks"])
+        self._baseline = [float(v) for v in state["baseline"]]
+        self._logits = [float(v) for v in state["logits"]]
 
 
 class FAMOBalancer(LastWeights):

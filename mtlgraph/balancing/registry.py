@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from mtlgraph.balancing import gradient, modern, weighting
+from mtlgraph.balancing.aggregators import adapt_aggregator
 from mtlgraph.balancing.base import Balancer
 from mtlgraph.registry import Registry
 
@@ -17,6 +18,8 @@ BALANCERS: Registry[type[Balancer]] = Registry(
             weighting.GradNormBalancer,
             weighting.InverseMetricBalancer,
             weighting.RLWBalancer,
+            weighting.STCHBalancer,
+            weighting.GO4AlignBalancer,
             gradient.PCGradBalancer,
             gradient.CAGradBalancer,
             gradient.MGDABalancer,
@@ -27,14 +30,21 @@ BALANCERS: Registry[type[Balancer]] = Registry(
             modern.UPGradBalancer,
             modern.DBMTLBalancer,
             modern.GradVacBalancer,
+            modern.FairGradBalancer,
+            modern.MoCoBalancer,
+            modern.SDMGradBalancer,
+            modern.ExcessMTLBalancer,
         )
     },
     base=Balancer,
+    adapt=adapt_aggregator,
 )
-"""Every balancer class by name (built in: the sixteen of ``docs/balancing.md``).
+"""Every balancer class by name (built in: the twenty-two of ``docs/balancing.md``).
 
 ``Trainer(balancer=...)`` and ``trainer.balancer`` in YAML take what ``BALANCERS.build`` takes:
-a name, ``{"name": ..., **kwargs}``, a class or dotted path, or a :class:`Balancer`.
+a name, ``{"name": ..., **kwargs}``, a class or dotted path, or a :class:`Balancer`; a TorchJD
+aggregator (its dotted path, class or instance) becomes an
+:class:`~mtlgraph.balancing.aggregators.AggregatorBalancer`.
 
 Example:
     >>> from mtlgraph.balancing import BALANCERS, SumBalancer

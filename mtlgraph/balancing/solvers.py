@@ -228,11 +228,8 @@ def upgrad(gram: np.ndarray, weights: np.ndarray) -> np.ndarray:
 def nash_mtl(
     gram: np.ndarray, start: np.ndarray | None = None, max_iter: int = 100, tol: float = 1e-10
 ) -> np.ndarray:
-    """Nash-MTL (Navon et al., ICML 2022): the ``α > 0`` with ``Mα = 1/α`` (element-wise).
-
-    Damped Newton steps on ``½αᵀMα − Σ_i log α_i`` (on ``M/‖M‖_F``, from ``start`` or 𝟙), until
-    ``max_i |α_i(Mα)_i − 1| ≤ tol``; a singular ``M`` (or no convergence) is regularised by
-    ``10⁻⁸·I`` and solved again. Zeros when ``M = 0``.
+    """Nash-MTL (Navon et al., ICML 2022): the ``α > 0`` with ``Mα = 1/α`` (element-wise), the
+    ``alpha = 1`` case of :func:`fairgrad`.
 
     Example:
         >>> import numpy as np
@@ -240,35 +237,73 @@ def nash_mtl(
         >>> nash_mtl(g @ g.T)  # orthogonal gradients: α_i = 1/‖g_i‖
         array([0.5, 2. ])
     """
+    return fairgrad(gram, 1.0, start, max_iter, tol)
+
+
+def fairgrad(
+    gram: np.ndarray,
+    alpha: float,
+    start: np.ndarray | None = None,
+    max_iter: int = 100,
+    tol: float = 1e-10,
+) -> np.ndarray:
+    """FairGrad (Ban & Ji, ICML 2024): the ``w > 0`` with ``Mw = w^{−1/alpha}`` (element-wise).
+
+    ``w`` minimises the strictly convex ``f(w) = ½wᵀMw − Σ_i φ(w_i)`` with ``φ' = w^{−1/alpha}``
+    (``φ = log`` for ``alpha = 1``, Nash-MTL). Damped Newton steps (Hessian
+    ``M + diag(w^{−1/alpha−1}/alpha)``, backtracking that keeps ``w > 0``) on ``M/‖M‖_F`` (the
+    solution for ``M`` is that one times ``‖M‖_F^{−alpha/(1+alpha)}``), from ``start`` or 𝟙,
+    until ``max_i |w_i^{1/alpha}(Mw)_i − 1| ≤ tol``; a singular ``M`` (or no convergence) is
+    regularised by ``10⁻⁸·I`` and solved again, then the best multiple of 𝟙 is taken. Zeros when
+    ``M = 0``.
+
+    Example:
+        >>> import numpy as np
+        >>> g = np.array([[2.0, 0.0], [0.0, 0.5]])
+        >>> fairgrad(g @ g.T, 2.0)  # orthogonal: ‖g_i‖²·w_i = w_i^{-1/2}, w_i = ‖g_i‖^{-4/3}
+        array([0.39685026, 2.5198421 ])
+    """
     k = len(gram)
     norm = float(np.linalg.norm(gram))
     if not norm > 0:
         return np.zeros(k)
     m = gram / norm
+    unit = norm ** (-alpha / (1 + alpha))  # the solution for M is unit × the one for m
     x = np.ones(k) if start is None or not (np.asarray(start) > 0).all() else np.asarray(start)
     for reg in (0.0, 1e-8):
-        beta = _nash_newton(m + reg * np.eye(k), x * math.sqrt(norm), max_iter, tol)
-        if beta is not None:
-            return beta / math.sqrt(norm)
-    return np.full(k, math.sqrt(k / max(float(np.ones(k) @ gram @ np.ones(k)), 1e-300)))
+        w = _fair_newton(m + reg * np.eye(k), x / unit, alpha, max_iter, tol)
+        if w is not None:
+            return w * unit
+    return np.ones(k) * _best_multiple(gram, np.ones(k), 1.0 / alpha)
 
 
-def _nash_newton(m: np.ndarray, x: np.ndarray, max_iter: int, tol: float) -> np.ndarray | None:
-    """Newton's method on ``f(β) = ½βᵀmβ − Σ log β``; ``None`` when it does not converge."""
+def _best_multiple(m: np.ndarray, x: np.ndarray, p: float) -> float:
+    """The ``t > 0`` minimising ``f(t·x)`` of :func:`fairgrad` (``p = 1/alpha``):
+    ``t^{1+p} = Σ_i x_i^{1−p} / xᵀmx``; 0 when ``xᵀmx`` is not positive."""
+    quad = float(x @ m @ x)
+    return (float(np.sum(x ** (1 - p))) / quad) ** (1 / (1 + p)) if quad > 0 else 0.0
+
+
+def _fair_newton(
+    m: np.ndarray, x: np.ndarray, alpha: float, max_iter: int, tol: float
+) -> np.ndarray | None:
+    """Newton's method on ``f(w) = ½wᵀmw − Σ φ(w)``; ``None`` when it does not converge."""
+    p = 1.0 / alpha
 
     def f(b: np.ndarray) -> float:
-        return 0.5 * float(b @ m @ b) - float(np.log(b).sum())
+        barrier = np.log(b).sum() if p == 1.0 else np.sum(b ** (1 - p)) / (1 - p)
+        return 0.5 * float(b @ m @ b) - float(barrier)
 
-    quad = float(x @ m @ x)
-    if not quad > 0:
+    t0 = _best_multiple(m, x, p)
+    if not t0 > 0:
         return None
-    beta = x * math.sqrt(len(x) / quad)  # the best multiple of x
+    beta = x * t0
     for _ in range(max_iter):
         mb = m @ beta
-        if float(np.max(np.abs(beta * mb - 1.0))) <= tol:
+        if float(np.max(np.abs(beta**p * mb - 1.0))) <= tol:
             return beta
-        grad = mb - 1.0 / beta
-        step = np.linalg.solve(m + np.diag(1.0 / beta**2), -grad)
+        grad = mb - beta ** (-p)
+        step = np.linalg.solve(m + np.diag(p * beta ** (-p - 1)), -grad)
         t, f0, slope = 1.0, f(beta), float(grad @ step)
         size = float(np.linalg.norm(grad))
         while t > 1e-12:
@@ -277,7 +312,7 @@ def _nash_newton(m: np.ndarray, x: np.ndarray, max_iter: int, tol: float) -> np.
             # smaller gradient
             if (trial > 0).all() and (
                 f(trial) <= f0 + 1e-4 * t * slope
-                or float(np.linalg.norm(m @ trial - 1.0 / trial)) < 0.5 * size
+                or float(np.linalg.norm(m @ trial - trial ** (-p))) < 0.5 * size
             ):
                 break
             t *= 0.5
@@ -345,3 +380,85 @@ def adam_step(state: dict[str, list[float]], key: str, grad: float, lr: float) -
     v = b2 * v + (1 - b2) * grad * grad
     state[key] = [m, v, n]
     return lr * (m / (1 - b1**n)) / (math.sqrt(v / (1 - b2**n)) + 1e-8)
+
+
+def project_simplex(v: np.ndarray) -> np.ndarray:
+    """The Euclidean projection of ``v`` onto the probability simplex
+    ``{x : x ≥ 0, Σ_i x_i = 1}``: ``max(v − θ, 0)`` with the ``θ`` that makes it sum to 1
+    (found by sorting, Held, Wolfe & Crowder 1974).
+
+    Example:
+        >>> import numpy as np
+        >>> project_simplex(np.array([0.5, 1.0, -1.0]))  # θ = 0.25
+        array([0.25, 0.75, 0.  ])
+    """
+    u = np.sort(v)[::-1]
+    cssv = np.cumsum(u) - 1.0
+    rho = int(np.nonzero(u * np.arange(1, len(v) + 1) > cssv)[0][-1])
+    return np.maximum(v - cssv[rho] / (rho + 1), 0.0)
+
+
+def sdmgrad_weights(
+    gram: np.ndarray, w: np.ndarray, lam: float, lr: float, momentum: float, n_iter: int
+) -> np.ndarray:
+    """SDMGrad's inner solver (Xiao et al., NeurIPS 2023): ``n_iter`` steps of projected SGD
+    with momentum (as ``torch.optim.SGD``: ``v ← momentum·v + ∇``, ``w ← Π_Δ(w − lr·v)``) from
+    ``w`` on ``½‖G_w + λ·g_0‖²``, whose gradient is ``A(w + λ·𝟙/K)``, ``A`` the Gram matrix divided
+    by the squared mean gradient norm ``(mean_i ‖g_i‖)² + 10⁻⁸``. Returns the new ``w``.
+
+    Example:
+        >>> import numpy as np
+        >>> sdmgrad_weights(np.diag([4.0, 1.0]), np.array([0.5, 0.5]), 0.0, 1.0, 0.5, 1).round(6)
+        array([0.166667, 0.833333])
+    """
+    k = len(gram)
+    scale = float(np.mean(np.sqrt(np.maximum(np.diag(gram), 0.0))))
+    a = gram / (scale**2 + 1e-8)
+    pull = np.full(k, lam / k)
+    v = np.zeros(k)
+    for i in range(n_iter):
+        grad = a @ (w + pull)
+        v = grad if i == 0 else momentum * v + grad
+        w = project_simplex(w - lr * v)
+    return w
+
+
+def kmeans_1d(x: np.ndarray, groups: int) -> np.ndarray:
+    """The optimal k-means partition of the numbers ``x`` into ``min(groups, len(x))`` non-empty
+    groups (least within-group sum of squares): group labels ``0, 1, …`` in increasing order.
+
+    In one dimension an optimal group is a run of the sorted values, so dynamic programming over
+    the split points finds the global optimum (Wang & Song 2011) in ``O(groups·n²)``, with no
+    random initialisation; ties go to the earliest split.
+
+    Example:
+        >>> import numpy as np
+        >>> kmeans_1d(np.array([2.3, 0.6, 1.2]), 2)  # {0.6, 1.2} and {2.3}
+        array([1, 0, 0])
+    """
+    n = len(x)
+    g = min(groups, n)
+    order = np.argsort(x, kind="stable")
+    s = np.asarray(x, dtype=np.float64)[order]
+    c1 = np.concatenate([[0.0], np.cumsum(s)])
+    c2 = np.concatenate([[0.0], np.cumsum(s * s)])
+    i, j = np.arange(n + 1)[:, None], np.arange(n + 1)[None, :]
+    count = j - i
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cost = (c2[j] - c2[i]) - (c1[j] - c1[i]) ** 2 / count  # sum of squares of s[i:j]
+    cost[count <= 0] = np.inf
+    best = cost[0]  # best[j]: the best split of s[:j] into the groups so far
+    starts = []
+    for _ in range(1, g):
+        total = best[:, None] + cost
+        start = np.argmin(total, axis=0)
+        best = total[start, np.arange(n + 1)]
+        starts.append(start)
+    labels = np.zeros(n, dtype=np.int64)
+    end = n
+    for label, start in zip(range(g - 1, 0, -1), reversed(starts), strict=True):
+        labels[start[end] : end] = label
+        end = int(start[end])
+    out = np.empty(n, dtype=np.int64)
+    out[order] = labels
+    return out

@@ -1,5 +1,6 @@
-"""Loss-weighting balancers: one backward pass of a weighted sum of the step's losses. Formulas:
-``docs/balancing.md``.
+"""Loss-weighting balancers (``sum``, ``uncertainty``, ``dwa``, ``gradnorm``, ``inverse_metric``,
+``rlw``, ``stch``, ``go4align``): one backward pass of a weighted sum of the step's losses.
+Formulas: ``docs/balancing.md``.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -18,9 +20,10 @@ from mtlgraph.balancing.base import (
     Seeded,
     StepContext,
     grown,
+    require_non_negative,
     saved_task_order,
 )
-from mtlgraph.balancing.solvers import adam_step
+from mtlgraph.balancing.solvers import adam_step, kmeans_1d
 from mtlgraph.exceptions import ArgumentCheck, ConfigError
 from mtlgraph.gradients import PlanCache, last_shared_layer
 from mtlgraph.graph.task import Task
@@ -502,3 +505,167 @@ class RLWBalancer(Seeded):
         ).tolist()
         self._last.update(zip(losses, w, strict=True))
         ctx.weighted_backward(losses, dict(zip(losses, w, strict=True)))
+
+
+class STCHBalancer(LastWeights):
+    """Smooth Tchebycheff scalarisation (Lin et al., ICML 2024): after ``warmup_epochs`` of
+    training on ``Σ_i log L_i``, the objective ``K·μ·log Σ_i exp(λ_i·log(L_i/n_i)/μ)``, a smooth
+    maximum of the log-losses normalised by their nadir ``n_i`` (the mean loss of the last
+    warm-up epoch); ``λ_i`` is ``Task.weight``. One backward pass of ``Σ_i w_i·L_i``.
+
+    Args:
+        mu: ``μ``, the smoothing (→ 0: the worst task only; large: the sum of the log-losses).
+        warmup_epochs: Epochs of plain log-loss training whose last one gives the nadir (LibMTL's
+            ``STCH_warmup_epoch = 4`` counts from 0: five epochs).
+        eps: Added to the losses before the log.
+
+    Example:
+        >>> from mtlgraph.balancing import STCHBalancer
+        >>> b = STCHBalancer(mu=1.0)
+        >>> b._nadir = {"a": 1.0, "b": 1.0}
+        >>> w = b._stch_weights(["a", "b"], [2.0, 0.5], [1.0, 1.0])  # 2·softmax(log L)_i/L_i
+        >>> [round(x, 6) for x in w]  # p = (2, 0.5)/2.5: w = 2·(0.8/2, 0.2/0.5)
+        [0.8, 0.8]
+    """
+
+    name = "stch"
+
+    def __init__(self, mu: float = 1.0, warmup_epochs: int = 5, eps: float = 1e-8) -> None:
+        super().__init__()
+        check = ArgumentCheck(f"balancer '{self.name}'")
+        check.number("mu", mu, "> 0", lambda v: v > 0)
+        check.integer("warmup_epochs", warmup_epochs, least=0)
+        check.number("eps", eps, "> 0", lambda v: v > 0)
+        check.done()
+        self.mu, self.warmup_epochs, self.eps = float(mu), warmup_epochs, float(eps)
+        self._epochs = 0  # epochs finished
+        self._sums: dict[str, list[float]] = {}  # this warm-up epoch: task -> [Σ L, steps]
+        self._nadir: dict[str, float] = {}
+
+    def backward(self, losses: Mapping[str, torch.Tensor], ctx: StepContext) -> None:
+        names = list(losses)
+        stacked = torch.stack([losses[t].detach().double() for t in names])
+        values = ctx.reduce(stacked).tolist()  # every rank weighs with the same numbers
+        require_non_negative(self.name, names, values)
+        if not all(math.isfinite(v) for v in values):  # fp16 overflow: the step is skipped
+            ctx.weighted_backward(losses, {t: self._last.get(t, 1.0) for t in names})
+            return
+        if self._epochs < self.warmup_epochs:  # the gradient of Σ_i λ_i·log(L_i + ε)
+            for t, v in zip(names, values, strict=True):
+                total = self._sums.setdefault(t, [0.0, 0.0])
+                total[0] += v
+                total[1] += 1
+            w = [1.0 / (v + self.eps) for v in values]
+        else:
+            lam = [ctx.tasks[t].weight for t in names]
+            w = self._stch_weights(names, values, lam)
+        self._last.update(zip(names, w, strict=True))
+        ctx.weighted_backward(losses, dict(zip(names, w, strict=True)))
+
+    def _stch_weights(self, names: list[str], values: list[float], lam: list[float]) -> list[float]:
+        """``w_i = K·p_i/(L_i + ε)`` with ``p = softmax(λ_i·log((L_i + ε)/(n_i + ε))/μ)``: the
+        gradient of the smooth maximum with respect to ``λ_i·L_i`` (``weighted_backward``
+        applies ``λ_i``)."""
+        for t, v in zip(names, values, strict=True):
+            if t not in self._nadir:
+                if self.warmup_epochs > 0:
+                    self._say_once(
+                        f"nadir|{t}",
+                        "stch: task '%s' had no loss in the warm-up epochs; its nadir is its "
+                        "first loss after them, %g",
+                        t,
+                        v,
+                    )
+                self._nadir[t] = v
+        s = [
+            li * math.log((v + self.eps) / (self._nadir[t] + self.eps)) / self.mu
+            for t, v, li in zip(names, values, lam, strict=True)
+        ]
+        top = max(s)
+        e = [math.exp(x - top) for x in s]
+        k, norm = len(names), sum(e)
+        return [k * ei / norm / (v + self.eps) for ei, v in zip(e, values, strict=True)]
+
+    def on_epoch_end(self, epoch: int, mean_losses: Mapping[str, float]) -> None:
+        self._epochs += 1
+        # each task's nadir: its mean loss over the last warm-up epoch that held it
+        self._nadir.update({t: total / n for t, (total, n) in self._sums.items()})
+        self._sums = {}
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {
+            **super().get_extra_state(),
+            "epochs": self._epochs,
+            "sums": {t: list(v) for t, v in self._sums.items()},
+            "nadir": dict(self._nadir),
+        }
+
+    def set_extra_state(self, state: Any) -> None:
+        super().set_extra_state(state)
+        self._epochs = int(state["epochs"])
+        self._sums = {t: [float(x) for x in v] for t, v in state["sums"].items()}
+        self._nadir = {t: float(v) for t, v in state["nadir"].items()}
+
+
+class GO4AlignBalancer(LastWeights):
+    """GO4Align, group optimisation for multi-task alignment (Shen et al., NeurIPS 2024): each
+    task's risk-guided indicator ``(Σ_j L_j/L_i)·p_i`` (``p`` an exponentiated-gradient average
+    of the risks) is replaced by the mean over its group, the tasks grouped by k-means on the
+    indicators; one backward pass of ``Σ_i w_i·L_i``.
+
+    Args:
+        num_groups: The number of groups (at most the number of tasks in a step; 1: every task
+            gets the mean indicator).
+        robust_step_size: ``η ≥ 0``, the step of ``p_i ∝ p_i·exp(−η·L_i)``.
+        eps: Added to the losses in ``Σ_j L_j/L_i``.
+
+    Example:
+        >>> from mtlgraph.balancing import GO4AlignBalancer
+        >>> b = GO4AlignBalancer(num_groups=2, robust_step_size=0.0)
+        >>> w = b._group_weights(["a", "b", "c"], [1.0, 2.0, 4.0])  # indicators 7/3, 7/6, 7/12
+        >>> [round(x, 4) for x in w]  # groups {a} and {b, c}: (7/6 + 7/12)/2 = 7/8
+        [2.3333, 0.875, 0.875]
+    """
+
+    name = "go4align"
+
+    def __init__(
+        self, num_groups: int = 2, robust_step_size: float = 1e-4, eps: float = 1e-8
+    ) -> None:
+        super().__init__()
+        check = ArgumentCheck(f"balancer '{self.name}'")
+        check.integer("num_groups", num_groups)
+        check.number("robust_step_size", robust_step_size, ">= 0", lambda v: v >= 0)
+        check.number("eps", eps, "> 0", lambda v: v > 0)
+        check.done()
+        self.num_groups, self.robust_step_size, self.eps = num_groups, float(robust_step_size), eps
+        self._logits: dict[str, float] = {}  # log p_i, up to a constant: −η·Σ_t L_i(t)
+
+    def backward(self, losses: Mapping[str, torch.Tensor], ctx: StepContext) -> None:
+        names = list(losses)
+        stacked = torch.stack([losses[t].detach().double() for t in names])
+        values = ctx.reduce(stacked).tolist()  # every rank weighs with the same numbers
+        require_non_negative(self.name, names, values, "divides by")
+        if all(math.isfinite(v) for v in values):  # else fp16 overflow: the step is skipped
+            self._last.update(zip(names, self._group_weights(names, values), strict=True))
+        ctx.weighted_backward(losses, {t: self._last.get(t, 1.0) for t in names})
+
+    def _group_weights(self, names: list[str], values: list[float]) -> list[float]:
+        """Update the ``p`` of the step's tasks; their indicators averaged over the groups."""
+        for t, v in zip(names, values, strict=True):
+            self._logits[t] = self._logits.get(t, 0.0) - self.robust_step_size * v
+        logits = np.array([self._logits[t] for t in names])
+        p = np.exp(logits - logits.max())
+        p /= p.sum()
+        total = sum(values)
+        indicator = np.array([total / (v + self.eps) for v in values]) * p
+        labels = kmeans_1d(indicator, self.num_groups)
+        means = {k: float(indicator[labels == k].mean()) for k in set(labels.tolist())}
+        return [means[k] for k in labels.tolist()]
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {**super().get_extra_state(), "logits": dict(self._logits)}
+
+    def set_extra_state(self, state: Any) -> None:
+        super().set_extra_state(state)
+        self._logits = {t: float(v) for t, v in state["logits"].items()}

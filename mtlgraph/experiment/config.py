@@ -25,7 +25,7 @@ from mtlgraph.experiment.imports import absolute, import_dirs, import_user_modul
 from mtlgraph.experiment.module_types import check_module_spec
 from mtlgraph.experiment.yaml_lines import apply_overrides, locate, parse_yaml
 from mtlgraph.graph.losses import LOSSES
-from mtlgraph.graph.task import INPUT, Operation, Task, TaskType
+from mtlgraph.graph.task import INPUT, Operation, Task, TaskType, op_problems
 from mtlgraph.metrics import metric_spec_problems
 from mtlgraph.registry import argument_problems
 from mtlgraph.training.trainer import TrainerConfig
@@ -162,34 +162,15 @@ def _check_ops(
     name: str, task: TaskConfig, modules: Mapping[str, Mapping[str, Any]], declared: str
 ) -> list[str]:
     """Each op's module is declared and in the pool; inputs name earlier ops; names unique."""
-    problems = []
-    seen: list[str] = []
-    for i, op in enumerate(task.ops):
-        op_path = f"tasks.{name}.ops[{i}]"
-        if op.module not in modules:
-            problems.append(
-                f"{op_path}.module: unknown module '{op.module}'"
-                f"{did_you_mean(op.module, modules)}; {declared}"
-            )
-        elif task.modules is not None and op.module not in task.modules:
-            problems.append(
-                f"{op_path}.module: '{op.module}' is not in the task's module pool "
-                f"{quoted(task.modules)}; add it to tasks.{name}.modules"
-            )
-        for j, spec in enumerate(op.inputs):
-            source = _source(spec)
-            if not isinstance(source, str) or source == INPUT or source in seen:
-                continue
-            problems.append(
-                f"{op_path}.inputs[{j}]: '{source}' names no earlier operation of the task"
-                f"{did_you_mean(source, [*seen, INPUT])}; inputs are earlier op names or "
-                f"'{INPUT}'"
-            )
-        op_name = op.name or op.module
-        if op_name in seen:
-            problems.append(f"{op_path}: a second operation named '{op_name}'; give one a 'name'")
-        seen.append(op_name)
-    return problems
+    pool, note = list(modules), declared
+    if task.modules is not None:
+        pool = task.modules
+        note = f"the task's pool is {quoted(pool)}; add it to tasks.{name}.modules"
+    steps = [(op.name or op.module, op.module, [_source(s) for s in op.inputs]) for op in task.ops]
+    return [
+        f"tasks.{name}.ops[{i}]{part}: {message}"
+        for i, part, message in op_problems(steps, pool, note)
+    ]
 
 
 def _check_loss_and_metrics(path: str, task: TaskConfig) -> list[str]:

@@ -1,5 +1,6 @@
 """Standard multi-task architectures as graph blocks: MMoE and DSelect-k gates
-(:class:`Gate`), CGC / PLE (experts and gates stacked), cross-stitch (:class:`CrossStitch`).
+(:class:`Gate`), CGC / PLE (experts and gates stacked), cross-stitch (:class:`CrossStitch`),
+MTAN (:class:`MTANAttention` over a shared trunk's stages).
 
 Each architecture is a few module types that a task's operations wire together explicitly, so
 ``mtlgraph check`` shows every task's own path. Formulas and YAML: ``docs/architectures.md``.
@@ -16,7 +17,7 @@ from torch import nn
 from mtlgraph.exceptions import ArgumentCheck
 from mtlgraph.graph.activations import ACTIVATIONS
 
-__all__ = ["CrossStitch", "Experts", "Gate", "GateKind", "smooth_step"]
+__all__ = ["CrossStitch", "Experts", "Gate", "GateKind", "MTANAttention", "smooth_step"]
 
 GateKind = Literal["softmax", "dselect_k"]
 GATE_KINDS: tuple[str, ...] = ("softmax", "dselect_k")
@@ -195,7 +196,9 @@ class Gate(nn.Module):
         """The mixture weights ``(B, n_experts)`` and DSelect-k's selections ``(B, k, 2^m)``."""
         if self.kind == "softmax":
             return torch.softmax(self.logits(x), dim=-1), None
-        s = smooth_step(self.selectors(x).view(len(x), self.k, 1, -1), self.gamma)  # (B, k, 1, m)
+        s = smooth_step(
+            self.selectors(x).unflatten(-1, (self.k, 1, -1)), self.gamma
+        )  # (B, k, 1, m)
         r = torch.where(self.bits > 0, s, 1.0 - s).prod(dim=-1)  # (B, k, 2^m)
         alpha = torch.softmax(self.mix(x), dim=-1)
         return torch.einsum("bk,bkc,ce->be", alpha, r, self.owner), r
@@ -279,3 +282,80 @@ class CrossStitch(nn.Module):
 
     def extra_repr(self) -> str:
         return f"n_columns={self.n_columns}, dim={self.dim}"
+
+
+class MTANAttention(nn.Module):
+    """One task's MTAN attention module: a soft mask, learned from shared features, on a shared
+    stage's output.
+
+    ``attention(u, p, *previous)``: the mask ``a = sigmoid(BN(W_2 relu(BN(W_1 [u; previous]))))``
+    (``W_1``, ``W_2``: 1x1 convolutions, one linear map over channels at every position) has
+    ``p``'s shape and the output is ``a * p``. ``u`` and ``p`` are a shared stage's features (the
+    same tensor when the stage has one output); ``previous`` is this task's earlier attention
+    output brought to ``u``'s resolution (by a shared 3x3 convolution and pooling in the paper),
+    concatenated along the channels. Inputs are maps ``(B, C, H, W)`` or vectors ``(B, D)``.
+
+    Args:
+        in_channels: Channels of the mask input: ``u``'s plus those of every ``previous`` input.
+        out_channels: Channels of ``p``, of the mask and of the output.
+        hidden: Channels of the mask's hidden layer (``None``: ``out_channels``, as in the paper).
+
+    Raises:
+        ConfigError: Every malformed argument at once.
+
+    Example:
+        >>> import torch
+        >>> from mtlgraph.graph.experts import MTANAttention
+        >>> shared = torch.randn(2, 8, 4, 4)  # a shared stage's output, here both u and p
+        >>> first = MTANAttention(in_channels=8, out_channels=8)
+        >>> first(shared, shared).shape
+        torch.Size([2, 8, 4, 4])
+        >>> MTANAttention(in_channels=6, out_channels=4)(torch.randn(3, 4), torch.randn(3, 4),
+        ...                                              torch.randn(3, 2)).shape
+        torch.Size([3, 4])
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, hidden: int | None = None) -> None:
+        super().__init__()
+        check = ArgumentCheck("mtan_attention")
+        check.integer("in_channels", in_channels)
+        check.integer("out_channels", out_channels)
+        if hidden is not None:
+            check.integer("hidden", hidden)
+        check.done()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        width = out_channels if hidden is None else hidden
+        self.mask = nn.Sequential(  # g: 1x1 conv - BN - ReLU; h: 1x1 conv - BN - sigmoid
+            nn.Conv2d(in_channels, width, 1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.Conv2d(width, out_channels, 1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, u: torch.Tensor, p: torch.Tensor, *previous: torch.Tensor) -> torch.Tensor:
+        inputs = (u, p, *previous)
+        size = p.shape[2:]
+        fits = (
+            p.ndim in (2, 4)
+            and all(t.ndim == p.ndim and t.shape[2:] == size for t in inputs)
+            and p.shape[1] == self.out_channels
+            and sum(t.shape[1] for t in (u, *previous)) == self.in_channels
+        )
+        if not fits:
+            got = [tuple(t.shape) for t in inputs]
+            raise ValueError(
+                f"mtan_attention expects u, p, *previous as (B, C, H, W) maps of one size or "
+                f"(B, D) vectors, with in_channels={self.in_channels} channels in u and previous "
+                f"together and out_channels={self.out_channels} in p, got shapes {got}; set "
+                "in_channels and out_channels to the channels of the inputs"
+            )
+        x = torch.cat((u, *previous), dim=1) if previous else u
+        if x.ndim == 2:  # vectors: 1x1 maps, so BatchNorm2d is BatchNorm1d over the batch
+            return self.mask(x[:, :, None, None]).flatten(1) * p
+        return self.mask(x) * p
+
+    def extra_repr(self) -> str:
+        hidden = self.mask[0].out_channels
+        return f"in_channels={self.in_channels}, out_channels={self.out_channels}, hidden={hidden}"

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from mtlgraph.graph.activations import ACTIVATIONS as ACTIVATIONS  # its documented path too
-from mtlgraph.graph.experts import CrossStitch, Experts, Gate
+from mtlgraph.graph.experts import CrossStitch, Experts, Gate, MTANAttention
 from mtlgraph.registry import Registry
 
 ModuleFactory = Callable[..., nn.Module]
@@ -94,41 +94,59 @@ class EmbeddingBag(nn.Module):
 
 
 class Conv2dStack(nn.Module):
-    """Small images ``(B, C, H, W)`` -> one vector ``(B, channels[-1])``.
+    """Small images ``(B, C, H, W)`` -> one vector ``(B, channels[-1])``, or a feature map.
 
-    Each layer is a ``kernel_size`` convolution (same padding) + activation + 2x2 max pool;
-    a global average pool ends the stack.
+    Each layer is a ``kernel_size`` convolution (same padding) (+ batch norm) + activation + 2x2
+    max pool; a global average pool ends the stack. With ``global_pool=False`` the stack returns
+    its last map ``(B, channels[-1], H', W')``: a stage of a shared trunk, or MTAN's 3x3
+    convolution between attention modules (``docs/architectures.md``).
 
     Args:
         in_channels: Channels of the input images.
         channels: Output channels of each convolution layer.
         kernel_size: Odd convolution kernel size.
         activation: One of :data:`ACTIVATIONS`.
+        batch_norm: Batch norm between each convolution and its activation.
+        pool: A 2x2 max pool after each layer (halves height and width, rounding up).
+        global_pool: Average over height and width at the end: ``(B, channels[-1])``.
 
     Example:
         >>> import torch
         >>> from mtlgraph.graph.modules import Conv2dStack
         >>> Conv2dStack(in_channels=3, channels=[8, 16])(torch.zeros(2, 3, 8, 8)).shape
         torch.Size([2, 16])
+        >>> stage = Conv2dStack(3, [8], batch_norm=True, pool=False, global_pool=False)
+        >>> stage(torch.zeros(2, 3, 8, 8)).shape
+        torch.Size([2, 8, 8, 8])
     """
 
     def __init__(
-        self, in_channels: int, channels: list[int], kernel_size: int = 3, activation: str = "relu"
+        self,
+        in_channels: int,
+        channels: list[int],
+        kernel_size: int = 3,
+        activation: str = "relu",
+        batch_norm: bool = False,
+        pool: bool = True,
+        global_pool: bool = True,
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         width = in_channels
         for c in channels:
-            layers += [
-                nn.Conv2d(width, c, kernel_size, padding=kernel_size // 2),
-                ACTIVATIONS.build(activation, "activation"),
-                nn.MaxPool2d(2, ceil_mode=True),
-            ]
+            layers.append(nn.Conv2d(width, c, kernel_size, padding=kernel_size // 2))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(c))
+            layers.append(ACTIVATIONS.build(activation, "activation"))
+            if pool:
+                layers.append(nn.MaxPool2d(2, ceil_mode=True))
             width = c
         self.layers = nn.Sequential(*layers)
+        self.global_pool = global_pool
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.layers(images).mean(dim=(2, 3))
+        maps = self.layers(images)
+        return maps.mean(dim=(2, 3)) if self.global_pool else maps
 
 
 class Concat(nn.Module):
@@ -212,6 +230,7 @@ MODULES: Registry[ModuleFactory] = Registry(
         "cgc_experts": Experts,
         "cgc_gate": Gate,
         "cross_stitch": CrossStitch,
+        "mtan_attention": MTANAttention,
     },
     base=nn.Module,
     keys=("type",),

@@ -339,42 +339,20 @@ class Task:
         if len(op_sequence) == 0:
             problems.append(f"{who}: op_sequence is empty; add at least one Operation")
             return []
-        all_names = [op.name for op in op_sequence if isinstance(op, Operation)]
-        seen: list[str] = []
-        for i, op in enumerate(op_sequence):
-            if not isinstance(op, Operation):
-                problems.append(
-                    f"{who}: op_sequence[{i}] is a {type(op).__name__}, not an Operation"
-                )
-                continue
-            if op.name in seen:
-                problems.append(
-                    f"{who}: duplicate operation name '{op.name}'; pass name=... to tell them apart"
-                )
-            if op.module_name not in pool:
-                problems.append(
-                    f"{who}: unknown module '{op.module_name}' in operation '{op.name}'"
-                    f"{did_you_mean(op.module_name, pool)}; the pool has {quoted(pool)}"
-                )
-            for inp in op.inputs:
-                if inp.source == INPUT or inp.source in seen:
-                    continue
-                if inp.source == op.name:
-                    problems.append(
-                        f"{who}: operation '{op.name}' uses its own output as an input; an "
-                        "operation can only read earlier operations"
-                    )
-                elif inp.source in all_names:
-                    problems.append(
-                        f"{who}: operation '{op.name}' uses '{inp.source}', which runs later;"
-                        " reorder the op_sequence"
-                    )
-                else:
-                    problems.append(
-                        f"{who}: operation '{op.name}' has input '{inp.source}', which names no "
-                        f"earlier operation{did_you_mean(inp.source, [*seen, INPUT])}"
-                    )
-            seen.append(op.name)
+        problems += [
+            f"{who}: op_sequence[{i}] is a {type(op).__name__}, not an Operation"
+            for i, op in enumerate(op_sequence)
+            if not isinstance(op, Operation)
+        ]
+        steps = [
+            (op.name, op.module_name, [inp.source for inp in op.inputs])
+            for op in op_sequence
+            if isinstance(op, Operation)
+        ]
+        problems += [
+            f"{who}: {message}"
+            for _, _, message in op_problems(steps, pool, f"the pool has {quoted(pool)}")
+        ]
         return list(op_sequence)
 
     def _default_loss(self) -> LossFunc:
@@ -413,6 +391,45 @@ class Task:
             f"Task(name={self.name!r}, task_type={self.task_type!r}, "
             f"modules={list(self.module_pool)}, ops={[op.name for op in self.op_sequence]})"
         )
+
+
+def op_problems(
+    steps: Sequence[tuple[str, str, Sequence[object]]], pool: Sequence[str], pool_note: str
+) -> list[tuple[int, str, str]]:
+    """What is wrong with an operation sequence given as ``(name, module, input sources)``
+    steps: ``(step index, part, message)``, ``part`` being ``""``, ``".module"`` or
+    ``".inputs[j]"`` (for key paths). ``pool_note`` ends an unknown module's message."""
+    problems: list[tuple[int, str, str]] = []
+    names = [name for name, _, _ in steps]
+    seen: list[str] = []
+    for i, (name, module, sources) in enumerate(steps):
+        if name in seen:
+            problems.append((i, "", f"duplicate operation name '{name}'; give one its own name"))
+        if module not in pool:
+            problems.append(
+                (
+                    i,
+                    ".module",
+                    f"unknown module '{module}' in operation '{name}'"
+                    f"{did_you_mean(module, pool)}; {pool_note}",
+                )
+            )
+        for j, source in enumerate(sources):
+            if not isinstance(source, str) or source == INPUT or source in seen:
+                continue
+            if source == name:
+                why = "its own output; an operation can only read earlier operations"
+            elif source in names:
+                why = f"'{source}', which runs later; reorder the operations"
+            else:
+                why = (
+                    f"'{source}', which names no earlier operation"
+                    f"{did_you_mean(source, [*seen, INPUT])}; inputs are earlier operations or "
+                    f"'{INPUT}'"
+                )
+            problems.append((i, f".inputs[{j}]", f"operation '{name}' reads {why}"))
+        seen.append(name)
+    return problems
 
 
 def unknown_tasks_error(unknown: Iterable[str], tasks: Mapping[str, Task]) -> GraphError:

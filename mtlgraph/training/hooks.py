@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -364,7 +364,10 @@ class EvaluationHook(Hook):
         record = {"epoch": float(state.epoch_number), "step": float(state.global_step)}
         record.update(self.train_record(state.take_window()))
         if not self.warned_scales and self.is_main and type(run.balancer) is SumBalancer:
-            self.warned_scales = warn_loss_scales(record) is not None
+            regression = [
+                t for t, task in run.model.tasks.items() if task.task_type == "regression"
+            ]
+            self.warned_scales = warn_loss_scales(record, regression) is not None
         if self.score is not None:
             scores = self.score()
             record.update(scores)
@@ -528,12 +531,15 @@ LOSS_RATIO = 100.0
 """Task training losses further apart than this at the first evaluation get a warning."""
 
 
-def warn_loss_scales(record: Mapping[str, float]) -> str | None:
+def warn_loss_scales(record: Mapping[str, float], regression: Collection[str]) -> str | None:
     """Warn (and return the message) when the tasks' training losses in ``record`` differ by
-    more than :data:`LOSS_RATIO`: with a plain sum, the small task barely trains.
+    more than :data:`LOSS_RATIO` and the largest or the smallest is a ``regression`` task's:
+    with a plain sum, the small task barely trains. Losses of classification tasks share a scale
+    (nats per label), so a gap between two of them means one is nearly solved: no warning.
 
     Example:
-        >>> print(warn_loss_scales({"cls/d/train/loss": 0.7, "reg/d/train/loss": 0.001}))
+        >>> record = {"cls/d/train/loss": 0.7, "reg/d/train/loss": 0.001}
+        >>> print(warn_loss_scales(record, regression=["reg"]))
         ... # doctest: +ELLIPSIS
         the task losses differ by 700x (task 'cls': 0.7, task 'reg': 0.001): ...
     """
@@ -550,6 +556,8 @@ def warn_loss_scales(record: Mapping[str, float]) -> str | None:
         return None
     big, small = max(means, key=means.__getitem__), min(means, key=means.__getitem__)
     if means[small] <= 0 or means[big] / means[small] <= LOSS_RATIO:
+        return None
+    if big not in regression and small not in regression:
         return None
     message = (
         f"the task losses differ by {means[big] / means[small]:.0f}x (task '{big}': "

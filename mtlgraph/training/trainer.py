@@ -54,7 +54,7 @@ from mtlgraph.training.setup import (
     batch_sources,
     check_loaders,
     distribute,
-    prefer_foreach,
+    prefer_fast_update,
     prepare,
 )
 from mtlgraph.training.state import (
@@ -221,7 +221,7 @@ class FitLoop:
             weight_decay=cfg.weight_decay,
             param_groups=cfg.param_groups,
         )
-        prefer_foreach(optimizer)
+        prefer_fast_update(optimizer)
         self.stepper = SubsetStepper(optimizer, self.balancer.task_parameters)
         control = StepControl(cfg.amp, cfg.grad_accumulation_steps, cfg.grad_clip, device)
         guard = NonfiniteGuard(cfg.nonfinite, self.comm)

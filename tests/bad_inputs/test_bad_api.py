@@ -447,6 +447,26 @@ def test_task_losses_100x_apart_warn_once(caplog: pytest.LogCaptureFixture) -> N
     assert "weight" in text and "'uncertainty', 'lr': 0.1" in text
 
 
+def test_no_loss_scale_warning_when_a_classification_task_is_solved(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two classification tasks, one solved at once (one class: its loss falls 100x below the
+    other's, whose labels are random): the gap means 'solved', not 'mis-scaled'; no advice."""
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(2, 8), nn.ReLU())
+    ops = [Operation("trunk", [("_input_", "x")])]
+    easy = Task("easy", {"trunk": trunk, "e": nn.Linear(8, 2)}, [*ops, Operation("e", ["trunk"])])
+    hard = Task("hard", {"trunk": trunk, "h": nn.Linear(8, 2)}, [*ops, Operation("h", ["trunk"])])
+    x = torch.randn(512, 2)
+    labels = {"easy": torch.zeros(512, dtype=torch.long), "hard": torch.randint(0, 2, (512,))}
+    dls = [DictDataLoader(DictDataset("d", "train", {"x": x}, labels), batch_size=16)]
+    with caplog.at_level(logging.WARNING, logger="mtlgraph"):
+        trainer = _fit(MultitaskClassifier([easy, hard]), dls, n_epochs=3, lr=0.05)
+    last = trainer.history[-1]
+    assert last["hard/d/train/loss"] / last["easy/d/train/loss"] > 100  # far apart
+    assert "the task losses differ by" not in caplog.text
+
+
 def test_no_loss_scale_warning_with_a_learned_balancer(caplog: pytest.LogCaptureFixture) -> None:
     model, dls = _scaled_tasks()
     with caplog.at_level(logging.WARNING, logger="mtlgraph"):

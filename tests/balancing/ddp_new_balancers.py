@@ -9,10 +9,21 @@ from ddp_workers import BASE, _state, init, torchrun_env, train_setup
 
 from mtlgraph import Trainer
 
-# The stateful ones and those that reduce loss values (famo, db_mtl); the others share the
-# gradient rows' path (ctx.reduce on the (K, P) rows, tested in test_new_balancers.py) with
-# nash_mtl and gradvac.
-DDP_METHODS = ("famo", "nash_mtl", "gradvac", "db_mtl")
+# The stateful ones and those that reduce loss values (famo, db_mtl, stch, go4align, moco); the
+# others share the gradient rows' path (ctx.reduce on the (K, P) rows, tested in
+# test_new_balancers.py) with nash_mtl and gradvac.
+DDP_METHODS = (
+    "famo",
+    "nash_mtl",
+    "gradvac",
+    "db_mtl",
+    "stch",
+    "go4align",
+    "moco",
+    "sdmgrad",
+    "excess_mtl",
+)
+SPECS: dict[str, Any] = {"stch": {"name": "stch", "warmup_epochs": 0}}  # past the warm-up
 
 
 def ddp_worker(rank: int, world: int, port: int, out: Any) -> None:
@@ -22,7 +33,8 @@ def ddp_worker(rank: int, world: int, port: int, out: Any) -> None:
     try:
         for name in DDP_METHODS:
             model, loaders = train_setup(init_seed=100 + rank)
-            trainer = Trainer(**{**BASE, "n_epochs": 1}, batch_scheduler="mixed", balancer=name)
+            balancer = SPECS.get(name, name)
+            trainer = Trainer(**{**BASE, "n_epochs": 1}, batch_scheduler="mixed", balancer=balancer)
             trainer.fit(model, loaders)
             assert trainer.balancer is not None
             out.put((name, rank, _state(model), trainer.balancer.weights()))

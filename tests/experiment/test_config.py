@@ -219,8 +219,8 @@ def test_task_cross_checks(tmp_path: Path) -> None:
     joined = "\n".join(problems)
     assert "tasks.circle_task.ops[1].module: unknown module 'circle_haed'" in joined
     assert (
-        "tasks.circle_task.ops[2].inputs[0]: 'trunkk' names no earlier operation of the task "
-        "(did you mean 'trunk'?)"
+        "tasks.circle_task.ops[2].inputs[0]: operation 'square_head' reads 'trunkk', which "
+        "names no earlier operation (did you mean 'trunk'?)"
     ) in joined
     assert (
         "tasks.square_task.loss: unknown loss 'cross_entropi' (did you mean 'cross_entropy'?)"
@@ -232,7 +232,8 @@ def test_task_cross_checks(tmp_path: Path) -> None:
     )
     assert "tasks.square_task.metrics[1]: metric spec" in joined
     assert (
-        "tasks.square_task.ops[1].module: 'square_head' is not in the task's module pool 'trunk'"
+        "tasks.square_task.ops[1].module: unknown module 'square_head' in operation "
+        "'square_head'; the task's pool is 'trunk'; add it to tasks.square_task.modules"
     ) in joined
     assert len(problems) == 6
 

@@ -1,9 +1,10 @@
-"""MMoE, DSelect-k, CGC / PLE and cross-stitch (graph/experts.py): shapes, gate weights, where
-gradients go, exact resume, YAML, and each architecture beating one shared trunk on tasks that
-depend on different feature subsets (data.synthetic.make_feature_subsets)."""
+"""MMoE, DSelect-k, CGC / PLE, cross-stitch and MTAN (graph/experts.py): shapes, gate weights,
+attention masks, where gradients go, exact resume, YAML, and each of the first four beating one
+shared trunk on tasks that depend on different feature subsets (data.synthetic.make_feature_subsets)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -24,8 +25,8 @@ from mtlgraph import (
 )
 from mtlgraph.data.synthetic import make_feature_subsets
 from mtlgraph.experiment.cli import main
-from mtlgraph.graph.experts import CrossStitch, Experts, Gate, smooth_step
-from mtlgraph.graph.modules import MLP, MODULES
+from mtlgraph.graph.experts import CrossStitch, Experts, Gate, MTANAttention, smooth_step
+from mtlgraph.graph.modules import MLP, MODULES, Conv2dStack
 from mtlgraph.training.checkpoint import load_checkpoint
 
 X = ("_input_", "x")
@@ -94,6 +95,30 @@ def cross_stitch(self_weight: float = 0.9) -> list[Task]:
              Operation(f"{t}_head", [("stitch", i)])],
         )
         for i, t in enumerate(TASKS)
+    ]  # fmt: skip
+
+
+def mtan() -> list[Task]:
+    """Two shared conv stages on (B, 1, 4, 4) images, a shared merge, two attentions per task."""
+    stage_1 = Conv2dStack(1, [4], batch_norm=True, pool=False, global_pool=False)  # (B, 4, 4, 4)
+    stage_2 = Conv2dStack(4, [6], batch_norm=True, global_pool=False)  # (B, 6, 2, 2)
+    merge_1 = Conv2dStack(
+        4, [6], batch_norm=True, global_pool=False
+    )  # f_1: (B, 4, 4, 4) -> stage 2
+    return [
+        Task(
+            t,
+            {"stage_1": stage_1, "stage_2": stage_2, "merge_1": merge_1,
+             f"{t}_att_1": MTANAttention(4, 4), f"{t}_att_2": MTANAttention(6 + 6, 6),
+             f"{t}_head": nn.Sequential(nn.Flatten(), nn.Linear(24, 2))},
+            [Operation("stage_1", [X]),
+             Operation(f"{t}_att_1", ["stage_1", "stage_1"]),
+             Operation("stage_2", ["stage_1"]),
+             Operation("merge_1", [f"{t}_att_1"], name=f"{t}_merge_1"),
+             Operation(f"{t}_att_2", ["stage_2", "stage_2", f"{t}_merge_1"]),
+             Operation(f"{t}_head", [f"{t}_att_2"])],
+        )
+        for t in TASKS
     ]  # fmt: skip
 
 
@@ -203,6 +228,40 @@ def test_cross_stitch_mixes_columns_and_starts_at_self_weight() -> None:
     assert x[0, 1].item() == pytest.approx(0.9 * 1 + 0.1 * 2)
 
 
+def test_mtan_attention_is_a_sigmoid_mask_on_the_shared_features() -> None:
+    """In eval mode with fresh batch norms (mean 0, variance 1), by hand:
+    a = sigmoid(W_2 relu(W_1 [u; prev] / s) / s), s = sqrt(1 + eps); output a * p."""
+    torch.manual_seed(0)
+    att = MTANAttention(in_channels=5, out_channels=3, hidden=4).eval()
+    u, prev, p = torch.randn(2, 3, 4, 4), torch.randn(2, 2, 4, 4), torch.randn(2, 3, 4, 4)
+    w1, w2 = att.mask[0].weight[:, :, 0, 0], att.mask[3].weight[:, :, 0, 0]
+    s = (1 + att.mask[1].eps) ** 0.5
+    x = torch.cat([u, prev], dim=1)
+    hidden = torch.relu(torch.einsum("oi,bihw->bohw", w1, x) / s)
+    mask = torch.sigmoid(torch.einsum("oi,bihw->bohw", w2, hidden) / s)
+    out = att(u, p, prev)
+    torch.testing.assert_close(out, mask * p)
+    # vectors (B, D) are 1x1 maps: the same module, the same numbers
+    flat = att(u[:, :, 0, 0], p[:, :, 0, 0], prev[:, :, 0, 0])
+    torch.testing.assert_close(flat, out[:, :, 0, 0])
+    # the last batch norm's weight and bias at 0: every mask value is sigmoid(0) = 1/2
+    att.train()
+    with torch.no_grad():
+        att.mask[4].weight.zero_()
+    assert torch.equal(att(u, p, prev), p / 2)
+    assert att(u[:, :, 0, 0], p[:, :, 0, 0], prev[:, :, 0, 0]).shape == (2, 3)
+
+
+def test_mtan_attention_given_wrong_inputs_names_the_shapes() -> None:
+    att = MTANAttention(in_channels=8, out_channels=4)
+    with pytest.raises(ValueError, match=r"in_channels=8 .* out_channels=4 in p, got shapes "
+                       r"\[\(2, 4, 3, 3\), \(2, 4, 3, 3\)\]"):  # fmt: skip
+        att(torch.zeros(2, 4, 3, 3), torch.zeros(2, 4, 3, 3))  # previous (4 channels) missing
+    with pytest.raises(ValueError, match="got shapes"):  # previous at another resolution
+        att(torch.zeros(2, 4, 3, 3), torch.zeros(2, 4, 3, 3), torch.zeros(2, 4, 6, 6))
+    assert att(*[torch.zeros(2, 4)] * 3).shape == (2, 4)  # vectors: u, p, previous
+
+
 def test_bad_arguments_are_all_reported() -> None:
     with pytest.raises(ConfigError) as e:
         Gate(in_dim=0, n_experts=4, kind="dselect", gamma=-1.0)  # type: ignore[arg-type]
@@ -218,6 +277,16 @@ def test_bad_arguments_are_all_reported() -> None:
         Gate(4, 2)(torch.zeros(1, 4))
     with pytest.raises(ValueError, match="n_columns=2 but got 3 inputs"):
         CrossStitch(2)(*[torch.zeros(1, 3)] * 3)
+    with pytest.raises(ConfigError) as e:
+        MTANAttention(in_channels=0, out_channels=2.5, hidden=-1)  # type: ignore[arg-type]
+    assert e.value.problems == [
+        "mtan_attention: in_channels must be an integer >= 1, got 0",
+        "mtan_attention: out_channels must be an integer >= 1, got 2.5",
+        "mtan_attention: hidden must be an integer >= 1, got -1",
+    ]
+    spec = {"type": "mtan_attention", "in_channels": 8, "out_channels": 0}
+    with pytest.raises(ConfigError, match="modules.y0_att_1: mtan_attention: out_channels must"):
+        MODULES.build(spec, "modules.y0_att_1")
 
 
 def test_a_gate_given_the_wrong_experts_names_its_operation() -> None:
@@ -233,7 +302,8 @@ def test_a_gate_given_the_wrong_experts_names_its_operation() -> None:
 
 def test_registered_module_types() -> None:
     names = {"mmoe_experts", "mmoe_gate", "cgc_experts", "cgc_gate", "cross_stitch"}
-    assert names <= set(MODULES.names())
+    assert names | {"mtan_attention"} <= set(MODULES.names())
+    assert MODULES.get("mtan_attention") is MTANAttention
     assert MODULES.get("mmoe_gate") is Gate and MODULES.get("cgc_experts") is Experts
 
 
@@ -277,6 +347,37 @@ def test_cross_stitch_columns_are_separate_at_self_weight_one() -> None:
     assert _reached(grads["y0_column.0.weight"]) and not _reached(grads["y1_column.0.weight"])
     alpha = grads["stitch.alpha"]
     assert alpha is not None and alpha[0, 1] != 0 and bool(alpha[1].eq(0).all())
+
+
+def test_mtan_attention_gets_gradients_only_from_its_task() -> None:
+    """Autograd on each task's loss: a task's attention modules and head are in no other task's
+    graph (no gradient at all), the shared stages and merge get both; on the summed loss a task's
+    own modules get exactly its own loss's gradient and the shared ones the sum of both."""
+    torch.manual_seed(0)
+    model = MultitaskClassifier(mtan())
+    x = torch.randn(8, 1, 4, 4)
+    out = model({"x": x}, list(TASKS))
+    y = (x.mean(dim=(1, 2, 3)) > 0).long()
+    losses = {t: nn.functional.cross_entropy(out[f"{t}_head"], y) for t in TASKS}
+    names, params = zip(*model.module_pool.named_parameters(), strict=True)
+
+    def grads(loss: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        got = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        return dict(zip(names, got, strict=True))
+
+    own = {t: grads(losses[t]) for t in TASKS}
+    both = grads(losses["y0"] + losses["y1"])
+    shared = {"stage_1", "stage_2", "merge_1"}
+    for t, other in (("y0", "y1"), ("y1", "y0")):
+        reached = {n.split(".")[0] for n, g in own[t].items() if _reached(g)}
+        assert reached == shared | {f"{t}_att_1", f"{t}_att_2", f"{t}_head"}
+        assert all(g is None for n, g in own[t].items() if n.startswith(f"{other}_"))
+    for n in names:
+        if n.split(".")[0] in shared:
+            torch.testing.assert_close(both[n], own["y0"][n] + own["y1"][n])  # type: ignore[operator]
+        else:
+            t = n.split("_")[0]
+            assert torch.equal(both[n], own[t][n]), n  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------- beating one shared trunk
@@ -382,6 +483,14 @@ def test_resume_is_bit_identical(tmp_path: Path) -> None:
         ),
         ("ple.yaml", ["y0_gate_2 = y0_gate_2(y0_gate_1, shared_experts_2, y0_experts_2)"]),
         ("cross_stitch.yaml", ["y2_head = y2_head(stitch_2[2])"]),
+        (
+            "mtan.yaml",
+            [
+                "color_att_1 = color_att_1(stage_1, stage_1)",
+                "pattern_merge_1 = merge_1(pattern_att_1)",
+                "color_att_2 = color_att_2(stage_2, stage_2, color_merge_1)",
+            ],
+        ),
     ],
 )
 def test_shipped_configs_show_each_tasks_path(
@@ -407,3 +516,15 @@ def test_ple_from_yaml_routes_gradients_as_the_paper_says() -> None:
         "shared_experts_1", "y0_experts_1", "y1_experts_1", "y0_gate_1", "shared_gate_1",
         "shared_experts_2", "y0_experts_2", "y0_gate_2", "y0_head",
     }  # fmt: skip
+
+
+def test_mtan_config_trains_both_tasks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """configs/mtan.yaml through ``mtlgraph train``, briefly (400 rows, 2 epochs at lr 0.01):
+    both tasks learn (the majority class is 0.35 of the training rows for colour, 0.56 for pattern)."""
+    args = ["data.datasets.products.source.args.n=400", "trainer.n_epochs=2", "trainer.lr=0.01"]
+    code = main(["train", str(ROOT / "configs" / "mtan.yaml"), *args,
+                 f"trainer.run_dir={tmp_path}", "--quiet"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert scores["color_task/products/train/accuracy"] > 0.95
+    assert scores["pattern_task/products/train/accuracy"] > 0.7

@@ -57,6 +57,11 @@ def test_embedding_bag_ignores_padding() -> None:
 
 def test_conv_stack_concat_sum_shapes() -> None:
     assert Conv2dStack(3, [4, 6])(torch.zeros(2, 3, 9, 9)).shape == (2, 6)
+    stage = Conv2dStack(3, [4, 6], batch_norm=True, pool=False, global_pool=False)
+    kinds = [type(m).__name__ for m in stage.layers]
+    assert kinds == ["Conv2d", "BatchNorm2d", "ReLU", "Conv2d", "BatchNorm2d", "ReLU"]
+    assert stage(torch.zeros(2, 3, 9, 9)).shape == (2, 6, 9, 9)
+    assert Conv2dStack(3, [4], global_pool=False)(torch.zeros(2, 3, 9, 9)).shape == (2, 4, 5, 5)
     assert Concat()(torch.ones(2, 3), torch.ones(2, 2)).shape == (2, 5)
     assert Sum()(torch.ones(2, 3), 2 * torch.ones(2, 3)).tolist() == [[3.0] * 3] * 2
 

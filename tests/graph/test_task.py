@@ -102,9 +102,9 @@ def test_task_reports_every_problem_with_suggestions() -> None:
     text = "\n".join(problems)
     assert "task name 'circle/task' must be a non-empty string without '/'" in text
     assert "unknown module 'base_mpl' in operation 'base_mpl' (did you mean 'base_mlp'?)" in text
-    assert "operation 'head' has input 'base_mlp', which names no earlier operation" in text
+    assert "operation 'head' reads 'base_mlp', which names no earlier operation" in text
     assert "duplicate operation name 'head'" in text
-    assert "operation 'head' uses 'later', which runs later; reorder the op_sequence" in text
+    assert "operation 'head' reads 'later', which runs later; reorder the operations" in text
     assert "unknown task_type 'multiclas' (did you mean 'multiclass'?)" in text
     assert "weight must be a finite number >= 0" in text
     assert len(problems) == 6 + 1
@@ -115,7 +115,7 @@ def test_task_rejects_empty_sequence_and_bad_pool() -> None:
         Task("t", _pool(), [])
     with pytest.raises(TaskDefinitionError, match="module 'f' is a function, not an nn.Module"):
         Task("t", {"f": lambda x: x}, [Operation("f", ["_input_"])])  # type: ignore[dict-item]
-    with pytest.raises(TaskDefinitionError, match="uses its own output"):
+    with pytest.raises(TaskDefinitionError, match="reads its own output"):
         Task("t", _pool(), [Operation("head", ["head"])])
 
 

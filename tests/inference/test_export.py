@@ -1,6 +1,7 @@
 """Export of task subsets: only the chosen tasks' modules and fields, a dynamic batch dimension,
 exported == eager (max abs difference <= 1e-5) with the loaded .pt2 and with onnxruntime on every
-shipped config's tasks, the sidecar, and the errors (a module the exporter refuses is named)."""
+shipped config's tasks (MTAN also on its own), the sidecar, and the errors (a module the exporter
+refuses is named)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from mtlgraph import GraphError, MultitaskClassifier, Operation, Task
 from mtlgraph.experiment.build import build_model
 from mtlgraph.experiment.config import load_config
 from mtlgraph.experiment.inference_cli import config_fields, example_batch
+from mtlgraph.graph.experts import Experts, Gate, MTANAttention
 from mtlgraph.inference.export import (
     TaskGraph,
     example_inputs,
@@ -195,6 +197,54 @@ def _export_both(config: Path, out: Path) -> tuple[MultitaskClassifier, dict, li
     # other rows and another batch size than the traced ones
     other = example_batch(cfg, fields, rows=29)
     return model, other, paths
+
+
+def test_mtan_exports_to_both_formats_and_matches_eager(tmp_path: Path) -> None:
+    """configs/mtan.yaml (conv maps, batch norms in eval mode, a shared module run by each task
+    under its own operation name) and a dense MTAN on (B, D) vectors."""
+    model, batch, paths = _export_both(ROOT / "configs" / "mtan.yaml", tmp_path)
+    for path in paths:
+        errors = max_export_error(model, path, batch)
+        assert set(errors) == {"color_task", "pattern_task"}
+        assert max(errors.values()) <= TOL, (path.name, errors)
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(5, 6), nn.ReLU())
+    tasks = [
+        Task(
+            t,
+            {"trunk": trunk, f"{t}_att": MTANAttention(6, 6), f"{t}_head": nn.Linear(6, 2)},
+            [Operation("trunk", [("_input_", "x")]), Operation(f"{t}_att", ["trunk", "trunk"]),
+             Operation(f"{t}_head", [f"{t}_att"])],
+        )
+        for t in ("a", "b")
+    ]  # fmt: skip
+    dense = MultitaskClassifier(tasks)
+    dense.train()
+    dense({"x": torch.randn(64, 5)}, ["a", "b"])  # batch norm running statistics off their start
+    path = dense.export(tmp_path / "dense.pt2", ["a", "b"], example={"x": torch.randn(4, 5)})
+    errors = max_export_error(dense, path, {"x": torch.randn(9, 5)})
+    assert set(errors) == {"a", "b"} and max(errors.values()) <= TOL
+
+
+def test_a_dselect_k_gate_exports_with_a_dynamic_batch(tmp_path: Path) -> None:
+    """The shipped MMoE config has softmax gates; DSelect-k's selectors reshape by batch size."""
+    torch.manual_seed(0)
+    experts = Experts(8, 4, [4])
+    tasks = [
+        Task(
+            t,
+            {"experts": experts, f"{t}_gate": Gate(8, 4, kind="dselect_k", k=2),
+             f"{t}_head": nn.Linear(4, 2)},
+            [Operation("experts", [("_input_", "x")]),
+             Operation(f"{t}_gate", [("_input_", "x"), "experts"]),
+             Operation(f"{t}_head", [f"{t}_gate"])],
+        )
+        for t in ("a", "b")
+    ]  # fmt: skip
+    model = MultitaskClassifier(tasks)
+    path = model.export(tmp_path / "gate.pt2", ["a", "b"], example={"x": torch.randn(4, 8)})
+    errors = max_export_error(model, path, {"x": torch.randn(9, 8)})
+    assert set(errors) == {"a", "b"} and max(errors.values()) <= TOL
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -134,8 +135,24 @@ def test_resume_with_the_mixed_scheduler_cycling_loaders(tmp_path: Path) -> None
         {"balancer": "gradnorm"},
         {"balancer": "mgda", "grad_accumulation_steps": 2},
         {"balancer": "inverse_metric", "param_groups": {"*_head": {"lr": 0.05}}},
+        pytest.param(
+            {"balancer": {"type": "torchjd.aggregation.UPGrad"}},
+            marks=pytest.mark.skipif(
+                importlib.util.find_spec("torchjd") is None
+                or importlib.util.find_spec("quadprog") is None,
+                reason="needs mtlgraph[torchjd]",
+            ),
+        ),
     ],
-    ids=["uncertainty", "dwa", "pcgrad", "gradnorm", "mgda+accumulation", "inverse_metric+groups"],
+    ids=[
+        "uncertainty",
+        "dwa",
+        "pcgrad",
+        "gradnorm",
+        "mgda+accumulation",
+        "inverse_metric+groups",
+        "torchjd-upgrad",
+    ],
 )
 def test_resume_is_exact_with_balancers_and_controls(tmp_path: Path, extra: dict) -> None:
     """Learned weights, loss histories, generator states and accumulation survive a resume."""

@@ -1,5 +1,6 @@
-"""The step's shortcuts change no value: the multi-tensor optimizer update on the CPU, labels
-known to need no mask, batches known to be on the device; a fit equals a hand-written loop."""
+"""The step's shortcuts change no value beyond float rounding: the fused (or multi-tensor)
+optimizer update on the CPU, labels known to need no mask, batches known to be on the device;
+a fit equals a hand-written loop with the same optimizer kernels."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtlgraph import DictDataLoader, DictDataset, MultitaskClassifier, Operation, Task, Trainer
-from mtlgraph.training.setup import batch_sources, prefer_foreach
+from mtlgraph.training.setup import CPU_UPDATE, batch_sources, prefer_fast_update
 
 
 def _params() -> list[nn.Parameter]:
@@ -27,36 +28,55 @@ def _params() -> list[nn.Parameter]:
         (torch.optim.Adam, {"lr": 0.02, "maximize": True}),
         (torch.optim.AdamW, {"lr": 0.02, "weight_decay": 0.1}),
         (torch.optim.AdamW, {"lr": 0.02, "amsgrad": True}),
+        (torch.optim.Adagrad, {"lr": 0.1, "lr_decay": 0.01}),
         (torch.optim.SGD, {"lr": 0.1}),
         (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01}),
         (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "dampening": 0.5}),
     ],
 )
-def test_foreach_update_is_bit_identical_on_cpu(cls: type, kwargs: dict) -> None:
+def test_the_cpu_update_equals_the_per_parameter_loop(cls: type, kwargs: dict) -> None:
+    mode = CPU_UPDATE[cls]
     results = []
-    for foreach in (False, True):
+    for fast in (None, True):
         params = _params()
-        opt = cls(params, foreach=foreach, **kwargs)
+        opt = cls(params, **{mode: fast}, **kwargs)
         g = torch.Generator().manual_seed(1)
-        for _ in range(20):
+        for _ in range(2000):
             for p in params:
                 p.grad = torch.randn(p.shape, generator=g)
             opt.step()
         results.append([p.detach().clone() for p in params])
-    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+    for a, b in zip(*results, strict=True):
+        if mode == "foreach":
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
-def test_prefer_foreach_sets_only_groups_that_left_it_unset() -> None:
+def test_prefer_fast_update_sets_only_groups_that_left_it_unset() -> None:
     a, b = _params()
-    opt = torch.optim.Adam([{"params": [a]}, {"params": [b], "foreach": False}], lr=0.1)
-    prefer_foreach(opt)
-    assert [g["foreach"] for g in opt.param_groups] == [True, False]
+    c, d = _params()
+    complex_param = nn.Parameter(torch.randn(3, dtype=torch.complex64))
+    opt = torch.optim.Adam(
+        [
+            {"params": [a]},
+            {"params": [b], "fused": False},
+            {"params": [c], "foreach": True},
+            {"params": [d, complex_param]},
+        ],
+        lr=0.1,
+    )
+    prefer_fast_update(opt)
+    assert [g["fused"] for g in opt.param_groups] == [True, False, None, None]
+    sgd = torch.optim.SGD([a], lr=0.1, momentum=0.9)
+    prefer_fast_update(sgd)
+    assert (sgd.param_groups[0]["foreach"], sgd.param_groups[0]["fused"]) == (True, None)
     other = torch.optim.RMSprop([a], lr=0.1)
-    prefer_foreach(other)
+    prefer_fast_update(other)
     assert other.param_groups[0]["foreach"] is None
-    fused = torch.optim.Adam([a], lr=0.1, fused=True)
-    prefer_foreach(fused)
-    assert fused.param_groups[0]["foreach"] is None
+    differentiable = torch.optim.SGD([a], lr=0.1, differentiable=True)
+    prefer_fast_update(differentiable)
+    assert differentiable.param_groups[0]["foreach"] is None
 
 
 def _model(seed: int = 0) -> MultitaskClassifier:
@@ -106,7 +126,8 @@ def test_calculate_loss_with_all_active_equals_the_masked_computation() -> None:
 
 def test_a_fit_equals_a_hand_written_loop_with_ignored_labels() -> None:
     """Sequential batches, loader by loader (the ``mixed`` default alternates them per its plan;
-    one loader keeps the order plain), ignored labels masked, Adam on the CPU."""
+    one loader keeps the order plain), ignored labels masked, Adam on the CPU (its fused update,
+    the one mtlgraph picks there)."""
     datasets = _datasets()
     model = _model()
     reference = copy.deepcopy(model)
@@ -114,7 +135,9 @@ def test_a_fit_equals_a_hand_written_loop_with_ignored_labels() -> None:
     Trainer(n_epochs=3, lr=0.05, progress_bar=False).fit(model, [loader])
     pool = reference.module_pool
     opt = torch.optim.Adam(
-        [p for m in ("trunk", "b_head", "a_head") for p in pool[m].parameters()], lr=0.05
+        [p for m in ("trunk", "b_head", "a_head") for p in pool[m].parameters()],
+        lr=0.05,
+        fused=True,
     )
     x, yb, ya = datasets[1].X_dict["x"], datasets[1].Y_dict["b"], datasets[1].Y_dict["a"]
     for _ in range(3):
