@@ -188,8 +188,8 @@ class _LossScaled(GradientBalancer):
     step ``self._unit`` holds ``ctx.scale`` of a unit loss (the fp16 loss scale and the ``1/N``
     of accumulation), which the rows carry and the direction must carry too."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, gradients: str = "parameters") -> None:
+        super().__init__(gradients)
         self._unit = 1.0  # ctx.scale of a unit loss during a step
 
     def backward(self, losses: Mapping[str, torch.Tensor], ctx: StepContext) -> None:
@@ -274,6 +274,7 @@ class FairGradBalancer(_LossScaled):
     Args:
         alpha: ``α > 0``, the fairness (1: proportional fairness; → ∞: max-min fairness).
         max_iter: Newton iterations.
+        gradients: ``"parameters"`` or ``"gram"`` (see :class:`GradientBalancer`).
 
     Example:
         >>> import numpy as np
@@ -285,12 +286,15 @@ class FairGradBalancer(_LossScaled):
 
     name = "fairgrad"
 
-    def __init__(self, alpha: float = 1.0, max_iter: int = 100) -> None:
-        super().__init__()
+    def __init__(
+        self, alpha: float = 1.0, max_iter: int = 100, gradients: str = "parameters"
+    ) -> None:
         check = ArgumentCheck(f"balancer '{self.name}'")
         check.number("alpha", alpha, "> 0 (1 is Nash-MTL's equation)", lambda v: v > 0)
         check.integer("max_iter", max_iter)
+        self.check_gradients(check, gradients)
         check.done()
+        super().__init__(gradients)
         self.alpha = float(alpha)
         self.max_iter = max_iter
 
@@ -479,6 +483,7 @@ class SDMGradBalancer(_Named):
         lr: Learning rate of the inner SGD on ``w``.
         momentum: Momentum of the inner SGD, in ``[0, 1)``.
         n_iter: Inner SGD steps per update.
+        gradients: ``"parameters"`` or ``"gram"`` (see :class:`GradientBalancer`).
 
     Example:
         >>> import numpy as np
@@ -491,15 +496,21 @@ class SDMGradBalancer(_Named):
     name = "sdmgrad"
 
     def __init__(
-        self, lam: float = 0.3, lr: float = 5.0, momentum: float = 0.5, n_iter: int = 20
+        self,
+        lam: float = 0.3,
+        lr: float = 5.0,
+        momentum: float = 0.5,
+        n_iter: int = 20,
+        gradients: str = "parameters",
     ) -> None:
-        super().__init__()
         check = ArgumentCheck(f"balancer '{self.name}'")
         check.number("lam", lam, ">= 0", lambda v: v >= 0)
         check.number("lr", lr, "> 0", lambda v: v > 0)
         check.number("momentum", momentum, "in [0, 1)", lambda v: 0 <= v < 1)
         check.integer("n_iter", n_iter)
+        self.check_gradients(check, gradients)
         check.done()
+        super().__init__(gradients)
         self.lam, self.lr, self.momentum = float(lam), float(lr), float(momentum)
         self.n_iter = n_iter
         self._w: list[float] = []  # the inner solution, warm start of the next update

@@ -299,6 +299,8 @@ GRAM_METHODS: list[dict[str, Any]] = [
     {"name": "upgrad"},
     {"name": "nash_mtl", "update_weights_every": 2},
     {"name": "gradvac"},
+    {"name": "fairgrad", "alpha": 2.0},
+    {"name": "sdmgrad"},
 ]
 
 
