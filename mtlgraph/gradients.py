@@ -100,7 +100,9 @@ class SharedLayout:
         batched: Whether a vmapped backward pass gives several tasks' gradients at once (see
             :func:`task_rows`): ``None`` until the plan's first multi-task step tries it.
         tasks_per_pass: Most tasks one vmapped pass takes (``0``: all; ``1``: one pass per
-            task). Its transient memory is that many times each activation's gradient.
+            task; ``None``: all where the shared parameters live on an accelerator, one pass
+            per task on the CPU, where batching measured slower). The pass's transient memory
+            is that many times each activation's gradient.
     """
 
     task_names: tuple[str, ...]
@@ -110,7 +112,7 @@ class SharedLayout:
     own: dict[str, list[nn.Parameter]]
     size: int = field(default=0)
     batched: bool | None = None
-    tasks_per_pass: int = 0
+    tasks_per_pass: int | None = None
     _buffer: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -211,7 +213,8 @@ class SharedGradients:
 
     Args:
         tasks_per_pass: Most tasks one vmapped backward pass takes (:func:`task_rows`; ``0``:
-            all the step's tasks, ``1``: one pass per task); set on each layout it returns.
+            all the step's tasks, ``1``: one pass per task, ``None``: all on an accelerator,
+            one each on the CPU); set on each layout it returns.
 
     Example:
         >>> import torch
@@ -227,7 +230,7 @@ class SharedGradients:
         ([('trunk', 0, 2)], 2)
     """
 
-    def __init__(self, tasks_per_pass: int = 0) -> None:
+    def __init__(self, tasks_per_pass: int | None = None) -> None:
         self._layouts = PlanCache[SharedLayout]()
         self.tasks_per_pass = tasks_per_pass
 
@@ -324,7 +327,8 @@ def task_rows(
 
     The rows come from ``torch.autograd.grad(..., is_grads_batched=True)`` calls (a vmap over
     one-hot gradients of the stacked losses), ``layout.tasks_per_pass`` tasks a call (``0``: all
-    in one), when the losses share a dtype and there are several. The plan's first such call
+    in one; ``None``: all off the CPU, one on it), when the losses share a dtype and there are
+    several. The plan's first such call
     keeps the graph and is the trial: a ``RuntimeError`` of :data:`VMAP_REFUSALS` sets
     ``layout.batched = False`` (logged once), and that plan takes one backward pass per task
     from then on; any other error propagates. Both give the same rows (to float rounding).
@@ -345,7 +349,10 @@ def batched_blocks(
     """The Jacobian of ``losses`` on ``params`` as one ``(K, numel)`` block per parameter, from
     vmapped passes (:func:`task_rows` says when); ``None`` where one pass per task is due."""
     k = len(losses)
-    width = layout.tasks_per_pass or k
+    width = layout.tasks_per_pass
+    if width is None:  # batched off the CPU only: on a CPU it measured slower and larger
+        width = 1 if not params or params[0].device.type == "cpu" else k
+    width = width or k
     batchable = k > 1 and width > 1 and len({loss.dtype for loss in losses}) == 1
     if not batchable or layout.batched is False:
         return None

@@ -45,12 +45,15 @@ class GradientBalancer(LastWeights):
     Attributes:
         gram_values: Most values of one Jacobian chunk with ``gradients="gram"``.
         tasks_per_pass: Most tasks one vmapped backward pass takes (``0``: all the step's tasks;
-            ``1``: one pass per task): the transient memory of the pass is that many times
-            each activation's gradient.
+            ``1``: one pass per task; ``None``, the default: all where the shared parameters
+            live on an accelerator, one pass per task on the CPU): the transient memory of the
+            pass is that many times each activation's gradient.
     """
 
     gram_values: int = 1 << 24  # most values of one Jacobian chunk in "gram" mode
-    tasks_per_pass: int = 0  # most tasks one vmapped backward pass takes (0: all, 1: one each)
+    tasks_per_pass: int | None = (
+        None  # tasks a vmapped pass takes (0: all; None: 0 off CPU, 1 on it)
+    )
 
     def __init__(self, gradients: str = "parameters") -> None:
         super().__init__()

@@ -152,6 +152,15 @@ def test_batched_rows_equal_one_pass_per_task(name: str) -> None:
     assert torch.equal(again, rows)
 
 
+def test_the_default_batches_off_the_cpu_only() -> None:
+    model = conv_model()
+    X, Y = labels(model)
+    losses, _ = model.calculate_loss(X, Y)
+    layout = SharedGradients().layout(model.tasks, model.plan(losses))
+    SharedGradients.compute(layout, losses)
+    assert layout.tasks_per_pass is None and layout.batched is None  # CPU: never tried
+
+
 def test_batched_passes_of_fewer_tasks_give_the_same_rows() -> None:
     model = conv_model()  # three tasks: passes of two tasks, then one
     per_task, _, _ = rows_and_own(model, batched=False)
@@ -235,7 +244,7 @@ class SometimesItem(torch.autograd.Function):
 def test_a_refusal_after_a_batched_first_step_propagates_with_the_way_out() -> None:
     model = refusing_model(SometimesItem)
     X, Y = labels(model)
-    grads = SharedGradients()
+    grads = SharedGradients(0)
     losses, _ = model.calculate_loss(X, Y)
     layout = grads.layout(model.tasks, model.plan(losses))
     SharedGradients.compute(layout, losses)
@@ -342,6 +351,7 @@ def test_gram_mode_updates_equal_the_rows_path(spec: dict, model_name: str) -> N
     rows_balancer = BALANCERS.build(spec)
     gram_balancer = BALANCERS.build({**spec, "gradients": "gram"})
     gram_balancer.gram_values = 50  # several chunks
+    gram_balancer.tasks_per_pass = 0  # batched (rows: one pass per task, the CPU's default)
     a = train_steps(copy.deepcopy(model), rows_balancer)
     b = train_steps(copy.deepcopy(model), gram_balancer)
     worst = max(
