@@ -5,8 +5,10 @@ A CelebA-like problem: ``T`` binary heads on a small conv trunk over generated 3
 ``--trunk wide`` swaps in a 4.3M-parameter MLP trunk, where the ``K × P`` rows dominate memory.
 For ``T`` in ``--tasks`` and every gradient method in ``--methods``, each way of taking the task
 gradients (``docs/balancing.md``, "How task gradients are computed"): ``per_task`` (one backward
-pass per task), ``batched`` (one vmapped pass; the default of ``gradients: parameters``) and
-``gram`` (``gradients: gram``), against ``sum`` (one backward pass of the summed losses).
+pass per task, ``gradients: parameters``' default on a CPU), ``batched`` (vmapped passes of
+``--tasks-per-pass`` tasks, 0: all; the default off the CPU) and ``gram`` (``gradients: gram``,
+its chunks' passes as ``--tasks-per-pass`` says), against ``sum`` (one backward pass of the summed
+losses).
 
 Each configuration runs in a fresh process: ``--steps`` SGD steps after two warm-up steps, the
 median seconds per step, and the peak resident memory of the steps above what the process held
