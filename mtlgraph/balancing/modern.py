@@ -21,7 +21,7 @@ from mtlgraph.balancing.base import (
     grown,
     saved_task_order,
 )
-from mtlgraph.balancing.gradient import GradientBalancer
+from mtlgraph.balancing.gradient import GradientBalancer, check_gradients
 from mtlgraph.balancing.solvers import (
     adam_step,
     aligned_mtl,
@@ -34,6 +34,8 @@ from mtlgraph.exceptions import ArgumentCheck, ConfigError
 from mtlgraph.gradients import SharedLayout
 from mtlgraph.graph.task import Task
 
+MODULE_GROUPS = "splits the shared parameters' gradient rows by module"
+
 
 class IMTLBalancer(GradientBalancer):
     """IMTL, impartial multi-task learning (Liu et al., ICLR 2021): an update with the same
@@ -43,6 +45,7 @@ class IMTLBalancer(GradientBalancer):
     Args:
         loss_scaling: Learn the IMTL-L scales ``s_i`` too.
         lr: Learning rate of the ``s_i`` (``None``: the Trainer's ``lr``).
+        gradients: ``"parameters"`` or ``"representation"`` (see :class:`GradientBalancer`).
 
     Example:
         >>> import numpy as np
@@ -54,15 +57,18 @@ class IMTLBalancer(GradientBalancer):
 
     name = "imtl"
 
-    def __init__(self, loss_scaling: bool = False, lr: float | None = None) -> None:
-        super().__init__()
+    def __init__(
+        self, loss_scaling: bool = False, lr: float | None = None, gradients: str = "parameters"
+    ) -> None:
         check = ArgumentCheck(f"balancer '{self.name}'")
         check.require(
             isinstance(loss_scaling, bool),
             f"loss_scaling must be true or false: {loss_scaling!r}",
         )
         check.number("lr", lr, "> 0", lambda v: v > 0, optional=True)
+        check_gradients(check, gradients)
         check.done()
+        super().__init__(gradients)
         self.loss_scaling = loss_scaling
         self.lr = lr
         self.log_scales = nn.Parameter(torch.zeros(0), requires_grad=loss_scaling)
@@ -112,6 +118,7 @@ class AlignedMTLBalancer(GradientBalancer):
     Args:
         scale_mode: ``σ²``: the smallest non-zero eigenvalue of ``M`` (``"min"``, the paper),
             the median (``"median"``) or the mean (``"rmse"``).
+        gradients: ``"parameters"`` or ``"representation"`` (see :class:`GradientBalancer`).
 
     Example:
         >>> import numpy as np
@@ -123,11 +130,12 @@ class AlignedMTLBalancer(GradientBalancer):
 
     name = "aligned_mtl"
 
-    def __init__(self, scale_mode: str = "min") -> None:
-        super().__init__()
+    def __init__(self, scale_mode: str = "min", gradients: str = "parameters") -> None:
         check = ArgumentCheck(f"balancer '{self.name}'")
         check.choice("scale_mode", scale_mode, ("min", "median", "rmse"))
+        check_gradients(check, gradients)
         check.done()
+        super().__init__(gradients)
         self.scale_mode = scale_mode
 
     def combine(self, gram: np.ndarray) -> np.ndarray:
@@ -138,6 +146,9 @@ class AlignedMTLBalancer(GradientBalancer):
 class UPGradBalancer(GradientBalancer):
     """UPGrad (Quinton & Rey, 2024, TorchJD): each ``g_i/K`` projected onto the dual cone of all
     the gradients, summed; lowers no task's loss to first order.
+
+    Args:
+        gradients: ``"parameters"`` or ``"representation"`` (see :class:`GradientBalancer`).
 
     Example:
         >>> import numpy as np
@@ -157,8 +168,8 @@ class UPGradBalancer(GradientBalancer):
 class _Named(GradientBalancer):
     """A gradient balancer whose ``combine`` needs the step's task names (``self._names``)."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, gradients: str = "parameters") -> None:
+        super().__init__(gradients)
         self._names: list[str] = []
 
     def backward(self, losses: Mapping[str, torch.Tensor], ctx: StepContext) -> None:
@@ -174,6 +185,7 @@ class NashMTLBalancer(_Named):
         update_weights_every: Solve every this many steps.
         max_norm: Scale ``α`` so that ``‖d‖ ≤ max_norm`` (0: no clipping; the paper's 1.0).
         max_iter: Newton iterations.
+        gradients: ``"parameters"`` or ``"representation"`` (see :class:`GradientBalancer`).
 
     Example:
         >>> import numpy as np
@@ -186,14 +198,19 @@ class NashMTLBalancer(_Named):
     name = "nash_mtl"
 
     def __init__(
-        self, update_weights_every: int = 1, max_norm: float = 1.0, max_iter: int = 100
+        self,
+        update_weights_every: int = 1,
+        max_norm: float = 1.0,
+        max_iter: int = 100,
+        gradients: str = "parameters",
     ) -> None:
-        super().__init__()
         check = ArgumentCheck(f"balancer '{self.name}'")
         check.integer("update_weights_every", update_weights_every)
         check.number("max_norm", max_norm, ">= 0", lambda v: v >= 0)
         check.integer("max_iter", max_iter)
+        check_gradients(check, gradients)
         check.done()
+        super().__init__(gradients)
         self.update_weights_every = update_weights_every
         self.max_norm = float(max_norm)
         self.max_iter = max_iter
@@ -245,6 +262,8 @@ class GradVacBalancer(Seeded, _Named):
         group: ``"model"``: one target per pair on the whole shared vector; ``"module"``: one
             per pair and shared module (the paper's per-layer variant at module granularity).
         seed: Seed of the order generator.
+        gradients: ``"parameters"`` or ``"representation"`` (see :class:`GradientBalancer`;
+            the representation has no modules: it takes ``group="model"``).
 
     Example:
         >>> import numpy as np
@@ -256,12 +275,20 @@ class GradVacBalancer(Seeded, _Named):
 
     name = "gradvac"
 
-    def __init__(self, beta: float = 0.01, group: str = "model", seed: int = 0) -> None:
+    def __init__(
+        self, beta: float = 0.01, group: str = "model", seed: int = 0, gradients: str = "parameters"
+    ) -> None:
         check = ArgumentCheck(f"balancer '{self.name}'")
         check.number("beta", beta, "in (0, 1]", lambda v: 0 < v <= 1)
         check.choice("group", group, ("model", "module"))
+        check_gradients(check, gradients)
+        check.require(
+            gradients != "representation" or group != "module",
+            f"group: module {MODULE_GROUPS}; with gradients: representation use group: model",
+        )
         check.done()
         super().__init__(seed)
+        self.gradients = gradients
         self.beta = float(beta)
         self.group = group
         self._targets: dict[str, float] = {}  # "group|i|j" -> φ̂_ij
@@ -281,6 +308,9 @@ class GradVacBalancer(Seeded, _Named):
 
     def combine(self, gram: np.ndarray) -> np.ndarray:
         return self._coefficients(gram, "")
+
+    def rows_needed(self) -> str:
+        return f"group: module {MODULE_GROUPS}" if self.group == "module" else ""
 
     def direction(
         self, rows: torch.Tensor, layout: SharedLayout
@@ -315,6 +345,8 @@ class DBMTLBalancer(_Named):
         beta: ``β``, the EMA weight of the past.
         beta_sigma: ``β_σ``, the decay of ``β_t`` with the step ``t``.
         eps: Added to the losses in the log (and to the norms).
+        gradients: Only ``"parameters"``: the average of gradient rows over steps has no
+            meaning at the representation (see :meth:`rows_needed`).
 
     Example:
         >>> from mtlgraph.balancing import BALANCERS
@@ -324,13 +356,25 @@ class DBMTLBalancer(_Named):
 
     name = "db_mtl"
 
-    def __init__(self, beta: float = 0.9, beta_sigma: float = 0.5, eps: float = 1e-8) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        beta: float = 0.9,
+        beta_sigma: float = 0.5,
+        eps: float = 1e-8,
+        gradients: str = "parameters",
+    ) -> None:
         check = ArgumentCheck(f"balancer '{self.name}'")
         check.number("beta", beta, "in [0, 1)", lambda v: 0 <= v < 1)
         check.number("beta_sigma", beta_sigma, ">= 0", lambda v: v >= 0)
         check.number("eps", eps, "> 0", lambda v: v > 0)
+        check_gradients(check, gradients)
+        check.require(
+            gradients != "representation",
+            f"gradients: representation does not fit: {self.rows_needed()}; use gradients: "
+            "parameters",
+        )
         check.done()
+        super().__init__(gradients)
         self.beta = float(beta)
         self.beta_sigma = float(beta_sigma)
         self.eps = float(eps)
@@ -355,6 +399,12 @@ class DBMTLBalancer(_Named):
             for t, v in zip(names, values, strict=True)
         }
         super().backward(logs, ctx)
+
+    def rows_needed(self) -> str:
+        return (
+            "it averages each task's gradient row over steps, and at the representation the "
+            "rows of different steps hold different examples"
+        )
 
     def direction(
         self, rows: torch.Tensor, layout: SharedLayout
