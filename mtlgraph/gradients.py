@@ -465,7 +465,7 @@ class RepresentationGradients:
             loss = losses[task_name] if scale is None else scale(losses[task_name])
             grads = torch.autograd.grad(
                 loss,
-                inputs + own,
+                [*inputs, *own],
                 retain_graph=True,
                 allow_unused=True,
                 materialize_grads=True,
