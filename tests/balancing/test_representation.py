@@ -583,3 +583,52 @@ def test_trainer_runs_representation_steps_and_keeps_no_outputs() -> None:
     for p, q in zip(model.parameters(), reference.parameters(), strict=True):
         assert torch.allclose(p, q, atol=1e-6)
     assert trainer.balancer.weights() == pytest.approx(b.weights())
+
+
+# ---------------------------------------------------------------------- DDP
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_two_ranks_equal_one_process_and_train_identically() -> None:
+    """Each rank holds half the batch: the Gram matrix summed over the ranks (of the
+    rank-averaged losses) gives every rank the one-process coefficients, and the averaged
+    shared gradients equal the one-process gradients of the whole batch; a Trainer fit under
+    DDP ends bit-identical on both ranks."""
+    import queue as queue_mod
+    import socket
+
+    import torch.multiprocessing as mp
+    from ddp_representation import SPECS, ddp_worker, one_step
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=ddp_worker, args=(r, 2, port, queue), daemon=True) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    items = []
+    while len(items) < 4 * len(SPECS):
+        try:
+            items.append(queue.get(timeout=240))
+        except queue_mod.Empty:
+            break
+    for p in procs:
+        p.join(timeout=30)
+    assert [p.exitcode for p in procs] == [0, 0]
+    by = {(kind, name, rank): value for kind, name, rank, value in items}
+    for spec in SPECS:
+        name = spec["name"]
+        grads, weights = one_step(spec, slice(0, 16))
+        for rank in (0, 1):
+            rank_grads, rank_weights = by[("step", name, rank)]
+            assert rank_weights == pytest.approx(weights, rel=1e-5), name
+            # trunk and heads: the whole batch's update
+            for g, h in zip(rank_grads, grads, strict=True):
+                assert np.allclose(g, h, rtol=1e-5, atol=1e-7), name
+        (s0, w0), (s1, w1) = by[("fit", name, 0)], by[("fit", name, 1)]
+        assert all(np.array_equal(s0[k], s1[k]) for k in s0), name
+        assert all(np.isfinite(v).all() for v in s0.values()), name
+        assert w0 == w1 and len(w0) == 2, name
