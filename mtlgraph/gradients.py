@@ -21,7 +21,6 @@ from mtlgraph.graph.task import Task
 __all__ = [
     "PlanCache",
     "Representation",
-    "RepresentationGradients",
     "RepresentationRows",
     "SharedGradients",
     "SharedLayout",
@@ -30,6 +29,9 @@ __all__ = [
     "build_representation",
     "last_shared_layer",
     "plan_module",
+    "representation_backward",
+    "representation_rows",
+    "representation_tensors",
     "shared_modules",
 ]
 
@@ -306,8 +308,31 @@ def _upstream(node: int, srcs: Mapping[int, tuple[Source, ...]]) -> set[int]:
 
 
 def build_representation(tasks: Mapping[str, Task], plan: ExecutionPlan) -> Representation:
-    """The :class:`Representation` of ``plan`` (uncached; :meth:`RepresentationGradients.layout`
-    caches)."""
+    """The :class:`Representation` of ``plan`` (uncached: cache it in a :class:`PlanCache`).
+
+    Per task, :func:`representation_rows` then takes one ``autograd.grad`` call from its loss
+    to its representation tensors and own parameters (through its head only), and
+    :func:`representation_backward` sends one combined representation gradient through the
+    shared part in a single pass.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from mtlgraph import MultitaskClassifier, Operation, Task
+        >>> from mtlgraph.gradients import build_representation, representation_rows
+        >>> trunk = nn.Linear(2, 3)
+        >>> ops = lambda t: [Operation("trunk", [("_input_", "x")]), Operation(t, ["trunk"])]
+        >>> tasks = [Task(t, {"trunk": trunk, t: nn.Linear(3, 2)}, ops(t)) for t in ("a", "b")]
+        >>> model = MultitaskClassifier(tasks)
+        >>> rep = build_representation(model.tasks, model.plan(["a", "b"]))
+        >>> rep.nodes, rep.problems
+        ({'a': (0,), 'b': (0,)}, [])
+        >>> outputs = []
+        >>> X, Y = {"x": torch.randn(4, 2)}, {t: torch.tensor([0, 1, 1, 0]) for t in "ab"}
+        >>> losses, _ = model.calculate_loss(X, Y, outputs=outputs)
+        >>> representation_rows(rep, losses, outputs).rows.shape  # 2 tasks, 4 rows × 3 features
+        torch.Size([2, 12])
+    """
     shared_names = shared_modules(plan)
     names = {id(plan_module(tasks, plan, m)): m for m in plan.module_names}
     shared_ids = {id(plan_module(tasks, plan, m)) for m in shared_names}
@@ -350,7 +375,7 @@ def build_representation(tasks: Mapping[str, Task], plan: ExecutionPlan) -> Repr
 
 @dataclass
 class RepresentationRows:
-    """Per-task gradients at a step's representation (:meth:`RepresentationGradients.compute`).
+    """Per-task gradients at a step's representation (:func:`representation_rows`).
 
     Attributes:
         rows: ``(K, N)``: row ``i`` is ``∂(scaled L_i)/∂Z`` over all representation tensors of
@@ -363,145 +388,103 @@ class RepresentationRows:
     tensors: list[torch.Tensor]
 
 
-class RepresentationGradients:
-    """Gradients at the shared representation instead of the shared parameters (MGDA-UB).
+def representation_tensors(
+    rep: Representation,
+    task_names: Sequence[str],
+    outputs: Sequence[tuple[ExecutionPlan, Mapping[int, Any]]],
+) -> tuple[list[torch.Tensor], dict[str, list[int]]]:
+    """The representation tensors of a step's forward passes and, per task, the positions
+    of its own among them (a task labelled by two batches reads both batches' tensors)."""
+    tensors: list[torch.Tensor] = []
+    index: dict[tuple[int, int, int], int] = {}
+    where: dict[str, list[int]] = {t: [] for t in task_names}
+    for b, (plan, cache) in enumerate(outputs):
+        for task_name in plan.task_names:
+            if task_name not in where:
+                continue
+            for n in rep.nodes[task_name]:
+                for j, z in enumerate(tensor_leaves(cache[n])):
+                    if not (z.requires_grad and z.is_floating_point()):
+                        continue
+                    if (b, n, j) not in index:
+                        index[(b, n, j)] = len(tensors)
+                        tensors.append(z)
+                    where[task_name].append(index[(b, n, j)])
+    return tensors, where
 
-    Per task, one ``autograd.grad`` call reaches only from its loss to its representation
-    tensors and its own parameters; :meth:`backward` then sends one combined representation
-    gradient through the shared part in a single pass. Representations are cached per
-    execution plan; :meth:`clear` forgets them (after freezing).
 
-    Example:
-        >>> import torch
-        >>> from torch import nn
-        >>> from mtlgraph import MultitaskClassifier, Operation, Task
-        >>> from mtlgraph.gradients import RepresentationGradients
-        >>> trunk = nn.Linear(2, 3)
-        >>> ops = lambda t: [Operation("trunk", [("_input_", "x")]), Operation(t, ["trunk"])]
-        >>> tasks = [Task(t, {"trunk": trunk, t: nn.Linear(3, 2)}, ops(t)) for t in ("a", "b")]
-        >>> model = MultitaskClassifier(tasks)
-        >>> grads = RepresentationGradients()
-        >>> rep = grads.layout(model.tasks, model.plan(["a", "b"]))
-        >>> rep.nodes, rep.problems
-        ({'a': (0,), 'b': (0,)}, [])
-        >>> outputs = []
-        >>> X, Y = {"x": torch.randn(4, 2)}, {t: torch.tensor([0, 1, 1, 0]) for t in "ab"}
-        >>> losses, _ = model.calculate_loss(X, Y, outputs=outputs)
-        >>> grads.compute(rep, losses, outputs).rows.shape  # 2 tasks, 4 rows × 3 features
-        torch.Size([2, 12])
+def representation_rows(
+    rep: Representation,
+    losses: Mapping[str, torch.Tensor],
+    outputs: Sequence[tuple[ExecutionPlan, Mapping[int, Any]]],
+    scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> RepresentationRows:
+    """Each task's gradient at the representation (the rows) and, added to their
+    ``.grad``, at its task-only parameters.
+
+    Args:
+        rep: The step plan's representation (``losses`` holds some or all of its tasks).
+        losses: Task name -> scalar loss; one ``autograd.grad`` call each, from the loss to
+            its representation tensors and task-only parameters (the graph is kept for
+            :func:`representation_backward`).
+        outputs: ``(plan, node id -> output)`` of each forward pass of the step
+            (``MultitaskClassifier.calculate_loss(..., outputs=...)``).
+        scale: Applied to each loss first (loss scaling under mixed precision).
+        reduce: Under DDP, averages a gradient over the ranks in place: applied to the
+            task-only gradients (the rows belong to this rank's examples and stay local).
     """
-
-    def __init__(self) -> None:
-        self._layouts = PlanCache[Representation]()
-
-    def clear(self) -> None:
-        """Forget the cached representations."""
-        self._layouts.clear()
-
-    def layout(self, tasks: Mapping[str, Task], plan: ExecutionPlan) -> Representation:
-        """The (cached) :class:`Representation` of ``plan``."""
-        return self._layouts.get(plan, lambda p: build_representation(tasks, p))
-
-    @staticmethod
-    def tensors(
-        rep: Representation,
-        task_names: Sequence[str],
-        outputs: Sequence[tuple[ExecutionPlan, Mapping[int, Any]]],
-    ) -> tuple[list[torch.Tensor], dict[str, list[int]]]:
-        """The representation tensors of a step's forward passes and, per task, the positions
-        of its own among them (a task labelled by two batches reads both batches' tensors)."""
-        tensors: list[torch.Tensor] = []
-        index: dict[tuple[int, int, int], int] = {}
-        where: dict[str, list[int]] = {t: [] for t in task_names}
-        for b, (plan, cache) in enumerate(outputs):
-            for task_name in plan.task_names:
-                if task_name not in where:
-                    continue
-                for n in rep.nodes[task_name]:
-                    for j, z in enumerate(tensor_leaves(cache[n])):
-                        if not (z.requires_grad and z.is_floating_point()):
-                            continue
-                        if (b, n, j) not in index:
-                            index[(b, n, j)] = len(tensors)
-                            tensors.append(z)
-                        where[task_name].append(index[(b, n, j)])
-        return tensors, where
-
-    @staticmethod
-    def compute(
-        rep: Representation,
-        losses: Mapping[str, torch.Tensor],
-        outputs: Sequence[tuple[ExecutionPlan, Mapping[int, Any]]],
-        scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    ) -> RepresentationRows:
-        """Each task's gradient at the representation (the rows) and, added to their
-        ``.grad``, at its task-only parameters.
-
-        Args:
-            rep: The step plan's representation (``losses`` holds some or all of its tasks).
-            losses: Task name -> scalar loss; one ``autograd.grad`` call each, from the loss to
-                its representation tensors and task-only parameters (the graph is kept for
-                :meth:`backward`).
-            outputs: ``(plan, node id -> output)`` of each forward pass of the step
-                (``MultitaskClassifier.calculate_loss(..., outputs=...)``).
-            scale: Applied to each loss first (loss scaling under mixed precision).
-            reduce: Under DDP, averages a gradient over the ranks in place: applied to the
-                task-only gradients (the rows belong to this rank's examples and stay local).
-        """
-        names = list(losses)
-        tensors, where = RepresentationGradients.tensors(rep, names, outputs)
-        sizes = [z.numel() for z in tensors]
-        offsets = [0]
-        for n in sizes:
-            offsets.append(offsets[-1] + n)
-        dtype = tensors[0].dtype if tensors else torch.float32
-        device = tensors[0].device if tensors else rep.layout.buffer.device
-        rows = torch.zeros(len(names), offsets[-1], dtype=dtype, device=device)
-        for i, task_name in enumerate(names):
-            own = rep.layout.own[task_name]
-            mine = where[task_name]
-            inputs: list[torch.Tensor] = [tensors[j] for j in mine]
-            loss = losses[task_name] if scale is None else scale(losses[task_name])
-            grads = torch.autograd.grad(
-                loss,
-                [*inputs, *own],
-                retain_graph=True,
-                allow_unused=True,
-                materialize_grads=True,
-            )
-            for j, g in zip(mine, grads, strict=False):
-                rows[i, offsets[j] : offsets[j + 1]] = g.reshape(-1)
-            for p, g in zip(own, grads[len(mine) :], strict=True):
-                accumulate_grad(p, g if reduce is None else reduce(g))
-        return RepresentationRows(rows, tensors)
-
-    @staticmethod
-    def backward(
-        rep: Representation,
-        tensors: Sequence[torch.Tensor],
-        direction: torch.Tensor,
-        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    ) -> None:
-        """Add ``(∂Z/∂θ_s)ᵀ direction`` to the shared parameters' ``.grad``: one backward pass
-        from the representation tensors (``direction`` is flat, in their column order); under
-        DDP averaged over the ranks first (``reduce``)."""
-        shared = rep.layout.shared
-        if not tensors:
-            return
-        parts = direction.split([z.numel() for z in tensors])
+    names = list(losses)
+    tensors, where = representation_tensors(rep, names, outputs)
+    sizes = [z.numel() for z in tensors]
+    offsets = [0]
+    for n in sizes:
+        offsets.append(offsets[-1] + n)
+    dtype = tensors[0].dtype if tensors else torch.float32
+    device = tensors[0].device if tensors else rep.layout.buffer.device
+    rows = torch.zeros(len(names), offsets[-1], dtype=dtype, device=device)
+    for i, task_name in enumerate(names):
+        own = rep.layout.own[task_name]
+        mine = where[task_name]
+        inputs: list[torch.Tensor] = [tensors[j] for j in mine]
+        loss = losses[task_name] if scale is None else scale(losses[task_name])
         grads = torch.autograd.grad(
-            tensors,
-            shared,
-            [d.view_as(z) for d, z in zip(parts, tensors, strict=True)],
+            loss,
+            [*inputs, *own],
+            retain_graph=True,
             allow_unused=True,
             materialize_grads=True,
         )
-        if reduce is not None:  # one collective for all of them
-            flat = reduce(torch.cat([g.reshape(-1) for g in grads]))
-            slices = rep.layout.slices
-            grads = tuple(
-                flat[o : o + n].view_as(p) for p, (o, n) in zip(shared, slices, strict=True)
-            )
-        for p, g in zip(shared, grads, strict=True):
-            accumulate_grad(p, g)
+        for j, g in zip(mine, grads, strict=False):
+            rows[i, offsets[j] : offsets[j + 1]] = g.reshape(-1)
+        for p, g in zip(own, grads[len(mine) :], strict=True):
+            accumulate_grad(p, g if reduce is None else reduce(g))
+    return RepresentationRows(rows, tensors)
+
+
+def representation_backward(
+    rep: Representation,
+    tensors: Sequence[torch.Tensor],
+    direction: torch.Tensor,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> None:
+    """Add ``(∂Z/∂θ_s)ᵀ direction`` to the shared parameters' ``.grad``: one backward pass
+    from the representation tensors (``direction`` is flat, in their column order); under
+    DDP averaged over the ranks first (``reduce``)."""
+    shared = rep.layout.shared
+    if not tensors:
+        return
+    parts = direction.split([z.numel() for z in tensors])
+    grads = torch.autograd.grad(
+        tensors,
+        shared,
+        [d.view_as(z) for d, z in zip(parts, tensors, strict=True)],
+        allow_unused=True,
+        materialize_grads=True,
+    )
+    if reduce is not None:  # one collective for all of them
+        flat = reduce(torch.cat([g.reshape(-1) for g in grads]))
+        slices = rep.layout.slices
+        grads = tuple(flat[o : o + n].view_as(p) for p, (o, n) in zip(shared, slices, strict=True))
+    for p, g in zip(shared, grads, strict=True):
+        accumulate_grad(p, g)

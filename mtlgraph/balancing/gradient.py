@@ -15,10 +15,14 @@ from mtlgraph.balancing.base import LastWeights, Seeded, StepContext
 from mtlgraph.balancing.solvers import cagrad_solve, min_norm, pcgrad_coefficients
 from mtlgraph.exceptions import ArgumentCheck, ConfigError
 from mtlgraph.gradients import (
-    RepresentationGradients,
+    PlanCache,
+    Representation,
     SharedGradients,
     SharedLayout,
     accumulate_grad,
+    build_representation,
+    representation_backward,
+    representation_rows,
 )
 from mtlgraph.graph.task import Task
 
@@ -58,7 +62,7 @@ class GradientBalancer(LastWeights):
         super().__init__()
         self.gradients = gradients  # a subclass checks it with its other arguments
         self._grads = SharedGradients()
-        self._rep_grads = RepresentationGradients()
+        self._representations = PlanCache[Representation]()
 
     @property
     def needs_outputs(self) -> bool:
@@ -78,7 +82,7 @@ class GradientBalancer(LastWeights):
 
     def setup(self, tasks: Mapping[str, Task]) -> None:
         self._grads.clear()  # freezing may have changed which parameters are trainable
-        self._rep_grads.clear()
+        self._representations.clear()
         reason = self.rows_needed() if self.gradients == "representation" else ""
         if reason:
             raise ConfigError(
@@ -130,6 +134,10 @@ class GradientBalancer(LastWeights):
             return np.asarray(self.combine(gram), dtype=np.float64)
         return np.ones(len(gram))
 
+    def representation(self, ctx: StepContext) -> Representation:
+        """The (cached) :class:`~mtlgraph.gradients.Representation` of the step's plan."""
+        return self._representations.get(ctx.plan, lambda p: build_representation(ctx.tasks, p))
+
     def _representation_backward(
         self, weighted: Mapping[str, torch.Tensor], ctx: StepContext
     ) -> None:
@@ -141,7 +149,7 @@ class GradientBalancer(LastWeights):
         ranks (the Gram of all ranks' examples together, of the rank-averaged losses), so every
         rank gets the same ``β``; the shared gradients are then averaged like DDP's own."""
         names = list(weighted)
-        rep = self._rep_grads.layout(ctx.tasks, ctx.plan)
+        rep = self.representation(ctx)
         if rep.problems:
             raise ConfigError(
                 [
@@ -158,7 +166,7 @@ class GradientBalancer(LastWeights):
                     "model.calculate_loss(X, Y, outputs=outputs))"
                 ]
             )
-        found = self._rep_grads.compute(rep, weighted, ctx.outputs, ctx.scale, ctx.reduce)
+        found = representation_rows(rep, weighted, ctx.outputs, ctx.scale, ctx.reduce)
         rows = found.rows
         gram = rows @ rows.T
         if ctx.world_size > 1:
@@ -166,7 +174,7 @@ class GradientBalancer(LastWeights):
         beta = self.coefficients(gram.double().cpu().numpy())
         direction = torch.from_numpy(beta).to(rows) @ rows
         reduce = ctx.reduce if ctx.world_size > 1 else None
-        self._rep_grads.backward(rep, found.tensors, direction, reduce)
+        representation_backward(rep, found.tensors, direction, reduce)
         self._last.update(zip(names, beta.tolist(), strict=True))
 
 

@@ -25,6 +25,7 @@ from mtlgraph import (
     Trainer,
 )
 from mtlgraph.balancing import BALANCERS, GradientBalancer, StepContext
+from mtlgraph.gradients import build_representation, representation_rows
 from mtlgraph.graph.experts import Experts, Gate
 
 # every gradient method that can take its gradients at the representation, with arguments
@@ -297,7 +298,7 @@ def test_a_task_reading_an_intermediate_op() -> None:
     b = BALANCERS.build(rep({"name": "mgda"}))
     b.setup(model.tasks)
     plan = model.plan(Y)
-    layout = b._rep_grads.layout(model.tasks, plan)
+    layout = build_representation(model.tasks, plan)
     node = {module: n for n, module, _ in plan.steps}
     first, second = node[model.module_pool["first"]], node[model.module_pool["second"]]
     assert layout.nodes == {"a": (second,), "b": (second,), "c": (first,)}
@@ -308,7 +309,7 @@ def test_a_task_reading_an_intermediate_op() -> None:
     grads = task_gradients(model, X, Y, shared)
     outputs: list = []
     losses, _ = model.calculate_loss(X, Y, outputs=outputs)
-    found = b._rep_grads.compute(layout, losses, outputs)
+    found = representation_rows(layout, losses, outputs)
     rows = found.rows
     z1, z2 = outputs[0][1][first], outputs[0][1][second]
     assert [id(z) for z in found.tensors] == [id(z2), id(z1)]  # columns: a's tensor first
@@ -348,7 +349,7 @@ def test_mmoe_tasks_share_the_experts_output() -> None:
     b = BALANCERS.build(rep({"name": "upgrad"}))
     b.setup(model.tasks)
     plan = model.plan(Y)
-    layout = b._rep_grads.layout(model.tasks, plan)
+    layout = build_representation(model.tasks, plan)
     assert layout.nodes["a"] == layout.nodes["b"] and len(layout.nodes["a"]) == 1
     theta = list(experts.parameters())
     grads = task_gradients(model, X, Y, theta)
@@ -356,7 +357,7 @@ def test_mmoe_tasks_share_the_experts_output() -> None:
     own = {t: task_gradients(model, X, {t: Y[t]}, gates[t])[t] for t in ("a", "b")}
     outputs: list = []
     losses, _ = model.calculate_loss(X, Y, outputs=outputs)
-    rows = b._rep_grads.compute(layout, losses, outputs).rows
+    rows = representation_rows(layout, losses, outputs).rows
     beta = b.combine((rows @ rows.T).double().numpy())
     model.zero_grad(set_to_none=True)
     rep_step(model, b, X, Y)
@@ -382,8 +383,8 @@ def test_mixed_dataset_steps_see_tasks_of_different_batches_as_orthogonal() -> N
     la, _ = model.calculate_loss(XA, {"a": YA["a"]}, outputs=outputs)
     lb, _ = model.calculate_loss(XB, {"b": YB["b"]}, outputs=outputs)
     losses = {**la, **lb}
-    layout = b._rep_grads.layout(model.tasks, model.plan(losses))
-    rows = b._rep_grads.compute(layout, losses, outputs).rows
+    layout = build_representation(model.tasks, model.plan(losses))
+    rows = representation_rows(layout, losses, outputs).rows
     assert rows.shape == (2, (8 + 5) * 4)
     gram = rows @ rows.T
     assert float(gram[0, 1]) == 0.0
