@@ -98,10 +98,8 @@ class GradientBalancer(LastWeights):
         if self._backward_single_task(weighted, ctx):
             self._last[names[0]] = 1.0
             return
-        if self.gradients == "representation":
-            self._representation_backward(weighted, ctx)
-            return
-        layout = self._grads.layout(ctx.tasks, ctx.plan)
+        rep = self.representation(ctx) if self.gradients == "representation" else None
+        layout = self._grads.layout(ctx.tasks, ctx.plan) if rep is None else rep.layout
         if layout.size == 0:
             self._say_once(
                 "unshared",
@@ -110,6 +108,9 @@ class GradientBalancer(LastWeights):
                 names,
             )
             ctx.weighted_backward(losses, {})
+            return
+        if rep is not None:
+            self._representation_backward(rep, weighted, ctx)
             return
         buffer = self._grads.compute(
             layout, weighted, ctx.scale, accumulate_own=True, reduce=ctx.reduce
@@ -139,7 +140,7 @@ class GradientBalancer(LastWeights):
         return self._representations.get(ctx.plan, lambda p: build_representation(ctx.tasks, p))
 
     def _representation_backward(
-        self, weighted: Mapping[str, torch.Tensor], ctx: StepContext
+        self, rep: Representation, weighted: Mapping[str, torch.Tensor], ctx: StepContext
     ) -> None:
         """The update from gradients at the representation ``Z``: per task ``r_i = ∂L_i/∂Z``
         (and its own parameters' gradient), ``β = combine(R Rᵀ)``, then one backward pass of
@@ -149,7 +150,6 @@ class GradientBalancer(LastWeights):
         ranks (the Gram of all ranks' examples together, of the rank-averaged losses), so every
         rank gets the same ``β``; the shared gradients are then averaged like DDP's own."""
         names = list(weighted)
-        rep = self.representation(ctx)
         if rep.problems:
             raise ConfigError(
                 [

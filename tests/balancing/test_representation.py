@@ -431,6 +431,70 @@ def test_a_task_reading_two_nested_shared_outputs_is_refused() -> None:
     assert "use gradients: parameters" in text
 
 
+def test_two_level_ple_is_refused() -> None:
+    """PLE with two levels: a task's first-level gate reads the first level's shared experts and
+    its second-level gate the second level's, which depend on the first."""
+    torch.manual_seed(0)
+    level1 = {"s1": Experts(3, 2, [4]), "a1": Experts(3, 1, [4]), "b1": Experts(3, 1, [4])}
+    shared = {**level1, "s1_gate": Gate(3, 4), "s2": Experts(4, 2, [4])}
+    tasks = []
+    for t in ("a", "b"):
+        pool = {**shared, f"{t}_gate1": Gate(3, 3), f"{t}_gate2": Gate(4, 2)}
+        pool[f"{t}_head"] = nn.Linear(4, 1)
+        x = ("_input_", "x")
+        ops = [Operation(m, [x]) for m in level1]
+        ops += [
+            Operation("s1_gate", [x, "s1", "a1", "b1"]),
+            Operation("s2", ["s1_gate"]),
+            Operation(f"{t}_gate1", [x, "s1", f"{t}1"]),
+            Operation(f"{t}_gate2", [f"{t}_gate1", "s2"]),
+            Operation(f"{t}_head", [f"{t}_gate2"]),
+        ]
+        tasks.append(Task(t, pool, ops, task_type="regression"))
+    model = MultitaskClassifier(tasks)
+    X, Y = {"x": torch.randn(4, 3)}, {"a": torch.randn(4), "b": torch.randn(4)}
+    b = BALANCERS.build(rep({"name": "imtl"}))
+    b.setup(model.tasks)
+    with pytest.raises(ConfigError) as info:
+        rep_step(model, b, X, Y)
+    text = str(info.value)
+    assert "task 'a' reads the output of shared module 'a1'" in text
+    assert "task 'b' reads" in text and "'s2', which depends on it" in text
+    by_params = BALANCERS.build("imtl")  # the suggested fix works
+    by_params.setup(model.tasks)
+    losses, _ = model.calculate_loss(X, Y)
+    by_params.backward(losses, step_context(model, losses, []))
+    assert all(p.grad is not None for p in shared["s1"].parameters())
+
+
+def test_tasks_sharing_nothing_get_their_own_gradients(caplog: pytest.LogCaptureFixture) -> None:
+    torch.manual_seed(0)
+    model = MultitaskClassifier(
+        [
+            Task(
+                t,
+                {f"{t}_trunk": nn.Linear(3, 4), f"{t}_head": nn.Linear(4, 1)},
+                [
+                    Operation(f"{t}_trunk", [("_input_", "x")]),
+                    Operation(f"{t}_head", [f"{t}_trunk"]),
+                ],
+                task_type="regression",
+            )
+            for t in ("a", "b")
+        ]
+    )
+    reference = copy.deepcopy(model)
+    X, Y = batch()
+    losses, _ = reference.calculate_loss(X, Y)
+    (losses["a"] + losses["b"]).backward()
+    b = BALANCERS.build(rep({"name": "mgda"}))
+    b.setup(model.tasks)
+    rep_step(model, b, X, Y)
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad)
+    assert any("share no trainable parameter" in r.getMessage() for r in caplog.records)
+
+
 def test_a_task_module_holding_shared_parameters_is_refused() -> None:
     """An adapter of task a that wraps the shared encoder reaches a's loss around the
     representation."""
