@@ -351,6 +351,7 @@ def test_mmoe_tasks_share_the_experts_output() -> None:
     plan = model.plan(Y)
     layout = build_representation(model.tasks, plan)
     assert layout.nodes["a"] == layout.nodes["b"] and len(layout.nodes["a"]) == 1
+    assert layout.layout.buffer.numel() == 0  # no (K, P) rows are kept
     theta = list(experts.parameters())
     grads = task_gradients(model, X, Y, theta)
     gates = {t: list(model.module_pool[f"{t}_gate"].parameters()) for t in ("a", "b")}

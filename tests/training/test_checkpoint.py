@@ -134,8 +134,22 @@ def test_resume_with_the_mixed_scheduler_cycling_loaders(tmp_path: Path) -> None
         {"balancer": "gradnorm"},
         {"balancer": "mgda", "grad_accumulation_steps": 2},
         {"balancer": "inverse_metric", "param_groups": {"*_head": {"lr": 0.05}}},
+        {
+            "balancer": {"name": "mgda", "gradients": "representation"},
+            "grad_accumulation_steps": 2,
+        },
+        {"balancer": {"name": "nash_mtl", "gradients": "representation"}},
     ],
-    ids=["uncertainty", "dwa", "pcgrad", "gradnorm", "mgda+accumulation", "inverse_metric+groups"],
+    ids=[
+        "uncertainty",
+        "dwa",
+        "pcgrad",
+        "gradnorm",
+        "mgda+accumulation",
+        "inverse_metric+groups",
+        "mgda-representation+accumulation",
+        "nash_mtl-representation",
+    ],
 )
 def test_resume_is_exact_with_balancers_and_controls(tmp_path: Path, extra: dict) -> None:
     """Learned weights, loss histories, generator states and accumulation survive a resume."""
