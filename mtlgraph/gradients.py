@@ -348,16 +348,13 @@ def build_representation(tasks: Mapping[str, Task], plan: ExecutionPlan) -> Repr
         for n in path - shared:
             found |= {s for s, _, detach in srcs[n] if s in shared and not detach}
         nodes[task_name] = tuple(sorted(found))
-        nested = sorted(
-            {(module_of[a], module_of[b]) for a in found for b in found if a != b}
-            & {(module_of[a], module_of[b]) for b in found for a in _upstream(b, srcs) - {b}}
-        )
+        nested = sorted((a, b) for b in found for a in (_upstream(b, srcs) & found) - {b})
         if nested:
-            first, then = nested[0]
+            first, then = (module_of[n] for n in nested[0])
             problems.append(
-                f"task '{task_name}' reads the output of shared module '{first}' and, through "
-                f"its own modules, that of shared module '{then}', which depends on it: its "
-                "gradient at the first would count the path through the second twice"
+                f"task '{task_name}' reads the output of shared module '{first}' and that of "
+                f"shared module '{then}', which depends on it: its gradient at the first would "
+                "count the path through the second twice"
             )
     layout = build_layout(tasks, plan, rows=0)
     shared_params = {id(p) for p in layout.shared}

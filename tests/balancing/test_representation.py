@@ -459,7 +459,7 @@ def test_two_level_ple_is_refused() -> None:
     with pytest.raises(ConfigError) as info:
         rep_step(model, b, X, Y)
     text = str(info.value)
-    assert "task 'a' reads the output of shared module 'a1'" in text
+    assert "task 'a' reads the output of shared module 's1' and that of shared module 's2'" in text
     assert "task 'b' reads" in text and "'s2', which depends on it" in text
     by_params = BALANCERS.build("imtl")  # the suggested fix works
     by_params.setup(model.tasks)
