@@ -24,7 +24,7 @@ from mtlgraph import (
     Task,
     Trainer,
 )
-from mtlgraph.balancing import BALANCERS, GradientBalancer, StepContext
+from mtlgraph.balancing import BALANCERS, GradientBalancer, MGDABalancer, StepContext
 from mtlgraph.gradients import build_representation, representation_rows
 from mtlgraph.graph.experts import Experts, Gate
 
@@ -636,8 +636,18 @@ def test_trainer_runs_representation_steps_and_keeps_no_outputs() -> None:
     X, Y = batch(n=32)
     loaders = [DictDataLoader(DictDataset("d", s, X, Y), batch_size=16) for s in ("train", "valid")]
     spec = rep({"name": "mgda"})
-    trainer = Trainer(n_epochs=1, lr=0.1, optimizer="sgd", balancer=spec, progress_bar=False)
+    seen: list[tuple[StepContext, int]] = []
+
+    class Recording(MGDABalancer):
+        def backward(self, losses: Mapping[str, torch.Tensor], ctx: StepContext) -> None:
+            seen.append((ctx, len(ctx.outputs)))
+            super().backward(losses, ctx)
+
+    recording = Recording(gradients="representation")
+    trainer = Trainer(n_epochs=1, lr=0.1, optimizer="sgd", balancer=recording, progress_bar=False)
     trainer.fit(model, loaders)
+    assert [n for _, n in seen] == [1, 1]  # one forward pass per step, handed over
+    assert all(ctx.outputs == () for ctx, _ in seen)  # and dropped after the step
     b = BALANCERS.build(spec)
     b.setup(reference.tasks)
     opt = torch.optim.SGD(reference.parameters(), lr=0.1)
