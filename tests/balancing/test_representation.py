@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from test_balancing import batch, reload, same_state, trained_balancer, two_task_model
+from test_new_balancers import libmtl_weighting
 from torch import nn
 
 from mtlgraph import (
@@ -205,6 +206,38 @@ def test_equal_to_parameter_level_when_the_jacobian_is_a_multiple_of_an_isometry
         rep_step(m, b, X, Y)
         for q, r in zip(m.parameters(), by_params.parameters(), strict=True):
             assert torch.allclose(q.grad, r.grad, rtol=1e-4, atol=1e-6), spec
+
+
+def test_mgda_matches_libmtl_rep_grad_on_one_example(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LibMTL's ``rep_grad`` sums each task's representation gradient over the batch before its
+    Gram matrix; on a batch of one example that is our row, and the updates agree. On a larger
+    batch the coefficients differ (ours: the per-example rows the bound is about)."""
+    mgda_module = libmtl_weighting(monkeypatch, "MGDA")
+    for n, agree in ((1, True), (16, False)):
+        model = two_task_model(seed=4)
+        X, Y = batch(seed=3, n=n)
+        theirs = copy.deepcopy(model)
+        # LibMTL's way: the heads run on detached copies of the representation
+        z = theirs.module_pool["trunk"](X["x"])
+        weighting = mgda_module.MGDA()
+        weighting.rep_grad, weighting.task_num, weighting.device = True, 2, torch.device("cpu")
+        weighting.task_name, weighting.rep = ["a", "b"], z
+        weighting.rep_tasks = {t: z.detach().clone().requires_grad_() for t in ("a", "b")}
+        losses = [
+            nn.functional.mse_loss(
+                theirs.module_pool[f"{t}_head"](weighting.rep_tasks[t]).squeeze(-1), Y[t]
+            )
+            for t in ("a", "b")
+        ]
+        sol = weighting.backward(losses, mgda_gn="none")
+        b = BALANCERS.build(rep({"name": "mgda", "rescale": False}))
+        b.setup(model.tasks)
+        rep_step(model, b, X, Y)
+        ours = np.array(list(b.weights().values()))
+        assert np.allclose(ours, sol, atol=1e-6) == agree, (n, ours, sol)
+        if agree:  # trunk and heads
+            for p, q in zip(model.parameters(), theirs.parameters(), strict=True):
+                assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7)
 
 
 # ---------------------------------------------------------------------- the bound
