@@ -393,20 +393,21 @@ def representation_tensors(
     """The representation tensors of a step's forward passes and, per task, the positions
     of its own among them (a task labelled by two batches reads both batches' tensors)."""
     tensors: list[torch.Tensor] = []
-    index: dict[tuple[int, int, int], int] = {}
+    index: dict[int, int] = {}  # by identity: an identity module's output is its input
     where: dict[str, list[int]] = {t: [] for t in task_names}
-    for b, (plan, cache) in enumerate(outputs):
+    for plan, cache in outputs:
         for task_name in plan.task_names:
             if task_name not in where:
                 continue
             for n in rep.nodes[task_name]:
-                for j, z in enumerate(tensor_leaves(cache[n])):
+                for z in tensor_leaves(cache[n]):
                     if not (z.requires_grad and z.is_floating_point()):
                         continue
-                    if (b, n, j) not in index:
-                        index[(b, n, j)] = len(tensors)
+                    if id(z) not in index:
+                        index[id(z)] = len(tensors)
                         tensors.append(z)
-                    where[task_name].append(index[(b, n, j)])
+                    if index[id(z)] not in where[task_name]:
+                        where[task_name].append(index[id(z)])
     return tensors, where
 
 

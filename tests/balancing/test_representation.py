@@ -401,6 +401,48 @@ def test_mmoe_tasks_share_the_experts_output() -> None:
         assert torch.allclose(grads_of(gates[t]), own[t], rtol=1e-5, atol=1e-7)
 
 
+def test_one_tensor_under_two_nodes_is_one_representation() -> None:
+    """An identity module returns its input: task b reading it and task a reading the trunk
+    read the same tensor, so they share its columns (and the update equals the plain model's)."""
+    model = two_task_model()
+    X, Y = batch()
+    trunk = model.module_pool["trunk"]
+    heads = {t: model.module_pool[f"{t}_head"] for t in ("a", "b")}
+    reads, same = {"a": "trunk", "b": "same"}, nn.Identity()
+    tasks = [
+        Task(
+            t,
+            {"trunk": trunk, "same": same, f"{t}_head": heads[t]},
+            [
+                Operation("trunk", [("_input_", "x")]),
+                Operation("same", ["trunk"]),
+                Operation(f"{t}_head", [reads[t]]),
+            ],
+            task_type="regression",
+        )
+        for t in ("a", "b")
+    ]
+    both = MultitaskClassifier(tasks)
+    outputs: list = []
+    losses, _ = both.calculate_loss(X, Y, outputs=outputs)
+    layout = build_representation(both.tasks, both.plan(losses))
+    assert layout.nodes["a"] != layout.nodes["b"]
+    found = representation_rows(layout, losses, outputs)
+    assert len(found.tensors) == 1 and bool((found.rows[0] * found.rows[1]).sum() != 0)
+    both.zero_grad(set_to_none=True)
+    b = BALANCERS.build(rep({"name": "mgda"}))
+    b.setup(both.tasks)
+    rep_step(both, b, X, Y)
+    expected = [p.grad.clone() for p in both.parameters()]
+    plain = copy.deepcopy(model)
+    plain.zero_grad(set_to_none=True)
+    c = BALANCERS.build(rep({"name": "mgda"}))
+    c.setup(plain.tasks)
+    rep_step(plain, c, X, Y)
+    for g, p in zip(expected, plain.parameters(), strict=True):
+        assert torch.allclose(g, p.grad, rtol=1e-6, atol=1e-8)
+
+
 def test_mixed_dataset_steps_see_tasks_of_different_batches_as_orthogonal() -> None:
     """Tasks labelled by different batches of a step read different representation tensors
     (each covers its own batch's rows), so their Gram entry is exactly 0: MGDA weighs them
