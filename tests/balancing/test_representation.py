@@ -668,7 +668,7 @@ def test_methods_that_need_the_rows_refuse_the_representation() -> None:
     class RowMethod(GradientBalancer):
         name = "row_method_doc"
 
-        def direction(self, rows, layout):  # type: ignore[no-untyped-def]
+        def direction(self, rows: torch.Tensor, layout: Any) -> tuple[torch.Tensor, np.ndarray]:
             return rows.sum(dim=0), np.ones(len(rows))
 
     b = RowMethod(gradients="representation")
@@ -683,8 +683,8 @@ def test_methods_that_need_the_rows_refuse_the_representation() -> None:
 
 @pytest.mark.parametrize("spec", [rep(s) for s in REPRESENTATION_METHODS], ids=lambda s: s["name"])
 def test_resume_is_bit_exact(spec: dict) -> None:
-    model, balancer = trained_balancer(spec)  # type: ignore[arg-type]
-    fresh = reload(spec, balancer, model)  # type: ignore[arg-type]
+    model, balancer = trained_balancer(spec)
+    fresh = reload(spec, balancer, model)
     assert same_state(balancer.state_dict(), fresh.state_dict())
     assert fresh.weights() == balancer.weights() and len(fresh.weights()) == 2
     X, Y = batch(seed=9)
@@ -695,7 +695,7 @@ def test_resume_is_bit_exact(spec: dict) -> None:
         grads = []
         for _ in range(3):
             m.zero_grad(set_to_none=True)
-            rep_step(m, b, X, Y)  # type: ignore[arg-type]
+            rep_step(m, b, X, Y)
             grads += [p.grad.clone() for p in m.parameters()]
         results.append((grads, b.weights(), b.state_dict()))
     (g1, w1, s1), (g2, w2, s2) = results
