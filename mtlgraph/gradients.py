@@ -470,16 +470,20 @@ def representation_backward(
     from the representation tensors (``direction`` is flat, in their column order); under
     DDP averaged over the ranks first (``reduce``)."""
     shared = rep.layout.shared
-    if not tensors:
+    if not tensors and reduce is None:
         return
-    parts = direction.split([z.numel() for z in tensors])
-    grads = torch.autograd.grad(
-        tensors,
-        shared,
-        [d.view_as(z) for d, z in zip(parts, tensors, strict=True)],
-        allow_unused=True,
-        materialize_grads=True,
-    )
+    grads: Sequence[torch.Tensor]
+    if tensors:
+        parts = direction.split([z.numel() for z in tensors])
+        grads = torch.autograd.grad(
+            tensors,
+            shared,
+            [d.view_as(z) for d, z in zip(parts, tensors, strict=True)],
+            allow_unused=True,
+            materialize_grads=True,
+        )
+    else:  # nothing to send back, but a DDP rank still joins the collective below
+        grads = [torch.zeros_like(p) for p in shared]
     if reduce is not None:  # one collective for all of them
         flat = reduce(torch.cat([g.reshape(-1) for g in grads]))
         slices = rep.layout.slices
