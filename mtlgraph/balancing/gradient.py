@@ -10,11 +10,36 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+from mtlgraph._suggest import did_you_mean
 from mtlgraph.balancing.base import LastWeights, Seeded, StepContext
 from mtlgraph.balancing.solvers import cagrad_solve, min_norm, pcgrad_coefficients
-from mtlgraph.exceptions import ArgumentCheck
-from mtlgraph.gradients import SharedGradients, SharedLayout, accumulate_grad
+from mtlgraph.exceptions import ArgumentCheck, ConfigError
+from mtlgraph.gradients import (
+    PlanCache,
+    Representation,
+    SharedGradients,
+    SharedLayout,
+    accumulate_grad,
+    build_representation,
+    representation_backward,
+    representation_rows,
+)
 from mtlgraph.graph.task import Task
+
+GRADIENT_MODES = ("parameters", "representation")
+"""Where a gradient balancer takes the per-task gradients (its ``gradients`` argument)."""
+
+
+def check_gradients(check: ArgumentCheck, gradients: object) -> None:
+    """Record a problem in ``check`` unless ``gradients`` is one of :data:`GRADIENT_MODES`
+    (suggesting the mode it abbreviates or misspells)."""
+    if gradients in GRADIENT_MODES:
+        return
+    text = gradients if isinstance(gradients, str) else ""
+    prefixed = [m for m in GRADIENT_MODES if text and m.startswith(text.lower())]
+    hint = f" (did you mean '{prefixed[0]}'?)" if prefixed else did_you_mean(text, GRADIENT_MODES)
+    modes = " or ".join(repr(m) for m in GRADIENT_MODES)
+    check.require(False, f"gradients must be {modes}, got {gradients!r}{hint}")
 
 
 class GradientBalancer(LastWeights):
@@ -22,18 +47,50 @@ class GradientBalancer(LastWeights):
 
     Subclasses implement :meth:`combine` (Gram matrix ``M_ij = g_i·g_j`` -> ``β``); the shared
     parameters get ``d = Σ_i β_i g_i``, the others their one task's gradient.
+
+    Args:
+        gradients: ``"parameters"``: ``g_i = ∇_{θ_s} L_i`` on the shared parameters;
+            ``"representation"``: ``g_i = ∂L_i/∂Z`` at the shared representation ``Z`` the
+            tasks read, combined there and sent through the shared part in one backward pass
+            (MGDA-UB; ``docs/balancing.md``).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, gradients: str = "parameters") -> None:
+        check = ArgumentCheck(f"balancer '{self.name}'")
+        check_gradients(check, gradients)
+        check.done()
         super().__init__()
+        self.gradients = gradients  # a subclass checks it with its other arguments
         self._grads = SharedGradients()
+        self._representations = PlanCache[Representation]()
+
+    @property
+    def needs_outputs(self) -> bool:
+        return self.gradients == "representation"
 
     def combine(self, gram: np.ndarray) -> np.ndarray:
         """Coefficients ``β`` (shape ``(K,)``, float64) of the update ``d = Σ_i β_i g_i``."""
         raise NotImplementedError
 
+    def rows_needed(self) -> str:
+        """Why this method needs the gradient rows themselves, not only their Gram matrix
+        (``""``: it does not), which representation-level gradients cannot give: by default, a
+        subclass that overrides :meth:`direction` does."""
+        if type(self).direction is GradientBalancer.direction:
+            return ""
+        return f"{type(self).__name__} overrides direction(), which combines gradient rows"
+
     def setup(self, tasks: Mapping[str, Task]) -> None:
         self._grads.clear()  # freezing may have changed which parameters are trainable
+        self._representations.clear()
+        reason = self.rows_needed() if self.gradients == "representation" else ""
+        if reason:
+            raise ConfigError(
+                [
+                    f"balancer '{self.name}' cannot take gradients at the representation: "
+                    f"{reason}; use gradients: parameters"
+                ]
+            )
 
     def backward(self, losses: Mapping[str, torch.Tensor], ctx: StepContext) -> None:
         weighted = ctx.weighted(losses)
@@ -41,7 +98,8 @@ class GradientBalancer(LastWeights):
         if self._backward_single_task(weighted, ctx):
             self._last[names[0]] = 1.0
             return
-        layout = self._grads.layout(ctx.tasks, ctx.plan)
+        rep = self.representation(ctx) if self.gradients == "representation" else None
+        layout = self._grads.layout(ctx.tasks, ctx.plan) if rep is None else rep.layout
         if layout.size == 0:
             self._say_once(
                 "unshared",
@@ -50,6 +108,9 @@ class GradientBalancer(LastWeights):
                 names,
             )
             ctx.weighted_backward(losses, {})
+            return
+        if rep is not None:
+            self._representation_backward(rep, weighted, ctx)
             return
         buffer = self._grads.compute(
             layout, weighted, ctx.scale, accumulate_own=True, reduce=ctx.reduce
@@ -64,12 +125,57 @@ class GradientBalancer(LastWeights):
     ) -> tuple[torch.Tensor, np.ndarray]:
         """The shared update from the gradient rows ``(K, P)`` and the coefficients to log
         (default: ``d = Σ_i β_i g_i``, ``β = combine(Gram)``)."""
-        gram = (rows @ rows.T).double().cpu().numpy()
-        if np.isfinite(gram).all():
-            beta = np.asarray(self.combine(gram), dtype=np.float64)
-        else:  # overflow under fp16 loss scaling: the grad scaler will skip this step
-            beta = np.ones(len(rows))
+        beta = self.coefficients((rows @ rows.T).double().cpu().numpy())
         return torch.from_numpy(beta).to(rows) @ rows, beta
+
+    def coefficients(self, gram: np.ndarray) -> np.ndarray:
+        """``combine(gram)`` as float64; all ones when ``gram`` is not finite (an overflow under
+        fp16 loss scaling: the grad scaler will skip this step)."""
+        if np.isfinite(gram).all():
+            return np.asarray(self.combine(gram), dtype=np.float64)
+        return np.ones(len(gram))
+
+    def representation(self, ctx: StepContext) -> Representation:
+        """The (cached) :class:`~mtlgraph.gradients.Representation` of the step's plan."""
+        return self._representations.get(ctx.plan, lambda p: build_representation(ctx.tasks, p))
+
+    def _representation_backward(
+        self, rep: Representation, weighted: Mapping[str, torch.Tensor], ctx: StepContext
+    ) -> None:
+        """The update from gradients at the representation ``Z``: per task ``r_i = ∂L_i/∂Z``
+        (and its own parameters' gradient), ``β = combine(R Rᵀ)``, then one backward pass of
+        ``Σ_i β_i r_i`` from ``Z`` into the shared parameters.
+
+        Under DDP each rank's ``Z`` holds its own examples: the Gram matrix is summed over the
+        ranks (the Gram of all ranks' examples together, of the rank-averaged losses), so every
+        rank gets the same ``β``; the shared gradients are then averaged like DDP's own."""
+        names = list(weighted)
+        if rep.problems:
+            raise ConfigError(
+                [
+                    f"balancer '{self.name}', gradients: representation: {p}; use gradients: "
+                    "parameters for this model"
+                    for p in rep.problems
+                ]
+            )
+        if not ctx.outputs:
+            raise ConfigError(
+                [
+                    f"balancer '{self.name}' with gradients: representation needs the step's "
+                    "forward outputs in StepContext.outputs (the Trainer passes them; by hand: "
+                    "model.calculate_loss(X, Y, outputs=outputs))"
+                ]
+            )
+        found = representation_rows(rep, weighted, ctx.outputs, ctx.scale, ctx.reduce)
+        rows = found.rows
+        gram = rows @ rows.T
+        if ctx.world_size > 1:
+            gram = ctx.reduce(gram) / ctx.world_size
+        beta = self.coefficients(gram.double().cpu().numpy())
+        direction = torch.from_numpy(beta).to(rows) @ rows
+        reduce = ctx.reduce if ctx.world_size > 1 else None
+        representation_backward(rep, found.tensors, direction, reduce)
+        self._last.update(zip(names, beta.tolist(), strict=True))
 
 
 class PCGradBalancer(Seeded, GradientBalancer):
@@ -78,6 +184,7 @@ class PCGradBalancer(Seeded, GradientBalancer):
 
     Args:
         seed: Seed of the shuffling generator.
+        gradients: ``"parameters"`` or ``"representation"`` (see :class:`GradientBalancer`).
 
     Example:
         >>> import numpy as np
@@ -88,6 +195,13 @@ class PCGradBalancer(Seeded, GradientBalancer):
     """
 
     name = "pcgrad"
+
+    def __init__(self, seed: int = 0, gradients: str = "parameters") -> None:
+        check = ArgumentCheck(f"balancer '{self.name}'")
+        check_gradients(check, gradients)
+        check.done()
+        super().__init__(seed)
+        self.gradients = gradients
 
     def combine(self, gram: np.ndarray) -> np.ndarray:
         k = len(gram)
@@ -102,6 +216,7 @@ class MGDABalancer(GradientBalancer):
     Args:
         rescale: Multiply the direction by the number of tasks in the step.
         max_iter: Frank–Wolfe iterations (more than two tasks).
+        gradients: ``"parameters"`` or ``"representation"`` (see :class:`GradientBalancer`).
 
     Example:
         >>> import numpy as np
@@ -113,12 +228,15 @@ class MGDABalancer(GradientBalancer):
 
     name = "mgda"
 
-    def __init__(self, rescale: bool = True, max_iter: int = 250) -> None:
-        super().__init__()
+    def __init__(
+        self, rescale: bool = True, max_iter: int = 250, gradients: str = "parameters"
+    ) -> None:
         check = ArgumentCheck(f"balancer '{self.name}'")
         check.require(isinstance(rescale, bool), f"rescale must be true or false: {rescale!r}")
         check.integer("max_iter", max_iter)
+        check_gradients(check, gradients)
         check.done()
+        super().__init__(gradients)
         self.rescale = rescale
         self.max_iter = max_iter
 
@@ -135,6 +253,7 @@ class CAGradBalancer(GradientBalancer):
         c: Conflict-aversion radius, in ``[0, 1)``.
         rescale: Divide the direction by ``1 + c²``.
         max_iter: Solver iterations.
+        gradients: ``"parameters"`` or ``"representation"`` (see :class:`GradientBalancer`).
 
     Example:
         >>> import numpy as np
@@ -146,13 +265,20 @@ class CAGradBalancer(GradientBalancer):
 
     name = "cagrad"
 
-    def __init__(self, c: float = 0.4, rescale: bool = True, max_iter: int = 100) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        c: float = 0.4,
+        rescale: bool = True,
+        max_iter: int = 100,
+        gradients: str = "parameters",
+    ) -> None:
         check = ArgumentCheck(f"balancer '{self.name}'")
         check.number("c", c, "in [0, 1)", lambda v: 0 <= v < 1)
         check.require(isinstance(rescale, bool), f"rescale must be true or false: {rescale!r}")
         check.integer("max_iter", max_iter)
+        check_gradients(check, gradients)
         check.done()
+        super().__init__(gradients)
         self.c = float(c)
         self.rescale = rescale
         self.max_iter = max_iter

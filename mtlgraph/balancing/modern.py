@@ -23,7 +23,7 @@ from mtlgraph.balancing.base import (
     require_non_negative,
     saved_task_order,
 )
-from mtlgraph.balancing.gradient import GradientBalancer
+from mtlgraph.balancing.gradient import GradientBalancer, check_gradients
 from mtlgraph.balancing.solvers import (
     adam_step,
     aligned_mtl,
@@ -39,6 +39,8 @@ from mtlgraph.exceptions import ArgumentCheck
 from mtlgraph.gradients import SharedLayout
 from mtlgraph.graph.task import Task
 
+MODULE_GROUPS = "splits the shared parameters' gradient rows by module"
+
 
 class IMTLBalancer(GradientBalancer):
     """IMTL, impartial multi-task learning (Liu et al., ICLR 2021): an update with the same
@@ -48,6 +50,7 @@ class IMTLBalancer(GradientBalancer):
     Args:
         loss_scaling: Learn the IMTL-L scales ``s_i`` too.
         lr: Learning rate of the ``s_i`` (``None``: the Trainer's ``lr``).
+        gradients: ``"parameters"`` or ``"representation"`` (see :class:`GradientBalancer`).
 
     Example:
         >>> import numpy as np
@@ -59,15 +62,18 @@ class IMTLBalancer(GradientBalancer):
 
     name = "imtl"
 
-    def __init__(self, loss_scaling: bool = False, lr: float | None = None) -> None:
-        super().__init__()
+    def __init__(
+        self, loss_scaling: bool = False, lr: float | None = None, gradients: str = "parameters"
+    ) -> None:
         check = ArgumentCheck(f"balancer '{self.name}'")
         check.require(
             isinstance(loss_scaling, bool),
             f"loss_scaling must be true or false: {loss_scaling!r}",
         )
         check.number("lr", lr, "> 0", lambda v: v > 0, optional=True)
+        check_gradients(check, gradients)
         check.done()
+        super().__init__(gradients)
         self.loss_scaling = loss_scaling
         self.lr = lr
         self.log_scales = nn.Parameter(torch.zeros(0), requires_grad=loss_scaling)
@@ -117,6 +123,7 @@ class AlignedMTLBalancer(GradientBalancer):
     Args:
         scale_mode: ``σ²``: the smallest non-zero eigenvalue of ``M`` (``"min"``, the paper),
             the median (``"median"``) or the mean (``"rmse"``).
+        gradients: ``"parameters"`` or ``"representation"`` (see :class:`GradientBalancer`).
 
     Example:
         >>> import numpy as np
@@ -128,11 +135,12 @@ class AlignedMTLBalancer(GradientBalancer):
 
     name = "aligned_mtl"
 
-    def __init__(self, scale_mode: str = "min") -> None:
-        super().__init__()
+    def __init__(self, scale_mode: str = "min", gradients: str = "parameters") -> None:
         check = ArgumentCheck(f"balancer '{self.name}'")
         check.choice("scale_mode", scale_mode, ("min", "median", "rmse"))
+        check_gradients(check, gradients)
         check.done()
+        super().__init__(gradients)
         self.scale_mode = scale_mode
 
     def combine(self, gram: np.ndarray) -> np.ndarray:
@@ -143,6 +151,9 @@ class AlignedMTLBalancer(GradientBalancer):
 class UPGradBalancer(GradientBalancer):
     """UPGrad (Quinton & Rey, 2024, TorchJD): each ``g_i/K`` projected onto the dual cone of all
     the gradients, summed; lowers no task's loss to first order.
+
+    Args:
+        gradients: ``"parameters"`` or ``"representation"`` (see :class:`GradientBalancer`).
 
     Example:
         >>> import numpy as np
@@ -159,11 +170,21 @@ class UPGradBalancer(GradientBalancer):
         return upgrad(gram, np.full(k, 1.0 / k))
 
 
+def refuse_representation(check: ArgumentCheck, gradients: object, reason: str) -> None:
+    """Check ``gradients`` for a method that needs the gradient rows (``reason``, from its
+    ``rows_needed``): only ``"parameters"`` fits."""
+    check_gradients(check, gradients)
+    check.require(
+        gradients != "representation",
+        f"gradients: representation does not fit: {reason}; use gradients: parameters",
+    )
+
+
 class _Named(GradientBalancer):
     """A gradient balancer whose ``combine`` needs the step's task names (``self._names``)."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, gradients: str = "parameters") -> None:
+        super().__init__(gradients)
         self._names: list[str] = []
 
     def backward(self, losses: Mapping[str, torch.Tensor], ctx: StepContext) -> None:
@@ -176,8 +197,8 @@ class _LossScaled(GradientBalancer):
     step ``self._unit`` holds ``ctx.scale`` of a unit loss (the fp16 loss scale and the ``1/N``
     of accumulation), which the rows carry and the direction must carry too."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, gradients: str = "parameters") -> None:
+        super().__init__(gradients)
         self._unit = 1.0  # ctx.scale of a unit loss during a step
 
     def backward(self, losses: Mapping[str, torch.Tensor], ctx: StepContext) -> None:
@@ -197,6 +218,7 @@ class NashMTLBalancer(_LossScaled, _Named):
         update_weights_every: Solve every this many steps.
         max_norm: Scale ``α`` so that ``‖d‖ ≤ max_norm`` (0: no clipping; the paper's 1.0).
         max_iter: Newton iterations.
+        gradients: ``"parameters"`` or ``"representation"`` (see :class:`GradientBalancer`).
 
     Example:
         >>> import numpy as np
@@ -209,14 +231,19 @@ class NashMTLBalancer(_LossScaled, _Named):
     name = "nash_mtl"
 
     def __init__(
-        self, update_weights_every: int = 1, max_norm: float = 1.0, max_iter: int = 100
+        self,
+        update_weights_every: int = 1,
+        max_norm: float = 1.0,
+        max_iter: int = 100,
+        gradients: str = "parameters",
     ) -> None:
-        super().__init__()
         check = ArgumentCheck(f"balancer '{self.name}'")
         check.integer("update_weights_every", update_weights_every)
         check.number("max_norm", max_norm, ">= 0", lambda v: v >= 0)
         check.integer("max_iter", max_iter)
+        check_gradients(check, gradients)
         check.done()
+        super().__init__(gradients)
         self.update_weights_every = update_weights_every
         self.max_norm = float(max_norm)
         self.max_iter = max_iter
@@ -256,6 +283,7 @@ class FairGradBalancer(_LossScaled):
     Args:
         alpha: ``α > 0``, the fairness (1: proportional fairness; → ∞: max-min fairness).
         max_iter: Newton iterations.
+        gradients: ``"parameters"`` or ``"representation"`` (see :class:`GradientBalancer`).
 
     Example:
         >>> import numpy as np
@@ -267,12 +295,15 @@ class FairGradBalancer(_LossScaled):
 
     name = "fairgrad"
 
-    def __init__(self, alpha: float = 1.0, max_iter: int = 100) -> None:
-        super().__init__()
+    def __init__(
+        self, alpha: float = 1.0, max_iter: int = 100, gradients: str = "parameters"
+    ) -> None:
         check = ArgumentCheck(f"balancer '{self.name}'")
         check.number("alpha", alpha, "> 0 (1 is Nash-MTL's equation)", lambda v: v > 0)
         check.integer("max_iter", max_iter)
+        check_gradients(check, gradients)
         check.done()
+        super().__init__(gradients)
         self.alpha = float(alpha)
         self.max_iter = max_iter
 
@@ -290,6 +321,8 @@ class GradVacBalancer(Seeded, _Named):
         group: ``"model"``: one target per pair on the whole shared vector; ``"module"``: one
             per pair and shared module (the paper's per-layer variant at module granularity).
         seed: Seed of the order generator.
+        gradients: ``"parameters"`` or ``"representation"`` (see :class:`GradientBalancer`;
+            the representation has no modules: it takes ``group="model"``).
 
     Example:
         >>> import numpy as np
@@ -301,12 +334,20 @@ class GradVacBalancer(Seeded, _Named):
 
     name = "gradvac"
 
-    def __init__(self, beta: float = 0.01, group: str = "model", seed: int = 0) -> None:
+    def __init__(
+        self, beta: float = 0.01, group: str = "model", seed: int = 0, gradients: str = "parameters"
+    ) -> None:
         check = ArgumentCheck(f"balancer '{self.name}'")
         check.number("beta", beta, "in (0, 1]", lambda v: 0 < v <= 1)
         check.choice("group", group, ("model", "module"))
+        check_gradients(check, gradients)
+        check.require(
+            gradients != "representation" or group != "module",
+            f"group: module {MODULE_GROUPS}; with gradients: representation use group: model",
+        )
         check.done()
         super().__init__(seed)
+        self.gradients = gradients
         self.beta = float(beta)
         self.group = group
         self._targets: dict[str, float] = {}  # "group|i|j" -> φ̂_ij
@@ -326,6 +367,9 @@ class GradVacBalancer(Seeded, _Named):
 
     def combine(self, gram: np.ndarray) -> np.ndarray:
         return self._coefficients(gram, "")
+
+    def rows_needed(self) -> str:
+        return f"group: module {MODULE_GROUPS}" if self.group == "module" else ""
 
     def direction(
         self, rows: torch.Tensor, layout: SharedLayout
@@ -360,6 +404,8 @@ class DBMTLBalancer(_Named):
         beta: ``β``, the EMA weight of the past.
         beta_sigma: ``β_σ``, the decay of ``β_t`` with the step ``t``.
         eps: Added to the losses in the log (and to the norms).
+        gradients: Only ``"parameters"``: the average of gradient rows over steps has no
+            meaning at the representation (see :meth:`rows_needed`).
 
     Example:
         >>> from mtlgraph.balancing import BALANCERS
@@ -369,13 +415,20 @@ class DBMTLBalancer(_Named):
 
     name = "db_mtl"
 
-    def __init__(self, beta: float = 0.9, beta_sigma: float = 0.5, eps: float = 1e-8) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        beta: float = 0.9,
+        beta_sigma: float = 0.5,
+        eps: float = 1e-8,
+        gradients: str = "parameters",
+    ) -> None:
         check = ArgumentCheck(f"balancer '{self.name}'")
         check.number("beta", beta, "in [0, 1)", lambda v: 0 <= v < 1)
         check.number("beta_sigma", beta_sigma, ">= 0", lambda v: v >= 0)
         check.number("eps", eps, "> 0", lambda v: v > 0)
+        refuse_representation(check, gradients, self.rows_needed())
         check.done()
+        super().__init__(gradients)
         self.beta = float(beta)
         self.beta_sigma = float(beta_sigma)
         self.eps = float(eps)
@@ -393,6 +446,12 @@ class DBMTLBalancer(_Named):
             for t, v in zip(names, values, strict=True)
         }
         super().backward(logs, ctx)
+
+    def rows_needed(self) -> str:
+        return (
+            "it averages each task's gradient row over steps, and at the representation the "
+            "rows of different steps hold different examples"
+        )
 
     def direction(
         self, rows: torch.Tensor, layout: SharedLayout
@@ -437,6 +496,7 @@ class SDMGradBalancer(_Named):
         lr: Learning rate of the inner SGD on ``w``.
         momentum: Momentum of the inner SGD, in ``[0, 1)``.
         n_iter: Inner SGD steps per update.
+        gradients: ``"parameters"`` or ``"representation"`` (see :class:`GradientBalancer`).
 
     Example:
         >>> import numpy as np
@@ -449,15 +509,21 @@ class SDMGradBalancer(_Named):
     name = "sdmgrad"
 
     def __init__(
-        self, lam: float = 0.3, lr: float = 5.0, momentum: float = 0.5, n_iter: int = 20
+        self,
+        lam: float = 0.3,
+        lr: float = 5.0,
+        momentum: float = 0.5,
+        n_iter: int = 20,
+        gradients: str = "parameters",
     ) -> None:
-        super().__init__()
         check = ArgumentCheck(f"balancer '{self.name}'")
         check.number("lam", lam, ">= 0", lambda v: v >= 0)
         check.number("lr", lr, "> 0", lambda v: v > 0)
         check.number("momentum", momentum, "in [0, 1)", lambda v: 0 <= v < 1)
         check.integer("n_iter", n_iter)
+        check_gradients(check, gradients)
         check.done()
+        super().__init__(gradients)
         self.lam, self.lr, self.momentum = float(lam), float(lr), float(momentum)
         self.n_iter = n_iter
         self._w: list[float] = []  # the inner solution, warm start of the next update
@@ -494,6 +560,8 @@ class MoCoBalancer(_LossScaled, _Named):
         projection: ``"softmax"`` (the authors' code and LibMTL: ``λ ← softmax(λ − γ_t·…)``) or
             ``"simplex"`` (the paper: the Euclidean projection onto the simplex).
         normalize: Track ``L_i·g_i/‖g_i‖`` instead of ``g_i`` (the authors' code and LibMTL).
+        gradients: Only ``"parameters"``: the method keeps per-parameter gradient state
+            (see :meth:`rows_needed`).
 
     Example:
         >>> from mtlgraph.balancing import BALANCERS
@@ -512,9 +580,10 @@ class MoCoBalancer(_LossScaled, _Named):
         rho: float = 0.0,
         projection: str = "softmax",
         normalize: bool = True,
+        gradients: str = "parameters",
     ) -> None:
-        super().__init__()
         check = ArgumentCheck(f"balancer '{self.name}'")
+        refuse_representation(check, gradients, self.rows_needed())
         check.number("beta", beta, "in (0, 1]", lambda v: 0 < v <= 1)
         check.number("beta_sigma", beta_sigma, ">= 0", lambda v: v >= 0)
         check.number("gamma", gamma, "> 0", lambda v: v > 0)
@@ -525,6 +594,7 @@ class MoCoBalancer(_LossScaled, _Named):
             isinstance(normalize, bool), f"normalize must be true or false: {normalize!r}"
         )
         check.done()
+        super().__init__(gradients)
         self.beta, self.beta_sigma = float(beta), float(beta_sigma)
         self.gamma, self.gamma_sigma, self.rho = float(gamma), float(gamma_sigma), float(rho)
         self.projection, self.normalize = projection, normalize
@@ -593,6 +663,8 @@ class ExcessMTLBalancer(_LossScaled, _Named):
 
     Args:
         robust_step_size: ``η > 0``, the step of the exponentiated update (LibMTL's 0.01).
+        gradients: Only ``"parameters"``: the method keeps per-parameter gradient state
+            (see :meth:`rows_needed`).
 
     Example:
         >>> from mtlgraph.balancing import BALANCERS
@@ -602,11 +674,12 @@ class ExcessMTLBalancer(_LossScaled, _Named):
 
     name = "excess_mtl"
 
-    def __init__(self, robust_step_size: float = 0.01) -> None:
-        super().__init__()
+    def __init__(self, robust_step_size: float = 0.01, gradients: str = "parameters") -> None:
         check = ArgumentCheck(f"balancer '{self.name}'")
         check.number("robust_step_size", robust_step_size, "> 0", lambda v: v > 0)
+        refuse_representation(check, gradients, self.rows_needed())
         check.done()
+        super().__init__(gradients)
         self.robust_step_size = float(robust_step_size)
         self._sq: torch.Tensor | None = None  # (K, P) Σ_t g_i² of the unscaled gradients
         self._sq_tasks: list[str] = []
