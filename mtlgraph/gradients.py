@@ -1,5 +1,5 @@
 """Per-task gradients on the parameters a step's tasks share (used by the gradient-based
-balancers and the interference probes).
+balancers and the interference probes), or at the shared representation they read.
 """
 
 from __future__ import annotations
@@ -8,28 +8,36 @@ import logging
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch import nn
 
+from mtlgraph._io import tensor_leaves
 from mtlgraph.exceptions import GraphError
 from mtlgraph.graph.model import ExecutionPlan
+from mtlgraph.graph.plan import INPUT_ID, Source
 from mtlgraph.graph.task import Task
 
 __all__ = [
     "VMAP_REFUSALS",
     "PlanCache",
+    "Representation",
+    "RepresentationRows",
     "SharedGradients",
     "SharedLayout",
     "accumulate_grad",
     "batched_blocks",
     "build_layout",
+    "build_representation",
     "gram_chunks",
     "gramian",
     "last_shared_layer",
     "own_gradients",
     "plan_module",
+    "representation_backward",
+    "representation_rows",
+    "representation_tensors",
     "shared_modules",
     "task_rows",
     "vmap_refused",
@@ -97,6 +105,8 @@ class SharedLayout:
         modules: ``(module name, start, stop)``: each shared module's columns of a buffer row.
         own: Task name -> trainable parameters only that task uses.
         size: ``P``, the number of shared parameter values.
+        rows: Rows of :attr:`buffer` (``None``: one per task; ``0`` for a representation's
+            layout, whose per-task gradients live at the representation).
         batched: Whether a vmapped backward pass gives several tasks' gradients at once (see
             :func:`task_rows`): ``None`` until the plan's first multi-task step tries it.
         tasks_per_pass: Most tasks one vmapped pass takes (``0``: all; ``1``: one pass per
@@ -113,15 +123,18 @@ class SharedLayout:
     size: int = field(default=0)
     batched: bool | None = None
     tasks_per_pass: int | None = None
+    rows: int | None = None
     _buffer: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def buffer(self) -> torch.Tensor:
-        """``(K, P)`` rows, one flattened shared gradient per task; allocated on first use, so
-        the Gram path (:func:`gramian`), which never asks for it, holds no ``K × P`` buffer."""
+        """``(rows, P)`` (``rows``: default one per task), one flattened shared gradient per
+        task; allocated on first use, so the Gram path (:func:`gramian`), which never asks for
+        it, holds no ``K × P`` buffer."""
         if self._buffer is None:
             like = self.shared[0] if self.shared else torch.empty(0)
-            self._buffer = like.new_empty(len(self.task_names), self.size)
+            n = len(self.task_names) if self.rows is None else self.rows
+            self._buffer = like.new_empty(n, self.size)
         return self._buffer
 
 
@@ -177,8 +190,11 @@ def _trainable(module: nn.Module, seen: set[int]) -> list[nn.Parameter]:
     return out
 
 
-def build_layout(tasks: Mapping[str, Task], plan: ExecutionPlan) -> SharedLayout:
-    """The :class:`SharedLayout` of ``plan`` (uncached; :meth:`SharedGradients.layout` caches)."""
+def build_layout(
+    tasks: Mapping[str, Task], plan: ExecutionPlan, rows: int | None = None
+) -> SharedLayout:
+    """The :class:`SharedLayout` of ``plan`` (uncached; :meth:`SharedGradients.layout` caches);
+    its buffer holds ``rows`` rows (default: one per task of the plan) once it is used."""
     shared_names = shared_modules(plan)
     seen: set[int] = set()
     shared: list[nn.Parameter] = []
@@ -203,7 +219,9 @@ def build_layout(tasks: Mapping[str, Task], plan: ExecutionPlan) -> SharedLayout
         ]
         for task_name, task_modules in plan.task_modules.items()
     }
-    return SharedLayout(plan.task_names, shared, slices, modules, own, offset)
+    layout = SharedLayout(plan.task_names, shared, slices, modules, own, offset)
+    layout.rows = rows
+    return layout
 
 
 class SharedGradients:
@@ -496,3 +514,227 @@ def gramian(
             total += (block @ block.T).double()
         del blocks  # one chunk's Jacobian at a time
     return total
+
+
+# ---------------------------------------------------------------- representation-level gradients
+
+
+@dataclass
+class Representation:
+    """Where the tasks of one execution plan leave its shared part: the tensors at which
+    representation-level gradients are taken (``docs/balancing.md``).
+
+    A node (an operation of the merged graph) is *shared* when its module is one of
+    :func:`shared_modules`. Task ``t``'s representation nodes are the shared nodes whose output
+    one of ``t``'s task-only operations reads without detaching it, and ``t``'s output node when
+    it is shared. ``t``'s loss depends on the shared parameters only through them, so
+    ``∇_{θ_s} L_t = Σ_z (∂z/∂θ_s)ᵀ ∂L_t/∂z``.
+
+    Attributes:
+        layout: The plan's shared and task-only parameters (its buffer has no rows: the
+            per-task gradients live at the representation).
+        nodes: Task name -> its representation node ids, in execution order.
+        problems: Why this plan's representation does not carry every path from the shared
+            parameters to the losses (empty when it does).
+    """
+
+    layout: SharedLayout
+    nodes: dict[str, tuple[int, ...]]
+    problems: list[str]
+
+
+def _upstream(node: int, srcs: Mapping[int, tuple[Source, ...]]) -> set[int]:
+    """``node`` and the nodes its output depends on through inputs that are not detached."""
+    seen: set[int] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack += [s for s, _, detach in srcs[n] if s != INPUT_ID and not detach]
+    return seen
+
+
+def build_representation(tasks: Mapping[str, Task], plan: ExecutionPlan) -> Representation:
+    """The :class:`Representation` of ``plan`` (uncached: cache it in a :class:`PlanCache`).
+
+    Per task, :func:`representation_rows` then takes one ``autograd.grad`` call from its loss
+    to its representation tensors and own parameters (through its head only), and
+    :func:`representation_backward` sends one combined representation gradient through the
+    shared part in a single pass.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from mtlgraph import MultitaskClassifier, Operation, Task
+        >>> from mtlgraph.gradients import build_representation, representation_rows
+        >>> trunk = nn.Linear(2, 3)
+        >>> ops = lambda t: [Operation("trunk", [("_input_", "x")]), Operation(t, ["trunk"])]
+        >>> tasks = [Task(t, {"trunk": trunk, t: nn.Linear(3, 2)}, ops(t)) for t in ("a", "b")]
+        >>> model = MultitaskClassifier(tasks)
+        >>> rep = build_representation(model.tasks, model.plan(["a", "b"]))
+        >>> rep.nodes, rep.problems
+        ({'a': (0,), 'b': (0,)}, [])
+        >>> outputs = []
+        >>> X, Y = {"x": torch.randn(4, 2)}, {t: torch.tensor([0, 1, 1, 0]) for t in "ab"}
+        >>> losses, _ = model.calculate_loss(X, Y, outputs=outputs)
+        >>> representation_rows(rep, losses, outputs).rows.shape  # 2 tasks, 4 rows × 3 features
+        torch.Size([2, 12])
+    """
+    shared_names = shared_modules(plan)
+    names = {id(plan_module(tasks, plan, m)): m for m in plan.module_names}
+    shared_ids = {id(plan_module(tasks, plan, m)) for m in shared_names}
+    srcs = {n: s for n, _, s in plan.steps}
+    module_of = {n: names[id(module)] for n, module, _ in plan.steps}
+    shared = {n for n, module, _ in plan.steps if id(module) in shared_ids}
+    nodes: dict[str, tuple[int, ...]] = {}
+    problems: list[str] = []
+    for task_name in plan.task_names:
+        out = plan.outputs[task_name]
+        path = _upstream(out, srcs)
+        found = {out} & shared
+        for n in path - shared:
+            found |= {s for s, _, detach in srcs[n] if s in shared and not detach}
+        nodes[task_name] = tuple(sorted(found))
+        nested = sorted((a, b) for b in found for a in (_upstream(b, srcs) & found) - {b})
+        if nested:
+            first, then = (module_of[n] for n in nested[0])
+            problems.append(
+                f"task '{task_name}' reads the output of shared module '{first}' and that of "
+                f"shared module '{then}', which depends on it: its gradient at the first would "
+                "count the path through the second twice"
+            )
+    layout = build_layout(tasks, plan, rows=0)
+    shared_params = {id(p) for p in layout.shared}
+    for task_name, task_modules in plan.task_modules.items():
+        for m in task_modules:
+            if m not in shared_names and any(
+                id(p) in shared_params for p in plan_module(tasks, plan, m).parameters()
+            ):
+                problems.append(
+                    f"module '{m}' of task '{task_name}' holds parameters of a shared module, "
+                    "so they reach that task's loss around its representation"
+                )
+    return Representation(layout, nodes, problems)
+
+
+@dataclass
+class RepresentationRows:
+    """Per-task gradients at a step's representation (:func:`representation_rows`).
+
+    Attributes:
+        rows: ``(K, N)``: row ``i`` is ``∂(scaled L_i)/∂Z`` over all representation tensors of
+            the step, flattened and concatenated (zero on the tensors task ``i`` does not read).
+        tensors: The representation tensors ``Z`` (one per batch of the step and node, and per
+            tensor inside a node's output), in the order of the columns.
+    """
+
+    rows: torch.Tensor
+    tensors: list[torch.Tensor]
+
+
+def representation_tensors(
+    rep: Representation,
+    task_names: Sequence[str],
+    outputs: Sequence[tuple[ExecutionPlan, Mapping[int, Any]]],
+) -> tuple[list[torch.Tensor], dict[str, list[int]]]:
+    """The representation tensors of a step's forward passes and, per task, the positions
+    of its own among them (a task labelled by two batches reads both batches' tensors)."""
+    tensors: list[torch.Tensor] = []
+    index: dict[int, int] = {}  # by identity: an identity module's output is its input
+    where: dict[str, list[int]] = {t: [] for t in task_names}
+    for plan, cache in outputs:
+        for task_name in plan.task_names:
+            if task_name not in where:
+                continue
+            for n in rep.nodes[task_name]:
+                for z in tensor_leaves(cache[n]):
+                    if not (z.requires_grad and z.is_floating_point()):
+                        continue
+                    if id(z) not in index:
+                        index[id(z)] = len(tensors)
+                        tensors.append(z)
+                    if index[id(z)] not in where[task_name]:
+                        where[task_name].append(index[id(z)])
+    return tensors, where
+
+
+def representation_rows(
+    rep: Representation,
+    losses: Mapping[str, torch.Tensor],
+    outputs: Sequence[tuple[ExecutionPlan, Mapping[int, Any]]],
+    scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> RepresentationRows:
+    """Each task's gradient at the representation (the rows) and, added to their
+    ``.grad``, at its task-only parameters.
+
+    Args:
+        rep: The step plan's representation (``losses`` holds some or all of its tasks).
+        losses: Task name -> scalar loss; one ``autograd.grad`` call each, from the loss to
+            its representation tensors and task-only parameters (the graph is kept for
+            :func:`representation_backward`).
+        outputs: ``(plan, node id -> output)`` of each forward pass of the step
+            (``MultitaskClassifier.calculate_loss(..., outputs=...)``).
+        scale: Applied to each loss first (loss scaling under mixed precision).
+        reduce: Under DDP, averages a gradient over the ranks in place: applied to the
+            task-only gradients (the rows belong to this rank's examples and stay local).
+    """
+    names = list(losses)
+    tensors, where = representation_tensors(rep, names, outputs)
+    sizes = [z.numel() for z in tensors]
+    offsets = [0]
+    for n in sizes:
+        offsets.append(offsets[-1] + n)
+    dtype = tensors[0].dtype if tensors else torch.float32
+    device = tensors[0].device if tensors else rep.layout.buffer.device
+    rows = torch.zeros(len(names), offsets[-1], dtype=dtype, device=device)
+    for i, task_name in enumerate(names):
+        own = rep.layout.own[task_name]
+        mine = where[task_name]
+        inputs: list[torch.Tensor] = [tensors[j] for j in mine]
+        loss = losses[task_name] if scale is None else scale(losses[task_name])
+        grads = torch.autograd.grad(
+            loss,
+            [*inputs, *own],
+            retain_graph=True,
+            allow_unused=True,
+            materialize_grads=True,
+        )
+        for j, g in zip(mine, grads, strict=False):
+            rows[i, offsets[j] : offsets[j + 1]] = g.reshape(-1)
+        for p, g in zip(own, grads[len(mine) :], strict=True):
+            accumulate_grad(p, g if reduce is None else reduce(g))
+    return RepresentationRows(rows, tensors)
+
+
+def representation_backward(
+    rep: Representation,
+    tensors: Sequence[torch.Tensor],
+    direction: torch.Tensor,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> None:
+    """Add ``(∂Z/∂θ_s)ᵀ direction`` to the shared parameters' ``.grad``: one backward pass
+    from the representation tensors (``direction`` is flat, in their column order); under
+    DDP averaged over the ranks first (``reduce``)."""
+    shared = rep.layout.shared
+    if not tensors and reduce is None:
+        return
+    grads: Sequence[torch.Tensor]
+    if tensors:
+        parts = direction.split([z.numel() for z in tensors])
+        grads = torch.autograd.grad(
+            tensors,
+            shared,
+            [d.view_as(z) for d, z in zip(parts, tensors, strict=True)],
+            allow_unused=True,
+            materialize_grads=True,
+        )
+    else:  # nothing to send back, but a DDP rank still joins the collective below
+        grads = [torch.zeros_like(p) for p in shared]
+    if reduce is not None:  # one collective for all of them
+        flat = reduce(torch.cat([g.reshape(-1) for g in grads]))
+        slices = rep.layout.slices
+        grads = tuple(flat[o : o + n].view_as(p) for p, (o, n) in zip(shared, slices, strict=True))
+    for p, g in zip(shared, grads, strict=True):
+        accumulate_grad(p, g)

@@ -35,6 +35,9 @@ class StepContext:
             process). Gradient-based methods call it on the per-task gradients they compute with
             ``torch.autograd.grad``, which DDP does not reduce, so every rank combines the same,
             rank-averaged gradients.
+        outputs: ``(plan, node id -> output)`` of each forward pass of the step, for balancers
+            whose ``needs_outputs`` is true (representation-level gradients); empty otherwise.
+        world_size: Number of DDP ranks (1 in a single process).
     """
 
     tasks: Mapping[str, Task]
@@ -44,6 +47,8 @@ class StepContext:
     scale: Callable[[torch.Tensor], torch.Tensor]
     step: int
     reduce: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda t: t)
+    outputs: Sequence[tuple[ExecutionPlan, Mapping[int, Any]]] = ()
+    world_size: int = 1
 
     def weighted(self, losses: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Each loss times its task's static ``Task.weight``."""
@@ -111,6 +116,11 @@ class Balancer(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self._said: set[str] = set()  # keys of messages already logged (see _say_once)
+
+    @property
+    def needs_outputs(self) -> bool:
+        """Whether :meth:`backward` reads ``ctx.outputs`` (the step keeps them only then)."""
+        return False
 
     def setup(self, tasks: Mapping[str, Task]) -> None:
         """Prepare per-task state for the model's tasks (called by the Trainer before it builds
@@ -242,10 +252,10 @@ class Seeded(LastWeights):
         ConfigError: ``seed`` is not an integer (the message names the balancer).
     """
 
-    def __init__(self, seed: int = 0, **kwargs: Any) -> None:
+    def __init__(self, seed: int = 0) -> None:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ConfigError([f"balancer '{self.name}': seed must be an integer, got {seed!r}"])
-        super().__init__(**kwargs)  # the other bases' arguments (``gradients``)
+        super().__init__()
         self.seed = seed
         self._gen = torch.Generator().manual_seed(seed)
 

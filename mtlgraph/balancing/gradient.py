@@ -10,37 +10,57 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+from mtlgraph._suggest import did_you_mean
 from mtlgraph.balancing.base import LastWeights, Seeded, StepContext
 from mtlgraph.balancing.solvers import cagrad_solve, min_norm, pcgrad_coefficients
-from mtlgraph.exceptions import ArgumentCheck
+from mtlgraph.exceptions import ArgumentCheck, ConfigError
 from mtlgraph.gradients import (
+    PlanCache,
+    Representation,
     SharedGradients,
     SharedLayout,
     accumulate_grad,
+    build_representation,
     gramian,
     own_gradients,
+    representation_backward,
+    representation_rows,
 )
 from mtlgraph.graph.task import Task
 
-GRADIENT_MODES = ("parameters", "gram")
-"""How a gradient balancer takes the task gradients (``docs/balancing.md``): ``"parameters"``,
-the ``K × P`` rows on the shared parameters; ``"gram"``, only their ``K × K`` Gram matrix, then
-one backward pass of ``Σ_i β_i L_i``."""
+GRADIENT_MODES = ("parameters", "representation", "gram")
+"""Where a gradient balancer takes the per-task gradients (its ``gradients`` argument); ``"gram"``:
+on the shared parameters, but only their ``K × K`` Gram matrix, then one backward pass of
+``Σ_i β_i L_i`` (``docs/balancing.md``)."""
+
+
+def check_gradients(check: ArgumentCheck, gradients: object) -> None:
+    """Record a problem in ``check`` unless ``gradients`` is one of :data:`GRADIENT_MODES`
+    (suggesting the mode it abbreviates or misspells)."""
+    if gradients in GRADIENT_MODES:
+        return
+    text = gradients if isinstance(gradients, str) else ""
+    prefixed = [m for m in GRADIENT_MODES if text and m.startswith(text.lower())]
+    hint = f" (did you mean '{prefixed[0]}'?)" if prefixed else did_you_mean(text, GRADIENT_MODES)
+    *first, last = [repr(m) for m in GRADIENT_MODES]
+    modes = f"{', '.join(first)} or {last}"
+    check.require(False, f"gradients must be {modes}, got {gradients!r}{hint}")
 
 
 class GradientBalancer(LastWeights):
     """Base of methods that combine per-task gradients ``g_i`` of the shared parameters.
 
     Subclasses implement :meth:`combine` (Gram matrix ``M_ij = g_i·g_j`` -> ``β``); the shared
-    parameters get ``d = Σ_i β_i g_i``, the others their one task's gradient. A subclass that
-    overrides :meth:`direction` (it needs the rows themselves) cannot run with
-    ``gradients="gram"`` unless its :meth:`gram_capable` says so.
+    parameters get ``d = Σ_i β_i g_i``, the others their one task's gradient.
 
     Args:
-        gradients: ``"parameters"``: the rows ``g_i`` (``K × P`` values); ``"gram"``: only the
-            Gram matrix, computed a chunk of parameters at a time, then ``d`` from one backward
-            pass of ``Σ_i β_i L_i`` (memory ``P + K²`` plus one chunk's Jacobian, at most
-            :attr:`gram_values` values).
+        gradients: ``"parameters"``: ``g_i = ∇_{θ_s} L_i`` on the shared parameters;
+            ``"representation"``: ``g_i = ∂L_i/∂Z`` at the shared representation ``Z`` the
+            tasks read, combined there and sent through the shared part in one backward pass
+            (MGDA-UB; ``docs/balancing.md``); ``"gram"``: only the Gram matrix of the
+            parameter-level ``g_i``, computed a chunk of parameters at a time, then ``d`` from
+            one backward pass of ``Σ_i β_i L_i`` (memory ``P + K²`` plus one chunk's Jacobian,
+            at most :attr:`gram_values` values, or the largest shared parameter's ``K`` rows).
 
     Attributes:
         gram_values: Most values of one Jacobian chunk with ``gradients="gram"``.
@@ -51,41 +71,46 @@ class GradientBalancer(LastWeights):
     """
 
     gram_values: int = 1 << 24  # most values of one Jacobian chunk in "gram" mode
-    tasks_per_pass: int | None = (
-        None  # tasks a vmapped pass takes (0: all; None: 0 off CPU, 1 on it)
-    )
+    tasks_per_pass: int | None = None  # tasks a vmapped pass takes (0: all; None: by device)
 
     def __init__(self, gradients: str = "parameters") -> None:
-        super().__init__()
         check = ArgumentCheck(f"balancer '{self.name}'")
-        self.check_gradients(check, gradients)
+        check_gradients(check, gradients)
         check.done()
-        self.gradients = gradients
+        super().__init__()
+        self.gradients = gradients  # a subclass checks it with its other arguments
         self._grads = SharedGradients()
+        self._representations = PlanCache[Representation]()
 
-    def check_gradients(self, check: ArgumentCheck, gradients: object) -> None:
-        """Record what is wrong with ``gradients`` in ``check`` (a subclass calls it with its
-        own check before ``super().__init__``, so every bad argument is reported at once)."""
-        check.choice("gradients", gradients, GRADIENT_MODES)
-        if gradients == "gram":
-            check.require(
-                self.gram_capable(),
-                f"gradients 'gram' needs an update Σ β_i g_i with β from the Gram matrix alone; "
-                f"this method ({type(self).__name__}) uses the gradients themselves: use "
-                "gradients 'parameters'",
-            )
-
-    def gram_capable(self) -> bool:
-        """Whether the update is ``Σ_i β_i g_i`` with ``β = combine(Gram)`` (the default
-        :meth:`direction`), so ``gradients="gram"`` gives the same update."""
-        return type(self).direction is GradientBalancer.direction
+    @property
+    def needs_outputs(self) -> bool:
+        return self.gradients == "representation"
 
     def combine(self, gram: np.ndarray) -> np.ndarray:
         """Coefficients ``β`` (shape ``(K,)``, float64) of the update ``d = Σ_i β_i g_i``."""
         raise NotImplementedError
 
+    def rows_needed(self) -> str:
+        """Why this method needs the gradient rows themselves, not only their Gram matrix
+        (``""``: it does not), which representation-level gradients cannot give: by default, a
+        subclass that overrides :meth:`direction` does."""
+        if type(self).direction is GradientBalancer.direction:
+            return ""
+        return f"{type(self).__name__} overrides direction(), which combines gradient rows"
+
     def setup(self, tasks: Mapping[str, Task]) -> None:
         self._grads.clear()  # freezing may have changed which parameters are trainable
+        self._representations.clear()
+        reason = self.rows_needed() if self.gradients != "parameters" else ""
+        if reason:
+            what = (
+                "take gradients at the representation"
+                if self.gradients == "representation"
+                else "run with gradients: gram"
+            )
+            raise ConfigError(
+                [f"balancer '{self.name}' cannot {what}: {reason}; use gradients: parameters"]
+            )
 
     def backward(self, losses: Mapping[str, torch.Tensor], ctx: StepContext) -> None:
         weighted = ctx.weighted(losses)
@@ -93,8 +118,8 @@ class GradientBalancer(LastWeights):
         if self._backward_single_task(weighted, ctx):
             self._last[names[0]] = 1.0
             return
-        layout = self._grads.layout(ctx.tasks, ctx.plan)
-        layout.tasks_per_pass = self.tasks_per_pass
+        rep = self.representation(ctx) if self.gradients == "representation" else None
+        layout = self._grads.layout(ctx.tasks, ctx.plan) if rep is None else rep.layout
         if layout.size == 0:
             self._say_once(
                 "unshared",
@@ -104,16 +129,29 @@ class GradientBalancer(LastWeights):
             )
             ctx.weighted_backward(losses, {})
             return
+        if rep is not None:
+            self._representation_backward(rep, weighted, ctx)
+            return
+        layout.tasks_per_pass = self.tasks_per_pass
         if self.gradients == "gram":
             beta = self._gram_backward(layout, weighted, ctx)
-        else:
-            buffer = self._grads.compute(
-                layout, weighted, ctx.scale, accumulate_own=True, reduce=ctx.reduce
-            )
-            direction, beta = self.direction(buffer, layout)
-            for p, (offset, n) in zip(layout.shared, layout.slices, strict=True):
-                accumulate_grad(p, direction[offset : offset + n].view_as(p))
+            self._last.update(zip(names, beta.tolist(), strict=True))
+            return
+        buffer = self._grads.compute(
+            layout, weighted, ctx.scale, accumulate_own=True, reduce=ctx.reduce
+        )
+        direction, beta = self.direction(buffer, layout)
+        for p, (offset, n) in zip(layout.shared, layout.slices, strict=True):
+            accumulate_grad(p, direction[offset : offset + n].view_as(p))
         self._last.update(zip(names, beta.tolist(), strict=True))
+
+    def direction(
+        self, rows: torch.Tensor, layout: SharedLayout
+    ) -> tuple[torch.Tensor, np.ndarray]:
+        """The shared update from the gradient rows ``(K, P)`` and the coefficients to log
+        (default: ``d = Σ_i β_i g_i``, ``β = combine(Gram)``)."""
+        beta = self.coefficients((rows @ rows.T).double().cpu().numpy())
+        return torch.from_numpy(beta).to(rows) @ rows, beta
 
     def _gram_backward(
         self, layout: SharedLayout, weighted: Mapping[str, torch.Tensor], ctx: StepContext
@@ -134,19 +172,53 @@ class GradientBalancer(LastWeights):
         return beta
 
     def coefficients(self, gram: np.ndarray) -> np.ndarray:
-        """``β = combine(gram)`` as float64; all ones when ``gram`` is not finite (fp16 loss
-        scaling overflowed: the grad scaler will skip this step)."""
+        """``combine(gram)`` as float64; all ones when ``gram`` is not finite (an overflow under
+        fp16 loss scaling: the grad scaler will skip this step)."""
         if np.isfinite(gram).all():
             return np.asarray(self.combine(gram), dtype=np.float64)
         return np.ones(len(gram))
 
-    def direction(
-        self, rows: torch.Tensor, layout: SharedLayout
-    ) -> tuple[torch.Tensor, np.ndarray]:
-        """The shared update from the gradient rows ``(K, P)`` and the coefficients to log
-        (default: ``d = Σ_i β_i g_i``, ``β = combine(Gram)``)."""
-        beta = self.coefficients((rows @ rows.T).double().cpu().numpy())
-        return torch.from_numpy(beta).to(rows) @ rows, beta
+    def representation(self, ctx: StepContext) -> Representation:
+        """The (cached) :class:`~mtlgraph.gradients.Representation` of the step's plan."""
+        return self._representations.get(ctx.plan, lambda p: build_representation(ctx.tasks, p))
+
+    def _representation_backward(
+        self, rep: Representation, weighted: Mapping[str, torch.Tensor], ctx: StepContext
+    ) -> None:
+        """The update from gradients at the representation ``Z``: per task ``r_i = ∂L_i/∂Z``
+        (and its own parameters' gradient), ``β = combine(R Rᵀ)``, then one backward pass of
+        ``Σ_i β_i r_i`` from ``Z`` into the shared parameters.
+
+        Under DDP each rank's ``Z`` holds its own examples: the Gram matrix is summed over the
+        ranks (the Gram of all ranks' examples together, of the rank-averaged losses), so every
+        rank gets the same ``β``; the shared gradients are then averaged like DDP's own."""
+        names = list(weighted)
+        if rep.problems:
+            raise ConfigError(
+                [
+                    f"balancer '{self.name}', gradients: representation: {p}; use gradients: "
+                    "parameters for this model"
+                    for p in rep.problems
+                ]
+            )
+        if not ctx.outputs:
+            raise ConfigError(
+                [
+                    f"balancer '{self.name}' with gradients: representation needs the step's "
+                    "forward outputs in StepContext.outputs (the Trainer passes them; by hand: "
+                    "model.calculate_loss(X, Y, outputs=outputs))"
+                ]
+            )
+        found = representation_rows(rep, weighted, ctx.outputs, ctx.scale, ctx.reduce)
+        rows = found.rows
+        gram = rows @ rows.T
+        if ctx.world_size > 1:
+            gram = ctx.reduce(gram) / ctx.world_size
+        beta = self.coefficients(gram.double().cpu().numpy())
+        direction = torch.from_numpy(beta).to(rows) @ rows
+        reduce = ctx.reduce if ctx.world_size > 1 else None
+        representation_backward(rep, found.tensors, direction, reduce)
+        self._last.update(zip(names, beta.tolist(), strict=True))
 
 
 class PCGradBalancer(Seeded, GradientBalancer):
@@ -155,7 +227,8 @@ class PCGradBalancer(Seeded, GradientBalancer):
 
     Args:
         seed: Seed of the shuffling generator.
-        gradients: ``"parameters"`` or ``"gram"`` (see :class:`GradientBalancer`).
+        gradients: ``"parameters"``, ``"representation"`` or ``"gram"`` (see
+            :class:`GradientBalancer`).
 
     Example:
         >>> import numpy as np
@@ -168,7 +241,11 @@ class PCGradBalancer(Seeded, GradientBalancer):
     name = "pcgrad"
 
     def __init__(self, seed: int = 0, gradients: str = "parameters") -> None:
-        super().__init__(seed, gradients=gradients)
+        check = ArgumentCheck(f"balancer '{self.name}'")
+        check_gradients(check, gradients)
+        check.done()
+        super().__init__(seed)
+        self.gradients = gradients
 
     def combine(self, gram: np.ndarray) -> np.ndarray:
         k = len(gram)
@@ -183,7 +260,8 @@ class MGDABalancer(GradientBalancer):
     Args:
         rescale: Multiply the direction by the number of tasks in the step.
         max_iter: Frank–Wolfe iterations (more than two tasks).
-        gradients: ``"parameters"`` or ``"gram"`` (see :class:`GradientBalancer`).
+        gradients: ``"parameters"``, ``"representation"`` or ``"gram"`` (see
+            :class:`GradientBalancer`).
 
     Example:
         >>> import numpy as np
@@ -201,7 +279,7 @@ class MGDABalancer(GradientBalancer):
         check = ArgumentCheck(f"balancer '{self.name}'")
         check.require(isinstance(rescale, bool), f"rescale must be true or false: {rescale!r}")
         check.integer("max_iter", max_iter)
-        self.check_gradients(check, gradients)
+        check_gradients(check, gradients)
         check.done()
         super().__init__(gradients)
         self.rescale = rescale
@@ -220,7 +298,8 @@ class CAGradBalancer(GradientBalancer):
         c: Conflict-aversion radius, in ``[0, 1)``.
         rescale: Divide the direction by ``1 + c²``.
         max_iter: Solver iterations.
-        gradients: ``"parameters"`` or ``"gram"`` (see :class:`GradientBalancer`).
+        gradients: ``"parameters"``, ``"representation"`` or ``"gram"`` (see
+            :class:`GradientBalancer`).
 
     Example:
         >>> import numpy as np
@@ -243,7 +322,7 @@ class CAGradBalancer(GradientBalancer):
         check.number("c", c, "in [0, 1)", lambda v: 0 <= v < 1)
         check.require(isinstance(rescale, bool), f"rescale must be true or false: {rescale!r}")
         check.integer("max_iter", max_iter)
-        self.check_gradients(check, gradients)
+        check_gradients(check, gradients)
         check.done()
         super().__init__(gradients)
         self.c = float(c)

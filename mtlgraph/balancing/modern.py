@@ -23,7 +23,7 @@ from mtlgraph.balancing.base import (
     require_non_negative,
     saved_task_order,
 )
-from mtlgraph.balancing.gradient import GradientBalancer
+from mtlgraph.balancing.gradient import GradientBalancer, check_gradients
 from mtlgraph.balancing.solvers import (
     adam_step,
     aligned_mtl,
@@ -39,6 +39,8 @@ from mtlgraph.exceptions import ArgumentCheck
 from mtlgraph.gradients import SharedLayout
 from mtlgraph.graph.task import Task
 
+MODULE_GROUPS = "splits the shared parameters' gradient rows by module"
+
 
 class IMTLBalancer(GradientBalancer):
     """IMTL, impartial multi-task learning (Liu et al., ICLR 2021): an update with the same
@@ -48,7 +50,8 @@ class IMTLBalancer(GradientBalancer):
     Args:
         loss_scaling: Learn the IMTL-L scales ``s_i`` too.
         lr: Learning rate of the ``s_i`` (``None``: the Trainer's ``lr``).
-        gradients: ``"parameters"`` or ``"gram"`` (see :class:`GradientBalancer`).
+        gradients: ``"parameters"``, ``"representation"`` or ``"gram"`` (see
+            :class:`GradientBalancer`).
 
     Example:
         >>> import numpy as np
@@ -61,10 +64,7 @@ class IMTLBalancer(GradientBalancer):
     name = "imtl"
 
     def __init__(
-        self,
-        loss_scaling: bool = False,
-        lr: float | None = None,
-        gradients: str = "parameters",
+        self, loss_scaling: bool = False, lr: float | None = None, gradients: str = "parameters"
     ) -> None:
         check = ArgumentCheck(f"balancer '{self.name}'")
         check.require(
@@ -72,7 +72,7 @@ class IMTLBalancer(GradientBalancer):
             f"loss_scaling must be true or false: {loss_scaling!r}",
         )
         check.number("lr", lr, "> 0", lambda v: v > 0, optional=True)
-        self.check_gradients(check, gradients)
+        check_gradients(check, gradients)
         check.done()
         super().__init__(gradients)
         self.loss_scaling = loss_scaling
@@ -124,7 +124,8 @@ class AlignedMTLBalancer(GradientBalancer):
     Args:
         scale_mode: ``σ²``: the smallest non-zero eigenvalue of ``M`` (``"min"``, the paper),
             the median (``"median"``) or the mean (``"rmse"``).
-        gradients: ``"parameters"`` or ``"gram"`` (see :class:`GradientBalancer`).
+        gradients: ``"parameters"``, ``"representation"`` or ``"gram"`` (see
+            :class:`GradientBalancer`).
 
     Example:
         >>> import numpy as np
@@ -139,7 +140,7 @@ class AlignedMTLBalancer(GradientBalancer):
     def __init__(self, scale_mode: str = "min", gradients: str = "parameters") -> None:
         check = ArgumentCheck(f"balancer '{self.name}'")
         check.choice("scale_mode", scale_mode, ("min", "median", "rmse"))
-        self.check_gradients(check, gradients)
+        check_gradients(check, gradients)
         check.done()
         super().__init__(gradients)
         self.scale_mode = scale_mode
@@ -154,7 +155,8 @@ class UPGradBalancer(GradientBalancer):
     the gradients, summed; lowers no task's loss to first order.
 
     Args:
-        gradients: ``"parameters"`` or ``"gram"`` (see :class:`GradientBalancer`).
+        gradients: ``"parameters"``, ``"representation"`` or ``"gram"`` (see
+            :class:`GradientBalancer`).
 
     Example:
         >>> import numpy as np
@@ -169,6 +171,16 @@ class UPGradBalancer(GradientBalancer):
     def combine(self, gram: np.ndarray) -> np.ndarray:
         k = len(gram)
         return upgrad(gram, np.full(k, 1.0 / k))
+
+
+def refuse_representation(check: ArgumentCheck, gradients: object, reason: str) -> None:
+    """Check ``gradients`` for a method that needs the gradient rows (``reason``, from its
+    ``rows_needed``): only ``"parameters"`` fits (not ``"representation"`` nor ``"gram"``)."""
+    check_gradients(check, gradients)
+    check.require(
+        gradients not in ("representation", "gram"),
+        f"gradients: {gradients} does not fit: {reason}; use gradients: parameters",
+    )
 
 
 class _Named(GradientBalancer):
@@ -209,7 +221,8 @@ class NashMTLBalancer(_LossScaled, _Named):
         update_weights_every: Solve every this many steps.
         max_norm: Scale ``α`` so that ``‖d‖ ≤ max_norm`` (0: no clipping; the paper's 1.0).
         max_iter: Newton iterations.
-        gradients: ``"parameters"`` or ``"gram"`` (see :class:`GradientBalancer`).
+        gradients: ``"parameters"``, ``"representation"`` or ``"gram"`` (see
+            :class:`GradientBalancer`).
 
     Example:
         >>> import numpy as np
@@ -232,7 +245,7 @@ class NashMTLBalancer(_LossScaled, _Named):
         check.integer("update_weights_every", update_weights_every)
         check.number("max_norm", max_norm, ">= 0", lambda v: v >= 0)
         check.integer("max_iter", max_iter)
-        self.check_gradients(check, gradients)
+        check_gradients(check, gradients)
         check.done()
         super().__init__(gradients)
         self.update_weights_every = update_weights_every
@@ -274,7 +287,8 @@ class FairGradBalancer(_LossScaled):
     Args:
         alpha: ``α > 0``, the fairness (1: proportional fairness; → ∞: max-min fairness).
         max_iter: Newton iterations.
-        gradients: ``"parameters"`` or ``"gram"`` (see :class:`GradientBalancer`).
+        gradients: ``"parameters"``, ``"representation"`` or ``"gram"`` (see
+            :class:`GradientBalancer`).
 
     Example:
         >>> import numpy as np
@@ -292,7 +306,7 @@ class FairGradBalancer(_LossScaled):
         check = ArgumentCheck(f"balancer '{self.name}'")
         check.number("alpha", alpha, "> 0 (1 is Nash-MTL's equation)", lambda v: v > 0)
         check.integer("max_iter", max_iter)
-        self.check_gradients(check, gradients)
+        check_gradients(check, gradients)
         check.done()
         super().__init__(gradients)
         self.alpha = float(alpha)
@@ -312,7 +326,9 @@ class GradVacBalancer(Seeded, _Named):
         group: ``"model"``: one target per pair on the whole shared vector; ``"module"``: one
             per pair and shared module (the paper's per-layer variant at module granularity).
         seed: Seed of the order generator.
-        gradients: ``"parameters"`` or ``"gram"`` (see :class:`GradientBalancer`).
+        gradients: ``"parameters"``, ``"representation"`` or ``"gram"`` (see
+            :class:`GradientBalancer`; those two take ``group="model"``: the representation has
+            no modules, and one backward pass cannot apply per-module coefficients).
 
     Example:
         >>> import numpy as np
@@ -325,23 +341,19 @@ class GradVacBalancer(Seeded, _Named):
     name = "gradvac"
 
     def __init__(
-        self,
-        beta: float = 0.01,
-        group: str = "model",
-        seed: int = 0,
-        gradients: str = "parameters",
+        self, beta: float = 0.01, group: str = "model", seed: int = 0, gradients: str = "parameters"
     ) -> None:
         check = ArgumentCheck(f"balancer '{self.name}'")
         check.number("beta", beta, "in (0, 1]", lambda v: 0 < v <= 1)
         check.choice("group", group, ("model", "module"))
+        check_gradients(check, gradients)
         check.require(
-            group == "model" or gradients != "gram",
-            "group 'module' combines each module's gradients with its own coefficients, which "
-            "one backward pass cannot give: use gradients 'parameters' or group 'model'",
+            gradients not in ("representation", "gram") or group != "module",
+            f"group: module {MODULE_GROUPS}; with gradients: {gradients} use group: model",
         )
-        self.check_gradients(check, gradients)
         check.done()
-        super().__init__(seed, gradients=gradients)
+        super().__init__(seed)
+        self.gradients = gradients
         self.beta = float(beta)
         self.group = group
         self._targets: dict[str, float] = {}  # "group|i|j" -> φ̂_ij
@@ -362,8 +374,8 @@ class GradVacBalancer(Seeded, _Named):
     def combine(self, gram: np.ndarray) -> np.ndarray:
         return self._coefficients(gram, "")
 
-    def gram_capable(self) -> bool:
-        return getattr(self, "group", "model") == "model"  # "module": per-module coefficients
+    def rows_needed(self) -> str:
+        return f"group: module {MODULE_GROUPS}" if self.group == "module" else ""
 
     def direction(
         self, rows: torch.Tensor, layout: SharedLayout
@@ -398,7 +410,8 @@ class DBMTLBalancer(_Named):
         beta: ``β``, the EMA weight of the past.
         beta_sigma: ``β_σ``, the decay of ``β_t`` with the step ``t``.
         eps: Added to the losses in the log (and to the norms).
-        gradients: ``"parameters"`` or ``"gram"`` (see :class:`GradientBalancer`).
+        gradients: Only ``"parameters"``: the average of gradient rows over steps has no
+            meaning at the representation (see :meth:`rows_needed`).
 
     Example:
         >>> from mtlgraph.balancing import BALANCERS
@@ -419,7 +432,7 @@ class DBMTLBalancer(_Named):
         check.number("beta", beta, "in [0, 1)", lambda v: 0 <= v < 1)
         check.number("beta_sigma", beta_sigma, ">= 0", lambda v: v >= 0)
         check.number("eps", eps, "> 0", lambda v: v > 0)
-        self.check_gradients(check, gradients)
+        refuse_representation(check, gradients, self.rows_needed())
         check.done()
         super().__init__(gradients)
         self.beta = float(beta)
@@ -439,6 +452,12 @@ class DBMTLBalancer(_Named):
             for t, v in zip(names, values, strict=True)
         }
         super().backward(logs, ctx)
+
+    def rows_needed(self) -> str:
+        return (
+            "it averages each task's gradient row over steps, and at the representation the "
+            "rows of different steps hold different examples"
+        )
 
     def direction(
         self, rows: torch.Tensor, layout: SharedLayout
@@ -483,7 +502,8 @@ class SDMGradBalancer(_Named):
         lr: Learning rate of the inner SGD on ``w``.
         momentum: Momentum of the inner SGD, in ``[0, 1)``.
         n_iter: Inner SGD steps per update.
-        gradients: ``"parameters"`` or ``"gram"`` (see :class:`GradientBalancer`).
+        gradients: ``"parameters"``, ``"representation"`` or ``"gram"`` (see
+            :class:`GradientBalancer`).
 
     Example:
         >>> import numpy as np
@@ -508,7 +528,7 @@ class SDMGradBalancer(_Named):
         check.number("lr", lr, "> 0", lambda v: v > 0)
         check.number("momentum", momentum, "in [0, 1)", lambda v: 0 <= v < 1)
         check.integer("n_iter", n_iter)
-        self.check_gradients(check, gradients)
+        check_gradients(check, gradients)
         check.done()
         super().__init__(gradients)
         self.lam, self.lr, self.momentum = float(lam), float(lr), float(momentum)
@@ -547,6 +567,8 @@ class MoCoBalancer(_LossScaled, _Named):
         projection: ``"softmax"`` (the authors' code and LibMTL: ``λ ← softmax(λ − γ_t·…)``) or
             ``"simplex"`` (the paper: the Euclidean projection onto the simplex).
         normalize: Track ``L_i·g_i/‖g_i‖`` instead of ``g_i`` (the authors' code and LibMTL).
+        gradients: Only ``"parameters"``: the method keeps per-parameter gradient state
+            (see :meth:`rows_needed`).
 
     Example:
         >>> from mtlgraph.balancing import BALANCERS
@@ -565,9 +587,10 @@ class MoCoBalancer(_LossScaled, _Named):
         rho: float = 0.0,
         projection: str = "softmax",
         normalize: bool = True,
+        gradients: str = "parameters",
     ) -> None:
-        super().__init__()
         check = ArgumentCheck(f"balancer '{self.name}'")
+        refuse_representation(check, gradients, self.rows_needed())
         check.number("beta", beta, "in (0, 1]", lambda v: 0 < v <= 1)
         check.number("beta_sigma", beta_sigma, ">= 0", lambda v: v >= 0)
         check.number("gamma", gamma, "> 0", lambda v: v > 0)
@@ -578,6 +601,7 @@ class MoCoBalancer(_LossScaled, _Named):
             isinstance(normalize, bool), f"normalize must be true or false: {normalize!r}"
         )
         check.done()
+        super().__init__(gradients)
         self.beta, self.beta_sigma = float(beta), float(beta_sigma)
         self.gamma, self.gamma_sigma, self.rho = float(gamma), float(gamma_sigma), float(rho)
         self.projection, self.normalize = projection, normalize
@@ -646,6 +670,8 @@ class ExcessMTLBalancer(_LossScaled, _Named):
 
     Args:
         robust_step_size: ``η > 0``, the step of the exponentiated update (LibMTL's 0.01).
+        gradients: Only ``"parameters"``: the method keeps per-parameter gradient state
+            (see :meth:`rows_needed`).
 
     Example:
         >>> from mtlgraph.balancing import BALANCERS
@@ -655,11 +681,12 @@ class ExcessMTLBalancer(_LossScaled, _Named):
 
     name = "excess_mtl"
 
-    def __init__(self, robust_step_size: float = 0.01) -> None:
-        super().__init__()
+    def __init__(self, robust_step_size: float = 0.01, gradients: str = "parameters") -> None:
         check = ArgumentCheck(f"balancer '{self.name}'")
         check.number("robust_step_size", robust_step_size, "> 0", lambda v: v > 0)
+        refuse_representation(check, gradients, self.rows_needed())
         check.done()
+        super().__init__(gradients)
         self.robust_step_size = float(robust_step_size)
         self._sq: torch.Tensor | None = None  # (K, P) Σ_t g_i² of the unscaled gradients
         self._sq_tasks: list[str] = []

@@ -325,6 +325,7 @@ class MultitaskClassifier(nn.Module):
         Y_dict: Mapping[str, torch.Tensor],
         keep_empty: bool = False,
         all_active: Container[str] = (),
+        outputs: list[tuple[ExecutionPlan, dict[int, Any]]] | None = None,
     ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
         """Per-task losses of one batch, masking labels equal to each task's ignore value.
 
@@ -334,6 +335,8 @@ class MultitaskClassifier(nn.Module):
             keep_empty: Report tasks with no active label too, with a graph-connected zero loss
                 and a count of 0 (under DDP every rank must run the same operations).
             all_active: Tasks whose labels are known to hold no ignore value (no mask computed).
+            outputs: When given, the forward pass's plan and its outputs (node id -> output)
+                are appended to it (representation-level gradients read them).
 
         Returns:
             ``(loss_dict, count_dict)``: task -> mean loss over its active rows, task -> their
@@ -347,6 +350,8 @@ class MultitaskClassifier(nn.Module):
         if plan is None:
             plan = self.plan(key)
         cache = self.execute(plan, X_dict)
+        if outputs is not None:
+            outputs.append((plan, cache))
         losses: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
         for task_name, rows, labels in active:

@@ -22,6 +22,7 @@ from mtlgraph.balancing import Balancer
 from mtlgraph.balancing.weighting import SumBalancer
 from mtlgraph.diagnostics import DiagnosticsReport, InterferenceMonitor, write_report
 from mtlgraph.exceptions import ConfigError
+from mtlgraph.graph.task import Task
 from mtlgraph.metrics import split_key
 from mtlgraph.registry import Registry
 from mtlgraph.training.checkpoint import Checkpointer
@@ -364,9 +365,8 @@ class EvaluationHook(Hook):
         record = {"epoch": float(state.epoch_number), "step": float(state.global_step)}
         record.update(self.train_record(state.take_window()))
         if not self.warned_scales and self.is_main and type(run.balancer) is SumBalancer:
-            regression = [
-                t for t, task in run.model.tasks.items() if task.task_type == "regression"
-            ]
+            tasks: Mapping[str, Task] = getattr(run.model, "tasks", {})
+            regression = [t for t, task in tasks.items() if task.task_type == "regression"]
             self.warned_scales = warn_loss_scales(record, regression) is not None
         if self.score is not None:
             scores = self.score()

@@ -50,10 +50,12 @@ def step_losses(
     batches: Sequence[tuple[BatchSource, Batch]],
     device: torch.device,
     keep_empty: bool = False,
+    outputs: list[tuple[ExecutionPlan, dict[int, Any]]] | None = None,
 ) -> StepOutput:
     """Per-task losses and label counts of a step's batches, and a :class:`LossRecord` per
     (batch, task) for logging. A task labelled by two batches of the step gets their
-    count-weighted mean loss."""
+    count-weighted mean loss. ``outputs``, when given, receives each batch's plan and node
+    outputs (see ``MultitaskClassifier.calculate_loss``)."""
     losses: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     records = []
@@ -61,7 +63,7 @@ def step_losses(
         if not source.on_device:
             X, Y = move_to_device(X, device), move_to_device(Y, device)
         batch_losses, batch_counts = model.calculate_loss(
-            X, Y, keep_empty=keep_empty, all_active=source.all_active
+            X, Y, keep_empty=keep_empty, all_active=source.all_active, outputs=outputs
         )
         for task_name, loss in batch_losses.items():
             n = batch_counts[task_name]
@@ -88,11 +90,14 @@ class StepLosses(nn.Module):
     def __init__(self, model: MultitaskClassifier) -> None:
         super().__init__()
         self.model = model
+        # set by the step before a forward that must keep its outputs (they cannot travel in
+        # the return value: DDP replaces the tensors it returns)
+        self.outputs: list[tuple[ExecutionPlan, dict[int, Any]]] | None = None
 
     def forward(
         self, batches: Sequence[tuple[BatchSource, Batch]], device: torch.device
     ) -> StepOutput:
-        return step_losses(self.model, batches, device, keep_empty=True)
+        return step_losses(self.model, batches, device, keep_empty=True, outputs=self.outputs)
 
 
 class TrainStep:
@@ -134,6 +139,8 @@ class TrainStep:
         self.tasks = model.tasks  # the tasks are fixed during a fit
         self.autocast = control.amp is not None
         self.contexts: dict[ExecutionPlan, StepContext] = {}  # the balancer's, per plan
+        self.keep_outputs = balancer.needs_outputs
+        self.world_size = comm.world_size if comm.enabled else 1
 
     def __call__(
         self, batches: Sequence[tuple[BatchSource, Batch]], global_step: int, last_of_epoch: bool
@@ -169,14 +176,21 @@ class TrainStep:
     ) -> tuple[ExecutionPlan | None, list[LossRecord]]:
         """The losses (under autocast with ``amp``), the non-finite check and the balancer's
         backward; the plan that got gradients (``None``: none) and the loss records."""
+        outputs: list[tuple[ExecutionPlan, dict[int, Any]]] | None = (
+            [] if self.keep_outputs else None
+        )
         if self.ddp is not None or self.autocast:
             with self.control.autocast() if self.autocast else NO_CONTEXT:
                 if self.ddp is not None:
+                    self.ddp.module.outputs = outputs
                     losses, counts, records = self.ddp(batches, self.device)
+                    self.ddp.module.outputs = None
                 else:
-                    losses, counts, records = step_losses(self.model, batches, self.device)
+                    losses, counts, records = step_losses(
+                        self.model, batches, self.device, outputs=outputs
+                    )
         else:
-            losses, counts, records = step_losses(self.model, batches, self.device)
+            losses, counts, records = step_losses(self.model, batches, self.device, outputs=outputs)
         if not losses:
             return None, records
         if self.guard.drops(losses, records, global_step):
@@ -188,10 +202,15 @@ class TrainStep:
             ctx = StepContext(
                 self.tasks, plan, counts, control.backward, control.scale, global_step, self.reduce
             )
+            ctx.world_size = self.world_size
             self.contexts[plan] = ctx
         else:
             ctx.counts, ctx.step = counts, global_step
-        self.balancer.backward(losses, ctx)
+        ctx.outputs = outputs or ()
+        try:
+            self.balancer.backward(losses, ctx)
+        finally:
+            ctx.outputs = ()  # the context outlives the step: keep no activations alive
         return plan, records
 
     def _balancer_params(self, task_names: Sequence[str]) -> list[nn.Parameter]:

@@ -318,7 +318,7 @@ def gram_capable_names() -> set[str]:
     names = set()
     for name in BALANCERS.names():
         cls = BALANCERS.get(name)
-        if isinstance(cls, type) and issubclass(cls, GradientBalancer) and cls().gram_capable():
+        if isinstance(cls, type) and issubclass(cls, GradientBalancer) and not cls().rows_needed():
             names.add(name)
     return names
 
@@ -389,12 +389,17 @@ def test_gram_mode_reduces_chunks_and_the_direction_over_ranks() -> None:
     [
         (
             {"name": "mgda", "gradients": "grams"},
-            "balancer 'mgda': gradients must be 'parameters' or 'gram', got 'grams'",
+            "balancer 'mgda': gradients must be 'parameters', 'representation' or 'gram', got "
+            "'grams' \\(did you mean 'gram'\\?\\)",
         ),
-        ({"name": "db_mtl", "gradients": "gram"}, "DBMTLBalancer. uses the gradients themselves"),
+        (
+            {"name": "db_mtl", "gradients": "gram"},
+            "gradients: gram does not fit: it averages each task's gradient row over steps",
+        ),
         (
             {"name": "gradvac", "group": "module", "gradients": "gram"},
-            "group 'module' combines each module's gradients with its own coefficients",
+            "group: module splits the shared parameters' gradient rows by module; with "
+            "gradients: gram use group: model",
         ),
     ],
 )
@@ -407,7 +412,7 @@ def test_a_bad_gradients_argument_is_reported_with_the_others() -> None:
     with pytest.raises(ConfigError) as info:
         BALANCERS.build({"name": "nash_mtl", "gradients": "grams", "max_norm": -1})
     problems = "\n".join(info.value.problems)
-    assert "gradients must be 'parameters' or 'gram', got 'grams'" in problems
+    assert "gradients must be 'parameters', 'representation' or 'gram', got 'grams'" in problems
     assert "max_norm" in problems
 
 

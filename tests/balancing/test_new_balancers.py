@@ -198,6 +198,9 @@ def _libmtl_weighting(monkeypatch: pytest.MonkeyPatch, module: str) -> Any:
     return loaded
 
 
+libmtl_weighting = _libmtl_weighting  # for the other balancing test modules
+
+
 def test_imtl_matches_libmtl_at_its_first_step(monkeypatch: pytest.MonkeyPatch) -> None:
     """LibMTL's IMTL is the hybrid IMTL-L + IMTL-G; its loss scales start at 0 (factor 1), so
     its first step's α is IMTL-G's."""

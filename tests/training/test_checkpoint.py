@@ -143,6 +143,11 @@ def test_resume_with_the_mixed_scheduler_cycling_loaders(tmp_path: Path) -> None
                 reason="needs mtlgraph[torchjd]",
             ),
         ),
+        {
+            "balancer": {"name": "mgda", "gradients": "representation"},
+            "grad_accumulation_steps": 2,
+        },
+        {"balancer": {"name": "nash_mtl", "gradients": "representation"}},
     ],
     ids=[
         "uncertainty",
@@ -152,6 +157,8 @@ def test_resume_with_the_mixed_scheduler_cycling_loaders(tmp_path: Path) -> None
         "mgda+accumulation",
         "inverse_metric+groups",
         "torchjd-upgrad",
+        "mgda-representation+accumulation",
+        "nash_mtl-representation",
     ],
 )
 def test_resume_is_exact_with_balancers_and_controls(tmp_path: Path, extra: dict) -> None:
