@@ -381,3 +381,33 @@ def test_runs_batched_reads_leave_are_hinted_then_read_and_a_refusal_turns_them_
     monkeypatch.setattr(BatchedReads, "_submit", lambda self, *args: None)  # refused
     assert torch.equal(reader.gather(xm, torch.from_numpy(idx)), torch.from_numpy(x[idx]))
     assert reader.batched is False and calls == [4]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_block_shuffled_mapped_batch_equals_in_memory_and_is_read_a_block_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    x, xm = _big(tmp_path, rows=96)
+    y = np.arange(96)
+    mapped = DictDataset("d", "train", {"x": xm}, {"t": y})
+    memory = DictDataset("d", "train", {"x": x}, {"t": y})
+    options = {"batch_size": 12, "shuffle": True, "seed": 7, "shuffle_block": 4}
+    a = DictDataLoader(mapped, num_workers=workers, **options)  # type: ignore[arg-type]
+    b = DictDataLoader(memory, **options)  # type: ignore[arg-type]
+    for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+        assert torch.equal(xa["x"], xb["x"]) and torch.equal(ya["t"], yb["t"])
+    reads: list[int] = []
+    preadv = os.preadv
+
+    def counted(fd, buffers, offset, flags=0):  # type: ignore[no-untyped-def]
+        reads.append(offset)
+        return preadv(fd, buffers, offset, flags)
+
+    monkeypatch.setattr(os, "preadv", counted)
+    mapped._reader = MapReader(budget=16)  # read from the file, one preadv a run
+    mapped._reader.batched = mapped._reader.nowait = False
+    order = DictDataLoader(mapped, **options).sampler.order()  # type: ignore[arg-type]
+    for first in range(0, 96, 12):
+        mapped.batch(order[first : first + 12])
+        assert len(reads) <= 3  # 12 rows: three whole blocks of 4 neighbouring rows
+        reads.clear()
