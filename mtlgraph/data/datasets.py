@@ -341,17 +341,24 @@ def block_order(n: int, block: int, window: int, generator: torch.Generator) -> 
         [[3, 4, 5, 9, 10, 11], [0, 1, 2, 6, 7, 8]]
     """
     blocks = torch.randperm(-(-n // block), generator=generator)
-    rows = (blocks[:, None] * block + torch.arange(block)).reshape(-1)
-    if n % block:
-        rows = rows[rows < n]  # the short last block's missing rows
-    full = n - n % window
-    parts = []
-    for first in range(0, full, window << 12):  # a few thousand windows at a time
-        chunk = rows[first : min(full, first + (window << 12))].view(-1, window)
+    out = torch.empty(n, dtype=torch.long)  # built in place, a chunk at a time: memory ~ n
+    done, per = 0, max(1, CHUNK_ROWS // block)
+    for first in range(0, len(blocks), per):
+        rows = (blocks[first : first + per, None] * block + torch.arange(block)).reshape(-1)
+        rows = rows[rows < n] if n % block else rows  # the short last block's missing rows
+        out[done : done + len(rows)] = rows
+        done += len(rows)
+    full, span = n - n % window, window * max(1, CHUNK_ROWS // window)
+    for first in range(0, full, span):
+        chunk = out[first : min(full, first + span)].view(-1, window)
         mixed = torch.rand(chunk.shape, generator=generator).argsort(dim=1, stable=True)
-        parts.append(chunk.gather(1, mixed).reshape(-1))
-    parts.append(rows[full:][torch.randperm(n - full, generator=generator)])
-    return torch.cat(parts)
+        out[first : first + chunk.numel()] = chunk.gather(1, mixed).reshape(-1)
+    out[full:] = out[full:][torch.randperm(n - full, generator=generator)]
+    return out
+
+
+CHUNK_ROWS = 1 << 20
+"""Rows :func:`block_order` expands or mixes at once (bounds its temporary memory)."""
 
 
 def _rows_of(perm: torch.Tensor, block: int = 1 << 16) -> Iterator[int]:
