@@ -6,7 +6,6 @@ a batch trains is decided by the keys of its ``Y_dict`` (docs/data.md).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -543,7 +542,7 @@ class DictDataLoader(DataLoader[Batch]):
         stop = n - n % bs if self.drop_last else n
         dataset = self.dataset
         rows = _chunk_rows(dataset, bs)
-        if rows and perm is None:  # in order: the same views every epoch, cut once
+        if rows and perm is None and not dataset.mapped:  # the same views every epoch, cut once
             for x, y in self._in_order(bs, stop)[start:]:
                 yield dict(x), dict(y)
             return
@@ -606,13 +605,14 @@ CHUNK_BYTES = 1 << 20
 
 
 def _chunk_rows(dataset: Any, batch_size: int) -> int:
-    """Rows (whole batches) gathered at once when every field is an in-memory tensor, else 0."""
+    """Rows (whole batches) gathered at once when every field is an in-memory tensor or a
+    memory map (one read of a few batches: a map's per-read costs are paid once), else 0."""
     if not isinstance(dataset, DictDataset):
         return 0
     fields = [*dataset.X_dict.values(), *dataset.Y_dict.values()]
-    if not fields or not all(isinstance(v, torch.Tensor) for v in fields):
+    if not fields or not all(isinstance(v, torch.Tensor) or is_memmap(v) for v in fields):
         return 0
-    row_bytes = sum(v.element_size() * math.prod(v.shape[1:]) for v in fields) or 1
+    row_bytes = sum(v.nbytes // max(len(v), 1) for v in fields) or 1
     return max(1, CHUNK_BYTES // row_bytes // batch_size) * batch_size
 
 
