@@ -59,9 +59,11 @@ class MapReader:
     """Reads a batch's rows from memory-mapped arrays: the one way a mapped field or label of a
     :class:`~mtlgraph.DictDataset` becomes a batch tensor (one reader per dataset).
 
-    Distinct rows are read in file order, coalesced into runs, and returned in the batch's
-    order; a C-contiguous map larger than ``budget`` is read with ``os.preadv``, any other is
-    indexed with numpy under a :class:`PageBudget` (docs/data.md, "Memory behaviour").
+    A C-contiguous map larger than ``budget`` is read from its file: the batch's distinct rows
+    in file order, neighbouring rows as one read (what the page cache holds in one system call,
+    :class:`BatchedReads`, where Linux offers it), then returned in the batch's order; any
+    other map is indexed with numpy under a :class:`PageBudget` (docs/data.md, "Memory
+    behaviour").
 
     Args:
         budget: Bytes; larger maps are read from their file, and numpy-indexed maps release their
