@@ -13,6 +13,7 @@ import mmap
 import os
 import platform
 import sys
+import threading
 import weakref
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -306,6 +307,7 @@ class BatchedReads:
         self.iocbs["data"] = np.arange(self.CAPACITY)
         self.pointers = self.iocbs.ctypes.data + np.arange(self.CAPACITY) * _IOCB.itemsize
         self.events = np.zeros(self.CAPACITY, _EVENT)
+        self._lock = threading.Lock()  # one batch at a time: the arrays above are shared
 
     @staticmethod
     def supported() -> bool:
@@ -332,7 +334,8 @@ class BatchedReads:
         got = np.zeros(len(sizes), np.int64)
         for first in range(0, len(sizes), self.CAPACITY):
             part = slice(first, min(len(sizes), first + self.CAPACITY))
-            done = self._submit(fd, address, offsets[part], starts[part], sizes[part])
+            with self._lock:
+                done = self._submit(fd, address, offsets[part], starts[part], sizes[part])
             if done is None:
                 return None
             got[part] = done

@@ -349,6 +349,7 @@ def test_runs_batched_reads_leave_are_hinted_then_read_and_a_refusal_turns_them_
     """What the page cache does not hold (a run not read, or read in part) is read after a
     readahead hint; where the kernel refuses batched reads the reader stops trying them."""
     import ctypes
+    from threading import Lock
 
     from mtlgraph.data.memmap import BatchedReads
 
@@ -370,7 +371,7 @@ def test_runs_batched_reads_leave_are_hinted_then_read_and_a_refusal_turns_them_
         return got
 
     monkeypatch.setattr(BatchedReads, "supported", staticmethod(lambda: True))
-    monkeypatch.setattr(BatchedReads, "__init__", lambda self: None)
+    monkeypatch.setattr(BatchedReads, "__init__", lambda self: setattr(self, "_lock", Lock()))
     monkeypatch.setattr(BatchedReads, "_submit", half)
     reader = MapReader(budget=16)
     idx = np.array([300, 10, 200, 201, 202, 50])  # runs: 10 | 50 | 200-202 | 300
@@ -411,3 +412,15 @@ def test_a_block_shuffled_mapped_batch_equals_in_memory_and_is_read_a_block_at_a
         mapped.batch(order[first : first + 12])
         assert len(reads) <= 3  # 12 rows: three whole blocks of 4 neighbouring rows
         reads.clear()
+
+
+def test_threads_sharing_a_reader_each_get_their_own_rows(tmp_path: Path) -> None:
+    """A read-ahead thread and the training thread may read one dataset at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    x, xm = _big(tmp_path, rows=2000)
+    reader = MapReader(budget=16)
+    sets = [np.random.default_rng(i).integers(0, 2000, size=300) for i in range(40)]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda idx: reader.gather(xm, torch.from_numpy(idx)), sets))
+    assert all(torch.equal(g, torch.from_numpy(x[idx])) for g, idx in zip(got, sets, strict=True))
