@@ -119,8 +119,8 @@ class MapReader:
         return torch.from_numpy(block[where])  # the batch's order, duplicates restored
 
     def _reference(self, array: np.ndarray) -> MappedFile | None:
-        """The file ``array`` is read from with ``preadv``, or ``None`` (numpy indexes it): a
-        C-contiguous map larger than the budget. Kept per array (the last few arrays)."""
+        """The file ``array`` is read from, or ``None`` (numpy indexes it): a C-contiguous map
+        larger than the budget. Kept per array (the last few arrays)."""
         key = id(array)
         known = self._refs.get(key)
         if known is not None and known[0] is array:
@@ -160,8 +160,9 @@ class MapReader:
         sizes = (np.concatenate((cuts, [len(rows)])) - firsts) * width
         offsets, starts = ref.offset + rows[firsts] * width, firsts * width
         left: tuple[np.ndarray, ...] | None = None
-        if len(sizes) > 1 and self.batched:
-            left = self._batch().read(fd, out.ctypes.data, offsets, starts, sizes)
+        batch = self._batch() if len(sizes) > 1 and self.batched else None
+        if batch is not None:
+            left = batch.read(fd, out.ctypes.data, offsets, starts, sizes)
             self.batched = left is not None  # refused here: one read a run from now on
         if left is not None:
             offsets, starts, sizes = left
@@ -177,11 +178,18 @@ class MapReader:
                 _read_on(fd, view[start : start + size], offset, ref, width)
         return out
 
-    def _batch(self) -> BatchedReads:
-        """This process's :class:`BatchedReads` (a forked worker sets up its own)."""
+    def _batch(self) -> BatchedReads | None:
+        """This process's :class:`BatchedReads` (a forked worker sets up its own), or ``None``
+        where the kernel gives no AIO context (then this reader reads one run at a time)."""
         pid = os.getpid()
         if self._batched is None or self._batched[0] != pid:
-            self._batched = (pid, BatchedReads())
+            try:
+                self._batched = (pid, BatchedReads())
+            except OSError as e:  # out of contexts (fs.aio-max-nr), or AIO not permitted here
+                if e.errno not in (errno.EAGAIN, errno.ENOSYS, errno.EPERM, errno.EINVAL):
+                    raise
+                self.batched = False
+                return None
         return self._batched[1]
 
     def _cached(

@@ -424,3 +424,30 @@ def test_threads_sharing_a_reader_each_get_their_own_rows(tmp_path: Path) -> Non
     with ThreadPoolExecutor(4) as pool:
         got = list(pool.map(lambda idx: reader.gather(xm, torch.from_numpy(idx)), sets))
     assert all(torch.equal(g, torch.from_numpy(x[idx])) for g, idx in zip(got, sets, strict=True))
+
+
+def test_batched_reads_name_a_truncated_file_and_a_missing_context_falls_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from mtlgraph.data.memmap import BatchedReads
+
+    x, xm = _big(tmp_path)
+    cut = tmp_path / "cut.npy"
+    cut.write_bytes((tmp_path / "big.npy").read_bytes())
+    short = np.load(cut, mmap_mode="r")
+    os.truncate(cut, cut.stat().st_size - 200)  # the last rows are gone under the map
+    reader = MapReader(budget=16)
+    with pytest.raises(DataError, match=r"cut\.npy' ended before row 39[0-9]"):
+        reader.gather(short, torch.tensor([3, 398, 100]))
+
+    def no_context(self):  # type: ignore[no-untyped-def]
+        raise OSError(errno.EAGAIN, "io_setup: Resource temporarily unavailable")
+
+    monkeypatch.setattr(BatchedReads, "supported", staticmethod(lambda: True))
+    monkeypatch.setattr(BatchedReads, "__init__", no_context)
+    reader = MapReader(budget=16)
+    idx = torch.tensor([7, 300, 2, 7])
+    assert torch.equal(reader.gather(xm, idx), torch.from_numpy(x[idx.numpy()]))
+    assert reader.batched is False
