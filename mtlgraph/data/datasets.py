@@ -356,7 +356,7 @@ def block_order(n: int, block: int, window: int, generator: torch.Generator) -> 
     return out
 
 
-CHUNK_ROWS = 1 << 20
+CHUNK_ROWS = 1 << 14
 """Rows :func:`block_order` expands or mixes at once (bounds its temporary memory)."""
 
 
