@@ -11,6 +11,9 @@ same steps. Speed is steps/s from step ``--warmup`` on (the steady state: an epo
 the peak over the run of the process's and its workers' resident memory (summed RSS, which
 counts pages the forked workers share with it once per process, sampled every 20 ms, and summed
 PSS, which does not, sampled every second). CPU is the training process's own, per step.
+``--shuffle-block K`` adds, per ``--workers`` setting, a mapped run with
+``DictDataLoader(shuffle_block=K)`` (a block shuffle: a different sampling distribution, see
+docs/data.md; the in-memory reference keeps the exact shuffle).
 ``--cold`` evicts the files from the page cache before every mapped run with
 ``posix_fadvise(POSIX_FADV_DONTNEED)`` (no root needed, nothing else on the machine is evicted;
 pages some process maps stay: it prints how much stayed, by ``fincore`` where installed).
@@ -24,8 +27,9 @@ alternation, medians compared. Target: <= 1.02x.
 Part 3: ``bench/data_images.py``'s ``run(num_workers_list)`` (images/s vs a plain DataLoader).
 
 Run: ``python bench/data.py [--gb 4] [--workers 0 1 2] [--cold] [--steps 2000] [--repeats 3]
-[--dir DIR] [--skip sampling images]``. With ``--quick``: 0.25 GiB and fewer steps, for a smoke
-run; say so when quoting numbers. Needs about ``1.03 x --gb`` GiB of free disk.
+[--dir DIR] [--shuffle-block 16] [--skip sampling images]``. With ``--quick``: 0.25 GiB and
+fewer steps, for a smoke run; say so when quoting numbers. Needs about ``1.03 x --gb`` GiB of
+free disk.
 """
 
 from __future__ import annotations
@@ -148,13 +152,17 @@ def child(args: argparse.Namespace) -> dict[str, float]:
     x = np.load(Path(args.dir) / "features.npy", mmap_mode="r")
     y = np.load(Path(args.dir) / "label.npy", mmap_mode="r")
     workers = 0
+    extra: dict[str, Any] = {}
     if args.child == "memory":
         x = torch.from_numpy(np.array(x[: args.subset]))
         y = torch.from_numpy(np.array(y[: args.subset]))
     else:
-        workers = int(args.child.removeprefix("memmap"))
+        workers = int(args.child.removeprefix("memmap").removeprefix("block"))
+        if args.child.startswith("block"):
+            extra["shuffle_block"] = args.shuffle_block
     ds = DictDataset("big", "train", {"x": x}, {"t": y})
-    extra: dict[str, Any] = {"num_workers": workers, "persistent_workers": True} if workers else {}
+    if workers:
+        extra.update(num_workers=workers, persistent_workers=True)
     loader = DictDataLoader(ds, batch_size=args.batch, shuffle=True, seed=1, **extra)
     times: dict[int, tuple[float, float]] = {}
 
@@ -227,7 +235,7 @@ def cached(path: Path) -> str:
 def measure(directory: Path, mode: str, args: argparse.Namespace) -> dict[str, float]:
     cmd = [sys.executable, __file__, "--child", mode, "--dir", str(directory)]
     cmd += ["--steps", str(args.steps), "--subset", str(args.subset), "--batch", str(args.batch)]
-    cmd += ["--warmup", str(args.warmup)]
+    cmd += ["--warmup", str(args.warmup), "--shuffle-block", str(args.shuffle_block)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -253,6 +261,8 @@ def out_of_core(args: argparse.Namespace) -> None:
             f"{'cold (evicted before each mapped run)' if args.cold else 'warm page cache'}"
         )
         modes = [f"memmap{w}" for w in args.workers]
+        if args.shuffle_block > 1:
+            modes += [f"block{w}" for w in args.workers]
         results: dict[str, list[dict[str, float]]] = {m: [] for m in ["memory", *modes]}
         for _ in range(args.repeats):  # alternate, medians
             for mode in modes:
@@ -275,11 +285,11 @@ def report(results: dict[str, list[dict[str, float]]], modes: list[str], args: A
 
     base = med("memory", "steps_per_s")
     for mode in ["memory", *modes]:
-        label = (
-            f"in-memory {args.subset:,} rows"
-            if mode == "memory"
-            else (f"memmap, num_workers={mode.removeprefix('memmap')}")
-        )
+        label = f"in-memory {args.subset:,} rows"
+        if mode.startswith("memmap"):
+            label = f"memmap, num_workers={mode.removeprefix('memmap')}"
+        elif mode.startswith("block"):
+            label = f"blocks of {args.shuffle_block}, workers={mode.removeprefix('block')}"
         runs = ", ".join(f"{r['steps_per_s']:.0f}" for r in results[mode])
         print(
             f"  {label:<26} {med(mode, 'steps_per_s'):5.0f} steps/s (runs {runs}), "
@@ -394,6 +404,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=100, help="steps before the clock starts")
     parser.add_argument("--subset", type=int, default=1_000_000, help="in-memory subset rows")
     parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument(
+        "--shuffle-block", type=int, default=1, help="also mapped runs with this shuffle_block"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=10, help="tutorial epochs (part 2)")
     parser.add_argument("--quick", action="store_true", help="0.25 GiB, fewer steps")

@@ -6,7 +6,6 @@ a batch trains is decided by the keys of its ``Y_dict`` (docs/data.md).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -277,11 +276,16 @@ def _rows(index: slice | torch.Tensor | Sequence[int], n: int) -> list[int]:
 
 class EpochSampler(Sampler[int]):
     """Sequential or shuffled order, reproducible from ``(seed, epoch, pass)`` alone (epoch
-    ``e`` pass 0 is seeded ``seed + e``); ``skip`` drops the next iteration's first rows."""
+    ``e`` pass 0 is seeded ``seed + e``); ``skip`` drops the next iteration's first rows.
 
-    def __init__(self, n: int, shuffle: bool, seed: int = 0) -> None:
+    ``block > 1`` shuffles blocks instead of rows (:func:`block_order`): a different sampling
+    distribution, still every row once an epoch.
+    """
+
+    def __init__(self, n: int, shuffle: bool, seed: int = 0, block: int = 1, window: int = 1):
         self.n, self.shuffle, self.seed, self.epoch = n, shuffle, seed, 0
         self.pass_, self.skip = 0, 0
+        self.block, self.window = block, window  # rows per shuffled block, rows mixed together
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order :meth:`__iter__` yields (its pass 0)."""
@@ -300,7 +304,10 @@ class EpochSampler(Sampler[int]):
             seed = int(
                 np.random.SeedSequence([self.seed, self.epoch, self.pass_]).generate_state(1)[0]
             )
-        return torch.randperm(self.n, generator=torch.Generator().manual_seed(seed))
+        generator = torch.Generator().manual_seed(seed)
+        if self.block > 1:
+            return block_order(self.n, self.block, self.window, generator)
+        return torch.randperm(self.n, generator=generator)
 
     def __iter__(self) -> Iterator[int]:
         perm = self.order()
@@ -311,6 +318,46 @@ class EpochSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.n
+
+
+def block_order(n: int, block: int, window: int, generator: torch.Generator) -> torch.Tensor:
+    """A block shuffle of rows ``0..n-1``: the blocks of ``block`` neighbouring rows (rows
+    ``k*block`` to ``(k+1)*block - 1``; the last may be shorter) in random order, then the
+    rows of every ``window`` consecutive positions of that order shuffled among themselves.
+
+    Every row comes exactly once; the result depends on ``generator``'s state alone. With
+    ``window`` = the batch size, a batch holds the rows of about ``batch_size / block`` whole
+    blocks: neighbouring rows of the file land in the same batch, which an exact shuffle
+    (``torch.randperm``) makes unlikely. Reading a batch then costs one read per block.
+
+    Example:
+        >>> import torch
+        >>> from mtlgraph.data.datasets import block_order
+        >>> order = block_order(12, 3, 6, torch.Generator().manual_seed(1))  # batches of 6
+        >>> order.tolist()
+        [4, 9, 11, 3, 10, 5, 1, 6, 2, 8, 7, 0]
+        >>> [sorted(order[i : i + 6].tolist()) for i in (0, 6)]  # blocks 1 and 3, then 0 and 2
+        [[3, 4, 5, 9, 10, 11], [0, 1, 2, 6, 7, 8]]
+    """
+    blocks = torch.randperm(-(-n // block), generator=generator)
+    out = torch.empty(n, dtype=torch.long)  # built in place, a chunk at a time: memory ~ n
+    done, per = 0, max(1, CHUNK_ROWS // block)
+    for first in range(0, len(blocks), per):
+        rows = (blocks[first : first + per, None] * block + torch.arange(block)).reshape(-1)
+        rows = rows[rows < n] if n % block else rows  # the short last block's missing rows
+        out[done : done + len(rows)] = rows
+        done += len(rows)
+    full, span = n - n % window, window * max(1, CHUNK_ROWS // window)
+    for first in range(0, full, span):
+        chunk = out[first : min(full, first + span)].view(-1, window)
+        mixed = torch.rand(chunk.shape, generator=generator).argsort(dim=1, stable=True)
+        out[first : first + chunk.numel()] = chunk.gather(1, mixed).reshape(-1)
+    out[full:] = out[full:][torch.randperm(n - full, generator=generator)]
+    return out
+
+
+CHUNK_ROWS = 1 << 14
+"""Rows :func:`block_order` expands or mixes at once (bounds its temporary memory)."""
 
 
 def _rows_of(perm: torch.Tensor, block: int = 1 << 16) -> Iterator[int]:
@@ -331,6 +378,12 @@ class DictDataLoader(DataLoader[Batch]):
         shuffle: Reshuffle each epoch (call :meth:`set_epoch`; the Trainer does).
         seed: Seed of the shuffling order (order of epoch ``e`` uses ``seed + e``).
         drop_last: Drop the last incomplete batch.
+        shuffle_block: Rows per block of a *block shuffle* (default 1: an exact uniform
+            shuffle). With ``shuffle=True`` and ``shuffle_block=k > 1``, blocks of ``k``
+            neighbouring rows are shuffled and each batch mixes the rows of the blocks it
+            holds (:func:`block_order`): every row still comes once an epoch, but a batch
+            holds whole blocks, a different sampling distribution. A shuffled batch of small
+            rows from a memory-mapped file is then read as one run per block.
         **kwargs: Any other ``DataLoader`` argument (``num_workers``, ``persistent_workers``,
             ``pin_memory``, ``prefetch_factor``, ``sampler``, ``collate_fn``...).
 
@@ -352,6 +405,7 @@ class DictDataLoader(DataLoader[Batch]):
         shuffle: bool = False,
         seed: int = 0,
         drop_last: bool = False,
+        shuffle_block: int = 1,
         **kwargs: Any,
     ) -> None:
         if not isinstance(dataset, (DictDataset, NamedDataset)):
@@ -368,16 +422,19 @@ class DictDataLoader(DataLoader[Batch]):
             "shuffle": shuffle,
             "seed": seed,
             "drop_last": drop_last,
+            "shuffle_block": shuffle_block,
             **{k: v for k, v in kwargs.items() if k not in ("sampler", "batch_sampler")},
         }
         """The constructor's arguments (a sharded copy for DDP is built with them)."""
         self.cursor: Any = None  # a stream's StreamCursor
         self._batches: tuple[tuple[int, ...], list[Batch]] | None = None  # see _in_order
+        _check_block(dataset, shuffle_block, shuffle, kwargs)
         if isinstance(dataset, NamedStream):
             self._init_stream(dataset, batch_size, shuffle, seed, drop_last, kwargs)
             return
         if "sampler" not in kwargs and "batch_sampler" not in kwargs:
-            kwargs["sampler"] = EpochSampler(len(dataset), shuffle, seed)
+            window = max(int(batch_size or 1), 1)  # a batch mixes the rows of its blocks
+            kwargs["sampler"] = EpochSampler(len(dataset), shuffle, seed, shuffle_block, window)
         elif shuffle:
             raise DataError(["shuffle=True cannot be combined with a custom sampler"])
         self._default_collate = "collate_fn" not in kwargs and isinstance(dataset, DictDataset)
@@ -485,7 +542,7 @@ class DictDataLoader(DataLoader[Batch]):
         stop = n - n % bs if self.drop_last else n
         dataset = self.dataset
         rows = _chunk_rows(dataset, bs)
-        if rows and perm is None:  # in order: the same views every epoch, cut once
+        if rows and perm is None and not dataset.mapped:  # the same views every epoch, cut once
             for x, y in self._in_order(bs, stop)[start:]:
                 yield dict(x), dict(y)
             return
@@ -514,6 +571,27 @@ class DictDataLoader(DataLoader[Batch]):
         return self._batches[1]
 
 
+def _check_block(dataset: Any, block: object, shuffle: bool, kwargs: Mapping[str, Any]) -> None:
+    """Refuse a ``shuffle_block`` the loader would not apply (all problems at once)."""
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise DataError([f"shuffle_block must be an integer >= 1 (rows per block), got {block!r}"])
+    if block == 1:
+        return
+    who = f"dataset '{getattr(dataset, 'name', '?')}'"
+    problems = []
+    if not shuffle:
+        problems.append(f"{who}: shuffle_block={block} needs shuffle=True (it shuffles blocks)")
+    if "sampler" in kwargs or "batch_sampler" in kwargs:
+        problems.append(f"{who}: shuffle_block={block} cannot be combined with a custom sampler")
+    if isinstance(dataset, NamedStream):
+        problems.append(
+            f"{who}: a stream is read in order by its workers; shuffle_block applies to "
+            "map-style datasets only"
+        )
+    if problems:
+        raise DataError(problems)
+
+
 def _cut(part: Mapping[str, torch.Tensor], size: int, count: int) -> list[dict[str, Any]]:
     """``count`` dicts of consecutive ``size``-row views of every tensor of ``part``."""
     if not part:
@@ -527,13 +605,14 @@ CHUNK_BYTES = 1 << 20
 
 
 def _chunk_rows(dataset: Any, batch_size: int) -> int:
-    """Rows (whole batches) gathered at once when every field is an in-memory tensor, else 0."""
+    """Rows (whole batches) gathered at once when every field is an in-memory tensor or a
+    memory map (one read of a few batches: a map's per-read costs are paid once), else 0."""
     if not isinstance(dataset, DictDataset):
         return 0
     fields = [*dataset.X_dict.values(), *dataset.Y_dict.values()]
-    if not fields or not all(isinstance(v, torch.Tensor) for v in fields):
+    if not fields or not all(isinstance(v, torch.Tensor) or is_memmap(v) for v in fields):
         return 0
-    row_bytes = sum(v.element_size() * math.prod(v.shape[1:]) for v in fields) or 1
+    row_bytes = sum(v.nbytes // max(len(v), 1) for v in fields) or 1
     return max(1, CHUNK_BYTES // row_bytes // batch_size) * batch_size
 
 

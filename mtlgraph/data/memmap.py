@@ -7,9 +7,13 @@ map, never the data. docs/data.md ("Memory behaviour") describes the reads and t
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
+import platform
+import sys
+import threading
 import weakref
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -56,9 +60,11 @@ class MapReader:
     """Reads a batch's rows from memory-mapped arrays: the one way a mapped field or label of a
     :class:`~mtlgraph.DictDataset` becomes a batch tensor (one reader per dataset).
 
-    Distinct rows are read in file order, coalesced into runs, and returned in the batch's
-    order; a C-contiguous map larger than ``budget`` is read with ``os.preadv``, any other is
-    indexed with numpy under a :class:`PageBudget` (docs/data.md, "Memory behaviour").
+    A C-contiguous map larger than ``budget`` is read from its file: the batch's distinct rows
+    in file order, neighbouring rows as one read (what the page cache holds in one system call,
+    :class:`BatchedReads`, where Linux offers it), then returned in the batch's order; any
+    other map is indexed with numpy under a :class:`PageBudget` (docs/data.md, "Memory
+    behaviour").
 
     Args:
         budget: Bytes; larger maps are read from their file, and numpy-indexed maps release their
@@ -76,6 +82,9 @@ class MapReader:
         self.pages = PageBudget(budget)
         self._files: dict[tuple[int, str], int] = {}  # (process id, file name) -> descriptor
         self.nowait = NOWAIT is not None  # try the page cache first (RWF_NOWAIT reads)
+        self.batched = BatchedReads.supported()  # those reads in one system call (Linux AIO)
+        self._batched: tuple[int, BatchedReads] | None = None  # (process id, its context)
+        self._refs: dict[int, tuple[np.ndarray, MappedFile | None]] = {}  # see _reference
 
     def gather(
         self, array: np.ndarray, index: slice | torch.Tensor | Sequence[int]
@@ -88,42 +97,59 @@ class MapReader:
             DataError: The file ended before a row (truncated or replaced under the map).
         """
         n = len(array)
+        ref = self._reference(array)
         if isinstance(index, slice):
             start, stop, step = index.indices(n)
             if step != 1:
                 return self.gather(array, range(start, stop, step))
-            return torch.from_numpy(self._read(array, np.arange(start, max(start, stop))))
+            rows = np.arange(start, max(start, stop))
+            if ref is not None:
+                return torch.from_numpy(self._pread(ref, rows))
+            return torch.from_numpy(self._indexed(array, slice(start, max(start, stop)), rows))
         idx = np.asarray(index.numpy() if isinstance(index, torch.Tensor) else index, np.int64)
         idx = np.where(idx < 0, idx + n, idx)
         if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= n):
             raise IndexError(f"row index out of range for {n} rows")
+        if ref is None:  # numpy indexes in any order, duplicates included
+            return torch.from_numpy(self._indexed(array, idx, idx))
         rows, where = np.unique(idx, return_inverse=True)  # ascending, each row once
-        block = self._read(array, rows)
+        block = self._pread(ref, rows)
         if len(rows) == len(idx) and bool((rows == idx).all()):
             return torch.from_numpy(block)
         return torch.from_numpy(block[where])  # the batch's order, duplicates restored
 
-    def _read(self, array: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """Rows ``rows`` (ascending, distinct) of ``array``."""
-        ref = reference(array) if self._direct(array) else None
-        if isinstance(ref, MappedFile):
-            return self._pread(ref, rows)
-        if len(rows) and int(rows[-1]) - int(rows[0]) + 1 == len(rows):
-            out = np.array(array[int(rows[0]) : int(rows[-1]) + 1])  # one run: a slice
-            scattered = False
-        else:
-            out, scattered = array[rows], True
-        if is_memmap(array):
-            self.pages.account(array, mapped_bytes(out, scattered))
-        return np.asarray(out)
+    def _reference(self, array: np.ndarray) -> MappedFile | None:
+        """The file ``array`` is read from, or ``None`` (numpy indexes it): a C-contiguous map
+        larger than the budget. Kept per array (the last few arrays)."""
+        key = id(array)
+        known = self._refs.get(key)
+        if known is not None and known[0] is array:
+            return known[1]
+        ref = None
+        if is_memmap(array) and array.nbytes > self.budget and hasattr(os, "preadv"):
+            found = reference(array)
+            ref = found if isinstance(found, MappedFile) else None
+        if len(self._refs) >= 16:  # a caller gathering from fresh views: keep none alive long
+            self._refs.clear()
+        self._refs[key] = (array, ref)
+        return ref
 
-    def _direct(self, array: np.ndarray) -> bool:
-        return is_memmap(array) and array.nbytes > self.budget and hasattr(os, "preadv")
+    def _indexed(
+        self, array: np.ndarray, index: slice | np.ndarray, rows: np.ndarray
+    ) -> np.ndarray:
+        """``array[index]`` as a new array (``rows``: the row numbers it reads); the pages a
+        memory map brings in are counted against the :class:`PageBudget`."""
+        out = np.array(array[index]) if isinstance(index, slice) else np.asarray(array[index])
+        if is_memmap(array):
+            one_run = len(rows) > 0 and int(rows.max()) - int(rows.min()) + 1 == len(rows)
+            self.pages.account(array, mapped_bytes(out, scattered=not one_run))
+        return out
 
     def _pread(self, ref: MappedFile, rows: np.ndarray) -> np.ndarray:
-        """Rows ``rows`` (ascending, distinct) of the C-contiguous array ``ref`` names: one
-        ``preadv`` per run of neighbouring rows; runs not in the page cache are hinted to the
-        kernel first, all of them, then read."""
+        """Rows ``rows`` (ascending, distinct) of the C-contiguous array ``ref`` names, a read
+        per run of neighbouring rows: what the page cache holds first, in one system call
+        (:class:`BatchedReads`) or one ``preadv`` a run; the runs left are hinted to the kernel,
+        all of them, then read."""
         fd = self._descriptor(ref.filename)
         dtype = np.dtype(ref.dtype)
         width = int(np.prod(ref.shape[1:], dtype=np.int64)) * dtype.itemsize
@@ -131,11 +157,17 @@ class MapReader:
         view = out.reshape(-1).view(np.uint8).data
         cuts = np.flatnonzero(np.diff(rows) != 1) + 1
         firsts = np.concatenate(([0], cuts)).astype(np.int64)  # each run's first batch row
-        sizes = ((np.concatenate((cuts, [len(rows)])) - firsts) * width).tolist()
-        offsets = (ref.offset + rows[firsts] * width).tolist()
-        starts = (firsts * width).tolist()
-        runs = list(zip(offsets, starts, sizes, strict=True))
-        if len(runs) > 1 and self.nowait:  # what the page cache holds first, without waiting
+        sizes = (np.concatenate((cuts, [len(rows)])) - firsts) * width
+        offsets, starts = ref.offset + rows[firsts] * width, firsts * width
+        left: tuple[np.ndarray, ...] | None = None
+        batch = self._batch() if len(sizes) > 1 and self.batched else None
+        if batch is not None:
+            left = batch.read(fd, out.ctypes.data, offsets, starts, sizes)
+            self.batched = left is not None  # refused here: one read a run from now on
+        if left is not None:
+            offsets, starts, sizes = left
+        runs = list(zip(offsets.tolist(), starts.tolist(), sizes.tolist(), strict=True))
+        if left is None and len(runs) > 1 and self.nowait:  # the page cache's runs, no waiting
             runs = self._cached(fd, view, runs)
         if len(runs) > 1 and hasattr(os, "posix_fadvise"):  # readahead hints, all runs first
             for offset, _, size in runs:
@@ -145,6 +177,20 @@ class MapReader:
             if preadv(fd, [view[start : start + size]], offset) != size:
                 _read_on(fd, view[start : start + size], offset, ref, width)
         return out
+
+    def _batch(self) -> BatchedReads | None:
+        """This process's :class:`BatchedReads` (a forked worker sets up its own), or ``None``
+        where the kernel gives no AIO context (then this reader reads one run at a time)."""
+        pid = os.getpid()
+        if self._batched is None or self._batched[0] != pid:
+            try:
+                self._batched = (pid, BatchedReads())
+            except OSError as e:  # out of contexts (fs.aio-max-nr), or AIO not permitted here
+                if e.errno not in (errno.EAGAIN, errno.ENOSYS, errno.EPERM, errno.EINVAL):
+                    raise
+                self.batched = False
+                return None
+        return self._batched[1]
 
     def _cached(
         self, fd: int, view: memoryview, runs: list[tuple[int, int, int]]
@@ -178,7 +224,7 @@ class MapReader:
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)  # a new process opens its own files
-        state.update(pages=PageBudget(self.budget), _files={})
+        state.update(pages=PageBudget(self.budget), _files={}, _batched=None, _refs={})
         return state
 
 
@@ -201,6 +247,143 @@ NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
 
 WILLNEED = getattr(os, "POSIX_FADV_WILLNEED", 3)
 """``posix_fadvise`` advice: read these bytes into the page cache now, asynchronously."""
+
+
+_AIO_CALLS = {"x86_64": (206, 207, 208, 209), "aarch64": (0, 1, 4, 2)}
+"""Linux system call numbers: ``io_setup``, ``io_destroy``, ``io_getevents``, ``io_submit``."""
+
+_IOCB = np.dtype(
+    [
+        ("data", "<u8"),
+        ("key", "<u4"),
+        ("rw_flags", "<i4"),
+        ("opcode", "<u2"),
+        ("reqprio", "<i2"),
+        ("fd", "<u4"),
+        ("buf", "<u8"),
+        ("nbytes", "<u8"),
+        ("offset", "<i8"),
+        ("reserved", "<u8"),
+        ("flags", "<u4"),
+        ("resfd", "<u4"),
+    ]
+)
+"""``struct iocb`` of ``linux/aio_abi.h`` (little-endian); opcode 0 is ``IOCB_CMD_PREAD``."""
+
+_EVENT = np.dtype([("data", "<u8"), ("obj", "<u8"), ("res", "<i8"), ("res2", "<i8")])
+"""``struct io_event``: ``res`` is the bytes read, or minus the error number."""
+
+
+class BatchedReads:
+    """Many reads in one system call: a Linux AIO context (``io_submit``) whose reads carry
+    ``RWF_NOWAIT``, so the kernel copies what the page cache holds, at once, and refuses the
+    rest (``EAGAIN``) instead of reading the disk one run after another.
+
+    A shuffled batch of small rows is hundreds of scattered reads; one ``preadv`` each costs a
+    system call and a Python call a row, about twice the kernel's own copy. Created per
+    process (an AIO context belongs to the process that set it up).
+
+    Example:
+        >>> import os, tempfile, numpy as np
+        >>> from mtlgraph.data.memmap import BatchedReads
+        >>> path = os.path.join(tempfile.mkdtemp(), "rows.bin")
+        >>> np.arange(8, dtype=np.int64).tofile(path)
+        >>> fd = os.open(path, os.O_RDONLY)
+        >>> out = np.zeros(2, np.int64)
+        >>> if BatchedReads.supported():  # elsewhere MapReader reads a run at a time
+        ...     left = BatchedReads().read(fd, out.ctypes.data, np.array([48, 8]),
+        ...                                np.array([0, 8]), np.array([8, 8]))
+        ...     assert out.tolist() == [6, 1] and [len(part) for part in left] == [0, 0, 0]
+        >>> os.close(fd)
+    """
+
+    CAPACITY = 1024
+    """Reads submitted at once (a larger batch is submitted in parts)."""
+
+    def __init__(self) -> None:
+        self.calls = _AIO_CALLS[platform.machine()]
+        self._syscall = ctypes.CDLL(None, use_errno=True).syscall
+        self._syscall.restype = ctypes.c_long
+        context = ctypes.c_ulong(0)
+        if self._call(0, self.CAPACITY, ctypes.byref(context)) < 0:
+            error = ctypes.get_errno()
+            raise OSError(error, f"io_setup: {os.strerror(error)}")
+        self.context = ctypes.c_ulong(context.value)
+        weakref.finalize(self, self._call, 1, self.context)
+        self.iocbs = np.zeros(self.CAPACITY, _IOCB)
+        self.iocbs["rw_flags"] = int(NOWAIT or 0)
+        self.iocbs["data"] = np.arange(self.CAPACITY)
+        self.pointers = self.iocbs.ctypes.data + np.arange(self.CAPACITY) * _IOCB.itemsize
+        self.events = np.zeros(self.CAPACITY, _EVENT)
+        self._lock = threading.Lock()  # one batch at a time: the arrays above are shared
+
+    @staticmethod
+    def supported() -> bool:
+        """Linux on x86-64 or ARM64 with ``RWF_NOWAIT`` (Python 3.7+)."""
+        machine = platform.machine()
+        return sys.platform == "linux" and machine in _AIO_CALLS and NOWAIT is not None
+
+    def _call(self, which: int, *args: Any) -> int:
+        """System call ``which`` (an index into :data:`_AIO_CALLS`) with ``args``."""
+        return int(self._syscall(ctypes.c_long(self.calls[which]), *args))
+
+    def read(
+        self,
+        fd: int,
+        address: int,
+        offsets: np.ndarray,
+        starts: np.ndarray,
+        sizes: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """Read run ``i`` (``sizes[i]`` bytes at file offset ``offsets[i]``) to ``address +
+        starts[i]`` where the page cache holds it; return the runs (or their rest) still to
+        read, as ``(offsets, starts, sizes)``, or ``None`` where the kernel refuses batched
+        reads here (nothing was read: read every run another way)."""
+        got = np.zeros(len(sizes), np.int64)
+        for first in range(0, len(sizes), self.CAPACITY):
+            part = slice(first, min(len(sizes), first + self.CAPACITY))
+            with self._lock:
+                done = self._submit(fd, address, offsets[part], starts[part], sizes[part])
+            if done is None:
+                return None
+            got[part] = done
+        keep = got < sizes  # not cached (EAGAIN), an error, or a short read: read it again
+        return offsets[keep] + got[keep], starts[keep] + got[keep], sizes[keep] - got[keep]
+
+    def _submit(
+        self, fd: int, address: int, offsets: np.ndarray, starts: np.ndarray, sizes: np.ndarray
+    ) -> np.ndarray | None:
+        """Bytes read of each run (0 where a run failed or was not submitted), or ``None``."""
+        n = len(sizes)
+        iocbs = self.iocbs[:n]
+        iocbs["fd"], iocbs["buf"] = fd, address + starts
+        iocbs["nbytes"], iocbs["offset"] = sizes, offsets
+        pointers = ctypes.c_void_p(self.pointers.ctypes.data)
+        submitted = self._call(3, self.context, ctypes.c_long(n), pointers)
+        if submitted < 0:
+            error = ctypes.get_errno()
+            if error in (errno.ENOSYS, errno.EPERM, errno.EINVAL, errno.EOPNOTSUPP):
+                return None
+            raise OSError(error, f"io_submit: {os.strerror(error)}")
+        got = np.zeros(n, np.int64)  # a run the kernel did not take (submitted < n) reads 0
+        reaped, refused = 0, False
+        while reaped < submitted:
+            want = ctypes.c_long(submitted - reaped)
+            events = ctypes.c_void_p(self.events.ctypes.data)
+            count = self._call(2, self.context, want, want, events, None)
+            if count < 0:
+                error = ctypes.get_errno()
+                if error == errno.EINTR:
+                    continue
+                raise OSError(error, f"io_getevents: {os.strerror(error)}")
+            done = self.events[:count]
+            got[done["data"].astype(np.int64)] = np.maximum(done["res"], 0)
+            failed = done["res"][done["res"] < 0]
+            refused |= bool(len(failed)) and bool(
+                ((failed == -errno.EOPNOTSUPP) | (failed == -errno.EINVAL)).any()
+            )
+            reaped += count
+        return None if refused else got  # refused: this file system takes no RWF_NOWAIT reads
 
 
 FAULT_AROUND = 64 * 2**10

@@ -130,17 +130,19 @@ def loader_options(data: DataConfig, dataset: DatasetConfig) -> dict[str, Any]:
 
 def build_loaders(cfg: ExperimentConfig, datasets: Sequence[DictDataset]) -> list[DictDataLoader]:
     """A loader per dataset split: the dataset's batch size, shuffled if it is a training split
-    and ``shuffle`` is on (seed ``data.seed + crc32(dataset name)``)."""
+    and ``shuffle`` is on (seed ``data.seed + crc32(dataset name)``; its ``shuffle_block``)."""
     loaders = []
     for ds in datasets:
         dcfg = cfg.data.datasets[ds.name]
         shuffle = dcfg.shuffle if dcfg.shuffle is not None else cfg.data.shuffle
+        shuffle = shuffle and ds.split == cfg.trainer.train_split
         loaders.append(
             DictDataLoader(
                 ds,
                 batch_size=dcfg.batch_size or cfg.data.batch_size,
-                shuffle=shuffle and ds.split == cfg.trainer.train_split,
+                shuffle=shuffle,
                 seed=cfg.data.seed + zlib.crc32(ds.name.encode()),
+                shuffle_block=dcfg.shuffle_block if shuffle else 1,
                 **loader_options(cfg.data, dcfg),
             )
         )

@@ -129,6 +129,7 @@ class DatasetConfig:
     splits: list[str] | None = None  # splits to load; null = all
     batch_size: int | None = None  # null = data.batch_size
     shuffle: bool | None = None  # reshuffle its training split each epoch; null = data.shuffle
+    shuffle_block: int = 1  # rows per block of a block shuffle of its training split; 1 = exact
     num_workers: int | None = None  # DataLoader worker processes; null = data.num_workers
 
     def validate(self) -> list[str]:
@@ -141,6 +142,10 @@ class DatasetConfig:
             problems.append(f"batch_size: must be >= 1, got {self.batch_size}")
         if self.num_workers is not None and self.num_workers < 0:
             problems.append(f"num_workers: must be >= 0, got {self.num_workers}")
+        if self.shuffle_block < 1:
+            problems.append(
+                f"shuffle_block: must be >= 1 (rows per block), got {self.shuffle_block}"
+            )
         return problems
 
 

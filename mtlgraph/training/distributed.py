@@ -139,7 +139,10 @@ def shard_train_loader(loader: DictDataLoader, env: DistEnv) -> DictDataLoader:
     shuffle = bool(getattr(loader.sampler, "shuffle", False))
     seed = int(getattr(loader.sampler, "seed", 0))
     options["shuffle"] = False
-    sampler = RankSampler(len(loader.dataset), shuffle, seed, env.rank, env.world_size)
+    block = int(options.pop("shuffle_block", 1))  # the ranks' batches of a step mix their blocks
+    window = int(loader.batch_size or 1) * env.world_size
+    n = len(loader.dataset)
+    sampler = RankSampler(n, shuffle, seed, env.rank, env.world_size, block, window)
     return DictDataLoader(loader.dataset, sampler=sampler, **options)
 
 
@@ -147,11 +150,20 @@ class RankSampler(Sampler[int]):
     """Rank ``rank``'s rows of an :class:`~mtlgraph.data.datasets.EpochSampler` order, padded to
     a multiple of ``world_size`` by repeating the first rows (``DistributedSampler``'s rows for
     pass 0); ``set_pass`` selects a restart's fresh shuffle, ``skip`` drops the next iteration's
-    first rows.
+    first rows. ``block``/``window``: the order's block shuffle (``EpochSampler``).
     """
 
-    def __init__(self, n: int, shuffle: bool, seed: int, rank: int, world_size: int) -> None:
-        self.order_of = EpochSampler(n, shuffle, seed)
+    def __init__(
+        self,
+        n: int,
+        shuffle: bool,
+        seed: int,
+        rank: int,
+        world_size: int,
+        block: int = 1,
+        window: int = 1,
+    ) -> None:
+        self.order_of = EpochSampler(n, shuffle, seed, block, window)
         self.shuffle, self.seed, self.rank, self.world_size = shuffle, seed, rank, world_size
         self.n, self.skip = -(-n // world_size), 0
 

@@ -117,3 +117,75 @@ def test_pad_sequences_custom_value() -> None:
 def test_loader_needs_a_dict_dataset() -> None:
     with pytest.raises(DataError, match="DictDataLoader needs a DictDataset"):
         DictDataLoader([1, 2, 3])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("n", "block", "window"), [(40, 4, 8), (43, 4, 8), (43, 5, 7), (10, 16, 4), (9, 2, 32)]
+)
+def test_a_block_order_is_a_permutation_fixed_by_its_generator(
+    n: int, block: int, window: int
+) -> None:
+    from mtlgraph.data.datasets import block_order
+
+    def order(seed: int) -> list[int]:
+        return block_order(n, block, window, torch.Generator().manual_seed(seed)).tolist()
+
+    assert sorted(order(0)) == list(range(n))  # every row once: none dropped or repeated
+    assert order(0) == order(0) and order(0) != order(1)
+    if window % block == 0 and n % block == 0:  # a window holds whole blocks
+        for first in range(0, n, window):
+            blocks = {r // block for r in order(0)[first : first + window]}
+            assert len(blocks) == min(window, n - first) // block
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_block_shuffled_loader_yields_whole_blocks_every_row_once_and_resumes_exactly(
+    workers: int,
+) -> None:
+    def loader(seed: int = 3) -> DictDataLoader:
+        return DictDataLoader(
+            _ds(64),
+            batch_size=8,
+            shuffle=True,
+            seed=seed,
+            shuffle_block=4,
+            num_workers=workers,
+        )
+
+    def rows(batches: list) -> list[list[int]]:  # type: ignore[type-arg]
+        return [x["x"][:, 0].div(2).long().tolist() for x, _ in batches]
+
+    one = loader()
+    one.set_epoch(1)
+    epoch = rows(list(one))
+    assert sorted(r for batch in epoch for r in batch) == list(range(64))
+    assert all(len({r // 4 for r in batch}) == 2 for batch in epoch)  # two whole blocks each
+    assert epoch != [list(range(i, i + 8)) for i in range(0, 64, 8)]  # shuffled
+    again = loader()
+    again.set_epoch(1)
+    assert rows(list(again.iterate(start=3))) == epoch[3:]  # a resumed epoch
+    again.set_epoch(2)
+    assert rows(list(again)) != epoch
+    assert rows(list(loader(seed=4))) != rows(list(loader()))
+
+
+def test_a_block_shuffle_the_loader_would_not_apply_is_refused() -> None:
+    from mtlgraph import NamedDataset
+    from mtlgraph.data.datasets import EpochSampler
+
+    with pytest.raises(DataError, match=r"shuffle_block must be an integer >= 1.*got 0"):
+        DictDataLoader(_ds(), batch_size=2, shuffle=True, shuffle_block=0)
+    with pytest.raises(DataError, match=r"got True"):
+        DictDataLoader(_ds(), batch_size=2, shuffle=True, shuffle_block=True)
+    with pytest.raises(DataError, match=r"shuffle_block=4 needs shuffle=True") as info:
+        DictDataLoader(_ds(), batch_size=2, shuffle_block=4, sampler=EpochSampler(10, False))
+    assert "cannot be combined with a custom sampler" in str(info.value)
+
+    class Rows(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            yield from [({"x": torch.zeros(1)}, {"t": torch.tensor(0)})] * 3
+
+    with pytest.raises(DataError, match="stream is read in order"):
+        DictDataLoader(
+            NamedDataset("s", "train", Rows()), batch_size=2, shuffle=True, shuffle_block=4
+        )

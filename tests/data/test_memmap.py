@@ -164,6 +164,7 @@ def test_rows_of_a_large_map_are_read_from_its_file(
     monkeypatch.setattr(mm, "NOWAIT", nowait)
     monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: hints.append((off, n)))
     reader = MapReader(budget=16)  # every map is "large"
+    reader.batched = False  # one preadv a run (BatchedReads: tested below)
     idx = torch.tensor([40, 3, 4, 3, -1, 17, 5])  # rows 3..5 are neighbours
     assert torch.equal(reader.gather(xm[2:], idx), torch.from_numpy(x[2:][idx.numpy()]))
     width = 3 * 4
@@ -202,6 +203,7 @@ def test_a_file_system_without_nowait_reads_turns_them_off(
     monkeypatch.setattr(os, "preadv", no_nowait)
     monkeypatch.setattr(mm, "NOWAIT", 8)
     reader = MapReader(budget=16)
+    reader.batched = False
     idx = torch.tensor([9, 1, 30])
     assert torch.equal(reader.gather(xm, idx), torch.from_numpy(x[idx.numpy()]))
     assert reader.nowait is False
@@ -312,3 +314,140 @@ def test_a_large_batch_is_read_whole_and_a_pickled_reader_opens_its_own_files(
     again = pickle.loads(pickle.dumps(reader))  # a worker's copy opens its own files
     assert again._files == {} and again.budget == 16
     assert torch.equal(again.gather(xm, idx), torch.from_numpy(x[idx.numpy()]))
+
+
+def _big(tmp_path: Path, rows: int = 400, width: int = 5) -> tuple[np.ndarray, np.memmap]:
+    x = np.random.default_rng(2).normal(size=(rows, width)).astype(np.float32)
+    np.save(tmp_path / "big.npy", x)
+    return x, np.load(tmp_path / "big.npy", mmap_mode="r")
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_mapped_reads_equal_in_memory_rows_for_any_index_set(tmp_path: Path, batched: bool) -> None:
+    """Random index sets (unsorted, duplicates, negative rows, neighbours, one row, a slice),
+    read with one system call for the batch or one ``preadv`` a run, equal numpy indexing."""
+    from mtlgraph.data.memmap import BatchedReads
+
+    if batched and not BatchedReads.supported():
+        pytest.skip("batched reads need Linux AIO")
+    x, xm = _big(tmp_path)
+    reader = MapReader(budget=16)  # every map is read from its file
+    reader.batched = batched
+    rng = np.random.default_rng(0)
+    sets = [rng.integers(-400, 400, size=k) for k in (1, 7, 256, 1500)]  # 1500 > CAPACITY
+    sets += [np.array([5, 5, 5]), np.array([9, 3, 4, 5, 3, 399, 0]), np.arange(100, 0, -1)]
+    for idx in sets:
+        assert torch.equal(reader.gather(xm, torch.from_numpy(idx)), torch.from_numpy(x[idx]))
+    assert torch.equal(reader.gather(xm, slice(17, 290)), torch.from_numpy(x[17:290]))
+    assert torch.equal(reader.gather(xm[3:], [0, 2, 1]), torch.from_numpy(x[3:][[0, 2, 1]]))
+    assert reader.batched is batched
+
+
+def test_runs_batched_reads_leave_are_hinted_then_read_and_a_refusal_turns_them_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the page cache does not hold (a run not read, or read in part) is read after a
+    readahead hint; where the kernel refuses batched reads the reader stops trying them."""
+    import ctypes
+    from threading import Lock
+
+    from mtlgraph.data.memmap import BatchedReads
+
+    x, xm = _big(tmp_path)
+    width = 5 * 4
+    hints: list[tuple[int, int]] = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: hints.append((off, n)))
+    calls: list[int] = []
+
+    def half(self, fd, address, offsets, starts, sizes):  # type: ignore[no-untyped-def]
+        calls.append(len(sizes))
+        got = np.zeros(len(sizes), np.int64)
+        got[1] = sizes[1]  # the second run whole, the third in part, the others not at all
+        got[2] = width
+        for i in (1, 2):
+            ctypes.memmove(
+                int(address + starts[i]), os.pread(fd, int(got[i]), int(offsets[i])), int(got[i])
+            )
+        return got
+
+    monkeypatch.setattr(BatchedReads, "supported", staticmethod(lambda: True))
+    monkeypatch.setattr(BatchedReads, "__init__", lambda self: setattr(self, "_lock", Lock()))
+    monkeypatch.setattr(BatchedReads, "_submit", half)
+    reader = MapReader(budget=16)
+    idx = np.array([300, 10, 200, 201, 202, 50])  # runs: 10 | 50 | 200-202 | 300
+    assert torch.equal(reader.gather(xm, torch.from_numpy(idx)), torch.from_numpy(x[idx]))
+    base = xm.offset
+    left = [(base + 10 * width, width), (base + 201 * width, 2 * width)]
+    assert hints == [*left, (base + 300 * width, width)]
+    monkeypatch.setattr(BatchedReads, "_submit", lambda self, *args: None)  # refused
+    assert torch.equal(reader.gather(xm, torch.from_numpy(idx)), torch.from_numpy(x[idx]))
+    assert reader.batched is False and calls == [4]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_block_shuffled_mapped_batch_equals_in_memory_and_is_read_a_block_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    x, xm = _big(tmp_path, rows=96)
+    y = np.arange(96)
+    mapped = DictDataset("d", "train", {"x": xm}, {"t": y})
+    memory = DictDataset("d", "train", {"x": x}, {"t": y})
+    options = {"batch_size": 12, "shuffle": True, "seed": 7, "shuffle_block": 4}
+    a = DictDataLoader(mapped, num_workers=workers, **options)  # type: ignore[arg-type]
+    b = DictDataLoader(memory, **options)  # type: ignore[arg-type]
+    for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+        assert torch.equal(xa["x"], xb["x"]) and torch.equal(ya["t"], yb["t"])
+    reads: list[int] = []
+    preadv = os.preadv
+
+    def counted(fd, buffers, offset, flags=0):  # type: ignore[no-untyped-def]
+        reads.append(offset)
+        return preadv(fd, buffers, offset, flags)
+
+    monkeypatch.setattr(os, "preadv", counted)
+    mapped._reader = MapReader(budget=16)  # read from the file, one preadv a run
+    mapped._reader.batched = mapped._reader.nowait = False
+    order = DictDataLoader(mapped, **options).sampler.order()  # type: ignore[arg-type]
+    for first in range(0, 96, 12):
+        mapped.batch(order[first : first + 12])
+        assert len(reads) <= 3  # 12 rows: three whole blocks of 4 neighbouring rows
+        reads.clear()
+
+
+def test_threads_sharing_a_reader_each_get_their_own_rows(tmp_path: Path) -> None:
+    """A read-ahead thread and the training thread may read one dataset at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    x, xm = _big(tmp_path, rows=2000)
+    reader = MapReader(budget=16)
+    sets = [np.random.default_rng(i).integers(0, 2000, size=300) for i in range(40)]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda idx: reader.gather(xm, torch.from_numpy(idx)), sets))
+    assert all(torch.equal(g, torch.from_numpy(x[idx])) for g, idx in zip(got, sets, strict=True))
+
+
+def test_batched_reads_name_a_truncated_file_and_a_missing_context_falls_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from mtlgraph.data.memmap import BatchedReads
+
+    x, xm = _big(tmp_path)
+    cut = tmp_path / "cut.npy"
+    cut.write_bytes((tmp_path / "big.npy").read_bytes())
+    short = np.load(cut, mmap_mode="r")
+    os.truncate(cut, cut.stat().st_size - 200)  # the last rows are gone under the map
+    reader = MapReader(budget=16)
+    with pytest.raises(DataError, match=r"cut\.npy' ended before row 39[0-9]"):
+        reader.gather(short, torch.tensor([3, 398, 100]))
+
+    def no_context(self):  # type: ignore[no-untyped-def]
+        raise OSError(errno.EAGAIN, "io_setup: Resource temporarily unavailable")
+
+    monkeypatch.setattr(BatchedReads, "supported", staticmethod(lambda: True))
+    monkeypatch.setattr(BatchedReads, "__init__", no_context)
+    reader = MapReader(budget=16)
+    idx = torch.tensor([7, 300, 2, 7])
+    assert torch.equal(reader.gather(xm, idx), torch.from_numpy(x[idx.numpy()]))
+    assert reader.batched is False

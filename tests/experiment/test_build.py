@@ -121,6 +121,21 @@ def test_loaders_batch_size_and_shuffle_only_train(tmp_path: Path) -> None:
     assert by[("circles", "train")].sampler.seed != by[("squares", "train")].sampler.seed
 
 
+def test_a_dataset_block_shuffles_its_training_split_only(tmp_path: Path) -> None:
+    from mtlgraph import ConfigError
+
+    cfg = tiny_config()
+    cfg["data"]["shuffle"] = True
+    cfg["data"]["datasets"]["circles"]["shuffle_block"] = 4
+    exp = _experiment(tmp_path, cfg)
+    blocks = {(dl.dataset.name, dl.dataset.split): dl.sampler.block for dl in exp.loaders}
+    assert blocks[("circles", "train")] == 4 and blocks[("squares", "train")] == 1
+    assert all(block == 1 for (_, split), block in blocks.items() if split != "train")
+    cfg["data"]["datasets"]["circles"]["shuffle_block"] = 0
+    with pytest.raises(ConfigError, match=r"shuffle_block: must be >= 1"):
+        _experiment(tmp_path, cfg)
+
+
 # ---------------------------------------------------------------- files
 
 

@@ -29,8 +29,9 @@ from mtlgraph.training.checkpoint import (
 )
 
 
-def _setup(at: int = 0) -> tuple[MultitaskClassifier, list]:
-    """Two tasks, a dropout trunk, shuffled loaders of 10 and 7 batches."""
+def _setup(at: int = 0, block: int = 1) -> tuple[MultitaskClassifier, list]:
+    """Two tasks, a dropout trunk, shuffled loaders of 10 and 7 batches (``block``: the
+    training loaders' ``shuffle_block``)."""
     torch.manual_seed(0)
     trunk = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Dropout(0.3))
     stop = Interrupt(at)
@@ -50,10 +51,24 @@ def _setup(at: int = 0) -> tuple[MultitaskClassifier, list]:
     xa, xb = torch.randn(160, 2, generator=g), torch.randn(112, 2, generator=g)
     loaders = [
         make_loader(
-            "da", "train", {"x": xa}, {"a": (xa[:, 0] > 0).long()}, 16, shuffle=True, seed=5
+            "da",
+            "train",
+            {"x": xa},
+            {"a": (xa[:, 0] > 0).long()},
+            16,
+            shuffle=True,
+            seed=5,
+            shuffle_block=block,
         ),
         make_loader(
-            "db", "train", {"x": xb}, {"b": (xb[:, 1] > 0).long()}, 16, shuffle=True, seed=6
+            "db",
+            "train",
+            {"x": xb},
+            {"b": (xb[:, 1] > 0).long()},
+            16,
+            shuffle=True,
+            seed=6,
+            shuffle_block=block,
         ),
         make_loader("da", "valid", {"x": xa[:48]}, {"a": (xa[:48, 0] > 0).long()}, 16),
     ]
@@ -79,14 +94,17 @@ def _params(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("interrupt_at", [23, 34, 40])  # mid-epoch; in epoch 2 after an epoch end
-def test_resume_mid_epoch_is_bit_identical(tmp_path: Path, interrupt_at: int) -> None:
-    model, loaders = _setup()
+@pytest.mark.parametrize(
+    ("interrupt_at", "block"),
+    [(23, 1), (34, 1), (40, 1), (23, 5)],  # mid-epoch; in epoch 2 after an epoch end; blocks
+)
+def test_resume_mid_epoch_is_bit_identical(tmp_path: Path, interrupt_at: int, block: int) -> None:
+    model, loaders = _setup(block=block)
     reference = Trainer(run_dir=str(tmp_path / "ref"), **CONFIG)
     reference.fit(model, loaders)
     expected = _params(model)
 
-    model, loaders = _setup(at=interrupt_at)
+    model, loaders = _setup(at=interrupt_at, block=block)
     with pytest.raises(KeyboardInterrupt):
         Trainer(run_dir=str(tmp_path / "run"), **CONFIG).fit(model, loaders)
     state = load_checkpoint(tmp_path / "run")
@@ -95,7 +113,7 @@ def test_resume_mid_epoch_is_bit_identical(tmp_path: Path, interrupt_at: int) ->
     assert 0 < progress["step_in_epoch"] < 17  # mid-epoch
     assert sum(progress["loader_positions"]) == progress["step_in_epoch"]
 
-    model, loaders = _setup()
+    model, loaders = _setup(block=block)
     resumed = Trainer(run_dir=str(tmp_path / "run"), **CONFIG)
     resumed.fit(model, loaders, resume_from=tmp_path / "run")
     got = _params(model)

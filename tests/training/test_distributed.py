@@ -201,3 +201,22 @@ def test_an_off_trainer_runs_no_collective_inside_a_process_group(
         assert calls == []
     finally:
         dist.destroy_process_group()
+
+
+def test_a_block_shuffled_loader_sharded_over_ranks_keeps_the_block_order() -> None:
+    """Each rank takes every other row of the one block order (windows of both ranks' batches
+    of a step): together the ranks read every row once, a step's rows from whole blocks."""
+    import torch
+
+    from mtlgraph import DictDataset
+    from mtlgraph.training.distributed import shard_train_loader
+
+    ds = DictDataset("d", "train", {"x": torch.arange(48.0)[:, None]}, {"t": torch.arange(48)})
+    loader = DictDataLoader(ds, batch_size=4, shuffle=True, seed=2, shuffle_block=4)
+    shards = [shard_train_loader(loader, DistEnv(rank, 2, rank)) for rank in (0, 1)]
+    for shard in shards:
+        shard.set_epoch(1)
+    rows = [[y["t"].tolist() for _, y in shard] for shard in shards]
+    steps = [rows[0][i] + rows[1][i] for i in range(len(rows[0]))]
+    assert sorted(r for step in steps for r in step) == list(range(48))
+    assert all(len({r // 4 for r in step}) == 2 for step in steps)  # 8 rows: 2 whole blocks
