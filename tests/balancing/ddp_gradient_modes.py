@@ -6,9 +6,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from ddp_workers import init
+from ddp_workers import BASE, _state, init, torchrun_env, train_setup
 
-from mtlgraph import MultitaskClassifier, Operation, Task
+from mtlgraph import MultitaskClassifier, Operation, Task, Trainer
 from mtlgraph.balancing import BALANCERS, StepContext
 
 SPECS: tuple[dict[str, Any], ...] = (
@@ -68,5 +68,21 @@ def ddp_worker(rank: int, world: int, port: int, out: Any) -> None:
         half = 16 // world
         for i, spec in enumerate(SPECS):
             out.put((i, rank, gradients(spec, slice(rank * half, (rank + 1) * half), mean_)))
+    finally:
+        dist.destroy_process_group()
+
+
+def trainer_worker(rank: int, world: int, port: int, out: Any) -> None:
+    """``Trainer.fit`` on two ranks with ``gradients: gram`` (ranks start from different
+    weights: DDP broadcasts rank 0's)."""
+    torchrun_env(rank, world, port)
+    init(rank, world, port)
+    try:
+        model, loaders = train_setup(init_seed=100 + rank)
+        spec = {"name": "mgda", "gradients": "gram"}
+        trainer = Trainer(**{**BASE, "n_epochs": 1}, batch_scheduler="mixed", balancer=spec)
+        trainer.fit(model, loaders)
+        assert trainer.balancer is not None
+        out.put((rank, _state(model), trainer.balancer.weights()))
     finally:
         dist.destroy_process_group()

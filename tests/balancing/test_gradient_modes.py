@@ -486,3 +486,37 @@ def test_two_ranks_in_gram_mode_equal_one_process_on_the_whole_batch() -> None:
         for rank in (0, 1):
             worst = max(float(np.abs(a - b).max()) for a, b in zip(by[(i, rank)], one, strict=True))
             assert worst <= 1e-6, (spec, rank, worst)
+
+
+@pytest.mark.timeout(200)
+def test_two_ranks_train_identically_in_gram_mode() -> None:
+    import queue as queue_mod
+    import socket
+
+    import numpy as np
+    import torch.multiprocessing as mp
+    from ddp_gradient_modes import trainer_worker
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    spawn = mp.get_context("spawn")
+    queue = spawn.Queue()
+    procs = [
+        spawn.Process(target=trainer_worker, args=(r, 2, port, queue), daemon=True) for r in (0, 1)
+    ]
+    for p in procs:
+        p.start()
+    items = []
+    while len(items) < 2:
+        try:
+            items.append(queue.get(timeout=150))
+        except queue_mod.Empty:
+            break
+    for p in procs:
+        p.join(timeout=30)
+    assert [p.exitcode for p in procs] == [0, 0]
+    (_, s0, w0), (_, s1, w1) = sorted(items, key=lambda item: item[0])
+    assert all(np.array_equal(s0[k], s1[k]) for k in s0)  # bit-identical
+    assert all(np.isfinite(v).all() for v in s0.values())
+    assert w0 == w1 and len(w0) == 2
