@@ -388,7 +388,8 @@ def head_widths(
     names = list(task_names)
     plan = model.plan(names)
     try:
-        with eval_mode(model), torch.random.fork_rng(devices=[]):
+        only = [module for _, module, _ in plan.steps]
+        with eval_mode(model, only), torch.random.fork_rng(devices=[]):
             cache = model.execute(plan, move_to_device(X_dict, model.device))
     except Exception as e:
         e.add_note(

@@ -43,3 +43,23 @@ def test_predict_leaves_a_frozen_module_in_eval_and_the_rest_training() -> None:
     loader = make_loader("d", "test", {"x": torch.randn(6, 2)}, {"a": torch.zeros(6).long()})
     model.predict(loader)
     assert model.training and trunk[0].training and not trunk[1].training
+
+
+def test_eval_mode_of_some_modules_leaves_the_others_alone() -> None:
+    run, other, shared = nn.Dropout(), nn.Dropout(), nn.Dropout()
+    model = nn.ModuleDict({"run": nn.Sequential(run, shared), "other": nn.Sequential(other)})
+    with eval_mode(model, [model["run"], shared]):  # shared twice: switched and restored once
+        assert [run.training, shared.training, other.training] == [False, False, True]
+    assert all(m.training for m in model.modules())
+
+
+def test_head_widths_switch_only_the_modules_the_plan_runs() -> None:
+    from mtlgraph.inference import head_widths
+
+    trunk = nn.Sequential(nn.Linear(2, 4), nn.ReLU())
+    elsewhere = _Told()
+    model = MultitaskClassifier(
+        [make_task("a", trunk), make_task("b", nn.Sequential(elsewhere), trunk_name="b_trunk")]
+    )
+    assert head_widths(model, {"x": torch.randn(3, 2)}, ["a"]) == {"a": 2}
+    assert elsewhere.calls == [] and model.training
