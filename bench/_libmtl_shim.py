@@ -59,11 +59,18 @@ def weighting_class(name: str) -> type[nn.Module]:
 
 
 def host(
-    weighting: type[nn.Module], encoder: nn.Module, heads: Mapping[str, nn.Module], epochs: int
+    weighting: type[nn.Module],
+    encoder: nn.Module,
+    heads: Mapping[str, nn.Module],
+    epochs: int,
+    rep_grad: bool = False,
 ) -> nn.Module:
     """A LibMTL-style model: ``weighting`` mixed into a module holding ``encoder`` and ``heads``.
 
     ``forward(x)`` returns ``{task: logits}``; ``backward(losses, **kwargs)`` is LibMTL's.
+    ``rep_grad``: LibMTL's representation-gradient mode, as its ``AbsArchitecture.forward`` does
+    it: the encoder's output is kept as ``self.rep`` and each head reads its own detached copy
+    (``self.rep_tasks[task]``), whose gradient is the task's row.
     """
 
     class Host(weighting):  # type: ignore[misc, valid-type]
@@ -74,7 +81,9 @@ def host(
             self.task_name = list(heads)
             self.task_num = len(heads)
             self.device = torch.device("cpu")
-            self.rep_grad = False  # gradients of the shared parameters (LibMTL's default)
+            self.rep_grad = rep_grad  # False: of the shared parameters (LibMTL's default)
+            self.rep: torch.Tensor | None = None
+            self.rep_tasks: dict[str, torch.Tensor] = {}
             self.epoch = 0
             self.train_loss_buffer = np.zeros([self.task_num, epochs])
             self.init_param()
@@ -91,7 +100,11 @@ def host(
 
         def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
             rep = self.encoder(x)
-            return {t: h(rep) for t, h in self.heads.items()}
+            if not self.rep_grad:
+                return {t: h(rep) for t, h in self.heads.items()}
+            self.rep = rep
+            self.rep_tasks = {t: rep.detach().clone().requires_grad_() for t in self.heads}
+            return {t: h(self.rep_tasks[t]) for t, h in self.heads.items()}
 
     Host.__name__ = f"LibMTL{weighting.__name__}Host"
     return Host()

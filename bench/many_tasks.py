@@ -33,12 +33,13 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 if __package__ in (None, ""):  # run as a script: make `bench` and the worktree importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -46,8 +47,10 @@ if __package__ in (None, ""):  # run as a script: make `bench` and the worktree 
 from mtlgraph import MultitaskClassifier, Operation, Task
 from mtlgraph.balancing import BALANCERS, GradientBalancer, StepContext
 
-MODES = ("per_task", "batched", "gram", "torchjd")
+MODES = ("per_task", "batched", "gram", "representation", "torchjd", "libmtl")
+PEERS = ("torchjd", "libmtl")
 METHODS = ("mgda", "upgrad", "cagrad", "nash_mtl", "pcgrad", "imtl", "aligned_mtl")
+CAGRAD_C = 0.4  # mtlgraph's default c, given to the peers' CAGrad too
 
 
 def trunk() -> nn.Module:
@@ -104,31 +107,102 @@ def build(
     return MultitaskClassifier(tasks), {"image": x}, {f"t{i}": y[:, i] for i in range(n_tasks)}
 
 
+GRADIENTS = {"gram": "gram", "representation": "representation"}  # other modes: parameters
+
+
 def balancer_for(method: str, mode: str, tasks_per_pass: int = 0) -> Any:
     if method == "sum":
         return BALANCERS.build("sum")
-    b = BALANCERS.build({"name": method, "gradients": "gram" if mode == "gram" else "parameters"})
+    spec: dict[str, Any] = {"name": method, "gradients": GRADIENTS.get(mode, "parameters")}
+    if method == "cagrad":
+        spec["c"] = CAGRAD_C
+    b = BALANCERS.build(spec)
     assert isinstance(b, GradientBalancer)
     b.tasks_per_pass = 1 if mode == "per_task" else tasks_per_pass  # 1: one pass per task
     return b
 
 
-TORCHJD = {"mgda": "MGDAWeighting", "cagrad": "CAGradWeighting"}  # (UPGrad needs quadprog)
+# TorchJD weightings (from the Gramian; its CAGrad needs cvxpy, not installed here) and LibMTL
+# weightings (class, rep_grad, backward kwargs)
+TORCHJD = {
+    "mgda": ("MGDAWeighting", {}),
+    "upgrad": ("UPGradWeighting", {}),
+    "pcgrad": ("PCGradWeighting", {}),
+    "imtl": ("IMTLGWeighting", {}),
+}
+LIBMTL: dict[str, tuple[str, bool, dict[str, Any]]] = {  # LibMTL 1.1.5 has rep_grad for these two
+    "mgda": ("MGDA", True, {"mgda_gn": "none"}),
+    "imtl": ("IMTL", True, {}),
+    "cagrad": ("CAGrad", False, {"calpha": CAGRAD_C, "rescale": 1}),
+    "pcgrad": ("PCGrad", False, {}),
+}
 
 
-def torchjd_backward(model: MultitaskClassifier, method: str) -> Any:
+def has_mode(method: str, mode: str) -> bool:
+    return {"torchjd": method in TORCHJD, "libmtl": method in LIBMTL}.get(mode, True)
+
+
+Step = Callable[[], None]  # one step's forward and backward (the gradients, not the update)
+Built = tuple[Step, list[nn.Parameter]]  # and the parameters the optimizer updates
+
+
+def torchjd_step(model: MultitaskClassifier, method: str, X: dict, Y: dict) -> Built:
     """TorchJD's autogram engine on the shared trunk: the Gramian of the task losses, the
     method's weights from it, then ``losses.backward(weights)`` (its heads get ``w_i ∇L_i``)."""
     from torchjd import aggregation, autogram
 
     engine = autogram.Engine(model.module_pool["trunk"], batch_dim=None)
-    weighting = getattr(aggregation, TORCHJD[method])()
+    name, kwargs = TORCHJD[method]
+    weighting = getattr(aggregation, name)(**kwargs)
 
-    def backward(losses: dict[str, torch.Tensor]) -> None:
+    def step() -> None:
+        losses, _ = model.calculate_loss(X, Y)
         stacked = torch.stack(list(losses.values()))
         stacked.backward(weighting(engine.compute_gramian(stacked)))
 
-    return backward
+    return step, list(model.parameters())
+
+
+def libmtl_step(model: MultitaskClassifier, method: str, X: dict, Y: dict) -> Built:
+    """LibMTL's weighting ``backward`` on a LibMTL-style host around the same trunk and heads
+    (``rep_grad`` where LibMTL 1.1.5 has it), the losses as its ``Trainer`` takes them."""
+    from bench import _libmtl_shim
+
+    name, rep_grad, kwargs = LIBMTL[method]
+    heads = {t: model.module_pool[f"h{i}"] for i, t in enumerate(model.tasks)}
+    host = _libmtl_shim.host(
+        _libmtl_shim.weighting_class(name), model.module_pool["trunk"], heads, 1, rep_grad
+    )
+
+    def step() -> None:
+        out = host(X["image"])
+        losses = torch.stack([F.cross_entropy(out[t], Y[t]) for t in heads])
+        host.backward(losses, **kwargs)
+
+    return step, list(host.parameters())  # IMTL's loss scales are the host's parameters
+
+
+def ours_step(
+    model: MultitaskClassifier, method: str, mode: str, X: dict, Y: dict, tasks_per_pass: int
+) -> Built:
+    balancer = balancer_for(method, mode, tasks_per_pass)
+    balancer.setup(model.tasks)
+
+    def step() -> None:
+        outputs: list = []
+        losses, counts = model.calculate_loss(X, Y, outputs=outputs)
+        ctx = StepContext(
+            model.tasks,
+            model.plan(losses),
+            counts,
+            lambda v: v.backward(),
+            lambda v: v,
+            0,
+            outputs=outputs,
+        )
+        balancer.backward(losses, ctx)
+
+    return step, list(model.parameters())
 
 
 def run_one(
@@ -139,46 +213,73 @@ def run_one(
 ) -> dict[str, float]:
     """Median seconds per step and the steps' peak memory above the warm-up (MiB)."""
     model, X, Y = build(n_tasks, args.batch, kind=args.trunk)
-    tasks_per_pass, steps = args.tasks_per_pass, args.steps
-    peer = torchjd_backward(model, method) if mode == "torchjd" else None
-    balancer = balancer_for(method, "gram" if peer else mode, tasks_per_pass)
-    balancer.setup(model.tasks)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    if mode == "torchjd":
+        step, params = torchjd_step(model, method, X, Y)
+    elif mode == "libmtl":
+        step, params = libmtl_step(model, method, X, Y)
+    else:
+        step, params = ours_step(model, method, mode, X, Y, args.tasks_per_pass)
+    opt = torch.optim.SGD(params, lr=0.01)
 
-    def step() -> float:
+    def timed() -> float:
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        losses, counts = model.calculate_loss(X, Y)
-        if peer is not None:
-            peer(losses)
-        else:
-            ctx = StepContext(
-                model.tasks, model.plan(losses), counts, lambda v: v.backward(), lambda v: v, 0
-            )
-            balancer.backward(losses, ctx)
+        step()
         opt.step()
         return time.perf_counter() - start
 
     with torch.no_grad():
         model.calculate_loss(X, Y)  # the forward's buffers in the baseline, not the gradients
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    step()  # warm-up (the batched trial, caches)
-    times = [step() for _ in range(steps)]
+    timed()  # warm-up (the batched trial, caches)
+    times = [timed() for _ in range(args.steps)]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"seconds": statistics.median(times), "peak_mib": (peak - base) / 1024}
 
 
 def in_fresh_process(
     method: str, mode: str, n_tasks: int, args: argparse.Namespace
-) -> dict[str, float]:
+) -> dict[str, Any]:
+    """:func:`run_one` in a fresh process; ``{"error": its last line of stderr}`` if it fails."""
     cmd = [sys.executable, "-m", "bench.many_tasks", "--one", method, mode, str(n_tasks)]
     cmd += ["--batch", str(args.batch), "--steps", str(args.steps)]
     cmd += ["--tasks-per-pass", str(args.tasks_per_pass), "--trunk", args.trunk]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     root = Path(__file__).resolve().parents[1]
-    out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, check=True)
+    out = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+    if out.returncode:  # reported in the table and the JSON, the other configurations go on
+        return {"error": (out.stderr.strip().splitlines() or ["exit " + str(out.returncode)])[-1]}
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def ratio(a: float, b: float | None) -> str:
+    return f"{a / b:6.2f}" if b else f"{'-':>6}"
+
+
+HEADER = (
+    f"{'T':>3} {'method':<10} {'mode':<14} {'s/step':>8} {'x sum':>6} "
+    + " ".join(f"{'x ' + p:>8}" for p in PEERS)
+    + f" {'peak MiB':>9} "
+    + " ".join(f"{'M/' + p:>9}" for p in PEERS)
+)
+
+
+def print_rows(rows: Sequence[dict[str, Any]], base: dict[str, Any]) -> None:
+    """One method's rows at one ``T``: time and peak against ``sum`` and against each peer."""
+    peer = {r["mode"]: r for r in rows if r["mode"] in PEERS and "error" not in r}
+    for r in rows:
+        if "error" in r:
+            print(f"{r['tasks']:>3} {r['method']:<10} {r['mode']:<14} failed: {r['error']}")
+            continue
+        t, m = r["seconds"], r["peak_mib"]
+        times = " ".join(f"{ratio(t, peer[p]['seconds']) if p in peer else '-':>8}" for p in PEERS)
+        mems = " ".join(f"{ratio(m, peer[p]['peak_mib']) if p in peer else '-':>9}" for p in PEERS)
+        print(
+            f"{r['tasks']:>3} {r['method']:<10} {r['mode']:<14} {t:8.4f} "
+            f"{ratio(t, base['seconds'])} {times} {m:9.1f} {mems}",
+            flush=True,
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
@@ -203,27 +304,22 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         one = run_one(method, mode, int(n), args)
         print(json.dumps(one))
         return []
-    rows = []
-    print(f"{'T':>3} {'method':<12} {'mode':<9} {'s/step':>8} {'x sum':>6} {'peak MiB':>9}")
+    rows: list[dict[str, Any]] = []
+    print(HEADER)
     for n_tasks in args.tasks:
-        base = in_fresh_process("sum", "sum", n_tasks, args)
-        rows.append({"tasks": n_tasks, "method": "sum", "mode": "-", **base})
-        print(
-            f"{n_tasks:>3} {'sum':<12} {'-':<9} {base['seconds']:8.4f} {1.0:6.2f} "
-            f"{base['peak_mib']:9.1f}"
-        )
+        base = {"tasks": n_tasks, "method": "sum", "mode": "-"}
+        base.update(in_fresh_process("sum", "sum", n_tasks, args))
+        rows.append(base)
+        print_rows([base], base)
         for method in args.methods:
-            for mode in args.modes:
-                if mode == "torchjd" and method not in TORCHJD:
-                    continue
-                r = in_fresh_process(method, mode, n_tasks, args)
-                ratio = r["seconds"] / base["seconds"]
-                rows.append({"tasks": n_tasks, "method": method, "mode": mode, **r})
-                print(
-                    f"{n_tasks:>3} {method:<12} {mode:<9} {r['seconds']:8.4f} {ratio:6.2f} "
-                    f"{r['peak_mib']:9.1f}",
-                    flush=True,
-                )
+            mine = [
+                {"tasks": n_tasks, "method": method, "mode": mode}
+                | in_fresh_process(method, mode, n_tasks, args)
+                for mode in args.modes
+                if has_mode(method, mode)
+            ]
+            print_rows(mine, base)
+            rows += mine
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
     return rows
