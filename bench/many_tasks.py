@@ -7,17 +7,26 @@ For ``T`` in ``--tasks`` and every gradient method in ``--methods``, each way of
 gradients (``docs/balancing.md``, "How task gradients are computed"): ``per_task`` (one backward
 pass per task, ``gradients: parameters``' default on a CPU), ``batched`` (vmapped passes of
 ``--tasks-per-pass`` tasks, 0: all; the default off the CPU) and ``gram`` (``gradients: gram``,
-its chunks' passes as ``--tasks-per-pass`` says), against ``sum`` (one backward pass of the summed
-losses).
+its chunks' passes as ``--tasks-per-pass`` says) and ``representation`` (``gradients:
+representation``: one ``autograd.grad`` per task to the trunk's output, one pass through the
+trunk), against ``sum`` (one backward pass of the summed losses), and the peers on the same model
+(the same trunk and heads, one instance) and batch:
 
-Each configuration runs in a fresh process: ``--steps`` SGD steps after two warm-up steps, the
-median seconds per step, and the peak resident memory of the steps above what the process held
-before them (``ru_maxrss``; model, data and one no-grad forward are in the baseline).
-CPU only. The machine may be shared: compare ratios within one run.
+- ``torchjd``: TorchJD's autogram engine on the trunk (Gramian without the Jacobian, then
+  ``losses.backward(weights)``) for ``mgda``, ``upgrad``, ``pcgrad`` and ``imtl`` (its CAGrad
+  needs cvxpy; it has no Nash-MTL weighting);
+- ``libmtl``: LibMTL 1.1.5's weighting ``backward`` on a host module around the trunk and heads
+  (``bench/_libmtl_shim.py``), with ``rep_grad=True`` for ``mgda`` and ``imtl`` (the methods
+  among these that LibMTL supports it for), on the shared parameters for ``cagrad`` and
+  ``pcgrad`` (they refuse ``rep_grad``); it has no UPGrad and (1.1.5) no Nash-MTL.
 
-``torchjd``: TorchJD's autogram engine on the trunk (Gramian without the Jacobian, then
-``losses.backward(weights)``) for ``mgda`` and ``cagrad``. Not here
-yet: LibMTL (through ``bench/_libmtl_shim.py``) and the ``representation`` mode.
+Each configuration runs in a fresh process: ``--steps`` SGD steps after one warm-up step, the
+median seconds per step (zero_grad, forward, backward and the optimizer step), and the peak
+resident memory of the steps above what the process held before them (``ru_maxrss``; model, data
+and one no-grad forward are in the baseline). CPU only. The machine may be shared: compare ratios
+within one run. The table gives each row's time and peak against ``sum`` and against each peer's
+row for the same method and ``T``; a configuration that fails is reported as such and left out of
+the ratios.
 
 Run (from the repository root):
 ``python -m bench.many_tasks [--tasks 2 10 40] [--methods mgda upgrad] [--steps 5]
