@@ -18,9 +18,11 @@ trunk), against ``sum`` (one backward pass of the summed losses), and the peers 
 - ``libmtl``: LibMTL 1.1.5's weighting ``backward`` on a host module around the trunk and heads
   (``bench/_libmtl_shim.py``), with ``rep_grad=True`` for ``mgda`` and ``imtl`` (the methods
   among these that LibMTL supports it for), on the shared parameters for ``cagrad`` and
-  ``pcgrad`` (they refuse ``rep_grad``); it has no UPGrad and (1.1.5) no Nash-MTL.
+  ``pcgrad`` (they refuse ``rep_grad``; its CAGrad hard-codes three tasks and fails on others); it
+  has no UPGrad and (1.1.5) no Nash-MTL.
 
-Each configuration runs in a fresh process: ``--steps`` SGD steps after one warm-up step, the
+Each configuration runs in a fresh process: ``--steps`` SGD steps after one warm-up step (more,
+up to 500, until the steps took ``--min-time`` seconds: cheap steps are noisy), the
 median seconds per step (zero_grad, forward, backward and the optimizer step), and the peak
 resident memory of the steps above what the process held before them (``ru_maxrss``; model, data
 and one no-grad forward are in the baseline). CPU only. The machine may be shared: compare ratios
@@ -29,8 +31,9 @@ row for the same method and ``T``; a configuration that fails is reported as suc
 the ratios.
 
 Run (from the repository root):
-``python -m bench.many_tasks [--tasks 2 10 40] [--methods mgda upgrad] [--steps 5]
-[--batch 64] [--threads 1] [--tasks-per-pass 8] [--json bench/results/many_tasks.json]``.
+``python -m bench.many_tasks [--tasks 2 10 40] [--methods mgda upgrad] [--modes gram libmtl]
+[--steps 5] [--min-time 2] [--batch 64] [--threads 1] [--tasks-per-pass 8]
+[--json bench/results/many_tasks.json]``.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ from mtlgraph.balancing import BALANCERS, GradientBalancer, StepContext
 MODES = ("per_task", "batched", "gram", "representation", "torchjd", "libmtl")
 PEERS = ("torchjd", "libmtl")
 METHODS = ("mgda", "upgrad", "cagrad", "nash_mtl", "pcgrad", "imtl", "aligned_mtl")
+MAX_STEPS = 500  # with --min-time
 CAGRAD_C = 0.4  # mtlgraph's default c, given to the peers' CAGrad too
 
 
@@ -242,6 +246,8 @@ def run_one(
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     timed()  # warm-up (the batched trial, caches)
     times = [timed() for _ in range(args.steps)]
+    while sum(times) < args.min_time and len(times) < MAX_STEPS:  # cheap steps: more of them
+        times.append(timed())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"seconds": statistics.median(times), "peak_mib": (peak - base) / 1024}
 
@@ -251,7 +257,14 @@ def in_fresh_process(
 ) -> dict[str, Any]:
     """:func:`run_one` in a fresh process; ``{"error": its last line of stderr}`` if it fails."""
     cmd = [sys.executable, "-m", "bench.many_tasks", "--one", method, mode, str(n_tasks)]
-    cmd += ["--batch", str(args.batch), "--steps", str(args.steps)]
+    cmd += [
+        "--batch",
+        str(args.batch),
+        "--steps",
+        str(args.steps),
+        "--min-time",
+        str(args.min_time),
+    ]
     cmd += ["--tasks-per-pass", str(args.tasks_per_pass), "--trunk", args.trunk]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
@@ -297,6 +310,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument(
+        "--min-time", type=float, default=0.0, help="more steps until they took this long (s)"
+    )
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N)")
     parser.add_argument(
