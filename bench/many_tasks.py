@@ -198,12 +198,16 @@ def libmtl_step(model: MultitaskClassifier, method: str, X: dict, Y: dict) -> Bu
 def ours_step(
     model: MultitaskClassifier, method: str, mode: str, X: dict, Y: dict, tasks_per_pass: int
 ) -> Built:
+    """mtlgraph's balancer for ``method`` taking its task gradients as ``mode`` says, driven the
+    way the Trainer drives it (losses, a StepContext, the forward's outputs if it reads them)."""
     balancer = balancer_for(method, mode, tasks_per_pass)
     balancer.setup(model.tasks)
 
+    keep = balancer.needs_outputs  # the forward's outputs are kept only then, as a Trainer does
+
     def step() -> None:
         outputs: list = []
-        losses, counts = model.calculate_loss(X, Y, outputs=outputs)
+        losses, counts = model.calculate_loss(X, Y, outputs=outputs if keep else None)
         ctx = StepContext(
             model.tasks,
             model.plan(losses),
@@ -224,7 +228,7 @@ def run_one(
     n_tasks: int,
     args: argparse.Namespace,
 ) -> dict[str, float]:
-    """Median seconds per step and the steps' peak memory above the warm-up (MiB)."""
+    """Median seconds per step and the steps' peak memory above a no-grad forward (MiB)."""
     model, X, Y = build(n_tasks, args.batch, kind=args.trunk)
     if mode == "torchjd":
         step, params = torchjd_step(model, method, X, Y)
