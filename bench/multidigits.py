@@ -518,8 +518,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(peers.format_peer_table(result["peers"]))
     result["wall_seconds"] = time.perf_counter() - start
     print(
-        f"\n{len(args.seeds)} seeds, {config.epochs} epochs, modes: parameters "
-        f"{' '.join(modes)}, {result['wall_seconds']:.0f} s"
+        f"\n{len(args.seeds)} seeds, {config.epochs} epochs, modes: "
+        f"{' '.join(['parameters', *modes])}, {result['wall_seconds']:.0f} s"
     )
     if args.json:
         write_json(result, args.json)
