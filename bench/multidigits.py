@@ -24,9 +24,15 @@ optimizer step and the training seconds per epoch (sum of the step times: no eva
 start-up). ``--peers`` adds LibMTL and TorchJD on the same data, model, batches and seeds
 (:mod:`bench.peers`).
 
+Gradient modes: each gradient balancer's plain row takes the task gradients on the shared
+parameters (``gradients: parameters``, the default); for each mode of ``--modes``
+(``representation``, ``gram``; default both, none with ``--quick``) every balancer whose
+constructor accepts it gets one more row, ``<name> [<mode>]``. ``gram`` gives the same update as
+``parameters`` up to float rounding, so its row mainly times the Gram way.
+
 Run (from the repository root):
-``python -m bench.multidigits [--quick] [--seeds 0 1 2] [--peers] [--threads 1]
-[--json bench/results/multidigits.json]``.
+``python -m bench.multidigits [--quick] [--seeds 0 1 2] [--modes representation gram] [--peers]
+[--threads 1] [--json bench/results/multidigits.json]``.
 """
 
 from __future__ import annotations
@@ -53,10 +59,12 @@ if __package__ in (None, ""):  # run as a script: make `bench` and the worktree 
 
 from mtlgraph import DictDataLoader, DictDataset, MultitaskClassifier, Operation, Task, Trainer
 from mtlgraph.balancing import BALANCERS
+from mtlgraph.exceptions import ConfigError
 from mtlgraph.training import trainer as trainer_module
 from mtlgraph.training.step import TrainStep
 
 TASKS = ("left", "right")
+EXTRA_MODES = ("representation", "gram")  # gradient modes besides the default "parameters"
 CANVAS = 16  # canvas side, px
 LEFT_SHIFTS = (0, 4)  # range of the left digit's top-left corner (row and column), px
 RIGHT_SHIFTS = (5, 9)  # same for the right digit
@@ -293,7 +301,7 @@ def delta_m(
 
     >>> round(delta_m({"a": 0.9, "b": 0.8}, {"a": 0.8, "b": 0.8}), 4)  # (12.5 + 0) / 2
     6.25
-    >>> delta_m({"e": 0.5}, {"e": 0.4}, {"e": False})  # an error rate: higher is worse
+    >>> round(delta_m({"e": 0.5}, {"e": 0.4}, {"e": False}), 4)  # an error rate: higher is worse
     -25.0
     """
     terms = []
@@ -337,21 +345,44 @@ def guarded(epochs: int, fn: Callable[..., RunResult], *args: Any, **kwargs: Any
         return RunResult({}, {}, [], epochs, error=f"failed: {type(e).__name__}: {e}")
 
 
+def method_specs(modes: Sequence[str] = EXTRA_MODES) -> dict[str, str | dict[str, Any]]:
+    """Row name -> balancer spec: every registered balancer by name, then, for each of ``modes``,
+    ``"<name> [<mode>]"`` for each balancer that accepts ``gradients: <mode>``.
+
+    >>> specs = method_specs(["representation"])
+    >>> specs["mgda [representation]"], "sum [representation]" in specs
+    ({'name': 'mgda', 'gradients': 'representation'}, False)
+    """
+    specs: dict[str, str | dict[str, Any]] = {name: name for name in BALANCERS.names()}
+    for mode in modes:
+        for name in BALANCERS.names():
+            spec = {"name": name, "gradients": mode}
+            try:
+                BALANCERS.build(spec)
+            except ConfigError:  # takes no `gradients`, or refuses this mode
+                continue
+            specs[f"{name} [{mode}]"] = spec
+    return specs
+
+
 def run_all(
     config: Config,
     seeds: Sequence[int],
     log: Callable[[str], None],
     with_peers: bool = False,
     timing_rounds: int = 7,
+    modes: Sequence[str] = EXTRA_MODES,
 ) -> dict[str, Any]:
     """Single-task baselines and every registered balancer over ``seeds``; the result table.
 
-    ``with_peers``: right after each of our runs of a method the peers implement, the peers'
-    runs of it (same seed), so machine noise hits the three alike; ``result["peers"]``.
+    ``modes``: the extra gradient modes (:func:`method_specs`). ``with_peers``: right after each
+    of our runs of a method the peers implement, the peers' runs of it (same seed), so machine
+    noise hits the three alike; ``result["peers"]``.
     """
     data = make_multidigits(config)
     single_runs: dict[str, list[RunResult]] = {t: [] for t in TASKS}
-    method_runs: dict[str, list[RunResult]] = {name: [] for name in BALANCERS.names()}
+    specs = method_specs(modes)
+    method_runs: dict[str, list[RunResult]] = {name: [] for name in specs}
     peer_runs = None
     if with_peers:
         from bench import peers
@@ -362,7 +393,7 @@ def run_all(
             single_runs[t].append(run_ours("sum", data, config, seed, tasks=[t]))
             log(f"seed {seed} single-task {t}: {single_runs[t][-1].accuracy[t]:.4f}")
         for name in method_runs:
-            r = guarded(config.epochs, run_ours, name, data, config, seed)
+            r = guarded(config.epochs, run_ours, specs[name], data, config, seed)
             method_runs[name].append(r)
             log(f"seed {seed} {name}: {r.error or r.accuracy}")
             if peer_runs is not None:  # the peers' runs of this method, right after ours
@@ -376,7 +407,12 @@ def run_all(
     rows.update({name: summarize(runs, single) for name, runs in method_runs.items()})
     result = {
         "benchmark": "multidigits",
-        "config": {**asdict(config), "pairs": dict(config.pairs), "seeds": list(seeds)},
+        "config": {
+            **asdict(config),
+            "pairs": dict(config.pairs),
+            "seeds": list(seeds),
+            "modes": list(modes),
+        },
         "tasks": list(TASKS),
         "single_task_accuracy": single,
         "methods": rows,
@@ -448,6 +484,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=None, help="override the epochs")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N)")
+    parser.add_argument(
+        "--modes",
+        nargs="*",
+        choices=EXTRA_MODES,
+        default=None,
+        help="extra gradient modes, one row each per accepting balancer (default: both; none "
+        "with --quick)",
+    )
     parser.add_argument("--peers", action="store_true", help="also LibMTL and TorchJD")
     parser.add_argument("--json", default=None, help="write the result here (JSON)")
     parser.add_argument("--timing-rounds", type=int, default=7, help="peers: timing rotations")
@@ -464,7 +508,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             print(msg, file=sys.stderr, flush=True)
 
     start = time.perf_counter()
-    result = run_all(config, args.seeds, log, args.peers, args.timing_rounds)
+    modes = args.modes if args.modes is not None else ([] if args.quick else EXTRA_MODES)
+    result = run_all(config, args.seeds, log, args.peers, args.timing_rounds, modes)
     print(format_table(result))
     if args.peers:
         from bench import peers
@@ -472,7 +517,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print()
         print(peers.format_peer_table(result["peers"]))
     result["wall_seconds"] = time.perf_counter() - start
-    print(f"\n{len(args.seeds)} seeds, {config.epochs} epochs, {result['wall_seconds']:.0f} s")
+    print(
+        f"\n{len(args.seeds)} seeds, {config.epochs} epochs, modes: "
+        f"{' '.join(['parameters', *modes])}, {result['wall_seconds']:.0f} s"
+    )
     if args.json:
         write_json(result, args.json)
     return result

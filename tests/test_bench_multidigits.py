@@ -70,6 +70,29 @@ def test_delta_m_from_hand_numbers() -> None:
     assert multidigits.mean_std([0.5]) == (0.5, 0.0)
 
 
+def test_mode_rows_for_the_balancers_that_accept_the_mode() -> None:
+    specs = multidigits.method_specs(["representation", "gram"])
+    assert set(BALANCERS.names()) <= set(specs)
+    assert specs["mgda"] == "mgda"
+    assert specs["mgda [representation]"] == {"name": "mgda", "gradients": "representation"}
+    assert specs["upgrad [gram]"] == {"name": "upgrad", "gradients": "gram"}
+    # weighting balancers take no `gradients`; moco keeps per-parameter state of the rows
+    for name in ("sum", "famo", "moco", "db_mtl"):
+        assert f"{name} [representation]" not in specs and f"{name} [gram]" not in specs
+    assert set(multidigits.method_specs([])) == set(BALANCERS.names())
+
+
+def test_gram_row_trains_the_model_of_the_parameters_row() -> None:
+    data = multidigits.make_multidigits(TINY)
+    plain = multidigits.run_ours("mgda", data, TINY, 0)
+    gram = multidigits.run_ours({"name": "mgda", "gradients": "gram"}, data, TINY, 0)
+    rep = multidigits.run_ours({"name": "mgda", "gradients": "representation"}, data, TINY, 0)
+    n_test = TINY.pairs["test"]
+    for task in multidigits.TASKS:  # the same update up to float rounding: at most one flip
+        assert abs(gram.accuracy[task] - plain.accuracy[task]) <= 1 / n_test
+    assert rep.accuracy != plain.accuracy  # other coefficients, another model
+
+
 @pytest.mark.slow
 def test_quick_run_table_json_and_delta_m(tmp_path, capsys) -> None:
     out = tmp_path / "multidigits.json"
@@ -80,6 +103,7 @@ def test_quick_run_table_json_and_delta_m(tmp_path, capsys) -> None:
     saved = json.loads(out.read_text())
     assert set(saved["methods"]) == {"single_task", *BALANCERS.names()}
     assert saved["config"]["seeds"] == [0]
+    assert saved["config"]["modes"] == []  # --quick: the parameter rows only
     single = saved["single_task_accuracy"]
     for task in multidigits.TASKS:
         assert single[task] > CHANCE + 0.2

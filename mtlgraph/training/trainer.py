@@ -7,6 +7,7 @@ run's state is one :class:`~mtlgraph.training.state.RunState`. See ``docs/traini
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -190,6 +191,11 @@ class Trainer:
                     loop.writers.close(self.history, final)
                 if loop.probes is not None:
                     self.diagnostics = loop.probes.report
+                # the DDP wrapper holds the process group: free it before the group is destroyed,
+                # so that gloo's threads stop then, not at interpreter exit (an abort there)
+                del loop
+                if env.enabled:
+                    gc.collect()
 
 
 class FitLoop:
