@@ -67,7 +67,7 @@ CAGRAD_C = 0.4  # mtlgraph's default c, given to the peers' CAGrad too
 
 
 def trunk() -> nn.Module:
-    """A small conv trunk: 32x32x3 -> 64 features (~30k parameters)."""
+    """A small conv trunk: 32x32x3 -> 64 features (16,448 parameters)."""
     return nn.Sequential(
         nn.Conv2d(3, 16, 3, padding=1),
         nn.ReLU(),
