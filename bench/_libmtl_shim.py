@@ -51,6 +51,7 @@ def weighting_class(name: str) -> type[nn.Module]:
         pkg = types.ModuleType("LibMTL")
         pkg.__path__ = list(spec.submodule_search_locations)
         pkg.__file__ = spec.origin
+        pkg.__spec__ = spec  # importlib.util.find_spec("LibMTL") keeps working once it is here
         pkg.__doc__ = "LibMTL without its __init__ (bench/_libmtl_shim.py)"
         sys.modules["LibMTL"] = pkg
     module = importlib.import_module(f"LibMTL.weighting.{name}")
