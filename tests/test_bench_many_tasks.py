@@ -5,10 +5,17 @@ Outcomes only (the update's direction on the shared trunk); no timing thresholds
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
 from bench import many_tasks
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("LibMTL") is None,
+    reason="LibMTL is not installed: pip install --no-deps LibMTL==1.1.5",
+)
 
 
 def trunk_gradient(n_tasks: int, method: str, mode: str) -> torch.Tensor:
