@@ -729,13 +729,17 @@ def same_state(a: object, b: object) -> bool:
     return a == b
 
 
-@pytest.mark.parametrize("name", ALL)
-def test_state_round_trips_and_resume_is_bit_exact(name: str) -> None:
-    model, balancer = trained_balancer(name)
-    fresh = reload(name, balancer, model)
-    assert same_state(balancer.state_dict(), fresh.state_dict())
-    assert fresh.weights() == balancer.weights()
-    # the same next steps from both give identical gradients and identical state
+def assert_next_steps_agree(
+    model: MultitaskClassifier,
+    balancer: Balancer,
+    fresh: Balancer,
+    step: Callable[[MultitaskClassifier, Balancer, dict, dict], object] | None = None,
+    epoch_end: bool = False,
+) -> dict[str, float]:
+    """The same three next steps from ``balancer`` and its reload ``fresh``, each on a copy of
+    ``model`` (``step(model, balancer, X, Y)``, default: its ``backward`` on the losses; with
+    ``epoch_end``, then an epoch end), give identical gradients, weights and state; returns the
+    weights."""
     X, Y = batch(seed=9)
     Y["a"] = (Y["a"] > 1).long()
     results = []
@@ -745,14 +749,29 @@ def test_state_round_trips_and_resume_is_bit_exact(name: str) -> None:
         for _ in range(3):
             m.zero_grad(set_to_none=True)
             b.zero_grad(set_to_none=True)
-            losses, _ = m.calculate_loss(X, Y)
-            b.backward(losses, context(m, losses))
-            grads += [p.grad.clone() for p in [*m.parameters(), *b.parameters()]]
-        b.on_epoch_end(5, {"a": 0.3, "b": 0.2})
+            if step is None:
+                losses, _ = m.calculate_loss(X, Y)
+                b.backward(losses, context(m, losses))
+            else:
+                step(m, b, X, Y)
+            grads += [p.grad.clone() for p in m.parameters()]
+            grads += [p.grad.clone() for p in b.parameters() if p.grad is not None]
+        if epoch_end:
+            b.on_epoch_end(5, {"a": 0.3, "b": 0.2})
         results.append((grads, b.weights(), b.state_dict()))
     (g1, w1, s1), (g2, w2, s2) = results
-    assert all(torch.equal(x, y) for x, y in zip(g1, g2, strict=True))
+    assert len(g1) == len(g2) and all(torch.equal(x, y) for x, y in zip(g1, g2, strict=True))
     assert w1 == w2 and same_state(s1, s2)
+    return w1
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_state_round_trips_and_resume_is_bit_exact(name: str) -> None:
+    model, balancer = trained_balancer(name)
+    fresh = reload(name, balancer, model)
+    assert same_state(balancer.state_dict(), fresh.state_dict())
+    assert fresh.weights() == balancer.weights()
+    assert_next_steps_agree(model, balancer, fresh, epoch_end=True)
 
 
 def test_state_holds_histories_and_initial_losses() -> None:

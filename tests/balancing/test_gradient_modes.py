@@ -12,7 +12,13 @@ from typing import Any
 
 import pytest
 import torch
-from test_balancing import batch, context, reload, same_state, trained_balancer
+from test_balancing import (
+    assert_next_steps_agree,
+    context,
+    reload,
+    same_state,
+    trained_balancer,
+)
 from torch import nn
 
 from mtlgraph import ConfigError, MultitaskClassifier, Operation, Task
@@ -430,21 +436,7 @@ def test_gram_mode_resume_is_bit_exact(spec: dict) -> None:
     assert isinstance(balancer, GradientBalancer) and balancer.gradients == "gram"
     fresh = reload(spec, balancer, model)  # type: ignore[arg-type]
     assert same_state(balancer.state_dict(), fresh.state_dict())
-    X, Y = batch(seed=9)
-    Y["a"] = (Y["a"] > 1).long()
-    results = []
-    for b in (balancer, fresh):
-        m = copy.deepcopy(model)
-        grads = []
-        for _ in range(3):
-            m.zero_grad(set_to_none=True)
-            losses, _ = m.calculate_loss(X, Y)
-            b.backward(losses, context(m, losses))
-            grads += [p.grad.clone() for p in m.parameters()]
-        results.append((grads, b.weights(), b.state_dict()))
-    (g1, w1, s1), (g2, w2, s2) = results
-    assert all(torch.equal(x, y) for x, y in zip(g1, g2, strict=True))
-    assert w1 == w2 and same_state(s1, s2)
+    w1 = assert_next_steps_agree(model, balancer, fresh)
     assert all(math.isfinite(v) for v in w1.values())
 
 

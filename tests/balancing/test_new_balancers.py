@@ -22,6 +22,7 @@ import pytest
 import torch
 from scipy import optimize
 from test_balancing import (
+    assert_next_steps_agree,
     batch,
     context,
     reload,
@@ -556,21 +557,7 @@ def test_state_round_trips_and_resume_is_bit_exact(name: str) -> None:
     fresh = reload(name, balancer, model)
     assert same_state(balancer.state_dict(), fresh.state_dict())
     assert fresh.weights() == balancer.weights()
-    X, Y = batch(seed=9)
-    Y["a"] = (Y["a"] > 1).long()
-    results = []
-    for b in (balancer, fresh):
-        m = copy.deepcopy(model)
-        grads = []
-        for _ in range(3):
-            m.zero_grad(set_to_none=True)
-            losses, _ = m.calculate_loss(X, Y)
-            b.backward(losses, context(m, losses))
-            grads += [p.grad.clone() for p in m.parameters()]
-        results.append((grads, b.weights(), b.state_dict()))
-    (g1, w1, s1), (g2, w2, s2) = results
-    assert all(torch.equal(x, y) for x, y in zip(g1, g2, strict=True))
-    assert w1 == w2 and same_state(s1, s2)
+    w1 = assert_next_steps_agree(model, balancer, fresh)
     assert len(w1) == 2 and all(math.isfinite(v) for v in w1.values())
 
 

@@ -12,7 +12,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from test_balancing import batch, reload, same_state, trained_balancer, two_task_model
+from test_balancing import (
+    assert_next_steps_agree,
+    batch,
+    reload,
+    same_state,
+    trained_balancer,
+    two_task_model,
+)
 from test_balancing_evidence import conflict_problem, normalised_errors, scale_problem
 from test_new_balancers import libmtl_weighting
 from torch import nn
@@ -696,20 +703,7 @@ def test_resume_is_bit_exact(spec: dict) -> None:
     fresh = reload(spec, balancer, model)
     assert same_state(balancer.state_dict(), fresh.state_dict())
     assert fresh.weights() == balancer.weights() and len(fresh.weights()) == 2
-    X, Y = batch(seed=9)
-    Y["a"] = (Y["a"] > 1).long()
-    results = []
-    for b in (balancer, fresh):
-        m = copy.deepcopy(model)
-        grads = []
-        for _ in range(3):
-            m.zero_grad(set_to_none=True)
-            rep_step(m, b, X, Y)
-            grads += [p.grad.clone() for p in m.parameters()]
-        results.append((grads, b.weights(), b.state_dict()))
-    (g1, w1, s1), (g2, w2, s2) = results
-    assert all(torch.equal(x, y) for x, y in zip(g1, g2, strict=True))
-    assert w1 == w2 and same_state(s1, s2)
+    w1 = assert_next_steps_agree(model, balancer, fresh, rep_step)
     assert all(math.isfinite(v) for v in w1.values())
 
 
