@@ -19,7 +19,13 @@ from mtlgraph._schema import convert
 from mtlgraph._suggest import did_you_mean, quoted
 from mtlgraph.exceptions import ConfigError, UnknownNameError
 
-__all__ = ["Registry", "accepted_parameters", "argument_problems", "import_object"]
+__all__ = [
+    "Registry",
+    "accepted_parameters",
+    "argument_problems",
+    "import_object",
+    "type_hints",
+]
 
 T = TypeVar("T")
 
@@ -282,7 +288,7 @@ class Registry(Generic[T]):
             raise ConfigError(problems)
         if self.base is not None and isinstance(factory, self.base):
             return factory
-        hints = _hints(_signature_source(factory))  # 1 -> 1.0, lists -> tuples
+        hints = type_hints(_signature_source(factory))  # 1 -> 1.0, lists -> tuples
         kwargs = {k: convert(v, hints[k], k, []) if k in hints else v for k, v in kwargs.items()}
         kwargs = {**given, **kwargs}
         if self.bind:
@@ -390,7 +396,7 @@ def argument_problems(
         return []
     named, open_kwargs = params
     fixes = supplied if isinstance(supplied, Mapping) else {}
-    hints = _hints(source)
+    hints = type_hints(source)
     problems: list[str] = []
     for key, value in kwargs.items():
         if key in supplied:
@@ -446,7 +452,9 @@ def _parameters(factory: Callable[..., Any]) -> tuple[dict[str, inspect.Paramete
     return named, any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
 
 
-def _hints(factory: Callable[..., Any]) -> dict[str, Any]:
+def type_hints(factory: Callable[..., Any]) -> dict[str, Any]:
+    """The resolved annotations of ``factory(...)`` (a class: its ``__init__``); ``{}`` when
+    they do not resolve (argument names are then checked, types are not)."""
     target = factory.__init__ if isinstance(factory, type) else factory  # type: ignore[misc]
     try:
         return typing.get_type_hints(target)

@@ -21,6 +21,7 @@ from torch import nn
 from mtlgraph.balancing.gradient import GradientBalancer
 from mtlgraph.exceptions import ConfigError
 from mtlgraph.gradients import SharedLayout
+from mtlgraph.registry import type_hints
 
 
 def _aggregator_classes(obj: object) -> list[str]:
@@ -136,16 +137,11 @@ def adapt_aggregator(obj: Any) -> Any:
 def _tensor_hints_take_lists(cls: type) -> dict[str, Any]:
     """The type hints of ``cls(...)``'s arguments, a tensor argument also taking a list of
     numbers (YAML has no tensors)."""
-    try:
-        hints = typing.get_type_hints(cls.__init__)  # type: ignore[misc]
-    except Exception:  # annotations that do not resolve: names are checked, types are not
-        return {}
     out: dict[str, Any] = {}
-    for name, hint in hints.items():
+    for name, hint in type_hints(cls).items():
         if name == "return":
             continue
-        args = typing.get_args(hint)
-        if hint is torch.Tensor or torch.Tensor in args:
+        if hint is torch.Tensor or torch.Tensor in typing.get_args(hint):
             hint = hint | list[float]
         out[name] = hint
     return out
