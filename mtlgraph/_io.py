@@ -30,6 +30,14 @@ EXTRAS = {
     "onnxscript": "onnx",
     "onnxruntime": "onnx",
     "torchjd": "torchjd",
+    "transformers": "hf",
+    "tokenizers": "hf",
+    "peft": "hf",
+    "safetensors": "hf",
+    "matplotlib": "report",
+    "mlflow": "mlflow",
+    "optuna": "sweep",
+    "pandas": "snorkel",
 }
 """Top-level modules of optional dependencies -> the mtlgraph extra that installs them."""
 
