@@ -108,6 +108,12 @@ class DictDataset(_DictDataset):
         """Snorkel's ``from_tensors``: one field ``input_data_key``, one task ``task_name``."""
         return cls(dataset_name, split, {input_data_key: X_tensor}, {task_name: Y_tensor})
 
+    def __repr__(self) -> str:
+        """Snorkel's: ``DictDataset(name=d, X_keys=['x'], Y_keys=['t'])``."""
+        return (
+            f"DictDataset(name={self.name}, X_keys={list(self.X_dict)}, Y_keys={list(self.Y_dict)})"
+        )
+
 
 class DictDataLoader(_DictDataLoader):
     """Snorkel's ``DictDataLoader(dataset, collate_fn=collate_dicts, **kwargs)``.
