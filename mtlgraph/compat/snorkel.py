@@ -42,6 +42,7 @@ from mtlgraph.training.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from mtlgraph.training.lr import LR_SCHEDULES
 from mtlgraph.training.trainer import Trainer as _Trainer
 from mtlgraph.training.writers import WRITERS, Writer, WriterContext
 
@@ -734,6 +735,8 @@ def _lr_schedule(
     elif name == "step":
         params = {"gamma": 0.9, "step_size": 5, **config.get("step_config", {})}
         schedule = {"name": "step", "unit": "steps", **params, **floor}
+    if name in ("exponential", "step"):  # a typo in its config, named where Snorkel had it
+        problems += LR_SCHEDULES.problems(schedule, f"lr_scheduler_config.{name}_config")
     out: dict[str, Any] = {"lr_scheduler": schedule}
     steps, unit = config.get("warmup_steps", 0), config.get("warmup_unit", "batches")
     if steps and unit == "epochs":

@@ -22,9 +22,7 @@ collect_ignore = ["snorkel_seed_tutorial.py"]
 def snorkel_task(name: str = "t", trunk: str = "base", head: str | None = None) -> Task:
     """``trunk`` (Linear 2->4, ReLU) on ``X["x"]``, then ``head`` (Linear 4->2)."""
     head = head or f"{name}_head"
-    pool = nn.ModuleDict(
-        {trunk: nn.Sequential(nn.Linear(2, 4), nn.ReLU()), head: nn.Linear(4, 2)}
-    )
+    pool = nn.ModuleDict({trunk: nn.Sequential(nn.Linear(2, 4), nn.ReLU()), head: nn.Linear(4, 2)})
     return Task(
         name=name,
         module_pool=pool,

@@ -199,7 +199,9 @@ def test_an_operation_without_inputs_gets_the_outputs_dict() -> None:
 
 
 def test_snorkel_task_attributes() -> None:
-    model = MultitaskClassifier([snorkel_task("a", "a_base"), snorkel_task("b", "b_base")], device=-1)
+    model = MultitaskClassifier(
+        [snorkel_task("a", "a_base"), snorkel_task("b", "b_base")], device=-1
+    )
     assert list(model.op_sequences) == ["a", "b"]
     assert [op.name for op in model.op_sequences["a"]] == ["a_base", "a_head"]
     assert model.scorers["a"].metric_keys == ["accuracy"]
