@@ -11,7 +11,7 @@ import logging
 import os
 import tempfile
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Container, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from mtlgraph.exceptions import CheckpointError, ConfigError, DataError, GraphEr
 from mtlgraph.graph.losses import cross_entropy_with_probs
 from mtlgraph.graph.model import MultitaskClassifier as _MultitaskClassifier
 from mtlgraph.graph.model_file import load_model_state, read_checkpoint, state_problems
+from mtlgraph.graph.plan import ExecutionPlan
 from mtlgraph.graph.task import INPUT, InputSpec
 from mtlgraph.graph.task import Operation as _Operation
 from mtlgraph.graph.task import Task as _Task
@@ -472,13 +473,18 @@ class MultitaskClassifier(_MultitaskClassifier):
         return {INPUT: X_dict, **super().forward(X_dict, task_names)}
 
     def calculate_loss(
-        self, X_dict: Mapping[str, Any], Y_dict: Mapping[str, torch.Tensor], **kwargs: Any
+        self,
+        X_dict: Mapping[str, Any],
+        Y_dict: Mapping[str, torch.Tensor],
+        keep_empty: bool = False,
+        all_active: Container[str] = (),
+        outputs: list[tuple[ExecutionPlan, dict[int, Any]]] | None = None,
     ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
         """Snorkel's ``calculate_loss``: labels naming no task are ignored (one note)."""
         known = self.labels_to_tasks(Y_dict)
         if len(known) < len(Y_dict):
             Y_dict = {label: y for label, y in Y_dict.items() if label in known}
-        return super().calculate_loss(X_dict, Y_dict, **kwargs)
+        return super().calculate_loss(X_dict, Y_dict, keep_empty, all_active, outputs)
 
     def predict(  # type: ignore[override]  # Snorkel's label keys
         self,
@@ -960,7 +966,7 @@ class Trainer(_Trainer):
         self.last_checkpoint: Path | None = None  # last.pt of the last fit
         self.scratch: tempfile.TemporaryDirectory[str] | None = None
 
-    def fit(  # type: ignore[override]  # Snorkel's signature, and mtlgraph's resume_from
+    def fit(
         self,
         model: _MultitaskClassifier,
         dataloaders: Sequence[_DictDataLoader],
