@@ -964,7 +964,8 @@ class Trainer(_Trainer):
         super().__init__(**snorkel_to_mtlgraph(kwargs))
         self.resume_from: str | os.PathLike[str] | None = None  # armed by load(path, model)
         self.last_checkpoint: Path | None = None  # last.pt of the last fit
-        self.scratch: tempfile.TemporaryDirectory[str] | None = None
+        self.scratch: tempfile.TemporaryDirectory[str] | None = None  # fit's own run directory
+        self.loaded: tempfile.TemporaryDirectory[str] | None = None  # the run load() read
 
     def fit(
         self,
@@ -976,6 +977,7 @@ class Trainer(_Trainer):
         run directory) continues an interrupted run exactly, as mtlgraph's ``fit`` does."""
         resume = resume_from if resume_from is not None else self.resume_from
         self.resume_from = None
+        loaded, self.loaded = self.loaded, None  # removed once this fit is done with it
         loaders = _known_labels(model, dataloaders)
         own_dir = self.config.run_dir is None
         if own_dir:  # the run's state, for save(): a directory of its own, removed with it
@@ -990,6 +992,8 @@ class Trainer(_Trainer):
         finally:
             if own_dir:
                 self.config.run_dir = None
+            if loaded is not None:
+                loaded.cleanup()
         best = run_dir / CHECKPOINT_DIR / BEST
         if self.snorkel_config.get("checkpointing") and best.exists():
             model.load(best)
@@ -1047,4 +1051,6 @@ class Trainer(_Trainer):
                 f"Trainer.load: '{os.fspath(trainer_path)}' is from another model: "
                 f"{'; '.join(problems)}; pass the model that run trained"
             )
-        self.resume_from = trainer_path
+        # Snorkel read the file here; a copy keeps the run when the file goes away before fit
+        self.loaded = tempfile.TemporaryDirectory(prefix="mtlgraph-snorkel-")
+        self.resume_from = save_checkpoint(saved, Path(self.loaded.name) / LAST)
