@@ -837,6 +837,11 @@ def _checkpoints(ckpt_cfg: Mapping[str, Any], freq: int, problems: list[str]) ->
             "checkpointer_config.checkpoint_task_metrics: mtlgraph keeps best.pt for one "
             "metric (checkpoint_metric) and last.pt; save others from trainer.history"
         )
+    if not ckpt_cfg.get("checkpoint_clear", True):
+        problems.append(
+            "checkpointer_config.checkpoint_clear: False (keep every checkpoint) is not "
+            "supported; mtlgraph keeps last.pt and best.pt, as Snorkel's default True kept the best"
+        )
     if ckpt_cfg.get("checkpoint_runway"):
         problems.append(
             "checkpointer_config.checkpoint_runway: not supported; mtlgraph considers every "

@@ -133,11 +133,12 @@ def test_checkpoint_dir_none_and_min_lr_above_lr_are_refused() -> None:
             lr_scheduler="linear",
             lr_scheduler_config={"min_lr": 0.1},
             checkpointing=True,
-            checkpointer_config={"checkpoint_dir": None},
+            checkpointer_config={"checkpoint_dir": None, "checkpoint_clear": False},
         )
     text = str(info.value)
     assert "checkpointer_config.checkpoint_dir: None; Snorkel failed on it too" in text
     assert "min_lr: 0.1 is above lr=0.01; Snorkel raised the learning rate to min_lr" in text
+    assert "checkpoint_clear: False (keep every checkpoint) is not supported" in text
 
 
 @pytest.mark.parametrize(
