@@ -17,6 +17,7 @@ from torch import nn
 
 import mtlgraph
 from mtlgraph import CheckpointError
+from mtlgraph.compat.snorkel import MultitaskClassifier, Operation, Task
 
 from .conftest import loaders, snorkel_model
 
@@ -81,3 +82,38 @@ def test_a_file_saved_under_other_task_names_loads_when_the_modules_match(
     core = mtlgraph.MultitaskClassifier(list(renamed.tasks.values()))
     with pytest.raises(CheckpointError, match="weights of tasks \\['a'\\]"):  # core: strict
         core.load(tmp_path / "a.pt")
+
+
+class Combiner(nn.Module):
+    """A module with weights that reads the whole outputs dict (``inputs=[]``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 2)
+
+    def forward(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.linear(outputs["base"])
+
+
+def test_a_whole_outputs_module_loads_from_either_layout(tmp_path: Path) -> None:
+    def model() -> MultitaskClassifier:
+        pool = nn.ModuleDict({"base": nn.Linear(2, 4), "comb": Combiner()})
+        ops = [Operation("base", [("_input_", "x")]), Operation("comb", [])]
+        return MultitaskClassifier([Task("t", pool, ops)], device=-1)
+
+    torch.manual_seed(3)
+    plain = nn.Module()  # Snorkel with dataparallel=False: module_pool.comb.linear.weight
+    plain.module_pool = nn.ModuleDict({"base": nn.Linear(2, 4), "comb": Combiner()})
+    torch.save(plain.state_dict(), tmp_path / "plain.pth")
+    ours = model()
+    ours.load(tmp_path / "plain.pth")
+    assert torch.equal(
+        ours.module_pool["comb"].module.linear.weight, plain.module_pool["comb"].linear.weight
+    )
+    ours.save(tmp_path / "ours.pt")
+    again = model()
+    again.load(tmp_path / "ours.pt")
+    x = torch.randn(3, 2)
+    assert torch.equal(
+        again.forward({"x": x}, ["t"])["comb"], ours.forward({"x": x}, ["t"])["comb"]
+    )

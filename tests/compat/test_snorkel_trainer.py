@@ -11,8 +11,14 @@ from typing import Any
 import pytest
 import torch
 
-from mtlgraph import CheckpointError, ConfigError
-from mtlgraph.compat.snorkel import MultitaskClassifier, Trainer, snorkel_to_mtlgraph
+import mtlgraph
+from mtlgraph import CheckpointError, ConfigError, DataError
+from mtlgraph.compat.snorkel import (
+    MultitaskClassifier,
+    SnorkelCompatNote,
+    Trainer,
+    snorkel_to_mtlgraph,
+)
 
 from .conftest import loaders, snorkel_model
 
@@ -174,3 +180,14 @@ def test_warmup_translation() -> None:
         {"lr_scheduler_config": {"warmup_steps": 2, "warmup_percentage": 0.5}}
     )
     assert "warmup_fraction" not in cfg  # Snorkel ignored the percentage then
+
+
+def test_fit_ignores_labels_naming_no_task_with_one_note() -> None:
+    model = snorkel_model()
+    with pytest.warns(SnorkelCompatNote, match="labels 'spare' name no task") as notes:
+        trainer = Trainer(n_epochs=1, progress_bar=False)
+        trainer.fit(model, loaders(labels=("t", "spare")))
+    assert len([n for n in notes if issubclass(n.category, SnorkelCompatNote)]) == 1
+    assert "t/d/valid/accuracy" in trainer.history[-1]
+    with pytest.raises(DataError, match="spare"):  # mtlgraph's Trainer stays strict
+        mtlgraph.Trainer(progress_bar=False).fit(model, loaders(labels=("t", "spare")))
