@@ -496,7 +496,9 @@ class MultitaskClassifier(_MultitaskClassifier):
     ) -> dict[str, dict[str, np.ndarray]]:
         """Snorkel's ``predict``: results keyed by *label*, a label and its remap onto the
         same task both predicted; labels naming no task ignored (one note)."""
-        Y = getattr(dataloader.dataset, "Y_dict", {})
+        Y = getattr(dataloader.dataset, "Y_dict", None)
+        if Y is None:  # labels known only batch by batch (a NamedDataset): mtlgraph's rules
+            return super().predict(dataloader, return_preds, remap_labels, task_names, slices)
         pairs = self.labels_to_tasks(Y, remap_labels)
         if task_names is not None or slices is not None:
             remap = {**{lb: None for lb in Y if lb not in pairs}, **pairs}
@@ -532,12 +534,13 @@ class MultitaskClassifier(_MultitaskClassifier):
         scores: dict[str, float] = {}
         for loader in loaders:
             ds = loader.dataset
-            pairs = self.labels_to_tasks(getattr(ds, "Y_dict", {}), remap_labels)
+            Y = getattr(ds, "Y_dict", None)
+            pairs = {} if Y is None else self.labels_to_tasks(Y, remap_labels)
             check_soft_labels({lb: self.tasks[t] for lb, t in pairs.items()}, [loader])
             result = self.predict(loader, True, remap_labels, slices=slices)
             tasks = {label: self.tasks[task] for label, task in pairs.items()}
-            if slices is not None:  # mtlgraph's slice scores: keyed by task
-                tasks = {task: self.tasks[task] for task in pairs.values()}
+            if slices is not None or Y is None:  # mtlgraph's results: keyed by task
+                tasks = dict(self.tasks)
             score_predictions(tasks, result, ds.name, ds.split, into=scores)
         if not as_dataframe:
             return scores

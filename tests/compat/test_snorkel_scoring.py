@@ -206,3 +206,33 @@ def test_snorkel_task_attributes() -> None:
     assert [op.name for op in model.op_sequences["a"]] == ["a_base", "a_head"]
     assert model.scorers["a"].metric_keys == ["accuracy"]
     assert set(model.loss_funcs) == set(model.output_funcs) == {"a", "b"}
+
+
+class Rows(torch.utils.data.Dataset[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]):
+    """Six labelled rows of a plain torch dataset."""
+
+    def __len__(self) -> int:
+        return 6
+
+    def __getitem__(self, i: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        return {"x": torch.full((2,), float(i) - 2.5)}, {"t": torch.tensor(int(i >= 3))}
+
+
+def test_named_datasets_and_slices_score_by_mtlgraph_rules() -> None:
+    model = snorkel_model()
+    named = DictDataLoader(mtlgraph.NamedDataset("n", "valid", Rows()), batch_size=4)
+    dict_loader = DictDataLoader(DictDataset("m", "valid", *_rows()), batch_size=4)
+    assert (
+        model.score([named])["t/n/valid/accuracy"]
+        == model.score([dict_loader])["t/m/valid/accuracy"]
+    )
+    sliced = model.score([dict_loader], slices={"pos": lambda X: X["x"][:, 0] > 0})
+    assert sorted(sliced) == ["t/m/valid/accuracy", "t/m:pos/valid/accuracy"]
+
+
+def _rows() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    rows = [Rows()[i] for i in range(6)]
+    return (
+        {"x": torch.stack([x["x"] for x, _ in rows])},
+        {"t": torch.stack([y["t"] for _, y in rows])},
+    )
