@@ -314,12 +314,14 @@ def _whole_outputs(
         op = ops[i]
         earlier = [o.name for o in ops[:i]]
         others = [o.name for o in ops if o.module_name == op.module_name and o is not op]
-        if others or op.module_name not in pool:
+        where = f"task '{task}': operation '{op.name}' has inputs=[] (the whole outputs dict)"
+        if op.module_name not in pool:
+            raise ConfigError([f"{where}; its module '{op.module_name}' is not in the pool"])
+        if others:
             raise ConfigError(
                 [
-                    f"task '{task}': operation '{op.name}' has inputs=[] (the whole outputs "
-                    f"dict), so its module '{op.module_name}' must be in the task's pool and "
-                    f"used by no other operation (also used by {quoted(others)})"
+                    f"{where}, so its module '{op.module_name}' gets one dict and can serve no "
+                    f"other operation; {quoted(others)} also use it: give them their own module"
                 ]
             )
         new_pool[op.module_name] = OutputsDict(pool[op.module_name], [INPUT, *earlier])

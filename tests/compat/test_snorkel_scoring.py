@@ -236,3 +236,12 @@ def _rows() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         {"x": torch.stack([x["x"] for x, _ in rows])},
         {"t": torch.stack([y["t"] for _, y in rows])},
     )
+
+
+def test_an_outputs_dict_module_serves_one_operation() -> None:
+    pool = nn.ModuleDict({"enc": nn.Linear(2, 2), "twice": Doubled()})
+    ops = [Operation("twice", []), Operation("twice", ["twice"], name="again")]
+    with pytest.raises(ConfigError, match="'again' also use it: give them their own module"):
+        Task("t", pool, ops)
+    with pytest.raises(ConfigError, match="its module 'gone' is not in the pool"):
+        Task("t", pool, [Operation("gone", [])])
