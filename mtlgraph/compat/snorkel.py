@@ -408,10 +408,11 @@ class MultitaskClassifier(_MultitaskClassifier):
         try:
             super().__init__(tasks, name=name, device=_device(device))
         except GraphError as e:
-            e.add_note(
-                "mtlgraph.compat.snorkel: Snorkel kept the first module of a name silently; "
-                "mtlgraph refuses, so that two tasks never share or split weights by accident"
-            )
+            if "different module objects" in str(e):
+                e.add_note(
+                    "mtlgraph.compat.snorkel: Snorkel kept the first module of a name silently; "
+                    "mtlgraph refuses, so that two tasks never share or split weights by accident"
+                )
             raise
 
     # Snorkel's per-task attributes, read from the tasks
