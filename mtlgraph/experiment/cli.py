@@ -328,6 +328,11 @@ def evaluate(args: argparse.Namespace) -> int:
 def _check_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="the YAML experiment config")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    p.add_argument(
+        "--graph",
+        metavar="FILE",
+        help="also write the merged graph as a picture: FILE.svg, FILE.mmd (Mermaid) or FILE.dot",
+    )
 
 
 def describe(experiment: Any) -> str:
@@ -378,9 +383,17 @@ def check(args: argparse.Namespace) -> int:
     from mtlgraph.experiment.config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    if args.graph:
+        from mtlgraph.graph.drawing import graph_format
+
+        graph_format(args.graph)  # a bad extension fails before any work
     experiment = build_experiment(cfg)
     print(f"{args.config}: valid")
     print(describe(experiment))
+    if args.graph:
+        from mtlgraph.graph.drawing import write_graph
+
+        print(f"graph written to {write_graph(experiment.model.tasks.values(), args.graph)}")
     return EXIT_OK
 
 
