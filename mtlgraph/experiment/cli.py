@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from mtlgraph._suggest import first_few
 from mtlgraph.exceptions import MtlGraphError, TrainingError
 from mtlgraph.experiment import inference_cli
+from mtlgraph.experiment.runs import CONFIG_FILE, SCORES_FILE
 
 if TYPE_CHECKING:
     from mtlgraph.experiment.config import ExperimentConfig
@@ -33,8 +34,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-CONFIG_FILE = "config.yaml"
-SCORES_FILE = "scores.json"
 
 
 class UsageError(MtlGraphError):

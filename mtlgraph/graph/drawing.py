@@ -126,9 +126,7 @@ class GraphPicture:
             lines.append(f"    {node}{left}{text}{right}")
         for src, dst, detached in self.edges:
             lines.append(f"    {src} {'-. detach .->' if detached else '-->'} {dst}")
-        lines += [
-            f"    style {n} fill:{_SHARED_FILL}" for n in self.nodes if self.shared(n)
-        ]
+        lines += [f"    style {n} fill:{_SHARED_FILL}" for n in self.nodes if self.shared(n)]
         return "\n".join(lines) + "\n"
 
     def to_svg(self, standalone: bool = True) -> str:
@@ -223,7 +221,9 @@ def graph_format(path: str | Path) -> str:
     suffix = Path(path).suffix.lower()
     if suffix not in FORMATS:
         known = ", ".join(sorted(FORMATS))
-        raise ConfigError([f"--graph {path}: unknown picture format '{suffix}'; use one of {known}"])
+        raise ConfigError(
+            [f"--graph {path}: unknown picture format '{suffix}'; use one of {known}"]
+        )
     return FORMATS[suffix]
 
 
