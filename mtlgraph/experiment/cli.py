@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from mtlgraph._suggest import first_few
 from mtlgraph.exceptions import MtlGraphError, TrainingError
-from mtlgraph.experiment import inference_cli
+from mtlgraph.experiment import inference_cli, report_cli
 from mtlgraph.experiment.runs import CONFIG_FILE, SCORES_FILE
 
 if TYPE_CHECKING:
@@ -431,6 +431,27 @@ command(
     "export tasks of a trained checkpoint to torch.export (.pt2) or ONNX, with a sidecar JSON",
     inference_cli.export_args,
 )(inference_cli.export)
+
+command(
+    "report",
+    "write a run's self-contained HTML report: graph, curves, weights, scores, diagnostics",
+    report_cli.report_args,
+)(report_cli.report)
+command(
+    "compare",
+    "compare runs' final scores: mean ± std over seeds, Δm%% against single-task baselines",
+    report_cli.compare_args,
+)(report_cli.compare)
+command(
+    "baselines",
+    "train each task of a config alone (same data, trainer settings and seeds)",
+    report_cli.baselines_args,
+)(report_cli.baselines)
+command(
+    "sweep",
+    "train a grid of config values × seeds in parallel processes, then compare them",
+    report_cli.sweep_args,
+)(report_cli.sweep_command)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,7 +22,7 @@ WEIGHT_PREFIX = "model/all/train/weight/"
 DRAWS_METRIC = "draws"
 
 
-def _figure(rows: int, cols: int, width: float = 10.0, row_height: float = 2.8) -> Any:
+def new_figure(rows: int, cols: int, width: float = 10.0, row_height: float = 2.8) -> Any:
     (figure_module,) = import_extra("the run report", "report", "matplotlib.figure")
     fig = figure_module.Figure(figsize=(width, max(2.6, row_height * rows)), layout="constrained")
     return fig, fig.subplots(rows, cols, squeeze=False)
@@ -69,7 +69,7 @@ def learning_curves(run: RunRecord) -> Any | None:
     tasks = task_keys(run)
     if not tasks:
         return None
-    fig, axes = _figure(len(tasks), 2)
+    fig, axes = new_figure(len(tasks), 2)
     best = run.best["step"] if run.best else None
     for row, (task, keys) in enumerate(tasks.items()):
         for col, kind in enumerate(("loss", "metrics")):
@@ -97,7 +97,7 @@ def lr_and_weights(run: RunRecord) -> Any | None:
     weights = [k for k in keys if k.startswith(WEIGHT_PREFIX)]
     if not lrs and not weights:
         return None
-    fig, axes = _figure(1, 2, row_height=3.2)
+    fig, axes = new_figure(1, 2, row_height=3.2)
     for ax, group, title in (
         (axes[0][0], lrs, "learning rate"),
         (axes[0][1], weights, "task weight"),
@@ -135,7 +135,7 @@ def draws_figure(run: RunRecord) -> Any | None:
     draws = draws_per_epoch(run)
     if not draws:
         return None
-    fig, axes = _figure(1, 1, width=8, row_height=3.2)
+    fig, axes = new_figure(1, 1, width=8, row_height=3.2)
     ax = axes[0][0]
     epochs = sorted(draws)
     datasets = sorted({d for counts in draws.values() for d in counts})
@@ -170,7 +170,7 @@ def interference_figure(report: Any) -> Any:
     """The diagnostics report's gradient cosine per shared module and lookahead affinity."""
     tasks = list(report.tasks)
     modules = sorted({p.module for p in report.pairs})
-    fig, axes = _figure(1, len(modules) + 1, width=4.2 * (len(modules) + 1), row_height=3.8)
+    fig, axes = new_figure(1, len(modules) + 1, width=4.2 * (len(modules) + 1), row_height=3.8)
     index = {t: i for i, t in enumerate(tasks)}
     for ax, module in zip(axes[0], modules, strict=False):
         cos = [[math.nan] * len(tasks) for _ in tasks]
@@ -190,7 +190,7 @@ def gates_figure(usage: Mapping[str, Sequence[float]]) -> Any | None:
     rows = list(usage)
     width = max(len(w) for w in usage.values())
     matrix = [[*usage[g], *[math.nan] * (width - len(usage[g]))] for g in rows]
-    fig, axes = _figure(1, 1, width=7, row_height=0.5 * len(rows) + 2)
+    fig, axes = new_figure(1, 1, width=7, row_height=0.5 * len(rows) + 2)
     ax = axes[0][0]
     image = ax.imshow(matrix, cmap="viridis", vmin=0, vmax=1, aspect="auto")
     ax.set_xticks(range(width), [f"expert {e}" for e in range(width)], fontsize=8)
