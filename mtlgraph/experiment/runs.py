@@ -177,15 +177,22 @@ def _best(run: Path) -> dict[str, Any] | None:
 
 
 def expand_runs(patterns: Sequence[str], what: str = "run") -> list[Path]:
-    """Run directories named by paths or globs, in the order given (each glob sorted).
+    """Run directories named by paths or globs, in the order given (each glob sorted). A glob
+    keeps only the directories that hold ``metrics.jsonl``; a plain path is kept as given (and
+    :meth:`RunRecord.load` says what it lacks).
 
     Raises:
-        ConfigError: A pattern that matches no directory (each one named).
+        ConfigError: A pattern that matches no (run) directory, each one named.
     """
     out: list[Path] = []
     problems = []
     for pattern in patterns:
-        found = sorted(Path(p) for p in glob.glob(pattern) if Path(p).is_dir())
+        if glob.has_magic(pattern):
+            found = sorted(
+                Path(p) for p in glob.glob(pattern) if (Path(p) / METRICS_FILE).is_file()
+            )
+        else:
+            found = [Path(pattern)] if Path(pattern).exists() else []
         if not found:
             problems.append(f"{pattern}: no {what} directory matches")
         out += [p for p in found if p not in out]
