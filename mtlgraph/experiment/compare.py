@@ -193,16 +193,16 @@ def compare(
         for k, v in measures(b, tasks, split).items():
             base_values.setdefault(k, []).append(v)
     if baselines:
-        rows[BASELINE] = [{k: v[i] for k, v in base_values.items() if i < len(v)}
-                          for i in range(max(map(len, base_values.values()), default=0))]
+        rows[BASELINE] = [
+            {k: v[i] for k, v in base_values.items() if i < len(v)}
+            for i in range(max(map(len, base_values.values()), default=0))
+        ]
     tables = _tables(rows, direction)
     result = Comparison(split, groups, tables)
     if baselines:
         base = {k: statistics.fmean(v) for k, v in base_values.items()}
         for g in groups:
-            result.delta_m[g.label] = Stat.of(
-                [delta_m(m, base, direction) for m in rows[g.label]]
-            )
+            result.delta_m[g.label] = Stat.of([delta_m(m, base, direction) for m in rows[g.label]])
     return result
 
 
@@ -347,16 +347,26 @@ def plot(result: Comparison, path: str | Path) -> Path:
         for k, ds in enumerate(t.datasets):
             xs = [i + k * 0.8 / len(t.datasets) for i in range(len(labels))]
             stats = [t.cells[lab].get(ds, Stat(math.nan, 0.0, 0)) for lab in labels]
-            ax.bar(xs, [s.mean for s in stats], 0.8 / len(t.datasets), label=ds,
-                   yerr=[s.std for s in stats], capsize=3)
+            ax.bar(
+                xs,
+                [s.mean for s in stats],
+                0.8 / len(t.datasets),
+                label=ds,
+                yerr=[s.std for s in stats],
+                capsize=3,
+            )
         ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
         ax.set_title(f"{t.task} {t.metric}", fontsize=9)
         ax.legend(fontsize=7)
     if result.delta_m:
         ax = axes[0][-1]
         labels = list(result.delta_m)
-        ax.bar(range(len(labels)), [result.delta_m[g].mean for g in labels],
-               yerr=[result.delta_m[g].std for g in labels], capsize=3)
+        ax.bar(
+            range(len(labels)),
+            [result.delta_m[g].mean for g in labels],
+            yerr=[result.delta_m[g].std for g in labels],
+            capsize=3,
+        )
         ax.axhline(0, color="k", linewidth=0.8)
         ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
         ax.set_title("Δm% vs single-task baseline", fontsize=9)

@@ -120,7 +120,7 @@ def draws_per_epoch(run: RunRecord) -> dict[int, dict[str, float]]:
         counts = {}
         for key, value in rec.items():
             try:
-                task, dataset, split, metric = split_key(key)
+                task, dataset, _, metric = split_key(key)
             except ValueError:
                 continue
             if task == "model" and metric == DRAWS_METRIC:

@@ -44,7 +44,8 @@ class RunRecord:
         >>> import tempfile, pathlib
         >>> from mtlgraph.experiment.runs import RunRecord
         >>> run = pathlib.Path(tempfile.mkdtemp())
-        >>> _ = (run / "metrics.jsonl").write_text('{"epoch": 1, "step": 5, "t/d/valid/f1": 0.5}\\n')
+        >>> line = '{"epoch": 1, "step": 5, "t/d/valid/f1": 0.5}'
+        >>> _ = (run / "metrics.jsonl").write_text(line + "\\n")
         >>> _ = (run / "config.yaml").write_text("seed: 3\\n")
         >>> RunRecord.load(run).history[0]["t/d/valid/f1"], RunRecord.load(run).finished
         (0.5, False)

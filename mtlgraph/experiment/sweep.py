@@ -183,8 +183,9 @@ def run_all(specs: Sequence[RunSpec], jobs: int = 1) -> list[RunSpec]:
             log.close()
             if proc.returncode != 0:
                 failed.append(spec)
+                log_file = spec.run_dir / LOG_FILE
                 print(
-                    f"failed {spec.run_dir} (exit {proc.returncode}; see {spec.run_dir / LOG_FILE})",
+                    f"failed {spec.run_dir} (exit {proc.returncode}; see {log_file})",
                     file=sys.stderr,
                 )
     return failed

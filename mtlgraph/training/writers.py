@@ -2,8 +2,8 @@
 
 The run's ``writers`` hook (:class:`~mtlgraph.training.hooks.LogWriters`) calls
 :meth:`Writer.write` with every history record and :meth:`Writer.close` once at the end of
-``fit``. Built in: ``jsonl`` (``metrics.jsonl``), ``tensorboard`` and ``mlflow``; named writers live in
-:data:`WRITERS`, and a factory takes a :class:`WriterContext`. See ``docs/training.md``.
+``fit``. Built in: ``jsonl`` (``metrics.jsonl``), ``tensorboard`` and ``mlflow``; named writers
+live in :data:`WRITERS`, and a factory takes a :class:`WriterContext`. See ``docs/training.md``.
 """
 
 from __future__ import annotations

@@ -49,7 +49,9 @@ def runs(tmp_path: Path) -> dict[str, list[Path]]:
         for seed, (c, s) in enumerate(pairs):
             out[balancer].append(
                 fake_run(
-                    tmp_path / f"{balancer}{seed}", two_task(c, s), seed=seed,
+                    tmp_path / f"{balancer}{seed}",
+                    two_task(c, s),
+                    seed=seed,
                     **{"trainer.balancer": balancer, "trainer.seed": seed},
                 )
             )

@@ -48,7 +48,7 @@ def test_scores_table_and_best_checkpoint(report_html: str, gated_run: Path) -> 
     assert f"at step {run.best['step']}" in report_html
     scores = section(report_html, "scores")
     value = run.scores["y1/subsets/test/accuracy"]
-    assert f"<td>y1</td><td>subsets</td><td>(all)</td><td>accuracy</td>" in scores
+    assert "<td>y1</td><td>subsets</td><td>(all)</td><td>accuracy</td>" in scores
     assert f"{value:.4g}" in scores
     groups = section(report_html, "diagnostics")
     assert "Suggested grouping" in groups and "trunk 1:" in groups
@@ -92,5 +92,5 @@ def test_score_table_has_a_row_per_slice() -> None:
     from mtlgraph.experiment.run_report import score_table_html
 
     table = score_table_html({"t/d/valid/f1": 0.5, "t/d:far/valid/f1": 0.25})
-    assert "<td>t</td><td>d</td><td>(all)</td><td>f1</td><td class=\"num\">0.5</td>" in table
-    assert "<td>t</td><td>d</td><td>far</td><td>f1</td><td class=\"num\">0.25</td>" in table
+    assert '<td>t</td><td>d</td><td>(all)</td><td>f1</td><td class="num">0.5</td>' in table
+    assert '<td>t</td><td>d</td><td>far</td><td>f1</td><td class="num">0.25</td>' in table

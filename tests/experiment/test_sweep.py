@@ -13,7 +13,13 @@ import yaml
 from experiment_helpers import cli_command, cli_env
 
 from mtlgraph.experiment.config import load_config
-from mtlgraph.experiment.sweep import baseline_specs, grid_specs, parse_grid, shard, single_task_config
+from mtlgraph.experiment.sweep import (
+    baseline_specs,
+    grid_specs,
+    parse_grid,
+    shard,
+    single_task_config,
+)
 
 
 def test_grid_runs_and_shards(tiny_config_file: Path, tmp_path: Path) -> None:
@@ -64,12 +70,17 @@ def test_sweep_resumes_after_a_kill(tiny_config_file: Path, tmp_path: Path) -> N
     assert "| trainer.balancer=mgda |" in again.stdout
 
 
-def test_baselines_are_single_task_runs_of_each_seed(tiny_config_file: Path, tmp_path: Path) -> None:
+def test_baselines_are_single_task_runs_of_each_seed(
+    tiny_config_file: Path, tmp_path: Path
+) -> None:
     specs = baseline_specs(tiny_config_file, ["trainer.n_epochs=1"], [0, 1], tmp_path)
     names = [s.run_dir.name for s in specs]
     assert names == [f"task={t}_seed={k}" for t in ("circle_task", "square_task") for k in (0, 1)]
     alone = load_config(specs[0].config, list(specs[0].overrides))  # what the run trains
-    assert list(alone.tasks) == ["circle_task"] and sorted(alone.modules) == ["circle_head", "trunk"]
+    assert list(alone.tasks) == ["circle_task"] and sorted(alone.modules) == [
+        "circle_head",
+        "trunk",
+    ]
     assert list(alone.data.datasets) == ["circles"]
     assert (alone.trainer.n_epochs, alone.seed, alone.trainer.seed) == (1, 0, 0)
     assert specs[0].command()[-2:] == [f"trainer.run_dir={specs[0].run_dir}", "--quiet"]

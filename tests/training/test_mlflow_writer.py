@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 from conftest import make_loader, make_task
+from torch import nn
 
 from mtlgraph import MultitaskClassifier, Trainer
 from mtlgraph.training.writers import MLFLOW_RUN_FILE, MlflowWriter, attach_mlflow_artifacts
