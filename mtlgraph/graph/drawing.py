@@ -42,10 +42,10 @@ class GraphPicture:
         ...               [Operation("trunk", [("_input_", "x")]),
         ...                Operation(f"{t}_head", ["trunk"])]) for t in ("a", "b")]
         >>> picture = GraphPicture.of(tasks)
-        >>> picture.users["trunk"]
+        >>> picture.users["mod_trunk"]
         ['a', 'b']
-        >>> print(picture.to_mermaid().splitlines()[1])
-            in_x[/"x"/]
+        >>> print(picture.to_mermaid().splitlines()[2])
+            mod_trunk["trunk<br/>shared: a, b"]
     """
 
     nodes: dict[str, tuple[str, str]] = field(default_factory=dict)
@@ -59,19 +59,22 @@ class GraphPicture:
         for task in tasks:
             module_of = {op.name: op.module_name for op in task.op_sequence}
             for op in task.op_sequence:
+                sources = [pic._source(inp.source, inp.key, module_of) for inp in op.inputs]
                 node = pic._module(op.module_name, task.name)
-                for inp in op.inputs:
-                    if inp.source == INPUT:
-                        src = f"in_{inp.key}" if inp.key is not None else "in__all"
-                        label = str(inp.key) if inp.key is not None else INPUT
-                        pic.nodes.setdefault(src, ("input", label))
-                    else:
-                        src = pic._module(module_of[inp.source], None)
+                for src, inp in zip(sources, op.inputs, strict=True):
                     pic._edge(src, node, bool(inp.detach))
             tnode = f"task_{task.name}"
             pic.nodes[tnode] = ("task", task.name)
             pic._edge(f"mod_{module_of[task.output_op]}", tnode, False)
         return pic
+
+    def _source(self, source: str, key: Any, module_of: Mapping[str, str]) -> str:
+        """The node an input comes from: an input field, or the module of an earlier op."""
+        if source != INPUT:
+            return self._module(module_of[source], None)
+        node = f"in_{key}" if key is not None else "in__all"
+        self.nodes.setdefault(node, ("input", str(key) if key is not None else INPUT))
+        return node
 
     def _module(self, name: str, task: str | None) -> str:
         node = f"mod_{name}"
