@@ -7,12 +7,18 @@ import re
 from pathlib import Path
 
 import pytest
+from report_helpers import train_gated
 
 from mtlgraph.experiment.cli import main
 from mtlgraph.experiment.run_report import SECTIONS, build_run_experiment, gate_usage
 from mtlgraph.experiment.runs import RunRecord
 
 pytest.importorskip("matplotlib")
+
+
+@pytest.fixture(scope="module")
+def gated_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_gated(tmp_path_factory.mktemp("gated"))
 
 
 @pytest.fixture(scope="module")

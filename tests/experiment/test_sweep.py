@@ -9,8 +9,10 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 from experiment_helpers import cli_command, cli_env
+from report_helpers import write_tiny
 
 from mtlgraph.experiment.config import load_config
 from mtlgraph.experiment.sweep import (
@@ -20,6 +22,11 @@ from mtlgraph.experiment.sweep import (
     shard,
     single_task_config,
 )
+
+
+@pytest.fixture(scope="module")
+def tiny_config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny(tmp_path_factory.mktemp("tiny"))
 
 
 def test_grid_runs_and_shards(tiny_config_file: Path, tmp_path: Path) -> None:

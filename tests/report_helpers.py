@@ -1,4 +1,4 @@
-"""Shared run directories for the report, compare and sweep tests (trained once per session)."""
+"""Runs and configs for the report and sweep tests."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import copy
 from pathlib import Path
 from typing import Any
 
-import pytest
 from experiment_helpers import TINY, write_config
 
 from mtlgraph.experiment.cli import main
@@ -58,18 +57,14 @@ GATED: dict[str, Any] = {
 """MMoE with 3 experts, interference probes every 2 steps and evaluations every 3 steps."""
 
 
-@pytest.fixture(scope="session")
-def gated_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished run directory of :data:`GATED` (with TensorBoard events)."""
-    root = tmp_path_factory.mktemp("gated")
+def train_gated(root: Path) -> Path:
+    """A finished run directory of :data:`GATED` under ``root`` (with TensorBoard events)."""
     config = write_config(root / "gated.yaml", copy.deepcopy(GATED))
     run = root / "run"
     assert main(["train", str(config), f"trainer.run_dir={run}", "--quiet"]) == 0
     return run
 
 
-@pytest.fixture(scope="session")
-def tiny_config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """:data:`TINY` (two tasks sharing a trunk, 10 steps an epoch) as a YAML file."""
-    root = tmp_path_factory.mktemp("tiny")
+def write_tiny(root: Path) -> Path:
+    """:data:`TINY` (two tasks sharing a trunk, 10 steps an epoch) as ``root/tiny.yaml``."""
     return write_config(root / "tiny.yaml", copy.deepcopy(TINY))
