@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from mtlgraph._io import import_extra
+from mtlgraph.diagnostics.monitor import PREFIX as PROBES_PREFIX
 from mtlgraph.experiment.runs import RunRecord
 from mtlgraph.metrics import split_key
 
@@ -46,7 +47,9 @@ def rgb(fig: Any) -> Any:
 
 
 def task_keys(run: RunRecord) -> dict[str, dict[str, list[str]]]:
-    """``{task: {"loss": [train loss keys], "metrics": [evaluation keys]}}`` from the history."""
+    """``{task: {"loss": [train loss keys], "metrics": [evaluation keys]}}`` from the history
+    (the config's tasks only: not the ``model`` aggregates or the diagnostics probes)."""
+    tasks = set(run.config.get("tasks") or {})
     out: dict[str, dict[str, list[str]]] = {}
     for rec in run.history:
         for key in rec:
@@ -54,7 +57,7 @@ def task_keys(run: RunRecord) -> dict[str, dict[str, list[str]]]:
                 task, _, split, metric = split_key(key)
             except ValueError:
                 continue
-            if task == "model":
+            if task == "model" or (tasks and task not in tasks) or task == PROBES_PREFIX:
                 continue
             kind = "loss" if split == "train" and metric == "loss" else "metrics"
             keys = out.setdefault(task, {"loss": [], "metrics": []})[kind]
