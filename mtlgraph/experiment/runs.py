@@ -131,13 +131,14 @@ class RunRecord:
 
 def _read_history(path: Path) -> list[dict[str, float]]:
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
-            if n == len(path.read_text(encoding="utf-8").splitlines()):
+            if n == len(lines):
                 break  # a killed run's torn last line
             raise ConfigError([f"{path}:{n}: not a JSON line"]) from None
         out.append({k: math.nan if v is None else float(v) for k, v in rec.items()})

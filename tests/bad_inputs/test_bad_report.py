@@ -97,3 +97,24 @@ def test_check_graph_with_an_unknown_format(
     config = write_config(tmp_path / "c.yaml", tiny_config())
     code, err = _run(capsys, "check", str(config), "--graph", str(tmp_path / "g.png"))
     assert code == 2 and "unknown picture format '.png'; use one of" in err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--optuna", "2"], "--optuna needs --objective KEY"),
+        (
+            ["--optuna", "2", "--objective", "circle_task/circles/valid/acc"],
+            "not a key the runs log",
+        ),
+    ],
+)
+def test_sweep_optuna_objective_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    pytest.importorskip("optuna")
+    config = write_config(tmp_path / "c.yaml", tiny_config())
+    grid = ["--grid", "trainer.lr=0.05,0.1", "--out", str(tmp_path / "o")]
+    code, err = _run(capsys, "sweep", str(config), *grid, *extra)
+    assert code == 2 and message in err
+    assert not (tmp_path / "o").exists()
