@@ -139,12 +139,13 @@ class GraphPicture:
         columns: dict[int, list[str]] = {}
         for node in self.nodes:
             columns.setdefault(depth[node], []).append(node)
-        w, h, gap_x, gap_y = 170, 44, 60, 22
+        w, h, gap_x, gap_y, margin = 170, 44, 60, 22, 40
         pos: dict[str, tuple[float, float]] = {}
         tallest = max(len(c) for c in columns.values()) if columns else 1
-        height = tallest * (h + gap_y) + gap_y
+        inner = tallest * (h + gap_y) + gap_y
+        height = inner + 2 * margin  # room for edges that skip a column, routed around
         for col, nodes in sorted(columns.items()):
-            top = (height - len(nodes) * (h + gap_y) + gap_y) / 2
+            top = margin + (inner - len(nodes) * (h + gap_y) + gap_y) / 2
             for i, node in enumerate(nodes):
                 pos[node] = (gap_x / 2 + col * (w + gap_x), top + i * (h + gap_y))
         width = len(columns) * (w + gap_x)
@@ -156,12 +157,20 @@ class GraphPicture:
             'markerHeight="7" orient="auto"><path d="M0,0 L10,5 L0,10 z" fill="#555"/></marker>'
             "</defs>",
         ]
+        skips = 0
         for src, dst, detached in self.edges:
             (x1, y1), (x2, y2) = pos[src], pos[dst]
+            sx, sy, tx, ty = x1 + w, y1 + h / 2, x2, y2 + h / 2
             dash = ' stroke-dasharray="5,4"' if detached else ""
+            if depth[dst] - depth[src] > 1:  # over (or, every other one, under) the columns
+                cy = -margin / 2 if skips % 2 == 0 else height + margin / 2
+                skips += 1
+                d = f"M{sx:.0f},{sy:.0f} C{sx + gap_x:.0f},{cy:.0f} {tx - gap_x:.0f},{cy:.0f}"
+                d += f" {tx:.0f},{ty:.0f}"
+            else:
+                d = f"M{sx:.0f},{sy:.0f} L{tx:.0f},{ty:.0f}"
             parts.append(
-                f'<line x1="{x1 + w:.0f}" y1="{y1 + h / 2:.0f}" x2="{x2:.0f}" y2="{y2 + h / 2:.0f}"'
-                f' stroke="#555"{dash} marker-end="url(#arrow)"/>'
+                f'<path d="{d}" fill="none" stroke="#555"{dash} marker-end="url(#arrow)"/>'
             )
         for node, (kind, _) in self.nodes.items():
             parts.append(self._svg_node(node, kind, *pos[node], w, h))
