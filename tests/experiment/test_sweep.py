@@ -36,6 +36,10 @@ def test_grid_runs_and_shards(tiny_config_file: Path, tmp_path: Path) -> None:
     assert len(names) == len(set(names)) == 8
     assert names[0] == "trainer.lr=0.05_trainer.balancer=sum_seed=0"
     assert specs[0].overrides[-2:] == ("seed=0", "trainer.seed=0")
+    assert "--resume" not in specs[0].command()
+    (specs[0].run_dir / "checkpoints").mkdir(parents=True)
+    (specs[0].run_dir / "checkpoints" / "last.pt").touch()  # a killed run: resumed
+    assert specs[0].command()[-2:] == ["--resume", str(specs[0].run_dir)]
     parts = [shard(specs, f"{i}/3") for i in range(3)]
     assert sorted(s.run_dir for p in parts for s in p) == sorted(s.run_dir for s in specs)
 
