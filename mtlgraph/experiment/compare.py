@@ -355,6 +355,15 @@ def plot(result: Comparison, path: str | Path) -> Path:
                 yerr=[s.std for s in stats],
                 capsize=3,
             )
+        ends = [
+            v
+            for c in t.cells.values()
+            for s in c.values()
+            for v in (s.mean - s.std, s.mean + s.std)
+        ]
+        lo, hi = min(ends), max(ends)
+        pad = 0.15 * (hi - lo) or 0.05 * abs(hi) or 1.0
+        ax.set_ylim(lo - pad, hi + pad)  # the differences, not the distance from 0
         ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
         ax.set_title(f"{t.task} {t.metric}", fontsize=9)
         ax.legend(fontsize=7)
