@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -67,10 +69,54 @@ def predict_args(p: argparse.ArgumentParser) -> None:
         "--id-column", metavar="NAME", help="column holding each row's id (default: row number)"
     )
     p.add_argument("--format", metavar="FORMAT", help="the data's format (default: from PATH)")
+    p.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="a row with a NaN or infinite input gets null predictions and its reason in a "
+        "'missing' column (default: an error naming the row and field, exit 2)",
+    )
+
+
+class Terminated(BaseException):
+    """SIGTERM (``timeout``, a job scheduler, Kubernetes), raised like ``KeyboardInterrupt`` is
+    for SIGINT, so that what is being written is cleaned up on the way out."""
+
+
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Inside: SIGTERM raises :class:`Terminated` in the main thread (once; a second SIGTERM
+    during the clean-up is ignored). The previous handler is restored on the way out."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def predict(args: argparse.Namespace) -> int:
-    """Run ``mtlgraph predict``; returns the exit status."""
+    """Run ``mtlgraph predict``; returns the exit status: SIGINT 130 and SIGTERM 143, with no
+    temporary file left and an older ``--out`` intact."""
+    existed = Path(args.out).is_file()
+    try:
+        with sigterm_raises():
+            return _predict(args)
+    except (KeyboardInterrupt, Terminated) as stop:
+        sigterm = isinstance(stop, Terminated)
+        kept = f"'{args.out}' keeps its older content" if existed else "nothing was written"
+        what = "terminated (SIGTERM)" if sigterm else "interrupted (Ctrl-C)"
+        print(f"mtlgraph: {what}; no predictions written, {kept}", file=sys.stderr)
+        return 143 if sigterm else 130
+
+
+def _predict(args: argparse.Namespace) -> int:
     from mtlgraph.exceptions import ConfigError
     from mtlgraph.experiment.config import load_config
     from mtlgraph.experiment.predict import ID_FIELD, read_prediction_data
@@ -96,7 +142,13 @@ def predict(args: argparse.Namespace) -> int:
     fields = input_fields(model, tasks, config_fields(cfg))
     with _extras_are_usage():
         data = read_prediction_data(
-            cfg, args.data, fields, args.id_column, args.format, run_directory(args.checkpoint)
+            cfg,
+            args.data,
+            fields,
+            args.id_column,
+            args.format,
+            run_directory(args.checkpoint),
+            args.allow_missing,
         )
     rows = write_predictions(
         model,
@@ -107,6 +159,7 @@ def predict(args: argparse.Namespace) -> int:
         file_format=out_format,
         progress=not args.quiet,
         total=data.rows,
+        allow_missing=args.allow_missing,
     )
     print(f"{rows} rows of {', '.join(tasks)} written to {args.out}", file=sys.stderr)
     return 0

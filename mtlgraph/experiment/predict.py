@@ -259,8 +259,10 @@ def _read_files(
     id_column: str | None,
     file_format: str | None,
     run_dir: Path | None,
+    allow_missing: bool = False,
 ) -> PredictionData:
-    """Table files (one, or a glob), read in chunks through :mod:`mtlgraph.data.sources`."""
+    """Table files (one, or a glob), read in chunks through :mod:`mtlgraph.data.sources`;
+    ``allow_missing`` lets non-finite cells through (the writer flags their rows)."""
     files = _files(path)
     name = declaring_dataset(cfg, fields)
     ds = cfg.data.datasets[name] if name is not None else None
@@ -294,7 +296,10 @@ def _read_files(
                 n = table_length(table)
                 if n == 0:
                     continue
-                X = {f: field_values(table, spec, text=toks) for f, spec in chosen.items()}
+                X = {
+                    f: field_values(table, spec, text=toks, finite=not allow_missing)
+                    for f, spec in chosen.items()
+                }
                 yield _id_values(table, id_column, start), X
                 start += n
 
@@ -419,10 +424,13 @@ def read_prediction_data(
     id_column: str | None = None,
     file_format: str | None = None,
     run_dir: str | Path | None = None,
+    allow_missing: bool = False,
 ) -> PredictionData:
     """THE dispatch point for prediction data: ``path`` is a data file, a directory of ``.npy``
     files or images, a glob, or ``NAME[:SPLIT]`` naming a dataset of the config, read as
     training reads it (labels dropped); ``id_column`` (default: the row number) names each row.
+    A non-finite cell of a data file is an error naming the file, the line and the column, or,
+    with ``allow_missing``, read as it is (the writer answers its row with nulls).
 
     Raises:
         DataError: A missing file, field, id column or vocabulary (named, with what the data
@@ -449,4 +457,4 @@ def read_prediction_data(
         return _read_images(cfg, declaring, p, fields, id_column, run)
     if p.is_dir() and not any(p.glob("*.npy")):
         raise ConfigError([f"cannot tell the format of directory '{p}': it has no .npy files"])
-    return _read_files(cfg, path, fields, id_column, file_format, run)
+    return _read_files(cfg, path, fields, id_column, file_format, run, allow_missing)
