@@ -119,7 +119,11 @@ def predict(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from mtlgraph.exceptions import ConfigError
     from mtlgraph.experiment.config import load_config
-    from mtlgraph.experiment.predict import ID_FIELD, read_prediction_data
+    from mtlgraph.experiment.predict import (
+        ID_FIELD,
+        checkpoint_vocabularies,
+        read_prediction_data,
+    )
     from mtlgraph.inference.export import input_fields
     from mtlgraph.inference.predictions import (
         check_output_path,
@@ -140,6 +144,7 @@ def _predict(args: argparse.Namespace) -> int:
     model = load_model(cfg, args.checkpoint)
     tasks = parse_tasks(model, args.tasks) if args.tasks else labelled_tasks(cfg, model, args.data)
     fields = input_fields(model, tasks, config_fields(cfg))
+    trained = checkpoint_vocabularies(checkpoint_file(args.checkpoint))
     with _extras_are_usage():
         data = read_prediction_data(
             cfg,
@@ -149,6 +154,7 @@ def _predict(args: argparse.Namespace) -> int:
             args.format,
             run_directory(args.checkpoint),
             args.allow_missing,
+            trained,
         )
     rows = write_predictions(
         model,

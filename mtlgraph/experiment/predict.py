@@ -9,7 +9,8 @@ import copy
 import functools
 import glob
 import itertools
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ from mtlgraph.exceptions import ConfigError, DataError
 from mtlgraph.experiment.config import ExperimentConfig
 from mtlgraph.experiment.data_config import DatasetConfig
 from mtlgraph.experiment.sources import image_decoder, vocab_file
+
+logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 """Files of a folder read as images by ``--data FOLDER``."""
@@ -204,14 +207,62 @@ def vocabulary_files(
     return out
 
 
-def run_tokenizers(
-    name: str, ds: DatasetConfig, columns: Sequence[str], run_dir: Path | None
-) -> dict[str, Tokenizer]:
-    """The tokenizer of each text column among ``columns``: the declared one, or the run's
-    saved vocabulary (never rebuilt).
+def checkpoint_vocabularies(checkpoint: str | Path) -> dict[str, str] | None:
+    """``{dataset.column: fingerprint}`` of the vocabularies a training checkpoint was trained
+    with; ``None`` for a file that does not say (a model file, a checkpoint of a run without
+    a config)."""
+    from mtlgraph.training.checkpoint import load_checkpoint
+
+    experiment = (load_checkpoint(checkpoint).get("config") or {}).get("experiment")
+    if not isinstance(experiment, dict):
+        return None
+    return {str(k): str(v) for k, v in (experiment.get("vocabularies") or {}).items()}
+
+
+def verify_vocabularies(
+    checkpoint: str | Path, built: Mapping[str, str], where: str = "this config"
+) -> None:
+    """Refuse vocabularies (``{dataset.column: fingerprint}``) that differ from the ones the
+    checkpoint was trained with (``evaluate`` rebuilds them from the training split).
 
     Raises:
-        DataError: A vocabulary file the run directory lacks, naming the file.
+        DataError: Every vocabulary that differs, naming it, the checkpoint and the fix.
+    """
+    trained = checkpoint_vocabularies(checkpoint)
+    if trained is None:
+        if built:
+            logger.warning(
+                "'%s' does not record its vocabularies: cannot check that %s tokenises as "
+                "training did",
+                checkpoint,
+                where,
+            )
+        return
+    problems = [
+        f"vocabulary '{key}': {where} builds {fp}, but '{checkpoint}' was trained with "
+        f"{trained[key]}: the training data or the tokenizer settings changed since "
+        "training; restore them, or train a new run"
+        for key, fp in built.items()
+        if key in trained and trained[key] != fp
+    ]
+    if problems:
+        raise DataError(problems)
+
+
+def run_tokenizers(
+    name: str,
+    ds: DatasetConfig,
+    columns: Sequence[str],
+    run_dir: Path | None,
+    fingerprints: Mapping[str, str] | None = None,
+) -> dict[str, Tokenizer]:
+    """The tokenizer of each text column among ``columns``: the declared one, or the run's
+    saved vocabulary (never rebuilt), checked against the checkpoint's ``fingerprints``
+    (``{dataset.column: fingerprint}``) when given.
+
+    Raises:
+        DataError: A vocabulary file the run directory lacks, or one whose fingerprint differs
+            from the checkpoint's, naming the file.
     """
     out: dict[str, Tokenizer] = {}
     problems = []
@@ -229,7 +280,10 @@ def run_tokenizers(
                 "does not exist; pass the run directory the model was trained in as --checkpoint"
             )
             continue
-        out[column] = WordTokenizer.load(file)
+        try:
+            out[column] = WordTokenizer.load(file, (fingerprints or {}).get(f"{name}.{column}"))
+        except DataError as e:
+            problems += e.problems
     if problems:
         raise DataError(problems)
     return out
@@ -260,6 +314,7 @@ def _read_files(
     file_format: str | None,
     run_dir: Path | None,
     allow_missing: bool = False,
+    fingerprints: Mapping[str, str] | None = None,
 ) -> PredictionData:
     """Table files (one, or a glob), read in chunks through :mod:`mtlgraph.data.sources`;
     ``allow_missing`` lets non-finite cells through (the writer flags their rows)."""
@@ -285,7 +340,7 @@ def _read_files(
     chosen = resolve_columns(specs, available, f"'{files[0]}'")
     _check_id(id_column, available, f"'{files[0]}'")
     text_columns = [s for s in chosen.values() if isinstance(s, str)]
-    toks = run_tokenizers(name, ds, text_columns, run_dir) if name and ds else {}
+    toks = run_tokenizers(name, ds, text_columns, run_dir, fingerprints) if name and ds else {}
     needed = [*dict.fromkeys(n for s in chosen.values() for n in _names(s))]
     needed += [id_column] if id_column and id_column not in needed else []
 
@@ -313,6 +368,7 @@ def _read_images(
     fields: Sequence[str],
     id_column: str | None,
     run_dir: Path | None,
+    fingerprints: Mapping[str, str] | None = None,
 ) -> PredictionData:
     """A folder of images (every image in it, sorted; ids are the file names) or a table
     naming the files (relative to its folder), read by training's :class:`ImageFolder`."""
@@ -333,7 +389,7 @@ def _read_images(
         table, folder = read_table(path, fmt), path.parent
     image_fields = [f for f in fields if ds.fields[f] == ic.column]
     others = {f: ds.fields[f] for f in fields if f not in image_fields}
-    toks = run_tokenizers(name, ds, _columns(ds, list(others)), run_dir)
+    toks = run_tokenizers(name, ds, _columns(ds, list(others)), run_dir, fingerprints)
     images = ImageFolder(
         folder, table, ID_FIELD, ic.column, others, {}, image_decoder(ic), toks, table.origin
     )
@@ -355,7 +411,11 @@ def _image_chunk(images: Any, rows: range, ids: Sequence[Any], image_fields: lis
 
 
 def read_config_dataset(
-    cfg: ExperimentConfig, ref: str, fields: Sequence[str], run_dir: Path | None
+    cfg: ExperimentConfig,
+    ref: str,
+    fields: Sequence[str],
+    run_dir: Path | None,
+    fingerprints: Mapping[str, str] | None = None,
 ) -> PredictionData:
     """``--data NAME[:SPLIT]``: a dataset of the config, labels ignored; ids are row numbers
     (``split/row`` for every split) or, for images, file names."""
@@ -366,7 +426,7 @@ def read_config_dataset(
     unknown = [f for f in fields if f not in ds.fields]
     if unknown:
         raise DataError([f"dataset '{ref}' of the config has no input field {quoted(unknown)}"])
-    run_tokenizers(name, ds, _columns(ds, fields), run_dir)
+    run_tokenizers(name, ds, _columns(ds, fields), run_dir, fingerprints)
     one = copy.copy(cfg)
     one.data = copy.copy(cfg.data)
     one.data.datasets = {name: ds}
@@ -425,12 +485,14 @@ def read_prediction_data(
     file_format: str | None = None,
     run_dir: str | Path | None = None,
     allow_missing: bool = False,
+    fingerprints: Mapping[str, str] | None = None,
 ) -> PredictionData:
     """THE dispatch point for prediction data: ``path`` is a data file, a directory of ``.npy``
     files or images, a glob, or ``NAME[:SPLIT]`` naming a dataset of the config, read as
     training reads it (labels dropped); ``id_column`` (default: the row number) names each row.
     A non-finite cell of a data file is an error naming the file, the line and the column, or,
-    with ``allow_missing``, read as it is (the writer answers its row with nulls).
+    with ``allow_missing``, read as it is (the writer answers its row with nulls). The run's
+    vocabularies are checked against ``fingerprints`` (:func:`checkpoint_vocabularies`).
 
     Raises:
         DataError: A missing file, field, id column or vocabulary (named, with what the data
@@ -443,7 +505,7 @@ def read_prediction_data(
     if not p.exists() and not glob.has_magic(str(path)):
         name = str(path).partition(":")[0]
         if name in cfg.data.datasets:
-            return read_config_dataset(cfg, str(path), fields, run)
+            return read_config_dataset(cfg, str(path), fields, run, fingerprints)
         hint = did_you_mean(name, cfg.data.datasets)
         raise DataError(
             [
@@ -454,7 +516,7 @@ def read_prediction_data(
     declaring = declaring_dataset(cfg, fields)
     images = declaring is not None and cfg.data.datasets[declaring].source.type == "images"
     if declaring is not None and images and p.suffix.lower() not in IMAGE_SUFFIXES:
-        return _read_images(cfg, declaring, p, fields, id_column, run)
+        return _read_images(cfg, declaring, p, fields, id_column, run, fingerprints)
     if p.is_dir() and not any(p.glob("*.npy")):
         raise ConfigError([f"cannot tell the format of directory '{p}': it has no .npy files"])
-    return _read_files(cfg, path, fields, id_column, file_format, run, allow_missing)
+    return _read_files(cfg, path, fields, id_column, file_format, run, allow_missing, fingerprints)
