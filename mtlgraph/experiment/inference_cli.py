@@ -11,7 +11,7 @@ import json
 import signal
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -205,7 +205,11 @@ def export_args(p: argparse.ArgumentParser) -> None:
 def export(args: argparse.Namespace) -> int:
     """Run ``mtlgraph export``; returns the exit status."""
     from mtlgraph.experiment.config import load_config
-    from mtlgraph.experiment.predict import vocabulary_files
+    from mtlgraph.experiment.predict import (
+        checkpoint_vocabularies,
+        export_declarations,
+        vocabulary_files,
+    )
     from mtlgraph.inference.export import input_fields, max_export_error, require_onnx, sidecar_path
     from mtlgraph.inference.predictions import check_output_path
     from mtlgraph.training.checkpoint import run_directory
@@ -220,9 +224,18 @@ def export(args: argparse.Namespace) -> int:
     tasks = parse_tasks(model, args.tasks)
     fields = input_fields(model, tasks, config_fields(cfg))
     run_dir = run_directory(args.checkpoint)
-    example = example_batch(cfg, fields, run_dir=run_dir)
-    vocabularies = vocabulary_files(cfg, run_dir, fields)
-    path = model.export(args.out, tasks, fmt, example, vocabularies=vocabularies)
+    trained = checkpoint_vocabularies(checkpoint_file(args.checkpoint))
+    example = example_batch(cfg, fields, run_dir=run_dir, fingerprints=trained)
+    sequences, preprocessing = export_declarations(cfg, fields)
+    path = model.export(
+        args.out,
+        tasks,
+        fmt,
+        example,
+        vocabularies=vocabulary_files(cfg, run_dir, fields),
+        preprocessing=preprocessing,
+        sequences=sequences,
+    )
     summary = {"program": str(path), "sidecar": str(sidecar_path(path)), "format": fmt}
     summary["tasks"] = tasks
     if not args.no_check:
@@ -291,7 +304,11 @@ def config_fields(cfg: ExperimentConfig) -> list[str]:
 
 
 def example_batch(
-    cfg: ExperimentConfig, fields: Sequence[str], rows: int = 8, run_dir: Path | None = None
+    cfg: ExperimentConfig,
+    fields: Sequence[str],
+    rows: int = 8,
+    run_dir: Path | None = None,
+    fingerprints: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The first ``rows`` rows of each field, from the config's datasets (to trace an export)."""
     from mtlgraph.experiment.predict import chunk_batch, read_config_dataset
@@ -300,7 +317,7 @@ def example_batch(
     for name, ds in cfg.data.datasets.items():
         wanted = [f for f in fields if f in ds.fields and f not in example]
         if wanted:
-            data = read_config_dataset(cfg, name, wanted, run_dir)
+            data = read_config_dataset(cfg, name, wanted, run_dir, fingerprints)
             X, _ = chunk_batch(next(iter(data.chunks(rows))))
             example.update({k: v for k, v in X.items() if k in wanted})
     n = min((len(v) for v in example.values()), default=0)

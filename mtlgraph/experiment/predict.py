@@ -249,6 +249,37 @@ def verify_vocabularies(
         raise DataError(problems)
 
 
+def export_declarations(
+    cfg: ExperimentConfig, fields: Sequence[str]
+) -> tuple[dict[str, int | None], dict[str, dict[str, Any]]]:
+    """What an export's metadata says of ``fields`` beyond shapes, from the datasets declaring
+    them: ``({text field: max length (None: a user tokenizer's)}, {image field: {"image":
+    decoding}})`` (the vocabularies: :func:`vocabulary_files`)."""
+    sequences: dict[str, int | None] = {}
+    preprocessing: dict[str, dict[str, Any]] = {}
+    for ds in cfg.data.datasets.values():
+        for f in fields:
+            column = ds.fields.get(f)
+            if not isinstance(column, str) or f in sequences or f in preprocessing:
+                continue
+            tc = ds.source.text.get(column)
+            if tc is not None:
+                sequences[f] = tc.max_length if tc.tokenizer is None else None
+            ic = ds.source.images
+            if ic is not None and column == ic.column:
+                norm = ic.normalize
+                preprocessing[f] = {
+                    "image": {
+                        "mode": ic.mode,
+                        "resize": list(ic.resize) if ic.resize else None,
+                        "normalize": {"mean": norm.mean, "std": norm.std} if norm else None,
+                        "scale": "8-bit pixels / 255, 16-bit grey / 65535, then normalize",
+                        "layout": "CHW",
+                    }
+                }
+    return sequences, preprocessing
+
+
 def run_tokenizers(
     name: str,
     ds: DatasetConfig,
