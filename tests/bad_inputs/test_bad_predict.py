@@ -423,7 +423,7 @@ def test_an_edited_vocabulary_is_refused_naming_the_file_and_the_fix(
             "--out", str(out),
         )  # fmt: skip
         assert code == 2, err
-        assert (f"'{file}'" in err and "Restore the file" in err) or "differs" in err
+        assert f"the vocabulary '{file}' has fingerprint" in err and "Restore the file" in err
         assert not out.exists()
 
 
