@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import signal
 import sys
 import threading
@@ -123,6 +124,7 @@ def _predict(args: argparse.Namespace) -> int:
         ID_FIELD,
         checkpoint_vocabularies,
         read_prediction_data,
+        vocabulary_files,
     )
     from mtlgraph.inference.export import input_fields
     from mtlgraph.inference.predictions import (
@@ -145,6 +147,12 @@ def _predict(args: argparse.Namespace) -> int:
     tasks = parse_tasks(model, args.tasks) if args.tasks else labelled_tasks(cfg, model, args.data)
     fields = input_fields(model, tasks, config_fields(cfg))
     trained = checkpoint_vocabularies(checkpoint_file(args.checkpoint))
+    if trained is None and vocabulary_files(cfg, run_directory(args.checkpoint), fields):
+        logging.getLogger(__name__).warning(
+            "'%s' records no vocabulary fingerprints (a model file): the run's vocabularies "
+            "cannot be checked against it",
+            checkpoint_file(args.checkpoint),
+        )
     with _extras_are_usage():
         data = read_prediction_data(
             cfg,

@@ -7,7 +7,6 @@ the declared :class:`ImageDecoder`; the table's other columns are read once into
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,10 +105,14 @@ class ImageDecoder:
         """
         Image = require_pillow()
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(path) as img:
-                    pixels, full_scale = self._pixels(Image, img, path)
+            with Image.open(path) as img:  # over twice the limit: DecompressionBombError
+                limit = Image.MAX_IMAGE_PIXELS  # over it: Pillow only warns; refused here
+                if limit and img.width * img.height > limit:
+                    raise Image.DecompressionBombError(
+                        f"Image size ({img.width * img.height} pixels) exceeds limit of "
+                        f"{limit} pixels"
+                    )
+                pixels, full_scale = self._pixels(Image, img, path)
         except DataError:
             raise
         except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
