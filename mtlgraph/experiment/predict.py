@@ -10,6 +10,7 @@ import functools
 import glob
 import itertools
 import logging
+import signal
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,12 +74,23 @@ class PredictionData:
             return (chunk_batch(c) for c in self.chunks(batch_size))
         dataset = _ChunkDataset(self.chunks, batch_size, num_workers)
         return torch.utils.data.DataLoader(
-            dataset, batch_size=None, num_workers=num_workers, collate_fn=_identity
+            dataset,
+            batch_size=None,
+            num_workers=num_workers,
+            collate_fn=_identity,
+            worker_init_fn=_leave_signals_to_the_main_process,
         )
 
 
 def _identity(batch: Any) -> Any:
     return batch
+
+
+def _leave_signals_to_the_main_process(worker_id: int) -> None:
+    """A reader process ignores SIGINT and SIGTERM (a terminal's Ctrl-C and schedulers signal
+    the whole process group): the main process stops, cleans up and ends its readers."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def chunk_batch(chunk: Chunk | Callable[[], Chunk]) -> Batch:

@@ -686,21 +686,28 @@ def test_bad_predict_arguments_exit_2(
 # ---------------------------------------------------------------- signals
 
 
-def _slow_predict(tiny: tuple[Path, Path], tmp_path: Path) -> tuple[subprocess.Popen[str], Path]:
-    """``mtlgraph predict`` in a subprocess, slowed to ~50 ms a row, once its temporary output
-    file exists (SIGINT restored: a background shell's children ignore it)."""
+def _slow_predict(
+    tiny: tuple[Path, Path], tmp_path: Path, workers: int = 0
+) -> tuple[subprocess.Popen[str], Path]:
+    """``mtlgraph predict`` in a subprocess (its own process group), slowed to ~50 ms a row,
+    once its temporary output file exists (SIGINT restored: a background shell's children
+    ignore it)."""
     config, run = tiny
     np.save(tmp_path / "x.npy", np.zeros((600, 2), np.float32))
     out = tmp_path / "p.jsonl"
     argv = ["predict", str(config), "--checkpoint", str(run), "--data", str(tmp_path / "x.npy"),
-            "--out", str(out), "--batch-size", "1", "--quiet"]  # fmt: skip
+            "--out", str(out), "--batch-size", "1", "--num-workers", str(workers), "--quiet"]  # fmt: skip
     code = (
         "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
         "from mtlgraph.experiment.cli import main; sys.exit(main(sys.argv[1:]))"
     )
     env = {**cli_env(), "MTLGRAPH_TEST_SLOW": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-c", code, *argv], env=env, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-c", code, *argv],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob(".p.jsonl.*.tmp")):
@@ -712,20 +719,32 @@ def _slow_predict(tiny: tuple[Path, Path], tmp_path: Path) -> tuple[subprocess.P
 
 
 @pytest.mark.parametrize(
-    ("sig", "status", "said"),
-    [(signal.SIGTERM, 143, "terminated (SIGTERM)"), (signal.SIGINT, 130, "interrupted (Ctrl-C)")],
-    ids=["SIGTERM", "SIGINT"],
+    ("sig", "status", "said", "workers"),
+    [
+        (signal.SIGTERM, 143, "terminated (SIGTERM)", 0),
+        (signal.SIGINT, 130, "interrupted (Ctrl-C)", 0),
+        (signal.SIGTERM, 143, "terminated (SIGTERM)", 2),  # the whole group, readers too
+    ],
+    ids=["SIGTERM", "SIGINT", "SIGTERM-to-the-group-with-reader-processes"],
 )
 def test_a_signal_removes_the_temporary_and_keeps_the_older_output(
-    tiny: tuple[Path, Path], tmp_path: Path, sig: signal.Signals, status: int, said: str
+    tiny: tuple[Path, Path],
+    tmp_path: Path,
+    sig: signal.Signals,
+    status: int,
+    said: str,
+    workers: int,
 ) -> None:
     (tmp_path / "p.jsonl").write_text("older predictions\n")
-    proc, out = _slow_predict(tiny, tmp_path)
-    proc.send_signal(sig)
+    proc, out = _slow_predict(tiny, tmp_path, workers)
+    if workers:
+        os.killpg(proc.pid, sig)  # as a terminal's Ctrl-C or a job scheduler does
+    else:
+        proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == status, err
     assert f"mtlgraph: {said}; no predictions written, '{out}' keeps its older content" in err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and "Exception ignored" not in err
     assert out.read_text() == "older predictions\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl", "x.npy"]
 
