@@ -31,7 +31,7 @@ from mtlgraph.data.sources.files import (
 )
 from mtlgraph.data.sources.shards import shard_files
 from mtlgraph.data.sources.table import Tokenizer, field_values
-from mtlgraph.data.sources.tokenizer import TOKENIZERS, WordTokenizer
+from mtlgraph.data.sources.tokenizer import TOKENIZERS, WordTokenizer, verify_fingerprint
 from mtlgraph.exceptions import ConfigError, DataError
 from mtlgraph.experiment.config import ExperimentConfig
 from mtlgraph.experiment.data_config import DatasetConfig
@@ -323,10 +323,13 @@ def run_tokenizers(
                 "does not exist; pass the run directory the model was trained in as --checkpoint"
             )
             continue
-        try:
-            out[column] = WordTokenizer.load(file, (fingerprints or {}).get(f"{name}.{column}"))
-        except DataError as e:
-            problems += e.problems
+        out[column] = WordTokenizer.load(file)
+        expected = (fingerprints or {}).get(f"{name}.{column}")
+        if expected is not None:
+            try:
+                verify_fingerprint(out[column], expected, file)
+            except DataError as e:
+                problems += e.problems
     if problems:
         raise DataError(problems)
     return out

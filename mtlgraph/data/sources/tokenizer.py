@@ -138,30 +138,13 @@ class WordTokenizer:
         return atomic_write_text(path, json.dumps(self.to_dict(), indent=0))
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], fingerprint: str | None = None) -> WordTokenizer:
-        """Read a vocabulary :meth:`save` wrote; with ``fingerprint`` (the one a checkpoint was
-        trained with), a file whose :attr:`fingerprint` differs is refused.
-
-        Raises:
-            DataError: An unreadable or malformed file, or one edited since training (naming
-                the file, both fingerprints and the fix).
-        """
+    def load(cls, path: str | os.PathLike[str]) -> WordTokenizer:
+        """Read a vocabulary :meth:`save` wrote."""
         try:
             data = json.loads(Path(path).read_text())
         except (OSError, ValueError) as e:
             raise DataError([f"cannot read the vocabulary '{path}': {e}"]) from None
-        tok = cls.from_dict(data, f"'{path}'")
-        if fingerprint is not None and tok.fingerprint != fingerprint:
-            raise DataError(
-                [
-                    f"the vocabulary '{path}' has fingerprint {tok.fingerprint}, but the "
-                    f"checkpoint was trained with {fingerprint}: the file was edited or "
-                    "replaced since training, and every id (so every prediction) would change. "
-                    "Restore the file the run wrote, or pass --checkpoint the run directory "
-                    "that trained this model"
-                ]
-            )
-        return tok
+        return cls.from_dict(data, f"'{path}'")
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, WordTokenizer) and self.to_dict() == other.to_dict()
@@ -172,6 +155,26 @@ class WordTokenizer:
         return (
             f"WordTokenizer(size={len(self)}, lowercase={self.lowercase}, "
             f"max_length={self.max_length})"
+        )
+
+
+def verify_fingerprint(tokenizer: Any, expected: str, path: str | os.PathLike[str]) -> None:
+    """Refuse a saved tokenizer whose ``fingerprint`` is not the one a checkpoint was trained
+    with (``expected``).
+
+    Raises:
+        DataError: The file was edited or replaced since training, naming it, both
+            fingerprints and the fix.
+    """
+    if tokenizer.fingerprint != expected:
+        raise DataError(
+            [
+                f"the vocabulary '{path}' has fingerprint {tokenizer.fingerprint}, but the "
+                f"checkpoint was trained with {expected}: the file was edited or replaced "
+                "since training, and every id (so every prediction) would change. Restore the "
+                "file the run wrote, or pass --checkpoint the run directory that trained this "
+                "model"
+            ]
         )
 
 
