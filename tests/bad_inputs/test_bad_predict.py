@@ -425,6 +425,12 @@ def test_an_edited_vocabulary_is_refused_naming_the_file_and_the_fix(
         assert code == 2, err
         assert f"the vocabulary '{file}' has fingerprint" in err and "Restore the file" in err
         assert not out.exists()
+    program = tmp_path / "m.pt2"  # nor is it embedded in an export
+    code, err = _cli(
+        capsys, "export", str(config), "--checkpoint", str(edited), "--out", str(program)
+    )
+    assert code == 2 and f"the vocabulary '{file}' has fingerprint" in err
+    assert not program.exists()
 
 
 def test_a_corrupt_vocabulary_file_exits_2_naming_it(
