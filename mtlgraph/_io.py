@@ -3,18 +3,25 @@
 Every file mtlgraph writes (model files, checkpoints, vocabularies, reports, scores, configs) goes
 through :func:`atomic_write`: a temporary file in the target's directory, flushed and fsynced,
 then ``os.replace``-d into place. A reader, or a run killed mid-write, sees either the old file or
-the complete new one, never half of one. JSON files (scores, reports) go through
+the complete new one, never half of one. The temporary file is named
+``.<name>.<pid>@<host>.<random>.tmp``: one left by a writer that was killed (SIGKILL, a power
+cut) is removed by the next write to the same path, once no live process on this host owns it.
+JSON files (scores, reports) go through
 :func:`write_json`, which also turns non-finite floats into ``null``.
 """
 
 from __future__ import annotations
 
+import glob
 import importlib
 import json
 import math
 import os
 import pickle
+import re
+import socket
 import tempfile
+import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -70,7 +77,10 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    remove_stale_temporaries(target)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{target.name}.{os.getpid()}@{_HOST}.", suffix=".tmp", dir=target.parent
+    )
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
@@ -82,6 +92,57 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]
         Path(tmp).unlink(missing_ok=True)
         raise
     return target
+
+
+_HOST = f"{zlib.crc32(socket.gethostname().encode()):08x}"
+"""This host, in temporary names: a pid is checked only on the host that owns it (a shared
+file system may hold other hosts' writers' files)."""
+
+
+def remove_stale_temporaries(target: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporary files :func:`atomic_write` left beside ``target`` when it was killed.
+
+    Only files named as :func:`atomic_write` names them for this very target
+    (``.<name>.<pid>@<host>.<random>.tmp``), written on this host, by a process that no longer
+    runs, are removed; anything else (another target's, another host's, a live writer's, a
+    file of another name) is left alone. A reused pid keeps a stale file until that process
+    ends: safe, never wrong.
+
+    Returns:
+        The files removed.
+    """
+    t = Path(target)
+    pattern = re.compile(
+        rf"\.{re.escape(t.name)}\.(\d+)@{_HOST}\.[A-Za-z0-9_]+\.tmp", flags=re.ASCII
+    )
+    removed = []
+    try:
+        candidates = list(t.parent.glob(f".{glob.escape(t.name)}.*@{_HOST}.*.tmp"))
+    except OSError:  # an unreadable directory: the write itself will say why
+        return []
+    for file in candidates:
+        m = pattern.fullmatch(file.name)
+        if m is None or _alive(int(m.group(1))):
+            continue
+        try:
+            file.unlink()
+        except OSError:  # another writer removed it first, or it is not ours to remove
+            continue
+        removed.append(file)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (ours, or another user's)."""
+    if pid == os.getpid():
+        return True  # another thread of this process may be writing the same target
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):
+        return True  # exists, owned by another user (or unknowable): keep its file
+    return True
 
 
 def _file_mode(target: Path) -> int:

@@ -300,12 +300,15 @@ def evaluate(args: argparse.Namespace) -> int:
     from mtlgraph._io import write_json
     from mtlgraph.experiment.build import build_experiment
     from mtlgraph.experiment.config import load_config
+    from mtlgraph.experiment.predict import verify_vocabularies
 
     cfg = load_config(args.config, args.overrides)
     remap = _remaps(args.remap)
     path = inference_cli.checkpoint_file(args.checkpoint)
     experiment = build_experiment(cfg)
     experiment.model.load(path)
+    built = (experiment.trainer.experiment_config or {}).get("vocabularies") or {}
+    verify_vocabularies(path, built)  # the ids must be the ones the model was trained on
     loaders = experiment.loaders
     if args.split:
         have = sorted({dl.dataset.split for dl in loaders})

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import signal
 import sys
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,13 +70,62 @@ def predict_args(p: argparse.ArgumentParser) -> None:
         "--id-column", metavar="NAME", help="column holding each row's id (default: row number)"
     )
     p.add_argument("--format", metavar="FORMAT", help="the data's format (default: from PATH)")
+    p.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="a row with a NaN or infinite input gets null predictions and its reason in a "
+        "'missing' column (default: an error naming the row and field, exit 2)",
+    )
+
+
+class Terminated(BaseException):
+    """SIGTERM (``timeout``, a job scheduler, Kubernetes), raised like ``KeyboardInterrupt`` is
+    for SIGINT, so that what is being written is cleaned up on the way out."""
+
+
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Inside: SIGTERM raises :class:`Terminated` in the main thread (once; a second SIGTERM
+    during the clean-up is ignored). The previous handler is restored on the way out."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def predict(args: argparse.Namespace) -> int:
-    """Run ``mtlgraph predict``; returns the exit status."""
+    """Run ``mtlgraph predict``; returns the exit status: SIGINT 130 and SIGTERM 143, with no
+    temporary file left and an older ``--out`` intact."""
+    existed = Path(args.out).is_file()
+    try:
+        with sigterm_raises():
+            return _predict(args)
+    except (KeyboardInterrupt, Terminated) as stop:
+        sigterm = isinstance(stop, Terminated)
+        kept = f"'{args.out}' keeps its older content" if existed else "nothing was written"
+        what = "terminated (SIGTERM)" if sigterm else "interrupted (Ctrl-C)"
+        print(f"mtlgraph: {what}; no predictions written, {kept}", file=sys.stderr)
+        return 143 if sigterm else 130
+
+
+def _predict(args: argparse.Namespace) -> int:
     from mtlgraph.exceptions import ConfigError
     from mtlgraph.experiment.config import load_config
-    from mtlgraph.experiment.predict import ID_FIELD, read_prediction_data
+    from mtlgraph.experiment.predict import (
+        ID_FIELD,
+        checkpoint_vocabularies,
+        read_prediction_data,
+        vocabulary_files,
+    )
     from mtlgraph.inference.export import input_fields
     from mtlgraph.inference.predictions import (
         check_output_path,
@@ -94,9 +146,23 @@ def predict(args: argparse.Namespace) -> int:
     model = load_model(cfg, args.checkpoint)
     tasks = parse_tasks(model, args.tasks) if args.tasks else labelled_tasks(cfg, model, args.data)
     fields = input_fields(model, tasks, config_fields(cfg))
+    trained = checkpoint_vocabularies(checkpoint_file(args.checkpoint))
+    if trained is None and vocabulary_files(cfg, run_directory(args.checkpoint), fields):
+        logging.getLogger(__name__).warning(
+            "'%s' records no vocabulary fingerprints (a model file): the run's vocabularies "
+            "cannot be checked against it",
+            checkpoint_file(args.checkpoint),
+        )
     with _extras_are_usage():
         data = read_prediction_data(
-            cfg, args.data, fields, args.id_column, args.format, run_directory(args.checkpoint)
+            cfg,
+            args.data,
+            fields,
+            args.id_column,
+            args.format,
+            run_directory(args.checkpoint),
+            args.allow_missing,
+            trained,
         )
     rows = write_predictions(
         model,
@@ -107,6 +173,7 @@ def predict(args: argparse.Namespace) -> int:
         file_format=out_format,
         progress=not args.quiet,
         total=data.rows,
+        allow_missing=args.allow_missing,
     )
     print(f"{rows} rows of {', '.join(tasks)} written to {args.out}", file=sys.stderr)
     return 0
@@ -146,7 +213,11 @@ def export_args(p: argparse.ArgumentParser) -> None:
 def export(args: argparse.Namespace) -> int:
     """Run ``mtlgraph export``; returns the exit status."""
     from mtlgraph.experiment.config import load_config
-    from mtlgraph.experiment.predict import vocabulary_files
+    from mtlgraph.experiment.predict import (
+        checkpoint_vocabularies,
+        export_declarations,
+        vocabulary_files,
+    )
     from mtlgraph.inference.export import input_fields, max_export_error, require_onnx, sidecar_path
     from mtlgraph.inference.predictions import check_output_path
     from mtlgraph.training.checkpoint import run_directory
@@ -161,9 +232,18 @@ def export(args: argparse.Namespace) -> int:
     tasks = parse_tasks(model, args.tasks)
     fields = input_fields(model, tasks, config_fields(cfg))
     run_dir = run_directory(args.checkpoint)
-    example = example_batch(cfg, fields, run_dir=run_dir)
-    vocabularies = vocabulary_files(cfg, run_dir, fields)
-    path = model.export(args.out, tasks, fmt, example, vocabularies=vocabularies)
+    trained = checkpoint_vocabularies(checkpoint_file(args.checkpoint))
+    example = example_batch(cfg, fields, run_dir=run_dir, fingerprints=trained)
+    sequences, preprocessing = export_declarations(cfg, fields)
+    path = model.export(
+        args.out,
+        tasks,
+        fmt,
+        example,
+        vocabularies=vocabulary_files(cfg, run_dir, fields),
+        preprocessing=preprocessing,
+        sequences=sequences,
+    )
     summary = {"program": str(path), "sidecar": str(sidecar_path(path)), "format": fmt}
     summary["tasks"] = tasks
     if not args.no_check:
@@ -232,7 +312,11 @@ def config_fields(cfg: ExperimentConfig) -> list[str]:
 
 
 def example_batch(
-    cfg: ExperimentConfig, fields: Sequence[str], rows: int = 8, run_dir: Path | None = None
+    cfg: ExperimentConfig,
+    fields: Sequence[str],
+    rows: int = 8,
+    run_dir: Path | None = None,
+    fingerprints: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The first ``rows`` rows of each field, from the config's datasets (to trace an export)."""
     from mtlgraph.experiment.predict import chunk_batch, read_config_dataset
@@ -241,7 +325,7 @@ def example_batch(
     for name, ds in cfg.data.datasets.items():
         wanted = [f for f in fields if f in ds.fields and f not in example]
         if wanted:
-            data = read_config_dataset(cfg, name, wanted, run_dir)
+            data = read_config_dataset(cfg, name, wanted, run_dir, fingerprints)
             X, _ = chunk_batch(next(iter(data.chunks(rows))))
             example.update({k: v for k, v in X.items() if k in wanted})
     n = min((len(v) for v in example.values()), default=0)

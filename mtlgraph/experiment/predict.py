@@ -9,7 +9,9 @@ import copy
 import functools
 import glob
 import itertools
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import logging
+import signal
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,11 +31,13 @@ from mtlgraph.data.sources.files import (
 )
 from mtlgraph.data.sources.shards import shard_files
 from mtlgraph.data.sources.table import Tokenizer, field_values
-from mtlgraph.data.sources.tokenizer import TOKENIZERS, WordTokenizer
+from mtlgraph.data.sources.tokenizer import TOKENIZERS, WordTokenizer, verify_fingerprint
 from mtlgraph.exceptions import ConfigError, DataError
 from mtlgraph.experiment.config import ExperimentConfig
 from mtlgraph.experiment.data_config import DatasetConfig
 from mtlgraph.experiment.sources import image_decoder, vocab_file
+
+logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 """Files of a folder read as images by ``--data FOLDER``."""
@@ -70,12 +74,23 @@ class PredictionData:
             return (chunk_batch(c) for c in self.chunks(batch_size))
         dataset = _ChunkDataset(self.chunks, batch_size, num_workers)
         return torch.utils.data.DataLoader(
-            dataset, batch_size=None, num_workers=num_workers, collate_fn=_identity
+            dataset,
+            batch_size=None,
+            num_workers=num_workers,
+            collate_fn=_identity,
+            worker_init_fn=_leave_signals_to_the_main_process,
         )
 
 
 def _identity(batch: Any) -> Any:
     return batch
+
+
+def _leave_signals_to_the_main_process(worker_id: int) -> None:
+    """A reader process ignores SIGINT and SIGTERM (a terminal's Ctrl-C and schedulers signal
+    the whole process group): the main process stops, cleans up and ends its readers."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def chunk_batch(chunk: Chunk | Callable[[], Chunk]) -> Batch:
@@ -204,14 +219,93 @@ def vocabulary_files(
     return out
 
 
-def run_tokenizers(
-    name: str, ds: DatasetConfig, columns: Sequence[str], run_dir: Path | None
-) -> dict[str, Tokenizer]:
-    """The tokenizer of each text column among ``columns``: the declared one, or the run's
-    saved vocabulary (never rebuilt).
+def checkpoint_vocabularies(checkpoint: str | Path) -> dict[str, str] | None:
+    """``{dataset.column: fingerprint}`` of the vocabularies a training checkpoint was trained
+    with; ``None`` for a file that does not say (a model file, a checkpoint of a run without
+    a config)."""
+    from mtlgraph.training.checkpoint import load_checkpoint
+
+    experiment = (load_checkpoint(checkpoint).get("config") or {}).get("experiment")
+    if not isinstance(experiment, dict):
+        return None
+    return {str(k): str(v) for k, v in (experiment.get("vocabularies") or {}).items()}
+
+
+def verify_vocabularies(
+    checkpoint: str | Path, built: Mapping[str, str], where: str = "this config"
+) -> None:
+    """Refuse vocabularies (``{dataset.column: fingerprint}``) that differ from the ones the
+    checkpoint was trained with (``evaluate`` rebuilds them from the training split).
 
     Raises:
-        DataError: A vocabulary file the run directory lacks, naming the file.
+        DataError: Every vocabulary that differs, naming it, the checkpoint and the fix.
+    """
+    trained = checkpoint_vocabularies(checkpoint)
+    if trained is None:
+        if built:
+            logger.warning(
+                "'%s' does not record its vocabularies: cannot check that %s tokenises as "
+                "training did",
+                checkpoint,
+                where,
+            )
+        return
+    problems = [
+        f"vocabulary '{key}': {where} builds {fp}, but '{checkpoint}' was trained with "
+        f"{trained[key]}: the training data or the tokenizer settings changed since "
+        "training; restore them, or train a new run"
+        for key, fp in built.items()
+        if key in trained and trained[key] != fp
+    ]
+    if problems:
+        raise DataError(problems)
+
+
+def export_declarations(
+    cfg: ExperimentConfig, fields: Sequence[str]
+) -> tuple[dict[str, int | None], dict[str, dict[str, Any]]]:
+    """What an export's metadata says of ``fields`` beyond shapes, from the datasets declaring
+    them: ``({text field: max length (None: a user tokenizer's)}, {image field: {"image":
+    decoding}})`` (the vocabularies: :func:`vocabulary_files`)."""
+    sequences: dict[str, int | None] = {}
+    preprocessing: dict[str, dict[str, Any]] = {}
+    for ds in cfg.data.datasets.values():
+        for f in fields:
+            column = ds.fields.get(f)
+            if not isinstance(column, str) or f in sequences or f in preprocessing:
+                continue
+            tc = ds.source.text.get(column)
+            if tc is not None:
+                sequences[f] = tc.max_length if tc.tokenizer is None else None
+            ic = ds.source.images
+            if ic is not None and column == ic.column:
+                norm = ic.normalize
+                preprocessing[f] = {
+                    "image": {
+                        "mode": ic.mode,
+                        "resize": list(ic.resize) if ic.resize else None,
+                        "normalize": {"mean": norm.mean, "std": norm.std} if norm else None,
+                        "scale": "8-bit pixels / 255, 16-bit grey / 65535, then normalize",
+                        "layout": "CHW",
+                    }
+                }
+    return sequences, preprocessing
+
+
+def run_tokenizers(
+    name: str,
+    ds: DatasetConfig,
+    columns: Sequence[str],
+    run_dir: Path | None,
+    fingerprints: Mapping[str, str] | None = None,
+) -> dict[str, Tokenizer]:
+    """The tokenizer of each text column among ``columns``: the declared one, or the run's
+    saved vocabulary (never rebuilt), checked against the checkpoint's ``fingerprints``
+    (``{dataset.column: fingerprint}``) when given.
+
+    Raises:
+        DataError: A vocabulary file the run directory lacks, or one whose fingerprint differs
+            from the checkpoint's, naming the file.
     """
     out: dict[str, Tokenizer] = {}
     problems = []
@@ -230,6 +324,12 @@ def run_tokenizers(
             )
             continue
         out[column] = WordTokenizer.load(file)
+        expected = (fingerprints or {}).get(f"{name}.{column}")
+        if expected is not None:
+            try:
+                verify_fingerprint(out[column], expected, file)
+            except DataError as e:
+                problems += e.problems
     if problems:
         raise DataError(problems)
     return out
@@ -259,8 +359,11 @@ def _read_files(
     id_column: str | None,
     file_format: str | None,
     run_dir: Path | None,
+    allow_missing: bool = False,
+    fingerprints: Mapping[str, str] | None = None,
 ) -> PredictionData:
-    """Table files (one, or a glob), read in chunks through :mod:`mtlgraph.data.sources`."""
+    """Table files (one, or a glob), read in chunks through :mod:`mtlgraph.data.sources`;
+    ``allow_missing`` lets non-finite cells through (the writer flags their rows)."""
     files = _files(path)
     name = declaring_dataset(cfg, fields)
     ds = cfg.data.datasets[name] if name is not None else None
@@ -283,7 +386,7 @@ def _read_files(
     chosen = resolve_columns(specs, available, f"'{files[0]}'")
     _check_id(id_column, available, f"'{files[0]}'")
     text_columns = [s for s in chosen.values() if isinstance(s, str)]
-    toks = run_tokenizers(name, ds, text_columns, run_dir) if name and ds else {}
+    toks = run_tokenizers(name, ds, text_columns, run_dir, fingerprints) if name and ds else {}
     needed = [*dict.fromkeys(n for s in chosen.values() for n in _names(s))]
     needed += [id_column] if id_column and id_column not in needed else []
 
@@ -294,7 +397,10 @@ def _read_files(
                 n = table_length(table)
                 if n == 0:
                     continue
-                X = {f: field_values(table, spec, text=toks) for f, spec in chosen.items()}
+                X = {
+                    f: field_values(table, spec, text=toks, finite=not allow_missing)
+                    for f, spec in chosen.items()
+                }
                 yield _id_values(table, id_column, start), X
                 start += n
 
@@ -308,6 +414,7 @@ def _read_images(
     fields: Sequence[str],
     id_column: str | None,
     run_dir: Path | None,
+    fingerprints: Mapping[str, str] | None = None,
 ) -> PredictionData:
     """A folder of images (every image in it, sorted; ids are the file names) or a table
     naming the files (relative to its folder), read by training's :class:`ImageFolder`."""
@@ -328,7 +435,7 @@ def _read_images(
         table, folder = read_table(path, fmt), path.parent
     image_fields = [f for f in fields if ds.fields[f] == ic.column]
     others = {f: ds.fields[f] for f in fields if f not in image_fields}
-    toks = run_tokenizers(name, ds, _columns(ds, list(others)), run_dir)
+    toks = run_tokenizers(name, ds, _columns(ds, list(others)), run_dir, fingerprints)
     images = ImageFolder(
         folder, table, ID_FIELD, ic.column, others, {}, image_decoder(ic), toks, table.origin
     )
@@ -350,7 +457,11 @@ def _image_chunk(images: Any, rows: range, ids: Sequence[Any], image_fields: lis
 
 
 def read_config_dataset(
-    cfg: ExperimentConfig, ref: str, fields: Sequence[str], run_dir: Path | None
+    cfg: ExperimentConfig,
+    ref: str,
+    fields: Sequence[str],
+    run_dir: Path | None,
+    fingerprints: Mapping[str, str] | None = None,
 ) -> PredictionData:
     """``--data NAME[:SPLIT]``: a dataset of the config, labels ignored; ids are row numbers
     (``split/row`` for every split) or, for images, file names."""
@@ -361,7 +472,7 @@ def read_config_dataset(
     unknown = [f for f in fields if f not in ds.fields]
     if unknown:
         raise DataError([f"dataset '{ref}' of the config has no input field {quoted(unknown)}"])
-    run_tokenizers(name, ds, _columns(ds, fields), run_dir)
+    run_tokenizers(name, ds, _columns(ds, fields), run_dir, fingerprints)
     one = copy.copy(cfg)
     one.data = copy.copy(cfg.data)
     one.data.datasets = {name: ds}
@@ -419,10 +530,15 @@ def read_prediction_data(
     id_column: str | None = None,
     file_format: str | None = None,
     run_dir: str | Path | None = None,
+    allow_missing: bool = False,
+    fingerprints: Mapping[str, str] | None = None,
 ) -> PredictionData:
     """THE dispatch point for prediction data: ``path`` is a data file, a directory of ``.npy``
     files or images, a glob, or ``NAME[:SPLIT]`` naming a dataset of the config, read as
     training reads it (labels dropped); ``id_column`` (default: the row number) names each row.
+    A non-finite cell of a data file is an error naming the file, the line and the column, or,
+    with ``allow_missing``, read as it is (the writer answers its row with nulls). The run's
+    vocabularies are checked against ``fingerprints`` (:func:`checkpoint_vocabularies`).
 
     Raises:
         DataError: A missing file, field, id column or vocabulary (named, with what the data
@@ -435,7 +551,7 @@ def read_prediction_data(
     if not p.exists() and not glob.has_magic(str(path)):
         name = str(path).partition(":")[0]
         if name in cfg.data.datasets:
-            return read_config_dataset(cfg, str(path), fields, run)
+            return read_config_dataset(cfg, str(path), fields, run, fingerprints)
         hint = did_you_mean(name, cfg.data.datasets)
         raise DataError(
             [
@@ -446,7 +562,7 @@ def read_prediction_data(
     declaring = declaring_dataset(cfg, fields)
     images = declaring is not None and cfg.data.datasets[declaring].source.type == "images"
     if declaring is not None and images and p.suffix.lower() not in IMAGE_SUFFIXES:
-        return _read_images(cfg, declaring, p, fields, id_column, run)
+        return _read_images(cfg, declaring, p, fields, id_column, run, fingerprints)
     if p.is_dir() and not any(p.glob("*.npy")):
         raise ConfigError([f"cannot tell the format of directory '{p}': it has no .npy files"])
-    return _read_files(cfg, path, fields, id_column, file_format, run)
+    return _read_files(cfg, path, fields, id_column, file_format, run, allow_missing, fingerprints)

@@ -9,7 +9,7 @@ import io
 import json
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -29,6 +29,9 @@ WRITE_FORMATS = ("jsonl", "csv", "parquet")
 
 ID = "id"
 """Name of the id column."""
+
+MISSING = "missing"
+"""Name of the column that says why a row has no predictions (with ``allow_missing``)."""
 
 Columns = dict[str, np.ndarray]
 
@@ -71,24 +74,102 @@ def iter_prediction_rows(
     batches: Batches,
     task_names: Sequence[str],
     id_field: str | None = None,
-) -> Iterator[tuple[list[Any], Columns]]:
-    """Per batch: the ids and the prediction columns (arrays with a row per example)."""
+    allow_missing: bool = False,
+) -> Iterator[tuple[list[Any], Columns, list[str | None] | None]]:
+    """Per batch: the ids, the prediction columns (arrays with a row per example) and, with
+    ``allow_missing``, why each row has no predictions (``None``: it has them).
+
+    Raises:
+        DataError: A non-finite value in an input field the tasks read, naming the row, its id
+            and the field (unless ``allow_missing``: the row's outputs are then null).
+    """
+    checked = _finite_rows(model, batches, task_names, id_field, allow_missing)
     start = 0
-    for X, probs in iter_predictions(model, batches, task_names):
+    for X, probs in iter_predictions(model, checked, task_names):
         n = len(next(iter(probs.values())))
-        if id_field is not None:
-            if id_field not in X:
-                raise DataError(
-                    [f"the batches have no id field '{id_field}'; they have {quoted(X)}"]
-                )
-            ids = _plain(X[id_field])
-        else:
-            ids = list(range(start, start + n))
+        ids = _ids(X, id_field, start, n)
         start += n
         columns: Columns = {}
         for task_name, p in probs.items():
             columns.update(task_columns(model.tasks[task_name], p))
-        yield ids, columns
+        yield ids, columns, X[_REASONS] if allow_missing else None
+
+
+_REASONS = "__missing__"  # the batch key that carries each row's reason to the writer
+
+
+def _ids(X: Mapping[str, Any], id_field: str | None, start: int, n: int) -> list[Any]:
+    if id_field is None:
+        return list(range(start, start + n))
+    if id_field not in X:
+        raise DataError([f"the batches have no id field '{id_field}'; they have {quoted(X)}"])
+    return _plain(X[id_field])
+
+
+def _finite_rows(
+    model: InferenceModel,
+    batches: Batches,
+    task_names: Sequence[str],
+    id_field: str | None,
+    allow_missing: bool,
+) -> Iterator[tuple[dict[str, Any], Any]]:
+    """The batches, each float input field the tasks read checked for NaN and infinities: a
+    :class:`DataError`, or (``allow_missing``) the row's values zeroed and its reason kept."""
+    from mtlgraph.inference.export import input_fields
+
+    fields: list[str] | None = None
+    start = 0
+    for X, Y in batches:
+        if fields is None:
+            fields = input_fields(model, task_names, [k for k in X if k != id_field])
+        n = _rows(X, fields)
+        reasons: list[str | None] = [None] * n
+        X = dict(X)
+        for f in fields:
+            v = X.get(f)
+            if not isinstance(v, torch.Tensor) or not v.is_floating_point() or v.ndim == 0:
+                continue
+            bad = ~torch.isfinite(v).reshape(len(v), -1).all(dim=1)
+            if not bad.any():
+                continue
+            rows = bad.nonzero().flatten().tolist()
+            if not allow_missing:
+                raise _nonfinite_error(X, f, v, rows[0], start, id_field)
+            X[f] = torch.where(torch.isfinite(v), v, torch.zeros((), dtype=v.dtype))
+            for i in rows:
+                reasons[i] = reasons[i] or f"input field '{f}' is {_kind(v[i])}"
+        X[_REASONS] = reasons
+        start += n
+        yield X, Y
+
+
+def _rows(X: Mapping[str, Any], fields: Sequence[str]) -> int:
+    for f in fields:
+        v = X.get(f)
+        if v is not None and hasattr(v, "__len__"):
+            return len(v)
+    return 0
+
+
+def _kind(v: torch.Tensor) -> str:
+    """``NaN`` or ``inf`` (the first non-finite value of a row)."""
+    x = float(v.reshape(-1)[~torch.isfinite(v.reshape(-1))][0])
+    return "NaN" if math.isnan(x) else str(x)
+
+
+def _nonfinite_error(
+    X: Mapping[str, Any], field: str, v: torch.Tensor, i: int, start: int, id_field: str | None
+) -> DataError:
+    ids = _plain(X[id_field]) if id_field is not None and id_field in X else None
+    row = f"row {start + i + 1}" + (f" (id {ids[i]!r})" if ids is not None else "")
+    return DataError(
+        [
+            f"{row}, input field '{field}': {_kind(v[i])}; a non-finite input would get a "
+            "prediction that means nothing. Fix or drop the row, or pass --allow-missing "
+            "(allow_missing=True) to write null predictions for such rows, flagged in the "
+            f"'{MISSING}' column"
+        ]
+    )
 
 
 def _plain(values: Any) -> list[Any]:
@@ -120,20 +201,29 @@ def _flat(name: str, array: np.ndarray) -> list[tuple[str, np.ndarray]]:
 # ---------------------------------------------------------------- writers
 
 
+Missing = list[str | None] | None
+"""Per row, why it has no predictions (``None``: it has them); ``None``: no such column."""
+
+
 class _JsonLines:
     def __init__(self, fh: IO[bytes]) -> None:
         self.out = io.TextIOWrapper(fh, encoding="utf-8", newline="\n", write_through=False)
 
-    def write(self, ids: list[Any], columns: Columns) -> None:
+    def write(self, ids: list[Any], columns: Columns, missing: Missing = None) -> None:
         keys = [json.dumps(k) for k in columns]
         arrays = list(columns.values())
         lines = []
         for i, id_ in enumerate(ids):
             parts = [f'"{ID}": {json.dumps(id_)}']
+            why = missing[i] if missing is not None else None
+            if missing is not None:
+                parts.append(f'"{MISSING}": {json.dumps(why)}')
             for key, a in zip(keys, arrays, strict=True):
                 v = a[i]
                 text = (
-                    "[" + ", ".join(_number(x) for x in v.reshape(-1)) + "]"
+                    "null"
+                    if why is not None
+                    else "[" + ", ".join(_number(x) for x in v.reshape(-1)) + "]"
                     if isinstance(v, np.ndarray)
                     else _number(v)
                 )
@@ -152,13 +242,17 @@ class _Csv:
         self.writer = csv.writer(self.out)
         self.header: list[str] | None = None
 
-    def write(self, ids: list[Any], columns: Columns) -> None:
+    def write(self, ids: list[Any], columns: Columns, missing: Missing = None) -> None:
         flat = [pair for name, a in columns.items() for pair in _flat(name, a)]
+        extra = [MISSING] if missing is not None else []
         if self.header is None:
-            self.header = [ID, *(name for name, _ in flat)]
+            self.header = [ID, *extra, *(name for name, _ in flat)]
             self.writer.writerow(self.header)
         cols = [a for _, a in flat]
-        self.writer.writerows([str(id_), *(str(c[i]) for c in cols)] for i, id_ in enumerate(ids))
+        for i, id_ in enumerate(ids):
+            why = missing[i] if missing is not None else None
+            values = [""] * len(cols) if why is not None else [str(c[i]) for c in cols]
+            self.writer.writerow([str(id_), *([why or ""] if extra else []), *values])
 
     def close(self) -> None:
         self.out.flush()
@@ -172,10 +266,15 @@ class _Parquet:
         self.pq = pq
         self.writer: Any = None
 
-    def write(self, ids: list[Any], columns: Columns) -> None:
+    def write(self, ids: list[Any], columns: Columns, missing: Missing = None) -> None:
         pa = self.pa
         flat = [pair for name, a in columns.items() for pair in _flat(name, a)]
-        table = pa.table({ID: pa.array(ids), **{key: pa.array(col) for key, col in flat}})
+        head: dict[str, Any] = {ID: pa.array(ids)}
+        mask = None
+        if missing is not None:
+            head[MISSING] = pa.array(missing, type=pa.string())
+            mask = np.array([m is not None for m in missing])
+        table = pa.table({**head, **{key: pa.array(col, mask=mask) for key, col in flat}})
         if self.writer is None:
             self.writer = self.pq.ParquetWriter(self.fh, table.schema)
         self.writer.write_table(table)
@@ -191,7 +290,7 @@ def import_pyarrow() -> list[Any]:
 
 
 class _Writer(Protocol):
-    def write(self, ids: list[Any], columns: Columns) -> None: ...
+    def write(self, ids: list[Any], columns: Columns, missing: Missing = None) -> None: ...
 
     def close(self) -> None: ...
 
@@ -232,6 +331,7 @@ def write_predictions(
     file_format: str | None = None,
     progress: bool = False,
     total: int | None = None,
+    allow_missing: bool = False,
 ) -> int:
     """Write the predictions of ``task_names`` (default: every task) on ``batches`` to a file.
 
@@ -245,12 +345,17 @@ def write_predictions(
         file_format: ``"jsonl"``, ``"csv"`` or ``"parquet"`` (default: from the suffix).
         progress: Show a progress bar (on a terminal only).
         total: Rows expected, for the progress bar.
+        allow_missing: A row with a non-finite input (NaN, an infinity) gets null predictions
+            and its reason in a ``missing`` column (written for every row, null when the row
+            has predictions), instead of an error.
 
     Returns:
         The number of rows written.
 
     Raises:
         ConfigError: An unknown format, or a path that cannot be written; nothing is written.
+        DataError: A non-finite input without ``allow_missing``, naming the row and the field;
+            nothing is written.
 
     Example:
         >>> import json, tempfile, pathlib, torch
@@ -272,14 +377,14 @@ def write_predictions(
     if fmt == "parquet":
         import_pyarrow()
     names = list(task_names) if task_names is not None else model.task_names
-    rows = iter_prediction_rows(model, batches, names, id_field)
+    rows = iter_prediction_rows(model, batches, names, id_field, allow_missing)
     return _write(target, fmt, rows, progress, total)
 
 
 def _write(
     target: Path,
     fmt: str,
-    rows: Iterable[tuple[list[Any], Columns]],
+    rows: Iterable[tuple[list[Any], Columns, Missing]],
     progress: bool,
     total: int | None,
 ) -> int:
@@ -291,8 +396,8 @@ def _write(
         nonlocal count
         writer = _WRITERS[fmt](fh)
         with tqdm(total=total, unit="rows", disable=None if progress else True) as bar:
-            for ids, columns in rows:
-                writer.write(ids, columns)
+            for ids, columns, missing in rows:
+                writer.write(ids, columns, missing)
                 count += len(ids)
                 bar.update(len(ids))
         writer.close()

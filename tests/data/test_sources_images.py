@@ -90,3 +90,26 @@ def test_missing_pillow_names_the_extra(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setitem(sys.modules, "PIL", None)
     with pytest.raises(DataError, match=r"needs Pillow: pip install 'mtlgraph\[images\]'"):
         ImageFolder(tmp_path / "img", table)
+
+
+@pytest.mark.parametrize("size", [None, (2, 2)])
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA"])
+def test_16_bit_grey_is_scaled_by_65535_in_every_mode(
+    tmp_path: Path, mode: str, size: tuple[int, int] | None
+) -> None:
+    grey8 = np.random.default_rng(0).integers(0, 256, (4, 4)).astype(np.uint8)
+    Image.fromarray(grey8).save(tmp_path / "a8.png")
+    Image.fromarray(grey8.astype(np.uint16) * 257).save(tmp_path / "a16.png")
+    assert Image.open(tmp_path / "a16.png").mode == "I;16"
+    decode = ImageDecoder(mode=mode, size=size, mean=(0.5,) * len(mode), std=(0.25,) * len(mode))
+    x8, x16 = decode(tmp_path / "a8.png"), decode(tmp_path / "a16.png")
+    assert x16.shape == x8.shape == (len(mode), *(size or (4, 4)))
+    assert torch.allclose(x16, x8, atol=1e-2 if size else 1e-5)  # resized: 8-bit rounding
+    if size is None:
+        assert float(x16[0].max()) == pytest.approx((grey8.max() / 255 - 0.5) / 0.25, abs=1e-5)
+
+
+def test_1_bit_images_are_0_and_1(tmp_path: Path) -> None:
+    Image.fromarray(np.eye(3, dtype=bool)).save(tmp_path / "b.png")
+    assert Image.open(tmp_path / "b.png").mode == "1"
+    assert ImageDecoder(mode="L")(tmp_path / "b.png")[0].tolist() == np.eye(3).tolist()

@@ -65,7 +65,7 @@ def _reviews_config() -> dict[str, Any]:
                         "type": "table",
                         "path": "reviews.jsonl",
                         "split_column": "split",
-                        "text": {"text": {"vocab_size": 20}},
+                        "text": {"text": {"vocab_size": 20, "max_length": 16}},
                     },
                     "fields": {"text": "text", "stars": "stars"},
                     "labels": {"sentiment": "label"},
@@ -173,22 +173,47 @@ def test_missing_column_and_missing_vocabulary_exit_2(
     assert not out.exists()
 
 
-def test_export_sidecar_names_the_vocabulary(
-    reviews: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("suffix", [".pt2", ".onnx"])
+def test_export_of_text_has_a_dynamic_length_and_embeds_the_vocabulary(
+    reviews: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], suffix: str
 ) -> None:
     from mtlgraph.experiment.predict import vocabulary_files
+    from mtlgraph.inference.export import load_metadata, run_exported
 
     config, run = reviews
     files = vocabulary_files(load_config(config), run, ["text", "stars"])
     assert files == {"text": str(run / VOCAB_DIR / "reviews.text.json")}
-    out = tmp_path / "m.pt2"
-    assert (
-        main(["export", str(config), "--checkpoint", str(run), "--out", str(out), "--no-check"])
-        == 0
-    )
+    out = tmp_path / f"m{suffix}"
+    assert main(["export", str(config), "--checkpoint", str(run), "--out", str(out)]) == 0
     capsys.readouterr()
-    inputs = {i["name"]: i for i in json.loads(Path(f"{out}.json").read_text())["inputs"]}
-    assert inputs["text"]["vocabulary"] == files["text"] and inputs["stars"]["vocabulary"] is None
+    meta = load_metadata(out)  # from inside the file: the sidecar is a copy
+    assert json.loads(Path(f"{out}.json").read_text()) == meta
+    inputs = {i["name"]: i for i in meta["inputs"]}
+    tok = WordTokenizer.load(files["text"])
+    vocab = inputs["text"]["vocabulary"]
+    assert (out.parent / vocab["file"]).resolve() == Path(files["text"]).resolve()
+    assert vocab["tokens"] == tok.tokens and vocab["fingerprint"] == tok.fingerprint
+    assert (
+        inputs["text"]["shape"] == ["batch", "text_length"] and inputs["text"]["max_length"] == 16
+    )
+    assert inputs["stars"]["vocabulary"] is None and inputs["stars"]["shape"] == ["batch", 1]
+    # texts shorter (1 word) and longer (14 words) than the example batch's (3 words)
+    new = tmp_path / "new.csv"
+    texts = ["good", "bad " * 7 + "great " * 7, "poor fine", "awful"]
+    new.write_text("text,stars\n" + "".join(f"{t},0.5\n" for t in texts))
+    preds = tmp_path / "p.jsonl"
+    code, err = _predict(
+        capsys, str(config), "--checkpoint", str(run), "--data", str(new), "--out", str(preds)
+    )
+    assert code == 0, err
+    for text in (["good", "awful"], texts):
+        ids = [tok.encode(t) for t in text]
+        X = torch.zeros(len(ids), max(len(i) for i in ids), dtype=torch.long)
+        for row, i in enumerate(ids):
+            X[row, : len(i)] = i
+        got = run_exported(out, {"text": X, "stars": torch.full((len(ids), 1), 0.5)})
+        expected = [r["sentiment/probs"] for r in read_predictions(preds) if texts[r["id"]] in text]
+        np.testing.assert_allclose(got["sentiment"].numpy(), expected, atol=1e-4)
 
 
 # ---------------------------------------------------------------- images and shards

@@ -106,16 +106,17 @@ def test_the_program_holds_only_the_chosen_tasks_modules_and_fields(tmp_path: Pa
 
 def test_a_one_row_example_still_gives_a_dynamic_batch(tmp_path: Path) -> None:
     model = _model()
+    (tmp_path / "vocab.txt").write_text("a\nb\n")  # not a word vocabulary: named, not embedded
     path = model.export(
         tmp_path / "c.pt2",
         ["c"],
         example={"z": torch.randn(1, 5), "x": torch.randn(1, 2)},
         class_labels={"c": ["price"]},
-        vocabularies={"z": "vocab.txt"},
+        vocabularies={"z": tmp_path / "vocab.txt"},
     )
     meta = json.loads(sidecar_path(path).read_text())
     assert [i["name"] for i in meta["inputs"]] == ["z"]
-    assert meta["inputs"][0]["vocabulary"] == "vocab.txt"
+    assert meta["inputs"][0]["vocabulary"] == {"file": "vocab.txt"}  # relative to the file
     assert meta["tasks"][0]["classes"] == ["price"]
     for n in (1, 3, 64):
         z = torch.randn(n, 5)

@@ -25,6 +25,9 @@ from mtlgraph.exceptions import DataError
 IMAGE_MODES = ("L", "RGB", "RGBA")
 """Pillow modes images can be converted to (1, 3 and 4 channels)."""
 
+WIDE_MODES = {"I": "32-bit integer", "F": "32-bit float"}
+"""Pillow modes of files that are refused: no range to scale them by."""
+
 _SHOWN = 5  # missing files named in one message
 
 
@@ -93,14 +96,33 @@ class ImageDecoder:
         return len(self.mode)
 
     def __call__(self, path: str | os.PathLike[str]) -> torch.Tensor:
-        """Decode one file; a missing or corrupt file is a :class:`DataError` naming it."""
+        """Decode one file; a missing, corrupt or refused file is a :class:`DataError` naming it.
+
+        8-bit images (and 1-bit, palette, grey with alpha, CMYK...) are converted to ``mode``
+        and divided by 255; 16-bit grey images (Pillow modes ``I;16*``) are divided by 65535;
+        32-bit integer and float images (``I``, ``F``), whose range no file states, are
+        refused, as is an image larger than Pillow's decompression-bomb limit.
+        """
         Image = require_pillow()
         try:
-            with Image.open(path) as img:
-                img = img.convert(self.mode)
-                if self.size is not None:
-                    img = img.resize((self.size[1], self.size[0]), Image.Resampling.BILINEAR)
-                pixels = np.asarray(img, dtype=np.float32)
+            with Image.open(path) as img:  # over twice the limit: DecompressionBombError
+                limit = Image.MAX_IMAGE_PIXELS  # over it: Pillow only warns; refused here
+                if limit and img.width * img.height > limit:
+                    raise Image.DecompressionBombError(
+                        f"Image size ({img.width * img.height} pixels) exceeds limit of "
+                        f"{limit} pixels"
+                    )
+                pixels, full_scale = self._pixels(Image, img, path)
+        except DataError:
+            raise
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+            raise DataError(
+                [
+                    f"image '{path}' is refused as a possible decompression bomb ({e}); if it "
+                    "is a genuine image, shrink it, or raise PIL.Image.MAX_IMAGE_PIXELS in a "
+                    "module the config imports (imports:)"
+                ]
+            ) from None
         except (OSError, ValueError) as e:  # Pillow's UnidentifiedImageError is an OSError
             raise DataError(
                 [
@@ -109,9 +131,32 @@ class ImageDecoder:
                 ]
             ) from None
         pixels = pixels.reshape(pixels.shape[0], pixels.shape[1], -1)  # (H, W, C)
-        pixels *= self._scale  # type: ignore[attr-defined]
+        pixels *= self._scale * (255 / full_scale)  # type: ignore[attr-defined]
         pixels -= self._offset  # type: ignore[attr-defined]
         return torch.from_numpy(pixels.transpose(2, 0, 1).copy())
+
+    def _pixels(self, Image: Any, img: Any, path: Any) -> tuple[np.ndarray, float]:
+        """``(pixels (H, W[, C]) float32 in [0, full scale], full scale)`` in ``mode`` and
+        ``size``."""
+        if img.mode in WIDE_MODES:
+            raise DataError(
+                [
+                    f"image '{path}' has {WIDE_MODES[img.mode]} pixels (Pillow mode "
+                    f"'{img.mode}'), whose range the file does not state, so they cannot be "
+                    "scaled to [0, 1]; save it as an 8-bit or 16-bit image"
+                ]
+            )
+        if not img.mode.startswith("I;16"):
+            img = img.convert(self.mode)
+            if self.size is not None:
+                img = img.resize((self.size[1], self.size[0]), Image.Resampling.BILINEAR)
+            return np.asarray(img, dtype=np.float32), 255.0
+        grey = Image.fromarray(np.asarray(img, dtype=np.float32))  # mode F, 0..65535
+        if self.size is not None:
+            grey = grey.resize((self.size[1], self.size[0]), Image.Resampling.BILINEAR)
+        g = np.asarray(grey, dtype=np.float32)
+        channels = [g] * min(len(self.mode), 3) + [np.full_like(g, 65535.0)] * (self.mode == "RGBA")
+        return np.stack(channels, axis=-1), 65535.0
 
 
 class ImageFolder(Dataset[Batch]):
@@ -178,6 +223,7 @@ class ImageFolder(Dataset[Batch]):
             raise DataError(problems, header=f"cannot read the images of {t.origin}:")
         self.files = files
         self._length = table_length(t)
+        self._first_size: tuple[int, int] | None = None  # (height, width) of files[0]
 
     def _missing_files(self, files: Sequence[str]) -> list[str]:
         missing = [(i, f) for i, f in enumerate(files) if not (self.folder / f).is_file()]
@@ -196,12 +242,36 @@ class ImageFolder(Dataset[Batch]):
         path = self.folder / self.files[index]
         try:
             image = self.decoder(path)
+            if self.decoder.size is None:
+                self._check_size(path, image)
         except DataError as e:
             raise DataError([f"row {index + 1}: {p}" for p in e.problems]) from None
         x = {self.image_field: image}
         x.update({k: v[index] for k, v in self.X.items()})
         y = {k: v[index] for k, v in self.Y.items()}
         return x, y
+
+    def _check_size(self, path: Path, image: torch.Tensor) -> None:
+        """Without a resize, every image must have the first one's size (every worker process
+        compares with the same file, so batches agree too)."""
+        if self._first_size is None:
+            Image = require_pillow()
+            first = self.folder / self.files[0]
+            try:
+                with Image.open(first) as img:  # the header only
+                    self._first_size = (int(img.height), int(img.width))
+            except (OSError, ValueError):  # the first file's own row reports it
+                self._first_size = (int(image.shape[1]), int(image.shape[2]))
+        h, w = int(image.shape[1]), int(image.shape[2])
+        if (h, w) != self._first_size:
+            H, W = self._first_size
+            raise DataError(
+                [
+                    f"image '{path}' is {h}x{w} pixels (height x width) but '{self.files[0]}' "
+                    f"(row 1) is {H}x{W}: images of different sizes cannot be batched; set the "
+                    "source's images.resize: [height, width] (ImageDecoder(size=...) in Python)"
+                ]
+            )
 
     def __repr__(self) -> str:
         return (

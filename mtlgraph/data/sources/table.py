@@ -144,6 +144,7 @@ def field_values(
     columns: str | Sequence[str],
     origin: str = "the table",
     text: Mapping[str, Tokenizer] | None = None,
+    finite: bool = True,
 ) -> Any:
     """One input field from its column(s).
 
@@ -151,6 +152,9 @@ def field_values(
     ``(N, 1)`` for one column (``(N, k)`` for list cells or ``k`` columns); the arrays of an
     ``.npz`` file, a ``.npy`` directory or a generator keep their shape and integer dtype, and a
     memory-mapped ``float32`` array stays mapped (a batch reads only its rows).
+
+    ``finite=False`` lets empty, NaN and infinite cells through as NaN and infinities
+    (``mtlgraph predict --allow-missing`` answers such rows with nulls).
 
     Raises:
         DataError: An absent column, a cell that is not a finite number (file, line, column).
@@ -164,7 +168,7 @@ def field_values(
     tokenised = [c for c in listed if c in text]
     if tokenised:
         raise DataError([f"text column '{tokenised[0]}' must be a field of its own"])
-    arrays = [input_numbers(t, c) for c in listed]
+    arrays = [input_numbers(t, c) if finite else numbers(t, c, "an input field") for c in listed]
     if t.typed and isinstance(columns, str):
         array = arrays[0]
         if is_memmap(array):

@@ -158,6 +158,26 @@ class WordTokenizer:
         )
 
 
+def verify_fingerprint(tokenizer: Any, expected: str, path: str | os.PathLike[str]) -> None:
+    """Refuse a saved tokenizer whose ``fingerprint`` is not the one a checkpoint was trained
+    with (``expected``).
+
+    Raises:
+        DataError: The file was edited or replaced since training, naming it, both
+            fingerprints and the fix.
+    """
+    if tokenizer.fingerprint != expected:
+        raise DataError(
+            [
+                f"the vocabulary '{path}' has fingerprint {tokenizer.fingerprint}, but the "
+                f"checkpoint was trained with {expected}: the file was edited or replaced "
+                "since training, and every id (so every prediction) would change. Restore the "
+                "file the run wrote, or pass --checkpoint the run directory that trained this "
+                "model"
+            ]
+        )
+
+
 def _words(text: str, lowercase: bool) -> list[str]:
     return _WORD.findall(text.lower() if lowercase else text)
 
