@@ -151,7 +151,7 @@ def _cut(tmp_path: Path, **cfg: Any) -> Path:
             {"name": "adam", "betas": [0.9, 0.999]},
             {"name": "adam", "betas": [0.8, 0.9]},
             "betas",
-        ),  # fmt: skip
+        ),
     ],
 )
 def test_a_changed_optimizer_setting_is_applied(
