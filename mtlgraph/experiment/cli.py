@@ -246,7 +246,7 @@ def _set_up(
     from mtlgraph.experiment.config import config_to_dict, dump_run_config
     from mtlgraph.training.checkpoint import load_checkpoint, resolve_checkpoint
 
-    checkpoint, state, applied = None, {}, []
+    checkpoint, state, applied = None, {}, list[str]()
     if args.resume is not None:
         checkpoint = resolve_checkpoint(run_dir)
         state = load_checkpoint(checkpoint)

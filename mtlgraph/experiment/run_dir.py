@@ -221,7 +221,16 @@ class RunDirectory:
 
     @classmethod
     def fixed(cls, path: Path) -> RunDirectory:
-        """A given directory, made when missing (with its parents)."""
+        """A given directory, made when missing (with its parents).
+
+        Raises:
+            RunDirError: ``path`` is a file.
+        """
+        if path.exists() and not path.is_dir():
+            raise RunDirError(
+                f"run directory '{path}' is a file, not a directory: set trainer.run_dir to a "
+                "directory (it is made when missing)"
+            )
         created = not path.exists()
         path.mkdir(parents=True, exist_ok=True)
         return cls(path, created)
