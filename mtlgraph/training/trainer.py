@@ -506,7 +506,7 @@ class FitLoop:
         if cfg.diagnostics is None:
             return None
         monitor = InterferenceMonitor(cfg.diagnostics, cfg.seed)
-        return ProbeHook(monitor, cfg.run_dir, self.train, self.stepper.full_groups)
+        return ProbeHook(monitor, cfg.run_dir, self.train)
 
     def _open_writers(self, resume_step: int | None) -> list[Writer]:
         """The writers of the ``writers`` hook."""
