@@ -113,3 +113,36 @@ def test_a_signal_stops_after_the_step_and_the_resume_is_bit_identical(
     assert a["run"]["progress"] == b["run"]["progress"]
     assert (ref / "metrics.jsonl").read_text() == (run / "metrics.jsonl").read_text()
     assert json.loads(resumed) == json.loads((ref / "scores.json").read_text())
+
+
+def test_a_second_process_on_a_running_directory_is_refused_and_a_killed_ones_lock_is_free(
+    preempt: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    config, _ = preempt
+    run = config.parent / "run-locked"
+    marker = config.parent / "pause-locked"
+    proc = subprocess.Popen(
+        cli_command("train", str(config), f"trainer.run_dir={run}", "--quiet"),
+        env={**cli_env(), "PAUSE_AT": str(marker)},
+        cwd=config.parent,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not Path(f"{marker}.paused").exists():
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "training never reached the pause"
+            time.sleep(0.02)
+        for extra in (["--resume", str(run)], [f"trainer.run_dir={run}"]):
+            assert main(["train", str(config), *extra, "--quiet"]) == 2
+            err = capsys.readouterr().err
+            assert f"run directory '{run}' is in use by process {proc.pid} on " in err
+    finally:
+        proc.kill()  # SIGKILL: no clean-up, the lock file stays behind
+        proc.wait(timeout=60)
+    assert (run / ".mtlgraph.lock").read_text().split()[0] == str(proc.pid)
+    code = main(["train", str(config), f"trainer.run_dir={run}", "--overwrite", "--quiet"])
+    assert code == 0, capsys.readouterr().err  # the dead holder's lock is taken over
+    assert not (run / ".mtlgraph.lock").exists() and (run / "scores.json").is_file()
