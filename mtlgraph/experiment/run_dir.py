@@ -12,7 +12,6 @@ import os
 import shutil
 import socket
 from pathlib import Path
-from types import TracebackType
 
 from mtlgraph.exceptions import MtlGraphError
 
@@ -132,12 +131,7 @@ class RunLock:
         self.acquire()
         return self
 
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.release()
 
     def acquire(self) -> None:
