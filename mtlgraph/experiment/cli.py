@@ -10,13 +10,14 @@ neither torch, numpy nor yaml; each command imports what it needs when it runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import random
 import shlex
 import sys
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -219,7 +220,8 @@ def _train(args: argparse.Namespace, cfg: ExperimentConfig, env: DistEnv) -> int
     run_dir, directory = _claim_everywhere(args, cfg, env)
     try:
         try:  # --- set-up: any problem here is a usage/config error (exit 2)
-            experiment, checkpoint = _set_up(args, cfg, env, run_dir)
+            with _terminate_raises():
+                experiment, checkpoint = _set_up(args, cfg, env, run_dir)
         except BaseException:
             if directory is not None and args.resume is None:
                 directory.roll_back()  # a refused new run leaves nothing behind
@@ -230,6 +232,33 @@ def _train(args: argparse.Namespace, cfg: ExperimentConfig, env: DistEnv) -> int
     finally:
         if directory is not None:
             directory.lock.release()
+
+
+class _SetUpTerminated(KeyboardInterrupt):
+    """SIGTERM during set-up (exit status 143): raised so that a new run's clean-up runs."""
+
+    signal_name, exit_status = "SIGTERM", 143
+
+
+@contextlib.contextmanager
+def _terminate_raises() -> Iterator[None]:
+    """SIGTERM raises :class:`_SetUpTerminated` in the block (in the main thread), as Ctrl-C
+    raises KeyboardInterrupt; the previous handler is back afterwards."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum: int, frame: object) -> None:
+        raise _SetUpTerminated("terminated during set-up")
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _set_up(
@@ -616,6 +645,8 @@ def interrupted_message(error: KeyboardInterrupt, hint: str | None) -> str:
         head += f"after step {error.step}" if error.step is not None else "inside a step"
         if error.checkpoint is not None:
             head += f"; checkpoint written: {error.checkpoint}"
+    elif isinstance(error, _SetUpTerminated):
+        head = "interrupted (SIGTERM) before training started"
     else:
         head = "interrupted (Ctrl-C)"
     if hint is None:

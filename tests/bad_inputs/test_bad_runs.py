@@ -390,3 +390,37 @@ def test_a_full_disk_while_checkpointing_is_exit_1_naming_the_file(
     last = run / "checkpoints" / "last.pt"
     assert f"cannot write checkpoint '{last}': No space left on device" in err
     assert not last.exists() and list((run / "checkpoints").iterdir()) == []
+
+
+_TERM_ON_BUILD = """
+import os, signal
+from torch import nn
+from mtlgraph.graph import MODULES
+
+class TermOnBuild(nn.Linear):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # as if sent while the run sets up
+
+MODULES.register("term_on_build", TermOnBuild)
+"""
+
+
+@pytest.mark.parametrize("fixed", [False, True], ids=["timestamped", "fixed"])
+def test_sigterm_during_set_up_leaves_no_run_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], fixed: bool
+) -> None:
+    (tmp_path / "term_on_build_runs.py").write_text(_TERM_ON_BUILD)
+    cfg = tiny_config(n_epochs=1)
+    cfg["runs_root"] = str(tmp_path / "runs")
+    cfg["imports"] = ["term_on_build_runs"]
+    cfg["modules"]["circle_head"]["type"] = "term_on_build"
+    config = write_config(tmp_path / "c.yaml", cfg)
+    run = tmp_path / "fixed"
+    extra = [f"trainer.run_dir={run}"] if fixed else []
+    before = signal.getsignal(signal.SIGTERM)
+    code, out, err = _run(capsys, "train", str(config), *extra, "--quiet")
+    assert code == 143 and out == ""
+    assert err.strip() == "mtlgraph: interrupted (SIGTERM) before training started"
+    assert not run.exists() and not (tmp_path / "runs" / "tiny").exists()
+    assert signal.getsignal(signal.SIGTERM) is before
