@@ -207,12 +207,22 @@ def optimizer_kind(spec: Any) -> str:
     """The optimizer a (plain) spec builds, without its arguments.
 
     Example:
+        >>> import torch
+        >>> from mtlgraph._schema import plain_config
         >>> optimizer_kind("Adam"), optimizer_kind({"name": "sgd", "momentum": 0.9})
         ('adam', 'sgd')
+        >>> optimizer_kind(plain_config(torch.optim.Adam))  # a class, saved as its repr
+        'adam'
     """
     if isinstance(spec, Mapping):
         spec = spec.get("name", spec.get("type"))
-    return spec.lower() if isinstance(spec, str) else repr(spec)
+    if not isinstance(spec, str):
+        spec = repr(spec)
+    if spec.startswith("<class '") and spec.endswith("'>"):
+        spec = spec[len("<class '") : -2]
+    if spec.lower().startswith("torch.optim."):
+        spec = spec.rsplit(".", 1)[-1]
+    return spec.lower()
 
 
 def resume_conflicts(
