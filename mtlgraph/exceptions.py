@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 
 __all__ = [
     "ArgumentCheck",
@@ -18,6 +19,7 @@ __all__ = [
     "MtlGraphError",
     "TaskDefinitionError",
     "TrainingError",
+    "TrainingInterrupted",
     "UnknownNameError",
 ]
 
@@ -145,6 +147,37 @@ class ArgumentCheck:
 
 class CheckpointError(MtlGraphError, RuntimeError):
     """A checkpoint cannot be written, read or applied."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """``fit`` stopped on SIGINT or SIGTERM after the optimizer step in progress; the run's
+    ``checkpoints/last.pt`` (when it has a ``run_dir``) resumes it exactly.
+
+    A :class:`KeyboardInterrupt`, so code that lets Ctrl-C through lets this through too.
+
+    Attributes:
+        signum: The signal's number (``signal.SIGINT`` or ``signal.SIGTERM``).
+        step: Optimizer steps taken when the run stopped (``None``: stopped inside a step, by
+            a second signal).
+        checkpoint: The ``last.pt`` written (``None``: no ``run_dir``, or a second signal).
+        exit_status: ``128 + signum``: 130 for SIGINT, 143 for SIGTERM (the CLI exits with it).
+
+    Example:
+        >>> import signal
+        >>> from mtlgraph.exceptions import TrainingInterrupted
+        >>> e = TrainingInterrupted(signal.SIGTERM, step=12, checkpoint=None)
+        >>> e.exit_status, str(e)
+        (143, 'training stopped by SIGTERM after step 12')
+    """
+
+    def __init__(self, signum: int, step: int | None, checkpoint: Path | None) -> None:
+        import signal
+
+        self.signum, self.step, self.checkpoint = int(signum), step, checkpoint
+        self.signal_name = signal.Signals(self.signum).name
+        self.exit_status = 128 + self.signum
+        where = f"after step {step}" if step is not None else "inside a step (a second signal)"
+        super().__init__(f"training stopped by {self.signal_name} {where}")
 
 
 class TrainingError(MtlGraphError, RuntimeError):

@@ -232,3 +232,30 @@ def dying_worker(rank: int, world: int, port: int, out: Any) -> None:
     except Exception as e:  # reported to the test, then re-raised: the process exits non-zero
         out.put((rank, f"{type(e).__name__}: {e}"[:300]))
         raise
+
+
+def signal_worker(rank: int, world: int, port: int, tmp: str, out: Any) -> None:
+    """Rank 1 alone gets SIGTERM after optimizer step 3: every rank must stop after step 3."""
+    import signal
+
+    from mtlgraph import Hook, Trainer
+    from mtlgraph.exceptions import TrainingInterrupted
+
+    class TermAt(Hook):
+        def on_step_end(self, run: Any) -> None:
+            if rank == 1 and run.global_step == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    torchrun_env(rank, world, port)
+    init(rank, world, port)
+    try:
+        model, loaders = train_setup(init_seed=0)
+        trainer = Trainer(**BASE, run_dir=os.path.join(tmp, f"rank{rank}"), hooks=[TermAt()])
+        try:
+            trainer.fit(model, loaders)
+            out.put((rank, "finished", None))
+        except TrainingInterrupted as e:
+            out.put((rank, e.step, e.signal_name))
+        out.put((rank, "handler", signal.getsignal(signal.SIGTERM) is signal.SIG_DFL))
+    finally:
+        dist.destroy_process_group()

@@ -23,8 +23,8 @@ own head. Tasks that name the same trunk share it. The steps:
 3. ``price_task`` joins the shared image trunk: ``digit_task`` falls far below its baseline. The
    interference diagnostics (``Trainer(diagnostics=...)``, docs/diagnostics.md) show why: on the
    image trunk the price gradients are over 100× larger than the digit gradients and, on
-   average, point against them; a lookahead step on the price loss raises the digit loss
-   (negative task affinity); and the suggested grouping puts ``price_task`` in a trunk of its
+   average, point against them; a lookahead gradient step on the price loss raises the digit
+   loss (negative task affinity); and the suggested grouping puts ``price_task`` in a trunk of its
    own.
 4. Following the suggestion, ``price_task`` names a second module, ``price_image_trunk``: the
    digit score recovers to its baseline.
@@ -141,7 +141,10 @@ def train(
     """Train a model of ``task_names``; return its test scores and its diagnostics report."""
     model = build_model(task_names, image_trunks, seed)
     data = [dl for t in task_names for dl in loaders[t]]
-    diagnostics = {"every": every, "batch_size": PROBE_ROWS} if len(task_names) > 1 else None
+    # lr: the lookahead takes a plain gradient step of 0.01 (the pull of each task's gradient);
+    # without it, it would simulate the run's Adam step, whose per-parameter scaling hides it
+    probe = {"every": every, "batch_size": PROBE_ROWS, "lr": 0.01}
+    diagnostics = probe if len(task_names) > 1 else None
     trainer = Trainer(
         n_epochs=n_epochs, lr=0.01, seed=seed, progress_bar=False, diagnostics=diagnostics
     )

@@ -6,9 +6,9 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, cast
 
 import numpy as np
 import torch
@@ -31,8 +31,9 @@ PREFIX = "diagnostics"
 """First part of every key the monitor logs."""
 _STREAM = 8  # keeps the probe generator's seeds apart from other users of the trainer seed
 
-StepSizes: TypeAlias = float | Sequence[Mapping[str, Any]]
-"""A lookahead step size: one number, or an optimizer's ``param_groups`` (their ``lr``)."""
+StepSizes: TypeAlias = float | Sequence[Mapping[str, Any]] | torch.optim.Optimizer
+"""The lookahead step: the run's optimizer (the step it would take, from its current state),
+or a plain gradient step of one size or of each ``param_groups`` entry's ``lr``."""
 
 
 def conflict_key(module: str, task_a: str, task_b: str, statistic: str) -> str:
@@ -57,7 +58,9 @@ class DiagnosticsConfig:
 
     every: int = 50  # probe every N optimizer steps
     affinity: bool = True  # also measure lookahead task affinity (one extra forward per task)
-    lr: float | None = None  # lookahead step size eta; null = each parameter's current lr
+    # lookahead: null = the step the run's optimizer would take (Adam's, SGD's... from its
+    # current state); a number = a plain gradient step of this size instead
+    lr: float | None = None
     batch_size: int | None = None  # rows per training loader in a probe; null = its batch_size
 
     def validate(self) -> list[str]:
@@ -184,8 +187,10 @@ class InterferenceMonitor:
         Args:
             model: The model (its mode, weights, ``.grad`` and random state are left as found).
             loaders: The training loaders (one probe batch each).
-            lr: The lookahead step size when ``config.lr`` is ``None``: a number, or the
-                optimizer's ``param_groups`` (each shared parameter takes its group's ``lr``).
+            lr: The lookahead step when ``config.lr`` is ``None``: the run's optimizer (the
+                step it would take on a task's gradient alone, simulated on a copy of its
+                state), or a plain gradient step: a number, or ``param_groups`` (each shared
+                parameter takes its group's ``lr``).
             step: The global optimizer step (probe number ``step // every``).
 
         Returns:
@@ -277,19 +282,18 @@ class InterferenceMonitor:
         """``Z_{i→j}`` for every task ``i`` and each task ``j`` it shares a module with (row ``i``
         of ``grads`` is task ``i`` of ``partners``' order; ``keys`` name the shared parameters
         for :func:`torch.func.functional_call`)."""
-        etas = self._step_sizes(layout, lr)
+        step = self._stepper(layout, lr)
         before = {t: float(losses[t].detach()) for t in partners}
         values: dict[str, float] = {}
         with torch.no_grad():
             for i, source in enumerate(partners):
                 if not partners[source]:
                     continue
-                shifted = {
-                    key: p.detach() - eta * grads[i, off : off + n].view_as(p)
-                    for key, p, eta, (off, n) in zip(
-                        keys, layout.shared, etas, layout.slices, strict=True
-                    )
-                }
+                task_grads = [
+                    grads[i, off : off + n].view_as(p)
+                    for p, (off, n) in zip(layout.shared, layout.slices, strict=True)
+                ]
+                shifted = dict(zip(keys, step(task_grads), strict=True))
                 wanted = set(partners[source])
                 needed = [b for b in batches if wanted & set(b[1])]  # batches labelling them
                 after = torch.func.functional_call(loss_of, shifted, (needed,))
@@ -302,14 +306,36 @@ class InterferenceMonitor:
                     acc[:] = [acc[0] + 1, acc[1] + z, acc[2] + z * z]
         return values
 
-    def _step_sizes(self, layout: SharedLayout, lr: StepSizes) -> list[float]:
+    def _stepper(
+        self, layout: SharedLayout, lr: StepSizes
+    ) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
+        """The lookahead step: gradients of the shared parameters -> their values after it."""
+        params = layout.shared
         if self.config.lr is not None:
-            return [self.config.lr] * len(layout.shared)
-        if isinstance(lr, (int, float)):
-            return [float(lr)] * len(layout.shared)
-        wanted = {id(p) for p in layout.shared}
-        of = {id(p): float(g["lr"]) for g in lr for p in g["params"] if id(p) in wanted}
-        return [of.get(id(p), 0.0) for p in layout.shared]
+            etas = [self.config.lr] * len(params)
+        elif isinstance(lr, torch.optim.Optimizer):
+            optimizer, factory = lr, cast(Any, type(lr))
+            try:
+                factory([{**optimizer.defaults, "params": [torch.zeros(1)]}])
+            except TypeError as e:  # an optimizer not built from its groups alone
+                self._say_once(
+                    "stepper",
+                    "diagnostics: cannot copy optimizer %s to simulate its step (%s): the "
+                    "lookahead takes a plain gradient step at each group's lr instead",
+                    type(optimizer).__name__,
+                    e,
+                )
+                return self._stepper(layout, optimizer.param_groups)
+            return lambda grads: optimizer_step(optimizer, params, grads)
+        elif isinstance(lr, (int, float)):
+            etas = [float(lr)] * len(params)
+        else:
+            wanted = {id(p) for p in params}
+            of = {id(p): float(g["lr"]) for g in lr for p in g["params"] if id(p) in wanted}
+            etas = [of.get(id(p), 0.0) for p in params]
+        return lambda grads: [
+            p.detach() - eta * g for p, eta, g in zip(params, etas, grads, strict=True)
+        ]
 
     def _say_once(self, key: str, message: str, *args: object) -> None:
         if key not in self._said:
@@ -346,6 +372,46 @@ class InterferenceMonitor:
     def report(self) -> DiagnosticsReport:
         """The report of the probes so far."""
         return DiagnosticsReport.from_state(self.state_dict())
+
+
+def optimizer_step(
+    optimizer: torch.optim.Optimizer,
+    params: Sequence[nn.Parameter],
+    grads: Sequence[torch.Tensor],
+) -> list[torch.Tensor]:
+    """The values ``params`` would take if ``optimizer`` stepped with ``grads`` alone: the step
+    runs on copies of the parameters and of their optimizer state (Adam's moments and step
+    count, SGD's momentum...), in groups with the same hyper-parameters; the optimizer and the
+    parameters are left untouched.
+
+    Example:
+        >>> import torch
+        >>> w = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
+        >>> adam = torch.optim.Adam([w], lr=0.1)
+        >>> optimizer_step(adam, [w], [torch.tensor([100.0, 0.01])])[0]  # Adam: ~lr * sign
+        tensor([0.9000, 0.9000])
+        >>> w.tolist(), adam.state[w]  # untouched
+        ([1.0, 1.0], {})
+    """
+    group_of = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
+    copies = [p.detach().clone().requires_grad_(True) for p in params]
+    members: dict[int, list[torch.Tensor]] = {}
+    for p, c, g in zip(params, copies, grads, strict=True):
+        members.setdefault(group_of[id(p)], []).append(c)
+        c.grad = g.detach().clone()
+    groups = [
+        {**{k: v for k, v in optimizer.param_groups[i].items() if k != "params"}, "params": cs}
+        for i, cs in members.items()
+    ]
+    copy = cast(Any, type(optimizer))(groups)
+    for p, c in zip(params, copies, strict=True):
+        state = optimizer.state.get(p)
+        if state:
+            copy.state[c] = {
+                k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()
+            }
+    copy.step()
+    return [c.detach() for c in copies]
 
 
 def _shared_keys(model: MultitaskClassifier, layout: SharedLayout) -> list[str]:

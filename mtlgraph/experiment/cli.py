@@ -10,21 +10,32 @@ neither torch, numpy nor yaml; each command imports what it needs when it runs.
 from __future__ import annotations
 
 import argparse
-import datetime
+import contextlib
 import json
 import logging
 import random
 import shlex
 import sys
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mtlgraph._suggest import first_few
-from mtlgraph.exceptions import MtlGraphError, TrainingError
+from mtlgraph.exceptions import (
+    CheckpointError,
+    MtlGraphError,
+    TrainingError,
+    TrainingInterrupted,
+)
 from mtlgraph.experiment import inference_cli, report_cli
+from mtlgraph.experiment.run_dir import (
+    RunDirectory,
+    clear_run,
+    new_run_dir,
+    refuse_used,
+)
 from mtlgraph.experiment.runs import CONFIG_FILE, SCORES_FILE
 
 if TYPE_CHECKING:
@@ -76,24 +87,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         metavar="RUN_DIR",
         help="continue the run in RUN_DIR from its checkpoints/last.pt (exactly, mid-epoch too)",
     )
-
-
-def new_run_dir(root: str | Path, experiment: str, now: datetime.datetime | None = None) -> Path:
-    """Create ``<root>/<experiment>/<YYYYmmdd-HHMMSS>`` (``-1``, ``-2``... if taken; the
-    experiment name made file-name safe)."""
-    from mtlgraph.training.writers import safe_filename
-
-    stamp = (now or datetime.datetime.now()).strftime("%Y%m%d-%H%M%S")
-    parent = Path(root) / safe_filename(experiment)
-    parent.mkdir(parents=True, exist_ok=True)
-    for i in range(1000):
-        candidate = parent / (stamp if i == 0 else f"{stamp}-{i}")
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            continue
-    raise UsageError(f"cannot create a new run directory under '{parent}'")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in a trainer.run_dir that holds a run: delete its checkpoints, "
+        "metrics, events and vocabularies first",
+    )
 
 
 def _seed_process(seed: int) -> None:
@@ -104,13 +103,46 @@ def _seed_process(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
-def _config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+RESUME_REFUSED_SECTIONS = ("modules", "tasks", "data", "seed")
+"""Top-level config keys a resume refuses to change: the model, the data and the model's seed."""
+RESUME_APPLIED_DATA = ("num_workers", "pin_memory", "persistent_workers", "prefetch_factor")
+"""``data`` keys (and ``data.datasets.<name>.num_workers``) a resume applies: loading speed."""
+
+
+def _refused_key(key: str) -> bool:
+    section, _, rest = key.partition(".")
+    if section not in RESUME_REFUSED_SECTIONS:
+        return False
+    loading = key.rsplit(".", 1)[-1] in RESUME_APPLIED_DATA and rest.count(".") in (0, 2)
+    return not (section == "data" and loading)
+
+
+def resume_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """The keys that differ between a run's saved config ``old`` and the resume's ``new``, as
+    ``(applied keys, refusals)``. Trainer settings follow
+    :data:`~mtlgraph.training.config.RESUME_REFUSED`; the model, the data (but its loading
+    options) and ``seed`` are refused; the rest is applied.
+
+    Example:
+        >>> old = {"seed": 0, "trainer": {"lr": 0.1, "optimizer": "adam"}}
+        >>> resume_changes(old, {"seed": 1, "trainer": {"lr": 0.2, "optimizer": "adam"}})
+        (['trainer.lr'], ['seed: the run has 0, this config 1'])
+    """
+    from mtlgraph.training.config import TrainerConfig, resume_conflicts
     from mtlgraph.training.writers import flatten
 
     a, b = flatten(old), flatten(new)
     ignored = {"trainer.run_dir", "trainer.progress_bar"}
     ignored |= {k for k in a if k.startswith("vocabularies.")}  # checked by experiment.sources
-    return sorted(k for k in set(a) | set(b) if k not in ignored and a.get(k) != b.get(k))
+    changed = sorted(k for k in set(a) | set(b) if k not in ignored and a.get(k) != b.get(k))
+    refused = [
+        f"{k}: the run has {a.get(k, '(not set)')!r}, this config {b.get(k, '(not set)')!r}"
+        for k in changed
+        if _refused_key(k)
+    ]
+    trainer = TrainerConfig(**dict(new.get("trainer") or {}))
+    refused += resume_conflicts(old.get("trainer") or {}, trainer, "trainer.")
+    return [k for k in changed if not _refused_key(k)], refused
 
 
 @command("train", "train a config; writes a run directory", _train_args)
@@ -120,6 +152,11 @@ def train(args: argparse.Namespace) -> int:
     from mtlgraph.experiment.config import load_config
     from mtlgraph.training.distributed import DistEnv, device_for, process_group
 
+    if args.resume is not None and args.overwrite:
+        raise UsageError(
+            "--resume and --overwrite exclude each other: --resume continues the run, "
+            "--overwrite deletes it and starts afresh"
+        )
     cfg = load_config(args.config, args.overrides)
     if args.quiet:
         cfg.trainer.progress_bar = False
@@ -130,39 +167,143 @@ def train(args: argparse.Namespace) -> int:
         return _train(args, cfg, env)
 
 
+def _claim(args: argparse.Namespace, cfg: ExperimentConfig) -> RunDirectory:
+    """Rank 0's run directory, locked: the ``--resume`` one, or a new one for a new run (a
+    fixed ``trainer.run_dir`` must hold no run, unless ``--overwrite`` clears it)."""
+    if args.resume is not None:
+        directory = RunDirectory(Path(args.resume), created=False)
+        if not directory.path.is_dir():
+            raise UsageError(f"--resume {args.resume}: no such run directory")
+    elif cfg.trainer.run_dir is not None:
+        directory = RunDirectory.fixed(Path(cfg.trainer.run_dir))
+    else:
+        directory = RunDirectory(new_run_dir(cfg.runs_root, cfg.experiment), created=True)
+    try:
+        directory.lock.acquire()
+        if args.resume is None and args.overwrite:
+            clear_run(directory.path)
+        elif args.resume is None:
+            refuse_used(directory.path, args.config)
+    except BaseException:
+        if directory.created:
+            directory.roll_back()
+        directory.lock.release()
+        raise
+    return directory
+
+
+def _claim_everywhere(
+    args: argparse.Namespace, cfg: ExperimentConfig, env: DistEnv
+) -> tuple[Path, RunDirectory | None]:
+    """The run directory on every rank (rank 0 claims it; a refusal stops every rank)."""
+    from mtlgraph.training.distributed import broadcast_object
+
+    directory: RunDirectory | None = None
+    failure: MtlGraphError | None = None
+    if env.is_main:
+        try:
+            directory = _claim(args, cfg)
+        except MtlGraphError as e:
+            failure = e
+    shared = broadcast_object(
+        (str(directory.path), None) if directory is not None else (None, str(failure))
+    )
+    if failure is not None:
+        raise failure
+    if shared[1] is not None:
+        raise UsageError(shared[1])
+    return Path(shared[0]), directory
+
+
 def _train(args: argparse.Namespace, cfg: ExperimentConfig, env: DistEnv) -> int:
-    from mtlgraph._io import atomic_write_text, write_json
+    run_dir, directory = _claim_everywhere(args, cfg, env)
+    try:
+        try:  # --- set-up: any problem here is a usage/config error (exit 2)
+            with _terminate_raises():
+                experiment, checkpoint = _set_up(args, cfg, env, run_dir)
+        except BaseException:
+            if directory is not None and args.resume is None:
+                directory.roll_back()  # a refused new run leaves nothing behind
+            raise
+        if experiment is None:  # a finished run
+            return EXIT_OK
+        return _run(args, experiment, checkpoint, env, run_dir)
+    finally:
+        if directory is not None:
+            directory.lock.release()
+
+
+class _SetUpTerminated(KeyboardInterrupt):
+    """SIGTERM during set-up (exit status 143): raised so that a new run's clean-up runs."""
+
+    signal_name, exit_status = "SIGTERM", 143
+
+
+@contextlib.contextmanager
+def _terminate_raises() -> Iterator[None]:
+    """SIGTERM raises :class:`_SetUpTerminated` in the block (in the main thread), as Ctrl-C
+    raises KeyboardInterrupt; the previous handler is back afterwards."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum: int, frame: object) -> None:
+        raise _SetUpTerminated("terminated during set-up")
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _set_up(
+    args: argparse.Namespace, cfg: ExperimentConfig, env: DistEnv, run_dir: Path
+) -> tuple[Any, Path | None]:
+    """The experiment (``None``: a finished run, nothing to resume) and the checkpoint resumed.
+
+    Raises:
+        ConfigError: A resume that changes keys a run cannot change (all named).
+    """
+    from mtlgraph._io import atomic_write_text
+    from mtlgraph.exceptions import ConfigError
     from mtlgraph.experiment.build import build_experiment
     from mtlgraph.experiment.config import config_to_dict, dump_run_config
     from mtlgraph.training.checkpoint import load_checkpoint, resolve_checkpoint
-    from mtlgraph.training.distributed import broadcast_object
 
-    # --- set-up: any problem here is a usage/config error (exit 2)
-    checkpoint = None
+    checkpoint, state, applied = None, {}, list[str]()
     if args.resume is not None:
-        run_dir = Path(args.resume)
-        if not run_dir.is_dir():
-            raise UsageError(f"--resume {args.resume}: no such run directory")
         checkpoint = resolve_checkpoint(run_dir)
         state = load_checkpoint(checkpoint)
-        saved = (state.get("config") or {}).get("experiment")
-        changed = _config_differences(saved, config_to_dict(cfg)) if saved else []
-    elif cfg.trainer.run_dir is not None:
-        run_dir = Path(cfg.trainer.run_dir)
-    else:
-        made = new_run_dir(cfg.runs_root, cfg.experiment) if env.is_main else None
-        run_dir = Path(broadcast_object(str(made) if made is not None else None))
+        saved = (state.get("config") or {}).get("experiment") or {}
+        applied, refused = resume_changes(saved, config_to_dict(cfg))
+        if refused:
+            raise ConfigError(
+                [*refused, "resume with these keys as the run had them, or start a new run"],
+                header=f"cannot resume {run_dir}: the config changes what a run cannot change:",
+            )
     experiment = build_experiment(cfg, run_dir)
-    # refused or finished: the run directory is left as it is
-    if checkpoint is not None and not _resumable(experiment, state, checkpoint, changed, env):
-        return EXIT_OK
+    if checkpoint is not None and not _resumable(experiment, state, checkpoint, applied, env):
+        return None, None
     if checkpoint is None and env.is_main:
         atomic_write_text(run_dir / CONFIG_FILE, dump_run_config(cfg))
     if env.is_main:
         logger.info("run directory: %s", run_dir)
     _seed_process(cfg.seed)
+    return experiment, checkpoint
 
-    # --- the run: a failure here is a runtime failure (exit 1)
+
+def _run(
+    args: argparse.Namespace, experiment: Any, checkpoint: Path | None, env: DistEnv, run_dir: Path
+) -> int:
+    """Train, then score and write the results (rank 0). A failure here is a run-time
+    failure (exit 1); an interruption exits 130 / 143 naming the command that resumes."""
+    from mtlgraph._io import write_json
+    from mtlgraph.training.checkpoint import CHECKPOINT_DIR, LAST
+
     try:
         experiment.trainer.fit(experiment.model, experiment.loaders, resume_from=checkpoint)
         if not env.is_main:  # rank 0 alone scores and writes the results
@@ -171,7 +312,7 @@ def _train(args: argparse.Namespace, cfg: ExperimentConfig, env: DistEnv) -> int
     except BaseException as e:
         e.add_note(f"mtlgraph: the run directory is {run_dir}")
         failure = _RunFailure()
-        if isinstance(e, KeyboardInterrupt) and args.resume is None:
+        if isinstance(e, KeyboardInterrupt) and (run_dir / CHECKPOINT_DIR / LAST).is_file():
             command = ["mtlgraph", "train", args.config, *args.overrides, "--resume", str(run_dir)]
             failure.resume_hint = shlex.join(command)
         raise failure from e
@@ -194,8 +335,8 @@ def _resumable(
     changed: Sequence[str],
     env: DistEnv,
 ) -> bool:
-    """Whether to resume: ``False`` for a finished run (its scores printed); warns about
-    config keys that differ from the checkpoint's.
+    """Whether to resume: ``False`` for a finished run (its scores printed); logs the changed
+    config keys the resumed run applies.
 
     Raises:
         CheckpointError: The checkpoint holds another model's weights.
@@ -205,12 +346,9 @@ def _resumable(
 
     problems = state_problems(experiment.model, state.get("model"), state.get("task_names"))
     if problems:
-        error = CheckpointError(
+        raise CheckpointError(
             f"cannot resume from {checkpoint}: it is from another model: {'; '.join(problems)}"
         )
-        if changed:
-            error.add_note(f"the config differs from the checkpoint's in {first_few(changed)}")
-        raise error
     progress, n_epochs = state["run"]["progress"], experiment.config.trainer.n_epochs
     run_dir = checkpoint.parent.parent
     if int(progress["epoch"]) >= n_epochs:
@@ -224,11 +362,7 @@ def _resumable(
             print((run_dir / SCORES_FILE).read_text().strip())
         return False
     if changed and env.is_main:
-        logger.warning(
-            "the config differs from the checkpoint's in %s: the resumed run will not match an "
-            "uninterrupted one",
-            first_few(changed),
-        )
+        logger.info("resuming with new values of %s (applied from now on)", first_few(changed))
     return True
 
 
@@ -515,11 +649,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(error, KeyboardInterrupt):
             if args.debug:
                 traceback.print_exception(error, file=sys.stderr)
-            print(
-                f"mtlgraph: interrupted (Ctrl-C){f'; resume with: {hint}' if hint else ''}",
-                file=sys.stderr,
-            )
-            return 130
+            print(interrupted_message(error, hint), file=sys.stderr)
+            return int(getattr(error, "exit_status", 130))
         if isinstance(error, BrokenPipeError):  # mtlgraph ... | head: the reader left; end quietly
             return _quiet_broken_pipe()
         _report(error, args.debug)
@@ -527,6 +658,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE if _is_usage_error(error) else EXIT_FAILURE
     finally:
         logging.getLogger("mtlgraph").removeHandler(handler)
+
+
+def interrupted_message(error: KeyboardInterrupt, hint: str | None) -> str:
+    """What ``main`` prints for an interrupted command: the signal, the step, the checkpoint
+    and the command that resumes (when there is a checkpoint).
+
+    Example:
+        >>> import signal
+        >>> from pathlib import Path
+        >>> from mtlgraph.exceptions import TrainingInterrupted
+        >>> e = TrainingInterrupted(signal.SIGTERM, 7, Path("r/checkpoints/last.pt"))
+        >>> print(interrupted_message(e, "mtlgraph train c.yaml --resume r"))
+        ... # doctest: +NORMALIZE_WHITESPACE
+        mtlgraph: stopped by SIGTERM after step 7; checkpoint written: r/checkpoints/last.pt;
+        resume with: mtlgraph train c.yaml --resume r
+        >>> print(interrupted_message(KeyboardInterrupt(), None))
+        mtlgraph: interrupted (Ctrl-C)
+    """
+    if isinstance(error, TrainingInterrupted):
+        head = f"stopped by {error.signal_name} "
+        head += f"after step {error.step}" if error.step is not None else "inside a step"
+        if error.checkpoint is not None:
+            head += f"; checkpoint written: {error.checkpoint}"
+    elif isinstance(error, _SetUpTerminated):
+        head = "interrupted (SIGTERM) before training started"
+    else:
+        head = "interrupted (Ctrl-C)"
+    if hint is None:
+        return f"mtlgraph: {head}"
+    if isinstance(error, TrainingInterrupted):
+        return f"mtlgraph: {head}; resume with: {hint}"
+    return f"mtlgraph: {head}; resume from the last checkpoint with: {hint}"
 
 
 def _quiet_broken_pipe() -> int:
@@ -545,6 +708,8 @@ def _is_usage_error(error: BaseException) -> bool:
     """mtlgraph's own errors, YAML errors and missing files are usage errors (exit status 2)."""
     if isinstance(error, TrainingError):  # a NaN guard: a run-time failure (exit status 1)
         return False
+    if isinstance(error, CheckpointError) and isinstance(error.__cause__, OSError):
+        return False  # a checkpoint that cannot be written (a full disk): exit status 1
     if isinstance(error, (MtlGraphError, FileNotFoundError)):
         return True
     yaml = sys.modules.get("yaml")  # only a command that imported yaml can raise its errors

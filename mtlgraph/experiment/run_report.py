@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from mtlgraph.experiment import figures
-from mtlgraph.experiment.runs import CONFIG_FILE, RunRecord
+from mtlgraph.experiment.runs import CONFIG_FILE, REPORT_FILE, RunRecord
 
 logger = logging.getLogger(__name__)
 
-REPORT_FILE = "report.html"
 """The report's default name in the run directory."""
 SECTIONS = {
     "graph": "Task graph",

@@ -23,6 +23,9 @@ CONFIG_FILE = "config.yaml"
 """The resolved config of a run directory."""
 SCORES_FILE = "scores.json"
 """The final scores of a run directory; its presence marks a finished run."""
+REPORT_FILE = "report.html"
+"""The run report ``mtlgraph report`` writes by default."""
+MLFLOW_RUN_FILE = "mlflow.json"  # = mtlgraph.training.writers.MLFLOW_RUN_FILE (checked by a test)
 SEED_KEYS = ("seed", "trainer.seed")
 """Config keys that make runs replicates of one another (grouped as mean ± std)."""
 _IGNORED = ("trainer.run_dir", "trainer.progress_bar", "runs_root", "import_paths")

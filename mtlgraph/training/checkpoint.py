@@ -70,10 +70,18 @@ def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike[str]) -> P
     """Check that ``state`` holds only tensors and plain values, then write it atomically.
 
     Raises:
-        CheckpointError: A value a ``weights_only`` load would refuse (named by its path).
+        CheckpointError: A value a ``weights_only`` load would refuse (named by its path), or
+            the file cannot be written (a full disk: the previous file stays intact).
     """
     check_plain(dict(state))
-    return atomic_torch_save(dict(state), path)
+    try:
+        return atomic_torch_save(dict(state), path)
+    except OSError as e:  # a full disk, a read-only or vanished directory
+        reason = e.strerror or str(e)
+        raise CheckpointError(
+            f"cannot write checkpoint '{path}': {reason}; the previous file there (if any) is "
+            "left as it was: free space or fix the directory, then resume from it"
+        ) from e
 
 
 def resolve_checkpoint(path: str | os.PathLike[str], names: Sequence[str] = (LAST,)) -> Path:
@@ -346,7 +354,10 @@ class Checkpointer:
         }
 
     def load_best_state(self, state: Mapping[str, Any] | None) -> None:
-        """Continue best-tracking from a checkpoint (when it tracked the same metric)."""
-        if state and state.get("metric") == self.metric and state.get("value") is not None:
+        """Continue best-tracking from a checkpoint (when it tracked the same metric the same
+        way; otherwise the resumed run's first evaluation sets the best)."""
+        if not state or (state.get("metric"), state.get("mode")) != (self.metric, self.mode):
+            return
+        if state.get("value") is not None:
             self.best_value = float(state["value"])
             self.best_step = state.get("step")

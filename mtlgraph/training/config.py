@@ -6,10 +6,11 @@ registries' ``problems``; every problem at once.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from mtlgraph._schema import plain_config
 from mtlgraph.balancing import BALANCERS, Balancer
 from mtlgraph.data.schedulers import SCHEDULERS, BatchScheduler
 from mtlgraph.diagnostics import DiagnosticsConfig
@@ -150,3 +151,111 @@ class TrainerConfig:
             problems.append("checkpoint_mode: set checkpoint_metric too (the key best.pt tracks)")
         problems += SCHEDULERS.problems(self.batch_scheduler, "batch_scheduler", build=True)
         return problems
+
+
+RESUME_APPLIED = frozenset(
+    {
+        "n_epochs",
+        "lr",
+        "weight_decay",
+        "grad_clip",
+        "lr_scheduler",
+        "warmup_steps",
+        "warmup_epochs",
+        "warmup_fraction",
+        "param_groups",  # values applied; other patterns are refused (see resume_conflicts)
+        "optimizer",  # arguments applied; another optimizer is refused
+        "amp",
+        "progress_bar",
+        "evaluation_freq",
+        "evaluation_unit",
+        "eval_splits",
+        "run_dir",
+        "writers",
+        "checkpoint_every",
+        "checkpoint_unit",
+        "checkpoint_metric",
+        "checkpoint_mode",
+        "distributed",
+        "distributed_timeout",
+        "slices",
+        "nonfinite",
+        "hooks",
+    }
+)
+"""Settings a resume may change: the resumed run uses the new value from its next step on
+(a changed ``lr``, ``weight_decay``, optimizer argument or ``param_groups`` value overrides the
+checkpoint's optimizer groups)."""
+
+RESUME_REFUSED: dict[str, str] = {
+    "optimizer": "the checkpoint holds another optimizer's state",
+    "param_groups": "the checkpoint's optimizer has other parameter groups",
+    "balancer": "the checkpoint holds another balancer's state",
+    "batch_scheduler": "the interrupted epoch's batch order comes from the saved scheduler",
+    "freeze": "the checkpoint's optimizer holds other parameters",
+    "grad_accumulation_steps": "it changes what an optimizer step is (and the step count)",
+    "seed": "the run's random states come from the checkpoint: a new seed would be ignored",
+    "train_split": "the checkpoint's position is in the other split's batches",
+    "steps_per_epoch": "the interrupted epoch's plan has the saved length",
+    "diagnostics": "the saved probes were taken with the old settings",
+}
+"""Settings a resume refuses to change (exit status 2 in the CLI), each with the reason.
+``optimizer`` and ``param_groups`` are refused only for another optimizer or other patterns."""
+
+
+def optimizer_kind(spec: Any) -> str:
+    """The optimizer a (plain) spec builds, without its arguments.
+
+    Example:
+        >>> import torch
+        >>> from mtlgraph._schema import plain_config
+        >>> optimizer_kind("Adam"), optimizer_kind({"name": "sgd", "momentum": 0.9})
+        ('adam', 'sgd')
+        >>> optimizer_kind(plain_config(torch.optim.Adam))  # a class, saved as its repr
+        'adam'
+    """
+    if isinstance(spec, Mapping):
+        spec = spec.get("name", spec.get("type"))
+    if not isinstance(spec, str):
+        spec = repr(spec)
+    if spec.startswith("<class '") and spec.endswith("'>"):
+        spec = spec[len("<class '") : -2]
+    if spec.lower().startswith("torch.optim."):
+        spec = spec.rsplit(".", 1)[-1]
+    return spec.lower()
+
+
+def resume_conflicts(
+    saved: Mapping[str, Any], current: TrainerConfig, prefix: str = ""
+) -> list[str]:
+    """One problem per setting :data:`RESUME_REFUSED` lists whose value differs from the
+    saved run's (``saved``: the checkpoint's plain trainer config), naming ``prefix + key``.
+
+    Example:
+        >>> saved = {"optimizer": "adam", "lr": 0.1, "seed": 0}
+        >>> resume_conflicts(saved, TrainerConfig(optimizer="sgd", lr=0.5), "trainer.")
+        ... # doctest: +NORMALIZE_WHITESPACE
+        ["trainer.optimizer: the run has 'adam', this config 'sgd': the checkpoint holds another
+          optimizer's state"]
+    """
+    now = plain_config(current)
+    problems = []
+    for key, why in RESUME_REFUSED.items():
+        if key not in saved:
+            continue
+        old, new = saved[key], now[key]
+        if key == "optimizer":
+            old, new = optimizer_kind(old), optimizer_kind(new)
+        elif key == "param_groups":
+            old, new = sorted(old or {}), sorted(new or {})
+        if old != new:
+            problems.append(f"{prefix}{key}: the run has {old!r}, this config {new!r}: {why}")
+    return problems
+
+
+def optimizer_settings_changed(saved: Mapping[str, Any], current: TrainerConfig) -> bool:
+    """Whether ``lr``, ``weight_decay``, the optimizer's arguments or ``param_groups`` values
+    differ from the saved run's (then the resumed run's optimizer groups take the new ones)."""
+    now = plain_config(current)
+    keys = ("lr", "weight_decay", "optimizer", "param_groups")
+    return any(k in saved and saved[k] != now[k] for k in keys)

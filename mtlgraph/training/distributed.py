@@ -280,6 +280,12 @@ class Collectives:
             tensor.div_(self.world_size)
         return tensor
 
+    def max_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The max of ``tensor`` over ranks, in place."""
+        if self.enabled:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor
+
     def gather_sums(self, sums: Mapping[Any, list[float]]) -> dict[Any, list[float]]:
         """Add up every rank's ``{key: [sum, count]}`` (a copy of ``sums`` in one process).
 

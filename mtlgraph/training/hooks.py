@@ -299,14 +299,14 @@ class ProbeHook(Hook):
         monitor: InterferenceMonitor,
         run_dir: str | None,
         train: Sequence[Any],
-        groups: Sequence[Mapping[str, Any]],
     ) -> None:
-        self.monitor, self.run_dir, self.train, self.groups = monitor, run_dir, train, groups
+        self.monitor, self.run_dir, self.train = monitor, run_dir, train
         self.every = Every(monitor.every, "step")
         self.report: DiagnosticsReport | None = None
 
     def on_step_end(self, run: Run) -> None:
-        run.log(self.monitor.probe(run.model, self.train, self.groups, run.global_step))  # type: ignore[arg-type]
+        # the lookahead simulates the step the run's optimizer would take, from its state now
+        run.log(self.monitor.probe(run.model, self.train, run.optimizer, run.global_step))  # type: ignore[arg-type]
 
     def on_fit_end(self, run: Run) -> None:
         """The report: kept, logged, and written to the run directory."""
@@ -354,6 +354,12 @@ class EvaluationHook(Hook):
     def on_epoch_end(self, run: Run) -> None:
         self.evaluate(run)
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"warned_scales": self.warned_scales}  # once per run, resumes included
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.warned_scales = bool(state.get("warned_scales", False))
+
     def on_fit_end(self, run: Run) -> None:
         """Evaluate the final model unless its last step was just evaluated."""
         if run.state.last_logged != run.global_step and self.n_epochs > 0:
@@ -367,7 +373,8 @@ class EvaluationHook(Hook):
         if not self.warned_scales and self.is_main and type(run.balancer) is SumBalancer:
             tasks: Mapping[str, Task] = getattr(run.model, "tasks", {})
             regression = [t for t, task in tasks.items() if task.task_type == "regression"]
-            self.warned_scales = warn_loss_scales(record, regression) is not None
+            weights = {t: float(task.weight) for t, task in tasks.items()}
+            self.warned_scales = warn_loss_scales(record, regression, weights) is not None
         if self.score is not None:
             scores = self.score()
             record.update(scores)
@@ -531,18 +538,26 @@ LOSS_RATIO = 100.0
 """Task training losses further apart than this at the first evaluation get a warning."""
 
 
-def warn_loss_scales(record: Mapping[str, float], regression: Collection[str]) -> str | None:
-    """Warn (and return the message) when the tasks' training losses in ``record`` differ by
-    more than :data:`LOSS_RATIO` and the largest or the smallest is a ``regression`` task's:
-    with a plain sum, the small task barely trains. Losses of classification tasks share a scale
-    (nats per label), so a gap between two of them means one is nearly solved: no warning.
+def warn_loss_scales(
+    record: Mapping[str, float],
+    regression: Collection[str],
+    weights: Mapping[str, float] | None = None,
+) -> str | None:
+    """Warn (and return the message) when the tasks' *weighted* training losses in ``record``
+    (each task's loss times its ``weights`` entry, 1 when absent: what the ``sum`` balancer
+    adds up) differ by more than :data:`LOSS_RATIO` and the largest or the smallest is a
+    ``regression`` task's: the small task barely trains. Losses of classification tasks share a
+    scale (nats per label), so a gap between two of them means one is nearly solved: no warning.
 
     Example:
         >>> record = {"cls/d/train/loss": 0.7, "reg/d/train/loss": 0.001}
         >>> print(warn_loss_scales(record, regression=["reg"]))
         ... # doctest: +ELLIPSIS
-        the task losses differ by 700x (task 'cls': 0.7, task 'reg': 0.001): ...
+        the task losses differ by 700x once weighted by the task weights (task 'cls': 0.7 = ...
+        >>> warn_loss_scales(record, ["reg"], weights={"reg": 100.0}) is None  # weighted: 0.1
+        True
     """
+    weights = weights or {}
     per_task: dict[str, list[float]] = {}
     for key, value in record.items():
         try:
@@ -551,7 +566,8 @@ def warn_loss_scales(record: Mapping[str, float], regression: Collection[str]) -
             continue
         if split == "train" and metric == "loss" and task != "model" and math.isfinite(value):
             per_task.setdefault(task, []).append(float(value))
-    means = {t: sum(v) / len(v) for t, v in per_task.items()}
+    raw = {t: sum(v) / len(v) for t, v in per_task.items()}
+    means = {t: weights.get(t, 1.0) * m for t, m in raw.items()}
     if len(means) < 2:
         return None
     big, small = max(means, key=means.__getitem__), min(means, key=means.__getitem__)
@@ -559,13 +575,18 @@ def warn_loss_scales(record: Mapping[str, float], regression: Collection[str]) -
         return None
     if big not in regression and small not in regression:
         return None
+
+    def term(t: str) -> str:
+        return f"task '{t}': {means[t]:.4g} = {weights.get(t, 1.0):g} x {raw[t]:.4g}"
+
     message = (
-        f"the task losses differ by {means[big] / means[small]:.0f}x (task '{big}': "
-        f"{means[big]:.4g}, task '{small}': {means[small]:.4g}): with the 'sum' balancer "
-        f"'{small}' barely trains. Give it a larger weight (Task(weight=...), tasks.{small}."
-        "weight), standardise its regression targets, or use a balancer that learns the scales "
+        f"the task losses differ by {means[big] / means[small]:.0f}x once weighted by the "
+        f"task weights ({term(big)}, {term(small)}; weight x loss): with "
+        f"the 'sum' balancer '{small}' barely trains. Raise its weight (Task(weight=...), "
+        f"tasks.{small}.weight) to about {weights.get(small, 1.0) * means[big] / means[small]:.3g},"
+        " standardise its regression targets, or use a balancer that learns the scales "
         "(balancer={'name': 'uncertainty', 'lr': 0.1}: its log-variances must travel "
-        "|log(loss)|, which the Trainer's lr is often too small for)"
+        "|log(loss)|, which the Trainer's lr is often too small for). Said once per run"
     )
     logger.warning("%s", message)
     return message

@@ -280,12 +280,18 @@ class SubsetStepper:
         for group, base in zip(self.full_groups, self.base_lrs, strict=True):
             group["lr"] = base * factor
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any], keep_settings: bool = False) -> None:
         """Load an optimizer ``state_dict`` (saved outside :meth:`step`, with full groups).
 
         Base learning rates stay those of the config: the saved ``lr`` values are scheduled ones.
+        With ``keep_settings`` every group keeps its current hyper-parameters (``lr``,
+        ``weight_decay``, betas, ...) instead of the saved ones: a resume with changed settings.
         """
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in self.full_groups]
         self.optimizer.load_state_dict(dict(state))
+        if keep_settings:
+            for group, kept in zip(self.optimizer.param_groups, settings, strict=True):
+                group.update(kept)
         self.full_groups = self.optimizer.param_groups  # load_state_dict builds new group dicts
         self._subsets.clear()
 

@@ -21,13 +21,13 @@ from mtlgraph.balancing import BALANCERS, Balancer
 from mtlgraph.data.datasets import DictDataLoader
 from mtlgraph.data.schedulers import SCHEDULERS, SamplingScheduler, Step
 from mtlgraph.diagnostics import DiagnosticsReport, InterferenceMonitor, remove_report
-from mtlgraph.exceptions import ConfigError
+from mtlgraph.exceptions import ConfigError, TrainingInterrupted
 from mtlgraph.graph.model import MultitaskClassifier
 from mtlgraph.graph.model_file import load_model_state, model_entries
 from mtlgraph.graph.slices import check_slices
 from mtlgraph.metrics import make_key
 from mtlgraph.training import checkpoint as ckpt
-from mtlgraph.training.config import TrainerConfig
+from mtlgraph.training.config import TrainerConfig, optimizer_settings_changed, resume_conflicts
 from mtlgraph.training.distributed import (
     Collectives,
     DistEnv,
@@ -58,6 +58,7 @@ from mtlgraph.training.setup import (
     prefer_fast_update,
     prepare,
 )
+from mtlgraph.training.signals import StopSignals
 from mtlgraph.training.state import (
     LossRecord,
     Records,
@@ -158,10 +159,19 @@ class Trainer:
         unless ``resume_from`` continues a saved one; global random states are restored on return.
         The loop is :meth:`FitLoop.run`; its hooks are in ``mtlgraph/training/hooks.py``.
 
+        SIGINT (Ctrl-C) and SIGTERM while the loop runs (``fit`` called in the main thread)
+        finish the optimizer step in progress, write ``checkpoints/last.pt`` when ``run_dir``
+        is set (whatever ``checkpoint_every`` says) and raise
+        :class:`~mtlgraph.exceptions.TrainingInterrupted`; the previous signal handlers are back
+        when ``fit`` returns or raises (docs/checkpoints.md).
+
         Args:
             model: The model.
             dataloaders: Loaders of every split.
             resume_from: A checkpoint file or a run directory (its ``checkpoints/last.pt``).
+
+        Raises:
+            TrainingInterrupted: A SIGINT or SIGTERM stopped the run after a whole step.
         """
         cfg = self.config
         loaders = list(dataloaders)
@@ -183,7 +193,8 @@ class Trainer:
             self.balancer, self.optimizer = loop.balancer, loop.stepper.optimizer
             finished = False
             try:
-                loop.run()
+                with loop.signals:
+                    loop.run()
                 finished = True
             finally:  # writers flush even when training fails; hparams only when it succeeded
                 final = self.history[-1] if finished and self.history else None
@@ -229,6 +240,7 @@ class FitLoop:
         cfg = self.cfg = trainer.config
         self.trainer, self.model, self.evals, self.env = trainer, model, evals, env
         self.state, self.comm, device = trainer.state, Collectives(env), model.device
+        self.signals = StopSignals(self.comm.max_ if env.enabled else None, device)
         self.scheduler = SCHEDULERS.build(cfg.batch_scheduler, "batch_scheduler", seed=cfg.seed)
         self.balancer = BALANCERS.build(cfg.balancer, "balancer")
         prepare(model, self.balancer, device, cfg)
@@ -288,7 +300,7 @@ class FitLoop:
             plan = self.scheduler.epoch_plan(state.batch_counts)
             self._start_epoch(epoch, plan, scheduler_state)
             sources, next_batch = self.sources, self.loaders.next
-            lr_factor, step = self.lr_factor, self.step
+            lr_factor, step, signals = self.lr_factor, self.step, self.signals
             step_hooks, last = run.has_step_hooks, len(plan) - 1
             for k in range(state.step_in_epoch, len(plan)):
                 batches = [(sources[i], next_batch(i)) for i in plan[k]]
@@ -302,6 +314,8 @@ class FitLoop:
                         run.step_end()
                     if state.stop_reason is not None:
                         break
+                    if signum := signals.agreed():  # SIGINT/SIGTERM: all ranks stop here
+                        self.interrupt(signum)
             else:
                 sums = self.comm.gather_sums(loss_sums(state.epoch_losses))
                 self.balancer.on_epoch_end(epoch, task_means(sums))
@@ -321,6 +335,18 @@ class FitLoop:
             self.loaders.resume(state.loader_positions(), self._recorded_positions)
             return
         state.start_epoch(epoch, plan, scheduler_state)
+
+    def interrupt(self, signum: int) -> None:
+        """Stop after the step just taken: write ``last.pt`` (with a run directory), then raise.
+
+        Raises:
+            TrainingInterrupted: Always.
+        """
+        path = None
+        if self.checkpointer is not None:
+            self.save("last")  # a collective under DDP: every rank agreed to stop here
+            path = self.checkpointer.directory / ckpt.LAST
+        raise TrainingInterrupted(signum, self.state.global_step, path)
 
     # ------------------------------------------------------------------ what hooks call
 
@@ -406,12 +432,17 @@ class FitLoop:
     def _restore(self, saved: Mapping[str, Any]) -> None:
         """Load a checkpoint into the run's pieces (the global random states come last)."""
         ckpt.check_resume(saved, self.state.batch_counts, self.env.world_size)
+        saved_cfg = (saved.get("config") or {}).get("trainer") or {}
+        conflicts = resume_conflicts(saved_cfg, self.cfg)
+        if conflicts:
+            raise ConfigError(conflicts, header="cannot resume with settings the run cannot take:")
         with ckpt.all_or_nothing(self.model, "cannot resume: the checkpoint"):
             hint = "use a checkpoint of this config's model"
             load_model_state(self.model, saved, "cannot resume: the checkpoint", hint=hint)
             self.balancer.load_state_dict(saved["balancer"])
             self.scheduler.load_state_dict(saved["run"]["scheduler"])
-            self.stepper.load_state_dict(saved["optimizer"])
+            keep = optimizer_settings_changed(saved_cfg, self.cfg)  # the config's values win
+            self.stepper.load_state_dict(saved["optimizer"], keep_settings=keep)
         self.state.load_state_dict(saved["run"], self.env.rank)
         self._recorded_positions = list(saved["run"]["progress"]["loader_positions"])
         streams = self.state.streams
@@ -493,7 +524,7 @@ class FitLoop:
         if cfg.diagnostics is None:
             return None
         monitor = InterferenceMonitor(cfg.diagnostics, cfg.seed)
-        return ProbeHook(monitor, cfg.run_dir, self.train, self.stepper.full_groups)
+        return ProbeHook(monitor, cfg.run_dir, self.train)
 
     def _open_writers(self, resume_step: int | None) -> list[Writer]:
         """The writers of the ``writers`` hook."""

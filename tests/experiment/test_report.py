@@ -100,3 +100,12 @@ def test_score_table_has_a_row_per_slice() -> None:
     table = score_table_html({"t/d/valid/f1": 0.5, "t/d:far/valid/f1": 0.25})
     assert '<td>t</td><td>d</td><td>(all)</td><td>f1</td><td class="num">0.5</td>' in table
     assert '<td>t</td><td>d</td><td>far</td><td>f1</td><td class="num">0.25</td>' in table
+
+
+def test_run_file_names_agree_with_the_writers_that_write_them() -> None:
+    from mtlgraph.experiment import run_dir, runs
+    from mtlgraph.training import writers
+
+    assert runs.METRICS_FILE == writers.METRICS_FILE
+    assert runs.MLFLOW_RUN_FILE == writers.MLFLOW_RUN_FILE
+    assert {runs.METRICS_FILE, runs.MLFLOW_RUN_FILE, runs.REPORT_FILE} <= set(run_dir.RUN_FILES)

@@ -220,3 +220,21 @@ def test_a_block_shuffled_loader_sharded_over_ranks_keeps_the_block_order() -> N
     steps = [rows[0][i] + rows[1][i] for i in range(len(rows[0]))]
     assert sorted(r for step in steps for r in step) == list(range(48))
     assert all(len({r // 4 for r in step}) == 2 for step in steps)  # 8 rows: 2 whole blocks
+
+
+@pytest.mark.timeout(300)
+def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from ddp_workers import signal_worker
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = _spawn(signal_worker, 2, free_port(), str(tmp_path), queue)
+    items = _collect(queue, 4, procs)
+    assert len(items) == 4 and set(items) == {
+        (0, 3, "SIGTERM"),  # rank 0 got no signal, and stopped after the same step
+        (0, "handler", True),  # the default handler is back
+        (1, 3, "SIGTERM"),
+        (1, "handler", True),
+    }
+    assert (tmp_path / "rank0" / "checkpoints" / "last.pt").is_file()  # rank 0 writes it
+    assert not (tmp_path / "rank1").exists()
