@@ -45,13 +45,17 @@ class RunSpec:
         return (self.run_dir / SCORES_FILE).is_file()
 
     def command(self) -> list[str]:
-        """The ``mtlgraph train`` command line (``--resume`` when a checkpoint exists)."""
+        """The ``mtlgraph train`` command line: ``--resume`` when a checkpoint exists, else
+        ``--overwrite`` when an earlier attempt left files (it was killed before its first
+        checkpoint, so nothing of it can be kept)."""
         from mtlgraph.training.checkpoint import CHECKPOINT_DIR, LAST
 
         cmd = [sys.executable, "-m", "mtlgraph", "train", str(self.config), *self.overrides]
         cmd += [f"trainer.run_dir={self.run_dir}", "--quiet"]
         if (self.run_dir / CHECKPOINT_DIR / LAST).is_file():
             cmd += ["--resume", str(self.run_dir)]
+        elif self.run_dir.is_dir():
+            cmd += ["--overwrite"]
         return cmd
 
 
