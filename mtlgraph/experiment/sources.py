@@ -382,7 +382,13 @@ def _shards(
         stream = ShardStream(
             found, ds.fields, labels, toks, src.format, shuffle=shuffle, labels_as=labels_as
         )
+        try:  # Parquet shards: every file's metadata is read now, not mid-run
+            stream.num_examples()
+        except DataError as e:
+            problems += [f"source.path: {p}" for p in e.problems]
         out.append(NamedDataset(name, split, stream, labels=list(labels)))
+    if problems:
+        raise DataError(problems)
     return out, toks
 
 

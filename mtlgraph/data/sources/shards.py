@@ -15,7 +15,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from mtlgraph.data.sources.files import Table, read_table, table_format, table_length
+from mtlgraph.data.sources.files import (
+    Table,
+    parquet_rows,
+    read_table,
+    table_format,
+    table_length,
+)
 from mtlgraph.data.sources.table import Tokenizer, table_columns
 from mtlgraph.data.streams import Example, ExampleStream
 from mtlgraph.exceptions import DataError
@@ -111,9 +117,7 @@ class ShardStream(ExampleStream):
         (counting CSV or JSON Lines rows would read every file an extra time)."""
         if not all(table_format(f, self.fmt) == "parquet" for f in self.files):
             return None
-        import pyarrow.parquet as pq  # type: ignore[import-untyped]
-
-        return sum(int(pq.read_metadata(f).num_rows) for f in self.files)
+        return sum(parquet_rows(f) for f in self.files)
 
     def read_unit(self, unit: int) -> tuple[dict[str, Any], dict[str, torch.Tensor], int]:
         """A whole shard as columns: ``(X, Y, rows)``."""
