@@ -19,8 +19,8 @@ import torch
 from mtlgraph._suggest import did_you_mean, quoted
 from mtlgraph.data.datasets import DictDataset
 from mtlgraph.data.named import NamedDataset
-from mtlgraph.data.sources.files import Table, read_table
-from mtlgraph.data.sources.table import Tokenizer, split_table, table_columns
+from mtlgraph.data.sources.files import Table, read_table, table_length
+from mtlgraph.data.sources.table import CLASS_ID_LIMIT, Tokenizer, split_table, table_columns
 from mtlgraph.data.sources.tokenizer import TOKENIZERS, WordTokenizer
 from mtlgraph.data.synthetic import GENERATORS
 from mtlgraph.exceptions import CheckpointError, DataError
@@ -168,6 +168,16 @@ def task_labels(
     if frac.any():
         i = int(frac.nonzero()[0])
         raise DataError([f"{place(i)}, column '{column}': {labels[i].tolist()} is not a class id"])
+    huge = (labels.abs() > CLASS_ID_LIMIT).reshape(len(labels), -1).any(dim=1)
+    if huge.any():
+        i = int(huge.nonzero()[0])
+        raise DataError(
+            [
+                f"{place(i)}, column '{column}': {labels[i].item():g} is not a class id (class "
+                f"ids count from 0 to the number of classes - 1); fix the label, or set "
+                "task_type: regression if the column is a quantity"
+            ]
+        )
     return labels.long()
 
 
@@ -278,6 +288,13 @@ def _file_tables(src: SourceConfig, base: Path) -> dict[str, Table]:
             table = read_table(file, src.file_format())
         except DataError as e:
             problems += [f"source.path: {p}" for p in e.problems]
+            continue
+        if table_length(table) == 0:
+            header = " (only a header)" if table.unit == "line" else ""
+            problems.append(
+                f"source.path{'.' + split if split else ''}: {table.origin} has no rows{header}; "
+                "a dataset needs at least one row per split"
+            )
             continue
         if split:
             out[split] = table

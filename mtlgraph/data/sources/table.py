@@ -167,6 +167,7 @@ def field_values(
     arrays = [input_numbers(t, c) for c in listed]
     if t.typed and isinstance(columns, str):
         array = arrays[0]
+        _check_integer_field(array, t.origin, columns)
         if is_memmap(array):
             if array.dtype.kind == "f" and array.dtype != np.float32:
                 raise DataError(
@@ -186,6 +187,28 @@ def field_values(
     return torch.from_numpy(np.ascontiguousarray(matrix, dtype=np.float32))
 
 
+ID_DTYPES = ("int64", "int32")
+"""Integer dtypes an input field keeps (ids, e.g. for an embedding); other integer and boolean
+arrays are refused with the cast to write (numbers are features: ``float32``)."""
+
+
+def _check_integer_field(array: np.ndarray, origin: str, column: str) -> None:
+    """Refuse an input array of a small integer or boolean dtype, which no module reads.
+
+    Raises:
+        DataError: Naming the column, its dtype and the cast to write.
+    """
+    if array.dtype.kind not in "biu" or array.dtype.name in ID_DTYPES:
+        return
+    raise DataError(
+        [
+            f"{origin}, column '{column}': the array is {array.dtype.name}; an input field is "
+            f"float32 (features) or int64 (ids, e.g. for an embedding): save it cast, "
+            f"{column}.astype(np.float32) for features or {column}.astype(np.int64) for ids"
+        ]
+    )
+
+
 def label_values(table: Mapping[str, np.ndarray], column: str, origin: str = "the table") -> Any:
     """A label column: ``int64`` when every value is a whole number, else ``float32`` (an empty
     cell is NaN: unlabelled)."""
@@ -195,9 +218,16 @@ def label_values(table: Mapping[str, np.ndarray], column: str, origin: str = "th
     if t.typed:  # arrays keep their dtype (float (N, C) soft labels stay floats)
         return torch.from_numpy(np.require(values, requirements=["C", "W"]))
     whole = values.dtype.kind in "biu" or bool(
-        np.all(np.isfinite(values)) and np.all(values == np.round(values))
+        np.all(np.isfinite(values))
+        and np.all(values == np.round(values))
+        and np.all(np.abs(values) <= CLASS_ID_LIMIT)  # beyond: kept a float, refused as a class
     )
     return torch.from_numpy(np.ascontiguousarray(values.astype(np.int64 if whole else np.float32)))
+
+
+CLASS_ID_LIMIT = 2**31 - 1
+"""The largest whole number a label column reads as a class id (a larger one stays a float:
+a regression target, or an error naming it for a classification task)."""
 
 
 def split_table(
@@ -217,7 +247,19 @@ def split_table(
                     f"{did_you_mean(split_column, t)}; it has {quoted(t)}"
                 ]
             )
-        labels = np.asarray([str(v).strip() for v in t[split_column]])
+        labels = np.asarray(
+            ["" if v is None or v != v else str(v).strip() for v in t[split_column]]
+        )
+        empty = np.flatnonzero(labels == "")
+        if len(empty):
+            more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
+            raise DataError(
+                [
+                    f"{t.place(int(empty[0]))}, column '{split_column}': an empty split name"
+                    f"{more}; every row needs its split (e.g. train, valid, test): fill the "
+                    "cell, or remove the row"
+                ]
+            )
         return {s: t.take(labels == s) for s in dict.fromkeys(labels.tolist())}
     n = table_length(t)
     out: dict[str, Table] = {}
