@@ -25,6 +25,7 @@ from mtlgraph.data.sources.tokenizer import TOKENIZERS, WordTokenizer
 from mtlgraph.data.synthetic import GENERATORS
 from mtlgraph.exceptions import CheckpointError, DataError
 from mtlgraph.experiment.data_config import DatasetConfig, ImagesConfig, SourceConfig, TextConfig
+from mtlgraph.graph.soft_labels import renormalised
 
 if TYPE_CHECKING:
     from mtlgraph.experiment.config import ExperimentConfig, TaskConfig
@@ -156,7 +157,10 @@ def task_labels(
     nan = torch.isnan(labels)
     numeric = isinstance(ignore, (int, float)) and not isinstance(ignore, bool)
     if _soft_labels(labels, task):
-        return (torch.where(nan, float(ignore), labels) if numeric else labels).float()  # type: ignore[arg-type]
+        soft = (torch.where(nan, float(ignore), labels) if numeric else labels).float()  # type: ignore[arg-type]
+        if task.task_type == "multiclass":  # rows written rounded sum to 1 again
+            return renormalised(soft, ignore if numeric else None)  # type: ignore[arg-type]
+        return soft
     if nan.any():
         if not (isinstance(ignore, int) and not isinstance(ignore, bool)):
             raise DataError(
