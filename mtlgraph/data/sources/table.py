@@ -67,12 +67,7 @@ def numbers(table: Table, column: str, what: str) -> np.ndarray:
         try:
             cells.append(_number(cell))
         except (TypeError, ValueError):
-            raise DataError(
-                [
-                    f"{table.place(i)}, column '{column}': {cell!r} is not a number; {what} "
-                    "needs numbers (declare the column under 'text' to tokenise it)"
-                ]
-            ) from None
+            raise DataError([_not_a_number(table, i, column, cell, what)]) from None
     shapes = [np.shape(c) for c in cells]
     if any(s != shapes[0] for s in shapes):
         i = next(i for i, s in enumerate(shapes) if s != shapes[0])
@@ -84,6 +79,23 @@ def numbers(table: Table, column: str, what: str) -> np.ndarray:
             ]
         )
     return np.asarray(cells, dtype=np.float64)
+
+
+def _not_a_number(table: Table, i: int, column: str, cell: Any, what: str) -> str:
+    """The message for a cell that is not a number; a cell over several lines of a CSV file
+    is a quote left open further up the row."""
+    lines = cell.count("\n") + 1 if isinstance(cell, str) else 1
+    shown = repr(cell) if len(repr(cell)) <= 60 else f"{repr(cell)[:50]}...'"
+    if lines > 1:
+        return (
+            f"{table.place(i)}, column '{column}': {shown} is not a number: the cell runs over "
+            f"{lines} lines inside quotes, so a quote (\") opened in it is probably unbalanced "
+            '(double a quote inside a quoted cell: "")'
+        )
+    return (
+        f"{table.place(i)}, column '{column}': {shown} is not a number; {what} needs numbers "
+        "(declare the column under 'text' to tokenise it)"
+    )
 
 
 def _first_not_finite(values: np.ndarray) -> int | None:
