@@ -159,7 +159,7 @@ def task_labels(
     if _soft_labels(labels, task):
         soft = (torch.where(nan, float(ignore), labels) if numeric else labels).float()  # type: ignore[arg-type]
         if task.task_type == "multiclass":  # rows written rounded sum to 1 again
-            return renormalised(soft, ignore if numeric else None)  # type: ignore[arg-type]
+            return renormalised(soft, ignore if numeric else None)
         return soft
     if nan.any():
         if not (isinstance(ignore, int) and not isinstance(ignore, bool)):

@@ -153,7 +153,9 @@ def test_diagnostics_probe_image_folders_and_streams(
         ("shards", {"type": "shards", "path": {"train": "shards/*.jsonl", "valid": "shards/p1.jsonl"}}, None),
     ):  # fmt: skip
         cfg = _config(kinds, source, fields)
-        cfg["trainer"].update(SAMPLING, run_dir=str(kinds / f"run-{name}"), diagnostics={"every": 1})
+        cfg["trainer"].update(
+            SAMPLING, run_dir=str(kinds / f"run-{name}"), diagnostics={"every": 1}
+        )
         code, _, err = _run(capsys, "train", _yaml(kinds, cfg, f"{name}.yaml"))
         assert code == 0, err
         report = json.loads((kinds / f"run-{name}" / "diagnostics.json").read_text())
@@ -330,7 +332,9 @@ def _empty_parquet_rows(tmp: Path) -> None:
 
 
 def _split_cells(tmp: Path, empty: str = "") -> None:
-    lines = [f"{a},{b},{y},{z},{'train' if i % 5 else 'valid'}" for i, (a, b, y, z) in enumerate(_rows())]
+    lines = [
+        f"{a},{b},{y},{z},{'train' if i % 5 else 'valid'}" for i, (a, b, y, z) in enumerate(_rows())
+    ]
     lines[8] = "0.1,0.2,1,0," + empty
     _csv(tmp / "t.csv", lines, header="a,b,y,z,split")
 

@@ -89,7 +89,7 @@ def _not_a_number(table: Table, i: int, column: str, cell: Any, what: str) -> st
     if lines > 1:
         return (
             f"{table.place(i)}, column '{column}': {shown} is not a number: the cell runs over "
-            f"{lines} lines inside quotes, so a quote (\") opened in it is probably unbalanced "
+            f'{lines} lines inside quotes, so a quote (") opened in it is probably unbalanced '
             '(double a quote inside a quoted cell: "")'
         )
     return (
