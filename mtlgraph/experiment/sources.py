@@ -241,7 +241,10 @@ def _load_one(
     out, problems = [], []
     for split, table in tables.items():
         if len(next(iter(table.values()), ())) == 0:
-            problems.append(f"split '{split}' of {table.origin} has no rows")
+            problems.append(
+                f"split '{split}' of {table.origin} has no rows; give it rows (more rows, other "
+                "fractions or split_column values), or leave it out (the dataset's splits: [...])"
+            )
             continue
         try:
             out.append(_dataset(cfg, name, ds, split, table, toks))

@@ -22,6 +22,7 @@ from mtlgraph import (
     DictDataset,
     Hook,
     MultitaskClassifier,
+    NamedDataset,
     Operation,
     Task,
     Trainer,
@@ -381,6 +382,7 @@ FILE_CASES: list[tuple[str, Callable[[Path], None], dict[str, Any], Any, str]] =
     ("header-only CSV", _text("t.csv", "a,b,y,z\n"), CSV, None, r"data.datasets.d.source.path: '.*t.csv' has no rows \(only a header\); a dataset needs at least one row per split"),
     ("header-only CSV per split", _text("t.csv", "a,b,y,z\n"), {"type": "table", "path": {"train": "t.csv"}}, None, r"data.datasets.d.source.path.train: '.*t.csv' has no rows \(only a header\)"),
     ("0-row npz", _npz(x=np.zeros((0, 2), np.float32), y=np.zeros(0), z=np.zeros(0)), *NPZ, r"'.*t.npz' has no rows; a dataset needs"),
+    ("a split with no rows", _text("t.csv", "a,b,y,z\n0.1,0.2,1,0\n0.3,0.4,0,1\n"), CSV, None, r"data.datasets.d: split 'valid' of '.*t.csv' has no rows; give it rows \(more rows, other fractions or split_column values\), or leave it out \(the dataset's splits: \[...\]\)"),
     ("empty CSV", _text("t.csv", ""), CSV, None, r"'.*t.csv' is empty; its first line must name the columns"),
     ("empty JSON Lines", _text("t.jsonl", ""), {"type": "table", "path": "t.jsonl"}, None, r"data.datasets.d.source.path: '.*t.jsonl' is empty; write one JSON object per line"),
     ("empty split cell", _split_cells, {"type": "table", "path": "t.csv", "split_column": "split"}, None, r"data.datasets.d.source.split_column: '.*t.csv' line 10, column 'split': an empty split name; every row needs its split \(e.g. train, valid, test\): fill the cell, or remove the row"),
@@ -546,6 +548,47 @@ def test_worker_data_error_keeps_its_problems() -> None:
     error = DataError(text)
     assert error.header == "cannot read 'a.csv':" and error.problems == ["line 2: bad", "line 3: worse"]  # fmt: skip
     assert DataError("a plain message").problems == ["a plain message"]
+
+
+class _Items(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    """A map-style dataset of ``(x_dict, y_dict)`` items, without ``batch()``."""
+
+    def __init__(self, x: torch.Tensor, labels: dict[str, torch.Tensor]) -> None:
+        self.x, self.labels = x, labels
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        return {"x": self.x[i]}, {t: y[i] for t, y in self.labels.items()}
+
+
+class _Stream(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
+    def __init__(self, items: _Items) -> None:
+        self.items = items
+
+    def __iter__(self) -> Any:
+        return (self.items[i] for i in range(len(self.items)))
+
+
+@pytest.mark.parametrize("kind", ["map-style", "stream"])
+def test_diagnostics_on_named_datasets_from_python(kind: str) -> None:
+    torch.manual_seed(0)
+    trunk = torch.nn.Linear(2, 4)
+    tasks = [
+        Task(t, {"trunk": trunk, f"{t}_head": torch.nn.Linear(4, 2)},
+             [Operation("trunk", [("_input_", "x")]), Operation(f"{t}_head", ["trunk"])])
+        for t in ("a", "b")
+    ]  # fmt: skip
+    x = torch.randn(32, 2)
+    items = _Items(x, {"a": (x[:, 0] > 0).long(), "b": (x[:, 1] > 0).long()})
+    source: Any = items if kind == "map-style" else _Stream(items)
+    data = NamedDataset("d", "train", source, labels=["a", "b"])
+    settings: dict[str, Any] = {"batch_scheduler": "uniform", "steps_per_epoch": 4} if kind == "stream" else {}  # fmt: skip
+    trainer = Trainer(n_epochs=1, progress_bar=False, diagnostics={"every": 2}, **settings)
+    trainer.fit(MultitaskClassifier(tasks), [DictDataLoader(data, batch_size=8)])
+    report = trainer.diagnostics
+    assert report is not None and report.probes == 2 and report.tasks == ("a", "b")
 
 
 class _TruncateAfterEpoch(Hook):
