@@ -493,11 +493,16 @@ def _parquet_chunks(file: Path, columns: Sequence[str] | None, rows: int | None)
 
 
 def _array_chunks(
-    arrays: Mapping[str, np.ndarray], origin: str, rows: int | None
+    arrays: Mapping[str, np.ndarray],
+    origin: str,
+    rows: int | None,
+    places: Mapping[str, str] | None = None,
 ) -> Iterator[Table]:
+    """Chunks of arrays of equal length (``places``: how messages name a column's array)."""
+    where = places or {c: f"{origin}, column '{c}'" for c in arrays}
     scalars = [
-        f"{origin}, column '{c}': a 0-d array (one value, shape ()); a column needs a value per "
-        "row: save an array of shape (N,) or (N, k)"
+        f"{where[c]}: a 0-d array (one value, shape ()); a column needs a value per row: save "
+        "an array of shape (N,) or (N, k)"
         for c, a in arrays.items()
         if a.ndim == 0
     ]
@@ -602,17 +607,8 @@ def _npy_chunks(folder: Path, columns: Sequence[str] | None, rows: int | None) -
             problems += e.problems
     if problems:
         raise DataError(problems)
-    if origin.startswith("directory"):  # name each column's own file in messages
-        scalars = [f"'{folder / c}.npy'" for c, a in arrays.items() if a.ndim == 0]
-        if scalars:
-            raise DataError(
-                [
-                    f"{f}: a 0-d array (one value, shape ()); a column needs a value per row: "
-                    "save an array of shape (N,) or (N, k)"
-                    for f in scalars
-                ]
-            )
-    yield from _array_chunks(arrays, origin, rows)
+    places = {c: f"'{folder / c}.npy'" for c in arrays}  # each column's own file
+    yield from _array_chunks(arrays, origin, rows, places)
 
 
 _READERS: dict[str, Callable[[Path, Sequence[str] | None, int | None], Iterator[Table]]] = {
