@@ -539,6 +539,22 @@ def test_worker_errors_are_the_original_message(
     assert re.search(r"mtlgraph: error: cannot read shard '.*p1.jsonl':\n  - fields.xy: '.*p1.jsonl' line 21, column 'b': 'zz' is not a number", err), err  # fmt: skip
 
 
+def test_worker_error_of_an_image_is_the_original_message(
+    kinds: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "img").mkdir()
+    for f in (kinds / "img").iterdir():
+        (tmp_path / "img" / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "img" / "5.png").write_bytes(b"not a png")
+    (tmp_path / "images.csv").write_bytes((kinds / "images.csv").read_bytes())
+    source = {"type": "images", "path": "images.csv", "images": IMAGES}
+    cfg = _config(tmp_path, source, {"img": "file", "xy": ["a", "b"]}, num_workers=1)
+    code, _, err = _run(capsys, "train", _yaml(tmp_path, cfg))
+    assert code == 2
+    assert "Original Traceback" not in err and "DataLoader worker" not in err
+    assert re.search(r"mtlgraph: error: row 6: cannot decode image '.*5.png'", err), err
+
+
 def test_worker_data_error_keeps_its_problems() -> None:
     text = (
         "Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent "
