@@ -230,7 +230,10 @@ class MapReader:
         if filename is None:
             return
         end = int(root.offset) + int(root.nbytes)  # the map's last byte in the file
-        size = os.fstat(self._descriptor(str(filename))).st_size
+        try:
+            size = os.fstat(self._descriptor(str(filename))).st_size
+        except FileNotFoundError:  # unlinked before its first read: the map keeps the data
+            return
         if size < end:
             width = max(int(root.nbytes) // max(len(root), 1), 1)
             row = max(size - int(root.offset), 0) // width
