@@ -478,13 +478,13 @@ def test_soft_labels_off_by_more_than_the_tolerance_say_how_to_normalise(
 
 
 IMPORT_CASES = [
-    ("module.py", r"imports\[0\]: 'mymod.py' is a file path; imports take module names, as Python's import does: write 'mymod'"),
-    ("dir/module.py", r"imports\[0\]: 'blocks/mymod.py' is a file path; .*write 'blocks.mymod' \(or list 'blocks' under import_paths and write 'mymod'\)"),
-    ("absolute path", r"imports\[0\]: '/abs/my-mod.py' is a file path; imports take module names: put the file in the config file's directory \(or list its directory under import_paths\)"),
+    ("module.py", "mymod.py", r"imports\[0\]: 'mymod.py' is a file path; imports take module names, as Python's import does: write 'mymod'"),
+    ("dir/module.py", "blocks/mymod.py", r"imports\[0\]: 'blocks/mymod.py' is a file path; .*write 'blocks.mymod' \(or list 'blocks' under import_paths and write 'mymod'\)"),
+    ("absolute path", "/abs/my-mod.py", r"imports\[0\]: '/abs/my-mod.py' is a file path; imports take module names: put the file in the config file's directory \(or list its directory under import_paths\)"),
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("name", "message"), [(n, m) for n, m in zip(["mymod.py", "blocks/mymod.py", "/abs/my-mod.py"], [c[1] for c in IMPORT_CASES], strict=True)], ids=[c[0] for c in IMPORT_CASES])  # fmt: skip
+@pytest.mark.parametrize(("name", "message"), [c[1:] for c in IMPORT_CASES], ids=[c[0] for c in IMPORT_CASES])  # fmt: skip
 def test_imports_given_as_file_paths(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, message: str
 ) -> None:
