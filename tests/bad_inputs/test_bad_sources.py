@@ -416,6 +416,18 @@ def test_bad_file_in_train_leaves_no_checkpoint(
     assert not any((tmp_path / "runs").rglob("*.pt"))
 
 
+def test_json_booleans_are_one_and_zero_with_or_without_missing_labels(tmp_path: Path) -> None:
+    from mtlgraph.experiment.build import build_experiment
+    from mtlgraph.experiment.config import parse_config
+
+    rows = [{"a": 0.1 * i, "b": 0.2, "y": i % 3 == 0, "z": None if i == 4 else i % 2 == 0} for i in range(N)]  # fmt: skip
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = parse_config(_config(tmp_path, {"type": "table", "path": "t.jsonl"}), base_dir=tmp_path)
+    train = build_experiment(cfg).datasets[0]
+    assert train.Y_dict["circle_task"][:4].tolist() == [1, 0, 0, 1]
+    assert train.Y_dict["square_task"][:6].tolist() == [1, 0, 1, 0, -1, 0]
+
+
 def test_large_whole_numbers_stay_regression_targets(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -35,9 +35,7 @@ def _number(cell: Any) -> float | np.ndarray:
     """One cell as a number (``nan`` when empty) or, for a list, an array of numbers."""
     if cell is None:
         return math.nan
-    if isinstance(cell, bool):
-        raise ValueError
-    if isinstance(cell, (int, float, np.number)):
+    if isinstance(cell, (bool, int, float, np.number)):  # JSON true/false: 1 and 0
         return float(cell)
     if isinstance(cell, str):
         text = cell.strip()
