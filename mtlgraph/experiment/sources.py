@@ -406,10 +406,8 @@ def _shards(
         stream = ShardStream(
             found, ds.fields, labels, toks, src.format, shuffle=shuffle, labels_as=labels_as
         )
-        try:  # Parquet shards: every file's metadata is read now, not mid-run
-            stream.num_examples()
-        except DataError as e:
-            problems += [f"source.path: {p}" for p in e.problems]
+        # every shard's columns now, not mid-run (a file of several splits: said once, above)
+        problems += [f"source.path: {p}" for p in stream.file_problems()]
         out.append(NamedDataset(name, split, stream, labels=list(labels)))
     if problems:
         raise DataError(problems)

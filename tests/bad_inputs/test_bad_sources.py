@@ -440,6 +440,30 @@ def test_large_whole_numbers_stay_regression_targets(
     assert ": valid" in out
 
 
+SHARD_CASES = [
+    ("a shard without a column", "p1.csv", "a,c,y,z\n0.1,0.2,1,0\n", r"data.datasets.d.source.path: '.*p1.csv' has no column 'b'; it has 'a', 'c', 'y', 'z'"),
+    ("an empty CSV shard", "p1.csv", "", r"data.datasets.d.source.path: '.*p1.csv' is empty; its first line must name the columns"),
+    ("a shard of bad JSON", "p1.jsonl", '{"a": 0.1, "b": \n', r"data.datasets.d.source.path: '.*p1.jsonl' line 1: not valid JSON \(.*\); write one object per line"),
+    ("an empty JSON Lines shard", "p1.jsonl", "", r"data.datasets.d.source.path: '.*p1.jsonl' is empty; write one JSON object per line"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "content", "message"), [c[1:] for c in SHARD_CASES], ids=[c[0] for c in SHARD_CASES])  # fmt: skip
+def test_bad_shards_are_found_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, content: str, message: str
+) -> None:
+    (tmp_path / "shards").mkdir()
+    _csv(tmp_path / "shards" / "p0.csv")
+    (tmp_path / "shards" / name).write_text(content)
+    cfg = _config(tmp_path, {"type": "shards", "path": ["shards/p0.csv", f"shards/{name}"]})
+    cfg["trainer"].update(SAMPLING, eval_splits=[])
+    for command in ("check", "train"):
+        code, _, err = _run(capsys, command, _yaml(tmp_path, cfg))
+        assert code == 2, err
+        assert re.search(message, err), err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.pt"))
+
+
 def test_empty_parquet_shard(kinds: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
     (tmp_path / "shards").mkdir()
     (tmp_path / "shards" / "p0.parquet").write_bytes((kinds / "shards" / "p0.parquet").read_bytes())

@@ -17,6 +17,7 @@ import torch
 
 from mtlgraph.data.sources.files import (
     Table,
+    iter_table,
     parquet_rows,
     read_table,
     table_format,
@@ -118,6 +119,23 @@ class ShardStream(ExampleStream):
         if not all(table_format(f, self.fmt) == "parquet" for f in self.files):
             return None
         return sum(parquet_rows(f) for f in self.files)
+
+    def file_problems(self) -> list[str]:
+        """What shows in every shard without reading its rows (its header, schema or first
+        row): a file gone, empty or broken, a column the fields or labels name but it lacks;
+        each naming the file. One small read a shard: call it before a run, not per pass."""
+        needed = [*self._label_columns.values()]
+        for columns in self.fields.values():
+            needed += [columns] if isinstance(columns, str) else list(columns)
+        problems: list[str] = []
+        for file in self.files:
+            try:
+                chunks = iter_table(file, self.fmt, list(dict.fromkeys(needed)), rows=1)
+                next(chunks, None)
+                chunks.close()
+            except DataError as e:
+                problems += e.problems
+        return problems
 
     def read_unit(self, unit: int) -> tuple[dict[str, Any], dict[str, torch.Tensor], int]:
         """A whole shard as columns: ``(X, Y, rows)``."""
