@@ -130,9 +130,8 @@ class ShardStream(ExampleStream):
         problems: list[str] = []
         for file in self.files:
             try:
-                chunks = iter_table(file, self.fmt, list(dict.fromkeys(needed)), rows=1)
-                next(chunks, None)
-                chunks.close()
+                # the header and a first row; the reader closes the file when it is dropped
+                next(iter_table(file, self.fmt, list(dict.fromkeys(needed)), rows=1), None)
             except DataError as e:
                 problems += e.problems
         return problems
