@@ -38,9 +38,29 @@ class _ProblemsError(MtlGraphError, ValueError):
 
     def __init__(self, problems: Iterable[str], header: str | None = None) -> None:
         # one string is one problem (a DataLoader worker re-raises an error from its message)
-        self.problems: list[str] = [problems] if isinstance(problems, str) else list(problems)
+        if isinstance(problems, str):
+            header, problems = self._from_worker(problems, header)
+        self.problems: list[str] = list(problems)
         self.header = header
         super().__init__(self._render())
+
+    @classmethod
+    def _from_worker(cls, text: str, header: str | None) -> tuple[str | None, list[str]]:
+        """The problems of ``text``: a DataLoader worker re-raises an error as
+        ``cls("Caught <name> in DataLoader worker process N.\nOriginal Traceback ...")``;
+        its own message, last in that traceback, is what the user needs, without the
+        worker's traceback (``--debug`` shows where it was re-raised)."""
+        marker = f"\n{cls.__module__}.{cls.__qualname__}: "
+        if not text.startswith("Caught ") or "\nOriginal Traceback" not in text:
+            return header, [text]
+        at = text.rfind(marker)
+        if at < 0:
+            return header, [text]
+        lines = text[at + len(marker) :].rstrip("\n").split("\n")
+        listed = [i for i, line in enumerate(lines) if line.startswith("  - ")]
+        if len(lines) > 1 and listed == list(range(1, len(lines))):  # a header and its list
+            return lines[0], [line[4:] for line in lines[1:]]
+        return header, ["\n".join(lines)]
 
     def _render(self) -> str:
         if len(self.problems) == 1 and self.header is None:

@@ -122,6 +122,9 @@ class DictDataset(Dataset[Batch]):
         return self._length
 
     def __getitem__(self, index: int) -> Batch:
+        for value in (*self.X_dict.values(), *self.Y_dict.values()):
+            if is_memmap(value):  # a truncated file is an error, not a SIGBUS
+                self._reader.check_size(value)
         return _rows_at(self.X_dict, index), _rows_at(self.Y_dict, index)
 
     def __getitems__(self, indices: Sequence[int]) -> RowBatch:

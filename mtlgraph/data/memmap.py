@@ -139,6 +139,8 @@ class MapReader:
     ) -> np.ndarray:
         """``array[index]`` as a new array (``rows``: the row numbers it reads); the pages a
         memory map brings in are counted against the :class:`PageBudget`."""
+        if is_memmap(array):
+            self.check_size(array)
         out = np.array(array[index]) if isinstance(index, slice) else np.asarray(array[index])
         if is_memmap(array):
             one_run = len(rows) > 0 and int(rows.max()) - int(rows.min()) + 1 == len(rows)
@@ -213,6 +215,35 @@ class MapReader:
             if got != size:
                 missing.append((offset + got, start + got, size - got))
         return missing
+
+    def check_size(self, array: np.ndarray) -> None:
+        """Refuse to index a map whose file is now shorter than the map (touching a page past
+        the end of a file kills the process with SIGBUS): one ``fstat`` per batch.
+
+        Raises:
+            DataError: The file was truncated under the map, naming it and the rows lost.
+        """
+        root: Any = array
+        while isinstance(root.base, np.memmap):
+            root = root.base
+        filename = getattr(root, "filename", None)
+        if filename is None:
+            return
+        end = int(root.offset) + int(root.nbytes)  # the map's last byte in the file
+        try:
+            size = os.fstat(self._descriptor(str(filename))).st_size
+        except FileNotFoundError:  # unlinked before its first read: the map keeps the data
+            return
+        if size < end:
+            width = max(int(root.nbytes) // max(len(root), 1), 1)
+            row = max(size - int(root.offset), 0) // width
+            raise DataError(
+                [
+                    f"'{filename}' is {size} bytes, but its memory map needs {end}: the file was "
+                    f"truncated or replaced while it was read (rows from {row} on are gone); "
+                    "restore the file and train again (or resume from the last checkpoint)"
+                ]
+            )
 
     def _descriptor(self, filename: str) -> int:
         key = (os.getpid(), filename)  # a forked worker opens its own

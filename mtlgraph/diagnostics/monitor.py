@@ -17,6 +17,7 @@ from torch import nn
 from mtlgraph._io import move_to_device
 from mtlgraph.data.collate import Batch, collate_dicts
 from mtlgraph.data.datasets import DictDataLoader
+from mtlgraph.data.streams import Example, as_example
 from mtlgraph.diagnostics.report import DiagnosticsReport
 from mtlgraph.diagnostics.stats import lookahead_affinity, pair_statistics
 from mtlgraph.exceptions import ConfigError
@@ -44,6 +45,23 @@ def conflict_key(module: str, task_a: str, task_b: str, statistic: str) -> str:
 def affinity_key(source: str, target: str) -> str:
     """``diagnostics/affinity/<source>-><target>``."""
     return SEP.join((PREFIX, "affinity", f"{source}->{target}"))
+
+
+def stream_rows(stream: Any, size: int, probe_index: int) -> list[Example]:
+    """Probe ``probe_index``'s rows of a stream (whose length is unknown): ``size`` consecutive
+    examples of unit ``probe_index % units`` from example ``(probe_index // units) * size``,
+    from the unit's start when it is shorter; at most one unit is read."""
+    source = stream.stream  # a NamedStream's ExampleStream
+    units = source.num_units()
+    if units == 0 or size == 0:
+        return []
+    unit, lap = probe_index % units, probe_index // units
+    where = f"stream '{stream.name}' ({stream.split})"
+    for start in dict.fromkeys((lap * size, 0)):
+        rows = list(itertools.islice(source.iter_unit(unit, start, 0), size))
+        if rows:
+            return [as_example(item, where) for item in rows]
+    return []
 
 
 @dataclass
@@ -156,19 +174,26 @@ class InterferenceMonitor:
         self, loaders: Sequence[DictDataLoader], probe_index: int
     ) -> list[tuple[str, Batch]]:
         """The rows of probe number ``probe_index``: ``batch_size`` rows of every loader's
-        dataset, without replacement, from the monitor's own generator."""
+        dataset, without replacement, from the monitor's own generator (a stream: consecutive
+        rows of one of its units, :func:`stream_rows`)."""
         out = []
         for i, loader in enumerate(loaders):
             dataset = loader.dataset
+            wanted = self.config.batch_size or int(loader.batch_size or 1)
+            if getattr(loader, "is_stream", False):
+                examples = stream_rows(dataset, wanted, probe_index)
+                if examples:
+                    out.append((dataset.name, collate_dicts(examples)))
+                continue
             n = len(dataset)
-            size = min(n, self.config.batch_size or int(loader.batch_size or 1))
+            size = min(n, wanted)
             if size == 0:
                 continue
             rng = np.random.default_rng([self.seed, _STREAM, i, probe_index])
             rows = np.sort(rng.choice(n, size=size, replace=False))
-            if loader.collate_fn is collate_dicts:
+            if loader.collate_fn is collate_dicts and hasattr(dataset, "batch"):
                 batch = dataset.batch(torch.from_numpy(rows))
-            else:  # the loader's own collate function (tokenisation, padding...)
+            else:  # items of any dataset, the loader's own collate function
                 batch = loader.collate_fn([dataset[int(r)] for r in rows])
             out.append((dataset.name, batch))
         return out

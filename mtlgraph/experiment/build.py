@@ -169,7 +169,7 @@ def check_labels(
     for ds in datasets:
         problems += dataset_label_problems(model, ds, where)
     if problems:
-        raise DataError(problems, header=f"labels out of range ({len(problems)}):")
+        raise DataError(problems, header=f"labels that do not fit their task ({len(problems)}):")
 
 
 # ---------------------------------------------------------------- trainer and all

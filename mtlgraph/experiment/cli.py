@@ -497,20 +497,30 @@ def describe(experiment: Any) -> str:
                 for i in op.inputs
             )
             lines.append(f"    {op.name} = {op.module_name}({ins})")
-    lines.append(f"datasets ({len(cfg.data.datasets)}):")
-    by_name: dict[str, list[str]] = {}
-    labels: dict[str, list[str]] = {}
-    for ds in experiment.datasets:
-        by_name.setdefault(ds.name, []).append(f"{ds.split} {len(ds)}")
-        labels[ds.name] = list(ds.Y_dict)
-    for name, splits in by_name.items():
-        lines.append(f"  {name}: {', '.join(splits)}; labels {', '.join(labels[name])}")
+    lines += _describe_datasets(experiment.datasets, len(cfg.data.datasets))
     t = cfg.trainer
     lines.append(
         f"trainer: {t.n_epochs} epochs, lr {t.lr:g}, optimizer {t.optimizer}, batch_scheduler "
         f"{t.batch_scheduler}, balancer {t.balancer}"
     )
     return "\n".join(lines)
+
+
+def _describe_datasets(datasets: Sequence[Any], n: int) -> list[str]:
+    """A line per dataset: its splits with their sizes (``stream`` when a stream does not
+    know its length) and the tasks it labels; any kind of dataset."""
+    from mtlgraph.data.named import dataset_labels, dataset_size
+
+    lines = [f"datasets ({n}):"]
+    by_name: dict[str, list[str]] = {}
+    labels: dict[str, tuple[str, ...]] = {}
+    for ds in datasets:
+        size = dataset_size(ds)
+        by_name.setdefault(ds.name, []).append(f"{ds.split} {'stream' if size is None else size}")
+        labels[ds.name] = dataset_labels(ds) or ()
+    for name, splits in by_name.items():
+        lines.append(f"  {name}: {', '.join(splits)}; labels {', '.join(labels[name]) or '?'}")
+    return lines
 
 
 @command("check", "validate a config and print its merged graph", _check_args)
@@ -524,6 +534,8 @@ def check(args: argparse.Namespace) -> int:
 
         graph_format(args.graph)  # a bad extension fails before any work
     experiment = build_experiment(cfg)
+    # train's own set-up, without training: whatever train refuses before its first step
+    experiment.trainer.check(experiment.model, experiment.loaders)
     print(f"{args.config}: valid")
     print(describe(experiment))
     if args.graph:

@@ -49,6 +49,10 @@ def import_user_modules(
         for i, name in enumerate(names):
             if not isinstance(name, str):
                 continue
+            path = _path_given(name)
+            if path is not None:
+                problems.append(f"imports[{i}]: '{name}' is a file path; {path}")
+                continue
             try:
                 importlib.import_module(name)
             except Exception as e:
@@ -61,6 +65,27 @@ def import_user_modules(
                     "(imports are looked up in the working directory, the config file's "
                     "directory and the installed packages)"
                 )
+
+
+def _path_given(name: str) -> str | None:
+    """What to write instead when an ``imports:`` entry is a file path, not a module name."""
+    if not (name.endswith(".py") or "/" in name or "\\" in name):
+        return None
+    path = Path(name)
+    parts = [*path.parent.parts, path.stem if path.suffix == ".py" else path.name]
+    parts = [p for p in parts if p not in (".", "")]
+    module = ".".join(parts)
+    if not module or not all(p.isidentifier() for p in parts):
+        return (
+            "imports take module names: put the file in the config file's directory (or list "
+            "its directory under import_paths) and give its name without '.py'"
+        )
+    where = (
+        f" (or list '{path.parent}' under import_paths and write '{parts[-1]}')"
+        if len(parts) > 1
+        else ""
+    )
+    return f"imports take module names, as Python's import does: write '{module}'{where}"
 
 
 def import_dirs(raw: Mapping[str, Any], base_dir: str | Path) -> list[Path]:

@@ -144,7 +144,8 @@ def _predict(args: argparse.Namespace) -> int:
             import_pyarrow()
     cfg = load_config(args.config, args.overrides)
     model = load_model(cfg, args.checkpoint)
-    tasks = parse_tasks(model, args.tasks) if args.tasks else labelled_tasks(cfg, model, args.data)
+    given = args.tasks is not None
+    tasks = parse_tasks(model, args.tasks) if given else labelled_tasks(cfg, model, args.data)
     fields = input_fields(model, tasks, config_fields(cfg))
     trained = checkpoint_vocabularies(checkpoint_file(args.checkpoint))
     if trained is None and vocabulary_files(cfg, run_directory(args.checkpoint), fields):
@@ -294,12 +295,21 @@ def labelled_tasks(cfg: ExperimentConfig, model: MultitaskClassifier, data: str)
 
 
 def parse_tasks(model: MultitaskClassifier, text: str | None) -> list[str]:
-    """``a,b`` -> task names (default: every task); unknown names get a did-you-mean."""
+    """``a,b`` -> task names (``None``: every task); unknown names get a did-you-mean, and a
+    ``--tasks`` that names none (``","``, ``""``) is refused rather than predicting nothing."""
+    from mtlgraph.exceptions import ConfigError
     from mtlgraph.graph.task import unknown_tasks_error
 
-    if not text:
+    if text is None:
         return model.task_names
     names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise ConfigError(
+            [
+                f"--tasks {text!r} names no task; give comma-separated task names (the model "
+                f"has {', '.join(model.task_names)}), or leave --tasks out for every task"
+            ]
+        )
     unknown = [t for t in names if t not in model.tasks]
     if unknown:
         raise unknown_tasks_error(unknown, model.tasks)

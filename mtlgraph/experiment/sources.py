@@ -19,12 +19,13 @@ import torch
 from mtlgraph._suggest import did_you_mean, quoted
 from mtlgraph.data.datasets import DictDataset
 from mtlgraph.data.named import NamedDataset
-from mtlgraph.data.sources.files import Table, read_table
-from mtlgraph.data.sources.table import Tokenizer, split_table, table_columns
+from mtlgraph.data.sources.files import Table, read_table, table_length
+from mtlgraph.data.sources.table import CLASS_ID_LIMIT, Tokenizer, split_table, table_columns
 from mtlgraph.data.sources.tokenizer import TOKENIZERS, WordTokenizer
 from mtlgraph.data.synthetic import GENERATORS
 from mtlgraph.exceptions import CheckpointError, DataError
 from mtlgraph.experiment.data_config import DatasetConfig, ImagesConfig, SourceConfig, TextConfig
+from mtlgraph.graph.soft_labels import renormalised
 
 if TYPE_CHECKING:
     from mtlgraph.experiment.config import ExperimentConfig, TaskConfig
@@ -156,7 +157,10 @@ def task_labels(
     nan = torch.isnan(labels)
     numeric = isinstance(ignore, (int, float)) and not isinstance(ignore, bool)
     if _soft_labels(labels, task):
-        return (torch.where(nan, float(ignore), labels) if numeric else labels).float()  # type: ignore[arg-type]
+        soft = (torch.where(nan, float(ignore), labels) if numeric else labels).float()  # type: ignore[arg-type]
+        if task.task_type == "multiclass":  # rows written rounded sum to 1 again
+            return renormalised(soft, ignore if numeric else None)
+        return soft
     if nan.any():
         if not (isinstance(ignore, int) and not isinstance(ignore, bool)):
             raise DataError(
@@ -168,6 +172,16 @@ def task_labels(
     if frac.any():
         i = int(frac.nonzero()[0])
         raise DataError([f"{place(i)}, column '{column}': {labels[i].tolist()} is not a class id"])
+    huge = (labels.abs() > CLASS_ID_LIMIT).reshape(len(labels), -1).any(dim=1)
+    if huge.any():
+        i = int(huge.nonzero()[0])
+        raise DataError(
+            [
+                f"{place(i)}, column '{column}': {labels[i].item():g} is not a class id (class "
+                f"ids count from 0 to the number of classes - 1); fix the label, or set "
+                "task_type: regression if the column is a quantity"
+            ]
+        )
     return labels.long()
 
 
@@ -227,7 +241,10 @@ def _load_one(
     out, problems = [], []
     for split, table in tables.items():
         if len(next(iter(table.values()), ())) == 0:
-            problems.append(f"split '{split}' of {table.origin} has no rows")
+            problems.append(
+                f"split '{split}' of {table.origin} has no rows; give it rows (more rows, other "
+                "fractions or split_column values), or leave it out (the dataset's splits: [...])"
+            )
             continue
         try:
             out.append(_dataset(cfg, name, ds, split, table, toks))
@@ -278,6 +295,13 @@ def _file_tables(src: SourceConfig, base: Path) -> dict[str, Table]:
             table = read_table(file, src.file_format())
         except DataError as e:
             problems += [f"source.path: {p}" for p in e.problems]
+            continue
+        if table_length(table) == 0:
+            header = " (only a header)" if table.unit == "line" else ""
+            problems.append(
+                f"source.path{'.' + split if split else ''}: {table.origin} has no rows{header}; "
+                "a dataset needs at least one row per split"
+            )
             continue
         if split:
             out[split] = table
@@ -382,7 +406,11 @@ def _shards(
         stream = ShardStream(
             found, ds.fields, labels, toks, src.format, shuffle=shuffle, labels_as=labels_as
         )
+        # every shard's columns now, not mid-run (a file of several splits: said once, above)
+        problems += [f"source.path: {p}" for p in stream.file_problems()]
         out.append(NamedDataset(name, split, stream, labels=list(labels)))
+    if problems:
+        raise DataError(problems)
     return out, toks
 
 

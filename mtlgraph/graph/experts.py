@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from mtlgraph.exceptions import ArgumentCheck
+from mtlgraph.exceptions import ArgumentCheck, ConfigError
 from mtlgraph.graph.activations import ACTIVATIONS
 
 __all__ = ["CrossStitch", "Experts", "Gate", "GateKind", "MTANAttention", "smooth_step"]
@@ -168,6 +168,12 @@ class Gate(nn.Module):
         check = _sized_check("gate", in_dim, n_experts)
         check.choice("kind", kind, GATE_KINDS)
         check.integer("k", k)
+        if kind == "dselect_k" and isinstance(k, int) and isinstance(n_experts, int):
+            check.require(
+                k <= n_experts,
+                f"k={k} selectors for n_experts={n_experts} experts: each selector picks one "
+                f"expert, so k must be <= n_experts (set k: {n_experts} or fewer)",
+            )
         check.number("gamma", gamma, "> 0", lambda v: v > 0)
         check.number("entropy", entropy, ">= 0", lambda v: v >= 0)
         check.require(
@@ -175,7 +181,7 @@ class Gate(nn.Module):
             "entropy regularises DSelect-k selectors; set kind: dselect_k",
         )
         check.done()
-        self.n_experts, self.kind = n_experts, kind
+        self.n_experts, self.kind, self.in_dim = n_experts, kind, in_dim
         self.k, self.gamma, self.entropy = k, float(gamma), float(entropy)
         if kind == "softmax":
             self.logits = nn.Linear(in_dim, n_experts)
@@ -209,16 +215,35 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor, *experts: torch.Tensor) -> torch.Tensor:
         if not experts:
-            raise ValueError(
-                "gate got only its selector input; pass the expert stacks after it "
-                "(inputs: [selector, experts, ...])"
+            raise ConfigError(
+                [
+                    "gate got only its selector input; pass the expert stacks after it "
+                    "(inputs: [selector, experts, ...])"
+                ]
+            )
+        got = [tuple(e.shape) for e in experts]
+        if any(e.ndim != 3 for e in experts) or len({g[2:] for g in got}) > 1:
+            raise ConfigError(
+                [
+                    f"gate expects expert stacks (B, n, d) of one width d, got shapes {got}; "
+                    "give the experts the same last hidden width"
+                ]
             )
         stacked = experts[0] if len(experts) == 1 else torch.cat(experts, dim=1)
-        if stacked.ndim != 3 or stacked.shape[1] != self.n_experts:
-            got = [tuple(e.shape) for e in experts]
-            raise ValueError(
-                f"gate expects expert stacks (B, n, d) with {self.n_experts} experts in all, got "
-                f"shapes {got}; set n_experts to the sum of the stacks' expert counts"
+        if stacked.shape[1] != self.n_experts:
+            raise ConfigError(
+                [
+                    f"gate has n_experts={self.n_experts} but its expert stacks hold "
+                    f"{stacked.shape[1]} experts (shapes {got}); set n_experts: "
+                    f"{stacked.shape[1]}, the sum of the stacks' expert counts"
+                ]
+            )
+        if x.ndim != 2 or x.shape[1] != self.in_dim:
+            raise ConfigError(
+                [
+                    f"gate has in_dim={self.in_dim} but its selector input has shape "
+                    f"{tuple(x.shape)}; set in_dim: {x.shape[-1]}, the selector's features"
+                ]
             )
         w, r = self._mix(x)
         out = torch.einsum("be,bed->bd", w, stacked)
@@ -268,10 +293,29 @@ class CrossStitch(nn.Module):
         self.alpha = nn.Parameter(alpha if dim is None else alpha.repeat(dim, 1, 1))
 
     def forward(self, *columns: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        shapes = [tuple(c.shape) for c in columns]
         if len(columns) != self.n_columns:
-            raise ValueError(
-                f"cross_stitch has n_columns={self.n_columns} but got {len(columns)} inputs; "
-                "pass one input per task column"
+            raise ConfigError(
+                [
+                    f"cross_stitch has n_columns={self.n_columns} but got {len(columns)} inputs "
+                    f"(shapes {shapes}); set n_columns: {len(columns)}, one per task column"
+                ]
+            )
+        if len(set(shapes)) > 1:
+            raise ConfigError(
+                [
+                    f"cross_stitch mixes columns of one shape, got shapes {shapes}; give the "
+                    "modules that feed it the same output width"
+                ]
+            )
+        if self.dim is not None and (not shapes[0] or shapes[0][-1] != self.dim):
+            width = shapes[0][-1] if shapes[0] else 0
+            raise ConfigError(
+                [
+                    f"cross_stitch has dim={self.dim} but its columns have {width} features "
+                    f"(shapes {shapes}); set dim: {width} (an alpha per feature), or drop dim "
+                    "(one alpha for all features)"
+                ]
             )
         stacked = torch.stack(columns, dim=-1)  # (..., d, K)
         if self.dim is None:
@@ -345,11 +389,13 @@ class MTANAttention(nn.Module):
         )
         if not fits:
             got = [tuple(t.shape) for t in inputs]
-            raise ValueError(
-                f"mtan_attention expects u, p, *previous as (B, C, H, W) maps of one size or "
-                f"(B, D) vectors, with in_channels={self.in_channels} channels in u and previous "
-                f"together and out_channels={self.out_channels} in p, got shapes {got}; set "
-                "in_channels and out_channels to the channels of the inputs"
+            raise ConfigError(
+                [
+                    f"mtan_attention expects u, p, *previous as (B, C, H, W) maps of one size or "
+                    f"(B, D) vectors, with in_channels={self.in_channels} channels in u and "
+                    f"previous together and out_channels={self.out_channels} in p, got shapes "
+                    f"{got}; set in_channels and out_channels to the channels of the inputs"
+                ]
             )
         x = torch.cat((u, *previous), dim=1) if previous else u
         if x.ndim == 2:  # vectors: 1x1 maps, so BatchNorm2d is BatchNorm1d over the batch

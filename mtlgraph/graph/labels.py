@@ -53,7 +53,9 @@ def label_problems(
     elif kind == "multilabel":
         problems = _multilabel_problems(task, labels, width, where)
     elif _is_soft(task, labels):  # distributions over classes
-        return soft_label_problems(labels, task, where.removesuffix(f", task '{task.name}'"), width)
+        named = [f", task '{task.name}'", f" for task '{task.name}'"]  # said again below
+        place = next((where[: -len(n)] for n in named if where.endswith(n)), where)
+        return soft_label_problems(labels, task, place, width)
     elif kind == "binary":
         problems = _binary_problems(task, labels, width, where)
     else:

@@ -14,8 +14,9 @@ from mtlgraph.metrics import active_rows
 if TYPE_CHECKING:
     from mtlgraph.graph.task import Task
 
-TOLERANCE = 1e-4
-"""How far a soft row's sum may be from 1."""
+TOLERANCE = 1e-3
+"""How far a multiclass soft row's sum may be from 1: rows written rounded (to 4 decimals,
+say) pass, and the file sources renormalise them (:func:`renormalised`)."""
 
 
 def _is_float(labels: Any) -> bool:
@@ -111,8 +112,29 @@ def soft_label_problems(
             text = what.format(sum=float(rows[i].sum()))
             tolerance = f" (tolerance {TOLERANCE})" if "sums" in what else ""
             shown = row if len(row) > 1 else row[0]
-            problems.append(f"{who}: soft label row {i} {text}{tolerance}: {shown}")
+            fix = "; normalise the rows: labels / labels.sum(1, keepdims=True)" * bool(tolerance)
+            problems.append(f"{who}: soft label row {i} {text}{tolerance}: {shown}{fix}")
     return problems
+
+
+def renormalised(labels: torch.Tensor, ignore_value: float | int | None) -> torch.Tensor:
+    """Multiclass soft labels ``(N, C)`` whose rows sum to within :data:`TOLERANCE` of 1,
+    divided by their sums (so rows written rounded sum to 1 exactly); other rows (ignored, NaN
+    or further off, which the checks name) are returned unchanged.
+
+    Example:
+        >>> import torch
+        >>> rows = torch.tensor([[0.1429] * 7, [-1.0] * 7])  # 1/7 to 4 decimals sums to 1.0003
+        >>> out = renormalised(rows, -1)
+        >>> round(float(out[0].sum()), 6), out[1].tolist() == rows[1].tolist()
+        (1.0, True)
+    """
+    rows = labels.double()
+    sums = rows.sum(1, keepdim=True)
+    keep = torch.as_tensor(active_rows(rows, ignore_value))
+    near = (sums.squeeze(1) - 1).abs() <= TOLERANCE
+    fix = keep & near & torch.isfinite(rows).all(1)
+    return torch.where(fix[:, None], rows / sums, rows).to(labels.dtype)
 
 
 def hard_targets(golds: np.ndarray, task: Task) -> np.ndarray:
@@ -144,4 +166,11 @@ def hard_targets(golds: np.ndarray, task: Task) -> np.ndarray:
     return out
 
 
-__all__ = ["TOLERANCE", "hard_targets", "head_width", "is_soft_label", "soft_label_problems"]
+__all__ = [
+    "TOLERANCE",
+    "hard_targets",
+    "head_width",
+    "is_soft_label",
+    "renormalised",
+    "soft_label_problems",
+]

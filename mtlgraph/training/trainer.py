@@ -7,6 +7,7 @@ run's state is one :class:`~mtlgraph.training.state.RunState`. See ``docs/traini
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import os
@@ -174,11 +175,7 @@ class Trainer:
             TrainingInterrupted: A SIGINT or SIGTERM stopped the run after a whole step.
         """
         cfg = self.config
-        loaders = list(dataloaders)
-        train = [dl for dl in loaders if getattr(dl.dataset, "split", None) == cfg.train_split]
-        evals = [dl for dl in loaders if getattr(dl.dataset, "split", None) in cfg.eval_splits]
-        check_loaders(model, loaders, train, evals, cfg.train_split, cfg.eval_splits)
-        check_slices(cfg.slices, evals)  # bad slice functions fail before training
+        train, evals = self._checked_loaders(model, dataloaders)
         env = DistEnv.from_env() if cfg.distributed == "auto" else DistEnv()
         device = model.device
         if env.enabled:  # one process per device: cuda:<local rank>
@@ -207,6 +204,67 @@ class Trainer:
                 del loop
                 if env.enabled:
                     gc.collect()
+
+    def check(self, model: MultitaskClassifier, dataloaders: Sequence[DictDataLoader]) -> None:
+        """Everything :meth:`fit` checks and builds before its first step, without training:
+        the loaders and their labels, the batch scheduler, balancer, optimizer, LR schedule,
+        hooks and probes (``fit``'s own set-up, in one process). Nothing is written: the run
+        directory and the log writers are left out; the model and the global random states are
+        left as found.
+
+        Raises:
+            ConfigError: Settings this model or these loaders cannot train with.
+            DataError: Loaders or labels that do not fit the model.
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> from mtlgraph import (DictDataLoader, DictDataset, MultitaskClassifier,
+            ...                       Operation, Task, Trainer)
+            >>> task = Task("t", {"m": nn.Linear(2, 2)}, [Operation("m", [("_input_", "x")])])
+            >>> x, y = torch.randn(8, 2), torch.ones(8).long()
+            >>> loader = DictDataLoader(DictDataset("d", "train", {"x": x}, {"t": y}))
+            >>> Trainer(steps_per_epoch=5).check(MultitaskClassifier([task]), [loader])
+            Traceback (most recent call last):
+            ...
+            mtlgraph.exceptions.ConfigError: steps_per_epoch is set but batch_scheduler is ...
+        """
+        cfg = self.config
+        train, evals = self._checked_loaders(model, dataloaders)
+        if cfg.checkpoint_metric is not None:  # checked here: the dry run has no checkpoints
+            keys = ckpt.metric_keys(model, train, evals, cfg.slices)
+            ckpt.metric_mode(cfg.checkpoint_metric, cfg.checkpoint_mode, keys)
+        dry = Trainer()  # fit's set-up on a copy of the config that writes nothing
+        dry.config = dataclasses.replace(
+            cfg,
+            run_dir=None,
+            writers=[],
+            progress_bar=False,
+            checkpoint_every=0,
+            checkpoint_metric=None,
+            checkpoint_mode=None,
+        )
+        dry.experiment_config = self.experiment_config
+        trainable = [p.requires_grad for p in model.parameters()]
+        with ckpt.global_rng_preserved():
+            torch.manual_seed(cfg.seed)
+            try:
+                FitLoop(dry, model, train, evals, DistEnv(), None)
+            finally:  # set-up freezes modules: give the model back as it was
+                for p, flag in zip(model.parameters(), trainable, strict=True):
+                    p.requires_grad_(flag)
+
+    def _checked_loaders(
+        self, model: MultitaskClassifier, dataloaders: Sequence[DictDataLoader]
+    ) -> tuple[list[DictDataLoader], list[DictDataLoader]]:
+        """The training and evaluation loaders, checked (loaders, labels, slice functions)."""
+        cfg = self.config
+        loaders = list(dataloaders)
+        train = [dl for dl in loaders if getattr(dl.dataset, "split", None) == cfg.train_split]
+        evals = [dl for dl in loaders if getattr(dl.dataset, "split", None) in cfg.eval_splits]
+        check_loaders(model, loaders, train, evals, cfg.train_split, cfg.eval_splits)
+        check_slices(cfg.slices, evals)  # bad slice functions fail before training
+        return train, evals
 
 
 def draw_counts(plan: Sequence[Step], names: Sequence[str]) -> dict[str, float]:

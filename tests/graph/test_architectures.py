@@ -143,7 +143,7 @@ def test_experts_shapes_and_per_expert_weights() -> None:
         ("dselect_k", 4, 1),
         ("dselect_k", 5, 2),
         ("dselect_k", 3, 3),
-        ("dselect_k", 1, 2),
+        ("dselect_k", 1, 1),
     ],
 )
 def test_gate_weights_sum_to_one_and_mix_the_stacks(kind: str, n_experts: int, k: int) -> None:
@@ -269,6 +269,8 @@ def test_bad_arguments_are_all_reported() -> None:
     assert "kind must be 'softmax' or 'dselect_k', got 'dselect'" in str(e.value)
     with pytest.raises(ConfigError, match="set kind: dselect_k"):
         Gate(4, 4, entropy=0.1)
+    with pytest.raises(ConfigError, match=r"gate: k=3 selectors for n_experts=2 experts: .* k must be <= n_experts \(set k: 2 or fewer\)"):  # fmt: skip
+        Gate(4, 2, kind="dselect_k", k=3)
     with pytest.raises(ConfigError, match="hidden must be a non-empty list"):
         Experts(4, 2, hidden=[])
     with pytest.raises(ConfigError, match="n_columns must be an integer >= 2, got 1"):
@@ -294,7 +296,8 @@ def test_a_gate_given_the_wrong_experts_names_its_operation() -> None:
     tasks[0].module_pool["y0_gate"] = Gate(8, 3)
     model = MultitaskClassifier(tasks)
     with pytest.raises(
-        ValueError, match="with 3 experts in all, got shapes \\[\\(2, 4, 4\\)\\]"
+        ConfigError,
+        match=r"n_experts=3 but its expert stacks hold 4 experts \(shapes \[\(2, 4, 4\)\]\); set n_experts: 4",
     ) as e:
         model({"x": torch.zeros(2, 8)}, ["y0"])
     assert "operation 'y0_gate' (module 'y0_gate') of task 'y0'" in "".join(e.value.__notes__)

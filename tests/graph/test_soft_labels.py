@@ -144,7 +144,7 @@ def test_bad_soft_labels_are_named_before_any_step() -> None:
     problems = info.value.problems
     assert problems == [
         "dataset 'sums' (train), task 't': soft label row 3 sums to 1.2, not 1 (tolerance "
-        "0.0001): [0.6, 0.6]",
+        "0.001): [0.6, 0.6]; normalise the rows: labels / labels.sum(1, keepdims=True)",
         "dataset 'nans' (train), task 't': soft label row 5 holds NaN probabilities: [nan, 0.8]",
         "dataset 'neg' (train), task 't': soft label row 7 holds a negative probability: "
         "[1.2, -0.2]",

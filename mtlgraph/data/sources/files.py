@@ -231,12 +231,22 @@ def _open_text(file: Path) -> TextIO:
     return file.open(encoding="utf-8-sig", newline="")
 
 
-def _csv_row(reader: Any, origin: str) -> list[str] | None:
+def _csv_row(reader: Any, origin: str, line: int = 1) -> list[str] | None:
+    """The next row of ``reader``, which starts on line ``line``."""
     try:
         return next(reader)
     except StopIteration:
         return None
     except csv.Error as e:
+        if "unexpected end of data" in str(e):  # strict quoting: the file ends inside a quote
+            raise DataError([_unclosed_quote(origin, line, reader.line_num)]) from None
+        if "expected after" in str(e):
+            raise DataError(
+                [
+                    f'{origin} line {reader.line_num}: text follows a closing quote (") in a '
+                    'cell; quote the whole cell, or double a quote inside a quoted cell ("")'
+                ]
+            ) from None
         hint = f" (cells hold at most {CELL_LIMIT // 2**20} MiB)" if "field limit" in str(e) else ""
         raise DataError([f"{origin} line {reader.line_num}: {e}{hint}"]) from e
     except UnicodeDecodeError as e:
@@ -245,7 +255,16 @@ def _csv_row(reader: Any, origin: str) -> list[str] | None:
         ) from e
 
 
-def _check_row(row: list[str], names: list[str], origin: str, line: int) -> None:
+def _unclosed_quote(origin: str, line: int, last: int) -> str:
+    return (
+        f'{origin} line {line}: a quote (") opened in this row is never closed, so the '
+        f"row runs to the end of the file (line {last}); close it, or double a quote inside "
+        'a quoted cell ("")'
+    )
+
+
+def _check_row(row: list[str], names: list[str], origin: str, line: int, last: int) -> None:
+    """Row ``row`` of lines ``line..last`` (more than one: a quoted cell holds newlines)."""
     if not any(c.strip() for c in row):
         raise _all_empty(origin, "line", line)
     if len(row) != len(names):
@@ -253,10 +272,17 @@ def _check_row(row: list[str], names: list[str], origin: str, line: int) -> None
             where = f"column '{names[len(row)]}'"
         else:
             where = f"column {len(names) + 1} (past the last, '{names[-1]}')"
+        quote = ""
+        if last > line:  # the cells ran over several lines: a quote paired with a later one
+            quote = (
+                f'; the row runs from line {line} to line {last} inside quotes: a quote (") '
+                f"opened on line {line} is probably unbalanced (double a quote inside a "
+                'quoted cell: "")'
+            )
         raise DataError(
             [
                 f"{origin} line {line}, {where}: {len(row)} cells, but the header names "
-                f"{len(names)} columns; every row needs one cell per column"
+                f"{len(names)} columns; every row needs one cell per column{quote}"
             ]
         )
 
@@ -264,7 +290,7 @@ def _check_row(row: list[str], names: list[str], origin: str, line: int) -> None
 def _csv_chunks(file: Path, columns: Sequence[str] | None, rows: int | None) -> Iterator[Table]:
     origin = f"'{file}'"
     with _open_text(file) as fh:
-        reader = csv.reader(fh)
+        reader = csv.reader(fh, strict=True)  # a quote left open is an error, never a cell
         with _cell_limit():
             header = _csv_row(reader, origin)
         if header is None:
@@ -278,10 +304,10 @@ def _csv_chunks(file: Path, columns: Sequence[str] | None, rows: int | None) -> 
             with _cell_limit():
                 while rows is None or len(lines) < rows:
                     line = reader.line_num + 1
-                    row = _csv_row(reader, origin)
+                    row = _csv_row(reader, origin, line)
                     if row is None:
                         break
-                    _check_row(row, names, origin, line)
+                    _check_row(row, names, origin, line, reader.line_num)
                     lines.append(line)
                     for out, (_, j) in zip(cells, keep, strict=True):
                         out.append(row[j])
@@ -411,7 +437,12 @@ def _parquet_column(col: Any) -> np.ndarray:
     return _json_column(col.to_pylist())
 
 
-def _parquet_chunks(file: Path, columns: Sequence[str] | None, rows: int | None) -> Iterator[Table]:
+def _open_parquet(file: Path) -> Any:
+    """A ``pyarrow.parquet.ParquetFile``.
+
+    Raises:
+        DataError: No pyarrow (naming the extra), an empty or broken file (naming it).
+    """
     try:
         import pyarrow.parquet as pq  # type: ignore[import-untyped]
     except ImportError:
@@ -419,10 +450,29 @@ def _parquet_chunks(file: Path, columns: Sequence[str] | None, rows: int | None)
             [f"reading Parquet ('{file}') needs pyarrow: pip install 'mtlgraph[tables]'"]
         ) from None
     origin = f"'{file}'"
+    if file.stat().st_size == 0:
+        raise DataError([f"{origin} is empty (0 bytes), not a Parquet file; write it again"])
     try:
-        parquet = pq.ParquetFile(file)
+        return pq.ParquetFile(file)
     except Exception as e:  # pyarrow's refusal of a broken file: a problem of this file
         raise DataError([f"cannot read {origin} as Parquet: {type(e).__name__}: {e}"]) from e
+
+
+def parquet_rows(path: str | os.PathLike[str]) -> int:
+    """Rows of a Parquet file, from its metadata (the rows are not read).
+
+    Raises:
+        DataError: As :func:`read_table` for a missing, empty or broken file.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise DataError([f"file '{file}' does not exist"])
+    return int(_open_parquet(file).metadata.num_rows)
+
+
+def _parquet_chunks(file: Path, columns: Sequence[str] | None, rows: int | None) -> Iterator[Table]:
+    origin = f"'{file}'"
+    parquet = _open_parquet(file)
     names = list(parquet.schema_arrow.names)
     _check_names(names, origin, "schema")
     keep = select_columns(names, columns, origin)
@@ -443,8 +493,21 @@ def _parquet_chunks(file: Path, columns: Sequence[str] | None, rows: int | None)
 
 
 def _array_chunks(
-    arrays: Mapping[str, np.ndarray], origin: str, rows: int | None
+    arrays: Mapping[str, np.ndarray],
+    origin: str,
+    rows: int | None,
+    places: Mapping[str, str] | None = None,
 ) -> Iterator[Table]:
+    """Chunks of arrays of equal length (``places``: how messages name a column's array)."""
+    where = places or {c: f"{origin}, column '{c}'" for c in arrays}
+    scalars = [
+        f"{where[c]}: a 0-d array (one value, shape ()); a column needs a value per row: save "
+        "an array of shape (N,) or (N, k)"
+        for c, a in arrays.items()
+        if a.ndim == 0
+    ]
+    if scalars:
+        raise DataError(scalars)
     lengths = {c: len(a) for c, a in arrays.items()}
     if len(set(lengths.values())) > 1:
         listing = ", ".join(f"'{c}': {n}" for c, n in lengths.items())
@@ -463,13 +526,66 @@ def _array_chunks(
 
 def _npz_chunks(file: Path, columns: Sequence[str] | None, rows: int | None) -> Iterator[Table]:
     origin = f"'{file}'"
+    if not zipfile.is_zipfile(file):
+        raise DataError(
+            [f"{origin} is not a .npz file ({_looks_like(file)}); save arrays with numpy.savez"]
+        )
     try:
         with np.load(file, allow_pickle=False) as npz:
             keep = select_columns(list(npz.files), columns, origin)
             arrays = {c: npz[c] for c in keep}
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
+    except ValueError as e:
+        if "pickled" not in str(e):
+            raise DataError([f"cannot read {origin} as .npz: {type(e).__name__}: {e}"]) from e
+        raise DataError([f"{origin}: {_PICKLED}"]) from None
+    except (OSError, zipfile.BadZipFile) as e:
         raise DataError([f"cannot read {origin} as .npz: {type(e).__name__}: {e}"]) from e
     yield from _array_chunks(arrays, origin, rows)
+
+
+_PICKLED = (
+    "an array of Python objects (dtype object), which is never unpickled; save numbers, e.g. "
+    "numpy.save(path, array.astype(np.float32))"
+)
+
+
+def _looks_like(file: Path) -> str:
+    """What a file that is not the binary format it should be seems to hold, for messages."""
+    with file.open("rb") as fh:
+        head = fh.read(64)
+    if not head:
+        return "it is empty: 0 bytes"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"it starts with bytes {head[:8]!r}"
+    return f"it starts with the text {text[:20]!r}"
+
+
+def _load_npy(file: Path) -> np.ndarray:
+    """A ``.npy`` file, memory-mapped (never unpickled).
+
+    Raises:
+        DataError: Not a ``.npy`` file, an object array, or a file shorter than its header says.
+    """
+    origin = f"'{file}'"
+    with file.open("rb") as fh:
+        magic = fh.read(6)
+    if magic != b"\x93NUMPY":
+        raise DataError(
+            [
+                f"{origin} is not a .npy file ({_looks_like(file)}; a .npy file starts with "
+                "\\x93NUMPY); save arrays with numpy.save"
+            ]
+        )
+    try:
+        return np.load(file, mmap_mode="r", allow_pickle=False)
+    except ValueError as e:
+        if "pickled" in str(e) or "Python objects" in str(e):
+            raise DataError([f"{origin}: {_PICKLED}"]) from None
+        raise DataError([f"cannot read {origin}: {type(e).__name__}: {e}"]) from e
+    except OSError as e:
+        raise DataError([f"cannot read {origin}: {type(e).__name__}: {e}"]) from e
 
 
 def _npy_chunks(folder: Path, columns: Sequence[str] | None, rows: int | None) -> Iterator[Table]:
@@ -483,12 +599,16 @@ def _npy_chunks(folder: Path, columns: Sequence[str] | None, rows: int | None) -
     if not names:
         raise DataError([f"{origin} holds no .npy file; save one array per field or label"])
     arrays = {}
+    problems: list[str] = []
     for c in select_columns(names, columns, origin):
         try:
-            arrays[c] = np.load(folder / f"{c}.npy", mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise DataError([f"cannot read '{folder / c}.npy': {type(e).__name__}: {e}"]) from e
-    yield from _array_chunks(arrays, origin, rows)
+            arrays[c] = _load_npy(folder / f"{c}.npy")
+        except DataError as e:
+            problems += e.problems
+    if problems:
+        raise DataError(problems)
+    places = {c: f"'{folder / c}.npy'" for c in arrays}  # each column's own file
+    yield from _array_chunks(arrays, origin, rows, places)
 
 
 _READERS: dict[str, Callable[[Path, Sequence[str] | None, int | None], Iterator[Table]]] = {

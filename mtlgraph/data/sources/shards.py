@@ -15,7 +15,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from mtlgraph.data.sources.files import Table, read_table, table_format, table_length
+from mtlgraph.data.sources.files import (
+    Table,
+    iter_table,
+    parquet_rows,
+    read_table,
+    table_format,
+    table_length,
+)
 from mtlgraph.data.sources.table import Tokenizer, table_columns
 from mtlgraph.data.streams import Example, ExampleStream
 from mtlgraph.exceptions import DataError
@@ -111,9 +118,23 @@ class ShardStream(ExampleStream):
         (counting CSV or JSON Lines rows would read every file an extra time)."""
         if not all(table_format(f, self.fmt) == "parquet" for f in self.files):
             return None
-        import pyarrow.parquet as pq  # type: ignore[import-untyped]
+        return sum(parquet_rows(f) for f in self.files)
 
-        return sum(int(pq.read_metadata(f).num_rows) for f in self.files)
+    def file_problems(self) -> list[str]:
+        """What shows in every shard without reading its rows (its header, schema or first
+        row): a file gone, empty or broken, a column the fields or labels name but it lacks;
+        each naming the file. One small read a shard: call it before a run, not per pass."""
+        needed = [*self._label_columns.values()]
+        for columns in self.fields.values():
+            needed += [columns] if isinstance(columns, str) else list(columns)
+        problems: list[str] = []
+        for file in self.files:
+            try:
+                # the header and a first row; the reader closes the file when it is dropped
+                next(iter_table(file, self.fmt, list(dict.fromkeys(needed)), rows=1), None)
+            except DataError as e:
+                problems += e.problems
+        return problems
 
     def read_unit(self, unit: int) -> tuple[dict[str, Any], dict[str, torch.Tensor], int]:
         """A whole shard as columns: ``(X, Y, rows)``."""

@@ -35,9 +35,7 @@ def _number(cell: Any) -> float | np.ndarray:
     """One cell as a number (``nan`` when empty) or, for a list, an array of numbers."""
     if cell is None:
         return math.nan
-    if isinstance(cell, bool):
-        raise ValueError
-    if isinstance(cell, (int, float, np.number)):
+    if isinstance(cell, (bool, int, float, np.number)):  # JSON true/false: 1 and 0
         return float(cell)
     if isinstance(cell, str):
         text = cell.strip()
@@ -67,12 +65,7 @@ def numbers(table: Table, column: str, what: str) -> np.ndarray:
         try:
             cells.append(_number(cell))
         except (TypeError, ValueError):
-            raise DataError(
-                [
-                    f"{table.place(i)}, column '{column}': {cell!r} is not a number; {what} "
-                    "needs numbers (declare the column under 'text' to tokenise it)"
-                ]
-            ) from None
+            raise DataError([_not_a_number(table, i, column, cell, what)]) from None
     shapes = [np.shape(c) for c in cells]
     if any(s != shapes[0] for s in shapes):
         i = next(i for i, s in enumerate(shapes) if s != shapes[0])
@@ -84,6 +77,23 @@ def numbers(table: Table, column: str, what: str) -> np.ndarray:
             ]
         )
     return np.asarray(cells, dtype=np.float64)
+
+
+def _not_a_number(table: Table, i: int, column: str, cell: Any, what: str) -> str:
+    """The message for a cell that is not a number; a cell over several lines of a CSV file
+    is a quote left open further up the row."""
+    lines = cell.count("\n") + 1 if isinstance(cell, str) else 1
+    shown = repr(cell) if len(repr(cell)) <= 60 else f"{repr(cell)[:50]}...'"
+    if lines > 1:
+        return (
+            f"{table.place(i)}, column '{column}': {shown} is not a number: the cell runs over "
+            f'{lines} lines inside quotes, so a quote (") opened in it is probably unbalanced '
+            '(double a quote inside a quoted cell: "")'
+        )
+    return (
+        f"{table.place(i)}, column '{column}': {shown} is not a number; {what} needs numbers "
+        "(declare the column under 'text' to tokenise it)"
+    )
 
 
 def _first_not_finite(values: np.ndarray) -> int | None:
@@ -171,6 +181,7 @@ def field_values(
     arrays = [input_numbers(t, c) if finite else numbers(t, c, "an input field") for c in listed]
     if t.typed and isinstance(columns, str):
         array = arrays[0]
+        _check_integer_field(array, t.origin, columns)
         if is_memmap(array):
             if array.dtype.kind == "f" and array.dtype != np.float32:
                 raise DataError(
@@ -190,6 +201,28 @@ def field_values(
     return torch.from_numpy(np.ascontiguousarray(matrix, dtype=np.float32))
 
 
+ID_DTYPES = ("int64", "int32")
+"""Integer dtypes an input field keeps (ids, e.g. for an embedding); other integer and boolean
+arrays are refused with the cast to write (numbers are features: ``float32``)."""
+
+
+def _check_integer_field(array: np.ndarray, origin: str, column: str) -> None:
+    """Refuse an input array of a small integer or boolean dtype, which no module reads.
+
+    Raises:
+        DataError: Naming the column, its dtype and the cast to write.
+    """
+    if array.dtype.kind not in "biu" or array.dtype.name in ID_DTYPES:
+        return
+    raise DataError(
+        [
+            f"{origin}, column '{column}': the array is {array.dtype.name}; an input field is "
+            f"float32 (features) or int64 (ids, e.g. for an embedding): save it cast, "
+            f"{column}.astype(np.float32) for features or {column}.astype(np.int64) for ids"
+        ]
+    )
+
+
 def label_values(table: Mapping[str, np.ndarray], column: str, origin: str = "the table") -> Any:
     """A label column: ``int64`` when every value is a whole number, else ``float32`` (an empty
     cell is NaN: unlabelled)."""
@@ -199,9 +232,16 @@ def label_values(table: Mapping[str, np.ndarray], column: str, origin: str = "th
     if t.typed:  # arrays keep their dtype (float (N, C) soft labels stay floats)
         return torch.from_numpy(np.require(values, requirements=["C", "W"]))
     whole = values.dtype.kind in "biu" or bool(
-        np.all(np.isfinite(values)) and np.all(values == np.round(values))
+        np.all(np.isfinite(values))
+        and np.all(values == np.round(values))
+        and np.all(np.abs(values) <= CLASS_ID_LIMIT)  # beyond: kept a float, refused as a class
     )
     return torch.from_numpy(np.ascontiguousarray(values.astype(np.int64 if whole else np.float32)))
+
+
+CLASS_ID_LIMIT = 2**31 - 1
+"""The largest whole number a label column reads as a class id (a larger one stays a float:
+a regression target, or an error naming it for a classification task)."""
 
 
 def split_table(
@@ -221,7 +261,19 @@ def split_table(
                     f"{did_you_mean(split_column, t)}; it has {quoted(t)}"
                 ]
             )
-        labels = np.asarray([str(v).strip() for v in t[split_column]])
+        labels = np.asarray(
+            ["" if v is None or v != v else str(v).strip() for v in t[split_column]]
+        )
+        empty = np.flatnonzero(labels == "")
+        if len(empty):
+            more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
+            raise DataError(
+                [
+                    f"{t.place(int(empty[0]))}, column '{split_column}': an empty split name"
+                    f"{more}; every row needs its split (e.g. train, valid, test): fill the "
+                    "cell, or remove the row"
+                ]
+            )
         return {s: t.take(labels == s) for s in dict.fromkeys(labels.tolist())}
     n = table_length(t)
     out: dict[str, Table] = {}
