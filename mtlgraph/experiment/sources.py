@@ -53,6 +53,7 @@ class Loaded(NamedTuple):
     datasets: list[Any]  # one per dataset and split (DictDataset, or NamedDataset of files)
     label_sources: dict[tuple[str, str, str], LabelSource]  # (dataset, split, task) -> origin
     vocabularies: dict[str, str]  # {dataset.column: fingerprint} of the vocabularies built
+    tokenizers: dict[tuple[str, str], Any]  # (dataset, text column) -> its tokenizer
 
 
 # ---------------------------------------------------------------- tokenizers
@@ -211,7 +212,7 @@ def load_datasets(cfg: ExperimentConfig, run_dir: str | Path | None = None) -> L
     run = Path(run_dir) if run_dir is not None else None
     saved = saved_vocabularies(run)
     problems: list[str] = []
-    out = Loaded([], {}, {})
+    out = Loaded([], {}, {}, {})
     for name, ds in cfg.data.datasets.items():
         try:
             found, toks = _load_one(cfg, name, ds, run, saved, out.label_sources)
@@ -219,6 +220,7 @@ def load_datasets(cfg: ExperimentConfig, run_dir: str | Path | None = None) -> L
             problems += [_at(f"data.datasets.{name}", p) for p in e.problems]
             continue
         out.datasets.extend(found)
+        out.tokenizers.update({(name, c): t for c, t in toks.items()})
         out.vocabularies.update(
             {
                 f"{name}.{c}": t.fingerprint
@@ -343,7 +345,14 @@ def _dataset(
         folder = Path(cfg.base_dir) / ic.folder  # an absolute folder stays itself
         others = {f: c for f, c in ds.fields.items() if f != image_fields[0]}
         images = ImageFolder(
-            folder, table, image_fields[0], ic.column, others, labels, image_decoder(ic), toks
+            folder,
+            table,
+            image_fields[0],
+            ic.column,
+            others,
+            labels,
+            image_decoder(ic, Path(cfg.base_dir)),
+            toks,
         )
         dataset, Y = NamedDataset(name, split, images, labels=list(labels)), images.Y
     else:
@@ -433,18 +442,54 @@ class _LabelView:
         return collate_dicts([self.named[i] for i in rows])
 
 
-def image_decoder(ic: ImagesConfig) -> Any:
+def image_decoder(ic: ImagesConfig, base: Path = Path(".")) -> Any:
     """The :class:`~mtlgraph.data.sources.ImageDecoder` an ``images:`` declaration describes
-    (mode, resize, normalise): training and ``predict`` decode alike."""
+    (mode, resize, normalise; what it leaves out taken from its ``processor`` directory):
+    training and ``predict`` decode alike."""
     from mtlgraph.data.sources.images import ImageDecoder
 
-    norm = ic.normalize
-    return ImageDecoder(
-        mode=ic.mode,
-        size=(ic.resize[0], ic.resize[1]) if ic.resize else None,
-        mean=tuple(norm.mean) if norm else None,
-        std=tuple(norm.std) if norm else None,
-    )
+    size = (ic.resize[0], ic.resize[1]) if ic.resize else None
+    mean = tuple(ic.normalize.mean) if ic.normalize else None
+    std = tuple(ic.normalize.std) if ic.normalize else None
+    if ic.processor is not None:
+        found = processor_settings(base / ic.processor, "images.processor")
+        size = size or found["size"]
+        mean, std = (mean, std) if ic.normalize else (found["mean"], found["std"])
+    return ImageDecoder(mode=ic.mode, size=size, mean=mean, std=std)
+
+
+def processor_settings(path: Path, where: str) -> dict[str, Any]:
+    """``size`` (height, width), ``mean`` and ``std`` of a model directory's image-processor
+    config (``preprocessor_config.json``); ``None`` for what it does not say.
+
+    Raises:
+        DataError: No such file, or one that is not JSON.
+    """
+    import json
+
+    file = path / "preprocessor_config.json" if path.is_dir() else path
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(
+            [
+                f"{where}: cannot read the image-processor config '{file}' ({e}); give the model "
+                "directory that holds preprocessor_config.json, or declare resize and normalize"
+            ]
+        ) from None
+    size = data.get("size") if data.get("do_resize", True) else None
+    if isinstance(size, dict):
+        side = size.get("shortest_edge")
+        size = (size["height"], size["width"]) if "height" in size else side
+    if isinstance(size, int):
+        size = (size, size)
+    normalize = data.get("do_normalize", True)
+    mean, std = data.get("image_mean"), data.get("image_std")
+    return {
+        "size": tuple(int(v) for v in size) if size else None,
+        "mean": tuple(float(v) for v in mean) if normalize and mean else None,
+        "std": tuple(float(v) for v in std) if normalize and std else None,
+    }
 
 
 def label_views(datasets: list[Any]) -> list[Any]:
