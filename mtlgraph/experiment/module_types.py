@@ -227,7 +227,12 @@ def build_module(
         value = own.get(key)
         if isinstance(value, str) and (Path(base_dir) / value).exists():
             own[key] = str(Path(base_dir) / value)  # an absolute path stays itself
-    module: nn.Module = MODULES.build(own, path, **given)
+    try:
+        module: nn.Module = MODULES.build(own, path, **given)
+    except ImportError as e:  # a missing extra (hf_encoder: mtlgraph[hf]): a config problem
+        if "pip install 'mtlgraph[" not in str(e):
+            raise
+        raise ConfigError([f"{path}: {e}"]) from e
     init = spec.get("init_from")
     if init is not None:
         load_init(module, Path(base_dir) / str(init), f"{path}.init_from")

@@ -94,15 +94,20 @@ def _make_tokenizer(tc: TextConfig, train: Table | None, column: str, base: Path
             return SubwordTokenizer.pretrained(path, tc.max_length)
         except DataError as e:
             raise DataError([f"{where}.pretrained: {p}" for p in e.problems]) from None
+        except ImportError as e:  # the hf extra is missing: say which setting needs it
+            raise DataError([f"{where}.pretrained: {e}"]) from e
     if train is None or column not in train:
         missing = "no training split" if train is None else f"no column '{column}'"
         raise DataError([f"{where}: the vocabulary is built from the training split: {missing}"])
     texts = ["" if v is None else str(v) for v in train[column]]
     if tc.kind == "word":
         return WordTokenizer.fit(texts, tc.vocab_size, tc.min_count, tc.lowercase, tc.max_length)
-    return SubwordTokenizer.fit(
-        texts, tc.kind, tc.vocab_size, tc.min_count, tc.lowercase, tc.max_length
-    )
+    try:
+        return SubwordTokenizer.fit(
+            texts, tc.kind, tc.vocab_size, tc.min_count, tc.lowercase, tc.max_length
+        )
+    except ImportError as e:  # the hf extra is missing: say which setting needs it
+        raise DataError([f"{where}.kind: {e}"]) from e
 
 
 def _vocabulary(
