@@ -84,8 +84,11 @@ def tokenizers(
     return out
 
 
-def _make_tokenizer(tc: TextConfig, train: Table | None, column: str, base: Path) -> TextTokenizer:
-    """The tokenizer a text declaration describes: pretrained, or fitted on ``train``."""
+def _make_tokenizer(
+    tc: TextConfig, train: Table | None, column: str, base: Path, saved: Any = None
+) -> TextTokenizer:
+    """The tokenizer a text declaration describes: pretrained, or fitted on ``train`` (a
+    subword tokenizer ``saved`` from the same texts and settings is reused)."""
     where = f"source.text.{column}"
     if tc.pretrained is not None:
         local = base / tc.pretrained
@@ -104,7 +107,7 @@ def _make_tokenizer(tc: TextConfig, train: Table | None, column: str, base: Path
         return WordTokenizer.fit(texts, tc.vocab_size, tc.min_count, tc.lowercase, tc.max_length)
     try:
         return SubwordTokenizer.fit(
-            texts, tc.kind, tc.vocab_size, tc.min_count, tc.lowercase, tc.max_length
+            texts, tc.kind, tc.vocab_size, tc.min_count, tc.lowercase, tc.max_length, saved
         )
     except ImportError as e:  # the hf extra is missing: say which setting needs it
         raise DataError([f"{where}.kind: {e}"]) from e
@@ -124,8 +127,9 @@ def _vocabulary(
     file = vocab_file(run_dir, name, column) if run_dir is not None else None
     if train is None and file is not None and file.is_file():
         return load_tokenizer(file)  # no training split loaded (evaluation): the run's own
-    tok = _make_tokenizer(tc, train, column, base)
-    if file is not None and file.is_file() and load_tokenizer(file) != tok:
+    kept = load_tokenizer(file) if file is not None and file.is_file() else None
+    tok = _make_tokenizer(tc, train, column, base, kept)  # the same texts: the kept one
+    if kept is not None and kept != tok:
         raise DataError(
             f"{where}: the vocabulary built from this config's training split differs "
             f"from the run's '{file}': the data or the tokenizer settings changed since "
