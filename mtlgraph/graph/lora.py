@@ -64,6 +64,7 @@ class LoRA(nn.Module):
         >>> sorted(adapter.layers)
         ['encoder.layer.0.attention.self.query', 'encoder.layer.0.attention.self.value']
         >>> ids = torch.tensor([[2, 7, 3]])
+        >>> _ = adapter.eval()  # no dropout in the base
         >>> torch.equal(adapter(ids), enc(ids))  # B starts at zero: the base's own output
         True
     """
