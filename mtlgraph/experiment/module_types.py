@@ -26,6 +26,7 @@ from torch import nn
 
 from mtlgraph._suggest import did_you_mean, quoted
 from mtlgraph.exceptions import ConfigError
+from mtlgraph.experiment.imports import absolute
 from mtlgraph.graph.modules import MODULES
 from mtlgraph.registry import type_hints
 
@@ -249,7 +250,7 @@ def absolute_paths(specs: Mapping[str, Any], base_dir: str | Path) -> dict[str, 
         for key in getattr(factory, "path_arguments", ()):
             value = spec.get(key)
             if isinstance(value, str) and (Path(base_dir) / value).exists():
-                spec[key] = str((Path(base_dir) / value).resolve())
+                spec[key] = absolute(Path(base_dir), value)
         out[name] = spec
     return out
 

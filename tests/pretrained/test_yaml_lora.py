@@ -161,3 +161,22 @@ def test_lora_per_task_trains_resumes_predicts_and_exports(tmp_path: Path, bert_
         program = model.export(tmp_path / name, tasks=["sentiment"], format=fmt, example=X)
         out = run_exported(program, X)["sentiment"]
         assert float((out - probs).abs().max()) < 1e-4  # the adapter merged into the weights
+
+
+def test_relative_model_paths_become_absolute_in_the_run_config(
+    tmp_path: Path, bert_dir: Path
+) -> None:
+    from mtlgraph.experiment.config import dump_run_config, load_config
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "bert").symlink_to(bert_dir)
+    path = _config(tmp_path, bert_dir)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["modules"]["enc"]["path"] = "models/bert"
+    text = {"pretrained": "models/bert", "max_length": 8}
+    cfg["data"]["datasets"]["reviews"]["source"]["text"]["review"] = text
+    path.write_text(yaml.safe_dump(cfg))
+    run = yaml.safe_load(dump_run_config(load_config(path)))
+    where = str((tmp_path / "models" / "bert").resolve())  # the data paths' rule
+    assert run["modules"]["enc"]["path"] == where
+    assert run["data"]["datasets"]["reviews"]["source"]["text"]["review"]["pretrained"] == where
