@@ -27,7 +27,8 @@ from mtlgraph.experiment.config import (
     TaskConfig,
     config_to_dict,
 )
-from mtlgraph.experiment.module_types import build_module
+from mtlgraph.experiment.module_types import build_modules as build_module_section
+from mtlgraph.experiment.module_types import encoder_input_problems
 from mtlgraph.experiment.sources import LabelSource, label_views, load_datasets
 from mtlgraph.graph.losses import LOSSES
 from mtlgraph.graph.model import MultitaskClassifier
@@ -69,14 +70,11 @@ class Experiment:
 
 
 def build_modules(cfg: ExperimentConfig) -> dict[str, nn.Module]:
-    """The ``modules`` section, built in order with torch seeded by ``cfg.seed`` (the global
-    random state is restored afterwards)."""
-    out: dict[str, nn.Module] = {}
+    """The ``modules`` section, built in order (referenced modules first) with torch seeded by
+    ``cfg.seed`` (the global random state is restored afterwards)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        for name, spec in cfg.modules.items():
-            out[name] = build_module(spec, f"modules.{name}", cfg.base_dir)
-    return out
+        return build_module_section(cfg.modules, cfg.base_dir)
 
 
 def _input(spec: str | list[str | int] | InputConfig) -> InputSpec:
@@ -196,7 +194,11 @@ def build_experiment(cfg: ExperimentConfig, run_dir: str | Path | None = None) -
         ConfigError: A ``trainer.checkpoint_metric`` this run would never log.
     """
     model = build_model(cfg)
-    datasets, sources, vocabularies = load_datasets(cfg, run_dir)
+    loaded = load_datasets(cfg, run_dir)
+    datasets, sources, vocabularies = loaded.datasets, loaded.label_sources, loaded.vocabularies
+    problems = encoder_input_problems(cfg, model, loaded.tokenizers)
+    if problems:
+        raise DataError(problems, header="the data does not fit the pretrained encoders:")
     check_labels(model, label_views(datasets), sources)
     loaders = build_loaders(cfg, datasets)
     trainer = build_trainer(cfg, run_dir)

@@ -31,7 +31,7 @@ from mtlgraph.data.sources.files import (
 )
 from mtlgraph.data.sources.shards import shard_files
 from mtlgraph.data.sources.table import Tokenizer, field_values
-from mtlgraph.data.sources.tokenizer import TOKENIZERS, WordTokenizer, verify_fingerprint
+from mtlgraph.data.sources.tokenizer import TOKENIZERS, load_tokenizer, verify_fingerprint
 from mtlgraph.exceptions import ConfigError, DataError
 from mtlgraph.experiment.config import ExperimentConfig
 from mtlgraph.experiment.data_config import DatasetConfig
@@ -323,7 +323,7 @@ def run_tokenizers(
                 "does not exist; pass the run directory the model was trained in as --checkpoint"
             )
             continue
-        out[column] = WordTokenizer.load(file)
+        out[column] = load_tokenizer(file)
         expected = (fingerprints or {}).get(f"{name}.{column}")
         if expected is not None:
             try:
@@ -437,7 +437,15 @@ def _read_images(
     others = {f: ds.fields[f] for f in fields if f not in image_fields}
     toks = run_tokenizers(name, ds, _columns(ds, list(others)), run_dir, fingerprints)
     images = ImageFolder(
-        folder, table, ID_FIELD, ic.column, others, {}, image_decoder(ic), toks, table.origin
+        folder,
+        table,
+        ID_FIELD,
+        ic.column,
+        others,
+        {},
+        image_decoder(ic, Path(cfg.base_dir)),
+        toks,
+        table.origin,
     )
     _check_id(id_column, list(table), table.origin)
     ids = images.files if id_column is None else _id_values(table, id_column, 0)
@@ -545,6 +553,10 @@ def read_prediction_data(
             has), a bad row (file, line, column), an unknown ``file_format``.
     """
     run = Path(run_dir) if run_dir is not None else None
+    # a padded text field's mask (text_mask beside text) comes with the field, from no column
+    fields = [
+        f for f in fields if not (f.endswith(MASK_SUFFIX) and f[: -len(MASK_SUFFIX)] in fields)
+    ]
     if file_format is not None:
         table_format(path, file_format)  # an unknown format: the reader's own DataError
     p = Path(path)

@@ -22,6 +22,7 @@ from mtlgraph._io import atomic_write, import_extra, json_value, write_json
 from mtlgraph._suggest import quoted
 from mtlgraph.data.datasets import MASK_SUFFIX
 from mtlgraph.exceptions import GraphError
+from mtlgraph.graph.lora import merge_adapters
 from mtlgraph.graph.plan import ExecutionPlan
 from mtlgraph.graph.task import INPUT, unknown_tasks_error
 from mtlgraph.inference.protocol import InferenceModel, eval_mode
@@ -458,6 +459,7 @@ def export(
     task_names = list(tasks) if tasks is not None else model.task_names
     available = [k for k, v in (example or {}).items() if isinstance(v, torch.Tensor)]
     graph = TaskGraph(model, task_names, input_fields(model, task_names, available))
+    merge_adapters(graph)  # LoRA adapters: plain weights in the file (mtlgraph.graph.lora)
     args = example_inputs(graph, example, list(sequences or {}))
     program = export_program(graph, args, list(sequences or {}))
     fmt = cast(ExportFormat, format)  # checked above
