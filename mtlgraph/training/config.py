@@ -112,12 +112,14 @@ class TrainerConfig:
             for f in getattr(self, key)
             if not f
         ]
-        problems += [
-            f"layer_lr_decay.{pattern}: {p.partition(': ')[2]}"
-            for pattern, decay in self.layer_lr_decay.items()
-            if not isinstance(decay, LayerDecay)  # a LayerDecay checked itself
-            for p in LayerDecay(decay=decay).validate()
-        ]
+        for pattern, decay in self.layer_lr_decay.items():
+            if isinstance(decay, LayerDecay):
+                problems += [f"layer_lr_decay.{pattern}.{p}" for p in decay.problems()]
+            else:  # a number: the decay itself
+                problems += [
+                    f"layer_lr_decay.{pattern}: {p.partition(': ')[2]}"
+                    for p in LayerDecay(decay=decay).problems()
+                ]
         problems += optimizer_problems(self.optimizer, self.weight_decay, self.param_groups)
         problems += self._check_snorkel_users()
         problems += BALANCERS.problems(self.balancer, "balancer", build=True)

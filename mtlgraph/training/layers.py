@@ -26,7 +26,7 @@ class LayerDecay:
 
     Example:
         >>> from mtlgraph.training.layers import LayerDecay
-        >>> LayerDecay(decay=1.5).validate()
+        >>> LayerDecay(decay=1.5).problems()
         ['decay: must be in (0, 1], got 1.5']
     """
 
@@ -35,8 +35,8 @@ class LayerDecay:
     # None = found: the outermost ModuleList's items, with what comes before it as the bottom
     layers: list[str] | None = None
 
-    def validate(self) -> list[str]:
-        """Value checks; one sentence per problem."""
+    def problems(self) -> list[str]:
+        """Value checks (``TrainerConfig.validate`` runs them); one sentence per problem."""
         if not (0 < self.decay <= 1 and math.isfinite(self.decay)):
             return [f"decay: must be in (0, 1], got {self.decay}"]
         return [
