@@ -27,7 +27,7 @@ from mtlgraph.experiment.config import (
     TaskConfig,
     config_to_dict,
 )
-from mtlgraph.experiment.module_types import build_module
+from mtlgraph.experiment.module_types import build_modules as build_module_section
 from mtlgraph.experiment.sources import LabelSource, label_views, load_datasets
 from mtlgraph.graph.losses import LOSSES
 from mtlgraph.graph.model import MultitaskClassifier
@@ -69,14 +69,11 @@ class Experiment:
 
 
 def build_modules(cfg: ExperimentConfig) -> dict[str, nn.Module]:
-    """The ``modules`` section, built in order with torch seeded by ``cfg.seed`` (the global
-    random state is restored afterwards)."""
-    out: dict[str, nn.Module] = {}
+    """The ``modules`` section, built in order (referenced modules first) with torch seeded by
+    ``cfg.seed`` (the global random state is restored afterwards)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        for name, spec in cfg.modules.items():
-            out[name] = build_module(spec, f"modules.{name}", cfg.base_dir)
-    return out
+        return build_module_section(cfg.modules, cfg.base_dir)
 
 
 def _input(spec: str | list[str | int] | InputConfig) -> InputSpec:

@@ -22,7 +22,7 @@ from mtlgraph.data.synthetic import GENERATORS
 from mtlgraph.exceptions import ConfigError, TaskDefinitionError
 from mtlgraph.experiment.data_config import DataConfig, DatasetConfig, old_spelling_problems
 from mtlgraph.experiment.imports import absolute, import_dirs, import_user_modules, run_import_paths
-from mtlgraph.experiment.module_types import check_module_spec
+from mtlgraph.experiment.module_types import absolute_paths, check_module_spec, module_order
 from mtlgraph.experiment.yaml_lines import apply_overrides, locate, parse_yaml
 from mtlgraph.graph.losses import LOSSES
 from mtlgraph.graph.task import INPUT, Operation, Task, TaskType, op_problems
@@ -134,7 +134,11 @@ def _check_modules(modules: Mapping[str, Mapping[str, Any]]) -> list[str]:
         path = f"modules.{name}"
         if "/" in name or "." in name or not name:
             problems.append(f"{path}: a module name must be non-empty, without '/' or '.'")
-        problems += check_module_spec(spec, path)  # type, arguments, nested specs, init_from
+        problems += check_module_spec(spec, path, modules)  # type, arguments, references...
+    try:
+        module_order(modules)
+    except ConfigError as e:
+        problems += e.problems
     return problems
 
 
@@ -330,6 +334,7 @@ def dump_run_config(cfg: ExperimentConfig) -> str:
             }
         if src.get("images"):
             src["images"]["folder"] = absolute(base, src["images"]["folder"])
+    out["modules"] = absolute_paths(out["modules"], base)
     out["import_paths"] = run_import_paths(cfg.imports, cfg.import_paths, base)
     return yaml.safe_dump(out, sort_keys=False, default_flow_style=None)
 

@@ -10,7 +10,7 @@ format are converted on load (``docs/checkpoints.md``).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -33,6 +33,8 @@ class _Model(Protocol):
     def task_names(self) -> list[str]: ...
 
     def state_dict(self) -> dict[str, Any]: ...
+
+    def named_modules(self) -> Iterator[tuple[str, Any]]: ...
 
     def load_state_dict(
         self, state_dict: Mapping[str, Any], strict: bool = ..., assign: bool = ...
@@ -115,7 +117,7 @@ def state_problems(
         problems.append(f"unexpected {_names(unexpected)}")
     for key, mine in own.items():
         saved = state.get(key)
-        if saved is None:
+        if saved is None or key.endswith(EXTRA_STATE):
             continue
         if not isinstance(saved, torch.Tensor):
             problems.append(f"'{key}' is a {type(saved).__name__}, not a tensor")
@@ -124,6 +126,23 @@ def state_problems(
             problems.append(f"'{key}' has shape {shapes}")
         elif saved.dtype.is_floating_point != mine.dtype.is_floating_point:
             problems.append(f"'{key}' is {saved.dtype} in the file, {mine.dtype} in the model")
+    return problems + extra_state_problems(model, state)
+
+
+EXTRA_STATE = "_extra_state"
+"""The state-dict key suffix of a module's ``get_extra_state()`` (plain values, not tensors)."""
+
+
+def extra_state_problems(model: _Model, state: Mapping[str, Any]) -> list[str]:
+    """What modules with an ``extra_state_problems(saved)`` method (a pretrained encoder: the
+    base its checkpoint was trained on) say about the saved extra state, each named."""
+    problems = []
+    for name, module in model.named_modules():
+        check = getattr(module, "extra_state_problems", None)
+        key = f"{name}.{EXTRA_STATE}"
+        if check is not None and key in state:
+            short = name.removeprefix("module_pool.")
+            problems += [f"module '{short}': {p}" for p in check(state[key])]
     return problems
 
 

@@ -1,7 +1,8 @@
 """Building blocks a config can name, and the module registry :data:`MODULES`.
 
 Built in: ``linear``, ``mlp``, ``embedding_bag``, ``conv2d_stack``, ``identity``, ``concat``,
-``sum``, ``dropout``, ``activation`` and the architectures of :mod:`mtlgraph.graph.experts`; see
+``sum``, ``dropout``, ``activation``, the architectures of :mod:`mtlgraph.graph.experts`, and
+pretrained encoders with their adapters (``hf_encoder``, ``lora``); see
 ``docs/architectures.md`` and ``docs/concepts.md``.
 """
 
@@ -14,6 +15,8 @@ from torch import nn
 
 from mtlgraph.graph.activations import ACTIVATIONS as ACTIVATIONS  # its documented path too
 from mtlgraph.graph.experts import CrossStitch, Experts, Gate, MTANAttention
+from mtlgraph.graph.lora import LoRA
+from mtlgraph.graph.pretrained import HFEncoder
 from mtlgraph.registry import Registry
 
 ModuleFactory = Callable[..., nn.Module]
@@ -231,6 +234,8 @@ MODULES: Registry[ModuleFactory] = Registry(
         "cgc_gate": Gate,
         "cross_stitch": CrossStitch,
         "mtan_attention": MTANAttention,
+        "hf_encoder": HFEncoder,  # pretrained encoders and adapters: docs/architectures.md
+        "lora": LoRA,
     },
     base=nn.Module,
     keys=("type",),
