@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mtlgraph._suggest import did_you_mean, first_few
+from mtlgraph.graph.lora import checkpoint_context
 
 
 @dataclass
@@ -179,7 +180,8 @@ BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 class CheckpointedForward:
     """A module's ``forward`` that recomputes its activations in the backward pass
-    (``torch.utils.checkpoint``, non-reentrant) while the module trains with gradients on;
+    (``torch.utils.checkpoint``, non-reentrant, under the LoRA adapter that ran it: see
+    :func:`~mtlgraph.graph.lora.checkpoint_context`) while the module trains with gradients on;
     otherwise the plain forward. Set as the instance's ``forward`` by
     :func:`enable_checkpointing`; picklable and copied with the module."""
 
@@ -190,17 +192,36 @@ class CheckpointedForward:
         module = self.module
         forward = type(module).forward
         if module.training and torch.is_grad_enabled():
-            return checkpoint(forward, module, *args, use_reentrant=False, **kwargs)
+            return checkpoint(
+                forward,
+                module,
+                *args,
+                use_reentrant=False,
+                context_fn=checkpoint_context,  # the recomputation runs with the active adapter
+                **kwargs,
+            )
         return forward(module, *args, **kwargs)
 
 
-def _checkpoint_targets(module: nn.Module) -> tuple[nn.Module | None, list[nn.Module]]:
-    """The Hugging Face model in ``module`` that checkpoints itself, else the submodules whose
-    forward :func:`enable_checkpointing` wraps (its layers' modules, or itself)."""
+HF_CHECKPOINTING = (
+    ("activation_checkpointing_enable", "activation_checkpointing_kwargs"),
+    ("gradient_checkpointing_enable", "gradient_checkpointing_kwargs"),  # transformers < 5
+)
+"""A Hugging Face model's own checkpointing switches, and the name of their torch keywords."""
+
+
+def _checkpoint_targets(
+    module: nn.Module,
+) -> tuple[tuple[Callable[..., Any], str] | None, list[nn.Module]]:
+    """The switch (and its keyword) of the Hugging Face model in ``module`` that checkpoints
+    itself (:data:`HF_CHECKPOINTING`), else the submodules whose forward
+    :func:`enable_checkpointing` wraps (its layers' modules, or itself)."""
     for m in module.modules():
-        enable = getattr(m, "gradient_checkpointing_enable", None)
-        if callable(enable) and getattr(m, "supports_gradient_checkpointing", False):
-            return m, []
+        if getattr(m, "supports_gradient_checkpointing", False):
+            for attr, keyword in HF_CHECKPOINTING:
+                enable = getattr(m, attr, None)
+                if callable(enable):
+                    return (enable, keyword), []
     layers, _ = module_layers(module)
     return None, [m for layer in layers for m in layer.modules] or [module]
 
@@ -242,8 +263,10 @@ def enable_checkpointing(module: nn.Module) -> str:
     """
     hf, targets = _checkpoint_targets(module)
     if hf is not None:
-        kwargs = {"use_reentrant": False}  # reentrant checkpoints skip frozen embeddings' layers
-        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)  # type: ignore[operator]
+        # non-reentrant: a reentrant checkpoint gives no gradient to layers after frozen
+        # embeddings; the context: recomputed layers run with the LoRA adapter that ran them
+        enable, keyword = hf
+        enable(**{keyword: {"use_reentrant": False, "context_fn": checkpoint_context}})
         return "hf"
     for m in targets:
         if not isinstance(m.__dict__.get("forward"), CheckpointedForward):
