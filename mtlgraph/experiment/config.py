@@ -334,6 +334,9 @@ def dump_run_config(cfg: ExperimentConfig) -> str:
             }
         if src.get("images"):
             src["images"]["folder"] = absolute(base, src["images"]["folder"])
+        for text in (src.get("text") or {}).values():
+            if text.get("pretrained") and (base / text["pretrained"]).exists():
+                text["pretrained"] = absolute(base, text["pretrained"])
     out["modules"] = absolute_paths(out["modules"], base)
     out["import_paths"] = run_import_paths(cfg.imports, cfg.import_paths, base)
     return yaml.safe_dump(out, sort_keys=False, default_flow_style=None)

@@ -25,8 +25,14 @@ class TextConfig:
     lowercase: bool = True  # lowercase texts before counting and encoding
     max_length: int = 128  # most ids per text; longer texts are cut
     # a `str -> ids` callable: a name in TOKENIZERS, {name: ..., **kwargs} or a dotted import path;
-    # null = a word vocabulary built from the training split
+    # null = a vocabulary built from the training split
     tokenizer: str | dict[str, Any] | None = None
+    # the vocabulary built from the training split: words, or subwords trained with `tokenizers`
+    # (wordpiece: [CLS] ... [SEP]; bpe: <s> ... </s>; mtlgraph[hf])
+    kind: Literal["word", "wordpiece", "bpe"] = "word"
+    # a model directory (relative to the config file) or hub id: its own tokenizer
+    # (AutoTokenizer; max_length applies, vocab_size/min_count/lowercase/kind are the model's)
+    pretrained: str | None = None
 
     def validate(self) -> list[str]:
         problems = []
@@ -38,6 +44,26 @@ class TextConfig:
             problems.append(f"max_length: must be >= 1, got {self.max_length}")
         if self.tokenizer is not None:
             problems += TOKENIZERS.problems(self.tokenizer, "tokenizer")
+        if self.pretrained is not None or self.kind != "word":
+            problems += self._subword_problems()
+        return problems
+
+    def _subword_problems(self) -> list[str]:
+        problems = []
+        if self.max_length < 3:
+            problems.append(
+                f"max_length: must be >= 3 (special tokens included), got {self.max_length}"
+            )
+        if self.tokenizer is not None:
+            problems.append("tokenizer: give 'tokenizer' or 'pretrained'/'kind', not both")
+        if self.pretrained is None:
+            return problems
+        defaults = TextConfig()
+        problems += [
+            f"{key}: the pretrained tokenizer's own applies; remove '{key}'"
+            for key in ("vocab_size", "min_count", "lowercase", "kind")
+            if getattr(self, key) != getattr(defaults, key)
+        ]
         return problems
 
 

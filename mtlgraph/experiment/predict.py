@@ -29,7 +29,7 @@ from mtlgraph.data.sources.files import (
 )
 from mtlgraph.data.sources.shards import shard_files
 from mtlgraph.data.sources.table import Tokenizer, field_values
-from mtlgraph.data.sources.tokenizer import TOKENIZERS, WordTokenizer
+from mtlgraph.data.sources.tokenizer import TOKENIZERS, load_tokenizer
 from mtlgraph.exceptions import ConfigError, DataError
 from mtlgraph.experiment.config import ExperimentConfig
 from mtlgraph.experiment.data_config import DatasetConfig
@@ -229,7 +229,7 @@ def run_tokenizers(
                 "does not exist; pass the run directory the model was trained in as --checkpoint"
             )
             continue
-        out[column] = WordTokenizer.load(file)
+        out[column] = load_tokenizer(file)
     if problems:
         raise DataError(problems)
     return out
@@ -429,6 +429,10 @@ def read_prediction_data(
             has), a bad row (file, line, column), an unknown ``file_format``.
     """
     run = Path(run_dir) if run_dir is not None else None
+    # a padded text field's mask (text_mask beside text) comes with the field, from no column
+    fields = [
+        f for f in fields if not (f.endswith(MASK_SUFFIX) and f[: -len(MASK_SUFFIX)] in fields)
+    ]
     if file_format is not None:
         table_format(path, file_format)  # an unknown format: the reader's own DataError
     p = Path(path)

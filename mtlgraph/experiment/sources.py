@@ -21,7 +21,13 @@ from mtlgraph.data.datasets import DictDataset
 from mtlgraph.data.named import NamedDataset
 from mtlgraph.data.sources.files import Table, read_table
 from mtlgraph.data.sources.table import Tokenizer, split_table, table_columns
-from mtlgraph.data.sources.tokenizer import TOKENIZERS, WordTokenizer
+from mtlgraph.data.sources.tokenizer import (
+    TOKENIZERS,
+    SubwordTokenizer,
+    TextTokenizer,
+    WordTokenizer,
+    load_tokenizer,
+)
 from mtlgraph.data.synthetic import GENERATORS
 from mtlgraph.exceptions import CheckpointError, DataError
 from mtlgraph.experiment.data_config import DatasetConfig, ImagesConfig, SourceConfig, TextConfig
@@ -63,16 +69,39 @@ def tokenizers(
     train: Table | None,
     run_dir: Path | None,
     saved: Mapping[str, str],
+    base: Path = Path("."),
 ) -> dict[str, Tokenizer]:
-    """The tokenizer of each text column: a user callable, or a word vocabulary built from the
-    training split (kept in ``run_dir``; one already there must equal the rebuilt one)."""
+    """The tokenizer of each text column: a user callable, a vocabulary built from the
+    training split, or a model directory's own (kept in ``run_dir``; one already there must
+    equal the rebuilt one)."""
     out: dict[str, Tokenizer] = {}
     for column, tc in src.text.items():
         if tc.tokenizer is not None:
             out[column] = TOKENIZERS.build(tc.tokenizer, f"source.text.{column}.tokenizer")
         else:
-            out[column] = _vocabulary(name, column, tc, train, run_dir, saved)
+            out[column] = _vocabulary(name, column, tc, train, run_dir, saved, base)
     return out
+
+
+def _make_tokenizer(tc: TextConfig, train: Table | None, column: str, base: Path) -> TextTokenizer:
+    """The tokenizer a text declaration describes: pretrained, or fitted on ``train``."""
+    where = f"source.text.{column}"
+    if tc.pretrained is not None:
+        local = base / tc.pretrained
+        path = local if local.exists() else Path(tc.pretrained)
+        try:
+            return SubwordTokenizer.pretrained(path, tc.max_length)
+        except DataError as e:
+            raise DataError([f"{where}.pretrained: {p}" for p in e.problems]) from None
+    if train is None or column not in train:
+        missing = "no training split" if train is None else f"no column '{column}'"
+        raise DataError([f"{where}: the vocabulary is built from the training split: {missing}"])
+    texts = ["" if v is None else str(v) for v in train[column]]
+    if tc.kind == "word":
+        return WordTokenizer.fit(texts, tc.vocab_size, tc.min_count, tc.lowercase, tc.max_length)
+    return SubwordTokenizer.fit(
+        texts, tc.kind, tc.vocab_size, tc.min_count, tc.lowercase, tc.max_length
+    )
 
 
 def _vocabulary(
@@ -82,18 +111,15 @@ def _vocabulary(
     train: Table | None,
     run_dir: Path | None,
     saved: Mapping[str, str],
-) -> WordTokenizer:
+    base: Path = Path("."),
+) -> TextTokenizer:
     where = f"source.text.{column}"
     key = f"{name}.{column}"
     file = vocab_file(run_dir, name, column) if run_dir is not None else None
     if train is None and file is not None and file.is_file():
-        return WordTokenizer.load(file)  # no training split loaded (evaluation): the run's own
-    if train is None or column not in train:
-        missing = "no training split" if train is None else f"no column '{column}'"
-        raise DataError([f"{where}: the vocabulary is built from the training split: {missing}"])
-    texts = ["" if v is None else str(v) for v in train[column]]
-    tok = WordTokenizer.fit(texts, tc.vocab_size, tc.min_count, tc.lowercase, tc.max_length)
-    if file is not None and file.is_file() and WordTokenizer.load(file) != tok:
+        return load_tokenizer(file)  # no training split loaded (evaluation): the run's own
+    tok = _make_tokenizer(tc, train, column, base)
+    if file is not None and file.is_file() and load_tokenizer(file) != tok:
         raise DataError(
             f"{where}: the vocabulary built from this config's training split differs "
             f"from the run's '{file}': the data or the tokenizer settings changed since "
@@ -194,7 +220,11 @@ def load_datasets(cfg: ExperimentConfig, run_dir: str | Path | None = None) -> L
             continue
         out.datasets.extend(found)
         out.vocabularies.update(
-            {f"{name}.{c}": t.fingerprint for c, t in toks.items() if isinstance(t, WordTokenizer)}
+            {
+                f"{name}.{c}": t.fingerprint
+                for c, t in toks.items()
+                if isinstance(t, (WordTokenizer, SubwordTokenizer))
+            }
         )
     problems = list(dict.fromkeys(problems))  # one file serves several splits: say it once
     if problems:
@@ -223,7 +253,7 @@ def _load_one(
         return _shards(cfg, name, ds, run, saved)
     tables = split_tables(src, Path(cfg.base_dir), ds.splits)
     train = tables.get(cfg.trainer.train_split)
-    toks = tokenizers(name, src, train, run, saved)
+    toks = tokenizers(name, src, train, run, saved, Path(cfg.base_dir))
     out, problems = [], []
     for split, table in tables.items():
         if len(next(iter(table.values()), ())) == 0:
@@ -368,12 +398,12 @@ def _shards(
             problems += [f"{key}: {p}" for p in e.problems]
     if problems:
         raise DataError(problems)
-    built = [c for c, tc in src.text.items() if tc.tokenizer is None]
+    built = [c for c, tc in src.text.items() if tc.tokenizer is None and tc.pretrained is None]
     train: Table | None = None
     if built and train_split in files:
         parts = [read_table(f, src.format, built) for f in files[train_split]]
         train = Table({c: np.concatenate([p[c] for p in parts]) for c in built})
-    toks = tokenizers(name, src, train, run, saved)
+    toks = tokenizers(name, src, train, run, saved, Path(cfg.base_dir))
     labels = {task: _single(spec, f"labels.{task}") for task, spec in ds.labels.items()}
     labels_as = partial(_table_labels, {t: cfg.tasks[t] for t in labels}, labels)
     out = []

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
+import dataclasses
 import math
 import re
 from collections.abc import Callable, Iterator
@@ -202,9 +203,22 @@ def merged(adapter: LoRA) -> nn.Module:
     return base
 
 
-def merge_adapters(pool: dict[str, nn.Module]) -> dict[str, nn.Module]:
-    """The pool with every :class:`LoRA` replaced by its :func:`merged` base."""
-    return {name: merged(m) if isinstance(m, LoRA) else m for name, m in pool.items()}
+def merge_adapters(graph: Any) -> None:
+    """Replace, in an export's task graph (its ``plan`` and ``modules_by_name``), every
+    :class:`LoRA` by its :func:`merged` base: the exported program holds plain weights, one
+    merged copy of the base per adapter it runs."""
+    copies: dict[int, nn.Module] = {}
+    steps = []
+    for node_id, module, srcs in graph.plan.steps:
+        if isinstance(module, LoRA) and id(module) not in copies:
+            copies[id(module)] = merged(module)
+        steps.append((node_id, copies.get(id(module), module), srcs))
+    if not copies:
+        return
+    graph.plan = dataclasses.replace(graph.plan, steps=tuple(steps))
+    for name, module in list(graph.modules_by_name.items()):
+        if id(module) in copies:
+            graph.modules_by_name[name] = copies[id(module)]
 
 
 __all__ = ["LoRA", "checkpoint_context", "merge_adapters", "merged"]

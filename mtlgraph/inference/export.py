@@ -16,6 +16,7 @@ from torch import nn
 from mtlgraph._io import atomic_write, import_extra, write_json
 from mtlgraph._suggest import quoted
 from mtlgraph.exceptions import GraphError
+from mtlgraph.graph.lora import merge_adapters
 from mtlgraph.graph.plan import ExecutionPlan
 from mtlgraph.graph.task import INPUT, unknown_tasks_error
 from mtlgraph.inference.protocol import InferenceModel, eval_mode
@@ -340,6 +341,7 @@ def export(
     task_names = list(tasks) if tasks is not None else model.task_names
     available = [k for k, v in (example or {}).items() if isinstance(v, torch.Tensor)]
     graph = TaskGraph(model, task_names, input_fields(model, task_names, available))
+    merge_adapters(graph)  # LoRA adapters: plain weights in the file (mtlgraph.graph.lora)
     args = example_inputs(graph, example)
     program = export_program(graph, args)
     fmt = cast(ExportFormat, format)  # checked above

@@ -225,7 +225,10 @@ def check_resume(
 def all_or_nothing(model: Any, what: str) -> Iterator[None]:
     """Restore ``model``'s parameters and buffers when the body fails; a failure that is not a
     :class:`CheckpointError` becomes one, naming ``what``."""
-    backup = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    backup = {  # extra states (a pretrained encoder's path and fingerprint) are plain values
+        k: v.detach().clone() if isinstance(v, torch.Tensor) else v
+        for k, v in model.state_dict().items()
+    }
     try:
         yield
     except Exception as e:

@@ -1,5 +1,7 @@
-"""A word-level tokenizer whose vocabulary is built from a training split, saved with the
-trained model (ids, ties and truncation: docs/data-sources.md).
+"""Text -> token ids: a word-level vocabulary built from a training split, or a subword
+tokenizer (a model directory's own, or word-piece / BPE trained on the training split with
+``tokenizers``); either is saved with the trained model and fingerprinted in its checkpoints
+(ids, ties and truncation: docs/data-sources.md; subwords: docs/pretrained.md).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 import torch
 
-from mtlgraph._io import atomic_write_text
+from mtlgraph._io import atomic_write_text, import_extra
 from mtlgraph.exceptions import DataError
 from mtlgraph.registry import Registry
 
@@ -160,6 +162,206 @@ class WordTokenizer:
 
 def _words(text: str, lowercase: bool) -> list[str]:
     return _WORD.findall(text.lower() if lowercase else text)
+
+
+SUBWORD_KINDS = ("wordpiece", "bpe")
+"""Subword tokenizers :meth:`SubwordTokenizer.fit` trains."""
+
+_SPECIALS = {
+    "wordpiece": ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"),
+    "bpe": ("<pad>", "<unk>", "<s>", "</s>"),
+}
+
+
+class SubwordTokenizer:
+    """A ``tokenizers`` tokenizer: a model directory's own (:meth:`pretrained`), or word-piece
+    or BPE trained on the training split (:meth:`fit`); texts become ids with the special
+    tokens the model expects (``[CLS] ... [SEP]``), cut to ``max_length`` ids in all. Needs
+    ``mtlgraph[hf]``.
+
+    Args:
+        tokenizer_json: The tokenizer as ``tokenizers`` serialises it (``Tokenizer.to_str()``).
+        max_length: Most ids per text, special tokens included.
+        kind: ``pretrained``, ``wordpiece`` or ``bpe`` (what it was made from; for messages).
+
+    Example:
+        >>> from mtlgraph.data.sources.tokenizer import SubwordTokenizer
+        >>> texts = ["great shoes", "great price", "bad shoes", "bad price"] * 5
+        >>> tok = SubwordTokenizer.fit(texts, "wordpiece", vocab_size=40, max_length=4)
+        >>> ids = tok.encode("great socks and shoes").tolist()
+        >>> len(ids), ids[0] == tok.token_id("[CLS]"), ids[-1] == tok.token_id("[SEP]")
+        (4, True, True)
+    """
+
+    def __init__(
+        self, tokenizer_json: str, max_length: int = 128, kind: str = "pretrained"
+    ) -> None:
+        if max_length < 3:
+            raise DataError(
+                [f"max_length must be >= 3 (special tokens included), got {max_length}"]
+            )
+        tk = import_extra("a subword tokenizer", "hf", "tokenizers")[0]
+        tok = tk.Tokenizer.from_str(tokenizer_json)
+        tok.no_truncation()
+        tok.no_padding()
+        self.json: str = tok.to_str()  # without truncation or padding: the fingerprint's text
+        tok.enable_truncation(max_length)
+        self._tok = tok
+        self.max_length = max_length
+        self.kind = kind
+
+    @classmethod
+    def pretrained(cls, path: str | os.PathLike[str], max_length: int = 128) -> SubwordTokenizer:
+        """The tokenizer of a model directory (``AutoTokenizer``, a fast one).
+
+        Raises:
+            DataError: A directory without a tokenizer, or one ``tokenizers`` cannot run.
+        """
+        tf = import_extra("a model directory's tokenizer", "hf", "transformers")[0]
+        try:
+            auto = tf.AutoTokenizer.from_pretrained(str(path))
+        except (OSError, ValueError, TypeError) as e:
+            raise DataError(
+                [
+                    f"'{path}' has no tokenizer AutoTokenizer can load ({type(e).__name__}: {e}); "
+                    "save one beside the model with tokenizer.save_pretrained(directory)"
+                ]
+            ) from None
+        backend = getattr(auto, "backend_tokenizer", None)
+        if backend is None:
+            raise DataError(
+                [
+                    f"the tokenizer of '{path}' ({type(auto).__name__}) is not a fast tokenizer; "
+                    "save a tokenizer.json beside the model (a fast tokenizer's save_pretrained)"
+                ]
+            )
+        return cls(backend.to_str(), max_length, "pretrained")
+
+    @classmethod
+    def fit(
+        cls,
+        texts: Iterable[str],
+        kind: str = "wordpiece",
+        vocab_size: int = 10000,
+        min_count: int = 1,
+        lowercase: bool = True,
+        max_length: int = 128,
+    ) -> SubwordTokenizer:
+        """Train a word-piece or BPE tokenizer on ``texts`` (the training split): id 0 pads,
+        id 1 is the unknown token, then the start and end tokens.
+
+        Args:
+            texts: The training texts.
+            kind: ``wordpiece`` (BERT-style, ``[CLS] ... [SEP]``) or ``bpe`` (``<s> ... </s>``).
+            vocab_size: Most ids, special tokens included.
+            min_count: Pieces seen fewer times are not merged into the vocabulary.
+            lowercase: Lowercase texts first.
+            max_length: Most ids per text, special tokens included.
+        """
+        if kind not in SUBWORD_KINDS:
+            raise DataError([f"kind must be one of {list(SUBWORD_KINDS)}, got {kind!r}"])
+        tk = import_extra("a subword tokenizer", "hf", "tokenizers")[0]
+        specials = _SPECIALS[kind]
+        if kind == "wordpiece":
+            tok = tk.Tokenizer(tk.models.WordPiece(unk_token=specials[1]))
+            tok.normalizer = tk.normalizers.BertNormalizer(lowercase=lowercase)
+            tok.pre_tokenizer = tk.pre_tokenizers.BertPreTokenizer()
+            trainer = tk.trainers.WordPieceTrainer(
+                vocab_size=vocab_size, min_frequency=min_count, special_tokens=list(specials)
+            )
+        else:
+            tok = tk.Tokenizer(tk.models.BPE(unk_token=specials[1]))
+            if lowercase:
+                tok.normalizer = tk.normalizers.Lowercase()
+            tok.pre_tokenizer = tk.pre_tokenizers.Whitespace()
+            trainer = tk.trainers.BpeTrainer(
+                vocab_size=vocab_size, min_frequency=min_count, special_tokens=list(specials)
+            )
+        tok.train_from_iterator(list(texts), trainer)
+        start, end = specials[2], specials[3]
+        tok.post_processor = tk.processors.TemplateProcessing(
+            single=f"{start} $A {end}",
+            special_tokens=[(start, tok.token_to_id(start)), (end, tok.token_to_id(end))],
+        )
+        return cls(tok.to_str(), max_length, kind)
+
+    def token_id(self, token: str) -> int | None:
+        """The id of ``token`` (``None``: not in the vocabulary)."""
+        found = self._tok.token_to_id(token)
+        return None if found is None else int(found)
+
+    def encode(self, text: str) -> torch.Tensor:
+        """The ids of ``text``, special tokens included, at most ``max_length``."""
+        return torch.tensor(self._tok.encode(text).ids, dtype=torch.long)
+
+    __call__ = encode
+
+    def __len__(self) -> int:
+        return int(self._tok.get_vocab_size(with_added_tokens=True))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The tokenizer as plain JSON-ready values (:meth:`from_dict` reads it back)."""
+        return {
+            "type": "subword",
+            "kind": self.kind,
+            "max_length": self.max_length,
+            "tokenizer": json.loads(self.json),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, origin: str = "the tokenizer") -> SubwordTokenizer:
+        """Read :meth:`to_dict`'s output back; a malformed mapping is a :class:`DataError`."""
+        keys = {"type", "kind", "max_length", "tokenizer"}
+        if not isinstance(data, dict) or set(data) != keys or data["type"] != "subword":
+            raise DataError(
+                [f"{origin} is not a subword tokenizer (JSON object, keys {sorted(keys)})"]
+            )
+        return cls(json.dumps(data["tokenizer"]), int(data["max_length"]), str(data["kind"]))
+
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of the tokenizer and settings: equal fingerprints give equal ids."""
+        text = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the tokenizer as JSON, atomically."""
+        return atomic_write_text(path, json.dumps(self.to_dict()))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SubwordTokenizer) and self.to_dict() == other.to_dict()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"json": self.json, "max_length": self.max_length, "kind": self.kind}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["json"], state["max_length"], state["kind"])  # type: ignore[misc]
+
+    def __repr__(self) -> str:
+        return (
+            f"SubwordTokenizer(kind={self.kind!r}, size={len(self)}, max_length={self.max_length})"
+        )
+
+
+TextTokenizer = WordTokenizer | SubwordTokenizer
+"""A tokenizer a run saves and fingerprints."""
+
+
+def load_tokenizer(path: str | os.PathLike[str]) -> TextTokenizer:
+    """Read a tokenizer :meth:`WordTokenizer.save` or :meth:`SubwordTokenizer.save` wrote.
+
+    Raises:
+        DataError: An unreadable or malformed file, naming it.
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise DataError([f"cannot read the vocabulary '{path}': {e}"]) from None
+    if isinstance(data, dict) and data.get("type") == "subword":
+        return SubwordTokenizer.from_dict(data, f"'{path}'")
+    return WordTokenizer.from_dict(data, f"'{path}'")
 
 
 TOKENIZERS: Registry[Callable[..., Any]] = Registry("tokenizer", bind=True)

@@ -1,0 +1,64 @@
+"""Tiny pretrained models, made offline once per session and loaded back by path, exactly as a
+user with downloaded weights does (no network: ``HF_HUB_OFFLINE=1``)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+WORDS = [
+    "good", "great", "fine", "bad", "awful", "poor", "shoe", "hat", "coat", "red", "blue",
+    "green", "the", "is", "a", "very", "not", "this", "price", "size",
+]  # fmt: skip
+"""The tiny BERT's words (after the five special tokens)."""
+
+BERT: dict[str, Any] = {
+    "model_type": "bert",
+    "hidden_size": 16,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 32,
+    "max_position_embeddings": 32,
+}
+
+
+@pytest.fixture(scope="session")
+def bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny BERT and its word-piece tokenizer, saved with ``save_pretrained``."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    tokenizer = transformers.BertTokenizer(vocab={t: i for i, t in enumerate(vocab)})
+    tokenizer.save_pretrained(path)
+    spec = {k: v for k, v in BERT.items() if k != "model_type"}
+    config = transformers.BertConfig(vocab_size=len(vocab), **spec)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        transformers.BertModel(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def resnet_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny ResNet and its image-processor config (mean, std, size)."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    path = tmp_path_factory.mktemp("tiny-resnet")
+    config = transformers.ResNetConfig(
+        num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic"
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        transformers.ResNetModel(config).save_pretrained(path)
+    processor = {"image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.2, 0.2], "size": 16}
+    (path / "preprocessor_config.json").write_text(json.dumps(processor))
+    return path
