@@ -163,9 +163,9 @@ class InterferenceMonitor:
                 continue
             rng = np.random.default_rng([self.seed, _STREAM, i, probe_index])
             rows = np.sort(rng.choice(n, size=size, replace=False))
-            if loader.collate_fn is collate_dicts:
+            if loader.collate_fn is collate_dicts and hasattr(dataset, "batch"):
                 batch = dataset.batch(torch.from_numpy(rows))
-            else:  # the loader's own collate function (tokenisation, padding...)
+            else:  # item by item (a NamedDataset), or the loader's own collate function
                 batch = loader.collate_fn([dataset[int(r)] for r in rows])
             out.append((dataset.name, batch))
         return out
