@@ -17,13 +17,13 @@ alternating datasets (``round_robin``), Adam lr 1e-4 with the update mtlgraph pi
 Fits alternate; medians of the per-step times are compared, and the final weights of both are
 checked to agree (so both really do the same work). Target (DESIGN.md): mtlgraph/hand <= 1.05.
 
-Part 2, K tasks (K = 2, 4, 8), each a linear head on the encoder, trained a few steps:
-*lora*: one frozen encoder and a LoRA adapter per task (``r=8`` on ``query``/``value``);
-*copies*: K fully fine-tuned encoders; ``--steps`` batches per task, round robin. Reported: trainable parameters, the bytes of
-parameters + gradients + Adam state, peak RSS of the process that trained it (one subprocess per
-set-up; CUDA max memory when on a GPU) and the size of the run's checkpoint (``last.pt``:
-trainable weights and optimizer state; the frozen encoder is left out, its path and fingerprint
-stand in).
+Part 2, K tasks (K = 2, 4, 8), each a linear head on the encoder, ``--steps`` batches per task
+in round robin. *lora*: one frozen encoder and a LoRA adapter per task (``r=8`` on
+``query``/``value``); *copies*: K fully fine-tuned encoders. Reported: trainable parameters,
+the bytes of parameters + gradients + Adam state, peak RSS of the process that trained it (one
+subprocess per set-up; CUDA max memory on a GPU) and the size of the run's checkpoint
+(``last.pt``: trainable weights and optimizer state; the frozen encoder is left out, its path
+and fingerprint stand in).
 
 Run: ``python bench/finetune.py [--repeats 5] [--quick] [--steps 40] [--skip-tasks]``.
 The machine is shared and noisy: compare ratios within one run only.
