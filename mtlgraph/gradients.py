@@ -196,13 +196,26 @@ def build_layout(
     """The :class:`SharedLayout` of ``plan`` (uncached; :meth:`SharedGradients.layout` caches);
     its buffer holds ``rows`` rows (default: one per task of the plan) once it is used."""
     shared_names = shared_modules(plan)
+    # shared by identity, not only by name: a base that per-task adapters run is a submodule
+    # of each adapter, so its trainable weights are shared though no module name is
+    users: dict[int, int] = {}
+    for task_modules in plan.task_modules.values():
+        ids = {id(p) for m in task_modules for p in plan_module(tasks, plan, m).parameters()}
+        for i in ids:
+            users[i] = users.get(i, 0) + 1
     seen: set[int] = set()
     shared: list[nn.Parameter] = []
     modules: list[tuple[str, int, int]] = []
     slices: list[tuple[int, int]] = []
     offset = 0
-    for m in shared_names:
-        params = _trainable(plan_module(tasks, plan, m), seen)
+    for m in plan.module_names:
+        module = plan_module(tasks, plan, m)
+        params = [
+            p
+            for p in module.parameters()
+            if p.requires_grad and users.get(id(p), 0) > 1 and id(p) not in seen
+        ]
+        seen.update(id(p) for p in params)
         start = offset
         for p in params:
             slices.append((offset, p.numel()))

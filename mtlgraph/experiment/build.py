@@ -28,6 +28,7 @@ from mtlgraph.experiment.config import (
     config_to_dict,
 )
 from mtlgraph.experiment.module_types import build_modules as build_module_section
+from mtlgraph.experiment.module_types import encoder_input_problems
 from mtlgraph.experiment.sources import LabelSource, label_views, load_datasets
 from mtlgraph.graph.losses import LOSSES
 from mtlgraph.graph.model import MultitaskClassifier
@@ -193,7 +194,11 @@ def build_experiment(cfg: ExperimentConfig, run_dir: str | Path | None = None) -
         ConfigError: A ``trainer.checkpoint_metric`` this run would never log.
     """
     model = build_model(cfg)
-    datasets, sources, vocabularies = load_datasets(cfg, run_dir)
+    loaded = load_datasets(cfg, run_dir)
+    datasets, sources, vocabularies = loaded.datasets, loaded.label_sources, loaded.vocabularies
+    problems = encoder_input_problems(cfg, model, loaded.tokenizers)
+    if problems:
+        raise DataError(problems, header="the data does not fit the pretrained encoders:")
     check_labels(model, label_views(datasets), sources)
     loaders = build_loaders(cfg, datasets)
     trainer = build_trainer(cfg, run_dir)

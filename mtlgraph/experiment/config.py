@@ -334,6 +334,8 @@ def dump_run_config(cfg: ExperimentConfig) -> str:
             }
         if src.get("images"):
             src["images"]["folder"] = absolute(base, src["images"]["folder"])
+            if src["images"].get("processor"):
+                src["images"]["processor"] = absolute(base, src["images"]["processor"])
         for text in (src.get("text") or {}).values():
             if text.get("pretrained") and (base / text["pretrained"]).exists():
                 text["pretrained"] = absolute(base, text["pretrained"])

@@ -84,6 +84,9 @@ class ImagesConfig:
     mode: Literal["L", "RGB", "RGBA"] = "RGB"  # Pillow mode: 1, 3 or 4 channels
     resize: list[int] | None = None  # [height, width] in pixels; null = keep the file's size
     normalize: NormalizeConfig | None = None  # per-channel mean/std; null = pixels in [0, 1]
+    # a model directory (relative to the config file): its preprocessor_config.json gives
+    # `normalize` (image_mean, image_std) and `resize` (size) where they are not declared
+    processor: str | None = None
 
     def validate(self) -> list[str]:
         if self.resize is not None and (len(self.resize) != 2 or min(self.resize) < 1):

@@ -227,7 +227,12 @@ def build_module(
         value = own.get(key)
         if isinstance(value, str) and (Path(base_dir) / value).exists():
             own[key] = str(Path(base_dir) / value)  # an absolute path stays itself
-    module: nn.Module = MODULES.build(own, path, **given)
+    try:
+        module: nn.Module = MODULES.build(own, path, **given)
+    except ImportError as e:  # a missing extra (hf_encoder: mtlgraph[hf]): a config problem
+        if "pip install 'mtlgraph[" not in str(e):
+            raise
+        raise ConfigError([f"{path}: {e}"]) from e
     init = spec.get("init_from")
     if init is not None:
         load_init(module, Path(base_dir) / str(init), f"{path}.init_from")
@@ -247,6 +252,66 @@ def absolute_paths(specs: Mapping[str, Any], base_dir: str | Path) -> dict[str, 
                 spec[key] = str((Path(base_dir) / value).resolve())
         out[name] = spec
     return out
+
+
+def encoder_input_problems(cfg: Any, model: Any, tokenizers: Mapping[Any, Any]) -> list[str]:
+    """What the data feeds a pretrained encoder (directly or through an adapter) that it
+    cannot read: a tokenizer with more ids than the model embeds, images of a size or a
+    number of channels the model refuses. ``cfg``: the experiment config; ``tokenizers``:
+    ``{(dataset, column): tokenizer}``."""
+    from mtlgraph.graph.lora import LoRA
+    from mtlgraph.graph.pretrained import HFEncoder
+
+    problems: list[str] = []
+    for task, tc in cfg.tasks.items():
+        for op in tc.ops:
+            module = model.module_pool[op.module]
+            enc = module.base if isinstance(module, LoRA) else module
+            first = op.inputs[0] if op.inputs else None
+            if not isinstance(enc, HFEncoder) or not (isinstance(first, list) and len(first) == 2):
+                continue
+            for name, ds in cfg.data.datasets.items():
+                column = ds.fields.get(str(first[1]))
+                if task not in ds.labels or not isinstance(column, str):
+                    continue
+                what = f"module '{op.module}' of task '{task}'"
+                problems += _encoder_fit(enc, what, f"data.datasets.{name}.source", ds.source,
+                                         column, tokenizers.get((name, column)))  # fmt: skip
+    return list(dict.fromkeys(problems))
+
+
+def _encoder_fit(enc: Any, what: str, where: str, src: Any, column: str, tok: Any) -> list[str]:
+    if enc.text:
+        size = len(tok) if hasattr(tok, "__len__") else None
+        if size is not None and size > enc.vocab_size:
+            return [
+                f"{where}.text.{column}: the tokenizer has {size} ids, and {what} embeds "
+                f"{enc.vocab_size}: use the model directory's own tokenizer (pretrained: DIR)"
+            ]
+        return []
+    ic = src.images
+    if ic is None:
+        return []
+    problems = []
+    channels = {"L": 1, "RGB": 3, "RGBA": 4}[ic.mode]
+    if channels != enc.num_channels:
+        problems.append(
+            f"{where}.images.mode: '{ic.mode}' gives {channels} channel(s), and {what} reads "
+            f"{enc.num_channels}"
+        )
+    side = enc.image_size
+    size = ic.resize
+    if side is not None and size is None and ic.processor is None:
+        problems.append(
+            f"{where}.images.resize: {what} takes only {side}x{side} images, and the images keep "
+            f"their files' sizes: declare resize: [{side}, {side}] (or processor: <model dir>)"
+        )
+    elif side is not None and size is not None and list(size) != [side, side]:
+        problems.append(
+            f"{where}.images.resize: {what} takes only {side}x{side} images, not "
+            f"{size[0]}x{size[1]}: declare resize: [{side}, {side}]"
+        )
+    return problems
 
 
 def load_init(module: nn.Module, file: Path, where: str) -> None:

@@ -330,7 +330,15 @@ def _read_images(
     others = {f: ds.fields[f] for f in fields if f not in image_fields}
     toks = run_tokenizers(name, ds, _columns(ds, list(others)), run_dir)
     images = ImageFolder(
-        folder, table, ID_FIELD, ic.column, others, {}, image_decoder(ic), toks, table.origin
+        folder,
+        table,
+        ID_FIELD,
+        ic.column,
+        others,
+        {},
+        image_decoder(ic, Path(cfg.base_dir)),
+        toks,
+        table.origin,
     )
     _check_id(id_column, list(table), table.origin)
     ids = images.files if id_column is None else _id_values(table, id_column, 0)

@@ -53,6 +53,7 @@ class Loaded(NamedTuple):
     datasets: list[Any]  # one per dataset and split (DictDataset, or NamedDataset of files)
     label_sources: dict[tuple[str, str, str], LabelSource]  # (dataset, split, task) -> origin
     vocabularies: dict[str, str]  # {dataset.column: fingerprint} of the vocabularies built
+    tokenizers: dict[tuple[str, str], Any]  # (dataset, text column) -> its tokenizer
 
 
 # ---------------------------------------------------------------- tokenizers
@@ -83,8 +84,11 @@ def tokenizers(
     return out
 
 
-def _make_tokenizer(tc: TextConfig, train: Table | None, column: str, base: Path) -> TextTokenizer:
-    """The tokenizer a text declaration describes: pretrained, or fitted on ``train``."""
+def _make_tokenizer(
+    tc: TextConfig, train: Table | None, column: str, base: Path, saved: Any = None
+) -> TextTokenizer:
+    """The tokenizer a text declaration describes: pretrained, or fitted on ``train`` (a
+    subword tokenizer ``saved`` from the same texts and settings is reused)."""
     where = f"source.text.{column}"
     if tc.pretrained is not None:
         local = base / tc.pretrained
@@ -93,15 +97,20 @@ def _make_tokenizer(tc: TextConfig, train: Table | None, column: str, base: Path
             return SubwordTokenizer.pretrained(path, tc.max_length)
         except DataError as e:
             raise DataError([f"{where}.pretrained: {p}" for p in e.problems]) from None
+        except ImportError as e:  # the hf extra is missing: say which setting needs it
+            raise DataError([f"{where}.pretrained: {e}"]) from e
     if train is None or column not in train:
         missing = "no training split" if train is None else f"no column '{column}'"
         raise DataError([f"{where}: the vocabulary is built from the training split: {missing}"])
     texts = ["" if v is None else str(v) for v in train[column]]
     if tc.kind == "word":
         return WordTokenizer.fit(texts, tc.vocab_size, tc.min_count, tc.lowercase, tc.max_length)
-    return SubwordTokenizer.fit(
-        texts, tc.kind, tc.vocab_size, tc.min_count, tc.lowercase, tc.max_length
-    )
+    try:
+        return SubwordTokenizer.fit(
+            texts, tc.kind, tc.vocab_size, tc.min_count, tc.lowercase, tc.max_length, saved
+        )
+    except ImportError as e:  # the hf extra is missing: say which setting needs it
+        raise DataError([f"{where}.kind: {e}"]) from e
 
 
 def _vocabulary(
@@ -118,8 +127,9 @@ def _vocabulary(
     file = vocab_file(run_dir, name, column) if run_dir is not None else None
     if train is None and file is not None and file.is_file():
         return load_tokenizer(file)  # no training split loaded (evaluation): the run's own
-    tok = _make_tokenizer(tc, train, column, base)
-    if file is not None and file.is_file() and load_tokenizer(file) != tok:
+    kept = load_tokenizer(file) if file is not None and file.is_file() else None
+    tok = _make_tokenizer(tc, train, column, base, kept)  # the same texts: the kept one
+    if kept is not None and kept != tok:
         raise DataError(
             f"{where}: the vocabulary built from this config's training split differs "
             f"from the run's '{file}': the data or the tokenizer settings changed since "
@@ -211,7 +221,7 @@ def load_datasets(cfg: ExperimentConfig, run_dir: str | Path | None = None) -> L
     run = Path(run_dir) if run_dir is not None else None
     saved = saved_vocabularies(run)
     problems: list[str] = []
-    out = Loaded([], {}, {})
+    out = Loaded([], {}, {}, {})
     for name, ds in cfg.data.datasets.items():
         try:
             found, toks = _load_one(cfg, name, ds, run, saved, out.label_sources)
@@ -219,6 +229,7 @@ def load_datasets(cfg: ExperimentConfig, run_dir: str | Path | None = None) -> L
             problems += [_at(f"data.datasets.{name}", p) for p in e.problems]
             continue
         out.datasets.extend(found)
+        out.tokenizers.update({(name, c): t for c, t in toks.items()})
         out.vocabularies.update(
             {
                 f"{name}.{c}": t.fingerprint
@@ -343,7 +354,14 @@ def _dataset(
         folder = Path(cfg.base_dir) / ic.folder  # an absolute folder stays itself
         others = {f: c for f, c in ds.fields.items() if f != image_fields[0]}
         images = ImageFolder(
-            folder, table, image_fields[0], ic.column, others, labels, image_decoder(ic), toks
+            folder,
+            table,
+            image_fields[0],
+            ic.column,
+            others,
+            labels,
+            image_decoder(ic, Path(cfg.base_dir)),
+            toks,
         )
         dataset, Y = NamedDataset(name, split, images, labels=list(labels)), images.Y
     else:
@@ -433,18 +451,54 @@ class _LabelView:
         return collate_dicts([self.named[i] for i in rows])
 
 
-def image_decoder(ic: ImagesConfig) -> Any:
+def image_decoder(ic: ImagesConfig, base: Path = Path(".")) -> Any:
     """The :class:`~mtlgraph.data.sources.ImageDecoder` an ``images:`` declaration describes
-    (mode, resize, normalise): training and ``predict`` decode alike."""
+    (mode, resize, normalise; what it leaves out taken from its ``processor`` directory):
+    training and ``predict`` decode alike."""
     from mtlgraph.data.sources.images import ImageDecoder
 
-    norm = ic.normalize
-    return ImageDecoder(
-        mode=ic.mode,
-        size=(ic.resize[0], ic.resize[1]) if ic.resize else None,
-        mean=tuple(norm.mean) if norm else None,
-        std=tuple(norm.std) if norm else None,
-    )
+    size = (ic.resize[0], ic.resize[1]) if ic.resize else None
+    mean = tuple(ic.normalize.mean) if ic.normalize else None
+    std = tuple(ic.normalize.std) if ic.normalize else None
+    if ic.processor is not None:
+        found = processor_settings(base / ic.processor, "images.processor")
+        size = size or found["size"]
+        mean, std = (mean, std) if ic.normalize else (found["mean"], found["std"])
+    return ImageDecoder(mode=ic.mode, size=size, mean=mean, std=std)
+
+
+def processor_settings(path: Path, where: str) -> dict[str, Any]:
+    """``size`` (height, width), ``mean`` and ``std`` of a model directory's image-processor
+    config (``preprocessor_config.json``); ``None`` for what it does not say.
+
+    Raises:
+        DataError: No such file, or one that is not JSON.
+    """
+    import json
+
+    file = path / "preprocessor_config.json" if path.is_dir() else path
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(
+            [
+                f"{where}: cannot read the image-processor config '{file}' ({e}); give the model "
+                "directory that holds preprocessor_config.json, or declare resize and normalize"
+            ]
+        ) from None
+    size = data.get("size") if data.get("do_resize", True) else None
+    if isinstance(size, dict):
+        side = size.get("shortest_edge")
+        size = (size["height"], size["width"]) if "height" in size else side
+    if isinstance(size, int):
+        size = (size, size)
+    normalize = data.get("do_normalize", True)
+    mean, std = data.get("image_mean"), data.get("image_std")
+    return {
+        "size": tuple(int(v) for v in size) if size else None,
+        "mean": tuple(float(v) for v in mean) if normalize and mean else None,
+        "std": tuple(float(v) for v in std) if normalize and std else None,
+    }
 
 
 def label_views(datasets: list[Any]) -> list[Any]:

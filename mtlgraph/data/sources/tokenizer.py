@@ -183,6 +183,9 @@ class SubwordTokenizer:
         tokenizer_json: The tokenizer as ``tokenizers`` serialises it (``Tokenizer.to_str()``).
         max_length: Most ids per text, special tokens included.
         kind: ``pretrained``, ``wordpiece`` or ``bpe`` (what it was made from; for messages).
+        source: For a trained one, a hash of its training texts and settings: training is not
+            reproducible bit for bit (``tokenizers`` breaks ties in any order), so a run
+            rebuilding its tokenizer from the same texts reuses the saved one (see :meth:`fit`).
 
     Example:
         >>> from mtlgraph.data.sources.tokenizer import SubwordTokenizer
@@ -194,7 +197,11 @@ class SubwordTokenizer:
     """
 
     def __init__(
-        self, tokenizer_json: str, max_length: int = 128, kind: str = "pretrained"
+        self,
+        tokenizer_json: str,
+        max_length: int = 128,
+        kind: str = "pretrained",
+        source: str | None = None,
     ) -> None:
         if max_length < 3:
             raise DataError(
@@ -209,6 +216,7 @@ class SubwordTokenizer:
         self._tok = tok
         self.max_length = max_length
         self.kind = kind
+        self.source = source  # a hash of the training texts and settings (trained kinds)
 
     @classmethod
     def pretrained(cls, path: str | os.PathLike[str], max_length: int = 128) -> SubwordTokenizer:
@@ -246,6 +254,7 @@ class SubwordTokenizer:
         min_count: int = 1,
         lowercase: bool = True,
         max_length: int = 128,
+        reuse: Any = None,
     ) -> SubwordTokenizer:
         """Train a word-piece or BPE tokenizer on ``texts`` (the training split): id 0 pads,
         id 1 is the unknown token, then the start and end tokens.
@@ -257,9 +266,16 @@ class SubwordTokenizer:
             min_count: Pieces seen fewer times are not merged into the vocabulary.
             lowercase: Lowercase texts first.
             max_length: Most ids per text, special tokens included.
+            reuse: A tokenizer saved earlier: returned as it is when it was trained on the same
+                texts with the same settings (its :attr:`source`), instead of training anew.
         """
         if kind not in SUBWORD_KINDS:
             raise DataError([f"kind must be one of {list(SUBWORD_KINDS)}, got {kind!r}"])
+        texts = list(texts)
+        settings = [kind, vocab_size, min_count, lowercase, max_length]
+        source = hashlib.sha256(json.dumps([settings, texts]).encode()).hexdigest()[:16]
+        if isinstance(reuse, SubwordTokenizer) and reuse.source == source:
+            return reuse
         tk = import_extra("a subword tokenizer", "hf", "tokenizers")[0]
         specials = _SPECIALS[kind]
         if kind == "wordpiece":
@@ -277,13 +293,13 @@ class SubwordTokenizer:
             trainer = tk.trainers.BpeTrainer(
                 vocab_size=vocab_size, min_frequency=min_count, special_tokens=list(specials)
             )
-        tok.train_from_iterator(list(texts), trainer)
+        tok.train_from_iterator(texts, trainer)
         start, end = specials[2], specials[3]
         tok.post_processor = tk.processors.TemplateProcessing(
             single=f"{start} $A {end}",
             special_tokens=[(start, tok.token_to_id(start)), (end, tok.token_to_id(end))],
         )
-        return cls(tok.to_str(), max_length, kind)
+        return cls(tok.to_str(), max_length, kind, source)
 
     def token_id(self, token: str) -> int | None:
         """The id of ``token`` (``None``: not in the vocabulary)."""
@@ -305,18 +321,21 @@ class SubwordTokenizer:
             "type": "subword",
             "kind": self.kind,
             "max_length": self.max_length,
+            "source": self.source,
             "tokenizer": json.loads(self.json),
         }
 
     @classmethod
     def from_dict(cls, data: Any, origin: str = "the tokenizer") -> SubwordTokenizer:
         """Read :meth:`to_dict`'s output back; a malformed mapping is a :class:`DataError`."""
-        keys = {"type", "kind", "max_length", "tokenizer"}
+        keys = {"type", "kind", "max_length", "source", "tokenizer"}
         if not isinstance(data, dict) or set(data) != keys or data["type"] != "subword":
             raise DataError(
                 [f"{origin} is not a subword tokenizer (JSON object, keys {sorted(keys)})"]
             )
-        return cls(json.dumps(data["tokenizer"]), int(data["max_length"]), str(data["kind"]))
+        source = None if data["source"] is None else str(data["source"])
+        text = json.dumps(data["tokenizer"])
+        return cls(text, int(data["max_length"]), str(data["kind"]), source)
 
     @property
     def fingerprint(self) -> str:
@@ -334,10 +353,15 @@ class SubwordTokenizer:
     __hash__ = None  # type: ignore[assignment]
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"json": self.json, "max_length": self.max_length, "kind": self.kind}
+        return {
+            "json": self.json,
+            "max_length": self.max_length,
+            "kind": self.kind,
+            "source": self.source,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["json"], state["max_length"], state["kind"])  # type: ignore[misc]
+        self.__init__(state["json"], state["max_length"], state["kind"], state["source"])  # type: ignore[misc]
 
     def __repr__(self) -> str:
         return (
