@@ -17,13 +17,13 @@ alternating datasets (``round_robin``), Adam lr 1e-4 with the update mtlgraph pi
 Fits alternate; medians of the per-step times are compared, and the final weights of both are
 checked to agree (so both really do the same work). Target (DESIGN.md): mtlgraph/hand <= 1.05.
 
-Part 2, K tasks (K = 2, 4, 8), each a linear head on the encoder, ``--steps`` batches per task
-in round robin. *lora*: one frozen encoder and a LoRA adapter per task (``r=8`` on
-``query``/``value``); *copies*: K fully fine-tuned encoders. Reported: trainable parameters,
-the bytes of parameters + gradients + Adam state, how far the peak RSS of the process grew
-while building and training (one subprocess per set-up; CUDA max memory on a GPU) and the
-size of the run's checkpoint (``last.pt``: trainable weights and optimizer state; the frozen
-encoder is left out, its path and fingerprint stand in).
+Part 2, K tasks (K = 2, 4, 8), each a linear head on a BERT of ``--tasks-hidden 256`` and 4
+layers, ``--steps`` batches per task in round robin. *lora*: one frozen encoder and a LoRA
+adapter per task (``r=8`` on ``query``/``value``); *copies*: K fully fine-tuned encoders.
+Reported: trainable parameters, the bytes of parameters + gradients + Adam state, how far the
+peak RSS of the process grew while building and training (one subprocess per set-up; CUDA max
+memory on a GPU) and the size of the run's checkpoint (``last.pt``: trainable weights and
+optimizer state; the frozen encoder is left out, its path and fingerprint stand in).
 
 Run: ``python bench/finetune.py [--repeats 5] [--quick] [--steps 2] [--skip-tasks]``.
 The machine is shared and noisy: compare ratios within one run only.
@@ -293,9 +293,9 @@ def k_tasks(path: Path, k: int, mode: str, steps: int, run_dir: Path) -> dict[st
     }
 
 
-def k_tasks_table(root: Path, hidden: int, steps: int) -> list[dict[str, Any]]:
+def k_tasks_table(root: Path, hidden: int, layers: int, steps: int) -> list[dict[str, Any]]:
     """Part 2, each set-up in a fresh process (peak RSS is the process's)."""
-    path = save_encoder(root, hidden)
+    path = save_encoder(root, hidden, layers)
     rows = []
     for k in (2, 4, 8):
         for mode in ("lora", "copies"):
@@ -315,6 +315,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=160, help="rows per dataset")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--steps", type=int, default=2, help="part 2: training steps per task")
+    parser.add_argument("--tasks-hidden", type=int, default=256, help="part 2: encoder width")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--skip-tasks", action="store_true")
     parser.add_argument("--one", nargs=4, help=argparse.SUPPRESS)  # part 2's subprocess
@@ -325,7 +326,7 @@ def main() -> None:
             print(json.dumps(k_tasks(Path(path), int(k), mode, int(steps), Path(tmp))))
         return
     if args.quick:
-        args.repeats, args.rows, args.epochs, args.steps = 2, 64, 1, 1
+        args.repeats, args.rows, args.epochs, args.steps, args.tasks_hidden = 2, 64, 1, 1, 64
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         r = step_time(Path(tmp), args.hidden, args.rows, args.epochs, args.repeats)
@@ -338,11 +339,12 @@ def main() -> None:
         )
         if args.skip_tasks:
             return
+        print(f"\nK tasks on a BERT of hidden {args.tasks_hidden}, 4 layers:")
         print(
-            f"\n{'K':>2s} {'set-up':7s} {'trainable':>10s} {'state MB':>9s} {'RSS grew MB':>12s} "
+            f"{'K':>2s} {'set-up':7s} {'trainable':>10s} {'state MB':>9s} {'RSS grew MB':>12s} "
             f"{'last.pt MB':>11s}"
         )
-        for row in k_tasks_table(Path(tmp), args.hidden, args.steps):
+        for row in k_tasks_table(Path(tmp), args.tasks_hidden, 4, args.steps):
             print(
                 f"{row['k']:2d} {row['mode']:7s} {row['trainable']:10d} {row['state_mb']:9.1f} "
                 f"{row['peak_rss_mb_growth']:12.0f} {row['checkpoint_mb']:11.2f}"
