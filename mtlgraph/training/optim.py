@@ -242,6 +242,8 @@ def model_param_groups(
                 {**param_groups[pattern], "params": params, "scope": "model", "name": pattern}
             )
     if layer_lr_decay:
+        if lr is None:
+            raise TypeError("model_param_groups: layer_lr_decay needs lr (the default group's)")
         problems += layer_groups(model, groups, layer_lr_decay, frozen, lr)
     return groups, problems
 
@@ -251,7 +253,7 @@ def layer_groups(
     groups: list[dict[str, Any]],
     layer_lr_decay: Mapping[str, float | LayerDecay],
     frozen: Sequence[str],
-    lr: float | None,
+    lr: float,
 ) -> list[str]:
     """Split ``groups`` by layer for ``layer_lr_decay``: a layer ``k`` layers below its
     module's top trains at ``decay ** k`` times the lr of the group it leaves (its options
@@ -292,7 +294,7 @@ def layer_groups(
                     added.append(
                         {
                             **options,
-                            **({} if base is None else {"lr": base * decay.decay**depth}),
+                            "lr": base * decay.decay**depth,
                             "params": ps,
                             "name": f"{module_name}.{layer.name}",
                         }
