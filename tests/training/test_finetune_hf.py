@@ -112,3 +112,40 @@ def test_layer_lr_decay_on_a_bert_in_the_graph() -> None:
     assert lrs["enc.model.encoder.layer.1"] == pytest.approx(1e-3 * 0.9)
     assert "enc.model.encoder.layer.2" not in lrs  # the top block trains at lr, in the default
     assert Trainer(layer_lr_decay={"enc": 0.9}).config.layer_lr_decay["enc"] == 0.9
+
+
+def test_a_bert_fine_tunes_with_every_control_at_once() -> None:
+    """bf16 autocast on the CPU, its own gradient checkpointing, layer-wise lr decay and
+    gradual unfreezing together: the unfrozen top trains, the frozen bottom does not."""
+    from mtlgraph import DictDataLoader, DictDataset
+    from mtlgraph.training import GradualUnfreezing
+
+    enc = bert()
+    task = Task(
+        "a",
+        {"enc": enc, "a_head": nn.Linear(16, 2)},
+        [
+            Operation("enc", [("_input_", "text"), ("_input_", "text_mask")]),
+            Operation("a_head", ["enc"]),
+        ],
+    )
+    ids, mask = batch()
+    data = DictDataset("d", "train", {"text": ids.repeat(4, 1), "text_mask": mask.repeat(4, 1)},
+                       {"a": (ids[:, 1] % 2).repeat(4)})  # fmt: skip
+    embeddings = enc.model.embeddings.word_embeddings.weight.detach().clone()
+    top = enc.model.encoder.layer[2].output.dense.weight.detach().clone()
+    trainer = Trainer(
+        n_epochs=1, lr=1e-2, amp="bf16", gradient_checkpointing=["enc"], throughput=True,
+        layer_lr_decay={"enc": 0.5}, hooks=[GradualUnfreezing("enc", initial=1)],
+        progress_bar=False,
+    )  # fmt: skip
+    trainer.fit(MultitaskClassifier([task]), [DictDataLoader(data, batch_size=8)])
+    assert enc.model.is_activation_checkpointing
+    assert torch.equal(enc.model.embeddings.word_embeddings.weight, embeddings)
+    assert not torch.equal(enc.model.encoder.layer[2].output.dense.weight, top)
+    record = trainer.history[-1]
+    assert record["model/all/train/unfrozen_layers/enc"] == 1
+    tokens_per_example = (
+        record["model/all/train/tokens_per_s"] / record["model/all/train/examples_per_s"]
+    )
+    assert tokens_per_example == pytest.approx(float(mask.sum()) / len(mask))  # the real tokens
