@@ -1,12 +1,14 @@
 """LoRA adapters as graph nodes (``lora``): one shared base, a low-rank delta per adapter.
 
-An adapter holds, for each ``Linear`` layer of its base whose name matches ``target_modules``,
-two small matrices ``A`` (``r x in``) and ``B`` (``out x r``, zero at the start). Running the
-adapter runs the base with ``y = W x + b + (alpha / r) * B A dropout(x)`` in those layers: forward
-hooks on the base's layers, present only while the adapter runs (:meth:`LoRA.enabled`). The base
-exists once, however many adapters use it; each adapter's operation runs it once per batch, and
-two tasks share an adapter by naming the same module. Gradients are exact: the delta is part of
-the graph, the base's weights get their own gradient where they train.
+An adapter holds, for each ``Linear`` layer of its base whose name matches ``target_modules``
+(or ``Conv2d``: ``in`` is then channels x kernel height x kernel width, the delta a convolution
+of its own), two small matrices ``A`` (``r x in``) and ``B`` (``out x r``, zero at the start).
+Running the adapter runs the base with ``y = W x + b + (alpha / r) * B A dropout(x)`` in those
+layers: forward hooks on the base's layers, present only while the adapter runs
+(:meth:`LoRA.enabled`). The base exists once, however many adapters use it; each adapter's
+operation runs it once per batch, and two tasks share an adapter by naming the same module.
+Gradients are exact: the delta is part of the graph, the base's weights get their own gradient
+where they train.
 
 The base is a submodule of each adapter: its parameters are one set of tensors (optimisers see
 them once, a checkpoint file stores them once though the state dict names them under the base's
@@ -26,6 +28,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mtlgraph.exceptions import ConfigError
@@ -40,9 +43,10 @@ class LoRA(nn.Module):
         r: Rank of each delta.
         alpha: Scale numerator: the delta is multiplied by ``alpha / r``.
         dropout: Dropout on a layer's input before the delta (0 = none).
-        target_modules: Regular expressions; a ``Linear`` layer of the base whose dotted name
-            (below the base) matches one with ``re.search`` gets a delta (``query``, ``value``:
-            BERT's attention projections). ``None``: every ``Linear`` layer.
+        target_modules: Regular expressions; a ``Linear`` (or single-group ``Conv2d``) layer of
+            the base whose dotted name (below the base) matches one with ``re.search`` gets a
+            delta (``query``, ``value``: BERT's attention projections; ``convolution``: a
+            ResNet's). ``None``: every such layer.
 
     Raises:
         ConfigError: ``r`` < 1, a negative ``alpha`` or ``dropout`` outside [0, 1), a base that
@@ -60,6 +64,7 @@ class LoRA(nn.Module):
         >>> sorted(adapter.layers)
         ['encoder.layer.0.attention.self.query', 'encoder.layer.0.attention.self.value']
         >>> ids = torch.tensor([[2, 7, 3]])
+        >>> _ = adapter.eval()  # no dropout in the base
         >>> torch.equal(adapter(ids), enc(ids))  # B starts at zero: the base's own output
         True
     """
@@ -89,24 +94,25 @@ class LoRA(nn.Module):
         self.target_modules = list(target_modules) if target_modules is not None else None
         inner = base.model if isinstance(base, HFEncoder) else base
         self._inner = [inner]  # a list: not a second registration of the base's modules
-        linears = {n: m for n, m in inner.named_modules() if isinstance(m, nn.Linear)}
-        chosen = {n: m for n, m in linears.items() if _matches(n, self.target_modules)}
+        layers = {n: m for n, m in inner.named_modules() if _adaptable(m)}
+        chosen = {n: m for n, m in layers.items() if _matches(n, self.target_modules)}
         if not chosen:
-            shown = sorted({n.rsplit(".", 1)[-1] for n in linears})
+            shown = sorted({n.rsplit(".", 1)[-1] for n in layers})
             raise ConfigError(
                 [
-                    f"lora: target_modules {self.target_modules} match no Linear layer of the "
-                    f"base; its Linear layers end in {shown}"
+                    f"lora: target_modules {self.target_modules} match no Linear or Conv2d layer "
+                    f"of the base; its layers end in {shown}"
                 ]
             )
         self.layers = list(chosen)
         self.A = nn.ParameterDict()
         self.B = nn.ParameterDict()
         for i, layer in enumerate(chosen.values()):
-            a = torch.empty(r, layer.in_features)
+            out_size, *in_shape = layer.weight.shape  # Linear (out, in); Conv2d (out, in, kh, kw)
+            a = torch.empty(r, math.prod(in_shape))
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
             self.A[str(i)] = nn.Parameter(a)
-            self.B[str(i)] = nn.Parameter(torch.zeros(layer.out_features, r))
+            self.B[str(i)] = nn.Parameter(torch.zeros(out_size, r))
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     @property
@@ -144,6 +150,10 @@ class LoRA(nn.Module):
 
         def add_delta(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> Any:
             x = drop(inputs[0])
+            if isinstance(module, nn.Conv2d):  # the delta as a convolution of its own
+                w = (b @ a).view(module.weight.shape).to(x.dtype) * scale
+                conv = F.conv2d(x, w, None, module.stride, module.padding, module.dilation)
+                return output + conv.to(output.dtype)
             return output + (x.to(a.dtype) @ a.t() @ b.t()).to(output.dtype) * scale
 
         return add_delta
@@ -158,6 +168,13 @@ class LoRA(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, layers={len(self.layers)}"
+
+
+def _adaptable(module: nn.Module) -> bool:
+    """A ``Linear`` layer, or a plain ``Conv2d`` (one group, zero padding)."""
+    if isinstance(module, nn.Conv2d):
+        return module.groups == 1 and module.padding_mode == "zeros"
+    return isinstance(module, nn.Linear)
 
 
 def _matches(name: str, patterns: list[str] | None) -> bool:
@@ -197,9 +214,9 @@ def merged(adapter: LoRA) -> nn.Module:
     modules = dict(inner.named_modules())
     with torch.no_grad():
         for i, name in enumerate(adapter.layers):
-            layer = modules[name]
-            assert isinstance(layer, nn.Linear)
-            layer.weight.add_(adapter.delta(i).to(layer.weight.dtype))
+            weight = modules[name].weight
+            assert isinstance(weight, torch.Tensor)
+            weight.add_(adapter.delta(i).view(weight.shape).to(weight.dtype))
     return base
 
 

@@ -108,7 +108,7 @@ def test_target_modules_matching_nothing(
         "a": {"type": "lora", "base": "enc", "target_modules": ["q_proj"]},
     }
     err = _check(capsys, _config(tmp_path, modules, adapter="a"))
-    assert "modules.a: lora: target_modules ['q_proj'] match no Linear layer of the base" in err
+    assert "modules.a: lora: target_modules ['q_proj'] match no Linear or Conv2d layer" in err
     assert "'query'" in err and "'value'" in err  # the names it has
 
 

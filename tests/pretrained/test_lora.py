@@ -187,3 +187,20 @@ def test_gradient_checkpointing_inside_the_base_recomputes_with_the_adapter(
             m.p = 0.0
     adapter(X["x"], X["x_mask"]).pow(2).sum().backward()
     torch.testing.assert_close(adapter.A["0"].grad, expected)
+
+
+def test_a_resnet_takes_lora_on_its_convolutions_and_merges_it(resnet_dir: Path) -> None:
+    torch.manual_seed(0)
+    enc = HFEncoder(path=str(resnet_dir), freeze=True)
+    adapter = LoRA(enc, r=2, target_modules=[r"layer\.0\.convolution"])
+    assert adapter.layers and all(n.endswith("layer.0.convolution") for n in adapter.layers)
+    with torch.no_grad():
+        for b in adapter.B.values():
+            b.normal_(std=0.1)
+    adapter.eval()
+    images = torch.randn(2, 3, 16, 16)
+    out = adapter(images)
+    assert not torch.allclose(out, enc(images))  # the deltas act
+    torch.testing.assert_close(merged(adapter)(images), out, atol=1e-5, rtol=0)
+    out.sum().backward()
+    assert all(a.grad is not None and a.grad.abs().sum() > 0 for a in adapter.A.values())

@@ -11,7 +11,7 @@ from mtlgraph.data.sources.files import TABLE_FORMATS, Table, iter_table, read_t
 from mtlgraph.data.sources.images import IMAGE_MODES, ImageDecoder, ImageFolder
 from mtlgraph.data.sources.shards import ShardStream, shard_files
 from mtlgraph.data.sources.table import split_table, table_dataset
-from mtlgraph.data.sources.tokenizer import WordTokenizer
+from mtlgraph.data.sources.tokenizer import SubwordTokenizer, WordTokenizer, load_tokenizer
 
 __all__ = [
     "IMAGE_MODES",
@@ -19,9 +19,11 @@ __all__ = [
     "ImageDecoder",
     "ImageFolder",
     "ShardStream",
+    "SubwordTokenizer",
     "Table",
     "WordTokenizer",
     "iter_table",
+    "load_tokenizer",
     "read_table",
     "shard_files",
     "split_table",
