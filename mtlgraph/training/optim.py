@@ -280,6 +280,11 @@ def layer_groups(
                     f"{where}: module '{module_name}' has no nn.ModuleList or nn.Sequential of 2 "
                     "or more layers; name its layers bottom to top (layers: [...])"
                 )
+            if layers and not any(id(p) in group_of for layer in layers for p in layer.params):
+                problems.append(
+                    f"{where}: the layers of module '{module_name}' do not train (a frozen "
+                    "encoder: freeze: true); decay the lr of a module that trains"
+                )
             for depth, layer in enumerate(reversed(layers)):
                 params = [p for p in layer.params if id(p) in group_of and id(p) not in moved]
                 if depth == 0 or not params:

@@ -111,7 +111,12 @@ def test_layer_lr_decay_on_a_bert_in_the_graph() -> None:
     assert lrs["enc.model.embeddings"] == pytest.approx(1e-3 * 0.9**3)
     assert lrs["enc.model.encoder.layer.1"] == pytest.approx(1e-3 * 0.9)
     assert "enc.model.encoder.layer.2" not in lrs  # the top block trains at lr, in the default
-    assert Trainer(layer_lr_decay={"enc": 0.9}).config.layer_lr_decay["enc"] == 0.9
+    enc.requires_grad_(False)  # a frozen encoder: its lr cannot decay
+    problems = model_param_groups(model, {}, (), {"enc": 0.9}, 1e-3)[1]
+    assert problems == [
+        "layer_lr_decay.enc: the layers of module 'enc' do not train (a frozen encoder: freeze: "
+        "true); decay the lr of a module that trains"
+    ]
 
 
 def test_a_bert_fine_tunes_with_every_control_at_once() -> None:
