@@ -128,6 +128,7 @@ class GradualUnfreezing(Hook):
         self.thaw(run)
 
     def on_evaluate_end(self, run: Run, scores: Mapping[str, float]) -> None:
+        """Log the layers that trained in the last step (evaluation comes before the thaw)."""
         key = make_key("model", "all", "train", f"unfrozen_layers/{self.module}")
         run.log({key: min(self.unfrozen, len(self.layers))})
 
