@@ -136,7 +136,15 @@ class HFEncoder(nn.Module):
         self.pooling = pooling
         self.freeze = freeze
         if path is not None:
-            self.model = tf.AutoModel.from_pretrained(path)
+            try:
+                self.model = tf.AutoModel.from_pretrained(path)
+            except OSError as e:  # a config.json without weights, a torn weights file
+                raise ConfigError(
+                    [
+                        f"hf_encoder: path '{path}' holds a model config but no weights it can "
+                        f"load ({e}); save the model with model.save_pretrained(directory)"
+                    ]
+                ) from None
         else:
             self.model = tf.AutoModel.from_config(cfg)
         self.text = self.model.main_input_name == "input_ids"

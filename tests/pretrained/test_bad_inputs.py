@@ -66,6 +66,13 @@ def test_a_directory_that_is_no_model(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "modules.enc: hf_encoder: path" in err
     assert "is not a model directory: it has no config.json" in err
 
+    import transformers
+
+    transformers.BertConfig(vocab_size=25, hidden_size=16).save_pretrained(tmp_path / "cfg_only")
+    err = _check(capsys, _config(tmp_path, {"enc": {"type": "hf_encoder", "path": "cfg_only"}}))
+    assert "modules.enc: hf_encoder: path" in err
+    assert "holds a model config but no weights it can load" in err
+
 
 def test_a_tokenizer_with_more_ids_than_the_model_embeds(
     tmp_path: Path, bert_dir: Path, capsys: pytest.CaptureFixture[str]
