@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 from mtlgraph._suggest import first_few
 from mtlgraph.exceptions import MtlGraphError, TrainingError
-from mtlgraph.experiment import inference_cli
+from mtlgraph.experiment import inference_cli, report_cli
+from mtlgraph.experiment.runs import CONFIG_FILE, SCORES_FILE
 
 if TYPE_CHECKING:
     from mtlgraph.experiment.config import ExperimentConfig
@@ -33,8 +34,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-CONFIG_FILE = "config.yaml"
-SCORES_FILE = "scores.json"
 
 
 class UsageError(MtlGraphError):
@@ -328,6 +327,11 @@ def evaluate(args: argparse.Namespace) -> int:
 def _check_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="the YAML experiment config")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    p.add_argument(
+        "--graph",
+        metavar="FILE",
+        help="also write the merged graph as a picture: FILE.svg, FILE.mmd (Mermaid) or FILE.dot",
+    )
 
 
 def describe(experiment: Any) -> str:
@@ -378,9 +382,17 @@ def check(args: argparse.Namespace) -> int:
     from mtlgraph.experiment.config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    if args.graph:
+        from mtlgraph.graph.drawing import graph_format
+
+        graph_format(args.graph)  # a bad extension fails before any work
     experiment = build_experiment(cfg)
     print(f"{args.config}: valid")
     print(describe(experiment))
+    if args.graph:
+        from mtlgraph.graph.drawing import write_graph
+
+        print(f"graph written to {write_graph(experiment.model.tasks.values(), args.graph)}")
     return EXIT_OK
 
 
@@ -419,6 +431,27 @@ command(
     "export tasks of a trained checkpoint to torch.export (.pt2) or ONNX, with a sidecar JSON",
     inference_cli.export_args,
 )(inference_cli.export)
+
+command(
+    "report",
+    "write a run's self-contained HTML report: graph, curves, weights, scores, diagnostics",
+    report_cli.report_args,
+)(report_cli.report)
+command(
+    "compare",
+    "compare runs' final scores: mean ± std over seeds, Δm%% against single-task baselines",
+    report_cli.compare_args,
+)(report_cli.compare)
+command(
+    "baselines",
+    "train each task of a config alone (same data, trainer settings and seeds)",
+    report_cli.baselines_args,
+)(report_cli.baselines)
+command(
+    "sweep",
+    "train a grid of config values × seeds in parallel processes, then compare them",
+    report_cli.sweep_args,
+)(report_cli.sweep_command)
 
 
 def build_parser() -> argparse.ArgumentParser:

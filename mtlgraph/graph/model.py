@@ -24,7 +24,12 @@ from mtlgraph._io import atomic_torch_save, map_structure, tensor_leaves
 from mtlgraph._suggest import did_you_mean, quoted
 from mtlgraph.data.datasets import DictDataLoader
 from mtlgraph.exceptions import DataError, GraphError
-from mtlgraph.graph.model_file import load_model_state, model_entries, read_checkpoint
+from mtlgraph.graph.model_file import (
+    load_model_state,
+    model_entries,
+    read_checkpoint,
+    state_problems,
+)
 from mtlgraph.graph.plan import INPUT_ID, ExecutionPlan, Source
 from mtlgraph.graph.slices import SliceFunc
 from mtlgraph.graph.task import INPUT, Task, unknown_label_error, unknown_tasks_error
@@ -379,7 +384,7 @@ class MultitaskClassifier(nn.Module):
         for label, y in Y_dict.items():
             task = tasks.get(label)
             if task is None:
-                raise unknown_label_error(label, tasks)
+                raise unknown_label_error(label, tasks, remap=False)
             if label in all_active:
                 active.append((label, None, y))
                 continue
@@ -515,11 +520,11 @@ class MultitaskClassifier(nn.Module):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"model file {os.fspath(path)!r} does not exist")
         checkpoint, name = read_checkpoint(path, self.device), f"{os.fspath(path)!r}"
-        hint = (
-            "pass strict=False to load the part that matches"
-            if strict
-            else "load a file of this model"
-        )
+        state, names = checkpoint.get("model"), checkpoint.get("task_names")
+        if strict and not state_problems(self, state, names, strict=False):
+            hint = "pass strict=False to load the part that matches"
+        else:  # strict=False loads only files whose tasks and weights are all in the model
+            hint = "load a file of this model, or build the model with the file's tasks"
         load_model_state(self, checkpoint, name, strict, hint)
 
     def extra_repr(self) -> str:

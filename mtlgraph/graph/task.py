@@ -442,11 +442,16 @@ def unknown_tasks_error(unknown: Iterable[str], tasks: Mapping[str, Task]) -> Gr
     )
 
 
-def unknown_label_error(label: str, tasks: Mapping[str, Task]) -> GraphError:
-    """The error for a batch label that names no task of the model."""
+def unknown_label_error(label: str, tasks: Mapping[str, Task], remap: bool = True) -> GraphError:
+    """The error for a batch label that names no task of the model; ``remap``: the caller
+    takes ``remap_labels`` (``predict``, ``score``), so the fix names it."""
+    fix = (
+        f"Pass remap_labels={{'{label}': <task or None>}} to score it with another task's "
+        "head or to drop it"
+        if remap
+        else f"Remove '{label}' from the batch's Y_dict or rename it to a task"
+    )
     return GraphError(
         f"label '{label}' names no task of the model{did_you_mean(label, tasks)}; "
-        f"the model has {quoted(tasks)}. Pass "
-        f"remap_labels={{'{label}': <task or None>}} to score it with another task's "
-        "head or to drop it"
+        f"the model has {quoted(tasks)}. {fix}"
     )

@@ -1,17 +1,21 @@
 """Learning-rate schedules: a factor on every parameter group's base learning rate.
 
 A schedule is ``(progress, epoch, **params) -> factor`` looked up in :data:`LR_SCHEDULES`, with
-warm-up applied in front; the factor is a pure function of the step counters, so a checkpoint
-restores it exactly (see ``docs/training.md``).
+warm-up applied in front; a schedule that names a ``steps`` parameter also gets the optimizer
+steps taken since the warm-up ended. The factor is a pure function of the step counters, so a
+checkpoint restores it exactly (see ``docs/training.md``).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
-from mtlgraph.registry import Registry
+from mtlgraph.registry import Registry, accepted_parameters
+
+Unit = Literal["epochs", "steps"]
+"""What ``exponential`` and ``step`` count: epochs, or optimizer steps since the warm-up."""
 
 
 def constant(progress: float, epoch: int) -> float:
@@ -19,9 +23,9 @@ def constant(progress: float, epoch: int) -> float:
     return 1.0
 
 
-def linear(progress: float, epoch: int, end_factor: float = 0.0) -> float:
-    """Falls linearly from 1 to ``end_factor`` at the last step."""
-    return 1.0 - (1.0 - end_factor) * progress
+def linear(progress: float, epoch: int, end_factor: float = 0.0, min_factor: float = 0.0) -> float:
+    """Falls linearly from 1 to ``end_factor`` at the last step, never below ``min_factor``."""
+    return max(min_factor, 1.0 - (1.0 - end_factor) * progress)
 
 
 def cosine(progress: float, epoch: int, min_factor: float = 0.0) -> float:
@@ -29,20 +33,38 @@ def cosine(progress: float, epoch: int, min_factor: float = 0.0) -> float:
     return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def exponential(progress: float, epoch: int, gamma: float = 0.9) -> float:
-    """``gamma ** epoch``."""
-    return float(gamma**epoch)
+def exponential(
+    progress: float,
+    epoch: int,
+    gamma: float = 0.9,
+    unit: Unit = "epochs",
+    min_factor: float = 0.0,
+    steps: int = 0,
+) -> float:
+    """``gamma ** n``, ``n`` the epoch (``unit="epochs"``) or the optimizer steps since the
+    warm-up (``unit="steps"``), never below ``min_factor``."""
+    return max(min_factor, float(gamma ** (steps if unit == "steps" else epoch)))
 
 
-def step(progress: float, epoch: int, step_size: int = 1, gamma: float = 0.1) -> float:
-    """``gamma ** (epoch // step_size)``."""
-    return float(gamma ** (epoch // int(step_size)))
+def step(
+    progress: float,
+    epoch: int,
+    step_size: int = 1,
+    gamma: float = 0.1,
+    unit: Unit = "epochs",
+    min_factor: float = 0.0,
+    steps: int = 0,
+) -> float:
+    """``gamma ** (n // step_size)``, ``n`` counted as in :func:`exponential`, never below
+    ``min_factor``."""
+    n = steps if unit == "steps" else epoch
+    return max(min_factor, float(gamma ** (n // int(step_size))))
 
 
 LR_SCHEDULES: Registry[Callable[..., float]] = Registry(
     "LR schedule",
     {fn.__name__: fn for fn in (constant, linear, cosine, exponential, step)},
-    supplied={"progress": "remove it", "epoch": "remove it"},
+    supplied={"progress": "remove it", "epoch": "remove it", "steps": "remove it"},
     bind=True,
 )
 """Every LR schedule by name; ``LR_SCHEDULES.register(name, fn)`` adds one.
@@ -110,10 +132,15 @@ def lr_factor_fn(
     if fn is constant and warmup_steps == 0:
         return None
     span = max(1, total_steps - warmup_steps)
+    accepted = accepted_parameters(fn)
+    counts_steps = accepted is None or "steps" in accepted
 
     def factor(global_step: int, epoch: int) -> float:
         if global_step < warmup_steps:
             return (global_step + 1) / warmup_steps
-        return float(fn(min(1.0, (global_step - warmup_steps) / span), epoch))
+        done = global_step - warmup_steps  # optimizer steps since the warm-up ended
+        if counts_steps:
+            return float(fn(min(1.0, done / span), epoch, steps=done))
+        return float(fn(min(1.0, done / span), epoch))
 
     return factor

@@ -199,6 +199,21 @@ class Trainer:
                     gc.collect()
 
 
+def draw_counts(plan: Sequence[Step], names: Sequence[str]) -> dict[str, float]:
+    """How many batches an epoch's ``plan`` draws from each training dataset, as record keys
+    ``model/<dataset>/train/draws`` (loaders of one dataset name add up).
+
+    Example:
+        >>> draw_counts([(0,), (1,), (0,), (0, 1)], ["a", "b"])
+        {'model/a/train/draws': 3.0, 'model/b/train/draws': 2.0}
+    """
+    out = {make_key("model", name, "train", "draws"): 0.0 for name in names}
+    for step in plan:
+        for i in step:
+            out[make_key("model", names[i], "train", "draws")] += 1.0
+    return out
+
+
 class FitLoop:
     """One ``fit``: every piece built before the first step (in ``__init__``; a resume loads
     their states, the global random states last) and the loop (:meth:`run`)."""
@@ -249,6 +264,7 @@ class FitLoop:
         self.lr_factor = self._lr_schedule()  # before a resume loads the scheduler's state
         self.resuming = saved is not None
         self._recorded_positions: list[int] = []  # the checkpoint's loader positions
+        self.draws: dict[str, float] = {}  # batches drawn per dataset in the epoch's plan
         keys = ckpt.metric_keys(model, self.train, evals, cfg.slices)
         self.probes = self._probes(saved)
         hooks = self._hooks(guard, keys)
@@ -301,6 +317,7 @@ class FitLoop:
         interrupted epoch of a resumed run, continue where the checkpoint left them."""
         state = self.state
         self.loaders.start_epoch(epoch)
+        self.draws = draw_counts(plan, [dl.dataset.name for dl in self.train])
         if self.resuming and epoch == state.epoch:  # the interrupted epoch: continue it
             self.resuming = False
             state.plan, state.scheduler_state = plan, scheduler_state
@@ -322,6 +339,7 @@ class FitLoop:
                 )
         for task_name, w in sorted(self.balancer.weights().items()):
             record[make_key("model", "all", "train", f"weight/{task_name}")] = float(w)
+        record.update(self.draws)
         return record
 
     def score(self) -> dict[str, float]:

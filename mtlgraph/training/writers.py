@@ -2,8 +2,8 @@
 
 The run's ``writers`` hook (:class:`~mtlgraph.training.hooks.LogWriters`) calls
 :meth:`Writer.write` with every history record and :meth:`Writer.close` once at the end of
-``fit``. Built in: ``jsonl`` (``metrics.jsonl``) and ``tensorboard``; named writers live in
-:data:`WRITERS`, and a factory takes a :class:`WriterContext`. See ``docs/training.md``.
+``fit``. Built in: ``jsonl`` (``metrics.jsonl``), ``tensorboard`` and ``mlflow``; named writers
+live in :data:`WRITERS`, and a factory takes a :class:`WriterContext`. See ``docs/training.md``.
 """
 
 from __future__ import annotations
@@ -150,6 +150,90 @@ class TensorBoardWriter(Writer):
         self._writer.close()
 
 
+MLFLOW_RUN_FILE = "mlflow.json"
+"""Where the ``mlflow`` writer notes its tracking URI and run id in the run directory."""
+
+
+class MlflowWriter(Writer):
+    """An MLflow run: the flattened config as parameters, every flat key as a metric at the
+    record's step, and at the end the run directory's ``config.yaml``, ``metrics.jsonl`` and
+    ``diagnostics.json`` as artifacts (``mtlgraph report`` adds ``scores.json`` and the report).
+
+    The tracking store is MLflow's own setting (``MLFLOW_TRACKING_URI``, e.g.
+    ``sqlite:///mlflow.db`` or ``file:./mlruns``) unless ``tracking_uri`` is given; the MLflow
+    experiment is the config's ``experiment``. A resumed run continues the same MLflow run
+    (its id is kept in ``RUN_DIR/mlflow.json``). No global MLflow state is touched: everything
+    goes through an ``MlflowClient``.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        hparams: Mapping[str, Any] | None = None,
+        resume_step: int | None = None,
+        tracking_uri: str | None = None,
+    ) -> None:
+        from mtlgraph._io import import_extra
+
+        (tracking,) = import_extra("the mlflow writer", "mlflow", "mlflow.tracking")
+        self.run_dir = Path(run_dir)
+        hparams = dict(hparams or {})
+        self.client = tracking.MlflowClient(tracking_uri)
+        noted = self.run_dir / MLFLOW_RUN_FILE
+        if resume_step is not None and noted.is_file():
+            self.run_id = str(json.loads(noted.read_text())["run_id"])
+            return
+        name = str(hparams.get("experiment") or "mtlgraph")
+        found = self.client.get_experiment_by_name(name)
+        experiment_id = found.experiment_id if found else self.client.create_experiment(name)
+        run = self.client.create_run(experiment_id, run_name=self.run_dir.name)
+        self.run_id = run.info.run_id
+        atomic_write_text(
+            noted,
+            json.dumps({"tracking_uri": self.client.tracking_uri, "run_id": self.run_id}) + "\n",
+        )
+        from mlflow.entities import Param
+
+        params = [Param(k, _param_text(v)) for k, v in sorted(hparams.items())]
+        for i in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
+            self.client.log_batch(self.run_id, params=params[i : i + 100])
+
+    def write(self, record: Mapping[str, float]) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        step, now = int(record.get("step", 0)), int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, step) for k, v in record.items() if SEP in k]
+        for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics a batch
+            self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
+
+    def close(self, final: Mapping[str, float] | None = None) -> None:
+        files = ["config.yaml", METRICS_FILE, "diagnostics.json"]
+        for name in files:
+            if (self.run_dir / name).is_file():
+                self.client.log_artifact(self.run_id, str(self.run_dir / name))
+        self.client.set_terminated(self.run_id, "FINISHED" if final is not None else "FAILED")
+
+
+def _param_text(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(json_value(value))
+    return text[:6000]  # MLflow's limit on a parameter's value
+
+
+def attach_mlflow_artifacts(run_dir: str | Path, files: Sequence[str | Path]) -> None:
+    """Log ``files`` as artifacts of the MLflow run the ``mlflow`` writer made for ``run_dir``
+    (``scores.json`` too when it exists)."""
+    from mtlgraph._io import import_extra
+
+    (tracking,) = import_extra("the mlflow writer", "mlflow", "mlflow.tracking")
+    noted = json.loads((Path(run_dir) / MLFLOW_RUN_FILE).read_text())
+    client = tracking.MlflowClient(noted["tracking_uri"])
+    scores = Path(run_dir) / "scores.json"
+    for path in [*([scores] if scores.is_file() else []), *map(Path, files)]:
+        client.log_artifact(noted["run_id"], str(path))
+
+
 def hparam_values(flat: Mapping[str, Any]) -> dict[str, bool | int | float | str]:
     """TensorBoard-acceptable hparams: numbers, strings and booleans kept, the rest as text."""
     keep = (bool, int, float, str)
@@ -183,8 +267,12 @@ def _tensorboard(ctx: WriterContext) -> Writer:
     return TensorBoardWriter(ctx.run_dir, ctx.hparams, ctx.resume_step)
 
 
+def _mlflow(ctx: WriterContext) -> Writer:
+    return MlflowWriter(ctx.run_dir, ctx.hparams, ctx.resume_step)
+
+
 WRITERS: Registry[WriterFactory] = Registry(
-    "writer", {"jsonl": _jsonl, "tensorboard": _tensorboard}, base=Writer
+    "writer", {"jsonl": _jsonl, "tensorboard": _tensorboard, "mlflow": _mlflow}, base=Writer
 )
 """Writers by name (``TrainerConfig.writers``); ``WRITERS.register(name, factory)`` adds one."""
 

@@ -69,7 +69,7 @@ def test_names_are_mtlgraph_objects() -> None:
     assert issubclass(DictDataset, mtlgraph.DictDataset)
     assert issubclass(MultitaskClassifier, mtlgraph.MultitaskClassifier)
     assert issubclass(Trainer, mtlgraph.Trainer) and issubclass(Scorer, mtlgraph.Scorer)
-    assert Operation is mtlgraph.Operation and Task is mtlgraph.Task
+    assert issubclass(Operation, mtlgraph.Operation) and issubclass(Task, mtlgraph.Task)
     from mtlgraph.graph.losses import cross_entropy_with_probs as ours
 
     assert cross_entropy_with_probs is ours
@@ -115,9 +115,22 @@ def test_trainer_arguments_are_translated() -> None:
     )
     assert cfg["weight_decay"] == 0.1 and cfg["eval_splits"] == ["dev"]
     assert cfg["optimizer"] == {"name": "sgd", "momentum": 0.9}  # Snorkel's sgd default
-    assert cfg["lr_scheduler"] == {"name": "linear", "end_factor": pytest.approx(0.1)}
+    assert cfg["lr_scheduler"] == {"name": "linear", "min_factor": pytest.approx(0.1)}
     assert cfg["warmup_epochs"] == 2.0 and cfg["grad_clip"] == 1.0
-    assert cfg["run_dir"] == str(Path("logs") / "r1") and cfg["writers"] == ["jsonl"]
+    assert cfg["run_dir"] == "checkpoints"  # Snorkel's default checkpoint_dir
+    (writer,) = cfg["writers"]  # the logs stay in log_dir/run_name
+    assert (writer.name, writer.directory) == ("jsonl", Path("logs") / "r1")
+    logs_only = snorkel_to_mtlgraph({"logging": True, "log_writer_config": {"run_name": "r"}})
+    assert (logs_only["run_dir"], logs_only["writers"]) == (
+        str(Path("logs") / "r"),
+        ["tensorboard"],
+    )
+    assert snorkel_to_mtlgraph({"lr_scheduler": "step"})["lr_scheduler"] == {
+        "name": "step",
+        "unit": "steps",
+        "gamma": 0.9,
+        "step_size": 5,
+    }  # Snorkel's StepLR defaults, stepped per batch
     assert (cfg["evaluation_unit"], cfg["evaluation_freq"], cfg["checkpoint_every"]) == (
         "steps",
         10,
@@ -136,13 +149,17 @@ def test_untranslatable_settings_say_how_snorkel_differed() -> None:
         Trainer(
             n_epoch=3,
             lr_scheduler="exponential",
+            lr_scheduler_config={"exponential_config": {"gama": 0.5}},
             log_manager_config={"counter_unit": "points"},
             checkpointing=True,
             checkpointer_config={"checkpoint_runway": 2},
         )
     text = str(info.value)
     assert "Trainer: unknown key 'n_epoch' (did you mean 'n_epochs'?)" in text
-    assert "Snorkel stepped it after every batch, mtlgraph's 'exponential'" in text
+    assert (
+        "lr_scheduler_config.exponential_config.gama: LR schedule 'exponential' takes no "
+        "argument 'gama' (did you mean 'gamma'?)"
+    ) in text
     assert "counter_unit: 'points' has no mtlgraph equivalent" in text
     assert "checkpoint_runway: not supported" in text
     with pytest.raises(ConfigError, match="collate_fn is not supported"):

@@ -51,7 +51,10 @@ def test_usage_errors_are_mtlgraph_yaml_and_missing_file_errors() -> None:
 
 
 def test_subcommands_are_a_registry() -> None:
-    assert list(COMMANDS) == ["train", "evaluate", "check", "diagnose", "predict", "export"]
+    assert list(COMMANDS) == [
+        "train", "evaluate", "check", "diagnose", "predict", "export",
+        "report", "compare", "baselines", "sweep",
+    ]  # fmt: skip
 
 
 def test_python_dash_m_runs_the_cli() -> None:

@@ -152,9 +152,12 @@ def test_calculate_loss_masks_ignored_labels() -> None:
 def test_calculate_loss_rejects_unknown_labels() -> None:
     model = MultitaskClassifier([make_task("circle_task", nn.Linear(2, 4))])
     with pytest.raises(
-        GraphError, match="label 'circle' names no task.*did you mean 'circle_task'.*remap_labels"
-    ):
+        GraphError,
+        match="label 'circle' names no task.*did you mean 'circle_task'.*Remove 'circle' from "
+        "the batch's Y_dict",
+    ) as info:
         model.calculate_loss({"x": torch.randn(1, 2)}, {"circle": torch.tensor([0])})
+    assert "remap_labels" not in str(info.value)  # calculate_loss takes no remap_labels
 
 
 def test_stop_gradient_edge_blocks_gradient() -> None:
@@ -283,6 +286,23 @@ def test_load_into_a_grown_model_needs_strict_false(tmp_path) -> None:  # type: 
         grown.load(tmp_path / "m.pt")
     grown.load(tmp_path / "m.pt", strict=False)
     assert torch.equal(grown.module_pool["trunk"].weight, trunk.weight)
+
+
+def test_load_suggests_strict_false_only_when_it_would_load(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    trunk = nn.Linear(2, 4)
+    MultitaskClassifier([make_task("a", trunk), make_task("c", trunk)]).save(tmp_path / "ac.pt")
+    trunk2 = nn.Linear(2, 4)
+    small = MultitaskClassifier([make_task("a", trunk2)])  # lacks the file's task 'c'
+    with pytest.raises(CheckpointError, match="build the model with the file's tasks") as info:
+        small.load(tmp_path / "ac.pt")
+    assert "strict=False" not in str(info.value)
+    with pytest.raises(CheckpointError, match="not in the model: 'c'"):
+        small.load(tmp_path / "ac.pt", strict=False)
+    small.save(tmp_path / "a.pt")  # into a model with more tasks: strict=False does load
+    grown = MultitaskClassifier([make_task("a", trunk), make_task("c", trunk)])
+    with pytest.raises(CheckpointError, match="pass strict=False to load the part that matches"):
+        grown.load(tmp_path / "a.pt")
+    grown.load(tmp_path / "a.pt", strict=False)
 
 
 def test_load_refuses_foreign_files(tmp_path) -> None:  # type: ignore[no-untyped-def]
