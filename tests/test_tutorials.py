@@ -149,3 +149,21 @@ def test_07_weak_supervision() -> None:
     assert result["soft"] >= 0.93
     assert result["true_labels"] >= 0.95
     assert result["soft"] >= result["true_labels"] - 0.05
+
+
+def test_08_pretrained_encoders_and_adapters() -> None:
+    """A price regression swamps a BERT it shares with the category task (the diagnostics show
+    its gradients far larger and a price step raising the category loss); a second BERT or a
+    LoRA adapter per task on one frozen BERT gives the category its accuracy back, the adapters
+    with the fewest trainable parameters and the smallest saved model."""
+    pytest.importorskip("transformers")
+    result = load("08_pretrained_encoders_and_adapters").main(n=400, n_epochs=5, verbose=False)
+    shared, two, lora = result["shared"], result["two_encoders"], result["lora"]
+    assert shared["category"] <= 0.5  # four categories: near chance under the price gradients
+    assert two["category"] >= 0.95 and lora["category"] >= 0.95
+    assert min(r["colour"] for r in result.values()) >= 0.95  # the ResNet reads the photos
+    assert lora["trainable"] < 0.4 * shared["trainable"] < 0.4 * two["trainable"]
+    assert lora["file_kb"] < 0.6 * shared["file_kb"] and two["file_kb"] > 1.5 * shared["file_kb"]
+    pair = shared["report"].pair("category_task", "price_task", "enc")
+    assert pair.norm_ratio < 0.01  # price gradients over 100x the category's on the BERT
+    assert shared["report"].affinity_of("price_task", "category_task") < 0

@@ -10,6 +10,7 @@ from mtlgraph.training.lr import LR_SCHEDULES
 from mtlgraph.training.optim import OPTIMIZERS
 from mtlgraph.training.state import LossRecord, RunState
 from mtlgraph.training.trainer import Trainer, TrainerConfig
+from mtlgraph.training.unfreezing import GradualUnfreezing
 from mtlgraph.training.writers import WRITERS, Writer
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "DistEnv",
     "EarlyStopping",
     "Every",
+    "GradualUnfreezing",
     "Hook",
     "LossRecord",
     "Run",

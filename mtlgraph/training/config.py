@@ -16,6 +16,7 @@ from mtlgraph.data.schedulers import SCHEDULERS, BatchScheduler
 from mtlgraph.diagnostics import DiagnosticsConfig
 from mtlgraph.graph.slices import SLICES
 from mtlgraph.training.hooks import HOOKS, Hook
+from mtlgraph.training.layers import LayerDecay
 from mtlgraph.training.lr import LR_SCHEDULES
 from mtlgraph.training.optim import optimizer_problems
 from mtlgraph.training.writers import WRITERS, Writer
@@ -90,6 +91,15 @@ class TrainerConfig:
     # --- bad input (docs/training.md § Bad input)
     # a non-finite step loss or clipped gradient norm: raise TrainingError, drop the update, warn
     nonfinite: Literal["raise", "skip_batch", "warn"] = "raise"
+    # --- fine-tuning pretrained modules (docs/training.md § Fine-tuning pretrained modules)
+    # module name/pattern -> lr decay per layer down from the top, in (0, 1], or
+    # {decay: ..., layers: [bottom-to-top submodule patterns]}; see LayerDecay
+    layer_lr_decay: dict[str, float | LayerDecay] = field(default_factory=dict)
+    # module names/patterns whose layers recompute their activations in the backward pass
+    gradient_checkpointing: list[str] = field(default_factory=list)
+    # log examples/s, tokens/s, peak RSS and CUDA memory at each evaluation (the progress bar
+    # shows them regardless)
+    throughput: bool = False
     # --- the user's hooks (docs/training.md): Hooks, registered names ("early_stopping"),
     # {name: ..., **kwargs} or dotted import paths; they fire after evaluation, before checkpoints
     hooks: list[str | dict[str, Any] | Hook | Callable[..., Any]] = field(default_factory=list)
@@ -98,8 +108,19 @@ class TrainerConfig:
         """Value checks beyond types; one sentence per problem."""
         problems = self._check_numbers()
         problems += [
-            f"freeze: entries must be non-empty strings, got {f!r}" for f in self.freeze if not f
+            f"{key}: entries must be non-empty strings, got {f!r}"
+            for key in ("freeze", "gradient_checkpointing")
+            for f in getattr(self, key)
+            if not f
         ]
+        for pattern, decay in self.layer_lr_decay.items():
+            if isinstance(decay, LayerDecay):
+                problems += [f"layer_lr_decay.{pattern}.{p}" for p in decay.problems()]
+            else:  # a number: the decay itself
+                problems += [
+                    f"layer_lr_decay.{pattern}: {p.partition(': ')[2]}"
+                    for p in LayerDecay(decay=decay).problems()
+                ]
         problems += optimizer_problems(self.optimizer, self.weight_decay, self.param_groups)
         problems += self._check_snorkel_users()
         problems += BALANCERS.problems(self.balancer, "balancer", build=True)

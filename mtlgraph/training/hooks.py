@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
+import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -20,10 +22,11 @@ from tqdm.auto import tqdm
 from mtlgraph._suggest import quoted
 from mtlgraph.balancing import Balancer
 from mtlgraph.balancing.weighting import SumBalancer
+from mtlgraph.data.collate import MASK_SUFFIX, Batch
 from mtlgraph.diagnostics import DiagnosticsReport, InterferenceMonitor, write_report
 from mtlgraph.exceptions import ConfigError
 from mtlgraph.graph.task import Task
-from mtlgraph.metrics import split_key
+from mtlgraph.metrics import make_key, split_key
 from mtlgraph.registry import Registry
 from mtlgraph.training.checkpoint import Checkpointer
 from mtlgraph.training.state import TRAIN_LOSS, Records, RunState
@@ -494,18 +497,130 @@ class CheckpointHook(Hook):
         self.checkpointer.load_best_state(state)
 
 
+class Throughput(Hook):
+    """Training throughput and memory: examples/s, tokens/s (the real tokens of padded text
+    fields: their ``<field>_mask``), peak RSS and, on CUDA, peak allocated memory. The step
+    counts each micro-step's batches (:meth:`count`, :meth:`done`); the rates cover the time
+    from a window's first step to its last, so evaluations are not in them.
+
+    Args:
+        device: The model's device.
+        log: Log ``model/all/train/{examples_per_s, tokens_per_s, peak_rss_mb,
+            cuda_max_memory_mb}`` into each evaluation record (``TrainerConfig.throughput``).
+
+    Example:
+        >>> import torch
+        >>> from mtlgraph.training.hooks import Throughput
+        >>> meter = Throughput(torch.device("cpu"), log=True)
+        >>> X = {"text": torch.ones(4, 6), "text_mask": torch.tensor([[1] * 3 + [0] * 3] * 4)}
+        >>> meter.count([(None, (X, {}))]); meter.done()
+        >>> meter.examples, meter.tokens
+        (4, 12)
+    """
+
+    name = "throughput"
+
+    def __init__(self, device: torch.device, log: bool) -> None:
+        self.device, self.log = device, log
+        self.examples = self.tokens = 0  # since the window's first step
+        self.start: float | None = None  # the window's first step began
+        self.end = 0.0  # its last step ended
+        self.totals: list[float] = [0, 0, 0.0]  # examples, tokens, seconds of closed windows
+
+    def count(self, batches: Sequence[tuple[Any, Batch]]) -> None:
+        """Count a micro-step's examples and tokens (before its forward pass)."""
+        if self.start is None:
+            self.start = time.perf_counter()
+        for _, (X, _) in batches:
+            self.examples += len(next(iter(X.values())))
+            for field, value in X.items():
+                if field.endswith(MASK_SUFFIX) and field[: -len(MASK_SUFFIX)] in X:
+                    self.tokens += int(torch.count_nonzero(value))
+
+    def done(self) -> None:
+        """A micro-step ended."""
+        self.end = time.perf_counter()
+
+    def rates(self, close: bool = False) -> dict[str, float]:
+        """``examples_per_s``, ``tokens_per_s`` (when a batch had text) and memory in MB, over
+        the window (``close``: then start a new one) or, without ``close``, the whole fit."""
+        seconds = self.end - self.start if self.start is not None else 0.0
+        examples: float = self.examples
+        tokens: float = self.tokens
+        if close:
+            self.totals = [
+                self.totals[0] + examples,
+                self.totals[1] + tokens,
+                self.totals[2] + seconds,
+            ]
+            self.examples = self.tokens = 0
+            self.start = None
+        else:
+            examples, tokens = examples + self.totals[0], tokens + self.totals[1]
+            seconds += self.totals[2]
+        out: dict[str, float] = {}
+        if seconds > 0:
+            out["examples_per_s"] = examples / seconds
+            if tokens:
+                out["tokens_per_s"] = tokens / seconds
+        return {**out, **peak_memory(self.device)}
+
+    def on_evaluate_end(self, run: Run, scores: Mapping[str, float]) -> None:
+        values = self.rates(close=True)
+        if self.log:
+            run.log({make_key("model", "all", "train", k): v for k, v in values.items()})
+
+    def on_fit_end(self, run: Run) -> None:
+        values = self.rates()
+        if "examples_per_s" in values:
+            logger.info(
+                "training throughput: %s",
+                ", ".join(f"{k}={v:.4g}" for k, v in values.items()),
+            )
+
+
+def throughput_meter(cfg: Any, device: torch.device, is_main: bool) -> Throughput | None:
+    """The run's :class:`Throughput` when its numbers are shown: logged (``cfg.throughput``) or
+    on the progress bar (``cfg.progress_bar`` on rank 0, on a terminal); else ``None``, and the
+    step counts nothing."""
+    bar = cfg.progress_bar and is_main and bool(getattr(sys.stderr, "isatty", bool)())
+    if not (cfg.throughput or bar):
+        return None
+    return Throughput(device, log=cfg.throughput)
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """The process's peak resident memory (``peak_rss_mb``) and, on CUDA, the peak memory
+    allocated by torch on ``device`` (``cuda_max_memory_mb``), in MB."""
+    out: dict[str, float] = {}
+    try:
+        import resource  # POSIX only
+    except ImportError:  # pragma: no cover - Windows
+        pass
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out["peak_rss_mb"] = peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+    if device.type == "cuda":
+        out["cuda_max_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
 class ProgressBar(Hook):
-    """One tqdm bar per epoch; every 20 steps it shows the latest loss and learning rate.
+    """One tqdm bar per epoch; every 20 steps it shows the latest loss and learning rate, and
+    with a ``meter`` the fit's examples/s, tokens/s and peak memory.
 
     Args:
         groups: The optimizer's parameter groups (the first one's ``lr`` is shown).
         n_epochs: The run's epochs.
+        meter: The run's :class:`Throughput` (``None``: none shown).
     """
 
     name = "progress"
 
-    def __init__(self, groups: Sequence[Mapping[str, Any]], n_epochs: int) -> None:
-        self.groups, self.n_epochs = groups, n_epochs
+    def __init__(
+        self, groups: Sequence[Mapping[str, Any]], n_epochs: int, meter: Throughput | None = None
+    ) -> None:
+        self.groups, self.n_epochs, self.meter = groups, n_epochs, meter
         self.bar: tqdm[None] | None = None
 
     def on_step_end(self, run: Run) -> None:
@@ -519,11 +634,13 @@ class ProgressBar(Hook):
             )
         self.bar.update(state.step_in_epoch - self.bar.n)
         if state.global_step % 20 == 0 and state.window:
-            self.bar.set_postfix(
-                loss=f"{float(state.window[-1].loss):.4f}",
-                lr=f"{self.groups[0]['lr']:.3g}",
-                refresh=False,
-            )
+            shown = {
+                "loss": f"{float(state.window[-1].loss):.4f}",
+                "lr": f"{self.groups[0]['lr']:.3g}",
+            }
+            if self.meter is not None:
+                shown.update(_bar_rates(self.meter.rates()))
+            self.bar.set_postfix(shown, refresh=False)
 
     def on_epoch_end(self, run: Run) -> None:
         self.on_fit_end(run)
@@ -532,6 +649,17 @@ class ProgressBar(Hook):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def _bar_rates(values: Mapping[str, float]) -> dict[str, str]:
+    """The throughput as the progress bar shows it: ``ex/s``, ``tok/s``, ``rss``, ``cuda``."""
+    names = {
+        "examples_per_s": ("ex/s", "{:.0f}"),
+        "tokens_per_s": ("tok/s", "{:.0f}"),
+        "peak_rss_mb": ("rss", "{:.0f}MB"),
+        "cuda_max_memory_mb": ("cuda", "{:.0f}MB"),
+    }
+    return {names[k][0]: names[k][1].format(v) for k, v in values.items() if k in names}
 
 
 LOSS_RATIO = 100.0

@@ -19,6 +19,7 @@ from mtlgraph.balancing import Balancer
 from mtlgraph.exceptions import ConfigError
 from mtlgraph.graph.model import ExecutionPlan, MultitaskClassifier
 from mtlgraph.registry import Registry, accepted_parameters
+from mtlgraph.training.layers import LayerDecay, as_layer_decay, module_layers
 
 AMP_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
 NO_CONTEXT = contextlib.nullcontext()  # reusable: entering it does nothing (no per-step object)
@@ -106,11 +107,13 @@ def make_optimizer(
     lr: float,
     weight_decay: float,
     param_groups: Mapping[str, Mapping[str, Any]],
+    layer_lr_decay: Mapping[str, float | LayerDecay] | None = None,
 ) -> torch.optim.Optimizer:
     """The run's one optimizer: the model's groups (default first, then ``param_groups``
-    patterns; frozen parameters left out) and the balancer's learned weights in their own group.
+    patterns, then ``layer_lr_decay`` layers; frozen parameters left out) and the balancer's
+    learned weights in their own group.
     """
-    groups, _ = model_param_groups(model, param_groups)
+    groups, _ = model_param_groups(model, param_groups, (), layer_lr_decay, lr)
     balancer_params = [p for p in balancer.parameters() if p.requires_grad]
     if balancer_params:
         groups.append(
@@ -180,29 +183,35 @@ def _matching(what: str, pattern: str, names: Sequence[str], problems: list[str]
     return found
 
 
-def resolve_freeze(
-    model: MultitaskClassifier, freeze: Sequence[str]
+def resolve_modules(
+    model: MultitaskClassifier, key: str, patterns: Sequence[str]
 ) -> tuple[list[str], list[str]]:
-    """Module names that ``freeze`` selects, and one sentence per pattern that matches none."""
+    """Module names that the ``patterns`` of setting ``key`` select, and one sentence per
+    pattern that matches none."""
     names = list(model.module_pool)
-    frozen: list[str] = []
+    chosen: list[str] = []
     problems: list[str] = []
-    for pattern in freeze:
-        frozen += [n for n in _matching("freeze", pattern, names, problems) if n not in frozen]
-    return frozen, problems
+    for pattern in patterns:
+        chosen += [n for n in _matching(key, pattern, names, problems) if n not in chosen]
+    return chosen, problems
 
 
 def model_param_groups(
     model: MultitaskClassifier,
     param_groups: Mapping[str, Mapping[str, Any]],
     frozen: Sequence[str] = (),
+    layer_lr_decay: Mapping[str, float | LayerDecay] | None = None,
+    lr: float | None = None,
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """The model's optimizer groups: the default group first, then one per pattern.
+    """The model's optimizer groups: the default group first, then one per pattern, then one
+    per layer below the top of each ``layer_lr_decay`` module (:func:`layer_groups`).
 
-    Groups carry ``"scope": "model"`` (and ``"name"``: the pattern); frozen parameters are left out.
+    Groups carry ``"scope": "model"`` (and ``"name"``: the pattern, or ``module.layer``); frozen
+    parameters are left out.
 
     Returns:
-        ``(groups, problems)``: patterns matching no module, modules matched by two patterns.
+        ``(groups, problems)``: patterns matching no module, modules matched by two patterns,
+        layer problems.
     """
     names = list(model.module_pool)
     problems: list[str] = []
@@ -232,7 +241,75 @@ def model_param_groups(
             groups.append(
                 {**param_groups[pattern], "params": params, "scope": "model", "name": pattern}
             )
+    if layer_lr_decay:
+        if lr is None:
+            raise TypeError("model_param_groups: layer_lr_decay needs lr (the default group's)")
+        problems += layer_groups(model, groups, layer_lr_decay, frozen, lr)
     return groups, problems
+
+
+def layer_groups(
+    model: MultitaskClassifier,
+    groups: list[dict[str, Any]],
+    layer_lr_decay: Mapping[str, float | LayerDecay],
+    frozen: Sequence[str],
+    lr: float,
+) -> list[str]:
+    """Split ``groups`` by layer for ``layer_lr_decay``: a layer ``k`` layers below its
+    module's top trains at ``decay ** k`` times the lr of the group it leaves (its options
+    kept; named ``module.layer``); the top layer and parameters above it stay. Returns the
+    problems (patterns matching no module, frozen modules, layers not found)."""
+    names = list(model.module_pool)
+    problems: list[str] = []
+    group_of = {id(p): g for g in groups for p in g["params"]}
+    moved: set[int] = set()
+    added: list[dict[str, Any]] = []
+    for pattern, spec in layer_lr_decay.items():
+        decay = as_layer_decay(spec)
+        where = f"layer_lr_decay.{pattern}"
+        for module_name in _matching("layer_lr_decay", pattern, names, problems):
+            if module_name in frozen:
+                problems.append(f"{where}: module '{module_name}' is frozen (trainer.freeze)")
+                continue
+            layers, found = module_layers(
+                model.module_pool[module_name], decay.layers, f"{where}.layers"
+            )
+            problems += found
+            if not layers and not found:
+                problems.append(
+                    f"{where}: module '{module_name}' has no nn.ModuleList or nn.Sequential of 2 "
+                    "or more layers; name its layers bottom to top (layers: [...])"
+                )
+            if layers and not any(id(p) in group_of for layer in layers for p in layer.params):
+                problems.append(
+                    f"{where}: the layers of module '{module_name}' do not train (a frozen "
+                    "encoder: freeze: true); decay the lr of a module that trains"
+                )
+            for depth, layer in enumerate(reversed(layers)):
+                params = [p for p in layer.params if id(p) in group_of and id(p) not in moved]
+                if depth == 0 or not params:
+                    continue
+                by_group: dict[int, list[nn.Parameter]] = {}
+                for p in params:
+                    by_group.setdefault(id(group_of[id(p)]), []).append(p)
+                for ps in by_group.values():
+                    source = group_of[id(ps[0])]
+                    base = source.get("lr", lr)
+                    options = {k: v for k, v in source.items() if k not in ("params", "name")}
+                    added.append(
+                        {
+                            **options,
+                            "lr": base * decay.decay**depth,
+                            "params": ps,
+                            "name": f"{module_name}.{layer.name}",
+                        }
+                    )
+                moved.update(id(p) for p in params)
+    for g in groups:
+        g["params"] = [p for p in g["params"] if id(p) not in moved]
+    groups[1:] = [g for g in groups[1:] if g["params"]]  # a pattern's group may be all layers
+    groups.extend(added)
+    return problems
 
 
 def freeze_modules(model: MultitaskClassifier, frozen: Sequence[str]) -> None:

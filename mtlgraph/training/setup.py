@@ -19,7 +19,12 @@ from mtlgraph.metrics import active_rows
 from mtlgraph.training.config import TrainerConfig
 from mtlgraph.training.distributed import DistEnv, shard_eval_loader, shard_train_loader
 from mtlgraph.training.labels import check_fit_labels
-from mtlgraph.training.optim import freeze_modules, model_param_groups, resolve_freeze
+from mtlgraph.training.layers import checkpointing_problems, enable_checkpointing
+from mtlgraph.training.optim import (
+    freeze_modules,
+    model_param_groups,
+    resolve_modules,
+)
 from mtlgraph.training.step import BatchSource, StepLosses
 
 logger = logging.getLogger(__name__)
@@ -151,14 +156,19 @@ def check_inputs(model: MultitaskClassifier, loaders: Sequence[DictDataLoader]) 
 def prepare(
     model: MultitaskClassifier, balancer: Balancer, device: torch.device, cfg: TrainerConfig
 ) -> None:
-    """Check the config against the model (patterns, amp, balancer), all problems at once;
-    then freeze modules and set the balancer up for the model's tasks.
+    """Check the config against the model (patterns, layers, amp, balancer), all problems at
+    once; then freeze modules, turn on gradient checkpointing and set the balancer up for the
+    model's tasks.
 
     Raises:
         ConfigError: The problems.
     """
-    frozen, problems = resolve_freeze(model, cfg.freeze)
-    problems += model_param_groups(model, cfg.param_groups, frozen)[1]
+    frozen, problems = resolve_modules(model, "freeze", cfg.freeze)
+    problems += model_param_groups(model, cfg.param_groups, frozen, cfg.layer_lr_decay, cfg.lr)[1]
+    checkpointed = resolve_modules(model, "gradient_checkpointing", cfg.gradient_checkpointing)
+    problems += checkpointed[1]
+    for name in checkpointed[0]:
+        problems += checkpointing_problems(model.module_pool[name], name)
     if cfg.amp == "fp16" and device.type != "cuda":
         problems.append(
             f"amp: 'fp16' needs a CUDA device (the model is on {device.type}); use "
@@ -171,6 +181,9 @@ def prepare(
     if problems:
         raise ConfigError(problems, header="cannot train this model with this config:")
     freeze_modules(model, frozen)
+    for name in checkpointed[0]:
+        how = enable_checkpointing(model.module_pool[name])
+        logger.info("gradient checkpointing on module '%s' (%s)", name, how)
 
 
 def distribute(

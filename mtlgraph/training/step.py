@@ -25,7 +25,7 @@ from mtlgraph.graph.model import MultitaskClassifier
 from mtlgraph.graph.plan import ExecutionPlan
 from mtlgraph.metrics import make_key
 from mtlgraph.training.distributed import Collectives
-from mtlgraph.training.hooks import Hook, Run
+from mtlgraph.training.hooks import Hook, Run, Throughput
 from mtlgraph.training.optim import NO_CONTEXT, StepControl, SubsetStepper
 from mtlgraph.training.state import LossRecord
 
@@ -113,6 +113,7 @@ class TrainStep:
         comm: The run's collectives (averages learned balancer weights' gradients over ranks).
         ddp: DDP around :class:`StepLosses` under torchrun, else ``None``.
         guard: The run's non-finite guard (see :class:`NonfiniteGuard`).
+        meter: Counts each micro-step's examples and tokens (``None``: nothing counted).
     """
 
     def __init__(
@@ -125,8 +126,10 @@ class TrainStep:
         comm: Collectives,
         guard: NonfiniteGuard,
         ddp: DistributedDataParallel | None = None,
+        meter: Throughput | None = None,
     ) -> None:
         self.model, self.balancer, self.stepper, self.control = model, balancer, stepper, control
+        self.meter = meter
         self.device, self.comm, self.ddp, self.guard = device, comm, ddp, guard
         stepper.guard_norm = guard.mode != "warn"
         # Gradient methods take per-task gradients with autograd.grad, which DDP does not see:
@@ -147,13 +150,17 @@ class TrainStep:
     ) -> tuple[list[LossRecord], bool]:
         """One micro-step on ``batches``; returns its loss records and whether the optimizer
         stepped (after ``grad_accumulation_steps`` micro-steps, or the epoch's last one)."""
-        control = self.control
+        control, meter = self.control, self.meter
+        if meter is not None:
+            meter.count(batches)
         if self.no_sync:
             with self.ddp.no_sync():  # type: ignore[union-attr]
                 plan, records = self._forward_backward(batches, global_step)
         else:
             plan, records = self._forward_backward(batches, global_step)
         control.add(plan)
+        if meter is not None:
+            meter.done()
         if plan is not None and self.comm.enabled:  # learned weights live outside DDP
             for p in self._balancer_params(plan.task_names):
                 if p.grad is not None:

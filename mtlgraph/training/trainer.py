@@ -47,6 +47,7 @@ from mtlgraph.training.hooks import (
     ProgressBar,
     Run,
     overrides,
+    throughput_meter,
 )
 from mtlgraph.training.labels import BatchLabelCheck
 from mtlgraph.training.loading import TrainLoaders, batch_count, configure_sampling
@@ -311,13 +312,15 @@ class FitLoop:
             lr=cfg.lr,
             weight_decay=cfg.weight_decay,
             param_groups=cfg.param_groups,
+            layer_lr_decay=cfg.layer_lr_decay,
         )
         prefer_fast_update(optimizer)
         self.stepper = SubsetStepper(optimizer, self.balancer.task_parameters)
         control = StepControl(cfg.amp, cfg.grad_accumulation_steps, cfg.grad_clip, device)
         guard = NonfiniteGuard(cfg.nonfinite, self.comm)
+        self.meter = throughput_meter(cfg, device, env.is_main)
         self.step = TrainStep(
-            model, self.balancer, self.stepper, control, device, self.comm, guard, ddp
+            model, self.balancer, self.stepper, control, device, self.comm, guard, ddp, self.meter
         )
         self.sources = batch_sources(model, self.train, device)
         self.state.batch_counts = [batch_count(dl) for dl in self.train]
@@ -545,6 +548,8 @@ class FitLoop:
         hooks.append(
             EvaluationHook(evaluate_every, self.train_record, score, self.env.is_main, cfg.n_epochs)
         )
+        if self.meter is not None:
+            hooks.append(self.meter)
         hooks += [HOOKS.build(spec, f"hooks[{i}]") for i, spec in enumerate(cfg.hooks)]
         self.writers = None  # rank 0 alone writes logs
         files = [w for w in cfg.writers or [] if isinstance(w, str)]
@@ -569,7 +574,7 @@ class FitLoop:
             every = Every.of(cfg.checkpoint_every, cfg.checkpoint_unit)
             hooks.append(CheckpointHook(every, self.checkpointer, self.save))
         if cfg.progress_bar and self.env.is_main:
-            hooks.append(ProgressBar(self.stepper.full_groups, cfg.n_epochs))
+            hooks.append(ProgressBar(self.stepper.full_groups, cfg.n_epochs, self.meter))
         return hooks
 
     def _probes(self, saved: Mapping[str, Any] | None) -> ProbeHook | None:
