@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
 
 from mtlgraph import DictDataLoader, DictDataset, Operation, Task
+
+# No network at test time: pretrained models are built from configs, saved and loaded by path.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 def make_task(

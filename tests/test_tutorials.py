@@ -153,7 +153,7 @@ def test_07_weak_supervision() -> None:
 
 def test_08_pretrained_encoders_and_adapters() -> None:
     """A price regression swamps a BERT it shares with the category task (the diagnostics show
-    its gradients far larger and a price step raising the category loss); a second BERT or a
+    its gradients hundreds of times larger, at a cosine near 0); a second BERT or a
     LoRA adapter per task on one frozen BERT gives the category its accuracy back, the adapters
     with the fewest trainable parameters and the smallest saved model."""
     pytest.importorskip("transformers")
@@ -166,4 +166,4 @@ def test_08_pretrained_encoders_and_adapters() -> None:
     assert lora["file_kb"] < 0.6 * shared["file_kb"] and two["file_kb"] > 1.5 * shared["file_kb"]
     pair = shared["report"].pair("category_task", "price_task", "enc")
     assert pair.norm_ratio < 0.01  # price gradients over 100x the category's on the BERT
-    assert shared["report"].affinity_of("price_task", "category_task") < 0
+    assert abs(pair.mean_cosine) < 0.1  # a matter of scale, not of direction

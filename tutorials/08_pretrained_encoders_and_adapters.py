@@ -18,9 +18,12 @@ generated too:
 Three datasets, each labelled for one task, three set-ups of the same config:
 
 1. **shared**: ``category_task`` and ``price_task`` fine-tune one BERT. The price gradients
-   swamp the shared encoder and ``category_task`` falls: the interference diagnostics
-   (``trainer.diagnostics``) show the price gradients far larger than, and on average against,
-   the category gradients on ``enc``, and suggest separate encoders.
+   swamp the shared encoder and ``category_task`` falls. The interference diagnostics
+   (``trainer.diagnostics``) show why: on ``enc`` the category gradients are a few hundred times
+   smaller than the price gradients (norm ratio ~0.002), while their cosine is near 0. It is a
+   matter of scale, not of opposing directions, so the cosine, the lookahead affinity (a few
+   1e-4 either way) and the suggested grouping do not flag it: the norm ratio does (and the
+   loss-scale warning the trainer logs at the first evaluation).
 2. **two encoders**: ``price_task`` names its own ``hf_encoder`` (``price_enc``, the same
    directory): the category score recovers, at the price of a second copy of the BERT to train
    and save.
@@ -242,7 +245,7 @@ def main(n: int = 600, n_epochs: int = 6, every: int = 10, verbose: bool = True)
     say(report.to_text())
     pair = report.pair("category_task", "price_task", "enc")
     assert pair is not None and pair.norm_ratio < 0.01, "price gradients swamp the shared BERT"
-    assert report.affinity_of("price_task", "category_task") < 0, "a price step hurts category"
+    assert abs(pair.mean_cosine) < 0.1, "a matter of scale, not of direction"
     shared, two, lora = (results[s] for s in ("shared", "two_encoders", "lora"))
     assert shared["category"] < two["category"] - 0.3, "a second encoder should fix category"
     assert shared["category"] < lora["category"] - 0.3, "per-task adapters should fix category"

@@ -202,6 +202,8 @@ RESUME_APPLIED = frozenset(
         "slices",
         "nonfinite",
         "hooks",
+        "gradient_checkpointing",  # recomputes activations: the same values
+        "throughput",
     }
 )
 """Settings a resume may change: the resumed run uses the new value from its next step on
@@ -219,6 +221,7 @@ RESUME_REFUSED: dict[str, str] = {
     "train_split": "the checkpoint's position is in the other split's batches",
     "steps_per_epoch": "the interrupted epoch's plan has the saved length",
     "diagnostics": "the saved probes were taken with the old settings",
+    "layer_lr_decay": "the checkpoint's optimizer has other parameter groups (one per layer)",
 }
 """Settings a resume refuses to change (exit status 2 in the CLI), each with the reason.
 ``optimizer`` and ``param_groups`` are refused only for another optimizer or other patterns."""

@@ -4,29 +4,12 @@ user with downloaded weights does (no network: ``HF_HUB_OFFLINE=1``)."""
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-os.environ["HF_HUB_OFFLINE"] = "1"
-
-WORDS = [
-    "good", "great", "fine", "bad", "awful", "poor", "shoe", "hat", "coat", "red", "blue",
-    "green", "the", "is", "a", "very", "not", "this", "price", "size",
-]  # fmt: skip
-"""The tiny BERT's words (after the five special tokens)."""
-
-BERT: dict[str, Any] = {
-    "model_type": "bert",
-    "hidden_size": 16,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "intermediate_size": 32,
-    "max_position_embeddings": 32,
-}
+from pretrained.models import BERT, WORDS
 
 
 @pytest.fixture(scope="session")

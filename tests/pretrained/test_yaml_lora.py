@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import WORDS
 
 from mtlgraph.experiment.cli import main
+from pretrained.models import WORDS
 
 pytest.importorskip("transformers")
 
