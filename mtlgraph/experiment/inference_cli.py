@@ -328,14 +328,20 @@ def example_batch(
     run_dir: Path | None = None,
     fingerprints: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The first ``rows`` rows of each field, from the config's datasets (to trace an export)."""
+    """The first ``rows`` rows of each field, from the config's datasets (to trace an export);
+    a padded text field's ``<field>_mask`` comes with the field."""
+    from mtlgraph.data.collate import MASK_SUFFIX
     from mtlgraph.experiment.predict import chunk_batch, read_config_dataset
+
+    def column(f: str) -> str:  # the field a dataset declares: a mask's text field
+        return f.removesuffix(MASK_SUFFIX) if f.endswith(MASK_SUFFIX) else f
 
     example: dict[str, Any] = {}
     for name, ds in cfg.data.datasets.items():
-        wanted = [f for f in fields if f in ds.fields and f not in example]
+        wanted = [f for f in fields if column(f) in ds.fields and f not in example]
         if wanted:
-            data = read_config_dataset(cfg, name, wanted, run_dir, fingerprints)
+            read = list(dict.fromkeys(column(f) for f in wanted))
+            data = read_config_dataset(cfg, name, read, run_dir, fingerprints)
             X, _ = chunk_batch(next(iter(data.chunks(rows))))
             example.update({k: v for k, v in X.items() if k in wanted})
     n = min((len(v) for v in example.values()), default=0)

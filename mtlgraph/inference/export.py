@@ -249,17 +249,27 @@ def _culprit(graph: TaskGraph, args: tuple[torch.Tensor, ...], error: Exception)
 
 
 def export_program(
-    graph: TaskGraph, args: tuple[torch.Tensor, ...], sequences: Sequence[str] = ()
+    graph: TaskGraph,
+    args: tuple[torch.Tensor, ...],
+    sequences: Sequence[str] | Mapping[str, int | None] = (),
 ) -> Any:
     """``torch.export.export`` of the graph with a dynamic batch dimension and, for each field
-    of ``sequences`` (and its mask), a dynamic length (dimension 1), in eval mode.
+    of ``sequences`` (and its mask), a dynamic length (dimension 1), in eval mode. A mapping
+    gives each field's maximum length (its tokenizer's ``max_length``; ``None``: unbounded),
+    which models with a fixed number of positions need.
 
     Raises:
         GraphError: The exporter refused; the message names the module and the reason.
     """
     batch = torch.export.Dim(BATCH)
-    owners = _sequence_owners(graph.fields, sequences)
-    lengths = {f: torch.export.Dim(LENGTH.format(field=f)) for f in set(owners.values())}
+    owners = _sequence_owners(graph.fields, list(sequences))
+    limits = sequences if isinstance(sequences, Mapping) else {}
+    lengths = {
+        f: torch.export.Dim(LENGTH.format(field=f), max=limits[f])
+        if limits.get(f)
+        else torch.export.Dim(LENGTH.format(field=f))
+        for f in set(owners.values())
+    }
     shapes = tuple(
         {0: batch, 1: lengths[owners[f]]} if f in owners else {0: batch} for f in graph.fields
     )
@@ -461,7 +471,7 @@ def export(
     graph = TaskGraph(model, task_names, input_fields(model, task_names, available))
     merge_adapters(graph)  # LoRA adapters: plain weights in the file (mtlgraph.graph.lora)
     args = example_inputs(graph, example, list(sequences or {}))
-    program = export_program(graph, args, list(sequences or {}))
+    program = export_program(graph, args, dict(sequences or {}))
     fmt = cast(ExportFormat, format)  # checked above
     save_program(
         program, graph, args, target, fmt, class_labels, vocabularies, preprocessing, sequences

@@ -161,6 +161,12 @@ def test_lora_per_task_trains_resumes_predicts_and_exports(tmp_path: Path, bert_
         program = model.export(tmp_path / name, tasks=["sentiment"], format=fmt, example=X)
         out = run_exported(program, X)["sentiment"]
         assert float((out - probs).abs().max()) < 1e-4  # the adapter merged into the weights
+        # the command line traces on the config's rows (their text and mask fields), with a
+        # dynamic length bounded by the tokenizer's max_length (BERT has 32 positions)
+        cli = tmp_path / f"cli-{name}"
+        export = ["export", config, "--checkpoint", str(run), "--tasks", "sentiment"]
+        assert main([*export, "--out", str(cli), "--quiet"]) == 0
+        assert float((run_exported(cli, X)["sentiment"] - probs).abs().max()) < 1e-4
 
 
 def test_relative_model_paths_become_absolute_in_the_run_config(
