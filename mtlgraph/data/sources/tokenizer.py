@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import re
+from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -27,7 +28,39 @@ PAD, UNK = "<pad>", "<unk>"
 _WORD = re.compile(r"\w+|[^\w\s]")
 
 
-class WordTokenizer:
+class SavedTokenizer(ABC):
+    """What a run saves of a tokenizer: :meth:`to_dict` (plain JSON-ready values), the file
+    (:meth:`save`, read back by :func:`load_tokenizer`) and the :attr:`fingerprint` its
+    checkpoints record; two are equal when their :meth:`to_dict` are.
+
+    Example:
+        >>> from mtlgraph.data.sources.tokenizer import SavedTokenizer, WordTokenizer
+        >>> tok = WordTokenizer(["<pad>", "<unk>", "shoe"])
+        >>> isinstance(tok, SavedTokenizer), len(tok.fingerprint)
+        (True, 16)
+    """
+
+    @abstractmethod
+    def to_dict(self) -> dict[str, Any]:
+        """The tokenizer as plain JSON-ready values (``from_dict`` reads it back)."""
+
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of the tokenizer and settings: equal fingerprints give equal ids."""
+        text = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the tokenizer as JSON, atomically."""
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=0))
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and self.to_dict() == other.to_dict()
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class WordTokenizer(SavedTokenizer):
     """Words -> ids with a fixed vocabulary (``0`` = padding, ``1`` = unknown word).
 
     Build one from training texts with :meth:`fit`; :meth:`encode` (or calling it) turns a text
@@ -129,29 +162,10 @@ class WordTokenizer:
             )
         return cls(list(data["tokens"]), bool(data["lowercase"]), int(data["max_length"]))
 
-    @property
-    def fingerprint(self) -> str:
-        """A short hash of the vocabulary and settings: equal fingerprints give equal ids."""
-        text = json.dumps(self.to_dict(), sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the vocabulary as JSON, atomically."""
-        return atomic_write_text(path, json.dumps(self.to_dict(), indent=0))
-
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> WordTokenizer:
         """Read a vocabulary :meth:`save` wrote."""
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as e:
-            raise DataError([f"cannot read the vocabulary '{path}': {e}"]) from None
-        return cls.from_dict(data, f"'{path}'")
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, WordTokenizer) and self.to_dict() == other.to_dict()
-
-    __hash__ = None  # type: ignore[assignment]
+        return cls.from_dict(_read_json(path), f"'{path}'")
 
     def __repr__(self) -> str:
         return (
@@ -193,7 +207,7 @@ _SPECIALS = {
 }
 
 
-class SubwordTokenizer:
+class SubwordTokenizer(SavedTokenizer):
     """A ``tokenizers`` tokenizer: a model directory's own (:meth:`pretrained`), or word-piece
     or BPE trained on the training split (:meth:`fit`); texts become ids with the special
     tokens the model expects (``[CLS] ... [SEP]``), cut to ``max_length`` ids in all. Needs
@@ -357,21 +371,6 @@ class SubwordTokenizer:
         text = json.dumps(data["tokenizer"])
         return cls(text, int(data["max_length"]), str(data["kind"]), source)
 
-    @property
-    def fingerprint(self) -> str:
-        """A short hash of the tokenizer and settings: equal fingerprints give equal ids."""
-        text = json.dumps(self.to_dict(), sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the tokenizer as JSON, atomically."""
-        return atomic_write_text(path, json.dumps(self.to_dict()))
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, SubwordTokenizer) and self.to_dict() == other.to_dict()
-
-    __hash__ = None  # type: ignore[assignment]
-
     def __getstate__(self) -> dict[str, Any]:
         return {
             "json": self.json,
@@ -390,7 +389,14 @@ class SubwordTokenizer:
 
 
 TextTokenizer = WordTokenizer | SubwordTokenizer
-"""A tokenizer a run saves and fingerprints."""
+"""The tokenizers a run saves and fingerprints (the kinds of :class:`SavedTokenizer`)."""
+
+
+def _read_json(path: str | os.PathLike[str]) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise DataError([f"cannot read the vocabulary '{path}': {e}"]) from None
 
 
 def load_tokenizer(path: str | os.PathLike[str]) -> TextTokenizer:
@@ -399,10 +405,7 @@ def load_tokenizer(path: str | os.PathLike[str]) -> TextTokenizer:
     Raises:
         DataError: An unreadable or malformed file, naming it.
     """
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise DataError([f"cannot read the vocabulary '{path}': {e}"]) from None
+    data = _read_json(path)
     if isinstance(data, dict) and data.get("type") == "subword":
         return SubwordTokenizer.from_dict(data, f"'{path}'")
     return WordTokenizer.from_dict(data, f"'{path}'")
