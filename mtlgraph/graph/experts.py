@@ -301,7 +301,7 @@ class CrossStitch(nn.Module):
                     f"(shapes {shapes}); set n_columns: {len(columns)}, one per task column"
                 ]
             )
-        if len(set(shapes)) > 1:
+        if any(s != shapes[0] for s in shapes[1:]):  # no set: symbolic sizes do not hash
             raise ConfigError(
                 [
                     f"cross_stitch mixes columns of one shape, got shapes {shapes}; give the "
