@@ -154,6 +154,7 @@ class InterferenceMonitor:
         # functional_call names of a layout's shared parameters, per plan: a model that gained
         # or lost tasks since (add_task / remove_task) has new plans, so never stale names
         self._keys = PlanCache[list[str]]()
+        self._trainable: tuple[int, ...] | None = None  # ids of the parameters that train
         self._probes = 0
         self._step = 0
         self._tasks: list[str] = []
@@ -167,6 +168,24 @@ class InterferenceMonitor:
     def every(self) -> int:
         """Optimizer steps between probes."""
         return self.config.every
+
+    def refresh(self) -> None:
+        """Forget the cached layouts of the shared parameters: the next probe finds them again.
+
+        A probe does this by itself when the set of trainable parameters changed since the last
+        probe (a ``gradual_unfreezing`` hook thawed a layer, a module was frozen), so the layers
+        that train now are measured; call it by hand after other changes to the model.
+        """
+        self._grads.clear()
+        self._keys.clear()
+        self._trainable = None
+
+    def _follow_trainable(self, model: nn.Module) -> None:
+        """:meth:`refresh` when the trainable parameters are not those of the last probe."""
+        trainable = tuple(id(p) for p in model.parameters() if p.requires_grad)
+        if trainable != self._trainable:
+            self.refresh()
+            self._trainable = trainable
 
     # ------------------------------------------------------------ probe rows
 
@@ -225,6 +244,7 @@ class InterferenceMonitor:
             move_to_device(b, model.device)
             for _, b in self.probe_batches(loaders, step // self.config.every)
         ]
+        self._follow_trainable(model)
         devices = [model.device.index or 0] if model.device.type == "cuda" else []
         with eval_mode(model), torch.random.fork_rng(devices=devices), torch.enable_grad():
             values = self._measure(model, batches, lr)

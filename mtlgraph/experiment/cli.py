@@ -39,6 +39,8 @@ from mtlgraph.experiment.run_dir import (
 from mtlgraph.experiment.runs import CONFIG_FILE, SCORES_FILE
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from mtlgraph.experiment.config import ExperimentConfig
     from mtlgraph.training.distributed import DistEnv
 
@@ -478,13 +480,7 @@ def describe(experiment: Any) -> str:
     for task in model.tasks.values():
         for m in task.module_pool:
             users[m].append(task.name)
-    lines = [f"modules ({len(users)}; shared = used by several tasks):"]
-    width = max(map(len, users), default=0)
-    for m, tasks in users.items():
-        kind = cfg.modules.get(m, {}).get("type", "?")
-        n = sum(p.numel() for p in model.module_pool[m].parameters())
-        shared = "shared by" if len(tasks) > 1 else "used by"
-        lines.append(f"  {m.ljust(width)}  {kind:<13} {n:>9,} params  {shared} {', '.join(tasks)}")
+    lines = _describe_modules(cfg, model, users)
     lines.append(f"tasks ({len(model.tasks)}):")
     for task in model.tasks.values():
         metrics = ", ".join(task.scorer.metric_keys)
@@ -504,6 +500,64 @@ def describe(experiment: Any) -> str:
         f"{t.batch_scheduler}, balancer {t.balancer}"
     )
     return "\n".join(lines)
+
+
+def _describe_modules(cfg: Any, model: Any, users: Mapping[str, list[str]]) -> list[str]:
+    """A line per module with its parameters, each counted once; a ``lora`` adapter's base
+    (in the pool only inside its adapters) gets a line of its own, above them."""
+    from mtlgraph.training.optim import resolve_modules
+
+    def used(m: str) -> str:
+        return f"{'shared by' if len(users[m]) > 1 else 'used by'} {', '.join(users[m])}"
+
+    rows: dict[str, tuple[nn.Module, str]] = {}  # bases first: their parameters count there
+    for m in users:
+        spec = cfg.modules.get(m, {})
+        base = spec.get("base") if spec.get("type") == "lora" else None
+        if isinstance(base, str) and base not in rows:
+            adapters = [a for a in users if cfg.modules.get(a, {}).get("base") == base]
+            module, via = model.module_pool[m].base, f"base of {', '.join(adapters)}"
+            rows[base] = (model.module_pool[base], used(base)) if base in users else (module, via)
+    for m in users:
+        rows.setdefault(m, (model.module_pool[m], used(m)))
+    frozen = resolve_modules(model, "freeze", cfg.trainer.freeze)[0]
+    counts = parameter_counts({m: module for m, (module, _) in rows.items()}, frozen)
+    lines = [f"modules ({len(rows)}; shared = used by several tasks):"]
+    width = max(map(len, rows), default=0)
+    for m, (_, by) in rows.items():
+        kind = cfg.modules.get(m, {}).get("type", "?")
+        n, trained = counts[m]
+        lines.append(f"  {m.ljust(width)}  {kind:<13} {n:>9,} params {trained:>9,} trainable  {by}")
+    total, trained = (sum(c[i] for c in counts.values()) for i in (0, 1))
+    lines.append(
+        f"parameters: {total:,} ({trained:,} trainable, {total - trained:,} frozen; "
+        "a parameter several modules hold is counted once)"
+    )
+    return lines
+
+
+def parameter_counts(
+    modules: Mapping[str, nn.Module], frozen: Sequence[str] = ()
+) -> dict[str, tuple[int, int]]:
+    """Module name -> ``(parameters, trainable parameters)``, each parameter counted once, by
+    the first module holding it (a base listed before its adapters). Frozen: ``requires_grad``
+    off, or held by a module named in ``frozen``.
+
+    Example:
+        >>> from torch import nn
+        >>> trunk = nn.Linear(2, 2)
+        >>> parameter_counts({"trunk": trunk, "both": nn.Sequential(trunk, nn.Linear(2, 1))})
+        {'trunk': (6, 6), 'both': (3, 3)}
+    """
+    off = {id(p) for m in frozen for p in modules[m].parameters()}
+    counted: set[int] = set()
+    out: dict[str, tuple[int, int]] = {}
+    for name, module in modules.items():
+        own = [p for p in module.parameters() if id(p) not in counted]
+        counted |= {id(p) for p in own}
+        trained = [p for p in own if p.requires_grad and id(p) not in off]
+        out[name] = (sum(p.numel() for p in own), sum(p.numel() for p in trained))
+    return out
 
 
 def _describe_datasets(datasets: Sequence[Any], n: int) -> list[str]:

@@ -106,7 +106,25 @@ def check_module_spec(
     init = spec.get("init_from")
     if init is not None and not isinstance(init, str):
         problems.append(f"{path}.init_from: expected a file path (a string), got {init!r}")
+    elif init is not None:
+        problems += init_from_problems(spec, path)
     return problems
+
+
+def init_from_problems(spec: Mapping[str, Any], path: str) -> list[str]:
+    """``init_from`` on a module type that loads its own weights from one of its arguments
+    (its factory's ``weights_argument``: ``hf_encoder``'s ``path``), which it refuses, naming
+    that argument."""
+    if spec.get("init_from") is None:
+        return []
+    source = getattr(_factory(_parts(spec)[0], path), "weights_argument", None)
+    if source is None:
+        return []
+    return [
+        f"{path}.init_from: module type '{spec.get('type')}' takes its weights from "
+        f"'{source}:', not from init_from; save your weights with "
+        f"model.save_pretrained(directory) and declare '{source}: directory' instead"
+    ]
 
 
 def _reference_problems(
@@ -223,6 +241,9 @@ def build_module(
         else:
             given[key] = built[name]
         own.pop(key)
+    refused = init_from_problems(spec, path)
+    if refused:
+        raise ConfigError(refused)
     factory = _factory(own, path)
     for key in getattr(factory, "path_arguments", ()):
         value = own.get(key)

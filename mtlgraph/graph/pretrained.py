@@ -121,6 +121,8 @@ class HFEncoder(nn.Module):
 
     path_arguments: ClassVar[tuple[str, ...]] = ("path",)
     """Arguments a config file gives relative to its own directory."""
+    weights_argument: ClassVar[str] = "path"
+    """The argument its weights come from: a config's ``init_from`` is refused for it."""
 
     def __init__(
         self,

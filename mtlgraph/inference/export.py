@@ -21,7 +21,7 @@ from torch import nn
 from mtlgraph._io import atomic_write, import_extra, json_value, write_json
 from mtlgraph._suggest import quoted
 from mtlgraph.data.datasets import MASK_SUFFIX
-from mtlgraph.exceptions import GraphError
+from mtlgraph.exceptions import DataError, GraphError
 from mtlgraph.graph.lora import merge_adapters
 from mtlgraph.graph.plan import ExecutionPlan
 from mtlgraph.graph.task import INPUT, unknown_tasks_error
@@ -292,9 +292,13 @@ def _tensor_spec(name: str, t: torch.Tensor, length: str | None = None) -> dict[
 
 def vocabulary_entry(file: str | os.PathLike[str], where: Path) -> dict[str, Any]:
     """A vocabulary in the metadata: its file, relative to the folder ``where`` of the
-    metadata, and, for a word vocabulary mtlgraph wrote, its content (tokens, lowercase,
-    max_length and fingerprint: the metadata is then all a server needs)."""
-    from mtlgraph.data.sources.tokenizer import WordTokenizer
+    metadata, and, for a tokenizer mtlgraph saved (a word vocabulary or a subword tokenizer,
+    :func:`~mtlgraph.data.sources.tokenizer.load_tokenizer`), its content and fingerprint: the
+    metadata is then all a server needs. A subword tokenizer's ``tokenizer`` is the
+    ``tokenizers`` JSON: ``Tokenizer.from_str(json.dumps(entry["tokenizer"]))`` with
+    ``enable_truncation(entry["max_length"])`` gives the ids training saw. Another kind of
+    file (one mtlgraph cannot read as a tokenizer) is named, not embedded."""
+    from mtlgraph.data.sources.tokenizer import load_tokenizer
 
     path = Path(file)
     if not path.is_file():
@@ -307,8 +311,8 @@ def vocabulary_entry(file: str | os.PathLike[str], where: Path) -> dict[str, Any
         rel = str(path.resolve())
     entry: dict[str, Any] = {"file": rel}
     try:
-        tok = WordTokenizer.from_dict(json.loads(path.read_text()))
-    except Exception:  # another kind of vocabulary file: named, not embedded
+        tok = load_tokenizer(path)
+    except DataError:  # not a tokenizer mtlgraph saved: named, not embedded
         return entry
     return {**entry, **tok.to_dict(), "fingerprint": tok.fingerprint}
 

@@ -10,7 +10,9 @@ from typing import Any
 import pytest
 import yaml
 
+from mtlgraph import ConfigError
 from mtlgraph.experiment.cli import main
+from mtlgraph.experiment.module_types import build_module
 
 pytest.importorskip("transformers")
 
@@ -117,6 +119,25 @@ def test_target_modules_matching_nothing(
     err = _check(capsys, _config(tmp_path, modules, adapter="a"))
     assert "modules.a: lora: target_modules ['q_proj'] match no Linear or Conv2d layer" in err
     assert "'query'" in err and "'value'" in err  # the names it has
+
+
+def test_init_from_on_a_pretrained_encoder_names_path_instead(
+    tmp_path: Path, bert_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    modules = {
+        "enc": {"type": "hf_encoder", "path": str(bert_dir), "init_from": "enc.pt"},
+        "extra": {"type": "linear", "in_features": 2},
+    }
+    err = _check(capsys, _config(tmp_path, modules))
+    assert (
+        "modules.enc.init_from: module type 'hf_encoder' takes its weights from 'path:', not "
+        "from init_from; save your weights with model.save_pretrained(directory) and declare "
+        "'path: directory' instead"
+    ) in err
+    assert "modules.extra" in err and "out_features" in err  # reported with the others
+
+    with pytest.raises(ConfigError, match=r"modules\.enc\.init_from: module type 'hf_encoder'"):
+        build_module(modules["enc"], "modules.enc")  # by hand too, before loading the model
 
 
 def test_an_image_size_the_model_refuses(

@@ -17,6 +17,7 @@ from mtlgraph import (
     Task,
     Trainer,
 )
+from mtlgraph.diagnostics import DiagnosticsConfig, InterferenceMonitor
 from mtlgraph.training import GradualUnfreezing
 from mtlgraph.training.layers import enable_checkpointing, module_layers
 
@@ -312,3 +313,26 @@ def test_bf16_autocast_with_decay_checkpointing_and_unfreezing_trains() -> None:
     assert all(p.dtype == torch.float32 for p in model.parameters())
     first, last = trainer.history[0], trainer.history[-1]
     assert last["model/all/train/loss"] < 0.8 * first["model/all/train/loss"]
+
+
+def test_a_probe_after_a_thaw_measures_the_thawed_layers() -> None:
+    model = make_model()
+    train = loaders()
+    lower = [p for n, p in model.module_pool["enc"].named_parameters() if "pooler" not in n]
+    for p in lower:  # only the pooler trains, as under gradual_unfreezing before a thaw
+        p.requires_grad_(False)
+    monitor = InterferenceMonitor(DiagnosticsConfig(every=1, affinity=True))
+    key = "diagnostics/enc/a~b/cosine"
+    frozen = monitor.probe(model, train, lr=0.1, step=1)
+    for p in lower:  # the thaw
+        p.requires_grad_(True)
+    thawed = monitor.probe(model, train, lr=0.1, step=1)  # the same rows
+    fresh = InterferenceMonitor(DiagnosticsConfig(every=1, affinity=True))
+    expected = fresh.probe(model, train, lr=0.1, step=1)
+    assert thawed[key] != pytest.approx(frozen[key])
+    assert thawed == pytest.approx(expected)  # the layouts were found again
+    for p in lower:
+        p.requires_grad_(False)
+    assert monitor.probe(model, train, lr=0.1, step=1) == pytest.approx(frozen)
+    monitor.refresh()  # by hand: the same layouts again
+    assert monitor.probe(model, train, lr=0.1, step=1) == pytest.approx(frozen)
