@@ -10,14 +10,13 @@ neither torch, numpy nor yaml; each command imports what it needs when it runs.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import random
 import shlex
 import sys
 import traceback
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -151,6 +150,7 @@ def train(args: argparse.Namespace) -> int:
 
     from mtlgraph.experiment.config import load_config
     from mtlgraph.training.distributed import DistEnv, device_for, process_group
+    from mtlgraph.training.signals import RaiseOnSignals
 
     if args.resume is not None and args.overwrite:
         raise UsageError(
@@ -163,7 +163,7 @@ def train(args: argparse.Namespace) -> int:
     # under torchrun the process group spans the command: rank 0 picks the run directory
     env = DistEnv.from_env() if cfg.trainer.distributed == "auto" else DistEnv()
     device = device_for(env, torch.device(cfg.device))
-    with process_group(env, device, cfg.trainer.distributed_timeout):
+    with RaiseOnSignals(), process_group(env, device, cfg.trainer.distributed_timeout):
         return _train(args, cfg, env)
 
 
@@ -219,11 +219,14 @@ def _train(args: argparse.Namespace, cfg: ExperimentConfig, env: DistEnv) -> int
     run_dir, directory = _claim_everywhere(args, cfg, env)
     try:
         try:  # --- set-up: any problem here is a usage/config error (exit 2)
-            with _terminate_raises():
-                experiment, checkpoint = _set_up(args, cfg, env, run_dir)
-        except BaseException:
+            experiment, checkpoint = _set_up(args, cfg, env, run_dir)
+        except BaseException as e:
             if directory is not None and args.resume is None:
                 directory.roll_back()  # a refused new run leaves nothing behind
+            if isinstance(e, KeyboardInterrupt):
+                from mtlgraph.training.signals import interrupted
+
+                raise interrupted(e, "training had not started") from None
             raise
         if experiment is None:  # a finished run
             return EXIT_OK
@@ -231,33 +234,6 @@ def _train(args: argparse.Namespace, cfg: ExperimentConfig, env: DistEnv) -> int
     finally:
         if directory is not None:
             directory.lock.release()
-
-
-class _SetUpTerminated(KeyboardInterrupt):
-    """SIGTERM during set-up (exit status 143): raised so that a new run's clean-up runs."""
-
-    signal_name, exit_status = "SIGTERM", 143
-
-
-@contextlib.contextmanager
-def _terminate_raises() -> Iterator[None]:
-    """SIGTERM raises :class:`_SetUpTerminated` in the block (in the main thread), as Ctrl-C
-    raises KeyboardInterrupt; the previous handler is back afterwards."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handle(signum: int, frame: object) -> None:
-        raise _SetUpTerminated("terminated during set-up")
-
-    previous = signal.signal(signal.SIGTERM, handle)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _set_up(
@@ -431,6 +407,13 @@ def score_table(scores: Mapping[str, float]) -> str:
 
 @command("evaluate", "score a trained checkpoint on the config's data", _evaluate_args)
 def evaluate(args: argparse.Namespace) -> int:
+    from mtlgraph.training.signals import RaiseOnSignals
+
+    with RaiseOnSignals():
+        return _evaluate(args)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     from mtlgraph._io import write_json
     from mtlgraph.experiment.build import build_experiment
     from mtlgraph.experiment.config import load_config
@@ -662,7 +645,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.debug:
                 traceback.print_exception(error, file=sys.stderr)
             print(interrupted_message(error, hint), file=sys.stderr)
-            return int(getattr(error, "exit_status", 130))
+            from mtlgraph.training.signals import interrupted
+
+            return interrupted(error).exit_status
         if isinstance(error, BrokenPipeError):  # mtlgraph ... | head: the reader left; end quietly
             return _quiet_broken_pipe()
         _report(error, args.debug)
@@ -688,15 +673,16 @@ def interrupted_message(error: KeyboardInterrupt, hint: str | None) -> str:
         >>> print(interrupted_message(KeyboardInterrupt(), None))
         mtlgraph: interrupted (Ctrl-C)
     """
-    if isinstance(error, TrainingInterrupted):
-        head = f"stopped by {error.signal_name} "
-        head += f"after step {error.step}" if error.step is not None else "inside a step"
-        if error.checkpoint is not None:
-            head += f"; checkpoint written: {error.checkpoint}"
-    elif isinstance(error, _SetUpTerminated):
-        head = "interrupted (SIGTERM) before training started"
-    else:
-        head = "interrupted (Ctrl-C)"
+    from mtlgraph.training.signals import interrupted
+
+    stop = interrupted(error)
+    head = stop.stopped
+    if isinstance(stop, TrainingInterrupted):
+        head = f"stopped by {stop.signal_name} "
+        head += f"after step {stop.step}" if stop.step is not None else "inside a step"
+        if stop.checkpoint is not None:
+            head += f"; checkpoint written: {stop.checkpoint}"
+    head = "; ".join([head, *stop.details])
     if hint is None:
         return f"mtlgraph: {head}"
     if isinstance(error, TrainingInterrupted):
