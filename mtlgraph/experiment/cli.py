@@ -150,7 +150,6 @@ def train(args: argparse.Namespace) -> int:
 
     from mtlgraph.experiment.config import load_config
     from mtlgraph.training.distributed import DistEnv, device_for, process_group
-    from mtlgraph.training.signals import RaiseOnSignals
 
     if args.resume is not None and args.overwrite:
         raise UsageError(
@@ -163,7 +162,7 @@ def train(args: argparse.Namespace) -> int:
     # under torchrun the process group spans the command: rank 0 picks the run directory
     env = DistEnv.from_env() if cfg.trainer.distributed == "auto" else DistEnv()
     device = device_for(env, torch.device(cfg.device))
-    with RaiseOnSignals(), process_group(env, device, cfg.trainer.distributed_timeout):
+    with process_group(env, device, cfg.trainer.distributed_timeout):
         return _train(args, cfg, env)
 
 
@@ -407,13 +406,6 @@ def score_table(scores: Mapping[str, float]) -> str:
 
 @command("evaluate", "score a trained checkpoint on the config's data", _evaluate_args)
 def evaluate(args: argparse.Namespace) -> int:
-    from mtlgraph.training.signals import RaiseOnSignals
-
-    with RaiseOnSignals():
-        return _evaluate(args)
-
-
-def _evaluate(args: argparse.Namespace) -> int:
     from mtlgraph._io import write_json
     from mtlgraph.experiment.build import build_experiment
     from mtlgraph.experiment.config import load_config
@@ -620,7 +612,8 @@ def _configure_logging(quiet: bool, debug: bool) -> logging.Handler:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return the exit status (0 ok, 1 run-time failure, 2 usage)."""
+    """Run the command line; return the exit status (0 ok, 1 run-time failure, 2 usage, 130
+    SIGINT, 143 SIGTERM: every command, docs/cli.md#signals)."""
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)
@@ -633,8 +626,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help, --version, usage errors
         return int(e.code) if isinstance(e.code, int) else EXIT_USAGE
     handler = _configure_logging(args.quiet, args.debug)
+    from mtlgraph.training.signals import RaiseOnSignals, interrupted
+
     try:
-        return int(args.run(args))
+        with RaiseOnSignals():  # SIGINT and SIGTERM raise: what is being written is cleaned up
+            return int(args.run(args))
     except (KeyboardInterrupt, Exception) as caught:
         error: BaseException = caught
         hint = None
@@ -645,8 +641,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.debug:
                 traceback.print_exception(error, file=sys.stderr)
             print(interrupted_message(error, hint), file=sys.stderr)
-            from mtlgraph.training.signals import interrupted
-
             return interrupted(error).exit_status
         if isinstance(error, BrokenPipeError):  # mtlgraph ... | head: the reader left; end quietly
             return _quiet_broken_pipe()

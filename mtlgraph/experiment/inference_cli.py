@@ -78,15 +78,14 @@ def predict_args(p: argparse.ArgumentParser) -> None:
 
 
 def predict(args: argparse.Namespace) -> int:
-    """Run ``mtlgraph predict``; returns the exit status. SIGINT and SIGTERM raise
-    :class:`~mtlgraph.exceptions.Interrupted` (exit 130 / 143), with no temporary file left and
-    an older ``--out`` intact."""
-    from mtlgraph.training.signals import RaiseOnSignals, interrupted
+    """Run ``mtlgraph predict``; returns the exit status. An interruption (SIGINT or SIGTERM,
+    raised by ``main``'s :class:`~mtlgraph.training.signals.RaiseOnSignals`) leaves no temporary
+    file and an older ``--out`` intact, and says so."""
+    from mtlgraph.training.signals import interrupted
 
     existed = Path(args.out).is_file()
     try:
-        with RaiseOnSignals():
-            return _predict(args)
+        return _predict(args)
     except KeyboardInterrupt as e:
         kept = f"'{args.out}' keeps its older content" if existed else "nothing was written"
         raise interrupted(e, f"no predictions written, {kept}") from None
@@ -187,15 +186,15 @@ def export_args(p: argparse.ArgumentParser) -> None:
 
 
 def export(args: argparse.Namespace) -> int:
-    """Run ``mtlgraph export``; returns the exit status. SIGINT and SIGTERM raise
-    :class:`~mtlgraph.exceptions.Interrupted` (exit 130 / 143), saying whether ``--out`` was
-    replaced; an interrupted write leaves no temporary file and the older file intact."""
-    from mtlgraph.training.signals import RaiseOnSignals, interrupted
+    """Run ``mtlgraph export``; returns the exit status. An interruption (SIGINT or SIGTERM,
+    raised by ``main``'s :class:`~mtlgraph.training.signals.RaiseOnSignals`) says whether
+    ``--out`` was replaced; an interrupted write leaves no temporary file and the older file
+    intact."""
+    from mtlgraph.training.signals import interrupted
 
     before = _stat(args.out)
     try:
-        with RaiseOnSignals():
-            return _export(args)
+        return _export(args)
     except KeyboardInterrupt as e:
         after = _stat(args.out)
         if after is None:
