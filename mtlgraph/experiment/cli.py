@@ -641,6 +641,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.debug:
                 traceback.print_exception(error, file=sys.stderr)
             print(interrupted_message(error, hint), file=sys.stderr)
+            _release_frames(caught)
             return interrupted(error).exit_status
         if isinstance(error, BrokenPipeError):  # mtlgraph ... | head: the reader left; end quietly
             return _quiet_broken_pipe()
@@ -649,6 +650,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE if _is_usage_error(error) else EXIT_FAILURE
     finally:
         logging.getLogger("mtlgraph").removeHandler(handler)
+
+
+def _release_frames(error: BaseException | None) -> None:
+    """Clear the frames an interruption's tracebacks hold (its whole chain), so what the
+    command had open (reader processes, files) closes now, not in the interpreter's shutdown,
+    where stopping reader processes can hang."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)
+        error = error.__cause__ or error.__context__
 
 
 def interrupted_message(error: KeyboardInterrupt, hint: str | None) -> str:
