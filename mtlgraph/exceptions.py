@@ -16,6 +16,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "GraphError",
+    "Interrupted",
     "MtlGraphError",
     "TaskDefinitionError",
     "TrainingError",
@@ -169,11 +170,49 @@ class CheckpointError(MtlGraphError, RuntimeError):
     """A checkpoint cannot be written, read or applied."""
 
 
-class TrainingInterrupted(KeyboardInterrupt):
+class Interrupted(KeyboardInterrupt):
+    """A command stopped by SIGINT (Ctrl-C) or SIGTERM (``timeout``, a job scheduler,
+    Kubernetes); :mod:`mtlgraph.training.signals` raises it. A :class:`KeyboardInterrupt`, so code
+    that lets Ctrl-C through lets this through too, and ``finally`` blocks and atomic writers
+    clean up on the way out.
+
+    Args:
+        signum: The signal's number (``signal.SIGINT`` or ``signal.SIGTERM``).
+        message: The exception's text (default: what :attr:`stopped` says).
+
+    Attributes:
+        signal_name: ``"SIGINT"`` or ``"SIGTERM"``.
+        exit_status: ``128 + signum``: 130 for SIGINT, 143 for SIGTERM (the CLI exits with it).
+        stopped: How the command line says it: ``"interrupted (Ctrl-C)"`` or
+            ``"terminated (SIGTERM)"``.
+        details: What the interrupted command left behind, one phrase each (the CLI prints
+            them after :attr:`stopped`).
+
+    Example:
+        >>> import signal
+        >>> from mtlgraph.exceptions import Interrupted
+        >>> e = Interrupted(signal.SIGTERM)
+        >>> e.exit_status, e.stopped
+        (143, 'terminated (SIGTERM)')
+    """
+
+    def __init__(self, signum: int, message: str | None = None) -> None:
+        import signal
+
+        self.signum = int(signum)
+        self.signal_name = signal.Signals(self.signum).name
+        self.exit_status = 128 + self.signum
+        sigint = self.signum == signal.SIGINT
+        self.stopped = "interrupted (Ctrl-C)" if sigint else f"terminated ({self.signal_name})"
+        self.details: list[str] = []
+        super().__init__(message or self.stopped)
+
+
+class TrainingInterrupted(Interrupted):
     """``fit`` stopped on SIGINT or SIGTERM after the optimizer step in progress; the run's
     ``checkpoints/last.pt`` (when it has a ``run_dir``) resumes it exactly.
 
-    A :class:`KeyboardInterrupt`, so code that lets Ctrl-C through lets this through too.
+    An :class:`Interrupted`, so code that lets Ctrl-C through lets this through too.
 
     Attributes:
         signum: The signal's number (``signal.SIGINT`` or ``signal.SIGTERM``).
@@ -193,11 +232,10 @@ class TrainingInterrupted(KeyboardInterrupt):
     def __init__(self, signum: int, step: int | None, checkpoint: Path | None) -> None:
         import signal
 
-        self.signum, self.step, self.checkpoint = int(signum), step, checkpoint
-        self.signal_name = signal.Signals(self.signum).name
-        self.exit_status = 128 + self.signum
+        self.step, self.checkpoint = step, checkpoint
+        name = signal.Signals(int(signum)).name
         where = f"after step {step}" if step is not None else "inside a step (a second signal)"
-        super().__init__(f"training stopped by {self.signal_name} {where}")
+        super().__init__(signum, f"training stopped by {name} {where}")
 
 
 class TrainingError(MtlGraphError, RuntimeError):

@@ -10,14 +10,13 @@ neither torch, numpy nor yaml; each command imports what it needs when it runs.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import random
 import shlex
 import sys
 import traceback
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -221,11 +220,14 @@ def _train(args: argparse.Namespace, cfg: ExperimentConfig, env: DistEnv) -> int
     run_dir, directory = _claim_everywhere(args, cfg, env)
     try:
         try:  # --- set-up: any problem here is a usage/config error (exit 2)
-            with _terminate_raises():
-                experiment, checkpoint = _set_up(args, cfg, env, run_dir)
-        except BaseException:
+            experiment, checkpoint = _set_up(args, cfg, env, run_dir)
+        except BaseException as e:
             if directory is not None and args.resume is None:
                 directory.roll_back()  # a refused new run leaves nothing behind
+            if isinstance(e, KeyboardInterrupt):
+                from mtlgraph.training.signals import interrupted
+
+                raise interrupted(e, "training had not started") from None
             raise
         if experiment is None:  # a finished run
             return EXIT_OK
@@ -233,33 +235,6 @@ def _train(args: argparse.Namespace, cfg: ExperimentConfig, env: DistEnv) -> int
     finally:
         if directory is not None:
             directory.lock.release()
-
-
-class _SetUpTerminated(KeyboardInterrupt):
-    """SIGTERM during set-up (exit status 143): raised so that a new run's clean-up runs."""
-
-    signal_name, exit_status = "SIGTERM", 143
-
-
-@contextlib.contextmanager
-def _terminate_raises() -> Iterator[None]:
-    """SIGTERM raises :class:`_SetUpTerminated` in the block (in the main thread), as Ctrl-C
-    raises KeyboardInterrupt; the previous handler is back afterwards."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handle(signum: int, frame: object) -> None:
-        raise _SetUpTerminated("terminated during set-up")
-
-    previous = signal.signal(signal.SIGTERM, handle)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _set_up(
@@ -691,7 +666,8 @@ def _configure_logging(quiet: bool, debug: bool) -> logging.Handler:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return the exit status (0 ok, 1 run-time failure, 2 usage)."""
+    """Run the command line; return the exit status (0 ok, 1 run-time failure, 2 usage, 130
+    SIGINT, 143 SIGTERM: every command, docs/cli.md#signals)."""
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)
@@ -704,8 +680,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help, --version, usage errors
         return int(e.code) if isinstance(e.code, int) else EXIT_USAGE
     handler = _configure_logging(args.quiet, args.debug)
+    from mtlgraph.training.signals import RaiseOnSignals, interrupted
+
     try:
-        return int(args.run(args))
+        with RaiseOnSignals():  # SIGINT and SIGTERM raise: what is being written is cleaned up
+            return int(args.run(args))
     except (KeyboardInterrupt, Exception) as caught:
         error: BaseException = caught
         hint = None
@@ -716,7 +695,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.debug:
                 traceback.print_exception(error, file=sys.stderr)
             print(interrupted_message(error, hint), file=sys.stderr)
-            return int(getattr(error, "exit_status", 130))
+            _release_frames(caught)
+            return interrupted(error).exit_status
         if isinstance(error, BrokenPipeError):  # mtlgraph ... | head: the reader left; end quietly
             return _quiet_broken_pipe()
         _report(error, args.debug)
@@ -724,6 +704,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE if _is_usage_error(error) else EXIT_FAILURE
     finally:
         logging.getLogger("mtlgraph").removeHandler(handler)
+
+
+def _release_frames(error: BaseException | None) -> None:
+    """Clear the frames an interruption's tracebacks hold (its whole chain), so what the
+    command had open (reader processes, files) closes now, not in the interpreter's shutdown,
+    where stopping reader processes can hang."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)
+        error = error.__cause__ or error.__context__
 
 
 def interrupted_message(error: KeyboardInterrupt, hint: str | None) -> str:
@@ -742,15 +733,16 @@ def interrupted_message(error: KeyboardInterrupt, hint: str | None) -> str:
         >>> print(interrupted_message(KeyboardInterrupt(), None))
         mtlgraph: interrupted (Ctrl-C)
     """
-    if isinstance(error, TrainingInterrupted):
-        head = f"stopped by {error.signal_name} "
-        head += f"after step {error.step}" if error.step is not None else "inside a step"
-        if error.checkpoint is not None:
-            head += f"; checkpoint written: {error.checkpoint}"
-    elif isinstance(error, _SetUpTerminated):
-        head = "interrupted (SIGTERM) before training started"
-    else:
-        head = "interrupted (Ctrl-C)"
+    from mtlgraph.training.signals import interrupted
+
+    stop = interrupted(error)
+    head = stop.stopped
+    if isinstance(stop, TrainingInterrupted):
+        head = f"stopped by {stop.signal_name} "
+        head += f"after step {stop.step}" if stop.step is not None else "inside a step"
+        if stop.checkpoint is not None:
+            head += f"; checkpoint written: {stop.checkpoint}"
+    head = "; ".join([head, *stop.details])
     if hint is None:
         return f"mtlgraph: {head}"
     if isinstance(error, TrainingInterrupted):

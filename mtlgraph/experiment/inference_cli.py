@@ -9,9 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
+import os
 import sys
-import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -78,43 +77,18 @@ def predict_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-class Terminated(BaseException):
-    """SIGTERM (``timeout``, a job scheduler, Kubernetes), raised like ``KeyboardInterrupt`` is
-    for SIGINT, so that what is being written is cleaned up on the way out."""
-
-
-@contextmanager
-def sigterm_raises() -> Iterator[None]:
-    """Inside: SIGTERM raises :class:`Terminated` in the main thread (once; a second SIGTERM
-    during the clean-up is ignored). The previous handler is restored on the way out."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise Terminated
-
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
 def predict(args: argparse.Namespace) -> int:
-    """Run ``mtlgraph predict``; returns the exit status: SIGINT 130 and SIGTERM 143, with no
-    temporary file left and an older ``--out`` intact."""
+    """Run ``mtlgraph predict``; returns the exit status. An interruption (SIGINT or SIGTERM,
+    raised by ``main``'s :class:`~mtlgraph.training.signals.RaiseOnSignals`) leaves no temporary
+    file and an older ``--out`` intact, and says so."""
+    from mtlgraph.training.signals import interrupted
+
     existed = Path(args.out).is_file()
     try:
-        with sigterm_raises():
-            return _predict(args)
-    except (KeyboardInterrupt, Terminated) as stop:
-        sigterm = isinstance(stop, Terminated)
+        return _predict(args)
+    except KeyboardInterrupt as e:
         kept = f"'{args.out}' keeps its older content" if existed else "nothing was written"
-        what = "terminated (SIGTERM)" if sigterm else "interrupted (Ctrl-C)"
-        print(f"mtlgraph: {what}; no predictions written, {kept}", file=sys.stderr)
-        return 143 if sigterm else 130
+        raise interrupted(e, f"no predictions written, {kept}") from None
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -212,7 +186,37 @@ def export_args(p: argparse.ArgumentParser) -> None:
 
 
 def export(args: argparse.Namespace) -> int:
-    """Run ``mtlgraph export``; returns the exit status."""
+    """Run ``mtlgraph export``; returns the exit status. An interruption (SIGINT or SIGTERM,
+    raised by ``main``'s :class:`~mtlgraph.training.signals.RaiseOnSignals`) says whether
+    ``--out`` was replaced; an interrupted write leaves no temporary file and the older file
+    intact."""
+    from mtlgraph.training.signals import interrupted
+
+    before = _stat(args.out)
+    try:
+        return _export(args)
+    except KeyboardInterrupt as e:
+        after = _stat(args.out)
+        if after is None:
+            left = "nothing was written"
+        elif after == before:
+            left = f"'{args.out}' keeps its older content"
+        else:
+            left = f"'{args.out}' holds the new program"
+        raise interrupted(e, left) from None
+
+
+def _stat(path: str) -> tuple[int, int] | None:
+    """``path``'s inode and modification time (``None``: no such file); an atomic write
+    changes the inode."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def _export(args: argparse.Namespace) -> int:
     from mtlgraph.experiment.config import load_config
     from mtlgraph.experiment.predict import (
         checkpoint_vocabularies,

@@ -10,7 +10,6 @@ import functools
 import glob
 import itertools
 import logging
-import signal
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from mtlgraph.exceptions import ConfigError, DataError
 from mtlgraph.experiment.config import ExperimentConfig
 from mtlgraph.experiment.data_config import DatasetConfig
 from mtlgraph.experiment.sources import image_decoder, vocab_file
+from mtlgraph.training.signals import ignore_stop_signals
 
 logger = logging.getLogger(__name__)
 
@@ -78,19 +78,12 @@ class PredictionData:
             batch_size=None,
             num_workers=num_workers,
             collate_fn=_identity,
-            worker_init_fn=_leave_signals_to_the_main_process,
+            worker_init_fn=ignore_stop_signals,
         )
 
 
 def _identity(batch: Any) -> Any:
     return batch
-
-
-def _leave_signals_to_the_main_process(worker_id: int) -> None:
-    """A reader process ignores SIGINT and SIGTERM (a terminal's Ctrl-C and schedulers signal
-    the whole process group): the main process stops, cleans up and ends its readers."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def chunk_batch(chunk: Chunk | Callable[[], Chunk]) -> Batch:

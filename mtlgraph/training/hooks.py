@@ -643,9 +643,13 @@ class ProgressBar(Hook):
             self.bar.set_postfix(shown, refresh=False)
 
     def on_epoch_end(self, run: Run) -> None:
-        self.on_fit_end(run)
+        self.close()
 
     def on_fit_end(self, run: Run) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the epoch's bar (``fit`` calls it when a run stops early: a signal, an error)."""
         if self.bar is not None:
             self.bar.close()
             self.bar = None

@@ -195,6 +195,8 @@ class Trainer:
                     loop.run()
                 finished = True
             finally:  # writers flush even when training fails; hparams only when it succeeded
+                if loop.progress is not None:  # an interrupted or failed run's bar too
+                    loop.progress.close()
                 final = self.history[-1] if finished and self.history else None
                 if loop.writers is not None:
                     loop.writers.close(self.history, final)
@@ -573,8 +575,10 @@ class FitLoop:
             self.checkpointer = ckpt.Checkpointer(directory, metric, mode, write=self.env.is_main)
             every = Every.of(cfg.checkpoint_every, cfg.checkpoint_unit)
             hooks.append(CheckpointHook(every, self.checkpointer, self.save))
+        self.progress: ProgressBar | None = None
         if cfg.progress_bar and self.env.is_main:
-            hooks.append(ProgressBar(self.stepper.full_groups, cfg.n_epochs, self.meter))
+            self.progress = ProgressBar(self.stepper.full_groups, cfg.n_epochs, self.meter)
+            hooks.append(self.progress)
         return hooks
 
     def _probes(self, saved: Mapping[str, Any] | None) -> ProbeHook | None:

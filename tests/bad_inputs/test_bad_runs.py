@@ -421,6 +421,6 @@ def test_sigterm_during_set_up_leaves_no_run_directory(
     before = signal.getsignal(signal.SIGTERM)
     code, out, err = _run(capsys, "train", str(config), *extra, "--quiet")
     assert code == 143 and out == ""
-    assert err.strip() == "mtlgraph: interrupted (SIGTERM) before training started"
+    assert err.strip() == "mtlgraph: terminated (SIGTERM); training had not started"
     assert not run.exists() and not (tmp_path / "runs" / "tiny").exists()
     assert signal.getsignal(signal.SIGTERM) is before

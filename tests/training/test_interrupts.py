@@ -102,6 +102,33 @@ def test_a_second_signal_stops_at_once_and_the_handlers_are_restored(tmp_path: P
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
+def test_an_interrupted_fit_closes_its_progress_bar(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mtlgraph.training import hooks
+
+    bars: list[Any] = []
+
+    class Bar:  # records what the run does with its tqdm bar
+        def __init__(self, **kwargs: Any) -> None:
+            self.n, self.closed = 0, False
+            bars.append(self)
+
+        def update(self, n: int) -> None:
+            self.n += n
+
+        def set_postfix(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def close(self) -> None:
+            self.closed = True
+
+    monkeypatch.setattr(hooks, "tqdm", Bar)
+    model, loaders = _setup()
+    trainer = Trainer(**{**BASE, "progress_bar": True}, hooks=[SignalAt(3, signal.SIGTERM)])
+    with pytest.raises(TrainingInterrupted, match="SIGTERM after step 3"):
+        trainer.fit(model, loaders)
+    assert [(bar.n, bar.closed) for bar in bars] == [(3, True)]
+
+
 def test_a_finished_fit_leaves_the_handlers_as_they_were() -> None:
     model, loaders = _setup()
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
