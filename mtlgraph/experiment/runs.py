@@ -144,8 +144,26 @@ def _read_history(path: Path) -> list[dict[str, float]]:
             if n == len(lines):
                 break  # a killed run's torn last line
             raise ConfigError([f"{path}:{n}: not a JSON line"]) from None
-        out.append({k: math.nan if v is None else float(v) for k, v in rec.items()})
+        out.append(_numbers(rec, f"{path}:{n}"))
     return out
+
+
+def _numbers(data: Any, where: str) -> dict[str, float]:
+    """A JSON object of numbers (``null`` read as NaN), else a ``ConfigError`` naming ``where``
+    and the first key whose value is not a number."""
+    if not isinstance(data, dict):
+        raise ConfigError(
+            [f"{where}: expected a JSON object of numbers, got {type(data).__name__}"]
+        )
+    for key, value in data.items():
+        if value is not None and not isinstance(value, int | float):
+            raise ConfigError(
+                [
+                    f"{where}: {key!r} is {value!r}, not a number (this file is written by "
+                    "mtlgraph train; restore it or train the run again)"
+                ]
+            )
+    return {k: math.nan if v is None else float(v) for k, v in data.items()}
 
 
 def _read_scores(path: Path) -> dict[str, float]:
@@ -153,16 +171,23 @@ def _read_scores(path: Path) -> dict[str, float]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ConfigError([f"{path}: not JSON ({e})"]) from e
-    if not isinstance(data, dict):
-        raise ConfigError([f"{path}: expected a JSON object of scores"])
-    return {k: math.nan if v is None else float(v) for k, v in data.items()}
+    return _numbers(data, str(path))
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    import yaml
+    from mtlgraph.experiment.yaml_lines import parse_yaml
 
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    return dict(data) if isinstance(data, Mapping) else {}
+    data, _, _ = parse_yaml(path.read_text(encoding="utf-8"), str(path))
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(
+            [
+                f"{path}: expected the run's config (a YAML mapping), got "
+                f"{type(data).__name__} (restore it from the config the run was trained with)"
+            ]
+        )
+    return dict(data)
 
 
 def _best(run: Path) -> dict[str, Any] | None:

