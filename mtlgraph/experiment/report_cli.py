@@ -43,6 +43,7 @@ def compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--baseline",
         nargs="+",
+        action="extend",
         default=[],
         metavar="RUN_OR_GLOB",
         help="single-task runs (mtlgraph baselines) for Δm%%",
@@ -91,7 +92,9 @@ def compare_runs(
 def _seed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="the YAML experiment config")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-    p.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="one run per seed")
+    p.add_argument(
+        "--seeds", nargs="+", action="extend", type=int, metavar="SEED", help="one run per seed"
+    )
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (separate processes)")
     p.add_argument("--out", metavar="DIR", help="where the run directories go")
 
@@ -116,13 +119,19 @@ def sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--grid",
         nargs="+",
+        action="extend",
         default=[],
         metavar="KEY=V1,V2",
         help="config keys and the values to try (every combination)",
     )
     p.add_argument("--shard", metavar="i/n", help="run only every n-th run from the i-th")
     p.add_argument(
-        "--baseline", nargs="+", default=[], metavar="RUN_OR_GLOB", help="for Δm%% in the table"
+        "--baseline",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="RUN_OR_GLOB",
+        help="for Δm%% in the table",
     )
     p.add_argument("--optuna", type=int, metavar="TRIALS", help="search with Optuna instead")
     p.add_argument("--objective", metavar="KEY", help="the score key Optuna optimises")

@@ -112,17 +112,14 @@ def grid_specs(
     Raises:
         ConfigError: Every grid point's problems at once (unknown keys, wrong value types).
     """
-    from mtlgraph.experiment.config import load_config
-
     specs, problems = [], []
     keys = list(grid)
     for values in itertools.product(*(grid[k] for k in keys)):
         point = dict(zip(keys, values, strict=True))
         point_overrides = [*overrides, *(f"{k}={v}" for k, v in point.items())]
-        try:
-            load_config(config, point_overrides)
-        except ConfigError as e:
-            problems += [p for p in e.problems if p not in problems]
+        found = validate_runs(config, point_overrides, seeds)
+        problems += [p for p in found if p not in problems]
+        if found:
             continue
         for seed in seeds if seeds else [None]:
             specs.append(
@@ -135,6 +132,22 @@ def grid_specs(
     if problems:
         raise ConfigError(problems, header=f"invalid sweep of {config}:")
     return specs
+
+
+def validate_runs(
+    config: str | Path, overrides: Sequence[str], seeds: Sequence[int] | None
+) -> list[str]:
+    """The problems of ``config`` with ``overrides`` and each seed's overrides (a negative
+    ``--seeds`` value is named like any override), as ``mtlgraph train`` would find them."""
+    from mtlgraph.experiment.config import load_config
+
+    problems: list[str] = []
+    for seed in seeds if seeds else [None]:
+        try:
+            load_config(config, [*overrides, *seed_overrides(seed)])
+        except ConfigError as e:
+            problems += [p for p in e.problems if p not in problems]
+    return problems
 
 
 def shard(specs: Sequence[RunSpec], spec: str | None) -> list[RunSpec]:
@@ -273,7 +286,9 @@ def baseline_specs(
         path.parent.mkdir(parents=True, exist_ok=True)
         text = yaml.safe_dump(single_task_config(resolved, task), sort_keys=False)
         atomic_write_text(path, text)
-        load_config(path)  # the single-task config is valid before any run starts
+        problems = validate_runs(path, (), seeds)  # valid before any run starts
+        if problems:
+            raise ConfigError(problems)
         for seed in seeds if seeds else [None]:
             name = run_name({"task": task}, seed)
             specs.append(RunSpec(out / name, path, tuple(seed_overrides(seed))))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from experiment_helpers import TINY
+from experiment_helpers import TINY, write_config
 
 from mtlgraph.experiment.cli import main
 
@@ -65,3 +65,38 @@ def test_compare_a_run_with_damaged_scores(
     code, err = _run(capsys, "compare", str(run))
     assert code == 2
     assert f"{run / 'scores.json'}: {message}" in err
+
+
+@pytest.fixture
+def tiny_yaml(tmp_path: Path) -> Path:
+    return write_config(tmp_path / "tiny.yaml", TINY)
+
+
+def test_sweep_grid_given_twice_for_one_key(
+    tmp_path: Path, tiny_yaml: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "sweep"
+    grid = ("--grid", "trainer.lr=0.1", "--grid", "trainer.lr=0.2")
+    code, err = _run(capsys, "sweep", str(tiny_yaml), *grid, "--out", str(out))
+    assert code == 2
+    assert "--grid trainer.lr=0.2: key 'trainer.lr' is given twice" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["sweep", "baselines"])
+def test_a_negative_seed_is_refused_before_any_run(
+    tmp_path: Path, tiny_yaml: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    out = tmp_path / "out"
+    grid = ("--grid", "trainer.lr=0.1") if command == "sweep" else ()
+    code, err = _run(
+        capsys, command, str(tiny_yaml), *grid, "--seeds", "0", "-1", "--out", str(out)
+    )
+    assert code == 2
+    assert "trainer.seed: must be >= 0, got -1" in err
+    assert not any(p.name.startswith(("trainer", "task")) for p in out.glob("*"))
+
+
+def test_check_a_negative_trainer_seed(tiny_yaml: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = _run(capsys, "check", str(tiny_yaml), "trainer.seed=-1")
+    assert code == 2 and "trainer.seed: must be >= 0, got -1" in err
