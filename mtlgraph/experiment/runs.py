@@ -113,14 +113,7 @@ class RunRecord:
     def setting(self) -> dict[str, Any]:
         """The flattened config without seeds and paths: runs with equal settings are seeds
         of one experiment."""
-        from mtlgraph.training.writers import flatten
-
-        flat = flatten(self.config)
-        return {
-            k: v
-            for k, v in flat.items()
-            if k not in SEED_KEYS and not k.startswith(_IGNORED) and not k.startswith("vocab")
-        }
+        return {k: v for k, v in config_setting(self.config).items() if k not in SEED_KEYS}
 
     def series(self, key: str) -> tuple[list[float], list[float]]:
         """``(steps, values)`` of ``key`` over the history (records without it skipped)."""
@@ -130,6 +123,32 @@ class RunRecord:
                 steps.append(float(rec.get("step", math.nan)))
                 values.append(float(rec[key]))
         return steps, values
+
+
+def config_setting(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A config flattened without its paths and vocabularies: what makes two runs the same
+    experiment (seeds included).
+
+    Example:
+        >>> config_setting({"seed": 1, "trainer": {"lr": 0.1, "run_dir": "runs/a"}})
+        {'seed': 1, 'trainer.lr': 0.1}
+    """
+    from mtlgraph.training.writers import flatten
+
+    return {
+        k: v
+        for k, v in flatten(config).items()
+        if not k.startswith(_IGNORED) and not k.startswith("vocab")
+    }
+
+
+def read_run_config(path: Path) -> dict[str, Any]:
+    """A run directory's ``config.yaml`` as plain values (``{}`` for an empty file).
+
+    Raises:
+        ConfigError: Invalid YAML or not a mapping, naming the file.
+    """
+    return _read_yaml(path)
 
 
 def _read_history(path: Path) -> list[dict[str, float]]:

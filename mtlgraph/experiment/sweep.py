@@ -44,6 +44,32 @@ class RunSpec:
         """Whether the run wrote its scores."""
         return (self.run_dir / SCORES_FILE).is_file()
 
+    def conflicts(self) -> list[str]:
+        """Why the run directory cannot be continued or skipped: it holds a run of another
+        config (a finished one would be reported as this one's result), every key named."""
+        import yaml
+
+        from mtlgraph.experiment.config import dump_run_config, load_config
+        from mtlgraph.experiment.runs import CONFIG_FILE, config_setting, read_run_config
+
+        if not (self.run_dir / CONFIG_FILE).is_file():
+            return []
+        old = config_setting(read_run_config(self.run_dir / CONFIG_FILE))
+        cfg = load_config(self.config, [*self.overrides, f"trainer.run_dir={self.run_dir}"])
+        new = config_setting(yaml.safe_load(dump_run_config(cfg)))
+        keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if not keys:
+            return []
+        diff = ", ".join(
+            f"{k}: the run has {old.get(k, '(not set)')!r}, now {new.get(k, '(not set)')!r}"
+            for k in keys[:5]
+        )
+        more = f" and {len(keys) - 5} more" if len(keys) > 5 else ""
+        return [
+            f"{self.run_dir}: holds a run of another config ({diff}{more}): choose another "
+            "--out, or delete that run directory to train it again"
+        ]
+
     def command(self) -> list[str]:
         """The ``mtlgraph train`` command line: ``--resume`` when a checkpoint exists, else
         ``--overwrite`` when an earlier attempt left files (it was killed before its first
@@ -175,6 +201,9 @@ def run_all(specs: Sequence[RunSpec], jobs: int = 1) -> list[RunSpec]:
 
     Each run logs to ``<run_dir>/train.log``. Finished runs are skipped.
     """
+    problems = [p for s in specs for p in s.conflicts()]
+    if problems:
+        raise ConfigError(problems, header="the output directory holds other runs:")
     todo = [s for s in specs if not s.finished]
     for s in specs:
         if s.finished:

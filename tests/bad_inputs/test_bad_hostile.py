@@ -8,10 +8,10 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 from experiment_helpers import TINY, write_config
 
 from mtlgraph.experiment.cli import main
+from mtlgraph.experiment.config import dump_run_config, load_config
 
 
 def _run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
@@ -23,8 +23,9 @@ def _run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
 
 def _run_dir(path: Path) -> Path:
     """A finished run directory as training leaves it (config, metrics, scores), no training."""
-    path.mkdir()
-    (path / "config.yaml").write_text(yaml.safe_dump(TINY))
+    path.mkdir(parents=True)
+    config = write_config(path / "config.yaml", TINY)
+    config.write_text(dump_run_config(load_config(config, [f"trainer.run_dir={path}"])))
     scores = {"circle_task/circles/test/accuracy": 0.5}
     (path / "metrics.jsonl").write_text(json.dumps({"step": 1, **scores}) + "\n")
     (path / "scores.json").write_text(json.dumps(scores))
@@ -100,3 +101,20 @@ def test_a_negative_seed_is_refused_before_any_run(
 def test_check_a_negative_trainer_seed(tiny_yaml: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, err = _run(capsys, "check", str(tiny_yaml), "trainer.seed=-1")
     assert code == 2 and "trainer.seed: must be >= 0, got -1" in err
+
+
+@pytest.mark.parametrize("finished", [True, False])
+def test_sweep_into_a_directory_with_runs_of_another_config(
+    tmp_path: Path, tiny_yaml: Path, capsys: pytest.CaptureFixture[str], finished: bool
+) -> None:
+    out = tmp_path / "sweep"
+    old = _run_dir(out / "trainer.lr=0.1")  # trained with n_epochs 2, lr 0.05
+    if not finished:
+        (old / "scores.json").unlink()
+    args = ("sweep", str(tiny_yaml), "trainer.n_epochs=1", "--grid", "trainer.lr=0.1")
+    code, err = _run(capsys, *args, "--out", str(out))
+    assert code == 2
+    assert f"{old}: holds a run of another config (" in err
+    assert "trainer.lr: the run has 0.05, now 0.1" in err
+    assert "trainer.n_epochs: the run has 2, now 1" in err
+    assert "choose another --out, or delete that run directory" in err
