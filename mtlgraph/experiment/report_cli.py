@@ -23,7 +23,10 @@ def report_args(p: argparse.ArgumentParser) -> None:
 
 def report(args: argparse.Namespace) -> int:
     from mtlgraph.experiment.run_report import write_html_report
+    from mtlgraph.inference.predictions import check_output_path
 
+    if args.out:
+        check_output_path(args.out, create_parents=True)  # before the work
     path = write_html_report(args.run_dir, args.out, tensorboard=not args.no_tensorboard)
     print(f"report written to {path}")
     _mlflow_artifacts(Path(args.run_dir), [path])
@@ -57,6 +60,11 @@ def compare_args(p: argparse.ArgumentParser) -> None:
 
 
 def compare(args: argparse.Namespace) -> int:
+    from mtlgraph.inference.predictions import check_output_path
+
+    for out in (args.out, args.plot):
+        if out:
+            check_output_path(out, create_parents=True)
     print(compare_runs(args.runs, args.baseline, args.split, args.format, args.out, args.plot))
     return 0
 
@@ -163,9 +171,21 @@ def sweep_command(args: argparse.Namespace) -> int:
 
 
 def _out_dir(args: argparse.Namespace, kind: str) -> Path:
-    """``--out``, else ``<runs_root>/<experiment>-<kind>``."""
+    """``--out``, else ``<runs_root>/<experiment>-<kind>``.
+
+    Raises:
+        ConfigError: ``--out`` names a file (or a path under one).
+    """
     if args.out:
-        return Path(args.out)
+        out = Path(args.out)
+        above = out
+        while not above.exists() and above != above.parent:
+            above = above.parent
+        if not above.is_dir():
+            raise ConfigError(
+                [f"--out {out}: '{above}' is a file, not a directory; name a directory"]
+            )
+        return out
     from mtlgraph.experiment.config import load_config
 
     cfg = load_config(args.config, args.overrides)

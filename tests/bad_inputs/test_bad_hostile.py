@@ -118,3 +118,44 @@ def test_sweep_into_a_directory_with_runs_of_another_config(
     assert "trainer.lr: the run has 0.05, now 0.1" in err
     assert "trainer.n_epochs: the run has 2, now 1" in err
     assert "choose another --out, or delete that run directory" in err
+
+
+@pytest.mark.parametrize(
+    ("command", "option", "message"),
+    [
+        ("check", "--graph", "cannot write '{out}': '{file}' is a file, not a directory"),
+        ("report", "--out", "cannot write '{out}': '{file}' is a file, not a directory"),
+        ("compare", "--out", "cannot write '{out}': '{file}' is a file, not a directory"),
+        ("compare", "--plot", "cannot write '{out}': '{file}' is a file, not a directory"),
+        ("evaluate", "--output", "cannot write '{out}': '{file}' is a file, not a directory"),
+        ("sweep", "--out", "--out {out}: '{file}' is a file, not a directory"),
+        ("baselines", "--out", "--out {out}: '{file}' is a file, not a directory"),
+        ("train", "trainer.run_dir=", "run directory '{out}' is under a file ('{file}')"),
+    ],
+)
+def test_an_output_path_under_a_file(
+    tmp_path: Path,
+    tiny_yaml: Path,
+    capsys: pytest.CaptureFixture[str],
+    command: str,
+    option: str,
+    message: str,
+) -> None:
+    run = _run_dir(tmp_path / "run")
+    out = tiny_yaml / "sub" / "out.svg"
+    where = {"report": [str(run)], "compare": [str(run)]}.get(command, [str(tiny_yaml)])
+    extra = {"sweep": ["--grid", "trainer.lr=0.1"], "evaluate": ["--checkpoint", str(run)]}
+    target = [f"{option}{out}"] if option.endswith("=") else [option, str(out)]
+    code, err = _run(capsys, command, *where, *extra.get(command, []), *target)
+    assert code == 2
+    assert message.format(out=out, file=tiny_yaml) in err
+
+
+@pytest.mark.parametrize("command", ["report", "compare"])
+def test_an_output_path_that_is_a_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    run = _run_dir(tmp_path / "run")
+    code, err = _run(capsys, command, str(run), "--out", str(tmp_path))
+    assert code == 2
+    assert f"cannot write '{tmp_path}': it is a directory; name a file" in err
