@@ -159,3 +159,18 @@ def test_an_output_path_that_is_a_directory(
     code, err = _run(capsys, command, str(run), "--out", str(tmp_path))
     assert code == 2
     assert f"cannot write '{tmp_path}': it is a directory; name a file" in err
+
+
+def test_hf_encoder_path_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("transformers")
+    (tmp_path / "bert").mkdir()
+    weights = tmp_path / "bert" / "config.json"
+    weights.write_text("{}")
+    cfg = {
+        **TINY,
+        "modules": {**TINY["modules"], "enc": {"type": "hf_encoder", "path": str(weights)}},
+    }
+    code, err = _run(capsys, "check", str(write_config(tmp_path / "c.yaml", cfg)))
+    assert code == 2
+    assert f"modules.enc: hf_encoder: path '{weights}' is a file, not a model directory" in err
+    assert f"('{weights.parent}', which holds config.json)" in err
