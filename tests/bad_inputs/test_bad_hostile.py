@@ -174,3 +174,23 @@ def test_hf_encoder_path_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFi
     assert code == 2
     assert f"modules.enc: hf_encoder: path '{weights}' is a file, not a model directory" in err
     assert f"('{weights.parent}', which holds config.json)" in err
+
+
+def test_pretrained_tokenizer_path_that_is_a_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("transformers")
+    (tmp_path / "r.csv").write_text("review,label\ngood,1\nbad,0\n" * 5)
+    (tmp_path / "config.json").write_text("{}")
+    text = {"pretrained": "config.json", "max_length": 8}
+    source = {"type": "table", "path": "r.csv", "text": {"review": text}}
+    data = {
+        "datasets": {
+            "d": {"source": source, "fields": {"xy": "review"}, "labels": {"circle_task": "label"}}
+        }
+    }
+    cfg = {**TINY, "data": data}
+    code, err = _run(capsys, "check", str(write_config(tmp_path / "c.yaml", cfg)))
+    assert code == 2
+    assert "data.datasets.d.source.text.review.pretrained: " in err
+    assert f"'{tmp_path / 'config.json'}' is a file, not a model directory" in err
