@@ -194,3 +194,32 @@ def test_pretrained_tokenizer_path_that_is_a_file(
     assert code == 2
     assert "data.datasets.d.source.text.review.pretrained: " in err
     assert f"'{tmp_path / 'config.json'}' is a file, not a model directory" in err
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt", "message"),
+    [
+        ("m.txt", None, "format torch_export writes a .pt2 file; name it m.pt2 (or give --format"),
+        ("m.onnx", "torch_export", "format torch_export writes a .pt2 file; name it m.pt2"),
+        ("m", "onnx", "format onnx writes a .onnx file; name it m.onnx"),
+    ],
+)
+def test_export_out_whose_suffix_is_not_its_format(
+    tmp_path: Path,
+    tiny_yaml: Path,
+    capsys: pytest.CaptureFixture[str],
+    name: str,
+    fmt: str | None,
+    message: str,
+) -> None:
+    if fmt == "onnx":
+        pytest.importorskip("onnxscript")
+    run = _run_dir(tmp_path / "run")
+    fmt_args = ["--format", fmt] if fmt else []
+    out = tmp_path / name
+    code, err = _run(
+        capsys, "export", str(tiny_yaml), "--checkpoint", str(run), "--out", str(out), *fmt_args
+    )
+    assert code == 2
+    assert f"--out {out}: {message}" in err
+    assert not out.exists()
