@@ -65,6 +65,9 @@ def compare(args: argparse.Namespace) -> int:
     for out in (args.out, args.plot):
         if out:
             check_output_path(out, create_parents=True)
+    if args.plot and Path(args.plot).suffix.lower() != ".png":
+        name = Path(args.plot).with_suffix(".png").name
+        raise ConfigError([f"--plot {args.plot}: the plot is a PNG image; name it {name}"])
     print(compare_runs(args.runs, args.baseline, args.split, args.format, args.out, args.plot))
     return 0
 

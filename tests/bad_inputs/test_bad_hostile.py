@@ -223,3 +223,11 @@ def test_export_out_whose_suffix_is_not_its_format(
     assert code == 2
     assert f"--out {out}: {message}" in err
     assert not out.exists()
+
+
+def test_compare_plot_that_is_not_a_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = _run_dir(tmp_path / "run")
+    code, err = _run(capsys, "compare", str(run), "--plot", str(tmp_path / "bars.txt"))
+    assert code == 2
+    assert f"--plot {tmp_path / 'bars.txt'}: the plot is a PNG image; name it bars.png" in err
+    assert not (tmp_path / "bars.txt").exists()
