@@ -69,6 +69,13 @@ class RunRecord:
                 ``scores.json``), or a file that is not what training writes: naming the file.
         """
         run = Path(path)
+        if run.is_file():
+            raise ConfigError(
+                [
+                    f"{path}: a file, not a run directory: give the directory mtlgraph train "
+                    "wrote (trainer.run_dir, or runs/<experiment>/<timestamp>)"
+                ]
+            )
         if not run.is_dir():
             raise ConfigError([f"{path}: no such run directory"])
         wanted = [METRICS_FILE, SCORES_FILE] if need_scores else [METRICS_FILE]

@@ -231,3 +231,12 @@ def test_compare_plot_that_is_not_a_png(tmp_path: Path, capsys: pytest.CaptureFi
     assert code == 2
     assert f"--plot {tmp_path / 'bars.txt'}: the plot is a PNG image; name it bars.png" in err
     assert not (tmp_path / "bars.txt").exists()
+
+
+@pytest.mark.parametrize("command", ["report", "compare"])
+def test_a_config_file_given_as_the_run_directory(
+    tiny_yaml: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    code, err = _run(capsys, command, str(tiny_yaml))
+    assert code == 2
+    assert f"{tiny_yaml}: a file, not a run directory: give the directory mtlgraph train" in err
