@@ -156,8 +156,15 @@ def sweep_command(args: argparse.Namespace) -> int:
     grid = sweep.parse_grid(args.grid)
     out = _out_dir(args, "sweep")
     if args.optuna is not None:
+        problems = []
         if not args.objective:
-            raise ConfigError(["--optuna needs --objective KEY (e.g. t/d/valid/accuracy)"])
+            problems.append("--optuna needs --objective KEY (e.g. t/d/valid/accuracy)")
+        if args.optuna < 1:
+            problems.append(f"--optuna {args.optuna}: the number of trials must be >= 1")
+        if not grid:
+            problems.append("--optuna searches the --grid values: give --grid KEY=V1,V2 ...")
+        if problems:
+            raise ConfigError(problems)
         study = sweep.optuna_search(
             args.config, args.overrides, grid, args.optuna, args.objective, out, args.jobs
         )

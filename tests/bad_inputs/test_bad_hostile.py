@@ -240,3 +240,28 @@ def test_a_config_file_given_as_the_run_directory(
     code, err = _run(capsys, command, str(tiny_yaml))
     assert code == 2
     assert f"{tiny_yaml}: a file, not a run directory: give the directory mtlgraph train" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--grid", "trainer.lr=0.1", "--optuna", "0"],
+            "--optuna 0: the number of trials must be >= 1",
+        ),
+        (["--optuna", "2"], "--optuna searches the --grid values: give --grid KEY=V1,V2"),
+    ],
+)
+def test_sweep_optuna_with_nothing_to_search(
+    tmp_path: Path,
+    tiny_yaml: Path,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    message: str,
+) -> None:
+    pytest.importorskip("optuna")
+    out = tmp_path / "sweep"
+    objective = ["--objective", "circle_task/circles/valid/accuracy"]
+    code, err = _run(capsys, "sweep", str(tiny_yaml), *args, *objective, "--out", str(out))
+    assert code == 2 and message in err
+    assert not out.exists()
