@@ -265,3 +265,19 @@ def test_sweep_optuna_with_nothing_to_search(
     code, err = _run(capsys, "sweep", str(tiny_yaml), *args, *objective, "--out", str(out))
     assert code == 2 and message in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("folder", ["table.csv", "nodir"])
+def test_image_folder_that_is_a_file_or_missing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], folder: str
+) -> None:
+    pytest.importorskip("PIL")
+    (tmp_path / "table.csv").write_text("file,y\n0.png,0\n1.png,1\n")
+    images = {"folder": folder, "mode": "L", "resize": [4, 4]}
+    source = {"type": "images", "path": "table.csv", "images": images}
+    dataset = {"source": source, "fields": {"xy": "file"}, "labels": {"circle_task": "y"}}
+    cfg = {**TINY, "data": {"datasets": {"d": dataset}}}
+    code, err = _run(capsys, "check", str(write_config(tmp_path / "c.yaml", cfg)))
+    assert code == 2
+    what = "is a file" if folder == "table.csv" else "does not exist"
+    assert f"data.datasets.d: image folder '{tmp_path / folder}' {what}: name the directory" in err
