@@ -412,9 +412,12 @@ def evaluate(args: argparse.Namespace) -> int:
     from mtlgraph.experiment.build import build_experiment
     from mtlgraph.experiment.config import load_config
     from mtlgraph.experiment.predict import verify_vocabularies
+    from mtlgraph.inference.predictions import check_output_path
 
     cfg = load_config(args.config, args.overrides)
     remap = _remaps(args.remap)
+    if args.output:
+        check_output_path(args.output, create_parents=True)  # before the work
     path = inference_cli.checkpoint_file(args.checkpoint)
     experiment = build_experiment(cfg)
     experiment.model.load(path)
@@ -560,8 +563,10 @@ def check(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.graph:
         from mtlgraph.graph.drawing import graph_format
+        from mtlgraph.inference.predictions import check_output_path
 
-        graph_format(args.graph)  # a bad extension fails before any work
+        graph_format(args.graph)  # a bad extension or path fails before any work
+        check_output_path(args.graph, create_parents=True)
     experiment = build_experiment(cfg)
     # train's own set-up, without training: whatever train refuses before its first step
     experiment.trainer.check(experiment.model, experiment.loaders)

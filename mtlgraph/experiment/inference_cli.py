@@ -217,6 +217,8 @@ def _stat(path: str) -> tuple[int, int] | None:
 
 
 def _export(args: argparse.Namespace) -> int:
+    """The export :func:`export` runs."""
+    from mtlgraph.exceptions import ConfigError
     from mtlgraph.experiment.config import load_config
     from mtlgraph.experiment.predict import (
         checkpoint_vocabularies,
@@ -227,7 +229,17 @@ def _export(args: argparse.Namespace) -> int:
     from mtlgraph.inference.predictions import check_output_path
     from mtlgraph.training.checkpoint import run_directory
 
-    fmt = args.format or ("onnx" if Path(args.out).suffix.lower() == ".onnx" else "torch_export")
+    suffixes = {"onnx": ".onnx", "torch_export": ".pt2"}
+    suffix = Path(args.out).suffix.lower()
+    fmt = args.format or ("onnx" if suffix == ".onnx" else "torch_export")
+    if suffix != suffixes.get(fmt, suffix):  # a server tells the format by the file's name
+        raise ConfigError(
+            [
+                f"--out {args.out}: format {fmt} writes a {suffixes[fmt]} file; name it "
+                f"{Path(args.out).with_suffix(suffixes[fmt]).name}"
+                + ("" if args.format else " (or give --format onnx for ONNX)")
+            ]
+        )
     if fmt == "onnx":
         with _extras_are_usage():
             require_onnx()

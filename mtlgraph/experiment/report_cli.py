@@ -23,7 +23,10 @@ def report_args(p: argparse.ArgumentParser) -> None:
 
 def report(args: argparse.Namespace) -> int:
     from mtlgraph.experiment.run_report import write_html_report
+    from mtlgraph.inference.predictions import check_output_path
 
+    if args.out:
+        check_output_path(args.out, create_parents=True)  # before the work
     path = write_html_report(args.run_dir, args.out, tensorboard=not args.no_tensorboard)
     print(f"report written to {path}")
     _mlflow_artifacts(Path(args.run_dir), [path])
@@ -43,6 +46,7 @@ def compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--baseline",
         nargs="+",
+        action="extend",
         default=[],
         metavar="RUN_OR_GLOB",
         help="single-task runs (mtlgraph baselines) for Δm%%",
@@ -56,6 +60,14 @@ def compare_args(p: argparse.ArgumentParser) -> None:
 
 
 def compare(args: argparse.Namespace) -> int:
+    from mtlgraph.inference.predictions import check_output_path
+
+    for out in (args.out, args.plot):
+        if out:
+            check_output_path(out, create_parents=True)
+    if args.plot and Path(args.plot).suffix.lower() != ".png":
+        name = Path(args.plot).with_suffix(".png").name
+        raise ConfigError([f"--plot {args.plot}: the plot is a PNG image; name it {name}"])
     print(compare_runs(args.runs, args.baseline, args.split, args.format, args.out, args.plot))
     return 0
 
@@ -91,7 +103,9 @@ def compare_runs(
 def _seed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="the YAML experiment config")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-    p.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="one run per seed")
+    p.add_argument(
+        "--seeds", nargs="+", action="extend", type=int, metavar="SEED", help="one run per seed"
+    )
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (separate processes)")
     p.add_argument("--out", metavar="DIR", help="where the run directories go")
 
@@ -116,13 +130,19 @@ def sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--grid",
         nargs="+",
+        action="extend",
         default=[],
         metavar="KEY=V1,V2",
         help="config keys and the values to try (every combination)",
     )
     p.add_argument("--shard", metavar="i/n", help="run only every n-th run from the i-th")
     p.add_argument(
-        "--baseline", nargs="+", default=[], metavar="RUN_OR_GLOB", help="for Δm%% in the table"
+        "--baseline",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="RUN_OR_GLOB",
+        help="for Δm%% in the table",
     )
     p.add_argument("--optuna", type=int, metavar="TRIALS", help="search with Optuna instead")
     p.add_argument("--objective", metavar="KEY", help="the score key Optuna optimises")
@@ -136,8 +156,15 @@ def sweep_command(args: argparse.Namespace) -> int:
     grid = sweep.parse_grid(args.grid)
     out = _out_dir(args, "sweep")
     if args.optuna is not None:
+        problems = []
         if not args.objective:
-            raise ConfigError(["--optuna needs --objective KEY (e.g. t/d/valid/accuracy)"])
+            problems.append("--optuna needs --objective KEY (e.g. t/d/valid/accuracy)")
+        if args.optuna < 1:
+            problems.append(f"--optuna {args.optuna}: the number of trials must be >= 1")
+        if not grid:
+            problems.append("--optuna searches the --grid values: give --grid KEY=V1,V2 ...")
+        if problems:
+            raise ConfigError(problems)
         study = sweep.optuna_search(
             args.config, args.overrides, grid, args.optuna, args.objective, out, args.jobs
         )
@@ -154,9 +181,21 @@ def sweep_command(args: argparse.Namespace) -> int:
 
 
 def _out_dir(args: argparse.Namespace, kind: str) -> Path:
-    """``--out``, else ``<runs_root>/<experiment>-<kind>``."""
+    """``--out``, else ``<runs_root>/<experiment>-<kind>``.
+
+    Raises:
+        ConfigError: ``--out`` names a file (or a path under one).
+    """
     if args.out:
-        return Path(args.out)
+        out = Path(args.out)
+        above = out
+        while not above.exists() and above != above.parent:
+            above = above.parent
+        if not above.is_dir():
+            raise ConfigError(
+                [f"--out {out}: '{above}' is a file, not a directory; name a directory"]
+            )
+        return out
     from mtlgraph.experiment.config import load_config
 
     cfg = load_config(args.config, args.overrides)

@@ -235,9 +235,13 @@ class RunDirectory:
         Raises:
             RunDirError: ``path`` is a file.
         """
-        if path.exists() and not path.is_dir():
+        above = path
+        while not above.exists() and above != above.parent:
+            above = above.parent  # the nearest existing path: a file there blocks mkdir
+        if not above.is_dir():
+            what = "a file" if above == path else f"under a file ('{above}')"
             raise RunDirError(
-                f"run directory '{path}' is a file, not a directory: set trainer.run_dir to a "
+                f"run directory '{path}' is {what}, not a directory: set trainer.run_dir to a "
                 "directory (it is made when missing)"
             )
         created = not path.exists()

@@ -69,6 +69,13 @@ class RunRecord:
                 ``scores.json``), or a file that is not what training writes: naming the file.
         """
         run = Path(path)
+        if run.is_file():
+            raise ConfigError(
+                [
+                    f"{path}: a file, not a run directory: give the directory mtlgraph train "
+                    "wrote (trainer.run_dir, or runs/<experiment>/<timestamp>)"
+                ]
+            )
         if not run.is_dir():
             raise ConfigError([f"{path}: no such run directory"])
         wanted = [METRICS_FILE, SCORES_FILE] if need_scores else [METRICS_FILE]
@@ -113,14 +120,7 @@ class RunRecord:
     def setting(self) -> dict[str, Any]:
         """The flattened config without seeds and paths: runs with equal settings are seeds
         of one experiment."""
-        from mtlgraph.training.writers import flatten
-
-        flat = flatten(self.config)
-        return {
-            k: v
-            for k, v in flat.items()
-            if k not in SEED_KEYS and not k.startswith(_IGNORED) and not k.startswith("vocab")
-        }
+        return {k: v for k, v in config_setting(self.config).items() if k not in SEED_KEYS}
 
     def series(self, key: str) -> tuple[list[float], list[float]]:
         """``(steps, values)`` of ``key`` over the history (records without it skipped)."""
@@ -130,6 +130,32 @@ class RunRecord:
                 steps.append(float(rec.get("step", math.nan)))
                 values.append(float(rec[key]))
         return steps, values
+
+
+def config_setting(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A config flattened without its paths and vocabularies: what makes two runs the same
+    experiment (seeds included).
+
+    Example:
+        >>> config_setting({"seed": 1, "trainer": {"lr": 0.1, "run_dir": "runs/a"}})
+        {'seed': 1, 'trainer.lr': 0.1}
+    """
+    from mtlgraph.training.writers import flatten
+
+    return {
+        k: v
+        for k, v in flatten(config).items()
+        if not k.startswith(_IGNORED) and not k.startswith("vocab")
+    }
+
+
+def read_run_config(path: Path) -> dict[str, Any]:
+    """A run directory's ``config.yaml`` as plain values (``{}`` for an empty file).
+
+    Raises:
+        ConfigError: Invalid YAML or not a mapping, naming the file.
+    """
+    return _read_yaml(path)
 
 
 def _read_history(path: Path) -> list[dict[str, float]]:
@@ -144,8 +170,26 @@ def _read_history(path: Path) -> list[dict[str, float]]:
             if n == len(lines):
                 break  # a killed run's torn last line
             raise ConfigError([f"{path}:{n}: not a JSON line"]) from None
-        out.append({k: math.nan if v is None else float(v) for k, v in rec.items()})
+        out.append(_numbers(rec, f"{path}:{n}"))
     return out
+
+
+def _numbers(data: Any, where: str) -> dict[str, float]:
+    """A JSON object of numbers (``null`` read as NaN), else a ``ConfigError`` naming ``where``
+    and the first key whose value is not a number."""
+    if not isinstance(data, dict):
+        raise ConfigError(
+            [f"{where}: expected a JSON object of numbers, got {type(data).__name__}"]
+        )
+    for key, value in data.items():
+        if value is not None and not isinstance(value, int | float):
+            raise ConfigError(
+                [
+                    f"{where}: {key!r} is {value!r}, not a number (this file is written by "
+                    "mtlgraph train; restore it or train the run again)"
+                ]
+            )
+    return {k: math.nan if v is None else float(v) for k, v in data.items()}
 
 
 def _read_scores(path: Path) -> dict[str, float]:
@@ -153,16 +197,23 @@ def _read_scores(path: Path) -> dict[str, float]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ConfigError([f"{path}: not JSON ({e})"]) from e
-    if not isinstance(data, dict):
-        raise ConfigError([f"{path}: expected a JSON object of scores"])
-    return {k: math.nan if v is None else float(v) for k, v in data.items()}
+    return _numbers(data, str(path))
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    import yaml
+    from mtlgraph.experiment.yaml_lines import parse_yaml
 
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    return dict(data) if isinstance(data, Mapping) else {}
+    data, _, _ = parse_yaml(path.read_text(encoding="utf-8"), str(path))
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(
+            [
+                f"{path}: expected the run's config (a YAML mapping), got "
+                f"{type(data).__name__} (restore it from the config the run was trained with)"
+            ]
+        )
+    return dict(data)
 
 
 def _best(run: Path) -> dict[str, Any] | None:

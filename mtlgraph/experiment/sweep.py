@@ -44,6 +44,32 @@ class RunSpec:
         """Whether the run wrote its scores."""
         return (self.run_dir / SCORES_FILE).is_file()
 
+    def conflicts(self) -> list[str]:
+        """Why the run directory cannot be continued or skipped: it holds a run of another
+        config (a finished one would be reported as this one's result), every key named."""
+        import yaml
+
+        from mtlgraph.experiment.config import dump_run_config, load_config
+        from mtlgraph.experiment.runs import CONFIG_FILE, config_setting, read_run_config
+
+        if not (self.run_dir / CONFIG_FILE).is_file():
+            return []
+        old = config_setting(read_run_config(self.run_dir / CONFIG_FILE))
+        cfg = load_config(self.config, [*self.overrides, f"trainer.run_dir={self.run_dir}"])
+        new = config_setting(yaml.safe_load(dump_run_config(cfg)))
+        keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if not keys:
+            return []
+        diff = ", ".join(
+            f"{k}: the run has {old.get(k, '(not set)')!r}, now {new.get(k, '(not set)')!r}"
+            for k in keys[:5]
+        )
+        more = f" and {len(keys) - 5} more" if len(keys) > 5 else ""
+        return [
+            f"{self.run_dir}: holds a run of another config ({diff}{more}): choose another "
+            "--out, or delete that run directory to train it again"
+        ]
+
     def command(self) -> list[str]:
         """The ``mtlgraph train`` command line: ``--resume`` when a checkpoint exists, else
         ``--overwrite`` when an earlier attempt left files (it was killed before its first
@@ -112,17 +138,14 @@ def grid_specs(
     Raises:
         ConfigError: Every grid point's problems at once (unknown keys, wrong value types).
     """
-    from mtlgraph.experiment.config import load_config
-
     specs, problems = [], []
     keys = list(grid)
     for values in itertools.product(*(grid[k] for k in keys)):
         point = dict(zip(keys, values, strict=True))
         point_overrides = [*overrides, *(f"{k}={v}" for k, v in point.items())]
-        try:
-            load_config(config, point_overrides)
-        except ConfigError as e:
-            problems += [p for p in e.problems if p not in problems]
+        found = validate_runs(config, point_overrides, seeds)
+        problems += [p for p in found if p not in problems]
+        if found:
             continue
         for seed in seeds if seeds else [None]:
             specs.append(
@@ -135,6 +158,22 @@ def grid_specs(
     if problems:
         raise ConfigError(problems, header=f"invalid sweep of {config}:")
     return specs
+
+
+def validate_runs(
+    config: str | Path, overrides: Sequence[str], seeds: Sequence[int] | None
+) -> list[str]:
+    """The problems of ``config`` with ``overrides`` and each seed's overrides (a negative
+    ``--seeds`` value is named like any override), as ``mtlgraph train`` would find them."""
+    from mtlgraph.experiment.config import load_config
+
+    problems: list[str] = []
+    for seed in seeds if seeds else [None]:
+        try:
+            load_config(config, [*overrides, *seed_overrides(seed)])
+        except ConfigError as e:
+            problems += [p for p in e.problems if p not in problems]
+    return problems
 
 
 def shard(specs: Sequence[RunSpec], spec: str | None) -> list[RunSpec]:
@@ -162,6 +201,9 @@ def run_all(specs: Sequence[RunSpec], jobs: int = 1) -> list[RunSpec]:
 
     Each run logs to ``<run_dir>/train.log``. Finished runs are skipped.
     """
+    problems = [p for s in specs for p in s.conflicts()]
+    if problems:
+        raise ConfigError(problems, header="the output directory holds other runs:")
     todo = [s for s in specs if not s.finished]
     for s in specs:
         if s.finished:
@@ -273,7 +315,9 @@ def baseline_specs(
         path.parent.mkdir(parents=True, exist_ok=True)
         text = yaml.safe_dump(single_task_config(resolved, task), sort_keys=False)
         atomic_write_text(path, text)
-        load_config(path)  # the single-task config is valid before any run starts
+        problems = validate_runs(path, (), seeds)  # valid before any run starts
+        if problems:
+            raise ConfigError(problems)
         for seed in seeds if seeds else [None]:
             name = run_name({"task": task}, seed)
             specs.append(RunSpec(out / name, path, tuple(seed_overrides(seed))))

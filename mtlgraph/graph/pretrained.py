@@ -61,6 +61,18 @@ def model_config(
             ) from None
     assert path is not None
     local = Path(path)
+    if local.is_file():
+        hint = (
+            f" ('{local.parent}', which holds config.json)"
+            if (local.parent / "config.json").is_file()
+            else ""
+        )
+        raise ConfigError(
+            [
+                f"{where}: path '{path}' is a file, not a model directory: name the directory "
+                f"model.save_pretrained(directory) wrote{hint}"
+            ]
+        )
     if local.is_dir() and not (local / "config.json").is_file():
         raise ConfigError(
             [

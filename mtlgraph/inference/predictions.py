@@ -302,16 +302,33 @@ _WRITERS: dict[str, Callable[[IO[bytes]], _Writer]] = {
 }
 
 
-def check_output_path(path: str | os.PathLike[str]) -> Path:
-    """The output path, if it can be written: its directory exists and is writable, and it is
-    not a directory itself.
+def check_output_path(path: str | os.PathLike[str], create_parents: bool = False) -> Path:
+    """The output path, if it can be written: its directory exists (or, with
+    ``create_parents``, can be created: no file in the way) and is writable, and it is not a
+    directory itself.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> base = pathlib.Path(tempfile.mkdtemp())
+        >>> check_output_path(base / "new" / "report.html", create_parents=True).name
+        'report.html'
 
     Raises:
         ConfigError: Why it cannot be written.
     """
     target = Path(path)
     parent = target.parent
-    if not parent.is_dir():
+    if create_parents:
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise ConfigError(
+                [
+                    f"cannot write '{target}': '{parent}' is a file, not a directory; name "
+                    "another path"
+                ]
+            )
+    elif not parent.is_dir():
         raise ConfigError(
             [f"cannot write '{target}': directory '{parent}' does not exist; create it first"]
         )

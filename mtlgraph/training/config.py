@@ -29,6 +29,7 @@ _AT_LEAST = {
     "evaluation_freq": 0,
     "checkpoint_every": 0,
     "grad_accumulation_steps": 1,
+    "seed": 0,
 }
 """Numeric settings and their least value."""
 

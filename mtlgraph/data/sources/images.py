@@ -226,6 +226,12 @@ class ImageFolder(Dataset[Batch]):
         self._first_size: tuple[int, int] | None = None  # (height, width) of files[0]
 
     def _missing_files(self, files: Sequence[str]) -> list[str]:
+        if not self.folder.is_dir():
+            what = "is a file" if self.folder.exists() else "does not exist"
+            return [
+                f"image folder '{self.folder}' {what}: name the directory that holds the "
+                "table's image files (images.folder)"
+            ]
         missing = [(i, f) for i, f in enumerate(files) if not (self.folder / f).is_file()]
         if not missing:
             return []

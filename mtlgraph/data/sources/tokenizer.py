@@ -260,6 +260,13 @@ class SubwordTokenizer(SavedTokenizer):
             DataError: A directory without a tokenizer, or one ``tokenizers`` cannot run.
         """
         tf = import_extra("a model directory's tokenizer", "hf", "transformers")[0]
+        if Path(path).is_file():
+            raise DataError(
+                [
+                    f"'{path}' is a file, not a model directory: name the directory "
+                    f"tokenizer.save_pretrained(directory) wrote (perhaps '{Path(path).parent}')"
+                ]
+            )
         try:
             auto = tf.AutoTokenizer.from_pretrained(str(path))
         except (OSError, ValueError, TypeError) as e:
