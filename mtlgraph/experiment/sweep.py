@@ -199,8 +199,14 @@ def thread_env(jobs: int) -> dict[str, str]:
 def run_all(specs: Sequence[RunSpec], jobs: int = 1) -> list[RunSpec]:
     """Train every unfinished run, ``jobs`` at a time; return the runs that failed.
 
-    Each run logs to ``<run_dir>/train.log``. Finished runs are skipped.
+    Each run logs to ``<run_dir>/train.log``. Finished runs are skipped. The runs are processes
+    of their own session, stopped only by the sweep: interrupted (SIGINT or SIGTERM), it sends
+    each running run one SIGTERM (the run finishes its step and writes ``last.pt``), waits for
+    them and raises :class:`~mtlgraph.exceptions.Interrupted`; killed outright (SIGKILL), its
+    runs get SIGTERM from the system (Linux), so none is left training on its own.
     """
+    from mtlgraph.training.signals import interrupted
+
     problems = [p for s in specs for p in s.conflicts()]
     if problems:
         raise ConfigError(problems, header="the output directory holds other runs:")
@@ -210,31 +216,76 @@ def run_all(specs: Sequence[RunSpec], jobs: int = 1) -> list[RunSpec]:
             print(f"skip {s.run_dir} (finished)", file=sys.stderr)
     running: list[tuple[RunSpec, subprocess.Popen[bytes], Any]] = []
     failed: list[RunSpec] = []
-    env = thread_env(jobs)
-    while todo or running:
-        while todo and len(running) < max(1, jobs):
-            spec = todo.pop(0)
-            spec.run_dir.mkdir(parents=True, exist_ok=True)
-            log = (spec.run_dir / LOG_FILE).open("ab")
-            verb = "resume" if "--resume" in spec.command() else "train"
-            print(f"{verb} {spec.run_dir}", file=sys.stderr)
-            proc = subprocess.Popen(spec.command(), stdout=log, stderr=subprocess.STDOUT, env=env)
-            running.append((spec, proc, log))
-        time.sleep(0.2)
-        for item in list(running):
-            spec, proc, log = item
-            if proc.poll() is None:
-                continue
-            running.remove(item)
-            log.close()
-            if proc.returncode != 0:
-                failed.append(spec)
-                log_file = spec.run_dir / LOG_FILE
-                print(
-                    f"failed {spec.run_dir} (exit {proc.returncode}; see {log_file})",
-                    file=sys.stderr,
-                )
+    try:
+        while todo or running:
+            while todo and len(running) < max(1, jobs):
+                running.append(_start(todo.pop(0), thread_env(jobs)))
+            time.sleep(0.2)
+            failed += _reap(running)
+    except KeyboardInterrupt as e:
+        stopped = _stop(running)
+        raise interrupted(
+            e,
+            f"{stopped} running run(s) stopped after their step with a checkpoint; run the same "
+            "command again to continue",
+        ) from None
     return failed
+
+
+def _start(spec: RunSpec, env: Mapping[str, str]) -> tuple[RunSpec, subprocess.Popen[bytes], Any]:
+    spec.run_dir.mkdir(parents=True, exist_ok=True)
+    log = (spec.run_dir / LOG_FILE).open("ab")
+    verb = "resume" if "--resume" in spec.command() else "train"
+    print(f"{verb} {spec.run_dir}", file=sys.stderr)
+    proc = subprocess.Popen(
+        spec.command(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=dict(env),
+        start_new_session=True,  # a terminal's Ctrl-C reaches the sweep, which stops the runs once
+        preexec_fn=_term_with_parent if sys.platform.startswith("linux") else None,
+    )
+    return spec, proc, log
+
+
+def _term_with_parent() -> None:
+    """In a run's process: SIGTERM when the sweep dies (``PR_SET_PDEATHSIG``)."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)
+
+
+def _reap(running: list[tuple[RunSpec, subprocess.Popen[bytes], Any]]) -> list[RunSpec]:
+    """Remove the runs that ended from ``running``; return those that failed."""
+    failed = []
+    for item in list(running):
+        spec, proc, log = item
+        if proc.poll() is None:
+            continue
+        running.remove(item)
+        log.close()
+        if proc.returncode != 0:
+            failed.append(spec)
+            log_file = spec.run_dir / LOG_FILE
+            print(
+                f"failed {spec.run_dir} (exit {proc.returncode}; see {log_file})", file=sys.stderr
+            )
+    return failed
+
+
+def _stop(running: list[tuple[RunSpec, subprocess.Popen[bytes], Any]]) -> int:
+    """SIGTERM each running run once, wait for it; the number stopped."""
+    import signal
+
+    for _, proc, _ in running:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for spec, proc, log in running:
+        proc.wait()
+        log.close()
+        print(f"stopped {spec.run_dir} (exit {proc.returncode})", file=sys.stderr)
+    return len(running)
 
 
 def check_failed(failed: Sequence[RunSpec]) -> None:

@@ -67,8 +67,12 @@ def test_sweep_resumes_after_a_kill(tiny_config_file: Path, tmp_path: Path) -> N
     while not (first / "scores.json").exists() and proc.poll() is None:
         assert time.monotonic() < deadline, "the first run never finished"
         time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)  # the sweep and the run it is training
+    os.killpg(proc.pid, signal.SIGKILL)  # the sweep; its run gets SIGTERM from the system
     proc.wait()
+    deadline = time.monotonic() + 120
+    while list(out.glob("*/.mtlgraph.lock")):  # the orphaned run stops (checkpoint, lock freed)
+        assert time.monotonic() < deadline, "a run kept training after its sweep was killed"
+        time.sleep(0.1)
     done = (first / "scores.json").stat().st_mtime_ns
     assert not (out / "trainer.balancer=mgda_seed=0" / "scores.json").exists()
 
@@ -79,6 +83,29 @@ def test_sweep_resumes_after_a_kill(tiny_config_file: Path, tmp_path: Path) -> N
     assert (out / "trainer.balancer=mgda_seed=0" / "scores.json").is_file()
     assert "| trainer.balancer=sum |" in again.stdout
     assert "| trainer.balancer=mgda |" in again.stdout
+
+
+def test_a_terminated_sweep_stops_its_runs_with_a_checkpoint(
+    tiny_config_file: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "sweep"
+    args = cli_command(
+        "sweep", str(tiny_config_file), "trainer.n_epochs=500",
+        "--grid", "trainer.balancer=sum", "--seeds", "0", "--jobs", "1", "--out", str(out),
+    )  # fmt: skip
+    run = out / "trainer.balancer=sum_seed=0"
+    proc = subprocess.Popen(args, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    metrics = run / "metrics.jsonl"
+    while not (metrics.exists() and metrics.stat().st_size) and proc.poll() is None:
+        assert time.monotonic() < deadline, "the run never logged"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)  # the sweep alone, as `timeout` does
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "run the same command again to continue" in err.decode()
+    assert (run / "checkpoints" / "last.pt").is_file()  # the run stopped with a checkpoint
+    assert not (run / ".mtlgraph.lock").exists()  # and ended: nothing trains on
 
 
 def test_baselines_are_single_task_runs_of_each_seed(
