@@ -365,6 +365,8 @@ def _read_files(
     source = f"'{path}'" if len(files) == 1 else f"{len(files)} files matching '{path}'"
     first = next(iter_table(files[0], formats[0], rows=1), Table())
     available = list(first)
+    if len(files) == 1 and table_length(first) == 0:
+        raise DataError([_no_rows(source, formats[0], available)])
     specs = field_specs(cfg, fields)
     if formats[0] == "npy" and files[0].is_file():  # one array: the one field
         if len(fields) != 1 or id_column is not None:
@@ -398,6 +400,12 @@ def _read_files(
                 start += n
 
     return PredictionData(source, None, chunks)
+
+
+def _no_rows(source: str, fmt: str, columns: Sequence[str]) -> str:
+    """The refusal of a data file without rows (a 0-byte CSV is the reader's own error)."""
+    has = f"has a header ({quoted(columns)}) and no rows" if fmt == "csv" else "has no rows"
+    return f"{source} {has}: nothing to predict; give data with at least one row"
 
 
 def _read_images(

@@ -298,6 +298,7 @@ def _csv_chunks(file: Path, columns: Sequence[str] | None, rows: int | None) -> 
         names = [h.strip() for h in header]
         _check_names(names, origin, "line 1")
         keep = [(c, names.index(c)) for c in select_columns(names, columns, origin)]
+        first = True  # a header and no rows: one table of 0 rows, its columns named
         while True:
             lines: list[int] = []
             cells: list[list[str]] = [[] for _ in keep]
@@ -312,7 +313,8 @@ def _csv_chunks(file: Path, columns: Sequence[str] | None, rows: int | None) -> 
                     for out, (_, j) in zip(cells, keep, strict=True):
                         out.append(row[j])
             full = rows is not None and len(lines) == rows
-            if lines or rows is None:
+            if lines or rows is None or first:
+                first = False
                 arrays = {
                     c: np.asarray(v, dtype=object) for (c, _), v in zip(keep, cells, strict=True)
                 }
