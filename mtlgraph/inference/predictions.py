@@ -15,12 +15,13 @@ from typing import IO, Any, Protocol
 
 import numpy as np
 import torch
+from torch import nn
 
 from mtlgraph._io import atomic_write, import_extra
 from mtlgraph._suggest import quoted
 from mtlgraph.data.sources.files import SUFFIXES
 from mtlgraph.exceptions import ConfigError, DataError
-from mtlgraph.graph.task import Task
+from mtlgraph.graph.task import INPUT, Task
 from mtlgraph.inference.evaluation import iter_predictions
 from mtlgraph.inference.protocol import Batches, InferenceModel
 
@@ -113,15 +114,20 @@ def _finite_rows(
     id_field: str | None,
     allow_missing: bool,
 ) -> Iterator[tuple[dict[str, Any], Any]]:
-    """The batches, each float input field the tasks read checked for NaN and infinities: a
-    :class:`DataError`, or (``allow_missing``) the row's values zeroed and its reason kept."""
+    """The batches, each float input field the tasks read checked, before the model runs, for
+    the width the model was trained with (a :class:`DataError` naming the field, the module and
+    both widths) and for NaN and infinities: a :class:`DataError`, or (``allow_missing``) the
+    row's values zeroed and its reason kept."""
     from mtlgraph.inference.export import input_fields
 
     fields: list[str] | None = None
+    widths: dict[str, tuple[str, int]] = {}
     start = 0
     for X, Y in batches:
         if fields is None:
             fields = input_fields(model, task_names, [k for k in X if k != id_field])
+            widths = trained_widths(model, task_names)
+        _check_widths(X, widths)
         n = _rows(X, fields)
         reasons: list[str | None] = [None] * n
         X = dict(X)
@@ -141,6 +147,51 @@ def _finite_rows(
         X[_REASONS] = reasons
         start += n
         yield X, Y
+
+
+def trained_widths(model: InferenceModel, task_names: Sequence[str]) -> dict[str, tuple[str, int]]:
+    """``{field: (module, width)}``: the input fields a task's operation reads alone with a
+    module whose first layer is a ``Linear`` (its ``in_features``: the width it was trained on).
+
+    Example:
+        >>> from torch import nn
+        >>> from mtlgraph import MultitaskClassifier, Operation, Task
+        >>> model = MultitaskClassifier([Task("t", {"head": nn.Linear(2, 3)},
+        ...     [Operation("head", [("_input_", "xy")])])])
+        >>> trained_widths(model, ["t"])
+        {'xy': ('head', 2)}
+    """
+    out: dict[str, tuple[str, int]] = {}
+    for t in task_names:
+        for op in model.tasks[t].op_sequence:
+            if len(op.inputs) != 1 or op.inputs[0].source != INPUT or op.inputs[0].key is None:
+                continue
+            field = str(op.inputs[0].key)
+            first = next(
+                (
+                    m
+                    for m in model.module_pool[op.module_name].modules()
+                    if any(True for _ in m.parameters(recurse=False))
+                ),
+                None,
+            )
+            if field not in out and isinstance(first, nn.Linear):
+                out[field] = (op.module_name, first.in_features)
+    return out
+
+
+def _check_widths(X: Mapping[str, Any], widths: Mapping[str, tuple[str, int]]) -> None:
+    """Every input field of another width than its module was trained with, at once."""
+    problems = []
+    for f, (module, width) in widths.items():
+        v = X.get(f)
+        if isinstance(v, torch.Tensor) and v.ndim >= 2 and v.shape[-1] != width:
+            problems.append(
+                f"input field '{f}' has {v.shape[-1]} columns, but module '{module}' was trained "
+                f"on {width}: give the field the {width} columns it had in training"
+            )
+    if problems:
+        raise DataError(problems)
 
 
 def _rows(X: Mapping[str, Any], fields: Sequence[str]) -> int:
