@@ -7,8 +7,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
-from experiment_helpers import TINY, write_config
+from experiment_helpers import TINY, tiny_config, write_config
 
 from mtlgraph.experiment.cli import main
 from mtlgraph.experiment.config import dump_run_config, load_config
@@ -281,3 +282,78 @@ def test_image_folder_that_is_a_file_or_missing(
     assert code == 2
     what = "is a file" if folder == "table.csv" else "does not exist"
     assert f"data.datasets.d: image folder '{tmp_path / folder}' {what}: name the directory" in err
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The tiny config (its trunk reads field 'xy' with in_dim 2) and a run trained one epoch."""
+    root = tmp_path_factory.mktemp("tiny_run")
+    config = write_config(root / "tiny.yaml", tiny_config(n_epochs=1))
+    assert main(["train", str(config), "--quiet", f"trainer.run_dir={root / 'run'}"]) == 0
+    return config, root / "run"
+
+
+def _predict(
+    capsys: pytest.CaptureFixture[str],
+    tiny_run: tuple[Path, Path],
+    data: Path,
+    out: Path,
+    *overrides: str,
+) -> tuple[int, str]:
+    config, run = tiny_run
+    args = ("--checkpoint", str(run), "--data", str(data), "--out", str(out))
+    return _run(capsys, "predict", str(config), *args, *overrides)
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".npz", ".csv"])
+def test_predict_on_a_field_of_another_width_names_both_widths(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    tiny_run: tuple[Path, Path],
+    suffix: str,
+) -> None:
+    rows = np.ones((4, 3), dtype=np.float32)
+    data = tmp_path / f"wide{suffix}"
+    if suffix == ".npy":
+        np.save(data, rows)
+    elif suffix == ".npz":
+        np.savez(data, xy=rows)
+    else:
+        data.write_text("a,b,c\n" + "1,2,3\n" * 4)
+    out = tmp_path / "p.csv"
+    columns = "data.datasets.circles.fields.xy=[a,b,c]"  # the CSV's columns for the field
+    code, err = _predict(capsys, tiny_run, data, out, *([columns] if suffix == ".csv" else []))
+    assert code == 2
+    assert "input field 'xy' has 3 columns, but module 'trunk' was trained on 2" in err
+    assert "mat1 and mat2" not in err and not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("empty.npy", "'{data}' has no rows: nothing to predict"),
+        ("empty.npz", "'{data}' has no rows: nothing to predict"),
+        ("header.csv", "'{data}' has a header ('x0', 'x1') and no rows: nothing to predict"),
+        ("blank.csv", "'{data}' is empty; its first line must name the columns"),
+    ],
+)
+def test_predict_on_data_without_rows_is_refused_like_an_empty_csv(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    tiny_run: tuple[Path, Path],
+    name: str,
+    message: str,
+) -> None:
+    data = tmp_path / name
+    empty = np.zeros((0, 2), dtype=np.float32)
+    if name.endswith(".npy"):
+        np.save(data, empty)
+    elif name.endswith(".npz"):
+        np.savez(data, xy=empty)
+    else:
+        data.write_text("x0,x1\n" if name == "header.csv" else "")
+    out = tmp_path / "p.csv"
+    code, err = _predict(capsys, tiny_run, data, out)
+    assert code == 2
+    assert message.format(data=data) in err
+    assert not out.exists()
