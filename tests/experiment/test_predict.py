@@ -270,18 +270,48 @@ def test_bad_input_exits_2_with_a_clear_message_and_writes_nothing(
 
 
 def test_a_failure_mid_stream_exits_1_and_leaves_no_partial_file(
+    run: tuple[Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from mtlgraph.graph.modules import MLP
+
+    calls = []
+
+    def third_call_fails(self: MLP, x: torch.Tensor) -> torch.Tensor:
+        calls.append(len(x))
+        if len(calls) == 3:
+            raise RuntimeError("the trunk failed on the third batch")
+        return torch.nn.Sequential.forward(self, x)
+
+    monkeypatch.setattr(MLP, "forward", third_call_fails)
+    rows = [json.dumps({"xy": [0.1, 0.2]})] * 6
+    (tmp_path / "new.jsonl").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "p.jsonl"
+    out.write_text("old predictions\n")
+    args = ("--data", str(tmp_path / "new.jsonl"), "--out", str(out), "--batch-size", "2")
+    code, _, err = _predict(capsys, run, *args)
+    assert code == 1 and "the trunk failed on the third batch" in err
+    assert "mtlgraph: raised by operation 'trunk'" in err
+    assert out.read_text() == "old predictions\n"  # the old file is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.jsonl", "p.jsonl"]  # no temp file
+
+
+def test_a_wider_field_mid_stream_exits_2_before_the_model_and_leaves_no_partial_file(
     run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     rows = [json.dumps({"xy": [0.1, 0.2]})] * 4 + [json.dumps({"xy": [0.1, 0.2, 0.3]})] * 2
     (tmp_path / "new.jsonl").write_text("\n".join(rows) + "\n")
     out = tmp_path / "p.jsonl"
     out.write_text("old predictions\n")
-    code, _, err = _predict(
-        capsys, run, "--data", str(tmp_path / "new.jsonl"), "--out", str(out), "--batch-size", "2"
-    )
-    assert code == 1 and "RuntimeError" in err and "mtlgraph: raised by operation 'trunk'" in err
-    assert out.read_text() == "old predictions\n"  # the old file is untouched
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.jsonl", "p.jsonl"]  # no temp file
+    args = ("--data", str(tmp_path / "new.jsonl"), "--out", str(out), "--batch-size", "2")
+    code, _, err = _predict(capsys, run, *args)
+    assert code == 2
+    assert "input field 'xy' has 3 columns, but module 'trunk' was trained on 2" in err
+    assert "RuntimeError" not in err
+    assert out.read_text() == "old predictions\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.jsonl", "p.jsonl"]
 
 
 def test_missing_extras_name_them(
