@@ -151,7 +151,9 @@ def _finite_rows(
 
 def trained_widths(model: InferenceModel, task_names: Sequence[str]) -> dict[str, tuple[str, int]]:
     """``{field: (module, width)}``: the input fields a task's operation reads alone with a
-    module whose first layer is a ``Linear`` (its ``in_features``: the width it was trained on).
+    ``Linear``, or a ``Sequential`` (an MLP) whose first layer is one: the field's last dimension
+    meets that layer first, so its ``in_features`` is the width it was trained on. Any other
+    module (a ``Flatten`` first, a custom ``forward``) is not second-guessed.
 
     Example:
         >>> from torch import nn
@@ -167,14 +169,9 @@ def trained_widths(model: InferenceModel, task_names: Sequence[str]) -> dict[str
             if len(op.inputs) != 1 or op.inputs[0].source != INPUT or op.inputs[0].key is None:
                 continue
             field = str(op.inputs[0].key)
-            first = next(
-                (
-                    m
-                    for m in model.module_pool[op.module_name].modules()
-                    if any(True for _ in m.parameters(recurse=False))
-                ),
-                None,
-            )
+            first = model.module_pool[op.module_name]
+            while isinstance(first, nn.Sequential) and len(first):  # MLP: its first layer
+                first = first[0]
             if field not in out and isinstance(first, nn.Linear):
                 out[field] = (op.module_name, first.in_features)
     return out

@@ -405,3 +405,18 @@ def test_predict_on_every_shipped_config_from_a_fresh_run_directory(
             key = next(k for k in rows[0] if k.startswith(f"{t}/") and "pred" not in k)
             got = np.array([r[key] for r in rows], dtype=np.float64)
             np.testing.assert_allclose(got, eager["probs"][t], atol=TOL, err_msg=str(config))
+
+
+def test_only_a_leading_linear_layer_sets_a_fields_trained_width() -> None:
+    from torch import nn
+
+    from mtlgraph import MultitaskClassifier, Operation, Task
+    from mtlgraph.inference.predictions import trained_widths
+
+    def task(name: str, module: nn.Module) -> Task:
+        return Task(name, {name: module}, [Operation(name, [("_input_", name)])])
+
+    flat = nn.Sequential(nn.Flatten(), nn.Linear(64, 2))  # reads (8, 8) images: width 8 is right
+    mlp = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    model = MultitaskClassifier([task("img", flat), task("tab", mlp)])
+    assert trained_widths(model, ["img", "tab"]) == {"tab": ("tab", 3)}
