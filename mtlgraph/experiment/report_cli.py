@@ -41,16 +41,20 @@ def _mlflow_artifacts(run_dir: Path, files: list[Path]) -> None:
         attach_mlflow_artifacts(run_dir, files)
 
 
-def compare_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("runs", nargs="+", metavar="RUN_OR_GLOB", help="run directories or globs")
+def _baseline_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--baseline",
         nargs="+",
         action="extend",
         default=[],
         metavar="RUN_OR_GLOB",
-        help="single-task runs (mtlgraph baselines) for Δm%%",
+        help="single-task runs (mtlgraph baselines) for Δm%% (repeatable)",
     )
+
+
+def compare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", metavar="RUN_OR_GLOB", help="run directories or globs")
+    _baseline_arg(p)
     p.add_argument("--split", help="the split compared (default: test, else valid)")
     p.add_argument(
         "--format", choices=("markdown", "csv", "html"), help="default: by --out's extension"
@@ -136,14 +140,7 @@ def sweep_args(p: argparse.ArgumentParser) -> None:
         help="config keys and the values to try (every combination)",
     )
     p.add_argument("--shard", metavar="i/n", help="run only every n-th run from the i-th")
-    p.add_argument(
-        "--baseline",
-        nargs="+",
-        action="extend",
-        default=[],
-        metavar="RUN_OR_GLOB",
-        help="for Δm%% in the table",
-    )
+    _baseline_arg(p)
     p.add_argument("--optuna", type=int, metavar="TRIALS", help="search with Optuna instead")
     p.add_argument("--objective", metavar="KEY", help="the score key Optuna optimises")
 
