@@ -147,6 +147,8 @@ def draws_figure(run: RunRecord) -> Any | None:
         heights = [draws[e].get(ds, 0.0) for e in epochs]
         ax.bar(epochs, heights, bottom=bottom, label=ds)
         bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+    (ticker,) = import_extra("the run report", "report", "matplotlib.ticker")
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))  # whole epochs
     ax.set_xlabel("epoch")
     ax.set_ylabel("batches drawn")
     ax.set_title("batches drawn per dataset and epoch (batch scheduler)")
