@@ -172,7 +172,7 @@ class CheckpointError(MtlGraphError, RuntimeError):
 
 class Interrupted(KeyboardInterrupt):
     """A command stopped by SIGINT (Ctrl-C) or SIGTERM (``timeout``, a job scheduler,
-    Kubernetes); :mod:`mtlgraph.training.signals` raises it. A :class:`KeyboardInterrupt`, so code
+    Kubernetes); :mod:`mtlgraph.signals` raises it. A :class:`KeyboardInterrupt`, so code
     that lets Ctrl-C through lets this through too, and ``finally`` blocks and atomic writers
     clean up on the way out.
 

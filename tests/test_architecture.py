@@ -21,7 +21,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mtlgraph"
 
 # Bottom to top. A module may import its own layer and the layers below it, never one above.
 LAYERS: list[tuple[str, ...]] = [
-    ("_suggest", "_io", "_schema", "exceptions", "registry"),  # 0: shared foundations
+    ("_suggest", "_io", "_schema", "exceptions", "registry", "signals"),  # 0: shared foundations
     ("metrics",),  # 1: metric registry, Scorer, score keys
     ("data",),  # 2: datasets, loaders, batch schedulers, synthetic data
     ("graph", "inference"),  # 3: tasks, losses, module types, the model; predict, score, export

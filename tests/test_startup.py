@@ -70,6 +70,11 @@ def test_import_mtlgraph_imports_nothing_heavy() -> None:
     assert loaded == []
 
 
+def test_the_signal_handlers_every_command_installs_import_nothing_heavy() -> None:
+    code = _IMPORT.format(statement="import mtlgraph.signals", heavy=HEAVY)
+    assert json.loads(_python(code)) == []
+
+
 def test_public_names_import_no_optional_heavy_module() -> None:
     code = _IMPORT.format(
         statement="from mtlgraph import *", heavy=("scipy", "sklearn", "tensorboard")

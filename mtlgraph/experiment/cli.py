@@ -225,7 +225,7 @@ def _train(args: argparse.Namespace, cfg: ExperimentConfig, env: DistEnv) -> int
             if directory is not None and args.resume is None:
                 directory.roll_back()  # a refused new run leaves nothing behind
             if isinstance(e, KeyboardInterrupt):
-                from mtlgraph.training.signals import interrupted
+                from mtlgraph.signals import interrupted
 
                 raise interrupted(e, "training had not started") from None
             raise
@@ -685,7 +685,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help, --version, usage errors
         return int(e.code) if isinstance(e.code, int) else EXIT_USAGE
     handler = _configure_logging(args.quiet, args.debug)
-    from mtlgraph.training.signals import RaiseOnSignals, interrupted
+    from mtlgraph.signals import RaiseOnSignals, interrupted
 
     try:
         with RaiseOnSignals():  # SIGINT and SIGTERM raise: what is being written is cleaned up
@@ -738,7 +738,7 @@ def interrupted_message(error: KeyboardInterrupt, hint: str | None) -> str:
         >>> print(interrupted_message(KeyboardInterrupt(), None))
         mtlgraph: interrupted (Ctrl-C)
     """
-    from mtlgraph.training.signals import interrupted
+    from mtlgraph.signals import interrupted
 
     stop = interrupted(error)
     head = stop.stopped

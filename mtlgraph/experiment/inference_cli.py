@@ -79,9 +79,9 @@ def predict_args(p: argparse.ArgumentParser) -> None:
 
 def predict(args: argparse.Namespace) -> int:
     """Run ``mtlgraph predict``; returns the exit status. An interruption (SIGINT or SIGTERM,
-    raised by ``main``'s :class:`~mtlgraph.training.signals.RaiseOnSignals`) leaves no temporary
+    raised by ``main``'s :class:`~mtlgraph.signals.RaiseOnSignals`) leaves no temporary
     file and an older ``--out`` intact, and says so."""
-    from mtlgraph.training.signals import interrupted
+    from mtlgraph.signals import interrupted
 
     existed = Path(args.out).is_file()
     try:
@@ -187,10 +187,10 @@ def export_args(p: argparse.ArgumentParser) -> None:
 
 def export(args: argparse.Namespace) -> int:
     """Run ``mtlgraph export``; returns the exit status. An interruption (SIGINT or SIGTERM,
-    raised by ``main``'s :class:`~mtlgraph.training.signals.RaiseOnSignals`) says whether
+    raised by ``main``'s :class:`~mtlgraph.signals.RaiseOnSignals`) says whether
     ``--out`` was replaced; an interrupted write leaves no temporary file and the older file
     intact."""
-    from mtlgraph.training.signals import interrupted
+    from mtlgraph.signals import interrupted
 
     before = _stat(args.out)
     try:

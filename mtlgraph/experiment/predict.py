@@ -35,7 +35,7 @@ from mtlgraph.exceptions import ConfigError, DataError
 from mtlgraph.experiment.config import ExperimentConfig
 from mtlgraph.experiment.data_config import DatasetConfig
 from mtlgraph.experiment.sources import image_decoder, vocab_file
-from mtlgraph.training.signals import ignore_stop_signals
+from mtlgraph.signals import ignore_stop_signals
 
 logger = logging.getLogger(__name__)
 

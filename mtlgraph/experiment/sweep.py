@@ -205,7 +205,7 @@ def run_all(specs: Sequence[RunSpec], jobs: int = 1) -> list[RunSpec]:
     them and raises :class:`~mtlgraph.exceptions.Interrupted`; killed outright (SIGKILL), its
     runs get SIGTERM from the system (Linux), so none is left training on its own.
     """
-    from mtlgraph.training.signals import interrupted
+    from mtlgraph.signals import interrupted
 
     problems = [p for s in specs for p in s.conflicts()]
     if problems:

@@ -27,6 +27,7 @@ from mtlgraph.graph.model import MultitaskClassifier
 from mtlgraph.graph.model_file import load_model_state, model_entries
 from mtlgraph.graph.slices import check_slices
 from mtlgraph.metrics import make_key
+from mtlgraph.signals import StopSignals
 from mtlgraph.training import checkpoint as ckpt
 from mtlgraph.training.config import TrainerConfig, optimizer_settings_changed, resume_conflicts
 from mtlgraph.training.distributed import (
@@ -60,7 +61,6 @@ from mtlgraph.training.setup import (
     prefer_fast_update,
     prepare,
 )
-from mtlgraph.training.signals import StopSignals
 from mtlgraph.training.state import (
     LossRecord,
     Records,

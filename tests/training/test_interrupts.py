@@ -17,9 +17,9 @@ from torch import nn
 
 from mtlgraph import CheckpointError, ConfigError, Hook, MultitaskClassifier, Trainer
 from mtlgraph.exceptions import TrainingInterrupted
+from mtlgraph.signals import StopSignals
 from mtlgraph.training import checkpoint as ckpt
 from mtlgraph.training.config import RESUME_APPLIED, RESUME_REFUSED, TrainerConfig
-from mtlgraph.training.signals import StopSignals
 
 BASE: dict[str, Any] = {"n_epochs": 2, "lr": 0.05, "progress_bar": False}
 

@@ -34,6 +34,15 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+__all__ = [
+    "STOP_SIGNALS",
+    "RaiseOnSignals",
+    "SignalHandlers",
+    "StopSignals",
+    "ignore_stop_signals",
+    "interrupted",
+]
+
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 """The signals that stop a command (a ``fit`` after the step in progress)."""
 
@@ -44,7 +53,7 @@ def interrupted(error: KeyboardInterrupt, detail: str | None = None) -> Interrup
     signal's exit status and the command line's message.
 
     Example:
-        >>> from mtlgraph.training.signals import interrupted
+        >>> from mtlgraph.signals import interrupted
         >>> stop = interrupted(KeyboardInterrupt(), "nothing was written")
         >>> stop.exit_status, stop.stopped, stop.details
         (130, 'interrupted (Ctrl-C)', ['nothing was written'])
@@ -97,7 +106,7 @@ class RaiseOnSignals(SignalHandlers):
     Example:
         >>> import os, signal
         >>> from mtlgraph.exceptions import Interrupted
-        >>> from mtlgraph.training.signals import RaiseOnSignals
+        >>> from mtlgraph.signals import RaiseOnSignals
         >>> before = signal.getsignal(signal.SIGTERM)
         >>> try:
         ...     with RaiseOnSignals():
@@ -129,7 +138,7 @@ class StopSignals(SignalHandlers):
 
     Example:
         >>> import os, signal
-        >>> from mtlgraph.training.signals import StopSignals
+        >>> from mtlgraph.signals import StopSignals
         >>> before = signal.getsignal(signal.SIGTERM)
         >>> with StopSignals() as stop:
         ...     os.kill(os.getpid(), signal.SIGTERM)
