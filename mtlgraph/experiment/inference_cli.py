@@ -83,12 +83,12 @@ def predict(args: argparse.Namespace) -> int:
     file and an older ``--out`` intact, and says so."""
     from mtlgraph.signals import interrupted
 
-    existed = Path(args.out).is_file()
+    before = _stat(args.out)
     try:
         return _predict(args)
     except KeyboardInterrupt as e:
-        kept = f"'{args.out}' keeps its older content" if existed else "nothing was written"
-        raise interrupted(e, f"no predictions written, {kept}") from None
+        left = _left_at(args.out, before, "predictions", unchanged="no predictions written, ")
+        raise interrupted(e, left) from None
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -196,14 +196,19 @@ def export(args: argparse.Namespace) -> int:
     try:
         return _export(args)
     except KeyboardInterrupt as e:
-        after = _stat(args.out)
-        if after is None:
-            left = "nothing was written"
-        elif after == before:
-            left = f"'{args.out}' keeps its older content"
-        else:
-            left = f"'{args.out}' holds the new program"
-        raise interrupted(e, left) from None
+        raise interrupted(e, _left_at(args.out, before, "program")) from None
+
+
+def _left_at(path: str, before: tuple[int, int] | None, what: str, unchanged: str = "") -> str:
+    """What an interrupted command left at ``path`` (its :func:`_stat` ``before`` it began):
+    nothing or the older file (after ``unchanged``), or the new ``what`` (the atomic rename had
+    happened)."""
+    after = _stat(path)
+    if after is None:
+        return f"{unchanged}nothing was written"
+    if after == before:
+        return f"{unchanged}'{path}' keeps its older content"
+    return f"'{path}' holds the new {what}"
 
 
 def _stat(path: str) -> tuple[int, int] | None:

@@ -90,7 +90,7 @@ class RunRecord:
             )
         record = cls(run, history=_read_history(run / METRICS_FILE))
         if (run / CONFIG_FILE).is_file():
-            record.config = _read_yaml(run / CONFIG_FILE)
+            record.config = read_run_config(run / CONFIG_FILE)
         if (run / SCORES_FILE).is_file():
             record.scores = _read_scores(run / SCORES_FILE)
         record.best = _best(run)
@@ -149,15 +149,6 @@ def config_setting(config: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def read_run_config(path: Path) -> dict[str, Any]:
-    """A run directory's ``config.yaml`` as plain values (``{}`` for an empty file).
-
-    Raises:
-        ConfigError: Invalid YAML or not a mapping, naming the file.
-    """
-    return _read_yaml(path)
-
-
 def _read_history(path: Path) -> list[dict[str, float]]:
     out = []
     lines = path.read_text(encoding="utf-8").splitlines()
@@ -200,7 +191,12 @@ def _read_scores(path: Path) -> dict[str, float]:
     return _numbers(data, str(path))
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_run_config(path: Path) -> dict[str, Any]:
+    """A run directory's ``config.yaml`` as plain values (``{}`` for an empty file).
+
+    Raises:
+        ConfigError: Invalid YAML or not a mapping, naming the file.
+    """
     from mtlgraph.experiment.yaml_lines import parse_yaml
 
     data, _, _ = parse_yaml(path.read_text(encoding="utf-8"), str(path))
